@@ -1,0 +1,212 @@
+package v1alpha1
+
+import (
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// AmbientMeshSpec is the desired state of the mesh. There is one mesh per
+// cluster; the webhook refuses a second AmbientMesh.
+type AmbientMeshSpec struct {
+	// TrustDomain is the SPIFFE trust domain of every workload identity
+	// (spiffe://<trustDomain>/ns/<ns>/sa/<sa>). Immutable: changing it would
+	// invalidate every certificate in the mesh.
+	// +kubebuilder:default="cluster.local"
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=255
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$`
+	// +kubebuilder:validation:XValidation:rule="self == oldSelf",message="trustDomain is immutable; create a new AmbientMesh to change it"
+	// +optional
+	TrustDomain string `json:"trustDomain,omitempty"`
+
+	// Namespace where the mesh components (ztunnel, node agent, control-plane
+	// Service, CA Secret) are installed.
+	// +kubebuilder:default="ambient-system"
+	// +kubebuilder:validation:MaxLength=63
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
+	// +kubebuilder:validation:XValidation:rule="self == oldSelf",message="namespace is immutable"
+	// +optional
+	Namespace string `json:"namespace,omitempty"`
+
+	// Ztunnel configures the per-node L4 proxy DaemonSet.
+	// +kubebuilder:default={}
+	// +optional
+	Ztunnel ZtunnelSpec `json:"ztunnel,omitempty"`
+
+	// Capture configures which pods are captured and how.
+	// +kubebuilder:default={}
+	// +optional
+	Capture CaptureSpec `json:"capture,omitempty"`
+
+	// CA configures the mesh certificate authority.
+	// +kubebuilder:default={}
+	// +optional
+	CA CASpec `json:"ca,omitempty"`
+
+	// Waypoint holds defaults for every waypoint of the mesh.
+	// +kubebuilder:default={}
+	// +optional
+	Waypoint WaypointDefaults `json:"waypoint,omitempty"`
+}
+
+// LogLevel of a proxy.
+// +kubebuilder:validation:Enum=error;warn;info;debug;trace
+type LogLevel string
+
+// ZtunnelSpec configures the ztunnel DaemonSet.
+type ZtunnelSpec struct {
+	// Image of ztunnel. Defaults to the operator's own build.
+	// +optional
+	Image string `json:"image,omitempty"`
+	// Resources of the ztunnel container.
+	// +optional
+	Resources corev1.ResourceRequirements `json:"resources,omitempty"`
+	// LogLevel of ztunnel.
+	// +kubebuilder:default=info
+	// +optional
+	LogLevel LogLevel `json:"logLevel,omitempty"`
+	// NodeSelector restricts the nodes ztunnel runs on. Pods on other nodes are
+	// not captured.
+	// +optional
+	NodeSelector map[string]string `json:"nodeSelector,omitempty"`
+	// Tolerations of the ztunnel and node-agent pods.
+	// +optional
+	Tolerations []corev1.Toleration `json:"tolerations,omitempty"`
+	// Transport carrying HBONE between proxies.
+	// +kubebuilder:default=HTTP2
+	// +optional
+	Transport HBONETransport `json:"transport,omitempty"`
+}
+
+// RedirectionBackend selects how the node agent redirects pod traffic.
+// +kubebuilder:validation:Enum=nftables;iptables
+type RedirectionBackend string
+
+const (
+	RedirectionNFTables RedirectionBackend = "nftables"
+	RedirectionIPTables RedirectionBackend = "iptables"
+)
+
+// CaptureSpec configures traffic capture.
+type CaptureSpec struct {
+	// ExcludedNamespaces are never captured, whatever their labels.
+	// kube-system and the mesh namespace are always excluded.
+	// +kubebuilder:default={"kube-system"}
+	// +kubebuilder:validation:MaxItems=256
+	// +listType=set
+	// +optional
+	ExcludedNamespaces []string `json:"excludedNamespaces,omitempty"`
+	// Redirection backend used inside each captured pod's network namespace.
+	// +kubebuilder:default=nftables
+	// +optional
+	Redirection RedirectionBackend `json:"redirection,omitempty"`
+}
+
+// CAType selects where the mesh root comes from.
+// +kubebuilder:validation:Enum=SelfSigned;Secret
+type CAType string
+
+const (
+	// CASelfSigned generates a root and an intermediate on first reconcile.
+	CASelfSigned CAType = "SelfSigned"
+	// CAFromSecret uses a root (or intermediate) certificate and key supplied by the user.
+	CAFromSecret CAType = "Secret"
+)
+
+// CASpec configures the mesh CA.
+// +kubebuilder:validation:XValidation:rule="self.type != 'Secret' || has(self.secretRef)",message="ca.secretRef is required when ca.type is Secret"
+// +kubebuilder:validation:XValidation:rule="duration(self.workloadCertTTL) < duration(self.rootCertTTL)",message="ca.workloadCertTTL must be shorter than ca.rootCertTTL"
+type CASpec struct {
+	// Type of the mesh root.
+	// +kubebuilder:default=SelfSigned
+	// +optional
+	Type CAType `json:"type,omitempty"`
+	// SecretRef names a kubernetes.io/tls Secret (tls.crt, tls.key, optional
+	// ca.crt) in the mesh namespace holding a CA certificate and key to sign
+	// with. Only used when type is Secret.
+	// +optional
+	SecretRef *corev1.LocalObjectReference `json:"secretRef,omitempty"`
+	// RootCertTTL is the lifetime of a self-signed root.
+	// +kubebuilder:default="87600h"
+	// +kubebuilder:validation:XValidation:rule="duration(self) >= duration('24h')",message="ca.rootCertTTL must be at least 24h"
+	// +optional
+	RootCertTTL metav1.Duration `json:"rootCertTTL,omitempty"`
+	// WorkloadCertTTL is the lifetime of workload certificates; proxies rotate
+	// them at half life.
+	// +kubebuilder:default="24h"
+	// +kubebuilder:validation:XValidation:rule="duration(self) >= duration('10m') && duration(self) <= duration('2160h')",message="ca.workloadCertTTL must be between 10m and 2160h"
+	// +optional
+	WorkloadCertTTL metav1.Duration `json:"workloadCertTTL,omitempty"`
+}
+
+// WaypointDefaults apply to every waypoint unless its WaypointPolicy overrides them.
+type WaypointDefaults struct {
+	// Image of the waypoint proxy. Defaults to the operator's own build.
+	// +optional
+	Image string `json:"image,omitempty"`
+	// Resources of waypoint containers.
+	// +optional
+	Resources corev1.ResourceRequirements `json:"resources,omitempty"`
+}
+
+// AmbientMeshStatus is the observed state of the mesh.
+type AmbientMeshStatus struct {
+	// ObservedGeneration is the generation the status describes.
+	// +optional
+	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
+	// Conditions: Ready, Reconciled, CAReady, ZtunnelReady, NodeAgentReady.
+	// +listType=map
+	// +listMapKey=type
+	// +optional
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+	// Ztunnel rollout counts.
+	// +optional
+	Ztunnel RolloutStatus `json:"ztunnel,omitempty"`
+	// NodeAgent rollout counts.
+	// +optional
+	NodeAgent RolloutStatus `json:"nodeAgent,omitempty"`
+	// ReadySummary is "<ready>/<desired>" of ztunnels, for printing.
+	// +optional
+	ReadySummary string `json:"readySummary,omitempty"`
+	// RootCertExpiry is when the mesh root certificate expires.
+	// +optional
+	RootCertExpiry *metav1.Time `json:"rootCertExpiry,omitempty"`
+}
+
+// RolloutStatus counts the pods of a DaemonSet or Deployment.
+type RolloutStatus struct {
+	Desired int32 `json:"desired"`
+	Ready   int32 `json:"ready"`
+}
+
+// +kubebuilder:object:root=true
+// +kubebuilder:subresource:status
+// +kubebuilder:resource:scope=Cluster,shortName=am,categories=ambient
+// +kubebuilder:printcolumn:name="Trust Domain",type=string,JSONPath=`.spec.trustDomain`
+// +kubebuilder:printcolumn:name="Ztunnels",type=string,JSONPath=`.status.readySummary`
+// +kubebuilder:printcolumn:name="Ready",type=string,JSONPath=`.status.conditions[?(@.type=="Ready")].status`
+// +kubebuilder:printcolumn:name="Reason",type=string,JSONPath=`.status.conditions[?(@.type=="Ready")].reason`
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+
+// AmbientMesh is the cluster-wide configuration of the ambient mesh.
+type AmbientMesh struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	// +kubebuilder:default={}
+	Spec   AmbientMeshSpec   `json:"spec,omitempty"`
+	Status AmbientMeshStatus `json:"status,omitempty"`
+}
+
+// +kubebuilder:object:root=true
+
+// AmbientMeshList contains a list of AmbientMesh.
+type AmbientMeshList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []AmbientMesh `json:"items"`
+}
+
+func init() {
+	SchemeBuilder.Register(&AmbientMesh{}, &AmbientMeshList{})
+}

@@ -1,0 +1,47 @@
+package v1alpha1
+
+// HBONETransport selects the protocol that carries HBONE tunnels.
+// +kubebuilder:validation:Enum=HTTP2;HTTP3
+type HBONETransport string
+
+const (
+	// TransportHTTP2 is HTTP/2 CONNECT over mutual TLS on TCP 15008 (Istio's HBONE).
+	TransportHTTP2 HBONETransport = "HTTP2"
+	// TransportHTTP3 is HTTP/3 CONNECT over QUIC on UDP 15008. Experimental; falls back to HTTP2.
+	TransportHTTP3 HBONETransport = "HTTP3"
+)
+
+// Condition types shared by the mesh's resources.
+const (
+	// ConditionReady summarises whether the resource is fully working.
+	ConditionReady = "Ready"
+	// ConditionReconciled is False when the last reconcile failed.
+	ConditionReconciled = "Reconciled"
+	// ConditionCAReady reports the mesh certificate authority.
+	ConditionCAReady = "CAReady"
+	// ConditionZtunnelReady reports the ztunnel DaemonSet rollout.
+	ConditionZtunnelReady = "ZtunnelReady"
+	// ConditionNodeAgentReady reports the capture node-agent DaemonSet rollout.
+	ConditionNodeAgentReady = "NodeAgentReady"
+	// ConditionWaypointReady reports a waypoint Deployment rollout.
+	ConditionWaypointReady = "WaypointReady"
+)
+
+// Condition reasons.
+const (
+	ReasonReconciled          = "Reconciled"
+	ReasonReconcileError      = "ReconcileError"
+	ReasonInvalidSpec         = "InvalidSpec"
+	ReasonCAIssued            = "CAIssued"
+	ReasonCASecretMissing     = "CASecretMissing"
+	ReasonCASecretInvalid     = "CASecretInvalid"
+	ReasonDaemonSetReady      = "DaemonSetReady"
+	ReasonDaemonSetNotReady   = "DaemonSetNotReady"
+	ReasonDeploymentReady     = "DeploymentReady"
+	ReasonDeploymentNotReady  = "DeploymentNotReady"
+	ReasonMeshNotFound        = "MeshNotFound"
+	ReasonConflict            = "Conflict"
+	ReasonAllComponentsReady  = "AllComponentsReady"
+	ReasonComponentsNotReady  = "ComponentsNotReady"
+	ReasonNamespaceNotAmbient = "NamespaceNotAmbient"
+)
