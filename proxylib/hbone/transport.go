@@ -1,0 +1,96 @@
+// Package hbone defines the HBONE tunnel transport shared by ztunnel and the
+// waypoint: HTTP CONNECT over mutual TLS with SPIFFE identities on port 15008.
+// Implementations live in subpackages (h2: HTTP/2, the default; h3: HTTP/3
+// over QUIC, experimental). Callers depend only on this package.
+package hbone
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"net"
+	"net/http"
+	"net/netip"
+
+	"github.com/ambientmesh/ambient/proxylib/identity"
+)
+
+// Port is the HBONE port (TCP for HTTP/2, UDP for HTTP/3).
+const Port = 15008
+
+// Protocol names a transport.
+type Protocol string
+
+const (
+	HTTP2 Protocol = "HTTP2"
+	HTTP3 Protocol = "HTTP3"
+)
+
+// Stream is one tunnel: a bidirectional byte stream that supports half-close.
+// Close resets/ends the whole tunnel; CloseWrite ends only our direction.
+type Stream interface {
+	net.Conn
+	CloseWrite() error
+}
+
+// DialRequest says where and how to open a tunnel.
+type DialRequest struct {
+	// Source is the local workload's identity; its certificate is presented.
+	Source identity.Identity
+	// Expected lists the acceptable peer identities; the peer's single URI SAN
+	// must equal one of them (never checked by DNS name). Must not be empty.
+	Expected []identity.Identity
+	// ProxyAddr is the peer's HBONE address (destination pod or waypoint :15008).
+	ProxyAddr netip.AddrPort
+	// Target is the CONNECT authority: "ip:port" of the destination pod or,
+	// towards a waypoint, of the service VIP.
+	Target netip.AddrPort
+	// Header carries Forwarded (original source) and baggage; may be nil.
+	Header http.Header
+}
+
+// Dialer opens tunnels. Implementations pool connections per
+// (source identity, destination identity set, proxy address).
+type Dialer interface {
+	Dial(ctx context.Context, req DialRequest) (Stream, error)
+	// Close drains the pool: no new streams, open ones finish.
+	Close() error
+}
+
+// Request is an accepted CONNECT, with everything authorization needs.
+type Request struct {
+	Target   netip.AddrPort     // parsed, validated CONNECT authority
+	Peer     identity.Identity  // verified peer identity from its certificate
+	PeerAddr netip.AddrPort     // TCP/UDP source of the outer connection
+	Local    netip.AddrPort     // local address of the outer connection
+	Header   http.Header        // request headers (Forwarded, baggage, ...)
+	Protocol Protocol           // transport the tunnel arrived on
+}
+
+// Responder answers a CONNECT. Exactly one of Accept or Reject is called.
+type Responder interface {
+	// Accept sends 200 and returns the tunnel stream.
+	Accept() (Stream, error)
+	// Reject answers with an HTTP status (400, 403, 503, ...) and a reason that
+	// is logged; nothing is tunnelled.
+	Reject(status int, reason string)
+}
+
+// Handler decides what to do with each CONNECT. It runs in its own goroutine
+// per tunnel and owns the stream after Accept.
+type Handler interface {
+	ServeHBONE(ctx context.Context, req *Request, resp Responder)
+}
+
+// HandlerFunc adapts a function to Handler.
+type HandlerFunc func(ctx context.Context, req *Request, resp Responder)
+
+func (f HandlerFunc) ServeHBONE(ctx context.Context, req *Request, resp Responder) { f(ctx, req, resp) }
+
+// CertSource gives the certificate for a local identity (rotated underneath;
+// implemented by identity.Store) and the trust roots peers are verified with.
+type CertSource interface {
+	Certificate(ctx context.Context, id identity.Identity) (*tls.Certificate, error)
+	Roots() *x509.CertPool
+	TrustDomain() string
+}
