@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Generates Go code for the discovery and CA protos. Idempotent; the output is
+# checked in. Needs protoc (apt) and the pinned plugins in bin/ (make tools).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+export PATH="$root/bin:$PATH"
+module=github.com/ambientmesh/ambient
+src=proxylib/discovery/proto
+protoc -I "$src" \
+  --go_out=. --go_opt=module="$module" \
+  --go-grpc_out=. --go-grpc_opt=module="$module" \
+  "$src"/workload.proto "$src"/authorization.proto "$src"/l7resource.proto "$src"/ca.proto
