@@ -1,0 +1,195 @@
+package discovery
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"time"
+
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discoverypb "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/go-logr/logr"
+	"google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/protobuf/types/known/structpb"
+)
+
+// NodeInfo identifies the proxy to the control plane.
+type NodeInfo struct {
+	NodeName     string
+	PodName      string
+	PodNamespace string
+	Role         string // RoleZtunnel or RoleWaypoint
+}
+
+// ID is the xDS node id, "<role>~<pod>.<namespace>".
+func (n NodeInfo) ID() string { return n.Role + "~" + n.PodName + "." + n.PodNamespace }
+
+// ClientConfig configures a Client.
+type ClientConfig struct {
+	// Address of the discovery server, host:port (port 15010).
+	Address string
+	// TLS verifies the server (mesh roots, ServerName ambient-controlplane.<ns>.svc).
+	TLS *tls.Config
+	// Token returns the bearer token (projected SA token, audience ambient-mesh).
+	Token func() (string, error)
+	Node  NodeInfo
+	// TypeURLs to subscribe to; defaults to Address and Authorization.
+	TypeURLs []string
+	// Backoff bounds for reconnects; defaults 100ms and 15s.
+	MinBackoff, MaxBackoff time.Duration
+	Log                    logr.Logger
+}
+
+// Client keeps a State in sync with the control plane over delta ADS. It
+// reconnects with jittered exponential backoff; on reconnect it sends the
+// versions it holds so the server replies with a diff.
+type Client struct {
+	cfg   ClientConfig
+	state *State
+}
+
+// NewClient returns a client feeding state. state should have been created
+// with the same type URLs (NewState(cfg.TypeURLs...)).
+func NewClient(cfg ClientConfig, state *State) *Client {
+	if len(cfg.TypeURLs) == 0 {
+		cfg.TypeURLs = []string{AddressType, AuthorizationType}
+	}
+	if cfg.MinBackoff <= 0 {
+		cfg.MinBackoff = 100 * time.Millisecond
+	}
+	if cfg.MaxBackoff <= 0 {
+		cfg.MaxBackoff = 15 * time.Second
+	}
+	return &Client{cfg: cfg, state: state}
+}
+
+// State returns the state the client feeds.
+func (c *Client) State() *State { return c.state }
+
+type tokenCreds struct{ token func() (string, error) }
+
+func (t tokenCreds) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	tok, err := t.token()
+	if err != nil {
+		return nil, fmt.Errorf("reading token: %w", err)
+	}
+	return map[string]string{"authorization": "Bearer " + tok}, nil
+}
+
+func (tokenCreds) RequireTransportSecurity() bool { return true }
+
+// Run connects and keeps the state in sync until ctx ends.
+func (c *Client) Run(ctx context.Context) error {
+	if c.cfg.TLS == nil {
+		return errors.New("discovery client: TLS config is required")
+	}
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(c.cfg.TLS))}
+	if c.cfg.Token != nil {
+		opts = append(opts, grpc.WithPerRPCCredentials(tokenCreds{c.cfg.Token}))
+	}
+	conn, err := grpc.NewClient(c.cfg.Address, opts...)
+	if err != nil {
+		return fmt.Errorf("discovery client: %w", err)
+	}
+	defer conn.Close()
+	ads := discoverypb.NewAggregatedDiscoveryServiceClient(conn)
+	backoff := c.cfg.MinBackoff
+	for {
+		gotResponse, err := c.session(ctx, ads)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if gotResponse {
+			backoff = c.cfg.MinBackoff
+		}
+		wait := backoff/2 + rand.N(backoff/2+1)
+		c.cfg.Log.Info("discovery stream ended; reconnecting", "error", err, "in", wait)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(wait):
+		}
+		backoff = min(backoff*2, c.cfg.MaxBackoff)
+	}
+}
+
+func (c *Client) node() (*core.Node, error) {
+	md, err := structpb.NewStruct(map[string]any{
+		MetaNodeName:     c.cfg.Node.NodeName,
+		MetaPodName:      c.cfg.Node.PodName,
+		MetaPodNamespace: c.cfg.Node.PodNamespace,
+		MetaRole:         c.cfg.Node.Role,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &core.Node{Id: c.cfg.Node.ID(), Metadata: md}, nil
+}
+
+// session runs one stream; it reports whether any response arrived.
+func (c *Client) session(ctx context.Context, ads discoverypb.AggregatedDiscoveryServiceClient) (bool, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := ads.DeltaAggregatedResources(ctx)
+	if err != nil {
+		return false, err
+	}
+	node, err := c.node()
+	if err != nil {
+		return false, err
+	}
+	for i, t := range c.cfg.TypeURLs {
+		req := &discoverypb.DeltaDiscoveryRequest{
+			TypeUrl:                 t,
+			ResourceNamesSubscribe:  []string{"*"},
+			InitialResourceVersions: c.state.Versions(t),
+		}
+		if i == 0 {
+			req.Node = node
+		}
+		if err := stream.Send(req); err != nil {
+			return false, err
+		}
+	}
+	got := false
+	for {
+		resp, err := stream.Recv()
+		if err != nil {
+			return got, err
+		}
+		got = true
+		ack := &discoverypb.DeltaDiscoveryRequest{TypeUrl: resp.TypeUrl, ResponseNonce: resp.Nonce}
+		if err := c.apply(resp); err != nil {
+			c.cfg.Log.Error(err, "rejecting discovery response", "type", resp.TypeUrl, "nonce", resp.Nonce)
+			ack.ErrorDetail = &status.Status{Code: int32(codes.InvalidArgument), Message: err.Error()}
+		}
+		if err := stream.Send(ack); err != nil {
+			return got, err
+		}
+	}
+}
+
+func (c *Client) apply(resp *discoverypb.DeltaDiscoveryResponse) error {
+	if !c.subscribed(resp.TypeUrl) {
+		return fmt.Errorf("unexpected type %q", resp.TypeUrl)
+	}
+	updated := make([]Resource, 0, len(resp.Resources))
+	for _, r := range resp.Resources {
+		updated = append(updated, Resource{Name: r.Name, Version: r.Version, Body: r.Resource})
+	}
+	return c.state.Apply(resp.TypeUrl, updated, resp.RemovedResources)
+}
+
+func (c *Client) subscribed(typeURL string) bool {
+	for _, t := range c.cfg.TypeURLs {
+		if t == typeURL {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,53 @@
+// Package discovery is the proxy side of workload discovery: a delta xDS
+// client (Client) that keeps a State of workloads, services, authorization
+// policies and waypoint L7 resources pushed by the control plane.
+//
+// Resources use Istio's workload API (proto packages istio.workload and
+// istio.security), so names and type URLs match Istio's:
+//
+//	Workload       <cluster>//Pod/<namespace>/<name>   (Address type)
+//	Service        <namespace>/<hostname>                (Address type)
+//	Authorization  <namespace>/<name>
+//	L7Resource     <group>/<kind>/<namespace>/<name>
+package discovery
+
+// Type URLs of the resources the control plane serves.
+const (
+	AddressType       = "type.googleapis.com/istio.workload.Address"
+	AuthorizationType = "type.googleapis.com/istio.security.Authorization"
+	L7ResourceType    = "type.googleapis.com/ambient.mesh.v1.L7Resource"
+)
+
+// Roles a proxy announces in its node metadata.
+const (
+	RoleZtunnel  = "ztunnel"
+	RoleWaypoint = "waypoint"
+)
+
+// Node metadata keys sent by clients (docs/interfaces.md).
+const (
+	MetaNodeName     = "NODE_NAME"
+	MetaPodName      = "POD_NAME"
+	MetaPodNamespace = "POD_NAMESPACE"
+	MetaRole         = "ROLE"
+)
+
+// TokenAudience is the audience of the projected service-account token proxies
+// present to the discovery and CA servers.
+const TokenAudience = "ambient-mesh"
+
+// ServiceKey is the resource name of a service and its key in Workload.services.
+func ServiceKey(namespace, hostname string) string { return namespace + "/" + hostname }
+
+// PolicyKey is the resource name of an authorization policy.
+func PolicyKey(namespace, name string) string { return namespace + "/" + name }
+
+// PodUID is the workload uid of a Kubernetes pod, as Istio spells it.
+func PodUID(cluster, namespace, name string) string {
+	return cluster + "//Pod/" + namespace + "/" + name
+}
+
+// L7Key is the resource name of an L7Resource.
+func L7Key(group, kind, namespace, name string) string {
+	return group + "/" + kind + "/" + namespace + "/" + name
+}
