@@ -1,0 +1,127 @@
+package netns
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+func TestClusterConnectivity(t *testing.T) {
+	c := NewCluster(t)
+	n1, n2 := c.AddNode("n1"), c.AddNode("n2")
+	a := n1.AddPod("a")
+	b := n2.AddPod("b")
+	local := n1.AddPod("c")
+
+	tests := []struct {
+		name     string
+		from, to *Pod
+		dst      netip.Addr
+	}{
+		{"cross-node v4", a, b, b.IP},
+		{"cross-node v6", a, b, b.IP6},
+		{"same-node v4", a, local, local.IP},
+		{"reverse v4", b, a, a.IP},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var ln net.Listener
+			if err := tc.to.Run(func() (err error) {
+				ln, err = net.Listen("tcp", netip.AddrPortFrom(tc.dst, 0).String())
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			go func() {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				_, _ = c.Write([]byte(c.RemoteAddr().String()))
+				c.Close()
+			}()
+			var got string
+			if err := tc.from.Run(func() error {
+				conn, err := net.Dial("tcp", ln.Addr().String())
+				if err != nil {
+					return err
+				}
+				defer conn.Close()
+				b, err := io.ReadAll(conn)
+				got = string(b)
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			// The peer saw the source pod's own address: no NAT on the path.
+			src, err := netip.ParseAddrPort(got)
+			if err != nil {
+				t.Fatalf("bad reply %q: %v", got, err)
+			}
+			if want := tc.from.IP; tc.dst.Is6() {
+				want = tc.from.IP6
+				if src.Addr() != want {
+					t.Fatalf("peer saw source %v, want %v", src.Addr(), want)
+				}
+			} else if src.Addr() != want {
+				t.Fatalf("peer saw source %v, want %v", src.Addr(), want)
+			}
+		})
+	}
+}
+
+func TestHostNamespaceUntouched(t *testing.T) {
+	before := hostLinks(t)
+	c := NewCluster(t)
+	c.AddNode("n1").AddPod("p")
+	if after := hostLinks(t); after != before {
+		t.Fatalf("host links changed:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+}
+
+func hostLinks(t *testing.T) string {
+	out, err := exec.Command("ip", "-o", "link", "show").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, l := range strings.Split(string(out), "\n") {
+		if f := strings.Fields(l); len(f) > 1 {
+			names = append(names, f[1])
+		}
+	}
+	return strings.Join(names, " ")
+}
+
+func TestCleanupRemovesNamespaces(t *testing.T) {
+	var paths []string
+	t.Run("inner", func(t *testing.T) {
+		c := NewCluster(t)
+		p := c.AddNode("n1").AddPod("p")
+		paths = append(paths, c.Underlay.Path(), p.Path())
+		p.Start("sleep", "60")
+	})
+	for _, p := range paths {
+		if _, err := os.Stat(p); !os.IsNotExist(err) {
+			t.Errorf("%s still exists after cleanup (stat err %v)", p, err)
+		}
+	}
+}
+
+func TestCommandRunsInNamespace(t *testing.T) {
+	c := NewCluster(t)
+	p := c.AddNode("n1").AddPod("p")
+	out, err := p.Command(context.Background(), "ip", "-o", "addr", "show", "dev", "eth0").CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	if !strings.Contains(string(out), p.IP.String()+"/24") {
+		t.Fatalf("eth0 in %s lacks %s: %s", p.Name, p.IP, out)
+	}
+}
