@@ -1,0 +1,233 @@
+// Package netnsutil runs code and opens sockets inside other network
+// namespaces. A socket belongs to the namespace it was created in for its
+// whole life, so ztunnel can create listeners in a pod's namespace from a
+// briefly switched OS thread and serve them from ordinary goroutines.
+package netnsutil
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Mark is set (SO_MARK) on every socket ztunnel opens inside a pod
+// namespace; the redirection rules let marked packets pass.
+const Mark = 0x539
+
+// Open opens a namespace file such as /proc/<pid>/ns/net or /run/netns/<name>.
+func Open(path string) (*os.File, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("open netns: %w", err)
+	}
+	return f, nil
+}
+
+// Run calls fn on an OS thread that has entered the namespace ns. If the
+// thread cannot return to its original namespace it is left locked, which
+// makes Go terminate it instead of reusing a thread in the wrong namespace.
+func Run(ns *os.File, fn func() error) error {
+	if ns == nil {
+		return errors.New("netnsutil: nil namespace")
+	}
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			errc <- fmt.Errorf("open current netns: %w", err)
+			return
+		}
+		defer orig.Close()
+		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("setns: %w", err)
+			return
+		}
+		ferr := fn()
+		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("restore netns: %w (function error: %v)", err, ferr)
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
+	}()
+	return <-errc
+}
+
+// RunPath is Run with a namespace path.
+func RunPath(path string, fn func() error) error {
+	f, err := Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return Run(f, fn)
+}
+
+// SocketOptions are applied to sockets before bind/connect.
+type SocketOptions struct {
+	// Mark sets SO_MARK (0 leaves it unset). Use Mark for ztunnel's own sockets.
+	Mark uint32
+	// Transparent sets IP_TRANSPARENT / IPV6_TRANSPARENT, needed to accept
+	// traffic for non-local addresses or to bind a foreign source address.
+	Transparent bool
+	// ReuseAddr sets SO_REUSEADDR (listeners restarted with the same port).
+	ReuseAddr bool
+}
+
+func (o SocketOptions) control(network, _ string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		s := int(fd)
+		if o.Mark != 0 {
+			if serr = unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_MARK, int(o.Mark)); serr != nil {
+				serr = fmt.Errorf("SO_MARK: %w", serr)
+				return
+			}
+		}
+		if o.ReuseAddr {
+			if serr = unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); serr != nil {
+				serr = fmt.Errorf("SO_REUSEADDR: %w", serr)
+				return
+			}
+		}
+		if o.Transparent {
+			if network == "tcp6" || network == "udp6" {
+				serr = unix.SetsockoptInt(s, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
+			} else {
+				serr = unix.SetsockoptInt(s, unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+			}
+			if serr != nil {
+				serr = fmt.Errorf("IP_TRANSPARENT: %w", serr)
+			}
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return serr
+}
+
+// ListenTCP opens a TCP listener whose socket lives in namespace ns.
+// A nil ns means the caller's namespace.
+func ListenTCP(ns *os.File, addr string, opts SocketOptions) (net.Listener, error) {
+	lc := net.ListenConfig{Control: opts.control}
+	var ln net.Listener
+	listen := func() (err error) {
+		ln, err = lc.Listen(context.Background(), "tcp", addr)
+		return err
+	}
+	if ns == nil {
+		return ln, listen()
+	}
+	if err := Run(ns, listen); err != nil {
+		return nil, err
+	}
+	return ln, nil
+}
+
+// DialTCP connects from inside namespace ns (nil: the caller's namespace).
+// opts.Mark should be Mark for connections ztunnel makes from a pod's
+// namespace, so the redirection rules do not capture them again. src, when
+// valid, binds the local address (with Transparent for a foreign address).
+func DialTCP(ctx context.Context, ns *os.File, src, dst netip.AddrPort, opts SocketOptions) (net.Conn, error) {
+	d := net.Dialer{Control: opts.control}
+	if src.IsValid() {
+		d.LocalAddr = net.TCPAddrFromAddrPort(src)
+	}
+	var conn net.Conn
+	// The socket is created (and the connect started) on the switched
+	// thread; the namespace is fixed at socket creation.
+	dial := func() (err error) {
+		conn, err = d.DialContext(ctx, "tcp", dst.String())
+		return err
+	}
+	if ns == nil {
+		return conn, dial()
+	}
+	if err := Run(ns, dial); err != nil {
+		return nil, err
+	}
+	return conn, nil
+}
+
+// OriginalDst returns the destination a connection had before NAT REDIRECT
+// (SO_ORIGINAL_DST for IPv4, IP6T_SO_ORIGINAL_DST for IPv6).
+func OriginalDst(conn net.Conn) (netip.AddrPort, error) {
+	sc, ok := conn.(syscall.Conn)
+	if !ok {
+		return netip.AddrPort{}, fmt.Errorf("original dst: %T has no raw socket", conn)
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	local, _ := conn.LocalAddr().(*net.TCPAddr)
+	v6 := local != nil && local.IP.To4() == nil
+	var dst netip.AddrPort
+	var serr error
+	err = raw.Control(func(fd uintptr) {
+		dst, serr = originalDst(int(fd), v6)
+		if serr != nil { // dual-stack socket: the other family may know it
+			if alt, aerr := originalDst(int(fd), !v6); aerr == nil {
+				dst, serr = alt, nil
+			}
+		}
+	})
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	return dst, serr
+}
+
+const soOriginalDst = 80 // SO_ORIGINAL_DST == IP6T_SO_ORIGINAL_DST
+
+func originalDst(fd int, v6 bool) (netip.AddrPort, error) {
+	if v6 {
+		var sa unix.RawSockaddrInet6
+		if err := getsockopt(fd, unix.SOL_IPV6, soOriginalDst, unsafe.Pointer(&sa), unsafe.Sizeof(sa)); err != nil {
+			return netip.AddrPort{}, fmt.Errorf("IP6T_SO_ORIGINAL_DST: %w", err)
+		}
+		addr := netip.AddrFrom16(sa.Addr).Unmap()
+		return netip.AddrPortFrom(addr, ntohs(sa.Port)), nil
+	}
+	var sa unix.RawSockaddrInet4
+	if err := getsockopt(fd, unix.SOL_IP, soOriginalDst, unsafe.Pointer(&sa), unsafe.Sizeof(sa)); err != nil {
+		return netip.AddrPort{}, fmt.Errorf("SO_ORIGINAL_DST: %w", err)
+	}
+	return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), ntohs(sa.Port)), nil
+}
+
+func getsockopt(fd, level, opt int, p unsafe.Pointer, size uintptr) error {
+	l := uint32(size)
+	_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt),
+		uintptr(p), uintptr(unsafe.Pointer(&l)), 0)
+	if errno != 0 {
+		return errno
+	}
+	return nil
+}
+
+func ntohs(p uint16) uint16 {
+	b := (*[2]byte)(unsafe.Pointer(&p))
+	return uint16(b[0])<<8 | uint16(b[1])
+}
+
+// Inode identifies a namespace file (two files with the same inode are the
+// same namespace).
+func Inode(f *os.File) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return 0, err
+	}
+	return st.Ino, nil
+}

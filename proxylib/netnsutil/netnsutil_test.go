@@ -1,0 +1,164 @@
+package netnsutil_test
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/ambientmesh/ambient/proxylib/netnsutil"
+	"github.com/ambientmesh/ambient/test/netns"
+	"golang.org/x/sys/unix"
+)
+
+func TestRunEntersNamespace(t *testing.T) {
+	lab := netns.New(t)
+	ns := lab.NewNS("run")
+	f, err := ns.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	want, _ := netnsutil.Inode(f)
+	var inside uint64
+	if err := netnsutil.Run(f, func() error {
+		cur, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			return err
+		}
+		defer cur.Close()
+		inside, err = netnsutil.Inode(cur)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if inside != want {
+		t.Fatalf("inside Run the thread's netns inode is %d, want %d", inside, want)
+	}
+	host, _ := os.Open("/proc/thread-self/ns/net")
+	defer host.Close()
+	if h, _ := netnsutil.Inode(host); h == want {
+		t.Fatal("calling thread was left in the target namespace")
+	}
+}
+
+// echoOrigin serves connections by writing which listener got them and
+// the connection's original destination.
+func echoOrigin(t *testing.T, ln net.Listener, name string) {
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			od, err := netnsutil.OriginalDst(c)
+			msg := name + " " + od.String()
+			if err != nil {
+				msg = name + " none"
+			}
+			_, _ = io.WriteString(c, msg)
+			c.Close()
+		}
+	}()
+}
+
+func TestListenDialMarkOriginalDst(t *testing.T) {
+	c := netns.NewCluster(t)
+	node := c.AddNode("n1")
+	client, server := node.AddPod("client"), node.AddPod("server")
+	// In the client pod: unmarked outbound TCP is redirected to :15001.
+	rules := `table inet amb_test {
+	chain output {
+		type nat hook output priority -100;
+		meta mark 0x539 return
+		oifname "lo" return
+		meta l4proto tcp redirect to :15001
+	}
+}`
+	cmd := client.Command(context.Background(), "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(rules)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("nft: %v: %s", err, out)
+	}
+	cf, _ := client.Open()
+	defer cf.Close()
+	sf, _ := server.Open()
+	defer sf.Close()
+
+	capture, err := netnsutil.ListenTCP(cf, "[::]:15001", netnsutil.SocketOptions{ReuseAddr: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer capture.Close()
+	echoOrigin(t, capture, "capture")
+	app, err := netnsutil.ListenTCP(sf, "[::]:8080", netnsutil.SocketOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer app.Close()
+	echoOrigin(t, app, "app")
+
+	tests := []struct {
+		name string
+		dst  netip.AddrPort
+		mark uint32
+		want string
+	}{
+		{"unmarked v4 is captured", netip.AddrPortFrom(server.IP, 8080), 0, "capture " + netip.AddrPortFrom(server.IP, 8080).String()},
+		{"unmarked v6 is captured", netip.AddrPortFrom(server.IP6, 8080), 0, "capture " + netip.AddrPortFrom(server.IP6, 8080).String()},
+		{"marked v4 bypasses", netip.AddrPortFrom(server.IP, 8080), netnsutil.Mark, "app "},
+		{"marked v6 bypasses", netip.AddrPortFrom(server.IP6, 8080), netnsutil.Mark, "app "},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			conn, err := netnsutil.DialTCP(context.Background(), cf, netip.AddrPort{}, tc.dst, netnsutil.SocketOptions{Mark: tc.mark})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			if tc.mark != 0 {
+				raw, _ := conn.(*net.TCPConn).SyscallConn()
+				var m int
+				_ = raw.Control(func(fd uintptr) { m, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK) })
+				if uint32(m) != tc.mark {
+					t.Fatalf("SO_MARK = %#x, want %#x", m, tc.mark)
+				}
+			}
+			b, err := io.ReadAll(conn)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !strings.HasPrefix(string(b), tc.want) {
+				t.Fatalf("got %q, want prefix %q", b, tc.want)
+			}
+		})
+	}
+}
+
+func TestOriginalDstWithoutNAT(t *testing.T) {
+	ln, err := netnsutil.ListenTCP(nil, "127.0.0.1:0", netnsutil.SocketOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err == nil {
+			defer c.Close()
+			_, _ = c.Read(make([]byte, 1))
+		}
+	}()
+	c, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	// Without a conntrack NAT entry the kernel reports an error rather than
+	// a made-up address; callers must not treat that as a destination.
+	if od, err := netnsutil.OriginalDst(c); err == nil && od.String() != ln.Addr().String() {
+		t.Fatalf("original dst %v without NAT, want error or the local address", od)
+	}
+}
