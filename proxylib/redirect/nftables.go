@@ -1,0 +1,210 @@
+package redirect
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// NFTables implements Redirector with one `inet ambient` table and two nat
+// chains, written in a single netlink transaction:
+//
+//	table inet ambient {
+//	  chain output {      type nat hook output priority -100
+//	    meta mark & 0xfff == 0x539 return
+//	    oifname "lo" return
+//	    meta l4proto tcp redirect to :15001 }
+//	  chain prerouting {  type nat hook prerouting priority -100
+//	    meta mark & 0xfff == 0x539 return
+//	    iifname "lo" return
+//	    ip(6) saddr <skip source> return ...
+//	    tcp dport <ztunnel port> return ...
+//	    meta l4proto tcp redirect to :15006 }
+//	}
+type NFTables struct{ cfg Config }
+
+// NewNFTables returns the nftables backend.
+func NewNFTables(cfg Config) *NFTables { return &NFTables{cfg: cfg} }
+
+var _ Redirector = (*NFTables)(nil)
+
+const (
+	outputChain     = "output"
+	preroutingChain = "prerouting"
+)
+
+func (n *NFTables) conn(ns *os.File) (*nftables.Conn, error) {
+	if ns == nil {
+		return nil, errors.New("redirect: nil namespace")
+	}
+	c, err := nftables.New(nftables.WithNetNSFd(int(ns.Fd())))
+	if err != nil {
+		return nil, fmt.Errorf("nftables: %w", err)
+	}
+	return c, nil
+}
+
+func table() *nftables.Table {
+	return &nftables.Table{Name: TableName, Family: nftables.TableFamilyINet}
+}
+
+// Install atomically replaces the table: add (no-op if present), delete,
+// add with all chains and rules, in one batch.
+func (n *NFTables) Install(ns *os.File) error {
+	c, err := n.conn(ns)
+	if err != nil {
+		return err
+	}
+	t := table()
+	c.AddTable(t)
+	c.DelTable(t)
+	c.AddTable(t)
+	out := c.AddChain(&nftables.Chain{Name: outputChain, Table: t, Type: nftables.ChainTypeNAT,
+		Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityNATDest})
+	pre := c.AddChain(&nftables.Chain{Name: preroutingChain, Table: t, Type: nftables.ChainTypeNAT,
+		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityNATDest})
+	for _, e := range n.outputRules() {
+		c.AddRule(&nftables.Rule{Table: t, Chain: out, Exprs: e})
+	}
+	for _, e := range n.preroutingRules() {
+		c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: e})
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("install nftables rules: %w", err)
+	}
+	return nil
+}
+
+// Remove deletes the table if present.
+func (n *NFTables) Remove(ns *os.File) error {
+	c, err := n.conn(ns)
+	if err != nil {
+		return err
+	}
+	t := table()
+	c.AddTable(t) // makes the delete succeed when the table is absent
+	c.DelTable(t)
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("remove nftables rules: %w", err)
+	}
+	return nil
+}
+
+// Installed checks the table, both chains and their rule counts.
+func (n *NFTables) Installed(ns *os.File) (bool, error) {
+	c, err := n.conn(ns)
+	if err != nil {
+		return false, err
+	}
+	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return false, fmt.Errorf("list tables: %w", err)
+	}
+	found := false
+	for _, t := range tables {
+		found = found || t.Name == TableName
+	}
+	if !found {
+		return false, nil
+	}
+	want := map[string]int{outputChain: len(n.outputRules()), preroutingChain: len(n.preroutingRules())}
+	for name, count := range want {
+		ch := &nftables.Chain{Name: name, Table: table()}
+		rules, err := c.GetRules(table(), ch)
+		if err != nil {
+			return false, nil // chain missing: incomplete
+		}
+		if len(rules) != count {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+func (n *NFTables) outputRules() [][]expr.Any {
+	return [][]expr.Any{
+		append(n.markMatch(), verdictReturn()),
+		append(ifName(expr.MetaKeyOIFNAME, "lo"), verdictReturn()),
+		append(tcpOnly(), redirectTo(n.cfg.OutboundPort)...),
+	}
+}
+
+func (n *NFTables) preroutingRules() [][]expr.Any {
+	rules := [][]expr.Any{
+		append(n.markMatch(), verdictReturn()),
+		append(ifName(expr.MetaKeyIIFNAME, "lo"), verdictReturn()),
+	}
+	for _, p := range n.cfg.SkipInboundSources {
+		rules = append(rules, append(sourcePrefix(p), verdictReturn()))
+	}
+	for _, port := range n.cfg.SkipInboundPorts {
+		rules = append(rules, append(tcpDport(port), verdictReturn()))
+	}
+	return append(rules, append(tcpOnly(), redirectTo(n.cfg.InboundPort)...))
+}
+
+func (n *NFTables) markMatch() []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(n.cfg.MarkMask), Xor: make([]byte, 4)},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(n.cfg.Mark & n.cfg.MarkMask)},
+	}
+}
+
+func ifName(key expr.MetaKey, name string) []expr.Any {
+	b := make([]byte, unix.IFNAMSIZ)
+	copy(b, name)
+	return []expr.Any{
+		&expr.Meta{Key: key, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: b},
+	}
+}
+
+func tcpOnly() []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+	}
+}
+
+func tcpDport(port uint16) []expr.Any {
+	return append(tcpOnly(),
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(port)},
+	)
+}
+
+func redirectTo(port uint16) []expr.Any {
+	return []expr.Any{
+		&expr.Immediate{Register: 1, Data: binaryutil.BigEndian.PutUint16(port)},
+		&expr.Redir{RegisterProtoMin: 1},
+	}
+}
+
+// sourcePrefix matches the network-layer source against p in an inet table.
+func sourcePrefix(p netip.Prefix) []expr.Any {
+	p = p.Masked()
+	family, offset := byte(unix.NFPROTO_IPV4), uint32(12)
+	if p.Addr().Is6() {
+		family, offset = unix.NFPROTO_IPV6, 8
+	}
+	addr := p.Addr().AsSlice()
+	mask := net.CIDRMask(p.Bits(), len(addr)*8)
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{family}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: uint32(len(addr))},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: uint32(len(addr)), Mask: mask, Xor: make([]byte, len(addr))},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: addr},
+	}
+}
+
+func verdictReturn() expr.Any { return &expr.Verdict{Kind: expr.VerdictReturn} }

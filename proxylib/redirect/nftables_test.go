@@ -1,0 +1,203 @@
+package redirect_test
+
+import (
+	"context"
+	"io"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/ambientmesh/ambient/proxylib/netnsutil"
+	"github.com/ambientmesh/ambient/proxylib/redirect"
+	"github.com/ambientmesh/ambient/test/netns"
+)
+
+type topo struct {
+	pod, peer     *netns.Pod
+	podNS, peerNS *os.File
+}
+
+func newTopo(t *testing.T) topo {
+	c := netns.NewCluster(t)
+	n1, n2 := c.AddNode("n1"), c.AddNode("n2")
+	tp := topo{pod: n1.AddPod("pod"), peer: n2.AddPod("peer")}
+	var err error
+	if tp.podNS, err = tp.pod.Open(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tp.podNS.Close() })
+	if tp.peerNS, err = tp.peer.Open(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tp.peerNS.Close() })
+	return tp
+}
+
+// serve answers every connection with "<name> <original dst or none>".
+func serve(t *testing.T, ns *os.File, addr, name string) {
+	t.Helper()
+	ln, err := netnsutil.ListenTCP(ns, addr, netnsutil.SocketOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			msg := name + " none"
+			// Without NAT the original destination is the local address.
+			if od, err := netnsutil.OriginalDst(c); err == nil && od.String() != c.LocalAddr().String() {
+				msg = name + " " + od.String()
+			}
+			_, _ = io.WriteString(c, msg)
+			c.Close()
+		}
+	}()
+}
+
+func ask(t *testing.T, ns *os.File, dst netip.AddrPort, mark uint32) string {
+	t.Helper()
+	c, err := netnsutil.DialTCP(context.Background(), ns, netip.AddrPort{}, dst, netnsutil.SocketOptions{Mark: mark})
+	if err != nil {
+		t.Fatalf("dial %v: %v", dst, err)
+	}
+	defer c.Close()
+	b, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func nftList(t *testing.T, p *netns.Pod) string {
+	out, _ := p.Command(context.Background(), "nft", "list", "ruleset").CombinedOutput()
+	return string(out)
+}
+
+func TestInstallRemoveIdempotentAndExact(t *testing.T) {
+	tp := newTopo(t)
+	// A foreign table in the pod must survive our install and removal.
+	cmd := tp.pod.Command(context.Background(), "nft", "add", "table", "inet", "other")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	r := redirect.NewNFTables(redirect.DefaultConfig())
+	if ok, err := r.Installed(tp.podNS); err != nil || ok {
+		t.Fatalf("Installed before install = %v, %v; want false", ok, err)
+	}
+	for i := 0; i < 2; i++ {
+		if err := r.Install(tp.podNS); err != nil {
+			t.Fatalf("install #%d: %v", i+1, err)
+		}
+	}
+	rules := nftList(t, tp.pod)
+	for _, want := range []string{"table inet ambient", "redirect to :15001", "redirect to :15006", "tcp dport 15008 return", `oifname "lo" return`, "0x00000539"} {
+		if !strings.Contains(rules, want) {
+			t.Errorf("ruleset lacks %q:\n%s", want, rules)
+		}
+	}
+	if n := strings.Count(rules, "redirect to :15001"); n != 1 {
+		t.Errorf("install twice left %d outbound redirects, want 1", n)
+	}
+	if ok, err := r.Installed(tp.podNS); err != nil || !ok {
+		t.Fatalf("Installed after install = %v, %v; want true", ok, err)
+	}
+	for i := 0; i < 2; i++ {
+		if err := r.Remove(tp.podNS); err != nil {
+			t.Fatalf("remove #%d: %v", i+1, err)
+		}
+	}
+	rules = nftList(t, tp.pod)
+	if strings.Contains(rules, "ambient") || !strings.Contains(rules, "table inet other") {
+		t.Fatalf("after remove, ruleset:\n%s", rules)
+	}
+	if ok, _ := r.Installed(tp.podNS); ok {
+		t.Fatal("Installed after remove = true")
+	}
+}
+
+func TestInstalledDetectsPartialRules(t *testing.T) {
+	tp := newTopo(t)
+	r := redirect.NewNFTables(redirect.DefaultConfig())
+	if err := r.Install(tp.podNS); err != nil {
+		t.Fatal(err)
+	}
+	cmd := tp.pod.Command(context.Background(), "nft", "flush", "chain", "inet", "ambient", "prerouting")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	if ok, _ := r.Installed(tp.podNS); ok {
+		t.Fatal("Installed = true with an empty prerouting chain")
+	}
+}
+
+func TestRedirection(t *testing.T) {
+	tp := newTopo(t)
+	// ztunnel's sockets in the pod, the app in the pod, a server outside.
+	serve(t, tp.podNS, "[::]:15001", "outbound")
+	serve(t, tp.podNS, "[::]:15006", "inbound")
+	serve(t, tp.podNS, "[::]:15008", "hbone")
+	serve(t, tp.podNS, "[::]:8080", "app")
+	serve(t, tp.peerNS, "[::]:9090", "peer")
+
+	cfg := redirect.DefaultConfig()
+	r := redirect.NewNFTables(cfg)
+	if err := r.Install(tp.podNS); err != nil {
+		t.Fatal(err)
+	}
+	peer4, peer6 := netip.AddrPortFrom(tp.peer.IP, 9090), netip.AddrPortFrom(tp.peer.IP6, 9090)
+	app4, app6 := netip.AddrPortFrom(tp.pod.IP, 8080), netip.AddrPortFrom(tp.pod.IP6, 8080)
+	tests := []struct {
+		name string
+		from *os.File
+		dst  netip.AddrPort
+		mark uint32
+		want string
+	}{
+		{"outbound v4 to 15001", tp.podNS, peer4, 0, "outbound " + peer4.String()},
+		{"outbound v6 to 15001", tp.podNS, peer6, 0, "outbound " + peer6.String()},
+		{"inbound v4 to 15006", tp.peerNS, app4, 0, "inbound " + app4.String()},
+		{"inbound v6 to 15006", tp.peerNS, app6, 0, "inbound " + app6.String()},
+		{"inbound hbone untouched", tp.peerNS, netip.AddrPortFrom(tp.pod.IP, 15008), 0, "hbone none"},
+		{"marked outbound bypasses", tp.podNS, peer4, netnsutil.Mark, "peer none"},
+		{"pod to itself bypasses", tp.podNS, app4, 0, "app none"},
+		{"pod to loopback bypasses", tp.podNS, netip.MustParseAddrPort("127.0.0.1:8080"), 0, "app none"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := ask(t, tc.from, tc.dst, tc.mark); got != tc.want {
+				t.Fatalf("got %q, want %q", got, tc.want)
+			}
+		})
+	}
+
+	if err := r.Remove(tp.podNS); err != nil {
+		t.Fatal(err)
+	}
+	t.Run("released", func(t *testing.T) {
+		if got := ask(t, tp.podNS, peer4, 0); got != "peer none" {
+			t.Errorf("outbound after remove: %q", got)
+		}
+		if got := ask(t, tp.peerNS, app4, 0); got != "app none" {
+			t.Errorf("inbound after remove: %q", got)
+		}
+	})
+
+	t.Run("skip inbound source", func(t *testing.T) {
+		cfg := redirect.DefaultConfig()
+		cfg.SkipInboundSources = []netip.Prefix{netip.PrefixFrom(tp.peer.IP, 32)}
+		if err := redirect.NewNFTables(cfg).Install(tp.podNS); err != nil {
+			t.Fatal(err)
+		}
+		if got := ask(t, tp.peerNS, app4, 0); got != "app none" {
+			t.Errorf("skipped v4 source: %q", got)
+		}
+		if got := ask(t, tp.peerNS, app6, 0); got != "inbound "+app6.String() {
+			t.Errorf("v6 source not in skip list: %q", got)
+		}
+	})
+}

@@ -1,0 +1,53 @@
+// Package redirect installs and removes the in-pod traffic redirection that
+// sends a captured pod's TCP to ztunnel's sockets in the same namespace:
+// outbound to 15001, inbound to 15006. Packets carrying ztunnel's mark are
+// never redirected, so ztunnel's own connections pass. UDP (DNS) is left
+// alone.
+package redirect
+
+import (
+	"net/netip"
+	"os"
+
+	"github.com/ambientmesh/ambient/proxylib/netnsutil"
+)
+
+// Config describes the redirection; DefaultConfig matches docs/interfaces.md.
+type Config struct {
+	OutboundPort uint16 // ztunnel outbound capture (15001)
+	InboundPort  uint16 // ztunnel inbound plaintext capture (15006)
+	// SkipInboundPorts are pod ports that inbound traffic reaches directly
+	// (ztunnel's own in-pod listeners).
+	SkipInboundPorts []uint16
+	Mark, MarkMask   uint32 // packets with mark&MarkMask == Mark pass untouched
+	// SkipInboundSources pass inbound traffic from these prefixes untouched
+	// (e.g. the kubelet's probe source); empty by default.
+	SkipInboundSources []netip.Prefix
+}
+
+// DefaultConfig is the contract: 15001 out, 15006 in, ztunnel ports and
+// marked packets skipped.
+func DefaultConfig() Config {
+	return Config{
+		OutboundPort:     15001,
+		InboundPort:      15006,
+		SkipInboundPorts: []uint16{15008, 15001, 15006, 15080, 15053},
+		Mark:             netnsutil.Mark,
+		MarkMask:         0xfff,
+	}
+}
+
+// Redirector manages the rules in one pod namespace at a time. All methods
+// are idempotent.
+type Redirector interface {
+	// Install replaces any previous ambient rules in ns with the current ones.
+	Install(ns *os.File) error
+	// Remove deletes exactly the rules Install created; absent rules are fine.
+	Remove(ns *os.File) error
+	// Installed reports whether complete ambient rules are present in ns
+	// (used to re-adopt pods after a node-agent restart).
+	Installed(ns *os.File) (bool, error)
+}
+
+// TableName is the nftables table (family inet) holding every rule.
+const TableName = "ambient"
