@@ -1,7 +1,6 @@
 package telemetry
 
 import (
-	"strings"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
