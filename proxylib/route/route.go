@@ -375,7 +375,6 @@ func (r *Rule) PickBackend(rng *rand.Rand) (Backend, bool) {
 	return Backend{}, false
 }
 
-
 func compileBackends(routeNS string, refs []gwv1.BackendRef, filters [][]gwv1.HTTPRouteFilter) ([]Backend, int64, []error) {
 	var out []Backend
 	var total int64

@@ -295,7 +295,10 @@ spec:
 		t.Fatal(errs)
 	}
 	svc := ServiceKey{"default", "svc"}
-	redirects := []struct{ target, host, loc string; code int }{
+	redirects := []struct {
+		target, host, loc string
+		code              int
+	}{
 		{"/old/a?x=1", "svc:8080", "https://new.example/new/a?x=1", 301},
 		{"/old", "svc", "https://new.example/new", 301},
 		{"/port/p", "svc:8080", "http://svc:8443/port/p", 302},
