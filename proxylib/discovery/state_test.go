@@ -1,0 +1,134 @@
+package discovery
+
+import (
+	"net/netip"
+	"testing"
+
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
+)
+
+func anyOf(t testing.TB, typeURL string, m proto.Message) *anypb.Any {
+	b, err := proto.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &anypb.Any{TypeUrl: typeURL, Value: b}
+}
+
+func TestPoliciesForScopes(t *testing.T) {
+	s := NewState(AddressType, AuthorizationType)
+	pols := []*security.Authorization{
+		{Name: "global", Namespace: "root", Scope: security.Scope_GLOBAL},
+		{Name: "ns", Namespace: "app", Scope: security.Scope_NAMESPACE},
+		{Name: "other-ns", Namespace: "other", Scope: security.Scope_NAMESPACE},
+		{Name: "sel", Namespace: "app", Scope: security.Scope_WORKLOAD_SELECTOR},
+		{Name: "sel-unreferenced", Namespace: "app", Scope: security.Scope_WORKLOAD_SELECTOR},
+	}
+	var res []Resource
+	for _, p := range pols {
+		res = append(res, Resource{Name: PolicyKey(p.Namespace, p.Name), Version: "1", Body: anyOf(t, AuthorizationType, p)})
+	}
+	if err := s.Apply(AuthorizationType, res, nil); err != nil {
+		t.Fatal(err)
+	}
+	w := &workloadapi.Workload{Uid: "u", Namespace: "app", AuthorizationPolicies: []string{"app/sel", "app/missing"}}
+	var got []string
+	for _, p := range s.PoliciesFor(w) {
+		got = append(got, PolicyKey(p.Namespace, p.Name))
+	}
+	want := []string{"app/ns", "app/sel", "root/global"}
+	if len(got) != len(want) {
+		t.Fatalf("PoliciesFor = %v, want %v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("PoliciesFor = %v, want %v", got, want)
+		}
+	}
+	if s.Ready() {
+		t.Fatal("ready before addresses synced")
+	}
+}
+
+func TestApplyRejectsInvalid(t *testing.T) {
+	ok := &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: &workloadapi.Workload{Uid: "u1", Addresses: [][]byte{{10, 0, 0, 1}}}}}
+	tests := []struct {
+		name string
+		res  Resource
+	}{
+		{"empty name", Resource{Name: "", Body: anyOf(t, AddressType, ok)}},
+		{"name differs from uid", Resource{Name: "other", Body: anyOf(t, AddressType, ok)}},
+		{"wrong body type", Resource{Name: "u1", Body: anyOf(t, AuthorizationType, ok)}},
+		{"garbage body", Resource{Name: "u1", Body: &anypb.Any{TypeUrl: AddressType, Value: []byte{0xff, 0xff, 0xff}}}},
+		{"empty address", Resource{Name: "u1", Body: anyOf(t, AddressType, &workloadapi.Address{})}},
+		{"no address nor hostname", Resource{Name: "u1", Body: anyOf(t, AddressType, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: &workloadapi.Workload{Uid: "u1"}}})}},
+		{"waypoint without destination", Resource{Name: "u1", Body: anyOf(t, AddressType, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: &workloadapi.Workload{Uid: "u1", Addresses: [][]byte{{10, 0, 0, 1}}, Waypoint: &workloadapi.GatewayAddress{}}}})}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := NewState(AddressType)
+			good := Resource{Name: "u1", Body: anyOf(t, AddressType, ok)}
+			if tt.res.Name == "u1" {
+				good = Resource{Name: "u2", Body: anyOf(t, AddressType, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: &workloadapi.Workload{Uid: "u2", Addresses: [][]byte{{10, 0, 0, 2}}}}})}
+			}
+			if err := s.Apply(AddressType, []Resource{good, tt.res}, nil); err == nil {
+				t.Fatal("Apply accepted an invalid resource")
+			}
+			if len(s.Workloads()) != 0 || s.Ready() {
+				t.Fatal("a rejected response changed the state")
+			}
+		})
+	}
+}
+
+func TestHostNetworkWorkloadNotIndexedByAddress(t *testing.T) {
+	s := NewState(AddressType)
+	w := &workloadapi.Workload{Uid: "h", Addresses: [][]byte{{10, 0, 0, 5}}, NetworkMode: workloadapi.NetworkMode_HOST_NETWORK}
+	if err := s.Apply(AddressType, []Resource{{Name: "h", Body: anyOf(t, AddressType, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: w}})}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if s.WorkloadByAddr(netip.MustParseAddr("10.0.0.5")) != nil {
+		t.Fatal("host-network workload found by shared address")
+	}
+	if s.WorkloadByUID("h") == nil {
+		t.Fatal("host-network workload missing by uid")
+	}
+}
+
+// FuzzApply feeds arbitrary bytes as resources of every type: the state must
+// never panic, and a rejected response must leave it empty.
+func FuzzApply(f *testing.F) {
+	wl, _ := proto.Marshal(&workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: &workloadapi.Workload{Uid: "u", Addresses: [][]byte{{10, 0, 0, 1}}, Services: map[string]*workloadapi.PortList{"a/b": {}}}}})
+	svc, _ := proto.Marshal(&workloadapi.Address{Type: &workloadapi.Address_Service{Service: &workloadapi.Service{Namespace: "a", Hostname: "b", Addresses: []*workloadapi.NetworkAddress{{Address: []byte{10, 96, 0, 1}}}}}})
+	pol, _ := proto.Marshal(&security.Authorization{Name: "p", Namespace: "a", Groups: []*security.Group{{Rules: []*security.Rules{{Matches: []*security.Match{{SourceIps: []*security.Address{{Address: []byte{1, 2, 3, 4}, Length: 24}}}}}}}}})
+	f.Add(uint8(0), "u", wl)
+	f.Add(uint8(0), "a/b", svc)
+	f.Add(uint8(1), "a/p", pol)
+	f.Add(uint8(2), "g/k/n/x", []byte{0x0a, 0x01, 0x67})
+	types := []string{AddressType, AuthorizationType, L7ResourceType}
+	f.Fuzz(func(t *testing.T, typ uint8, name string, body []byte) {
+		typeURL := types[int(typ)%len(types)]
+		s := NewState(typeURL)
+		err := s.Apply(typeURL, []Resource{{Name: name, Version: "v", Body: &anypb.Any{TypeUrl: typeURL, Value: body}}}, nil)
+		if err != nil && (len(s.Workloads())+len(s.Services())+len(s.Policies())+len(s.L7Resources()) != 0 || s.Ready()) {
+			t.Fatal("rejected response changed the state")
+		}
+		for _, w := range s.Workloads() {
+			_ = s.PoliciesFor(w)
+			for k := range w.Services {
+				_ = s.Endpoints(k)
+			}
+		}
+		// Removing what was added leaves nothing behind.
+		if err := s.Apply(typeURL, nil, []string{name}); err != nil {
+			t.Fatal(err)
+		}
+		if len(s.Workloads())+len(s.Services())+len(s.Policies())+len(s.L7Resources()) != 0 || len(s.wlByAddr)+len(s.svcByVIP)+len(s.endpoints) != 0 {
+			t.Fatal("removal left indexes behind")
+		}
+	})
+}
