@@ -1,0 +1,186 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/proxylib/netnsutil"
+	"github.com/ambientmesh/ambient/proxylib/proxyerr"
+	"github.com/ambientmesh/ambient/proxylib/rbac"
+	"github.com/ambientmesh/ambient/proxylib/telemetry"
+)
+
+// serveHBONE handles a CONNECT arriving on the pod's :15008.
+func (p *Proxy) serveHBONE(ctx context.Context, pd *pod, req *hbone.Request, resp hbone.Responder) {
+	peer := req.Peer
+	req.PeerAddr = netip.AddrPortFrom(req.PeerAddr.Addr().Unmap(), req.PeerAddr.Port())
+	s := p.newSession(fmt.Sprintf("inbound{id=%d peer_ip=%s peer_id=%s}", p.nextID(), req.PeerAddr.Addr(), peer), net.TCPAddrFromAddrPort(req.PeerAddr))
+	s.dst = req.Target
+	s.info("got CONNECT request to %s", req.Target)
+	s.labels = telemetry.Labels{Reporter: telemetry.ReporterDestination, Source: telemetry.PeerOf(p.cfg.State.WorkloadByAddr(req.PeerAddr.Addr()), &peer),
+		Destination: telemetry.PeerOf(nil, nil), Service: telemetry.ServiceOf(nil), SecurityPolicy: telemetry.MutualTLS}
+	received, sent, err := p.inboundHBONE(ctx, s, pd, req, resp)
+	s.finish(received, sent, err)
+}
+
+func (p *Proxy) inboundHBONE(ctx context.Context, s *session, pd *pod, req *hbone.Request, resp hbone.Responder) (int64, int64, error) {
+	reject := func(err error) (int64, int64, error) {
+		resp.Reject(proxyerr.HTTPStatus(proxyerr.ReasonOf(err)), err.Error())
+		return 0, 0, err
+	}
+	dstW, err := p.inboundDestination(pd, req.Target)
+	if err != nil {
+		return reject(err)
+	}
+	s.labels.Destination = telemetry.PeerOf(dstW, nil)
+	peer := req.Peer
+	if wp := dstW.GetWaypoint(); wp != nil && !p.fromWaypoint(wp, peer) {
+		up, err := p.hairpin(ctx, s, pd, dstW, req.Target, req.Header)
+		if err != nil {
+			return reject(err)
+		}
+		return p.acceptAndRelay(s, pd, resp, up, "", rbac.Conn{})
+	}
+	c := rbac.Conn{Source: &peer, SrcIP: req.PeerAddr.Addr().Unmap(), DstIP: req.Target.Addr(), DstPort: req.Target.Port()}
+	if err := p.authorize(s, dstW, c); err != nil {
+		return reject(err)
+	}
+	up, err := p.dialLocal(pd, req.Target)
+	if err != nil {
+		return reject(err)
+	}
+	return p.acceptAndRelay(s, pd, resp, up, dstW.GetUid(), c)
+}
+
+func (p *Proxy) acceptAndRelay(s *session, pd *pod, resp hbone.Responder, up net.Conn, dstUID string, c rbac.Conn) (int64, int64, error) {
+	if err := s.track(pd.info.UID, dstUID, c); err != nil {
+		up.Close()
+		resp.Reject(http.StatusServiceUnavailable, err.Error())
+		return 0, 0, err
+	}
+	down, err := resp.Accept()
+	if err != nil {
+		up.Close()
+		return 0, 0, proxyerr.Wrap(proxyerr.ConnectionClosed, err, "accept CONNECT")
+	}
+	s.attach(down, up)
+	s.open()
+	return Relay(down, up)
+}
+
+// inboundDestination checks readiness and that target is this pod on a
+// port that is not ztunnel's own.
+func (p *Proxy) inboundDestination(pd *pod, target netip.AddrPort) (*workloadapi.Workload, error) {
+	if !p.Ready() {
+		return nil, proxyerr.New(proxyerr.NotReady, "discovery or certificates not ready")
+	}
+	if isProxyPort(target.Port()) {
+		return nil, proxyerr.New(proxyerr.SelfTarget, "target %s is a ztunnel port", target)
+	}
+	w := p.cfg.State.WorkloadByUID(pd.info.UID)
+	if w == nil {
+		return nil, proxyerr.New(proxyerr.UnknownDestination, "workload %s not in discovery", pd.info.UID)
+	}
+	for _, b := range w.GetAddresses() {
+		if a, ok := netip.AddrFromSlice(b); ok && a.Unmap() == target.Addr().Unmap() {
+			return w, nil
+		}
+	}
+	return nil, proxyerr.New(proxyerr.UnknownDestination, "target %s is not workload %s", target, w.GetUid())
+}
+
+// servePlaintextInbound handles traffic from outside the mesh captured to
+// :15006: no identity, so STRICT (Istio's converted DENY policy) refuses it.
+func (p *Proxy) servePlaintextInbound(pd *pod, down net.Conn) {
+	src := addrPortOf(down.RemoteAddr())
+	s := p.newSession(fmt.Sprintf("inbound{id=%d peer_ip=%s peer_id=none}", p.nextID(), src.Addr()), down.RemoteAddr())
+	s.attach(down)
+	s.labels = telemetry.Labels{Reporter: telemetry.ReporterDestination, Source: telemetry.PeerOf(p.cfg.State.WorkloadByAddr(src.Addr()), nil),
+		Destination: telemetry.PeerOf(nil, nil), Service: telemetry.ServiceOf(nil), SecurityPolicy: telemetry.Unknown}
+	received, sent, err := p.plaintextInbound(s, pd, down, src)
+	down.Close()
+	s.finish(received, sent, err)
+}
+
+func (p *Proxy) plaintextInbound(s *session, pd *pod, down net.Conn, src netip.AddrPort) (int64, int64, error) {
+	dst, err := netnsutil.OriginalDst(down)
+	if err != nil {
+		return 0, 0, proxyerr.Wrap(proxyerr.OriginalDstMissing, err, "original destination")
+	}
+	s.dst = dst
+	dstW, err := p.inboundDestination(pd, dst)
+	if err != nil {
+		return 0, 0, err
+	}
+	s.labels.Destination = telemetry.PeerOf(dstW, nil)
+	var up net.Conn
+	dstUID := dstW.GetUid()
+	c := rbac.Conn{SrcIP: src.Addr(), DstIP: dst.Addr(), DstPort: dst.Port()}
+	if wp := dstW.GetWaypoint(); wp != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
+		defer cancel()
+		if up, err = p.hairpin(ctx, s, pd, dstW, dst, forwarded(src, nil)); err != nil {
+			return 0, 0, err
+		}
+		dstUID = ""
+	} else {
+		if err := p.authorize(s, dstW, c); err != nil {
+			return 0, 0, err
+		}
+		if up, err = p.dialLocal(pd, dst); err != nil {
+			return 0, 0, err
+		}
+	}
+	s.attach(up)
+	if err := s.track(pd.info.UID, dstUID, c); err != nil {
+		up.Close()
+		return 0, 0, err
+	}
+	s.open()
+	return Relay(down, up)
+}
+
+// authorize applies dst's policies, logging Istio's "RBAC rejected" line.
+func (p *Proxy) authorize(s *session, dst *workloadapi.Workload, c rbac.Conn) error {
+	d := rbac.Evaluate(p.cfg.State.PoliciesFor(dst), c)
+	if d.Allowed {
+		return nil
+	}
+	src := "none"
+	if c.Source != nil {
+		src = c.Source.String()
+	}
+	s.info("RBAC rejected conn=%s(%s)->%s policy=%q", c.SrcIP, src, netip.AddrPortFrom(c.DstIP, c.DstPort), d.Policy)
+	if d.Policy != "" {
+		return proxyerr.New(proxyerr.AuthorizationPolicyRejection, "denied by %s", d.Policy)
+	}
+	return proxyerr.New(proxyerr.AuthorizationPolicyRejection, "no ALLOW policy matched")
+}
+
+// fromWaypoint reports whether peer is the identity of waypoint wp.
+func (p *Proxy) fromWaypoint(wp *workloadapi.GatewayAddress, peer identity.Identity) bool {
+	w := p.router.waypointWorkload(wp)
+	return w != nil && p.router.WorkloadIdentity(w) == peer
+}
+
+// hairpin sends a connection for a waypoint-enabled destination through its
+// waypoint, presenting the destination pod's identity.
+func (p *Proxy) hairpin(ctx context.Context, s *session, pd *pod, dstW *workloadapi.Workload, target netip.AddrPort, h http.Header) (net.Conn, error) {
+	rt, err := p.router.toWaypoint(dstW.GetWaypoint(), target)
+	if err != nil {
+		return nil, err
+	}
+	s.info("proxy to %s using HBONE via %s type Hairpin", target, rt.ProxyAddr)
+	up, err := pd.dialer.Dial(ctx, hbone.DialRequest{Source: p.router.WorkloadIdentity(dstW), Expected: rt.Expected,
+		ProxyAddr: rt.ProxyAddr, Target: target, Header: h})
+	if err != nil {
+		return nil, proxyerr.Wrap(proxyerr.HBONEConnectFailed, err, "hairpin to waypoint %s", rt.ProxyAddr)
+	}
+	return up, nil
+}

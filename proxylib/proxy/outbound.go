@@ -1,0 +1,174 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/proxylib/netnsutil"
+	"github.com/ambientmesh/ambient/proxylib/proxy/socks5"
+	"github.com/ambientmesh/ambient/proxylib/proxyerr"
+	"github.com/ambientmesh/ambient/proxylib/rbac"
+	"github.com/ambientmesh/ambient/proxylib/telemetry"
+)
+
+// serveOutbound handles a connection from the pod to dst (the original
+// destination when dst is unset).
+func (p *Proxy) serveOutbound(pd *pod, down net.Conn, dst netip.AddrPort) {
+	s := p.newSession(fmt.Sprintf("outbound{id=%d}", p.nextID()), down.RemoteAddr())
+	s.attach(down)
+	srcW := p.cfg.State.WorkloadByUID(pd.info.UID)
+	srcID := p.podIdentity(pd.info)
+	s.labels = telemetry.Labels{Reporter: telemetry.ReporterSource, Source: telemetry.PeerOf(srcW, &srcID),
+		Destination: telemetry.PeerOf(nil, nil), Service: telemetry.ServiceOf(nil)}
+	received, sent, err := p.outbound(s, pd, down, dst, srcW, srcID)
+	down.Close()
+	s.finish(received, sent, err)
+}
+
+func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort, srcW *workloadapi.Workload, srcID identity.Identity) (int64, int64, error) {
+	if !p.Ready() {
+		return 0, 0, proxyerr.New(proxyerr.NotReady, "discovery or certificates not ready")
+	}
+	if !dst.IsValid() {
+		var err error
+		if dst, err = netnsutil.OriginalDst(down); err != nil {
+			return 0, 0, proxyerr.Wrap(proxyerr.OriginalDstMissing, err, "original destination")
+		}
+	}
+	s.dst = dst
+	if isProxyPort(dst.Port()) && isLocalTarget(down, dst) {
+		return 0, 0, proxyerr.New(proxyerr.SelfTarget, "destination %s is ztunnel itself", dst)
+	}
+	rt, err := p.router.Resolve(srcW, dst)
+	if err != nil {
+		return 0, 0, err
+	}
+	s.dst = rt.Target
+	var expected *identity.Identity
+	if len(rt.Expected) > 0 {
+		expected = &rt.Expected[0]
+	}
+	s.labels.Destination = telemetry.PeerOf(rt.Dest, expected)
+	s.labels.Service = telemetry.ServiceOf(rt.Service)
+	if rt.Kind == FastPath {
+		if dp := p.localPod(rt.Dest.GetUid()); dp != nil {
+			return p.fastPath(s, pd, dp, down, rt, srcID)
+		}
+		// Destination on this node but not captured here (yet): tunnel.
+		rt.Kind = HBONE
+		rt.ProxyAddr = netip.AddrPortFrom(rt.Target.Addr(), hbone.Port)
+		rt.Expected = []identity.Identity{p.router.WorkloadIdentity(rt.Dest)}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
+	defer cancel()
+	var up net.Conn
+	switch rt.Kind {
+	case HBONE:
+		typ := "Direct"
+		if rt.Waypoint {
+			typ = "ToServerWaypoint"
+		}
+		s.info("proxy to %s using HBONE via %s type %s", rt.Target, rt.ProxyAddr, typ)
+		s.labels.SecurityPolicy = telemetry.MutualTLS
+		up, err = pd.dialer.Dial(ctx, hbone.DialRequest{Source: srcID, Expected: rt.Expected, ProxyAddr: rt.ProxyAddr,
+			Target: rt.Target, Header: forwarded(s.src, srcW)})
+		if err != nil {
+			return 0, 0, proxyerr.Wrap(proxyerr.HBONEConnectFailed, err, "HBONE to %s via %s", rt.Target, rt.ProxyAddr)
+		}
+	default:
+		s.info("proxying to %s using passthrough", rt.Target)
+		s.labels.SecurityPolicy = telemetry.Unknown
+		up, err = netnsutil.DialTCP(ctx, pd.ns, netip.AddrPort{}, rt.Target, netnsutil.SocketOptions{Mark: netnsutil.Mark})
+		if err != nil {
+			return 0, 0, proxyerr.Wrap(proxyerr.UpstreamConnectFailed, err, "dial %s", rt.Target)
+		}
+	}
+	s.attach(up)
+	if err := s.track(pd.info.UID, "", rbac.Conn{}); err != nil {
+		up.Close()
+		return 0, 0, err
+	}
+	s.open()
+	return Relay(down, up)
+}
+
+// fastPath delivers to a pod on this node without a tunnel, still applying
+// the destination's policy with the source's identity (ztunnel holds both).
+func (p *Proxy) fastPath(s *session, src, dst *pod, down net.Conn, rt Route, srcID identity.Identity) (int64, int64, error) {
+	s.info("proxying to %s using node local fast path", rt.Target)
+	s.labels.SecurityPolicy = telemetry.MutualTLS
+	s.labels.Reporter = telemetry.ReporterDestination
+	srcAddr, _ := WorkloadAddr(p.cfg.State.WorkloadByUID(src.info.UID))
+	if !srcAddr.IsValid() {
+		srcAddr = s.src.Addr()
+	}
+	c := rbac.Conn{Source: &srcID, SrcIP: srcAddr, DstIP: rt.Target.Addr(), DstPort: rt.Target.Port()}
+	if err := p.authorize(s, rt.Dest, c); err != nil {
+		return 0, 0, err
+	}
+	up, err := p.dialLocal(dst, rt.Target)
+	if err != nil {
+		return 0, 0, err
+	}
+	s.attach(up)
+	if err := s.track(src.info.UID, rt.Dest.GetUid(), c); err != nil {
+		up.Close()
+		return 0, 0, err
+	}
+	s.open()
+	return Relay(down, up)
+}
+
+// serveSOCKS5 is outbound with the destination named by the client.
+func (p *Proxy) serveSOCKS5(pd *pod, c net.Conn) {
+	dst, err := socks5.Handshake(c, nil)
+	if err != nil {
+		p.log.V(1).Info("socks5 handshake failed", "err", proxyerr.Wrap(proxyerr.Socks5Protocol, err, "").Error())
+		c.Close()
+		return
+	}
+	socks5.Reply(c, socks5.Succeeded)
+	p.serveOutbound(pd, c, dst)
+}
+
+// dialLocal connects to a local pod from inside its own namespace, marked
+// so the redirection rules let it through.
+func (p *Proxy) dialLocal(pd *pod, target netip.AddrPort) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
+	defer cancel()
+	up, err := netnsutil.DialTCP(ctx, pd.ns, netip.AddrPort{}, target, netnsutil.SocketOptions{Mark: netnsutil.Mark})
+	if err != nil {
+		return nil, proxyerr.Wrap(proxyerr.UpstreamConnectFailed, err, "dial %s", target)
+	}
+	return up, nil
+}
+
+func forwarded(src netip.AddrPort, w *workloadapi.Workload) http.Header {
+	h := http.Header{}
+	if src.IsValid() {
+		h.Set("Forwarded", fmt.Sprintf("for=%q", src.Addr().String()))
+	}
+	if w != nil {
+		h.Set("Baggage", fmt.Sprintf("k8s.namespace.name=%s,k8s.pod.name=%s,service.name=%s", w.GetNamespace(), w.GetName(), w.GetCanonicalName()))
+	}
+	return h
+}
+
+func isProxyPort(port uint16) bool {
+	switch port {
+	case OutboundPort, InboundPort, HBONEPort, SOCKS5Port, 15000, 15020, 15021:
+		return true
+	}
+	return false
+}
+
+func isLocalTarget(c net.Conn, dst netip.AddrPort) bool {
+	local := addrPortOf(c.LocalAddr())
+	return dst.Addr().IsLoopback() || dst.Addr() == local.Addr()
+}

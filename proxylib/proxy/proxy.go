@@ -1,0 +1,330 @@
+// Package proxy is ztunnel's L4 data path: per captured pod it serves
+// outbound capture (:15001), inbound plaintext (:15006), inbound HBONE
+// (:15008) and SOCKS5 (:15080) inside the pod's network namespace, routes
+// with discovery state, authorizes at the destination, and tunnels over an
+// HBONE transport. The waypoint reuses Router, Relay, Tracker and the
+// inbound authorization pieces.
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/go-logr/logr"
+
+	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/proxylib/inpod"
+	"github.com/ambientmesh/ambient/proxylib/netnsutil"
+	"github.com/ambientmesh/ambient/proxylib/proxyerr"
+	"github.com/ambientmesh/ambient/proxylib/rbac"
+	"github.com/ambientmesh/ambient/proxylib/telemetry"
+)
+
+// Ports ztunnel listens on inside each captured pod (docs/interfaces.md).
+const (
+	OutboundPort = 15001
+	InboundPort  = 15006
+	HBONEPort    = hbone.Port
+	SOCKS5Port   = 15080
+)
+
+// HBONEServer serves HBONE CONNECTs; it is already listening when returned.
+type HBONEServer interface {
+	Serve() error
+	Close() error
+}
+
+// Config wires a Proxy. State, Certs, NewDialer and NewHBONEServer are required.
+type Config struct {
+	Log         logr.Logger
+	State       *discovery.State
+	Certs       hbone.CertSource
+	Node        string
+	TrustDomain string
+	Metrics     *telemetry.Metrics
+	// NewDialer returns an HBONE dialer whose sockets are opened in ns (the
+	// pod's namespace, so the source address is the pod's) with the mark.
+	NewDialer func(ns *os.File) (hbone.Dialer, error)
+	// NewHBONEServer listens on host:15008 inside ns and returns a server
+	// presenting local's certificate.
+	NewHBONEServer func(ns *os.File, host string, local identity.Identity, h hbone.Handler) (HBONEServer, error)
+	// ListenHost overrides the listeners' bind address ("" = all). Tests that
+	// run several pods in one namespace bind each to its pod address.
+	ListenHost func(w WorkloadInfo) string
+	// CertsReady reports whether certificates can be served; nil means yes.
+	CertsReady func() bool
+	// ConnectTimeout bounds upstream dials (default 10s).
+	ConnectTimeout time.Duration
+}
+
+// WorkloadInfo is what the node agent tells about a pod (ZDS AddWorkload).
+type WorkloadInfo struct {
+	UID string
+	inpod.WorkloadInfo
+}
+
+// Proxy is one node's ztunnel data path.
+type Proxy struct {
+	cfg      Config
+	log      logr.Logger
+	router   *Router
+	tracker  *Tracker
+	ids      atomic.Uint64
+	snapshot atomic.Bool
+
+	mu   sync.Mutex
+	pods map[string]*pod // by uid
+}
+
+// New returns a Proxy; it re-authorizes open connections on every policy
+// or workload change.
+func New(cfg Config) (*Proxy, error) {
+	if cfg.State == nil || cfg.Certs == nil || cfg.NewDialer == nil || cfg.NewHBONEServer == nil {
+		return nil, errors.New("proxy: State, Certs, NewDialer and NewHBONEServer are required")
+	}
+	if cfg.ConnectTimeout <= 0 {
+		cfg.ConnectTimeout = 10 * time.Second
+	}
+	if cfg.TrustDomain == "" {
+		cfg.TrustDomain = cfg.Certs.TrustDomain()
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = telemetry.NewMetrics(nil)
+	}
+	p := &Proxy{
+		cfg:     cfg,
+		log:     cfg.Log,
+		router:  &Router{State: cfg.State, Node: cfg.Node, TrustDomain: cfg.TrustDomain},
+		tracker: NewTracker(),
+		pods:    map[string]*pod{},
+	}
+	cfg.State.OnChange(func(discovery.Change) { p.revalidate() })
+	return p, nil
+}
+
+// Router exposes the proxy's router (shared with the admin endpoints).
+func (p *Proxy) Router() *Router { return p.router }
+
+// Tracker exposes the connection tracker.
+func (p *Proxy) Tracker() *Tracker { return p.tracker }
+
+// Ready reports whether discovery has fully synced and certificates are
+// available. Until then nothing is admitted.
+func (p *Proxy) Ready() bool {
+	return p.cfg.State.Ready() && (p.cfg.CertsReady == nil || p.cfg.CertsReady())
+}
+
+// pod is one captured pod: its namespace, listeners and HBONE dialer.
+type pod struct {
+	info   WorkloadInfo
+	ns     *os.File
+	dialer hbone.Dialer
+	hbone  HBONEServer
+	lns    []net.Listener
+}
+
+// identity is the pod's SPIFFE identity.
+func (p *Proxy) podIdentity(info WorkloadInfo) identity.Identity {
+	if w := p.cfg.State.WorkloadByUID(info.UID); w != nil {
+		return p.router.WorkloadIdentity(w)
+	}
+	sa := info.ServiceAccount
+	if sa == "" {
+		sa = "default"
+	}
+	return identity.Identity{TrustDomain: p.cfg.TrustDomain, Namespace: info.Namespace, ServiceAccount: sa}
+}
+
+var _ inpod.WorkloadHandler = (*Proxy)(nil)
+
+// SnapshotDone implements inpod.WorkloadHandler.
+func (p *Proxy) SnapshotDone() { p.snapshot.Store(true) }
+
+// AddWorkload opens the pod's four listeners inside ns. The Proxy owns ns
+// from now on (closed by DelWorkload). Adding a known uid again replaces it
+// (re-adoption after a restart of the node agent).
+func (p *Proxy) AddWorkload(uid string, wi inpod.WorkloadInfo, ns *os.File) error {
+	info := WorkloadInfo{UID: uid, WorkloadInfo: wi}
+	if info.UID == "" || ns == nil {
+		return errors.New("proxy: AddWorkload needs a uid and a namespace")
+	}
+	p.mu.Lock()
+	old := p.pods[info.UID]
+	delete(p.pods, info.UID)
+	p.mu.Unlock()
+	if old != nil {
+		p.closePod(old, false)
+	}
+	pd := &pod{info: info, ns: ns}
+	if err := p.openPod(pd); err != nil {
+		p.closePod(pd, false)
+		return err
+	}
+	p.mu.Lock()
+	p.pods[info.UID] = pd
+	p.mu.Unlock()
+	p.log.Info("workload added", "uid", info.UID, "name", info.Name, "namespace", info.Namespace)
+	return nil
+}
+
+func (p *Proxy) openPod(pd *pod) error {
+	host := ""
+	if p.cfg.ListenHost != nil {
+		host = p.cfg.ListenHost(pd.info)
+	}
+	listen := func(port int) (net.Listener, error) {
+		ln, err := netnsutil.ListenTCP(pd.ns, net.JoinHostPort(host, strconv.Itoa(port)), netnsutil.SocketOptions{Mark: netnsutil.Mark, ReuseAddr: true})
+		if err != nil {
+			return nil, fmt.Errorf("listen :%d in pod %s: %w", port, pd.info.UID, err)
+		}
+		pd.lns = append(pd.lns, ln)
+		return ln, nil
+	}
+	var err error
+	if pd.dialer, err = p.cfg.NewDialer(pd.ns); err != nil {
+		return fmt.Errorf("hbone dialer for %s: %w", pd.info.UID, err)
+	}
+	out, err := listen(OutboundPort)
+	if err != nil {
+		return err
+	}
+	in, err := listen(InboundPort)
+	if err != nil {
+		return err
+	}
+	socks, err := listen(SOCKS5Port)
+	if err != nil {
+		return err
+	}
+	local := p.podIdentity(pd.info)
+	if pd.hbone, err = p.cfg.NewHBONEServer(pd.ns, host, local, hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
+		p.serveHBONE(ctx, pd, req, resp)
+	})); err != nil {
+		return fmt.Errorf("hbone server for %s: %w", pd.info.UID, err)
+	}
+	go p.acceptLoop(out, func(c net.Conn) { p.serveOutbound(pd, c, netip.AddrPort{}) })
+	go p.acceptLoop(in, func(c net.Conn) { p.servePlaintextInbound(pd, c) })
+	go p.acceptLoop(socks, func(c net.Conn) { p.serveSOCKS5(pd, c) })
+	go func() {
+		if err := pd.hbone.Serve(); err != nil && !errors.Is(err, net.ErrClosed) {
+			p.log.V(1).Info("hbone server stopped", "uid", pd.info.UID, "err", err.Error())
+		}
+	}()
+	return nil
+}
+
+func (p *Proxy) acceptLoop(ln net.Listener, serve func(net.Conn)) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return
+		}
+		go serve(c)
+	}
+}
+
+// DelWorkload closes the pod's listeners and its connections.
+func (p *Proxy) DelWorkload(uid string) error {
+	p.mu.Lock()
+	pd := p.pods[uid]
+	delete(p.pods, uid)
+	p.mu.Unlock()
+	if pd == nil {
+		return fmt.Errorf("proxy: unknown workload %q", uid)
+	}
+	p.closePod(pd, true)
+	p.log.Info("workload removed", "uid", uid)
+	return nil
+}
+
+func (p *Proxy) closePod(pd *pod, closeConns bool) {
+	for _, ln := range pd.lns {
+		ln.Close()
+	}
+	if pd.hbone != nil {
+		pd.hbone.Close()
+	}
+	if closeConns {
+		p.tracker.CloseOwned(pd.info.UID, proxyerr.ConnectionClosed)
+	}
+	if pd.dialer != nil {
+		pd.dialer.Close()
+	}
+	if closeConns {
+		pd.ns.Close()
+	}
+}
+
+// Workloads lists the uids of the pods this proxy serves.
+func (p *Proxy) Workloads() []WorkloadInfo {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]WorkloadInfo, 0, len(p.pods))
+	for _, pd := range p.pods {
+		out = append(out, pd.info)
+	}
+	return out
+}
+
+// localPod returns the captured pod serving workload uid, if on this node.
+func (p *Proxy) localPod(uid string) *pod {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.pods[uid]
+}
+
+// Drain stops accepting, lets open connections finish until ctx ends, then
+// closes them. Listeners stay closed afterwards.
+func (p *Proxy) Drain(ctx context.Context) bool {
+	p.mu.Lock()
+	pods := make([]*pod, 0, len(p.pods))
+	for _, pd := range p.pods {
+		pods = append(pods, pd)
+	}
+	p.mu.Unlock()
+	for _, pd := range pods {
+		for _, ln := range pd.lns {
+			ln.Close()
+		}
+	}
+	done := p.tracker.Drain(ctx)
+	for _, pd := range pods {
+		if pd.hbone != nil {
+			pd.hbone.Close()
+		}
+		if pd.dialer != nil {
+			pd.dialer.Close()
+		}
+	}
+	return done
+}
+
+// revalidate closes connections the current policies no longer allow.
+func (p *Proxy) revalidate() {
+	n := p.tracker.Revalidate(func(dstUID string, c rbac.Conn) bool {
+		w := p.cfg.State.WorkloadByUID(dstUID)
+		if w == nil {
+			return false
+		}
+		return rbac.Evaluate(p.cfg.State.PoliciesFor(w), c).Allowed
+	})
+	if n > 0 {
+		p.log.Info("closed connections no longer allowed by policy", "count", n)
+	}
+}
+
+func (p *Proxy) nextID() uint64 { return p.ids.Add(1) }

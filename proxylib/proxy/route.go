@@ -1,0 +1,233 @@
+package proxy
+
+import (
+	"net/netip"
+	"sync"
+	"sync/atomic"
+
+	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/proxylib/proxyerr"
+)
+
+// RouteKind says how an outbound connection leaves.
+type RouteKind int
+
+const (
+	// Passthrough: destination outside the mesh, plain TCP.
+	Passthrough RouteKind = iota
+	// HBONE: tunnel to ProxyAddr (destination pod or waypoint :15008).
+	HBONE
+	// FastPath: destination is a captured workload on this node; skip the
+	// tunnel, apply destination policy locally, connect from its netns.
+	FastPath
+)
+
+func (k RouteKind) String() string {
+	switch k {
+	case HBONE:
+		return "HBONE"
+	case FastPath:
+		return "FastPath"
+	}
+	return "Passthrough"
+}
+
+// Route is where an outbound connection goes.
+type Route struct {
+	Kind RouteKind
+	// Target is the final destination: the CONNECT authority for HBONE (the
+	// service VIP when a waypoint serves a service), the pod address
+	// otherwise.
+	Target netip.AddrPort
+	// ProxyAddr is the HBONE peer (pod or waypoint :15008).
+	ProxyAddr netip.AddrPort
+	// Expected is the identity the HBONE peer must present.
+	Expected []identity.Identity
+	// Dest is the destination workload (the waypoint's when Waypoint).
+	Dest     *workloadapi.Workload
+	Service  *workloadapi.Service
+	Waypoint bool
+}
+
+// Router resolves original destinations against discovery state.
+type Router struct {
+	State       *discovery.State
+	Node        string // this node: destinations here take the fast path
+	TrustDomain string // default when a workload does not carry one
+
+	rr sync.Map // service key -> *atomic.Uint64 round robin cursor
+}
+
+// WorkloadIdentity is the SPIFFE identity of w.
+func (r *Router) WorkloadIdentity(w *workloadapi.Workload) identity.Identity {
+	td := w.GetTrustDomain()
+	if td == "" {
+		td = r.TrustDomain
+	}
+	sa := w.GetServiceAccount()
+	if sa == "" {
+		sa = "default"
+	}
+	return identity.Identity{TrustDomain: td, Namespace: w.GetNamespace(), ServiceAccount: sa}
+}
+
+// WorkloadAddr is w's first address.
+func WorkloadAddr(w *workloadapi.Workload) (netip.Addr, bool) {
+	for _, b := range w.GetAddresses() {
+		if a, ok := netip.AddrFromSlice(b); ok {
+			return a.Unmap(), true
+		}
+	}
+	return netip.Addr{}, false
+}
+
+// Resolve decides where src's connection to dst goes. src may be nil (a
+// hair-pin from inbound, where the caller is not a local client).
+func (r *Router) Resolve(src *workloadapi.Workload, dst netip.AddrPort) (Route, error) {
+	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	if svc := r.State.ServiceByVIP(dst.Addr()); svc != nil {
+		return r.resolveService(src, svc, dst)
+	}
+	if w := r.State.WorkloadByAddr(dst.Addr()); w != nil {
+		return r.resolveWorkload(src, w, dst, nil)
+	}
+	return Route{Kind: Passthrough, Target: dst}, nil
+}
+
+func (r *Router) resolveService(src *workloadapi.Workload, svc *workloadapi.Service, dst netip.AddrPort) (Route, error) {
+	if wp := svc.GetWaypoint(); wp != nil && !r.isWaypointOf(src, wp) {
+		rt, err := r.toWaypoint(wp, dst)
+		rt.Service = svc
+		return rt, err
+	}
+	key := discovery.ServiceKey(svc.GetNamespace(), svc.GetHostname())
+	ep, port := r.pickEndpoint(svc, key, dst.Port())
+	if ep == nil {
+		return Route{}, proxyerr.New(proxyerr.NoHealthyUpstream, "service %s has no healthy endpoint", key)
+	}
+	addr, _ := WorkloadAddr(ep)
+	return r.resolveWorkload(src, ep, netip.AddrPortFrom(addr, port), svc)
+}
+
+func (r *Router) resolveWorkload(src, w *workloadapi.Workload, dst netip.AddrPort, svc *workloadapi.Service) (Route, error) {
+	if wp := w.GetWaypoint(); wp != nil && !r.isWaypointOf(src, wp) {
+		rt, err := r.toWaypoint(wp, dst)
+		rt.Service = svc
+		return rt, err
+	}
+	rt := Route{Target: dst, Dest: w, Service: svc}
+	switch {
+	case w.GetTunnelProtocol() != workloadapi.TunnelProtocol_HBONE:
+		rt.Kind = Passthrough
+	case w.GetNode() != "" && w.GetNode() == r.Node:
+		rt.Kind = FastPath
+	default:
+		rt.Kind = HBONE
+		rt.ProxyAddr = netip.AddrPortFrom(dst.Addr(), hbone.Port)
+		rt.Expected = []identity.Identity{r.WorkloadIdentity(w)}
+	}
+	return rt, nil
+}
+
+// toWaypoint routes to the waypoint, keeping dst (service VIP or pod
+// address) as the CONNECT target.
+func (r *Router) toWaypoint(wp *workloadapi.GatewayAddress, dst netip.AddrPort) (Route, error) {
+	w := r.waypointWorkload(wp)
+	if w == nil {
+		return Route{}, proxyerr.New(proxyerr.WaypointUnresolved, "waypoint %v has no healthy workload", wp)
+	}
+	addr, _ := WorkloadAddr(w)
+	port := uint16(wp.GetHboneMtlsPort())
+	if port == 0 {
+		port = hbone.Port
+	}
+	return Route{Kind: HBONE, Target: dst, ProxyAddr: netip.AddrPortFrom(addr, port), Waypoint: true,
+		Expected: []identity.Identity{r.WorkloadIdentity(w)}, Dest: w}, nil
+}
+
+func (r *Router) waypointWorkload(wp *workloadapi.GatewayAddress) *workloadapi.Workload {
+	var svc *workloadapi.Service
+	switch d := wp.GetDestination().(type) {
+	case *workloadapi.GatewayAddress_Address:
+		ip, ok := netip.AddrFromSlice(d.Address.GetAddress())
+		if !ok {
+			return nil
+		}
+		if w := r.State.WorkloadByAddr(ip); w != nil {
+			return w
+		}
+		svc = r.State.ServiceByVIP(ip)
+	case *workloadapi.GatewayAddress_Hostname:
+		svc = r.State.ServiceByKey(discovery.ServiceKey(d.Hostname.GetNamespace(), d.Hostname.GetHostname()))
+	}
+	if svc == nil {
+		return nil
+	}
+	ep, _ := r.pickEndpoint(svc, discovery.ServiceKey(svc.GetNamespace(), svc.GetHostname()), hbone.Port)
+	return ep
+}
+
+// isWaypointOf reports whether src is (a replica of) waypoint wp.
+func (r *Router) isWaypointOf(src *workloadapi.Workload, wp *workloadapi.GatewayAddress) bool {
+	if src == nil {
+		return false
+	}
+	switch d := wp.GetDestination().(type) {
+	case *workloadapi.GatewayAddress_Address:
+		ip, ok := netip.AddrFromSlice(d.Address.GetAddress())
+		if !ok {
+			return false
+		}
+		ip = ip.Unmap()
+		if a, ok := WorkloadAddr(src); ok && a == ip {
+			return true
+		}
+		if svc := r.State.ServiceByVIP(ip); svc != nil {
+			_, in := src.GetServices()[discovery.ServiceKey(svc.GetNamespace(), svc.GetHostname())]
+			return in
+		}
+	case *workloadapi.GatewayAddress_Hostname:
+		_, in := src.GetServices()[discovery.ServiceKey(d.Hostname.GetNamespace(), d.Hostname.GetHostname())]
+		return in
+	}
+	return false
+}
+
+// pickEndpoint round-robins over healthy endpoints and maps the service
+// port to the endpoint's target port.
+func (r *Router) pickEndpoint(svc *workloadapi.Service, key string, svcPort uint16) (*workloadapi.Workload, uint16) {
+	var healthy []*workloadapi.Workload
+	for _, ep := range r.State.Endpoints(key) {
+		if ep == nil || ep.GetStatus() != workloadapi.WorkloadStatus_HEALTHY {
+			continue
+		}
+		if _, ok := WorkloadAddr(ep); ok {
+			healthy = append(healthy, ep)
+		}
+	}
+	if len(healthy) == 0 {
+		return nil, 0
+	}
+	c, _ := r.rr.LoadOrStore(key, new(atomic.Uint64))
+	ep := healthy[(c.(*atomic.Uint64).Add(1)-1)%uint64(len(healthy))]
+	return ep, targetPort(svc, key, ep, svcPort)
+}
+
+func targetPort(svc *workloadapi.Service, key string, ep *workloadapi.Workload, svcPort uint16) uint16 {
+	if pl, ok := ep.GetServices()[key]; ok {
+		for _, p := range pl.GetPorts() {
+			if p.GetServicePort() == uint32(svcPort) && p.GetTargetPort() != 0 {
+				return uint16(p.GetTargetPort())
+			}
+		}
+	}
+	for _, p := range svc.GetPorts() {
+		if p.GetServicePort() == uint32(svcPort) && p.GetTargetPort() != 0 {
+			return uint16(p.GetTargetPort())
+		}
+	}
+	return svcPort
+}
