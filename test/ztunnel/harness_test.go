@@ -22,6 +22,7 @@ import (
 	"github.com/go-logr/logr/funcr"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
@@ -190,7 +191,7 @@ func newMesh(t *testing.T, nodes int) *mesh {
 func (m *mesh) addNode(name string) *node {
 	n := &node{Node: m.c.AddNode(name), name: name, state: m.cp.newState(), metrics: prometheus.NewRegistry()}
 	certs := identity.NewStaticSource(m.ca.TrustDomain, m.ca.Roots())
-	for _, sa := range []string{"sleep", "notsleep", "httpbin", "waypoint"} {
+	for _, sa := range []string{"sleep", "notsleep", "httpbin", "waypoint", "outside"} {
 		id := m.ca.ID("default", sa)
 		certs.Set(id, m.ca.Issue(m.t, id))
 	}
@@ -338,4 +339,85 @@ func (m *mesh) syncAll() {
 
 func exact(s string) *security.StringMatch {
 	return &security.StringMatch{MatchType: &security.StringMatch_Exact{Exact: s}}
+}
+
+// serveTCP runs handler for each connection accepted on port inside the pod.
+func (p *pod) serveTCP(t *testing.T, port int, handler func(net.Conn)) {
+	f, err := p.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	ln, err := netnsutil.ListenTCP(f, fmt.Sprintf(":%d", port), netnsutil.SocketOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go handler(c)
+		}
+	}()
+}
+
+// dial opens a raw TCP connection from inside the pod, as its app would.
+func (p *pod) dial(dst netip.AddrPort) (net.Conn, error) {
+	f, err := p.Open()
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return netnsutil.DialTCP(ctx, f, netip.AddrPort{}, dst, netnsutil.SocketOptions{})
+}
+
+// echo copies everything back.
+func echo(c net.Conn) {
+	defer c.Close()
+	io.Copy(c, c)
+}
+
+// countThenReply reads until EOF, then answers "got <n>" and closes: a
+// half-close probe.
+func countThenReply(c net.Conn) {
+	defer c.Close()
+	n, _ := io.Copy(io.Discard, c)
+	fmt.Fprintf(c, "got %d", n)
+}
+
+// expectRefused asserts that a request from p to dst does not get through.
+func expectRefused(t *testing.T, p *pod, dst netip.AddrPort) {
+	t.Helper()
+	if got, err := p.get(dst); err == nil {
+		t.Fatalf("%s -> %s succeeded (%q), want refused", p.name, dst, got)
+	}
+}
+
+func expectOK(t *testing.T, p *pod, dst netip.AddrPort, want string) {
+	t.Helper()
+	got, err := p.get(dst)
+	if err != nil || got != want {
+		t.Fatalf("%s -> %s = %q, %v; want %q", p.name, dst, got, err, want)
+	}
+}
+
+func allowPolicy(name string, principals ...string) *security.Authorization {
+	var ms []*security.StringMatch
+	for _, p := range principals {
+		ms = append(ms, exact(p))
+	}
+	return &security.Authorization{Name: name, Namespace: "default", Scope: security.Scope_NAMESPACE, Action: security.Action_ALLOW,
+		Groups: []*security.Group{{Rules: []*security.Rules{{Matches: []*security.Match{{Principals: ms}}}}}}}
+}
+
+// strictPolicy is Istio's conversion of PeerAuthentication STRICT.
+func strictPolicy() *security.Authorization {
+	return &security.Authorization{Name: "converted_peer_authentication_default", Namespace: "default", Scope: security.Scope_NAMESPACE, Action: security.Action_DENY,
+		Groups: []*security.Group{{Rules: []*security.Rules{{Matches: []*security.Match{{NotPrincipals: []*security.StringMatch{
+			{MatchType: &security.StringMatch_Presence{Presence: &emptypb.Empty{}}}}}}}}}}}
 }

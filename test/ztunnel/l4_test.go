@@ -1,31 +1,252 @@
 package ztunnel
 
 import (
+	"fmt"
+	"io"
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
 )
 
-// TestSleepToHTTPBin: sleep on node1 reaches httpbin on node2 through both
-// ztunnels over HBONE, and httpbin's ztunnel sees sleep's SPIFFE identity.
-func TestSleepToHTTPBin(t *testing.T) {
+// seedsMesh is the seeds' L4 journey: sleep and notsleep on node1, httpbin
+// replicas on node1 and node2 behind a service, and a pod outside the mesh.
+type seedsMesh struct {
+	*mesh
+	sleep, notsleep, httpbin1, httpbin2, outside *pod
+	vip                                          netip.AddrPort
+}
+
+func newSeedsMesh(t *testing.T) *seedsMesh {
 	m := newMesh(t, 2)
 	m.syncAll()
-	sleep := m.addPod(m.nodes[0], "sleep-1", "sleep", true)
-	httpbin := m.addPod(m.nodes[1], "httpbin-1", "httpbin", true)
-	httpbin.serveHTTP(t, 80)
-
-	got, err := sleep.get(httpbin.addr(80))
-	if err != nil || got != "httpbin-1" {
-		t.Fatalf("GET = %q, %v", got, err)
+	s := &seedsMesh{mesh: m, vip: netip.MustParseAddrPort("10.96.0.10:8000")}
+	svcKey := discovery.ServiceKey("default", "httpbin.default.svc.cluster.local")
+	inService := func(w *workloadapi.Workload) {
+		w.Services = map[string]*workloadapi.PortList{svcKey: {Ports: []*workloadapi.Port{{ServicePort: 8000, TargetPort: 80}}}}
 	}
-	m.logs.waitFor(t, "proxy to "+httpbin.addr(80).String()+" using HBONE via "+netip.AddrPortFrom(httpbin.IP, 15008).String()+" type Direct")
-	m.logs.waitFor(t, "inbound{", "peer_id=spiffe://cluster.local/ns/default/sa/sleep}: got CONNECT request to "+httpbin.addr(80).String())
-	m.logs.waitFor(t, "complete dur=", "direction=inbound", "src.identity=spiffe://cluster.local/ns/default/sa/sleep")
-	_ = strings.Contains
-	_ = workloadapi.TunnelProtocol_HBONE
-	_ = security.Action_ALLOW
+	s.sleep = m.addPod(m.nodes[0], "sleep-1", "sleep", true)
+	s.notsleep = m.addPod(m.nodes[0], "notsleep-1", "notsleep", true)
+	s.httpbin1 = m.addPod(m.nodes[1], "httpbin-1", "httpbin", true, inService)
+	s.httpbin2 = m.addPod(m.nodes[0], "httpbin-2", "httpbin", true, inService)
+	s.outside = m.addPod(m.nodes[1], "outside-1", "outside", false)
+	m.cp.service(&workloadapi.Service{Name: "httpbin", Namespace: "default", Hostname: "httpbin.default.svc.cluster.local",
+		Addresses: []*workloadapi.NetworkAddress{{Address: s.vip.Addr().AsSlice()}},
+		Ports:     []*workloadapi.Port{{ServicePort: 8000, TargetPort: 80}}})
+	for _, h := range []*pod{s.httpbin1, s.httpbin2} {
+		h.serveHTTP(t, 80)
+		h.serveTCP(t, 9000, countThenReply)
+		h.serveTCP(t, 9001, echo)
+	}
+	return s
+}
+
+func TestSeedsL4(t *testing.T) {
+	s := newSeedsMesh(t)
+	m := s.mesh
+
+	t.Run("round robin over replicas on two nodes", func(t *testing.T) {
+		seen := map[string]int{}
+		var order []string
+		for i := 0; i < 6; i++ {
+			got, err := s.sleep.get(s.vip)
+			if err != nil {
+				t.Fatalf("GET %s: %v", s.vip, err)
+			}
+			seen[got]++
+			order = append(order, got)
+		}
+		if seen["httpbin-1"] != 3 || seen["httpbin-2"] != 3 {
+			t.Fatalf("distribution %v (order %v), want 3/3", seen, order)
+		}
+		for i := 1; i < len(order); i++ {
+			if order[i] == order[i-1] {
+				t.Fatalf("not round robin: %v", order)
+			}
+		}
+		m.logs.waitFor(t, "proxy to "+s.httpbin1.addr(80).String()+" using HBONE via "+s.httpbin1.IP.String()+":15008 type Direct")
+		m.logs.waitFor(t, "proxying to "+s.httpbin2.addr(80).String()+" using node local fast path")
+	})
+
+	t.Run("allow policy admits sleep, refuses notsleep", func(t *testing.T) {
+		m.cp.policy(allowPolicy("allow-sleep", s.sleep.id().Principal()))
+		defer m.cp.remove(discovery.AuthorizationType, "default/allow-sleep")
+		expectOK(t, s.sleep, s.httpbin1.addr(80), "httpbin-1")
+		expectRefused(t, s.notsleep, s.httpbin1.addr(80))
+		m.logs.waitFor(t, "RBAC rejected conn="+s.notsleep.IP.String()+"(spiffe://cluster.local/ns/default/sa/notsleep)->"+s.httpbin1.addr(80).String())
+	})
+
+	t.Run("same-node fast path still enforces policy", func(t *testing.T) {
+		m.cp.policy(allowPolicy("allow-sleep", s.sleep.id().Principal()))
+		defer m.cp.remove(discovery.AuthorizationType, "default/allow-sleep")
+		expectOK(t, s.sleep, s.httpbin2.addr(80), "httpbin-2")
+		expectRefused(t, s.notsleep, s.httpbin2.addr(80))
+		m.logs.waitFor(t, "proxying to "+s.httpbin2.addr(80).String()+" using node local fast path")
+		m.logs.waitFor(t, "RBAC rejected conn="+s.notsleep.IP.String()+"(spiffe://cluster.local/ns/default/sa/notsleep)->"+s.httpbin2.addr(80).String())
+	})
+
+	t.Run("L7 rule without waypoint refuses both", func(t *testing.T) {
+		// The control plane drops rules needing L7 attributes; the ALLOW
+		// policy arrives without groups and matches nothing (fail closed).
+		m.cp.policy(&security.Authorization{Name: "allow-sleep", Namespace: "default", Scope: security.Scope_NAMESPACE, Action: security.Action_ALLOW})
+		defer m.cp.remove(discovery.AuthorizationType, "default/allow-sleep")
+		expectRefused(t, s.sleep, s.httpbin1.addr(80))
+		expectRefused(t, s.notsleep, s.httpbin1.addr(80))
+	})
+
+	t.Run("outside the mesh: PERMISSIVE allowed, STRICT refused", func(t *testing.T) {
+		expectOK(t, s.outside, s.httpbin1.addr(80), "httpbin-1")
+		m.logs.waitFor(t, "inbound{", "peer_ip="+s.outside.IP.String()+" peer_id=none", "complete dur=")
+		m.cp.policy(strictPolicy())
+		defer m.cp.remove(discovery.AuthorizationType, "default/converted_peer_authentication_default")
+		expectRefused(t, s.outside, s.httpbin1.addr(80))
+		m.logs.waitFor(t, "RBAC rejected conn="+s.outside.IP.String()+"(none)->"+s.httpbin1.addr(80).String())
+		// mTLS callers are unaffected by STRICT.
+		expectOK(t, s.sleep, s.httpbin1.addr(80), "httpbin-1")
+	})
+
+	t.Run("metrics move by the bytes sent", func(t *testing.T) {
+		reg := s.httpbin1.node.metrics
+		// Earlier connections must have finished so their bytes are in.
+		waitUntil(t, func() bool { return s.httpbin1.node.proxy.Tracker().Len() == 0 }, "earlier connections to finish")
+		before := counter(t, reg, "istio_tcp_received_bytes_total", "destination", "sleep")
+		opened := counter(t, reg, "istio_tcp_connections_opened_total", "destination", "sleep")
+		const size = 100000
+		c, err := s.sleep.dial(s.httpbin1.addr(9000))
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write(make([]byte, size))
+		c.(interface{ CloseWrite() error }).CloseWrite()
+		reply, _ := io.ReadAll(c)
+		c.Close()
+		if string(reply) != fmt.Sprintf("got %d", size) {
+			t.Fatalf("reply %q", reply)
+		}
+		waitUntil(t, func() bool {
+			return counter(t, reg, "istio_tcp_received_bytes_total", "destination", "sleep")-before == size
+		}, "received bytes to grow by exactly %d", size)
+		if got := counter(t, reg, "istio_tcp_connections_opened_total", "destination", "sleep") - opened; got != 1 {
+			t.Fatalf("opened grew by %v, want 1", got)
+		}
+	})
+
+	t.Run("half-close: all bytes arrive after the client ends its side", func(t *testing.T) {
+		for _, dst := range []*pod{s.httpbin1, s.httpbin2} { // HBONE and fast path
+			c, err := s.sleep.dial(dst.addr(9000))
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.Write([]byte(strings.Repeat("x", 12345)))
+			c.(interface{ CloseWrite() error }).CloseWrite()
+			reply, err := io.ReadAll(c)
+			c.Close()
+			if string(reply) != "got 12345" {
+				t.Fatalf("%s: reply %q, %v", dst.name, reply, err)
+			}
+		}
+	})
+
+	t.Run("upstream refuses: fails fast with a reason, nothing leaks", func(t *testing.T) {
+		c, err := s.sleep.dial(s.httpbin1.addr(9999))
+		if err == nil {
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			n, _ := c.Read(make([]byte, 1))
+			c.Close()
+			if n != 0 {
+				t.Fatal("read data from a refused upstream")
+			}
+		}
+		m.logs.waitFor(t, "dst.addr="+s.httpbin1.addr(9999).String(), "reason=upstream_connect_failed")
+		waitUntil(t, func() bool { return s.httpbin1.node.proxy.Tracker().Len() == 0 && s.sleep.node.proxy.Tracker().Len() == 0 }, "tracked connections to drop to zero")
+	})
+
+	t.Run("policy change closes a tunnel no longer allowed", func(t *testing.T) {
+		for _, dst := range []*pod{s.httpbin1, s.httpbin2} {
+			c, err := s.notsleep.dial(dst.addr(9001))
+			if err != nil {
+				t.Fatal(err)
+			}
+			roundTrip(t, c, "ping")
+			m.cp.policy(allowPolicy("allow-sleep", s.sleep.id().Principal()))
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			n, err := c.Read(make([]byte, 10))
+			if err == nil || n != 0 {
+				t.Fatalf("%s: connection still open after policy change (n=%d err=%v)", dst.name, n, err)
+			}
+			c.Close()
+			m.logs.waitFor(t, "dst.addr="+dst.addr(9001).String(), "reason=policy_changed")
+			m.cp.remove(discovery.AuthorizationType, "default/allow-sleep")
+		}
+	})
+
+	t.Run("capture and release a running pod without restart", func(t *testing.T) {
+		// outside-1 keeps running: its server stays up across capture/release.
+		s.outside.serveHTTP(t, 8080)
+		expectOK(t, s.sleep, s.outside.addr(8080), "outside-1") // passthrough
+		m.logs.waitFor(t, "proxying to "+s.outside.addr(8080).String()+" using passthrough")
+		s.outside.capture(m)
+		expectOK(t, s.sleep, s.outside.addr(8080), "outside-1")
+		m.logs.waitFor(t, "proxy to "+s.outside.addr(8080).String()+" using HBONE via")
+		m.logs.waitFor(t, "peer_id=spiffe://cluster.local/ns/default/sa/sleep}: got CONNECT request to "+s.outside.addr(8080).String())
+		s.outside.release(m)
+		expectOK(t, s.outside, s.httpbin1.addr(80), "httpbin-1")
+	})
+}
+
+func roundTrip(t *testing.T, c interface {
+	Write([]byte) (int, error)
+	Read([]byte) (int, error)
+}, msg string) {
+	t.Helper()
+	if _, err := c.Write([]byte(msg)); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, len(msg))
+	if _, err := io.ReadFull(c.(io.Reader), buf); err != nil || string(buf) != msg {
+		t.Fatalf("echo %q, %v", buf, err)
+	}
+}
+
+func waitUntil(t *testing.T, cond func() bool, format string, args ...any) {
+	t.Helper()
+	for i := 0; i < 500; i++ {
+		if cond() {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("timed out waiting for "+format, args...)
+}
+
+// counter sums a metric over series with the reporter and source workload.
+func counter(t *testing.T, reg interface {
+	Gather() ([]*dto.MetricFamily, error)
+}, name, reporter, srcWorkload string) float64 {
+	fams, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sum float64
+	for _, f := range fams {
+		if f.GetName() != name {
+			continue
+		}
+		for _, mt := range f.GetMetric() {
+			l := map[string]string{}
+			for _, lp := range mt.GetLabel() {
+				l[lp.GetName()] = lp.GetValue()
+			}
+			if l["reporter"] == reporter && l["source_workload"] == srcWorkload {
+				sum += mt.GetCounter().GetValue()
+			}
+		}
+	}
+	return sum
 }
