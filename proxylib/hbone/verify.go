@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net/http"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -171,4 +172,21 @@ func truncate(s string, n int) string {
 		return s
 	}
 	return s[:n] + "..."
+}
+
+// RejectedError is a CONNECT the peer answered with a non-200 status.
+type RejectedError struct {
+	Status int
+}
+
+func (e *RejectedError) Error() string {
+	return fmt.Sprintf("HBONE CONNECT rejected by peer: %d %s", e.Status, http.StatusText(e.Status))
+}
+
+// StatusOf returns the HTTP status of a rejected tunnel, or 0.
+func StatusOf(err error) int {
+	if re, ok := errors.AsType[*RejectedError](err); ok {
+		return re.Status
+	}
+	return 0
 }

@@ -1,0 +1,91 @@
+package hbone
+
+import (
+	"errors"
+	"io"
+	"net"
+	"sync"
+)
+
+// HalfCloser is a byte stream that can end one direction: a tunnel Stream
+// or a *net.TCPConn.
+type HalfCloser interface {
+	io.ReadWriteCloser
+	CloseWrite() error
+}
+
+// CopyBufferSize is the size of the pooled relay buffers: two TLS records,
+// large enough that a bulk copy is not syscall-bound, small enough for many
+// idle tunnels (buffers are only held while a copy is running).
+const CopyBufferSize = 32 << 10
+
+var copyBuffers = sync.Pool{New: func() any { b := make([]byte, CopyBufferSize); return &b }}
+
+// Relay copies between a and b in both directions until both are done. EOF
+// on one side half-closes the other (CloseWrite); a read or write error
+// aborts both sides (a TCP side is reset, a tunnel gets RST_STREAM), so a
+// reset propagates instead of hanging. It returns the bytes copied a→b and
+// b→a and the first error that aborted the relay.
+func Relay(a, b HalfCloser) (aToB, bToA int64, err error) {
+	var wg sync.WaitGroup
+	var once sync.Once
+	var first error
+	abort := func(e error) {
+		once.Do(func() {
+			first = e
+			reset(a)
+			reset(b)
+		})
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		n, e := copyHalf(b, a)
+		bToA = n
+		if e != nil {
+			abort(e)
+		}
+	}()
+	n, e := copyHalf(a, b)
+	aToB = n
+	if e != nil {
+		abort(e)
+	}
+	wg.Wait()
+	a.Close()
+	b.Close()
+	return aToB, bToA, first
+}
+
+// copyHalf copies src to dst and half-closes dst on EOF.
+func copyHalf(dst, src HalfCloser) (int64, error) {
+	bp := copyBuffers.Get().(*[]byte)
+	defer copyBuffers.Put(bp)
+	buf := *bp
+	var total int64
+	for {
+		n, rerr := src.Read(buf)
+		if n > 0 {
+			w, werr := dst.Write(buf[:n])
+			total += int64(w)
+			if werr != nil {
+				return total, werr
+			}
+		}
+		if errors.Is(rerr, io.EOF) {
+			return total, dst.CloseWrite()
+		}
+		if rerr != nil {
+			return total, rerr
+		}
+	}
+}
+
+// reset aborts c: a TCP connection is closed with RST (linger 0), anything
+// else is closed (for a tunnel that is RST_STREAM).
+func reset(c HalfCloser) {
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
+	c.Close()
+}
