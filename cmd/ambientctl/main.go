@@ -1,0 +1,233 @@
+// Command ambientctl inspects and operates the ambient mesh, like istioctl
+// does for Istio. It also works as a kubectl plugin: install it on PATH as
+// kubectl-ambient and run `kubectl ambient ...`.
+//
+//	ambientctl proxy-config workloads|secrets|services|policies|all [<ztunnel-pod>[.<namespace>]] [-o table|json|yaml]
+//	ambientctl waypoint apply|list|delete [-n ns] [--for-service-account sa] [--name name] [--wait]
+//	ambientctl status
+//
+// It reads proxies through the API server (a port-forward to the admin port
+// :15000), so it needs nothing but a kubeconfig.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/pflag"
+)
+
+// errUsage marks errors that should be followed by the usage text.
+var errUsage = errors.New("usage")
+
+const usage = `ambientctl: inspect and operate the ambient mesh
+
+Commands:
+  proxy-config workloads|secrets|services|policies|all [<pod>[.<namespace>]]
+      Show what a ztunnel (or waypoint) knows, read from its admin endpoint
+      :15000/config_dump through the API server. Without a pod, the first
+      ztunnel of the mesh namespace is used.
+  waypoint apply [--for-service-account SA] [--name NAME] [--wait]
+  waypoint list [-A]
+  waypoint delete [NAME...] [--for-service-account SA] [--all]
+      Manage waypoints (WaypointPolicy objects) of a namespace (-n).
+  status
+      AmbientMesh conditions and the mesh's ztunnel and node-agent pods.
+  version
+
+Flags:
+`
+
+// options are the flags of every command.
+type options struct {
+	kubeconfig     string
+	context        string
+	namespace      string
+	allNamespaces  bool
+	output         string
+	meshNamespace  string
+	serviceAccount string
+	name           string
+	wait           bool
+	all            bool
+	timeout        time.Duration
+	adminPort      int
+}
+
+// invocation is a parsed command line.
+type invocation struct {
+	cmd      string   // proxy-config | waypoint | status | version | help
+	sub      string   // proxy-config: workloads|secrets|services|policies|all; waypoint: apply|list|delete
+	pod      string   // proxy-config target pod ("" = first ztunnel)
+	podNS    string   // namespace of the target pod ("" = mesh namespace)
+	names    []string // waypoint delete names
+	opts     options
+	flagHelp string
+}
+
+func newFlagSet(o *options) *pflag.FlagSet {
+	fs := pflag.NewFlagSet("ambientctl", pflag.ContinueOnError)
+	fs.SetInterspersed(true)
+	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "path to the kubeconfig (default: $KUBECONFIG or ~/.kube/config)")
+	fs.StringVar(&o.context, "context", "", "kubeconfig context to use")
+	fs.StringVarP(&o.namespace, "namespace", "n", "", "namespace (default: the kubeconfig's namespace)")
+	fs.BoolVarP(&o.allNamespaces, "all-namespaces", "A", false, "waypoint list: every namespace")
+	fs.StringVarP(&o.output, "output", "o", "table", "output format: table, json or yaml")
+	fs.StringVar(&o.meshNamespace, "mesh-namespace", "", "namespace of the mesh components (default: from the AmbientMesh, else ambient-system)")
+	fs.StringVarP(&o.serviceAccount, "for-service-account", "s", "", "waypoint: serve only this service account")
+	fs.StringVar(&o.name, "name", "", "waypoint: name of the WaypointPolicy (default: waypoint, or the service account)")
+	fs.BoolVar(&o.wait, "wait", false, "waypoint apply: wait until the waypoint is Ready")
+	fs.BoolVar(&o.all, "all", false, "waypoint delete: every waypoint of the namespace")
+	fs.DurationVar(&o.timeout, "timeout", 60*time.Second, "overall timeout")
+	fs.IntVar(&o.adminPort, "admin-port", 15000, "proxy admin port")
+	return fs
+}
+
+var proxyConfigSections = map[string]string{
+	"workload": "workloads", "workloads": "workloads", "wl": "workloads",
+	"secret": "secrets", "secrets": "secrets",
+	"service": "services", "services": "services", "svc": "services",
+	"policy": "policies", "policies": "policies",
+	"all": "all",
+}
+
+// parseArgs turns a command line into an invocation; it never touches a cluster.
+func parseArgs(args []string) (invocation, error) {
+	var inv invocation
+	fs := newFlagSet(&inv.opts)
+	fs.SetOutput(io.Discard)
+	inv.flagHelp = fs.FlagUsages()
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			inv.cmd = "help"
+			return inv, nil
+		}
+		return inv, fmt.Errorf("%w: %v", errUsage, err)
+	}
+	switch inv.opts.output {
+	case "table", "json", "yaml":
+	default:
+		return inv, fmt.Errorf("%w: unknown output format %q (table, json, yaml)", errUsage, inv.opts.output)
+	}
+	pos := fs.Args()
+	if len(pos) == 0 {
+		return inv, fmt.Errorf("%w: no command given", errUsage)
+	}
+	inv.cmd, pos = pos[0], pos[1:]
+	switch inv.cmd {
+	case "proxy-config", "pc":
+		inv.cmd = "proxy-config"
+		if len(pos) == 0 {
+			return inv, fmt.Errorf("%w: proxy-config needs a section: workloads, secrets, services, policies or all", errUsage)
+		}
+		sec, ok := proxyConfigSections[pos[0]]
+		if !ok {
+			return inv, fmt.Errorf("%w: unknown proxy-config section %q", errUsage, pos[0])
+		}
+		inv.sub = sec
+		if len(pos) > 2 {
+			return inv, fmt.Errorf("%w: proxy-config takes one pod, got %q", errUsage, pos[1:])
+		}
+		if len(pos) == 2 {
+			inv.pod, inv.podNS = splitPodTarget(pos[1], inv.opts.namespace)
+		}
+	case "waypoint", "wp":
+		inv.cmd = "waypoint"
+		if len(pos) == 0 {
+			return inv, fmt.Errorf("%w: waypoint needs apply, list or delete", errUsage)
+		}
+		inv.sub, pos = pos[0], pos[1:]
+		switch inv.sub {
+		case "apply", "generate":
+			if len(pos) > 0 {
+				return inv, fmt.Errorf("%w: waypoint apply takes no arguments (use --name, --for-service-account)", errUsage)
+			}
+		case "list":
+			if len(pos) > 0 {
+				return inv, fmt.Errorf("%w: waypoint list takes no arguments", errUsage)
+			}
+		case "delete":
+			if len(pos) > 0 {
+				inv.names = pos
+			}
+			if len(pos) == 0 && inv.opts.serviceAccount == "" && inv.opts.name == "" && !inv.opts.all {
+				inv.names = []string{defaultWaypointName}
+			}
+			if inv.opts.all && len(pos) > 0 {
+				return inv, fmt.Errorf("%w: waypoint delete: give names or --all, not both", errUsage)
+			}
+		default:
+			return inv, fmt.Errorf("%w: unknown waypoint command %q (apply, list, delete)", errUsage, inv.sub)
+		}
+	case "status", "version", "help":
+		if len(pos) > 0 {
+			return inv, fmt.Errorf("%w: %s takes no arguments", errUsage, inv.cmd)
+		}
+	default:
+		return inv, fmt.Errorf("%w: unknown command %q", errUsage, inv.cmd)
+	}
+	return inv, nil
+}
+
+// splitPodTarget splits istioctl's "<pod>.<namespace>" form. Pod names may
+// contain dots, so the namespace is what follows the last one.
+func splitPodTarget(target, defaultNS string) (pod, ns string) {
+	if i := strings.LastIndex(target, "."); i > 0 && i < len(target)-1 {
+		return target[:i], target[i+1:]
+	}
+	return target, defaultNS
+}
+
+func main() {
+	inv, err := parseArgs(os.Args[1:])
+	if inv.cmd == "help" || errors.Is(err, errUsage) {
+		w := os.Stdout
+		if err != nil {
+			w = os.Stderr
+			fmt.Fprintf(w, "error: %v\n\n", strings.TrimPrefix(err.Error(), "usage: "))
+		}
+		fmt.Fprint(w, usage+inv.flagHelp)
+		if err != nil {
+			os.Exit(2)
+		}
+		return
+	}
+	if inv.cmd == "version" {
+		fmt.Println("ambientctl", version)
+		return
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	ctx, cancel := context.WithTimeout(ctx, inv.opts.timeout)
+	defer cancel()
+	if err := run(ctx, inv, os.Stdout); err != nil {
+		fmt.Fprintf(os.Stderr, "error: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+// version is set with -ldflags "-X main.version=...".
+var version = "dev"
+
+func run(ctx context.Context, inv invocation, out io.Writer) error {
+	k, err := newKube(inv.opts)
+	if err != nil {
+		return err
+	}
+	switch inv.cmd {
+	case "proxy-config":
+		return proxyConfig(ctx, k, inv, out)
+	case "waypoint":
+		return waypointCmd(ctx, k, inv, out)
+	case "status":
+		return status(ctx, k, inv.opts, out)
+	}
+	return fmt.Errorf("unknown command %q", inv.cmd)
+}

@@ -1,0 +1,263 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+)
+
+func TestParseArgs(t *testing.T) {
+	tests := []struct {
+		name    string
+		args    []string
+		want    invocation // only cmd, sub, pod, podNS, names are compared
+		check   func(options) bool
+		wantErr string
+	}{
+		{name: "seeds: workloads of pod.ns", args: []string{"proxy-config", "workloads", "ztunnel-5jfj2.istio-system"},
+			want: invocation{cmd: "proxy-config", sub: "workloads", pod: "ztunnel-5jfj2", podNS: "istio-system"}},
+		{name: "secrets, pod without ns takes -n", args: []string{"-n", "ambient-system", "pc", "secret", "ztunnel-x"},
+			want: invocation{cmd: "proxy-config", sub: "secrets", pod: "ztunnel-x", podNS: "ambient-system"}},
+		{name: "all -o json after positionals", args: []string{"proxy-config", "all", "z.ns", "-o", "json"},
+			want:  invocation{cmd: "proxy-config", sub: "all", pod: "z", podNS: "ns"},
+			check: func(o options) bool { return o.output == "json" }},
+		{name: "no pod: first ztunnel", args: []string{"proxy-config", "workloads"},
+			want: invocation{cmd: "proxy-config", sub: "workloads"}},
+		{name: "dotted pod name splits at last dot", args: []string{"pc", "wl", "a.b.c"},
+			want: invocation{cmd: "proxy-config", sub: "workloads", pod: "a.b", podNS: "c"}},
+		{name: "waypoint apply for SA", args: []string{"waypoint", "apply", "-n", "demo", "--for-service-account", "httpbin", "--wait"},
+			want:  invocation{cmd: "waypoint", sub: "apply"},
+			check: func(o options) bool { return o.namespace == "demo" && o.serviceAccount == "httpbin" && o.wait }},
+		{name: "waypoint delete default name", args: []string{"waypoint", "delete"},
+			want: invocation{cmd: "waypoint", sub: "delete", names: []string{"waypoint"}}},
+		{name: "waypoint delete names", args: []string{"wp", "delete", "a", "b"},
+			want: invocation{cmd: "waypoint", sub: "delete", names: []string{"a", "b"}}},
+		{name: "waypoint delete --all", args: []string{"waypoint", "delete", "--all"},
+			want: invocation{cmd: "waypoint", sub: "delete"}, check: func(o options) bool { return o.all }},
+		{name: "status", args: []string{"status"}, want: invocation{cmd: "status"}},
+		{name: "help flag", args: []string{"--help"}, want: invocation{cmd: "help"}},
+		{name: "no command", args: nil, wantErr: "no command"},
+		{name: "unknown command", args: []string{"frobnicate"}, wantErr: "unknown command"},
+		{name: "unknown section", args: []string{"proxy-config", "clusters"}, wantErr: "unknown proxy-config section"},
+		{name: "missing section", args: []string{"proxy-config"}, wantErr: "needs a section"},
+		{name: "two pods", args: []string{"proxy-config", "workloads", "a", "b"}, wantErr: "one pod"},
+		{name: "bad output", args: []string{"status", "-o", "xml"}, wantErr: "unknown output format"},
+		{name: "unknown flag", args: []string{"status", "--bogus"}, wantErr: "unknown flag"},
+		{name: "waypoint without verb", args: []string{"waypoint"}, wantErr: "apply, list or delete"},
+		{name: "waypoint bad verb", args: []string{"waypoint", "create"}, wantErr: "unknown waypoint command"},
+		{name: "waypoint apply extra arg", args: []string{"waypoint", "apply", "x"}, wantErr: "takes no arguments"},
+		{name: "delete names and --all", args: []string{"waypoint", "delete", "x", "--all"}, wantErr: "not both"},
+		{name: "status extra arg", args: []string{"status", "x"}, wantErr: "takes no arguments"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			inv, err := parseArgs(tt.args)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err = %v, want containing %q", err, tt.wantErr)
+				}
+				if !errors.Is(err, errUsage) {
+					t.Fatalf("err %v is not a usage error", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := invocation{cmd: inv.cmd, sub: inv.sub, pod: inv.pod, podNS: inv.podNS, names: inv.names}
+			if !reflect.DeepEqual(got, tt.want) {
+				t.Fatalf("got %+v, want %+v", got, tt.want)
+			}
+			if tt.check != nil && !tt.check(inv.opts) {
+				t.Fatalf("options %+v", inv.opts)
+			}
+		})
+	}
+}
+
+var sampleDump = []byte(`{
+ "workloads": [
+  {"name":"sleep-69cfb4968f-mwglt","namespace":"ambient-demo","addresses":["10.244.1.4"],"node":"ambient-worker","waypoint":"","protocol":"HBONE"},
+  {"name":"coredns-6d4b75cb6d-ptbhb","namespace":"kube-system","addresses":["10.244.2.2"],"node":"ambient-worker2","waypoint":"","protocol":"TCP"},
+  {"name":"httpbin-648cd984f8-2q9bn","namespace":"ambient-demo","addresses":["10.244.1.5"],"node":"ambient-worker","waypoint":"ambient-demo/waypoint","protocol":"HBONE"}
+ ],
+ "certificates": [
+  {"identity":"spiffe://cluster.local/ns/ambient-demo/sa/sleep","type":"Cert Chain","state":"Available","valid":true,"serial":"ec30e0e1","notBefore":"2026-11-22T04:00:00Z","notAfter":"2026-11-23T04:00:00Z"},
+  {"identity":"spiffe://cluster.local/ns/ambient-demo/sa/sleep","type":"CA","state":"Available","valid":true,"serial":"3b9dbea3","notBefore":"2026-11-22T00:00:00Z","notAfter":"2036-11-20T00:00:00Z"},
+  {"identity":"spiffe://cluster.local/ns/ambient-demo/sa/httpbin","type":"Cert Chain","state":"Pending","valid":false,"serial":"","notBefore":"","notAfter":""}
+ ],
+ "unknownField": {"ignored": true}
+}`)
+
+func TestWorkloadsTable(t *testing.T) {
+	d, err := parseConfigDump(sampleDump)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	if err := renderProxyConfig(&buf, d, "workloads", "table"); err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimRight(buf.String(), "\n"), "\n")
+	if got := strings.Fields(lines[0]); !reflect.DeepEqual(got, []string{"NAME", "NAMESPACE", "IP", "NODE", "WAYPOINT", "PROTOCOL"}) {
+		t.Fatalf("header %q", lines[0])
+	}
+	want := [][]string{
+		{"coredns-6d4b75cb6d-ptbhb", "kube-system", "10.244.2.2", "ambient-worker2", "None", "TCP"},
+		{"httpbin-648cd984f8-2q9bn", "ambient-demo", "10.244.1.5", "ambient-worker", "ambient-demo/waypoint", "HBONE"},
+		{"sleep-69cfb4968f-mwglt", "ambient-demo", "10.244.1.4", "ambient-worker", "None", "HBONE"},
+	}
+	if len(lines) != len(want)+1 {
+		t.Fatalf("got %d lines:\n%s", len(lines), buf.String())
+	}
+	for i, w := range want {
+		if got := strings.Fields(lines[i+1]); !reflect.DeepEqual(got, w) {
+			t.Errorf("row %d = %q, want %q", i, got, w)
+		}
+	}
+	// Columns are aligned: every row's PROTOCOL starts where the header's does.
+	col := strings.Index(lines[0], "PROTOCOL")
+	for _, l := range lines[1:] {
+		if !strings.HasPrefix(l[col:], "HBONE") && !strings.HasPrefix(l[col:], "TCP") {
+			t.Errorf("misaligned row %q", l)
+		}
+	}
+}
+
+func TestSecretsTable(t *testing.T) {
+	d, err := parseConfigDump(sampleDump)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	if err := renderProxyConfig(&buf, d, "secrets", "table"); err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimRight(buf.String(), "\n"), "\n")
+	for _, h := range []string{"NAME", "TYPE", "STATUS", "VALID CERT", "SERIAL NUMBER", "NOT AFTER", "NOT BEFORE"} {
+		if !strings.Contains(lines[0], h) {
+			t.Errorf("header %q lacks %q", lines[0], h)
+		}
+	}
+	// Sorted by identity; leaf before CA within one identity (stable).
+	wantStarts := []string{
+		"spiffe://cluster.local/ns/ambient-demo/sa/httpbin",
+		"spiffe://cluster.local/ns/ambient-demo/sa/sleep",
+		"spiffe://cluster.local/ns/ambient-demo/sa/sleep",
+	}
+	for i, w := range wantStarts {
+		if !strings.HasPrefix(lines[i+1], w) {
+			t.Errorf("row %d = %q, want identity %s", i, lines[i+1], w)
+		}
+	}
+	if !strings.Contains(lines[1], "Pending") || !strings.Contains(lines[1], "false") || !strings.Contains(lines[1], "None") {
+		t.Errorf("pending row %q", lines[1])
+	}
+	if !strings.Contains(lines[2], "Cert Chain") || !strings.Contains(lines[3], "CA") || !strings.Contains(lines[3], "2036-11-20T00:00:00Z") {
+		t.Errorf("sleep rows %q / %q", lines[2], lines[3])
+	}
+}
+
+func TestJSONOutput(t *testing.T) {
+	d, err := parseConfigDump(sampleDump)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		section string
+		wantLen int
+	}{{"workloads", 3}, {"secrets", 3}, {"services", 0}}
+	for _, tt := range tests {
+		var buf bytes.Buffer
+		if err := renderProxyConfig(&buf, d, tt.section, "json"); err != nil {
+			t.Fatal(err)
+		}
+		var arr []json.RawMessage
+		if err := json.Unmarshal(buf.Bytes(), &arr); err != nil {
+			t.Fatalf("%s: not a JSON array: %v\n%s", tt.section, err, buf.String())
+		}
+		if len(arr) != tt.wantLen {
+			t.Errorf("%s: %d items, want %d", tt.section, len(arr), tt.wantLen)
+		}
+	}
+	var buf bytes.Buffer
+	if err := renderProxyConfig(&buf, d, "all", "json"); err != nil {
+		t.Fatal(err)
+	}
+	var all ConfigDump
+	if err := json.Unmarshal(buf.Bytes(), &all); err != nil || len(all.Workloads) != 3 || len(all.Certificates) != 3 {
+		t.Fatalf("all: %v %+v", err, all)
+	}
+}
+
+func TestParseConfigDumpRejectsNonJSON(t *testing.T) {
+	for _, in := range []string{"<html>404 page not found</html>", "", `{"workloads": "nope"}`} {
+		if _, err := parseConfigDump([]byte(in)); err == nil {
+			t.Errorf("accepted %q", in)
+		} else if !strings.Contains(err.Error(), "config dump") {
+			t.Errorf("unclear error %v", err)
+		}
+	}
+}
+
+func TestDesiredWaypoint(t *testing.T) {
+	tests := []struct {
+		name     string
+		o        options
+		wantName string
+		scope    meshv1.WaypointScope
+		sa       string
+	}{
+		{"namespace waypoint", options{}, "waypoint", meshv1.ScopeNamespace, ""},
+		{"service account waypoint named after SA", options{serviceAccount: "httpbin"}, "httpbin", meshv1.ScopeServiceAccount, "httpbin"},
+		{"explicit name", options{name: "wp1", serviceAccount: "sleep"}, "wp1", meshv1.ScopeServiceAccount, "sleep"},
+	}
+	for _, tt := range tests {
+		wp := desiredWaypoint("demo", tt.o)
+		if wp.Name != tt.wantName || wp.Namespace != "demo" || wp.Spec.Scope != tt.scope || wp.Spec.ServiceAccount != tt.sa {
+			t.Errorf("%s: got %s/%s %+v", tt.name, wp.Namespace, wp.Name, wp.Spec)
+		}
+	}
+}
+
+func TestWaypointAndMeshTables(t *testing.T) {
+	now := time.Date(2026, 11, 22, 4, 0, 0, 0, time.UTC)
+	items := []meshv1.WaypointPolicy{{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "demo", Name: "waypoint"},
+		Status: meshv1.WaypointPolicyStatus{Address: "10.96.0.50", Conditions: []metav1.Condition{
+			{Type: meshv1.ConditionReady, Status: metav1.ConditionTrue, Reason: "DeploymentReady"}}},
+	}}
+	var buf bytes.Buffer
+	if err := writeWaypoints(&buf, items, true); err != nil {
+		t.Fatal(err)
+	}
+	row := strings.Fields(strings.Split(buf.String(), "\n")[1])
+	if !reflect.DeepEqual(row, []string{"demo", "waypoint", "Namespace", "None", "10.96.0.50", "True", "DeploymentReady"}) {
+		t.Fatalf("row %q", row)
+	}
+	buf.Reset()
+	m := &meshv1.AmbientMesh{ObjectMeta: metav1.ObjectMeta{Name: "default"},
+		Spec: meshv1.AmbientMeshSpec{TrustDomain: "cluster.local", Namespace: "ambient-system"},
+		Status: meshv1.AmbientMeshStatus{ReadySummary: "2/2", Conditions: []metav1.Condition{
+			{Type: "ZtunnelReady", Status: "True", Reason: "DaemonSetReady", LastTransitionTime: metav1.NewTime(now.Add(-90 * time.Second))},
+			{Type: "Ready", Status: "False", Reason: "ComponentsNotReady", Message: "node agent\n 1/2", LastTransitionTime: metav1.NewTime(now.Add(-5 * time.Second))},
+		}}}
+	writeMesh(&buf, m, now)
+	out := buf.String()
+	for _, want := range []string{"trust domain cluster.local", "ztunnels 2/2", "Ready", "ComponentsNotReady", "node agent 1/2", "90s"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("mesh output lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Index(out, "  Ready") > strings.Index(out, "ZtunnelReady") {
+		t.Errorf("conditions not sorted:\n%s", out)
+	}
+}

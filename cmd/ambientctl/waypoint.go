@@ -1,0 +1,163 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"text/tabwriter"
+	"time"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+)
+
+// defaultWaypointName is the name of a namespace waypoint, as Istio's.
+const defaultWaypointName = "waypoint"
+
+// desiredWaypoint is the WaypointPolicy `waypoint apply` creates.
+func desiredWaypoint(ns string, o options) *meshv1.WaypointPolicy {
+	wp := &meshv1.WaypointPolicy{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: o.name},
+		Spec:       meshv1.WaypointPolicySpec{Scope: meshv1.ScopeNamespace},
+	}
+	if o.serviceAccount != "" {
+		wp.Spec.Scope = meshv1.ScopeServiceAccount
+		wp.Spec.ServiceAccount = o.serviceAccount
+		if wp.Name == "" {
+			wp.Name = o.serviceAccount
+		}
+	}
+	if wp.Name == "" {
+		wp.Name = defaultWaypointName
+	}
+	return wp
+}
+
+func waypointCmd(ctx context.Context, k *kube, inv invocation, out io.Writer) error {
+	switch inv.sub {
+	case "apply", "generate":
+		return waypointApply(ctx, k, inv.opts, out)
+	case "list":
+		return waypointList(ctx, k, inv.opts, out)
+	case "delete":
+		return waypointDelete(ctx, k, inv, out)
+	}
+	return fmt.Errorf("unknown waypoint command %q", inv.sub)
+}
+
+func waypointApply(ctx context.Context, k *kube, o options, out io.Writer) error {
+	want := desiredWaypoint(k.namespace, o)
+	var have meshv1.WaypointPolicy
+	err := k.c.Get(ctx, client.ObjectKeyFromObject(want), &have)
+	switch {
+	case apierrors.IsNotFound(err):
+		if err := k.c.Create(ctx, want); err != nil {
+			return fmt.Errorf("creating waypoint %s/%s: %w", want.Namespace, want.Name, err)
+		}
+		fmt.Fprintf(out, "waypoint %s/%s created\n", want.Namespace, want.Name)
+	case err != nil:
+		return err
+	default:
+		have.Spec.Scope, have.Spec.ServiceAccount = want.Spec.Scope, want.Spec.ServiceAccount
+		if err := k.c.Update(ctx, &have); err != nil {
+			return fmt.Errorf("updating waypoint %s/%s: %w", want.Namespace, want.Name, err)
+		}
+		fmt.Fprintf(out, "waypoint %s/%s applied\n", want.Namespace, want.Name)
+	}
+	if !o.wait {
+		return nil
+	}
+	err = wait.PollUntilContextCancel(ctx, time.Second, true, func(ctx context.Context) (bool, error) {
+		if err := k.c.Get(ctx, client.ObjectKeyFromObject(want), &have); err != nil {
+			return false, nil
+		}
+		return meta.IsStatusConditionTrue(have.Status.Conditions, meshv1.ConditionReady), nil
+	})
+	if err != nil {
+		c := meta.FindStatusCondition(have.Status.Conditions, meshv1.ConditionReady)
+		if c != nil {
+			return fmt.Errorf("waypoint %s/%s not ready: %s: %s", want.Namespace, want.Name, c.Reason, c.Message)
+		}
+		return fmt.Errorf("waypoint %s/%s not ready (no status yet: is the operator running?)", want.Namespace, want.Name)
+	}
+	fmt.Fprintf(out, "waypoint %s/%s ready at %s\n", want.Namespace, want.Name, have.Status.Address)
+	return nil
+}
+
+func waypointList(ctx context.Context, k *kube, o options, out io.Writer) error {
+	var list meshv1.WaypointPolicyList
+	var opts []client.ListOption
+	if !o.allNamespaces {
+		opts = append(opts, client.InNamespace(k.namespace))
+	}
+	if err := k.c.List(ctx, &list, opts...); err != nil {
+		return err
+	}
+	if len(list.Items) == 0 {
+		where := "namespace " + k.namespace
+		if o.allNamespaces {
+			where = "any namespace"
+		}
+		fmt.Fprintf(out, "no waypoints in %s\n", where)
+		return nil
+	}
+	return writeWaypoints(out, list.Items, o.allNamespaces)
+}
+
+func writeWaypoints(out io.Writer, items []meshv1.WaypointPolicy, withNS bool) error {
+	tw := tabwriter.NewWriter(out, 0, 0, 3, ' ', 0)
+	if withNS {
+		fmt.Fprint(tw, "NAMESPACE\t")
+	}
+	fmt.Fprintln(tw, "NAME\tSCOPE\tSERVICE ACCOUNT\tADDRESS\tREADY\tREASON")
+	for _, wp := range items {
+		if withNS {
+			fmt.Fprintf(tw, "%s\t", wp.Namespace)
+		}
+		ready, reason := "Unknown", ""
+		if c := meta.FindStatusCondition(wp.Status.Conditions, meshv1.ConditionReady); c != nil {
+			ready, reason = string(c.Status), c.Reason
+		}
+		scope := string(wp.Spec.Scope)
+		if scope == "" {
+			scope = string(meshv1.ScopeNamespace)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", wp.Name, scope, orNone(wp.Spec.ServiceAccount), orNone(wp.Status.Address), ready, reason)
+	}
+	return tw.Flush()
+}
+
+func waypointDelete(ctx context.Context, k *kube, inv invocation, out io.Writer) error {
+	names := inv.names
+	if inv.opts.name != "" {
+		names = append(names, inv.opts.name)
+	}
+	if inv.opts.serviceAccount != "" {
+		names = append(names, inv.opts.serviceAccount)
+	}
+	if inv.opts.all {
+		var list meshv1.WaypointPolicyList
+		if err := k.c.List(ctx, &list, client.InNamespace(k.namespace)); err != nil {
+			return err
+		}
+		for _, wp := range list.Items {
+			names = append(names, wp.Name)
+		}
+	}
+	for _, n := range names {
+		wp := &meshv1.WaypointPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: k.namespace, Name: n}}
+		if err := k.c.Delete(ctx, wp); err != nil {
+			if apierrors.IsNotFound(err) {
+				return fmt.Errorf("waypoint %s/%s not found", k.namespace, n)
+			}
+			return err
+		}
+		fmt.Fprintf(out, "waypoint %s/%s deleted\n", k.namespace, n)
+	}
+	return nil
+}
