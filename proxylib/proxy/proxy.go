@@ -328,3 +328,7 @@ func (p *Proxy) revalidate() {
 }
 
 func (p *Proxy) nextID() uint64 { return p.ids.Add(1) }
+
+// SnapshotReceived reports whether the node agent has sent its first full
+// snapshot of captured pods (readiness waits for it).
+func (p *Proxy) SnapshotReceived() bool { return p.snapshot.Load() }

@@ -27,6 +27,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
+	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/hbone/hbonetest"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/inpod"
@@ -196,7 +197,10 @@ func (m *mesh) addNode(name string) *node {
 		certs.Set(id, m.ca.Issue(m.t, id))
 	}
 	log := m.logs.logger(name)
-	f := transport.HTTP3(certs, log.V(2))
+	f, err := transport.For(hbone.Protocol(os.Getenv("ZTUNNEL_TEST_TRANSPORT")), certs, log.V(2))
+	if err != nil {
+		m.t.Fatal(err)
+	}
 	p, err := proxy.New(proxy.Config{Log: log, State: n.state, Certs: certs, Node: name,
 		Metrics: telemetry.NewMetrics(n.metrics), NewDialer: f.NewDialer, NewHBONEServer: f.NewHBONEServer,
 		ConnectTimeout: 3 * time.Second})

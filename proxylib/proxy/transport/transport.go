@@ -1,17 +1,21 @@
-// Package transport adapts the HBONE implementations (proxylib/hbone/h3,
-// and h2 once it lands) to the proxy's per-pod factories: sockets are
+// Package transport adapts the HBONE implementations (proxylib/hbone/h2,
+// the default, and h3) to the proxy's per-pod factories: sockets are
 // created inside the pod's network namespace, so tunnels leave with the
 // pod's address and the HBONE listener lives in the pod.
 package transport
 
 import (
+	"context"
+	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"strconv"
 
 	"github.com/go-logr/logr"
 
 	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/hbone/h2"
 	"github.com/ambientmesh/ambient/proxylib/hbone/h3"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
@@ -55,4 +59,51 @@ func HTTP3(certs hbone.CertSource, log logr.Logger) Factories {
 			return srv, nil
 		},
 	}
+}
+
+// HTTP2 builds HBONE over HTTP/2 (the default): tunnels are dialled from
+// inside the pod namespace with ztunnel's mark; the listener lives there too.
+func HTTP2(certs hbone.CertSource, log logr.Logger) Factories {
+	return Factories{
+		NewDialer: func(ns *os.File) (hbone.Dialer, error) {
+			return h2.NewDialer(h2.DialerConfig{Certs: certs, Log: log,
+				DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+					dst, err := netip.ParseAddrPort(addr)
+					if err != nil {
+						return nil, err
+					}
+					return netnsutil.DialTCP(ctx, ns, netip.AddrPort{}, dst, netnsutil.SocketOptions{Mark: netnsutil.Mark})
+				}})
+		},
+		NewHBONEServer: func(ns *os.File, host string, local identity.Identity, h hbone.Handler) (proxy.HBONEServer, error) {
+			srv, err := h2.NewServer(h2.ServerConfig{Certs: certs, Identity: local, Handler: h, Log: log})
+			if err != nil {
+				return nil, err
+			}
+			ln, err := netnsutil.ListenTCP(ns, net.JoinHostPort(host, strconv.Itoa(hbone.Port)), netnsutil.SocketOptions{Mark: netnsutil.Mark, ReuseAddr: true})
+			if err != nil {
+				return nil, err
+			}
+			return &h2Server{srv: srv, ln: ln}, nil
+		},
+	}
+}
+
+type h2Server struct {
+	srv *h2.Server
+	ln  net.Listener
+}
+
+func (s *h2Server) Serve() error { return s.srv.Serve(s.ln) }
+func (s *h2Server) Close() error { s.ln.Close(); return s.srv.Close() }
+
+// For returns the factories of protocol p ("HTTP2" or "HTTP3").
+func For(p hbone.Protocol, certs hbone.CertSource, log logr.Logger) (Factories, error) {
+	switch p {
+	case hbone.HTTP2, "":
+		return HTTP2(certs, log), nil
+	case hbone.HTTP3:
+		return HTTP3(certs, log), nil
+	}
+	return Factories{}, fmt.Errorf("unknown HBONE transport %q (HTTP2 or HTTP3)", p)
 }

@@ -1,0 +1,217 @@
+// Command ztunnel is the per-node L4 proxy: it learns workloads, services
+// and policies from the control plane (delta xDS), gets certificates from
+// the mesh CA, receives captured pods' network namespaces from the node
+// agent (ZDS over a unix socket), and serves the L4 data path inside each
+// pod (proxylib/proxy). This file is wiring only.
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/go-logr/logr"
+	"github.com/go-logr/zapr"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/ambientmesh/ambient/proxylib/admin"
+	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/proxylib/inpod"
+	"github.com/ambientmesh/ambient/proxylib/proxy"
+	"github.com/ambientmesh/ambient/proxylib/proxy/transport"
+	"github.com/ambientmesh/ambient/proxylib/telemetry"
+)
+
+type options struct {
+	node, podName, podNamespace, cluster string
+	xdsAddr, xdsServerName               string
+	caAddr, caServerName                 string
+	tokenPath, rootCertPath              string
+	trustDomain, transport               string
+	zdsSocket                            string
+	adminAddr, metricsAddr, readyAddr    string
+	drainGrace                           time.Duration
+	logLevel                             string
+}
+
+func env(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
+}
+
+func parseFlags() options {
+	var o options
+	ns := env("POD_NAMESPACE", "ambient-system")
+	flag.StringVar(&o.node, "node-name", env("NODE_NAME", ""), "this node's name (env NODE_NAME)")
+	flag.StringVar(&o.podName, "pod-name", env("POD_NAME", "ztunnel"), "env POD_NAME")
+	flag.StringVar(&o.podNamespace, "pod-namespace", ns, "env POD_NAMESPACE")
+	flag.StringVar(&o.cluster, "cluster-id", env("CLUSTER_ID", "Kubernetes"), "env CLUSTER_ID")
+	flag.StringVar(&o.xdsAddr, "xds-address", env("XDS_ADDRESS", "ambient-controlplane."+ns+".svc:15010"), "discovery server (env XDS_ADDRESS)")
+	flag.StringVar(&o.xdsServerName, "xds-server-name", env("XDS_SERVER_NAME", "ambient-controlplane."+ns+".svc"), "TLS server name of the discovery server")
+	flag.StringVar(&o.caAddr, "ca-address", env("CA_ADDRESS", "ambient-controlplane."+ns+".svc:15012"), "CA server (env CA_ADDRESS)")
+	flag.StringVar(&o.caServerName, "ca-server-name", env("CA_SERVER_NAME", "ambient-controlplane."+ns+".svc"), "TLS server name of the CA")
+	flag.StringVar(&o.tokenPath, "token-path", env("TOKEN_PATH", "/var/run/secrets/tokens/ambient-token"), "projected SA token (audience ambient-mesh)")
+	flag.StringVar(&o.rootCertPath, "root-cert", env("ROOT_CERT", "/var/run/secrets/ambient/root-cert.pem"), "mesh trust bundle (PEM)")
+	flag.StringVar(&o.trustDomain, "trust-domain", env("TRUST_DOMAIN", "cluster.local"), "SPIFFE trust domain")
+	flag.StringVar(&o.transport, "transport", env("HBONE_TRANSPORT", "HTTP2"), "HBONE transport: HTTP2 or HTTP3")
+	flag.StringVar(&o.zdsSocket, "zds-socket", env("ZDS_SOCKET", "/var/run/ambient/ztunnel.sock"), "node agent socket")
+	flag.StringVar(&o.adminAddr, "admin-address", "127.0.0.1:15000", "admin endpoint")
+	flag.StringVar(&o.metricsAddr, "metrics-address", ":15020", "Prometheus metrics")
+	flag.StringVar(&o.readyAddr, "ready-address", ":15021", "readiness (/healthz/ready)")
+	flag.DurationVar(&o.drainGrace, "drain-grace", 30*time.Second, "time in-flight connections get after SIGTERM")
+	flag.StringVar(&o.logLevel, "log-level", env("LOG_LEVEL", "info"), "debug|info|warn|error")
+	flag.Parse()
+	return o
+}
+
+func main() {
+	o := parseFlags()
+	level := zap.NewAtomicLevel()
+	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
+		fmt.Fprintln(os.Stderr, "bad -log-level:", err)
+		os.Exit(2)
+	}
+	zl := zap.New(zapcore.NewCore(zapcore.NewConsoleEncoder(zap.NewProductionEncoderConfig()), zapcore.Lock(os.Stderr), level))
+	log := zapr.NewLogger(zl)
+	if err := run(o, log, level); err != nil {
+		log.Error(err, "ztunnel failed")
+		os.Exit(1)
+	}
+}
+
+func run(o options, log logr.Logger, level zap.AtomicLevel) error {
+	if o.node == "" {
+		return errors.New("NODE_NAME is required")
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+
+	roots, err := loadRoots(o.rootCertPath)
+	if err != nil {
+		return err
+	}
+	token := func() (string, error) {
+		b, err := os.ReadFile(o.tokenPath)
+		return strings.TrimSpace(string(b)), err
+	}
+	ca, err := newCAClient(o.caAddr, &tls.Config{RootCAs: roots, ServerName: o.caServerName, MinVersion: tls.VersionTLS13}, token)
+	if err != nil {
+		return err
+	}
+	store, err := identity.NewStore(identity.StoreConfig{Client: ca, TrustDomain: o.trustDomain, Roots: roots, Log: log.WithName("certs")})
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+
+	state := discovery.NewState(discovery.AddressType, discovery.AuthorizationType)
+	xds := discovery.NewClient(discovery.ClientConfig{Address: o.xdsAddr, Token: token, Log: log.WithName("xds"),
+		TLS:  &tls.Config{RootCAs: roots, ServerName: o.xdsServerName, MinVersion: tls.VersionTLS12},
+		Node: discovery.NodeInfo{NodeName: o.node, PodName: o.podName, PodNamespace: o.podNamespace, Role: discovery.RoleZtunnel}}, state)
+	go xds.Run(ctx)
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	f, err := transport.For(hbone.Protocol(o.transport), store, log.WithName("hbone"))
+	if err != nil {
+		return err
+	}
+	h := &certsFirst{store: store, trustDomain: o.trustDomain}
+	p, err := proxy.New(proxy.Config{Log: log.WithName("proxy"), State: state, Certs: store, Node: o.node, TrustDomain: o.trustDomain,
+		Metrics: telemetry.NewMetrics(reg), NewDialer: f.NewDialer, NewHBONEServer: f.NewHBONEServer, CertsReady: h.ready})
+	if err != nil {
+		return err
+	}
+	h.proxy = p
+	zds := inpod.NewServer(o.zdsSocket, h, log.WithName("zds"))
+	go func() {
+		if err := zds.ListenAndServe(ctx); err != nil && ctx.Err() == nil {
+			log.Error(err, "node agent socket stopped")
+		}
+	}()
+
+	serve(log, o.adminAddr, admin.Handler(admin.Config{State: state, Certificates: store.Status,
+		SetLogLevel: func(l string) error { return level.UnmarshalText([]byte(l)) }}))
+	serve(log, o.metricsAddr, admin.MetricsHandler(reg))
+	serve(log, o.readyAddr, admin.ReadinessHandler(func() bool { return p.Ready() && p.SnapshotReceived() }))
+	log.Info("ztunnel started", "node", o.node, "transport", o.transport)
+
+	<-ctx.Done()
+	log.Info("draining", "grace", o.drainGrace.String())
+	dctx, cancel := context.WithTimeout(context.Background(), o.drainGrace)
+	defer cancel()
+	if !p.Drain(dctx) {
+		log.Info("drain grace elapsed; remaining connections closed")
+	}
+	return nil
+}
+
+// certsFirst fetches a pod's certificate before serving it, and reports
+// certificates ready when every served pod has one.
+type certsFirst struct {
+	proxy       *proxy.Proxy
+	store       *identity.Store
+	trustDomain string
+}
+
+func (c *certsFirst) AddWorkload(uid string, info inpod.WorkloadInfo, ns *os.File) error {
+	sa := info.ServiceAccount
+	if sa == "" {
+		sa = "default"
+	}
+	if err := c.store.Prefetch(identity.Identity{TrustDomain: c.trustDomain, Namespace: info.Namespace, ServiceAccount: sa}); err != nil {
+		return err
+	}
+	return c.proxy.AddWorkload(uid, info, ns)
+}
+
+func (c *certsFirst) DelWorkload(uid string) error { return c.proxy.DelWorkload(uid) }
+func (c *certsFirst) SnapshotDone()                { c.proxy.SnapshotDone() }
+
+func (c *certsFirst) ready() bool {
+	for _, st := range c.store.Status() {
+		if st.Serial == "" {
+			return false
+		}
+	}
+	return true
+}
+
+func serve(log logr.Logger, addr string, h http.Handler) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		log.Error(err, "listen", "addr", addr)
+		return
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(ln)
+}
+
+func loadRoots(path string) (*x509.CertPool, error) {
+	pem, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("trust bundle: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("trust bundle %s has no certificate", path)
+	}
+	return pool, nil
+}
