@@ -4,6 +4,7 @@ import (
 	"net/netip"
 	"testing"
 
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
@@ -165,4 +166,25 @@ func FuzzEvaluate(f *testing.F) {
 		})
 		Evaluate([]*security.Authorization{p}, conn(&sleep, "10.1.2.3", port)) // must not panic
 	})
+}
+
+// The control plane may leave the Presence message nil; after the wire
+// round trip it must still mean "presence".
+func TestPresenceSurvivesWire(t *testing.T) {
+	p := policy("strict", security.Action_DENY, &security.Match{NotPrincipals: []*security.StringMatch{{MatchType: &security.StringMatch_Presence{}}}})
+	b, err := proto.Marshal(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got security.Authorization
+	if err := proto.Unmarshal(b, &got); err != nil {
+		t.Fatal(err)
+	}
+	ps := []*security.Authorization{&got}
+	if Evaluate(ps, conn(nil, "10.0.0.1", 80)).Allowed {
+		t.Fatal("plaintext allowed under STRICT after wire round trip")
+	}
+	if !Evaluate(ps, conn(&sleep, "10.0.0.1", 80)).Allowed {
+		t.Fatal("mTLS refused under STRICT after wire round trip")
+	}
 }
