@@ -32,9 +32,6 @@ func (p *Proxy) serveOutbound(pd *pod, down net.Conn, dst netip.AddrPort) {
 }
 
 func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort, srcW *workloadapi.Workload, srcID identity.Identity) (int64, int64, error) {
-	if !p.Ready() {
-		return 0, 0, proxyerr.New(proxyerr.NotReady, "discovery or certificates not ready")
-	}
 	if !dst.IsValid() {
 		var err error
 		if dst, err = netnsutil.OriginalDst(down); err != nil {
@@ -42,6 +39,9 @@ func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort,
 		}
 	}
 	s.dst = dst
+	if !p.Ready() {
+		return 0, 0, proxyerr.New(proxyerr.NotReady, "discovery or certificates not ready")
+	}
 	if isProxyPort(dst.Port()) && isLocalTarget(down, dst) {
 		return 0, 0, proxyerr.New(proxyerr.SelfTarget, "destination %s is ztunnel itself", dst)
 	}

@@ -1,0 +1,448 @@
+package ztunnel
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
+	discoverypb "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/ambientmesh/ambient/proxylib/ca"
+	"github.com/ambientmesh/ambient/proxylib/caclient/capb"
+	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
+	"github.com/ambientmesh/ambient/proxylib/hbone/hbonetest"
+	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/proxylib/inpod"
+	"github.com/ambientmesh/ambient/proxylib/netnsutil"
+)
+
+const testToken = "test-node-token"
+
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+// ztunnelBinary builds cmd/ztunnel once per test run.
+func ztunnelBinary(t *testing.T) string {
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "ztunnel-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "ztunnel")
+		out, err := exec.Command("go", "build", "-o", binPath, "github.com/ambientmesh/ambient/cmd/ztunnel").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binPath
+}
+
+// xdsControlPlane is the test control plane for real ztunnel processes: a
+// go-control-plane delta ADS server (linear caches of hand-built
+// resources) and an Istio-shaped CA backed by a real proxylib/ca Authority,
+// both over TLS with a server certificate from the mesh CA.
+type xdsControlPlane struct {
+	t      *testing.T
+	ca     *hbonetest.CA
+	caches map[string]*cachev3.LinearCache
+	srv    *grpc.Server
+	tls    *tls.Config
+	roots  string // trust bundle file
+	mu     sync.Mutex
+	down   bool
+}
+
+func newXDSControlPlane(t *testing.T, m *hbonetest.CA) *xdsControlPlane {
+	cp := &xdsControlPlane{t: t, ca: m, caches: map[string]*cachev3.LinearCache{
+		discovery.AddressType:       cachev3.NewLinearCache(discovery.AddressType),
+		discovery.AuthorizationType: cachev3.NewLinearCache(discovery.AuthorizationType),
+	}}
+	serverCert := m.IssueCert(t, hbonetest.CertOptions{DNSNames: []string{"ambient-controlplane.ambient-system.svc"}, NotAfter: time.Now().Add(time.Hour)})
+	cp.tls = &tls.Config{Certificates: []tls.Certificate{*serverCert}, MinVersion: tls.VersionTLS12}
+	cp.roots = filepath.Join(t.TempDir(), "root-cert.pem")
+	if err := os.WriteFile(cp.roots, ca.EncodeCerts(m.Root), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	mux := &cachev3.MuxCache{
+		Classify:      func(r *cachev3.Request) string { return r.GetTypeUrl() },
+		ClassifyDelta: func(r *cachev3.DeltaRequest) string { return r.GetTypeUrl() },
+		Caches:        map[string]cachev3.Cache{},
+	}
+	for typ, c := range cp.caches {
+		mux.Caches[typ] = c
+	}
+	cp.srv = grpc.NewServer(grpc.Creds(credentials.NewTLS(cp.tls)))
+	discoverypb.RegisterAggregatedDiscoveryServiceServer(cp.srv, serverv3.NewServer(context.Background(), mux, nil))
+	capb.RegisterIstioCertificateServiceServer(cp.srv, &testCAService{cp: cp})
+	t.Cleanup(cp.srv.Stop)
+	return cp
+}
+
+// serveIn listens on 127.0.0.1:15010 and :15012 inside ns (a node).
+func (cp *xdsControlPlane) serveIn(ns *os.File) {
+	for _, port := range []int{15010, 15012} {
+		ln, err := netnsutil.ListenTCP(ns, fmt.Sprintf("127.0.0.1:%d", port), netnsutil.SocketOptions{})
+		if err != nil {
+			cp.t.Fatal(err)
+		}
+		go cp.srv.Serve(ln)
+	}
+}
+
+func (cp *xdsControlPlane) set(typeURL, name string, m proto.Message) {
+	if err := cp.caches[typeURL].UpdateResource(name, m); err != nil {
+		cp.t.Fatal(err)
+	}
+}
+
+func (cp *xdsControlPlane) del(typeURL, name string) {
+	if err := cp.caches[typeURL].DeleteResource(name); err != nil {
+		cp.t.Fatal(err)
+	}
+}
+
+func (cp *xdsControlPlane) workload(w *workloadapi.Workload) {
+	cp.set(discovery.AddressType, w.Uid, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: proto.Clone(w).(*workloadapi.Workload)}})
+}
+
+func (cp *xdsControlPlane) policy(p *security.Authorization) {
+	cp.set(discovery.AuthorizationType, discovery.PolicyKey(p.Namespace, p.Name), p)
+}
+
+type testCAService struct {
+	capb.UnimplementedIstioCertificateServiceServer
+	cp *xdsControlPlane
+}
+
+func (s *testCAService) CreateCertificate(ctx context.Context, req *capb.IstioCertificateRequest) (*capb.IstioCertificateResponse, error) {
+	md, _ := metadata.FromIncomingContext(ctx)
+	if got := md.Get("authorization"); len(got) != 1 || got[0] != "Bearer "+testToken {
+		return nil, status.Error(codes.Unauthenticated, "bad token")
+	}
+	id, err := identity.Parse(req.GetMetadata().GetFields()["ImpersonatedIdentity"].GetStringValue())
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	chain, err := s.cp.ca.Client().Sign(ctx, []byte(req.GetCsr()), id, time.Duration(req.GetValidityDuration())*time.Second)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	resp := &capb.IstioCertificateResponse{}
+	for _, c := range chain {
+		resp.CertChain = append(resp.CertChain, string(ca.EncodeCerts(c)))
+	}
+	return resp, nil
+}
+
+// ztunnelProcess is a real cmd/ztunnel running in a node namespace.
+type ztunnelProcess struct {
+	cmd    *exec.Cmd
+	sock   string
+	node   *node
+	out    *syncBuffer
+	agent  *inpod.Conn
+	nodeNS *os.File
+}
+
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+	t   *testing.T
+	pfx string
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.t.Logf("%s: %s", b.pfx, strings.TrimRight(string(p), "\n"))
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// startZtunnel runs the binary inside n's namespace against cp.
+func startZtunnel(t *testing.T, cp *xdsControlPlane, n *node, extra ...string) *ztunnelProcess {
+	nsf, err := n.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nsf.Close() })
+	cp.serveIn(nsf)
+	dir := t.TempDir()
+	token := filepath.Join(dir, "token")
+	os.WriteFile(token, []byte(testToken), 0o600)
+	z := &ztunnelProcess{sock: filepath.Join(dir, "ztunnel.sock"), node: n, out: &syncBuffer{t: t, pfx: n.name}, nodeNS: nsf}
+	args := append([]string{"netns", "exec", n.Name, ztunnelBinary(t),
+		"-node-name", n.name, "-xds-address", "127.0.0.1:15010", "-ca-address", "127.0.0.1:15012",
+		"-xds-server-name", "ambient-controlplane.ambient-system.svc", "-ca-server-name", "ambient-controlplane.ambient-system.svc",
+		"-token-path", token, "-root-cert", cp.roots, "-zds-socket", z.sock, "-drain-grace", "2s"}, extra...)
+	z.cmd = exec.Command("ip", args...)
+	z.cmd.Stdout, z.cmd.Stderr = z.out, z.out
+	if err := z.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		z.cmd.Process.Kill()
+		z.cmd.Wait()
+	})
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		z.agent, err = inpod.Dial(ctx, z.sock)
+		cancel()
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("ztunnel on %s never opened %s: %v", n.name, z.sock, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Cleanup(func() { z.agent.Close() })
+	return z
+}
+
+// adopt hands a pod to the process (what the node agent does).
+func (z *ztunnelProcess) adopt(t *testing.T, m *mesh, p *pod) {
+	f, err := p.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := m.redirect.Install(f); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := z.agent.AddWorkload(ctx, p.uid, inpod.WorkloadInfo{Name: p.name, Namespace: p.ns, ServiceAccount: p.sa}, f); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (z *ztunnelProcess) snapshotSent(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := z.agent.SnapshotSent(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// ready asks :15021/healthz/ready from inside the node namespace.
+func (z *ztunnelProcess) ready() bool {
+	c := &http.Client{Timeout: time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+		return netnsutil.DialTCP(ctx, z.nodeNS, netip0, mustAddrPort("127.0.0.1:15021"), netnsutil.SocketOptions{})
+	}}}
+	resp, err := c.Get("http://127.0.0.1:15021/healthz/ready")
+	if err != nil {
+		return false
+	}
+	resp.Body.Close()
+	return resp.StatusCode == 200
+}
+
+func (z *ztunnelProcess) waitLog(t *testing.T, parts ...string) {
+	t.Helper()
+	waitUntil(t, func() bool {
+		for _, line := range strings.Split(z.out.String(), "\n") {
+			ok := true
+			for _, p := range parts {
+				ok = ok && strings.Contains(line, p)
+			}
+			if ok {
+				return true
+			}
+		}
+		return false
+	}, "ztunnel log line with %q", parts)
+}
+
+// processMesh: two nodes, each with a real ztunnel process.
+type processMesh struct {
+	*mesh
+	cp      *xdsControlPlane
+	zts     []*ztunnelProcess
+	sleep   *pod
+	httpbin *pod
+}
+
+func newProcessMesh(t *testing.T) *processMesh {
+	m := newMesh(t, 0)
+	pm := &processMesh{mesh: m, cp: newXDSControlPlane(t, m.ca)}
+	for _, name := range []string{"node1", "node2"} {
+		n := &node{Node: m.c.AddNode(name), name: name}
+		m.nodes = append(m.nodes, n)
+		pm.zts = append(pm.zts, startZtunnel(t, pm.cp, n))
+	}
+	pm.sleep = pm.addProcessPod(0, "sleep-1", "sleep")
+	pm.httpbin = pm.addProcessPod(1, "httpbin-1", "httpbin")
+	pm.httpbin.serveHTTP(t, 80)
+	pm.httpbin.serveTCP(t, 9000, countThenReply)
+	pm.httpbin.serveTCP(t, 9001, echo)
+	for _, z := range pm.zts {
+		z.snapshotSent(t)
+	}
+	return pm
+}
+
+func (pm *processMesh) addProcessPod(nodeIdx int, name, sa string) *pod {
+	n := pm.nodes[nodeIdx]
+	np := n.AddPod(name)
+	p := &pod{Pod: np, name: name, ns: "default", sa: sa, node: n, uid: discovery.PodUID(cluster, "default", name)}
+	p.w = &workloadapi.Workload{Uid: p.uid, Name: name, Namespace: "default", Addresses: [][]byte{np.IP.AsSlice()},
+		TrustDomain: pm.ca.TrustDomain, ServiceAccount: sa, Node: n.name, WorkloadName: strings.TrimRight(name, "-0123456789"),
+		CanonicalName: strings.TrimRight(name, "-0123456789"), ClusterId: cluster, TunnelProtocol: workloadapi.TunnelProtocol_HBONE}
+	pm.cp.workload(p.w)
+	pm.zts[nodeIdx].adopt(pm.t, pm.mesh, p)
+	return p
+}
+
+// TestProcessSleepToHTTPBin runs the seeds' first scenario through two real
+// ztunnel processes with the xDS + CA test control plane, then a policy
+// change and a SIGTERM drain (reliability cases 11 and 20).
+func TestProcessSleepToHTTPBin(t *testing.T) {
+	pm := newProcessMesh(t)
+	waitUntil(t, func() bool { return pm.zts[0].ready() && pm.zts[1].ready() }, "both ztunnels ready")
+	expectOK(t, pm.sleep, pm.httpbin.addr(80), "httpbin-1")
+	pm.zts[0].waitLog(t, "outbound{id=", "proxy to "+pm.httpbin.addr(80).String()+" using HBONE via "+pm.httpbin.IP.String()+":15008 type Direct")
+	pm.zts[1].waitLog(t, "peer_id=spiffe://cluster.local/ns/default/sa/sleep}: got CONNECT request to "+pm.httpbin.addr(80).String())
+
+	t.Run("deny policy over xDS refuses and closes open tunnels", func(t *testing.T) {
+		c, err := pm.sleep.dial(pm.httpbin.addr(9001))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		roundTrip(t, c, "hello")
+		deny := &security.Authorization{Name: "deny-sleep", Namespace: "default", Scope: security.Scope_NAMESPACE, Action: security.Action_DENY,
+			Groups: []*security.Group{{Rules: []*security.Rules{{Matches: []*security.Match{{Principals: []*security.StringMatch{exact(pm.sleep.id().Principal())}}}}}}}}
+		pm.cp.policy(deny)
+		defer pm.cp.del(discovery.AuthorizationType, "default/deny-sleep")
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if n, err := c.Read(make([]byte, 8)); err == nil || n != 0 {
+			t.Fatalf("tunnel still open after DENY (n=%d, err=%v)", n, err)
+		}
+		expectRefused(t, pm.sleep, pm.httpbin.addr(80))
+		pm.zts[1].waitLog(t, "RBAC rejected conn="+pm.sleep.IP.String()+"(spiffe://cluster.local/ns/default/sa/sleep)->"+pm.httpbin.addr(80).String())
+	})
+
+	t.Run("SIGTERM drains: in-flight finishes, new refused", func(t *testing.T) {
+		waitUntil(t, func() bool { _, err := pm.sleep.get(pm.httpbin.addr(80)); return err == nil }, "policy removal to apply")
+		c, err := pm.sleep.dial(pm.httpbin.addr(9001))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		roundTrip(t, c, "before")
+		pm.zts[0].cmd.Process.Signal(syscall.SIGTERM)
+		pm.zts[0].waitLog(t, "draining")
+		roundTrip(t, c, "during drain") // in-flight tunnel still works
+		expectRefused(t, pm.sleep, pm.httpbin.addr(80))
+		// After the 2 s grace the tunnel is closed by force and the process exits.
+		c.SetReadDeadline(time.Now().Add(15 * time.Second))
+		if n, err := c.Read(make([]byte, 8)); err == nil || n != 0 {
+			t.Fatalf("tunnel survived the drain grace (n=%d, err=%v)", n, err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- pm.zts[0].cmd.Wait() }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("ztunnel exit: %v", err)
+			}
+		case <-time.After(15 * time.Second):
+			t.Fatal("ztunnel did not exit after drain")
+		}
+	})
+}
+
+// TestProcessNotReadyUntilSynced: with the control plane unreachable the
+// ztunnel is not ready and admits nothing (reliability case 19).
+func TestProcessNotReadyUntilSynced(t *testing.T) {
+	m := newMesh(t, 0)
+	cp := newXDSControlPlane(t, m.ca)
+	n := &node{Node: m.c.AddNode("node1"), name: "node1"}
+	m.nodes = append(m.nodes, n)
+	// Start the process against ports nobody serves (the control plane is
+	// only started in the other node's namespace).
+	other := &node{Node: m.c.AddNode("node2"), name: "node2"}
+	_ = other
+	nsf, _ := n.Open()
+	defer nsf.Close()
+	dir := t.TempDir()
+	token := filepath.Join(dir, "token")
+	os.WriteFile(token, []byte(testToken), 0o600)
+	z := &ztunnelProcess{sock: filepath.Join(dir, "z.sock"), node: n, out: &syncBuffer{t: t, pfx: "node1"}, nodeNS: nsf}
+	z.cmd = exec.Command("ip", "netns", "exec", n.Name, ztunnelBinary(t), "-node-name", "node1", "-xds-address", "127.0.0.1:15010",
+		"-ca-address", "127.0.0.1:15012", "-token-path", token, "-root-cert", cp.roots, "-zds-socket", z.sock)
+	z.cmd.Stdout, z.cmd.Stderr = z.out, z.out
+	if err := z.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { z.cmd.Process.Kill(); z.cmd.Wait() }()
+	waitUntil(t, func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		var err error
+		z.agent, err = inpod.Dial(ctx, z.sock)
+		return err == nil
+	}, "node agent socket")
+	defer z.agent.Close()
+	client := &pod{Pod: n.AddPod("sleep-1"), name: "sleep-1", ns: "default", sa: "sleep", node: n, uid: discovery.PodUID(cluster, "default", "sleep-1")}
+	server := &pod{Pod: n.AddPod("httpbin-1"), name: "httpbin-1", ns: "default", sa: "httpbin", node: n}
+	server.serveHTTP(t, 80)
+	// Without a certificate (CA unreachable) the workload cannot be added
+	// promptly; hand it over in the background.
+	go func() {
+		f, _ := client.Open()
+		defer f.Close()
+		m.redirect.Install(f)
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		z.agent.AddWorkload(ctx, client.uid, inpod.WorkloadInfo{Name: client.name, Namespace: "default", ServiceAccount: "sleep"}, f)
+		z.agent.SnapshotSent(ctx)
+	}()
+	time.Sleep(time.Second)
+	if z.ready() {
+		t.Fatal("ready without control plane")
+	}
+	expectRefused(t, client, server.addr(80))
+	// Once the control plane is reachable it syncs and becomes ready.
+	cp.set(discovery.AddressType, client.uid, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: &workloadapi.Workload{
+		Uid: client.uid, Name: client.name, Namespace: "default", Addresses: [][]byte{client.IP.AsSlice()}, ServiceAccount: "sleep",
+		TrustDomain: "cluster.local", Node: "node1", TunnelProtocol: workloadapi.TunnelProtocol_HBONE}}})
+	cp.serveIn(nsf)
+	waitUntil(t, z.ready, "ztunnel ready after the control plane came up")
+	expectOK(t, client, server.addr(80), "httpbin-1") // passthrough: server is not in the mesh
+}
