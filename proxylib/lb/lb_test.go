@@ -43,14 +43,11 @@ func TestRoundRobin(t *testing.T) {
 func TestLeastRequestAvoidsBusyEndpoint(t *testing.T) {
 	b := New(LeastRequest, Outlier{}, nil)
 	eps := []string{"busy", "idle"}
-	// Hold 10 requests on "busy".
-	for i := 0; i < 10; {
-		k, done, _ := b.Pick(eps)
-		if k == "busy" {
-			i++
-			continue
+	// Hold 10 requests on "busy" (picked while it was the only endpoint).
+	for range 10 {
+		if k, _, _ := b.Pick([]string{"busy"}); k != "busy" {
+			t.Fatal(k)
 		}
-		done(Success)
 	}
 	for range 50 {
 		k, done, _ := b.Pick(eps)
