@@ -1,0 +1,255 @@
+// Package controlplane runs the mesh's control-plane servers inside the
+// operator's manager: discovery (delta xDS, :15010), the CA
+// (CreateCertificate, :15012) and the debug endpoint (:15014). Both gRPC
+// servers use TLS with a certificate for ambient-controlplane.<ns>.svc issued
+// by the mesh CA (Secret <ns>/ambient-ca, written by the operator).
+package controlplane
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sort"
+	"time"
+
+	"github.com/go-logr/logr"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	corev1 "k8s.io/api/core/v1"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+	"github.com/ambientmesh/ambient/controllers/caserver"
+	"github.com/ambientmesh/ambient/controllers/discovery"
+	"github.com/ambientmesh/ambient/controllers/proxyauth"
+	"github.com/ambientmesh/ambient/proxylib/ca"
+	"github.com/ambientmesh/ambient/proxylib/caclient/capb"
+)
+
+// Options configure the control plane.
+type Options struct {
+	// Namespace of the mesh (and of Secret ambient-ca) until an AmbientMesh
+	// names another.
+	Namespace string
+	// Listen addresses; empty disables that server.
+	XDSAddress, CAAddress, DebugAddress string
+	// ServiceName of the control-plane Service (for the serving certificate).
+	ServiceName string
+	// CASecretName holds the signing CA (ca.crt, ca.key, root.crt).
+	CASecretName string
+	Log          logr.Logger
+}
+
+func (o *Options) defaults() {
+	if o.Namespace == "" {
+		o.Namespace = "ambient-system"
+	}
+	if o.ServiceName == "" {
+		o.ServiceName = "ambient-controlplane"
+	}
+	if o.CASecretName == "" {
+		o.CASecretName = "ambient-ca"
+	}
+}
+
+// Setup registers the control plane with mgr. It runs on every replica (no
+// leader election needed: it only reads).
+func Setup(mgr ctrl.Manager, o Options) error {
+	o.defaults()
+	if err := mgr.GetFieldIndexer().IndexField(context.Background(), &corev1.Pod{}, caserver.NodeIndexField, func(obj client.Object) []string {
+		if n := obj.(*corev1.Pod).Spec.NodeName; n != "" {
+			return []string{n}
+		}
+		return nil
+	}); err != nil {
+		return fmt.Errorf("indexing pods by node: %w", err)
+	}
+	cp := New(mgr.GetCache(), mgr.GetClient(), mgr.GetAPIReader(), o)
+	if err := cp.Discovery.Register(context.Background(), mgr.GetCache(), mgr.GetRESTMapper()); err != nil {
+		return err
+	}
+	return mgr.Add(cp)
+}
+
+// ControlPlane is the runnable holding the three servers.
+type ControlPlane struct {
+	opts      Options
+	cache     interface{ WaitForCacheSync(context.Context) bool }
+	reader    client.Reader
+	apiReader client.Reader
+	Discovery *discovery.Controller
+	Auth      *proxyauth.Authenticator
+	certs     *certSource
+}
+
+// New builds the control plane over a cache-backed reader (which must index
+// pods by NodeIndexField), a client for TokenReviews and an uncached reader
+// for Secrets.
+func New(cache client.Reader, c client.Client, apiReader client.Reader, o Options) *ControlPlane {
+	o.defaults()
+	d := discovery.NewController(cache, discovery.Options{MeshNamespace: o.Namespace, Log: o.Log.WithName("discovery")})
+	cp := &ControlPlane{opts: o, reader: cache, apiReader: apiReader, Discovery: d}
+	if w, ok := cache.(interface{ WaitForCacheSync(context.Context) bool }); ok {
+		cp.cache = w
+	}
+	cp.Auth = &proxyauth.Authenticator{
+		Client: c, Pods: cache, APIReader: apiReader,
+		MeshNamespace: func() string { return cp.meshSettings(context.Background()).namespace },
+		IsWaypoint:    d.IsWaypoint,
+	}
+	cp.certs = &certSource{load: cp.loadAuthority, dnsNames: cp.dnsNames, log: o.Log.WithName("serving-cert")}
+	return cp
+}
+
+// NeedLeaderElection: every replica serves.
+func (cp *ControlPlane) NeedLeaderElection() bool { return false }
+
+type meshSettings struct {
+	namespace, trustDomain string
+	workloadTTL            time.Duration
+}
+
+func (cp *ControlPlane) meshSettings(ctx context.Context) meshSettings {
+	s := meshSettings{namespace: cp.opts.Namespace, trustDomain: "cluster.local", workloadTTL: 24 * time.Hour}
+	var meshes meshv1.AmbientMeshList
+	if err := cp.reader.List(ctx, &meshes); err == nil && len(meshes.Items) > 0 {
+		sort.Slice(meshes.Items, func(i, j int) bool {
+			return meshes.Items[i].CreationTimestamp.Before(&meshes.Items[j].CreationTimestamp)
+		})
+		m := meshes.Items[0].Spec
+		if m.Namespace != "" {
+			s.namespace = m.Namespace
+		}
+		if m.TrustDomain != "" {
+			s.trustDomain = m.TrustDomain
+		}
+		if m.CA.WorkloadCertTTL.Duration > 0 {
+			s.workloadTTL = m.CA.WorkloadCertTTL.Duration
+		}
+	}
+	return s
+}
+
+func (cp *ControlPlane) dnsNames() []string {
+	ns, svc := cp.meshSettings(context.Background()).namespace, cp.opts.ServiceName
+	return []string{svc + "." + ns + ".svc", svc + "." + ns + ".svc.cluster.local", svc + "." + ns, svc}
+}
+
+// loadAuthority reads the CA Secret from the API server (Secrets are never
+// cached by the operator).
+func (cp *ControlPlane) loadAuthority(ctx context.Context) (*ca.Authority, error) {
+	var s corev1.Secret
+	key := client.ObjectKey{Namespace: cp.meshSettings(ctx).namespace, Name: cp.opts.CASecretName}
+	if err := cp.apiReader.Get(ctx, key, &s); err != nil {
+		return nil, fmt.Errorf("reading CA secret %s: %w", key, err)
+	}
+	return ca.LoadAuthority(s.Data["ca.crt"], s.Data["ca.key"], s.Data["root.crt"])
+}
+
+// Start waits for the caches, then runs the model and the servers.
+func (cp *ControlPlane) Start(ctx context.Context) error {
+	log := cp.opts.Log
+	if cp.cache != nil && !cp.cache.WaitForCacheSync(ctx) {
+		return errors.New("control plane: caches did not sync")
+	}
+	go cp.Discovery.Run(ctx)
+	// The CA Secret may not exist yet (the operator writes it once an
+	// AmbientMesh exists): wait for it without failing the manager.
+	for {
+		if err := cp.certs.refresh(ctx); err == nil {
+			break
+		} else {
+			log.Info("waiting for the mesh CA", "reason", err.Error())
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(5 * time.Second):
+		}
+	}
+	go cp.certs.run(ctx)
+	errs := make(chan error, 3)
+	running := 0
+	if cp.opts.XDSAddress != "" {
+		lis, err := net.Listen("tcp", cp.opts.XDSAddress)
+		if err != nil {
+			return err
+		}
+		srv := &discovery.Server{Controller: cp.Discovery, Auth: cp.Auth, TLS: cp.certs.tlsConfig(), Log: log.WithName("xds")}
+		running++
+		go func() { errs <- srv.Serve(ctx, lis) }()
+	}
+	if cp.opts.CAAddress != "" {
+		lis, err := net.Listen("tcp", cp.opts.CAAddress)
+		if err != nil {
+			return err
+		}
+		running++
+		go func() { errs <- cp.serveCA(ctx, lis) }()
+	}
+	if cp.opts.DebugAddress != "" {
+		lis, err := net.Listen("tcp", cp.opts.DebugAddress)
+		if err != nil {
+			return err
+		}
+		hs := &http.Server{Handler: cp.Discovery.DebugHandler(), ReadHeaderTimeout: 5 * time.Second}
+		go func() {
+			<-ctx.Done()
+			_ = hs.Close()
+		}()
+		running++
+		go func() {
+			if err := hs.Serve(lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errs <- err
+				return
+			}
+			errs <- nil
+		}()
+	}
+	for ; running > 0; running-- {
+		if err := <-errs; err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// CAServer returns the CreateCertificate implementation (for tests and Start).
+func (cp *ControlPlane) CAServer() *caserver.Server {
+	return &caserver.Server{
+		Auth:      cp.Auth,
+		Authority: cp.certs.authority,
+		Config: func(ctx context.Context) caserver.Config {
+			s := cp.meshSettings(ctx)
+			return caserver.Config{TrustDomain: s.trustDomain, WorkloadCertTTL: s.workloadTTL}
+		},
+		Pods: cp.reader,
+		Log:  cp.opts.Log.WithName("ca"),
+	}
+}
+
+func (cp *ControlPlane) serveCA(ctx context.Context, lis net.Listener) error {
+	gs := grpc.NewServer(grpc.Creds(credentials.NewTLS(cp.certs.tlsConfig())), grpc.MaxRecvMsgSize(64<<10))
+	capb.RegisterIstioCertificateServiceServer(gs, cp.CAServer())
+	go func() {
+		<-ctx.Done()
+		gs.Stop()
+	}()
+	cp.opts.Log.Info("serving CA", "address", lis.Addr().String())
+	if err := gs.Serve(lis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+		return err
+	}
+	return nil
+}
+
+// ServingTLS returns the servers' TLS config (tests).
+func (cp *ControlPlane) ServingTLS(ctx context.Context) (*tls.Config, error) {
+	if err := cp.certs.refresh(ctx); err != nil {
+		return nil, err
+	}
+	return cp.certs.tlsConfig(), nil
+}

@@ -1,0 +1,895 @@
+// Package discovery is the control plane's workload discovery: it watches
+// Pods, Services, Namespaces, Istio security policies and waypoints through
+// the manager's informers, keeps the Istio-compatible model (Address,
+// Authorization, L7Resource) incrementally, and serves it over delta xDS.
+package discovery
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	cachetypes "github.com/envoyproxy/go-control-plane/pkg/cache/types"
+	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/go-logr/logr"
+	"google.golang.org/protobuf/proto"
+	securityv1 "istio.io/client-go/pkg/apis/security/v1"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
+	toolscache "k8s.io/client-go/tools/cache"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+	"github.com/ambientmesh/ambient/controllers/policy"
+	xds "github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/meshapi"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+)
+
+// Options configure the model.
+type Options struct {
+	// MeshNamespace is used until an AmbientMesh says otherwise; it is also
+	// Istio's root namespace.
+	MeshNamespace string
+	// TrustDomain default (AmbientMesh spec.trustDomain wins).
+	TrustDomain string
+	// ClusterID prefixes workload uids (Istio's default "Kubernetes").
+	ClusterID string
+	// DomainSuffix of service hostnames, default cluster.local.
+	DomainSuffix string
+	// Debounce waits for this much quiet before pushing (default 100ms), but
+	// never longer than MaxDebounce after the first change (default 1s).
+	Debounce, MaxDebounce time.Duration
+	Log                   logr.Logger
+}
+
+func (o *Options) defaults() {
+	if o.MeshNamespace == "" {
+		o.MeshNamespace = "ambient-system"
+	}
+	if o.TrustDomain == "" {
+		o.TrustDomain = "cluster.local"
+	}
+	if o.ClusterID == "" {
+		o.ClusterID = "Kubernetes"
+	}
+	if o.DomainSuffix == "" {
+		o.DomainSuffix = "cluster.local"
+	}
+	if o.Debounce <= 0 {
+		o.Debounce = 100 * time.Millisecond
+	}
+	if o.MaxDebounce <= 0 {
+		o.MaxDebounce = time.Second
+	}
+}
+
+// Controller keeps the model in the xDS caches.
+type Controller struct {
+	opts   Options
+	reader client.Reader
+	log    logr.Logger
+
+	Addresses, Authorizations, L7 *cachev3.LinearCache
+
+	// optional kinds, present only when their CRDs are installed
+	hasIstio, hasGateway, hasRoutes bool
+
+	mu    sync.Mutex
+	dirty dirtySet
+	kick  chan struct{}
+
+	// current is what the caches hold, per type URL, for diffs and debug.
+	curMu   sync.RWMutex
+	current map[string]map[string]proto.Message
+
+	synced    atomic.Bool
+	waypoints atomic.Pointer[map[string]map[string]*waypoint]
+	// OnPush, when set, is called after each push with the number of
+	// resources changed (tests and the convergence benchmark).
+	OnPush func(changed int)
+}
+
+type dirtySet struct {
+	full       bool
+	pods       map[types.NamespacedName]struct{}
+	namespaces map[string]struct{}
+	authz      map[types.NamespacedName]struct{}
+	peerAuthn  map[types.NamespacedName]struct{}
+	routes     map[string]struct{} // L7 keys of routes
+}
+
+func (d *dirtySet) empty() bool {
+	return !d.full && len(d.pods)+len(d.namespaces)+len(d.authz)+len(d.peerAuthn)+len(d.routes) == 0
+}
+
+func newDirty() dirtySet {
+	return dirtySet{
+		pods: map[types.NamespacedName]struct{}{}, namespaces: map[string]struct{}{},
+		authz: map[types.NamespacedName]struct{}{}, peerAuthn: map[types.NamespacedName]struct{}{},
+		routes: map[string]struct{}{},
+	}
+}
+
+// NewController creates the model; Register wires its informers.
+func NewController(reader client.Reader, opts Options) *Controller {
+	opts.defaults()
+	c := &Controller{
+		opts:           opts,
+		reader:         reader,
+		log:            opts.Log,
+		Addresses:      cachev3.NewLinearCache(xds.AddressType),
+		Authorizations: cachev3.NewLinearCache(xds.AuthorizationType),
+		L7:             cachev3.NewLinearCache(xds.L7ResourceType),
+		dirty:          newDirty(),
+		kick:           make(chan struct{}, 1),
+		current: map[string]map[string]proto.Message{
+			xds.AddressType: {}, xds.AuthorizationType: {}, xds.L7ResourceType: {},
+		},
+	}
+	c.dirty.full = true
+	return c
+}
+
+var (
+	gatewayGVK    = schema.GroupVersionKind{Group: gwv1.GroupName, Version: "v1", Kind: "Gateway"}
+	httpRouteGVK  = schema.GroupVersionKind{Group: gwv1.GroupName, Version: "v1", Kind: "HTTPRoute"}
+	grpcRouteGVK  = schema.GroupVersionKind{Group: gwv1.GroupName, Version: "v1", Kind: "GRPCRoute"}
+	authzPolicyGV = schema.GroupVersionKind{Group: "security.istio.io", Version: "v1", Kind: "AuthorizationPolicy"}
+	peerAuthnGVK  = schema.GroupVersionKind{Group: "security.istio.io", Version: "v1", Kind: "PeerAuthentication"}
+)
+
+func installed(mapper meta.RESTMapper, gvk schema.GroupVersionKind) bool {
+	_, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
+	return err == nil
+}
+
+// Register adds event handlers to the manager's informers. Kinds whose CRDs
+// are not installed (Istio security, Gateway API) are skipped and logged.
+func (c *Controller) Register(ctx context.Context, informers cache.Informers, mapper meta.RESTMapper) error {
+	c.hasIstio = installed(mapper, authzPolicyGV) && installed(mapper, peerAuthnGVK)
+	c.hasGateway = installed(mapper, gatewayGVK)
+	c.hasRoutes = installed(mapper, httpRouteGVK) && installed(mapper, grpcRouteGVK)
+	c.log.Info("discovery sources", "istioSecurity", c.hasIstio, "gateways", c.hasGateway, "routes", c.hasRoutes)
+
+	add := func(obj client.Object, h toolscache.ResourceEventHandler) error {
+		inf, err := informers.GetInformer(ctx, obj)
+		if err != nil {
+			return fmt.Errorf("informer for %T: %w", obj, err)
+		}
+		_, err = inf.AddEventHandler(h)
+		return err
+	}
+	handlers := []struct {
+		obj client.Object
+		h   toolscache.ResourceEventHandler
+	}{
+		{&corev1.Pod{}, c.handler(func(o, _ client.Object) { c.markPod(o) })},
+		{&corev1.Service{}, c.handler(func(o, _ client.Object) { c.markNamespace(o.GetNamespace(), c.isWaypointService(o)) })},
+		{&corev1.Namespace{}, c.handler(func(o, _ client.Object) { c.markNamespace(o.GetName(), false) })},
+		{&meshv1.WaypointPolicy{}, c.handler(func(client.Object, client.Object) { c.markFull() })},
+		{&meshv1.AmbientMesh{}, c.handler(func(client.Object, client.Object) { c.markFull() })},
+	}
+	if c.hasIstio {
+		handlers = append(handlers,
+			struct {
+				obj client.Object
+				h   toolscache.ResourceEventHandler
+			}{&securityv1.AuthorizationPolicy{}, c.handler(c.markAuthz)},
+			struct {
+				obj client.Object
+				h   toolscache.ResourceEventHandler
+			}{&securityv1.PeerAuthentication{}, c.handler(c.markPeerAuthn)})
+	}
+	if c.hasGateway {
+		handlers = append(handlers, struct {
+			obj client.Object
+			h   toolscache.ResourceEventHandler
+		}{&gwv1.Gateway{}, c.handler(func(client.Object, client.Object) { c.markFull() })})
+	}
+	if c.hasRoutes {
+		for _, obj := range []client.Object{&gwv1.HTTPRoute{}, &gwv1.GRPCRoute{}} {
+			handlers = append(handlers, struct {
+				obj client.Object
+				h   toolscache.ResourceEventHandler
+			}{obj, c.handler(func(o, _ client.Object) { c.markRoute(o) })})
+		}
+	}
+	for _, h := range handlers {
+		if err := add(h.obj, h.h); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// handler calls fn(new, old) for adds, updates and deletes (old is nil
+// except for updates; for deletes new is the last known object).
+func (c *Controller) handler(fn func(obj, old client.Object)) toolscache.ResourceEventHandler {
+	asObj := func(o any) client.Object {
+		if t, ok := o.(toolscache.DeletedFinalStateUnknown); ok {
+			o = t.Obj
+		}
+		co, _ := o.(client.Object)
+		return co
+	}
+	return toolscache.ResourceEventHandlerFuncs{
+		AddFunc: func(o any) {
+			if co := asObj(o); co != nil {
+				fn(co, nil)
+			}
+		},
+		UpdateFunc: func(old, o any) {
+			if co := asObj(o); co != nil {
+				fn(co, asObj(old))
+			}
+		},
+		DeleteFunc: func(o any) {
+			if co := asObj(o); co != nil {
+				fn(co, nil)
+			}
+		},
+	}
+}
+
+func (c *Controller) signal() {
+	select {
+	case c.kick <- struct{}{}:
+	default:
+	}
+}
+
+func (c *Controller) markPod(o client.Object) {
+	c.mu.Lock()
+	c.dirty.pods[client.ObjectKeyFromObject(o)] = struct{}{}
+	c.mu.Unlock()
+	c.signal()
+}
+
+func (c *Controller) markNamespace(ns string, full bool) {
+	c.mu.Lock()
+	c.dirty.namespaces[ns] = struct{}{}
+	c.dirty.full = c.dirty.full || full
+	c.mu.Unlock()
+	c.signal()
+}
+
+func (c *Controller) markFull() {
+	c.mu.Lock()
+	c.dirty.full = true
+	c.mu.Unlock()
+	c.signal()
+}
+
+func (c *Controller) rootNamespace() string {
+	return c.meshConfig(context.Background()).RootNamespace
+}
+
+// markAuthz: selector policies change which workloads list them.
+func (c *Controller) markAuthz(o, old client.Object) {
+	c.mu.Lock()
+	c.dirty.authz[client.ObjectKeyFromObject(o)] = struct{}{}
+	c.dirty.routes[l7KeyOf(o, "AuthorizationPolicy", "security.istio.io")] = struct{}{}
+	c.mu.Unlock()
+	c.markPolicyTargets(o, old)
+}
+
+func (c *Controller) markPeerAuthn(o, old client.Object) {
+	c.mu.Lock()
+	c.dirty.peerAuthn[client.ObjectKeyFromObject(o)] = struct{}{}
+	c.mu.Unlock()
+	c.markPolicyTargets(o, old)
+}
+
+func (c *Controller) markPolicyTargets(o, _ client.Object) {
+	if o.GetNamespace() == c.rootNamespace() {
+		c.markFull()
+		return
+	}
+	c.markNamespace(o.GetNamespace(), false)
+}
+
+func (c *Controller) markRoute(o client.Object) {
+	gvk := httpRouteGVK
+	if _, ok := o.(*gwv1.GRPCRoute); ok {
+		gvk = grpcRouteGVK
+	}
+	c.mu.Lock()
+	c.dirty.routes[l7KeyOf(o, gvk.Kind, gvk.Group)] = struct{}{}
+	c.mu.Unlock()
+	c.signal()
+}
+
+func l7KeyOf(o client.Object, kind, group string) string {
+	return xds.L7Key(group, kind, o.GetNamespace(), o.GetName())
+}
+
+func (c *Controller) isWaypointService(o client.Object) bool {
+	return o.GetLabels()[GatewayNameLabel] != "" || o.GetLabels()[WaypointNameLabel] != ""
+}
+
+// Synced reports whether the first full model has been pushed; the xDS
+// server serves nobody before that, so a reconnecting proxy never sees a
+// partial view (which would read as mass deletion).
+func (c *Controller) Synced() bool { return c.synced.Load() }
+
+// Run debounces changes and pushes them until ctx ends. The informers must
+// have synced before Run is called.
+func (c *Controller) Run(ctx context.Context) {
+	c.flush(ctx)
+	c.synced.Store(true)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-c.kick:
+		}
+		first := time.Now()
+		quiet := time.NewTimer(c.opts.Debounce)
+	debounce:
+		for {
+			select {
+			case <-ctx.Done():
+				quiet.Stop()
+				return
+			case <-c.kick:
+				if time.Since(first) >= c.opts.MaxDebounce {
+					break debounce
+				}
+				quiet.Reset(min(c.opts.Debounce, c.opts.MaxDebounce-time.Since(first)))
+			case <-quiet.C:
+				break debounce
+			}
+		}
+		quiet.Stop()
+		c.flush(ctx)
+	}
+}
+
+func (c *Controller) meshConfig(ctx context.Context) meshConfig {
+	mc := meshConfig{
+		TrustDomain: c.opts.TrustDomain, RootNamespace: c.opts.MeshNamespace,
+		ClusterID: c.opts.ClusterID, DomainSuffix: c.opts.DomainSuffix,
+	}
+	var meshes meshv1.AmbientMeshList
+	if err := c.reader.List(ctx, &meshes); err == nil && len(meshes.Items) > 0 {
+		sort.Slice(meshes.Items, func(i, j int) bool {
+			return meshes.Items[i].CreationTimestamp.Before(&meshes.Items[j].CreationTimestamp)
+		})
+		m := meshes.Items[0].Spec
+		if m.TrustDomain != "" {
+			mc.TrustDomain = m.TrustDomain
+		}
+		if m.Namespace != "" {
+			mc.RootNamespace = m.Namespace
+		}
+		mc.ExcludedNamespaces = m.Capture.ExcludedNamespaces
+	}
+	return mc
+}
+
+// flush recomputes everything marked dirty and pushes the differences.
+func (c *Controller) flush(ctx context.Context) {
+	c.mu.Lock()
+	d := c.dirty
+	c.dirty = newDirty()
+	c.mu.Unlock()
+	if d.empty() {
+		return
+	}
+	b := newBuild(ctx, c, c.meshConfig(ctx))
+	if err := b.run(d); err != nil {
+		// The informer cache does not fail reads; if it ever does, retry
+		// everything rather than push a partial model.
+		c.log.Error(err, "building discovery model; retrying")
+		c.markFull()
+		return
+	}
+	c.waypoints.Store(&b.wps)
+	changed := c.apply(xds.AddressType, c.Addresses, b.addresses, b.addrScope) +
+		c.apply(xds.AuthorizationType, c.Authorizations, b.authz, b.authzScope) +
+		c.apply(xds.L7ResourceType, c.L7, b.l7, b.l7Scope)
+	if c.OnPush != nil {
+		c.OnPush(changed)
+	}
+}
+
+// apply pushes want for the names in scope (nil scope: every name): names
+// in scope but not in want are deleted; unchanged resources are skipped.
+func (c *Controller) apply(typeURL string, lc *cachev3.LinearCache, want map[string]proto.Message, scope map[string]struct{}) int {
+	c.curMu.Lock()
+	cur := c.current[typeURL]
+	update := map[string]cachetypes.Resource{}
+	var remove []string
+	for name, msg := range want {
+		if old, ok := cur[name]; ok && proto.Equal(old, msg) {
+			continue
+		}
+		update[name] = msg
+		cur[name] = msg
+	}
+	consider := func(name string) {
+		if _, keep := want[name]; !keep {
+			if _, ok := cur[name]; ok {
+				remove = append(remove, name)
+				delete(cur, name)
+			}
+		}
+	}
+	if scope == nil {
+		for name := range cur {
+			consider(name)
+		}
+	} else {
+		for name := range scope {
+			consider(name)
+		}
+	}
+	c.curMu.Unlock()
+	if len(update)+len(remove) == 0 {
+		return 0
+	}
+	if err := lc.UpdateResources(update, remove); err != nil {
+		c.log.Error(err, "updating xDS cache", "type", typeURL)
+	}
+	return len(update) + len(remove)
+}
+
+// Snapshot returns the current resources of a type, sorted by name.
+func (c *Controller) Snapshot(typeURL string) []NamedResource {
+	c.curMu.RLock()
+	defer c.curMu.RUnlock()
+	out := make([]NamedResource, 0, len(c.current[typeURL]))
+	for name, msg := range c.current[typeURL] {
+		out = append(out, NamedResource{Name: name, Resource: msg})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// NamedResource is one resource of a Snapshot.
+type NamedResource struct {
+	Name     string
+	Resource proto.Message
+}
+
+// build is one flush's computation, with per-namespace reads memoized.
+type build struct {
+	ctx   context.Context
+	c     *Controller
+	mc    meshConfig
+	views map[string]*namespaceView
+	wps   map[string]map[string]*waypoint // ns -> name
+
+	addresses, authz, l7           map[string]proto.Message
+	addrScope, authzScope, l7Scope map[string]struct{} // nil = full
+}
+
+func newBuild(ctx context.Context, c *Controller, mc meshConfig) *build {
+	return &build{
+		ctx: ctx, c: c, mc: mc, views: map[string]*namespaceView{},
+		addresses: map[string]proto.Message{}, authz: map[string]proto.Message{}, l7: map[string]proto.Message{},
+	}
+}
+
+var noCopy = client.UnsafeDisableDeepCopy
+
+func (b *build) run(d dirtySet) error {
+	if err := b.loadWaypoints(); err != nil {
+		return err
+	}
+	if d.full {
+		return b.runFull()
+	}
+	b.addrScope, b.authzScope, b.l7Scope = map[string]struct{}{}, map[string]struct{}{}, map[string]struct{}{}
+	for ns := range d.namespaces {
+		if err := b.namespace(ns); err != nil {
+			return err
+		}
+	}
+	for key := range d.pods {
+		if _, done := d.namespaces[key.Namespace]; done {
+			continue
+		}
+		if err := b.pod(key); err != nil {
+			return err
+		}
+	}
+	for key := range d.authz {
+		if err := b.authorizationPolicy(key); err != nil {
+			return err
+		}
+	}
+	for key := range d.peerAuthn {
+		if err := b.peerAuthentication(key); err != nil {
+			return err
+		}
+	}
+	for key := range d.routes {
+		if err := b.route(key); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (b *build) runFull() error {
+	var pods corev1.PodList
+	if err := b.c.reader.List(b.ctx, &pods, noCopy); err != nil {
+		return err
+	}
+	for i := range pods.Items {
+		if err := b.addPod(&pods.Items[i]); err != nil {
+			return err
+		}
+	}
+	var svcs corev1.ServiceList
+	if err := b.c.reader.List(b.ctx, &svcs, noCopy); err != nil {
+		return err
+	}
+	for i := range svcs.Items {
+		if err := b.addService(&svcs.Items[i]); err != nil {
+			return err
+		}
+	}
+	b.authz[xds.PolicyKey(b.mc.RootNamespace, policy.StaticStrictPolicyName)] = policy.StaticStrictPolicy(b.mc.RootNamespace)
+	if b.c.hasIstio {
+		var aps securityv1.AuthorizationPolicyList
+		if err := b.c.reader.List(b.ctx, &aps, noCopy); err != nil {
+			return err
+		}
+		for _, ap := range aps.Items {
+			b.addAuthorizationPolicy(ap)
+		}
+		var pas securityv1.PeerAuthenticationList
+		if err := b.c.reader.List(b.ctx, &pas, noCopy); err != nil {
+			return err
+		}
+		for _, pa := range pas.Items {
+			b.addPeerAuthentication(pa)
+		}
+	}
+	if b.c.hasRoutes {
+		var hr gwv1.HTTPRouteList
+		if err := b.c.reader.List(b.ctx, &hr, noCopy); err != nil {
+			return err
+		}
+		for i := range hr.Items {
+			b.addRoute(&hr.Items[i], httpRouteGVK)
+		}
+		var gr gwv1.GRPCRouteList
+		if err := b.c.reader.List(b.ctx, &gr, noCopy); err != nil {
+			return err
+		}
+		for i := range gr.Items {
+			b.addRoute(&gr.Items[i], grpcRouteGVK)
+		}
+	}
+	return nil
+}
+
+// loadWaypoints indexes WaypointPolicies and waypoint Gateways; a
+// WaypointPolicy wins over a Gateway of the same name.
+func (b *build) loadWaypoints() error {
+	b.wps = map[string]map[string]*waypoint{}
+	put := func(wp *waypoint, override bool) {
+		if b.wps[wp.Namespace] == nil {
+			b.wps[wp.Namespace] = map[string]*waypoint{}
+		}
+		if _, exists := b.wps[wp.Namespace][wp.Name]; exists && !override {
+			return
+		}
+		b.wps[wp.Namespace][wp.Name] = wp
+	}
+	if b.c.hasGateway {
+		var gws gwv1.GatewayList
+		if err := b.c.reader.List(b.ctx, &gws, noCopy); err != nil {
+			return err
+		}
+		for _, gw := range gws.Items {
+			if string(gw.Spec.GatewayClassName) != WaypointGatewayClass || gw.DeletionTimestamp != nil {
+				continue
+			}
+			traffic := gw.Labels[WaypointForLabel]
+			if traffic == "" {
+				traffic = trafficAll // the seeds: a waypoint serves every pod of its namespace
+			}
+			put(&waypoint{Namespace: gw.Namespace, Name: gw.Name, ServiceAccount: gw.Annotations[ForServiceAccountAnnotation], TrafficType: traffic}, false)
+		}
+	}
+	var wpl meshv1.WaypointPolicyList
+	if err := b.c.reader.List(b.ctx, &wpl, noCopy); err != nil {
+		return err
+	}
+	for _, wp := range wpl.Items {
+		if wp.DeletionTimestamp != nil {
+			continue
+		}
+		sa := ""
+		if wp.Spec.Scope == meshv1.ScopeServiceAccount {
+			sa = wp.Spec.ServiceAccount
+		}
+		traffic := string(wp.Spec.TrafficType)
+		if traffic == "" {
+			traffic = trafficService
+		}
+		put(&waypoint{Namespace: wp.Namespace, Name: wp.Name, ServiceAccount: sa, TrafficType: traffic}, true)
+	}
+	return nil
+}
+
+func (b *build) view(ns string) (*namespaceView, error) {
+	if v, ok := b.views[ns]; ok {
+		return v, nil
+	}
+	v := &namespaceView{
+		waypoints: b.wps[ns],
+		lookupWaypoint: func(namespace, name string) *waypoint {
+			return b.wps[namespace][name]
+		},
+		waypointService: b.waypointService,
+	}
+	if v.waypoints == nil {
+		v.waypoints = map[string]*waypoint{}
+	}
+	var nsObj corev1.Namespace
+	if err := b.c.reader.Get(b.ctx, client.ObjectKey{Name: ns}, &nsObj); err == nil {
+		v.ns = &nsObj
+	} else if client.IgnoreNotFound(err) != nil {
+		return nil, err
+	}
+	var svcs corev1.ServiceList
+	if err := b.c.reader.List(b.ctx, &svcs, client.InNamespace(ns), noCopy); err != nil {
+		return nil, err
+	}
+	for i := range svcs.Items {
+		v.services = append(v.services, &svcs.Items[i])
+	}
+	if b.c.hasIstio {
+		for _, n := range uniq(ns, b.mc.RootNamespace) {
+			var aps securityv1.AuthorizationPolicyList
+			if err := b.c.reader.List(b.ctx, &aps, client.InNamespace(n), noCopy); err != nil {
+				return nil, err
+			}
+			v.authz = append(v.authz, aps.Items...)
+			var pas securityv1.PeerAuthenticationList
+			if err := b.c.reader.List(b.ctx, &pas, client.InNamespace(n), noCopy); err != nil {
+				return nil, err
+			}
+			v.peerAuthn = append(v.peerAuthn, pas.Items...)
+		}
+	}
+	b.views[ns] = v
+	return v, nil
+}
+
+func uniq(a, b string) []string {
+	if a == b {
+		return []string{a}
+	}
+	return []string{a, b}
+}
+
+func (b *build) waypointService(namespace, name string) *corev1.Service {
+	if v, ok := b.views[namespace]; ok {
+		for _, s := range v.services {
+			if s.Name == name {
+				return s
+			}
+		}
+		return nil
+	}
+	var svc corev1.Service
+	if err := b.c.reader.Get(b.ctx, client.ObjectKey{Namespace: namespace, Name: name}, &svc); err != nil {
+		return nil
+	}
+	return &svc
+}
+
+// namespace recomputes every pod and service of ns.
+func (b *build) namespace(ns string) error {
+	var pods corev1.PodList
+	if err := b.c.reader.List(b.ctx, &pods, client.InNamespace(ns), noCopy); err != nil {
+		return err
+	}
+	// Everything previously known in ns is in scope, so vanished objects go.
+	prefix := xds.PodUID(b.mc.ClusterID, ns, "")
+	b.c.curMu.RLock()
+	for name := range b.c.current[xds.AddressType] {
+		if strings.HasPrefix(name, prefix) || strings.HasPrefix(name, ns+"/") {
+			b.addrScope[name] = struct{}{}
+		}
+	}
+	b.c.curMu.RUnlock()
+	for i := range pods.Items {
+		if err := b.addPod(&pods.Items[i]); err != nil {
+			return err
+		}
+	}
+	v, err := b.view(ns)
+	if err != nil {
+		return err
+	}
+	for _, svc := range v.services {
+		if err := b.addService(svc); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (b *build) pod(key types.NamespacedName) error {
+	uid := xds.PodUID(b.mc.ClusterID, key.Namespace, key.Name)
+	b.addrScope[uid] = struct{}{}
+	var pod corev1.Pod
+	if err := b.c.reader.Get(b.ctx, key, &pod); err != nil {
+		return client.IgnoreNotFound(err)
+	}
+	return b.addPod(&pod)
+}
+
+func (b *build) addPod(pod *corev1.Pod) error {
+	if b.addrScope != nil {
+		b.addrScope[xds.PodUID(b.mc.ClusterID, pod.Namespace, pod.Name)] = struct{}{}
+	}
+	v, err := b.view(pod.Namespace)
+	if err != nil {
+		return err
+	}
+	if w := buildWorkload(b.mc, v, pod); w != nil {
+		b.addresses[w.Uid] = &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: w}}
+	}
+	return nil
+}
+
+func (b *build) addService(svc *corev1.Service) error {
+	v, err := b.view(svc.Namespace)
+	if err != nil {
+		return err
+	}
+	if s := buildService(b.mc, v, svc); s != nil {
+		name := xds.ServiceKey(s.Namespace, s.Hostname)
+		b.addresses[name] = &workloadapi.Address{Type: &workloadapi.Address_Service{Service: s}}
+		if b.addrScope != nil {
+			b.addrScope[name] = struct{}{}
+		}
+	}
+	return nil
+}
+
+func (b *build) authorizationPolicy(key types.NamespacedName) error {
+	name := xds.PolicyKey(key.Namespace, key.Name)
+	b.authzScope[name] = struct{}{}
+	var ap securityv1.AuthorizationPolicy
+	if err := b.c.reader.Get(b.ctx, key, &ap); err != nil {
+		return client.IgnoreNotFound(err)
+	}
+	b.addAuthorizationPolicy(&ap)
+	return nil
+}
+
+func (b *build) addAuthorizationPolicy(ap *securityv1.AuthorizationPolicy) {
+	if ap.DeletionTimestamp != nil {
+		return
+	}
+	if out := policy.TranslateAuthorizationPolicy(b.mc.RootNamespace, ap); out != nil {
+		b.authz[xds.PolicyKey(out.Namespace, out.Name)] = out
+	}
+	key := l7KeyOf(ap, "AuthorizationPolicy", "security.istio.io")
+	if b.l7Scope != nil {
+		b.l7Scope[key] = struct{}{}
+	}
+	if policy.NeedsWaypoint(ap) {
+		b.addL7(key, ap, authzPolicyGV)
+	}
+}
+
+func (b *build) peerAuthentication(key types.NamespacedName) error {
+	for _, n := range []string{policy.ConvertedPeerAuthPrefix + key.Name, policy.ConvertedPeerAuthPrefix + key.Name + "_strict_ports"} {
+		b.authzScope[xds.PolicyKey(key.Namespace, n)] = struct{}{}
+	}
+	var pa securityv1.PeerAuthentication
+	if err := b.c.reader.Get(b.ctx, key, &pa); err != nil {
+		return client.IgnoreNotFound(err)
+	}
+	b.addPeerAuthentication(&pa)
+	return nil
+}
+
+func (b *build) addPeerAuthentication(pa *securityv1.PeerAuthentication) {
+	if pa.DeletionTimestamp != nil {
+		return
+	}
+	for _, out := range policy.TranslatePeerAuthentication(b.mc.RootNamespace, pa) {
+		b.authz[xds.PolicyKey(out.Namespace, out.Name)] = out
+	}
+}
+
+func (b *build) route(key string) error {
+	b.l7Scope[key] = struct{}{}
+	parts := strings.SplitN(key, "/", 4)
+	if len(parts) != 4 {
+		return nil
+	}
+	nn := types.NamespacedName{Namespace: parts[2], Name: parts[3]}
+	switch parts[1] {
+	case httpRouteGVK.Kind:
+		var r gwv1.HTTPRoute
+		if err := b.c.reader.Get(b.ctx, nn, &r); err != nil {
+			return client.IgnoreNotFound(err)
+		}
+		b.addRoute(&r, httpRouteGVK)
+	case grpcRouteGVK.Kind:
+		var r gwv1.GRPCRoute
+		if err := b.c.reader.Get(b.ctx, nn, &r); err != nil {
+			return client.IgnoreNotFound(err)
+		}
+		b.addRoute(&r, grpcRouteGVK)
+	}
+	return nil
+}
+
+func (b *build) addRoute(obj client.Object, gvk schema.GroupVersionKind) {
+	if obj.GetDeletionTimestamp() != nil {
+		return
+	}
+	b.addL7(l7KeyOf(obj, gvk.Kind, gvk.Group), obj, gvk)
+}
+
+// addL7 carries a Kubernetes object whole (spec and identifying metadata).
+func (b *build) addL7(key string, obj client.Object, gvk schema.GroupVersionKind) {
+	body := map[string]any{
+		"apiVersion": gvk.GroupVersion().String(),
+		"kind":       gvk.Kind,
+		"metadata": map[string]any{
+			"name": obj.GetName(), "namespace": obj.GetNamespace(),
+			"labels": obj.GetLabels(), "annotations": obj.GetAnnotations(),
+			"generation": obj.GetGeneration(),
+		},
+	}
+	raw, err := json.Marshal(obj)
+	if err != nil {
+		b.c.log.Error(err, "encoding L7 resource", "key", key)
+		return
+	}
+	var full map[string]any
+	if err := json.Unmarshal(raw, &full); err == nil {
+		body["spec"] = full["spec"]
+	}
+	js, err := json.Marshal(body)
+	if err != nil {
+		return
+	}
+	b.l7[key] = &meshapi.L7Resource{Group: gvk.Group, Kind: gvk.Kind, Namespace: obj.GetNamespace(), Name: obj.GetName(), Json: js}
+}
+
+// IsWaypoint reports whether a waypoint (WaypointPolicy or waypoint Gateway)
+// named name exists in namespace, as of the last push.
+func (c *Controller) IsWaypoint(namespace, name string) bool {
+	idx := c.waypoints.Load()
+	if idx == nil {
+		return false
+	}
+	_, ok := (*idx)[namespace][name]
+	return ok
+}
+
+type podRef struct{ waypoint bool }
+
+func (c *Controller) getPod(ctx context.Context, ns, name string, out *podRef) error {
+	var pod corev1.Pod
+	if err := c.reader.Get(ctx, client.ObjectKey{Namespace: ns, Name: name}, &pod); err != nil {
+		return err
+	}
+	out.waypoint = isWaypointPod(&pod)
+	return nil
+}

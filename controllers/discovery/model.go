@@ -1,0 +1,443 @@
+package discovery
+
+import (
+	"net/netip"
+	"sort"
+	"strings"
+
+	securityv1 "istio.io/client-go/pkg/apis/security/v1"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/ambientmesh/ambient/controllers/policy"
+	xds "github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/selection"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+)
+
+// Labels and annotations that bind workloads and services to waypoints.
+const (
+	// UseWaypointLabel on a namespace, service or pod names the waypoint to
+	// use ("none" opts out); Istio's newer binding.
+	UseWaypointLabel = "istio.io/use-waypoint"
+	// UseWaypointNamespaceLabel names the waypoint's namespace when it is
+	// not the object's own.
+	UseWaypointNamespaceLabel = "istio.io/use-waypoint-namespace"
+	// ForServiceAccountAnnotation on a waypoint Gateway restricts it to one
+	// service account (the seeds' binding).
+	ForServiceAccountAnnotation = "istio.io/for-service-account"
+	// WaypointForLabel on a Gateway: service, workload, all or none.
+	WaypointForLabel = "istio.io/waypoint-for"
+	// WaypointGatewayClass is the gatewayClassName of waypoint Gateways.
+	WaypointGatewayClass = "istio-waypoint"
+	// Pods of a waypoint carry one of these labels naming it; they never get
+	// a waypoint themselves.
+	GatewayNameLabel  = "gateway.networking.k8s.io/gateway-name"
+	WaypointNameLabel = "mesh.ambient.dev/waypoint"
+
+	hbonePort = 15008
+)
+
+// Traffic types of a waypoint (istio.io/waypoint-for).
+const (
+	trafficService  = "service"
+	trafficWorkload = "workload"
+	trafficAll      = "all"
+	trafficNone     = "none"
+)
+
+// waypoint is a declared waypoint: a WaypointPolicy or a waypoint Gateway.
+type waypoint struct {
+	Namespace, Name string
+	// ServiceAccount is set for a service-account waypoint.
+	ServiceAccount string
+	TrafficType    string
+}
+
+func (w *waypoint) forWorkloads() bool {
+	return w.TrafficType == trafficWorkload || w.TrafficType == trafficAll
+}
+
+func (w *waypoint) forServices() bool {
+	return w.TrafficType == trafficService || w.TrafficType == trafficAll
+}
+
+// meshConfig is what the model needs from the AmbientMesh.
+type meshConfig struct {
+	TrustDomain        string
+	RootNamespace      string // mesh namespace = Istio root namespace
+	ExcludedNamespaces []string
+	ClusterID          string
+	DomainSuffix       string
+}
+
+func (m meshConfig) selection() selection.Config {
+	return selection.Config{MeshNamespace: m.RootNamespace, ExcludedNamespaces: m.ExcludedNamespaces}
+}
+
+func (m meshConfig) hostname(namespace, name string) string {
+	return name + "." + namespace + ".svc." + m.DomainSuffix
+}
+
+// namespaceView is what the model reads about one namespace (plus the root
+// namespace's policies) while building its resources.
+type namespaceView struct {
+	ns        *corev1.Namespace
+	services  []*corev1.Service
+	waypoints map[string]*waypoint              // by name
+	authz     []*securityv1.AuthorizationPolicy // this namespace and the root namespace
+	peerAuthn []*securityv1.PeerAuthentication  // this namespace and the root namespace
+	// lookupWaypoint resolves a waypoint of another namespace.
+	lookupWaypoint func(namespace, name string) *waypoint
+	// waypointService returns the Service of a waypoint, or nil.
+	waypointService func(namespace, name string) *corev1.Service
+}
+
+func podReady(pod *corev1.Pod) bool {
+	if pod.DeletionTimestamp != nil {
+		return false
+	}
+	for _, c := range pod.Status.Conditions {
+		if c.Type == corev1.PodReady {
+			return c.Status == corev1.ConditionTrue
+		}
+	}
+	return false
+}
+
+func podAddresses(pod *corev1.Pod) [][]byte {
+	var out [][]byte
+	seen := map[netip.Addr]bool{}
+	add := func(s string) {
+		if a, err := netip.ParseAddr(s); err == nil && !seen[a.Unmap()] {
+			seen[a.Unmap()] = true
+			out = append(out, a.Unmap().AsSlice())
+		}
+	}
+	add(pod.Status.PodIP)
+	for _, ip := range pod.Status.PodIPs {
+		add(ip.IP)
+	}
+	return out
+}
+
+func isWaypointPod(pod *corev1.Pod) bool {
+	return pod.Labels[GatewayNameLabel] != "" || pod.Labels[WaypointNameLabel] != ""
+}
+
+// buildWorkload converts a pod; nil when the pod is not (or no longer) a
+// workload: no IP yet, or finished.
+func buildWorkload(mc meshConfig, v *namespaceView, pod *corev1.Pod) *workloadapi.Workload {
+	addrs := podAddresses(pod)
+	if len(addrs) == 0 || pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
+		return nil
+	}
+	sa := pod.Spec.ServiceAccountName
+	if sa == "" {
+		sa = "default"
+	}
+	w := &workloadapi.Workload{
+		Uid:               xds.PodUID(mc.ClusterID, pod.Namespace, pod.Name),
+		Name:              pod.Name,
+		Namespace:         pod.Namespace,
+		Addresses:         addrs,
+		TrustDomain:       mc.TrustDomain,
+		ServiceAccount:    sa,
+		Node:              pod.Spec.NodeName,
+		ClusterId:         mc.ClusterID,
+		CanonicalName:     canonicalName(pod),
+		CanonicalRevision: canonicalRevision(pod),
+		Status:            workloadapi.WorkloadStatus_UNHEALTHY,
+	}
+	w.WorkloadType, w.WorkloadName = workloadOwner(pod)
+	if podReady(pod) {
+		w.Status = workloadapi.WorkloadStatus_HEALTHY
+	}
+	if pod.Spec.HostNetwork {
+		w.NetworkMode = workloadapi.NetworkMode_HOST_NETWORK
+	}
+	captured, _ := selection.Decide(mc.selection(), v.ns, pod)
+	if captured {
+		w.TunnelProtocol = workloadapi.TunnelProtocol_HBONE
+	}
+	if isWaypointPod(pod) {
+		// Waypoints terminate HBONE themselves.
+		w.TunnelProtocol = workloadapi.TunnelProtocol_HBONE
+		w.NativeTunnel = true
+	} else if captured {
+		w.Waypoint = workloadWaypoint(mc, v, pod, sa)
+	}
+	w.Services = podServices(mc, v, pod)
+	w.AuthorizationPolicies = workloadPolicies(mc, v, pod)
+	return w
+}
+
+func canonicalName(pod *corev1.Pod) string {
+	for _, k := range []string{"service.istio.io/canonical-name", "app.kubernetes.io/name", "app"} {
+		if v := pod.Labels[k]; v != "" {
+			return v
+		}
+	}
+	_, name := workloadOwner(pod)
+	return name
+}
+
+func canonicalRevision(pod *corev1.Pod) string {
+	for _, k := range []string{"service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"} {
+		if v := pod.Labels[k]; v != "" {
+			return v
+		}
+	}
+	return "latest"
+}
+
+// workloadOwner derives the telemetry workload from the controller owner
+// (a ReplicaSet "<deployment>-<hash>" counts as its Deployment).
+func workloadOwner(pod *corev1.Pod) (workloadapi.WorkloadType, string) {
+	for _, ref := range pod.OwnerReferences {
+		if ref.Controller == nil || !*ref.Controller {
+			continue
+		}
+		switch ref.Kind {
+		case "ReplicaSet":
+			if hash := pod.Labels["pod-template-hash"]; hash != "" && strings.HasSuffix(ref.Name, "-"+hash) {
+				return workloadapi.WorkloadType_DEPLOYMENT, strings.TrimSuffix(ref.Name, "-"+hash)
+			}
+			return workloadapi.WorkloadType_DEPLOYMENT, ref.Name
+		case "Job":
+			return workloadapi.WorkloadType_JOB, ref.Name
+		case "CronJob":
+			return workloadapi.WorkloadType_CRONJOB, ref.Name
+		default:
+			return workloadapi.WorkloadType_DEPLOYMENT, ref.Name
+		}
+	}
+	return workloadapi.WorkloadType_POD, pod.Name
+}
+
+// useWaypoint resolves an istio.io/use-waypoint label. found=false when the
+// label is absent; a nil waypoint with found=true means "none" or unknown
+// (unknown fails closed in gatewayAddress).
+func useWaypoint(v *namespaceView, objNamespace string, lbls map[string]string) (wp *waypoint, name, namespace string, found bool) {
+	name, ok := lbls[UseWaypointLabel]
+	if !ok {
+		return nil, "", "", false
+	}
+	if name == "none" || name == "" {
+		return nil, "", "", true
+	}
+	namespace = objNamespace
+	if ns := lbls[UseWaypointNamespaceLabel]; ns != "" {
+		namespace = ns
+	}
+	return v.lookupWaypoint(namespace, name), name, namespace, true
+}
+
+// workloadWaypoint applies the binding rules, most specific first: pod
+// label, service-account waypoint, namespace label, namespace waypoint.
+func workloadWaypoint(mc meshConfig, v *namespaceView, pod *corev1.Pod, sa string) *workloadapi.GatewayAddress {
+	if wp, name, ns, found := useWaypoint(v, pod.Namespace, pod.Labels); found {
+		return labelledWaypointAddress(mc, v, wp, name, ns)
+	}
+	if wp := serviceAccountWaypoint(v, sa); wp != nil {
+		return gatewayAddress(mc, v, wp.Namespace, wp.Name)
+	}
+	if v.ns != nil {
+		if wp, name, ns, found := useWaypoint(v, pod.Namespace, v.ns.Labels); found {
+			if wp != nil && !wp.forWorkloads() {
+				return nil
+			}
+			return labelledWaypointAddress(mc, v, wp, name, ns)
+		}
+	}
+	if wp := namespaceWaypoint(v); wp != nil && wp.forWorkloads() {
+		return gatewayAddress(mc, v, wp.Namespace, wp.Name)
+	}
+	return nil
+}
+
+// labelledWaypointAddress: a label naming an unknown waypoint still routes
+// to its (future) address, so traffic fails closed rather than bypassing it.
+func labelledWaypointAddress(mc meshConfig, v *namespaceView, wp *waypoint, name, ns string) *workloadapi.GatewayAddress {
+	if name == "" {
+		return nil
+	}
+	if wp != nil && wp.TrafficType == trafficNone {
+		return nil
+	}
+	return gatewayAddress(mc, v, ns, name)
+}
+
+func serviceAccountWaypoint(v *namespaceView, sa string) *waypoint {
+	var best *waypoint
+	for _, wp := range v.waypoints {
+		if wp.ServiceAccount == sa && wp.TrafficType != trafficNone && (best == nil || wp.Name < best.Name) {
+			best = wp
+		}
+	}
+	return best
+}
+
+func namespaceWaypoint(v *namespaceView) *waypoint {
+	var best *waypoint
+	for _, wp := range v.waypoints {
+		if wp.ServiceAccount == "" && (best == nil || wp.Name < best.Name) {
+			best = wp
+		}
+	}
+	return best
+}
+
+// gatewayAddress locates a waypoint by its Service: the cluster IP when the
+// Service exists, else its hostname (resolved by the proxy once known).
+func gatewayAddress(mc meshConfig, v *namespaceView, namespace, name string) *workloadapi.GatewayAddress {
+	if svc := v.waypointService(namespace, name); svc != nil {
+		if ip, err := netip.ParseAddr(svc.Spec.ClusterIP); err == nil {
+			return &workloadapi.GatewayAddress{
+				Destination:   &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: ip.Unmap().AsSlice()}},
+				HboneMtlsPort: hbonePort,
+			}
+		}
+	}
+	return &workloadapi.GatewayAddress{
+		Destination:   &workloadapi.GatewayAddress_Hostname{Hostname: &workloadapi.NamespacedHostname{Namespace: namespace, Hostname: mc.hostname(namespace, name)}},
+		HboneMtlsPort: hbonePort,
+	}
+}
+
+func serviceSelects(svc *corev1.Service, pod *corev1.Pod) bool {
+	if svc.Spec.Type == corev1.ServiceTypeExternalName || len(svc.Spec.Selector) == 0 {
+		return false
+	}
+	return labels.SelectorFromSet(svc.Spec.Selector).Matches(labels.Set(pod.Labels))
+}
+
+// podServices lists the services selecting pod with target ports resolved
+// against the pod's named container ports (unresolvable ports are left out).
+func podServices(mc meshConfig, v *namespaceView, pod *corev1.Pod) map[string]*workloadapi.PortList {
+	out := map[string]*workloadapi.PortList{}
+	for _, svc := range v.services {
+		if !serviceSelects(svc, pod) {
+			continue
+		}
+		pl := &workloadapi.PortList{}
+		for _, p := range svc.Spec.Ports {
+			if p.Protocol != "" && p.Protocol != corev1.ProtocolTCP {
+				continue
+			}
+			if target, ok := resolveTargetPort(p, pod); ok {
+				pl.Ports = append(pl.Ports, &workloadapi.Port{ServicePort: uint32(p.Port), TargetPort: target})
+			}
+		}
+		out[xds.ServiceKey(svc.Namespace, mc.hostname(svc.Namespace, svc.Name))] = pl
+	}
+	if len(out) == 0 {
+		return nil
+	}
+	return out
+}
+
+func resolveTargetPort(p corev1.ServicePort, pod *corev1.Pod) (uint32, bool) {
+	switch {
+	case p.TargetPort.Type == intstr.String && p.TargetPort.StrVal != "":
+		for _, c := range pod.Spec.Containers {
+			for _, cp := range c.Ports {
+				if cp.Name == p.TargetPort.StrVal {
+					return uint32(cp.ContainerPort), true
+				}
+			}
+		}
+		return 0, false
+	case p.TargetPort.IntValue() > 0:
+		return uint32(p.TargetPort.IntValue()), true
+	}
+	return uint32(p.Port), true
+}
+
+// workloadPolicies lists the selector policies (own namespace and root
+// namespace) that select pod and have an L4 form, plus its effective
+// PeerAuthentication policies.
+func workloadPolicies(mc meshConfig, v *namespaceView, pod *corev1.Pod) []string {
+	var out []string
+	for _, ap := range v.authz {
+		sel := ap.Spec.GetSelector().GetMatchLabels()
+		if len(sel) == 0 || (ap.Namespace != pod.Namespace && ap.Namespace != mc.RootNamespace) {
+			continue
+		}
+		if !labels.SelectorFromSet(sel).Matches(labels.Set(pod.Labels)) {
+			continue
+		}
+		if policy.TranslateAuthorizationPolicy(mc.RootNamespace, ap) != nil {
+			out = append(out, xds.PolicyKey(ap.Namespace, ap.Name))
+		}
+	}
+	out = append(out, policy.WorkloadPeerAuthenticationKeys(mc.RootNamespace, pod.Namespace, pod.Labels, v.peerAuthn)...)
+	sort.Strings(out)
+	return out
+}
+
+// buildService converts a Service; nil for ExternalName services.
+func buildService(mc meshConfig, v *namespaceView, svc *corev1.Service) *workloadapi.Service {
+	if svc.Spec.Type == corev1.ServiceTypeExternalName {
+		return nil
+	}
+	out := &workloadapi.Service{
+		Name:      svc.Name,
+		Namespace: svc.Namespace,
+		Hostname:  mc.hostname(svc.Namespace, svc.Name),
+	}
+	seen := map[netip.Addr]bool{}
+	addIP := func(s string) {
+		if a, err := netip.ParseAddr(s); err == nil && !seen[a.Unmap()] {
+			seen[a.Unmap()] = true
+			out.Addresses = append(out.Addresses, &workloadapi.NetworkAddress{Address: a.Unmap().AsSlice()})
+		}
+	}
+	addIP(svc.Spec.ClusterIP)
+	for _, ip := range svc.Spec.ClusterIPs {
+		addIP(ip)
+	}
+	for _, ing := range svc.Status.LoadBalancer.Ingress {
+		addIP(ing.IP)
+	}
+	for _, p := range svc.Spec.Ports {
+		if p.Protocol != "" && p.Protocol != corev1.ProtocolTCP {
+			continue
+		}
+		target := uint32(0) // named ports resolve per workload
+		if p.TargetPort.Type == intstr.Int {
+			target = uint32(p.TargetPort.IntValue())
+			if target == 0 {
+				target = uint32(p.Port)
+			}
+		}
+		out.Ports = append(out.Ports, &workloadapi.Port{ServicePort: uint32(p.Port), TargetPort: target})
+	}
+	out.Waypoint = serviceWaypoint(mc, v, svc)
+	return out
+}
+
+// serviceWaypoint: service label, then namespace label, then the namespace
+// waypoint when it handles service traffic. A waypoint's own Service never
+// gets one.
+func serviceWaypoint(mc meshConfig, v *namespaceView, svc *corev1.Service) *workloadapi.GatewayAddress {
+	if _, own := v.waypoints[svc.Name]; own || svc.Labels[GatewayNameLabel] != "" || svc.Labels[WaypointNameLabel] != "" {
+		return nil
+	}
+	if wp, name, ns, found := useWaypoint(v, svc.Namespace, svc.Labels); found {
+		return labelledWaypointAddress(mc, v, wp, name, ns)
+	}
+	if v.ns != nil {
+		if wp, name, ns, found := useWaypoint(v, svc.Namespace, v.ns.Labels); found {
+			if wp != nil && !wp.forServices() {
+				return nil
+			}
+			return labelledWaypointAddress(mc, v, wp, name, ns)
+		}
+	}
+	if wp := namespaceWaypoint(v); wp != nil && wp.forServices() {
+		return gatewayAddress(mc, v, wp.Namespace, wp.Name)
+	}
+	return nil
+}
