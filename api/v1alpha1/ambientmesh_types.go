@@ -15,7 +15,7 @@ type AmbientMeshSpec struct {
 	// +kubebuilder:validation:MinLength=1
 	// +kubebuilder:validation:MaxLength=255
 	// +kubebuilder:validation:Pattern=`^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$`
-	// +kubebuilder:validation:XValidation:rule="self == oldSelf",message="trustDomain is immutable; create a new AmbientMesh to change it"
+	// +kubebuilder:validation:XValidation:rule="self == oldSelf",message="spec.trustDomain is immutable: every certificate depends on it; delete the AmbientMesh and create a new one to change it"
 	// +optional
 	TrustDomain string `json:"trustDomain,omitempty"`
 
@@ -24,7 +24,7 @@ type AmbientMeshSpec struct {
 	// +kubebuilder:default="ambient-system"
 	// +kubebuilder:validation:MaxLength=63
 	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
-	// +kubebuilder:validation:XValidation:rule="self == oldSelf",message="namespace is immutable"
+	// +kubebuilder:validation:XValidation:rule="self == oldSelf",message="spec.namespace is immutable; delete the AmbientMesh and create a new one to move the mesh"
 	// +optional
 	Namespace string `json:"namespace,omitempty"`
 
@@ -114,8 +114,8 @@ const (
 )
 
 // CASpec configures the mesh CA.
-// +kubebuilder:validation:XValidation:rule="self.type != 'Secret' || has(self.secretRef)",message="ca.secretRef is required when ca.type is Secret"
-// +kubebuilder:validation:XValidation:rule="duration(self.workloadCertTTL) < duration(self.rootCertTTL)",message="ca.workloadCertTTL must be shorter than ca.rootCertTTL"
+// +kubebuilder:validation:XValidation:rule="!has(self.type) || self.type != 'Secret' || has(self.secretRef)",message="spec.ca.secretRef is required when spec.ca.type is Secret; name a Secret with tls.crt and tls.key in the mesh namespace"
+// +kubebuilder:validation:XValidation:rule="!has(self.workloadCertTTL) || !has(self.rootCertTTL) || duration(self.workloadCertTTL) < duration(self.rootCertTTL)",message="spec.ca.workloadCertTTL must be shorter than spec.ca.rootCertTTL"
 type CASpec struct {
 	// Type of the mesh root.
 	// +kubebuilder:default=SelfSigned
@@ -128,15 +128,15 @@ type CASpec struct {
 	SecretRef *corev1.LocalObjectReference `json:"secretRef,omitempty"`
 	// RootCertTTL is the lifetime of a self-signed root.
 	// +kubebuilder:default="87600h"
-	// +kubebuilder:validation:XValidation:rule="duration(self) >= duration('24h')",message="ca.rootCertTTL must be at least 24h"
+	// +kubebuilder:validation:XValidation:rule="duration(self) >= duration('24h')",message="spec.ca.rootCertTTL must be at least 24h"
 	// +optional
-	RootCertTTL metav1.Duration `json:"rootCertTTL,omitempty"`
+	RootCertTTL metav1.Duration `json:"rootCertTTL,omitzero"`
 	// WorkloadCertTTL is the lifetime of workload certificates; proxies rotate
 	// them at half life.
 	// +kubebuilder:default="24h"
-	// +kubebuilder:validation:XValidation:rule="duration(self) >= duration('10m') && duration(self) <= duration('2160h')",message="ca.workloadCertTTL must be between 10m and 2160h"
+	// +kubebuilder:validation:XValidation:rule="duration(self) >= duration('10m') && duration(self) <= duration('2160h')",message="spec.ca.workloadCertTTL must be between 10m and 2160h"
 	// +optional
-	WorkloadCertTTL metav1.Duration `json:"workloadCertTTL,omitempty"`
+	WorkloadCertTTL metav1.Duration `json:"workloadCertTTL,omitzero"`
 }
 
 // WaypointDefaults apply to every waypoint unless its WaypointPolicy overrides them.

@@ -44,4 +44,6 @@ const (
 	ReasonAllComponentsReady  = "AllComponentsReady"
 	ReasonComponentsNotReady  = "ComponentsNotReady"
 	ReasonNamespaceNotAmbient = "NamespaceNotAmbient"
+	ReasonDeleting            = "Deleting"
+	ReasonReleasingPods       = "ReleasingPods"
 )

@@ -30,8 +30,8 @@ const (
 )
 
 // WaypointPolicySpec is the desired state of a waypoint.
-// +kubebuilder:validation:XValidation:rule="self.scope != 'ServiceAccount' || (has(self.serviceAccount) && self.serviceAccount != '')",message="serviceAccount is required when scope is ServiceAccount"
-// +kubebuilder:validation:XValidation:rule="self.scope != 'Namespace' || !has(self.serviceAccount) || self.serviceAccount == ''",message="serviceAccount must be empty when scope is Namespace; set scope: ServiceAccount to serve one service account"
+// +kubebuilder:validation:XValidation:rule="!has(self.scope) || self.scope != 'ServiceAccount' || (has(self.serviceAccount) && size(self.serviceAccount) > 0)",message="spec.serviceAccount is required when spec.scope is ServiceAccount; name the service account the waypoint serves"
+// +kubebuilder:validation:XValidation:rule="!has(self.scope) || self.scope != 'Namespace' || !has(self.serviceAccount) || size(self.serviceAccount) == 0",message="spec.serviceAccount must be empty when spec.scope is Namespace; set scope: ServiceAccount to serve one service account"
 type WaypointPolicySpec struct {
 	// Scope of the waypoint.
 	// +kubebuilder:default=Namespace

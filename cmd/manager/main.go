@@ -1,0 +1,203 @@
+// Command manager is the ambient mesh operator and control plane: it
+// reconciles AmbientMesh and WaypointPolicy resources and serves the mesh's
+// admission webhooks (discovery and CA servers are added by their packages).
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/go-logr/zapr"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"k8s.io/apimachinery/pkg/runtime"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/healthz"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+	"sigs.k8s.io/controller-runtime/pkg/webhook"
+
+	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+	"github.com/ambientmesh/ambient/controllers"
+	"github.com/ambientmesh/ambient/controllers/webhookcert"
+)
+
+// version is the release; images default to the same tag (-ldflags -X main.version=...).
+var version = "dev"
+
+type config struct {
+	metricsAddr, probeAddr  string
+	leaderElect             bool
+	operatorNamespace       string
+	imageRegistry           string
+	ztunnelImage            string
+	nodeAgentImage          string
+	waypointImage           string
+	enableWebhooks          bool
+	webhookPort             int
+	webhookCertDir          string
+	webhookSelfSigned       bool
+	webhookService          string
+	webhookConfigName       string
+	webhookSecret           string
+	logLevel                string
+	logDevelopment          bool
+	managerPodLabelSelector string
+}
+
+func parseFlags() *config {
+	c := &config{}
+	ns := os.Getenv("POD_NAMESPACE")
+	if ns == "" {
+		ns = "ambient-system"
+	}
+	flag.StringVar(&c.metricsAddr, "metrics-bind-address", ":8080", "Prometheus metrics address (plain HTTP; \"0\" disables)")
+	flag.StringVar(&c.probeAddr, "health-probe-bind-address", ":8081", "health (/healthz) and readiness (/readyz) probe address")
+	flag.BoolVar(&c.leaderElect, "leader-elect", false, "elect a leader so only one replica reconciles")
+	flag.StringVar(&c.operatorNamespace, "operator-namespace", ns, "namespace the manager runs in (defaults to $POD_NAMESPACE)")
+	flag.StringVar(&c.imageRegistry, "image-registry", "ambient", "registry/prefix of the default component images")
+	flag.StringVar(&c.ztunnelImage, "ztunnel-image", "", "default ztunnel image (default <registry>/ztunnel:<version>)")
+	flag.StringVar(&c.nodeAgentImage, "node-agent-image", "", "node agent / CNI image (default <registry>/ambient-cni:<version>)")
+	flag.StringVar(&c.waypointImage, "waypoint-image", "", "default waypoint image (default <registry>/waypoint:<version>)")
+	flag.BoolVar(&c.enableWebhooks, "enable-webhooks", true, "serve the validating admission webhooks")
+	flag.IntVar(&c.webhookPort, "webhook-port", 9443, "webhook server port")
+	flag.StringVar(&c.webhookCertDir, "webhook-cert-dir", "/tmp/k8s-webhook-server/serving-certs", "directory holding tls.crt/tls.key for the webhook server")
+	flag.BoolVar(&c.webhookSelfSigned, "webhook-self-signed", true, "issue the webhook certificate ourselves and inject its CA (disable when OLM or cert-manager provides it)")
+	flag.StringVar(&c.webhookService, "webhook-service", "ambient-webhook-service", "webhook Service name (for the self-signed certificate)")
+	flag.StringVar(&c.webhookConfigName, "webhook-config", "ambient-validating-webhook-configuration", "ValidatingWebhookConfiguration to inject the CA into")
+	flag.StringVar(&c.webhookSecret, "webhook-secret", "ambient-webhook-server-cert", "Secret holding the self-signed webhook certificate")
+	flag.StringVar(&c.managerPodLabelSelector, "manager-pod-labels", "app.kubernetes.io/name=ambient-manager", "labels of the manager pods, selected by the ambient-controlplane Service")
+	flag.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	flag.BoolVar(&c.logDevelopment, "log-development", false, "human-readable console logs")
+	flag.Parse()
+	image := func(flagValue, name string) string {
+		if flagValue != "" {
+			return flagValue
+		}
+		return fmt.Sprintf("%s/%s:%s", c.imageRegistry, name, version)
+	}
+	c.ztunnelImage = image(c.ztunnelImage, "ztunnel")
+	c.nodeAgentImage = image(c.nodeAgentImage, "ambient-cni")
+	c.waypointImage = image(c.waypointImage, "waypoint")
+	return c
+}
+
+func newLogger(c *config) (*zap.Logger, error) {
+	level, err := zapcore.ParseLevel(c.logLevel)
+	if err != nil {
+		return nil, err
+	}
+	zc := zap.NewProductionConfig()
+	if c.logDevelopment {
+		zc = zap.NewDevelopmentConfig()
+	}
+	zc.Level = zap.NewAtomicLevelAt(level)
+	return zc.Build()
+}
+
+func parseLabels(s string) map[string]string {
+	out := map[string]string{}
+	for _, kv := range strings.Split(s, ",") {
+		if k, v, ok := strings.Cut(strings.TrimSpace(kv), "="); ok {
+			out[k] = v
+		}
+	}
+	return out
+}
+
+func main() {
+	c := parseFlags()
+	zl, err := newLogger(c)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	log := zapr.NewLogger(zl)
+	ctrl.SetLogger(log)
+	if err := run(ctrl.SetupSignalHandler(), c); err != nil {
+		log.Error(err, "manager failed")
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, c *config) error {
+	log := ctrl.Log.WithName("setup")
+	scheme := runtime.NewScheme()
+	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		return err
+	}
+	if err := meshv1.AddToScheme(scheme); err != nil {
+		return err
+	}
+	restConfig, err := ctrl.GetConfig()
+	if err != nil {
+		return err
+	}
+	mgr, err := ctrl.NewManager(restConfig, ctrl.Options{
+		Scheme:                 scheme,
+		Metrics:                metricsserver.Options{BindAddress: c.metricsAddr},
+		HealthProbeBindAddress: c.probeAddr,
+		LeaderElection:         c.leaderElect,
+		LeaderElectionID:       "ambient-operator.mesh.ambient.dev",
+		// Release the Lease on shutdown so a successor takes over at once.
+		LeaderElectionReleaseOnCancel: true,
+		Cache:                         controllers.CacheOptions(),
+		Client:                        controllers.ClientOptions(),
+		WebhookServer:                 webhook.NewServer(webhook.Options{Port: c.webhookPort, CertDir: c.webhookCertDir}),
+	})
+	if err != nil {
+		return fmt.Errorf("create manager: %w", err)
+	}
+	if c.enableWebhooks && c.webhookSelfSigned {
+		if err := setupWebhookCert(ctx, mgr, c); err != nil {
+			return err
+		}
+	}
+	err = controllers.Setup(mgr, controllers.Options{
+		Defaults: controllers.Defaults{
+			ZtunnelImage:      c.ztunnelImage,
+			NodeAgentImage:    c.nodeAgentImage,
+			WaypointImage:     c.waypointImage,
+			OperatorNamespace: c.operatorNamespace,
+			ManagerPodLabels:  parseLabels(c.managerPodLabelSelector),
+		},
+		EnableWebhooks: c.enableWebhooks,
+	})
+	if err != nil {
+		return fmt.Errorf("set up controllers: %w", err)
+	}
+	if err := mgr.AddHealthzCheck("healthz", healthz.Ping); err != nil {
+		return err
+	}
+	ready := healthz.Ping
+	if c.enableWebhooks {
+		ready = mgr.GetWebhookServer().StartedChecker()
+	}
+	if err := mgr.AddReadyzCheck("readyz", ready); err != nil {
+		return err
+	}
+	log.Info("starting manager", "version", version, "namespace", c.operatorNamespace, "ztunnelImage", c.ztunnelImage)
+	return mgr.Start(ctx)
+}
+
+// setupWebhookCert issues the webhook certificate before the webhook server
+// starts (it needs the files) and keeps it current afterwards.
+func setupWebhookCert(ctx context.Context, mgr ctrl.Manager, c *config) error {
+	direct, err := client.New(mgr.GetConfig(), client.Options{Scheme: mgr.GetScheme()})
+	if err != nil {
+		return err
+	}
+	wc := &webhookcert.Manager{
+		Client: direct, Namespace: c.operatorNamespace, SecretName: c.webhookSecret,
+		ServiceName: c.webhookService, WebhookConfigName: c.webhookConfigName,
+		CertDir: c.webhookCertDir, Log: ctrl.Log.WithName("webhook-cert"),
+	}
+	if err := wc.Ensure(ctx); err != nil {
+		return fmt.Errorf("webhook certificate: %w", err)
+	}
+	return mgr.Add(wc)
+}

@@ -1,0 +1,476 @@
+package controllers
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	crmetrics "sigs.k8s.io/controller-runtime/pkg/metrics"
+
+	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+)
+
+// newMesh creates an AmbientMesh and removes it (waiting until it is gone)
+// when the test ends, so the next test can create its own.
+func newMesh(t *testing.T, name, ns string, mutate func(*meshv1.AmbientMesh)) *meshv1.AmbientMesh {
+	t.Helper()
+	mesh := &meshv1.AmbientMesh{ObjectMeta: metav1.ObjectMeta{Name: name}, Spec: meshv1.AmbientMeshSpec{Namespace: ns}}
+	if mutate != nil {
+		mutate(mesh)
+	}
+	if err := k8s.Create(context.Background(), mesh); err != nil {
+		t.Fatalf("create mesh: %v", err)
+	}
+	t.Cleanup(func() { deleteMesh(t, name) })
+	return mesh
+}
+
+func deleteMesh(t *testing.T, name string) {
+	t.Helper()
+	mesh := &meshv1.AmbientMesh{ObjectMeta: metav1.ObjectMeta{Name: name}}
+	_ = client.IgnoreNotFound(k8s.Delete(context.Background(), mesh))
+	eventually(t, "mesh "+name+" deleted", gone(mesh))
+}
+
+// setDaemonSetStatus plays the DaemonSet controller (envtest has none).
+func setDaemonSetStatus(t *testing.T, ns, name string, desired, ready int32) {
+	t.Helper()
+	eventually(t, "DaemonSet status "+name, func() error {
+		ds := &appsv1.DaemonSet{}
+		if err := k8s.Get(context.Background(), client.ObjectKey{Namespace: ns, Name: name}, ds); err != nil {
+			return err
+		}
+		ds.Status = appsv1.DaemonSetStatus{
+			ObservedGeneration: ds.Generation, DesiredNumberScheduled: desired, CurrentNumberScheduled: desired,
+			UpdatedNumberScheduled: desired, NumberReady: ready, NumberAvailable: ready,
+		}
+		return k8s.Status().Update(context.Background(), ds)
+	})
+}
+
+func TestAmbientMeshCreateStatusAndIdempotence(t *testing.T) {
+	ctx := context.Background()
+	const ns = "mesh-create"
+	newMesh(t, "create", ns, nil)
+
+	// Defaults applied by the CRD schema.
+	mesh := waitCondition(t, "create", meshv1.ConditionCAReady, metav1.ConditionTrue, meshv1.ReasonCAIssued)
+	if mesh.Spec.TrustDomain != "cluster.local" || mesh.Spec.Ztunnel.Transport != meshv1.TransportHTTP2 || mesh.Spec.CA.WorkloadCertTTL.Duration != 24*time.Hour {
+		t.Fatalf("schema defaults not applied: %+v", mesh.Spec)
+	}
+	// Every child exists, labelled and owned by the mesh.
+	children := []client.Object{
+		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}},
+		&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: ZtunnelName}},
+		&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: NodeAgentName}},
+		&rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: NodeAgentName}},
+		&rbacv1.ClusterRoleBinding{ObjectMeta: metav1.ObjectMeta{Name: NodeAgentName}},
+		&corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: ControlPlaneService}},
+		&appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: ZtunnelName}},
+		&appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: NodeAgentName}},
+		&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: CASecretName}},
+		&corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: RootCertConfigMap}},
+		&corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: RootCertConfigMap}},
+	}
+	for _, c := range children {
+		eventually(t, fmt.Sprintf("%T %s", c, c.GetName()), exists(c))
+		if c.GetLabels()[LabelMesh] != "create" {
+			t.Errorf("%T %s: missing mesh label: %v", c, c.GetName(), c.GetLabels())
+		}
+		if _, isNS := c.(*corev1.Namespace); !isNS && !metav1.IsControlledBy(c, mesh) {
+			t.Errorf("%T %s: not controlled by the mesh: %v", c, c.GetName(), c.GetOwnerReferences())
+		}
+	}
+	// The ztunnel pod spec carries the contract of docs/interfaces.md.
+	z := children[6].(*appsv1.DaemonSet)
+	zc := z.Spec.Template.Spec.Containers[0]
+	if zc.Image != testDefaults.ZtunnelImage || z.Spec.Template.Spec.HostNetwork {
+		t.Errorf("ztunnel image %q hostNetwork %v", zc.Image, z.Spec.Template.Spec.HostNetwork)
+	}
+	if env := envMap(zc.Env); env["XDS_ADDRESS"] != "ambient-controlplane.mesh-create.svc:15010" || env["TRUST_DOMAIN"] != "cluster.local" || env["HBONE_TRANSPORT"] != "HTTP2" {
+		t.Errorf("ztunnel env: %v", env)
+	}
+	if caps := zc.SecurityContext.Capabilities.Add; len(caps) != 3 || *zc.SecurityContext.Privileged {
+		t.Errorf("ztunnel must be unprivileged with NET_ADMIN/SYS_ADMIN/NET_RAW, got %v", caps)
+	}
+	na := children[7].(*appsv1.DaemonSet).Spec.Template.Spec
+	if !na.HostNetwork || !*na.Containers[0].SecurityContext.Privileged || envMap(na.Containers[0].Env)["EXCLUDED_NAMESPACES"] != "kube-system,mesh-create" {
+		t.Errorf("node agent spec: hostNetwork %v env %v", na.HostNetwork, na.Containers[0].Env)
+	}
+	// Trust bundle has the root only, never a key.
+	cm := children[10].(*corev1.ConfigMap)
+	if !strings.Contains(cm.Data[RootCertKey], "BEGIN CERTIFICATE") || strings.Contains(cm.Data[RootCertKey], "PRIVATE KEY") {
+		t.Errorf("trust bundle content: %q", cm.Data[RootCertKey])
+	}
+	// A namespace created later gets the trust bundle too.
+	if err := k8s.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "late-ns"}}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "trust bundle in late-ns", exists(&corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: "late-ns", Name: RootCertConfigMap}}))
+
+	// Status transitions: nothing scheduled yet → not ready; DaemonSets
+	// partly ready → still not ready; all ready → Ready.
+	waitCondition(t, "create", meshv1.ConditionZtunnelReady, metav1.ConditionFalse, meshv1.ReasonDaemonSetNotReady)
+	waitCondition(t, "create", meshv1.ConditionReady, metav1.ConditionFalse, meshv1.ReasonComponentsNotReady)
+	setDaemonSetStatus(t, ns, ZtunnelName, 3, 1)
+	setDaemonSetStatus(t, ns, NodeAgentName, 3, 3)
+	waitCondition(t, "create", meshv1.ConditionNodeAgentReady, metav1.ConditionTrue, meshv1.ReasonDaemonSetReady)
+	mesh = waitCondition(t, "create", meshv1.ConditionReady, metav1.ConditionFalse, meshv1.ReasonComponentsNotReady)
+	eventually(t, "readySummary 1/3", func() error {
+		if s := getMesh(t, "create").Status.ReadySummary; s != "1/3" {
+			return fmt.Errorf("readySummary %q", s)
+		}
+		return nil
+	})
+	setDaemonSetStatus(t, ns, ZtunnelName, 3, 3)
+	mesh = waitCondition(t, "create", meshv1.ConditionReady, metav1.ConditionTrue, meshv1.ReasonAllComponentsReady)
+	if mesh.Status.Ztunnel != (meshv1.RolloutStatus{Desired: 3, Ready: 3}) || mesh.Status.RootCertExpiry == nil {
+		t.Errorf("status counts/expiry: %+v", mesh.Status)
+	}
+
+	// Reconciling twice more changes nothing: no object and no status write.
+	before := resourceVersions(t, append(children, mesh))
+	r := &AmbientMeshReconciler{Client: k8s, APIReader: k8s, Defaults: testDefaults, RetryInterval: time.Hour}
+	for i := 0; i < 2; i++ {
+		if _, err := r.Reconcile(ctx, ctrl.Request{NamespacedName: client.ObjectKey{Name: "create"}}); err != nil {
+			t.Fatalf("reconcile %d: %v", i, err)
+		}
+	}
+	after := resourceVersions(t, append(children, mesh))
+	for k, v := range before {
+		if after[k] != v {
+			t.Errorf("%s changed by an idle reconcile: resourceVersion %s → %s", k, v, after[k])
+		}
+	}
+}
+
+func envMap(env []corev1.EnvVar) map[string]string {
+	m := map[string]string{}
+	for _, e := range env {
+		m[e.Name] = e.Value
+	}
+	return m
+}
+
+func resourceVersions(t *testing.T, objs []client.Object) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	for _, o := range objs {
+		if err := k8s.Get(context.Background(), client.ObjectKeyFromObject(o), o); err != nil {
+			t.Fatal(err)
+		}
+		out[fmt.Sprintf("%T %s/%s", o, o.GetNamespace(), o.GetName())] = o.GetResourceVersion()
+	}
+	return out
+}
+
+func TestAmbientMeshUpdateAndDriftRevert(t *testing.T) {
+	ctx := context.Background()
+	const ns = "mesh-drift"
+	newMesh(t, "drift", ns, nil)
+	ds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: ZtunnelName}}
+	eventually(t, "ztunnel DaemonSet", exists(ds))
+
+	t.Run("spec update rolls into the DaemonSets", func(t *testing.T) {
+		if err := updateMesh(t, "drift", func(mesh *meshv1.AmbientMesh) {
+			mesh.Spec.Ztunnel.LogLevel = "debug"
+			mesh.Spec.Ztunnel.Transport = meshv1.TransportHTTP3
+			mesh.Spec.Capture.ExcludedNamespaces = []string{"kube-system", "legacy"}
+		}); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, "ztunnel env updated", func() error {
+			got := &appsv1.DaemonSet{}
+			if err := k8s.Get(ctx, client.ObjectKeyFromObject(ds), got); err != nil {
+				return err
+			}
+			env := envMap(got.Spec.Template.Spec.Containers[0].Env)
+			if env["LOG_LEVEL"] != "debug" || env["HBONE_TRANSPORT"] != "HTTP3" {
+				return fmt.Errorf("env %v", env)
+			}
+			return nil
+		})
+		eventually(t, "node agent exclusions updated", func() error {
+			got := &appsv1.DaemonSet{}
+			if err := k8s.Get(ctx, client.ObjectKey{Namespace: ns, Name: NodeAgentName}, got); err != nil {
+				return err
+			}
+			if v := envMap(got.Spec.Template.Spec.Containers[0].Env)["EXCLUDED_NAMESPACES"]; v != "kube-system,legacy,mesh-drift" {
+				return fmt.Errorf("EXCLUDED_NAMESPACES=%q", v)
+			}
+			return nil
+		})
+		if m := getMesh(t, "drift"); m.Generation < 2 {
+			t.Fatalf("generation %d", m.Generation)
+		}
+		waitCondition(t, "drift", meshv1.ConditionReconciled, metav1.ConditionTrue, meshv1.ReasonReconciled)
+	})
+
+	t.Run("manual edit of the DaemonSet is reverted", func(t *testing.T) {
+		got := &appsv1.DaemonSet{}
+		if err := k8s.Get(ctx, client.ObjectKeyFromObject(ds), got); err != nil {
+			t.Fatal(err)
+		}
+		got.Spec.Template.Spec.Containers[0].Image = "evil/ztunnel:latest"
+		if err := k8s.Update(ctx, got); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, "image reverted", func() error {
+			if err := k8s.Get(ctx, client.ObjectKeyFromObject(ds), got); err != nil {
+				return err
+			}
+			if img := got.Spec.Template.Spec.Containers[0].Image; img != testDefaults.ZtunnelImage {
+				return fmt.Errorf("image %q", img)
+			}
+			return nil
+		})
+	})
+
+	for _, obj := range []client.Object{
+		&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: ZtunnelName}},
+		&appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: NodeAgentName}},
+		&corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: ControlPlaneService}},
+		&rbacv1.ClusterRoleBinding{ObjectMeta: metav1.ObjectMeta{Name: NodeAgentName}},
+		&corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: RootCertConfigMap}},
+	} {
+		t.Run(fmt.Sprintf("deleted %T is recreated", obj), func(t *testing.T) {
+			eventually(t, "exists", exists(obj))
+			uid := obj.GetUID()
+			if err := k8s.Delete(ctx, obj); err != nil {
+				t.Fatal(err)
+			}
+			eventually(t, "recreated", func() error {
+				if err := exists(obj)(); err != nil {
+					return err
+				}
+				if obj.GetUID() == uid {
+					return fmt.Errorf("still the old object")
+				}
+				return nil
+			})
+		})
+	}
+
+	t.Run("edited trust bundle is restored", func(t *testing.T) {
+		cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: RootCertConfigMap}}
+		eventually(t, "exists", exists(cm))
+		want := cm.Data[RootCertKey]
+		cm.Data[RootCertKey] = "tampered"
+		if err := k8s.Update(ctx, cm); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, "restored", func() error {
+			if err := exists(cm)(); err != nil {
+				return err
+			}
+			if cm.Data[RootCertKey] != want {
+				return fmt.Errorf("data %q", cm.Data[RootCertKey])
+			}
+			return nil
+		})
+	})
+}
+
+// reconcileCount reads controller-runtime's reconcile counter for the mesh controller.
+func reconcileCount(t *testing.T) float64 {
+	t.Helper()
+	families, err := crmetrics.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n float64
+	for _, f := range families {
+		if f.GetName() != "controller_runtime_reconcile_total" {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "controller" && l.GetValue() == "ambientmesh" {
+					n += m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return n
+}
+
+func TestAmbientMeshBringYourOwnCA(t *testing.T) {
+	ctx := context.Background()
+	const ns = "mesh-byo"
+	newMesh(t, "byo", ns, func(m *meshv1.AmbientMesh) {
+		m.Spec.TrustDomain = "byo.example"
+		m.Spec.CA.Type = meshv1.CAFromSecret
+		m.Spec.CA.SecretRef = &corev1.LocalObjectReference{Name: "user-ca"}
+	})
+
+	// Missing Secret: a specific reason, and retries at RetryInterval rather
+	// than in a hot loop. A hot loop would reconcile thousands of times in
+	// the window; RetryInterval allows about one per 500ms.
+	mesh := waitCondition(t, "byo", meshv1.ConditionReady, metav1.ConditionFalse, meshv1.ReasonCASecretMissing)
+	if c := findCondition(mesh, meshv1.ConditionCAReady); c.Reason != meshv1.ReasonCASecretMissing || !strings.Contains(c.Message, "user-ca") {
+		t.Fatalf("CAReady: %+v", c)
+	}
+	start := reconcileCount(t)
+	time.Sleep(3 * time.Second)
+	if n := reconcileCount(t) - start; n > 12 {
+		t.Fatalf("%v reconciles in 3s while the CA Secret is missing: hot loop", n)
+	}
+
+	// Invalid Secret: the watch picks it up; reason says invalid.
+	user := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "user-ca"}, Data: map[string][]byte{
+		"tls.crt": []byte("not a certificate"), "tls.key": []byte("nope"),
+	}}
+	if err := k8s.Create(ctx, user); err != nil {
+		t.Fatal(err)
+	}
+	waitCondition(t, "byo", meshv1.ConditionCAReady, metav1.ConditionFalse, meshv1.ReasonCASecretInvalid)
+
+	// A CA for another trust domain is refused as well.
+	user.Data = userCAData(t, "other.example")
+	if err := k8s.Update(ctx, user); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "trust domain mismatch reported", func() error {
+		c := findCondition(getMesh(t, "byo"), meshv1.ConditionCAReady)
+		if c == nil || !strings.Contains(c.Message, "other.example") {
+			return fmt.Errorf("%+v", c)
+		}
+		return nil
+	})
+
+	// Valid Secret: CA ready, mirrored into ambient-ca, its root published.
+	user.Data = userCAData(t, "byo.example")
+	if err := k8s.Update(ctx, user); err != nil {
+		t.Fatal(err)
+	}
+	waitCondition(t, "byo", meshv1.ConditionCAReady, metav1.ConditionTrue, meshv1.ReasonCAIssued)
+	mirror := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: CASecretName}}
+	eventually(t, "ambient-ca mirror", exists(mirror))
+	if string(mirror.Data[CASecretKey]) == "" || string(mirror.Data[CASecretRootCert]) != string(user.Data["tls.crt"]) {
+		t.Errorf("mirror does not hold the user's CA")
+	}
+	cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: RootCertConfigMap}}
+	eventually(t, "trust bundle is the user's root", func() error {
+		if err := exists(cm)(); err != nil {
+			return err
+		}
+		if cm.Data[RootCertKey] != string(user.Data["tls.crt"]) {
+			return fmt.Errorf("bundle differs")
+		}
+		return nil
+	})
+
+	// Deleting the mesh keeps the user's Secret but removes the mirror.
+	deleteMesh(t, "byo")
+	eventually(t, "mirror removed", gone(mirror))
+	if err := exists(user)(); err != nil {
+		t.Fatalf("user's CA Secret was deleted: %v", err)
+	}
+}
+
+func findCondition(mesh *meshv1.AmbientMesh, t string) *metav1.Condition {
+	for i := range mesh.Status.Conditions {
+		if mesh.Status.Conditions[i].Type == t {
+			return &mesh.Status.Conditions[i]
+		}
+	}
+	return nil
+}
+
+func TestAmbientMeshDeletionReleasesPodsThenCleansUp(t *testing.T) {
+	ctx := context.Background()
+	const ns = "mesh-delete"
+	newMesh(t, "delete", ns, nil)
+	ztunnel := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: ZtunnelName}}
+	cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: RootCertConfigMap}}
+	eventually(t, "ztunnel", exists(ztunnel))
+	eventually(t, "trust bundle", exists(cm))
+
+	// A pod the node agent captured (as it marks them).
+	if err := k8s.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "app-delete"}}); err != nil {
+		t.Fatal(err)
+	}
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "app-delete", Name: "app", Annotations: map[string]string{meshRedirectionLabel: "enabled"}},
+		Spec:       corev1.PodSpec{Containers: []corev1.Container{{Name: "app", Image: "app:1"}}},
+	}
+	if err := k8s.Create(ctx, pod); err != nil {
+		t.Fatal(err)
+	}
+	podGeneration := pod.Generation
+
+	if err := k8s.Delete(ctx, &meshv1.AmbientMesh{ObjectMeta: metav1.ObjectMeta{Name: "delete"}}); err != nil {
+		t.Fatal(err)
+	}
+	// While the pod is captured, the node components stay so traffic keeps flowing.
+	waitCondition(t, "delete", meshv1.ConditionReady, metav1.ConditionFalse, meshv1.ReasonReleasingPods)
+	if err := exists(ztunnel)(); err != nil {
+		t.Fatalf("ztunnel removed before pods were released: %v", err)
+	}
+	// The node agent releases the pod (clears the annotation).
+	if err := k8s.Get(ctx, client.ObjectKeyFromObject(pod), pod); err != nil {
+		t.Fatal(err)
+	}
+	delete(pod.Annotations, meshRedirectionLabel)
+	if err := k8s.Update(ctx, pod); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "mesh gone", gone(&meshv1.AmbientMesh{ObjectMeta: metav1.ObjectMeta{Name: "delete"}}))
+	for _, obj := range []client.Object{
+		ztunnel,
+		&appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: NodeAgentName}},
+		&corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: ControlPlaneService}},
+		&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: ZtunnelName}},
+		&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: CASecretName}},
+		&rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: NodeAgentName}},
+		&rbacv1.ClusterRoleBinding{ObjectMeta: metav1.ObjectMeta{Name: NodeAgentName}},
+		cm,
+		&corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: "app-delete", Name: RootCertConfigMap}},
+	} {
+		if err := gone(obj)(); err != nil {
+			t.Errorf("%T: %v", obj, err)
+		}
+	}
+	// The namespace the mesh created is deleted (it stays Terminating here:
+	// envtest runs no namespace controller).
+	nsObj := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}
+	if err := exists(nsObj)(); err == nil && nsObj.DeletionTimestamp.IsZero() {
+		t.Errorf("mesh namespace not deleted")
+	}
+	// The pod was never restarted or modified by the operator.
+	if err := k8s.Get(ctx, client.ObjectKeyFromObject(pod), pod); err != nil {
+		t.Fatalf("pod: %v", err)
+	}
+	if pod.Generation != podGeneration {
+		t.Errorf("pod spec changed: generation %d → %d", podGeneration, pod.Generation)
+	}
+}
+
+func TestAmbientMeshDeletionGivesUpWaitingAfterTimeout(t *testing.T) {
+	ctx := context.Background()
+	newMesh(t, "stuck", "mesh-stuck", nil)
+	eventually(t, "ztunnel", exists(&appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: "mesh-stuck", Name: ZtunnelName}}))
+	if err := k8s.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "app-stuck"}}); err != nil {
+		t.Fatal(err)
+	}
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "app-stuck", Name: "app", Annotations: map[string]string{meshRedirectionLabel: "enabled"}},
+		Spec:       corev1.PodSpec{Containers: []corev1.Container{{Name: "app", Image: "app:1"}}},
+	}
+	if err := k8s.Create(ctx, pod); err != nil {
+		t.Fatal(err)
+	}
+	// No node agent answers: deletion still completes once ReleaseTimeout passes.
+	deleteMesh(t, "stuck")
+	if err := k8s.Delete(ctx, pod); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,322 @@
+package controllers
+
+import (
+	"fmt"
+	"sort"
+	"strings"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/utils/ptr"
+
+	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+)
+
+// Defaults are the operator-wide settings a mesh spec may override.
+type Defaults struct {
+	ZtunnelImage   string
+	NodeAgentImage string
+	WaypointImage  string
+	// OperatorNamespace is where the manager (control plane) runs.
+	OperatorNamespace string
+	// ManagerPodLabels select the manager pods behind the control-plane Service.
+	ManagerPodLabels map[string]string
+}
+
+// controlPlaneHost is the DNS name proxies use to reach discovery and the CA.
+func controlPlaneHost(meshNS string) string {
+	return ControlPlaneService + "." + meshNS + ".svc"
+}
+
+// excludedNamespaces are never captured: kube-system, the mesh namespace and
+// the user's list, sorted and unique.
+func excludedNamespaces(mesh *meshv1.AmbientMesh) []string {
+	set := map[string]bool{"kube-system": true, mesh.Spec.Namespace: true}
+	for _, ns := range mesh.Spec.Capture.ExcludedNamespaces {
+		set[ns] = true
+	}
+	out := make([]string, 0, len(set))
+	for ns := range set {
+		out = append(out, ns)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func ownerRef(mesh *meshv1.AmbientMesh) metav1.OwnerReference {
+	return *metav1.NewControllerRef(mesh, meshv1.GroupVersion.WithKind("AmbientMesh"))
+}
+
+func meshObjectMeta(mesh *meshv1.AmbientMesh, name, component string) metav1.ObjectMeta {
+	return metav1.ObjectMeta{
+		Name:            name,
+		Namespace:       mesh.Spec.Namespace,
+		Labels:          meshLabels(mesh.Name, component),
+		OwnerReferences: []metav1.OwnerReference{ownerRef(mesh)},
+	}
+}
+
+func desiredServiceAccount(mesh *meshv1.AmbientMesh, name string) *corev1.ServiceAccount {
+	return &corev1.ServiceAccount{
+		ObjectMeta: meshObjectMeta(mesh, name, name),
+		// Proxies use a projected token with the mesh audience instead.
+		AutomountServiceAccountToken: ptr.To(false),
+	}
+}
+
+// nodeAgentRules is everything the node agent may do: see pods and
+// namespaces to decide capture, annotate pods it captured, and watch the
+// mesh to release pods when it is being deleted. ztunnel gets no rules: it
+// talks only to the control plane.
+func nodeAgentRules() []rbacv1.PolicyRule {
+	return []rbacv1.PolicyRule{
+		{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"get", "list", "watch", "patch"}},
+		{APIGroups: []string{""}, Resources: []string{"namespaces"}, Verbs: []string{"get", "list", "watch"}},
+		{APIGroups: []string{meshv1.GroupVersion.Group}, Resources: []string{"ambientmeshes"}, Verbs: []string{"get", "list", "watch"}},
+	}
+}
+
+func desiredNodeAgentClusterRole(mesh *meshv1.AmbientMesh) *rbacv1.ClusterRole {
+	return &rbacv1.ClusterRole{
+		ObjectMeta: metav1.ObjectMeta{Name: NodeAgentName, Labels: meshLabels(mesh.Name, NodeAgentName), OwnerReferences: []metav1.OwnerReference{ownerRef(mesh)}},
+		Rules:      nodeAgentRules(),
+	}
+}
+
+func desiredNodeAgentClusterRoleBinding(mesh *meshv1.AmbientMesh) *rbacv1.ClusterRoleBinding {
+	return &rbacv1.ClusterRoleBinding{
+		ObjectMeta: metav1.ObjectMeta{Name: NodeAgentName, Labels: meshLabels(mesh.Name, NodeAgentName), OwnerReferences: []metav1.OwnerReference{ownerRef(mesh)}},
+		RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: NodeAgentName},
+		Subjects:   []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Name: NodeAgentName, Namespace: mesh.Spec.Namespace}},
+	}
+}
+
+// desiredControlPlaneServices expose the manager's discovery, CA and debug
+// ports as ambient-controlplane in the operator's namespace; when the mesh
+// namespace differs, an ExternalName alias of the same name there gives
+// proxies the stable address ambient-controlplane.<mesh-ns>.svc.
+func desiredControlPlaneServices(mesh *meshv1.AmbientMesh, d Defaults) []*corev1.Service {
+	ns := d.OperatorNamespace
+	if ns == "" {
+		ns = mesh.Spec.Namespace
+	}
+	svc := &corev1.Service{ObjectMeta: meshObjectMeta(mesh, ControlPlaneService, "controlplane")}
+	svc.Namespace = ns
+	svc.Spec.Type = corev1.ServiceTypeClusterIP
+	svc.Spec.Selector = d.ManagerPodLabels
+	svc.Spec.Ports = []corev1.ServicePort{
+		{Name: "grpc-xds", Port: xdsPort, TargetPort: intstr.FromInt32(xdsPort), Protocol: corev1.ProtocolTCP},
+		{Name: "grpc-ca", Port: caPort, TargetPort: intstr.FromInt32(caPort), Protocol: corev1.ProtocolTCP},
+		{Name: "http-debug", Port: debugPort, TargetPort: intstr.FromInt32(debugPort), Protocol: corev1.ProtocolTCP},
+	}
+	if ns == mesh.Spec.Namespace {
+		return []*corev1.Service{svc}
+	}
+	alias := &corev1.Service{ObjectMeta: meshObjectMeta(mesh, ControlPlaneService, "controlplane")}
+	alias.Spec.Type = corev1.ServiceTypeExternalName
+	alias.Spec.ExternalName = ControlPlaneService + "." + ns + ".svc.cluster.local"
+	return []*corev1.Service{svc, alias}
+}
+
+func desiredRootCertConfigMap(mesh *meshv1.AmbientMesh, namespace string, rootsPEM []byte) *corev1.ConfigMap {
+	meta := meshObjectMeta(mesh, RootCertConfigMap, "trust-bundle")
+	meta.Namespace = namespace
+	return &corev1.ConfigMap{ObjectMeta: meta, Data: map[string]string{RootCertKey: string(rootsPEM)}}
+}
+
+func fieldEnv(name, path string) corev1.EnvVar {
+	return corev1.EnvVar{Name: name, ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: path}}}
+}
+
+// proxyEnv is the environment contract shared by ztunnel and waypoints
+// (docs/interfaces.md, "Operator → proxies").
+func proxyEnv(mesh *meshv1.AmbientMesh, transport meshv1.HBONETransport, logLevel meshv1.LogLevel) []corev1.EnvVar {
+	host := controlPlaneHost(mesh.Spec.Namespace)
+	return []corev1.EnvVar{
+		fieldEnv("NODE_NAME", "spec.nodeName"),
+		fieldEnv("POD_NAME", "metadata.name"),
+		fieldEnv("POD_NAMESPACE", "metadata.namespace"),
+		fieldEnv("INSTANCE_IP", "status.podIP"),
+		fieldEnv("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+		{Name: "TRUST_DOMAIN", Value: mesh.Spec.TrustDomain},
+		{Name: "XDS_ADDRESS", Value: fmt.Sprintf("%s:%d", host, xdsPort)},
+		{Name: "CA_ADDRESS", Value: fmt.Sprintf("%s:%d", host, caPort)},
+		{Name: "HBONE_TRANSPORT", Value: string(transport)},
+		{Name: "WORKLOAD_CERT_TTL", Value: mesh.Spec.CA.WorkloadCertTTL.Duration.String()},
+		{Name: "LOG_LEVEL", Value: string(logLevel)},
+		{Name: "ROOT_CERT_FILE", Value: rootCertMountDir + "/" + RootCertKey},
+		{Name: "TOKEN_FILE", Value: tokenMountDir + "/" + tokenFile},
+	}
+}
+
+// proxyVolumes: the mesh trust bundle and a short-lived token for the mesh
+// audience; nothing else from the API server.
+func proxyVolumes() ([]corev1.Volume, []corev1.VolumeMount) {
+	vols := []corev1.Volume{
+		{Name: "ambient-token", VolumeSource: corev1.VolumeSource{Projected: &corev1.ProjectedVolumeSource{
+			Sources: []corev1.VolumeProjection{{ServiceAccountToken: &corev1.ServiceAccountTokenProjection{
+				Audience: TokenAudience, ExpirationSeconds: ptr.To[int64](tokenExpirySeconds), Path: tokenFile,
+			}}},
+		}}},
+		{Name: "ambient-root-cert", VolumeSource: corev1.VolumeSource{ConfigMap: &corev1.ConfigMapVolumeSource{
+			LocalObjectReference: corev1.LocalObjectReference{Name: RootCertConfigMap},
+		}}},
+		{Name: "tmp", VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}},
+	}
+	mounts := []corev1.VolumeMount{
+		{Name: "ambient-token", MountPath: tokenMountDir, ReadOnly: true},
+		{Name: "ambient-root-cert", MountPath: rootCertMountDir, ReadOnly: true},
+		{Name: "tmp", MountPath: "/tmp"},
+	}
+	return vols, mounts
+}
+
+func hostPathVolume(name, path string, t corev1.HostPathType) corev1.Volume {
+	return corev1.Volume{Name: name, VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: path, Type: &t}}}
+}
+
+// nodeTolerations: the user's, or tolerate everything so every node that
+// may run captured pods has a ztunnel (as Istio does).
+func nodeTolerations(mesh *meshv1.AmbientMesh) []corev1.Toleration {
+	if len(mesh.Spec.Ztunnel.Tolerations) > 0 {
+		return mesh.Spec.Ztunnel.Tolerations
+	}
+	return []corev1.Toleration{{Operator: corev1.TolerationOpExists}}
+}
+
+func daemonSet(mesh *meshv1.AmbientMesh, name string, pod corev1.PodSpec) *appsv1.DaemonSet {
+	selector := map[string]string{"app": name, LabelMesh: mesh.Name}
+	return &appsv1.DaemonSet{
+		ObjectMeta: meshObjectMeta(mesh, name, name),
+		Spec: appsv1.DaemonSetSpec{
+			Selector: &metav1.LabelSelector{MatchLabels: selector},
+			UpdateStrategy: appsv1.DaemonSetUpdateStrategy{
+				Type:          appsv1.RollingUpdateDaemonSetStrategyType,
+				RollingUpdate: &appsv1.RollingUpdateDaemonSet{MaxUnavailable: ptr.To(intstr.FromInt32(1))},
+			},
+			Template: corev1.PodTemplateSpec{
+				ObjectMeta: metav1.ObjectMeta{
+					Labels: mergeLabels(meshLabels(mesh.Name, name), map[string]string{
+						// Mesh components are never captured themselves.
+						"istio.io/dataplane-mode": "none",
+					}),
+					Annotations: map[string]string{meshRedirectionLabel: "disabled"},
+				},
+				Spec: pod,
+			},
+		},
+	}
+}
+
+// desiredZtunnel: ztunnel runs in its own pod network (not host network);
+// the node agent hands it each captured pod's netns over the socket in
+// /var/run/ambient, and it needs NET_ADMIN/SYS_ADMIN/NET_RAW to enter them
+// and mark sockets. It never talks to the API server.
+func desiredZtunnel(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
+	z := mesh.Spec.Ztunnel
+	image := z.Image
+	if image == "" {
+		image = d.ZtunnelImage
+	}
+	vols, mounts := proxyVolumes()
+	vols = append(vols, hostPathVolume("ambient-socket", ZDSSocketDir, corev1.HostPathDirectoryOrCreate))
+	mounts = append(mounts, corev1.VolumeMount{Name: "ambient-socket", MountPath: ZDSSocketDir})
+	env := append(proxyEnv(mesh, z.Transport, z.LogLevel),
+		corev1.EnvVar{Name: "ZDS_SOCKET", Value: ZDSSocketDir + "/ztunnel.sock"})
+	pod := corev1.PodSpec{
+		ServiceAccountName:            ZtunnelName,
+		AutomountServiceAccountToken:  ptr.To(false),
+		PriorityClassName:             "system-node-critical",
+		TerminationGracePeriodSeconds: ptr.To[int64](30),
+		NodeSelector:                  z.NodeSelector,
+		Tolerations:                   nodeTolerations(mesh),
+		Volumes:                       vols,
+		Containers: []corev1.Container{{
+			Name:            "ztunnel",
+			Image:           image,
+			ImagePullPolicy: corev1.PullIfNotPresent,
+			Env:             env,
+			Resources:       z.Resources,
+			VolumeMounts:    mounts,
+			Ports: []corev1.ContainerPort{
+				{Name: "http-metrics", ContainerPort: proxyMetricsPort, Protocol: corev1.ProtocolTCP},
+				{Name: "http-ready", ContainerPort: proxyReadinessPort, Protocol: corev1.ProtocolTCP},
+			},
+			ReadinessProbe: &corev1.Probe{
+				ProbeHandler:  corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/healthz/ready", Port: intstr.FromInt32(proxyReadinessPort)}},
+				PeriodSeconds: 5, FailureThreshold: 3,
+			},
+			SecurityContext: &corev1.SecurityContext{
+				Privileged:               ptr.To(false),
+				AllowPrivilegeEscalation: ptr.To(false),
+				ReadOnlyRootFilesystem:   ptr.To(true),
+				RunAsUser:                ptr.To[int64](0),
+				RunAsNonRoot:             ptr.To(false),
+				Capabilities: &corev1.Capabilities{
+					Add:  []corev1.Capability{"NET_ADMIN", "SYS_ADMIN", "NET_RAW"},
+					Drop: []corev1.Capability{"ALL"},
+				},
+			},
+		}},
+	}
+	return daemonSet(mesh, ZtunnelName, pod)
+}
+
+// desiredNodeAgent: the capture agent is privileged on the host network: it
+// installs the CNI plugin and config on the host, enters pod network
+// namespaces to install redirection, and passes them to ztunnel.
+func desiredNodeAgent(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
+	image := d.NodeAgentImage
+	hostToContainer := corev1.MountPropagationHostToContainer
+	pod := corev1.PodSpec{
+		ServiceAccountName:            NodeAgentName,
+		PriorityClassName:             "system-node-critical",
+		HostNetwork:                   true,
+		DNSPolicy:                     corev1.DNSClusterFirstWithHostNet,
+		TerminationGracePeriodSeconds: ptr.To[int64](30),
+		NodeSelector:                  mesh.Spec.Ztunnel.NodeSelector,
+		Tolerations:                   nodeTolerations(mesh),
+		Volumes: []corev1.Volume{
+			hostPathVolume("cni-bin-dir", "/opt/cni/bin", corev1.HostPathDirectoryOrCreate),
+			hostPathVolume("cni-net-dir", "/etc/cni/net.d", corev1.HostPathDirectoryOrCreate),
+			hostPathVolume("ambient-socket", ZDSSocketDir, corev1.HostPathDirectoryOrCreate),
+			hostPathVolume("host-netns", "/var/run/netns", corev1.HostPathDirectoryOrCreate),
+			hostPathVolume("host-proc", "/proc", corev1.HostPathDirectory),
+		},
+		Containers: []corev1.Container{{
+			Name:            "node-agent",
+			Image:           image,
+			ImagePullPolicy: corev1.PullIfNotPresent,
+			Args:            []string{"node-agent"},
+			Env: []corev1.EnvVar{
+				fieldEnv("NODE_NAME", "spec.nodeName"),
+				fieldEnv("POD_NAMESPACE", "metadata.namespace"),
+				{Name: "MESH_NAME", Value: mesh.Name},
+				{Name: "MESH_NAMESPACE", Value: mesh.Spec.Namespace},
+				{Name: "EXCLUDED_NAMESPACES", Value: strings.Join(excludedNamespaces(mesh), ",")},
+				{Name: "REDIRECTION_BACKEND", Value: string(mesh.Spec.Capture.Redirection)},
+				{Name: "ZDS_SOCKET", Value: ZDSSocketDir + "/ztunnel.sock"},
+				{Name: "CNI_BIN_DIR", Value: "/host/opt/cni/bin"},
+				{Name: "CNI_CONF_DIR", Value: "/host/etc/cni/net.d"},
+				{Name: "HEALTH_PORT", Value: fmt.Sprint(nodeAgentHealthPort)},
+				{Name: "LOG_LEVEL", Value: string(mesh.Spec.Ztunnel.LogLevel)},
+			},
+			VolumeMounts: []corev1.VolumeMount{
+				{Name: "cni-bin-dir", MountPath: "/host/opt/cni/bin"},
+				{Name: "cni-net-dir", MountPath: "/host/etc/cni/net.d"},
+				{Name: "ambient-socket", MountPath: ZDSSocketDir},
+				{Name: "host-netns", MountPath: "/var/run/netns", MountPropagation: &hostToContainer},
+				{Name: "host-proc", MountPath: "/host/proc", ReadOnly: true},
+			},
+			ReadinessProbe: &corev1.Probe{
+				ProbeHandler:  corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/readyz", Port: intstr.FromInt32(nodeAgentHealthPort)}},
+				PeriodSeconds: 5, FailureThreshold: 3,
+			},
+			SecurityContext: &corev1.SecurityContext{Privileged: ptr.To(true), RunAsUser: ptr.To[int64](0)},
+		}},
+	}
+	return daemonSet(mesh, NodeAgentName, pod)
+}

@@ -1,0 +1,238 @@
+package controllers
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+	"github.com/ambientmesh/ambient/proxylib/ca"
+)
+
+// maxIntermediateTTL caps the self-signed intermediate's lifetime; it is
+// re-issued from the root when a third of its life is left.
+const maxIntermediateTTL = 365 * 24 * time.Hour
+
+// caError is a CA problem the user must fix; it carries the condition reason.
+type caError struct {
+	reason string
+	err    error
+}
+
+func (e *caError) Error() string { return e.err.Error() }
+func (e *caError) Unwrap() error { return e.err }
+
+func caFailure(reason, format string, args ...any) error {
+	return &caError{reason: reason, err: fmt.Errorf(format, args...)}
+}
+
+// meshCA is the outcome of a CA reconcile: the signing authority and the
+// trust bundle to publish.
+type meshCA struct {
+	Authority *ca.Authority
+	RootsPEM  []byte
+}
+
+// rootExpiry is the earliest expiry among the trust bundle's roots.
+func (m *meshCA) rootExpiry() time.Time {
+	var t time.Time
+	for _, r := range m.Authority.Roots {
+		if t.IsZero() || r.NotAfter.Before(t) {
+			t = r.NotAfter
+		}
+	}
+	return t
+}
+
+// LoadCASecret reads the mesh CA from the operator's Secret (docs/interfaces.md).
+func LoadCASecret(s *corev1.Secret) (*ca.Authority, error) {
+	return ca.LoadAuthority(s.Data[CASecretCert], s.Data[CASecretKey], s.Data[CASecretRootCert])
+}
+
+// caManager keeps Secret <mesh-ns>/ambient-ca current. Reads go straight to
+// the API server (reader is uncached): Secrets are never cached by the
+// operator, so keys do not sit in an informer.
+type caManager struct {
+	client client.Client
+	reader client.Reader
+	now    func() time.Time
+}
+
+func (m *caManager) ensure(ctx context.Context, mesh *meshv1.AmbientMesh) (*meshCA, error) {
+	if mesh.Spec.CA.Type == meshv1.CAFromSecret {
+		return m.ensureFromUserSecret(ctx, mesh)
+	}
+	return m.ensureSelfSigned(ctx, mesh)
+}
+
+func (m *caManager) getSecret(ctx context.Context, ns, name string) (*corev1.Secret, error) {
+	s := &corev1.Secret{}
+	err := m.reader.Get(ctx, client.ObjectKey{Namespace: ns, Name: name}, s)
+	if apierrors.IsNotFound(err) {
+		return nil, nil
+	}
+	return s, err
+}
+
+func (m *caManager) ensureSelfSigned(ctx context.Context, mesh *meshv1.AmbientMesh) (*meshCA, error) {
+	secret, err := m.getSecret(ctx, mesh.Spec.Namespace, CASecretName)
+	if err != nil {
+		return nil, err
+	}
+	if secret == nil {
+		return m.createSelfSigned(ctx, mesh)
+	}
+	auth, err := LoadCASecret(secret)
+	if err != nil {
+		// Never overwrite a broken root silently: every workload trusts it.
+		return nil, caFailure(meshv1.ReasonCASecretInvalid, "Secret %s/%s: %v; delete it to generate a new root (all workload certificates will be re-issued)", mesh.Spec.Namespace, CASecretName, err)
+	}
+	if err := checkTrustDomain(auth, mesh.Spec.TrustDomain); err != nil {
+		return nil, caFailure(meshv1.ReasonCASecretInvalid, "Secret %s/%s: %v", mesh.Spec.Namespace, CASecretName, err)
+	}
+	if m.needsRotation(auth.Cert) {
+		if auth, err = m.rotateIntermediate(ctx, mesh, secret, auth); err != nil {
+			return nil, err
+		}
+	}
+	return &meshCA{Authority: auth, RootsPEM: ca.EncodeCerts(auth.Roots...)}, nil
+}
+
+// needsRotation: a third or less of the signing certificate's life is left.
+func (m *caManager) needsRotation(c *x509.Certificate) bool {
+	life := c.NotAfter.Sub(c.NotBefore)
+	return c.NotAfter.Sub(m.now()) < life/3
+}
+
+func (m *caManager) createSelfSigned(ctx context.Context, mesh *meshv1.AmbientMesh) (*meshCA, error) {
+	now := m.now()
+	rootCert, rootKey, err := ca.NewSelfSignedRoot(mesh.Spec.TrustDomain, mesh.Spec.CA.RootCertTTL.Duration, now)
+	if err != nil {
+		return nil, err
+	}
+	root := &ca.Authority{Cert: rootCert, Key: rootKey, Roots: []*x509.Certificate{rootCert}, Now: m.now}
+	inter, err := ca.NewIntermediate(root, mesh.Spec.TrustDomain, intermediateTTL(mesh))
+	if err != nil {
+		return nil, err
+	}
+	data, err := secretData(root, inter)
+	if err != nil {
+		return nil, err
+	}
+	secret := &corev1.Secret{
+		ObjectMeta: meshObjectMeta(mesh, CASecretName, "ca"),
+		Type:       corev1.SecretTypeOpaque,
+		Data:       data,
+	}
+	if err := m.client.Create(ctx, secret); err != nil {
+		return nil, fmt.Errorf("create CA Secret: %w", err)
+	}
+	return &meshCA{Authority: inter, RootsPEM: data[CASecretRootCert]}, nil
+}
+
+func (m *caManager) rotateIntermediate(ctx context.Context, mesh *meshv1.AmbientMesh, secret *corev1.Secret, cur *ca.Authority) (*ca.Authority, error) {
+	rootKey, err := ca.ParseKey(secret.Data[CASecretRootKey])
+	if err != nil {
+		return cur, nil // no root key (user replaced it): keep signing until expiry
+	}
+	root := &ca.Authority{Cert: cur.Roots[0], Key: rootKey, Roots: cur.Roots, Now: m.now}
+	inter, err := ca.NewIntermediate(root, mesh.Spec.TrustDomain, intermediateTTL(mesh))
+	if err != nil {
+		return nil, err
+	}
+	data, err := secretData(root, inter)
+	if err != nil {
+		return nil, err
+	}
+	secret.Data = data
+	if err := m.client.Update(ctx, secret); err != nil {
+		return nil, fmt.Errorf("rotate intermediate: %w", err)
+	}
+	return inter, nil
+}
+
+func intermediateTTL(mesh *meshv1.AmbientMesh) time.Duration {
+	return min(mesh.Spec.CA.RootCertTTL.Duration, maxIntermediateTTL)
+}
+
+func secretData(root, inter *ca.Authority) (map[string][]byte, error) {
+	rootKey, err := ca.EncodeKey(root.Key)
+	if err != nil {
+		return nil, err
+	}
+	interKey, err := ca.EncodeKey(inter.Key)
+	if err != nil {
+		return nil, err
+	}
+	return map[string][]byte{
+		CASecretRootCert: ca.EncodeCerts(root.Cert),
+		CASecretRootKey:  rootKey,
+		CASecretCert:     ca.EncodeCerts(append([]*x509.Certificate{inter.Cert}, inter.Chain...)...),
+		CASecretKey:      interKey,
+	}, nil
+}
+
+// ensureFromUserSecret validates the user's kubernetes.io/tls-style Secret and
+// mirrors it into ambient-ca, the one place the CA service reads from.
+func (m *caManager) ensureFromUserSecret(ctx context.Context, mesh *meshv1.AmbientMesh) (*meshCA, error) {
+	if mesh.Spec.CA.SecretRef == nil || mesh.Spec.CA.SecretRef.Name == "" {
+		return nil, caFailure(meshv1.ReasonCASecretMissing, "spec.ca.secretRef.name is empty; name a Secret in namespace %s", mesh.Spec.Namespace)
+	}
+	name := mesh.Spec.CA.SecretRef.Name
+	user, err := m.getSecret(ctx, mesh.Spec.Namespace, name)
+	if err != nil {
+		return nil, err
+	}
+	if user == nil {
+		return nil, caFailure(meshv1.ReasonCASecretMissing, "Secret %s/%s named by spec.ca.secretRef does not exist; create it with tls.crt and tls.key (and optionally ca.crt)", mesh.Spec.Namespace, name)
+	}
+	auth, err := ca.LoadAuthority(user.Data[corev1.TLSCertKey], user.Data[corev1.TLSPrivateKeyKey], user.Data["ca.crt"])
+	if err != nil {
+		return nil, caFailure(meshv1.ReasonCASecretInvalid, "Secret %s/%s: %v", mesh.Spec.Namespace, name, err)
+	}
+	if err := checkTrustDomain(auth, mesh.Spec.TrustDomain); err != nil {
+		return nil, caFailure(meshv1.ReasonCASecretInvalid, "Secret %s/%s: %v", mesh.Spec.Namespace, name, err)
+	}
+	if !auth.Cert.NotAfter.After(m.now()) {
+		return nil, caFailure(meshv1.ReasonCASecretInvalid, "Secret %s/%s: CA certificate expired at %s", mesh.Spec.Namespace, name, auth.Cert.NotAfter.UTC().Format(time.RFC3339))
+	}
+	key, err := ca.EncodeKey(auth.Key)
+	if err != nil {
+		return nil, caFailure(meshv1.ReasonCASecretInvalid, "Secret %s/%s: %v", mesh.Spec.Namespace, name, err)
+	}
+	mirror := &corev1.Secret{
+		ObjectMeta: meshObjectMeta(mesh, CASecretName, "ca"),
+		Type:       corev1.SecretTypeOpaque,
+		Data: map[string][]byte{
+			CASecretRootCert: ca.EncodeCerts(auth.Roots...),
+			CASecretCert:     ca.EncodeCerts(append([]*x509.Certificate{auth.Cert}, auth.Chain...)...),
+			CASecretKey:      key,
+		},
+	}
+	if err := apply(ctx, m.client, mirror); err != nil {
+		return nil, err
+	}
+	return &meshCA{Authority: auth, RootsPEM: mirror.Data[CASecretRootCert]}, nil
+}
+
+// checkTrustDomain refuses a CA minted for another trust domain.
+func checkTrustDomain(a *ca.Authority, td string) error {
+	if got := ca.TrustDomainOf(a.Cert); got != "" && got != td {
+		return fmt.Errorf("CA certificate is for trust domain %q, mesh uses %q", got, td)
+	}
+	return nil
+}
+
+func caReason(err error) (string, bool) {
+	var ce *caError
+	if errors.As(err, &ce) {
+		return ce.reason, true
+	}
+	return "", false
+}

@@ -1,0 +1,56 @@
+package controllers
+
+import (
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+)
+
+// CacheOptions narrows the manager's informers to what the operator owns
+// where a cluster-wide cache would be large or sensitive: only the mesh's
+// ConfigMaps and cluster RBAC objects are cached.
+func CacheOptions() cache.Options {
+	owned := labels.SelectorFromSet(labels.Set{LabelManagedBy: ManagedByValue})
+	return cache.Options{ByObject: map[client.Object]cache.ByObject{
+		&corev1.ConfigMap{}:          {Label: owned},
+		&rbacv1.ClusterRole{}:        {Label: owned},
+		&rbacv1.ClusterRoleBinding{}: {Label: owned},
+	}}
+}
+
+// ClientOptions keeps Secrets out of the cache: CA keys are read from the API
+// server when needed and never held in an informer.
+func ClientOptions() client.Options {
+	return client.Options{Cache: &client.CacheOptions{DisableFor: []client.Object{&corev1.Secret{}}}}
+}
+
+// Options configure the operator's controllers.
+type Options struct {
+	Defaults       Defaults
+	RetryInterval  time.Duration
+	ReleaseTimeout time.Duration
+	EnableWebhooks bool
+}
+
+// Setup registers every reconciler (and the webhooks) with mgr.
+func Setup(mgr ctrl.Manager, o Options) error {
+	mesh := &AmbientMeshReconciler{
+		Client:         mgr.GetClient(),
+		APIReader:      mgr.GetAPIReader(),
+		Defaults:       o.Defaults,
+		RetryInterval:  o.RetryInterval,
+		ReleaseTimeout: o.ReleaseTimeout,
+	}
+	if err := mesh.SetupWithManager(mgr); err != nil {
+		return err
+	}
+	if o.EnableWebhooks {
+		return SetupWebhooks(mgr)
+	}
+	return nil
+}
