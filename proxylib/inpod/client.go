@@ -136,7 +136,10 @@ func (c *Conn) SnapshotSent(ctx context.Context) error {
 type Pod struct {
 	UID       string
 	Info      WorkloadInfo
-	NetnsPath string // e.g. /proc/<pid>/ns/net or /var/run/netns/cni-…
+	NetnsPath string // e.g. /var/run/netns/cni-…; opened at each send
+	// Netns, when set, is used instead of NetnsPath (the caller keeps it
+	// open while the pod is captured, e.g. a handle found via /proc).
+	Netns *os.File
 }
 
 // Syncer is the node agent's side: it holds the set of captured pods and
@@ -196,6 +199,9 @@ func (s *Syncer) Synced() <-chan struct{} {
 }
 
 func sendAdd(ctx context.Context, c *Conn, p Pod) error {
+	if p.Netns != nil {
+		return c.AddWorkload(ctx, p.UID, p.Info, p.Netns)
+	}
 	f, err := os.Open(p.NetnsPath)
 	if err != nil {
 		return fmt.Errorf("open netns of %s: %w", p.Info, err)

@@ -1,0 +1,258 @@
+// Package agent is the node agent: it watches the pods of its node and
+// their namespaces, decides capture with the shared selection rules,
+// installs in-pod redirection and hands each captured pod's network
+// namespace to ztunnel; it reverses all of it when a pod leaves the mesh.
+// Pods are never restarted.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/go-logr/logr"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/types"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/ambientmesh/ambient/proxylib/discovery/selection"
+	"github.com/ambientmesh/ambient/proxylib/inpod"
+	"github.com/ambientmesh/ambient/proxylib/redirect"
+)
+
+// Agent holds the node's capture state.
+type Agent struct {
+	NodeName   string
+	Selection  selection.Config
+	Client     client.Client // reads may be cached; writes go to the API
+	API        client.Reader // uncached reads (CNI path: the pod is brand new)
+	Redirector redirect.Redirector
+	Syncer     *inpod.Syncer
+	Resolver   *Resolver
+	Log        logr.Logger
+
+	opMu     sync.Mutex // one pod operation at a time (controller and CNI requests)
+	mu       sync.Mutex
+	captured map[types.NamespacedName]*captured
+}
+
+type captured struct {
+	uid   types.UID
+	netns *os.File // kept open while captured: the namespace stays valid
+}
+
+func (a *Agent) init() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.captured == nil {
+		a.captured = map[types.NamespacedName]*captured{}
+	}
+}
+
+// Captured lists the pods the agent currently captures (for tests/debug).
+func (a *Agent) Captured() map[types.NamespacedName]types.UID {
+	a.init()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := map[types.NamespacedName]types.UID{}
+	for k, c := range a.captured {
+		out[k] = c.uid
+	}
+	return out
+}
+
+// errRetry asks the caller to try again later (sandbox not ready yet).
+var errRetry = errors.New("retry later")
+
+// Sync brings one pod to its desired state. netnsPath is the CNI
+// plugin's namespace path, empty when unknown.
+func (a *Agent) Sync(ctx context.Context, r client.Reader, key types.NamespacedName, netnsPath string) (bool, selection.Reason, error) {
+	a.init()
+	a.opMu.Lock()
+	defer a.opMu.Unlock()
+	var pod corev1.Pod
+	if err := r.Get(ctx, key, &pod); err != nil {
+		if apierrors.IsNotFound(err) {
+			return false, "pod deleted", a.release(ctx, key, nil)
+		}
+		return false, "", err
+	}
+	if pod.Spec.NodeName != a.NodeName && netnsPath == "" {
+		return false, "pod is on another node", nil
+	}
+	if pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
+		return false, "pod finished", a.release(ctx, key, &pod)
+	}
+	var ns corev1.Namespace
+	nsp := &ns
+	if err := r.Get(ctx, types.NamespacedName{Name: pod.Namespace}, &ns); err != nil {
+		if !apierrors.IsNotFound(err) {
+			return false, "", err
+		}
+		nsp = nil
+	}
+	want, reason := selection.Decide(a.Selection, nsp, &pod)
+	if !want {
+		return false, reason, a.release(ctx, key, &pod)
+	}
+	return true, reason, a.capture(ctx, &pod, netnsPath)
+}
+
+func (a *Agent) capture(ctx context.Context, pod *corev1.Pod, netnsPath string) error {
+	key := client.ObjectKeyFromObject(pod)
+	a.mu.Lock()
+	cur := a.captured[key]
+	a.mu.Unlock()
+	if cur != nil && cur.uid != pod.UID { // same name, new pod
+		if err := a.release(ctx, key, nil); err != nil {
+			return err
+		}
+		cur = nil
+	}
+	var ns *os.File
+	var err error
+	switch {
+	case netnsPath != "":
+		ns, err = openNetns(netnsPath)
+	case cur != nil:
+		ns = cur.netns
+	default:
+		ns, err = a.Resolver.Resolve(pod)
+		if errors.Is(err, errNoNetns) {
+			return fmt.Errorf("%w: %v", errRetry, err)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("netns of %s: %w", key, err)
+	}
+	adopt := func() {
+		if cur == nil || cur.netns != ns {
+			if cur != nil {
+				cur.netns.Close()
+			}
+			a.mu.Lock()
+			a.captured[key] = &captured{uid: pod.UID, netns: ns}
+			a.mu.Unlock()
+		}
+	}
+	if ok, err := a.Redirector.Installed(ns); err != nil || !ok {
+		if err := a.Redirector.Install(ns); err != nil {
+			if cur == nil || cur.netns != ns {
+				ns.Close()
+			}
+			return fmt.Errorf("install redirection for %s: %w", key, err)
+		}
+		a.Log.Info("redirection installed", "pod", key)
+	}
+	adopt() // rules are in place: from here the pod counts as captured
+	wp := inpod.Pod{UID: string(pod.UID), Info: inpod.WorkloadInfo{Name: pod.Name, Namespace: pod.Namespace, ServiceAccount: pod.Spec.ServiceAccountName}, Netns: ns}
+	if err := a.Syncer.Upsert(ctx, wp); err != nil && !errors.Is(err, inpod.ErrNotConnected) {
+		// Rules stay: the pod's traffic fails closed until ztunnel takes it.
+		return fmt.Errorf("hand %s to ztunnel: %w", key, err)
+	}
+	return a.setAnnotation(ctx, pod, true)
+}
+
+// release undoes capture. pod is nil when the object is gone.
+func (a *Agent) release(ctx context.Context, key types.NamespacedName, pod *corev1.Pod) error {
+	a.mu.Lock()
+	cur := a.captured[key]
+	a.mu.Unlock()
+	var errs []error
+	ns := (*os.File)(nil)
+	uid := types.UID("")
+	if cur != nil {
+		ns, uid = cur.netns, cur.uid
+	} else if pod != nil && pod.Annotations[selection.RedirectionAnnotation] == selection.RedirectionEnabled {
+		// Captured by an earlier agent process: find the namespace to clean it.
+		uid = pod.UID
+		if f, err := a.Resolver.Resolve(pod); err == nil {
+			ns = f
+		}
+	}
+	if uid != "" {
+		if err := a.Syncer.Remove(ctx, string(uid)); err != nil {
+			errs = append(errs, fmt.Errorf("release %s in ztunnel: %w", key, err))
+		}
+	}
+	if ns != nil {
+		if err := a.Redirector.Remove(ns); err != nil {
+			errs = append(errs, fmt.Errorf("remove redirection of %s: %w", key, err))
+		} else {
+			a.Log.Info("redirection removed", "pod", key)
+		}
+		ns.Close()
+	}
+	if cur != nil {
+		a.mu.Lock()
+		delete(a.captured, key)
+		a.mu.Unlock()
+	}
+	if pod != nil {
+		errs = append(errs, a.setAnnotation(ctx, pod, false))
+	}
+	return errors.Join(errs...)
+}
+
+// setAnnotation marks a captured pod `ambient.istio.io/redirection: enabled`
+// and unmarks it on release (a user's `disabled` is never touched).
+func (a *Agent) setAnnotation(ctx context.Context, pod *corev1.Pod, enabled bool) error {
+	v, has := pod.Annotations[selection.RedirectionAnnotation]
+	if enabled == (has && v == selection.RedirectionEnabled) || (!enabled && v != selection.RedirectionEnabled) {
+		return nil
+	}
+	var patch []byte
+	if enabled {
+		patch = fmt.Appendf(nil, `{"metadata":{"annotations":{%q:%q}}}`, selection.RedirectionAnnotation, selection.RedirectionEnabled)
+	} else {
+		patch = fmt.Appendf(nil, `{"metadata":{"annotations":{%q:null}}}`, selection.RedirectionAnnotation)
+	}
+	err := a.Client.Patch(ctx, pod, client.RawPatch(types.MergePatchType, patch))
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	return err
+}
+
+// ReleaseSandbox handles CNI DEL: the sandbox (and its namespace) is going away.
+func (a *Agent) ReleaseSandbox(ctx context.Context, key types.NamespacedName) error {
+	a.init()
+	a.opMu.Lock()
+	defer a.opMu.Unlock()
+	return a.release(ctx, key, nil)
+}
+
+// InitialSync reconciles every pod on the node, then starts the ztunnel
+// syncer, so ztunnel's first snapshot after an agent restart contains
+// every pod that is still captured (and ztunnel drops only stale ones).
+func (a *Agent) InitialSync(ctx context.Context, r client.Reader) error {
+	a.init()
+	var pods corev1.PodList
+	if err := r.List(ctx, &pods); err != nil {
+		return err
+	}
+	for i := range pods.Items {
+		p := &pods.Items[i]
+		if p.Spec.NodeName != a.NodeName {
+			continue
+		}
+		key := client.ObjectKeyFromObject(p)
+		for attempt := 0; ; attempt++ {
+			_, _, err := a.Sync(ctx, r, key, "")
+			if err == nil {
+				break
+			}
+			if !errors.Is(err, errRetry) || attempt >= 3 {
+				a.Log.Error(err, "initial sync of pod", "pod", key)
+				break
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+	}
+	go a.Syncer.Run(ctx)
+	return nil
+}

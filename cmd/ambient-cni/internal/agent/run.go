@@ -1,0 +1,212 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+
+	"github.com/go-logr/logr"
+
+	"github.com/ambientmesh/ambient/cmd/ambient-cni/internal/cniapi"
+	"github.com/ambientmesh/ambient/proxylib/discovery/selection"
+	"github.com/ambientmesh/ambient/proxylib/inpod"
+	"github.com/ambientmesh/ambient/proxylib/redirect"
+)
+
+// Options configure a node agent process.
+type Options struct {
+	NodeName      string
+	Selection     selection.Config
+	ZtunnelSocket string // inpod.DefaultSocketPath
+	CNISocket     string // cniapi.DefaultSocketPath
+	StateDir      string // CNI records, e.g. /var/run/ambient/pods
+	ProcRoot      string // "/proc"
+	Redirect      redirect.Config
+	Log           logr.Logger
+}
+
+// Run runs the node agent until ctx ends.
+func Run(ctx context.Context, cfg *rest.Config, o Options) error {
+	if o.NodeName == "" {
+		return errors.New("node name is required")
+	}
+	if o.ProcRoot == "" {
+		o.ProcRoot = "/proc"
+	}
+	scheme := runtime.NewScheme()
+	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		return err
+	}
+	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
+		Scheme:                 scheme,
+		Logger:                 o.Log,
+		Metrics:                metricsserver.Options{BindAddress: "0"},
+		HealthProbeBindAddress: "0",
+		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
+			&corev1.Pod{}: {Field: fields.OneTermEqualSelector("spec.nodeName", o.NodeName)},
+		}},
+	})
+	if err != nil {
+		return err
+	}
+	a := &Agent{
+		NodeName:   o.NodeName,
+		Selection:  o.Selection,
+		Client:     mgr.GetClient(),
+		API:        mgr.GetAPIReader(),
+		Redirector: redirect.NewNFTables(o.Redirect),
+		Syncer:     inpod.NewSyncer(o.ZtunnelSocket, o.Log.WithName("zds")),
+		Resolver:   &Resolver{Store: &Store{Dir: o.StateDir}, ProcRoot: o.ProcRoot},
+		Log:        o.Log,
+	}
+	if err := a.setupController(mgr); err != nil {
+		return err
+	}
+	// Initial pass before ztunnel hears anything (see InitialSync).
+	if err := mgr.Add(manager(func(ctx context.Context) error {
+		if !mgr.GetCache().WaitForCacheSync(ctx) {
+			return errors.New("cache did not sync")
+		}
+		return a.InitialSync(ctx, mgr.GetClient())
+	})); err != nil {
+		return err
+	}
+	if err := mgr.Add(manager(func(ctx context.Context) error { return a.ServeCNI(ctx, o.CNISocket) })); err != nil {
+		return err
+	}
+	return mgr.Start(ctx)
+}
+
+type manager func(context.Context) error
+
+func (m manager) Start(ctx context.Context) error { return m(ctx) }
+
+func (a *Agent) setupController(mgr ctrl.Manager) error {
+	nsToPods := handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, o client.Object) []reconcile.Request {
+		var pods corev1.PodList
+		if err := mgr.GetClient().List(ctx, &pods, client.InNamespace(o.GetName())); err != nil {
+			a.Log.Error(err, "list pods of namespace", "namespace", o.GetName())
+			return nil
+		}
+		reqs := make([]reconcile.Request, 0, len(pods.Items))
+		for _, p := range pods.Items {
+			reqs = append(reqs, reconcile.Request{NamespacedName: client.ObjectKeyFromObject(&p)})
+		}
+		return reqs
+	})
+	return ctrl.NewControllerManagedBy(mgr).
+		Named("ambient-node-agent").
+		For(&corev1.Pod{}).
+		Watches(&corev1.Namespace{}, nsToPods, builder.WithPredicates()).
+		Complete(reconcile.Func(func(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
+			captured, reason, err := a.Sync(ctx, mgr.GetClient(), req.NamespacedName, "")
+			if errors.Is(err, errRetry) {
+				return reconcile.Result{RequeueAfter: time.Second}, nil
+			}
+			if err == nil {
+				a.Log.V(1).Info("pod synced", "pod", req.NamespacedName, "captured", captured, "reason", string(reason))
+			}
+			return reconcile.Result{}, err
+		}))
+}
+
+// ServeCNI serves the CNI plugin's requests on a unix socket until ctx ends.
+func (a *Agent) ServeCNI(ctx context.Context, path string) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+		return err
+	}
+	_ = os.Remove(path)
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return err
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return err
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST "+cniapi.PathAdd, a.handleAdd)
+	mux.HandleFunc("POST "+cniapi.PathDel, a.handleDel)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() { <-ctx.Done(); srv.Close() }()
+	if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+func decodeEvent(w http.ResponseWriter, r *http.Request) (cniapi.PodEvent, bool) {
+	var ev cniapi.PodEvent
+	if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&ev); err != nil || ev.PodName == "" || ev.PodNamespace == "" {
+		http.Error(w, fmt.Sprintf("bad request: %v", err), http.StatusBadRequest)
+		return ev, false
+	}
+	return ev, true
+}
+
+// handleAdd captures a new sandbox before its containers start.
+func (a *Agent) handleAdd(w http.ResponseWriter, r *http.Request) {
+	ev, ok := decodeEvent(w, r)
+	if !ok {
+		return
+	}
+	key := types.NamespacedName{Namespace: ev.PodNamespace, Name: ev.PodName}
+	var pod corev1.Pod
+	if err := a.API.Get(r.Context(), key, &pod); err != nil {
+		http.Error(w, fmt.Sprintf("get pod %s: %v", key, err), http.StatusServiceUnavailable)
+		return
+	}
+	if ev.PodUID != "" && string(pod.UID) != ev.PodUID {
+		http.Error(w, fmt.Sprintf("pod %s has uid %s, runtime says %s", key, pod.UID, ev.PodUID), http.StatusConflict)
+		return
+	}
+	if ev.Netns != "" {
+		if err := a.Resolver.Store.Put(Record{UID: string(pod.UID), ContainerID: ev.ContainerID, Netns: ev.Netns, PodName: ev.PodName, PodNamespace: ev.PodNamespace}); err != nil {
+			a.Log.Error(err, "record sandbox", "pod", key)
+		}
+	}
+	captured, reason, err := a.Sync(r.Context(), a.API, key, ev.Netns)
+	if err != nil {
+		http.Error(w, fmt.Sprintf("capture %s: %v", key, err), http.StatusInternalServerError)
+		return
+	}
+	a.Log.Info("CNI add", "pod", key, "captured", captured, "reason", string(reason))
+	_ = json.NewEncoder(w).Encode(cniapi.AddResponse{Captured: captured, Reason: string(reason)})
+}
+
+// handleDel releases a sandbox that is being torn down.
+func (a *Agent) handleDel(w http.ResponseWriter, r *http.Request) {
+	ev, ok := decodeEvent(w, r)
+	if !ok {
+		return
+	}
+	key := types.NamespacedName{Namespace: ev.PodNamespace, Name: ev.PodName}
+	if err := a.ReleaseSandbox(r.Context(), key); err != nil {
+		a.Log.Error(err, "CNI del", "pod", key) // best effort: the sandbox is going away anyway
+	}
+	if rec, ok := a.Resolver.Store.ByContainer(ev.ContainerID); ok && ev.ContainerID != "" {
+		a.Resolver.Store.Delete(rec.UID)
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
