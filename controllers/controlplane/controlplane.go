@@ -37,6 +37,8 @@ type Options struct {
 	Namespace string
 	// Listen addresses; empty disables that server.
 	XDSAddress, CAAddress, DebugAddress string
+	// Listeners, when set, replace the addresses (tests).
+	XDSListener, CAListener, DebugListener net.Listener
 	// ServiceName of the control-plane Service (for the serving certificate).
 	ServiceName string
 	// CASecretName holds the signing CA (ca.crt, ca.key, root.crt).
@@ -59,6 +61,11 @@ func (o *Options) defaults() {
 // Setup registers the control plane with mgr. It runs on every replica (no
 // leader election needed: it only reads).
 func Setup(mgr ctrl.Manager, o Options) error {
+	_, err := setup(mgr, o)
+	return err
+}
+
+func setup(mgr ctrl.Manager, o Options) (*ControlPlane, error) {
 	o.defaults()
 	if err := mgr.GetFieldIndexer().IndexField(context.Background(), &corev1.Pod{}, caserver.NodeIndexField, func(obj client.Object) []string {
 		if n := obj.(*corev1.Pod).Spec.NodeName; n != "" {
@@ -66,13 +73,13 @@ func Setup(mgr ctrl.Manager, o Options) error {
 		}
 		return nil
 	}); err != nil {
-		return fmt.Errorf("indexing pods by node: %w", err)
+		return nil, fmt.Errorf("indexing pods by node: %w", err)
 	}
 	cp := New(mgr.GetCache(), mgr.GetClient(), mgr.GetAPIReader(), o)
 	if err := cp.Discovery.Register(context.Background(), mgr.GetCache(), mgr.GetRESTMapper()); err != nil {
-		return err
+		return nil, err
 	}
-	return mgr.Add(cp)
+	return cp, mgr.Add(cp)
 }
 
 // ControlPlane is the runnable holding the three servers.
@@ -174,28 +181,22 @@ func (cp *ControlPlane) Start(ctx context.Context) error {
 	go cp.certs.run(ctx)
 	errs := make(chan error, 3)
 	running := 0
-	if cp.opts.XDSAddress != "" {
-		lis, err := net.Listen("tcp", cp.opts.XDSAddress)
-		if err != nil {
-			return err
-		}
+	if lis, err := listen(cp.opts.XDSListener, cp.opts.XDSAddress); err != nil {
+		return err
+	} else if lis != nil {
 		srv := &discovery.Server{Controller: cp.Discovery, Auth: cp.Auth, TLS: cp.certs.tlsConfig(), Log: log.WithName("xds")}
 		running++
 		go func() { errs <- srv.Serve(ctx, lis) }()
 	}
-	if cp.opts.CAAddress != "" {
-		lis, err := net.Listen("tcp", cp.opts.CAAddress)
-		if err != nil {
-			return err
-		}
+	if lis, err := listen(cp.opts.CAListener, cp.opts.CAAddress); err != nil {
+		return err
+	} else if lis != nil {
 		running++
 		go func() { errs <- cp.serveCA(ctx, lis) }()
 	}
-	if cp.opts.DebugAddress != "" {
-		lis, err := net.Listen("tcp", cp.opts.DebugAddress)
-		if err != nil {
-			return err
-		}
+	if lis, err := listen(cp.opts.DebugListener, cp.opts.DebugAddress); err != nil {
+		return err
+	} else if lis != nil {
 		hs := &http.Server{Handler: cp.Discovery.DebugHandler(), ReadHeaderTimeout: 5 * time.Second}
 		go func() {
 			<-ctx.Done()
@@ -216,6 +217,13 @@ func (cp *ControlPlane) Start(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+func listen(l net.Listener, addr string) (net.Listener, error) {
+	if l != nil || addr == "" {
+		return l, nil
+	}
+	return net.Listen("tcp", addr)
 }
 
 // CAServer returns the CreateCertificate implementation (for tests and Start).

@@ -1,0 +1,420 @@
+package controlplane
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	discoverypb "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	apisecurity "istio.io/api/security/v1beta1"
+	apitype "istio.io/api/type/v1beta1"
+	securityv1 "istio.io/client-go/pkg/apis/security/v1"
+	securityv1beta1 "istio.io/client-go/pkg/apis/security/v1beta1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+	"github.com/ambientmesh/ambient/controllers/policy"
+	xds "github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
+)
+
+const ambientLabel = "istio.io/dataplane-mode"
+
+func uid(ns, name string) string { return xds.PodUID("Kubernetes", ns, name) }
+
+func ip(s string) netip.Addr { return netip.MustParseAddr(s) }
+
+// TestPodSelection: every capture rule of the seeds, seen by a real client.
+func TestPodSelection(t *testing.T) {
+	ctx := context.Background()
+	zt := ztunnel(t, "zt-sel", "node-a", "10.200.0.1")
+	state := startClient(t, token(t, zt, xds.TokenAudience), zt.Name, xds.RoleZtunnel)
+	eventually(t, "ready", state.Ready)
+
+	ensureNamespace(t, "sel-app", map[string]string{ambientLabel: "ambient"})
+	ensureNamespace(t, "sel-plain", nil)
+	ensureNamespace(t, "sel-legacy", map[string]string{ambientLabel: "ambient"})
+	mesh := &meshv1.AmbientMesh{ObjectMeta: metav1.ObjectMeta{Name: "mesh"}, Spec: meshv1.AmbientMeshSpec{
+		Namespace: meshNS, Capture: meshv1.CaptureSpec{ExcludedNamespaces: []string{"sel-legacy"}}}}
+	if err := s.k8s.Create(ctx, mesh); err != nil && !isAlreadyExists(err) {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), mesh) })
+
+	tests := []struct {
+		pod      podSpec
+		tunnel   workloadapi.TunnelProtocol
+		health   workloadapi.WorkloadStatus
+		hostNet  bool
+		byAddr   bool
+		captured bool
+	}{
+		{pod: podSpec{ns: "sel-app", name: "plain", ip: "10.1.0.1"}, tunnel: workloadapi.TunnelProtocol_HBONE, byAddr: true},
+		{pod: podSpec{ns: "sel-app", name: "sidecar", ip: "10.1.0.2", annotations: map[string]string{"sidecar.istio.io/status": "{}"}}, byAddr: true},
+		{pod: podSpec{ns: "sel-app", name: "redirect-off", ip: "10.1.0.3", annotations: map[string]string{"ambient.istio.io/redirection": "disabled"}}, byAddr: true},
+		{pod: podSpec{ns: "sel-app", name: "opt-out", ip: "10.1.0.4", labels: map[string]string{ambientLabel: "none"}}, byAddr: true},
+		{pod: podSpec{ns: "sel-app", name: "hostnet", ip: "10.1.0.5", hostNetwork: true}, hostNet: true},
+		{pod: podSpec{ns: "sel-app", name: "not-ready", ip: "10.1.0.6", notReady: true}, tunnel: workloadapi.TunnelProtocol_HBONE, health: workloadapi.WorkloadStatus_UNHEALTHY, byAddr: true},
+		{pod: podSpec{ns: "sel-plain", name: "p", ip: "10.1.0.7"}, byAddr: true},
+		{pod: podSpec{ns: "sel-legacy", name: "p", ip: "10.1.0.8"}, byAddr: true},
+		{pod: podSpec{ns: meshNS, name: "mesh-component", ip: "10.1.0.9"}, byAddr: true},
+	}
+	for _, tt := range tests {
+		tt.pod.node = "node-a"
+		createPod(t, tt.pod)
+	}
+	for _, tt := range tests {
+		id := uid(tt.pod.ns, tt.pod.name)
+		eventually(t, "workload "+id, func() bool { return state.WorkloadByUID(id) != nil })
+		w := state.WorkloadByUID(id)
+		if w.TunnelProtocol != tt.tunnel || w.Status != tt.health {
+			t.Errorf("%s: tunnel=%v status=%v, want %v %v", id, w.TunnelProtocol, w.Status, tt.tunnel, tt.health)
+		}
+		if (w.NetworkMode == workloadapi.NetworkMode_HOST_NETWORK) != tt.hostNet {
+			t.Errorf("%s: network mode %v", id, w.NetworkMode)
+		}
+		if got := state.WorkloadByAddr(ip(tt.pod.ip)) != nil; got != tt.byAddr {
+			t.Errorf("%s: found by address = %v, want %v", id, got, tt.byAddr)
+		}
+		if w.Node != "node-a" || w.ServiceAccount != "default" || w.TrustDomain != "cluster.local" || w.Namespace != tt.pod.ns {
+			t.Errorf("%s: identity/node fields wrong: %v", id, w)
+		}
+	}
+	// Capture follows the namespace label live, without touching pods.
+	var ns corev1.Namespace
+	if err := s.k8s.Get(ctx, client.ObjectKey{Name: "sel-plain"}, &ns); err != nil {
+		t.Fatal(err)
+	}
+	ns.Labels = map[string]string{ambientLabel: "ambient"}
+	if err := s.k8s.Update(ctx, &ns); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "namespace enrolment", func() bool {
+		w := state.WorkloadByUID(uid("sel-plain", "p"))
+		return w != nil && w.TunnelProtocol == workloadapi.TunnelProtocol_HBONE
+	})
+}
+
+// TestServicesAndUpdates: services with named target ports, then pod
+// address changes and deletions arrive at the client.
+func TestServicesAndUpdates(t *testing.T) {
+	ctx := context.Background()
+	zt := ztunnel(t, "zt-svc", "node-a", "10.200.0.2")
+	state := startClient(t, token(t, zt, xds.TokenAudience), zt.Name, xds.RoleZtunnel)
+	ensureNamespace(t, "svc", map[string]string{ambientLabel: "ambient"})
+	pod := createPod(t, podSpec{ns: "svc", name: "web-0", node: "node-a", ip: "10.2.0.1", labels: map[string]string{"app": "web"}, namedPort: "http", namedPortNumber: 8080})
+	createPod(t, podSpec{ns: "svc", name: "other", node: "node-a", ip: "10.2.0.2", labels: map[string]string{"app": "other"}})
+	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "svc"}, Spec: corev1.ServiceSpec{
+		Selector: map[string]string{"app": "web"},
+		Ports: []corev1.ServicePort{
+			{Name: "http", Port: 80, TargetPort: intstr.FromString("http")},
+			{Name: "metrics", Port: 9090, TargetPort: intstr.FromInt32(9091)},
+			{Name: "missing", Port: 81, TargetPort: intstr.FromString("nope")},
+		}}}
+	if err := s.k8s.Create(ctx, svc); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), svc) })
+	const key = "svc/web.svc.svc.cluster.local"
+	eventually(t, "service", func() bool { return state.ServiceByKey(key) != nil })
+	got := state.ServiceByVIP(ip(svc.Spec.ClusterIP))
+	if got == nil || got.Hostname != "web.svc.svc.cluster.local" || len(got.Ports) != 3 {
+		t.Fatalf("service by VIP %s = %v", svc.Spec.ClusterIP, got)
+	}
+	eventually(t, "endpoint", func() bool { return len(state.Endpoints(key)) == 1 })
+	w := state.WorkloadByUID(uid("svc", "web-0"))
+	want := &workloadapi.PortList{Ports: []*workloadapi.Port{{ServicePort: 80, TargetPort: 8080}, {ServicePort: 9090, TargetPort: 9091}}}
+	if !proto.Equal(w.Services[key], want) {
+		t.Fatalf("ports of web-0 = %v, want %v", w.Services[key], want)
+	}
+	if _, ok := state.WorkloadByUID(uid("svc", "other")).Services[key]; ok {
+		t.Fatal("unselected pod listed as endpoint")
+	}
+
+	// Address change: old address disappears, new one appears.
+	setPodStatus(t, pod, "10.2.0.9", true)
+	eventually(t, "new address", func() bool {
+		return state.WorkloadByAddr(ip("10.2.0.9")) != nil && state.WorkloadByAddr(ip("10.2.0.1")) == nil
+	})
+	// Selector change on the service moves the endpoint.
+	svc.Spec.Selector = map[string]string{"app": "other"}
+	if err := s.k8s.Update(ctx, svc); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "selector change", func() bool {
+		eps := state.Endpoints(key)
+		return len(eps) == 1 && eps[0].Name == "other"
+	})
+	// Deletions.
+	if err := s.k8s.Delete(ctx, pod, client.GracePeriodSeconds(0)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.k8s.Delete(ctx, svc); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "removals", func() bool {
+		return state.WorkloadByUID(uid("svc", "web-0")) == nil && state.ServiceByKey(key) == nil
+	})
+}
+
+func rulesFrom(ns ...string) []*apisecurity.Rule {
+	return []*apisecurity.Rule{{From: []*apisecurity.Rule_From{{Source: &apisecurity.Source{Namespaces: ns}}}}}
+}
+
+// TestPolicies: AuthorizationPolicy v1 and v1beta1 in all scopes, L7
+// policies (fail closed for ztunnel, whole for waypoints), PeerAuthentication.
+func TestPolicies(t *testing.T) {
+	ctx := context.Background()
+	zt := ztunnel(t, "zt-pol", "node-a", "10.200.0.3")
+	state := startClient(t, token(t, zt, xds.TokenAudience), zt.Name, xds.RoleZtunnel)
+	ensureNamespace(t, "pol", map[string]string{ambientLabel: "ambient"})
+	createPod(t, podSpec{ns: "pol", name: "web", node: "node-a", ip: "10.3.0.1", labels: map[string]string{"app": "web"}})
+	createPod(t, podSpec{ns: "pol", name: "db", node: "node-a", ip: "10.3.0.2", labels: map[string]string{"app": "db"}})
+
+	nsPolicy := &securityv1.AuthorizationPolicy{ObjectMeta: metav1.ObjectMeta{Name: "ns-allow", Namespace: "pol"}}
+	nsPolicy.Spec.Rules = rulesFrom("pol", "prod*")
+	selPolicy := &securityv1beta1.AuthorizationPolicy{ObjectMeta: metav1.ObjectMeta{Name: "sel-deny", Namespace: "pol"}}
+	selPolicy.Spec.Selector = &apitype.WorkloadSelector{MatchLabels: map[string]string{"app": "web"}}
+	selPolicy.Spec.Action = apisecurity.AuthorizationPolicy_DENY
+	selPolicy.Spec.Rules = []*apisecurity.Rule{{To: []*apisecurity.Rule_To{{Operation: &apisecurity.Operation{Ports: []string{"9090"}}}}}}
+	l7Policy := &securityv1.AuthorizationPolicy{ObjectMeta: metav1.ObjectMeta{Name: "l7", Namespace: "pol"}}
+	l7Policy.Spec.Selector = &apitype.WorkloadSelector{MatchLabels: map[string]string{"app": "db"}}
+	l7Policy.Spec.Rules = []*apisecurity.Rule{{To: []*apisecurity.Rule_To{{Operation: &apisecurity.Operation{Methods: []string{"GET"}}}}}}
+	globalPolicy := &securityv1.AuthorizationPolicy{ObjectMeta: metav1.ObjectMeta{Name: "global-deny", Namespace: meshNS}}
+	globalPolicy.Spec.Action = apisecurity.AuthorizationPolicy_DENY
+	globalPolicy.Spec.Rules = []*apisecurity.Rule{{From: []*apisecurity.Rule_From{{Source: &apisecurity.Source{IpBlocks: []string{"192.0.2.0/24"}}}}}}
+	strict := &securityv1.PeerAuthentication{ObjectMeta: metav1.ObjectMeta{Name: "strict", Namespace: "pol"}}
+	strict.Spec.Mtls = &apisecurity.PeerAuthentication_MutualTLS{Mode: apisecurity.PeerAuthentication_MutualTLS_STRICT}
+	for _, o := range []client.Object{nsPolicy, selPolicy, l7Policy, globalPolicy, strict} {
+		if err := s.k8s.Create(ctx, o); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), o) })
+	}
+
+	eventually(t, "policies", func() bool {
+		return state.Policy("pol/ns-allow") != nil && state.Policy("pol/sel-deny") != nil &&
+			state.Policy("pol/l7") != nil && state.Policy(meshNS+"/global-deny") != nil
+	})
+	if p := state.Policy("pol/ns-allow"); p.Scope != security.Scope_NAMESPACE || p.Action != security.Action_ALLOW ||
+		len(p.Groups) != 1 || len(p.Groups[0].Rules[0].Matches[0].Namespaces) != 2 {
+		t.Errorf("namespace policy = %v", p)
+	}
+	if p := state.Policy("pol/sel-deny"); p.Scope != security.Scope_WORKLOAD_SELECTOR || p.Action != security.Action_DENY ||
+		!slices.Equal(p.Groups[0].Rules[0].Matches[0].DestinationPorts, []uint32{9090}) {
+		t.Errorf("v1beta1 selector policy = %v", p)
+	}
+	if p := state.Policy("pol/l7"); p.Action != security.Action_ALLOW || len(p.Groups) != 0 {
+		t.Errorf("L7 ALLOW must reach ztunnel as an ALLOW that never matches (fail closed): %v", p)
+	}
+	if p := state.Policy(meshNS + "/global-deny"); p.Scope != security.Scope_GLOBAL {
+		t.Errorf("root namespace policy scope = %v", p.Scope)
+	}
+	staticKey := meshNS + "/" + policy.StaticStrictPolicyName
+	eventually(t, "workload policy references", func() bool {
+		web, db := state.WorkloadByUID(uid("pol", "web")), state.WorkloadByUID(uid("pol", "db"))
+		return web != nil && db != nil &&
+			slices.Equal(web.AuthorizationPolicies, []string{staticKey, "pol/sel-deny"}) &&
+			slices.Equal(db.AuthorizationPolicies, []string{staticKey, "pol/l7"})
+	})
+	if state.Policy(staticKey) == nil {
+		t.Fatal("static STRICT policy not served")
+	}
+	got := state.PoliciesFor(state.WorkloadByUID(uid("pol", "db")))
+	var names []string
+	for _, p := range got {
+		names = append(names, p.Namespace+"/"+p.Name)
+	}
+	if !slices.Equal(names, []string{meshNS + "/global-deny", staticKey, "pol/l7", "pol/ns-allow"}) {
+		t.Errorf("policies for db = %v", names)
+	}
+	// The L7 policy is carried whole for waypoints.
+	eventually(t, "L7 resource", func() bool {
+		for _, r := range s.cp.Discovery.Snapshot(xds.L7ResourceType) {
+			if r.Name == "security.istio.io/AuthorizationPolicy/pol/l7" {
+				return true
+			}
+		}
+		return false
+	})
+
+	// Selector edits move the reference; PERMISSIVE drops the strict one.
+	if err := s.k8s.Get(ctx, client.ObjectKeyFromObject(selPolicy), selPolicy); err != nil {
+		t.Fatal(err)
+	}
+	selPolicy.Spec.Selector.MatchLabels = map[string]string{"app": "db"}
+	if err := s.k8s.Update(ctx, selPolicy); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.k8s.Get(ctx, client.ObjectKeyFromObject(strict), strict); err != nil {
+		t.Fatal(err)
+	}
+	strict.Spec.Mtls.Mode = apisecurity.PeerAuthentication_MutualTLS_PERMISSIVE
+	if err := s.k8s.Update(ctx, strict); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "policy edits", func() bool {
+		web, db := state.WorkloadByUID(uid("pol", "web")), state.WorkloadByUID(uid("pol", "db"))
+		return len(web.AuthorizationPolicies) == 0 && slices.Equal(db.AuthorizationPolicies, []string{"pol/l7", "pol/sel-deny"})
+	})
+	if err := s.k8s.Delete(ctx, nsPolicy); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "policy removal", func() bool { return state.Policy("pol/ns-allow") == nil })
+}
+
+// TestWaypointBinding: namespace waypoint, service-account waypoint wins,
+// pod label opt-out, services, and the address once the Service exists.
+func TestWaypointBinding(t *testing.T) {
+	ctx := context.Background()
+	zt := ztunnel(t, "zt-wp", "node-a", "10.200.0.4")
+	state := startClient(t, token(t, zt, xds.TokenAudience), zt.Name, xds.RoleZtunnel)
+	ensureNamespace(t, "wp", map[string]string{ambientLabel: "ambient"})
+	nsWaypoint := &gwv1.Gateway{ObjectMeta: metav1.ObjectMeta{Name: "ns-waypoint", Namespace: "wp"},
+		Spec: gwv1.GatewaySpec{GatewayClassName: "istio-waypoint", Listeners: []gwv1.Listener{{Name: "mesh", Port: 15008, Protocol: "HBONE"}}}}
+	saWaypoint := &gwv1.Gateway{ObjectMeta: metav1.ObjectMeta{Name: "sa-waypoint", Namespace: "wp", Annotations: map[string]string{"istio.io/for-service-account": "special"}},
+		Spec: gwv1.GatewaySpec{GatewayClassName: "istio-waypoint", Listeners: []gwv1.Listener{{Name: "mesh", Port: 15008, Protocol: "HBONE"}}}}
+	for _, o := range []client.Object{nsWaypoint, saWaypoint} {
+		if err := s.k8s.Create(ctx, o); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), o) })
+	}
+	createPod(t, podSpec{ns: "wp", name: "plain", node: "node-a", ip: "10.4.0.1", labels: map[string]string{"app": "a"}})
+	createPod(t, podSpec{ns: "wp", name: "special", node: "node-a", sa: "special", ip: "10.4.0.2"})
+	createPod(t, podSpec{ns: "wp", name: "opt-out", node: "node-a", ip: "10.4.0.3", labels: map[string]string{"istio.io/use-waypoint": "none"}})
+	createPod(t, podSpec{ns: "wp", name: "ns-waypoint-0", node: "node-a", ip: "10.4.0.4", labels: map[string]string{"gateway.networking.k8s.io/gateway-name": "ns-waypoint"}})
+	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "a", Namespace: "wp"}, Spec: corev1.ServiceSpec{
+		Selector: map[string]string{"app": "a"}, Ports: []corev1.ServicePort{{Port: 80}}}}
+	if err := s.k8s.Create(ctx, svc); err != nil {
+		t.Fatal(err)
+	}
+	hostnameOf := func(g *workloadapi.GatewayAddress) string { return g.GetHostname().GetHostname() }
+	eventually(t, "waypoint binding", func() bool {
+		plain, special, optOut, wp := state.WorkloadByUID(uid("wp", "plain")), state.WorkloadByUID(uid("wp", "special")),
+			state.WorkloadByUID(uid("wp", "opt-out")), state.WorkloadByUID(uid("wp", "ns-waypoint-0"))
+		sv := state.ServiceByKey("wp/a.wp.svc.cluster.local")
+		return plain != nil && special != nil && optOut != nil && wp != nil && sv != nil &&
+			hostnameOf(plain.Waypoint) == "ns-waypoint.wp.svc.cluster.local" &&
+			hostnameOf(special.Waypoint) == "sa-waypoint.wp.svc.cluster.local" &&
+			optOut.Waypoint == nil && wp.Waypoint == nil && wp.NativeTunnel &&
+			hostnameOf(sv.Waypoint) == "ns-waypoint.wp.svc.cluster.local"
+	})
+	// Once the waypoint's Service exists, proxies get its address.
+	wpSvc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "ns-waypoint", Namespace: "wp", Labels: map[string]string{"gateway.networking.k8s.io/gateway-name": "ns-waypoint"}},
+		Spec: corev1.ServiceSpec{Selector: map[string]string{"gateway.networking.k8s.io/gateway-name": "ns-waypoint"}, Ports: []corev1.ServicePort{{Name: "mesh", Port: 15008}}}}
+	if err := s.k8s.Create(ctx, wpSvc); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), wpSvc); _ = s.k8s.Delete(context.Background(), svc) })
+	eventually(t, "waypoint address", func() bool {
+		plain := state.WorkloadByUID(uid("wp", "plain"))
+		a, ok := netip.AddrFromSlice(plain.GetWaypoint().GetAddress().GetAddress())
+		return ok && a.String() == wpSvc.Spec.ClusterIP && plain.Waypoint.HboneMtlsPort == 15008
+	})
+	if w := state.ServiceByKey("wp/ns-waypoint.wp.svc.cluster.local"); w == nil || w.Waypoint != nil {
+		t.Fatalf("a waypoint's own service must not point at a waypoint: %v", w)
+	}
+	// Deleting the SA waypoint falls back to the namespace waypoint.
+	if err := s.k8s.Delete(ctx, saWaypoint); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "fallback to namespace waypoint", func() bool {
+		a, ok := netip.AddrFromSlice(state.WorkloadByUID(uid("wp", "special")).GetWaypoint().GetAddress().GetAddress())
+		return ok && a.String() == wpSvc.Spec.ClusterIP
+	})
+}
+
+// streamCode opens a delta ADS stream with tok and returns the status code
+// of the first receive.
+func streamCode(t *testing.T, tok string) codes.Code {
+	t.Helper()
+	conn, err := grpc.NewClient(s.xdsAddr, grpc.WithTransportCredentials(credentials.NewTLS(s.clientTLS())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if tok != "" {
+		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+tok)
+	}
+	stream, err := discoverypb.NewAggregatedDiscoveryServiceClient(conn).DeltaAggregatedResources(ctx)
+	if err != nil {
+		return status.Code(err)
+	}
+	if err := stream.Send(&discoverypb.DeltaDiscoveryRequest{TypeUrl: xds.AddressType, ResourceNamesSubscribe: []string{"*"}}); err != nil && err != io.EOF {
+		return status.Code(err)
+	}
+	_, err = stream.Recv()
+	return status.Code(err)
+}
+
+// TestDiscoveryClientAuth: only ztunnels and waypoints of this mesh are served.
+func TestDiscoveryClientAuth(t *testing.T) {
+	zt := ztunnel(t, "zt-auth", "node-a", "10.200.0.5")
+	ensureNamespace(t, "auth-app", map[string]string{ambientLabel: "ambient"})
+	app := createPod(t, podSpec{ns: "auth-app", name: "app", node: "node-a", ip: "10.5.0.1"})
+	fakeZtunnel := createPod(t, podSpec{ns: "auth-app", name: "ztunnel", node: "node-a", sa: "ztunnel", ip: "10.5.0.2"})
+	tests := []struct {
+		name string
+		tok  string
+		want codes.Code
+	}{
+		{"ztunnel of the mesh", token(t, zt, xds.TokenAudience), codes.OK},
+		{"no token", "", codes.Unauthenticated},
+		{"garbage token", "not-a-jwt", codes.Unauthenticated},
+		{"wrong audience", token(t, zt, "https://kubernetes.default.svc"), codes.Unauthenticated},
+		{"application pod", token(t, app, xds.TokenAudience), codes.PermissionDenied},
+		{"ztunnel-named SA outside the mesh namespace", token(t, fakeZtunnel, xds.TokenAudience), codes.PermissionDenied},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := streamCode(t, tt.tok); got != tt.want {
+				t.Fatalf("code = %v, want %v", got, tt.want)
+			}
+		})
+	}
+}
+
+// TestDebugConfigDump: the debug view shows what a proxy receives.
+func TestDebugConfigDump(t *testing.T) {
+	zt := ztunnel(t, "zt-debug", "node-a", "10.200.0.6")
+	ensureNamespace(t, "dbg", map[string]string{ambientLabel: "ambient"})
+	createPod(t, podSpec{ns: "dbg", name: "web", node: "node-a", ip: "10.6.0.1"})
+	get := func(query string) (int, string) {
+		resp, err := http.Get("http://" + s.debugAddr + "/debug/config_dump" + query)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	eventually(t, "dump has the workload", func() bool {
+		code, body := get("?proxyID=" + zt.Name + "." + meshNS)
+		return code == http.StatusOK && strings.Contains(body, uid("dbg", "web")) && strings.Contains(body, `"role":"ztunnel"`)
+	})
+	if code, _ := get(""); code != http.StatusBadRequest {
+		t.Errorf("missing proxyID: %d", code)
+	}
+	if code, _ := get("?proxyID=nope." + meshNS); code != http.StatusNotFound {
+		t.Errorf("unknown proxy: %d", code)
+	}
+}
