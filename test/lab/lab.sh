@@ -1,0 +1,585 @@
+#!/usr/bin/env bash
+# The lab: a real multi-node Kubernetes cluster on this one machine.
+#
+#   control plane  netns alab-cp   etcd, kube-apiserver, controller-manager, scheduler
+#   worker N       netns alab-wN + its own mount namespace: containerd, kubelet, kube-proxy
+#   lab bridge     alab0 (10.201.0.0/24) joins them; the host keeps 10.201.0.1 for kubectl
+#
+# Usage: test/lab/lab.sh up|down|status|env
+#   up      idempotent: builds what is missing, starts what is not running
+#   down    stops every process the lab started and removes every namespace,
+#           mount, bridge, veth, cgroup and firewall rule it created
+#   status  processes, nodes and pods
+#   env     prints `export KUBECONFIG=...` for eval
+#
+# Hooks: LAB_WORKERS (default 2); LAB_CNI_CHAIN a JSON object appended to
+# every node's CNI conflist (e.g. our ambient-cni plugin) when the conflist is
+# first written; extra images: every bin/images/*.tar is imported into every node.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+# ---------------------------------------------------------------- preflight
+ensure_packages() {
+  local missing=() pkg bin
+  for pair in containerd:containerd runc:runc containernetworking-plugins:/usr/lib/cni/bridge \
+    conntrack:conntrack iptables:iptables nftables:nft iproute2:ip util-linux:nsenter openssl:openssl; do
+    pkg=${pair%%:*}; bin=${pair#*:}
+    if [[ $bin == /* ]]; then [ -e "$bin" ] || missing+=("$pkg"); else command -v "$bin" >/dev/null || missing+=("$pkg"); fi
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "installing packages: ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}" >"$LOGS/apt.log" 2>&1 ||
+      { apt-get update >>"$LOGS/apt.log" 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}" >>"$LOGS/apt.log" 2>&1; } ||
+      die "apt-get install ${missing[*]} failed (see $LOGS/apt.log)"
+  fi
+}
+
+ensure_binaries() {
+  local missing=0 c
+  for c in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy; do
+    [ -x "$K8S_BIN/$c" ] || missing=1
+  done
+  if [ $missing = 1 ]; then say "building Kubernetes components (first time only)"; "$ROOT/test/lab/build.sh" k8s; fi
+  [ -x "$COREDNS_BIN" ] || { say "building CoreDNS (first time only)"; "$ROOT/test/lab/build.sh" coredns; }
+  if [ ! -f "$IMAGES/pause.tar" ] || [ ! -f "$IMAGES/coredns.tar" ] || [ -n "${LAB_REBUILD_IMAGES:-}" ]; then
+    "$ROOT/test/lab/build.sh" images
+  fi
+}
+
+# ------------------------------------------------------------------ network
+uplink_dev() { ip -4 route show default | awk '{for (i = 1; i < NF; i++) if ($i == "dev") { print $(i + 1); exit }}'; }
+
+net_up() {
+  mkdir -p "$RUN/ns"
+  # Namespace handles need a private mount to live on.
+  if ! mountpoint -q "$RUN/ns"; then
+    mount --bind "$RUN/ns" "$RUN/ns"
+    mount --make-private "$RUN/ns"
+  fi
+  [ -f "$STATE/ip_forward.orig" ] || sysctl -n net.ipv4.ip_forward >"$STATE/ip_forward.orig"
+  if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+    ip link add "$BRIDGE" type bridge
+    ip addr add "$BRIDGE_IP/24" dev "$BRIDGE"
+    ip link set "$BRIDGE" up
+  fi
+  guard_up
+  local short ip
+  add_node_netns cp "$CP_IP"
+  while read -r short _ ip _; do add_node_netns "$short" "$ip"; done < <(workers)
+  # Routes between pod CIDRs: every namespace reaches each node's pods via that node.
+  local target tip tcidr
+  for target in cp $(workers | awk '{print $1}'); do
+    while read -r short _ tip tcidr; do
+      [ "$short" = "$target" ] && continue
+      ip -n "$PREFIX-$target" route replace "$tcidr" via "$tip" dev eth0
+    done < <(workers)
+  done
+}
+
+add_node_netns() {
+  local short=$1 ip=$2 ns=$PREFIX-$1 host_if=$PREFIX-$1
+  if ! ip netns list | grep -qw "$ns"; then ip netns add "$ns"; fi
+  if ! ip link show "$host_if" >/dev/null 2>&1; then
+    ip link add "$host_if" type veth peer name eth0 netns "$ns"
+    ip link set "$host_if" master "$BRIDGE" up
+  fi
+  ip -n "$ns" link set lo up
+  ip -n "$ns" addr replace "$ip/24" dev eth0
+  ip -n "$ns" link set eth0 up
+  # Forwarding inside the node namespace only (per-namespace sysctl).
+  ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
+}
+
+# guard_up drops anything lab-sourced that would leave through the uplink and
+# anything from the uplink addressed to the lab. Mangle table: kube-proxy and
+# CNI never touch it, so the guard stays first.
+guard_rules() {
+  local up; up=$(uplink_dev)
+  [ -n "$up" ] || return 0
+  local net
+  for net in "$NODE_NET" "$CLUSTER_CIDR" "$SERVICE_CIDR"; do
+    echo "PREROUTING -i $up -d $net"
+    echo "FORWARD -o $up -s $net"
+    echo "POSTROUTING -o $up -s $net"
+  done
+}
+guard_up() {
+  local chain rest
+  while read -r chain rest; do
+    # shellcheck disable=SC2086
+    iptables -w -t mangle -C "$chain" $rest -m comment --comment "$GUARD_COMMENT" -j DROP 2>/dev/null ||
+      iptables -w -t mangle -I "$chain" 1 $rest -m comment --comment "$GUARD_COMMENT" -j DROP
+  done < <(guard_rules)
+}
+guard_down() {
+  local rule
+  iptables-save -t mangle 2>/dev/null | grep -- "--comment $GUARD_COMMENT" | sed 's/^-A /-D /' |
+    while read -r rule; do eval "iptables -w -t mangle $rule" || true; done
+}
+
+# ---------------------------------------------------------------------- PKI
+# sign <name> <subject> <ext> : key + certificate signed by the lab CA.
+sign() {
+  local name=$1 subj=$2 ext=$3
+  [ -f "$PKI/$name.crt" ] && return 0
+  openssl ecparam -name prime256v1 -genkey -noout -out "$PKI/$name.key" 2>/dev/null
+  openssl req -new -key "$PKI/$name.key" -subj "$subj" -out "$PKI/$name.csr" 2>/dev/null
+  printf '%s\n' "$ext" >"$PKI/$name.ext"
+  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
+    -days 3650 -extfile "$PKI/$name.ext" -out "$PKI/$name.crt" 2>/dev/null
+  rm -f "$PKI/$name.csr" "$PKI/$name.ext"
+}
+client_ext="basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=clientAuth"
+
+pki_up() {
+  mkdir -p "$PKI"
+  if [ ! -f "$PKI/ca.crt" ]; then
+    openssl ecparam -name prime256v1 -genkey -noout -out "$PKI/ca.key" 2>/dev/null
+    openssl req -x509 -new -key "$PKI/ca.key" -subj "/CN=ambient-lab-ca" -days 3650 \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" \
+      -out "$PKI/ca.crt" 2>/dev/null
+  fi
+  [ -f "$PKI/sa.key" ] || { openssl ecparam -name prime256v1 -genkey -noout -out "$PKI/sa.key" 2>/dev/null &&
+    openssl ec -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null; }
+  sign apiserver "/CN=kube-apiserver" "basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=serverAuth
+subjectAltName=IP:$CP_IP,IP:$KUBERNETES_SVC_IP,IP:127.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.$CLUSTER_DOMAIN,DNS:localhost"
+  sign admin "/O=system:masters/CN=lab-admin" "$client_ext"
+  sign apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" "$client_ext"
+  sign controller-manager "/CN=system:kube-controller-manager" "$client_ext"
+  sign scheduler "/CN=system:kube-scheduler" "$client_ext"
+  sign kube-proxy "/CN=system:kube-proxy" "$client_ext"
+  local short name ip
+  while read -r short name ip _; do
+    sign "kubelet-$short" "/O=system:nodes/CN=system:node:$name" "$client_ext"
+    sign "kubelet-$short-serving" "/CN=$name" "basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=serverAuth
+subjectAltName=IP:$ip,DNS:$name"
+  done < <(workers)
+}
+
+# write_kubeconfig <file> <cert name>
+write_kubeconfig() {
+  local file=$1 cert=$2
+  cat >"$file" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: ambient-lab
+  cluster:
+    server: $APISERVER
+    certificate-authority: $PKI/ca.crt
+users:
+- name: $cert
+  user:
+    client-certificate: $PKI/$cert.crt
+    client-key: $PKI/$cert.key
+contexts:
+- name: ambient-lab
+  context: {cluster: ambient-lab, user: $cert}
+current-context: ambient-lab
+EOF
+}
+
+# ---------------------------------------------------------------- processes
+# start_proc <name> <where: cp|wN> <cmd...>: starts a component in the
+# namespaces of <where> unless it already runs; records its PID.
+start_proc() {
+  local name=$1 where=$2; shift 2
+  local pidf=$STATE/pids/$name.pid
+  if pid_alive "$pidf"; then return 0; fi
+  mkdir -p "$STATE/pids"
+  if [ "$where" = cp ]; then
+    nsenter --net="$(netns_path cp)" -- setsid "$@" </dev/null >>"$LOGS/$name.log" 2>&1 &
+  else
+    nsenter --mount="$(mntns_path "$where")" --net="$(netns_path "$where")" -- setsid "$@" </dev/null >>"$LOGS/$name.log" 2>&1 &
+  fi
+  echo $! >"$pidf"
+  echo "$1" >"$STATE/pids/$name.exe"
+}
+
+cp_up() {
+  mkdir -p "$STATE/etcd"
+  start_proc etcd cp "$K8S_BIN/etcd" --name lab --data-dir "$STATE/etcd" \
+    --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
+    --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+    --initial-cluster lab=http://127.0.0.1:2380 --log-level warn --quota-backend-bytes 2147483648
+  wait_for 60 "etcd" in_cp curl -fsS http://127.0.0.1:2379/health 2>/dev/null ||
+    wait_for 60 "etcd" grep -q "ready to serve client requests\|serving client traffic" "$LOGS/etcd.log" || die "etcd did not start (see $LOGS/etcd.log)"
+  start_proc kube-apiserver cp "$K8S_BIN/kube-apiserver" \
+    --etcd-servers=http://127.0.0.1:2379 --bind-address=0.0.0.0 --advertise-address="$CP_IP" --secure-port=6443 \
+    --service-cluster-ip-range="$SERVICE_CIDR" --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
+    --client-ca-file="$PKI/ca.crt" --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \
+    --kubelet-client-certificate="$PKI/apiserver-kubelet-client.crt" --kubelet-client-key="$PKI/apiserver-kubelet-client.key" \
+    --kubelet-certificate-authority="$PKI/ca.crt" --kubelet-preferred-address-types=InternalIP \
+    --service-account-issuer="https://kubernetes.default.svc.$CLUSTER_DOMAIN" \
+    --service-account-key-file="$PKI/sa.pub" --service-account-signing-key-file="$PKI/sa.key" \
+    --allow-privileged=true --enable-aggregator-routing=true --profiling=false --event-ttl=30m
+  wait_for 90 "kube-apiserver /readyz" kubectl --kubeconfig "$KUBECONFIG_FILE" get --raw /readyz ||
+    die "kube-apiserver did not become ready (see $LOGS/kube-apiserver.log)"
+  say "kube-apiserver ready at $APISERVER"
+  write_kubeconfig "$STATE/controller-manager.kubeconfig" controller-manager
+  write_kubeconfig "$STATE/scheduler.kubeconfig" scheduler
+  start_proc kube-controller-manager cp "$K8S_BIN/kube-controller-manager" \
+    --kubeconfig="$STATE/controller-manager.kubeconfig" --authentication-kubeconfig="$STATE/controller-manager.kubeconfig" \
+    --authorization-kubeconfig="$STATE/controller-manager.kubeconfig" --bind-address=127.0.0.1 --leader-elect=false \
+    --use-service-account-credentials=true --service-account-private-key-file="$PKI/sa.key" --root-ca-file="$PKI/ca.crt" \
+    --cluster-signing-cert-file="$PKI/ca.crt" --cluster-signing-key-file="$PKI/ca.key" \
+    --allocate-node-cidrs=false --service-cluster-ip-range="$SERVICE_CIDR" --cluster-cidr="$CLUSTER_CIDR" \
+    --controllers='*,-nodeipam,-cloud-node-lifecycle' --profiling=false
+  start_proc kube-scheduler cp "$K8S_BIN/kube-scheduler" \
+    --kubeconfig="$STATE/scheduler.kubeconfig" --authentication-kubeconfig="$STATE/scheduler.kubeconfig" \
+    --authorization-kubeconfig="$STATE/scheduler.kubeconfig" --bind-address=127.0.0.1 --leader-elect=false --profiling=false
+}
+
+# ---------------------------------------------------------------- workers
+node_mounts_up() {
+  local short=$1 dir=$STATE/nodes/$1 mnt
+  mnt=$(mntns_path "$short")
+  if [ -f "$mnt" ] && mountpoint -q "$mnt"; then return 0; fi
+  local p
+  for p in "${NODE_BIND_PATHS[@]}"; do
+    mkdir -p "$dir/fs$p"
+    if [ ! -e "$p" ]; then mkdir -p "$p" && echo "$p" >>"$STATE/created-dirs"; fi
+  done
+  touch "$mnt"
+  unshare --mount="$mnt" --propagation private true
+  # Private copies of the fixed paths; /run becomes a private tmpfs.
+  local script="set -e"
+  for p in "${NODE_BIND_PATHS[@]}"; do script+="; mount --bind '$dir/fs$p' '$p'"; done
+  script+="; mount -t tmpfs -o size=512m,mode=755 alab-run-$short /run; ln -sfn /run /run/lock 2>/dev/null || true"
+  nsenter --mount="$mnt" -- sh -c "$script"
+  # CNI plugins come from the distribution; a node agent may add its own here.
+  mkdir -p "$dir/fs/opt/cni/bin" "$dir/fs/etc/cni/net.d"
+  for p in /usr/lib/cni/*; do ln -sfn "$p" "$dir/fs/opt/cni/bin/$(basename "$p")"; done
+}
+
+# Each kubelet gets its own cgroup root so pods of different nodes never share
+# a hierarchy; created in every v1 hierarchy (and the hybrid unified one).
+cgroup_dirs() {
+  local short=$1 d
+  for d in /sys/fs/cgroup/*/; do
+    [ -f "$d/cgroup.procs" ] && echo "${d%/}/$PREFIX-$short"
+  done
+}
+node_cgroups_up() {
+  local c parent
+  for c in $(cgroup_dirs "$1"); do
+    mkdir -p "$c"
+    parent=$(dirname "$c")
+    if [ -f "$parent/cpuset.cpus" ]; then
+      [ -n "$(cat "$c/cpuset.cpus")" ] || cat "$parent/cpuset.cpus" >"$c/cpuset.cpus"
+      [ -n "$(cat "$c/cpuset.mems")" ] || cat "$parent/cpuset.mems" >"$c/cpuset.mems"
+    fi
+  done
+}
+
+write_containerd_config() {
+  local dir=$1
+  cat >"$dir/containerd.toml" <<EOF
+version = 2
+root = "/var/lib/containerd"
+state = "/run/containerd"
+disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp"]
+[grpc]
+  address = "/run/containerd/containerd.sock"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "docker.io/ambient-lab/pause:3.10"
+  # Required here: root lacks CAP_SYS_RESOURCE, without it every sandbox fails.
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  netns_mounts_under_state_dir = true
+  enable_selinux = false
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        Root = "/run/containerd/runc"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    # /etc/cni/net.d and /opt/cni/bin are this node's private lab dirs (bind mounts).
+    bin_dir = "/opt/cni/bin"
+    conf_dir = "/etc/cni/net.d"
+EOF
+}
+
+write_cni_conflist() {
+  local dir=$1 cidr=$2 f=$1/fs/etc/cni/net.d/10-alab.conflist
+  # Written once: a node agent that chains its plugin into this file keeps its edit.
+  [ -f "$f" ] && return 0
+  local chain=""
+  [ -n "${LAB_CNI_CHAIN:-}" ] && chain=",
+    ${LAB_CNI_CHAIN}"
+  cat >"$f.tmp" <<EOF
+{
+  "cniVersion": "1.0.0",
+  "name": "alab",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "cni0",
+      "isGateway": true,
+      "ipMasq": false,
+      "hairpinMode": true,
+      "ipam": {
+        "type": "host-local",
+        "ranges": [[{"subnet": "$cidr"}]],
+        "routes": [{"dst": "0.0.0.0/0"}]
+      }
+    }$chain
+  ]
+}
+EOF
+  mv "$f.tmp" "$f"
+}
+
+write_kubelet_config() {
+  local short=$1 name=$2 ip=$3 dir=$STATE/nodes/$1
+  cat >"$dir/kubelet.yaml" <<EOF
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+failCgroupV1: false
+cgroupDriver: cgroupfs
+cgroupRoot: /$PREFIX-$short
+failSwapOn: false
+containerRuntimeEndpoint: unix:///run/containerd/containerd.sock
+address: $ip
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+tlsCertFile: $PKI/kubelet-$short-serving.crt
+tlsPrivateKeyFile: $PKI/kubelet-$short-serving.key
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: true}
+  x509: {clientCAFile: $PKI/ca.crt}
+authorization:
+  mode: Webhook
+clusterDNS: [$DNS_SVC_IP]
+clusterDomain: $CLUSTER_DOMAIN
+resolvConf: $LAB/resolv.conf
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard: {memory.available: "50Mi", nodefs.available: "1%", nodefs.inodesFree: "1%", imagefs.available: "1%"}
+serializeImagePulls: false
+registerNode: true
+syncFrequency: 10s
+nodeStatusUpdateFrequency: 5s
+fileCheckFrequency: 60s
+maxPods: 110
+EOF
+  cat >"$dir/kube-proxy.yaml" <<EOF
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: iptables
+clientConnection: {kubeconfig: $STATE/kube-proxy.kubeconfig}
+hostnameOverride: $name
+bindAddress: $ip
+clusterCIDR: $CLUSTER_CIDR
+healthzBindAddress: 127.0.0.1:10256
+metricsBindAddress: 127.0.0.1:10249
+nodePortAddresses: ["$ip/32"]
+conntrack:
+  maxPerCore: 0
+  min: 0
+  tcpEstablishedTimeout: 0s
+  tcpCloseWaitTimeout: 0s
+EOF
+}
+
+import_images() {
+  local short=$1 dir=$STATE/nodes/$1 tar sum stamp
+  mkdir -p "$dir/imported"
+  for tar in "$IMAGES"/*.tar "$ROOT"/bin/images/*.tar; do
+    [ -f "$tar" ] || continue
+    sum=$(cksum <"$tar" | awk '{print $1}')
+    stamp=$dir/imported/$(basename "$tar").$sum
+    [ -f "$stamp" ] && continue
+    in_node "$short" ctr -a /run/containerd/containerd.sock -n k8s.io images import --all-platforms "$tar" >>"$LOGS/$short-images.log" 2>&1 ||
+      die "importing $tar into $short failed (see $LOGS/$short-images.log)"
+    touch "$stamp"
+  done
+}
+
+node_up() {
+  local short=$1 name=$2 ip=$3 cidr=$4 dir=$STATE/nodes/$1
+  mkdir -p "$dir"
+  node_mounts_up "$short"
+  node_cgroups_up "$short"
+  write_containerd_config "$dir"
+  write_cni_conflist "$dir" "$cidr"
+  write_kubelet_config "$short" "$name" "$ip"
+  write_kubeconfig "$dir/kubelet.kubeconfig" "kubelet-$short"
+  start_proc "$short-containerd" "$short" containerd --config "$dir/containerd.toml" --log-level warn
+  wait_for 30 "containerd on $short" in_node "$short" ctr -a /run/containerd/containerd.sock version ||
+    die "containerd on $short did not start (see $LOGS/$short-containerd.log)"
+  import_images "$short"
+  start_proc "$short-kubelet" "$short" "$K8S_BIN/kubelet" --config="$dir/kubelet.yaml" \
+    --kubeconfig="$dir/kubelet.kubeconfig" --node-ip="$ip" --hostname-override="$name" --v=1
+  start_proc "$short-kube-proxy" "$short" "$K8S_BIN/kube-proxy" --config="$dir/kube-proxy.yaml"
+  say "node $name ($short, $ip, pods $cidr): containerd, kubelet, kube-proxy started"
+}
+
+node_ready() { [ "$(kc get node "$1" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ]; }
+
+nodes_finish() {
+  local short name ip cidr
+  while read -r short name ip cidr; do
+    wait_for 120 "node $name to register" kc get node "$name" || die "node $name did not register (see $LOGS/$short-kubelet.log)"
+    if [ -z "$(kc get node "$name" -o jsonpath='{.spec.podCIDR}')" ]; then
+      kc patch node "$name" --type merge -p "{\"spec\":{\"podCIDR\":\"$cidr\",\"podCIDRs\":[\"$cidr\"]}}" >/dev/null
+    fi
+    kc label node "$name" --overwrite node-role.kubernetes.io/worker= ambient.lab/node="$short" >/dev/null
+  done < <(workers)
+  while read -r short name _; do
+    wait_for 120 "node $name Ready" node_ready "$name" || die "node $name not Ready (see $LOGS/$short-kubelet.log)"
+  done < <(workers)
+  say "all $LAB_WORKERS worker nodes Ready"
+}
+
+addons_up() {
+  kc apply -f "$ROOT/test/lab/manifests/coredns.yaml" >/dev/null
+  wait_for 120 "CoreDNS available" kc -n kube-system wait --for=condition=available deploy/coredns --timeout=2s ||
+    die "CoreDNS did not become available"
+  say "CoreDNS available at $DNS_SVC_IP"
+}
+
+# ---------------------------------------------------------------------- up
+up() {
+  need_root
+  mkdir -p "$STATE" "$LOGS" "$RUN"
+  if [ ! -f "$STATE/.up" ]; then rm -f "$LOGS"/*.log; fi
+  say "lab up: $LAB_WORKERS workers, state in $STATE, logs in $LOGS"
+  ensure_packages
+  ensure_binaries
+  say "binaries and images ready"
+  touch "$STATE/.up"
+  net_up
+  say "network: bridge $BRIDGE $NODE_NET, netns $(ip netns list | awk '{print $1}' | grep "^$PREFIX-" | tr '\n' ' ')"
+  pki_up
+  write_kubeconfig "$KUBECONFIG_FILE" admin
+  write_kubeconfig "$STATE/kube-proxy.kubeconfig" kube-proxy
+  printf 'nameserver %s\nsearch default.svc.%s svc.%s %s\noptions ndots:5\n' "$DNS_SVC_IP" "$CLUSTER_DOMAIN" "$CLUSTER_DOMAIN" "$CLUSTER_DOMAIN" >"$LAB/resolv.conf"
+  cp_up
+  say "control plane up (etcd, kube-apiserver, controller-manager, scheduler)"
+  local pids=() short name ip cidr
+  while read -r short name ip cidr; do
+    node_up "$short" "$name" "$ip" "$cidr" &
+    pids+=($!)
+  done < <(workers)
+  for p in "${pids[@]}"; do wait "$p" || die "a worker failed to start"; done
+  nodes_finish
+  addons_up
+  say "lab is up. Use it with:  export KUBECONFIG=$KUBECONFIG_FILE"
+}
+
+# -------------------------------------------------------------------- down
+# kill_recorded <name>: stops a recorded process if it is still the binary we started.
+kill_recorded() {
+  local pidf=$STATE/pids/$1.pid exe pid
+  [ -f "$pidf" ] || return 0
+  pid=$(cat "$pidf"); exe=$(cat "$STATE/pids/$1.exe" 2>/dev/null || true)
+  if kill -0 "$pid" 2>/dev/null && [ "$(readlink -f "/proc/$pid/exe" 2>/dev/null)" = "$(readlink -f "$(command -v "$exe" || echo "$exe")")" ]; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    kill -0 "$pid" 2>/dev/null && { kill -TERM "$pid" 2>/dev/null; sleep 1; } # the apiserver may want a second TERM
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$pidf" "$STATE/pids/$1.exe"
+}
+
+# Processes inside a node's cgroup root are pods the lab's kubelet started.
+kill_node_cgroups() {
+  local c pids
+  for c in $(cgroup_dirs "$1"); do
+    [ -d "$c" ] || continue
+    pids=$(find "$c" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -u || true)
+    # shellcheck disable=SC2086
+    [ -n "$pids" ] && kill -KILL $pids 2>/dev/null || true
+  done
+}
+
+# Processes sharing a node's mount namespace (containerd shims) were started by
+# the lab's containerd on that node.
+kill_node_mntns() {
+  local mnt=$1 ino p
+  [ -f "$mnt" ] && mountpoint -q "$mnt" || return 0
+  ino=$(stat -L -c %i "$mnt" 2>/dev/null) || return 0
+  for p in /proc/[0-9]*; do
+    [ "$(stat -L -c %i "$p/ns/mnt" 2>/dev/null)" = "$ino" ] && kill -KILL "${p#/proc/}" 2>/dev/null || true
+  done
+}
+
+remove_cgroups() {
+  local c
+  for c in $(cgroup_dirs "$1"); do
+    [ -d "$c" ] || continue
+    find "$c" -depth -type d -exec rmdir {} \; 2>/dev/null || true
+  done
+}
+
+down() {
+  need_root
+  say "lab down"
+  local shorts; shorts=$(workers | awk '{print $1}')
+  # Nodes also listed by recorded state, in case LAB_WORKERS changed since up.
+  [ -d "$STATE/nodes" ] && shorts=$(printf '%s\n' $shorts $(ls "$STATE/nodes") | sort -u)
+  local s
+  for s in $shorts; do kill_recorded "$s-kubelet"; kill_recorded "$s-kube-proxy"; done
+  for s in $shorts; do kill_node_cgroups "$s"; done
+  for s in $shorts; do kill_recorded "$s-containerd"; kill_node_mntns "$(mntns_path "$s")"; done
+  say "workers stopped"
+  for c in kube-scheduler kube-controller-manager kube-apiserver etcd; do kill_recorded "$c"; done
+  say "control plane stopped"
+  sleep 0.5
+  for s in $shorts; do
+    kill_node_cgroups "$s"; remove_cgroups "$s"
+    local mnt; mnt=$(mntns_path "$s")
+    if [ -f "$mnt" ]; then umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true; rm -f "$mnt"; fi
+  done
+  for s in cp $shorts; do
+    ip netns del "$PREFIX-$s" 2>/dev/null || true
+    ip link del "$PREFIX-$s" 2>/dev/null || true
+  done
+  ip link del "$BRIDGE" 2>/dev/null || true
+  guard_down
+  if [ -f "$STATE/ip_forward.orig" ]; then sysctl -qw net.ipv4.ip_forward="$(cat "$STATE/ip_forward.orig")"; fi
+  if mountpoint -q "$RUN/ns" 2>/dev/null; then umount "$RUN/ns" 2>/dev/null || umount -l "$RUN/ns" 2>/dev/null || true; fi
+  rmdir "$RUN/ns" "$RUN" 2>/dev/null || true
+  if [ -f "$STATE/created-dirs" ]; then
+    sort -ru "$STATE/created-dirs" | while read -r d; do rmdir "$d" 2>/dev/null || true; done
+  fi
+  rm -rf "$STATE"
+  say "lab removed (logs of this run kept in $LOGS)"
+}
+
+# ------------------------------------------------------------------ status
+status() {
+  local f name
+  echo "processes:"
+  for f in "$STATE"/pids/*.pid; do
+    [ -f "$f" ] || continue
+    name=$(basename "$f" .pid)
+    if pid_alive "$f"; then
+      printf '  %-26s pid %-7s rss %s MiB\n' "$name" "$(cat "$f")" "$(($(awk '/VmRSS/ {print $2}' "/proc/$(cat "$f")/status") / 1024))"
+    else
+      printf '  %-26s NOT RUNNING\n' "$name"
+    fi
+  done
+  [ -f "$KUBECONFIG_FILE" ] || return 0
+  echo; kc get nodes -o wide 2>&1 || true
+  echo; kc get pods -A -o wide 2>&1 || true
+}
+
+case ${1:-} in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  env) echo "export KUBECONFIG=$KUBECONFIG_FILE" ;;
+  *) echo "usage: $0 up|down|status|env" >&2; exit 2 ;;
+esac

@@ -1,0 +1,84 @@
+# Shared settings and helpers of the lab scripts (sourced, not run).
+# shellcheck shell=bash
+
+ROOT=${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+K8S_VERSION=${K8S_VERSION:-1.36.3}
+COREDNS_VERSION=${COREDNS_VERSION:-v1.12.4}
+K8S_BIN=$ROOT/bin/k8s/$K8S_VERSION
+COREDNS_BIN=$ROOT/bin/coredns/$COREDNS_VERSION/coredns
+LAB=${LAB_DIR:-$ROOT/bin/lab}          # everything the lab writes, except /run/alab
+STATE=$LAB/state                       # runtime state, removed by down
+LOGS=$LAB/logs                         # component logs of the last run (kept after down)
+PKI=$LAB/pki                           # certificates (kept: regenerating them buys nothing)
+IMAGES=$LAB/images                     # lab image tarballs (test/lab/imagebuild)
+KUBECONFIG_FILE=$LAB/kubeconfig
+RUN=/run/alab                          # namespace handles (must be on a private mount)
+
+# Names: every host-visible object starts with "alab" so teardown and other
+# engineers can tell it apart.
+PREFIX=alab
+BRIDGE=alab0
+GUARD_COMMENT="ambient-lab-guard"
+
+# Addressing. The node network lives on the lab bridge; the host holds only
+# BRIDGE_IP (for kubectl). Pod and service ranges never appear in the host's
+# routing table, and the host's ip_forward is left alone, so nothing the lab
+# runs can reach the uplink.
+NODE_NET=10.201.0.0/24
+BRIDGE_IP=10.201.0.1
+CP_IP=10.201.0.2
+CLUSTER_CIDR=10.244.0.0/16
+SERVICE_CIDR=10.96.0.0/16
+KUBERNETES_SVC_IP=10.96.0.1
+DNS_SVC_IP=10.96.0.10
+CLUSTER_DOMAIN=cluster.local
+APISERVER=https://$CP_IP:6443
+
+# Worker nodes: "<short> <node name> <node ip> <pod cidr>".
+LAB_WORKERS=${LAB_WORKERS:-2}
+workers() {
+  local i
+  for ((i = 1; i <= LAB_WORKERS; i++)); do
+    local name=ambient-worker
+    [ "$i" -gt 1 ] && name=ambient-worker$i
+    echo "w$i $name 10.201.0.$((10 + i)) 10.244.$i.0/24"
+  done
+}
+
+# Paths that kubelet, containerd and CNI hard-code; each node gets private
+# copies in its own mount namespace. /run is a private tmpfs per node, which
+# also covers hostPath users such as /var/run/ambient.
+NODE_BIND_PATHS=(/var/lib/kubelet /var/lib/containerd /var/lib/cni /var/log /etc/cni /opt/cni)
+
+T0=${T0:-$(date +%s.%N)}
+export T0
+elapsed() { awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN { printf "%6.1fs", b - a }'; }
+say() { echo "[$(elapsed)] $*"; }
+die() { echo "[$(elapsed)] ERROR: $*" >&2; exit 1; }
+
+need_root() { [ "$(id -u)" = 0 ] || die "the lab needs root (network and mount namespaces)"; }
+
+# kc runs kubectl against the lab.
+kc() { kubectl --kubeconfig "$KUBECONFIG_FILE" "$@"; }
+
+# wait_for <seconds> <description> <command...>: polls until the command succeeds.
+wait_for() {
+  local timeout=$1 what=$2; shift 2
+  local deadline=$((SECONDS + timeout))
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || { say "timed out after ${timeout}s waiting for $what"; return 1; }
+    sleep 0.5
+  done
+}
+
+netns_path() { echo "/run/netns/$PREFIX-$1"; }
+mntns_path() { echo "$RUN/ns/$1.mnt"; }
+
+# in_node <short> <cmd...>: runs a command inside a node's network and mount namespaces.
+in_node() {
+  local n=$1; shift
+  nsenter --mount="$(mntns_path "$n")" --net="$(netns_path "$n")" -- "$@"
+}
+in_cp() { nsenter --net="$(netns_path cp)" -- "$@"; }
+
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
