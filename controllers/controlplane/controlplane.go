@@ -18,9 +18,13 @@ import (
 	"github.com/go-logr/logr"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	securityv1 "istio.io/client-go/pkg/apis/security/v1"
+	securityv1beta1 "istio.io/client-go/pkg/apis/security/v1beta1"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 	"github.com/ambientmesh/ambient/controllers/caserver"
@@ -67,6 +71,9 @@ func Setup(mgr ctrl.Manager, o Options) error {
 
 func setup(mgr ctrl.Manager, o Options) (*ControlPlane, error) {
 	o.defaults()
+	if err := AddToScheme(mgr.GetScheme()); err != nil {
+		return nil, err
+	}
 	if err := mgr.GetFieldIndexer().IndexField(context.Background(), &corev1.Pod{}, caserver.NodeIndexField, func(obj client.Object) []string {
 		if n := obj.(*corev1.Pod).Spec.NodeName; n != "" {
 			return []string{n}
@@ -81,6 +88,25 @@ func setup(mgr ctrl.Manager, o Options) (*ControlPlane, error) {
 	}
 	return cp, mgr.Add(cp)
 }
+
+// AddToScheme registers the kinds the control plane watches besides the
+// operator's own: Istio security (v1, v1beta1) and the Gateway API.
+func AddToScheme(s *runtime.Scheme) error {
+	for _, add := range []func(*runtime.Scheme) error{securityv1.AddToScheme, securityv1beta1.AddToScheme, gwv1.Install} {
+		if err := add(s); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// RBAC of the control plane (collected by `make manifests`):
+// +kubebuilder:rbac:groups="",resources=pods;services;namespaces,verbs=get;list;watch
+// +kubebuilder:rbac:groups="",resources=secrets,verbs=get
+// +kubebuilder:rbac:groups=authentication.k8s.io,resources=tokenreviews,verbs=create
+// +kubebuilder:rbac:groups=security.istio.io,resources=authorizationpolicies;peerauthentications,verbs=get;list;watch
+// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=gateways;httproutes;grpcroutes,verbs=get;list;watch
+// +kubebuilder:rbac:groups=mesh.ambient.dev,resources=ambientmeshes;waypointpolicies,verbs=get;list;watch
 
 // ControlPlane is the runnable holding the three servers.
 type ControlPlane struct {
