@@ -67,11 +67,17 @@ func orDur(v, d time.Duration) time.Duration {
 // ServeConn serves HTTP/1.1 or HTTP/2 (prior knowledge) on conn, reading
 // through br (from Sniff). It returns when the connection is done.
 func (s *Server) ServeConn(ctx context.Context, conn net.Conn, br *bufio.Reader, p Protocol) {
+	s.ServeConnWith(ctx, conn, br, p, s.Handler)
+}
+
+// ServeConnWith is ServeConn with a per-connection handler (which knows the
+// tunnel's peer and target).
+func (s *Server) ServeConnWith(ctx context.Context, conn net.Conn, br *bufio.Reader, p Protocol, h Handler) {
 	switch p {
 	case HTTP2:
-		s.serveHTTP2(ctx, &bufferedConn{Conn: conn, r: br}, nil, nil)
+		s.serveHTTP2(ctx, &bufferedConn{Conn: conn, r: br}, nil, nil, h)
 	default:
-		s.serveHTTP1(ctx, conn, br)
+		s.serveHTTP1(ctx, conn, br, h)
 	}
 }
 
@@ -92,19 +98,19 @@ func (s *Server) http2Server() *http2.Server {
 	return s.h2
 }
 
-func (s *Server) serveHTTP2(ctx context.Context, conn net.Conn, upgrade *http.Request, settings []byte) {
+func (s *Server) serveHTTP2(ctx context.Context, conn net.Conn, upgrade *http.Request, settings []byte, h Handler) {
 	s.http2Server().ServeConn(conn, &http2.ServeConnOpts{
 		Context:        ctx,
 		BaseConfig:     &http.Server{MaxHeaderBytes: s.maxHeaderBytes()},
-		Handler:        http.HandlerFunc(s.serveH2Request),
+		Handler:        http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { serveH2Request(h, w, r) }),
 		UpgradeRequest: upgrade,
 		Settings:       settings,
 	})
 }
 
 // serveH2Request adapts the Handler to an HTTP/2 stream.
-func (s *Server) serveH2Request(w http.ResponseWriter, r *http.Request) {
-	resp := s.Handler.ServeL7(r)
+func serveH2Request(handler Handler, w http.ResponseWriter, r *http.Request) {
+	resp := handler.ServeL7(r)
 	defer resp.Body.Close()
 	RemoveHopByHop(resp.Header, false)
 	h := w.Header()
@@ -164,7 +170,7 @@ func (s *Server) refuse(w *bufio.Writer, status int, reason string) {
 // serveHTTP1 is the keep-alive loop. Every head is read and validated by
 // us before Go's parser sees it; bodies are framed by us from the validated
 // Content-Length or chunked coding.
-func (s *Server) serveHTTP1(ctx context.Context, conn net.Conn, br *bufio.Reader) {
+func (s *Server) serveHTTP1(ctx context.Context, conn net.Conn, br *bufio.Reader, handler Handler) {
 	bw := bufio.NewWriterSize(conn, 16<<10)
 	for {
 		_ = conn.SetReadDeadline(time.Now().Add(orDur(s.IdleTimeout, 5*time.Minute)))
@@ -202,11 +208,11 @@ func (s *Server) serveHTTP1(ctx context.Context, conn net.Conn, br *bufio.Reader
 			}
 			req.Header.Del("Http2-Settings")
 			RemoveHopByHop(req.Header, false)
-			s.serveHTTP2(ctx, &bufferedConn{Conn: conn, r: br}, req, settings)
+			s.serveHTTP2(ctx, &bufferedConn{Conn: conn, r: br}, req, settings, handler)
 			return
 		}
 
-		resp := s.Handler.ServeL7(req)
+		resp := handler.ServeL7(req)
 		keepAlive := !req.Close && req.ProtoAtLeast(1, 1) && !resp.Close
 		werr := writeResponse(bw, req, resp)
 		resp.Body.Close()
