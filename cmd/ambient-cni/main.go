@@ -89,4 +89,3 @@ func envOr(k, def string) string {
 	}
 	return def
 }
-

@@ -17,11 +17,13 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/utils/ptr"
 	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
@@ -117,6 +119,8 @@ func (a *Agent) setupController(mgr ctrl.Manager) error {
 	})
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("ambient-node-agent").
+		// One agent per process in production; tests restart agents in one process.
+		WithOptions(controller.Options{SkipNameValidation: ptr.To(true)}).
 		For(&corev1.Pod{}).
 		Watches(&corev1.Namespace{}, nsToPods, builder.WithPredicates()).
 		Complete(reconcile.Func(func(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
@@ -185,6 +189,16 @@ func (a *Agent) handleAdd(w http.ResponseWriter, r *http.Request) {
 		if err := a.Resolver.Store.Put(Record{UID: string(pod.UID), ContainerID: ev.ContainerID, Netns: ev.Netns, PodName: ev.PodName, PodNamespace: ev.PodNamespace}); err != nil {
 			a.Log.Error(err, "record sandbox", "pod", key)
 		}
+	}
+	// Give a (re)starting ztunnel a moment so the pod's listeners exist
+	// before its containers start. If ztunnel stays away the pod is still
+	// captured (rules in place, traffic fails closed) and ztunnel receives
+	// it in its next snapshot.
+	select {
+	case <-a.Syncer.Synced():
+	case <-time.After(5 * time.Second):
+		a.Log.Info("ztunnel not connected; pod will be handed over when it is", "pod", key)
+	case <-r.Context().Done():
 	}
 	captured, reason, err := a.Sync(r.Context(), a.API, key, ev.Netns)
 	if err != nil {

@@ -1,0 +1,550 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/go-logr/logr/testr"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/envtest"
+
+	"github.com/ambientmesh/ambient/cmd/ambient-cni/internal/agent"
+	"github.com/ambientmesh/ambient/proxylib/discovery/selection"
+	"github.com/ambientmesh/ambient/proxylib/inpod"
+	"github.com/ambientmesh/ambient/proxylib/netnsutil"
+	"github.com/ambientmesh/ambient/proxylib/redirect"
+	"github.com/ambientmesh/ambient/test/netns"
+)
+
+// One real kube-apiserver + etcd for the file; tests use distinct namespaces.
+var (
+	restCfg *rest.Config
+	k8s     client.Client
+)
+
+func TestMain(m *testing.M) {
+	if os.Getenv("KUBEBUILDER_ASSETS") == "" {
+		if _, err := os.Stat("../../bin/k8s/1.36.3/kube-apiserver"); err == nil {
+			abs, _ := filepath.Abs("../../bin/k8s/1.36.3")
+			os.Setenv("KUBEBUILDER_ASSETS", abs)
+		}
+	}
+	if os.Geteuid() != 0 && os.Getenv("CI") != "true" {
+		fmt.Fprintln(os.Stderr, "skipping: namespaced node-agent tests need root")
+		os.Exit(0)
+	}
+	env := &envtest.Environment{}
+	cfg, err := env.Start()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "envtest:", err)
+		os.Exit(1)
+	}
+	restCfg = cfg
+	k8s, err = client.New(cfg, client.Options{Scheme: clientgoscheme.Scheme})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	_ = env.Stop()
+	os.Exit(code)
+}
+
+const nodeName = "node1"
+
+// fakeZtunnel is ztunnel's capture half: it serves each added pod's :15001
+// by answering "ztunnel <original dst>".
+type fakeZtunnel struct {
+	mu        sync.Mutex
+	pods      map[string]*inpod.PodListeners
+	adds      int
+	snapshots int
+}
+
+func (z *fakeZtunnel) AddWorkload(uid string, _ inpod.WorkloadInfo, ns *os.File) error {
+	defer ns.Close()
+	ls, err := inpod.OpenListeners(ns)
+	if err != nil {
+		return err
+	}
+	go func() {
+		for {
+			c, err := ls.Outbound.Accept()
+			if err != nil {
+				return
+			}
+			od, _ := netnsutil.OriginalDst(c)
+			_, _ = io.WriteString(c, "ztunnel "+od.String())
+			c.Close()
+		}
+	}()
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	z.pods[uid] = ls
+	z.adds++
+	return nil
+}
+
+func (z *fakeZtunnel) DelWorkload(uid string) error {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	if ls := z.pods[uid]; ls != nil {
+		ls.Close()
+		delete(z.pods, uid)
+	}
+	return nil
+}
+
+func (z *fakeZtunnel) SnapshotDone() { z.mu.Lock(); z.snapshots++; z.mu.Unlock() }
+
+func (z *fakeZtunnel) has(uid types.UID) bool {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	return z.pods[string(uid)] != nil
+}
+
+func (z *fakeZtunnel) counts() (adds, snapshots int) {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	return z.adds, z.snapshots
+}
+
+type env struct {
+	t       *testing.T
+	dir     string
+	ztunnel *fakeZtunnel
+	zsock   string
+	cniSock string
+}
+
+func newEnv(t *testing.T) *env {
+	dir, err := os.MkdirTemp("", "amb-cni-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	e := &env{t: t, dir: dir, ztunnel: &fakeZtunnel{pods: map[string]*inpod.PodListeners{}},
+		zsock: filepath.Join(dir, "ztunnel.sock"), cniSock: filepath.Join(dir, "cni.sock")}
+	ctx, cancel := context.WithCancel(context.Background())
+	srv := inpod.NewServer(e.zsock, e.ztunnel, testr.New(t).WithName("ztunnel"))
+	done := make(chan struct{})
+	go func() { defer close(done); _ = srv.ListenAndServe(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+		for uid := range e.ztunnel.pods {
+			_ = e.ztunnel.DelWorkload(uid)
+		}
+	})
+	return e
+}
+
+// startAgent runs a node agent; the returned func stops it and waits.
+func (e *env) startAgent() (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- agent.Run(ctx, restCfg, agent.Options{
+			NodeName:      nodeName,
+			Selection:     selection.Config{MeshNamespace: "ambient-system"},
+			ZtunnelSocket: e.zsock,
+			CNISocket:     e.cniSock,
+			StateDir:      filepath.Join(e.dir, "pods"),
+			ProcRoot:      "/proc",
+			Redirect:      redirect.DefaultConfig(),
+			Log:           testr.New(e.t).WithName("agent"),
+		})
+	}()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				e.t.Errorf("agent: %v", err)
+			}
+		})
+	}
+	e.t.Cleanup(stop)
+	return stop
+}
+
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func createNamespace(t *testing.T, name string, ambient bool) {
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}
+	if ambient {
+		ns.Labels = map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeAmbient}
+	}
+	if err := k8s.Create(context.Background(), ns); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func setNamespaceAmbient(t *testing.T, name string, ambient bool) {
+	var ns corev1.Namespace
+	if err := k8s.Get(context.Background(), client.ObjectKey{Name: name}, &ns); err != nil {
+		t.Fatal(err)
+	}
+	if ns.Labels == nil {
+		ns.Labels = map[string]string{}
+	}
+	if ambient {
+		ns.Labels[selection.DataplaneModeLabel] = selection.DataplaneModeAmbient
+	} else {
+		delete(ns.Labels, selection.DataplaneModeLabel)
+	}
+	if err := k8s.Update(context.Background(), &ns); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// createPod creates the API object for a pod on node1 with the given IP.
+func createPod(t *testing.T, ns, name string, ip netip.Addr) *corev1.Pod {
+	ctx := context.Background()
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
+		Spec: corev1.PodSpec{NodeName: nodeName, ServiceAccountName: "default",
+			Containers: []corev1.Container{{Name: "app", Image: "app:test"}}},
+	}
+	if err := k8s.Create(ctx, pod); err != nil {
+		t.Fatal(err)
+	}
+	if ip.IsValid() {
+		pod.Status.Phase = corev1.PodRunning
+		pod.Status.PodIP = ip.String()
+		pod.Status.PodIPs = []corev1.PodIP{{IP: ip.String()}}
+		if err := k8s.Status().Update(ctx, pod); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return pod
+}
+
+func annotation(t *testing.T, pod *corev1.Pod) string {
+	var p corev1.Pod
+	if err := k8s.Get(context.Background(), client.ObjectKeyFromObject(pod), &p); err != nil {
+		return "<gone>"
+	}
+	return p.Annotations[selection.RedirectionAnnotation]
+}
+
+func installed(t *testing.T, p *netns.Pod) bool {
+	f, err := p.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	ok, err := redirect.NewNFTables(redirect.DefaultConfig()).Installed(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ok
+}
+
+// dialFrom connects from the pod's namespace like its app would and returns
+// the first reply.
+func dialFrom(t *testing.T, p *netns.Pod, dst netip.AddrPort) string {
+	f, _ := p.Open()
+	defer f.Close()
+	c, err := netnsutil.DialTCP(context.Background(), f, netip.AddrPort{}, dst, netnsutil.SocketOptions{})
+	if err != nil {
+		return "dial error: " + err.Error()
+	}
+	defer c.Close()
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	b, _ := io.ReadAll(c)
+	return string(b)
+}
+
+func serveName(t *testing.T, p *netns.Pod, port int, name string) {
+	f, _ := p.Open()
+	defer f.Close()
+	ln, err := netnsutil.ListenTCP(f, fmt.Sprintf("[::]:%d", port), netnsutil.SocketOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			_, _ = io.WriteString(c, name)
+			c.Close()
+		}
+	}()
+}
+
+// uniqueIP gives a lab pod an extra address no other lab on the machine
+// uses, so the agent's by-IP namespace search cannot find someone else's.
+func uniqueIP(t *testing.T, p *netns.Pod) netip.Addr {
+	var b [2]byte
+	f, _ := os.Open("/dev/urandom")
+	_, _ = io.ReadFull(f, b[:])
+	f.Close()
+	ip := netip.AddrFrom4([4]byte{10, 123, b[0], b[1]|1})
+	p.AddAddr("eth0", ip.String()+"/32")
+	return ip
+}
+
+func TestCaptureRunningPodWithoutRestartAndReadoption(t *testing.T) {
+	c := netns.NewCluster(t)
+	node := c.AddNode("n1")
+	podNS, outside := node.AddPod("web"), node.AddPod("outside")
+	serveName(t, outside, 9090, "outside")
+	ip := uniqueIP(t, podNS)
+	app := podNS.Start("sleep", "600") // the pod's running process
+	e := newEnv(t)
+	createNamespace(t, "running", false)
+	pod := createPod(t, "running", "web", ip)
+	target := netip.AddrPortFrom(outside.IP, 9090)
+
+	stopAgent := e.startAgent()
+	eventually(t, "the agent synced ztunnel", func() bool { _, s := e.ztunnel.counts(); return s >= 1 })
+	if installed(t, podNS) || e.ztunnel.has(pod.UID) {
+		t.Fatal("pod captured although its namespace is not ambient")
+	}
+	if got := dialFrom(t, podNS, target); got != "outside" {
+		t.Fatalf("uncaptured pod reached %q", got)
+	}
+
+	setNamespaceAmbient(t, "running", true)
+	eventually(t, "the running pod is captured", func() bool {
+		return installed(t, podNS) && e.ztunnel.has(pod.UID) && annotation(t, pod) == selection.RedirectionEnabled
+	})
+	if got, want := dialFrom(t, podNS, target), "ztunnel "+target.String(); got != want {
+		t.Fatalf("captured pod's outbound reached %q, want %q", got, want)
+	}
+
+	t.Run("agent restart re-adopts without re-creating", func(t *testing.T) {
+		stopAgent()
+		adds, snaps := e.ztunnel.counts()
+		stopAgent = e.startAgent()
+		eventually(t, "the new agent's snapshot", func() bool { _, s := e.ztunnel.counts(); return s > snaps })
+		if a, _ := e.ztunnel.counts(); a != adds || !e.ztunnel.has(pod.UID) {
+			t.Fatalf("after agent restart: adds %d (want %d), served %v", a, adds, e.ztunnel.has(pod.UID))
+		}
+		if !installed(t, podNS) {
+			t.Fatal("rules gone after agent restart")
+		}
+		if got := dialFrom(t, podNS, target); !strings.HasPrefix(got, "ztunnel ") {
+			t.Fatalf("after agent restart outbound reached %q", got)
+		}
+	})
+
+	setNamespaceAmbient(t, "running", false)
+	eventually(t, "the pod is released", func() bool {
+		return !installed(t, podNS) && !e.ztunnel.has(pod.UID) && annotation(t, pod) == ""
+	})
+	if got := dialFrom(t, podNS, target); got != "outside" {
+		t.Fatalf("released pod reached %q", got)
+	}
+	if app.ProcessState != nil {
+		t.Fatal("the pod's process exited: capture must never restart pods")
+	}
+
+	t.Run("pod deleted while the agent is down is dropped", func(t *testing.T) {
+		setNamespaceAmbient(t, "running", true)
+		eventually(t, "captured again", func() bool { return e.ztunnel.has(pod.UID) })
+		stopAgent()
+		zero := int64(0)
+		if err := k8s.Delete(context.Background(), pod, &client.DeleteOptions{GracePeriodSeconds: &zero}); err != nil {
+			t.Fatal(err)
+		}
+		stopAgent = e.startAgent()
+		eventually(t, "ztunnel drops the deleted pod", func() bool { return !e.ztunnel.has(pod.UID) })
+	})
+}
+
+func TestOptOutAndSidecarNotCaptured(t *testing.T) {
+	c := netns.NewCluster(t)
+	node := c.AddNode("n1")
+	e := newEnv(t)
+	createNamespace(t, "optout", true)
+	tests := []struct {
+		name string
+		mut  func(*corev1.Pod)
+	}{
+		{"dataplane-mode none", func(p *corev1.Pod) { p.Labels = map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeNone} }},
+		{"redirection disabled", func(p *corev1.Pod) {
+			p.Annotations = map[string]string{selection.RedirectionAnnotation: selection.RedirectionDisabled}
+		}},
+		{"sidecar", func(p *corev1.Pod) { p.Annotations = map[string]string{selection.SidecarStatusAnnotation: "{}"} }},
+	}
+	var pods []*corev1.Pod
+	var nss []*netns.Pod
+	for i, tc := range tests {
+		p := node.AddPod(fmt.Sprintf("o%d", i))
+		p.Start("sleep", "600")
+		ip := uniqueIP(t, p)
+		pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "optout", Name: fmt.Sprintf("p%d", i)},
+			Spec: corev1.PodSpec{NodeName: nodeName, Containers: []corev1.Container{{Name: "a", Image: "a"}}}}
+		tc.mut(pod)
+		if err := k8s.Create(context.Background(), pod); err != nil {
+			t.Fatal(err)
+		}
+		pod.Status.PodIP, pod.Status.PodIPs = ip.String(), []corev1.PodIP{{IP: ip.String()}}
+		if err := k8s.Status().Update(context.Background(), pod); err != nil {
+			t.Fatal(err)
+		}
+		pods, nss = append(pods, pod), append(nss, p)
+	}
+	// A captured control pod proves the agent has processed the namespace.
+	control := node.AddPod("control")
+	control.Start("sleep", "600")
+	cpod := createPod(t, "optout", "control", uniqueIP(t, control))
+	e.startAgent()
+	eventually(t, "control pod captured", func() bool { return e.ztunnel.has(cpod.UID) && installed(t, control) })
+	for i, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if installed(t, nss[i]) || e.ztunnel.has(pods[i].UID) || annotation(t, pods[i]) == selection.RedirectionEnabled {
+				t.Fatal("opted-out pod was captured")
+			}
+		})
+	}
+}
+
+// writeKubeconfig writes a kubeconfig for the envtest API server.
+func writeKubeconfig(t *testing.T, dir string) string {
+	kc := clientcmdapi.NewConfig()
+	kc.Clusters["envtest"] = &clientcmdapi.Cluster{Server: restCfg.Host, CertificateAuthorityData: restCfg.CAData}
+	kc.AuthInfos["admin"] = &clientcmdapi.AuthInfo{ClientCertificateData: restCfg.CertData, ClientKeyData: restCfg.KeyData, Token: restCfg.BearerToken}
+	kc.Contexts["envtest"] = &clientcmdapi.Context{Cluster: "envtest", AuthInfo: "admin"}
+	kc.CurrentContext = "envtest"
+	path := filepath.Join(dir, "kubeconfig")
+	if err := clientcmd.WriteToFile(*kc, path); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+type cniRun struct {
+	stdout, stderr string
+	err            error
+}
+
+// runPlugin executes the built plugin as a container runtime would.
+func runPlugin(t *testing.T, bin, command, netnsPath, ns, name string, uid types.UID, conf string) cniRun {
+	cmd := exec.Command(bin)
+	cmd.Env = []string{
+		"CNI_COMMAND=" + command, "CNI_CONTAINERID=sandbox-" + name, "CNI_NETNS=" + netnsPath,
+		"CNI_IFNAME=eth0", "CNI_PATH=/opt/cni/bin",
+		fmt.Sprintf("CNI_ARGS=IgnoreUnknown=1;K8S_POD_NAMESPACE=%s;K8S_POD_NAME=%s;K8S_POD_INFRA_CONTAINER_ID=sandbox-%s;K8S_POD_UID=%s", ns, name, name, uid),
+	}
+	cmd.Stdin = strings.NewReader(conf)
+	var out, errb strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	return cniRun{out.String(), errb.String(), err}
+}
+
+func TestCNIPluginAddDel(t *testing.T) {
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "ambient-cni")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("build plugin: %v\n%s", err, out)
+	}
+	c := netns.NewCluster(t)
+	node := c.AddNode("n1")
+	sandbox := node.AddPod("cnipod")
+	e := newEnv(t)
+	createNamespace(t, "cni", true)
+	createNamespace(t, "plain", false)
+	pod := createPod(t, "cni", "cnipod", netip.Addr{}) // no IP yet: the sandbox is being created
+	e.startAgent()
+	eventually(t, "agent serving CNI", func() bool { _, err := os.Stat(e.cniSock); return err == nil })
+
+	prev := fmt.Sprintf(`{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":%q}],"ips":[{"address":"%s/24","interface":0,"gateway":"%s"}]}`,
+		sandbox.Path(), sandbox.IP, node.Gateway)
+	conf := func(socket string, extra string) string {
+		return fmt.Sprintf(`{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"ambient-cni","agentSocket":%q,"meshNamespace":"ambient-system"%s,"prevResult":%s}`, socket, extra, prev)
+	}
+
+	r := runPlugin(t, bin, "ADD", sandbox.Path(), "cni", "cnipod", pod.UID, conf(e.cniSock, ""))
+	if r.err != nil {
+		t.Fatalf("ADD failed: %v\nstdout: %s\nstderr: %s", r.err, r.stdout, r.stderr)
+	}
+	var res struct {
+		IPs []struct{ Address string } `json:"ips"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil || len(res.IPs) != 1 || res.IPs[0].Address != sandbox.IP.String()+"/24" {
+		t.Fatalf("ADD did not pass prevResult through: %q (%v)", r.stdout, err)
+	}
+	// Capture is complete when ADD returns: before any container starts.
+	if !installed(t, sandbox) || !e.ztunnel.has(pod.UID) || annotation(t, pod) != selection.RedirectionEnabled {
+		t.Fatalf("after ADD: rules %v, ztunnel %v, annotation %q", installed(t, sandbox), e.ztunnel.has(pod.UID), annotation(t, pod))
+	}
+
+	r = runPlugin(t, bin, "DEL", sandbox.Path(), "cni", "cnipod", pod.UID, conf(e.cniSock, ""))
+	if r.err != nil {
+		t.Fatalf("DEL failed: %v %s", r.err, r.stderr)
+	}
+	if installed(t, sandbox) || e.ztunnel.has(pod.UID) {
+		t.Fatal("DEL left the pod captured")
+	}
+
+	t.Run("agent unreachable", func(t *testing.T) {
+		dead := filepath.Join(dir, "nobody.sock")
+		kubeconfig := writeKubeconfig(t, dir)
+		plain := createPod(t, "plain", "plainpod", netip.Addr{})
+		tests := []struct {
+			name, ns, pod string
+			uid           types.UID
+			extra         string
+			wantOK        bool
+		}{
+			{"captured pod fails closed", "cni", "cnipod", pod.UID, "", false},
+			{"captured pod fails closed with kubeconfig", "cni", "cnipod", pod.UID, fmt.Sprintf(`,"kubeconfig":%q`, kubeconfig), false},
+			{"kube-system passes", "kube-system", "coredns", "u1", "", true},
+			{"non-ambient pod passes with kubeconfig", "plain", "plainpod", plain.UID, fmt.Sprintf(`,"kubeconfig":%q`, kubeconfig), true},
+			{"non-ambient pod without kubeconfig fails closed", "plain", "plainpod", plain.UID, "", false},
+		}
+		for _, tc := range tests {
+			t.Run(tc.name, func(t *testing.T) {
+				r := runPlugin(t, bin, "ADD", sandbox.Path(), tc.ns, tc.pod, tc.uid, conf(dead, tc.extra))
+				if (r.err == nil) != tc.wantOK {
+					t.Fatalf("ADD ok=%v, want %v\nstdout: %s\nstderr: %s", r.err == nil, tc.wantOK, r.stdout, r.stderr)
+				}
+			})
+		}
+		if installed(t, sandbox) {
+			t.Fatal("rules installed without an agent")
+		}
+	})
+
+	t.Run("not chained", func(t *testing.T) {
+		r := runPlugin(t, bin, "ADD", sandbox.Path(), "cni", "cnipod", pod.UID,
+			fmt.Sprintf(`{"cniVersion":"1.0.0","name":"n","type":"ambient-cni","agentSocket":%q}`, e.cniSock))
+		if r.err == nil {
+			t.Fatal("ADD without prevResult succeeded")
+		}
+	})
+}
+
