@@ -60,13 +60,6 @@ type Dialer struct {
 
 var _ hbone.Dialer = (*Dialer)(nil)
 
-// RejectedError is a CONNECT answered with a non-200 status.
-type RejectedError struct{ Status int }
-
-func (e *RejectedError) Error() string {
-	return fmt.Sprintf("h3: CONNECT rejected with status %d %s", e.Status, http.StatusText(e.Status))
-}
-
 // ErrDialerClosed is returned by Dial after Close.
 var ErrDialerClosed = errors.New("h3: dialer closed")
 
@@ -166,7 +159,7 @@ func (d *Dialer) connect(ctx context.Context, c *conn, rs *http3.RequestStream, 
 		return fail(fmt.Errorf("h3: CONNECT %s via %s: %w", authority, req.ProxyAddr, err))
 	}
 	if resp.StatusCode != http.StatusOK {
-		return fail(&RejectedError{Status: resp.StatusCode})
+		return fail(&hbone.RejectedError{Status: resp.StatusCode})
 	}
 	return newStream(rs, c.qc.LocalAddr(), c.qc.RemoteAddr(), c.release), nil
 }

@@ -117,7 +117,7 @@ func TestIdentityVerification(t *testing.T) {
 				s.Close()
 				t.Fatal("dial succeeded; want handshake failure")
 			}
-			var rej *RejectedError
+			var rej *hbone.RejectedError
 			if errors.As(err, &rej) || called.Load() {
 				t.Fatalf("handshake passed and handler ran (err %v); want refusal during TLS", err)
 			}
@@ -151,10 +151,12 @@ func TestMalformedRequests(t *testing.T) {
 		resp.Reject(http.StatusForbidden, "test")
 	})
 	cc := rawClient(t, mesh.source(t, clientID), srv)
+	self := srv.Addr().String()
 	tests := []struct {
 		method, authority string
 		want              int
 	}{
+		{http.MethodConnect, self, http.StatusBadRequest}, // recursion into this proxy
 		{http.MethodConnect, "example.com:80", http.StatusBadRequest},
 		{http.MethodConnect, "10.0.0.5:0", http.StatusBadRequest},
 		{http.MethodConnect, "10.0.0.5:65536", http.StatusBadRequest},
@@ -220,7 +222,7 @@ func TestRejectStatusReachesDialer(t *testing.T) {
 	})
 	d := newTestDialer(t, mesh.source(t, clientID), nil)
 	_, err := d.Dial(context.Background(), dialReq(srv))
-	var rej *RejectedError
+	var rej *hbone.RejectedError
 	if !errors.As(err, &rej) || rej.Status != http.StatusServiceUnavailable {
 		t.Fatalf("err = %v, want RejectedError 503", err)
 	}
@@ -235,7 +237,7 @@ func TestHandlerAnsweringNothingGets500(t *testing.T) {
 	srv := startServer(t, mesh.source(t, serverID), func(context.Context, *hbone.Request, hbone.Responder) {})
 	d := newTestDialer(t, mesh.source(t, clientID), nil)
 	_, err := d.Dial(context.Background(), dialReq(srv))
-	var rej *RejectedError
+	var rej *hbone.RejectedError
 	if !errors.As(err, &rej) || rej.Status != http.StatusInternalServerError {
 		t.Fatalf("err = %v, want RejectedError 500", err)
 	}

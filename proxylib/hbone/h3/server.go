@@ -32,6 +32,9 @@ type ServerConfig struct {
 	Identity identity.Identity // the certificate this listener presents
 	Handler  hbone.Handler
 	Log      logr.Logger
+	// ForbiddenTargets are refused with 400 (recursion: the proxy's own
+	// listeners and admin ports). The listener's own address always is.
+	ForbiddenTargets []netip.AddrPort
 
 	// MaxIncomingStreams caps concurrent tunnels per QUIC connection; further
 	// streams wait for QUIC stream credit.
@@ -180,6 +183,10 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		reject(log, w, http.StatusForbidden, "no TLS state")
 		return
 	}
+	if s.forbidden(target, conn.LocalAddr()) {
+		reject(log, w, http.StatusBadRequest, "target "+target.String()+" is this proxy (recursion)")
+		return
+	}
 	peer, err := hbone.PeerIdentity(*r.TLS)
 	if err != nil {
 		reject(log, w, http.StatusForbidden, err.Error())
@@ -202,6 +209,19 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	if !resp.answered {
 		reject(resp.log, w, http.StatusInternalServerError, "handler answered neither Accept nor Reject")
 	}
+}
+
+// forbidden reports a target that would loop back into this proxy.
+func (s *Server) forbidden(target netip.AddrPort, local net.Addr) bool {
+	if target == addrPort(local) {
+		return true
+	}
+	for _, f := range s.cfg.ForbiddenTargets {
+		if f == target {
+			return true
+		}
+	}
+	return false
 }
 
 func reject(log logr.Logger, w http.ResponseWriter, status int, reason string) {
