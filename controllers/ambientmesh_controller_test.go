@@ -15,6 +15,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	crmetrics "sigs.k8s.io/controller-runtime/pkg/metrics"
 
+	dto "github.com/prometheus/client_model/go"
+
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 )
 
@@ -282,18 +284,25 @@ func TestAmbientMeshUpdateAndDriftRevert(t *testing.T) {
 // reconcileCount reads controller-runtime's reconcile counter for the mesh controller.
 func reconcileCount(t *testing.T) float64 {
 	t.Helper()
-	families, err := crmetrics.Registry.Gather()
+	families, err := metricsRegistryGather()
 	if err != nil {
 		t.Fatal(err)
 	}
+	return sumCounter(families, "controller_runtime_reconcile_total", "ambientmesh")
+}
+
+func metricsRegistryGather() ([]*dto.MetricFamily, error) { return crmetrics.Registry.Gather() }
+
+// sumCounter adds a counter over every label set of one controller.
+func sumCounter(families []*dto.MetricFamily, name, controller string) float64 {
 	var n float64
 	for _, f := range families {
-		if f.GetName() != "controller_runtime_reconcile_total" {
+		if f.GetName() != name {
 			continue
 		}
 		for _, m := range f.GetMetric() {
 			for _, l := range m.GetLabel() {
-				if l.GetName() == "controller" && l.GetValue() == "ambientmesh" {
+				if l.GetName() == "controller" && l.GetValue() == controller {
 					n += m.GetCounter().GetValue()
 				}
 			}

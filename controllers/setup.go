@@ -49,6 +49,10 @@ func Setup(mgr ctrl.Manager, o Options) error {
 	if err := mesh.SetupWithManager(mgr); err != nil {
 		return err
 	}
+	waypoints := &WaypointPolicyReconciler{Client: mgr.GetClient(), Defaults: o.Defaults, RetryInterval: o.RetryInterval}
+	if err := waypoints.SetupWithManager(mgr); err != nil {
+		return err
+	}
 	if o.EnableWebhooks {
 		return SetupWebhooks(mgr)
 	}

@@ -113,10 +113,10 @@ func conflictingWaypoint(wp *meshv1.WaypointPolicy, others []meshv1.WaypointPoli
 
 func waypointConflict(wp, other *meshv1.WaypointPolicy) *field.Error {
 	if wp.Spec.Scope == meshv1.ScopeNamespace {
-		return field.Duplicate(field.NewPath("spec", "scope"),
+		return field.Forbidden(field.NewPath("spec", "scope"),
 			fmt.Sprintf("namespace %s already has the namespace waypoint %q; use scope: ServiceAccount with serviceAccount set, or delete %q", wp.Namespace, other.Name, other.Name))
 	}
-	return field.Duplicate(field.NewPath("spec", "serviceAccount"),
+	return field.Forbidden(field.NewPath("spec", "serviceAccount"),
 		fmt.Sprintf("service account %q already has the waypoint %q; a service account has one waypoint: edit or delete %q", wp.Spec.ServiceAccount, other.Name, other.Name))
 }
 

@@ -23,6 +23,7 @@ import (
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 	"github.com/ambientmesh/ambient/controllers"
+	"github.com/ambientmesh/ambient/controllers/controlplane"
 	"github.com/ambientmesh/ambient/controllers/webhookcert"
 )
 
@@ -44,6 +45,8 @@ type config struct {
 	webhookService          string
 	webhookConfigName       string
 	webhookSecret           string
+	controlPlane            bool
+	meshNamespace           string
 	logLevel                string
 	logDevelopment          bool
 	managerPodLabelSelector string
@@ -71,6 +74,8 @@ func parseFlags() *config {
 	flag.StringVar(&c.webhookConfigName, "webhook-config", "ambient-validating-webhook-configuration", "ValidatingWebhookConfiguration to inject the CA into")
 	flag.StringVar(&c.webhookSecret, "webhook-secret", "ambient-webhook-server-cert", "Secret holding the self-signed webhook certificate")
 	flag.StringVar(&c.managerPodLabelSelector, "manager-pod-labels", "app.kubernetes.io/name=ambient-manager", "labels of the manager pods, selected by the ambient-controlplane Service")
+	flag.BoolVar(&c.controlPlane, "controlplane", true, "serve discovery (:15010), the CA (:15012) and debug (:15014)")
+	flag.StringVar(&c.meshNamespace, "mesh-namespace", "ambient-system", "mesh namespace the control plane assumes until an AmbientMesh names one")
 	flag.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	flag.BoolVar(&c.logDevelopment, "log-development", false, "human-readable console logs")
 	flag.Parse()
@@ -169,6 +174,17 @@ func run(ctx context.Context, c *config) error {
 	})
 	if err != nil {
 		return fmt.Errorf("set up controllers: %w", err)
+	}
+	if c.controlPlane {
+		err := controlplane.Setup(mgr, controlplane.Options{
+			Namespace:  c.meshNamespace,
+			XDSAddress: ":15010", CAAddress: ":15012", DebugAddress: ":15014",
+			ServiceName: controllers.ControlPlaneService,
+			Log:         ctrl.Log.WithName("controlplane"),
+		})
+		if err != nil {
+			return fmt.Errorf("set up control plane: %w", err)
+		}
 	}
 	if err := mgr.AddHealthzCheck("healthz", healthz.Ping); err != nil {
 		return err

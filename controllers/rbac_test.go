@@ -1,0 +1,96 @@
+package controllers
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+
+	appsv1 "k8s.io/api/apps/v1"
+	authzv1 "k8s.io/api/authorization/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/yaml"
+
+	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+)
+
+// can asks the API server's RBAC authorizer whether user may do verb.
+func can(t *testing.T, user, verb, resource, ns, name string) bool {
+	t.Helper()
+	sar := &authzv1.SubjectAccessReview{Spec: authzv1.SubjectAccessReviewSpec{
+		User:   user,
+		Groups: []string{"system:serviceaccounts", "system:authenticated"},
+		ResourceAttributes: &authzv1.ResourceAttributes{
+			Verb: verb, Resource: resource, Namespace: ns, Name: name,
+		},
+	}}
+	if err := k8s.Create(context.Background(), sar); err != nil {
+		t.Fatal(err)
+	}
+	return sar.Status.Allowed
+}
+
+func sa(ns, name string) string { return fmt.Sprintf("system:serviceaccount:%s:%s", ns, name) }
+
+// TestLeastPrivilege: the CA Secret is readable by the operator only; the
+// node agent gets what capture needs; ztunnel and workloads get nothing.
+func TestLeastPrivilege(t *testing.T) {
+	ctx := context.Background()
+	const ns = "mesh-rbac"
+	newMesh(t, "rbac", ns, nil)
+	eventually(t, "node agent binding", exists(&rbacv1.ClusterRoleBinding{ObjectMeta: metav1.ObjectMeta{Name: NodeAgentName}}))
+	eventually(t, "ztunnel", exists(&appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: ZtunnelName}}))
+	waitCondition(t, "rbac", meshv1.ConditionCAReady, metav1.ConditionTrue, meshv1.ReasonCAIssued)
+
+	// The operator's ClusterRole exactly as config/rbac ships it.
+	raw, err := os.ReadFile(filepath.Join("..", "config", "rbac", "role.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	role := &rbacv1.ClusterRole{}
+	if err := yaml.Unmarshal(raw, role); err != nil {
+		t.Fatal(err)
+	}
+	role.Name = "test-operator-role"
+	operator := sa(operatorNamespace, "controller-manager")
+	binding := &rbacv1.ClusterRoleBinding{
+		ObjectMeta: metav1.ObjectMeta{Name: "test-operator-role"},
+		RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: role.Name},
+		Subjects:   []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Namespace: operatorNamespace, Name: "controller-manager"}},
+	}
+	if err := k8s.Create(ctx, role); err != nil {
+		t.Fatal(err)
+	}
+	if err := k8s.Create(ctx, binding); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = k8s.Delete(ctx, binding); _ = k8s.Delete(ctx, role) })
+
+	tests := []struct {
+		who, verb, resource, ns, name string
+		allowed                       bool
+	}{
+		{operator, "get", "secrets", ns, CASecretName, true},
+		{sa(ns, ZtunnelName), "get", "secrets", ns, CASecretName, false},
+		{sa(ns, ZtunnelName), "list", "secrets", ns, "", false},
+		{sa(ns, ZtunnelName), "list", "pods", "", "", false},
+		{sa(ns, NodeAgentName), "get", "secrets", ns, CASecretName, false},
+		{sa(ns, NodeAgentName), "list", "pods", "", "", true},
+		{sa(ns, NodeAgentName), "patch", "pods", "app", "p", true},
+		{sa(ns, NodeAgentName), "watch", "namespaces", "", "", true},
+		{sa(ns, NodeAgentName), "update", "namespaces", "", "x", false},
+		{sa(ns, NodeAgentName), "create", "pods", "app", "", false},
+		{sa("default", "default"), "get", "secrets", ns, CASecretName, false},
+		{sa("app", "waypoint"), "get", "secrets", ns, CASecretName, false},
+		{sa("app", "waypoint"), "get", "configmaps", "app", RootCertConfigMap, false},
+	}
+	for _, tc := range tests {
+		t.Run(fmt.Sprintf("%s %s %s/%s/%s", tc.who, tc.verb, tc.resource, tc.ns, tc.name), func(t *testing.T) {
+			if got := can(t, tc.who, tc.verb, tc.resource, tc.ns, tc.name); got != tc.allowed {
+				t.Fatalf("allowed=%v, want %v", got, tc.allowed)
+			}
+		})
+	}
+}

@@ -1,0 +1,202 @@
+package controllers
+
+import (
+	"fmt"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/utils/ptr"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+)
+
+// Labels and annotations of waypoints, as Istio spells them so tools
+// (istioctl, kiali, the discovery controller) recognise them.
+const (
+	LabelGatewayManaged      = "gateway.istio.io/managed"
+	GatewayManagedValue      = "istio.io-mesh-controller"
+	LabelIstioGatewayName    = "istio.io/gateway-name"
+	LabelGatewayName         = "gateway.networking.k8s.io/gateway-name"
+	LabelGatewayClassName    = "gateway.networking.k8s.io/gateway-class-name"
+	LabelWaypointFor         = "istio.io/waypoint-for"
+	LabelWaypointName        = "mesh.ambient.dev/waypoint"
+	LabelDataplaneMode       = "istio.io/dataplane-mode"
+	AnnotationForServiceAcct = "istio.io/for-service-account"
+	WaypointGatewayClass     = "istio-waypoint"
+)
+
+// Waypoint is what a waypoint is, whoever declared it: a WaypointPolicy or
+// a Gateway API Gateway of class istio-waypoint. DesiredWaypoint turns it
+// into the same objects either way.
+type Waypoint struct {
+	Name, Namespace string
+	// ForServiceAccount is set for a service-account waypoint.
+	ForServiceAccount string
+	TrafficType       meshv1.TrafficType
+	Replicas          int32
+	Image             string
+	Resources         corev1.ResourceRequirements
+	Transport         meshv1.HBONETransport
+	LogLevel          meshv1.LogLevel
+	// Owner is the declaring object; its deletion removes the waypoint.
+	Owner metav1.OwnerReference
+}
+
+// WaypointFromPolicy fills mesh-wide defaults into a WaypointPolicy.
+func WaypointFromPolicy(wp *meshv1.WaypointPolicy, mesh *meshv1.AmbientMesh, d Defaults) Waypoint {
+	w := Waypoint{
+		Name: wp.Name, Namespace: wp.Namespace,
+		TrafficType: wp.Spec.TrafficType,
+		Replicas:    ptr.Deref(wp.Spec.Replicas, 1),
+		Owner:       *metav1.NewControllerRef(wp, meshv1.GroupVersion.WithKind("WaypointPolicy")),
+	}
+	if wp.Spec.Scope == meshv1.ScopeServiceAccount {
+		w.ForServiceAccount = wp.Spec.ServiceAccount
+	}
+	w.applyMeshDefaults(mesh, d)
+	if wp.Spec.Resources != nil {
+		w.Resources = *wp.Spec.Resources
+	}
+	if wp.Spec.Transport != "" {
+		w.Transport = wp.Spec.Transport
+	}
+	return w
+}
+
+// WaypointFromGateway reads an Istio-style waypoint Gateway:
+// gatewayClassName istio-waypoint, label istio.io/waypoint-for (default
+// service, as Istio) and annotation istio.io/for-service-account.
+func WaypointFromGateway(gw *gwv1.Gateway, mesh *meshv1.AmbientMesh, d Defaults) (Waypoint, error) {
+	if gw.Spec.GatewayClassName != WaypointGatewayClass {
+		return Waypoint{}, fmt.Errorf("gateway %s/%s has class %q, not %q", gw.Namespace, gw.Name, gw.Spec.GatewayClassName, WaypointGatewayClass)
+	}
+	traffic := meshv1.TrafficType(gw.Labels[LabelWaypointFor])
+	switch traffic {
+	case "":
+		traffic = meshv1.TrafficService
+	case meshv1.TrafficService, meshv1.TrafficWorkload, meshv1.TrafficAll, meshv1.TrafficNone:
+	default:
+		return Waypoint{}, fmt.Errorf("gateway %s/%s: label %s=%q must be service, workload, all or none", gw.Namespace, gw.Name, LabelWaypointFor, traffic)
+	}
+	w := Waypoint{
+		Name: gw.Name, Namespace: gw.Namespace, TrafficType: traffic, Replicas: 1,
+		ForServiceAccount: gw.Annotations[AnnotationForServiceAcct],
+		Owner:             *metav1.NewControllerRef(gw, gwv1.SchemeGroupVersion.WithKind("Gateway")),
+	}
+	w.applyMeshDefaults(mesh, d)
+	return w, nil
+}
+
+func (w *Waypoint) applyMeshDefaults(mesh *meshv1.AmbientMesh, d Defaults) {
+	w.Image = mesh.Spec.Waypoint.Image
+	if w.Image == "" {
+		w.Image = d.WaypointImage
+	}
+	w.Resources = mesh.Spec.Waypoint.Resources
+	w.Transport = mesh.Spec.Ztunnel.Transport
+	w.LogLevel = mesh.Spec.Ztunnel.LogLevel
+}
+
+func (w *Waypoint) labels() map[string]string {
+	l := map[string]string{
+		LabelManagedBy:        ManagedByValue,
+		LabelPartOf:           "ambient",
+		LabelComponent:        "waypoint",
+		LabelGatewayManaged:   GatewayManagedValue,
+		LabelIstioGatewayName: w.Name,
+		LabelGatewayName:      w.Name,
+		LabelGatewayClassName: WaypointGatewayClass,
+		LabelWaypointName:     w.Name,
+		LabelWaypointFor:      string(w.TrafficType),
+	}
+	return l
+}
+
+func (w *Waypoint) meta() metav1.ObjectMeta {
+	m := metav1.ObjectMeta{
+		Name: w.Name, Namespace: w.Namespace, Labels: w.labels(),
+		OwnerReferences: []metav1.OwnerReference{w.Owner},
+	}
+	if w.ForServiceAccount != "" {
+		m.Annotations = map[string]string{AnnotationForServiceAcct: w.ForServiceAccount}
+	}
+	return m
+}
+
+// DesiredWaypoint returns the waypoint's ServiceAccount, Deployment and
+// Service (HBONE on 15008), all named after the waypoint.
+func DesiredWaypoint(w Waypoint, mesh *meshv1.AmbientMesh) (*corev1.ServiceAccount, *appsv1.Deployment, *corev1.Service) {
+	sa := &corev1.ServiceAccount{ObjectMeta: w.meta(), AutomountServiceAccountToken: ptr.To(false)}
+	return sa, w.deployment(mesh), w.service()
+}
+
+func (w *Waypoint) deployment(mesh *meshv1.AmbientMesh) *appsv1.Deployment {
+	vols, mounts := proxyVolumes()
+	env := append(proxyEnv(mesh, w.Transport, w.LogLevel),
+		corev1.EnvVar{Name: "WAYPOINT_NAME", Value: w.Name},
+		corev1.EnvVar{Name: "WAYPOINT_FOR", Value: string(w.TrafficType)},
+		corev1.EnvVar{Name: "WAYPOINT_SERVICE_ACCOUNT", Value: w.ForServiceAccount},
+	)
+	ports := []corev1.ContainerPort{
+		{Name: "hbone", ContainerPort: hbonePort, Protocol: corev1.ProtocolTCP},
+		{Name: "http-metrics", ContainerPort: proxyMetricsPort, Protocol: corev1.ProtocolTCP},
+		{Name: "status-port", ContainerPort: proxyReadinessPort, Protocol: corev1.ProtocolTCP},
+	}
+	if w.Transport == meshv1.TransportHTTP3 {
+		ports = append(ports, corev1.ContainerPort{Name: "hbone-quic", ContainerPort: hbonePort, Protocol: corev1.ProtocolUDP})
+	}
+	podLabels := mergeLabels(w.labels(), map[string]string{LabelDataplaneMode: "none"})
+	return &appsv1.Deployment{
+		ObjectMeta: w.meta(),
+		Spec: appsv1.DeploymentSpec{
+			Replicas: ptr.To(w.Replicas),
+			Selector: &metav1.LabelSelector{MatchLabels: map[string]string{LabelGatewayName: w.Name}},
+			Template: corev1.PodTemplateSpec{
+				ObjectMeta: metav1.ObjectMeta{Labels: podLabels, Annotations: map[string]string{meshRedirectionLabel: "disabled"}},
+				Spec: corev1.PodSpec{
+					ServiceAccountName:            w.Name,
+					AutomountServiceAccountToken:  ptr.To(false),
+					TerminationGracePeriodSeconds: ptr.To[int64](30),
+					Volumes:                       vols,
+					Containers: []corev1.Container{{
+						Name: "waypoint", Image: w.Image, ImagePullPolicy: corev1.PullIfNotPresent,
+						Env: env, Ports: ports, Resources: w.Resources, VolumeMounts: mounts,
+						ReadinessProbe: &corev1.Probe{
+							ProbeHandler:  corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/healthz/ready", Port: intstr.FromInt32(proxyReadinessPort)}},
+							PeriodSeconds: 5, FailureThreshold: 3,
+						},
+						SecurityContext: &corev1.SecurityContext{
+							AllowPrivilegeEscalation: ptr.To(false),
+							ReadOnlyRootFilesystem:   ptr.To(true),
+							RunAsNonRoot:             ptr.To(true),
+							RunAsUser:                ptr.To[int64](1337),
+							RunAsGroup:               ptr.To[int64](1337),
+							Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
+						},
+					}},
+				},
+			},
+		},
+	}
+}
+
+func (w *Waypoint) service() *corev1.Service {
+	ports := []corev1.ServicePort{
+		{Name: "mesh", Port: hbonePort, TargetPort: intstr.FromInt32(hbonePort), Protocol: corev1.ProtocolTCP, AppProtocol: ptr.To("all")},
+		{Name: "status-port", Port: proxyReadinessPort, TargetPort: intstr.FromInt32(proxyReadinessPort), Protocol: corev1.ProtocolTCP},
+	}
+	if w.Transport == meshv1.TransportHTTP3 {
+		ports = append(ports, corev1.ServicePort{Name: "mesh-quic", Port: hbonePort, TargetPort: intstr.FromInt32(hbonePort), Protocol: corev1.ProtocolUDP})
+	}
+	return &corev1.Service{
+		ObjectMeta: w.meta(),
+		Spec: corev1.ServiceSpec{
+			Type:     corev1.ServiceTypeClusterIP,
+			Selector: map[string]string{LabelGatewayName: w.Name},
+			Ports:    ports,
+		},
+	}
+}
