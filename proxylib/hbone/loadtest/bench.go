@@ -31,6 +31,7 @@ type BenchConfig struct {
 	Opens      int      // pooled tunnel opens
 	Handshakes int      // new mTLS connections
 	ProfileDir string   // when set: CPU profiles of the proxies in a single-stream run
+	Copy       string   // proxies' copy loop: "shared" (hbone.Relay) or "adaptive"
 	Progress   io.Writer
 }
 
@@ -70,6 +71,7 @@ func benchCmd(args []string, stdout, stderr io.Writer) error {
 	fs.IntVar(&cfg.Opens, "opens", 20000, "pooled tunnel opens")
 	fs.IntVar(&cfg.Handshakes, "handshakes", 2000, "new mTLS connections")
 	fs.StringVar(&cfg.ProfileDir, "profile-dir", "", "also write proxy CPU profiles of a single-stream run here")
+	fs.StringVar(&cfg.Copy, "copy", "shared", "proxies' copy loop: shared (hbone.Relay) | adaptive")
 	out := fs.String("out", "", "also write the markdown report to this file")
 	jsonOut := fs.String("json", "", "also write raw results as JSON to this file")
 	if err := fs.Parse(args); err != nil {
@@ -146,6 +148,13 @@ type bench struct {
 	sink  string
 }
 
+func (b *bench) copy() string {
+	if b.cfg.Copy == "" {
+		return "shared"
+	}
+	return b.cfg.Copy
+}
+
 func (b *bench) logf(format string, args ...any) {
 	fmt.Fprintf(b.cfg.Progress, time.Now().Format("15:04:05 ")+format+"\n", args...)
 }
@@ -182,7 +191,7 @@ func (b *bench) startProxies(mode string, profile bool) (*proxies, error) {
 		}
 		return []string{"-cpuprofile", filepath.Join(b.cfg.ProfileDir, mode+"-"+side+".pprof")}
 	}
-	serverArgs := []string{"relay", "-mode", mode + "-server", "-certs", b.certs}
+	serverArgs := []string{"relay", "-mode", mode + "-server", "-certs", b.certs, "-copy", b.copy()}
 	if mode == "tls" {
 		serverArgs = append(serverArgs, "-upstream", b.sink)
 	}
@@ -190,7 +199,7 @@ func (b *bench) startProxies(mode string, profile bool) (*proxies, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s server proxy: %w", mode, err)
 	}
-	client, err := b.start(append([]string{"relay", "-mode", mode + "-client", "-certs", b.certs,
+	client, err := b.start(append([]string{"relay", "-mode", mode + "-client", "-certs", b.certs, "-copy", b.copy(),
 		"-upstream", srv.addr, "-target", b.sink}, prof("client")...)...)
 	if err != nil {
 		srv.stop()

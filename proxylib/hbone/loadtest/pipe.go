@@ -2,6 +2,8 @@ package loadtest
 
 import (
 	"errors"
+
+	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"io"
 	"net"
 	"sync"
@@ -24,6 +26,16 @@ const (
 )
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, copyBufferSize); return &b }}
+
+// relayFunc copies both directions of a tunnel; see RelayConfig.Copy.
+type relayFunc func(a, b halfCloser)
+
+// relays: "shared" is hbone.Relay, the copy loop the proxies use; "adaptive"
+// is pipe below, which holds only small buffers while a tunnel is idle.
+var relays = map[string]relayFunc{
+	"shared":   func(a, b halfCloser) { hbone.Relay(a, b) },
+	"adaptive": pipe,
+}
 
 // pipe relays a<->b until both directions ended, using the calling goroutine
 // for one direction. A clean end of one direction is passed on as a

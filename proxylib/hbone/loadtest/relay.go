@@ -25,7 +25,9 @@ type RelayConfig struct {
 	// Target: the CONNECT authority HBONE clients ask for (the sink).
 	Target   string
 	CertsDir string
-	Log      logr.Logger
+	// Copy names the copy loop: "shared" (hbone.Relay, default) or "adaptive".
+	Copy string
+	Log  logr.Logger
 }
 
 // Relay is a running proxy: Addr is where it listens, Stop drains it.
@@ -40,6 +42,13 @@ func StartRelay(cfg RelayConfig) (*Relay, error) {
 	certs, err := LoadCerts(cfg.CertsDir)
 	if err != nil {
 		return nil, err
+	}
+	if cfg.Copy == "" {
+		cfg.Copy = "shared"
+	}
+	pipe, ok := relays[cfg.Copy]
+	if !ok {
+		return nil, fmt.Errorf("copy loop %q: %w", cfg.Copy, errUsage)
 	}
 	switch cfg.Mode {
 	case "tls-client":
@@ -82,9 +91,12 @@ func StartRelay(cfg RelayConfig) (*Relay, error) {
 	}
 	switch side {
 	case "client":
-		return startHBONEClient(cfg, tr, certs)
+		return startHBONEClient(cfg, tr, certs, pipe)
 	case "server":
-		addr, stop, err := tr.serve(cfg.Listen, certs, hbone.HandlerFunc(connectUpstream), cfg.Log)
+		handler := func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
+			connectUpstream(ctx, req, resp, pipe)
+		}
+		addr, stop, err := tr.serve(cfg.Listen, certs, hbone.HandlerFunc(handler), cfg.Log)
 		if err != nil {
 			return nil, err
 		}
@@ -95,7 +107,7 @@ func StartRelay(cfg RelayConfig) (*Relay, error) {
 
 // startHBONEClient is the client-side proxy: every accepted TCP connection
 // becomes one tunnel to the server proxy, with the sink as CONNECT target.
-func startHBONEClient(cfg RelayConfig, tr transport, certs hbone.CertSource) (*Relay, error) {
+func startHBONEClient(cfg RelayConfig, tr transport, certs hbone.CertSource, pipe relayFunc) (*Relay, error) {
 	proxy, err := netip.ParseAddrPort(cfg.Upstream)
 	if err != nil {
 		return nil, fmt.Errorf("upstream: %w", err)
@@ -134,7 +146,7 @@ func startHBONEClient(cfg RelayConfig, tr transport, certs hbone.CertSource) (*R
 
 // connectUpstream is the server-side proxy's handler: connect to the target,
 // then answer the CONNECT.
-func connectUpstream(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
+func connectUpstream(ctx context.Context, req *hbone.Request, resp hbone.Responder, pipe relayFunc) {
 	var nd net.Dialer
 	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	up, err := nd.DialContext(dctx, "tcp", req.Target.String())

@@ -37,6 +37,11 @@ func (r *Report) mode(name string) *ModeResult {
 func (r *Report) Markdown() string {
 	var b strings.Builder
 	c := r.Config
+	copyLoop := c.Copy
+	if copyLoop == "" {
+		copyLoop = "shared"
+	}
+	fmt.Fprintf(&b, "Proxies' copy loop: %s. ", copyLoop)
 	fmt.Fprintf(&b, "Run %s, %s; throughput over %s per run (median of %d); %d ping-pongs; %d pooled opens; %d handshakes; load average before %s, after %s.\n\n",
 		r.Started.UTC().Format(time.RFC3339), r.Duration.Round(time.Second), bytesHuman(c.Bytes), c.Repeat,
 		c.PingPongs, c.Opens, c.Handshakes, r.LoadBefore, r.LoadAfter)

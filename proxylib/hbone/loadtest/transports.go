@@ -11,6 +11,7 @@ import (
 	"github.com/go-logr/logr"
 
 	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/hbone/h2"
 	"github.com/ambientmesh/ambient/proxylib/hbone/h3"
 )
 
@@ -23,6 +24,23 @@ type transport struct {
 }
 
 var transports = map[string]transport{
+	"h2": {
+		newDialer: func(certs hbone.CertSource, log logr.Logger) (hbone.Dialer, error) {
+			return h2.NewDialer(h2.DialerConfig{Certs: certs, Log: log})
+		},
+		serve: func(addr string, certs hbone.CertSource, h hbone.Handler, log logr.Logger) (netip.AddrPort, func(context.Context) error, error) {
+			srv, err := h2.NewServer(h2.ServerConfig{Certs: certs, Identity: ServerProxyID, Handler: h, Log: log})
+			if err != nil {
+				return netip.AddrPort{}, nil, err
+			}
+			ln, err := net.Listen("tcp", addr)
+			if err != nil {
+				return netip.AddrPort{}, nil, err
+			}
+			go srv.Serve(ln)
+			return ln.Addr().(*net.TCPAddr).AddrPort(), srv.Shutdown, nil
+		},
+	},
 	"h3": {
 		newDialer: func(certs hbone.CertSource, log logr.Logger) (hbone.Dialer, error) {
 			return h3.NewDialer(h3.DialerConfig{Certs: certs, Log: log})
