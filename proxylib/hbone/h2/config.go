@@ -77,6 +77,11 @@ type Limits struct {
 	// MaxConnectionAge sends a graceful GOAWAY to a connection this old; it is
 	// closed MaxConnectionAgeGrace later if streams are still open.
 	MaxConnectionAge, MaxConnectionAgeGrace time.Duration
+	// MaxEarlyResets is how many tunnels a connection may reset before they
+	// carried a byte, per EarlyResetWindow, before it is sent GOAWAY and
+	// closed (HTTP/2 Rapid Reset, CVE-2023-44487).
+	MaxEarlyResets   int
+	EarlyResetWindow time.Duration
 }
 
 // Default limits.
@@ -91,6 +96,8 @@ const (
 	DefaultConnIdleTimeout       = 10 * time.Minute
 	DefaultStreamIdleTimeout     = time.Hour
 	DefaultMaxConnectionAgeGrace = time.Minute
+	DefaultMaxEarlyResets        = 1000
+	DefaultEarlyResetWindow      = 10 * time.Second
 )
 
 func (l Limits) withDefaults() Limits {
@@ -109,6 +116,10 @@ func (l Limits) withDefaults() Limits {
 	def(&l.StreamIdleTimeout, DefaultStreamIdleTimeout)
 	def(&l.MaxConnectionAge, -1) // unlimited unless set
 	def(&l.MaxConnectionAgeGrace, DefaultMaxConnectionAgeGrace)
+	def(&l.EarlyResetWindow, DefaultEarlyResetWindow)
+	if l.MaxEarlyResets == 0 {
+		l.MaxEarlyResets = DefaultMaxEarlyResets
+	}
 	if l.MaxHeaderListSize == 0 {
 		l.MaxHeaderListSize = DefaultMaxHeaderListSize
 	}

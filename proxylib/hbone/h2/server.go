@@ -189,6 +189,33 @@ type serverConn struct {
 	hs       *http.Server // per connection, so one connection can be sent GOAWAY
 
 	firstRequest sync.Once
+
+	resetMu     sync.Mutex
+	resetWindow time.Time
+	resets      int
+	resetClosed bool
+}
+
+// noteEarlyReset counts a tunnel the peer reset before it carried a byte;
+// past the limit the connection is sent GOAWAY and closed shortly after.
+func (sc *serverConn) noteEarlyReset() {
+	l := sc.s.limits
+	sc.resetMu.Lock()
+	now := time.Now()
+	if now.Sub(sc.resetWindow) > l.EarlyResetWindow {
+		sc.resetWindow, sc.resets = now, 0
+	}
+	sc.resets++
+	trip := sc.resets > l.MaxEarlyResets && !sc.resetClosed
+	if trip {
+		sc.resetClosed = true
+	}
+	sc.resetMu.Unlock()
+	if trip {
+		sc.s.log.Info("closing connection: too many early stream resets (rapid reset)", "peer_id", sc.peer.String(), "peer", sc.peerAddr.String(), "resets", l.MaxEarlyResets)
+		sc.goAway()
+		time.AfterFunc(time.Second, func() { sc.raw.Close() })
+	}
 }
 
 func (s *Server) serveConn(raw net.Conn) {
@@ -333,9 +360,24 @@ func (sc *serverConn) handle(w http.ResponseWriter, r *http.Request) {
 		Header:   r.Header,
 		Protocol: hbone.HTTP2,
 	}
-	resp := &responder{w: w, r: r, sc: sc}
-	s.cfg.Handler.ServeHBONE(r.Context(), req, resp)
-	st := resp.answer(nil)
+	resp := &responder{w: w, r: r, sc: sc, answered: make(chan struct{})}
+	// The handler runs beside this HTTP handler goroutine, which must stay
+	// alive while the tunnel is open and return to end the stream.
+	returned := make(chan struct{})
+	go func() {
+		defer close(returned)
+		s.cfg.Handler.ServeHBONE(r.Context(), req, resp)
+	}()
+	select {
+	case <-resp.answered:
+	case <-returned:
+		resp.Reject(http.StatusServiceUnavailable, "handler did not answer") // fail closed
+	case <-r.Context().Done():
+		resp.Reject(http.StatusServiceUnavailable, "stream reset before an answer")
+		sc.noteEarlyReset()
+		return
+	}
+	st := resp.accepted()
 	if st == nil {
 		return // rejected
 	}
@@ -343,6 +385,9 @@ func (sc *serverConn) handle(w http.ResponseWriter, r *http.Request) {
 	case <-st.done:
 	case <-r.Context().Done(): // peer reset the stream or the connection died
 		st.finish(true)
+		if !st.idle.active() {
+			sc.noteEarlyReset()
+		}
 	}
 	if st.aborted.Load() {
 		panic(http.ErrAbortHandler) // RST_STREAM to the peer
@@ -355,60 +400,53 @@ type responder struct {
 	r  *http.Request
 	sc *serverConn
 
-	mu       sync.Mutex
-	answered bool
-	stream   *serverStream
+	once     sync.Once
+	answered chan struct{} // closed after the answer is written
+	stream   *serverStream // set before answered closes when accepted
 }
 
 func (rp *responder) Accept() (hbone.Stream, error) {
-	rp.mu.Lock()
-	defer rp.mu.Unlock()
-	if rp.answered {
-		return nil, errors.New("hbone: CONNECT already answered")
-	}
-	rp.answered = true
-	rp.w.WriteHeader(http.StatusOK)
-	rc := http.NewResponseController(rp.w)
-	if err := rc.Flush(); err != nil {
+	var st *serverStream
+	var err error = errors.New("hbone: CONNECT already answered")
+	rp.once.Do(func() {
+		defer close(rp.answered)
+		rp.w.WriteHeader(http.StatusOK)
+		rc := http.NewResponseController(rp.w)
+		if err = rc.Flush(); err != nil {
+			return
+		}
+		st = &serverStream{
+			w:      rp.w,
+			rc:     rc,
+			body:   rp.r.Body,
+			local:  tunnelAddr(rp.sc.local.String()),
+			remote: tunnelAddr(rp.sc.peerAddr.String()),
+			done:   make(chan struct{}),
+		}
+		st.idle = newIdleWatch(rp.sc.s.limits.StreamIdleTimeout, func() { st.finish(true) })
+		rp.stream = st
+	})
+	if st == nil {
 		return nil, err
 	}
-	st := &serverStream{
-		w:      rp.w,
-		rc:     rc,
-		body:   rp.r.Body,
-		local:  tunnelAddr(rp.sc.local.String()),
-		remote: tunnelAddr(rp.sc.peerAddr.String()),
-		done:   make(chan struct{}),
-	}
-	st.idle = newIdleWatch(rp.sc.s.limits.StreamIdleTimeout, func() { st.finish(true) })
-	rp.stream = st
 	return st, nil
 }
 
 func (rp *responder) Reject(status int, reason string) {
-	rp.mu.Lock()
-	defer rp.mu.Unlock()
-	if rp.answered {
-		return
-	}
-	rp.answered = true
-	if status < 400 || status > 599 {
-		status = http.StatusInternalServerError
-	}
-	rp.sc.s.log.Info("CONNECT rejected", "peer_id", rp.sc.peer.String(), "target", rp.r.Host, "status", status, "reason", reason)
-	http.Error(rp.w, reason, status)
+	rp.once.Do(func() {
+		defer close(rp.answered)
+		if status < 400 || status > 599 {
+			status = http.StatusInternalServerError
+		}
+		rp.sc.s.log.Info("CONNECT rejected", "peer_id", rp.sc.peer.String(), "target", rp.r.Host, "status", status, "reason", reason)
+		http.Error(rp.w, reason, status)
+	})
 }
 
-// answer returns the accepted stream, rejecting with 503 if the handler
-// returned without answering (fail closed).
-func (rp *responder) answer(_ error) *serverStream {
-	rp.mu.Lock()
-	answered, st := rp.answered, rp.stream
-	rp.mu.Unlock()
-	if !answered {
-		rp.Reject(http.StatusServiceUnavailable, "handler did not answer")
-	}
-	return st
+// accepted returns the stream after the answer, or nil if it was a rejection.
+func (rp *responder) accepted() *serverStream {
+	<-rp.answered
+	return rp.stream
 }
 
 func addrPort(a net.Addr) netip.AddrPort {

@@ -18,6 +18,7 @@ var ErrStreamIdle = errors.New("hbone: tunnel idle timeout")
 // an atomic store, so the hot path costs no timer reset.
 type idleWatch struct {
 	timeout time.Duration
+	moved   atomic.Bool // any byte ever
 	last    atomic.Int64 // unix nanos of the last activity
 	timer   *time.Timer
 	onIdle  func()
@@ -28,7 +29,7 @@ func newIdleWatch(timeout time.Duration, onIdle func()) *idleWatch {
 		return nil
 	}
 	w := &idleWatch{timeout: timeout, onIdle: onIdle}
-	w.touch()
+	w.last.Store(time.Now().UnixNano())
 	w.timer = time.AfterFunc(timeout, w.check)
 	return w
 }
@@ -36,8 +37,14 @@ func newIdleWatch(timeout time.Duration, onIdle func()) *idleWatch {
 func (w *idleWatch) touch() {
 	if w != nil {
 		w.last.Store(time.Now().UnixNano())
+		if !w.moved.Load() {
+			w.moved.Store(true)
+		}
 	}
 }
+
+// active reports whether the stream ever carried a byte.
+func (w *idleWatch) active() bool { return w == nil || w.moved.Load() }
 
 func (w *idleWatch) check() {
 	idle := time.Since(time.Unix(0, w.last.Load()))
@@ -138,7 +145,16 @@ func (s *serverStream) Read(p []byte) (int, error) {
 	if n > 0 {
 		s.idle.touch()
 	}
+	if err != nil && err != io.EOF && s.endedCleanly() {
+		err = io.EOF // our CloseWrite ended the stream; not a peer reset
+	}
 	return n, err
+}
+
+func (s *serverStream) endedCleanly() bool {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	return s.finished && !s.aborted.Load()
 }
 
 func (s *serverStream) Write(p []byte) (int, error) {
