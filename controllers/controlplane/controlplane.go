@@ -65,11 +65,12 @@ func (o *Options) defaults() {
 // Setup registers the control plane with mgr. It runs on every replica (no
 // leader election needed: it only reads).
 func Setup(mgr ctrl.Manager, o Options) error {
-	_, err := setup(mgr, o)
+	_, err := SetupWithManager(mgr, o)
 	return err
 }
 
-func setup(mgr ctrl.Manager, o Options) (*ControlPlane, error) {
+// SetupWithManager is Setup, returning the control plane (tests, benchmarks).
+func SetupWithManager(mgr ctrl.Manager, o Options) (*ControlPlane, error) {
 	o.defaults()
 	if err := AddToScheme(mgr.GetScheme()); err != nil {
 		return nil, err

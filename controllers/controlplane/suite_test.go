@@ -146,7 +146,7 @@ func runSuite(m *testing.M) (int, error) {
 		}
 	}
 	opts := Options{Namespace: meshNS, XDSListener: listeners[0], CAListener: listeners[1], DebugListener: listeners[2], Log: log}
-	cp, err := setup(mgr, opts)
+	cp, err := SetupWithManager(mgr, opts)
 	if err != nil {
 		return 0, err
 	}
