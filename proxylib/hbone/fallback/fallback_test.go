@@ -4,7 +4,6 @@ import (
 	"context"
 
 	"io"
-	"net"
 	"net/netip"
 	"strings"
 	"sync"
@@ -22,24 +21,24 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/identity"
 )
 
-// env is a real HTTP/3 server and dialer, a silent UDP peer (QUIC packets are
-// swallowed: "no answer"), and an HTTP/2 side.
+// env has two real peers: "dual" answers HBONE over HTTP/2 (TCP) and
+// HTTP/3 (UDP) on the same port, "silent" only over HTTP/2 and swallows
+// QUIC ("no answer"); and real dialers for both transports.
 type env struct {
-	ca               *hbonetest.CA
-	client, server   identity.Identity
-	h3srv            *h3.Server
-	h3               *countingDialer
-	h2               *countingDialer
-	silent           netip.AddrPort
-	reg              *prometheus.Registry
-	logs             *logLines
-	h2Target, h3Addr netip.AddrPort
+	ca             *hbonetest.CA
+	client, server identity.Identity
+	h3, h2         *countingDialer
+	dual, silent   netip.AddrPort
+	reg            *prometheus.Registry
+	logs           *logLines
 }
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
 	e := &env{ca: hbonetest.NewCA(t, hbonetest.DefaultTrustDomain), reg: prometheus.NewRegistry(), logs: &logLines{}}
 	e.client, e.server = e.ca.ID("client", "client"), e.ca.ID("server", "server")
+	e.silent = startH2Server(t, e.ca, e.server, true)
+	e.dual = startH2Server(t, e.ca, e.server, false)
 
 	srv, err := h3.NewServer(h3.ServerConfig{Certs: e.ca.Source(t, e.server), Identity: e.server, Log: logr.Discard(),
 		Handler: hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
@@ -53,28 +52,18 @@ func newEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := srv.Listen("127.0.0.1:0"); err != nil {
+	if err := srv.Listen(e.dual.String()); err != nil {
 		t.Fatal(err)
 	}
 	go srv.Serve()
 	t.Cleanup(func() { srv.Close() })
-	e.h3srv = srv
-	e.h3Addr = srv.Addr().(*net.UDPAddr).AddrPort()
 
 	d3, err := h3.NewDialer(h3.DialerConfig{Certs: e.ca.Source(t, e.client), Log: logr.Discard()})
 	if err != nil {
 		t.Fatal(err)
 	}
 	e.h3 = &countingDialer{Dialer: d3}
-
-	silent, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { silent.Close() })
-	e.silent = silent.LocalAddr().(*net.UDPAddr).AddrPort()
-
-	e.h2 = &countingDialer{Dialer: newTCPDialer(t)}
+	e.h2 = &countingDialer{Dialer: newH2Dialer(t, e.ca, e.client)}
 	return e
 }
 
@@ -163,7 +152,7 @@ func TestFallsBackToHTTP2WhenPeerDoesNotAnswerQUIC(t *testing.T) {
 func TestUsesHTTP3WhenPeerAnswers(t *testing.T) {
 	e := newEnv(t)
 	d := e.dialer(t, hbone.HTTP3, nil)
-	s, err := d.Dial(context.Background(), e.req(e.h3Addr))
+	s, err := d.Dial(context.Background(), e.req(e.dual))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -178,7 +167,7 @@ func TestUsesHTTP3WhenPeerAnswers(t *testing.T) {
 func TestNoFallbackWhenPeerRefuses(t *testing.T) {
 	e := newEnv(t)
 	d := e.dialer(t, hbone.HTTP3, nil)
-	req := e.req(e.h3Addr)
+	req := e.req(e.dual)
 	req.Expected = []identity.Identity{e.ca.ID("other", "other")}
 	if s, err := d.Dial(context.Background(), req); err == nil {
 		s.Close()
@@ -207,9 +196,9 @@ func TestProtocolSelection(t *testing.T) {
 			var s hbone.Stream
 			var err error
 			if tt.dial == "" {
-				s, err = d.Dial(context.Background(), e.req(e.h3Addr))
+				s, err = d.Dial(context.Background(), e.req(e.dual))
 			} else {
-				s, err = d.DialProtocol(context.Background(), tt.dial, e.req(e.h3Addr))
+				s, err = d.DialProtocol(context.Background(), tt.dial, e.req(e.dual))
 			}
 			if err != nil {
 				t.Fatal(err)

@@ -4,46 +4,55 @@ import (
 	"context"
 	"io"
 	"net"
+	"net/netip"
 	"testing"
 
+	"github.com/go-logr/logr"
+
 	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/hbone/h2"
+	"github.com/ambientmesh/ambient/proxylib/hbone/hbonetest"
+	"github.com/ambientmesh/ambient/proxylib/identity"
 )
 
-// tcpDialer stands in for the HTTP/2 transport until proxylib/hbone/h2
-// lands: it tunnels over plain TCP to an echo server, which is all the
-// fallback logic needs to observe (which transport carried the tunnel).
-type tcpDialer struct{ addr string }
-
-func newTCPDialer(t *testing.T) *tcpDialer {
+// startH2Server runs a real HTTP/2 HBONE echo server on 127.0.0.1 (TCP).
+// With swallowQUIC, a socket on the same UDP port swallows every QUIC packet
+// (a peer without HTTP/3, or a firewall dropping UDP).
+func startH2Server(t *testing.T, ca *hbonetest.CA, server identity.Identity, swallowQUIC bool) netip.AddrPort {
 	t.Helper()
+	srv, err := h2.NewServer(h2.ServerConfig{Certs: ca.Source(t, server), Identity: server, Log: logr.Discard(),
+		Handler: hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
+			s, err := resp.Accept()
+			if err == nil {
+				io.Copy(s, s)
+				s.CloseWrite()
+				s.Close()
+			}
+		})})
+	if err != nil {
+		t.Fatal(err)
+	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				io.Copy(c, c)
-				c.(*net.TCPConn).CloseWrite()
-				c.Close()
-			}()
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	addr := ln.Addr().(*net.TCPAddr).AddrPort()
+	if swallowQUIC {
+		silent, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(addr))
+		if err != nil {
+			t.Fatal(err)
 		}
-	}()
-	return &tcpDialer{addr: ln.Addr().String()}
-}
-
-func (d *tcpDialer) Dial(ctx context.Context, _ hbone.DialRequest) (hbone.Stream, error) {
-	var nd net.Dialer
-	c, err := nd.DialContext(ctx, "tcp", d.addr)
-	if err != nil {
-		return nil, err
+		t.Cleanup(func() { silent.Close() })
 	}
-	return c.(*net.TCPConn), nil
+	return addr
 }
 
-func (d *tcpDialer) Close() error { return nil }
+func newH2Dialer(t *testing.T, ca *hbonetest.CA, client identity.Identity) hbone.Dialer {
+	d, err := h2.NewDialer(h2.DialerConfig{Certs: ca.Source(t, client), Log: logr.Discard()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
