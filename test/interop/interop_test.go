@@ -1,0 +1,179 @@
+// Package interop proves our HTTP/2 HBONE is the HBONE Istio speaks, by
+// running Istio's own Go implementation (istio.io/istio/pkg/hbone) against
+// ours in both directions, over real TLS on 127.0.0.1 with certificates from
+// our mesh CA. It is a separate module because Istio's dependencies are heavy.
+package interop
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	istiohbone "istio.io/istio/pkg/hbone"
+
+	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/hbone/h2"
+	"github.com/ambientmesh/ambient/proxylib/hbone/hbonetest"
+	"github.com/ambientmesh/ambient/proxylib/identity"
+)
+
+type mesh struct {
+	ca             *hbonetest.CA
+	client, server identity.Identity
+	clientSrc      *identity.StaticSource
+	serverSrc      *identity.StaticSource
+	echo           *hbonetest.Echo
+}
+
+func newMesh(t *testing.T) *mesh {
+	c := hbonetest.NewCA(t, hbonetest.DefaultTrustDomain)
+	m := &mesh{ca: c, client: c.ID("client-ns", "sleep"), server: c.ID("server-ns", "httpbin"), echo: hbonetest.StartEcho(t)}
+	m.clientSrc = c.Source(t, m.client)
+	m.serverSrc = c.Source(t, m.server)
+	return m
+}
+
+func echoCheck(t *testing.T, c io.ReadWriter, size int) {
+	t.Helper()
+	msg := make([]byte, size)
+	rand.Read(msg)
+	errc := make(chan error, 1)
+	go func() { _, err := c.Write(msg); errc <- err }()
+	got := make([]byte, size)
+	if _, err := io.ReadFull(c, got); err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	if err := <-errc; err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	if !bytes.Equal(got, msg) {
+		t.Fatal("echo mismatch")
+	}
+}
+
+// Istio's dialer → our server → echo upstream.
+func TestIstioDialerThroughOurServer(t *testing.T) {
+	m := newMesh(t)
+	seen := make(chan *hbone.Request, 4)
+	srv, err := h2.NewServer(h2.ServerConfig{Certs: m.serverSrc, Identity: m.server, Handler: hbone.HandlerFunc(
+		func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
+			seen <- req
+			up, err := net.Dial("tcp", req.Target.String())
+			if err != nil {
+				resp.Reject(http.StatusServiceUnavailable, err.Error())
+				return
+			}
+			st, err := resp.Accept()
+			if err != nil {
+				up.Close()
+				return
+			}
+			hbone.Relay(up.(*net.TCPConn), st)
+		})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	defer srv.Close()
+
+	tlsConf := hbone.ClientTLSConfig(m.clientSrc, m.client, []identity.Identity{m.server}, "h2")
+	d := istiohbone.NewDialer(istiohbone.Config{
+		ProxyAddress: ln.Addr().String(),
+		TLS:          tlsConf,
+		Headers:      hbone.SourceHeader(hbone.Source{Namespace: "client-ns"}),
+	})
+	conn, err := d.DialContext(context.Background(), "tcp", m.echo.Addr.String())
+	if err != nil {
+		t.Fatalf("Istio dialer through our server: %v", err)
+	}
+	defer conn.Close()
+	echoCheck(t, conn, 256<<10)
+
+	req := <-seen
+	if req.Peer != m.client || req.Target != m.echo.Addr || req.Protocol != hbone.HTTP2 {
+		t.Fatalf("our server saw peer=%v target=%v", req.Peer, req.Target)
+	}
+
+	// Our strict authority rules apply to their client too.
+	if c, err := d.DialContext(context.Background(), "tcp", "localhost:80"); err == nil {
+		c.Close()
+		t.Fatal("hostname authority accepted")
+	} else if !strings.Contains(err.Error(), "400") {
+		t.Fatalf("hostname authority: %v, want 400", err)
+	}
+}
+
+// Our dialer → Istio's server → echo upstream.
+func TestOurDialerThroughIstioServer(t *testing.T) {
+	m := newMesh(t)
+	srv := istiohbone.NewServer()
+	srv.TLSConfig = hbone.ServerTLSConfig(m.serverSrc, m.server, "h2")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.ServeTLS(ln, "", "")
+	defer srv.Close()
+
+	d, err := h2.NewDialer(h2.DialerConfig{Certs: m.clientSrc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	req := hbone.DialRequest{
+		Source:    m.client,
+		Expected:  []identity.Identity{m.server},
+		ProxyAddr: ln.Addr().(*net.TCPAddr).AddrPort(),
+		Target:    m.echo.Addr,
+		Header:    hbone.SourceHeader(hbone.Source{Namespace: "client-ns"}),
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	st, err := d.Dial(ctx, req)
+	if err != nil {
+		t.Fatalf("our dialer through Istio's server: %v", err)
+	}
+	defer st.Close()
+	echoCheck(t, st, 256<<10)
+	// Half-close: Istio's server forwards our END_STREAM as EOF upstream, the
+	// echo server closes, and we read a clean EOF.
+	if err := st.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	if rest, err := io.ReadAll(st); err != nil || len(rest) != 0 {
+		t.Fatalf("after half-close: %d bytes, %v", len(rest), err)
+	}
+
+	// Several tunnels share one pooled connection to their server too.
+	for range 3 {
+		s, err := d.Dial(ctx, req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		echoCheck(t, s, 1024)
+		s.Close()
+	}
+	if s := d.Stats(); s.Conns != 1 {
+		t.Fatalf("pool: %+v, want 1 connection", s)
+	}
+
+	// Their server must not be trusted unless it proves the expected identity.
+	req.Expected = []identity.Identity{m.ca.ID("server-ns", "other")}
+	if s, err := d.Dial(ctx, req); err == nil {
+		s.Close()
+		t.Fatal("dialer accepted Istio's server under an unexpected identity")
+	} else if !errors.Is(err, hbone.ErrUnexpectedPeer) {
+		t.Fatalf("err = %v, want ErrUnexpectedPeer", err)
+	}
+}
