@@ -22,6 +22,7 @@ import (
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	securityv1beta1 "istio.io/client-go/pkg/apis/security/v1beta1"
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -417,4 +418,42 @@ func TestDebugConfigDump(t *testing.T) {
 	if code, _ := get("?proxyID=nope." + meshNS); code != http.StatusNotFound {
 		t.Errorf("unknown proxy: %d", code)
 	}
+}
+
+// TestSelectorlessService: a service without selector takes its endpoints
+// from EndpointSlices that point at pods.
+func TestSelectorlessService(t *testing.T) {
+	ctx := context.Background()
+	zt := ztunnel(t, "zt-eps", "node-a", "10.200.0.8")
+	state := startClient(t, token(t, zt, xds.TokenAudience), zt.Name, xds.RoleZtunnel)
+	ensureNamespace(t, "eps", map[string]string{ambientLabel: "ambient"})
+	pod := createPod(t, podSpec{ns: "eps", name: "backend", node: "node-a", ip: "10.8.0.1"})
+	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "external", Namespace: "eps"}, Spec: corev1.ServiceSpec{
+		Ports: []corev1.ServicePort{{Name: "http", Port: 80}}}}
+	if err := s.k8s.Create(ctx, svc); err != nil {
+		t.Fatal(err)
+	}
+	name, port, proto := "http", int32(8081), corev1.ProtocolTCP
+	es := &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Name: "external-1", Namespace: "eps", Labels: map[string]string{discoveryv1.LabelServiceName: "external"}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{"10.8.0.1"}, TargetRef: &corev1.ObjectReference{Kind: "Pod", Name: pod.Name, Namespace: "eps"}}},
+		Ports:       []discoveryv1.EndpointPort{{Name: &name, Port: &port, Protocol: &proto}},
+	}
+	if err := s.k8s.Create(ctx, es); err != nil {
+		t.Fatal(err)
+	}
+	const key = "eps/external.eps.svc.cluster.local"
+	eventually(t, "endpoint from slice", func() bool {
+		w := state.WorkloadByUID(uid("eps", "backend"))
+		pl := w.GetServices()[key]
+		return len(pl.GetPorts()) == 1 && pl.Ports[0].ServicePort == 80 && pl.Ports[0].TargetPort == 8081
+	})
+	if err := s.k8s.Delete(ctx, es); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "endpoint removed with its slice", func() bool {
+		_, ok := state.WorkloadByUID(uid("eps", "backend")).GetServices()[key]
+		return !ok
+	})
 }

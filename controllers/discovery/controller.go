@@ -20,6 +20,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
@@ -176,6 +177,7 @@ func (c *Controller) Register(ctx context.Context, informers cache.Informers, ma
 		{&corev1.Pod{}, c.handler(func(o, _ client.Object) { c.markPod(o) })},
 		{&corev1.Service{}, c.handler(func(o, _ client.Object) { c.markNamespace(o.GetNamespace(), c.isWaypointService(o)) })},
 		{&corev1.Namespace{}, c.handler(func(o, _ client.Object) { c.markNamespace(o.GetName(), false) })},
+		{&discoveryv1.EndpointSlice{}, c.handler(c.markEndpointSlice)},
 		{&meshv1.WaypointPolicy{}, c.handler(func(client.Object, client.Object) { c.markFull() })},
 		{&meshv1.AmbientMesh{}, c.handler(func(client.Object, client.Object) { c.markFull() })},
 	}
@@ -280,7 +282,7 @@ func (c *Controller) markAuthz(o, old client.Object) {
 	c.dirty.authz[client.ObjectKeyFromObject(o)] = struct{}{}
 	c.dirty.routes[l7KeyOf(o, "AuthorizationPolicy", "security.istio.io")] = struct{}{}
 	c.mu.Unlock()
-	c.markPolicyTargets(o, old)
+	c.markAuthzTargets(o, old)
 }
 
 func (c *Controller) markPeerAuthn(o, old client.Object) {
@@ -296,6 +298,51 @@ func (c *Controller) markPolicyTargets(o, _ client.Object) {
 		return
 	}
 	c.markNamespace(o.GetNamespace(), false)
+}
+
+// markAuthz: only selector policies change what workloads carry; namespace
+// and global policies are looked up by scope on the client.
+func (c *Controller) markAuthzTargets(o, old client.Object) {
+	hasSelector := func(obj client.Object) bool {
+		ap, ok := obj.(*securityv1.AuthorizationPolicy)
+		return ok && len(ap.Spec.GetSelector().GetMatchLabels()) > 0
+	}
+	if hasSelector(o) || (old != nil && hasSelector(old)) {
+		c.markPolicyTargets(o, old)
+		return
+	}
+	c.signal()
+}
+
+// markEndpointSlice: selector-less services take their endpoints from
+// EndpointSlices; the pods they name are recomputed.
+func (c *Controller) markEndpointSlice(o, old client.Object) {
+	es, ok := o.(*discoveryv1.EndpointSlice)
+	if !ok {
+		return
+	}
+	svcName := es.Labels[discoveryv1.LabelServiceName]
+	if svcName == "" {
+		return
+	}
+	var svc corev1.Service
+	if err := c.reader.Get(context.Background(), client.ObjectKey{Namespace: es.Namespace, Name: svcName}, &svc); err == nil && len(svc.Spec.Selector) > 0 {
+		return
+	}
+	c.mu.Lock()
+	for _, slice := range []client.Object{o, old} {
+		s, ok := slice.(*discoveryv1.EndpointSlice)
+		if !ok || s == nil {
+			continue
+		}
+		for _, ep := range s.Endpoints {
+			if ref := ep.TargetRef; ref != nil && ref.Kind == "Pod" {
+				c.dirty.pods[types.NamespacedName{Namespace: s.Namespace, Name: ref.Name}] = struct{}{}
+			}
+		}
+	}
+	c.mu.Unlock()
+	c.signal()
 }
 
 func (c *Controller) markRoute(o client.Object) {
@@ -653,6 +700,22 @@ func (b *build) view(ns string) (*namespaceView, error) {
 	}
 	for i := range svcs.Items {
 		v.services = append(v.services, &svcs.Items[i])
+		if len(svcs.Items[i].Spec.Selector) == 0 && svcs.Items[i].Spec.Type != corev1.ServiceTypeExternalName {
+			v.needSlices = true
+		}
+	}
+	if v.needSlices {
+		var slices discoveryv1.EndpointSliceList
+		if err := b.c.reader.List(b.ctx, &slices, client.InNamespace(ns), noCopy); err != nil {
+			return nil, err
+		}
+		v.slices = map[string][]*discoveryv1.EndpointSlice{}
+		for i := range slices.Items {
+			es := &slices.Items[i]
+			if name := es.Labels[discoveryv1.LabelServiceName]; name != "" {
+				v.slices[name] = append(v.slices[name], es)
+			}
+		}
 	}
 	if b.c.hasIstio {
 		for _, n := range uniq(ns, b.mc.RootNamespace) {

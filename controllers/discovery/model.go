@@ -7,6 +7,7 @@ import (
 
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
@@ -92,6 +93,10 @@ type namespaceView struct {
 	lookupWaypoint func(namespace, name string) *waypoint
 	// waypointService returns the Service of a waypoint, or nil.
 	waypointService func(namespace, name string) *corev1.Service
+	// slices of selector-less services, by service name (loaded only when
+	// the namespace has such services).
+	needSlices bool
+	slices     map[string][]*discoveryv1.EndpointSlice
 }
 
 func podReady(pod *corev1.Pod) bool {
@@ -318,6 +323,12 @@ func serviceSelects(svc *corev1.Service, pod *corev1.Pod) bool {
 func podServices(mc meshConfig, v *namespaceView, pod *corev1.Pod) map[string]*workloadapi.PortList {
 	out := map[string]*workloadapi.PortList{}
 	for _, svc := range v.services {
+		if len(svc.Spec.Selector) == 0 && svc.Spec.Type != corev1.ServiceTypeExternalName {
+			if pl := sliceEndpointPorts(svc, v.slices[svc.Name], pod); pl != nil {
+				out[xds.ServiceKey(svc.Namespace, mc.hostname(svc.Namespace, svc.Name))] = pl
+			}
+			continue
+		}
 		if !serviceSelects(svc, pod) {
 			continue
 		}
@@ -336,6 +347,36 @@ func podServices(mc meshConfig, v *namespaceView, pod *corev1.Pod) map[string]*w
 		return nil
 	}
 	return out
+}
+
+// sliceEndpointPorts: ports of pod as an endpoint of a selector-less
+// service, matching slice ports to service ports by name; nil when the pod
+// is not an endpoint.
+func sliceEndpointPorts(svc *corev1.Service, slices []*discoveryv1.EndpointSlice, pod *corev1.Pod) *workloadapi.PortList {
+	for _, es := range slices {
+		for _, ep := range es.Endpoints {
+			if ep.TargetRef == nil || ep.TargetRef.Kind != "Pod" || ep.TargetRef.Name != pod.Name {
+				continue
+			}
+			pl := &workloadapi.PortList{}
+			for _, sp := range svc.Spec.Ports {
+				for _, p := range es.Ports {
+					if p.Port != nil && ptrString(p.Name) == sp.Name && (p.Protocol == nil || *p.Protocol == corev1.ProtocolTCP) {
+						pl.Ports = append(pl.Ports, &workloadapi.Port{ServicePort: uint32(sp.Port), TargetPort: uint32(*p.Port)})
+					}
+				}
+			}
+			return pl
+		}
+	}
+	return nil
+}
+
+func ptrString(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
 }
 
 func resolveTargetPort(p corev1.ServicePort, pod *corev1.Pod) (uint32, bool) {
