@@ -37,11 +37,16 @@ func waitWaypointCondition(t *testing.T, ns, name, condType string, status metav
 	return wp
 }
 
+// createNamespace creates a namespace whose WaypointPolicies are deleted
+// when the test ends (so their retries do not count in later tests).
 func createNamespace(t *testing.T, name string) {
 	t.Helper()
 	if err := k8s.Create(context.Background(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}); err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() {
+		_ = k8s.DeleteAllOf(context.Background(), &meshv1.WaypointPolicy{}, client.InNamespace(name))
+	})
 }
 
 func waypointReconcileCount(t *testing.T) float64 {
