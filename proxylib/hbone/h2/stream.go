@@ -18,7 +18,7 @@ var ErrStreamIdle = errors.New("hbone: tunnel idle timeout")
 // an atomic store, so the hot path costs no timer reset.
 type idleWatch struct {
 	timeout time.Duration
-	moved   atomic.Bool // any byte ever
+	moved   atomic.Bool  // any byte ever
 	last    atomic.Int64 // unix nanos of the last activity
 	timer   *time.Timer
 	onIdle  func()
