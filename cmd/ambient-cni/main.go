@@ -4,12 +4,14 @@
 //     it acts as a chained CNI plugin (type "ambient-cni" in the conflist),
 //     passing prevResult through and asking the node agent to capture the
 //     new sandbox before its containers start.
-//   - Node agent: `ambient-cni agent` (DaemonSet, hostNetwork, hostPID,
-//     privileged) watches the node's pods and namespaces, installs in-pod
-//     redirection and hands pod namespaces to ztunnel.
+//   - Node agent: `ambient-cni node-agent` (alias `agent`; DaemonSet,
+//     hostNetwork, privileged, host /proc mounted at /host/proc) watches the
+//     node's pods and namespaces, installs in-pod redirection, hands pod
+//     namespaces to ztunnel, and installs the plugin: it copies itself to
+//     CNI_BIN_DIR/ambient-cni and appends {"type":"ambient-cni",...} to the
+//     primary configuration in CNI_CONF_DIR.
 //
-// Installing the plugin is copying this binary into the CNI bin dir and
-// adding {"type": "ambient-cni", ...} as the last plugin of the conflist.
+// Every flag defaults from the environment the operator's DaemonSet sets.
 package main
 
 import (
@@ -23,6 +25,7 @@ import (
 
 	"github.com/go-logr/zapr"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	ctrl "sigs.k8s.io/controller-runtime"
 
 	"github.com/ambientmesh/ambient/cmd/ambient-cni/internal/agent"
@@ -37,8 +40,8 @@ func main() {
 		plugin.Main()
 		return
 	}
-	if len(os.Args) < 2 || os.Args[1] != "agent" {
-		fmt.Fprintln(os.Stderr, "usage: ambient-cni agent [flags]   (run by the container runtime as a CNI plugin otherwise)")
+	if len(os.Args) < 2 || (os.Args[1] != "agent" && os.Args[1] != "node-agent") {
+		fmt.Fprintln(os.Stderr, "usage: ambient-cni node-agent [flags]   (run by the container runtime as a CNI plugin otherwise)")
 		os.Exit(2)
 	}
 	if err := runAgent(os.Args[2:]); err != nil {
@@ -48,26 +51,45 @@ func main() {
 }
 
 func runAgent(args []string) error {
-	fs := flag.NewFlagSet("agent", flag.ExitOnError)
+	fs := flag.NewFlagSet("node-agent", flag.ExitOnError)
 	o := agent.Options{Redirect: redirect.DefaultConfig()}
-	var excluded string
-	var debug bool
+	var excluded, backend, logLevel, healthPort string
 	fs.StringVar(&o.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (spec.nodeName of its pods)")
-	fs.StringVar(&o.Selection.MeshNamespace, "mesh-namespace", envOr("POD_NAMESPACE", "ambient-system"), "namespace of the mesh itself (never captured)")
-	fs.StringVar(&excluded, "excluded-namespaces", "", "comma-separated namespaces never captured")
-	fs.StringVar(&o.ZtunnelSocket, "ztunnel-socket", inpod.DefaultSocketPath, "ztunnel's node agent socket")
-	fs.StringVar(&o.CNISocket, "cni-socket", cniapi.DefaultSocketPath, "socket the CNI plugin calls")
-	fs.StringVar(&o.StateDir, "state-dir", "/var/run/ambient/pods", "where sandbox records from the CNI plugin are kept")
-	fs.StringVar(&o.ProcRoot, "proc", "/proc", "host /proc (the agent runs with hostPID)")
-	fs.BoolVar(&debug, "debug", false, "debug logging")
+	fs.StringVar(&o.Selection.MeshNamespace, "mesh-namespace", envOr("MESH_NAMESPACE", envOr("POD_NAMESPACE", "ambient-system")), "namespace of the mesh itself (never captured)")
+	fs.StringVar(&excluded, "excluded-namespaces", os.Getenv("EXCLUDED_NAMESPACES"), "comma-separated namespaces never captured")
+	fs.StringVar(&backend, "redirection", envOr("REDIRECTION_BACKEND", "nftables"), "nftables or iptables")
+	fs.StringVar(&o.ZtunnelSocket, "ztunnel-socket", envOr("ZDS_SOCKET", inpod.DefaultSocketPath), "ztunnel's node agent socket")
+	fs.StringVar(&o.CNISocket, "cni-socket", envOr("CNI_SOCKET", cniapi.DefaultSocketPath), "socket the CNI plugin calls (same path on the host)")
+	fs.StringVar(&o.CNIBinDir, "cni-bin-dir", os.Getenv("CNI_BIN_DIR"), "install the plugin binary here (empty: do not)")
+	fs.StringVar(&o.CNIConfDir, "cni-conf-dir", os.Getenv("CNI_CONF_DIR"), "chain the plugin into the primary config here (empty: do not)")
+	fs.StringVar(&o.StateDir, "state-dir", envOr("STATE_DIR", "/var/run/ambient/pods"), "where sandbox records from the CNI plugin are kept")
+	fs.StringVar(&o.ProcRoot, "proc", envOr("PROC_ROOT", defaultProc()), "the host's /proc")
+	fs.StringVar(&healthPort, "health-port", envOr("HEALTH_PORT", "15022"), "port of /healthz and /readyz (empty: off)")
+	fs.StringVar(&logLevel, "log-level", envOr("LOG_LEVEL", "info"), "debug, info, warn, error")
 	_ = fs.Parse(args)
 	if excluded != "" {
 		o.Selection.ExcludedNamespaces = strings.Split(excluded, ",")
 	}
-	zc := zap.NewProductionConfig()
-	if debug {
-		zc = zap.NewDevelopmentConfig()
+	if healthPort != "" {
+		o.HealthAddr = ":" + healthPort
 	}
+	switch backend {
+	case "", "nftables":
+		o.Redirector = redirect.NewNFTables(o.Redirect)
+	case "iptables":
+		o.Redirector = redirect.NewIPTables(o.Redirect)
+	default:
+		return fmt.Errorf("unknown redirection backend %q (nftables or iptables)", backend)
+	}
+	excl := append([]string{"kube-system"}, o.Selection.ExcludedNamespaces...)
+	o.PluginConf = map[string]any{"agentSocket": o.CNISocket, "meshNamespace": o.Selection.MeshNamespace, "excludeNamespaces": excl}
+
+	var level zapcore.Level
+	if err := level.UnmarshalText([]byte(logLevel)); err != nil {
+		return fmt.Errorf("log level: %w", err)
+	}
+	zc := zap.NewProductionConfig()
+	zc.Level = zap.NewAtomicLevelAt(level)
 	zl, err := zc.Build()
 	if err != nil {
 		return err
@@ -81,6 +103,14 @@ func runAgent(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	return agent.Run(ctx, cfg, o)
+}
+
+// defaultProc prefers the host's /proc mounted at /host/proc (DaemonSet).
+func defaultProc() string {
+	if _, err := os.Stat("/host/proc/1"); err == nil {
+		return "/host/proc"
+	}
+	return "/proc"
 }
 
 func envOr(k, def string) string {

@@ -309,7 +309,7 @@ func uniqueIP(t *testing.T, p *netns.Pod) netip.Addr {
 	f, _ := os.Open("/dev/urandom")
 	_, _ = io.ReadFull(f, b[:])
 	f.Close()
-	ip := netip.AddrFrom4([4]byte{10, 123, b[0], b[1]|1})
+	ip := netip.AddrFrom4([4]byte{10, 123, b[0], b[1] | 1})
 	p.AddAddr("eth0", ip.String()+"/32")
 	return ip
 }
@@ -392,7 +392,9 @@ func TestOptOutAndSidecarNotCaptured(t *testing.T) {
 		name string
 		mut  func(*corev1.Pod)
 	}{
-		{"dataplane-mode none", func(p *corev1.Pod) { p.Labels = map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeNone} }},
+		{"dataplane-mode none", func(p *corev1.Pod) {
+			p.Labels = map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeNone}
+		}},
 		{"redirection disabled", func(p *corev1.Pod) {
 			p.Annotations = map[string]string{selection.RedirectionAnnotation: selection.RedirectionDisabled}
 		}},
@@ -547,4 +549,3 @@ func TestCNIPluginAddDel(t *testing.T) {
 		}
 	})
 }
-

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/ambientmesh/ambient/proxylib/inpod/zds"
+	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 )
 
 // DefaultSocketPath is where ztunnel listens (docs/interfaces.md).
@@ -131,21 +132,4 @@ func parseRights(oob []byte) ([]int, error) {
 	return fds, nil
 }
 
-// isNetns reports whether f refers to a network namespace.
-func isNetns(f *os.File) bool {
-	var st unix.Statfs_t
-	if err := unix.Fstatfs(int(f.Fd()), &st); err != nil {
-		return false
-	}
-	// /proc/<pid>/ns/net is on nsfs; a bind mount of it too.
-	return st.Type == unix.NSFS_MAGIC && nsType(f) == unix.CLONE_NEWNET
-}
-
-func nsType(f *os.File) int {
-	const nsGetNSType = 0xb703 // NS_GET_NSTYPE ioctl
-	t, err := unix.IoctlRetInt(int(f.Fd()), nsGetNSType)
-	if err != nil {
-		return -1
-	}
-	return t
-}
+func isNetns(f *os.File) bool { return netnsutil.IsNetNS(f) }

@@ -231,3 +231,15 @@ func Inode(f *os.File) (uint64, error) {
 	}
 	return st.Ino, nil
 }
+
+// IsNetNS reports whether f refers to a network namespace (nsfs file of
+// type CLONE_NEWNET), so a stray path or descriptor is never used as one.
+func IsNetNS(f *os.File) bool {
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(int(f.Fd()), &st); err != nil || st.Type != unix.NSFS_MAGIC {
+		return false
+	}
+	const nsGetNSType = 0xb703 // NS_GET_NSTYPE
+	t, err := unix.IoctlRetInt(int(f.Fd()), nsGetNSType)
+	return err == nil && t == unix.CLONE_NEWNET
+}

@@ -135,7 +135,21 @@ func TestInstalledDetectsPartialRules(t *testing.T) {
 	}
 }
 
+var backends = []struct {
+	name string
+	new  func(redirect.Config) redirect.Redirector
+}{
+	{"nftables", func(c redirect.Config) redirect.Redirector { return redirect.NewNFTables(c) }},
+	{"iptables", func(c redirect.Config) redirect.Redirector { return redirect.NewIPTables(c) }},
+}
+
 func TestRedirection(t *testing.T) {
+	for _, b := range backends {
+		t.Run(b.name, func(t *testing.T) { testRedirection(t, b.new) })
+	}
+}
+
+func testRedirection(t *testing.T, newRedirector func(redirect.Config) redirect.Redirector) {
 	tp := newTopo(t)
 	// ztunnel's sockets in the pod, the app in the pod, a server outside.
 	serve(t, tp.podNS, "[::]:15001", "outbound")
@@ -145,9 +159,17 @@ func TestRedirection(t *testing.T) {
 	serve(t, tp.peerNS, "[::]:9090", "peer")
 
 	cfg := redirect.DefaultConfig()
-	r := redirect.NewNFTables(cfg)
-	if err := r.Install(tp.podNS); err != nil {
-		t.Fatal(err)
+	r := newRedirector(cfg)
+	if ok, err := r.Installed(tp.podNS); err != nil || ok {
+		t.Fatalf("Installed before install = %v, %v", ok, err)
+	}
+	for i := 0; i < 2; i++ { // idempotent
+		if err := r.Install(tp.podNS); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if ok, err := r.Installed(tp.podNS); err != nil || !ok {
+		t.Fatalf("Installed after install = %v, %v", ok, err)
 	}
 	peer4, peer6 := netip.AddrPortFrom(tp.peer.IP, 9090), netip.AddrPortFrom(tp.peer.IP6, 9090)
 	app4, app6 := netip.AddrPortFrom(tp.pod.IP, 8080), netip.AddrPortFrom(tp.pod.IP6, 8080)
@@ -175,8 +197,13 @@ func TestRedirection(t *testing.T) {
 		})
 	}
 
-	if err := r.Remove(tp.podNS); err != nil {
-		t.Fatal(err)
+	for i := 0; i < 2; i++ {
+		if err := r.Remove(tp.podNS); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if ok, _ := r.Installed(tp.podNS); ok {
+		t.Fatal("Installed after remove = true")
 	}
 	t.Run("released", func(t *testing.T) {
 		if got := ask(t, tp.podNS, peer4, 0); got != "peer none" {
@@ -190,7 +217,7 @@ func TestRedirection(t *testing.T) {
 	t.Run("skip inbound source", func(t *testing.T) {
 		cfg := redirect.DefaultConfig()
 		cfg.SkipInboundSources = []netip.Prefix{netip.PrefixFrom(tp.peer.IP, 32)}
-		if err := redirect.NewNFTables(cfg).Install(tp.podNS); err != nil {
+		if err := newRedirector(cfg).Install(tp.podNS); err != nil {
 			t.Fatal(err)
 		}
 		if got := ask(t, tp.peerNS, app4, 0); got != "app none" {
@@ -200,4 +227,30 @@ func TestRedirection(t *testing.T) {
 			t.Errorf("v6 source not in skip list: %q", got)
 		}
 	})
+}
+
+func TestIPTablesRemoveIsExact(t *testing.T) {
+	tp := newTopo(t)
+	run := func(args ...string) string {
+		out, err := tp.pod.Command(context.Background(), "iptables", args...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("iptables %v: %v: %s", args, err, out)
+		}
+		return string(out)
+	}
+	run("-t", "nat", "-A", "OUTPUT", "-p", "udp", "-j", "RETURN")
+	r := redirect.NewIPTables(redirect.DefaultConfig())
+	if err := r.Install(tp.podNS); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Count(run("-t", "nat", "-S", "OUTPUT"), "-j AMBIENT_OUTPUT"); got != 1 {
+		t.Fatalf("%d jumps to AMBIENT_OUTPUT, want 1", got)
+	}
+	if err := r.Remove(tp.podNS); err != nil {
+		t.Fatal(err)
+	}
+	rules := run("-t", "nat", "-S")
+	if strings.Contains(rules, "AMBIENT") || !strings.Contains(rules, "-A OUTPUT -p udp -j RETURN") {
+		t.Fatalf("after remove:\n%s", rules)
+	}
 }

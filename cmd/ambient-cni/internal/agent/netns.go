@@ -116,6 +116,10 @@ func openNetns(path string) (*os.File, error) {
 	if err != nil {
 		return nil, err
 	}
+	if !netnsutil.IsNetNS(f) {
+		f.Close()
+		return nil, fmt.Errorf("%s is not a network namespace", path)
+	}
 	return f, nil
 }
 

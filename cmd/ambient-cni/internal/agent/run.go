@@ -10,6 +10,8 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
+	"sync/atomic"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -17,8 +19,8 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
-	"k8s.io/utils/ptr"
 	"k8s.io/client-go/rest"
+	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
@@ -31,6 +33,7 @@ import (
 	"github.com/go-logr/logr"
 
 	"github.com/ambientmesh/ambient/cmd/ambient-cni/internal/cniapi"
+	"github.com/ambientmesh/ambient/cmd/ambient-cni/internal/cniinstall"
 	"github.com/ambientmesh/ambient/proxylib/discovery/selection"
 	"github.com/ambientmesh/ambient/proxylib/inpod"
 	"github.com/ambientmesh/ambient/proxylib/redirect"
@@ -45,7 +48,16 @@ type Options struct {
 	StateDir      string // CNI records, e.g. /var/run/ambient/pods
 	ProcRoot      string // "/proc"
 	Redirect      redirect.Config
-	Log           logr.Logger
+	Redirector    redirect.Redirector // nil: nftables with Redirect
+	// HealthAddr serves /healthz and /readyz (ready after the initial sync
+	// and, when installing, once the CNI plugin is configured). Empty: off.
+	HealthAddr string
+	// CNIBinDir/CNIConfDir, when set, receive the plugin binary and its
+	// chained entry in the primary network configuration.
+	CNIBinDir, CNIConfDir string
+	// PluginConf is the plugin's conflist entry (agentSocket etc.).
+	PluginConf map[string]any
+	Log        logr.Logger
 }
 
 // Run runs the node agent until ctx ends.
@@ -77,11 +89,16 @@ func Run(ctx context.Context, cfg *rest.Config, o Options) error {
 		Selection:  o.Selection,
 		Client:     mgr.GetClient(),
 		API:        mgr.GetAPIReader(),
-		Redirector: redirect.NewNFTables(o.Redirect),
+		Redirector: o.Redirector,
 		Syncer:     inpod.NewSyncer(o.ZtunnelSocket, o.Log.WithName("zds")),
 		Resolver:   &Resolver{Store: &Store{Dir: o.StateDir}, ProcRoot: o.ProcRoot},
 		Log:        o.Log,
 	}
+	if a.Redirector == nil {
+		a.Redirector = redirect.NewNFTables(o.Redirect)
+	}
+	var synced, cniReady atomic.Bool
+	cniReady.Store(o.CNIConfDir == "")
 	if err := a.setupController(mgr); err != nil {
 		return err
 	}
@@ -90,9 +107,26 @@ func Run(ctx context.Context, cfg *rest.Config, o Options) error {
 		if !mgr.GetCache().WaitForCacheSync(ctx) {
 			return errors.New("cache did not sync")
 		}
-		return a.InitialSync(ctx, mgr.GetClient())
+		if err := a.InitialSync(ctx, mgr.GetClient()); err != nil {
+			return err
+		}
+		synced.Store(true)
+		<-ctx.Done()
+		return nil
 	})); err != nil {
 		return err
+	}
+	if o.CNIConfDir != "" {
+		if err := mgr.Add(manager(func(ctx context.Context) error { return keepCNIInstalled(ctx, o, &cniReady) })); err != nil {
+			return err
+		}
+	}
+	if o.HealthAddr != "" {
+		if err := mgr.Add(manager(func(ctx context.Context) error {
+			return serveHealth(ctx, o.HealthAddr, func() bool { return synced.Load() && cniReady.Load() })
+		})); err != nil {
+			return err
+		}
 	}
 	if err := mgr.Add(manager(func(ctx context.Context) error { return a.ServeCNI(ctx, o.CNISocket) })); err != nil {
 		return err
@@ -133,6 +167,58 @@ func (a *Agent) setupController(mgr ctrl.Manager) error {
 			}
 			return reconcile.Result{}, err
 		}))
+}
+
+// keepCNIInstalled installs the plugin binary once and re-checks the
+// configuration periodically: the cluster's network plugin may (re)write
+// its file after us.
+func keepCNIInstalled(ctx context.Context, o Options, ready *atomic.Bool) error {
+	if o.CNIBinDir != "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return err
+		}
+		if err := cniinstall.InstallBinary(exe, o.CNIBinDir); err != nil {
+			return fmt.Errorf("install CNI binary: %w", err)
+		}
+	}
+	for {
+		changed, err := cniinstall.InstallConfig(o.CNIConfDir, o.PluginConf)
+		switch {
+		case err == nil:
+			if changed {
+				o.Log.Info("CNI plugin configured", "dir", o.CNIConfDir)
+			}
+			ready.Store(true)
+		case errors.Is(err, cniinstall.ErrNoConfig):
+			o.Log.V(1).Info("waiting for the cluster network plugin's configuration", "dir", o.CNIConfDir)
+		default:
+			o.Log.Error(err, "configure CNI plugin")
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(5 * time.Second):
+		}
+	}
+}
+
+func serveHealth(ctx context.Context, addr string, ready func() bool) error {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(http.StatusOK) })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !ready() {
+			http.Error(w, "not ready", http.StatusServiceUnavailable)
+			return
+		}
+		w.WriteHeader(http.StatusOK)
+	})
+	srv := &http.Server{Addr: addr, Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() { <-ctx.Done(); srv.Close() }()
+	if err := srv.ListenAndServe(); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
 }
 
 // ServeCNI serves the CNI plugin's requests on a unix socket until ctx ends.
@@ -185,6 +271,7 @@ func (a *Agent) handleAdd(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, fmt.Sprintf("pod %s has uid %s, runtime says %s", key, pod.UID, ev.PodUID), http.StatusConflict)
 		return
 	}
+	netnsPath := a.reachableNetns(ev)
 	if ev.Netns != "" {
 		if err := a.Resolver.Store.Put(Record{UID: string(pod.UID), ContainerID: ev.ContainerID, Netns: ev.Netns, PodName: ev.PodName, PodNamespace: ev.PodNamespace}); err != nil {
 			a.Log.Error(err, "record sandbox", "pod", key)
@@ -200,13 +287,30 @@ func (a *Agent) handleAdd(w http.ResponseWriter, r *http.Request) {
 		a.Log.Info("ztunnel not connected; pod will be handed over when it is", "pod", key)
 	case <-r.Context().Done():
 	}
-	captured, reason, err := a.Sync(r.Context(), a.API, key, ev.Netns)
+	captured, reason, err := a.Sync(r.Context(), a.API, key, netnsPath)
 	if err != nil {
 		http.Error(w, fmt.Sprintf("capture %s: %v", key, err), http.StatusInternalServerError)
 		return
 	}
 	a.Log.Info("CNI add", "pod", key, "captured", captured, "reason", string(reason))
 	_ = json.NewEncoder(w).Encode(cniapi.AddResponse{Captured: captured, Reason: string(reason)})
+}
+
+// reachableNetns picks a path to the sandbox's namespace that this process
+// can open: the runtime's path, or the plugin's open descriptor via /proc.
+func (a *Agent) reachableNetns(ev cniapi.PodEvent) string {
+	if f, err := openNetns(ev.Netns); err == nil {
+		f.Close()
+		return ev.Netns
+	}
+	if ev.PluginPID > 0 && ev.NetnsFD >= 0 {
+		p := filepath.Join(a.Resolver.ProcRoot, strconv.Itoa(ev.PluginPID), "fd", strconv.Itoa(ev.NetnsFD))
+		if f, err := openNetns(p); err == nil {
+			f.Close()
+			return p
+		}
+	}
+	return ev.Netns // let Sync report the error
 }
 
 // handleDel releases a sandbox that is being torn down.

@@ -19,6 +19,12 @@ type PodEvent struct {
 	PodNamespace string   `json:"podNamespace"`
 	PodUID       string   `json:"podUID,omitempty"` // K8S_POD_UID when the runtime passes it
 	IPs          []string `json:"ips,omitempty"`    // from prevResult
+	// PluginPID/NetnsFD name the plugin's open handle on the namespace
+	// (<host proc>/<pid>/fd/<fd>), valid during the request. The agent uses
+	// it when Netns is not visible in its mount namespace (runtimes that
+	// keep netns mounts under their own state directory).
+	PluginPID int `json:"pluginPID,omitempty"`
+	NetnsFD   int `json:"netnsFD,omitempty"`
 }
 
 // AddResponse says whether the pod was captured (errors are HTTP status >= 400

@@ -16,6 +16,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"slices"
 	"time"
 
@@ -99,6 +100,10 @@ func cmdAdd(args *skel.CmdArgs) error {
 		for _, ip := range res.IPs {
 			ev.IPs = append(ev.IPs, ip.Address.IP.String())
 		}
+	}
+	if f, err := os.Open(args.Netns); err == nil {
+		defer f.Close() // held open until the agent answered
+		ev.PluginPID, ev.NetnsFD = os.Getpid(), int(f.Fd())
 	}
 	var resp cniapi.AddResponse
 	err = post(conf.AgentSocket, cniapi.PathAdd, ev, &resp)
