@@ -1,0 +1,134 @@
+package proxy
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+)
+
+func applyAddr(t *testing.T, s *discovery.State, name string, a *workloadapi.Address) {
+	t.Helper()
+	body, err := anypb.New(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body.TypeUrl = discovery.AddressType
+	if err := s.Apply(discovery.AddressType, []discovery.Resource{{Name: name, Version: "1", Body: body}}, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func wl(name, ip, node string, hbone bool, mut ...func(*workloadapi.Workload)) *workloadapi.Workload {
+	w := &workloadapi.Workload{Uid: "c//Pod/default/" + name, Name: name, Namespace: "default", ServiceAccount: name,
+		Addresses: [][]byte{netip.MustParseAddr(ip).AsSlice()}, Node: node}
+	if hbone {
+		w.TunnelProtocol = workloadapi.TunnelProtocol_HBONE
+	}
+	for _, f := range mut {
+		f(w)
+	}
+	return w
+}
+
+func TestRouterResolve(t *testing.T) {
+	s := discovery.NewState(discovery.AddressType)
+	svcKey := "default/web.default.svc.cluster.local"
+	wpKey := "default/wp.default.svc.cluster.local"
+	inSvc := func(port uint32) func(*workloadapi.Workload) {
+		return func(w *workloadapi.Workload) {
+			w.Services = map[string]*workloadapi.PortList{svcKey: {Ports: []*workloadapi.Port{{ServicePort: 80, TargetPort: port}}}}
+		}
+	}
+	gw := &workloadapi.GatewayAddress{Destination: &workloadapi.GatewayAddress_Hostname{Hostname: &workloadapi.NamespacedHostname{Namespace: "default", Hostname: "wp.default.svc.cluster.local"}}}
+	for _, w := range []*workloadapi.Workload{
+		wl("client", "10.0.1.1", "n1", true),
+		wl("web-a", "10.0.1.2", "n1", true, inSvc(8080)),
+		wl("web-b", "10.0.2.2", "n2", true, inSvc(8080)),
+		wl("web-sick", "10.0.2.3", "n2", true, inSvc(8080), func(w *workloadapi.Workload) { w.Status = workloadapi.WorkloadStatus_UNHEALTHY }),
+		wl("legacy", "10.0.2.9", "n2", false),
+		wl("guarded", "10.0.2.7", "n2", true, func(w *workloadapi.Workload) { w.Waypoint = gw }),
+		wl("wp", "10.0.2.8", "n2", false, func(w *workloadapi.Workload) {
+			w.Services = map[string]*workloadapi.PortList{wpKey: {}}
+		}),
+	} {
+		applyAddr(t, s, w.Uid, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: w}})
+	}
+	applyAddr(t, s, svcKey, &workloadapi.Address{Type: &workloadapi.Address_Service{Service: &workloadapi.Service{Name: "web", Namespace: "default", Hostname: "web.default.svc.cluster.local",
+		Addresses: []*workloadapi.NetworkAddress{{Address: []byte{10, 96, 0, 1}}}, Ports: []*workloadapi.Port{{ServicePort: 80, TargetPort: 8080}}}}})
+	applyAddr(t, s, wpKey, &workloadapi.Address{Type: &workloadapi.Address_Service{Service: &workloadapi.Service{Name: "wp", Namespace: "default", Hostname: "wp.default.svc.cluster.local",
+		Addresses: []*workloadapi.NetworkAddress{{Address: []byte{10, 96, 0, 2}}}}}})
+	guardedSvc := "default/guarded.default.svc.cluster.local"
+	applyAddr(t, s, guardedSvc, &workloadapi.Address{Type: &workloadapi.Address_Service{Service: &workloadapi.Service{Name: "guarded", Namespace: "default", Hostname: "guarded.default.svc.cluster.local",
+		Addresses: []*workloadapi.NetworkAddress{{Address: []byte{10, 96, 0, 3}}}, Waypoint: gw}}})
+	emptySvc := "default/empty.default.svc.cluster.local"
+	applyAddr(t, s, emptySvc, &workloadapi.Address{Type: &workloadapi.Address_Service{Service: &workloadapi.Service{Name: "empty", Namespace: "default", Hostname: "empty.default.svc.cluster.local",
+		Addresses: []*workloadapi.NetworkAddress{{Address: []byte{10, 96, 0, 4}}}}}})
+
+	r := &Router{State: s, Node: "n1", TrustDomain: "cluster.local"}
+	client := s.WorkloadByUID("c//Pod/default/client")
+	wp := s.WorkloadByUID("c//Pod/default/wp")
+	ap := netip.MustParseAddrPort
+	cases := []struct {
+		name      string
+		src       *workloadapi.Workload
+		dst       string
+		kind      RouteKind
+		target    string
+		proxy     string
+		expected  string
+		waypoint  bool
+		errReason string
+	}{
+		{"remote pod: HBONE to it", client, "10.0.2.2:8080", HBONE, "10.0.2.2:8080", "10.0.2.2:15008", "spiffe://cluster.local/ns/default/sa/web-b", false, ""},
+		{"local pod: fast path", client, "10.0.1.2:8080", FastPath, "10.0.1.2:8080", "", "", false, ""},
+		{"not captured: passthrough", client, "10.0.2.9:80", Passthrough, "10.0.2.9:80", "", "", false, ""},
+		{"unknown address: passthrough", client, "192.0.2.1:443", Passthrough, "192.0.2.1:443", "", "", false, ""},
+		{"pod with waypoint: to waypoint, pod target", client, "10.0.2.7:80", HBONE, "10.0.2.7:80", "10.0.2.8:15008", "spiffe://cluster.local/ns/default/sa/wp", true, ""},
+		{"service with waypoint: service target", client, "10.96.0.3:80", HBONE, "10.96.0.3:80", "10.0.2.8:15008", "spiffe://cluster.local/ns/default/sa/wp", true, ""},
+		{"waypoint itself goes direct", wp, "10.0.2.7:80", HBONE, "10.0.2.7:80", "10.0.2.7:15008", "spiffe://cluster.local/ns/default/sa/guarded", false, ""},
+		{"service without endpoints", client, "10.96.0.4:80", 0, "", "", "", false, "no_healthy_upstream"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			rt, err := r.Resolve(c.src, ap(c.dst))
+			if c.errReason != "" {
+				if err == nil || !strings.Contains(err.Error(), c.errReason) {
+					t.Fatalf("err = %v, want %s", err, c.errReason)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rt.Kind != c.kind || rt.Target.String() != c.target || rt.Waypoint != c.waypoint {
+				t.Fatalf("route = %v target %s waypoint %v", rt.Kind, rt.Target, rt.Waypoint)
+			}
+			if c.proxy != "" && rt.ProxyAddr.String() != c.proxy {
+				t.Fatalf("proxy = %s, want %s", rt.ProxyAddr, c.proxy)
+			}
+			if c.expected != "" && (len(rt.Expected) != 1 || rt.Expected[0].String() != c.expected) {
+				t.Fatalf("expected = %v, want %s", rt.Expected, c.expected)
+			}
+		})
+	}
+
+	t.Run("service VIP round robins over healthy endpoints with target port", func(t *testing.T) {
+		seen := map[string]int{}
+		for i := 0; i < 10; i++ {
+			rt, err := r.Resolve(client, ap("10.96.0.1:80"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			seen[rt.Target.String()]++
+		}
+		if seen["10.0.1.2:8080"] != 5 || seen["10.0.2.2:8080"] != 5 || len(seen) != 2 {
+			t.Fatalf("distribution %v", seen)
+		}
+	})
+}
+
