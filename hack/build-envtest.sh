@@ -3,6 +3,10 @@
 # module proxy into $BIN_DIR/k8s/<version>/. setup-envtest cannot download
 # release tarballs here, so we compile them once and cache them.
 #
+# Built binaries are also kept in ${AMBIENT_CACHE:-$HOME/.cache/ambient}/k8s/<version>/
+# (outside the clone), so a fresh clone on the same machine (CI) copies them
+# instead of compiling again.
+#
 # Usage: hack/build-envtest.sh [component ...]   (default: kube-apiserver etcd)
 set -euo pipefail
 
@@ -12,7 +16,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN_DIR=${BIN_DIR:-$ROOT/bin}
 OUT=$BIN_DIR/k8s/$K8S_VERSION
 WORK=$BIN_DIR/.build
+CACHE=${AMBIENT_CACHE:-$HOME/.cache/ambient}/k8s/$K8S_VERSION
 mkdir -p "$OUT" "$WORK"
+mkdir -p "$CACHE" 2>/dev/null || CACHE=""
 components=("$@")
 [ ${#components[@]} -gt 0 ] || components=(kube-apiserver etcd)
 
@@ -82,8 +88,23 @@ GO
   echo "$dir"
 }
 
+# save_to_cache <component>: copy a built binary out of the clone (atomic).
+save_to_cache() {
+  [ -n "$CACHE" ] || return 0
+  cp "$OUT/$1" "$CACHE/.$1.tmp.$$" && mv "$CACHE/.$1.tmp.$$" "$CACHE/$1" || rm -f "$CACHE/.$1.tmp.$$"
+}
+
 for c in "${components[@]}"; do
-  if [ -x "$OUT/$c" ]; then echo "cached: $OUT/$c"; continue; fi
+  if [ -x "$OUT/$c" ]; then
+    echo "cached: $OUT/$c"
+    [ -z "$CACHE" ] || [ -x "$CACHE/$c" ] || save_to_cache "$c"
+    continue
+  fi
+  if [ -n "$CACHE" ] && [ -x "$CACHE/$c" ]; then
+    cp "$CACHE/$c" "$OUT/$c.tmp" && mv "$OUT/$c.tmp" "$OUT/$c"
+    echo "copied from cache: $CACHE/$c"
+    continue
+  fi
   start=$(date +%s)
   echo "building $c (first time only; kube-apiserver takes ~5 min cold on 2 cores)..."
   case $c in
@@ -96,5 +117,6 @@ for c in "${components[@]}"; do
     *) echo "unknown component $c" >&2; exit 2 ;;
   esac
   mv "$OUT/$c.tmp" "$OUT/$c"
+  save_to_cache "$c"
   echo "built $OUT/$c in $(( $(date +%s) - start ))s"
 done
