@@ -1,0 +1,71 @@
+package waypoint
+
+import (
+	"encoding/json"
+
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	"github.com/ambientmesh/ambient/proxylib/authz"
+	"github.com/ambientmesh/ambient/proxylib/route"
+)
+
+// l7Config is the decoded L7 configuration, swapped atomically on change.
+type l7Config struct {
+	routes   *route.Table
+	policies []*authz.Policy
+	// broken holds namespaces with an AuthorizationPolicy we could not
+	// decode: requests to them are denied (fail closed), since the policy
+	// might have forbidden them.
+	broken map[string]string
+}
+
+// rebuild decodes every L7Resource from discovery.
+func (s *Server) rebuild() {
+	cfg := &l7Config{broken: map[string]string{}}
+	var httpRoutes []*gwv1.HTTPRoute
+	var grpcRoutes []*gwv1.GRPCRoute
+	for _, r := range s.cfg.State.L7Resources() {
+		switch r.Kind {
+		case "HTTPRoute":
+			var hr gwv1.HTTPRoute
+			if err := json.Unmarshal(r.Json, &hr); err != nil {
+				s.log.Error(err, "decoding HTTPRoute", "namespace", r.Namespace, "name", r.Name)
+				continue
+			}
+			hr.Namespace, hr.Name = r.Namespace, r.Name
+			httpRoutes = append(httpRoutes, &hr)
+		case "GRPCRoute":
+			var gr gwv1.GRPCRoute
+			if err := json.Unmarshal(r.Json, &gr); err != nil {
+				s.log.Error(err, "decoding GRPCRoute", "namespace", r.Namespace, "name", r.Name)
+				continue
+			}
+			gr.Namespace, gr.Name = r.Namespace, r.Name
+			grpcRoutes = append(grpcRoutes, &gr)
+		case "AuthorizationPolicy":
+			p, err := authz.Decode(r.Json)
+			if err != nil {
+				s.log.Error(err, "decoding AuthorizationPolicy: denying its namespace", "namespace", r.Namespace, "name", r.Name)
+				cfg.broken[r.Namespace] = r.Namespace + "/" + r.Name
+				continue
+			}
+			p.Namespace, p.Name = r.Namespace, r.Name
+			cfg.policies = append(cfg.policies, p)
+		}
+	}
+	tbl, errs := route.Build(httpRoutes, grpcRoutes)
+	for _, err := range errs {
+		s.log.Info("route problem (affected rules answer 500)", "err", err.Error())
+	}
+	cfg.routes = tbl
+	s.l7.Store(cfg)
+}
+
+// brokenFor reports a namespace whose policies could not be decoded.
+func (c *l7Config) brokenFor(ns, root string) (string, bool) {
+	if p, ok := c.broken[ns]; ok {
+		return p, true
+	}
+	p, ok := c.broken[root]
+	return p, ok && root != ""
+}

@@ -1,0 +1,78 @@
+package waypoint
+
+import (
+	"bufio"
+	"context"
+	"io"
+
+	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/lb"
+	"github.com/ambientmesh/ambient/proxylib/proxyerr"
+	"github.com/ambientmesh/ambient/proxylib/telemetry"
+)
+
+// serveTCP is opaque passthrough for traffic that is not HTTP: L4 policy
+// (rules needing L7 attributes fail closed), then load balancing for a
+// service or the addressed pod, then HBONE onward and a byte relay.
+func (s *Server) serveTCP(ctx context.Context, c *connInfo, stream hbone.Stream, br *bufio.Reader) {
+	labels := telemetry.Labels{Reporter: Reporter, Source: c.source, SecurityPolicy: telemetry.MutualTLS}
+	if c.dst.service != nil {
+		labels.Service = telemetry.ServiceOf(c.dst.service)
+	}
+	if d := c.authorize(c.current(), nil); !d.Allowed {
+		labels.ResponseFlags = string(proxyerr.AuthorizationPolicyRejection)
+		s.tcp.ConnOpened(labels)
+		s.tcp.ConnClosed(labels, 0, 0)
+		s.log.Info("RBAC rejected conn", "peer", c.peer.Peer.String(), "target", c.dst.target.String(), "policy", d.Policy, "reason", d.Reason)
+		return
+	}
+	ep := c.dst.target
+	done := func(bool) {}
+	if c.dst.service != nil {
+		keys, addrs := s.endpointsOf(c.dst.service, c.dst.target.Port())
+		k, fin, ok := s.balancer(discovery.ServiceKey(c.dst.service.Namespace, c.dst.service.Hostname)).Pick(keys)
+		if !ok {
+			labels.ResponseFlags = string(proxyerr.NoHealthyUpstream)
+			s.tcp.ConnOpened(labels)
+			s.tcp.ConnClosed(labels, 0, 0)
+			s.log.Info("no healthy upstream", "target", c.dst.target.String())
+			return
+		}
+		ep = addrs[k]
+		done = func(failed bool) {
+			if failed {
+				fin(lb.ConnectFailure)
+			} else {
+				fin(lb.Success)
+			}
+		}
+	}
+	labels.Destination = telemetry.PeerOf(s.cfg.State.WorkloadByAddr(ep.Addr()), nil)
+	s.tcp.ConnOpened(labels)
+	up, err := s.dialEndpoint(context.WithValue(ctx, sourceAddrKey{}, c.srcIP), ep)
+	if err != nil {
+		done(true)
+		labels.ResponseFlags = string(proxyerr.ReasonOf(err))
+		s.tcp.ConnClosed(labels, 0, 0)
+		s.log.Info("upstream connect failed", "endpoint", ep.String(), "err", err.Error())
+		return
+	}
+	done(false)
+	defer up.Close()
+	down := &bufferedStream{Stream: stream, r: br}
+	hc, ok := up.(hbone.HalfCloser)
+	if !ok {
+		hc = noHalfClose{up}
+	}
+	received, sent, err := hbone.Relay(down, hc)
+	labels.ResponseFlags = string(proxyerr.ReasonOf(err))
+	s.tcp.ConnClosed(labels, received, sent)
+	s.log.Info("access", "protocol", "tcp", "src.addr", c.srcIP.String(), "src.identity", c.peer.Peer.String(),
+		"dst.addr", c.dst.target.String(), "upstream", ep.String(), "bytes_received", received, "bytes_sent", sent)
+}
+
+// noHalfClose adapts a stream without half-close (ends both directions).
+type noHalfClose struct{ io.ReadWriteCloser }
+
+func (n noHalfClose) CloseWrite() error { return n.Close() }

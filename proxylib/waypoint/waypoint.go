@@ -1,0 +1,358 @@
+// Package waypoint is the L7 waypoint proxy: it accepts HBONE tunnels whose
+// target is a pod it manages or a service containing such pods (anything
+// else is refused), sniffs the protocol, applies L4+L7 authorization,
+// routes (HTTPRoute/GRPCRoute), load-balances, and sends the request onward
+// over HBONE to the destination pod's ztunnel (<pod ip>:15008).
+package waypoint
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/go-logr/logr"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/ambientmesh/ambient/proxylib/authz"
+	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/proxylib/l7"
+	"github.com/ambientmesh/ambient/proxylib/lb"
+	"github.com/ambientmesh/ambient/proxylib/proxyerr"
+	"github.com/ambientmesh/ambient/proxylib/telemetry"
+)
+
+// Config configures a waypoint.
+type Config struct {
+	// Name and Namespace of this waypoint (its Gateway or WaypointPolicy,
+	// and its Service of the same name).
+	Name, Namespace string
+	// Identity is the waypoint's own workload identity.
+	Identity identity.Identity
+	// ClusterDomain builds service hostnames; default cluster.local.
+	ClusterDomain string
+	// RootNamespace is the mesh root namespace for mesh-wide policies.
+	RootNamespace string
+	State         *discovery.State
+	// Dialer opens onward HBONE tunnels.
+	Dialer hbone.Dialer
+	// DialTCP opens plain TCP to destinations outside the mesh; default net.Dialer.
+	DialTCP func(ctx context.Context, addr netip.AddrPort) (net.Conn, error)
+	// Registry receives HTTP and TCP metrics (may be nil).
+	Registry prometheus.Registerer
+	// Tracing generates a traceparent when a request has none.
+	Tracing      bool
+	SniffTimeout time.Duration // default 100ms
+	LBPolicy     lb.Policy
+	Outlier      lb.Outlier
+	// ConnectTimeout bounds one onward tunnel setup; default 5s.
+	ConnectTimeout time.Duration
+	Log            logr.Logger
+}
+
+// Server is the waypoint. It implements hbone.Handler.
+type Server struct {
+	cfg       Config
+	l7        atomic.Pointer[l7Config]
+	upstream  *l7.Upstream
+	http      *l7.Server
+	metrics   *httpMetrics
+	tcp       *telemetry.Metrics
+	balancers sync.Map // service key -> *lb.Balancer
+	log       logr.Logger
+}
+
+var _ hbone.Handler = (*Server)(nil)
+
+// New builds a waypoint and subscribes it to State changes.
+func New(cfg Config) (*Server, error) {
+	switch {
+	case cfg.Name == "" || cfg.Namespace == "":
+		return nil, fmt.Errorf("waypoint: name and namespace are required")
+	case cfg.Identity.IsZero():
+		return nil, fmt.Errorf("waypoint: identity is required")
+	case cfg.State == nil || cfg.Dialer == nil:
+		return nil, fmt.Errorf("waypoint: state and dialer are required")
+	}
+	if cfg.ClusterDomain == "" {
+		cfg.ClusterDomain = "cluster.local"
+	}
+	if cfg.SniffTimeout <= 0 {
+		cfg.SniffTimeout = 100 * time.Millisecond
+	}
+	if cfg.ConnectTimeout <= 0 {
+		cfg.ConnectTimeout = 5 * time.Second
+	}
+	if cfg.DialTCP == nil {
+		cfg.DialTCP = func(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "tcp", a.String())
+		}
+	}
+	s := &Server{cfg: cfg, log: cfg.Log.WithName("waypoint")}
+	s.metrics = newHTTPMetrics(cfg.Registry)
+	s.tcp = telemetry.NewMetrics(cfg.Registry)
+	s.upstream = l7.NewUpstream(s.dialEndpoint)
+	s.http = &l7.Server{Handler: nil, OnRefused: func(status int, reason string) {
+		s.log.Info("request refused", "status", status, "reason", reason)
+	}}
+	s.rebuild()
+	cfg.State.OnChange(func(c discovery.Change) {
+		if c.TypeURL == discovery.L7ResourceType {
+			s.rebuild()
+		}
+	})
+	return s, nil
+}
+
+// Close releases pooled upstream connections.
+func (s *Server) Close() { s.upstream.Close() }
+
+// ServiceHostname is the FQDN of a service in the mesh.
+func (s *Server) ServiceHostname(ns, name string) string {
+	return name + "." + ns + ".svc." + s.cfg.ClusterDomain
+}
+
+// destination is what a tunnel is addressed to, after validation.
+type destination struct {
+	target   netip.AddrPort
+	service  *workloadapi.Service  // set when a service VIP was addressed
+	workload *workloadapi.Workload // set when a pod was addressed
+}
+
+// ServeHBONE admits tunnels to pods and services this waypoint serves.
+func (s *Server) ServeHBONE(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
+	log := s.log.WithValues("peer", req.Peer.String(), "target", req.Target.String())
+	if !s.cfg.State.Ready() {
+		s.reject(log, resp, proxyerr.New(proxyerr.NotReady, "discovery not synced"))
+		return
+	}
+	dst, err := s.classify(req.Target)
+	if err != nil {
+		s.reject(log, resp, err)
+		return
+	}
+	stream, err := resp.Accept()
+	if err != nil {
+		log.Info("accept failed", "err", err)
+		return
+	}
+	defer stream.Close()
+	conn := newConnInfo(s, req, dst)
+	proto, br := l7.Sniff(stream, s.cfg.SniffTimeout)
+	log.V(1).Info("tunnel accepted", "protocol", proto.String())
+	if proto == l7.TCP {
+		s.serveTCP(ctx, conn, stream, br)
+		return
+	}
+	s.http.ServeConnWith(ctx, stream, br, proto, conn)
+}
+
+func (s *Server) reject(log logr.Logger, resp hbone.Responder, err error) {
+	reason := proxyerr.ReasonOf(err)
+	log.Info("tunnel rejected", "reason", reason, "err", err.Error())
+	resp.Reject(proxyerr.HTTPStatus(reason), err.Error())
+}
+
+// classify checks that target is a service this waypoint serves (its
+// waypoint is us, or it contains pods whose waypoint is us) or a pod whose
+// waypoint is us.
+func (s *Server) classify(target netip.AddrPort) (destination, error) {
+	st := s.cfg.State
+	if svc := st.ServiceByVIP(target.Addr()); svc != nil {
+		if !s.servesService(svc) {
+			return destination{}, proxyerr.New(proxyerr.UnknownDestination, "service %s/%s is not served by waypoint %s/%s", svc.Namespace, svc.Hostname, s.cfg.Namespace, s.cfg.Name)
+		}
+		if !hasPort(svc, target.Port()) {
+			return destination{}, proxyerr.New(proxyerr.NoTargetPort, "service %s/%s has no port %d", svc.Namespace, svc.Hostname, target.Port())
+		}
+		return destination{target: target, service: svc}, nil
+	}
+	if w := st.WorkloadByAddr(target.Addr()); w != nil {
+		if !s.isMe(w.GetWaypoint()) {
+			return destination{}, proxyerr.New(proxyerr.UnknownDestination, "workload %s/%s is not served by waypoint %s/%s", w.Namespace, w.Name, s.cfg.Namespace, s.cfg.Name)
+		}
+		return destination{target: target, workload: w}, nil
+	}
+	return destination{}, proxyerr.New(proxyerr.UnknownDestination, "%s is neither a workload nor a service served by waypoint %s/%s", target, s.cfg.Namespace, s.cfg.Name)
+}
+
+func hasPort(svc *workloadapi.Service, port uint16) bool {
+	for _, p := range svc.GetPorts() {
+		if p.GetServicePort() == uint32(port) {
+			return true
+		}
+	}
+	return false
+}
+
+func (s *Server) servesService(svc *workloadapi.Service) bool {
+	if s.isMe(svc.GetWaypoint()) {
+		return true
+	}
+	for _, ep := range s.cfg.State.Endpoints(discovery.ServiceKey(svc.Namespace, svc.Hostname)) {
+		if ep != nil && s.isMe(ep.GetWaypoint()) {
+			return true
+		}
+	}
+	return false
+}
+
+// isMe reports whether a waypoint address names this waypoint: our Service's
+// hostname, or one of its VIPs.
+func (s *Server) isMe(gw *workloadapi.GatewayAddress) bool {
+	if gw == nil {
+		return false
+	}
+	if h := gw.GetHostname(); h != nil {
+		return h.Namespace == s.cfg.Namespace && (h.Hostname == s.ServiceHostname(s.cfg.Namespace, s.cfg.Name) || h.Hostname == s.cfg.Name)
+	}
+	if a := gw.GetAddress(); a != nil {
+		ip, ok := netip.AddrFromSlice(a.Address)
+		if !ok {
+			return false
+		}
+		own := s.cfg.State.ServiceByKey(discovery.ServiceKey(s.cfg.Namespace, s.ServiceHostname(s.cfg.Namespace, s.cfg.Name)))
+		for _, na := range own.GetAddresses() {
+			if vip, ok := netip.AddrFromSlice(na.Address); ok && vip.Unmap() == ip.Unmap() {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// workloadIdentity is the SPIFFE identity a workload's certificate carries.
+func (s *Server) workloadIdentity(w *workloadapi.Workload) identity.Identity {
+	td := w.GetTrustDomain()
+	if td == "" {
+		td = s.cfg.Identity.TrustDomain
+	}
+	sa := w.GetServiceAccount()
+	if sa == "" {
+		sa = "default"
+	}
+	return identity.Identity{TrustDomain: td, Namespace: w.GetNamespace(), ServiceAccount: sa}
+}
+
+// dialEndpoint opens the onward stream to a pod: HBONE to its ztunnel
+// (<pod ip>:15008, expecting the pod's identity), or plain TCP when the pod
+// is not in the mesh.
+func (s *Server) dialEndpoint(ctx context.Context, ep netip.AddrPort) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.ConnectTimeout)
+	defer cancel()
+	w := s.cfg.State.WorkloadByAddr(ep.Addr())
+	if w == nil {
+		return nil, proxyerr.New(proxyerr.UnknownDestination, "endpoint %s is not a known workload", ep)
+	}
+	if w.GetTunnelProtocol() != workloadapi.TunnelProtocol_HBONE {
+		c, err := s.cfg.DialTCP(ctx, ep)
+		return c, proxyerr.Wrap(proxyerr.UpstreamConnectFailed, err, "dial %s", ep)
+	}
+	src := hbone.Source{Addr: sourceAddrFrom(ctx), Namespace: s.cfg.Namespace, Workload: s.cfg.Name}
+	st, err := s.cfg.Dialer.Dial(ctx, hbone.DialRequest{
+		Source:    s.cfg.Identity,
+		Expected:  []identity.Identity{s.workloadIdentity(w)},
+		ProxyAddr: netip.AddrPortFrom(ep.Addr(), hbone.Port),
+		Target:    ep,
+		Header:    hbone.SourceHeader(src),
+	})
+	if err != nil {
+		return nil, proxyerr.Wrap(proxyerr.HBONEConnectFailed, err, "HBONE to %s", ep)
+	}
+	return st, nil
+}
+
+type sourceAddrKey struct{}
+
+func sourceAddrFrom(ctx context.Context) netip.Addr {
+	a, _ := ctx.Value(sourceAddrKey{}).(netip.Addr)
+	return a
+}
+
+// balancer returns the balancer of a service.
+func (s *Server) balancer(key string) *lb.Balancer {
+	if b, ok := s.balancers.Load(key); ok {
+		return b.(*lb.Balancer)
+	}
+	b, _ := s.balancers.LoadOrStore(key, lb.New(s.cfg.LBPolicy, s.cfg.Outlier, nil))
+	return b.(*lb.Balancer)
+}
+
+// endpointsOf lists the healthy endpoints of svc for service port port, as
+// "ip:targetPort" keys, with a lookup back to the workload.
+func (s *Server) endpointsOf(svc *workloadapi.Service, port uint16) ([]string, map[string]netip.AddrPort) {
+	key := discovery.ServiceKey(svc.Namespace, svc.Hostname)
+	var keys []string
+	addrs := map[string]netip.AddrPort{}
+	for _, ep := range s.cfg.State.Endpoints(key) {
+		if ep == nil || ep.GetStatus() != workloadapi.WorkloadStatus_HEALTHY || len(ep.Addresses) == 0 {
+			continue
+		}
+		ip, ok := netip.AddrFromSlice(ep.Addresses[0])
+		if !ok {
+			continue
+		}
+		ap := netip.AddrPortFrom(ip.Unmap(), targetPort(svc, key, ep, port))
+		k := ap.String()
+		keys = append(keys, k)
+		addrs[k] = ap
+	}
+	return keys, addrs
+}
+
+func targetPort(svc *workloadapi.Service, key string, ep *workloadapi.Workload, port uint16) uint16 {
+	if pl, ok := ep.GetServices()[key]; ok {
+		for _, p := range pl.GetPorts() {
+			if p.GetServicePort() == uint32(port) && p.GetTargetPort() != 0 {
+				return uint16(p.GetTargetPort())
+			}
+		}
+	}
+	for _, p := range svc.GetPorts() {
+		if p.GetServicePort() == uint32(port) && p.GetTargetPort() != 0 {
+			return uint16(p.GetTargetPort())
+		}
+	}
+	return port
+}
+
+// policyTarget says which policies bind to a destination.
+func (s *Server) policyTarget(dst destination) authz.Target {
+	t := authz.Target{
+		WaypointName: s.cfg.Name, WaypointNamespace: s.cfg.Namespace,
+		RootNamespace: s.cfg.RootNamespace, SelectedBy: map[string]bool{},
+	}
+	add := func(w *workloadapi.Workload) {
+		for _, p := range w.GetAuthorizationPolicies() {
+			t.SelectedBy[p] = true
+		}
+	}
+	if dst.service != nil {
+		t.Namespace, t.ServiceName = dst.service.Namespace, dst.service.Name
+		for _, ep := range s.cfg.State.Endpoints(discovery.ServiceKey(dst.service.Namespace, dst.service.Hostname)) {
+			if ep != nil && s.isMe(ep.GetWaypoint()) {
+				add(ep)
+			}
+		}
+	} else {
+		t.Namespace = dst.workload.Namespace
+		add(dst.workload)
+	}
+	return t
+}
+
+// bufferedStream reads through the sniffing reader and keeps half-close.
+type bufferedStream struct {
+	hbone.Stream
+	r *bufio.Reader
+}
+
+func (b *bufferedStream) Read(p []byte) (int, error) { return b.r.Read(p) }

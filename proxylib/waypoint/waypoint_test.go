@@ -1,0 +1,436 @@
+package waypoint_test
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+
+	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/waypoint/waypointtest"
+	wt "github.com/ambientmesh/ambient/proxylib/waypoint/waypointtest"
+)
+
+// demo is the seeds' setup behind a namespace waypoint: echo (v1, v2),
+// httpbin, and clients sleep and notsleep.
+type demo struct {
+	m                 *wt.Mesh
+	wp                *wt.Waypoint
+	v1, v2, httpbin   *wt.Pod
+	echo, echoV1      netip.Addr
+	echoV2, httpbinIP netip.Addr
+	sleep, notsleep   *wt.Client
+}
+
+func newDemo(t *testing.T) *demo {
+	m := wt.New(t)
+	d := &demo{m: m}
+	d.wp = m.AddWaypoint("waypoint", true)
+	d.v1 = m.AddPod("echo-v1-0", "echo", map[string]string{"app": "echo", "version": "v1"}, d.wp)
+	d.v2 = m.AddPod("echo-v2-0", "echo", map[string]string{"app": "echo", "version": "v2"}, d.wp)
+	d.httpbin = m.AddPod("httpbin-0", "httpbin", map[string]string{"app": "httpbin"}, d.wp, wt.Namespace+"/allow-sleep-to-httpbin")
+	wpOf := func(*wt.Pod) *wt.Waypoint { return d.wp }
+	ports := []uint32{wt.HTTPPort, wt.GRPCPort, wt.TCPPort}
+	d.echo = m.AddService("echo", d.wp, []*wt.Pod{d.v1, d.v2}, wpOf, ports...)
+	d.echoV1 = m.AddService("echo-v1", d.wp, []*wt.Pod{d.v1}, wpOf, ports...)
+	d.echoV2 = m.AddService("echo-v2", d.wp, []*wt.Pod{d.v2}, wpOf, ports...)
+	d.httpbinIP = m.AddService("httpbin", d.wp, []*wt.Pod{d.httpbin}, wpOf, ports...)
+	d.sleep = m.NewClient("sleep", netip.MustParseAddr("10.244.1.5"))
+	d.notsleep = m.NewClient("notsleep", netip.MustParseAddr("10.244.1.6"))
+	return d
+}
+
+func get(t *testing.T, c *http.Client, method, url string, hdr ...string) (int, wt.Seen, http.Header) {
+	t.Helper()
+	req, _ := http.NewRequest(method, url, nil)
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	var s wt.Seen
+	if resp.StatusCode == 200 {
+		if err := json.Unmarshal(body, &s); err != nil {
+			t.Fatalf("%s %s: body %q: %v", method, url, body, err)
+		}
+	}
+	return resp.StatusCode, s, resp.Header
+}
+
+func svcURL(ip netip.Addr, path string) string {
+	return fmt.Sprintf("http://%s:%d%s", ip, wt.HTTPPort, path)
+}
+
+func target(ip netip.Addr, port uint16) netip.AddrPort { return netip.AddrPortFrom(ip, port) }
+
+// The seeds' HTTPRoute: every request for echo goes to echo-v1; without it,
+// requests are balanced over both pods.
+func TestSeedsRouteEchoToV1(t *testing.T) {
+	d := newDemo(t)
+	c := d.sleep.HTTP(d.wp, target(d.echo, wt.HTTPPort), false)
+	pods := map[string]int{}
+	for range 20 {
+		code, s, _ := get(t, c, "GET", svcURL(d.echo, "/"))
+		if code != 200 {
+			t.Fatalf("status %d", code)
+		}
+		pods[s.Pod]++
+	}
+	if pods["echo-v1-0"] == 0 || pods["echo-v2-0"] == 0 {
+		t.Fatalf("without a route both pods should serve: %v", pods)
+	}
+	d.m.ApplyL7(`
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: HTTPRoute
+metadata: {name: echo}
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: echo
+    port: 8080
+  rules:
+  - backendRefs:
+    - name: echo-v1
+      port: 8080
+`)
+	for range 30 {
+		code, s, _ := get(t, c, "GET", svcURL(d.echo, "/x"))
+		if code != 200 || s.Pod != "echo-v1-0" {
+			t.Fatalf("status %d pod %q, want echo-v1-0", code, s.Pod)
+		}
+	}
+}
+
+func TestWeightedSplitWithinBinomialBounds(t *testing.T) {
+	d := newDemo(t)
+	d.m.ApplyL7(`
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: split}
+spec:
+  parentRefs: [{kind: Service, name: echo, group: ""}]
+  rules:
+  - backendRefs:
+    - {name: echo-v1, port: 8080, weight: 90}
+    - {name: echo-v2, port: 8080, weight: 10}
+`)
+	c := d.sleep.HTTP(d.wp, target(d.echo, wt.HTTPPort), false)
+	const n = 400
+	v2 := 0
+	for range n {
+		code, s, _ := get(t, c, "GET", svcURL(d.echo, "/"))
+		if code != 200 {
+			t.Fatalf("status %d", code)
+		}
+		if s.Pod == "echo-v2-0" {
+			v2++
+		}
+	}
+	// 5 sigma: a correct 90/10 split fails ~1e-6 of runs; 80/20 or 50/50 fail.
+	mean, sd := n*0.1, math.Sqrt(n*0.1*0.9)
+	if math.Abs(float64(v2)-mean) > 5*sd {
+		t.Fatalf("%d of %d to v2, want %.0f±%.0f", v2, n, mean, 5*sd)
+	}
+}
+
+const seedPolicy = `
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {name: allow-sleep-to-httpbin}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/ambient-demo/sa/sleep]}}]
+    to: [{operation: {methods: [GET]}}]
+`
+
+func TestL7AuthorizationSeeds(t *testing.T) {
+	d := newDemo(t)
+	d.m.ApplyL7(seedPolicy)
+	sleep := d.sleep.HTTP(d.wp, target(d.httpbinIP, wt.HTTPPort), false)
+	notsleep := d.notsleep.HTTP(d.wp, target(d.httpbinIP, wt.HTTPPort), false)
+	if code, s, _ := get(t, sleep, "GET", svcURL(d.httpbinIP, "/get")); code != 200 || s.Pod != "httpbin-0" {
+		t.Fatalf("GET from sleep: %d %q", code, s.Pod)
+	}
+	if code, _, _ := get(t, sleep, "POST", svcURL(d.httpbinIP, "/post")); code != 403 {
+		t.Fatalf("POST from sleep: %d, want 403", code)
+	}
+	for _, m := range []string{"GET", "POST", "DELETE"} {
+		if code, _, _ := get(t, notsleep, m, svcURL(d.httpbinIP, "/get")); code != 403 {
+			t.Fatalf("%s from notsleep: %d, want 403", m, code)
+		}
+	}
+	// The policy selects httpbin only: echo stays open.
+	if code, _, _ := get(t, d.notsleep.HTTP(d.wp, target(d.echo, wt.HTTPPort), false), "POST", svcURL(d.echo, "/")); code != 200 {
+		t.Fatalf("echo from notsleep: %d", code)
+	}
+	// A request addressed to the pod itself is authorized the same way.
+	pod := target(d.httpbin.IP, wt.HTTPPort)
+	if code, s, _ := get(t, d.sleep.HTTP(d.wp, pod, false), "GET", "http://"+pod.String()+"/"); code != 200 || s.Pod != "httpbin-0" {
+		t.Fatalf("pod-addressed GET from sleep: %d %q", code, s.Pod)
+	}
+	if code, _, _ := get(t, d.notsleep.HTTP(d.wp, pod, false), "GET", "http://"+pod.String()+"/"); code != 403 {
+		t.Fatalf("pod-addressed GET from notsleep: %d", code)
+	}
+}
+
+func TestForwardingHeadersAndTrace(t *testing.T) {
+	d := newDemo(t)
+	c := d.sleep.HTTP(d.wp, target(d.echoV1, wt.HTTPPort), false)
+	code, s, _ := get(t, c, "GET", svcURL(d.echoV1, "/"),
+		"X-Forwarded-For", "6.6.6.6", "X-Forwarded-Client-Cert", "URI=spiffe://evil/ns/x/sa/y", "Connection", "X-Hop", "X-Hop", "1")
+	if code != 200 {
+		t.Fatal(code)
+	}
+	if got := s.Header.Values("X-Forwarded-For"); len(got) != 1 || got[0] != "10.244.1.5" {
+		t.Errorf("X-Forwarded-For %v, want the verified source only", got)
+	}
+	if got := s.Header.Get("X-Forwarded-Client-Cert"); !strings.Contains(got, "URI=spiffe://cluster.local/ns/ambient-demo/sa/sleep") || strings.Contains(got, "evil") {
+		t.Errorf("XFCC %q", got)
+	}
+	if s.Header.Get("X-Hop") != "" {
+		t.Error("Connection-listed header forwarded")
+	}
+	if tp := s.Header.Get("Traceparent"); len(tp) != 55 {
+		t.Errorf("traceparent not generated with tracing on: %q", tp)
+	}
+}
+
+func TestTargetsNotServedAreRefused(t *testing.T) {
+	d := newDemo(t)
+	other := d.m.AddPod("other-0", "other", map[string]string{"app": "other"}, nil)
+	otherSvc := d.m.AddService("other", nil, []*wt.Pod{other}, func(*wt.Pod) *wt.Waypoint { return nil }, wt.HTTPPort)
+	for _, tgt := range []netip.AddrPort{
+		target(other.IP, wt.HTTPPort),               // pod without this waypoint
+		target(otherSvc, wt.HTTPPort),               // service without our pods
+		target(netip.MustParseAddr("10.9.9.9"), 80), // unknown
+		target(d.echo, 1234),                        // our service, port it does not have
+	} {
+		_, err := d.sleep.Dial(context.Background(), d.wp, tgt)
+		if err == nil || hbone.StatusOf(err) != 400 {
+			t.Errorf("CONNECT %s: err %v (status %d), want 400", tgt, err, hbone.StatusOf(err))
+		}
+	}
+}
+
+// A service-account waypoint takes the pods bound to it; the namespace
+// waypoint refuses them (discovery binds each pod to one waypoint, the
+// service-account one first).
+func TestServiceAccountWaypointWins(t *testing.T) {
+	d := newDemo(t)
+	saWP := d.m.AddWaypoint("echo-sa-waypoint", false)
+	d.m.PublishPod(d.v1, saWP, nil)
+	tgt := target(d.v1.IP, wt.HTTPPort)
+	if _, err := d.sleep.Dial(context.Background(), d.wp, tgt); hbone.StatusOf(err) != 400 {
+		t.Fatalf("namespace waypoint accepted a pod of the service-account waypoint: %v", err)
+	}
+	code, s, _ := get(t, d.sleep.HTTP(saWP, tgt, false), "GET", "http://"+tgt.String()+"/")
+	if code != 200 || s.Pod != "echo-v1-0" {
+		t.Fatalf("via service-account waypoint: %d %q", code, s.Pod)
+	}
+}
+
+func TestGRPCRouteAndAuthorization(t *testing.T) {
+	d := newDemo(t)
+	d.m.ApplyL7(`
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: echo-grpc}
+spec:
+  parentRefs: [{kind: Service, name: echo, group: ""}]
+  rules:
+  - matches: [{method: {service: grpc.health.v1.Health, method: Check}}]
+    backendRefs: [{name: echo-v2, port: 9090}]
+`)
+	d.m.ApplyL7(`
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: grpc-only-sleep}
+spec:
+  targetRefs: [{kind: Service, group: "", name: echo}]
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/ambient-demo/sa/sleep"]}}]
+    to: [{operation: {methods: [POST], paths: ["/grpc.health.v1.Health/*"]}}]
+`)
+	tgt := target(d.echo, wt.GRPCPort)
+	hc := healthpb.NewHealthClient(d.sleep.GRPC(d.wp, tgt))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for range 10 {
+		// Only echo-v2-0 knows the service name "echo-v2-0".
+		resp, err := hc.Check(ctx, &healthpb.HealthCheckRequest{Service: "echo-v2-0"})
+		if err != nil || resp.Status != healthpb.HealthCheckResponse_SERVING {
+			t.Fatalf("gRPC via route: %v %v", resp, err)
+		}
+	}
+	_, err := healthpb.NewHealthClient(d.notsleep.GRPC(d.wp, tgt)).Check(ctx, &healthpb.HealthCheckRequest{})
+	if status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("gRPC from notsleep: %v, want PermissionDenied", err)
+	}
+}
+
+func TestMetricsLabels(t *testing.T) {
+	d := newDemo(t)
+	d.m.ApplyL7(seedPolicy)
+	c := d.sleep.HTTP(d.wp, target(d.httpbinIP, wt.HTTPPort), false)
+	get(t, c, "GET", svcURL(d.httpbinIP, "/"))
+	get(t, c, "POST", svcURL(d.httpbinIP, "/"))
+	mfs, err := d.wp.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{
+		"reporter": "waypoint", "source_workload": "unknown", "source_principal": "spiffe://cluster.local/ns/ambient-demo/sa/sleep",
+		"destination_service": "httpbin.ambient-demo.svc.cluster.local", "destination_service_name": "httpbin",
+		"destination_service_namespace": "ambient-demo", "request_protocol": "http", "connection_security_policy": "mutual_tls",
+	}
+	found := map[string]bool{}
+	for _, mf := range mfs {
+		if mf.GetName() != "istio_requests_total" {
+			continue
+		}
+		for _, mt := range mf.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range mt.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			for k, v := range want {
+				if labels[k] != v {
+					t.Errorf("label %s=%q, want %q (%v)", k, labels[k], v, labels)
+				}
+			}
+			found[labels["response_code"]] = true
+			if labels["response_code"] == "200" && (labels["destination_workload"] != "httpbin-0" || labels["destination_principal"] != "spiffe://cluster.local/ns/ambient-demo/sa/httpbin") {
+				t.Errorf("destination labels %v", labels)
+			}
+			if labels["response_code"] == "403" && labels["response_flags"] != "authorization_policy_rejection" {
+				t.Errorf("403 flags %v", labels)
+			}
+		}
+	}
+	if !found["200"] || !found["403"] {
+		t.Fatalf("requests_total series by code: %v", found)
+	}
+	hist := 0
+	for _, mf := range mfs {
+		switch mf.GetName() {
+		case "istio_request_duration_milliseconds", "istio_request_bytes", "istio_response_bytes":
+			for _, mt := range mf.GetMetric() {
+				if mt.GetHistogram().GetSampleCount() > 0 {
+					hist++
+				}
+			}
+		}
+	}
+	if hist != 6 {
+		t.Fatalf("histogram series with samples: %d, want 3 metrics x 2 codes", hist)
+	}
+}
+
+func TestTCPPassthroughWithL4Policy(t *testing.T) {
+	d := newDemo(t)
+	tgt := target(d.echoV1, wt.TCPPort)
+	st, err := d.sleep.Dial(context.Background(), d.wp, tgt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(st, "\x00\x01binary")
+	st.CloseWrite()
+	got, _ := io.ReadAll(st)
+	st.Close()
+	if string(got) != "echo-v1-0:\x00\x01binary" {
+		t.Fatalf("passthrough got %q", got)
+	}
+	// An ALLOW policy with only L7 rules fails closed for opaque TCP.
+	d.m.ApplyL7(`
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: get-only}
+spec:
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+`)
+	st, err = d.sleep.Dial(context.Background(), d.wp, tgt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(st, "\x00\x01binary")
+	st.CloseWrite()
+	got, _ = io.ReadAll(st)
+	st.Close()
+	if len(got) != 0 {
+		t.Fatalf("TCP with an L7-only ALLOW policy got %q, want closed", got)
+	}
+}
+
+// Case 24 through the full waypoint: smuggling shapes never reach a pod.
+func TestHostileHTTPThroughWaypoint(t *testing.T) {
+	d := newDemo(t)
+	for _, raw := range []string{
+		"POST / HTTP/1.1\r\nHost: echo\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+		"POST / HTTP/1.1\r\nHost: echo\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+		"GET / HTTP/1.1\r\nHost: echo\r\nX: " + strings.Repeat("a", 64<<10) + "\r\n\r\n",
+	} {
+		st, err := d.sleep.Dial(context.Background(), d.wp, target(d.echo, wt.HTTPPort))
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.WriteString(st, raw)
+		resp, err := http.ReadResponse(bufio.NewReader(st), nil)
+		st.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp.StatusCode != 400 && resp.StatusCode != 431 {
+			t.Errorf("%.40q: status %d", raw, resp.StatusCode)
+		}
+	}
+}
+
+func TestOutlierEjectionAndRetry(t *testing.T) {
+	d := newDemo(t)
+	d.m.ApplyL7(`
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: retry}
+spec:
+  parentRefs: [{kind: Service, name: echo, group: ""}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /status/503}}]
+    retry: {codes: [503], attempts: 2}
+    backendRefs: [{name: echo, port: 8080}]
+  - backendRefs: [{name: echo, port: 8080}]
+`)
+	c := d.sleep.HTTP(d.wp, target(d.echo, wt.HTTPPort), false)
+	if code, _, _ := get(t, c, "GET", svcURL(d.echo, "/status/503")); code != 503 {
+		t.Fatalf("status %d", code)
+	}
+	// 3 attempts per request: both endpoints answered 503 repeatedly; the
+	// waypoint still answers (never fewer than one endpoint available).
+	for range 3 {
+		if code, _, _ := get(t, c, "GET", svcURL(d.echo, "/status/503")); code != 503 {
+			t.Fatalf("status %d", code)
+		}
+	}
+	if code, _, _ := get(t, c, "GET", svcURL(d.echo, "/ok")); code != 200 {
+		t.Fatalf("healthy path after ejections: %d", code)
+	}
+}
+
+var _ = waypointtest.Namespace
