@@ -457,3 +457,58 @@ func TestSelectorlessService(t *testing.T) {
 		return !ok
 	})
 }
+
+// TestWaypointClientGetsL7: a waypoint pod may subscribe to L7 resources and
+// receives HTTPRoutes and L7 policies whole; a ztunnel may not.
+func TestWaypointClientGetsL7(t *testing.T) {
+	ctx := context.Background()
+	ensureNamespace(t, "l7", map[string]string{ambientLabel: "ambient"})
+	gw := &gwv1.Gateway{ObjectMeta: metav1.ObjectMeta{Name: "waypoint", Namespace: "l7"},
+		Spec: gwv1.GatewaySpec{GatewayClassName: "istio-waypoint", Listeners: []gwv1.Listener{{Name: "mesh", Port: 15008, Protocol: "HBONE"}}}}
+	route := &gwv1.HTTPRoute{ObjectMeta: metav1.ObjectMeta{Name: "reviews", Namespace: "l7"}, Spec: gwv1.HTTPRouteSpec{
+		CommonRouteSpec: gwv1.CommonRouteSpec{ParentRefs: []gwv1.ParentReference{{Name: "reviews", Kind: ptrTo(gwv1.Kind("Service")), Group: ptrTo(gwv1.Group(""))}}}}}
+	l7 := &securityv1.AuthorizationPolicy{ObjectMeta: metav1.ObjectMeta{Name: "get-only", Namespace: "l7"}}
+	l7.Spec.TargetRefs = []*apitype.PolicyTargetReference{{Group: "gateway.networking.k8s.io", Kind: "Gateway", Name: "waypoint"}}
+	l7.Spec.Rules = []*apisecurity.Rule{{To: []*apisecurity.Rule_To{{Operation: &apisecurity.Operation{Methods: []string{"GET"}}}}}}
+	for _, o := range []client.Object{gw, route, l7} {
+		if err := s.k8s.Create(ctx, o); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), o) })
+	}
+	eventually(t, "waypoint known", func() bool { return s.cp.Discovery.IsWaypoint("l7", "waypoint") })
+	wpPod := createPod(t, podSpec{ns: "l7", name: "waypoint-0", node: "node-a", sa: "waypoint", ip: "10.9.0.1",
+		labels: map[string]string{"gateway.networking.k8s.io/gateway-name": "waypoint"}})
+	state := startClient(t, token(t, wpPod, xds.TokenAudience), wpPod.Name, xds.RoleWaypoint, xds.AddressType, xds.AuthorizationType, xds.L7ResourceType)
+	eventually(t, "waypoint sync with L7", func() bool {
+		if !state.Ready() {
+			return false
+		}
+		var kinds []string
+		for _, r := range state.L7Resources() {
+			if r.Namespace == "l7" {
+				kinds = append(kinds, r.Kind+"/"+r.Name)
+			}
+		}
+		slices.Sort(kinds)
+		return slices.Equal(kinds, []string{"AuthorizationPolicy/get-only", "HTTPRoute/reviews"})
+	})
+	for _, r := range state.L7Resources() {
+		if r.Kind == "HTTPRoute" && !strings.Contains(string(r.Json), `"parentRefs"`) {
+			t.Fatalf("HTTPRoute spec missing from L7 JSON: %s", r.Json)
+		}
+	}
+	// A targetRef policy is waypoint-only: ztunnel gets no L4 form of it.
+	if state.Policy("l7/get-only") != nil {
+		t.Fatal("targetRef policy must not be an L4 policy")
+	}
+	// ztunnels are refused L7 resources.
+	zt := ztunnel(t, "zt-l7", "node-a", "10.200.0.9")
+	ztState := startClient(t, token(t, zt, xds.TokenAudience), zt.Name, xds.RoleZtunnel, xds.AddressType, xds.L7ResourceType)
+	time.Sleep(500 * time.Millisecond)
+	if ztState.Ready() || len(ztState.L7Resources()) != 0 {
+		t.Fatal("a ztunnel received L7 resources")
+	}
+}
+
+func ptrTo[T any](v T) *T { return &v }
