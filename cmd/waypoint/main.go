@@ -1,0 +1,239 @@
+// Command waypoint is the L7 waypoint proxy: HBONE only on :15008 (mTLS,
+// verified SPIFFE peers), configuration from the control plane (workload
+// discovery plus L7 resources: HTTPRoute, GRPCRoute, AuthorizationPolicy),
+// certificates from the mesh CA. The behaviour lives in proxylib/waypoint;
+// this file is wiring only.
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/go-logr/logr"
+	"github.com/go-logr/zapr"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/ambientmesh/ambient/proxylib/admin"
+	"github.com/ambientmesh/ambient/proxylib/caclient"
+	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/hbone/h2"
+	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/proxylib/lb"
+	"github.com/ambientmesh/ambient/proxylib/waypoint"
+)
+
+type options struct {
+	name, podName, namespace, serviceAccount, node string
+	trustDomain, clusterDomain, rootNamespace      string
+	xdsAddr, xdsServerName, caAddr, caServerName   string
+	tokenPath, rootCertPath                        string
+	listen, adminAddr, metricsAddr, readyAddr      string
+	lbPolicy, logLevel                             string
+	tracing                                        bool
+	drainGrace                                     time.Duration
+}
+
+func env(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
+}
+
+func hostOf(addr string) string {
+	h, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return addr
+	}
+	return h
+}
+
+func parseFlags() options {
+	var o options
+	flag.StringVar(&o.name, "name", env("WAYPOINT_NAME", ""), "waypoint name: its Gateway/WaypointPolicy and Service (env WAYPOINT_NAME)")
+	flag.StringVar(&o.podName, "pod-name", env("POD_NAME", "waypoint"), "env POD_NAME")
+	flag.StringVar(&o.namespace, "namespace", env("POD_NAMESPACE", ""), "env POD_NAMESPACE")
+	flag.StringVar(&o.serviceAccount, "service-account", env("SERVICE_ACCOUNT", ""), "own service account (default: the waypoint name)")
+	flag.StringVar(&o.node, "node-name", env("NODE_NAME", ""), "env NODE_NAME")
+	flag.StringVar(&o.trustDomain, "trust-domain", env("TRUST_DOMAIN", "cluster.local"), "SPIFFE trust domain")
+	flag.StringVar(&o.clusterDomain, "cluster-domain", env("CLUSTER_DOMAIN", "cluster.local"), "Kubernetes cluster domain")
+	flag.StringVar(&o.rootNamespace, "root-namespace", env("ROOT_NAMESPACE", "istio-system"), "mesh root namespace (mesh-wide policies)")
+	flag.StringVar(&o.xdsAddr, "xds-address", env("XDS_ADDRESS", ""), "discovery server host:port")
+	flag.StringVar(&o.xdsServerName, "xds-server-name", env("XDS_SERVER_NAME", ""), "TLS name of the discovery server (default: host of -xds-address)")
+	flag.StringVar(&o.caAddr, "ca-address", env("CA_ADDRESS", ""), "CA server host:port")
+	flag.StringVar(&o.caServerName, "ca-server-name", env("CA_SERVER_NAME", ""), "TLS name of the CA (default: host of -ca-address)")
+	flag.StringVar(&o.tokenPath, "token-path", env("TOKEN_FILE", "/var/run/secrets/tokens/ambient-token"), "projected SA token (audience ambient-mesh)")
+	flag.StringVar(&o.rootCertPath, "root-cert", env("ROOT_CERT_FILE", "/var/run/secrets/ambient/root-cert.pem"), "mesh trust bundle (PEM)")
+	flag.StringVar(&o.listen, "listen", ":15008", "HBONE listener")
+	flag.StringVar(&o.adminAddr, "admin-address", "127.0.0.1:15000", "admin endpoint")
+	flag.StringVar(&o.metricsAddr, "metrics-address", ":15020", "Prometheus metrics")
+	flag.StringVar(&o.readyAddr, "ready-address", ":15021", "readiness (/healthz/ready)")
+	flag.StringVar(&o.lbPolicy, "lb-policy", env("LB_POLICY", "LEAST_REQUEST"), "ROUND_ROBIN or LEAST_REQUEST")
+	flag.BoolVar(&o.tracing, "tracing", env("TRACING", "") == "true", "start a trace (traceparent) for requests without one")
+	flag.StringVar(&o.logLevel, "log-level", env("LOG_LEVEL", "info"), "debug|info|warn|error")
+	flag.DurationVar(&o.drainGrace, "drain-grace", 30*time.Second, "time in-flight tunnels get after SIGTERM")
+	flag.Parse()
+	if o.serviceAccount == "" {
+		o.serviceAccount = o.name
+	}
+	if o.xdsServerName == "" {
+		o.xdsServerName = hostOf(o.xdsAddr)
+	}
+	if o.caServerName == "" {
+		o.caServerName = hostOf(o.caAddr)
+	}
+	return o
+}
+
+func main() {
+	o := parseFlags()
+	level := zap.NewAtomicLevel()
+	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
+		fmt.Fprintln(os.Stderr, "bad -log-level:", err)
+		os.Exit(2)
+	}
+	zl := zap.New(zapcore.NewCore(zapcore.NewConsoleEncoder(zap.NewProductionEncoderConfig()), zapcore.Lock(os.Stderr), level))
+	log := zapr.NewLogger(zl)
+	if err := run(o, log, level); err != nil {
+		log.Error(err, "waypoint failed")
+		os.Exit(1)
+	}
+}
+
+func run(o options, log logr.Logger, level zap.AtomicLevel) error {
+	if o.name == "" || o.namespace == "" || o.xdsAddr == "" || o.caAddr == "" {
+		return errors.New("WAYPOINT_NAME, POD_NAMESPACE, XDS_ADDRESS and CA_ADDRESS are required")
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	roots, err := loadRoots(o.rootCertPath)
+	if err != nil {
+		return err
+	}
+	token := func() (string, error) {
+		b, err := os.ReadFile(o.tokenPath)
+		return strings.TrimSpace(string(b)), err
+	}
+	ca, err := caclient.New(caclient.Config{Address: o.caAddr, Token: token,
+		TLS: &tls.Config{RootCAs: roots, ServerName: o.caServerName, MinVersion: tls.VersionTLS13}})
+	if err != nil {
+		return err
+	}
+	store, err := identity.NewStore(identity.StoreConfig{Client: ca, TrustDomain: o.trustDomain, Roots: roots, Log: log.WithName("certs")})
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	self := identity.Identity{TrustDomain: o.trustDomain, Namespace: o.namespace, ServiceAccount: o.serviceAccount}
+	if err := store.Prefetch(self); err != nil {
+		return fmt.Errorf("certificate for %s: %w", self, err)
+	}
+
+	state := discovery.NewState(discovery.AddressType, discovery.AuthorizationType, discovery.L7ResourceType)
+	xds := discovery.NewClient(discovery.ClientConfig{Address: o.xdsAddr, Token: token, Log: log.WithName("xds"),
+		TLS:      &tls.Config{RootCAs: roots, ServerName: o.xdsServerName, MinVersion: tls.VersionTLS12},
+		TypeURLs: []string{discovery.AddressType, discovery.AuthorizationType, discovery.L7ResourceType},
+		Node:     discovery.NodeInfo{NodeName: o.node, PodName: o.podName, PodNamespace: o.namespace, Role: discovery.RoleWaypoint}}, state)
+	go xds.Run(ctx)
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	dialer, err := h2.NewDialer(h2.DialerConfig{Certs: store, Log: log.WithName("hbone-client")})
+	if err != nil {
+		return err
+	}
+	defer dialer.Close()
+	policy := lb.LeastRequest
+	if strings.EqualFold(o.lbPolicy, "ROUND_ROBIN") {
+		policy = lb.RoundRobin
+	}
+	wp, err := waypoint.New(waypoint.Config{Name: o.name, Namespace: o.namespace, Identity: self,
+		ClusterDomain: o.clusterDomain, RootNamespace: o.rootNamespace, State: state, Dialer: dialer,
+		Registry: reg, Tracing: o.tracing, LBPolicy: policy, Log: log})
+	if err != nil {
+		return err
+	}
+	defer wp.Close()
+	srv, err := h2.NewServer(h2.ServerConfig{Certs: store, Identity: self, Handler: wp, Log: log.WithName("hbone-server"),
+		ForbiddenTargets: forbidden(o)})
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", o.listen)
+	if err != nil {
+		return err
+	}
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, h2.ErrServerClosed) {
+			log.Error(err, "HBONE listener stopped")
+			stop()
+		}
+	}()
+
+	serve(log, o.adminAddr, admin.Handler(admin.Config{State: state, Certificates: store.Status,
+		SetLogLevel: func(l string) error { return level.UnmarshalText([]byte(l)) }}))
+	serve(log, o.metricsAddr, admin.MetricsHandler(reg))
+	serve(log, o.readyAddr, admin.ReadinessHandler(state.Ready))
+	log.Info("waypoint started", "name", o.name, "namespace", o.namespace, "identity", self.String(), "listen", o.listen)
+
+	<-ctx.Done()
+	log.Info("draining", "grace", o.drainGrace.String())
+	dctx, cancel := context.WithTimeout(context.Background(), o.drainGrace)
+	defer cancel()
+	if err := srv.Shutdown(dctx); err != nil {
+		log.Info("drain grace elapsed; remaining tunnels closed")
+	}
+	return nil
+}
+
+// forbidden: the waypoint's own admin/metrics/readiness ports are never
+// CONNECT targets (recursion).
+func forbidden(o options) []netip.AddrPort {
+	var out []netip.AddrPort
+	for _, a := range []string{o.adminAddr, o.metricsAddr, o.readyAddr} {
+		if ap, err := netip.ParseAddrPort(a); err == nil {
+			out = append(out, ap)
+		}
+	}
+	return out
+}
+
+func serve(log logr.Logger, addr string, h http.Handler) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		log.Error(err, "listen", "addr", addr)
+		return
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(ln)
+}
+
+func loadRoots(path string) (*x509.CertPool, error) {
+	pem, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("trust bundle: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("trust bundle %s has no certificate", path)
+	}
+	return pool, nil
+}
+
+var _ hbone.Handler = (*waypoint.Server)(nil)
