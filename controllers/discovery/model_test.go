@@ -1,0 +1,205 @@
+package discovery
+
+import (
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/utils/ptr"
+
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+)
+
+var testMesh = meshConfig{TrustDomain: "td.example", RootNamespace: "ambient-system", ClusterID: "Kubernetes", DomainSuffix: "cluster.local"}
+
+// view builds a namespace view with the given waypoints (by "ns/name") and
+// waypoint services (by "ns/name" -> cluster IP).
+func view(nsLabels map[string]string, wps []*waypoint, wpSvcIPs map[string]string, svcs ...*corev1.Service) *namespaceView {
+	idx := map[string]map[string]*waypoint{}
+	for _, wp := range wps {
+		if idx[wp.Namespace] == nil {
+			idx[wp.Namespace] = map[string]*waypoint{}
+		}
+		idx[wp.Namespace][wp.Name] = wp
+	}
+	v := &namespaceView{
+		ns:             &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "app", Labels: nsLabels}},
+		services:       svcs,
+		waypoints:      idx["app"],
+		lookupWaypoint: func(ns, name string) *waypoint { return idx[ns][name] },
+		waypointService: func(ns, name string) *corev1.Service {
+			if ip, ok := wpSvcIPs[ns+"/"+name]; ok {
+				return &corev1.Service{Spec: corev1.ServiceSpec{ClusterIP: ip}}
+			}
+			return nil
+		},
+	}
+	if v.waypoints == nil {
+		v.waypoints = map[string]*waypoint{}
+	}
+	return v
+}
+
+func testPod(name string, mut func(*corev1.Pod)) *corev1.Pod {
+	p := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "app", Labels: map[string]string{"app": "web"}},
+		Spec:       corev1.PodSpec{NodeName: "n1", ServiceAccountName: "web"},
+		Status: corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "10.0.0.1",
+			Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}},
+	}
+	if mut != nil {
+		mut(p)
+	}
+	return p
+}
+
+// waypointName renders a GatewayAddress as "host:<hostname>", "ip:<ip>" or "".
+func waypointName(g *workloadapi.GatewayAddress) string {
+	switch {
+	case g == nil:
+		return ""
+	case g.GetHostname() != nil:
+		return "host:" + g.GetHostname().GetNamespace() + "/" + g.GetHostname().GetHostname()
+	default:
+		return "ip:" + string(rune('0'+len(g.GetAddress().GetAddress())))
+	}
+}
+
+func TestWorkloadWaypointPrecedence(t *testing.T) {
+	ambient := map[string]string{"istio.io/dataplane-mode": "ambient"}
+	withLabel := func(k, v string) map[string]string {
+		m := map[string]string{"istio.io/dataplane-mode": "ambient"}
+		m[k] = v
+		return m
+	}
+	nsWP := &waypoint{Namespace: "app", Name: "ns-wp", TrafficType: trafficAll}
+	nsWPService := &waypoint{Namespace: "app", Name: "ns-wp", TrafficType: trafficService}
+	saWP := &waypoint{Namespace: "app", Name: "sa-wp", ServiceAccount: "web", TrafficType: trafficService}
+	otherSA := &waypoint{Namespace: "app", Name: "other-sa", ServiceAccount: "db", TrafficType: trafficAll}
+	labelled := &waypoint{Namespace: "app", Name: "labelled", TrafficType: trafficAll}
+	remote := &waypoint{Namespace: "shared", Name: "remote", TrafficType: trafficAll}
+	tests := []struct {
+		name     string
+		nsLabels map[string]string
+		wps      []*waypoint
+		pod      func(*corev1.Pod)
+		want     string
+	}{
+		{"no waypoint", ambient, nil, nil, ""},
+		{"namespace waypoint", ambient, []*waypoint{nsWP}, nil, "host:app/ns-wp.app.svc.cluster.local"},
+		{"namespace waypoint for services only", ambient, []*waypoint{nsWPService}, nil, ""},
+		{"service-account waypoint wins", ambient, []*waypoint{nsWP, saWP}, nil, "host:app/sa-wp.app.svc.cluster.local"},
+		{"other service account's waypoint ignored", ambient, []*waypoint{nsWP, otherSA}, nil, "host:app/ns-wp.app.svc.cluster.local"},
+		{"pod label beats service-account waypoint", ambient, []*waypoint{saWP, labelled}, func(p *corev1.Pod) { p.Labels["istio.io/use-waypoint"] = "labelled" }, "host:app/labelled.app.svc.cluster.local"},
+		{"pod label none opts out", ambient, []*waypoint{nsWP, saWP}, func(p *corev1.Pod) { p.Labels["istio.io/use-waypoint"] = "none" }, ""},
+		{"pod label in another namespace", ambient, []*waypoint{remote}, func(p *corev1.Pod) {
+			p.Labels["istio.io/use-waypoint"] = "remote"
+			p.Labels["istio.io/use-waypoint-namespace"] = "shared"
+		}, "host:shared/remote.shared.svc.cluster.local"},
+		{"pod label naming an unknown waypoint fails closed", ambient, nil, func(p *corev1.Pod) { p.Labels["istio.io/use-waypoint"] = "future" }, "host:app/future.app.svc.cluster.local"},
+		{"namespace label beats namespace waypoint", withLabel("istio.io/use-waypoint", "labelled"), []*waypoint{nsWP, labelled}, nil, "host:app/labelled.app.svc.cluster.local"},
+		{"service-account waypoint beats namespace label", withLabel("istio.io/use-waypoint", "labelled"), []*waypoint{labelled, saWP}, nil, "host:app/sa-wp.app.svc.cluster.local"},
+		{"namespace label none", withLabel("istio.io/use-waypoint", "none"), []*waypoint{nsWP}, nil, ""},
+		{"not captured: no waypoint", nil, []*waypoint{nsWP}, nil, ""},
+		{"waypoint pod never gets one", ambient, []*waypoint{nsWP}, func(p *corev1.Pod) { p.Labels[GatewayNameLabel] = "ns-wp" }, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			w := buildWorkload(testMesh, view(tt.nsLabels, tt.wps, nil), testPod("p", tt.pod))
+			if got := waypointName(w.Waypoint); got != tt.want {
+				t.Fatalf("waypoint = %q, want %q", got, tt.want)
+			}
+		})
+	}
+	// With its Service known, the waypoint is addressed by cluster IP.
+	w := buildWorkload(testMesh, view(ambient, []*waypoint{nsWP}, map[string]string{"app/ns-wp": "10.96.0.20"}), testPod("p", nil))
+	if got := w.GetWaypoint().GetAddress().GetAddress(); len(got) != 4 || got[3] != 20 || w.Waypoint.HboneMtlsPort != 15008 {
+		t.Fatalf("waypoint address = %v", w.Waypoint)
+	}
+}
+
+func TestServiceWaypoint(t *testing.T) {
+	ambient := map[string]string{"istio.io/dataplane-mode": "ambient"}
+	svc := func(name string, labels map[string]string) *corev1.Service {
+		return &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "app", Labels: labels}, Spec: corev1.ServiceSpec{ClusterIP: "10.96.0.1"}}
+	}
+	tests := []struct {
+		name string
+		wps  []*waypoint
+		svc  *corev1.Service
+		want string
+	}{
+		{"namespace waypoint for services", []*waypoint{{Namespace: "app", Name: "wp", TrafficType: trafficService}}, svc("web", nil), "host:app/wp.app.svc.cluster.local"},
+		{"namespace waypoint for workloads only", []*waypoint{{Namespace: "app", Name: "wp", TrafficType: trafficWorkload}}, svc("web", nil), ""},
+		{"service-account waypoints do not bind services", []*waypoint{{Namespace: "app", Name: "wp", ServiceAccount: "web", TrafficType: trafficAll}}, svc("web", nil), ""},
+		{"service label", []*waypoint{{Namespace: "app", Name: "wp", TrafficType: trafficService}, {Namespace: "app", Name: "x", TrafficType: trafficService}},
+			svc("web", map[string]string{"istio.io/use-waypoint": "x"}), "host:app/x.app.svc.cluster.local"},
+		{"service label none", []*waypoint{{Namespace: "app", Name: "wp", TrafficType: trafficAll}}, svc("web", map[string]string{"istio.io/use-waypoint": "none"}), ""},
+		{"the waypoint's own service", []*waypoint{{Namespace: "app", Name: "wp", TrafficType: trafficAll}}, svc("wp", nil), ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			out := buildService(testMesh, view(ambient, tt.wps, nil), tt.svc)
+			if got := waypointName(out.Waypoint); got != tt.want {
+				t.Fatalf("waypoint = %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestBuildWorkloadFields(t *testing.T) {
+	ambient := map[string]string{"istio.io/dataplane-mode": "ambient"}
+	isCtrl := true
+	pod := testPod("web-7d9f-abcde", func(p *corev1.Pod) {
+		p.Labels["pod-template-hash"] = "7d9f"
+		p.Labels["version"] = "v2"
+		p.OwnerReferences = []metav1.OwnerReference{{Kind: "ReplicaSet", Name: "web-7d9f", Controller: &isCtrl}}
+		p.Status.PodIPs = []corev1.PodIP{{IP: "10.0.0.1"}, {IP: "fd00::1"}}
+		p.Spec.Containers = []corev1.Container{{Name: "c", Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 8080}}}}
+	})
+	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "app"}, Spec: corev1.ServiceSpec{
+		Selector: map[string]string{"app": "web"},
+		Ports: []corev1.ServicePort{
+			{Port: 80, TargetPort: intstr.FromString("http")},
+			{Port: 53, Protocol: corev1.ProtocolUDP},
+			{Port: 9000},
+		}}}
+	w := buildWorkload(testMesh, view(ambient, nil, nil, svc), pod)
+	if w.Uid != "Kubernetes//Pod/app/web-7d9f-abcde" || w.TrustDomain != "td.example" || w.ServiceAccount != "web" || w.Node != "n1" {
+		t.Fatalf("identity fields: %v", w)
+	}
+	if len(w.Addresses) != 2 || len(w.Addresses[0]) != 4 || len(w.Addresses[1]) != 16 {
+		t.Fatalf("addresses: %v", w.Addresses)
+	}
+	if w.WorkloadType != workloadapi.WorkloadType_DEPLOYMENT || w.WorkloadName != "web" || w.CanonicalName != "web" || w.CanonicalRevision != "v2" {
+		t.Fatalf("telemetry fields: type=%v name=%q canonical=%q/%q", w.WorkloadType, w.WorkloadName, w.CanonicalName, w.CanonicalRevision)
+	}
+	pl := w.Services["app/web.app.svc.cluster.local"]
+	if len(pl.GetPorts()) != 2 || pl.Ports[0].TargetPort != 8080 || pl.Ports[1].TargetPort != 9000 {
+		t.Fatalf("ports (UDP skipped, named resolved, default = port): %v", pl)
+	}
+	if w.Status != workloadapi.WorkloadStatus_HEALTHY || w.TunnelProtocol != workloadapi.TunnelProtocol_HBONE {
+		t.Fatalf("status %v tunnel %v", w.Status, w.TunnelProtocol)
+	}
+	terminating := testPod("t", func(p *corev1.Pod) { p.DeletionTimestamp = ptr.To(metav1.Now()) })
+	if w := buildWorkload(testMesh, view(ambient, nil, nil), terminating); w.Status != workloadapi.WorkloadStatus_UNHEALTHY {
+		t.Fatal("terminating pod must be unhealthy")
+	}
+	for _, p := range []*corev1.Pod{
+		testPod("no-ip", func(p *corev1.Pod) { p.Status.PodIP = "" }),
+		testPod("done", func(p *corev1.Pod) { p.Status.Phase = corev1.PodSucceeded }),
+		testPod("failed", func(p *corev1.Pod) { p.Status.Phase = corev1.PodFailed }),
+	} {
+		if w := buildWorkload(testMesh, view(ambient, nil, nil), p); w != nil {
+			t.Errorf("%s: expected no workload", p.Name)
+		}
+	}
+	if s := buildService(testMesh, view(ambient, nil, nil), &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "x", Namespace: "app"}, Spec: corev1.ServiceSpec{Type: corev1.ServiceTypeExternalName}}); s != nil {
+		t.Error("ExternalName services are not served")
+	}
+	headless := buildService(testMesh, view(ambient, nil, nil), &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "h", Namespace: "app"}, Spec: corev1.ServiceSpec{ClusterIP: "None", Ports: []corev1.ServicePort{{Port: 80}}}})
+	if len(headless.Addresses) != 0 || headless.Hostname != "h.app.svc.cluster.local" {
+		t.Errorf("headless service: %v", headless)
+	}
+}
