@@ -17,6 +17,7 @@ import (
 	"github.com/go-logr/logr/testr"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
@@ -50,7 +51,7 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "skipping: namespaced node-agent tests need root")
 		os.Exit(0)
 	}
-	env := &envtest.Environment{}
+	env := &envtest.Environment{CRDDirectoryPaths: []string{"../../config/crd/bases"}, ErrorIfCRDPathMissing: true}
 	cfg, err := env.Start()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "envtest:", err)
@@ -62,12 +63,26 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
+	// A mesh exists: stopping an agent is a restart, not an uninstall.
+	if err := k8s.Create(context.Background(), newMesh()); err != nil {
+		fmt.Fprintln(os.Stderr, "create AmbientMesh:", err)
+		os.Exit(1)
+	}
 	code := m.Run()
 	_ = env.Stop()
 	os.Exit(code)
 }
 
 const nodeName = "node1"
+
+func newMesh() *unstructured.Unstructured {
+	u := &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "mesh.ambient.dev/v1alpha1", "kind": "AmbientMesh",
+		"metadata": map[string]any{"name": "default"},
+		"spec":     map[string]any{"trustDomain": "cluster.local", "namespace": "ambient-system"},
+	}}
+	return u
+}
 
 // fakeZtunnel is ztunnel's capture half: it serves each added pod's :15001
 // by answering "ztunnel <original dst>".
@@ -157,11 +172,13 @@ func newEnv(t *testing.T) *env {
 }
 
 // startAgent runs a node agent; the returned func stops it and waits.
-func (e *env) startAgent() (stop func()) {
+func (e *env) startAgent() (stop func()) { return e.startAgentWith(func(*agent.Options) {}) }
+
+func (e *env) startAgentWith(mut func(*agent.Options)) (stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		done <- agent.Run(ctx, restCfg, agent.Options{
+		o := agent.Options{
 			NodeName:      nodeName,
 			Selection:     selection.Config{MeshNamespace: "ambient-system"},
 			ZtunnelSocket: e.zsock,
@@ -170,7 +187,9 @@ func (e *env) startAgent() (stop func()) {
 			ProcRoot:      "/proc",
 			Redirect:      redirect.DefaultConfig(),
 			Log:           testr.New(e.t).WithName("agent"),
-		})
+		}
+		mut(&o)
+		done <- agent.Run(ctx, restCfg, o)
 	}()
 	var once sync.Once
 	stop = func() {
@@ -548,4 +567,55 @@ func TestCNIPluginAddDel(t *testing.T) {
 			t.Fatal("ADD without prevResult succeeded")
 		}
 	})
+}
+
+func TestUninstallReleasesPodsRestartDoesNot(t *testing.T) {
+	c := netns.NewCluster(t)
+	node := c.AddNode("n1")
+	podNS := node.AddPod("u")
+	app := podNS.Start("sleep", "600")
+	e := newEnv(t)
+	createNamespace(t, "uninstall", true)
+	pod := createPod(t, "uninstall", "u", uniqueIP(t, podNS))
+	confDir, binDir := filepath.Join(e.dir, "net.d"), filepath.Join(e.dir, "bin")
+	os.MkdirAll(confDir, 0o755)
+	os.MkdirAll(binDir, 0o755)
+	conflist := filepath.Join(confDir, "10-k8s.conflist")
+	os.WriteFile(conflist, []byte(`{"cniVersion":"1.0.0","name":"k8s","plugins":[{"type":"bridge"}]}`), 0o644)
+	withCNI := func(o *agent.Options) {
+		o.CNIConfDir, o.CNIBinDir = confDir, binDir
+		o.PluginConf = map[string]any{"agentSocket": e.cniSock}
+	}
+	chained := func() bool { b, _ := os.ReadFile(conflist); return strings.Contains(string(b), `"ambient-cni"`) }
+	binary := func() bool { _, err := os.Stat(filepath.Join(binDir, "ambient-cni")); return err == nil }
+
+	stop := e.startAgentWith(withCNI)
+	eventually(t, "captured and plugin installed", func() bool {
+		return installed(t, podNS) && e.ztunnel.has(pod.UID) && chained() && binary()
+	})
+	stop() // restart: the mesh still exists
+	if !installed(t, podNS) || annotation(t, pod) != selection.RedirectionEnabled || !chained() {
+		t.Fatal("stopping the agent while the mesh exists released the pod or removed the plugin")
+	}
+
+	stop = e.startAgentWith(withCNI)
+	eventually(t, "agent back", func() bool { _, s := e.ztunnel.counts(); return s >= 2 })
+	if err := k8s.Delete(context.Background(), newMesh()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		eventually(t, "mesh gone", func() bool {
+			return k8s.Get(context.Background(), client.ObjectKey{Name: "default"}, newMesh()) != nil
+		})
+		if err := k8s.Create(context.Background(), newMesh()); err != nil {
+			t.Errorf("recreate mesh: %v", err)
+		}
+	})
+	stop() // uninstall: the DaemonSet goes away with the mesh
+	if installed(t, podNS) || annotation(t, pod) != "" || chained() || binary() {
+		t.Fatalf("after uninstall: rules %v, annotation %q, chained %v, binary %v", installed(t, podNS), annotation(t, pod), chained(), binary())
+	}
+	if app.ProcessState != nil {
+		t.Fatal("uninstall restarted the pod's process")
+	}
 }

@@ -131,7 +131,14 @@ func Run(ctx context.Context, cfg *rest.Config, o Options) error {
 	if err := mgr.Add(manager(func(ctx context.Context) error { return a.ServeCNI(ctx, o.CNISocket) })); err != nil {
 		return err
 	}
-	return mgr.Start(ctx)
+	err = mgr.Start(ctx)
+	// Uninstall check with a fresh deadline: ctx is already done.
+	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if c, cerr := client.New(cfg, client.Options{Scheme: scheme}); cerr == nil {
+		_ = a.onShutdown(sctx, c, o)
+	}
+	return err
 }
 
 type manager func(context.Context) error

@@ -146,3 +146,55 @@ func writeAtomic(path string, data []byte) error {
 	}
 	return os.Rename(tmp, path)
 }
+
+// UninstallConfig removes the plugin's entry from every configuration in
+// confDir (the mesh is being uninstalled: new pods must start normally).
+func UninstallConfig(confDir string) error {
+	entries, err := os.ReadDir(confDir)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		if filepath.Ext(e.Name()) != ".conflist" {
+			continue
+		}
+		path := filepath.Join(confDir, e.Name())
+		raw, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		var conf map[string]any
+		if json.Unmarshal(raw, &conf) != nil {
+			continue
+		}
+		list, _ := conf["plugins"].([]any)
+		var kept []any
+		for _, p := range list {
+			if m, ok := p.(map[string]any); ok && m["type"] == PluginType {
+				continue
+			}
+			kept = append(kept, p)
+		}
+		if len(kept) == len(list) {
+			continue
+		}
+		conf["plugins"] = kept
+		out, err := json.MarshalIndent(conf, "", "  ")
+		if err != nil {
+			return err
+		}
+		if err := writeAtomic(path, out); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// UninstallBinary removes the plugin binary.
+func UninstallBinary(binDir string) error {
+	err := os.Remove(filepath.Join(binDir, PluginType))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	return err
+}
