@@ -98,6 +98,9 @@ type Controller struct {
 	// OnPush, when set, is called after each push with the number of
 	// resources changed (tests and the convergence benchmark).
 	OnPush func(changed int)
+	// OnPodEvent, when set, is called as a pod event arrives from the
+	// informer (the convergence benchmark's start mark).
+	OnPodEvent func(namespace, name string)
 }
 
 type dirtySet struct {
@@ -251,6 +254,9 @@ func (c *Controller) signal() {
 }
 
 func (c *Controller) markPod(o client.Object) {
+	if c.OnPodEvent != nil {
+		c.OnPodEvent(o.GetNamespace(), o.GetName())
+	}
 	c.mu.Lock()
 	c.dirty.pods[client.ObjectKeyFromObject(o)] = struct{}{}
 	c.mu.Unlock()
