@@ -11,6 +11,7 @@
 #           mount, bridge, veth, cgroup and firewall rule it created
 #   status  processes, nodes and pods
 #   env     prints `export KUBECONFIG=...` for eval
+#   images  imports new image tarballs (bin/lab/images, bin/images) into every node
 #
 # Hooks: LAB_WORKERS (default 2); LAB_CNI_CHAIN a JSON object appended to
 # every node's CNI conflist (e.g. our ambient-cni plugin) when the conflist is
@@ -251,7 +252,11 @@ node_mounts_up() {
   # Private copies of the fixed paths; /run becomes a private tmpfs.
   local script="set -e"
   for p in "${NODE_BIND_PATHS[@]}"; do script+="; mount --bind '$dir/fs$p' '$p'"; done
-  script+="; mount -t tmpfs -o size=512m,mode=755 alab-run-$short /run; ln -sfn /run /run/lock 2>/dev/null || true"
+  script+="; mount -t tmpfs -o size=512m,mode=755 alab-run-$short /run"
+  # Shared inside the node (as systemd makes a real node), so HostToContainer
+  # mounts such as /var/run/netns see pod namespaces created later. The node's
+  # namespace has its own peer groups: nothing propagates to the host.
+  script+="; mount --make-rshared /"
   nsenter --mount="$mnt" -- sh -c "$script"
   # CNI plugins come from the distribution; a node agent may add its own here.
   mkdir -p "$dir/fs/opt/cni/bin" "$dir/fs/etc/cni/net.d"
@@ -292,7 +297,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
   # Required here: root lacks CAP_SYS_RESOURCE, without it every sandbox fails.
   restrict_oom_score_adj = true
   disable_apparmor = true
-  netns_mounts_under_state_dir = true
+  # Pod netns under /var/run/netns, as on a usual node (this node's /run is private).
+  netns_mounts_under_state_dir = false
   enable_selinux = false
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
@@ -449,6 +455,13 @@ addons_up() {
   say "CoreDNS available at $DNS_SVC_IP"
 }
 
+import_all() {
+  [ -f "$STATE/.up" ] || die "the lab is not up"
+  local short
+  for short in $(workers | awk '{print $1}'); do import_images "$short"; done
+  say "images imported into every node"
+}
+
 # ---------------------------------------------------------------------- up
 up() {
   need_root
@@ -581,5 +594,6 @@ case ${1:-} in
   down) down ;;
   status) status ;;
   env) echo "export KUBECONFIG=$KUBECONFIG_FILE" ;;
-  *) echo "usage: $0 up|down|status|env" >&2; exit 2 ;;
+  images) import_all ;;
+  *) echo "usage: $0 up|down|status|env|images" >&2; exit 2 ;;
 esac

@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -40,6 +41,8 @@ func main() {
 	out := flag.String("out", "bin/lab/images", "output directory")
 	coredns := flag.String("coredns", "", "prebuilt CoreDNS binary (skipped when empty or missing)")
 	tag := flag.String("tag", "dev", "tag of the test workload images")
+	components := flag.String("components", "", "comma-separated cmd/<name> mesh components to package as docker.io/ambient/<name>:<tag> (a stand-in for `make images`); a component that does not build is reported and skipped")
+	only := flag.Bool("components-only", false, "build only the -components images")
 	flag.Parse()
 	if err := os.MkdirAll(*out, 0o755); err != nil {
 		log.Fatal(err)
@@ -57,6 +60,9 @@ func main() {
 			log.Printf("coredns binary %s missing: CoreDNS image not built", *coredns)
 		}
 	}
+	if *only {
+		images = nil
+	}
 	tmp, err := os.MkdirTemp("", "imagebuild")
 	if err != nil {
 		log.Fatal(err)
@@ -67,6 +73,36 @@ func main() {
 			log.Fatalf("%s: %v", im.ref, err)
 		}
 	}
+	failed := 0
+	for _, c := range componentImages(*components, *tag) {
+		if _, err := os.Stat(c.pkg); err != nil {
+			log.Printf("component %s: %s does not exist yet; image not built", c.ref, c.pkg)
+			failed++
+			continue
+		}
+		if err := buildImage(c, tmp, *out); err != nil {
+			log.Printf("component %s: NOT BUILT: %v", c.ref, err)
+			failed++
+		}
+	}
+	if failed > 0 {
+		os.Exit(3)
+	}
+}
+
+// componentImages describes the mesh's own images the way the operator
+// names them (<registry>/<name>:<tag>, registry "ambient").
+func componentImages(list, tag string) []image {
+	var out []image
+	for _, name := range strings.Split(list, ",") {
+		name = strings.TrimSpace(name)
+		if name == "" {
+			continue
+		}
+		out = append(out, image{file: "component-" + name + ".tar", ref: "docker.io/ambient/" + name + ":" + tag,
+			pkg: "./cmd/" + name, path: "/" + name, entrypoint: []string{"/" + name}})
+	}
+	return out
 }
 
 func buildImage(im image, tmp, outDir string) error {
