@@ -11,7 +11,7 @@ OUT=${OUT:-bin/bench}
 mkdir -p "$OUT/profiles"
 CGO_ENABLED=0 go build -trimpath -o bin/hbone-load ./cmd/hbone-load
 # Go benchmarks of the transports (in-process, for regressions).
-go test -run '^$' -bench . -benchtime 2x ./proxylib/hbone/h3/ | tee "$OUT/gobench.txt"
+go test -run '^$' -bench . -benchtime 2000x ./proxylib/hbone/h3/ | tee "$OUT/gobench.txt"
 bin/hbone-load bench -out "$OUT/results.md" -json "$OUT/results.json" \
-	-profile-dir "$OUT/profiles" "$@" 2> >(grep -v '^{"level"' >&2)
+	-profile-dir "$OUT/profiles" "$@" 2> >(grep --line-buffered -v '^{"level"' >&2)
 echo "results: $OUT/results.md" >&2

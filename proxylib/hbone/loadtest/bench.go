@@ -45,6 +45,7 @@ type ModeResult struct {
 	Opens       float64         // pooled tunnel opens per second
 	Handshakes  float64         // new mTLS connections per second
 	Errors      []string
+	Notes       []string
 	hasProxies  bool
 	handshakeOn string
 }
@@ -264,6 +265,12 @@ func (b *bench) measure(mode string) *ModeResult {
 	p.stop()
 	if mode != "raw" {
 		for _, n := range b.cfg.Tunnels {
+			// A TLS relay holds two sockets per tunnel in the client proxy;
+			// RLIMIT_NOFILE cannot be raised past the hard limit here.
+			if limit := fileLimit(); mode == "tls" && 2*n+64 > limit {
+				r.Notes = append(r.Notes, fmt.Sprintf("%d tunnels not measured: needs %d descriptors in the client proxy, RLIMIT_NOFILE hard limit is %d", n, 2*n+64, limit))
+				continue
+			}
 			if err := b.memory(mode, n, r); err != nil {
 				fail(fmt.Sprintf("memory %d tunnels", n), err)
 			}
@@ -397,6 +404,14 @@ func (p *proc) stop() {
 		p.cmd.Process.Kill()
 		<-done
 	}
+}
+
+func fileLimit() int {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return 0
+	}
+	return int(lim.Max)
 }
 
 func rssBytes(pid int) int64 {

@@ -81,9 +81,15 @@ func sinkCmd(args []string, stdout io.Writer) error {
 		return err
 	}
 	ready(stdout, ln.Addr().String())
-	go func() { waitSignal(); ln.Close() }()
-	RunSink(ln)
-	return nil
+	stopped := make(chan struct{})
+	go func() { waitSignal(); close(stopped); ln.Close() }()
+	err = RunSink(ln)
+	select {
+	case <-stopped:
+		return nil
+	default:
+		return err
+	}
 }
 
 func relayCmd(args []string, stdout, stderr io.Writer) error {

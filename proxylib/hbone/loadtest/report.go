@@ -110,6 +110,9 @@ func (r *Report) Markdown() string {
 		fmt.Fprintf(&b, "| %s | %s | %s |\n", g.name, g.measured, g.status)
 	}
 	for _, m := range r.Modes {
+		for _, n := range m.Notes {
+			fmt.Fprintf(&b, "\nNote (%s): %s\n", modeName(m.Mode), n)
+		}
 		for _, e := range m.Errors {
 			fmt.Fprintf(&b, "\nError (%s): %s\n", modeName(m.Mode), e)
 		}
