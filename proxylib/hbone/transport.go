@@ -27,7 +27,14 @@ const (
 )
 
 // Stream is one tunnel: a bidirectional byte stream that supports half-close.
-// Close resets/ends the whole tunnel; CloseWrite ends only our direction.
+// CloseWrite ends our direction (END_STREAM). Close releases the tunnel; if
+// it had not ended cleanly the peer sees a reset (RST_STREAM), so an upstream
+// reset propagates as a reset, never as a clean EOF.
+//
+// On the accepting side of HTTP/2 (x/net's handler model) the response ends
+// the stream: CloseWrite also stops reading, and a peer still sending gets
+// RST_STREAM(NO_ERROR) after its last response byte, as after a TCP close.
+// Hand a finished Stream and its upstream to Relay to get these semantics.
 type Stream interface {
 	net.Conn
 	CloseWrite() error
@@ -59,12 +66,12 @@ type Dialer interface {
 
 // Request is an accepted CONNECT, with everything authorization needs.
 type Request struct {
-	Target   netip.AddrPort     // parsed, validated CONNECT authority
-	Peer     identity.Identity  // verified peer identity from its certificate
-	PeerAddr netip.AddrPort     // TCP/UDP source of the outer connection
-	Local    netip.AddrPort     // local address of the outer connection
-	Header   http.Header        // request headers (Forwarded, baggage, ...)
-	Protocol Protocol           // transport the tunnel arrived on
+	Target   netip.AddrPort    // parsed, validated CONNECT authority
+	Peer     identity.Identity // verified peer identity from its certificate
+	PeerAddr netip.AddrPort    // TCP/UDP source of the outer connection
+	Local    netip.AddrPort    // local address of the outer connection
+	Header   http.Header       // request headers (Forwarded, baggage, ...)
+	Protocol Protocol          // transport the tunnel arrived on
 }
 
 // Responder answers a CONNECT. Exactly one of Accept or Reject is called.
@@ -77,7 +84,9 @@ type Responder interface {
 }
 
 // Handler decides what to do with each CONNECT. It runs in its own goroutine
-// per tunnel and owns the stream after Accept.
+// per tunnel and owns the stream after Accept; it may block for the tunnel's
+// life or return and hand the stream to other goroutines. A handler that
+// returns without answering is answered 503 (fail closed).
 type Handler interface {
 	ServeHBONE(ctx context.Context, req *Request, resp Responder)
 }
