@@ -192,6 +192,7 @@ func (cp *ControlPlane) Start(ctx context.Context) error {
 		return errors.New("control plane: caches did not sync")
 	}
 	go cp.Discovery.Run(ctx)
+	go cp.Discovery.WatchLateCRDs(ctx, 10*time.Second)
 	// The CA Secret may not exist yet (the operator writes it once an
 	// AmbientMesh exists): wait for it without failing the manager.
 	for {

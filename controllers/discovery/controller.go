@@ -82,8 +82,11 @@ type Controller struct {
 
 	Addresses, Authorizations, L7 *cachev3.LinearCache
 
-	// optional kinds, present only when their CRDs are installed
-	hasIstio, hasGateway, hasRoutes bool
+	// optional kinds, watched once their CRDs are installed
+	hasIstio, hasGateway, hasRoutes atomic.Bool
+	informers                       cache.Informers
+	mapper                          meta.RESTMapper
+	pending                         []*optionalSource
 
 	mu    sync.Mutex
 	dirty dirtySet
@@ -157,23 +160,21 @@ func installed(mapper meta.RESTMapper, gvk schema.GroupVersionKind) bool {
 	return err == nil
 }
 
-// Register adds event handlers to the manager's informers. Kinds whose CRDs
-// are not installed (Istio security, Gateway API) are skipped and logged.
-func (c *Controller) Register(ctx context.Context, informers cache.Informers, mapper meta.RESTMapper) error {
-	c.hasIstio = installed(mapper, authzPolicyGV) && installed(mapper, peerAuthnGVK)
-	c.hasGateway = installed(mapper, gatewayGVK)
-	c.hasRoutes = installed(mapper, httpRouteGVK) && installed(mapper, grpcRouteGVK)
-	c.log.Info("discovery sources", "istioSecurity", c.hasIstio, "gateways", c.hasGateway, "routes", c.hasRoutes)
+// optionalSource is a kind that exists only when its CRDs are installed.
+type optionalSource struct {
+	name    string
+	gvks    []schema.GroupVersionKind
+	objs    []client.Object
+	handler toolscache.ResourceEventHandler
+	enabled *atomic.Bool
+}
 
-	add := func(obj client.Object, h toolscache.ResourceEventHandler) error {
-		inf, err := informers.GetInformer(ctx, obj)
-		if err != nil {
-			return fmt.Errorf("informer for %T: %w", obj, err)
-		}
-		_, err = inf.AddEventHandler(h)
-		return err
-	}
-	handlers := []struct {
+// Register adds event handlers to the manager's informers. Kinds whose CRDs
+// are not installed yet (Istio security, Gateway API) are watched once they
+// appear (WatchLateCRDs); the operator may install them after start.
+func (c *Controller) Register(ctx context.Context, informers cache.Informers, mapper meta.RESTMapper) error {
+	c.informers, c.mapper = informers, mapper
+	core := []struct {
 		obj client.Object
 		h   toolscache.ResourceEventHandler
 	}{
@@ -184,37 +185,72 @@ func (c *Controller) Register(ctx context.Context, informers cache.Informers, ma
 		{&meshv1.WaypointPolicy{}, c.handler(func(client.Object, client.Object) { c.markFull() })},
 		{&meshv1.AmbientMesh{}, c.handler(func(client.Object, client.Object) { c.markFull() })},
 	}
-	if c.hasIstio {
-		handlers = append(handlers,
-			struct {
-				obj client.Object
-				h   toolscache.ResourceEventHandler
-			}{&securityv1.AuthorizationPolicy{}, c.handler(c.markAuthz)},
-			struct {
-				obj client.Object
-				h   toolscache.ResourceEventHandler
-			}{&securityv1.PeerAuthentication{}, c.handler(c.markPeerAuthn)})
-	}
-	if c.hasGateway {
-		handlers = append(handlers, struct {
-			obj client.Object
-			h   toolscache.ResourceEventHandler
-		}{&gwv1.Gateway{}, c.handler(func(client.Object, client.Object) { c.markFull() })})
-	}
-	if c.hasRoutes {
-		for _, obj := range []client.Object{&gwv1.HTTPRoute{}, &gwv1.GRPCRoute{}} {
-			handlers = append(handlers, struct {
-				obj client.Object
-				h   toolscache.ResourceEventHandler
-			}{obj, c.handler(func(o, _ client.Object) { c.markRoute(o) })})
-		}
-	}
-	for _, h := range handlers {
-		if err := add(h.obj, h.h); err != nil {
+	for _, h := range core {
+		if err := c.addHandler(ctx, h.obj, h.h); err != nil {
 			return err
 		}
 	}
+	c.pending = []*optionalSource{
+		{name: "istio-security", gvks: []schema.GroupVersionKind{authzPolicyGV, peerAuthnGVK},
+			objs: []client.Object{&securityv1.AuthorizationPolicy{}, &securityv1.PeerAuthentication{}}, enabled: &c.hasIstio},
+		{name: "gateways", gvks: []schema.GroupVersionKind{gatewayGVK}, objs: []client.Object{&gwv1.Gateway{}},
+			handler: c.handler(func(client.Object, client.Object) { c.markFull() }), enabled: &c.hasGateway},
+		{name: "routes", gvks: []schema.GroupVersionKind{httpRouteGVK, grpcRouteGVK}, objs: []client.Object{&gwv1.HTTPRoute{}, &gwv1.GRPCRoute{}},
+			handler: c.handler(func(o, _ client.Object) { c.markRoute(o) }), enabled: &c.hasRoutes},
+	}
+	return c.registerOptional(ctx)
+}
+
+func (c *Controller) addHandler(ctx context.Context, obj client.Object, h toolscache.ResourceEventHandler) error {
+	inf, err := c.informers.GetInformer(ctx, obj)
+	if err != nil {
+		return fmt.Errorf("informer for %T: %w", obj, err)
+	}
+	_, err = inf.AddEventHandler(h)
+	return err
+}
+
+// registerOptional watches the optional kinds that are installed now.
+func (c *Controller) registerOptional(ctx context.Context) error {
+	var still []*optionalSource
+	for _, src := range c.pending {
+		ok := true
+		for _, gvk := range src.gvks {
+			ok = ok && installed(c.mapper, gvk)
+		}
+		if !ok {
+			still = append(still, src)
+			continue
+		}
+		for i, obj := range src.objs {
+			h := src.handler
+			if src.name == "istio-security" {
+				h = c.handler([]func(o, old client.Object){c.markAuthz, c.markPeerAuthn}[i])
+			}
+			if err := c.addHandler(ctx, obj, h); err != nil {
+				return err
+			}
+		}
+		src.enabled.Store(true)
+		c.log.Info("watching", "source", src.name)
+		c.markFull()
+	}
+	c.pending = still
 	return nil
+}
+
+// WatchLateCRDs polls for optional CRDs installed after start.
+func (c *Controller) WatchLateCRDs(ctx context.Context, every time.Duration) {
+	for len(c.pending) > 0 {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(every):
+		}
+		if err := c.registerOptional(ctx); err != nil {
+			c.log.Error(err, "watching late CRDs")
+		}
+	}
 }
 
 // handler calls fn(new, old) for adds, updates and deletes (old is nil
@@ -595,7 +631,7 @@ func (b *build) runFull() error {
 		}
 	}
 	b.authz[xds.PolicyKey(b.mc.RootNamespace, policy.StaticStrictPolicyName)] = policy.StaticStrictPolicy(b.mc.RootNamespace)
-	if b.c.hasIstio {
+	if b.c.hasIstio.Load() {
 		var aps securityv1.AuthorizationPolicyList
 		if err := b.c.reader.List(b.ctx, &aps, noCopy); err != nil {
 			return err
@@ -611,7 +647,7 @@ func (b *build) runFull() error {
 			b.addPeerAuthentication(pa)
 		}
 	}
-	if b.c.hasRoutes {
+	if b.c.hasRoutes.Load() {
 		var hr gwv1.HTTPRouteList
 		if err := b.c.reader.List(b.ctx, &hr, noCopy); err != nil {
 			return err
@@ -643,7 +679,7 @@ func (b *build) loadWaypoints() error {
 		}
 		b.wps[wp.Namespace][wp.Name] = wp
 	}
-	if b.c.hasGateway {
+	if b.c.hasGateway.Load() {
 		var gws gwv1.GatewayList
 		if err := b.c.reader.List(b.ctx, &gws, noCopy); err != nil {
 			return err
@@ -723,7 +759,7 @@ func (b *build) view(ns string) (*namespaceView, error) {
 			}
 		}
 	}
-	if b.c.hasIstio {
+	if b.c.hasIstio.Load() {
 		for _, n := range uniq(ns, b.mc.RootNamespace) {
 			var aps securityv1.AuthorizationPolicyList
 			if err := b.c.reader.List(b.ctx, &aps, client.InNamespace(n), noCopy); err != nil {
