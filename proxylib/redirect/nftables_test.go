@@ -3,6 +3,7 @@ package redirect_test
 import (
 	"context"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"strings"
@@ -252,5 +253,82 @@ func TestIPTablesRemoveIsExact(t *testing.T) {
 	rules := run("-t", "nat", "-S")
 	if strings.Contains(rules, "AMBIENT") || !strings.Contains(rules, "-A OUTPUT -p udp -j RETURN") {
 		t.Fatalf("after remove:\n%s", rules)
+	}
+}
+
+// serveRemote answers with the peer address it saw.
+func serveRemote(t *testing.T, ns *os.File, addr string) {
+	ln, err := netnsutil.ListenTCP(ns, addr, netnsutil.SocketOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			_, _ = io.WriteString(c, "app from "+c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap().String())
+			c.Close()
+		}
+	}()
+}
+
+func TestProbeSNAT(t *testing.T) {
+	tp := newTopo(t)
+	nodeNS, err := tp.pod.Node.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nodeNS.Close()
+	serve(t, tp.podNS, "[::]:15006", "inbound")
+	serveRemote(t, tp.podNS, "[::]:8081")
+	if err := redirect.NewNFTables(redirect.DefaultConfig()).Install(tp.podNS); err != nil {
+		t.Fatal(err)
+	}
+	var snat redirect.ProbeSNAT
+	if err := snat.Install(nodeNS); err != nil {
+		t.Fatal(err)
+	}
+	podIPs := []netip.Addr{tp.pod.IP, tp.pod.IP6}
+	if err := snat.AddPod(nodeNS, podIPs); err != nil {
+		t.Fatal(err)
+	}
+	if err := snat.Ensure(nodeNS); err != nil { // a restarted agent keeps the sets
+		t.Fatal(err)
+	}
+	app4, app6 := netip.AddrPortFrom(tp.pod.IP, 8081), netip.AddrPortFrom(tp.pod.IP6, 8081)
+	tests := []struct {
+		name string
+		from *os.File
+		dst  netip.AddrPort
+		want string
+	}{
+		{"kubelet v4 probe reaches the app", nodeNS, app4, "app from " + redirect.ProbeSourceV4.String()},
+		{"kubelet v6 probe reaches the app", nodeNS, app6, "app from " + redirect.ProbeSourceV6.String()},
+		{"forwarded traffic is still captured", tp.peerNS, app4, "inbound " + app4.String()},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := ask(t, tc.from, tc.dst, 0); got != tc.want {
+				t.Fatalf("got %q, want %q", got, tc.want)
+			}
+		})
+	}
+	for i := 0; i < 2; i++ {
+		if err := snat.RemovePod(nodeNS, podIPs); err != nil {
+			t.Fatalf("remove pod #%d: %v", i+1, err)
+		}
+	}
+	if got := ask(t, nodeNS, app4, 0); got != "inbound "+app4.String() {
+		t.Fatalf("after RemovePod the node's connection reached %q, want ztunnel inbound", got)
+	}
+	if err := snat.Remove(nodeNS); err != nil {
+		t.Fatal(err)
+	}
+	out, _ := tp.pod.Node.Command(context.Background(), "nft", "list", "ruleset").CombinedOutput()
+	if strings.Contains(string(out), redirect.HostTableName) {
+		t.Fatalf("host table left behind:\n%s", out)
 	}
 }

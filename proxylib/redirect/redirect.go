@@ -20,8 +20,8 @@ type Config struct {
 	// (ztunnel's own in-pod listeners).
 	SkipInboundPorts []uint16
 	Mark, MarkMask   uint32 // packets with mark&MarkMask == Mark pass untouched
-	// SkipInboundSources pass inbound traffic from these prefixes untouched
-	// (e.g. the kubelet's probe source); empty by default.
+	// SkipInboundSources pass inbound traffic from these prefixes untouched:
+	// by default the node's probe SNAT addresses (see ProbeSNAT).
 	SkipInboundSources []netip.Prefix
 }
 
@@ -34,6 +34,9 @@ func DefaultConfig() Config {
 		SkipInboundPorts: []uint16{15008, 15001, 15006, 15080, 15053},
 		Mark:             netnsutil.Mark,
 		MarkMask:         0xfff,
+		SkipInboundSources: []netip.Prefix{
+			netip.PrefixFrom(ProbeSourceV4, 32), netip.PrefixFrom(ProbeSourceV6, 128),
+		},
 	}
 }
 
