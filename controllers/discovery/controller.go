@@ -402,8 +402,11 @@ func l7KeyOf(o client.Object, kind, group string) string {
 	return xds.L7Key(group, kind, o.GetNamespace(), o.GetName())
 }
 
+// isWaypointService: a waypoint's Service may be referenced from other
+// namespaces, so its changes recompute everything.
 func (c *Controller) isWaypointService(o client.Object) bool {
-	return o.GetLabels()[GatewayNameLabel] != "" || o.GetLabels()[WaypointNameLabel] != ""
+	return o.GetLabels()[GatewayNameLabel] != "" || o.GetLabels()[WaypointNameLabel] != "" ||
+		c.IsWaypoint(o.GetNamespace(), o.GetName())
 }
 
 // Synced reports whether the first full model has been pushed; the xDS
