@@ -14,10 +14,15 @@ type HalfCloser interface {
 	CloseWrite() error
 }
 
-// CopyBufferSize is the size of the pooled relay buffers: two TLS records,
-// large enough that a bulk copy is not syscall-bound, small enough for many
-// idle tunnels (buffers are only held while a copy is running).
-const CopyBufferSize = 32 << 10
+// Relay buffers. An idle tunnel blocks in Read holding its buffer, so each
+// direction starts with a small buffer and moves to a large pooled one only
+// once a read fills the small one (bulk transfer), dropping back after short
+// reads: idle tunnels stay cheap, bulk copies move several TLS records (and
+// several HTTP/2 frames per handoff to the transport) per read.
+const (
+	SmallBufferSize = 2 << 10
+	CopyBufferSize  = 64 << 10
+)
 
 var copyBuffers = sync.Pool{New: func() any { b := make([]byte, CopyBufferSize); return &b }}
 
@@ -41,13 +46,13 @@ func Relay(a, b HalfCloser) (aToB, bToA int64, err error) {
 	go func() {
 		defer wg.Done()
 		n, e := copyHalf(b, a)
-		bToA = n
+		aToB = n
 		if e != nil {
 			abort(e)
 		}
 	}()
 	n, e := copyHalf(a, b)
-	aToB = n
+	bToA = n
 	if e != nil {
 		abort(e)
 	}
@@ -59,10 +64,16 @@ func Relay(a, b HalfCloser) (aToB, bToA int64, err error) {
 
 // copyHalf copies src to dst and half-closes dst on EOF.
 func copyHalf(dst, src HalfCloser) (int64, error) {
-	bp := copyBuffers.Get().(*[]byte)
-	defer copyBuffers.Put(bp)
-	buf := *bp
+	small := make([]byte, SmallBufferSize)
+	buf := small
+	var big *[]byte
+	defer func() {
+		if big != nil {
+			copyBuffers.Put(big)
+		}
+	}()
 	var total int64
+	shortReads := 0
 	for {
 		n, rerr := src.Read(buf)
 		if n > 0 {
@@ -77,6 +88,18 @@ func copyHalf(dst, src HalfCloser) (int64, error) {
 		}
 		if rerr != nil {
 			return total, rerr
+		}
+		switch {
+		case big == nil && n == len(buf):
+			big = copyBuffers.Get().(*[]byte)
+			buf, shortReads = *big, 0
+		case big != nil && n < SmallBufferSize:
+			if shortReads++; shortReads >= 2 {
+				copyBuffers.Put(big)
+				big, buf = nil, small
+			}
+		case big != nil:
+			shortReads = 0
 		}
 	}
 }
