@@ -10,36 +10,66 @@ import (
 // halfCloser is a connection that can end its write direction only.
 type halfCloser interface{ CloseWrite() error }
 
+// Buffer sizes of the adaptive copy: an idle connection blocks in Read with
+// only a small buffer; a read that fills it switches to a pooled large one
+// for bulk transfer, given back after the first short read.
+const (
+	smallBuffer = 2 << 10
+	largeBuffer = 32 << 10
+)
+
+var largeBuffers = sync.Pool{New: func() any { b := make([]byte, largeBuffer); return &b }}
+
 // Relay copies bytes both ways between down (the client side) and up (the
 // upstream side) until both directions end, honouring half-close: when one
 // side finishes writing, the other side's write direction is closed and the
-// reverse direction keeps flowing. It returns the bytes received from the
-// client (down→up) and sent to it (up→down), and the first real error.
-// Both connections are closed on return.
+// reverse direction keeps flowing. A read or write error aborts both sides
+// (TCP is reset, a tunnel gets a stream reset), so resets propagate rather
+// than hang. It returns the bytes received from the client (down→up) and
+// sent to it (up→down), and the first real error. Both connections are
+// closed on return.
 func Relay(down, up net.Conn) (received, sent int64, err error) {
 	var wg sync.WaitGroup
-	var errUp, errDown error
+	var once sync.Once
+	var first error
+	abort := func(e error) {
+		once.Do(func() {
+			first = e
+			reset(down)
+			reset(up)
+		})
+	}
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		sent, errDown = pipe(down, up)
+		var e error
+		if sent, e = copyHalf(down, up); e != nil {
+			abort(e)
+		}
 	}()
-	received, errUp = pipe(up, down)
+	var e error
+	if received, e = copyHalf(up, down); e != nil {
+		abort(e)
+	}
 	wg.Wait()
 	down.Close()
 	up.Close()
-	return received, sent, firstReal(errUp, errDown)
+	return received, sent, real(first)
 }
 
-// pipe copies src to dst, then half-closes dst (or closes it fully when it
-// cannot half-close, and a copy error resets both).
-func pipe(dst, src net.Conn) (int64, error) {
-	n, err := io.Copy(dst, src)
+// copyHalf copies src to dst, then half-closes dst. TCP to TCP (the node
+// local fast path) uses the kernel's splice through io.Copy.
+func copyHalf(dst, src net.Conn) (int64, error) {
+	var n int64
+	var err error
+	_, srcTCP := src.(*net.TCPConn)
+	_, dstTCP := dst.(*net.TCPConn)
+	if srcTCP && dstTCP {
+		n, err = io.Copy(dst, src)
+	} else {
+		n, err = adaptiveCopy(dst, src)
+	}
 	if err != nil {
-		// An error in one direction tears down the whole connection so the
-		// other direction does not hang.
-		src.Close()
-		dst.Close()
 		return n, err
 	}
 	if hc, ok := dst.(halfCloser); ok {
@@ -51,11 +81,53 @@ func pipe(dst, src net.Conn) (int64, error) {
 	return n, nil
 }
 
-func firstReal(errs ...error) error {
-	for _, e := range errs {
-		if e != nil && !errors.Is(e, net.ErrClosed) && !errors.Is(e, io.EOF) {
-			return e
+func adaptiveCopy(dst io.Writer, src io.Reader) (int64, error) {
+	small := make([]byte, smallBuffer)
+	buf := small
+	var large *[]byte
+	defer func() {
+		if large != nil {
+			largeBuffers.Put(large)
+		}
+	}()
+	var total int64
+	for {
+		n, rerr := src.Read(buf)
+		if n > 0 {
+			w, werr := dst.Write(buf[:n])
+			total += int64(w)
+			if werr != nil {
+				return total, werr
+			}
+		}
+		if rerr != nil {
+			if errors.Is(rerr, io.EOF) {
+				return total, nil
+			}
+			return total, rerr
+		}
+		switch {
+		case large == nil && n == len(buf):
+			large = largeBuffers.Get().(*[]byte)
+			buf = *large
+		case large != nil && n < len(buf)/2:
+			largeBuffers.Put(large)
+			large, buf = nil, small
 		}
 	}
-	return nil
+}
+
+// reset aborts c: TCP with RST (linger 0), a tunnel stream by Close.
+func reset(c net.Conn) {
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
+	c.Close()
+}
+
+func real(err error) error {
+	if err == nil || errors.Is(err, net.ErrClosed) || errors.Is(err, io.EOF) {
+		return nil
+	}
+	return err
 }

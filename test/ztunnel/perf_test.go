@@ -1,0 +1,237 @@
+package ztunnel
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ambientmesh/ambient/proxylib/netnsutil"
+)
+
+// TestPerf measures the data path through two real ztunnel processes against
+// direct pod-to-pod TCP over the same veth/bridge topology, in one run. It is
+// heavy, so it runs only with ZTUNNEL_PERF=1:
+//
+//	sudo ZTUNNEL_PERF=1 go test ./test/ztunnel -run TestPerf -v
+func TestPerf(t *testing.T) {
+	if os.Getenv("ZTUNNEL_PERF") != "1" {
+		t.Skip("set ZTUNNEL_PERF=1 to measure")
+	}
+	pm := newProcessMesh(t)
+	waitUntil(t, func() bool { return pm.zts[0].ready() && pm.zts[1].ready() }, "ztunnels ready")
+	directClient := pm.addPlainPod(0, "direct-client")
+	directServer := pm.addPlainPod(1, "direct-server")
+	for _, p := range []*pod{pm.httpbin, directServer} {
+		p.serveTCP(t, 9100, sink)
+		p.serveTCP(t, 9101, echo)
+		p.serveHTTP(t, 8080)
+	}
+	zt := pm.zts[0] // the client-side ztunnel is measured for CPU and memory
+	idle := rss(t, zt.cmd.Process.Pid)
+
+	const dur = 3 * time.Second
+	if out := os.Getenv("ZTUNNEL_PROFILE"); out != "" {
+		go zt.profile(t, out, 3)
+	}
+	mesh := throughput(t, pm.sleep, pm.httpbin.addr(9100), dur)
+	direct := throughput(t, directClient, directServer.addr(9100), dur)
+
+	meshLat := latency(t, pm.sleep, pm.httpbin.addr(9101), 2000)
+	directLat := latency(t, directClient, directServer.addr(9101), 2000)
+
+	cpuBefore, wallBefore := cpuSeconds(t, zt.cmd.Process.Pid), time.Now()
+	rpsAchieved := httpLoad(t, pm.sleep, pm.httpbin.addr(8080), 1000, 4, 5*time.Second)
+	cpu := (cpuSeconds(t, zt.cmd.Process.Pid) - cpuBefore) / time.Since(wallBefore).Seconds()
+	serverCPUBefore, wall2 := cpuSeconds(t, pm.zts[1].cmd.Process.Pid), time.Now()
+	_ = serverCPUBefore
+	_ = wall2
+	loadRSS := rss(t, zt.cmd.Process.Pid)
+
+	before := rss(t, zt.cmd.Process.Pid)
+	var conns []net.Conn
+	for i := 0; i < 1000; i++ {
+		c, err := pm.sleep.dial(pm.httpbin.addr(9101))
+		if err != nil {
+			t.Fatalf("conn %d: %v", i, err)
+		}
+		roundTrip(t, c, "x")
+		conns = append(conns, c)
+	}
+	time.Sleep(500 * time.Millisecond)
+	after := rss(t, zt.cmd.Process.Pid)
+	serverSide := rss(t, pm.zts[1].cmd.Process.Pid)
+	for _, c := range conns {
+		c.Close()
+	}
+
+	report := []string{
+		fmt.Sprintf("single-stream throughput: mesh %.2f Gbit/s, direct %.2f Gbit/s, ratio %.2f", mesh*8/1e9, direct*8/1e9, mesh/direct),
+		fmt.Sprintf("1 KiB echo latency: mesh p50 %v p99 %v; direct p50 %v p99 %v; added p50 %v p99 %v",
+			meshLat[0], meshLat[1], directLat[0], directLat[1], meshLat[0]-directLat[0], meshLat[1]-directLat[1]),
+		fmt.Sprintf("HTTP/1.1 1 KiB POST, 4 connections, %.0f rps achieved: client ztunnel %.3f vCPU => %.3f vCPU per 1000 rps, RSS %.1f MB",
+			rpsAchieved, cpu, cpu/(rpsAchieved/1000), loadRSS/1e6),
+		fmt.Sprintf("idle RSS (2 pods adopted): %.1f MB", idle/1e6),
+		fmt.Sprintf("1000 open tunnels: client ztunnel RSS %.1f -> %.1f MB (+%.1f MB per 1000), server ztunnel RSS %.1f MB",
+			before/1e6, after/1e6, (after-before)/1e6, serverSide/1e6),
+	}
+	for _, l := range report {
+		t.Log("PERF " + l)
+	}
+}
+
+// addPlainPod adds a pod outside the mesh (direct baseline).
+func (pm *processMesh) addPlainPod(nodeIdx int, name string) *pod {
+	n := pm.nodes[nodeIdx]
+	return &pod{Pod: n.AddPod(name), name: name, ns: "default", sa: name, node: n}
+}
+
+func sink(c net.Conn) {
+	defer c.Close()
+	io.Copy(io.Discard, c)
+}
+
+// throughput sends as fast as possible for d over one connection.
+func throughput(t *testing.T, from *pod, dst netip.AddrPort, d time.Duration) float64 {
+	c, err := from.dial(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, 256<<10)
+	var n int64
+	start := time.Now()
+	for time.Since(start) < d {
+		w, err := c.Write(buf)
+		n += int64(w)
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	return float64(n) / time.Since(start).Seconds()
+}
+
+// latency measures 1 KiB echo round trips on one connection: p50, p99.
+func latency(t *testing.T, from *pod, dst netip.AddrPort, n int) [2]time.Duration {
+	c, err := from.dial(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	msg := bytes.Repeat([]byte("a"), 1024)
+	buf := make([]byte, 1024)
+	ds := make([]time.Duration, 0, n)
+	for i := 0; i < n+100; i++ {
+		start := time.Now()
+		c.Write(msg)
+		if _, err := io.ReadFull(c, buf); err != nil {
+			t.Fatal(err)
+		}
+		if i >= 100 { // warm-up
+			ds = append(ds, time.Since(start))
+		}
+	}
+	sort.Slice(ds, func(i, j int) bool { return ds[i] < ds[j] })
+	return [2]time.Duration{ds[len(ds)/2], ds[len(ds)*99/100]}
+}
+
+// httpLoad posts 1 KiB bodies at rate rps over conns keep-alive
+// connections for d and returns the achieved rate.
+func httpLoad(t *testing.T, from *pod, dst netip.AddrPort, rps, conns int, d time.Duration) float64 {
+	body := bytes.Repeat([]byte("b"), 1024)
+	var mu sync.Mutex
+	done := 0
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i := 0; i < conns; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := from.dial(dst)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer c.Close()
+			br := bufio.NewReader(c)
+			tick := time.NewTicker(time.Second * time.Duration(conns) / time.Duration(rps))
+			defer tick.Stop()
+			for time.Since(start) < d {
+				<-tick.C
+				req, _ := http.NewRequest(http.MethodPost, "http://"+dst.String()+"/", bytes.NewReader(body))
+				if err := req.Write(c); err != nil {
+					t.Error(err)
+					return
+				}
+				resp, err := http.ReadResponse(br, req)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				mu.Lock()
+				done++
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return float64(done) / time.Since(start).Seconds()
+}
+
+// rss is the resident set size of pid in bytes.
+func rss(t *testing.T, pid int) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "VmRSS:") {
+			f := strings.Fields(line)
+			kb, _ := strconv.ParseFloat(f[1], 64)
+			return kb * 1024
+		}
+	}
+	t.Fatal("no VmRSS")
+	return 0
+}
+
+// cpuSeconds is user+system CPU time of pid.
+func cpuSeconds(t *testing.T, pid int) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndex(s, ")")+2:])
+	ut, _ := strconv.ParseFloat(f[11], 64)
+	st, _ := strconv.ParseFloat(f[12], 64)
+	return (ut + st) / 100 // USER_HZ
+}
+
+// profile saves a CPU profile of the process (admin pprof) to path.
+func (z *ztunnelProcess) profile(t *testing.T, path string, seconds int) {
+	c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return netnsutil.DialTCP(ctx, z.nodeNS, netip.AddrPort{}, netip.MustParseAddrPort("127.0.0.1:15000"), netnsutil.SocketOptions{})
+	}}}
+	resp, err := c.Get(fmt.Sprintf("http://127.0.0.1:15000/debug/pprof/profile?seconds=%d", seconds))
+	if err != nil {
+		t.Log("profile:", err)
+		return
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	os.WriteFile(path, b, 0o644)
+}
