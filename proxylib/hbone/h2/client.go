@@ -49,9 +49,10 @@ type Dialer struct {
 	transport *http2.Transport
 	log       logr.Logger
 
-	mu     sync.Mutex
-	pools  map[poolKey]*pool
-	closed bool
+	mu      sync.Mutex
+	pools   map[poolKey]*pool
+	closed  bool
+	janitor *time.Timer
 }
 
 var _ hbone.Dialer = (*Dialer)(nil)
@@ -122,7 +123,29 @@ func NewDialer(cfg DialerConfig) (*Dialer, error) {
 	t2.ReadIdleTimeout = cfg.PingInterval
 	t2.PingTimeout = cfg.PingTimeout
 	t2.StrictMaxConcurrentStreams = true
-	return &Dialer{cfg: cfg, transport: t2, log: cfg.Log.WithName("hbone-dialer"), pools: map[poolKey]*pool{}}, nil
+	d := &Dialer{cfg: cfg, transport: t2, log: cfg.Log.WithName("hbone-dialer"), pools: map[poolKey]*pool{}}
+	d.janitor = time.AfterFunc(cfg.IdleConnTimeout, d.prune)
+	return d, nil
+}
+
+// prune drops closed connections and empty pools (x/net closes idle
+// connections itself after IdleConnTimeout), then re-arms.
+func (d *Dialer) prune() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return
+	}
+	for key, p := range d.pools {
+		p.mu.Lock()
+		p.takeLocked(0) // max 0: reserves nothing, only drops dead connections
+		empty := len(p.conns) == 0 && p.dialing == nil
+		p.mu.Unlock()
+		if empty {
+			delete(d.pools, key)
+		}
+	}
+	d.janitor.Reset(d.cfg.IdleConnTimeout)
 }
 
 // Dial opens a tunnel to req.Target through the HBONE proxy at
@@ -331,6 +354,7 @@ func (d *Dialer) roundTrip(ctx context.Context, c *clientConn, req hbone.DialReq
 func (d *Dialer) Close() error {
 	d.mu.Lock()
 	d.closed = true
+	d.janitor.Stop()
 	pools := d.pools
 	d.pools = map[poolKey]*pool{}
 	d.mu.Unlock()

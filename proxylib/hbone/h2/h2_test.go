@@ -188,3 +188,27 @@ func TestUnreachableProxy(t *testing.T) {
 		t.Fatal("dial to a closed port succeeded")
 	}
 }
+
+func TestIdleConnectionsEvicted(t *testing.T) {
+	e := newEnv(t)
+	d := e.newDialer(t, h2.DialerConfig{IdleConnTimeout: 100 * time.Millisecond})
+	st, err := d.Dial(context.Background(), e.request(e.echo.Addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	roundTrip(t, st, []byte("x"))
+	// An open tunnel keeps its connection however idle the tunnel is.
+	time.Sleep(300 * time.Millisecond)
+	if s := d.Stats(); s.Conns != 1 {
+		t.Fatalf("connection with an open tunnel evicted: %+v", s)
+	}
+	roundTrip(t, st, []byte("y"))
+	st.Close()
+	eventually(t, "idle connection eviction", func() bool { return d.Stats().Conns == 0 })
+	st, err = d.Dial(context.Background(), e.request(e.echo.Addr))
+	if err != nil {
+		t.Fatalf("dial after eviction: %v", err)
+	}
+	roundTrip(t, st, []byte("z"))
+	st.Close()
+}
