@@ -40,6 +40,9 @@ func TestPerf(t *testing.T) {
 	}
 	zt := pm.zts[0] // the client-side ztunnel is measured for CPU and memory
 	idle := rss(t, zt.cmd.Process.Pid)
+	if out := os.Getenv("ZTUNNEL_PROFILE"); out != "" {
+		zt.fetch(t, out+".idleheap", "/debug/pprof/heap")
+	}
 
 	const dur = 3 * time.Second
 	if out := os.Getenv("ZTUNNEL_PROFILE"); out != "" {
@@ -71,6 +74,10 @@ func TestPerf(t *testing.T) {
 	}
 	time.Sleep(500 * time.Millisecond)
 	after := rss(t, zt.cmd.Process.Pid)
+	if out := os.Getenv("ZTUNNEL_PROFILE"); out != "" {
+		zt.fetch(t, out+".connheap", "/debug/pprof/heap")
+		zt.fetch(t, out+".goroutines", "/debug/pprof/goroutine?debug=1")
+	}
 	serverSide := rss(t, pm.zts[1].cmd.Process.Pid)
 	for _, c := range conns {
 		c.Close()
@@ -223,10 +230,15 @@ func cpuSeconds(t *testing.T, pid int) float64 {
 
 // profile saves a CPU profile of the process (admin pprof) to path.
 func (z *ztunnelProcess) profile(t *testing.T, path string, seconds int) {
+	z.fetch(t, path, fmt.Sprintf("/debug/pprof/profile?seconds=%d", seconds))
+}
+
+// fetch saves an admin endpoint's answer to path.
+func (z *ztunnelProcess) fetch(t *testing.T, path, uri string) {
 	c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 		return netnsutil.DialTCP(ctx, z.nodeNS, netip.AddrPort{}, netip.MustParseAddrPort("127.0.0.1:15000"), netnsutil.SocketOptions{})
 	}}}
-	resp, err := c.Get(fmt.Sprintf("http://127.0.0.1:15000/debug/pprof/profile?seconds=%d", seconds))
+	resp, err := c.Get("http://127.0.0.1:15000" + uri)
 	if err != nil {
 		t.Log("profile:", err)
 		return
