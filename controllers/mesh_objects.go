@@ -143,12 +143,14 @@ func proxyEnv(mesh *meshv1.AmbientMesh, transport meshv1.HBONETransport, logLeve
 		fieldEnv("SERVICE_ACCOUNT", "spec.serviceAccountName"),
 		{Name: "TRUST_DOMAIN", Value: mesh.Spec.TrustDomain},
 		{Name: "XDS_ADDRESS", Value: fmt.Sprintf("%s:%d", host, xdsPort)},
+		{Name: "XDS_SERVER_NAME", Value: host},
 		{Name: "CA_ADDRESS", Value: fmt.Sprintf("%s:%d", host, caPort)},
+		{Name: "CA_SERVER_NAME", Value: host},
 		{Name: "HBONE_TRANSPORT", Value: string(transport)},
 		{Name: "WORKLOAD_CERT_TTL", Value: mesh.Spec.CA.WorkloadCertTTL.Duration.String()},
 		{Name: "LOG_LEVEL", Value: string(logLevel)},
-		{Name: "ROOT_CERT_FILE", Value: rootCertMountDir + "/" + RootCertKey},
-		{Name: "TOKEN_FILE", Value: tokenMountDir + "/" + tokenFile},
+		{Name: "ROOT_CERT", Value: rootCertMountDir + "/" + RootCertKey},
+		{Name: "TOKEN_PATH", Value: tokenMountDir + "/" + tokenFile},
 	}
 }
 
