@@ -153,6 +153,8 @@ func (s *Server) ServeHBONE(ctx context.Context, req *hbone.Request, resp hbone.
 		return
 	}
 	s.http.ServeConnWith(ctx, stream, br, proto, conn)
+	// End our direction gracefully; Close alone would reset the tunnel.
+	stream.CloseWrite()
 }
 
 func (s *Server) reject(log logr.Logger, resp hbone.Responder, err error) {

@@ -1,0 +1,479 @@
+package waypoint
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+	"sigs.k8s.io/yaml"
+
+	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/meshapi"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/hbone/h2"
+	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/proxylib/netnsutil"
+	"github.com/ambientmesh/ambient/proxylib/waypoint"
+)
+
+// Waypoint additions to the harness.
+
+// runningWaypoint is a real waypoint serving HBONE inside its pod's netns.
+type runningWaypoint struct {
+	pod     *pod
+	vip     netip.Addr
+	gw      *workloadapi.GatewayAddress
+	metrics *prometheus.Registry
+	srv     *waypoint.Server
+}
+
+// newWaypointState registers a discovery State that also receives L7
+// resources; call before pods are added so it sees every resource.
+func (m *mesh) newWaypointState() *discovery.State {
+	s := m.cp.newState(discovery.AddressType, discovery.AuthorizationType, discovery.L7ResourceType)
+	m.cp.syncEmpty(s)
+	m.wpStates = append(m.wpStates, s)
+	return s
+}
+
+func hostname(name string) string { return name + ".default.svc.cluster.local" }
+
+// addWaypoint creates the waypoint pod (not captured) on n, publishes its
+// Service (VIP:15008), and runs the waypoint in the pod's namespace.
+func (m *mesh) addWaypoint(n *node, name string, vip netip.Addr, state *discovery.State) *runningWaypoint {
+	t := m.t
+	key := discovery.ServiceKey("default", hostname(name))
+	p := m.addPod(n, name+"-1", name, false, func(w *workloadapi.Workload) {
+		w.WorkloadName = name
+		w.Services = map[string]*workloadapi.PortList{key: {Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}}}
+	})
+	m.cp.service(&workloadapi.Service{Name: name, Namespace: "default", Hostname: hostname(name),
+		Addresses: []*workloadapi.NetworkAddress{{Address: vip.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}})
+	id := p.id()
+	certs := identity.NewStaticSource(m.ca.TrustDomain, m.ca.Roots())
+	certs.Set(id, m.ca.Issue(t, id))
+	f, err := p.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	dialer, err := h2.NewDialer(h2.DialerConfig{Certs: certs, DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+		return netnsutil.DialTCP(ctx, f, netip.AddrPort{}, netip.MustParseAddrPort(addr), netnsutil.SocketOptions{})
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dialer.Close() })
+	reg := prometheus.NewRegistry()
+	srv, err := waypoint.New(waypoint.Config{Name: name, Namespace: "default", Identity: id, State: state, Dialer: dialer,
+		Registry: reg, Tracing: true, Log: m.logs.logger(name), RootNamespace: "istio-system",
+		DialTCP: func(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
+			return netnsutil.DialTCP(ctx, f, netip.AddrPort{}, a, netnsutil.SocketOptions{})
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Close)
+	hs, err := h2.NewServer(h2.ServerConfig{Certs: certs, Identity: id, Handler: srv})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := netnsutil.ListenTCP(f, ":15008", netnsutil.SocketOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go hs.Serve(ln)
+	t.Cleanup(func() { hs.Close() })
+	return &runningWaypoint{pod: p, vip: vip, metrics: reg, srv: srv,
+		gw: &workloadapi.GatewayAddress{Destination: &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: vip.AsSlice()}}, HboneMtlsPort: 15008}}
+}
+
+// l7 publishes a Kubernetes object (YAML) to the waypoints as an L7Resource.
+func (m *mesh) l7(y string) {
+	t := m.t
+	js, err := yaml.YAMLToJSON([]byte(y))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var obj struct {
+		APIVersion, Kind string
+		Metadata         struct{ Name, Namespace string }
+	}
+	if err := yaml.Unmarshal([]byte(y), &obj); err != nil {
+		t.Fatal(err)
+	}
+	group, _, _ := strings.Cut(obj.APIVersion, "/")
+	res := &meshapi.L7Resource{Group: group, Kind: obj.Kind, Namespace: "default", Name: obj.Metadata.Name, Json: js}
+	m.cp.push(discovery.L7ResourceType, discovery.L7Key(group, obj.Kind, "default", obj.Metadata.Name), res)
+}
+
+// do sends one request from inside p (a new connection each time, captured
+// by the pod's redirection like an app's).
+func (p *pod) do(method string, dst netip.AddrPort, path string) (int, string, error) {
+	req, _ := http.NewRequest(method, "http://"+dst.String()+path, strings.NewReader(""))
+	resp, err := p.client().Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), nil
+}
+
+// keepAliveClient reuses connections: one captured connection (one tunnel
+// to the waypoint) carries many requests, each routed by the waypoint.
+func (p *pod) keepAliveClient() *http.Client {
+	return &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 2,
+		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+			f, err := p.Open()
+			if err != nil {
+				return nil, err
+			}
+			defer f.Close()
+			return netnsutil.DialTCP(ctx, f, netip.AddrPort{}, netip.MustParseAddrPort(addr), netnsutil.SocketOptions{})
+		}}}
+}
+
+// serveGRPC runs a gRPC health server in the pod; only this pod reports
+// SERVING for the service name equal to its pod name.
+func (p *pod) serveGRPC(t *testing.T, port int) {
+	f, err := p.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	ln, err := netnsutil.ListenTCP(f, fmt.Sprintf(":%d", port), netnsutil.SocketOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpc.NewServer()
+	hs := health.NewServer()
+	hs.SetServingStatus(p.name, healthpb.HealthCheckResponse_SERVING)
+	healthpb.RegisterHealthServer(gs, hs)
+	go gs.Serve(ln)
+	t.Cleanup(gs.Stop)
+}
+
+func (p *pod) grpcClient(t *testing.T, dst netip.AddrPort) healthpb.HealthClient {
+	cc, err := grpc.NewClient("passthrough:///"+dst.String(), grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
+			f, err := p.Open()
+			if err != nil {
+				return nil, err
+			}
+			defer f.Close()
+			return netnsutil.DialTCP(ctx, f, netip.AddrPort{}, dst, netnsutil.SocketOptions{})
+		}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	return healthpb.NewHealthClient(cc)
+}
+
+// requests sums istio_requests_total series matching labels.
+func requests(t *testing.T, reg *prometheus.Registry, match map[string]string) (float64, []map[string]string) {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sum float64
+	var series []map[string]string
+	for _, mf := range mfs {
+		if mf.GetName() != "istio_requests_total" {
+			continue
+		}
+		for _, mt := range mf.GetMetric() {
+			l := map[string]string{}
+			for _, lp := range mt.GetLabel() {
+				l[lp.GetName()] = lp.GetValue()
+			}
+			ok := true
+			for k, v := range match {
+				if l[k] != v {
+					ok = false
+				}
+			}
+			if ok {
+				sum += mt.GetCounter().GetValue()
+				series = append(series, l)
+			}
+		}
+	}
+	return sum, series
+}
+
+// seedsWaypointMesh: node1 runs the clients (sleep, notsleep captured;
+// outside not in the mesh); node2 runs the namespace waypoint, a
+// service-account waypoint for "echo-waypoint", echo-v1, echo-v2 and
+// httpbin (captured, bound to the namespace waypoint).
+type seedsWaypointMesh struct {
+	*mesh
+	wp, saWP                     *runningWaypoint
+	sleep, notsleep, outside     *pod
+	v1, v2, httpbin              *pod
+	echo, echoV1, echoV2, httpSv netip.AddrPort
+}
+
+func newSeedsWaypointMesh(t *testing.T) *seedsWaypointMesh {
+	m := newMesh(t, 2)
+	m.syncAll()
+	wpState, saState := m.newWaypointState(), m.newWaypointState()
+	s := &seedsWaypointMesh{mesh: m}
+	s.wp = m.addWaypoint(m.nodes[1], "waypoint", netip.MustParseAddr("10.96.0.20"), wpState)
+	s.saWP = m.addWaypoint(m.nodes[1], "echo-waypoint", netip.MustParseAddr("10.96.0.21"), saState)
+	s.echo = netip.MustParseAddrPort("10.96.0.30:80")
+	s.echoV1 = netip.MustParseAddrPort("10.96.0.31:80")
+	s.echoV2 = netip.MustParseAddrPort("10.96.0.32:80")
+	s.httpSv = netip.MustParseAddrPort("10.96.0.40:80")
+	ports := func(svcs ...string) func(*workloadapi.Workload) {
+		return func(w *workloadapi.Workload) {
+			w.WorkloadName = svcs[len(svcs)-1]
+			w.Waypoint = s.wp.gw
+			w.Services = map[string]*workloadapi.PortList{}
+			for _, svc := range svcs {
+				w.Services[discovery.ServiceKey("default", hostname(svc))] = &workloadapi.PortList{Ports: []*workloadapi.Port{{ServicePort: 80, TargetPort: 80}, {ServicePort: 9090, TargetPort: 9090}}}
+			}
+		}
+	}
+	s.sleep = m.addPod(m.nodes[0], "sleep-1", "sleep", true)
+	s.notsleep = m.addPod(m.nodes[0], "notsleep-1", "notsleep", true)
+	s.outside = m.addPod(m.nodes[0], "outside-1", "outside", false)
+	s.v1 = m.addPod(m.nodes[1], "echo-v1-1", "echo", true, ports("echo", "echo-v1"))
+	s.v2 = m.addPod(m.nodes[1], "echo-v2-1", "echo", true, ports("echo", "echo-v2"))
+	s.httpbin = m.addPod(m.nodes[1], "httpbin-1", "httpbin", true, ports("httpbin"), func(w *workloadapi.Workload) {
+		w.AuthorizationPolicies = []string{"default/allow-sleep-to-httpbin"}
+	})
+	for _, svc := range []struct {
+		name string
+		vip  netip.AddrPort
+	}{{"echo", s.echo}, {"echo-v1", s.echoV1}, {"echo-v2", s.echoV2}, {"httpbin", s.httpSv}} {
+		m.cp.service(&workloadapi.Service{Name: svc.name, Namespace: "default", Hostname: hostname(svc.name),
+			Addresses: []*workloadapi.NetworkAddress{{Address: svc.vip.Addr().AsSlice()}}, Waypoint: s.wp.gw,
+			Ports: []*workloadapi.Port{{ServicePort: 80, TargetPort: 80}, {ServicePort: 9090, TargetPort: 9090}}})
+	}
+	for _, p := range []*pod{s.v1, s.v2, s.httpbin} {
+		p.serveHTTP(t, 80)
+		p.serveGRPC(t, 9090)
+	}
+	return s
+}
+
+const seedsRoute = `
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: HTTPRoute
+metadata: {name: echo}
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: echo
+  rules:
+  - backendRefs:
+    - name: echo-v1
+      port: 80
+`
+
+const seedsL7Policy = `
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {name: allow-sleep-to-httpbin}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/default/sa/sleep]}}]
+    to: [{operation: {methods: [GET]}}]
+`
+
+// TestWaypointThroughZtunnels runs the seeds' waypoint journey with real
+// ztunnels on both nodes and a real waypoint: every hop is HBONE + mTLS,
+// every client connection is captured by nftables in its pod.
+func TestWaypointThroughZtunnels(t *testing.T) {
+	s := newSeedsWaypointMesh(t)
+	get := func(p *pod, dst netip.AddrPort) string {
+		t.Helper()
+		code, body, err := p.do("GET", dst, "/")
+		if err != nil || code != 200 {
+			t.Fatalf("%s GET %s: %d %q %v", p.name, dst, code, body, err)
+		}
+		return body
+	}
+
+	t.Run("no route: echo is balanced over its endpoints", func(t *testing.T) {
+		seen := map[string]int{}
+		for range 10 {
+			seen[get(s.sleep, s.echo)]++
+		}
+		if seen["echo-v1-1"] == 0 || seen["echo-v2-1"] == 0 {
+			t.Fatalf("want both pods, got %v", seen)
+		}
+	})
+
+	t.Run("the seeds' HTTPRoute sends every request for echo to echo-v1", func(t *testing.T) {
+		s.l7(seedsRoute)
+		for range 20 {
+			if got := get(s.sleep, s.echo); got != "echo-v1-1" {
+				t.Fatalf("got %q, want echo-v1-1", got)
+			}
+		}
+	})
+
+	t.Run("90/10 split within binomial bounds", func(t *testing.T) {
+		s.l7(`
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo}]
+  rules:
+  - backendRefs:
+    - {name: echo-v1, port: 80, weight: 90}
+    - {name: echo-v2, port: 80, weight: 10}
+`)
+		// Requests share kept-alive connections: the split is per request.
+		const n = 400
+		v2 := 0
+		c := s.sleep.keepAliveClient()
+		defer c.CloseIdleConnections()
+		for range n {
+			resp, err := c.Get("http://" + s.echo.String() + "/")
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if string(b) == "echo-v2-1" {
+				v2++
+			}
+		}
+		mean, sd := n*0.1, math.Sqrt(n*0.1*0.9)
+		if math.Abs(float64(v2)-mean) > 5*sd {
+			t.Fatalf("%d of %d to echo-v2, want %.0f±%.0f", v2, n, mean, 5*sd)
+		}
+	})
+
+	t.Run("L7 AuthorizationPolicy: GET from sleep only", func(t *testing.T) {
+		s.l7(seedsL7Policy)
+		if got := get(s.sleep, s.httpSv); got != "httpbin-1" {
+			t.Fatalf("GET from sleep: %q", got)
+		}
+		for _, c := range []struct {
+			p      *pod
+			method string
+		}{{s.sleep, "POST"}, {s.notsleep, "GET"}, {s.notsleep, "POST"}} {
+			code, body, err := c.p.do(c.method, s.httpSv, "/")
+			if err != nil || code != 403 {
+				t.Fatalf("%s %s: %d %q %v, want 403", c.p.name, c.method, code, body, err)
+			}
+		}
+		m := s.logs.waitFor(t, "RBAC rejected request", "notsleep")
+		t.Log(m)
+	})
+
+	t.Run("direct call from outside the mesh is hair-pinned through the waypoint", func(t *testing.T) {
+		before, _ := requests(t, s.wp.metrics, map[string]string{"destination_workload": "echo-v2"})
+		if got := get(s.outside, s.v2.addr(80)); got != "echo-v2-1" {
+			t.Fatalf("got %q", got)
+		}
+		after, _ := requests(t, s.wp.metrics, map[string]string{"destination_workload": "echo-v2"})
+		if after != before+1 {
+			t.Fatalf("waypoint counted %v -> %v requests to echo-v2: not hair-pinned through it", before, after)
+		}
+		// Policy applies to the hair-pinned request: only sleep may GET httpbin.
+		code, _, err := s.outside.do("GET", s.httpbin.addr(80), "/")
+		if err != nil || code != 403 {
+			t.Fatalf("outside -> httpbin pod: %d %v, want 403 from the waypoint", code, err)
+		}
+	})
+
+	t.Run("gRPC routes and is authorized", func(t *testing.T) {
+		s.l7(`
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: echo-grpc}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 9090}]
+  rules:
+  - matches: [{method: {service: grpc.health.v1.Health}}]
+    backendRefs: [{name: echo-v2, port: 9090}]
+`)
+		s.l7(`
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: echo-grpc-sleep-only}
+spec:
+  targetRefs: [{group: "", kind: Service, name: echo}]
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/default/sa/sleep]}}]
+`)
+		dst := netip.AddrPortFrom(s.echo.Addr(), 9090)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		hc := s.sleep.grpcClient(t, dst)
+		for range 5 {
+			resp, err := hc.Check(ctx, &healthpb.HealthCheckRequest{Service: "echo-v2-1"})
+			if err != nil || resp.Status != healthpb.HealthCheckResponse_SERVING {
+				t.Fatalf("sleep gRPC: %v %v (routed away from echo-v2?)", resp, err)
+			}
+		}
+		_, err := s.notsleep.grpcClient(t, dst).Check(ctx, &healthpb.HealthCheckRequest{Service: "echo-v2-1"})
+		if status.Code(err) != codes.PermissionDenied {
+			t.Fatalf("notsleep gRPC: %v, want PermissionDenied", err)
+		}
+	})
+
+	t.Run("HTTP metrics carry Istio's labels", func(t *testing.T) {
+		n, series := requests(t, s.wp.metrics, map[string]string{
+			"reporter": "waypoint", "source_workload": "sleep", "source_workload_namespace": "default",
+			"source_principal": "spiffe://cluster.local/ns/default/sa/sleep", "destination_workload": "echo-v1",
+			"destination_service_name": "echo-v1", "destination_service": "echo-v1.default.svc.cluster.local",
+			"destination_principal": "spiffe://cluster.local/ns/default/sa/echo", "response_code": "200",
+			"request_protocol": "http", "connection_security_policy": "mutual_tls",
+		})
+		if n < 20 {
+			t.Fatalf("requests_total for sleep->echo-v1 = %v: %v", n, series)
+		}
+		if n, _ := requests(t, s.wp.metrics, map[string]string{"source_workload": "notsleep", "response_code": "403",
+			"response_flags": "authorization_policy_rejection"}); n < 2 {
+			t.Fatalf("403s from notsleep = %v", n)
+		}
+		if n, _ := requests(t, s.wp.metrics, map[string]string{"request_protocol": "grpc", "grpc_response_status": "7"}); n < 1 {
+			t.Fatal("no gRPC PERMISSION_DENIED series")
+		}
+	})
+
+	t.Run("the service-account waypoint takes precedence", func(t *testing.T) {
+		// What the control plane publishes when echo's service account has
+		// its own waypoint: the pod is bound to it, not the namespace one.
+		s.v1.w.Waypoint = s.saWP.gw
+		s.cp.workload(s.v1.w)
+		before, _ := requests(t, s.wp.metrics, map[string]string{"destination_workload": "echo-v1"})
+		for range 5 {
+			if got := get(s.sleep, s.v1.addr(80)); got != "echo-v1-1" {
+				t.Fatalf("got %q", got)
+			}
+		}
+		if n, _ := requests(t, s.saWP.metrics, map[string]string{"destination_workload": "echo-v1", "source_workload": "sleep"}); n != 5 {
+			t.Fatalf("service-account waypoint served %v of 5", n)
+		}
+		if after, _ := requests(t, s.wp.metrics, map[string]string{"destination_workload": "echo-v1"}); after != before {
+			t.Fatalf("namespace waypoint still served echo-v1 (%v -> %v)", before, after)
+		}
+	})
+}
