@@ -78,7 +78,7 @@ type Limits struct {
 	// closed MaxConnectionAgeGrace later if streams are still open.
 	MaxConnectionAge, MaxConnectionAgeGrace time.Duration
 	// MaxEarlyResets is how many tunnels a connection may reset before they
-	// carried a byte, per EarlyResetWindow, before it is sent GOAWAY and
+	// were answered, per EarlyResetWindow, before it is sent GOAWAY and
 	// closed (HTTP/2 Rapid Reset, CVE-2023-44487).
 	MaxEarlyResets   int
 	EarlyResetWindow time.Duration

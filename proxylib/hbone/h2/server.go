@@ -104,12 +104,14 @@ func (s *Server) Serve(ln net.Listener) error {
 			if s.isDraining() {
 				return ErrServerClosed
 			}
-			if ne, ok := err.(net.Error); ok && ne.Timeout() {
-				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-				time.Sleep(backoff)
-				continue
+			if errors.Is(err, net.ErrClosed) {
+				return err
 			}
-			return err
+			// EMFILE and friends: back off and keep serving.
+			s.log.Error(err, "accept failed; retrying", "in", backoff)
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			time.Sleep(backoff)
+			continue
 		}
 		backoff = 0
 		s.connWG.Add(1)
@@ -196,7 +198,7 @@ type serverConn struct {
 	resetClosed bool
 }
 
-// noteEarlyReset counts a tunnel the peer reset before it carried a byte;
+// noteEarlyReset counts a tunnel the peer reset before it was answered;
 // past the limit the connection is sent GOAWAY and closed shortly after.
 func (sc *serverConn) noteEarlyReset() {
 	l := sc.s.limits
@@ -385,9 +387,6 @@ func (sc *serverConn) handle(w http.ResponseWriter, r *http.Request) {
 	case <-st.done:
 	case <-r.Context().Done(): // peer reset the stream or the connection died
 		st.finish(true)
-		if !st.idle.active() {
-			sc.noteEarlyReset()
-		}
 	}
 	if st.aborted.Load() {
 		panic(http.ErrAbortHandler) // RST_STREAM to the peer

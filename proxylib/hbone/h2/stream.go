@@ -37,14 +37,8 @@ func newIdleWatch(timeout time.Duration, onIdle func()) *idleWatch {
 func (w *idleWatch) touch() {
 	if w != nil {
 		w.last.Store(time.Now().UnixNano())
-		if !w.moved.Load() {
-			w.moved.Store(true)
-		}
 	}
 }
-
-// active reports whether the stream ever carried a byte.
-func (w *idleWatch) active() bool { return w == nil || w.moved.Load() }
 
 func (w *idleWatch) check() {
 	idle := time.Since(time.Unix(0, w.last.Load()))
