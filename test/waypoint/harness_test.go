@@ -437,5 +437,3 @@ func strictPolicy() *security.Authorization {
 		Groups: []*security.Group{{Rules: []*security.Rules{{Matches: []*security.Match{{NotPrincipals: []*security.StringMatch{
 			{MatchType: &security.StringMatch_Presence{Presence: &emptypb.Empty{}}}}}}}}}}}
 }
-
-
