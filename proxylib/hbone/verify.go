@@ -137,6 +137,9 @@ func ServerTLSConfig(certs CertSource, local identity.Identity, alpn string) *tl
 		MinVersion: tls.VersionTLS13,
 		NextProtos: []string{alpn},
 		ClientAuth: tls.RequireAnyClientCert, // verified below against the mesh roots
+		// VerifyPeerCertificate does not run on resumed sessions, so a
+		// resumption would skip the SPIFFE checks (and trust-bundle changes).
+		SessionTicketsDisabled: true,
 		GetCertificate: func(info *tls.ClientHelloInfo) (*tls.Certificate, error) {
 			return certs.Certificate(contextOf(info.Context()), local)
 		},
