@@ -65,6 +65,7 @@ func runAgent(args []string) error {
 	fs.StringVar(&o.StateDir, "state-dir", envOr("STATE_DIR", "/var/run/ambient/pods"), "where sandbox records from the CNI plugin are kept")
 	fs.StringVar(&o.ProcRoot, "proc", envOr("PROC_ROOT", defaultProc()), "the host's /proc")
 	fs.StringVar(&healthPort, "health-port", envOr("HEALTH_PORT", "15022"), "port of /healthz and /readyz (empty: off)")
+	fs.BoolVar(&o.ProbeSNAT, "probe-snat", envOr("PROBE_SNAT", "true") == "true", "SNAT the node's own connections to captured pods (kubelet probes) so they bypass capture")
 	fs.StringVar(&logLevel, "log-level", envOr("LOG_LEVEL", "info"), "debug, info, warn, error")
 	_ = fs.Parse(args)
 	if excluded != "" {

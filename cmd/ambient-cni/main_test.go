@@ -147,6 +147,7 @@ type env struct {
 	ztunnel *fakeZtunnel
 	zsock   string
 	cniSock string
+	opts    func(*agent.Options) // applied by startAgent
 }
 
 func newEnv(t *testing.T) *env {
@@ -172,7 +173,12 @@ func newEnv(t *testing.T) *env {
 }
 
 // startAgent runs a node agent; the returned func stops it and waits.
-func (e *env) startAgent() (stop func()) { return e.startAgentWith(func(*agent.Options) {}) }
+func (e *env) startAgent() (stop func()) {
+	if e.opts != nil {
+		return e.startAgentWith(e.opts)
+	}
+	return e.startAgentWith(func(*agent.Options) {})
+}
 
 func (e *env) startAgentWith(mut func(*agent.Options)) (stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
@@ -344,6 +350,10 @@ func TestCaptureRunningPodWithoutRestartAndReadoption(t *testing.T) {
 	createNamespace(t, "running", false)
 	pod := createPod(t, "running", "web", ip)
 	target := netip.AddrPortFrom(outside.IP, 9090)
+	serveName(t, podNS, 8080, "web")
+	nodeRole := &netns.Pod{NS: node.NS} // the kubelet's view: dial from the node
+	withProbes := func(o *agent.Options) { o.ProbeSNAT, o.HostNetns = true, node.Path() }
+	e.opts = withProbes
 
 	stopAgent := e.startAgent()
 	eventually(t, "the agent synced ztunnel", func() bool { _, s := e.ztunnel.counts(); return s >= 1 })
@@ -360,6 +370,9 @@ func TestCaptureRunningPodWithoutRestartAndReadoption(t *testing.T) {
 	})
 	if got, want := dialFrom(t, podNS, target), "ztunnel "+target.String(); got != want {
 		t.Fatalf("captured pod's outbound reached %q, want %q", got, want)
+	}
+	if got := dialFrom(t, nodeRole, netip.AddrPortFrom(podNS.IP, 8080)); got != "web" {
+		t.Fatalf("kubelet-style probe from the node reached %q, want the app", got)
 	}
 
 	t.Run("agent restart re-adopts without re-creating", func(t *testing.T) {

@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"sync"
 	"time"
@@ -33,7 +34,11 @@ type Agent struct {
 	Redirector redirect.Redirector
 	Syncer     *inpod.Syncer
 	Resolver   *Resolver
-	Log        logr.Logger
+	// Probes, when set, SNATs the node's own connections (kubelet probes)
+	// to captured pods in HostNS (nil: this process's namespace).
+	Probes *redirect.ProbeSNAT
+	HostNS *os.File
+	Log    logr.Logger
 
 	opMu     sync.Mutex // one pod operation at a time (controller and CNI requests)
 	mu       sync.Mutex
@@ -43,6 +48,7 @@ type Agent struct {
 type captured struct {
 	uid   types.UID
 	netns *os.File // kept open while captured: the namespace stays valid
+	ips   []netip.Addr
 }
 
 func (a *Agent) init() {
@@ -135,7 +141,7 @@ func (a *Agent) capture(ctx context.Context, pod *corev1.Pod, netnsPath string) 
 				cur.netns.Close()
 			}
 			a.mu.Lock()
-			a.captured[key] = &captured{uid: pod.UID, netns: ns}
+			a.captured[key] = &captured{uid: pod.UID, netns: ns, ips: nsAddrs(ns)}
 			a.mu.Unlock()
 		}
 	}
@@ -149,6 +155,14 @@ func (a *Agent) capture(ctx context.Context, pod *corev1.Pod, netnsPath string) 
 		a.Log.Info("redirection installed", "pod", key)
 	}
 	adopt() // rules are in place: from here the pod counts as captured
+	if a.Probes != nil && (cur == nil || cur.netns != ns) {
+		a.mu.Lock()
+		ips := a.captured[key].ips
+		a.mu.Unlock()
+		if err := a.Probes.AddPod(a.HostNS, ips); err != nil {
+			return fmt.Errorf("probe SNAT for %s: %w", key, err)
+		}
+	}
 	wp := inpod.Pod{UID: string(pod.UID), Info: inpod.WorkloadInfo{Name: pod.Name, Namespace: pod.Namespace, ServiceAccount: pod.Spec.ServiceAccountName}, Netns: ns}
 	if err := a.Syncer.Upsert(ctx, wp); err != nil && !errors.Is(err, inpod.ErrNotConnected) {
 		// Rules stay: the pod's traffic fails closed until ztunnel takes it.
@@ -165,13 +179,19 @@ func (a *Agent) release(ctx context.Context, key types.NamespacedName, pod *core
 	var errs []error
 	ns := (*os.File)(nil)
 	uid := types.UID("")
+	var ips []netip.Addr
 	if cur != nil {
-		ns, uid = cur.netns, cur.uid
+		ns, uid, ips = cur.netns, cur.uid, cur.ips
 	} else if pod != nil && pod.Annotations[selection.RedirectionAnnotation] == selection.RedirectionEnabled {
 		// Captured by an earlier agent process: find the namespace to clean it.
-		uid = pod.UID
+		uid, ips = pod.UID, podIPs(pod)
 		if f, err := a.Resolver.Resolve(pod); err == nil {
 			ns = f
+		}
+	}
+	if a.Probes != nil {
+		if err := a.Probes.RemovePod(a.HostNS, ips); err != nil {
+			errs = append(errs, fmt.Errorf("probe SNAT of %s: %w", key, err))
 		}
 	}
 	if uid != "" {

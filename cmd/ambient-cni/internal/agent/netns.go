@@ -231,3 +231,18 @@ func (s *Store) Delete(uid string) {
 		_ = os.Remove(p)
 	}
 }
+
+// nsAddrs lists the global unicast addresses inside a namespace (the pod's IPs).
+func nsAddrs(f *os.File) []netip.Addr {
+	var addrs []net.Addr
+	if err := netnsutil.Run(f, func() (err error) { addrs, err = net.InterfaceAddrs(); return err }); err != nil {
+		return nil
+	}
+	var out []netip.Addr
+	for _, a := range addrs {
+		if p, err := netip.ParsePrefix(a.String()); err == nil && p.Addr().IsGlobalUnicast() {
+			out = append(out, p.Addr().Unmap())
+		}
+	}
+	return out
+}

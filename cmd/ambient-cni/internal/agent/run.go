@@ -55,6 +55,11 @@ type Options struct {
 	// CNIBinDir/CNIConfDir, when set, receive the plugin binary and its
 	// chained entry in the primary network configuration.
 	CNIBinDir, CNIConfDir string
+	// ProbeSNAT rewrites the node's own connections to captured pods
+	// (kubelet probes) to a link-local source the pod rules let through.
+	// HostNetns is the node namespace path ("" = this process's).
+	ProbeSNAT bool
+	HostNetns string
 	// PluginConf is the plugin's conflist entry (agentSocket etc.).
 	PluginConf map[string]any
 	Log        logr.Logger
@@ -96,6 +101,18 @@ func Run(ctx context.Context, cfg *rest.Config, o Options) error {
 	}
 	if a.Redirector == nil {
 		a.Redirector = redirect.NewNFTables(o.Redirect)
+	}
+	if o.ProbeSNAT {
+		if o.HostNetns != "" {
+			if a.HostNS, err = openNetns(o.HostNetns); err != nil {
+				return err
+			}
+			defer a.HostNS.Close()
+		}
+		a.Probes = &redirect.ProbeSNAT{}
+		if err := a.Probes.Ensure(a.HostNS); err != nil {
+			return err
+		}
 	}
 	var synced, cniReady atomic.Bool
 	cniReady.Store(o.CNIConfDir == "")

@@ -81,5 +81,8 @@ func (a *Agent) onShutdown(ctx context.Context, c client.Client, o Options) erro
 	for k := range keys {
 		errs = append(errs, a.release(ctx, k, byKey[k]))
 	}
+	if a.Probes != nil {
+		errs = append(errs, a.Probes.Remove(a.HostNS))
+	}
 	return errors.Join(errs...)
 }
