@@ -679,3 +679,23 @@ func TestMaxConnectionAgeGraceForcesClose(t *testing.T) {
 		t.Fatal("tunnel ended cleanly; want it cut after the grace period")
 	}
 }
+
+// TLS resumption would skip peer verification: the server must not resume.
+func TestNoTLSResumption(t *testing.T) {
+	e := newEnv(t)
+	conf := clientTLS(e.ca.Issue(t, e.client))
+	conf.ClientSessionCache = tls.NewLRUClientSessionCache(4)
+	for i := range 2 {
+		c, err := tls.Dial("tcp", e.addr.String(), conf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Read once so a NewSessionTicket message, if any, is processed.
+		c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		c.Read(make([]byte, 1))
+		if c.ConnectionState().DidResume {
+			t.Fatalf("connection %d resumed a TLS session", i)
+		}
+		c.Close()
+	}
+}
