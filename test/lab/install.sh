@@ -30,7 +30,10 @@ record() { echo "$1=\"$2\"" >>"$ENV_FILE"; }
 build_images() {
   if [ -d "$ROOT/hack/images" ]; then
     say "building mesh images with 'make images'"
-    if (cd "$ROOT" && make images TAG=dev) >"$LOGS/images.log" 2>&1; then return 0; fi
+    if (cd "$ROOT" && make images TAG=dev) >"$LOGS/images.log" 2>&1; then
+      rm -f "$IMAGES"/component-*.tar
+      return 0
+    fi
     say "'make images' failed (see $LOGS/images.log); falling back to the lab's image builder"
   fi
   say "building mesh images (lab image builder: ${COMPONENTS[*]})"
@@ -110,7 +113,7 @@ main() {
       record OPERATOR ready; say "operator running (installed from $LAB/install.yaml)"
     else
       local why
-      why=$(kc -n "$MESH_NS" logs deploy/ambient-controller-manager --tail=20 2>/dev/null | grep -o '"error":"[^"]*' | tail -1 | cut -c10-220)
+      why=$(kc -n "$MESH_NS" logs deploy/ambient-controller-manager --tail=20 2>/dev/null | grep -o '"error":"[^"]*' | tail -1 | cut -c10-220 | tr -d '\\\\')
       record OPERATOR "operator Deployment not ready: ${why:-see kubectl -n $MESH_NS logs deploy/ambient-controller-manager}"
       say "operator: NOT READY: ${why:-see kubectl -n $MESH_NS logs deploy/ambient-controller-manager}"
       return 0

@@ -12,6 +12,7 @@
 #   status  processes, nodes and pods
 #   env     prints `export KUBECONFIG=...` for eval
 #   images  imports new image tarballs (bin/lab/images, bin/images) into every node
+#   tag SRC DST  tags an imported image with another name on every node
 #
 # Hooks: LAB_WORKERS (default 2); LAB_CNI_CHAIN a JSON object appended to
 # every node's CNI conflist (e.g. our ambient-cni plugin) when the conflist is
@@ -401,7 +402,9 @@ EOF
 import_images() {
   local short=$1 dir=$STATE/nodes/$1 tar sum stamp
   mkdir -p "$dir/imported"
-  for tar in "$IMAGES"/*.tar "$ROOT"/bin/images/*.tar; do
+  # bin/images (make images) first: the lab's stand-in builds, newer when
+  # present, win for the same tag.
+  for tar in "$ROOT"/bin/images/*.tar "$IMAGES"/*.tar; do
     [ -f "$tar" ] || continue
     sum=$(cksum <"$tar" | awk '{print $1}')
     stamp=$dir/imported/$(basename "$tar").$sum
@@ -460,6 +463,17 @@ import_all() {
   local short
   for short in $(workers | awk '{print $1}'); do import_images "$short"; done
   say "images imported into every node"
+}
+
+# tag_all <src> <dst>: gives an imported image a second name on every node
+# (the e2e upgrade test rolls ztunnel to "a new tag" this way).
+tag_all() {
+  [ $# = 2 ] || die "usage: lab.sh tag <image> <new name>"
+  local short
+  for short in $(workers | awk '{print $1}'); do
+    in_node "$short" ctr -a /run/containerd/containerd.sock -n k8s.io images tag --force "$1" "$2" >/dev/null ||
+      die "tagging $1 as $2 on $short failed"
+  done
 }
 
 # ---------------------------------------------------------------------- up
@@ -595,5 +609,6 @@ case ${1:-} in
   status) status ;;
   env) echo "export KUBECONFIG=$KUBECONFIG_FILE" ;;
   images) import_all ;;
+  tag) shift; tag_all "$@" ;;
   *) echo "usage: $0 up|down|status|env|images" >&2; exit 2 ;;
 esac

@@ -1,0 +1,193 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+var (
+	repoRoot   string
+	kubeconfig string
+	mesh       = map[string]string{} // OPERATOR, ZTUNNEL, NODE_AGENT, WAYPOINT_IMAGE -> "ready" or why not
+)
+
+const (
+	meshNS  = "ambient-system"
+	demoNS  = "e2e-demo"
+	reqTime = "5" // curl --max-time inside pods, seconds
+)
+
+func TestMain(m *testing.M) {
+	wd, _ := os.Getwd()
+	repoRoot = filepath.Clean(filepath.Join(wd, "../../.."))
+	kubeconfig = os.Getenv("LAB_KUBECONFIG")
+	if kubeconfig == "" {
+		kubeconfig = filepath.Join(repoRoot, "bin/lab/kubeconfig")
+	}
+	if out, err := kubectl("get", "--raw", "/readyz"); err != nil {
+		fmt.Fprintf(os.Stderr, "e2e: the lab is not reachable with %s (%v: %s)\nrun test/lab/e2e.sh, or test/lab/lab.sh up && test/lab/install.sh first\n", kubeconfig, err, out)
+		os.Exit(1)
+	}
+	readMeshEnv(filepath.Join(filepath.Dir(kubeconfig), "state/mesh.env"))
+	os.Exit(m.Run())
+}
+
+// readMeshEnv loads install.sh's report of which components are available.
+func readMeshEnv(path string) {
+	f, err := os.Open(path)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		k, v, ok := strings.Cut(sc.Text(), "=")
+		if ok {
+			mesh[k] = strings.Trim(v, `"`)
+		}
+	}
+}
+
+// requireComponents skips (or, with E2E_REQUIRE_MESH=1, fails) a scenario
+// whose components are not available yet, always naming the reason.
+func requireComponents(t *testing.T, keys ...string) {
+	t.Helper()
+	for _, k := range keys {
+		state, ok := mesh[k]
+		if !ok {
+			state = "not installed (install.sh did not get that far)"
+		}
+		if state == "ready" {
+			continue
+		}
+		msg := fmt.Sprintf("%s not available yet: %s", strings.ToLower(strings.ReplaceAll(k, "_", " ")), state)
+		if os.Getenv("E2E_REQUIRE_MESH") != "" {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+}
+
+func requireMesh(t *testing.T) { t.Helper(); requireComponents(t, "OPERATOR", "ZTUNNEL", "NODE_AGENT") }
+
+func kubectl(args ...string) (string, error) {
+	return kubectlIn("", args...)
+}
+
+func kubectlIn(stdin string, args ...string) (string, error) {
+	cmd := exec.Command("kubectl", append([]string{"--kubeconfig", kubeconfig}, args...)...)
+	if stdin != "" {
+		cmd.Stdin = strings.NewReader(stdin)
+	}
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err := cmd.Run()
+	return out.String(), err
+}
+
+func mustKubectl(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := kubectl(args...)
+	if err != nil {
+		t.Fatalf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+func apply(t *testing.T, ns, yaml string) {
+	t.Helper()
+	args := []string{"apply", "-f", "-"}
+	if ns != "" {
+		args = append(args, "-n", ns)
+	}
+	if out, err := kubectlIn(yaml, args...); err != nil {
+		t.Fatalf("kubectl apply: %v\n%s", err, out)
+	}
+}
+
+func applyFile(t *testing.T, ns, rel string) {
+	t.Helper()
+	mustKubectl(t, "apply", "-n", ns, "-f", filepath.Join(repoRoot, rel))
+}
+
+// curl runs the lab's curl inside a pod ("deploy/x" or a pod name) and
+// returns its output and exit code (curl's codes: 56 = reset, 7 = refused...).
+func curl(t *testing.T, ns, target string, args ...string) (string, int) {
+	t.Helper()
+	full := append([]string{"exec", "-n", ns, target, "--", "curl", "-s", "-m", reqTime}, args...)
+	out, err := kubectl(full...)
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return out, ee.ExitCode()
+	}
+	if err != nil {
+		t.Fatalf("kubectl exec: %v", err)
+	}
+	return out, 0
+}
+
+// eventually retries fn until it succeeds or the timeout passes.
+func eventually(t *testing.T, timeout time.Duration, what string, fn func() error) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	var err error
+	for {
+		if err = fn(); err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: still failing after %s: %v", what, timeout, err)
+		}
+		time.Sleep(time.Second)
+	}
+}
+
+// podFingerprint is "uid:restarts" of every pod of a namespace, sorted: equal
+// fingerprints mean no pod was replaced or restarted.
+func podFingerprint(t *testing.T, ns string) string {
+	t.Helper()
+	return mustKubectl(t, "get", "pods", "-n", ns, "--sort-by=.metadata.name", "-o",
+		`jsonpath={range .items[*]}{.metadata.name}:{.metadata.uid}:{.status.containerStatuses[0].restartCount}{"\n"}{end}`)
+}
+
+func capturedCount(t *testing.T, ns string) int {
+	t.Helper()
+	out := mustKubectl(t, "get", "pods", "-n", ns, "-o",
+		`jsonpath={range .items[*]}{.metadata.annotations.ambient\.istio\.io/redirection}{"\n"}{end}`)
+	return strings.Count(out, "enabled")
+}
+
+func podCount(t *testing.T, ns string) int {
+	t.Helper()
+	return len(strings.Fields(mustKubectl(t, "get", "pods", "-n", ns, "-o", "name")))
+}
+
+func waitAvailable(t *testing.T, ns string) {
+	t.Helper()
+	mustKubectl(t, "wait", "-n", ns, "--for=condition=available", "deploy", "--all", "--timeout=120s")
+}
+
+func recreateNamespace(t *testing.T, ns string, labels ...string) {
+	t.Helper()
+	kubectl("delete", "ns", ns, "--ignore-not-found", "--wait=true", "--timeout=120s")
+	mustKubectl(t, "create", "ns", ns)
+	if len(labels) > 0 {
+		mustKubectl(t, append([]string{"label", "ns", ns, "--overwrite"}, labels...)...)
+	}
+}
+
+func ztunnelLogs(t *testing.T) string {
+	t.Helper()
+	out, _ := kubectl("logs", "-n", meshNS, "-l", "app=ztunnel", "--tail=2000", "--prefix")
+	return out
+}
