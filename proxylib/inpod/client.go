@@ -152,14 +152,14 @@ type Syncer struct {
 
 	mu      sync.Mutex
 	pods    map[string]Pod
-	conn    *Conn         // nil while disconnected
+	refused map[string]bool // pods ztunnel refused (e.g. no certificate yet): retried
+	conn    *Conn           // nil while disconnected
 	synced  chan struct{} // closed after the current connection's snapshot
-	changed chan struct{}
 }
 
 // NewSyncer returns a syncer for ztunnel's socket path.
 func NewSyncer(path string, log logr.Logger) *Syncer {
-	return &Syncer{path: path, log: log, pods: map[string]Pod{}, synced: make(chan struct{}), changed: make(chan struct{}, 1)}
+	return &Syncer{path: path, log: log, pods: map[string]Pod{}, refused: map[string]bool{}, synced: make(chan struct{})}
 }
 
 // ErrNotConnected means ztunnel is not connected; the change is recorded
@@ -175,7 +175,44 @@ func (s *Syncer) Upsert(ctx context.Context, p Pod) error {
 	if conn == nil {
 		return ErrNotConnected
 	}
-	return sendAdd(ctx, conn, p)
+	err := sendAdd(ctx, conn, p)
+	s.noteRefusal(p.UID, err)
+	return err
+}
+
+// noteRefusal remembers pods ztunnel refused so Run retries them.
+func (s *Syncer) noteRefusal(uid string, err error) {
+	var ack *AckError
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if errors.As(err, &ack) {
+		s.refused[uid] = true
+	} else if err == nil {
+		delete(s.refused, uid)
+	}
+}
+
+// retryRefused re-sends pods ztunnel refused earlier.
+func (s *Syncer) retryRefused(ctx context.Context, conn *Conn) {
+	s.mu.Lock()
+	var retry []Pod
+	for uid := range s.refused {
+		if p, ok := s.pods[uid]; ok {
+			retry = append(retry, p)
+		} else {
+			delete(s.refused, uid)
+		}
+	}
+	s.mu.Unlock()
+	for _, p := range retry {
+		err := sendAdd(ctx, conn, p)
+		if err != nil {
+			s.log.Error(err, "ztunnel still refuses pod", "uid", p.UID, "pod", p.Info)
+		} else {
+			s.log.Info("ztunnel accepted previously refused pod", "uid", p.UID, "pod", p.Info)
+		}
+		s.noteRefusal(p.UID, err)
+	}
 }
 
 // Remove forgets a pod and tells ztunnel if connected. Not being
@@ -183,6 +220,7 @@ func (s *Syncer) Upsert(ctx context.Context, p Pod) error {
 func (s *Syncer) Remove(ctx context.Context, uid string) error {
 	s.mu.Lock()
 	delete(s.pods, uid)
+	delete(s.refused, uid)
 	conn := s.conn
 	s.mu.Unlock()
 	if conn == nil {
@@ -230,16 +268,29 @@ func (s *Syncer) Run(ctx context.Context) {
 			conn.Close()
 			continue
 		}
-		select {
-		case <-ctx.Done():
-		case <-conn.Done():
-			s.log.Info("ztunnel connection lost; will reconnect and resend all pods")
-		}
+		s.waitConnected(ctx, conn)
 		s.mu.Lock()
 		s.conn = nil
 		s.synced = make(chan struct{})
 		s.mu.Unlock()
 		conn.Close()
+	}
+}
+
+// waitConnected retries refused pods until the connection ends.
+func (s *Syncer) waitConnected(ctx context.Context, conn *Conn) {
+	retry := time.NewTicker(2 * time.Second)
+	defer retry.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-conn.Done():
+			s.log.Info("ztunnel connection lost; will reconnect and resend all pods")
+			return
+		case <-retry.C:
+			s.retryRefused(ctx, conn)
+		}
 	}
 }
 
@@ -255,9 +306,12 @@ func (s *Syncer) snapshot(ctx context.Context, conn *Conn) error {
 			if !errors.As(err, &ack) {
 				return err
 			}
-			// ztunnel refused this pod (e.g. its namespace is gone): report
-			// and continue; the pod stays desired and is retried next time.
+			// ztunnel refused this pod (e.g. no certificate yet): report and
+			// continue; it stays desired and is retried while connected.
 			s.log.Error(err, "ztunnel refused pod in snapshot", "uid", uid, "pod", p.Info)
+			s.refused[uid] = true
+		} else {
+			delete(s.refused, uid)
 		}
 	}
 	if err := conn.SnapshotSent(ctx); err != nil {

@@ -329,3 +329,43 @@ func TestUpsertWhileDisconnectedIsQueued(t *testing.T) {
 		t.Fatalf("queued pod not delivered on connect: %v", u)
 	}
 }
+
+// flaky refuses a workload until allowed (like a ztunnel without its
+// certificate yet).
+type flaky struct {
+	*proxy
+	mu    sync.Mutex
+	allow bool
+}
+
+func (f *flaky) AddWorkload(uid string, info inpod.WorkloadInfo, ns *os.File) error {
+	f.mu.Lock()
+	ok := f.allow
+	f.mu.Unlock()
+	if !ok {
+		return errors.New("no certificate yet")
+	}
+	return f.proxy.AddWorkload(uid, info, ns)
+}
+
+func TestRefusedPodIsRetried(t *testing.T) {
+	lab := netns.New(t)
+	pod := lab.NewNS("pod")
+	sock := filepath.Join(t.TempDir(), "z.sock")
+	z := &flaky{proxy: newProxy()}
+	startServer(t, sock, z)
+	agent := inpod.NewSyncer(sock, testr.New(t))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go agent.Run(ctx)
+	<-agent.Synced()
+	err := agent.Upsert(ctx, inpod.Pod{UID: "u", Info: inpod.WorkloadInfo{Name: "p", Namespace: "ns"}, NetnsPath: pod.Path()})
+	var ack *inpod.AckError
+	if !errors.As(err, &ack) {
+		t.Fatalf("Upsert to a refusing ztunnel: %v, want AckError", err)
+	}
+	z.mu.Lock()
+	z.allow = true
+	z.mu.Unlock()
+	waitFor(t, "the refused pod to be retried", func() bool { u, _, _ := z.state(); return len(u) == 1 })
+}
