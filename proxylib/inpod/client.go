@@ -154,7 +154,7 @@ type Syncer struct {
 	pods    map[string]Pod
 	refused map[string]bool // pods ztunnel refused (e.g. no certificate yet): retried
 	conn    *Conn           // nil while disconnected
-	synced  chan struct{} // closed after the current connection's snapshot
+	synced  chan struct{}   // closed after the current connection's snapshot
 }
 
 // NewSyncer returns a syncer for ztunnel's socket path.
