@@ -275,6 +275,11 @@ func (s *Store) rotate(e *entry) {
 		case <-e.stop:
 			return
 		}
+		select { // both may be ready; stopping wins
+		case <-e.stop:
+			return
+		default:
+		}
 		e.mu.Lock()
 		e.inflight = make(chan struct{})
 		e.mu.Unlock()

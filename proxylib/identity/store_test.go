@@ -267,3 +267,29 @@ func TestStaticSource(t *testing.T) {
 		t.Fatal("trust domain or roots missing")
 	}
 }
+
+func TestStorePrefetchForgetStatus(t *testing.T) {
+	f := newFixture(t)
+	if err := f.store.Prefetch(f.id); err != nil {
+		t.Fatal(err)
+	}
+	f.asleep(t, 1)
+	st := f.store.Status()
+	if len(st) != 1 || st[0].Identity != f.id || st[0].Serial == "" || st[0].Attempts != 1 || st[0].LastError != "" {
+		t.Fatalf("Status = %+v", st)
+	}
+	f.store.Forget(f.id)
+	eventually(t, "rotation loop to stop", func() bool { return f.clock.Waiters() == 0 || len(f.store.Status()) == 0 })
+	if len(f.store.Status()) != 0 {
+		t.Fatal("forgotten identity still listed")
+	}
+	// Forgotten means no more rotation: advancing past half life asks nothing.
+	f.clock.Advance(13 * time.Hour)
+	if f.client.Calls() != 1 {
+		t.Fatalf("CA called %d times after Forget, want 1", f.client.Calls())
+	}
+	f.store.Close()
+	if _, err := f.store.Certificate(context.Background(), f.id); !errors.Is(err, identity.ErrStoreClosed) {
+		t.Fatalf("after Close: err = %v, want ErrStoreClosed", err)
+	}
+}

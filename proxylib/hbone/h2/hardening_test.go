@@ -538,6 +538,23 @@ func TestSlowlorisClosedByDeadlines(t *testing.T) {
 	})
 }
 
+// A peer that stalls mid-frame after its first request is caught by the
+// PING deadline: it cannot answer a PING in the middle of a frame.
+func TestStalledMidFrameClosedByPing(t *testing.T) {
+	e := newEnv(t, withLimits(h2.Limits{PingInterval: 200 * time.Millisecond, PingTimeout: 200 * time.Millisecond}))
+	rc := e.rawConn(t)
+	rc.writeHeaders(1, false, ":method", "CONNECT", ":authority", e.echo.Addr.String())
+	if got := rc.status(1); got != http.StatusOK {
+		t.Fatalf("first request: status %d", got)
+	}
+	var frame bytes.Buffer
+	http2.NewFramer(&frame, nil).WriteHeaders(http2.HeadersFrameParam{StreamID: 3, BlockFragment: rc.headerBlock(":method", "CONNECT", ":authority", e.echo.Addr.String()), EndHeaders: true})
+	rc.conn.Write(frame.Bytes()[:5]) // half a frame header, then nothing
+	if !rc.closed(10 * time.Second) {
+		t.Fatal("connection stalled mid-frame was not closed")
+	}
+}
+
 func (*rawConn) closedPlain(c net.Conn, within time.Duration) bool {
 	c.SetReadDeadline(time.Now().Add(within))
 	buf := make([]byte, 4096)
