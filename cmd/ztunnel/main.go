@@ -28,6 +28,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/ambientmesh/ambient/proxylib/admin"
+	"github.com/ambientmesh/ambient/proxylib/ca"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/identity"
@@ -103,7 +104,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
-	roots, err := loadRoots(o.rootCertPath)
+	roots, rootCerts, err := loadRoots(o.rootCertPath)
 	if err != nil {
 		return err
 	}
@@ -111,11 +112,11 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 		b, err := os.ReadFile(o.tokenPath)
 		return strings.TrimSpace(string(b)), err
 	}
-	ca, err := newCAClient(o.caAddr, &tls.Config{RootCAs: roots, ServerName: o.caServerName, MinVersion: tls.VersionTLS13}, token)
+	caClient, err := newCAClient(o.caAddr, &tls.Config{RootCAs: roots, ServerName: o.caServerName, MinVersion: tls.VersionTLS13}, token)
 	if err != nil {
 		return err
 	}
-	store, err := identity.NewStore(identity.StoreConfig{Client: ca, TrustDomain: o.trustDomain, Roots: roots, Log: log.WithName("certs")})
+	store, err := identity.NewStore(identity.StoreConfig{Client: caClient, TrustDomain: o.trustDomain, Roots: roots, Log: log.WithName("certs")})
 	if err != nil {
 		return err
 	}
@@ -147,7 +148,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 		}
 	}()
 
-	serve(log, o.adminAddr, admin.Handler(admin.Config{State: state, Certificates: store.Status,
+	serve(log, o.adminAddr, admin.Handler(admin.Config{State: state, Certificates: store.Status, Roots: rootCerts,
 		SetLogLevel: func(l string) error { return level.UnmarshalText([]byte(l)) }}))
 	serve(log, o.metricsAddr, admin.MetricsHandler(reg))
 	serve(log, o.readyAddr, admin.ReadinessHandler(func() bool { return p.Ready() && p.SnapshotReceived() }))
@@ -204,14 +205,18 @@ func serve(log logr.Logger, addr string, h http.Handler) {
 	go srv.Serve(ln)
 }
 
-func loadRoots(path string) (*x509.CertPool, error) {
+func loadRoots(path string) (*x509.CertPool, []*x509.Certificate, error) {
 	pem, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("trust bundle: %w", err)
+		return nil, nil, fmt.Errorf("trust bundle: %w", err)
+	}
+	certs, err := ca.ParseCerts(pem)
+	if err != nil || len(certs) == 0 {
+		return nil, nil, fmt.Errorf("trust bundle %s has no certificate: %v", path, err)
 	}
 	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("trust bundle %s has no certificate", path)
+	for _, c := range certs {
+		pool.AddCert(c)
 	}
-	return pool, nil
+	return pool, certs, nil
 }

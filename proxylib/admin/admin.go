@@ -5,6 +5,7 @@
 package admin
 
 import (
+	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -81,7 +82,10 @@ type Config struct {
 	Certificates func() []identity.CertificateStatus
 	// SetLogLevel changes the log level ("debug", "info", "error", ...).
 	SetLogLevel func(level string) error
-	Now         func() time.Time
+	// Roots are the trust roots, listed as "CA" entries after each
+	// identity's certificate chain.
+	Roots []*x509.Certificate
+	Now   func() time.Time
 }
 
 // Handler serves the admin endpoints.
@@ -171,6 +175,11 @@ func Dump(cfg Config) ConfigDump {
 				cert.State = "Pending"
 			}
 			d.Certificates = append(d.Certificates, cert)
+			for _, r := range cfg.Roots {
+				d.Certificates = append(d.Certificates, Certificate{Identity: cert.Identity, Type: "CA", State: "Available",
+					Valid: !now.Before(r.NotBefore) && now.Before(r.NotAfter), Serial: r.SerialNumber.Text(16),
+					NotBefore: r.NotBefore.UTC().Format(time.RFC3339), NotAfter: r.NotAfter.UTC().Format(time.RFC3339)})
+			}
 		}
 	}
 	return d

@@ -1,7 +1,9 @@
 package admin
 
 import (
+	"crypto/x509"
 	"encoding/json"
+	"math/big"
 	"net/http"
 	"net/http/httptest"
 	"testing"
@@ -42,7 +44,8 @@ func TestConfigDump(t *testing.T) {
 	now := time.Date(2026, 11, 22, 5, 0, 0, 0, time.UTC)
 	id := identity.MustParse("spiffe://cluster.local/ns/ambient-demo/sa/httpbin")
 	pending := identity.MustParse("spiffe://cluster.local/ns/ambient-demo/sa/sleep")
-	h := Handler(Config{State: s, Now: func() time.Time { return now }, Certificates: func() []identity.CertificateStatus {
+	root := &x509.Certificate{SerialNumber: big.NewInt(0x3b9d), NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour)}
+	h := Handler(Config{State: s, Roots: []*x509.Certificate{root}, Now: func() time.Time { return now }, Certificates: func() []identity.CertificateStatus {
 		return []identity.CertificateStatus{{Identity: id, Serial: "ec30", NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour)}, {Identity: pending}}
 	}})
 	rec := httptest.NewRecorder()
@@ -68,7 +71,10 @@ func TestConfigDump(t *testing.T) {
 	if c := d.Certificates[0]; c.State != "Available" || !c.Valid || c.Type != "Cert Chain" || c.NotAfter != "2026-11-22T06:00:00Z" {
 		t.Errorf("certificate = %+v", c)
 	}
-	if c := d.Certificates[1]; c.State != "Pending" || c.Valid {
+	if c := d.Certificates[1]; c.Type != "CA" || c.Serial != "3b9d" || !c.Valid || c.Identity != id.String() {
+		t.Errorf("root entry = %+v", c)
+	}
+	if c := d.Certificates[2]; c.State != "Pending" || c.Valid {
 		t.Errorf("pending certificate = %+v", c)
 	}
 }
