@@ -15,6 +15,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"runtime/pprof"
 	"sort"
 	"strconv"
 	"strings"
@@ -115,6 +116,14 @@ func runChild(path string) error {
 		return err
 	}
 	go hs.Serve(ln)
+	if prof := os.Getenv("WAYPOINT_CPUPROFILE"); prof != "" {
+		pf, err := os.Create(prof)
+		if err != nil {
+			return err
+		}
+		pprof.StartCPUProfile(pf)
+		defer func() { pprof.StopCPUProfile(); pf.Close() }()
+	}
 	fmt.Println("READY")
 	io.Copy(io.Discard, os.Stdin) // until the parent closes stdin
 	return nil
@@ -155,7 +164,17 @@ func (m *mesh) startChildWaypoint(t *testing.T, wp *pod, name string, state *dis
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { stdin.Close(); cmd.Process.Kill(); cmd.Wait() })
+	t.Cleanup(func() {
+		stdin.Close()
+		done := make(chan struct{})
+		go func() { cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+	})
 	line, err := bufio.NewReader(stdout).ReadString('\n')
 	if err != nil || strings.TrimSpace(line) != "READY" {
 		t.Fatalf("child waypoint: %q %v", line, err)
