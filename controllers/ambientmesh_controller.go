@@ -81,14 +81,14 @@ func (r *AmbientMeshReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 		msg := fmt.Sprintf("AmbientMesh %q already defines the mesh; there is one mesh per cluster: delete %q or edit %q", older, mesh.Name, older)
 		st.set(meshv1.ConditionReady, false, meshv1.ReasonConflict, msg)
 		st.set(meshv1.ConditionReconciled, false, meshv1.ReasonConflict, msg)
-		return ctrl.Result{RequeueAfter: retryDelay(mesh.Status.Conditions, meshv1.ReasonConflict, r.RetryInterval, r.now())}, r.writeStatus(ctx, mesh, st)
+		return ctrl.Result{RequeueAfter: retryDelay(mesh.Status.Conditions, meshv1.ConditionReady, meshv1.ReasonConflict, r.RetryInterval, r.now())}, r.writeStatus(ctx, mesh, st)
 	}
 	result, err := r.reconcileMesh(ctx, mesh, st)
 	if err != nil {
 		if reason, userFixable := caReason(err); userFixable {
 			st.set(meshv1.ConditionCAReady, false, reason, err.Error())
 			st.set(meshv1.ConditionReconciled, false, reason, err.Error())
-			result, err = ctrl.Result{RequeueAfter: retryDelay(mesh.Status.Conditions, reason, r.RetryInterval, r.now())}, nil
+			result, err = ctrl.Result{RequeueAfter: retryDelay(mesh.Status.Conditions, meshv1.ConditionReady, reason, r.RetryInterval, r.now())}, nil
 		} else {
 			st.set(meshv1.ConditionReconciled, false, meshv1.ReasonReconcileError, err.Error())
 		}

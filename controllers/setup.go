@@ -5,10 +5,13 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 )
 
 // CacheOptions narrows the manager's informers to what the operator owns
@@ -53,8 +56,30 @@ func Setup(mgr ctrl.Manager, o Options) error {
 	if err := waypoints.SetupWithManager(mgr); err != nil {
 		return err
 	}
+	if err := setupGatewayWaypoints(mgr, o); err != nil {
+		return err
+	}
 	if o.EnableWebhooks {
 		return SetupWebhooks(mgr)
 	}
 	return nil
+}
+
+// setupGatewayWaypoints registers the Gateway waypoint controller when the
+// cluster serves Gateway API v1 Gateways (restart the operator after
+// installing the Gateway API CRDs).
+func setupGatewayWaypoints(mgr ctrl.Manager, o Options) error {
+	gk := schema.GroupKind{Group: gwv1.GroupName, Kind: "Gateway"}
+	if _, err := mgr.GetRESTMapper().RESTMapping(gk, gwv1.GroupVersion.Version); err != nil {
+		if meta.IsNoMatchError(err) {
+			mgr.GetLogger().Info("Gateway API not installed: waypoint Gateways (class istio-waypoint) are not served")
+			return nil
+		}
+		return err
+	}
+	if err := gwv1.Install(mgr.GetScheme()); err != nil {
+		return err
+	}
+	r := &GatewayWaypointReconciler{Client: mgr.GetClient(), Defaults: o.Defaults, RetryInterval: o.RetryInterval}
+	return r.SetupWithManager(mgr)
 }

@@ -4,7 +4,9 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -21,6 +23,7 @@ import (
 	logf "sigs.k8s.io/controller-runtime/pkg/log"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/controller-runtime/pkg/webhook"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 )
@@ -65,9 +68,12 @@ func runSuite(m *testing.M) int {
 	logf.SetLogger(zapr.NewLogger(zl))
 	must(clientgoscheme.AddToScheme(testScheme))
 	must(meshv1.AddToScheme(testScheme))
+	must(gwv1.Install(testScheme))
 
+	gatewayCRDs, err := gatewayAPICRDs()
+	must(err)
 	env := &envtest.Environment{
-		CRDDirectoryPaths:     []string{filepath.Join("..", "config", "crd", "bases")},
+		CRDDirectoryPaths:     []string{filepath.Join("..", "config", "crd", "bases"), gatewayCRDs},
 		ErrorIfCRDPathMissing: true,
 		WebhookInstallOptions: envtest.WebhookInstallOptions{Paths: []string{filepath.Join("..", "config", "webhook", "manifests.yaml")}},
 	}
@@ -101,6 +107,16 @@ func runSuite(m *testing.M) int {
 		panic("cache did not sync")
 	}
 	return m.Run()
+}
+
+// gatewayAPICRDs is the standard-channel CRD directory of the Gateway API
+// module in go.mod (so the Gateway waypoint path runs against real CRDs).
+func gatewayAPICRDs() (string, error) {
+	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/gateway-api").Output()
+	if err != nil {
+		return "", fmt.Errorf("locating the gateway-api module: %w", err)
+	}
+	return filepath.Join(strings.TrimSpace(string(out)), "config", "crd", "standard"), nil
 }
 
 func must(err error) {

@@ -3,6 +3,7 @@ package controllers
 import (
 	"context"
 	"fmt"
+	"strings"
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
@@ -81,7 +82,7 @@ func (r *WaypointPolicyReconciler) reconcile(ctx context.Context, wp *meshv1.Way
 	w := WaypointFromPolicy(wp, mesh, r.Defaults)
 	sa, dep, svc := DesiredWaypoint(w, mesh)
 	for _, obj := range []client.Object{sa, dep, svc} {
-		if taken, err := r.nameTaken(ctx, obj, wp); err != nil {
+		if taken, err := nameTaken(ctx, r.Client, obj, wp); err != nil {
 			return ctrl.Result{}, err
 		} else if taken != "" {
 			st.set(meshv1.ConditionReconciled, false, meshv1.ReasonConflict, taken)
@@ -96,22 +97,24 @@ func (r *WaypointPolicyReconciler) reconcile(ctx context.Context, wp *meshv1.Way
 	return ctrl.Result{}, r.observe(ctx, wp, st)
 }
 
-// nameTaken refuses to take over an object of the same name that this
-// policy does not control (a user's own Service "waypoint", say).
-func (r *WaypointPolicyReconciler) nameTaken(ctx context.Context, want client.Object, wp *meshv1.WaypointPolicy) (string, error) {
+// nameTaken refuses to take over an object of the same name that owner
+// does not control (a user's own Service "waypoint", or another waypoint).
+func nameTaken(ctx context.Context, c client.Reader, want client.Object, owner client.Object) (string, error) {
 	have := want.DeepCopyObject().(client.Object)
-	err := r.Client.Get(ctx, client.ObjectKeyFromObject(want), have)
+	err := c.Get(ctx, client.ObjectKeyFromObject(want), have)
 	if apierrors.IsNotFound(err) {
 		return "", nil
 	}
 	if err != nil {
 		return "", err
 	}
-	if metav1.IsControlledBy(have, wp) {
+	if metav1.IsControlledBy(have, owner) {
 		return "", nil
 	}
-	return fmt.Sprintf("%T %s/%s exists and is not managed by this WaypointPolicy; rename the WaypointPolicy or delete that object",
-		have, have.GetNamespace(), have.GetName()), nil
+	kind := fmt.Sprintf("%T", owner)
+	kind = kind[strings.LastIndex(kind, ".")+1:]
+	return fmt.Sprintf("%T %s/%s exists and is not managed by this %s; rename the %s or delete that object",
+		have, have.GetNamespace(), have.GetName(), kind, kind), nil
 }
 
 // olderConflict returns an older waypoint serving the same scope (the
@@ -177,11 +180,12 @@ func ptr32(p *int32) int32 {
 // reason: RetryInterval at first, then about the time already spent, up to
 // five minutes. Stateless, so it survives restarts.
 func (r *WaypointPolicyReconciler) backoff(wp *meshv1.WaypointPolicy, reason string) time.Duration {
-	return retryDelay(wp.Status.Conditions, reason, r.RetryInterval, r.now())
+	return retryDelay(wp.Status.Conditions, meshv1.ConditionReady, reason, r.RetryInterval, r.now())
 }
 
-func retryDelay(conds []metav1.Condition, reason string, base time.Duration, now time.Time) time.Duration {
-	c := meta.FindStatusCondition(conds, meshv1.ConditionReady)
+// retryDelay: base at first, then about as long as condType has had reason.
+func retryDelay(conds []metav1.Condition, condType, reason string, base time.Duration, now time.Time) time.Duration {
+	c := meta.FindStatusCondition(conds, condType)
 	if c == nil || c.Reason != reason {
 		return base
 	}

@@ -1,0 +1,170 @@
+package controllers
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/utils/ptr"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+)
+
+// GatewayWaypointReconciler deploys waypoints declared the Istio way: a
+// Gateway API Gateway with gatewayClassName istio-waypoint (and optionally
+// istio.io/for-service-account). It produces exactly the objects a
+// WaypointPolicy would (DesiredWaypoint) and reports Accepted/Programmed
+// and the address in the Gateway's status. Registered only when the
+// Gateway API CRDs are installed.
+type GatewayWaypointReconciler struct {
+	Client        client.Client
+	Defaults      Defaults
+	RetryInterval time.Duration
+	Now           func() time.Time
+}
+
+// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=gateways,verbs=get;list;watch
+// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=gateways/status,verbs=get;update;patch
+
+// Reconcile brings one waypoint Gateway to its desired state.
+func (r *GatewayWaypointReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
+	gw := &gwv1.Gateway{}
+	if err := r.Client.Get(ctx, req.NamespacedName, gw); err != nil {
+		return ctrl.Result{}, client.IgnoreNotFound(err)
+	}
+	if gw.Spec.GatewayClassName != WaypointGatewayClass || !gw.DeletionTimestamp.IsZero() {
+		return ctrl.Result{}, nil
+	}
+	status := gw.Status.DeepCopy()
+	result, err := r.reconcile(ctx, gw, status)
+	if err != nil {
+		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionProgrammed, false, string(gwv1.GatewayReasonPending), err.Error())
+	}
+	if !equality.Semantic.DeepEqual(&gw.Status, status) {
+		patch := client.MergeFrom(gw.DeepCopy())
+		gw.Status = *status
+		if serr := r.Client.Status().Patch(ctx, gw, patch); serr != nil && err == nil {
+			err = serr
+		}
+	}
+	return result, err
+}
+
+func (r *GatewayWaypointReconciler) reconcile(ctx context.Context, gw *gwv1.Gateway, status *gwv1.GatewayStatus) (ctrl.Result, error) {
+	mesh, err := activeMesh(ctx, r.Client)
+	if err != nil {
+		return ctrl.Result{}, err
+	}
+	retry := func(reason string) ctrl.Result {
+		return ctrl.Result{RequeueAfter: retryDelay(status.Conditions, string(gwv1.GatewayConditionAccepted), reason, r.RetryInterval, r.now())}
+	}
+	if mesh == nil {
+		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonPending), "no AmbientMesh exists; create one and the waypoint will be deployed")
+		return retry(string(gwv1.GatewayReasonPending)), nil
+	}
+	w, err := WaypointFromGateway(gw, mesh, r.Defaults)
+	if err != nil {
+		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonInvalid), err.Error())
+		return ctrl.Result{}, nil // fixed only by editing the Gateway, which requeues
+	}
+	sa, dep, svc := DesiredWaypoint(w, mesh)
+	for _, obj := range []client.Object{sa, dep, svc} {
+		if taken, err := nameTaken(ctx, r.Client, obj, gw); err != nil {
+			return ctrl.Result{}, err
+		} else if taken != "" {
+			setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonInvalid), taken)
+			return retry(string(gwv1.GatewayReasonInvalid)), nil
+		}
+		if err := apply(ctx, r.Client, obj); err != nil {
+			return ctrl.Result{}, err
+		}
+	}
+	setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, true, string(gwv1.GatewayReasonAccepted), "waypoint objects applied")
+	return ctrl.Result{}, r.observe(ctx, gw, status)
+}
+
+func (r *GatewayWaypointReconciler) observe(ctx context.Context, gw *gwv1.Gateway, status *gwv1.GatewayStatus) error {
+	dep := &appsv1.Deployment{}
+	svc := &corev1.Service{}
+	key := client.ObjectKey{Namespace: gw.Namespace, Name: gw.Name}
+	if err := r.Client.Get(ctx, key, dep); err != nil {
+		return client.IgnoreNotFound(err)
+	}
+	if err := r.Client.Get(ctx, key, svc); err != nil {
+		return client.IgnoreNotFound(err)
+	}
+	status.Addresses = nil
+	if ip := svc.Spec.ClusterIP; ip != "" && ip != corev1.ClusterIPNone {
+		status.Addresses = append(status.Addresses, gwv1.GatewayStatusAddress{Type: ptr.To(gwv1.IPAddressType), Value: ip})
+	}
+	want := ptr.Deref(dep.Spec.Replicas, 1)
+	s := dep.Status
+	if s.ObservedGeneration >= dep.Generation && want > 0 && s.ReadyReplicas >= want && s.UpdatedReplicas >= want {
+		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionProgrammed, true, string(gwv1.GatewayReasonProgrammed), fmt.Sprintf("%d/%d replicas ready", s.ReadyReplicas, want))
+	} else {
+		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionProgrammed, false, string(gwv1.GatewayReasonPending), fmt.Sprintf("%d/%d replicas ready", s.ReadyReplicas, want))
+	}
+	return nil
+}
+
+func setGatewayCondition(status *gwv1.GatewayStatus, gen int64, t gwv1.GatewayConditionType, ok bool, reason, msg string) {
+	s := metav1.ConditionFalse
+	if ok {
+		s = metav1.ConditionTrue
+	}
+	meta.SetStatusCondition(&status.Conditions, metav1.Condition{Type: string(t), Status: s, Reason: reason, Message: msg, ObservedGeneration: gen})
+}
+
+func (r *GatewayWaypointReconciler) now() time.Time {
+	if r.Now != nil {
+		return r.Now()
+	}
+	return time.Now()
+}
+
+func isWaypointGateway(obj client.Object) bool {
+	gw, ok := obj.(*gwv1.Gateway)
+	return ok && gw.Spec.GatewayClassName == WaypointGatewayClass
+}
+
+// SetupWithManager watches waypoint Gateways, their children and the mesh.
+func (r *GatewayWaypointReconciler) SetupWithManager(mgr ctrl.Manager) error {
+	if r.RetryInterval == 0 {
+		r.RetryInterval = 30 * time.Second
+	}
+	return ctrl.NewControllerManagedBy(mgr).
+		Named("waypointgateway").
+		For(&gwv1.Gateway{}, builder.WithPredicates(predicate.NewPredicateFuncs(isWaypointGateway), predicate.GenerationChangedPredicate{})).
+		Owns(&appsv1.Deployment{}).
+		Owns(&corev1.Service{}).
+		Owns(&corev1.ServiceAccount{}).
+		Watches(&meshv1.AmbientMesh{}, handler.EnqueueRequestsFromMapFunc(r.allWaypointGateways)).
+		Complete(r)
+}
+
+func (r *GatewayWaypointReconciler) allWaypointGateways(ctx context.Context, _ client.Object) []reconcile.Request {
+	list := &gwv1.GatewayList{}
+	if err := r.Client.List(ctx, list); err != nil {
+		return nil
+	}
+	var reqs []reconcile.Request
+	for i := range list.Items {
+		if isWaypointGateway(&list.Items[i]) {
+			reqs = append(reqs, reconcile.Request{NamespacedName: types.NamespacedName{Namespace: list.Items[i].Namespace, Name: list.Items[i].Name}})
+		}
+	}
+	return reqs
+}
