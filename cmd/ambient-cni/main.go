@@ -53,7 +53,7 @@ func main() {
 func runAgent(args []string) error {
 	fs := flag.NewFlagSet("node-agent", flag.ExitOnError)
 	o := agent.Options{Redirect: redirect.DefaultConfig()}
-	var excluded, backend, logLevel, healthPort string
+	var excluded, backend, logLevel, healthPort, healthAddr string
 	fs.StringVar(&o.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (spec.nodeName of its pods)")
 	fs.StringVar(&o.Selection.MeshNamespace, "mesh-namespace", envOr("MESH_NAMESPACE", envOr("POD_NAMESPACE", "ambient-system")), "namespace of the mesh itself (never captured)")
 	fs.StringVar(&excluded, "excluded-namespaces", os.Getenv("EXCLUDED_NAMESPACES"), "comma-separated namespaces never captured")
@@ -64,7 +64,8 @@ func runAgent(args []string) error {
 	fs.StringVar(&o.CNIConfDir, "cni-conf-dir", os.Getenv("CNI_CONF_DIR"), "chain the plugin into the primary config here (empty: do not)")
 	fs.StringVar(&o.StateDir, "state-dir", envOr("STATE_DIR", "/var/run/ambient/pods"), "where sandbox records from the CNI plugin are kept")
 	fs.StringVar(&o.ProcRoot, "proc", envOr("PROC_ROOT", defaultProc()), "the host's /proc")
-	fs.StringVar(&healthPort, "health-port", envOr("HEALTH_PORT", "15022"), "port of /healthz and /readyz (empty: off)")
+	fs.StringVar(&healthPort, "health-port", envOr("HEALTH_PORT", "15022"), "port of /healthz and /readyz on all addresses (empty: off)")
+	fs.StringVar(&healthAddr, "health-addr", "", "host:port of /healthz and /readyz (overrides --health-port)")
 	fs.BoolVar(&o.ProbeSNAT, "probe-snat", envOr("PROBE_SNAT", "true") == "true", "SNAT the node's own connections to captured pods (kubelet probes) so they bypass capture")
 	fs.StringVar(&logLevel, "log-level", envOr("LOG_LEVEL", "info"), "debug, info, warn, error")
 	_ = fs.Parse(args)
@@ -73,6 +74,9 @@ func runAgent(args []string) error {
 	}
 	if healthPort != "" {
 		o.HealthAddr = ":" + healthPort
+	}
+	if healthAddr != "" {
+		o.HealthAddr = healthAddr
 	}
 	switch backend {
 	case "", "nftables":

@@ -5,12 +5,15 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -69,6 +72,9 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	code := m.Run()
+	if builtBin != "" {
+		os.RemoveAll(filepath.Dir(builtBin))
+	}
 	_ = env.Stop()
 	os.Exit(code)
 }
@@ -499,12 +505,34 @@ func runPlugin(t *testing.T, bin, command, netnsPath, ns, name string, uid types
 	return cniRun{out.String(), errb.String(), err}
 }
 
+var (
+	buildOnce sync.Once
+	builtBin  string
+	buildErr  error
+)
+
+// binary builds this command once per test run.
+func binary(t *testing.T) string {
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "amb-cni-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		builtBin = filepath.Join(dir, "ambient-cni")
+		if out, err := exec.Command("go", "build", "-o", builtBin, ".").CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("build: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return builtBin
+}
+
 func TestCNIPluginAddDel(t *testing.T) {
 	dir := t.TempDir()
-	bin := filepath.Join(dir, "ambient-cni")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("build plugin: %v\n%s", err, out)
-	}
+	bin := binary(t)
 	c := netns.NewCluster(t)
 	node := c.AddNode("n1")
 	sandbox := node.AddPod("cnipod")
@@ -630,5 +658,70 @@ func TestUninstallReleasesPodsRestartDoesNot(t *testing.T) {
 	}
 	if app.ProcessState != nil {
 		t.Fatal("uninstall restarted the pod's process")
+	}
+}
+
+// TestNodeAgentProcess runs the real binary as the DaemonSet does.
+func TestNodeAgentProcess(t *testing.T) {
+	bin := binary(t)
+	c := netns.NewCluster(t)
+	node := c.AddNode("n1")
+	podNS := node.AddPod("proc")
+	podNS.Start("sleep", "600")
+	e := newEnv(t)
+	createNamespace(t, "process", true)
+	pod := createPod(t, "process", "proc", uniqueIP(t, podNS))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	health := ln.Addr().String()
+	ln.Close()
+
+	cmd := exec.Command(bin, "node-agent", "--health-addr", health, "--proc", "/proc", "--state-dir", filepath.Join(e.dir, "pods"))
+	cmd.Env = append(os.Environ(),
+		"KUBECONFIG="+writeKubeconfig(t, e.dir), "NODE_NAME="+nodeName, "MESH_NAMESPACE=ambient-system",
+		"EXCLUDED_NAMESPACES=legacy", "REDIRECTION_BACKEND=nftables", "ZDS_SOCKET="+e.zsock,
+		"CNI_SOCKET="+e.cniSock, "PROBE_SNAT=false", "LOG_LEVEL=debug")
+	var logs strings.Builder
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-exited
+		if t.Failed() {
+			t.Logf("node agent output:\n%s", logs.String())
+		}
+	})
+	ready := func() bool {
+		resp, err := http.Get("http://" + health + "/readyz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	}
+	eventually(t, "the agent process is ready and captured the pod", func() bool {
+		return ready() && installed(t, podNS) && e.ztunnel.has(pod.UID) && annotation(t, pod) == selection.RedirectionEnabled
+	})
+	// SIGTERM while the mesh exists: exit cleanly, pods stay captured.
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-exited:
+		exited <- err
+		if err != nil {
+			t.Fatalf("agent exited with %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("agent did not exit on SIGTERM")
+	}
+	if !installed(t, podNS) {
+		t.Fatal("agent restart (SIGTERM) released the pod")
 	}
 }
