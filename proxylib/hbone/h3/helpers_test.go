@@ -125,7 +125,16 @@ type accepted struct {
 // (forcibly) when the test ends.
 func startServer(t testing.TB, certs hbone.CertSource, handler hbone.HandlerFunc) *Server {
 	t.Helper()
-	srv, err := NewServer(ServerConfig{Certs: certs, Identity: serverID, Handler: handler, Log: testLog(t)})
+	return startServerWith(t, certs, handler, nil)
+}
+
+func startServerWith(t testing.TB, certs hbone.CertSource, handler hbone.HandlerFunc, mod func(*ServerConfig)) *Server {
+	t.Helper()
+	cfg := ServerConfig{Certs: certs, Identity: serverID, Handler: handler, Log: testLog(t)}
+	if mod != nil {
+		mod(&cfg)
+	}
+	srv, err := NewServer(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -20,10 +20,11 @@ import (
 
 // Server defaults; zero fields in ServerConfig take these.
 const (
-	DefaultMaxIncomingStreams = 1000
-	DefaultHandshakeTimeout   = 5 * time.Second
-	DefaultIdleTimeout        = 60 * time.Second
-	maxHeaderBytes            = 64 << 10 // reliability case 13: header list limit near 64 KiB
+	DefaultMaxIncomingStreams    = 1000
+	DefaultHandshakeTimeout      = 5 * time.Second
+	DefaultIdleTimeout           = 60 * time.Second
+	DefaultMaxTunnelsPerIdentity = 10000
+	maxHeaderBytes               = 64 << 10 // reliability case 13: header list limit near 64 KiB
 )
 
 // ServerConfig configures an HBONE-over-HTTP/3 listener.
@@ -43,6 +44,12 @@ type ServerConfig struct {
 	HandshakeTimeout time.Duration
 	// IdleTimeout closes a QUIC connection without any traffic (keep-alives count).
 	IdleTimeout time.Duration
+	// StreamIdleTimeout resets a tunnel with no bytes in either direction for
+	// this long; 0 disables it.
+	StreamIdleTimeout time.Duration
+	// MaxTunnelsPerIdentity caps open tunnels per peer identity across all
+	// connections; more are answered 429. Default DefaultMaxTunnelsPerIdentity.
+	MaxTunnelsPerIdentity int
 }
 
 // Server accepts HBONE tunnels over HTTP/3.
@@ -54,6 +61,9 @@ type Server struct {
 	tr   *quic.Transport
 	ln   *quic.Listener
 	addr net.Addr
+
+	quotaMu sync.Mutex
+	perPeer map[identity.Identity]int
 }
 
 type connKey struct{}
@@ -72,7 +82,10 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.IdleTimeout <= 0 {
 		cfg.IdleTimeout = DefaultIdleTimeout
 	}
-	s := &Server{cfg: cfg}
+	if cfg.MaxTunnelsPerIdentity <= 0 {
+		cfg.MaxTunnelsPerIdentity = DefaultMaxTunnelsPerIdentity
+	}
+	s := &Server{cfg: cfg, perPeer: map[identity.Identity]int{}}
 	s.h3 = &http3.Server{
 		Handler:        http.HandlerFunc(s.serveHTTP),
 		MaxHeaderBytes: maxHeaderBytes,
@@ -200,8 +213,22 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		Header:   r.Header,
 		Protocol: hbone.HTTP3,
 	}
-	resp := &responder{w: w, log: log.WithValues("peer_id", peer.String(), "target", target.String()),
-		local: conn.LocalAddr(), remote: conn.RemoteAddr()}
+	log = log.WithValues("peer_id", peer.String(), "target", target.String())
+	release, ok := s.acquire(peer)
+	if !ok {
+		reject(log, w, http.StatusTooManyRequests, "tunnel quota of the peer identity exhausted")
+		return
+	}
+	// The quota is returned when the tunnel closes, or with its connection.
+	stop := context.AfterFunc(conn.Context(), release)
+	done := func() { stop(); release() }
+	resp := &responder{w: w, log: log, local: conn.LocalAddr(), remote: conn.RemoteAddr(),
+		release: done, idleTimeout: s.cfg.StreamIdleTimeout}
+	defer func() {
+		if !resp.accepted {
+			done()
+		}
+	}()
 	// The request context ends when our send side closes (quic-go ties it to
 	// the stream's write side); a half-closed tunnel must outlive that, so the
 	// handler gets the connection's context instead.
@@ -209,6 +236,26 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	if !resp.answered {
 		reject(resp.log, w, http.StatusInternalServerError, "handler answered neither Accept nor Reject")
 	}
+}
+
+// acquire takes one tunnel of peer's quota; release is idempotent.
+func (s *Server) acquire(peer identity.Identity) (release func(), ok bool) {
+	s.quotaMu.Lock()
+	defer s.quotaMu.Unlock()
+	if s.perPeer[peer] >= s.cfg.MaxTunnelsPerIdentity {
+		return nil, false
+	}
+	s.perPeer[peer]++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.quotaMu.Lock()
+			defer s.quotaMu.Unlock()
+			if s.perPeer[peer]--; s.perPeer[peer] <= 0 {
+				delete(s.perPeer, peer)
+			}
+		})
+	}, true
 }
 
 // forbidden reports a target that would loop back into this proxy.
@@ -233,7 +280,10 @@ type responder struct {
 	w             http.ResponseWriter
 	log           logr.Logger
 	local, remote net.Addr
+	release       func()
+	idleTimeout   time.Duration
 	answered      bool
+	accepted      bool
 }
 
 func (r *responder) Accept() (hbone.Stream, error) {
@@ -246,7 +296,13 @@ func (r *responder) Accept() (hbone.Stream, error) {
 	if err != nil {
 		return nil, fmt.Errorf("h3: taking over CONNECT stream: %w", err)
 	}
-	return newStream(str, r.local, r.remote, nil), nil
+	r.accepted = true
+	st := newStream(str, r.local, r.remote, r.release)
+	st.idle = newIdleTimer(r.idleTimeout, func() {
+		r.log.V(1).Info("HBONE tunnel idle, resetting", "timeout", r.idleTimeout.String())
+		st.Close()
+	})
+	return st, nil
 }
 
 func (r *responder) Reject(status int, reason string) {

@@ -40,7 +40,11 @@ type stream struct {
 	writeClosed atomic.Bool
 	readDone    atomic.Bool
 	closeOnce   sync.Once
-	onClose     func() // releases the pool's stream slot; may be nil
+	onClose     func() // releases the pool's stream slot or quota; may be nil
+
+	// idle resets the tunnel after a period without bytes in either
+	// direction; nil when disabled.
+	idle *idleTimer
 }
 
 func newStream(str quicStream, local, remote net.Addr, onClose func()) *stream {
@@ -49,13 +53,22 @@ func newStream(str quicStream, local, remote net.Addr, onClose func()) *stream {
 
 func (s *stream) Read(b []byte) (int, error) {
 	n, err := s.str.Read(b)
+	if n > 0 {
+		s.idle.touch()
+	}
 	if errors.Is(err, io.EOF) {
 		s.readDone.Store(true)
 	}
 	return n, err
 }
 
-func (s *stream) Write(b []byte) (int, error) { return s.str.Write(b) }
+func (s *stream) Write(b []byte) (int, error) {
+	n, err := s.str.Write(b)
+	if n > 0 {
+		s.idle.touch()
+	}
+	return n, err
+}
 
 // CloseWrite half-closes: the peer reads EOF, we can still read.
 func (s *stream) CloseWrite() error {
@@ -69,6 +82,7 @@ func (s *stream) CloseWrite() error {
 // which the peer observes as an error, not as EOF.
 func (s *stream) Close() error {
 	s.closeOnce.Do(func() {
+		s.idle.stop()
 		if !s.writeClosed.Swap(true) {
 			s.str.CancelWrite(errCodeReset)
 		}
@@ -87,3 +101,43 @@ func (s *stream) RemoteAddr() net.Addr               { return s.remote }
 func (s *stream) SetDeadline(t time.Time) error      { return s.str.SetDeadline(t) }
 func (s *stream) SetReadDeadline(t time.Time) error  { return s.str.SetReadDeadline(t) }
 func (s *stream) SetWriteDeadline(t time.Time) error { return s.str.SetWriteDeadline(t) }
+
+// idleTimer fires when neither direction moved a byte for timeout. Activity
+// is one atomic store; the timer re-arms itself for the remaining time.
+type idleTimer struct {
+	timeout time.Duration
+	last    atomic.Int64 // unix nanoseconds of the last byte
+	timer   *time.Timer
+	onIdle  func()
+}
+
+func newIdleTimer(timeout time.Duration, onIdle func()) *idleTimer {
+	if timeout <= 0 {
+		return nil
+	}
+	t := &idleTimer{timeout: timeout, onIdle: onIdle}
+	t.touch()
+	t.timer = time.AfterFunc(timeout, t.check)
+	return t
+}
+
+func (t *idleTimer) touch() {
+	if t != nil {
+		t.last.Store(time.Now().UnixNano())
+	}
+}
+
+func (t *idleTimer) check() {
+	idle := time.Since(time.Unix(0, t.last.Load()))
+	if idle >= t.timeout {
+		t.onIdle()
+		return
+	}
+	t.timer.Reset(t.timeout - idle)
+}
+
+func (t *idleTimer) stop() {
+	if t != nil {
+		t.timer.Stop()
+	}
+}
