@@ -164,9 +164,11 @@ func (a *Agent) capture(ctx context.Context, pod *corev1.Pod, netnsPath string) 
 		}
 	}
 	wp := inpod.Pod{UID: string(pod.UID), Info: inpod.WorkloadInfo{Name: pod.Name, Namespace: pod.Namespace, ServiceAccount: pod.Spec.ServiceAccountName}, Netns: ns}
-	if err := a.Syncer.Upsert(ctx, wp); err != nil && !errors.Is(err, inpod.ErrNotConnected) {
-		// Rules stay: the pod's traffic fails closed until ztunnel takes it.
-		return fmt.Errorf("hand %s to ztunnel: %w", key, err)
+	if err := a.Syncer.Upsert(ctx, wp); err != nil {
+		// The Syncer delivers it later (refusals are retried, a broken
+		// connection resends everything); meanwhile the rules make the
+		// pod's traffic fail closed, never bypass the mesh.
+		a.Log.Info("ztunnel has not taken the pod yet; it will be retried", "pod", key, "reason", err.Error())
 	}
 	return a.setAnnotation(ctx, pod, true)
 }
