@@ -91,8 +91,8 @@ build-manager: ## Build only the operator.
 	CGO_ENABLED=0 go build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN)/manager ./cmd/manager
 
 .PHONY: run
-run: manifests generate ## Run the manager against the current kubeconfig.
-	go run ./cmd/manager
+run: manifests generate ## Run the manager against the current kubeconfig (CRDs via make install; no webhooks).
+	go run ./cmd/manager --enable-webhooks=false --controlplane=false --log-development
 
 .PHONY: images
 images: ## Build image tarballs (no Docker needed) into bin/images/ for every cmd that builds.

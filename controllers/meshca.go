@@ -131,6 +131,10 @@ func (m *caManager) createSelfSigned(ctx context.Context, mesh *meshv1.AmbientMe
 		Data:       data,
 	}
 	if err := m.client.Create(ctx, secret); err != nil {
+		if apierrors.IsAlreadyExists(err) {
+			// Another replica (leader change) created it first: use theirs.
+			return m.ensureSelfSigned(ctx, mesh)
+		}
 		return nil, fmt.Errorf("create CA Secret: %w", err)
 	}
 	return &meshCA{Authority: inter, RootsPEM: data[CASecretRootCert]}, nil

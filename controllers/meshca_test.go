@@ -193,3 +193,35 @@ func TestCASecretProblems(t *testing.T) {
 		t.Fatal("corrupted Secret was overwritten")
 	}
 }
+
+// TestConcurrentCACreation: two replicas (a leader change mid-reconcile)
+// creating the CA at once end up with one root, never two.
+func TestConcurrentCACreation(t *testing.T) {
+	caTestNamespace(t, "ca-race")
+	mesh := caTestMesh("ca-race")
+	results := make(chan []byte, 2)
+	errs := make(chan error, 2)
+	for i := 0; i < 2; i++ {
+		go func() {
+			m := &caManager{client: k8s, reader: k8s, now: time.Now}
+			got, err := m.ensure(context.Background(), mesh)
+			if err != nil {
+				errs <- err
+				return
+			}
+			results <- got.RootsPEM
+		}()
+	}
+	var roots [][]byte
+	for i := 0; i < 2; i++ {
+		select {
+		case err := <-errs:
+			t.Fatal(err)
+		case r := <-results:
+			roots = append(roots, r)
+		}
+	}
+	if string(roots[0]) != string(roots[1]) {
+		t.Fatal("two replicas ended with different mesh roots")
+	}
+}
