@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -74,6 +75,7 @@ type xdsControlPlane struct {
 	ca     *hbonetest.CA
 	caches map[string]*cachev3.LinearCache
 	srv    *grpc.Server
+	served map[string]bool // node namespaces already listening
 	tls    *tls.Config
 	roots  string // trust bundle file
 	mu     sync.Mutex
@@ -108,6 +110,21 @@ func newXDSControlPlane(t *testing.T, m *hbonetest.CA) *xdsControlPlane {
 
 // serveIn listens on 127.0.0.1:15010 and :15012 inside ns (a node).
 func (cp *xdsControlPlane) serveIn(ns *os.File) {
+	ino, err := netnsutil.Inode(ns)
+	if err != nil {
+		cp.t.Fatal(err)
+	}
+	key := fmt.Sprint(ino)
+	cp.mu.Lock()
+	if cp.served == nil {
+		cp.served = map[string]bool{}
+	}
+	done := cp.served[key]
+	cp.served[key] = true
+	cp.mu.Unlock()
+	if done {
+		return
+	}
 	for _, port := range []int{15010, 15012} {
 		ln, err := netnsutil.ListenTCP(ns, fmt.Sprintf("127.0.0.1:%d", port), netnsutil.SocketOptions{})
 		if err != nil {
@@ -272,6 +289,21 @@ func (z *ztunnelProcess) ready() bool {
 	return resp.StatusCode == 200
 }
 
+// get fetches an HTTP endpoint of the process inside its node namespace.
+func (z *ztunnelProcess) get(t *testing.T, addr, path string) string {
+	t.Helper()
+	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return netnsutil.DialTCP(ctx, z.nodeNS, netip0, mustAddrPort(addr), netnsutil.SocketOptions{})
+	}}}
+	resp, err := c.Get("http://" + addr + path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
 func (z *ztunnelProcess) waitLog(t *testing.T, parts ...string) {
 	t.Helper()
 	waitUntil(t, func() bool {
@@ -337,6 +369,35 @@ func TestProcessSleepToHTTPBin(t *testing.T) {
 	expectOK(t, pm.sleep, pm.httpbin.addr(80), "httpbin-1")
 	pm.zts[0].waitLog(t, "outbound{id=", "proxy to "+pm.httpbin.addr(80).String()+" using HBONE via "+pm.httpbin.IP.String()+":15008 type Direct")
 	pm.zts[1].waitLog(t, "peer_id=spiffe://cluster.local/ns/default/sa/sleep}: got CONNECT request to "+pm.httpbin.addr(80).String())
+
+	t.Run("admin config_dump and metrics are served", func(t *testing.T) {
+		dump := pm.zts[0].get(t, "127.0.0.1:15000", "/config_dump")
+		for _, want := range []string{`"uid": "` + pm.sleep.uid + `"`, `"protocol": "HBONE"`, `"type": "Cert Chain"`, `"state": "Available"`, `"type": "CA"`} {
+			if !strings.Contains(dump, want) {
+				t.Errorf("config_dump lacks %s:\n%s", want, dump)
+			}
+		}
+		metrics := pm.zts[1].get(t, "127.0.0.1:15020", "/metrics")
+		if !strings.Contains(metrics, `istio_tcp_connections_opened_total{`) || !strings.Contains(metrics, `source_principal="spiffe://cluster.local/ns/default/sa/sleep"`) {
+			t.Errorf("metrics lack the sleep connection:\n%s", metrics)
+		}
+	})
+
+	outer := t // the restarted process must outlive this subtest
+	t.Run("restart re-adopts running pods", func(t *testing.T) {
+		old := pm.zts[1]
+		old.cmd.Process.Kill()
+		old.cmd.Wait()
+		expectRefused(t, pm.sleep, pm.httpbin.addr(80))
+		z := startZtunnel(outer, pm.cp, pm.httpbin.node)
+		pm.zts[1] = z
+		// The node agent re-sends its snapshot; the pod was never restarted
+		// and its server kept running.
+		z.adopt(t, pm.mesh, pm.httpbin)
+		z.snapshotSent(t)
+		waitUntil(t, z.ready, "restarted ztunnel ready")
+		expectOK(t, pm.sleep, pm.httpbin.addr(80), "httpbin-1")
+	})
 
 	t.Run("deny policy over xDS refuses and closes open tunnels", func(t *testing.T) {
 		c, err := pm.sleep.dial(pm.httpbin.addr(9001))
