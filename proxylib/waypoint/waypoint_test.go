@@ -433,4 +433,41 @@ spec:
 	}
 }
 
+func TestTimeoutsAndRetries(t *testing.T) {
+	d := newDemo(t)
+	d.m.ApplyL7(`
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: resilience}
+spec:
+  parentRefs: [{kind: Service, name: echo, group: ""}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /sleep}}]
+    timeouts: {request: 300ms}
+    backendRefs: [{name: echo, port: 8080}]
+  - matches: [{path: {type: Exact, value: /flaky}, headers: [{name: x-retry, value: "yes"}]}]
+    retry: {codes: [503], attempts: 2}
+    backendRefs: [{name: echo, port: 8080}]
+  - backendRefs: [{name: echo, port: 8080}]
+`)
+	c := d.sleep.HTTP(d.wp, target(d.echo, wt.HTTPPort), false)
+	if code, _, _ := get(t, c, "GET", svcURL(d.echo, "/sleep/10ms")); code != 200 {
+		t.Fatalf("fast request: %d", code)
+	}
+	if code, _, _ := get(t, c, "GET", svcURL(d.echo, "/sleep/5s")); code != http.StatusGatewayTimeout {
+		t.Fatalf("slow request: %d, want 504 from the route timeout", code)
+	}
+	// Each pod fails every other call, starting with its first: without a
+	// retry the first request sees the 503; with 2 retries every request
+	// finds a 200.
+	if code, _, _ := get(t, c, "GET", svcURL(d.echo, "/flaky")); code != 503 {
+		t.Fatalf("unretried first call: %d, want the backend's 503", code)
+	}
+	for range 6 {
+		if code, _, _ := get(t, c, "GET", svcURL(d.echo, "/flaky"), "X-Retry", "yes"); code != 200 {
+			t.Fatalf("retried request: %d", code)
+		}
+	}
+}
+
 var _ = waypointtest.Namespace

@@ -19,6 +19,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -396,8 +397,21 @@ type Seen struct {
 
 func (m *Mesh) startBackends(p *Pod) {
 	t := m.t
+	var flaky atomic.Int64
 	mux := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		n, _ := io.Copy(io.Discard, r.Body)
+		switch {
+		case strings.HasPrefix(r.URL.Path, "/sleep/"):
+			d, _ := time.ParseDuration(strings.TrimPrefix(r.URL.Path, "/sleep/"))
+			select {
+			case <-time.After(d):
+			case <-r.Context().Done():
+			}
+		case r.URL.Path == "/flaky" && flaky.Add(1)%2 == 1:
+			// Every other call fails: 503 first, then 200.
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		}
 		if strings.HasPrefix(r.URL.Path, "/status/") {
 			var code int
 			fmt.Sscanf(r.URL.Path, "/status/%d", &code)
