@@ -445,3 +445,33 @@ func FuzzHead(f *testing.F) {
 		}
 	})
 }
+
+// Slowloris: a head that drips never reaches the handler and the
+// connection is closed by the head timeout.
+func TestSlowHeadIsClosed(t *testing.T) {
+	srv := &Server{HeadTimeout: 200 * time.Millisecond, Handler: HandlerFunc(func(*http.Request) *http.Response {
+		t.Error("handler reached")
+		return &http.Response{StatusCode: 200, Header: http.Header{}, Body: http.NoBody}
+	})}
+	a, b := net.Pipe()
+	defer a.Close()
+	done := make(chan struct{})
+	go func() {
+		srv.ServeConn(context.Background(), b, bufio.NewReader(b), HTTP1)
+		close(done)
+	}()
+	io.WriteString(a, "GET / HTTP/1.1\r\nHost: a\r\n")
+	go func() {
+		for i := 0; i < 100; i++ {
+			if _, err := io.WriteString(a, "X: 1\r\n"); err != nil {
+				return
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(3 * time.Second):
+		t.Fatal("slow head kept the connection open")
+	}
+}

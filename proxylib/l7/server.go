@@ -172,13 +172,20 @@ func (s *Server) refuse(w *bufio.Writer, status int, reason string) {
 // Content-Length or chunked coding.
 func (s *Server) serveHTTP1(ctx context.Context, conn net.Conn, br *bufio.Reader, handler Handler) {
 	bw := bufio.NewWriterSize(conn, 16<<10)
+	// Idle and head timeouts close the connection from a timer: resetting a
+	// timer is cheap, while a read deadline on a tunnel stream is a message
+	// to the HTTP/2 connection's goroutine, three times per request.
+	idle, headTimeout := orDur(s.IdleTimeout, 5*time.Minute), orDur(s.HeadTimeout, 30*time.Second)
+	timer := time.AfterFunc(idle, func() { conn.Close() })
+	defer timer.Stop()
 	for {
-		_ = conn.SetReadDeadline(time.Now().Add(orDur(s.IdleTimeout, 5*time.Minute)))
+		timer.Reset(idle)
 		if _, err := br.Peek(1); err != nil {
 			return // idle close or EOF between requests
 		}
-		_ = conn.SetReadDeadline(time.Now().Add(orDur(s.HeadTimeout, 30*time.Second)))
+		timer.Reset(headTimeout)
 		head, err := readHead(br, s.maxHeaderBytes(), s.maxHeaders())
+		timer.Stop()
 		if err != nil {
 			var he *headError
 			if errors.As(err, &he) {
@@ -186,7 +193,6 @@ func (s *Server) serveHTTP1(ctx context.Context, conn net.Conn, br *bufio.Reader
 			}
 			return
 		}
-		_ = conn.SetReadDeadline(time.Time{})
 		if he := validateHead(head); he != nil {
 			s.refuse(bw, he.status, he.reason)
 			return
