@@ -66,6 +66,7 @@ func runAgent(args []string) error {
 	fs.StringVar(&o.ProcRoot, "proc", envOr("PROC_ROOT", defaultProc()), "the host's /proc")
 	fs.StringVar(&healthPort, "health-port", envOr("HEALTH_PORT", "15022"), "port of /healthz and /readyz on all addresses (empty: off)")
 	fs.StringVar(&healthAddr, "health-addr", "", "host:port of /healthz and /readyz (overrides --health-port)")
+	fs.BoolVar(&o.Redirect.PreserveSource, "preserve-source", envOr("PRESERVE_SOURCE", "false") == "true", "install the connmark/policy routing that lets ztunnel connect to apps from the client's address (nftables)")
 	fs.BoolVar(&o.ProbeSNAT, "probe-snat", envOr("PROBE_SNAT", "true") == "true", "SNAT the node's own connections to captured pods (kubelet probes) so they bypass capture")
 	fs.StringVar(&logLevel, "log-level", envOr("LOG_LEVEL", "info"), "debug, info, warn, error")
 	_ = fs.Parse(args)

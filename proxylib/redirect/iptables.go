@@ -82,6 +82,9 @@ var jumps = [][2]string{{"OUTPUT", iptOutput}, {"PREROUTING", iptPrerouting}}
 // Install writes both families' chains (replacing their contents) and adds
 // the jumps once.
 func (t *IPTables) Install(ns *os.File) error {
+	if t.cfg.PreserveSource {
+		return fmt.Errorf("iptables backend: source preservation is only implemented with nftables")
+	}
 	for _, f := range families {
 		if _, err := run(ns, t.rules(f), f.restore, "--noflush"); err != nil {
 			return err

@@ -76,10 +76,47 @@ func (n *NFTables) Install(ns *os.File) error {
 	for _, e := range n.preroutingRules() {
 		c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: e})
 	}
+	if n.cfg.PreserveSource {
+		mpre := c.AddChain(&nftables.Chain{Name: manglePrerouting, Table: t, Type: nftables.ChainTypeFilter,
+			Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityMangle})
+		mout := c.AddChain(&nftables.Chain{Name: mangleOutput, Table: t, Type: nftables.ChainTypeRoute,
+			Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityMangle})
+		c.AddRule(&nftables.Rule{Table: t, Chain: mpre, Exprs: n.connmarkFromMark()})
+		c.AddRule(&nftables.Rule{Table: t, Chain: mout, Exprs: n.markFromConnmark()})
+	}
 	if err := c.Flush(); err != nil {
 		return fmt.Errorf("install nftables rules: %w", err)
 	}
+	if n.cfg.PreserveSource {
+		return setLocalRouting(ns, n.cfg.MarkMask, true)
+	}
 	return nil
+}
+
+const (
+	manglePrerouting = "mangle_prerouting"
+	mangleOutput     = "mangle_output"
+)
+
+// connmarkFromMark: ztunnel's (marked) connections get ct mark ConnMark.
+func (n *NFTables) connmarkFromMark() []expr.Any {
+	return append(n.markMatch(),
+		&expr.Immediate{Register: 1, Data: binaryutil.NativeEndian.PutUint32(ConnMark)},
+		&expr.Ct{Key: expr.CtKeyMARK, Register: 1, SourceRegister: true},
+	)
+}
+
+// markFromConnmark: packets of those connections (the app's replies) carry
+// ConnMark, which the policy rule routes to the local table.
+func (n *NFTables) markFromConnmark() []expr.Any {
+	return []expr.Any{
+		&expr.Ct{Key: expr.CtKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(n.cfg.MarkMask), Xor: make([]byte, 4)},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(ConnMark & n.cfg.MarkMask)},
+		&expr.Immediate{Register: 1, Data: binaryutil.NativeEndian.PutUint32(ConnMark)},
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1, SourceRegister: true},
+	}
 }
 
 // Remove deletes the table if present.
@@ -94,7 +131,8 @@ func (n *NFTables) Remove(ns *os.File) error {
 	if err := c.Flush(); err != nil {
 		return fmt.Errorf("remove nftables rules: %w", err)
 	}
-	return nil
+	// Always: a previous install may have preserved sources.
+	return setLocalRouting(ns, n.cfg.MarkMask, false)
 }
 
 // Installed checks the table, both chains and their rule counts.
@@ -115,6 +153,12 @@ func (n *NFTables) Installed(ns *os.File) (bool, error) {
 		return false, nil
 	}
 	want := map[string]int{outputChain: len(n.outputRules()), preroutingChain: len(n.preroutingRules())}
+	if n.cfg.PreserveSource {
+		want[manglePrerouting], want[mangleOutput] = 1, 1
+		if ok, err := hasLocalRouting(ns); err != nil || !ok {
+			return false, err
+		}
+	}
 	for name, count := range want {
 		ch := &nftables.Chain{Name: name, Table: table()}
 		rules, err := c.GetRules(table(), ch)

@@ -8,6 +8,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 	"github.com/ambientmesh/ambient/proxylib/redirect"
@@ -330,5 +331,64 @@ func TestProbeSNAT(t *testing.T) {
 	out, _ := tp.pod.Node.Command(context.Background(), "nft", "list", "ruleset").CombinedOutput()
 	if strings.Contains(string(out), redirect.HostTableName) {
 		t.Fatalf("host table left behind:\n%s", out)
+	}
+}
+
+func TestPreserveSource(t *testing.T) {
+	tp := newTopo(t)
+	serveRemote(t, tp.podNS, "[::]:8082")
+	cfg := redirect.DefaultConfig()
+	cfg.PreserveSource = true
+	r := redirect.NewNFTables(cfg)
+	for i := 0; i < 2; i++ {
+		if err := r.Install(tp.podNS); err != nil {
+			t.Fatalf("install #%d: %v", i+1, err)
+		}
+	}
+	if ok, err := r.Installed(tp.podNS); err != nil || !ok {
+		t.Fatalf("Installed = %v, %v", ok, err)
+	}
+	// ztunnel delivering inbound traffic as the client would.
+	spoof := func(src netip.Addr, dst netip.AddrPort) (string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		c, err := netnsutil.DialTCP(ctx, tp.podNS, netip.AddrPortFrom(src, 0), dst,
+			netnsutil.SocketOptions{Mark: netnsutil.Mark, Transparent: true})
+		if err != nil {
+			return "", err
+		}
+		defer c.Close()
+		_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		b, err := io.ReadAll(c)
+		return string(b), err
+	}
+	tests := []struct {
+		src netip.Addr
+		dst netip.AddrPort
+	}{
+		{tp.peer.IP, netip.AddrPortFrom(tp.pod.IP, 8082)},
+		{tp.peer.IP6, netip.AddrPortFrom(tp.pod.IP6, 8082)},
+	}
+	for _, tc := range tests {
+		t.Run(tc.src.String(), func(t *testing.T) {
+			got, err := spoof(tc.src, tc.dst)
+			if err != nil || got != "app from "+tc.src.String() {
+				t.Fatalf("app saw %q (%v), want the client address %v", got, err, tc.src)
+			}
+		})
+	}
+	if err := r.Remove(tp.podNS); err != nil {
+		t.Fatal(err)
+	}
+	out, _ := tp.pod.Command(context.Background(), "ip", "rule", "show").CombinedOutput()
+	if strings.Contains(string(out), "lookup 133") {
+		t.Fatalf("policy rule left after remove:\n%s", out)
+	}
+	// Without the routing, replies leave through eth0: delivery fails.
+	if err := redirect.NewNFTables(redirect.DefaultConfig()).Install(tp.podNS); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := spoof(tp.peer.IP, netip.AddrPortFrom(tp.pod.IP, 8082)); err == nil && got != "" {
+		t.Fatalf("spoofed delivery worked without source preservation: %q", got)
 	}
 }

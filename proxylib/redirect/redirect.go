@@ -23,6 +23,10 @@ type Config struct {
 	// SkipInboundSources pass inbound traffic from these prefixes untouched:
 	// by default the node's probe SNAT addresses (see ProbeSNAT).
 	SkipInboundSources []netip.Prefix
+	// PreserveSource adds the connmark and policy routing that let ztunnel
+	// connect to the app from the client's own address (nftables only; see
+	// sourcepreserve.go). Off by default.
+	PreserveSource bool
 }
 
 // DefaultConfig is the contract: 15001 out, 15006 in, ztunnel ports and
