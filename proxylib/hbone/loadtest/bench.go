@@ -32,6 +32,7 @@ type BenchConfig struct {
 	Handshakes int      // new mTLS connections
 	ProfileDir string   // when set: CPU profiles of the proxies in a single-stream run
 	Copy       string   // proxies' copy loop: "shared" (hbone.Relay) or "adaptive"
+	FrameFit   bool     // proxies split tunnel writes to one DATA frame per TLS record
 	Progress   io.Writer
 }
 
@@ -73,6 +74,7 @@ func benchCmd(args []string, stdout, stderr io.Writer) error {
 	fs.IntVar(&cfg.Handshakes, "handshakes", 2000, "new mTLS connections")
 	fs.StringVar(&cfg.ProfileDir, "profile-dir", "", "also write proxy CPU profiles of a single-stream run here")
 	fs.StringVar(&cfg.Copy, "copy", "shared", "proxies' copy loop: shared (hbone.Relay) | adaptive")
+	fs.BoolVar(&cfg.FrameFit, "frame-fit", false, "proxies split tunnel writes to 16375 bytes (HTTP/2 experiment)")
 	out := fs.String("out", "", "also write the markdown report to this file")
 	jsonOut := fs.String("json", "", "also write raw results as JSON to this file")
 	if err := fs.Parse(args); err != nil {
@@ -192,7 +194,7 @@ func (b *bench) startProxies(mode string, profile bool) (*proxies, error) {
 		}
 		return []string{"-cpuprofile", filepath.Join(b.cfg.ProfileDir, mode+"-"+side+".pprof")}
 	}
-	serverArgs := []string{"relay", "-mode", mode + "-server", "-certs", b.certs, "-copy", b.copy()}
+	serverArgs := []string{"relay", "-mode", mode + "-server", "-certs", b.certs, "-copy", b.copy(), fmt.Sprintf("-frame-fit=%t", b.cfg.FrameFit)}
 	if mode == "tls" {
 		serverArgs = append(serverArgs, "-upstream", b.sink)
 	}
@@ -200,7 +202,7 @@ func (b *bench) startProxies(mode string, profile bool) (*proxies, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s server proxy: %w", mode, err)
 	}
-	client, err := b.start(append([]string{"relay", "-mode", mode + "-client", "-certs", b.certs, "-copy", b.copy(),
+	client, err := b.start(append([]string{"relay", "-mode", mode + "-client", "-certs", b.certs, "-copy", b.copy(), fmt.Sprintf("-frame-fit=%t", b.cfg.FrameFit),
 		"-upstream", srv.addr, "-target", b.sink}, prof("client")...)...)
 	if err != nil {
 		srv.stop()

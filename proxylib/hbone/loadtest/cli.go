@@ -101,6 +101,7 @@ func relayCmd(args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&cfg.Target, "target", "", "CONNECT target for HBONE clients")
 	fs.StringVar(&cfg.CertsDir, "certs", "", "directory written by 'certs'")
 	fs.StringVar(&cfg.Copy, "copy", "shared", "copy loop: shared (hbone.Relay) | adaptive (small buffers while idle)")
+	fs.BoolVar(&cfg.FrameFit, "frame-fit", false, "split tunnel writes to 16375 bytes (one HTTP/2 DATA frame per TLS record)")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	verbose := fs.Bool("v", false, "log tunnel failures")
 	if err := fs.Parse(args); err != nil || cfg.Mode == "" || cfg.CertsDir == "" {

@@ -124,3 +124,25 @@ func raiseFileLimit() {
 	lim.Cur = lim.Max
 	_ = syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
 }
+
+// frameFitChunk is the largest write that an HTTP/2 DATA frame (9-byte
+// header) carries inside one 16 KiB TLS record.
+const frameFitChunk = 16384 - 9
+
+// frameFitStream splits writes so that each becomes one DATA frame filling
+// exactly one TLS record, instead of a full record plus a 9-byte one. It is
+// the experiment behind the h2 tuning note in docs/performance.md.
+type frameFitStream struct{ hbone.Stream }
+
+func (s frameFitStream) Write(p []byte) (int, error) {
+	written := 0
+	for len(p) > 0 {
+		n, err := s.Stream.Write(p[:min(len(p), frameFitChunk)])
+		written += n
+		if err != nil {
+			return written, err
+		}
+		p = p[n:]
+	}
+	return written, nil
+}

@@ -27,7 +27,10 @@ type RelayConfig struct {
 	CertsDir string
 	// Copy names the copy loop: "shared" (hbone.Relay, default) or "adaptive".
 	Copy string
-	Log  logr.Logger
+	// FrameFit splits tunnel writes to 16 375 bytes (one DATA frame per TLS
+	// record); an experiment for the HTTP/2 transport.
+	FrameFit bool
+	Log      logr.Logger
 }
 
 // Relay is a running proxy: Addr is where it listens, Stop drains it.
@@ -94,7 +97,7 @@ func StartRelay(cfg RelayConfig) (*Relay, error) {
 		return startHBONEClient(cfg, tr, certs, pipe)
 	case "server":
 		handler := func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
-			connectUpstream(ctx, req, resp, pipe)
+			connectUpstream(ctx, req, fitResponder{resp, cfg.FrameFit}, pipe)
 		}
 		addr, stop, err := tr.serve(cfg.Listen, certs, hbone.HandlerFunc(handler), cfg.Log)
 		if err != nil {
@@ -132,6 +135,9 @@ func startHBONEClient(cfg RelayConfig, tr transport, certs hbone.CertSource, pip
 			cfg.Log.V(1).Info("tunnel failed", "error", err.Error())
 			resetClose(c)
 			return
+		}
+		if cfg.FrameFit {
+			s = frameFitStream{s}
 		}
 		pipe(c, s)
 	})
@@ -196,4 +202,18 @@ func cutLast(s, sep string) (before, after string, ok bool) {
 		}
 	}
 	return s, "", false
+}
+
+// fitResponder wraps accepted streams in frameFitStream when asked to.
+type fitResponder struct {
+	hbone.Responder
+	fit bool
+}
+
+func (r fitResponder) Accept() (hbone.Stream, error) {
+	s, err := r.Responder.Accept()
+	if err != nil || !r.fit {
+		return s, err
+	}
+	return frameFitStream{s}, nil
 }

@@ -41,7 +41,11 @@ func (r *Report) Markdown() string {
 	if copyLoop == "" {
 		copyLoop = "shared"
 	}
-	fmt.Fprintf(&b, "Proxies' copy loop: %s. ", copyLoop)
+	fmt.Fprintf(&b, "Proxies' copy loop: %s", copyLoop)
+	if c.FrameFit {
+		b.WriteString(", tunnel writes split to 16375 bytes")
+	}
+	b.WriteString(". ")
 	fmt.Fprintf(&b, "Run %s, %s; throughput over %s per run (median of %d); %d ping-pongs; %d pooled opens; %d handshakes; load average before %s, after %s.\n\n",
 		r.Started.UTC().Format(time.RFC3339), r.Duration.Round(time.Second), bytesHuman(c.Bytes), c.Repeat,
 		c.PingPongs, c.Opens, c.Handshakes, r.LoadBefore, r.LoadAfter)
