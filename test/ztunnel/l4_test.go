@@ -250,3 +250,45 @@ func counter(t *testing.T, reg interface {
 	}
 	return sum
 }
+
+// TestSOCKS5: a pod asks ztunnel's :15080 for a destination explicitly; the
+// connection takes the same outbound path (HBONE with sleep's identity).
+func TestSOCKS5(t *testing.T) {
+	m := newMesh(t, 2)
+	m.syncAll()
+	sleep := m.addPod(m.nodes[0], "sleep-1", "sleep", true)
+	httpbin := m.addPod(m.nodes[1], "httpbin-1", "httpbin", true)
+	httpbin.serveTCP(t, 9000, countThenReply)
+
+	c, err := sleep.dial(netip.MustParseAddrPort("127.0.0.1:15080"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ip := httpbin.IP.As4()
+	c.Write([]byte{5, 1, 0})
+	c.Write([]byte{5, 1, 0, 1, ip[0], ip[1], ip[2], ip[3], 0x23, 0x28}) // port 9000
+	hdr := make([]byte, 12)
+	if _, err := io.ReadFull(c, hdr); err != nil || hdr[0] != 5 || hdr[1] != 0 || hdr[3] != 0 {
+		t.Fatalf("socks5 replies %v, %v", hdr, err)
+	}
+	c.Write([]byte("hello"))
+	c.(interface{ CloseWrite() error }).CloseWrite()
+	reply, _ := io.ReadAll(c)
+	if string(reply) != "got 5" {
+		t.Fatalf("reply %q", reply)
+	}
+	m.logs.waitFor(t, "peer_id=spiffe://cluster.local/ns/default/sa/sleep}: got CONNECT request to "+httpbin.addr(9000).String())
+
+	// A bad request gets a SOCKS error reply, not a connection.
+	bad, err := sleep.dial(netip.MustParseAddrPort("127.0.0.1:15080"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bad.Close()
+	bad.Write([]byte{5, 1, 0, 5, 2, 0, 1, 10, 0, 0, 1, 0, 80}) // BIND
+	resp, _ := io.ReadAll(bad)
+	if len(resp) < 4 || resp[3] != 7 {
+		t.Fatalf("BIND reply %v, want command-not-supported", resp)
+	}
+}
