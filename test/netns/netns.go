@@ -15,11 +15,14 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -58,8 +61,54 @@ func New(t testing.TB) *Lab {
 		t.Fatal(err)
 	}
 	l := &Lab{t: t, Prefix: "amb-" + hex.EncodeToString(b[:]) + "-"}
-	t.Cleanup(l.cleanup)
+	sweepDeadLabs(t)
+	if err := registerLab(l.Prefix); err != nil {
+		t.Logf("netns: cannot record lab owner (stale sweep disabled): %v", err)
+	}
+	t.Cleanup(func() {
+		l.cleanup()
+		_ = os.Remove(filepath.Join(ownersDir, l.Prefix))
+	})
 	return l
+}
+
+// ownersDir records which process owns each lab prefix, so a later test
+// can remove namespaces left by a test binary that died (timeout panic,
+// SIGKILL) without touching labs of processes still running.
+const ownersDir = "/run/amb-netns-owners"
+
+func registerLab(prefix string) error {
+	if err := os.MkdirAll(ownersDir, 0o700); err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(ownersDir, prefix), []byte(strconv.Itoa(os.Getpid())), 0o600)
+}
+
+// sweepDeadLabs deletes the namespaces of labs whose owner process is gone.
+func sweepDeadLabs(t testing.TB) {
+	entries, err := os.ReadDir(ownersDir)
+	if err != nil {
+		return
+	}
+	names, _ := os.ReadDir("/run/netns")
+	for _, e := range entries {
+		b, err := os.ReadFile(filepath.Join(ownersDir, e.Name()))
+		if err != nil {
+			continue
+		}
+		pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+		if err != nil || pid <= 0 || unix.Kill(pid, 0) == nil || !errors.Is(unix.Kill(pid, 0), unix.ESRCH) {
+			continue // owner alive (or unknown): leave it
+		}
+		for _, n := range names {
+			if strings.HasPrefix(n.Name(), e.Name()) {
+				if out, err := exec.Command("ip", "netns", "del", n.Name()).CombinedOutput(); err != nil {
+					t.Logf("sweep %s: %v: %s", n.Name(), err, out)
+				}
+			}
+		}
+		_ = os.Remove(filepath.Join(ownersDir, e.Name()))
+	}
 }
 
 // NS is one named network namespace (a bind mount under /run/netns).

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -123,5 +124,32 @@ func TestCommandRunsInNamespace(t *testing.T) {
 	}
 	if !strings.Contains(string(out), p.IP.String()+"/24") {
 		t.Fatalf("eth0 in %s lacks %s: %s", p.Name, p.IP, out)
+	}
+}
+
+func TestSweepRemovesLabsOfDeadOwners(t *testing.T) {
+	RequireRoot(t)
+	// A lab whose owner has exited: a finished short-lived process's pid.
+	dead := exec.Command("true")
+	if err := dead.Run(); err != nil {
+		t.Fatal(err)
+	}
+	prefix := "amb-dead00-"
+	if out, err := exec.Command("ip", "netns", "add", prefix+"x").CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", prefix+"x").Run() })
+	if err := os.MkdirAll(ownersDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(ownersDir+"/"+prefix, []byte(strconv.Itoa(dead.Process.Pid)), 0o600)
+	live := New(t) // sweeps
+	live.NewNS("alive")
+	if _, err := os.Stat("/run/netns/" + prefix + "x"); !os.IsNotExist(err) {
+		t.Fatalf("dead owner's namespace survived the sweep (%v)", err)
+	}
+	New(t) // a second sweep must keep the live lab
+	if _, err := os.Stat("/run/netns/" + live.Prefix + "alive"); err != nil {
+		t.Fatalf("live lab's namespace removed: %v", err)
 	}
 }
