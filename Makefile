@@ -69,7 +69,7 @@ test-unit: envtest ## Unit, envtest and network-namespace tests (namespaced test
 
 .PHONY: test-operator
 test-operator: manifests envtest ## Only the operator's packages (fast inner loop).
-	go test $(GO_TEST_FLAGS) ./controllers/ ./controllers/webhookcert/ ./api/... ./hack/...
+	go test $(GO_TEST_FLAGS) ./controllers/ ./controllers/webhookcert/ ./cmd/manager/ ./api/... ./hack/...
 
 .PHONY: fuzz
 fuzz: ## Run every fuzz target briefly.
