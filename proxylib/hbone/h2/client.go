@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -303,14 +302,14 @@ func (d *Dialer) roundTrip(ctx context.Context, c *clientConn, req hbone.DialReq
 	}
 	streamCtx, cancel := context.WithCancel(context.Background())
 	stop := context.AfterFunc(ctx, cancel)
-	pr, pw := io.Pipe()
+	pw := newBodyPipe()
 	authority := req.Target.String()
 	hr := &http.Request{
 		Method:        http.MethodConnect,
 		URL:           &url.URL{Host: authority},
 		Host:          authority,
 		Header:        req.Header.Clone(),
-		Body:          pr,
+		Body:          bodyReader{pw},
 		ContentLength: -1,
 		Proto:         "HTTP/2.0",
 		ProtoMajor:    2,

@@ -64,10 +64,10 @@ func (a tunnelAddr) String() string  { return string(a) }
 // clientStream is the dialer's side of a tunnel: we write the request body
 // through a pipe and read the response body.
 type clientStream struct {
-	body    io.ReadCloser  // response body
-	pw      *io.PipeWriter // request body
-	cancel  func()         // resets the stream if it is still open
-	release func()         // returns the pool slot (once)
+	body    io.ReadCloser // response body
+	pw      *bodyPipe     // request body
+	cancel  func()        // resets the stream if it is still open
+	release func()        // returns the pool slot (once)
 	idle    *idleWatch
 	local   net.Addr
 	remote  net.Addr
