@@ -197,10 +197,7 @@ func (m *mesh) addNode(name string) *node {
 		certs.Set(id, m.ca.Issue(m.t, id))
 	}
 	log := m.logs.logger(name)
-	f, err := transport.For(hbone.Protocol(os.Getenv("ZTUNNEL_TEST_TRANSPORT")), certs, log.V(2))
-	if err != nil {
-		m.t.Fatal(err)
-	}
+	f := testTransport(m.t, certs)
 	p, err := proxy.New(proxy.Config{Log: log, State: n.state, Certs: certs, Node: name,
 		Metrics: telemetry.NewMetrics(n.metrics), NewDialer: f.NewDialer, NewHBONEServer: f.NewHBONEServer,
 		ConnectTimeout: 3 * time.Second})
@@ -429,3 +426,13 @@ func strictPolicy() *security.Authorization {
 var netip0 netip.AddrPort
 
 func mustAddrPort(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
+
+// testTransport is the HBONE transport under test: HTTP2 unless
+// ZTUNNEL_TEST_TRANSPORT=HTTP3.
+func testTransport(t testing.TB, certs hbone.CertSource) transport.Factories {
+	f, err := transport.For(hbone.Protocol(os.Getenv("ZTUNNEL_TEST_TRANSPORT")), certs, logr.Discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
