@@ -131,4 +131,3 @@ func TestRouterResolve(t *testing.T) {
 		}
 	})
 }
-

@@ -24,15 +24,15 @@ const (
 	CertificateUnavailable       Reason = "certificate_unavailable"
 
 	// Addressing and discovery.
-	UnknownSource       Reason = "unknown_source"       // the captured pod is not a known workload
-	UnknownDestination  Reason = "unknown_destination"  // CONNECT target is not a workload on this node
-	NoHealthyUpstream   Reason = "no_healthy_upstream"  // service without healthy endpoints
-	NoTargetPort        Reason = "no_target_port"       // service port not exposed
-	BadTarget           Reason = "bad_target"           // malformed or recursive target
-	WaypointRequired    Reason = "waypoint_required"    // destination only takes traffic from its waypoint
-	WaypointUnresolved  Reason = "waypoint_unresolved"  // waypoint address cannot be resolved
-	OriginalDstMissing  Reason = "original_dst_missing" // SO_ORIGINAL_DST failed
-	SelfTarget          Reason = "self_target"          // connection to ztunnel's own port
+	UnknownSource      Reason = "unknown_source"       // the captured pod is not a known workload
+	UnknownDestination Reason = "unknown_destination"  // CONNECT target is not a workload on this node
+	NoHealthyUpstream  Reason = "no_healthy_upstream"  // service without healthy endpoints
+	NoTargetPort       Reason = "no_target_port"       // service port not exposed
+	BadTarget          Reason = "bad_target"           // malformed or recursive target
+	WaypointRequired   Reason = "waypoint_required"    // destination only takes traffic from its waypoint
+	WaypointUnresolved Reason = "waypoint_unresolved"  // waypoint address cannot be resolved
+	OriginalDstMissing Reason = "original_dst_missing" // SO_ORIGINAL_DST failed
+	SelfTarget         Reason = "self_target"          // connection to ztunnel's own port
 
 	// Transport.
 	UpstreamConnectFailed Reason = "upstream_connect_failed"

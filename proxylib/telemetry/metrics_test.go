@@ -38,7 +38,7 @@ func TestMetricsCountBytesAndConnections(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	m := NewMetrics(reg)
 	l := Labels{Reporter: ReporterDestination, Source: PeerOf(nil, nil), Destination: PeerOf(nil, nil),
-		Service: ServiceOf(&workloadapi.Service{Name: "httpbin", Namespace: "default", Hostname: "httpbin.default.svc.cluster.local"}),
+		Service:        ServiceOf(&workloadapi.Service{Name: "httpbin", Namespace: "default", Hostname: "httpbin.default.svc.cluster.local"}),
 		SecurityPolicy: MutualTLS}
 	m.ConnOpened(l)
 	m.ConnClosed(l, 100, 2000)

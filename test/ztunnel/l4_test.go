@@ -164,7 +164,9 @@ func TestSeedsL4(t *testing.T) {
 			}
 		}
 		m.logs.waitFor(t, "dst.addr="+s.httpbin1.addr(9999).String(), "reason=upstream_connect_failed")
-		waitUntil(t, func() bool { return s.httpbin1.node.proxy.Tracker().Len() == 0 && s.sleep.node.proxy.Tracker().Len() == 0 }, "tracked connections to drop to zero")
+		waitUntil(t, func() bool {
+			return s.httpbin1.node.proxy.Tracker().Len() == 0 && s.sleep.node.proxy.Tracker().Len() == 0
+		}, "tracked connections to drop to zero")
 	})
 
 	t.Run("policy change closes a tunnel no longer allowed", func(t *testing.T) {
