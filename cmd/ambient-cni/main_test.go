@@ -408,6 +408,32 @@ func TestCaptureRunningPodWithoutRestartAndReadoption(t *testing.T) {
 		t.Fatal("the pod's process exited: capture must never restart pods")
 	}
 
+	t.Run("pod opt-out label releases, removing it captures again", func(t *testing.T) {
+		setNamespaceAmbient(t, "running", true)
+		eventually(t, "captured again", func() bool { return e.ztunnel.has(pod.UID) && installed(t, podNS) })
+		setPodLabel := func(v string) {
+			var p corev1.Pod
+			if err := k8s.Get(context.Background(), client.ObjectKeyFromObject(pod), &p); err != nil {
+				t.Fatal(err)
+			}
+			if p.Labels == nil {
+				p.Labels = map[string]string{}
+			}
+			if v == "" {
+				delete(p.Labels, selection.DataplaneModeLabel)
+			} else {
+				p.Labels[selection.DataplaneModeLabel] = v
+			}
+			if err := k8s.Update(context.Background(), &p); err != nil {
+				t.Fatal(err)
+			}
+		}
+		setPodLabel(selection.DataplaneModeNone)
+		eventually(t, "opted-out pod released", func() bool { return !installed(t, podNS) && !e.ztunnel.has(pod.UID) })
+		setPodLabel("")
+		eventually(t, "captured after opt-out removed", func() bool { return installed(t, podNS) && e.ztunnel.has(pod.UID) })
+	})
+
 	t.Run("pod deleted while the agent is down is dropped", func(t *testing.T) {
 		setNamespaceAmbient(t, "running", true)
 		eventually(t, "captured again", func() bool { return e.ztunnel.has(pod.UID) })
@@ -598,6 +624,15 @@ func TestCNIPluginAddDel(t *testing.T) {
 		}
 		if installed(t, sandbox) {
 			t.Fatal("rules installed without an agent")
+		}
+	})
+
+	t.Run("garbage config", func(t *testing.T) {
+		if r := runPlugin(t, bin, "ADD", sandbox.Path(), "cni", "cnipod", pod.UID, `{"cniVersion":`); r.err == nil {
+			t.Fatal("ADD with a truncated config succeeded")
+		}
+		if r := runPlugin(t, bin, "DEL", sandbox.Path(), "cni", "cnipod", pod.UID, `{"cniVersion":"1.0.0","name":"n","type":"ambient-cni","prevResult":7}`); r.err != nil {
+			t.Fatalf("DEL must never fail: %v %s %s", r.err, r.stdout, r.stderr)
 		}
 	})
 
