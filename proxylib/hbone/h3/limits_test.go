@@ -2,6 +2,8 @@ package h3
 
 import (
 	"context"
+	"crypto/tls"
+	"strings"
 
 	"io"
 	"net/http"
@@ -12,8 +14,10 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
 
 	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/identity"
 )
 
 // TestTunnelQuotaPerIdentity: more tunnels than one identity's quota are
@@ -106,4 +110,69 @@ func TestRapidReset(t *testing.T) {
 	}
 	waitFor(t, "handlers released", func() bool { return running.Load() == 0 })
 	waitFor(t, "goroutines back to baseline", func() bool { return runtime.NumGoroutine() <= before+20 })
+}
+
+// TestOversizedHeadersRefused: a header list over the 64 KiB limit is
+// answered 431 and never reaches the handler (reliability case 13).
+func TestOversizedHeadersRefused(t *testing.T) {
+	mesh := newTestMesh(t, trustDomain)
+	var called atomic.Bool
+	srv := startServer(t, mesh.source(t, serverID), func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
+		called.Store(true)
+		resp.Reject(http.StatusForbidden, "test")
+	})
+	cc := rawClient(t, mesh.source(t, clientID), srv)
+	rs, err := cc.OpenRequestStream(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	authority := "10.0.0.5:80"
+	big := strings.Repeat("x", 100<<10)
+	err = rs.SendRequestHeader(&http.Request{Method: http.MethodConnect, Host: authority, URL: &url.URL{Host: authority},
+		Header: http.Header{"Baggage": {big}}})
+	if err == nil { // the server may answer 431 or reset the stream (H3_EXCESSIVE_LOAD)
+		resp, err := rs.ReadResponse()
+		if err == nil && resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+			t.Fatalf("status %d, want 431 or a stream error", resp.StatusCode)
+		}
+	}
+	if called.Load() {
+		t.Fatal("handler saw an oversized request")
+	}
+}
+
+// TestStalledHandshakeClosed: a client that stops in the middle of the TLS
+// handshake is dropped by the server's handshake timeout (reliability case 14).
+func TestStalledHandshakeClosed(t *testing.T) {
+	mesh := newTestMesh(t, trustDomain)
+	srv := startServerWith(t, mesh.source(t, serverID), echoHandler(nil), func(c *ServerConfig) { c.HandshakeTimeout = 300 * time.Millisecond })
+	client := mesh.source(t, clientID)
+	release := make(chan struct{})
+	tlsConf := hbone.ClientTLSConfig(client, clientID, []identity.Identity{serverID}, "h3")
+	tlsConf.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+		<-release // stall after the server's flight, before our Finished
+		return client.Certificate(context.Background(), clientID)
+	}
+	go func() {
+		time.Sleep(1500 * time.Millisecond) // well past the server's handshake timeout
+		close(release)
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	qc, err := quic.DialAddr(ctx, srv.Addr().String(), tlsConf, &quic.Config{HandshakeIdleTimeout: 5 * time.Second, MaxIdleTimeout: 2 * time.Second})
+	if err == nil {
+		// the handshake completed on our side; the server must not serve it
+		cc := (&http3.Transport{}).NewClientConn(qc)
+		rs, err := cc.OpenRequestStream(ctx)
+		if err == nil {
+			authority := "10.0.0.5:80"
+			if err = rs.SendRequestHeader(&http.Request{Method: http.MethodConnect, Host: authority, URL: &url.URL{Host: authority}, Header: http.Header{}}); err == nil {
+				_, err = rs.ReadResponse()
+			}
+		}
+		qc.CloseWithError(0, "")
+		if err == nil {
+			t.Fatal("a handshake stalled past the server's timeout was still served")
+		}
+	}
 }
