@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/signal"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -170,6 +171,7 @@ type certsFirst struct {
 	proxy       *proxy.Proxy
 	store       *identity.Store
 	trustDomain string
+	checked     atomic.Int64 // unix nanos of the last positive check
 }
 
 func (c *certsFirst) AddWorkload(uid string, info inpod.WorkloadInfo, ns *os.File) error {
@@ -186,12 +188,19 @@ func (c *certsFirst) AddWorkload(uid string, info inpod.WorkloadInfo, ns *os.Fil
 func (c *certsFirst) DelWorkload(uid string) error { return c.proxy.DelWorkload(uid) }
 func (c *certsFirst) SnapshotDone()                { c.proxy.SnapshotDone() }
 
+// ready is asked on every connection; a positive answer is reused for a
+// second (the store never serves an expired certificate anyway).
 func (c *certsFirst) ready() bool {
+	now := time.Now().UnixNano()
+	if now-c.checked.Load() < int64(time.Second) {
+		return true
+	}
 	for _, st := range c.store.Status() {
 		if st.Serial == "" {
 			return false
 		}
 	}
+	c.checked.Store(now)
 	return true
 }
 
