@@ -163,7 +163,11 @@ func (p *Proxy) AddWorkload(uid string, wi inpod.WorkloadInfo, ns *os.File) erro
 	delete(p.pods, info.UID)
 	p.mu.Unlock()
 	if old != nil {
+		// Open connections keep running; only the listeners are replaced.
 		p.closePod(old, false)
+		if old.ns != ns {
+			old.ns.Close()
+		}
 	}
 	pd := &pod{info: info, ns: ns}
 	if err := p.openPod(pd); err != nil {
