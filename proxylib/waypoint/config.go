@@ -11,6 +11,9 @@ import (
 
 // l7Config is the decoded L7 configuration, swapped atomically on change.
 type l7Config struct {
+	// changed is closed when this configuration is replaced, so long-lived
+	// TCP tunnels re-check their policy (reliability case 20).
+	changed  chan struct{}
 	routes   *route.Table
 	policies []*authz.Policy
 	// broken holds namespaces with an AuthorizationPolicy we could not
@@ -21,7 +24,7 @@ type l7Config struct {
 
 // rebuild decodes every L7Resource from discovery.
 func (s *Server) rebuild() {
-	cfg := &l7Config{broken: map[string]string{}}
+	cfg := &l7Config{broken: map[string]string{}, changed: make(chan struct{})}
 	var httpRoutes []*gwv1.HTTPRoute
 	var grpcRoutes []*gwv1.GRPCRoute
 	for _, r := range s.cfg.State.L7Resources() {
@@ -58,7 +61,9 @@ func (s *Server) rebuild() {
 		s.log.Info("route problem (affected rules answer 500)", "err", err.Error())
 	}
 	cfg.routes = tbl
-	s.l7.Store(cfg)
+	if old := s.l7.Swap(cfg); old != nil {
+		close(old.changed)
+	}
 }
 
 // brokenFor reports a namespace whose policies could not be decoded.

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"io"
+	"sync/atomic"
 
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
@@ -65,8 +66,18 @@ func (s *Server) serveTCP(ctx context.Context, c *connInfo, stream hbone.Stream,
 	if !ok {
 		hc = noHalfClose{up}
 	}
+	var revoked atomic.Bool
+	stop := s.revalidate(c, func() {
+		revoked.Store(true)
+		stream.Close()
+		up.Close()
+	})
 	received, sent, err := hbone.Relay(down, hc)
+	stop()
 	labels.ResponseFlags = string(proxyerr.ReasonOf(err))
+	if revoked.Load() {
+		labels.ResponseFlags = string(proxyerr.PolicyChanged)
+	}
 	s.tcp.ConnClosed(labels, received, sent)
 	s.log.Info("access", "protocol", "tcp", "src.addr", c.srcIP.String(), "src.identity", c.peer.Peer.String(),
 		"dst.addr", c.dst.target.String(), "upstream", ep.String(), "bytes_received", received, "bytes_sent", sent)
@@ -76,3 +87,26 @@ func (s *Server) serveTCP(ctx context.Context, c *connInfo, stream hbone.Stream,
 type noHalfClose struct{ io.ReadWriteCloser }
 
 func (n noHalfClose) CloseWrite() error { return n.Close() }
+
+// revalidate re-authorizes an open tunnel whenever the L7 configuration
+// changes and calls kill when it is no longer allowed. The returned func
+// stops watching.
+func (s *Server) revalidate(c *connInfo, kill func()) func() {
+	done := make(chan struct{})
+	go func() {
+		for {
+			cfg := s.l7.Load()
+			select {
+			case <-done:
+				return
+			case <-cfg.changed:
+			}
+			if d := c.authorize(c.current(), nil); !d.Allowed {
+				s.log.Info("policy changed: closing tunnel", "peer", c.peer.Peer.String(), "target", c.dst.target.String(), "policy", d.Policy)
+				kill()
+				return
+			}
+		}
+	}()
+	return func() { close(done) }
+}

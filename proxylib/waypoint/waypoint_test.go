@@ -17,7 +17,9 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
+	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/waypoint"
 	"github.com/ambientmesh/ambient/proxylib/waypoint/waypointtest"
 	wt "github.com/ambientmesh/ambient/proxylib/waypoint/waypointtest"
 )
@@ -432,6 +434,67 @@ spec:
 		t.Fatalf("healthy path after ejections: %d", code)
 	}
 }
+
+// Reliability case 20: a TCP tunnel that a new policy no longer allows is
+// closed.
+func TestPolicyChangeClosesTCPTunnel(t *testing.T) {
+	d := newDemo(t)
+	st, err := d.notsleep.Dial(context.Background(), d.wp, target(d.echoV1, wt.TCPPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	io.WriteString(st, "\x00ping")
+	buf := make([]byte, len("echo-v1-0:\x00ping"))
+	if _, err := io.ReadFull(st, buf); err != nil {
+		t.Fatalf("relay before the policy: %v", err)
+	}
+	d.m.ApplyL7(`
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: sleep-only}
+spec:
+  rules: [{from: [{source: {principals: [cluster.local/ns/ambient-demo/sa/sleep]}}]}]
+`)
+	st.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := st.Read(buf); err == nil {
+		t.Fatal("tunnel still open after a policy that denies it")
+	}
+}
+
+// Reliability case 19: before discovery has synced, nothing is admitted.
+func TestNotReadyRefuses(t *testing.T) {
+	d := newDemo(t)
+	fresh := discovery.NewState(discovery.AddressType, discovery.L7ResourceType)
+	srv, err := waypoint.New(waypoint.Config{Name: "waypoint", Namespace: wt.Namespace, Identity: d.wp.ID, State: fresh,
+		Dialer: nopDialer{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := &recorder{}
+	srv.ServeHBONE(context.Background(), &hbone.Request{Target: target(d.echo, wt.HTTPPort), Peer: d.sleep.ID}, rec)
+	if rec.status != http.StatusServiceUnavailable || rec.accepted {
+		t.Fatalf("unsynced waypoint answered %d (accepted=%v), want 503", rec.status, rec.accepted)
+	}
+}
+
+type nopDialer struct{}
+
+func (nopDialer) Dial(context.Context, hbone.DialRequest) (hbone.Stream, error) {
+	return nil, fmt.Errorf("not dialing")
+}
+func (nopDialer) Close() error { return nil }
+
+type recorder struct {
+	status   int
+	accepted bool
+}
+
+func (r *recorder) Accept() (hbone.Stream, error) {
+	r.accepted = true
+	return nil, fmt.Errorf("no stream")
+}
+func (r *recorder) Reject(status int, _ string) { r.status = status }
 
 func TestTimeoutsAndRetries(t *testing.T) {
 	d := newDemo(t)
