@@ -81,6 +81,8 @@ func TestMain(m *testing.M) {
 
 const nodeName = "node1"
 
+var captureLatency time.Duration // reported, never asserted
+
 func newMesh() *unstructured.Unstructured {
 	u := &unstructured.Unstructured{Object: map[string]any{
 		"apiVersion": "mesh.ambient.dev/v1alpha1", "kind": "AmbientMesh",
@@ -370,10 +372,13 @@ func TestCaptureRunningPodWithoutRestartAndReadoption(t *testing.T) {
 		t.Fatalf("uncaptured pod reached %q", got)
 	}
 
+	labelled := time.Now()
 	setNamespaceAmbient(t, "running", true)
+	defer func() { t.Logf("running pod captured %v after its namespace was labelled", captureLatency) }()
 	eventually(t, "the running pod is captured", func() bool {
 		return installed(t, podNS) && e.ztunnel.has(pod.UID) && annotation(t, pod) == selection.RedirectionEnabled
 	})
+	captureLatency = time.Since(labelled)
 	if got, want := dialFrom(t, podNS, target), "ztunnel "+target.String(); got != want {
 		t.Fatalf("captured pod's outbound reached %q, want %q", got, want)
 	}
@@ -575,7 +580,9 @@ func TestCNIPluginAddDel(t *testing.T) {
 		return fmt.Sprintf(`{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"ambient-cni","agentSocket":%q,"meshNamespace":"ambient-system"%s,"prevResult":%s}`, socket, extra, prev)
 	}
 
+	start := time.Now()
 	r := runPlugin(t, bin, "ADD", sandbox.Path(), "cni", "cnipod", pod.UID, conf(e.cniSock, ""))
+	t.Logf("CNI ADD with capture took %v (plugin exec + agent + nftables + ztunnel ack)", time.Since(start))
 	if r.err != nil {
 		t.Fatalf("ADD failed: %v\nstdout: %s\nstderr: %s", r.err, r.stdout, r.stderr)
 	}
