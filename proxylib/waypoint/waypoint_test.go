@@ -17,6 +17,8 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/waypoint"
@@ -294,9 +296,18 @@ func TestMetricsLabels(t *testing.T) {
 	c := d.sleep.HTTP(d.wp, target(d.httpbinIP, wt.HTTPPort), false)
 	get(t, c, "GET", svcURL(d.httpbinIP, "/"))
 	get(t, c, "POST", svcURL(d.httpbinIP, "/"))
-	mfs, err := d.wp.Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
+	// Metrics are recorded when the response body is closed, which can be
+	// just after the client has read the response.
+	var mfs []*dto.MetricFamily
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		var err error
+		if mfs, err = d.wp.Registry.Gather(); err != nil {
+			t.Fatal(err)
+		}
+		if countSeries(mfs, "istio_requests_total") >= 2 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	want := map[string]string{
 		"reporter": "waypoint", "source_workload": "unknown", "source_principal": "spiffe://cluster.local/ns/ambient-demo/sa/sleep",
@@ -344,6 +355,15 @@ func TestMetricsLabels(t *testing.T) {
 	if hist != 6 {
 		t.Fatalf("histogram series with samples: %d, want 3 metrics x 2 codes", hist)
 	}
+}
+
+func countSeries(mfs []*dto.MetricFamily, name string) int {
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			return len(mf.GetMetric())
+		}
+	}
+	return 0
 }
 
 func TestTCPPassthroughWithL4Policy(t *testing.T) {

@@ -392,7 +392,10 @@ spec:
 		if got := get(s.outside, s.v2.addr(80)); got != "echo-v2-1" {
 			t.Fatalf("got %q", got)
 		}
-		after, _ := requests(t, s.wp.metrics, map[string]string{"destination_workload": "echo-v2"})
+		var after float64
+		for deadline := time.Now().Add(5 * time.Second); after != before+1 && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+			after, _ = requests(t, s.wp.metrics, map[string]string{"destination_workload": "echo-v2"})
+		}
 		if after != before+1 {
 			t.Fatalf("waypoint counted %v -> %v requests to echo-v2: not hair-pinned through it", before, after)
 		}
@@ -506,7 +509,11 @@ spec:
 				t.Fatalf("got %q", got)
 			}
 		}
-		if n, _ := requests(t, s.saWP.metrics, map[string]string{"destination_workload": "echo-v1", "source_workload": "sleep"}); n != 5 {
+		var n float64
+		for deadline := time.Now().Add(5 * time.Second); n != 5 && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+			n, _ = requests(t, s.saWP.metrics, map[string]string{"destination_workload": "echo-v1", "source_workload": "sleep"})
+		}
+		if n != 5 {
 			t.Fatalf("service-account waypoint served %v of 5", n)
 		}
 		if after, _ := requests(t, s.wp.metrics, map[string]string{"destination_workload": "echo-v1"}); after != before {
