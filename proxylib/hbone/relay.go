@@ -19,9 +19,13 @@ type HalfCloser interface {
 // once a read fills the small one (bulk transfer), dropping back after short
 // reads: idle tunnels stay cheap, bulk copies move several TLS records (and
 // several HTTP/2 frames per handoff to the transport) per read.
+//
+// CopyBufferSize is 4 TLS records minus an HTTP/2 frame header: a full read
+// written to an HTTP/2 tunnel becomes one DATA frame of exactly four full
+// TLS records, with no 9-byte tail record.
 const (
 	SmallBufferSize = 2 << 10
-	CopyBufferSize  = 64 << 10
+	CopyBufferSize  = 4*16384 - 9
 )
 
 var copyBuffers = sync.Pool{New: func() any { b := make([]byte, CopyBufferSize); return &b }}

@@ -9,6 +9,12 @@ import (
 // request-body goroutine.
 const bodyPipeSize = 64 << 10
 
+// frameFit is the most a single Read hands x/net's request-body writer: a
+// DATA frame of 16375 payload bytes plus its 9-byte header is exactly one
+// full TLS record (16384), where a 16384-byte frame would cost a full record
+// plus a 9-byte one (an extra record and write(2) per frame).
+const frameFit = 16384 - 9
+
 var bodyPipeBuffers = sync.Pool{New: func() any { b := make([]byte, bodyPipeSize); return &b }}
 
 // bodyPipe carries the dialing side's writes into the HTTP/2 request body.
@@ -75,6 +81,9 @@ func (p *bodyPipe) Read(b []byte) (int, error) {
 			return 0, p.rerr
 		}
 		if p.buf != nil && p.r < p.w {
+			if len(b) > frameFit {
+				b = b[:frameFit]
+			}
 			n := copy(b, (*p.buf)[p.r:p.w])
 			p.r += n
 			if p.r == p.w { // drained: give the buffer back while idle

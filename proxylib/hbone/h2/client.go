@@ -104,6 +104,9 @@ func NewDialer(cfg DialerConfig) (*Dialer, error) {
 	if cfg.DialContext == nil {
 		cfg.DialContext = (&net.Dialer{KeepAlive: 30 * time.Second}).DialContext
 	}
+	if cfg.Tuning.MaxReadFrameSize == 0 {
+		cfg.Tuning.MaxReadFrameSize = DefaultDialerFrameSize
+	}
 	cfg.Tuning = cfg.Tuning.withDefaults()
 	// Windows live in net/http's HTTP2Config, reached through the HTTP/1
 	// transport that ConfigureTransports links to the HTTP/2 one.

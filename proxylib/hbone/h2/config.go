@@ -19,7 +19,10 @@ type Tuning struct {
 	// MaxReadFrameSize is the largest DATA frame we accept. Keep it at 16 KiB
 	// on the server: x/net's client allocates a request-body scratch buffer
 	// per stream of min(peer's max frame size, 512 KiB) and holds it for the
-	// stream's life, so a larger value multiplies memory per idle tunnel.
+	// stream's life, so a larger value multiplies memory per idle tunnel. The
+	// dialer accepts 64 KiB frames (its read buffer is per connection), so a
+	// server write of up to 64 KiB travels as one DATA frame: one hand-off in
+	// x/net and whole TLS records.
 	MaxReadFrameSize uint32
 	// CopyBuffer is the size of the pooled buffers used to copy tunnel data.
 	CopyBuffer int
@@ -30,7 +33,8 @@ type Tuning struct {
 const (
 	DefaultConnWindow       = 16 << 20
 	DefaultStreamWindow     = 4 << 20
-	DefaultMaxReadFrameSize = 16 << 10
+	DefaultMaxReadFrameSize = 16 << 10 // server
+	DefaultDialerFrameSize  = 64 << 10 // dialer
 	DefaultCopyBuffer       = 32 << 10
 )
 
