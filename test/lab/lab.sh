@@ -167,7 +167,7 @@ subjectAltName=IP:$ip,DNS:$name"
 # write_kubeconfig <file> <cert name>
 write_kubeconfig() {
   local file=$1 cert=$2
-  cat >"$file" <<EOF
+  write_if_changed "$file" <<EOF
 apiVersion: v1
 kind: Config
 clusters:
@@ -239,6 +239,14 @@ cp_up() {
 }
 
 # ---------------------------------------------------------------- workers
+# write_if_changed <file>: stdin to file, untouched when equal (kube-proxy
+# exits when its config file is rewritten, even with the same content).
+write_if_changed() {
+  local f=$1 tmp; tmp=$1.new
+  cat >"$tmp"
+  if cmp -s "$tmp" "$f"; then rm -f "$tmp"; else mv "$tmp" "$f"; fi
+}
+
 node_mounts_up() {
   local short=$1 dir=$STATE/nodes/$1 mnt
   mnt=$(mntns_path "$short")
@@ -286,7 +294,7 @@ node_cgroups_up() {
 
 write_containerd_config() {
   local dir=$1
-  cat >"$dir/containerd.toml" <<EOF
+  write_if_changed "$dir/containerd.toml" <<EOF
 version = 2
 root = "/var/lib/containerd"
 state = "/run/containerd"
@@ -348,7 +356,7 @@ EOF
 
 write_kubelet_config() {
   local short=$1 name=$2 ip=$3 dir=$STATE/nodes/$1
-  cat >"$dir/kubelet.yaml" <<EOF
+  write_if_changed "$dir/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 failCgroupV1: false
@@ -380,7 +388,7 @@ nodeStatusUpdateFrequency: 5s
 fileCheckFrequency: 60s
 maxPods: 110
 EOF
-  cat >"$dir/kube-proxy.yaml" <<EOF
+  write_if_changed "$dir/kube-proxy.yaml" <<EOF
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 mode: iptables
@@ -406,7 +414,7 @@ import_images() {
   # present, win for the same tag.
   for tar in "$ROOT"/bin/images/*.tar "$IMAGES"/*.tar; do
     [ -f "$tar" ] || continue
-    sum=$(cksum <"$tar" | awk '{print $1}')
+    sum=$(stat -c %s-%Y "$tar")
     stamp=$dir/imported/$(basename "$tar").$sum
     [ -f "$stamp" ] && continue
     in_node "$short" ctr -a /run/containerd/containerd.sock -n k8s.io images import --all-platforms "$tar" >>"$LOGS/$short-images.log" 2>&1 ||
@@ -587,20 +595,51 @@ down() {
 
 # ------------------------------------------------------------------ status
 status() {
-  local f name
+  local f name pid rss total=0
   echo "processes:"
   for f in "$STATE"/pids/*.pid; do
     [ -f "$f" ] || continue
     name=$(basename "$f" .pid)
     if pid_alive "$f"; then
-      printf '  %-26s pid %-7s rss %s MiB\n' "$name" "$(cat "$f")" "$(($(awk '/VmRSS/ {print $2}' "/proc/$(cat "$f")/status") / 1024))"
+      pid=$(cat "$f"); rss=$(awk '/VmRSS/ {print int($2 / 1024)}' "/proc/$pid/status")
+      total=$((total + rss))
+      printf '  %-26s pid %-7s rss %4s MiB\n' "$name" "$pid" "$rss"
     else
       printf '  %-26s NOT RUNNING\n' "$name"
     fi
   done
+  local short shims pods
+  for short in $(workers | awk '{print $1}'); do
+    shims=$(mntns_rss "$(mntns_path "$short")")
+    pods=$(cgroup_rss "$short")
+    printf '  %-26s rss %4s MiB (containerd shims %s MiB, pods %s MiB)\n' "$short-pods+shims" "$((shims + pods))" "$shims" "$pods"
+    total=$((total + shims + pods))
+  done
+  echo "  lab total rss: $total MiB"
   [ -f "$KUBECONFIG_FILE" ] || return 0
   echo; kc get nodes -o wide 2>&1 || true
   echo; kc get pods -A -o wide 2>&1 || true
+}
+
+# mntns_rss: MiB of processes in a node's mount namespace other than the
+# recorded components (containerd shims).
+mntns_rss() {
+  local mnt=$1 ino p sum=0 recorded
+  [ -f "$mnt" ] && mountpoint -q "$mnt" || { echo 0; return; }
+  ino=$(stat -L -c %i "$mnt")
+  recorded=" $(cat "$STATE"/pids/*.pid 2>/dev/null | tr '\n' ' ') "
+  for p in /proc/[0-9]*; do
+    [ "$(stat -L -c %i "$p/ns/mnt" 2>/dev/null)" = "$ino" ] || continue
+    [[ $recorded == *" ${p#/proc/} "* ]] && continue
+    sum=$((sum + $(awk '/VmRSS/ {print $2}' "$p/status" 2>/dev/null || echo 0)))
+  done
+  echo $((sum / 1024))
+}
+
+# cgroup_rss: MiB of resident memory of a node's pods (memory cgroup).
+cgroup_rss() {
+  local f=/sys/fs/cgroup/memory/$PREFIX-$1/memory.stat
+  [ -f "$f" ] && awk '$1 == "total_rss" { print int($2 / 1048576) }' "$f" || echo 0
 }
 
 case ${1:-} in
