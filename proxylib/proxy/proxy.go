@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -41,6 +42,10 @@ const (
 // HBONEServer serves HBONE CONNECTs; it is already listening when returned.
 type HBONEServer interface {
 	Serve() error
+	// Drain stops accepting and lets open tunnels run to their end in the
+	// background.
+	Drain()
+	// Close ends everything at once.
 	Close() error
 }
 
@@ -160,6 +165,15 @@ func (p *Proxy) AddWorkload(uid string, wi inpod.WorkloadInfo, ns *os.File) erro
 	}
 	p.mu.Lock()
 	old := p.pods[info.UID]
+	if old != nil && sameNamespace(old.ns, ns) {
+		// Re-adoption of a pod we already serve: keep its listeners and
+		// connections untouched.
+		old.info = info
+		p.mu.Unlock()
+		ns.Close()
+		p.log.Info("workload re-adopted", "uid", info.UID)
+		return nil
+	}
 	delete(p.pods, info.UID)
 	p.mu.Unlock()
 	if old != nil {
@@ -211,10 +225,18 @@ func (p *Proxy) openPod(pd *pod) error {
 		return err
 	}
 	local := p.podIdentity(pd.info)
-	if pd.hbone, err = p.cfg.NewHBONEServer(pd.ns, host, local, hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
+	handler := hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
 		p.serveHBONE(ctx, pd, req, resp)
-	})); err != nil {
-		return fmt.Errorf("hbone server for %s: %w", pd.info.UID, err)
+	})
+	// A replaced server may still be releasing the port (re-adoption).
+	for i := 0; ; i++ {
+		if pd.hbone, err = p.cfg.NewHBONEServer(pd.ns, host, local, handler); err == nil {
+			break
+		}
+		if i == 20 || !errors.Is(err, syscall.EADDRINUSE) {
+			return fmt.Errorf("hbone server for %s: %w", pd.info.UID, err)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 	go p.acceptLoop(out, func(c net.Conn) { p.serveOutbound(pd, c, netip.AddrPort{}) })
 	go p.acceptLoop(in, func(c net.Conn) { p.servePlaintextInbound(pd, c) })
@@ -260,7 +282,12 @@ func (p *Proxy) closePod(pd *pod, closeConns bool) {
 		ln.Close()
 	}
 	if pd.hbone != nil {
-		pd.hbone.Close()
+		if closeConns {
+			pd.hbone.Close()
+		} else {
+			// Replaced (re-adoption): open tunnels run to their end.
+			pd.hbone.Drain()
+		}
 	}
 	if closeConns {
 		p.tracker.CloseOwned(pd.info.UID, proxyerr.ConnectionClosed)
@@ -336,3 +363,9 @@ func (p *Proxy) nextID() uint64 { return p.ids.Add(1) }
 // SnapshotReceived reports whether the node agent has sent its first full
 // snapshot of captured pods (readiness waits for it).
 func (p *Proxy) SnapshotReceived() bool { return p.snapshot.Load() }
+
+func sameNamespace(a, b *os.File) bool {
+	ia, errA := netnsutil.Inode(a)
+	ib, errB := netnsutil.Inode(b)
+	return errA == nil && errB == nil && ia == ib
+}

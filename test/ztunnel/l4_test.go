@@ -13,6 +13,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
+	"github.com/ambientmesh/ambient/proxylib/inpod"
 )
 
 // seedsMesh is the seeds' L4 journey: sleep and notsleep on node1, httpbin
@@ -186,6 +187,26 @@ func TestSeedsL4(t *testing.T) {
 			m.logs.waitFor(t, "dst.addr="+dst.addr(9001).String(), "reason=policy_changed")
 			m.cp.remove(discovery.AuthorizationType, "default/allow-sleep")
 		}
+	})
+
+	t.Run("re-adoption keeps open connections and serves new ones", func(t *testing.T) {
+		c, err := s.sleep.dial(s.httpbin1.addr(9001))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		roundTrip(t, c, "before")
+		f, err := s.httpbin1.Open()
+		if err != nil {
+			t.Fatal(err)
+		}
+		// What the node agent does after its own restart: AddWorkload again.
+		if err := s.httpbin1.node.proxy.AddWorkload(s.httpbin1.uid, inpod.WorkloadInfo{Name: "httpbin-1", Namespace: "default", ServiceAccount: "httpbin"}, f); err != nil {
+			t.Fatal(err)
+		}
+		m.logs.waitFor(t, "workload re-adopted", s.httpbin1.uid)
+		roundTrip(t, c, "after re-adoption")
+		expectOK(t, s.sleep, s.httpbin1.addr(80), "httpbin-1")
 	})
 
 	t.Run("capture and release a running pod without restart", func(t *testing.T) {

@@ -56,7 +56,7 @@ func HTTP3(certs hbone.CertSource, log logr.Logger) Factories {
 			if err := inNS(ns, func() error { return srv.Listen(net.JoinHostPort(host, strconv.Itoa(hbone.Port))) }); err != nil {
 				return nil, err
 			}
-			return srv, nil
+			return h3Server{srv}, nil
 		},
 	}
 }
@@ -96,6 +96,10 @@ type h2Server struct {
 
 func (s *h2Server) Serve() error { return s.srv.Serve(s.ln) }
 func (s *h2Server) Close() error { s.ln.Close(); return s.srv.Close() }
+func (s *h2Server) Drain() {
+	s.ln.Close()
+	go s.srv.Shutdown(context.Background())
+}
 
 // For returns the factories of protocol p ("HTTP2" or "HTTP3").
 func For(p hbone.Protocol, certs hbone.CertSource, log logr.Logger) (Factories, error) {
@@ -107,3 +111,7 @@ func For(p hbone.Protocol, certs hbone.CertSource, log logr.Logger) (Factories, 
 	}
 	return Factories{}, fmt.Errorf("unknown HBONE transport %q (HTTP2 or HTTP3)", p)
 }
+
+type h3Server struct{ *h3.Server }
+
+func (s h3Server) Drain() { go s.Shutdown(context.Background()) }
