@@ -302,9 +302,15 @@ func (s *Server) untrack(sc *serverConn) {
 	delete(s.conns, sc)
 }
 
-// goAway starts a graceful GOAWAY on this connection only.
+// goAway starts a graceful GOAWAY on this connection only. x/net registers
+// the connection for it only once ServeConn has started, so the request is
+// repeated shortly after to cover a connection that was just accepted
+// (x/net sends GOAWAY once per connection).
 func (sc *serverConn) goAway() {
-	go sc.hs.Shutdown(context.Background()) // returns at once: no HTTP/1 conns
+	shutdown := func() { sc.hs.Shutdown(context.Background()) } // returns at once: no HTTP/1 conns
+	go shutdown()
+	time.AfterFunc(50*time.Millisecond, shutdown)
+	time.AfterFunc(500*time.Millisecond, shutdown)
 }
 
 // acquire takes one of peer's tunnel slots.
