@@ -176,7 +176,7 @@ func TestJourneyZtunnelLogs(t *testing.T) {
 	if !regexp.MustCompile(`outbound\{.*\}.*(proxying to|proxy to) [0-9.]+:80`).MatchString(logs) {
 		t.Errorf("no outbound 'proxying to <ip>:80' line in ztunnel logs")
 	}
-	if !regexp.MustCompile(`inbound\{.*peer_id=spiffe://cluster.local/ns/` + demoNS + `/sa/sleep\}.*got CONNECT request to [0-9.]+:80`).MatchString(logs) &&
+	if !regexp.MustCompile(`inbound\{.*peer_id=spiffe://cluster.local/ns/`+demoNS+`/sa/sleep\}.*got CONNECT request to [0-9.]+:80`).MatchString(logs) &&
 		!strings.Contains(logs, "node local fast path") {
 		t.Errorf("no inbound CONNECT (or node-local fast path) line for the sleep identity in ztunnel logs")
 	}
