@@ -30,6 +30,7 @@ import (
 
 	"github.com/ambientmesh/ambient/proxylib/admin"
 	"github.com/ambientmesh/ambient/proxylib/ca"
+	"github.com/ambientmesh/ambient/proxylib/caclient"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/identity"
@@ -113,7 +114,8 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 		b, err := os.ReadFile(o.tokenPath)
 		return strings.TrimSpace(string(b)), err
 	}
-	caClient, err := newCAClient(o.caAddr, &tls.Config{RootCAs: roots, ServerName: o.caServerName, MinVersion: tls.VersionTLS13}, token)
+	caClient, err := caclient.New(caclient.Config{Address: o.caAddr, Token: token,
+		TLS: &tls.Config{RootCAs: roots, ServerName: o.caServerName, MinVersion: tls.VersionTLS12}})
 	if err != nil {
 		return err
 	}
