@@ -33,6 +33,10 @@ type seen struct {
 // the response that must not reach the client.
 func backend(t *testing.T, h2 bool) *httptest.Server {
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") == "websocket" {
+			upgradeEcho(w)
+			return
+		}
 		body, _ := io.ReadAll(r.Body)
 		s := seen{r.Method, r.URL.RequestURI(), r.Host, r.Proto, r.Header, string(body), r.Trailer}
 		w.Header().Set("Connection", "X-Resp-Secret")
@@ -473,5 +477,49 @@ func TestSlowHeadIsClosed(t *testing.T) {
 	case <-done:
 	case <-time.After(3 * time.Second):
 		t.Fatal("slow head kept the connection open")
+	}
+}
+
+// upgradeEcho accepts a protocol upgrade and echoes bytes upper-cased.
+func upgradeEcho(w http.ResponseWriter) {
+	c, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		return
+	}
+	defer c.Close()
+	brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+	brw.Flush()
+	buf := make([]byte, 1024)
+	for {
+		n, err := brw.Read(buf)
+		if n > 0 {
+			c.Write(bytes.ToUpper(buf[:n]))
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+func TestUpgradeRelayed(t *testing.T) {
+	addr := proxy(t, backend(t, false))
+	c, err := net.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\n")
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != 101 || resp.Header.Get("Upgrade") != "websocket" {
+		t.Fatalf("upgrade answer %v %v", resp, err)
+	}
+	for _, msg := range []string{"hello", "again"} {
+		io.WriteString(c, msg)
+		got := make([]byte, len(msg))
+		if _, err := io.ReadFull(br, got); err != nil || string(got) != strings.ToUpper(msg) {
+			t.Fatalf("relay after upgrade: %q %v", got, err)
+		}
 	}
 }

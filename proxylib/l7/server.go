@@ -219,6 +219,10 @@ func (s *Server) serveHTTP1(ctx context.Context, conn net.Conn, br *bufio.Reader
 		}
 
 		resp := handler.ServeL7(req)
+		if resp.StatusCode == http.StatusSwitchingProtocols {
+			s.switchProtocols(conn, br, bw, req, resp)
+			return
+		}
 		keepAlive := !req.Close && req.ProtoAtLeast(1, 1) && !resp.Close
 		werr := writeResponse(bw, req, resp)
 		resp.Body.Close()
@@ -460,3 +464,45 @@ func (c *chunkWriter) Write(p []byte) (int, error) {
 	_, err := c.w.WriteString("\r\n")
 	return len(p), err
 }
+
+// switchProtocols completes an upgrade the upstream accepted (101, e.g.
+// WebSocket): the 101 goes to the client with its Upgrade headers, then
+// bytes are relayed both ways until either side ends.
+func (s *Server) switchProtocols(conn net.Conn, br *bufio.Reader, bw *bufio.Writer, req *http.Request, resp *http.Response) {
+	up, ok := resp.Body.(io.ReadWriteCloser)
+	upgrade := resp.Header.Get("Upgrade")
+	if !ok || UpgradeProtocol(req) == "" || !strings.EqualFold(upgrade, UpgradeProtocol(req)) {
+		resp.Body.Close()
+		s.refuse(bw, http.StatusBadGateway, "upstream switched protocols without a matching upgrade request")
+		return
+	}
+	defer up.Close()
+	RemoveHopByHop(resp.Header, false)
+	fmt.Fprintf(bw, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: %s\r\n", upgrade)
+	resp.Header.Write(bw)
+	bw.WriteString("\r\n")
+	if bw.Flush() != nil {
+		return
+	}
+	done := make(chan struct{})
+	go func() {
+		io.Copy(up, br) // client -> upstream (includes bytes already buffered)
+		if cw, ok := up.(interface{ CloseWrite() error }); ok {
+			cw.CloseWrite()
+		}
+		close(done)
+	}()
+	io.Copy(conn, up) // upstream -> client
+	if cw, ok := conn.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	}
+	select {
+	case <-done:
+	case <-time.After(upgradeLinger):
+		conn.Close() // the client did not end its side after the upstream did
+	}
+}
+
+// upgradeLinger is how long an upgraded connection waits for the client to
+// finish after the upstream ended.
+const upgradeLinger = 5 * time.Second

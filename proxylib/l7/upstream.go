@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"strings"
 	"time"
 )
 
@@ -78,7 +79,14 @@ func Outbound(ctx context.Context, in *http.Request, fwd Forwarding) *http.Reque
 	out := in.Clone(ctx)
 	out.RequestURI = ""
 	out.Close = false
+	upgrade := UpgradeProtocol(in)
 	RemoveHopByHop(out.Header, in.ProtoMajor == 2)
+	if upgrade != "" {
+		// Protocol upgrades (WebSocket) are end to end by intent: re-add
+		// the two hop-by-hop headers that carry them.
+		out.Header.Set("Connection", "Upgrade")
+		out.Header.Set("Upgrade", upgrade)
+	}
 	SetForwarded(out.Header, fwd)
 	if in.ContentLength == 0 {
 		out.Body = http.NoBody
@@ -87,4 +95,17 @@ func Outbound(ctx context.Context, in *http.Request, fwd Forwarding) *http.Reque
 	}
 	out.Trailer = in.Trailer
 	return out
+}
+
+// UpgradeProtocol is the protocol an HTTP/1.1 request asks to switch to
+// ("websocket"), or "" (h2c upgrades are handled by the server itself).
+func UpgradeProtocol(req *http.Request) string {
+	if req.ProtoMajor != 1 || !headerHasToken(req.Header, "Connection", "upgrade") {
+		return ""
+	}
+	up := req.Header.Get("Upgrade")
+	if up == "" || strings.EqualFold(up, "h2c") {
+		return ""
+	}
+	return up
 }

@@ -114,6 +114,14 @@ func (c *connInfo) ServeL7(in *http.Request) *http.Response {
 	o := &outcome{}
 	resp := c.handle(c.current(), in, o)
 	o.status = resp.StatusCode
+	if rwc, ok := resp.Body.(io.ReadWriteCloser); ok && resp.StatusCode == http.StatusSwitchingProtocols {
+		// An upgraded connection (WebSocket): the body is the raw stream and
+		// must stay writable; the request is recorded when it ends.
+		resp.Body = &upgradedBody{ReadWriteCloser: rwc, onClose: func() {
+			c.record(in, o, start, reqBody.n, 0, "", nil)
+		}}
+		return resp
+	}
 	respBody := &countingBody{r: resp.Body}
 	resp.Body = respBody
 	respBody.onClose = func() {
@@ -278,6 +286,10 @@ func (c *connInfo) forward(in *http.Request, o *outcome, m *route.Match, b *rout
 		if m != nil {
 			m.ApplyResponse(resp.Header, *b)
 		}
+		if rwc, ok := resp.Body.(io.ReadWriteCloser); ok && resp.StatusCode == http.StatusSwitchingProtocols {
+			resp.Body = &upgradedBody{ReadWriteCloser: rwc, onClose: func() { tryCancel(); cancel() }}
+			return resp
+		}
 		resp.Body = &cancelOnClose{ReadCloser: resp.Body, cancel: func() { tryCancel(); cancel() }}
 		return resp
 	}
@@ -298,6 +310,19 @@ func errString(err error) string {
 		return "unknown"
 	}
 	return err.Error()
+}
+
+// upgradedBody keeps an upgraded stream writable and runs onClose once.
+type upgradedBody struct {
+	io.ReadWriteCloser
+	onClose func()
+	once    sync.Once
+}
+
+func (u *upgradedBody) Close() error {
+	err := u.ReadWriteCloser.Close()
+	u.once.Do(u.onClose)
+	return err
 }
 
 type cancelOnClose struct {

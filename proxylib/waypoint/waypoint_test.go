@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"net"
 	"net/http"
 	"net/netip"
 	"strings"
@@ -452,6 +453,45 @@ spec:
 	}
 	if code, _, _ := get(t, c, "GET", svcURL(d.echo, "/ok")); code != 200 {
 		t.Fatalf("healthy path after ejections: %d", code)
+	}
+}
+
+// WebSocket-style upgrades pass through the waypoint after policy.
+func TestUpgradeThroughWaypoint(t *testing.T) {
+	d := newDemo(t)
+	d.m.ApplyL7(`
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ws-sleep-only}
+spec:
+  targetRefs: [{kind: Service, group: "", name: echo-v1}]
+  rules: [{from: [{source: {principals: [cluster.local/ns/ambient-demo/sa/sleep]}}]}]
+`)
+	upgrade := func(c *wt.Client) (*http.Response, net.Conn, *bufio.Reader) {
+		st, err := c.Dial(context.Background(), d.wp, target(d.echoV1, wt.HTTPPort))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { st.Close() })
+		io.WriteString(st, "GET /ws HTTP/1.1\r\nHost: echo-v1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+		br := bufio.NewReader(st)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp, st, br
+	}
+	resp, st, br := upgrade(d.sleep)
+	if resp.StatusCode != 101 || resp.Header.Get("X-Pod") != "echo-v1-0" {
+		t.Fatalf("sleep upgrade: %d %v", resp.StatusCode, resp.Header)
+	}
+	io.WriteString(st, "frame")
+	got := make([]byte, 5)
+	if _, err := io.ReadFull(br, got); err != nil || string(got) != "frame" {
+		t.Fatalf("echo after upgrade: %q %v", got, err)
+	}
+	if resp, _, _ := upgrade(d.notsleep); resp.StatusCode != 403 {
+		t.Fatalf("notsleep upgrade: %d, want 403", resp.StatusCode)
 	}
 }
 

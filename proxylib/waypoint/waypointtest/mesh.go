@@ -399,6 +399,10 @@ func (m *Mesh) startBackends(p *Pod) {
 	t := m.t
 	var flaky atomic.Int64
 	mux := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") == "websocket" {
+			upgradeEcho(w, p.Name)
+			return
+		}
 		n, _ := io.Copy(io.Discard, r.Body)
 		switch {
 		case strings.HasPrefix(r.URL.Path, "/sleep/"):
@@ -463,4 +467,17 @@ func (m *Mesh) startBackends(p *Pod) {
 			}()
 		}
 	}()
+}
+
+// upgradeEcho accepts a WebSocket-style upgrade, says which pod it is, and
+// echoes bytes back.
+func upgradeEcho(w http.ResponseWriter, pod string) {
+	c, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		return
+	}
+	defer c.Close()
+	brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX-Pod: " + pod + "\r\n\r\n")
+	brw.Flush()
+	io.Copy(c, brw)
 }
