@@ -48,7 +48,7 @@ type options struct {
 	trustDomain, transport               string
 	zdsSocket                            string
 	adminAddr, metricsAddr, readyAddr    string
-	drainGrace                           time.Duration
+	drainGrace, certTTL                  time.Duration
 	logLevel                             string
 }
 
@@ -78,6 +78,8 @@ func parseFlags() options {
 	flag.StringVar(&o.adminAddr, "admin-address", "127.0.0.1:15000", "admin endpoint")
 	flag.StringVar(&o.metricsAddr, "metrics-address", ":15020", "Prometheus metrics")
 	flag.StringVar(&o.readyAddr, "ready-address", ":15021", "readiness (/healthz/ready)")
+	ttl, _ := time.ParseDuration(env("WORKLOAD_CERT_TTL", "24h"))
+	flag.DurationVar(&o.certTTL, "workload-cert-ttl", ttl, "requested workload certificate lifetime (env WORKLOAD_CERT_TTL)")
 	flag.DurationVar(&o.drainGrace, "drain-grace", 30*time.Second, "time in-flight connections get after SIGTERM")
 	flag.StringVar(&o.logLevel, "log-level", env("LOG_LEVEL", "info"), "debug|info|warn|error")
 	flag.Parse()
@@ -87,7 +89,7 @@ func parseFlags() options {
 func main() {
 	o := parseFlags()
 	level := zap.NewAtomicLevel()
-	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
+	if err := setLevel(level, o.logLevel); err != nil {
 		fmt.Fprintln(os.Stderr, "bad -log-level:", err)
 		os.Exit(2)
 	}
@@ -119,7 +121,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	if err != nil {
 		return err
 	}
-	store, err := identity.NewStore(identity.StoreConfig{Client: caClient, TrustDomain: o.trustDomain, Roots: roots, Log: log.WithName("certs")})
+	store, err := identity.NewStore(identity.StoreConfig{Client: caClient, TrustDomain: o.trustDomain, Roots: roots, TTL: o.certTTL, Log: log.WithName("certs")})
 	if err != nil {
 		return err
 	}
@@ -152,7 +154,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	}()
 
 	serve(log, o.adminAddr, admin.Handler(admin.Config{State: state, Certificates: store.Status, Roots: rootCerts,
-		SetLogLevel: func(l string) error { return level.UnmarshalText([]byte(l)) }}))
+		SetLogLevel: func(l string) error { return setLevel(level, l) }}))
 	serve(log, o.metricsAddr, admin.MetricsHandler(reg))
 	serve(log, o.readyAddr, admin.ReadinessHandler(func() bool { return p.Ready() && p.SnapshotReceived() }))
 	log.Info("ztunnel started", "node", o.node, "transport", o.transport)
@@ -230,4 +232,14 @@ func loadRoots(path string) (*x509.CertPool, []*x509.Certificate, error) {
 		pool.AddCert(c)
 	}
 	return pool, certs, nil
+}
+
+// setLevel accepts zap's names plus "trace" (the AmbientMesh API's most
+// verbose level), which enables logr V(2) lines.
+func setLevel(level zap.AtomicLevel, name string) error {
+	if name == "trace" {
+		level.SetLevel(zapcore.Level(-2))
+		return nil
+	}
+	return level.UnmarshalText([]byte(name))
 }
