@@ -48,9 +48,9 @@ func TestDecodeIstioClientGoJSON(t *testing.T) {
 	if !ok.Allowed || bad.Allowed || post.Allowed {
 		t.Fatalf("GET %v, GET /admin %v, POST %v", ok, bad, post)
 	}
-	deny := *ap
+	deny := ap.DeepCopy()
 	deny.Spec.Action = apisecurity.AuthorizationPolicy_DENY
-	raw, _ = json.Marshal(&deny)
+	raw, _ = json.Marshal(deny)
 	json.Unmarshal(raw, &full)
 	body, _ = json.Marshal(map[string]any{"metadata": map[string]any{"name": "d", "namespace": "n"}, "spec": full["spec"]})
 	if p, err := Decode(body); err != nil || p.Spec.Action != Deny {
