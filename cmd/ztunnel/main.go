@@ -93,7 +93,9 @@ func main() {
 		fmt.Fprintln(os.Stderr, "bad -log-level:", err)
 		os.Exit(2)
 	}
-	zl := zap.New(zapcore.NewCore(zapcore.NewConsoleEncoder(zap.NewProductionEncoderConfig()), zapcore.Lock(os.Stderr), level))
+	enc := zap.NewProductionEncoderConfig()
+	enc.EncodeTime = zapcore.ISO8601TimeEncoder
+	zl := zap.New(zapcore.NewCore(zapcore.NewConsoleEncoder(enc), zapcore.Lock(os.Stderr), level))
 	log := zapr.NewLogger(zl)
 	if err := run(o, log, level); err != nil {
 		log.Error(err, "ztunnel failed")
