@@ -2,6 +2,7 @@ package controllers
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"os"
 	"os/exec"
@@ -57,7 +58,21 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "KUBEBUILDER_ASSETS is not set: run 'make envtest' and use 'make test' (or export KUBEBUILDER_ASSETS=$PWD/bin/k8s/<version>)")
 		os.Exit(1)
 	}
+	flag.Parse()
+	if fuzzing() {
+		os.Exit(m.Run()) // fuzz targets are pure; workers must not each start an API server
+	}
 	os.Exit(runSuite(m))
+}
+
+// fuzzing reports whether this process runs fuzz targets (or is a fuzz worker).
+func fuzzing() bool {
+	for _, name := range []string{"test.fuzz", "test.fuzzworker"} {
+		if f := flag.Lookup(name); f != nil && f.Value.String() != "" && f.Value.String() != "false" {
+			return true
+		}
+	}
+	return false
 }
 
 func runSuite(m *testing.M) int {
@@ -77,9 +92,10 @@ func runSuite(m *testing.M) int {
 		ErrorIfCRDPathMissing: true,
 		WebhookInstallOptions: envtest.WebhookInstallOptions{Paths: []string{filepath.Join("..", "config", "webhook", "manifests.yaml")}},
 	}
+	// Stop even when Start fails half-way, so no API server is left behind.
+	defer func() { _ = env.Stop() }()
 	cfg, err := env.Start()
 	must(err)
-	defer func() { _ = env.Stop() }()
 	restConfig = cfg
 	k8s, err = client.New(cfg, client.Options{Scheme: testScheme})
 	must(err)
@@ -102,7 +118,11 @@ func runSuite(m *testing.M) int {
 		Defaults: testDefaults, RetryInterval: testRetryInterval, ReleaseTimeout: testReleaseTimeout, EnableWebhooks: true,
 	}))
 	must(k8s.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: operatorNamespace}}))
-	go func() { must(mgr.Start(ctx)) }()
+	go func() {
+		if err := mgr.Start(ctx); err != nil {
+			fmt.Fprintln(os.Stderr, "manager stopped:", err)
+		}
+	}()
 	if !mgr.GetCache().WaitForCacheSync(ctx) {
 		panic("cache did not sync")
 	}
