@@ -36,11 +36,11 @@ func TestManagerRun(t *testing.T) {
 	}
 	ctrl.SetLogger(logr.Discard())
 	env := &envtest.Environment{CRDDirectoryPaths: []string{filepath.Join("..", "..", "config", "crd", "bases")}, ErrorIfCRDPathMissing: true}
+	defer func() { _ = env.Stop() }() // also after a half-failed Start
 	cfg, err := env.Start()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer func() { _ = env.Stop() }()
 	user, err := env.AddUser(envtest.User{Name: "admin", Groups: []string{"system:masters"}}, nil)
 	if err != nil {
 		t.Fatal(err)

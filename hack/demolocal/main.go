@@ -50,13 +50,13 @@ func run() error {
 		ErrorIfCRDPathMissing: true,
 		WebhookInstallOptions: envtest.WebhookInstallOptions{Paths: []string{filepath.Join(root, "config", "webhook", "manifests.yaml")}},
 	}
-	if _, err := env.Start(); err != nil {
-		return err
-	}
 	defer func() {
 		step("stopping the local control plane")
 		_ = env.Stop()
 	}()
+	if _, err := env.Start(); err != nil {
+		return err
+	}
 	user, err := env.AddUser(envtest.User{Name: "demo-admin", Groups: []string{"system:masters"}}, nil)
 	if err != nil {
 		return err
