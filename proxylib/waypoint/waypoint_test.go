@@ -305,7 +305,11 @@ func TestMetricsLabels(t *testing.T) {
 		if mfs, err = d.wp.Registry.Gather(); err != nil {
 			t.Fatal(err)
 		}
-		if countSeries(mfs, "istio_requests_total") >= 2 || time.Now().After(deadline) {
+		complete := true
+		for _, name := range []string{"istio_requests_total", "istio_request_duration_milliseconds", "istio_request_bytes", "istio_response_bytes"} {
+			complete = complete && countSeries(mfs, name) >= 2
+		}
+		if complete || time.Now().After(deadline) {
 			break
 		}
 		time.Sleep(10 * time.Millisecond)
