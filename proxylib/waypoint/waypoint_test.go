@@ -305,11 +305,7 @@ func TestMetricsLabels(t *testing.T) {
 		if mfs, err = d.wp.Registry.Gather(); err != nil {
 			t.Fatal(err)
 		}
-		complete := true
-		for _, name := range []string{"istio_requests_total", "istio_request_duration_milliseconds", "istio_request_bytes", "istio_response_bytes"} {
-			complete = complete && countSeries(mfs, name) >= 2
-		}
-		if complete || time.Now().After(deadline) {
+		if (countSeries(mfs, "istio_requests_total") >= 2 && histSamples(mfs) == 6) || time.Now().After(deadline) {
 			break
 		}
 		time.Sleep(10 * time.Millisecond)
@@ -346,6 +342,15 @@ func TestMetricsLabels(t *testing.T) {
 	if !found["200"] || !found["403"] {
 		t.Fatalf("requests_total series by code: %v", found)
 	}
+	hist := histSamples(mfs)
+	if hist != 6 {
+		t.Fatalf("histogram series with samples: %d, want 3 metrics x 2 codes", hist)
+	}
+}
+
+// histSamples counts histogram series of the three request histograms
+// that have samples.
+func histSamples(mfs []*dto.MetricFamily) int {
 	hist := 0
 	for _, mf := range mfs {
 		switch mf.GetName() {
@@ -357,9 +362,7 @@ func TestMetricsLabels(t *testing.T) {
 			}
 		}
 	}
-	if hist != 6 {
-		t.Fatalf("histogram series with samples: %d, want 3 metrics x 2 codes", hist)
-	}
+	return hist
 }
 
 func countSeries(mfs []*dto.MetricFamily, name string) int {
