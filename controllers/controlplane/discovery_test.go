@@ -287,7 +287,7 @@ func TestWaypointBinding(t *testing.T) {
 	zt := ztunnel(t, "zt-wp", "node-a", "10.200.0.4")
 	state := startClient(t, token(t, zt, xds.TokenAudience), zt.Name, xds.RoleZtunnel)
 	ensureNamespace(t, "wp", map[string]string{ambientLabel: "ambient"})
-	nsWaypoint := &gwv1.Gateway{ObjectMeta: metav1.ObjectMeta{Name: "ns-waypoint", Namespace: "wp"},
+	nsWaypoint := &gwv1.Gateway{ObjectMeta: metav1.ObjectMeta{Name: "ns-waypoint", Namespace: "wp", Labels: map[string]string{"istio.io/waypoint-for": "all"}},
 		Spec: gwv1.GatewaySpec{GatewayClassName: "istio-waypoint", Listeners: []gwv1.Listener{{Name: "mesh", Port: 15008, Protocol: "HBONE"}}}}
 	saWaypoint := &gwv1.Gateway{ObjectMeta: metav1.ObjectMeta{Name: "sa-waypoint", Namespace: "wp", Annotations: map[string]string{"istio.io/for-service-account": "special"}},
 		Spec: gwv1.GatewaySpec{GatewayClassName: "istio-waypoint", Listeners: []gwv1.Listener{{Name: "mesh", Port: 15008, Protocol: "HBONE"}}}}

@@ -693,7 +693,7 @@ func (b *build) loadWaypoints() error {
 			}
 			traffic := gw.Labels[WaypointForLabel]
 			if traffic == "" {
-				traffic = trafficAll // the seeds: a waypoint serves every pod of its namespace
+				traffic = trafficService // Istio's default, as the operator deploys it
 			}
 			put(&waypoint{Namespace: gw.Namespace, Name: gw.Name, ServiceAccount: gw.Annotations[ForServiceAccountAnnotation], TrafficType: traffic}, false)
 		}
