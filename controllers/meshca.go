@@ -2,6 +2,7 @@ package controllers
 
 import (
 	"context"
+	"crypto"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -142,8 +143,8 @@ func (m *caManager) createSelfSigned(ctx context.Context, mesh *meshv1.AmbientMe
 
 func (m *caManager) rotateIntermediate(ctx context.Context, mesh *meshv1.AmbientMesh, secret *corev1.Secret, cur *ca.Authority) (*ca.Authority, error) {
 	rootKey, err := ca.ParseKey(secret.Data[CASecretRootKey])
-	if err != nil {
-		return cur, nil // no root key (user replaced it): keep signing until expiry
+	if err != nil || len(cur.Roots) == 0 || !keyMatches(rootKey, cur.Roots[0]) {
+		return cur, nil // no usable root key (user-supplied CA): keep signing until expiry
 	}
 	root := &ca.Authority{Cert: cur.Roots[0], Key: rootKey, Roots: cur.Roots, Now: m.now}
 	inter, err := ca.NewIntermediate(root, mesh.Spec.TrustDomain, intermediateTTL(mesh))
@@ -159,6 +160,11 @@ func (m *caManager) rotateIntermediate(ctx context.Context, mesh *meshv1.Ambient
 		return nil, fmt.Errorf("rotate intermediate: %w", err)
 	}
 	return inter, nil
+}
+
+func keyMatches(key crypto.Signer, cert *x509.Certificate) bool {
+	pub, ok := key.Public().(interface{ Equal(crypto.PublicKey) bool })
+	return ok && pub.Equal(cert.PublicKey)
 }
 
 func intermediateTTL(mesh *meshv1.AmbientMesh) time.Duration {
