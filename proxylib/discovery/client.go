@@ -53,9 +53,13 @@ type Client struct {
 	state *State
 }
 
-// NewClient returns a client feeding state. state should have been created
-// with the same type URLs (NewState(cfg.TypeURLs...)).
+// NewClient returns a client feeding state. Without cfg.TypeURLs it
+// subscribes to the types state was created with (NewState(types...)), or
+// Address and Authorization.
 func NewClient(cfg ClientConfig, state *State) *Client {
+	if len(cfg.TypeURLs) == 0 {
+		cfg.TypeURLs = append([]string(nil), state.subscribed...)
+	}
 	if len(cfg.TypeURLs) == 0 {
 		cfg.TypeURLs = []string{AddressType, AuthorizationType}
 	}
