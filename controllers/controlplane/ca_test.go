@@ -142,6 +142,8 @@ func TestCA(t *testing.T) {
 	t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), gw) })
 	wpPod := createPod(t, podSpec{ns: "ca-app", name: "waypoint-0", node: "node-b", sa: "waypoint", ip: "10.7.0.4",
 		labels: map[string]string{"gateway.networking.k8s.io/gateway-name": "waypoint"}})
+	impostor := createPod(t, podSpec{ns: "ca-app", name: "impostor", node: "node-b", sa: "client", ip: "10.7.0.5",
+		labels: map[string]string{"gateway.networking.k8s.io/gateway-name": "waypoint"}})
 	eventually(t, "waypoint known", func() bool { return s.cp.Discovery.IsWaypoint("ca-app", "waypoint") })
 	// Pods must be in the manager's cache before node checks can pass.
 	eventually(t, "pods cached", func() bool {
@@ -173,6 +175,7 @@ func TestCA(t *testing.T) {
 		{"application pod", token(t, appPod, xds.TokenAudience), id("ca-app", "client"), codes.PermissionDenied},
 		{"waypoint, own identity", token(t, wpPod, xds.TokenAudience), id("ca-app", "waypoint"), codes.OK},
 		{"waypoint, someone else", token(t, wpPod, xds.TokenAudience), id("ca-app", "web"), codes.PermissionDenied},
+		{"pod copying the waypoint label", token(t, impostor, xds.TokenAudience), id("ca-app", "client"), codes.PermissionDenied},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -149,12 +149,15 @@ func (a *Authenticator) Authenticate(ctx context.Context, token string) (*Caller
 	return caller, nil
 }
 
+// isWaypointPod: the pod names an existing waypoint and runs as that
+// waypoint's service account (named after it, as the operator and Istio
+// deploy waypoints), so a pod that merely copies the label is refused.
 func (a *Authenticator) isWaypointPod(pod *corev1.Pod) bool {
 	if a.IsWaypoint == nil {
 		return false
 	}
 	for _, k := range []string{"gateway.networking.k8s.io/gateway-name", "mesh.ambient.dev/waypoint"} {
-		if name := pod.Labels[k]; name != "" && a.IsWaypoint(pod.Namespace, name) {
+		if name := pod.Labels[k]; name != "" && name == pod.Spec.ServiceAccountName && a.IsWaypoint(pod.Namespace, name) {
 			return true
 		}
 	}
