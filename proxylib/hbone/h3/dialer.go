@@ -42,6 +42,9 @@ type DialerConfig struct {
 	// connections with idle tunnels alive.
 	IdleTimeout time.Duration
 	KeepAlive   time.Duration
+	// ListenPacket opens the dialer's UDP socket (e.g. inside a pod's network
+	// namespace, with SO_MARK); an unbound socket on all addresses when nil.
+	ListenPacket func() (*net.UDPConn, error)
 }
 
 // Dialer opens HBONE tunnels over HTTP/3, pooling QUIC connections per
@@ -83,7 +86,15 @@ func NewDialer(cfg DialerConfig) (*Dialer, error) {
 	if cfg.KeepAlive <= 0 {
 		cfg.KeepAlive = DefaultKeepAlive
 	}
-	udp, err := listenUDP(cfg.Log, ":0")
+	var udp *net.UDPConn
+	var err error
+	if cfg.ListenPacket != nil {
+		if udp, err = cfg.ListenPacket(); err == nil {
+			tuneUDP(cfg.Log, udp)
+		}
+	} else {
+		udp, err = listenUDP(cfg.Log, ":0")
+	}
 	if err != nil {
 		return nil, fmt.Errorf("h3: dialer socket: %w", err)
 	}

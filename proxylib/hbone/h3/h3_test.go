@@ -509,3 +509,45 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 	t.Fatalf("timed out waiting for: %s", what)
 }
+
+// TestCallerProvidedSockets: both ends can run on sockets the caller opened
+// (as ztunnel does inside a pod's network namespace).
+func TestCallerProvidedSockets(t *testing.T) {
+	mesh := newTestMesh(t, trustDomain)
+	seen := make(chan accepted, 1)
+	srv, err := NewServer(ServerConfig{Certs: mesh.source(t, serverID), Identity: serverID, Handler: echoHandler(seen), Log: testLog(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srvSock, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.ListenOn(srvSock); err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve()
+	t.Cleanup(func() { srv.Close() })
+
+	var clientSock *net.UDPConn
+	d := newTestDialer(t, mesh.source(t, clientID), func(c *DialerConfig) {
+		c.ListenPacket = func() (*net.UDPConn, error) {
+			var err error
+			clientSock, err = net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+			return clientSock, err
+		}
+	})
+	s, err := d.Dial(context.Background(), dialReq(srv))
+	if err != nil {
+		t.Fatal(err)
+	}
+	echo(t, s, "on our sockets")
+	s.Close()
+	a := <-seen
+	if a.req.PeerAddr != clientSock.LocalAddr().(*net.UDPAddr).AddrPort() {
+		t.Errorf("server saw peer %v, want the caller's socket %v", a.req.PeerAddr, clientSock.LocalAddr())
+	}
+	if a.req.Local != srvSock.LocalAddr().(*net.UDPAddr).AddrPort() {
+		t.Errorf("server local %v, want %v", a.req.Local, srvSock.LocalAddr())
+	}
+}

@@ -102,6 +102,17 @@ func (s *Server) Listen(addr string) error {
 	if err != nil {
 		return fmt.Errorf("h3: listen %s: %w", addr, err)
 	}
+	return s.listenOn(udp, addr)
+}
+
+// ListenOn serves on a socket the caller opened (e.g. inside a pod's network
+// namespace); the server owns and closes it.
+func (s *Server) ListenOn(udp *net.UDPConn) error {
+	tuneUDP(s.cfg.Log, udp)
+	return s.listenOn(udp, udp.LocalAddr().String())
+}
+
+func (s *Server) listenOn(udp *net.UDPConn, addr string) error {
 	tr := &quic.Transport{Conn: udp}
 	ln, err := tr.Listen(hbone.ServerTLSConfig(s.cfg.Certs, s.cfg.Identity, "h3"), s.quicConfig())
 	if err != nil {

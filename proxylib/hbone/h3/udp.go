@@ -27,6 +27,13 @@ func listenUDP(log logr.Logger, addr string) (*net.UDPConn, error) {
 	if err != nil {
 		return nil, err
 	}
+	tuneUDP(log, conn)
+	return conn, nil
+}
+
+// tuneUDP raises a socket's buffers as far as allowed and logs the result
+// once per process.
+func tuneUDP(log logr.Logger, conn *net.UDPConn) {
 	_ = conn.SetReadBuffer(wantUDPBuffer)
 	_ = conn.SetWriteBuffer(wantUDPBuffer)
 	logBufferOnce.Do(func() {
@@ -34,7 +41,6 @@ func listenUDP(log logr.Logger, addr string) (*net.UDPConn, error) {
 		log.Info("QUIC UDP socket buffers", "rcvbuf", rcv, "sndbuf", snd, "wanted", wantUDPBuffer,
 			"net.core.rmem_max", sysctl("net/core/rmem_max"), "net.core.wmem_max", sysctl("net/core/wmem_max"))
 	})
-	return conn, nil
 }
 
 func socketBuffers(conn *net.UDPConn) (rcv, snd int) {
