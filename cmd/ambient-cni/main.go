@@ -55,6 +55,7 @@ func runAgent(args []string) error {
 	o := agent.Options{Redirect: redirect.DefaultConfig()}
 	var excluded, backend, logLevel, healthPort, healthAddr string
 	fs.StringVar(&o.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (spec.nodeName of its pods)")
+	fs.StringVar(&o.MeshName, "mesh-name", os.Getenv("MESH_NAME"), "AmbientMesh whose removal releases every pod")
 	fs.StringVar(&o.Selection.MeshNamespace, "mesh-namespace", envOr("MESH_NAMESPACE", envOr("POD_NAMESPACE", "ambient-system")), "namespace of the mesh itself (never captured)")
 	fs.StringVar(&excluded, "excluded-namespaces", os.Getenv("EXCLUDED_NAMESPACES"), "comma-separated namespaces never captured")
 	fs.StringVar(&backend, "redirection", envOr("REDIRECTION_BACKEND", "nftables"), "nftables or iptables")

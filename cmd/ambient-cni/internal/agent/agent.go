@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -40,7 +41,8 @@ type Agent struct {
 	HostNS *os.File
 	Log    logr.Logger
 
-	opMu     sync.Mutex // one pod operation at a time (controller and CNI requests)
+	opMu     sync.Mutex  // one pod operation at a time (controller and CNI requests)
+	removing atomic.Bool // the mesh is being removed: capture nothing
 	mu       sync.Mutex
 	captured map[types.NamespacedName]*captured
 }
@@ -89,6 +91,9 @@ func (a *Agent) Sync(ctx context.Context, r client.Reader, key types.NamespacedN
 	}
 	if pod.Spec.NodeName != a.NodeName && netnsPath == "" {
 		return false, "pod is on another node", nil
+	}
+	if a.removing.Load() {
+		return false, "mesh is being removed", a.release(ctx, key, &pod)
 	}
 	if pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
 		return false, "pod finished", a.release(ctx, key, &pod)
@@ -251,7 +256,7 @@ func (a *Agent) ReleaseSandbox(ctx context.Context, key types.NamespacedName) er
 // InitialSync reconciles every pod on the node, then starts the ztunnel
 // syncer, so ztunnel's first snapshot after an agent restart contains
 // every pod that is still captured (and ztunnel drops only stale ones).
-func (a *Agent) InitialSync(ctx context.Context, r client.Reader) error {
+func (a *Agent) InitialSync(ctx context.Context, r client.Reader, startSyncer bool) error {
 	a.init()
 	var pods corev1.PodList
 	if err := r.List(ctx, &pods); err != nil {
@@ -275,6 +280,8 @@ func (a *Agent) InitialSync(ctx context.Context, r client.Reader) error {
 			time.Sleep(200 * time.Millisecond)
 		}
 	}
-	go a.Syncer.Run(ctx)
+	if startSyncer {
+		go a.Syncer.Run(ctx)
+	}
 	return nil
 }

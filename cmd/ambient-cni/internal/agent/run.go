@@ -42,6 +42,7 @@ import (
 // Options configure a node agent process.
 type Options struct {
 	NodeName      string
+	MeshName      string // AmbientMesh to follow for removal ("" = only on shutdown)
 	Selection     selection.Config
 	ZtunnelSocket string // inpod.DefaultSocketPath
 	CNISocket     string // cniapi.DefaultSocketPath
@@ -124,7 +125,13 @@ func Run(ctx context.Context, cfg *rest.Config, o Options) error {
 		if !mgr.GetCache().WaitForCacheSync(ctx) {
 			return errors.New("cache did not sync")
 		}
-		if err := a.InitialSync(ctx, mgr.GetClient()); err != nil {
+		if o.MeshName != "" {
+			// Know about a removal in progress before capturing anything.
+			if removing, err := meshRemoving(ctx, mgr.GetAPIReader(), o.MeshName); err == nil && removing {
+				a.removing.Store(true)
+			}
+		}
+		if err := a.InitialSync(ctx, mgr.GetClient(), true); err != nil {
 			return err
 		}
 		synced.Store(true)
@@ -133,8 +140,18 @@ func Run(ctx context.Context, cfg *rest.Config, o Options) error {
 	})); err != nil {
 		return err
 	}
+	if o.MeshName != "" {
+		if err := mgr.Add(manager(func(ctx context.Context) error {
+			if !mgr.GetCache().WaitForCacheSync(ctx) {
+				return nil
+			}
+			return a.watchMeshRemoval(ctx, mgr.GetClient(), o)
+		})); err != nil {
+			return err
+		}
+	}
 	if o.CNIConfDir != "" {
-		if err := mgr.Add(manager(func(ctx context.Context) error { return keepCNIInstalled(ctx, o, &cniReady) })); err != nil {
+		if err := mgr.Add(manager(func(ctx context.Context) error { return keepCNIInstalled(ctx, o, &cniReady, &a.removing) })); err != nil {
 			return err
 		}
 	}
@@ -196,7 +213,7 @@ func (a *Agent) setupController(mgr ctrl.Manager) error {
 // keepCNIInstalled installs the plugin binary once and re-checks the
 // configuration periodically: the cluster's network plugin may (re)write
 // its file after us.
-func keepCNIInstalled(ctx context.Context, o Options, ready *atomic.Bool) error {
+func keepCNIInstalled(ctx context.Context, o Options, ready, removing *atomic.Bool) error {
 	if o.CNIBinDir != "" {
 		exe, err := os.Executable()
 		if err != nil {
@@ -207,6 +224,22 @@ func keepCNIInstalled(ctx context.Context, o Options, ready *atomic.Bool) error 
 		}
 	}
 	for {
+		if removing.Load() { // the mesh is going away: the plugin stays out
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(2 * time.Second):
+			}
+			continue
+		}
+		if o.CNIBinDir != "" {
+			if _, err := os.Stat(filepath.Join(o.CNIBinDir, cniinstall.PluginType)); err != nil {
+				exe, _ := os.Executable()
+				if err := cniinstall.InstallBinary(exe, o.CNIBinDir); err != nil {
+					o.Log.Error(err, "install CNI binary")
+				}
+			}
+		}
 		changed, err := cniinstall.InstallConfig(o.CNIConfDir, o.PluginConf)
 		switch {
 		case err == nil:

@@ -3,12 +3,12 @@ package agent
 import (
 	"context"
 	"errors"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/types"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -51,6 +51,13 @@ func (a *Agent) onShutdown(ctx context.Context, c client.Client, o Options) erro
 		return nil
 	}
 	a.Log.Info("mesh uninstalled: releasing every captured pod on this node")
+	a.Client = c // the manager has stopped
+	return a.releaseAll(ctx, c, o)
+}
+
+// releaseAll removes the CNI plugin and releases every pod of the node that
+// this process captured or that carries the capture annotation.
+func (a *Agent) releaseAll(ctx context.Context, c client.Client, o Options) error {
 	var errs []error
 	if o.CNIConfDir != "" {
 		errs = append(errs, cniinstall.UninstallConfig(o.CNIConfDir))
@@ -58,18 +65,22 @@ func (a *Agent) onShutdown(ctx context.Context, c client.Client, o Options) erro
 	if o.CNIBinDir != "" {
 		errs = append(errs, cniinstall.UninstallBinary(o.CNIBinDir))
 	}
-	a.Client = c // the manager's cache has stopped
 	keys := map[types.NamespacedName]bool{}
 	for k := range a.Captured() {
 		keys[k] = true
 	}
 	var pods corev1.PodList
-	if err := c.List(ctx, &pods, client.MatchingFieldsSelector{Selector: fields.OneTermEqualSelector("spec.nodeName", a.NodeName)}); err != nil {
+	// No field selector: the manager's cache (already limited to this node)
+	// has no index for it; a direct client filters here instead.
+	if err := c.List(ctx, &pods); err != nil {
 		errs = append(errs, err)
 	}
 	byKey := map[types.NamespacedName]*corev1.Pod{}
 	for i := range pods.Items {
 		p := &pods.Items[i]
+		if p.Spec.NodeName != a.NodeName {
+			continue
+		}
 		k := client.ObjectKeyFromObject(p)
 		byKey[k] = p
 		if p.Annotations[selection.RedirectionAnnotation] == selection.RedirectionEnabled {
@@ -85,4 +96,51 @@ func (a *Agent) onShutdown(ctx context.Context, c client.Client, o Options) erro
 		errs = append(errs, a.Probes.Remove(a.HostNS))
 	}
 	return errors.Join(errs...)
+}
+
+// meshRemoving reports whether the named AmbientMesh is being deleted (or
+// already gone): node agents then release every pod while still running,
+// so the operator can finish the removal (docs/interfaces.md, Mesh removal).
+func meshRemoving(ctx context.Context, c client.Reader, name string) (bool, error) {
+	u := &unstructured.Unstructured{}
+	u.SetGroupVersionKind(meshv1.GroupVersion.WithKind("AmbientMesh"))
+	err := c.Get(ctx, client.ObjectKey{Name: name}, u)
+	if apierrors.IsNotFound(err) || meta.IsNoMatchError(err) {
+		return true, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	return u.GetDeletionTimestamp() != nil, nil
+}
+
+// watchMeshRemoval polls the mesh; on removal it releases every pod and
+// removes the CNI plugin, and stops capturing; if the mesh comes back, it
+// captures again.
+func (a *Agent) watchMeshRemoval(ctx context.Context, c client.Client, o Options) error {
+	for {
+		removing, err := meshRemoving(ctx, c, o.MeshName)
+		switch {
+		case err != nil:
+			a.Log.V(1).Info("cannot read the mesh", "err", err.Error())
+		case removing && !a.removing.Load():
+			a.removing.Store(true)
+			a.Log.Info("mesh is being removed: releasing every captured pod on this node", "mesh", o.MeshName)
+			if err := a.releaseAll(ctx, c, o); err != nil {
+				a.Log.Error(err, "releasing pods for mesh removal")
+				a.removing.Store(false) // retry on the next poll
+			}
+		case !removing && a.removing.Load():
+			a.removing.Store(false)
+			a.Log.Info("mesh is back: capturing again", "mesh", o.MeshName)
+			if err := a.InitialSync(ctx, c, false); err != nil {
+				a.Log.Error(err, "re-capture after mesh came back")
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(2 * time.Second):
+		}
+	}
 }
