@@ -177,6 +177,9 @@ func decode(typeURL string, r Resource) (decoded, error) {
 			return d, fmt.Errorf("name does not match policy %s/%s", p.Namespace, p.Name)
 		}
 		d.policy = &p
+		if err := normalizeServiceAccounts(&p); err != nil {
+			return d, err
+		}
 		return d, validatePolicy(&p)
 	case L7ResourceType:
 		var res meshapi.L7Resource
@@ -235,6 +238,48 @@ func validateGateway(g *workloadapi.GatewayAddress) error {
 	}
 	if g.GetAddress() == nil && g.GetHostname() == nil {
 		return errors.New("waypoint without destination")
+	}
+	return nil
+}
+
+// normalizeServiceAccounts rewrites service-account matches (set by Istio's
+// istiod) as principal suffixes "/ns/<ns>/sa/<sa>", which is what evaluators
+// understand. not_* lists merge exactly; a positive list merges only when
+// the match has no principals of its own (ANDing both cannot be expressed),
+// otherwise the policy is refused rather than widened.
+func normalizeServiceAccounts(p *security.Authorization) error {
+	suffixes := func(sas []*security.ServiceAccountMatch) ([]*security.StringMatch, error) {
+		out := make([]*security.StringMatch, 0, len(sas))
+		for _, sa := range sas {
+			if sa.GetNamespace() == "" || sa.GetServiceAccount() == "" {
+				return nil, errors.New("service account match without namespace or name")
+			}
+			out = append(out, &security.StringMatch{MatchType: &security.StringMatch_Suffix{Suffix: "/ns/" + sa.Namespace + "/sa/" + sa.ServiceAccount}})
+		}
+		return out, nil
+	}
+	for _, g := range p.Groups {
+		for _, r := range g.Rules {
+			for _, m := range r.Matches {
+				if len(m.ServiceAccounts) > 0 {
+					if len(m.Principals) > 0 {
+						return errors.New("match with both principals and service accounts is not supported")
+					}
+					sfx, err := suffixes(m.ServiceAccounts)
+					if err != nil {
+						return err
+					}
+					m.Principals, m.ServiceAccounts = sfx, nil
+				}
+				if len(m.NotServiceAccounts) > 0 {
+					sfx, err := suffixes(m.NotServiceAccounts)
+					if err != nil {
+						return err
+					}
+					m.NotPrincipals, m.NotServiceAccounts = append(m.NotPrincipals, sfx...), nil
+				}
+			}
+		}
 	}
 	return nil
 }

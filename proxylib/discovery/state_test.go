@@ -132,3 +132,31 @@ func FuzzApply(f *testing.F) {
 		}
 	})
 }
+
+func TestServiceAccountMatchesBecomePrincipals(t *testing.T) {
+	sa := func(ns, name string) *security.ServiceAccountMatch {
+		return &security.ServiceAccountMatch{Namespace: ns, ServiceAccount: name}
+	}
+	pol := func(m *security.Match) *security.Authorization {
+		return &security.Authorization{Name: "p", Namespace: "a", Groups: []*security.Group{{Rules: []*security.Rules{{Matches: []*security.Match{m}}}}}}
+	}
+	s := NewState(AuthorizationType)
+	in := pol(&security.Match{ServiceAccounts: []*security.ServiceAccountMatch{sa("a", "web")},
+		NotPrincipals: []*security.StringMatch{{MatchType: &security.StringMatch_Exact{Exact: "x"}}}, NotServiceAccounts: []*security.ServiceAccountMatch{sa("b", "bad")}})
+	if err := s.Apply(AuthorizationType, []Resource{{Name: "a/p", Body: anyOf(t, AuthorizationType, in)}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	m := s.Policy("a/p").Groups[0].Rules[0].Matches[0]
+	if len(m.ServiceAccounts)+len(m.NotServiceAccounts) != 0 || m.Principals[0].GetSuffix() != "/ns/a/sa/web" ||
+		len(m.NotPrincipals) != 2 || m.NotPrincipals[1].GetSuffix() != "/ns/b/sa/bad" {
+		t.Fatalf("normalized match = %v", m)
+	}
+	for name, bad := range map[string]*security.Authorization{
+		"principals and service accounts": pol(&security.Match{ServiceAccounts: []*security.ServiceAccountMatch{sa("a", "web")}, Principals: []*security.StringMatch{{MatchType: &security.StringMatch_Exact{Exact: "x"}}}}),
+		"empty service account":           pol(&security.Match{ServiceAccounts: []*security.ServiceAccountMatch{sa("a", "")}}),
+	} {
+		if err := NewState(AuthorizationType).Apply(AuthorizationType, []Resource{{Name: "a/p", Body: anyOf(t, AuthorizationType, bad)}}, nil); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}

@@ -297,6 +297,11 @@ type Match struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Namespaces    []*StringMatch         `protobuf:"bytes,1,rep,name=namespaces,proto3" json:"namespaces,omitempty"`
 	NotNamespaces []*StringMatch         `protobuf:"bytes,2,rep,name=not_namespaces,json=notNamespaces,proto3" json:"not_namespaces,omitempty"`
+	// Service accounts (namespace + name), any trust domain. Our control plane
+	// expresses AuthorizationPolicy serviceAccounts as principal suffixes
+	// instead; evaluators must still honour these (Istio's istiod sets them).
+	ServiceAccounts    []*ServiceAccountMatch `protobuf:"bytes,11,rep,name=service_accounts,json=serviceAccounts,proto3" json:"service_accounts,omitempty"`
+	NotServiceAccounts []*ServiceAccountMatch `protobuf:"bytes,12,rep,name=not_service_accounts,json=notServiceAccounts,proto3" json:"not_service_accounts,omitempty"`
 	// Principals in Istio's "td/ns/<ns>/sa/<sa>" form.
 	Principals          []*StringMatch `protobuf:"bytes,3,rep,name=principals,proto3" json:"principals,omitempty"`
 	NotPrincipals       []*StringMatch `protobuf:"bytes,4,rep,name=not_principals,json=notPrincipals,proto3" json:"not_principals,omitempty"`
@@ -350,6 +355,20 @@ func (x *Match) GetNamespaces() []*StringMatch {
 func (x *Match) GetNotNamespaces() []*StringMatch {
 	if x != nil {
 		return x.NotNamespaces
+	}
+	return nil
+}
+
+func (x *Match) GetServiceAccounts() []*ServiceAccountMatch {
+	if x != nil {
+		return x.ServiceAccounts
+	}
+	return nil
+}
+
+func (x *Match) GetNotServiceAccounts() []*ServiceAccountMatch {
+	if x != nil {
+		return x.NotServiceAccounts
 	}
 	return nil
 }
@@ -410,6 +429,58 @@ func (x *Match) GetNotDestinationPorts() []uint32 {
 	return nil
 }
 
+type ServiceAccountMatch struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Namespace      string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	ServiceAccount string                 `protobuf:"bytes,2,opt,name=serviceAccount,proto3" json:"serviceAccount,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *ServiceAccountMatch) Reset() {
+	*x = ServiceAccountMatch{}
+	mi := &file_authorization_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ServiceAccountMatch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ServiceAccountMatch) ProtoMessage() {}
+
+func (x *ServiceAccountMatch) ProtoReflect() protoreflect.Message {
+	mi := &file_authorization_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ServiceAccountMatch.ProtoReflect.Descriptor instead.
+func (*ServiceAccountMatch) Descriptor() ([]byte, []int) {
+	return file_authorization_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *ServiceAccountMatch) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *ServiceAccountMatch) GetServiceAccount() string {
+	if x != nil {
+		return x.ServiceAccount
+	}
+	return ""
+}
+
 // Address is a CIDR: raw IP bytes and prefix length.
 type Address struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -421,7 +492,7 @@ type Address struct {
 
 func (x *Address) Reset() {
 	*x = Address{}
-	mi := &file_authorization_proto_msgTypes[4]
+	mi := &file_authorization_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -433,7 +504,7 @@ func (x *Address) String() string {
 func (*Address) ProtoMessage() {}
 
 func (x *Address) ProtoReflect() protoreflect.Message {
-	mi := &file_authorization_proto_msgTypes[4]
+	mi := &file_authorization_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -446,7 +517,7 @@ func (x *Address) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Address.ProtoReflect.Descriptor instead.
 func (*Address) Descriptor() ([]byte, []int) {
-	return file_authorization_proto_rawDescGZIP(), []int{4}
+	return file_authorization_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Address) GetAddress() []byte {
@@ -478,7 +549,7 @@ type StringMatch struct {
 
 func (x *StringMatch) Reset() {
 	*x = StringMatch{}
-	mi := &file_authorization_proto_msgTypes[5]
+	mi := &file_authorization_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -490,7 +561,7 @@ func (x *StringMatch) String() string {
 func (*StringMatch) ProtoMessage() {}
 
 func (x *StringMatch) ProtoReflect() protoreflect.Message {
-	mi := &file_authorization_proto_msgTypes[5]
+	mi := &file_authorization_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -503,7 +574,7 @@ func (x *StringMatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StringMatch.ProtoReflect.Descriptor instead.
 func (*StringMatch) Descriptor() ([]byte, []int) {
-	return file_authorization_proto_rawDescGZIP(), []int{5}
+	return file_authorization_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *StringMatch) GetMatchType() isStringMatch_MatchType {
@@ -592,12 +663,14 @@ const file_authorization_proto_rawDesc = "" +
 	"\x05Group\x12+\n" +
 	"\x05rules\x18\x01 \x03(\v2\x15.istio.security.RulesR\x05rules\">\n" +
 	"\x05Rules\x12/\n" +
-	"\amatches\x18\x02 \x03(\v2\x15.istio.security.MatchR\amatchesJ\x04\b\x01\x10\x02\"\xec\x04\n" +
+	"\amatches\x18\x02 \x03(\v2\x15.istio.security.MatchR\amatchesJ\x04\b\x01\x10\x02\"\x93\x06\n" +
 	"\x05Match\x12;\n" +
 	"\n" +
 	"namespaces\x18\x01 \x03(\v2\x1b.istio.security.StringMatchR\n" +
 	"namespaces\x12B\n" +
-	"\x0enot_namespaces\x18\x02 \x03(\v2\x1b.istio.security.StringMatchR\rnotNamespaces\x12;\n" +
+	"\x0enot_namespaces\x18\x02 \x03(\v2\x1b.istio.security.StringMatchR\rnotNamespaces\x12N\n" +
+	"\x10service_accounts\x18\v \x03(\v2#.istio.security.ServiceAccountMatchR\x0fserviceAccounts\x12U\n" +
+	"\x14not_service_accounts\x18\f \x03(\v2#.istio.security.ServiceAccountMatchR\x12notServiceAccounts\x12;\n" +
 	"\n" +
 	"principals\x18\x03 \x03(\v2\x1b.istio.security.StringMatchR\n" +
 	"principals\x12B\n" +
@@ -609,7 +682,10 @@ const file_authorization_proto_rawDesc = "" +
 	"\x13not_destination_ips\x18\b \x03(\v2\x17.istio.security.AddressR\x11notDestinationIps\x12+\n" +
 	"\x11destination_ports\x18\t \x03(\rR\x10destinationPorts\x122\n" +
 	"\x15not_destination_ports\x18\n" +
-	" \x03(\rR\x13notDestinationPorts\";\n" +
+	" \x03(\rR\x13notDestinationPorts\"[\n" +
+	"\x13ServiceAccountMatch\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12&\n" +
+	"\x0eserviceAccount\x18\x02 \x01(\tR\x0eserviceAccount\";\n" +
 	"\aAddress\x12\x18\n" +
 	"\aaddress\x18\x01 \x01(\fR\aaddress\x12\x16\n" +
 	"\x06length\x18\x02 \x01(\rR\x06length\"\x9d\x01\n" +
@@ -642,17 +718,18 @@ func file_authorization_proto_rawDescGZIP() []byte {
 }
 
 var file_authorization_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_authorization_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_authorization_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_authorization_proto_goTypes = []any{
-	(Scope)(0),            // 0: istio.security.Scope
-	(Action)(0),           // 1: istio.security.Action
-	(*Authorization)(nil), // 2: istio.security.Authorization
-	(*Group)(nil),         // 3: istio.security.Group
-	(*Rules)(nil),         // 4: istio.security.Rules
-	(*Match)(nil),         // 5: istio.security.Match
-	(*Address)(nil),       // 6: istio.security.Address
-	(*StringMatch)(nil),   // 7: istio.security.StringMatch
-	(*emptypb.Empty)(nil), // 8: google.protobuf.Empty
+	(Scope)(0),                  // 0: istio.security.Scope
+	(Action)(0),                 // 1: istio.security.Action
+	(*Authorization)(nil),       // 2: istio.security.Authorization
+	(*Group)(nil),               // 3: istio.security.Group
+	(*Rules)(nil),               // 4: istio.security.Rules
+	(*Match)(nil),               // 5: istio.security.Match
+	(*ServiceAccountMatch)(nil), // 6: istio.security.ServiceAccountMatch
+	(*Address)(nil),             // 7: istio.security.Address
+	(*StringMatch)(nil),         // 8: istio.security.StringMatch
+	(*emptypb.Empty)(nil),       // 9: google.protobuf.Empty
 }
 var file_authorization_proto_depIdxs = []int32{
 	0,  // 0: istio.security.Authorization.scope:type_name -> istio.security.Scope
@@ -660,20 +737,22 @@ var file_authorization_proto_depIdxs = []int32{
 	3,  // 2: istio.security.Authorization.groups:type_name -> istio.security.Group
 	4,  // 3: istio.security.Group.rules:type_name -> istio.security.Rules
 	5,  // 4: istio.security.Rules.matches:type_name -> istio.security.Match
-	7,  // 5: istio.security.Match.namespaces:type_name -> istio.security.StringMatch
-	7,  // 6: istio.security.Match.not_namespaces:type_name -> istio.security.StringMatch
-	7,  // 7: istio.security.Match.principals:type_name -> istio.security.StringMatch
-	7,  // 8: istio.security.Match.not_principals:type_name -> istio.security.StringMatch
-	6,  // 9: istio.security.Match.source_ips:type_name -> istio.security.Address
-	6,  // 10: istio.security.Match.not_source_ips:type_name -> istio.security.Address
-	6,  // 11: istio.security.Match.destination_ips:type_name -> istio.security.Address
-	6,  // 12: istio.security.Match.not_destination_ips:type_name -> istio.security.Address
-	8,  // 13: istio.security.StringMatch.presence:type_name -> google.protobuf.Empty
-	14, // [14:14] is the sub-list for method output_type
-	14, // [14:14] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	8,  // 5: istio.security.Match.namespaces:type_name -> istio.security.StringMatch
+	8,  // 6: istio.security.Match.not_namespaces:type_name -> istio.security.StringMatch
+	6,  // 7: istio.security.Match.service_accounts:type_name -> istio.security.ServiceAccountMatch
+	6,  // 8: istio.security.Match.not_service_accounts:type_name -> istio.security.ServiceAccountMatch
+	8,  // 9: istio.security.Match.principals:type_name -> istio.security.StringMatch
+	8,  // 10: istio.security.Match.not_principals:type_name -> istio.security.StringMatch
+	7,  // 11: istio.security.Match.source_ips:type_name -> istio.security.Address
+	7,  // 12: istio.security.Match.not_source_ips:type_name -> istio.security.Address
+	7,  // 13: istio.security.Match.destination_ips:type_name -> istio.security.Address
+	7,  // 14: istio.security.Match.not_destination_ips:type_name -> istio.security.Address
+	9,  // 15: istio.security.StringMatch.presence:type_name -> google.protobuf.Empty
+	16, // [16:16] is the sub-list for method output_type
+	16, // [16:16] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_authorization_proto_init() }
@@ -681,7 +760,7 @@ func file_authorization_proto_init() {
 	if File_authorization_proto != nil {
 		return
 	}
-	file_authorization_proto_msgTypes[5].OneofWrappers = []any{
+	file_authorization_proto_msgTypes[6].OneofWrappers = []any{
 		(*StringMatch_Exact)(nil),
 		(*StringMatch_Prefix)(nil),
 		(*StringMatch_Suffix)(nil),
@@ -693,7 +772,7 @@ func file_authorization_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_authorization_proto_rawDesc), len(file_authorization_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   6,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

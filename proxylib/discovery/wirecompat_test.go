@@ -1,0 +1,155 @@
+package discovery
+
+import (
+	"bufio"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/reflect/protoregistry"
+
+	_ "github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	_ "github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
+)
+
+// istioModule is an Istio version known to build here (test/interop uses
+// it); its .proto files are read from the module cache when present.
+const istioModule = "istio.io/istio@v0.0.0-20250506181944-c2e9871f340c"
+
+type protoField struct {
+	number   int
+	repeated bool
+}
+
+var (
+	scopeRe = regexp.MustCompile(`^\s*(message|enum|oneof)\s+(\w+)\s*\{`)
+	fieldRe = regexp.MustCompile(`^\s*(repeated\s+)?(map<[^>]+>|[\w.]+)\s+(\w+)\s*=\s*(\d+)`)
+	valueRe = regexp.MustCompile(`^\s*(\w+)\s*=\s*(-?\d+)\s*;`)
+)
+
+// parseProto extracts message fields and enum values (by full name) from a
+// .proto file; enough of the grammar for Istio's workload API files.
+func parseProto(t *testing.T, path string) (fields map[string]map[string]protoField, enums map[string]map[string]int) {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Skipf("Istio protos not in the module cache: %v", err)
+	}
+	defer f.Close()
+	fields, enums = map[string]map[string]protoField{}, map[string]map[string]int{}
+	type scope struct{ kind, name string }
+	var stack []scope
+	pkg := ""
+	full := func() string {
+		parts := []string{pkg}
+		for _, s := range stack {
+			if s.kind != "oneof" {
+				parts = append(parts, s.name)
+			}
+		}
+		return strings.Join(parts, ".")
+	}
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		line := sc.Text()
+		if i := strings.Index(line, "//"); i >= 0 {
+			line = line[:i]
+		}
+		if strings.HasPrefix(strings.TrimSpace(line), "package ") {
+			pkg = strings.TrimSuffix(strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(line), "package ")), ";")
+			continue
+		}
+		if m := scopeRe.FindStringSubmatch(line); m != nil {
+			stack = append(stack, scope{m[1], m[2]})
+			continue
+		}
+		if strings.Contains(line, "}") && len(stack) > 0 && !strings.Contains(line, "{") {
+			stack = stack[:len(stack)-1]
+			continue
+		}
+		if len(stack) == 0 || strings.Contains(line, "reserved") {
+			continue
+		}
+		cur := stack[len(stack)-1]
+		switch {
+		case cur.kind == "enum":
+			if m := valueRe.FindStringSubmatch(line); m != nil {
+				n, _ := strconv.Atoi(m[2])
+				if enums[full()] == nil {
+					enums[full()] = map[string]int{}
+				}
+				enums[full()][m[1]] = n
+			}
+		default:
+			if m := fieldRe.FindStringSubmatch(line); m != nil {
+				n, _ := strconv.Atoi(m[4])
+				if fields[full()] == nil {
+					fields[full()] = map[string]protoField{}
+				}
+				fields[full()][m[3]] = protoField{number: n, repeated: m[1] != "" || strings.HasPrefix(m[2], "map<")}
+			}
+		}
+	}
+	return fields, enums
+}
+
+// TestWireCompatibleWithIstio checks that every message field and enum
+// value of Istio's workload API exists in ours with the same name, number
+// and cardinality, so either side decodes the other's resources.
+func TestWireCompatibleWithIstio(t *testing.T) {
+	out, err := exec.Command("go", "env", "GOMODCACHE").Output()
+	if err != nil {
+		t.Skip("go env unavailable")
+	}
+	dir := filepath.Join(strings.TrimSpace(string(out)), istioModule, "pkg", "workloadapi")
+	checked := 0
+	for _, file := range []string{"workload.proto", filepath.Join("security", "authorization.proto")} {
+		fields, enums := parseProto(t, filepath.Join(dir, file))
+		if len(fields) == 0 {
+			t.Fatalf("%s: parsed no messages", file)
+		}
+		for msg, fs := range fields {
+			d, err := protoregistry.GlobalFiles.FindDescriptorByName(protoreflect.FullName(msg))
+			if err != nil {
+				t.Errorf("message %s missing: %v", msg, err)
+				continue
+			}
+			md := d.(protoreflect.MessageDescriptor)
+			for name, want := range fs {
+				got := md.Fields().ByName(protoreflect.Name(name))
+				if got == nil {
+					t.Errorf("%s.%s missing", msg, name)
+					continue
+				}
+				if int(got.Number()) != want.number || (got.Cardinality() == protoreflect.Repeated) != want.repeated {
+					t.Errorf("%s.%s: number %d repeated %v, Istio has %d %v", msg, name, got.Number(), got.Cardinality() == protoreflect.Repeated, want.number, want.repeated)
+				}
+				checked++
+			}
+		}
+		for enum, vals := range enums {
+			d, err := protoregistry.GlobalFiles.FindDescriptorByName(protoreflect.FullName(enum))
+			if err != nil {
+				t.Errorf("enum %s missing: %v", enum, err)
+				continue
+			}
+			ed := d.(protoreflect.EnumDescriptor)
+			for name, n := range vals {
+				v := ed.Values().ByName(protoreflect.Name(name))
+				if v == nil || int(v.Number()) != n {
+					t.Errorf("%s.%s: want %d", enum, name, n)
+				}
+				checked++
+			}
+		}
+	}
+	if checked < 50 {
+		t.Fatalf("only %d fields/values compared; parser broken?", checked)
+	}
+	t.Logf("%d fields and enum values match Istio's", checked)
+}
