@@ -120,3 +120,52 @@ func TestTranslatePeerAuthentication(t *testing.T) {
 		t.Fatalf("static strict policy: %v", s)
 	}
 }
+
+// FuzzPeerAuthentication: for any mix of mesh, namespace and workload modes
+// with port-level settings, every policy a workload references exists, and
+// a workload whose effective default is STRICT always references a policy
+// that denies plaintext.
+func FuzzPeerAuthentication(f *testing.F) {
+	f.Add(uint8(3), uint8(0), uint8(0), []byte{0x50, 2})
+	f.Add(uint8(0), uint8(2), uint8(3), []byte{0x01, 3, 0x02, 1})
+	f.Add(uint8(1), uint8(0), uint8(0), []byte{})
+	f.Fuzz(func(t *testing.T, meshMode, nsMode, wlMode uint8, ports []byte) {
+		m := func(b uint8) mtlsMode { return mtlsMode(b % 4) }
+		portModes := map[uint32]mtlsMode{}
+		for i := 0; i+1 < len(ports) && i < 16; i += 2 {
+			portModes[uint32(ports[i])+1] = m(ports[i+1])
+		}
+		pas := []*securityv1.PeerAuthentication{
+			pa(root, "mesh", 3, nil, m(meshMode), nil),
+			pa("app", "ns", 2, nil, m(nsMode), nil),
+			pa("app", "wl", 1, map[string]string{"app": "web"}, m(wlMode), portModes),
+		}
+		produced := map[string]*security.Authorization{root + "/" + StaticStrictPolicyName: StaticStrictPolicy(root)}
+		for _, p := range pas {
+			for _, a := range TranslatePeerAuthentication(root, p) {
+				produced[a.Namespace+"/"+a.Name] = a
+			}
+		}
+		keys := WorkloadPeerAuthenticationKeys(root, "app", map[string]string{"app": "web"}, pas)
+		for _, k := range keys {
+			if produced[k] == nil {
+				t.Fatalf("referenced %s is never produced", k)
+			}
+		}
+		// Effective default mode, computed independently.
+		strict := false
+		for _, md := range []mtlsMode{m(meshMode), m(nsMode), m(wlMode)} {
+			if md != modeUnset {
+				strict = md == modeStrict
+			}
+		}
+		if strict && len(keys) == 0 {
+			t.Fatalf("effective STRICT but no policy referenced (mesh %v ns %v wl %v ports %v)", m(meshMode), m(nsMode), m(wlMode), portModes)
+		}
+		for _, k := range keys {
+			if a := produced[k]; a.Action != security.Action_DENY {
+				t.Fatalf("%s is not a DENY policy", k)
+			}
+		}
+	})
+}
