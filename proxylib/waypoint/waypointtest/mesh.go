@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/netip"
@@ -61,6 +62,7 @@ type Mesh struct {
 	Log   logr.Logger
 
 	mu        sync.Mutex
+	net       [2]byte // random 127.a.b.0/24 per mesh: test binaries run in parallel and share loopback
 	next      byte
 	Pods      map[string]*Pod
 	waypoints map[string]*Waypoint
@@ -93,7 +95,7 @@ func New(t testing.TB) *Mesh {
 		t: t, CA: hbonetest.NewCA(t, TrustDomain),
 		State: discovery.NewState(discovery.AddressType, discovery.AuthorizationType, discovery.L7ResourceType),
 		Log:   testr.NewWithInterface(t, testr.Options{Verbosity: 0}),
-		next:  20, vips: 10,
+		next:  20, vips: 10, net: [2]byte{byte(1 + rand.IntN(250)), byte(rand.IntN(256))},
 		Pods: map[string]*Pod{}, waypoints: map[string]*Waypoint{},
 	}
 	m.Certs = identity.NewStaticSource(TrustDomain, m.CA.Roots())
@@ -110,7 +112,7 @@ func (m *Mesh) nextIP() netip.Addr {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.next++
-	return netip.AddrFrom4([4]byte{127, 0, 0, m.next})
+	return netip.AddrFrom4([4]byte{127, m.net[0], m.net[1], m.next})
 }
 
 // NextVIP allocates a service VIP (never dialled: only names a service).
