@@ -11,6 +11,9 @@
 //     everything for its targets.
 //   - DENY rules ignore their L7 attributes and keep their L4 part, which
 //     denies more than intended, never less.
+//   - a policy with any L7 attribute is marked AmbientL7Derived: ztunnel
+//     skips it for connections from the destination's own waypoint, which
+//     enforces it whole, and applies it to every other peer.
 //
 // Waypoints receive policies with L7 attributes whole (see NeedsWaypoint).
 package policy
@@ -58,6 +61,8 @@ func TranslateAuthorizationPolicy(rootNamespace string, ap *securityv1.Authoriza
 		Namespace: ap.Namespace,
 		Scope:     scopeOf(rootNamespace, ap.Namespace, len(spec.GetSelector().GetMatchLabels()) > 0),
 		Action:    action,
+		// Lossy L4 form; the waypoint enforces the whole policy.
+		AmbientL7Derived: hasL7Attributes(spec),
 	}
 	for _, rule := range spec.GetRules() {
 		if rules, ok := translateRule(action, ap.Namespace, rule); ok {
@@ -166,6 +171,12 @@ func NeedsWaypoint(ap *securityv1.AuthorizationPolicy) bool {
 	if spec.GetTargetRef() != nil || len(spec.GetTargetRefs()) > 0 {
 		return true
 	}
+	return hasL7Attributes(spec)
+}
+
+// hasL7Attributes reports whether any rule uses an attribute ztunnel cannot
+// evaluate, i.e. whether the L4 translation of the policy is lossy.
+func hasL7Attributes(spec *apisecurity.AuthorizationPolicy) bool {
 	for _, rule := range spec.GetRules() {
 		for _, t := range rule.GetTo() {
 			if operationNeedsL7(t.GetOperation()) {

@@ -116,7 +116,20 @@ func TestTranslateAuthorizationPolicy(t *testing.T) {
 			spec: &apisecurity.AuthorizationPolicy{Rules: []*apisecurity.Rule{
 				{To: []*apisecurity.Rule_To{{Operation: &apisecurity.Operation{Methods: []string{"GET"}}}}},
 			}},
-			want: &security.Authorization{Name: "p", Namespace: "app", Scope: security.Scope_NAMESPACE},
+			want: &security.Authorization{Name: "p", Namespace: "app", Scope: security.Scope_NAMESPACE, AmbientL7Derived: true},
+		},
+		{
+			name: "the seeds' allow-sleep-to-httpbin (GET from sleep): deny-all marked L7-derived",
+			ns:   "ambient-demo",
+			spec: &apisecurity.AuthorizationPolicy{
+				Selector: &apitype.WorkloadSelector{MatchLabels: map[string]string{"app": "httpbin"}},
+				Action:   apisecurity.AuthorizationPolicy_ALLOW,
+				Rules: []*apisecurity.Rule{{
+					From: []*apisecurity.Rule_From{{Source: &apisecurity.Source{Principals: []string{"cluster.local/ns/ambient-demo/sa/sleep"}}}},
+					To:   []*apisecurity.Rule_To{{Operation: &apisecurity.Operation{Methods: []string{"GET"}}}},
+				}},
+			},
+			want: &security.Authorization{Name: "p", Namespace: "ambient-demo", Scope: security.Scope_WORKLOAD_SELECTOR, AmbientL7Derived: true},
 		},
 		{
 			name: "ALLOW keeps its L4 rules next to a dropped L7 rule",
@@ -129,7 +142,7 @@ func TestTranslateAuthorizationPolicy(t *testing.T) {
 				{To: []*apisecurity.Rule_To{{Operation: &apisecurity.Operation{Hosts: []string{"a.com"}, Ports: []string{"80"}}}}},
 				{To: []*apisecurity.Rule_To{{Operation: &apisecurity.Operation{Ports: []string{"9090"}}}}},
 			}},
-			want: &security.Authorization{Name: "p", Namespace: "app", Scope: security.Scope_NAMESPACE, Groups: []*security.Group{
+			want: &security.Authorization{Name: "p", Namespace: "app", Scope: security.Scope_NAMESPACE, AmbientL7Derived: true, Groups: []*security.Group{
 				group(rules(&security.Match{DestinationPorts: []uint32{9090}, NotDestinationPorts: []uint32{}})),
 			}},
 		},
@@ -141,10 +154,22 @@ func TestTranslateAuthorizationPolicy(t *testing.T) {
 				To:   []*apisecurity.Rule_To{{Operation: &apisecurity.Operation{Methods: []string{"POST"}, Ports: []string{"80"}}}},
 				When: []*apisecurity.Condition{{Key: "request.auth.claims[iss]", Values: []string{"a"}}},
 			}}},
-			want: &security.Authorization{Name: "p", Namespace: "app", Scope: security.Scope_NAMESPACE, Action: security.Action_DENY, Groups: []*security.Group{group(
+			want: &security.Authorization{Name: "p", Namespace: "app", Scope: security.Scope_NAMESPACE, Action: security.Action_DENY, AmbientL7Derived: true, Groups: []*security.Group{group(
 				rules(&security.Match{DestinationPorts: []uint32{80}, NotDestinationPorts: []uint32{}}),
 				rules(&security.Match{Namespaces: []*security.StringMatch{exact("x")}, NotNamespaces: []*security.StringMatch{}, Principals: []*security.StringMatch{}, NotPrincipals: []*security.StringMatch{}, SourceIps: []*security.Address{}, NotSourceIps: []*security.Address{}}),
 				rules(&security.Match{}),
+			)}},
+		},
+		{
+			name: "pure L4 policy with L4 conditions is not marked L7-derived",
+			ns:   "app",
+			spec: &apisecurity.AuthorizationPolicy{Rules: []*apisecurity.Rule{{
+				From: []*apisecurity.Rule_From{{Source: &apisecurity.Source{Principals: []string{"cluster.local/ns/app/sa/a"}}}},
+				When: []*apisecurity.Condition{{Key: "destination.port", Values: []string{"80"}}},
+			}}},
+			want: &security.Authorization{Name: "p", Namespace: "app", Scope: security.Scope_NAMESPACE, Groups: []*security.Group{group(
+				rules(&security.Match{Principals: []*security.StringMatch{exact("cluster.local/ns/app/sa/a")}}),
+				rules(&security.Match{DestinationPorts: []uint32{80}}),
 			)}},
 		},
 		{
@@ -231,6 +256,9 @@ func FuzzTranslateAuthorizationPolicy(f *testing.F) {
 		out := TranslateAuthorizationPolicy(root, p)
 		if out == nil {
 			return
+		}
+		if out.AmbientL7Derived != NeedsWaypoint(p) {
+			t.Fatalf("AmbientL7Derived = %v for a policy with NeedsWaypoint = %v", out.AmbientL7Derived, NeedsWaypoint(p))
 		}
 		l7Rules := 0
 		for _, r := range spec.GetRules() {

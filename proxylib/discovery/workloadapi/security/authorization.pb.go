@@ -131,9 +131,16 @@ type Authorization struct {
 	Scope     Scope                  `protobuf:"varint,3,opt,name=scope,proto3,enum=istio.security.Scope" json:"scope,omitempty"`
 	Action    Action                 `protobuf:"varint,4,opt,name=action,proto3,enum=istio.security.Action" json:"action,omitempty"`
 	// The action applies if any group matches (one group per policy rule).
-	Groups        []*Group `protobuf:"bytes,5,rep,name=groups,proto3" json:"groups,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Groups []*Group `protobuf:"bytes,5,rep,name=groups,proto3" json:"groups,omitempty"`
+	// Our extension (not in Istio; high field number so Istio's ztunnel
+	// ignores it): set when the source AuthorizationPolicy had L7 attributes,
+	// so this L4 form is lossy (ALLOW rules dropped, DENY rules widened) and
+	// the destination's waypoint enforces the policy whole. ztunnel skips such
+	// a policy only for connections whose verified peer is the destination's
+	// own waypoint; every other peer still gets it (fail closed).
+	AmbientL7Derived bool `protobuf:"varint,1001,opt,name=ambient_l7_derived,json=ambientL7Derived,proto3" json:"ambient_l7_derived,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *Authorization) Reset() {
@@ -199,6 +206,13 @@ func (x *Authorization) GetGroups() []*Group {
 		return x.Groups
 	}
 	return nil
+}
+
+func (x *Authorization) GetAmbientL7Derived() bool {
+	if x != nil {
+		return x.AmbientL7Derived
+	}
+	return false
 }
 
 // Group is one policy rule: all of its Rules (from, to, each when) must match.
@@ -653,13 +667,14 @@ var File_authorization_proto protoreflect.FileDescriptor
 
 const file_authorization_proto_rawDesc = "" +
 	"\n" +
-	"\x13authorization.proto\x12\x0eistio.security\x1a\x1bgoogle/protobuf/empty.proto\"\xcd\x01\n" +
+	"\x13authorization.proto\x12\x0eistio.security\x1a\x1bgoogle/protobuf/empty.proto\"\xfc\x01\n" +
 	"\rAuthorization\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12+\n" +
 	"\x05scope\x18\x03 \x01(\x0e2\x15.istio.security.ScopeR\x05scope\x12.\n" +
 	"\x06action\x18\x04 \x01(\x0e2\x16.istio.security.ActionR\x06action\x12-\n" +
-	"\x06groups\x18\x05 \x03(\v2\x15.istio.security.GroupR\x06groups\"4\n" +
+	"\x06groups\x18\x05 \x03(\v2\x15.istio.security.GroupR\x06groups\x12-\n" +
+	"\x12ambient_l7_derived\x18\xe9\a \x01(\bR\x10ambientL7Derived\"4\n" +
 	"\x05Group\x12+\n" +
 	"\x05rules\x18\x01 \x03(\v2\x15.istio.security.RulesR\x05rules\">\n" +
 	"\x05Rules\x12/\n" +
