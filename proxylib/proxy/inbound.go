@@ -148,7 +148,7 @@ func (p *Proxy) plaintextInbound(s *session, pd *pod, down net.Conn, src netip.A
 
 // authorize applies dst's policies, logging Istio's "RBAC rejected" line.
 func (p *Proxy) authorize(s *session, dst *workloadapi.Workload, c rbac.Conn) error {
-	d := rbac.Evaluate(p.cfg.State.PoliciesFor(dst), c)
+	d := p.router.Authorize(dst, c)
 	if d.Allowed {
 		return nil
 	}
@@ -165,8 +165,7 @@ func (p *Proxy) authorize(s *session, dst *workloadapi.Workload, c rbac.Conn) er
 
 // fromWaypoint reports whether peer is the identity of waypoint wp.
 func (p *Proxy) fromWaypoint(wp *workloadapi.GatewayAddress, peer identity.Identity) bool {
-	w := p.router.waypointWorkload(wp)
-	return w != nil && p.router.WorkloadIdentity(w) == peer
+	return p.router.isWaypointIdentity(wp, peer)
 }
 
 // hairpin sends a connection for a waypoint-enabled destination through its

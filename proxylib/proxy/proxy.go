@@ -351,7 +351,7 @@ func (p *Proxy) revalidate() {
 		if w == nil {
 			return false
 		}
-		return rbac.Evaluate(p.cfg.State.PoliciesFor(w), c).Allowed
+		return p.router.Authorize(w, c).Allowed
 	})
 	if n > 0 {
 		p.log.Info("closed connections no longer allowed by policy", "count", n)

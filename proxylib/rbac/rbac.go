@@ -12,6 +12,10 @@
 // closed). A group matches when all of its rules match (a group without rules,
 // Istio's empty rule "{}", matches everything). A rule matches when any of its
 // matches does. A match holds when every non-empty field holds.
+//
+// A policy marked ambient_l7_derived (the lossy L4 form of an L7 policy) is
+// skipped for connections from the destination's own waypoint, which
+// enforced the whole policy; every other peer still gets it.
 package rbac
 
 import (
@@ -29,6 +33,10 @@ type Conn struct {
 	SrcIP   netip.Addr
 	DstIP   netip.Addr
 	DstPort uint16
+	// FromDestinationWaypoint: Source is the verified identity of the
+	// destination workload's own waypoint. Only the proxy sets it, from
+	// discovery, never from anything the peer sends.
+	FromDestinationWaypoint bool
 }
 
 // Decision is the outcome of Evaluate. Policy names the deciding policy
@@ -45,6 +53,9 @@ type Decision struct {
 func Evaluate(policies []*security.Authorization, c Conn) Decision {
 	haveAllow := false
 	for _, p := range policies {
+		if enforcedByWaypoint(p, c) {
+			continue
+		}
 		if p.GetAction() != security.Action_DENY {
 			haveAllow = true
 			continue
@@ -57,11 +68,18 @@ func Evaluate(policies []*security.Authorization, c Conn) Decision {
 		return Decision{Allowed: true}
 	}
 	for _, p := range policies {
-		if p.GetAction() == security.Action_ALLOW && Matches(p, c) {
+		if p.GetAction() == security.Action_ALLOW && !enforcedByWaypoint(p, c) && Matches(p, c) {
 			return Decision{Allowed: true, Policy: key(p), Action: security.Action_ALLOW}
 		}
 	}
 	return Decision{Allowed: false, Action: security.Action_ALLOW}
+}
+
+// enforcedByWaypoint: the connection comes from the destination's waypoint,
+// which enforced this L7-derived policy whole, so its lossy L4 form (e.g.
+// the deny-all left by dropped L7 ALLOW rules) must not apply again.
+func enforcedByWaypoint(p *security.Authorization, c Conn) bool {
+	return c.FromDestinationWaypoint && c.Source != nil && p.GetAmbientL7Derived()
 }
 
 func key(p *security.Authorization) string { return p.GetNamespace() + "/" + p.GetName() }

@@ -188,3 +188,45 @@ func TestPresenceSurvivesWire(t *testing.T) {
 		t.Fatal("mTLS refused under STRICT after wire round trip")
 	}
 }
+
+// The seeds' allow-sleep-to-httpbin (GET from sleep) reaches ztunnel as an
+// L7-derived ALLOW without groups: deny-all, except for the destination's
+// own waypoint, which enforced it whole.
+func TestL7DerivedPolicySkippedOnlyForDestinationWaypoint(t *testing.T) {
+	waypoint := identity.MustParse("spiffe://cluster.local/ns/default/sa/waypoint")
+	l7Allow := &security.Authorization{Name: "allow-sleep-to-httpbin", Namespace: "default", Action: security.Action_ALLOW, AmbientL7Derived: true}
+	// DENY POST from anyone: its L4 form (L7 attributes ignored) denies all.
+	l7Deny := &security.Authorization{Name: "deny-post", Namespace: "default", Action: security.Action_DENY, AmbientL7Derived: true, Groups: []*security.Group{{}}}
+	l4AllowSleep := policy("allow-sleep", security.Action_ALLOW, &security.Match{Principals: []*security.StringMatch{exact(sleep.Principal())}})
+	l4DenyWaypoint := policy("deny-waypoint", security.Action_DENY, &security.Match{Principals: []*security.StringMatch{exact(waypoint.Principal())}})
+	strict := policy("strict", security.Action_DENY, &security.Match{NotPrincipals: []*security.StringMatch{presence()}})
+	viaWaypoint := func(src *identity.Identity) Conn {
+		c := conn(src, "10.0.2.8", 80)
+		c.FromDestinationWaypoint = true
+		return c
+	}
+	cases := []struct {
+		name     string
+		policies []*security.Authorization
+		conn     Conn
+		allowed  bool
+	}{
+		{"L7-derived ALLOW skipped for the destination's waypoint", []*security.Authorization{l7Allow}, viaWaypoint(&waypoint), true},
+		{"L7-derived ALLOW applies to sleep directly (fail closed)", []*security.Authorization{l7Allow}, conn(&sleep, "10.0.0.1", 80), false},
+		{"L7-derived ALLOW applies to the waypoint identity when it is not this destination's waypoint", []*security.Authorization{l7Allow}, conn(&waypoint, "10.0.2.8", 80), false},
+		{"L7-derived DENY skipped for the destination's waypoint", []*security.Authorization{l7Deny}, viaWaypoint(&waypoint), true},
+		{"L7-derived DENY applies to others", []*security.Authorization{l7Deny}, conn(&sleep, "10.0.0.1", 80), false},
+		{"L4 ALLOW still applies to waypoint traffic (as Istio)", []*security.Authorization{l7Allow, l4AllowSleep}, viaWaypoint(&waypoint), false},
+		{"L4 ALLOW still allows its own principal directly", []*security.Authorization{l7Allow, l4AllowSleep}, conn(&sleep, "10.0.0.1", 80), true},
+		{"L4 DENY still applies to waypoint traffic", []*security.Authorization{l7Allow, l4DenyWaypoint}, viaWaypoint(&waypoint), false},
+		{"no identity: the flag alone never skips", []*security.Authorization{l7Allow}, viaWaypoint(nil), false},
+		{"STRICT with the flag but no identity still denies", []*security.Authorization{strict}, viaWaypoint(nil), false},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			if d := Evaluate(c.policies, c.conn); d.Allowed != c.allowed {
+				t.Fatalf("Evaluate = %+v, want allowed=%v", d, c.allowed)
+			}
+		})
+	}
+}
