@@ -20,11 +20,14 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
+	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	"sigs.k8s.io/yaml"
 
+	"github.com/ambientmesh/ambient/controllers/policy"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/meshapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
 	"github.com/ambientmesh/ambient/proxylib/hbone/h2"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
@@ -302,6 +305,22 @@ spec:
     to: [{operation: {methods: [GET]}}]
 `
 
+// translateSeedsL7Policy produces the seeds' policy's L4 form with the
+// control plane's own translation.
+func translateSeedsL7Policy(t *testing.T) *security.Authorization {
+	t.Helper()
+	var ap securityv1.AuthorizationPolicy
+	if err := yaml.Unmarshal([]byte(seedsL7Policy), &ap); err != nil {
+		t.Fatal(err)
+	}
+	ap.Namespace = "default"
+	out := policy.TranslateAuthorizationPolicy("istio-system", &ap)
+	if out == nil {
+		t.Fatal("the seeds' policy has no L4 form")
+	}
+	return out
+}
+
 // TestWaypointThroughZtunnels runs the seeds' waypoint journey with real
 // ztunnels on both nodes and a real waypoint: every hop is HBONE + mTLS,
 // every client connection is captured by nftables in its pod.
@@ -370,9 +389,20 @@ spec:
 	})
 
 	t.Run("L7 AuthorizationPolicy: GET from sleep only", func(t *testing.T) {
+		// As the real control plane publishes it: the policy whole to the
+		// waypoints, and its L4 form (deny-all, marked L7-derived) to the
+		// ztunnels. httpbin's ztunnel must let its waypoint through.
+		l4 := translateSeedsL7Policy(t)
+		if !l4.GetAmbientL7Derived() || len(l4.GetGroups()) != 0 || l4.GetAction() != security.Action_ALLOW {
+			t.Fatalf("L4 form of the seeds' policy: %v, want a marked ALLOW without groups", l4)
+		}
+		s.cp.policy(l4)
 		s.l7(seedsL7Policy)
 		if got := get(s.sleep, s.httpSv); got != "httpbin-1" {
 			t.Fatalf("GET from sleep: %q", got)
+		}
+		if got := get(s.sleep, s.httpbin.addr(80)); got != "httpbin-1" {
+			t.Fatalf("GET from sleep to the pod address: %q", got)
 		}
 		for _, c := range []struct {
 			p      *pod
