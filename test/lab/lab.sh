@@ -76,6 +76,12 @@ net_up() {
       ip -n "$PREFIX-$target" route replace "$tcidr" via "$tip" dev eth0
     done < <(workers)
   done
+  # Host-network pods (the node agent) dial service VIPs such as the API's
+  # 10.96.0.1: they need a route for kube-proxy's OUTPUT DNAT to apply (a real
+  # node has its default route). It stays on the lab bridge.
+  while read -r short _; do
+    ip -n "$PREFIX-$short" route replace "$SERVICE_CIDR" dev eth0
+  done < <(workers)
 }
 
 add_node_netns() {
