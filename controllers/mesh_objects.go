@@ -274,7 +274,10 @@ func desiredNodeAgent(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 	image := d.NodeAgentImage
 	hostToContainer := corev1.MountPropagationHostToContainer
 	pod := corev1.PodSpec{
-		ServiceAccountName:            NodeAgentName,
+		ServiceAccountName: NodeAgentName,
+		// Unlike the proxies, the node agent talks to the API server (pods,
+		// namespaces, its mesh); its ServiceAccount disables automounting.
+		AutomountServiceAccountToken:  ptr.To(true),
 		PriorityClassName:             "system-node-critical",
 		HostNetwork:                   true,
 		DNSPolicy:                     corev1.DNSClusterFirstWithHostNet,
