@@ -3,7 +3,7 @@
 # nodes, the operator with `kubectl apply` of its kustomize output, then the
 # sample AmbientMesh. Reports plainly which component is not available yet.
 #
-# Usage: test/lab/install.sh [--no-build] [--uninstall]
+# Usage: test/lab/install.sh [--no-build] [--uninstall]   (env LAB_NO_BUILD=1 = --no-build)
 # Writes $STATE/mesh.env: OPERATOR, ZTUNNEL, NODE_AGENT, WAYPOINT_IMAGE = ready|<reason>
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -11,7 +11,9 @@ source "$(dirname "$0")/lib.sh"
 IMG=${IMG:-docker.io/ambient/manager:dev}
 COMPONENTS=(manager ztunnel ambient-cni waypoint)
 MESH_NS=ambient-system
+# LAB_NO_BUILD=1: reuse the image tarballs already built (quick lab iterations).
 build=1
+[ "${LAB_NO_BUILD:-0}" = 1 ] && build=0
 for a in "$@"; do
   case $a in
     --no-build) build=0 ;;
