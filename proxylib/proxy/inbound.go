@@ -83,7 +83,7 @@ func (p *Proxy) inboundDestination(pd *pod, target netip.AddrPort) (*workloadapi
 	if isProxyPort(target.Port()) {
 		return nil, proxyerr.New(proxyerr.SelfTarget, "target %s is a ztunnel port", target)
 	}
-	w := p.cfg.State.WorkloadByUID(pd.info.UID)
+	w := p.workloadOf(pd.info)
 	if w == nil {
 		return nil, proxyerr.New(proxyerr.UnknownDestination, "workload %s not in discovery", pd.info.UID)
 	}

@@ -22,7 +22,7 @@ import (
 func (p *Proxy) serveOutbound(pd *pod, down net.Conn, dst netip.AddrPort) {
 	s := p.newSession(fmt.Sprintf("outbound{id=%d}", p.nextID()), down.RemoteAddr())
 	s.attach(down)
-	srcW := p.cfg.State.WorkloadByUID(pd.info.UID)
+	srcW := p.workloadOf(pd.info)
 	srcID := p.podIdentity(pd.info)
 	s.labels = telemetry.Labels{Reporter: telemetry.ReporterSource, Source: telemetry.PeerOf(srcW, &srcID),
 		Destination: telemetry.PeerOf(nil, nil), Service: telemetry.ServiceOf(nil)}
@@ -104,7 +104,7 @@ func (p *Proxy) fastPath(s *session, src, dst *pod, down net.Conn, rt Route, src
 	s.info("proxying to %s using node local fast path", rt.Target)
 	s.labels.SecurityPolicy = telemetry.MutualTLS
 	s.labels.Reporter = telemetry.ReporterDestination
-	srcAddr, _ := WorkloadAddr(p.cfg.State.WorkloadByUID(src.info.UID))
+	srcAddr, _ := WorkloadAddr(p.workloadOf(src.info))
 	if !srcAddr.IsValid() {
 		srcAddr = s.src.Addr()
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/go-logr/logr"
 
 	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/inpod"
@@ -140,7 +141,7 @@ type pod struct {
 
 // identity is the pod's SPIFFE identity.
 func (p *Proxy) podIdentity(info WorkloadInfo) identity.Identity {
-	if w := p.cfg.State.WorkloadByUID(info.UID); w != nil {
+	if w := p.workloadOf(info); w != nil {
 		return p.router.WorkloadIdentity(w)
 	}
 	sa := info.ServiceAccount
@@ -311,11 +312,41 @@ func (p *Proxy) Workloads() []WorkloadInfo {
 	return out
 }
 
-// localPod returns the captured pod serving workload uid, if on this node.
+// clusterID prefixes discovery's pod uids (Istio's default, as the control plane).
+const clusterID = "Kubernetes"
+
+// discoveryUID is the uid discovery gives a captured pod. The node agent names
+// pods by their Kubernetes UID (as Istio's ZDS does); discovery by
+// Kubernetes//Pod/<ns>/<name>.
+func (info WorkloadInfo) discoveryUID() string {
+	return discovery.PodUID(clusterID, info.Namespace, info.Name)
+}
+
+// workloadOf is the captured pod's workload in discovery, nil if unknown.
+func (p *Proxy) workloadOf(info WorkloadInfo) *workloadapi.Workload {
+	if w := p.cfg.State.WorkloadByUID(info.UID); w != nil {
+		return w
+	}
+	if info.Name == "" || info.Namespace == "" {
+		return nil
+	}
+	return p.cfg.State.WorkloadByUID(info.discoveryUID())
+}
+
+// localPod returns the captured pod serving workload uid (a discovery uid),
+// if on this node.
 func (p *Proxy) localPod(uid string) *pod {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.pods[uid]
+	if pd := p.pods[uid]; pd != nil {
+		return pd
+	}
+	for _, pd := range p.pods {
+		if pd.info.Name != "" && pd.info.discoveryUID() == uid {
+			return pd
+		}
+	}
+	return nil
 }
 
 // Drain stops accepting, lets open connections finish until ctx ends, then
