@@ -381,18 +381,26 @@ func (sc *serverConn) handle(w http.ResponseWriter, r *http.Request) {
 	case <-returned:
 		resp.Reject(http.StatusServiceUnavailable, "handler did not answer") // fail closed
 	case <-r.Context().Done():
+		// A no-op if Accept won the race (it may still be running: Reject
+		// waits for it); then the stream must be finished below like any
+		// other, or the tunnel handler would use it after we return.
 		resp.Reject(http.StatusServiceUnavailable, "stream reset before an answer")
-		sc.noteEarlyReset()
-		return
+		if resp.accepted() == nil {
+			sc.noteEarlyReset()
+			return
+		}
 	}
 	st := resp.accepted()
 	if st == nil {
 		return // rejected
 	}
+	// Nothing may touch the stream's ResponseWriter or body once we return.
+	defer st.handlerReturned()
 	select {
 	case <-st.done:
 	case <-r.Context().Done(): // peer reset the stream or the connection died
 		st.finish(true)
+		<-st.done // another caller may be finishing it: wait for its writer
 	}
 	if st.aborted.Load() {
 		panic(http.ErrAbortHandler) // RST_STREAM to the peer

@@ -119,6 +119,12 @@ func (s *clientStream) SetWriteDeadline(time.Time) error { return os.ErrNoDeadli
 // serverStream is the accepting side: the request body is read, the response
 // is written. The HTTP handler goroutine waits on done and returns when the
 // stream finishes: normally (END_STREAM) or aborted (RST_STREAM).
+//
+// x/net recycles the ResponseWriter's state once its handler returns (later
+// calls dereference nil or another stream's state), so nothing may touch w,
+// rc or body after that: finishing first stops and waits out every user of
+// them, and the handler marks the stream gone before it returns; from then
+// on every method is a no-op or returns net.ErrClosed.
 type serverStream struct {
 	w      http.ResponseWriter
 	rc     *http.ResponseController
@@ -127,14 +133,24 @@ type serverStream struct {
 	local  net.Addr
 	remote net.Addr
 
-	wmu      sync.Mutex // serialises writes with finishing the handler
-	finished bool       // no more writes: the handler may return
+	wmu sync.Mutex // held across a Write; finishing waits for the writer
+	rmu sync.Mutex // held across a Read; the handler waits for the reader
+
+	mu       sync.Mutex // guards the flags and every rc call outside Write
+	finished bool       // no more writes: the handler may return once done closes
+	gone     bool       // the handler returned: w, rc and body are x/net's again
 	aborted  atomic.Bool
-	done     chan struct{}
-	doneOnce sync.Once
+	done     chan struct{} // closed when finishing completed
 }
 
 func (s *serverStream) Read(p []byte) (int, error) {
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
+	if s.isGone() {
+		return 0, s.endErr()
+	}
+	// A Read blocked here when the handler is about to return is ended by
+	// handlerReturned's read deadline, which then waits for it on rmu.
 	n, err := s.body.Read(p)
 	if n > 0 {
 		s.idle.touch()
@@ -145,16 +161,30 @@ func (s *serverStream) Read(p []byte) (int, error) {
 	return n, err
 }
 
+func (s *serverStream) isGone() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.gone
+}
+
 func (s *serverStream) endedCleanly() bool {
-	s.wmu.Lock()
-	defer s.wmu.Unlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	return s.finished && !s.aborted.Load()
+}
+
+// endErr is what reads return once the stream is over.
+func (s *serverStream) endErr() error {
+	if s.endedCleanly() {
+		return io.EOF
+	}
+	return net.ErrClosed
 }
 
 func (s *serverStream) Write(p []byte) (int, error) {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
-	if s.finished {
+	if !s.writable() {
 		return 0, net.ErrClosed
 	}
 	n, err := s.w.Write(p)
@@ -165,6 +195,12 @@ func (s *serverStream) Write(p []byte) (int, error) {
 		s.idle.touch()
 	}
 	return n, err
+}
+
+func (s *serverStream) writable() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return !s.finished && !s.gone
 }
 
 // CloseWrite ends the response (END_STREAM). x/net's server ends a stream
@@ -181,33 +217,70 @@ func (s *serverStream) Close() error {
 	return nil
 }
 
+// finish ends the stream once: the first caller (CloseWrite, Close, the
+// idle timer or the handler on a peer reset) decides clean or aborted; later
+// callers return at once. It stops new writes, unblocks a writer stuck on
+// flow control (abort) and a blocked reader, waits for the writer to leave,
+// then lets the handler return by closing done.
 func (s *serverStream) finish(abort bool) {
-	if abort {
-		s.wmu.Lock()
-		alreadyDone := s.finished
-		s.wmu.Unlock()
-		if !alreadyDone {
-			s.aborted.Store(true)
-			// Unblock a writer stuck on flow control; x/net resets the stream.
-			now := time.Now()
-			_ = s.rc.SetWriteDeadline(now)
-			_ = s.rc.SetReadDeadline(now)
-		}
+	s.mu.Lock()
+	if s.finished || s.gone {
+		s.mu.Unlock()
+		return
 	}
-	s.wmu.Lock()
 	s.finished = true
+	if abort {
+		s.aborted.Store(true)
+		// Unblock a writer stuck on flow control and a reader; x/net
+		// resets the stream.
+		now := time.Now()
+		_ = s.rc.SetWriteDeadline(now)
+		_ = s.rc.SetReadDeadline(now)
+	}
+	s.mu.Unlock()
+	s.wmu.Lock() // the writer, if any, has failed or completed
 	s.wmu.Unlock()
-	s.doneOnce.Do(func() {
-		s.idle.stop()
-		close(s.done)
-	})
+	s.idle.stop()
+	close(s.done)
+}
+
+// handlerReturned is called by the HTTP handler, after done closed, just
+// before it returns to x/net: it makes every later call a no-op and ends and
+// waits out a Read still inside x/net's request body.
+func (s *serverStream) handlerReturned() {
+	s.mu.Lock()
+	s.gone = true
+	// A past read deadline only closes x/net's body pipe locally (no frame
+	// is sent): a blocked Read returns, bytes already received first.
+	_ = s.rc.SetReadDeadline(time.Now())
+	s.mu.Unlock()
+	s.rmu.Lock()
+	s.rmu.Unlock()
 }
 
 func (s *serverStream) LocalAddr() net.Addr  { return s.local }
 func (s *serverStream) RemoteAddr() net.Addr { return s.remote }
 
 func (s *serverStream) SetDeadline(t time.Time) error {
-	return errors.Join(s.rc.SetReadDeadline(t), s.rc.SetWriteDeadline(t))
+	return s.setDeadlines(t, true, true)
 }
-func (s *serverStream) SetReadDeadline(t time.Time) error  { return s.rc.SetReadDeadline(t) }
-func (s *serverStream) SetWriteDeadline(t time.Time) error { return s.rc.SetWriteDeadline(t) }
+func (s *serverStream) SetReadDeadline(t time.Time) error  { return s.setDeadlines(t, true, false) }
+func (s *serverStream) SetWriteDeadline(t time.Time) error { return s.setDeadlines(t, false, true) }
+
+// setDeadlines refuses once the handler returned; mu keeps the handler from
+// returning while a deadline call is inside x/net.
+func (s *serverStream) setDeadlines(t time.Time, read, write bool) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.gone {
+		return net.ErrClosed
+	}
+	var errs []error
+	if read {
+		errs = append(errs, s.rc.SetReadDeadline(t))
+	}
+	if write {
+		errs = append(errs, s.rc.SetWriteDeadline(t))
+	}
+	return errors.Join(errs...)
+}
