@@ -481,12 +481,24 @@ import_all() {
 
 # tag_all <src> <dst>: gives an imported image a second name on every node
 # (the e2e upgrade test rolls ztunnel to "a new tag" this way).
+# full_ref <image>: the name containerd stores for a Docker-style short
+# reference (ambient/ztunnel:dev -> docker.io/ambient/ztunnel:dev), as the CRI
+# resolves it; ctr does not.
+full_ref() {
+  local first=${1%%/*}
+  case $1 in
+    */*) if [[ $first == *.* || $first == *:* || $first == localhost ]]; then echo "$1"; else echo "docker.io/$1"; fi ;;
+    *) echo "docker.io/library/$1" ;;
+  esac
+}
+
 tag_all() {
   [ $# = 2 ] || die "usage: lab.sh tag <image> <new name>"
-  local short
+  local short src dst
+  src=$(full_ref "$1") dst=$(full_ref "$2")
   for short in $(workers | awk '{print $1}'); do
-    in_node "$short" ctr -a /run/containerd/containerd.sock -n k8s.io images tag --force "$1" "$2" >/dev/null ||
-      die "tagging $1 as $2 on $short failed"
+    in_node "$short" ctr -a /run/containerd/containerd.sock -n k8s.io images tag --force "$src" "$dst" >/dev/null ||
+      die "tagging $src as $dst on $short failed"
   done
 }
 
