@@ -299,6 +299,9 @@ func TestJourneyWaypointHTTPRoute(t *testing.T) {
 	if err != nil {
 		t.Fatalf("ambientctl waypoint apply: %v\n%s", err, out)
 	}
+	// Later scenarios share the namespace and expect every pod in it to be
+	// captured: a waypoint pod never is.
+	t.Cleanup(func() { removeNamespaceWaypoint(t) })
 	applyFile(t, demoNS, "test/lab/manifests/policy/httproute-echo.yaml")
 	eventually(t, 60*time.Second, "echo routed to echo-v1 only", func() error {
 		out, code := curl(t, demoNS, "deploy/sleep", "--repeat", "10", "http://echo/hostname")
@@ -310,6 +313,24 @@ func TestJourneyWaypointHTTPRoute(t *testing.T) {
 			if !strings.HasPrefix(h, "echo-v1-") {
 				return fmt.Errorf("answered by %s", h)
 			}
+		}
+		return nil
+	})
+}
+
+// removeNamespaceWaypoint deletes the HTTPRoute and the namespace waypoint
+// and waits until the waypoint's pods are gone.
+func removeNamespaceWaypoint(t *testing.T) {
+	t.Helper()
+	kubectl("delete", "-n", demoNS, "-f", filepath.Join(repoRoot, "test/lab/manifests/policy/httproute-echo.yaml"), "--ignore-not-found")
+	if out, err := exec.Command(filepath.Join(repoRoot, "bin/ambientctl"), "--kubeconfig", kubeconfig, "waypoint", "delete", "-n", demoNS, "--all").CombinedOutput(); err != nil {
+		t.Errorf("ambientctl waypoint delete: %v\n%s", err, out)
+		return
+	}
+	eventually(t, 90*time.Second, "waypoint pods gone", func() error {
+		out, _ := kubectl("get", "pods", "-n", demoNS, "-l", "mesh.ambient.dev/waypoint", "-o", "name")
+		if strings.TrimSpace(out) != "" {
+			return fmt.Errorf("still running: %s", strings.Fields(out))
 		}
 		return nil
 	})
