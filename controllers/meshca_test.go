@@ -84,6 +84,7 @@ func TestSelfSignedCALifecycle(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	auth.Now = func() time.Time { return now } // same clock as the TTL bound below
 	if !auth.Cert.IsCA || auth.Cert.MaxPathLen != 0 || !auth.Cert.MaxPathLenZero {
 		t.Errorf("signing cert must be an intermediate with pathlen 0")
 	}
