@@ -422,6 +422,9 @@ func TestCaptureRunningPodWithoutRestartAndReadoption(t *testing.T) {
 			if err := k8s.Get(context.Background(), client.ObjectKeyFromObject(pod), &p); err != nil {
 				t.Fatal(err)
 			}
+			// A merge patch, not Update: the agent annotates the pod concurrently,
+			// and an optimistic-lock conflict here would be the test's own race.
+			base := client.MergeFrom(p.DeepCopy())
 			if p.Labels == nil {
 				p.Labels = map[string]string{}
 			}
@@ -430,7 +433,7 @@ func TestCaptureRunningPodWithoutRestartAndReadoption(t *testing.T) {
 			} else {
 				p.Labels[selection.DataplaneModeLabel] = v
 			}
-			if err := k8s.Update(context.Background(), &p); err != nil {
+			if err := k8s.Patch(context.Background(), &p, base); err != nil {
 				t.Fatal(err)
 			}
 		}
