@@ -60,7 +60,7 @@ envtest: ## Build kube-apiserver and etcd for envtest into bin/ (once; cached).
 	hack/build-envtest.sh kube-apiserver etcd
 
 .PHONY: test
-test: manifests generate bundle fmt vet envtest test-unit ## The whole suite: generate, unit, envtest and network-namespace tests.
+test: manifests generate bundle fmt vet envtest test-unit e2e ## The whole suite: generate, unit, envtest, network-namespace and lab end-to-end tests.
 
 .PHONY: test-unit
 test-unit: envtest ## Unit, envtest and network-namespace tests (namespaced tests need root).
