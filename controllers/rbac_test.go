@@ -67,6 +67,14 @@ func TestLeastPrivilege(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = k8s.Delete(ctx, binding); _ = k8s.Delete(ctx, role) })
+	// The authorizer reads RBAC from its own watch cache, which lags a fresh
+	// binding; wait for both bindings to be visible before judging any case.
+	eventually(t, "bindings visible to the authorizer", func() error {
+		if !can(t, operator, "get", "secrets", ns, CASecretName) || !can(t, sa(ns, NodeAgentName), "list", "pods", "", "") {
+			return fmt.Errorf("operator or node-agent grant not yet allowed")
+		}
+		return nil
+	})
 
 	tests := []struct {
 		who, verb, resource, ns, name string
