@@ -54,7 +54,9 @@ func TestAuthorizeSkipsL7DerivedOnlyForDestinationWaypoint(t *testing.T) {
 	}
 
 	r := &Router{State: s, Node: "n2", TrustDomain: "cluster.local"}
-	id := func(sa string) identity.Identity { return identity.MustParse("spiffe://cluster.local/ns/default/sa/" + sa) }
+	id := func(sa string) identity.Identity {
+		return identity.MustParse("spiffe://cluster.local/ns/default/sa/" + sa)
+	}
 	cases := []struct {
 		name    string
 		dst     string
