@@ -68,6 +68,17 @@ func Relay(a, b HalfCloser) (aToB, bToA int64, err error) {
 
 // copyHalf copies src to dst and half-closes dst on EOF.
 func copyHalf(dst, src HalfCloser) (int64, error) {
+	n, err := CopyAdaptive(dst, src)
+	if err != nil {
+		return n, err
+	}
+	return n, dst.CloseWrite()
+}
+
+// CopyAdaptive copies src to dst until EOF (returned as nil) or an error,
+// reading into a small buffer while the source is idle and a pooled
+// CopyBufferSize one during bulk transfer (see the buffer constants).
+func CopyAdaptive(dst io.Writer, src io.Reader) (int64, error) {
 	small := make([]byte, SmallBufferSize)
 	buf := small
 	var big *[]byte
@@ -88,7 +99,7 @@ func copyHalf(dst, src HalfCloser) (int64, error) {
 			}
 		}
 		if errors.Is(rerr, io.EOF) {
-			return total, dst.CloseWrite()
+			return total, nil
 		}
 		if rerr != nil {
 			return total, rerr

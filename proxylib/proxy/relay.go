@@ -5,20 +5,12 @@ import (
 	"io"
 	"net"
 	"sync"
+
+	"github.com/ambientmesh/ambient/proxylib/hbone"
 )
 
 // halfCloser is a connection that can end its write direction only.
 type halfCloser interface{ CloseWrite() error }
-
-// Buffer sizes of the adaptive copy: an idle connection blocks in Read with
-// only a small buffer; a read that fills it switches to a pooled large one
-// for bulk transfer, given back after the first short read.
-const (
-	smallBuffer = 2 << 10
-	largeBuffer = 32 << 10
-)
-
-var largeBuffers = sync.Pool{New: func() any { b := make([]byte, largeBuffer); return &b }}
 
 // Relay copies bytes both ways between down (the client side) and up (the
 // upstream side) until both directions end, honouring half-close: when one
@@ -67,7 +59,7 @@ func copyHalf(dst, src net.Conn) (int64, error) {
 	if srcTCP && dstTCP {
 		n, err = io.Copy(dst, src)
 	} else {
-		n, err = adaptiveCopy(dst, src)
+		n, err = hbone.CopyAdaptive(dst, src)
 	}
 	if err != nil {
 		return n, err
@@ -79,42 +71,6 @@ func copyHalf(dst, src net.Conn) (int64, error) {
 	}
 	dst.Close()
 	return n, nil
-}
-
-func adaptiveCopy(dst io.Writer, src io.Reader) (int64, error) {
-	small := make([]byte, smallBuffer)
-	buf := small
-	var large *[]byte
-	defer func() {
-		if large != nil {
-			largeBuffers.Put(large)
-		}
-	}()
-	var total int64
-	for {
-		n, rerr := src.Read(buf)
-		if n > 0 {
-			w, werr := dst.Write(buf[:n])
-			total += int64(w)
-			if werr != nil {
-				return total, werr
-			}
-		}
-		if rerr != nil {
-			if errors.Is(rerr, io.EOF) {
-				return total, nil
-			}
-			return total, rerr
-		}
-		switch {
-		case large == nil && n == len(buf):
-			large = largeBuffers.Get().(*[]byte)
-			buf = *large
-		case large != nil && n < len(buf)/2:
-			largeBuffers.Put(large)
-			large, buf = nil, small
-		}
-	}
 }
 
 // reset aborts c: TCP with RST (linger 0), a tunnel stream by Close.
