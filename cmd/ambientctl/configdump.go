@@ -7,59 +7,18 @@ import (
 	"sort"
 	"strings"
 	"text/tabwriter"
+
+	"github.com/ambientmesh/ambient/proxylib/admin/adminapi"
 )
 
-// ConfigDump is the JSON a proxy serves on :15000/config_dump (the "Admin
-// API" section of docs/interfaces.md).
-type ConfigDump struct {
-	Workloads    []Workload    `json:"workloads"`
-	Services     []Service     `json:"services,omitempty"`
-	Policies     []Policy      `json:"policies,omitempty"`
-	Certificates []Certificate `json:"certificates"`
-}
-
-// Workload is one workload known to the proxy.
-type Workload struct {
-	Name           string   `json:"name"`
-	Namespace      string   `json:"namespace"`
-	UID            string   `json:"uid,omitempty"`
-	Addresses      []string `json:"addresses"`
-	Node           string   `json:"node"`
-	ServiceAccount string   `json:"serviceAccount,omitempty"`
-	Waypoint       string   `json:"waypoint"`
-	Protocol       string   `json:"protocol"`
-	Status         string   `json:"status,omitempty"`
-}
-
-// Service is one service known to the proxy.
-type Service struct {
-	Name      string         `json:"name"`
-	Namespace string         `json:"namespace"`
-	Hostname  string         `json:"hostname,omitempty"`
-	Addresses []string       `json:"addresses"`
-	Ports     map[string]int `json:"ports,omitempty"`
-	Endpoints int            `json:"endpoints"`
-	Waypoint  string         `json:"waypoint"`
-}
-
-// Policy is one authorization policy known to the proxy.
-type Policy struct {
-	Name      string `json:"name"`
-	Namespace string `json:"namespace"`
-	Action    string `json:"action"`
-	Scope     string `json:"scope,omitempty"`
-}
-
-// Certificate is one certificate the proxy holds.
-type Certificate struct {
-	Identity  string `json:"identity"`
-	Type      string `json:"type"`
-	State     string `json:"state"`
-	Valid     bool   `json:"valid"`
-	Serial    string `json:"serial"`
-	NotBefore string `json:"notBefore"`
-	NotAfter  string `json:"notAfter"`
-}
+// The proxy's /config_dump document (proxylib/admin/adminapi).
+type (
+	ConfigDump  = adminapi.ConfigDump
+	Workload    = adminapi.Workload
+	Service     = adminapi.Service
+	Policy      = adminapi.Policy
+	Certificate = adminapi.Certificate
+)
 
 // parseConfigDump decodes and sanity-checks a proxy's answer, so a wrong port
 // or an HTML error page gives a clear message instead of an empty table.
