@@ -222,6 +222,46 @@ func requests(t *testing.T, reg *prometheus.Registry, match map[string]string) (
 	return sum, series
 }
 
+// awaitRequests polls istio_requests_total until ok accepts the sum of the
+// matching series. A waypoint records a request when the response body is
+// closed, which may be after the client has read the whole response.
+func awaitRequests(t *testing.T, reg *prometheus.Registry, match map[string]string, ok func(float64) bool) float64 {
+	t.Helper()
+	n, _ := requests(t, reg, match)
+	for deadline := time.Now().Add(10 * time.Second); !ok(n) && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		n, _ = requests(t, reg, match)
+	}
+	return n
+}
+
+func atLeast(min float64) func(float64) bool { return func(n float64) bool { return n >= min } }
+
+// accessLines counts the access-log lines of the named waypoint whose path
+// is path. Tests use unique paths so that late records of earlier requests
+// cannot be mistaken for the ones under test.
+func (l *logs) accessLines(waypoint, path string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := 0
+	for _, line := range l.lines {
+		if strings.HasPrefix(line, waypoint+" waypoint ") && strings.Contains(line, `"msg"="access"`) &&
+			strings.Contains(line, `"path"="`+path+`"`) {
+			n++
+		}
+	}
+	return n
+}
+
+// awaitAccessLines waits until the named waypoint logged want requests for
+// path and returns how many it logged.
+func (l *logs) awaitAccessLines(waypoint, path string, want int) int {
+	n := l.accessLines(waypoint, path)
+	for deadline := time.Now().Add(10 * time.Second); n < want && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		n = l.accessLines(waypoint, path)
+	}
+	return n
+}
+
 // seedsWaypointMesh: node1 runs the clients (sleep, notsleep captured;
 // outside not in the mesh); node2 runs the namespace waypoint, a
 // service-account waypoint for "echo-waypoint", echo-v1, echo-v2 and
@@ -418,16 +458,12 @@ spec:
 	})
 
 	t.Run("direct call from outside the mesh is hair-pinned through the waypoint", func(t *testing.T) {
-		before, _ := requests(t, s.wp.metrics, map[string]string{"destination_workload": "echo-v2"})
-		if got := get(s.outside, s.v2.addr(80)); got != "echo-v2-1" {
-			t.Fatalf("got %q", got)
+		const path = "/hairpin-outside"
+		if code, body, err := s.outside.do("GET", s.v2.addr(80), path); err != nil || code != 200 || body != "echo-v2-1" {
+			t.Fatalf("outside -> echo-v2 pod: %d %q %v", code, body, err)
 		}
-		var after float64
-		for deadline := time.Now().Add(5 * time.Second); after != before+1 && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
-			after, _ = requests(t, s.wp.metrics, map[string]string{"destination_workload": "echo-v2"})
-		}
-		if after != before+1 {
-			t.Fatalf("waypoint counted %v -> %v requests to echo-v2: not hair-pinned through it", before, after)
+		if n := s.logs.awaitAccessLines("waypoint", path, 1); n != 1 {
+			t.Fatalf("waypoint logged %d requests for %s, want 1: not hair-pinned through it", n, path)
 		}
 		// Policy applies to the hair-pinned request: only sleep may GET httpbin.
 		code, _, err := s.outside.do("GET", s.httpbin.addr(80), "/")
@@ -473,21 +509,22 @@ spec:
 	})
 
 	t.Run("HTTP metrics carry Istio's labels", func(t *testing.T) {
-		n, series := requests(t, s.wp.metrics, map[string]string{
+		sleepToV1 := map[string]string{
 			"reporter": "waypoint", "source_workload": "sleep", "source_workload_namespace": "default",
 			"source_principal": "spiffe://cluster.local/ns/default/sa/sleep", "destination_workload": "echo-v1",
 			"destination_service_name": "echo-v1", "destination_service": "echo-v1.default.svc.cluster.local",
 			"destination_principal": "spiffe://cluster.local/ns/default/sa/echo", "response_code": "200",
 			"request_protocol": "http", "connection_security_policy": "mutual_tls",
-		})
-		if n < 20 {
+		}
+		if n := awaitRequests(t, s.wp.metrics, sleepToV1, atLeast(20)); n < 20 {
+			_, series := requests(t, s.wp.metrics, map[string]string{"source_workload": "sleep"})
 			t.Fatalf("requests_total for sleep->echo-v1 = %v: %v", n, series)
 		}
-		if n, _ := requests(t, s.wp.metrics, map[string]string{"source_workload": "notsleep", "response_code": "403",
-			"response_flags": "authorization_policy_rejection"}); n < 2 {
+		if n := awaitRequests(t, s.wp.metrics, map[string]string{"source_workload": "notsleep", "response_code": "403",
+			"response_flags": "authorization_policy_rejection"}, atLeast(2)); n < 2 {
 			t.Fatalf("403s from notsleep = %v", n)
 		}
-		if n, _ := requests(t, s.wp.metrics, map[string]string{"request_protocol": "grpc", "grpc_response_status": "7"}); n < 1 {
+		if n := awaitRequests(t, s.wp.metrics, map[string]string{"request_protocol": "grpc", "grpc_response_status": "7"}, atLeast(1)); n < 1 {
 			t.Fatal("no gRPC PERMISSION_DENIED series")
 		}
 	})
@@ -533,21 +570,21 @@ spec:
 		// its own waypoint: the pod is bound to it, not the namespace one.
 		s.v1.w.Waypoint = s.saWP.gw
 		s.cp.workload(s.v1.w)
-		before, _ := requests(t, s.wp.metrics, map[string]string{"destination_workload": "echo-v1"})
+		const path = "/sa-waypoint-precedence"
 		for range 5 {
-			if got := get(s.sleep, s.v1.addr(80)); got != "echo-v1-1" {
-				t.Fatalf("got %q", got)
+			if code, body, err := s.sleep.do("GET", s.v1.addr(80), path); err != nil || code != 200 || body != "echo-v1-1" {
+				t.Fatalf("sleep -> echo-v1 pod: %d %q %v", code, body, err)
 			}
 		}
-		var n float64
-		for deadline := time.Now().Add(5 * time.Second); n != 5 && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
-			n, _ = requests(t, s.saWP.metrics, map[string]string{"destination_workload": "echo-v1", "source_workload": "sleep"})
+		if n := s.logs.awaitAccessLines("echo-waypoint", path, 5); n != 5 {
+			t.Fatalf("service-account waypoint served %d of 5", n)
 		}
-		if n != 5 {
-			t.Fatalf("service-account waypoint served %v of 5", n)
+		// Each request crossed exactly one waypoint: straight from sleep.
+		if n := awaitRequests(t, s.saWP.metrics, map[string]string{"destination_workload": "echo-v1", "source_workload": "sleep"}, atLeast(5)); n != 5 {
+			t.Fatalf("service-account waypoint counted %v requests from sleep, want 5", n)
 		}
-		if after, _ := requests(t, s.wp.metrics, map[string]string{"destination_workload": "echo-v1"}); after != before {
-			t.Fatalf("namespace waypoint still served echo-v1 (%v -> %v)", before, after)
+		if n := s.logs.accessLines("waypoint", path); n != 0 {
+			t.Fatalf("namespace waypoint still served %d requests for echo-v1", n)
 		}
 	})
 }
