@@ -114,7 +114,7 @@ func (c *Conn) AddWorkload(ctx context.Context, uid string, info WorkloadInfo, n
 	if netns == nil {
 		return errors.New("inpod: AddWorkload needs a namespace")
 	}
-	return c.request(ctx, &zds.WorkloadRequest{Payload: &zds.WorkloadRequest_Add{Add: &zds.AddWorkload{Uid: uid, WorkloadInfo: info.proto()}}}, netns)
+	return c.request(ctx, &zds.WorkloadRequest{Payload: &zds.WorkloadRequest_Add{Add: info.addProto(uid)}}, netns)
 }
 
 // KeepWorkload asks ztunnel to keep a workload it already serves.

@@ -28,15 +28,24 @@ type proxy struct {
 	mu        sync.Mutex
 	pods      map[string]*inpod.PodListeners
 	inodes    map[string]uint64
+	infos     map[string]inpod.WorkloadInfo
 	adds      int
 	snapshots int
 }
 
 func newProxy() *proxy {
-	return &proxy{pods: map[string]*inpod.PodListeners{}, inodes: map[string]uint64{}}
+	return &proxy{pods: map[string]*inpod.PodListeners{}, inodes: map[string]uint64{}, infos: map[string]inpod.WorkloadInfo{}}
 }
 
 func (p *proxy) AddWorkload(uid string, info inpod.WorkloadInfo, ns *os.File) error {
+	p.mu.Lock()
+	if _, ok := p.pods[uid]; ok { // same namespace, new info: keep the listeners
+		p.infos[uid] = info
+		p.mu.Unlock()
+		ns.Close()
+		return nil
+	}
+	p.mu.Unlock()
 	ls, err := inpod.OpenListeners(ns)
 	if err != nil {
 		return err
@@ -55,7 +64,7 @@ func (p *proxy) AddWorkload(uid string, info inpod.WorkloadInfo, ns *os.File) er
 	}()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.pods[uid], p.inodes[uid] = ls, ino
+	p.pods[uid], p.inodes[uid], p.infos[uid] = ls, ino, info
 	p.adds++
 	return nil
 }
@@ -68,6 +77,7 @@ func (p *proxy) DelWorkload(uid string) error {
 	}
 	delete(p.pods, uid)
 	delete(p.inodes, uid)
+	delete(p.infos, uid)
 	return nil
 }
 
@@ -209,6 +219,41 @@ func TestSyncerServerRoundTripAndReadoption(t *testing.T) {
 			t.Fatalf("pod a after agent restart: %q, %v", got, err)
 		}
 	})
+}
+
+func (p *proxy) info(uid string) inpod.WorkloadInfo {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.infos[uid]
+}
+
+// TestPreserveSourceTravels: the node agent's preserve_source reaches
+// ztunnel, and a change for a pod already served (node agent restarted with
+// another setting) re-adopts it with the new value, keeping its listeners.
+func TestPreserveSourceTravels(t *testing.T) {
+	c := netns.NewCluster(t)
+	a := c.AddNode("n1").AddPod("a")
+	sock := filepath.Join(t.TempDir(), "ztunnel.sock")
+	px := newProxy()
+	startServer(t, sock, px)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	agent := inpod.NewSyncer(sock, testr.New(t))
+	go agent.Run(ctx)
+	<-agent.Synced()
+	pod := inpod.Pod{UID: "uid-a", Info: inpod.WorkloadInfo{Name: "a", Namespace: "default", PreserveSource: true}, NetnsPath: a.Path()}
+	for _, want := range []bool{true, false, true} {
+		pod.Info.PreserveSource = want
+		if err := agent.Upsert(ctx, pod); err != nil {
+			t.Fatal(err)
+		}
+		if got := px.info("uid-a"); got != pod.Info {
+			t.Fatalf("ztunnel has %+v, want %+v", got, pod.Info)
+		}
+	}
+	if _, adds, _ := px.state(); adds != 1 {
+		t.Fatalf("%d fresh adds, want 1 (changes are re-adoptions)", adds)
+	}
 }
 
 // raw speaks the wire protocol directly, to send what a correct client never would.

@@ -20,7 +20,9 @@ import (
 type WorkloadHandler interface {
 	// AddWorkload starts serving the pod whose network namespace is netns
 	// (typically with OpenListeners). On success the handler owns netns and
-	// closes it in DelWorkload; on error the server closes it.
+	// closes it in DelWorkload; on error the server closes it. It is also
+	// called for a uid already served in the same namespace when the info
+	// changed: the handler keeps the pod and takes the new info.
 	AddWorkload(uid string, info WorkloadInfo, netns *os.File) error
 	// DelWorkload stops serving the pod and closes its listeners.
 	DelWorkload(uid string) error
@@ -214,11 +216,21 @@ func (s *Server) add(sess *session, add *zds.AddWorkload, fd *os.File) error {
 		closeFile(fd)
 		return err
 	}
-	info := infoFromProto(add.GetWorkloadInfo())
+	info := infoFromProto(add)
 	sess.seen[uid] = true
 	if ref, ok := s.serving[uid]; ok {
-		if ref.inode == inode {
+		if ref.inode == inode && ref.info == info {
 			closeFile(fd) // already served: this is re-adoption
+			return nil
+		}
+		if ref.inode == inode {
+			// Same namespace, new facts (e.g. the node agent restarted with
+			// another --preserve-source): the handler re-adopts it.
+			if err := s.handler.AddWorkload(uid, info, fd); err != nil {
+				closeFile(fd)
+				return fmt.Errorf("re-add %q (%s): %w", uid, info, err)
+			}
+			s.serving[uid] = workloadRef{info: info, inode: inode}
 			return nil
 		}
 		s.log.Info("workload namespace changed, replacing", "uid", uid, "pod", info)

@@ -27,19 +27,26 @@ const DefaultSocketPath = "/var/run/ambient/ztunnel.sock"
 // maxMessage bounds one packet; real messages are a few hundred bytes.
 const maxMessage = 16 << 10
 
-// WorkloadInfo names the pod a namespace belongs to.
+// WorkloadInfo names the pod a namespace belongs to, and what the node
+// agent installed in it.
 type WorkloadInfo struct {
 	Name, Namespace, ServiceAccount string
+	// PreserveSource (AddWorkload.preserve_source) says the pod's namespace
+	// has the return-path rules for transparent dials from client addresses.
+	PreserveSource bool
 }
 
 func (w WorkloadInfo) String() string { return w.Namespace + "/" + w.Name }
 
-func infoFromProto(p *zds.WorkloadInfo) WorkloadInfo {
-	return WorkloadInfo{Name: p.GetName(), Namespace: p.GetNamespace(), ServiceAccount: p.GetServiceAccount()}
+func infoFromProto(add *zds.AddWorkload) WorkloadInfo {
+	p := add.GetWorkloadInfo()
+	return WorkloadInfo{Name: p.GetName(), Namespace: p.GetNamespace(), ServiceAccount: p.GetServiceAccount(),
+		PreserveSource: add.GetPreserveSource()}
 }
 
-func (w WorkloadInfo) proto() *zds.WorkloadInfo {
-	return &zds.WorkloadInfo{Name: w.Name, Namespace: w.Namespace, ServiceAccount: w.ServiceAccount}
+func (w WorkloadInfo) addProto(uid string) *zds.AddWorkload {
+	return &zds.AddWorkload{Uid: uid, PreserveSource: w.PreserveSource,
+		WorkloadInfo: &zds.WorkloadInfo{Name: w.Name, Namespace: w.Namespace, ServiceAccount: w.ServiceAccount}}
 }
 
 // send writes one message, with fd attached when non-nil.

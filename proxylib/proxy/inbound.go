@@ -40,8 +40,14 @@ func (p *Proxy) inboundHBONE(ctx context.Context, s *session, pd *pod, req *hbon
 	}
 	s.labels.Destination = telemetry.PeerOf(dstW, nil)
 	peer := req.Peer
+	src, origin := hboneSource(req.PeerAddr, p.trustsForwarded(dstW, peer), req.Header)
+	if origin == ignoredForwarded {
+		p.log.V(1).Info(s.prefix+": Forwarded header ignored, peer is not a waypoint of the destination", "forwarded", truncate(req.Header.Get(hbone.HeaderForwarded), 64))
+	}
 	if wp := dstW.GetWaypoint(); wp != nil && !p.fromWaypoint(wp, peer) {
-		up, err := p.hairpin(ctx, s, pd, dstW, req.Target, req.Header)
+		// The waypoint believes our Forwarded header: it names the client
+		// we decided on, never what the peer wrote.
+		up, err := p.hairpin(ctx, s, pd, dstW, req.Target, withForwarded(req.Header, src))
 		if err != nil {
 			return reject(err)
 		}
@@ -51,7 +57,7 @@ func (p *Proxy) inboundHBONE(ctx context.Context, s *session, pd *pod, req *hbon
 	if err := p.authorize(s, dstW, c); err != nil {
 		return reject(err)
 	}
-	up, err := p.dialLocal(pd, req.Target)
+	up, err := p.dialApp(s, pd, src, req.Target)
 	if err != nil {
 		return reject(err)
 	}
@@ -133,7 +139,7 @@ func (p *Proxy) plaintextInbound(s *session, pd *pod, down net.Conn, src netip.A
 		if err := p.authorize(s, dstW, c); err != nil {
 			return 0, 0, err
 		}
-		if up, err = p.dialLocal(pd, dst); err != nil {
+		if up, err = p.dialApp(s, pd, src.Addr(), dst); err != nil {
 			return 0, 0, err
 		}
 	}

@@ -104,7 +104,8 @@ func (p *Proxy) fastPath(s *session, src, dst *pod, down net.Conn, rt Route, src
 	s.info("proxying to %s using node local fast path", rt.Target)
 	s.labels.SecurityPolicy = telemetry.MutualTLS
 	s.labels.Reporter = telemetry.ReporterDestination
-	srcAddr, _ := WorkloadAddr(p.workloadOf(src.info))
+	srcW := p.workloadOf(src.info)
+	srcAddr, _ := WorkloadAddr(srcW)
 	if !srcAddr.IsValid() {
 		srcAddr = s.src.Addr()
 	}
@@ -112,7 +113,7 @@ func (p *Proxy) fastPath(s *session, src, dst *pod, down net.Conn, rt Route, src
 	if err := p.authorize(s, rt.Dest, c); err != nil {
 		return 0, 0, err
 	}
-	up, err := p.dialLocal(dst, rt.Target)
+	up, err := p.dialApp(s, dst, fastPathSource(srcW, s.src.Addr()), rt.Target)
 	if err != nil {
 		return 0, 0, err
 	}
@@ -137,8 +138,8 @@ func (p *Proxy) serveSOCKS5(pd *pod, c net.Conn) {
 	p.serveOutbound(pd, c, dst)
 }
 
-// dialLocal connects to a local pod from inside its own namespace, marked
-// so the redirection rules let it through.
+// dialLocal connects to a local pod from inside its own namespace (from
+// the pod's own address), marked so the redirection rules let it through.
 func (p *Proxy) dialLocal(pd *pod, target netip.AddrPort) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
 	defer cancel()

@@ -29,6 +29,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 	"github.com/ambientmesh/ambient/proxylib/proxyerr"
 	"github.com/ambientmesh/ambient/proxylib/rbac"
+	"github.com/ambientmesh/ambient/proxylib/redirect"
 	"github.com/ambientmesh/ambient/proxylib/telemetry"
 )
 
@@ -137,6 +138,10 @@ type pod struct {
 	dialer hbone.Dialer
 	hbone  HBONEServer
 	lns    []net.Listener
+	// preserve: the node agent installed the return-path rules (ZDS
+	// preserve_source) and we found them, so dialApp may connect from the
+	// client's address.
+	preserve atomic.Bool
 }
 
 // identity is the pod's SPIFFE identity.
@@ -171,6 +176,7 @@ func (p *Proxy) AddWorkload(uid string, wi inpod.WorkloadInfo, ns *os.File) erro
 		// connections untouched.
 		old.info = info
 		p.mu.Unlock()
+		old.preserve.Store(p.canPreserve(info, ns))
 		ns.Close()
 		p.log.Info("workload re-adopted", "uid", info.UID)
 		return nil
@@ -185,6 +191,7 @@ func (p *Proxy) AddWorkload(uid string, wi inpod.WorkloadInfo, ns *os.File) erro
 		}
 	}
 	pd := &pod{info: info, ns: ns}
+	pd.preserve.Store(p.canPreserve(info, ns))
 	if err := p.openPod(pd); err != nil {
 		p.closePod(pd, false)
 		return err
@@ -192,8 +199,29 @@ func (p *Proxy) AddWorkload(uid string, wi inpod.WorkloadInfo, ns *os.File) erro
 	p.mu.Lock()
 	p.pods[info.UID] = pd
 	p.mu.Unlock()
-	p.log.Info("workload added", "uid", info.UID, "name", info.Name, "namespace", info.Namespace)
+	p.log.Info("workload added", "uid", info.UID, "name", info.Name, "namespace", info.Namespace, "preserveSource", pd.preserve.Load())
 	return nil
+}
+
+// canPreserve decides whether inbound connections to the pod may come from
+// the client's address: the node agent says it installed the return path,
+// and the policy rule is really there. Without it a transparent dial's
+// replies would leave through eth0 and the connection would hang, so any
+// doubt means no (fail safe: the app then sees the pod's own address).
+func (p *Proxy) canPreserve(info WorkloadInfo, ns *os.File) bool {
+	if !info.PreserveSource {
+		return false
+	}
+	ok, err := redirect.HasSourceRouting(ns)
+	if err != nil || !ok {
+		reason := "policy routing missing in the pod's namespace"
+		if err != nil {
+			reason = err.Error()
+		}
+		p.log.Info("source preservation off for workload: node agent announced it but "+reason, "uid", info.UID)
+		return false
+	}
+	return true
 }
 
 func (p *Proxy) openPod(pd *pod) error {

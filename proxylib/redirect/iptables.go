@@ -14,7 +14,8 @@ import (
 // (whichever variant the host has), for nodes where nftables is not
 // wanted. Rules live in two nat chains, AMBIENT_OUTPUT and
 // AMBIENT_PREROUTING, jumped to from OUTPUT and PREROUTING, with the same
-// semantics as the nftables backend.
+// semantics as the nftables backend; with PreserveSource also two mangle
+// chains, AMBIENT_MANGLE_PRE and AMBIENT_MANGLE_OUT, for the connmark.
 type IPTables struct{ cfg Config }
 
 // NewIPTables returns the iptables backend.
@@ -23,8 +24,10 @@ func NewIPTables(cfg Config) *IPTables { return &IPTables{cfg: cfg} }
 var _ Redirector = (*IPTables)(nil)
 
 const (
-	iptOutput     = "AMBIENT_OUTPUT"
-	iptPrerouting = "AMBIENT_PREROUTING"
+	iptOutput     = "AMBIENT_OUTPUT"     // nat
+	iptPrerouting = "AMBIENT_PREROUTING" // nat
+	iptManglePre  = "AMBIENT_MANGLE_PRE" // mangle, source preservation
+	iptMangleOut  = "AMBIENT_MANGLE_OUT" // mangle, source preservation
 )
 
 type family struct {
@@ -70,6 +73,14 @@ func (t *IPTables) rules(f family) string {
 		fmt.Fprintf(&b, "-A %s -p tcp --dport %d -j RETURN\n", iptPrerouting, port)
 	}
 	fmt.Fprintf(&b, "-A %s -p tcp -j REDIRECT --to-ports %d\nCOMMIT\n", iptPrerouting, t.cfg.InboundPort)
+	if t.cfg.PreserveSource {
+		// The same connmark as the nftables backend (sourcepreserve.go).
+		fmt.Fprintf(&b, "*mangle\n:%s - [0:0]\n:%s - [0:0]\n", iptManglePre, iptMangleOut)
+		fmt.Fprintf(&b, "-A %s -m mark --mark %#x/%#x -j CONNMARK --set-xmark %#x/%#x\n",
+			iptManglePre, t.cfg.Mark&t.cfg.MarkMask, t.cfg.MarkMask, ConnMark, t.cfg.MarkMask)
+		fmt.Fprintf(&b, "-A %s -m connmark --mark %#x/%#x -j MARK --set-xmark %#x/%#x\nCOMMIT\n",
+			iptMangleOut, ConnMark, t.cfg.MarkMask, ConnMark, t.cfg.MarkMask)
+	}
 	return b.String()
 }
 
@@ -77,74 +88,107 @@ func (t *IPTables) expectedRuleCount(f family) int {
 	return strings.Count(t.rules(f), "\n-A ")
 }
 
-var jumps = [][2]string{{"OUTPUT", iptOutput}, {"PREROUTING", iptPrerouting}}
+// PreservesSource reports whether Install sets up source preservation.
+func (t *IPTables) PreservesSource() bool { return t.cfg.PreserveSource }
+
+// jump is a rule in a built-in chain sending packets to one of ours.
+type jump struct{ table, from, to string }
+
+var (
+	natJumps    = []jump{{"nat", "OUTPUT", iptOutput}, {"nat", "PREROUTING", iptPrerouting}}
+	mangleJumps = []jump{{"mangle", "PREROUTING", iptManglePre}, {"mangle", "OUTPUT", iptMangleOut}}
+)
+
+func (t *IPTables) jumps() []jump {
+	if t.cfg.PreserveSource {
+		return append(append([]jump{}, natJumps...), mangleJumps...)
+	}
+	return natJumps
+}
 
 // Install writes both families' chains (replacing their contents) and adds
-// the jumps once.
+// the jumps once. Without PreserveSource it removes the mangle chains and
+// return path an earlier install may have left, so the rules always match
+// the configuration.
 func (t *IPTables) Install(ns *os.File) error {
-	if t.cfg.PreserveSource {
-		return fmt.Errorf("iptables backend: source preservation is only implemented with nftables")
-	}
 	for _, f := range families {
 		if _, err := run(ns, t.rules(f), f.restore, "--noflush"); err != nil {
 			return err
 		}
-		for _, j := range jumps {
-			if _, err := run(ns, "", f.cmd, "-t", "nat", "-C", j[0], "-j", j[1]); err == nil {
+		for _, j := range t.jumps() {
+			if _, err := run(ns, "", f.cmd, "-t", j.table, "-C", j.from, "-j", j.to); err == nil {
 				continue
 			}
-			if _, err := run(ns, "", f.cmd, "-t", "nat", "-I", j[0], "1", "-j", j[1]); err != nil {
+			if _, err := run(ns, "", f.cmd, "-t", j.table, "-I", j.from, "1", "-j", j.to); err != nil {
 				return err
 			}
+		}
+		if !t.cfg.PreserveSource {
+			if err := removeJumps(ns, f, mangleJumps); err != nil {
+				return err
+			}
+		}
+	}
+	return setLocalRouting(ns, t.cfg.MarkMask, t.cfg.PreserveSource)
+}
+
+// removeJumps deletes the jumps and then their target chains; absent ones
+// are fine.
+func removeJumps(ns *os.File, f family, js []jump) error {
+	for _, j := range js {
+		for i := 0; i < 10; i++ { // every copy, should someone have added more
+			if _, err := run(ns, "", f.cmd, "-t", j.table, "-D", j.from, "-j", j.to); err != nil {
+				break
+			}
+		}
+	}
+	for _, j := range js {
+		if _, err := run(ns, "", f.cmd, "-t", j.table, "-S", j.to); err != nil {
+			continue // chain absent
+		}
+		if _, err := run(ns, "", f.cmd, "-t", j.table, "-F", j.to); err != nil {
+			return err
+		}
+		if _, err := run(ns, "", f.cmd, "-t", j.table, "-X", j.to); err != nil {
+			return err
 		}
 	}
 	return nil
 }
 
-// Remove deletes the jumps and the chains; absent ones are fine.
+// Remove deletes the jumps, the chains and the return path; absent ones
+// are fine.
 func (t *IPTables) Remove(ns *os.File) error {
 	for _, f := range families {
-		for _, j := range jumps {
-			for i := 0; i < 10; i++ { // every copy, should someone have added more
-				if _, err := run(ns, "", f.cmd, "-t", "nat", "-D", j[0], "-j", j[1]); err != nil {
-					break
-				}
-			}
-		}
-		for _, c := range []string{iptOutput, iptPrerouting} {
-			if _, err := run(ns, "", f.cmd, "-t", "nat", "-S", c); err != nil {
-				continue // chain absent
-			}
-			if _, err := run(ns, "", f.cmd, "-t", "nat", "-F", c); err != nil {
-				return err
-			}
-			if _, err := run(ns, "", f.cmd, "-t", "nat", "-X", c); err != nil {
-				return err
-			}
+		if err := removeJumps(ns, f, append(append([]jump{}, natJumps...), mangleJumps...)); err != nil {
+			return err
 		}
 	}
-	return nil
+	// Always: a previous install may have preserved sources.
+	return setLocalRouting(ns, t.cfg.MarkMask, false)
 }
 
-// Installed checks jumps and rule counts in both families.
+// Installed checks jumps and rule counts in both families, and the return
+// path when preserving sources.
 func (t *IPTables) Installed(ns *os.File) (bool, error) {
 	for _, f := range families {
-		for _, j := range jumps {
-			if _, err := run(ns, "", f.cmd, "-t", "nat", "-C", j[0], "-j", j[1]); err != nil {
+		n := 0
+		for _, j := range t.jumps() {
+			if _, err := run(ns, "", f.cmd, "-t", j.table, "-C", j.from, "-j", j.to); err != nil {
 				return false, nil
 			}
-		}
-		n := 0
-		for _, c := range []string{iptOutput, iptPrerouting} {
-			out, err := run(ns, "", f.cmd, "-t", "nat", "-S", c)
+			out, err := run(ns, "", f.cmd, "-t", j.table, "-S", j.to)
 			if err != nil {
 				return false, nil
 			}
-			n += strings.Count(out, "-A "+c+" ")
+			n += strings.Count(out, "-A "+j.to+" ")
 		}
 		if n != t.expectedRuleCount(f) {
 			return false, nil
 		}
+	}
+	if t.cfg.PreserveSource {
+		return HasSourceRouting(ns)
 	}
 	return true, nil
 }

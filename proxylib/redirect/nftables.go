@@ -87,11 +87,13 @@ func (n *NFTables) Install(ns *os.File) error {
 	if err := c.Flush(); err != nil {
 		return fmt.Errorf("install nftables rules: %w", err)
 	}
-	if n.cfg.PreserveSource {
-		return setLocalRouting(ns, n.cfg.MarkMask, true)
-	}
-	return nil
+	// Without preservation, drop a return path an earlier install (with
+	// --preserve-source) left: the rules then match the config exactly.
+	return setLocalRouting(ns, n.cfg.MarkMask, n.cfg.PreserveSource)
 }
+
+// PreservesSource reports whether Install sets up source preservation.
+func (n *NFTables) PreservesSource() bool { return n.cfg.PreserveSource }
 
 const (
 	manglePrerouting = "mangle_prerouting"

@@ -241,19 +241,32 @@ func TestIPTablesRemoveIsExact(t *testing.T) {
 		return string(out)
 	}
 	run("-t", "nat", "-A", "OUTPUT", "-p", "udp", "-j", "RETURN")
-	r := redirect.NewIPTables(redirect.DefaultConfig())
-	if err := r.Install(tp.podNS); err != nil {
-		t.Fatal(err)
+	run("-t", "mangle", "-A", "OUTPUT", "-p", "udp", "-j", "RETURN")
+	cfg := redirect.DefaultConfig()
+	cfg.PreserveSource = true
+	r := redirect.NewIPTables(cfg)
+	for i := 0; i < 2; i++ {
+		if err := r.Install(tp.podNS); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if got := strings.Count(run("-t", "nat", "-S", "OUTPUT"), "-j AMBIENT_OUTPUT"); got != 1 {
 		t.Fatalf("%d jumps to AMBIENT_OUTPUT, want 1", got)
 	}
+	if got := strings.Count(run("-t", "mangle", "-S", "PREROUTING"), "-j AMBIENT_MANGLE_PRE"); got != 1 {
+		t.Fatalf("%d jumps to AMBIENT_MANGLE_PRE, want 1", got)
+	}
 	if err := r.Remove(tp.podNS); err != nil {
 		t.Fatal(err)
 	}
-	rules := run("-t", "nat", "-S")
-	if strings.Contains(rules, "AMBIENT") || !strings.Contains(rules, "-A OUTPUT -p udp -j RETURN") {
-		t.Fatalf("after remove:\n%s", rules)
+	for _, tc := range []struct{ table, keep string }{
+		{"nat", "-A OUTPUT -p udp -j RETURN"},
+		{"mangle", "-A OUTPUT -p udp -j RETURN"},
+	} {
+		rules := run("-t", tc.table, "-S")
+		if strings.Contains(rules, "AMBIENT") || !strings.Contains(rules, tc.keep) {
+			t.Fatalf("%s table after remove:\n%s", tc.table, rules)
+		}
 	}
 }
 
@@ -335,11 +348,20 @@ func TestProbeSNAT(t *testing.T) {
 }
 
 func TestPreserveSource(t *testing.T) {
+	for _, b := range backends {
+		t.Run(b.name, func(t *testing.T) { testPreserveSource(t, b.new) })
+	}
+}
+
+func testPreserveSource(t *testing.T, newRedirector func(redirect.Config) redirect.Redirector) {
 	tp := newTopo(t)
 	serveRemote(t, tp.podNS, "[::]:8082")
 	cfg := redirect.DefaultConfig()
 	cfg.PreserveSource = true
-	r := redirect.NewNFTables(cfg)
+	r := newRedirector(cfg)
+	if !r.PreservesSource() {
+		t.Fatal("PreservesSource = false with Config.PreserveSource")
+	}
 	for i := 0; i < 2; i++ {
 		if err := r.Install(tp.podNS); err != nil {
 			t.Fatalf("install #%d: %v", i+1, err)
@@ -347,6 +369,9 @@ func TestPreserveSource(t *testing.T) {
 	}
 	if ok, err := r.Installed(tp.podNS); err != nil || !ok {
 		t.Fatalf("Installed = %v, %v", ok, err)
+	}
+	if ok, err := redirect.HasSourceRouting(tp.podNS); err != nil || !ok {
+		t.Fatalf("HasSourceRouting = %v, %v", ok, err)
 	}
 	// ztunnel delivering inbound traffic as the client would.
 	spoof := func(src netip.Addr, dst netip.AddrPort) (string, error) {
@@ -377,18 +402,43 @@ func TestPreserveSource(t *testing.T) {
 			}
 		})
 	}
+	noRouting := func(when string) {
+		t.Helper()
+		for _, args := range [][]string{{"rule", "show"}, {"-6", "rule", "show"}, {"route", "show", "table", "133"}, {"-6", "route", "show", "table", "133"}} {
+			out, _ := tp.pod.Command(context.Background(), "ip", args...).CombinedOutput()
+			if strings.Contains(string(out), "lookup 133") || strings.Contains(string(out), "local default") {
+				t.Fatalf("%s: ip %v still shows the return path:\n%s", when, args, out)
+			}
+		}
+		if ok, _ := redirect.HasSourceRouting(tp.podNS); ok {
+			t.Fatalf("%s: HasSourceRouting = true", when)
+		}
+	}
 	if err := r.Remove(tp.podNS); err != nil {
 		t.Fatal(err)
 	}
-	out, _ := tp.pod.Command(context.Background(), "ip", "rule", "show").CombinedOutput()
-	if strings.Contains(string(out), "lookup 133") {
-		t.Fatalf("policy rule left after remove:\n%s", out)
+	noRouting("after remove")
+	if err := r.Remove(tp.podNS); err != nil {
+		t.Fatalf("second remove: %v", err)
 	}
-	// Without the routing, replies leave through eth0: delivery fails.
-	if err := redirect.NewNFTables(redirect.DefaultConfig()).Install(tp.podNS); err != nil {
+	// Re-installing without preservation (node agent restarted with it off)
+	// must not leave the return path of an earlier install behind.
+	if err := r.Install(tp.podNS); err != nil {
 		t.Fatal(err)
 	}
+	plain := newRedirector(redirect.DefaultConfig())
+	if err := plain.Install(tp.podNS); err != nil {
+		t.Fatal(err)
+	}
+	noRouting("after install without preservation")
+	if ok, err := plain.Installed(tp.podNS); err != nil || !ok {
+		t.Fatalf("Installed without preservation = %v, %v", ok, err)
+	}
+	// Without the routing, replies leave through eth0: delivery fails.
 	if got, err := spoof(tp.peer.IP, netip.AddrPortFrom(tp.pod.IP, 8082)); err == nil && got != "" {
 		t.Fatalf("spoofed delivery worked without source preservation: %q", got)
+	}
+	if err := plain.Remove(tp.podNS); err != nil {
+		t.Fatal(err)
 	}
 }

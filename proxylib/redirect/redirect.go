@@ -24,8 +24,8 @@ type Config struct {
 	// by default the node's probe SNAT addresses (see ProbeSNAT).
 	SkipInboundSources []netip.Prefix
 	// PreserveSource adds the connmark and policy routing that let ztunnel
-	// connect to the app from the client's own address (nftables only; see
-	// sourcepreserve.go). Off by default.
+	// connect to the app from the client's own address (see
+	// sourcepreserve.go). Off in DefaultConfig; the node agent turns it on.
 	PreserveSource bool
 }
 
@@ -54,6 +54,10 @@ type Redirector interface {
 	// Installed reports whether complete ambient rules are present in ns
 	// (used to re-adopt pods after a node-agent restart).
 	Installed(ns *os.File) (bool, error)
+	// PreservesSource reports whether Install also installs the return path
+	// for transparent dials from client addresses (Config.PreserveSource);
+	// the node agent tells ztunnel (ZDS AddWorkload.preserve_source).
+	PreservesSource() bool
 }
 
 // TableName is the nftables table (family inet) holding every rule.

@@ -105,17 +105,59 @@ func setLocalRouting(ns *os.File, mask uint32, add bool) error {
 	return errors.Join(errs...)
 }
 
-// hasLocalRouting reports whether the IPv4 rule is present.
-func hasLocalRouting(ns *os.File) (bool, error) {
+// HasSourceRouting reports whether ns has the return path for transparent
+// dials: the IPv4 policy rule and the local default route of LocalTable.
+// ztunnel checks it before dialling apps from client addresses.
+func HasSourceRouting(ns *os.File) (bool, error) {
+	if ok, err := hasLocalRouting(ns); err != nil || !ok {
+		return false, err
+	}
+	return hasLocalRoute(ns)
+}
+
+func dump(ns *os.File, typ netlink.HeaderType) ([]netlink.Message, error) {
 	c, err := routeConn(ns)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	return c.Execute(netlink.Message{
+		Header: netlink.Header{Type: typ, Flags: netlink.Request | netlink.Dump},
+		Data:   []byte{unix.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0},
+	})
+}
+
+// hasLocalRoute reports whether LocalTable holds the IPv4 local default.
+func hasLocalRoute(ns *os.File) (bool, error) {
+	msgs, err := dump(ns, unix.RTM_GETROUTE)
 	if err != nil {
 		return false, err
 	}
-	defer c.Close()
-	msgs, err := c.Execute(netlink.Message{
-		Header: netlink.Header{Type: unix.RTM_GETRULE, Flags: netlink.Request | netlink.Dump},
-		Data:   []byte{unix.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0},
-	})
+	for _, m := range msgs {
+		// rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags(4)
+		if len(m.Data) < 12 || m.Data[1] != 0 || m.Data[7] != unix.RTN_LOCAL {
+			continue
+		}
+		ad, err := netlink.NewAttributeDecoder(m.Data[12:])
+		if err != nil {
+			continue
+		}
+		table := uint32(m.Data[4])
+		for ad.Next() {
+			if ad.Type() == unix.RTA_TABLE {
+				table = ad.Uint32()
+			}
+		}
+		if table == LocalTable {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// hasLocalRouting reports whether the IPv4 rule is present.
+func hasLocalRouting(ns *os.File) (bool, error) {
+	msgs, err := dump(ns, unix.RTM_GETRULE)
 	if err != nil {
 		return false, err
 	}

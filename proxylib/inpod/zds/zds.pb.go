@@ -179,11 +179,17 @@ func (x *WorkloadInfo) GetServiceAccount() string {
 // Capture a pod; the netns fd is attached. Re-sending it for a known uid
 // keeps the workload (and replaces it if the namespace changed).
 type AddWorkload struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Uid           string                 `protobuf:"bytes,1,opt,name=uid,proto3" json:"uid,omitempty"`
-	WorkloadInfo  *WorkloadInfo          `protobuf:"bytes,2,opt,name=workload_info,json=workloadInfo,proto3" json:"workload_info,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Uid          string                 `protobuf:"bytes,1,opt,name=uid,proto3" json:"uid,omitempty"`
+	WorkloadInfo *WorkloadInfo          `protobuf:"bytes,2,opt,name=workload_info,json=workloadInfo,proto3" json:"workload_info,omitempty"`
+	// The node agent installed the return-path rules for source preservation
+	// in this netns (connmark 0x111 + ip rule fwmark 0x111/0xfff lookup 133 +
+	// local default dev lo table 133), so ztunnel may dial the app from the
+	// client's address (IP_TRANSPARENT). False: ztunnel must dial from an
+	// address of the pod.
+	PreserveSource bool `protobuf:"varint,3,opt,name=preserve_source,json=preserveSource,proto3" json:"preserve_source,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *AddWorkload) Reset() {
@@ -228,6 +234,13 @@ func (x *AddWorkload) GetWorkloadInfo() *WorkloadInfo {
 		return x.WorkloadInfo
 	}
 	return nil
+}
+
+func (x *AddWorkload) GetPreserveSource() bool {
+	if x != nil {
+		return x.PreserveSource
+	}
+	return false
 }
 
 // Keep a workload ztunnel already serves without re-sending its netns
@@ -609,10 +622,11 @@ const file_zds_proto_rawDesc = "" +
 	"\fWorkloadInfo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12'\n" +
-	"\x0fservice_account\x18\x03 \x01(\tR\x0eserviceAccount\"b\n" +
+	"\x0fservice_account\x18\x03 \x01(\tR\x0eserviceAccount\"\x8b\x01\n" +
 	"\vAddWorkload\x12\x10\n" +
 	"\x03uid\x18\x01 \x01(\tR\x03uid\x12A\n" +
-	"\rworkload_info\x18\x02 \x01(\v2\x1c.ambient.zds.v1.WorkloadInfoR\fworkloadInfo\" \n" +
+	"\rworkload_info\x18\x02 \x01(\v2\x1c.ambient.zds.v1.WorkloadInfoR\fworkloadInfo\x12'\n" +
+	"\x0fpreserve_source\x18\x03 \x01(\bR\x0epreserveSource\" \n" +
 	"\fKeepWorkload\x12\x10\n" +
 	"\x03uid\x18\x01 \x01(\tR\x03uid\"\x1f\n" +
 	"\vDelWorkload\x12\x10\n" +
