@@ -67,7 +67,7 @@ func runAgent(args []string) error {
 	fs.StringVar(&o.ProcRoot, "proc", envOr("PROC_ROOT", defaultProc()), "the host's /proc")
 	fs.StringVar(&healthPort, "health-port", envOr("HEALTH_PORT", "15022"), "port of /healthz and /readyz on all addresses (empty: off)")
 	fs.StringVar(&healthAddr, "health-addr", "", "host:port of /healthz and /readyz (overrides --health-port)")
-	fs.BoolVar(&o.Redirect.PreserveSource, "preserve-source", envOr("PRESERVE_SOURCE", "false") == "true", "install the connmark/policy routing that lets ztunnel connect to apps from the client's address (nftables)")
+	fs.BoolVar(&o.Redirect.PreserveSource, "preserve-source", envOr("PRESERVE_SOURCE", "true") == "true", "install the connmark/policy routing that lets ztunnel connect to apps from the client's address (apps see the real client IP)")
 	fs.BoolVar(&o.ProbeSNAT, "probe-snat", envOr("PROBE_SNAT", "true") == "true", "SNAT the node's own connections to captured pods (kubelet probes) so they bypass capture")
 	fs.StringVar(&logLevel, "log-level", envOr("LOG_LEVEL", "info"), "debug, info, warn, error")
 	_ = fs.Parse(args)
@@ -102,6 +102,10 @@ func runAgent(args []string) error {
 		return err
 	}
 	o.Log = zapr.NewLogger(zl).WithName("node-agent")
+	o.Log.Info("in-pod redirection", "backend", backend, "preserveSource", o.Redirect.PreserveSource)
+	if !o.Redirect.PreserveSource {
+		o.Log.Info("source preservation is off: apps behind ztunnel see their own pod address instead of the client's")
+	}
 	ctrl.SetLogger(o.Log)
 	cfg, err := ctrl.GetConfig()
 	if err != nil {

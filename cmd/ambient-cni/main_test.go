@@ -98,12 +98,23 @@ func newMesh() *unstructured.Unstructured {
 type fakeZtunnel struct {
 	mu        sync.Mutex
 	pods      map[string]*inpod.PodListeners
+	infos     map[string]inpod.WorkloadInfo
 	adds      int
 	snapshots int
 }
 
-func (z *fakeZtunnel) AddWorkload(uid string, _ inpod.WorkloadInfo, ns *os.File) error {
+func (z *fakeZtunnel) AddWorkload(uid string, info inpod.WorkloadInfo, ns *os.File) error {
 	defer ns.Close()
+	z.mu.Lock()
+	if z.infos == nil {
+		z.infos = map[string]inpod.WorkloadInfo{}
+	}
+	z.infos[uid] = info
+	_, known := z.pods[uid]
+	z.mu.Unlock()
+	if known { // same namespace, new info: keep serving
+		return nil
+	}
 	ls, err := inpod.OpenListeners(ns)
 	if err != nil {
 		return err
@@ -134,6 +145,28 @@ func (z *fakeZtunnel) DelWorkload(uid string) error {
 		delete(z.pods, uid)
 	}
 	return nil
+}
+
+// preserveSource is what the node agent last said about uid's return path.
+func (z *fakeZtunnel) preserveSource(uid types.UID) bool {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	return z.infos[string(uid)].PreserveSource
+}
+
+// hasSourceRouting reports whether p's namespace has the return path for
+// ztunnel's transparent dials.
+func hasSourceRouting(t *testing.T, p *netns.Pod) bool {
+	f, err := p.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	ok, err := redirect.HasSourceRouting(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ok
 }
 
 func (z *fakeZtunnel) SnapshotDone() { z.mu.Lock(); z.snapshots++; z.mu.Unlock() }
@@ -361,7 +394,10 @@ func TestCaptureRunningPodWithoutRestartAndReadoption(t *testing.T) {
 	target := netip.AddrPortFrom(outside.IP, 9090)
 	serveName(t, podNS, 8080, "web")
 	nodeRole := &netns.Pod{NS: node.NS} // the kubelet's view: dial from the node
-	withProbes := func(o *agent.Options) { o.ProbeSNAT, o.HostNetns = true, node.Path() }
+	withProbes := func(o *agent.Options) {
+		o.ProbeSNAT, o.HostNetns = true, node.Path()
+		o.Redirect.PreserveSource = true // the binary's default
+	}
 	e.opts = withProbes
 
 	stopAgent := e.startAgent()
@@ -380,6 +416,10 @@ func TestCaptureRunningPodWithoutRestartAndReadoption(t *testing.T) {
 		return installed(t, podNS) && e.ztunnel.has(pod.UID) && annotation(t, pod) == selection.RedirectionEnabled
 	})
 	captureLatency = time.Since(labelled)
+	if !hasSourceRouting(t, podNS) || !e.ztunnel.preserveSource(pod.UID) {
+		t.Fatalf("source preservation: return path %v, announced to ztunnel %v; want both",
+			hasSourceRouting(t, podNS), e.ztunnel.preserveSource(pod.UID))
+	}
 	if got, want := dialFrom(t, podNS, target), "ztunnel "+target.String(); got != want {
 		t.Fatalf("captured pod's outbound reached %q, want %q", got, want)
 	}
@@ -409,6 +449,9 @@ func TestCaptureRunningPodWithoutRestartAndReadoption(t *testing.T) {
 	})
 	if got := dialFrom(t, podNS, target); got != "outside" {
 		t.Fatalf("released pod reached %q", got)
+	}
+	if hasSourceRouting(t, podNS) {
+		t.Fatal("release left the source-preservation policy routing behind")
 	}
 	if app.ProcessState != nil {
 		t.Fatal("the pod's process exited: capture must never restart pods")
@@ -761,6 +804,11 @@ func TestNodeAgentProcess(t *testing.T) {
 	eventually(t, "the agent process is ready and captured the pod", func() bool {
 		return ready() && installed(t, podNS) && e.ztunnel.has(pod.UID) && annotation(t, pod) == selection.RedirectionEnabled
 	})
+	// By default the agent preserves client addresses and says so.
+	if !hasSourceRouting(t, podNS) || !e.ztunnel.preserveSource(pod.UID) {
+		t.Fatalf("default node agent: return path %v, announced %v; want source preservation on",
+			hasSourceRouting(t, podNS), e.ztunnel.preserveSource(pod.UID))
+	}
 	// SIGTERM while the mesh exists: exit cleanly, pods stay captured.
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)

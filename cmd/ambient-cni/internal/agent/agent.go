@@ -168,7 +168,10 @@ func (a *Agent) capture(ctx context.Context, pod *corev1.Pod, netnsPath string) 
 			return fmt.Errorf("probe SNAT for %s: %w", key, err)
 		}
 	}
-	wp := inpod.Pod{UID: string(pod.UID), Info: inpod.WorkloadInfo{Name: pod.Name, Namespace: pod.Namespace, ServiceAccount: pod.Spec.ServiceAccountName}, Netns: ns}
+	// PreserveSource tells ztunnel the return path for transparent dials is
+	// in place (Install put it there with the rules).
+	wp := inpod.Pod{UID: string(pod.UID), Info: inpod.WorkloadInfo{Name: pod.Name, Namespace: pod.Namespace,
+		ServiceAccount: pod.Spec.ServiceAccountName, PreserveSource: a.Redirector.PreservesSource()}, Netns: ns}
 	if err := a.Syncer.Upsert(ctx, wp); err != nil {
 		// The Syncer delivers it later (refusals are retried, a broken
 		// connection resends everything); meanwhile the rules make the
