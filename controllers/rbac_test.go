@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	appsv1 "k8s.io/api/apps/v1"
@@ -16,14 +17,16 @@ import (
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 )
 
-// can asks the API server's RBAC authorizer whether user may do verb.
+// can asks the API server's RBAC authorizer whether user may do verb;
+// resource is "name" for the core group or "name.group".
 func can(t *testing.T, user, verb, resource, ns, name string) bool {
 	t.Helper()
+	resource, group, _ := strings.Cut(resource, ".")
 	sar := &authzv1.SubjectAccessReview{Spec: authzv1.SubjectAccessReviewSpec{
 		User:   user,
 		Groups: []string{"system:serviceaccounts", "system:authenticated"},
 		ResourceAttributes: &authzv1.ResourceAttributes{
-			Verb: verb, Resource: resource, Namespace: ns, Name: name,
+			Verb: verb, Group: group, Resource: resource, Namespace: ns, Name: name,
 		},
 	}}
 	if err := k8s.Create(context.Background(), sar); err != nil {
@@ -81,6 +84,10 @@ func TestLeastPrivilege(t *testing.T) {
 		allowed                       bool
 	}{
 		{operator, "get", "secrets", ns, CASecretName, true},
+		// Proxies' tokens, and callers of the metrics and debug endpoints.
+		{operator, "create", "tokenreviews.authentication.k8s.io", "", "", true},
+		{operator, "create", "subjectaccessreviews.authorization.k8s.io", "", "", true},
+		{sa(ns, ZtunnelName), "create", "subjectaccessreviews.authorization.k8s.io", "", "", false},
 		{sa(ns, ZtunnelName), "get", "secrets", ns, CASecretName, false},
 		{sa(ns, ZtunnelName), "list", "secrets", ns, "", false},
 		{sa(ns, ZtunnelName), "list", "pods", "", "", false},

@@ -5,6 +5,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"flag"
 	"fmt"
 	"os"
@@ -24,6 +25,7 @@ import (
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 	"github.com/ambientmesh/ambient/controllers"
 	"github.com/ambientmesh/ambient/controllers/controlplane"
+	"github.com/ambientmesh/ambient/controllers/httpauth"
 	"github.com/ambientmesh/ambient/controllers/webhookcert"
 )
 
@@ -32,6 +34,7 @@ var version = "dev"
 
 type config struct {
 	metricsAddr, probeAddr  string
+	metricsSecure           bool
 	leaderElect             bool
 	operatorNamespace       string
 	imageRegistry           string
@@ -58,7 +61,8 @@ func parseFlags() *config {
 	if ns == "" {
 		ns = "ambient-system"
 	}
-	flag.StringVar(&c.metricsAddr, "metrics-bind-address", ":8080", "Prometheus metrics address (plain HTTP; \"0\" disables)")
+	flag.StringVar(&c.metricsAddr, "metrics-bind-address", ":8443", "Prometheus metrics address (\"0\" disables)")
+	flag.BoolVar(&c.metricsSecure, "metrics-secure", true, "serve metrics over HTTPS to callers whose RBAC grants GET /metrics (TokenReview + SubjectAccessReview); false serves plain HTTP to anyone")
 	flag.StringVar(&c.probeAddr, "health-probe-bind-address", ":8081", "health (/healthz) and readiness (/readyz) probe address")
 	flag.BoolVar(&c.leaderElect, "leader-elect", false, "elect a leader so only one replica reconciles")
 	flag.StringVar(&c.operatorNamespace, "operator-namespace", ns, "namespace the manager runs in (defaults to $POD_NAMESPACE)")
@@ -129,6 +133,20 @@ func main() {
 	}
 }
 
+// metricsOptions: by default metrics are served like kube-controller-manager
+// serves its own, over TLS with a self-signed certificate, to callers the
+// API server authenticates and RBAC authorizes (config/rbac's metrics
+// reader role). HTTP/2 is off on this port (Rapid Reset, CVE-2023-44487).
+func metricsOptions(c *config) metricsserver.Options {
+	o := metricsserver.Options{BindAddress: c.metricsAddr}
+	if c.metricsSecure {
+		o.SecureServing = true
+		o.FilterProvider = httpauth.FilterProvider
+		o.TLSOpts = []func(*tls.Config){func(cfg *tls.Config) { cfg.NextProtos = []string{"http/1.1"} }}
+	}
+	return o
+}
+
 func run(ctx context.Context, c *config) error {
 	log := ctrl.Log.WithName("setup")
 	scheme := runtime.NewScheme()
@@ -144,7 +162,7 @@ func run(ctx context.Context, c *config) error {
 	}
 	mgr, err := ctrl.NewManager(restConfig, ctrl.Options{
 		Scheme:                 scheme,
-		Metrics:                metricsserver.Options{BindAddress: c.metricsAddr},
+		Metrics:                metricsOptions(c),
 		HealthProbeBindAddress: c.probeAddr,
 		LeaderElection:         c.leaderElect,
 		LeaderElectionID:       "ambient-operator.mesh.ambient.dev",

@@ -5,19 +5,26 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/go-logr/logr"
 	admissionv1 "k8s.io/api/admissionregistration/v1"
 	appsv1 "k8s.io/api/apps/v1"
+	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
@@ -85,9 +92,9 @@ func TestManagerRun(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	port := freePort(t)
+	port, metricsPort := freePort(t), freePort(t)
 	c := &config{
-		metricsAddr: "0", probeAddr: "0", operatorNamespace: "ambient-system", imageRegistry: "ambient",
+		metricsAddr: fmt.Sprintf("127.0.0.1:%d", metricsPort), metricsSecure: true, probeAddr: "0", operatorNamespace: "ambient-system", imageRegistry: "ambient",
 		ztunnelImage: "ambient/ztunnel:dev", nodeAgentImage: "ambient/ambient-cni:dev", waypointImage: "ambient/waypoint:dev",
 		enableWebhooks: true, webhookPort: port, webhookCertDir: t.TempDir(), webhookSelfSigned: true,
 		webhookService: "ambient-webhook-service", webhookConfigName: vwc.Name, webhookSecret: "ambient-webhook-server-cert",
@@ -138,6 +145,7 @@ func TestManagerRun(t *testing.T) {
 		}
 		return nil
 	})
+	checkSecureMetrics(t, ctx, k8s, cfg, fmt.Sprintf("127.0.0.1:%d", metricsPort))
 	cancel()
 	select {
 	case err := <-done:
@@ -146,6 +154,77 @@ func TestManagerRun(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("manager did not stop")
+	}
+}
+
+// checkSecureMetrics: metrics are served over HTTPS only, to callers bound
+// to config/rbac's metrics reader role, and refused to everyone else.
+func checkSecureMetrics(t *testing.T, ctx context.Context, k8s client.Client, cfg *rest.Config, addr string) {
+	t.Helper()
+	raw, err := os.ReadFile(filepath.Join("..", "..", "config", "rbac", "metrics_reader_role.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	role := &rbacv1.ClusterRole{}
+	if err := yaml.Unmarshal(raw, role); err != nil {
+		t.Fatal(err)
+	}
+	for _, o := range []client.Object{
+		role,
+		&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "prometheus", Namespace: "ambient-system"}},
+		&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "someone", Namespace: "ambient-system"}},
+		&rbacv1.ClusterRoleBinding{ObjectMeta: metav1.ObjectMeta{Name: "prometheus-metrics"},
+			RoleRef:  rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: role.Name},
+			Subjects: []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Namespace: "ambient-system", Name: "prometheus"}}},
+	} {
+		if err := k8s.Create(ctx, o); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cs := kubernetes.NewForConfigOrDie(cfg)
+	token := func(sa string) string {
+		tr, err := cs.CoreV1().ServiceAccounts("ambient-system").CreateToken(ctx, sa, &authnv1.TokenRequest{}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tr.Status.Token
+	}
+	// Self-signed serving certificate, as kube-controller-manager's metrics.
+	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	get := func(scheme, bearer string) (int, string, error) {
+		req, _ := http.NewRequest("GET", scheme+"://"+addr+"/metrics", nil)
+		if bearer != "" {
+			req.Header.Set("Authorization", "Bearer "+bearer)
+		}
+		resp, err := hc.Do(req)
+		if err != nil {
+			return 0, "", err
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b), nil
+	}
+	prometheus := token("prometheus")
+	waitFor(t, "metrics for the bound reader", func() error {
+		code, body, err := get("https", prometheus)
+		if err != nil || code != http.StatusOK || !strings.Contains(body, "controller_runtime_reconcile_total") {
+			return fmt.Errorf("%d %v %.100q", code, err, body)
+		}
+		return nil
+	})
+	for _, c := range []struct {
+		name, scheme, bearer string
+		want                 int
+	}{
+		{"no token", "https", "", http.StatusUnauthorized},
+		{"a forged token", "https", "not-a-token", http.StatusUnauthorized},
+		{"an account without the role", "https", token("someone"), http.StatusForbidden},
+		{"plain HTTP", "http", prometheus, http.StatusBadRequest}, // Go's TLS server answers plaintext with 400
+	} {
+		code, body, err := get(c.scheme, c.bearer)
+		if err != nil || code != c.want || strings.Contains(body, "controller_runtime") {
+			t.Errorf("%s: %d %v %.100q, want %d without metrics", c.name, code, err, body, c.want)
+		}
 	}
 }
 

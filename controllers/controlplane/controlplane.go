@@ -29,6 +29,7 @@ import (
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 	"github.com/ambientmesh/ambient/controllers/caserver"
 	"github.com/ambientmesh/ambient/controllers/discovery"
+	"github.com/ambientmesh/ambient/controllers/httpauth"
 	"github.com/ambientmesh/ambient/controllers/proxyauth"
 	"github.com/ambientmesh/ambient/proxylib/ca"
 	"github.com/ambientmesh/ambient/proxylib/caclient/capb"
@@ -106,6 +107,7 @@ func AddToScheme(s *runtime.Scheme) error {
 // +kubebuilder:rbac:groups="",resources=secrets,verbs=get
 // +kubebuilder:rbac:groups=discovery.k8s.io,resources=endpointslices,verbs=get;list;watch
 // +kubebuilder:rbac:groups=authentication.k8s.io,resources=tokenreviews,verbs=create
+// +kubebuilder:rbac:groups=authorization.k8s.io,resources=subjectaccessreviews,verbs=create
 // +kubebuilder:rbac:groups=security.istio.io,resources=authorizationpolicies;peerauthentications,verbs=get;list;watch
 // +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=gateways;httproutes;grpcroutes,verbs=get;list;watch
 // +kubebuilder:rbac:groups=mesh.ambient.dev,resources=ambientmeshes;waypointpolicies,verbs=get;list;watch
@@ -226,7 +228,10 @@ func (cp *ControlPlane) Start(ctx context.Context) error {
 	if lis, err := listen(cp.opts.DebugListener, cp.opts.DebugAddress); err != nil {
 		return err
 	} else if lis != nil {
-		hs := &http.Server{Handler: cp.Discovery.DebugHandler(), ReadHeaderTimeout: 5 * time.Second}
+		// The dump lists every workload and policy: only callers whose RBAC
+		// grants GET on the URL (see config/rbac/controlplane_debug_role.yaml).
+		guard := &httpauth.Authorizer{Client: cp.Auth.Client, Log: cp.opts.Log.WithName("debug")}
+		hs := &http.Server{Handler: guard.Handler(cp.Discovery.DebugHandler()), ReadHeaderTimeout: 5 * time.Second}
 		go func() {
 			<-ctx.Done()
 			_ = hs.Close()

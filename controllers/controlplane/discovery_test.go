@@ -21,8 +21,11 @@ import (
 	apitype "istio.io/api/type/v1beta1"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	securityv1beta1 "istio.io/client-go/pkg/apis/security/v1beta1"
+	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -394,13 +397,19 @@ func TestDiscoveryClientAuth(t *testing.T) {
 	}
 }
 
-// TestDebugConfigDump: the debug view shows what a proxy receives.
+// TestDebugConfigDump: the debug view shows what a proxy receives, and
+// only to callers whose RBAC grants GET on it.
 func TestDebugConfigDump(t *testing.T) {
 	zt := ztunnel(t, "zt-debug", "node-a", "10.200.0.6")
 	ensureNamespace(t, "dbg", map[string]string{ambientLabel: "ambient"})
 	createPod(t, podSpec{ns: "dbg", name: "web", node: "node-a", ip: "10.6.0.1"})
-	get := func(query string) (int, string) {
-		resp, err := http.Get("http://" + s.debugAddr + "/debug/config_dump" + query)
+	reader := debugReaderToken(t)
+	get := func(bearer, query string) (int, string) {
+		req, _ := http.NewRequest("GET", "http://"+s.debugAddr+"/debug/config_dump"+query, nil)
+		if bearer != "" {
+			req.Header.Set("Authorization", "Bearer "+bearer)
+		}
+		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -408,16 +417,48 @@ func TestDebugConfigDump(t *testing.T) {
 		b, _ := io.ReadAll(resp.Body)
 		return resp.StatusCode, string(b)
 	}
+	query := "?proxyID=" + zt.Name + "." + meshNS
 	eventually(t, "dump has the workload", func() bool {
-		code, body := get("?proxyID=" + zt.Name + "." + meshNS)
+		code, body := get(reader, query)
 		return code == http.StatusOK && strings.Contains(body, uid("dbg", "web")) && strings.Contains(body, `"role":"ztunnel"`)
 	})
-	if code, _ := get(""); code != http.StatusBadRequest {
+	if code, _ := get(reader, ""); code != http.StatusBadRequest {
 		t.Errorf("missing proxyID: %d", code)
 	}
-	if code, _ := get("?proxyID=nope." + meshNS); code != http.StatusNotFound {
+	if code, _ := get(reader, "?proxyID=nope."+meshNS); code != http.StatusNotFound {
 		t.Errorf("unknown proxy: %d", code)
 	}
+	if code, body := get("", query); code != http.StatusUnauthorized {
+		t.Errorf("without a token: %d %.80q, want 401", code, body)
+	}
+	// A proxy's own token does not open the dump of the whole mesh.
+	if code, body := get(token(t, zt, xds.TokenAudience), query); code != http.StatusUnauthorized && code != http.StatusForbidden {
+		t.Errorf("ztunnel's token: %d %.80q, want 401 or 403", code, body)
+	}
+}
+
+// debugReaderToken is a token of a service account bound to a ClusterRole
+// that grants GET on /debug/config_dump.
+func debugReaderToken(t *testing.T) string {
+	t.Helper()
+	ctx := context.Background()
+	for _, o := range []client.Object{
+		&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "debug-reader", Namespace: meshNS}},
+		&rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: "debug-reader"},
+			Rules: []rbacv1.PolicyRule{{NonResourceURLs: []string{"/debug/config_dump"}, Verbs: []string{"get"}}}},
+		&rbacv1.ClusterRoleBinding{ObjectMeta: metav1.ObjectMeta{Name: "debug-reader"},
+			RoleRef:  rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: "debug-reader"},
+			Subjects: []rbacv1.Subject{{Kind: "ServiceAccount", Name: "debug-reader", Namespace: meshNS}}},
+	} {
+		if err := s.k8s.Create(ctx, o); err != nil && !apierrors.IsAlreadyExists(err) {
+			t.Fatal(err)
+		}
+	}
+	tr, err := s.cs.CoreV1().ServiceAccounts(meshNS).CreateToken(ctx, "debug-reader", &authnv1.TokenRequest{}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tr.Status.Token
 }
 
 // TestSelectorlessService: a service without selector takes its endpoints
