@@ -159,7 +159,7 @@ type mesh struct {
 	cp       *controlPlane
 	logs     *logs
 	nodes    []*node
-	redirect *redirect.NFTables
+	redirect redirect.Redirector
 }
 
 type node struct {
@@ -247,7 +247,8 @@ func (p *pod) capture(m *mesh) {
 	}
 	p.w.TunnelProtocol = workloadapi.TunnelProtocol_HBONE
 	m.cp.workload(p.w)
-	if err := p.node.proxy.AddWorkload(p.uid, inpod.WorkloadInfo{Name: p.name, Namespace: p.ns, ServiceAccount: p.sa}, f); err != nil {
+	info := inpod.WorkloadInfo{Name: p.name, Namespace: p.ns, ServiceAccount: p.sa, PreserveSource: m.redirect.PreservesSource()}
+	if err := p.node.proxy.AddWorkload(p.uid, info, f); err != nil {
 		m.t.Fatal(err)
 	}
 	p.nsFile = f

@@ -1,0 +1,305 @@
+package ztunnel
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/proxylib/redirect"
+)
+
+// Source preservation (docs/interfaces.md, "Inbound source address"): the
+// app behind ztunnel sees the real client's address, as with Istio's
+// in-pod ztunnel, and a mesh peer cannot choose the address it is seen from.
+
+const whoPort = 9100
+
+// whoAmI answers with the client address the app sees, then closes.
+func whoAmI(c net.Conn) {
+	defer c.Close()
+	io.WriteString(c, c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap().String())
+}
+
+// sourceMesh: sleep and httpbin-2 on node1, httpbin-1 and a pod outside
+// the mesh on node2, captured with redirector r.
+type sourceMesh struct {
+	*mesh
+	sleep, httpbin1, httpbin2, outside *pod
+}
+
+func newSourceMesh(t *testing.T, r redirect.Redirector) *sourceMesh {
+	m := newMesh(t, 2)
+	m.redirect = r
+	m.syncAll()
+	s := &sourceMesh{mesh: m}
+	s.sleep = m.addPod(m.nodes[0], "sleep-1", "sleep", true)
+	s.httpbin1 = m.addPod(m.nodes[1], "httpbin-1", "httpbin", true)
+	s.httpbin2 = m.addPod(m.nodes[0], "httpbin-2", "httpbin", true)
+	s.outside = m.addPod(m.nodes[1], "outside-1", "outside", false)
+	for _, h := range []*pod{s.httpbin1, s.httpbin2} {
+		h.serveTCP(t, whoPort, whoAmI)
+		h.serveTCP(t, 9000, countThenReply)
+		h.serveTCP(t, 9001, echo)
+	}
+	return s
+}
+
+func preserving(newR func(redirect.Config) redirect.Redirector) redirect.Redirector {
+	cfg := redirect.DefaultConfig()
+	cfg.PreserveSource = true
+	return newR(cfg)
+}
+
+var backends = []struct {
+	name string
+	new  func(redirect.Config) redirect.Redirector
+}{
+	{"nftables", func(c redirect.Config) redirect.Redirector { return redirect.NewNFTables(c) }},
+	{"iptables", func(c redirect.Config) redirect.Redirector { return redirect.NewIPTables(c) }},
+}
+
+// seenBy asks app port whoPort at dst, from inside p, who it sees.
+func seenBy(t *testing.T, p *pod, dst netip.AddrPort) string {
+	t.Helper()
+	c, err := p.dial(dst)
+	if err != nil {
+		t.Fatalf("%s dial %s: %v", p.name, dst, err)
+	}
+	defer c.Close()
+	return readAll(t, c)
+}
+
+func TestSourceIPPreserved(t *testing.T) {
+	for _, b := range backends {
+		t.Run(b.name, func(t *testing.T) {
+			s := newSourceMesh(t, preserving(b.new))
+			testSourceIPPreserved(t, s)
+		})
+	}
+}
+
+func testSourceIPPreserved(t *testing.T, s *sourceMesh) {
+	cases := []struct {
+		name string
+		from *pod
+		to   *pod
+	}{
+		{"sleep to httpbin across nodes over HBONE", s.sleep, s.httpbin1},
+		{"sleep to httpbin on the same node (fast path)", s.sleep, s.httpbin2},
+		{"plaintext from outside the mesh", s.outside, s.httpbin1},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if got, want := seenBy(t, tc.from, tc.to.addr(whoPort)), tc.from.IP.String(); got != want {
+				t.Fatalf("app saw %s, want the client %s (%s's own address is %s)", got, want, tc.to.name, tc.to.IP)
+			}
+		})
+	}
+
+	for _, dst := range []*pod{s.httpbin1, s.httpbin2} {
+		t.Run("bulk and half-close to "+dst.name, func(t *testing.T) {
+			const size = 8 << 20
+			c, err := s.sleep.dial(dst.addr(9000))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if _, err := io.CopyN(c, bytes.NewReader(make([]byte, size)), size); err != nil {
+				t.Fatalf("write: %v", err)
+			}
+			c.(*net.TCPConn).CloseWrite()
+			if got, want := readAll(t, c), fmt.Sprintf("got %d", size); got != want {
+				t.Fatalf("half-close: %q, want %q", got, want)
+			}
+			testEchoBulk(t, s.sleep, dst.addr(9001), 4<<20)
+		})
+	}
+
+	t.Run("hostile peer's Forwarded header is not believed", func(t *testing.T) {
+		h := http.Header{hbone.HeaderForwarded: {`for="1.2.3.4"`}}
+		c, err := hboneWithHeader(t, s.mesh, s.outside, s.outside.id(), netip.AddrPortFrom(s.httpbin1.IP, 15008), s.httpbin1.addr(whoPort), s.httpbin1.id(), h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if got, want := readAll(t, c), s.outside.IP.String(); got != want {
+			t.Fatalf("app saw %s, want the tunnel's peer %s", got, want)
+		}
+	})
+
+	t.Run("release removes the return path", func(t *testing.T) {
+		s.httpbin1.release(s.mesh)
+		f, err := s.httpbin1.Open()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if ok, err := redirect.HasSourceRouting(f); err != nil || ok {
+			t.Fatalf("HasSourceRouting after release = %v, %v", ok, err)
+		}
+		if ok, _ := s.redirect.Installed(f); ok {
+			t.Fatal("rules still installed after release")
+		}
+		if got := seenBy(t, s.outside, s.httpbin1.addr(whoPort)); got != s.outside.IP.String() {
+			t.Fatalf("released pod saw %s", got)
+		}
+	})
+}
+
+// testEchoBulk sends n bytes through an echo server while reading them back.
+func testEchoBulk(t *testing.T, p *pod, dst netip.AddrPort, n int64) {
+	t.Helper()
+	c, err := p.dial(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	errc := make(chan error, 1)
+	go func() {
+		_, err := io.CopyN(c, bytes.NewReader(make([]byte, n)), n)
+		c.(*net.TCPConn).CloseWrite()
+		errc <- err
+	}()
+	c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	got, err := io.Copy(io.Discard, c)
+	if err != nil || got != n {
+		t.Fatalf("echo returned %d bytes (%v), want %d", got, err, n)
+	}
+	if err := <-errc; err != nil {
+		t.Fatalf("echo write: %v", err)
+	}
+}
+
+func TestSourceIPNotPreserved(t *testing.T) {
+	t.Run("preservation off: the app sees its own address", func(t *testing.T) {
+		s := newSourceMesh(t, redirect.NewNFTables(redirect.DefaultConfig()))
+		for _, dst := range []*pod{s.httpbin1, s.httpbin2} {
+			if got := seenBy(t, s.sleep, dst.addr(whoPort)); got != dst.IP.String() {
+				t.Fatalf("%s saw %s, want its own address %s", dst.name, got, dst.IP)
+			}
+		}
+	})
+	t.Run("announced without the return path: fail safe", func(t *testing.T) {
+		// A node agent claims preservation but the pod lacks the policy
+		// routing: ztunnel must notice, or every connection would hang.
+		s := newSourceMesh(t, &announcing{Redirector: redirect.NewNFTables(redirect.DefaultConfig())})
+		s.logs.waitFor(t, "source preservation off for workload")
+		if got := seenBy(t, s.sleep, s.httpbin1.addr(whoPort)); got != s.httpbin1.IP.String() {
+			t.Fatalf("app saw %s, want its own address %s", got, s.httpbin1.IP)
+		}
+	})
+}
+
+// announcing claims source preservation without installing it.
+type announcing struct{ redirect.Redirector }
+
+func (announcing) PreservesSource() bool { return true }
+
+// TestSourceIPThroughWaypoint: a waypoint of the destination is believed
+// about the client it serves; nobody else is, not even through the hair-pin.
+func TestSourceIPThroughWaypoint(t *testing.T) {
+	m := newMesh(t, 2)
+	m.redirect = preserving(backends[0].new)
+	m.syncAll()
+	wpVIP := netip.MustParseAddr("10.96.0.20")
+	wpKey := discovery.ServiceKey("default", "waypoint.default.svc.cluster.local")
+	gw := &workloadapi.GatewayAddress{Destination: &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: wpVIP.AsSlice()}}, HboneMtlsPort: 15008}
+	sleep := m.addPod(m.nodes[0], "sleep-1", "sleep", true)
+	outside := m.addPod(m.nodes[0], "outside-1", "outside", false)
+	waypoint := m.addPod(m.nodes[1], "waypoint-1", "waypoint", false, func(w *workloadapi.Workload) {
+		w.Services = map[string]*workloadapi.PortList{wpKey: {Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}}}
+	})
+	app := m.addPod(m.nodes[1], "httpbin-1", "httpbin", true, func(w *workloadapi.Workload) { w.Waypoint = gw })
+	m.cp.service(&workloadapi.Service{Name: "waypoint", Namespace: "default", Hostname: "waypoint.default.svc.cluster.local",
+		Addresses: []*workloadapi.NetworkAddress{{Address: wpVIP.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}})
+	app.serveTCP(t, whoPort, whoAmI)
+	startForwardedReporter(t, m, waypoint)
+	toApp := netip.AddrPortFrom(app.IP, 15008)
+	fwd := func(a netip.Addr) http.Header { return http.Header{hbone.HeaderForwarded: {hbone.FormatForwarded(a)}} }
+
+	cases := []struct {
+		name   string
+		from   *pod
+		id     identity.Identity
+		header http.Header
+		want   string
+	}{
+		{"the waypoint's Forwarded names the client", waypoint, waypoint.id(), fwd(sleep.IP), sleep.IP.String()},
+		{"the waypoint without Forwarded is seen itself", waypoint, waypoint.id(), nil, waypoint.IP.String()},
+		{"the waypoint forwarding loopback is seen itself", waypoint, waypoint.id(), fwd(netip.MustParseAddr("127.0.0.1")), waypoint.IP.String()},
+		// Any other peer is hair-pinned to the waypoint, which must hear
+		// the peer's real address from ztunnel, not the peer's claim.
+		{"another identity in the waypoint's pod is hair-pinned", waypoint, sleep.id(), fwd(netip.MustParseAddr("1.2.3.4")),
+			"waypoint heard " + hbone.FormatForwarded(waypoint.IP)},
+		{"a hostile peer is hair-pinned with its real address", outside, outside.id(), fwd(netip.MustParseAddr("1.2.3.4")),
+			"waypoint heard " + hbone.FormatForwarded(outside.IP)},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := hboneWithHeader(t, m, tc.from, tc.id, toApp, app.addr(whoPort), app.id(), tc.header)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if got := readAll(t, c); got != tc.want {
+				t.Fatalf("got %q, want %q", got, tc.want)
+			}
+		})
+	}
+	t.Run("plaintext hair-pin reports the outside client", func(t *testing.T) {
+		if got, want := seenBy(t, outside, app.addr(whoPort)), "waypoint heard "+hbone.FormatForwarded(outside.IP); got != want {
+			t.Fatalf("got %q, want %q", got, want)
+		}
+	})
+}
+
+// startForwardedReporter runs an HBONE server in the waypoint pod that
+// answers each tunnel with the Forwarded header it received.
+func startForwardedReporter(t *testing.T, m *mesh, wp *pod) {
+	certs := identity.NewStaticSource(m.ca.TrustDomain, m.ca.Roots())
+	certs.Set(wp.id(), m.ca.Issue(t, wp.id()))
+	f, _ := wp.Open()
+	defer f.Close()
+	srv, err := testTransport(t, certs).NewHBONEServer(f, "", wp.id(), hbone.HandlerFunc(
+		func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
+			s, err := resp.Accept()
+			if err != nil {
+				return
+			}
+			fmt.Fprintf(s, "waypoint heard %s", req.Header.Get(hbone.HeaderForwarded))
+			s.CloseWrite()
+			io.Copy(io.Discard, s)
+			s.Close()
+		}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve()
+	t.Cleanup(func() { srv.Close() })
+}
+
+// hboneWithHeader is hboneFrom with CONNECT headers of the caller's choice.
+func hboneWithHeader(t *testing.T, m *mesh, p *pod, id identity.Identity, proxyAddr, target netip.AddrPort, expected identity.Identity, h http.Header) (net.Conn, error) {
+	certs := identity.NewStaticSource(m.ca.TrustDomain, m.ca.Roots())
+	certs.Set(id, m.ca.Issue(t, id))
+	f, _ := p.Open()
+	t.Cleanup(func() { f.Close() })
+	d, err := testTransport(t, certs).NewDialer(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return d.Dial(ctx, hbone.DialRequest{Source: id, Expected: []identity.Identity{expected}, ProxyAddr: proxyAddr, Target: target, Header: h})
+}
