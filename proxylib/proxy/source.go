@@ -31,6 +31,15 @@ import (
 //   - Plaintext inbound and the node-local fast path: the accepted socket's
 //     peer, seen by the kernel in the pod's own namespace.
 //
+// Only clients that are captured mesh workloads (or waypoints) are
+// preserved. Inbound capture is a NAT REDIRECT to :15006, so a client
+// outside the mesh has conntrack entries <client>:<port> -> <app>:<port>
+// in the pod; a transparent connection from that client could pick the
+// same tuple (or the client could later reuse ours) and be NATed into the
+// wrong socket, failing at random. Mesh workloads never reach the pod
+// that way (their traffic arrives over HBONE on 15008 or from ztunnel),
+// so their tuples cannot collide. Istio avoids this with TPROXY capture.
+//
 // Istio's ztunnel always uses the outer peer address, so behind a waypoint
 // its apps see the waypoint; trusting only verified waypoints keeps that
 // safety while showing the real client.
@@ -106,13 +115,15 @@ func fastPathSource(srcW *workloadapi.Workload, observed netip.Addr) netip.Addr 
 }
 
 // preserveSkip says why src cannot be used for a transparent dial to
-// target ("" = it can).
-func preserveSkip(src netip.Addr, target netip.AddrPort) string {
+// target ("" = it can). client is src's workload in discovery.
+func preserveSkip(src netip.Addr, target netip.AddrPort, client *workloadapi.Workload) string {
 	switch {
 	case unusableSource(src):
 		return "no usable client address"
 	case src.Is4() != target.Addr().Unmap().Is4():
 		return "client and app address families differ"
+	case client.GetTunnelProtocol() != workloadapi.TunnelProtocol_HBONE:
+		return "client is not a captured mesh workload (its redirected connections could collide in conntrack)"
 	}
 	return ""
 }
@@ -128,8 +139,8 @@ func (p *Proxy) dialApp(s *session, pd *pod, src netip.Addr, target netip.AddrPo
 		return p.dialLocal(pd, target)
 	}
 	src = src.Unmap()
-	if why := preserveSkip(src, target); why != "" {
-		s.info("not preserving source %s: %s", src, why)
+	if why := preserveSkip(src, target, p.cfg.State.WorkloadByAddr(src)); why != "" {
+		p.log.V(1).Info(s.prefix+": connecting from the pod's own address", "client", src, "reason", why)
 		return p.dialLocal(pd, target)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)

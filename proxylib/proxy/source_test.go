@@ -52,22 +52,27 @@ func TestHBONESource(t *testing.T) {
 }
 
 func TestPreserveSkip(t *testing.T) {
+	captured := wl("sleep", "10.0.0.7", "n1", true)
+	outside := wl("outside", "10.0.0.8", "n1", false)
 	tests := []struct {
 		src, target string
+		client      *workloadapi.Workload
 		ok          bool
 	}{
-		{"10.0.0.7", "10.0.2.2:80", true},
-		{"fd00::7", "[fd00::2]:80", true},
-		{"10.0.0.7", "[fd00::2]:80", false},
-		{"fd00::7", "10.0.2.2:80", false},
-		{"127.0.0.1", "10.0.2.2:80", false},
-		{"0.0.0.0", "10.0.2.2:80", false},
-		{"", "10.0.2.2:80", false},
+		{"10.0.0.7", "10.0.2.2:80", captured, true},
+		{"fd00::7", "[fd00::2]:80", captured, true},
+		{"10.0.0.7", "[fd00::2]:80", captured, false},
+		{"fd00::7", "10.0.2.2:80", captured, false},
+		{"127.0.0.1", "10.0.2.2:80", captured, false},
+		{"0.0.0.0", "10.0.2.2:80", captured, false},
+		{"", "10.0.2.2:80", captured, false},
+		{"10.0.0.8", "10.0.2.2:80", outside, false}, // not captured: may hold NATed tuples
+		{"192.0.2.1", "10.0.2.2:80", nil, false},    // unknown to discovery
 	}
 	for _, tc := range tests {
 		t.Run(tc.src+"->"+tc.target, func(t *testing.T) {
 			src, _ := netip.ParseAddr(tc.src)
-			if why := preserveSkip(src, netip.MustParseAddrPort(tc.target)); (why == "") != tc.ok {
+			if why := preserveSkip(src, netip.MustParseAddrPort(tc.target), tc.client); (why == "") != tc.ok {
 				t.Fatalf("preserveSkip = %q, want usable=%v", why, tc.ok)
 			}
 		})

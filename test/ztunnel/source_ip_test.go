@@ -90,18 +90,20 @@ func TestSourceIPPreserved(t *testing.T) {
 
 func testSourceIPPreserved(t *testing.T, s *sourceMesh) {
 	cases := []struct {
-		name string
-		from *pod
-		to   *pod
+		name     string
+		from, to *pod
+		want     netip.Addr
 	}{
-		{"sleep to httpbin across nodes over HBONE", s.sleep, s.httpbin1},
-		{"sleep to httpbin on the same node (fast path)", s.sleep, s.httpbin2},
-		{"plaintext from outside the mesh", s.outside, s.httpbin1},
+		{"sleep to httpbin across nodes over HBONE", s.sleep, s.httpbin1, s.sleep.IP},
+		{"sleep to httpbin on the same node (fast path)", s.sleep, s.httpbin2, s.sleep.IP},
+		// Not preserved: a non-mesh client's own (NATed) connections into
+		// the pod could collide with ours in conntrack.
+		{"plaintext from outside the mesh", s.outside, s.httpbin1, s.httpbin1.IP},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			if got, want := seenBy(t, tc.from, tc.to.addr(whoPort)), tc.from.IP.String(); got != want {
-				t.Fatalf("app saw %s, want the client %s (%s's own address is %s)", got, want, tc.to.name, tc.to.IP)
+			if got := seenBy(t, tc.from, tc.to.addr(whoPort)); got != tc.want.String() {
+				t.Fatalf("app saw %s, want %s (client %s, %s's own address %s)", got, tc.want, tc.from.IP, tc.to.name, tc.to.IP)
 			}
 		})
 	}
@@ -126,13 +128,14 @@ func testSourceIPPreserved(t *testing.T, s *sourceMesh) {
 	}
 
 	t.Run("hostile peer's Forwarded header is not believed", func(t *testing.T) {
+		// A mesh workload speaking HBONE itself, claiming another client.
 		h := http.Header{hbone.HeaderForwarded: {`for="1.2.3.4"`}}
-		c, err := hboneWithHeader(t, s.mesh, s.outside, s.outside.id(), netip.AddrPortFrom(s.httpbin1.IP, 15008), s.httpbin1.addr(whoPort), s.httpbin1.id(), h)
+		c, err := hboneWithHeader(t, s.mesh, s.sleep, s.sleep.id(), netip.AddrPortFrom(s.httpbin1.IP, 15008), s.httpbin1.addr(whoPort), s.httpbin1.id(), h)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer c.Close()
-		if got, want := readAll(t, c), s.outside.IP.String(); got != want {
+		if got, want := readAll(t, c), s.sleep.IP.String(); got != want {
 			t.Fatalf("app saw %s, want the tunnel's peer %s", got, want)
 		}
 	})
@@ -150,8 +153,8 @@ func testSourceIPPreserved(t *testing.T, s *sourceMesh) {
 		if ok, _ := s.redirect.Installed(f); ok {
 			t.Fatal("rules still installed after release")
 		}
-		if got := seenBy(t, s.outside, s.httpbin1.addr(whoPort)); got != s.outside.IP.String() {
-			t.Fatalf("released pod saw %s", got)
+		if got := seenBy(t, s.sleep, s.httpbin1.addr(whoPort)); got != s.sleep.IP.String() {
+			t.Fatalf("released pod saw %s, want the client %s directly", got, s.sleep.IP)
 		}
 	})
 }
@@ -217,6 +220,7 @@ func TestSourceIPThroughWaypoint(t *testing.T) {
 	sleep := m.addPod(m.nodes[0], "sleep-1", "sleep", true)
 	outside := m.addPod(m.nodes[0], "outside-1", "outside", false)
 	waypoint := m.addPod(m.nodes[1], "waypoint-1", "waypoint", false, func(w *workloadapi.Workload) {
+		w.TunnelProtocol = workloadapi.TunnelProtocol_HBONE // as the control plane publishes waypoints
 		w.Services = map[string]*workloadapi.PortList{wpKey: {Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}}}
 	})
 	app := m.addPod(m.nodes[1], "httpbin-1", "httpbin", true, func(w *workloadapi.Workload) { w.Waypoint = gw })
@@ -237,6 +241,7 @@ func TestSourceIPThroughWaypoint(t *testing.T) {
 		{"the waypoint's Forwarded names the client", waypoint, waypoint.id(), fwd(sleep.IP), sleep.IP.String()},
 		{"the waypoint without Forwarded is seen itself", waypoint, waypoint.id(), nil, waypoint.IP.String()},
 		{"the waypoint forwarding loopback is seen itself", waypoint, waypoint.id(), fwd(netip.MustParseAddr("127.0.0.1")), waypoint.IP.String()},
+		{"a client outside the mesh is not preserved", waypoint, waypoint.id(), fwd(outside.IP), app.IP.String()},
 		// Any other peer is hair-pinned to the waypoint, which must hear
 		// the peer's real address from ztunnel, not the peer's claim.
 		{"another identity in the waypoint's pod is hair-pinned", waypoint, sleep.id(), fwd(netip.MustParseAddr("1.2.3.4")),
