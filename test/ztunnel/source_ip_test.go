@@ -13,9 +13,14 @@ import (
 
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/hbone/h2"
 	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 	"github.com/ambientmesh/ambient/proxylib/redirect"
+	"github.com/ambientmesh/ambient/proxylib/waypoint"
 )
 
 // Source preservation (docs/interfaces.md, "Inbound source address"): the
@@ -307,4 +312,115 @@ func hboneWithHeader(t *testing.T, m *mesh, p *pod, id identity.Identity, proxyA
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	return d.Dial(ctx, hbone.DialRequest{Source: id, Expected: []identity.Identity{expected}, ProxyAddr: proxyAddr, Target: target, Header: h})
+}
+
+// TestSourceIPThroughRealWaypoint: sleep → its ztunnel → the real waypoint
+// (proxylib/waypoint, L4 and HTTP) → httpbin's ztunnel → httpbin, which
+// sees sleep's address: the waypoint reports its verified peer's client in
+// Forwarded, and httpbin's ztunnel believes only that waypoint.
+func TestSourceIPThroughRealWaypoint(t *testing.T) {
+	m := newMesh(t, 2)
+	m.redirect = preserving(backends[0].new)
+	wpState := discovery.NewState(discovery.AddressType, discovery.AuthorizationType, discovery.L7ResourceType)
+	m.cp.mu.Lock()
+	m.cp.states = append(m.cp.states, wpState)
+	m.cp.mu.Unlock()
+	m.cp.syncEmpty(wpState)
+	wpState.Apply(discovery.L7ResourceType, nil, nil)
+	m.syncAll()
+
+	wpVIP := netip.MustParseAddr("10.96.0.20")
+	wpKey := discovery.ServiceKey("default", "waypoint.default.svc.cluster.local")
+	gw := &workloadapi.GatewayAddress{Destination: &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: wpVIP.AsSlice()}}, HboneMtlsPort: 15008}
+	sleep := m.addPod(m.nodes[0], "sleep-1", "sleep", true)
+	wp := m.addPod(m.nodes[1], "waypoint-1", "waypoint", false, func(w *workloadapi.Workload) {
+		w.WorkloadName, w.TunnelProtocol = "waypoint", workloadapi.TunnelProtocol_HBONE
+		w.Services = map[string]*workloadapi.PortList{wpKey: {Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}}}
+	})
+	m.cp.service(&workloadapi.Service{Name: "waypoint", Namespace: "default", Hostname: "waypoint.default.svc.cluster.local",
+		Addresses: []*workloadapi.NetworkAddress{{Address: wpVIP.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}})
+	app := m.addPod(m.nodes[1], "httpbin-1", "httpbin", true, func(w *workloadapi.Workload) { w.Waypoint = gw })
+	// Client ends first: the waypoint's TCP relay resets a tunnel whose
+	// server closes first (seen with and without source preservation).
+	app.serveTCP(t, whoPort, func(c net.Conn) {
+		io.Copy(io.Discard, c)
+		whoAmI(c)
+	})
+	f, err := app.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	ln, err := netnsutil.ListenTCP(f, ":8080", netnsutil.SocketOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	httpSrv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		host, _, _ := net.SplitHostPort(r.RemoteAddr)
+		io.WriteString(w, netip.MustParseAddr(host).Unmap().String())
+	})}
+	go httpSrv.Serve(ln)
+	t.Cleanup(func() { httpSrv.Close() })
+	startRealWaypoint(t, m, wp, wpState)
+
+	t.Run("TCP through the waypoint", func(t *testing.T) {
+		c, err := sleep.dial(app.addr(whoPort))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.(*net.TCPConn).CloseWrite()
+		if got := readAll(t, c); got != sleep.IP.String() {
+			t.Fatalf("app saw %s, want sleep %s (waypoint %s, app %s)", got, sleep.IP, wp.IP, app.IP)
+		}
+	})
+	t.Run("HTTP through the waypoint", func(t *testing.T) {
+		resp, err := sleep.client().Get("http://" + app.addr(8080).String() + "/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		if string(b) != sleep.IP.String() {
+			t.Fatalf("app saw %s, want sleep %s (waypoint %s, app %s)", b, sleep.IP, wp.IP, app.IP)
+		}
+	})
+}
+
+// startRealWaypoint runs proxylib/waypoint on HTTP/2 HBONE in p's netns.
+func startRealWaypoint(t *testing.T, m *mesh, p *pod, state *discovery.State) {
+	id := p.id()
+	certs := identity.NewStaticSource(m.ca.TrustDomain, m.ca.Roots())
+	certs.Set(id, m.ca.Issue(t, id))
+	f, err := p.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	dialer, err := h2.NewDialer(h2.DialerConfig{Certs: certs, DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+		return netnsutil.DialTCP(ctx, f, netip.AddrPort{}, netip.MustParseAddrPort(addr), netnsutil.SocketOptions{})
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dialer.Close() })
+	srv, err := waypoint.New(waypoint.Config{Name: "waypoint", Namespace: "default", Identity: id, State: state, Dialer: dialer,
+		Registry: prometheus.NewRegistry(), Log: m.logs.logger("waypoint"), RootNamespace: "istio-system",
+		DialTCP: func(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
+			return netnsutil.DialTCP(ctx, f, netip.AddrPort{}, a, netnsutil.SocketOptions{})
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Close)
+	hs, err := h2.NewServer(h2.ServerConfig{Certs: certs, Identity: id, Handler: srv})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := netnsutil.ListenTCP(f, ":15008", netnsutil.SocketOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go hs.Serve(ln)
+	t.Cleanup(func() { hs.Close() })
 }
