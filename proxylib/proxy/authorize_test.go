@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"net/netip"
 	"testing"
 
 	"google.golang.org/protobuf/types/known/anypb"
@@ -84,5 +85,49 @@ func TestAuthorizeSkipsL7DerivedOnlyForDestinationWaypoint(t *testing.T) {
 				t.Fatalf("Authorize(%s from %s) = %+v, want allowed=%v", c.dst, peer, d, c.allowed)
 			}
 		})
+	}
+}
+
+// Checking a peer against a waypoint (every inbound tunnel does) must not
+// advance the round robin that spreads outbound traffic over its replicas,
+// and any replica's identity is the waypoint's.
+func TestIsWaypointIdentityLeavesRoundRobinAlone(t *testing.T) {
+	s := discovery.NewState(discovery.AddressType)
+	const host = "wp.default.svc.cluster.local"
+	key := discovery.ServiceKey("default", host)
+	inSvc := func(w *workloadapi.Workload) {
+		w.ServiceAccount = "wp"
+		w.Services = map[string]*workloadapi.PortList{key: {Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}}}
+	}
+	for _, w := range []*workloadapi.Workload{wl("wp-a", "10.0.2.8", "n2", false, inSvc), wl("wp-b", "10.0.2.9", "n2", false, inSvc)} {
+		w.Status = workloadapi.WorkloadStatus_HEALTHY
+		applyAddr(t, s, w.Uid, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: w}})
+	}
+	applyAddr(t, s, key, &workloadapi.Address{Type: &workloadapi.Address_Service{Service: &workloadapi.Service{
+		Name: "wp", Namespace: "default", Hostname: host, Addresses: []*workloadapi.NetworkAddress{{Address: []byte{10, 96, 0, 20}}},
+		Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}}}})
+	gw := &workloadapi.GatewayAddress{Destination: &workloadapi.GatewayAddress_Hostname{Hostname: &workloadapi.NamespacedHostname{Namespace: "default", Hostname: host}}}
+	r := &Router{State: s, Node: "n1", TrustDomain: "cluster.local"}
+	wpID := identity.MustParse("spiffe://cluster.local/ns/default/sa/wp")
+	if r.isWaypointIdentity(gw, identity.MustParse("spiffe://cluster.local/ns/default/sa/sleep")) {
+		t.Fatal("sleep taken for the waypoint")
+	}
+	var picked []string
+	for i := 0; i < 4; i++ {
+		// One check per outbound pick: with a round-robin pick inside the
+		// check, every outbound pick would land on the same replica.
+		if !r.isWaypointIdentity(gw, wpID) {
+			t.Fatal("the waypoint's identity not recognised")
+		}
+		rt, err := r.toWaypoint(gw, netip.MustParseAddrPort("10.0.2.2:80"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		picked = append(picked, rt.ProxyAddr.Addr().String())
+	}
+	for i := 1; i < len(picked); i++ {
+		if picked[i] == picked[i-1] {
+			t.Fatalf("outbound picks %v: identity checks disturbed the round robin", picked)
+		}
 	}
 }
