@@ -157,7 +157,7 @@ func (n *NFTables) Installed(ns *os.File) (bool, error) {
 	want := map[string]int{outputChain: len(n.outputRules()), preroutingChain: len(n.preroutingRules())}
 	if n.cfg.PreserveSource {
 		want[manglePrerouting], want[mangleOutput] = 1, 1
-		if ok, err := hasLocalRouting(ns); err != nil || !ok {
+		if ok, err := HasSourceRouting(ns); err != nil || !ok {
 			return false, err
 		}
 	}

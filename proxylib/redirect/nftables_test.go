@@ -373,6 +373,19 @@ func testPreserveSource(t *testing.T, newRedirector func(redirect.Config) redire
 	if ok, err := redirect.HasSourceRouting(tp.podNS); err != nil || !ok {
 		t.Fatalf("HasSourceRouting = %v, %v", ok, err)
 	}
+	// A lost route is noticed (re-adoption re-installs) and restored.
+	if out, err := tp.pod.Command(context.Background(), "ip", "route", "del", "local", "default", "table", "133").CombinedOutput(); err != nil {
+		t.Fatalf("ip route del: %v: %s", err, out)
+	}
+	if ok, _ := r.Installed(tp.podNS); ok {
+		t.Fatal("Installed = true without the local route")
+	}
+	if err := r.Install(tp.podNS); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := r.Installed(tp.podNS); err != nil || !ok {
+		t.Fatalf("Installed after re-install = %v, %v", ok, err)
+	}
 	// ztunnel delivering inbound traffic as the client would.
 	spoof := func(src netip.Addr, dst netip.AddrPort) (string, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
