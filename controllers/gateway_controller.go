@@ -16,6 +16,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/log"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
@@ -48,11 +49,18 @@ func (r *GatewayWaypointReconciler) Reconcile(ctx context.Context, req ctrl.Requ
 	if gw.Spec.GatewayClassName != WaypointGatewayClass || !gw.DeletionTimestamp.IsZero() {
 		return ctrl.Result{}, nil
 	}
+	if foreign, owner, err := waypointClassForeign(ctx, r.Client); err != nil || foreign {
+		if foreign {
+			log.FromContext(ctx).V(1).Info("waypoint Gateway left to the GatewayClass's controller", "controllerName", owner)
+		}
+		return ctrl.Result{}, err
+	}
 	status := gw.Status.DeepCopy()
 	result, err := r.reconcile(ctx, gw, status)
 	if err != nil {
 		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionProgrammed, false, string(gwv1.GatewayReasonPending), err.Error())
 	}
+	setListenerStatus(status, gw)
 	if !equality.Semantic.DeepEqual(&gw.Status, status) {
 		patch := client.MergeFrom(gw.DeepCopy())
 		gw.Status = *status
@@ -120,6 +128,64 @@ func (r *GatewayWaypointReconciler) observe(ctx context.Context, gw *gwv1.Gatewa
 	return nil
 }
 
+// setListenerStatus reports each listener as Istio does for waypoints: the
+// one HBONE listener on 15008 is accepted, anything else is not. No route
+// attaches to a waypoint's listener (GAMMA routes attach to Services), so
+// supportedKinds is empty and attachedRoutes 0.
+func setListenerStatus(status *gwv1.GatewayStatus, gw *gwv1.Gateway) {
+	programmed := meta.IsStatusConditionTrue(status.Conditions, string(gwv1.GatewayConditionProgrammed))
+	var out []gwv1.ListenerStatus
+	for _, l := range gw.Spec.Listeners {
+		ls := gwv1.ListenerStatus{Name: l.Name, SupportedKinds: []gwv1.RouteGroupKind{}}
+		if old := findListenerStatus(status.Listeners, l.Name); old != nil {
+			ls.Conditions = old.Conditions
+		}
+		setListenerConditions(&ls.Conditions, gw.Generation, isHBONEListener(l), programmed)
+		out = append(out, ls)
+	}
+	status.Listeners = out
+}
+
+func setListenerConditions(conds *[]metav1.Condition, gen int64, valid, programmed bool) {
+	set := func(t gwv1.ListenerConditionType, ok bool, reason gwv1.ListenerConditionReason, msg string) {
+		s := metav1.ConditionFalse
+		if ok {
+			s = metav1.ConditionTrue
+		}
+		meta.SetStatusCondition(conds, metav1.Condition{Type: string(t), Status: s, Reason: string(reason), Message: msg, ObservedGeneration: gen})
+	}
+	if valid {
+		set(gwv1.ListenerConditionAccepted, true, gwv1.ListenerReasonAccepted, "HBONE listener of the waypoint")
+	} else {
+		set(gwv1.ListenerConditionAccepted, false, gwv1.ListenerReasonUnsupportedProtocol, fmt.Sprintf("Expected a single listener on port %d with protocol %q", hbonePort, hboneProtocol))
+	}
+	set(gwv1.ListenerConditionConflicted, false, gwv1.ListenerReasonNoConflicts, "No conflicts")
+	set(gwv1.ListenerConditionResolvedRefs, true, gwv1.ListenerReasonResolvedRefs, "No references")
+	switch {
+	case !valid:
+		set(gwv1.ListenerConditionProgrammed, false, gwv1.ListenerReasonInvalid, "listener not accepted")
+	case programmed:
+		set(gwv1.ListenerConditionProgrammed, true, gwv1.ListenerReasonProgrammed, "waypoint ready")
+	default:
+		set(gwv1.ListenerConditionProgrammed, false, gwv1.ListenerReasonPending, "waypoint not ready")
+	}
+}
+
+const hboneProtocol gwv1.ProtocolType = "HBONE"
+
+func isHBONEListener(l gwv1.Listener) bool {
+	return l.Port == hbonePort && l.Protocol == hboneProtocol
+}
+
+func findListenerStatus(ls []gwv1.ListenerStatus, name gwv1.SectionName) *gwv1.ListenerStatus {
+	for i := range ls {
+		if ls[i].Name == name {
+			return &ls[i]
+		}
+	}
+	return nil
+}
+
 func setGatewayCondition(status *gwv1.GatewayStatus, gen int64, t gwv1.GatewayConditionType, ok bool, reason, msg string) {
 	s := metav1.ConditionFalse
 	if ok {
@@ -152,6 +218,8 @@ func (r *GatewayWaypointReconciler) SetupWithManager(mgr ctrl.Manager) error {
 		Owns(&corev1.Service{}).
 		Owns(&corev1.ServiceAccount{}).
 		Watches(&meshv1.AmbientMesh{}, handler.EnqueueRequestsFromMapFunc(r.allWaypointGateways)).
+		Watches(&gwv1.GatewayClass{}, handler.EnqueueRequestsFromMapFunc(r.allWaypointGateways),
+			builder.WithPredicates(predicate.NewPredicateFuncs(func(o client.Object) bool { return o.GetName() == WaypointGatewayClass }))).
 		Complete(r)
 }
 

@@ -1,6 +1,7 @@
 package controllers
 
 import (
+	"context"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -65,9 +66,9 @@ func Setup(mgr ctrl.Manager, o Options) error {
 	return nil
 }
 
-// setupGatewayWaypoints registers the Gateway waypoint controller when the
-// cluster serves Gateway API v1 Gateways (restart the operator after
-// installing the Gateway API CRDs).
+// setupGatewayWaypoints registers the Gateway waypoint, GatewayClass and
+// route status controllers when the cluster serves Gateway API v1 Gateways
+// (restart the operator after installing the Gateway API CRDs).
 func setupGatewayWaypoints(mgr ctrl.Manager, o Options) error {
 	gk := schema.GroupKind{Group: gwv1.GroupName, Kind: "Gateway"}
 	if _, err := mgr.GetRESTMapper().RESTMapping(gk, gwv1.GroupVersion.Version); err != nil {
@@ -81,5 +82,30 @@ func setupGatewayWaypoints(mgr ctrl.Manager, o Options) error {
 		return err
 	}
 	r := &GatewayWaypointReconciler{Client: mgr.GetClient(), Defaults: o.Defaults, RetryInterval: o.RetryInterval}
-	return r.SetupWithManager(mgr)
+	if err := r.SetupWithManager(mgr); err != nil {
+		return err
+	}
+	if err := (&GatewayClassReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr); err != nil {
+		return err
+	}
+	return setupRouteStatus(mgr)
+}
+
+// setupRouteStatus registers a route status reconciler for each route kind
+// the cluster serves.
+func setupRouteStatus(mgr ctrl.Manager) error {
+	for _, kind := range []RouteKind{HTTPRouteKind, GRPCRouteKind} {
+		gk := schema.GroupKind{Group: gwv1.GroupName, Kind: kind.Name}
+		if _, err := mgr.GetRESTMapper().RESTMapping(gk, gwv1.GroupVersion.Version); meta.IsNoMatchError(err) {
+			mgr.GetLogger().Info("Gateway API route kind not installed: no status written for it", "kind", kind.Name)
+			continue
+		} else if err != nil {
+			return err
+		}
+		r := &RouteStatusReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Kind: kind}
+		if err := r.SetupWithManager(context.Background(), mgr); err != nil {
+			return err
+		}
+	}
+	return nil
 }

@@ -1,0 +1,475 @@
+package controllers
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/util/retry"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+)
+
+// RouteConditionResolvedWaypoints is Istio's extra route condition: does
+// the parent Service have a waypoint (without one, no waypoint applies the
+// route).
+const RouteConditionResolvedWaypoints = "ResolvedWaypoints"
+
+// Reasons of ResolvedWaypoints. Istio leaves the condition True and only
+// changes its message; we say False, which is what the message means.
+const (
+	reasonResolvedWaypoints = "ResolvedWaypoints"
+	reasonNoWaypoint        = "NoWaypoint"
+	reasonWaypointNotFound  = "WaypointNotFound"
+)
+
+// routeRefsIndex indexes routes by what they refer to (routeRefKeys), so a
+// change of a Service or Namespace re-evaluates only its routes.
+const routeRefsIndex = "mesh.ambient.dev/route-refs"
+
+// RouteStatusReconciler writes our RouteParentStatus entries on HTTPRoutes
+// or GRPCRoutes (one reconciler per kind): one per parentRef that is a
+// Service (GAMMA) or a waypoint Gateway of ours. Entries of other
+// controllers are kept as they are.
+type RouteStatusReconciler struct {
+	Client client.Client
+	// APIReader reads the latest route after a write conflict.
+	APIReader client.Reader
+	Kind      RouteKind
+}
+
+// RouteKind is HTTPRouteKind or GRPCRouteKind.
+type RouteKind struct {
+	Name     string
+	newRoute func() client.Object
+	newList  func() client.ObjectList
+}
+
+var (
+	HTTPRouteKind = RouteKind{Name: "HTTPRoute",
+		newRoute: func() client.Object { return &gwv1.HTTPRoute{} },
+		newList:  func() client.ObjectList { return &gwv1.HTTPRouteList{} }}
+	GRPCRouteKind = RouteKind{Name: "GRPCRoute",
+		newRoute: func() client.Object { return &gwv1.GRPCRoute{} },
+		newList:  func() client.ObjectList { return &gwv1.GRPCRouteList{} }}
+)
+
+// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=httproutes;grpcroutes,verbs=get;list;watch
+// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=httproutes/status;grpcroutes/status,verbs=get;update;patch
+
+// Reconcile recomputes our parent entries and writes them when they changed.
+func (r *RouteStatusReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
+	route := r.Kind.newRoute()
+	if err := r.Client.Get(ctx, req.NamespacedName, route); err != nil {
+		return ctrl.Result{}, client.IgnoreNotFound(err)
+	}
+	if !route.GetDeletionTimestamp().IsZero() {
+		return ctrl.Result{}, nil
+	}
+	ours, err := r.evaluate(ctx, route)
+	if err != nil {
+		return ctrl.Result{}, err
+	}
+	return ctrl.Result{}, r.writeStatus(ctx, route, ours)
+}
+
+// writeStatus merges ours into the latest status.parents and updates with
+// the read resourceVersion, so a concurrent writer's entries are never lost.
+func (r *RouteStatusReconciler) writeStatus(ctx context.Context, route client.Object, ours []gwv1.RouteParentStatus) error {
+	first := true
+	return retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		if !first {
+			if err := r.APIReader.Get(ctx, client.ObjectKeyFromObject(route), route); err != nil {
+				return client.IgnoreNotFound(err)
+			}
+		}
+		first = false
+		status := routeStatusOf(route)
+		merged := mergeParentStatuses(status.Parents, ours, route.GetNamespace(), route.GetGeneration())
+		if equality.Semantic.DeepEqual(status.Parents, merged) {
+			return nil
+		}
+		status.Parents = merged
+		return r.Client.Status().Update(ctx, route)
+	})
+}
+
+// parentOutcome is what we conclude about one parentRef.
+type parentOutcome struct {
+	ref                       gwv1.ParentReference
+	accepted                  bool
+	acceptedReason, acceptMsg string
+	// waypoint is nil for Gateway parents (the condition is about Services).
+	waypoint *metav1.Condition
+}
+
+func (r *RouteStatusReconciler) evaluate(ctx context.Context, route client.Object) ([]gwv1.RouteParentStatus, error) {
+	parents, backends := routeRefsOf(route)
+	var outcomes []parentOutcome
+	for _, p := range parents {
+		o, ours, err := r.evaluateParent(ctx, route.GetNamespace(), p)
+		if err != nil {
+			return nil, err
+		}
+		if ours {
+			outcomes = append(outcomes, o)
+		}
+	}
+	if len(outcomes) == 0 {
+		return nil, nil
+	}
+	resolved, err := resolveBackends(ctx, r.Client, route.GetNamespace(), backends)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]gwv1.RouteParentStatus, 0, len(outcomes))
+	for _, o := range outcomes {
+		out = append(out, o.status(route.GetGeneration(), resolved))
+	}
+	return out, nil
+}
+
+// evaluateParent decides whether p is ours to report on, and how. Gateways
+// that do not exist, are of another class, or whose class another
+// controller owns are not ours; neither is a Service whose waypoint is such
+// a Gateway (as Istio skips Services whose waypoint is another's).
+func (r *RouteStatusReconciler) evaluateParent(ctx context.Context, routeNS string, p gwv1.ParentReference) (parentOutcome, bool, error) {
+	o := parentOutcome{ref: p}
+	ns := routeNS
+	if p.Namespace != nil && *p.Namespace != "" {
+		ns = string(*p.Namespace)
+	}
+	key := client.ObjectKey{Namespace: ns, Name: string(p.Name)}
+	foreign, _, err := waypointClassForeign(ctx, r.Client)
+	if err != nil {
+		return o, false, err
+	}
+	switch {
+	case isServiceParent(p):
+		svc := &corev1.Service{}
+		if err := r.Client.Get(ctx, key, svc); client.IgnoreNotFound(err) != nil {
+			return o, false, err
+		} else if err != nil {
+			o.acceptedReason, o.acceptMsg = string(gwv1.RouteReasonNoMatchingParent), fmt.Sprintf("parent Service %s not found", key)
+			o.waypoint = waypointCondition(reasonNoWaypoint, fmt.Sprintf("parent Service %s not found", key))
+			return o, true, nil
+		}
+		b, err := serviceWaypoint(ctx, r.Client, svc)
+		if err != nil {
+			return o, false, err
+		}
+		if foreign && b != nil && b.Waypoint != nil && b.Waypoint.Gateway {
+			return o, false, nil
+		}
+		o.accepted, o.acceptedReason, o.acceptMsg = true, string(gwv1.RouteReasonAccepted), "Route was valid"
+		o.waypoint = bindingCondition(key, b)
+		return o, true, nil
+	case isGatewayParent(p):
+		gw := &gwv1.Gateway{}
+		if err := r.Client.Get(ctx, key, gw); err != nil || gw.Spec.GatewayClassName != WaypointGatewayClass || foreign {
+			return o, false, client.IgnoreNotFound(err)
+		}
+		// The waypoint applies routes attached to Services only (GAMMA); its
+		// HBONE listener takes no routes, as in Istio.
+		o.acceptedReason = string(gwv1.RouteReasonNotAllowedByListeners)
+		o.acceptMsg = fmt.Sprintf("waypoint Gateway %s takes no routes: attach the route to a Service (parentRef group \"\", kind Service) that uses the waypoint", key)
+		return o, true, nil
+	}
+	return o, false, nil
+}
+
+func bindingCondition(svc client.ObjectKey, b *serviceBinding) *metav1.Condition {
+	switch {
+	case b == nil:
+		return waypointCondition(reasonNoWaypoint, fmt.Sprintf("Service %s is not bound to a waypoint; no waypoint applies this route", svc))
+	case b.Waypoint == nil:
+		return waypointCondition(reasonWaypointNotFound, fmt.Sprintf("Service %s uses waypoint %s/%s, which does not exist; its traffic fails until it does", svc, b.Namespace, b.Name))
+	}
+	c := waypointCondition(reasonResolvedWaypoints, fmt.Sprintf("bound to waypoint %s/%s", b.Namespace, b.Name))
+	c.Status = metav1.ConditionTrue
+	return c
+}
+
+func waypointCondition(reason, msg string) *metav1.Condition {
+	return &metav1.Condition{Type: RouteConditionResolvedWaypoints, Status: metav1.ConditionFalse, Reason: reason, Message: msg}
+}
+
+// status renders one outcome as our RouteParentStatus (conditions without
+// observed state; mergeParentStatuses keeps transition times).
+func (o parentOutcome) status(gen int64, resolved metav1.Condition) gwv1.RouteParentStatus {
+	accepted := metav1.Condition{Type: string(gwv1.RouteConditionAccepted), Status: metav1.ConditionFalse, Reason: o.acceptedReason, Message: o.acceptMsg}
+	if o.accepted {
+		accepted.Status = metav1.ConditionTrue
+	}
+	conds := []metav1.Condition{accepted, resolved}
+	if o.waypoint != nil {
+		conds = append(conds, *o.waypoint)
+	}
+	for i := range conds {
+		conds[i].ObservedGeneration = gen
+	}
+	return gwv1.RouteParentStatus{ParentRef: o.ref, ControllerName: WaypointControllerName, Conditions: conds}
+}
+
+// resolveBackends reports ResolvedRefs as the waypoint behaves: only core
+// Services in the route's namespace are routed to (a cross-namespace
+// backendRef is refused even with a ReferenceGrant, which waypoints do not
+// receive), and a missing or ExternalName Service answers 500.
+func resolveBackends(ctx context.Context, c client.Reader, routeNS string, refs []gwv1.BackendRef) (metav1.Condition, error) {
+	var reason gwv1.RouteConditionReason
+	var problems []string
+	fail := func(r gwv1.RouteConditionReason, msg string) {
+		if reason == "" {
+			reason = r
+		}
+		problems = append(problems, msg)
+	}
+	for _, ref := range refs {
+		ns := routeNS
+		if ref.Namespace != nil && *ref.Namespace != "" {
+			ns = string(*ref.Namespace)
+		}
+		key := client.ObjectKey{Namespace: ns, Name: string(ref.Name)}
+		switch {
+		case !isCoreService(ref.Group, ref.Kind):
+			fail(gwv1.RouteReasonInvalidKind, fmt.Sprintf("backendRef %s: kind %s/%s is not supported, only core Services", key, deref(ref.Group), deref(ref.Kind)))
+		case ns != routeNS:
+			fail(gwv1.RouteReasonRefNotPermitted, fmt.Sprintf("backendRef %s: cross-namespace backendRefs are not supported by waypoints (ReferenceGrants are not honoured)", key))
+		default:
+			svc := &corev1.Service{}
+			if err := c.Get(ctx, key, svc); client.IgnoreNotFound(err) != nil {
+				return metav1.Condition{}, err
+			} else if err != nil {
+				fail(gwv1.RouteReasonBackendNotFound, fmt.Sprintf("backendRef Service %s not found", key))
+			} else if svc.Spec.Type == corev1.ServiceTypeExternalName {
+				fail(gwv1.RouteReasonBackendNotFound, fmt.Sprintf("backendRef Service %s is ExternalName, which waypoints cannot route to", key))
+			}
+		}
+	}
+	if reason != "" {
+		return metav1.Condition{Type: string(gwv1.RouteConditionResolvedRefs), Status: metav1.ConditionFalse, Reason: string(reason), Message: strings.Join(problems, "; ")}, nil
+	}
+	return metav1.Condition{Type: string(gwv1.RouteConditionResolvedRefs), Status: metav1.ConditionTrue, Reason: string(gwv1.RouteReasonResolvedRefs), Message: "All references resolved"}, nil
+}
+
+// mergeParentStatuses replaces our entries with ours (keeping each
+// condition's lastTransitionTime when its status did not change), drops our
+// entries for parentRefs that are gone, and leaves other controllers'
+// entries where they are.
+func mergeParentStatuses(current, ours []gwv1.RouteParentStatus, routeNS string, gen int64) []gwv1.RouteParentStatus {
+	want := map[string]gwv1.RouteParentStatus{}
+	var order []string
+	for _, o := range ours {
+		k := parentKey(o.ParentRef, routeNS)
+		if _, dup := want[k]; !dup {
+			order = append(order, k)
+		}
+		want[k] = o
+	}
+	out := []gwv1.RouteParentStatus{}
+	placed := map[string]bool{}
+	for _, cur := range current {
+		if cur.ControllerName != WaypointControllerName {
+			out = append(out, cur)
+			continue
+		}
+		k := parentKey(cur.ParentRef, routeNS)
+		w, keep := want[k]
+		if !keep || placed[k] {
+			continue
+		}
+		placed[k] = true
+		out = append(out, withConditions(w, cur.Conditions))
+	}
+	for _, k := range order {
+		if !placed[k] {
+			out = append(out, withConditions(want[k], nil))
+		}
+	}
+	return out
+}
+
+func withConditions(w gwv1.RouteParentStatus, existing []metav1.Condition) gwv1.RouteParentStatus {
+	conds := make([]metav1.Condition, 0, len(w.Conditions))
+	for _, c := range w.Conditions {
+		if old := meta.FindStatusCondition(existing, c.Type); old != nil {
+			conds = append(conds, *old)
+		}
+	}
+	for _, c := range w.Conditions {
+		meta.SetStatusCondition(&conds, c)
+	}
+	// Drop conditions we no longer report (e.g. a parent changed kind).
+	filtered := conds[:0]
+	for _, c := range conds {
+		if meta.FindStatusCondition(w.Conditions, c.Type) != nil {
+			filtered = append(filtered, c)
+		}
+	}
+	w.Conditions = filtered
+	return w
+}
+
+// parentKey identifies a parentRef with defaults filled in.
+func parentKey(p gwv1.ParentReference, routeNS string) string {
+	group, kind, ns := gwv1.GroupName, "Gateway", routeNS
+	if p.Group != nil {
+		group = string(*p.Group)
+	}
+	if group == "core" {
+		group = ""
+	}
+	if p.Kind != nil {
+		kind = string(*p.Kind)
+	}
+	if p.Namespace != nil && *p.Namespace != "" {
+		ns = string(*p.Namespace)
+	}
+	return fmt.Sprintf("%s/%s/%s/%s/%s/%d", group, kind, ns, p.Name, deref(p.SectionName), deref(p.Port))
+}
+
+// isServiceParent: kind Service in the core group, as the waypoint reads
+// parentRefs (an omitted kind means Gateway).
+func isServiceParent(p gwv1.ParentReference) bool {
+	return p.Kind != nil && isCoreService(p.Group, p.Kind)
+}
+
+func isGatewayParent(p gwv1.ParentReference) bool {
+	return (p.Group == nil || *p.Group == gwv1.GroupName) && (p.Kind == nil || *p.Kind == "Gateway")
+}
+
+// isCoreService: group "" (or "core", which the waypoint also accepts) and
+// kind Service (the default for backendRefs).
+func isCoreService(group *gwv1.Group, kind *gwv1.Kind) bool {
+	return (group == nil || *group == "" || *group == "core") && (kind == nil || *kind == "Service")
+}
+
+func deref[T any](p *T) T {
+	var zero T
+	if p == nil {
+		return zero
+	}
+	return *p
+}
+
+// routeRefsOf returns the route's parentRefs and every rule's backendRefs.
+func routeRefsOf(route client.Object) ([]gwv1.ParentReference, []gwv1.BackendRef) {
+	var backends []gwv1.BackendRef
+	switch r := route.(type) {
+	case *gwv1.HTTPRoute:
+		for _, rule := range r.Spec.Rules {
+			for _, b := range rule.BackendRefs {
+				backends = append(backends, b.BackendRef)
+			}
+		}
+		return r.Spec.ParentRefs, backends
+	case *gwv1.GRPCRoute:
+		for _, rule := range r.Spec.Rules {
+			for _, b := range rule.BackendRefs {
+				backends = append(backends, b.BackendRef)
+			}
+		}
+		return r.Spec.ParentRefs, backends
+	}
+	return nil, nil
+}
+
+func routeStatusOf(route client.Object) *gwv1.RouteStatus {
+	switch r := route.(type) {
+	case *gwv1.HTTPRoute:
+		return &r.Status.RouteStatus
+	case *gwv1.GRPCRoute:
+		return &r.Status.RouteStatus
+	}
+	return &gwv1.RouteStatus{}
+}
+
+// routeRefKeys: "svc/<ns>/<name>" for every Service a route names (parent
+// or backend) and "ns/<ns>" for the namespaces of its Service parents
+// (whose labels bind waypoints).
+func routeRefKeys(obj client.Object) []string {
+	parents, backends := routeRefsOf(obj)
+	var keys []string
+	nsOf := func(n *gwv1.Namespace) string {
+		if n != nil && *n != "" {
+			return string(*n)
+		}
+		return obj.GetNamespace()
+	}
+	for _, p := range parents {
+		if isServiceParent(p) {
+			keys = append(keys, "svc/"+nsOf(p.Namespace)+"/"+string(p.Name), "ns/"+nsOf(p.Namespace))
+		}
+	}
+	for _, b := range backends {
+		keys = append(keys, "svc/"+nsOf(b.Namespace)+"/"+string(b.Name))
+	}
+	return keys
+}
+
+// SetupWithManager indexes routes by reference and watches what the status
+// depends on. Our own status writes come back as route events once and then
+// write nothing, so there is no loop.
+func (r *RouteStatusReconciler) SetupWithManager(ctx context.Context, mgr ctrl.Manager) error {
+	if err := mgr.GetFieldIndexer().IndexField(ctx, r.Kind.newRoute(), routeRefsIndex, routeRefKeys); err != nil {
+		return err
+	}
+	changed := predicate.Or(predicate.GenerationChangedPredicate{}, predicate.LabelChangedPredicate{}, predicate.AnnotationChangedPredicate{})
+	return ctrl.NewControllerManagedBy(mgr).
+		Named(strings.ToLower(r.Kind.Name)+"status").
+		For(r.Kind.newRoute()).
+		Watches(&corev1.Service{}, handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, o client.Object) []reconcile.Request {
+			return r.routesReferring(ctx, "svc/"+o.GetNamespace()+"/"+o.GetName())
+		}), builder.WithPredicates(changed)).
+		Watches(&corev1.Namespace{}, handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, o client.Object) []reconcile.Request {
+			return r.routesReferring(ctx, "ns/"+o.GetName())
+		}), builder.WithPredicates(predicate.LabelChangedPredicate{})).
+		Watches(&gwv1.Gateway{}, handler.EnqueueRequestsFromMapFunc(r.allRoutes), builder.WithPredicates(changed)).
+		Watches(&meshv1.WaypointPolicy{}, handler.EnqueueRequestsFromMapFunc(r.allRoutes), builder.WithPredicates(changed)).
+		Watches(&gwv1.GatewayClass{}, handler.EnqueueRequestsFromMapFunc(r.allRoutes),
+			builder.WithPredicates(predicate.NewPredicateFuncs(func(o client.Object) bool { return o.GetName() == WaypointGatewayClass }))).
+		Complete(r)
+}
+
+func (r *RouteStatusReconciler) routesReferring(ctx context.Context, key string) []reconcile.Request {
+	list := r.Kind.newList()
+	if err := r.Client.List(ctx, list, client.MatchingFields{routeRefsIndex: key}); err != nil {
+		return nil
+	}
+	return requestsFor(list)
+}
+
+// allRoutes: waypoints (and their class) can bind Services anywhere through
+// istio.io/use-waypoint-namespace, and change rarely, so every route is
+// re-evaluated.
+func (r *RouteStatusReconciler) allRoutes(ctx context.Context, _ client.Object) []reconcile.Request {
+	list := r.Kind.newList()
+	if err := r.Client.List(ctx, list); err != nil {
+		return nil
+	}
+	return requestsFor(list)
+}
+
+func requestsFor(list client.ObjectList) []reconcile.Request {
+	var reqs []reconcile.Request
+	_ = meta.EachListItem(list, func(o runtime.Object) error {
+		if m, ok := o.(metav1.Object); ok {
+			reqs = append(reqs, reconcile.Request{NamespacedName: types.NamespacedName{Namespace: m.GetNamespace(), Name: m.GetName()}})
+		}
+		return nil
+	})
+	return reqs
+}
