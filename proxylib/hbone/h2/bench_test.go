@@ -240,3 +240,16 @@ func memInUse() int64 {
 	runtime.ReadMemStats(&m)
 	return int64(m.HeapInuse + m.StackInuse)
 }
+
+// BenchmarkRecordBatching compares the tunnel with and without TLS record
+// batching (batchconn.go) in the same run.
+func BenchmarkRecordBatching(b *testing.B) {
+	for _, dir := range []string{"upload", "download"} {
+		for _, on := range []bool{false, true} {
+			b.Run(fmt.Sprintf("%s/batch=%v", dir, on), func(b *testing.B) {
+				defer h2.SetRecordBatching(h2.SetRecordBatching(on))
+				benchTunnel(b, h2.Tuning{}, h2.Tuning{}, dir == "download")
+			})
+		}
+	}
+}

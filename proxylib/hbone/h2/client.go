@@ -276,7 +276,8 @@ func (d *Dialer) connect(ctx context.Context, req hbone.DialRequest) (*clientCon
 	if err != nil {
 		return nil, fmt.Errorf("hbone: connect %s: %w", req.ProxyAddr, err)
 	}
-	tc := tls.Client(raw, hbone.ClientTLSConfig(d.cfg.Certs, req.Source, req.Expected, "h2"))
+	batch := newRecordBatcher(raw)
+	tc := tls.Client(batch, hbone.ClientTLSConfig(d.cfg.Certs, req.Source, req.Expected, "h2"))
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
 		return nil, fmt.Errorf("hbone: TLS handshake with %s: %w", req.ProxyAddr, err)
@@ -285,7 +286,7 @@ func (d *Dialer) connect(ctx context.Context, req hbone.DialRequest) (*clientCon
 		tc.Close()
 		return nil, fmt.Errorf("hbone: %s negotiated ALPN %q, want h2", req.ProxyAddr, p)
 	}
-	cc, err := d.transport.NewClientConn(tc)
+	cc, err := d.transport.NewClientConn(newBatchedTLS(tc, batch))
 	if err != nil {
 		tc.Close()
 		return nil, fmt.Errorf("hbone: HTTP/2 with %s: %w", req.ProxyAddr, err)

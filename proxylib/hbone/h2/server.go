@@ -265,7 +265,7 @@ func (s *Server) serveConn(raw net.Conn) {
 
 // handshake runs TLS under a deadline and requires ALPN h2: HTTP/1.1 and
 // h2c (plaintext) are refused here.
-func (s *Server) handshake(raw net.Conn) (*tls.Conn, identity.Identity, error) {
+func (s *Server) handshake(raw net.Conn) (*batchedTLS, identity.Identity, error) {
 	ctx := context.Background()
 	if d := s.limits.HandshakeTimeout; d > 0 {
 		raw.SetDeadline(time.Now().Add(d))
@@ -273,7 +273,8 @@ func (s *Server) handshake(raw net.Conn) (*tls.Conn, identity.Identity, error) {
 		ctx, cancel = context.WithTimeout(ctx, d)
 		defer cancel()
 	}
-	tc := tls.Server(raw, s.tlsConfig)
+	batch := newRecordBatcher(raw)
+	tc := tls.Server(batch, s.tlsConfig)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		return nil, identity.Identity{}, err
 	}
@@ -283,7 +284,7 @@ func (s *Server) handshake(raw net.Conn) (*tls.Conn, identity.Identity, error) {
 		return nil, identity.Identity{}, fmt.Errorf("ALPN %q, want h2", state.NegotiatedProtocol)
 	}
 	peer, err := hbone.PeerIdentity(state)
-	return tc, peer, err
+	return newBatchedTLS(tc, batch), peer, err
 }
 
 func (s *Server) track(sc *serverConn) bool {
