@@ -45,18 +45,37 @@ type snapshot struct {
 
 func newConnInfo(s *Server, req *hbone.Request, dst destination) *connInfo {
 	c := &connInfo{s: s, peer: *req, dst: dst}
-	// The source address: the Forwarded header the (verified) peer proxy
-	// set, else the tunnel's own source. Never anything from the HTTP client.
-	c.srcIP = req.PeerAddr.Addr().Unmap()
-	if src, err := hbone.ParseSource(req.Header); err == nil && src.Addr.IsValid() {
-		c.srcIP = src.Addr.Unmap()
-	}
+	c.srcIP = s.clientAddr(req, dst)
 	c.srcWL = s.cfg.State.WorkloadByAddr(c.srcIP)
 	peer := req.Peer
 	c.source = telemetry.PeerOf(c.srcWL, &peer)
 	c.fwd = l7.Forwarding{ClientIP: c.srcIP, PeerID: req.Peer.String(), ProxyID: s.cfg.Identity.String()}
 	c.current()
 	return c
+}
+
+// clientAddr is the caller's address for policy (ipBlocks), forwarding
+// headers and logs; never anything the HTTP client sent. The tunnel's own
+// source is the client pod (its ztunnel dials from inside it). The peer's
+// Forwarded for= may replace it only with what the peer knows first hand:
+// an address of a workload with the peer's own identity, or any address
+// when the peer is the destination itself, hair-pinning a direct caller to
+// its waypoint. Any other claim about someone else's address is ignored,
+// so one workload cannot borrow another's address to pass an ipBlocks rule.
+func (s *Server) clientAddr(req *hbone.Request, dst destination) netip.Addr {
+	peerAddr := req.PeerAddr.Addr().Unmap()
+	src, err := hbone.ParseSource(req.Header)
+	if err != nil || !src.Addr.IsValid() {
+		return peerAddr
+	}
+	fwd := src.Addr.Unmap()
+	if w := s.cfg.State.WorkloadByAddr(fwd); w != nil && s.workloadIdentity(w) == req.Peer {
+		return fwd
+	}
+	if dst.workload != nil && s.workloadIdentity(dst.workload) == req.Peer {
+		return fwd
+	}
+	return peerAddr
 }
 
 // refresh picks up a new L7 configuration for the next request on a

@@ -218,6 +218,42 @@ func TestForwardingHeadersAndTrace(t *testing.T) {
 	}
 }
 
+// TestForwardedSourceIsBelievedOnlyFirstHand: a peer's Forwarded for= is
+// the client address only when it is the peer's own workload address, or
+// the peer is the destination hair-pinning a direct caller; notsleep cannot
+// borrow sleep's address (to pass an ipBlocks rule or fool the app).
+func TestForwardedSourceIsBelievedOnlyFirstHand(t *testing.T) {
+	d := newDemo(t)
+	outsider := netip.MustParseAddr("192.168.7.7")
+	echo := d.m.PodClient(d.v1) // the destination's own identity
+	for _, c := range []struct {
+		name   string
+		client *wt.Client
+		claim  netip.Addr
+		want   string
+	}{
+		{"own address", d.sleep, d.sleep.IP, d.sleep.IP.String()},
+		{"another workload's address", d.notsleep, d.sleep.IP, "127.0.0.1"},
+		{"an address outside the mesh", d.notsleep, outsider, "127.0.0.1"},
+		{"the destination hair-pinning a direct caller", echo, outsider, outsider.String()},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+				DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+					return c.client.DialAs(ctx, d.wp, target(d.v1.IP, wt.HTTPPort), c.claim)
+				}}}
+			defer hc.CloseIdleConnections()
+			code, s, _ := get(t, hc, "GET", svcURL(d.v1.IP, "/"))
+			if code != 200 {
+				t.Fatalf("status %d", code)
+			}
+			if got := s.Header.Values("X-Forwarded-For"); len(got) != 1 || got[0] != c.want {
+				t.Errorf("X-Forwarded-For %v, want [%s]", got, c.want)
+			}
+		})
+	}
+}
+
 func TestTargetsNotServedAreRefused(t *testing.T) {
 	d := newDemo(t)
 	other := d.m.AddPod("other-0", "other", map[string]string{"app": "other"}, nil)
@@ -311,7 +347,7 @@ func TestMetricsLabels(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	want := map[string]string{
-		"reporter": "waypoint", "source_workload": "unknown", "source_principal": "spiffe://cluster.local/ns/ambient-demo/sa/sleep",
+		"reporter": "waypoint", "source_workload": "sleep-client", "source_principal": "spiffe://cluster.local/ns/ambient-demo/sa/sleep",
 		"destination_service": "httpbin.ambient-demo.svc.cluster.local", "destination_service_name": "httpbin",
 		"destination_service_namespace": "ambient-demo", "request_protocol": "http", "connection_security_policy": "mutual_tls",
 	}

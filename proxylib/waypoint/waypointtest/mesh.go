@@ -337,10 +337,20 @@ type Client struct {
 }
 
 // NewClient returns a client with a workload identity (its certificate is
-// issued by the mesh CA) and source address ip (for Forwarded).
+// issued by the mesh CA) and source address ip (for Forwarded), published
+// as a workload of that identity so the waypoint believes the address.
 func (m *Mesh) NewClient(sa string, ip netip.Addr) *Client {
 	id := m.ID(sa)
 	m.issue(id)
+	m.PublishPod(&Pod{Name: sa + "-client", ServiceAccount: sa, IP: ip, Identity: id, Labels: map[string]string{"app": sa}}, nil, nil)
+	return m.newClient(id, ip)
+}
+
+// PodClient returns a client presenting pod p's identity from p's address,
+// as p's ztunnel does when it hair-pins a direct caller to p's waypoint.
+func (m *Mesh) PodClient(p *Pod) *Client { return m.newClient(p.Identity, p.IP) }
+
+func (m *Mesh) newClient(id identity.Identity, ip netip.Addr) *Client {
 	d, err := h2.NewDialer(h2.DialerConfig{Certs: m.Certs, Log: m.Log})
 	if err != nil {
 		m.t.Fatal(err)
@@ -351,9 +361,14 @@ func (m *Mesh) NewClient(sa string, ip netip.Addr) *Client {
 
 // Dial opens a tunnel to target through waypoint wp.
 func (c *Client) Dial(ctx context.Context, wp *Waypoint, target netip.AddrPort) (hbone.Stream, error) {
+	return c.DialAs(ctx, wp, target, c.IP)
+}
+
+// DialAs is Dial claiming source address src in the Forwarded header.
+func (c *Client) DialAs(ctx context.Context, wp *Waypoint, target netip.AddrPort, src netip.Addr) (hbone.Stream, error) {
 	return c.dialer.Dial(ctx, hbone.DialRequest{
 		Source: c.ID, Expected: []identity.Identity{wp.ID}, ProxyAddr: wp.Addr, Target: target,
-		Header: hbone.SourceHeader(hbone.Source{Addr: c.IP, Namespace: Namespace}),
+		Header: hbone.SourceHeader(hbone.Source{Addr: src, Namespace: Namespace}),
 	})
 }
 
