@@ -117,6 +117,16 @@ func TestSameAndCrossNodeInMesh(t *testing.T) {
 	if !strings.Contains(logs, ips["server-w2"]+":80") {
 		t.Errorf("ztunnel logs do not mention the cross-node destination %s:80", ips["server-w2"])
 	}
+	// Through ztunnel, the server still sees the client's own address (the
+	// node agent installs source preservation by default).
+	client := strings.TrimSpace(mustKubectl(t, "get", "pod", "-n", ns, "client-w1", "-o", "jsonpath={.status.podIP}"))
+	for _, server := range []string{"server-w1", "server-w2"} {
+		out, code := curl(t, ns, "client-w1", "http://"+ips[server]+"/ip")
+		var got struct{ Origin string }
+		if err := json.Unmarshal([]byte(out), &got); code != 0 || err != nil || got.Origin != client {
+			t.Errorf("%s saw the request from %q (curl exit %d, %q), want the client's address %s", server, got.Origin, code, out, client)
+		}
+	}
 }
 
 var journeyOnce sync.Once
