@@ -57,7 +57,7 @@ func (r *GatewayClassReconciler) Reconcile(ctx context.Context, req ctrl.Request
 }
 
 func (r *GatewayClassReconciler) create(ctx context.Context) error {
-	desc := "Ambient mesh waypoints (L7 proxies), deployed by the ambient operator"
+	desc := "Ambient mesh waypoints, deployed by the ambient operator" // ≤ 64 bytes
 	gc := &gwv1.GatewayClass{
 		ObjectMeta: metav1.ObjectMeta{Name: r.className(), Labels: map[string]string{LabelManagedBy: ManagedByValue}},
 		Spec:       gwv1.GatewayClassSpec{ControllerName: WaypointControllerName, Description: &desc},

@@ -70,41 +70,34 @@ var (
 // +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=httproutes;grpcroutes,verbs=get;list;watch
 // +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=httproutes/status;grpcroutes/status,verbs=get;update;patch
 
-// Reconcile recomputes our parent entries and writes them when they changed.
+// Reconcile recomputes our parent entries and writes them when they
+// changed. The update carries the resourceVersion read, so a concurrent
+// writer's entries are never lost: on a conflict we read the route again
+// (from the API server) and start over.
 func (r *RouteStatusReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
 	route := r.Kind.newRoute()
-	if err := r.Client.Get(ctx, req.NamespacedName, route); err != nil {
-		return ctrl.Result{}, client.IgnoreNotFound(err)
-	}
-	if !route.GetDeletionTimestamp().IsZero() {
-		return ctrl.Result{}, nil
-	}
-	ours, err := r.evaluate(ctx, route)
-	if err != nil {
-		return ctrl.Result{}, err
-	}
-	return ctrl.Result{}, r.writeStatus(ctx, route, ours)
-}
-
-// writeStatus merges ours into the latest status.parents and updates with
-// the read resourceVersion, so a concurrent writer's entries are never lost.
-func (r *RouteStatusReconciler) writeStatus(ctx context.Context, route client.Object, ours []gwv1.RouteParentStatus) error {
-	first := true
-	return retry.RetryOnConflict(retry.DefaultRetry, func() error {
-		if !first {
-			if err := r.APIReader.Get(ctx, client.ObjectKeyFromObject(route), route); err != nil {
-				return client.IgnoreNotFound(err)
-			}
+	var reader client.Reader = r.Client
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		defer func() { reader = r.APIReader }()
+		if err := reader.Get(ctx, req.NamespacedName, route); err != nil {
+			return client.IgnoreNotFound(err)
 		}
-		first = false
+		if !route.GetDeletionTimestamp().IsZero() {
+			return nil
+		}
+		ours, err := r.evaluate(ctx, route)
+		if err != nil {
+			return err
+		}
 		status := routeStatusOf(route)
-		merged := mergeParentStatuses(status.Parents, ours, route.GetNamespace(), route.GetGeneration())
+		merged := mergeParentStatuses(status.Parents, ours, route.GetNamespace())
 		if equality.Semantic.DeepEqual(status.Parents, merged) {
 			return nil
 		}
 		status.Parents = merged
 		return r.Client.Status().Update(ctx, route)
 	})
+	return ctrl.Result{}, err
 }
 
 // parentOutcome is what we conclude about one parentRef.
@@ -269,7 +262,7 @@ func resolveBackends(ctx context.Context, c client.Reader, routeNS string, refs 
 // condition's lastTransitionTime when its status did not change), drops our
 // entries for parentRefs that are gone, and leaves other controllers'
 // entries where they are.
-func mergeParentStatuses(current, ours []gwv1.RouteParentStatus, routeNS string, gen int64) []gwv1.RouteParentStatus {
+func mergeParentStatuses(current, ours []gwv1.RouteParentStatus, routeNS string) []gwv1.RouteParentStatus {
 	want := map[string]gwv1.RouteParentStatus{}
 	var order []string
 	for _, o := range ours {
