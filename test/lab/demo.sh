@@ -90,7 +90,7 @@ if mesh_ok; then
   ZT=$(kc get pods -n "$MESH_NS" -l app=ztunnel -o jsonpath='{.items[0].metadata.name}')
   wl=$(out "ambientctl proxy-config workloads $ZT.$MESH_NS"); echo "\$ ambientctl proxy-config workloads $ZT.$MESH_NS"; echo "$wl"
   sec=$(out "ambientctl proxy-config secrets $ZT.$MESH_NS"); echo "\$ ambientctl proxy-config secrets $ZT.$MESH_NS"; echo "$sec"
-  if echo "$wl" | grep -q "httpbin.*$NS.*HBONE" && echo "$sec" | grep -q "spiffe://"; then pass
+  if grep -q "httpbin.*$NS.*HBONE" <<<"$wl" && grep -q "spiffe://" <<<"$sec"; then pass
   else fail "httpbin not listed as HBONE, or no certificates"; fi
 else
   skip "$MESH_REASON"
@@ -158,7 +158,7 @@ else
   show "kubectl apply -n $NS -f test/lab/manifests/policy/httproute-echo.yaml"; sleep 3
   answers=$(out "kubectl -n $NS exec deploy/sleep -- curl -s -m 5 --repeat 10 http://echo/hostname")
   echo "$answers" | sort | uniq -c
-  if [ -n "$answers" ] && ! echo "$answers" | grep -qv '^echo-v1-'; then pass "all 10 answered by echo-v1"
+  if [ -n "$answers" ] && ! grep -qv '^echo-v1-' <<<"$answers"; then pass "all 10 answered by echo-v1"
   else fail "answers not all from echo-v1"; fi
 fi
 

@@ -46,9 +46,12 @@ build_images() {
 
 # image_on_nodes <ref>: true when every node has the image.
 image_on_nodes() {
-  local short
+  local short list
   for short in $(workers | awk '{print $1}'); do
-    in_node "$short" ctr -a /run/containerd/containerd.sock -n k8s.io images ls -q 2>/dev/null | grep -qx "$1" || return 1
+    # Not "ctr | grep -q": grep exits at the first match, ctr then dies of
+    # SIGPIPE and pipefail turns a found image into "not built".
+    list=$(in_node "$short" ctr -a /run/containerd/containerd.sock -n k8s.io images ls -q 2>/dev/null) || return 1
+    grep -qx "$1" <<<"$list" || return 1
   done
 }
 

@@ -86,7 +86,7 @@ net_up() {
 
 add_node_netns() {
   local short=$1 ip=$2 ns=$PREFIX-$1 host_if=$PREFIX-$1
-  if ! ip netns list | grep -qw "$ns"; then ip netns add "$ns"; fi
+  if ! grep -qw "$ns" <<<"$(ip netns list)"; then ip netns add "$ns"; fi
   if ! ip link show "$host_if" >/dev/null 2>&1; then
     ip link add "$host_if" type veth peer name eth0 netns "$ns"
     ip link set "$host_if" master "$BRIDGE" up
