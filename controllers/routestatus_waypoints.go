@@ -12,7 +12,8 @@ import (
 
 // Waypoint binding, as the control plane computes it for Services
 // (controllers/discovery serviceWaypoint), so that route status tells what
-// the data path does. Kept in step with it by TestRouteStatusWaypoints.
+// the data path does. A copy (that package keeps its model private): change
+// both together; TestServiceWaypointBinding pins the rules.
 const (
 	labelUseWaypoint          = "istio.io/use-waypoint"
 	labelUseWaypointNamespace = "istio.io/use-waypoint-namespace"
