@@ -78,7 +78,7 @@ func (r *RouteStatusReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 	route := r.Kind.newRoute()
 	var reader client.Reader = r.Client
 	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
-		defer func() { reader = r.APIReader }()
+		defer func() { reader = r.APIReader }() // retries read past the cache
 		if err := reader.Get(ctx, req.NamespacedName, route); err != nil {
 			return client.IgnoreNotFound(err)
 		}
@@ -110,10 +110,14 @@ type parentOutcome struct {
 }
 
 func (r *RouteStatusReconciler) evaluate(ctx context.Context, route client.Object) ([]gwv1.RouteParentStatus, error) {
+	foreign, _, err := waypointClassForeign(ctx, r.Client)
+	if err != nil {
+		return nil, err
+	}
 	parents, backends := routeRefsOf(route)
 	var outcomes []parentOutcome
 	for _, p := range parents {
-		o, ours, err := r.evaluateParent(ctx, route.GetNamespace(), p)
+		o, ours, err := r.evaluateParent(ctx, route.GetNamespace(), p, foreign)
 		if err != nil {
 			return nil, err
 		}
@@ -135,53 +139,63 @@ func (r *RouteStatusReconciler) evaluate(ctx context.Context, route client.Objec
 	return out, nil
 }
 
-// evaluateParent decides whether p is ours to report on, and how. Gateways
-// that do not exist, are of another class, or whose class another
-// controller owns are not ours; neither is a Service whose waypoint is such
-// a Gateway (as Istio skips Services whose waypoint is another's).
-func (r *RouteStatusReconciler) evaluateParent(ctx context.Context, routeNS string, p gwv1.ParentReference) (parentOutcome, bool, error) {
-	o := parentOutcome{ref: p}
+// evaluateParent decides whether p is ours to report on, and how: Service
+// parents and waypoint Gateways are; other kinds are not. foreign is true
+// when another controller owns GatewayClass istio-waypoint.
+func (r *RouteStatusReconciler) evaluateParent(ctx context.Context, routeNS string, p gwv1.ParentReference, foreign bool) (parentOutcome, bool, error) {
 	ns := routeNS
 	if p.Namespace != nil && *p.Namespace != "" {
 		ns = string(*p.Namespace)
 	}
 	key := client.ObjectKey{Namespace: ns, Name: string(p.Name)}
-	foreign, _, err := waypointClassForeign(ctx, r.Client)
+	switch {
+	case isServiceParent(p):
+		return r.serviceParent(ctx, p, key, foreign)
+	case isGatewayParent(p) && !foreign:
+		return r.gatewayParent(ctx, p, key)
+	}
+	return parentOutcome{}, false, nil
+}
+
+// serviceParent: accepted when the Service exists, whether or not a waypoint
+// serves it (as Istio; ResolvedWaypoints tells). A Service whose waypoint is
+// a Gateway of another controller's class is that controller's to report
+// on, as Istio skips Services whose waypoint is not its own.
+func (r *RouteStatusReconciler) serviceParent(ctx context.Context, p gwv1.ParentReference, key client.ObjectKey, foreign bool) (parentOutcome, bool, error) {
+	o := parentOutcome{ref: p}
+	svc := &corev1.Service{}
+	if err := r.Client.Get(ctx, key, svc); client.IgnoreNotFound(err) != nil {
+		return o, false, err
+	} else if err != nil {
+		o.acceptedReason, o.acceptMsg = string(gwv1.RouteReasonNoMatchingParent), fmt.Sprintf("parent Service %s not found", key)
+		o.waypoint = waypointCondition(reasonNoWaypoint, fmt.Sprintf("parent Service %s not found", key))
+		return o, true, nil
+	}
+	b, err := serviceWaypoint(ctx, r.Client, svc)
 	if err != nil {
 		return o, false, err
 	}
-	switch {
-	case isServiceParent(p):
-		svc := &corev1.Service{}
-		if err := r.Client.Get(ctx, key, svc); client.IgnoreNotFound(err) != nil {
-			return o, false, err
-		} else if err != nil {
-			o.acceptedReason, o.acceptMsg = string(gwv1.RouteReasonNoMatchingParent), fmt.Sprintf("parent Service %s not found", key)
-			o.waypoint = waypointCondition(reasonNoWaypoint, fmt.Sprintf("parent Service %s not found", key))
-			return o, true, nil
-		}
-		b, err := serviceWaypoint(ctx, r.Client, svc)
-		if err != nil {
-			return o, false, err
-		}
-		if foreign && b != nil && b.Waypoint != nil && b.Waypoint.Gateway {
-			return o, false, nil
-		}
-		o.accepted, o.acceptedReason, o.acceptMsg = true, string(gwv1.RouteReasonAccepted), "Route was valid"
-		o.waypoint = bindingCondition(key, b)
-		return o, true, nil
-	case isGatewayParent(p):
-		gw := &gwv1.Gateway{}
-		if err := r.Client.Get(ctx, key, gw); err != nil || gw.Spec.GatewayClassName != WaypointGatewayClass || foreign {
-			return o, false, client.IgnoreNotFound(err)
-		}
-		// The waypoint applies routes attached to Services only (GAMMA); its
-		// HBONE listener takes no routes, as in Istio.
-		o.acceptedReason = string(gwv1.RouteReasonNotAllowedByListeners)
-		o.acceptMsg = fmt.Sprintf("waypoint Gateway %s takes no routes: attach the route to a Service (parentRef group \"\", kind Service) that uses the waypoint", key)
-		return o, true, nil
+	if foreign && b != nil && b.Waypoint != nil && b.Waypoint.Gateway {
+		return o, false, nil
 	}
-	return o, false, nil
+	o.accepted, o.acceptedReason, o.acceptMsg = true, string(gwv1.RouteReasonAccepted), "Route was valid"
+	o.waypoint = bindingCondition(key, b)
+	return o, true, nil
+}
+
+// gatewayParent: only existing waypoint Gateways are ours (a missing
+// Gateway may be any controller's). The waypoint applies routes attached to
+// Services only (GAMMA); its HBONE listener takes none, as in Istio.
+func (r *RouteStatusReconciler) gatewayParent(ctx context.Context, p gwv1.ParentReference, key client.ObjectKey) (parentOutcome, bool, error) {
+	gw := &gwv1.Gateway{}
+	if err := r.Client.Get(ctx, key, gw); err != nil || gw.Spec.GatewayClassName != WaypointGatewayClass {
+		return parentOutcome{}, false, client.IgnoreNotFound(err)
+	}
+	return parentOutcome{
+		ref:            p,
+		acceptedReason: string(gwv1.RouteReasonNotAllowedByListeners),
+		acceptMsg:      fmt.Sprintf("waypoint Gateway %s takes no routes: attach the route to a Service (parentRef group \"\", kind Service) that uses the waypoint", key),
+	}, true, nil
 }
 
 func bindingCondition(svc client.ObjectKey, b *serviceBinding) *metav1.Condition {
