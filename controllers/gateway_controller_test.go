@@ -182,7 +182,7 @@ func TestWaypointGatewayForeignClass(t *testing.T) {
 	}
 	waitRouteParents(t, route, map[string][]wantCond{"echo": {acceptedOK, waypointOK}})
 
-	replaceWaypointClass(t, istioMeshController)
+	restore := replaceWaypointClass(t, istioMeshController)
 	// The Service's waypoint is now Istio's: our entry goes (and the
 	// operator's cache has seen the foreign class).
 	waitRouteParents(t, route, map[string][]wantCond{})
@@ -202,4 +202,9 @@ func TestWaypointGatewayForeignClass(t *testing.T) {
 	if !equality.Semantic.DeepEqual(initial, &fresh.Status) {
 		t.Errorf("wrote status on another controller's Gateway: %+v", fresh.Status)
 	}
+
+	// The class is ours again: its Gateways and routes are picked up.
+	restore()
+	waitGatewayCondition(t, ns, "fresh", string(gwv1.GatewayConditionAccepted), metav1.ConditionFalse) // no mesh in this test
+	waitRouteParents(t, route, map[string][]wantCond{"echo": {acceptedOK, waypointOK}})
 }

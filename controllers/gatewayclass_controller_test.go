@@ -106,9 +106,11 @@ func TestGatewayClassReconcile(t *testing.T) {
 }
 
 // replaceWaypointClass swaps istio-waypoint for another controller's (as
-// installing Istio would) and restores ours when the test ends. The running
-// operator re-creates its class on deletion, so the swap is retried.
-func replaceWaypointClass(t *testing.T, owner gwv1.GatewayController) {
+// installing Istio would) and returns a function that deletes it, after
+// which the operator re-creates its own; that also runs when the test ends.
+// The running operator re-creates its class on deletion, so the swap is
+// retried.
+func replaceWaypointClass(t *testing.T, owner gwv1.GatewayController) (restore func()) {
 	t.Helper()
 	ctx := context.Background()
 	eventually(t, "foreign GatewayClass in place", func() error {
@@ -127,8 +129,13 @@ func replaceWaypointClass(t *testing.T, owner gwv1.GatewayController) {
 		}
 		return fmt.Errorf("retrying")
 	})
-	t.Cleanup(func() {
-		_ = k8s.Delete(ctx, &gwv1.GatewayClass{ObjectMeta: metav1.ObjectMeta{Name: WaypointGatewayClass}})
+	restore = func() {
+		gc := &gwv1.GatewayClass{}
+		if err := k8s.Get(ctx, client.ObjectKey{Name: WaypointGatewayClass}, gc); err == nil && gc.Spec.ControllerName == owner {
+			_ = k8s.Delete(ctx, gc)
+		}
 		waitClassAccepted(t, WaypointGatewayClass)
-	})
+	}
+	t.Cleanup(restore)
+	return restore
 }

@@ -438,9 +438,10 @@ func (r *RouteStatusReconciler) SetupWithManager(ctx context.Context, mgr ctrl.M
 	return ctrl.NewControllerManagedBy(mgr).
 		Named(strings.ToLower(r.Kind.Name)+"status").
 		For(r.Kind.newRoute()).
+		// Every Service change: its type (ExternalName) and labels matter.
 		Watches(&corev1.Service{}, handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, o client.Object) []reconcile.Request {
 			return r.routesReferring(ctx, "svc/"+o.GetNamespace()+"/"+o.GetName())
-		}), builder.WithPredicates(changed)).
+		})).
 		Watches(&corev1.Namespace{}, handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, o client.Object) []reconcile.Request {
 			return r.routesReferring(ctx, "ns/"+o.GetName())
 		}), builder.WithPredicates(predicate.LabelChangedPredicate{})).
