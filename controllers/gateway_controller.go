@@ -27,9 +27,10 @@ import (
 // GatewayWaypointReconciler deploys waypoints declared the Istio way: a
 // Gateway API Gateway with gatewayClassName istio-waypoint (and optionally
 // istio.io/for-service-account). It produces exactly the objects a
-// WaypointPolicy would (DesiredWaypoint) and reports Accepted/Programmed
-// and the address in the Gateway's status. Registered only when the
-// Gateway API CRDs are installed.
+// WaypointPolicy would (DesiredWaypoint) and reports Accepted/Programmed,
+// the address and the listeners in the Gateway's status. When another
+// controller owns GatewayClass istio-waypoint, its Gateways are left to it.
+// Registered only when the Gateway API CRDs are installed.
 type GatewayWaypointReconciler struct {
 	Client        client.Client
 	Defaults      Defaults
