@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 )
 
 // HalfCloser is a byte stream that can end one direction: a tunnel Stream
@@ -77,19 +78,29 @@ func copyHalf(dst, src HalfCloser) (int64, error) {
 
 // CopyAdaptive copies src to dst until EOF (returned as nil) or an error,
 // reading into a small buffer while the source is idle and a pooled
-// CopyBufferSize one during bulk transfer (see the buffer constants).
+// CopyBufferSize one during bulk transfer (see the buffer constants). A TCP
+// source is waited on without any buffer while idle (readiness, then a pooled
+// small buffer for the read), so an idle direction from a socket holds none.
 func CopyAdaptive(dst io.Writer, src io.Reader) (int64, error) {
-	small := make([]byte, SmallBufferSize)
-	buf := small
-	var big *[]byte
+	waiter := readWaiterFor(src)
+	var small, big *[]byte
 	defer func() {
-		if big != nil {
-			copyBuffers.Put(big)
-		}
+		putSmall(small)
+		putBuffer(&copyBuffers, big)
 	}()
 	var total int64
 	shortReads := 0
 	for {
+		if big == nil && small == nil {
+			if waiter != nil {
+				waiter.wait() // an error is reported by the Read below
+			}
+			small = getSmall()
+		}
+		buf := *small
+		if big != nil {
+			buf = *big
+		}
 		n, rerr := src.Read(buf)
 		if n > 0 {
 			w, werr := dst.Write(buf[:n])
@@ -106,16 +117,42 @@ func CopyAdaptive(dst io.Writer, src io.Reader) (int64, error) {
 		}
 		switch {
 		case big == nil && n == len(buf):
-			big = copyBuffers.Get().(*[]byte)
-			buf, shortReads = *big, 0
+			big, shortReads = copyBuffers.Get().(*[]byte), 0
 		case big != nil && n < SmallBufferSize:
 			if shortReads++; shortReads >= 2 {
-				copyBuffers.Put(big)
-				big, buf = nil, small
+				putBuffer(&copyBuffers, big)
+				big = nil
 			}
 		case big != nil:
 			shortReads = 0
 		}
+		if waiter != nil && big == nil {
+			putSmall(small) // idle again: wait without it
+			small = nil
+		}
+	}
+}
+
+var (
+	smallBuffers = sync.Pool{New: func() any { b := make([]byte, SmallBufferSize); return &b }}
+	smallHeld    atomic.Int64 // small buffers out of the pool (for tests)
+)
+
+func getSmall() *[]byte {
+	smallHeld.Add(1)
+	return smallBuffers.Get().(*[]byte)
+}
+
+func putSmall(b *[]byte) {
+	if b != nil {
+		smallHeld.Add(-1)
+		smallBuffers.Put(b)
+	}
+}
+
+func putBuffer(pool *sync.Pool, b *[]byte) {
+	if b != nil {
+		pool.Put(b)
 	}
 }
 

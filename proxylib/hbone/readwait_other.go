@@ -1,0 +1,13 @@
+//go:build !linux
+
+package hbone
+
+import "io"
+
+type readWaiter struct{}
+
+// readWaiterFor: bufferless waiting is only implemented on Linux; elsewhere
+// idle directions keep their small buffer.
+func readWaiterFor(io.Reader) *readWaiter { return nil }
+
+func (*readWaiter) wait() error { return nil }
