@@ -21,6 +21,7 @@ import (
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+	"github.com/ambientmesh/ambient/controllers/waypointbind"
 )
 
 // RouteConditionResolvedWaypoints is Istio's extra route condition: does
@@ -175,7 +176,7 @@ func (r *RouteStatusReconciler) serviceParent(ctx context.Context, p gwv1.Parent
 	if err != nil {
 		return o, false, err
 	}
-	if foreign && b != nil && b.Waypoint != nil && b.Waypoint.Gateway {
+	if foreign && b != nil && b.Waypoint != nil && b.Waypoint.FromGateway {
 		return o, false, nil
 	}
 	o.accepted, o.acceptedReason, o.acceptMsg = true, string(gwv1.RouteReasonAccepted), "Route was valid"
@@ -198,7 +199,7 @@ func (r *RouteStatusReconciler) gatewayParent(ctx context.Context, p gwv1.Parent
 	}, true, nil
 }
 
-func bindingCondition(svc client.ObjectKey, b *serviceBinding) *metav1.Condition {
+func bindingCondition(svc client.ObjectKey, b *waypointbind.Binding) *metav1.Condition {
 	switch {
 	case b == nil:
 		return waypointCondition(reasonNoWaypoint, fmt.Sprintf("Service %s is not bound to a waypoint; no waypoint applies this route", svc))

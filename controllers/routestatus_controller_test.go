@@ -14,6 +14,8 @@ import (
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	"github.com/ambientmesh/ambient/controllers/waypointbind"
 )
 
 func serviceParent(ns, name string) gwv1.ParentReference {
@@ -148,7 +150,7 @@ func TestRouteStatus(t *testing.T) {
 	ctx := context.Background()
 	const app, other, bare = "rs-app", "rs-other", "rs-bare"
 	// The seeds: an ambient namespace using a waypoint Gateway.
-	createLabelledNamespace(t, app, map[string]string{LabelDataplaneMode: "ambient", labelUseWaypoint: "waypoint"})
+	createLabelledNamespace(t, app, map[string]string{LabelDataplaneMode: "ambient", waypointbind.UseWaypointLabel: "waypoint"})
 	createLabelledNamespace(t, other, nil)
 	createLabelledNamespace(t, bare, map[string]string{LabelDataplaneMode: "ambient"})
 	t.Cleanup(func() {
@@ -218,12 +220,12 @@ func TestRouteStatus(t *testing.T) {
 	createService(t, app, "gone", nil)
 	waitRouteParents(t, cases[2].route, map[string][]wantCond{"echo": {acceptedOK, resolvedOK}})
 	waitRouteParents(t, gr, map[string][]wantCond{"echo": {acceptedOK, resolvedOK}})
-	setNamespaceLabel(t, bare, labelUseWaypoint, "waypoint")
-	setNamespaceLabel(t, bare, labelUseWaypointNamespace, app)
+	setNamespaceLabel(t, bare, waypointbind.UseWaypointLabel, "waypoint")
+	setNamespaceLabel(t, bare, waypointbind.UseWaypointNamespaceLabel, app)
 	waitRouteParents(t, cases[5].route, map[string][]wantCond{"plain": {acceptedOK, waypointOK}})
-	setNamespaceLabel(t, app, labelUseWaypoint, "none") // opts out of the namespace waypoint too
+	setNamespaceLabel(t, app, waypointbind.UseWaypointLabel, "none") // opts out of the namespace waypoint too
 	waitRouteParents(t, cases[0].route, map[string][]wantCond{"echo": {acceptedOK, noWaypoint}})
-	setNamespaceLabel(t, app, labelUseWaypoint, "waypoint")
+	setNamespaceLabel(t, app, waypointbind.UseWaypointLabel, "waypoint")
 	waitRouteParents(t, cases[0].route, map[string][]wantCond{"echo": {acceptedOK, waypointOK}})
 	if err := k8s.Delete(ctx, &gwv1.Gateway{ObjectMeta: metav1.ObjectMeta{Namespace: app, Name: "waypoint"}}); err != nil {
 		t.Fatal(err)

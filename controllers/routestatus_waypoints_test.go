@@ -12,10 +12,12 @@ import (
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+	"github.com/ambientmesh/ambient/controllers/waypointbind"
 )
 
-// TestServiceWaypointBinding: route status binds Services to waypoints by
-// the control plane's rules (controllers/discovery serviceWaypoint).
+// TestServiceWaypointBinding: route status reads the declared waypoints from
+// the API server and binds Services by the control plane's own rules
+// (controllers/waypointbind).
 func TestServiceWaypointBinding(t *testing.T) {
 	ctx := context.Background()
 	gateway := func(name string, labels, annotations map[string]string) client.Object {
@@ -45,13 +47,13 @@ func TestServiceWaypointBinding(t *testing.T) {
 			[]client.Object{policy("wp", func(wp *meshv1.WaypointPolicy) {
 				wp.Spec.Scope, wp.Spec.ServiceAccount = meshv1.ScopeServiceAccount, "reviews"
 			})}, ""},
-		{"Service label names any waypoint but a none one", nil, map[string]string{labelUseWaypoint: "wl"},
+		{"Service label names any waypoint but a none one", nil, map[string]string{waypointbind.UseWaypointLabel: "wl"},
 			[]client.Object{gateway("wl", forTraffic(meshv1.TrafficWorkload), nil), gateway("a", nil, nil)}, "NS/wl"},
-		{"Service label none opts out", nil, map[string]string{labelUseWaypoint: "none"}, []client.Object{gateway("wp", nil, nil)}, ""},
-		{"namespace label wins over the namespace waypoint", map[string]string{labelUseWaypoint: "b"}, nil,
+		{"Service label none opts out", nil, map[string]string{waypointbind.UseWaypointLabel: "none"}, []client.Object{gateway("wp", nil, nil)}, ""},
+		{"namespace label wins over the namespace waypoint", map[string]string{waypointbind.UseWaypointLabel: "b"}, nil,
 			[]client.Object{gateway("a", nil, nil), gateway("b", nil, nil)}, "NS/b"},
-		{"namespace label naming nothing fails closed", map[string]string{labelUseWaypoint: "ghost"}, nil, nil, "missing NS/ghost"},
-		{"namespace label for a workload waypoint", map[string]string{labelUseWaypoint: "wl"}, nil,
+		{"namespace label naming nothing fails closed", map[string]string{waypointbind.UseWaypointLabel: "ghost"}, nil, nil, "missing NS/ghost"},
+		{"namespace label for a workload waypoint", map[string]string{waypointbind.UseWaypointLabel: "wl"}, nil,
 			[]client.Object{gateway("wl", forTraffic(meshv1.TrafficWorkload), nil)}, ""},
 		{"WaypointPolicy wins over a Gateway of its name", nil, nil,
 			[]client.Object{gateway("wp", nil, nil), policy("wp", func(wp *meshv1.WaypointPolicy) { wp.Spec.TrafficType = meshv1.TrafficNone })}, ""},

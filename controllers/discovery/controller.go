@@ -31,6 +31,7 @@ import (
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 	"github.com/ambientmesh/ambient/controllers/policy"
+	"github.com/ambientmesh/ambient/controllers/waypointbind"
 	xds "github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/meshapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
@@ -673,48 +674,26 @@ func (b *build) runFull() error {
 // WaypointPolicy wins over a Gateway of the same name.
 func (b *build) loadWaypoints() error {
 	b.wps = map[string]map[string]*waypoint{}
-	put := func(wp *waypoint, override bool) {
-		if b.wps[wp.Namespace] == nil {
-			b.wps[wp.Namespace] = map[string]*waypoint{}
-		}
-		if _, exists := b.wps[wp.Namespace][wp.Name]; exists && !override {
-			return
-		}
-		b.wps[wp.Namespace][wp.Name] = wp
-	}
+	ix := waypointbind.Index(b.wps)
 	if b.c.hasGateway.Load() {
 		var gws gwv1.GatewayList
 		if err := b.c.reader.List(b.ctx, &gws, noCopy); err != nil {
 			return err
 		}
-		for _, gw := range gws.Items {
-			if string(gw.Spec.GatewayClassName) != WaypointGatewayClass || gw.DeletionTimestamp != nil {
-				continue
+		for i := range gws.Items {
+			if w, ok := waypointbind.FromGatewayObject(&gws.Items[i]); ok {
+				ix.Add(w)
 			}
-			traffic := gw.Labels[WaypointForLabel]
-			if traffic == "" {
-				traffic = trafficService // Istio's default, as the operator deploys it
-			}
-			put(&waypoint{Namespace: gw.Namespace, Name: gw.Name, ServiceAccount: gw.Annotations[ForServiceAccountAnnotation], TrafficType: traffic}, false)
 		}
 	}
 	var wpl meshv1.WaypointPolicyList
 	if err := b.c.reader.List(b.ctx, &wpl, noCopy); err != nil {
 		return err
 	}
-	for _, wp := range wpl.Items {
-		if wp.DeletionTimestamp != nil {
-			continue
+	for i := range wpl.Items {
+		if w, ok := waypointbind.FromPolicy(&wpl.Items[i]); ok {
+			ix.Add(w)
 		}
-		sa := ""
-		if wp.Spec.Scope == meshv1.ScopeServiceAccount {
-			sa = wp.Spec.ServiceAccount
-		}
-		traffic := string(wp.Spec.TrafficType)
-		if traffic == "" {
-			traffic = trafficService
-		}
-		put(&waypoint{Namespace: wp.Namespace, Name: wp.Name, ServiceAccount: sa, TrafficType: traffic}, true)
 	}
 	return nil
 }

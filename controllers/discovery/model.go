@@ -12,57 +12,36 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/ambientmesh/ambient/controllers/policy"
+	"github.com/ambientmesh/ambient/controllers/waypointbind"
 	xds "github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/selection"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 )
 
-// Labels and annotations that bind workloads and services to waypoints.
+// Labels and annotations that bind workloads and services to waypoints
+// (the rules themselves are in controllers/waypointbind).
 const (
-	// UseWaypointLabel on a namespace, service or pod names the waypoint to
-	// use ("none" opts out); Istio's newer binding.
-	UseWaypointLabel = "istio.io/use-waypoint"
-	// UseWaypointNamespaceLabel names the waypoint's namespace when it is
-	// not the object's own.
-	UseWaypointNamespaceLabel = "istio.io/use-waypoint-namespace"
-	// ForServiceAccountAnnotation on a waypoint Gateway restricts it to one
-	// service account (the seeds' binding).
-	ForServiceAccountAnnotation = "istio.io/for-service-account"
-	// WaypointForLabel on a Gateway: service, workload, all or none.
-	WaypointForLabel = "istio.io/waypoint-for"
-	// WaypointGatewayClass is the gatewayClassName of waypoint Gateways.
-	WaypointGatewayClass = "istio-waypoint"
-	// Pods of a waypoint carry one of these labels naming it; they never get
-	// a waypoint themselves.
-	GatewayNameLabel  = "gateway.networking.k8s.io/gateway-name"
-	WaypointNameLabel = "mesh.ambient.dev/waypoint"
+	UseWaypointLabel            = waypointbind.UseWaypointLabel
+	UseWaypointNamespaceLabel   = waypointbind.UseWaypointNamespaceLabel
+	ForServiceAccountAnnotation = waypointbind.ForServiceAccountAnnotation
+	WaypointForLabel            = waypointbind.WaypointForLabel
+	WaypointGatewayClass        = waypointbind.GatewayClass
+	GatewayNameLabel            = waypointbind.GatewayNameLabel
+	WaypointNameLabel           = waypointbind.WaypointNameLabel
 
 	hbonePort = 15008
 )
 
 // Traffic types of a waypoint (istio.io/waypoint-for).
 const (
-	trafficService  = "service"
-	trafficWorkload = "workload"
-	trafficAll      = "all"
-	trafficNone     = "none"
+	trafficService  = waypointbind.TrafficService
+	trafficWorkload = waypointbind.TrafficWorkload
+	trafficAll      = waypointbind.TrafficAll
+	trafficNone     = waypointbind.TrafficNone
 )
 
 // waypoint is a declared waypoint: a WaypointPolicy or a waypoint Gateway.
-type waypoint struct {
-	Namespace, Name string
-	// ServiceAccount is set for a service-account waypoint.
-	ServiceAccount string
-	TrafficType    string
-}
-
-func (w *waypoint) forWorkloads() bool {
-	return w.TrafficType == trafficWorkload || w.TrafficType == trafficAll
-}
-
-func (w *waypoint) forServices() bool {
-	return w.TrafficType == trafficService || w.TrafficType == trafficAll
-}
+type waypoint = waypointbind.Waypoint
 
 // meshConfig is what the model needs from the AmbientMesh.
 type meshConfig struct {
@@ -221,77 +200,18 @@ func workloadOwner(pod *corev1.Pod) (workloadapi.WorkloadType, string) {
 	return workloadapi.WorkloadType_POD, pod.Name
 }
 
-// useWaypoint resolves an istio.io/use-waypoint label. found=false when the
-// label is absent; a nil waypoint with found=true means "none" or unknown
-// (unknown fails closed in gatewayAddress).
-func useWaypoint(v *namespaceView, objNamespace string, lbls map[string]string) (wp *waypoint, name, namespace string, found bool) {
-	name, ok := lbls[UseWaypointLabel]
-	if !ok {
-		return nil, "", "", false
-	}
-	if name == "none" || name == "" {
-		return nil, "", "", true
-	}
-	namespace = objNamespace
-	if ns := lbls[UseWaypointNamespaceLabel]; ns != "" {
-		namespace = ns
-	}
-	return v.lookupWaypoint(namespace, name), name, namespace, true
+// scope is what waypointbind needs to bind objects of this namespace.
+func (v *namespaceView) scope(namespace string) waypointbind.Scope {
+	return waypointbind.Scope{Namespace: v.ns, Name: namespace, Local: v.waypoints, Lookup: v.lookupWaypoint}
 }
 
-// workloadWaypoint applies the binding rules, most specific first: pod
-// label, service-account waypoint, namespace label, namespace waypoint.
+// workloadWaypoint is the pod's waypoint by the binding rules (pod label,
+// service-account waypoint, namespace label, namespace waypoint).
 func workloadWaypoint(mc meshConfig, v *namespaceView, pod *corev1.Pod, sa string) *workloadapi.GatewayAddress {
-	if wp, name, ns, found := useWaypoint(v, pod.Namespace, pod.Labels); found {
-		return labelledWaypointAddress(mc, v, wp, name, ns)
-	}
-	if wp := serviceAccountWaypoint(v, sa); wp != nil {
-		return gatewayAddress(mc, v, wp.Namespace, wp.Name)
-	}
-	if v.ns != nil {
-		if wp, name, ns, found := useWaypoint(v, pod.Namespace, v.ns.Labels); found {
-			if wp != nil && !wp.forWorkloads() {
-				return nil
-			}
-			return labelledWaypointAddress(mc, v, wp, name, ns)
-		}
-	}
-	if wp := namespaceWaypoint(v); wp != nil && wp.forWorkloads() {
-		return gatewayAddress(mc, v, wp.Namespace, wp.Name)
+	if b, ok := waypointbind.ForPod(v.scope(pod.Namespace), pod, sa); ok {
+		return gatewayAddress(mc, v, b.Namespace, b.Name)
 	}
 	return nil
-}
-
-// labelledWaypointAddress: a label naming an unknown waypoint still routes
-// to its (future) address, so traffic fails closed rather than bypassing it.
-func labelledWaypointAddress(mc meshConfig, v *namespaceView, wp *waypoint, name, ns string) *workloadapi.GatewayAddress {
-	if name == "" {
-		return nil
-	}
-	if wp != nil && wp.TrafficType == trafficNone {
-		return nil
-	}
-	return gatewayAddress(mc, v, ns, name)
-}
-
-func serviceAccountWaypoint(v *namespaceView, sa string) *waypoint {
-	var best *waypoint
-	for _, wp := range v.waypoints {
-		if wp.ServiceAccount == sa && wp.TrafficType != trafficNone && (best == nil || wp.Name < best.Name) {
-			best = wp
-		}
-	}
-	return best
-}
-
-func namespaceWaypoint(v *namespaceView) *waypoint {
-	var best *waypoint
-	for _, wp := range v.waypoints {
-		if wp.ServiceAccount == "" && (best == nil || wp.Name < best.Name) {
-			best = wp
-		}
-	}
-	return best
 }
 
 // gatewayAddress locates a waypoint by its Service: the cluster IP when the
@@ -459,26 +379,11 @@ func buildService(mc meshConfig, v *namespaceView, svc *corev1.Service) *workloa
 	return out
 }
 
-// serviceWaypoint: service label, then namespace label, then the namespace
-// waypoint when it handles service traffic. A waypoint's own Service never
-// gets one.
+// serviceWaypoint is the Service's waypoint by the binding rules (service
+// label, namespace label, namespace waypoint for service traffic).
 func serviceWaypoint(mc meshConfig, v *namespaceView, svc *corev1.Service) *workloadapi.GatewayAddress {
-	if _, own := v.waypoints[svc.Name]; own || svc.Labels[GatewayNameLabel] != "" || svc.Labels[WaypointNameLabel] != "" {
-		return nil
-	}
-	if wp, name, ns, found := useWaypoint(v, svc.Namespace, svc.Labels); found {
-		return labelledWaypointAddress(mc, v, wp, name, ns)
-	}
-	if v.ns != nil {
-		if wp, name, ns, found := useWaypoint(v, svc.Namespace, v.ns.Labels); found {
-			if wp != nil && !wp.forServices() {
-				return nil
-			}
-			return labelledWaypointAddress(mc, v, wp, name, ns)
-		}
-	}
-	if wp := namespaceWaypoint(v); wp != nil && wp.forServices() {
-		return gatewayAddress(mc, v, wp.Namespace, wp.Name)
+	if b, ok := waypointbind.ForService(v.scope(svc.Namespace), svc); ok {
+		return gatewayAddress(mc, v, b.Namespace, b.Name)
 	}
 	return nil
 }

@@ -1,0 +1,217 @@
+// Package waypointbind holds the rules that bind Services and pods to
+// waypoints. The control plane routes traffic by them and the route status
+// controller reports them; sharing one implementation keeps what users are
+// told equal to what the data path does.
+package waypointbind
+
+import (
+	corev1 "k8s.io/api/core/v1"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+)
+
+// Labels and annotations with Istio's meaning.
+const (
+	// UseWaypointLabel on a namespace, Service or pod names the waypoint to
+	// use ("none" opts out); Istio's newer binding.
+	UseWaypointLabel = "istio.io/use-waypoint"
+	// UseWaypointNamespaceLabel names the waypoint's namespace when it is
+	// not the object's own.
+	UseWaypointNamespaceLabel = "istio.io/use-waypoint-namespace"
+	// ForServiceAccountAnnotation on a waypoint Gateway restricts it to one
+	// service account (the seeds' binding).
+	ForServiceAccountAnnotation = "istio.io/for-service-account"
+	// WaypointForLabel on a Gateway: service, workload, all or none.
+	WaypointForLabel = "istio.io/waypoint-for"
+	// GatewayClass is the gatewayClassName of waypoint Gateways.
+	GatewayClass = "istio-waypoint"
+	// A waypoint's own pods and Service carry one of these labels naming
+	// it; they never get a waypoint themselves.
+	GatewayNameLabel  = "gateway.networking.k8s.io/gateway-name"
+	WaypointNameLabel = "mesh.ambient.dev/waypoint"
+)
+
+// Traffic types of a waypoint (istio.io/waypoint-for).
+const (
+	TrafficService  = string(meshv1.TrafficService)
+	TrafficWorkload = string(meshv1.TrafficWorkload)
+	TrafficAll      = string(meshv1.TrafficAll)
+	TrafficNone     = string(meshv1.TrafficNone)
+)
+
+// Waypoint is a declared waypoint: a WaypointPolicy or a waypoint Gateway.
+type Waypoint struct {
+	Namespace, Name string
+	// ServiceAccount is set for a service-account waypoint.
+	ServiceAccount string
+	TrafficType    string
+	// FromGateway: declared by a Gateway, not a WaypointPolicy.
+	FromGateway bool
+}
+
+// ForWorkloads reports whether traffic addressed to pods goes through w.
+func (w *Waypoint) ForWorkloads() bool {
+	return w.TrafficType == TrafficWorkload || w.TrafficType == TrafficAll
+}
+
+// ForServices reports whether traffic addressed to Services goes through w.
+func (w *Waypoint) ForServices() bool {
+	return w.TrafficType == TrafficService || w.TrafficType == TrafficAll
+}
+
+// FromGatewayObject is the waypoint a Gateway declares; ok is false for
+// other Gateways and for one being deleted.
+func FromGatewayObject(gw *gwv1.Gateway) (w *Waypoint, ok bool) {
+	if gw.Spec.GatewayClassName != GatewayClass || gw.DeletionTimestamp != nil {
+		return nil, false
+	}
+	traffic := gw.Labels[WaypointForLabel]
+	if traffic == "" {
+		traffic = TrafficService // Istio's default, as the operator deploys it
+	}
+	return &Waypoint{Namespace: gw.Namespace, Name: gw.Name, ServiceAccount: gw.Annotations[ForServiceAccountAnnotation],
+		TrafficType: traffic, FromGateway: true}, true
+}
+
+// FromPolicy is the waypoint a WaypointPolicy declares; ok is false while
+// it is being deleted.
+func FromPolicy(wp *meshv1.WaypointPolicy) (w *Waypoint, ok bool) {
+	if wp.DeletionTimestamp != nil {
+		return nil, false
+	}
+	w = &Waypoint{Namespace: wp.Namespace, Name: wp.Name, TrafficType: string(wp.Spec.TrafficType)}
+	if w.TrafficType == "" {
+		w.TrafficType = TrafficService
+	}
+	if wp.Spec.Scope == meshv1.ScopeServiceAccount {
+		w.ServiceAccount = wp.Spec.ServiceAccount
+	}
+	return w, true
+}
+
+// Index holds declared waypoints by namespace and name.
+type Index map[string]map[string]*Waypoint
+
+// Add records w; a WaypointPolicy wins over a Gateway of the same name,
+// whatever the order they are added in.
+func (ix Index) Add(w *Waypoint) {
+	if ix[w.Namespace] == nil {
+		ix[w.Namespace] = map[string]*Waypoint{}
+	}
+	if old := ix[w.Namespace][w.Name]; old != nil && !old.FromGateway && w.FromGateway {
+		return
+	}
+	ix[w.Namespace][w.Name] = w
+}
+
+// Lookup finds the waypoint declared as namespace/name; nil when none is.
+type Lookup func(namespace, name string) *Waypoint
+
+// Lookup is the Index as a Lookup.
+func (ix Index) Lookup(namespace, name string) *Waypoint { return ix[namespace][name] }
+
+// Binding is the waypoint some traffic must cross. Waypoint is nil when a
+// label names a waypoint nobody declares: traffic then goes to its future
+// address and fails closed rather than bypassing it.
+type Binding struct {
+	Namespace, Name string
+	Waypoint        *Waypoint
+}
+
+// Scope is what a binding is computed in: the object's namespace, the
+// waypoints declared there, and a lookup for other namespaces.
+type Scope struct {
+	Namespace *corev1.Namespace // nil when it does not exist
+	Name      string            // the namespace's name
+	Local     map[string]*Waypoint
+	Lookup    Lookup
+}
+
+// ForService applies the rules for a Service: its label, then its
+// namespace's label, then the namespace waypoint when it handles service
+// traffic. A waypoint's own Service never gets one. ok is false when the
+// Service has no waypoint.
+func ForService(s Scope, svc *corev1.Service) (Binding, bool) {
+	if _, own := s.Local[svc.Name]; own || svc.Labels[GatewayNameLabel] != "" || svc.Labels[WaypointNameLabel] != "" {
+		return Binding{}, false
+	}
+	if b, found := s.labelled(svc.Labels); found {
+		return b, b.Name != ""
+	}
+	return s.namespaceRules((*Waypoint).ForServices)
+}
+
+// ForPod applies the rules for a pod, most specific first: its label, the
+// waypoint of its service account, its namespace's label, the namespace
+// waypoint when it handles workload traffic.
+func ForPod(s Scope, pod *corev1.Pod, serviceAccount string) (Binding, bool) {
+	if b, found := s.labelled(pod.Labels); found {
+		return b, b.Name != ""
+	}
+	if w := s.serviceAccountWaypoint(serviceAccount); w != nil {
+		return Binding{Namespace: w.Namespace, Name: w.Name, Waypoint: w}, true
+	}
+	return s.namespaceRules((*Waypoint).ForWorkloads)
+}
+
+// namespaceRules: the namespace's label, then the namespace waypoint, each
+// only when the waypoint handles this kind of traffic.
+func (s Scope) namespaceRules(handles func(*Waypoint) bool) (Binding, bool) {
+	if s.Namespace != nil {
+		if b, found := s.labelled(s.Namespace.Labels); found {
+			if b.Waypoint != nil && !handles(b.Waypoint) {
+				return Binding{}, false
+			}
+			return b, b.Name != ""
+		}
+	}
+	if w := s.namespaceWaypoint(); w != nil && handles(w) {
+		return Binding{Namespace: w.Namespace, Name: w.Name, Waypoint: w}, true
+	}
+	return Binding{}, false
+}
+
+// labelled resolves istio.io/use-waypoint in lbls; found is false when the
+// label is absent. "none", an empty name and a waypoint for no traffic give
+// an empty Binding (found, but nothing bound).
+func (s Scope) labelled(lbls map[string]string) (b Binding, found bool) {
+	name, ok := lbls[UseWaypointLabel]
+	if !ok {
+		return Binding{}, false
+	}
+	if name == "" || name == "none" {
+		return Binding{}, true
+	}
+	ns := s.Name
+	if n := lbls[UseWaypointNamespaceLabel]; n != "" {
+		ns = n
+	}
+	w := s.Lookup(ns, name)
+	if w != nil && w.TrafficType == TrafficNone {
+		return Binding{}, true
+	}
+	return Binding{Namespace: ns, Name: name, Waypoint: w}, true
+}
+
+// serviceAccountWaypoint: the first by name of the waypoints for sa.
+func (s Scope) serviceAccountWaypoint(sa string) *Waypoint {
+	var best *Waypoint
+	for _, w := range s.Local {
+		if w.ServiceAccount == sa && w.TrafficType != TrafficNone && (best == nil || w.Name < best.Name) {
+			best = w
+		}
+	}
+	return best
+}
+
+// namespaceWaypoint: the first by name of the namespace-wide waypoints.
+func (s Scope) namespaceWaypoint() *Waypoint {
+	var best *Waypoint
+	for _, w := range s.Local {
+		if w.ServiceAccount == "" && (best == nil || w.Name < best.Name) {
+			best = w
+		}
+	}
+	return best
+}
