@@ -11,6 +11,7 @@ import (
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+	"github.com/ambientmesh/ambient/controllers/waypointbind"
 )
 
 // Labels and annotations of waypoints, as Istio spells them so tools
@@ -19,13 +20,13 @@ const (
 	LabelGatewayManaged      = "gateway.istio.io/managed"
 	GatewayManagedValue      = "istio.io-mesh-controller"
 	LabelIstioGatewayName    = "istio.io/gateway-name"
-	LabelGatewayName         = "gateway.networking.k8s.io/gateway-name"
+	LabelGatewayName         = waypointbind.GatewayNameLabel
 	LabelGatewayClassName    = "gateway.networking.k8s.io/gateway-class-name"
-	LabelWaypointFor         = "istio.io/waypoint-for"
-	LabelWaypointName        = "mesh.ambient.dev/waypoint"
+	LabelWaypointFor         = waypointbind.WaypointForLabel
+	LabelWaypointName        = waypointbind.WaypointNameLabel
 	LabelDataplaneMode       = "istio.io/dataplane-mode"
-	AnnotationForServiceAcct = "istio.io/for-service-account"
-	WaypointGatewayClass     = "istio-waypoint"
+	AnnotationForServiceAcct = waypointbind.ForServiceAccountAnnotation
+	WaypointGatewayClass     = waypointbind.GatewayClass
 )
 
 // Waypoint is what a waypoint is, whoever declared it: a WaypointPolicy or
