@@ -3,16 +3,12 @@ package hbone
 import (
 	"io"
 	"syscall"
-
-	"golang.org/x/sys/unix"
+	"unsafe"
 )
 
 // readWaiter parks until a socket has bytes (or EOF, or an error) to read,
 // without a buffer: an idle tunnel direction then holds no memory of its own.
-type readWaiter struct {
-	rc  syscall.RawConn
-	fds [1]unix.PollFd
-}
+type readWaiter struct{ rc syscall.RawConn }
 
 // readWaiterFor returns a waiter for a socket source, nil for anything else
 // (a tunnel stream, a TLS connection, a wrapper).
@@ -35,9 +31,25 @@ func readWaiterFor(src io.Reader) *readWaiter {
 // and Close end the wait with an error, which the caller's next Read reports
 // in its usual form.
 func (w *readWaiter) wait() error {
-	return w.rc.Read(func(fd uintptr) bool {
-		w.fds[0] = unix.PollFd{Fd: int32(fd), Events: unix.POLLIN}
-		n, err := unix.Poll(w.fds[:], 0)
-		return n != 0 || err != nil // data, EOF, error or EINTR: Read next
-	})
+	return w.rc.Read(func(fd uintptr) bool { return pollReadable(int32(fd)) })
+}
+
+// pollfd is struct pollfd of poll(2).
+type pollfd struct {
+	fd      int32
+	events  int16
+	revents int16
+}
+
+const pollIn = 0x1 // POLLIN
+
+// pollReadable asks ppoll(2) without waiting whether a read on fd would not
+// block (data, EOF or an error). A failed call (EINTR) also says "read": the
+// Read then blocks as usual. The syscall package has no poll wrapper, and
+// golang.org/x/sys would be a new requirement for modules importing hbone.
+func pollReadable(fd int32) bool {
+	p := pollfd{fd: fd, events: pollIn}
+	var zero syscall.Timespec
+	n, _, errno := syscall.Syscall6(syscall.SYS_PPOLL, uintptr(unsafe.Pointer(&p)), 1, uintptr(unsafe.Pointer(&zero)), 0, 0, 0)
+	return n != 0 || errno != 0
 }
