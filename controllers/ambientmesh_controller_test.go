@@ -103,6 +103,23 @@ func TestAmbientMeshCreateStatusAndIdempotence(t *testing.T) {
 	if caps := zc.SecurityContext.Capabilities.Add; len(caps) != 3 || *zc.SecurityContext.Privileged {
 		t.Errorf("ztunnel must be unprivileged with NET_ADMIN/SYS_ADMIN/NET_RAW, got %v", caps)
 	}
+	// ztunnel upgrades surge (the API server accepted it: maxSurge needs
+	// maxUnavailable 0) and drain within the termination grace period.
+	if ru := z.Spec.UpdateStrategy.RollingUpdate; z.Spec.UpdateStrategy.Type != appsv1.RollingUpdateDaemonSetStrategyType || ru == nil ||
+		ru.MaxSurge == nil || ru.MaxSurge.IntValue() != 1 || ru.MaxUnavailable == nil || ru.MaxUnavailable.IntValue() != 0 {
+		t.Errorf("ztunnel update strategy %+v, want RollingUpdate maxSurge 1 maxUnavailable 0", z.Spec.UpdateStrategy.RollingUpdate)
+	}
+	if len(zc.Ports) != 2 || zc.Ports[0].HostPort != 0 || zc.Ports[1].HostPort != 0 {
+		t.Errorf("ztunnel ports %+v: a surged pod must not need host ports", zc.Ports)
+	}
+	drainGrace, err := time.ParseDuration(envMap(zc.Env)["DRAIN_GRACE"])
+	if grace := z.Spec.Template.Spec.TerminationGracePeriodSeconds; err != nil || grace == nil || drainGrace <= 0 || drainGrace >= time.Duration(*grace)*time.Second {
+		t.Errorf("ztunnel DRAIN_GRACE %q must be positive and shorter than terminationGracePeriodSeconds %v", envMap(zc.Env)["DRAIN_GRACE"], z.Spec.Template.Spec.TerminationGracePeriodSeconds)
+	}
+	// The node agent holds host port 15022 and the CNI socket: it cannot surge.
+	if ru := children[7].(*appsv1.DaemonSet).Spec.UpdateStrategy.RollingUpdate; ru == nil || ru.MaxSurge != nil && ru.MaxSurge.IntValue() != 0 || ru.MaxUnavailable.IntValue() != 1 {
+		t.Errorf("node agent update strategy %+v, want maxUnavailable 1 without surge", ru)
+	}
 	na := children[7].(*appsv1.DaemonSet).Spec.Template.Spec
 	if !na.HostNetwork || !*na.Containers[0].SecurityContext.Privileged || envMap(na.Containers[0].Env)["EXCLUDED_NAMESPACES"] != "kube-system,mesh-create" {
 		t.Errorf("node agent spec: hostNetwork %v env %v", na.HostNetwork, na.Containers[0].Env)

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -189,16 +190,39 @@ func nodeTolerations(mesh *meshv1.AmbientMesh) []corev1.Toleration {
 	return []corev1.Toleration{{Operator: corev1.TolerationOpExists}}
 }
 
-func daemonSet(mesh *meshv1.AmbientMesh, name string, pod corev1.PodSpec) *appsv1.DaemonSet {
+// Rollouts. ztunnel surges: the new pod starts next to the old one (own pod
+// network, so no host port clash), both serve every captured pod
+// (SO_REUSEPORT in the pod), and the old one is stopped only once the new
+// one is ready, then drains. Kubernetes requires maxUnavailable 0 when
+// maxSurge is set (and not both 0). The node agent cannot surge: it holds
+// host port 15022 and the CNI socket; while it restarts pods keep working.
+var (
+	surgeRollout = appsv1.DaemonSetUpdateStrategy{
+		Type: appsv1.RollingUpdateDaemonSetStrategyType,
+		RollingUpdate: &appsv1.RollingUpdateDaemonSet{
+			MaxSurge: ptr.To(intstr.FromInt32(1)), MaxUnavailable: ptr.To(intstr.FromInt32(0))},
+	}
+	replaceRollout = appsv1.DaemonSetUpdateStrategy{
+		Type:          appsv1.RollingUpdateDaemonSetStrategyType,
+		RollingUpdate: &appsv1.RollingUpdateDaemonSet{MaxUnavailable: ptr.To(intstr.FromInt32(1))},
+	}
+)
+
+// ztunnelGracePeriod is the ztunnel pod's terminationGracePeriodSeconds;
+// ztunnel drains for ztunnelDrainGrace (env DRAIN_GRACE), leaving time to
+// close what is left before the kubelet's SIGKILL.
+const (
+	ztunnelGracePeriod = 30 * time.Second
+	ztunnelDrainGrace  = ztunnelGracePeriod - 5*time.Second
+)
+
+func daemonSet(mesh *meshv1.AmbientMesh, name string, pod corev1.PodSpec, rollout appsv1.DaemonSetUpdateStrategy) *appsv1.DaemonSet {
 	selector := map[string]string{"app": name, LabelMesh: mesh.Name}
 	return &appsv1.DaemonSet{
 		ObjectMeta: meshObjectMeta(mesh, name, name),
 		Spec: appsv1.DaemonSetSpec{
-			Selector: &metav1.LabelSelector{MatchLabels: selector},
-			UpdateStrategy: appsv1.DaemonSetUpdateStrategy{
-				Type:          appsv1.RollingUpdateDaemonSetStrategyType,
-				RollingUpdate: &appsv1.RollingUpdateDaemonSet{MaxUnavailable: ptr.To(intstr.FromInt32(1))},
-			},
+			Selector:       &metav1.LabelSelector{MatchLabels: selector},
+			UpdateStrategy: *rollout.DeepCopy(),
 			Template: corev1.PodTemplateSpec{
 				ObjectMeta: metav1.ObjectMeta{
 					Labels: mergeLabels(meshLabels(mesh.Name, name), map[string]string{
@@ -227,12 +251,13 @@ func desiredZtunnel(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 	vols = append(vols, hostPathVolume("ambient-socket", ZDSSocketDir, corev1.HostPathDirectoryOrCreate))
 	mounts = append(mounts, corev1.VolumeMount{Name: "ambient-socket", MountPath: ZDSSocketDir})
 	env := append(proxyEnv(mesh, z.Transport, z.LogLevel),
-		corev1.EnvVar{Name: "ZDS_SOCKET", Value: ZDSSocketDir + "/ztunnel.sock"})
+		corev1.EnvVar{Name: "ZDS_SOCKET", Value: ZDSSocketDir + "/ztunnel.sock"},
+		corev1.EnvVar{Name: "DRAIN_GRACE", Value: ztunnelDrainGrace.String()})
 	pod := corev1.PodSpec{
 		ServiceAccountName:            ZtunnelName,
 		AutomountServiceAccountToken:  ptr.To(false),
 		PriorityClassName:             "system-node-critical",
-		TerminationGracePeriodSeconds: ptr.To[int64](30),
+		TerminationGracePeriodSeconds: ptr.To(int64(ztunnelGracePeriod / time.Second)),
 		NodeSelector:                  z.NodeSelector,
 		Tolerations:                   nodeTolerations(mesh),
 		Volumes:                       vols,
@@ -264,7 +289,7 @@ func desiredZtunnel(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 			},
 		}},
 	}
-	return daemonSet(mesh, ZtunnelName, pod)
+	return daemonSet(mesh, ZtunnelName, pod, surgeRollout)
 }
 
 // desiredNodeAgent: the capture agent is privileged on the host network: it
@@ -323,5 +348,5 @@ func desiredNodeAgent(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 			SecurityContext: &corev1.SecurityContext{Privileged: ptr.To(true), RunAsUser: ptr.To[int64](0)},
 		}},
 	}
-	return daemonSet(mesh, NodeAgentName, pod)
+	return daemonSet(mesh, NodeAgentName, pod, replaceRollout)
 }

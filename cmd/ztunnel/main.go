@@ -80,7 +80,8 @@ func parseFlags() options {
 	flag.StringVar(&o.readyAddr, "ready-address", ":15021", "readiness (/healthz/ready)")
 	ttl, _ := time.ParseDuration(env("WORKLOAD_CERT_TTL", "24h"))
 	flag.DurationVar(&o.certTTL, "workload-cert-ttl", ttl, "requested workload certificate lifetime (env WORKLOAD_CERT_TTL)")
-	flag.DurationVar(&o.drainGrace, "drain-grace", 30*time.Second, "time in-flight connections get after SIGTERM")
+	grace, _ := time.ParseDuration(env("DRAIN_GRACE", "25s"))
+	flag.DurationVar(&o.drainGrace, "drain-grace", grace, "time open connections get after SIGTERM, shorter than the pod's terminationGracePeriodSeconds (env DRAIN_GRACE)")
 	flag.StringVar(&o.logLevel, "log-level", env("LOG_LEVEL", "info"), "debug|info|warn|error")
 	flag.Parse()
 	return o
@@ -148,9 +149,13 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 		return err
 	}
 	h.proxy = p
+	// The node agent stays connected while we drain, so a pod deleted
+	// meanwhile is still released here.
+	zdsCtx, stopZDS := context.WithCancel(context.Background())
+	defer stopZDS()
 	zds := inpod.NewServer(o.zdsSocket, h, log.WithName("zds"))
 	go func() {
-		if err := zds.ListenAndServe(ctx); err != nil && ctx.Err() == nil {
+		if err := zds.ListenAndServe(zdsCtx); err != nil && zdsCtx.Err() == nil {
 			log.Error(err, "node agent socket stopped")
 		}
 	}()
@@ -158,17 +163,27 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	serve(log, o.adminAddr, admin.Handler(admin.Config{State: state, Certificates: store.Status, Roots: rootCerts,
 		SetLogLevel: func(l string) error { return setLevel(level, l) }}))
 	serve(log, o.metricsAddr, admin.MetricsHandler(reg))
-	serve(log, o.readyAddr, admin.ReadinessHandler(func() bool { return p.Ready() && p.SnapshotReceived() }))
+	serve(log, o.readyAddr, admin.ReadinessHandler(func() bool { return p.Ready() && p.SnapshotReceived() && !p.Draining() }))
 	log.Info("ztunnel started", "node", o.node, "transport", o.transport)
 
 	<-ctx.Done()
-	log.Info("draining", "grace", o.drainGrace.String())
-	dctx, cancel := context.WithTimeout(context.Background(), o.drainGrace)
+	drain(log, p, o.drainGrace)
+	return nil
+}
+
+// drain is the SIGTERM path. During an upgrade the new ztunnel already
+// listens on every pod's ports (SO_REUSEPORT): closing ours at once sends
+// all new connections there, while ours run on until they end or the grace
+// period (shorter than terminationGracePeriodSeconds) is over.
+func drain(log logr.Logger, p *proxy.Proxy, grace time.Duration) {
+	log.Info("draining: in-pod listeners closed, open connections continue", "grace", grace.String(), "open", p.Tracker().Len())
+	ctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
-	if !p.Drain(dctx) {
+	if p.Drain(ctx) {
+		log.Info("drained: every connection ended")
+	} else {
 		log.Info("drain grace elapsed; remaining connections closed")
 	}
-	return nil
 }
 
 // certsFirst fetches a pod's certificate before serving it, and reports

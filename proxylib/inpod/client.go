@@ -143,97 +143,130 @@ type Pod struct {
 }
 
 // Syncer is the node agent's side: it holds the set of captured pods and
-// keeps ztunnel in step with it, re-sending the whole set (then
-// SnapshotSent) on every (re)connection, so a restarted ztunnel re-adopts
-// every pod and a restarted node agent's snapshot releases stale ones.
+// keeps every ztunnel on the node in step with it. The socket path leads to
+// the newest ztunnel; the Syncer watches the socket file, connects to each
+// new one (a restart, or an upgrade's new instance) while keeping its
+// connections to older ones that still run (an upgrade's draining
+// instance), and sends each connection the whole set (then SnapshotSent),
+// so a restarted ztunnel re-adopts every pod and a restarted node agent's
+// snapshot releases stale ones. Upsert and Remove go to every connection.
 type Syncer struct {
 	path string
 	log  logr.Logger
 
-	mu      sync.Mutex
-	pods    map[string]Pod
-	refused map[string]bool // pods ztunnel refused (e.g. no certificate yet): retried
-	conn    *Conn           // nil while disconnected
-	synced  chan struct{}   // closed after the current connection's snapshot
+	mu     sync.Mutex
+	pods   map[string]Pod
+	links  map[*link]bool // connected ztunnels that have the snapshot
+	synced chan struct{}  // closed while at least one ztunnel is in sync
+}
+
+// link is the connection to one ztunnel instance.
+type link struct {
+	conn    *Conn
+	inode   uint64          // the socket file it was dialled through
+	refused map[string]bool // pods this ztunnel refused (e.g. no certificate yet): retried
 }
 
 // NewSyncer returns a syncer for ztunnel's socket path.
 func NewSyncer(path string, log logr.Logger) *Syncer {
-	return &Syncer{path: path, log: log, pods: map[string]Pod{}, refused: map[string]bool{}, synced: make(chan struct{})}
+	return &Syncer{path: path, log: log, pods: map[string]Pod{}, links: map[*link]bool{}, synced: make(chan struct{})}
 }
 
 // ErrNotConnected means ztunnel is not connected; the change is recorded
 // and will be sent in the next snapshot.
 var ErrNotConnected = errors.New("inpod: ztunnel not connected (change queued for the next snapshot)")
 
-// Upsert records a captured pod and sends it to ztunnel if connected.
+// Upsert records a captured pod and sends it to every connected ztunnel.
+// It returns their refusals, joined.
 func (s *Syncer) Upsert(ctx context.Context, p Pod) error {
 	s.mu.Lock()
 	s.pods[p.UID] = p
-	conn := s.conn
+	links := s.linkList()
 	s.mu.Unlock()
-	if conn == nil {
+	if len(links) == 0 {
 		return ErrNotConnected
 	}
-	err := sendAdd(ctx, conn, p)
-	s.noteRefusal(p.UID, err)
-	return err
+	var errs []error
+	for _, l := range links {
+		err := sendAdd(ctx, l.conn, p)
+		s.noteRefusal(l, p.UID, err)
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
 }
 
-// noteRefusal remembers pods ztunnel refused so Run retries them.
-func (s *Syncer) noteRefusal(uid string, err error) {
+func (s *Syncer) linkList() []*link {
+	out := make([]*link, 0, len(s.links))
+	for l := range s.links {
+		out = append(out, l)
+	}
+	return out
+}
+
+// noteRefusal remembers pods a ztunnel refused so they are retried.
+func (s *Syncer) noteRefusal(l *link, uid string, err error) {
 	var ack *AckError
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if errors.As(err, &ack) {
-		s.refused[uid] = true
+		l.refused[uid] = true
 	} else if err == nil {
-		delete(s.refused, uid)
+		delete(l.refused, uid)
 	}
 }
 
-// retryRefused re-sends pods ztunnel refused earlier.
-func (s *Syncer) retryRefused(ctx context.Context, conn *Conn) {
+// retryRefused re-sends the pods l's ztunnel refused earlier.
+func (s *Syncer) retryRefused(ctx context.Context, l *link) {
 	s.mu.Lock()
 	var retry []Pod
-	for uid := range s.refused {
+	for uid := range l.refused {
 		if p, ok := s.pods[uid]; ok {
 			retry = append(retry, p)
 		} else {
-			delete(s.refused, uid)
+			delete(l.refused, uid)
 		}
 	}
 	s.mu.Unlock()
 	for _, p := range retry {
-		err := sendAdd(ctx, conn, p)
+		err := sendAdd(ctx, l.conn, p)
 		if err != nil {
-			s.log.Error(err, "ztunnel still refuses pod", "uid", p.UID, "pod", p.Info)
+			s.log.Error(err, "ztunnel still refuses pod", "uid", p.UID, "pod", p.Info, "socket", l.inode)
 		} else {
-			s.log.Info("ztunnel accepted previously refused pod", "uid", p.UID, "pod", p.Info)
+			s.log.Info("ztunnel accepted previously refused pod", "uid", p.UID, "pod", p.Info, "socket", l.inode)
 		}
-		s.noteRefusal(p.UID, err)
+		s.noteRefusal(l, p.UID, err)
 	}
 }
 
-// Remove forgets a pod and tells ztunnel if connected. Not being
-// connected is not an error: the next snapshot will not name the pod.
+// Remove forgets a pod and releases it in every connected ztunnel. Not
+// being connected is not an error: the next snapshot will not name the pod.
 func (s *Syncer) Remove(ctx context.Context, uid string) error {
 	s.mu.Lock()
 	delete(s.pods, uid)
-	delete(s.refused, uid)
-	conn := s.conn
-	s.mu.Unlock()
-	if conn == nil {
-		return nil
+	links := s.linkList()
+	for _, l := range links {
+		delete(l.refused, uid)
 	}
-	return conn.DelWorkload(ctx, uid)
+	s.mu.Unlock()
+	var errs []error
+	for _, l := range links {
+		errs = append(errs, l.conn.DelWorkload(ctx, uid))
+	}
+	return errors.Join(errs...)
 }
 
-// Synced returns a channel closed once ztunnel has the current snapshot.
+// Synced returns a channel closed once a ztunnel has the current snapshot.
 func (s *Syncer) Synced() <-chan struct{} {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.synced
+}
+
+// Connected is the number of ztunnel instances in sync (tests, debug).
+func (s *Syncer) Connected() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.links)
 }
 
 func sendAdd(ctx context.Context, c *Conn, p Pod) error {
@@ -248,60 +281,108 @@ func sendAdd(ctx context.Context, c *Conn, p Pod) error {
 	return c.AddWorkload(ctx, p.UID, p.Info, f)
 }
 
-// Run connects, sends the snapshot and reconnects with backoff until ctx ends.
+// socketPoll is how often Run looks for a new ztunnel behind the path.
+const socketPoll = 250 * time.Millisecond
+
+// Run connects to every ztunnel that appears behind the socket path, sends
+// each its snapshot and keeps it in step, until ctx ends. A socket file it
+// cannot connect to (a ztunnel that died) is retried with backoff.
 func (s *Syncer) Run(ctx context.Context) {
 	backoff := 100 * time.Millisecond
+	ended := make(chan struct{}, 1)
 	for ctx.Err() == nil {
-		conn, err := Dial(ctx, s.path)
-		if err != nil {
-			s.log.V(1).Info("ztunnel not reachable", "err", err.Error())
-			select {
-			case <-ctx.Done():
-			case <-time.After(backoff):
+		wait := socketPoll
+		if inode, err := socketInode(s.path); err == nil && !s.hasLink(inode) {
+			if l, err := s.connect(ctx, inode); err != nil {
+				s.log.V(1).Info("ztunnel not reachable", "err", err.Error())
+				wait, backoff = backoff, min(backoff*2, 5*time.Second)
+			} else {
+				backoff = 100 * time.Millisecond
+				go func() {
+					s.serveLink(ctx, l)
+					select {
+					case ended <- struct{}{}:
+					default:
+					}
+				}()
+				continue
 			}
-			backoff = min(backoff*2, 5*time.Second)
-			continue
 		}
-		backoff = 100 * time.Millisecond
-		if err := s.snapshot(ctx, conn); err != nil {
-			s.log.Error(err, "snapshot to ztunnel failed")
-			conn.Close()
-			continue
+		select {
+		case <-ctx.Done():
+		case <-ended: // look again at once: the ztunnel may have restarted
+		case <-time.After(wait):
 		}
-		s.waitConnected(ctx, conn)
-		s.mu.Lock()
-		s.conn = nil
-		s.synced = make(chan struct{})
-		s.mu.Unlock()
-		conn.Close()
 	}
 }
 
-// waitConnected retries refused pods until the connection ends.
-func (s *Syncer) waitConnected(ctx context.Context, conn *Conn) {
+func (s *Syncer) hasLink(inode uint64) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for l := range s.links {
+		if l.inode == inode {
+			return true
+		}
+	}
+	return false
+}
+
+// connect dials the ztunnel behind the socket file with inode and sends it
+// the snapshot. The file is checked again after dialling, so the link is
+// never attributed to the wrong instance.
+func (s *Syncer) connect(ctx context.Context, inode uint64) (*link, error) {
+	conn, err := Dial(ctx, s.path)
+	if err != nil {
+		return nil, err
+	}
+	if now, err := socketInode(s.path); err != nil || now != inode {
+		conn.Close()
+		return nil, errors.New("inpod: socket replaced while connecting")
+	}
+	l := &link{conn: conn, inode: inode, refused: map[string]bool{}}
+	if err := s.snapshot(ctx, l); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("snapshot to ztunnel: %w", err)
+	}
+	return l, nil
+}
+
+// serveLink retries refused pods until the connection ends, then forgets it.
+func (s *Syncer) serveLink(ctx context.Context, l *link) {
 	retry := time.NewTicker(2 * time.Second)
 	defer retry.Stop()
+	defer l.conn.Close()
+	defer s.dropLink(l)
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-conn.Done():
-			s.log.Info("ztunnel connection lost; will reconnect and resend all pods")
+		case <-l.conn.Done():
+			s.log.Info("ztunnel connection lost", "socket", l.inode)
 			return
 		case <-retry.C:
-			s.retryRefused(ctx, conn)
+			s.retryRefused(ctx, l)
 		}
 	}
 }
 
-// snapshot sends every pod then SnapshotSent. The connection is published
-// (so Upsert/Remove go straight through) only after the snapshot, under
-// the lock, so no concurrent change is lost or reordered.
-func (s *Syncer) snapshot(ctx context.Context, conn *Conn) error {
+func (s *Syncer) dropLink(l *link) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.links, l)
+	if len(s.links) == 0 {
+		s.synced = make(chan struct{})
+	}
+}
+
+// snapshot sends every pod then SnapshotSent. The link is published (so
+// Upsert/Remove reach it) only after the snapshot, under the lock, so no
+// concurrent change is lost or reordered.
+func (s *Syncer) snapshot(ctx context.Context, l *link) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for uid, p := range s.pods {
-		if err := sendAdd(ctx, conn, p); err != nil {
+		if err := sendAdd(ctx, l.conn, p); err != nil {
 			var ack *AckError
 			if !errors.As(err, &ack) {
 				return err
@@ -309,20 +390,20 @@ func (s *Syncer) snapshot(ctx context.Context, conn *Conn) error {
 			// ztunnel refused this pod (e.g. no certificate yet): report and
 			// continue; it stays desired and is retried while connected.
 			s.log.Error(err, "ztunnel refused pod in snapshot", "uid", uid, "pod", p.Info)
-			s.refused[uid] = true
-		} else {
-			delete(s.refused, uid)
+			l.refused[uid] = true
 		}
 	}
-	if err := conn.SnapshotSent(ctx); err != nil {
+	if err := l.conn.SnapshotSent(ctx); err != nil {
 		var ack *AckError
 		if !errors.As(err, &ack) {
 			return err
 		}
 		s.log.Error(err, "snapshot applied with errors")
 	}
-	s.conn = conn
-	close(s.synced)
-	s.log.Info("ztunnel in sync", "pods", len(s.pods))
+	if len(s.links) == 0 {
+		close(s.synced)
+	}
+	s.links[l] = true
+	s.log.Info("ztunnel in sync", "pods", len(s.pods), "socket", l.inode, "ztunnels", len(s.links))
 	return nil
 }

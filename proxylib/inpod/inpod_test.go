@@ -414,3 +414,100 @@ func TestRefusedPodIsRetried(t *testing.T) {
 	z.mu.Unlock()
 	waitFor(t, "the refused pod to be retried", func() bool { u, _, _ := z.state(); return len(u) == 1 })
 }
+
+// A ztunnel that refuses a pod of the snapshot is not ready (SnapshotDone)
+// until the retried pod is served: an upgrade's new instance must not look
+// ready, and get the old one stopped, while it serves less than the old one.
+func TestSnapshotDoneWaitsForRefusedPods(t *testing.T) {
+	lab := netns.New(t)
+	pod := lab.NewNS("pod")
+	sock := filepath.Join(t.TempDir(), "z.sock")
+	z := &flaky{proxy: newProxy()}
+	startServer(t, sock, z)
+	agent := inpod.NewSyncer(sock, testr.New(t))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	agent.Upsert(ctx, inpod.Pod{UID: "u", Info: inpod.WorkloadInfo{Name: "p", Namespace: "ns"}, NetnsPath: pod.Path()})
+	go agent.Run(ctx)
+	<-agent.Synced()
+	if _, _, snapshots := z.state(); snapshots != 0 {
+		t.Fatal("snapshot reported done while its pod was refused")
+	}
+	z.mu.Lock()
+	z.allow = true
+	z.mu.Unlock()
+	waitFor(t, "snapshot done once the refused pod is served", func() bool {
+		u, _, snapshots := z.state()
+		return len(u) == 1 && snapshots == 1
+	})
+}
+
+func socketInode(t *testing.T, path string) uint64 {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return 0
+	}
+	return st.Ino
+}
+
+// Upgrade: a second ztunnel takes over the socket path while the first
+// still runs. The node agent keeps both connections, sends both every pod
+// (snapshot and later changes), releases deleted pods in both, and forgets
+// the old one when it exits; the old one leaves the new one's socket alone.
+func TestSyncerFeedsEveryZtunnelBehindThePath(t *testing.T) {
+	lab := netns.New(t)
+	podA, podB := lab.NewNS("pod-a"), lab.NewNS("pod-b")
+	sock := filepath.Join(t.TempDir(), "z.sock")
+	oldZ, newZ := newProxy(), newProxy()
+	defer oldZ.closeAll()
+	defer newZ.closeAll()
+	_, stopOld := startServer(t, sock, oldZ)
+	agent := inpod.NewSyncer(sock, testr.New(t))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go agent.Run(ctx)
+	<-agent.Synced()
+	if err := agent.Upsert(ctx, inpod.Pod{UID: "a", Info: inpod.WorkloadInfo{Name: "a", Namespace: "ns"}, NetnsPath: podA.Path()}); err != nil {
+		t.Fatal(err)
+	}
+
+	oldSock := socketInode(t, sock)
+	srv := inpod.NewServer(sock, newZ, testr.New(t))
+	newCtx, stopNew := context.WithCancel(context.Background())
+	defer stopNew()
+	go srv.ListenAndServe(newCtx)
+	waitFor(t, "new socket", func() bool { i := socketInode(t, sock); return i != 0 && i != oldSock })
+	waitFor(t, "node agent connected to both", func() bool { return agent.Connected() == 2 })
+	if u, _, snaps := newZ.state(); len(u) != 1 || snaps != 1 {
+		t.Fatalf("new ztunnel after its snapshot: pods %v, snapshots %d", u, snaps)
+	}
+	// Both ztunnels listen in the pod (SO_REUSEPORT).
+	if err := agent.Upsert(ctx, inpod.Pod{UID: "b", Info: inpod.WorkloadInfo{Name: "b", Namespace: "ns"}, NetnsPath: podB.Path()}); err != nil {
+		t.Fatalf("pod added next to two ztunnels: %v", err)
+	}
+	for name, z := range map[string]*proxy{"old": oldZ, "new": newZ} {
+		if u, _, _ := z.state(); len(u) != 2 {
+			t.Fatalf("%s ztunnel serves %v, want both pods", name, u)
+		}
+	}
+	if err := agent.Remove(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	for name, z := range map[string]*proxy{"old": oldZ, "new": newZ} {
+		if u, _, _ := z.state(); len(u) != 1 {
+			t.Fatalf("%s ztunnel still serves %v after the delete", name, u)
+		}
+	}
+	// The old ztunnel exits: only the new one is left, its socket intact.
+	stopOld()
+	waitFor(t, "node agent down to one ztunnel", func() bool { return agent.Connected() == 1 })
+	if socketInode(t, sock) == oldSock || socketInode(t, sock) == 0 {
+		t.Fatal("the old ztunnel removed the new one's socket")
+	}
+	if err := agent.Upsert(ctx, inpod.Pod{UID: "a", Info: inpod.WorkloadInfo{Name: "a", Namespace: "ns"}, NetnsPath: podA.Path()}); err != nil {
+		t.Fatalf("after the old ztunnel left: %v", err)
+	}
+	if u, _, _ := newZ.state(); len(u) != 2 {
+		t.Fatalf("new ztunnel serves %v", u)
+	}
+}

@@ -39,7 +39,7 @@ func OpenListeners(netns *os.File) (*PodListeners, error) {
 			return
 		}
 		for _, a := range addrs {
-			*dst, err = netnsutil.ListenTCP(netns, a, netnsutil.SocketOptions{ReuseAddr: true})
+			*dst, err = netnsutil.ListenTCP(netns, a, netnsutil.SocketOptions{ReuseAddr: true, ReusePort: true})
 			if err == nil {
 				return
 			}

@@ -10,6 +10,7 @@ import (
 	"sync"
 
 	"github.com/go-logr/logr"
+	"golang.org/x/sys/unix"
 
 	"github.com/ambientmesh/ambient/proxylib/inpod/zds"
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
@@ -26,8 +27,11 @@ type WorkloadHandler interface {
 	AddWorkload(uid string, info WorkloadInfo, netns *os.File) error
 	// DelWorkload stops serving the pod and closes its listeners.
 	DelWorkload(uid string) error
-	// SnapshotDone is called after each node-agent snapshot has been
-	// applied: every captured pod on the node is served (readiness).
+	// SnapshotDone is called once a node-agent snapshot has been applied
+	// and every pod it named is served (readiness): after SnapshotSent, or
+	// later when the last pod this ztunnel refused is finally added. An
+	// upgrade's new ztunnel must not look ready while it refuses pods, or
+	// the old one would be stopped with nobody serving them.
 	SnapshotDone()
 }
 
@@ -43,6 +47,9 @@ type Server struct {
 	mu      sync.Mutex             // serializes connections' requests
 	serving map[string]workloadRef // uid -> namespace identity
 	active  *net.UnixConn
+	// refused: pods of the current snapshot the handler could not add yet.
+	// While any is left the snapshot is not done.
+	refused map[string]bool
 }
 
 type workloadRef struct {
@@ -52,7 +59,7 @@ type workloadRef struct {
 
 // NewServer returns a server for socket path (DefaultSocketPath in production).
 func NewServer(path string, h WorkloadHandler, log logr.Logger) *Server {
-	return &Server{path: path, handler: h, log: log, serving: map[string]workloadRef{}}
+	return &Server{path: path, handler: h, log: log, serving: map[string]workloadRef{}, refused: map[string]bool{}}
 }
 
 // Workloads returns the uids being served (for admin/debug output).
@@ -66,7 +73,10 @@ func (s *Server) Workloads() map[string]WorkloadInfo {
 	return out
 }
 
-// ListenAndServe serves until ctx ends. A stale socket file is replaced.
+// ListenAndServe serves until ctx ends. The socket file is replaced: during
+// an upgrade the path leads to the newest ztunnel while the node agent keeps
+// its connection to the old one (docs/interfaces.md, ZDS). On exit the file
+// is removed only if it is still ours.
 func (s *Server) ListenAndServe(ctx context.Context) error {
 	if err := os.MkdirAll(filepath.Dir(s.path), 0o750); err != nil {
 		return err
@@ -76,11 +86,31 @@ func (s *Server) ListenAndServe(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("inpod: listen %s: %w", s.path, err)
 	}
+	ln.SetUnlinkOnClose(false) // the path may belong to a newer ztunnel by then
 	if err := os.Chmod(s.path, 0o600); err != nil {
 		ln.Close()
 		return err
 	}
+	ours, err := socketInode(s.path)
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	defer func() {
+		if cur, err := socketInode(s.path); err == nil && cur == ours {
+			os.Remove(s.path)
+		}
+	}()
 	return s.Serve(ctx, ln)
+}
+
+// socketInode identifies the socket file at path (0 and an error if absent).
+func socketInode(path string) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return 0, err
+	}
+	return st.Ino, nil
 }
 
 // Serve accepts node-agent connections on ln until ctx ends.
@@ -100,6 +130,7 @@ func (s *Server) Serve(ctx context.Context, ln *net.UnixListener) error {
 			s.active.Close()
 		}
 		s.active = c
+		s.refused = map[string]bool{} // the new connection sends a new snapshot
 		s.mu.Unlock()
 		go s.handle(ctx, c)
 	}
@@ -167,7 +198,9 @@ func (s *Server) apply(c *net.UnixConn, sess *session, req *zds.WorkloadRequest,
 	}
 	switch p := req.Payload.(type) {
 	case *zds.WorkloadRequest_Add:
-		return s.add(sess, p.Add, fd)
+		err := s.add(sess, p.Add, fd)
+		s.noteAdd(sess, p.Add.GetUid(), err)
+		return err
 	case *zds.WorkloadRequest_Keep:
 		uid := p.Keep.GetUid()
 		if _, ok := s.serving[uid]; !ok {
@@ -176,6 +209,7 @@ func (s *Server) apply(c *net.UnixConn, sess *session, req *zds.WorkloadRequest,
 		sess.seen[uid] = true
 		return nil
 	case *zds.WorkloadRequest_Del:
+		s.noteAdd(sess, p.Del.GetUid(), nil) // no longer wanted: not pending either
 		return s.del(p.Del.GetUid())
 	case *zds.WorkloadRequest_SnapshotSent:
 		if sess.snapshot {
@@ -189,12 +223,38 @@ func (s *Server) apply(c *net.UnixConn, sess *session, req *zds.WorkloadRequest,
 				errs = append(errs, s.del(uid))
 			}
 		}
-		s.handler.SnapshotDone()
+		for uid := range s.refused {
+			if !sess.seen[uid] {
+				delete(s.refused, uid)
+			}
+		}
+		if len(s.refused) == 0 {
+			s.handler.SnapshotDone()
+		} else {
+			s.log.Info("snapshot applied, but not ready until every pod is served", "refused", len(s.refused))
+		}
 		return errors.Join(errs...)
 	case *zds.WorkloadRequest_Hello:
 		return errors.New("duplicate Hello")
 	default:
 		return errors.New("empty or unknown request")
+	}
+}
+
+// noteAdd keeps the set of refused pods of the current connection and
+// completes the snapshot when the last one is served.
+func (s *Server) noteAdd(sess *session, uid string, err error) {
+	if err != nil {
+		s.refused[uid] = true
+		return
+	}
+	if !s.refused[uid] {
+		return
+	}
+	delete(s.refused, uid)
+	if sess.snapshot && len(s.refused) == 0 {
+		s.log.Info("every pod of the snapshot is served now")
+		s.handler.SnapshotDone()
 	}
 }
 

@@ -82,6 +82,11 @@ type SocketOptions struct {
 	Transparent bool
 	// ReuseAddr sets SO_REUSEADDR (listeners restarted with the same port).
 	ReuseAddr bool
+	// ReusePort sets SO_REUSEPORT: two ztunnel instances (an upgrade's old
+	// and new) listen on the same port and the kernel spreads new
+	// connections over both; closing one sends every new connection to the
+	// other. Only sockets of the same effective UID can share a port.
+	ReusePort bool
 }
 
 func (o SocketOptions) control(network, _ string, c syscall.RawConn) error {
@@ -97,6 +102,12 @@ func (o SocketOptions) control(network, _ string, c syscall.RawConn) error {
 		if o.ReuseAddr {
 			if serr = unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); serr != nil {
 				serr = fmt.Errorf("SO_REUSEADDR: %w", serr)
+				return
+			}
+		}
+		if o.ReusePort {
+			if serr = unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); serr != nil {
+				serr = fmt.Errorf("SO_REUSEPORT: %w", serr)
 				return
 			}
 		}
@@ -133,6 +144,27 @@ func ListenTCP(ns *os.File, addr string, opts SocketOptions) (net.Listener, erro
 		return nil, err
 	}
 	return ln, nil
+}
+
+// ListenUDP opens a UDP socket bound to addr in namespace ns (nil: the
+// caller's namespace).
+func ListenUDP(ns *os.File, addr string, opts SocketOptions) (*net.UDPConn, error) {
+	lc := net.ListenConfig{Control: opts.control}
+	var pc net.PacketConn
+	listen := func() (err error) {
+		pc, err = lc.ListenPacket(context.Background(), "udp", addr)
+		return err
+	}
+	var err error
+	if ns == nil {
+		err = listen()
+	} else {
+		err = Run(ns, listen)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return pc.(*net.UDPConn), nil
 }
 
 // DialTCP connects from inside namespace ns (nil: the caller's namespace).
@@ -242,4 +274,20 @@ func IsNetNS(f *os.File) bool {
 	const nsGetNSType = 0xb703 // NS_GET_NSTYPE
 	t, err := unix.IoctlRetInt(int(f.Fd()), nsGetNSType)
 	return err == nil && t == unix.CLONE_NEWNET
+}
+
+// EnableListenerMigration sets net.ipv4.tcp_migrate_req=1 in namespace ns
+// (Linux ≥ 5.14; it covers IPv6 too). When one of the listeners sharing a
+// port with SO_REUSEPORT closes, the kernel then hands its pending
+// handshakes and not yet accepted connections to another listener of the
+// group instead of resetting them: an old ztunnel that stops listening
+// during an upgrade drops no connection the new one can take.
+func EnableListenerMigration(ns *os.File) error {
+	return Run(ns, func() error {
+		// /proc/sys/net resolves to the opening thread's namespace.
+		if err := os.WriteFile("/proc/sys/net/ipv4/tcp_migrate_req", []byte("1"), 0); err != nil {
+			return fmt.Errorf("net.ipv4.tcp_migrate_req: %w", err)
+		}
+		return nil
+	})
 }

@@ -162,3 +162,57 @@ func TestOriginalDstWithoutNAT(t *testing.T) {
 		t.Fatalf("original dst %v without NAT, want error or the local address", od)
 	}
 }
+
+// Two listeners with ReusePort share a port inside a pod namespace (an
+// upgrade's two ztunnels); without it the second bind fails.
+func TestReusePortSharesAListener(t *testing.T) {
+	lab := netns.New(t)
+	ns := lab.NewNS("reuse")
+	f, err := ns.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	opts := netnsutil.SocketOptions{ReuseAddr: true, ReusePort: true}
+	a, err := netnsutil.ListenTCP(f, "127.0.0.1:15001", opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	if _, err := netnsutil.ListenTCP(f, "127.0.0.1:15001", netnsutil.SocketOptions{ReuseAddr: true}); err == nil {
+		t.Fatal("a listener without SO_REUSEPORT joined the port")
+	}
+	b, err := netnsutil.ListenTCP(f, "127.0.0.1:15001", opts)
+	if err != nil {
+		t.Fatalf("second SO_REUSEPORT listener: %v", err)
+	}
+	b.Close()
+}
+
+// EnableListenerMigration changes the pod namespace's sysctl, not the caller's.
+func TestEnableListenerMigrationIsPerNamespace(t *testing.T) {
+	lab := netns.New(t)
+	ns := lab.NewNS("migrate")
+	f, err := ns.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	host, _ := os.ReadFile("/proc/sys/net/ipv4/tcp_migrate_req")
+	if err := netnsutil.EnableListenerMigration(f); err != nil {
+		t.Fatal(err)
+	}
+	var inside []byte
+	if err := netnsutil.Run(f, func() (err error) {
+		inside, err = os.ReadFile("/proc/sys/net/ipv4/tcp_migrate_req")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if strings.TrimSpace(string(inside)) != "1" {
+		t.Fatalf("tcp_migrate_req in the namespace = %q, want 1", inside)
+	}
+	if after, _ := os.ReadFile("/proc/sys/net/ipv4/tcp_migrate_req"); string(after) != string(host) {
+		t.Fatalf("host tcp_migrate_req changed from %q to %q", host, after)
+	}
+}

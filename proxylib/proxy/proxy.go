@@ -88,6 +88,7 @@ type Proxy struct {
 	tracker  *Tracker
 	ids      atomic.Uint64
 	snapshot atomic.Bool
+	draining atomic.Bool // Drain started: no new pods, no listeners
 
 	mu   sync.Mutex
 	pods map[string]*pod // by uid
@@ -169,6 +170,11 @@ func (p *Proxy) AddWorkload(uid string, wi inpod.WorkloadInfo, ns *os.File) erro
 	if info.UID == "" || ns == nil {
 		return errors.New("proxy: AddWorkload needs a uid and a namespace")
 	}
+	if p.draining.Load() {
+		// Listening now would pull the pod's new connections to an instance
+		// that is going away; the instance replacing us takes the pod.
+		return errors.New("proxy: draining (shutting down), not taking new pods")
+	}
 	p.mu.Lock()
 	old := p.pods[info.UID]
 	if old != nil && sameNamespace(old.ns, ns) {
@@ -230,7 +236,7 @@ func (p *Proxy) openPod(pd *pod) error {
 		host = p.cfg.ListenHost(pd.info)
 	}
 	listen := func(port int) (net.Listener, error) {
-		ln, err := netnsutil.ListenTCP(pd.ns, net.JoinHostPort(host, strconv.Itoa(port)), netnsutil.SocketOptions{Mark: netnsutil.Mark, ReuseAddr: true})
+		ln, err := netnsutil.ListenTCP(pd.ns, net.JoinHostPort(host, strconv.Itoa(port)), ListenOptions)
 		if err != nil {
 			return nil, fmt.Errorf("listen :%d in pod %s: %w", port, pd.info.UID, err)
 		}
@@ -277,6 +283,12 @@ func (p *Proxy) openPod(pd *pod) error {
 	}()
 	return nil
 }
+
+// ListenOptions are the in-pod listeners' socket options. SO_REUSEPORT
+// lets an upgrade's new ztunnel listen next to the old one; the old one's
+// Drain closes its listeners and the kernel sends every new connection to
+// the new one (docs/interfaces.md, ZDS).
+var ListenOptions = netnsutil.SocketOptions{Mark: netnsutil.Mark, ReuseAddr: true, ReusePort: true}
 
 func (p *Proxy) acceptLoop(ln net.Listener, serve func(net.Conn)) {
 	for {
@@ -377,22 +389,20 @@ func (p *Proxy) localPod(uid string) *pod {
 	return nil
 }
 
-// Drain stops accepting, lets open connections finish until ctx ends, then
-// closes them. Listeners stay closed afterwards.
+// Drain is ztunnel's shutdown (SIGTERM): it refuses new pods, closes every
+// in-pod listener at once (HBONE included, whose connections get GOAWAY),
+// so the kernel hands new connections to the instance sharing the ports,
+// lets open connections run until they end or ctx ends, then closes them.
+// Pods stay known, so a DelWorkload meanwhile still releases them. It
+// reports whether every connection ended on its own.
 func (p *Proxy) Drain(ctx context.Context) bool {
-	p.mu.Lock()
-	pods := make([]*pod, 0, len(p.pods))
-	for _, pd := range p.pods {
-		pods = append(pods, pd)
-	}
-	p.mu.Unlock()
+	p.draining.Store(true)
+	pods := p.podList()
 	for _, pd := range pods {
-		for _, ln := range pd.lns {
-			ln.Close()
-		}
+		p.stopListening(pd)
 	}
 	done := p.tracker.Drain(ctx)
-	for _, pd := range pods {
+	for _, pd := range p.podList() {
 		if pd.hbone != nil {
 			pd.hbone.Close()
 		}
@@ -401,6 +411,30 @@ func (p *Proxy) Drain(ctx context.Context) bool {
 		}
 	}
 	return done
+}
+
+// Draining reports whether Drain has started.
+func (p *Proxy) Draining() bool { return p.draining.Load() }
+
+func (p *Proxy) podList() []*pod {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	pods := make([]*pod, 0, len(p.pods))
+	for _, pd := range p.pods {
+		pods = append(pods, pd)
+	}
+	return pods
+}
+
+// stopListening closes the pod's listeners; open connections and tunnels
+// keep running.
+func (p *Proxy) stopListening(pd *pod) {
+	for _, ln := range pd.lns {
+		ln.Close()
+	}
+	if pd.hbone != nil {
+		pd.hbone.Drain()
+	}
 }
 
 // revalidate closes connections the current policies no longer allow.

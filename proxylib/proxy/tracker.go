@@ -92,33 +92,38 @@ func (t *Tracker) CloseOwned(owner string, reason proxyerr.Reason) {
 	}
 }
 
-// Drain refuses new connections, waits for open ones to finish until ctx
-// ends, then force-closes the rest. It reports whether all finished in time.
+// Drain waits for open connections to finish until ctx ends, then
+// force-closes the rest, and refuses new ones from then on. It reports
+// whether all finished in time. The caller has closed its listeners first;
+// connections they accepted just before may still register while Drain
+// waits (refusing them would fail a connection the client already has).
 func (t *Tracker) Drain(ctx context.Context) bool {
 	t.mu.Lock()
-	t.closed = true
-	if len(t.conns) == 0 {
+	for len(t.conns) > 0 {
+		if t.empty == nil {
+			t.empty = make(chan struct{})
+		}
+		empty := t.empty
 		t.mu.Unlock()
-		return true
+		select {
+		case <-empty:
+			t.mu.Lock()
+			continue
+		case <-ctx.Done():
+		}
+		t.mu.Lock()
+		t.closed = true
+		victims := make([]*tracked, 0, len(t.conns))
+		for _, c := range t.conns {
+			victims = append(victims, c)
+		}
+		t.mu.Unlock()
+		for _, v := range victims {
+			v.close(proxyerr.Draining)
+		}
+		return false
 	}
-	if t.empty == nil {
-		t.empty = make(chan struct{})
-	}
-	empty := t.empty
+	t.closed = true
 	t.mu.Unlock()
-	select {
-	case <-empty:
-		return true
-	case <-ctx.Done():
-	}
-	t.mu.Lock()
-	victims := make([]*tracked, 0, len(t.conns))
-	for _, c := range t.conns {
-		victims = append(victims, c)
-	}
-	t.mu.Unlock()
-	for _, v := range victims {
-		v.close(proxyerr.Draining)
-	}
-	return false
+	return true
 }

@@ -53,3 +53,29 @@ func TestTrackerRevalidateAndDrain(t *testing.T) {
 		t.Fatalf("closed = %v, want sleep-in drained", closed)
 	}
 }
+
+// A connection accepted just before the listeners closed registers while
+// Drain waits, and Drain waits for it too.
+func TestTrackerDrainWaitsForLateRegistrations(t *testing.T) {
+	tr := NewTracker()
+	first, _ := tr.Add("pod", "", rbac.Conn{}, func(proxyerr.Reason) {})
+	drained := make(chan bool)
+	go func() { drained <- tr.Drain(context.Background()) }()
+	late, err := tr.Add("pod", "", rbac.Conn{}, func(proxyerr.Reason) {})
+	if err != nil {
+		t.Fatalf("connection accepted before the listeners closed was refused: %v", err)
+	}
+	first()
+	select {
+	case <-drained:
+		t.Fatal("Drain returned while a connection was still open")
+	case <-time.After(50 * time.Millisecond):
+	}
+	late()
+	if !<-drained {
+		t.Fatal("drain reported forced close although every connection finished")
+	}
+	if _, err := tr.Add("pod", "", rbac.Conn{}, func(proxyerr.Reason) {}); proxyerr.ReasonOf(err) != proxyerr.Draining {
+		t.Fatalf("Add after drain: %v, want draining", err)
+	}
+}

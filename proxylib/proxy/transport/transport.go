@@ -53,7 +53,15 @@ func HTTP3(certs hbone.CertSource, log logr.Logger) Factories {
 			if err != nil {
 				return nil, err
 			}
-			if err := inNS(ns, func() error { return srv.Listen(net.JoinHostPort(host, strconv.Itoa(hbone.Port))) }); err != nil {
+			// SO_REUSEPORT so an upgrade's new ztunnel can listen too. UDP
+			// has no handover: when the second socket joins, the kernel
+			// re-spreads datagrams, so some of the old instance's QUIC
+			// connections may break; new ones work throughout.
+			udp, err := netnsutil.ListenUDP(ns, net.JoinHostPort(host, strconv.Itoa(hbone.Port)), netnsutil.SocketOptions{ReusePort: true})
+			if err != nil {
+				return nil, fmt.Errorf("h3: listen :%d: %w", hbone.Port, err)
+			}
+			if err := srv.ListenOn(udp); err != nil {
 				return nil, err
 			}
 			return h3Server{srv}, nil
@@ -80,7 +88,7 @@ func HTTP2(certs hbone.CertSource, log logr.Logger) Factories {
 			if err != nil {
 				return nil, err
 			}
-			ln, err := netnsutil.ListenTCP(ns, net.JoinHostPort(host, strconv.Itoa(hbone.Port)), netnsutil.SocketOptions{Mark: netnsutil.Mark, ReuseAddr: true})
+			ln, err := netnsutil.ListenTCP(ns, net.JoinHostPort(host, strconv.Itoa(hbone.Port)), proxy.ListenOptions)
 			if err != nil {
 				return nil, err
 			}

@@ -23,6 +23,7 @@ import (
 
 	"github.com/ambientmesh/ambient/proxylib/discovery/selection"
 	"github.com/ambientmesh/ambient/proxylib/inpod"
+	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 	"github.com/ambientmesh/ambient/proxylib/redirect"
 )
 
@@ -158,6 +159,13 @@ func (a *Agent) capture(ctx context.Context, pod *corev1.Pod, netnsPath string) 
 			return fmt.Errorf("install redirection for %s: %w", key, err)
 		}
 		a.Log.Info("redirection installed", "pod", key)
+	}
+	if cur == nil || cur.netns != ns {
+		// Two ztunnels share the pod's ports during an upgrade; when the old
+		// one closes its listeners, queued connections move to the new one.
+		if err := netnsutil.EnableListenerMigration(ns); err != nil {
+			a.Log.Info("listener migration unavailable (kernel < 5.14?): a ztunnel upgrade may reset connections queued on the old instance", "pod", key, "err", err.Error())
+		}
 	}
 	adopt() // rules are in place: from here the pod counts as captured
 	if a.Probes != nil && (cur == nil || cur.netns != ns) {

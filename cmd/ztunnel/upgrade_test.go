@@ -1,0 +1,505 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	discoverypb "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
+	"github.com/go-logr/logr/testr"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+
+	"github.com/ambientmesh/ambient/proxylib/ca"
+	"github.com/ambientmesh/ambient/proxylib/caclient/capb"
+	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/hbone/hbonetest"
+	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/proxylib/inpod"
+	"github.com/ambientmesh/ambient/proxylib/netnsutil"
+	"github.com/ambientmesh/ambient/proxylib/redirect"
+	"github.com/ambientmesh/ambient/test/netns"
+)
+
+// The test binary doubles as the ztunnel binary: re-executed with this
+// variable set it runs main, so the processes below are the real program.
+const runMainEnv = "ZTUNNEL_TEST_RUN_MAIN"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(runMainEnv) == "1" {
+		main()
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+const testToken = "upgrade-test-token"
+
+// controlPlane serves delta xDS and the CA to the ztunnel processes.
+type controlPlane struct {
+	ca     *hbonetest.CA
+	srv    *grpc.Server
+	caches map[string]*cachev3.LinearCache
+	roots  string
+}
+
+func newControlPlane(t *testing.T) *controlPlane {
+	m := hbonetest.NewCA(t, "cluster.local")
+	cp := &controlPlane{ca: m, caches: map[string]*cachev3.LinearCache{
+		discovery.AddressType:       cachev3.NewLinearCache(discovery.AddressType),
+		discovery.AuthorizationType: cachev3.NewLinearCache(discovery.AuthorizationType),
+	}}
+	cert := m.IssueCert(t, hbonetest.CertOptions{DNSNames: []string{"ambient-controlplane.ambient-system.svc"}, NotAfter: time.Now().Add(time.Hour)})
+	cp.roots = filepath.Join(t.TempDir(), "root-cert.pem")
+	if err := os.WriteFile(cp.roots, ca.EncodeCerts(m.Root), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	mux := &cachev3.MuxCache{
+		Classify:      func(r *cachev3.Request) string { return r.GetTypeUrl() },
+		ClassifyDelta: func(r *cachev3.DeltaRequest) string { return r.GetTypeUrl() },
+		Caches:        map[string]cachev3.Cache{},
+	}
+	for typ, c := range cp.caches {
+		mux.Caches[typ] = c
+	}
+	cp.srv = grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{*cert}, MinVersion: tls.VersionTLS12})))
+	discoverypb.RegisterAggregatedDiscoveryServiceServer(cp.srv, serverv3.NewServer(context.Background(), mux, nil))
+	capb.RegisterIstioCertificateServiceServer(cp.srv, &caService{ca: m})
+	t.Cleanup(cp.srv.Stop)
+	return cp
+}
+
+// serveIn listens on 127.0.0.1:15010 and :15012 inside a ztunnel pod's namespace.
+func (cp *controlPlane) serveIn(t *testing.T, ns *os.File) {
+	for _, port := range []int{15010, 15012} {
+		ln, err := netnsutil.ListenTCP(ns, fmt.Sprintf("127.0.0.1:%d", port), netnsutil.SocketOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		go cp.srv.Serve(ln)
+	}
+}
+
+func (cp *controlPlane) workload(t *testing.T, w *workloadapi.Workload) {
+	if err := cp.caches[discovery.AddressType].UpdateResource(w.Uid, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: w}}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+type caService struct {
+	capb.UnimplementedIstioCertificateServiceServer
+	ca *hbonetest.CA
+}
+
+func (s *caService) CreateCertificate(ctx context.Context, req *capb.IstioCertificateRequest) (*capb.IstioCertificateResponse, error) {
+	id, err := identity.Parse(req.GetMetadata().GetFields()["ImpersonatedIdentity"].GetStringValue())
+	if err != nil {
+		return nil, err
+	}
+	chain, err := s.ca.Client().Sign(ctx, []byte(req.GetCsr()), id, time.Duration(req.GetValidityDuration())*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	resp := &capb.IstioCertificateResponse{}
+	for _, c := range chain {
+		resp.CertChain = append(resp.CertChain, string(ca.EncodeCerts(c)))
+	}
+	return resp, nil
+}
+
+// logBuffer collects a process's output and echoes it to the test log.
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+	t   *testing.T
+	pfx string
+}
+
+func (b *logBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.t.Logf("%s: %s", b.pfx, strings.TrimRight(string(p), "\n"))
+	return b.buf.Write(p)
+}
+
+func (b *logBuffer) contains(s string) bool { return b.hasLine(s) }
+
+// hasLine reports whether one line of output contains every part.
+func (b *logBuffer) hasLine(parts ...string) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for line := range strings.Lines(b.buf.String()) {
+		all := true
+		for _, p := range parts {
+			all = all && strings.Contains(line, p)
+		}
+		if all {
+			return true
+		}
+	}
+	return false
+}
+
+// ztunnel is one real ztunnel process in its own pod namespace, as in a
+// DaemonSet pod (so each has its own admin, metrics and readiness ports).
+type ztunnel struct {
+	cmd    *exec.Cmd
+	ns     *os.File
+	out    *logBuffer
+	exited chan error
+}
+
+func startZtunnel(t *testing.T, cp *controlPlane, pod *netns.Pod, sock, transport string, grace time.Duration) *ztunnel {
+	ns, err := pod.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ns.Close() })
+	cp.serveIn(t, ns)
+	token := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(token, []byte(testToken), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	z := &ztunnel{ns: ns, out: &logBuffer{t: t, pfx: pod.Name}, exited: make(chan error, 1)}
+	z.cmd = exec.Command("ip", "netns", "exec", pod.Name, os.Args[0],
+		"-node-name", "node1", "-pod-name", pod.Name, "-xds-address", "127.0.0.1:15010", "-ca-address", "127.0.0.1:15012",
+		"-token-path", token, "-root-cert", cp.roots, "-zds-socket", sock, "-transport", transport, "-drain-grace", grace.String())
+	z.cmd.Env = append(os.Environ(), runMainEnv+"=1")
+	z.cmd.Stdout, z.cmd.Stderr = z.out, z.out
+	if err := z.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { z.exited <- z.cmd.Wait() }()
+	t.Cleanup(func() {
+		z.cmd.Process.Kill()
+		<-z.exited
+	})
+	return z
+}
+
+// ready asks the instance's own readiness endpoint.
+func (z *ztunnel) ready() bool {
+	c := &http.Client{Timeout: time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return netnsutil.DialTCP(ctx, z.ns, netip.AddrPort{}, netip.MustParseAddrPort("127.0.0.1:15021"), netnsutil.SocketOptions{})
+	}}}
+	resp, err := c.Get("http://127.0.0.1:15021/healthz/ready")
+	if err != nil {
+		return false
+	}
+	resp.Body.Close()
+	return resp.StatusCode == http.StatusOK
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// serveEcho answers every line with the same line, in the server pod.
+func serveEcho(t *testing.T, pod *netns.Pod, port int) {
+	ns, err := pod.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	ln, err := netnsutil.ListenTCP(ns, fmt.Sprintf("0.0.0.0:%d", port), netnsutil.SocketOptions{ReuseAddr: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				r := bufio.NewReader(c)
+				for {
+					line, err := r.ReadString('\n')
+					if err != nil {
+						return
+					}
+					if _, err := io.WriteString(c, line); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+}
+
+// session is an application connection from a captured pod (redirected
+// to ztunnel's :15001 by the pod's rules).
+type session struct {
+	c net.Conn
+	r *bufio.Reader
+}
+
+func dialFrom(ns *os.File, dst netip.AddrPort) (*session, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := netnsutil.DialTCP(ctx, ns, netip.AddrPort{}, dst, netnsutil.SocketOptions{})
+	if err != nil {
+		return nil, err
+	}
+	return &session{c: c, r: bufio.NewReader(c)}, nil
+}
+
+// roundTrip proves the connection reaches the server through ztunnel.
+func (s *session) roundTrip(msg string) error {
+	s.c.SetDeadline(time.Now().Add(5 * time.Second))
+	defer s.c.SetDeadline(time.Time{})
+	if _, err := io.WriteString(s.c, msg+"\n"); err != nil {
+		return err
+	}
+	got, err := s.r.ReadString('\n')
+	if err != nil {
+		return err
+	}
+	if got != msg+"\n" {
+		return fmt.Errorf("echo %q, want %q", got, msg)
+	}
+	return nil
+}
+
+// prober opens new connections continuously and counts the outcomes.
+type prober struct {
+	ok, failed atomic.Int64
+	mu         sync.Mutex
+	errs       []string
+	stop       chan struct{}
+	done       sync.WaitGroup
+}
+
+func startProbing(ns *os.File, dst netip.AddrPort, workers int) *prober {
+	p := &prober{stop: make(chan struct{})}
+	for w := range workers {
+		p.done.Add(1)
+		go func() {
+			defer p.done.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-p.stop:
+					return
+				default:
+				}
+				err := probeOnce(ns, dst, fmt.Sprintf("probe-%d-%d", w, i))
+				if err == nil {
+					p.ok.Add(1)
+					continue
+				}
+				p.failed.Add(1)
+				p.mu.Lock()
+				p.errs = append(p.errs, err.Error())
+				p.mu.Unlock()
+			}
+		}()
+	}
+	return p
+}
+
+func probeOnce(ns *os.File, dst netip.AddrPort, msg string) error {
+	s, err := dialFrom(ns, dst)
+	if err != nil {
+		return err
+	}
+	defer s.c.Close()
+	return s.roundTrip(msg)
+}
+
+// waitMore waits until n more probes succeeded.
+func (p *prober) waitMore(t *testing.T, n int64) {
+	t.Helper()
+	target := p.ok.Load() + n
+	waitFor(t, fmt.Sprintf("%d more successful new connections", n), func() bool { return p.ok.Load() >= target })
+}
+
+func (p *prober) finish() (ok, failed int64, errs []string) {
+	close(p.stop)
+	p.done.Wait()
+	return p.ok.Load(), p.failed.Load(), p.errs
+}
+
+// TestUpgradeHandsOverWithoutFailingConnections is a ztunnel upgrade on one
+// node with real processes: the old and the new ztunnel both serve the
+// captured pods (the node agent's Syncer feeds both), then the old one gets
+// SIGTERM while clients open connections continuously. No new connection
+// may fail, connections open on the old one keep working until they end
+// (the old one then exits without using its grace period), and a pod
+// deleted meanwhile is released by both. With HBONE over HTTP/3 both must
+// be able to bind the pods' UDP port too.
+func TestUpgradeHandsOverWithoutFailingConnections(t *testing.T) {
+	netns.RequireRoot(t)
+	for _, transport := range []string{"HTTP2", "HTTP3"} {
+		t.Run(transport, func(t *testing.T) { testUpgrade(t, transport) })
+	}
+}
+
+func testUpgrade(t *testing.T, transport string) {
+	c := netns.NewCluster(t)
+	node := c.AddNode("node1")
+	client, leaving, server := node.AddPod("client"), node.AddPod("leaving"), node.AddPod("server")
+	oldPod, newPod := node.AddPod("ztunnel-old"), node.AddPod("ztunnel-new")
+	serveEcho(t, server, 7777)
+	dst := netip.AddrPortFrom(server.IP, 7777)
+
+	cp := newControlPlane(t)
+	captured := map[*netns.Pod]inpod.Pod{}
+	for _, p := range []*netns.Pod{client, leaving} {
+		uid := "uid-" + p.Name
+		cp.workload(t, &workloadapi.Workload{Uid: discovery.PodUID("Kubernetes", "default", p.Name), Name: p.Name, Namespace: "default",
+			Addresses: [][]byte{p.IP.AsSlice()}, ServiceAccount: "sleep", TrustDomain: "cluster.local", Node: "node1",
+			TunnelProtocol: workloadapi.TunnelProtocol_HBONE})
+		captured[p] = inpod.Pod{UID: uid, Info: inpod.WorkloadInfo{Name: p.Name, Namespace: "default", ServiceAccount: "sleep"}, NetnsPath: p.Path()}
+	}
+
+	// The node agent's part: rules, listener migration, then the Syncer.
+	rules := redirect.NewNFTables(redirect.DefaultConfig())
+	nsOf := map[*netns.Pod]*os.File{}
+	for p := range captured {
+		f, err := p.Open()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		nsOf[p] = f
+		if err := rules.Install(f); err != nil {
+			t.Fatal(err)
+		}
+		if err := netnsutil.EnableListenerMigration(f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sock := filepath.Join(t.TempDir(), "ztunnel.sock")
+	syncer := inpod.NewSyncer(sock, testr.New(t).WithName("node-agent"))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go syncer.Run(ctx)
+	for p := range captured {
+		syncer.Upsert(ctx, captured[p]) // queued until a ztunnel connects
+	}
+
+	const grace = 60 * time.Second // never reached: the old instance must finish on its own
+	old := startZtunnel(t, cp, oldPod, sock, transport, grace)
+	waitFor(t, "old ztunnel ready", old.ready)
+	// Long-lived connections, all on the old instance.
+	var longLived []*session
+	for i := range 8 {
+		s, err := dialFrom(nsOf[client], dst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.roundTrip(fmt.Sprintf("long-%d", i)); err != nil {
+			t.Fatal(err)
+		}
+		longLived = append(longLived, s)
+	}
+	leavingConn, err := dialFrom(nsOf[leaving], dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := leavingConn.roundTrip("leaving"); err != nil {
+		t.Fatal(err)
+	}
+
+	// The surged instance starts next to the old one and gets every pod.
+	nu := startZtunnel(t, cp, newPod, sock, transport, grace)
+	waitFor(t, "new ztunnel ready", nu.ready)
+	waitFor(t, "node agent connected to both ztunnels", func() bool { return syncer.Connected() == 2 })
+	if !old.ready() {
+		t.Fatal("old ztunnel not ready next to the new one")
+	}
+
+	probes := startProbing(nsOf[client], dst, 4)
+	defer func() {
+		if probes != nil {
+			probes.finish()
+		}
+	}()
+	probes.waitMore(t, 50)
+
+	// Upgrade: the old instance is told to stop.
+	if err := old.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "old ztunnel draining", func() bool { return old.out.contains("draining") })
+	waitFor(t, "old ztunnel reports not ready", func() bool { return !old.ready() })
+	probes.waitMore(t, 200)
+
+	// Connections open on the old instance keep working.
+	for i, s := range longLived {
+		if err := s.roundTrip(fmt.Sprintf("long-%d-after-sigterm", i)); err != nil {
+			t.Fatalf("long-lived connection %d broke after SIGTERM: %v", i, err)
+		}
+	}
+	// A pod deleted during the drain is released by both instances; its
+	// connection on the old one is closed.
+	if n := syncer.Connected(); n != 2 {
+		t.Fatalf("node agent connected to %d ztunnels during the drain, want 2", n)
+	}
+	if err := syncer.Remove(ctx, captured[leaving].UID); err != nil {
+		t.Fatalf("release during the drain: %v", err)
+	}
+	for _, z := range []*ztunnel{old, nu} {
+		waitFor(t, z.out.pfx+" released the deleted pod", func() bool {
+			return z.out.hasLine("workload removed", captured[leaving].UID)
+		})
+	}
+	if err := leavingConn.roundTrip("after-delete"); err == nil {
+		t.Fatal("connection of the deleted pod still served by the old ztunnel")
+	}
+
+	// The old one exits as soon as its last connection ends.
+	for _, s := range longLived {
+		s.c.Close()
+	}
+	select {
+	case err := <-old.exited:
+		old.exited <- err
+		if err != nil {
+			t.Fatalf("old ztunnel exit: %v", err)
+		}
+	case <-time.After(grace / 2):
+		t.Fatal("old ztunnel still running after its last connection ended")
+	}
+	if !old.out.contains("drained: every connection ended") {
+		t.Fatal("old ztunnel did not report a complete drain")
+	}
+	probes.waitMore(t, 50)
+	ok, failed, errs := probes.finish()
+	probes = nil
+	if failed != 0 {
+		t.Fatalf("%d of %d new connections failed during the upgrade; first errors: %q", failed, ok+failed, errs[:min(len(errs), 5)])
+	}
+	t.Logf("%d new connections during the upgrade, none failed", ok)
+	waitFor(t, "node agent down to the new ztunnel", func() bool { return syncer.Connected() == 1 })
+	if !nu.ready() {
+		t.Fatal("new ztunnel not ready after the upgrade")
+	}
+}
