@@ -229,3 +229,63 @@ func eventually(t *testing.T, what string, cond func() bool) {
 	}
 	t.Fatalf("timed out waiting for %s", what)
 }
+
+func TestBatchedTLSHeldFramesShareOneSyscall(t *testing.T) {
+	p := newBatchedPair(t, nil)
+	warmUp(t, p)
+	frame := bytes.Repeat([]byte("f"), 16<<10-9) // one record each
+	got := make(chan []byte, 1)
+	go func() {
+		b := make([]byte, 3*len(frame))
+		io.ReadFull(p.server, b)
+		got <- b
+	}()
+	before := p.batch.socketWrites()
+	for i := range 3 {
+		if i < 2 {
+			p.batch.moreFollows() // the body pipe still has bytes queued
+		}
+		if _, err := p.client.Write(frame); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if w := p.batch.socketWrites() - before; w != 1 {
+		t.Fatalf("three frames announced as back to back took %d socket writes, want 1", w)
+	}
+	if b := <-got; !bytes.Equal(b, bytes.Repeat(frame, 3)) {
+		t.Fatal("peer read different bytes")
+	}
+}
+
+// TestBatchedTLSHeldFrameFlushedWhenNoWriteFollows: an announced write
+// that never comes (the writer blocks on flow control) must not strand the
+// held frame.
+func TestBatchedTLSHeldFrameFlushedWhenNoWriteFollows(t *testing.T) {
+	p := newBatchedPair(t, nil)
+	p.batch.moreFollows()
+	if _, err := p.client.Write([]byte("held")); err != nil {
+		t.Fatal(err)
+	}
+	p.server.SetReadDeadline(time.Now().Add(10 * time.Second)) // hang detection only
+	b := make([]byte, 4)
+	if _, err := io.ReadFull(p.server, b); err != nil || string(b) != "held" {
+		t.Fatalf("held frame never arrived: %q, %v", b, err)
+	}
+}
+
+// TestBatchedTLSUnbatchedWriteKeepsOrderBehindHeldBytes: a write outside any
+// batch (close_notify, a KeyUpdate) goes out after held records, not before.
+func TestBatchedTLSUnbatchedWriteKeepsOrderBehindHeldBytes(t *testing.T) {
+	p := newBatchedPair(t, nil)
+	p.batch.moreFollows()
+	if _, err := p.client.Write([]byte("first")); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.client.CloseWrite(); err != nil { // close_notify, written directly
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(p.server)
+	if err != nil || string(got) != "first" {
+		t.Fatalf("read %q, %v; want \"first\" then a clean close_notify", got, err)
+	}
+}

@@ -30,6 +30,9 @@ type bodyPipe struct {
 	werr   error // set by CloseWithError: reads drain, then return it
 	rerr   error // set by the reader's Close: writes fail with it
 	closed bool
+	// more, if set, is told when a Read leaves bytes queued: the transport
+	// will write another frame at once (see recordBatcher.moreFollows).
+	more func()
 }
 
 func newBodyPipe() *bodyPipe {
@@ -89,6 +92,8 @@ func (p *bodyPipe) Read(b []byte) (int, error) {
 			if p.r == p.w { // drained: give the buffer back while idle
 				bodyPipeBuffers.Put(p.buf)
 				p.buf = nil
+			} else if p.more != nil {
+				p.more()
 			}
 			p.cond.Broadcast()
 			return n, nil

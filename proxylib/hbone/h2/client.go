@@ -78,6 +78,7 @@ type pool struct {
 type clientConn struct {
 	cc     *http2.ClientConn
 	tls    *tls.Conn
+	batch  *recordBatcher
 	active atomic.Int32 // our tunnels on it (capped by MaxStreamsPerConn)
 }
 
@@ -292,7 +293,7 @@ func (d *Dialer) connect(ctx context.Context, req hbone.DialRequest) (*clientCon
 		return nil, fmt.Errorf("hbone: HTTP/2 with %s: %w", req.ProxyAddr, err)
 	}
 	d.log.V(1).Info("connection opened", "proxy", req.ProxyAddr.String(), "source", req.Source.String())
-	return &clientConn{cc: cc, tls: tc}, nil
+	return &clientConn{cc: cc, tls: tc, batch: batch}, nil
 }
 
 // roundTrip sends CONNECT on a reserved slot of c and waits for 200. ctx
@@ -307,6 +308,9 @@ func (d *Dialer) roundTrip(ctx context.Context, c *clientConn, req hbone.DialReq
 	streamCtx, cancel := context.WithCancel(context.Background())
 	stop := context.AfterFunc(ctx, cancel)
 	pw := newBodyPipe()
+	if holdFrames {
+		pw.more = c.batch.moreFollows
+	}
 	authority := req.Target.String()
 	hr := &http.Request{
 		Method:        http.MethodConnect,

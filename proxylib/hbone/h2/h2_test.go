@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"io"
 	"net"
@@ -211,4 +212,26 @@ func TestIdleConnectionsEvicted(t *testing.T) {
 	}
 	roundTrip(t, st, []byte("z"))
 	st.Close()
+}
+
+// TestUploadUnderSmallWindows: with flow-control windows far below the
+// bytes queued in the dialer's body pipe, held frames (the dialer holds a
+// frame while more are queued) must still go out and the upload complete.
+func TestUploadUnderSmallWindows(t *testing.T) {
+	small := h2.Tuning{ConnWindow: 65535, StreamWindow: 65535}
+	e := newEnv(t, withHandler(benchHandler()), func(e *env) { e.serverConf.Tuning = small })
+	st := e.dial(t, e.echo.Addr)
+	defer st.Close()
+	const total = 8 << 20
+	buf := make([]byte, 64<<10)
+	for sent := 0; sent < total; sent += len(buf) {
+		if _, err := st.Write(buf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st.CloseWrite()
+	var n int64
+	if err := binary.Read(st, binary.BigEndian, &n); err != nil || n != total {
+		t.Fatalf("server counted %d of %d: %v", n, total, err)
+	}
 }
