@@ -33,6 +33,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 	"github.com/ambientmesh/ambient/proxylib/waypoint"
+	"github.com/ambientmesh/ambient/test/meshtest"
 )
 
 // childConfig is what the waypoint child process needs: its identity and
@@ -131,15 +132,15 @@ func runChild(path string) error {
 
 // startChildWaypoint runs the waypoint for pod wp in a child process with
 // the current discovery snapshot; it returns the child's pid.
-func (m *mesh) startChildWaypoint(t *testing.T, wp *pod, name string, state *discovery.State) int {
-	id := wp.id()
-	cert := m.ca.Issue(t, id)
+func startChildWaypoint(t *testing.T, m *meshtest.Mesh, wp *meshtest.Pod, name string, state *discovery.State) int {
+	id := wp.ID()
+	cert := m.CA.Issue(t, id)
 	key, err := x509.MarshalPKCS8PrivateKey(cert.PrivateKey)
 	if err != nil {
 		t.Fatal(err)
 	}
 	cfg := childConfig{Name: name, Namespace: "default", Identity: id.String(), Netns: wp.Path(),
-		KeyPEM: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: key}), RootPEM: m.ca.RootPEM()}
+		KeyPEM: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: key}), RootPEM: m.CA.RootPEM()}
 	for _, c := range cert.Certificate {
 		cfg.CertPEM = append(cfg.CertPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c})...)
 	}
@@ -183,7 +184,7 @@ func (m *mesh) startChildWaypoint(t *testing.T, wp *pod, name string, state *dis
 }
 
 // serveKiB answers every request with 1 KiB after reading the body.
-func (p *pod) serveKiB(t *testing.T, port int) {
+func serveKiB(t *testing.T, p *meshtest.Pod, port int) {
 	f, err := p.Open()
 	if err != nil {
 		t.Fatal(err)
@@ -212,7 +213,7 @@ type loadResult struct {
 // openLoad posts 1 KiB at rps over conns keep-alive connections for d.
 // Latency is measured from each request's scheduled time (no coordinated
 // omission: a stall delays and counts every request behind it).
-func openLoad(from *pod, dst netip.AddrPort, rps, conns int, d time.Duration) loadResult {
+func openLoad(from *meshtest.Pod, dst netip.AddrPort, rps, conns int, d time.Duration) loadResult {
 	body := bytes.Repeat([]byte("b"), 1024)
 	var mu sync.Mutex
 	var lat []time.Duration
@@ -224,7 +225,7 @@ func openLoad(from *pod, dst netip.AddrPort, rps, conns int, d time.Duration) lo
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			c, err := from.dial(dst)
+			c, err := from.Dial(dst)
 			if err != nil {
 				mu.Lock()
 				errs++
@@ -306,38 +307,38 @@ func TestWaypointPerf(t *testing.T) {
 		dur = time.Duration(v) * time.Second
 	}
 	m := newMesh(t, 2)
-	m.syncAll()
-	state := m.newWaypointState()
+	m.SyncAll()
+	state := m.NewWaypointState()
 	wpVIP := netip.MustParseAddr("10.96.0.20")
 	key := discovery.ServiceKey("default", hostname("waypoint"))
-	wpPod := m.addPod(m.nodes[1], "waypoint-1", "waypoint", false, func(w *workloadapi.Workload) {
+	wpPod := m.AddPod(m.Nodes[1], "waypoint-1", "waypoint", false, func(w *workloadapi.Workload) {
 		w.WorkloadName = "waypoint"
 		w.Services = map[string]*workloadapi.PortList{key: {Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}}}
 	})
-	m.cp.service(&workloadapi.Service{Name: "waypoint", Namespace: "default", Hostname: hostname("waypoint"),
+	m.CP.Service(&workloadapi.Service{Name: "waypoint", Namespace: "default", Hostname: hostname("waypoint"),
 		Addresses: []*workloadapi.NetworkAddress{{Address: wpVIP.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}})
 	gw := &workloadapi.GatewayAddress{Destination: &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: wpVIP.AsSlice()}}, HboneMtlsPort: 15008}
-	sleep := m.addPod(m.nodes[0], "sleep-1", "sleep", true)
-	direct := m.addPod(m.nodes[1], "httpbin-1", "httpbin", true)
-	viaWP := m.addPod(m.nodes[1], "httpbin-2", "httpbin", true, func(w *workloadapi.Workload) { w.Waypoint = gw })
-	direct.serveKiB(t, 8000)
-	viaWP.serveKiB(t, 8000)
-	pid := m.startChildWaypoint(t, wpPod, "waypoint", state)
+	sleep := m.AddPod(m.Nodes[0], "sleep-1", "sleep", true)
+	direct := m.AddPod(m.Nodes[1], "httpbin-1", "httpbin", true)
+	viaWP := m.AddPod(m.Nodes[1], "httpbin-2", "httpbin", true, func(w *workloadapi.Workload) { w.Waypoint = gw })
+	serveKiB(t, direct, 8000)
+	serveKiB(t, viaWP, 8000)
+	pid := startChildWaypoint(t, m, wpPod, "waypoint", state)
 
 	time.Sleep(2 * time.Second)
 	idle := procRSS(pid)
 	// Warm both paths.
-	openLoad(sleep, direct.addr(8000), 200, conns, time.Second)
-	openLoad(sleep, viaWP.addr(8000), 200, conns, time.Second)
+	openLoad(sleep, direct.Addr(8000), 200, conns, time.Second)
+	openLoad(sleep, viaWP.Addr(8000), 200, conns, time.Second)
 
 	// Interleaved rounds so machine noise hits both paths alike; medians.
 	var direct50, direct99, wp50, wp99 []time.Duration
 	var cpu, wpRate float64
 	errs := 0
 	for round := 0; round < 3; round++ {
-		a := openLoad(sleep, direct.addr(8000), rps, conns, dur)
+		a := openLoad(sleep, direct.Addr(8000), rps, conns, dur)
 		cpu0, t0 := procCPU(pid), time.Now()
-		b := openLoad(sleep, viaWP.addr(8000), rps, conns, dur)
+		b := openLoad(sleep, viaWP.Addr(8000), rps, conns, dur)
 		cpu += (procCPU(pid) - cpu0) / time.Since(t0).Seconds()
 		wpRate += b.rate
 		t.Logf("round %d: ztunnel only %.0f rps p50 %v p99 %v | via waypoint %.0f rps p50 %v p99 %v", round,

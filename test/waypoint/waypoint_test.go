@@ -1,3 +1,8 @@
+// Package waypoint holds the namespaced integration tests of the waypoint:
+// real ztunnels (proxylib/proxy) in node and pod network namespaces with
+// real nftables redirection, a real waypoint (proxylib/waypoint) in its own
+// pod namespace, real HBONE with mTLS on every hop, and a test control
+// plane feeding every discovery State. The mesh harness is test/meshtest.
 package waypoint
 
 import (
@@ -32,44 +37,43 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 	"github.com/ambientmesh/ambient/proxylib/waypoint"
+	"github.com/ambientmesh/ambient/test/meshtest"
 )
 
-// Waypoint additions to the harness.
+// serviceAccounts of the test namespace; every node holds their certificates.
+var serviceAccounts = []string{"sleep", "notsleep", "httpbin", "echo", "waypoint", "echo-waypoint", "outside"}
+
+// newMesh is meshtest.New with the waypoint tests' service accounts; the
+// ztunnels' HBONE transports log their errors.
+func newMesh(t *testing.T, nodes int) *meshtest.Mesh {
+	return meshtest.New(t, nodes, meshtest.WithServiceAccounts(serviceAccounts...), meshtest.WithTransportLog())
+}
 
 // runningWaypoint is a real waypoint serving HBONE inside its pod's netns.
 type runningWaypoint struct {
-	pod     *pod
+	pod     *meshtest.Pod
 	vip     netip.Addr
 	gw      *workloadapi.GatewayAddress
 	metrics *prometheus.Registry
 	srv     *waypoint.Server
 }
 
-// newWaypointState registers a discovery State that also receives L7
-// resources; call before pods are added so it sees every resource.
-func (m *mesh) newWaypointState() *discovery.State {
-	s := m.cp.newState(discovery.AddressType, discovery.AuthorizationType, discovery.L7ResourceType)
-	m.cp.syncEmpty(s)
-	m.wpStates = append(m.wpStates, s)
-	return s
-}
-
 func hostname(name string) string { return name + ".default.svc.cluster.local" }
 
 // addWaypoint creates the waypoint pod (not captured) on n, publishes its
 // Service (VIP:15008), and runs the waypoint in the pod's namespace.
-func (m *mesh) addWaypoint(n *node, name string, vip netip.Addr, state *discovery.State) *runningWaypoint {
-	t := m.t
+func addWaypoint(m *meshtest.Mesh, n *meshtest.Node, name string, vip netip.Addr, state *discovery.State) *runningWaypoint {
+	t := m.T
 	key := discovery.ServiceKey("default", hostname(name))
-	p := m.addPod(n, name+"-1", name, false, func(w *workloadapi.Workload) {
+	p := m.AddPod(n, name+"-1", name, false, func(w *workloadapi.Workload) {
 		w.WorkloadName = name
 		w.Services = map[string]*workloadapi.PortList{key: {Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}}}
 	})
-	m.cp.service(&workloadapi.Service{Name: name, Namespace: "default", Hostname: hostname(name),
+	m.CP.Service(&workloadapi.Service{Name: name, Namespace: "default", Hostname: hostname(name),
 		Addresses: []*workloadapi.NetworkAddress{{Address: vip.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}})
-	id := p.id()
-	certs := identity.NewStaticSource(m.ca.TrustDomain, m.ca.Roots())
-	certs.Set(id, m.ca.Issue(t, id))
+	id := p.ID()
+	certs := identity.NewStaticSource(m.CA.TrustDomain, m.CA.Roots())
+	certs.Set(id, m.CA.Issue(t, id))
 	f, err := p.Open()
 	if err != nil {
 		t.Fatal(err)
@@ -84,7 +88,7 @@ func (m *mesh) addWaypoint(n *node, name string, vip netip.Addr, state *discover
 	t.Cleanup(func() { dialer.Close() })
 	reg := prometheus.NewRegistry()
 	srv, err := waypoint.New(waypoint.Config{Name: name, Namespace: "default", Identity: id, State: state, Dialer: dialer,
-		Registry: reg, Tracing: true, Log: m.logs.logger(name), RootNamespace: "istio-system",
+		Registry: reg, Tracing: true, Log: m.Logs.Logger(name), RootNamespace: "istio-system",
 		DialTCP: func(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
 			return netnsutil.DialTCP(ctx, f, netip.AddrPort{}, a, netnsutil.SocketOptions{})
 		}})
@@ -107,8 +111,8 @@ func (m *mesh) addWaypoint(n *node, name string, vip netip.Addr, state *discover
 }
 
 // l7 publishes a Kubernetes object (YAML) to the waypoints as an L7Resource.
-func (m *mesh) l7(y string) {
-	t := m.t
+func l7(m *meshtest.Mesh, y string) {
+	t := m.T
 	js, err := yaml.YAMLToJSON([]byte(y))
 	if err != nil {
 		t.Fatal(err)
@@ -122,14 +126,14 @@ func (m *mesh) l7(y string) {
 	}
 	group, _, _ := strings.Cut(obj.APIVersion, "/")
 	res := &meshapi.L7Resource{Group: group, Kind: obj.Kind, Namespace: "default", Name: obj.Metadata.Name, Json: js}
-	m.cp.push(discovery.L7ResourceType, discovery.L7Key(group, obj.Kind, "default", obj.Metadata.Name), res)
+	m.CP.Push(discovery.L7ResourceType, discovery.L7Key(group, obj.Kind, "default", obj.Metadata.Name), res)
 }
 
 // do sends one request from inside p (a new connection each time, captured
 // by the pod's redirection like an app's).
-func (p *pod) do(method string, dst netip.AddrPort, path string) (int, string, error) {
+func do(p *meshtest.Pod, method string, dst netip.AddrPort, path string) (int, string, error) {
 	req, _ := http.NewRequest(method, "http://"+dst.String()+path, strings.NewReader(""))
-	resp, err := p.client().Do(req)
+	resp, err := p.Client().Do(req)
 	if err != nil {
 		return 0, "", err
 	}
@@ -140,7 +144,7 @@ func (p *pod) do(method string, dst netip.AddrPort, path string) (int, string, e
 
 // keepAliveClient reuses connections: one captured connection (one tunnel
 // to the waypoint) carries many requests, each routed by the waypoint.
-func (p *pod) keepAliveClient() *http.Client {
+func keepAliveClient(p *meshtest.Pod) *http.Client {
 	return &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 2,
 		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
 			f, err := p.Open()
@@ -154,7 +158,7 @@ func (p *pod) keepAliveClient() *http.Client {
 
 // serveGRPC runs a gRPC health server in the pod; only this pod reports
 // SERVING for the service name equal to its pod name.
-func (p *pod) serveGRPC(t *testing.T, port int) {
+func serveGRPC(t *testing.T, p *meshtest.Pod, port int) {
 	f, err := p.Open()
 	if err != nil {
 		t.Fatal(err)
@@ -166,13 +170,13 @@ func (p *pod) serveGRPC(t *testing.T, port int) {
 	}
 	gs := grpc.NewServer()
 	hs := health.NewServer()
-	hs.SetServingStatus(p.name, healthpb.HealthCheckResponse_SERVING)
+	hs.SetServingStatus(p.PodName, healthpb.HealthCheckResponse_SERVING)
 	healthpb.RegisterHealthServer(gs, hs)
 	go gs.Serve(ln)
 	t.Cleanup(gs.Stop)
 }
 
-func (p *pod) grpcClient(t *testing.T, dst netip.AddrPort) healthpb.HealthClient {
+func grpcClient(t *testing.T, p *meshtest.Pod, dst netip.AddrPort) healthpb.HealthClient {
 	cc, err := grpc.NewClient("passthrough:///"+dst.String(), grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
 			f, err := p.Open()
@@ -239,11 +243,9 @@ func atLeast(min float64) func(float64) bool { return func(n float64) bool { ret
 // accessLines counts the access-log lines of the named waypoint whose path
 // is path. Tests use unique paths so that late records of earlier requests
 // cannot be mistaken for the ones under test.
-func (l *logs) accessLines(waypoint, path string) int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
+func accessLines(l *meshtest.Logs, waypoint, path string) int {
 	n := 0
-	for _, line := range l.lines {
+	for _, line := range l.Lines() {
 		if strings.HasPrefix(line, waypoint+" waypoint ") && strings.Contains(line, `"msg"="access"`) &&
 			strings.Contains(line, `"path"="`+path+`"`) {
 			n++
@@ -254,10 +256,10 @@ func (l *logs) accessLines(waypoint, path string) int {
 
 // awaitAccessLines waits until the named waypoint logged want requests for
 // path and returns how many it logged.
-func (l *logs) awaitAccessLines(waypoint, path string, want int) int {
-	n := l.accessLines(waypoint, path)
+func awaitAccessLines(l *meshtest.Logs, waypoint, path string, want int) int {
+	n := accessLines(l, waypoint, path)
 	for deadline := time.Now().Add(10 * time.Second); n < want && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
-		n = l.accessLines(waypoint, path)
+		n = accessLines(l, waypoint, path)
 	}
 	return n
 }
@@ -267,20 +269,20 @@ func (l *logs) awaitAccessLines(waypoint, path string, want int) int {
 // service-account waypoint for "echo-waypoint", echo-v1, echo-v2 and
 // httpbin (captured, bound to the namespace waypoint).
 type seedsWaypointMesh struct {
-	*mesh
+	*meshtest.Mesh
 	wp, saWP                     *runningWaypoint
-	sleep, notsleep, outside     *pod
-	v1, v2, httpbin              *pod
+	sleep, notsleep, outside     *meshtest.Pod
+	v1, v2, httpbin              *meshtest.Pod
 	echo, echoV1, echoV2, httpSv netip.AddrPort
 }
 
 func newSeedsWaypointMesh(t *testing.T) *seedsWaypointMesh {
 	m := newMesh(t, 2)
-	m.syncAll()
-	wpState, saState := m.newWaypointState(), m.newWaypointState()
-	s := &seedsWaypointMesh{mesh: m}
-	s.wp = m.addWaypoint(m.nodes[1], "waypoint", netip.MustParseAddr("10.96.0.20"), wpState)
-	s.saWP = m.addWaypoint(m.nodes[1], "echo-waypoint", netip.MustParseAddr("10.96.0.21"), saState)
+	m.SyncAll()
+	wpState, saState := m.NewWaypointState(), m.NewWaypointState()
+	s := &seedsWaypointMesh{Mesh: m}
+	s.wp = addWaypoint(m, m.Nodes[1], "waypoint", netip.MustParseAddr("10.96.0.20"), wpState)
+	s.saWP = addWaypoint(m, m.Nodes[1], "echo-waypoint", netip.MustParseAddr("10.96.0.21"), saState)
 	s.echo = netip.MustParseAddrPort("10.96.0.30:80")
 	s.echoV1 = netip.MustParseAddrPort("10.96.0.31:80")
 	s.echoV2 = netip.MustParseAddrPort("10.96.0.32:80")
@@ -295,25 +297,25 @@ func newSeedsWaypointMesh(t *testing.T) *seedsWaypointMesh {
 			}
 		}
 	}
-	s.sleep = m.addPod(m.nodes[0], "sleep-1", "sleep", true)
-	s.notsleep = m.addPod(m.nodes[0], "notsleep-1", "notsleep", true)
-	s.outside = m.addPod(m.nodes[0], "outside-1", "outside", false)
-	s.v1 = m.addPod(m.nodes[1], "echo-v1-1", "echo", true, ports("echo", "echo-v1"))
-	s.v2 = m.addPod(m.nodes[1], "echo-v2-1", "echo", true, ports("echo", "echo-v2"))
-	s.httpbin = m.addPod(m.nodes[1], "httpbin-1", "httpbin", true, ports("httpbin"), func(w *workloadapi.Workload) {
+	s.sleep = m.AddPod(m.Nodes[0], "sleep-1", "sleep", true)
+	s.notsleep = m.AddPod(m.Nodes[0], "notsleep-1", "notsleep", true)
+	s.outside = m.AddPod(m.Nodes[0], "outside-1", "outside", false)
+	s.v1 = m.AddPod(m.Nodes[1], "echo-v1-1", "echo", true, ports("echo", "echo-v1"))
+	s.v2 = m.AddPod(m.Nodes[1], "echo-v2-1", "echo", true, ports("echo", "echo-v2"))
+	s.httpbin = m.AddPod(m.Nodes[1], "httpbin-1", "httpbin", true, ports("httpbin"), func(w *workloadapi.Workload) {
 		w.AuthorizationPolicies = []string{"default/allow-sleep-to-httpbin"}
 	})
 	for _, svc := range []struct {
 		name string
 		vip  netip.AddrPort
 	}{{"echo", s.echo}, {"echo-v1", s.echoV1}, {"echo-v2", s.echoV2}, {"httpbin", s.httpSv}} {
-		m.cp.service(&workloadapi.Service{Name: svc.name, Namespace: "default", Hostname: hostname(svc.name),
+		m.CP.Service(&workloadapi.Service{Name: svc.name, Namespace: "default", Hostname: hostname(svc.name),
 			Addresses: []*workloadapi.NetworkAddress{{Address: svc.vip.Addr().AsSlice()}}, Waypoint: s.wp.gw,
 			Ports: []*workloadapi.Port{{ServicePort: 80, TargetPort: 80}, {ServicePort: 9090, TargetPort: 9090}}})
 	}
-	for _, p := range []*pod{s.v1, s.v2, s.httpbin} {
-		p.serveHTTP(t, 80)
-		p.serveGRPC(t, 9090)
+	for _, p := range []*meshtest.Pod{s.v1, s.v2, s.httpbin} {
+		p.ServeHTTP(t, 80)
+		serveGRPC(t, p, 9090)
 	}
 	return s
 }
@@ -366,11 +368,11 @@ func translateSeedsL7Policy(t *testing.T) *security.Authorization {
 // every client connection is captured by nftables in its pod.
 func TestWaypointThroughZtunnels(t *testing.T) {
 	s := newSeedsWaypointMesh(t)
-	get := func(p *pod, dst netip.AddrPort) string {
+	get := func(p *meshtest.Pod, dst netip.AddrPort) string {
 		t.Helper()
-		code, body, err := p.do("GET", dst, "/")
+		code, body, err := do(p, "GET", dst, "/")
 		if err != nil || code != 200 {
-			t.Fatalf("%s GET %s: %d %q %v", p.name, dst, code, body, err)
+			t.Fatalf("%s GET %s: %d %q %v", p.PodName, dst, code, body, err)
 		}
 		return body
 	}
@@ -386,7 +388,7 @@ func TestWaypointThroughZtunnels(t *testing.T) {
 	})
 
 	t.Run("the seeds' HTTPRoute sends every request for echo to echo-v1", func(t *testing.T) {
-		s.l7(seedsRoute)
+		l7(s.Mesh, seedsRoute)
 		for range 20 {
 			if got := get(s.sleep, s.echo); got != "echo-v1-1" {
 				t.Fatalf("got %q, want echo-v1-1", got)
@@ -395,7 +397,7 @@ func TestWaypointThroughZtunnels(t *testing.T) {
 	})
 
 	t.Run("90/10 split within binomial bounds", func(t *testing.T) {
-		s.l7(`
+		l7(s.Mesh, `
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: echo}
@@ -409,7 +411,7 @@ spec:
 		// Requests share kept-alive connections: the split is per request.
 		const n = 400
 		v2 := 0
-		c := s.sleep.keepAliveClient()
+		c := keepAliveClient(s.sleep)
 		defer c.CloseIdleConnections()
 		for range n {
 			resp, err := c.Get("http://" + s.echo.String() + "/")
@@ -436,44 +438,44 @@ spec:
 		if !l4.GetAmbientL7Derived() || len(l4.GetGroups()) != 0 || l4.GetAction() != security.Action_ALLOW {
 			t.Fatalf("L4 form of the seeds' policy: %v, want a marked ALLOW without groups", l4)
 		}
-		s.cp.policy(l4)
-		s.l7(seedsL7Policy)
+		s.CP.Policy(l4)
+		l7(s.Mesh, seedsL7Policy)
 		if got := get(s.sleep, s.httpSv); got != "httpbin-1" {
 			t.Fatalf("GET from sleep: %q", got)
 		}
-		if got := get(s.sleep, s.httpbin.addr(80)); got != "httpbin-1" {
+		if got := get(s.sleep, s.httpbin.Addr(80)); got != "httpbin-1" {
 			t.Fatalf("GET from sleep to the pod address: %q", got)
 		}
 		for _, c := range []struct {
-			p      *pod
+			p      *meshtest.Pod
 			method string
 		}{{s.sleep, "POST"}, {s.notsleep, "GET"}, {s.notsleep, "POST"}} {
-			code, body, err := c.p.do(c.method, s.httpSv, "/")
+			code, body, err := do(c.p, c.method, s.httpSv, "/")
 			if err != nil || code != 403 {
-				t.Fatalf("%s %s: %d %q %v, want 403", c.p.name, c.method, code, body, err)
+				t.Fatalf("%s %s: %d %q %v, want 403", c.p.PodName, c.method, code, body, err)
 			}
 		}
-		m := s.logs.waitFor(t, "RBAC rejected request", "notsleep")
+		m := s.Logs.WaitFor(t, "RBAC rejected request", "notsleep")
 		t.Log(m)
 	})
 
 	t.Run("direct call from outside the mesh is hair-pinned through the waypoint", func(t *testing.T) {
 		const path = "/hairpin-outside"
-		if code, body, err := s.outside.do("GET", s.v2.addr(80), path); err != nil || code != 200 || body != "echo-v2-1" {
+		if code, body, err := do(s.outside, "GET", s.v2.Addr(80), path); err != nil || code != 200 || body != "echo-v2-1" {
 			t.Fatalf("outside -> echo-v2 pod: %d %q %v", code, body, err)
 		}
-		if n := s.logs.awaitAccessLines("waypoint", path, 1); n != 1 {
+		if n := awaitAccessLines(s.Logs, "waypoint", path, 1); n != 1 {
 			t.Fatalf("waypoint logged %d requests for %s, want 1: not hair-pinned through it", n, path)
 		}
 		// Policy applies to the hair-pinned request: only sleep may GET httpbin.
-		code, _, err := s.outside.do("GET", s.httpbin.addr(80), "/")
+		code, _, err := do(s.outside, "GET", s.httpbin.Addr(80), "/")
 		if err != nil || code != 403 {
 			t.Fatalf("outside -> httpbin pod: %d %v, want 403 from the waypoint", code, err)
 		}
 	})
 
 	t.Run("gRPC routes and is authorized", func(t *testing.T) {
-		s.l7(`
+		l7(s.Mesh, `
 apiVersion: gateway.networking.k8s.io/v1
 kind: GRPCRoute
 metadata: {name: echo-grpc}
@@ -483,7 +485,7 @@ spec:
   - matches: [{method: {service: grpc.health.v1.Health}}]
     backendRefs: [{name: echo-v2, port: 9090}]
 `)
-		s.l7(`
+		l7(s.Mesh, `
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: echo-grpc-sleep-only}
@@ -495,14 +497,14 @@ spec:
 		dst := netip.AddrPortFrom(s.echo.Addr(), 9090)
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		hc := s.sleep.grpcClient(t, dst)
+		hc := grpcClient(t, s.sleep, dst)
 		for range 5 {
 			resp, err := hc.Check(ctx, &healthpb.HealthCheckRequest{Service: "echo-v2-1"})
 			if err != nil || resp.Status != healthpb.HealthCheckResponse_SERVING {
 				t.Fatalf("sleep gRPC: %v %v (routed away from echo-v2?)", resp, err)
 			}
 		}
-		_, err := s.notsleep.grpcClient(t, dst).Check(ctx, &healthpb.HealthCheckRequest{Service: "echo-v2-1"})
+		_, err := grpcClient(t, s.notsleep, dst).Check(ctx, &healthpb.HealthCheckRequest{Service: "echo-v2-1"})
 		if status.Code(err) != codes.PermissionDenied {
 			t.Fatalf("notsleep gRPC: %v, want PermissionDenied", err)
 		}
@@ -538,7 +540,7 @@ spec:
 			{"POST / HTTP/1.1\r\nHost: echo\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400},
 			{"GET / HTTP/1.1\r\nHost: echo\r\nX-Big: " + strings.Repeat("a", 70<<10) + "\r\n\r\n", 431},
 		} {
-			conn, err := s.sleep.dial(s.echo)
+			conn, err := s.sleep.Dial(s.echo)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -550,7 +552,7 @@ spec:
 				t.Fatalf("%.50q: %v %v, want %d", c.raw, resp, err, c.want)
 			}
 		}
-		conn, err := s.sleep.dial(s.echoV1)
+		conn, err := s.sleep.Dial(s.echoV1)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -568,22 +570,22 @@ spec:
 	t.Run("the service-account waypoint takes precedence", func(t *testing.T) {
 		// What the control plane publishes when echo's service account has
 		// its own waypoint: the pod is bound to it, not the namespace one.
-		s.v1.w.Waypoint = s.saWP.gw
-		s.cp.workload(s.v1.w)
+		s.v1.Workload.Waypoint = s.saWP.gw
+		s.CP.Workload(s.v1.Workload)
 		const path = "/sa-waypoint-precedence"
 		for range 5 {
-			if code, body, err := s.sleep.do("GET", s.v1.addr(80), path); err != nil || code != 200 || body != "echo-v1-1" {
+			if code, body, err := do(s.sleep, "GET", s.v1.Addr(80), path); err != nil || code != 200 || body != "echo-v1-1" {
 				t.Fatalf("sleep -> echo-v1 pod: %d %q %v", code, body, err)
 			}
 		}
-		if n := s.logs.awaitAccessLines("echo-waypoint", path, 5); n != 5 {
+		if n := awaitAccessLines(s.Logs, "echo-waypoint", path, 5); n != 5 {
 			t.Fatalf("service-account waypoint served %d of 5", n)
 		}
 		// Each request crossed exactly one waypoint: straight from sleep.
 		if n := awaitRequests(t, s.saWP.metrics, map[string]string{"destination_workload": "echo-v1", "source_workload": "sleep"}, atLeast(5)); n != 5 {
 			t.Fatalf("service-account waypoint counted %v requests from sleep, want 5", n)
 		}
-		if n := s.logs.accessLines("waypoint", path); n != 0 {
+		if n := accessLines(s.Logs, "waypoint", path); n != 0 {
 			t.Fatalf("namespace waypoint still served %d requests for echo-v1", n)
 		}
 	})

@@ -1,3 +1,9 @@
+// Package ztunnel holds the namespaced integration tests of ztunnel's L4
+// data path: node and pod network namespaces (test/netns), real nftables
+// redirection (proxylib/redirect), real HBONE with mTLS between ztunnels,
+// and a test control plane that feeds each ztunnel's discovery State with
+// hand-built Istio workload-API resources. The mesh harness is
+// test/meshtest.
 package ztunnel
 
 import (
@@ -14,49 +20,50 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
 	"github.com/ambientmesh/ambient/proxylib/inpod"
+	"github.com/ambientmesh/ambient/test/meshtest"
 )
 
 // seedsMesh is the seeds' L4 journey: sleep and notsleep on node1, httpbin
 // replicas on node1 and node2 behind a service, and a pod outside the mesh.
 type seedsMesh struct {
-	*mesh
-	sleep, notsleep, httpbin1, httpbin2, outside *pod
+	*meshtest.Mesh
+	sleep, notsleep, httpbin1, httpbin2, outside *meshtest.Pod
 	vip                                          netip.AddrPort
 }
 
 func newSeedsMesh(t *testing.T) *seedsMesh {
-	m := newMesh(t, 2)
-	m.syncAll()
-	s := &seedsMesh{mesh: m, vip: netip.MustParseAddrPort("10.96.0.10:8000")}
+	m := meshtest.New(t, 2)
+	m.SyncAll()
+	s := &seedsMesh{Mesh: m, vip: netip.MustParseAddrPort("10.96.0.10:8000")}
 	svcKey := discovery.ServiceKey("default", "httpbin.default.svc.cluster.local")
 	inService := func(w *workloadapi.Workload) {
 		w.Services = map[string]*workloadapi.PortList{svcKey: {Ports: []*workloadapi.Port{{ServicePort: 8000, TargetPort: 80}}}}
 	}
-	s.sleep = m.addPod(m.nodes[0], "sleep-1", "sleep", true)
-	s.notsleep = m.addPod(m.nodes[0], "notsleep-1", "notsleep", true)
-	s.httpbin1 = m.addPod(m.nodes[1], "httpbin-1", "httpbin", true, inService)
-	s.httpbin2 = m.addPod(m.nodes[0], "httpbin-2", "httpbin", true, inService)
-	s.outside = m.addPod(m.nodes[1], "outside-1", "outside", false)
-	m.cp.service(&workloadapi.Service{Name: "httpbin", Namespace: "default", Hostname: "httpbin.default.svc.cluster.local",
+	s.sleep = m.AddPod(m.Nodes[0], "sleep-1", "sleep", true)
+	s.notsleep = m.AddPod(m.Nodes[0], "notsleep-1", "notsleep", true)
+	s.httpbin1 = m.AddPod(m.Nodes[1], "httpbin-1", "httpbin", true, inService)
+	s.httpbin2 = m.AddPod(m.Nodes[0], "httpbin-2", "httpbin", true, inService)
+	s.outside = m.AddPod(m.Nodes[1], "outside-1", "outside", false)
+	m.CP.Service(&workloadapi.Service{Name: "httpbin", Namespace: "default", Hostname: "httpbin.default.svc.cluster.local",
 		Addresses: []*workloadapi.NetworkAddress{{Address: s.vip.Addr().AsSlice()}},
 		Ports:     []*workloadapi.Port{{ServicePort: 8000, TargetPort: 80}}})
-	for _, h := range []*pod{s.httpbin1, s.httpbin2} {
-		h.serveHTTP(t, 80)
-		h.serveTCP(t, 9000, countThenReply)
-		h.serveTCP(t, 9001, echo)
+	for _, h := range []*meshtest.Pod{s.httpbin1, s.httpbin2} {
+		h.ServeHTTP(t, 80)
+		h.ServeTCP(t, 9000, meshtest.CountThenReply)
+		h.ServeTCP(t, 9001, meshtest.Echo)
 	}
 	return s
 }
 
 func TestSeedsL4(t *testing.T) {
 	s := newSeedsMesh(t)
-	m := s.mesh
+	m := s.Mesh
 
 	t.Run("round robin over replicas on two nodes", func(t *testing.T) {
 		seen := map[string]int{}
 		var order []string
 		for i := 0; i < 6; i++ {
-			got, err := s.sleep.get(s.vip)
+			got, err := s.sleep.Get(s.vip)
 			if err != nil {
 				t.Fatalf("GET %s: %v", s.vip, err)
 			}
@@ -71,55 +78,55 @@ func TestSeedsL4(t *testing.T) {
 				t.Fatalf("not round robin: %v", order)
 			}
 		}
-		m.logs.waitFor(t, "proxy to "+s.httpbin1.addr(80).String()+" using HBONE via "+s.httpbin1.IP.String()+":15008 type Direct")
-		m.logs.waitFor(t, "proxying to "+s.httpbin2.addr(80).String()+" using node local fast path")
+		m.Logs.WaitFor(t, "proxy to "+s.httpbin1.Addr(80).String()+" using HBONE via "+s.httpbin1.IP.String()+":15008 type Direct")
+		m.Logs.WaitFor(t, "proxying to "+s.httpbin2.Addr(80).String()+" using node local fast path")
 	})
 
 	t.Run("allow policy admits sleep, refuses notsleep", func(t *testing.T) {
-		m.cp.policy(allowPolicy("allow-sleep", s.sleep.id().Principal()))
-		defer m.cp.remove(discovery.AuthorizationType, "default/allow-sleep")
-		expectOK(t, s.sleep, s.httpbin1.addr(80), "httpbin-1")
-		expectRefused(t, s.notsleep, s.httpbin1.addr(80))
-		m.logs.waitFor(t, "RBAC rejected conn="+s.notsleep.IP.String()+"(spiffe://cluster.local/ns/default/sa/notsleep)->"+s.httpbin1.addr(80).String())
+		m.CP.Policy(meshtest.AllowPolicy("allow-sleep", s.sleep.ID().Principal()))
+		defer m.CP.Remove(discovery.AuthorizationType, "default/allow-sleep")
+		meshtest.ExpectOK(t, s.sleep, s.httpbin1.Addr(80), "httpbin-1")
+		meshtest.ExpectRefused(t, s.notsleep, s.httpbin1.Addr(80))
+		m.Logs.WaitFor(t, "RBAC rejected conn="+s.notsleep.IP.String()+"(spiffe://cluster.local/ns/default/sa/notsleep)->"+s.httpbin1.Addr(80).String())
 	})
 
 	t.Run("same-node fast path still enforces policy", func(t *testing.T) {
-		m.cp.policy(allowPolicy("allow-sleep", s.sleep.id().Principal()))
-		defer m.cp.remove(discovery.AuthorizationType, "default/allow-sleep")
-		expectOK(t, s.sleep, s.httpbin2.addr(80), "httpbin-2")
-		expectRefused(t, s.notsleep, s.httpbin2.addr(80))
-		m.logs.waitFor(t, "proxying to "+s.httpbin2.addr(80).String()+" using node local fast path")
-		m.logs.waitFor(t, "RBAC rejected conn="+s.notsleep.IP.String()+"(spiffe://cluster.local/ns/default/sa/notsleep)->"+s.httpbin2.addr(80).String())
+		m.CP.Policy(meshtest.AllowPolicy("allow-sleep", s.sleep.ID().Principal()))
+		defer m.CP.Remove(discovery.AuthorizationType, "default/allow-sleep")
+		meshtest.ExpectOK(t, s.sleep, s.httpbin2.Addr(80), "httpbin-2")
+		meshtest.ExpectRefused(t, s.notsleep, s.httpbin2.Addr(80))
+		m.Logs.WaitFor(t, "proxying to "+s.httpbin2.Addr(80).String()+" using node local fast path")
+		m.Logs.WaitFor(t, "RBAC rejected conn="+s.notsleep.IP.String()+"(spiffe://cluster.local/ns/default/sa/notsleep)->"+s.httpbin2.Addr(80).String())
 	})
 
 	t.Run("L7 rule without waypoint refuses both", func(t *testing.T) {
 		// The control plane drops rules needing L7 attributes; the ALLOW
 		// policy arrives without groups and matches nothing (fail closed).
-		m.cp.policy(&security.Authorization{Name: "allow-sleep", Namespace: "default", Scope: security.Scope_NAMESPACE, Action: security.Action_ALLOW})
-		defer m.cp.remove(discovery.AuthorizationType, "default/allow-sleep")
-		expectRefused(t, s.sleep, s.httpbin1.addr(80))
-		expectRefused(t, s.notsleep, s.httpbin1.addr(80))
+		m.CP.Policy(&security.Authorization{Name: "allow-sleep", Namespace: "default", Scope: security.Scope_NAMESPACE, Action: security.Action_ALLOW})
+		defer m.CP.Remove(discovery.AuthorizationType, "default/allow-sleep")
+		meshtest.ExpectRefused(t, s.sleep, s.httpbin1.Addr(80))
+		meshtest.ExpectRefused(t, s.notsleep, s.httpbin1.Addr(80))
 	})
 
 	t.Run("outside the mesh: PERMISSIVE allowed, STRICT refused", func(t *testing.T) {
-		expectOK(t, s.outside, s.httpbin1.addr(80), "httpbin-1")
-		m.logs.waitFor(t, "inbound{", "peer_ip="+s.outside.IP.String()+" peer_id=none", "complete dur=")
-		m.cp.policy(strictPolicy())
-		defer m.cp.remove(discovery.AuthorizationType, "default/converted_peer_authentication_default")
-		expectRefused(t, s.outside, s.httpbin1.addr(80))
-		m.logs.waitFor(t, "RBAC rejected conn="+s.outside.IP.String()+"(none)->"+s.httpbin1.addr(80).String())
+		meshtest.ExpectOK(t, s.outside, s.httpbin1.Addr(80), "httpbin-1")
+		m.Logs.WaitFor(t, "inbound{", "peer_ip="+s.outside.IP.String()+" peer_id=none", "complete dur=")
+		m.CP.Policy(meshtest.StrictPolicy())
+		defer m.CP.Remove(discovery.AuthorizationType, "default/converted_peer_authentication_default")
+		meshtest.ExpectRefused(t, s.outside, s.httpbin1.Addr(80))
+		m.Logs.WaitFor(t, "RBAC rejected conn="+s.outside.IP.String()+"(none)->"+s.httpbin1.Addr(80).String())
 		// mTLS callers are unaffected by STRICT.
-		expectOK(t, s.sleep, s.httpbin1.addr(80), "httpbin-1")
+		meshtest.ExpectOK(t, s.sleep, s.httpbin1.Addr(80), "httpbin-1")
 	})
 
 	t.Run("metrics move by the bytes sent", func(t *testing.T) {
-		reg := s.httpbin1.node.metrics
+		reg := s.httpbin1.Node.Metrics
 		// Earlier connections must have finished so their bytes are in.
-		waitUntil(t, func() bool { return s.httpbin1.node.proxy.Tracker().Len() == 0 }, "earlier connections to finish")
+		waitUntil(t, func() bool { return s.httpbin1.Node.Proxy.Tracker().Len() == 0 }, "earlier connections to finish")
 		before := counter(t, reg, "istio_tcp_received_bytes_total", "destination", "sleep")
 		opened := counter(t, reg, "istio_tcp_connections_opened_total", "destination", "sleep")
 		const size = 100000
-		c, err := s.sleep.dial(s.httpbin1.addr(9000))
+		c, err := s.sleep.Dial(s.httpbin1.Addr(9000))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -139,8 +146,8 @@ func TestSeedsL4(t *testing.T) {
 	})
 
 	t.Run("half-close: all bytes arrive after the client ends its side", func(t *testing.T) {
-		for _, dst := range []*pod{s.httpbin1, s.httpbin2} { // HBONE and fast path
-			c, err := s.sleep.dial(dst.addr(9000))
+		for _, dst := range []*meshtest.Pod{s.httpbin1, s.httpbin2} { // HBONE and fast path
+			c, err := s.sleep.Dial(dst.Addr(9000))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -149,13 +156,13 @@ func TestSeedsL4(t *testing.T) {
 			reply, err := io.ReadAll(c)
 			c.Close()
 			if string(reply) != "got 12345" {
-				t.Fatalf("%s: reply %q, %v", dst.name, reply, err)
+				t.Fatalf("%s: reply %q, %v", dst.PodName, reply, err)
 			}
 		}
 	})
 
 	t.Run("upstream refuses: fails fast with a reason, nothing leaks", func(t *testing.T) {
-		c, err := s.sleep.dial(s.httpbin1.addr(9999))
+		c, err := s.sleep.Dial(s.httpbin1.Addr(9999))
 		if err == nil {
 			c.SetReadDeadline(time.Now().Add(5 * time.Second))
 			n, _ := c.Read(make([]byte, 1))
@@ -164,33 +171,33 @@ func TestSeedsL4(t *testing.T) {
 				t.Fatal("read data from a refused upstream")
 			}
 		}
-		m.logs.waitFor(t, "dst.addr="+s.httpbin1.addr(9999).String(), "reason=upstream_connect_failed")
+		m.Logs.WaitFor(t, "dst.addr="+s.httpbin1.Addr(9999).String(), "reason=upstream_connect_failed")
 		waitUntil(t, func() bool {
-			return s.httpbin1.node.proxy.Tracker().Len() == 0 && s.sleep.node.proxy.Tracker().Len() == 0
+			return s.httpbin1.Node.Proxy.Tracker().Len() == 0 && s.sleep.Node.Proxy.Tracker().Len() == 0
 		}, "tracked connections to drop to zero")
 	})
 
 	t.Run("policy change closes a tunnel no longer allowed", func(t *testing.T) {
-		for _, dst := range []*pod{s.httpbin1, s.httpbin2} {
-			c, err := s.notsleep.dial(dst.addr(9001))
+		for _, dst := range []*meshtest.Pod{s.httpbin1, s.httpbin2} {
+			c, err := s.notsleep.Dial(dst.Addr(9001))
 			if err != nil {
 				t.Fatal(err)
 			}
 			roundTrip(t, c, "ping")
-			m.cp.policy(allowPolicy("allow-sleep", s.sleep.id().Principal()))
+			m.CP.Policy(meshtest.AllowPolicy("allow-sleep", s.sleep.ID().Principal()))
 			c.SetReadDeadline(time.Now().Add(5 * time.Second))
 			n, err := c.Read(make([]byte, 10))
 			if err == nil || n != 0 {
-				t.Fatalf("%s: connection still open after policy change (n=%d err=%v)", dst.name, n, err)
+				t.Fatalf("%s: connection still open after policy change (n=%d err=%v)", dst.PodName, n, err)
 			}
 			c.Close()
-			m.logs.waitFor(t, "dst.addr="+dst.addr(9001).String(), "reason=policy_changed")
-			m.cp.remove(discovery.AuthorizationType, "default/allow-sleep")
+			m.Logs.WaitFor(t, "dst.addr="+dst.Addr(9001).String(), "reason=policy_changed")
+			m.CP.Remove(discovery.AuthorizationType, "default/allow-sleep")
 		}
 	})
 
 	t.Run("re-adoption keeps open connections and serves new ones", func(t *testing.T) {
-		c, err := s.sleep.dial(s.httpbin1.addr(9001))
+		c, err := s.sleep.Dial(s.httpbin1.Addr(9001))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -201,25 +208,25 @@ func TestSeedsL4(t *testing.T) {
 			t.Fatal(err)
 		}
 		// What the node agent does after its own restart: AddWorkload again.
-		if err := s.httpbin1.node.proxy.AddWorkload(s.httpbin1.uid, inpod.WorkloadInfo{Name: "httpbin-1", Namespace: "default", ServiceAccount: "httpbin"}, f); err != nil {
+		if err := s.httpbin1.Node.Proxy.AddWorkload(s.httpbin1.UID, inpod.WorkloadInfo{Name: "httpbin-1", Namespace: "default", ServiceAccount: "httpbin"}, f); err != nil {
 			t.Fatal(err)
 		}
-		m.logs.waitFor(t, "workload re-adopted", s.httpbin1.uid)
+		m.Logs.WaitFor(t, "workload re-adopted", s.httpbin1.UID)
 		roundTrip(t, c, "after re-adoption")
-		expectOK(t, s.sleep, s.httpbin1.addr(80), "httpbin-1")
+		meshtest.ExpectOK(t, s.sleep, s.httpbin1.Addr(80), "httpbin-1")
 	})
 
 	t.Run("capture and release a running pod without restart", func(t *testing.T) {
 		// outside-1 keeps running: its server stays up across capture/release.
-		s.outside.serveHTTP(t, 8080)
-		expectOK(t, s.sleep, s.outside.addr(8080), "outside-1") // passthrough
-		m.logs.waitFor(t, "proxying to "+s.outside.addr(8080).String()+" using passthrough")
-		s.outside.capture(m)
-		expectOK(t, s.sleep, s.outside.addr(8080), "outside-1")
-		m.logs.waitFor(t, "proxy to "+s.outside.addr(8080).String()+" using HBONE via")
-		m.logs.waitFor(t, "peer_id=spiffe://cluster.local/ns/default/sa/sleep}: got CONNECT request to "+s.outside.addr(8080).String())
-		s.outside.release(m)
-		expectOK(t, s.outside, s.httpbin1.addr(80), "httpbin-1")
+		s.outside.ServeHTTP(t, 8080)
+		meshtest.ExpectOK(t, s.sleep, s.outside.Addr(8080), "outside-1") // passthrough
+		m.Logs.WaitFor(t, "proxying to "+s.outside.Addr(8080).String()+" using passthrough")
+		s.outside.Capture(m)
+		meshtest.ExpectOK(t, s.sleep, s.outside.Addr(8080), "outside-1")
+		m.Logs.WaitFor(t, "proxy to "+s.outside.Addr(8080).String()+" using HBONE via")
+		m.Logs.WaitFor(t, "peer_id=spiffe://cluster.local/ns/default/sa/sleep}: got CONNECT request to "+s.outside.Addr(8080).String())
+		s.outside.Release(m)
+		meshtest.ExpectOK(t, s.outside, s.httpbin1.Addr(80), "httpbin-1")
 	})
 }
 
@@ -277,13 +284,13 @@ func counter(t *testing.T, reg interface {
 // TestSOCKS5: a pod asks ztunnel's :15080 for a destination explicitly; the
 // connection takes the same outbound path (HBONE with sleep's identity).
 func TestSOCKS5(t *testing.T) {
-	m := newMesh(t, 2)
-	m.syncAll()
-	sleep := m.addPod(m.nodes[0], "sleep-1", "sleep", true)
-	httpbin := m.addPod(m.nodes[1], "httpbin-1", "httpbin", true)
-	httpbin.serveTCP(t, 9000, countThenReply)
+	m := meshtest.New(t, 2)
+	m.SyncAll()
+	sleep := m.AddPod(m.Nodes[0], "sleep-1", "sleep", true)
+	httpbin := m.AddPod(m.Nodes[1], "httpbin-1", "httpbin", true)
+	httpbin.ServeTCP(t, 9000, meshtest.CountThenReply)
 
-	c, err := sleep.dial(netip.MustParseAddrPort("127.0.0.1:15080"))
+	c, err := sleep.Dial(netip.MustParseAddrPort("127.0.0.1:15080"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -301,10 +308,10 @@ func TestSOCKS5(t *testing.T) {
 	if string(reply) != "got 5" {
 		t.Fatalf("reply %q", reply)
 	}
-	m.logs.waitFor(t, "peer_id=spiffe://cluster.local/ns/default/sa/sleep}: got CONNECT request to "+httpbin.addr(9000).String())
+	m.Logs.WaitFor(t, "peer_id=spiffe://cluster.local/ns/default/sa/sleep}: got CONNECT request to "+httpbin.Addr(9000).String())
 
 	// A bad request gets a SOCKS error reply, not a connection.
-	bad, err := sleep.dial(netip.MustParseAddrPort("127.0.0.1:15080"))
+	bad, err := sleep.Dial(netip.MustParseAddrPort("127.0.0.1:15080"))
 	if err != nil {
 		t.Fatal(err)
 	}

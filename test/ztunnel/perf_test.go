@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
+	"github.com/ambientmesh/ambient/test/meshtest"
 )
 
 // TestPerf measures the data path through two real ztunnel processes against
@@ -33,10 +34,10 @@ func TestPerf(t *testing.T) {
 	waitUntil(t, func() bool { return pm.zts[0].ready() && pm.zts[1].ready() }, "ztunnels ready")
 	directClient := pm.addPlainPod(0, "direct-client")
 	directServer := pm.addPlainPod(1, "direct-server")
-	for _, p := range []*pod{pm.httpbin, directServer} {
-		p.serveTCP(t, 9100, sink)
-		p.serveTCP(t, 9101, echo)
-		p.serveHTTP(t, 8080)
+	for _, p := range []*meshtest.Pod{pm.httpbin, directServer} {
+		p.ServeTCP(t, 9100, sink)
+		p.ServeTCP(t, 9101, meshtest.Echo)
+		p.ServeHTTP(t, 8080)
 	}
 	zt := pm.zts[0] // the client-side ztunnel is measured for CPU and memory
 	idle := rss(t, zt.cmd.Process.Pid)
@@ -52,13 +53,13 @@ func TestPerf(t *testing.T) {
 	// slices so load changes hit both alike.
 	var mesh, direct float64
 	for i := 0; i < 6; i++ {
-		mesh += throughput(t, pm.sleep, pm.httpbin.addr(9100), dur/6) / 6
-		direct += throughput(t, directClient, directServer.addr(9100), dur/6) / 6
+		mesh += throughput(t, pm.sleep, pm.httpbin.Addr(9100), dur/6) / 6
+		direct += throughput(t, directClient, directServer.Addr(9100), dur/6) / 6
 	}
-	meshLat, directLat := latencyPair(t, pm.sleep, pm.httpbin.addr(9101), directClient, directServer.addr(9101), 2000)
+	meshLat, directLat := latencyPair(t, pm.sleep, pm.httpbin.Addr(9101), directClient, directServer.Addr(9101), 2000)
 
 	cpuBefore, wallBefore := cpuSeconds(t, zt.cmd.Process.Pid), time.Now()
-	rpsAchieved := httpLoad(t, pm.sleep, pm.httpbin.addr(8080), 1000, 4, 5*time.Second)
+	rpsAchieved := httpLoad(t, pm.sleep, pm.httpbin.Addr(8080), 1000, 4, 5*time.Second)
 	cpu := (cpuSeconds(t, zt.cmd.Process.Pid) - cpuBefore) / time.Since(wallBefore).Seconds()
 	serverCPUBefore, wall2 := cpuSeconds(t, pm.zts[1].cmd.Process.Pid), time.Now()
 	_ = serverCPUBefore
@@ -68,7 +69,7 @@ func TestPerf(t *testing.T) {
 	before := rss(t, zt.cmd.Process.Pid)
 	var conns []net.Conn
 	for i := 0; i < 1000; i++ {
-		c, err := pm.sleep.dial(pm.httpbin.addr(9101))
+		c, err := pm.sleep.Dial(pm.httpbin.Addr(9101))
 		if err != nil {
 			t.Fatalf("conn %d: %v", i, err)
 		}
@@ -102,9 +103,9 @@ func TestPerf(t *testing.T) {
 }
 
 // addPlainPod adds a pod outside the mesh (direct baseline).
-func (pm *processMesh) addPlainPod(nodeIdx int, name string) *pod {
-	n := pm.nodes[nodeIdx]
-	return &pod{Pod: n.AddPod(name), name: name, ns: "default", sa: name, node: n}
+func (pm *processMesh) addPlainPod(nodeIdx int, name string) *meshtest.Pod {
+	n := pm.Nodes[nodeIdx]
+	return &meshtest.Pod{Pod: n.AddPod(name), PodName: name, Namespace: "default", ServiceAccount: name, Node: n}
 }
 
 func sink(c net.Conn) {
@@ -113,8 +114,8 @@ func sink(c net.Conn) {
 }
 
 // throughput sends as fast as possible for d over one connection.
-func throughput(t *testing.T, from *pod, dst netip.AddrPort, d time.Duration) float64 {
-	c, err := from.dial(dst)
+func throughput(t *testing.T, from *meshtest.Pod, dst netip.AddrPort, d time.Duration) float64 {
+	c, err := from.Dial(dst)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -134,9 +135,9 @@ func throughput(t *testing.T, from *pod, dst netip.AddrPort, d time.Duration) fl
 
 // latencyPair measures 1 KiB echo round trips (p50, p99) on two paths,
 // alternating one round trip on each.
-func latencyPair(t *testing.T, fromA *pod, dstA netip.AddrPort, fromB *pod, dstB netip.AddrPort, n int) ([2]time.Duration, [2]time.Duration) {
-	conn := func(p *pod, dst netip.AddrPort) net.Conn {
-		c, err := p.dial(dst)
+func latencyPair(t *testing.T, fromA *meshtest.Pod, dstA netip.AddrPort, fromB *meshtest.Pod, dstB netip.AddrPort, n int) ([2]time.Duration, [2]time.Duration) {
+	conn := func(p *meshtest.Pod, dst netip.AddrPort) net.Conn {
+		c, err := p.Dial(dst)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -170,7 +171,7 @@ func latencyPair(t *testing.T, fromA *pod, dstA netip.AddrPort, fromB *pod, dstB
 
 // httpLoad posts 1 KiB bodies at rate rps over conns keep-alive
 // connections for d and returns the achieved rate.
-func httpLoad(t *testing.T, from *pod, dst netip.AddrPort, rps, conns int, d time.Duration) float64 {
+func httpLoad(t *testing.T, from *meshtest.Pod, dst netip.AddrPort, rps, conns int, d time.Duration) float64 {
 	body := bytes.Repeat([]byte("b"), 1024)
 	var mu sync.Mutex
 	done := 0
@@ -180,7 +181,7 @@ func httpLoad(t *testing.T, from *pod, dst netip.AddrPort, rps, conns int, d tim
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			c, err := from.dial(dst)
+			c, err := from.Dial(dst)
 			if err != nil {
 				t.Error(err)
 				return

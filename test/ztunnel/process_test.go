@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -36,9 +37,14 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/inpod"
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
+	"github.com/ambientmesh/ambient/test/meshtest"
 )
 
 const testToken = "test-node-token"
+
+var netip0 netip.AddrPort
+
+func mustAddrPort(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
 
 var (
 	buildOnce sync.Once
@@ -183,7 +189,7 @@ func (s *testCAService) CreateCertificate(ctx context.Context, req *capb.IstioCe
 type ztunnelProcess struct {
 	cmd    *exec.Cmd
 	sock   string
-	node   *node
+	node   *meshtest.Node
 	out    *syncBuffer
 	agent  *inpod.Conn
 	nodeNS *os.File
@@ -210,7 +216,7 @@ func (b *syncBuffer) String() string {
 }
 
 // startZtunnel runs the binary inside n's namespace against cp.
-func startZtunnel(t *testing.T, cp *xdsControlPlane, n *node, extra ...string) *ztunnelProcess {
+func startZtunnel(t *testing.T, cp *xdsControlPlane, n *meshtest.Node, extra ...string) *ztunnelProcess {
 	nsf, err := n.Open()
 	if err != nil {
 		t.Fatal(err)
@@ -220,9 +226,9 @@ func startZtunnel(t *testing.T, cp *xdsControlPlane, n *node, extra ...string) *
 	dir := t.TempDir()
 	token := filepath.Join(dir, "token")
 	os.WriteFile(token, []byte(testToken), 0o600)
-	z := &ztunnelProcess{sock: filepath.Join(dir, "ztunnel.sock"), node: n, out: &syncBuffer{t: t, pfx: n.name}, nodeNS: nsf}
+	z := &ztunnelProcess{sock: filepath.Join(dir, "ztunnel.sock"), node: n, out: &syncBuffer{t: t, pfx: n.NodeName}, nodeNS: nsf}
 	args := append([]string{"netns", "exec", n.Name, ztunnelBinary(t),
-		"-node-name", n.name, "-xds-address", "127.0.0.1:15010", "-ca-address", "127.0.0.1:15012",
+		"-node-name", n.NodeName, "-xds-address", "127.0.0.1:15010", "-ca-address", "127.0.0.1:15012",
 		"-xds-server-name", "ambient-controlplane.ambient-system.svc", "-ca-server-name", "ambient-controlplane.ambient-system.svc",
 		"-token-path", token, "-root-cert", cp.roots, "-zds-socket", z.sock, "-drain-grace", "2s"}, extra...)
 	z.cmd = exec.Command("ip", args...)
@@ -243,7 +249,7 @@ func startZtunnel(t *testing.T, cp *xdsControlPlane, n *node, extra ...string) *
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("ztunnel on %s never opened %s: %v", n.name, z.sock, err)
+			t.Fatalf("ztunnel on %s never opened %s: %v", n.NodeName, z.sock, err)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -252,18 +258,18 @@ func startZtunnel(t *testing.T, cp *xdsControlPlane, n *node, extra ...string) *
 }
 
 // adopt hands a pod to the process (what the node agent does).
-func (z *ztunnelProcess) adopt(t *testing.T, m *mesh, p *pod) {
+func (z *ztunnelProcess) adopt(t testing.TB, m *meshtest.Mesh, p *meshtest.Pod) {
 	f, err := p.Open()
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	if err := m.redirect.Install(f); err != nil {
+	if err := m.Redirect.Install(f); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if err := z.agent.AddWorkload(ctx, p.uid, inpod.WorkloadInfo{Name: p.name, Namespace: p.ns, ServiceAccount: p.sa}, f); err != nil {
+	if err := z.agent.AddWorkload(ctx, p.UID, inpod.WorkloadInfo{Name: p.PodName, Namespace: p.Namespace, ServiceAccount: p.ServiceAccount}, f); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -322,41 +328,41 @@ func (z *ztunnelProcess) waitLog(t *testing.T, parts ...string) {
 
 // processMesh: two nodes, each with a real ztunnel process.
 type processMesh struct {
-	*mesh
+	*meshtest.Mesh
 	cp      *xdsControlPlane
 	zts     []*ztunnelProcess
-	sleep   *pod
-	httpbin *pod
+	sleep   *meshtest.Pod
+	httpbin *meshtest.Pod
 }
 
 func newProcessMesh(t *testing.T) *processMesh {
-	m := newMesh(t, 0)
-	pm := &processMesh{mesh: m, cp: newXDSControlPlane(t, m.ca)}
+	m := meshtest.New(t, 0)
+	pm := &processMesh{Mesh: m, cp: newXDSControlPlane(t, m.CA)}
 	for _, name := range []string{"node1", "node2"} {
-		n := &node{Node: m.c.AddNode(name), name: name}
-		m.nodes = append(m.nodes, n)
+		n := &meshtest.Node{Node: m.Cluster.AddNode(name), NodeName: name}
+		m.Nodes = append(m.Nodes, n)
 		pm.zts = append(pm.zts, startZtunnel(t, pm.cp, n))
 	}
 	pm.sleep = pm.addProcessPod(0, "sleep-1", "sleep")
 	pm.httpbin = pm.addProcessPod(1, "httpbin-1", "httpbin")
-	pm.httpbin.serveHTTP(t, 80)
-	pm.httpbin.serveTCP(t, 9000, countThenReply)
-	pm.httpbin.serveTCP(t, 9001, echo)
+	pm.httpbin.ServeHTTP(t, 80)
+	pm.httpbin.ServeTCP(t, 9000, meshtest.CountThenReply)
+	pm.httpbin.ServeTCP(t, 9001, meshtest.Echo)
 	for _, z := range pm.zts {
 		z.snapshotSent(t)
 	}
 	return pm
 }
 
-func (pm *processMesh) addProcessPod(nodeIdx int, name, sa string) *pod {
-	n := pm.nodes[nodeIdx]
+func (pm *processMesh) addProcessPod(nodeIdx int, name, sa string) *meshtest.Pod {
+	n := pm.Nodes[nodeIdx]
 	np := n.AddPod(name)
-	p := &pod{Pod: np, name: name, ns: "default", sa: sa, node: n, uid: discovery.PodUID(cluster, "default", name)}
-	p.w = &workloadapi.Workload{Uid: p.uid, Name: name, Namespace: "default", Addresses: [][]byte{np.IP.AsSlice()},
-		TrustDomain: pm.ca.TrustDomain, ServiceAccount: sa, Node: n.name, WorkloadName: strings.TrimRight(name, "-0123456789"),
-		CanonicalName: strings.TrimRight(name, "-0123456789"), ClusterId: cluster, TunnelProtocol: workloadapi.TunnelProtocol_HBONE}
-	pm.cp.workload(p.w)
-	pm.zts[nodeIdx].adopt(pm.t, pm.mesh, p)
+	p := &meshtest.Pod{Pod: np, PodName: name, Namespace: "default", ServiceAccount: sa, Node: n, UID: discovery.PodUID(meshtest.ClusterID, "default", name)}
+	p.Workload = &workloadapi.Workload{Uid: p.UID, Name: name, Namespace: "default", Addresses: [][]byte{np.IP.AsSlice()},
+		TrustDomain: pm.CA.TrustDomain, ServiceAccount: sa, Node: n.NodeName, WorkloadName: strings.TrimRight(name, "-0123456789"),
+		CanonicalName: strings.TrimRight(name, "-0123456789"), ClusterId: meshtest.ClusterID, TunnelProtocol: workloadapi.TunnelProtocol_HBONE}
+	pm.cp.workload(p.Workload)
+	pm.zts[nodeIdx].adopt(pm.T, pm.Mesh, p)
 	return p
 }
 
@@ -366,13 +372,13 @@ func (pm *processMesh) addProcessPod(nodeIdx int, name, sa string) *pod {
 func TestProcessSleepToHTTPBin(t *testing.T) {
 	pm := newProcessMesh(t)
 	waitUntil(t, func() bool { return pm.zts[0].ready() && pm.zts[1].ready() }, "both ztunnels ready")
-	expectOK(t, pm.sleep, pm.httpbin.addr(80), "httpbin-1")
-	pm.zts[0].waitLog(t, "outbound{id=", "proxy to "+pm.httpbin.addr(80).String()+" using HBONE via "+pm.httpbin.IP.String()+":15008 type Direct")
-	pm.zts[1].waitLog(t, "peer_id=spiffe://cluster.local/ns/default/sa/sleep}: got CONNECT request to "+pm.httpbin.addr(80).String())
+	meshtest.ExpectOK(t, pm.sleep, pm.httpbin.Addr(80), "httpbin-1")
+	pm.zts[0].waitLog(t, "outbound{id=", "proxy to "+pm.httpbin.Addr(80).String()+" using HBONE via "+pm.httpbin.IP.String()+":15008 type Direct")
+	pm.zts[1].waitLog(t, "peer_id=spiffe://cluster.local/ns/default/sa/sleep}: got CONNECT request to "+pm.httpbin.Addr(80).String())
 
 	t.Run("admin config_dump and metrics are served", func(t *testing.T) {
 		dump := pm.zts[0].get(t, "127.0.0.1:15000", "/config_dump")
-		for _, want := range []string{`"uid": "` + pm.sleep.uid + `"`, `"protocol": "HBONE"`, `"type": "Cert Chain"`, `"state": "Available"`, `"type": "CA"`} {
+		for _, want := range []string{`"uid": "` + pm.sleep.UID + `"`, `"protocol": "HBONE"`, `"type": "Cert Chain"`, `"state": "Available"`, `"type": "CA"`} {
 			if !strings.Contains(dump, want) {
 				t.Errorf("config_dump lacks %s:\n%s", want, dump)
 			}
@@ -388,39 +394,39 @@ func TestProcessSleepToHTTPBin(t *testing.T) {
 		old := pm.zts[1]
 		old.cmd.Process.Kill()
 		old.cmd.Wait()
-		expectRefused(t, pm.sleep, pm.httpbin.addr(80))
-		z := startZtunnel(outer, pm.cp, pm.httpbin.node)
+		meshtest.ExpectRefused(t, pm.sleep, pm.httpbin.Addr(80))
+		z := startZtunnel(outer, pm.cp, pm.httpbin.Node)
 		pm.zts[1] = z
 		// The node agent re-sends its snapshot; the pod was never restarted
 		// and its server kept running.
-		z.adopt(t, pm.mesh, pm.httpbin)
+		z.adopt(t, pm.Mesh, pm.httpbin)
 		z.snapshotSent(t)
 		waitUntil(t, z.ready, "restarted ztunnel ready")
-		expectOK(t, pm.sleep, pm.httpbin.addr(80), "httpbin-1")
+		meshtest.ExpectOK(t, pm.sleep, pm.httpbin.Addr(80), "httpbin-1")
 	})
 
 	t.Run("deny policy over xDS refuses and closes open tunnels", func(t *testing.T) {
-		c, err := pm.sleep.dial(pm.httpbin.addr(9001))
+		c, err := pm.sleep.Dial(pm.httpbin.Addr(9001))
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer c.Close()
 		roundTrip(t, c, "hello")
 		deny := &security.Authorization{Name: "deny-sleep", Namespace: "default", Scope: security.Scope_NAMESPACE, Action: security.Action_DENY,
-			Groups: []*security.Group{{Rules: []*security.Rules{{Matches: []*security.Match{{Principals: []*security.StringMatch{exact(pm.sleep.id().Principal())}}}}}}}}
+			Groups: []*security.Group{{Rules: []*security.Rules{{Matches: []*security.Match{{Principals: []*security.StringMatch{meshtest.Exact(pm.sleep.ID().Principal())}}}}}}}}
 		pm.cp.policy(deny)
 		defer pm.cp.del(discovery.AuthorizationType, "default/deny-sleep")
 		c.SetReadDeadline(time.Now().Add(10 * time.Second))
 		if n, err := c.Read(make([]byte, 8)); err == nil || n != 0 {
 			t.Fatalf("tunnel still open after DENY (n=%d, err=%v)", n, err)
 		}
-		expectRefused(t, pm.sleep, pm.httpbin.addr(80))
-		pm.zts[1].waitLog(t, "RBAC rejected conn="+pm.sleep.IP.String()+"(spiffe://cluster.local/ns/default/sa/sleep)->"+pm.httpbin.addr(80).String())
+		meshtest.ExpectRefused(t, pm.sleep, pm.httpbin.Addr(80))
+		pm.zts[1].waitLog(t, "RBAC rejected conn="+pm.sleep.IP.String()+"(spiffe://cluster.local/ns/default/sa/sleep)->"+pm.httpbin.Addr(80).String())
 	})
 
 	t.Run("SIGTERM drains: in-flight finishes, new refused", func(t *testing.T) {
-		waitUntil(t, func() bool { _, err := pm.sleep.get(pm.httpbin.addr(80)); return err == nil }, "policy removal to apply")
-		c, err := pm.sleep.dial(pm.httpbin.addr(9001))
+		waitUntil(t, func() bool { _, err := pm.sleep.Get(pm.httpbin.Addr(80)); return err == nil }, "policy removal to apply")
+		c, err := pm.sleep.Dial(pm.httpbin.Addr(9001))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -429,7 +435,7 @@ func TestProcessSleepToHTTPBin(t *testing.T) {
 		pm.zts[0].cmd.Process.Signal(syscall.SIGTERM)
 		pm.zts[0].waitLog(t, "draining")
 		roundTrip(t, c, "during drain") // in-flight tunnel still works
-		expectRefused(t, pm.sleep, pm.httpbin.addr(80))
+		meshtest.ExpectRefused(t, pm.sleep, pm.httpbin.Addr(80))
 		// After the 2 s grace the tunnel is closed by force and the process exits.
 		c.SetReadDeadline(time.Now().Add(15 * time.Second))
 		if n, err := c.Read(make([]byte, 8)); err == nil || n != 0 {
@@ -451,13 +457,13 @@ func TestProcessSleepToHTTPBin(t *testing.T) {
 // TestProcessNotReadyUntilSynced: with the control plane unreachable the
 // ztunnel is not ready and admits nothing (reliability case 19).
 func TestProcessNotReadyUntilSynced(t *testing.T) {
-	m := newMesh(t, 0)
-	cp := newXDSControlPlane(t, m.ca)
-	n := &node{Node: m.c.AddNode("node1"), name: "node1"}
-	m.nodes = append(m.nodes, n)
+	m := meshtest.New(t, 0)
+	cp := newXDSControlPlane(t, m.CA)
+	n := &meshtest.Node{Node: m.Cluster.AddNode("node1"), NodeName: "node1"}
+	m.Nodes = append(m.Nodes, n)
 	// Start the process against ports nobody serves (the control plane is
 	// only started in the other node's namespace).
-	other := &node{Node: m.c.AddNode("node2"), name: "node2"}
+	other := &meshtest.Node{Node: m.Cluster.AddNode("node2"), NodeName: "node2"}
 	_ = other
 	nsf, _ := n.Open()
 	defer nsf.Close()
@@ -480,30 +486,30 @@ func TestProcessNotReadyUntilSynced(t *testing.T) {
 		return err == nil
 	}, "node agent socket")
 	defer z.agent.Close()
-	client := &pod{Pod: n.AddPod("sleep-1"), name: "sleep-1", ns: "default", sa: "sleep", node: n, uid: discovery.PodUID(cluster, "default", "sleep-1")}
-	server := &pod{Pod: n.AddPod("httpbin-1"), name: "httpbin-1", ns: "default", sa: "httpbin", node: n}
-	server.serveHTTP(t, 80)
+	client := &meshtest.Pod{Pod: n.AddPod("sleep-1"), PodName: "sleep-1", Namespace: "default", ServiceAccount: "sleep", Node: n, UID: discovery.PodUID(meshtest.ClusterID, "default", "sleep-1")}
+	server := &meshtest.Pod{Pod: n.AddPod("httpbin-1"), PodName: "httpbin-1", Namespace: "default", ServiceAccount: "httpbin", Node: n}
+	server.ServeHTTP(t, 80)
 	// Without a certificate (CA unreachable) the workload cannot be added
 	// promptly; hand it over in the background.
 	go func() {
 		f, _ := client.Open()
 		defer f.Close()
-		m.redirect.Install(f)
+		m.Redirect.Install(f)
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		z.agent.AddWorkload(ctx, client.uid, inpod.WorkloadInfo{Name: client.name, Namespace: "default", ServiceAccount: "sleep"}, f)
+		z.agent.AddWorkload(ctx, client.UID, inpod.WorkloadInfo{Name: client.PodName, Namespace: "default", ServiceAccount: "sleep"}, f)
 		z.agent.SnapshotSent(ctx)
 	}()
 	time.Sleep(time.Second)
 	if z.ready() {
 		t.Fatal("ready without control plane")
 	}
-	expectRefused(t, client, server.addr(80))
+	meshtest.ExpectRefused(t, client, server.Addr(80))
 	// Once the control plane is reachable it syncs and becomes ready.
-	cp.set(discovery.AddressType, client.uid, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: &workloadapi.Workload{
-		Uid: client.uid, Name: client.name, Namespace: "default", Addresses: [][]byte{client.IP.AsSlice()}, ServiceAccount: "sleep",
+	cp.set(discovery.AddressType, client.UID, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: &workloadapi.Workload{
+		Uid: client.UID, Name: client.PodName, Namespace: "default", Addresses: [][]byte{client.IP.AsSlice()}, ServiceAccount: "sleep",
 		TrustDomain: "cluster.local", Node: "node1", TunnelProtocol: workloadapi.TunnelProtocol_HBONE}}})
 	cp.serveIn(nsf)
 	waitUntil(t, z.ready, "ztunnel ready after the control plane came up")
-	expectOK(t, client, server.addr(80), "httpbin-1") // passthrough: server is not in the mesh
+	meshtest.ExpectOK(t, client, server.Addr(80), "httpbin-1") // passthrough: server is not in the mesh
 }

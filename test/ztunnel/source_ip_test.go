@@ -21,6 +21,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 	"github.com/ambientmesh/ambient/proxylib/redirect"
 	"github.com/ambientmesh/ambient/proxylib/waypoint"
+	"github.com/ambientmesh/ambient/test/meshtest"
 )
 
 // Source preservation (docs/interfaces.md, "Inbound source address"): the
@@ -38,23 +39,23 @@ func whoAmI(c net.Conn) {
 // sourceMesh: sleep and httpbin-2 on node1, httpbin-1 and a pod outside
 // the mesh on node2, captured with redirector r.
 type sourceMesh struct {
-	*mesh
-	sleep, httpbin1, httpbin2, outside *pod
+	*meshtest.Mesh
+	sleep, httpbin1, httpbin2, outside *meshtest.Pod
 }
 
 func newSourceMesh(t *testing.T, r redirect.Redirector) *sourceMesh {
-	m := newMesh(t, 2)
-	m.redirect = r
-	m.syncAll()
-	s := &sourceMesh{mesh: m}
-	s.sleep = m.addPod(m.nodes[0], "sleep-1", "sleep", true)
-	s.httpbin1 = m.addPod(m.nodes[1], "httpbin-1", "httpbin", true)
-	s.httpbin2 = m.addPod(m.nodes[0], "httpbin-2", "httpbin", true)
-	s.outside = m.addPod(m.nodes[1], "outside-1", "outside", false)
-	for _, h := range []*pod{s.httpbin1, s.httpbin2} {
-		h.serveTCP(t, whoPort, whoAmI)
-		h.serveTCP(t, 9000, countThenReply)
-		h.serveTCP(t, 9001, echo)
+	m := meshtest.New(t, 2)
+	m.Redirect = r
+	m.SyncAll()
+	s := &sourceMesh{Mesh: m}
+	s.sleep = m.AddPod(m.Nodes[0], "sleep-1", "sleep", true)
+	s.httpbin1 = m.AddPod(m.Nodes[1], "httpbin-1", "httpbin", true)
+	s.httpbin2 = m.AddPod(m.Nodes[0], "httpbin-2", "httpbin", true)
+	s.outside = m.AddPod(m.Nodes[1], "outside-1", "outside", false)
+	for _, h := range []*meshtest.Pod{s.httpbin1, s.httpbin2} {
+		h.ServeTCP(t, whoPort, whoAmI)
+		h.ServeTCP(t, 9000, meshtest.CountThenReply)
+		h.ServeTCP(t, 9001, meshtest.Echo)
 	}
 	return s
 }
@@ -74,11 +75,11 @@ var backends = []struct {
 }
 
 // seenBy asks app port whoPort at dst, from inside p, who it sees.
-func seenBy(t *testing.T, p *pod, dst netip.AddrPort) string {
+func seenBy(t *testing.T, p *meshtest.Pod, dst netip.AddrPort) string {
 	t.Helper()
-	c, err := p.dial(dst)
+	c, err := p.Dial(dst)
 	if err != nil {
-		t.Fatalf("%s dial %s: %v", p.name, dst, err)
+		t.Fatalf("%s dial %s: %v", p.PodName, dst, err)
 	}
 	defer c.Close()
 	return readAll(t, c)
@@ -96,7 +97,7 @@ func TestSourceIPPreserved(t *testing.T) {
 func testSourceIPPreserved(t *testing.T, s *sourceMesh) {
 	cases := []struct {
 		name     string
-		from, to *pod
+		from, to *meshtest.Pod
 		want     netip.Addr
 	}{
 		{"sleep to httpbin across nodes over HBONE", s.sleep, s.httpbin1, s.sleep.IP},
@@ -107,16 +108,16 @@ func testSourceIPPreserved(t *testing.T, s *sourceMesh) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := seenBy(t, tc.from, tc.to.addr(whoPort)); got != tc.want.String() {
-				t.Fatalf("app saw %s, want %s (client %s, %s's own address %s)", got, tc.want, tc.from.IP, tc.to.name, tc.to.IP)
+			if got := seenBy(t, tc.from, tc.to.Addr(whoPort)); got != tc.want.String() {
+				t.Fatalf("app saw %s, want %s (client %s, %s's own address %s)", got, tc.want, tc.from.IP, tc.to.PodName, tc.to.IP)
 			}
 		})
 	}
 
-	for _, dst := range []*pod{s.httpbin1, s.httpbin2} {
-		t.Run("bulk and half-close to "+dst.name, func(t *testing.T) {
+	for _, dst := range []*meshtest.Pod{s.httpbin1, s.httpbin2} {
+		t.Run("bulk and half-close to "+dst.PodName, func(t *testing.T) {
 			const size = 8 << 20
-			c, err := s.sleep.dial(dst.addr(9000))
+			c, err := s.sleep.Dial(dst.Addr(9000))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -128,14 +129,14 @@ func testSourceIPPreserved(t *testing.T, s *sourceMesh) {
 			if got, want := readAll(t, c), fmt.Sprintf("got %d", size); got != want {
 				t.Fatalf("half-close: %q, want %q", got, want)
 			}
-			testEchoBulk(t, s.sleep, dst.addr(9001), 4<<20)
+			testEchoBulk(t, s.sleep, dst.Addr(9001), 4<<20)
 		})
 	}
 
 	t.Run("hostile peer's Forwarded header is not believed", func(t *testing.T) {
 		// A mesh workload speaking HBONE itself, claiming another client.
 		h := http.Header{hbone.HeaderForwarded: {`for="1.2.3.4"`}}
-		c, err := hboneWithHeader(t, s.mesh, s.sleep, s.sleep.id(), netip.AddrPortFrom(s.httpbin1.IP, 15008), s.httpbin1.addr(whoPort), s.httpbin1.id(), h)
+		c, err := hboneWithHeader(t, s.Mesh, s.sleep, s.sleep.ID(), netip.AddrPortFrom(s.httpbin1.IP, 15008), s.httpbin1.Addr(whoPort), s.httpbin1.ID(), h)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -146,7 +147,7 @@ func testSourceIPPreserved(t *testing.T, s *sourceMesh) {
 	})
 
 	t.Run("release removes the return path", func(t *testing.T) {
-		s.httpbin1.release(s.mesh)
+		s.httpbin1.Release(s.Mesh)
 		f, err := s.httpbin1.Open()
 		if err != nil {
 			t.Fatal(err)
@@ -155,19 +156,19 @@ func testSourceIPPreserved(t *testing.T, s *sourceMesh) {
 		if ok, err := redirect.HasSourceRouting(f); err != nil || ok {
 			t.Fatalf("HasSourceRouting after release = %v, %v", ok, err)
 		}
-		if ok, _ := s.redirect.Installed(f); ok {
+		if ok, _ := s.Redirect.Installed(f); ok {
 			t.Fatal("rules still installed after release")
 		}
-		if got := seenBy(t, s.sleep, s.httpbin1.addr(whoPort)); got != s.sleep.IP.String() {
+		if got := seenBy(t, s.sleep, s.httpbin1.Addr(whoPort)); got != s.sleep.IP.String() {
 			t.Fatalf("released pod saw %s, want the client %s directly", got, s.sleep.IP)
 		}
 	})
 }
 
 // testEchoBulk sends n bytes through an echo server while reading them back.
-func testEchoBulk(t *testing.T, p *pod, dst netip.AddrPort, n int64) {
+func testEchoBulk(t *testing.T, p *meshtest.Pod, dst netip.AddrPort, n int64) {
 	t.Helper()
-	c, err := p.dial(dst)
+	c, err := p.Dial(dst)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -191,9 +192,9 @@ func testEchoBulk(t *testing.T, p *pod, dst netip.AddrPort, n int64) {
 func TestSourceIPNotPreserved(t *testing.T) {
 	t.Run("preservation off: the app sees its own address", func(t *testing.T) {
 		s := newSourceMesh(t, redirect.NewNFTables(redirect.DefaultConfig()))
-		for _, dst := range []*pod{s.httpbin1, s.httpbin2} {
-			if got := seenBy(t, s.sleep, dst.addr(whoPort)); got != dst.IP.String() {
-				t.Fatalf("%s saw %s, want its own address %s", dst.name, got, dst.IP)
+		for _, dst := range []*meshtest.Pod{s.httpbin1, s.httpbin2} {
+			if got := seenBy(t, s.sleep, dst.Addr(whoPort)); got != dst.IP.String() {
+				t.Fatalf("%s saw %s, want its own address %s", dst.PodName, got, dst.IP)
 			}
 		}
 	})
@@ -201,8 +202,8 @@ func TestSourceIPNotPreserved(t *testing.T) {
 		// A node agent claims preservation but the pod lacks the policy
 		// routing: ztunnel must notice, or every connection would hang.
 		s := newSourceMesh(t, &announcing{Redirector: redirect.NewNFTables(redirect.DefaultConfig())})
-		s.logs.waitFor(t, "source preservation off for workload")
-		if got := seenBy(t, s.sleep, s.httpbin1.addr(whoPort)); got != s.httpbin1.IP.String() {
+		s.Logs.WaitFor(t, "source preservation off for workload")
+		if got := seenBy(t, s.sleep, s.httpbin1.Addr(whoPort)); got != s.httpbin1.IP.String() {
 			t.Fatalf("app saw %s, want its own address %s", got, s.httpbin1.IP)
 		}
 	})
@@ -216,47 +217,47 @@ func (announcing) PreservesSource() bool { return true }
 // TestSourceIPThroughWaypoint: a waypoint of the destination is believed
 // about the client it serves; nobody else is, not even through the hair-pin.
 func TestSourceIPThroughWaypoint(t *testing.T) {
-	m := newMesh(t, 2)
-	m.redirect = preserving(backends[0].new)
-	m.syncAll()
+	m := meshtest.New(t, 2)
+	m.Redirect = preserving(backends[0].new)
+	m.SyncAll()
 	wpVIP := netip.MustParseAddr("10.96.0.20")
 	wpKey := discovery.ServiceKey("default", "waypoint.default.svc.cluster.local")
 	gw := &workloadapi.GatewayAddress{Destination: &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: wpVIP.AsSlice()}}, HboneMtlsPort: 15008}
-	sleep := m.addPod(m.nodes[0], "sleep-1", "sleep", true)
-	outside := m.addPod(m.nodes[0], "outside-1", "outside", false)
-	waypoint := m.addPod(m.nodes[1], "waypoint-1", "waypoint", false, func(w *workloadapi.Workload) {
+	sleep := m.AddPod(m.Nodes[0], "sleep-1", "sleep", true)
+	outside := m.AddPod(m.Nodes[0], "outside-1", "outside", false)
+	waypoint := m.AddPod(m.Nodes[1], "waypoint-1", "waypoint", false, func(w *workloadapi.Workload) {
 		w.TunnelProtocol = workloadapi.TunnelProtocol_HBONE // as the control plane publishes waypoints
 		w.Services = map[string]*workloadapi.PortList{wpKey: {Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}}}
 	})
-	app := m.addPod(m.nodes[1], "httpbin-1", "httpbin", true, func(w *workloadapi.Workload) { w.Waypoint = gw })
-	m.cp.service(&workloadapi.Service{Name: "waypoint", Namespace: "default", Hostname: "waypoint.default.svc.cluster.local",
+	app := m.AddPod(m.Nodes[1], "httpbin-1", "httpbin", true, func(w *workloadapi.Workload) { w.Waypoint = gw })
+	m.CP.Service(&workloadapi.Service{Name: "waypoint", Namespace: "default", Hostname: "waypoint.default.svc.cluster.local",
 		Addresses: []*workloadapi.NetworkAddress{{Address: wpVIP.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}})
-	app.serveTCP(t, whoPort, whoAmI)
+	app.ServeTCP(t, whoPort, whoAmI)
 	startForwardedReporter(t, m, waypoint)
 	toApp := netip.AddrPortFrom(app.IP, 15008)
 	fwd := func(a netip.Addr) http.Header { return http.Header{hbone.HeaderForwarded: {hbone.FormatForwarded(a)}} }
 
 	cases := []struct {
 		name   string
-		from   *pod
+		from   *meshtest.Pod
 		id     identity.Identity
 		header http.Header
 		want   string
 	}{
-		{"the waypoint's Forwarded names the client", waypoint, waypoint.id(), fwd(sleep.IP), sleep.IP.String()},
-		{"the waypoint without Forwarded is seen itself", waypoint, waypoint.id(), nil, waypoint.IP.String()},
-		{"the waypoint forwarding loopback is seen itself", waypoint, waypoint.id(), fwd(netip.MustParseAddr("127.0.0.1")), waypoint.IP.String()},
-		{"a client outside the mesh is not preserved", waypoint, waypoint.id(), fwd(outside.IP), app.IP.String()},
+		{"the waypoint's Forwarded names the client", waypoint, waypoint.ID(), fwd(sleep.IP), sleep.IP.String()},
+		{"the waypoint without Forwarded is seen itself", waypoint, waypoint.ID(), nil, waypoint.IP.String()},
+		{"the waypoint forwarding loopback is seen itself", waypoint, waypoint.ID(), fwd(netip.MustParseAddr("127.0.0.1")), waypoint.IP.String()},
+		{"a client outside the mesh is not preserved", waypoint, waypoint.ID(), fwd(outside.IP), app.IP.String()},
 		// Any other peer is hair-pinned to the waypoint, which must hear
 		// the peer's real address from ztunnel, not the peer's claim.
-		{"another identity in the waypoint's pod is hair-pinned", waypoint, sleep.id(), fwd(netip.MustParseAddr("1.2.3.4")),
+		{"another identity in the waypoint's pod is hair-pinned", waypoint, sleep.ID(), fwd(netip.MustParseAddr("1.2.3.4")),
 			"waypoint heard " + hbone.FormatForwarded(waypoint.IP)},
-		{"a hostile peer is hair-pinned with its real address", outside, outside.id(), fwd(netip.MustParseAddr("1.2.3.4")),
+		{"a hostile peer is hair-pinned with its real address", outside, outside.ID(), fwd(netip.MustParseAddr("1.2.3.4")),
 			"waypoint heard " + hbone.FormatForwarded(outside.IP)},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			c, err := hboneWithHeader(t, m, tc.from, tc.id, toApp, app.addr(whoPort), app.id(), tc.header)
+			c, err := hboneWithHeader(t, m, tc.from, tc.id, toApp, app.Addr(whoPort), app.ID(), tc.header)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -267,7 +268,7 @@ func TestSourceIPThroughWaypoint(t *testing.T) {
 		})
 	}
 	t.Run("plaintext hair-pin reports the outside client", func(t *testing.T) {
-		if got, want := seenBy(t, outside, app.addr(whoPort)), "waypoint heard "+hbone.FormatForwarded(outside.IP); got != want {
+		if got, want := seenBy(t, outside, app.Addr(whoPort)), "waypoint heard "+hbone.FormatForwarded(outside.IP); got != want {
 			t.Fatalf("got %q, want %q", got, want)
 		}
 	})
@@ -275,12 +276,12 @@ func TestSourceIPThroughWaypoint(t *testing.T) {
 
 // startForwardedReporter runs an HBONE server in the waypoint pod that
 // answers each tunnel with the Forwarded header it received.
-func startForwardedReporter(t *testing.T, m *mesh, wp *pod) {
-	certs := identity.NewStaticSource(m.ca.TrustDomain, m.ca.Roots())
-	certs.Set(wp.id(), m.ca.Issue(t, wp.id()))
+func startForwardedReporter(t *testing.T, m *meshtest.Mesh, wp *meshtest.Pod) {
+	certs := identity.NewStaticSource(m.CA.TrustDomain, m.CA.Roots())
+	certs.Set(wp.ID(), m.CA.Issue(t, wp.ID()))
 	f, _ := wp.Open()
 	defer f.Close()
-	srv, err := testTransport(t, certs).NewHBONEServer(f, "", wp.id(), hbone.HandlerFunc(
+	srv, err := meshtest.Transport(t, certs).NewHBONEServer(f, "", wp.ID(), hbone.HandlerFunc(
 		func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
 			s, err := resp.Accept()
 			if err != nil {
@@ -299,12 +300,12 @@ func startForwardedReporter(t *testing.T, m *mesh, wp *pod) {
 }
 
 // hboneWithHeader is hboneFrom with CONNECT headers of the caller's choice.
-func hboneWithHeader(t *testing.T, m *mesh, p *pod, id identity.Identity, proxyAddr, target netip.AddrPort, expected identity.Identity, h http.Header) (net.Conn, error) {
-	certs := identity.NewStaticSource(m.ca.TrustDomain, m.ca.Roots())
-	certs.Set(id, m.ca.Issue(t, id))
+func hboneWithHeader(t *testing.T, m *meshtest.Mesh, p *meshtest.Pod, id identity.Identity, proxyAddr, target netip.AddrPort, expected identity.Identity, h http.Header) (net.Conn, error) {
+	certs := identity.NewStaticSource(m.CA.TrustDomain, m.CA.Roots())
+	certs.Set(id, m.CA.Issue(t, id))
 	f, _ := p.Open()
 	t.Cleanup(func() { f.Close() })
-	d, err := testTransport(t, certs).NewDialer(f)
+	d, err := meshtest.Transport(t, certs).NewDialer(f)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -319,30 +320,25 @@ func hboneWithHeader(t *testing.T, m *mesh, p *pod, id identity.Identity, proxyA
 // sees sleep's address: the waypoint reports its verified peer's client in
 // Forwarded, and httpbin's ztunnel believes only that waypoint.
 func TestSourceIPThroughRealWaypoint(t *testing.T) {
-	m := newMesh(t, 2)
-	m.redirect = preserving(backends[0].new)
-	wpState := discovery.NewState(discovery.AddressType, discovery.AuthorizationType, discovery.L7ResourceType)
-	m.cp.mu.Lock()
-	m.cp.states = append(m.cp.states, wpState)
-	m.cp.mu.Unlock()
-	m.cp.syncEmpty(wpState)
-	wpState.Apply(discovery.L7ResourceType, nil, nil)
-	m.syncAll()
+	m := meshtest.New(t, 2)
+	m.Redirect = preserving(backends[0].new)
+	wpState := m.NewWaypointState()
+	m.SyncAll()
 
 	wpVIP := netip.MustParseAddr("10.96.0.20")
 	wpKey := discovery.ServiceKey("default", "waypoint.default.svc.cluster.local")
 	gw := &workloadapi.GatewayAddress{Destination: &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: wpVIP.AsSlice()}}, HboneMtlsPort: 15008}
-	sleep := m.addPod(m.nodes[0], "sleep-1", "sleep", true)
-	wp := m.addPod(m.nodes[1], "waypoint-1", "waypoint", false, func(w *workloadapi.Workload) {
+	sleep := m.AddPod(m.Nodes[0], "sleep-1", "sleep", true)
+	wp := m.AddPod(m.Nodes[1], "waypoint-1", "waypoint", false, func(w *workloadapi.Workload) {
 		w.WorkloadName, w.TunnelProtocol = "waypoint", workloadapi.TunnelProtocol_HBONE
 		w.Services = map[string]*workloadapi.PortList{wpKey: {Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}}}
 	})
-	m.cp.service(&workloadapi.Service{Name: "waypoint", Namespace: "default", Hostname: "waypoint.default.svc.cluster.local",
+	m.CP.Service(&workloadapi.Service{Name: "waypoint", Namespace: "default", Hostname: "waypoint.default.svc.cluster.local",
 		Addresses: []*workloadapi.NetworkAddress{{Address: wpVIP.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}})
-	app := m.addPod(m.nodes[1], "httpbin-1", "httpbin", true, func(w *workloadapi.Workload) { w.Waypoint = gw })
+	app := m.AddPod(m.Nodes[1], "httpbin-1", "httpbin", true, func(w *workloadapi.Workload) { w.Waypoint = gw })
 	// Client ends first: the waypoint's TCP relay resets a tunnel whose
 	// server closes first (seen with and without source preservation).
-	app.serveTCP(t, whoPort, func(c net.Conn) {
+	app.ServeTCP(t, whoPort, func(c net.Conn) {
 		io.Copy(io.Discard, c)
 		whoAmI(c)
 	})
@@ -364,7 +360,7 @@ func TestSourceIPThroughRealWaypoint(t *testing.T) {
 	startRealWaypoint(t, m, wp, wpState)
 
 	t.Run("TCP through the waypoint", func(t *testing.T) {
-		c, err := sleep.dial(app.addr(whoPort))
+		c, err := sleep.Dial(app.Addr(whoPort))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -375,7 +371,7 @@ func TestSourceIPThroughRealWaypoint(t *testing.T) {
 		}
 	})
 	t.Run("HTTP through the waypoint", func(t *testing.T) {
-		resp, err := sleep.client().Get("http://" + app.addr(8080).String() + "/")
+		resp, err := sleep.Client().Get("http://" + app.Addr(8080).String() + "/")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -388,10 +384,10 @@ func TestSourceIPThroughRealWaypoint(t *testing.T) {
 }
 
 // startRealWaypoint runs proxylib/waypoint on HTTP/2 HBONE in p's netns.
-func startRealWaypoint(t *testing.T, m *mesh, p *pod, state *discovery.State) {
-	id := p.id()
-	certs := identity.NewStaticSource(m.ca.TrustDomain, m.ca.Roots())
-	certs.Set(id, m.ca.Issue(t, id))
+func startRealWaypoint(t *testing.T, m *meshtest.Mesh, p *meshtest.Pod, state *discovery.State) {
+	id := p.ID()
+	certs := identity.NewStaticSource(m.CA.TrustDomain, m.CA.Roots())
+	certs.Set(id, m.CA.Issue(t, id))
 	f, err := p.Open()
 	if err != nil {
 		t.Fatal(err)
@@ -405,7 +401,7 @@ func startRealWaypoint(t *testing.T, m *mesh, p *pod, state *discovery.State) {
 	}
 	t.Cleanup(func() { dialer.Close() })
 	srv, err := waypoint.New(waypoint.Config{Name: "waypoint", Namespace: "default", Identity: id, State: state, Dialer: dialer,
-		Registry: prometheus.NewRegistry(), Log: m.logs.logger("waypoint"), RootNamespace: "istio-system",
+		Registry: prometheus.NewRegistry(), Log: m.Logs.Logger("waypoint"), RootNamespace: "istio-system",
 		DialTCP: func(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
 			return netnsutil.DialTCP(ctx, f, netip.AddrPort{}, a, netnsutil.SocketOptions{})
 		}})

@@ -14,17 +14,18 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/test/meshtest"
 )
 
 // startStandInWaypoint runs a real HBONE (HTTP/2) server in the waypoint
 // pod that answers each tunnel with "waypoint: <target> from <peer>". It
 // stands in for cmd/waypoint to observe what ztunnel sends to a waypoint.
-func startStandInWaypoint(t *testing.T, m *mesh, wp *pod) {
-	certs := identity.NewStaticSource(m.ca.TrustDomain, m.ca.Roots())
-	certs.Set(wp.id(), m.ca.Issue(t, wp.id()))
+func startStandInWaypoint(t *testing.T, m *meshtest.Mesh, wp *meshtest.Pod) {
+	certs := identity.NewStaticSource(m.CA.TrustDomain, m.CA.Roots())
+	certs.Set(wp.ID(), m.CA.Issue(t, wp.ID()))
 	f, _ := wp.Open()
 	defer f.Close()
-	srv, err := testTransport(t, certs).NewHBONEServer(f, "", wp.id(), hbone.HandlerFunc(
+	srv, err := meshtest.Transport(t, certs).NewHBONEServer(f, "", wp.ID(), hbone.HandlerFunc(
 		func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
 			s, err := resp.Accept()
 			if err != nil {
@@ -44,12 +45,12 @@ func startStandInWaypoint(t *testing.T, m *mesh, wp *pod) {
 }
 
 // hboneFrom dials a tunnel from inside pod p presenting id's certificate.
-func hboneFrom(t *testing.T, m *mesh, p *pod, id identity.Identity, proxyAddr, target netip.AddrPort, expected identity.Identity) (net.Conn, error) {
-	certs := identity.NewStaticSource(m.ca.TrustDomain, m.ca.Roots())
-	certs.Set(id, m.ca.Issue(t, id))
+func hboneFrom(t *testing.T, m *meshtest.Mesh, p *meshtest.Pod, id identity.Identity, proxyAddr, target netip.AddrPort, expected identity.Identity) (net.Conn, error) {
+	certs := identity.NewStaticSource(m.CA.TrustDomain, m.CA.Roots())
+	certs.Set(id, m.CA.Issue(t, id))
 	f, _ := p.Open()
 	t.Cleanup(func() { f.Close() })
-	d, err := testTransport(t, certs).NewDialer(f)
+	d, err := meshtest.Transport(t, certs).NewDialer(f)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -70,69 +71,69 @@ func readAll(t *testing.T, c net.Conn) string {
 }
 
 func TestWaypointRoutingAndHairpin(t *testing.T) {
-	m := newMesh(t, 2)
-	m.syncAll()
+	m := meshtest.New(t, 2)
+	m.SyncAll()
 	wpVIP := netip.MustParseAddr("10.96.0.20")
 	appVIP := netip.MustParseAddrPort("10.96.0.30:9080")
 	wpKey := discovery.ServiceKey("default", "waypoint.default.svc.cluster.local")
 	appKey := discovery.ServiceKey("default", "productpage.default.svc.cluster.local")
 	gw := &workloadapi.GatewayAddress{Destination: &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: wpVIP.AsSlice()}}, HboneMtlsPort: 15008}
 
-	sleep := m.addPod(m.nodes[0], "sleep-1", "sleep", true)
-	outside := m.addPod(m.nodes[0], "outside-1", "outside", false)
-	waypoint := m.addPod(m.nodes[1], "waypoint-1", "waypoint", false, func(w *workloadapi.Workload) {
+	sleep := m.AddPod(m.Nodes[0], "sleep-1", "sleep", true)
+	outside := m.AddPod(m.Nodes[0], "outside-1", "outside", false)
+	waypoint := m.AddPod(m.Nodes[1], "waypoint-1", "waypoint", false, func(w *workloadapi.Workload) {
 		w.Services = map[string]*workloadapi.PortList{wpKey: {Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}}}
 	})
-	app := m.addPod(m.nodes[1], "productpage-1", "httpbin", true, func(w *workloadapi.Workload) {
+	app := m.AddPod(m.Nodes[1], "productpage-1", "httpbin", true, func(w *workloadapi.Workload) {
 		w.Waypoint = gw
 		w.Services = map[string]*workloadapi.PortList{appKey: {Ports: []*workloadapi.Port{{ServicePort: 9080, TargetPort: 9080}}}}
 	})
-	m.cp.service(&workloadapi.Service{Name: "waypoint", Namespace: "default", Hostname: "waypoint.default.svc.cluster.local",
+	m.CP.Service(&workloadapi.Service{Name: "waypoint", Namespace: "default", Hostname: "waypoint.default.svc.cluster.local",
 		Addresses: []*workloadapi.NetworkAddress{{Address: wpVIP.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}})
-	m.cp.service(&workloadapi.Service{Name: "productpage", Namespace: "default", Hostname: "productpage.default.svc.cluster.local",
+	m.CP.Service(&workloadapi.Service{Name: "productpage", Namespace: "default", Hostname: "productpage.default.svc.cluster.local",
 		Addresses: []*workloadapi.NetworkAddress{{Address: appVIP.Addr().AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 9080, TargetPort: 9080}}, Waypoint: gw})
 	startStandInWaypoint(t, m, waypoint)
-	app.serveTCP(t, 9080, func(c net.Conn) { io.WriteString(c, "productpage"); c.Close() })
+	app.ServeTCP(t, 9080, func(c net.Conn) { io.WriteString(c, "productpage"); c.Close() })
 
-	read := func(p *pod, dst netip.AddrPort) string {
-		c, err := p.dial(dst)
+	read := func(p *meshtest.Pod, dst netip.AddrPort) string {
+		c, err := p.Dial(dst)
 		if err != nil {
 			t.Fatalf("dial %s: %v", dst, err)
 		}
 		defer c.Close()
 		return readAll(t, c)
 	}
-	sleepID, appID := sleep.id().String(), app.id().String()
+	sleepID, appID := sleep.ID().String(), app.ID().String()
 
 	t.Run("service address goes to the waypoint with the service as target", func(t *testing.T) {
 		if got, want := read(sleep, appVIP), "waypoint: "+appVIP.String()+" from "+sleepID; got != want {
 			t.Fatalf("got %q, want %q", got, want)
 		}
-		m.logs.waitFor(t, "proxy to "+appVIP.String()+" using HBONE via "+waypoint.IP.String()+":15008 type ToServerWaypoint")
+		m.Logs.WaitFor(t, "proxy to "+appVIP.String()+" using HBONE via "+waypoint.IP.String()+":15008 type ToServerWaypoint")
 	})
 	t.Run("pod address goes to the waypoint with the pod as target", func(t *testing.T) {
-		if got, want := read(sleep, app.addr(9080)), "waypoint: "+app.addr(9080).String()+" from "+sleepID; got != want {
+		if got, want := read(sleep, app.Addr(9080)), "waypoint: "+app.Addr(9080).String()+" from "+sleepID; got != want {
 			t.Fatalf("got %q, want %q", got, want)
 		}
 	})
 	t.Run("plaintext from outside the mesh is hair-pinned to the waypoint", func(t *testing.T) {
-		if got, want := read(outside, app.addr(9080)), "waypoint: "+app.addr(9080).String()+" from "+appID; got != want {
+		if got, want := read(outside, app.Addr(9080)), "waypoint: "+app.Addr(9080).String()+" from "+appID; got != want {
 			t.Fatalf("got %q, want %q", got, want)
 		}
-		m.logs.waitFor(t, "type Hairpin")
+		m.Logs.WaitFor(t, "type Hairpin")
 	})
 	t.Run("HBONE that bypasses the waypoint is hair-pinned", func(t *testing.T) {
-		c, err := hboneFrom(t, m, sleep, sleep.id(), netip.AddrPortFrom(app.IP, 15008), app.addr(9080), app.id())
+		c, err := hboneFrom(t, m, sleep, sleep.ID(), netip.AddrPortFrom(app.IP, 15008), app.Addr(9080), app.ID())
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer c.Close()
-		if got, want := readAll(t, c), "waypoint: "+app.addr(9080).String()+" from "+appID; got != want {
+		if got, want := readAll(t, c), "waypoint: "+app.Addr(9080).String()+" from "+appID; got != want {
 			t.Fatalf("got %q, want %q", got, want)
 		}
 	})
 	t.Run("the waypoint itself reaches the pod", func(t *testing.T) {
-		c, err := hboneFrom(t, m, waypoint, waypoint.id(), netip.AddrPortFrom(app.IP, 15008), app.addr(9080), app.id())
+		c, err := hboneFrom(t, m, waypoint, waypoint.ID(), netip.AddrPortFrom(app.IP, 15008), app.Addr(9080), app.ID())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -145,12 +146,12 @@ func TestWaypointRoutingAndHairpin(t *testing.T) {
 
 // TestHostileCONNECTTargets: reliability cases 2 and 8 at ztunnel level.
 func TestHostileCONNECTTargets(t *testing.T) {
-	m := newMesh(t, 2)
-	m.syncAll()
-	sleep := m.addPod(m.nodes[0], "sleep-1", "sleep", true)
-	httpbin := m.addPod(m.nodes[1], "httpbin-1", "httpbin", true)
-	other := m.addPod(m.nodes[1], "httpbin-2", "httpbin", true)
-	httpbin.serveHTTP(t, 80)
+	m := meshtest.New(t, 2)
+	m.SyncAll()
+	sleep := m.AddPod(m.Nodes[0], "sleep-1", "sleep", true)
+	httpbin := m.AddPod(m.Nodes[1], "httpbin-1", "httpbin", true)
+	other := m.AddPod(m.Nodes[1], "httpbin-2", "httpbin", true)
+	httpbin.ServeHTTP(t, 80)
 	proxyAddr := netip.AddrPortFrom(httpbin.IP, 15008)
 	cases := []struct {
 		name   string
@@ -158,7 +159,7 @@ func TestHostileCONNECTTargets(t *testing.T) {
 		status int
 		reason string
 	}{
-		{"another pod on the same node", other.addr(80), 400, "unknown_destination"},
+		{"another pod on the same node", other.Addr(80), 400, "unknown_destination"},
 		{"an address outside the mesh", netip.MustParseAddrPort("192.0.2.1:80"), 400, "unknown_destination"},
 		{"ztunnel's own HBONE port", netip.AddrPortFrom(httpbin.IP, 15008), 400, ""},
 		{"ztunnel's outbound port", netip.AddrPortFrom(httpbin.IP, 15001), 400, "self_target"},
@@ -166,7 +167,7 @@ func TestHostileCONNECTTargets(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			conn, err := hboneFrom(t, m, sleep, sleep.id(), proxyAddr, c.target, httpbin.id())
+			conn, err := hboneFrom(t, m, sleep, sleep.ID(), proxyAddr, c.target, httpbin.ID())
 			if err == nil {
 				conn.Close()
 				t.Fatalf("CONNECT %s accepted", c.target)
@@ -175,7 +176,7 @@ func TestHostileCONNECTTargets(t *testing.T) {
 				t.Fatalf("err = %v, want status %d", err, c.status)
 			}
 			if c.reason != "" {
-				m.logs.waitFor(t, "dst.addr="+c.target.String(), "reason="+c.reason)
+				m.Logs.WaitFor(t, "dst.addr="+c.target.String(), "reason="+c.reason)
 			}
 		})
 	}

@@ -1,0 +1,92 @@
+package meshtest
+
+import (
+	"fmt"
+	"sync"
+	"testing"
+
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
+)
+
+// ControlPlane is the test control plane: it holds no resources itself but
+// applies every change to each registered discovery State at once, as delta
+// xDS would.
+type ControlPlane struct {
+	t      testing.TB
+	mu     sync.Mutex
+	states []*discovery.State
+	ver    int
+}
+
+// NewState registers a State subscribed to types, by default the address
+// and authorization types (a ztunnel's).
+func (cp *ControlPlane) NewState(types ...string) *discovery.State {
+	if len(types) == 0 {
+		types = []string{discovery.AddressType, discovery.AuthorizationType}
+	}
+	s := discovery.NewState(types...)
+	cp.mu.Lock()
+	cp.states = append(cp.states, s)
+	cp.mu.Unlock()
+	return s
+}
+
+// Push applies resource name of typeURL with a new version to every State.
+func (cp *ControlPlane) Push(typeURL string, name string, m proto.Message) {
+	cp.t.Helper()
+	body, err := anypb.New(m)
+	if err != nil {
+		cp.t.Fatal(err)
+	}
+	body.TypeUrl = typeURL
+	cp.mu.Lock()
+	cp.ver++
+	v := fmt.Sprint(cp.ver)
+	states := append([]*discovery.State(nil), cp.states...)
+	cp.mu.Unlock()
+	for _, s := range states {
+		if err := s.Apply(typeURL, []discovery.Resource{{Name: name, Version: v, Body: body}}, nil); err != nil {
+			cp.t.Fatalf("apply %s: %v", name, err)
+		}
+	}
+}
+
+// Remove deletes resource name of typeURL from every State.
+func (cp *ControlPlane) Remove(typeURL, name string) {
+	cp.mu.Lock()
+	states := append([]*discovery.State(nil), cp.states...)
+	cp.mu.Unlock()
+	for _, s := range states {
+		if err := s.Apply(typeURL, nil, []string{name}); err != nil {
+			cp.t.Fatal(err)
+		}
+	}
+}
+
+// SyncEmpty marks the address, authorization and L7 types synced in s (the
+// first full push of an empty mesh).
+func (cp *ControlPlane) SyncEmpty(s *discovery.State) {
+	s.Apply(discovery.AddressType, nil, nil)
+	s.Apply(discovery.AuthorizationType, nil, nil)
+	s.Apply(discovery.L7ResourceType, nil, nil)
+}
+
+// Workload publishes w.
+func (cp *ControlPlane) Workload(w *workloadapi.Workload) {
+	cp.Push(discovery.AddressType, w.Uid, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: w}})
+}
+
+// Service publishes s.
+func (cp *ControlPlane) Service(s *workloadapi.Service) {
+	cp.Push(discovery.AddressType, discovery.ServiceKey(s.Namespace, s.Hostname), &workloadapi.Address{Type: &workloadapi.Address_Service{Service: s}})
+}
+
+// Policy publishes p.
+func (cp *ControlPlane) Policy(p *security.Authorization) {
+	cp.Push(discovery.AuthorizationType, discovery.PolicyKey(p.Namespace, p.Name), p)
+}

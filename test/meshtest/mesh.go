@@ -1,0 +1,189 @@
+// Package meshtest is the namespaced mesh harness shared by the integration
+// tests of ztunnel (test/ztunnel) and of the waypoint (test/waypoint): a
+// cluster of node and pod network namespaces (test/netns), a ztunnel
+// (proxylib/proxy) per node with real redirection (proxylib/redirect) and
+// real HBONE with mTLS between ztunnels, and a test control plane that feeds
+// every discovery State with hand-built Istio workload-API resources.
+//
+// The tests need root (see test/netns). All workloads live in namespace
+// "default" of trust domain hbonetest.DefaultTrustDomain.
+package meshtest
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/go-logr/logr"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/hbone/hbonetest"
+	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/proxylib/proxy"
+	"github.com/ambientmesh/ambient/proxylib/proxy/transport"
+	"github.com/ambientmesh/ambient/proxylib/redirect"
+	"github.com/ambientmesh/ambient/proxylib/telemetry"
+	"github.com/ambientmesh/ambient/test/netns"
+)
+
+// ClusterID is the cluster every workload belongs to.
+const ClusterID = "Kubernetes"
+
+// Namespace is the Kubernetes namespace of every workload.
+const Namespace = "default"
+
+// DefaultServiceAccounts are the service accounts whose certificates every
+// node's ztunnel holds unless WithServiceAccounts says otherwise.
+var DefaultServiceAccounts = []string{"sleep", "notsleep", "httpbin", "waypoint", "outside"}
+
+// Mesh is a cluster with a ztunnel per node.
+type Mesh struct {
+	T       testing.TB
+	Cluster *netns.Cluster
+	CA      *hbonetest.CA
+	CP      *ControlPlane
+	Logs    *Logs
+	Nodes   []*Node
+	// Redirect captures pods (Pod.Capture); nftables with the default
+	// configuration unless a test replaces it before capturing.
+	Redirect redirect.Redirector
+	// WaypointStates are the States made by NewWaypointState.
+	WaypointStates []*discovery.State
+
+	serviceAccounts []string
+	logTransport    bool
+}
+
+// Node is a node namespace and its ztunnel.
+type Node struct {
+	*netns.Node
+	// NodeName is the Kubernetes node name ("node1"); the embedded Name is
+	// the namespace's (prefixed) name.
+	NodeName string
+	State    *discovery.State
+	Proxy    *proxy.Proxy
+	Metrics  *prometheus.Registry
+}
+
+// Option configures New.
+type Option func(*Mesh)
+
+// WithServiceAccounts replaces DefaultServiceAccounts.
+func WithServiceAccounts(sas ...string) Option {
+	return func(m *Mesh) { m.serviceAccounts = sas }
+}
+
+// WithTransportLog makes each ztunnel's HBONE transport log to its node's
+// logger at V(2) (so only its errors show) instead of discarding its logs.
+func WithTransportLog() Option {
+	return func(m *Mesh) { m.logTransport = true }
+}
+
+// New builds a cluster of nodes nodes, "node1", "node2", …, each with a
+// ztunnel.
+func New(t testing.TB, nodes int, opts ...Option) *Mesh {
+	c := netns.NewCluster(t)
+	m := &Mesh{T: t, Cluster: c, CA: hbonetest.NewCA(t, hbonetest.DefaultTrustDomain), CP: &ControlPlane{t: t},
+		Logs: &Logs{t: t}, Redirect: redirect.NewNFTables(redirect.DefaultConfig()), serviceAccounts: DefaultServiceAccounts}
+	for _, o := range opts {
+		o(m)
+	}
+	for i := 0; i < nodes; i++ {
+		m.AddNode(fmt.Sprintf("node%d", i+1))
+	}
+	return m
+}
+
+// AddNode adds a node namespace running a ztunnel that holds certificates
+// for the mesh's service accounts.
+func (m *Mesh) AddNode(name string) *Node {
+	n := &Node{Node: m.Cluster.AddNode(name), NodeName: name, State: m.CP.NewState(), Metrics: prometheus.NewRegistry()}
+	certs := identity.NewStaticSource(m.CA.TrustDomain, m.CA.Roots())
+	for _, sa := range m.serviceAccounts {
+		id := m.CA.ID(Namespace, sa)
+		certs.Set(id, m.CA.Issue(m.T, id))
+	}
+	log := m.Logs.Logger(name)
+	tlog := logr.Discard()
+	if m.logTransport {
+		tlog = log.V(2)
+	}
+	f, err := transport.For(TransportProtocol(), certs, tlog)
+	if err != nil {
+		m.T.Fatal(err)
+	}
+	p, err := proxy.New(proxy.Config{Log: log, State: n.State, Certs: certs, Node: name,
+		Metrics: telemetry.NewMetrics(n.Metrics), NewDialer: f.NewDialer, NewHBONEServer: f.NewHBONEServer,
+		ConnectTimeout: 3 * time.Second})
+	if err != nil {
+		m.T.Fatal(err)
+	}
+	n.Proxy = p
+	m.T.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		p.Drain(ctx)
+	})
+	m.Nodes = append(m.Nodes, n)
+	return n
+}
+
+// AddPod creates a pod on n and publishes its workload (after mut);
+// captured pods get the redirection rules and are handed to the node's
+// ztunnel (Pod.Capture).
+func (m *Mesh) AddPod(n *Node, name, sa string, captured bool, mut ...func(*workloadapi.Workload)) *Pod {
+	np := n.AddPod(name)
+	p := &Pod{Pod: np, PodName: name, Namespace: Namespace, ServiceAccount: sa, Node: n, UID: discovery.PodUID(ClusterID, Namespace, name)}
+	p.Workload = &workloadapi.Workload{Uid: p.UID, Name: name, Namespace: Namespace, Addresses: [][]byte{np.IP.AsSlice()},
+		TrustDomain: m.CA.TrustDomain, ServiceAccount: sa, Node: n.NodeName, WorkloadName: strings.TrimRight(name, "-0123456789"),
+		CanonicalName: strings.TrimRight(name, "-0123456789"), CanonicalRevision: "v1", ClusterId: ClusterID,
+		WorkloadType: workloadapi.WorkloadType_POD, Status: workloadapi.WorkloadStatus_HEALTHY}
+	for _, f := range mut {
+		f(p.Workload)
+	}
+	if captured {
+		p.Capture(m)
+	} else {
+		m.CP.Workload(p.Workload)
+	}
+	return p
+}
+
+// SyncAll marks every node's State fully synced.
+func (m *Mesh) SyncAll() {
+	for _, n := range m.Nodes {
+		m.CP.SyncEmpty(n.State)
+	}
+}
+
+// NewWaypointState registers a synced discovery State that also receives
+// L7 resources, for a waypoint; call it before pods are added so that it
+// sees every resource.
+func (m *Mesh) NewWaypointState() *discovery.State {
+	s := m.CP.NewState(discovery.AddressType, discovery.AuthorizationType, discovery.L7ResourceType)
+	m.CP.SyncEmpty(s)
+	m.WaypointStates = append(m.WaypointStates, s)
+	return s
+}
+
+// TransportProtocol is the HBONE transport under test: HTTP/2 unless
+// ZTUNNEL_TEST_TRANSPORT names another (HTTP3).
+func TransportProtocol() hbone.Protocol {
+	return hbone.Protocol(os.Getenv("ZTUNNEL_TEST_TRANSPORT"))
+}
+
+// Transport returns the factories of the transport under test for certs,
+// with its logs discarded.
+func Transport(t testing.TB, certs hbone.CertSource) transport.Factories {
+	f, err := transport.For(TransportProtocol(), certs, logr.Discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
