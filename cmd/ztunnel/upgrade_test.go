@@ -167,7 +167,7 @@ type ztunnel struct {
 	exited chan error
 }
 
-func startZtunnel(t *testing.T, cp *controlPlane, pod *netns.Pod, sock, transport string, grace time.Duration) *ztunnel {
+func startZtunnel(t *testing.T, cp *controlPlane, pod *netns.Pod, sock, node, transport string, grace time.Duration) *ztunnel {
 	ns, err := pod.Open()
 	if err != nil {
 		t.Fatal(err)
@@ -180,7 +180,7 @@ func startZtunnel(t *testing.T, cp *controlPlane, pod *netns.Pod, sock, transpor
 	}
 	z := &ztunnel{ns: ns, out: &logBuffer{t: t, pfx: pod.Name}, exited: make(chan error, 1)}
 	z.cmd = exec.Command("ip", "netns", "exec", pod.Name, os.Args[0],
-		"-node-name", "node1", "-pod-name", pod.Name, "-xds-address", "127.0.0.1:15010", "-ca-address", "127.0.0.1:15012",
+		"-node-name", node, "-pod-name", pod.Name, "-xds-address", "127.0.0.1:15010", "-ca-address", "127.0.0.1:15012",
 		"-token-path", token, "-root-cert", cp.roots, "-zds-socket", sock, "-transport", transport, "-drain-grace", grace.String())
 	z.cmd.Env = append(os.Environ(), runMainEnv+"=1")
 	z.cmd.Stdout, z.cmd.Stderr = z.out, z.out
@@ -352,66 +352,110 @@ func (p *prober) finish() (ok, failed int64, errs []string) {
 // SIGTERM while clients open connections continuously. No new connection
 // may fail, connections open on the old one keep working until they end
 // (the old one then exits without using its grace period), and a pod
-// deleted meanwhile is released by both. With HBONE over HTTP/3 both must
-// be able to bind the pods' UDP port too.
+// deleted meanwhile is released by both. Two paths through the upgraded
+// node: outbound from a captured client (to an unmeshed server), and
+// inbound HBONE (:15008) to a captured server from another node, whose
+// ztunnel pools tunnels to the old instance when the upgrade starts. With
+// HBONE over HTTP/3 both instances must at least be able to bind the pods'
+// UDP port (inbound tunnels are not handed over yet).
 func TestUpgradeHandsOverWithoutFailingConnections(t *testing.T) {
 	netns.RequireRoot(t)
 	for _, transport := range []string{"HTTP2", "HTTP3"} {
-		t.Run(transport, func(t *testing.T) { testUpgrade(t, transport) })
+		for _, inbound := range []bool{false, true} {
+			name := transport + "/outbound"
+			if inbound {
+				name = transport + "/inbound-hbone"
+			}
+			t.Run(name, func(t *testing.T) {
+				if transport == "HTTP3" && inbound {
+					// Not done (docs/interfaces.md, ZDS): UDP has no handover. Once
+					// the new instance's socket joins, datagrams of peers' pooled
+					// QUIC connections may reach it; tunnels over them fail until
+					// the QUIC connection times out.
+					t.Skip("HBONE over HTTP/3 has no gap-free upgrade yet")
+				}
+				testUpgrade(t, transport, inbound)
+			})
+		}
 	}
 }
 
-func testUpgrade(t *testing.T, transport string) {
+// nodeAgent is the node agent's part for one node: rules, listener
+// migration and a Syncer feeding the node's ztunnels.
+type nodeAgent struct {
+	syncer *inpod.Syncer
+	sock   string
+	pods   map[*netns.Pod]inpod.Pod
+	nsOf   map[*netns.Pod]*os.File
+}
+
+func startNodeAgent(t *testing.T, ctx context.Context, name string) *nodeAgent {
+	a := &nodeAgent{sock: filepath.Join(t.TempDir(), "ztunnel.sock"), pods: map[*netns.Pod]inpod.Pod{}, nsOf: map[*netns.Pod]*os.File{}}
+	a.syncer = inpod.NewSyncer(a.sock, testr.New(t).WithName(name))
+	go a.syncer.Run(ctx)
+	return a
+}
+
+// capture registers the pod with the control plane and captures it.
+func (a *nodeAgent) capture(t *testing.T, ctx context.Context, cp *controlPlane, p *netns.Pod, node string) {
+	cp.workload(t, &workloadapi.Workload{Uid: discovery.PodUID("Kubernetes", "default", p.Name), Name: p.Name, Namespace: "default",
+		Addresses: [][]byte{p.IP.AsSlice()}, ServiceAccount: "sa-" + p.Name, TrustDomain: "cluster.local", Node: node,
+		TunnelProtocol: workloadapi.TunnelProtocol_HBONE})
+	f, err := p.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	if err := redirect.NewNFTables(redirect.DefaultConfig()).Install(f); err != nil {
+		t.Fatal(err)
+	}
+	if err := netnsutil.EnableListenerMigration(f); err != nil {
+		t.Fatal(err)
+	}
+	a.nsOf[p] = f
+	a.pods[p] = inpod.Pod{UID: "uid-" + p.Name, Info: inpod.WorkloadInfo{Name: p.Name, Namespace: "default", ServiceAccount: "sa-" + p.Name}, NetnsPath: p.Path()}
+	a.syncer.Upsert(ctx, a.pods[p]) // queued until a ztunnel connects
+}
+
+func testUpgrade(t *testing.T, transport string, inbound bool) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
 	c := netns.NewCluster(t)
 	node := c.AddNode("node1")
-	client, leaving, server := node.AddPod("client"), node.AddPod("leaving"), node.AddPod("server")
+	server, leaving := node.AddPod("server"), node.AddPod("leaving")
 	oldPod, newPod := node.AddPod("ztunnel-old"), node.AddPod("ztunnel-new")
 	serveEcho(t, server, 7777)
 	dst := netip.AddrPortFrom(server.IP, 7777)
 
 	cp := newControlPlane(t)
-	captured := map[*netns.Pod]inpod.Pod{}
-	for _, p := range []*netns.Pod{client, leaving} {
-		uid := "uid-" + p.Name
-		cp.workload(t, &workloadapi.Workload{Uid: discovery.PodUID("Kubernetes", "default", p.Name), Name: p.Name, Namespace: "default",
-			Addresses: [][]byte{p.IP.AsSlice()}, ServiceAccount: "sleep", TrustDomain: "cluster.local", Node: "node1",
-			TunnelProtocol: workloadapi.TunnelProtocol_HBONE})
-		captured[p] = inpod.Pod{UID: uid, Info: inpod.WorkloadInfo{Name: p.Name, Namespace: "default", ServiceAccount: "sleep"}, NetnsPath: p.Path()}
+	agent := startNodeAgent(t, ctx, "node-agent-1")
+	agent.capture(t, ctx, cp, leaving, "node1")
+	var client *netns.Pod
+	var clientNS *os.File
+	if inbound {
+		// The client lives on another node with a ztunnel that stays.
+		node2 := c.AddNode("node2")
+		client = node2.AddPod("client")
+		agent.capture(t, ctx, cp, server, "node1")
+		agent2 := startNodeAgent(t, ctx, "node-agent-2")
+		agent2.capture(t, ctx, cp, client, "node2")
+		clientNS = agent2.nsOf[client]
+		z2 := startZtunnel(t, cp, node2.AddPod("ztunnel-2"), agent2.sock, "node2", transport, time.Minute)
+		waitFor(t, "node2 ztunnel ready", z2.ready)
+	} else {
+		client = node.AddPod("client")
+		agent.capture(t, ctx, cp, client, "node1")
+		clientNS = agent.nsOf[client]
 	}
-
-	// The node agent's part: rules, listener migration, then the Syncer.
-	rules := redirect.NewNFTables(redirect.DefaultConfig())
-	nsOf := map[*netns.Pod]*os.File{}
-	for p := range captured {
-		f, err := p.Open()
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { f.Close() })
-		nsOf[p] = f
-		if err := rules.Install(f); err != nil {
-			t.Fatal(err)
-		}
-		if err := netnsutil.EnableListenerMigration(f); err != nil {
-			t.Fatal(err)
-		}
-	}
-	sock := filepath.Join(t.TempDir(), "ztunnel.sock")
-	syncer := inpod.NewSyncer(sock, testr.New(t).WithName("node-agent"))
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go syncer.Run(ctx)
-	for p := range captured {
-		syncer.Upsert(ctx, captured[p]) // queued until a ztunnel connects
-	}
+	syncer, sock, captured, nsOf := agent.syncer, agent.sock, agent.pods, agent.nsOf
 
 	const grace = 60 * time.Second // never reached: the old instance must finish on its own
-	old := startZtunnel(t, cp, oldPod, sock, transport, grace)
+	old := startZtunnel(t, cp, oldPod, sock, "node1", transport, grace)
 	waitFor(t, "old ztunnel ready", old.ready)
 	// Long-lived connections, all on the old instance.
 	var longLived []*session
 	for i := range 8 {
-		s, err := dialFrom(nsOf[client], dst)
+		s, err := dialFrom(clientNS, dst)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -429,14 +473,14 @@ func testUpgrade(t *testing.T, transport string) {
 	}
 
 	// The surged instance starts next to the old one and gets every pod.
-	nu := startZtunnel(t, cp, newPod, sock, transport, grace)
+	nu := startZtunnel(t, cp, newPod, sock, "node1", transport, grace)
 	waitFor(t, "new ztunnel ready", nu.ready)
 	waitFor(t, "node agent connected to both ztunnels", func() bool { return syncer.Connected() == 2 })
 	if !old.ready() {
 		t.Fatal("old ztunnel not ready next to the new one")
 	}
 
-	probes := startProbing(nsOf[client], dst, 4)
+	probes := startProbing(clientNS, dst, 4)
 	defer func() {
 		if probes != nil {
 			probes.finish()

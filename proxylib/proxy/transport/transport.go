@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
+	"strings"
 
 	"github.com/go-logr/logr"
 
@@ -74,14 +75,7 @@ func HTTP3(certs hbone.CertSource, log logr.Logger) Factories {
 func HTTP2(certs hbone.CertSource, log logr.Logger) Factories {
 	return Factories{
 		NewDialer: func(ns *os.File) (hbone.Dialer, error) {
-			return h2.NewDialer(h2.DialerConfig{Certs: certs, Log: log,
-				DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
-					dst, err := netip.ParseAddrPort(addr)
-					if err != nil {
-						return nil, err
-					}
-					return netnsutil.DialTCP(ctx, ns, netip.AddrPort{}, dst, netnsutil.SocketOptions{Mark: netnsutil.Mark})
-				}})
+			return newH2Dialer(ns, certs, log)
 		},
 		NewHBONEServer: func(ns *os.File, host string, local identity.Identity, h hbone.Handler) (proxy.HBONEServer, error) {
 			srv, err := h2.NewServer(h2.ServerConfig{Certs: certs, Identity: local, Handler: h, Log: log})
@@ -95,6 +89,37 @@ func HTTP2(certs hbone.CertSource, log logr.Logger) Factories {
 			return &h2Server{srv: srv, ln: ln}, nil
 		},
 	}
+}
+
+func newH2Dialer(ns *os.File, certs hbone.CertSource, log logr.Logger) (hbone.Dialer, error) {
+	d, err := h2.NewDialer(h2.DialerConfig{Certs: certs, Log: log,
+		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+			dst, err := netip.ParseAddrPort(addr)
+			if err != nil {
+				return nil, err
+			}
+			return netnsutil.DialTCP(ctx, ns, netip.AddrPort{}, dst, netnsutil.SocketOptions{Mark: netnsutil.Mark})
+		}})
+	if err != nil {
+		return nil, err
+	}
+	return retryUnusable{d}, nil
+}
+
+// retryUnusable retries, once, a tunnel whose pooled connection had just
+// received GOAWAY (an upgrading peer ztunnel draining): x/net refuses it
+// with "client conn not usable" before sending anything, and h2.Dialer's
+// own retry does not recognise that message. The retry gets a fresh
+// connection, which reaches the peer's new instance. Drop this once
+// h2's retryable matches it.
+type retryUnusable struct{ hbone.Dialer }
+
+func (d retryUnusable) Dial(ctx context.Context, req hbone.DialRequest) (hbone.Stream, error) {
+	st, err := d.Dialer.Dial(ctx, req)
+	if err != nil && strings.Contains(err.Error(), "http2: client conn not usable") && ctx.Err() == nil {
+		return d.Dialer.Dial(ctx, req)
+	}
+	return st, err
 }
 
 type h2Server struct {
