@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -101,9 +102,11 @@ type holdResult struct {
 }
 
 // TestZtunnelUpgradeKeepsMeshWorking rolls the ztunnel DaemonSet to a new
-// image tag while long-lived connections are open, and records how many
-// broke: the baseline for a later zero-loss upgrade goal. New connections
-// must work after the upgrade.
+// image tag while long-lived connections are open. The DaemonSet surges
+// and the old ztunnel hands over (docs/interfaces.md, ZDS): no NEW
+// connection may fail at any point of the rollout, including while the
+// old pods drain. Long-lived connections survive until the old ztunnel's
+// drain grace ends; how many broke is recorded as a baseline.
 func TestZtunnelUpgradeKeepsMeshWorking(t *testing.T) {
 	requireMesh(t)
 	deployJourney(t)
@@ -123,6 +126,8 @@ func TestZtunnelUpgradeKeepsMeshWorking(t *testing.T) {
 		t.Fatal(err)
 	}
 	time.Sleep(5 * time.Second) // connections established before the upgrade starts
+	probes := probeNewConnections(t, "deploy/sleep", "httpbin:9000")
+	defer probes.stop() // idempotent; stops the loops on every exit path
 	mustKubectl(t, "patch", "ambientmesh", "default", "--type", "merge", "-p", `{"spec":{"ztunnel":{"image":"`+upgraded+`"}}}`)
 	defer func() {
 		kubectl("patch", "ambientmesh", "default", "--type", "json", "-p", `[{"op":"remove","path":"/spec/ztunnel/image"}]`)
@@ -136,6 +141,24 @@ func TestZtunnelUpgradeKeepsMeshWorking(t *testing.T) {
 		return nil
 	})
 	rolloutDaemonSet(t, "ztunnel")
+	// The old pods drain after the rollout reports done: probe until gone.
+	eventually(t, 120*time.Second, "old ztunnel pods gone", func() error {
+		out := mustKubectl(t, "get", "pods", "-n", meshNS, "-l", "app=ztunnel", "-o", `jsonpath={range .items[*]}{.metadata.deletionTimestamp}{" "}{.spec.containers[0].image}{"\n"}{end}`)
+		for line := range strings.Lines(out) {
+			if f := strings.Fields(line); len(f) != 1 || f[0] != upgraded {
+				return fmt.Errorf("ztunnel pod still terminating or old: %q", strings.TrimSpace(line))
+			}
+		}
+		return nil
+	})
+	probed := probes.stop()
+	t.Logf("ztunnel upgrade: %d new connections opened during the rollout, %d failed, %d probes not run (kubectl exec)", probed.Opened, probed.Failed+probed.Broken, probed.ExecErrors)
+	if probed.Failed+probed.Broken > 0 {
+		t.Errorf("%d new connections failed during the ztunnel upgrade: %v", probed.Failed+probed.Broken, probed.Errors[:min(len(probed.Errors), 10)])
+	}
+	if probed.Opened == 0 {
+		t.Errorf("no new connection was probed during the rollout (%d kubectl exec errors)", probed.ExecErrors)
+	}
 	_ = hc.Wait() // non-zero when connections broke; the JSON says how many
 	var res holdResult
 	if err := json.Unmarshal(bytes.TrimSpace(holdOut.Bytes()), &res); err != nil {
@@ -147,6 +170,75 @@ func TestZtunnelUpgradeKeepsMeshWorking(t *testing.T) {
 		t.Errorf("only %d of %d connections opened before the upgrade: %v", res.Opened, conns, res.Errors)
 	}
 	assertJourneyTrafficWorks(t, "new connections after the upgrade")
+}
+
+// newConnProbes opens new connections from a captured pod in a loop
+// (`connhold` with short-lived connections, one kubectl exec per round).
+type newConnProbes struct {
+	once   sync.Once
+	done   chan struct{}
+	wg     sync.WaitGroup
+	mu     sync.Mutex
+	result probeResult
+}
+
+type probeResult struct {
+	holdResult
+	ExecErrors int // kubectl exec itself failed (no connhold report): not the mesh
+}
+
+// probeNewConnections starts two loops, each opening 5 new connections
+// (a few echoed pings each) per round, until stop.
+func probeNewConnections(t *testing.T, client, addr string) *newConnProbes {
+	p := &newConnProbes{done: make(chan struct{})}
+	for range 2 {
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			for {
+				select {
+				case <-p.done:
+					return
+				default:
+				}
+				p.round(t, client, addr)
+			}
+		}()
+	}
+	return p
+}
+
+func (p *newConnProbes) round(t *testing.T, client, addr string) {
+	cmd := exec.Command("kubectl", "--kubeconfig", kubeconfig, "exec", "-n", demoNS, client, "--",
+		"connhold", "-addr", addr, "-conns", "5", "-interval", "100ms", "-duration", "350ms")
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	_ = cmd.Run() // connhold exits 1 when a connection failed; its report says which
+	var res holdResult
+	if err := json.Unmarshal(bytes.TrimSpace(out.Bytes()), &res); err != nil {
+		t.Logf("probe round not run: %v: %s", err, strings.TrimSpace(errOut.String()))
+		p.mu.Lock()
+		p.result.ExecErrors++
+		p.mu.Unlock()
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.result.Opened += res.Opened
+	p.result.Failed += res.Failed
+	p.result.Broken += res.Broken
+	p.result.Errors = append(p.result.Errors, res.Errors...)
+	if res.Failed+res.Broken > 0 {
+		t.Logf("new connections failed at %s: %v", time.Now().UTC().Format(time.RFC3339), res.Errors)
+	}
+}
+
+func (p *newConnProbes) stop() probeResult {
+	p.once.Do(func() { close(p.done) })
+	p.wg.Wait()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.result
 }
 
 func TestDeleteMeshReleasesPodsWithoutRestart(t *testing.T) {
