@@ -33,8 +33,6 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/discovery/meshapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
-	"github.com/ambientmesh/ambient/proxylib/hbone/h2"
-	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 	"github.com/ambientmesh/ambient/proxylib/waypoint"
 	"github.com/ambientmesh/ambient/test/meshtest"
@@ -63,7 +61,6 @@ func hostname(name string) string { return name + ".default.svc.cluster.local" }
 // addWaypoint creates the waypoint pod (not captured) on n, publishes its
 // Service (VIP:15008), and runs the waypoint in the pod's namespace.
 func addWaypoint(m *meshtest.Mesh, n *meshtest.Node, name string, vip netip.Addr, state *discovery.State) *runningWaypoint {
-	t := m.T
 	key := discovery.ServiceKey("default", hostname(name))
 	p := m.AddPod(n, name+"-1", name, false, func(w *workloadapi.Workload) {
 		w.WorkloadName = name
@@ -71,41 +68,9 @@ func addWaypoint(m *meshtest.Mesh, n *meshtest.Node, name string, vip netip.Addr
 	})
 	m.CP.Service(&workloadapi.Service{Name: name, Namespace: "default", Hostname: hostname(name),
 		Addresses: []*workloadapi.NetworkAddress{{Address: vip.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}})
-	id := p.ID()
-	certs := identity.NewStaticSource(m.CA.TrustDomain, m.CA.Roots())
-	certs.Set(id, m.CA.Issue(t, id))
-	f, err := p.Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	dialer, err := h2.NewDialer(h2.DialerConfig{Certs: certs, DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
-		return netnsutil.DialTCP(ctx, f, netip.AddrPort{}, netip.MustParseAddrPort(addr), netnsutil.SocketOptions{})
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { dialer.Close() })
 	reg := prometheus.NewRegistry()
-	srv, err := waypoint.New(waypoint.Config{Name: name, Namespace: "default", Identity: id, State: state, Dialer: dialer,
-		Registry: reg, Tracing: true, Log: m.Logs.Logger(name), RootNamespace: "istio-system",
-		DialTCP: func(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
-			return netnsutil.DialTCP(ctx, f, netip.AddrPort{}, a, netnsutil.SocketOptions{})
-		}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(srv.Close)
-	hs, err := h2.NewServer(h2.ServerConfig{Certs: certs, Identity: id, Handler: srv})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := netnsutil.ListenTCP(f, ":15008", netnsutil.SocketOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	go hs.Serve(ln)
-	t.Cleanup(func() { hs.Close() })
+	srv := m.RunWaypoint(p, waypoint.Config{Name: name, State: state, Registry: reg, Tracing: true,
+		Log: m.Logs.Logger(name), RootNamespace: "istio-system"})
 	return &runningWaypoint{pod: p, vip: vip, metrics: reg, srv: srv,
 		gw: &workloadapi.GatewayAddress{Destination: &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: vip.AsSlice()}}, HboneMtlsPort: 15008}}
 }

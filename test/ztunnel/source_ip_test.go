@@ -16,7 +16,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/ambientmesh/ambient/proxylib/hbone"
-	"github.com/ambientmesh/ambient/proxylib/hbone/h2"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 	"github.com/ambientmesh/ambient/proxylib/redirect"
@@ -299,7 +298,8 @@ func startForwardedReporter(t *testing.T, m *meshtest.Mesh, wp *meshtest.Pod) {
 	t.Cleanup(func() { srv.Close() })
 }
 
-// hboneWithHeader is hboneFrom with CONNECT headers of the caller's choice.
+// hboneWithHeader dials a tunnel from inside pod p presenting id's
+// certificate, with CONNECT headers h (none when nil).
 func hboneWithHeader(t *testing.T, m *meshtest.Mesh, p *meshtest.Pod, id identity.Identity, proxyAddr, target netip.AddrPort, expected identity.Identity, h http.Header) (net.Conn, error) {
 	certs := identity.NewStaticSource(m.CA.TrustDomain, m.CA.Roots())
 	certs.Set(id, m.CA.Issue(t, id))
@@ -362,7 +362,8 @@ func TestSourceIPThroughRealWaypoint(t *testing.T) {
 	})}
 	go httpSrv.Serve(ln)
 	t.Cleanup(func() { httpSrv.Close() })
-	startRealWaypoint(t, m, wp, wpState)
+	m.RunWaypoint(wp, waypoint.Config{Name: "waypoint", State: wpState, Registry: prometheus.NewRegistry(),
+		Log: m.Logs.Logger("waypoint"), RootNamespace: "istio-system"})
 
 	t.Run("TCP through the waypoint", func(t *testing.T) {
 		c, err := sleep.Dial(app.Addr(whoPort))
@@ -386,42 +387,4 @@ func TestSourceIPThroughRealWaypoint(t *testing.T) {
 			t.Fatalf("app saw %s, want sleep %s (waypoint %s, app %s)", b, sleep.IP, wp.IP, app.IP)
 		}
 	})
-}
-
-// startRealWaypoint runs proxylib/waypoint on HTTP/2 HBONE in p's netns.
-func startRealWaypoint(t *testing.T, m *meshtest.Mesh, p *meshtest.Pod, state *discovery.State) {
-	id := p.ID()
-	certs := identity.NewStaticSource(m.CA.TrustDomain, m.CA.Roots())
-	certs.Set(id, m.CA.Issue(t, id))
-	f, err := p.Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	dialer, err := h2.NewDialer(h2.DialerConfig{Certs: certs, DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
-		return netnsutil.DialTCP(ctx, f, netip.AddrPort{}, netip.MustParseAddrPort(addr), netnsutil.SocketOptions{})
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { dialer.Close() })
-	srv, err := waypoint.New(waypoint.Config{Name: "waypoint", Namespace: "default", Identity: id, State: state, Dialer: dialer,
-		Registry: prometheus.NewRegistry(), Log: m.Logs.Logger("waypoint"), RootNamespace: "istio-system",
-		DialTCP: func(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
-			return netnsutil.DialTCP(ctx, f, netip.AddrPort{}, a, netnsutil.SocketOptions{})
-		}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(srv.Close)
-	hs, err := h2.NewServer(h2.ServerConfig{Certs: certs, Identity: id, Handler: srv})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := netnsutil.ListenTCP(f, ":15008", netnsutil.SocketOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	go hs.Serve(ln)
-	t.Cleanup(func() { hs.Close() })
 }

@@ -46,18 +46,7 @@ func startStandInWaypoint(t *testing.T, m *meshtest.Mesh, wp *meshtest.Pod) {
 
 // hboneFrom dials a tunnel from inside pod p presenting id's certificate.
 func hboneFrom(t *testing.T, m *meshtest.Mesh, p *meshtest.Pod, id identity.Identity, proxyAddr, target netip.AddrPort, expected identity.Identity) (net.Conn, error) {
-	certs := identity.NewStaticSource(m.CA.TrustDomain, m.CA.Roots())
-	certs.Set(id, m.CA.Issue(t, id))
-	f, _ := p.Open()
-	t.Cleanup(func() { f.Close() })
-	d, err := meshtest.Transport(t, certs).NewDialer(f)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { d.Close() })
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	return d.Dial(ctx, hbone.DialRequest{Source: id, Expected: []identity.Identity{expected}, ProxyAddr: proxyAddr, Target: target})
+	return hboneWithHeader(t, m, p, id, proxyAddr, target, expected, nil)
 }
 
 func readAll(t *testing.T, c net.Conn) string {
