@@ -225,7 +225,11 @@ const maxReplayBody = 64 << 10
 // route's policy (connect failures and the listed status codes).
 func (c *connInfo) forward(in *http.Request, o *outcome, m *route.Match, b *route.Backend,
 	pick func() (netip.AddrPort, func(lb.Outcome), bool)) *http.Response {
-	ctx := context.WithValue(in.Context(), sourceAddrKey{}, c.srcIP)
+	// No client address on the onward tunnel: pooled connections carry the
+	// requests of many clients, so it would name the wrong one for most of
+	// them. The app sees the waypoint's address (as in Istio) and each
+	// request's own client in X-Forwarded-For.
+	ctx := in.Context()
 	var rule *route.Rule
 	if m != nil {
 		rule = m.Rule

@@ -410,6 +410,40 @@ func countSeries(mfs []*dto.MetricFamily, name string) int {
 	return 0
 }
 
+// TestOnwardClientAddress: an onward HTTP tunnel is pooled across clients,
+// so it names no client (the app sees the waypoint; X-Forwarded-For names
+// each request's client); an opaque TCP tunnel serves one client and names
+// it, so the destination's ztunnel can show the app its address.
+func TestOnwardClientAddress(t *testing.T) {
+	d := newDemo(t)
+	for _, c := range []*wt.Client{d.sleep, d.notsleep, d.sleep} {
+		hc := c.HTTP(d.wp, target(d.echoV1, wt.HTTPPort), false)
+		if code, s, _ := get(t, hc, "GET", svcURL(d.echoV1, "/")); code != 200 || s.Header.Get("X-Forwarded-For") != c.IP.String() {
+			t.Fatalf("%s: %d, X-Forwarded-For %q", c.ID, code, s.Header.Get("X-Forwarded-For"))
+		}
+	}
+	http := d.v1.Forwarded()
+	if len(http) == 0 {
+		t.Fatal("no onward tunnel reached echo-v1")
+	}
+	for _, f := range http {
+		if f != "" {
+			t.Fatalf("pooled HTTP tunnel names a client: Forwarded %q", f)
+		}
+	}
+	st, err := d.sleep.Dial(context.Background(), d.wp, target(d.echoV1, wt.TCPPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.CloseWrite()
+	io.ReadAll(st)
+	st.Close()
+	all := d.v1.Forwarded()
+	if got, want := all[len(all)-1], hbone.FormatForwarded(d.sleep.IP); got != want {
+		t.Fatalf("TCP tunnel: Forwarded %q, want %q", got, want)
+	}
+}
+
 func TestTCPPassthroughWithL4Policy(t *testing.T) {
 	d := newDemo(t)
 	tgt := target(d.echoV1, wt.TCPPort)

@@ -316,9 +316,12 @@ func hboneWithHeader(t *testing.T, m *meshtest.Mesh, p *meshtest.Pod, id identit
 }
 
 // TestSourceIPThroughRealWaypoint: sleep → its ztunnel → the real waypoint
-// (proxylib/waypoint, L4 and HTTP) → httpbin's ztunnel → httpbin, which
-// sees sleep's address: the waypoint reports its verified peer's client in
-// Forwarded, and httpbin's ztunnel believes only that waypoint.
+// (proxylib/waypoint, L4 and HTTP) → httpbin's ztunnel → httpbin. Over opaque
+// TCP (one onward tunnel per client) httpbin sees sleep's address: the
+// waypoint reports its verified peer's client in Forwarded, and httpbin's
+// ztunnel believes only that waypoint. Over HTTP the onward connections are
+// pooled across clients, so httpbin sees the waypoint (as in Istio) and each
+// request's client in X-Forwarded-For.
 func TestSourceIPThroughRealWaypoint(t *testing.T) {
 	if p := meshtest.TransportProtocol(); p != "" && p != hbone.HTTP2 {
 		// The ztunnels would dial the waypoint over p; proxylib/waypoint,
@@ -383,8 +386,8 @@ func TestSourceIPThroughRealWaypoint(t *testing.T) {
 		}
 		defer resp.Body.Close()
 		b, _ := io.ReadAll(resp.Body)
-		if string(b) != sleep.IP.String() {
-			t.Fatalf("app saw %s, want sleep %s (waypoint %s, app %s)", b, sleep.IP, wp.IP, app.IP)
+		if string(b) != wp.IP.String() {
+			t.Fatalf("app saw %s, want the waypoint %s (sleep %s, app %s)", b, wp.IP, sleep.IP, app.IP)
 		}
 	})
 }

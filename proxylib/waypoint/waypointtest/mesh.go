@@ -77,6 +77,17 @@ type Pod struct {
 	Identity             identity.Identity
 	Labels               map[string]string
 	Policies             []string
+
+	mu        sync.Mutex
+	forwarded []string // Forwarded header of every tunnel accepted
+}
+
+// Forwarded returns the Forwarded header of every tunnel the pod accepted,
+// in order ("" when absent).
+func (p *Pod) Forwarded() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]string(nil), p.forwarded...)
 }
 
 // Waypoint is a running waypoint.
@@ -194,6 +205,9 @@ func (m *Mesh) AddPod(name, sa string, labels map[string]string, wp *Waypoint, p
 			resp.Reject(http.StatusBadRequest, "not this pod")
 			return
 		}
+		p.mu.Lock()
+		p.forwarded = append(p.forwarded, req.Header.Get(hbone.HeaderForwarded))
+		p.mu.Unlock()
 		var d net.Dialer
 		up, err := d.DialContext(ctx, "tcp", req.Target.String())
 		if err != nil {
