@@ -286,18 +286,29 @@ const socketPoll = 250 * time.Millisecond
 
 // Run connects to every ztunnel that appears behind the socket path, sends
 // each its snapshot and keeps it in step, until ctx ends. A socket file it
-// cannot connect to (a ztunnel that died) is retried with backoff.
+// cannot connect to (a ztunnel that died) is retried with backoff; a new
+// file is tried at once.
 func (s *Syncer) Run(ctx context.Context) {
-	backoff := 100 * time.Millisecond
+	var failed struct {
+		inode uint64
+		retry time.Time
+		delay time.Duration
+	}
 	ended := make(chan struct{}, 1)
 	for ctx.Err() == nil {
-		wait := socketPoll
-		if inode, err := socketInode(s.path); err == nil && !s.hasLink(inode) {
-			if l, err := s.connect(ctx, inode); err != nil {
+		inode, err := socketInode(s.path)
+		due := inode != failed.inode || !time.Now().Before(failed.retry)
+		if err == nil && due && !s.hasLink(inode) {
+			l, err := s.connect(ctx, inode)
+			if err != nil {
 				s.log.V(1).Info("ztunnel not reachable", "err", err.Error())
-				wait, backoff = backoff, min(backoff*2, 5*time.Second)
+				if inode != failed.inode {
+					failed.delay = 0
+				}
+				failed.delay = min(max(2*failed.delay, 100*time.Millisecond), 5*time.Second)
+				failed.inode, failed.retry = inode, time.Now().Add(failed.delay)
 			} else {
-				backoff = 100 * time.Millisecond
+				failed.inode = 0
 				go func() {
 					s.serveLink(ctx, l)
 					select {
@@ -311,7 +322,7 @@ func (s *Syncer) Run(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 		case <-ended: // look again at once: the ztunnel may have restarted
-		case <-time.After(wait):
+		case <-time.After(socketPoll):
 		}
 	}
 }
