@@ -80,7 +80,11 @@ func parseFlags() options {
 	flag.StringVar(&o.readyAddr, "ready-address", ":15021", "readiness (/healthz/ready)")
 	ttl, _ := time.ParseDuration(env("WORKLOAD_CERT_TTL", "24h"))
 	flag.DurationVar(&o.certTTL, "workload-cert-ttl", ttl, "requested workload certificate lifetime (env WORKLOAD_CERT_TTL)")
-	grace, _ := time.ParseDuration(env("DRAIN_GRACE", "25s"))
+	grace, err := time.ParseDuration(env("DRAIN_GRACE", "25s"))
+	if err != nil || grace < 0 {
+		fmt.Fprintf(os.Stderr, "bad DRAIN_GRACE %q: want a Go duration such as 25s\n", os.Getenv("DRAIN_GRACE"))
+		os.Exit(2)
+	}
 	flag.DurationVar(&o.drainGrace, "drain-grace", grace, "time open connections get after SIGTERM, shorter than the pod's terminationGracePeriodSeconds (env DRAIN_GRACE)")
 	flag.StringVar(&o.logLevel, "log-level", env("LOG_LEVEL", "info"), "debug|info|warn|error")
 	flag.Parse()
