@@ -32,7 +32,6 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/caclient"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
-	"github.com/ambientmesh/ambient/proxylib/hbone/h2"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/lb"
 	"github.com/ambientmesh/ambient/proxylib/waypoint"
@@ -44,7 +43,7 @@ type options struct {
 	xdsAddr, xdsServerName, caAddr, caServerName   string
 	tokenPath, rootCertPath                        string
 	listen, adminAddr, metricsAddr, readyAddr      string
-	lbPolicy, logLevel                             string
+	lbPolicy, logLevel, transport                  string
 	tracing                                        bool
 	drainGrace                                     time.Duration
 }
@@ -81,6 +80,7 @@ func parseFlags() options {
 	flag.StringVar(&o.tokenPath, "token-path", env("TOKEN_FILE", "/var/run/secrets/tokens/ambient-token"), "projected SA token (audience ambient-mesh)")
 	flag.StringVar(&o.rootCertPath, "root-cert", env("ROOT_CERT_FILE", "/var/run/secrets/ambient/root-cert.pem"), "mesh trust bundle (PEM)")
 	flag.StringVar(&o.listen, "listen", ":15008", "HBONE listener")
+	flag.StringVar(&o.transport, "transport", env("HBONE_TRANSPORT", "HTTP2"), "HBONE transport: HTTP2, or HTTP3 (also serves and falls back to HTTP/2)")
 	flag.StringVar(&o.adminAddr, "admin-address", "127.0.0.1:15000", "admin endpoint")
 	flag.StringVar(&o.metricsAddr, "metrics-address", ":15020", "Prometheus metrics")
 	flag.StringVar(&o.readyAddr, "ready-address", ":15021", "readiness (/healthz/ready)")
@@ -120,6 +120,10 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	if o.name == "" || o.namespace == "" || o.xdsAddr == "" || o.caAddr == "" {
 		return errors.New("WAYPOINT_NAME, POD_NAMESPACE, XDS_ADDRESS and CA_ADDRESS are required")
 	}
+	proto, err := parseTransport(o.transport)
+	if err != nil {
+		return err
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	roots, err := loadRoots(o.rootCertPath)
@@ -154,7 +158,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	dialer, err := h2.NewDialer(h2.DialerConfig{Certs: store, Log: log.WithName("hbone-client")})
+	dialer, err := newDialer(proto, store, reg, log.WithName("hbone-client"))
 	if err != nil {
 		return err
 	}
@@ -170,27 +174,19 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 		return err
 	}
 	defer wp.Close()
-	srv, err := h2.NewServer(h2.ServerConfig{Certs: store, Identity: self, Handler: wp, Log: log.WithName("hbone-server"),
-		ForbiddenTargets: forbidden(o)})
+	srv, err := startHBONE(proto, o.listen, store, self, wp, forbidden(o), log.WithName("hbone-server"), func(err error) {
+		log.Error(err, "HBONE listener stopped")
+		stop()
+	})
 	if err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", o.listen)
-	if err != nil {
-		return err
-	}
-	go func() {
-		if err := srv.Serve(ln); err != nil && !errors.Is(err, h2.ErrServerClosed) {
-			log.Error(err, "HBONE listener stopped")
-			stop()
-		}
-	}()
 
 	serve(log, o.adminAddr, admin.Handler(admin.Config{State: state, Certificates: store.Status,
 		SetLogLevel: func(l string) error { return level.UnmarshalText([]byte(l)) }}))
 	serve(log, o.metricsAddr, admin.MetricsHandler(reg))
 	serve(log, o.readyAddr, admin.ReadinessHandler(state.Ready))
-	log.Info("waypoint started", "name", o.name, "namespace", o.namespace, "identity", self.String(), "listen", o.listen)
+	log.Info("waypoint started", "name", o.name, "namespace", o.namespace, "identity", self.String(), "listen", o.listen, "transport", proto)
 
 	<-ctx.Done()
 	log.Info("draining", "grace", o.drainGrace.String())
