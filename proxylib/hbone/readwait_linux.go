@@ -8,7 +8,11 @@ import (
 
 // readWaiter parks until a socket has bytes (or EOF, or an error) to read,
 // without a buffer: an idle tunnel direction then holds no memory of its own.
-type readWaiter struct{ rc syscall.RawConn }
+type readWaiter struct {
+	rc     syscall.RawConn
+	check  func(fd uintptr) bool // built once: no allocation per wait
+	polled bool                  // the current wait made its poll(2) check
+}
 
 // readWaiterFor returns a waiter for a socket source, nil for anything else
 // (a tunnel stream, a TLS connection, a wrapper).
@@ -21,17 +25,27 @@ func readWaiterFor(src io.Reader) *readWaiter {
 	if err != nil {
 		return nil
 	}
-	return &readWaiter{rc: rc}
+	w := &readWaiter{rc: rc}
+	w.check = func(fd uintptr) bool {
+		if w.polled {
+			return true
+		}
+		w.polled = true
+		return pollReadable(int32(fd))
+	}
+	return w
 }
 
 // wait returns once a read would not block. Go's poller is edge-triggered
-// and bytes may already be queued, so each wake-up asks poll(2) (timeout 0)
-// rather than trusting readiness; unlike a peeking recv, poll does not
-// consume a pending socket error (a reset must reach the Read). Deadlines
-// and Close end the wait with an error, which the caller's next Read reports
-// in its usual form.
+// and clears stale readiness before waiting, so bytes may already be queued:
+// the first check asks poll(2) (timeout 0); unlike a peeking recv, poll does
+// not consume a pending socket error (a reset must reach the Read). A later
+// check follows an edge (new bytes, EOF or an error) and needs no syscall.
+// Deadlines and Close end the wait with an error, which the caller's next
+// Read reports in its usual form.
 func (w *readWaiter) wait() error {
-	return w.rc.Read(func(fd uintptr) bool { return pollReadable(int32(fd)) })
+	w.polled = false
+	return w.rc.Read(w.check)
 }
 
 // pollfd is struct pollfd of poll(2).
