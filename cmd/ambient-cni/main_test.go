@@ -169,6 +169,17 @@ func hasSourceRouting(t *testing.T, p *netns.Pod) bool {
 	return ok
 }
 
+func migrateReq(t *testing.T, p *netns.Pod) string {
+	var v []byte
+	if err := p.Run(func() (err error) {
+		v, err = os.ReadFile("/proc/sys/net/ipv4/tcp_migrate_req")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(v))
+}
+
 func (z *fakeZtunnel) SnapshotDone() { z.mu.Lock(); z.snapshots++; z.mu.Unlock() }
 
 func (z *fakeZtunnel) has(uid types.UID) bool {
@@ -422,6 +433,11 @@ func TestCaptureRunningPodWithoutRestartAndReadoption(t *testing.T) {
 	}
 	if got, want := dialFrom(t, podNS, target), "ztunnel "+target.String(); got != want {
 		t.Fatalf("captured pod's outbound reached %q, want %q", got, want)
+	}
+	// ztunnel upgrades: a closing ztunnel's queued connections move to the
+	// new instance instead of being reset (docs/interfaces.md, ZDS).
+	if v := migrateReq(t, podNS); v != "1" {
+		t.Fatalf("captured pod's net.ipv4.tcp_migrate_req = %q, want 1", v)
 	}
 	if got := dialFrom(t, nodeRole, netip.AddrPortFrom(podNS.IP, 8080)); got != "web" {
 		t.Fatalf("kubelet-style probe from the node reached %q, want the app", got)
