@@ -142,7 +142,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	f, err := transport.For(hbone.Protocol(o.transport), store, log.WithName("hbone"))
+	f, err := transport.For(hbone.Protocol(o.transport), store, log.WithName("hbone"), reg)
 	if err != nil {
 		return err
 	}

@@ -137,10 +137,13 @@ func ListenTCP(ns *os.File, addr string, opts SocketOptions) (net.Listener, erro
 		ln, err = lc.Listen(context.Background(), "tcp", addr)
 		return err
 	}
+	var err error
 	if ns == nil {
-		return ln, listen()
+		err = listen()
+	} else {
+		err = Run(ns, listen)
 	}
-	if err := Run(ns, listen); err != nil {
+	if err != nil {
 		return nil, err
 	}
 	return ln, nil

@@ -114,7 +114,7 @@ func (m *Mesh) AddNode(name string) *Node {
 	if m.logTransport {
 		tlog = log.V(2)
 	}
-	f, err := transport.For(TransportProtocol(), certs, tlog)
+	f, err := transport.For(TransportProtocol(), certs, tlog, nil)
 	if err != nil {
 		m.T.Fatal(err)
 	}
@@ -181,7 +181,7 @@ func TransportProtocol() hbone.Protocol {
 // Transport returns the factories of the transport under test for certs,
 // with its logs discarded.
 func Transport(t testing.TB, certs hbone.CertSource) transport.Factories {
-	f, err := transport.For(TransportProtocol(), certs, logr.Discard())
+	f, err := transport.For(TransportProtocol(), certs, logr.Discard(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -186,9 +186,11 @@ func retryable(err error) bool {
 	if errors.Is(err, http2.ErrNoCachedConn) {
 		return true
 	}
+	// x/net has no typed errors for these; its messages are matched.
 	msg := err.Error()
 	return strings.Contains(msg, "GOAWAY") || strings.Contains(msg, "client connection lost") ||
-		strings.Contains(msg, "connection not usable") || strings.Contains(msg, "REFUSED_STREAM")
+		strings.Contains(msg, "client conn not usable") || strings.Contains(msg, "connection not usable") ||
+		strings.Contains(msg, "REFUSED_STREAM")
 }
 
 func (d *Dialer) pool(req hbone.DialRequest) (*pool, poolKey, error) {
