@@ -1,13 +1,10 @@
 package transport
 
 import (
-	"context"
-	"io"
 	"math/rand/v2"
 	"net/netip"
 	"os"
 	"testing"
-	"time"
 
 	"github.com/go-logr/logr"
 	"github.com/prometheus/client_golang/prometheus"
@@ -20,36 +17,9 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/proxy"
 )
 
-var greeter = hbone.HandlerFunc(func(_ context.Context, _ *hbone.Request, resp hbone.Responder) {
-	st, err := resp.Accept()
-	if err != nil {
-		return
-	}
-	io.WriteString(st, "hello")
-	st.CloseWrite()
-	st.Close()
-})
-
 type peer struct {
 	certs          hbone.CertSource
 	client, server identity.Identity
-}
-
-func (p peer) tunnel(t *testing.T, d hbone.Dialer, addr netip.AddrPort) error {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	st, err := d.Dial(ctx, hbone.DialRequest{Source: p.client, Expected: []identity.Identity{p.server}, ProxyAddr: addr,
-		Target: netip.MustParseAddrPort("127.0.0.1:9")})
-	if err != nil {
-		return err
-	}
-	defer st.Close()
-	b, err := io.ReadAll(st)
-	if err == nil && string(b) != "hello" {
-		t.Fatalf("tunnel answered %q", b)
-	}
-	return err
 }
 
 // serve starts f's HBONE server for the peer on the fixed HBONE port of a
@@ -57,7 +27,7 @@ func (p peer) tunnel(t *testing.T, d hbone.Dialer, addr netip.AddrPort) error {
 func serve(t *testing.T, f Factories, p peer) netip.AddrPort {
 	t.Helper()
 	host := netip.AddrFrom4([4]byte{127, 88, byte(rand.IntN(250) + 1), byte(rand.IntN(250) + 1)})
-	srv, err := f.NewHBONEServer(nil, host.String(), p.server, greeter)
+	srv, err := f.NewHBONEServer(nil, host.String(), p.server, hbonetest.Hello)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -99,10 +69,10 @@ func TestHTTP3ServesBoth(t *testing.T) {
 			}
 			defer d3.Close()
 			addr := serve(t, c.f, p)
-			if err := p.tunnel(t, d2, addr); err != nil {
+			if err := hbonetest.SayHello(d2, p.client, p.server, addr); err != nil {
 				t.Fatalf("HTTP/2 peer: %v", err)
 			}
-			if err := p.tunnel(t, d3, addr); (err == nil) != c.h3Served {
+			if err := hbonetest.SayHello(d3, p.client, p.server, addr); (err == nil) != c.h3Served {
 				t.Fatalf("HTTP/3 peer: %v, want served=%v", err, c.h3Served)
 			}
 		})
@@ -121,7 +91,7 @@ func TestHTTP3DialerFallsBack(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	if err := p.tunnel(t, d, addr); err != nil {
+	if err := hbonetest.SayHello(d, p.client, p.server, addr); err != nil {
 		t.Fatal(err)
 	}
 	if n := counterSum(t, reg, "hbone_transport_fallback_total"); n < 1 {
