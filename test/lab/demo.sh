@@ -56,7 +56,14 @@ show "kubectl get svc httpbin -n $NS"
 if [ "$(kc get pods -n "$NS" --no-headers 2>/dev/null | grep -c Running)" = 4 ]; then pass "4 pods running"; else fail "pods not running"; fi
 
 step "curl works before the mesh"
-o=$(out "kubectl exec deploy/sleep -n $NS -- curl -s -m 5 httpbin:8000 | grep title -m 1"); echo "\$ kubectl exec deploy/sleep -n $NS -- curl httpbin:8000 -s | grep title -m 1"; echo "$o"
+# Available pods become Service endpoints once kube-proxy has synced: retry
+# a refused connection for a few seconds.
+for _ in $(seq 15); do
+  o=$(out "kubectl exec deploy/sleep -n $NS -- curl -s -m 5 httpbin:8000 | grep title -m 1")
+  [[ $o == *"<title>httpbin.org</title>"* ]] && break
+  sleep 2
+done
+echo "\$ kubectl exec deploy/sleep -n $NS -- curl httpbin:8000 -s | grep title -m 1"; echo "$o"
 if [[ $o == *"<title>httpbin.org</title>"* ]]; then pass; else fail "no httpbin page"; fi
 
 pod_fingerprint() { kc get pods -n "$NS" -o jsonpath='{range .items[*]}{.metadata.uid}:{.status.containerStatuses[0].restartCount}{"\n"}{end}' | sort; }

@@ -146,10 +146,15 @@ func deployJourney(t *testing.T) {
 
 func TestJourneyCurlBeforeMesh(t *testing.T) {
 	deployJourney(t)
-	out, code := curl(t, demoNS, "deploy/sleep", "httpbin:8000")
-	if code != 0 || !strings.Contains(out, title) {
-		t.Fatalf("curl exit %d, page %q", code, out)
-	}
+	// "Available" pods are not yet endpoints kube-proxy has programmed: until
+	// it syncs, the Service's address refuses connections (curl exit 7).
+	eventually(t, 30*time.Second, "curl httpbin:8000", func() error {
+		out, code := curl(t, demoNS, "deploy/sleep", "httpbin:8000")
+		if code != 0 || !strings.Contains(out, title) {
+			return fmt.Errorf("curl exit %d, page %q", code, out)
+		}
+		return nil
+	})
 }
 
 func TestJourneyLabelNamespaceWithoutRestart(t *testing.T) {
