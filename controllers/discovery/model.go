@@ -32,14 +32,6 @@ const (
 	hbonePort = 15008
 )
 
-// Traffic types of a waypoint (istio.io/waypoint-for).
-const (
-	trafficService  = waypointbind.TrafficService
-	trafficWorkload = waypointbind.TrafficWorkload
-	trafficAll      = waypointbind.TrafficAll
-	trafficNone     = waypointbind.TrafficNone
-)
-
 // waypoint is a declared waypoint: a WaypointPolicy or a waypoint Gateway.
 type waypoint = waypointbind.Waypoint
 

@@ -8,6 +8,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
 
+	"github.com/ambientmesh/ambient/controllers/waypointbind"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 )
 
@@ -73,12 +74,12 @@ func TestWorkloadWaypointPrecedence(t *testing.T) {
 		m[k] = v
 		return m
 	}
-	nsWP := &waypoint{Namespace: "app", Name: "ns-wp", TrafficType: trafficAll}
-	nsWPService := &waypoint{Namespace: "app", Name: "ns-wp", TrafficType: trafficService}
-	saWP := &waypoint{Namespace: "app", Name: "sa-wp", ServiceAccount: "web", TrafficType: trafficService}
-	otherSA := &waypoint{Namespace: "app", Name: "other-sa", ServiceAccount: "db", TrafficType: trafficAll}
-	labelled := &waypoint{Namespace: "app", Name: "labelled", TrafficType: trafficAll}
-	remote := &waypoint{Namespace: "shared", Name: "remote", TrafficType: trafficAll}
+	nsWP := &waypoint{Namespace: "app", Name: "ns-wp", TrafficType: waypointbind.TrafficAll}
+	nsWPService := &waypoint{Namespace: "app", Name: "ns-wp", TrafficType: waypointbind.TrafficService}
+	saWP := &waypoint{Namespace: "app", Name: "sa-wp", ServiceAccount: "web", TrafficType: waypointbind.TrafficService}
+	otherSA := &waypoint{Namespace: "app", Name: "other-sa", ServiceAccount: "db", TrafficType: waypointbind.TrafficAll}
+	labelled := &waypoint{Namespace: "app", Name: "labelled", TrafficType: waypointbind.TrafficAll}
+	remote := &waypoint{Namespace: "shared", Name: "remote", TrafficType: waypointbind.TrafficAll}
 	tests := []struct {
 		name     string
 		nsLabels map[string]string
@@ -130,13 +131,13 @@ func TestServiceWaypoint(t *testing.T) {
 		svc  *corev1.Service
 		want string
 	}{
-		{"namespace waypoint for services", []*waypoint{{Namespace: "app", Name: "wp", TrafficType: trafficService}}, svc("web", nil), "host:app/wp.app.svc.cluster.local"},
-		{"namespace waypoint for workloads only", []*waypoint{{Namespace: "app", Name: "wp", TrafficType: trafficWorkload}}, svc("web", nil), ""},
-		{"service-account waypoints do not bind services", []*waypoint{{Namespace: "app", Name: "wp", ServiceAccount: "web", TrafficType: trafficAll}}, svc("web", nil), ""},
-		{"service label", []*waypoint{{Namespace: "app", Name: "wp", TrafficType: trafficService}, {Namespace: "app", Name: "x", TrafficType: trafficService}},
+		{"namespace waypoint for services", []*waypoint{{Namespace: "app", Name: "wp", TrafficType: waypointbind.TrafficService}}, svc("web", nil), "host:app/wp.app.svc.cluster.local"},
+		{"namespace waypoint for workloads only", []*waypoint{{Namespace: "app", Name: "wp", TrafficType: waypointbind.TrafficWorkload}}, svc("web", nil), ""},
+		{"service-account waypoints do not bind services", []*waypoint{{Namespace: "app", Name: "wp", ServiceAccount: "web", TrafficType: waypointbind.TrafficAll}}, svc("web", nil), ""},
+		{"service label", []*waypoint{{Namespace: "app", Name: "wp", TrafficType: waypointbind.TrafficService}, {Namespace: "app", Name: "x", TrafficType: waypointbind.TrafficService}},
 			svc("web", map[string]string{"istio.io/use-waypoint": "x"}), "host:app/x.app.svc.cluster.local"},
-		{"service label none", []*waypoint{{Namespace: "app", Name: "wp", TrafficType: trafficAll}}, svc("web", map[string]string{"istio.io/use-waypoint": "none"}), ""},
-		{"the waypoint's own service", []*waypoint{{Namespace: "app", Name: "wp", TrafficType: trafficAll}}, svc("wp", nil), ""},
+		{"service label none", []*waypoint{{Namespace: "app", Name: "wp", TrafficType: waypointbind.TrafficAll}}, svc("web", map[string]string{"istio.io/use-waypoint": "none"}), ""},
+		{"the waypoint's own service", []*waypoint{{Namespace: "app", Name: "wp", TrafficType: waypointbind.TrafficAll}}, svc("wp", nil), ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

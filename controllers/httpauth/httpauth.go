@@ -8,7 +8,6 @@ package httpauth
 import (
 	"context"
 	"crypto/sha256"
-	"errors"
 	"fmt"
 	"net/http"
 	"strings"
@@ -209,14 +208,3 @@ func bearerToken(r *http.Request) (string, bool) {
 // verbOf is the verb the API server itself uses for a non-resource URL:
 // the lower-cased HTTP method ("get" for GET).
 func verbOf(method string) string { return strings.ToLower(method) }
-
-// ErrNoClient is returned by Validate for an Authorizer without a client.
-var ErrNoClient = errors.New("httpauth: Authorizer.Client is nil")
-
-// Validate reports a misconfigured Authorizer before it serves.
-func (a *Authorizer) Validate() error {
-	if a == nil || a.Client == nil {
-		return ErrNoClient
-	}
-	return nil
-}

@@ -232,12 +232,3 @@ func TestCacheIsBounded(t *testing.T) {
 		t.Fatalf("%d entries, want ≤ %d", n, maxCacheEntries)
 	}
 }
-
-func TestValidate(t *testing.T) {
-	if err := (&Authorizer{}).Validate(); err != ErrNoClient {
-		t.Fatalf("Validate without client: %v", err)
-	}
-	if err := (&Authorizer{Client: k8s}).Validate(); err != nil {
-		t.Fatal(err)
-	}
-}
