@@ -14,6 +14,13 @@ const (
 	HeaderForwarded = "Forwarded"
 	HeaderBaggage   = "Baggage"
 
+	// HeaderHairpinCaller is our extension: on a tunnel the destination's
+	// ztunnel hair-pins to the destination's waypoint, the verified SPIFFE
+	// identity of the original caller; absent when the caller had none
+	// (plaintext). Only the waypoint reads it, and only from the
+	// destination itself; see proxylib/waypoint.
+	HeaderHairpinCaller = "X-Ambient-Hairpin-Caller"
+
 	BaggageCluster        = "k8s.cluster.name"
 	BaggageNamespace      = "k8s.namespace.name"
 	BaggagePod            = "k8s.pod.name"

@@ -44,16 +44,20 @@ func (p *Proxy) inboundHBONE(ctx context.Context, s *session, pd *pod, req *hbon
 	if origin == ignoredForwarded {
 		p.log.V(1).Info(s.prefix+": Forwarded header ignored, peer is not a waypoint of the destination", "forwarded", truncate(req.Header.Get(hbone.HeaderForwarded), 64))
 	}
+	c := rbac.Conn{Source: &peer, SrcIP: req.PeerAddr.Addr().Unmap(), DstIP: req.Target.Addr(), DstPort: req.Target.Port()}
 	if wp := dstW.GetWaypoint(); wp != nil && !p.fromWaypoint(wp, peer) {
-		// The waypoint believes our Forwarded header: it names the client
-		// we decided on, never what the peer wrote.
-		up, err := p.hairpin(ctx, s, pd, dstW, req.Target, withForwarded(req.Header, src))
+		c.ToDestinationWaypoint = true
+		if err := p.authorize(s, dstW, c); err != nil {
+			return reject(err)
+		}
+		// The waypoint believes our Forwarded and caller headers: they name
+		// the client we decided on, never what the peer wrote.
+		up, err := p.hairpin(ctx, s, pd, dstW, req.Target, hairpinHeader(withForwarded(req.Header, src), &peer))
 		if err != nil {
 			return reject(err)
 		}
-		return p.acceptAndRelay(s, pd, resp, up, "", rbac.Conn{})
+		return p.acceptAndRelay(s, pd, resp, up, dstW.GetUid(), c)
 	}
-	c := rbac.Conn{Source: &peer, SrcIP: req.PeerAddr.Addr().Unmap(), DstIP: req.Target.Addr(), DstPort: req.Target.Port()}
 	if err := p.authorize(s, dstW, c); err != nil {
 		return reject(err)
 	}
@@ -126,15 +130,19 @@ func (p *Proxy) plaintextInbound(s *session, pd *pod, down net.Conn, src netip.A
 	}
 	s.labels.Destination = telemetry.PeerOf(dstW, nil)
 	var up net.Conn
-	dstUID := dstW.GetUid()
 	c := rbac.Conn{SrcIP: src.Addr(), DstIP: dst.Addr(), DstPort: dst.Port()}
 	if wp := dstW.GetWaypoint(); wp != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
-		defer cancel()
-		if up, err = p.hairpin(ctx, s, pd, dstW, dst, forwarded(src, nil)); err != nil {
+		// Authorized here as what it is, a caller without identity (STRICT
+		// refuses it), then by the waypoint, told there is no identity.
+		c.ToDestinationWaypoint = true
+		if err := p.authorize(s, dstW, c); err != nil {
 			return 0, 0, err
 		}
-		dstUID = ""
+		ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
+		defer cancel()
+		if up, err = p.hairpin(ctx, s, pd, dstW, dst, hairpinHeader(forwarded(src, nil), nil)); err != nil {
+			return 0, 0, err
+		}
 	} else {
 		if err := p.authorize(s, dstW, c); err != nil {
 			return 0, 0, err
@@ -144,7 +152,7 @@ func (p *Proxy) plaintextInbound(s *session, pd *pod, down net.Conn, src netip.A
 		}
 	}
 	s.attach(up)
-	if err := s.track(pd.info.UID, dstUID, c); err != nil {
+	if err := s.track(pd.info.UID, dstW.GetUid(), c); err != nil {
 		up.Close()
 		return 0, 0, err
 	}
@@ -174,8 +182,24 @@ func (p *Proxy) fromWaypoint(wp *workloadapi.GatewayAddress, peer identity.Ident
 	return p.router.isWaypointIdentity(wp, peer)
 }
 
+// hairpinHeader names the hair-pinned connection's real caller for the
+// waypoint: its verified identity, or none for a plaintext caller. A value
+// the peer sent is always replaced.
+func hairpinHeader(h http.Header, caller *identity.Identity) http.Header {
+	if h == nil {
+		h = http.Header{}
+	}
+	h.Del(hbone.HeaderHairpinCaller)
+	if caller != nil {
+		h.Set(hbone.HeaderHairpinCaller, caller.String())
+	}
+	return h
+}
+
 // hairpin sends a connection for a waypoint-enabled destination through its
-// waypoint, presenting the destination pod's identity.
+// waypoint, presenting the destination pod's identity (the only one this
+// node may use on its behalf) and naming the real caller in
+// hbone.HeaderHairpinCaller. The caller was authorized first.
 func (p *Proxy) hairpin(ctx context.Context, s *session, pd *pod, dstW *workloadapi.Workload, target netip.AddrPort, h http.Header) (net.Conn, error) {
 	rt, err := p.router.toWaypoint(dstW.GetWaypoint(), target)
 	if err != nil {

@@ -37,6 +37,10 @@ type Conn struct {
 	// destination workload's own waypoint. Only the proxy sets it, from
 	// discovery, never from anything the peer sends.
 	FromDestinationWaypoint bool
+	// ToDestinationWaypoint: the proxy is about to hair-pin this connection
+	// to the destination's waypoint, which enforces the L7-derived policies
+	// whole against the same caller. Only the proxy sets it.
+	ToDestinationWaypoint bool
 }
 
 // Decision is the outcome of Evaluate. Policy names the deciding policy
@@ -75,11 +79,13 @@ func Evaluate(policies []*security.Authorization, c Conn) Decision {
 	return Decision{Allowed: false, Action: security.Action_ALLOW}
 }
 
-// enforcedByWaypoint: the connection comes from the destination's waypoint,
-// which enforced this L7-derived policy whole, so its lossy L4 form (e.g.
-// the deny-all left by dropped L7 ALLOW rules) must not apply again.
+// enforcedByWaypoint: the connection comes from (or is being hair-pinned
+// to) the destination's waypoint, which enforces this L7-derived policy
+// whole, so its lossy L4 form (e.g. the deny-all left by dropped L7 ALLOW
+// rules) must not apply here.
 func enforcedByWaypoint(p *security.Authorization, c Conn) bool {
-	return c.FromDestinationWaypoint && c.Source != nil && p.GetAmbientL7Derived()
+	viaWaypoint := (c.FromDestinationWaypoint && c.Source != nil) || c.ToDestinationWaypoint
+	return viaWaypoint && p.GetAmbientL7Derived()
 }
 
 func key(p *security.Authorization) string { return p.GetNamespace() + "/" + p.GetName() }

@@ -205,6 +205,11 @@ func TestL7DerivedPolicySkippedOnlyForDestinationWaypoint(t *testing.T) {
 		c.FromDestinationWaypoint = true
 		return c
 	}
+	toWaypoint := func(src *identity.Identity) Conn {
+		c := conn(src, "10.0.0.1", 80)
+		c.ToDestinationWaypoint = true
+		return c
+	}
 	cases := []struct {
 		name     string
 		policies []*security.Authorization
@@ -221,6 +226,12 @@ func TestL7DerivedPolicySkippedOnlyForDestinationWaypoint(t *testing.T) {
 		{"L4 DENY still applies to waypoint traffic", []*security.Authorization{l7Allow, l4DenyWaypoint}, viaWaypoint(&waypoint), false},
 		{"no identity: the flag alone never skips", []*security.Authorization{l7Allow}, viaWaypoint(nil), false},
 		{"STRICT with the flag but no identity still denies", []*security.Authorization{strict}, viaWaypoint(nil), false},
+		{"hair-pin: L7-derived ALLOW left to the waypoint", []*security.Authorization{l7Allow}, toWaypoint(&sleep), true},
+		{"hair-pin: L7-derived DENY left to the waypoint", []*security.Authorization{l7Deny}, toWaypoint(nil), true},
+		{"hair-pin: STRICT refuses a plaintext caller", []*security.Authorization{l7Allow, strict}, toWaypoint(nil), false},
+		{"hair-pin: STRICT admits an mTLS caller", []*security.Authorization{l7Allow, strict}, toWaypoint(&sleep), true},
+		{"hair-pin: L4 DENY keyed on the caller applies", []*security.Authorization{l4DenyWaypoint}, toWaypoint(&waypoint), false},
+		{"hair-pin: L4 ALLOW keyed on the caller applies", []*security.Authorization{l4AllowSleep}, toWaypoint(&waypoint), false},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

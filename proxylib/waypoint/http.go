@@ -16,6 +16,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/l7"
 	"github.com/ambientmesh/ambient/proxylib/lb"
 	"github.com/ambientmesh/ambient/proxylib/proxyerr"
@@ -43,15 +44,52 @@ type snapshot struct {
 	policies []*authz.Policy
 }
 
+// newConnInfo describes an accepted tunnel. Its peer (c.peer.Peer) is the
+// caller that policy, routing, telemetry and forwarding headers see: the
+// verified HBONE peer, or the caller a hair-pinning destination names.
 func newConnInfo(s *Server, req *hbone.Request, dst destination) *connInfo {
 	c := &connInfo{s: s, peer: *req, dst: dst}
 	c.srcIP = s.clientAddr(req, dst)
 	c.srcWL = s.cfg.State.WorkloadByAddr(c.srcIP)
-	peer := req.Peer
-	c.source = telemetry.PeerOf(c.srcWL, &peer)
-	c.fwd = l7.Forwarding{ClientIP: c.srcIP, PeerID: req.Peer.String(), ProxyID: s.cfg.Identity.String()}
+	c.peer.Peer = s.caller(req, dst)
+	caller := c.peer.Peer
+	c.source = telemetry.PeerOf(c.srcWL, &caller)
+	c.fwd = l7.Forwarding{ClientIP: c.srcIP, ProxyID: s.cfg.Identity.String()}
+	if !caller.IsZero() {
+		c.fwd.PeerID = caller.String()
+	}
 	c.current()
 	return c
+}
+
+// isHairpin reports whether the peer is the destination itself, sending a
+// connection that reached it without passing this waypoint.
+func (s *Server) isHairpin(req *hbone.Request, dst destination) bool {
+	return dst.workload != nil && s.workloadIdentity(dst.workload) == req.Peer
+}
+
+// caller is the identity the tunnel is authorized as. A hair-pinning
+// destination's ztunnel authorized the real caller and names it in
+// hbone.HeaderHairpinCaller; no (or no valid) name means a caller without
+// identity, never the destination's own: that would let a plaintext client
+// pass as the workload it calls. Any other peer's header is ignored.
+func (s *Server) caller(req *hbone.Request, dst destination) identity.Identity {
+	if !s.isHairpin(req, dst) {
+		return req.Peer
+	}
+	id, err := identity.Parse(req.Header.Get(hbone.HeaderHairpinCaller))
+	if err != nil {
+		return identity.Identity{}
+	}
+	return id
+}
+
+// callerID names the caller in logs ("none" without identity).
+func (c *connInfo) callerID() string {
+	if c.peer.Peer.IsZero() {
+		return "none"
+	}
+	return c.peer.Peer.String()
 }
 
 // clientAddr is the caller's address for policy (ipBlocks), forwarding
@@ -156,7 +194,7 @@ func (c *connInfo) ServeL7(in *http.Request) *http.Response {
 func (c *connInfo) handle(snap snapshot, in *http.Request, o *outcome) *http.Response {
 	if d := c.authorize(snap, in); !d.Allowed {
 		o.flags = proxyerr.AuthorizationPolicyRejection
-		c.s.log.Info("RBAC rejected request", "peer", c.peer.Peer.String(), "method", in.Method, "path", in.URL.Path,
+		c.s.log.Info("RBAC rejected request", "peer", c.callerID(), "method", in.Method, "path", in.URL.Path,
 			"target", c.dst.target.String(), "policy", d.Policy, "reason", d.Reason)
 		return textResponse(in, http.StatusForbidden, "RBAC: access denied")
 	}

@@ -93,7 +93,7 @@ func (c *connInfo) record(in *http.Request, o *outcome, start time.Time, reqByte
 	m.reqSize.WithLabelValues(values...).Observe(float64(reqBytes + headerSize(in.Header)))
 	m.respSize.WithLabelValues(values...).Observe(float64(respBytes))
 	c.s.log.Info("access",
-		"src.addr", c.srcIP.String(), "src.identity", c.peer.Peer.String(),
+		"src.addr", c.srcIP.String(), "src.identity", c.callerID(),
 		"dst.addr", c.dst.target.String(), "dst.service", svc.Host, "dst.workload", dst.Workload, "upstream", o.upstream,
 		"route", o.route, "method", in.Method, "path", in.URL.Path, "protocol", proto,
 		"status", o.status, "grpc_status", gs, "flags", flags,

@@ -25,7 +25,7 @@ func (s *Server) serveTCP(ctx context.Context, c *connInfo, stream hbone.Stream,
 		labels.ResponseFlags = string(proxyerr.AuthorizationPolicyRejection)
 		s.tcp.ConnOpened(labels)
 		s.tcp.ConnClosed(labels, 0, 0)
-		s.log.Info("RBAC rejected conn", "peer", c.peer.Peer.String(), "target", c.dst.target.String(), "policy", d.Policy, "reason", d.Reason)
+		s.log.Info("RBAC rejected conn", "peer", c.callerID(), "target", c.dst.target.String(), "policy", d.Policy, "reason", d.Reason)
 		return
 	}
 	ep := c.dst.target
@@ -79,7 +79,7 @@ func (s *Server) serveTCP(ctx context.Context, c *connInfo, stream hbone.Stream,
 		labels.ResponseFlags = string(proxyerr.PolicyChanged)
 	}
 	s.tcp.ConnClosed(labels, received, sent)
-	s.log.Info("access", "protocol", "tcp", "src.addr", c.srcIP.String(), "src.identity", c.peer.Peer.String(),
+	s.log.Info("access", "protocol", "tcp", "src.addr", c.srcIP.String(), "src.identity", c.callerID(),
 		"dst.addr", c.dst.target.String(), "upstream", ep.String(), "bytes_received", received, "bytes_sent", sent)
 }
 
@@ -102,7 +102,7 @@ func (s *Server) revalidate(c *connInfo, kill func()) func() {
 			case <-cfg.changed:
 			}
 			if d := c.authorize(c.current(), nil); !d.Allowed {
-				s.log.Info("policy changed: closing tunnel", "peer", c.peer.Peer.String(), "target", c.dst.target.String(), "policy", d.Policy)
+				s.log.Info("policy changed: closing tunnel", "peer", c.callerID(), "target", c.dst.target.String(), "policy", d.Policy)
 				kill()
 				return
 			}

@@ -254,6 +254,47 @@ func TestForwardedSourceIsBelievedOnlyFirstHand(t *testing.T) {
 	}
 }
 
+// TestHairpinCallerIsBelievedOnlyFromTheDestination: the caller a
+// hair-pinning destination names is who the waypoint serves (policy,
+// X-Forwarded-Client-Cert); a name from any other peer is ignored, and a
+// hair-pin naming nobody is a caller without identity, never the
+// destination itself.
+func TestHairpinCallerIsBelievedOnlyFromTheDestination(t *testing.T) {
+	d := newDemo(t)
+	echo := d.m.PodClient(d.v1) // the destination's own identity
+	for _, c := range []struct {
+		name    string
+		client  *wt.Client
+		header  string
+		wantURI string // "" : the backend must see no client certificate
+	}{
+		{"the destination names an mTLS caller", echo, d.sleep.ID.String(), d.sleep.ID.String()},
+		{"the destination names nobody: no identity", echo, "", ""},
+		{"the destination names garbage: no identity", echo, "not-a-spiffe-id", ""},
+		{"another peer's claim is ignored", d.notsleep, echo.ID.String(), d.notsleep.ID.String()},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			extra := http.Header{}
+			if c.header != "" {
+				extra.Set(hbone.HeaderHairpinCaller, c.header)
+			}
+			hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+				DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+					return c.client.DialWithHeader(ctx, d.wp, target(d.v1.IP, wt.HTTPPort), extra)
+				}}}
+			defer hc.CloseIdleConnections()
+			code, s, _ := get(t, hc, "GET", svcURL(d.v1.IP, "/"))
+			if code != 200 {
+				t.Fatalf("status %d", code)
+			}
+			xfcc := s.Header.Get("X-Forwarded-Client-Cert")
+			if c.wantURI == "" && strings.Contains(xfcc, "URI=") || c.wantURI != "" && !strings.Contains(xfcc, "URI="+c.wantURI) {
+				t.Fatalf("X-Forwarded-Client-Cert %q, want caller %q", xfcc, c.wantURI)
+			}
+		})
+	}
+}
+
 func TestTargetsNotServedAreRefused(t *testing.T) {
 	d := newDemo(t)
 	other := d.m.AddPod("other-0", "other", map[string]string{"app": "other"}, nil)

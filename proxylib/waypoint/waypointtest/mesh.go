@@ -386,6 +386,17 @@ func (c *Client) DialAs(ctx context.Context, wp *Waypoint, target netip.AddrPort
 	})
 }
 
+// DialWithHeader is Dial sending extra CONNECT headers (after Forwarded).
+func (c *Client) DialWithHeader(ctx context.Context, wp *Waypoint, target netip.AddrPort, extra http.Header) (hbone.Stream, error) {
+	h := hbone.SourceHeader(hbone.Source{Addr: c.IP, Namespace: Namespace})
+	for k, vs := range extra {
+		h[k] = append(h[k], vs...)
+	}
+	return c.dialer.Dial(ctx, hbone.DialRequest{
+		Source: c.ID, Expected: []identity.Identity{wp.ID}, ProxyAddr: wp.Addr, Target: target, Header: h,
+	})
+}
+
 // HTTP returns an HTTP client whose connections are tunnels to target via
 // wp; h2 selects HTTP/2 prior knowledge.
 func (c *Client) HTTP(wp *Waypoint, target netip.AddrPort, h2c bool) *http.Client {
