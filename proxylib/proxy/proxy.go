@@ -39,6 +39,9 @@ const (
 	InboundPort  = 15006
 	HBONEPort    = hbone.Port
 	SOCKS5Port   = 15080
+	// SOCKS5Host is the only address the SOCKS5 listener binds: the pod's
+	// loopback, never an address the network can reach.
+	SOCKS5Host = "127.0.0.1"
 )
 
 // HBONEServer serves HBONE CONNECTs; it is already listening when returned.
@@ -235,7 +238,7 @@ func (p *Proxy) openPod(pd *pod) error {
 	if p.cfg.ListenHost != nil {
 		host = p.cfg.ListenHost(pd.info)
 	}
-	listen := func(port int) (net.Listener, error) {
+	listen := func(host string, port int) (net.Listener, error) {
 		ln, err := netnsutil.ListenTCP(pd.ns, net.JoinHostPort(host, strconv.Itoa(port)), ListenOptions)
 		if err != nil {
 			return nil, fmt.Errorf("listen :%d in pod %s: %w", port, pd.info.UID, err)
@@ -247,15 +250,17 @@ func (p *Proxy) openPod(pd *pod) error {
 	if pd.dialer, err = p.cfg.NewDialer(pd.ns); err != nil {
 		return fmt.Errorf("hbone dialer for %s: %w", pd.info.UID, err)
 	}
-	out, err := listen(OutboundPort)
+	out, err := listen(host, OutboundPort)
 	if err != nil {
 		return err
 	}
-	in, err := listen(InboundPort)
+	in, err := listen(host, InboundPort)
 	if err != nil {
 		return err
 	}
-	socks, err := listen(SOCKS5Port)
+	// SOCKS5 serves the pod's own processes only: on another host's
+	// connection it would open tunnels with this pod's identity.
+	socks, err := listen(SOCKS5Host, SOCKS5Port)
 	if err != nil {
 		return err
 	}

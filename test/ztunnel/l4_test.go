@@ -310,6 +310,18 @@ func TestSOCKS5(t *testing.T) {
 	}
 	m.Logs.WaitFor(t, "peer_id=spiffe://cluster.local/ns/default/sa/sleep}: got CONNECT request to "+httpbin.Addr(9000).String())
 
+	// Only the pod itself may ask: from another host, sleep's :15080 must
+	// not be a SOCKS5 proxy (it would tunnel as sleep's identity).
+	outsider := m.AddPod(m.Nodes[1], "outsider-1", "notsleep", false)
+	if oc, err := outsider.Dial(sleep.Addr(15080)); err == nil {
+		oc.SetDeadline(time.Now().Add(5 * time.Second))
+		oc.Write([]byte{5, 1, 0})
+		greeting := make([]byte, 2)
+		_, rerr := io.ReadFull(oc, greeting)
+		oc.Close()
+		t.Fatalf("%s reachable from another host (greeting %v, %v), want refused", sleep.Addr(15080), greeting, rerr)
+	}
+
 	// A bad request gets a SOCKS error reply, not a connection.
 	bad, err := sleep.Dial(netip.MustParseAddrPort("127.0.0.1:15080"))
 	if err != nil {
