@@ -23,15 +23,16 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/go-logr/logr"
 	"github.com/go-logr/zapr"
 	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
 	ctrl "sigs.k8s.io/controller-runtime"
 
 	"github.com/ambientmesh/ambient/cmd/ambient-cni/internal/agent"
 	"github.com/ambientmesh/ambient/cmd/ambient-cni/internal/cniapi"
 	"github.com/ambientmesh/ambient/cmd/ambient-cni/internal/plugin"
 	"github.com/ambientmesh/ambient/proxylib/inpod"
+	"github.com/ambientmesh/ambient/proxylib/logging"
 	"github.com/ambientmesh/ambient/proxylib/redirect"
 )
 
@@ -48,6 +49,21 @@ func main() {
 		fmt.Fprintln(os.Stderr, "ambient-cni agent:", err)
 		os.Exit(1)
 	}
+}
+
+// newLogger is the node agent's JSON logger at level name.
+func newLogger(name string) (logr.Logger, zap.AtomicLevel, error) {
+	level, err := logging.NewAtomicLevel(name)
+	if err != nil {
+		return logr.Logger{}, level, err
+	}
+	zc := zap.NewProductionConfig()
+	zc.Level = level
+	zl, err := zc.Build()
+	if err != nil {
+		return logr.Logger{}, zap.AtomicLevel{}, err
+	}
+	return zapr.NewLogger(zl), zc.Level, nil
 }
 
 func runAgent(args []string) error {
@@ -69,7 +85,7 @@ func runAgent(args []string) error {
 	fs.StringVar(&healthAddr, "health-addr", "", "host:port of /healthz and /readyz (overrides --health-port)")
 	fs.BoolVar(&o.Redirect.PreserveSource, "preserve-source", envOr("PRESERVE_SOURCE", "true") == "true", "install the connmark/policy routing that lets ztunnel connect to apps from the client's address (apps see the real client IP)")
 	fs.BoolVar(&o.ProbeSNAT, "probe-snat", envOr("PROBE_SNAT", "true") == "true", "SNAT the node's own connections to captured pods (kubelet probes) so they bypass capture")
-	fs.StringVar(&logLevel, "log-level", envOr("LOG_LEVEL", "info"), "debug, info, warn, error")
+	fs.StringVar(&logLevel, "log-level", envOr("LOG_LEVEL", "info"), "trace, debug, info, warn, error")
 	_ = fs.Parse(args)
 	if excluded != "" {
 		o.Selection.ExcludedNamespaces = strings.Split(excluded, ",")
@@ -91,17 +107,11 @@ func runAgent(args []string) error {
 	excl := append([]string{"kube-system"}, o.Selection.ExcludedNamespaces...)
 	o.PluginConf = map[string]any{"agentSocket": o.CNISocket, "meshNamespace": o.Selection.MeshNamespace, "excludeNamespaces": excl}
 
-	var level zapcore.Level
-	if err := level.UnmarshalText([]byte(logLevel)); err != nil {
+	log, _, err := newLogger(logLevel)
+	if err != nil {
 		return fmt.Errorf("log level: %w", err)
 	}
-	zc := zap.NewProductionConfig()
-	zc.Level = zap.NewAtomicLevelAt(level)
-	zl, err := zc.Build()
-	if err != nil {
-		return err
-	}
-	o.Log = zapr.NewLogger(zl).WithName("node-agent")
+	o.Log = log.WithName("node-agent")
 	o.Log.Info("in-pod redirection", "backend", backend, "preserveSource", o.Redirect.PreserveSource)
 	if !o.Redirect.PreserveSource {
 		o.Log.Info("source preservation is off: apps behind ztunnel see their own pod address instead of the client's")

@@ -13,7 +13,6 @@ import (
 
 	"github.com/go-logr/zapr"
 	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -27,6 +26,7 @@ import (
 	"github.com/ambientmesh/ambient/controllers/controlplane"
 	"github.com/ambientmesh/ambient/controllers/httpauth"
 	"github.com/ambientmesh/ambient/controllers/webhookcert"
+	"github.com/ambientmesh/ambient/proxylib/logging"
 )
 
 // version is the release; images default to the same tag (-ldflags -X main.version=...).
@@ -80,7 +80,7 @@ func parseFlags() *config {
 	flag.StringVar(&c.managerPodLabelSelector, "manager-pod-labels", "app.kubernetes.io/name=ambient-manager", "labels of the manager pods, selected by the ambient-controlplane Service")
 	flag.BoolVar(&c.controlPlane, "controlplane", true, "serve discovery (:15010), the CA (:15012) and debug (:15014)")
 	flag.StringVar(&c.meshNamespace, "mesh-namespace", "ambient-system", "mesh namespace the control plane assumes until an AmbientMesh names one")
-	flag.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	flag.StringVar(&c.logLevel, "log-level", "info", "log level: trace, debug, info, warn, error")
 	flag.BoolVar(&c.logDevelopment, "log-development", false, "human-readable console logs")
 	flag.Parse()
 	image := func(flagValue, name string) string {
@@ -96,7 +96,7 @@ func parseFlags() *config {
 }
 
 func newLogger(c *config) (*zap.Logger, error) {
-	level, err := zapcore.ParseLevel(c.logLevel)
+	level, err := logging.ParseLevel(c.logLevel)
 	if err != nil {
 		return nil, err
 	}

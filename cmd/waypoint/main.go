@@ -34,6 +34,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/lb"
+	"github.com/ambientmesh/ambient/proxylib/logging"
 	"github.com/ambientmesh/ambient/proxylib/waypoint"
 )
 
@@ -86,7 +87,7 @@ func parseFlags() options {
 	flag.StringVar(&o.readyAddr, "ready-address", ":15021", "readiness (/healthz/ready)")
 	flag.StringVar(&o.lbPolicy, "lb-policy", env("LB_POLICY", "LEAST_REQUEST"), "ROUND_ROBIN or LEAST_REQUEST")
 	flag.BoolVar(&o.tracing, "tracing", env("TRACING", "") == "true", "start a trace (traceparent) for requests without one")
-	flag.StringVar(&o.logLevel, "log-level", env("LOG_LEVEL", "info"), "debug|info|warn|error")
+	flag.StringVar(&o.logLevel, "log-level", env("LOG_LEVEL", "info"), "trace|debug|info|warn|error")
 	flag.DurationVar(&o.drainGrace, "drain-grace", 30*time.Second, "time in-flight tunnels get after SIGTERM")
 	flag.Parse()
 	if o.serviceAccount == "" {
@@ -103,17 +104,25 @@ func parseFlags() options {
 
 func main() {
 	o := parseFlags()
-	level := zap.NewAtomicLevel()
-	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
+	log, level, err := newLogger(o.logLevel)
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "bad -log-level:", err)
 		os.Exit(2)
 	}
-	zl := zap.New(zapcore.NewCore(zapcore.NewConsoleEncoder(zap.NewProductionEncoderConfig()), zapcore.Lock(os.Stderr), level))
-	log := zapr.NewLogger(zl)
 	if err := run(o, log, level); err != nil {
 		log.Error(err, "waypoint failed")
 		os.Exit(1)
 	}
+}
+
+// newLogger is the waypoint's console logger at level name.
+func newLogger(name string) (logr.Logger, zap.AtomicLevel, error) {
+	level, err := logging.NewAtomicLevel(name)
+	if err != nil {
+		return logr.Logger{}, level, err
+	}
+	zl := zap.New(zapcore.NewCore(zapcore.NewConsoleEncoder(zap.NewProductionEncoderConfig()), zapcore.Lock(os.Stderr), level))
+	return zapr.NewLogger(zl), level, nil
 }
 
 func run(o options, log logr.Logger, level zap.AtomicLevel) error {
@@ -183,7 +192,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	}
 
 	serve(log, o.adminAddr, admin.Handler(admin.Config{State: state, Certificates: store.Status,
-		SetLogLevel: func(l string) error { return level.UnmarshalText([]byte(l)) }}))
+		SetLogLevel: func(l string) error { return logging.SetLevel(level, l) }}))
 	serve(log, o.metricsAddr, admin.MetricsHandler(reg))
 	serve(log, o.readyAddr, admin.ReadinessHandler(state.Ready))
 	log.Info("waypoint started", "name", o.name, "namespace", o.namespace, "identity", self.String(), "listen", o.listen, "transport", proto)

@@ -35,6 +35,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/inpod"
+	"github.com/ambientmesh/ambient/proxylib/logging"
 	"github.com/ambientmesh/ambient/proxylib/proxy"
 	"github.com/ambientmesh/ambient/proxylib/proxy/transport"
 	"github.com/ambientmesh/ambient/proxylib/telemetry"
@@ -86,26 +87,34 @@ func parseFlags() options {
 		os.Exit(2)
 	}
 	flag.DurationVar(&o.drainGrace, "drain-grace", grace, "time open connections get after SIGTERM, shorter than the pod's terminationGracePeriodSeconds (env DRAIN_GRACE)")
-	flag.StringVar(&o.logLevel, "log-level", env("LOG_LEVEL", "info"), "debug|info|warn|error")
+	flag.StringVar(&o.logLevel, "log-level", env("LOG_LEVEL", "info"), "trace|debug|info|warn|error")
 	flag.Parse()
 	return o
 }
 
 func main() {
 	o := parseFlags()
-	level := zap.NewAtomicLevel()
-	if err := setLevel(level, o.logLevel); err != nil {
+	log, level, err := newLogger(o.logLevel)
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "bad -log-level:", err)
 		os.Exit(2)
 	}
-	enc := zap.NewProductionEncoderConfig()
-	enc.EncodeTime = zapcore.ISO8601TimeEncoder
-	zl := zap.New(zapcore.NewCore(zapcore.NewConsoleEncoder(enc), zapcore.Lock(os.Stderr), level))
-	log := zapr.NewLogger(zl)
 	if err := run(o, log, level); err != nil {
 		log.Error(err, "ztunnel failed")
 		os.Exit(1)
 	}
+}
+
+// newLogger is ztunnel's console logger at level name.
+func newLogger(name string) (logr.Logger, zap.AtomicLevel, error) {
+	level, err := logging.NewAtomicLevel(name)
+	if err != nil {
+		return logr.Logger{}, level, err
+	}
+	enc := zap.NewProductionEncoderConfig()
+	enc.EncodeTime = zapcore.ISO8601TimeEncoder
+	zl := zap.New(zapcore.NewCore(zapcore.NewConsoleEncoder(enc), zapcore.Lock(os.Stderr), level))
+	return zapr.NewLogger(zl), level, nil
 }
 
 func run(o options, log logr.Logger, level zap.AtomicLevel) error {
@@ -165,7 +174,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	}()
 
 	serve(log, o.adminAddr, admin.Handler(admin.Config{State: state, Certificates: store.Status, Roots: rootCerts,
-		SetLogLevel: func(l string) error { return setLevel(level, l) }}))
+		SetLogLevel: func(l string) error { return logging.SetLevel(level, l) }}))
 	serve(log, o.metricsAddr, admin.MetricsHandler(reg))
 	serve(log, o.readyAddr, admin.ReadinessHandler(func() bool { return p.Ready() && p.SnapshotReceived() && !p.Draining() }))
 	log.Info("ztunnel started", "node", o.node, "transport", o.transport)
@@ -253,14 +262,4 @@ func loadRoots(path string) (*x509.CertPool, []*x509.Certificate, error) {
 		pool.AddCert(c)
 	}
 	return pool, certs, nil
-}
-
-// setLevel accepts zap's names plus "trace" (the AmbientMesh API's most
-// verbose level), which enables logr V(2) lines.
-func setLevel(level zap.AtomicLevel, name string) error {
-	if name == "trace" {
-		level.SetLevel(zapcore.Level(-2))
-		return nil
-	}
-	return level.UnmarshalText([]byte(name))
 }
