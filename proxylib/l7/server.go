@@ -110,6 +110,10 @@ func (s *Server) serveHTTP2(ctx context.Context, conn net.Conn, upgrade *http.Re
 
 // serveH2Request adapts the Handler to an HTTP/2 stream.
 func serveH2Request(handler Handler, w http.ResponseWriter, r *http.Request) {
+	if err := NormalizeRequest(r); err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
 	resp := handler.ServeL7(r)
 	defer resp.Body.Close()
 	RemoveHopByHop(resp.Header, false)
@@ -218,6 +222,10 @@ func (s *Server) serveHTTP1(ctx context.Context, conn net.Conn, br *bufio.Reader
 			return
 		}
 
+		if err := NormalizeRequest(req); err != nil {
+			s.refuse(bw, http.StatusBadRequest, err.Error())
+			return
+		}
 		resp := handler.ServeL7(req)
 		if resp.StatusCode == http.StatusSwitchingProtocols {
 			s.switchProtocols(conn, br, bw, req, resp)

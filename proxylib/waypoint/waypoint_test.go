@@ -712,3 +712,56 @@ spec:
 }
 
 var _ = waypointtest.Namespace
+
+// TestPathNormalizedBeforePolicyAndForwarded: a DENY on /admin* cannot be
+// bypassed with dot segments, doubled slashes or encoded characters, on
+// HTTP/1.1 and HTTP/2; what the pod receives is the normalized path.
+func TestPathNormalizedBeforePolicyAndForwarded(t *testing.T) {
+	d := newDemo(t)
+	d.m.ApplyL7(`
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin}
+spec:
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+`)
+	tgt := target(d.echo, wt.HTTPPort)
+	rawGet := func(path string) (int, wt.Seen) {
+		st, err := d.sleep.Dial(context.Background(), d.wp, tgt)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer st.Close()
+		fmt.Fprintf(st, "GET %s HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n", path)
+		resp, err := http.ReadResponse(bufio.NewReader(st), nil)
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		defer resp.Body.Close()
+		var s wt.Seen
+		if resp.StatusCode == 200 {
+			json.NewDecoder(resp.Body).Decode(&s)
+		}
+		return resp.StatusCode, s
+	}
+	h2 := d.sleep.HTTP(d.wp, tgt, true)
+	defer h2.CloseIdleConnections()
+	for _, p := range []string{"/admin", "/./admin", "//admin", "/x/../admin", "/%61dmin/x", "/x/%2e%2e/admin", "/static/..//admin"} {
+		if code, _ := rawGet(p); code != 403 {
+			t.Errorf("HTTP/1.1 GET %s: %d, want 403", p, code)
+		}
+		if code, _, _ := get(t, h2, "GET", "http://echo"+p); code != 403 {
+			t.Errorf("HTTP/2 GET %s: %d, want 403", p, code)
+		}
+	}
+	for p, want := range map[string]string{"/x/./y//z/../w": "/x/y/w", "/%7Euser/": "/~user/"} {
+		code, s := rawGet(p)
+		if code != 200 || s.Path != want {
+			t.Errorf("GET %s: %d, pod saw %q, want %q", p, code, s.Path, want)
+		}
+	}
+	if code, _ := rawGet("/%zz"); code != 400 {
+		t.Errorf("broken percent-encoding: %d, want 400", code)
+	}
+}
