@@ -111,7 +111,7 @@ func desiredControlPlaneServices(mesh *meshv1.AmbientMesh, d Defaults) []*corev1
 	svc.Spec.Ports = []corev1.ServicePort{
 		{Name: "grpc-xds", Port: xdsPort, TargetPort: intstr.FromInt32(xdsPort), Protocol: corev1.ProtocolTCP},
 		{Name: "grpc-ca", Port: caPort, TargetPort: intstr.FromInt32(caPort), Protocol: corev1.ProtocolTCP},
-		{Name: "http-debug", Port: debugPort, TargetPort: intstr.FromInt32(debugPort), Protocol: corev1.ProtocolTCP},
+		{Name: "https-debug", Port: debugPort, TargetPort: intstr.FromInt32(debugPort), Protocol: corev1.ProtocolTCP},
 	}
 	if ns == mesh.Spec.Namespace {
 		return []*corev1.Service{svc}

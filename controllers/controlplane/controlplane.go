@@ -1,6 +1,6 @@
 // Package controlplane runs the mesh's control-plane servers inside the
 // operator's manager: discovery (delta xDS, :15010), the CA
-// (CreateCertificate, :15012) and the debug endpoint (:15014). Both gRPC
+// (CreateCertificate, :15012) and the debug endpoint (:15014, HTTPS). Both gRPC
 // servers use TLS with a certificate for ambient-controlplane.<ns>.svc issued
 // by the mesh CA (Secret <ns>/ambient-ca, written by the operator).
 package controlplane
@@ -230,8 +230,13 @@ func (cp *ControlPlane) Start(ctx context.Context) error {
 	} else if lis != nil {
 		// The dump lists every workload and policy: only callers whose RBAC
 		// grants GET on the URL (see config/rbac/controlplane_debug_role.yaml).
+		// It takes bearer tokens, so it speaks TLS only (the serving
+		// certificate of xDS and the CA, HTTP/1.1).
 		guard := &httpauth.Authorizer{Client: cp.Auth.Client, Log: cp.opts.Log.WithName("debug")}
 		hs := &http.Server{Handler: guard.Handler(cp.Discovery.DebugHandler()), ReadHeaderTimeout: 5 * time.Second}
+		tlsCfg := cp.certs.tlsConfig()
+		tlsCfg.NextProtos = []string{"http/1.1"}
+		lis = tls.NewListener(lis, tlsCfg)
 		go func() {
 			<-ctx.Done()
 			_ = hs.Close()

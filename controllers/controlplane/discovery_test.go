@@ -397,19 +397,21 @@ func TestDiscoveryClientAuth(t *testing.T) {
 	}
 }
 
-// TestDebugConfigDump: the debug view shows what a proxy receives, and
-// only to callers whose RBAC grants GET on it.
+// TestDebugConfigDump: the debug view shows what a proxy receives, only
+// over TLS (it takes bearer tokens), and only to callers whose RBAC grants
+// GET on it.
 func TestDebugConfigDump(t *testing.T) {
 	zt := ztunnel(t, "zt-debug", "node-a", "10.200.0.6")
 	ensureNamespace(t, "dbg", map[string]string{ambientLabel: "ambient"})
 	createPod(t, podSpec{ns: "dbg", name: "web", node: "node-a", ip: "10.6.0.1"})
 	reader := debugReaderToken(t)
+	httpsClient := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: s.clientTLS()}}
 	get := func(bearer, query string) (int, string) {
-		req, _ := http.NewRequest("GET", "http://"+s.debugAddr+"/debug/config_dump"+query, nil)
+		req, _ := http.NewRequest("GET", "https://"+s.debugAddr+"/debug/config_dump"+query, nil)
 		if bearer != "" {
 			req.Header.Set("Authorization", "Bearer "+bearer)
 		}
-		resp, err := http.DefaultClient.Do(req)
+		resp, err := httpsClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -430,6 +432,16 @@ func TestDebugConfigDump(t *testing.T) {
 	}
 	if code, body := get("", query); code != http.StatusUnauthorized {
 		t.Errorf("without a token: %d %.80q, want 401", code, body)
+	}
+	// Plain HTTP is never served: a token sent that way was exposed.
+	plain, _ := http.NewRequest("GET", "http://"+s.debugAddr+"/debug/config_dump"+query, nil)
+	plain.Header.Set("Authorization", "Bearer "+reader)
+	if resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(plain); err == nil {
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK || strings.Contains(string(b), uid("dbg", "web")) {
+			t.Errorf("plain HTTP served the dump: %d %.80q", resp.StatusCode, b)
+		}
 	}
 	// A proxy's own token does not open the dump of the whole mesh.
 	if code, body := get(token(t, zt, xds.TokenAudience), query); code != http.StatusUnauthorized && code != http.StatusForbidden {
