@@ -11,14 +11,15 @@ import (
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+	"github.com/ambientmesh/ambient/controllers/proxyauth"
 	"github.com/ambientmesh/ambient/controllers/waypointbind"
 )
 
 // Labels and annotations of waypoints, as Istio spells them so tools
 // (istioctl, kiali, the discovery controller) recognise them.
 const (
-	LabelGatewayManaged      = "gateway.istio.io/managed"
-	GatewayManagedValue      = "istio.io-mesh-controller"
+	LabelGatewayManaged      = proxyauth.WaypointDeploymentLabel
+	GatewayManagedValue      = proxyauth.WaypointDeploymentValue
 	LabelIstioGatewayName    = "istio.io/gateway-name"
 	LabelGatewayName         = waypointbind.GatewayNameLabel
 	LabelGatewayClassName    = "gateway.networking.k8s.io/gateway-class-name"

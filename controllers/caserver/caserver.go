@@ -3,8 +3,9 @@
 // bearer token, and gets a chain for an identity it is entitled to.
 //
 // Node authorization: a ztunnel may obtain the identity of any pod scheduled
-// on its own node (named in metadata "ImpersonatedIdentity"); a waypoint
-// only its own identity. Everything else is refused.
+// on its own node (named in metadata "ImpersonatedIdentity"), except a
+// waypoint's; a waypoint (a pod of the waypoint's own Deployment) only its
+// own identity. Everything else is refused.
 package caserver
 
 import (
@@ -50,7 +51,10 @@ type Server struct {
 	Config    func(ctx context.Context) Config
 	// Pods lists pods by node (field index NodeIndexField).
 	Pods client.Reader
-	Log  logr.Logger
+	// IsWaypoint reports whether a waypoint named name exists in namespace;
+	// its service account (named after it) is the waypoint's identity.
+	IsWaypoint func(namespace, name string) bool
+	Log        logr.Logger
 }
 
 // minTTL: shorter requests are raised; rotation at half life needs headroom.
@@ -126,6 +130,12 @@ func (s *Server) authorize(ctx context.Context, caller *proxyauth.Caller, cfg Co
 		}
 		return id, nil
 	case proxyauth.RoleZtunnel:
+		// Waypoint pods are never captured: a pod on this node running as a
+		// waypoint's service account is someone borrowing it, and its
+		// traffic must not carry the waypoint's identity.
+		if s.IsWaypoint == nil || s.IsWaypoint(id.Namespace, id.ServiceAccount) {
+			return identity.Identity{}, status.Errorf(codes.PermissionDenied, "%s is waypoint %s/%s's identity: only that waypoint's own pods obtain it, never a ztunnel", id, id.Namespace, id.ServiceAccount)
+		}
 		ok, err := s.identityOnNode(ctx, caller.NodeName, id)
 		if err != nil {
 			return identity.Identity{}, status.Error(codes.Unavailable, "pod lookup failed")

@@ -140,16 +140,22 @@ func TestCA(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), gw) })
-	wpPod := createPod(t, podSpec{ns: "ca-app", name: "waypoint-0", node: "node-b", sa: "waypoint", ip: "10.7.0.4",
-		labels: map[string]string{"gateway.networking.k8s.io/gateway-name": "waypoint"}})
+	wpPod := createWaypointPod(t, "ca-app", "waypoint", "node-b", "10.7.0.4")
 	impostor := createPod(t, podSpec{ns: "ca-app", name: "impostor", node: "node-b", sa: "client", ip: "10.7.0.5",
+		labels: map[string]string{"gateway.networking.k8s.io/gateway-name": "waypoint"}})
+	// Pods anyone allowed to create pods in the namespace can make: the
+	// waypoint's service account, with or without its label, but not
+	// created by the waypoint's Deployment.
+	saCopy := createPod(t, podSpec{ns: "ca-app", name: "sa-copy", node: "node-a", sa: "waypoint", ip: "10.7.0.6"})
+	labelAndSACopy := createPod(t, podSpec{ns: "ca-app", name: "label-and-sa-copy", node: "node-a", sa: "waypoint", ip: "10.7.0.7",
 		labels: map[string]string{"gateway.networking.k8s.io/gateway-name": "waypoint"}})
 	eventually(t, "waypoint known", func() bool { return s.cp.Discovery.IsWaypoint("ca-app", "waypoint") })
 	// Pods must be in the manager's cache before node checks can pass.
 	eventually(t, "pods cached", func() bool {
 		var p corev1.Pod
 		return s.cp.reader.Get(ctx, client.ObjectKey{Namespace: "ca-app", Name: "web"}, &p) == nil &&
-			s.cp.reader.Get(ctx, client.ObjectKey{Namespace: "ca-app", Name: "waypoint-0"}, &p) == nil
+			s.cp.reader.Get(ctx, client.ObjectKey{Namespace: "ca-app", Name: wpPod.Name}, &p) == nil &&
+			s.cp.reader.Get(ctx, client.ObjectKey{Namespace: "ca-app", Name: saCopy.Name}, &p) == nil
 	})
 
 	realKey := saSigner(t)
@@ -176,6 +182,8 @@ func TestCA(t *testing.T) {
 		{"waypoint, own identity", token(t, wpPod, xds.TokenAudience), id("ca-app", "waypoint"), codes.OK},
 		{"waypoint, someone else", token(t, wpPod, xds.TokenAudience), id("ca-app", "web"), codes.PermissionDenied},
 		{"pod copying the waypoint label", token(t, impostor, xds.TokenAudience), id("ca-app", "client"), codes.PermissionDenied},
+		{"pod copying the waypoint's label and service account", token(t, labelAndSACopy, xds.TokenAudience), id("ca-app", "waypoint"), codes.PermissionDenied},
+		{"ztunnel, app pod on its node running as the waypoint's service account", ztTok, id("ca-app", "waypoint"), codes.PermissionDenied},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -105,6 +105,7 @@ func AddToScheme(s *runtime.Scheme) error {
 // RBAC of the control plane (collected by `make manifests`):
 // +kubebuilder:rbac:groups="",resources=pods;services;namespaces,verbs=get;list;watch
 // +kubebuilder:rbac:groups="",resources=secrets,verbs=get
+// +kubebuilder:rbac:groups=apps,resources=replicasets;deployments,verbs=get
 // +kubebuilder:rbac:groups=discovery.k8s.io,resources=endpointslices,verbs=get;list;watch
 // +kubebuilder:rbac:groups=authentication.k8s.io,resources=tokenreviews,verbs=create
 // +kubebuilder:rbac:groups=authorization.k8s.io,resources=subjectaccessreviews,verbs=create
@@ -274,8 +275,9 @@ func (cp *ControlPlane) CAServer() *caserver.Server {
 			s := cp.meshSettings(ctx)
 			return caserver.Config{TrustDomain: s.trustDomain, WorkloadCertTTL: s.workloadTTL}
 		},
-		Pods: cp.reader,
-		Log:  cp.opts.Log.WithName("ca"),
+		Pods:       cp.reader,
+		IsWaypoint: cp.Discovery.IsWaypoint,
+		Log:        cp.opts.Log.WithName("ca"),
 	}
 }
 

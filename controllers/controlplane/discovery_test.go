@@ -530,8 +530,7 @@ func TestWaypointClientGetsL7(t *testing.T) {
 		t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), o) })
 	}
 	eventually(t, "waypoint known", func() bool { return s.cp.Discovery.IsWaypoint("l7", "waypoint") })
-	wpPod := createPod(t, podSpec{ns: "l7", name: "waypoint-0", node: "node-a", sa: "waypoint", ip: "10.9.0.1",
-		labels: map[string]string{"gateway.networking.k8s.io/gateway-name": "waypoint"}})
+	wpPod := createWaypointPod(t, "l7", "waypoint", "node-a", "10.9.0.1")
 	state := startClient(t, token(t, wpPod, xds.TokenAudience), wpPod.Name, xds.RoleWaypoint, xds.AddressType, xds.AuthorizationType, xds.L7ResourceType)
 	eventually(t, "waypoint sync with L7", func() bool {
 		if !state.Ready() {

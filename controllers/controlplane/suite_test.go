@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	securityv1beta1 "istio.io/client-go/pkg/apis/security/v1beta1"
+	appsv1 "k8s.io/api/apps/v1"
 	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -297,4 +298,42 @@ func eventually(t *testing.T, what string, cond func() bool) {
 
 func isAlreadyExists(err error) bool {
 	return client.IgnoreAlreadyExists(err) == nil
+}
+
+// createWaypointPod creates what the operator and Kubernetes' controllers
+// make of waypoint name: its Deployment (with the operator's waypoint
+// label), a ReplicaSet it controls, and a pod that ReplicaSet controls,
+// running as the waypoint's service account. envtest runs no controllers,
+// so the test writes each object itself.
+func createWaypointPod(t *testing.T, ns, name, node, ip string) *corev1.Pod {
+	t.Helper()
+	ctx := context.Background()
+	labels := map[string]string{"gateway.networking.k8s.io/gateway-name": name}
+	tmpl := corev1.PodTemplateSpec{ObjectMeta: metav1.ObjectMeta{Labels: labels},
+		Spec: corev1.PodSpec{ServiceAccountName: name, Containers: []corev1.Container{{Name: "waypoint", Image: "waypoint"}}}}
+	dep := &appsv1.Deployment{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns,
+		Labels: map[string]string{"gateway.istio.io/managed": "istio.io-mesh-controller"}},
+		Spec: appsv1.DeploymentSpec{Selector: &metav1.LabelSelector{MatchLabels: labels}, Template: tmpl}}
+	if err := s.k8s.Create(ctx, dep); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), dep) })
+	rs := &appsv1.ReplicaSet{ObjectMeta: metav1.ObjectMeta{Name: name + "-5d8f", Namespace: ns,
+		OwnerReferences: []metav1.OwnerReference{*metav1.NewControllerRef(dep, appsv1.SchemeGroupVersion.WithKind("Deployment"))}},
+		Spec: appsv1.ReplicaSetSpec{Selector: &metav1.LabelSelector{MatchLabels: labels}, Template: tmpl}}
+	if err := s.k8s.Create(ctx, rs); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), rs) })
+	ensureServiceAccount(t, ns, name)
+	pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: name + "-5d8f-x1", Namespace: ns, Labels: labels,
+		OwnerReferences: []metav1.OwnerReference{*metav1.NewControllerRef(rs, appsv1.SchemeGroupVersion.WithKind("ReplicaSet"))}},
+		Spec: tmpl.Spec}
+	pod.Spec.NodeName = node
+	if err := s.k8s.Create(ctx, pod); err != nil {
+		t.Fatal(err)
+	}
+	setPodStatus(t, pod, ip, true)
+	t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), pod, client.GracePeriodSeconds(0)) })
+	return pod
 }

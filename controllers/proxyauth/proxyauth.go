@@ -14,9 +14,11 @@ import (
 	"time"
 
 	"google.golang.org/grpc/metadata"
+	appsv1 "k8s.io/api/apps/v1"
 	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 )
 
@@ -141,7 +143,7 @@ func (a *Authenticator) Authenticate(ctx context.Context, token string) (*Caller
 			return nil, fmt.Errorf("%w: ztunnel pod %s is not scheduled", ErrForbidden, podName)
 		}
 		caller.Role, caller.NodeName = RoleZtunnel, pod.Spec.NodeName
-	case a.isWaypointPod(pod):
+	case a.isWaypointPod(ctx, pod):
 		caller.Role = RoleWaypoint
 	default:
 		return nil, fmt.Errorf("%w: %s/%s (pod %s) is neither a ztunnel nor a waypoint of this mesh", ErrForbidden, ns, sa, podName)
@@ -149,19 +151,52 @@ func (a *Authenticator) Authenticate(ctx context.Context, token string) (*Caller
 	return caller, nil
 }
 
-// isWaypointPod: the pod names an existing waypoint and runs as that
+// isWaypointPod: the pod names an existing waypoint, runs as that
 // waypoint's service account (named after it, as the operator and Istio
-// deploy waypoints), so a pod that merely copies the label is refused.
-func (a *Authenticator) isWaypointPod(pod *corev1.Pod) bool {
+// deploy waypoints) and was created by the waypoint's own Deployment. Labels
+// and service accounts are the pod author's to choose, so anyone allowed to
+// create pods in the namespace could copy them; the controller chain pod →
+// ReplicaSet → Deployment (UIDs checked against the API server) is not.
+func (a *Authenticator) isWaypointPod(ctx context.Context, pod *corev1.Pod) bool {
 	if a.IsWaypoint == nil {
 		return false
 	}
 	for _, k := range []string{"gateway.networking.k8s.io/gateway-name", "mesh.ambient.dev/waypoint"} {
 		if name := pod.Labels[k]; name != "" && name == pod.Spec.ServiceAccountName && a.IsWaypoint(pod.Namespace, name) {
-			return true
+			return a.ownedByWaypointDeployment(ctx, pod, name)
 		}
 	}
 	return false
+}
+
+// WaypointDeploymentLabel marks the Deployments the operator runs for
+// waypoints (controllers.LabelGatewayManaged, as Istio labels them).
+const WaypointDeploymentLabel, WaypointDeploymentValue = "gateway.istio.io/managed", "istio.io-mesh-controller"
+
+// ownedByWaypointDeployment: pod's controller is a ReplicaSet whose
+// controller is the operator's Deployment for waypoint name.
+func (a *Authenticator) ownedByWaypointDeployment(ctx context.Context, pod *corev1.Pod, name string) bool {
+	reader := a.APIReader
+	if reader == nil {
+		reader = a.Pods
+	}
+	ref := metav1.GetControllerOf(pod)
+	if ref == nil || ref.Kind != "ReplicaSet" || ref.APIVersion != "apps/v1" {
+		return false
+	}
+	var rs appsv1.ReplicaSet
+	if err := reader.Get(ctx, client.ObjectKey{Namespace: pod.Namespace, Name: ref.Name}, &rs); err != nil || rs.UID != ref.UID {
+		return false
+	}
+	dref := metav1.GetControllerOf(&rs)
+	if dref == nil || dref.Kind != "Deployment" || dref.APIVersion != "apps/v1" || dref.Name != name {
+		return false
+	}
+	var dep appsv1.Deployment
+	if err := reader.Get(ctx, client.ObjectKey{Namespace: pod.Namespace, Name: name}, &dep); err != nil || dep.UID != dref.UID {
+		return false
+	}
+	return dep.Labels[WaypointDeploymentLabel] == WaypointDeploymentValue
 }
 
 func (a *Authenticator) pod(ctx context.Context, ns, name string) (*corev1.Pod, error) {

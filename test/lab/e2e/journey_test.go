@@ -359,3 +359,37 @@ func readFile(t *testing.T, rel string) string {
 	}
 	return string(b)
 }
+
+// TestHairpinPlaintextUnderStrictRefused: a plaintext client outside the
+// mesh calls a pod with a workload waypoint. Without STRICT the destination's
+// ztunnel hair-pins it through the waypoint (it answers); under STRICT it is
+// refused before any hair-pin, as it would be without a waypoint.
+func TestHairpinPlaintextUnderStrictRefused(t *testing.T) {
+	requireMesh(t)
+	requireComponents(t, "WAYPOINT_IMAGE")
+	deployJourney(t)
+	applyFile(t, demoNS, "test/lab/manifests/apps/echo.yaml")
+	recreateNamespace(t, "e2e-client-a")
+	applyFile(t, "e2e-client-a", "test/lab/manifests/apps/sleep.yaml")
+	waitAvailable(t, demoNS)
+	waitAvailable(t, "e2e-client-a")
+	applyFile(t, demoNS, "test/lab/manifests/policy/waypoint-all.yaml")
+	t.Cleanup(func() { removeNamespaceWaypoint(t) })
+	if out, err := kubectl("wait", "-n", demoNS, "--for=condition=Ready", "--timeout=120s", "waypointpolicy/waypoint"); err != nil {
+		t.Fatalf("waypoint not ready: %v\n%s", err, out)
+	}
+	url := "http://echo-v1." + demoNS + ".svc.cluster.local/hostname"
+	expect := func(mode string, wantOK bool) {
+		eventually(t, 60*time.Second, mode, func() error {
+			out, code := curl(t, "e2e-client-a", "deploy/sleep", url)
+			if (code == 0 && strings.HasPrefix(out, "echo-v1-")) != wantOK {
+				return fmt.Errorf("%s: curl exit %d, %q", mode, code, out)
+			}
+			return nil
+		})
+	}
+	expect("PERMISSIVE: hair-pinned through the waypoint", true)
+	applyFile(t, demoNS, "test/lab/manifests/policy/peerauth-strict.yaml")
+	defer kubectl("delete", "peerauthentication", "peerauth", "-n", demoNS, "--ignore-not-found")
+	expect("STRICT: refused before the hair-pin", false)
+}
