@@ -17,6 +17,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -32,6 +33,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/caclient"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/hbone/meshtransport"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/lb"
 	"github.com/ambientmesh/ambient/proxylib/logging"
@@ -80,7 +82,7 @@ func parseFlags() options {
 	flag.StringVar(&o.caServerName, "ca-server-name", env("CA_SERVER_NAME", ""), "TLS name of the CA (default: host of -ca-address)")
 	flag.StringVar(&o.tokenPath, "token-path", env("TOKEN_FILE", "/var/run/secrets/tokens/ambient-token"), "projected SA token (audience ambient-mesh)")
 	flag.StringVar(&o.rootCertPath, "root-cert", env("ROOT_CERT_FILE", "/var/run/secrets/ambient/root-cert.pem"), "mesh trust bundle (PEM)")
-	flag.StringVar(&o.listen, "listen", ":15008", "HBONE listener")
+	flag.StringVar(&o.listen, "listen", ":15008", "HBONE listener ([host]:15008)")
 	flag.StringVar(&o.transport, "transport", env("HBONE_TRANSPORT", "HTTP2"), "HBONE transport: HTTP2, or HTTP3 (also serves and falls back to HTTP/2)")
 	flag.StringVar(&o.adminAddr, "admin-address", "127.0.0.1:15000", "admin endpoint")
 	flag.StringVar(&o.metricsAddr, "metrics-address", ":15020", "Prometheus metrics")
@@ -129,7 +131,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	if o.name == "" || o.namespace == "" || o.xdsAddr == "" || o.caAddr == "" {
 		return errors.New("WAYPOINT_NAME, POD_NAMESPACE, XDS_ADDRESS and CA_ADDRESS are required")
 	}
-	proto, err := parseTransport(o.transport)
+	proto, err := meshtransport.ParseProtocol(o.transport)
 	if err != nil {
 		return err
 	}
@@ -167,7 +169,15 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	dialer, err := newDialer(proto, store, reg, log.WithName("hbone-client"))
+	// The mesh's HBONE transport (HBONE_TRANSPORT, from the AmbientMesh or
+	// WaypointPolicy): HTTP/2 is always served; with HTTP3, QUIC too, and
+	// tunnels onward try HTTP/3 first, falling back as ztunnel does.
+	tr, err := meshtransport.New(meshtransport.Config{Protocol: proto, Certs: store, Log: log.WithName("hbone"),
+		Registerer: reg, ForbiddenTargets: forbidden(o)})
+	if err != nil {
+		return err
+	}
+	dialer, err := tr.NewDialer(nil)
 	if err != nil {
 		return err
 	}
@@ -183,13 +193,20 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 		return err
 	}
 	defer wp.Close()
-	srv, err := startHBONE(proto, o.listen, store, self, wp, forbidden(o), log.WithName("hbone-server"), func(err error) {
-		log.Error(err, "HBONE listener stopped")
-		stop()
-	})
+	host, port, err := net.SplitHostPort(o.listen)
+	if err != nil || port != strconv.Itoa(hbone.Port) {
+		return fmt.Errorf("listen address %q: want [host]:%d, the HBONE port", o.listen, hbone.Port)
+	}
+	srv, err := tr.NewServer(nil, host, self, wp)
 	if err != nil {
 		return err
 	}
+	go func() {
+		if err := srv.Serve(); err != nil {
+			log.Error(err, "HBONE listener stopped")
+		}
+		stop()
+	}()
 
 	serve(log, o.adminAddr, admin.Handler(admin.Config{State: state, Certificates: store.Status,
 		SetLogLevel: func(l string) error { return logging.SetLevel(level, l) }}))

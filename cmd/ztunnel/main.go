@@ -33,11 +33,11 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/caclient"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/hbone/meshtransport"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/inpod"
 	"github.com/ambientmesh/ambient/proxylib/logging"
 	"github.com/ambientmesh/ambient/proxylib/proxy"
-	"github.com/ambientmesh/ambient/proxylib/proxy/transport"
 	"github.com/ambientmesh/ambient/proxylib/telemetry"
 )
 
@@ -151,13 +151,14 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	f, err := transport.For(hbone.Protocol(o.transport), store, log.WithName("hbone"), reg)
+	tr, err := meshtransport.New(meshtransport.ForPods(meshtransport.Config{Protocol: hbone.Protocol(o.transport),
+		Certs: store, Log: log.WithName("hbone"), Registerer: reg}))
 	if err != nil {
 		return err
 	}
 	h := &certsFirst{store: store, trustDomain: o.trustDomain}
 	p, err := proxy.New(proxy.Config{Log: log.WithName("proxy"), State: state, Certs: store, Node: o.node, TrustDomain: o.trustDomain,
-		Metrics: telemetry.NewMetrics(reg), NewDialer: f.NewDialer, NewHBONEServer: f.NewHBONEServer, CertsReady: h.ready})
+		Metrics: telemetry.NewMetrics(reg), NewDialer: tr.NewDialer, NewHBONEServer: tr.NewServer, CertsReady: h.ready})
 	if err != nil {
 		return err
 	}

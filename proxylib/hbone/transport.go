@@ -96,6 +96,21 @@ type HandlerFunc func(ctx context.Context, req *Request, resp Responder)
 
 func (f HandlerFunc) ServeHBONE(ctx context.Context, req *Request, resp Responder) { f(ctx, req, resp) }
 
+// Server serves HBONE CONNECTs; it is already listening when returned
+// (proxylib/hbone/meshtransport builds them).
+type Server interface {
+	// Serve blocks until the server stops; nil after Drain, Shutdown or Close.
+	Serve() error
+	// Drain stops accepting and lets open tunnels run to their end in the
+	// background.
+	Drain()
+	// Shutdown stops accepting and waits for open tunnels until ctx ends,
+	// then closes the rest.
+	Shutdown(ctx context.Context) error
+	// Close ends everything at once.
+	Close() error
+}
+
 // CertSource gives the certificate for a local identity (rotated underneath;
 // implemented by identity.Store) and the trust roots peers are verified with.
 type CertSource interface {

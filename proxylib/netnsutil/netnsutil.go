@@ -22,6 +22,16 @@ import (
 // namespace; the redirection rules let marked packets pass.
 const Mark = 0x539
 
+// PodListenOptions are the options of ztunnel's listeners inside a pod.
+// SO_REUSEPORT lets an upgrade's new ztunnel listen next to the old one;
+// the old one's drain closes its listeners and the kernel sends every new
+// connection to the new one (docs/interfaces.md, ZDS).
+var PodListenOptions = SocketOptions{Mark: Mark, ReuseAddr: true, ReusePort: true}
+
+// PodDialOptions are the options of ztunnel's connections from inside a
+// pod: its mark, which the pod's redirection lets out unredirected.
+var PodDialOptions = SocketOptions{Mark: Mark}
+
 // Open opens a namespace file such as /proc/<pid>/ns/net or /run/netns/<name>.
 func Open(path string) (*os.File, error) {
 	f, err := os.Open(path)

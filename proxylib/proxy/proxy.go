@@ -44,15 +44,8 @@ const (
 	SOCKS5Host = "127.0.0.1"
 )
 
-// HBONEServer serves HBONE CONNECTs; it is already listening when returned.
-type HBONEServer interface {
-	Serve() error
-	// Drain stops accepting and lets open tunnels run to their end in the
-	// background.
-	Drain()
-	// Close ends everything at once.
-	Close() error
-}
+// HBONEServer serves a pod's HBONE listener (see hbone.Server).
+type HBONEServer = hbone.Server
 
 // Config wires a Proxy. State, Certs, NewDialer and NewHBONEServer are required.
 type Config struct {
@@ -239,7 +232,7 @@ func (p *Proxy) openPod(pd *pod) error {
 		host = p.cfg.ListenHost(pd.info)
 	}
 	listen := func(host string, port int) (net.Listener, error) {
-		ln, err := netnsutil.ListenTCP(pd.ns, net.JoinHostPort(host, strconv.Itoa(port)), ListenOptions)
+		ln, err := netnsutil.ListenTCP(pd.ns, net.JoinHostPort(host, strconv.Itoa(port)), netnsutil.PodListenOptions)
 		if err != nil {
 			return nil, fmt.Errorf("listen :%d in pod %s: %w", port, pd.info.UID, err)
 		}
@@ -288,12 +281,6 @@ func (p *Proxy) openPod(pd *pod) error {
 	}()
 	return nil
 }
-
-// ListenOptions are the in-pod listeners' socket options. SO_REUSEPORT
-// lets an upgrade's new ztunnel listen next to the old one; the old one's
-// Drain closes its listeners and the kernel sends every new connection to
-// the new one (docs/interfaces.md, ZDS).
-var ListenOptions = netnsutil.SocketOptions{Mark: netnsutil.Mark, ReuseAddr: true, ReusePort: true}
 
 func (p *Proxy) acceptLoop(ln net.Listener, serve func(net.Conn)) {
 	for {

@@ -24,9 +24,9 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/hbone/hbonetest"
+	"github.com/ambientmesh/ambient/proxylib/hbone/meshtransport"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/proxy"
-	"github.com/ambientmesh/ambient/proxylib/proxy/transport"
 	"github.com/ambientmesh/ambient/proxylib/redirect"
 	"github.com/ambientmesh/ambient/proxylib/telemetry"
 	"github.com/ambientmesh/ambient/test/netns"
@@ -114,12 +114,9 @@ func (m *Mesh) AddNode(name string) *Node {
 	if m.logTransport {
 		tlog = log.V(2)
 	}
-	f, err := transport.For(TransportProtocol(), certs, tlog, nil)
-	if err != nil {
-		m.T.Fatal(err)
-	}
+	f := newTransport(m.T, certs, tlog)
 	p, err := proxy.New(proxy.Config{Log: log, State: n.State, Certs: certs, Node: name,
-		Metrics: telemetry.NewMetrics(n.Metrics), NewDialer: f.NewDialer, NewHBONEServer: f.NewHBONEServer,
+		Metrics: telemetry.NewMetrics(n.Metrics), NewDialer: f.NewDialer, NewHBONEServer: f.NewServer,
 		ConnectTimeout: 3 * time.Second})
 	if err != nil {
 		m.T.Fatal(err)
@@ -178,12 +175,16 @@ func TransportProtocol() hbone.Protocol {
 	return hbone.Protocol(os.Getenv("ZTUNNEL_TEST_TRANSPORT"))
 }
 
-// Transport returns the factories of the transport under test for certs,
-// with its logs discarded.
-func Transport(t testing.TB, certs hbone.CertSource) transport.Factories {
-	f, err := transport.For(TransportProtocol(), certs, logr.Discard(), nil)
+// Transport is the transport under test, as ztunnel wires it in pods,
+// for certs, with its logs discarded.
+func Transport(t testing.TB, certs hbone.CertSource) *meshtransport.Transport {
+	return newTransport(t, certs, logr.Discard())
+}
+
+func newTransport(t testing.TB, certs hbone.CertSource, log logr.Logger) *meshtransport.Transport {
+	tr, err := meshtransport.New(meshtransport.ForPods(meshtransport.Config{Protocol: TransportProtocol(), Certs: certs, Log: log}))
 	if err != nil {
 		t.Fatal(err)
 	}
-	return f
+	return tr
 }

@@ -25,7 +25,7 @@ func startStandInWaypoint(t *testing.T, m *meshtest.Mesh, wp *meshtest.Pod) {
 	certs.Set(wp.ID(), m.CA.Issue(t, wp.ID()))
 	f, _ := wp.Open()
 	defer f.Close()
-	srv, err := meshtest.Transport(t, certs).NewHBONEServer(f, "", wp.ID(), hbone.HandlerFunc(
+	srv, err := meshtest.Transport(t, certs).NewServer(f, "", wp.ID(), hbone.HandlerFunc(
 		func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
 			s, err := resp.Accept()
 			if err != nil {
