@@ -28,17 +28,17 @@ import (
 	"go.uber.org/zap"
 	ctrl "sigs.k8s.io/controller-runtime"
 
-	"github.com/ambientmesh/ambient/cmd/ambient-cni/internal/agent"
-	"github.com/ambientmesh/ambient/cmd/ambient-cni/internal/cniapi"
-	"github.com/ambientmesh/ambient/cmd/ambient-cni/internal/plugin"
 	"github.com/ambientmesh/ambient/proxylib/inpod"
 	"github.com/ambientmesh/ambient/proxylib/logging"
+	"github.com/ambientmesh/ambient/proxylib/nodeagent"
+	"github.com/ambientmesh/ambient/proxylib/nodeagent/cniapi"
+	"github.com/ambientmesh/ambient/proxylib/nodeagent/cniplugin"
 	"github.com/ambientmesh/ambient/proxylib/redirect"
 )
 
 func main() {
 	if os.Getenv("CNI_COMMAND") != "" {
-		plugin.Main()
+		cniplugin.Main()
 		return
 	}
 	if len(os.Args) < 2 || (os.Args[1] != "agent" && os.Args[1] != "node-agent") {
@@ -68,7 +68,7 @@ func newLogger(name string) (logr.Logger, zap.AtomicLevel, error) {
 
 func runAgent(args []string) error {
 	fs := flag.NewFlagSet("node-agent", flag.ExitOnError)
-	o := agent.Options{Redirect: redirect.DefaultConfig()}
+	o := nodeagent.Options{Redirect: redirect.DefaultConfig()}
 	var excluded, backend, logLevel, healthPort, healthAddr string
 	fs.StringVar(&o.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (spec.nodeName of its pods)")
 	fs.StringVar(&o.MeshName, "mesh-name", os.Getenv("MESH_NAME"), "AmbientMesh whose removal releases every pod")
@@ -123,7 +123,7 @@ func runAgent(args []string) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	return agent.Run(ctx, cfg, o)
+	return nodeagent.Run(ctx, cfg, o)
 }
 
 // defaultProc prefers the host's /proc mounted at /host/proc (DaemonSet).

@@ -30,10 +30,10 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
-	"github.com/ambientmesh/ambient/cmd/ambient-cni/internal/agent"
 	"github.com/ambientmesh/ambient/proxylib/discovery/selection"
 	"github.com/ambientmesh/ambient/proxylib/inpod"
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
+	"github.com/ambientmesh/ambient/proxylib/nodeagent"
 	"github.com/ambientmesh/ambient/proxylib/redirect"
 	"github.com/ambientmesh/ambient/test/netns"
 )
@@ -200,7 +200,7 @@ type env struct {
 	ztunnel *fakeZtunnel
 	zsock   string
 	cniSock string
-	opts    func(*agent.Options) // applied by startAgent
+	opts    func(*nodeagent.Options) // applied by startAgent
 }
 
 func newEnv(t *testing.T) *env {
@@ -230,14 +230,14 @@ func (e *env) startAgent() (stop func()) {
 	if e.opts != nil {
 		return e.startAgentWith(e.opts)
 	}
-	return e.startAgentWith(func(*agent.Options) {})
+	return e.startAgentWith(func(*nodeagent.Options) {})
 }
 
-func (e *env) startAgentWith(mut func(*agent.Options)) (stop func()) {
+func (e *env) startAgentWith(mut func(*nodeagent.Options)) (stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		o := agent.Options{
+		o := nodeagent.Options{
 			NodeName:      nodeName,
 			Selection:     selection.Config{MeshNamespace: "ambient-system"},
 			ZtunnelSocket: e.zsock,
@@ -248,7 +248,7 @@ func (e *env) startAgentWith(mut func(*agent.Options)) (stop func()) {
 			Log:           testr.New(e.t).WithName("agent"),
 		}
 		mut(&o)
-		done <- agent.Run(ctx, restCfg, o)
+		done <- nodeagent.Run(ctx, restCfg, o)
 	}()
 	var once sync.Once
 	stop = func() {
@@ -405,7 +405,7 @@ func TestCaptureRunningPodWithoutRestartAndReadoption(t *testing.T) {
 	target := netip.AddrPortFrom(outside.IP, 9090)
 	serveName(t, podNS, 8080, "web")
 	nodeRole := &netns.Pod{NS: node.NS} // the kubelet's view: dial from the node
-	withProbes := func(o *agent.Options) {
+	withProbes := func(o *nodeagent.Options) {
 		o.ProbeSNAT, o.HostNetns = true, node.Path()
 		o.Redirect.PreserveSource = true // the binary's default
 	}
@@ -728,7 +728,7 @@ func TestMeshRemovalReleasesPodsRestartDoesNot(t *testing.T) {
 	os.MkdirAll(binDir, 0o755)
 	conflist := filepath.Join(confDir, "10-k8s.conflist")
 	os.WriteFile(conflist, []byte(`{"cniVersion":"1.0.0","name":"k8s","plugins":[{"type":"bridge"}]}`), 0o644)
-	withCNI := func(o *agent.Options) {
+	withCNI := func(o *nodeagent.Options) {
 		o.CNIConfDir, o.CNIBinDir, o.MeshName = confDir, binDir, "default"
 		o.PluginConf = map[string]any{"agentSocket": e.cniSock}
 	}

@@ -1,4 +1,4 @@
-package agent
+package nodeagent
 
 import (
 	"context"
@@ -32,10 +32,10 @@ import (
 
 	"github.com/go-logr/logr"
 
-	"github.com/ambientmesh/ambient/cmd/ambient-cni/internal/cniapi"
-	"github.com/ambientmesh/ambient/cmd/ambient-cni/internal/cniinstall"
 	"github.com/ambientmesh/ambient/proxylib/discovery/selection"
 	"github.com/ambientmesh/ambient/proxylib/inpod"
+	"github.com/ambientmesh/ambient/proxylib/nodeagent/cniapi"
+	"github.com/ambientmesh/ambient/proxylib/nodeagent/cniinstall"
 	"github.com/ambientmesh/ambient/proxylib/redirect"
 )
 

@@ -1,11 +1,11 @@
-// Package plugin is the chained CNI plugin. The runtime runs it after the
+// Package cniplugin is the chained CNI plugin. The runtime runs it after the
 // cluster's network plugin; it passes prevResult through unchanged and, on
 // ADD, asks the node agent to capture the new sandbox before any container
 // starts. A pod that should be captured never starts uncaptured: if the
 // agent cannot be asked, ADD fails (the kubelet retries), except for pods
 // known not to be captured (excluded namespaces, or — with a kubeconfig —
 // pods the selection rules do not capture).
-package plugin
+package cniplugin
 
 import (
 	"bytes"
@@ -29,8 +29,8 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
-	"github.com/ambientmesh/ambient/cmd/ambient-cni/internal/cniapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/selection"
+	"github.com/ambientmesh/ambient/proxylib/nodeagent/cniapi"
 )
 
 // Conf is the plugin's entry in the conflist.

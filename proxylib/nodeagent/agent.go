@@ -1,9 +1,9 @@
-// Package agent is the node agent: it watches the pods of its node and
+// Package nodeagent is the node agent: it watches the pods of its node and
 // their namespaces, decides capture with the shared selection rules,
 // installs in-pod redirection and hands each captured pod's network
 // namespace to ztunnel; it reverses all of it when a pod leaves the mesh.
 // Pods are never restarted.
-package agent
+package nodeagent
 
 import (
 	"context"

@@ -1,4 +1,4 @@
-package agent
+package nodeagent
 
 import (
 	"context"
@@ -13,8 +13,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
-	"github.com/ambientmesh/ambient/cmd/ambient-cni/internal/cniinstall"
 	"github.com/ambientmesh/ambient/proxylib/discovery/selection"
+	"github.com/ambientmesh/ambient/proxylib/nodeagent/cniinstall"
 )
 
 // meshUninstalled reports whether no AmbientMesh remains (none, all being
