@@ -6,9 +6,9 @@ package main
 import (
 	"os"
 
-	"github.com/ambientmesh/ambient/proxylib/hbone/loadtest"
+	"github.com/ambientmesh/ambient/test/bench/hboneload"
 )
 
 func main() {
-	os.Exit(loadtest.Main(os.Args[1:], os.Stdout, os.Stderr))
+	os.Exit(hboneload.Main(os.Args[1:], os.Stdout, os.Stderr))
 }

@@ -1,8 +1,9 @@
-// Package loadtest is the logic of cmd/hbone-load: the benchmark roles (sink,
-// relays, clients) that run as separate processes, and the orchestrator that
+// Package hboneload is the HBONE benchmark harness, kept beside the tests
+// rather than in the library (cmd/hbone-load is its thin main): the
+// benchmark roles (sink, relays, clients) that run as separate processes, and the orchestrator that
 // measures HBONE over HTTP/2 and HTTP/3 against raw TCP and a plain TLS 1.3
 // relay in one run and renders the results with ratios and goals.
-package loadtest
+package hboneload
 
 import (
 	"crypto/tls"
