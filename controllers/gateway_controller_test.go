@@ -66,8 +66,13 @@ func TestGatewayWaypoint(t *testing.T) {
 	if ref := metav1.GetControllerOf(dep); ref == nil || ref.Kind != "Gateway" || ref.Name != "reviews-waypoint" {
 		t.Errorf("deployment owner %+v", ref)
 	}
-	if env := envMap(dep.Spec.Template.Spec.Containers[0].Env); env["WAYPOINT_SERVICE_ACCOUNT"] != "reviews" || env["WAYPOINT_FOR"] != "service" {
-		t.Errorf("env %v", env)
+	// The binding is declared on the objects (as Istio labels them); the
+	// waypoint itself learns what it serves from discovery.
+	if dep.Annotations[AnnotationForServiceAcct] != "reviews" || dep.Labels[LabelWaypointFor] != "service" {
+		t.Errorf("labels %v annotations %v", dep.Labels, dep.Annotations)
+	}
+	if env := envMap(dep.Spec.Template.Spec.Containers[0].Env); env["ROOT_NAMESPACE"] != "mesh-gw" {
+		t.Errorf("env %v: ROOT_NAMESPACE is not the mesh namespace", env)
 	}
 	gw = waitGatewayCondition(t, ns, "reviews-waypoint", string(gwv1.GatewayConditionAccepted), metav1.ConditionTrue)
 	gw = waitGatewayCondition(t, ns, "reviews-waypoint", string(gwv1.GatewayConditionProgrammed), metav1.ConditionFalse)

@@ -140,7 +140,6 @@ func proxyEnv(mesh *meshv1.AmbientMesh, transport meshv1.HBONETransport, logLeve
 		fieldEnv("NODE_NAME", "spec.nodeName"),
 		fieldEnv("POD_NAME", "metadata.name"),
 		fieldEnv("POD_NAMESPACE", "metadata.namespace"),
-		fieldEnv("INSTANCE_IP", "status.podIP"),
 		fieldEnv("SERVICE_ACCOUNT", "spec.serviceAccountName"),
 		{Name: "TRUST_DOMAIN", Value: mesh.Spec.TrustDomain},
 		{Name: "XDS_ADDRESS", Value: fmt.Sprintf("%s:%d", host, xdsPort)},

@@ -139,8 +139,9 @@ func (w *Waypoint) deployment(mesh *meshv1.AmbientMesh) *appsv1.Deployment {
 	vols, mounts := proxyVolumes()
 	env := append(proxyEnv(mesh, w.Transport, w.LogLevel),
 		corev1.EnvVar{Name: "WAYPOINT_NAME", Value: w.Name},
-		corev1.EnvVar{Name: "WAYPOINT_FOR", Value: string(w.TrafficType)},
-		corev1.EnvVar{Name: "WAYPOINT_SERVICE_ACCOUNT", Value: w.ForServiceAccount},
+		// The control plane's root namespace (the mesh namespace): its
+		// policies are mesh-wide for the waypoint exactly as for ztunnel.
+		corev1.EnvVar{Name: "ROOT_NAMESPACE", Value: meshRootNamespace(mesh)},
 	)
 	ports := []corev1.ContainerPort{
 		{Name: "hbone", ContainerPort: hbonePort, Protocol: corev1.ProtocolTCP},
@@ -202,3 +203,7 @@ func (w *Waypoint) service() *corev1.Service {
 		},
 	}
 }
+
+// meshRootNamespace is Istio's root namespace of the mesh: the mesh
+// namespace, as the control plane treats it (controllers/discovery).
+func meshRootNamespace(mesh *meshv1.AmbientMesh) string { return mesh.Spec.Namespace }

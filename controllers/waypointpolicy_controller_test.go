@@ -100,8 +100,11 @@ func TestWaypointPolicyLifecycle(t *testing.T) {
 	if pod.Labels[LabelDataplaneMode] != "none" || pod.Spec.Containers[0].Image != testDefaults.WaypointImage || pod.Spec.ServiceAccountName != "waypoint" {
 		t.Errorf("pod template: labels %v image %s sa %s", pod.Labels, pod.Spec.Containers[0].Image, pod.Spec.ServiceAccountName)
 	}
-	if env := envMap(pod.Spec.Containers[0].Env); env["TRUST_DOMAIN"] != "wp.example" || env["WAYPOINT_FOR"] != "service" {
+	if env := envMap(pod.Spec.Containers[0].Env); env["TRUST_DOMAIN"] != "wp.example" || env["ROOT_NAMESPACE"] != "mesh-wp-life" {
 		t.Errorf("env %v", env)
+	}
+	if dep.Labels[LabelWaypointFor] != "service" {
+		t.Errorf("labels %v", dep.Labels)
 	}
 	wp = waitWaypointCondition(t, ns, "waypoint", meshv1.ConditionReady, metav1.ConditionFalse, meshv1.ReasonDeploymentNotReady)
 	if err := exists(svc)(); err != nil || wp.Status.Address != svc.Spec.ClusterIP || wp.Status.Address == "" {
@@ -250,7 +253,7 @@ func TestServiceAccountWaypointAndGatewayProduceTheSameObjects(t *testing.T) {
 	if !equality.Semantic.DeepEqual(sa1, sa2) || !equality.Semantic.DeepEqual(dep1, dep2) || !equality.Semantic.DeepEqual(svc1, svc2) {
 		t.Fatalf("policy and gateway produce different waypoints:\n%+v\n%+v", dep1, dep2)
 	}
-	if sa1.Annotations[AnnotationForServiceAcct] != "reviews" || envMap(dep1.Spec.Template.Spec.Containers[0].Env)["WAYPOINT_SERVICE_ACCOUNT"] != "reviews" {
+	if sa1.Annotations[AnnotationForServiceAcct] != "reviews" || dep1.Annotations[AnnotationForServiceAcct] != "reviews" {
 		t.Errorf("service-account binding missing")
 	}
 

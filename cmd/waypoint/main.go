@@ -32,6 +32,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/admin"
 	"github.com/ambientmesh/ambient/proxylib/caclient"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/envconfig"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/hbone/meshtransport"
 	"github.com/ambientmesh/ambient/proxylib/identity"
@@ -48,14 +49,7 @@ type options struct {
 	listen, adminAddr, metricsAddr, readyAddr      string
 	lbPolicy, logLevel, transport                  string
 	tracing                                        bool
-	drainGrace                                     time.Duration
-}
-
-func env(key, def string) string {
-	if v := os.Getenv(key); v != "" {
-		return v
-	}
-	return def
+	drainGrace, certTTL                            time.Duration
 }
 
 func hostOf(addr string) string {
@@ -66,32 +60,42 @@ func hostOf(addr string) string {
 	return h
 }
 
-func parseFlags() options {
+// parseFlags reads the flags in args, defaulting each from its environment
+// variable in env (the operator's contract, docs/interfaces.md).
+func parseFlags(fs *flag.FlagSet, args []string, e *envconfig.Env) (options, error) {
 	var o options
-	flag.StringVar(&o.name, "name", env("WAYPOINT_NAME", ""), "waypoint name: its Gateway/WaypointPolicy and Service (env WAYPOINT_NAME)")
-	flag.StringVar(&o.podName, "pod-name", env("POD_NAME", "waypoint"), "env POD_NAME")
-	flag.StringVar(&o.namespace, "namespace", env("POD_NAMESPACE", ""), "env POD_NAMESPACE")
-	flag.StringVar(&o.serviceAccount, "service-account", env("SERVICE_ACCOUNT", ""), "own service account (default: the waypoint name)")
-	flag.StringVar(&o.node, "node-name", env("NODE_NAME", ""), "env NODE_NAME")
-	flag.StringVar(&o.trustDomain, "trust-domain", env("TRUST_DOMAIN", "cluster.local"), "SPIFFE trust domain")
-	flag.StringVar(&o.clusterDomain, "cluster-domain", env("CLUSTER_DOMAIN", "cluster.local"), "Kubernetes cluster domain")
-	flag.StringVar(&o.rootNamespace, "root-namespace", env("ROOT_NAMESPACE", "istio-system"), "mesh root namespace (mesh-wide policies)")
-	flag.StringVar(&o.xdsAddr, "xds-address", env("XDS_ADDRESS", ""), "discovery server host:port")
-	flag.StringVar(&o.xdsServerName, "xds-server-name", env("XDS_SERVER_NAME", ""), "TLS name of the discovery server (default: host of -xds-address)")
-	flag.StringVar(&o.caAddr, "ca-address", env("CA_ADDRESS", ""), "CA server host:port")
-	flag.StringVar(&o.caServerName, "ca-server-name", env("CA_SERVER_NAME", ""), "TLS name of the CA (default: host of -ca-address)")
-	flag.StringVar(&o.tokenPath, "token-path", env("TOKEN_FILE", "/var/run/secrets/tokens/ambient-token"), "projected SA token (audience ambient-mesh)")
-	flag.StringVar(&o.rootCertPath, "root-cert", env("ROOT_CERT_FILE", "/var/run/secrets/ambient/root-cert.pem"), "mesh trust bundle (PEM)")
-	flag.StringVar(&o.listen, "listen", ":15008", "HBONE listener ([host]:15008)")
-	flag.StringVar(&o.transport, "transport", env("HBONE_TRANSPORT", "HTTP2"), "HBONE transport: HTTP2, or HTTP3 (also serves and falls back to HTTP/2)")
-	flag.StringVar(&o.adminAddr, "admin-address", "127.0.0.1:15000", "admin endpoint")
-	flag.StringVar(&o.metricsAddr, "metrics-address", ":15020", "Prometheus metrics")
-	flag.StringVar(&o.readyAddr, "ready-address", ":15021", "readiness (/healthz/ready)")
-	flag.StringVar(&o.lbPolicy, "lb-policy", env("LB_POLICY", "LEAST_REQUEST"), "ROUND_ROBIN or LEAST_REQUEST")
-	flag.BoolVar(&o.tracing, "tracing", env("TRACING", "") == "true", "start a trace (traceparent) for requests without one")
-	flag.StringVar(&o.logLevel, "log-level", env("LOG_LEVEL", "info"), "trace|debug|info|warn|error")
-	flag.DurationVar(&o.drainGrace, "drain-grace", 30*time.Second, "time in-flight tunnels get after SIGTERM")
-	flag.Parse()
+	env := e.Get
+	fs.StringVar(&o.name, "name", env("WAYPOINT_NAME", ""), "waypoint name: its Gateway/WaypointPolicy and Service (env WAYPOINT_NAME)")
+	fs.StringVar(&o.podName, "pod-name", env("POD_NAME", "waypoint"), "env POD_NAME")
+	fs.StringVar(&o.namespace, "namespace", env("POD_NAMESPACE", ""), "env POD_NAMESPACE")
+	fs.StringVar(&o.serviceAccount, "service-account", env("SERVICE_ACCOUNT", ""), "own service account (default: the waypoint name)")
+	fs.StringVar(&o.node, "node-name", env("NODE_NAME", ""), "env NODE_NAME")
+	fs.StringVar(&o.trustDomain, "trust-domain", env("TRUST_DOMAIN", "cluster.local"), "SPIFFE trust domain")
+	fs.StringVar(&o.clusterDomain, "cluster-domain", env("CLUSTER_DOMAIN", "cluster.local"), "Kubernetes cluster domain")
+	fs.StringVar(&o.rootNamespace, "root-namespace", env("ROOT_NAMESPACE", ""), "mesh root namespace: its policies are mesh-wide (required; the operator sets the mesh namespace)")
+	fs.StringVar(&o.xdsAddr, "xds-address", env("XDS_ADDRESS", ""), "discovery server host:port")
+	fs.StringVar(&o.xdsServerName, "xds-server-name", env("XDS_SERVER_NAME", ""), "TLS name of the discovery server (default: host of -xds-address)")
+	fs.StringVar(&o.caAddr, "ca-address", env("CA_ADDRESS", ""), "CA server host:port")
+	fs.StringVar(&o.caServerName, "ca-server-name", env("CA_SERVER_NAME", ""), "TLS name of the CA (default: host of -ca-address)")
+	fs.StringVar(&o.tokenPath, "token-path", env("TOKEN_PATH", "/var/run/secrets/tokens/ambient-token"), "projected SA token (audience ambient-mesh)")
+	fs.StringVar(&o.rootCertPath, "root-cert", env("ROOT_CERT", "/var/run/secrets/ambient/root-cert.pem"), "mesh trust bundle (PEM)")
+	fs.StringVar(&o.listen, "listen", ":15008", "HBONE listener ([host]:15008)")
+	fs.StringVar(&o.transport, "transport", env("HBONE_TRANSPORT", "HTTP2"), "HBONE transport: HTTP2, or HTTP3 (also serves and falls back to HTTP/2)")
+	fs.StringVar(&o.adminAddr, "admin-address", "127.0.0.1:15000", "admin endpoint")
+	fs.StringVar(&o.metricsAddr, "metrics-address", ":15020", "Prometheus metrics")
+	fs.StringVar(&o.readyAddr, "ready-address", ":15021", "readiness (/healthz/ready)")
+	fs.StringVar(&o.lbPolicy, "lb-policy", env("LB_POLICY", "LEAST_REQUEST"), "ROUND_ROBIN or LEAST_REQUEST")
+	fs.BoolVar(&o.tracing, "tracing", env("TRACING", "") == "true", "start a trace (traceparent) for requests without one")
+	fs.StringVar(&o.logLevel, "log-level", env("LOG_LEVEL", "info"), "trace|debug|info|warn|error")
+	fs.DurationVar(&o.drainGrace, "drain-grace", 30*time.Second, "time in-flight tunnels get after SIGTERM")
+	ttl, err := time.ParseDuration(env("WORKLOAD_CERT_TTL", "24h"))
+	if err != nil {
+		return o, fmt.Errorf("WORKLOAD_CERT_TTL: %w", err)
+	}
+	fs.DurationVar(&o.certTTL, "workload-cert-ttl", ttl, "requested certificate lifetime (env WORKLOAD_CERT_TTL)")
+	if err := fs.Parse(args); err != nil {
+		return o, err
+	}
 	if o.serviceAccount == "" {
 		o.serviceAccount = o.name
 	}
@@ -101,11 +105,15 @@ func parseFlags() options {
 	if o.caServerName == "" {
 		o.caServerName = hostOf(o.caAddr)
 	}
-	return o
+	return o, nil
 }
 
 func main() {
-	o := parseFlags()
+	o, err := parseFlags(flag.CommandLine, os.Args[1:], envconfig.New(nil))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
 	log, level, err := newLogger(o.logLevel)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bad -log-level:", err)
@@ -128,8 +136,10 @@ func newLogger(name string) (logr.Logger, zap.AtomicLevel, error) {
 }
 
 func run(o options, log logr.Logger, level zap.AtomicLevel) error {
-	if o.name == "" || o.namespace == "" || o.xdsAddr == "" || o.caAddr == "" {
-		return errors.New("WAYPOINT_NAME, POD_NAMESPACE, XDS_ADDRESS and CA_ADDRESS are required")
+	if o.name == "" || o.namespace == "" || o.xdsAddr == "" || o.caAddr == "" || o.rootNamespace == "" {
+		// No guessed root namespace: one that differs from the control
+		// plane's would leave mesh-wide policies enforced nowhere.
+		return errors.New("WAYPOINT_NAME, POD_NAMESPACE, XDS_ADDRESS, CA_ADDRESS and ROOT_NAMESPACE are required")
 	}
 	proto, err := meshtransport.ParseProtocol(o.transport)
 	if err != nil {
@@ -150,7 +160,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	if err != nil {
 		return err
 	}
-	store, err := identity.NewStore(identity.StoreConfig{Client: ca, TrustDomain: o.trustDomain, Roots: roots, Log: log.WithName("certs")})
+	store, err := identity.NewStore(identity.StoreConfig{Client: ca, TrustDomain: o.trustDomain, Roots: roots, TTL: o.certTTL, Log: log.WithName("certs")})
 	if err != nil {
 		return err
 	}

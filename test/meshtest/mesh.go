@@ -35,6 +35,11 @@ import (
 // ClusterID is the cluster every workload belongs to.
 const ClusterID = "Kubernetes"
 
+// RootNamespace is the mesh's root namespace, as the operator and the
+// control plane have it: the mesh namespace (its policies are mesh-wide).
+// Every proxy and every policy translation of the suites uses it.
+const RootNamespace = "ambient-system"
+
 // Namespace is the Kubernetes namespace of every workload.
 const Namespace = "default"
 

@@ -3,7 +3,13 @@ package waypoint
 import (
 	"testing"
 
+	securityv1 "istio.io/client-go/pkg/apis/security/v1"
+	"sigs.k8s.io/yaml"
+
+	"github.com/ambientmesh/ambient/controllers/policy"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/meshapi"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
 	"github.com/ambientmesh/ambient/test/meshtest"
 )
 
@@ -45,4 +51,44 @@ spec:
 		// Mesh clients go through the waypoint with mTLS and keep working.
 		meshtest.ExpectOK(t, s.sleep, s.echoV2, "echo-v2-1")
 	})
+}
+
+// TestRootNamespacePolicyIsMeshWide: an AuthorizationPolicy in the mesh's
+// root namespace (the mesh namespace, as the operator and control plane
+// have it) applies everywhere: published whole to the waypoint and in its
+// L4 form to the ztunnels, a GET-only policy refuses a POST through the
+// waypoint and still lets the GET through.
+func TestRootNamespacePolicyIsMeshWide(t *testing.T) {
+	s := newSeedsWaypointMesh(t)
+	const y = `
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: get-only, namespace: ambient-system}
+spec:
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+`
+	var ap securityv1.AuthorizationPolicy
+	if err := yaml.Unmarshal([]byte(y), &ap); err != nil {
+		t.Fatal(err)
+	}
+	if ap.Namespace != meshtest.RootNamespace {
+		t.Fatalf("policy namespace %q, want the root namespace %q", ap.Namespace, meshtest.RootNamespace)
+	}
+	l4 := policy.TranslateAuthorizationPolicy(meshtest.RootNamespace, &ap)
+	if l4 == nil || l4.GetScope() != security.Scope_GLOBAL {
+		t.Fatalf("L4 form of a root-namespace policy: %v, want mesh-wide (GLOBAL)", l4)
+	}
+	s.CP.Policy(l4)
+	js, err := yaml.YAMLToJSON([]byte(y))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.CP.Push(discovery.L7ResourceType, discovery.L7Key("security.istio.io", "AuthorizationPolicy", meshtest.RootNamespace, "get-only"),
+		&meshapi.L7Resource{Group: "security.istio.io", Kind: "AuthorizationPolicy", Namespace: meshtest.RootNamespace, Name: "get-only", Json: js})
+	if code, body, err := do(s.sleep, "GET", s.echoV1, "/root-get"); err != nil || code != 200 {
+		t.Fatalf("GET: %d %q %v, want 200", code, body, err)
+	}
+	if code, body, err := do(s.sleep, "POST", s.echoV1, "/root-post"); err != nil || code != 403 {
+		t.Fatalf("POST: %d %q %v, want 403 (mesh-wide GET-only policy)", code, body, err)
+	}
 }

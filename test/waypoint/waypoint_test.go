@@ -70,7 +70,7 @@ func addWaypoint(m *meshtest.Mesh, n *meshtest.Node, name string, vip netip.Addr
 		Addresses: []*workloadapi.NetworkAddress{{Address: vip.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}})
 	reg := prometheus.NewRegistry()
 	srv := m.RunWaypoint(p, waypoint.Config{Name: name, State: state, Registry: reg, Tracing: true,
-		Log: m.Logs.Logger(name), RootNamespace: "istio-system"})
+		Log: m.Logs.Logger(name), RootNamespace: meshtest.RootNamespace})
 	return &runningWaypoint{pod: p, vip: vip, metrics: reg, srv: srv,
 		gw: &workloadapi.GatewayAddress{Destination: &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: vip.AsSlice()}}, HboneMtlsPort: 15008}}
 }
@@ -321,7 +321,7 @@ func translateSeedsL7Policy(t *testing.T) *security.Authorization {
 		t.Fatal(err)
 	}
 	ap.Namespace = "default"
-	out := policy.TranslateAuthorizationPolicy("istio-system", &ap)
+	out := policy.TranslateAuthorizationPolicy(meshtest.RootNamespace, &ap)
 	if out == nil {
 		t.Fatal("the seeds' policy has no L4 form")
 	}

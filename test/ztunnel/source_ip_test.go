@@ -366,7 +366,7 @@ func TestSourceIPThroughRealWaypoint(t *testing.T) {
 	go httpSrv.Serve(ln)
 	t.Cleanup(func() { httpSrv.Close() })
 	m.RunWaypoint(wp, waypoint.Config{Name: "waypoint", State: wpState, Registry: prometheus.NewRegistry(),
-		Log: m.Logs.Logger("waypoint"), RootNamespace: "istio-system"})
+		Log: m.Logs.Logger("waypoint"), RootNamespace: meshtest.RootNamespace})
 
 	t.Run("TCP through the waypoint", func(t *testing.T) {
 		c, err := sleep.Dial(app.Addr(whoPort))

@@ -47,6 +47,8 @@ import (
 const (
 	TrustDomain = "cluster.local"
 	Namespace   = "ambient-demo"
+	// RootNamespace is the mesh namespace, the root of mesh-wide policies.
+	RootNamespace = "ambient-system"
 	// HTTPPort and GRPCPort are the pods' container ports.
 	HTTPPort = 8080
 	GRPCPort = 9090
@@ -163,7 +165,7 @@ func (m *Mesh) AddWaypoint(name string, tracing bool) *Waypoint {
 	t.Cleanup(func() { dialer.Close() })
 	srv, err := waypoint.New(waypoint.Config{
 		Name: name, Namespace: Namespace, Identity: id, State: m.State, Dialer: dialer,
-		Registry: wp.Registry, Tracing: tracing, Log: m.Log, RootNamespace: "istio-system",
+		Registry: wp.Registry, Tracing: tracing, Log: m.Log, RootNamespace: RootNamespace,
 	})
 	if err != nil {
 		t.Fatal(err)
