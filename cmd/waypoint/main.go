@@ -7,8 +7,6 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -36,6 +34,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/hbone/meshtransport"
 	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/proxylib/identity/trustbundle"
 	"github.com/ambientmesh/ambient/proxylib/lb"
 	"github.com/ambientmesh/ambient/proxylib/logging"
 	"github.com/ambientmesh/ambient/proxylib/waypoint"
@@ -147,7 +146,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	roots, err := loadRoots(o.rootCertPath)
+	bundle, err := trustbundle.Load(o.rootCertPath)
 	if err != nil {
 		return err
 	}
@@ -156,15 +155,17 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 		return strings.TrimSpace(string(b)), err
 	}
 	ca, err := caclient.New(caclient.Config{Address: o.caAddr, Token: token,
-		TLS: &tls.Config{RootCAs: roots, ServerName: o.caServerName, MinVersion: tls.VersionTLS13}})
+		TLS: bundle.ClientTLS(o.caServerName)})
 	if err != nil {
 		return err
 	}
-	store, err := identity.NewStore(identity.StoreConfig{Client: ca, TrustDomain: o.trustDomain, Roots: roots, TTL: o.certTTL, Log: log.WithName("certs")})
+	store, err := identity.NewStore(identity.StoreConfig{Client: ca, TrustDomain: o.trustDomain, Roots: bundle.Pool(), TTL: o.certTTL, Log: log.WithName("certs")})
 	if err != nil {
 		return err
 	}
 	defer store.Close()
+	// Root rotation: new handshakes verify against the bundle of now.
+	go bundle.Watch(ctx, 10*time.Second, log.WithName("trust-bundle"), store.SetRoots)
 	self := identity.Identity{TrustDomain: o.trustDomain, Namespace: o.namespace, ServiceAccount: o.serviceAccount}
 	if err := store.Prefetch(self); err != nil {
 		return fmt.Errorf("certificate for %s: %w", self, err)
@@ -172,7 +173,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 
 	state := discovery.NewState(discovery.AddressType, discovery.AuthorizationType, discovery.L7ResourceType)
 	xds := discovery.NewClient(discovery.ClientConfig{Address: o.xdsAddr, Token: token, Log: log.WithName("xds"),
-		TLS:      &tls.Config{RootCAs: roots, ServerName: o.xdsServerName, MinVersion: tls.VersionTLS12},
+		TLS:      bundle.ClientTLS(o.xdsServerName),
 		TypeURLs: []string{discovery.AddressType, discovery.AuthorizationType, discovery.L7ResourceType},
 		Node:     discovery.NodeInfo{NodeName: o.node, PodName: o.podName, PodNamespace: o.namespace, Role: discovery.RoleWaypoint}}, state)
 	go xds.Run(ctx)
@@ -254,18 +255,6 @@ func serve(log logr.Logger, addr string, h http.Handler) {
 	}
 	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
 	go srv.Serve(ln)
-}
-
-func loadRoots(path string) (*x509.CertPool, error) {
-	pem, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("trust bundle: %w", err)
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("trust bundle %s has no certificate", path)
-	}
-	return pool, nil
 }
 
 var _ hbone.Handler = (*waypoint.Server)(nil)

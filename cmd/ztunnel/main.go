@@ -7,8 +7,6 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -29,12 +27,12 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/ambientmesh/ambient/proxylib/admin"
-	"github.com/ambientmesh/ambient/proxylib/ca"
 	"github.com/ambientmesh/ambient/proxylib/caclient"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/hbone/meshtransport"
 	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/proxylib/identity/trustbundle"
 	"github.com/ambientmesh/ambient/proxylib/inpod"
 	"github.com/ambientmesh/ambient/proxylib/logging"
 	"github.com/ambientmesh/ambient/proxylib/proxy"
@@ -124,7 +122,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
-	roots, rootCerts, err := loadRoots(o.rootCertPath)
+	bundle, err := trustbundle.Load(o.rootCertPath)
 	if err != nil {
 		return err
 	}
@@ -133,19 +131,21 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 		return strings.TrimSpace(string(b)), err
 	}
 	caClient, err := caclient.New(caclient.Config{Address: o.caAddr, Token: token,
-		TLS: &tls.Config{RootCAs: roots, ServerName: o.caServerName, MinVersion: tls.VersionTLS12}})
+		TLS: bundle.ClientTLS(o.caServerName)})
 	if err != nil {
 		return err
 	}
-	store, err := identity.NewStore(identity.StoreConfig{Client: caClient, TrustDomain: o.trustDomain, Roots: roots, TTL: o.certTTL, Log: log.WithName("certs")})
+	store, err := identity.NewStore(identity.StoreConfig{Client: caClient, TrustDomain: o.trustDomain, Roots: bundle.Pool(), TTL: o.certTTL, Log: log.WithName("certs")})
 	if err != nil {
 		return err
 	}
 	defer store.Close()
+	// Root rotation: new handshakes verify against the bundle of now.
+	go bundle.Watch(ctx, trustbundleInterval, log.WithName("trust-bundle"), store.SetRoots)
 
 	state := discovery.NewState(discovery.AddressType, discovery.AuthorizationType)
 	xds := discovery.NewClient(discovery.ClientConfig{Address: o.xdsAddr, Token: token, Log: log.WithName("xds"),
-		TLS:  &tls.Config{RootCAs: roots, ServerName: o.xdsServerName, MinVersion: tls.VersionTLS12},
+		TLS:  bundle.ClientTLS(o.xdsServerName),
 		Node: discovery.NodeInfo{NodeName: o.node, PodName: o.podName, PodNamespace: o.podNamespace, Role: discovery.RoleZtunnel}}, state)
 	go xds.Run(ctx)
 
@@ -174,7 +174,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 		}
 	}()
 
-	serve(log, o.adminAddr, admin.Handler(admin.Config{State: state, Certificates: store.Status, Roots: rootCerts,
+	serve(log, o.adminAddr, admin.Handler(admin.Config{State: state, Certificates: store.Status, Roots: bundle.Certs,
 		SetLogLevel: func(l string) error { return logging.SetLevel(level, l) }}))
 	serve(log, o.metricsAddr, admin.MetricsHandler(reg))
 	serve(log, o.readyAddr, admin.ReadinessHandler(func() bool { return p.Ready() && p.SnapshotReceived() && !p.Draining() }))
@@ -249,18 +249,5 @@ func serve(log logr.Logger, addr string, h http.Handler) {
 	go srv.Serve(ln)
 }
 
-func loadRoots(path string) (*x509.CertPool, []*x509.Certificate, error) {
-	pem, err := os.ReadFile(path)
-	if err != nil {
-		return nil, nil, fmt.Errorf("trust bundle: %w", err)
-	}
-	certs, err := ca.ParseCerts(pem)
-	if err != nil || len(certs) == 0 {
-		return nil, nil, fmt.Errorf("trust bundle %s has no certificate: %v", path, err)
-	}
-	pool := x509.NewCertPool()
-	for _, c := range certs {
-		pool.AddCert(c)
-	}
-	return pool, certs, nil
-}
+// trustbundleInterval is how often the mounted trust bundle is re-read.
+const trustbundleInterval = 10 * time.Second

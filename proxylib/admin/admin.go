@@ -41,9 +41,9 @@ type Config struct {
 	Certificates func() []identity.CertificateStatus
 	// SetLogLevel changes the log level ("debug", "info", "error", ...).
 	SetLogLevel func(level string) error
-	// Roots are the trust roots, listed as "CA" entries after each
-	// identity's certificate chain.
-	Roots []*x509.Certificate
+	// Roots returns the current trust roots (they rotate), listed as "CA"
+	// entries after each identity's certificate chain.
+	Roots func() []*x509.Certificate
 	Now   func() time.Time
 }
 
@@ -134,7 +134,11 @@ func Dump(cfg Config) ConfigDump {
 				cert.State = "Pending"
 			}
 			d.Certificates = append(d.Certificates, cert)
-			for _, r := range cfg.Roots {
+			var roots []*x509.Certificate
+			if cfg.Roots != nil {
+				roots = cfg.Roots()
+			}
+			for _, r := range roots {
 				d.Certificates = append(d.Certificates, Certificate{Identity: cert.Identity, Type: "CA", State: "Available",
 					Valid: !now.Before(r.NotBefore) && now.Before(r.NotAfter), Serial: r.SerialNumber.Text(16),
 					NotBefore: r.NotBefore.UTC().Format(time.RFC3339), NotAfter: r.NotAfter.UTC().Format(time.RFC3339)})

@@ -45,7 +45,7 @@ func TestConfigDump(t *testing.T) {
 	id := identity.MustParse("spiffe://cluster.local/ns/ambient-demo/sa/httpbin")
 	pending := identity.MustParse("spiffe://cluster.local/ns/ambient-demo/sa/sleep")
 	root := &x509.Certificate{SerialNumber: big.NewInt(0x3b9d), NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour)}
-	h := Handler(Config{State: s, Roots: []*x509.Certificate{root}, Now: func() time.Time { return now }, Certificates: func() []identity.CertificateStatus {
+	h := Handler(Config{State: s, Roots: func() []*x509.Certificate { return []*x509.Certificate{root} }, Now: func() time.Time { return now }, Certificates: func() []identity.CertificateStatus {
 		return []identity.CertificateStatus{{Identity: id, Serial: "ec30", NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour)}, {Identity: pending}}
 	}})
 	rec := httptest.NewRecorder()
