@@ -118,7 +118,7 @@ func desiredControlPlaneServices(mesh *meshv1.AmbientMesh, d Defaults) []*corev1
 	}
 	alias := &corev1.Service{ObjectMeta: meshObjectMeta(mesh, ControlPlaneService, "controlplane")}
 	alias.Spec.Type = corev1.ServiceTypeExternalName
-	alias.Spec.ExternalName = ControlPlaneService + "." + ns + ".svc.cluster.local"
+	alias.Spec.ExternalName = ControlPlaneService + "." + ns + ".svc." + clusterDomain(mesh)
 	return []*corev1.Service{svc, alias}
 }
 

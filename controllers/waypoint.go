@@ -142,6 +142,7 @@ func (w *Waypoint) deployment(mesh *meshv1.AmbientMesh) *appsv1.Deployment {
 		// The control plane's root namespace (the mesh namespace): its
 		// policies are mesh-wide for the waypoint exactly as for ztunnel.
 		corev1.EnvVar{Name: "ROOT_NAMESPACE", Value: meshRootNamespace(mesh)},
+		corev1.EnvVar{Name: "CLUSTER_DOMAIN", Value: clusterDomain(mesh)},
 	)
 	ports := []corev1.ContainerPort{
 		{Name: "hbone", ContainerPort: hbonePort, Protocol: corev1.ProtocolTCP},
@@ -207,3 +208,12 @@ func (w *Waypoint) service() *corev1.Service {
 // meshRootNamespace is Istio's root namespace of the mesh: the mesh
 // namespace, as the control plane treats it (controllers/discovery).
 func meshRootNamespace(mesh *meshv1.AmbientMesh) string { return mesh.Spec.Namespace }
+
+// clusterDomain is the cluster's DNS domain (AmbientMesh spec, defaulted by
+// the API server).
+func clusterDomain(mesh *meshv1.AmbientMesh) string {
+	if mesh.Spec.ClusterDomain == "" {
+		return "cluster.local"
+	}
+	return mesh.Spec.ClusterDomain
+}

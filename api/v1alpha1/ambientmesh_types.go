@@ -19,6 +19,16 @@ type AmbientMeshSpec struct {
 	// +optional
 	TrustDomain string `json:"trustDomain,omitempty"`
 
+	// ClusterDomain is the cluster's DNS domain (the kubelet's
+	// clusterDomain): Services are <name>.<namespace>.svc.<clusterDomain>.
+	// Discovery, waypoints and the control plane's certificate names use it.
+	// +kubebuilder:default="cluster.local"
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$`
+	// +optional
+	ClusterDomain string `json:"clusterDomain,omitempty"`
+
 	// Namespace where the mesh components (ztunnel, node agent, control-plane
 	// Service, CA Secret) are installed.
 	// +kubebuilder:default="ambient-system"

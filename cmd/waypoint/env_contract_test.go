@@ -17,7 +17,7 @@ import (
 // optionalEnv are variables the waypoint reads that the operator leaves
 // unset on purpose: each has a default that is right for the operator's
 // waypoints.
-var optionalEnv = []string{"CLUSTER_DOMAIN", "LB_POLICY", "TRACING"}
+var optionalEnv = []string{"LB_POLICY", "TRACING"}
 
 // TestOperatorEnvContract: the waypoint the operator deploys reads every
 // variable the operator sets on it, reads nothing else but optionalEnv, and
@@ -26,7 +26,7 @@ var optionalEnv = []string{"CLUSTER_DOMAIN", "LB_POLICY", "TRACING"}
 // both.
 func TestOperatorEnvContract(t *testing.T) {
 	mesh := &meshv1.AmbientMesh{ObjectMeta: metav1.ObjectMeta{Name: "default"},
-		Spec: meshv1.AmbientMeshSpec{Namespace: "mesh-root", TrustDomain: "example.org"}}
+		Spec: meshv1.AmbientMeshSpec{Namespace: "mesh-root", TrustDomain: "example.org", ClusterDomain: "corp.example"}}
 	w := controllers.Waypoint{Name: "wp", Namespace: "app", TrafficType: meshv1.TrafficService, Replicas: 1, Image: "waypoint:test",
 		Transport: meshv1.TransportHTTP2, LogLevel: "info"}
 	_, dep, _ := controllers.DesiredWaypoint(w, mesh)
@@ -56,6 +56,7 @@ func TestOperatorEnvContract(t *testing.T) {
 	for what, got := range map[string][2]string{
 		"root namespace": {o.rootNamespace, mesh.Spec.Namespace},
 		"trust domain":   {o.trustDomain, mesh.Spec.TrustDomain},
+		"cluster domain": {o.clusterDomain, mesh.Spec.ClusterDomain},
 		"root cert":      {o.rootCertPath, set["ROOT_CERT"]},
 		"token":          {o.tokenPath, set["TOKEN_PATH"]},
 		"waypoint name":  {o.name, w.Name},

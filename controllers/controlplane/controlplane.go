@@ -147,12 +147,12 @@ func New(cache client.Reader, c client.Client, apiReader client.Reader, o Option
 func (cp *ControlPlane) NeedLeaderElection() bool { return false }
 
 type meshSettings struct {
-	namespace, trustDomain string
-	workloadTTL            time.Duration
+	namespace, trustDomain, clusterDomain string
+	workloadTTL                           time.Duration
 }
 
 func (cp *ControlPlane) meshSettings(ctx context.Context) meshSettings {
-	s := meshSettings{namespace: cp.opts.Namespace, trustDomain: "cluster.local", workloadTTL: 24 * time.Hour}
+	s := meshSettings{namespace: cp.opts.Namespace, trustDomain: "cluster.local", clusterDomain: "cluster.local", workloadTTL: 24 * time.Hour}
 	var meshes meshv1.AmbientMeshList
 	if err := cp.reader.List(ctx, &meshes); err == nil && len(meshes.Items) > 0 {
 		sort.Slice(meshes.Items, func(i, j int) bool {
@@ -165,6 +165,9 @@ func (cp *ControlPlane) meshSettings(ctx context.Context) meshSettings {
 		if m.TrustDomain != "" {
 			s.trustDomain = m.TrustDomain
 		}
+		if m.ClusterDomain != "" {
+			s.clusterDomain = m.ClusterDomain
+		}
 		if m.CA.WorkloadCertTTL.Duration > 0 {
 			s.workloadTTL = m.CA.WorkloadCertTTL.Duration
 		}
@@ -173,8 +176,9 @@ func (cp *ControlPlane) meshSettings(ctx context.Context) meshSettings {
 }
 
 func (cp *ControlPlane) dnsNames() []string {
-	ns, svc := cp.meshSettings(context.Background()).namespace, cp.opts.ServiceName
-	return []string{svc + "." + ns + ".svc", svc + "." + ns + ".svc.cluster.local", svc + "." + ns, svc}
+	m := cp.meshSettings(context.Background())
+	ns, svc := m.namespace, cp.opts.ServiceName
+	return []string{svc + "." + ns + ".svc", svc + "." + ns + ".svc." + m.clusterDomain, svc + "." + ns, svc}
 }
 
 // loadAuthority reads the CA Secret from the API server (Secrets are never

@@ -564,3 +564,27 @@ func TestWaypointClientGetsL7(t *testing.T) {
 }
 
 func ptrTo[T any](v T) *T { return &v }
+
+// TestClusterDomainFromMesh: Service hostnames use the mesh's cluster
+// domain, not a hard-coded cluster.local.
+func TestClusterDomainFromMesh(t *testing.T) {
+	ctx := context.Background()
+	zt := ztunnel(t, "zt-domain", "node-a", "10.200.0.12")
+	state := startClient(t, token(t, zt, xds.TokenAudience), zt.Name, xds.RoleZtunnel)
+	ensureNamespace(t, "domain", map[string]string{ambientLabel: "ambient"})
+	mesh := &meshv1.AmbientMesh{ObjectMeta: metav1.ObjectMeta{Name: "mesh"}, Spec: meshv1.AmbientMeshSpec{Namespace: meshNS, ClusterDomain: "corp.example"}}
+	if err := s.k8s.Create(ctx, mesh); err != nil && !isAlreadyExists(err) {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), mesh) })
+	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "domain"}, Spec: corev1.ServiceSpec{
+		Selector: map[string]string{"app": "web"}, Ports: []corev1.ServicePort{{Name: "http", Port: 80}}}}
+	if err := s.k8s.Create(ctx, svc); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), svc) })
+	eventually(t, "service under the mesh's cluster domain", func() bool {
+		got := state.ServiceByVIP(ip(svc.Spec.ClusterIP))
+		return got != nil && got.Hostname == "web.domain.svc.corp.example"
+	})
+}

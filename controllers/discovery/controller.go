@@ -465,6 +465,9 @@ func (c *Controller) meshConfig(ctx context.Context) meshConfig {
 		if m.Namespace != "" {
 			mc.RootNamespace = m.Namespace
 		}
+		if m.ClusterDomain != "" {
+			mc.DomainSuffix = m.ClusterDomain
+		}
 		mc.ExcludedNamespaces = m.Capture.ExcludedNamespaces
 	}
 	return mc
