@@ -71,3 +71,17 @@ func collect(n any, seen map[string]bool) {
 		}
 	}
 }
+
+// AcceptsAPILevels fails t for every level the CRDs admit that start (a
+// binary's logger constructor) refuses: such a level would make the binary
+// exit, and its pod crash-loop.
+func AcceptsAPILevels(t *testing.T, start func(level string) error) {
+	t.Helper()
+	levels := APILevels(t)
+	for _, l := range levels {
+		if err := start(l); err != nil {
+			t.Errorf("log level %q: %v", l, err)
+		}
+	}
+	t.Logf("checked %v", levels)
+}
