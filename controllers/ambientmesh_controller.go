@@ -152,11 +152,11 @@ func (r *AmbientMeshReconciler) reconcileMesh(ctx context.Context, mesh *meshv1.
 	if err := r.publishTrustBundle(ctx, mesh, meshCA.RootsPEM); err != nil {
 		return ctrl.Result{}, err
 	}
-	ztunnel, err := r.applyDaemonSet(ctx, desiredZtunnel(mesh, r.Defaults))
+	ztunnel, err := r.applyDaemonSet(ctx, DesiredZtunnel(mesh, r.Defaults))
 	if err != nil {
 		return ctrl.Result{}, err
 	}
-	nodeAgent, err := r.applyDaemonSet(ctx, desiredNodeAgent(mesh, r.Defaults))
+	nodeAgent, err := r.applyDaemonSet(ctx, DesiredNodeAgent(mesh, r.Defaults))
 	if err != nil {
 		return ctrl.Result{}, err
 	}

@@ -19,8 +19,8 @@ func TestAPITokenMountedOnlyForNodeAgent(t *testing.T) {
 		ds   *appsv1.DaemonSet
 		want bool
 	}{
-		{"node agent", desiredNodeAgent(mesh, Defaults{}), true},
-		{"ztunnel", desiredZtunnel(mesh, Defaults{}), false},
+		{"node agent", DesiredNodeAgent(mesh, Defaults{}), true},
+		{"ztunnel", DesiredZtunnel(mesh, Defaults{}), false},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -140,7 +140,6 @@ func proxyEnv(mesh *meshv1.AmbientMesh, transport meshv1.HBONETransport, logLeve
 		fieldEnv("NODE_NAME", "spec.nodeName"),
 		fieldEnv("POD_NAME", "metadata.name"),
 		fieldEnv("POD_NAMESPACE", "metadata.namespace"),
-		fieldEnv("SERVICE_ACCOUNT", "spec.serviceAccountName"),
 		{Name: "TRUST_DOMAIN", Value: mesh.Spec.TrustDomain},
 		{Name: "XDS_ADDRESS", Value: fmt.Sprintf("%s:%d", host, xdsPort)},
 		{Name: "XDS_SERVER_NAME", Value: host},
@@ -236,11 +235,11 @@ func daemonSet(mesh *meshv1.AmbientMesh, name string, pod corev1.PodSpec, rollou
 	}
 }
 
-// desiredZtunnel: ztunnel runs in its own pod network (not host network);
+// DesiredZtunnel: ztunnel runs in its own pod network (not host network);
 // the node agent hands it each captured pod's netns over the socket in
 // /var/run/ambient, and it needs NET_ADMIN/SYS_ADMIN/NET_RAW to enter them
 // and mark sockets. It never talks to the API server.
-func desiredZtunnel(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
+func DesiredZtunnel(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 	z := mesh.Spec.Ztunnel
 	image := z.Image
 	if image == "" {
@@ -291,10 +290,10 @@ func desiredZtunnel(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 	return daemonSet(mesh, ZtunnelName, pod, surgeRollout)
 }
 
-// desiredNodeAgent: the capture agent is privileged on the host network: it
+// DesiredNodeAgent: the capture agent is privileged on the host network: it
 // installs the CNI plugin and config on the host, enters pod network
 // namespaces to install redirection, and passes them to ztunnel.
-func desiredNodeAgent(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
+func DesiredNodeAgent(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 	image := d.NodeAgentImage
 	hostToContainer := corev1.MountPropagationHostToContainer
 	pod := corev1.PodSpec{

@@ -139,6 +139,7 @@ func (w *Waypoint) deployment(mesh *meshv1.AmbientMesh) *appsv1.Deployment {
 	vols, mounts := proxyVolumes()
 	env := append(proxyEnv(mesh, w.Transport, w.LogLevel),
 		corev1.EnvVar{Name: "WAYPOINT_NAME", Value: w.Name},
+		fieldEnv("SERVICE_ACCOUNT", "spec.serviceAccountName"),
 		// The control plane's root namespace (the mesh namespace): its
 		// policies are mesh-wide for the waypoint exactly as for ztunnel.
 		corev1.EnvVar{Name: "ROOT_NAMESPACE", Value: meshRootNamespace(mesh)},

@@ -28,6 +28,7 @@ import (
 	"go.uber.org/zap"
 	ctrl "sigs.k8s.io/controller-runtime"
 
+	"github.com/ambientmesh/ambient/proxylib/envconfig"
 	"github.com/ambientmesh/ambient/proxylib/inpod"
 	"github.com/ambientmesh/ambient/proxylib/logging"
 	"github.com/ambientmesh/ambient/proxylib/nodeagent"
@@ -66,27 +67,35 @@ func newLogger(name string) (logr.Logger, zap.AtomicLevel, error) {
 	return zapr.NewLogger(zl), zc.Level, nil
 }
 
-func runAgent(args []string) error {
-	fs := flag.NewFlagSet("node-agent", flag.ExitOnError)
+// agentFlags are the node agent's settings that are not nodeagent.Options.
+type agentFlags struct{ backend, logLevel string }
+
+// parseAgentFlags reads the node agent's flags in args, defaulting each
+// from its environment variable in e (the operator's contract).
+func parseAgentFlags(fs *flag.FlagSet, args []string, e *envconfig.Env) (nodeagent.Options, agentFlags, error) {
 	o := nodeagent.Options{Redirect: redirect.DefaultConfig()}
-	var excluded, backend, logLevel, healthPort, healthAddr string
-	fs.StringVar(&o.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (spec.nodeName of its pods)")
-	fs.StringVar(&o.MeshName, "mesh-name", os.Getenv("MESH_NAME"), "AmbientMesh whose removal releases every pod")
-	fs.StringVar(&o.Selection.MeshNamespace, "mesh-namespace", envOr("MESH_NAMESPACE", envOr("POD_NAMESPACE", "ambient-system")), "namespace of the mesh itself (never captured)")
-	fs.StringVar(&excluded, "excluded-namespaces", os.Getenv("EXCLUDED_NAMESPACES"), "comma-separated namespaces never captured")
-	fs.StringVar(&backend, "redirection", envOr("REDIRECTION_BACKEND", "nftables"), "nftables or iptables")
-	fs.StringVar(&o.ZtunnelSocket, "ztunnel-socket", envOr("ZDS_SOCKET", inpod.DefaultSocketPath), "ztunnel's node agent socket")
-	fs.StringVar(&o.CNISocket, "cni-socket", envOr("CNI_SOCKET", cniapi.DefaultSocketPath), "socket the CNI plugin calls (same path on the host)")
-	fs.StringVar(&o.CNIBinDir, "cni-bin-dir", os.Getenv("CNI_BIN_DIR"), "install the plugin binary here (empty: do not)")
-	fs.StringVar(&o.CNIConfDir, "cni-conf-dir", os.Getenv("CNI_CONF_DIR"), "chain the plugin into the primary config here (empty: do not)")
-	fs.StringVar(&o.StateDir, "state-dir", envOr("STATE_DIR", "/var/run/ambient/pods"), "where sandbox records from the CNI plugin are kept")
-	fs.StringVar(&o.ProcRoot, "proc", envOr("PROC_ROOT", defaultProc()), "the host's /proc")
-	fs.StringVar(&healthPort, "health-port", envOr("HEALTH_PORT", "15022"), "port of /healthz and /readyz on all addresses (empty: off)")
+	var f agentFlags
+	var excluded, healthPort, healthAddr string
+	env := e.Get
+	fs.StringVar(&o.NodeName, "node-name", env("NODE_NAME", ""), "this node's name (spec.nodeName of its pods)")
+	fs.StringVar(&o.MeshName, "mesh-name", env("MESH_NAME", ""), "AmbientMesh whose removal releases every pod")
+	fs.StringVar(&o.Selection.MeshNamespace, "mesh-namespace", env("MESH_NAMESPACE", env("POD_NAMESPACE", "ambient-system")), "namespace of the mesh itself (never captured)")
+	fs.StringVar(&excluded, "excluded-namespaces", env("EXCLUDED_NAMESPACES", ""), "comma-separated namespaces never captured")
+	fs.StringVar(&f.backend, "redirection", env("REDIRECTION_BACKEND", "nftables"), "nftables or iptables")
+	fs.StringVar(&o.ZtunnelSocket, "ztunnel-socket", env("ZDS_SOCKET", inpod.DefaultSocketPath), "ztunnel's node agent socket")
+	fs.StringVar(&o.CNISocket, "cni-socket", env("CNI_SOCKET", cniapi.DefaultSocketPath), "socket the CNI plugin calls (same path on the host)")
+	fs.StringVar(&o.CNIBinDir, "cni-bin-dir", env("CNI_BIN_DIR", ""), "install the plugin binary here (empty: do not)")
+	fs.StringVar(&o.CNIConfDir, "cni-conf-dir", env("CNI_CONF_DIR", ""), "chain the plugin into the primary config here (empty: do not)")
+	fs.StringVar(&o.StateDir, "state-dir", env("STATE_DIR", "/var/run/ambient/pods"), "where sandbox records from the CNI plugin are kept")
+	fs.StringVar(&o.ProcRoot, "proc", env("PROC_ROOT", defaultProc()), "the host's /proc")
+	fs.StringVar(&healthPort, "health-port", env("HEALTH_PORT", "15022"), "port of /healthz and /readyz on all addresses (empty: off)")
 	fs.StringVar(&healthAddr, "health-addr", "", "host:port of /healthz and /readyz (overrides --health-port)")
-	fs.BoolVar(&o.Redirect.PreserveSource, "preserve-source", envOr("PRESERVE_SOURCE", "true") == "true", "install the connmark/policy routing that lets ztunnel connect to apps from the client's address (apps see the real client IP)")
-	fs.BoolVar(&o.ProbeSNAT, "probe-snat", envOr("PROBE_SNAT", "true") == "true", "SNAT the node's own connections to captured pods (kubelet probes) so they bypass capture")
-	fs.StringVar(&logLevel, "log-level", envOr("LOG_LEVEL", "info"), "trace, debug, info, warn, error")
-	_ = fs.Parse(args)
+	fs.BoolVar(&o.Redirect.PreserveSource, "preserve-source", env("PRESERVE_SOURCE", "true") == "true", "install the connmark/policy routing that lets ztunnel connect to apps from the client's address (apps see the real client IP)")
+	fs.BoolVar(&o.ProbeSNAT, "probe-snat", env("PROBE_SNAT", "true") == "true", "SNAT the node's own connections to captured pods (kubelet probes) so they bypass capture")
+	fs.StringVar(&f.logLevel, "log-level", env("LOG_LEVEL", "info"), "trace, debug, info, warn, error")
+	if err := fs.Parse(args); err != nil {
+		return o, f, err
+	}
 	if excluded != "" {
 		o.Selection.ExcludedNamespaces = strings.Split(excluded, ",")
 	}
@@ -96,23 +105,30 @@ func runAgent(args []string) error {
 	if healthAddr != "" {
 		o.HealthAddr = healthAddr
 	}
-	switch backend {
+	switch f.backend {
 	case "", "nftables":
 		o.Redirector = redirect.NewNFTables(o.Redirect)
 	case "iptables":
 		o.Redirector = redirect.NewIPTables(o.Redirect)
 	default:
-		return fmt.Errorf("unknown redirection backend %q (nftables or iptables)", backend)
+		return o, f, fmt.Errorf("unknown redirection backend %q (nftables or iptables)", f.backend)
 	}
 	excl := append([]string{"kube-system"}, o.Selection.ExcludedNamespaces...)
 	o.PluginConf = map[string]any{"agentSocket": o.CNISocket, "meshNamespace": o.Selection.MeshNamespace, "excludeNamespaces": excl}
+	return o, f, nil
+}
 
-	log, _, err := newLogger(logLevel)
+func runAgent(args []string) error {
+	o, f, err := parseAgentFlags(flag.NewFlagSet("node-agent", flag.ExitOnError), args, envconfig.New(nil))
+	if err != nil {
+		return err
+	}
+	log, _, err := newLogger(f.logLevel)
 	if err != nil {
 		return fmt.Errorf("log level: %w", err)
 	}
 	o.Log = log.WithName("node-agent")
-	o.Log.Info("in-pod redirection", "backend", backend, "preserveSource", o.Redirect.PreserveSource)
+	o.Log.Info("in-pod redirection", "backend", f.backend, "preserveSource", o.Redirect.PreserveSource)
 	if !o.Redirect.PreserveSource {
 		o.Log.Info("source preservation is off: apps behind ztunnel see their own pod address instead of the client's")
 	}
@@ -132,11 +148,4 @@ func defaultProc() string {
 		return "/host/proc"
 	}
 	return "/proc"
-}
-
-func envOr(k, def string) string {
-	if v := os.Getenv(k); v != "" {
-		return v
-	}
-	return def
 }

@@ -29,6 +29,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/admin"
 	"github.com/ambientmesh/ambient/proxylib/caclient"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/envconfig"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/hbone/meshtransport"
 	"github.com/ambientmesh/ambient/proxylib/identity"
@@ -51,47 +52,48 @@ type options struct {
 	logLevel                             string
 }
 
-func env(key, def string) string {
-	if v := os.Getenv(key); v != "" {
-		return v
-	}
-	return def
-}
-
-func parseFlags() options {
+// parseFlags reads the flags in args, defaulting each from its environment
+// variable in e (the operator's contract, docs/interfaces.md).
+func parseFlags(fs *flag.FlagSet, args []string, e *envconfig.Env) (options, error) {
 	var o options
+	env := e.Get
 	ns := env("POD_NAMESPACE", "ambient-system")
-	flag.StringVar(&o.node, "node-name", env("NODE_NAME", ""), "this node's name (env NODE_NAME)")
-	flag.StringVar(&o.podName, "pod-name", env("POD_NAME", "ztunnel"), "env POD_NAME")
-	flag.StringVar(&o.podNamespace, "pod-namespace", ns, "env POD_NAMESPACE")
-	flag.StringVar(&o.cluster, "cluster-id", env("CLUSTER_ID", "Kubernetes"), "env CLUSTER_ID")
-	flag.StringVar(&o.xdsAddr, "xds-address", env("XDS_ADDRESS", "ambient-controlplane."+ns+".svc:15010"), "discovery server (env XDS_ADDRESS)")
-	flag.StringVar(&o.xdsServerName, "xds-server-name", env("XDS_SERVER_NAME", "ambient-controlplane."+ns+".svc"), "TLS server name of the discovery server")
-	flag.StringVar(&o.caAddr, "ca-address", env("CA_ADDRESS", "ambient-controlplane."+ns+".svc:15012"), "CA server (env CA_ADDRESS)")
-	flag.StringVar(&o.caServerName, "ca-server-name", env("CA_SERVER_NAME", "ambient-controlplane."+ns+".svc"), "TLS server name of the CA")
-	flag.StringVar(&o.tokenPath, "token-path", env("TOKEN_PATH", "/var/run/secrets/tokens/ambient-token"), "projected SA token (audience ambient-mesh)")
-	flag.StringVar(&o.rootCertPath, "root-cert", env("ROOT_CERT", "/var/run/secrets/ambient/root-cert.pem"), "mesh trust bundle (PEM)")
-	flag.StringVar(&o.trustDomain, "trust-domain", env("TRUST_DOMAIN", "cluster.local"), "SPIFFE trust domain")
-	flag.StringVar(&o.transport, "transport", env("HBONE_TRANSPORT", "HTTP2"), "HBONE transport: HTTP2 or HTTP3")
-	flag.StringVar(&o.zdsSocket, "zds-socket", env("ZDS_SOCKET", "/var/run/ambient/ztunnel.sock"), "node agent socket")
-	flag.StringVar(&o.adminAddr, "admin-address", "127.0.0.1:15000", "admin endpoint")
-	flag.StringVar(&o.metricsAddr, "metrics-address", ":15020", "Prometheus metrics")
-	flag.StringVar(&o.readyAddr, "ready-address", ":15021", "readiness (/healthz/ready)")
-	ttl, _ := time.ParseDuration(env("WORKLOAD_CERT_TTL", "24h"))
-	flag.DurationVar(&o.certTTL, "workload-cert-ttl", ttl, "requested workload certificate lifetime (env WORKLOAD_CERT_TTL)")
+	fs.StringVar(&o.node, "node-name", env("NODE_NAME", ""), "this node's name (env NODE_NAME)")
+	fs.StringVar(&o.podName, "pod-name", env("POD_NAME", "ztunnel"), "env POD_NAME")
+	fs.StringVar(&o.podNamespace, "pod-namespace", ns, "env POD_NAMESPACE")
+	fs.StringVar(&o.cluster, "cluster-id", env("CLUSTER_ID", "Kubernetes"), "env CLUSTER_ID")
+	fs.StringVar(&o.xdsAddr, "xds-address", env("XDS_ADDRESS", "ambient-controlplane."+ns+".svc:15010"), "discovery server (env XDS_ADDRESS)")
+	fs.StringVar(&o.xdsServerName, "xds-server-name", env("XDS_SERVER_NAME", "ambient-controlplane."+ns+".svc"), "TLS server name of the discovery server")
+	fs.StringVar(&o.caAddr, "ca-address", env("CA_ADDRESS", "ambient-controlplane."+ns+".svc:15012"), "CA server (env CA_ADDRESS)")
+	fs.StringVar(&o.caServerName, "ca-server-name", env("CA_SERVER_NAME", "ambient-controlplane."+ns+".svc"), "TLS server name of the CA")
+	fs.StringVar(&o.tokenPath, "token-path", env("TOKEN_PATH", "/var/run/secrets/tokens/ambient-token"), "projected SA token (audience ambient-mesh)")
+	fs.StringVar(&o.rootCertPath, "root-cert", env("ROOT_CERT", "/var/run/secrets/ambient/root-cert.pem"), "mesh trust bundle (PEM)")
+	fs.StringVar(&o.trustDomain, "trust-domain", env("TRUST_DOMAIN", "cluster.local"), "SPIFFE trust domain")
+	fs.StringVar(&o.transport, "transport", env("HBONE_TRANSPORT", "HTTP2"), "HBONE transport: HTTP2 or HTTP3")
+	fs.StringVar(&o.zdsSocket, "zds-socket", env("ZDS_SOCKET", "/var/run/ambient/ztunnel.sock"), "node agent socket")
+	fs.StringVar(&o.adminAddr, "admin-address", "127.0.0.1:15000", "admin endpoint")
+	fs.StringVar(&o.metricsAddr, "metrics-address", ":15020", "Prometheus metrics")
+	fs.StringVar(&o.readyAddr, "ready-address", ":15021", "readiness (/healthz/ready)")
+	ttl, err := time.ParseDuration(env("WORKLOAD_CERT_TTL", "24h"))
+	if err != nil {
+		return o, fmt.Errorf("bad WORKLOAD_CERT_TTL: %w", err)
+	}
+	fs.DurationVar(&o.certTTL, "workload-cert-ttl", ttl, "requested workload certificate lifetime (env WORKLOAD_CERT_TTL)")
 	grace, err := time.ParseDuration(env("DRAIN_GRACE", "25s"))
 	if err != nil || grace < 0 {
-		fmt.Fprintf(os.Stderr, "bad DRAIN_GRACE %q: want a Go duration such as 25s\n", os.Getenv("DRAIN_GRACE"))
-		os.Exit(2)
+		return o, fmt.Errorf("bad DRAIN_GRACE %q: want a Go duration such as 25s", env("DRAIN_GRACE", ""))
 	}
-	flag.DurationVar(&o.drainGrace, "drain-grace", grace, "time open connections get after SIGTERM, shorter than the pod's terminationGracePeriodSeconds (env DRAIN_GRACE)")
-	flag.StringVar(&o.logLevel, "log-level", env("LOG_LEVEL", "info"), "trace|debug|info|warn|error")
-	flag.Parse()
-	return o
+	fs.DurationVar(&o.drainGrace, "drain-grace", grace, "time open connections get after SIGTERM, shorter than the pod's terminationGracePeriodSeconds (env DRAIN_GRACE)")
+	fs.StringVar(&o.logLevel, "log-level", env("LOG_LEVEL", "info"), "trace|debug|info|warn|error")
+	return o, fs.Parse(args)
 }
 
 func main() {
-	o := parseFlags()
+	o, err := parseFlags(flag.CommandLine, os.Args[1:], envconfig.New(nil))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
 	log, level, err := newLogger(o.logLevel)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bad -log-level:", err)

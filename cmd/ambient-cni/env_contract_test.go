@@ -1,0 +1,48 @@
+package main
+
+import (
+	"flag"
+	"io"
+	"testing"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+	"github.com/ambientmesh/ambient/controllers"
+	"github.com/ambientmesh/ambient/proxylib/envconfig"
+	"github.com/ambientmesh/ambient/test/envcontract"
+)
+
+// optionalAgentEnv are read by the node agent, left unset by the operator:
+// their defaults are right for the DaemonSet (the CNI socket and state
+// directory under /var/run/ambient, the host's /proc at /host/proc, probe
+// SNAT and source preservation on); POD_NAMESPACE backs MESH_NAMESPACE.
+var optionalAgentEnv = []string{"CNI_SOCKET", "STATE_DIR", "PROC_ROOT", "PROBE_SNAT", "PRESERVE_SOURCE", "POD_NAMESPACE"}
+
+// TestOperatorEnvContract: the node agent the operator deploys reads every
+// variable the operator sets on it, nothing else but settings with
+// defaults right for a standard node (optional), and ends up with the
+// operator's values.
+func TestOperatorEnvContract(t *testing.T) {
+	mesh := &meshv1.AmbientMesh{ObjectMeta: metav1.ObjectMeta{Name: "default"},
+		Spec: meshv1.AmbientMeshSpec{Namespace: "mesh-root", Capture: meshv1.CaptureSpec{ExcludedNamespaces: []string{"legacy"}}}}
+	ds := controllers.DesiredNodeAgent(mesh, controllers.Defaults{NodeAgentImage: "ambient-cni:test"})
+	var o struct {
+		meshNamespace, meshName string
+		excluded                []string
+	}
+	c := ds.Spec.Template.Spec.Containers[0]
+	envcontract.Check(t, c, func(args []string, e *envconfig.Env) error {
+		fs := flag.NewFlagSet("node-agent", flag.ContinueOnError)
+		fs.SetOutput(io.Discard)
+		if len(args) > 0 && args[0] == "node-agent" {
+			args = args[1:] // the subcommand main dispatches on
+		}
+		opts, _, err := parseAgentFlags(fs, args, e)
+		o.meshNamespace, o.meshName, o.excluded = opts.Selection.MeshNamespace, opts.MeshName, opts.Selection.ExcludedNamespaces
+		return err
+	}, optionalAgentEnv...)
+	if o.meshName != mesh.Name || o.meshNamespace != mesh.Spec.Namespace {
+		t.Errorf("node agent has mesh %q in %q, operator meant %q in %q", o.meshName, o.meshNamespace, mesh.Name, mesh.Spec.Namespace)
+	}
+}

@@ -1,0 +1,44 @@
+package main
+
+import (
+	"flag"
+	"io"
+	"testing"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+	"github.com/ambientmesh/ambient/controllers"
+	"github.com/ambientmesh/ambient/proxylib/envconfig"
+	"github.com/ambientmesh/ambient/test/envcontract"
+)
+
+// TestOperatorEnvContract: the ztunnel the operator deploys reads every
+// variable the operator sets on it, nothing else but CLUSTER_ID (optional,
+// default "Kubernetes", as Istio's), and ends up with the operator's values.
+func TestOperatorEnvContract(t *testing.T) {
+	mesh := &meshv1.AmbientMesh{ObjectMeta: metav1.ObjectMeta{Name: "default"},
+		Spec: meshv1.AmbientMeshSpec{Namespace: "mesh-root", TrustDomain: "example.org", ClusterDomain: "corp.example",
+			CA: meshv1.CASpec{WorkloadCertTTL: metav1.Duration{Duration: 6 * time.Hour}}}}
+	ds := controllers.DesiredZtunnel(mesh, controllers.Defaults{ZtunnelImage: "ztunnel:test"})
+	var o options
+	set := envcontract.Check(t, ds.Spec.Template.Spec.Containers[0], func(args []string, e *envconfig.Env) (err error) {
+		fs := flag.NewFlagSet("ztunnel", flag.ContinueOnError)
+		fs.SetOutput(io.Discard)
+		o, err = parseFlags(fs, args, e)
+		return err
+	}, "CLUSTER_ID")
+	for what, got := range map[string][2]string{
+		"trust domain": {o.trustDomain, mesh.Spec.TrustDomain},
+		"root cert":    {o.rootCertPath, set["ROOT_CERT"]},
+		"token":        {o.tokenPath, set["TOKEN_PATH"]},
+		"xds":          {o.xdsAddr, set["XDS_ADDRESS"]},
+		"ca":           {o.caAddr, set["CA_ADDRESS"]},
+		"cert ttl":     {o.certTTL.String(), "6h0m0s"},
+	} {
+		if got[0] != got[1] || got[0] == "" {
+			t.Errorf("%s: ztunnel has %q, operator meant %q", what, got[0], got[1])
+		}
+	}
+}
