@@ -3,6 +3,7 @@ package controllers
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -99,6 +100,11 @@ func TestAmbientMeshCreateStatusAndIdempotence(t *testing.T) {
 	}
 	if env := envMap(zc.Env); env["XDS_ADDRESS"] != "ambient-controlplane.mesh-create.svc:15010" || env["TRUST_DOMAIN"] != "cluster.local" || env["HBONE_TRANSPORT"] != "HTTP2" {
 		t.Errorf("ztunnel env: %v", env)
+	}
+	// The Go runtime's soft memory limit follows the container's limit.
+	if i := slices.IndexFunc(zc.Env, func(e corev1.EnvVar) bool { return e.Name == "GOMEMLIMIT" }); i < 0 ||
+		zc.Env[i].ValueFrom == nil || zc.Env[i].ValueFrom.ResourceFieldRef == nil || zc.Env[i].ValueFrom.ResourceFieldRef.Resource != "limits.memory" {
+		t.Errorf("ztunnel GOMEMLIMIT must come from limits.memory: %v", zc.Env)
 	}
 	if caps := zc.SecurityContext.Capabilities.Add; len(caps) != 3 || *zc.SecurityContext.Privileged {
 		t.Errorf("ztunnel must be unprivileged with NET_ADMIN/SYS_ADMIN/NET_RAW, got %v", caps)

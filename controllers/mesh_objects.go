@@ -148,6 +148,10 @@ func proxyEnv(mesh *meshv1.AmbientMesh, transport meshv1.HBONETransport, logLeve
 		{Name: "HBONE_TRANSPORT", Value: string(transport)},
 		{Name: "WORKLOAD_CERT_TTL", Value: mesh.Spec.CA.WorkloadCertTTL.Duration.String()},
 		{Name: "LOG_LEVEL", Value: string(logLevel)},
+		// The Go runtime's soft memory limit follows the container's limit
+		// (AmbientMesh/WaypointPolicy resources): the GC works harder near
+		// it instead of the kernel killing the proxy.
+		{Name: "GOMEMLIMIT", ValueFrom: &corev1.EnvVarSource{ResourceFieldRef: &corev1.ResourceFieldSelector{Resource: "limits.memory"}}},
 		{Name: "ROOT_CERT", Value: rootCertMountDir + "/" + RootCertKey},
 		{Name: "TOKEN_PATH", Value: tokenMountDir + "/" + tokenFile},
 	}
