@@ -49,7 +49,7 @@ func main() {
 	flag.StringVar(&o.binDir, "bin", "bin", "directory of the static binaries")
 	flag.StringVar(&o.registry, "registry", "docker.io/ambient", "image repository prefix")
 	flag.StringVar(&o.cmdDir, "cmd", "cmd", "directory whose subdirectories are the binaries")
-	flag.BoolVar(&o.build, "build", false, "build each cmd (CGO_ENABLED=0) into -bin first; one that fails is skipped")
+	flag.BoolVar(&o.build, "build", false, "build each cmd (CGO_ENABLED=0) into -bin first; one that fails to build is an error")
 	flag.StringVar(&only, "only", "", "comma-separated subset of cmds")
 	flag.Parse()
 	if only != "" {
@@ -69,12 +69,15 @@ func run(o options) error {
 	if err := os.MkdirAll(o.out, 0o755); err != nil {
 		return err
 	}
-	var built, skipped []string
+	var built, skipped, failed []string
 	for _, n := range names {
 		bin := filepath.Join(o.binDir, n)
 		if o.build {
+			// A cmd that does not build must not quietly leave an older
+			// image behind (or none): the cluster would run stale code or
+			// fail to pull with nothing saying why.
 			if err := buildBinary(n, bin, o); err != nil {
-				skipped = append(skipped, fmt.Sprintf("%s (build failed: %v)", n, err))
+				failed = append(failed, fmt.Sprintf("%s: build failed: %v", n, err))
 				continue
 			}
 		}
@@ -95,6 +98,9 @@ func run(o options) error {
 	}
 	for _, s := range skipped {
 		fmt.Println("skipped", s)
+	}
+	if len(failed) > 0 {
+		return fmt.Errorf("%d image(s) not built:\n  %s", len(failed), strings.Join(failed, "\n  "))
 	}
 	if len(built) == 0 {
 		return errors.New("no image built")

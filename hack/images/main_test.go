@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -127,5 +128,18 @@ func readTarEntry(t *testing.T, path, name string) []byte {
 			b, _ := io.ReadAll(tr)
 			return b
 		}
+	}
+}
+
+// TestBuildFailureIsAnError: a cmd that does not compile fails the run
+// (after the others are built) instead of being skipped.
+func TestBuildFailureIsAnError(t *testing.T) {
+	o := options{tag: "t", out: t.TempDir(), binDir: t.TempDir(), registry: "docker.io/ambient", cmdDir: "testdata/cmd", build: true}
+	err := run(o)
+	if err == nil || !strings.Contains(err.Error(), "broken: build failed") {
+		t.Fatalf("run = %v, want the broken cmd reported", err)
+	}
+	if _, err := os.Stat(filepath.Join(o.out, "hello.tar")); err != nil {
+		t.Fatalf("the cmd that builds was not imaged: %v", err)
 	}
 }
