@@ -79,6 +79,10 @@ fuzz: ## Run every fuzz target briefly.
 bench: build ## Benchmarks with same-run baselines (results go to docs/performance.md by hand).
 	@if [ -x hack/bench.sh ]; then hack/bench.sh; else echo "hack/bench.sh not present yet"; fi
 
+.PHONY: bench-mesh
+bench-mesh: ## fortio through the lab mesh: direct vs ztunnel vs ztunnel+waypoint, same and cross node (bin/bench-mesh/).
+	BENCH_MESH=full E2E_RUN='^TestBenchMesh$$' E2E_REQUIRE_MESH=1 test/lab/e2e.sh
+
 ##@ Build
 LDFLAGS := -s -w -X main.version=$(TAG)
 

@@ -4,7 +4,8 @@
 #   bin/coredns/<ver>/coredns          (only the plugins a lab cluster needs)
 #   bin/lab/images/*.tar               (pause, coredns, httpbin, sleep; test/lab/imagebuild)
 #   bin/ambientctl
-# Usage: test/lab/build.sh [k8s|coredns|images|ambientctl ...]   (default: all)
+#   bin/fortio/fortio                  (load tool and echo server of make bench-mesh; test/bench/fortio)
+# Usage: test/lab/build.sh [k8s|coredns|fortio|images|ambientctl ...]   (default: all)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BIN=$ROOT/bin
@@ -60,11 +61,21 @@ GO
   step "built $out in $((SECONDS - start))s"
 }
 
+# fortio (load generator and echo server of `make bench-mesh`): its own
+# module under test/bench/fortio, so the product never depends on it.
+build_fortio() {
+  local start=$SECONDS
+  mkdir -p "$BIN/fortio"
+  (cd "$ROOT/test/bench/fortio" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$BIN/fortio/fortio.tmp" .)
+  mv "$BIN/fortio/fortio.tmp" "$BIN/fortio/fortio"
+  step "built bin/fortio/fortio in $((SECONDS - start))s"
+}
+
 build_images() {
   local start=$SECONDS
-  step "building lab images (pause, coredns, httpbin, sleep) into bin/lab/images"
+  step "building lab images (pause, coredns, httpbin, sleep, fortio when built) into bin/lab/images"
   (cd "$ROOT" && CGO_ENABLED=0 go run ./test/lab/imagebuild \
-     -out "$BIN/lab/images" -coredns "$BIN/coredns/$COREDNS_VERSION/coredns")
+     -out "$BIN/lab/images" -coredns "$BIN/coredns/$COREDNS_VERSION/coredns" -fortio "$BIN/fortio/fortio")
   step "images ready in $((SECONDS - start))s"
 }
 
@@ -75,12 +86,13 @@ build_ambientctl() {
 }
 
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(k8s coredns images ambientctl)
+[ ${#targets[@]} -gt 0 ] || targets=(k8s coredns fortio images ambientctl)
 for t in "${targets[@]}"; do
   case $t in
     k8s) build_k8s ;;
     coredns) build_coredns ;;
     images) build_images ;;
+    fortio) build_fortio ;;
     ambientctl) build_ambientctl ;;
     *) echo "unknown build target $t" >&2; exit 2 ;;
   esac

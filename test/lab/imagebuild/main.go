@@ -40,6 +40,7 @@ type image struct {
 func main() {
 	out := flag.String("out", "bin/lab/images", "output directory")
 	coredns := flag.String("coredns", "", "prebuilt CoreDNS binary (skipped when empty or missing)")
+	fortio := flag.String("fortio", "", "prebuilt fortio binary of test/bench/fortio (skipped when empty or missing)")
 	tag := flag.String("tag", "dev", "tag of the test workload images")
 	components := flag.String("components", "", "comma-separated cmd/<name> mesh components to package as docker.io/ambient/<name>:<tag> (a stand-in for `make images`); a component that does not build is reported and skipped")
 	only := flag.Bool("components-only", false, "build only the -components images")
@@ -58,6 +59,11 @@ func main() {
 			images = append(images, image{file: "coredns.tar", ref: "docker.io/ambient-lab/coredns:v1.12.4", binary: *coredns, path: "/coredns", entrypoint: []string{"/coredns"}})
 		} else {
 			log.Printf("coredns binary %s missing: CoreDNS image not built", *coredns)
+		}
+	}
+	if *fortio != "" {
+		if _, err := os.Stat(*fortio); err == nil {
+			images = append(images, image{file: "fortio.tar", ref: "docker.io/ambient-lab/fortio:" + *tag, binary: *fortio, path: "/usr/bin/fortio", entrypoint: []string{"/usr/bin/fortio"}})
 		}
 	}
 	if *only {
