@@ -238,8 +238,8 @@ func podCgroup(t *testing.T, controller, uid string) string {
 	t.Helper()
 	var found string
 	filepath.WalkDir(filepath.Join("/sys/fs/cgroup", controller), func(p string, d os.DirEntry, err error) error {
-		if err != nil || !d.IsDir() || found != "" {
-			return filepath.SkipDir
+		if err != nil || !d.IsDir() {
+			return nil // files, and directories gone meanwhile
 		}
 		if d.Name() == "pod"+uid {
 			found = p
