@@ -22,6 +22,7 @@ import (
 
 	"fortio.org/fortio/fhttp"
 	"fortio.org/fortio/periodic"
+	"fortio.org/log"
 )
 
 func main() {
@@ -29,6 +30,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "usage: fortio server|load|hold ...")
 		os.Exit(2)
 	}
+	log.SetLogLevel(log.Warning) // results on stdout, nothing chatty beside them
 	var err error
 	switch os.Args[1] {
 	case "server":

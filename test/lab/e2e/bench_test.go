@@ -146,7 +146,9 @@ func fortioLoad(t *testing.T, m benchMode, args ...string) fortioResult {
 		t.Fatalf("%s: fortio load %v: %v\n%s", m.name, args, err, out)
 	}
 	var r fortioResult
-	i := strings.Index(out, "{")
+	// fortio logs (JSON lines) share the exec's output; the result is the
+	// object that starts with RunType.
+	i := strings.Index(out, `{"RunType"`)
 	if i < 0 || json.Unmarshal([]byte(out[i:]), &r) != nil {
 		t.Fatalf("%s: fortio output not JSON: %.300s", m.name, out)
 	}
