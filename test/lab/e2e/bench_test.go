@@ -150,7 +150,7 @@ func fortioLoad(t *testing.T, m benchMode, args ...string) fortioResult {
 	// object that starts with RunType.
 	i := strings.Index(out, `{"RunType"`)
 	if i < 0 || json.Unmarshal([]byte(out[i:]), &r) != nil {
-		t.Fatalf("%s: fortio output not JSON: %.300s", m.name, out)
+		t.Fatalf("%s: fortio output has no result: %.300s … %s", m.name, out, out[max(0, len(out)-600):])
 	}
 	if ok := r.RetCodes["200"]; ok == 0 || ok != r.DurationHistogram.Count {
 		t.Fatalf("%s: fortio %v: return codes %v of %d requests, want all 200", m.name, args, r.RetCodes, r.DurationHistogram.Count)
