@@ -78,6 +78,7 @@ func load(args []string) error {
 	if err != nil {
 		return err
 	}
+	res.Payload = nil // the request body, echoed into the results otherwise
 	return json.NewEncoder(os.Stdout).Encode(res)
 }
 

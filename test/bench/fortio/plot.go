@@ -38,7 +38,7 @@ func plot(args []string) error {
 	if err := json.Unmarshal(b, &doc); err != nil {
 		return err
 	}
-	const w, h, left, right, top, bottom = 960, 600, 70, 230, 50, 60
+	const w, h, left, right, top, bottom = 1000, 600, 70, 270, 50, 60
 	img := image.NewRGBA(image.Rect(0, 0, w, h))
 	draw.Draw(img, img.Bounds(), image.White, image.Point{}, draw.Src)
 	// x: latency up to the largest 99th percentile seen (long tails clipped).
