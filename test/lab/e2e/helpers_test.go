@@ -191,3 +191,19 @@ func ztunnelLogs(t *testing.T) string {
 	out, _ := kubectl("logs", "-n", meshNS, "-l", "app=ztunnel", "--tail=2000", "--prefix")
 	return out
 }
+
+// enrollAmbient puts ns in the mesh (if it is not yet) and waits until
+// every pod there is captured, so a scenario does not depend on an
+// earlier one having enrolled the namespace. Call it before a waypoint
+// exists: waypoint pods are never captured.
+func enrollAmbient(t *testing.T, ns string) {
+	t.Helper()
+	mustKubectl(t, "label", "namespace", ns, "istio.io/dataplane-mode=ambient", "--overwrite")
+	want := podCount(t, ns)
+	eventually(t, 60*time.Second, ns+": every pod captured", func() error {
+		if n := capturedCount(t, ns); n != want {
+			return fmt.Errorf("%d of %d pods captured", n, want)
+		}
+		return nil
+	})
+}

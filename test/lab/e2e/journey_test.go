@@ -373,6 +373,7 @@ func TestHairpinPlaintextUnderStrictRefused(t *testing.T) {
 	applyFile(t, "e2e-client-a", "test/lab/manifests/apps/sleep.yaml")
 	waitAvailable(t, demoNS)
 	waitAvailable(t, "e2e-client-a")
+	enrollAmbient(t, demoNS)
 	applyFile(t, demoNS, "test/lab/manifests/policy/waypoint-all.yaml")
 	t.Cleanup(func() { removeNamespaceWaypoint(t) })
 	if out, err := kubectl("wait", "-n", demoNS, "--for=condition=Ready", "--timeout=120s", "waypointpolicy/waypoint"); err != nil {
@@ -392,4 +393,41 @@ func TestHairpinPlaintextUnderStrictRefused(t *testing.T) {
 	applyFile(t, demoNS, "test/lab/manifests/policy/peerauth-strict.yaml")
 	defer kubectl("delete", "peerauthentication", "peerauth", "-n", demoNS, "--ignore-not-found")
 	expect("STRICT: refused before the hair-pin", false)
+}
+
+// TestRootNamespacePolicyAppliesToWaypoints: an AuthorizationPolicy in the
+// mesh's root namespace (the mesh namespace) targeting the istio-waypoint
+// GatewayClass binds every waypoint: GET-only refuses a POST through the
+// namespace waypoint. The waypoint and the control plane must agree on the
+// root namespace for this to hold.
+func TestRootNamespacePolicyAppliesToWaypoints(t *testing.T) {
+	requireMesh(t)
+	requireComponents(t, "WAYPOINT_IMAGE")
+	deployJourney(t)
+	applyFile(t, demoNS, "test/lab/manifests/apps/echo.yaml")
+	waitAvailable(t, demoNS)
+	enrollAmbient(t, demoNS)
+	out, err := exec.Command(filepath.Join(repoRoot, "bin/ambientctl"), "--kubeconfig", kubeconfig, "waypoint", "apply", "-n", demoNS, "--wait", "--timeout", "120s").CombinedOutput()
+	if err != nil {
+		t.Fatalf("ambientctl waypoint apply: %v\n%s", err, out)
+	}
+	t.Cleanup(func() { removeNamespaceWaypoint(t) })
+	apply(t, meshNS, `apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: waypoints-get-only}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: GatewayClass, name: istio-waypoint}]
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+`)
+	t.Cleanup(func() { kubectl("delete", "authorizationpolicy", "waypoints-get-only", "-n", meshNS, "--ignore-not-found") })
+	code := func(method string) string {
+		out, _ := curl(t, demoNS, "deploy/sleep", "-o", "/dev/null", "-w", "%{http_code}", "-X", method, "http://echo/hostname")
+		return strings.TrimSpace(out)
+	}
+	eventually(t, 60*time.Second, "mesh-wide GET-only policy at the waypoint", func() error {
+		if get, post := code("GET"), code("POST"); get != "200" || post != "403" {
+			return fmt.Errorf("GET %s, POST %s; want 200 and 403", get, post)
+		}
+		return nil
+	})
 }
