@@ -165,7 +165,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	}
 	defer store.Close()
 	// Root rotation: new handshakes verify against the bundle of now.
-	go bundle.Watch(ctx, 10*time.Second, log.WithName("trust-bundle"), store.SetRoots)
+	go bundle.Watch(ctx, trustbundle.DefaultInterval, log.WithName("trust-bundle"), store.SetRoots)
 	self := identity.Identity{TrustDomain: o.trustDomain, Namespace: o.namespace, ServiceAccount: o.serviceAccount}
 	if err := store.Prefetch(self); err != nil {
 		return fmt.Errorf("certificate for %s: %w", self, err)

@@ -143,7 +143,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	}
 	defer store.Close()
 	// Root rotation: new handshakes verify against the bundle of now.
-	go bundle.Watch(ctx, trustbundleInterval, log.WithName("trust-bundle"), store.SetRoots)
+	go bundle.Watch(ctx, trustbundle.DefaultInterval, log.WithName("trust-bundle"), store.SetRoots)
 
 	state := discovery.NewState(discovery.AddressType, discovery.AuthorizationType)
 	xds := discovery.NewClient(discovery.ClientConfig{Address: o.xdsAddr, Token: token, Log: log.WithName("xds"),
@@ -250,6 +250,3 @@ func serve(log logr.Logger, addr string, h http.Handler) {
 	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
 	go srv.Serve(ln)
 }
-
-// trustbundleInterval is how often the mounted trust bundle is re-read.
-const trustbundleInterval = 10 * time.Second

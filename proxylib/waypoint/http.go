@@ -110,7 +110,7 @@ func (s *Server) clientAddr(req *hbone.Request, dst destination) netip.Addr {
 	if w := s.cfg.State.WorkloadByAddr(fwd); w != nil && s.workloadIdentity(w) == req.Peer {
 		return fwd
 	}
-	if dst.workload != nil && s.workloadIdentity(dst.workload) == req.Peer {
+	if s.isHairpin(req, dst) {
 		return fwd
 	}
 	return peerAddr

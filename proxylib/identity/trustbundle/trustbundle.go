@@ -6,7 +6,6 @@
 package trustbundle
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
@@ -21,6 +20,9 @@ import (
 
 	"github.com/ambientmesh/ambient/proxylib/ca"
 )
+
+// DefaultInterval is how often proxies re-read the mounted bundle.
+const DefaultInterval = 10 * time.Second
 
 // Bundle is the trust bundle read from a file.
 type Bundle struct {
@@ -72,9 +74,6 @@ func (b *Bundle) Reload() (changed bool, err error) {
 	certs, err := ca.ParseCerts(data)
 	if err == nil && len(certs) == 0 {
 		err = errors.New("no certificate")
-	}
-	if err == nil && len(bytes.TrimSpace(data)) == 0 {
-		err = errors.New("empty")
 	}
 	if err != nil {
 		return false, fmt.Errorf("trust bundle %s: %w", b.path, err)

@@ -58,10 +58,10 @@ func plot(args []string) error {
 	py := func(pct float64) int { return h - bottom - int(pct/100*float64(h-top-bottom)) }
 	grey := color.RGBA{200, 200, 200, 255}
 	for i := 0; i <= 10; i++ {
-		line(img, left, py(float64(i*10)), w-right, py(float64(i*10)), grey)
+		stroke(img, left, py(float64(i*10)), w-right, py(float64(i*10)), grey, false)
 		text(img, 20, py(float64(i*10))+4, fmt.Sprintf("%d%%", i*10), color.Black)
 		x := left + i*(w-left-right)/10
-		line(img, x, top, x, h-bottom, grey)
+		stroke(img, x, top, x, h-bottom, grey, false)
 		text(img, x-12, h-bottom+18, fmt.Sprintf("%.2g", xmax*float64(i)/10), color.Black)
 	}
 	text(img, left, h-bottom+42, "latency (ms), 1 KiB POST echoed; y: share of requests at most that slow", color.Black)
@@ -73,19 +73,11 @@ func plot(args []string) error {
 		prevX, prevY := px(0), py(0)
 		for _, p := range r.CDF {
 			x, y := px(p[0]), py(p[1])
-			if dashed {
-				dashLine(img, prevX, prevY, x, y, c)
-			} else {
-				line(img, prevX, prevY, x, y, c)
-			}
+			stroke(img, prevX, prevY, x, y, c, dashed)
 			prevX, prevY = x, y
 		}
 		ly := top + 20 + i*20
-		if dashed {
-			dashLine(img, w-right+10, ly, w-right+40, ly, c)
-		} else {
-			line(img, w-right+10, ly, w-right+40, ly, c)
-		}
+		stroke(img, w-right+10, ly, w-right+40, ly, c, dashed)
 		text(img, w-right+45, ly+4, r.Mode+" "+r.Path, color.Black)
 	}
 	f, err := os.Create(*out)
@@ -111,11 +103,7 @@ func text(img *image.RGBA, x, y int, s string, c color.Color) {
 	d.DrawString(s)
 }
 
-// line draws with Bresenham's algorithm, two pixels thick.
-func line(img *image.RGBA, x0, y0, x1, y1 int, c color.Color) { stroke(img, x0, y0, x1, y1, c, false) }
-
-func dashLine(img *image.RGBA, x0, y0, x1, y1 int, c color.Color) { stroke(img, x0, y0, x1, y1, c, true) }
-
+// stroke draws with Bresenham's algorithm, two pixels thick, dashed or not.
 func stroke(img *image.RGBA, x0, y0, x1, y1 int, c color.Color, dashed bool) {
 	dx, dy := abs(x1-x0), -abs(y1-y0)
 	sx, sy := sign(x1-x0), sign(y1-y0)

@@ -165,9 +165,14 @@ func fortioLoad(t *testing.T, m benchMode, args ...string) fortioResult {
 	return r
 }
 
+// serverURL is the echo server a path ("same-node", "cross-node") calls.
+func serverURL(path string) string {
+	return "http://server-" + strings.TrimSuffix(path, "-node") + ":8080/echo"
+}
+
 func runLatency(t *testing.T, m benchMode, path string, cfg benchConfig) benchResult {
 	t.Helper()
-	url := "http://server-" + strings.TrimSuffix(path, "-node") + ":8080/echo"
+	url := serverURL(path)
 	zt0, wp0 := proxyCPU(t, meshNS, "app=ztunnel"), proxyCPU(t, m.ns, "mesh.ambient.dev/waypoint")
 	r := fortioLoad(t, m, "-qps", fmt.Sprint(cfg.qps), "-c", fmt.Sprint(cfg.conns), "-t", cfg.dur.String(), "-payload-size", fmt.Sprint(cfg.payload), url)
 	zt1, wp1 := proxyCPU(t, meshNS, "app=ztunnel"), proxyCPU(t, m.ns, "mesh.ambient.dev/waypoint")
@@ -200,7 +205,7 @@ func runLatency(t *testing.T, m benchMode, path string, cfg benchConfig) benchRe
 // go; Mbit/s counts both directions.
 func runBulk(t *testing.T, m benchMode, path string, cfg benchConfig) float64 {
 	t.Helper()
-	url := "http://server-" + strings.TrimSuffix(path, "-node") + ":8080/echo"
+	url := serverURL(path)
 	r := fortioLoad(t, m, "-qps", "-1", "-c", "1", "-t", cfg.bulkDur.String(), "-payload-size", fmt.Sprint(cfg.bulkPayload), url)
 	return r.ActualQPS * float64(2*cfg.bulkPayload) * 8 / 1e6
 }

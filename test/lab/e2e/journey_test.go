@@ -419,7 +419,9 @@ spec:
   targetRefs: [{group: gateway.networking.k8s.io, kind: GatewayClass, name: istio-waypoint}]
   rules: [{to: [{operation: {methods: [GET]}}]}]
 `)
-	t.Cleanup(func() { kubectl("delete", "authorizationpolicy", "waypoints-get-only", "-n", meshNS, "--ignore-not-found") })
+	t.Cleanup(func() {
+		kubectl("delete", "authorizationpolicy", "waypoints-get-only", "-n", meshNS, "--ignore-not-found")
+	})
 	code := func(method string) string {
 		out, _ := curl(t, demoNS, "deploy/sleep", "-o", "/dev/null", "-w", "%{http_code}", "-X", method, "http://echo/hostname")
 		return strings.TrimSpace(out)
