@@ -9,9 +9,9 @@ import (
 )
 
 func (t *Table) addHTTPRoute(r *gwv1.HTTPRoute) []error {
-	parents := serviceParents(r.Namespace, r.Spec.ParentRefs)
+	parents := t.attachments(r.Namespace, "HTTPRoute", r.Spec.ParentRefs, r.Spec.Hostnames)
 	if len(parents) == 0 {
-		return nil // attached to a Gateway, not to a Service: not ours
+		return nil // attached to nothing this table serves
 	}
 	name := r.Namespace + "/" + r.Name
 	var errs []error
@@ -30,9 +30,9 @@ func (t *Table) addHTTPRoute(r *gwv1.HTTPRoute) []error {
 			}
 			for _, p := range parents {
 				mm := *m
-				mm.rule, mm.port, mm.routeNS, mm.routeName = cr, p.port, r.Namespace, name
+				mm.rule, mm.port, mm.host, mm.routeNS, mm.routeName = cr, p.port, p.host, r.Namespace, name
 				mm.created, mm.ruleIdx, mm.matchIdx = r.CreationTimestamp.Time, ri, mi
-				t.http[p.svc] = append(t.http[p.svc], &mm)
+				t.http[p.key] = append(t.http[p.key], &mm)
 			}
 		}
 	}
@@ -159,7 +159,7 @@ func valueMatcher(name, value string, isRegex bool) (valueMatch, error) {
 }
 
 func (t *Table) addGRPCRoute(r *gwv1.GRPCRoute) []error {
-	parents := serviceParents(r.Namespace, r.Spec.ParentRefs)
+	parents := t.attachments(r.Namespace, "GRPCRoute", r.Spec.ParentRefs, r.Spec.Hostnames)
 	if len(parents) == 0 {
 		return nil
 	}
@@ -199,9 +199,9 @@ func (t *Table) addGRPCRoute(r *gwv1.GRPCRoute) []error {
 			}
 			for _, p := range parents {
 				mm := *m
-				mm.rule, mm.port, mm.routeNS, mm.routeName = cr, p.port, r.Namespace, name
+				mm.rule, mm.port, mm.host, mm.routeNS, mm.routeName = cr, p.port, p.host, r.Namespace, name
 				mm.created, mm.ruleIdx, mm.matchIdx = r.CreationTimestamp.Time, ri, mi
-				t.grpc[p.svc] = append(t.grpc[p.svc], &mm)
+				t.grpc[p.key] = append(t.grpc[p.key], &mm)
 			}
 		}
 	}

@@ -78,6 +78,7 @@ const (
 type matcher struct {
 	rule      *Rule
 	port      uint16 // parentRef port; 0 for every port
+	host      string // Gateway listener hostname it answers; "" for any
 	routeNS   string
 	created   time.Time
 	routeName string
@@ -122,6 +123,37 @@ type parentKey struct {
 type Table struct {
 	http map[ServiceKey][]*matcher
 	grpc map[ServiceKey][]*matcher
+	// gateway is set for the table of an ingress Gateway (BuildGateway):
+	// then only routes attached to its listeners are compiled.
+	gateway *gwv1.Gateway
+}
+
+// attachment is one place a route serves: a Service (and optionally one of
+// its ports), or a Gateway listener port with one of its hostnames.
+type attachment struct {
+	key  ServiceKey
+	port uint16 // Service port; 0 for every port (and for listeners)
+	host string // listener hostname the matchers answer; "" for any
+}
+
+// attachments lists where a route applies in this table.
+func (t *Table) attachments(routeNS, kind string, refs []gwv1.ParentReference, hostnames []gwv1.Hostname) []attachment {
+	var out []attachment
+	if t.gateway == nil {
+		for _, p := range serviceParents(routeNS, refs) {
+			out = append(out, attachment{key: p.svc, port: p.port})
+		}
+		return out
+	}
+	for _, p := range t.gatewayParents(routeNS, kind, refs, hostnames) {
+		if len(p.hosts) == 0 {
+			out = append(out, attachment{key: listenerKey(p.port)})
+		}
+		for _, h := range p.hosts {
+			out = append(out, attachment{key: listenerKey(p.port), host: h})
+		}
+	}
+	return out
 }
 
 // Build compiles the routes. Routes that are not attached to a Service are

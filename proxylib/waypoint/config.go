@@ -3,6 +3,7 @@ package waypoint
 import (
 	"encoding/json"
 
+	"k8s.io/apimachinery/pkg/api/equality"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	"github.com/ambientmesh/ambient/proxylib/authz"
@@ -15,6 +16,7 @@ type l7Config struct {
 	// TCP tunnels re-check their policy (reliability case 20).
 	changed  chan struct{}
 	routes   *route.Table
+	gateway  *gwv1.Gateway // ingress mode: the Gateway served
 	policies []*authz.Policy
 	// broken holds namespaces with an AuthorizationPolicy we could not
 	// decode: requests to them are denied (fail closed), since the policy
@@ -45,6 +47,17 @@ func (s *Server) rebuild() {
 			}
 			gr.Namespace, gr.Name = r.Namespace, r.Name
 			grpcRoutes = append(grpcRoutes, &gr)
+		case "Gateway":
+			if !s.cfg.Ingress || r.Namespace != s.cfg.Namespace || r.Name != s.cfg.Name {
+				continue
+			}
+			var gw gwv1.Gateway
+			if err := json.Unmarshal(r.Json, &gw); err != nil {
+				s.log.Error(err, "decoding Gateway: no listeners served", "namespace", r.Namespace, "name", r.Name)
+				continue
+			}
+			gw.Namespace, gw.Name = r.Namespace, r.Name
+			cfg.gateway = &gw
 		case "AuthorizationPolicy":
 			p, err := authz.Decode(r.Json)
 			if err != nil {
@@ -56,13 +69,25 @@ func (s *Server) rebuild() {
 			cfg.policies = append(cfg.policies, p)
 		}
 	}
-	tbl, errs := route.Build(httpRoutes, grpcRoutes)
+	var tbl *route.Table
+	var errs []error
+	if s.cfg.Ingress {
+		if cfg.gateway != nil {
+			tbl, errs = route.BuildGateway(cfg.gateway, httpRoutes, grpcRoutes)
+		}
+	} else {
+		tbl, errs = route.Build(httpRoutes, grpcRoutes)
+	}
 	for _, err := range errs {
 		s.log.Info("route problem (affected rules answer 500)", "err", err.Error())
 	}
 	cfg.routes = tbl
-	if old := s.l7.Swap(cfg); old != nil {
+	old := s.l7.Swap(cfg)
+	if old != nil {
 		close(old.changed)
+	}
+	if s.onGateway != nil && (old == nil || !equality.Semantic.DeepEqual(old.gateway, cfg.gateway)) {
+		s.onGateway()
 	}
 }
 

@@ -145,6 +145,9 @@ func (c *connInfo) authorize(snap snapshot, r *http.Request) authz.Decision {
 }
 
 func (c *connInfo) policyNamespace() string {
+	if c.dst.ingress {
+		return c.s.cfg.Namespace
+	}
 	if c.dst.service != nil {
 		return c.dst.service.Namespace
 	}
@@ -204,17 +207,13 @@ func (c *connInfo) handle(snap snapshot, in *http.Request, o *outcome) *http.Res
 			return c.dst.target, func(lb.Outcome) {}, true
 		})
 	}
-	svc := c.dst.service
-	port := c.dst.target.Port()
-	key := route.ServiceKey{Namespace: svc.Namespace, Name: svc.Name}
-	m, ok := snap.cfg.routes.Lookup(key, port, c.peer.Peer.Namespace, in)
-	if !ok {
-		if snap.cfg.routes.HasRoutes(key) {
-			o.flags = "no_route"
-			return textResponse(in, http.StatusNotFound, "no route matched")
-		}
-		o.backend = svc
-		return c.forward(in, o, nil, nil, c.pickFrom(svc, port, o))
+	lookup := c.serviceRoute
+	if c.dst.ingress {
+		lookup = c.ingressRoute
+	}
+	m, resp := lookup(snap, in, o)
+	if resp != nil {
+		return resp
 	}
 	o.route = m.Rule.Route
 	if m.Rule.Invalid != "" {
@@ -241,8 +240,32 @@ func (c *connInfo) handle(snap snapshot, in *http.Request, o *outcome) *http.Res
 	return c.forward(in, o, &m, &b, c.pickFrom(bsvc, b.Port, o))
 }
 
-// pickFrom load-balances over a service's healthy endpoints.
+// serviceRoute matches a request to the addressed Service against the
+// routes attached to it. With none attached the request goes to the
+// Service itself (the response is returned: the request is done); with
+// routes of which none match, 404.
+func (c *connInfo) serviceRoute(snap snapshot, in *http.Request, o *outcome) (route.Match, *http.Response) {
+	svc := c.dst.service
+	port := c.dst.target.Port()
+	key := route.ServiceKey{Namespace: svc.Namespace, Name: svc.Name}
+	m, ok := snap.cfg.routes.Lookup(key, port, c.peer.Peer.Namespace, in)
+	if ok {
+		return m, nil
+	}
+	if snap.cfg.routes.HasRoutes(key) {
+		o.flags = "no_route"
+		return m, textResponse(in, http.StatusNotFound, "no route matched")
+	}
+	o.backend = svc
+	return m, c.forward(in, o, nil, nil, c.pickFrom(svc, port, o))
+}
+
+// pickFrom load-balances over a service's healthy endpoints. An ingress
+// gateway sends to a Service with a waypoint through that waypoint.
 func (c *connInfo) pickFrom(svc *workloadapi.Service, port uint16, o *outcome) func() (netip.AddrPort, func(lb.Outcome), bool) {
+	if vip, ok := waypointTarget(svc, port); ok && c.dst.ingress {
+		return func() (netip.AddrPort, func(lb.Outcome), bool) { return vip, func(lb.Outcome) {}, true }
+	}
 	return func() (netip.AddrPort, func(lb.Outcome), bool) {
 		keys, addrs := c.s.endpointsOf(svc, port)
 		k, done, ok := c.s.balancer(discovery.ServiceKey(svc.Namespace, svc.Hostname)).Pick(keys)

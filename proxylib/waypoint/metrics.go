@@ -10,8 +10,10 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/telemetry"
 )
 
-// Reporter is the reporter label of everything the waypoint records.
-const Reporter = "waypoint"
+// Reporter is the reporter label of everything the waypoint records;
+// ReporterSource that of an ingress gateway (the client side, as Istio's
+// gateways report).
+const Reporter, ReporterSource = "waypoint", "source"
 
 // httpLabels are Istio's standard request metric labels.
 var httpLabels = []string{
@@ -81,7 +83,7 @@ func (c *connInfo) record(in *http.Request, o *outcome, start time.Time, reqByte
 		gs = "-"
 	}
 	values := []string{
-		Reporter,
+		c.s.reporter,
 		c.source.Workload, c.source.Namespace, c.source.Principal, c.source.App, c.source.Version, c.source.Cluster,
 		svc.Host, svc.Namespace, svc.Name,
 		dst.Workload, dst.Namespace, dst.Principal, dst.App, dst.Version, dst.Cluster,

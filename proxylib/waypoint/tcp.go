@@ -17,7 +17,7 @@ import (
 // (rules needing L7 attributes fail closed), then load balancing for a
 // service or the addressed pod, then HBONE onward and a byte relay.
 func (s *Server) serveTCP(ctx context.Context, c *connInfo, stream hbone.Stream, br *bufio.Reader) {
-	labels := telemetry.Labels{Reporter: Reporter, Source: c.source, SecurityPolicy: telemetry.MutualTLS}
+	labels := telemetry.Labels{Reporter: s.reporter, Source: c.source, SecurityPolicy: telemetry.MutualTLS}
 	if c.dst.service != nil {
 		labels.Service = telemetry.ServiceOf(c.dst.service)
 	}

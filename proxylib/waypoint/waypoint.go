@@ -1,8 +1,12 @@
-// Package waypoint is the L7 waypoint proxy: it accepts HBONE tunnels whose
-// target is a pod it manages or a service containing such pods (anything
-// else is refused), sniffs the protocol, applies L4+L7 authorization,
-// routes (HTTPRoute/GRPCRoute), load-balances, and sends the request onward
-// over HBONE to the destination pod's ztunnel (<pod ip>:15008).
+// Package waypoint is the mesh's L7 proxy engine. As a waypoint it accepts
+// HBONE tunnels whose target is a pod it manages or a service containing
+// such pods (anything else is refused), sniffs the protocol, applies L4+L7
+// authorization, routes (HTTPRoute/GRPCRoute), load-balances, and sends the
+// request onward over HBONE to the destination pod's ztunnel
+// (<pod ip>:15008). As an ingress gateway (Config.Ingress) the same engine
+// serves plain connections from outside the mesh on the Gateway's
+// listeners, routes by the routes attached to that Gateway and sends to
+// mesh backends as a mesh client over HBONE (ingress.go).
 package waypoint
 
 import (
@@ -25,6 +29,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/l7"
 	"github.com/ambientmesh/ambient/proxylib/lb"
+	"github.com/ambientmesh/ambient/proxylib/proxy"
 	"github.com/ambientmesh/ambient/proxylib/proxyerr"
 	"github.com/ambientmesh/ambient/proxylib/telemetry"
 )
@@ -54,7 +59,10 @@ type Config struct {
 	Outlier      lb.Outlier
 	// ConnectTimeout bounds one onward tunnel setup; default 5s.
 	ConnectTimeout time.Duration
-	Log            logr.Logger
+	// Ingress makes this the ingress gateway of Gateway Name/Namespace:
+	// ServeIngress instead of ServeHBONE (ingress.go).
+	Ingress bool
+	Log     logr.Logger
 }
 
 // Server is the waypoint. It implements hbone.Handler.
@@ -66,7 +74,11 @@ type Server struct {
 	metrics   *httpMetrics
 	tcp       *telemetry.Metrics
 	balancers sync.Map // service key -> *lb.Balancer
+	router    *proxy.Router
+	reporter  string
 	log       logr.Logger
+	// onGateway is called when the Gateway (ingress mode) changes.
+	onGateway func()
 }
 
 var _ hbone.Handler = (*Server)(nil)
@@ -96,10 +108,17 @@ func New(cfg Config) (*Server, error) {
 			return d.DialContext(ctx, "tcp", a.String())
 		}
 	}
-	s := &Server{cfg: cfg, log: cfg.Log.WithName("waypoint")}
+	s := &Server{cfg: cfg, log: cfg.Log.WithName("waypoint"), reporter: Reporter}
+	if cfg.Ingress {
+		s.log, s.reporter = cfg.Log.WithName("gateway"), ReporterSource
+		s.router = &proxy.Router{State: cfg.State, TrustDomain: cfg.Identity.TrustDomain}
+	}
 	s.metrics = newHTTPMetrics(cfg.Registry)
 	s.tcp = telemetry.NewMetrics(cfg.Registry)
 	s.upstream = l7.NewUpstream(s.dialEndpoint)
+	if cfg.Ingress {
+		s.upstream = l7.NewUpstream(s.dialAsClient)
+	}
 	s.http = &l7.Server{Handler: nil, OnRefused: func(status int, reason string) {
 		s.log.Info("request refused", "status", status, "reason", reason)
 	}}
@@ -125,11 +144,16 @@ type destination struct {
 	target   netip.AddrPort
 	service  *workloadapi.Service  // set when a service VIP was addressed
 	workload *workloadapi.Workload // set when a pod was addressed
+	ingress  bool                  // a client of the ingress gateway: target is the listener
 }
 
 // ServeHBONE admits tunnels to pods and services this waypoint serves.
 func (s *Server) ServeHBONE(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
 	log := s.log.WithValues("peer", req.Peer.String(), "target", req.Target.String())
+	if s.cfg.Ingress {
+		s.reject(log, resp, proxyerr.New(proxyerr.UnknownDestination, "an ingress gateway accepts no HBONE tunnels"))
+		return
+	}
 	if !s.cfg.State.Ready() {
 		s.reject(log, resp, proxyerr.New(proxyerr.NotReady, "discovery not synced"))
 		return
@@ -337,14 +361,20 @@ func (s *Server) policyTarget(dst destination) authz.Target {
 			t.SelectedBy[p] = true
 		}
 	}
-	if dst.service != nil {
+	switch {
+	case dst.ingress:
+		// The gateway's own namespace and the policies selecting its pods
+		// (as for an Istio gateway); targetRefs name its Gateway.
+		t.Namespace = s.cfg.Namespace
+		add(s.cfg.State.WorkloadByAddr(dst.target.Addr()))
+	case dst.service != nil:
 		t.Namespace, t.ServiceName = dst.service.Namespace, dst.service.Name
 		for _, ep := range s.cfg.State.Endpoints(discovery.ServiceKey(dst.service.Namespace, dst.service.Hostname)) {
 			if ep != nil && s.isMe(ep.GetWaypoint()) {
 				add(ep)
 			}
 		}
-	} else {
+	default:
 		t.Namespace = dst.workload.Namespace
 		add(dst.workload)
 	}

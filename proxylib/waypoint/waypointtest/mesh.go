@@ -81,7 +81,16 @@ type Pod struct {
 	Policies             []string
 
 	mu        sync.Mutex
-	forwarded []string // Forwarded header of every tunnel accepted
+	forwarded []string            // Forwarded header of every tunnel accepted
+	peers     []identity.Identity // verified HBONE peer of every tunnel accepted
+}
+
+// Peers returns the verified peer identity of every tunnel the pod
+// accepted, in order.
+func (p *Pod) Peers() []identity.Identity {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]identity.Identity(nil), p.peers...)
 }
 
 // Forwarded returns the Forwarded header of every tunnel the pod accepted,
@@ -209,6 +218,7 @@ func (m *Mesh) AddPod(name, sa string, labels map[string]string, wp *Waypoint, p
 		}
 		p.mu.Lock()
 		p.forwarded = append(p.forwarded, req.Header.Get(hbone.HeaderForwarded))
+		p.peers = append(p.peers, req.Peer)
 		p.mu.Unlock()
 		var d net.Dialer
 		up, err := d.DialContext(ctx, "tcp", req.Target.String())

@@ -1,0 +1,163 @@
+package route
+
+import (
+	"net/http/httptest"
+	"testing"
+
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+	"sigs.k8s.io/yaml"
+)
+
+// The seeds' ingress Gateway: HTTP on 80, routes from every namespace.
+const seedsGateway = `
+metadata: {name: gateway, namespace: istio-ingress}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: http
+    port: 80
+    protocol: HTTP
+    allowedRoutes: {namespaces: {from: All}}
+  - name: same-only
+    hostname: internal.example.com
+    port: 8080
+    protocol: HTTP
+  - name: wildcard
+    hostname: "*.example.com"
+    port: 9090
+    protocol: HTTP
+    allowedRoutes: {namespaces: {from: All}}
+  - name: exact
+    hostname: shop.example.com
+    port: 9090
+    protocol: HTTP
+    allowedRoutes: {namespaces: {from: All}, kinds: [{kind: GRPCRoute}]}
+`
+
+func gateway(t *testing.T, y string) *gwv1.Gateway {
+	t.Helper()
+	g := &gwv1.Gateway{}
+	if err := yaml.UnmarshalStrict([]byte(y), g); err != nil {
+		t.Fatal(err)
+	}
+	return g
+}
+
+func TestGatewayAttachmentAndHostnames(t *testing.T) {
+	gw := gateway(t, seedsGateway)
+	routes := []*gwv1.HTTPRoute{
+		// The seeds' HTTPRoute: in the app namespace, parent the Gateway.
+		httpRoute(t, `
+metadata: {name: httpbin, namespace: ambient-demo}
+spec:
+  parentRefs: [{name: gateway, namespace: istio-ingress}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /get}}]
+    backendRefs: [{name: httpbin, port: 8000}]
+`),
+		// Another namespace's route on a Same-only listener: not attached.
+		httpRoute(t, `
+metadata: {name: sneaky, namespace: ambient-demo}
+spec:
+  parentRefs: [{name: gateway, namespace: istio-ingress, sectionName: same-only}]
+  rules: [{backendRefs: [{name: sneaky, port: 80}]}]
+`),
+		httpRoute(t, `
+metadata: {name: internal, namespace: istio-ingress}
+spec:
+  parentRefs: [{name: gateway, sectionName: same-only}]
+  rules: [{backendRefs: [{name: internal, port: 80}]}]
+`),
+		// A route for a host outside the listener's: not attached.
+		httpRoute(t, `
+metadata: {name: elsewhere, namespace: ambient-demo}
+spec:
+  parentRefs: [{name: gateway, namespace: istio-ingress, port: 9090}]
+  hostnames: [other.org]
+  rules: [{backendRefs: [{name: elsewhere, port: 80}]}]
+`),
+		// Narrower than the wildcard listener; the exact listener only
+		// admits GRPCRoutes, so the HTTPRoute attaches through the wildcard.
+		httpRoute(t, `
+metadata: {name: shop, namespace: ambient-demo}
+spec:
+  parentRefs: [{name: gateway, namespace: istio-ingress, port: 9090}]
+  hostnames: [shop.example.com]
+  rules: [{backendRefs: [{name: shop, port: 80}]}]
+`),
+		httpRoute(t, `
+metadata: {name: any-sub, namespace: ambient-demo}
+spec:
+  parentRefs: [{name: gateway, namespace: istio-ingress, sectionName: wildcard}]
+  rules: [{backendRefs: [{name: anysub, port: 80}]}]
+`),
+		// A Service parent is the mesh's, never the Gateway's.
+		httpRoute(t, seedRoute),
+	}
+	tbl, errs := BuildGateway(gw, routes, nil)
+	if len(errs) != 0 {
+		t.Fatalf("errors: %v", errs)
+	}
+	cases := []struct {
+		port       uint16
+		host, path string
+		want       string // backend service name; "" for no match
+	}{
+		{80, "203.0.113.10", "/get", "httpbin"},
+		{80, "anything.test:80", "/get?x=1", "httpbin"},
+		{80, "203.0.113.10", "/status/200", ""},
+		{8080, "internal.example.com", "/", "internal"},
+		{8080, "other.example.com", "/", ""},
+		{9090, "shop.example.com", "/", "shop"},
+		{9090, "SHOP.example.com.", "/", "shop"},
+		{9090, "cart.example.com", "/", "anysub"},
+		{9090, "a.b.example.com", "/", "anysub"},
+		{9090, "example.com", "/", ""},
+		{9090, "other.org", "/", ""},
+		{81, "203.0.113.10", "/get", ""},
+	}
+	for _, c := range cases {
+		req := httptest.NewRequest("GET", "http://x"+c.path, nil)
+		req.Host = c.host
+		m, ok := tbl.LookupGateway(c.port, req)
+		got := ""
+		if ok {
+			got = m.Rule.Backends[0].Service.Name
+		}
+		if got != c.want {
+			t.Errorf(":%d %s%s routed to %q, want %q", c.port, c.host, c.path, got, c.want)
+		}
+	}
+	// Service lookups never see Gateway routes, and vice versa.
+	svcTable, _ := Build(routes, nil)
+	if _, ok := svcTable.LookupGateway(80, httptest.NewRequest("GET", "/get", nil)); ok {
+		t.Error("a mesh (Service) table answered a Gateway lookup")
+	}
+	if _, ok := tbl.Lookup(ServiceKey{"default", "echo"}, 80, "default", httptest.NewRequest("GET", "/", nil)); ok {
+		t.Error("a Gateway table answered a Service lookup")
+	}
+}
+
+func TestIntersectHostnames(t *testing.T) {
+	h := func(s string) *gwv1.Hostname { v := gwv1.Hostname(s); return &v }
+	cases := []struct {
+		listener *gwv1.Hostname
+		route    []gwv1.Hostname
+		want     []string
+		ok       bool
+	}{
+		{nil, nil, nil, true},
+		{h("a.com"), nil, []string{"a.com"}, true},
+		{nil, []gwv1.Hostname{"B.com"}, []string{"b.com"}, true},
+		{h("*.a.com"), []gwv1.Hostname{"x.a.com", "y.b.com"}, []string{"x.a.com"}, true},
+		{h("x.a.com"), []gwv1.Hostname{"*.a.com"}, []string{"x.a.com"}, true},
+		{h("a.com"), []gwv1.Hostname{"*.a.com"}, nil, false},
+		{h("a.com"), []gwv1.Hostname{"b.com"}, nil, false},
+	}
+	for _, c := range cases {
+		got, ok := IntersectHostnames(c.listener, c.route)
+		if ok != c.ok || len(got) != len(c.want) || (len(got) > 0 && got[0] != c.want[0]) {
+			t.Errorf("IntersectHostnames(%v, %v) = %v, %v; want %v, %v", c.listener, c.route, got, ok, c.want, c.ok)
+		}
+	}
+}

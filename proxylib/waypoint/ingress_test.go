@@ -1,0 +1,234 @@
+package waypoint_test
+
+import (
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+	"testing"
+
+	dto "github.com/prometheus/client_model/go"
+
+	wt "github.com/ambientmesh/ambient/proxylib/waypoint/waypointtest"
+)
+
+// The seeds' north-south setup: Gateway "gateway" (class istio, HTTP :80,
+// routes from all namespaces) in istio-ingress, and an HTTPRoute in the
+// app namespace sending /get and /headers to httpbin.
+const seedsIngress = `
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gateway, namespace: istio-ingress}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: http
+    port: 18080
+    protocol: HTTP
+    allowedRoutes: {namespaces: {from: All}}
+`
+
+const seedsIngressRoute = `
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: httpbin}
+spec:
+  parentRefs: [{name: gateway, namespace: istio-ingress}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /get}}, {path: {type: PathPrefix, value: /headers}}]
+    backendRefs: [{name: httpbin, port: 8080}]
+  - matches: [{path: {type: PathPrefix, value: /echo}}]
+    backendRefs: [{name: echo, port: 8080}]
+  - matches: [{path: {type: PathPrefix, value: /legacy}}]
+    backendRefs: [{name: legacy, port: 8080}]
+`
+
+type ingressDemo struct {
+	m             *wt.Mesh
+	gw            *wt.Gateway
+	wp            *wt.Waypoint
+	httpbin, echo *wt.Pod
+	legacy        *wt.Pod
+	client        *http.Client
+	outside       netip.Addr
+	ingressPort   uint16
+}
+
+// newIngressDemo: httpbin without a waypoint, echo behind a service
+// waypoint, legacy outside the mesh (plain TCP).
+func newIngressDemo(t *testing.T) *ingressDemo {
+	m := wt.New(t)
+	d := &ingressDemo{m: m, ingressPort: 18080}
+	d.wp = m.AddWaypoint("waypoint", false)
+	m.PublishWaypointWorkload(d.wp)
+	d.httpbin = m.AddPod("httpbin-0", "httpbin", map[string]string{"app": "httpbin"}, nil)
+	d.echo = m.AddPod("echo-0", "echo", map[string]string{"app": "echo"}, d.wp)
+	d.legacy = m.AddPod("legacy-0", "legacy", map[string]string{"app": "legacy"}, nil)
+	m.AddService("httpbin", nil, []*wt.Pod{d.httpbin}, func(*wt.Pod) *wt.Waypoint { return nil }, wt.HTTPPort)
+	m.AddService("echo", d.wp, []*wt.Pod{d.echo}, func(*wt.Pod) *wt.Waypoint { return d.wp }, wt.HTTPPort)
+	m.AddService("legacy", nil, []*wt.Pod{d.legacy}, func(*wt.Pod) *wt.Waypoint { return nil }, wt.HTTPPort)
+	m.MarkOutsideMesh(d.legacy)
+	d.gw = m.AddGateway("gateway")
+	m.ApplyL7(seedsIngress)
+	m.ApplyL7(seedsIngressRoute)
+	d.gw.WaitReady(m)
+	// The outside client: its own address, so forwarding headers can be
+	// checked.
+	d.outside = netip.MustParseAddr("127.0.0.77")
+	dialer := &net.Dialer{LocalAddr: &net.TCPAddr{IP: d.outside.AsSlice()}}
+	d.client = &http.Client{Transport: &http.Transport{DisableKeepAlives: true, DialContext: dialer.DialContext}}
+	return d
+}
+
+func (d *ingressDemo) get(t *testing.T, path, host string) (int, wt.Seen) {
+	t.Helper()
+	req, _ := http.NewRequest("GET", d.gw.URL(d.ingressPort, path), nil)
+	if host != "" {
+		req.Host = host
+	}
+	resp, err := d.client.Do(req)
+	if err != nil {
+		t.Fatalf("GET %s: %v", path, err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	var s wt.Seen
+	if resp.StatusCode == 200 {
+		if err := json.Unmarshal(body, &s); err != nil {
+			t.Fatalf("GET %s: body %q: %v", path, body, err)
+		}
+	}
+	return resp.StatusCode, s
+}
+
+// The seeds' curl from outside: the gateway routes /get to httpbin and
+// reaches it over HBONE with its own identity; the app sees the outside
+// client in X-Forwarded-For.
+func TestIngressRoutesToMeshBackendWithGatewayIdentity(t *testing.T) {
+	d := newIngressDemo(t)
+	code, seen := d.get(t, "/get?show_env=1", "")
+	if code != 200 || seen.Pod != "httpbin-0" {
+		t.Fatalf("GET /get: %d from %q, want 200 from httpbin-0", code, seen.Pod)
+	}
+	peers := d.httpbin.Peers()
+	if len(peers) == 0 || peers[len(peers)-1] != d.gw.ID {
+		t.Fatalf("httpbin's tunnel peers %v, want the gateway's identity %s", peers, d.gw.ID)
+	}
+	if xff := seen.Header.Get("X-Forwarded-For"); !strings.Contains(xff, d.outside.String()) {
+		t.Errorf("X-Forwarded-For %q does not name the outside client %s", xff, d.outside)
+	}
+	if code, _ := d.get(t, "/status/200", ""); code != http.StatusNotFound {
+		t.Errorf("GET /status/200 (no route): %d, want 404", code)
+	}
+}
+
+// A backend Service with a waypoint is reached through it, with the
+// gateway's identity, so the waypoint's policy decides; the pod sees the
+// waypoint as its peer.
+func TestIngressGoesThroughTheBackendsWaypoint(t *testing.T) {
+	d := newIngressDemo(t)
+	if code, seen := d.get(t, "/echo", ""); code != 200 || seen.Pod != "echo-0" {
+		t.Fatalf("GET /echo: %d from %q, want 200 from echo-0", code, seen.Pod)
+	}
+	if peers := d.echo.Peers(); len(peers) == 0 || peers[len(peers)-1] != d.wp.ID {
+		t.Fatalf("echo's tunnel peers %v, want the waypoint %s", peers, d.wp.ID)
+	}
+	// Only the gateway's principal may call echo.
+	d.m.ApplyL7(`
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-ingress}
+spec:
+  targetRefs: [{kind: Service, group: "", name: echo}]
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/istio-ingress/sa/gateway"]}}]
+`)
+	if code, _ := d.get(t, "/echo", ""); code != 200 {
+		t.Fatalf("gateway principal allowed: %d, want 200", code)
+	}
+	d.m.ApplyL7(`
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-ingress}
+spec:
+  targetRefs: [{kind: Service, group: "", name: echo}]
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/ambient-demo/sa/sleep"]}}]
+`)
+	if code, _ := d.get(t, "/echo", ""); code != http.StatusForbidden {
+		t.Fatalf("gateway principal not allowed: %d, want 403 from the waypoint", code)
+	}
+}
+
+// A backend outside the mesh is reached in plain TCP (no tunnel).
+func TestIngressToNonMeshBackendIsPlainTCP(t *testing.T) {
+	d := newIngressDemo(t)
+	if code, seen := d.get(t, "/legacy", ""); code != 200 || seen.Pod != "legacy-0" {
+		t.Fatalf("GET /legacy: %d from %q, want 200 from legacy-0", code, seen.Pod)
+	}
+	if peers := d.legacy.Peers(); len(peers) != 0 {
+		t.Fatalf("legacy accepted tunnels %v, want plain TCP", peers)
+	}
+}
+
+// An AuthorizationPolicy targeting the Gateway applies at the gateway.
+func TestIngressPolicyOnTheGateway(t *testing.T) {
+	d := newIngressDemo(t)
+	d.m.ApplyL7(`
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-headers, namespace: istio-ingress}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gateway}]
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/headers"]}}]
+`)
+	if code, _ := d.get(t, "/headers", ""); code != http.StatusForbidden {
+		t.Errorf("GET /headers: %d, want 403 by the gateway's policy", code)
+	}
+	if code, _ := d.get(t, "/get", ""); code != 200 {
+		t.Errorf("GET /get: %d, want 200", code)
+	}
+	if n := len(d.httpbin.Peers()); n != 1 {
+		t.Errorf("httpbin accepted %d tunnels, want 1 (the denied request never left the gateway)", n)
+	}
+}
+
+// Ingress requests are reported as Istio's gateways report them.
+func TestIngressMetricsReportAsSource(t *testing.T) {
+	d := newIngressDemo(t)
+	d.get(t, "/get", "")
+	mfs, err := d.gw.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var found bool
+	for _, mf := range mfs {
+		if mf.GetName() != "istio_requests_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			l := labelMap(m)
+			if l["reporter"] == "source" && l["source_workload"] == "gateway" && l["source_workload_namespace"] == "istio-ingress" &&
+				l["destination_service_name"] == "httpbin" && l["response_code"] == "200" {
+				found = true
+			}
+		}
+	}
+	if !found {
+		t.Fatalf("no istio_requests_total{reporter=source, source_workload=gateway, destination_service_name=httpbin, response_code=200}")
+	}
+}
+
+func labelMap(m *dto.Metric) map[string]string {
+	out := map[string]string{}
+	for _, lp := range m.GetLabel() {
+		out[lp.GetName()] = lp.GetValue()
+	}
+	return out
+}
