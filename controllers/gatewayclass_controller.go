@@ -2,6 +2,7 @@ package controllers
 
 import (
 	"context"
+	"strings"
 
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -58,6 +59,9 @@ func (r *GatewayClassReconciler) Reconcile(ctx context.Context, req ctrl.Request
 
 func (r *GatewayClassReconciler) create(ctx context.Context) error {
 	desc := "Ambient mesh waypoints, deployed by the ambient operator" // ≤ 64 bytes
+	if r.className() == IngressGatewayClass {
+		desc = "Ambient mesh ingress gateways, by the ambient operator"
+	}
 	gc := &gwv1.GatewayClass{
 		ObjectMeta: metav1.ObjectMeta{Name: r.className(), Labels: map[string]string{LabelManagedBy: ManagedByValue}},
 		Spec:       gwv1.GatewayClassSpec{ControllerName: WaypointControllerName, Description: &desc},
@@ -96,7 +100,7 @@ func (r *GatewayClassReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	req := reconcile.Request{NamespacedName: types.NamespacedName{Name: r.className()}}
 	isOurs := predicate.NewPredicateFuncs(func(o client.Object) bool { return o.GetName() == r.className() })
 	return ctrl.NewControllerManagedBy(mgr).
-		Named("waypointgatewayclass").
+		Named(strings.ReplaceAll(r.className(), "-", "")+"gatewayclass").
 		For(&gwv1.GatewayClass{}, builder.WithPredicates(isOurs)).
 		WatchesRawSource(source.Func(func(_ context.Context, q workqueue.TypedRateLimitingInterface[reconcile.Request]) error {
 			q.Add(req)
@@ -109,8 +113,14 @@ func (r *GatewayClassReconciler) SetupWithManager(mgr ctrl.Manager) error {
 // and names another controller. A missing class is ours: the
 // GatewayClassReconciler is creating it.
 func waypointClassForeign(ctx context.Context, c client.Reader) (bool, gwv1.GatewayController, error) {
+	return classForeign(ctx, c, WaypointGatewayClass)
+}
+
+// classForeign reports whether GatewayClass name exists and names another
+// controller.
+func classForeign(ctx context.Context, c client.Reader, name string) (bool, gwv1.GatewayController, error) {
 	gc := &gwv1.GatewayClass{}
-	if err := c.Get(ctx, client.ObjectKey{Name: WaypointGatewayClass}, gc); err != nil {
+	if err := c.Get(ctx, client.ObjectKey{Name: name}, gc); err != nil {
 		return false, "", client.IgnoreNotFound(err)
 	}
 	return gc.Spec.ControllerName != WaypointControllerName, gc.Spec.ControllerName, nil

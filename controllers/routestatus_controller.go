@@ -118,7 +118,7 @@ func (r *RouteStatusReconciler) evaluate(ctx context.Context, route client.Objec
 	parents, backends := routeRefsOf(route)
 	var outcomes []parentOutcome
 	for _, p := range parents {
-		o, ours, err := r.evaluateParent(ctx, route.GetNamespace(), p, foreign)
+		o, ours, err := r.evaluateParent(ctx, route, p, foreign)
 		if err != nil {
 			return nil, err
 		}
@@ -143,7 +143,8 @@ func (r *RouteStatusReconciler) evaluate(ctx context.Context, route client.Objec
 // evaluateParent decides whether p is ours to report on, and how: Service
 // parents and waypoint Gateways are; other kinds are not. foreign is true
 // when another controller owns GatewayClass istio-waypoint.
-func (r *RouteStatusReconciler) evaluateParent(ctx context.Context, routeNS string, p gwv1.ParentReference, foreign bool) (parentOutcome, bool, error) {
+func (r *RouteStatusReconciler) evaluateParent(ctx context.Context, route client.Object, p gwv1.ParentReference, foreign bool) (parentOutcome, bool, error) {
+	routeNS := route.GetNamespace()
 	ns := routeNS
 	if p.Namespace != nil && *p.Namespace != "" {
 		ns = string(*p.Namespace)
@@ -152,8 +153,8 @@ func (r *RouteStatusReconciler) evaluateParent(ctx context.Context, routeNS stri
 	switch {
 	case isServiceParent(p):
 		return r.serviceParent(ctx, p, key, foreign)
-	case isGatewayParent(p) && !foreign:
-		return r.gatewayParent(ctx, p, key)
+	case isGatewayParent(p):
+		return r.gatewayParent(ctx, route, p, key, foreign)
 	}
 	return parentOutcome{}, false, nil
 }
@@ -184,13 +185,28 @@ func (r *RouteStatusReconciler) serviceParent(ctx context.Context, p gwv1.Parent
 	return o, true, nil
 }
 
-// gatewayParent: only existing waypoint Gateways are ours (a missing
-// Gateway may be any controller's). The waypoint applies routes attached to
+// gatewayParent: only existing Gateways of our classes are ours (a missing
+// Gateway may be any controller's). An ingress Gateway (class istio) takes
+// the routes its listeners admit. The waypoint applies routes attached to
 // Services only (GAMMA); its HBONE listener takes none, as in Istio.
-func (r *RouteStatusReconciler) gatewayParent(ctx context.Context, p gwv1.ParentReference, key client.ObjectKey) (parentOutcome, bool, error) {
+// waypointForeign is true when another controller owns istio-waypoint.
+func (r *RouteStatusReconciler) gatewayParent(ctx context.Context, route client.Object, p gwv1.ParentReference, key client.ObjectKey, waypointForeign bool) (parentOutcome, bool, error) {
 	gw := &gwv1.Gateway{}
-	if err := r.Client.Get(ctx, key, gw); err != nil || gw.Spec.GatewayClassName != WaypointGatewayClass {
+	if err := r.Client.Get(ctx, key, gw); err != nil {
 		return parentOutcome{}, false, client.IgnoreNotFound(err)
+	}
+	switch gw.Spec.GatewayClassName {
+	case IngressGatewayClass:
+		if foreign, _, err := classForeign(ctx, r.Client, IngressGatewayClass); err != nil || foreign {
+			return parentOutcome{}, false, err
+		}
+		return ingressParent(gw, p, route.GetNamespace(), r.Kind.Name, routeHostnames(route)), true, nil
+	case WaypointGatewayClass:
+		if waypointForeign {
+			return parentOutcome{}, false, nil
+		}
+	default:
+		return parentOutcome{}, false, nil
 	}
 	return parentOutcome{
 		ref:            p,
@@ -393,6 +409,16 @@ func routeRefsOf(route client.Object) ([]gwv1.ParentReference, []gwv1.BackendRef
 		return r.Spec.ParentRefs, backends
 	}
 	return nil, nil
+}
+
+func routeHostnames(route client.Object) []gwv1.Hostname {
+	switch r := route.(type) {
+	case *gwv1.HTTPRoute:
+		return r.Spec.Hostnames
+	case *gwv1.GRPCRoute:
+		return r.Spec.Hostnames
+	}
+	return nil
 }
 
 func routeStatusOf(route client.Object) *gwv1.RouteStatus {

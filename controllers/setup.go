@@ -88,7 +88,30 @@ func setupGatewayWaypoints(mgr ctrl.Manager, o Options) error {
 	if err := (&GatewayClassReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr); err != nil {
 		return err
 	}
+	if err := setupIngressGateways(mgr, o); err != nil {
+		return err
+	}
 	return setupRouteStatus(mgr)
+}
+
+// setupIngressGateways registers the ingress Gateway (class istio) and its
+// GatewayClass controllers; route kinds served by the cluster are watched
+// for the listeners' attached-route counts.
+func setupIngressGateways(mgr ctrl.Manager, o Options) error {
+	var kinds []client.Object
+	for _, k := range []RouteKind{HTTPRouteKind, GRPCRouteKind} {
+		gk := schema.GroupKind{Group: gwv1.GroupName, Kind: k.Name}
+		if _, err := mgr.GetRESTMapper().RESTMapping(gk, gwv1.GroupVersion.Version); err == nil {
+			kinds = append(kinds, k.newRoute())
+		} else if !meta.IsNoMatchError(err) {
+			return err
+		}
+	}
+	r := &IngressGatewayReconciler{Client: mgr.GetClient(), Defaults: o.Defaults, RetryInterval: o.RetryInterval}
+	if err := r.SetupWithManager(mgr, kinds...); err != nil {
+		return err
+	}
+	return (&GatewayClassReconciler{Client: mgr.GetClient(), ClassName: IngressGatewayClass}).SetupWithManager(mgr)
 }
 
 // setupRouteStatus registers a route status reconciler for each route kind

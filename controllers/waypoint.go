@@ -45,6 +45,9 @@ type Waypoint struct {
 	LogLevel          meshv1.LogLevel
 	// Owner is the declaring object; its deletion removes the waypoint.
 	Owner metav1.OwnerReference
+	// Ingress is set for an ingress gateway (a Gateway of class istio): the
+	// same L7 proxy, serving the Gateway's listeners (ingress_gateway.go).
+	Ingress *Ingress
 }
 
 // WaypointFromPolicy fills mesh-wide defaults into a WaypointPolicy.
@@ -103,6 +106,9 @@ func (w *Waypoint) applyMeshDefaults(mesh *meshv1.AmbientMesh, d Defaults) {
 }
 
 func (w *Waypoint) labels() map[string]string {
+	if w.Ingress != nil {
+		return w.Ingress.labels(w.Name)
+	}
 	l := map[string]string{
 		LabelManagedBy:        ManagedByValue,
 		LabelPartOf:           "ambient",
@@ -117,9 +123,19 @@ func (w *Waypoint) labels() map[string]string {
 	return l
 }
 
+// ObjectName names the proxy's ServiceAccount, Deployment and Service:
+// the waypoint's own name, or for an ingress gateway <gateway>-istio as
+// Istio names them (the seeds read Service httpbin-gateway-istio).
+func (w *Waypoint) ObjectName() string {
+	if w.Ingress != nil {
+		return proxyauth.IngressObjectName(w.Name)
+	}
+	return w.Name
+}
+
 func (w *Waypoint) meta() metav1.ObjectMeta {
 	m := metav1.ObjectMeta{
-		Name: w.Name, Namespace: w.Namespace, Labels: w.labels(),
+		Name: w.ObjectName(), Namespace: w.Namespace, Labels: w.labels(),
 		OwnerReferences: []metav1.OwnerReference{w.Owner},
 	}
 	if w.ForServiceAccount != "" {
@@ -136,6 +152,14 @@ func DesiredWaypoint(w Waypoint, mesh *meshv1.AmbientMesh) (*corev1.ServiceAccou
 }
 
 func (w *Waypoint) deployment(mesh *meshv1.AmbientMesh) *appsv1.Deployment {
+	dep := w.waypointDeployment(mesh)
+	if w.Ingress != nil {
+		w.Ingress.adapt(&dep.Spec.Template.Spec)
+	}
+	return dep
+}
+
+func (w *Waypoint) waypointDeployment(mesh *meshv1.AmbientMesh) *appsv1.Deployment {
 	vols, mounts := proxyVolumes()
 	env := append(proxyEnv(mesh, w.Transport, w.LogLevel),
 		corev1.EnvVar{Name: "WAYPOINT_NAME", Value: w.Name},
@@ -162,7 +186,7 @@ func (w *Waypoint) deployment(mesh *meshv1.AmbientMesh) *appsv1.Deployment {
 			Template: corev1.PodTemplateSpec{
 				ObjectMeta: metav1.ObjectMeta{Labels: podLabels, Annotations: map[string]string{meshRedirectionLabel: "disabled"}},
 				Spec: corev1.PodSpec{
-					ServiceAccountName:            w.Name,
+					ServiceAccountName:            w.ObjectName(),
 					AutomountServiceAccountToken:  ptr.To(false),
 					TerminationGracePeriodSeconds: ptr.To[int64](30),
 					Volumes:                       vols,
@@ -189,6 +213,9 @@ func (w *Waypoint) deployment(mesh *meshv1.AmbientMesh) *appsv1.Deployment {
 }
 
 func (w *Waypoint) service() *corev1.Service {
+	if w.Ingress != nil {
+		return w.Ingress.service(w.meta(), w.Name)
+	}
 	ports := []corev1.ServicePort{
 		{Name: "mesh", Port: hbonePort, TargetPort: intstr.FromInt32(hbonePort), Protocol: corev1.ProtocolTCP, AppProtocol: ptr.To("all")},
 		{Name: "status-port", Port: proxyReadinessPort, TargetPort: intstr.FromInt32(proxyReadinessPort), Protocol: corev1.ProtocolTCP},

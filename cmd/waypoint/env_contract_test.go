@@ -14,7 +14,7 @@ import (
 )
 
 // TestOperatorEnvContract: the waypoint the operator deploys reads every
-// variable the operator sets on it, nothing else but LB_POLICY and TRACING
+// variable the operator sets on it, nothing else but LB_POLICY, TRACING and PROXY_ROLE
 // (optional, with defaults right for the operator's waypoints), and ends up
 // with the operator's values, among them the control plane's root
 // namespace (the mesh namespace), so a mesh-wide policy means the same to
@@ -31,7 +31,7 @@ func TestOperatorEnvContract(t *testing.T) {
 		fs.SetOutput(io.Discard)
 		o, err = parseFlags(fs, args, e)
 		return err
-	}, "LB_POLICY", "TRACING")
+	}, "LB_POLICY", "TRACING", "PROXY_ROLE")
 	for what, got := range map[string][2]string{
 		"root namespace": {o.rootNamespace, mesh.Spec.Namespace},
 		"trust domain":   {o.trustDomain, mesh.Spec.TrustDomain},

@@ -1,8 +1,12 @@
-// Command waypoint is the L7 waypoint proxy: HBONE only on :15008 (mTLS,
-// verified SPIFFE peers), configuration from the control plane (workload
-// discovery plus L7 resources: HTTPRoute, GRPCRoute, AuthorizationPolicy),
-// certificates from the mesh CA. The behaviour lives in proxylib/waypoint;
-// this file is wiring only.
+// Command waypoint is the mesh's L7 proxy. As a waypoint (the default):
+// HBONE only on :15008 (mTLS, verified SPIFFE peers). With -role ingress
+// (PROXY_ROLE=ingress) it is the ingress gateway of Gateway WAYPOINT_NAME:
+// plain listeners from the Gateway's listeners, onward to the mesh over
+// HBONE with its own identity (one image, as Istio's proxy serves both).
+// Configuration comes from the control plane (workload discovery plus L7
+// resources: Gateway, HTTPRoute, GRPCRoute, AuthorizationPolicy),
+// certificates from the mesh CA. The behaviour lives in proxylib/waypoint
+// and proxylib/gateway; this file is wiring only.
 package main
 
 import (
@@ -31,6 +35,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/caclient"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/envconfig"
+	"github.com/ambientmesh/ambient/proxylib/gateway"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/hbone/meshtransport"
 	"github.com/ambientmesh/ambient/proxylib/identity"
@@ -40,13 +45,16 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/waypoint"
 )
 
+// The roles of the L7 proxy.
+const roleWaypoint, roleIngress = "waypoint", "ingress"
+
 type options struct {
 	name, podName, namespace, serviceAccount, node string
 	trustDomain, clusterDomain, rootNamespace      string
 	xdsAddr, xdsServerName, caAddr, caServerName   string
 	tokenPath, rootCertPath                        string
 	listen, adminAddr, metricsAddr, readyAddr      string
-	lbPolicy, logLevel, transport                  string
+	lbPolicy, logLevel, transport, role            string
 	tracing                                        bool
 	drainGrace, certTTL                            time.Duration
 }
@@ -64,6 +72,7 @@ func hostOf(addr string) string {
 func parseFlags(fs *flag.FlagSet, args []string, e *envconfig.Env) (options, error) {
 	var o options
 	env := e.Get
+	fs.StringVar(&o.role, "role", env("PROXY_ROLE", roleWaypoint), "waypoint, or ingress: the ingress gateway of Gateway -name (env PROXY_ROLE)")
 	fs.StringVar(&o.name, "name", env("WAYPOINT_NAME", ""), "waypoint name: its Gateway/WaypointPolicy and Service (env WAYPOINT_NAME)")
 	fs.StringVar(&o.podName, "pod-name", env("POD_NAME", "waypoint"), "env POD_NAME")
 	fs.StringVar(&o.namespace, "namespace", env("POD_NAMESPACE", ""), "env POD_NAMESPACE")
@@ -94,6 +103,9 @@ func parseFlags(fs *flag.FlagSet, args []string, e *envconfig.Env) (options, err
 	fs.DurationVar(&o.certTTL, "workload-cert-ttl", ttl, "requested certificate lifetime (env WORKLOAD_CERT_TTL)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
+	}
+	if o.role != roleWaypoint && o.role != roleIngress {
+		return o, fmt.Errorf("-role %q: want %s or %s", o.role, roleWaypoint, roleIngress)
 	}
 	if o.serviceAccount == "" {
 		o.serviceAccount = o.name
@@ -199,11 +211,25 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	}
 	wp, err := waypoint.New(waypoint.Config{Name: o.name, Namespace: o.namespace, Identity: self,
 		ClusterDomain: o.clusterDomain, RootNamespace: o.rootNamespace, State: state, Dialer: dialer,
-		Registry: reg, Tracing: o.tracing, LBPolicy: policy, Log: log})
+		Registry: reg, Tracing: o.tracing, LBPolicy: policy, Log: log, Ingress: o.role == roleIngress})
 	if err != nil {
 		return err
 	}
 	defer wp.Close()
+	serveAdmin := func(ready func() bool) {
+		serve(log, o.adminAddr, admin.Handler(admin.Config{State: state, Certificates: store.Status,
+			SetLogLevel: func(l string) error { return logging.SetLevel(level, l) }}))
+		serve(log, o.metricsAddr, admin.MetricsHandler(reg))
+		serve(log, o.readyAddr, admin.ReadinessHandler(ready))
+	}
+	if o.role == roleIngress {
+		ls := &gateway.Listeners{Engine: wp, Log: log.WithName("listeners")}
+		go ls.Run(ctx)
+		serveAdmin(func() bool { return state.Ready() && ls.Ready() })
+		log.Info("ingress gateway started", "gateway", o.namespace+"/"+o.name, "identity", self.String(), "transport", proto)
+		<-ctx.Done()
+		return nil
+	}
 	host, port, err := net.SplitHostPort(o.listen)
 	if err != nil || port != strconv.Itoa(hbone.Port) {
 		return fmt.Errorf("listen address %q: want [host]:%d, the HBONE port", o.listen, hbone.Port)
@@ -219,10 +245,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 		stop()
 	}()
 
-	serve(log, o.adminAddr, admin.Handler(admin.Config{State: state, Certificates: store.Status,
-		SetLogLevel: func(l string) error { return logging.SetLevel(level, l) }}))
-	serve(log, o.metricsAddr, admin.MetricsHandler(reg))
-	serve(log, o.readyAddr, admin.ReadinessHandler(state.Ready))
+	serveAdmin(state.Ready)
 	log.Info("waypoint started", "name", o.name, "namespace", o.namespace, "identity", self.String(), "listen", o.listen, "transport", proto)
 
 	<-ctx.Done()

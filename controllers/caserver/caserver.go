@@ -51,10 +51,11 @@ type Server struct {
 	Config    func(ctx context.Context) Config
 	// Pods lists pods by node (field index NodeIndexField).
 	Pods client.Reader
-	// IsWaypoint reports whether a waypoint named name exists in namespace;
-	// its service account (named after it) is the waypoint's identity.
-	IsWaypoint func(namespace, name string) bool
-	Log        logr.Logger
+	// IsL7Proxy reports whether a waypoint or an ingress gateway named name
+	// exists in namespace; its service account (named after it) is its
+	// identity, which only its own pods obtain.
+	IsL7Proxy func(namespace, name string) bool
+	Log       logr.Logger
 }
 
 // minTTL: shorter requests are raised; rotation at half life needs headroom.
@@ -133,8 +134,8 @@ func (s *Server) authorize(ctx context.Context, caller *proxyauth.Caller, cfg Co
 		// Waypoint pods are never captured: a pod on this node running as a
 		// waypoint's service account is someone borrowing it, and its
 		// traffic must not carry the waypoint's identity.
-		if s.IsWaypoint == nil || s.IsWaypoint(id.Namespace, id.ServiceAccount) {
-			return identity.Identity{}, status.Errorf(codes.PermissionDenied, "%s is waypoint %s/%s's identity: only that waypoint's own pods obtain it, never a ztunnel", id, id.Namespace, id.ServiceAccount)
+		if s.IsL7Proxy == nil || s.IsL7Proxy(id.Namespace, id.ServiceAccount) {
+			return identity.Identity{}, status.Errorf(codes.PermissionDenied, "%s is L7 proxy %s/%s's identity: only its own pods obtain it, never a ztunnel", id, id.Namespace, id.ServiceAccount)
 		}
 		ok, err := s.identityOnNode(ctx, caller.NodeName, id)
 		if err != nil {

@@ -137,7 +137,7 @@ func New(cache client.Reader, c client.Client, apiReader client.Reader, o Option
 	cp.Auth = &proxyauth.Authenticator{
 		Client: c, Pods: cache, APIReader: apiReader,
 		MeshNamespace: func() string { return cp.meshSettings(context.Background()).namespace },
-		IsWaypoint:    d.IsWaypoint,
+		IsL7Proxy:     d.IsL7Proxy,
 	}
 	cp.certs = &certSource{load: cp.loadAuthority, dnsNames: cp.dnsNames, log: o.Log.WithName("serving-cert")}
 	return cp
@@ -279,9 +279,9 @@ func (cp *ControlPlane) CAServer() *caserver.Server {
 			s := cp.meshSettings(ctx)
 			return caserver.Config{TrustDomain: s.trustDomain, WorkloadCertTTL: s.workloadTTL}
 		},
-		Pods:       cp.reader,
-		IsWaypoint: cp.Discovery.IsWaypoint,
-		Log:        cp.opts.Log.WithName("ca"),
+		Pods:      cp.reader,
+		IsL7Proxy: cp.Discovery.IsL7Proxy,
+		Log:       cp.opts.Log.WithName("ca"),
 	}
 }
 

@@ -31,6 +31,7 @@ import (
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 	"github.com/ambientmesh/ambient/controllers/policy"
+	"github.com/ambientmesh/ambient/controllers/proxyauth"
 	"github.com/ambientmesh/ambient/controllers/waypointbind"
 	xds "github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/meshapi"
@@ -99,6 +100,8 @@ type Controller struct {
 
 	synced    atomic.Bool
 	waypoints atomic.Pointer[map[string]map[string]*waypoint]
+	// ingress holds the ingress Gateways (class istio): ns -> name.
+	ingress atomic.Pointer[map[string]map[string]bool]
 	// OnPush, when set, is called after each push with the number of
 	// resources changed (tests and the convergence benchmark).
 	OnPush func(changed int)
@@ -491,6 +494,7 @@ func (c *Controller) flush(ctx context.Context) {
 		return
 	}
 	c.waypoints.Store(&b.wps)
+	c.ingress.Store(&b.ingress)
 	changed := c.apply(xds.AddressType, c.Addresses, b.addresses, b.addrScope) +
 		c.apply(xds.AuthorizationType, c.Authorizations, b.authz, b.authzScope) +
 		c.apply(xds.L7ResourceType, c.L7, b.l7, b.l7Scope)
@@ -565,6 +569,10 @@ type build struct {
 	mc    meshConfig
 	views map[string]*namespaceView
 	wps   map[string]map[string]*waypoint // ns -> name
+	// ingress: the ingress Gateways (ns -> name); gateways holds them for
+	// a full build, which sends each to the L7 proxies.
+	ingress  map[string]map[string]bool
+	gateways []*gwv1.Gateway
 
 	addresses, authz, l7           map[string]proto.Message
 	addrScope, authzScope, l7Scope map[string]struct{} // nil = full
@@ -654,6 +662,11 @@ func (b *build) runFull() error {
 			b.addPeerAuthentication(pa)
 		}
 	}
+	// An ingress gateway learns its listeners from its Gateway (any change
+	// of a Gateway rebuilds everything).
+	for _, gw := range b.gateways {
+		b.addL7(l7KeyOf(gw, gatewayGVK.Kind, gatewayGVK.Group), gw, gatewayGVK)
+	}
 	if b.c.hasRoutes.Load() {
 		var hr gwv1.HTTPRouteList
 		if err := b.c.reader.List(b.ctx, &hr, noCopy); err != nil {
@@ -677,6 +690,7 @@ func (b *build) runFull() error {
 // WaypointPolicy wins over a Gateway of the same name.
 func (b *build) loadWaypoints() error {
 	b.wps = map[string]map[string]*waypoint{}
+	b.ingress, b.gateways = map[string]map[string]bool{}, nil
 	ix := waypointbind.Index(b.wps)
 	if b.c.hasGateway.Load() {
 		var gws gwv1.GatewayList
@@ -684,8 +698,15 @@ func (b *build) loadWaypoints() error {
 			return err
 		}
 		for i := range gws.Items {
-			if w, ok := waypointbind.FromGatewayObject(&gws.Items[i]); ok {
+			gw := &gws.Items[i]
+			if w, ok := waypointbind.FromGatewayObject(gw); ok {
 				ix.Add(w)
+			} else if gw.Spec.GatewayClassName == waypointbind.IngressGatewayClass && gw.DeletionTimestamp == nil {
+				if b.ingress[gw.Namespace] == nil {
+					b.ingress[gw.Namespace] = map[string]bool{}
+				}
+				b.ingress[gw.Namespace][gw.Name] = true
+				b.gateways = append(b.gateways, gw)
 			}
 		}
 	}
@@ -971,6 +992,25 @@ func (c *Controller) IsWaypoint(namespace, name string) bool {
 	}
 	_, ok := (*idx)[namespace][name]
 	return ok
+}
+
+// IsIngressGateway reports whether an ingress Gateway (class istio) named
+// name exists in namespace, as of the last push.
+func (c *Controller) IsIngressGateway(namespace, name string) bool {
+	idx := c.ingress.Load()
+	return idx != nil && (*idx)[namespace][name]
+}
+
+// IsL7Proxy reports whether account in namespace is the service account
+// (and Deployment) of one of the mesh's L7 proxies: a waypoint (named after
+// it) or an ingress gateway (<gateway>-istio). Only that proxy's own pods
+// obtain its identity and the L7 configuration.
+func (c *Controller) IsL7Proxy(namespace, account string) bool {
+	if c.IsWaypoint(namespace, account) {
+		return true
+	}
+	gw, ok := strings.CutSuffix(account, proxyauth.IngressObjectName(""))
+	return ok && c.IsIngressGateway(namespace, gw)
 }
 
 type podRef struct{ waypoint bool }

@@ -63,8 +63,9 @@ type Authenticator struct {
 	MeshNamespace func() string
 	// ZtunnelServiceAccount is ztunnel's service account (default "ztunnel").
 	ZtunnelServiceAccount string
-	// IsWaypoint reports whether a waypoint named name exists in namespace.
-	IsWaypoint func(namespace, name string) bool
+	// IsL7Proxy reports whether name in namespace is the service account
+	// (and Deployment) of an L7 proxy: a waypoint or an ingress gateway.
+	IsL7Proxy func(namespace, name string) bool
 	// CacheTTL keeps successful TokenReviews for this long (default 30s).
 	CacheTTL time.Duration
 	Now      func() time.Time
@@ -158,16 +159,28 @@ func (a *Authenticator) Authenticate(ctx context.Context, token string) (*Caller
 // create pods in the namespace could copy them; the controller chain pod →
 // ReplicaSet → Deployment (UIDs checked against the API server) is not.
 func (a *Authenticator) isWaypointPod(ctx context.Context, pod *corev1.Pod) bool {
-	if a.IsWaypoint == nil {
+	if a.IsL7Proxy == nil {
 		return false
 	}
 	for _, k := range []string{"gateway.networking.k8s.io/gateway-name", "mesh.ambient.dev/waypoint"} {
-		if name := pod.Labels[k]; name != "" && name == pod.Spec.ServiceAccountName && a.IsWaypoint(pod.Namespace, name) {
-			return a.ownedByWaypointDeployment(ctx, pod, name)
+		name := pod.Labels[k]
+		if name == "" {
+			continue
+		}
+		// A waypoint's objects are named after it, an ingress gateway's
+		// <gateway>-istio (IngressObjectName).
+		for _, obj := range []string{name, IngressObjectName(name)} {
+			if obj == pod.Spec.ServiceAccountName && a.IsL7Proxy(pod.Namespace, obj) {
+				return a.ownedByWaypointDeployment(ctx, pod, obj)
+			}
 		}
 	}
 	return false
 }
+
+// IngressObjectName names the ServiceAccount, Deployment and Service of
+// the ingress gateway of Gateway name, as Istio does.
+func IngressObjectName(gateway string) string { return gateway + "-istio" }
 
 // WaypointDeploymentLabel marks the Deployments the operator runs for
 // waypoints (controllers.LabelGatewayManaged, as Istio labels them).

@@ -26,6 +26,9 @@ const (
 	WaypointForLabel = "istio.io/waypoint-for"
 	// GatewayClass is the gatewayClassName of waypoint Gateways.
 	GatewayClass = "istio-waypoint"
+	// IngressGatewayClass is the gatewayClassName of ingress Gateways, as
+	// in Istio; they are never waypoints.
+	IngressGatewayClass = "istio"
 	// A waypoint's own pods and Service carry one of these labels naming
 	// it; they never get a waypoint themselves.
 	GatewayNameLabel  = "gateway.networking.k8s.io/gateway-name"

@@ -1,0 +1,475 @@
+package controllers
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/utils/ptr"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/log"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+	"github.com/ambientmesh/ambient/controllers/waypointbind"
+	"github.com/ambientmesh/ambient/proxylib/route"
+)
+
+// IngressGatewayClass is the class of ingress Gateways, as Istio names it.
+const IngressGatewayClass = waypointbind.IngressGatewayClass
+
+// AnnotationServiceType on a Gateway chooses its Service's type (Istio's
+// annotation); default LoadBalancer.
+const AnnotationServiceType = "networking.istio.io/service-type"
+
+// Ingress is what makes a Waypoint an ingress gateway: the Gateway's
+// listeners and the type of the Service that exposes them.
+type Ingress struct {
+	Listeners   []gwv1.Listener
+	ServiceType corev1.ServiceType
+}
+
+// IngressFromGateway reads an ingress Gateway (class istio) into the L7
+// proxy the operator deploys for it.
+func IngressFromGateway(gw *gwv1.Gateway, mesh *meshv1.AmbientMesh, d Defaults) (Waypoint, error) {
+	if gw.Spec.GatewayClassName != IngressGatewayClass {
+		return Waypoint{}, fmt.Errorf("gateway %s/%s has class %q, not %q", gw.Namespace, gw.Name, gw.Spec.GatewayClassName, IngressGatewayClass)
+	}
+	st := corev1.ServiceType(gw.Annotations[AnnotationServiceType])
+	switch st {
+	case "":
+		st = corev1.ServiceTypeLoadBalancer
+	case corev1.ServiceTypeLoadBalancer, corev1.ServiceTypeNodePort, corev1.ServiceTypeClusterIP:
+	default:
+		return Waypoint{}, fmt.Errorf("gateway %s/%s: annotation %s=%q must be LoadBalancer, NodePort or ClusterIP", gw.Namespace, gw.Name, AnnotationServiceType, st)
+	}
+	for _, l := range gw.Spec.Listeners {
+		if l.Port == proxyReadinessPort || l.Port == proxyMetricsPort {
+			return Waypoint{}, fmt.Errorf("gateway %s/%s: listener %s uses port %d, which the gateway keeps for its own status", gw.Namespace, gw.Name, l.Name, l.Port)
+		}
+	}
+	w := Waypoint{
+		Name: gw.Name, Namespace: gw.Namespace, Replicas: 1,
+		Owner:   *metav1.NewControllerRef(gw, gwv1.SchemeGroupVersion.WithKind("Gateway")),
+		Ingress: &Ingress{Listeners: gw.Spec.Listeners, ServiceType: st},
+	}
+	w.applyMeshDefaults(mesh, d)
+	return w, nil
+}
+
+func (in *Ingress) labels(name string) map[string]string {
+	return map[string]string{
+		LabelManagedBy:        ManagedByValue,
+		LabelPartOf:           "ambient",
+		LabelComponent:        "ingress-gateway",
+		LabelGatewayManaged:   GatewayManagedValue,
+		LabelIstioGatewayName: name,
+		LabelGatewayName:      name,
+		LabelGatewayClassName: IngressGatewayClass,
+	}
+}
+
+// servedPorts are the ports of the listeners the gateway serves (HTTP).
+func (in *Ingress) servedPorts() []int32 {
+	var out []int32
+	for _, l := range in.Listeners {
+		if l.Protocol == gwv1.HTTPProtocolType && !slices.Contains(out, int32(l.Port)) {
+			out = append(out, int32(l.Port))
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// adapt turns the waypoint's pod into the ingress gateway's: the ingress
+// role, the listener ports instead of HBONE, and unprivileged binding of
+// ports below 1024 (a namespaced sysctl, so the proxy keeps no capability).
+func (in *Ingress) adapt(pod *corev1.PodSpec) {
+	c := &pod.Containers[0]
+	c.Name = "gateway"
+	c.Env = append(c.Env, corev1.EnvVar{Name: "PROXY_ROLE", Value: "ingress"})
+	ports := []corev1.ContainerPort{}
+	for _, p := range c.Ports {
+		if p.ContainerPort != hbonePort {
+			ports = append(ports, p)
+		}
+	}
+	for _, p := range in.servedPorts() {
+		ports = append(ports, corev1.ContainerPort{Name: fmt.Sprintf("listener-%d", p), ContainerPort: p, Protocol: corev1.ProtocolTCP})
+	}
+	c.Ports = ports
+	pod.SecurityContext = &corev1.PodSecurityContext{
+		Sysctls: []corev1.Sysctl{{Name: "net.ipv4.ip_unprivileged_port_start", Value: "0"}},
+	}
+}
+
+func (in *Ingress) service(om metav1.ObjectMeta, name string) *corev1.Service {
+	var ports []corev1.ServicePort
+	for _, p := range in.servedPorts() {
+		ports = append(ports, corev1.ServicePort{Name: fmt.Sprintf("http-%d", p), Port: p, TargetPort: intstr.FromInt32(p),
+			Protocol: corev1.ProtocolTCP, AppProtocol: ptr.To("http")})
+	}
+	ports = append(ports, corev1.ServicePort{Name: "status-port", Port: proxyReadinessPort, TargetPort: intstr.FromInt32(proxyReadinessPort), Protocol: corev1.ProtocolTCP})
+	return &corev1.Service{
+		ObjectMeta: om,
+		Spec: corev1.ServiceSpec{
+			Type:     in.ServiceType,
+			Selector: map[string]string{LabelGatewayName: name},
+			Ports:    ports,
+		},
+	}
+}
+
+// IngressGatewayReconciler deploys an ingress gateway for every Gateway of
+// class istio (left alone when another controller owns that class, as
+// with istio-waypoint): the L7 proxy in ingress mode behind a Service of
+// type LoadBalancer. Status: the Service's external addresses,
+// Accepted/Programmed, and per listener its conditions and attached routes.
+type IngressGatewayReconciler struct {
+	Client        client.Client
+	Defaults      Defaults
+	RetryInterval time.Duration
+	Now           func() time.Time
+}
+
+// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=httproutes;grpcroutes,verbs=get;list;watch
+
+// Reconcile brings one ingress Gateway to its desired state.
+func (r *IngressGatewayReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
+	gw := &gwv1.Gateway{}
+	if err := r.Client.Get(ctx, req.NamespacedName, gw); err != nil {
+		return ctrl.Result{}, client.IgnoreNotFound(err)
+	}
+	if gw.Spec.GatewayClassName != IngressGatewayClass || !gw.DeletionTimestamp.IsZero() {
+		return ctrl.Result{}, nil
+	}
+	if foreign, owner, err := classForeign(ctx, r.Client, IngressGatewayClass); err != nil || foreign {
+		if foreign {
+			log.FromContext(ctx).V(1).Info("ingress Gateway left to the GatewayClass's controller", "controllerName", owner)
+		}
+		return ctrl.Result{}, err
+	}
+	status := gw.Status.DeepCopy()
+	result, err := r.reconcile(ctx, gw, status)
+	if err != nil {
+		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionProgrammed, false, string(gwv1.GatewayReasonPending), err.Error())
+	}
+	if lerr := r.setListenerStatus(ctx, status, gw); lerr != nil && err == nil {
+		err = lerr
+	}
+	if !equality.Semantic.DeepEqual(&gw.Status, status) {
+		patch := client.MergeFrom(gw.DeepCopy())
+		gw.Status = *status
+		if serr := r.Client.Status().Patch(ctx, gw, patch); serr != nil && err == nil {
+			err = serr
+		}
+	}
+	return result, err
+}
+
+func (r *IngressGatewayReconciler) reconcile(ctx context.Context, gw *gwv1.Gateway, status *gwv1.GatewayStatus) (ctrl.Result, error) {
+	mesh, err := activeMesh(ctx, r.Client)
+	if err != nil {
+		return ctrl.Result{}, err
+	}
+	retry := func(reason string) ctrl.Result {
+		return ctrl.Result{RequeueAfter: retryDelay(status.Conditions, string(gwv1.GatewayConditionAccepted), reason, r.RetryInterval, r.now())}
+	}
+	if mesh == nil {
+		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonPending), "no AmbientMesh exists; create one and the gateway will be deployed")
+		return retry(string(gwv1.GatewayReasonPending)), nil
+	}
+	w, err := IngressFromGateway(gw, mesh, r.Defaults)
+	if err != nil {
+		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonInvalid), err.Error())
+		return ctrl.Result{}, nil // fixed only by editing the Gateway, which requeues
+	}
+	if len(w.Ingress.servedPorts()) == 0 {
+		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonListenersNotValid), "no listener the gateway can serve: only HTTP listeners are supported")
+		return ctrl.Result{}, nil
+	}
+	sa, dep, svc := DesiredWaypoint(w, mesh)
+	for _, obj := range []client.Object{sa, dep, svc} {
+		if taken, err := nameTaken(ctx, r.Client, obj, gw); err != nil {
+			return ctrl.Result{}, err
+		} else if taken != "" {
+			setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonInvalid), taken)
+			return retry(string(gwv1.GatewayReasonInvalid)), nil
+		}
+		if err := apply(ctx, r.Client, obj); err != nil {
+			return ctrl.Result{}, err
+		}
+	}
+	setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, true, string(gwv1.GatewayReasonAccepted), "ingress gateway objects applied")
+	return ctrl.Result{}, r.observe(ctx, gw, w.ObjectName(), status, w.Ingress.ServiceType)
+}
+
+// observe reports the addresses clients use (the LoadBalancer's, else the
+// cluster IP) and Programmed once the replicas are ready and, for a
+// LoadBalancer, an address has been assigned.
+func (r *IngressGatewayReconciler) observe(ctx context.Context, gw *gwv1.Gateway, name string, status *gwv1.GatewayStatus, st corev1.ServiceType) error {
+	dep := &appsv1.Deployment{}
+	svc := &corev1.Service{}
+	key := client.ObjectKey{Namespace: gw.Namespace, Name: name}
+	if err := r.Client.Get(ctx, key, dep); err != nil {
+		return client.IgnoreNotFound(err)
+	}
+	if err := r.Client.Get(ctx, key, svc); err != nil {
+		return client.IgnoreNotFound(err)
+	}
+	status.Addresses = serviceAddresses(svc, st)
+	want := ptr.Deref(dep.Spec.Replicas, 1)
+	s := dep.Status
+	ready := s.ObservedGeneration >= dep.Generation && want > 0 && s.ReadyReplicas >= want && s.UpdatedReplicas >= want
+	switch {
+	case !ready:
+		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionProgrammed, false, string(gwv1.GatewayReasonPending), fmt.Sprintf("%d/%d replicas ready", s.ReadyReplicas, want))
+	case len(status.Addresses) == 0:
+		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionProgrammed, false, string(gwv1.GatewayReasonAddressNotAssigned), "waiting for the LoadBalancer Service to be given an address")
+	default:
+		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionProgrammed, true, string(gwv1.GatewayReasonProgrammed), fmt.Sprintf("%d/%d replicas ready", s.ReadyReplicas, want))
+	}
+	return nil
+}
+
+func serviceAddresses(svc *corev1.Service, st corev1.ServiceType) []gwv1.GatewayStatusAddress {
+	var out []gwv1.GatewayStatusAddress
+	if st == corev1.ServiceTypeLoadBalancer {
+		for _, in := range svc.Status.LoadBalancer.Ingress {
+			switch {
+			case in.IP != "":
+				out = append(out, gwv1.GatewayStatusAddress{Type: ptr.To(gwv1.IPAddressType), Value: in.IP})
+			case in.Hostname != "":
+				out = append(out, gwv1.GatewayStatusAddress{Type: ptr.To(gwv1.HostnameAddressType), Value: in.Hostname})
+			}
+		}
+		return out
+	}
+	if ip := svc.Spec.ClusterIP; ip != "" && ip != corev1.ClusterIPNone {
+		out = append(out, gwv1.GatewayStatusAddress{Type: ptr.To(gwv1.IPAddressType), Value: ip})
+	}
+	return out
+}
+
+// setListenerStatus: HTTP listeners are served and count the routes
+// attached to them (by the rules the gateway itself applies); other
+// protocols are refused as unsupported, never silently ignored.
+func (r *IngressGatewayReconciler) setListenerStatus(ctx context.Context, status *gwv1.GatewayStatus, gw *gwv1.Gateway) error {
+	attached, err := r.attachedRoutes(ctx, gw)
+	if err != nil {
+		return err
+	}
+	programmed := meta.IsStatusConditionTrue(status.Conditions, string(gwv1.GatewayConditionProgrammed))
+	var out []gwv1.ListenerStatus
+	for _, l := range gw.Spec.Listeners {
+		ls := gwv1.ListenerStatus{Name: l.Name, SupportedKinds: []gwv1.RouteGroupKind{}}
+		if old := findListenerStatus(status.Listeners, l.Name); old != nil {
+			ls.Conditions = old.Conditions
+		}
+		served := l.Protocol == gwv1.HTTPProtocolType
+		if served {
+			ls.SupportedKinds = routeKinds(l)
+			ls.AttachedRoutes = attached[l.Name]
+		}
+		setIngressListenerConditions(&ls.Conditions, gw.Generation, l, served, programmed)
+		out = append(out, ls)
+	}
+	status.Listeners = out
+	return nil
+}
+
+// routeKinds are the route kinds a listener admits (allowedRoutes.kinds,
+// default HTTPRoute and GRPCRoute).
+func routeKinds(l gwv1.Listener) []gwv1.RouteGroupKind {
+	all := []gwv1.RouteGroupKind{
+		{Group: ptr.To(gwv1.Group(gwv1.GroupName)), Kind: "HTTPRoute"},
+		{Group: ptr.To(gwv1.Group(gwv1.GroupName)), Kind: "GRPCRoute"},
+	}
+	if l.AllowedRoutes == nil || len(l.AllowedRoutes.Kinds) == 0 {
+		return all
+	}
+	var out []gwv1.RouteGroupKind
+	for _, k := range all {
+		for _, want := range l.AllowedRoutes.Kinds {
+			if want.Kind == k.Kind && (want.Group == nil || *want.Group == gwv1.GroupName) {
+				out = append(out, k)
+			}
+		}
+	}
+	return out
+}
+
+func setIngressListenerConditions(conds *[]metav1.Condition, gen int64, l gwv1.Listener, served, programmed bool) {
+	set := func(t gwv1.ListenerConditionType, ok bool, reason gwv1.ListenerConditionReason, msg string) {
+		s := metav1.ConditionFalse
+		if ok {
+			s = metav1.ConditionTrue
+		}
+		meta.SetStatusCondition(conds, metav1.Condition{Type: string(t), Status: s, Reason: string(reason), Message: msg, ObservedGeneration: gen})
+	}
+	if served {
+		set(gwv1.ListenerConditionAccepted, true, gwv1.ListenerReasonAccepted, "HTTP listener")
+	} else {
+		set(gwv1.ListenerConditionAccepted, false, gwv1.ListenerReasonUnsupportedProtocol, fmt.Sprintf("protocol %s is not served by this gateway yet; only HTTP listeners are", l.Protocol))
+	}
+	set(gwv1.ListenerConditionConflicted, false, gwv1.ListenerReasonNoConflicts, "No conflicts")
+	set(gwv1.ListenerConditionResolvedRefs, true, gwv1.ListenerReasonResolvedRefs, "No references")
+	switch {
+	case !served:
+		set(gwv1.ListenerConditionProgrammed, false, gwv1.ListenerReasonInvalid, "listener not accepted")
+	case programmed:
+		set(gwv1.ListenerConditionProgrammed, true, gwv1.ListenerReasonProgrammed, "gateway ready")
+	default:
+		set(gwv1.ListenerConditionProgrammed, false, gwv1.ListenerReasonPending, "gateway not ready")
+	}
+}
+
+// attachedRoutes counts, per listener, the routes that attach to it.
+func (r *IngressGatewayReconciler) attachedRoutes(ctx context.Context, gw *gwv1.Gateway) (map[gwv1.SectionName]int32, error) {
+	out := map[gwv1.SectionName]int32{}
+	var hrs gwv1.HTTPRouteList
+	if err := r.Client.List(ctx, &hrs); err != nil && !meta.IsNoMatchError(err) {
+		return nil, err
+	}
+	for _, hr := range hrs.Items {
+		countAttachments(out, gw, hr.Namespace, "HTTPRoute", hr.Spec.ParentRefs, hr.Spec.Hostnames)
+	}
+	var grs gwv1.GRPCRouteList
+	if err := r.Client.List(ctx, &grs); err != nil && !meta.IsNoMatchError(err) {
+		return nil, err
+	}
+	for _, gr := range grs.Items {
+		countAttachments(out, gw, gr.Namespace, "GRPCRoute", gr.Spec.ParentRefs, gr.Spec.Hostnames)
+	}
+	return out, nil
+}
+
+func countAttachments(out map[gwv1.SectionName]int32, gw *gwv1.Gateway, routeNS, kind string, refs []gwv1.ParentReference, hosts []gwv1.Hostname) {
+	for _, l := range listenersAttached(gw, routeNS, kind, refs, hosts) {
+		out[l]++
+	}
+}
+
+// listenersAttached lists the listeners of gw a route attaches to, by the
+// rules the gateway applies (proxylib/route): one implementation, so
+// status says what the data path does.
+func listenersAttached(gw *gwv1.Gateway, routeNS, kind string, refs []gwv1.ParentReference, hosts []gwv1.Hostname) []gwv1.SectionName {
+	var out []gwv1.SectionName
+	for _, l := range gw.Spec.Listeners {
+		for _, p := range refs {
+			if !refersTo(p, routeNS, gw) || p.SectionName != nil && *p.SectionName != l.Name || p.Port != nil && *p.Port != l.Port {
+				continue
+			}
+			if _, ok := route.IntersectHostnames(l.Hostname, hosts); ok && route.ListenerAllows(gw, l, routeNS, kind) {
+				out = append(out, l.Name)
+				break
+			}
+		}
+	}
+	return out
+}
+
+func refersTo(p gwv1.ParentReference, routeNS string, gw *gwv1.Gateway) bool {
+	ns := routeNS
+	if p.Namespace != nil && *p.Namespace != "" {
+		ns = string(*p.Namespace)
+	}
+	return isGatewayParent(p) && ns == gw.Namespace && string(p.Name) == gw.Name
+}
+
+// ingressParent reports a route's attachment to an ingress Gateway.
+func ingressParent(gw *gwv1.Gateway, p gwv1.ParentReference, routeNS, kind string, hosts []gwv1.Hostname) parentOutcome {
+	o := parentOutcome{ref: p}
+	if len(listenersAttached(gw, routeNS, kind, []gwv1.ParentReference{p}, hosts)) > 0 {
+		o.accepted, o.acceptedReason, o.acceptMsg = true, string(gwv1.RouteReasonAccepted), "Route was valid"
+		return o
+	}
+	o.acceptedReason = string(gwv1.RouteReasonNotAllowedByListeners)
+	o.acceptMsg = fmt.Sprintf("no listener of Gateway %s/%s admits this %s (listener, allowedRoutes namespaces Same/All and kinds, hostnames; namespace selectors are not supported)", gw.Namespace, gw.Name, kind)
+	if !anyListenerHost(gw, p, hosts) {
+		o.acceptedReason = string(gwv1.RouteReasonNoMatchingListenerHostname)
+		o.acceptMsg = fmt.Sprintf("no listener of Gateway %s/%s shares a hostname with the route (%s)", gw.Namespace, gw.Name, hostList(hosts))
+	}
+	return o
+}
+
+func anyListenerHost(gw *gwv1.Gateway, p gwv1.ParentReference, hosts []gwv1.Hostname) bool {
+	for _, l := range gw.Spec.Listeners {
+		if p.SectionName != nil && *p.SectionName != l.Name {
+			continue
+		}
+		if _, ok := route.IntersectHostnames(l.Hostname, hosts); ok {
+			return true
+		}
+	}
+	return false
+}
+
+func hostList(hosts []gwv1.Hostname) string {
+	s := make([]string, len(hosts))
+	for i, h := range hosts {
+		s[i] = string(h)
+	}
+	return strings.Join(s, ", ")
+}
+
+func (r *IngressGatewayReconciler) now() time.Time {
+	if r.Now != nil {
+		return r.Now()
+	}
+	return time.Now()
+}
+
+func isIngressGateway(obj client.Object) bool {
+	gw, ok := obj.(*gwv1.Gateway)
+	return ok && gw.Spec.GatewayClassName == IngressGatewayClass
+}
+
+// SetupWithManager watches ingress Gateways, their children, the mesh, the
+// class and the routes (attached-route counts).
+func (r *IngressGatewayReconciler) SetupWithManager(mgr ctrl.Manager, routeKinds ...client.Object) error {
+	if r.RetryInterval == 0 {
+		r.RetryInterval = 30 * time.Second
+	}
+	b := ctrl.NewControllerManagedBy(mgr).
+		Named("ingressgateway").
+		For(&gwv1.Gateway{}, builder.WithPredicates(predicate.NewPredicateFuncs(isIngressGateway), predicate.GenerationChangedPredicate{})).
+		Owns(&appsv1.Deployment{}).
+		Owns(&corev1.Service{}).
+		Owns(&corev1.ServiceAccount{}).
+		Watches(&meshv1.AmbientMesh{}, handler.EnqueueRequestsFromMapFunc(r.allIngressGateways)).
+		Watches(&gwv1.GatewayClass{}, handler.EnqueueRequestsFromMapFunc(r.allIngressGateways),
+			builder.WithPredicates(predicate.NewPredicateFuncs(func(o client.Object) bool { return o.GetName() == IngressGatewayClass })))
+	for _, k := range routeKinds {
+		b = b.Watches(k, handler.EnqueueRequestsFromMapFunc(r.allIngressGateways))
+	}
+	return b.Complete(r)
+}
+
+func (r *IngressGatewayReconciler) allIngressGateways(ctx context.Context, _ client.Object) []reconcile.Request {
+	list := &gwv1.GatewayList{}
+	if err := r.Client.List(ctx, list); err != nil {
+		return nil
+	}
+	var reqs []reconcile.Request
+	for i := range list.Items {
+		if isIngressGateway(&list.Items[i]) {
+			reqs = append(reqs, reconcile.Request{NamespacedName: types.NamespacedName{Namespace: list.Items[i].Namespace, Name: list.Items[i].Name}})
+		}
+	}
+	return reqs
+}
