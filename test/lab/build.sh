@@ -5,12 +5,14 @@
 #   bin/lab/images/*.tar               (pause, coredns, httpbin, sleep; test/lab/imagebuild)
 #   bin/ambientctl
 #   bin/fortio/fortio                  (load tool and echo server of make bench-mesh; test/bench/fortio)
-# Usage: test/lab/build.sh [k8s|coredns|fortio|images|ambientctl ...]   (default: all)
+#   bin/metallb/<ver>/{controller,speaker,metallb-native.yaml}  (the lab's LoadBalancer, from the module proxy)
+# Usage: test/lab/build.sh [k8s|coredns|fortio|metallb|images|ambientctl ...]   (default: all)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BIN=$ROOT/bin
 K8S_VERSION=${K8S_VERSION:-1.36.3}
 COREDNS_VERSION=${COREDNS_VERSION:-v1.12.4}
+METALLB_VERSION=${METALLB_VERSION:-v0.15.2}
 export K8S_VERSION
 
 ts() { date +%H:%M:%S; }
@@ -71,11 +73,27 @@ build_fortio() {
   step "built bin/fortio/fortio in $((SECONDS - start))s"
 }
 
+# MetalLB (L2 mode gives the lab's LoadBalancer Services an address on the
+# lab bridge): its controller and speaker built from the module proxy, and
+# its own manifest taken from the same module.
+build_metallb() {
+  local dir=$BIN/metallb/$METALLB_VERSION start=$SECONDS
+  if [ -x "$dir/controller" ] && [ -x "$dir/speaker" ] && [ -f "$dir/metallb-native.yaml" ]; then step "cached: $dir"; return; fi
+  step "building MetalLB $METALLB_VERSION (first time only, a few minutes)"
+  mkdir -p "$dir"
+  CGO_ENABLED=0 GOBIN="$dir" go install -trimpath -ldflags "-s -w" \
+    "go.universe.tf/metallb/controller@$METALLB_VERSION" "go.universe.tf/metallb/speaker@$METALLB_VERSION"
+  cp "$(go env GOMODCACHE)/go.universe.tf/metallb@$METALLB_VERSION/config/manifests/metallb-native.yaml" "$dir/metallb-native.yaml"
+  chmod u+w "$dir/metallb-native.yaml"
+  step "built MetalLB in $((SECONDS - start))s"
+}
+
 build_images() {
   local start=$SECONDS
   step "building lab images (pause, coredns, httpbin, sleep, fortio when built) into bin/lab/images"
   (cd "$ROOT" && CGO_ENABLED=0 go run ./test/lab/imagebuild \
-     -out "$BIN/lab/images" -coredns "$BIN/coredns/$COREDNS_VERSION/coredns" -fortio "$BIN/fortio/fortio")
+     -out "$BIN/lab/images" -coredns "$BIN/coredns/$COREDNS_VERSION/coredns" -fortio "$BIN/fortio/fortio" \
+     -metallb "$BIN/metallb/$METALLB_VERSION" -metallb-version "$METALLB_VERSION")
   step "images ready in $((SECONDS - start))s"
 }
 
@@ -86,13 +104,14 @@ build_ambientctl() {
 }
 
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(k8s coredns fortio images ambientctl)
+[ ${#targets[@]} -gt 0 ] || targets=(k8s coredns fortio metallb images ambientctl)
 for t in "${targets[@]}"; do
   case $t in
     k8s) build_k8s ;;
     coredns) build_coredns ;;
     images) build_images ;;
     fortio) build_fortio ;;
+    metallb) build_metallb ;;
     ambientctl) build_ambientctl ;;
     *) echo "unknown build target $t" >&2; exit 2 ;;
   esac

@@ -4,7 +4,7 @@
 # sample AmbientMesh. Reports plainly which component is not available yet.
 #
 # Usage: test/lab/install.sh [--no-build] [--uninstall]   (env LAB_NO_BUILD=1 = --no-build)
-# Writes $STATE/mesh.env: OPERATOR, ZTUNNEL, NODE_AGENT, WAYPOINT_IMAGE = ready|<reason>
+# Writes $STATE/mesh.env: OPERATOR, ZTUNNEL, NODE_AGENT, WAYPOINT_IMAGE, METALLB = ready|<reason>
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -89,6 +89,45 @@ install_prereq_crds() {
   fi
 }
 
+# The cluster's LoadBalancer implementation, as a user's cluster has one:
+# MetalLB in L2 mode (its own manifest; controller and speaker built from
+# the module proxy by build.sh) with an address pool on the lab bridge.
+METALLB_DIR=$ROOT/bin/metallb/${METALLB_VERSION:-v0.15.2}
+build_metallb() {
+  [ -f "$IMAGES/metallb-speaker.tar" ] && [ -f "$METALLB_DIR/metallb-native.yaml" ] && return 0
+  "$ROOT/test/lab/build.sh" metallb images >"$LOGS/metallb-build.log" 2>&1 ||
+    say "MetalLB build failed (see $LOGS/metallb-build.log)"
+}
+
+install_metallb() {
+  if [ ! -f "$METALLB_DIR/metallb-native.yaml" ]; then
+    record METALLB "MetalLB not built (test/lab/build.sh metallb)"; say "MetalLB: NOT AVAILABLE (not built)"; return 0
+  fi
+  kc apply --server-side -f "$METALLB_DIR/metallb-native.yaml" >"$LOGS/metallb.log" 2>&1 ||
+    { record METALLB "kubectl apply of MetalLB failed (see $LOGS/metallb.log)"; say "MetalLB: apply failed"; return 0; }
+  if ! kc -n metallb-system rollout status deploy/controller --timeout=120s >/dev/null 2>&1 ||
+    ! kc -n metallb-system rollout status daemonset/speaker --timeout=120s >/dev/null 2>&1; then
+    record METALLB "MetalLB not ready (kubectl -n metallb-system get pods)"; say "MetalLB: NOT READY"; return 0
+  fi
+  cat >"$LAB/metallb-pool.yaml" <<EOF
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata: {name: lab, namespace: metallb-system}
+spec:
+  addresses: [$LB_POOL]
+---
+apiVersion: metallb.io/v1beta1
+kind: L2Advertisement
+metadata: {name: lab, namespace: metallb-system}
+spec:
+  ipAddressPools: [lab]
+EOF
+  # MetalLB's webhook admits the pool once its certificate is in place.
+  wait_for 90 "MetalLB address pool accepted" kc apply -f "$LAB/metallb-pool.yaml" ||
+    { record METALLB "MetalLB refused the address pool (see kubectl -n metallb-system logs deploy/controller)"; say "MetalLB: pool refused"; return 0; }
+  record METALLB ready; say "MetalLB ready: LoadBalancer addresses $LB_POOL on $BRIDGE"
+}
+
 # rollout_state <kind/name>: "ready" or why not.
 rollout_state() {
   local obj=$1 why
@@ -107,8 +146,10 @@ uninstall() {
 main() {
   if [ -n "${uninstall:-}" ]; then uninstall; return; fi
   [ $build = 1 ] && build_images
+  build_metallb
   "$ROOT/test/lab/lab.sh" images
   install_prereq_crds
+  install_metallb
   local img_state
   if image_on_nodes "$IMG"; then
     render_operator

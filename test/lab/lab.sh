@@ -68,6 +68,7 @@ net_up() {
   local short ip
   add_node_netns cp "$CP_IP"
   while read -r short _ ip _; do add_node_netns "$short" "$ip"; done < <(workers)
+  add_outside_netns
   # Routes between pod CIDRs: every namespace reaches each node's pods via that node.
   local target tip tcidr
   for target in cp $(workers | awk '{print $1}'); do
@@ -96,6 +97,21 @@ add_node_netns() {
   ip -n "$ns" link set eth0 up
   # Forwarding inside the node namespace only (per-namespace sysctl).
   ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
+}
+
+# add_outside_netns: the client outside the cluster. On the lab bridge only
+# (no default route, no forwarding): it reaches what is announced there,
+# such as MetalLB's LoadBalancer addresses, and nothing else.
+add_outside_netns() {
+  local ns=$PREFIX-out
+  if ! grep -qw "$ns" <<<"$(ip netns list)"; then ip netns add "$ns"; fi
+  if ! ip link show "$ns" >/dev/null 2>&1; then
+    ip link add "$ns" type veth peer name eth0 netns "$ns"
+    ip link set "$ns" master "$BRIDGE" up
+  fi
+  ip -n "$ns" link set lo up
+  ip -n "$ns" addr replace "$OUTSIDE_IP/24" dev eth0
+  ip -n "$ns" link set eth0 up
 }
 
 # guard_up drops anything lab-sourced that would leave through the uplink and
@@ -595,7 +611,7 @@ down() {
     local mnt; mnt=$(mntns_path "$s")
     if [ -f "$mnt" ]; then umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true; rm -f "$mnt"; fi
   done
-  for s in cp $shorts; do
+  for s in cp out $shorts; do
     ip netns del "$PREFIX-$s" 2>/dev/null || true
     ip link del "$PREFIX-$s" 2>/dev/null || true
   done

@@ -33,6 +33,11 @@ KUBERNETES_SVC_IP=10.96.0.1
 DNS_SVC_IP=10.96.0.10
 CLUSTER_DOMAIN=cluster.local
 APISERVER=https://$CP_IP:6443
+# "Outside the cluster": a network namespace on the lab bridge that is not a
+# node (the seeds' curl to the ingress address), and the addresses MetalLB
+# hands to LoadBalancer Services (announced on the bridge by ARP, L2 mode).
+OUTSIDE_IP=10.201.0.250
+LB_POOL=10.201.0.200-10.201.0.220
 
 # Worker nodes: "<short> <node name> <node ip> <pod cidr>".
 LAB_WORKERS=${LAB_WORKERS:-2}
@@ -80,5 +85,7 @@ in_node() {
   nsenter --mount="$(mntns_path "$n")" --net="$(netns_path "$n")" -- "$@"
 }
 in_cp() { nsenter --net="$(netns_path cp)" -- "$@"; }
+# outside <cmd...>: runs a command as the client outside the cluster.
+outside() { ip netns exec "$PREFIX-out" "$@"; }
 
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }

@@ -41,6 +41,8 @@ func main() {
 	out := flag.String("out", "bin/lab/images", "output directory")
 	coredns := flag.String("coredns", "", "prebuilt CoreDNS binary (skipped when empty or missing)")
 	fortio := flag.String("fortio", "", "prebuilt fortio binary of test/bench/fortio (skipped when empty or missing)")
+	metallb := flag.String("metallb", "", "directory with prebuilt MetalLB controller and speaker binaries (test/lab/build.sh metallb); skipped when empty or missing")
+	metallbVersion := flag.String("metallb-version", "v0.15.2", "MetalLB version: the tag of the images its manifest names")
 	tag := flag.String("tag", "dev", "tag of the test workload images")
 	components := flag.String("components", "", "comma-separated cmd/<name> mesh components to package as docker.io/ambient/<name>:<tag> (a stand-in for `make images`); a component that does not build is reported and skipped")
 	only := flag.Bool("components-only", false, "build only the -components images")
@@ -64,6 +66,18 @@ func main() {
 	if *fortio != "" {
 		if _, err := os.Stat(*fortio); err == nil {
 			images = append(images, image{file: "fortio.tar", ref: "docker.io/ambient-lab/fortio:" + *tag, binary: *fortio, path: "/usr/bin/fortio", entrypoint: []string{"/usr/bin/fortio"}})
+		}
+	}
+	if *metallb != "" {
+		// Named as MetalLB's own manifest names them, so it applies unchanged.
+		for _, c := range []string{"controller", "speaker"} {
+			bin := filepath.Join(*metallb, c)
+			if _, err := os.Stat(bin); err != nil {
+				log.Printf("MetalLB %s binary %s missing: image not built", c, bin)
+				continue
+			}
+			images = append(images, image{file: "metallb-" + c + ".tar", ref: "quay.io/metallb/" + c + ":" + *metallbVersion,
+				binary: bin, path: "/" + c, entrypoint: []string{"/" + c}})
 		}
 	}
 	if *only {

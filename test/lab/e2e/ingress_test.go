@@ -1,0 +1,157 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+)
+
+// The seeds' north-south section, verbatim: a Gateway of class istio in
+// istio-system (not in ambient mode) and an HTTPRoute in the app namespace
+// sending everything to httpbin:8000.
+const seedsIngressGateway = `
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: Gateway
+metadata:
+  name: httpbin-gateway
+  namespace: istio-system
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: http
+    port: 80
+    protocol: HTTP
+    allowedRoutes:
+      namespaces:
+        from: All
+`
+
+const seedsIngressRoute = `
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: HTTPRoute
+metadata:
+  name: httpbin
+spec:
+  parentRefs:
+  - name: httpbin-gateway
+    namespace: istio-system
+  rules:
+  - backendRefs:
+    - name: httpbin
+      port: 8000
+`
+
+// Only the ingress gateway may call httpbin (its identity is Istio's:
+// the gateway's service account <gateway>-istio).
+const gatewayOnlyPolicy = `
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: httpbin-ingress-only
+spec:
+  selector:
+    matchLabels:
+      app: httpbin
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/istio-system/sa/httpbin-gateway-istio"]
+`
+
+// outsideCurl is the seeds' `curl "$INGRESS_HOST"` from outside the
+// cluster: the host's curl in the lab's outside network namespace (on the
+// lab bridge, not a node).
+func outsideCurl(t *testing.T, url string) (string, int) {
+	t.Helper()
+	out, err := exec.Command("ip", "netns", "exec", "alab-out", "curl", "-s", "-m", reqTime, url).CombinedOutput()
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return string(out), ee.ExitCode()
+	}
+	if err != nil {
+		t.Fatalf("curl in the outside namespace: %v", err)
+	}
+	return string(out), 0
+}
+
+// TestNorthSouthIngress: the seeds' Gateway → HTTPRoute → httpbin journey
+// from a client outside the cluster through MetalLB's address; the ingress
+// path stays up under STRICT mTLS (the gateway is a mesh client over
+// HBONE), and a policy admitting only the gateway's identity keeps it
+// working while other callers are refused.
+func TestNorthSouthIngress(t *testing.T) {
+	requireMesh(t)
+	requireComponents(t, "WAYPOINT_IMAGE", "METALLB")
+	deployJourney(t)
+	enrollAmbient(t, demoNS)
+	if out, err := kubectl("create", "namespace", "istio-system"); err != nil && !strings.Contains(out, "AlreadyExists") {
+		t.Fatalf("create namespace istio-system: %v\n%s", err, out)
+	}
+	apply(t, "", seedsIngressGateway)
+	apply(t, demoNS, seedsIngressRoute)
+	t.Cleanup(func() {
+		kubectl("delete", "httproute", "httpbin", "-n", demoNS, "--ignore-not-found")
+		kubectl("delete", "gateway", "httpbin-gateway", "-n", "istio-system", "--ignore-not-found", "--wait=true", "--timeout=60s")
+	})
+	if out, err := kubectl("wait", "-n", "istio-system", "--for=condition=Programmed", "--timeout=180s", "gateway/httpbin-gateway"); err != nil {
+		desc, _ := kubectl("get", "gateway,svc,pods", "-n", "istio-system", "-o", "wide")
+		t.Fatalf("gateway not programmed: %v\n%s\n%s", err, out, desc)
+	}
+	// The seeds' commands: the Service, then its external address.
+	svc := mustKubectl(t, "get", "service", "httpbin-gateway-istio", "-n", "istio-system")
+	t.Logf("kubectl get service httpbin-gateway-istio -n istio-system\n%s", svc)
+	host := strings.TrimSpace(mustKubectl(t, "-n", "istio-system", "get", "service", "httpbin-gateway-istio", "-o", "jsonpath={.status.loadBalancer.ingress[0].ip}"))
+	if net.ParseIP(host) == nil || !strings.HasPrefix(host, "10.201.0.") {
+		t.Fatalf("INGRESS_HOST=%q, want an address of MetalLB's pool on the lab bridge", host)
+	}
+	if gwAddr := strings.TrimSpace(mustKubectl(t, "get", "gateway", "httpbin-gateway", "-n", "istio-system", "-o", "jsonpath={.status.addresses[0].value}")); gwAddr != host {
+		t.Errorf("Gateway status address %q, Service's %q", gwAddr, host)
+	}
+	t.Logf("INGRESS_HOST=%s", host)
+	expectOutside := func(what string, wantOK bool) {
+		eventually(t, 60*time.Second, what, func() error {
+			out, code := outsideCurl(t, "http://"+host)
+			if ok := code == 0 && strings.Contains(out, title); ok != wantOK {
+				return fmt.Errorf("%s: curl exit %d, page %.200q", what, code, out)
+			}
+			return nil
+		})
+	}
+	expectOutside("curl $INGRESS_HOST from outside", true)
+
+	// The gateway reached httpbin over HBONE with its own identity.
+	logs := ztunnelLogs(t)
+	if !strings.Contains(logs, "istio-system/sa/httpbin-gateway-istio") {
+		t.Errorf("no ztunnel log line names the gateway's identity")
+	}
+
+	applyFile(t, demoNS, "test/lab/manifests/policy/peerauth-strict.yaml")
+	t.Cleanup(func() { kubectl("delete", "peerauthentication", "peerauth", "-n", demoNS, "--ignore-not-found") })
+	expectOutside("under STRICT the ingress path is mTLS and keeps working", true)
+
+	apply(t, demoNS, gatewayOnlyPolicy)
+	t.Cleanup(func() {
+		kubectl("delete", "authorizationpolicy", "httpbin-ingress-only", "-n", demoNS, "--ignore-not-found")
+	})
+	expectOutside("policy admitting only the gateway: ingress works", true)
+	eventually(t, 60*time.Second, "a mesh client that is not the gateway is refused", func() error {
+		out, code := curl(t, demoNS, "deploy/sleep", "httpbin:8000")
+		if code == 0 && strings.Contains(out, title) {
+			return fmt.Errorf("sleep reached httpbin past the gateway-only policy")
+		}
+		return nil
+	})
+	recreateNamespace(t, "e2e-client-a")
+	applyFile(t, "e2e-client-a", "test/lab/manifests/apps/sleep.yaml")
+	waitAvailable(t, "e2e-client-a")
+	if out, code := curl(t, "e2e-client-a", "deploy/sleep", "httpbin."+demoNS+".svc.cluster.local:8000"); code == 0 && strings.Contains(out, title) {
+		t.Errorf("a plaintext client outside the mesh reached httpbin past STRICT and the gateway-only policy")
+	}
+}
