@@ -149,7 +149,20 @@ func TestCA(t *testing.T) {
 	saCopy := createPod(t, podSpec{ns: "ca-app", name: "sa-copy", node: "node-a", sa: "waypoint", ip: "10.7.0.6"})
 	labelAndSACopy := createPod(t, podSpec{ns: "ca-app", name: "label-and-sa-copy", node: "node-a", sa: "waypoint", ip: "10.7.0.7",
 		labels: map[string]string{"gateway.networking.k8s.io/gateway-name": "waypoint"}})
+	// An ingress gateway (class istio) in a namespace outside the mesh: its
+	// objects and identity are <gateway>-istio, as Istio names them.
+	ensureNamespace(t, "ca-edge", nil)
+	ingress := &gwv1.Gateway{ObjectMeta: metav1.ObjectMeta{Name: "public", Namespace: "ca-edge"},
+		Spec: gwv1.GatewaySpec{GatewayClassName: "istio", Listeners: []gwv1.Listener{{Name: "http", Port: 80, Protocol: "HTTP"}}}}
+	if err := s.k8s.Create(ctx, ingress); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), ingress) })
+	gwPod := createL7ProxyPod(t, "ca-edge", "public", "public-istio", "node-b", "10.7.0.8")
+	gwSACopy := createPod(t, podSpec{ns: "ca-edge", name: "gw-sa-copy", node: "node-a", sa: "public-istio", ip: "10.7.0.9",
+		labels: map[string]string{"gateway.networking.k8s.io/gateway-name": "public"}})
 	eventually(t, "waypoint known", func() bool { return s.cp.Discovery.IsWaypoint("ca-app", "waypoint") })
+	eventually(t, "ingress gateway known", func() bool { return s.cp.Discovery.IsL7Proxy("ca-edge", "public-istio") })
 	// Pods must be in the manager's cache before node checks can pass.
 	eventually(t, "pods cached", func() bool {
 		var p corev1.Pod
@@ -184,6 +197,10 @@ func TestCA(t *testing.T) {
 		{"pod copying the waypoint label", token(t, impostor, xds.TokenAudience), id("ca-app", "client"), codes.PermissionDenied},
 		{"pod copying the waypoint's label and service account", token(t, labelAndSACopy, xds.TokenAudience), id("ca-app", "waypoint"), codes.PermissionDenied},
 		{"ztunnel, app pod on its node running as the waypoint's service account", ztTok, id("ca-app", "waypoint"), codes.PermissionDenied},
+		{"ingress gateway, own identity", token(t, gwPod, xds.TokenAudience), id("ca-edge", "public-istio"), codes.OK},
+		{"ingress gateway, someone else", token(t, gwPod, xds.TokenAudience), id("ca-app", "web"), codes.PermissionDenied},
+		{"pod copying the ingress gateway's label and service account", token(t, gwSACopy, xds.TokenAudience), id("ca-edge", "public-istio"), codes.PermissionDenied},
+		{"ztunnel, pod on its node running as the ingress gateway's service account", ztTok, id("ca-edge", "public-istio"), codes.PermissionDenied},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

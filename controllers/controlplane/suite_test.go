@@ -307,10 +307,19 @@ func isAlreadyExists(err error) bool {
 // so the test writes each object itself.
 func createWaypointPod(t *testing.T, ns, name, node, ip string) *corev1.Pod {
 	t.Helper()
+	return createL7ProxyPod(t, ns, name, name, node, ip)
+}
+
+// createL7ProxyPod creates a pod of the operator's Deployment account (its
+// service account too) for the L7 proxy of Gateway name: a waypoint's
+// account is its name, an ingress gateway's <name>-istio.
+func createL7ProxyPod(t *testing.T, ns, name, account, node, ip string) *corev1.Pod {
+	t.Helper()
 	ctx := context.Background()
 	labels := map[string]string{"gateway.networking.k8s.io/gateway-name": name}
 	tmpl := corev1.PodTemplateSpec{ObjectMeta: metav1.ObjectMeta{Labels: labels},
-		Spec: corev1.PodSpec{ServiceAccountName: name, Containers: []corev1.Container{{Name: "waypoint", Image: "waypoint"}}}}
+		Spec: corev1.PodSpec{ServiceAccountName: account, Containers: []corev1.Container{{Name: "waypoint", Image: "waypoint"}}}}
+	name = account
 	dep := &appsv1.Deployment{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns,
 		Labels: map[string]string{"gateway.istio.io/managed": "istio.io-mesh-controller"}},
 		Spec: appsv1.DeploymentSpec{Selector: &metav1.LabelSelector{MatchLabels: labels}, Template: tmpl}}
