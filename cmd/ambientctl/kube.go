@@ -22,6 +22,8 @@ import (
 	"k8s.io/client-go/transport/spdy"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 )
 
@@ -62,6 +64,9 @@ func newKube(o options) (*kube, error) {
 		return nil, err
 	}
 	if err := meshv1.AddToScheme(scheme); err != nil {
+		return nil, err
+	}
+	if err := gwv1.Install(scheme); err != nil {
 		return nil, err
 	}
 	c, err := client.New(cfg, client.Options{Scheme: scheme})

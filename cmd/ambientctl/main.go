@@ -38,6 +38,9 @@ Commands:
   waypoint list [-A]
   waypoint delete [NAME...] [--for-service-account SA] [--all]
       Manage waypoints (WaypointPolicy objects) of a namespace (-n).
+  gateway list [-A]
+      Ingress gateways (Gateways of class istio): address, Programmed,
+      listeners with their attached routes, and the HTTPRoutes on each.
   status
       AmbientMesh conditions and the mesh's ztunnel and node-agent pods.
   version
@@ -166,6 +169,12 @@ func parseArgs(args []string) (invocation, error) {
 		default:
 			return inv, fmt.Errorf("%w: unknown waypoint command %q (apply, list, delete)", errUsage, inv.sub)
 		}
+	case "gateway", "gw":
+		inv.cmd = "gateway"
+		if len(pos) != 1 || pos[0] != "list" {
+			return inv, fmt.Errorf("%w: gateway takes one command: list", errUsage)
+		}
+		inv.sub = "list"
 	case "status", "version", "help":
 		if len(pos) > 0 {
 			return inv, fmt.Errorf("%w: %s takes no arguments", errUsage, inv.cmd)
@@ -226,6 +235,8 @@ func run(ctx context.Context, inv invocation, out io.Writer) error {
 		return proxyConfig(ctx, k, inv, out)
 	case "waypoint":
 		return waypointCmd(ctx, k, inv, out)
+	case "gateway":
+		return gatewayList(ctx, k, inv.opts, out)
 	case "status":
 		return status(ctx, k, inv.opts, out)
 	}

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 )
@@ -43,6 +44,9 @@ func TestParseArgs(t *testing.T) {
 		{name: "waypoint delete --all", args: []string{"waypoint", "delete", "--all"},
 			want: invocation{cmd: "waypoint", sub: "delete"}, check: func(o options) bool { return o.all }},
 		{name: "status", args: []string{"status"}, want: invocation{cmd: "status"}},
+		{name: "gateway list", args: []string{"gateway", "list", "-A"}, want: invocation{cmd: "gateway", sub: "list"},
+			check: func(o options) bool { return o.allNamespaces }},
+		{name: "gateway bad verb", args: []string{"gw", "apply"}, wantErr: "one command: list"},
 		{name: "help flag", args: []string{"--help"}, want: invocation{cmd: "help"}},
 		{name: "no command", args: nil, wantErr: "no command"},
 		{name: "unknown command", args: []string{"frobnicate"}, wantErr: "unknown command"},
@@ -261,3 +265,41 @@ func TestWaypointAndMeshTables(t *testing.T) {
 		t.Errorf("conditions not sorted:\n%s", out)
 	}
 }
+
+// TestGatewaysTable: the seeds' gateway with MetalLB's address, its
+// listener and the HTTPRoute attached from the app namespace.
+func TestGatewaysTable(t *testing.T) {
+	ns := gwv1.Namespace("istio-system")
+	gw := gwv1.Gateway{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "istio-system", Name: "httpbin-gateway"},
+		Spec:       gwv1.GatewaySpec{GatewayClassName: "istio", Listeners: []gwv1.Listener{{Name: "http", Port: 80, Protocol: "HTTP"}}},
+		Status: gwv1.GatewayStatus{
+			Addresses:  []gwv1.GatewayStatusAddress{{Value: "10.201.0.200"}},
+			Conditions: []metav1.Condition{{Type: "Programmed", Status: "True", Reason: "Programmed"}},
+			Listeners:  []gwv1.ListenerStatus{{Name: "http", AttachedRoutes: 1}},
+		},
+	}
+	route := gwv1.HTTPRoute{ObjectMeta: metav1.ObjectMeta{Namespace: "ambient-demo", Name: "httpbin"},
+		Spec: gwv1.HTTPRouteSpec{CommonRouteSpec: gwv1.CommonRouteSpec{ParentRefs: []gwv1.ParentReference{{Name: "httpbin-gateway", Namespace: &ns}}}},
+		Status: gwv1.HTTPRouteStatus{RouteStatus: gwv1.RouteStatus{Parents: []gwv1.RouteParentStatus{{
+			ParentRef:  gwv1.ParentReference{Name: "httpbin-gateway", Namespace: &ns},
+			Conditions: []metav1.Condition{{Type: "Accepted", Status: "True", Reason: "Accepted"}},
+		}}}}}
+	other := gwv1.HTTPRoute{ObjectMeta: metav1.ObjectMeta{Namespace: "ambient-demo", Name: "mesh-only"},
+		Spec: gwv1.HTTPRouteSpec{CommonRouteSpec: gwv1.CommonRouteSpec{ParentRefs: []gwv1.ParentReference{{Name: "httpbin", Kind: ptrTo(gwv1.Kind("Service"))}}}}}
+	var b strings.Builder
+	if err := writeGateways(&b, []gwv1.Gateway{gw}, []gwv1.HTTPRoute{route, other}); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	for _, want := range []string{"httpbin-gateway", "10.201.0.200", "True", "http:80/HTTP(1 routes)", "ambient-demo/httpbin(Accepted)"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("table lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "mesh-only") {
+		t.Errorf("a Service-parented route is listed on the gateway:\n%s", out)
+	}
+}
+
+func ptrTo[T any](v T) *T { return &v }
