@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: builds what it needs, brings the lab up, installs the mesh and
-# replays the seeds' L4 journey (Istio "ztunnel" guide) step by step, then
+# replays the seeds' journey (Istio "ztunnel" guide, then north-south
+# ingress from outside the cluster) step by step, then
 # prints a PASS/FAIL/SKIPPED summary. Steps whose component does not exist yet
 # say so plainly; nothing is faked. The lab stays up for exploration.
 set -uo pipefail
@@ -23,7 +24,7 @@ out() { bash -c "$*" 2>&1; }
 
 # ------------------------------------------------------------------ prepare
 step "Build and bring the lab up"
-"$ROOT/test/lab/build.sh" k8s coredns images ambientctl || { fail "build failed"; exit 1; }
+"$ROOT/test/lab/build.sh" k8s coredns metallb images ambientctl || { fail "build failed"; exit 1; }
 "$ROOT/test/lab/lab.sh" up || { fail "lab did not come up (logs: $LOGS)"; exit 1; }
 pass "$(kc get nodes --no-headers | wc -l) nodes Ready"
 
@@ -35,6 +36,7 @@ echo "  operator: $OPERATOR"
 echo "  ztunnel: ${ZTUNNEL:-not installed}"
 echo "  node agent: ${NODE_AGENT:-not installed}"
 echo "  waypoint: ${WAYPOINT_IMAGE:-not installed}"
+echo "  MetalLB: ${METALLB:-not installed}"
 MESH_REASON=""
 [ "$OPERATOR" = ready ] || MESH_REASON="operator not available yet: $OPERATOR"
 [ -n "$MESH_REASON" ] || [ "${ZTUNNEL:-}" = ready ] || MESH_REASON="ztunnel not available yet: ${ZTUNNEL:-}"
@@ -167,6 +169,61 @@ else
   echo "$answers" | sort | uniq -c
   if [ -n "$answers" ] && ! grep -qv '^echo-v1-' <<<"$answers"; then pass "all 10 answered by echo-v1"
   else fail "answers not all from echo-v1"; fi
+fi
+
+step "North-south: the seeds' Gateway and HTTPRoute, curl from outside the cluster via MetalLB"
+if ! mesh_ok; then
+  skip "$MESH_REASON"
+elif [ "${WAYPOINT_IMAGE:-}" != ready ] || [ "${METALLB:-}" != ready ]; then
+  skip "ingress gateway or MetalLB not available: waypoint image ${WAYPOINT_IMAGE:-unknown}, MetalLB ${METALLB:-unknown}"
+else
+  kc create namespace istio-system >/dev/null 2>&1 || true
+  cat >"$LAB/seeds-gateway.yaml" <<'EOF'
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: Gateway
+metadata:
+  name: httpbin-gateway
+  namespace: istio-system
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: http
+    port: 80
+    protocol: HTTP
+    allowedRoutes:
+      namespaces:
+        from: All
+EOF
+  cat >"$LAB/seeds-httproute.yaml" <<'EOF'
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: HTTPRoute
+metadata:
+  name: httpbin
+spec:
+  parentRefs:
+  - name: httpbin-gateway
+    namespace: istio-system
+  rules:
+  - backendRefs:
+    - name: httpbin
+      port: 8000
+EOF
+  show "kubectl apply -f $LAB/seeds-gateway.yaml"
+  show "kubectl apply -n $NS -f $LAB/seeds-httproute.yaml"
+  show "kubectl wait -n istio-system --for=condition=Programmed gateway/httpbin-gateway --timeout=180s" >/dev/null
+  show "kubectl get service httpbin-gateway-istio -n istio-system"
+  INGRESS_HOST=$(kc -n istio-system get service httpbin-gateway-istio -o jsonpath='{.status.loadBalancer.ingress[0].ip}')
+  echo "\$ export INGRESS_HOST=\$(kubectl -n istio-system get service httpbin-gateway-istio -o jsonpath='{.status.loadBalancer.ingress[0].ip}')"
+  echo "\$ echo \"\$INGRESS_HOST\""; echo "$INGRESS_HOST"
+  for _ in $(seq 20); do
+    o=$(outside curl -s -m 5 "$INGRESS_HOST" 2>&1 | grep title -m 1)
+    [[ $o == *"<title>httpbin.org</title>"* ]] && break
+    sleep 2
+  done
+  echo "\$ curl \"\$INGRESS_HOST\" -s | grep title -m 1     # from $PREFIX-out, a host outside the cluster"; echo "$o"
+  show "ambientctl gateway list -A"
+  if [[ $o == *"<title>httpbin.org</title>"* ]]; then pass "httpbin's page through the ingress gateway at $INGRESS_HOST"
+  else fail "no httpbin page from outside at ${INGRESS_HOST:-<no address>}"; fi
 fi
 
 # ------------------------------------------------------------------ summary
