@@ -62,14 +62,21 @@ func (r *GatewayWaypointReconciler) Reconcile(ctx context.Context, req ctrl.Requ
 		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionProgrammed, false, string(gwv1.GatewayReasonPending), err.Error())
 	}
 	setListenerStatus(status, gw)
-	if !equality.Semantic.DeepEqual(&gw.Status, status) {
-		patch := client.MergeFrom(gw.DeepCopy())
-		gw.Status = *status
-		if serr := r.Client.Status().Patch(ctx, gw, patch); serr != nil && err == nil {
-			err = serr
-		}
+	return result, patchGatewayStatus(ctx, r.Client, gw, status, err)
+}
+
+// patchGatewayStatus writes status when it changed; err is the reconcile's
+// error, returned first.
+func patchGatewayStatus(ctx context.Context, c client.Client, gw *gwv1.Gateway, status *gwv1.GatewayStatus, err error) error {
+	if equality.Semantic.DeepEqual(&gw.Status, status) {
+		return err
 	}
-	return result, err
+	patch := client.MergeFrom(gw.DeepCopy())
+	gw.Status = *status
+	if serr := c.Status().Patch(ctx, gw, patch); serr != nil && err == nil {
+		return serr
+	}
+	return err
 }
 
 func (r *GatewayWaypointReconciler) reconcile(ctx context.Context, gw *gwv1.Gateway, status *gwv1.GatewayStatus) (ctrl.Result, error) {
@@ -89,20 +96,35 @@ func (r *GatewayWaypointReconciler) reconcile(ctx context.Context, gw *gwv1.Gate
 		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonInvalid), err.Error())
 		return ctrl.Result{}, nil // fixed only by editing the Gateway, which requeues
 	}
+	if res, done, err := deployProxy(ctx, r.Client, gw, w, mesh, status, retry); done || err != nil {
+		return res, err
+	}
+	return ctrl.Result{}, r.observe(ctx, gw, status)
+}
+
+// deployProxy applies the objects of a Gateway's L7 proxy (waypoint or
+// ingress gateway) and reports Accepted. done is true when it stopped
+// short: a name held by another owner (retried later).
+func deployProxy(ctx context.Context, c client.Client, gw *gwv1.Gateway, w Waypoint, mesh *meshv1.AmbientMesh,
+	status *gwv1.GatewayStatus, retry func(reason string) ctrl.Result) (ctrl.Result, bool, error) {
 	sa, dep, svc := DesiredWaypoint(w, mesh)
 	for _, obj := range []client.Object{sa, dep, svc} {
-		if taken, err := nameTaken(ctx, r.Client, obj, gw); err != nil {
-			return ctrl.Result{}, err
+		if taken, err := nameTaken(ctx, c, obj, gw); err != nil {
+			return ctrl.Result{}, true, err
 		} else if taken != "" {
 			setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonInvalid), taken)
-			return retry(string(gwv1.GatewayReasonInvalid)), nil
+			return retry(string(gwv1.GatewayReasonInvalid)), true, nil
 		}
-		if err := apply(ctx, r.Client, obj); err != nil {
-			return ctrl.Result{}, err
+		if err := apply(ctx, c, obj); err != nil {
+			return ctrl.Result{}, true, err
 		}
 	}
-	setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, true, string(gwv1.GatewayReasonAccepted), "waypoint objects applied")
-	return ctrl.Result{}, r.observe(ctx, gw, status)
+	what := "waypoint"
+	if w.Ingress != nil {
+		what = "ingress gateway"
+	}
+	setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, true, string(gwv1.GatewayReasonAccepted), what+" objects applied")
+	return ctrl.Result{}, false, nil
 }
 
 func (r *GatewayWaypointReconciler) observe(ctx context.Context, gw *gwv1.Gateway, status *gwv1.GatewayStatus) error {
@@ -141,13 +163,20 @@ func setListenerStatus(status *gwv1.GatewayStatus, gw *gwv1.Gateway) {
 		if old := findListenerStatus(status.Listeners, l.Name); old != nil {
 			ls.Conditions = old.Conditions
 		}
-		setListenerConditions(&ls.Conditions, gw.Generation, isHBONEListener(l), programmed)
+		rejected := ""
+		if !isHBONEListener(l) {
+			rejected = fmt.Sprintf("Expected a single listener on port %d with protocol %q", hbonePort, hboneProtocol)
+		}
+		setListenerConditions(&ls.Conditions, gw.Generation, "HBONE listener of the waypoint", rejected, "waypoint", programmed)
 		out = append(out, ls)
 	}
 	status.Listeners = out
 }
 
-func setListenerConditions(conds *[]metav1.Condition, gen int64, valid, programmed bool) {
+// setListenerConditions sets a listener's conditions: accepted with
+// acceptedMsg, or refused as an unsupported protocol when rejected says why;
+// programmed as the proxy (named by what) is.
+func setListenerConditions(conds *[]metav1.Condition, gen int64, acceptedMsg, rejected, what string, programmed bool) {
 	set := func(t gwv1.ListenerConditionType, ok bool, reason gwv1.ListenerConditionReason, msg string) {
 		s := metav1.ConditionFalse
 		if ok {
@@ -155,10 +184,11 @@ func setListenerConditions(conds *[]metav1.Condition, gen int64, valid, programm
 		}
 		meta.SetStatusCondition(conds, metav1.Condition{Type: string(t), Status: s, Reason: string(reason), Message: msg, ObservedGeneration: gen})
 	}
+	valid := rejected == ""
 	if valid {
-		set(gwv1.ListenerConditionAccepted, true, gwv1.ListenerReasonAccepted, "HBONE listener of the waypoint")
+		set(gwv1.ListenerConditionAccepted, true, gwv1.ListenerReasonAccepted, acceptedMsg)
 	} else {
-		set(gwv1.ListenerConditionAccepted, false, gwv1.ListenerReasonUnsupportedProtocol, fmt.Sprintf("Expected a single listener on port %d with protocol %q", hbonePort, hboneProtocol))
+		set(gwv1.ListenerConditionAccepted, false, gwv1.ListenerReasonUnsupportedProtocol, rejected)
 	}
 	set(gwv1.ListenerConditionConflicted, false, gwv1.ListenerReasonNoConflicts, "No conflicts")
 	set(gwv1.ListenerConditionResolvedRefs, true, gwv1.ListenerReasonResolvedRefs, "No references")
@@ -166,9 +196,9 @@ func setListenerConditions(conds *[]metav1.Condition, gen int64, valid, programm
 	case !valid:
 		set(gwv1.ListenerConditionProgrammed, false, gwv1.ListenerReasonInvalid, "listener not accepted")
 	case programmed:
-		set(gwv1.ListenerConditionProgrammed, true, gwv1.ListenerReasonProgrammed, "waypoint ready")
+		set(gwv1.ListenerConditionProgrammed, true, gwv1.ListenerReasonProgrammed, what+" ready")
 	default:
-		set(gwv1.ListenerConditionProgrammed, false, gwv1.ListenerReasonPending, "waypoint not ready")
+		set(gwv1.ListenerConditionProgrammed, false, gwv1.ListenerReasonPending, what+" not ready")
 	}
 }
 
@@ -225,13 +255,18 @@ func (r *GatewayWaypointReconciler) SetupWithManager(mgr ctrl.Manager) error {
 }
 
 func (r *GatewayWaypointReconciler) allWaypointGateways(ctx context.Context, _ client.Object) []reconcile.Request {
+	return gatewaysOfClass(ctx, r.Client, WaypointGatewayClass)
+}
+
+// gatewaysOfClass lists reconcile requests for every Gateway of class.
+func gatewaysOfClass(ctx context.Context, c client.Reader, class string) []reconcile.Request {
 	list := &gwv1.GatewayList{}
-	if err := r.Client.List(ctx, list); err != nil {
+	if err := c.List(ctx, list); err != nil {
 		return nil
 	}
 	var reqs []reconcile.Request
 	for i := range list.Items {
-		if isWaypointGateway(&list.Items[i]) {
+		if string(list.Items[i].Spec.GatewayClassName) == class {
 			reqs = append(reqs, reconcile.Request{NamespacedName: types.NamespacedName{Namespace: list.Items[i].Namespace, Name: list.Items[i].Name}})
 		}
 	}

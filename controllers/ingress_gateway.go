@@ -9,10 +9,8 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
-	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -171,14 +169,7 @@ func (r *IngressGatewayReconciler) Reconcile(ctx context.Context, req ctrl.Reque
 	if lerr := r.setListenerStatus(ctx, status, gw); lerr != nil && err == nil {
 		err = lerr
 	}
-	if !equality.Semantic.DeepEqual(&gw.Status, status) {
-		patch := client.MergeFrom(gw.DeepCopy())
-		gw.Status = *status
-		if serr := r.Client.Status().Patch(ctx, gw, patch); serr != nil && err == nil {
-			err = serr
-		}
-	}
-	return result, err
+	return result, patchGatewayStatus(ctx, r.Client, gw, status, err)
 }
 
 func (r *IngressGatewayReconciler) reconcile(ctx context.Context, gw *gwv1.Gateway, status *gwv1.GatewayStatus) (ctrl.Result, error) {
@@ -202,19 +193,9 @@ func (r *IngressGatewayReconciler) reconcile(ctx context.Context, gw *gwv1.Gatew
 		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonListenersNotValid), "no listener the gateway can serve: only HTTP listeners are supported")
 		return ctrl.Result{}, nil
 	}
-	sa, dep, svc := DesiredWaypoint(w, mesh)
-	for _, obj := range []client.Object{sa, dep, svc} {
-		if taken, err := nameTaken(ctx, r.Client, obj, gw); err != nil {
-			return ctrl.Result{}, err
-		} else if taken != "" {
-			setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonInvalid), taken)
-			return retry(string(gwv1.GatewayReasonInvalid)), nil
-		}
-		if err := apply(ctx, r.Client, obj); err != nil {
-			return ctrl.Result{}, err
-		}
+	if res, done, err := deployProxy(ctx, r.Client, gw, w, mesh, status, retry); done || err != nil {
+		return res, err
 	}
-	setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, true, string(gwv1.GatewayReasonAccepted), "ingress gateway objects applied")
 	return ctrl.Result{}, r.observe(ctx, gw, w.ObjectName(), status, w.Ingress.ServiceType)
 }
 
@@ -285,7 +266,11 @@ func (r *IngressGatewayReconciler) setListenerStatus(ctx context.Context, status
 			ls.SupportedKinds = routeKinds(l)
 			ls.AttachedRoutes = attached[l.Name]
 		}
-		setIngressListenerConditions(&ls.Conditions, gw.Generation, l, served, programmed)
+		rejected := ""
+		if !served {
+			rejected = fmt.Sprintf("protocol %s is not served by this gateway yet; only HTTP listeners are", l.Protocol)
+		}
+		setListenerConditions(&ls.Conditions, gw.Generation, "HTTP listener", rejected, "gateway", programmed)
 		out = append(out, ls)
 	}
 	status.Listeners = out
@@ -311,31 +296,6 @@ func routeKinds(l gwv1.Listener) []gwv1.RouteGroupKind {
 		}
 	}
 	return out
-}
-
-func setIngressListenerConditions(conds *[]metav1.Condition, gen int64, l gwv1.Listener, served, programmed bool) {
-	set := func(t gwv1.ListenerConditionType, ok bool, reason gwv1.ListenerConditionReason, msg string) {
-		s := metav1.ConditionFalse
-		if ok {
-			s = metav1.ConditionTrue
-		}
-		meta.SetStatusCondition(conds, metav1.Condition{Type: string(t), Status: s, Reason: string(reason), Message: msg, ObservedGeneration: gen})
-	}
-	if served {
-		set(gwv1.ListenerConditionAccepted, true, gwv1.ListenerReasonAccepted, "HTTP listener")
-	} else {
-		set(gwv1.ListenerConditionAccepted, false, gwv1.ListenerReasonUnsupportedProtocol, fmt.Sprintf("protocol %s is not served by this gateway yet; only HTTP listeners are", l.Protocol))
-	}
-	set(gwv1.ListenerConditionConflicted, false, gwv1.ListenerReasonNoConflicts, "No conflicts")
-	set(gwv1.ListenerConditionResolvedRefs, true, gwv1.ListenerReasonResolvedRefs, "No references")
-	switch {
-	case !served:
-		set(gwv1.ListenerConditionProgrammed, false, gwv1.ListenerReasonInvalid, "listener not accepted")
-	case programmed:
-		set(gwv1.ListenerConditionProgrammed, true, gwv1.ListenerReasonProgrammed, "gateway ready")
-	default:
-		set(gwv1.ListenerConditionProgrammed, false, gwv1.ListenerReasonPending, "gateway not ready")
-	}
 }
 
 // attachedRoutes counts, per listener, the routes that attach to it.
@@ -461,15 +421,5 @@ func (r *IngressGatewayReconciler) SetupWithManager(mgr ctrl.Manager, routeKinds
 }
 
 func (r *IngressGatewayReconciler) allIngressGateways(ctx context.Context, _ client.Object) []reconcile.Request {
-	list := &gwv1.GatewayList{}
-	if err := r.Client.List(ctx, list); err != nil {
-		return nil
-	}
-	var reqs []reconcile.Request
-	for i := range list.Items {
-		if isIngressGateway(&list.Items[i]) {
-			reqs = append(reqs, reconcile.Request{NamespacedName: types.NamespacedName{Namespace: list.Items[i].Namespace, Name: list.Items[i].Name}})
-		}
-	}
-	return reqs
+	return gatewaysOfClass(ctx, r.Client, IngressGatewayClass)
 }

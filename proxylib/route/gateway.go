@@ -26,23 +26,7 @@ type gatewayParent struct {
 // listener's allowedRoutes (namespaces Same or All; kinds) and sharing a
 // hostname with it. Routes attached to Services are ignored here.
 func BuildGateway(gw *gwv1.Gateway, httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRPCRoute) (*Table, []error) {
-	t := &Table{http: map[ServiceKey][]*matcher{}, grpc: map[ServiceKey][]*matcher{}, gateway: gw}
-	var errs []error
-	for _, r := range httpRoutes {
-		errs = append(errs, t.addHTTPRoute(r)...)
-	}
-	for _, r := range grpcRoutes {
-		errs = append(errs, t.addGRPCRoute(r)...)
-	}
-	for k := range t.http {
-		sortMatchers(t.http[k], false)
-		sortByHost(t.http[k])
-	}
-	for k := range t.grpc {
-		sortMatchers(t.grpc[k], true)
-		sortByHost(t.grpc[k])
-	}
-	return t, errs
+	return build(gw, httpRoutes, grpcRoutes)
 }
 
 // listenerKey is the table key of a Gateway listener port.

@@ -160,7 +160,13 @@ func (t *Table) attachments(routeNS, kind string, refs []gwv1.ParentReference, h
 // ignored; problems that make a whole rule unusable are returned as errors
 // and the rule answers 500 (fail closed, never silently widened).
 func Build(httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRPCRoute) (*Table, []error) {
-	t := &Table{http: map[ServiceKey][]*matcher{}, grpc: map[ServiceKey][]*matcher{}}
+	return build(nil, httpRoutes, grpcRoutes)
+}
+
+// build compiles routes into a table for the Services (gw nil) or for
+// Gateway gw's listeners, in precedence order.
+func build(gw *gwv1.Gateway, httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRPCRoute) (*Table, []error) {
+	t := &Table{http: map[ServiceKey][]*matcher{}, grpc: map[ServiceKey][]*matcher{}, gateway: gw}
 	var errs []error
 	for _, r := range httpRoutes {
 		errs = append(errs, t.addHTTPRoute(r)...)
@@ -170,9 +176,15 @@ func Build(httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRPCRoute) (*Table, 
 	}
 	for k := range t.http {
 		sortMatchers(t.http[k], false)
+		if gw != nil {
+			sortByHost(t.http[k])
+		}
 	}
 	for k := range t.grpc {
 		sortMatchers(t.grpc[k], true)
+		if gw != nil {
+			sortByHost(t.grpc[k])
+		}
 	}
 	return t, errs
 }
