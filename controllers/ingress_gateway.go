@@ -3,7 +3,6 @@ package controllers
 import (
 	"context"
 	"fmt"
-	"slices"
 	"strings"
 	"time"
 
@@ -37,7 +36,7 @@ const AnnotationServiceType = "networking.istio.io/service-type"
 // Ingress is what makes a Waypoint an ingress gateway: the Gateway's
 // listeners and the type of the Service that exposes them.
 type Ingress struct {
-	Listeners   []gwv1.Listener
+	Gateway     *gwv1.Gateway
 	ServiceType corev1.ServiceType
 }
 
@@ -63,7 +62,7 @@ func IngressFromGateway(gw *gwv1.Gateway, mesh *meshv1.AmbientMesh, d Defaults) 
 	w := Waypoint{
 		Name: gw.Name, Namespace: gw.Namespace, Replicas: 1,
 		Owner:   *metav1.NewControllerRef(gw, gwv1.SchemeGroupVersion.WithKind("Gateway")),
-		Ingress: &Ingress{Listeners: gw.Spec.Listeners, ServiceType: st},
+		Ingress: &Ingress{Gateway: gw, ServiceType: st},
 	}
 	w.applyMeshDefaults(mesh, d)
 	return w, nil
@@ -81,35 +80,44 @@ func (in *Ingress) labels(name string) map[string]string {
 	}
 }
 
-// servedPorts are the ports of the listeners the gateway serves (HTTP).
-func (in *Ingress) servedPorts() []int32 {
-	var out []int32
-	for _, l := range in.Listeners {
-		if l.Protocol == gwv1.HTTPProtocolType && !slices.Contains(out, int32(l.Port)) {
-			out = append(out, int32(l.Port))
-		}
-	}
-	slices.Sort(out)
-	return out
+// GatewayCertDir is where the ingress gateway finds its HTTPS listeners'
+// certificates: the Secrets they reference, mounted read-only.
+const GatewayCertDir = "/etc/ambient/gateway-certs"
+
+// plan is what the gateway serves of its listeners (proxylib/route.Plan,
+// the gateway's own rule).
+func (in *Ingress) plan() []route.Port {
+	ports, _ := route.Plan(in.Gateway)
+	return ports
 }
 
 // adapt turns the waypoint's pod into the ingress gateway's: the ingress
-// role, the listener ports instead of HBONE, and unprivileged binding of
-// ports below 1024 (a namespaced sysctl, so the proxy keeps no capability).
+// role, the listener ports instead of HBONE, the HTTPS listeners' Secrets
+// mounted, and unprivileged binding of ports below 1024 (a namespaced
+// sysctl, so the proxy keeps no capability).
 func (in *Ingress) adapt(pod *corev1.PodSpec) {
 	c := &pod.Containers[0]
 	c.Name = "gateway"
-	c.Env = append(c.Env, corev1.EnvVar{Name: "PROXY_ROLE", Value: "ingress"})
+	c.Env = append(c.Env, corev1.EnvVar{Name: "PROXY_ROLE", Value: "ingress"},
+		corev1.EnvVar{Name: "GATEWAY_CERT_DIR", Value: GatewayCertDir})
 	ports := []corev1.ContainerPort{}
 	for _, p := range c.Ports {
 		if p.ContainerPort != hbonePort {
 			ports = append(ports, p)
 		}
 	}
-	for _, p := range in.servedPorts() {
-		ports = append(ports, corev1.ContainerPort{Name: fmt.Sprintf("listener-%d", p), ContainerPort: p, Protocol: corev1.ProtocolTCP})
+	plan := in.plan()
+	for _, p := range plan {
+		ports = append(ports, corev1.ContainerPort{Name: fmt.Sprintf("listener-%d", p.Port), ContainerPort: int32(p.Port), Protocol: corev1.ProtocolTCP})
 	}
 	c.Ports = ports
+	for i, secret := range route.CertificateSecrets(plan) {
+		vol := fmt.Sprintf("gateway-cert-%d", i)
+		pod.Volumes = append(pod.Volumes, corev1.Volume{Name: vol, VolumeSource: corev1.VolumeSource{Secret: &corev1.SecretVolumeSource{
+			SecretName: secret, Items: []corev1.KeyToPath{{Key: "tls.crt", Path: "tls.crt"}, {Key: "tls.key", Path: "tls.key"}},
+		}}})
+		c.VolumeMounts = append(c.VolumeMounts, corev1.VolumeMount{Name: vol, MountPath: GatewayCertDir + "/" + secret, ReadOnly: true})
+	}
 	pod.SecurityContext = &corev1.PodSecurityContext{
 		Sysctls: []corev1.Sysctl{{Name: "net.ipv4.ip_unprivileged_port_start", Value: "0"}},
 	}
@@ -117,9 +125,13 @@ func (in *Ingress) adapt(pod *corev1.PodSpec) {
 
 func (in *Ingress) service(om metav1.ObjectMeta, name string) *corev1.Service {
 	var ports []corev1.ServicePort
-	for _, p := range in.servedPorts() {
-		ports = append(ports, corev1.ServicePort{Name: fmt.Sprintf("http-%d", p), Port: p, TargetPort: intstr.FromInt32(p),
-			Protocol: corev1.ProtocolTCP, AppProtocol: ptr.To("http")})
+	for _, p := range in.plan() {
+		name, app := fmt.Sprintf("http-%d", p.Port), "http"
+		if p.TLS {
+			name, app = fmt.Sprintf("https-%d", p.Port), "https"
+		}
+		ports = append(ports, corev1.ServicePort{Name: name, Port: int32(p.Port), TargetPort: intstr.FromInt32(int32(p.Port)),
+			Protocol: corev1.ProtocolTCP, AppProtocol: ptr.To(app)})
 	}
 	ports = append(ports, corev1.ServicePort{Name: "status-port", Port: proxyReadinessPort, TargetPort: intstr.FromInt32(proxyReadinessPort), Protocol: corev1.ProtocolTCP})
 	return &corev1.Service{
@@ -189,8 +201,8 @@ func (r *IngressGatewayReconciler) reconcile(ctx context.Context, gw *gwv1.Gatew
 		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonInvalid), err.Error())
 		return ctrl.Result{}, nil // fixed only by editing the Gateway, which requeues
 	}
-	if len(w.Ingress.servedPorts()) == 0 {
-		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonListenersNotValid), "no listener the gateway can serve: only HTTP listeners are supported")
+	if len(w.Ingress.plan()) == 0 {
+		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonListenersNotValid), "no listener the gateway can serve: HTTP, and HTTPS terminating TLS, are supported")
 		return ctrl.Result{}, nil
 	}
 	if res, done, err := deployProxy(ctx, r.Client, gw, w, mesh, status, retry); done || err != nil {
@@ -255,22 +267,19 @@ func (r *IngressGatewayReconciler) setListenerStatus(ctx context.Context, status
 		return err
 	}
 	programmed := meta.IsStatusConditionTrue(status.Conditions, string(gwv1.GatewayConditionProgrammed))
+	_, rejectedListeners := route.Plan(gw)
 	var out []gwv1.ListenerStatus
 	for _, l := range gw.Spec.Listeners {
 		ls := gwv1.ListenerStatus{Name: l.Name, SupportedKinds: []gwv1.RouteGroupKind{}}
 		if old := findListenerStatus(status.Listeners, l.Name); old != nil {
 			ls.Conditions = old.Conditions
 		}
-		served := l.Protocol == gwv1.HTTPProtocolType
-		if served {
+		rejected, refused := rejectedListeners[l.Name]
+		if !refused {
 			ls.SupportedKinds = routeKinds(l)
 			ls.AttachedRoutes = attached[l.Name]
 		}
-		rejected := ""
-		if !served {
-			rejected = fmt.Sprintf("protocol %s is not served by this gateway yet; only HTTP listeners are", l.Protocol)
-		}
-		setListenerConditions(&ls.Conditions, gw.Generation, "HTTP listener", rejected, "gateway", programmed)
+		setListenerConditions(&ls.Conditions, gw.Generation, string(l.Protocol)+" listener", rejected, "gateway", programmed)
 		out = append(out, ls)
 	}
 	status.Listeners = out

@@ -3,6 +3,7 @@ package controllers
 import (
 	"context"
 	"fmt"
+	"strings"
 	"testing"
 
 	appsv1 "k8s.io/api/apps/v1"
@@ -197,5 +198,69 @@ func waitRouteParent(t *testing.T, ns, name string, status metav1.ConditionStatu
 			}
 		}
 		return fmt.Errorf("parents %+v", r.Status.Parents)
+	})
+}
+
+// TestIngressHTTPSListener: an HTTPS listener terminating TLS gets its
+// Secret mounted read-only where the gateway reads certificates, an https
+// Service port, and is accepted; one without certificates is refused with
+// the reason.
+func TestIngressHTTPSListener(t *testing.T) {
+	ctx := context.Background()
+	const ns = "ingress-tls"
+	createNamespace(t, ns)
+	newMesh(t, "ingress-tls", "mesh-ingress-tls", nil)
+	gw := seedsIngressGateway(ns)
+	gw.Spec.Listeners = append(gw.Spec.Listeners, gwv1.Listener{Name: "shop", Port: 8443, Protocol: gwv1.HTTPSProtocolType,
+		Hostname: ptr.To(gwv1.Hostname("shop.example.com")),
+		TLS:      &gwv1.ListenerTLSConfig{CertificateRefs: []gwv1.SecretObjectReference{{Name: "shop-cert"}}}})
+	t.Cleanup(func() { _ = k8s.DeleteAllOf(ctx, &gwv1.Gateway{}, client.InNamespace(ns)) })
+	if err := k8s.Create(ctx, gw); err != nil {
+		t.Fatal(err)
+	}
+	dep := &appsv1.Deployment{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "gateway-istio"}}
+	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "gateway-istio"}}
+	eventually(t, "gateway deployment", exists(dep))
+	eventually(t, "gateway service", exists(svc))
+	pod := dep.Spec.Template.Spec
+	var mounted bool
+	for _, m := range pod.Containers[0].VolumeMounts {
+		for _, v := range pod.Volumes {
+			if v.Name == m.Name && v.Secret != nil && v.Secret.SecretName == "shop-cert" && m.MountPath == GatewayCertDir+"/shop-cert" && m.ReadOnly {
+				mounted = true
+			}
+		}
+	}
+	if !mounted {
+		t.Errorf("Secret shop-cert not mounted read-only at %s/shop-cert: volumes %+v mounts %+v", GatewayCertDir, pod.Volumes, pod.Containers[0].VolumeMounts)
+	}
+	if env := envMap(pod.Containers[0].Env); env["GATEWAY_CERT_DIR"] != GatewayCertDir {
+		t.Errorf("GATEWAY_CERT_DIR %q", env["GATEWAY_CERT_DIR"])
+	}
+	var names []string
+	for _, p := range svc.Spec.Ports {
+		names = append(names, fmt.Sprintf("%s:%d", p.Name, p.Port))
+	}
+	if fmt.Sprint(names) != "[http-80 https-8443 status-port:15021]" && fmt.Sprint(names) != "[http-80:80 https-8443:8443 status-port:15021]" {
+		t.Errorf("service ports %v", names)
+	}
+	eventually(t, "listener conditions", func() error {
+		if err := k8s.Get(ctx, client.ObjectKeyFromObject(gw), gw); err != nil {
+			return err
+		}
+		want := map[gwv1.SectionName]metav1.ConditionStatus{"http": "True", "shop": "True", "https": "False"}
+		if len(gw.Status.Listeners) != len(want) {
+			return fmt.Errorf("listeners %+v", gw.Status.Listeners)
+		}
+		for _, l := range gw.Status.Listeners {
+			c := meta.FindStatusCondition(l.Conditions, string(gwv1.ListenerConditionAccepted))
+			if c == nil || c.Status != want[l.Name] {
+				return fmt.Errorf("listener %s Accepted %+v, want %s", l.Name, c, want[l.Name])
+			}
+			if l.Name == "https" && !strings.Contains(c.Message, "certificateRefs") {
+				return fmt.Errorf("https refused for %q, want the missing certificateRefs named", c.Message)
+			}
+		}
+		return nil
 	})
 }

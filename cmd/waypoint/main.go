@@ -55,6 +55,7 @@ type options struct {
 	tokenPath, rootCertPath                        string
 	listen, adminAddr, metricsAddr, readyAddr      string
 	lbPolicy, logLevel, transport, role            string
+	certDir                                        string
 	tracing                                        bool
 	drainGrace, certTTL                            time.Duration
 }
@@ -73,6 +74,7 @@ func parseFlags(fs *flag.FlagSet, args []string, e *envconfig.Env) (options, err
 	var o options
 	env := e.Get
 	fs.StringVar(&o.role, "role", env("PROXY_ROLE", roleWaypoint), "waypoint, or ingress: the ingress gateway of Gateway -name (env PROXY_ROLE)")
+	fs.StringVar(&o.certDir, "gateway-cert-dir", env("GATEWAY_CERT_DIR", "/etc/ambient/gateway-certs"), "ingress: HTTPS listeners' certificates, <secret>/tls.crt and tls.key (env GATEWAY_CERT_DIR)")
 	fs.StringVar(&o.name, "name", env("WAYPOINT_NAME", ""), "waypoint name: its Gateway/WaypointPolicy and Service (env WAYPOINT_NAME)")
 	fs.StringVar(&o.podName, "pod-name", env("POD_NAME", "waypoint"), "env POD_NAME")
 	fs.StringVar(&o.namespace, "namespace", env("POD_NAMESPACE", ""), "env POD_NAMESPACE")
@@ -223,7 +225,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 		serve(log, o.readyAddr, admin.ReadinessHandler(ready))
 	}
 	if o.role == roleIngress {
-		ls := &gateway.Listeners{Engine: wp, Log: log.WithName("listeners")}
+		ls := &gateway.Listeners{Engine: wp, CertDir: o.certDir, Log: log.WithName("listeners")}
 		go ls.Run(ctx)
 		serveAdmin(func() bool { return state.Ready() && ls.Ready() })
 		log.Info("ingress gateway started", "gateway", o.namespace+"/"+o.name, "identity", self.String(), "transport", proto)

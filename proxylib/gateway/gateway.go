@@ -7,15 +7,15 @@ package gateway
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"net"
-	"slices"
 	"strconv"
 	"sync"
 
 	"github.com/go-logr/logr"
-	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
+	"github.com/ambientmesh/ambient/proxylib/route"
 	"github.com/ambientmesh/ambient/proxylib/waypoint"
 )
 
@@ -27,9 +27,16 @@ type Listeners struct {
 	Host string
 	Log  logr.Logger
 
-	mu   sync.Mutex
-	ctx  context.Context
-	open map[uint16]net.Listener
+	// CertDir holds the HTTPS listeners' certificates: <secret>/tls.crt and
+	// <secret>/tls.key (the Secrets the operator mounts).
+	CertDir string
+
+	mu    sync.Mutex
+	ctx   context.Context
+	open  map[uint16]net.Listener
+	tls   map[uint16]bool
+	plan  map[uint16]route.Port
+	certs certCache
 	// failed holds ports that could not be opened, with the error.
 	failed map[uint16]error
 }
@@ -39,6 +46,7 @@ type Listeners struct {
 func (l *Listeners) Run(ctx context.Context) {
 	l.mu.Lock()
 	l.ctx, l.open, l.failed = ctx, map[uint16]net.Listener{}, map[uint16]error{}
+	l.tls, l.plan = map[uint16]bool{}, map[uint16]route.Port{}
 	l.mu.Unlock()
 	changed := make(chan struct{}, 1)
 	l.Engine.OnGatewayChange(func() {
@@ -64,49 +72,43 @@ func (l *Listeners) Run(ctx context.Context) {
 	}
 }
 
-// Ports lists the ports a Gateway's HTTP listeners need. HTTPS and other
-// protocols are not served yet: the control plane reports those listeners
-// as unsupported, and no port is opened for them.
-func Ports(gw *gwv1.Gateway) []uint16 {
-	if gw == nil {
-		return nil
-	}
-	var out []uint16
-	for _, ls := range gw.Spec.Listeners {
-		if ls.Protocol == gwv1.HTTPProtocolType && !slices.Contains(out, uint16(ls.Port)) {
-			out = append(out, uint16(ls.Port))
-		}
-	}
-	slices.Sort(out)
-	return out
-}
-
-// Sync opens the ports the Gateway needs and closes the others.
+// Sync opens the ports the Gateway needs (route.Plan: HTTP, and HTTPS
+// terminating TLS) and closes the others; a port whose kind changed is
+// reopened.
 func (l *Listeners) Sync() {
-	want := Ports(l.Engine.Gateway())
+	ports, _ := route.Plan(l.Engine.Gateway())
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	want := map[uint16]route.Port{}
+	for _, p := range ports {
+		want[p.Port] = p
+	}
 	for p, ln := range l.open {
-		if !slices.Contains(want, p) {
+		if np, ok := want[p]; !ok || np.TLS != l.tls[p] {
 			ln.Close()
 			delete(l.open, p)
 			l.Log.Info("listener closed", "port", p)
 		}
 	}
 	clear(l.failed)
-	for _, p := range want {
-		if _, ok := l.open[p]; ok {
+	for _, p := range ports {
+		l.plan[p.Port] = p // TLS listeners pick certificates from the plan of now
+		if _, ok := l.open[p.Port]; ok {
 			continue
 		}
-		ln, err := net.Listen("tcp", net.JoinHostPort(l.Host, strconv.Itoa(int(p))))
+		ln, err := net.Listen("tcp", net.JoinHostPort(l.Host, strconv.Itoa(int(p.Port))))
 		if err != nil {
-			l.failed[p] = err
-			l.Log.Error(err, "listener not opened", "port", p)
+			l.failed[p.Port] = err
+			l.Log.Error(err, "listener not opened", "port", p.Port)
 			continue
 		}
-		l.open[p] = ln
-		l.Log.Info("listening", "port", p)
-		go l.serve(l.ctx, ln, p)
+		l.tls[p.Port] = p.TLS
+		if p.TLS {
+			ln = tls.NewListener(ln, l.tlsConfig(p.Port))
+		}
+		l.open[p.Port] = ln
+		l.Log.Info("listening", "port", p.Port, "tls", p.TLS)
+		go l.serve(l.ctx, ln, p.Port)
 	}
 }
 
@@ -130,10 +132,11 @@ func (l *Listeners) Ready() bool {
 	if gw == nil {
 		return false
 	}
+	ports, _ := route.Plan(gw)
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	for _, p := range Ports(gw) {
-		if _, ok := l.open[p]; !ok {
+	for _, p := range ports {
+		if _, ok := l.open[p.Port]; !ok {
 			return false
 		}
 	}

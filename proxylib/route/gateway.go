@@ -83,10 +83,11 @@ func (t *Table) gatewayParents(routeNS, kind string, refs []gwv1.ParentReference
 }
 
 // ListenerAllows applies a listener's allowedRoutes to a route of kind in
-// routeNS. Namespace selectors need the namespace's labels, which a proxy
-// does not have: they admit nothing here (the control plane reports them).
+// routeNS; a listener the gateway cannot serve admits nothing. Namespace
+// selectors need the namespace's labels, which a proxy does not have: they
+// admit nothing here (the control plane reports them).
 func ListenerAllows(gw *gwv1.Gateway, l gwv1.Listener, routeNS, kind string) bool {
-	if l.Protocol != gwv1.HTTPProtocolType && l.Protocol != gwv1.HTTPSProtocolType {
+	if unservable(gw, l) != "" {
 		return false
 	}
 	from := gwv1.NamespacesFromSame

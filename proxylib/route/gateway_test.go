@@ -161,3 +161,57 @@ func TestIntersectHostnames(t *testing.T) {
 		}
 	}
 }
+
+func TestPlan(t *testing.T) {
+	gw := gateway(t, `
+metadata: {name: gw, namespace: edge}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - {name: http, port: 80, protocol: HTTP}
+  - name: shop
+    hostname: shop.example.com
+    port: 443
+    protocol: HTTPS
+    tls: {certificateRefs: [{name: shop-cert}]}
+  - name: any
+    port: 443
+    protocol: HTTPS
+    tls: {mode: Terminate, certificateRefs: [{kind: Secret, group: "", name: wildcard-cert}]}
+  - {name: no-certs, port: 8443, protocol: HTTPS}
+  - name: passthrough
+    port: 9443
+    protocol: TLS
+    tls: {mode: Passthrough}
+  - name: other-ns-cert
+    port: 10443
+    protocol: HTTPS
+    tls: {certificateRefs: [{name: c, namespace: elsewhere}]}
+  - {name: http-on-443, port: 443, protocol: HTTP}
+  - {name: tcp, port: 5432, protocol: TCP}
+`)
+	ports, rejected := Plan(gw)
+	if len(ports) != 2 || ports[0].Port != 80 || ports[0].TLS || ports[1].Port != 443 || !ports[1].TLS || len(ports[1].Listeners) != 2 {
+		t.Fatalf("ports %+v, want HTTP 80 and HTTPS 443 with two listeners", ports)
+	}
+	for _, name := range []gwv1.SectionName{"no-certs", "passthrough", "other-ns-cert", "http-on-443", "tcp"} {
+		if rejected[name] == "" {
+			t.Errorf("listener %s served, want refused with a reason", name)
+		}
+	}
+	if len(rejected) != 5 {
+		t.Errorf("rejected %v, want exactly the five unservable listeners", rejected)
+	}
+	if got := CertificateSecrets(ports); len(got) != 2 || got[0] != "shop-cert" || got[1] != "wildcard-cert" {
+		t.Errorf("certificate Secrets %v", got)
+	}
+	for sni, want := range map[string]string{"shop.example.com": "shop", "cart.example.com": "any", "": "any"} {
+		l, ok := ListenerFor(ports[1], sni)
+		if !ok || string(l.Name) != want {
+			t.Errorf("SNI %q -> listener %q (%v), want %q", sni, l.Name, ok, want)
+		}
+	}
+	if _, ok := ListenerFor(Port{Listeners: ports[1].Listeners[:1]}, "other.org"); ok {
+		t.Error("an SNI no listener names found a certificate")
+	}
+}

@@ -1,6 +1,9 @@
 package waypoint_test
 
 import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"io"
 	"net"
@@ -231,4 +234,80 @@ func labelMap(m *dto.Metric) map[string]string {
 		out[lp.GetName()] = lp.GetValue()
 	}
 	return out
+}
+
+// HTTPS listeners terminate TLS with the certificate of the listener the
+// client's SNI names, then route as for HTTP.
+func TestIngressHTTPSListenersBySNI(t *testing.T) {
+	d := newIngressDemo(t)
+	shop := d.gw.WriteCertificate(t, "shop-cert", "shop.example.com")
+	wild := d.gw.WriteCertificate(t, "wildcard-cert", "*.example.com")
+	d.m.ApplyL7(`
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gateway, namespace: istio-ingress}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: http
+    port: 18080
+    protocol: HTTP
+    allowedRoutes: {namespaces: {from: All}}
+  - name: shop
+    hostname: shop.example.com
+    port: 18443
+    protocol: HTTPS
+    tls: {certificateRefs: [{name: shop-cert}]}
+    allowedRoutes: {namespaces: {from: All}}
+  - name: wildcard
+    hostname: "*.example.com"
+    port: 18443
+    protocol: HTTPS
+    tls: {certificateRefs: [{name: wildcard-cert}]}
+    allowedRoutes: {namespaces: {from: All}}
+`)
+	d.gw.WaitReady(d.m)
+	get := func(host string, roots *x509.CertPool, h2 bool) (int, wt.Seen, error) {
+		tr := &http.Transport{DisableKeepAlives: true, ForceAttemptHTTP2: h2,
+			TLSClientConfig: &tls.Config{RootCAs: roots, ServerName: host},
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				var dl net.Dialer
+				return dl.DialContext(ctx, "tcp", netip.AddrPortFrom(d.gw.IP, 18443).String())
+			}}
+		defer tr.CloseIdleConnections()
+		resp, err := (&http.Client{Transport: tr}).Get("https://" + host + "/get")
+		if err != nil {
+			return 0, wt.Seen{}, err
+		}
+		defer resp.Body.Close()
+		var s wt.Seen
+		body, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode == 200 {
+			if err := json.Unmarshal(body, &s); err != nil {
+				t.Fatalf("body %q: %v", body, err)
+			}
+		}
+		if h2 && resp.ProtoMajor != 2 {
+			t.Errorf("%s: HTTP/%d, want HTTP/2 negotiated by ALPN", host, resp.ProtoMajor)
+		}
+		return resp.StatusCode, s, nil
+	}
+	// Each name gets its own listener's certificate: trusting only that one
+	// proves which was served.
+	for _, c := range []struct {
+		host  string
+		roots *x509.CertPool
+		h2    bool
+	}{{"shop.example.com", shop, false}, {"cart.example.com", wild, false}, {"shop.example.com", shop, true}} {
+		code, seen, err := get(c.host, c.roots, c.h2)
+		if err != nil || code != 200 || seen.Pod != "httpbin-0" {
+			t.Errorf("https://%s/get: %d %q %v, want 200 from httpbin-0", c.host, code, seen.Pod, err)
+		}
+	}
+	if _, _, err := get("shop.example.com", wild, false); err == nil {
+		t.Error("shop.example.com was served the wildcard certificate, want its own listener's")
+	}
+	if _, _, err := get("other.org", shop, false); err == nil {
+		t.Error("a server name no listener serves completed the handshake")
+	}
 }

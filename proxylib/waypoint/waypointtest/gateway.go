@@ -2,9 +2,19 @@ package waypointtest
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
 	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strconv"
+	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -30,7 +40,10 @@ type Gateway struct {
 	ID       identity.Identity
 	Server   *waypoint.Server
 	Registry *prometheus.Registry
-	ls       *gateway.Listeners
+	// CertDir holds the HTTPS listeners' certificates (<secret>/tls.crt,
+	// tls.key), as the operator mounts them.
+	CertDir string
+	ls      *gateway.Listeners
 }
 
 // AddGateway starts the ingress gateway of Gateway name in
@@ -61,7 +74,8 @@ func (m *Mesh) AddGateway(name string) *Gateway {
 	}
 	t.Cleanup(srv.Close)
 	g.Server = srv
-	g.ls = &gateway.Listeners{Engine: srv, Host: g.IP.String(), Log: m.Log}
+	g.CertDir = t.TempDir()
+	g.ls = &gateway.Listeners{Engine: srv, Host: g.IP.String(), CertDir: g.CertDir, Log: m.Log}
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	go g.ls.Run(ctx)
@@ -104,4 +118,43 @@ func (m *Mesh) MarkOutsideMesh(p *Pod) {
 	w = proto.Clone(w).(*workloadapi.Workload)
 	w.TunnelProtocol = workloadapi.TunnelProtocol_NONE
 	m.applyAddress(w.Uid, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: w}})
+}
+
+// WriteCertificate stores a certificate for hosts, signed by the test CA's
+// own self-signed root (returned for clients to trust), as Secret secret.
+func (g *Gateway) WriteCertificate(t testing.TB, secret string, hosts ...string) *x509.CertPool {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: hosts[0]}, DNSNames: hosts,
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true, IsCA: true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(g.CertDir, secret)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	write := func(name, typ string, b []byte) {
+		if err := os.WriteFile(filepath.Join(dir, name), pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: b}), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("tls.crt", "CERTIFICATE", der)
+	write("tls.key", "EC PRIVATE KEY", kb)
+	cert, _ := x509.ParseCertificate(der)
+	pool := x509.NewCertPool()
+	pool.AddCert(cert)
+	return pool
 }

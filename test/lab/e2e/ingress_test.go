@@ -3,10 +3,19 @@
 package e2e
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"errors"
 	"fmt"
+	"math/big"
 	"net"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -126,6 +135,8 @@ func TestNorthSouthIngress(t *testing.T) {
 	}
 	expectOutside("curl $INGRESS_HOST from outside", true)
 
+	checkIngressHTTPS(t, host)
+
 	// The gateway reached httpbin over HBONE with its own identity.
 	logs := ztunnelLogs(t)
 	if !strings.Contains(logs, "istio-system/sa/httpbin-gateway-istio") {
@@ -154,4 +165,51 @@ func TestNorthSouthIngress(t *testing.T) {
 	if out, code := curl(t, "e2e-client-a", "deploy/sleep", "httpbin."+demoNS+".svc.cluster.local:8000"); code == 0 && strings.Contains(out, title) {
 		t.Errorf("a plaintext client outside the mesh reached httpbin past STRICT and the gateway-only policy")
 	}
+}
+
+// checkIngressHTTPS adds an HTTPS listener terminating TLS with a
+// certificate from a Secret of the gateway's namespace, and curls it from
+// outside by name (SNI), trusting only that certificate.
+func checkIngressHTTPS(t *testing.T, host string) {
+	t.Helper()
+	dir := t.TempDir()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: "httpbin.example.com"},
+		DNSNames: []string{"httpbin.example.com"}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true, IsCA: true}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, _ := x509.MarshalECPrivateKey(key)
+	crt, keyFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
+	os.WriteFile(crt, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600)
+	kubectl("delete", "secret", "httpbin-cert", "-n", "istio-system", "--ignore-not-found")
+	mustKubectl(t, "create", "secret", "tls", "httpbin-cert", "-n", "istio-system", "--cert", crt, "--key", keyFile)
+	t.Cleanup(func() { kubectl("delete", "secret", "httpbin-cert", "-n", "istio-system", "--ignore-not-found") })
+	apply(t, "", strings.Replace(seedsIngressGateway, "        from: All\n", `        from: All
+  - name: https
+    hostname: httpbin.example.com
+    port: 443
+    protocol: HTTPS
+    tls:
+      certificateRefs:
+      - name: httpbin-cert
+    allowedRoutes:
+      namespaces:
+        from: All
+`, 1))
+	eventually(t, 120*time.Second, "https://httpbin.example.com from outside", func() error {
+		out, err := exec.Command("ip", "netns", "exec", "alab-out", "curl", "-s", "-m", reqTime, "--cacert", crt,
+			"--resolve", "httpbin.example.com:443:"+host, "https://httpbin.example.com/").CombinedOutput()
+		if err != nil || !strings.Contains(string(out), title) {
+			return fmt.Errorf("curl: %v, %.200q", err, out)
+		}
+		return nil
+	})
 }
