@@ -154,3 +154,7 @@ demo-local: envtest ## Operator only: local API server, the manager, the sample 
 .PHONY: e2e
 e2e: ## End-to-end suite in the lab.
 	test/lab/e2e.sh
+
+.PHONY: conformance
+conformance: ## Upstream Gateway API conformance (GatewayHTTP profile, class istio) in the lab; report in docs/conformance/.
+	test/lab/conformance.sh

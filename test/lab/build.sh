@@ -6,7 +6,7 @@
 #   bin/ambientctl
 #   bin/fortio/fortio                  (load tool and echo server of make bench-mesh; test/bench/fortio)
 #   bin/metallb/<ver>/{controller,speaker,metallb-native.yaml}  (the lab's LoadBalancer, from the module proxy)
-# Usage: test/lab/build.sh [k8s|coredns|fortio|metallb|images|ambientctl ...]   (default: all)
+# Usage: test/lab/build.sh [k8s|coredns|fortio|metallb|conformance|images|ambientctl ...]   (default: all but conformance)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BIN=$ROOT/bin
@@ -88,12 +88,22 @@ build_metallb() {
   step "built MetalLB in $((SECONDS - start))s"
 }
 
+# The Gateway API conformance suite's echo server (make conformance), from
+# the suite's module at the product's Gateway API version (test/conformance).
+build_conformance() {
+  local start=$SECONDS
+  mkdir -p "$BIN/conformance"
+  (cd "$ROOT/test/conformance" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$BIN/conformance/echo-basic.tmp" sigs.k8s.io/gateway-api/conformance/echo-basic)
+  mv "$BIN/conformance/echo-basic.tmp" "$BIN/conformance/echo-basic"
+  step "built bin/conformance/echo-basic in $((SECONDS - start))s"
+}
+
 build_images() {
   local start=$SECONDS
   step "building lab images (pause, coredns, httpbin, sleep, fortio when built) into bin/lab/images"
   (cd "$ROOT" && CGO_ENABLED=0 go run ./test/lab/imagebuild \
      -out "$BIN/lab/images" -coredns "$BIN/coredns/$COREDNS_VERSION/coredns" -fortio "$BIN/fortio/fortio" \
-     -metallb "$BIN/metallb/$METALLB_VERSION" -metallb-version "$METALLB_VERSION")
+     -metallb "$BIN/metallb/$METALLB_VERSION" -metallb-version "$METALLB_VERSION" -echo-basic "$BIN/conformance/echo-basic")
   step "images ready in $((SECONDS - start))s"
 }
 
@@ -112,6 +122,7 @@ for t in "${targets[@]}"; do
     images) build_images ;;
     fortio) build_fortio ;;
     metallb) build_metallb ;;
+    conformance) build_conformance ;;
     ambientctl) build_ambientctl ;;
     *) echo "unknown build target $t" >&2; exit 2 ;;
   esac

@@ -43,6 +43,7 @@ func main() {
 	fortio := flag.String("fortio", "", "prebuilt fortio binary of test/bench/fortio (skipped when empty or missing)")
 	metallb := flag.String("metallb", "", "directory with prebuilt MetalLB controller and speaker binaries (test/lab/build.sh metallb); skipped when empty or missing")
 	metallbVersion := flag.String("metallb-version", "v0.15.2", "MetalLB version: the tag of the images its manifest names")
+	echoBasic := flag.String("echo-basic", "", "prebuilt echo-basic binary of the Gateway API conformance suite (test/lab/build.sh conformance); skipped when empty or missing")
 	tag := flag.String("tag", "dev", "tag of the test workload images")
 	components := flag.String("components", "", "comma-separated cmd/<name> mesh components to package as docker.io/ambient/<name>:<tag> (a stand-in for `make images`); a component that does not build is reported and skipped")
 	only := flag.Bool("components-only", false, "build only the -components images")
@@ -78,6 +79,15 @@ func main() {
 			}
 			images = append(images, image{file: "metallb-" + c + ".tar", ref: "quay.io/metallb/" + c + ":" + *metallbVersion,
 				binary: bin, path: "/" + c, entrypoint: []string{"/" + c}})
+		}
+	}
+	if *echoBasic != "" {
+		if _, err := os.Stat(*echoBasic); err == nil {
+			// The tags the suite's manifests name (it references two).
+			for i, t := range []string{"v1.5.1", "v1.6.0-dev.3"} {
+				images = append(images, image{file: fmt.Sprintf("echo-basic-%d.tar", i), ref: "registry.k8s.io/gateway-api/echo-basic:" + t,
+					binary: *echoBasic, path: "/echo-basic", entrypoint: []string{"/echo-basic"}})
+			}
 		}
 	}
 	if *only {
