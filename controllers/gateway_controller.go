@@ -65,9 +65,28 @@ func (r *GatewayWaypointReconciler) Reconcile(ctx context.Context, req ctrl.Requ
 	return result, patchGatewayStatus(ctx, r.Client, gw, status, err)
 }
 
+// freshenProgrammed: a reconcile that stopped before observing the
+// deployment (no mesh, invalid Gateway) still says Programmed=False for
+// this generation, never leaves the API server's default or an older one.
+func freshenProgrammed(status *gwv1.GatewayStatus, gen int64) {
+	c := meta.FindStatusCondition(status.Conditions, string(gwv1.GatewayConditionProgrammed))
+	if c != nil && c.ObservedGeneration == gen {
+		return
+	}
+	reason, msg := string(gwv1.GatewayReasonPending), "not deployed yet"
+	if a := meta.FindStatusCondition(status.Conditions, string(gwv1.GatewayConditionAccepted)); a != nil && a.Status != metav1.ConditionTrue {
+		reason, msg = string(gwv1.GatewayReasonInvalid), "not accepted: "+a.Message
+		if a.Reason == string(gwv1.GatewayReasonPending) {
+			reason = string(gwv1.GatewayReasonPending)
+		}
+	}
+	setGatewayCondition(status, gen, gwv1.GatewayConditionProgrammed, false, reason, msg)
+}
+
 // patchGatewayStatus writes status when it changed; err is the reconcile's
 // error, returned first.
 func patchGatewayStatus(ctx context.Context, c client.Client, gw *gwv1.Gateway, status *gwv1.GatewayStatus, err error) error {
+	freshenProgrammed(status, gw.Generation)
 	if equality.Semantic.DeepEqual(&gw.Status, status) {
 		return err
 	}

@@ -310,6 +310,10 @@ func routeKinds(l gwv1.Listener) []gwv1.RouteGroupKind {
 // attachedRoutes counts, per listener, the routes that attach to it.
 func (r *IngressGatewayReconciler) attachedRoutes(ctx context.Context, gw *gwv1.Gateway) (map[gwv1.SectionName]int32, error) {
 	out := map[gwv1.SectionName]int32{}
+	gw, err := resolveGatewaySelectors(ctx, r.Client, gw)
+	if err != nil {
+		return nil, err
+	}
 	var hrs gwv1.HTTPRouteList
 	if err := r.Client.List(ctx, &hrs); err != nil && !meta.IsNoMatchError(err) {
 		return nil, err
@@ -360,32 +364,61 @@ func refersTo(p gwv1.ParentReference, routeNS string, gw *gwv1.Gateway) bool {
 	return isGatewayParent(p) && ns == gw.Namespace && string(p.Name) == gw.Name
 }
 
-// ingressParent reports a route's attachment to an ingress Gateway.
+// resolveGatewaySelectors resolves gw's listener namespace selectors
+// against the namespaces' labels, as the control plane does for the gateway.
+func resolveGatewaySelectors(ctx context.Context, c client.Reader, gw *gwv1.Gateway) (*gwv1.Gateway, error) {
+	if !route.UsesSelectors(gw) {
+		return gw, nil
+	}
+	var list corev1.NamespaceList
+	if err := c.List(ctx, &list); err != nil {
+		return nil, err
+	}
+	labels := make(map[string]map[string]string, len(list.Items))
+	for _, ns := range list.Items {
+		labels[ns.Name] = ns.Labels
+	}
+	return route.ResolveSelectors(gw, labels), nil
+}
+
+// ingressParent reports a route's attachment to an ingress Gateway, with
+// the Gateway API's reasons: no listener the parentRef names
+// (NoMatchingParent), none sharing a hostname (NoMatchingListenerHostname),
+// or none admitting the route (NotAllowedByListeners).
 func ingressParent(gw *gwv1.Gateway, p gwv1.ParentReference, routeNS, kind string, hosts []gwv1.Hostname) parentOutcome {
 	o := parentOutcome{ref: p}
 	if len(listenersAttached(gw, routeNS, kind, []gwv1.ParentReference{p}, hosts)) > 0 {
 		o.accepted, o.acceptedReason, o.acceptMsg = true, string(gwv1.RouteReasonAccepted), "Route was valid"
 		return o
 	}
-	o.acceptedReason = string(gwv1.RouteReasonNotAllowedByListeners)
-	o.acceptMsg = fmt.Sprintf("no listener of Gateway %s/%s admits this %s (listener, allowedRoutes namespaces Same/All and kinds, hostnames; namespace selectors are not supported)", gw.Namespace, gw.Name, kind)
-	if !anyListenerHost(gw, p, hosts) {
+	named, sharingHost := parentListeners(gw, p, hosts)
+	switch {
+	case named == 0:
+		o.acceptedReason = string(gwv1.RouteReasonNoMatchingParent)
+		o.acceptMsg = fmt.Sprintf("Gateway %s/%s has no listener matching the parentRef's sectionName/port", gw.Namespace, gw.Name)
+	case sharingHost == 0:
 		o.acceptedReason = string(gwv1.RouteReasonNoMatchingListenerHostname)
 		o.acceptMsg = fmt.Sprintf("no listener of Gateway %s/%s shares a hostname with the route (%s)", gw.Namespace, gw.Name, hostList(hosts))
+	default:
+		o.acceptedReason = string(gwv1.RouteReasonNotAllowedByListeners)
+		o.acceptMsg = fmt.Sprintf("no listener of Gateway %s/%s admits this %s (allowedRoutes namespaces and kinds, or a listener the gateway cannot serve)", gw.Namespace, gw.Name, kind)
 	}
 	return o
 }
 
-func anyListenerHost(gw *gwv1.Gateway, p gwv1.ParentReference, hosts []gwv1.Hostname) bool {
+// parentListeners counts the listeners a parentRef names (sectionName,
+// port) and, of those, the ones sharing a hostname with the route.
+func parentListeners(gw *gwv1.Gateway, p gwv1.ParentReference, hosts []gwv1.Hostname) (named, sharingHost int) {
 	for _, l := range gw.Spec.Listeners {
-		if p.SectionName != nil && *p.SectionName != l.Name {
+		if p.SectionName != nil && *p.SectionName != l.Name || p.Port != nil && *p.Port != l.Port {
 			continue
 		}
+		named++
 		if _, ok := route.IntersectHostnames(l.Hostname, hosts); ok {
-			return true
+			sharingHost++
 		}
 	}
-	return false
+	return named, sharingHost
 }
 
 func hostList(hosts []gwv1.Hostname) string {
@@ -426,6 +459,9 @@ func (r *IngressGatewayReconciler) SetupWithManager(mgr ctrl.Manager, routeKinds
 	for _, k := range routeKinds {
 		b = b.Watches(k, handler.EnqueueRequestsFromMapFunc(r.allIngressGateways))
 	}
+	// Namespace labels decide which routes listener selectors admit.
+	b = b.Watches(&corev1.Namespace{}, handler.EnqueueRequestsFromMapFunc(r.allIngressGateways),
+		builder.WithPredicates(predicate.LabelChangedPredicate{}))
 	return b.Complete(r)
 }
 

@@ -179,6 +179,40 @@ func TestIngressRouteNotAllowed(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitRouteParent(t, appNS, "httpbin", metav1.ConditionFalse, string(gwv1.RouteReasonNotAllowedByListeners))
+
+	// A selector admits the namespaces whose labels it matches, following
+	// label changes.
+	sel := gwv1.NamespacesFromSelector
+	eventually(t, "listener selects namespaces by label", func() error {
+		if err := k8s.Get(ctx, client.ObjectKeyFromObject(gw), gw); err != nil {
+			return err
+		}
+		gw.Spec.Listeners[0].AllowedRoutes = &gwv1.AllowedRoutes{Namespaces: &gwv1.RouteNamespaces{From: &sel,
+			Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"expose-to": "edge"}}}}
+		return k8s.Update(ctx, gw)
+	})
+	waitRouteParent(t, appNS, "httpbin", metav1.ConditionFalse, string(gwv1.RouteReasonNotAllowedByListeners))
+	nsObj := &corev1.Namespace{}
+	eventually(t, "label the route's namespace", func() error {
+		if err := k8s.Get(ctx, client.ObjectKey{Name: appNS}, nsObj); err != nil {
+			return err
+		}
+		if nsObj.Labels == nil {
+			nsObj.Labels = map[string]string{}
+		}
+		nsObj.Labels["expose-to"] = "edge"
+		return k8s.Update(ctx, nsObj)
+	})
+	waitRouteParent(t, appNS, "httpbin", metav1.ConditionTrue, string(gwv1.RouteReasonAccepted))
+	// A parentRef naming no listener is NoMatchingParent.
+	if err := k8s.Delete(ctx, httpbinRoute(appNS, ns, nil)); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "old route gone", gone(httpbinRoute(appNS, ns, nil)))
+	if err := k8s.Create(ctx, httpbinRoute(appNS, ns, ptr.To(gwv1.SectionName("nope")))); err != nil {
+		t.Fatal(err)
+	}
+	waitRouteParent(t, appNS, "httpbin", metav1.ConditionFalse, string(gwv1.RouteReasonNoMatchingParent))
 }
 
 func waitRouteParent(t *testing.T, ns, name string, status metav1.ConditionStatus, reason string) {

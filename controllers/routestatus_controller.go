@@ -200,7 +200,11 @@ func (r *RouteStatusReconciler) gatewayParent(ctx context.Context, route client.
 		if foreign, _, err := classForeign(ctx, r.Client, IngressGatewayClass); err != nil || foreign {
 			return parentOutcome{}, false, err
 		}
-		return ingressParent(gw, p, route.GetNamespace(), r.Kind.Name, routeHostnames(route)), true, nil
+		resolved, err := resolveGatewaySelectors(ctx, r.Client, gw)
+		if err != nil {
+			return parentOutcome{}, false, err
+		}
+		return ingressParent(resolved, p, route.GetNamespace(), r.Kind.Name, routeHostnames(route)), true, nil
 	case WaypointGatewayClass:
 		if waypointForeign {
 			return parentOutcome{}, false, nil
@@ -469,14 +473,27 @@ func (r *RouteStatusReconciler) SetupWithManager(ctx context.Context, mgr ctrl.M
 		Watches(&corev1.Service{}, handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, o client.Object) []reconcile.Request {
 			return r.routesReferring(ctx, "svc/"+o.GetNamespace()+"/"+o.GetName())
 		})).
+		// A namespace's labels decide both the waypoints its Services use
+		// and which ingress listeners (selectors) admit its own routes.
 		Watches(&corev1.Namespace{}, handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, o client.Object) []reconcile.Request {
-			return r.routesReferring(ctx, "ns/"+o.GetName())
+			return append(r.routesReferring(ctx, "ns/"+o.GetName()), r.routesIn(ctx, o.GetName())...)
 		}), builder.WithPredicates(predicate.LabelChangedPredicate{})).
 		Watches(&gwv1.Gateway{}, handler.EnqueueRequestsFromMapFunc(r.allRoutes), builder.WithPredicates(changed)).
 		Watches(&meshv1.WaypointPolicy{}, handler.EnqueueRequestsFromMapFunc(r.allRoutes), builder.WithPredicates(changed)).
 		Watches(&gwv1.GatewayClass{}, handler.EnqueueRequestsFromMapFunc(r.allRoutes),
-			builder.WithPredicates(predicate.NewPredicateFuncs(func(o client.Object) bool { return o.GetName() == WaypointGatewayClass }))).
+			builder.WithPredicates(predicate.NewPredicateFuncs(func(o client.Object) bool {
+				return o.GetName() == WaypointGatewayClass || o.GetName() == IngressGatewayClass
+			}))).
 		Complete(r)
+}
+
+// routesIn lists the routes of one namespace.
+func (r *RouteStatusReconciler) routesIn(ctx context.Context, ns string) []reconcile.Request {
+	list := r.Kind.newList()
+	if err := r.Client.List(ctx, list, client.InNamespace(ns)); err != nil {
+		return nil
+	}
+	return requestsFor(list)
 }
 
 func (r *RouteStatusReconciler) routesReferring(ctx context.Context, key string) []reconcile.Request {

@@ -33,6 +33,7 @@ import (
 	"github.com/ambientmesh/ambient/controllers/policy"
 	"github.com/ambientmesh/ambient/controllers/proxyauth"
 	"github.com/ambientmesh/ambient/controllers/waypointbind"
+	"github.com/ambientmesh/ambient/proxylib/route"
 	xds "github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/meshapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
@@ -102,6 +103,9 @@ type Controller struct {
 	waypoints atomic.Pointer[map[string]map[string]*waypoint]
 	// ingress holds the ingress Gateways (class istio): ns -> name.
 	ingress atomic.Pointer[map[string]map[string]bool]
+	// selectorsInUse: an ingress Gateway selects route namespaces by label,
+	// so a namespace change rebuilds the Gateways sent to the gateways.
+	selectorsInUse atomic.Bool
 	// OnPush, when set, is called after each push with the number of
 	// resources changed (tests and the convergence benchmark).
 	OnPush func(changed int)
@@ -184,7 +188,7 @@ func (c *Controller) Register(ctx context.Context, informers cache.Informers, ma
 	}{
 		{&corev1.Pod{}, c.handler(func(o, _ client.Object) { c.markPod(o) })},
 		{&corev1.Service{}, c.handler(func(o, _ client.Object) { c.markNamespace(o.GetNamespace(), c.isWaypointService(o)) })},
-		{&corev1.Namespace{}, c.handler(func(o, _ client.Object) { c.markNamespace(o.GetName(), false) })},
+		{&corev1.Namespace{}, c.handler(func(o, _ client.Object) { c.markNamespace(o.GetName(), c.selectorsInUse.Load()) })},
 		{&discoveryv1.EndpointSlice{}, c.handler(c.markEndpointSlice)},
 		{&meshv1.WaypointPolicy{}, c.handler(func(client.Object, client.Object) { c.markFull() })},
 		{&meshv1.AmbientMesh{}, c.handler(func(client.Object, client.Object) { c.markFull() })},
@@ -495,6 +499,11 @@ func (c *Controller) flush(ctx context.Context) {
 	}
 	c.waypoints.Store(&b.wps)
 	c.ingress.Store(&b.ingress)
+	inUse := false
+	for _, gw := range b.gateways {
+		inUse = inUse || route.UsesSelectors(gw)
+	}
+	c.selectorsInUse.Store(inUse)
 	changed := c.apply(xds.AddressType, c.Addresses, b.addresses, b.addrScope) +
 		c.apply(xds.AuthorizationType, c.Authorizations, b.authz, b.authzScope) +
 		c.apply(xds.L7ResourceType, c.L7, b.l7, b.l7Scope)
@@ -663,9 +672,14 @@ func (b *build) runFull() error {
 		}
 	}
 	// An ingress gateway learns its listeners from its Gateway (any change
-	// of a Gateway rebuilds everything).
+	// of a Gateway rebuilds everything), with the namespaces its listeners'
+	// selectors match resolved here, where namespace labels are known.
+	nsLabels, err := b.namespaceLabels()
+	if err != nil {
+		return err
+	}
 	for _, gw := range b.gateways {
-		b.addL7(l7KeyOf(gw, gatewayGVK.Kind, gatewayGVK.Group), gw, gatewayGVK)
+		b.addL7(l7KeyOf(gw, gatewayGVK.Kind, gatewayGVK.Group), route.ResolveSelectors(gw, nsLabels), gatewayGVK)
 	}
 	if b.c.hasRoutes.Load() {
 		var hr gwv1.HTTPRouteList
@@ -992,6 +1006,27 @@ func (c *Controller) IsWaypoint(namespace, name string) bool {
 	}
 	_, ok := (*idx)[namespace][name]
 	return ok
+}
+
+// namespaceLabels maps every namespace to its labels, when an ingress
+// Gateway selects route namespaces by label (else nil: not needed).
+func (b *build) namespaceLabels() (map[string]map[string]string, error) {
+	need := false
+	for _, gw := range b.gateways {
+		need = need || route.UsesSelectors(gw)
+	}
+	if !need {
+		return nil, nil
+	}
+	var list corev1.NamespaceList
+	if err := b.c.reader.List(b.ctx, &list, noCopy); err != nil {
+		return nil, err
+	}
+	out := make(map[string]map[string]string, len(list.Items))
+	for _, ns := range list.Items {
+		out[ns.Name] = ns.Labels
+	}
+	return out, nil
 }
 
 // IsIngressGateway reports whether an ingress Gateway (class istio) named

@@ -84,8 +84,8 @@ func (t *Table) gatewayParents(routeNS, kind string, refs []gwv1.ParentReference
 
 // ListenerAllows applies a listener's allowedRoutes to a route of kind in
 // routeNS; a listener the gateway cannot serve admits nothing. Namespace
-// selectors need the namespace's labels, which a proxy does not have: they
-// admit nothing here (the control plane reports them).
+// selectors are answered from what the control plane resolved
+// (ResolveSelectors): unresolved, they admit nothing.
 func ListenerAllows(gw *gwv1.Gateway, l gwv1.Listener, routeNS, kind string) bool {
 	if unservable(gw, l) != "" {
 		return false
@@ -112,6 +112,8 @@ func ListenerAllows(gw *gwv1.Gateway, l gwv1.Listener, routeNS, kind string) boo
 		return true
 	case gwv1.NamespacesFromSame:
 		return routeNS == gw.Namespace
+	case gwv1.NamespacesFromSelector:
+		return selectedBy(gw, l, routeNS)
 	}
 	return false
 }

@@ -215,3 +215,43 @@ spec:
 		t.Error("an SNI no listener names found a certificate")
 	}
 }
+
+// Namespace selectors admit routes from the namespaces the control plane
+// resolved; unresolved (a proxy never sees labels) they admit nothing.
+func TestListenerNamespaceSelector(t *testing.T) {
+	gw := gateway(t, `
+metadata: {name: gw, namespace: edge}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: http
+    port: 80
+    protocol: HTTP
+    allowedRoutes:
+      namespaces:
+        from: Selector
+        selector: {matchLabels: {expose: "true"}}
+`)
+	l := gw.Spec.Listeners[0]
+	if ListenerAllows(gw, l, "shop", "HTTPRoute") {
+		t.Fatal("an unresolved selector admitted a route")
+	}
+	resolved := ResolveSelectors(gw, map[string]map[string]string{
+		"shop": {"expose": "true"}, "internal": {"expose": "false"}, "edge": nil,
+	})
+	for ns, want := range map[string]bool{"shop": true, "internal": false, "edge": false, "unknown": false} {
+		if got := ListenerAllows(resolved, l, ns, "HTTPRoute"); got != want {
+			t.Errorf("route in %s admitted=%v, want %v", ns, got, want)
+		}
+	}
+	if gw.Annotations[ListenerNamespacesAnnotation] != "" {
+		t.Error("ResolveSelectors changed its input")
+	}
+	// A Gateway without selectors carries no (stale or forged) resolution.
+	forged := gw.DeepCopy()
+	forged.Spec.Listeners[0].AllowedRoutes = nil
+	forged.Annotations = map[string]string{ListenerNamespacesAnnotation: `{"http":["shop"]}`}
+	if _, ok := ResolveSelectors(forged, nil).Annotations[ListenerNamespacesAnnotation]; ok {
+		t.Error("a Gateway without selectors kept a namespace resolution")
+	}
+}
