@@ -33,10 +33,10 @@ import (
 	"github.com/ambientmesh/ambient/controllers/policy"
 	"github.com/ambientmesh/ambient/controllers/proxyauth"
 	"github.com/ambientmesh/ambient/controllers/waypointbind"
-	"github.com/ambientmesh/ambient/proxylib/route"
 	xds "github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/meshapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/route"
 )
 
 // Options configure the model.
