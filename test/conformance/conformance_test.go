@@ -9,6 +9,7 @@ package conformance
 import (
 	"os"
 	"testing"
+	"time"
 
 	"sigs.k8s.io/gateway-api/conformance"
 	"sigs.k8s.io/gateway-api/conformance/utils/suite"
@@ -26,5 +27,13 @@ func TestGatewayHTTPConformance(t *testing.T) {
 	opts.Implementation.URL = "https://github.com/ambientmesh/ambient"
 	opts.Implementation.Version = "dev"
 	opts.Implementation.Contact = []string{"@ambientmesh/maintainers"}
+	// The lab is one machine: a minute is ample for a status or a route to
+	// converge, and a failing test then costs a minute, not three.
+	tc := &opts.TimeoutConfig
+	for _, d := range []*time.Duration{&tc.GatewayMustHaveCondition, &tc.GatewayStatusMustHaveListeners,
+		&tc.GatewayListenersMustHaveConditions, &tc.HTTPRouteMustHaveCondition, &tc.HTTPRouteMustNotHaveParents,
+		&tc.RouteMustHaveParents, &tc.MaxTimeToConsistency, &tc.GatewayMustHaveAddress} {
+		*d = min(*d, time.Minute)
+	}
 	conformance.RunConformanceWithOptions(t, opts)
 }
