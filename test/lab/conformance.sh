@@ -21,6 +21,11 @@ export KUBECONFIG=$KUBECONFIG_FILE PATH=$ROOT/bin:$PATH
 source "$STATE/mesh.env"
 [ "$OPERATOR" = ready ] && [ "${WAYPOINT_IMAGE:-}" = ready ] && [ "${METALLB:-}" = ready ] ||
   die "mesh not ready: operator $OPERATOR, gateway image ${WAYPOINT_IMAGE:-?}, MetalLB ${METALLB:-?}"
+# A lab that was already up keeps running the operator of its first image
+# (same tag): restart it so the run tests the code of this checkout.
+kc -n ambient-system rollout restart deploy/ambient-controller-manager >/dev/null &&
+  kc -n ambient-system rollout status deploy/ambient-controller-manager --timeout=120s >/dev/null ||
+  die "operator did not restart"
 # The suite's DNS test workload names upstream CoreDNS; the lab's is the same program.
 "$ROOT/test/lab/lab.sh" tag docker.io/ambient-lab/coredns:v1.12.4 registry.k8s.io/coredns/coredns:v1.12.2 >/dev/null
 mkdir -p "$ROOT/docs/conformance"
