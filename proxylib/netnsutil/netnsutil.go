@@ -57,6 +57,15 @@ func Run(ns *os.File, fn func() error) error {
 			return
 		}
 		defer orig.Close()
+		if sameInode(orig, ns) {
+			// Already there (the sidecar serving its own pod): entering a
+			// namespace needs CAP_SYS_ADMIN even when it is the current one,
+			// and an unprivileged proxy has none.
+			ferr := fn()
+			runtime.UnlockOSThread()
+			errc <- ferr
+			return
+		}
 		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
 			runtime.UnlockOSThread()
 			errc <- fmt.Errorf("setns: %w", err)
@@ -275,6 +284,12 @@ func Inode(f *os.File) (uint64, error) {
 		return 0, err
 	}
 	return st.Ino, nil
+}
+
+func sameInode(a, b *os.File) bool {
+	ia, errA := Inode(a)
+	ib, errB := Inode(b)
+	return errA == nil && errB == nil && ia == ib
 }
 
 // IsNetNS reports whether f refers to a network namespace (nsfs file of
