@@ -286,6 +286,28 @@ func Inode(f *os.File) (uint64, error) {
 	return st.Ino, nil
 }
 
+// IsCurrent reports whether ns is the namespace the process runs in (its
+// threads outside Run). Netlink sockets opened "in" a namespace enter it,
+// which needs CAP_SYS_ADMIN even for the current one; callers open them
+// directly instead when this is true (the sidecar's init container, with
+// CAP_NET_ADMIN only).
+func IsCurrent(ns *os.File) bool {
+	same := make(chan bool, 1)
+	go func() {
+		// A fresh locked thread: never one Run has moved elsewhere.
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		cur, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			same <- false
+			return
+		}
+		defer cur.Close()
+		same <- sameInode(cur, ns)
+	}()
+	return <-same
+}
+
 func sameInode(a, b *os.File) bool {
 	ia, errA := Inode(a)
 	ib, errB := Inode(b)

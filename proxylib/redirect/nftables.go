@@ -11,6 +11,8 @@ import (
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
+
+	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 )
 
 // NFTables implements Redirector with one `inet ambient` table and two nat
@@ -47,7 +49,17 @@ func (n *NFTables) conn(ns *os.File) (*nftables.Conn, error) {
 	if ns == nil {
 		return nil, errors.New("redirect: nil namespace")
 	}
-	c, err := nftables.New(nftables.WithNetNSFd(int(ns.Fd())))
+	return nftConn(ns)
+}
+
+// nftConn opens nftables in ns, directly when ns is the current namespace
+// (see netnsutil.IsCurrent).
+func nftConn(ns *os.File) (*nftables.Conn, error) {
+	var opts []nftables.ConnOption
+	if !netnsutil.IsCurrent(ns) {
+		opts = append(opts, nftables.WithNetNSFd(int(ns.Fd())))
+	}
+	c, err := nftables.New(opts...)
 	if err != nil {
 		return nil, fmt.Errorf("nftables: %w", err)
 	}
