@@ -149,6 +149,11 @@ func TestCA(t *testing.T) {
 	saCopy := createPod(t, podSpec{ns: "ca-app", name: "sa-copy", node: "node-a", sa: "waypoint", ip: "10.7.0.6"})
 	labelAndSACopy := createPod(t, podSpec{ns: "ca-app", name: "label-and-sa-copy", node: "node-a", sa: "waypoint", ip: "10.7.0.7",
 		labels: map[string]string{"gateway.networking.k8s.io/gateway-name": "waypoint"}})
+	sidecar := createPod(t, podSpec{ns: "ca-app", name: "sidecar", node: "node-b", sa: "web-sc", ip: "10.7.0.8", sidecar: true})
+	sidecarAsWaypoint := createPod(t, podSpec{ns: "ca-app", name: "sidecar-wp-sa", node: "node-b", sa: "waypoint", ip: "10.7.0.9", sidecar: true})
+	// Annotated as injected, without the sidecar container: an app pod.
+	fakeInjected := createPod(t, podSpec{ns: "ca-app", name: "fake-injected", node: "node-b", sa: "client", ip: "10.7.0.10",
+		labels: map[string]string{"networking.istio.io/tunnel": "http"}, annotations: map[string]string{"sidecar.istio.io/status": "{}"}})
 	eventually(t, "waypoint known", func() bool { return s.cp.Discovery.IsWaypoint("ca-app", "waypoint") })
 	// Pods must be in the manager's cache before node checks can pass.
 	eventually(t, "pods cached", func() bool {
@@ -184,6 +189,11 @@ func TestCA(t *testing.T) {
 		{"pod copying the waypoint label", token(t, impostor, xds.TokenAudience), id("ca-app", "client"), codes.PermissionDenied},
 		{"pod copying the waypoint's label and service account", token(t, labelAndSACopy, xds.TokenAudience), id("ca-app", "waypoint"), codes.PermissionDenied},
 		{"ztunnel, app pod on its node running as the waypoint's service account", ztTok, id("ca-app", "waypoint"), codes.PermissionDenied},
+		{"sidecar, its own pod's identity", token(t, sidecar, xds.TokenAudience), id("ca-app", "web-sc"), codes.OK},
+		{"sidecar, another pod's identity", token(t, sidecar, xds.TokenAudience), id("ca-app", "web"), codes.PermissionDenied},
+		{"sidecar, another namespace", token(t, sidecar, xds.TokenAudience), id("other", "web-sc"), codes.PermissionDenied},
+		{"sidecar pod running as the waypoint's service account", token(t, sidecarAsWaypoint, xds.TokenAudience), id("ca-app", "waypoint"), codes.PermissionDenied},
+		{"pod annotated as injected without the sidecar", token(t, fakeInjected, xds.TokenAudience), id("ca-app", "client"), codes.PermissionDenied},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -34,6 +34,7 @@ import (
 	"github.com/ambientmesh/ambient/controllers/waypointbind"
 	xds "github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/meshapi"
+	"github.com/ambientmesh/ambient/proxylib/discovery/selection"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 )
 
@@ -973,7 +974,7 @@ func (c *Controller) IsWaypoint(namespace, name string) bool {
 	return ok
 }
 
-type podRef struct{ waypoint bool }
+type podRef struct{ waypoint, sidecar bool }
 
 func (c *Controller) getPod(ctx context.Context, ns, name string, out *podRef) error {
 	var pod corev1.Pod
@@ -981,5 +982,6 @@ func (c *Controller) getPod(ctx context.Context, ns, name string, out *podRef) e
 		return err
 	}
 	out.waypoint = isWaypointPod(&pod)
+	out.sidecar = selection.HBONESidecar(&pod)
 	return nil
 }
