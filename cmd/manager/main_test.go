@@ -92,12 +92,32 @@ func TestManagerRun(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// Likewise the sidecar injector's (hand-written) configuration.
+	raw, err = os.ReadFile(filepath.Join("..", "..", "config", "webhook", "sidecar_injector.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mwc := &admissionv1.MutatingWebhookConfiguration{}
+	if err := yaml.Unmarshal(raw, mwc); err != nil {
+		t.Fatal(err)
+	}
+	mwc.Name = "ambient-sidecar-injector"
+	for i := range mwc.Webhooks {
+		mwc.Webhooks[i].ClientConfig.Service.Namespace = "ambient-system"
+		mwc.Webhooks[i].ClientConfig.Service.Name = "ambient-webhook-service"
+		ignore := admissionv1.Ignore
+		mwc.Webhooks[i].FailurePolicy = &ignore
+	}
+	if err := k8s.Create(ctx, mwc); err != nil {
+		t.Fatal(err)
+	}
+
 	port, metricsPort := freePort(t), freePort(t)
 	c := &config{
 		metricsAddr: fmt.Sprintf("127.0.0.1:%d", metricsPort), metricsSecure: true, probeAddr: "0", operatorNamespace: "ambient-system", imageRegistry: "ambient",
 		ztunnelImage: "ambient/ztunnel:dev", nodeAgentImage: "ambient/ambient-cni:dev", waypointImage: "ambient/waypoint:dev",
 		enableWebhooks: true, webhookPort: port, webhookCertDir: t.TempDir(), webhookSelfSigned: true,
-		webhookService: "ambient-webhook-service", webhookConfigName: vwc.Name, webhookSecret: "ambient-webhook-server-cert",
+		webhookService: "ambient-webhook-service", webhookConfigName: vwc.Name, injectorConfigName: mwc.Name, webhookSecret: "ambient-webhook-server-cert",
 		managerPodLabelSelector: "app.kubernetes.io/name=ambient-manager", logLevel: "error",
 	}
 	done := make(chan error, 1)
@@ -114,6 +134,15 @@ func TestManagerRun(t *testing.T) {
 			return err
 		}
 		for _, w := range got.Webhooks {
+			if string(w.ClientConfig.CABundle) != string(secret.Data["ca.crt"]) {
+				return fmt.Errorf("caBundle of %s not injected", w.Name)
+			}
+		}
+		gotM := &admissionv1.MutatingWebhookConfiguration{}
+		if err := k8s.Get(ctx, client.ObjectKey{Name: mwc.Name}, gotM); err != nil {
+			return err
+		}
+		for _, w := range gotM.Webhooks {
 			if string(w.ClientConfig.CABundle) != string(secret.Data["ca.crt"]) {
 				return fmt.Errorf("caBundle of %s not injected", w.Name)
 			}
