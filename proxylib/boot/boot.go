@@ -35,7 +35,6 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/identity/trustbundle"
 	"github.com/ambientmesh/ambient/proxylib/inpod"
 	"github.com/ambientmesh/ambient/proxylib/logging"
-	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 	"github.com/ambientmesh/ambient/proxylib/proxy"
 	"github.com/ambientmesh/ambient/proxylib/telemetry"
 )
@@ -170,8 +169,7 @@ func Start(ctx context.Context, o *Options, log logr.Logger, role string, unpriv
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	tcfg := meshtransport.Config{Protocol: hbone.Protocol(o.Transport), Certs: store, Log: log.WithName("hbone"), Registerer: reg}
 	if unprivileged {
-		// No mark (see proxy.Config.Unprivileged); port sharing as ztunnel's.
-		tcfg.ListenOptions = netnsutil.SocketOptions{ReuseAddr: true, ReusePort: true}
+		tcfg = meshtransport.ForSidecar(tcfg)
 	} else {
 		tcfg = meshtransport.ForPods(tcfg)
 	}
