@@ -71,46 +71,23 @@ func TestManagerRun(t *testing.T) {
 	if err := k8s.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "ambient-system"}}); err != nil {
 		t.Fatal(err)
 	}
-	// The webhook configuration as config/default installs it (no caBundle yet).
-	raw, err := os.ReadFile(filepath.Join("..", "..", "config", "webhook", "manifests.yaml"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	// The webhook configurations as config/default installs them (no
+	// caBundle yet), unreachable from envtest's API server: admission keeps
+	// working meanwhile.
 	vwc := &admissionv1.ValidatingWebhookConfiguration{}
-	if err := yaml.Unmarshal(raw, vwc); err != nil {
-		t.Fatal(err)
-	}
-	vwc.Name = "ambient-validating-webhook-configuration"
-	for i := range vwc.Webhooks {
-		vwc.Webhooks[i].ClientConfig.Service.Namespace = "ambient-system"
-		vwc.Webhooks[i].ClientConfig.Service.Name = "ambient-webhook-service"
-		// Unreachable from envtest's API server; keep admission working meanwhile.
-		ignore := admissionv1.Ignore
-		vwc.Webhooks[i].FailurePolicy = &ignore
-	}
-	if err := k8s.Create(ctx, vwc); err != nil {
-		t.Fatal(err)
-	}
-
-	// Likewise the sidecar injector's (hand-written) configuration.
-	raw, err = os.ReadFile(filepath.Join("..", "..", "config", "webhook", "sidecar_injector.yaml"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	installWebhookConfig(t, k8s, "manifests.yaml", "ambient-validating-webhook-configuration", vwc, func() (out []webhookRef) {
+		for i := range vwc.Webhooks {
+			out = append(out, webhookRef{&vwc.Webhooks[i].ClientConfig, &vwc.Webhooks[i].FailurePolicy})
+		}
+		return out
+	})
 	mwc := &admissionv1.MutatingWebhookConfiguration{}
-	if err := yaml.Unmarshal(raw, mwc); err != nil {
-		t.Fatal(err)
-	}
-	mwc.Name = "ambient-sidecar-injector"
-	for i := range mwc.Webhooks {
-		mwc.Webhooks[i].ClientConfig.Service.Namespace = "ambient-system"
-		mwc.Webhooks[i].ClientConfig.Service.Name = "ambient-webhook-service"
-		ignore := admissionv1.Ignore
-		mwc.Webhooks[i].FailurePolicy = &ignore
-	}
-	if err := k8s.Create(ctx, mwc); err != nil {
-		t.Fatal(err)
-	}
+	installWebhookConfig(t, k8s, "sidecar_injector.yaml", "ambient-sidecar-injector", mwc, func() (out []webhookRef) {
+		for i := range mwc.Webhooks {
+			out = append(out, webhookRef{&mwc.Webhooks[i].ClientConfig, &mwc.Webhooks[i].FailurePolicy})
+		}
+		return out
+	})
 
 	port, metricsPort := freePort(t), freePort(t)
 	c := &config{
@@ -278,4 +255,32 @@ func waitFor(t *testing.T, what string, cond func() error) {
 		time.Sleep(200 * time.Millisecond)
 	}
 	t.Fatalf("timed out waiting for %s: %v", what, err)
+}
+
+type webhookRef struct {
+	cc     *admissionv1.WebhookClientConfig
+	policy **admissionv1.FailurePolicyType
+}
+
+// installWebhookConfig creates config/webhook/<file> as name, pointing at
+// the operator's Service, failing open.
+func installWebhookConfig(t *testing.T, k8s client.Client, file, name string, obj client.Object, hooks func() []webhookRef) {
+	t.Helper()
+	raw, err := os.ReadFile(filepath.Join("..", "..", "config", "webhook", file))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := yaml.Unmarshal(raw, obj); err != nil {
+		t.Fatal(err)
+	}
+	obj.SetName(name)
+	for _, h := range hooks() {
+		h.cc.Service.Namespace = "ambient-system"
+		h.cc.Service.Name = "ambient-webhook-service"
+		ignore := admissionv1.Ignore
+		*h.policy = &ignore
+	}
+	if err := k8s.Create(context.Background(), obj); err != nil {
+		t.Fatal(err)
+	}
 }

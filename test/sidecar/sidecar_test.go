@@ -85,6 +85,16 @@ func waitOpened(t *testing.T, what string, reg gatherer, want map[string]string)
 	t.Fatalf("%s: no istio_tcp_connections_opened_total with %v", what, want)
 }
 
+// expect: from reaches to and gets want, or is refused when want is "".
+func expect(t *testing.T, from *meshtest.Pod, to netip.AddrPort, want string) {
+	t.Helper()
+	if want == "" {
+		meshtest.ExpectRefused(t, from, to)
+		return
+	}
+	meshtest.ExpectOK(t, from, to, want)
+}
+
 func spiffe(p *meshtest.Pod) string { return p.ID().String() }
 
 // TestCoexistence: the seeds' ambient <-> sidecar paths.
@@ -135,13 +145,7 @@ func TestCoexistence(t *testing.T) {
 			{"ambient sleep to sidecar httpbin", c.sleep, scHttpbin80, ""},
 		}
 		for _, tt := range tests {
-			t.Run(tt.name, func(t *testing.T) {
-				if tt.want == "" {
-					meshtest.ExpectRefused(t, tt.from, tt.to)
-				} else {
-					meshtest.ExpectOK(t, tt.from, tt.to, tt.want)
-				}
-			})
+			t.Run(tt.name, func(t *testing.T) { expect(t, tt.from, tt.to, tt.want) })
 		}
 		m.Logs.WaitFor(t, "RBAC rejected conn="+c.sleep.IP.String()+"("+spiffe(c.sleep)+")->"+scHttpbin80.String())
 	})
@@ -165,13 +169,7 @@ func TestCoexistence(t *testing.T) {
 			{"sidecar to sidecar", c.scSleep.Pod, scHttpbin80, "sc-httpbin-1"},
 		}
 		for _, tt := range tests {
-			t.Run(tt.name, func(t *testing.T) {
-				if tt.want == "" {
-					meshtest.ExpectRefused(t, tt.from, tt.to)
-				} else {
-					meshtest.ExpectOK(t, tt.from, tt.to, tt.want)
-				}
-			})
+			t.Run(tt.name, func(t *testing.T) { expect(t, tt.from, tt.to, tt.want) })
 		}
 		m.Logs.WaitFor(t, "RBAC rejected conn="+c.outside.IP.String()+"(none)->"+scHttpbin80.String())
 	})
