@@ -6,6 +6,7 @@
 package sidecar
 
 import (
+	"io"
 	"net/netip"
 	"testing"
 	"time"
@@ -13,6 +14,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/test/meshtest"
 )
 
@@ -26,7 +28,7 @@ type coexistence struct {
 // and httpbin (captured by node1's ztunnel) and a pod outside the mesh;
 // node2 runs sleep and httpbin with sidecars.
 func newCoexistence(t *testing.T) *coexistence {
-	m := meshtest.New(t, 2, meshtest.WithServiceAccounts("sleep", "httpbin", "outside"), meshtest.WithTransportLog())
+	m := meshtest.New(t, 2, meshtest.WithServiceAccounts("sleep", "httpbin", "outside", "waypoint"), meshtest.WithTransportLog())
 	m.SyncAll()
 	c := &coexistence{Mesh: m}
 	c.sleep = m.AddPod(m.Nodes[0], "sleep-1", "sleep", true)
@@ -125,6 +127,33 @@ func TestCoexistence(t *testing.T) {
 		meshtest.ExpectOK(t, c.scSleep.Pod, scHttpbin80, "sc-httpbin-1")
 		waitOpened(t, "sidecar inbound", c.scHttpbin.Metrics, map[string]string{"reporter": "destination",
 			"source_principal": spiffe(c.scSleep.Pod), "connection_security_policy": "mutual_tls"})
+	})
+
+	// An ambient service behind a waypoint: the sidecar sends to the
+	// waypoint's :15008 as ztunnel would, with the service as the CONNECT
+	// target and its own identity.
+	t.Run("sidecar client to an ambient service behind a waypoint", func(t *testing.T) {
+		wpVIP, appVIP := netip.MustParseAddr("10.96.0.20"), netip.MustParseAddrPort("10.96.0.30:9080")
+		wpKey := discovery.ServiceKey("default", "waypoint.default.svc.cluster.local")
+		gw := &workloadapi.GatewayAddress{Destination: &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: wpVIP.AsSlice()}}, HboneMtlsPort: 15008}
+		wp := m.AddPod(m.Nodes[0], "waypoint-1", "waypoint", false, func(w *workloadapi.Workload) {
+			w.Services = map[string]*workloadapi.PortList{wpKey: {Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}}}
+		})
+		m.CP.Service(&workloadapi.Service{Name: "waypoint", Namespace: "default", Hostname: "waypoint.default.svc.cluster.local",
+			Addresses: []*workloadapi.NetworkAddress{{Address: wpVIP.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}})
+		m.CP.Service(&workloadapi.Service{Name: "helloworld", Namespace: "default", Hostname: "helloworld.default.svc.cluster.local",
+			Addresses: []*workloadapi.NetworkAddress{{Address: appVIP.Addr().AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 9080, TargetPort: 9080}}, Waypoint: gw})
+		m.StandInWaypoint(wp)
+		conn, err := c.scSleep.Dial(appVIP)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		got, _ := io.ReadAll(conn)
+		if want := "waypoint: " + appVIP.String() + " from " + spiffe(c.scSleep.Pod); string(got) != want {
+			t.Fatalf("got %q, want %q", got, want)
+		}
 	})
 
 	// The identity each destination authorizes is the caller's own:
