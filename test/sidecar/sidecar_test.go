@@ -22,11 +22,12 @@ type coexistence struct {
 	*meshtest.Mesh
 	sleep, httpbin, outside *meshtest.Pod        // ambient sleep and httpbin, a plaintext pod
 	scSleep, scHttpbin      *meshtest.SidecarPod // sidecar sleep and httpbin
+	scLocal                 *meshtest.SidecarPod // a sidecar httpbin on the ambient pods' node
 }
 
 // newCoexistence: the seeds' coexistence layout. node1 runs ambient sleep
 // and httpbin (captured by node1's ztunnel) and a pod outside the mesh;
-// node2 runs sleep and httpbin with sidecars.
+// node2 runs sleep and httpbin with sidecars, node1 another sidecar httpbin.
 func newCoexistence(t *testing.T) *coexistence {
 	m := meshtest.New(t, 2, meshtest.WithServiceAccounts("sleep", "httpbin", "outside", "waypoint"), meshtest.WithTransportLog())
 	m.SyncAll()
@@ -36,8 +37,10 @@ func newCoexistence(t *testing.T) *coexistence {
 	c.outside = m.AddPod(m.Nodes[0], "outside-1", "outside", false)
 	c.scSleep = m.AddSidecarPod(m.Nodes[1], "sc-sleep-1", "sc-sleep")
 	c.scHttpbin = m.AddSidecarPod(m.Nodes[1], "sc-httpbin-1", "sc-httpbin")
+	c.scLocal = m.AddSidecarPod(m.Nodes[0], "sc-httpbin-2", "sc-httpbin")
 	c.httpbin.ServeHTTP(t, 80)
 	c.scHttpbin.ServeHTTP(t, 80)
+	c.scLocal.ServeHTTP(t, 80)
 	return c
 }
 
@@ -113,6 +116,14 @@ func TestCoexistence(t *testing.T) {
 			"source_principal": spiffe(c.sleep), "destination_principal": spiffe(c.scHttpbin.Pod), "connection_security_policy": "mutual_tls"})
 		waitOpened(t, "ztunnel outbound", m.Nodes[0].Metrics, map[string]string{"reporter": "source",
 			"source_principal": spiffe(c.sleep), "destination_principal": spiffe(c.scHttpbin.Pod)})
+	})
+
+	// On the client's own node the ztunnel has no local pod to fast-path
+	// to (the sidecar serves it): it tunnels to the pod's :15008 too.
+	t.Run("ambient client reaches a sidecar pod on its own node over HBONE", func(t *testing.T) {
+		meshtest.ExpectOK(t, c.sleep, c.scLocal.Addr(80), "sc-httpbin-2")
+		waitOpened(t, "sidecar inbound", c.scLocal.Metrics, map[string]string{"reporter": "destination",
+			"source_principal": spiffe(c.sleep), "connection_security_policy": "mutual_tls"})
 	})
 
 	t.Run("sidecar client reaches the ambient pod with its own identity", func(t *testing.T) {
