@@ -79,7 +79,9 @@ func (i *SidecarInjector) Handle(ctx context.Context, req admission.Request) adm
 			"create an AmbientMesh first, or opt the pod out with %s=false", why, InjectLabel))
 	}
 	if pod.Namespace == mesh.Spec.Namespace || pod.Namespace == "kube-system" {
-		return admission.Denied(fmt.Sprintf("sidecar injection requested (%s) in namespace %s, where the mesh injects no sidecars; remove the request", why, pod.Namespace))
+		// The mesh's own pods (ztunnel, node agent) must start whatever
+		// labels their namespace carries.
+		return admission.Allowed(fmt.Sprintf("no sidecar: namespace %s never gets sidecars (%s ignored)", pod.Namespace, why))
 	}
 	// Validated here, so a typo is refused with its reason instead of
 	// leaving the pod's init container failing; it parses the same values.

@@ -153,6 +153,7 @@ func TestSidecarInjection(t *testing.T) {
 
 	newMesh(t, "inject", "inject-mesh", nil)
 	eventually(t, "mesh exists", exists(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "inject-mesh"}}))
+	injectionNamespace(t, "inject-mesh", nil) // its service account
 	tests := []podCase{
 		{name: "namespace-label", ns: "inj-on", wantInjected: true},
 		{name: "pod-label", ns: "inj-off", labels: map[string]string{InjectLabel: "true"}, wantInjected: true},
@@ -173,6 +174,8 @@ func TestSidecarInjection(t *testing.T) {
 		{name: "taken-name", ns: "inj-off", labels: map[string]string{InjectLabel: "true"}, initContainer: "istio-proxy",
 			wantRefused: "already has istio-proxy"},
 		{name: "app-init-container", ns: "inj-on", initContainer: "setup", wantInjected: true},
+		// The mesh's own namespace never gets sidecars, and its pods start.
+		{name: "mesh-namespace", ns: "inject-mesh", labels: map[string]string{InjectLabel: "true"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
