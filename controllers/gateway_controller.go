@@ -22,6 +22,7 @@ import (
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+	"github.com/ambientmesh/ambient/proxylib/route"
 )
 
 // GatewayWaypointReconciler deploys waypoints declared the Istio way: a
@@ -182,9 +183,10 @@ func setListenerStatus(status *gwv1.GatewayStatus, gw *gwv1.Gateway) {
 		if old := findListenerStatus(status.Listeners, l.Name); old != nil {
 			ls.Conditions = old.Conditions
 		}
-		rejected := ""
+		var rejected route.Rejection
 		if !isHBONEListener(l) {
-			rejected = fmt.Sprintf("Expected a single listener on port %d with protocol %q", hbonePort, hboneProtocol)
+			rejected = route.Rejection{Reason: gwv1.ListenerReasonUnsupportedProtocol,
+				Message: fmt.Sprintf("Expected a single listener on port %d with protocol %q", hbonePort, hboneProtocol)}
 		}
 		setListenerConditions(&ls.Conditions, gw.Generation, "HBONE listener of the waypoint", rejected, "waypoint", programmed)
 		out = append(out, ls)
@@ -193,9 +195,10 @@ func setListenerStatus(status *gwv1.GatewayStatus, gw *gwv1.Gateway) {
 }
 
 // setListenerConditions sets a listener's conditions: accepted with
-// acceptedMsg, or refused as an unsupported protocol when rejected says why;
-// programmed as the proxy (named by what) is.
-func setListenerConditions(conds *[]metav1.Condition, gen int64, acceptedMsg, rejected, what string, programmed bool) {
+// acceptedMsg unless rej says why not, either as the listener itself
+// (Accepted false) or its references (ResolvedRefs false); programmed as
+// the proxy (named by what) is, when nothing is wrong.
+func setListenerConditions(conds *[]metav1.Condition, gen int64, acceptedMsg string, rej route.Rejection, what string, programmed bool) {
 	set := func(t gwv1.ListenerConditionType, ok bool, reason gwv1.ListenerConditionReason, msg string) {
 		s := metav1.ConditionFalse
 		if ok {
@@ -203,17 +206,25 @@ func setListenerConditions(conds *[]metav1.Condition, gen int64, acceptedMsg, re
 		}
 		meta.SetStatusCondition(conds, metav1.Condition{Type: string(t), Status: s, Reason: string(reason), Message: msg, ObservedGeneration: gen})
 	}
-	valid := rejected == ""
-	if valid {
+	valid := rej.Message == ""
+	if valid || rej.Refs {
 		set(gwv1.ListenerConditionAccepted, true, gwv1.ListenerReasonAccepted, acceptedMsg)
 	} else {
-		set(gwv1.ListenerConditionAccepted, false, gwv1.ListenerReasonUnsupportedProtocol, rejected)
+		set(gwv1.ListenerConditionAccepted, false, rej.Reason, rej.Message)
 	}
-	set(gwv1.ListenerConditionConflicted, false, gwv1.ListenerReasonNoConflicts, "No conflicts")
-	set(gwv1.ListenerConditionResolvedRefs, true, gwv1.ListenerReasonResolvedRefs, "No references")
+	if rej.Refs {
+		set(gwv1.ListenerConditionResolvedRefs, false, rej.Reason, rej.Message)
+	} else {
+		set(gwv1.ListenerConditionResolvedRefs, true, gwv1.ListenerReasonResolvedRefs, "No references")
+	}
+	if rej.Reason == gwv1.ListenerReasonProtocolConflict {
+		set(gwv1.ListenerConditionConflicted, true, gwv1.ListenerReasonProtocolConflict, rej.Message)
+	} else {
+		set(gwv1.ListenerConditionConflicted, false, gwv1.ListenerReasonNoConflicts, "No conflicts")
+	}
 	switch {
 	case !valid:
-		set(gwv1.ListenerConditionProgrammed, false, gwv1.ListenerReasonInvalid, "listener not accepted")
+		set(gwv1.ListenerConditionProgrammed, false, gwv1.ListenerReasonInvalid, "listener not served: "+rej.Message)
 	case programmed:
 		set(gwv1.ListenerConditionProgrammed, true, gwv1.ListenerReasonProgrammed, what+" ready")
 	default:

@@ -275,8 +275,11 @@ func (r *IngressGatewayReconciler) setListenerStatus(ctx context.Context, status
 			ls.Conditions = old.Conditions
 		}
 		rejected, refused := rejectedListeners[l.Name]
-		if !refused {
+		if l.Protocol == gwv1.HTTPProtocolType || l.Protocol == gwv1.HTTPSProtocolType {
 			ls.SupportedKinds = routeKinds(l)
+		}
+		if !refused || rejected.Refs {
+			// Counted even while references do not resolve, as the API asks.
 			ls.AttachedRoutes = attached[l.Name]
 		}
 		setListenerConditions(&ls.Conditions, gw.Generation, string(l.Protocol)+" listener", rejected, "gateway", programmed)

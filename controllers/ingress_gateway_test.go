@@ -134,6 +134,7 @@ func TestIngressGateway(t *testing.T) {
 		if err := k8s.Get(ctx, client.ObjectKeyFromObject(gw), gw); err != nil {
 			return err
 		}
+		// https admits only its own namespace's routes.
 		want := map[gwv1.SectionName]int32{"http": 1, "https": 0}
 		for _, l := range gw.Status.Listeners {
 			if l.AttachedRoutes != want[l.Name] {
@@ -150,8 +151,12 @@ func TestIngressGateway(t *testing.T) {
 				t.Errorf("http listener %+v", l)
 			}
 		case "https":
-			if accepted.Status != metav1.ConditionFalse || accepted.Reason != string(gwv1.ListenerReasonUnsupportedProtocol) {
-				t.Errorf("https listener accepted %+v, want UnsupportedProtocol", accepted)
+			// Without certificates: a valid listener whose references do not
+			// resolve, and not programmed.
+			refs := meta.FindStatusCondition(l.Conditions, string(gwv1.ListenerConditionResolvedRefs))
+			programmed := meta.FindStatusCondition(l.Conditions, string(gwv1.ListenerConditionProgrammed))
+			if refs.Status != metav1.ConditionFalse || refs.Reason != string(gwv1.ListenerReasonInvalidCertificateRef) || programmed.Status != metav1.ConditionFalse {
+				t.Errorf("https listener ResolvedRefs %+v Programmed %+v, want InvalidCertificateRef and not programmed", refs, programmed)
 			}
 		}
 	}
@@ -283,13 +288,14 @@ func TestIngressHTTPSListener(t *testing.T) {
 			return err
 		}
 		want := map[gwv1.SectionName]metav1.ConditionStatus{"http": "True", "shop": "True", "https": "False"}
+		// The served listeners resolve their references; https has none.
 		if len(gw.Status.Listeners) != len(want) {
 			return fmt.Errorf("listeners %+v", gw.Status.Listeners)
 		}
 		for _, l := range gw.Status.Listeners {
-			c := meta.FindStatusCondition(l.Conditions, string(gwv1.ListenerConditionAccepted))
+			c := meta.FindStatusCondition(l.Conditions, string(gwv1.ListenerConditionResolvedRefs))
 			if c == nil || c.Status != want[l.Name] {
-				return fmt.Errorf("listener %s Accepted %+v, want %s", l.Name, c, want[l.Name])
+				return fmt.Errorf("listener %s ResolvedRefs %+v, want %s", l.Name, c, want[l.Name])
 			}
 			if l.Name == "https" && !strings.Contains(c.Message, "certificateRefs") {
 				return fmt.Errorf("https refused for %q, want the missing certificateRefs named", c.Message)

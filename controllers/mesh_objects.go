@@ -21,6 +21,9 @@ type Defaults struct {
 	ZtunnelImage   string
 	NodeAgentImage string
 	WaypointImage  string
+	// SidecarImage is the injected sidecar's (cmd/sidecar; also its init
+	// container's).
+	SidecarImage string
 	// OperatorNamespace is where the manager (control plane) runs.
 	OperatorNamespace string
 	// ManagerPodLabels select the manager pods behind the control-plane Service.

@@ -12,6 +12,8 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/webhook"
+	"sigs.k8s.io/controller-runtime/pkg/webhook/admission"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 )
 
@@ -61,7 +63,11 @@ func Setup(mgr ctrl.Manager, o Options) error {
 		return err
 	}
 	if o.EnableWebhooks {
-		return SetupWebhooks(mgr)
+		if err := SetupWebhooks(mgr); err != nil {
+			return err
+		}
+		mgr.GetWebhookServer().Register(SidecarInjectorPath, &webhook.Admission{Handler: &SidecarInjector{
+			Reader: mgr.GetAPIReader(), Defaults: o.Defaults, Decoder: admission.NewDecoder(mgr.GetScheme())}})
 	}
 	return nil
 }

@@ -49,6 +49,7 @@ var testDefaults = Defaults{
 	ZtunnelImage:      "ambient/ztunnel:test",
 	NodeAgentImage:    "ambient/ambient-cni:test",
 	WaypointImage:     "ambient/waypoint:test",
+	SidecarImage:      "ambient/sidecar:test",
 	OperatorNamespace: operatorNamespace,
 	ManagerPodLabels:  map[string]string{"app.kubernetes.io/name": "ambient-manager"},
 }
@@ -90,7 +91,8 @@ func runSuite(m *testing.M) int {
 	env := &envtest.Environment{
 		CRDDirectoryPaths:     []string{filepath.Join("..", "config", "crd", "bases"), gatewayCRDs},
 		ErrorIfCRDPathMissing: true,
-		WebhookInstallOptions: envtest.WebhookInstallOptions{Paths: []string{filepath.Join("..", "config", "webhook", "manifests.yaml")}},
+		WebhookInstallOptions: envtest.WebhookInstallOptions{Paths: []string{filepath.Join("..", "config", "webhook", "manifests.yaml"),
+			filepath.Join("..", "config", "webhook", "sidecar_injector.yaml")}},
 	}
 	// Stop even when Start fails half-way, so no API server is left behind.
 	defer func() { _ = env.Stop() }()

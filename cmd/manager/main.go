@@ -41,12 +41,14 @@ type config struct {
 	ztunnelImage            string
 	nodeAgentImage          string
 	waypointImage           string
+	sidecarImage            string
 	enableWebhooks          bool
 	webhookPort             int
 	webhookCertDir          string
 	webhookSelfSigned       bool
 	webhookService          string
 	webhookConfigName       string
+	injectorConfigName      string
 	webhookSecret           string
 	controlPlane            bool
 	meshNamespace           string
@@ -70,12 +72,14 @@ func parseFlags() *config {
 	flag.StringVar(&c.ztunnelImage, "ztunnel-image", "", "default ztunnel image (default <registry>/ztunnel:<version>)")
 	flag.StringVar(&c.nodeAgentImage, "node-agent-image", "", "node agent / CNI image (default <registry>/ambient-cni:<version>)")
 	flag.StringVar(&c.waypointImage, "waypoint-image", "", "default waypoint image (default <registry>/waypoint:<version>)")
+	flag.StringVar(&c.sidecarImage, "sidecar-image", "", "injected sidecar image, also its init container (default <registry>/sidecar:<version>)")
 	flag.BoolVar(&c.enableWebhooks, "enable-webhooks", true, "serve the validating admission webhooks")
 	flag.IntVar(&c.webhookPort, "webhook-port", 9443, "webhook server port")
 	flag.StringVar(&c.webhookCertDir, "webhook-cert-dir", "/tmp/k8s-webhook-server/serving-certs", "directory holding tls.crt/tls.key for the webhook server")
 	flag.BoolVar(&c.webhookSelfSigned, "webhook-self-signed", true, "issue the webhook certificate ourselves and inject its CA (disable when OLM or cert-manager provides it)")
 	flag.StringVar(&c.webhookService, "webhook-service", "ambient-webhook-service", "webhook Service name (for the self-signed certificate)")
 	flag.StringVar(&c.webhookConfigName, "webhook-config", "ambient-validating-webhook-configuration", "ValidatingWebhookConfiguration to inject the CA into")
+	flag.StringVar(&c.injectorConfigName, "injector-webhook-config", "ambient-sidecar-injector", "MutatingWebhookConfiguration of the sidecar injector to inject the CA into (\"\" for none)")
 	flag.StringVar(&c.webhookSecret, "webhook-secret", "ambient-webhook-server-cert", "Secret holding the self-signed webhook certificate")
 	flag.StringVar(&c.managerPodLabelSelector, "manager-pod-labels", "app.kubernetes.io/name=ambient-manager", "labels of the manager pods, selected by the ambient-controlplane Service")
 	flag.BoolVar(&c.controlPlane, "controlplane", true, "serve discovery (:15010), the CA (:15012) and debug (:15014)")
@@ -92,6 +96,7 @@ func parseFlags() *config {
 	c.ztunnelImage = image(c.ztunnelImage, "ztunnel")
 	c.nodeAgentImage = image(c.nodeAgentImage, "ambient-cni")
 	c.waypointImage = image(c.waypointImage, "waypoint")
+	c.sidecarImage = image(c.sidecarImage, "sidecar")
 	return c
 }
 
@@ -185,6 +190,7 @@ func run(ctx context.Context, c *config) error {
 			ZtunnelImage:      c.ztunnelImage,
 			NodeAgentImage:    c.nodeAgentImage,
 			WaypointImage:     c.waypointImage,
+			SidecarImage:      c.sidecarImage,
 			OperatorNamespace: c.operatorNamespace,
 			ManagerPodLabels:  parseLabels(c.managerPodLabelSelector),
 		},
@@ -227,7 +233,7 @@ func setupWebhookCert(ctx context.Context, mgr ctrl.Manager, c *config) error {
 	}
 	wc := &webhookcert.Manager{
 		Client: direct, Namespace: c.operatorNamespace, SecretName: c.webhookSecret,
-		ServiceName: c.webhookService, WebhookConfigName: c.webhookConfigName,
+		ServiceName: c.webhookService, WebhookConfigName: c.webhookConfigName, MutatingWebhookConfigName: c.injectorConfigName,
 		CertDir: c.webhookCertDir, Log: ctrl.Log.WithName("webhook-cert"),
 	}
 	if err := wc.Ensure(ctx); err != nil {

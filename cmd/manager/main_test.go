@@ -71,33 +71,30 @@ func TestManagerRun(t *testing.T) {
 	if err := k8s.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "ambient-system"}}); err != nil {
 		t.Fatal(err)
 	}
-	// The webhook configuration as config/default installs it (no caBundle yet).
-	raw, err := os.ReadFile(filepath.Join("..", "..", "config", "webhook", "manifests.yaml"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	// The webhook configurations as config/default installs them (no
+	// caBundle yet), unreachable from envtest's API server: admission keeps
+	// working meanwhile.
 	vwc := &admissionv1.ValidatingWebhookConfiguration{}
-	if err := yaml.Unmarshal(raw, vwc); err != nil {
-		t.Fatal(err)
-	}
-	vwc.Name = "ambient-validating-webhook-configuration"
-	for i := range vwc.Webhooks {
-		vwc.Webhooks[i].ClientConfig.Service.Namespace = "ambient-system"
-		vwc.Webhooks[i].ClientConfig.Service.Name = "ambient-webhook-service"
-		// Unreachable from envtest's API server; keep admission working meanwhile.
-		ignore := admissionv1.Ignore
-		vwc.Webhooks[i].FailurePolicy = &ignore
-	}
-	if err := k8s.Create(ctx, vwc); err != nil {
-		t.Fatal(err)
-	}
+	installWebhookConfig(t, k8s, "manifests.yaml", "ambient-validating-webhook-configuration", vwc, func() (out []webhookRef) {
+		for i := range vwc.Webhooks {
+			out = append(out, webhookRef{&vwc.Webhooks[i].ClientConfig, &vwc.Webhooks[i].FailurePolicy})
+		}
+		return out
+	})
+	mwc := &admissionv1.MutatingWebhookConfiguration{}
+	installWebhookConfig(t, k8s, "sidecar_injector.yaml", "ambient-sidecar-injector", mwc, func() (out []webhookRef) {
+		for i := range mwc.Webhooks {
+			out = append(out, webhookRef{&mwc.Webhooks[i].ClientConfig, &mwc.Webhooks[i].FailurePolicy})
+		}
+		return out
+	})
 
 	port, metricsPort := freePort(t), freePort(t)
 	c := &config{
 		metricsAddr: fmt.Sprintf("127.0.0.1:%d", metricsPort), metricsSecure: true, probeAddr: "0", operatorNamespace: "ambient-system", imageRegistry: "ambient",
 		ztunnelImage: "ambient/ztunnel:dev", nodeAgentImage: "ambient/ambient-cni:dev", waypointImage: "ambient/waypoint:dev",
 		enableWebhooks: true, webhookPort: port, webhookCertDir: t.TempDir(), webhookSelfSigned: true,
-		webhookService: "ambient-webhook-service", webhookConfigName: vwc.Name, webhookSecret: "ambient-webhook-server-cert",
+		webhookService: "ambient-webhook-service", webhookConfigName: vwc.Name, injectorConfigName: mwc.Name, webhookSecret: "ambient-webhook-server-cert",
 		managerPodLabelSelector: "app.kubernetes.io/name=ambient-manager", logLevel: "error",
 	}
 	done := make(chan error, 1)
@@ -114,6 +111,15 @@ func TestManagerRun(t *testing.T) {
 			return err
 		}
 		for _, w := range got.Webhooks {
+			if string(w.ClientConfig.CABundle) != string(secret.Data["ca.crt"]) {
+				return fmt.Errorf("caBundle of %s not injected", w.Name)
+			}
+		}
+		gotM := &admissionv1.MutatingWebhookConfiguration{}
+		if err := k8s.Get(ctx, client.ObjectKey{Name: mwc.Name}, gotM); err != nil {
+			return err
+		}
+		for _, w := range gotM.Webhooks {
 			if string(w.ClientConfig.CABundle) != string(secret.Data["ca.crt"]) {
 				return fmt.Errorf("caBundle of %s not injected", w.Name)
 			}
@@ -249,4 +255,32 @@ func waitFor(t *testing.T, what string, cond func() error) {
 		time.Sleep(200 * time.Millisecond)
 	}
 	t.Fatalf("timed out waiting for %s: %v", what, err)
+}
+
+type webhookRef struct {
+	cc     *admissionv1.WebhookClientConfig
+	policy **admissionv1.FailurePolicyType
+}
+
+// installWebhookConfig creates config/webhook/<file> as name, pointing at
+// the operator's Service, failing open.
+func installWebhookConfig(t *testing.T, k8s client.Client, file, name string, obj client.Object, hooks func() []webhookRef) {
+	t.Helper()
+	raw, err := os.ReadFile(filepath.Join("..", "..", "config", "webhook", file))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := yaml.Unmarshal(raw, obj); err != nil {
+		t.Fatal(err)
+	}
+	obj.SetName(name)
+	for _, h := range hooks() {
+		h.cc.Service.Namespace = "ambient-system"
+		h.cc.Service.Name = "ambient-webhook-service"
+		ignore := admissionv1.Ignore
+		*h.policy = &ignore
+	}
+	if err := k8s.Create(context.Background(), obj); err != nil {
+		t.Fatal(err)
+	}
 }

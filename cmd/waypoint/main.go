@@ -15,9 +15,7 @@ import (
 	"flag"
 	"fmt"
 	"net"
-	"net/http"
 	"net/netip"
-	"os"
 	"os/signal"
 	"strconv"
 	"strings"
@@ -25,21 +23,18 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
-	"github.com/go-logr/zapr"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
 
 	"github.com/ambientmesh/ambient/proxylib/admin"
-	"github.com/ambientmesh/ambient/proxylib/caclient"
+	"github.com/ambientmesh/ambient/proxylib/boot"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/envconfig"
 	"github.com/ambientmesh/ambient/proxylib/gateway"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/hbone/meshtransport"
 	"github.com/ambientmesh/ambient/proxylib/identity"
-	"github.com/ambientmesh/ambient/proxylib/identity/trustbundle"
 	"github.com/ambientmesh/ambient/proxylib/lb"
 	"github.com/ambientmesh/ambient/proxylib/logging"
 	"github.com/ambientmesh/ambient/proxylib/waypoint"
@@ -122,31 +117,10 @@ func parseFlags(fs *flag.FlagSet, args []string, e *envconfig.Env) (options, err
 }
 
 func main() {
-	o, err := parseFlags(flag.CommandLine, os.Args[1:], envconfig.New(nil))
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(2)
-	}
-	log, level, err := newLogger(o.logLevel)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "bad -log-level:", err)
-		os.Exit(2)
-	}
-	if err := run(o, log, level); err != nil {
-		log.Error(err, "waypoint failed")
-		os.Exit(1)
-	}
+	boot.Main("waypoint", parseFlags, func(o options) string { return o.logLevel }, run)
 }
 
-// newLogger is the waypoint's console logger at level name.
-func newLogger(name string) (logr.Logger, zap.AtomicLevel, error) {
-	level, err := logging.NewAtomicLevel(name)
-	if err != nil {
-		return logr.Logger{}, level, err
-	}
-	zl := zap.New(zapcore.NewCore(zapcore.NewConsoleEncoder(zap.NewProductionEncoderConfig()), zapcore.Lock(os.Stderr), level))
-	return zapr.NewLogger(zl), level, nil
-}
+var newLogger = boot.NewLogger
 
 func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	if o.name == "" || o.namespace == "" || o.xdsAddr == "" || o.caAddr == "" || o.rootNamespace == "" {
@@ -160,37 +134,19 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	bundle, err := trustbundle.Load(o.rootCertPath)
+	m, err := boot.Connect(ctx, &boot.Options{Node: o.node, PodName: o.podName, PodNamespace: o.namespace,
+		XDSAddr: o.xdsAddr, XDSServerName: o.xdsServerName, CAAddr: o.caAddr, CAServerName: o.caServerName,
+		TokenPath: o.tokenPath, RootCertPath: o.rootCertPath, TrustDomain: o.trustDomain, CertTTL: o.certTTL},
+		log, discovery.RoleWaypoint, discovery.AddressType, discovery.AuthorizationType, discovery.L7ResourceType)
 	if err != nil {
 		return err
 	}
-	token := func() (string, error) {
-		b, err := os.ReadFile(o.tokenPath)
-		return strings.TrimSpace(string(b)), err
-	}
-	ca, err := caclient.New(caclient.Config{Address: o.caAddr, Token: token,
-		TLS: bundle.ClientTLS(o.caServerName)})
-	if err != nil {
-		return err
-	}
-	store, err := identity.NewStore(identity.StoreConfig{Client: ca, TrustDomain: o.trustDomain, Roots: bundle.Pool(), TTL: o.certTTL, Log: log.WithName("certs")})
-	if err != nil {
-		return err
-	}
+	store, state := m.Store, m.State
 	defer store.Close()
-	// Root rotation: new handshakes verify against the bundle of now.
-	go bundle.Watch(ctx, trustbundle.DefaultInterval, log.WithName("trust-bundle"), store.SetRoots)
 	self := identity.Identity{TrustDomain: o.trustDomain, Namespace: o.namespace, ServiceAccount: o.serviceAccount}
 	if err := store.Prefetch(self); err != nil {
 		return fmt.Errorf("certificate for %s: %w", self, err)
 	}
-
-	state := discovery.NewState(discovery.AddressType, discovery.AuthorizationType, discovery.L7ResourceType)
-	xds := discovery.NewClient(discovery.ClientConfig{Address: o.xdsAddr, Token: token, Log: log.WithName("xds"),
-		TLS:      bundle.ClientTLS(o.xdsServerName),
-		TypeURLs: []string{discovery.AddressType, discovery.AuthorizationType, discovery.L7ResourceType},
-		Node:     discovery.NodeInfo{NodeName: o.node, PodName: o.podName, PodNamespace: o.namespace, Role: discovery.RoleWaypoint}}, state)
-	go xds.Run(ctx)
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -219,10 +175,10 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	}
 	defer wp.Close()
 	serveAdmin := func(ready func() bool) {
-		serve(log, o.adminAddr, admin.Handler(admin.Config{State: state, Certificates: store.Status,
+		boot.Serve(log, o.adminAddr, admin.Handler(admin.Config{State: state, Certificates: store.Status,
 			SetLogLevel: func(l string) error { return logging.SetLevel(level, l) }}))
-		serve(log, o.metricsAddr, admin.MetricsHandler(reg))
-		serve(log, o.readyAddr, admin.ReadinessHandler(ready))
+		boot.Serve(log, o.metricsAddr, admin.MetricsHandler(reg))
+		boot.Serve(log, o.readyAddr, admin.ReadinessHandler(ready))
 	}
 	if o.role == roleIngress {
 		ls := &gateway.Listeners{Engine: wp, CertDir: o.certDir, Log: log.WithName("listeners")}
@@ -270,16 +226,6 @@ func forbidden(o options) []netip.AddrPort {
 		}
 	}
 	return out
-}
-
-func serve(log logr.Logger, addr string, h http.Handler) {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		log.Error(err, "listen", "addr", addr)
-		return
-	}
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
-	go srv.Serve(ln)
 }
 
 var _ hbone.Handler = (*waypoint.Server)(nil)

@@ -30,12 +30,12 @@ func TestOperatorEnvContract(t *testing.T) {
 		return err
 	}, "CLUSTER_ID")
 	for what, got := range map[string][2]string{
-		"trust domain": {o.trustDomain, mesh.Spec.TrustDomain},
-		"root cert":    {o.rootCertPath, set["ROOT_CERT"]},
-		"token":        {o.tokenPath, set["TOKEN_PATH"]},
-		"xds":          {o.xdsAddr, set["XDS_ADDRESS"]},
-		"ca":           {o.caAddr, set["CA_ADDRESS"]},
-		"cert ttl":     {o.certTTL.String(), "6h0m0s"},
+		"trust domain": {o.TrustDomain, mesh.Spec.TrustDomain},
+		"root cert":    {o.RootCertPath, set["ROOT_CERT"]},
+		"token":        {o.TokenPath, set["TOKEN_PATH"]},
+		"xds":          {o.XDSAddr, set["XDS_ADDRESS"]},
+		"ca":           {o.CAAddr, set["CA_ADDRESS"]},
+		"cert ttl":     {o.CertTTL.String(), "6h0m0s"},
 	} {
 		if got[0] != got[1] || got[0] == "" {
 			t.Errorf("%s: ztunnel has %q, operator meant %q", what, got[0], got[1])

@@ -2,9 +2,7 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"context"
-	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -13,175 +11,55 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
-	discoverypb "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
-	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
-	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"github.com/go-logr/logr/testr"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
 
-	"github.com/ambientmesh/ambient/proxylib/ca"
-	"github.com/ambientmesh/ambient/proxylib/caclient/capb"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
-	"github.com/ambientmesh/ambient/proxylib/hbone/hbonetest"
-	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/inpod"
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 	"github.com/ambientmesh/ambient/proxylib/redirect"
 	"github.com/ambientmesh/ambient/test/netns"
+	"github.com/ambientmesh/ambient/test/proctest"
 )
 
 // The test binary doubles as the ztunnel binary: re-executed with this
 // variable set it runs main, so the processes below are the real program.
 const runMainEnv = "ZTUNNEL_TEST_RUN_MAIN"
 
-func TestMain(m *testing.M) {
-	if os.Getenv(runMainEnv) == "1" {
-		main()
-		os.Exit(0)
-	}
-	os.Exit(m.Run())
-}
+func TestMain(m *testing.M) { proctest.RunMain(m, runMainEnv, main) }
 
-const testToken = "upgrade-test-token"
-
-// controlPlane serves delta xDS and the CA to the ztunnel processes.
-type controlPlane struct {
-	ca     *hbonetest.CA
-	srv    *grpc.Server
-	caches map[string]*cachev3.LinearCache
-	roots  string
-}
-
-func newControlPlane(t *testing.T) *controlPlane {
-	m := hbonetest.NewCA(t, "cluster.local")
-	cp := &controlPlane{ca: m, caches: map[string]*cachev3.LinearCache{
-		discovery.AddressType:       cachev3.NewLinearCache(discovery.AddressType),
-		discovery.AuthorizationType: cachev3.NewLinearCache(discovery.AuthorizationType),
-	}}
-	cert := m.IssueCert(t, hbonetest.CertOptions{DNSNames: []string{"ambient-controlplane.ambient-system.svc"}, NotAfter: time.Now().Add(time.Hour)})
-	cp.roots = filepath.Join(t.TempDir(), "root-cert.pem")
-	if err := os.WriteFile(cp.roots, ca.EncodeCerts(m.Root), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	mux := &cachev3.MuxCache{
-		Classify:      func(r *cachev3.Request) string { return r.GetTypeUrl() },
-		ClassifyDelta: func(r *cachev3.DeltaRequest) string { return r.GetTypeUrl() },
-		Caches:        map[string]cachev3.Cache{},
-	}
-	for typ, c := range cp.caches {
-		mux.Caches[typ] = c
-	}
-	cp.srv = grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{*cert}, MinVersion: tls.VersionTLS12})))
-	discoverypb.RegisterAggregatedDiscoveryServiceServer(cp.srv, serverv3.NewServer(context.Background(), mux, nil))
-	capb.RegisterIstioCertificateServiceServer(cp.srv, &caService{ca: m})
-	t.Cleanup(cp.srv.Stop)
-	return cp
-}
-
-// serveIn listens on 127.0.0.1:15010 and :15012 inside a ztunnel pod's namespace.
-func (cp *controlPlane) serveIn(t *testing.T, ns *os.File) {
-	for _, port := range []int{15010, 15012} {
-		ln, err := netnsutil.ListenTCP(ns, fmt.Sprintf("127.0.0.1:%d", port), netnsutil.SocketOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		go cp.srv.Serve(ln)
-	}
-}
-
-func (cp *controlPlane) workload(t *testing.T, w *workloadapi.Workload) {
-	if err := cp.caches[discovery.AddressType].UpdateResource(w.Uid, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: w}}); err != nil {
-		t.Fatal(err)
-	}
-}
-
-type caService struct {
-	capb.UnimplementedIstioCertificateServiceServer
-	ca *hbonetest.CA
-}
-
-func (s *caService) CreateCertificate(ctx context.Context, req *capb.IstioCertificateRequest) (*capb.IstioCertificateResponse, error) {
-	id, err := identity.Parse(req.GetMetadata().GetFields()["ImpersonatedIdentity"].GetStringValue())
-	if err != nil {
-		return nil, err
-	}
-	chain, err := s.ca.Client().Sign(ctx, []byte(req.GetCsr()), id, time.Duration(req.GetValidityDuration())*time.Second)
-	if err != nil {
-		return nil, err
-	}
-	resp := &capb.IstioCertificateResponse{}
-	for _, c := range chain {
-		resp.CertChain = append(resp.CertChain, string(ca.EncodeCerts(c)))
-	}
-	return resp, nil
-}
-
-// logBuffer collects a process's output and echoes it to the test log.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-	t   *testing.T
-	pfx string
-}
-
-func (b *logBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.t.Logf("%s: %s", b.pfx, strings.TrimRight(string(p), "\n"))
-	return b.buf.Write(p)
-}
-
-func (b *logBuffer) contains(s string) bool { return b.hasLine(s) }
-
-// hasLine reports whether one line of output contains every part.
-func (b *logBuffer) hasLine(parts ...string) bool {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	for line := range strings.Lines(b.buf.String()) {
-		all := true
-		for _, p := range parts {
-			all = all && strings.Contains(line, p)
-		}
-		if all {
-			return true
-		}
-	}
-	return false
-}
+const testToken = proctest.Token
 
 // ztunnel is one real ztunnel process in its own pod namespace, as in a
 // DaemonSet pod (so each has its own admin, metrics and readiness ports).
 type ztunnel struct {
 	cmd    *exec.Cmd
 	ns     *os.File
-	out    *logBuffer
+	out    *proctest.LogBuffer
 	exited chan error
 }
 
-func startZtunnel(t *testing.T, cp *controlPlane, pod *netns.Pod, sock, node, transport string, grace time.Duration) *ztunnel {
+func startZtunnel(t *testing.T, cp *proctest.ControlPlane, pod *netns.Pod, sock, node, transport string, grace time.Duration) *ztunnel {
 	ns, err := pod.Open()
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ns.Close() })
-	cp.serveIn(t, ns)
+	cp.ServeIn(t, ns)
 	token := filepath.Join(t.TempDir(), "token")
 	if err := os.WriteFile(token, []byte(testToken), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	z := &ztunnel{ns: ns, out: &logBuffer{t: t, pfx: pod.Name}, exited: make(chan error, 1)}
+	z := &ztunnel{ns: ns, out: proctest.NewLogBuffer(t, pod.Name), exited: make(chan error, 1)}
 	z.cmd = exec.Command("ip", "netns", "exec", pod.Name, os.Args[0],
 		"-node-name", node, "-pod-name", pod.Name, "-xds-address", "127.0.0.1:15010", "-ca-address", "127.0.0.1:15012",
-		"-token-path", token, "-root-cert", cp.roots, "-zds-socket", sock, "-transport", transport, "-drain-grace", grace.String())
+		"-token-path", token, "-root-cert", cp.Roots, "-zds-socket", sock, "-transport", transport, "-drain-grace", grace.String())
 	z.cmd.Env = append(os.Environ(), runMainEnv+"=1")
 	z.cmd.Stdout, z.cmd.Stderr = z.out, z.out
 	if err := z.cmd.Start(); err != nil {
@@ -397,8 +275,8 @@ func startNodeAgent(t *testing.T, ctx context.Context, name string) *nodeAgent {
 }
 
 // capture registers the pod with the control plane and captures it.
-func (a *nodeAgent) capture(t *testing.T, ctx context.Context, cp *controlPlane, p *netns.Pod, node string) {
-	cp.workload(t, &workloadapi.Workload{Uid: discovery.PodUID("Kubernetes", "default", p.Name), Name: p.Name, Namespace: "default",
+func (a *nodeAgent) capture(t *testing.T, ctx context.Context, cp *proctest.ControlPlane, p *netns.Pod, node string) {
+	cp.Workload(t, &workloadapi.Workload{Uid: discovery.PodUID("Kubernetes", "default", p.Name), Name: p.Name, Namespace: "default",
 		Addresses: [][]byte{p.IP.AsSlice()}, ServiceAccount: "sa-" + p.Name, TrustDomain: "cluster.local", Node: node,
 		TunnelProtocol: workloadapi.TunnelProtocol_HBONE})
 	f, err := p.Open()
@@ -427,7 +305,7 @@ func testUpgrade(t *testing.T, transport string, inbound bool) {
 	serveEcho(t, server, 7777)
 	dst := netip.AddrPortFrom(server.IP, 7777)
 
-	cp := newControlPlane(t)
+	cp := proctest.NewControlPlane(t)
 	agent := startNodeAgent(t, ctx, "node-agent-1")
 	agent.capture(t, ctx, cp, leaving, "node1")
 	var client *netns.Pod
@@ -492,7 +370,7 @@ func testUpgrade(t *testing.T, transport string, inbound bool) {
 	if err := old.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "old ztunnel draining", func() bool { return old.out.contains("draining") })
+	waitFor(t, "old ztunnel draining", func() bool { return old.out.Contains("draining") })
 	waitFor(t, "old ztunnel reports not ready", func() bool { return !old.ready() })
 	probes.waitMore(t, 200)
 
@@ -511,8 +389,8 @@ func testUpgrade(t *testing.T, transport string, inbound bool) {
 		t.Fatalf("release during the drain: %v", err)
 	}
 	for _, z := range []*ztunnel{old, nu} {
-		waitFor(t, z.out.pfx+" released the deleted pod", func() bool {
-			return z.out.hasLine("workload removed", captured[leaving].UID)
+		waitFor(t, z.out.Prefix()+" released the deleted pod", func() bool {
+			return z.out.HasLine("workload removed", captured[leaving].UID)
 		})
 	}
 	if err := leavingConn.roundTrip("after-delete"); err == nil {
@@ -532,7 +410,7 @@ func testUpgrade(t *testing.T, transport string, inbound bool) {
 	case <-time.After(grace / 2):
 		t.Fatal("old ztunnel still running after its last connection ended")
 	}
-	if !old.out.contains("drained: every connection ended") {
+	if !old.out.Contains("drained: every connection ended") {
 		t.Fatal("old ztunnel did not report a complete drain")
 	}
 	probes.waitMore(t, 50)

@@ -5,7 +5,9 @@
 // Node authorization: a ztunnel may obtain the identity of any pod scheduled
 // on its own node (named in metadata "ImpersonatedIdentity"), except a
 // waypoint's; a waypoint (a pod of the waypoint's own Deployment) only its
-// own identity. Everything else is refused.
+// own identity; a sidecar (a pod running the mesh's sidecar, authenticated
+// by its own pod's token) only its own pod's identity, never a waypoint's.
+// Everything else is refused.
 package caserver
 
 import (
@@ -113,9 +115,12 @@ func requestedIdentity(req *capb.IstioCertificateRequest) string {
 // authorize decides which identity the caller gets.
 func (s *Server) authorize(ctx context.Context, caller *proxyauth.Caller, cfg Config, requested string) (identity.Identity, error) {
 	own := identity.Identity{TrustDomain: cfg.TrustDomain, Namespace: caller.Namespace, ServiceAccount: caller.ServiceAccount}
-	if requested == "" {
+	if requested == "" && caller.Role != proxyauth.RoleSidecar {
 		// No impersonation: the caller's own identity.
 		return own, nil
+	}
+	if requested == "" {
+		requested = own.String() // still checked below: never a waypoint's
 	}
 	id, err := identity.Parse(requested)
 	if err != nil {
@@ -125,6 +130,14 @@ func (s *Server) authorize(ctx context.Context, caller *proxyauth.Caller, cfg Co
 		return identity.Identity{}, status.Errorf(codes.PermissionDenied, "identity %s is outside trust domain %s", id, cfg.TrustDomain)
 	}
 	switch caller.Role {
+	case proxyauth.RoleSidecar:
+		if id != own {
+			return identity.Identity{}, status.Errorf(codes.PermissionDenied, "a sidecar may only request its own pod's identity %s", own)
+		}
+		if s.IsL7Proxy == nil || s.IsL7Proxy(id.Namespace, id.ServiceAccount) {
+			return identity.Identity{}, status.Errorf(codes.PermissionDenied, "%s is L7 proxy %s/%s's identity: only its own pods obtain it, never a sidecar", id, id.Namespace, id.ServiceAccount)
+		}
+		return id, nil
 	case proxyauth.RoleWaypoint:
 		if id != own {
 			return identity.Identity{}, status.Errorf(codes.PermissionDenied, "a waypoint may only request its own identity %s", own)

@@ -158,9 +158,14 @@ func TestCA(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), ingress) })
-	gwPod := createL7ProxyPod(t, "ca-edge", "public", "public-istio", "node-b", "10.7.0.8")
-	gwSACopy := createPod(t, podSpec{ns: "ca-edge", name: "gw-sa-copy", node: "node-a", sa: "public-istio", ip: "10.7.0.9",
+	gwPod := createL7ProxyPod(t, "ca-edge", "public", "public-istio", "node-b", "10.7.0.11")
+	gwSACopy := createPod(t, podSpec{ns: "ca-edge", name: "gw-sa-copy", node: "node-a", sa: "public-istio", ip: "10.7.0.12",
 		labels: map[string]string{"gateway.networking.k8s.io/gateway-name": "public"}})
+	sidecar := createPod(t, podSpec{ns: "ca-app", name: "sidecar", node: "node-b", sa: "web-sc", ip: "10.7.0.8", sidecar: true})
+	sidecarAsWaypoint := createPod(t, podSpec{ns: "ca-app", name: "sidecar-wp-sa", node: "node-b", sa: "waypoint", ip: "10.7.0.9", sidecar: true})
+	// Annotated as injected, without the sidecar container: an app pod.
+	fakeInjected := createPod(t, podSpec{ns: "ca-app", name: "fake-injected", node: "node-b", sa: "client", ip: "10.7.0.10",
+		labels: map[string]string{"networking.istio.io/tunnel": "http"}, annotations: map[string]string{"sidecar.istio.io/status": "{}"}})
 	eventually(t, "waypoint known", func() bool { return s.cp.Discovery.IsWaypoint("ca-app", "waypoint") })
 	eventually(t, "ingress gateway known", func() bool { return s.cp.Discovery.IsL7Proxy("ca-edge", "public-istio") })
 	// Pods must be in the manager's cache before node checks can pass.
@@ -201,6 +206,11 @@ func TestCA(t *testing.T) {
 		{"ingress gateway, someone else", token(t, gwPod, xds.TokenAudience), id("ca-app", "web"), codes.PermissionDenied},
 		{"pod copying the ingress gateway's label and service account", token(t, gwSACopy, xds.TokenAudience), id("ca-edge", "public-istio"), codes.PermissionDenied},
 		{"ztunnel, pod on its node running as the ingress gateway's service account", ztTok, id("ca-edge", "public-istio"), codes.PermissionDenied},
+		{"sidecar, its own pod's identity", token(t, sidecar, xds.TokenAudience), id("ca-app", "web-sc"), codes.OK},
+		{"sidecar, another pod's identity", token(t, sidecar, xds.TokenAudience), id("ca-app", "web"), codes.PermissionDenied},
+		{"sidecar, another namespace", token(t, sidecar, xds.TokenAudience), id("other", "web-sc"), codes.PermissionDenied},
+		{"sidecar pod running as the waypoint's service account", token(t, sidecarAsWaypoint, xds.TokenAudience), id("ca-app", "waypoint"), codes.PermissionDenied},
+		{"pod annotated as injected without the sidecar", token(t, fakeInjected, xds.TokenAudience), id("ca-app", "client"), codes.PermissionDenied},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -370,12 +370,16 @@ func streamCode(t *testing.T, tok string) codes.Code {
 	return status.Code(err)
 }
 
-// TestDiscoveryClientAuth: only ztunnels and waypoints of this mesh are served.
+// TestDiscoveryClientAuth: only ztunnels, waypoints and sidecars of this mesh
+// are served.
 func TestDiscoveryClientAuth(t *testing.T) {
 	zt := ztunnel(t, "zt-auth", "node-a", "10.200.0.5")
 	ensureNamespace(t, "auth-app", map[string]string{ambientLabel: "ambient"})
 	app := createPod(t, podSpec{ns: "auth-app", name: "app", node: "node-a", ip: "10.5.0.1"})
 	fakeZtunnel := createPod(t, podSpec{ns: "auth-app", name: "ztunnel", node: "node-a", sa: "ztunnel", ip: "10.5.0.2"})
+	sidecar := createPod(t, podSpec{ns: "auth-app", name: "injected", node: "node-a", sa: "web", ip: "10.5.0.3", sidecar: true})
+	fakeInjected := createPod(t, podSpec{ns: "auth-app", name: "fake-injected", node: "node-a", ip: "10.5.0.4",
+		labels: map[string]string{"networking.istio.io/tunnel": "http"}, annotations: map[string]string{"sidecar.istio.io/status": "{}"}})
 	tests := []struct {
 		name string
 		tok  string
@@ -387,6 +391,8 @@ func TestDiscoveryClientAuth(t *testing.T) {
 		{"wrong audience", token(t, zt, "https://kubernetes.default.svc"), codes.Unauthenticated},
 		{"application pod", token(t, app, xds.TokenAudience), codes.PermissionDenied},
 		{"ztunnel-named SA outside the mesh namespace", token(t, fakeZtunnel, xds.TokenAudience), codes.PermissionDenied},
+		{"sidecar of an injected pod", token(t, sidecar, xds.TokenAudience), codes.OK},
+		{"pod annotated as injected without the sidecar", token(t, fakeInjected, xds.TokenAudience), codes.PermissionDenied},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -205,6 +205,9 @@ type podSpec struct {
 	notReady               bool
 	namedPort              string
 	namedPortNumber        int32
+	// sidecar: the pod as the injector leaves it (status annotation, tunnel
+	// label, native istio-proxy sidecar container).
+	sidecar bool
 }
 
 // createPod creates a pod and sets its status as a kubelet would.
@@ -223,6 +226,18 @@ func createPod(t *testing.T, p podSpec) *corev1.Pod {
 		ObjectMeta: metav1.ObjectMeta{Name: p.name, Namespace: p.ns, Labels: p.labels, Annotations: p.annotations},
 		Spec: corev1.PodSpec{NodeName: p.node, ServiceAccountName: p.sa, HostNetwork: p.hostNetwork,
 			Containers: []corev1.Container{c}},
+	}
+	if p.sidecar {
+		if pod.Labels == nil {
+			pod.Labels = map[string]string{}
+		}
+		if pod.Annotations == nil {
+			pod.Annotations = map[string]string{}
+		}
+		pod.Labels["networking.istio.io/tunnel"] = "http"
+		pod.Annotations["sidecar.istio.io/status"] = `{"initContainers":["istio-init","istio-proxy"]}`
+		always := corev1.ContainerRestartPolicyAlways
+		pod.Spec.InitContainers = []corev1.Container{{Name: "istio-proxy", Image: "sidecar", RestartPolicy: &always}}
 	}
 	if err := s.k8s.Create(ctx, pod); err != nil {
 		t.Fatal(err)

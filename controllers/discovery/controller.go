@@ -35,6 +35,7 @@ import (
 	"github.com/ambientmesh/ambient/controllers/waypointbind"
 	xds "github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/meshapi"
+	"github.com/ambientmesh/ambient/proxylib/discovery/selection"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/route"
 )
@@ -1048,7 +1049,7 @@ func (c *Controller) IsL7Proxy(namespace, account string) bool {
 	return ok && c.IsIngressGateway(namespace, gw)
 }
 
-type podRef struct{ waypoint bool }
+type podRef struct{ waypoint, sidecar bool }
 
 func (c *Controller) getPod(ctx context.Context, ns, name string, out *podRef) error {
 	var pod corev1.Pod
@@ -1056,5 +1057,6 @@ func (c *Controller) getPod(ctx context.Context, ns, name string, out *podRef) e
 		return err
 	}
 	out.waypoint = isWaypointPod(&pod)
+	out.sidecar = selection.HBONESidecar(&pod)
 	return nil
 }

@@ -137,8 +137,9 @@ func buildWorkload(mc meshConfig, v *namespaceView, pod *corev1.Pod) *workloadap
 	if captured {
 		w.TunnelProtocol = workloadapi.TunnelProtocol_HBONE
 	}
-	if isWaypointPod(pod) {
-		// Waypoints terminate HBONE themselves.
+	if isWaypointPod(pod) || selection.HBONESidecar(pod) {
+		// Waypoints and the mesh's sidecars terminate HBONE themselves (on
+		// the pod's :15008); a sidecar's own pod needs no waypoint.
 		w.TunnelProtocol = workloadapi.TunnelProtocol_HBONE
 		w.NativeTunnel = true
 	} else if captured {

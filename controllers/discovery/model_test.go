@@ -204,3 +204,42 @@ func TestBuildWorkloadFields(t *testing.T) {
 		t.Errorf("headless service: %v", headless)
 	}
 }
+
+// TestSidecarPodTunnel: a pod running the mesh's sidecar advertises HBONE
+// (ztunnels and other sidecars tunnel to its :15008), never a waypoint;
+// look-alikes without the sidecar container, the tunnel label or the
+// injection status stay plaintext (sent as to any out-of-mesh pod).
+func TestSidecarPodTunnel(t *testing.T) {
+	injected := func(p *corev1.Pod) {
+		p.Annotations = map[string]string{"sidecar.istio.io/status": `{"containers":["istio-proxy"]}`}
+		p.Labels["networking.istio.io/tunnel"] = "http"
+		p.Spec.InitContainers = []corev1.Container{{Name: "istio-proxy", RestartPolicy: ptr.To(corev1.ContainerRestartPolicyAlways)}}
+	}
+	wps := []*waypoint{{Namespace: "app", Name: "wp"}}
+	useWaypoint := map[string]string{"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "wp"}
+	tests := []struct {
+		name   string
+		nsl    map[string]string
+		mut    func(*corev1.Pod)
+		tunnel workloadapi.TunnelProtocol
+		native bool
+	}{
+		{"injected pod", nil, injected, workloadapi.TunnelProtocol_HBONE, true},
+		{"injected pod in an ambient namespace with a waypoint", useWaypoint, injected, workloadapi.TunnelProtocol_HBONE, true},
+		{"no tunnel label", nil, func(p *corev1.Pod) { injected(p); delete(p.Labels, "networking.istio.io/tunnel") }, workloadapi.TunnelProtocol_NONE, false},
+		{"not a native sidecar", nil, func(p *corev1.Pod) { injected(p); p.Spec.InitContainers[0].RestartPolicy = nil }, workloadapi.TunnelProtocol_NONE, false},
+		{"no injection status", nil, func(p *corev1.Pod) { injected(p); p.Annotations = nil }, workloadapi.TunnelProtocol_NONE, false},
+		{"plain pod", nil, nil, workloadapi.TunnelProtocol_NONE, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			w := buildWorkload(testMesh, view(tt.nsl, wps, map[string]string{"app/wp": "10.96.0.9"}), testPod("web-1", tt.mut))
+			if w.TunnelProtocol != tt.tunnel || w.NativeTunnel != tt.native {
+				t.Fatalf("tunnel %v native %v, want %v %v", w.TunnelProtocol, w.NativeTunnel, tt.tunnel, tt.native)
+			}
+			if w.Waypoint != nil {
+				t.Fatalf("waypoint %v: a sidecar pod handles its own traffic", w.Waypoint)
+			}
+		})
+	}
+}

@@ -204,7 +204,10 @@ func (c *Controller) roleOf(ctx context.Context, ns, pod string) (string, error)
 	if ns == c.rootNamespace() {
 		return proxyauth.RoleZtunnel, nil
 	}
-	return "", fmt.Errorf("%s.%s is neither a ztunnel nor a waypoint", pod, ns)
+	if p.sidecar {
+		return proxyauth.RoleSidecar, nil
+	}
+	return "", fmt.Errorf("%s.%s is neither a ztunnel, a waypoint nor a sidecar", pod, ns)
 }
 
 func (c *Controller) dump(proxyID, role string, types []string) []byte {

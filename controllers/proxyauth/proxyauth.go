@@ -1,7 +1,8 @@
 // Package proxyauth authenticates the mesh's proxies (ztunnel, waypoints)
 // when they call the control plane: the bearer token is a projected
 // service-account token (audience "ambient-mesh") checked with TokenReview,
-// and the pod it is bound to must be a ztunnel or waypoint of this mesh.
+// and the pod it is bound to must be a ztunnel or waypoint of this mesh, or
+// a pod running the mesh's sidecar (which may act only as itself).
 package proxyauth
 
 import (
@@ -20,12 +21,16 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/ambientmesh/ambient/proxylib/discovery/selection"
 )
 
 // Roles of authenticated callers.
 const (
 	RoleZtunnel  = "ztunnel"
 	RoleWaypoint = "waypoint"
+	// RoleSidecar is the sidecar of the pod the token is bound to.
+	RoleSidecar = "sidecar"
 )
 
 // Token claims the API server puts in user.extra for pod-bound tokens.
@@ -146,8 +151,13 @@ func (a *Authenticator) Authenticate(ctx context.Context, token string) (*Caller
 		caller.Role, caller.NodeName = RoleZtunnel, pod.Spec.NodeName
 	case a.isWaypointPod(ctx, pod):
 		caller.Role = RoleWaypoint
+	case ns != a.MeshNamespace() && selection.HBONESidecar(pod):
+		// Whoever may create pods in the namespace may make one look
+		// injected: the role grants only what the pod's own service account
+		// is entitled to anyway (its identity, the mesh's discovery).
+		caller.Role = RoleSidecar
 	default:
-		return nil, fmt.Errorf("%w: %s/%s (pod %s) is neither a ztunnel nor a waypoint of this mesh", ErrForbidden, ns, sa, podName)
+		return nil, fmt.Errorf("%w: %s/%s (pod %s) is neither a ztunnel, a waypoint nor a sidecar of this mesh", ErrForbidden, ns, sa, podName)
 	}
 	return caller, nil
 }

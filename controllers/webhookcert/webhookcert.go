@@ -35,7 +35,7 @@ const (
 
 // The manager injects the CA bundle into its validating webhook configuration.
 // (A package-level marker: controller-gen ignores RBAC markers in a type's doc comment.)
-// +kubebuilder:rbac:groups=admissionregistration.k8s.io,resources=validatingwebhookconfigurations,verbs=get;list;watch;patch
+// +kubebuilder:rbac:groups=admissionregistration.k8s.io,resources=validatingwebhookconfigurations;mutatingwebhookconfigurations,verbs=get;list;watch;patch
 
 // Manager keeps the webhook serving certificate current.
 type Manager struct {
@@ -46,9 +46,12 @@ type Manager struct {
 	ServiceName string
 	// WebhookConfigName is the ValidatingWebhookConfiguration to inject into.
 	WebhookConfigName string
-	CertDir           string
-	Log               logr.Logger
-	Now               func() time.Time
+	// MutatingWebhookConfigName is the MutatingWebhookConfiguration (the
+	// sidecar injector) to inject into; "" for none.
+	MutatingWebhookConfigName string
+	CertDir                   string
+	Log                       logr.Logger
+	Now                       func() time.Time
 }
 
 func (m *Manager) now() time.Time {
@@ -224,23 +227,43 @@ func (m *Manager) writeFiles(s *corev1.Secret) error {
 }
 
 func (m *Manager) injectCABundle(ctx context.Context, caPEM []byte) error {
-	if m.WebhookConfigName == "" {
+	vwc := &admissionv1.ValidatingWebhookConfiguration{}
+	if err := m.inject(ctx, m.WebhookConfigName, vwc, caPEM, func() (cs []*admissionv1.WebhookClientConfig) {
+		for i := range vwc.Webhooks {
+			cs = append(cs, &vwc.Webhooks[i].ClientConfig)
+		}
+		return cs
+	}); err != nil {
+		return err
+	}
+	mwc := &admissionv1.MutatingWebhookConfiguration{}
+	return m.inject(ctx, m.MutatingWebhookConfigName, mwc, caPEM, func() (cs []*admissionv1.WebhookClientConfig) {
+		for i := range mwc.Webhooks {
+			cs = append(cs, &mwc.Webhooks[i].ClientConfig)
+		}
+		return cs
+	})
+}
+
+// inject reads the webhook configuration name into obj and patches caPEM
+// into every client config of it (configs lists them); "" is none.
+func (m *Manager) inject(ctx context.Context, name string, obj client.Object, caPEM []byte, configs func() []*admissionv1.WebhookClientConfig) error {
+	if name == "" {
 		return nil
 	}
-	vwc := &admissionv1.ValidatingWebhookConfiguration{}
-	if err := m.Client.Get(ctx, client.ObjectKey{Name: m.WebhookConfigName}, vwc); err != nil {
-		return fmt.Errorf("webhook configuration %s: %w", m.WebhookConfigName, err)
+	if err := m.Client.Get(ctx, client.ObjectKey{Name: name}, obj); err != nil {
+		return fmt.Errorf("webhook configuration %s: %w", name, err)
 	}
-	patch := client.MergeFrom(vwc.DeepCopy())
+	patch := client.MergeFrom(obj.DeepCopyObject().(client.Object))
 	changed := false
-	for i := range vwc.Webhooks {
-		if !bytes.Equal(vwc.Webhooks[i].ClientConfig.CABundle, caPEM) {
-			vwc.Webhooks[i].ClientConfig.CABundle = caPEM
+	for _, cc := range configs() {
+		if !bytes.Equal(cc.CABundle, caPEM) {
+			cc.CABundle = caPEM
 			changed = true
 		}
 	}
 	if !changed {
 		return nil
 	}
-	return m.Client.Patch(ctx, vwc, patch)
+	return m.Client.Patch(ctx, obj, patch)
 }

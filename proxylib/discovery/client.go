@@ -23,7 +23,7 @@ type NodeInfo struct {
 	NodeName     string
 	PodName      string
 	PodNamespace string
-	Role         string // RoleZtunnel or RoleWaypoint
+	Role         string // RoleZtunnel, RoleWaypoint or RoleSidecar
 }
 
 // ID is the xDS node id, "<role>~<pod>.<namespace>".

@@ -22,6 +22,8 @@ const (
 const (
 	RoleZtunnel  = "ztunnel"
 	RoleWaypoint = "waypoint"
+	// RoleSidecar serves its own pod from inside it (cmd/sidecar).
+	RoleSidecar = "sidecar"
 )
 
 // Node metadata keys sent by clients (docs/interfaces.md).

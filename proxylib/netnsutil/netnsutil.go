@@ -57,6 +57,15 @@ func Run(ns *os.File, fn func() error) error {
 			return
 		}
 		defer orig.Close()
+		if sameInode(orig, ns) {
+			// Already there (the sidecar serving its own pod): entering a
+			// namespace needs CAP_SYS_ADMIN even when it is the current one,
+			// and an unprivileged proxy has none.
+			ferr := fn()
+			runtime.UnlockOSThread()
+			errc <- ferr
+			return
+		}
 		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
 			runtime.UnlockOSThread()
 			errc <- fmt.Errorf("setns: %w", err)
@@ -275,6 +284,34 @@ func Inode(f *os.File) (uint64, error) {
 		return 0, err
 	}
 	return st.Ino, nil
+}
+
+// IsCurrent reports whether ns is the namespace the process runs in (its
+// threads outside Run). Netlink sockets opened "in" a namespace enter it,
+// which needs CAP_SYS_ADMIN even for the current one; callers open them
+// directly instead when this is true (the sidecar's init container, with
+// CAP_NET_ADMIN only).
+func IsCurrent(ns *os.File) bool {
+	same := make(chan bool, 1)
+	go func() {
+		// A fresh locked thread: never one Run has moved elsewhere.
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		cur, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			same <- false
+			return
+		}
+		defer cur.Close()
+		same <- sameInode(cur, ns)
+	}()
+	return <-same
+}
+
+func sameInode(a, b *os.File) bool {
+	ia, errA := Inode(a)
+	ib, errB := Inode(b)
+	return errA == nil && errB == nil && ia == ib
 }
 
 // IsNetNS reports whether f refers to a network namespace (nsfs file of

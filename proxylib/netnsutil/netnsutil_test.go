@@ -6,7 +6,10 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
@@ -214,5 +217,48 @@ func TestEnableListenerMigrationIsPerNamespace(t *testing.T) {
 	}
 	if after, _ := os.ReadFile("/proc/sys/net/ipv4/tcp_migrate_req"); string(after) != string(host) {
 		t.Fatalf("host tcp_migrate_req changed from %q to %q", host, after)
+	}
+}
+
+// TestRunInOwnNamespaceUnprivileged: a process without capabilities (the
+// sidecar, running as its own user inside its pod) opens sockets "in" its
+// own namespace. Entering a namespace needs CAP_SYS_ADMIN even when it is
+// the current one, so Run must not try.
+func TestRunInOwnNamespaceUnprivileged(t *testing.T) {
+	if os.Getenv("NETNSUTIL_UNPRIVILEGED_CHILD") == "1" {
+		self, err := os.Open("/proc/self/ns/net")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer self.Close()
+		ln, err := netnsutil.ListenTCP(self, "127.0.0.1:0", netnsutil.SocketOptions{ReuseAddr: true, ReusePort: true})
+		if err != nil {
+			t.Fatalf("listen in own namespace without privileges: %v", err)
+		}
+		ln.Close()
+		return
+	}
+	netns.RequireRoot(t)
+	// A copy of the test binary the unprivileged user may execute.
+	dir := t.TempDir()
+	for _, d := range []string{filepath.Dir(dir), dir} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bin, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	exe := filepath.Join(dir, "netnsutil.test")
+	if err := os.WriteFile(exe, bin, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(exe, "-test.run=^TestRunInOwnNamespaceUnprivileged$", "-test.count=1")
+	cmd.Env = append(os.Environ(), "NETNSUTIL_UNPRIVILEGED_CHILD=1")
+	cmd.Dir = dir
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("unprivileged child: %v\n%s", err, out)
 	}
 }

@@ -84,7 +84,7 @@ func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort,
 	default:
 		s.info("proxying to %s using passthrough", rt.Target)
 		s.labels.SecurityPolicy = telemetry.Unknown
-		up, err = netnsutil.DialTCP(ctx, pd.ns, netip.AddrPort{}, rt.Target, netnsutil.SocketOptions{Mark: netnsutil.Mark})
+		up, err = netnsutil.DialTCP(ctx, pd.ns, netip.AddrPort{}, rt.Target, p.dialOptions())
 		if err != nil {
 			return 0, 0, proxyerr.Wrap(proxyerr.UpstreamConnectFailed, err, "dial %s", rt.Target)
 		}
@@ -143,7 +143,7 @@ func (p *Proxy) serveSOCKS5(pd *pod, c net.Conn) {
 func (p *Proxy) dialLocal(pd *pod, target netip.AddrPort) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
 	defer cancel()
-	up, err := netnsutil.DialTCP(ctx, pd.ns, netip.AddrPort{}, target, netnsutil.SocketOptions{Mark: netnsutil.Mark})
+	up, err := netnsutil.DialTCP(ctx, pd.ns, netip.AddrPort{}, target, p.dialOptions())
 	if err != nil {
 		return nil, proxyerr.Wrap(proxyerr.UpstreamConnectFailed, err, "dial %s", target)
 	}

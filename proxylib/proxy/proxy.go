@@ -68,6 +68,28 @@ type Config struct {
 	CertsReady func() bool
 	// ConnectTimeout bounds upstream dials (default 10s).
 	ConnectTimeout time.Duration
+	// Unprivileged is the sidecar: the proxy runs as its own user inside the
+	// one pod it serves, without CAP_NET_ADMIN, so its sockets carry no mark
+	// (SO_MARK needs that capability); the pod's redirection lets them pass
+	// by owner instead (redirect.Config.SkipOwnerUIDs).
+	Unprivileged bool
+}
+
+// listenOptions are the in-pod listeners' socket options.
+func (p *Proxy) listenOptions() netnsutil.SocketOptions {
+	o := netnsutil.PodListenOptions
+	if p.cfg.Unprivileged {
+		o.Mark = 0
+	}
+	return o
+}
+
+// dialOptions are the in-pod upstream sockets' options.
+func (p *Proxy) dialOptions() netnsutil.SocketOptions {
+	if p.cfg.Unprivileged {
+		return netnsutil.SocketOptions{}
+	}
+	return netnsutil.SocketOptions{Mark: netnsutil.Mark}
 }
 
 // WorkloadInfo is what the node agent tells about a pod (ZDS AddWorkload).
@@ -232,7 +254,7 @@ func (p *Proxy) openPod(pd *pod) error {
 		host = p.cfg.ListenHost(pd.info)
 	}
 	listen := func(host string, port int) (net.Listener, error) {
-		ln, err := netnsutil.ListenTCP(pd.ns, net.JoinHostPort(host, strconv.Itoa(port)), netnsutil.PodListenOptions)
+		ln, err := netnsutil.ListenTCP(pd.ns, net.JoinHostPort(host, strconv.Itoa(port)), p.listenOptions())
 		if err != nil {
 			return nil, fmt.Errorf("listen :%d in pod %s: %w", port, pd.info.UID, err)
 		}

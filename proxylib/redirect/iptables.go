@@ -61,8 +61,20 @@ func (t *IPTables) rules(f family) string {
 	mark := fmt.Sprintf("-m mark --mark %#x/%#x -j RETURN", t.cfg.Mark&t.cfg.MarkMask, t.cfg.MarkMask)
 	// Declaring a chain in --noflush mode creates or empties it.
 	fmt.Fprintf(&b, "*nat\n:%s - [0:0]\n:%s - [0:0]\n", iptOutput, iptPrerouting)
-	fmt.Fprintf(&b, "-A %s %s\n-A %s -o lo -j RETURN\n-A %s -p tcp -j REDIRECT --to-ports %d\n",
-		iptOutput, mark, iptOutput, iptOutput, t.cfg.OutboundPort)
+	fmt.Fprintf(&b, "-A %s %s\n", iptOutput, mark)
+	for _, uid := range t.cfg.SkipOwnerUIDs {
+		fmt.Fprintf(&b, "-A %s -m owner --uid-owner %d -j RETURN\n", iptOutput, uid)
+	}
+	fmt.Fprintf(&b, "-A %s -o lo -j RETURN\n", iptOutput)
+	for _, port := range t.cfg.SkipOutboundPorts {
+		fmt.Fprintf(&b, "-A %s -p tcp --dport %d -j RETURN\n", iptOutput, port)
+	}
+	for _, p := range t.cfg.SkipOutboundDestinations {
+		if p.Addr().Is6() == f.v6 {
+			fmt.Fprintf(&b, "-A %s -d %s -j RETURN\n", iptOutput, p.Masked())
+		}
+	}
+	fmt.Fprintf(&b, "-A %s -p tcp -j REDIRECT --to-ports %d\n", iptOutput, t.cfg.OutboundPort)
 	fmt.Fprintf(&b, "-A %s %s\n-A %s -i lo -j RETURN\n", iptPrerouting, mark, iptPrerouting)
 	for _, p := range t.cfg.SkipInboundSources {
 		if p.Addr().Is6() == f.v6 {

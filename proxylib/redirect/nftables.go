@@ -11,6 +11,8 @@ import (
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
+
+	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 )
 
 // NFTables implements Redirector with one `inet ambient` table and two nat
@@ -19,7 +21,10 @@ import (
 //	table inet ambient {
 //	  chain output {      type nat hook output priority -100
 //	    meta mark & 0xfff == 0x539 return
+//	    meta skuid <skip owner> return ...
 //	    oifname "lo" return
+//	    tcp dport <skip outbound port> return ...
+//	    ip(6) daddr <skip destination> return ...
 //	    meta l4proto tcp redirect to :15001 }
 //	  chain prerouting {  type nat hook prerouting priority -100
 //	    meta mark & 0xfff == 0x539 return
@@ -44,7 +49,17 @@ func (n *NFTables) conn(ns *os.File) (*nftables.Conn, error) {
 	if ns == nil {
 		return nil, errors.New("redirect: nil namespace")
 	}
-	c, err := nftables.New(nftables.WithNetNSFd(int(ns.Fd())))
+	return nftConn(ns)
+}
+
+// nftConn opens nftables in ns, directly when ns is the current namespace
+// (see netnsutil.IsCurrent).
+func nftConn(ns *os.File) (*nftables.Conn, error) {
+	var opts []nftables.ConnOption
+	if !netnsutil.IsCurrent(ns) {
+		opts = append(opts, nftables.WithNetNSFd(int(ns.Fd())))
+	}
+	c, err := nftables.New(opts...)
 	if err != nil {
 		return nil, fmt.Errorf("nftables: %w", err)
 	}
@@ -175,11 +190,18 @@ func (n *NFTables) Installed(ns *os.File) (bool, error) {
 }
 
 func (n *NFTables) outputRules() [][]expr.Any {
-	return [][]expr.Any{
-		append(n.markMatch(), verdictReturn()),
-		append(ifName(expr.MetaKeyOIFNAME, "lo"), verdictReturn()),
-		append(tcpOnly(), redirectTo(n.cfg.OutboundPort)...),
+	rules := [][]expr.Any{append(n.markMatch(), verdictReturn())}
+	for _, uid := range n.cfg.SkipOwnerUIDs {
+		rules = append(rules, append(ownerUID(uid), verdictReturn()))
 	}
+	rules = append(rules, append(ifName(expr.MetaKeyOIFNAME, "lo"), verdictReturn()))
+	for _, port := range n.cfg.SkipOutboundPorts {
+		rules = append(rules, append(tcpDport(port), verdictReturn()))
+	}
+	for _, p := range n.cfg.SkipOutboundDestinations {
+		rules = append(rules, append(prefixMatch(p, true), verdictReturn()))
+	}
+	return append(rules, append(tcpOnly(), redirectTo(n.cfg.OutboundPort)...))
 }
 
 func (n *NFTables) preroutingRules() [][]expr.Any {
@@ -188,7 +210,7 @@ func (n *NFTables) preroutingRules() [][]expr.Any {
 		append(ifName(expr.MetaKeyIIFNAME, "lo"), verdictReturn()),
 	}
 	for _, p := range n.cfg.SkipInboundSources {
-		rules = append(rules, append(sourcePrefix(p), verdictReturn()))
+		rules = append(rules, append(prefixMatch(p, false), verdictReturn()))
 	}
 	for _, port := range n.cfg.SkipInboundPorts {
 		rules = append(rules, append(tcpDport(port), verdictReturn()))
@@ -235,12 +257,24 @@ func redirectTo(port uint16) []expr.Any {
 	}
 }
 
-// sourcePrefix matches the network-layer source against p in an inet table.
-func sourcePrefix(p netip.Prefix) []expr.Any {
+// ownerUID matches packets of sockets owned by uid (meta skuid).
+func ownerUID(uid uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeySKUID, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(uid)},
+	}
+}
+
+// prefixMatch matches the network-layer source (or, with dst, the
+// destination) against p in an inet table.
+func prefixMatch(p netip.Prefix, dst bool) []expr.Any {
 	p = p.Masked()
 	family, offset := byte(unix.NFPROTO_IPV4), uint32(12)
 	if p.Addr().Is6() {
 		family, offset = unix.NFPROTO_IPV6, 8
+	}
+	if dst {
+		offset += uint32(p.Addr().BitLen() / 8)
 	}
 	addr := p.Addr().AsSlice()
 	mask := net.CIDRMask(p.Bits(), len(addr)*8)

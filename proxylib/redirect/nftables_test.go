@@ -216,6 +216,52 @@ func testRedirection(t *testing.T, newRedirector func(redirect.Config) redirect.
 		}
 	})
 
+	t.Run("sidecar exclusions", func(t *testing.T) {
+		// The sidecar's user, excluded ports and ranges pass; the rest
+		// (another user, other ports, other ranges) is still captured.
+		const sidecarUID, appUID = 1337, 1000
+		other := netip.AddrPortFrom(tp.peer.IP, 9091)
+		serve(t, tp.peerNS, "[::]:9091", "other")
+		cfg := redirect.DefaultConfig()
+		cfg.SkipOwnerUIDs = []uint32{sidecarUID}
+		cfg.SkipOutboundPorts = []uint16{9091}
+		cfg.SkipOutboundDestinations = []netip.Prefix{netip.PrefixFrom(tp.peer.IP6, 128)}
+		sr := newRedirector(cfg)
+		if err := sr.Install(tp.podNS); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = sr.Remove(tp.podNS) })
+		if ok, err := sr.Installed(tp.podNS); err != nil || !ok {
+			t.Fatalf("Installed = %v, %v", ok, err)
+		}
+		askAs := func(dst netip.AddrPort, uid int) string {
+			c, err := netns.DialAs(context.Background(), tp.podNS, dst, uid)
+			if err != nil {
+				t.Fatalf("dial %v as %d: %v", dst, uid, err)
+			}
+			defer c.Close()
+			b, _ := io.ReadAll(c)
+			return string(b)
+		}
+		cases := []struct {
+			name string
+			dst  netip.AddrPort
+			uid  int
+			want string
+		}{
+			{"sidecar user passes", peer4, sidecarUID, "peer none"},
+			{"app user captured", peer4, appUID, "outbound " + peer4.String()},
+			{"root captured", peer4, 0, "outbound " + peer4.String()},
+			{"excluded port passes", other, appUID, "other none"},
+			{"excluded v6 range passes", peer6, appUID, "peer none"},
+		}
+		for _, tc := range cases {
+			if got := askAs(tc.dst, tc.uid); got != tc.want {
+				t.Errorf("%s: got %q, want %q", tc.name, got, tc.want)
+			}
+		}
+	})
+
 	t.Run("skip inbound source", func(t *testing.T) {
 		cfg := redirect.DefaultConfig()
 		cfg.SkipInboundSources = []netip.Prefix{netip.PrefixFrom(tp.peer.IP, 32)}

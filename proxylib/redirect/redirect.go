@@ -23,6 +23,17 @@ type Config struct {
 	// SkipInboundSources pass inbound traffic from these prefixes untouched:
 	// by default the node's probe SNAT addresses (see ProbeSNAT).
 	SkipInboundSources []netip.Prefix
+	// SkipOwnerUIDs pass outbound packets of sockets owned by these users
+	// untouched: the sidecar's own connections, since a proxy running
+	// unprivileged inside its pod cannot set a mark (SO_MARK needs
+	// CAP_NET_ADMIN).
+	SkipOwnerUIDs []uint32
+	// SkipOutboundPorts and SkipOutboundDestinations pass outbound traffic
+	// to these destination ports or prefixes untouched (Istio's
+	// traffic.sidecar.istio.io/excludeOutboundPorts and
+	// excludeOutboundIPRanges).
+	SkipOutboundPorts        []uint16
+	SkipOutboundDestinations []netip.Prefix
 	// PreserveSource adds the connmark and policy routing that let ztunnel
 	// connect to the app from the client's own address (see
 	// sourcepreserve.go). Off in DefaultConfig; the node agent turns it on.

@@ -29,6 +29,9 @@ const (
 )
 
 func routeConn(ns *os.File) (*netlink.Conn, error) {
+	if netnsutil.IsCurrent(ns) {
+		return netlink.Dial(unix.NETLINK_ROUTE, nil)
+	}
 	return netlink.Dial(unix.NETLINK_ROUTE, &netlink.Config{NetNS: int(ns.Fd())})
 }
 

@@ -83,11 +83,12 @@ func (t *Table) gatewayParents(routeNS, kind string, refs []gwv1.ParentReference
 }
 
 // ListenerAllows applies a listener's allowedRoutes to a route of kind in
-// routeNS; a listener the gateway cannot serve admits nothing. Namespace
+// routeNS; a listener the gateway cannot serve admits nothing (one whose
+// references do not resolve still counts its routes, as the API asks). Namespace
 // selectors are answered from what the control plane resolved
 // (ResolveSelectors): unresolved, they admit nothing.
 func ListenerAllows(gw *gwv1.Gateway, l gwv1.Listener, routeNS, kind string) bool {
-	if unservable(gw, l) != "" {
+	if r := unservable(gw, l); r.Message != "" && !r.Refs {
 		return false
 	}
 	from := gwv1.NamespacesFromSame

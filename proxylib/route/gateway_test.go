@@ -195,7 +195,7 @@ spec:
 		t.Fatalf("ports %+v, want HTTP 80 and HTTPS 443 with two listeners", ports)
 	}
 	for _, name := range []gwv1.SectionName{"no-certs", "passthrough", "other-ns-cert", "http-on-443", "tcp"} {
-		if rejected[name] == "" {
+		if rejected[name].Message == "" {
 			t.Errorf("listener %s served, want refused with a reason", name)
 		}
 	}

@@ -19,13 +19,13 @@ type Port struct {
 // on which ports; rejected says why each other listener is not served. The
 // operator reports from it and the gateway opens ports from it, so status
 // says what the data path does.
-func Plan(gw *gwv1.Gateway) (ports []Port, rejected map[gwv1.SectionName]string) {
-	rejected = map[gwv1.SectionName]string{}
+func Plan(gw *gwv1.Gateway) (ports []Port, rejected map[gwv1.SectionName]Rejection) {
+	rejected = map[gwv1.SectionName]Rejection{}
 	if gw == nil {
 		return nil, rejected
 	}
 	for _, l := range gw.Spec.Listeners {
-		if why := unservable(gw, l); why != "" {
+		if why := unservable(gw, l); why.Message != "" {
 			rejected[l.Name] = why
 			continue
 		}
@@ -36,7 +36,8 @@ func Plan(gw *gwv1.Gateway) (ports []Port, rejected map[gwv1.SectionName]string)
 			i = len(ports) - 1
 		}
 		if ports[i].TLS != tls {
-			rejected[l.Name] = fmt.Sprintf("port %d already serves %s listeners", l.Port, protoName(ports[i].TLS))
+			rejected[l.Name] = Rejection{Reason: gwv1.ListenerReasonProtocolConflict,
+				Message: fmt.Sprintf("port %d already serves %s listeners", l.Port, protoName(ports[i].TLS))}
 			continue
 		}
 		ports[i].Listeners = append(ports[i].Listeners, l)
@@ -52,32 +53,57 @@ func protoName(tls bool) string {
 	return "HTTP"
 }
 
-// unservable says why a listener cannot be served ("" when it can): HTTP,
-// and HTTPS terminating TLS with certificates from Secrets in the
+// Rejection says why a listener is not served, with the Gateway API's
+// reason: a problem with its certificate references (ResolvedRefs false,
+// the listener stays accepted) or with the listener itself (not accepted).
+type Rejection struct {
+	Reason  gwv1.ListenerConditionReason
+	Message string
+	// Refs: the listener is valid but a reference does not resolve.
+	Refs bool
+}
+
+func unsupported(format string, args ...any) Rejection {
+	return Rejection{Reason: gwv1.ListenerReasonUnsupportedProtocol, Message: fmt.Sprintf(format, args...)}
+}
+
+// unservable says why a listener cannot be served (zero when it can):
+// HTTP, and HTTPS terminating TLS with certificates from Secrets in the
 // Gateway's own namespace, are served.
-func unservable(gw *gwv1.Gateway, l gwv1.Listener) string {
+func unservable(gw *gwv1.Gateway, l gwv1.Listener) Rejection {
 	switch l.Protocol {
-	case gwv1.HTTPProtocolType:
-		return ""
-	case gwv1.HTTPSProtocolType:
+	case gwv1.HTTPProtocolType, gwv1.HTTPSProtocolType:
 	default:
-		return fmt.Sprintf("protocol %s is not served by this gateway yet; HTTP and HTTPS listeners are", l.Protocol)
+		return unsupported("protocol %s is not served by this gateway yet; HTTP and HTTPS listeners are", l.Protocol)
+	}
+	if l.AllowedRoutes != nil {
+		for _, k := range l.AllowedRoutes.Kinds {
+			if k.Group != nil && *k.Group != gwv1.GroupName || k.Kind != "HTTPRoute" && k.Kind != "GRPCRoute" {
+				return Rejection{Reason: gwv1.ListenerReasonInvalidRouteKinds, Refs: true,
+					Message: fmt.Sprintf("route kind %s is not supported on %s listeners (HTTPRoute, GRPCRoute)", k.Kind, l.Protocol)}
+			}
+		}
+	}
+	if l.Protocol == gwv1.HTTPProtocolType {
+		return Rejection{}
 	}
 	if l.TLS == nil || len(l.TLS.CertificateRefs) == 0 {
-		return "an HTTPS listener needs tls.certificateRefs"
+		return Rejection{Reason: gwv1.ListenerReasonInvalidCertificateRef, Message: "an HTTPS listener needs tls.certificateRefs", Refs: true}
 	}
 	if l.TLS.Mode != nil && *l.TLS.Mode != gwv1.TLSModeTerminate {
-		return fmt.Sprintf("tls.mode %s is not served yet; Terminate is", *l.TLS.Mode)
+		return unsupported("tls.mode %s is not served yet; Terminate is", *l.TLS.Mode)
 	}
 	for _, ref := range l.TLS.CertificateRefs {
 		if ref.Kind != nil && *ref.Kind != "Secret" || ref.Group != nil && *ref.Group != "" && *ref.Group != "core" {
-			return fmt.Sprintf("certificateRef %s: only core Secrets are supported", ref.Name)
+			return Rejection{Reason: gwv1.ListenerReasonInvalidCertificateRef, Refs: true,
+				Message: fmt.Sprintf("certificateRef %s: only core Secrets are supported", ref.Name)}
 		}
 		if ref.Namespace != nil && string(*ref.Namespace) != gw.Namespace {
-			return fmt.Sprintf("certificateRef %s/%s: Secrets of other namespaces are not supported (the gateway mounts its certificates)", *ref.Namespace, ref.Name)
+			return Rejection{Reason: gwv1.ListenerReasonRefNotPermitted, Refs: true,
+				Message: fmt.Sprintf("certificateRef %s/%s: Secrets of other namespaces are not used (the gateway mounts its certificates from its own namespace)", *ref.Namespace, ref.Name)}
 		}
 	}
-	return ""
+	return Rejection{}
 }
 
 // CertificateSecrets names the Secrets the served HTTPS listeners use.

@@ -13,14 +13,16 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
 )
 
-// ControlPlane is the test control plane: it holds no resources itself but
-// applies every change to each registered discovery State at once, as delta
-// xDS would.
+// ControlPlane is the test control plane: it applies every change to each
+// registered discovery State at once, as delta xDS would, and gives a State
+// registered later everything current (a new proxy's first push).
 type ControlPlane struct {
 	t      testing.TB
 	mu     sync.Mutex
 	states []*discovery.State
 	ver    int
+	// current resources by type URL and name
+	current map[string]map[string]discovery.Resource
 }
 
 // NewState registers a State subscribed to types, by default the address
@@ -31,8 +33,20 @@ func (cp *ControlPlane) NewState(types ...string) *discovery.State {
 	}
 	s := discovery.NewState(types...)
 	cp.mu.Lock()
+	defer cp.mu.Unlock()
 	cp.states = append(cp.states, s)
-	cp.mu.Unlock()
+	for _, typeURL := range types {
+		var rs []discovery.Resource
+		for _, r := range cp.current[typeURL] {
+			rs = append(rs, r)
+		}
+		if len(rs) == 0 {
+			continue
+		}
+		if err := s.Apply(typeURL, rs, nil); err != nil {
+			cp.t.Fatalf("replay %s: %v", typeURL, err)
+		}
+	}
 	return s
 }
 
@@ -47,10 +61,18 @@ func (cp *ControlPlane) Push(typeURL string, name string, m proto.Message) {
 	cp.mu.Lock()
 	cp.ver++
 	v := fmt.Sprint(cp.ver)
+	r := discovery.Resource{Name: name, Version: v, Body: body}
+	if cp.current == nil {
+		cp.current = map[string]map[string]discovery.Resource{}
+	}
+	if cp.current[typeURL] == nil {
+		cp.current[typeURL] = map[string]discovery.Resource{}
+	}
+	cp.current[typeURL][name] = r
 	states := append([]*discovery.State(nil), cp.states...)
 	cp.mu.Unlock()
 	for _, s := range states {
-		if err := s.Apply(typeURL, []discovery.Resource{{Name: name, Version: v, Body: body}}, nil); err != nil {
+		if err := s.Apply(typeURL, []discovery.Resource{r}, nil); err != nil {
 			cp.t.Fatalf("apply %s: %v", name, err)
 		}
 	}
@@ -59,6 +81,7 @@ func (cp *ControlPlane) Push(typeURL string, name string, m proto.Message) {
 // Remove deletes resource name of typeURL from every State.
 func (cp *ControlPlane) Remove(typeURL, name string) {
 	cp.mu.Lock()
+	delete(cp.current[typeURL], name)
 	states := append([]*discovery.State(nil), cp.states...)
 	cp.mu.Unlock()
 	for _, s := range states {

@@ -34,6 +34,23 @@ type Pod struct {
 	Workload *workloadapi.Workload
 
 	nsFile *os.File // the namespace handed to the ztunnel, kept open
+	// AppUID, when set, owns the sockets of the pod's app clients (Client,
+	// Dial): in a sidecar pod the test process's own user is the sidecar's,
+	// whose connections the redirection lets pass.
+	AppUID int
+}
+
+// dial connects from inside the pod as its app: unmarked, as AppUID.
+func (p *Pod) dial(ctx context.Context, dst netip.AddrPort) (net.Conn, error) {
+	f, err := p.Open()
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if p.AppUID != 0 {
+		return netns.DialAs(ctx, f, dst, p.AppUID)
+	}
+	return netnsutil.DialTCP(ctx, f, netip.AddrPort{}, dst, netnsutil.SocketOptions{})
 }
 
 // Capture installs the redirection rules and hands the pod to its node's
@@ -137,12 +154,7 @@ func (p *Pod) ServeTCP(t testing.TB, port int, handler func(net.Conn)) {
 func (p *Pod) Client() *http.Client {
 	return &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true,
 		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
-			f, err := p.Open()
-			if err != nil {
-				return nil, err
-			}
-			defer f.Close()
-			return netnsutil.DialTCP(ctx, f, netip.AddrPort{}, netip.MustParseAddrPort(addr), netnsutil.SocketOptions{})
+			return p.dial(ctx, netip.MustParseAddrPort(addr))
 		}}}
 }
 
@@ -166,14 +178,9 @@ func (p *Pod) Get(dst netip.AddrPort) (string, error) {
 
 // Dial opens a raw TCP connection from inside the pod, as its app would.
 func (p *Pod) Dial(dst netip.AddrPort) (net.Conn, error) {
-	f, err := p.Open()
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	return netnsutil.DialTCP(ctx, f, netip.AddrPort{}, dst, netnsutil.SocketOptions{})
+	return p.dial(ctx, dst)
 }
 
 // Echo is a ServeTCP handler that copies everything back.

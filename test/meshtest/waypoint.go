@@ -2,9 +2,12 @@ package meshtest
 
 import (
 	"context"
+	"fmt"
+	"io"
 	"net"
 	"net/netip"
 
+	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/hbone/h2"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
@@ -56,4 +59,33 @@ func (m *Mesh) RunWaypoint(p *Pod, cfg waypoint.Config) *waypoint.Server {
 	go hs.Serve(ln)
 	t.Cleanup(func() { hs.Close() })
 	return srv
+}
+
+// StandInWaypoint runs a real HBONE server (the transport under test) in
+// the waypoint pod wp that answers each tunnel with "waypoint: <target>
+// from <peer>". It stands in for cmd/waypoint to observe what a proxy sends
+// to a waypoint.
+func (m *Mesh) StandInWaypoint(wp *Pod) {
+	t := m.T
+	certs := identity.NewStaticSource(m.CA.TrustDomain, m.CA.Roots())
+	certs.Set(wp.ID(), m.CA.Issue(t, wp.ID()))
+	f, _ := wp.Open()
+	defer f.Close()
+	srv, err := Transport(t, certs).NewServer(f, "", wp.ID(), hbone.HandlerFunc(
+		func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
+			s, err := resp.Accept()
+			if err != nil {
+				return
+			}
+			fmt.Fprintf(s, "waypoint: %s from %s", req.Target, req.Peer)
+			// End our side gracefully (Close alone resets the tunnel).
+			s.CloseWrite()
+			io.Copy(io.Discard, s)
+			s.Close()
+		}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve()
+	t.Cleanup(func() { srv.Close() })
 }

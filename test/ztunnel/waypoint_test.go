@@ -1,7 +1,6 @@
 package ztunnel
 
 import (
-	"context"
 	"fmt"
 	"io"
 	"net"
@@ -12,37 +11,9 @@ import (
 
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
-	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/test/meshtest"
 )
-
-// startStandInWaypoint runs a real HBONE (HTTP/2) server in the waypoint
-// pod that answers each tunnel with "waypoint: <target> from <peer>". It
-// stands in for cmd/waypoint to observe what ztunnel sends to a waypoint.
-func startStandInWaypoint(t *testing.T, m *meshtest.Mesh, wp *meshtest.Pod) {
-	certs := identity.NewStaticSource(m.CA.TrustDomain, m.CA.Roots())
-	certs.Set(wp.ID(), m.CA.Issue(t, wp.ID()))
-	f, _ := wp.Open()
-	defer f.Close()
-	srv, err := meshtest.Transport(t, certs).NewServer(f, "", wp.ID(), hbone.HandlerFunc(
-		func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
-			s, err := resp.Accept()
-			if err != nil {
-				return
-			}
-			fmt.Fprintf(s, "waypoint: %s from %s", req.Target, req.Peer)
-			// End our side gracefully (Close alone resets the tunnel).
-			s.CloseWrite()
-			io.Copy(io.Discard, s)
-			s.Close()
-		}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve()
-	t.Cleanup(func() { srv.Close() })
-}
 
 // hboneFrom dials a tunnel from inside pod p presenting id's certificate.
 func hboneFrom(t *testing.T, m *meshtest.Mesh, p *meshtest.Pod, id identity.Identity, proxyAddr, target netip.AddrPort, expected identity.Identity) (net.Conn, error) {
@@ -81,7 +52,7 @@ func TestWaypointRoutingAndHairpin(t *testing.T) {
 		Addresses: []*workloadapi.NetworkAddress{{Address: wpVIP.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}})
 	m.CP.Service(&workloadapi.Service{Name: "productpage", Namespace: "default", Hostname: "productpage.default.svc.cluster.local",
 		Addresses: []*workloadapi.NetworkAddress{{Address: appVIP.Addr().AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 9080, TargetPort: 9080}}, Waypoint: gw})
-	startStandInWaypoint(t, m, waypoint)
+	m.StandInWaypoint(waypoint)
 	app.ServeTCP(t, 9080, func(c net.Conn) { io.WriteString(c, "productpage"); c.Close() })
 
 	read := func(p *meshtest.Pod, dst netip.AddrPort) string {

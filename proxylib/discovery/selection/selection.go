@@ -20,6 +20,29 @@ const (
 	RedirectionDisabled     = "disabled"
 )
 
+// The mesh's sidecar (cmd/sidecar, injected by the operator): Istio's
+// container name and its label for sidecars that accept HBONE.
+const (
+	SidecarContainer = "istio-proxy"
+	TunnelLabel      = "networking.istio.io/tunnel"
+	TunnelHTTP       = "http"
+)
+
+// HBONESidecar reports whether pod runs the mesh's sidecar, which serves
+// HBONE on the pod's own :15008: injected (sidecar.istio.io/status), labelled
+// networking.istio.io/tunnel=http, with the native sidecar container.
+func HBONESidecar(pod *corev1.Pod) bool {
+	if !hasKey(pod.Annotations, SidecarStatusAnnotation) || pod.Labels[TunnelLabel] != TunnelHTTP || pod.Spec.HostNetwork {
+		return false
+	}
+	for _, c := range pod.Spec.InitContainers {
+		if c.Name == SidecarContainer && c.RestartPolicy != nil && *c.RestartPolicy == corev1.ContainerRestartPolicyAlways {
+			return true
+		}
+	}
+	return false
+}
+
 // Config is the mesh-wide part of the decision.
 type Config struct {
 	// MeshNamespace runs the mesh itself and is never captured.

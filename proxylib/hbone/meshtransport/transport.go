@@ -62,6 +62,15 @@ func ForPods(cfg Config) Config {
 	return cfg
 }
 
+// ForSidecar is cfg with the socket options of the sidecar, serving its own
+// pod from inside it unprivileged: no mark (the pod's redirection lets the
+// sidecar's user out instead), port sharing as ztunnel's.
+func ForSidecar(cfg Config) Config {
+	cfg.ListenOptions = netnsutil.SocketOptions{ReuseAddr: true, ReusePort: true}
+	cfg.DialOptions = netnsutil.SocketOptions{}
+	return cfg
+}
+
 // Transport builds dialers and servers for one Config.
 type Transport struct{ cfg Config }
 

@@ -1,0 +1,295 @@
+// Package boot is what the in-pod proxies' processes (ztunnel, which serves
+// every captured pod of its node, and the sidecar, which serves its own pod)
+// start with: the mesh settings they read from the operator's environment,
+// a logger, the trust bundle, a certificate store fed by the mesh CA, the
+// discovery client, the in-pod data path (proxylib/proxy) over the mesh's
+// HBONE transport, the admin, metrics and readiness endpoints, and the
+// drain on SIGTERM. The commands are wiring over it.
+package boot
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/go-logr/logr"
+	"github.com/go-logr/zapr"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/ambientmesh/ambient/proxylib/admin"
+	"github.com/ambientmesh/ambient/proxylib/caclient"
+	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/envconfig"
+	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/hbone/meshtransport"
+	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/proxylib/identity/trustbundle"
+	"github.com/ambientmesh/ambient/proxylib/inpod"
+	"github.com/ambientmesh/ambient/proxylib/logging"
+	"github.com/ambientmesh/ambient/proxylib/proxy"
+	"github.com/ambientmesh/ambient/proxylib/telemetry"
+)
+
+// Options are the settings every in-pod proxy reads (docs/interfaces.md).
+type Options struct {
+	Node, PodName, PodNamespace, Cluster string
+	XDSAddr, XDSServerName               string
+	CAAddr, CAServerName                 string
+	TokenPath, RootCertPath              string
+	TrustDomain, Transport               string
+	AdminAddr, MetricsAddr, ReadyAddr    string
+	DrainGrace, CertTTL                  time.Duration
+	LogLevel                             string
+}
+
+// Flags registers the options on fs, each defaulting from its environment
+// variable in e; defaultPodName is POD_NAME's default. The control plane's
+// addresses default to the pod's own namespace (ztunnel runs in the mesh
+// namespace; the operator sets them on every other proxy).
+func Flags(fs *flag.FlagSet, e *envconfig.Env, defaultPodName string) (*Options, error) {
+	o := &Options{}
+	env := e.Get
+	ns := env("POD_NAMESPACE", "ambient-system")
+	cp := "ambient-controlplane." + ns + ".svc"
+	fs.StringVar(&o.Node, "node-name", env("NODE_NAME", ""), "this node's name (env NODE_NAME)")
+	fs.StringVar(&o.PodName, "pod-name", env("POD_NAME", defaultPodName), "env POD_NAME")
+	fs.StringVar(&o.PodNamespace, "pod-namespace", ns, "env POD_NAMESPACE")
+	fs.StringVar(&o.Cluster, "cluster-id", env("CLUSTER_ID", "Kubernetes"), "env CLUSTER_ID")
+	fs.StringVar(&o.XDSAddr, "xds-address", env("XDS_ADDRESS", cp+":15010"), "discovery server (env XDS_ADDRESS)")
+	fs.StringVar(&o.XDSServerName, "xds-server-name", env("XDS_SERVER_NAME", cp), "TLS server name of the discovery server")
+	fs.StringVar(&o.CAAddr, "ca-address", env("CA_ADDRESS", cp+":15012"), "CA server (env CA_ADDRESS)")
+	fs.StringVar(&o.CAServerName, "ca-server-name", env("CA_SERVER_NAME", cp), "TLS server name of the CA")
+	fs.StringVar(&o.TokenPath, "token-path", env("TOKEN_PATH", "/var/run/secrets/tokens/ambient-token"), "projected SA token (audience ambient-mesh)")
+	fs.StringVar(&o.RootCertPath, "root-cert", env("ROOT_CERT", "/var/run/secrets/ambient/root-cert.pem"), "mesh trust bundle (PEM)")
+	fs.StringVar(&o.TrustDomain, "trust-domain", env("TRUST_DOMAIN", "cluster.local"), "SPIFFE trust domain")
+	fs.StringVar(&o.Transport, "transport", env("HBONE_TRANSPORT", "HTTP2"), "HBONE transport: HTTP2 or HTTP3")
+	fs.StringVar(&o.AdminAddr, "admin-address", "127.0.0.1:15000", "admin endpoint")
+	fs.StringVar(&o.MetricsAddr, "metrics-address", ":15020", "Prometheus metrics")
+	fs.StringVar(&o.ReadyAddr, "ready-address", ":15021", "readiness (/healthz/ready)")
+	ttl, err := time.ParseDuration(env("WORKLOAD_CERT_TTL", "24h"))
+	if err != nil {
+		return o, fmt.Errorf("bad WORKLOAD_CERT_TTL: %w", err)
+	}
+	fs.DurationVar(&o.CertTTL, "workload-cert-ttl", ttl, "requested workload certificate lifetime (env WORKLOAD_CERT_TTL)")
+	grace, err := time.ParseDuration(env("DRAIN_GRACE", "25s"))
+	if err != nil || grace < 0 {
+		return o, fmt.Errorf("bad DRAIN_GRACE %q: want a Go duration such as 25s", env("DRAIN_GRACE", ""))
+	}
+	fs.DurationVar(&o.DrainGrace, "drain-grace", grace, "time open connections get after SIGTERM, shorter than the pod's terminationGracePeriodSeconds (env DRAIN_GRACE)")
+	fs.StringVar(&o.LogLevel, "log-level", env("LOG_LEVEL", "info"), "trace|debug|info|warn|error")
+	return o, nil
+}
+
+// NewLogger is the proxies' console logger at level name.
+func NewLogger(name string) (logr.Logger, zap.AtomicLevel, error) {
+	level, err := logging.NewAtomicLevel(name)
+	if err != nil {
+		return logr.Logger{}, level, err
+	}
+	enc := zap.NewProductionEncoderConfig()
+	enc.EncodeTime = zapcore.ISO8601TimeEncoder
+	zl := zap.New(zapcore.NewCore(zapcore.NewConsoleEncoder(enc), zapcore.Lock(os.Stderr), level))
+	return zapr.NewLogger(zl), level, nil
+}
+
+// Proxy is a running in-pod proxy and what it was built from.
+type Proxy struct {
+	*proxy.Proxy
+	Opts    *Options
+	Log     logr.Logger
+	Bundle  *trustbundle.Bundle
+	Store   *identity.Store
+	State   *discovery.State
+	Metrics *prometheus.Registry
+	// Handler takes pods: it fetches a pod's certificate before serving it.
+	Handler *CertsFirst
+}
+
+// Mesh is a proxy's link to the control plane: the trust bundle (watched
+// for root rotation), a certificate store fed by the CA, and the discovery
+// State a delta-xDS client keeps up to date.
+type Mesh struct {
+	Bundle *trustbundle.Bundle
+	Store  *identity.Store
+	State  *discovery.State
+}
+
+// Connect starts the mesh link for a proxy of role subscribed to types
+// (default: addresses and authorizations). Background work runs until ctx
+// ends; the caller closes Store.
+func Connect(ctx context.Context, o *Options, log logr.Logger, role string, types ...string) (*Mesh, error) {
+	if len(types) == 0 {
+		types = []string{discovery.AddressType, discovery.AuthorizationType}
+	}
+	bundle, err := trustbundle.Load(o.RootCertPath)
+	if err != nil {
+		return nil, err
+	}
+	token := func() (string, error) {
+		b, err := os.ReadFile(o.TokenPath)
+		return strings.TrimSpace(string(b)), err
+	}
+	caClient, err := caclient.New(caclient.Config{Address: o.CAAddr, Token: token, TLS: bundle.ClientTLS(o.CAServerName)})
+	if err != nil {
+		return nil, err
+	}
+	store, err := identity.NewStore(identity.StoreConfig{Client: caClient, TrustDomain: o.TrustDomain, Roots: bundle.Pool(), TTL: o.CertTTL, Log: log.WithName("certs")})
+	if err != nil {
+		return nil, err
+	}
+	// Root rotation: new handshakes verify against the bundle of now.
+	go bundle.Watch(ctx, trustbundle.DefaultInterval, log.WithName("trust-bundle"), store.SetRoots)
+	state := discovery.NewState(types...)
+	xds := discovery.NewClient(discovery.ClientConfig{Address: o.XDSAddr, Token: token, Log: log.WithName("xds"),
+		TLS: bundle.ClientTLS(o.XDSServerName), TypeURLs: types,
+		Node: discovery.NodeInfo{NodeName: o.Node, PodName: o.PodName, PodNamespace: o.PodNamespace, Role: role}}, state)
+	go xds.Run(ctx)
+	return &Mesh{Bundle: bundle, Store: store, State: state}, nil
+}
+
+// Start connects to the mesh (CA, trust bundle, discovery as role) and
+// builds the data path; unprivileged is proxy.Config.Unprivileged (the
+// sidecar). Background work runs until ctx ends; Close releases the rest.
+func Start(ctx context.Context, o *Options, log logr.Logger, role string, unprivileged bool) (*Proxy, error) {
+	m, err := Connect(ctx, o, log, role)
+	if err != nil {
+		return nil, err
+	}
+	store, state, bundle := m.Store, m.State, m.Bundle
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	tcfg := meshtransport.Config{Protocol: hbone.Protocol(o.Transport), Certs: store, Log: log.WithName("hbone"), Registerer: reg}
+	if unprivileged {
+		tcfg = meshtransport.ForSidecar(tcfg)
+	} else {
+		tcfg = meshtransport.ForPods(tcfg)
+	}
+	tr, err := meshtransport.New(tcfg)
+	if err != nil {
+		store.Close()
+		return nil, err
+	}
+	h := &CertsFirst{store: store, trustDomain: o.TrustDomain}
+	p, err := proxy.New(proxy.Config{Log: log.WithName("proxy"), State: state, Certs: store, Node: o.Node, TrustDomain: o.TrustDomain,
+		Metrics: telemetry.NewMetrics(reg), NewDialer: tr.NewDialer, NewHBONEServer: tr.NewServer, CertsReady: h.ready,
+		Unprivileged: unprivileged})
+	if err != nil {
+		store.Close()
+		return nil, err
+	}
+	h.proxy = p
+	return &Proxy{Proxy: p, Opts: o, Log: log, Bundle: bundle, Store: store, State: state, Metrics: reg, Handler: h}, nil
+}
+
+// Close releases the certificate store.
+func (p *Proxy) Close() { p.Store.Close() }
+
+// ServeEndpoints serves admin, metrics and readiness (ready when discovery
+// synced, certificates are there, extra reports true and no drain started).
+func (p *Proxy) ServeEndpoints(level zap.AtomicLevel, extra func() bool) {
+	Serve(p.Log, p.Opts.AdminAddr, admin.Handler(admin.Config{State: p.State, Certificates: p.Store.Status, Roots: p.Bundle.Certs,
+		SetLogLevel: func(l string) error { return logging.SetLevel(level, l) }}))
+	Serve(p.Log, p.Opts.MetricsAddr, admin.MetricsHandler(p.Metrics))
+	Serve(p.Log, p.Opts.ReadyAddr, admin.ReadinessHandler(func() bool { return p.Ready() && extra() && !p.Draining() }))
+}
+
+// Drain is the SIGTERM path. During a ztunnel upgrade the new instance
+// already listens on every pod's ports (SO_REUSEPORT): closing ours at once
+// sends all new connections there, while ours run on until they end or the
+// grace period (shorter than terminationGracePeriodSeconds) is over.
+func (p *Proxy) Drain(grace time.Duration) {
+	p.Log.Info("draining: in-pod listeners closed, open connections continue", "grace", grace.String(), "open", p.Tracker().Len())
+	ctx, cancel := context.WithTimeout(context.Background(), grace)
+	defer cancel()
+	if p.Proxy.Drain(ctx) {
+		p.Log.Info("drained: every connection ended")
+	} else {
+		p.Log.Info("drain grace elapsed; remaining connections closed")
+	}
+}
+
+// CertsFirst fetches a pod's certificate before serving it, and reports
+// certificates ready when every served pod has one.
+type CertsFirst struct {
+	proxy       *proxy.Proxy
+	store       *identity.Store
+	trustDomain string
+	checked     atomic.Int64 // unix nanos of the last positive check
+}
+
+var _ inpod.WorkloadHandler = (*CertsFirst)(nil)
+
+// AddWorkload implements inpod.WorkloadHandler.
+func (c *CertsFirst) AddWorkload(uid string, info inpod.WorkloadInfo, ns *os.File) error {
+	sa := info.ServiceAccount
+	if sa == "" {
+		sa = "default"
+	}
+	if err := c.store.Prefetch(identity.Identity{TrustDomain: c.trustDomain, Namespace: info.Namespace, ServiceAccount: sa}); err != nil {
+		return err
+	}
+	return c.proxy.AddWorkload(uid, info, ns)
+}
+
+// DelWorkload implements inpod.WorkloadHandler.
+func (c *CertsFirst) DelWorkload(uid string) error { return c.proxy.DelWorkload(uid) }
+
+// SnapshotDone implements inpod.WorkloadHandler.
+func (c *CertsFirst) SnapshotDone() { c.proxy.SnapshotDone() }
+
+// ready is asked on every connection; a positive answer is reused for a
+// second (the store never serves an expired certificate anyway).
+func (c *CertsFirst) ready() bool {
+	now := time.Now().UnixNano()
+	if now-c.checked.Load() < int64(time.Second) {
+		return true
+	}
+	for _, st := range c.store.Status() {
+		if st.Serial == "" {
+			return false
+		}
+	}
+	c.checked.Store(now)
+	return true
+}
+
+// Serve serves h on addr in the background; a listen error is logged.
+func Serve(log logr.Logger, addr string, h http.Handler) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		log.Error(err, "listen", "addr", addr)
+		return
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(ln)
+}
+
+// Main is a proxy command's main: it parses the flags of os.Args (defaults
+// from the environment), makes the logger at the parsed level and runs;
+// exit status 2 for bad flags, 1 when run fails.
+func Main[O any](name string, parse func(*flag.FlagSet, []string, *envconfig.Env) (O, error), logLevel func(O) string,
+	run func(O, logr.Logger, zap.AtomicLevel) error) {
+	o, err := parse(flag.CommandLine, os.Args[1:], envconfig.New(nil))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	log, level, err := NewLogger(logLevel(o))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bad -log-level:", err)
+		os.Exit(2)
+	}
+	if err := run(o, log, level); err != nil {
+		log.Error(err, name+" failed")
+		os.Exit(1)
+	}
+}

@@ -1,0 +1,76 @@
+package meshtest
+
+import (
+	"context"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/hbone/meshtransport"
+	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/proxylib/inpod"
+	"github.com/ambientmesh/ambient/proxylib/proxy"
+	"github.com/ambientmesh/ambient/proxylib/redirect"
+	"github.com/ambientmesh/ambient/proxylib/telemetry"
+)
+
+// SidecarAppUID owns the app's sockets in sidecar pods (Pod.AppUID); the
+// test process's own user (root) plays the sidecar's.
+const SidecarAppUID = 1000
+
+// SidecarPod is a pod served by its own sidecar, wired as cmd/sidecar wires
+// it (proxylib/boot): the in-pod proxy unprivileged (no marks), the pod's
+// redirection letting the sidecar's user pass, its own discovery State, and
+// only its own identity's certificate.
+type SidecarPod struct {
+	*Pod
+	Proxy   *proxy.Proxy
+	State   *discovery.State
+	Metrics *prometheus.Registry
+}
+
+// AddSidecarPod creates a pod on n whose sidecar serves it; discovery
+// publishes it as an injected pod is published (HBONE, native tunnel, no
+// waypoint). The node's ztunnel does not capture it.
+func (m *Mesh) AddSidecarPod(n *Node, name, sa string, mut ...func(*workloadapi.Workload)) *SidecarPod {
+	m.T.Helper()
+	p := m.AddPod(n, name, sa, false, append([]func(*workloadapi.Workload){func(w *workloadapi.Workload) {
+		w.TunnelProtocol, w.NativeTunnel = workloadapi.TunnelProtocol_HBONE, true
+	}}, mut...)...)
+	p.AppUID = SidecarAppUID
+	f, err := p.Open()
+	if err != nil {
+		m.T.Fatal(err)
+	}
+	// What `sidecar init` installs, with the test process as the sidecar.
+	if err := redirect.NewNFTables(redirect.SidecarConfig(0, redirect.Exclusions{})).Install(f); err != nil {
+		m.T.Fatal(err)
+	}
+	certs := identity.NewStaticSource(m.CA.TrustDomain, m.CA.Roots())
+	id := m.CA.ID(Namespace, sa)
+	certs.Set(id, m.CA.Issue(m.T, id))
+	tr, err := meshtransport.New(meshtransport.ForSidecar(meshtransport.Config{Protocol: TransportProtocol(), Certs: certs, Log: m.Logs.Logger(name).V(2)}))
+	if err != nil {
+		m.T.Fatal(err)
+	}
+	sp := &SidecarPod{Pod: p, State: m.CP.NewState(), Metrics: prometheus.NewRegistry()}
+	m.CP.SyncEmpty(sp.State)
+	sp.Proxy, err = proxy.New(proxy.Config{Log: m.Logs.Logger(name), State: sp.State, Certs: certs,
+		Metrics: telemetry.NewMetrics(sp.Metrics), NewDialer: tr.NewDialer, NewHBONEServer: tr.NewServer,
+		ConnectTimeout: 3 * time.Second, Unprivileged: true})
+	if err != nil {
+		m.T.Fatal(err)
+	}
+	m.T.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		sp.Proxy.Drain(ctx)
+	})
+	if err := sp.Proxy.AddWorkload(p.UID, inpod.WorkloadInfo{Name: name, Namespace: Namespace, ServiceAccount: sa}, f); err != nil {
+		m.T.Fatal(err)
+	}
+	sp.Proxy.SnapshotDone()
+	return sp
+}
