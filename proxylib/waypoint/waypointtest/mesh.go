@@ -25,7 +25,7 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
-	"github.com/go-logr/logr/testr"
+	"github.com/go-logr/logr/funcr"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -116,7 +116,7 @@ func New(t testing.TB) *Mesh {
 	m := &Mesh{
 		t: t, CA: hbonetest.NewCA(t, TrustDomain),
 		State: discovery.NewState(discovery.AddressType, discovery.AuthorizationType, discovery.L7ResourceType),
-		Log:   testr.NewWithInterface(t, testr.Options{Verbosity: 0}),
+		Log:   testLogger(t),
 		next:  20, vips: 10, net: [2]byte{byte(1 + rand.IntN(250)), byte(rand.IntN(256))},
 		Pods: map[string]*Pod{}, waypoints: map[string]*Waypoint{},
 	}
@@ -128,6 +128,27 @@ func New(t testing.TB) *Mesh {
 		}
 	}
 	return m
+}
+
+// testLogger logs to t while the test runs. Proxies record a request when
+// its response body is closed, which may be after the client (and the
+// test) is done; their lines are dropped once t has finished, where
+// t.Log would panic.
+func testLogger(t testing.TB) logr.Logger {
+	var mu sync.Mutex
+	done := false
+	t.Cleanup(func() { // registered first: runs after every other cleanup
+		mu.Lock()
+		done = true
+		mu.Unlock()
+	})
+	return funcr.New(func(prefix, args string) {
+		mu.Lock()
+		defer mu.Unlock()
+		if !done {
+			t.Log(prefix + ": " + args)
+		}
+	}, funcr.Options{Verbosity: 0})
 }
 
 func (m *Mesh) nextIP() netip.Addr {
