@@ -348,7 +348,7 @@ func (c *connInfo) forward(in *http.Request, o *outcome, m *route.Match, b *rout
 		if m != nil {
 			m.ApplyRequest(out, *b)
 		}
-		resp, err := c.s.upstream.RoundTrip(out, ep, in.ProtoMajor == 2)
+		resp, err := c.s.upstream.RoundTrip(out, ep, c.upstreamHTTP2(in))
 		if err != nil {
 			tryCancel()
 			done(lb.ConnectFailure)
@@ -387,6 +387,18 @@ func (c *connInfo) forward(in *http.Request, o *outcome, m *route.Match, b *rout
 		o.flags = proxyerr.UpstreamConnectFailed
 	}
 	return textResponse(in, http.StatusServiceUnavailable, "upstream connect error: "+errString(lastErr))
+}
+
+// upstreamHTTP2 says whether a request goes onward as HTTP/2. Inside the
+// mesh the client's protocol is the app's (a client speaks h2c only to a
+// server that does). At ingress the client's HTTP/2 is negotiated with the
+// gateway (ALPN), not with the backend: only gRPC, which needs it, goes on
+// as HTTP/2.
+func (c *connInfo) upstreamHTTP2(in *http.Request) bool {
+	if c.dst.ingress {
+		return route.IsGRPC(in)
+	}
+	return in.ProtoMajor == 2
 }
 
 func errString(err error) string {

@@ -287,8 +287,16 @@ spec:
 				t.Fatalf("body %q: %v", body, err)
 			}
 		}
+		if h2 && resp.StatusCode == 200 && s.Proto == "" {
+			t.Errorf("%s: the backend did not say which protocol it saw", host)
+		}
 		if h2 && resp.ProtoMajor != 2 {
 			t.Errorf("%s: HTTP/%d, want HTTP/2 negotiated by ALPN", host, resp.ProtoMajor)
+		}
+		// HTTP/2 is the client's with the gateway; the backend is spoken
+		// to in HTTP/1.1 (it may know nothing else).
+		if s.Proto != "" && s.Proto != "HTTP/1.1" {
+			t.Errorf("%s: the backend was sent %s, want HTTP/1.1", host, s.Proto)
 		}
 		return resp.StatusCode, s, nil
 	}

@@ -466,6 +466,7 @@ type Seen struct {
 	Method  string
 	Path    string
 	Host    string
+	Proto   string
 	Header  http.Header
 	BodyLen int
 }
@@ -498,7 +499,7 @@ func (m *Mesh) startBackends(p *Pod) {
 			return
 		}
 		w.Header().Set("Content-Type", "application/json")
-		json.NewEncoder(w).Encode(Seen{Pod: p.Name, Method: r.Method, Path: r.URL.RequestURI(), Host: r.Host, Header: r.Header, BodyLen: int(n)})
+		json.NewEncoder(w).Encode(Seen{Pod: p.Name, Method: r.Method, Path: r.URL.RequestURI(), Host: r.Host, Proto: r.Proto, Header: r.Header, BodyLen: int(n)})
 	})
 	hs := &http.Server{Handler: mux}
 	proto := new(http.Protocols)
