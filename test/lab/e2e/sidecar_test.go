@@ -4,6 +4,8 @@ package e2e
 
 import (
 	"fmt"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -67,6 +69,34 @@ func TestSidecarCoexistence(t *testing.T) {
 	proxyLogs, _ := kubectl("logs", "-n", "e2e-sidecar-server", "deploy/httpbin", "-c", "istio-proxy", "--tail=200")
 	if !strings.Contains(proxyLogs, "ns/"+demoNS+"/sa/sleep") {
 		t.Errorf("the sidecar's log does not name the ambient caller's identity:\n%s", tail(proxyLogs, 10))
+	}
+
+	// sidecar sleep → ambient echo behind the namespace waypoint: the
+	// sidecar sends to the waypoint's :15008 as ztunnel would, and the
+	// seeds' HTTPRoute (echo → echo-v1) applies.
+	applyFile(t, demoNS, "test/lab/manifests/apps/echo.yaml")
+	waitAvailable(t, demoNS)
+	if out, err := exec.Command(filepath.Join(repoRoot, "bin/ambientctl"), "--kubeconfig", kubeconfig, "waypoint", "apply", "-n", demoNS, "--wait", "--timeout", "120s").CombinedOutput(); err != nil {
+		t.Fatalf("ambientctl waypoint apply: %v\n%s", err, out)
+	}
+	t.Cleanup(func() { removeNamespaceWaypoint(t) })
+	applyFile(t, demoNS, "test/lab/manifests/policy/httproute-echo.yaml")
+	eventually(t, 60*time.Second, "sidecar sleep -> echo through the waypoint, routed to echo-v1", func() error {
+		out, code := curl(t, "e2e-client-b", "deploy/sleep", "--repeat", "10", "http://echo."+demoNS+".svc.cluster.local/hostname")
+		hosts := strings.Fields(out)
+		if code != 0 || len(hosts) != 10 {
+			return fmt.Errorf("curl exit %d, %d answers", code, len(hosts))
+		}
+		for _, h := range hosts {
+			if !strings.HasPrefix(h, "echo-v1-") {
+				return fmt.Errorf("answered by %s: the waypoint's route did not apply", h)
+			}
+		}
+		return nil
+	})
+	wpLogs, _ := kubectl("logs", "-n", demoNS, "-l", "mesh.ambient.dev/waypoint", "--tail=200")
+	if !strings.Contains(wpLogs, "ns/e2e-client-b/sa/sleep") {
+		t.Errorf("the waypoint's access log does not name the sidecar client's identity:\n%s", tail(wpLogs, 5))
 	}
 
 	// Under STRICT in the ambient namespace the sidecar client keeps
