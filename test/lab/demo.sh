@@ -242,8 +242,8 @@ else
     sleep 2
   done
   echo "\$ kubectl exec deploy/sleep -n client-b -- curl httpbin.$NS.svc.cluster.local:8000 -s | grep title -m 1"; echo "$o"
-  logs=$(out "kubectl -n $MESH_NS logs -l app=ztunnel --tail=400 | grep 'client-b/sa/sleep'")
-  echo "\$ kubectl -n $MESH_NS logs -l app=ztunnel | grep client-b/sa/sleep"; echo "$logs" | tail -2
+  logs=$(out "kubectl -n $MESH_NS logs -l app=ztunnel --tail=400 | grep 'ns/client-b/sa/sleep'")
+  echo "\$ kubectl -n $MESH_NS logs -l app=ztunnel | grep ns/client-b/sa/sleep"; echo "$logs" | tail -2
   if [[ $o == *"<title>httpbin.org</title>"* ]] && [ -n "$logs" ]; then pass "sidecar client served over HBONE with its own identity"
   else fail "no page, or no ztunnel line naming the sidecar's identity"; fi
 fi
