@@ -254,5 +254,12 @@ func InjectSidecar(pod *corev1.Pod, mesh *meshv1.AmbientMesh, image string) erro
 	st, _ := json.Marshal(sidecarStatus{InitContainers: []string{SidecarInitName, SidecarName},
 		Volumes: []string{sidecarTokenVolume, sidecarRootVolume}, Image: image})
 	pod.Annotations[SidecarStatusAnnotation] = string(st)
+	// kubectl exec/logs keep meaning the app, as with Istio's injector.
+	if _, set := pod.Annotations[DefaultContainerAnnotation]; !set && len(pod.Spec.Containers) > 0 {
+		pod.Annotations[DefaultContainerAnnotation] = pod.Spec.Containers[0].Name
+	}
 	return nil
 }
+
+// DefaultContainerAnnotation names the container kubectl picks by default.
+const DefaultContainerAnnotation = "kubectl.kubernetes.io/default-container"

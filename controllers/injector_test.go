@@ -80,6 +80,9 @@ func checkPod(t *testing.T, tc podCase, pod *corev1.Pod, err error) {
 		}
 		return
 	}
+	if got := pod.Annotations[DefaultContainerAnnotation]; got != pod.Spec.Containers[0].Name {
+		t.Errorf("default container %q, want the app's %q (kubectl exec/logs)", got, pod.Spec.Containers[0].Name)
+	}
 	wantInit := 2
 	if tc.initContainer != "" {
 		wantInit = 3 // the app's own runs after the sidecar started
