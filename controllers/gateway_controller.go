@@ -44,17 +44,8 @@ type GatewayWaypointReconciler struct {
 
 // Reconcile brings one waypoint Gateway to its desired state.
 func (r *GatewayWaypointReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
-	gw := &gwv1.Gateway{}
-	if err := r.Client.Get(ctx, req.NamespacedName, gw); err != nil {
-		return ctrl.Result{}, client.IgnoreNotFound(err)
-	}
-	if gw.Spec.GatewayClassName != WaypointGatewayClass || !gw.DeletionTimestamp.IsZero() {
-		return ctrl.Result{}, nil
-	}
-	if foreign, owner, err := waypointClassForeign(ctx, r.Client); err != nil || foreign {
-		if foreign {
-			log.FromContext(ctx).V(1).Info("waypoint Gateway left to the GatewayClass's controller", "controllerName", owner)
-		}
+	gw, err := gatewayToServe(ctx, r.Client, req, WaypointGatewayClass)
+	if gw == nil || err != nil {
 		return ctrl.Result{}, err
 	}
 	status := gw.Status.DeepCopy()
@@ -82,6 +73,26 @@ func freshenProgrammed(status *gwv1.GatewayStatus, gen int64) {
 		}
 	}
 	setGatewayCondition(status, gen, gwv1.GatewayConditionProgrammed, false, reason, msg)
+}
+
+// gatewayToServe reads the Gateway of req when it is ours to reconcile: of
+// class, not being deleted, and the class not owned by another controller
+// (nil otherwise).
+func gatewayToServe(ctx context.Context, c client.Reader, req ctrl.Request, class string) (*gwv1.Gateway, error) {
+	gw := &gwv1.Gateway{}
+	if err := c.Get(ctx, req.NamespacedName, gw); err != nil {
+		return nil, client.IgnoreNotFound(err)
+	}
+	if string(gw.Spec.GatewayClassName) != class || !gw.DeletionTimestamp.IsZero() {
+		return nil, nil
+	}
+	if foreign, owner, err := classForeign(ctx, c, class); err != nil || foreign {
+		if foreign {
+			log.FromContext(ctx).V(1).Info("Gateway left to the GatewayClass's controller", "gatewayClass", class, "controllerName", owner)
+		}
+		return nil, err
+	}
+	return gw, nil
 }
 
 // patchGatewayStatus writes status when it changed; err is the reconcile's

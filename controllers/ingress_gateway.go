@@ -16,7 +16,6 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
-	"sigs.k8s.io/controller-runtime/pkg/log"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
@@ -160,17 +159,8 @@ type IngressGatewayReconciler struct {
 
 // Reconcile brings one ingress Gateway to its desired state.
 func (r *IngressGatewayReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
-	gw := &gwv1.Gateway{}
-	if err := r.Client.Get(ctx, req.NamespacedName, gw); err != nil {
-		return ctrl.Result{}, client.IgnoreNotFound(err)
-	}
-	if gw.Spec.GatewayClassName != IngressGatewayClass || !gw.DeletionTimestamp.IsZero() {
-		return ctrl.Result{}, nil
-	}
-	if foreign, owner, err := classForeign(ctx, r.Client, IngressGatewayClass); err != nil || foreign {
-		if foreign {
-			log.FromContext(ctx).V(1).Info("ingress Gateway left to the GatewayClass's controller", "controllerName", owner)
-		}
+	gw, err := gatewayToServe(ctx, r.Client, req, IngressGatewayClass)
+	if gw == nil || err != nil {
 		return ctrl.Result{}, err
 	}
 	status := gw.Status.DeepCopy()

@@ -31,22 +31,20 @@ type Listeners struct {
 	// <secret>/tls.key (the Secrets the operator mounts).
 	CertDir string
 
-	mu    sync.Mutex
-	ctx   context.Context
-	open  map[uint16]net.Listener
-	tls   map[uint16]bool
+	mu   sync.Mutex
+	ctx  context.Context
+	open map[uint16]net.Listener
+	// plan is what each port serves as of the last Sync (TLS listeners pick
+	// their certificates from it).
 	plan  map[uint16]route.Port
 	certs certCache
-	// failed holds ports that could not be opened, with the error.
-	failed map[uint16]error
 }
 
 // Run opens the listeners of the current Gateway and follows its changes
 // until ctx ends, then closes them all.
 func (l *Listeners) Run(ctx context.Context) {
 	l.mu.Lock()
-	l.ctx, l.open, l.failed = ctx, map[uint16]net.Listener{}, map[uint16]error{}
-	l.tls, l.plan = map[uint16]bool{}, map[uint16]route.Port{}
+	l.ctx, l.open, l.plan = ctx, map[uint16]net.Listener{}, map[uint16]route.Port{}
 	l.mu.Unlock()
 	changed := make(chan struct{}, 1)
 	l.Engine.OnGatewayChange(func() {
@@ -84,25 +82,22 @@ func (l *Listeners) Sync() {
 		want[p.Port] = p
 	}
 	for p, ln := range l.open {
-		if np, ok := want[p]; !ok || np.TLS != l.tls[p] {
+		if np, ok := want[p]; !ok || np.TLS != l.plan[p].TLS {
 			ln.Close()
 			delete(l.open, p)
 			l.Log.Info("listener closed", "port", p)
 		}
 	}
-	clear(l.failed)
+	l.plan = want
 	for _, p := range ports {
-		l.plan[p.Port] = p // TLS listeners pick certificates from the plan of now
 		if _, ok := l.open[p.Port]; ok {
 			continue
 		}
 		ln, err := net.Listen("tcp", net.JoinHostPort(l.Host, strconv.Itoa(int(p.Port))))
 		if err != nil {
-			l.failed[p.Port] = err
-			l.Log.Error(err, "listener not opened", "port", p.Port)
+			l.Log.Error(err, "listener not opened (retried on the next change)", "port", p.Port)
 			continue
 		}
-		l.tls[p.Port] = p.TLS
 		if p.TLS {
 			ln = tls.NewListener(ln, l.tlsConfig(p.Port))
 		}

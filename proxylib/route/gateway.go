@@ -4,6 +4,7 @@ import (
 	"net"
 	"net/http"
 	"sort"
+	"strconv"
 	"strings"
 
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
@@ -31,20 +32,7 @@ func BuildGateway(gw *gwv1.Gateway, httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*
 
 // listenerKey is the table key of a Gateway listener port.
 func listenerKey(port uint16) ServiceKey {
-	return ServiceKey{Name: ":" + itoa(port)}
-}
-
-func itoa(p uint16) string {
-	var b [5]byte
-	i := len(b)
-	for {
-		i--
-		b[i] = byte('0' + p%10)
-		p /= 10
-		if p == 0 {
-			return string(b[i:])
-		}
-	}
+	return ServiceKey{Name: ":" + strconv.Itoa(int(port))}
 }
 
 // gatewayParents lists the listeners of t.gateway a route attaches to.

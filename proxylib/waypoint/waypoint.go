@@ -115,10 +115,11 @@ func New(cfg Config) (*Server, error) {
 	}
 	s.metrics = newHTTPMetrics(cfg.Registry)
 	s.tcp = telemetry.NewMetrics(cfg.Registry)
-	s.upstream = l7.NewUpstream(s.dialEndpoint)
+	dial := s.dialEndpoint
 	if cfg.Ingress {
-		s.upstream = l7.NewUpstream(s.dialAsClient)
+		dial = s.dialAsClient
 	}
+	s.upstream = l7.NewUpstream(dial)
 	s.http = &l7.Server{Handler: nil, OnRefused: func(status int, reason string) {
 		s.log.Info("request refused", "status", status, "reason", reason)
 	}}

@@ -178,38 +178,8 @@ elif [ "${WAYPOINT_IMAGE:-}" != ready ] || [ "${METALLB:-}" != ready ]; then
   skip "ingress gateway or MetalLB not available: waypoint image ${WAYPOINT_IMAGE:-unknown}, MetalLB ${METALLB:-unknown}"
 else
   kc create namespace istio-system >/dev/null 2>&1 || true
-  cat >"$LAB/seeds-gateway.yaml" <<'EOF'
-apiVersion: gateway.networking.k8s.io/v1beta1
-kind: Gateway
-metadata:
-  name: httpbin-gateway
-  namespace: istio-system
-spec:
-  gatewayClassName: istio
-  listeners:
-  - name: http
-    port: 80
-    protocol: HTTP
-    allowedRoutes:
-      namespaces:
-        from: All
-EOF
-  cat >"$LAB/seeds-httproute.yaml" <<'EOF'
-apiVersion: gateway.networking.k8s.io/v1beta1
-kind: HTTPRoute
-metadata:
-  name: httpbin
-spec:
-  parentRefs:
-  - name: httpbin-gateway
-    namespace: istio-system
-  rules:
-  - backendRefs:
-    - name: httpbin
-      port: 8000
-EOF
-  show "kubectl apply -f $LAB/seeds-gateway.yaml"
-  show "kubectl apply -n $NS -f $LAB/seeds-httproute.yaml"
+  show "kubectl apply -f test/lab/manifests/ingress/gateway.yaml"
+  show "kubectl apply -n $NS -f test/lab/manifests/ingress/httproute.yaml"
   show "kubectl wait -n istio-system --for=condition=Programmed gateway/httpbin-gateway --timeout=180s" >/dev/null
   show "kubectl get service httpbin-gateway-istio -n istio-system"
   INGRESS_HOST=$(kc -n istio-system get service httpbin-gateway-istio -o jsonpath='{.status.loadBalancer.ingress[0].ip}')

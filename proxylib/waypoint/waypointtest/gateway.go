@@ -124,6 +124,14 @@ func (m *Mesh) MarkOutsideMesh(p *Pod) {
 // own self-signed root (returned for clients to trust), as Secret secret.
 func (g *Gateway) WriteCertificate(t testing.TB, secret string, hosts ...string) *x509.CertPool {
 	t.Helper()
+	return WriteSelfSigned(t, filepath.Join(g.CertDir, secret), hosts...)
+}
+
+// WriteSelfSigned writes a self-signed certificate for hosts as dir/tls.crt
+// and dir/tls.key (a kubernetes.io/tls Secret's keys) and returns the pool
+// that trusts it.
+func WriteSelfSigned(t testing.TB, dir string, hosts ...string) *x509.CertPool {
+	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -142,7 +150,6 @@ func (g *Gateway) WriteCertificate(t testing.TB, secret string, hosts ...string)
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir := filepath.Join(g.CertDir, secret)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}

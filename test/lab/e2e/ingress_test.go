@@ -3,58 +3,17 @@
 package e2e
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
 	"fmt"
-	"math/big"
 	"net"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/ambientmesh/ambient/proxylib/waypoint/waypointtest"
 )
-
-// The seeds' north-south section, verbatim: a Gateway of class istio in
-// istio-system (not in ambient mode) and an HTTPRoute in the app namespace
-// sending everything to httpbin:8000.
-const seedsIngressGateway = `
-apiVersion: gateway.networking.k8s.io/v1beta1
-kind: Gateway
-metadata:
-  name: httpbin-gateway
-  namespace: istio-system
-spec:
-  gatewayClassName: istio
-  listeners:
-  - name: http
-    port: 80
-    protocol: HTTP
-    allowedRoutes:
-      namespaces:
-        from: All
-`
-
-const seedsIngressRoute = `
-apiVersion: gateway.networking.k8s.io/v1beta1
-kind: HTTPRoute
-metadata:
-  name: httpbin
-spec:
-  parentRefs:
-  - name: httpbin-gateway
-    namespace: istio-system
-  rules:
-  - backendRefs:
-    - name: httpbin
-      port: 8000
-`
 
 // Only the ingress gateway may call httpbin (its identity is Istio's:
 // the gateway's service account <gateway>-istio).
@@ -103,8 +62,9 @@ func TestNorthSouthIngress(t *testing.T) {
 	if out, err := kubectl("create", "namespace", "istio-system"); err != nil && !strings.Contains(out, "AlreadyExists") {
 		t.Fatalf("create namespace istio-system: %v\n%s", err, out)
 	}
-	apply(t, "", seedsIngressGateway)
-	apply(t, demoNS, seedsIngressRoute)
+	// The seeds' north-south section, verbatim.
+	mustKubectl(t, "apply", "-f", filepath.Join(repoRoot, "test/lab/manifests/ingress/gateway.yaml"))
+	applyFile(t, demoNS, "test/lab/manifests/ingress/httproute.yaml")
 	t.Cleanup(func() {
 		kubectl("delete", "httproute", "httpbin", "-n", demoNS, "--ignore-not-found")
 		kubectl("delete", "gateway", "httpbin-gateway", "-n", "istio-system", "--ignore-not-found", "--wait=true", "--timeout=60s")
@@ -173,26 +133,12 @@ func TestNorthSouthIngress(t *testing.T) {
 func checkIngressHTTPS(t *testing.T, host string) {
 	t.Helper()
 	dir := t.TempDir()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: "httpbin.example.com"},
-		DNSNames: []string{"httpbin.example.com"}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		BasicConstraintsValid: true, IsCA: true}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kb, _ := x509.MarshalECPrivateKey(key)
+	waypointtest.WriteSelfSigned(t, dir, "httpbin.example.com")
 	crt, keyFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
-	os.WriteFile(crt, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
-	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600)
 	kubectl("delete", "secret", "httpbin-cert", "-n", "istio-system", "--ignore-not-found")
 	mustKubectl(t, "create", "secret", "tls", "httpbin-cert", "-n", "istio-system", "--cert", crt, "--key", keyFile)
 	t.Cleanup(func() { kubectl("delete", "secret", "httpbin-cert", "-n", "istio-system", "--ignore-not-found") })
-	apply(t, "", strings.Replace(seedsIngressGateway, "        from: All\n", `        from: All
+	apply(t, "", strings.Replace(readFile(t, "test/lab/manifests/ingress/gateway.yaml"), "        from: All\n", `        from: All
   - name: https
     hostname: httpbin.example.com
     port: 443

@@ -318,8 +318,15 @@ func TestJourneyWaypointHTTPRoute(t *testing.T) {
 	// captured: a waypoint pod never is.
 	t.Cleanup(func() { removeNamespaceWaypoint(t) })
 	applyFile(t, demoNS, "test/lab/manifests/policy/httproute-echo.yaml")
-	eventually(t, 60*time.Second, "echo routed to echo-v1 only", func() error {
-		out, code := curl(t, demoNS, "deploy/sleep", "--repeat", "10", "http://echo/hostname")
+	expectEchoV1Only(t, "echo routed to echo-v1 only", demoNS, "http://echo/hostname")
+}
+
+// expectEchoV1Only waits until 10 requests from ns's sleep to url are all
+// answered by echo-v1 (the seeds' HTTPRoute applied by the waypoint).
+func expectEchoV1Only(t *testing.T, what, ns, url string) {
+	t.Helper()
+	eventually(t, 60*time.Second, what, func() error {
+		out, code := curl(t, ns, "deploy/sleep", "--repeat", "10", url)
 		hosts := strings.Fields(out)
 		if code != 0 || len(hosts) != 10 {
 			return fmt.Errorf("curl exit %d, %d answers", code, len(hosts))

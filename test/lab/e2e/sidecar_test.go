@@ -81,19 +81,8 @@ func TestSidecarCoexistence(t *testing.T) {
 	}
 	t.Cleanup(func() { removeNamespaceWaypoint(t) })
 	applyFile(t, demoNS, "test/lab/manifests/policy/httproute-echo.yaml")
-	eventually(t, 60*time.Second, "sidecar sleep -> echo through the waypoint, routed to echo-v1", func() error {
-		out, code := curl(t, "e2e-client-b", "deploy/sleep", "--repeat", "10", "http://echo."+demoNS+".svc.cluster.local/hostname")
-		hosts := strings.Fields(out)
-		if code != 0 || len(hosts) != 10 {
-			return fmt.Errorf("curl exit %d, %d answers", code, len(hosts))
-		}
-		for _, h := range hosts {
-			if !strings.HasPrefix(h, "echo-v1-") {
-				return fmt.Errorf("answered by %s: the waypoint's route did not apply", h)
-			}
-		}
-		return nil
-	})
+	expectEchoV1Only(t, "sidecar sleep -> echo through the waypoint, routed to echo-v1", "e2e-client-b",
+		"http://echo."+demoNS+".svc.cluster.local/hostname")
 	wpLogs, _ := kubectl("logs", "-n", demoNS, "-l", "mesh.ambient.dev/waypoint", "--tail=200")
 	if !strings.Contains(wpLogs, "ns/e2e-client-b/sa/sleep") {
 		t.Errorf("the waypoint's access log does not name the sidecar client's identity:\n%s", tail(wpLogs, 5))
