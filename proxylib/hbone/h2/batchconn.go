@@ -38,21 +38,12 @@ type recordBatcher struct {
 	buf   *[]byte      // records waiting for the end of the batch
 	err   error        // a failed flush: the byte stream is broken for good
 	calls atomic.Int64 // socket writes (for tests)
-
-	// holdNext is a hint that another write follows at once (the dialer's
-	// request-body pipe still has bytes queued): the next batch leaves its
-	// records buffered so the following frames share its syscall. holdTimer
-	// sends held bytes if no write comes (e.g. the writer waits for flow
-	// control), so holding never stalls the stream for long.
-	holdNext  atomic.Bool
-	holdTimer *time.Timer
 }
 
 func newRecordBatcher(c net.Conn) *recordBatcher { return &recordBatcher{Conn: c} }
 
-// batchRecords and holdFrames turn batching and the dialer's frame holding
-// off for same-run comparisons in benchmarks.
-var batchRecords, holdFrames = true, true
+// batchRecords turns batching off for same-run comparisons in benchmarks.
+var batchRecords = true
 
 // Write buffers inside a batch and writes through outside one.
 func (b *recordBatcher) Write(p []byte) (int, error) {
@@ -81,26 +72,6 @@ func (b *recordBatcher) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// holdTime bounds how long held records wait for the write that was
-// announced; it only matters when that write is delayed (flow control).
-const holdTime = 200 * time.Microsecond
-
-// moreFollows announces that another write follows at once.
-func (b *recordBatcher) moreFollows() { b.holdNext.Store(true) }
-
-// holding reports whether the next write should be batched even if it is a
-// single record.
-func (b *recordBatcher) holding() bool { return b.holdNext.Load() }
-
-// flushHeld is the hold timer: it sends records nobody followed up.
-func (b *recordBatcher) flushHeld() {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.open == 0 && b.err == nil {
-		b.flushLocked()
-	}
-}
-
 func (b *recordBatcher) begin() {
 	b.mu.Lock()
 	b.open++
@@ -114,14 +85,6 @@ func (b *recordBatcher) end() error {
 	b.open--
 	if b.err != nil {
 		return b.err
-	}
-	if b.holdNext.Swap(false) && b.buf != nil && len(*b.buf)+maxRecordPlaintext+22 <= batchLimit {
-		if b.holdTimer == nil {
-			b.holdTimer = time.AfterFunc(holdTime, b.flushHeld)
-		} else {
-			b.holdTimer.Reset(holdTime)
-		}
-		return nil
 	}
 	return b.flushLocked()
 }
@@ -165,7 +128,7 @@ func newBatchedTLS(tc *tls.Conn, batch *recordBatcher) *batchedTLS {
 }
 
 func (c *batchedTLS) Write(p []byte) (int, error) {
-	if !batchRecords || len(p) <= maxRecordPlaintext && !c.batch.holding() {
+	if !batchRecords || len(p) <= maxRecordPlaintext {
 		return c.Conn.Write(p) // one record: nothing to coalesce, no copy
 	}
 	c.writing.Add(1)

@@ -253,14 +253,3 @@ func BenchmarkRecordBatching(b *testing.B) {
 		}
 	}
 }
-
-// BenchmarkFrameHolding compares the dialer's upload with and without
-// holding DATA frames for the next one (bodyPipe hint) in the same run.
-func BenchmarkFrameHolding(b *testing.B) {
-	for _, on := range []bool{false, true} {
-		b.Run(fmt.Sprintf("upload/hold=%v", on), func(b *testing.B) {
-			defer h2.SetFrameHolding(h2.SetFrameHolding(on))
-			benchTunnel(b, h2.Tuning{}, h2.Tuning{}, false)
-		})
-	}
-}

@@ -8,15 +8,14 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"net/url"
 	"slices"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/go-logr/logr"
 	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 )
@@ -44,9 +43,8 @@ type DialerConfig struct {
 
 // Dialer opens HBONE tunnels over pooled HTTP/2 connections.
 type Dialer struct {
-	cfg       DialerConfig
-	transport *http2.Transport
-	log       logr.Logger
+	cfg DialerConfig
+	log logr.Logger
 
 	mu      sync.Mutex
 	pools   map[poolKey]*pool
@@ -76,10 +74,8 @@ type pool struct {
 }
 
 type clientConn struct {
-	cc     *http2.ClientConn
-	tls    *tls.Conn
-	batch  *recordBatcher
-	active atomic.Int32 // our tunnels on it (capped by MaxStreamsPerConn)
+	c     *conn
+	local net.Addr
 }
 
 // NewDialer validates cfg.
@@ -109,30 +105,13 @@ func NewDialer(cfg DialerConfig) (*Dialer, error) {
 		cfg.Tuning.MaxReadFrameSize = DefaultDialerFrameSize
 	}
 	cfg.Tuning = cfg.Tuning.withDefaults()
-	// Windows live in net/http's HTTP2Config, reached through the HTTP/1
-	// transport that ConfigureTransports links to the HTTP/2 one.
-	t1 := &http.Transport{HTTP2: &http.HTTP2Config{
-		MaxReceiveBufferPerConnection: int(cfg.Tuning.ConnWindow),
-		MaxReceiveBufferPerStream:     int(cfg.Tuning.StreamWindow),
-		MaxReadFrameSize:              int(cfg.Tuning.MaxReadFrameSize),
-	}}
-	t2, err := http2.ConfigureTransports(t1)
-	if err != nil {
-		return nil, err
-	}
-	t2.MaxReadFrameSize = cfg.Tuning.MaxReadFrameSize
-	t2.MaxHeaderListSize = DefaultMaxHeaderListSize
-	t2.IdleConnTimeout = cfg.IdleConnTimeout
-	t2.ReadIdleTimeout = cfg.PingInterval
-	t2.PingTimeout = cfg.PingTimeout
-	t2.StrictMaxConcurrentStreams = true
-	d := &Dialer{cfg: cfg, transport: t2, log: cfg.Log.WithName("hbone-dialer"), pools: map[poolKey]*pool{}}
+	d := &Dialer{cfg: cfg, log: cfg.Log.WithName("hbone-dialer"), pools: map[poolKey]*pool{}}
 	d.janitor = time.AfterFunc(cfg.IdleConnTimeout, d.prune)
 	return d, nil
 }
 
-// prune drops closed connections and empty pools (x/net closes idle
-// connections itself after IdleConnTimeout), then re-arms.
+// prune drops closed connections and empty pools (connections close
+// themselves after IdleConnTimeout without tunnels), then re-arms.
 func (d *Dialer) prune() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -182,15 +161,10 @@ func (d *Dialer) Dial(ctx context.Context, req hbone.DialRequest) (hbone.Stream,
 	}
 }
 
+// retryable: the stream was refused before the peer processed it (GOAWAY,
+// REFUSED_STREAM, or the connection died before an answer).
 func retryable(err error) bool {
-	if errors.Is(err, http2.ErrNoCachedConn) {
-		return true
-	}
-	// x/net has no typed errors for these; its messages are matched.
-	msg := err.Error()
-	return strings.Contains(msg, "GOAWAY") || strings.Contains(msg, "client connection lost") ||
-		strings.Contains(msg, "client conn not usable") || strings.Contains(msg, "connection not usable") ||
-		strings.Contains(msg, "REFUSED_STREAM")
+	return errors.Is(err, errGoAway) || errors.Is(err, errRefused) || errors.Is(err, errConnClosed)
 }
 
 func (d *Dialer) pool(req hbone.DialRequest) (*pool, poolKey, error) {
@@ -249,21 +223,21 @@ func (d *Dialer) reserve(ctx context.Context, p *pool, key poolKey, req hbone.Di
 
 // takeLocked reserves a stream on the first usable connection and drops
 // connections that closed or received GOAWAY (their streams finish on
-// their own; x/net closes them when the last one ends).
+// their own; the connection closes when the last one ends).
 func (p *pool) takeLocked(max int) *clientConn {
 	kept := p.conns[:0]
 	var found *clientConn
-	for _, c := range p.conns {
-		st := c.cc.State()
-		if st.Closed || st.Closing || !c.cc.CanTakeNewRequest() {
-			continue
+	for _, cc := range p.conns {
+		c := cc.c
+		c.mu.Lock()
+		usable := !c.closed && !c.goAwayRecv && !c.goAwaySent
+		if usable && found == nil && len(c.streams)+c.reserved < min(max, int(c.peerMaxStreams)) {
+			c.reserved++
+			found = cc
 		}
-		kept = append(kept, c)
-		if found == nil && int(c.active.Load()) < max {
-			if c.cc.ReserveNewRequest() {
-				c.active.Add(1)
-				found = c
-			}
+		c.mu.Unlock()
+		if usable {
+			kept = append(kept, cc)
 		}
 	}
 	clear(p.conns[len(kept):])
@@ -289,73 +263,81 @@ func (d *Dialer) connect(ctx context.Context, req hbone.DialRequest) (*clientCon
 		tc.Close()
 		return nil, fmt.Errorf("hbone: %s negotiated ALPN %q, want h2", req.ProxyAddr, p)
 	}
-	cc, err := d.transport.NewClientConn(newBatchedTLS(tc, batch))
-	if err != nil {
-		tc.Close()
+	limits := Limits{MaxHeaderListSize: DefaultMaxHeaderListSize}
+	c := newConn(raw, newBatchedTLS(tc, batch), false, d.cfg.Tuning, limits)
+	c.idleTimeout = d.cfg.IdleConnTimeout
+	if err := c.start(); err != nil {
+		raw.Close()
 		return nil, fmt.Errorf("hbone: HTTP/2 with %s: %w", req.ProxyAddr, err)
 	}
+	go c.serve()
+	c.keepalive(d.cfg.PingInterval, d.cfg.PingTimeout)
 	d.log.V(1).Info("connection opened", "proxy", req.ProxyAddr.String(), "source", req.Source.String())
-	return &clientConn{cc: cc, tls: tc, batch: batch}, nil
+	return &clientConn{c: c, local: tc.LocalAddr()}, nil
 }
 
-// roundTrip sends CONNECT on a reserved slot of c and waits for 200. ctx
+// roundTrip sends CONNECT on a reserved slot of cc and waits for 200. ctx
 // bounds only the wait for the response; the tunnel lives until Close.
-func (d *Dialer) roundTrip(ctx context.Context, c *clientConn, req hbone.DialRequest) (hbone.Stream, error) {
-	var released atomic.Bool
-	release := func() {
-		if released.CompareAndSwap(false, true) {
-			c.active.Add(-1)
-		}
-	}
-	streamCtx, cancel := context.WithCancel(context.Background())
-	stop := context.AfterFunc(ctx, cancel)
-	pw := newBodyPipe()
-	if holdFrames {
-		pw.more = c.batch.moreFollows
-	}
+func (d *Dialer) roundTrip(ctx context.Context, cc *clientConn, req hbone.DialRequest) (hbone.Stream, error) {
+	c := cc.c
 	authority := req.Target.String()
-	hr := &http.Request{
-		Method:        http.MethodConnect,
-		URL:           &url.URL{Host: authority},
-		Host:          authority,
-		Header:        req.Header.Clone(),
-		Body:          bodyReader{pw},
-		ContentLength: -1,
-		Proto:         "HTTP/2.0",
-		ProtoMajor:    2,
-	}
-	if hr.Header == nil {
-		hr.Header = http.Header{}
-	}
-	resp, err := c.cc.RoundTrip(hr.WithContext(streamCtx))
-	stopped := stop()
-	if err != nil || !stopped {
-		cancel()
-		pw.Close()
-		release()
-		if err == nil {
-			resp.Body.Close()
-			err = ctx.Err()
+	t := newTunnel(c, 0)
+	t.response = make(chan responseResult, 1)
+	t.local = cc.local
+	t.remote = tunnelAddr(authority)
+	fields := make([]hpack.HeaderField, 0, 2+len(req.Header))
+	fields = append(fields,
+		hpack.HeaderField{Name: ":method", Value: http.MethodConnect},
+		hpack.HeaderField{Name: ":authority", Value: authority})
+	for k, vs := range req.Header {
+		name := strings.ToLower(k)
+		for _, v := range vs {
+			fields = append(fields, hpack.HeaderField{Name: name, Value: v})
 		}
-		return nil, fmt.Errorf("hbone: CONNECT %s via %s: %w", authority, req.ProxyAddr, err)
 	}
-	if resp.StatusCode != http.StatusOK {
-		resp.Body.Close()
-		cancel()
-		pw.Close()
-		release()
-		return nil, fmt.Errorf("hbone: CONNECT %s via %s: %w", authority, req.ProxyAddr, &hbone.RejectedError{Status: resp.StatusCode})
+	c.mu.Lock()
+	maxFrame := c.peerMaxFrame
+	c.mu.Unlock()
+	opened := false
+	_, err := c.w.headers(func() uint32 {
+		// Under the writer lock: ids go on the wire in the order allocated.
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		c.reserved--
+		if c.closed {
+			return 0
+		}
+		t.id = c.nextID
+		c.nextID += 2
+		t.sendWindow = int64(c.peerInitialWindow)
+		c.addLocked(t)
+		opened = true
+		return t.id
+	}, fields, false, maxFrame)
+	if !opened {
+		return nil, fmt.Errorf("hbone: CONNECT %s via %s: %w", authority, req.ProxyAddr, errConnClosed)
 	}
-	st := &clientStream{
-		body:    resp.Body,
-		pw:      pw,
-		cancel:  cancel,
-		release: release,
-		local:   c.tls.LocalAddr(),
-		remote:  tunnelAddr(authority),
+	if err != nil {
+		t.abort(http2.ErrCodeCancel, err, false)
+		return nil, fmt.Errorf("hbone: CONNECT %s via %s: %w", authority, req.ProxyAddr, errConnClosed)
 	}
-	st.idle = newIdleWatch(d.cfg.StreamIdleTimeout, func() { st.Close() })
-	return st, nil
+	var res responseResult
+	select {
+	case res = <-t.response:
+	case <-ctx.Done():
+		t.Close()
+		return nil, fmt.Errorf("hbone: CONNECT %s via %s: %w", authority, req.ProxyAddr, ctx.Err())
+	}
+	if res.err != nil {
+		t.Close()
+		return nil, fmt.Errorf("hbone: CONNECT %s via %s: %w", authority, req.ProxyAddr, res.err)
+	}
+	if res.status != http.StatusOK {
+		t.Close()
+		return nil, fmt.Errorf("hbone: CONNECT %s via %s: %w", authority, req.ProxyAddr, &hbone.RejectedError{Status: res.status})
+	}
+	t.idle = newIdleWatch(d.cfg.StreamIdleTimeout, func() { t.abort(http2.ErrCodeCancel, ErrStreamIdle, true) })
+	return t, nil
 }
 
 // Close drains the pool: new dials fail, each connection is shut down
@@ -369,8 +351,8 @@ func (d *Dialer) Close() error {
 	d.mu.Unlock()
 	for _, p := range pools {
 		p.mu.Lock()
-		for _, c := range p.conns {
-			go c.cc.Shutdown(context.Background())
+		for _, cc := range p.conns {
+			cc.c.goAway(http2.ErrCodeNo)
 		}
 		p.conns = nil
 		p.mu.Unlock()
@@ -395,11 +377,14 @@ func (d *Dialer) Stats() Stats {
 	var s Stats
 	for _, p := range pools {
 		p.mu.Lock()
-		for _, c := range p.conns {
-			if st := c.cc.State(); !st.Closed && !st.Closing {
+		for _, cc := range p.conns {
+			c := cc.c
+			c.mu.Lock()
+			if !c.closed && !c.goAwayRecv && !c.goAwaySent {
 				s.Conns++
-				s.Streams += int(c.active.Load())
+				s.Streams += len(c.streams)
 			}
+			c.mu.Unlock()
 		}
 		p.mu.Unlock()
 	}

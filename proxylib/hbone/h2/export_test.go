@@ -7,11 +7,3 @@ func SetRecordBatching(on bool) bool {
 	batchRecords = on
 	return prev
 }
-
-// SetFrameHolding switches the dialer's frame holding (bodyPipe hints to
-// the recordBatcher) for same-run comparisons; it returns the previous value.
-func SetFrameHolding(on bool) bool {
-	prev := holdFrames
-	holdFrames = on
-	return prev
-}

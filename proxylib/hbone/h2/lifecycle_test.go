@@ -16,23 +16,18 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 )
 
-// x/net recycles a stream's ResponseWriter state once the HTTP handler
-// returns, so any later use of it by the tunnel's stream crashes the whole
-// server. These tests drive the stream past that point.
-
-// afterReturn is what the handler saw when it used its stream after the
-// server's HTTP handler had returned.
-type afterReturn struct {
+// afterEnd is what the handler saw when it used its stream after both
+// directions had ended.
+type afterEnd struct {
 	deadline, readDeadline, writeDeadline error
 	writeErr, readErr                     error
 }
 
-// TestStreamUseAfterHandlerReturned: a finished stream's deadline, Write,
-// Read, CloseWrite and Close calls made after x/net's handler returned are
-// refused or no-ops, never a crash.
-func TestStreamUseAfterHandlerReturned(t *testing.T) {
-	clientSawEnd := make(chan struct{})
-	got := make(chan afterReturn, 1)
+// TestStreamUseAfterEnd: once both directions ended cleanly the tunnel is
+// released; later deadline, Write, Read, CloseWrite and Close calls are
+// refused or no-ops, never a crash or a frame on a closed stream.
+func TestStreamUseAfterEnd(t *testing.T) {
+	got := make(chan afterEnd, 1)
 	var first atomic.Bool
 	first.Store(true)
 	e := newEnv(t, withHandler(hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
@@ -45,17 +40,12 @@ func TestStreamUseAfterHandlerReturned(t *testing.T) {
 			t.Error(err)
 			return
 		}
-		st.CloseWrite() // ends the response: x/net's handler returns
-		<-clientSawEnd  // the end reached the peer: the handler has returned
-		var r afterReturn
-		// The old stream passed the first calls straight to x/net: poll
-		// until refused so the call lands after x/net let go of the stream.
-		for i := 0; i < 1000; i++ {
-			if r.deadline = st.SetDeadline(time.Time{}); r.deadline != nil {
-				break
-			}
-			time.Sleep(time.Millisecond)
+		st.CloseWrite()
+		if _, err := io.ReadAll(st); err != nil { // until the client's END_STREAM
+			t.Errorf("server read: %v", err)
 		}
+		var r afterEnd
+		r.deadline = st.SetDeadline(time.Time{})
 		r.readDeadline = st.SetReadDeadline(time.Now())
 		r.writeDeadline = st.SetWriteDeadline(time.Now())
 		_, r.writeErr = st.Write([]byte("late"))
@@ -69,8 +59,8 @@ func TestStreamUseAfterHandlerReturned(t *testing.T) {
 	if _, err := io.ReadAll(st); err != nil {
 		t.Fatalf("response did not end cleanly: %v", err)
 	}
-	close(clientSawEnd)
-	var r afterReturn
+	st.CloseWrite()
+	var r afterEnd
 	select {
 	case r = <-got:
 	case <-time.After(10 * time.Second):
@@ -78,7 +68,7 @@ func TestStreamUseAfterHandlerReturned(t *testing.T) {
 	}
 	for name, err := range map[string]error{"SetDeadline": r.deadline, "SetReadDeadline": r.readDeadline, "SetWriteDeadline": r.writeDeadline, "Write": r.writeErr} {
 		if !errors.Is(err, net.ErrClosed) {
-			t.Errorf("%s after the handler returned: %v, want net.ErrClosed", name, err)
+			t.Errorf("%s after the stream ended: %v, want net.ErrClosed", name, err)
 		}
 	}
 	if r.readErr != io.EOF {
@@ -237,37 +227,59 @@ func TestOpenThenResetStorm(t *testing.T) {
 	runTunnelsTo(t, e, target, tunnels, 32, &handlers, func(hbone.Stream) {})
 }
 
-// TestBlockedReadEndsWithTheResponse: a Read waiting for the peer when the
-// response ends (CloseWrite) returns io.EOF instead of outliving the HTTP
-// handler inside x/net's request body (the handler waits for it).
-func TestBlockedReadEndsWithTheResponse(t *testing.T) {
-	readErr := make(chan error, 1)
-	e := newEnv(t, withHandler(hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
-		st, err := resp.Accept()
-		if err != nil {
-			t.Error(err)
-			return
-		}
-		reading := make(chan struct{})
-		go func() {
-			close(reading)
-			_, err := st.Read(make([]byte, 64)) // the client sends nothing
-			readErr <- err
-		}()
-		<-reading
-		st.CloseWrite()
-	})))
-	st := e.dial(t, e.echo.Addr)
-	defer st.Close()
-	if _, err := io.ReadAll(st); err != nil {
-		t.Fatalf("response did not end cleanly: %v", err)
-	}
-	select {
-	case err := <-readErr:
-		if err != io.EOF {
-			t.Errorf("blocked Read after CloseWrite: %v, want io.EOF", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("a Read blocked in the request body outlived the response")
+// TestHalfCloseBothWays: after the accepting side ends its direction
+// (CloseWrite), a Read it has blocked keeps receiving what the client sends
+// until the client's own END_STREAM, which is a clean io.EOF; the same holds
+// with the roles swapped.
+func TestHalfCloseBothWays(t *testing.T) {
+	for _, serverFirst := range []bool{true, false} {
+		t.Run(map[bool]string{true: "server ends first", false: "client ends first"}[serverFirst], func(t *testing.T) {
+			serverGot := make(chan string, 1)
+			e := newEnv(t, withHandler(hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
+				st, err := resp.Accept()
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				defer st.Close()
+				if serverFirst {
+					st.Write([]byte("bye"))
+					st.CloseWrite()
+				}
+				b, err := io.ReadAll(st)
+				if err != nil {
+					t.Errorf("server read after its CloseWrite: %v", err)
+				}
+				serverGot <- string(b)
+				if !serverFirst {
+					st.Write([]byte("bye"))
+					st.CloseWrite()
+				}
+			})))
+			st := e.dial(t, e.echo.Addr)
+			defer st.Close()
+			if serverFirst {
+				b, err := io.ReadAll(st)
+				if err != nil || string(b) != "bye" {
+					t.Fatalf("client read %q, %v; want bye, EOF", b, err)
+				}
+			}
+			st.Write([]byte("still talking"))
+			st.CloseWrite()
+			select {
+			case got := <-serverGot:
+				if got != "still talking" {
+					t.Errorf("server read %q after the half-close, want %q", got, "still talking")
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("server never saw the client's END_STREAM")
+			}
+			if !serverFirst {
+				b, err := io.ReadAll(st)
+				if err != nil || string(b) != "bye" {
+					t.Fatalf("client read %q, %v after its CloseWrite; want bye, EOF", b, err)
+				}
+			}
+		})
 	}
 }

@@ -5,23 +5,23 @@ import (
 	"fmt"
 	"testing"
 
-	"golang.org/x/net/http2"
+	"github.com/ambientmesh/ambient/proxylib/hbone"
 )
 
-// TestRetryable: errors x/net returns before a stream was started on a
-// connection going away are retried on another connection; others are not.
+// TestRetryable: a stream refused before the peer processed it (GOAWAY,
+// REFUSED_STREAM, a connection that died before the answer) is retried on
+// another connection; a rejection or a TLS failure is not.
 func TestRetryable(t *testing.T) {
 	for _, c := range []struct {
 		err  error
 		want bool
 	}{
-		{http2.ErrNoCachedConn, true},
-		{errors.New("http2: client conn not usable"), true}, // a pooled connection that just got GOAWAY
-		{errors.New("http2: server sent GOAWAY and closed the connection"), true},
-		{errors.New("http2: client connection lost"), true},
-		{fmt.Errorf("stream error: stream ID 3; REFUSED_STREAM"), true},
+		{fmt.Errorf("hbone: CONNECT x via y: %w", errGoAway), true},
+		{fmt.Errorf("hbone: CONNECT x via y: %w", errRefused), true},
+		{fmt.Errorf("hbone: CONNECT x via y: %w", errConnClosed), true},
 		{errors.New("remote error: tls: bad certificate"), false},
-		{errors.New("hbone: CONNECT rejected by peer: 403 Forbidden"), false},
+		{fmt.Errorf("hbone: CONNECT x via y: %w", &hbone.RejectedError{Status: 403}), false},
+		{&ResetError{Code: 8, Remote: true}, false},
 	} {
 		if got := retryable(c.err); got != c.want {
 			t.Errorf("retryable(%q) = %v, want %v", c.err, got, c.want)

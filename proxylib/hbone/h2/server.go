@@ -5,16 +5,16 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
-	"log"
 	"net"
 	"net/http"
 	"net/netip"
+	"strconv"
 	"sync"
 	"time"
 
 	"github.com/go-logr/logr"
 	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/identity"
@@ -181,14 +181,14 @@ func (s *Server) closeConns() {
 	}
 }
 
-// serverConn is one accepted TLS connection.
+// serverConn is one accepted connection and who is on the other end.
 type serverConn struct {
 	s        *Server
+	c        *conn
 	raw      net.Conn
 	peer     identity.Identity
 	peerAddr netip.AddrPort
 	local    netip.AddrPort
-	hs       *http.Server // per connection, so one connection can be sent GOAWAY
 
 	firstRequest sync.Once
 
@@ -215,7 +215,7 @@ func (sc *serverConn) noteEarlyReset() {
 	sc.resetMu.Unlock()
 	if trip {
 		sc.s.log.Info("closing connection: too many early stream resets (rapid reset)", "peer_id", sc.peer.String(), "peer", sc.peerAddr.String(), "resets", l.MaxEarlyResets)
-		sc.goAway()
+		sc.c.goAway(http2.ErrCodeEnhanceYourCalm)
 		time.AfterFunc(time.Second, func() { sc.raw.Close() })
 	}
 }
@@ -228,23 +228,10 @@ func (s *Server) serveConn(raw net.Conn) {
 		return
 	}
 	sc := &serverConn{s: s, raw: raw, peer: peer, peerAddr: addrPort(raw.RemoteAddr()), local: addrPort(raw.LocalAddr())}
-	h2s := &http2.Server{
-		MaxConcurrentStreams:         s.limits.MaxConcurrentStreams,
-		MaxReadFrameSize:             s.tuning.MaxReadFrameSize,
-		MaxUploadBufferPerConnection: s.tuning.ConnWindow,
-		MaxUploadBufferPerStream:     s.tuning.StreamWindow,
-		IdleTimeout:                  s.limits.ConnIdleTimeout,
-		ReadIdleTimeout:              s.limits.PingInterval,
-		PingTimeout:                  s.limits.PingTimeout,
-	}
-	sc.hs = &http.Server{
-		MaxHeaderBytes: int(s.limits.MaxHeaderListSize),
-		ErrorLog:       log.New(io.Discard, "", 0),
-	}
-	if err := http2.ConfigureServer(sc.hs, h2s); err != nil {
-		s.log.Error(err, "configuring HTTP/2")
-		return
-	}
+	c := newConn(raw, tc, true, s.tuning, s.limits)
+	c.idleTimeout = s.limits.ConnIdleTimeout
+	c.onHeaders = sc.onHeaders
+	sc.c = c
 	if !s.track(sc) {
 		return // drained while handshaking
 	}
@@ -255,12 +242,16 @@ func (s *Server) serveConn(raw net.Conn) {
 	}
 	if age := s.limits.MaxConnectionAge; age > 0 {
 		t := time.AfterFunc(age, func() {
-			sc.goAway()
+			c.goAway(http2.ErrCodeNo)
 			time.AfterFunc(s.limits.MaxConnectionAgeGrace, func() { raw.Close() })
 		})
 		defer t.Stop()
 	}
-	h2s.ServeConn(tc, &http2.ServeConnOpts{BaseConfig: sc.hs, Handler: http.HandlerFunc(sc.handle)})
+	if err := c.start(); err != nil {
+		return
+	}
+	c.keepalive(s.limits.PingInterval, s.limits.PingTimeout)
+	c.serve()
 }
 
 // handshake runs TLS under a deadline and requires ALPN h2: HTTP/1.1 and
@@ -303,16 +294,8 @@ func (s *Server) untrack(sc *serverConn) {
 	delete(s.conns, sc)
 }
 
-// goAway starts a graceful GOAWAY on this connection only. x/net registers
-// the connection for it only once ServeConn has started, so the request is
-// repeated shortly after to cover a connection that was just accepted
-// (x/net sends GOAWAY once per connection).
-func (sc *serverConn) goAway() {
-	shutdown := func() { sc.hs.Shutdown(context.Background()) } // returns at once: no HTTP/1 conns
-	go shutdown()
-	time.AfterFunc(50*time.Millisecond, shutdown)
-	time.AfterFunc(500*time.Millisecond, shutdown)
-}
+// goAway starts a graceful GOAWAY on this connection only.
+func (sc *serverConn) goAway() { sc.c.goAway(http2.ErrCodeNo) }
 
 // acquire takes one of peer's tunnel slots.
 func (s *Server) acquire(peer identity.Identity) bool {
@@ -333,134 +316,148 @@ func (s *Server) release(peer identity.Identity) {
 	}
 }
 
-// handle is the HTTP/2 handler for one stream.
-func (sc *serverConn) handle(w http.ResponseWriter, r *http.Request) {
-	s := sc.s
+// onHeaders runs on the connection's reader for each new stream: it only
+// checks the stream limits and starts the stream's goroutine.
+func (sc *serverConn) onHeaders(c *conn, f *http2.MetaHeadersFrame) error {
+	c.mu.Lock()
+	refuse := c.goAwaySent || c.closed || uint32(len(c.streams)) >= sc.s.limits.MaxConcurrentStreams
+	var t *tunnel
+	if !refuse {
+		t = newTunnel(c, f.StreamID)
+		t.sendWindow = int64(c.peerInitialWindow)
+		t.remoteEnded = f.StreamEnded()
+		t.local = tunnelAddr(sc.local.String())
+		t.remote = tunnelAddr(sc.peerAddr.String())
+		c.addLocked(t)
+	}
+	c.mu.Unlock()
+	if refuse {
+		return c.w.control(func(fr *http2.Framer) error { return fr.WriteRSTStream(f.StreamID, http2.ErrCodeRefusedStream) })
+	}
 	sc.firstRequest.Do(func() { sc.raw.SetReadDeadline(time.Time{}) })
+	ctx, cancel := context.WithCancel(context.Background())
+	t.onRelease(func() {
+		cancel()
+		if !t.answered.Load() && t.resetByPeer() {
+			sc.noteEarlyReset()
+		}
+	})
+	go sc.serveStream(ctx, t, f)
+	return nil
+}
+
+// serveStream validates one CONNECT and hands it to the Handler.
+func (sc *serverConn) serveStream(ctx context.Context, t *tunnel, f *http2.MetaHeadersFrame) {
+	s := sc.s
+	rp := &responder{t: t, sc: sc, authority: f.PseudoValue("authority")}
 	log := s.log.WithValues("peer_id", sc.peer.String(), "peer", sc.peerAddr.String())
-	if r.Method != http.MethodConnect {
-		log.Info("rejected: method not allowed", "method", r.Method)
-		http.Error(w, "only CONNECT is served here", http.StatusMethodNotAllowed)
+	if f.Truncated {
+		log.Info("rejected: request headers too large")
+		rp.Reject(http.StatusRequestHeaderFieldsTooLarge, "request headers too large")
 		return
 	}
-	target, err := hbone.ParseAuthority(r.Host)
+	if m := f.PseudoValue("method"); m != http.MethodConnect {
+		log.Info("rejected: method not allowed", "method", m)
+		rp.Reject(http.StatusMethodNotAllowed, "only CONNECT is served here")
+		return
+	}
+	target, err := hbone.ParseAuthority(rp.authority)
 	if err != nil {
 		log.Info("rejected: bad CONNECT authority", "error", err.Error())
-		http.Error(w, err.Error(), http.StatusBadRequest)
+		rp.Reject(http.StatusBadRequest, err.Error())
 		return
 	}
 	if s.forbidden[target] || target == sc.local {
 		log.Info("rejected: CONNECT target is the proxy itself", "target", target.String())
-		http.Error(w, "CONNECT target is this proxy", http.StatusBadRequest)
+		rp.Reject(http.StatusBadRequest, "CONNECT target is this proxy")
 		return
 	}
 	if !s.acquire(sc.peer) {
 		log.Info("rejected: tunnel quota of peer identity exhausted", "limit", s.limits.MaxTunnelsPerIdentity)
-		http.Error(w, "too many tunnels for this identity", http.StatusTooManyRequests)
+		rp.Reject(http.StatusTooManyRequests, "too many tunnels for this identity")
 		return
 	}
-	defer s.release(sc.peer)
-
+	if !t.onRelease(func() { s.release(sc.peer) }) {
+		s.release(sc.peer) // reset before we got here
+		return
+	}
+	header := make(http.Header, len(f.Fields))
+	for _, hf := range f.RegularFields() {
+		k := http.CanonicalHeaderKey(hf.Name)
+		header[k] = append(header[k], hf.Value)
+	}
 	req := &hbone.Request{
 		Target:   target,
 		Peer:     sc.peer,
 		PeerAddr: sc.peerAddr,
 		Local:    sc.local,
-		Header:   r.Header,
+		Header:   header,
 		Protocol: hbone.HTTP2,
 	}
-	resp := &responder{w: w, r: r, sc: sc, answered: make(chan struct{})}
-	// The handler runs beside this HTTP handler goroutine, which must stay
-	// alive while the tunnel is open and return to end the stream.
-	returned := make(chan struct{})
-	go func() {
-		defer close(returned)
-		s.cfg.Handler.ServeHBONE(r.Context(), req, resp)
-	}()
-	select {
-	case <-resp.answered:
-	case <-returned:
-		resp.Reject(http.StatusServiceUnavailable, "handler did not answer") // fail closed
-	case <-r.Context().Done():
-		// A no-op if Accept won the race (it may still be running: Reject
-		// waits for it); then the stream must be finished below like any
-		// other, or the tunnel handler would use it after we return.
-		resp.Reject(http.StatusServiceUnavailable, "stream reset before an answer")
-		if resp.accepted() == nil {
-			sc.noteEarlyReset()
-			return
-		}
-	}
-	st := resp.accepted()
-	if st == nil {
-		return // rejected
-	}
-	// Nothing may touch the stream's ResponseWriter or body once we return.
-	defer st.handlerReturned()
-	select {
-	case <-st.done:
-	case <-r.Context().Done(): // peer reset the stream or the connection died
-		st.finish(true)
-		<-st.done // another caller may be finishing it: wait for its writer
-	}
-	if st.aborted.Load() {
-		panic(http.ErrAbortHandler) // RST_STREAM to the peer
-	}
+	t.idle = newIdleWatch(s.limits.StreamIdleTimeout, func() { t.abort(http2.ErrCodeCancel, ErrStreamIdle, true) })
+	s.cfg.Handler.ServeHBONE(ctx, req, rp)
+	rp.Reject(http.StatusServiceUnavailable, "handler did not answer") // fail closed; no-op if answered
 }
 
 // responder answers one CONNECT exactly once.
 type responder struct {
-	w  http.ResponseWriter
-	r  *http.Request
-	sc *serverConn
-
-	once     sync.Once
-	answered chan struct{} // closed after the answer is written
-	stream   *serverStream // set before answered closes when accepted
+	t         *tunnel
+	sc        *serverConn
+	authority string
+	once      sync.Once
 }
 
 func (rp *responder) Accept() (hbone.Stream, error) {
-	var st *serverStream
-	var err error = errors.New("hbone: CONNECT already answered")
+	err := errors.New("hbone: CONNECT already answered")
 	rp.once.Do(func() {
-		defer close(rp.answered)
-		rp.w.WriteHeader(http.StatusOK)
-		rc := http.NewResponseController(rp.w)
-		if err = rc.Flush(); err != nil {
-			return
+		err = rp.respond(http.StatusOK, false)
+		if err == nil {
+			rp.t.answered.Store(true)
 		}
-		st = &serverStream{
-			w:      rp.w,
-			rc:     rc,
-			body:   rp.r.Body,
-			local:  tunnelAddr(rp.sc.local.String()),
-			remote: tunnelAddr(rp.sc.peerAddr.String()),
-			done:   make(chan struct{}),
-		}
-		st.idle = newIdleWatch(rp.sc.s.limits.StreamIdleTimeout, func() { st.finish(true) })
-		rp.stream = st
 	})
-	if st == nil {
+	if err != nil {
 		return nil, err
 	}
-	return st, nil
+	return rp.t, nil
 }
 
 func (rp *responder) Reject(status int, reason string) {
 	rp.once.Do(func() {
-		defer close(rp.answered)
 		if status < 400 || status > 599 {
 			status = http.StatusInternalServerError
 		}
-		rp.sc.s.log.Info("CONNECT rejected", "peer_id", rp.sc.peer.String(), "target", rp.r.Host, "status", status, "reason", reason)
-		http.Error(rp.w, reason, status)
+		rp.sc.s.log.Info("CONNECT rejected", "peer_id", rp.sc.peer.String(), "target", rp.authority, "status", status, "reason", reason)
+		rp.t.answered.Store(true)
+		if rp.respond(status, false) == nil {
+			rp.t.Write([]byte(reason + "\n"))
+			rp.t.CloseWrite()
+		}
+		// A peer still sending gets RST_STREAM(NO_ERROR) (RFC 9113 §8.1).
+		rp.t.abort(http2.ErrCodeNo, net.ErrClosed, true)
 	})
 }
 
-// accepted returns the stream after the answer, or nil if it was a rejection.
-func (rp *responder) accepted() *serverStream {
-	<-rp.answered
-	return rp.stream
+// respond sends the response HEADERS.
+func (rp *responder) respond(status int, end bool) error {
+	t := rp.t
+	t.mu.Lock()
+	err := t.reset
+	t.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	fields := []hpack.HeaderField{{Name: ":status", Value: strconv.Itoa(status)}}
+	if status != http.StatusOK {
+		fields = append(fields,
+			hpack.HeaderField{Name: "content-type", Value: "text/plain; charset=utf-8"},
+			hpack.HeaderField{Name: "x-content-type-options", Value: "nosniff"})
+	}
+	c := t.c
+	c.mu.Lock()
+	maxFrame := c.peerMaxFrame
+	c.mu.Unlock()
+	_, err = c.w.headers(func() uint32 { return t.id }, fields, end, maxFrame)
+	return err
 }
 
 func addrPort(a net.Addr) netip.AddrPort {

@@ -1,0 +1,426 @@
+package h2
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/net/http2"
+)
+
+// ErrStreamIdle resets a tunnel that moved no bytes for StreamIdleTimeout.
+var ErrStreamIdle = errors.New("hbone: tunnel idle timeout")
+
+// ResetError is what a tunnel's Read and Write return after the peer reset
+// the stream (RST_STREAM) or the connection died under it.
+type ResetError struct {
+	Code   http2.ErrCode
+	Remote bool // sent by the peer (else: the connection ended)
+}
+
+func (e *ResetError) Error() string {
+	if e.Remote {
+		return fmt.Sprintf("hbone: tunnel reset by peer (%v)", e.Code)
+	}
+	return fmt.Sprintf("hbone: tunnel reset: connection lost (%v)", e.Code)
+}
+
+// tunnel is one HBONE stream on either side of a connection. Received DATA
+// is copied by the connection's reader into a chunk queue that the tunnel's
+// Read drains; Write frames data from the caller's goroutine. Both
+// directions half-close independently (END_STREAM); the tunnel is released
+// when both have ended or either side reset it.
+type tunnel struct {
+	c  *conn
+	id uint32
+
+	mu   sync.Mutex
+	cond sync.Cond // readers (data, end, reset, deadline) and writers (window)
+
+	recv       chunkQueue
+	recvWindow int32 // what the peer may still send us on this stream
+	unacked    int32 // bytes read by the app not yet returned by WINDOW_UPDATE
+
+	sendWindow int64 // what we may still send (may go negative on SETTINGS)
+
+	remoteEnded bool  // peer's END_STREAM received
+	localEnded  bool  // our END_STREAM sent
+	reset       error // set once the stream was reset (either side)
+	released    bool  // removed from the connection
+
+	readDeadline, writeDeadline deadline
+
+	// Dialing side: the response to our CONNECT.
+	response chan responseResult
+
+	idle     *idleWatch
+	hooks    []func()    // run once when the tunnel is released
+	answered atomic.Bool // server: the CONNECT was answered
+
+	local, remote net.Addr
+}
+
+type responseResult struct {
+	status int
+	err    error
+}
+
+func newTunnel(c *conn, id uint32) *tunnel {
+	t := &tunnel{c: c, id: id, recvWindow: c.tuning.StreamWindow, sendWindow: int64(c.peerInitialWindow)}
+	t.cond.L = &t.mu
+	return t
+}
+
+// deadline is a net.Conn deadline that wakes the tunnel's waiters.
+type deadline struct {
+	at    time.Time
+	timer *time.Timer
+}
+
+func (d *deadline) passed() bool { return !d.at.IsZero() && !time.Now().Before(d.at) }
+
+func (t *tunnel) setDeadline(d *deadline, at time.Time) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.released {
+		return net.ErrClosed
+	}
+	d.at = at
+	if d.timer != nil {
+		d.timer.Stop()
+		d.timer = nil
+	}
+	if !at.IsZero() {
+		d.timer = time.AfterFunc(time.Until(at), func() {
+			t.mu.Lock()
+			t.cond.Broadcast()
+			t.mu.Unlock()
+		})
+	}
+	t.cond.Broadcast()
+	return nil
+}
+
+func (t *tunnel) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	t.mu.Lock()
+	for t.recv.len() == 0 {
+		switch {
+		case t.reset != nil:
+			err := t.reset
+			t.mu.Unlock()
+			return 0, err
+		case t.remoteEnded:
+			t.mu.Unlock()
+			return 0, io.EOF
+		case t.readDeadline.passed():
+			t.mu.Unlock()
+			return 0, os.ErrDeadlineExceeded
+		}
+		t.cond.Wait()
+	}
+	n := t.recv.read(p)
+	t.unacked += int32(n)
+	var ack int32
+	if t.unacked >= t.c.tuning.StreamWindow/4 && !t.remoteEnded && t.reset == nil {
+		ack, t.unacked = t.unacked, 0
+		t.recvWindow += ack
+	}
+	t.mu.Unlock()
+	t.idle.touch()
+	t.c.consumed(t.id, n, ack)
+	return n, nil
+}
+
+func (t *tunnel) Write(p []byte) (int, error) {
+	written := 0
+	for len(p) > 0 {
+		n, err := t.takeSendWindow(len(p))
+		if err != nil {
+			return written, err
+		}
+		if err := t.c.w.data(t.id, p[:n], false); err != nil {
+			return written, err
+		}
+		written += n
+		p = p[n:]
+	}
+	if written > 0 {
+		t.idle.touch()
+	}
+	return written, nil
+}
+
+// takeSendWindow waits until both the stream's and the connection's windows
+// allow sending, then takes up to want bytes of them.
+func (t *tunnel) takeSendWindow(want int) (int, error) {
+	t.mu.Lock()
+	for {
+		switch {
+		case t.reset != nil:
+			err := t.reset
+			t.mu.Unlock()
+			return 0, err
+		case t.localEnded:
+			t.mu.Unlock()
+			return 0, net.ErrClosed
+		case t.writeDeadline.passed():
+			t.mu.Unlock()
+			return 0, os.ErrDeadlineExceeded
+		}
+		if t.sendWindow > 0 {
+			n := t.c.takeConnWindow(int(min(int64(want), t.sendWindow)))
+			if n > 0 {
+				t.sendWindow -= int64(n)
+				t.mu.Unlock()
+				return n, nil
+			}
+		}
+		t.cond.Wait()
+	}
+}
+
+// CloseWrite sends END_STREAM: our direction is done, the peer's continues.
+func (t *tunnel) CloseWrite() error {
+	t.mu.Lock()
+	if t.localEnded || t.reset != nil {
+		t.mu.Unlock()
+		return nil
+	}
+	t.localEnded = true
+	t.cond.Broadcast()
+	t.mu.Unlock()
+	err := t.c.w.data(t.id, nil, true)
+	t.maybeRelease()
+	return err
+}
+
+// Close releases the tunnel; unless both directions had ended cleanly the
+// peer gets RST_STREAM(CANCEL).
+func (t *tunnel) Close() error {
+	t.abort(http2.ErrCodeCancel, net.ErrClosed, true)
+	return nil
+}
+
+// abort resets the stream unless it already ended: waiters wake with err,
+// buffered data is dropped and the peer is told (sendRST) with code.
+func (t *tunnel) abort(code http2.ErrCode, err error, sendRST bool) {
+	t.mu.Lock()
+	// Bytes nobody will read go back to the connection window.
+	dropped := t.recv.len()
+	t.recv.drop()
+	clean := t.localEnded && t.remoteEnded
+	if t.reset != nil || clean {
+		t.mu.Unlock()
+		t.c.consumed(0, dropped, 0)
+		t.maybeRelease()
+		return
+	}
+	t.reset = err
+	t.cond.Broadcast()
+	t.mu.Unlock()
+	t.c.consumed(0, dropped, 0)
+	if sendRST {
+		t.c.w.control(func(fr *http2.Framer) error { return fr.WriteRSTStream(t.id, code) })
+	}
+	t.maybeRelease()
+}
+
+// maybeRelease removes a finished stream from its connection, once.
+func (t *tunnel) maybeRelease() {
+	t.mu.Lock()
+	done := !t.released && (t.reset != nil || t.localEnded && t.remoteEnded)
+	var hooks []func()
+	if done {
+		t.released = true
+		hooks, t.hooks = t.hooks, nil
+	}
+	t.mu.Unlock()
+	if done {
+		t.idle.stop()
+		t.c.release(t)
+		for _, h := range hooks {
+			h()
+		}
+	}
+}
+
+// onRelease runs h when the tunnel is released; false (h not run) if it
+// already was.
+func (t *tunnel) onRelease(h func()) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.released {
+		return false
+	}
+	t.hooks = append(t.hooks, h)
+	return true
+}
+
+// resetByPeer reports whether the peer reset the stream.
+func (t *tunnel) resetByPeer() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var re *ResetError
+	return errors.As(t.reset, &re) && re.Remote
+}
+
+// received is called by the connection's reader with a DATA payload.
+func (t *tunnel) received(p []byte, end bool) {
+	t.mu.Lock()
+	if t.reset == nil && !t.remoteEnded {
+		t.recv.write(p)
+		t.remoteEnded = end
+	}
+	t.cond.Broadcast()
+	t.mu.Unlock()
+	if len(p) > 0 {
+		t.idle.touch()
+	}
+	if end {
+		t.maybeRelease()
+	}
+}
+
+// addSendWindow applies a WINDOW_UPDATE or a SETTINGS delta.
+func (t *tunnel) addSendWindow(n int64) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.sendWindow += n
+	if t.sendWindow > 1<<31-1 {
+		return false
+	}
+	t.cond.Broadcast()
+	return true
+}
+
+// wake lets writers re-check the connection's window.
+func (t *tunnel) wake() {
+	t.mu.Lock()
+	t.cond.Broadcast()
+	t.mu.Unlock()
+}
+
+func (t *tunnel) LocalAddr() net.Addr  { return t.local }
+func (t *tunnel) RemoteAddr() net.Addr { return t.remote }
+
+func (t *tunnel) SetDeadline(at time.Time) error {
+	return errors.Join(t.setDeadline(&t.readDeadline, at), t.setDeadline(&t.writeDeadline, at))
+}
+func (t *tunnel) SetReadDeadline(at time.Time) error  { return t.setDeadline(&t.readDeadline, at) }
+func (t *tunnel) SetWriteDeadline(at time.Time) error { return t.setDeadline(&t.writeDeadline, at) }
+
+// chunkQueue holds received bytes in pooled chunks: memory follows the data
+// actually waiting, so an idle tunnel holds none.
+type chunkQueue struct {
+	chunks []*[]byte
+	off    int // read offset in chunks[0]
+	n      int
+}
+
+const chunkSize = 16 << 10
+
+var chunks = sync.Pool{New: func() any { b := make([]byte, 0, chunkSize); return &b }}
+
+func (q *chunkQueue) len() int { return q.n }
+
+func (q *chunkQueue) write(p []byte) {
+	q.n += len(p)
+	for len(p) > 0 {
+		if len(q.chunks) == 0 || len(*q.chunks[len(q.chunks)-1]) == chunkSize {
+			q.chunks = append(q.chunks, chunks.Get().(*[]byte))
+		}
+		last := q.chunks[len(q.chunks)-1]
+		n := min(len(p), chunkSize-len(*last))
+		*last = append(*last, p[:n]...)
+		p = p[n:]
+	}
+}
+
+func (q *chunkQueue) read(p []byte) int {
+	total := 0
+	for len(p) > 0 && len(q.chunks) > 0 {
+		first := q.chunks[0]
+		n := copy(p, (*first)[q.off:])
+		q.off += n
+		total += n
+		p = p[n:]
+		if q.off == len(*first) {
+			q.popFirst()
+		}
+	}
+	q.n -= total
+	return total
+}
+
+func (q *chunkQueue) popFirst() {
+	first := q.chunks[0]
+	*first = (*first)[:0]
+	chunks.Put(first)
+	q.chunks[0] = nil
+	q.chunks = q.chunks[1:]
+	q.off = 0
+	if len(q.chunks) == 0 {
+		q.chunks = nil
+	}
+}
+
+func (q *chunkQueue) drop() {
+	for len(q.chunks) > 0 {
+		q.popFirst()
+	}
+	q.n = 0
+}
+
+// idleWatch calls onIdle once no activity was noted for timeout. Activity is
+// an atomic store, so the hot path costs no timer reset.
+type idleWatch struct {
+	timeout time.Duration
+	last    atomicTime
+	timer   *time.Timer
+	onIdle  func()
+}
+
+func newIdleWatch(timeout time.Duration, onIdle func()) *idleWatch {
+	if timeout <= 0 {
+		return nil
+	}
+	w := &idleWatch{timeout: timeout, onIdle: onIdle}
+	w.last.store(time.Now())
+	w.timer = time.AfterFunc(timeout, w.check)
+	return w
+}
+
+func (w *idleWatch) touch() {
+	if w != nil {
+		w.last.store(time.Now())
+	}
+}
+
+func (w *idleWatch) check() {
+	idle := time.Since(w.last.load())
+	if idle >= w.timeout {
+		w.onIdle()
+		return
+	}
+	w.timer.Reset(w.timeout - idle)
+}
+
+func (w *idleWatch) stop() {
+	if w != nil {
+		w.timer.Stop()
+	}
+}
+
+// tunnelAddr is a net.Addr for a tunnel's ends.
+type tunnelAddr string
+
+func (a tunnelAddr) Network() string { return "hbone" }
+func (a tunnelAddr) String() string  { return string(a) }
