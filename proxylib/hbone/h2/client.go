@@ -285,6 +285,7 @@ func (d *Dialer) roundTrip(ctx context.Context, cc *clientConn, req hbone.DialRe
 	t.response = make(chan responseResult, 1)
 	t.local = cc.local
 	t.remote = tunnelAddr(authority)
+	t.idle = newIdleWatch(d.cfg.StreamIdleTimeout, func() { t.abort(http2.ErrCodeCancel, ErrStreamIdle, true) })
 	fields := make([]hpack.HeaderField, 0, 2+len(req.Header))
 	fields = append(fields,
 		hpack.HeaderField{Name: ":method", Value: http.MethodConnect},
@@ -298,12 +299,13 @@ func (d *Dialer) roundTrip(ctx context.Context, cc *clientConn, req hbone.DialRe
 	c.mu.Lock()
 	maxFrame := c.peerMaxFrame
 	c.mu.Unlock()
-	opened := false
+	opened, reserved := false, true
 	_, err := c.w.headers(func() uint32 {
 		// Under the writer lock: ids go on the wire in the order allocated.
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		c.reserved--
+		reserved = false
 		if c.closed {
 			return 0
 		}
@@ -314,7 +316,13 @@ func (d *Dialer) roundTrip(ctx context.Context, cc *clientConn, req hbone.DialRe
 		opened = true
 		return t.id
 	}, fields, false, maxFrame)
+	if reserved { // the writer failed before the stream got an id
+		c.mu.Lock()
+		c.reserved--
+		c.mu.Unlock()
+	}
 	if !opened {
+		t.idle.stop()
 		return nil, fmt.Errorf("hbone: CONNECT %s via %s: %w", authority, req.ProxyAddr, errConnClosed)
 	}
 	if err != nil {
@@ -336,7 +344,6 @@ func (d *Dialer) roundTrip(ctx context.Context, cc *clientConn, req hbone.DialRe
 		t.Close()
 		return nil, fmt.Errorf("hbone: CONNECT %s via %s: %w", authority, req.ProxyAddr, &hbone.RejectedError{Status: res.status})
 	}
-	t.idle = newIdleWatch(d.cfg.StreamIdleTimeout, func() { t.abort(http2.ErrCodeCancel, ErrStreamIdle, true) })
 	return t, nil
 }
 

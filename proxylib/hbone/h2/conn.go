@@ -466,8 +466,7 @@ func (c *conn) streamReset(id uint32, code http2.ErrCode) {
 	if code == http2.ErrCodeRefusedStream {
 		err = errRefused
 	}
-	t.failResponse(err)
-	t.abort(code, err, false)
+	t.peerReset(code, err)
 }
 
 // failResponse ends a dial still waiting for its response.

@@ -328,6 +328,7 @@ func (sc *serverConn) onHeaders(c *conn, f *http2.MetaHeadersFrame) error {
 		t.remoteEnded = f.StreamEnded()
 		t.local = tunnelAddr(sc.local.String())
 		t.remote = tunnelAddr(sc.peerAddr.String())
+		t.idle = newIdleWatch(sc.s.limits.StreamIdleTimeout, func() { t.abort(http2.ErrCodeCancel, ErrStreamIdle, true) })
 		c.addLocked(t)
 	}
 	c.mu.Unlock()
@@ -394,7 +395,6 @@ func (sc *serverConn) serveStream(ctx context.Context, t *tunnel, f *http2.MetaH
 		Header:   header,
 		Protocol: hbone.HTTP2,
 	}
-	t.idle = newIdleWatch(s.limits.StreamIdleTimeout, func() { t.abort(http2.ErrCodeCancel, ErrStreamIdle, true) })
 	s.cfg.Handler.ServeHBONE(ctx, req, rp)
 	rp.Reject(http.StatusServiceUnavailable, "handler did not answer") // fail closed; no-op if answered
 }

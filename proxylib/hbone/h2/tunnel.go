@@ -51,6 +51,7 @@ type tunnel struct {
 	remoteEnded bool  // peer's END_STREAM received
 	localEnded  bool  // our END_STREAM sent
 	reset       error // set once the stream was reset (either side)
+	writeErr    error // the peer reset after its END_STREAM: only writes fail
 	released    bool  // removed from the connection
 
 	readDeadline, writeDeadline deadline
@@ -71,7 +72,7 @@ type responseResult struct {
 }
 
 func newTunnel(c *conn, id uint32) *tunnel {
-	t := &tunnel{c: c, id: id, recvWindow: c.tuning.StreamWindow, sendWindow: int64(c.peerInitialWindow)}
+	t := &tunnel{c: c, id: id, recvWindow: c.tuning.StreamWindow} // sendWindow: set when registered
 	t.cond.L = &t.mu
 	return t
 }
@@ -168,6 +169,10 @@ func (t *tunnel) takeSendWindow(want int) (int, error) {
 			err := t.reset
 			t.mu.Unlock()
 			return 0, err
+		case t.writeErr != nil:
+			err := t.writeErr
+			t.mu.Unlock()
+			return 0, err
 		case t.localEnded:
 			t.mu.Unlock()
 			return 0, net.ErrClosed
@@ -204,9 +209,37 @@ func (t *tunnel) CloseWrite() error {
 
 // Close releases the tunnel; unless both directions had ended cleanly the
 // peer gets RST_STREAM(CANCEL).
+//
+// After our CloseWrite the reset is RST_STREAM(NO_ERROR), "stop sending"
+// (RFC 9113 §8.1): the peer still reads everything we sent, then EOF, as
+// with a TCP close after shutdown; before it, CANCEL aborts both ways.
 func (t *tunnel) Close() error {
-	t.abort(http2.ErrCodeCancel, net.ErrClosed, true)
+	t.mu.Lock()
+	code := http2.ErrCodeCancel
+	if t.localEnded {
+		code = http2.ErrCodeNo
+	}
+	t.mu.Unlock()
+	t.abort(code, net.ErrClosed, true)
 	return nil
+}
+
+// peerReset applies the peer's RST_STREAM. After the peer's END_STREAM it
+// only stops our direction (what it sent stays readable, then EOF);
+// otherwise the tunnel is aborted both ways.
+func (t *tunnel) peerReset(code http2.ErrCode, err error) {
+	t.mu.Lock()
+	if t.remoteEnded && t.reset == nil {
+		t.writeErr = err
+		t.localEnded = true
+		t.cond.Broadcast()
+		t.mu.Unlock()
+		t.maybeRelease()
+		return
+	}
+	t.mu.Unlock()
+	t.failResponse(err)
+	t.abort(code, err, false)
 }
 
 // abort resets the stream unless it already ended: waiters wake with err,
@@ -218,6 +251,10 @@ func (t *tunnel) abort(code http2.ErrCode, err error, sendRST bool) {
 	t.recv.drop()
 	clean := t.localEnded && t.remoteEnded
 	if t.reset != nil || clean {
+		if t.reset == nil {
+			t.reset = err // later local calls fail; nothing goes to the peer
+		}
+		t.cond.Broadcast()
 		t.mu.Unlock()
 		t.c.consumed(0, dropped, 0)
 		t.maybeRelease()
