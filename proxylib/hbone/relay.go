@@ -82,7 +82,7 @@ func copyHalf(dst, src HalfCloser) (int64, error) {
 // source is waited on without any buffer while idle (readiness, then a pooled
 // small buffer for the read), so an idle direction from a socket holds none.
 func CopyAdaptive(dst io.Writer, src io.Reader) (int64, error) {
-	waiter := readWaiterFor(src)
+	waiter := waiterFor(src)
 	var small, big *[]byte
 	defer func() {
 		putSmall(small)
@@ -131,6 +131,31 @@ func CopyAdaptive(dst io.Writer, src io.Reader) (int64, error) {
 			small = nil
 		}
 	}
+}
+
+// ReadableWaiter is a stream that can park until a Read would not block
+// without holding a buffer (a tunnel): an idle direction then holds none.
+// WaitReadable's error is reported again by the Read that follows.
+type ReadableWaiter interface {
+	WaitReadable() error
+}
+
+// waiter parks an idle copy without a buffer.
+type waiter interface{ wait() error }
+
+type streamWaiter struct{ s ReadableWaiter }
+
+func (w streamWaiter) wait() error { return w.s.WaitReadable() }
+
+// waiterFor returns how to wait on src without a buffer, or nil.
+func waiterFor(src io.Reader) waiter {
+	if s, ok := src.(ReadableWaiter); ok {
+		return streamWaiter{s}
+	}
+	if w := readWaiterFor(src); w != nil {
+		return w
+	}
+	return nil
 }
 
 var (

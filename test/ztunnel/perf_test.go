@@ -47,7 +47,7 @@ func TestPerf(t *testing.T) {
 
 	const dur = 3 * time.Second
 	if out := os.Getenv("ZTUNNEL_PROFILE"); out != "" {
-		go zt.profile(t, out, 3)
+		go zt.profile(t, out+".throughput", 3)
 	}
 	// The machine is shared: mesh and direct are measured in alternating
 	// slices so load changes hit both alike.
@@ -58,6 +58,9 @@ func TestPerf(t *testing.T) {
 	}
 	meshLat, directLat := latencyPair(t, pm.sleep, pm.httpbin.Addr(9101), directClient, directServer.Addr(9101), 2000)
 
+	if out := os.Getenv("ZTUNNEL_PROFILE"); out != "" {
+		go zt.profile(t, out+".requests", 4)
+	}
 	cpuBefore, wallBefore := cpuSeconds(t, zt.cmd.Process.Pid), time.Now()
 	rpsAchieved := httpLoad(t, pm.sleep, pm.httpbin.Addr(8080), 1000, 4, 5*time.Second)
 	cpu := (cpuSeconds(t, zt.cmd.Process.Pid) - cpuBefore) / time.Since(wallBefore).Seconds()

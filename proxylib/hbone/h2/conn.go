@@ -1,7 +1,6 @@
 package h2
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -25,7 +24,6 @@ type conn struct {
 	server bool
 	tuning Tuning
 	w      *frameWriter
-	br     *bufio.Reader // under fr; the server reads the preface from it
 	fr     *http2.Framer
 
 	// onHeaders handles a peer's request HEADERS (server) or is nil.
@@ -97,8 +95,10 @@ func newConn(raw, tc net.Conn, server bool, tuning Tuning, limits Limits) *conn 
 		peerMaxStreams:    1 << 31,
 		done:              make(chan struct{}),
 	}
-	c.br = bufio.NewReaderSize(tc, 4<<10)
-	c.fr = http2.NewFramer(nil, c.br)
+	// No bufio: crypto/tls already buffers a record, and payloads are read
+	// straight out of it.
+	c.fr = http2.NewFramer(nil, tc)
+	c.fr.SetReuseFrames() // DATA payloads are copied out before the next read
 	c.fr.SetMaxReadFrameSize(tuning.MaxReadFrameSize)
 	c.fr.MaxHeaderListSize = limits.MaxHeaderListSize
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
@@ -153,7 +153,7 @@ func (c *conn) serve() {
 
 func (c *conn) readLoop() error {
 	if c.server {
-		if err := c.readPreface(c.br); err != nil {
+		if err := c.readPreface(c.tc); err != nil {
 			return err
 		}
 	}

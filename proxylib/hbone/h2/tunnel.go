@@ -140,6 +140,18 @@ func (t *tunnel) Read(p []byte) (int, error) {
 	return n, nil
 }
 
+// WaitReadable parks until Read would not block (data, end, reset or a
+// deadline), so an idle relay direction holds no buffer
+// (hbone.ReadableWaiter).
+func (t *tunnel) WaitReadable() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for t.recv.len() == 0 && t.reset == nil && !t.remoteEnded && !t.readDeadline.passed() {
+		t.cond.Wait()
+	}
+	return nil
+}
+
 func (t *tunnel) Write(p []byte) (int, error) {
 	written := 0
 	for len(p) > 0 {
@@ -357,8 +369,9 @@ func (t *tunnel) SetWriteDeadline(at time.Time) error { return t.setDeadline(&t.
 // chunkQueue holds received bytes in pooled chunks: memory follows the data
 // actually waiting, so an idle tunnel holds none.
 type chunkQueue struct {
-	chunks []*[]byte
-	off    int // read offset in chunks[0]
+	chunks []*[]byte // chunks[head:] hold data
+	head   int
+	off    int // read offset in chunks[head]
 	n      int
 }
 
@@ -371,7 +384,7 @@ func (q *chunkQueue) len() int { return q.n }
 func (q *chunkQueue) write(p []byte) {
 	q.n += len(p)
 	for len(p) > 0 {
-		if len(q.chunks) == 0 || len(*q.chunks[len(q.chunks)-1]) == chunkSize {
+		if len(q.chunks) == q.head || len(*q.chunks[len(q.chunks)-1]) == chunkSize {
 			q.chunks = append(q.chunks, chunks.Get().(*[]byte))
 		}
 		last := q.chunks[len(q.chunks)-1]
@@ -383,8 +396,8 @@ func (q *chunkQueue) write(p []byte) {
 
 func (q *chunkQueue) read(p []byte) int {
 	total := 0
-	for len(p) > 0 && len(q.chunks) > 0 {
-		first := q.chunks[0]
+	for len(p) > 0 && q.head < len(q.chunks) {
+		first := q.chunks[q.head]
 		n := copy(p, (*first)[q.off:])
 		q.off += n
 		total += n
@@ -398,19 +411,19 @@ func (q *chunkQueue) read(p []byte) int {
 }
 
 func (q *chunkQueue) popFirst() {
-	first := q.chunks[0]
+	first := q.chunks[q.head]
 	*first = (*first)[:0]
 	chunks.Put(first)
-	q.chunks[0] = nil
-	q.chunks = q.chunks[1:]
+	q.chunks[q.head] = nil
+	q.head++
 	q.off = 0
-	if len(q.chunks) == 0 {
-		q.chunks = nil
+	if q.head == len(q.chunks) { // empty: reuse the slice from its start
+		q.chunks, q.head = q.chunks[:0], 0
 	}
 }
 
 func (q *chunkQueue) drop() {
-	for len(q.chunks) > 0 {
+	for q.head < len(q.chunks) {
 		q.popFirst()
 	}
 	q.n = 0
