@@ -55,6 +55,7 @@ type conn struct {
 	goAwayRecv        bool // peer refused new streams
 	closed            bool
 	closeErr          error
+	linger            bool // a GOAWAY with an error was sent: let it arrive
 	idleTimer         *time.Timer
 	controlFrames     int // PING/SETTINGS received in the current window
 	controlWindow     time.Time
@@ -204,6 +205,7 @@ func (c *conn) connError(code http2.ErrCode, msg string) error {
 	c.mu.Lock()
 	last := c.lastPeerID
 	c.goAwaySent = true
+	c.linger = true
 	c.mu.Unlock()
 	c.w.control(func(fr *http2.Framer) error { return fr.WriteGoAway(last, code, []byte(msg)) })
 	return fmt.Errorf("hbone: %s: %v", msg, code)
@@ -617,7 +619,14 @@ func (c *conn) closeWith(err error) {
 		t.abort(http2.ErrCodeCancel, reset, false)
 	}
 	c.w.fail(errConnClosed)
-	closeTLS(c.tc, c.raw)
+	c.mu.Lock()
+	linger := c.linger
+	c.mu.Unlock()
+	if linger {
+		lingerClose(c.tc, c.raw)
+	} else {
+		closeTLS(c.tc, c.raw)
+	}
 	close(c.done)
 	if c.onClosed != nil {
 		c.onClosed(c)
@@ -630,6 +639,24 @@ func closeTLS(tc, raw net.Conn) {
 	t := time.AfterFunc(forceCloseAfter, func() { raw.Close() })
 	defer t.Stop()
 	tc.Close()
+	raw.Close()
+}
+
+// lingerClose ends a connection we sent an error GOAWAY on, so that the
+// GOAWAY arrives: a peer still sending would otherwise turn our close into
+// a TCP reset that discards it. We send close_notify and FIN, then read and
+// drop what the peer still sends for a moment before closing.
+func lingerClose(tc, raw net.Conn) {
+	const lingerTime, lingerBytes = time.Second, 1 << 20
+	if cw, ok := tc.(interface{ CloseWrite() error }); ok {
+		raw.SetWriteDeadline(time.Now().Add(forceCloseAfter))
+		cw.CloseWrite()
+	}
+	if cw, ok := raw.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	}
+	raw.SetReadDeadline(time.Now().Add(lingerTime))
+	io.Copy(io.Discard, io.LimitReader(raw, lingerBytes))
 	raw.Close()
 }
 
