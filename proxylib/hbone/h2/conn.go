@@ -618,10 +618,14 @@ func (c *conn) closeWith(err error) {
 		t.failResponse(errGoAway)
 		t.abort(http2.ErrCodeCancel, reset, false)
 	}
-	c.w.fail(errConnClosed)
 	c.mu.Lock()
 	linger := c.linger
 	c.mu.Unlock()
+	if linger {
+		c.raw.SetWriteDeadline(time.Now().Add(forceCloseAfter))
+		c.w.flushPending()
+	}
+	c.w.fail(errConnClosed)
 	if linger {
 		lingerClose(c.tc, c.raw)
 	} else {
@@ -649,8 +653,7 @@ func closeTLS(tc, raw net.Conn) {
 func lingerClose(tc, raw net.Conn) {
 	const lingerTime, lingerBytes = time.Second, 1 << 20
 	if cw, ok := tc.(interface{ CloseWrite() error }); ok {
-		raw.SetWriteDeadline(time.Now().Add(forceCloseAfter))
-		cw.CloseWrite()
+		cw.CloseWrite() // under the write deadline closeWith set
 	}
 	if cw, ok := raw.(interface{ CloseWrite() error }); ok {
 		cw.CloseWrite()

@@ -198,6 +198,21 @@ func (w *frameWriter) flushLocked() error {
 	return err
 }
 
+// flushPending waits for a flush in progress and writes what is still
+// pending (a GOAWAY queued behind it), so closing does not drop it. The
+// caller bounds it with a write deadline on the socket.
+func (w *frameWriter) flushPending() {
+	w.mu.Lock()
+	for w.flushing && w.err == nil {
+		w.cond.Wait()
+	}
+	if w.pending == nil || w.err != nil {
+		w.mu.Unlock()
+		return
+	}
+	w.flushLocked()
+}
+
 // fail makes every later write return err (the connection is closing).
 func (w *frameWriter) fail(err error) {
 	w.mu.Lock()
