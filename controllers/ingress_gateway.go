@@ -483,8 +483,12 @@ func (r *IngressGatewayReconciler) SetupWithManager(mgr ctrl.Manager, grants boo
 		Watches(&meshv1.AmbientMesh{}, handler.EnqueueRequestsFromMapFunc(r.allIngressGateways)).
 		Watches(&gwv1.GatewayClass{}, handler.EnqueueRequestsFromMapFunc(r.allIngressGateways),
 			builder.WithPredicates(predicate.NewPredicateFuncs(func(o client.Object) bool { return o.GetName() == IngressGatewayClass })))
+	// A route changes the attached-route counts of the Gateways it names
+	// (before and after an update), and only when its spec changes: our
+	// own route status writes, many during a burst of Gateways and
+	// routes, reconcile no Gateway.
 	for _, k := range routeKinds {
-		b = b.Watches(k, handler.EnqueueRequestsFromMapFunc(r.allIngressGateways))
+		b = b.Watches(k, handler.EnqueueRequestsFromMapFunc(routeGateways), builder.WithPredicates(predicate.GenerationChangedPredicate{}))
 	}
 	// Namespace labels decide which routes listener selectors admit.
 	b = b.Watches(&corev1.Namespace{}, handler.EnqueueRequestsFromMapFunc(r.allIngressGateways),
@@ -496,6 +500,23 @@ func (r *IngressGatewayReconciler) SetupWithManager(mgr ctrl.Manager, grants boo
 	}
 	b = b.WatchesMetadata(&corev1.Secret{}, handler.EnqueueRequestsFromMapFunc(r.secretGateways))
 	return b.Complete(r)
+}
+
+// routeGateways lists the Gateways a route's parentRefs name.
+func routeGateways(_ context.Context, o client.Object) []reconcile.Request {
+	parents, _ := routeRefsOf(o)
+	var reqs []reconcile.Request
+	for _, p := range parents {
+		if !isGatewayParent(p) {
+			continue
+		}
+		ns := o.GetNamespace()
+		if p.Namespace != nil && *p.Namespace != "" {
+			ns = string(*p.Namespace)
+		}
+		reqs = append(reqs, reconcile.Request{NamespacedName: client.ObjectKey{Namespace: ns, Name: string(p.Name)}})
+	}
+	return reqs
 }
 
 // gatewaysReferring lists the ingress Gateways with a certificateRef to a
