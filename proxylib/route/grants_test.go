@@ -76,6 +76,16 @@ spec:
 		{"specific", []Grant{grant(t, "web-backend", `{from: [{group: gateway.networking.k8s.io, kind: Gateway, namespace: infra}], to: [{group: "", kind: Secret, name: certificate}]}`)}, true},
 		{"another Secret named", []Grant{grant(t, "web-backend", `{from: [{group: gateway.networking.k8s.io, kind: Gateway, namespace: infra}], to: [{group: "", kind: Secret, name: other}]}`)}, false},
 		{"for HTTPRoutes only", []Grant{grant(t, "web-backend", `{from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: infra}], to: [{group: "", kind: Secret}]}`)}, false},
+		// GatewaySecretInvalidReferenceGrant: every grant misses by one field.
+		{"conformance's invalid grants", []Grant{
+			grant(t, "app-backend", `{from: [{group: gateway.networking.k8s.io, kind: Gateway, namespace: infra}], to: [{group: "", kind: Secret, name: certificate}]}`),
+			grant(t, "web-backend", `{from: [{group: not-the-group, kind: Gateway, namespace: infra}], to: [{group: "", kind: Secret, name: certificate}]}`),
+			grant(t, "web-backend", `{from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: infra}], to: [{group: "", kind: Secret, name: certificate}]}`),
+			grant(t, "web-backend", `{from: [{group: gateway.networking.k8s.io, kind: Gateway, namespace: not-the-namespace}], to: [{group: "", kind: Secret, name: certificate}]}`),
+			grant(t, "web-backend", `{from: [{group: gateway.networking.k8s.io, kind: Gateway, namespace: infra}], to: [{group: not-the-group, kind: Secret, name: other}]}`),
+			grant(t, "web-backend", `{from: [{group: gateway.networking.k8s.io, kind: Gateway, namespace: infra}], to: [{group: "", kind: Service, name: certificate}]}`),
+			grant(t, "web-backend", `{from: [{group: gateway.networking.k8s.io, kind: Gateway, namespace: infra}], to: [{group: "", kind: Secret, name: other}]}`),
+		}, false},
 	}
 	for _, c := range cases {
 		ports, rejected := Plan(gw, NewGrants(c.grants))
