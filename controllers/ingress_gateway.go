@@ -3,6 +3,7 @@ package controllers
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -19,6 +20,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gwv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 	"github.com/ambientmesh/ambient/controllers/waypointbind"
@@ -33,10 +35,17 @@ const IngressGatewayClass = waypointbind.IngressGatewayClass
 const AnnotationServiceType = "networking.istio.io/service-type"
 
 // Ingress is what makes a Waypoint an ingress gateway: the Gateway's
-// listeners and the type of the Service that exposes them.
+// listeners, the type of the Service that exposes them, the ports served
+// and the certificate Secrets mounted.
 type Ingress struct {
 	Gateway     *gwv1.Gateway
 	ServiceType corev1.ServiceType
+	// Ports are the listener ports served; Certs the certificate Secrets
+	// of their HTTPS listeners. IngressFromGateway plans without
+	// ReferenceGrants or Secrets; the reconciler replaces both with its
+	// plan (planListeners).
+	Ports []route.Port
+	Certs []CertMount
 }
 
 // IngressFromGateway reads an ingress Gateway (class istio) into the L7
@@ -58,10 +67,15 @@ func IngressFromGateway(gw *gwv1.Gateway, mesh *meshv1.AmbientMesh, d Defaults) 
 			return Waypoint{}, fmt.Errorf("gateway %s/%s: listener %s uses port %d, which the gateway keeps for its own status", gw.Namespace, gw.Name, l.Name, l.Port)
 		}
 	}
+	ports, _ := route.Plan(gw, nil)
+	var certs []CertMount
+	for _, key := range route.CertificateSecrets(gw.Namespace, ports) {
+		certs = append(certs, CertMount{Dir: route.CertificateDir(gw.Namespace, key), Secret: key.Name})
+	}
 	w := Waypoint{
 		Name: gw.Name, Namespace: gw.Namespace, Replicas: 1,
 		Owner:   *metav1.NewControllerRef(gw, gwv1.SchemeGroupVersion.WithKind("Gateway")),
-		Ingress: &Ingress{Gateway: gw, ServiceType: st},
+		Ingress: &Ingress{Gateway: gw, ServiceType: st, Ports: ports, Certs: certs},
 	}
 	w.applyMeshDefaults(mesh, d)
 	return w, nil
@@ -83,13 +97,6 @@ func (in *Ingress) labels(name string) map[string]string {
 // certificates: the Secrets they reference, mounted read-only.
 const GatewayCertDir = "/etc/ambient/gateway-certs"
 
-// plan is what the gateway serves of its listeners (proxylib/route.Plan,
-// the gateway's own rule).
-func (in *Ingress) plan() []route.Port {
-	ports, _ := route.Plan(in.Gateway)
-	return ports
-}
-
 // adapt turns the waypoint's pod into the ingress gateway's: the ingress
 // role, the listener ports instead of HBONE, the HTTPS listeners' Secrets
 // mounted, and unprivileged binding of ports below 1024 (a namespaced
@@ -105,17 +112,16 @@ func (in *Ingress) adapt(pod *corev1.PodSpec) {
 			ports = append(ports, p)
 		}
 	}
-	plan := in.plan()
-	for _, p := range plan {
+	for _, p := range in.Ports {
 		ports = append(ports, corev1.ContainerPort{Name: fmt.Sprintf("listener-%d", p.Port), ContainerPort: int32(p.Port), Protocol: corev1.ProtocolTCP})
 	}
 	c.Ports = ports
-	for i, secret := range route.CertificateSecrets(plan) {
+	for i, m := range in.Certs {
 		vol := fmt.Sprintf("gateway-cert-%d", i)
 		pod.Volumes = append(pod.Volumes, corev1.Volume{Name: vol, VolumeSource: corev1.VolumeSource{Secret: &corev1.SecretVolumeSource{
-			SecretName: secret, Items: []corev1.KeyToPath{{Key: "tls.crt", Path: "tls.crt"}, {Key: "tls.key", Path: "tls.key"}},
+			SecretName: m.Secret, Items: []corev1.KeyToPath{{Key: "tls.crt", Path: "tls.crt"}, {Key: "tls.key", Path: "tls.key"}},
 		}}})
-		c.VolumeMounts = append(c.VolumeMounts, corev1.VolumeMount{Name: vol, MountPath: GatewayCertDir + "/" + secret, ReadOnly: true})
+		c.VolumeMounts = append(c.VolumeMounts, corev1.VolumeMount{Name: vol, MountPath: GatewayCertDir + "/" + m.Dir, ReadOnly: true})
 	}
 	pod.SecurityContext = &corev1.PodSecurityContext{
 		Sysctls: []corev1.Sysctl{{Name: "net.ipv4.ip_unprivileged_port_start", Value: "0"}},
@@ -124,7 +130,7 @@ func (in *Ingress) adapt(pod *corev1.PodSpec) {
 
 func (in *Ingress) service(om metav1.ObjectMeta, name string) *corev1.Service {
 	var ports []corev1.ServicePort
-	for _, p := range in.plan() {
+	for _, p := range in.Ports {
 		name, app := fmt.Sprintf("http-%d", p.Port), "http"
 		if p.TLS {
 			name, app = fmt.Sprintf("https-%d", p.Port), "https"
@@ -156,6 +162,7 @@ type IngressGatewayReconciler struct {
 }
 
 // +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=httproutes;grpcroutes,verbs=get;list;watch
+// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=referencegrants,verbs=get;list;watch
 
 // Reconcile brings one ingress Gateway to its desired state.
 func (r *IngressGatewayReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
@@ -164,17 +171,21 @@ func (r *IngressGatewayReconciler) Reconcile(ctx context.Context, req ctrl.Reque
 		return ctrl.Result{}, err
 	}
 	status := gw.Status.DeepCopy()
-	result, err := r.reconcile(ctx, gw, status)
+	plan, err := planListeners(ctx, r.Client, gw)
+	if err != nil {
+		return ctrl.Result{}, err
+	}
+	result, err := r.reconcile(ctx, gw, plan, status)
 	if err != nil {
 		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionProgrammed, false, string(gwv1.GatewayReasonPending), err.Error())
 	}
-	if lerr := r.setListenerStatus(ctx, status, gw); lerr != nil && err == nil {
+	if lerr := r.setListenerStatus(ctx, status, gw, plan.rejected); lerr != nil && err == nil {
 		err = lerr
 	}
 	return result, patchGatewayStatus(ctx, r.Client, gw, status, err)
 }
 
-func (r *IngressGatewayReconciler) reconcile(ctx context.Context, gw *gwv1.Gateway, status *gwv1.GatewayStatus) (ctrl.Result, error) {
+func (r *IngressGatewayReconciler) reconcile(ctx context.Context, gw *gwv1.Gateway, plan listenerPlan, status *gwv1.GatewayStatus) (ctrl.Result, error) {
 	mesh, err := activeMesh(ctx, r.Client)
 	if err != nil {
 		return ctrl.Result{}, err
@@ -191,14 +202,37 @@ func (r *IngressGatewayReconciler) reconcile(ctx context.Context, gw *gwv1.Gatew
 		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonInvalid), err.Error())
 		return ctrl.Result{}, nil // fixed only by editing the Gateway, which requeues
 	}
-	if len(w.Ingress.plan()) == 0 {
-		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonListenersNotValid), "no listener the gateway can serve: HTTP, and HTTPS terminating TLS, are supported")
-		return ctrl.Result{}, nil
+	w.Ingress.Ports, w.Ingress.Certs = plan.ports, plan.mounts
+	if len(plan.ports) == 0 {
+		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonListenersNotValid), "no listener the gateway can serve: HTTP, and HTTPS terminating TLS with certificates that resolve, are supported")
+		return ctrl.Result{}, syncCertificateCopies(ctx, r.Client, gw, nil)
+	}
+	// Copies first, so the pod finds every Secret it mounts.
+	if err := syncCertificateCopies(ctx, r.Client, gw, plan.copies); err != nil {
+		return ctrl.Result{}, err
 	}
 	if res, done, err := deployProxy(ctx, r.Client, gw, w, mesh, status, retry); done || err != nil {
 		return res, err
 	}
+	if invalid := invalidListeners(plan.rejected); invalid != "" {
+		// Accepted, as some listener is served, but not all of them are
+		// (the Gateway API's reason for a partly valid Gateway).
+		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, true, string(gwv1.GatewayReasonListenersNotValid), "listeners not accepted: "+invalid)
+	}
 	return ctrl.Result{}, r.observe(ctx, gw, w.ObjectName(), status, w.Ingress.ServiceType)
+}
+
+// invalidListeners lists the listeners refused in themselves (Accepted
+// false), not merely for references that do not resolve.
+func invalidListeners(rejected map[gwv1.SectionName]route.Rejection) string {
+	var names []string
+	for name, rej := range rejected {
+		if !rej.Refs {
+			names = append(names, string(name))
+		}
+	}
+	slices.Sort(names)
+	return strings.Join(names, ", ")
 }
 
 // observe reports the addresses clients use (the LoadBalancer's, else the
@@ -248,16 +282,15 @@ func serviceAddresses(svc *corev1.Service, st corev1.ServiceType) []gwv1.Gateway
 	return out
 }
 
-// setListenerStatus: HTTP listeners are served and count the routes
-// attached to them (by the rules the gateway itself applies); other
-// protocols are refused as unsupported, never silently ignored.
-func (r *IngressGatewayReconciler) setListenerStatus(ctx context.Context, status *gwv1.GatewayStatus, gw *gwv1.Gateway) error {
+// setListenerStatus: served listeners count the routes attached to them
+// (by the rules the gateway itself applies); the others say why they are
+// not served (rejectedListeners, from the plan), never silently ignored.
+func (r *IngressGatewayReconciler) setListenerStatus(ctx context.Context, status *gwv1.GatewayStatus, gw *gwv1.Gateway, rejectedListeners map[gwv1.SectionName]route.Rejection) error {
 	attached, err := r.attachedRoutes(ctx, gw)
 	if err != nil {
 		return err
 	}
 	programmed := meta.IsStatusConditionTrue(status.Conditions, string(gwv1.GatewayConditionProgrammed))
-	_, rejectedListeners := route.Plan(gw)
 	var out []gwv1.ListenerStatus
 	for _, l := range gw.Spec.Listeners {
 		ls := gwv1.ListenerStatus{Name: l.Name, SupportedKinds: []gwv1.RouteGroupKind{}}
@@ -435,8 +468,9 @@ func isIngressGateway(obj client.Object) bool {
 }
 
 // SetupWithManager watches ingress Gateways, their children, the mesh, the
-// class and the routes (attached-route counts).
-func (r *IngressGatewayReconciler) SetupWithManager(mgr ctrl.Manager, routeKinds ...client.Object) error {
+// class, the routes (attached-route counts), ReferenceGrants (when served)
+// and certificate Secrets (metadata only: no key is held in a cache).
+func (r *IngressGatewayReconciler) SetupWithManager(mgr ctrl.Manager, grants bool, routeKinds ...client.Object) error {
 	if r.RetryInterval == 0 {
 		r.RetryInterval = 30 * time.Second
 	}
@@ -449,13 +483,68 @@ func (r *IngressGatewayReconciler) SetupWithManager(mgr ctrl.Manager, routeKinds
 		Watches(&meshv1.AmbientMesh{}, handler.EnqueueRequestsFromMapFunc(r.allIngressGateways)).
 		Watches(&gwv1.GatewayClass{}, handler.EnqueueRequestsFromMapFunc(r.allIngressGateways),
 			builder.WithPredicates(predicate.NewPredicateFuncs(func(o client.Object) bool { return o.GetName() == IngressGatewayClass })))
+	// A route changes the attached-route counts of the Gateways it names
+	// (before and after an update), and only when its spec changes: our
+	// own route status writes, many during a burst of Gateways and
+	// routes, reconcile no Gateway.
 	for _, k := range routeKinds {
-		b = b.Watches(k, handler.EnqueueRequestsFromMapFunc(r.allIngressGateways))
+		b = b.Watches(k, handler.EnqueueRequestsFromMapFunc(routeGateways), builder.WithPredicates(predicate.GenerationChangedPredicate{}))
 	}
 	// Namespace labels decide which routes listener selectors admit.
 	b = b.Watches(&corev1.Namespace{}, handler.EnqueueRequestsFromMapFunc(r.allIngressGateways),
 		builder.WithPredicates(predicate.LabelChangedPredicate{}))
+	if grants {
+		b = b.Watches(&gwv1beta1.ReferenceGrant{}, handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, o client.Object) []reconcile.Request {
+			return r.gatewaysReferring(ctx, o.GetNamespace(), "")
+		}))
+	}
+	b = b.WatchesMetadata(&corev1.Secret{}, handler.EnqueueRequestsFromMapFunc(r.secretGateways))
 	return b.Complete(r)
+}
+
+// routeGateways lists the Gateways a route's parentRefs name.
+func routeGateways(_ context.Context, o client.Object) []reconcile.Request {
+	parents, _ := routeRefsOf(o)
+	var reqs []reconcile.Request
+	for _, p := range parents {
+		if !isGatewayParent(p) {
+			continue
+		}
+		ns := o.GetNamespace()
+		if p.Namespace != nil && *p.Namespace != "" {
+			ns = string(*p.Namespace)
+		}
+		reqs = append(reqs, reconcile.Request{NamespacedName: client.ObjectKey{Namespace: ns, Name: string(p.Name)}})
+	}
+	return reqs
+}
+
+// gatewaysReferring lists the ingress Gateways with a certificateRef to a
+// Secret of namespace ns (named name; any when "").
+func (r *IngressGatewayReconciler) gatewaysReferring(ctx context.Context, ns, name string) []reconcile.Request {
+	list := &gwv1.GatewayList{}
+	if err := r.Client.List(ctx, list); err != nil {
+		return nil
+	}
+	var reqs []reconcile.Request
+	for i := range list.Items {
+		gw := &list.Items[i]
+		if gw.Spec.GatewayClassName == IngressGatewayClass && certificateRefsTo(gw, ns, name) {
+			reqs = append(reqs, reconcile.Request{NamespacedName: client.ObjectKeyFromObject(gw)})
+		}
+	}
+	return reqs
+}
+
+// secretGateways: the Gateways using a certificate Secret, and the owner
+// of a certificate copy (rewritten when changed or deleted).
+func (r *IngressGatewayReconciler) secretGateways(ctx context.Context, o client.Object) []reconcile.Request {
+	reqs := r.gatewaysReferring(ctx, o.GetNamespace(), o.GetName())
+	l := o.GetLabels()
+	if l[LabelManagedBy] == ManagedByValue && l[LabelComponent] == componentCertificateCopy && l[LabelGatewayName] != "" {
+		reqs = append(reqs, reconcile.Request{NamespacedName: client.ObjectKey{Namespace: o.GetNamespace(), Name: l[LabelGatewayName]}})
+	}
+	return reqs
 }
 
 func (r *IngressGatewayReconciler) allIngressGateways(ctx context.Context, _ client.Object) []reconcile.Request {

@@ -241,14 +241,16 @@ func waitRouteParent(t *testing.T, ns, name string, status metav1.ConditionStatu
 }
 
 // TestIngressHTTPSListener: an HTTPS listener terminating TLS gets its
-// Secret mounted read-only where the gateway reads certificates, an https
-// Service port, and is accepted; one without certificates is refused with
-// the reason.
+// Secret (holding a valid key pair) mounted read-only where the gateway
+// reads certificates, an https Service port, and is accepted; one without
+// certificates is refused with the reason.
 func TestIngressHTTPSListener(t *testing.T) {
 	ctx := context.Background()
 	const ns = "ingress-tls"
 	createNamespace(t, ns)
 	newMesh(t, "ingress-tls", "mesh-ingress-tls", nil)
+	crt, key := selfSigned(t, "shop.example.com")
+	createTLSSecret(t, ns, "shop-cert", crt, key)
 	gw := seedsIngressGateway(ns)
 	gw.Spec.Listeners = append(gw.Spec.Listeners, gwv1.Listener{Name: "shop", Port: 8443, Protocol: gwv1.HTTPSProtocolType,
 		Hostname: ptr.To(gwv1.Hostname("shop.example.com")),

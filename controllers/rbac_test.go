@@ -87,6 +87,12 @@ func TestLeastPrivilege(t *testing.T) {
 		// Proxies' tokens, and callers of the metrics and debug endpoints.
 		{operator, "create", "tokenreviews.authentication.k8s.io", "", "", true},
 		{operator, "create", "subjectaccessreviews.authorization.k8s.io", "", "", true},
+		// ReferenceGrants are read, never written.
+		{operator, "list", "referencegrants.gateway.networking.k8s.io", "", "", true},
+		{operator, "watch", "referencegrants.gateway.networking.k8s.io", "", "", true},
+		{operator, "get", "referencegrants.gateway.networking.k8s.io", "apps", "grant", true},
+		{operator, "create", "referencegrants.gateway.networking.k8s.io", "apps", "", false},
+		{operator, "delete", "referencegrants.gateway.networking.k8s.io", "apps", "grant", false},
 		{sa(ns, ZtunnelName), "create", "subjectaccessreviews.authorization.k8s.io", "", "", false},
 		{sa(ns, ZtunnelName), "get", "secrets", ns, CASecretName, false},
 		{sa(ns, ZtunnelName), "list", "secrets", ns, "", false},

@@ -19,9 +19,11 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gwv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 	"github.com/ambientmesh/ambient/controllers/waypointbind"
+	proxyroute "github.com/ambientmesh/ambient/proxylib/route"
 )
 
 // RouteConditionResolvedWaypoints is Istio's extra route condition: does
@@ -50,6 +52,9 @@ type RouteStatusReconciler struct {
 	// APIReader reads the latest route after a write conflict.
 	APIReader client.Reader
 	Kind      RouteKind
+	// Grants: the cluster serves ReferenceGrants (watched: they decide
+	// whether Gateway routes' cross-namespace backendRefs resolve).
+	Grants bool
 }
 
 // RouteKind is HTTPRouteKind or GRPCRouteKind.
@@ -108,6 +113,9 @@ type parentOutcome struct {
 	acceptedReason, acceptMsg string
 	// waypoint is nil for Gateway parents (the condition is about Services).
 	waypoint *metav1.Condition
+	// gateway: the parent is a Gateway, whose routes need a ReferenceGrant
+	// for backends of other namespaces (Service parents do not: GAMMA).
+	gateway bool
 }
 
 func (r *RouteStatusReconciler) evaluate(ctx context.Context, route client.Object) ([]gwv1.RouteParentStatus, error) {
@@ -129,13 +137,23 @@ func (r *RouteStatusReconciler) evaluate(ctx context.Context, route client.Objec
 	if len(outcomes) == 0 {
 		return nil, nil
 	}
-	resolved, err := resolveBackends(ctx, r.Client, route.GetNamespace(), backends)
-	if err != nil {
-		return nil, err
+	var grants *proxyroute.Grants
+	if r.Grants {
+		if grants, err = referenceGrants(ctx, r.Client); err != nil {
+			return nil, err
+		}
 	}
+	resolved := map[bool]metav1.Condition{}
 	out := make([]gwv1.RouteParentStatus, 0, len(outcomes))
 	for _, o := range outcomes {
-		out = append(out, o.status(route.GetGeneration(), resolved))
+		if _, done := resolved[o.gateway]; !done {
+			c, err := resolveBackends(ctx, r.Client, grants, r.Kind.Name, route.GetNamespace(), backends, o.gateway)
+			if err != nil {
+				return nil, err
+			}
+			resolved[o.gateway] = c
+		}
+		out = append(out, o.status(route.GetGeneration(), resolved[o.gateway]))
 	}
 	return out, nil
 }
@@ -204,7 +222,9 @@ func (r *RouteStatusReconciler) gatewayParent(ctx context.Context, route client.
 		if err != nil {
 			return parentOutcome{}, false, err
 		}
-		return ingressParent(resolved, p, route.GetNamespace(), r.Kind.Name, routeHostnames(route)), true, nil
+		o := ingressParent(resolved, p, route.GetNamespace(), r.Kind.Name, routeHostnames(route))
+		o.gateway = true
+		return o, true, nil
 	case WaypointGatewayClass:
 		if waypointForeign {
 			return parentOutcome{}, false, nil
@@ -214,6 +234,7 @@ func (r *RouteStatusReconciler) gatewayParent(ctx context.Context, route client.
 	}
 	return parentOutcome{
 		ref:            p,
+		gateway:        true,
 		acceptedReason: string(gwv1.RouteReasonNotAllowedByListeners),
 		acceptMsg:      fmt.Sprintf("waypoint Gateway %s takes no routes: attach the route to a Service (parentRef group \"\", kind Service) that uses the waypoint", key),
 	}, true, nil
@@ -252,11 +273,12 @@ func (o parentOutcome) status(gen int64, resolved metav1.Condition) gwv1.RoutePa
 	return gwv1.RouteParentStatus{ParentRef: o.ref, ControllerName: WaypointControllerName, Conditions: conds}
 }
 
-// resolveBackends reports ResolvedRefs as the waypoint behaves: only core
-// Services in the route's namespace are routed to (a cross-namespace
-// backendRef is refused even with a ReferenceGrant, which waypoints do not
-// receive), and a missing or ExternalName Service answers 500.
-func resolveBackends(ctx context.Context, c client.Reader, routeNS string, refs []gwv1.BackendRef) (metav1.Condition, error) {
+// resolveBackends reports ResolvedRefs as the proxies behave
+// (proxylib/route.BackendPermitted): only core Services are routed to; for
+// a Gateway parent, one of another namespace only when a ReferenceGrant
+// there permits it (RefNotPermitted otherwise), while a Service parent
+// (GAMMA) needs no grant; a missing or ExternalName Service answers 500.
+func resolveBackends(ctx context.Context, c client.Reader, grants *proxyroute.Grants, kind, routeNS string, refs []gwv1.BackendRef, gatewayParent bool) (metav1.Condition, error) {
 	var reason gwv1.RouteConditionReason
 	var problems []string
 	fail := func(r gwv1.RouteConditionReason, msg string) {
@@ -274,8 +296,8 @@ func resolveBackends(ctx context.Context, c client.Reader, routeNS string, refs 
 		switch {
 		case !isCoreService(ref.Group, ref.Kind):
 			fail(gwv1.RouteReasonInvalidKind, fmt.Sprintf("backendRef %s: kind %s/%s is not supported, only core Services", key, deref(ref.Group), deref(ref.Kind)))
-		case ns != routeNS:
-			fail(gwv1.RouteReasonRefNotPermitted, fmt.Sprintf("backendRef %s: cross-namespace backendRefs are not supported by waypoints (ReferenceGrants are not honoured)", key))
+		case !proxyroute.BackendPermitted(grants, gatewayParent, kind, routeNS, ns, string(ref.Name)):
+			fail(gwv1.RouteReasonRefNotPermitted, fmt.Sprintf("backendRef %s: no ReferenceGrant in namespace %s permits %ss of namespace %s to use this Service", key, ns, kind, routeNS))
 		default:
 			svc := &corev1.Service{}
 			if err := c.Get(ctx, key, svc); client.IgnoreNotFound(err) != nil {
@@ -436,8 +458,9 @@ func routeStatusOf(route client.Object) *gwv1.RouteStatus {
 }
 
 // routeRefKeys: "svc/<ns>/<name>" for every Service a route names (parent
-// or backend) and "ns/<ns>" for the namespaces of its Service parents
-// (whose labels bind waypoints).
+// or backend), "ns/<ns>" for the namespaces of its Service parents
+// (whose labels bind waypoints) and "backendns/<ns>" for the other
+// namespaces its backends are in (whose ReferenceGrants decide).
 func routeRefKeys(obj client.Object) []string {
 	parents, backends := routeRefsOf(obj)
 	var keys []string
@@ -454,6 +477,9 @@ func routeRefKeys(obj client.Object) []string {
 	}
 	for _, b := range backends {
 		keys = append(keys, "svc/"+nsOf(b.Namespace)+"/"+string(b.Name))
+		if ns := nsOf(b.Namespace); ns != obj.GetNamespace() {
+			keys = append(keys, "backendns/"+ns)
+		}
 	}
 	return keys
 }
@@ -466,7 +492,15 @@ func (r *RouteStatusReconciler) SetupWithManager(ctx context.Context, mgr ctrl.M
 		return err
 	}
 	changed := predicate.Or(predicate.GenerationChangedPredicate{}, predicate.LabelChangedPredicate{}, predicate.AnnotationChangedPredicate{})
-	return ctrl.NewControllerManagedBy(mgr).
+	b := ctrl.NewControllerManagedBy(mgr)
+	if r.Grants {
+		// A ReferenceGrant decides for the routes with backends in its
+		// namespace.
+		b = b.Watches(&gwv1beta1.ReferenceGrant{}, handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, o client.Object) []reconcile.Request {
+			return r.routesReferring(ctx, "backendns/"+o.GetNamespace())
+		}))
+	}
+	return b.
 		Named(strings.ToLower(r.Kind.Name)+"status").
 		For(r.Kind.newRoute()).
 		// Every Service change: its type (ExternalName) and labels matter.

@@ -183,8 +183,10 @@ func TestRouteStatus(t *testing.T) {
 			map[string][]wantCond{"ghost": {noParent, resolvedOK, "ResolvedWaypoints=False/NoWaypoint"}}},
 		{"missing backend", httpRoute(app, "nobackend", []gwv1.ParentReference{serviceParent("", "echo")}, backend("", "echo-v1"), backend("", "gone")),
 			map[string][]wantCond{"echo": {acceptedOK, backendAbsent}}},
+		// A mesh route needs no ReferenceGrant for a backend elsewhere
+		// (GEP-1294); a missing one is still not found.
 		{"cross-namespace backend", httpRoute(app, "crossns", []gwv1.ParentReference{serviceParent("", "echo")}, backend(other, "remote")),
-			map[string][]wantCond{"echo": {acceptedOK, "ResolvedRefs=False/RefNotPermitted"}}},
+			map[string][]wantCond{"echo": {acceptedOK, resolvedOK}}},
 		{"unsupported backend kind", httpRoute(app, "kind", []gwv1.ParentReference{serviceParent("", "echo")}, foreignKind),
 			map[string][]wantCond{"echo": {acceptedOK, "ResolvedRefs=False/InvalidKind"}}},
 		{"Service without waypoint", httpRoute(bare, "plain", []gwv1.ParentReference{serviceParent("", "plain")}, backend("", "plain")),
@@ -195,6 +197,8 @@ func TestRouteStatus(t *testing.T) {
 			map[string][]wantCond{"waypoint": {notListeners, resolvedOK}}},
 		{"other Gateways are not ours", httpRoute(app, "ingress", []gwv1.ParentReference{gatewayParent("ingress"), gatewayParent("absent"), serviceParent("", "echo")}, backend("", "echo-v1")),
 			map[string][]wantCond{"echo": {acceptedOK}}},
+		{"cross-namespace backend missing", httpRoute(app, "crossns-gone", []gwv1.ParentReference{serviceParent("", "echo")}, backend(other, "nowhere")),
+			map[string][]wantCond{"echo": {acceptedOK, backendAbsent}}},
 	}
 	for _, tc := range cases {
 		if err := k8s.Create(ctx, tc.route); err != nil {

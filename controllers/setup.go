@@ -15,6 +15,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/webhook"
 	"sigs.k8s.io/controller-runtime/pkg/webhook/admission"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gwv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 )
 
 // CacheOptions narrows the manager's informers to what the operator owns
@@ -87,6 +88,13 @@ func setupGatewayWaypoints(mgr ctrl.Manager, o Options) error {
 	if err := gwv1.Install(mgr.GetScheme()); err != nil {
 		return err
 	}
+	if err := gwv1beta1.Install(mgr.GetScheme()); err != nil {
+		return err
+	}
+	grants, err := referenceGrantsServed(mgr)
+	if err != nil {
+		return err
+	}
 	r := &GatewayWaypointReconciler{Client: mgr.GetClient(), Defaults: o.Defaults, RetryInterval: o.RetryInterval}
 	if err := r.SetupWithManager(mgr); err != nil {
 		return err
@@ -94,16 +102,31 @@ func setupGatewayWaypoints(mgr ctrl.Manager, o Options) error {
 	if err := (&GatewayClassReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr); err != nil {
 		return err
 	}
-	if err := setupIngressGateways(mgr, o); err != nil {
+	if err := setupIngressGateways(mgr, o, grants); err != nil {
 		return err
 	}
-	return setupRouteStatus(mgr)
+	return setupRouteStatus(mgr, grants)
+}
+
+// referenceGrantsServed reports whether the cluster serves v1beta1
+// ReferenceGrants (every Gateway API release since v0.6 does; without the
+// CRD no cross-namespace reference is permitted).
+func referenceGrantsServed(mgr ctrl.Manager) (bool, error) {
+	gk := schema.GroupKind{Group: gwv1beta1.GroupName, Kind: "ReferenceGrant"}
+	if _, err := mgr.GetRESTMapper().RESTMapping(gk, gwv1beta1.GroupVersion.Version); err != nil {
+		if meta.IsNoMatchError(err) {
+			mgr.GetLogger().Info("Gateway API ReferenceGrant not installed: cross-namespace references are refused")
+			return false, nil
+		}
+		return false, err
+	}
+	return true, nil
 }
 
 // setupIngressGateways registers the ingress Gateway (class istio) and its
 // GatewayClass controllers; route kinds served by the cluster are watched
 // for the listeners' attached-route counts.
-func setupIngressGateways(mgr ctrl.Manager, o Options) error {
+func setupIngressGateways(mgr ctrl.Manager, o Options, grants bool) error {
 	var kinds []client.Object
 	for _, k := range []RouteKind{HTTPRouteKind, GRPCRouteKind} {
 		gk := schema.GroupKind{Group: gwv1.GroupName, Kind: k.Name}
@@ -114,7 +137,7 @@ func setupIngressGateways(mgr ctrl.Manager, o Options) error {
 		}
 	}
 	r := &IngressGatewayReconciler{Client: mgr.GetClient(), Defaults: o.Defaults, RetryInterval: o.RetryInterval}
-	if err := r.SetupWithManager(mgr, kinds...); err != nil {
+	if err := r.SetupWithManager(mgr, grants, kinds...); err != nil {
 		return err
 	}
 	return (&GatewayClassReconciler{Client: mgr.GetClient(), ClassName: IngressGatewayClass}).SetupWithManager(mgr)
@@ -122,7 +145,7 @@ func setupIngressGateways(mgr ctrl.Manager, o Options) error {
 
 // setupRouteStatus registers a route status reconciler for each route kind
 // the cluster serves.
-func setupRouteStatus(mgr ctrl.Manager) error {
+func setupRouteStatus(mgr ctrl.Manager, grants bool) error {
 	for _, kind := range []RouteKind{HTTPRouteKind, GRPCRouteKind} {
 		gk := schema.GroupKind{Group: gwv1.GroupName, Kind: kind.Name}
 		if _, err := mgr.GetRESTMapper().RESTMapping(gk, gwv1.GroupVersion.Version); meta.IsNoMatchError(err) {
@@ -131,7 +154,7 @@ func setupRouteStatus(mgr ctrl.Manager) error {
 		} else if err != nil {
 			return err
 		}
-		r := &RouteStatusReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Kind: kind}
+		r := &RouteStatusReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Kind: kind, Grants: grants}
 		if err := r.SetupWithManager(context.Background(), mgr); err != nil {
 			return err
 		}

@@ -25,6 +25,7 @@ import (
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/controller-runtime/pkg/webhook"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gwv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 )
@@ -85,6 +86,7 @@ func runSuite(m *testing.M) int {
 	must(clientgoscheme.AddToScheme(testScheme))
 	must(meshv1.AddToScheme(testScheme))
 	must(gwv1.Install(testScheme))
+	must(gwv1beta1.Install(testScheme))
 
 	gatewayCRDs, err := gatewayAPICRDs()
 	must(err)

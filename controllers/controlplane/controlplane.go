@@ -25,6 +25,7 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gwv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 	"github.com/ambientmesh/ambient/controllers/caserver"
@@ -92,9 +93,10 @@ func SetupWithManager(mgr ctrl.Manager, o Options) (*ControlPlane, error) {
 }
 
 // AddToScheme registers the kinds the control plane watches besides the
-// operator's own: Istio security (v1, v1beta1) and the Gateway API.
+// operator's own: Istio security (v1, v1beta1) and the Gateway API (v1,
+// and v1beta1 for ReferenceGrants).
 func AddToScheme(s *runtime.Scheme) error {
-	for _, add := range []func(*runtime.Scheme) error{securityv1.AddToScheme, securityv1beta1.AddToScheme, gwv1.Install} {
+	for _, add := range []func(*runtime.Scheme) error{securityv1.AddToScheme, securityv1beta1.AddToScheme, gwv1.Install, gwv1beta1.Install} {
 		if err := add(s); err != nil {
 			return err
 		}
@@ -110,7 +112,7 @@ func AddToScheme(s *runtime.Scheme) error {
 // +kubebuilder:rbac:groups=authentication.k8s.io,resources=tokenreviews,verbs=create
 // +kubebuilder:rbac:groups=authorization.k8s.io,resources=subjectaccessreviews,verbs=create
 // +kubebuilder:rbac:groups=security.istio.io,resources=authorizationpolicies;peerauthentications,verbs=get;list;watch
-// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=gateways;httproutes;grpcroutes,verbs=get;list;watch
+// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=gateways;httproutes;grpcroutes;referencegrants,verbs=get;list;watch
 // +kubebuilder:rbac:groups=mesh.ambient.dev,resources=ambientmeshes;waypointpolicies,verbs=get;list;watch
 
 // ControlPlane is the runnable holding the three servers.

@@ -2,6 +2,7 @@ package controlplane
 
 import (
 	"context"
+	"encoding/json"
 	"io"
 	"net/http"
 	"net/netip"
@@ -30,10 +31,12 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gwv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 	"github.com/ambientmesh/ambient/controllers/policy"
 	xds "github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/meshapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
 )
@@ -593,4 +596,38 @@ func TestClusterDomainFromMesh(t *testing.T) {
 		got := state.ServiceByVIP(ip(svc.Spec.ClusterIP))
 		return got != nil && got.Hostname == "web.domain.svc.corp.example"
 	})
+}
+
+// TestReferenceGrantsSentToL7Proxies: ReferenceGrants reach the L7
+// proxies whole (the ingress gateway decides cross-namespace backends and
+// certificates from them), and leave when deleted.
+func TestReferenceGrantsSentToL7Proxies(t *testing.T) {
+	ctx := context.Background()
+	ensureNamespace(t, "rg-backend", nil)
+	rg := &gwv1beta1.ReferenceGrant{ObjectMeta: metav1.ObjectMeta{Name: "from-edge", Namespace: "rg-backend"},
+		Spec: gwv1beta1.ReferenceGrantSpec{
+			From: []gwv1beta1.ReferenceGrantFrom{{Group: gwv1.GroupName, Kind: "HTTPRoute", Namespace: "edge"}},
+			To:   []gwv1beta1.ReferenceGrantTo{{Group: "", Kind: "Service"}},
+		}}
+	if err := s.k8s.Create(ctx, rg); err != nil {
+		t.Fatal(err)
+	}
+	const key = "gateway.networking.k8s.io/ReferenceGrant/rg-backend/from-edge"
+	sent := func() *meshapi.L7Resource {
+		for _, r := range s.cp.Discovery.Snapshot(xds.L7ResourceType) {
+			if r.Name == key {
+				return r.Resource.(*meshapi.L7Resource)
+			}
+		}
+		return nil
+	}
+	eventually(t, "ReferenceGrant sent", func() bool { return sent() != nil })
+	var got gwv1beta1.ReferenceGrant
+	if err := json.Unmarshal(sent().Json, &got); err != nil || len(got.Spec.From) != 1 || got.Spec.From[0].Namespace != "edge" || got.Spec.To[0].Kind != "Service" {
+		t.Fatalf("sent %s (%v), want the grant's spec", sent().Json, err)
+	}
+	if err := s.k8s.Delete(ctx, rg); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "ReferenceGrant withdrawn", func() bool { return sent() == nil })
 }

@@ -29,6 +29,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gwv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 	"github.com/ambientmesh/ambient/proxylib/ca"
@@ -74,7 +75,7 @@ func TestMain(m *testing.M) {
 func testScheme() *runtime.Scheme {
 	sch := runtime.NewScheme()
 	for _, add := range []func(*runtime.Scheme) error{
-		clientgoscheme.AddToScheme, meshv1.AddToScheme, securityv1.AddToScheme, securityv1beta1.AddToScheme, gwv1.Install,
+		clientgoscheme.AddToScheme, meshv1.AddToScheme, securityv1.AddToScheme, securityv1beta1.AddToScheme, gwv1.Install, gwv1beta1.Install,
 	} {
 		if err := add(sch); err != nil {
 			panic(err)

@@ -28,6 +28,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gwv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 	"github.com/ambientmesh/ambient/controllers/policy"
@@ -87,10 +88,10 @@ type Controller struct {
 	Addresses, Authorizations, L7 *cachev3.LinearCache
 
 	// optional kinds, watched once their CRDs are installed
-	hasIstio, hasGateway, hasRoutes atomic.Bool
-	informers                       cache.Informers
-	mapper                          meta.RESTMapper
-	pending                         []*optionalSource
+	hasIstio, hasGateway, hasRoutes, hasGrants atomic.Bool
+	informers                                  cache.Informers
+	mapper                                     meta.RESTMapper
+	pending                                    []*optionalSource
 
 	mu    sync.Mutex
 	dirty dirtySet
@@ -157,11 +158,14 @@ func NewController(reader client.Reader, opts Options) *Controller {
 }
 
 var (
-	gatewayGVK    = schema.GroupVersionKind{Group: gwv1.GroupName, Version: "v1", Kind: "Gateway"}
-	httpRouteGVK  = schema.GroupVersionKind{Group: gwv1.GroupName, Version: "v1", Kind: "HTTPRoute"}
-	grpcRouteGVK  = schema.GroupVersionKind{Group: gwv1.GroupName, Version: "v1", Kind: "GRPCRoute"}
-	authzPolicyGV = schema.GroupVersionKind{Group: "security.istio.io", Version: "v1", Kind: "AuthorizationPolicy"}
-	peerAuthnGVK  = schema.GroupVersionKind{Group: "security.istio.io", Version: "v1", Kind: "PeerAuthentication"}
+	gatewayGVK   = schema.GroupVersionKind{Group: gwv1.GroupName, Version: "v1", Kind: "Gateway"}
+	httpRouteGVK = schema.GroupVersionKind{Group: gwv1.GroupName, Version: "v1", Kind: "HTTPRoute"}
+	grpcRouteGVK = schema.GroupVersionKind{Group: gwv1.GroupName, Version: "v1", Kind: "GRPCRoute"}
+	// ReferenceGrant as v1beta1, which every Gateway API release since
+	// v0.6 serves (v1 only since v1.5).
+	referenceGrantGVK = schema.GroupVersionKind{Group: gwv1.GroupName, Version: "v1beta1", Kind: "ReferenceGrant"}
+	authzPolicyGV     = schema.GroupVersionKind{Group: "security.istio.io", Version: "v1", Kind: "AuthorizationPolicy"}
+	peerAuthnGVK      = schema.GroupVersionKind{Group: "security.istio.io", Version: "v1", Kind: "PeerAuthentication"}
 )
 
 func installed(mapper meta.RESTMapper, gvk schema.GroupVersionKind) bool {
@@ -206,6 +210,10 @@ func (c *Controller) Register(ctx context.Context, informers cache.Informers, ma
 			handler: c.handler(func(client.Object, client.Object) { c.markFull() }), enabled: &c.hasGateway},
 		{name: "routes", gvks: []schema.GroupVersionKind{httpRouteGVK, grpcRouteGVK}, objs: []client.Object{&gwv1.HTTPRoute{}, &gwv1.GRPCRoute{}},
 			handler: c.handler(func(o, _ client.Object) { c.markRoute(o) }), enabled: &c.hasRoutes},
+		// ReferenceGrants open cross-namespace backends and certificates
+		// to ingress gateways; they change rarely, so any change rebuilds.
+		{name: "referencegrants", gvks: []schema.GroupVersionKind{referenceGrantGVK}, objs: []client.Object{&gwv1beta1.ReferenceGrant{}},
+			handler: c.handler(func(client.Object, client.Object) { c.markFull() }), enabled: &c.hasGrants},
 	}
 	return c.registerOptional(ctx)
 }
@@ -681,6 +689,17 @@ func (b *build) runFull() error {
 	}
 	for _, gw := range b.gateways {
 		b.addL7(l7KeyOf(gw, gatewayGVK.Kind, gatewayGVK.Group), route.ResolveSelectors(gw, nsLabels), gatewayGVK)
+	}
+	if b.c.hasGrants.Load() {
+		var rgs gwv1beta1.ReferenceGrantList
+		if err := b.c.reader.List(b.ctx, &rgs, noCopy); err != nil {
+			return err
+		}
+		for i := range rgs.Items {
+			if rg := &rgs.Items[i]; rg.DeletionTimestamp == nil {
+				b.addL7(l7KeyOf(rg, referenceGrantGVK.Kind, referenceGrantGVK.Group), rg, referenceGrantGVK)
+			}
+		}
 	}
 	if b.c.hasRoutes.Load() {
 		var hr gwv1.HTTPRouteList

@@ -27,8 +27,9 @@ type Listeners struct {
 	Host string
 	Log  logr.Logger
 
-	// CertDir holds the HTTPS listeners' certificates: <secret>/tls.crt and
-	// <secret>/tls.key (the Secrets the operator mounts).
+	// CertDir holds the HTTPS listeners' certificates: <dir>/tls.crt and
+	// <dir>/tls.key, dir as route.CertificateDir names a Secret (the
+	// Secrets the operator mounts).
 	CertDir string
 
 	mu   sync.Mutex
@@ -74,7 +75,7 @@ func (l *Listeners) Run(ctx context.Context) {
 // terminating TLS) and closes the others; a port whose kind changed is
 // reopened.
 func (l *Listeners) Sync() {
-	ports, _ := route.Plan(l.Engine.Gateway())
+	ports := l.Engine.Plan()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	want := map[uint16]route.Port{}
@@ -123,11 +124,10 @@ func (l *Listeners) serve(ctx context.Context, ln net.Listener, port uint16) {
 // Ready reports whether the Gateway has arrived and every listener port it
 // needs is open.
 func (l *Listeners) Ready() bool {
-	gw := l.Engine.Gateway()
-	if gw == nil {
+	if l.Engine.Gateway() == nil {
 		return false
 	}
-	ports, _ := route.Plan(gw)
+	ports := l.Engine.Plan()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for _, p := range ports {

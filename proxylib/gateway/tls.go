@@ -27,7 +27,14 @@ func (l *Listeners) tlsConfig(port uint16) *tls.Config {
 			if !ok || ls.TLS == nil || len(ls.TLS.CertificateRefs) == 0 {
 				return nil, fmt.Errorf("no HTTPS listener on port %d for server name %q", port, hello.ServerName)
 			}
-			return l.certs.get(filepath.Join(l.CertDir, string(ls.TLS.CertificateRefs[0].Name)))
+			gw := l.Engine.Gateway()
+			if gw == nil {
+				return nil, fmt.Errorf("no Gateway served")
+			}
+			gwNS := gw.Namespace
+			ref := ls.TLS.CertificateRefs[0]
+			dir := route.CertificateDir(gwNS, route.SecretKey{Namespace: route.SecretNamespace(gwNS, ref), Name: string(ref.Name)})
+			return l.certs.get(filepath.Join(l.CertDir, dir))
 		},
 	}
 }

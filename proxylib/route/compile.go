@@ -16,7 +16,7 @@ func (t *Table) addHTTPRoute(r *gwv1.HTTPRoute) []error {
 	name := r.Namespace + "/" + r.Name
 	var errs []error
 	for ri, rule := range r.Spec.Rules {
-		cr, err := compileHTTPRule(name, ri, r.Namespace, rule)
+		cr, err := compileHTTPRule(name, ri, r.Namespace, t.backendPermit("HTTPRoute", r.Namespace), rule)
 		errs = append(errs, err...)
 		matches := rule.Matches
 		if len(matches) == 0 {
@@ -39,7 +39,7 @@ func (t *Table) addHTTPRoute(r *gwv1.HTTPRoute) []error {
 	return errs
 }
 
-func compileHTTPRule(name string, idx int, ns string, rule gwv1.HTTPRouteRule) (*Rule, []error) {
+func compileHTTPRule(name string, idx int, ns string, permit func(ns, name string) bool, rule gwv1.HTTPRouteRule) (*Rule, []error) {
 	cr := &Rule{Route: name, Index: idx}
 	var errs []error
 	refs := make([]gwv1.BackendRef, len(rule.BackendRefs))
@@ -48,7 +48,7 @@ func compileHTTPRule(name string, idx int, ns string, rule gwv1.HTTPRouteRule) (
 		refs[i], perBackend[i] = b.BackendRef, b.Filters
 	}
 	var berrs []error
-	cr.Backends, cr.total, berrs = compileBackends(ns, refs, perBackend)
+	cr.Backends, cr.total, berrs = compileBackends(ns, permit, refs, perBackend)
 	errs = append(errs, berrs...)
 	fs, err := compileFilters(rule.Filters)
 	if err != nil {
@@ -174,7 +174,7 @@ func (t *Table) addGRPCRoute(r *gwv1.GRPCRoute) []error {
 			perBackend[i] = grpcFilters(b.Filters)
 		}
 		var berrs []error
-		cr.Backends, cr.total, berrs = compileBackends(r.Namespace, refs, perBackend)
+		cr.Backends, cr.total, berrs = compileBackends(r.Namespace, t.backendPermit("GRPCRoute", r.Namespace), refs, perBackend)
 		errs = append(errs, berrs...)
 		fs, err := compileFilters(grpcFilters(rule.Filters))
 		if err != nil {

@@ -25,9 +25,11 @@ type gatewayParent struct {
 // BuildGateway compiles the routes attached to gw's listeners: parentRefs
 // naming gw (optionally narrowed by sectionName or port), accepted by the
 // listener's allowedRoutes (namespaces Same or All; kinds) and sharing a
-// hostname with it. Routes attached to Services are ignored here.
-func BuildGateway(gw *gwv1.Gateway, httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRPCRoute) (*Table, []error) {
-	return build(gw, httpRoutes, grpcRoutes)
+// hostname with it. Routes attached to Services are ignored here. A
+// backendRef to another namespace is served only when one of grants
+// permits it; otherwise requests picking it get 500.
+func BuildGateway(gw *gwv1.Gateway, grants *Grants, httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRPCRoute) (*Table, []error) {
+	return build(gw, grants, httpRoutes, grpcRoutes)
 }
 
 // listenerKey is the table key of a Gateway listener port.
@@ -76,7 +78,7 @@ func (t *Table) gatewayParents(routeNS, kind string, refs []gwv1.ParentReference
 // selectors are answered from what the control plane resolved
 // (ResolveSelectors): unresolved, they admit nothing.
 func ListenerAllows(gw *gwv1.Gateway, l gwv1.Listener, routeNS, kind string) bool {
-	if r := unservable(gw, l); r.Message != "" && !r.Refs {
+	if r := unservable(gw, l, nil); r.Message != "" && !r.Refs {
 		return false
 	}
 	from := gwv1.NamespacesFromSame

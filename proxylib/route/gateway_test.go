@@ -94,7 +94,7 @@ spec:
 		// A Service parent is the mesh's, never the Gateway's.
 		httpRoute(t, seedRoute),
 	}
-	tbl, errs := BuildGateway(gw, routes, nil)
+	tbl, errs := BuildGateway(gw, nil, routes, nil)
 	if len(errs) != 0 {
 		t.Fatalf("errors: %v", errs)
 	}
@@ -190,7 +190,7 @@ spec:
   - {name: http-on-443, port: 443, protocol: HTTP}
   - {name: tcp, port: 5432, protocol: TCP}
 `)
-	ports, rejected := Plan(gw)
+	ports, rejected := Plan(gw, nil)
 	if len(ports) != 2 || ports[0].Port != 80 || ports[0].TLS || ports[1].Port != 443 || !ports[1].TLS || len(ports[1].Listeners) != 2 {
 		t.Fatalf("ports %+v, want HTTP 80 and HTTPS 443 with two listeners", ports)
 	}
@@ -202,7 +202,7 @@ spec:
 	if len(rejected) != 5 {
 		t.Errorf("rejected %v, want exactly the five unservable listeners", rejected)
 	}
-	if got := CertificateSecrets(ports); len(got) != 2 || got[0] != "shop-cert" || got[1] != "wildcard-cert" {
+	if got := CertificateSecrets(gw.Namespace, ports); len(got) != 2 || got[0] != (SecretKey{"edge", "shop-cert"}) || got[1] != (SecretKey{"edge", "wildcard-cert"}) {
 		t.Errorf("certificate Secrets %v", got)
 	}
 	for sni, want := range map[string]string{"shop.example.com": "shop", "cart.example.com": "any", "": "any"} {

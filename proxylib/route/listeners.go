@@ -3,6 +3,7 @@ package route
 import (
 	"fmt"
 	"slices"
+	"strings"
 
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 )
@@ -16,16 +17,17 @@ type Port struct {
 }
 
 // Plan decides which of a Gateway's listeners an ingress gateway serves and
-// on which ports; rejected says why each other listener is not served. The
-// operator reports from it and the gateway opens ports from it, so status
-// says what the data path does.
-func Plan(gw *gwv1.Gateway) (ports []Port, rejected map[gwv1.SectionName]Rejection) {
+// on which ports; rejected says why each other listener is not served.
+// grants decide whether certificateRefs to Secrets of other namespaces are
+// permitted. The operator reports from it and the gateway opens ports from
+// it, so status says what the data path does.
+func Plan(gw *gwv1.Gateway, grants *Grants) (ports []Port, rejected map[gwv1.SectionName]Rejection) {
 	rejected = map[gwv1.SectionName]Rejection{}
 	if gw == nil {
 		return nil, rejected
 	}
 	for _, l := range gw.Spec.Listeners {
-		if why := unservable(gw, l); why.Message != "" {
+		if why := unservable(gw, l, grants); why.Message != "" {
 			rejected[l.Name] = why
 			continue
 		}
@@ -69,8 +71,10 @@ func unsupported(format string, args ...any) Rejection {
 
 // unservable says why a listener cannot be served (zero when it can):
 // HTTP, and HTTPS terminating TLS with certificates from Secrets in the
-// Gateway's own namespace, are served.
-func unservable(gw *gwv1.Gateway, l gwv1.Listener) Rejection {
+// Gateway's own namespace or, permitted by a ReferenceGrant, in another.
+// Reference problems come last, so nil grants never hide a listener that
+// is invalid in itself.
+func unservable(gw *gwv1.Gateway, l gwv1.Listener, grants *Grants) Rejection {
 	switch l.Protocol {
 	case gwv1.HTTPProtocolType, gwv1.HTTPSProtocolType:
 	default:
@@ -98,30 +102,75 @@ func unservable(gw *gwv1.Gateway, l gwv1.Listener) Rejection {
 			return Rejection{Reason: gwv1.ListenerReasonInvalidCertificateRef, Refs: true,
 				Message: fmt.Sprintf("certificateRef %s: only core Secrets are supported", ref.Name)}
 		}
-		if ref.Namespace != nil && string(*ref.Namespace) != gw.Namespace {
+		if ns := SecretNamespace(gw.Namespace, ref); !grants.Permits(gatewayRef(gw.Namespace), Ref{Kind: "Secret", Namespace: ns, Name: string(ref.Name)}) {
 			return Rejection{Reason: gwv1.ListenerReasonRefNotPermitted, Refs: true,
-				Message: fmt.Sprintf("certificateRef %s/%s: Secrets of other namespaces are not used (the gateway mounts its certificates from its own namespace)", *ref.Namespace, ref.Name)}
+				Message: fmt.Sprintf("certificateRef %s/%s: no ReferenceGrant in namespace %s permits Gateways of namespace %s to use this Secret", ns, ref.Name, ns, gw.Namespace)}
 		}
 	}
 	return Rejection{}
 }
 
-// CertificateSecrets names the Secrets the served HTTPS listeners use.
-func CertificateSecrets(ports []Port) []string {
-	var out []string
+func gatewayRef(ns string) Ref { return Ref{Group: gwv1.GroupName, Kind: "Gateway", Namespace: ns} }
+
+// SecretNamespace is the namespace of a certificateRef of a Gateway in gwNS.
+func SecretNamespace(gwNS string, ref gwv1.SecretObjectReference) string {
+	if ref.Namespace != nil && *ref.Namespace != "" {
+		return string(*ref.Namespace)
+	}
+	return gwNS
+}
+
+// SecretKey names a certificate Secret.
+type SecretKey struct{ Namespace, Name string }
+
+// CertificateDir is the directory (under the gateway's certificate
+// directory) holding a Secret's tls.crt and tls.key: the Secret's name for
+// the Gateway's own namespace, "<namespace>_<name>" for another ("_" is in
+// neither a namespace nor a Secret name, so the two never collide).
+func CertificateDir(gwNS string, s SecretKey) string {
+	if s.Namespace == gwNS {
+		return s.Name
+	}
+	return s.Namespace + "_" + s.Name
+}
+
+// CertificateSecrets names the Secrets the served HTTPS listeners of a
+// Gateway in gwNS use, sorted.
+func CertificateSecrets(gwNS string, ports []Port) []SecretKey {
+	var out []SecretKey
 	for _, p := range ports {
 		for _, l := range p.Listeners {
 			if l.TLS == nil {
 				continue
 			}
 			for _, ref := range l.TLS.CertificateRefs {
-				if !slices.Contains(out, string(ref.Name)) {
-					out = append(out, string(ref.Name))
+				k := SecretKey{Namespace: SecretNamespace(gwNS, ref), Name: string(ref.Name)}
+				if !slices.Contains(out, k) {
+					out = append(out, k)
 				}
 			}
 		}
 	}
-	slices.Sort(out)
+	slices.SortFunc(out, func(a, b SecretKey) int {
+		if a.Namespace != b.Namespace {
+			return strings.Compare(a.Namespace, b.Namespace)
+		}
+		return strings.Compare(a.Name, b.Name)
+	})
+	return out
+}
+
+// WithoutListeners returns ports less the listeners named in drop (a port
+// left with no listener is dropped).
+func WithoutListeners(ports []Port, drop map[gwv1.SectionName]Rejection) []Port {
+	var out []Port
+	for _, p := range ports {
+		q := p
+		q.Listeners = slices.DeleteFunc(slices.Clone(p.Listeners), func(l gwv1.Listener) bool { _, ok := drop[l.Name]; return ok })
+		if len(q.Listeners) > 0 {
+			out = append(out, q)
+		}
+	}
 	return out
 }
 

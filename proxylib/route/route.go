@@ -124,8 +124,31 @@ type Table struct {
 	http map[ServiceKey][]*matcher
 	grpc map[ServiceKey][]*matcher
 	// gateway is set for the table of an ingress Gateway (BuildGateway):
-	// then only routes attached to its listeners are compiled.
+	// then only routes attached to its listeners are compiled, and
+	// cross-namespace backendRefs need one of grants.
 	gateway *gwv1.Gateway
+	grants  *Grants
+}
+
+// BackendPermitted reports whether a route of kind in routeNS may send to
+// the Service ns/name. Attached to a Gateway (north-south), a backend in
+// another namespace needs a ReferenceGrant there. Attached to a Service
+// (GAMMA), it does not: mesh routes augment Services their clients reach
+// anyway, and GEP-1294 (with the MeshConsumerRoute conformance test)
+// allows cross-namespace backendRefs without a grant; the destination's
+// AuthorizationPolicy still decides, against the waypoint's identity.
+func BackendPermitted(grants *Grants, gatewayParent bool, kind, routeNS, ns, name string) bool {
+	if !gatewayParent || ns == routeNS {
+		return true
+	}
+	return grants.Permits(RouteBackend(kind, routeNS, ns, name))
+}
+
+// backendPermit is the rule of this table for routes of kind in routeNS.
+func (t *Table) backendPermit(kind, routeNS string) func(ns, name string) bool {
+	return func(ns, name string) bool {
+		return BackendPermitted(t.grants, t.gateway != nil, kind, routeNS, ns, name)
+	}
 }
 
 // attachment is one place a route serves: a Service (and optionally one of
@@ -160,13 +183,13 @@ func (t *Table) attachments(routeNS, kind string, refs []gwv1.ParentReference, h
 // ignored; problems that make a whole rule unusable are returned as errors
 // and the rule answers 500 (fail closed, never silently widened).
 func Build(httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRPCRoute) (*Table, []error) {
-	return build(nil, httpRoutes, grpcRoutes)
+	return build(nil, nil, httpRoutes, grpcRoutes)
 }
 
 // build compiles routes into a table for the Services (gw nil) or for
 // Gateway gw's listeners, in precedence order.
-func build(gw *gwv1.Gateway, httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRPCRoute) (*Table, []error) {
-	t := &Table{http: map[ServiceKey][]*matcher{}, grpc: map[ServiceKey][]*matcher{}, gateway: gw}
+func build(gw *gwv1.Gateway, grants *Grants, httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRPCRoute) (*Table, []error) {
+	t := &Table{http: map[ServiceKey][]*matcher{}, grpc: map[ServiceKey][]*matcher{}, gateway: gw, grants: grants}
 	var errs []error
 	for _, r := range httpRoutes {
 		errs = append(errs, t.addHTTPRoute(r)...)
@@ -419,7 +442,9 @@ func (r *Rule) PickBackend(rng *rand.Rand) (Backend, bool) {
 	return Backend{}, false
 }
 
-func compileBackends(routeNS string, refs []gwv1.BackendRef, filters [][]gwv1.HTTPRouteFilter) ([]Backend, int64, []error) {
+// compileBackends resolves a rule's backendRefs; permit says whether a
+// Service may be referred to (cross-namespace rules).
+func compileBackends(routeNS string, permit func(ns, name string) bool, refs []gwv1.BackendRef, filters [][]gwv1.HTTPRouteFilter) ([]Backend, int64, []error) {
 	var out []Backend
 	var total int64
 	var errs []error
@@ -439,8 +464,8 @@ func compileBackends(routeNS string, refs []gwv1.BackendRef, filters [][]gwv1.HT
 		switch {
 		case ref.Kind != nil && *ref.Kind != "Service" || ref.Group != nil && *ref.Group != "" && *ref.Group != "core":
 			b.Invalid = "backendRef kind is not a core Service"
-		case ns != routeNS:
-			b.Invalid = "cross-namespace backendRef needs a ReferenceGrant, which this waypoint does not receive"
+		case !permit(ns, string(ref.Name)):
+			b.Invalid = fmt.Sprintf("no ReferenceGrant in namespace %s permits routes of namespace %s to use this Service", ns, routeNS)
 		case ref.Port == nil:
 			b.Invalid = "backendRef to a Service needs a port"
 		default:

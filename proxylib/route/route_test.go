@@ -162,9 +162,11 @@ spec:
   parentRefs: [{kind: Service, name: api, namespace: prod}]
   rules: [{backendRefs: [{name: api-v2, namespace: prod, port: 80}]}]
 `)
+	// A mesh route needs no ReferenceGrant for a backend in another
+	// namespace (GEP-1294): the consumer route's backend is served.
 	tbl, errs := Build([]*gwv1.HTTPRoute{portRoute, producer, consumer}, nil)
-	if len(errs) != 1 || !strings.Contains(errs[0].Error(), "ReferenceGrant") {
-		t.Fatalf("errs %v, want the cross-namespace backend reported", errs)
+	if len(errs) != 0 {
+		t.Fatalf("errs %v, want none", errs)
 	}
 	svc := ServiceKey{"prod", "api"}
 	req := httptest.NewRequest("GET", "/", nil)
@@ -177,7 +179,7 @@ spec:
 		t.Errorf("port route: got %v", m.Rule.Backends[0].Service)
 	}
 	m, _ = tbl.Lookup(svc, 80, "team-a", req)
-	if m.Rule.Route != "team-a/consumer" || m.Rule.Backends[0].Invalid == "" {
+	if m.Rule.Route != "team-a/consumer" || m.Rule.Backends[0].Invalid != "" || m.Rule.Backends[0].Service != (ServiceKey{"prod", "api-v2"}) {
 		t.Errorf("consumer route: got %+v", m.Rule)
 	}
 }

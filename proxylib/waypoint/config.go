@@ -2,6 +2,8 @@ package waypoint
 
 import (
 	"encoding/json"
+	"slices"
+	"strings"
 
 	"k8s.io/apimachinery/pkg/api/equality"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
@@ -14,9 +16,13 @@ import (
 type l7Config struct {
 	// changed is closed when this configuration is replaced, so long-lived
 	// TCP tunnels re-check their policy (reliability case 20).
-	changed  chan struct{}
-	routes   *route.Table
-	gateway  *gwv1.Gateway // ingress mode: the Gateway served
+	changed chan struct{}
+	routes  *route.Table
+	gateway *gwv1.Gateway // ingress mode: the Gateway served
+	// grants are the ReferenceGrants (ingress mode): cross-namespace
+	// backendRefs and certificateRefs they permit are served.
+	grants   *route.Grants
+	grantSet []route.Grant
 	policies []*authz.Policy
 	// broken holds namespaces with an AuthorizationPolicy we could not
 	// decode: requests to them are denied (fail closed), since the policy
@@ -58,6 +64,16 @@ func (s *Server) rebuild() {
 			}
 			gw.Namespace, gw.Name = r.Namespace, r.Name
 			cfg.gateway = &gw
+		case "ReferenceGrant":
+			if !s.cfg.Ingress {
+				continue // mesh routes need no grant (route.BackendPermitted)
+			}
+			var rg gwv1.ReferenceGrant
+			if err := json.Unmarshal(r.Json, &rg); err != nil {
+				s.log.Error(err, "decoding ReferenceGrant: references it would permit are refused", "namespace", r.Namespace, "name", r.Name)
+				continue
+			}
+			cfg.grantSet = append(cfg.grantSet, route.Grant{Namespace: r.Namespace, Spec: rg.Spec})
 		case "AuthorizationPolicy":
 			p, err := authz.Decode(r.Json)
 			if err != nil {
@@ -72,8 +88,10 @@ func (s *Server) rebuild() {
 	var tbl *route.Table
 	var errs []error
 	if s.cfg.Ingress {
+		slices.SortFunc(cfg.grantSet, func(a, b route.Grant) int { return strings.Compare(a.Namespace, b.Namespace) })
+		cfg.grants = route.NewGrants(cfg.grantSet)
 		if cfg.gateway != nil {
-			tbl, errs = route.BuildGateway(cfg.gateway, httpRoutes, grpcRoutes)
+			tbl, errs = route.BuildGateway(cfg.gateway, cfg.grants, httpRoutes, grpcRoutes)
 		}
 	} else {
 		tbl, errs = route.Build(httpRoutes, grpcRoutes)
@@ -86,7 +104,9 @@ func (s *Server) rebuild() {
 	if old != nil {
 		close(old.changed)
 	}
-	if s.onGateway != nil && (old == nil || !equality.Semantic.DeepEqual(old.gateway, cfg.gateway)) {
+	// Grants decide which certificates the listeners may use.
+	if s.onGateway != nil && (old == nil || !equality.Semantic.DeepEqual(old.gateway, cfg.gateway) ||
+		!equality.Semantic.DeepEqual(old.grantSet, cfg.grantSet)) {
 		s.onGateway()
 	}
 }

@@ -31,8 +31,19 @@ func (s *Server) Gateway() *gwv1.Gateway {
 	return nil
 }
 
-// OnGatewayChange registers f, called after each change of Gateway()
-// (listeners to open or close). Call before traffic starts.
+// Plan is what the ingress serves of its Gateway's listeners
+// (route.Plan, with the ReferenceGrants received), from one snapshot.
+func (s *Server) Plan() []route.Port {
+	cfg := s.l7.Load()
+	if cfg == nil || cfg.gateway == nil {
+		return nil
+	}
+	ports, _ := route.Plan(cfg.gateway, cfg.grants)
+	return ports
+}
+
+// OnGatewayChange registers f, called after each change of Gateway() or
+// of the ReferenceGrants (listeners to open or close, certificates). Call before traffic starts.
 func (s *Server) OnGatewayChange(f func()) { s.onGateway = f }
 
 // ServeIngress serves one client connection accepted on the Gateway

@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	dto "github.com/prometheus/client_model/go"
 
@@ -206,20 +207,24 @@ spec:
 func TestIngressMetricsReportAsSource(t *testing.T) {
 	d := newIngressDemo(t)
 	d.get(t, "/get", "")
-	mfs, err := d.gw.Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
+	// The request is counted once its exchange completes, which may be
+	// just after the client has read the response.
 	var found bool
-	for _, mf := range mfs {
-		if mf.GetName() != "istio_requests_total" {
-			continue
+	for deadline := time.Now().Add(2 * time.Second); !found && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		mfs, err := d.gw.Registry.Gather()
+		if err != nil {
+			t.Fatal(err)
 		}
-		for _, m := range mf.GetMetric() {
-			l := labelMap(m)
-			if l["reporter"] == "source" && l["source_workload"] == "gateway" && l["source_workload_namespace"] == "istio-ingress" &&
-				l["destination_service_name"] == "httpbin" && l["response_code"] == "200" {
-				found = true
+		for _, mf := range mfs {
+			if mf.GetName() != "istio_requests_total" {
+				continue
+			}
+			for _, m := range mf.GetMetric() {
+				l := labelMap(m)
+				if l["reporter"] == "source" && l["source_workload"] == "gateway" && l["source_workload_namespace"] == "istio-ingress" &&
+					l["destination_service_name"] == "httpbin" && l["response_code"] == "200" {
+					found = true
+				}
 			}
 		}
 	}
@@ -317,5 +322,107 @@ spec:
 	}
 	if _, _, err := get("other.org", shop, false); err == nil {
 		t.Error("a server name no listener serves completed the handshake")
+	}
+}
+
+// A route in the Gateway's namespace sending to a Service of another
+// namespace is served only while a ReferenceGrant there permits it;
+// otherwise that backend answers 500 (HTTPRouteReferenceGrant).
+func TestIngressCrossNamespaceBackendNeedsReferenceGrant(t *testing.T) {
+	d := newIngressDemo(t)
+	d.m.ApplyL7(`
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: remote, namespace: istio-ingress}
+spec:
+  parentRefs: [{name: gateway}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /remote}}]
+    backendRefs: [{name: httpbin, namespace: ambient-demo, port: 8080}]
+`)
+	waitCode := func(want int) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			code, _ := d.get(t, "/remote", "")
+			if code == want {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("GET /remote: %d, want %d", code, want)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	waitCode(http.StatusInternalServerError)
+	d.m.ApplyL7(`
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: from-ingress, namespace: ambient-demo}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: istio-ingress}]
+  to: [{group: "", kind: Service, name: httpbin}]
+`)
+	waitCode(http.StatusOK)
+	d.m.DeleteL7("gateway.networking.k8s.io", "ReferenceGrant", "from-ingress")
+	waitCode(http.StatusInternalServerError)
+}
+
+// An HTTPS listener's certificate from a Secret of another namespace is
+// served, from its own directory, once a ReferenceGrant permits it
+// (GatewaySecretReferenceGrantSpecific).
+func TestIngressCertificateFromAnotherNamespace(t *testing.T) {
+	d := newIngressDemo(t)
+	roots := d.gw.WriteCertificate(t, "ambient-demo_shop-cert", "shop.example.com")
+	d.m.ApplyL7(`
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gateway, namespace: istio-ingress}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: http
+    port: 18080
+    protocol: HTTP
+    allowedRoutes: {namespaces: {from: All}}
+  - name: shop
+    port: 18443
+    protocol: HTTPS
+    tls: {certificateRefs: [{name: shop-cert, namespace: ambient-demo}]}
+    allowedRoutes: {namespaces: {from: All}}
+`)
+	d.gw.WaitReady(d.m)
+	if ports := d.gw.Server.Plan(); len(ports) != 1 {
+		t.Fatalf("planned ports %v without a ReferenceGrant, want only HTTP", ports)
+	}
+	d.m.ApplyL7(`
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: certs, namespace: ambient-demo}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: Gateway, namespace: istio-ingress}]
+  to: [{group: "", kind: Secret, name: shop-cert}]
+`)
+	deadline := time.Now().Add(5 * time.Second)
+	for len(d.gw.Server.Plan()) != 2 {
+		if time.Now().After(deadline) {
+			t.Fatal("the HTTPS listener was not planned after the ReferenceGrant")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	d.gw.WaitReady(d.m)
+	tr := &http.Transport{DisableKeepAlives: true, TLSClientConfig: &tls.Config{RootCAs: roots, ServerName: "shop.example.com"},
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var dl net.Dialer
+			return dl.DialContext(ctx, "tcp", netip.AddrPortFrom(d.gw.IP, 18443).String())
+		}}
+	defer tr.CloseIdleConnections()
+	resp, err := (&http.Client{Transport: tr}).Get("https://shop.example.com/get")
+	if err != nil {
+		t.Fatalf("HTTPS with the granted certificate: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("HTTPS /get: %d, want 200", resp.StatusCode)
 	}
 }
