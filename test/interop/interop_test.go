@@ -9,10 +9,12 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -176,4 +178,120 @@ func TestOurDialerThroughIstioServer(t *testing.T) {
 	} else if !errors.Is(err, hbone.ErrUnexpectedPeer) {
 		t.Fatalf("err = %v, want ErrUnexpectedPeer", err)
 	}
+}
+
+// TestManyTunnelsBothWaysLargeTransfers: 50 concurrent tunnels, each echoing
+// 1 MiB, multiplexed on pooled connections, with each side's dialer against
+// the other side's server.
+func TestManyTunnelsBothWaysLargeTransfers(t *testing.T) {
+	const tunnels, size = 50, 1 << 20
+	run := func(t *testing.T, dial func() (io.ReadWriteCloser, error)) {
+		var wg sync.WaitGroup
+		errs := make(chan error, tunnels)
+		for range tunnels {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				c, err := dial()
+				if err != nil {
+					errs <- err
+					return
+				}
+				defer c.Close()
+				errs <- echoBoth(c, size)
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	t.Run("Istio dialer, our server", func(t *testing.T) {
+		m := newMesh(t)
+		addr := startOurServer(t, m)
+		d := istiohbone.NewDialer(istiohbone.Config{
+			ProxyAddress: addr.String(),
+			TLS:          hbone.ClientTLSConfig(m.clientSrc, m.client, []identity.Identity{m.server}, "h2"),
+		})
+		run(t, func() (io.ReadWriteCloser, error) {
+			return d.DialContext(context.Background(), "tcp", m.echo.Addr.String())
+		})
+	})
+	t.Run("our dialer, Istio server", func(t *testing.T) {
+		m := newMesh(t)
+		srv := istiohbone.NewServer()
+		srv.TLSConfig = hbone.ServerTLSConfig(m.serverSrc, m.server, "h2")
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		go srv.ServeTLS(ln, "", "")
+		defer srv.Close()
+		d, err := h2.NewDialer(h2.DialerConfig{Certs: m.clientSrc})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Close()
+		req := hbone.DialRequest{Source: m.client, Expected: []identity.Identity{m.server},
+			ProxyAddr: ln.Addr().(*net.TCPAddr).AddrPort(), Target: m.echo.Addr}
+		run(t, func() (io.ReadWriteCloser, error) {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			return d.Dial(ctx, req)
+		})
+		if s := d.Stats(); s.Conns != 1 {
+			t.Fatalf("pool: %+v, want all tunnels on 1 connection", s)
+		}
+	})
+}
+
+// echoBoth writes size random bytes while reading the echo, and compares.
+func echoBoth(c io.ReadWriter, size int) error {
+	msg := make([]byte, size)
+	rand.Read(msg)
+	errc := make(chan error, 1)
+	go func() { _, err := c.Write(msg); errc <- err }()
+	got := make([]byte, size)
+	if _, err := io.ReadFull(c, got); err != nil {
+		return fmt.Errorf("read: %w", err)
+	}
+	if err := <-errc; err != nil {
+		return fmt.Errorf("write: %w", err)
+	}
+	if !bytes.Equal(got, msg) {
+		return errors.New("echo mismatch")
+	}
+	return nil
+}
+
+// startOurServer serves our HBONE server relaying to CONNECT targets.
+func startOurServer(t *testing.T, m *mesh) net.Addr {
+	t.Helper()
+	srv, err := h2.NewServer(h2.ServerConfig{Certs: m.serverSrc, Identity: m.server, Handler: hbone.HandlerFunc(
+		func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
+			up, err := net.Dial("tcp", req.Target.String())
+			if err != nil {
+				resp.Reject(http.StatusServiceUnavailable, err.Error())
+				return
+			}
+			st, err := resp.Accept()
+			if err != nil {
+				up.Close()
+				return
+			}
+			hbone.Relay(up.(*net.TCPConn), st)
+		})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return ln.Addr()
 }
