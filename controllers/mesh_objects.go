@@ -3,6 +3,7 @@ package controllers
 import (
 	"fmt"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -258,6 +259,9 @@ func DesiredZtunnel(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 	env := append(proxyEnv(mesh, z.Transport, z.LogLevel),
 		corev1.EnvVar{Name: "ZDS_SOCKET", Value: ZDSSocketDir + "/ztunnel.sock"},
 		corev1.EnvVar{Name: "DRAIN_GRACE", Value: ztunnelDrainGrace.String()})
+	if n := z.WorkerThreads; n != nil {
+		env = append(env, corev1.EnvVar{Name: "GOMAXPROCS", Value: strconv.Itoa(int(*n))})
+	}
 	pod := corev1.PodSpec{
 		ServiceAccountName:            ZtunnelName,
 		AutomountServiceAccountToken:  ptr.To(false),

@@ -40,7 +40,7 @@ func TestPerf(t *testing.T) {
 		p.ServeHTTP(t, 8080)
 	}
 	zt := pm.zts[0] // the client-side ztunnel is measured for CPU and memory
-	idle := rss(t, zt.cmd.Process.Pid)
+	idle, idleParts := rss(t, zt.cmd.Process.Pid), rssParts(t, zt.cmd.Process.Pid)
 	if out := os.Getenv("ZTUNNEL_PROFILE"); out != "" {
 		zt.fetch(t, out+".idleheap", "/debug/pprof/heap")
 	}
@@ -96,7 +96,7 @@ func TestPerf(t *testing.T) {
 			meshLat[0], meshLat[1], directLat[0], directLat[1], meshLat[0]-directLat[0], meshLat[1]-directLat[1]),
 		fmt.Sprintf("HTTP/1.1 1 KiB POST, 4 connections, %.0f rps achieved: client ztunnel %.3f vCPU => %.3f vCPU per 1000 rps, RSS %.1f MB",
 			rpsAchieved, cpu, cpu/(rpsAchieved/1000), loadRSS/1e6),
-		fmt.Sprintf("idle RSS (2 pods adopted): %.1f MB", idle/1e6),
+		fmt.Sprintf("idle RSS (2 pods adopted): %.1f MB (%s)", idle/1e6, idleParts),
 		fmt.Sprintf("1000 open tunnels: client ztunnel RSS %.1f -> %.1f MB (+%.1f MB per 1000), server ztunnel RSS %.1f MB",
 			before/1e6, after/1e6, (after-before)/1e6, serverSide/1e6),
 	}
@@ -218,20 +218,29 @@ func httpLoad(t *testing.T, from *meshtest.Pod, dst netip.AddrPort, rps, conns i
 }
 
 // rss is the resident set size of pid in bytes.
-func rss(t *testing.T, pid int) float64 {
+func rss(t *testing.T, pid int) float64 { return procStatus(t, pid, "VmRSS") }
+
+// procStatus reads a kB field of /proc/<pid>/status, in bytes.
+func procStatus(t *testing.T, pid int, field string) float64 {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(line, "VmRSS:") {
+		if strings.HasPrefix(line, field+":") {
 			f := strings.Fields(line)
 			kb, _ := strconv.ParseFloat(f[1], 64)
 			return kb * 1024
 		}
 	}
-	t.Fatal("no VmRSS")
+	t.Fatalf("no %s in /proc/%d/status", field, pid)
 	return 0
+}
+
+// rssParts says where resident memory is: anonymous (heap, stacks, runtime)
+// and file-backed (the binary's pages).
+func rssParts(t *testing.T, pid int) string {
+	return fmt.Sprintf("anon %.1f MB, file %.1f MB", procStatus(t, pid, "RssAnon")/1e6, procStatus(t, pid, "RssFile")/1e6)
 }
 
 // cpuSeconds is user+system CPU time of pid.

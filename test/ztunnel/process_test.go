@@ -61,7 +61,8 @@ func ztunnelBinary(t *testing.T) string {
 			return
 		}
 		binPath = filepath.Join(dir, "ztunnel")
-		out, err := exec.Command("go", "build", "-o", binPath, "github.com/ambientmesh/ambient/cmd/ztunnel").CombinedOutput()
+		// Built as the image builds it, so memory figures are what ships.
+		out, err := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w", "-o", binPath, "github.com/ambientmesh/ambient/cmd/ztunnel").CombinedOutput()
 		if err != nil {
 			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
 		}
@@ -233,6 +234,9 @@ func startZtunnel(t *testing.T, cp *xdsControlPlane, n *meshtest.Node, extra ...
 		"-token-path", token, "-root-cert", cp.roots, "-zds-socket", z.sock, "-drain-grace", "2s"}, extra...)
 	z.cmd = exec.Command("ip", args...)
 	z.cmd.Stdout, z.cmd.Stderr = z.out, z.out
+	if v := os.Getenv("ZTUNNEL_GOMAXPROCS"); v != "" { // perf experiments only
+		z.cmd.Env = append(os.Environ(), "GOMAXPROCS="+v)
+	}
 	if err := z.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
