@@ -31,9 +31,10 @@ const (
 // it had not ended cleanly the peer sees a reset (RST_STREAM), so an upstream
 // reset propagates as a reset, never as a clean EOF.
 //
-// On the accepting side of HTTP/2 (x/net's handler model) the response ends
-// the stream: CloseWrite also stops reading, and a peer still sending gets
-// RST_STREAM(NO_ERROR) after its last response byte, as after a TCP close.
+// Both directions half-close independently on either side, as TCP does:
+// after CloseWrite the stream still reads until the peer's END_STREAM. A
+// Close after our CloseWrite tells a peer still sending to stop
+// (RST_STREAM(NO_ERROR) over HTTP/2): it still reads all we sent, then EOF.
 // Hand a finished Stream and its upstream to Relay to get these semantics.
 type Stream interface {
 	net.Conn

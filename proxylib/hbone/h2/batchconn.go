@@ -9,12 +9,12 @@ import (
 )
 
 // crypto/tls writes each record (at most 16 KiB of plaintext) to its
-// connection with its own Write, so one x/net write of a 64 KiB DATA frame
-// costs four write(2) calls. recordBatcher sits between crypto/tls and the
-// socket: while a batch is open it collects records and sends them with one
-// write when the batch ends. batchedTLS opens a batch around each
-// tls.Conn.Write, so x/net's writes become one syscall each and every Write
-// still has its bytes on the socket (or its error) when it returns.
+// connection with its own Write, so one flush of 64 KiB of frames costs four
+// write(2) calls. recordBatcher sits between crypto/tls and the socket: while
+// a batch is open it collects records and sends them with one write when the
+// batch ends. batchedTLS opens a batch around each tls.Conn.Write, so each
+// frameWriter flush becomes one syscall and every Write still has its bytes
+// on the socket (or its error) when it returns.
 //
 // Outside a batch (handshake flights, close_notify, a KeyUpdate answered from
 // the read path) writes go straight through, in order behind any batch.
@@ -114,8 +114,8 @@ func (b *recordBatcher) writeLocked(p []byte) (int, error) {
 // socketWrites reports how many writes reached the socket.
 func (b *recordBatcher) socketWrites() int64 { return b.calls.Load() }
 
-// batchedTLS is the connection handed to x/net: a *tls.Conn (x/net reads
-// ConnectionState from it) whose Writes are batched.
+// batchedTLS is the connection the engine reads and writes: a *tls.Conn
+// whose Writes are batched.
 type batchedTLS struct {
 	*tls.Conn
 	batch   *recordBatcher
@@ -142,8 +142,7 @@ func (c *batchedTLS) Write(p []byte) (int, error) {
 }
 
 // forceCloseAfter bounds a graceful Close (its close_notify can block on a
-// peer that stopped reading), as x/net does for a bare *tls.Conn, which it
-// no longer sees through this wrapper.
+// peer that stopped reading).
 const forceCloseAfter = 250 * time.Millisecond
 
 // Close sends close_notify and closes, like tls.Conn.Close. A Write still in
