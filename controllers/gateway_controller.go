@@ -22,6 +22,7 @@ import (
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+	"github.com/ambientmesh/ambient/proxylib/kubeevents"
 	"github.com/ambientmesh/ambient/proxylib/route"
 )
 
@@ -37,6 +38,9 @@ type GatewayWaypointReconciler struct {
 	Defaults      Defaults
 	RetryInterval time.Duration
 	Now           func() time.Time
+	// Events records the waypoint becoming ready or unready on the
+	// Gateway (nil: none).
+	Events *kubeevents.Recorder
 }
 
 // +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=gateways,verbs=get;list;watch
@@ -49,12 +53,15 @@ func (r *GatewayWaypointReconciler) Reconcile(ctx context.Context, req ctrl.Requ
 		return ctrl.Result{}, err
 	}
 	status := gw.Status.DeepCopy()
+	before := gw.Status.DeepCopy().Conditions
 	result, err := r.reconcile(ctx, gw, status)
 	if err != nil {
 		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionProgrammed, false, string(gwv1.GatewayReasonPending), err.Error())
 	}
 	setListenerStatus(status, gw)
-	return result, patchGatewayStatus(ctx, r.Client, gw, status, err)
+	err = patchGatewayStatus(ctx, r.Client, gw, status, err)
+	recordProgrammed(r.Events, gw, before, status, "waypoint")
+	return result, err
 }
 
 // freshenProgrammed: a reconcile that stopped before observing the

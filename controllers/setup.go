@@ -15,6 +15,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/webhook"
 	"sigs.k8s.io/controller-runtime/pkg/webhook/admission"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	"github.com/ambientmesh/ambient/proxylib/kubeevents"
 )
 
 // CacheOptions narrows the manager's informers to what the operator owns
@@ -41,11 +43,18 @@ type Options struct {
 	RetryInterval  time.Duration
 	ReleaseTimeout time.Duration
 	EnableWebhooks bool
+	// Events records what operators act on (default: the manager's
+	// events.k8s.io recorder, as EventSource).
+	Events *kubeevents.Recorder
 }
 
 // Setup registers every reconciler (and the webhooks) with mgr.
 func Setup(mgr ctrl.Manager, o Options) error {
+	if o.Events == nil {
+		o.Events = kubeevents.New(mgr.GetEventRecorder(EventSource))
+	}
 	mesh := &AmbientMeshReconciler{
+		Events:         o.Events,
 		Client:         mgr.GetClient(),
 		APIReader:      mgr.GetAPIReader(),
 		Defaults:       o.Defaults,
@@ -87,7 +96,7 @@ func setupGatewayWaypoints(mgr ctrl.Manager, o Options) error {
 	if err := gwv1.Install(mgr.GetScheme()); err != nil {
 		return err
 	}
-	r := &GatewayWaypointReconciler{Client: mgr.GetClient(), Defaults: o.Defaults, RetryInterval: o.RetryInterval}
+	r := &GatewayWaypointReconciler{Client: mgr.GetClient(), Defaults: o.Defaults, RetryInterval: o.RetryInterval, Events: o.Events}
 	if err := r.SetupWithManager(mgr); err != nil {
 		return err
 	}
