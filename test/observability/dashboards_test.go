@@ -1,0 +1,251 @@
+package observability
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+	"testing"
+
+	"github.com/prometheus/prometheus/model/labels"
+	"github.com/prometheus/prometheus/promql/parser"
+)
+
+const grafanaDir = "../../config/grafana"
+
+// query is one PromQL expression of a dashboard and where it is.
+type query struct {
+	where, expr string
+}
+
+// dashboardQueries walks a dashboard's JSON for every panel target's expr
+// (rows nest panels) and every templating variable's label_values() query.
+func dashboardQueries(dash map[string]any) []query {
+	var out []query
+	var walk func(path string, v any)
+	walk = func(path string, v any) {
+		switch v := v.(type) {
+		case map[string]any:
+			where := path
+			if title, ok := v["title"].(string); ok {
+				where = path + "/" + title
+			}
+			for k, child := range v {
+				if s, ok := child.(string); ok && k == "expr" {
+					out = append(out, query{where: where, expr: s})
+					continue
+				}
+				walk(where, child)
+			}
+		case []any:
+			for _, child := range v {
+				walk(path, child)
+			}
+		}
+	}
+	walk("", dash["panels"])
+	if tmpl, ok := dash["templating"].(map[string]any); ok {
+		list, _ := tmpl["list"].([]any)
+		for _, item := range list {
+			v, _ := item.(map[string]any)
+			if v["type"] != "query" {
+				continue
+			}
+			q := v["definition"]
+			if m, ok := v["query"].(map[string]any); ok {
+				q = m["query"]
+			}
+			if s, ok := q.(string); ok {
+				out = append(out, query{where: fmt.Sprintf("variable %v", v["name"]), expr: templateExpr(s)})
+			}
+		}
+	}
+	return out
+}
+
+// labelValues is Grafana's label_values(expr, label) variable query.
+var labelValues = regexp.MustCompile(`^\s*label_values\((.*),\s*\w+\s*\)\s*$`)
+
+// templateExpr is the PromQL inside a variable query.
+func templateExpr(q string) string {
+	if m := labelValues.FindStringSubmatch(q); m != nil {
+		return m[1]
+	}
+	return q
+}
+
+// promql is Prometheus' parser with its default options (no experimental
+// functions: a dashboard must work on a stock server).
+var promql = parser.NewParser(parser.Options{})
+
+var (
+	grafanaRanges = regexp.MustCompile(`\$\{?__(rate_interval|interval|range)\}?`)
+	grafanaVars   = regexp.MustCompile(`\$\{?\w+\}?`)
+)
+
+// expand replaces Grafana's variables as Grafana would before sending the
+// query: ranges by a duration, dashboard variables by a value (they only
+// appear inside label matchers' strings).
+func expand(expr string) string {
+	return grafanaVars.ReplaceAllString(grafanaRanges.ReplaceAllString(expr, "5m"), "x")
+}
+
+// metricNames lists the metric names an expression selects.
+func metricNames(e parser.Expr) []string {
+	var names []string
+	parser.Inspect(e, func(n parser.Node, _ []parser.Node) error {
+		vs, ok := n.(*parser.VectorSelector)
+		if !ok {
+			return nil
+		}
+		name := vs.Name
+		for _, m := range vs.LabelMatchers {
+			if m.Name == labels.MetricName && m.Type == labels.MatchEqual {
+				name = m.Value
+			}
+		}
+		names = append(names, name)
+		return nil
+	})
+	return names
+}
+
+// checkQuery parses a dashboard expression as Grafana sends it and says
+// what is wrong with it: a parse error, no metric, or a metric the mesh
+// does not export.
+func checkQuery(expr string, exported seriesNames) (names []string, problems []string) {
+	e, err := promql.ParseExpr(expand(expr))
+	if err != nil {
+		return nil, []string{"does not parse: " + err.Error()}
+	}
+	names = metricNames(e)
+	if len(names) == 0 {
+		problems = append(problems, "selects no metric")
+	}
+	for _, n := range names {
+		if !exported[n] {
+			problems = append(problems, n+" is not a series the mesh exports")
+		}
+	}
+	return names, problems
+}
+
+// TestCheckQuery: the checker refuses what a dashboard must not contain.
+func TestCheckQuery(t *testing.T) {
+	exported := exportedSeries(t)
+	tests := []struct {
+		expr string
+		ok   bool
+	}{
+		{`sum by (destination_service_name) (rate(istio_requests_total{reporter="waypoint",destination_service_namespace=~"$namespace"}[$__rate_interval]))`, true},
+		{`histogram_quantile(0.99, sum by (le) (rate(istio_request_duration_milliseconds_bucket[5m])))`, true},
+		{`sum(increase(ambient_xds_rejects_total[$__range]))`, true},
+		{`histogram_quantile(0.99, sum by (le) (rate(istio_request_duration_milliseconds[5m])))`, false}, // bare histogram name
+		{`rate(pilot_xds_pushes[5m])`, false}, // Istio's, not ours
+		{`{__name__="envoy_cluster_upstream_rq_total"}`, false},
+		{`sum(rate(istio_requests_total[5m])`, false}, // unbalanced
+		{`vector(1)`, false},                          // no metric
+	}
+	for _, tc := range tests {
+		_, problems := checkQuery(tc.expr, exported)
+		if (len(problems) == 0) != tc.ok {
+			t.Errorf("%q: problems %v, want ok=%v", tc.expr, problems, tc.ok)
+		}
+	}
+}
+
+func loadDashboards(t *testing.T) map[string]map[string]any {
+	t.Helper()
+	files, err := filepath.Glob(filepath.Join(grafanaDir, "*.json"))
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no dashboards in %s (%v)", grafanaDir, err)
+	}
+	out := map[string]map[string]any{}
+	for _, f := range files {
+		raw, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var dash map[string]any
+		if err := json.Unmarshal(raw, &dash); err != nil {
+			t.Fatalf("%s: %v", f, err)
+		}
+		out[filepath.Base(f)] = dash
+	}
+	return out
+}
+
+// TestDashboardQueries: every PromQL expression of every dashboard parses
+// with Prometheus' own parser and selects only series the mesh exports.
+func TestDashboardQueries(t *testing.T) {
+	exported := exportedSeries(t)
+	for file, dash := range loadDashboards(t) {
+		t.Run(file, func(t *testing.T) {
+			queries := dashboardQueries(dash)
+			if len(queries) == 0 {
+				t.Fatal("no queries")
+			}
+			used := map[string]bool{}
+			for _, q := range queries {
+				names, problems := checkQuery(q.expr, exported)
+				for _, p := range problems {
+					t.Errorf("%s: %q: %s", q.where, q.expr, p)
+				}
+				for _, n := range names {
+					used[n] = true
+				}
+			}
+			t.Logf("%d queries over %d metrics: %s", len(queries), len(used), strings.Join(sortedKeys(used), ", "))
+		})
+	}
+}
+
+// TestDashboardShape: what Grafana needs to import the JSON: a uid and a
+// title, panels with unique ids, and targets with a refId on the
+// dashboard's data-source variable.
+func TestDashboardShape(t *testing.T) {
+	uids := map[string]string{}
+	for file, dash := range loadDashboards(t) {
+		uid, _ := dash["uid"].(string)
+		if uid == "" || dash["title"] == "" {
+			t.Errorf("%s: uid %q title %v", file, uid, dash["title"])
+		}
+		if other, dup := uids[uid]; dup {
+			t.Errorf("%s and %s share uid %q", file, other, uid)
+		}
+		uids[uid] = file
+		ids := map[float64]bool{}
+		panels, _ := dash["panels"].([]any)
+		for _, p := range panels {
+			panel, _ := p.(map[string]any)
+			id, _ := panel["id"].(float64)
+			if ids[id] {
+				t.Errorf("%s: panel id %v repeated (%v)", file, id, panel["title"])
+			}
+			ids[id] = true
+			if _, ok := panel["gridPos"].(map[string]any); !ok {
+				t.Errorf("%s: panel %v has no gridPos", file, panel["title"])
+			}
+			targets, _ := panel["targets"].([]any)
+			for _, tg := range targets {
+				target, _ := tg.(map[string]any)
+				ds, _ := target["datasource"].(map[string]any)
+				if target["refId"] == "" || target["refId"] == nil || ds["uid"] != "${datasource}" {
+					t.Errorf("%s: panel %v target %v: refId and the ${datasource} variable are required", file, panel["title"], target)
+				}
+			}
+		}
+	}
+}
+
+func sortedKeys(m map[string]bool) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
