@@ -67,6 +67,9 @@ type AmbientMeshReconciler struct {
 func (r *AmbientMeshReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
 	mesh := &meshv1.AmbientMesh{}
 	if err := r.Client.Get(ctx, req.NamespacedName, mesh); err != nil {
+		if apierrors.IsNotFound(err) {
+			r.Events.ForgetKey(kubeevents.Key(mesh, "", req.Name))
+		}
 		return ctrl.Result{}, client.IgnoreNotFound(err)
 	}
 	if !mesh.DeletionTimestamp.IsZero() {

@@ -6,7 +6,7 @@ import (
 
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 	"github.com/ambientmesh/ambient/proxylib/kubeevents"
@@ -16,7 +16,7 @@ import (
 const EventSource = "ambient-operator"
 
 // Event reasons of the operator. Mesh events are recorded on the
-// AmbientMesh, waypoint events on the Gateway. Each is recorded when the
+// AmbientMesh, waypoint events on the Gateway or WaypointPolicy. Each is recorded when the
 // state changes (from the stored status conditions, so a restarted
 // operator does not repeat them), never on every reconcile.
 const (
@@ -92,14 +92,14 @@ func recordMeshTransitions(ev *kubeevents.Recorder, mesh *meshv1.AmbientMesh, be
 	}
 }
 
-// recordProgrammed reports a Gateway's proxy (what: waypoint) becoming
-// ready, or unready after having been ready; a new Gateway is assumed
-// unready.
-func recordProgrammed(ev *kubeevents.Recorder, gw *gwv1.Gateway, before []metav1.Condition, after *gwv1.GatewayStatus, what string) {
-	if ch, ok := conditionChange(before, after.Conditions, string(gwv1.GatewayConditionProgrammed), string(metav1.ConditionFalse), false,
-		&kubeevents.Event{Type: kubeevents.Normal, Reason: EventWaypointReady, Action: "Program"},
-		&kubeevents.Event{Type: kubeevents.Warning, Reason: EventWaypointNotReady, Action: "Program"}); ok {
-		ch.Note = what + ": " + ch.Note
-		ev.Transition(gw, ch)
+// recordWaypointReady reports a waypoint (a Gateway's Programmed, a
+// WaypointPolicy's WaypointReady condition) becoming ready, or unready
+// after having been ready; a new waypoint is assumed unready.
+func recordWaypointReady(ev *kubeevents.Recorder, obj client.Object, before, after []metav1.Condition, condType string) {
+	if ch, ok := conditionChange(before, after, condType, string(metav1.ConditionFalse), false,
+		&kubeevents.Event{Type: kubeevents.Normal, Reason: EventWaypointReady, Action: "Deploy"},
+		&kubeevents.Event{Type: kubeevents.Warning, Reason: EventWaypointNotReady, Action: "Deploy"}); ok {
+		ch.Note = "waypoint: " + ch.Note
+		ev.Transition(obj, ch)
 	}
 }

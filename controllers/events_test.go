@@ -8,12 +8,12 @@ import (
 	"testing"
 	"time"
 
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	eventsv1 "k8s.io/api/events/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 	"github.com/ambientmesh/ambient/proxylib/ca"
@@ -203,33 +203,79 @@ func TestMeshEvents(t *testing.T) {
 	}
 }
 
-// TestWaypointGatewayEvents: a waypoint Gateway records WaypointReady when
-// its Deployment becomes ready and WaypointNotReady when it stops being so.
-func TestWaypointGatewayEvents(t *testing.T) {
+// TestWaypointReadinessEvents: a waypoint, declared by a Gateway or a
+// WaypointPolicy, records WaypointReady on its declaring object when its
+// Deployment becomes ready and WaypointNotReady when it stops being so.
+func TestWaypointReadinessEvents(t *testing.T) {
 	ctx := context.Background()
-	const ns = "gw-events"
+	const ns = "wp-events"
 	createNamespace(t, ns)
-	newMesh(t, "gw-events", "mesh-gw-events", nil)
-	gw := waypointGateway(ns, "waypoint", WaypointGatewayClass, nil)
-	if err := k8s.Create(ctx, gw); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = k8s.Delete(ctx, gw) })
-	waitGatewayCondition(t, ns, gw.Name, string(gwv1.GatewayConditionAccepted), metav1.ConditionTrue)
-
-	steps := []struct {
-		ready int32
-		want  wantEvent
+	newMesh(t, "wp-events", "mesh-wp-events", nil)
+	tests := []struct {
+		kind string
+		obj  client.Object
 	}{
-		{1, wantEvent{kubeevents.Normal, EventWaypointReady}},
-		{0, wantEvent{kubeevents.Warning, EventWaypointNotReady}},
+		{"Gateway", waypointGateway(ns, "gw-waypoint", WaypointGatewayClass, nil)},
+		{"WaypointPolicy", &meshv1.WaypointPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "policy-waypoint"}}},
 	}
-	for _, s := range steps {
-		setDeploymentStatus(t, ns, gw.Name, s.ready)
-		e := waitEvent(t, gw, "Gateway", s.want)
-		if !strings.Contains(e.Note, "waypoint") {
-			t.Errorf("%s note %q does not name the waypoint", e.Reason, e.Note)
-		}
+	for _, tc := range tests {
+		t.Run(tc.kind, func(t *testing.T) {
+			if err := k8s.Create(ctx, tc.obj); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = k8s.Delete(ctx, tc.obj) })
+			eventually(t, "waypoint deployment", exists(&appsv1.Deployment{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: tc.obj.GetName()}}))
+			steps := []struct {
+				ready int32
+				want  wantEvent
+			}{
+				{1, wantEvent{kubeevents.Normal, EventWaypointReady}},
+				{0, wantEvent{kubeevents.Warning, EventWaypointNotReady}},
+			}
+			for _, s := range steps {
+				setDeploymentStatus(t, ns, tc.obj.GetName(), s.ready)
+				e := waitEvent(t, tc.obj, tc.kind, s.want)
+				if !strings.Contains(e.Note, "replicas") {
+					t.Errorf("%s note %q does not say how many replicas are ready", e.Reason, e.Note)
+				}
+			}
+			checkOnce(t, tc.obj.GetUID(), EventWaypointReady, EventWaypointNotReady)
+		})
 	}
-	checkOnce(t, gw.UID, EventWaypointReady, EventWaypointNotReady)
+}
+
+// TestConditionChange: how condition lists become kubeevents changes.
+func TestConditionChange(t *testing.T) {
+	cond := func(status metav1.ConditionStatus, reason string) []metav1.Condition {
+		return []metav1.Condition{{Type: "X", Status: status, Reason: reason, Message: "m"}}
+	}
+	ifTrue := &kubeevents.Event{Type: kubeevents.Normal, Reason: "Up"}
+	ifFalse := &kubeevents.Event{Type: kubeevents.Warning, Reason: "Down"}
+	tests := []struct {
+		name          string
+		before, after []metav1.Condition
+		assume        string
+		withReason    bool
+		ok            bool
+		wantAssume    string
+		wantState     string
+		wantReason    string
+	}{
+		{"no condition yet", nil, nil, "", false, false, "", "", ""},
+		{"new condition, assumed", nil, cond("True", "A"), "False", false, true, "False", "True", "Up"},
+		{"stored condition wins over the assumption", cond("True", "A"), cond("False", "B"), "False", false, true, "True", "False", "Down"},
+		{"reason counts when asked", cond("False", "A"), cond("False", "B"), "", true, true, "False/A", "False/B", "Down"},
+		{"true ignores the reason", cond("True", "A"), cond("True", "B"), "", true, true, "True", "True", "Up"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			ch, ok := conditionChange(tc.before, tc.after, "X", tc.assume, tc.withReason, ifTrue, ifFalse)
+			if ok != tc.ok || ch.Assume != tc.wantAssume || ch.State != tc.wantState || ch.Reason != tc.wantReason {
+				t.Fatalf("got ok=%v %+v", ok, ch)
+			}
+			if ok && (ch.Topic != "X" || ch.Note != "m") {
+				t.Fatalf("topic %q note %q", ch.Topic, ch.Note)
+			}
+		})
+	}
 }

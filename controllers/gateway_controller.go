@@ -50,6 +50,9 @@ type GatewayWaypointReconciler struct {
 func (r *GatewayWaypointReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
 	gw, err := gatewayToServe(ctx, r.Client, req, WaypointGatewayClass)
 	if gw == nil || err != nil {
+		if err == nil { // gone, or no longer ours
+			r.Events.ForgetKey(kubeevents.Key(&gwv1.Gateway{}, req.Namespace, req.Name))
+		}
 		return ctrl.Result{}, err
 	}
 	status := gw.Status.DeepCopy()
@@ -60,7 +63,7 @@ func (r *GatewayWaypointReconciler) Reconcile(ctx context.Context, req ctrl.Requ
 	}
 	setListenerStatus(status, gw)
 	err = patchGatewayStatus(ctx, r.Client, gw, status, err)
-	recordProgrammed(r.Events, gw, before, status, "waypoint")
+	recordWaypointReady(r.Events, gw, before, status.Conditions, string(gwv1.GatewayConditionProgrammed))
 	return result, err
 }
 

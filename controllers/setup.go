@@ -64,7 +64,7 @@ func Setup(mgr ctrl.Manager, o Options) error {
 	if err := mesh.SetupWithManager(mgr); err != nil {
 		return err
 	}
-	waypoints := &WaypointPolicyReconciler{Client: mgr.GetClient(), Defaults: o.Defaults, RetryInterval: o.RetryInterval}
+	waypoints := &WaypointPolicyReconciler{Client: mgr.GetClient(), Defaults: o.Defaults, RetryInterval: o.RetryInterval, Events: o.Events}
 	if err := waypoints.SetupWithManager(mgr); err != nil {
 		return err
 	}

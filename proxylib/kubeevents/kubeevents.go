@@ -77,7 +77,15 @@ func (r *Recorder) Transition(obj runtime.Object, c Change) bool {
 	if r == nil || r.rec == nil {
 		return false
 	}
-	key := stateKey{objectKey(obj), c.Topic}
+	if !r.changed(stateKey{objectKey(obj), c.Topic}, c) {
+		return false
+	}
+	r.rec.Eventf(obj, nil, c.Type, c.Reason, c.Action, "%s", c.Note)
+	return true
+}
+
+// changed remembers c's state and reports whether it is to be recorded.
+func (r *Recorder) changed(key stateKey, c Change) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	prev, known := r.last[key]
@@ -95,7 +103,6 @@ func (r *Recorder) Transition(obj runtime.Object, c Change) bool {
 		return false
 	}
 	r.last[key] = c.State
-	r.rec.Eventf(obj, nil, c.Type, c.Reason, c.Action, "%s", c.Note)
 	return true
 }
 
@@ -113,8 +120,8 @@ func (r *Recorder) Emit(obj runtime.Object, e Event) bool {
 	return ok
 }
 
-// Forget drops what is remembered about the object of kind (its Go type,
-// e.g. *v1.Pod) namespace/name: it is gone.
+// Forget drops what is remembered about obj (it is gone): its states and
+// its token bucket.
 func (r *Recorder) Forget(obj runtime.Object) {
 	if r == nil {
 		return
