@@ -99,7 +99,7 @@ func TestPolicyTranslationEvents(t *testing.T) {
 	}{
 		{"l7-allow", &apisecurity.AuthorizationPolicy{Selector: &apitype.WorkloadSelector{MatchLabels: map[string]string{"app": "db"}},
 			Rules: []*apisecurity.Rule{fromWeb, getDB}}, true,
-			[]string{"rules 1 (methods, paths)", "app=db", ns + "/db-0"}},
+			[]string{"spec.rules[1] (methods, paths) needs L7", "app=db", "without a waypoint, denied always: " + ns + "/db-0"}},
 		{"l4-allow", &apisecurity.AuthorizationPolicy{Rules: []*apisecurity.Rule{fromWeb}}, false, nil},
 		{"l7-deny", &apisecurity.AuthorizationPolicy{Action: apisecurity.AuthorizationPolicy_DENY, Rules: []*apisecurity.Rule{getDB}}, false, nil},
 	}
@@ -120,6 +120,7 @@ func TestPolicyTranslationEvents(t *testing.T) {
 		}
 		reported = policies[i]
 		e := waitEvent(t, policies[i], "AuthorizationPolicy", kubeevents.Warning, discovery.ReasonL7RulesDropped)
+		t.Logf("%s: %s", e.Reason, e.Note)
 		for _, w := range tc.want {
 			if !strings.Contains(e.Note, w) {
 				t.Errorf("%s: note %q does not mention %q", tc.name, e.Note, w)
@@ -224,6 +225,7 @@ func TestNACKEvents(t *testing.T) {
 			continue
 		}
 		e := waitEvent(t, zt, "Pod", st.typ, st.event)
+		t.Logf("%s: %s", e.Reason, e.Note)
 		if !strings.Contains(e.Note, st.note) || !strings.Contains(e.Note, xds.AuthorizationType) {
 			t.Errorf("step %d: note %q, want the type and %q", i, e.Note, st.note)
 		}

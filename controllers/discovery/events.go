@@ -51,23 +51,28 @@ func (b *build) reportDroppedRules(ap *securityv1.AuthorizationPolicy) {
 	b.c.opts.Events.Transition(ap, kubeevents.Change{Topic: "l4-translation", State: state, Event: ev})
 }
 
-// droppedRulesNote: "ALLOW rules [1 (paths, methods)] need L7 attributes
-// and are dropped at L4: ... deny the requests they alone would allow unless
-// those arrive through their waypoint; without a waypoint: app/a, app/b".
+// droppedRulesNote: "spec.rules[1] (methods, paths) needs L7 attributes
+// ztunnel cannot evaluate and is dropped at L4: workloads matching app=db in
+// namespace app deny what only it allows, unless the connection comes
+// through their waypoint (which enforces the whole policy); without a
+// waypoint, denied always: app/db-0".
 func (b *build) droppedRulesNote(ap *securityv1.AuthorizationPolicy, dropped []policy.DroppedRule) (string, error) {
 	rules := make([]string, 0, len(dropped))
 	for _, d := range dropped {
-		rules = append(rules, fmt.Sprintf("%d (%s)", d.Index, strings.Join(d.Attributes, ", ")))
+		rules = append(rules, fmt.Sprintf("spec.rules[%d] (%s)", d.Index, strings.Join(d.Attributes, ", ")))
 	}
-	scope := b.policyScope(ap)
 	bare, err := b.podsWithoutWaypoint(ap)
 	if err != nil {
 		return "", err
 	}
-	note := fmt.Sprintf("ALLOW rules %s need L7 attributes ztunnel cannot evaluate and are dropped at L4: %s deny the connections only those rules would allow, unless they arrive through the workload's waypoint (which enforces the whole policy)",
-		strings.Join(rules, ", "), scope)
+	needs, is, only := "needs", "is", "it allows"
+	if len(rules) > 1 {
+		needs, is, only = "need", "are", "they allow"
+	}
+	note := fmt.Sprintf("%s %s L7 attributes ztunnel cannot evaluate and %s dropped at L4: %s deny what only %s, unless the connection comes through their waypoint (which enforces the whole policy)",
+		strings.Join(rules, ", "), needs, is, b.policyScope(ap), only)
 	if bare != "" {
-		note += "; workloads without a waypoint, which deny them always: " + bare
+		note += "; without a waypoint, denied always: " + bare
 	}
 	return note, nil
 }

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"golang.org/x/time/rate"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -21,6 +22,24 @@ const (
 	Normal  = "Normal"
 	Warning = "Warning"
 )
+
+// MaxNote is the longest note the API server accepts (events.k8s.io/v1
+// validation); client-go does not shorten notes itself.
+const MaxNote = 1024
+
+// Truncate shortens note to MaxNote bytes at a character boundary, ending
+// it with an ellipsis when cut.
+func Truncate(note string) string {
+	if len(note) <= MaxNote {
+		return note
+	}
+	const ellipsis = "…"
+	cut := MaxNote - len(ellipsis)
+	for cut > 0 && !utf8.RuneStart(note[cut]) {
+		cut--
+	}
+	return note[:cut] + ellipsis
+}
 
 // Event is what is recorded: type, a CamelCase reason, the action taken
 // (events.k8s.io/v1 requires one) and a human-readable note.
@@ -80,7 +99,7 @@ func (r *Recorder) Transition(obj runtime.Object, c Change) bool {
 	if !r.changed(stateKey{objectKey(obj), c.Topic}, c) {
 		return false
 	}
-	r.rec.Eventf(obj, nil, c.Type, c.Reason, c.Action, "%s", c.Note)
+	r.rec.Eventf(obj, nil, c.Type, c.Reason, c.Action, "%s", Truncate(c.Note))
 	return true
 }
 
@@ -115,7 +134,7 @@ func (r *Recorder) Emit(obj runtime.Object, e Event) bool {
 	ok := r.allow(objectKey(obj))
 	r.mu.Unlock()
 	if ok {
-		r.rec.Eventf(obj, nil, e.Type, e.Reason, e.Action, "%s", e.Note)
+		r.rec.Eventf(obj, nil, e.Type, e.Reason, e.Action, "%s", Truncate(e.Note))
 	}
 	return ok
 }

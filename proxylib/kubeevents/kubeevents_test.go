@@ -2,8 +2,10 @@ package kubeevents
 
 import (
 	"fmt"
+	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -109,5 +111,27 @@ func TestNilRecorder(t *testing.T) {
 	r.Forget(pod("a"))
 	if New(nil).Transition(pod("a"), change("Captured", "")) {
 		t.Fatal("recorder without a client-go recorder recorded")
+	}
+}
+
+func TestTruncate(t *testing.T) {
+	tests := []struct {
+		name, in string
+	}{
+		{"short", "policy dropped rule 1"},
+		{"exactly the limit", strings.Repeat("a", MaxNote)},
+		{"ascii over", strings.Repeat("a", MaxNote+10)},
+		{"multi-byte at the cut", strings.Repeat("é", MaxNote)},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got := Truncate(tc.in)
+			if len(got) > MaxNote || !utf8.ValidString(got) {
+				t.Fatalf("%d bytes, valid UTF-8 %v", len(got), utf8.ValidString(got))
+			}
+			if (got == tc.in) != (len(tc.in) <= MaxNote) {
+				t.Fatalf("cut %v for %d bytes", got != tc.in, len(tc.in))
+			}
+		})
 	}
 }
