@@ -16,9 +16,12 @@ import (
 
 const grafanaDir = "../../config/grafana"
 
-// query is one PromQL expression of a dashboard and where it is.
+// query is one PromQL expression of a dashboard and where it is, with the
+// labels the dashboard reads from its result: the legend's {{label}}s, or
+// a label_values() variable's label.
 type query struct {
 	where, expr string
+	uses        []string
 }
 
 // dashboardQueries walks a dashboard's JSON for every panel target's expr
@@ -35,7 +38,8 @@ func dashboardQueries(dash map[string]any) []query {
 			}
 			for k, child := range v {
 				if s, ok := child.(string); ok && k == "expr" {
-					out = append(out, query{where: where, expr: s})
+					legend, _ := v["legendFormat"].(string)
+					out = append(out, query{where: where, expr: s, uses: legendLabels(legend)})
 					continue
 				}
 				walk(where, child)
@@ -59,7 +63,8 @@ func dashboardQueries(dash map[string]any) []query {
 				q = m["query"]
 			}
 			if s, ok := q.(string); ok {
-				out = append(out, query{where: fmt.Sprintf("variable %v", v["name"]), expr: templateExpr(s)})
+				expr, label := templateExpr(s)
+				out = append(out, query{where: fmt.Sprintf("variable %v", v["name"]), expr: expr, uses: label})
 			}
 		}
 	}
@@ -67,14 +72,25 @@ func dashboardQueries(dash map[string]any) []query {
 }
 
 // labelValues is Grafana's label_values(expr, label) variable query.
-var labelValues = regexp.MustCompile(`^\s*label_values\((.*),\s*\w+\s*\)\s*$`)
+var labelValues = regexp.MustCompile(`^\s*label_values\((.*),\s*(\w+)\s*\)\s*$`)
 
-// templateExpr is the PromQL inside a variable query.
-func templateExpr(q string) string {
+// templateExpr is the PromQL inside a variable query and the label it lists.
+func templateExpr(q string) (string, []string) {
 	if m := labelValues.FindStringSubmatch(q); m != nil {
-		return m[1]
+		return m[1], []string{m[2]}
 	}
-	return q
+	return q, nil
+}
+
+// legendPlaceholder is a {{label}} of a legend format.
+var legendPlaceholder = regexp.MustCompile(`\{\{\s*(\w+)\s*\}\}`)
+
+func legendLabels(legend string) []string {
+	var out []string
+	for _, m := range legendPlaceholder.FindAllStringSubmatch(legend, -1) {
+		out = append(out, m[1])
+	}
+	return out
 }
 
 // promql is Prometheus' parser with its default options (no experimental
@@ -114,9 +130,10 @@ func metricNames(e parser.Expr) []string {
 }
 
 // checkQuery parses a dashboard expression as Grafana sends it and says
-// what is wrong with it: a parse error, no metric, or a metric the mesh
-// does not export.
-func checkQuery(expr string, exported seriesNames) (names []string, problems []string) {
+// what is wrong with it: a parse error, no metric, a metric the mesh does
+// not export, a label no selected series carries (in a matcher, a
+// grouping, or among uses, the labels the dashboard reads from the result).
+func checkQuery(expr string, uses []string, exported seriesNames) (names []string, problems []string) {
 	e, err := promql.ParseExpr(expand(expr))
 	if err != nil {
 		return nil, []string{"does not parse: " + err.Error()}
@@ -126,11 +143,138 @@ func checkQuery(expr string, exported seriesNames) (names []string, problems []s
 		problems = append(problems, "selects no metric")
 	}
 	for _, n := range names {
-		if !exported[n] {
+		if exported[n] == nil {
 			problems = append(problems, n+" is not a series the mesh exports")
 		}
 	}
-	return names, problems
+	c := &labelCheck{exported: exported}
+	result := c.labels(e)
+	for _, l := range uses {
+		if !result[l] {
+			c.problem("the result has no label %s (it has %v)", l, sortedKeys(result))
+		}
+	}
+	return names, append(problems, c.problems...)
+}
+
+// scrapeLabels are the labels every scraped series gets from Prometheus
+// and the config/prometheus monitors.
+var scrapeLabels = []string{"job", "instance", "namespace", "pod", "container", "endpoint", "service", "node", "gateway"}
+
+// labelCheck works out the labels an expression's result carries and
+// notes every label it names that cannot be there.
+type labelCheck struct {
+	exported seriesNames
+	problems []string
+}
+
+func (c *labelCheck) problem(format string, args ...any) {
+	c.problems = append(c.problems, fmt.Sprintf(format, args...))
+}
+
+func (c *labelCheck) labels(e parser.Expr) labelSet {
+	switch e := e.(type) {
+	case *parser.VectorSelector:
+		return c.selector(e)
+	case *parser.MatrixSelector:
+		return c.labels(e.VectorSelector)
+	case *parser.SubqueryExpr:
+		return c.labels(e.Expr)
+	case *parser.ParenExpr:
+		return c.labels(e.Expr)
+	case *parser.UnaryExpr:
+		return c.labels(e.Expr)
+	case *parser.StepInvariantExpr:
+		return c.labels(e.Expr)
+	case *parser.Call:
+		return c.call(e)
+	case *parser.AggregateExpr:
+		return c.aggregate(e)
+	case *parser.BinaryExpr:
+		return c.binary(e)
+	}
+	return labelSet{} // literals
+}
+
+func (c *labelCheck) selector(vs *parser.VectorSelector) labelSet {
+	name := vs.Name
+	for _, m := range vs.LabelMatchers {
+		if m.Name == labels.MetricName && m.Type == labels.MatchEqual {
+			name = m.Value
+		}
+	}
+	have := labelSet{}
+	for l := range c.exported[name] {
+		have[l] = true
+	}
+	for _, l := range scrapeLabels {
+		have[l] = true
+	}
+	for _, m := range vs.LabelMatchers {
+		if m.Name != labels.MetricName && !have[m.Name] {
+			c.problem("%s has no label %s", name, m.Name)
+		}
+	}
+	return have
+}
+
+func (c *labelCheck) call(call *parser.Call) labelSet {
+	var vectors []labelSet
+	for _, a := range call.Args {
+		l := c.labels(a)
+		if t := a.Type(); t == parser.ValueTypeVector || t == parser.ValueTypeMatrix {
+			vectors = append(vectors, l)
+		}
+	}
+	if len(vectors) == 0 {
+		return labelSet{}
+	}
+	out := vectors[0]
+	if call.Func.Name == "histogram_quantile" {
+		if !out["le"] {
+			c.problem("histogram_quantile over series without le (keep le in the aggregation)")
+		}
+		delete(out, "le")
+	}
+	return out
+}
+
+func (c *labelCheck) aggregate(a *parser.AggregateExpr) labelSet {
+	in := c.labels(a.Expr)
+	if a.Param != nil {
+		c.labels(a.Param)
+	}
+	for _, g := range a.Grouping {
+		if !in[g] {
+			c.problem("%s by/without %s: the aggregated series have no such label", a.Op, g)
+		}
+	}
+	if a.Without {
+		for _, g := range a.Grouping {
+			delete(in, g)
+		}
+		return in
+	}
+	out := labelSet{}
+	for _, g := range a.Grouping {
+		out[g] = true
+	}
+	return out
+}
+
+func (c *labelCheck) binary(b *parser.BinaryExpr) labelSet {
+	lhs, rhs := c.labels(b.LHS), c.labels(b.RHS)
+	if vm := b.VectorMatching; vm != nil && vm.On {
+		for _, l := range vm.MatchingLabels {
+			if !lhs[l] || !rhs[l] {
+				c.problem("on(%s): not a label of both sides", l)
+			}
+		}
+	}
+	if b.LHS.Type() == parser.ValueTypeScalar {
+		return rhs
+	}
+	return lhs
 }
 
 // TestCheckQuery: the checker refuses what a dashboard must not contain.
@@ -138,19 +282,27 @@ func TestCheckQuery(t *testing.T) {
 	exported := exportedSeries(t)
 	tests := []struct {
 		expr string
+		uses []string
 		ok   bool
 	}{
-		{`sum by (destination_service_name) (rate(istio_requests_total{reporter="waypoint",destination_service_namespace=~"$namespace"}[$__rate_interval]))`, true},
-		{`histogram_quantile(0.99, sum by (le) (rate(istio_request_duration_milliseconds_bucket[5m])))`, true},
-		{`sum(increase(ambient_xds_rejects_total[$__range]))`, true},
-		{`histogram_quantile(0.99, sum by (le) (rate(istio_request_duration_milliseconds[5m])))`, false}, // bare histogram name
-		{`rate(pilot_xds_pushes[5m])`, false}, // Istio's, not ours
-		{`{__name__="envoy_cluster_upstream_rq_total"}`, false},
-		{`sum(rate(istio_requests_total[5m])`, false}, // unbalanced
-		{`vector(1)`, false},                          // no metric
+		{`sum by (destination_service_name) (rate(istio_requests_total{reporter="waypoint",destination_service_namespace=~"$namespace"}[$__rate_interval]))`, []string{"destination_service_name"}, true},
+		{`histogram_quantile(0.99, sum by (le, pod) (rate(istio_request_duration_milliseconds_bucket[5m])))`, []string{"pod"}, true},
+		{`sum(increase(ambient_xds_rejects_total[$__range]))`, nil, true},
+		{`sum by (pod) (process_resident_memory_bytes{job="ztunnel"}) / 2^30`, []string{"pod"}, true},
+		// bare histogram name; Istio's metric, not ours; unbalanced; no metric
+		{`histogram_quantile(0.99, sum by (le) (rate(istio_request_duration_milliseconds[5m])))`, nil, false},
+		{`rate(pilot_xds_pushes[5m])`, nil, false},
+		{`{__name__="envoy_cluster_upstream_rq_total"}`, nil, false},
+		{`sum(rate(istio_requests_total[5m])`, nil, false},
+		{`vector(1)`, nil, false},
+		// labels the series do not carry: in a matcher, a grouping, lost le, a legend
+		{`rate(istio_requests_total{destination_service=~"x",response_status="500"}[5m])`, nil, false},
+		{`sum by (source_service) (rate(istio_requests_total[5m]))`, nil, false},
+		{`histogram_quantile(0.5, sum by (pod) (rate(istio_request_duration_milliseconds_bucket[5m])))`, nil, false},
+		{`sum by (type) (rate(ambient_xds_pushes_total[5m]))`, []string{"role"}, false},
 	}
 	for _, tc := range tests {
-		_, problems := checkQuery(tc.expr, exported)
+		_, problems := checkQuery(tc.expr, tc.uses, exported)
 		if (len(problems) == 0) != tc.ok {
 			t.Errorf("%q: problems %v, want ok=%v", tc.expr, problems, tc.ok)
 		}
@@ -179,7 +331,9 @@ func loadDashboards(t *testing.T) map[string]map[string]any {
 }
 
 // TestDashboardQueries: every PromQL expression of every dashboard parses
-// with Prometheus' own parser and selects only series the mesh exports.
+// with Prometheus' own parser, selects only series the mesh exports, and
+// names only labels those series carry (matchers, groupings, legends,
+// variables).
 func TestDashboardQueries(t *testing.T) {
 	exported := exportedSeries(t)
 	for file, dash := range loadDashboards(t) {
@@ -190,7 +344,7 @@ func TestDashboardQueries(t *testing.T) {
 			}
 			used := map[string]bool{}
 			for _, q := range queries {
-				names, problems := checkQuery(q.expr, exported)
+				names, problems := checkQuery(q.expr, q.uses, exported)
 				for _, p := range problems {
 					t.Errorf("%s: %q: %s", q.where, q.expr, p)
 				}

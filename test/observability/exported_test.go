@@ -2,6 +2,7 @@ package observability
 
 import (
 	"regexp"
+	"strings"
 	"testing"
 
 	"github.com/go-logr/logr"
@@ -17,12 +18,15 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/waypoint"
 )
 
-// seriesNames collects the series names a set of collectors exports, as
-// the binaries register them: each collector is registered with a real
-// registry and gathered (exact names and types for everything that has
-// samples), and described (names of vectors that have no child yet, whose
-// type is known from the collector).
-type seriesNames map[string]bool
+// seriesNames collects the series a set of collectors exports, with their
+// label names, as the binaries register them: each collector is registered
+// with a real registry and gathered (exact names, types and labels for
+// everything that has samples), and described (names and labels of vectors
+// that have no child yet, whose type is known from the collector).
+type seriesNames map[string]labelSet
+
+// labelSet is a set of label names.
+type labelSet map[string]bool
 
 // Register implements prometheus.Registerer.
 func (s seriesNames) Register(c prometheus.Collector) error {
@@ -35,7 +39,13 @@ func (s seriesNames) Register(c prometheus.Collector) error {
 		return err
 	}
 	for _, f := range families {
-		s.add(f.GetName(), f.GetType())
+		var names []string
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				names = append(names, l.GetName())
+			}
+		}
+		s.add(f.GetName(), f.GetType(), names)
 	}
 	typ := dto.MetricType_UNTYPED
 	switch c.(type) {
@@ -47,25 +57,59 @@ func (s seriesNames) Register(c prometheus.Collector) error {
 	descs := make(chan *prometheus.Desc)
 	go func() { c.Describe(descs); close(descs) }()
 	for d := range descs {
-		if m := fqName.FindStringSubmatch(d.String()); m != nil {
-			s.add(m[1], typ)
+		if name, labels, ok := parseDesc(d); ok {
+			s.add(name, typ, labels)
 		}
 	}
 	return nil
 }
 
-// fqName reads a Desc's name from its String form (client_golang has no
-// accessor for it).
-var fqName = regexp.MustCompile(`fqName: "([^"]+)"`)
+// descForm reads a Desc's name and label names from its String form
+// (client_golang has no accessors for them).
+var descForm = regexp.MustCompile(`^Desc\{fqName: "([^"]+)", .*constLabels: \{(.*)\}, variableLabels: \{(.*)\}\}$`)
 
-func (s seriesNames) add(name string, typ dto.MetricType) {
+func parseDesc(d *prometheus.Desc) (name string, labels []string, ok bool) {
+	m := descForm.FindStringSubmatch(d.String())
+	if m == nil {
+		return "", nil, false
+	}
+	for _, pair := range strings.Split(m[2], ",") {
+		if n, _, found := strings.Cut(pair, "="); found {
+			labels = append(labels, n)
+		}
+	}
+	for _, v := range strings.Split(m[3], ",") {
+		if v = strings.TrimSuffix(strings.TrimPrefix(v, "c("), ")"); v != "" {
+			labels = append(labels, v)
+		}
+	}
+	return m[1], labels, true
+}
+
+// add records the series of a metric family: a histogram's _bucket (with
+// le), _sum and _count, a summary's quantiles, _sum and _count.
+func (s seriesNames) add(name string, typ dto.MetricType, labels []string) {
+	put := func(series string, extra ...string) {
+		set := s[series]
+		if set == nil {
+			set = labelSet{}
+			s[series] = set
+		}
+		for _, l := range append(labels, extra...) {
+			set[l] = true
+		}
+	}
 	switch typ {
 	case dto.MetricType_HISTOGRAM:
-		s[name+"_bucket"], s[name+"_sum"], s[name+"_count"] = true, true, true
+		put(name+"_bucket", "le")
+		put(name + "_sum")
+		put(name + "_count")
 	case dto.MetricType_SUMMARY:
-		s[name], s[name+"_sum"], s[name+"_count"] = true, true, true
+		put(name, "quantile")
+		put(name + "_sum")
+		put(name + "_count")
 	default:
-		s[name] = true
+		put(name)
 	}
 }
 
@@ -115,11 +159,25 @@ func TestExportedSeries(t *testing.T) {
 		"istio_requests_total", "istio_request_duration_milliseconds_bucket", // waypoint
 		"ambient_xds_rejects_total", "ambient_xds_push_latency_seconds_bucket", // discovery
 	} {
-		if !names[want] {
+		if names[want] == nil {
 			t.Errorf("%s not among the exported series", want)
 		}
 	}
-	if names["istio_request_duration_milliseconds"] {
+	if names["istio_request_duration_milliseconds"] != nil {
 		t.Error("a histogram's bare name counted as a series")
+	}
+	// Labels come with the names, from vectors without children too.
+	for series, labels := range map[string][]string{
+		"istio_requests_total":                       {"reporter", "destination_service_name", "response_code"},
+		"istio_request_duration_milliseconds_bucket": {"le", "destination_service_namespace"},
+		"istio_tcp_sent_bytes_total":                 {"connection_security_policy", "destination_workload"},
+		"ambient_xds_rejects_total":                  {"type"},
+		"ambient_xds_connected_proxies":              {"role"},
+	} {
+		for _, l := range labels {
+			if !names[series][l] {
+				t.Errorf("%s lacks label %s: has %v", series, l, names[series])
+			}
+		}
 	}
 }
