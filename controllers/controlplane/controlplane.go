@@ -54,6 +54,9 @@ type Options struct {
 	// dropped rules, pushes refused by a proxy. SetupWithManager defaults it
 	// to the manager's recorder; nil records nothing.
 	Events *kubeevents.Recorder
+	// Elected closes when this replica leads; policy Events are recorded
+	// by the leader only (SetupWithManager: mgr.Elected()).
+	Elected <-chan struct{}
 }
 
 // EventSource names the control plane in the Events it records.
@@ -83,6 +86,9 @@ func SetupWithManager(mgr ctrl.Manager, o Options) (*ControlPlane, error) {
 	o.defaults()
 	if o.Events == nil {
 		o.Events = kubeevents.New(mgr.GetEventRecorder(EventSource))
+	}
+	if o.Elected == nil {
+		o.Elected = mgr.Elected()
 	}
 	if err := AddToScheme(mgr.GetScheme()); err != nil {
 		return nil, err
@@ -141,7 +147,7 @@ type ControlPlane struct {
 // for Secrets.
 func New(cache client.Reader, c client.Client, apiReader client.Reader, o Options) *ControlPlane {
 	o.defaults()
-	d := discovery.NewController(cache, discovery.Options{MeshNamespace: o.Namespace, Log: o.Log.WithName("discovery"), Events: o.Events})
+	d := discovery.NewController(cache, discovery.Options{MeshNamespace: o.Namespace, Log: o.Log.WithName("discovery"), Events: o.Events, Elected: o.Elected})
 	cp := &ControlPlane{opts: o, reader: cache, apiReader: apiReader, Discovery: d}
 	if w, ok := cache.(interface{ WaitForCacheSync(context.Context) bool }); ok {
 		cp.cache = w

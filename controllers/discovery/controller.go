@@ -60,6 +60,10 @@ type Options struct {
 	// Events records policy translations that drop rules and proxies'
 	// refusals of a push (nil: none).
 	Events *kubeevents.Recorder
+	// Elected closes when this replica leads (manager.Elected()); every
+	// replica builds the model, only the leader records policy Events.
+	// Nil: always record.
+	Elected <-chan struct{}
 }
 
 func (o *Options) defaults() {

@@ -31,7 +31,7 @@ const maxNamedTargets = 10
 // reportDroppedRules records, when it changes, which rules of ap ztunnel
 // drops and which workloads therefore deny what those rules would allow.
 func (b *build) reportDroppedRules(ap *securityv1.AuthorizationPolicy) {
-	if b.c.opts.Events == nil {
+	if b.c.opts.Events == nil || !b.c.leading() {
 		return
 	}
 	dropped := policy.DroppedL7Rules(b.mc.RootNamespace, ap)
@@ -123,4 +123,18 @@ func (b *build) podsWithoutWaypoint(ap *securityv1.AuthorizationPolicy) (string,
 		return fmt.Sprintf("%s and %d more", strings.Join(names[:maxNamedTargets], ", "), len(names)-maxNamedTargets), nil
 	}
 	return strings.Join(names, ", "), nil
+}
+
+// leading reports whether this replica records the model's Events (every
+// replica computes the same model; one report each is enough).
+func (c *Controller) leading() bool {
+	if c.opts.Elected == nil {
+		return true
+	}
+	select {
+	case <-c.opts.Elected:
+		return true
+	default:
+		return false
+	}
 }
