@@ -16,7 +16,8 @@ import (
 
 const grafanaDir = "../../config/grafana"
 
-// query is one PromQL expression of a dashboard and where it is, with the
+// query is one PromQL expression of a dashboard and where it is (the
+// panel's title, or the variable), with the
 // labels the dashboard reads from its result: the legend's {{label}}s, or
 // a label_values() variable's label.
 type query struct {
@@ -34,7 +35,7 @@ func dashboardQueries(dash map[string]any) []query {
 		case map[string]any:
 			where := path
 			if title, ok := v["title"].(string); ok {
-				where = path + "/" + title
+				where = title // the innermost panel's title
 			}
 			for k, child := range v {
 				if s, ok := child.(string); ok && k == "expr" {
@@ -93,9 +94,9 @@ func legendLabels(legend string) []string {
 	return out
 }
 
-// promql is Prometheus' parser with its default options (no experimental
+// promqlParser is Prometheus' parser with its default options (no experimental
 // functions: a dashboard must work on a stock server).
-var promql = parser.NewParser(parser.Options{})
+var promqlParser = parser.NewParser(parser.Options{})
 
 var (
 	grafanaRanges = regexp.MustCompile(`\$\{?__(rate_interval|interval|range)\}?`)
@@ -134,7 +135,7 @@ func metricNames(e parser.Expr) []string {
 // not export, a label no selected series carries (in a matcher, a
 // grouping, or among uses, the labels the dashboard reads from the result).
 func checkQuery(expr string, uses []string, exported seriesNames) (names []string, problems []string) {
-	e, err := promql.ParseExpr(expand(expr))
+	e, err := promqlParser.ParseExpr(expand(expr))
 	if err != nil {
 		return nil, []string{"does not parse: " + err.Error()}
 	}
