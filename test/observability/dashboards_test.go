@@ -16,10 +16,9 @@ import (
 
 const grafanaDir = "../../config/grafana"
 
-// query is one PromQL expression of a dashboard and where it is (the
-// panel's title, or the variable), with the
-// labels the dashboard reads from its result: the legend's {{label}}s, or
-// a label_values() variable's label.
+// query is one PromQL expression of a dashboard, where it is (the panel's
+// title, or the variable) and the labels the dashboard reads from its
+// result: the legend's {{label}}s, or a label_values() variable's label.
 type query struct {
 	where, expr string
 	uses        []string
