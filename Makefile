@@ -63,9 +63,10 @@ envtest: ## Build kube-apiserver and etcd for envtest into bin/ (once; cached).
 test: manifests generate bundle fmt vet envtest test-unit e2e ## The whole suite: generate, unit, envtest, network-namespace and lab end-to-end tests.
 
 .PHONY: test-unit
-test-unit: envtest ## Unit, envtest and network-namespace tests (namespaced tests need root).
+test-unit: envtest $(KUSTOMIZE) ## Unit, envtest and network-namespace tests (namespaced tests need root).
 	go test $(GO_TEST_FLAGS) ./...
 	@if [ -f test/interop/go.mod ]; then cd test/interop && go test $(GO_TEST_FLAGS) ./...; fi
+	cd test/observability && go test $(GO_TEST_FLAGS) ./...
 
 .PHONY: test-operator
 test-operator: manifests envtest ## Only the operator's packages (fast inner loop).

@@ -24,6 +24,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+	"github.com/ambientmesh/ambient/proxylib/kubeevents"
 )
 
 // AmbientMeshReconciler turns the cluster's AmbientMesh into the mesh
@@ -41,6 +42,9 @@ type AmbientMeshReconciler struct {
 	// release captured pods before removing them anyway.
 	ReleaseTimeout time.Duration
 	Now            func() time.Time
+	// Events records CA issuance, rotation and validity, and ztunnel
+	// rollouts on the AmbientMesh (nil: none).
+	Events *kubeevents.Recorder
 }
 
 // RBAC: the operator must hold every permission it grants the node agent
@@ -57,11 +61,15 @@ type AmbientMeshReconciler struct {
 // +kubebuilder:rbac:groups=rbac.authorization.k8s.io,resources=clusterroles;clusterrolebindings,verbs=get;list;watch;create;update;patch;delete
 // +kubebuilder:rbac:groups=authentication.k8s.io,resources=tokenreviews,verbs=create
 // +kubebuilder:rbac:groups="",resources=events,verbs=create;patch
+// +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
 
 // Reconcile brings one AmbientMesh to its desired state.
 func (r *AmbientMeshReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
 	mesh := &meshv1.AmbientMesh{}
 	if err := r.Client.Get(ctx, req.NamespacedName, mesh); err != nil {
+		if apierrors.IsNotFound(err) {
+			r.Events.ForgetKey(kubeevents.Key(mesh, "", req.Name))
+		}
 		return ctrl.Result{}, client.IgnoreNotFound(err)
 	}
 	if !mesh.DeletionTimestamp.IsZero() {
@@ -75,6 +83,7 @@ func (r *AmbientMeshReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 		}
 	}
 	st := newMeshStatus(mesh)
+	before := st.status.DeepCopy().Conditions
 	if older, err := r.olderMesh(ctx, mesh); err != nil {
 		return ctrl.Result{}, err
 	} else if older != "" {
@@ -96,8 +105,12 @@ func (r *AmbientMeshReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 		st.set(meshv1.ConditionReconciled, true, meshv1.ReasonReconciled, "all objects applied")
 	}
 	st.summarize()
-	if serr := r.writeStatus(ctx, mesh, st); serr != nil && err == nil {
-		err = serr
+	if serr := r.writeStatus(ctx, mesh, st); serr != nil {
+		if err == nil {
+			err = serr
+		}
+	} else {
+		recordMeshTransitions(r.Events, mesh, before, st.status.Conditions)
 	}
 	return result, err
 }
@@ -130,6 +143,7 @@ func (r *AmbientMeshReconciler) reconcileMesh(ctx context.Context, mesh *meshv1.
 	if err != nil {
 		return ctrl.Result{}, err
 	}
+	recordCA(r.Events, mesh, meshCA)
 	expiry := metav1.NewTime(meshCA.rootExpiry())
 	st.status.RootCertExpiry = &expiry
 	st.set(meshv1.ConditionCAReady, true, meshv1.ReasonCAIssued, fmt.Sprintf("mesh CA for %s valid until %s", mesh.Spec.TrustDomain, meshCA.Authority.Cert.NotAfter.UTC().Format(time.RFC3339)))

@@ -22,6 +22,7 @@ import (
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+	"github.com/ambientmesh/ambient/proxylib/kubeevents"
 	"github.com/ambientmesh/ambient/proxylib/route"
 )
 
@@ -37,6 +38,9 @@ type GatewayWaypointReconciler struct {
 	Defaults      Defaults
 	RetryInterval time.Duration
 	Now           func() time.Time
+	// Events records the waypoint becoming ready or unready on the
+	// Gateway (nil: none).
+	Events *kubeevents.Recorder
 }
 
 // +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=gateways,verbs=get;list;watch
@@ -46,15 +50,21 @@ type GatewayWaypointReconciler struct {
 func (r *GatewayWaypointReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
 	gw, err := gatewayToServe(ctx, r.Client, req, WaypointGatewayClass)
 	if gw == nil || err != nil {
+		if err == nil { // gone, or no longer ours
+			r.Events.ForgetKey(kubeevents.Key(&gwv1.Gateway{}, req.Namespace, req.Name))
+		}
 		return ctrl.Result{}, err
 	}
 	status := gw.Status.DeepCopy()
+	before := gw.Status.DeepCopy().Conditions
 	result, err := r.reconcile(ctx, gw, status)
 	if err != nil {
 		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionProgrammed, false, string(gwv1.GatewayReasonPending), err.Error())
 	}
 	setListenerStatus(status, gw)
-	return result, patchGatewayStatus(ctx, r.Client, gw, status, err)
+	err = patchGatewayStatus(ctx, r.Client, gw, status, err)
+	recordWaypointReady(r.Events, gw, before, status.Conditions, string(gwv1.GatewayConditionProgrammed))
+	return result, err
 }
 
 // freshenProgrammed: a reconcile that stopped before observing the

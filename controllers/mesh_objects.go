@@ -81,6 +81,8 @@ func nodeAgentRules() []rbacv1.PolicyRule {
 		{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"get", "list", "watch", "patch"}},
 		{APIGroups: []string{""}, Resources: []string{"namespaces"}, Verbs: []string{"get", "list", "watch"}},
 		{APIGroups: []string{meshv1.GroupVersion.Group}, Resources: []string{"ambientmeshes"}, Verbs: []string{"get", "list", "watch"}},
+		// Captured, Released and CaptureFailed Events on pods.
+		{APIGroups: []string{"events.k8s.io"}, Resources: []string{"events"}, Verbs: []string{"create", "patch"}},
 	}
 }
 

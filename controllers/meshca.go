@@ -38,6 +38,9 @@ func caFailure(reason, format string, args ...any) error {
 type meshCA struct {
 	Authority *ca.Authority
 	RootsPEM  []byte
+	// Issued: this reconcile created the self-signed root; Rotated: it
+	// re-issued the intermediate.
+	Issued, Rotated bool
 }
 
 // rootExpiry is the earliest expiry among the trust bundle's roots.
@@ -97,12 +100,15 @@ func (m *caManager) ensureSelfSigned(ctx context.Context, mesh *meshv1.AmbientMe
 	if err := checkTrustDomain(auth, mesh.Spec.TrustDomain); err != nil {
 		return nil, caFailure(meshv1.ReasonCASecretInvalid, "Secret %s/%s: %v", mesh.Spec.Namespace, CASecretName, err)
 	}
+	rotated := false
 	if m.needsRotation(auth.Cert) {
-		if auth, err = m.rotateIntermediate(ctx, mesh, secret, auth); err != nil {
+		next, err := m.rotateIntermediate(ctx, mesh, secret, auth)
+		if err != nil {
 			return nil, err
 		}
+		rotated, auth = next != auth, next
 	}
-	return &meshCA{Authority: auth, RootsPEM: ca.EncodeCerts(auth.Roots...)}, nil
+	return &meshCA{Authority: auth, RootsPEM: ca.EncodeCerts(auth.Roots...), Rotated: rotated}, nil
 }
 
 // needsRotation: a third or less of the signing certificate's life is left.
@@ -138,7 +144,7 @@ func (m *caManager) createSelfSigned(ctx context.Context, mesh *meshv1.AmbientMe
 		}
 		return nil, fmt.Errorf("create CA Secret: %w", err)
 	}
-	return &meshCA{Authority: inter, RootsPEM: data[CASecretRootCert]}, nil
+	return &meshCA{Authority: inter, RootsPEM: data[CASecretRootCert], Issued: true}, nil
 }
 
 func (m *caManager) rotateIntermediate(ctx context.Context, mesh *meshv1.AmbientMesh, secret *corev1.Secret, cur *ca.Authority) (*ca.Authority, error) {

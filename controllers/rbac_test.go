@@ -103,6 +103,13 @@ func TestLeastPrivilege(t *testing.T) {
 		{sa(ns, NodeAgentName), "watch", "namespaces", "", "", true},
 		{sa(ns, NodeAgentName), "update", "namespaces", "", "x", false},
 		{sa(ns, NodeAgentName), "create", "pods", "app", "", false},
+		// Events on the pods it captures and releases, nothing more.
+		{sa(ns, NodeAgentName), "create", "events.events.k8s.io", "app", "", true},
+		{sa(ns, NodeAgentName), "patch", "events.events.k8s.io", "app", "x", true},
+		{sa(ns, NodeAgentName), "delete", "events.events.k8s.io", "app", "x", false},
+		{sa(ns, NodeAgentName), "list", "events.events.k8s.io", "app", "", false},
+		{sa(ns, ZtunnelName), "create", "events.events.k8s.io", "app", "", false},
+		{operator, "create", "events.events.k8s.io", "app", "", true},
 		{sa("default", "default"), "get", "secrets", ns, CASecretName, false},
 		{sa("app", "waypoint"), "get", "secrets", ns, CASecretName, false},
 		{sa("app", "waypoint"), "get", "configmaps", "app", RootCertConfigMap, false},

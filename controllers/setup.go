@@ -16,6 +16,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/webhook/admission"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 	gwv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
+
+	"github.com/ambientmesh/ambient/proxylib/kubeevents"
 )
 
 // CacheOptions narrows the manager's informers to what the operator owns
@@ -42,11 +44,18 @@ type Options struct {
 	RetryInterval  time.Duration
 	ReleaseTimeout time.Duration
 	EnableWebhooks bool
+	// Events records what operators act on (default: the manager's
+	// events.k8s.io recorder, as EventSource).
+	Events *kubeevents.Recorder
 }
 
 // Setup registers every reconciler (and the webhooks) with mgr.
 func Setup(mgr ctrl.Manager, o Options) error {
+	if o.Events == nil {
+		o.Events = kubeevents.New(mgr.GetEventRecorder(EventSource))
+	}
 	mesh := &AmbientMeshReconciler{
+		Events:         o.Events,
 		Client:         mgr.GetClient(),
 		APIReader:      mgr.GetAPIReader(),
 		Defaults:       o.Defaults,
@@ -56,7 +65,7 @@ func Setup(mgr ctrl.Manager, o Options) error {
 	if err := mesh.SetupWithManager(mgr); err != nil {
 		return err
 	}
-	waypoints := &WaypointPolicyReconciler{Client: mgr.GetClient(), Defaults: o.Defaults, RetryInterval: o.RetryInterval}
+	waypoints := &WaypointPolicyReconciler{Client: mgr.GetClient(), Defaults: o.Defaults, RetryInterval: o.RetryInterval, Events: o.Events}
 	if err := waypoints.SetupWithManager(mgr); err != nil {
 		return err
 	}
@@ -95,7 +104,7 @@ func setupGatewayWaypoints(mgr ctrl.Manager, o Options) error {
 	if err != nil {
 		return err
 	}
-	r := &GatewayWaypointReconciler{Client: mgr.GetClient(), Defaults: o.Defaults, RetryInterval: o.RetryInterval}
+	r := &GatewayWaypointReconciler{Client: mgr.GetClient(), Defaults: o.Defaults, RetryInterval: o.RetryInterval, Events: o.Events}
 	if err := r.SetupWithManager(mgr); err != nil {
 		return err
 	}

@@ -21,6 +21,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+	"github.com/ambientmesh/ambient/proxylib/kubeevents"
 )
 
 // WaypointPolicyReconciler turns a WaypointPolicy into a waypoint proxy:
@@ -33,6 +34,9 @@ type WaypointPolicyReconciler struct {
 	// name is taken; it doubles with the time the problem has lasted.
 	RetryInterval time.Duration
 	Now           func() time.Time
+	// Events records the waypoint becoming ready or unready on the
+	// WaypointPolicy (nil: none).
+	Events *kubeevents.Recorder
 }
 
 // +kubebuilder:rbac:groups=mesh.ambient.dev,resources=waypointpolicies,verbs=get;list;watch
@@ -42,6 +46,9 @@ type WaypointPolicyReconciler struct {
 func (r *WaypointPolicyReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
 	wp := &meshv1.WaypointPolicy{}
 	if err := r.Client.Get(ctx, req.NamespacedName, wp); err != nil {
+		if apierrors.IsNotFound(err) {
+			r.Events.ForgetKey(kubeevents.Key(wp, req.Namespace, req.Name))
+		}
 		return ctrl.Result{}, client.IgnoreNotFound(err)
 	}
 	if !wp.DeletionTimestamp.IsZero() {
@@ -49,13 +56,18 @@ func (r *WaypointPolicyReconciler) Reconcile(ctx context.Context, req ctrl.Reque
 	}
 	st := &waypointStatus{generation: wp.Generation, status: *wp.Status.DeepCopy()}
 	st.status.ObservedGeneration = wp.Generation
+	before := st.status.DeepCopy().Conditions
 	result, err := r.reconcile(ctx, wp, st)
 	if err != nil {
 		st.set(meshv1.ConditionReconciled, false, meshv1.ReasonReconcileError, err.Error())
 		st.set(meshv1.ConditionReady, false, meshv1.ReasonReconcileError, err.Error())
 	}
-	if serr := r.writeStatus(ctx, wp, st); serr != nil && err == nil {
-		err = serr
+	if serr := r.writeStatus(ctx, wp, st); serr != nil {
+		if err == nil {
+			err = serr
+		}
+	} else {
+		recordWaypointReady(r.Events, wp, before, st.status.Conditions, meshv1.ConditionWaypointReady)
 	}
 	return result, err
 }

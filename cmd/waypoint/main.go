@@ -24,7 +24,6 @@ import (
 
 	"github.com/go-logr/logr"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
 	"go.uber.org/zap"
 
 	"github.com/ambientmesh/ambient/proxylib/admin"
@@ -149,7 +148,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	}
 
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(boot.RuntimeCollectors()...)
 	// The mesh's HBONE transport (HBONE_TRANSPORT, from the AmbientMesh or
 	// WaypointPolicy): HTTP/2 is always served; with HTTP3, QUIC too, and
 	// tunnels onward try HTTP/3 first, falling back as ztunnel does.

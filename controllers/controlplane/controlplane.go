@@ -34,6 +34,7 @@ import (
 	"github.com/ambientmesh/ambient/controllers/proxyauth"
 	"github.com/ambientmesh/ambient/proxylib/ca"
 	"github.com/ambientmesh/ambient/proxylib/caclient/capb"
+	"github.com/ambientmesh/ambient/proxylib/kubeevents"
 )
 
 // Options configure the control plane.
@@ -50,7 +51,17 @@ type Options struct {
 	// CASecretName holds the signing CA (ca.crt, ca.key, root.crt).
 	CASecretName string
 	Log          logr.Logger
+	// Events records what operators act on: policies translated with
+	// dropped rules, pushes refused by a proxy. SetupWithManager defaults it
+	// to the manager's recorder; nil records nothing.
+	Events *kubeevents.Recorder
+	// Elected closes when this replica leads; policy Events are recorded
+	// by the leader only (SetupWithManager: mgr.Elected()).
+	Elected <-chan struct{}
 }
+
+// EventSource names the control plane in the Events it records.
+const EventSource = "ambient-controlplane"
 
 func (o *Options) defaults() {
 	if o.Namespace == "" {
@@ -74,6 +85,12 @@ func Setup(mgr ctrl.Manager, o Options) error {
 // SetupWithManager is Setup, returning the control plane (tests, benchmarks).
 func SetupWithManager(mgr ctrl.Manager, o Options) (*ControlPlane, error) {
 	o.defaults()
+	if o.Events == nil {
+		o.Events = kubeevents.New(mgr.GetEventRecorder(EventSource))
+	}
+	if o.Elected == nil {
+		o.Elected = mgr.Elected()
+	}
 	if err := AddToScheme(mgr.GetScheme()); err != nil {
 		return nil, err
 	}
@@ -114,6 +131,7 @@ func AddToScheme(s *runtime.Scheme) error {
 // +kubebuilder:rbac:groups=security.istio.io,resources=authorizationpolicies;peerauthentications,verbs=get;list;watch
 // +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=gateways;httproutes;grpcroutes;referencegrants,verbs=get;list;watch
 // +kubebuilder:rbac:groups=mesh.ambient.dev,resources=ambientmeshes;waypointpolicies,verbs=get;list;watch
+// +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
 
 // ControlPlane is the runnable holding the three servers.
 type ControlPlane struct {
@@ -131,7 +149,7 @@ type ControlPlane struct {
 // for Secrets.
 func New(cache client.Reader, c client.Client, apiReader client.Reader, o Options) *ControlPlane {
 	o.defaults()
-	d := discovery.NewController(cache, discovery.Options{MeshNamespace: o.Namespace, Log: o.Log.WithName("discovery")})
+	d := discovery.NewController(cache, discovery.Options{MeshNamespace: o.Namespace, Log: o.Log.WithName("discovery"), Events: o.Events, Elected: o.Elected})
 	cp := &ControlPlane{opts: o, reader: cache, apiReader: apiReader, Discovery: d}
 	if w, ok := cache.(interface{ WaitForCacheSync(context.Context) bool }); ok {
 		cp.cache = w
@@ -222,7 +240,7 @@ func (cp *ControlPlane) Start(ctx context.Context) error {
 	if lis, err := listen(cp.opts.XDSListener, cp.opts.XDSAddress); err != nil {
 		return err
 	} else if lis != nil {
-		srv := &discovery.Server{Controller: cp.Discovery, Auth: cp.Auth, TLS: cp.certs.tlsConfig(), Log: log.WithName("xds")}
+		srv := &discovery.Server{Controller: cp.Discovery, Auth: cp.Auth, TLS: cp.certs.tlsConfig(), Log: log.WithName("xds"), Events: cp.opts.Events}
 		running++
 		go func() { errs <- srv.Serve(ctx, lis) }()
 	}

@@ -21,6 +21,7 @@ import (
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
@@ -38,6 +39,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/discovery/meshapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/selection"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/kubeevents"
 	"github.com/ambientmesh/ambient/proxylib/route"
 )
 
@@ -56,6 +58,13 @@ type Options struct {
 	// never longer than MaxDebounce after the first change (default 1s).
 	Debounce, MaxDebounce time.Duration
 	Log                   logr.Logger
+	// Events records policy translations that drop rules and proxies'
+	// refusals of a push (nil: none).
+	Events *kubeevents.Recorder
+	// Elected closes when this replica leads (manager.Elected()); every
+	// replica builds the model, only the leader records policy Events.
+	// Nil: always record.
+	Elected <-chan struct{}
 }
 
 func (o *Options) defaults() {
@@ -460,7 +469,9 @@ func (c *Controller) Run(ctx context.Context) {
 			}
 		}
 		quiet.Stop()
-		c.flush(ctx)
+		if c.flush(ctx) > 0 {
+			pushLatency.Observe(time.Since(first).Seconds())
+		}
 	}
 }
 
@@ -489,14 +500,15 @@ func (c *Controller) meshConfig(ctx context.Context) meshConfig {
 	return mc
 }
 
-// flush recomputes everything marked dirty and pushes the differences.
-func (c *Controller) flush(ctx context.Context) {
+// flush recomputes everything marked dirty and pushes the differences; it
+// returns the number of resources changed.
+func (c *Controller) flush(ctx context.Context) int {
 	c.mu.Lock()
 	d := c.dirty
 	c.dirty = newDirty()
 	c.mu.Unlock()
 	if d.empty() {
-		return
+		return 0
 	}
 	b := newBuild(ctx, c, c.meshConfig(ctx))
 	if err := b.run(d); err != nil {
@@ -504,7 +516,7 @@ func (c *Controller) flush(ctx context.Context) {
 		// everything rather than push a partial model.
 		c.log.Error(err, "building discovery model; retrying")
 		c.markFull()
-		return
+		return 0
 	}
 	c.waypoints.Store(&b.wps)
 	c.ingress.Store(&b.ingress)
@@ -519,6 +531,7 @@ func (c *Controller) flush(ctx context.Context) {
 	if c.OnPush != nil {
 		c.OnPush(changed)
 	}
+	return changed
 }
 
 // apply pushes want for the names in scope (nil scope: every name): names
@@ -916,6 +929,9 @@ func (b *build) authorizationPolicy(key types.NamespacedName) error {
 	b.authzScope[name] = struct{}{}
 	var ap securityv1.AuthorizationPolicy
 	if err := b.c.reader.Get(b.ctx, key, &ap); err != nil {
+		if apierrors.IsNotFound(err) {
+			b.c.opts.Events.ForgetKey(kubeevents.Key(&ap, key.Namespace, key.Name))
+		}
 		return client.IgnoreNotFound(err)
 	}
 	b.addAuthorizationPolicy(&ap)
@@ -929,6 +945,7 @@ func (b *build) addAuthorizationPolicy(ap *securityv1.AuthorizationPolicy) {
 	if out := policy.TranslateAuthorizationPolicy(b.mc.RootNamespace, ap); out != nil {
 		b.authz[xds.PolicyKey(out.Namespace, out.Name)] = out
 	}
+	b.reportDroppedRules(ap)
 	key := l7KeyOf(ap, "AuthorizationPolicy", "security.istio.io")
 	if b.l7Scope != nil {
 		b.l7Scope[key] = struct{}{}

@@ -25,6 +25,7 @@ import (
 
 	"github.com/ambientmesh/ambient/controllers/proxyauth"
 	xds "github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/kubeevents"
 )
 
 // Authenticator resolves the proxy behind a gRPC call.
@@ -39,6 +40,8 @@ type Server struct {
 	// TLS carries the serving certificate (GetCertificate may rotate it).
 	TLS *tls.Config
 	Log logr.Logger
+	// Events records NACKs on the proxy's pod (nil: none).
+	Events *kubeevents.Recorder
 
 	mu      sync.Mutex
 	callers map[int64]*proxyauth.Caller
@@ -87,13 +90,21 @@ func (s *Server) callbacks() serverv3.Callbacks {
 			s.mu.Lock()
 			s.callers[id] = caller
 			s.mu.Unlock()
+			connected.WithLabelValues(caller.Role).Inc()
 			s.Log.V(1).Info("discovery stream opened", "pod", caller.Pod.Name, "namespace", caller.Namespace, "role", caller.Role)
 			return nil
 		},
 		DeltaStreamClosedFunc: func(id int64, _ *core.Node) {
 			s.mu.Lock()
+			caller := s.callers[id]
 			delete(s.callers, id)
 			s.mu.Unlock()
+			if caller != nil {
+				connected.WithLabelValues(caller.Role).Dec()
+			}
+		},
+		StreamDeltaResponseFunc: func(_ int64, _ *discoverypb.DeltaDiscoveryRequest, resp *discoverypb.DeltaDiscoveryResponse) {
+			pushes.WithLabelValues(shortType(resp.GetTypeUrl())).Inc()
 		},
 		StreamDeltaRequestFunc: func(id int64, req *discoverypb.DeltaDiscoveryRequest) error {
 			s.mu.Lock()
@@ -117,6 +128,7 @@ func (s *Server) callbacks() serverv3.Callbacks {
 					return status.Errorf(codes.PermissionDenied, "node metadata names pod %q, token is bound to %q", pod, caller.Pod.Name)
 				}
 			}
+			s.observeAck(caller, req)
 			return nil
 		},
 	}
@@ -232,4 +244,26 @@ func (c *Controller) dump(proxyID, role string, types []string) []byte {
 	}
 	b.WriteString("}}")
 	return []byte(b.String())
+}
+
+// observeAck counts NACKs (the request carries error_detail) and records
+// on the proxy's pod when it starts refusing pushes of a type, when the
+// reason changes, and when it accepts one again. Requests that are neither
+// (subscriptions) and repeated ACKs or identical NACKs record nothing.
+func (s *Server) observeAck(caller *proxyauth.Caller, req *discoverypb.DeltaDiscoveryRequest) {
+	if req.GetErrorDetail() != nil {
+		rejects.WithLabelValues(shortType(req.TypeUrl)).Inc()
+	}
+	if s.Events == nil || req.GetResponseNonce() == "" {
+		return
+	}
+	c := kubeevents.Change{Topic: "xds " + req.TypeUrl, Assume: "ack", State: "ack",
+		Event: kubeevents.Event{Type: kubeevents.Normal, Reason: ReasonConfigAccepted, Action: "ApplyConfig",
+			Note: fmt.Sprintf("%s accepts %s again", caller.Role, req.TypeUrl)}}
+	if d := req.GetErrorDetail(); d != nil {
+		c.State = "nack " + d.GetMessage()
+		c.Event = kubeevents.Event{Type: kubeevents.Warning, Reason: ReasonConfigRejected, Action: "ApplyConfig",
+			Note: fmt.Sprintf("%s rejected %s: %s", caller.Role, req.TypeUrl, d.GetMessage())}
+	}
+	s.Events.Transition(caller.Pod, c)
 }

@@ -20,6 +20,7 @@ package policy
 
 import (
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -178,23 +179,64 @@ func NeedsWaypoint(ap *securityv1.AuthorizationPolicy) bool {
 // evaluate, i.e. whether the L4 translation of the policy is lossy.
 func hasL7Attributes(spec *apisecurity.AuthorizationPolicy) bool {
 	for _, rule := range spec.GetRules() {
-		for _, t := range rule.GetTo() {
-			if operationNeedsL7(t.GetOperation()) {
-				return true
-			}
-		}
-		for _, f := range rule.GetFrom() {
-			if sourceNeedsL7(f.GetSource()) {
-				return true
-			}
-		}
-		for _, c := range rule.GetWhen() {
-			if !l4ConditionKeys[c.GetKey()] {
-				return true
-			}
+		if len(l7Attributes(rule)) > 0 {
+			return true
 		}
 	}
 	return false
+}
+
+// DroppedRule is an ALLOW rule left out of the L4 translation because it
+// needs L7 attributes: Index in spec.rules and the attributes it uses.
+type DroppedRule struct {
+	Index      int
+	Attributes []string
+}
+
+// DroppedL7Rules lists the rules the L4 translation drops for their L7
+// attributes (ALLOW policies applied at L4 only): ztunnel denies what only
+// they would allow. Nil for policies without an L4 form and DENY policies
+// (which keep their L4 part).
+func DroppedL7Rules(rootNamespace string, ap *securityv1.AuthorizationPolicy) []DroppedRule {
+	out := TranslateAuthorizationPolicy(rootNamespace, ap)
+	if out == nil || out.Action != security.Action_ALLOW {
+		return nil
+	}
+	var dropped []DroppedRule
+	for i, rule := range ap.Spec.GetRules() {
+		if attrs := l7Attributes(rule); len(attrs) > 0 {
+			dropped = append(dropped, DroppedRule{Index: i, Attributes: attrs})
+		}
+	}
+	return dropped
+}
+
+// l7Attributes names the attributes of rule ztunnel cannot evaluate, in
+// Istio's spelling (to.operation.paths, when request.headers[x], ...).
+func l7Attributes(rule *apisecurity.Rule) []string {
+	var out []string
+	add := func(name string, n int) {
+		if n > 0 && !slices.Contains(out, name) {
+			out = append(out, name)
+		}
+	}
+	for _, t := range rule.GetTo() {
+		op := t.GetOperation()
+		add("hosts", len(op.GetHosts())+len(op.GetNotHosts()))
+		add("methods", len(op.GetMethods())+len(op.GetNotMethods()))
+		add("paths", len(op.GetPaths())+len(op.GetNotPaths()))
+	}
+	for _, f := range rule.GetFrom() {
+		src := f.GetSource()
+		add("requestPrincipals", len(src.GetRequestPrincipals())+len(src.GetNotRequestPrincipals()))
+		add("remoteIpBlocks", len(src.GetRemoteIpBlocks())+len(src.GetNotRemoteIpBlocks()))
+	}
+	for _, c := range rule.GetWhen() {
+		if !l4ConditionKeys[c.GetKey()] {
+			add("when "+c.GetKey(), 1)
+		}
+	}
+	return out
 }
 
 // stringMatches converts Istio's glob spelling: "*" any non-empty value,

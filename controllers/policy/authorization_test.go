@@ -292,3 +292,36 @@ func FuzzTranslateAuthorizationPolicy(f *testing.F) {
 		}
 	})
 }
+
+func TestDroppedL7Rules(t *testing.T) {
+	paths := &apisecurity.Rule{To: []*apisecurity.Rule_To{{Operation: &apisecurity.Operation{Paths: []string{"/admin"}, Methods: []string{"GET"}}}}}
+	jwt := &apisecurity.Rule{From: []*apisecurity.Rule_From{{Source: &apisecurity.Source{RequestPrincipals: []string{"*"}}}}}
+	header := &apisecurity.Rule{When: []*apisecurity.Condition{{Key: "request.headers[x-user]", Values: []string{"a"}}}}
+	l4 := &apisecurity.Rule{From: []*apisecurity.Rule_From{{Source: &apisecurity.Source{Namespaces: []string{"a"}}}}}
+	tests := []struct {
+		name string
+		spec *apisecurity.AuthorizationPolicy
+		want []DroppedRule
+	}{
+		{"L4 only", &apisecurity.AuthorizationPolicy{Rules: []*apisecurity.Rule{l4}}, nil},
+		{"ALLOW with L7 rules among L4 ones",
+			&apisecurity.AuthorizationPolicy{Rules: []*apisecurity.Rule{l4, paths, jwt, header}},
+			[]DroppedRule{{1, []string{"methods", "paths"}}, {2, []string{"requestPrincipals"}}, {3, []string{"when request.headers[x-user]"}}}},
+		{"DENY keeps its L4 part", &apisecurity.AuthorizationPolicy{Action: apisecurity.AuthorizationPolicy_DENY, Rules: []*apisecurity.Rule{paths}}, nil},
+		{"targetRef: waypoint only", &apisecurity.AuthorizationPolicy{TargetRefs: []*apitype.PolicyTargetReference{{Kind: "Service", Name: "s"}}, Rules: []*apisecurity.Rule{paths}}, nil},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got := DroppedL7Rules(root, ap("app", tc.spec))
+			if !equalDropped(got, tc.want) {
+				t.Fatalf("got %+v, want %+v", got, tc.want)
+			}
+		})
+	}
+}
+
+func equalDropped(a, b []DroppedRule) bool {
+	ja, _ := json.Marshal(a)
+	jb, _ := json.Marshal(b)
+	return string(ja) == string(jb)
+}

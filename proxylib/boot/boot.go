@@ -166,7 +166,7 @@ func Start(ctx context.Context, o *Options, log logr.Logger, role string, unpriv
 	}
 	store, state, bundle := m.Store, m.State, m.Bundle
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(RuntimeCollectors()...)
 	tcfg := meshtransport.Config{Protocol: hbone.Protocol(o.Transport), Certs: store, Log: log.WithName("hbone"), Registerer: reg}
 	if unprivileged {
 		tcfg = meshtransport.ForSidecar(tcfg)
@@ -188,6 +188,13 @@ func Start(ctx context.Context, o *Options, log logr.Logger, role string, unpriv
 	}
 	h.proxy = p
 	return &Proxy{Proxy: p, Opts: o, Log: log, Bundle: bundle, Store: store, State: state, Metrics: reg, Handler: h}, nil
+}
+
+// RuntimeCollectors are the Go runtime and process metrics every proxy
+// exports besides its traffic metrics (go_*, process_cpu_seconds_total,
+// process_resident_memory_bytes, ...).
+func RuntimeCollectors() []prometheus.Collector {
+	return []prometheus.Collector{collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})}
 }
 
 // Close releases the certificate store.

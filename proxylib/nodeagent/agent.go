@@ -23,6 +23,7 @@ import (
 
 	"github.com/ambientmesh/ambient/proxylib/discovery/selection"
 	"github.com/ambientmesh/ambient/proxylib/inpod"
+	"github.com/ambientmesh/ambient/proxylib/kubeevents"
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 	"github.com/ambientmesh/ambient/proxylib/redirect"
 )
@@ -41,6 +42,9 @@ type Agent struct {
 	Probes *redirect.ProbeSNAT
 	HostNS *os.File
 	Log    logr.Logger
+	// Events records captures, releases and capture failures on the Pod
+	// (nil: none).
+	Events *kubeevents.Recorder
 
 	opMu     sync.Mutex  // one pod operation at a time (controller and CNI requests)
 	removing atomic.Bool // the mesh is being removed: capture nothing
@@ -114,7 +118,45 @@ func (a *Agent) Sync(ctx context.Context, r client.Reader, key types.NamespacedN
 	return true, reason, a.capture(ctx, &pod, netnsPath)
 }
 
+// Event reasons of the node agent, recorded on the Pod when its capture
+// state changes.
+const (
+	ReasonCaptured      = "Captured"
+	ReasonReleased      = "Released"
+	ReasonCaptureFailed = "CaptureFailed"
+)
+
+const (
+	stateCaptured = "captured"
+	stateReleased = "released"
+)
+
+// capture redirects the pod's traffic to ztunnel and reports the outcome
+// when it differs from the last one.
 func (a *Agent) capture(ctx context.Context, pod *corev1.Pod, netnsPath string) error {
+	marked := markedCaptured(pod) // before install annotates it
+	err := a.install(ctx, pod, netnsPath)
+	if errors.Is(err, errRetry) { // the sandbox is not there yet: not a failure
+		return err
+	}
+	ch := kubeevents.Change{Topic: "capture", State: stateCaptured, Event: kubeevents.Event{Type: kubeevents.Normal,
+		Reason: ReasonCaptured, Action: "Capture", Note: "traffic redirected to ztunnel on node " + a.NodeName}}
+	if marked {
+		ch.Assume = stateCaptured // an earlier agent captured it: re-adoption is no news
+	}
+	if err != nil {
+		ch.State = "failed: " + err.Error()
+		ch.Event = kubeevents.Event{Type: kubeevents.Warning, Reason: ReasonCaptureFailed, Action: "Capture", Note: err.Error()}
+	}
+	a.Events.Transition(pod, ch)
+	return err
+}
+
+func markedCaptured(pod *corev1.Pod) bool {
+	return pod.Annotations[selection.RedirectionAnnotation] == selection.RedirectionEnabled
+}
+
+func (a *Agent) install(ctx context.Context, pod *corev1.Pod, netnsPath string) error {
 	key := client.ObjectKeyFromObject(pod)
 	a.mu.Lock()
 	cur := a.captured[key]
@@ -189,8 +231,30 @@ func (a *Agent) capture(ctx context.Context, pod *corev1.Pod, netnsPath string) 
 	return a.setAnnotation(ctx, pod, true)
 }
 
-// release undoes capture. pod is nil when the object is gone.
+// release undoes capture and reports it on the pod. pod is nil when the
+// object is gone.
 func (a *Agent) release(ctx context.Context, key types.NamespacedName, pod *corev1.Pod) error {
+	if pod == nil {
+		a.Events.ForgetKey(kubeevents.Key(&corev1.Pod{}, key.Namespace, key.Name))
+		_, err := a.undo(ctx, key, nil)
+		return err
+	}
+	marked := markedCaptured(pod)
+	undone, err := a.undo(ctx, key, pod)
+	if err == nil && undone {
+		ch := kubeevents.Change{Topic: "capture", State: stateReleased, Event: kubeevents.Event{Type: kubeevents.Normal,
+			Reason: ReasonReleased, Action: "Release", Note: "redirection to ztunnel removed on node " + a.NodeName}}
+		if marked {
+			ch.Assume = stateCaptured
+		}
+		a.Events.Transition(pod, ch)
+	}
+	return err
+}
+
+// undo removes what capture installed; undone reports whether there was
+// anything (a pod this agent or an earlier one captured).
+func (a *Agent) undo(ctx context.Context, key types.NamespacedName, pod *corev1.Pod) (undone bool, err error) {
 	a.mu.Lock()
 	cur := a.captured[key]
 	a.mu.Unlock()
@@ -200,7 +264,7 @@ func (a *Agent) release(ctx context.Context, key types.NamespacedName, pod *core
 	var ips []netip.Addr
 	if cur != nil {
 		ns, uid, ips = cur.netns, cur.uid, cur.ips
-	} else if pod != nil && pod.Annotations[selection.RedirectionAnnotation] == selection.RedirectionEnabled {
+	} else if pod != nil && markedCaptured(pod) {
 		// Captured by an earlier agent process: find the namespace to clean it.
 		uid, ips = pod.UID, podIPs(pod)
 		if f, err := a.Resolver.Resolve(pod); err == nil {
@@ -233,7 +297,7 @@ func (a *Agent) release(ctx context.Context, key types.NamespacedName, pod *core
 	if pod != nil {
 		errs = append(errs, a.setAnnotation(ctx, pod, false))
 	}
-	return errors.Join(errs...)
+	return uid != "", errors.Join(errs...)
 }
 
 // setAnnotation marks a captured pod `ambient.istio.io/redirection: enabled`

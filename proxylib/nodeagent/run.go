@@ -34,6 +34,7 @@ import (
 
 	"github.com/ambientmesh/ambient/proxylib/discovery/selection"
 	"github.com/ambientmesh/ambient/proxylib/inpod"
+	"github.com/ambientmesh/ambient/proxylib/kubeevents"
 	"github.com/ambientmesh/ambient/proxylib/nodeagent/cniapi"
 	"github.com/ambientmesh/ambient/proxylib/nodeagent/cniinstall"
 	"github.com/ambientmesh/ambient/proxylib/redirect"
@@ -65,6 +66,9 @@ type Options struct {
 	PluginConf map[string]any
 	Log        logr.Logger
 }
+
+// EventSource names the node agent in the Events it records.
+const EventSource = "ambient-node-agent"
 
 // Run runs the node agent until ctx ends.
 func Run(ctx context.Context, cfg *rest.Config, o Options) error {
@@ -99,6 +103,7 @@ func Run(ctx context.Context, cfg *rest.Config, o Options) error {
 		Syncer:     inpod.NewSyncer(o.ZtunnelSocket, o.Log.WithName("zds")),
 		Resolver:   &Resolver{Store: &Store{Dir: o.StateDir}, ProcRoot: o.ProcRoot},
 		Log:        o.Log,
+		Events:     kubeevents.New(mgr.GetEventRecorder(EventSource)),
 	}
 	if a.Redirector == nil {
 		a.Redirector = redirect.NewNFTables(o.Redirect)
