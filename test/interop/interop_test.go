@@ -64,34 +64,11 @@ func echoCheck(t *testing.T, c io.ReadWriter, size int) {
 func TestIstioDialerThroughOurServer(t *testing.T) {
 	m := newMesh(t)
 	seen := make(chan *hbone.Request, 4)
-	srv, err := h2.NewServer(h2.ServerConfig{Certs: m.serverSrc, Identity: m.server, Handler: hbone.HandlerFunc(
-		func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
-			seen <- req
-			up, err := net.Dial("tcp", req.Target.String())
-			if err != nil {
-				resp.Reject(http.StatusServiceUnavailable, err.Error())
-				return
-			}
-			st, err := resp.Accept()
-			if err != nil {
-				up.Close()
-				return
-			}
-			hbone.Relay(up.(*net.TCPConn), st)
-		})})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(ln)
-	defer srv.Close()
+	addr := startOurServer(t, m, func(req *hbone.Request) { seen <- req })
 
 	tlsConf := hbone.ClientTLSConfig(m.clientSrc, m.client, []identity.Identity{m.server}, "h2")
 	d := istiohbone.NewDialer(istiohbone.Config{
-		ProxyAddress: ln.Addr().String(),
+		ProxyAddress: addr.String(),
 		TLS:          tlsConf,
 		Headers:      hbone.SourceHeader(hbone.Source{Namespace: "client-ns"}),
 	})
@@ -211,7 +188,7 @@ func TestManyTunnelsBothWaysLargeTransfers(t *testing.T) {
 	}
 	t.Run("Istio dialer, our server", func(t *testing.T) {
 		m := newMesh(t)
-		addr := startOurServer(t, m)
+		addr := startOurServer(t, m, nil)
 		d := istiohbone.NewDialer(istiohbone.Config{
 			ProxyAddress: addr.String(),
 			TLS:          hbone.ClientTLSConfig(m.clientSrc, m.client, []identity.Identity{m.server}, "h2"),
@@ -267,11 +244,15 @@ func echoBoth(c io.ReadWriter, size int) error {
 	return nil
 }
 
-// startOurServer serves our HBONE server relaying to CONNECT targets.
-func startOurServer(t *testing.T, m *mesh) net.Addr {
+// startOurServer serves our HBONE server relaying to CONNECT targets;
+// seen, if set, is told of every request.
+func startOurServer(t *testing.T, m *mesh, seen func(*hbone.Request)) net.Addr {
 	t.Helper()
 	srv, err := h2.NewServer(h2.ServerConfig{Certs: m.serverSrc, Identity: m.server, Handler: hbone.HandlerFunc(
 		func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
+			if seen != nil {
+				seen(req)
+			}
 			up, err := net.Dial("tcp", req.Target.String())
 			if err != nil {
 				resp.Reject(http.StatusServiceUnavailable, err.Error())
