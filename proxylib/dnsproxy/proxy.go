@@ -260,7 +260,7 @@ func (h *handler) record(req, resp *dns.Msg, proto string, res result, dur time.
 		rcode = strconv.Itoa(resp.Rcode)
 	}
 	h.p.m.Requests.WithLabelValues(h.c.workload(), orUnknown(h.c.Namespace), qtype, rcode, res.by).Inc()
-	line := fmt.Sprintf("dns{pod=%s/%s}: query proto=%s id=%d name=%q type=%s rcode=%s answered_by=%s answers=%d truncated=%t dur=%s",
+	line := fmt.Sprintf("dns{pod=%s/%s}: query proto=%s id=%d name=%s type=%s rcode=%s answered_by=%s answers=%d truncated=%t dur=%s",
 		h.c.Namespace, h.c.Name, proto, req.Id, name, qtype, rcode, res.by, len(resp.Answer), resp.Truncated, dur.Round(time.Microsecond))
 	if res.upstream != "" {
 		line += " upstream=" + res.upstream

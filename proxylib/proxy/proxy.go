@@ -23,6 +23,7 @@ import (
 
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/dnsproxy"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/inpod"
@@ -73,6 +74,9 @@ type Config struct {
 	// (SO_MARK needs that capability); the pod's redirection lets them pass
 	// by owner instead (redirect.Config.SkipOwnerUIDs).
 	Unprivileged bool
+	// DNS, when set, serves the DNS proxy (:15053 on the pod's loopback) in
+	// pods whose DNS the node agent redirects (WorkloadInfo.CaptureDNS).
+	DNS *dnsproxy.Proxy
 }
 
 // listenOptions are the in-pod listeners' socket options.
@@ -161,6 +165,8 @@ type pod struct {
 	// preserve_source) and we found them, so dialApp may connect from the
 	// client's address.
 	preserve atomic.Bool
+	dnsMu    sync.Mutex
+	dns      *dnsproxy.PodServer // nil: DNS not captured
 }
 
 // identity is the pod's SPIFFE identity.
@@ -202,6 +208,9 @@ func (p *Proxy) AddWorkload(uid string, wi inpod.WorkloadInfo, ns *os.File) erro
 		p.mu.Unlock()
 		old.preserve.Store(p.canPreserve(info, ns))
 		ns.Close()
+		if err := p.syncDNS(old); err != nil {
+			return err
+		}
 		p.log.Info("workload re-adopted", "uid", info.UID)
 		return nil
 	}
@@ -293,6 +302,9 @@ func (p *Proxy) openPod(pd *pod) error {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	if err := p.syncDNS(pd); err != nil {
+		return err
+	}
 	go p.acceptLoop(out, func(c net.Conn) { p.serveOutbound(pd, c, netip.AddrPort{}) })
 	go p.acceptLoop(in, func(c net.Conn) { p.servePlaintextInbound(pd, c) })
 	go p.acceptLoop(socks, func(c net.Conn) { p.serveSOCKS5(pd, c) })
@@ -301,6 +313,51 @@ func (p *Proxy) openPod(pd *pod) error {
 			p.log.V(1).Info("hbone server stopped", "uid", pd.info.UID, "err", err.Error())
 		}
 	}()
+	return nil
+}
+
+func (pd *pod) stopDNS() {
+	pd.dnsMu.Lock()
+	defer pd.dnsMu.Unlock()
+	if pd.dns != nil {
+		pd.dns.Close()
+		pd.dns = nil
+	}
+}
+
+// syncDNS starts or stops the pod's DNS proxy as its info says.
+func (p *Proxy) syncDNS(pd *pod) error {
+	p.mu.Lock()
+	want := pd.info.CaptureDNS && p.cfg.DNS != nil && !p.draining.Load()
+	p.mu.Unlock()
+	pd.dnsMu.Lock()
+	defer pd.dnsMu.Unlock()
+	switch {
+	case want && pd.dns == nil:
+		c := dnsproxy.Client{Name: pd.info.Name, Namespace: pd.info.Namespace,
+			Workload: func() string {
+				p.mu.Lock()
+				info := pd.info
+				p.mu.Unlock()
+				return telemetry.PeerOf(p.workloadOf(info), nil).Workload
+			},
+			Upstreams: func() []string {
+				p.mu.Lock()
+				defer p.mu.Unlock()
+				return pd.info.DNSNameservers
+			},
+			Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				return netnsutil.Dial(ctx, pd.ns, network, addr, p.dialOptions())
+			}}
+		s, err := p.cfg.DNS.ServePod(pd.ns, c, dnsproxy.Port, p.listenOptions())
+		if err != nil {
+			return fmt.Errorf("dns proxy for %s: %w", pd.info.UID, err)
+		}
+		pd.dns = s
+	case !want && pd.dns != nil:
+		pd.dns.Close()
+		pd.dns = nil
+	}
 	return nil
 }
 
@@ -336,6 +393,7 @@ func (p *Proxy) closePod(pd *pod, closeConns bool) {
 	for _, ln := range pd.lns {
 		ln.Close()
 	}
+	pd.stopDNS()
 	if pd.hbone != nil {
 		if closeConns {
 			pd.hbone.Close()
@@ -446,6 +504,7 @@ func (p *Proxy) stopListening(pd *pod) {
 	for _, ln := range pd.lns {
 		ln.Close()
 	}
+	pd.stopDNS()
 	if pd.hbone != nil {
 		pd.hbone.Drain()
 	}
