@@ -221,7 +221,7 @@ func (p *Proxy) Close() { p.Store.Close() }
 // ServeEndpoints serves admin, metrics and readiness (ready when discovery
 // synced, certificates are there, extra reports true and no drain started).
 func (p *Proxy) ServeEndpoints(level zap.AtomicLevel, extra func() bool) {
-	Serve(p.Log, p.Opts.AdminAddr, admin.Handler(admin.Config{State: p.State, Certificates: p.Store.Status, Roots: p.Bundle.Certs,
+	Serve(p.Log, p.Opts.AdminAddr, admin.Handler(admin.Config{State: p.State, Certificates: p.Store.Status, Roots: p.Bundle.Certs, DNS: p.DNSStatus,
 		SetLogLevel: func(l string) error { return logging.SetLevel(level, l) }}))
 	Serve(p.Log, p.Opts.MetricsAddr, admin.MetricsHandler(p.Metrics))
 	Serve(p.Log, p.Opts.ReadyAddr, admin.ReadinessHandler(func() bool { return p.Ready() && extra() && !p.Draining() }))

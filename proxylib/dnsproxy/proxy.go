@@ -64,6 +64,12 @@ func New(cfg Config) (*Proxy, error) {
 	return &Proxy{cfg: cfg, cache: cfg.Cache, m: cfg.Metrics, log: cfg.Log}, nil
 }
 
+// ClusterDomain is the domain of service hostnames.
+func (p *Proxy) ClusterDomain() string { return p.cfg.ClusterDomain }
+
+// DefaultUpstreams serve pods whose own resolvers are unknown.
+func (p *Proxy) DefaultUpstreams() []string { return append([]string(nil), p.cfg.Upstreams...) }
+
 // Cache is the proxy's cache of forwarded answers.
 func (p *Proxy) Cache() *Cache { return p.cache }
 

@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"sort"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/go-logr/logr"
 
+	"github.com/ambientmesh/ambient/proxylib/admin/adminapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/dnsproxy"
@@ -411,6 +413,37 @@ func (p *Proxy) closePod(pd *pod, closeConns bool) {
 	if closeConns {
 		pd.ns.Close()
 	}
+}
+
+// DNSStatus describes the DNS proxy for the admin endpoint: the pods
+// served, whether their DNS is captured, and their resolvers. nil without
+// a DNS proxy.
+func (p *Proxy) DNSStatus() *adminapi.DNS {
+	if p.cfg.DNS == nil {
+		return nil
+	}
+	d := &adminapi.DNS{ClusterDomain: p.cfg.DNS.ClusterDomain(), DefaultUpstreams: p.cfg.DNS.DefaultUpstreams(),
+		CacheEntries: p.cfg.DNS.Cache().Len(), Pods: []adminapi.DNSPod{}}
+	if d.DefaultUpstreams == nil {
+		d.DefaultUpstreams = []string{}
+	}
+	for _, pd := range p.podList() {
+		p.mu.Lock()
+		info := pd.info
+		p.mu.Unlock()
+		pd.dnsMu.Lock()
+		serving := pd.dns != nil
+		pd.dnsMu.Unlock()
+		d.Pods = append(d.Pods, adminapi.DNSPod{Name: info.Name, Namespace: info.Namespace, UID: info.UID,
+			Captured: serving, Nameservers: append([]string{}, info.DNSNameservers...)})
+	}
+	sort.Slice(d.Pods, func(i, j int) bool {
+		if d.Pods[i].Namespace != d.Pods[j].Namespace {
+			return d.Pods[i].Namespace < d.Pods[j].Namespace
+		}
+		return d.Pods[i].Name < d.Pods[j].Name
+	})
+	return d
 }
 
 // Workloads lists the uids of the pods this proxy serves.

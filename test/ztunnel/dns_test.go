@@ -173,6 +173,23 @@ func TestDNSProxy(t *testing.T) {
 			t.Fatalf("test resolver asked %d times, want 1", n)
 		}
 	})
+
+	t.Run("admin shows the DNS proxy per pod", func(t *testing.T) {
+		st := m.Nodes[0].Proxy.DNSStatus()
+		if st == nil || st.ClusterDomain != "cluster.local" || st.CacheEntries == 0 {
+			t.Fatalf("DNS status %+v", st)
+		}
+		pods := map[string]bool{}
+		for _, p := range st.Pods {
+			pods[p.Name] = p.Captured
+			if p.Name == "sleep-1" && (len(p.Nameservers) != 1 || p.Nameservers[0] != nameserver.String()) {
+				t.Errorf("sleep-1 upstreams %v, want %s", p.Nameservers, nameserver)
+			}
+		}
+		if !pods["sleep-1"] || pods["notsleep-1"] {
+			t.Fatalf("captured per pod %v: want sleep-1 only", pods)
+		}
+	})
 }
 
 // dnsCounter reads istio_dns_requests_total of one series on node n.
