@@ -3,6 +3,9 @@ package ztunnel
 import (
 	"context"
 	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -11,7 +14,9 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/dnsproxy/dnsproxytest"
+	"github.com/ambientmesh/ambient/proxylib/inpod"
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
+	"github.com/ambientmesh/ambient/proxylib/redirect"
 	"github.com/ambientmesh/ambient/test/meshtest"
 )
 
@@ -215,4 +220,93 @@ func dnsCounter(t *testing.T, n *meshtest.Node, workload, qtype, rcode, by strin
 		}
 	}
 	return sum
+}
+
+// TestProcessDNSProxy: the real cmd/ztunnel serves the DNS proxy for a pod
+// the node agent hands over with capture_dns over the ZDS socket: service
+// names from discovery (xDS), other names forwarded to the resolvers of its
+// -dns-resolv-conf (the pod's own resolvers being unknown), metrics on
+// :15020 and the dns section of /config_dump.
+func TestProcessDNSProxy(t *testing.T) {
+	m := meshtest.New(t, 0)
+	cp := newXDSControlPlane(t, m.CA)
+	n := &meshtest.Node{Node: m.Cluster.AddNode("node1"), NodeName: "node1"}
+	m.Nodes = append(m.Nodes, n)
+
+	res := n.AddPod("testresolver-1")
+	rf, err := res.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc, err := netnsutil.ListenUDP(rf, "0.0.0.0:53", netnsutil.SocketOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := netnsutil.ListenTCP(rf, "0.0.0.0:53", netnsutil.SocketOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rf.Close()
+	resolver := dnsproxytest.Serve(t, pc, ln)
+	resolvConf := filepath.Join(t.TempDir(), "resolv.conf")
+	if err := os.WriteFile(resolvConf, []byte("nameserver "+res.IP.String()+"\noptions ndots:5\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	z := startZtunnel(t, cp, n, "-dns-resolv-conf", resolvConf)
+
+	vip := netip.MustParseAddr("10.96.0.44")
+	cp.set(discovery.AddressType, "default/echo.default.svc.cluster.local", &workloadapi.Address{Type: &workloadapi.Address_Service{Service: &workloadapi.Service{
+		Name: "echo", Namespace: "default", Hostname: "echo.default.svc.cluster.local",
+		Addresses: []*workloadapi.NetworkAddress{{Address: vip.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 80, TargetPort: 8080}}}}})
+
+	np := n.AddPod("sleep-1")
+	client := &meshtest.Pod{Pod: np, PodName: "sleep-1", Namespace: "default", ServiceAccount: "sleep", Node: n, UID: discovery.PodUID(meshtest.ClusterID, "default", "sleep-1")}
+	cp.workload(&workloadapi.Workload{Uid: client.UID, Name: "sleep-1", Namespace: "default", Addresses: [][]byte{np.IP.AsSlice()},
+		TrustDomain: m.CA.TrustDomain, ServiceAccount: "sleep", Node: "node1", WorkloadName: "sleep", CanonicalName: "sleep",
+		ClusterId: meshtest.ClusterID, TunnelProtocol: workloadapi.TunnelProtocol_HBONE})
+	f, err := np.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := redirect.NewNFTables(redirect.DefaultConfig().WithDNS()).Install(f); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := z.agent.AddWorkload(ctx, client.UID, inpod.WorkloadInfo{Name: "sleep-1", Namespace: "default", ServiceAccount: "sleep", CaptureDNS: true}, f); err != nil {
+		t.Fatal(err)
+	}
+	z.snapshotSent(t)
+	waitUntil(t, z.ready, "ztunnel ready")
+
+	// The pod asks "its" resolver; the redirect takes the query to ztunnel.
+	var r *dns.Msg
+	waitUntil(t, func() bool {
+		r = query(t, client, netip.AddrPortFrom(res.IP, 53), "udp", "echo.default.svc.cluster.local.", dns.TypeA)
+		return len(answerIPs(r)) == 1
+	}, "the service to reach ztunnel's discovery state")
+	if got := answerIPs(r); got[0] != vip.String() || resolver.Total() != 0 {
+		t.Fatalf("echo: answers %v (test resolver asked %d times), want %s from ztunnel", got, resolver.Total(), vip)
+	}
+	r = query(t, client, netip.AddrPortFrom(res.IP, 53), "tcp", dnsproxytest.External, dns.TypeA)
+	if got := answerIPs(r); len(got) != 1 || got[0] != dnsproxytest.ExternalIP.String() || resolver.Queries("", dnsproxytest.External, dns.TypeA) != 1 {
+		t.Fatalf("external: answers %v, resolver asked %d times", got, resolver.Queries("", dnsproxytest.External, dns.TypeA))
+	}
+	metrics := z.get(t, "127.0.0.1:15020", "/metrics")
+	for _, want := range []string{
+		`istio_dns_requests_total{answered_by="ztunnel",query_type="A",response_code="NOERROR",source_workload="sleep",source_workload_namespace="default"}`,
+		`istio_dns_requests_total{answered_by="upstream",query_type="A",response_code="NOERROR",source_workload="sleep",source_workload_namespace="default"} 1`,
+		`istio_dns_upstream_requests_total{protocol="tcp"} 1`,
+	} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+	dump := z.get(t, "127.0.0.1:15000", "/config_dump")
+	for _, want := range []string{`"dns": {`, `"defaultUpstreams": [`, res.IP.String() + `:53"`, `"captured": true`} {
+		if !strings.Contains(dump, want) {
+			t.Errorf("config_dump lacks %s", want)
+		}
+	}
 }
