@@ -2,6 +2,7 @@ package dnsproxy
 
 import (
 	"context"
+	"errors"
 	"net"
 	"net/netip"
 	"strconv"
@@ -421,4 +422,42 @@ func counter(t *testing.T, c prometheus.Counter) float64 {
 		t.Fatal(err)
 	}
 	return m.GetCounter().GetValue()
+}
+
+// TestInflightBound: a pod's queries waiting on upstreams are bounded;
+// beyond the bound it gets SERVFAIL at once, local answers still work.
+func TestInflightBound(t *testing.T) {
+	p, _ := New(Config{Services: testServices(), MaxInflight: 1, Timeout: 5 * time.Second})
+	release := make(chan struct{})
+	dialing := make(chan struct{}, 1)
+	h := p.Handler(Client{Namespace: "default", Upstreams: func() []string { return []string{"192.0.2.53:53"} },
+		Dial: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			dialing <- struct{}{}
+			<-release
+			return nil, errors.New("released")
+		}})
+	e := &env{p: p, h: h}
+	done := make(chan *dns.Msg)
+	go func() {
+		req := new(dns.Msg)
+		req.SetQuestion("slow.example.", dns.TypeA)
+		w := &recorder{udp: true}
+		h.ServeDNS(w, req)
+		done <- w.msg
+	}()
+	<-dialing
+	start := time.Now()
+	if m := e.ask(t, "other.example.", dns.TypeA, true, 0); m.Rcode != dns.RcodeServerFailure || time.Since(start) > time.Second {
+		t.Fatalf("over the bound: rcode %s after %v, want SERVFAIL at once", dns.RcodeToString[m.Rcode], time.Since(start))
+	}
+	if m := e.ask(t, "echo.", dns.TypeA, true, 0); len(addrs(m)) != 1 {
+		t.Fatalf("local answer while upstreams are busy: %v", m)
+	}
+	if got := counter(t, p.m.UpstreamFailures.WithLabelValues("udp", "overloaded")); got != 1 {
+		t.Fatalf("overloaded failures %v, want 1", got)
+	}
+	close(release)
+	if m := <-done; m.Rcode != dns.RcodeServerFailure {
+		t.Fatalf("released query: rcode %s", dns.RcodeToString[m.Rcode])
+	}
 }

@@ -20,7 +20,8 @@ type Metrics struct {
 	// UpstreamRequests counts queries forwarded, by transport (udp, tcp).
 	UpstreamRequests *prometheus.CounterVec
 	// UpstreamFailures counts forwarded queries that got no answer from an
-	// upstream, by transport and reason (timeout, error, no_upstream).
+	// upstream, by transport and reason (timeout, error, no_upstream,
+	// overloaded).
 	UpstreamFailures *prometheus.CounterVec
 	// UpstreamDuration is the time an upstream took to answer.
 	UpstreamDuration prometheus.Histogram

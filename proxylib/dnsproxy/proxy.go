@@ -27,7 +27,11 @@ type Config struct {
 	// Timeout bounds one upstream exchange (default 2s); a query tries at
 	// most MaxUpstreams resolvers.
 	Timeout time.Duration
-	Cache   *Cache // nil: NewCache(0, 0)
+	// MaxInflight bounds one pod's queries waiting on upstreams (default
+	// 128); beyond it the proxy answers SERVFAIL at once, so a pod flooding
+	// its resolver costs ztunnel bounded sockets and goroutines.
+	MaxInflight int
+	Cache       *Cache // nil: NewCache(0, 0)
 	Metrics *Metrics
 	Log     logr.Logger
 }
@@ -57,6 +61,9 @@ func New(cfg Config) (*Proxy, error) {
 	}
 	if cfg.Cache == nil {
 		cfg.Cache = NewCache(0, 0)
+	}
+	if cfg.MaxInflight <= 0 {
+		cfg.MaxInflight = 128
 	}
 	if cfg.Metrics == nil {
 		cfg.Metrics = NewMetrics(nil)
@@ -115,11 +122,14 @@ func (c Client) dial(ctx context.Context, network, addr string) (net.Conn, error
 }
 
 // Handler answers c's queries.
-func (p *Proxy) Handler(c Client) dns.Handler { return &handler{p: p, c: c} }
+func (p *Proxy) Handler(c Client) dns.Handler {
+	return &handler{p: p, c: c, inflight: make(chan struct{}, p.cfg.MaxInflight)}
+}
 
 type handler struct {
-	p *Proxy
-	c Client
+	p        *Proxy
+	c        Client
+	inflight chan struct{} // forwarded queries of this pod waiting on upstreams
 }
 
 // result is what happened to one query, for the metrics and the log.
@@ -201,6 +211,14 @@ func (h *handler) forward(ctx context.Context, req *dns.Msg, proto string) (*dns
 			m.Id = req.Id
 			return m, result{by: AnsweredCache}
 		}
+	}
+	select {
+	case h.inflight <- struct{}{}:
+		defer func() { <-h.inflight }()
+	default:
+		h.p.m.UpstreamFailures.WithLabelValues(proto, "overloaded").Inc()
+		return reply(req, dns.RcodeServerFailure), result{by: AnsweredLocal,
+			err: fmt.Errorf("%d queries of this pod already wait on upstreams", cap(h.inflight))}
 	}
 	var errs []error
 	for _, up := range ups[:min(len(ups), MaxUpstreams)] {
