@@ -32,8 +32,8 @@ type Config struct {
 	// its resolver costs ztunnel bounded sockets and goroutines.
 	MaxInflight int
 	Cache       *Cache // nil: NewCache(0, 0)
-	Metrics *Metrics
-	Log     logr.Logger
+	Metrics     *Metrics
+	Log         logr.Logger
 }
 
 // MaxUpstreams is how many resolvers a forwarded query tries, as glibc's
