@@ -331,7 +331,11 @@ func (pd *pod) stopDNS() {
 func (p *Proxy) syncDNS(pd *pod) error {
 	p.mu.Lock()
 	want := pd.info.CaptureDNS && p.cfg.DNS != nil && !p.draining.Load()
+	noProxy := pd.info.CaptureDNS && p.cfg.DNS == nil
 	p.mu.Unlock()
+	if noProxy {
+		p.log.Info("the node agent captures this pod's DNS but this proxy has no DNS proxy: the pod's DNS queries fail", "uid", pd.info.UID)
+	}
 	pd.dnsMu.Lock()
 	defer pd.dnsMu.Unlock()
 	switch {
