@@ -317,6 +317,14 @@ func TestCacheHonoursTTL(t *testing.T) {
 	if got := counter(t, e.p.m.Requests.WithLabelValues("sleep", "default", "A", "NOERROR", AnsweredCache)); got != 1 {
 		t.Fatalf("cache answers counted %v, want 1", got)
 	}
+	// Another spelling of the name is the same entry, answered with the
+	// question as asked.
+	if m := e.ask(t, "EXTERNAL.example.", dns.TypeA, true, 0); m.Question[0].Name != "EXTERNAL.example." || len(m.Answer) != 1 {
+		t.Fatalf("cached answer to another spelling: %v", m)
+	}
+	if n := e.up.Queries("", dnsproxytest.External, dns.TypeA); n != 1 {
+		t.Fatalf("upstream asked %d times, want 1", n)
+	}
 	now = now.Add(41 * time.Second) // past the TTL
 	ask()
 	if n := e.up.Queries("", dnsproxytest.External, dns.TypeA); n != 2 {

@@ -208,7 +208,8 @@ func (h *handler) forward(ctx context.Context, req *dns.Msg, proto string) (*dns
 	key, cacheable := keyOf(ups, req)
 	if cacheable {
 		if m, ok := h.p.cache.Get(key); ok {
-			m.Id = req.Id
+			// The client's id and question as it spelled it (0x20 case).
+			m.Id, m.Question = req.Id, append([]dns.Question(nil), req.Question...)
 			return m, result{by: AnsweredCache}
 		}
 	}
