@@ -260,7 +260,8 @@ func DesiredZtunnel(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 	mounts = append(mounts, corev1.VolumeMount{Name: "ambient-socket", MountPath: ZDSSocketDir})
 	env := append(proxyEnv(mesh, z.Transport, z.LogLevel),
 		corev1.EnvVar{Name: "ZDS_SOCKET", Value: ZDSSocketDir + "/ztunnel.sock"},
-		corev1.EnvVar{Name: "DRAIN_GRACE", Value: ztunnelDrainGrace.String()})
+		corev1.EnvVar{Name: "DRAIN_GRACE", Value: ztunnelDrainGrace.String()},
+		corev1.EnvVar{Name: "CLUSTER_DOMAIN", Value: clusterDomain(mesh)})
 	if n := z.WorkerThreads; n != nil {
 		env = append(env, corev1.EnvVar{Name: "GOMAXPROCS", Value: strconv.Itoa(int(*n))})
 	}
@@ -339,6 +340,7 @@ func DesiredNodeAgent(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 				{Name: "MESH_NAMESPACE", Value: mesh.Spec.Namespace},
 				{Name: "EXCLUDED_NAMESPACES", Value: strings.Join(excludedNamespaces(mesh), ",")},
 				{Name: "REDIRECTION_BACKEND", Value: string(mesh.Spec.Capture.Redirection)},
+				{Name: "DNS_CAPTURE", Value: strconv.FormatBool(mesh.Spec.Capture.DNSCapture)},
 				{Name: "ZDS_SOCKET", Value: ZDSSocketDir + "/ztunnel.sock"},
 				{Name: "CNI_BIN_DIR", Value: "/host/opt/cni/bin"},
 				{Name: "CNI_CONF_DIR", Value: "/host/etc/cni/net.d"},

@@ -119,6 +119,15 @@ type CaptureSpec struct {
 	// +kubebuilder:default=nftables
 	// +optional
 	Redirection RedirectionBackend `json:"redirection,omitempty"`
+	// DNSCapture sends captured pods' DNS (UDP and TCP port 53) to
+	// ztunnel's DNS proxy (:15053 in the pod), which answers for the mesh's
+	// Services itself and forwards other names to the pod's resolvers
+	// (Istio's cni.ambient.dnsCapture). Off by default. A pod overrides it
+	// with the annotation ambient.istio.io/dns-capture: "true" or "false".
+	// Changing it updates the rules of running pods (no restart).
+	// +kubebuilder:default=false
+	// +optional
+	DNSCapture bool `json:"dnsCapture,omitempty"`
 }
 
 // CAType selects where the mesh root comes from.

@@ -25,11 +25,12 @@ var optionalAgentEnv = []string{"CNI_SOCKET", "STATE_DIR", "PROC_ROOT", "PROBE_S
 // operator's values.
 func TestOperatorEnvContract(t *testing.T) {
 	mesh := &meshv1.AmbientMesh{ObjectMeta: metav1.ObjectMeta{Name: "default"},
-		Spec: meshv1.AmbientMeshSpec{Namespace: "mesh-root", Capture: meshv1.CaptureSpec{ExcludedNamespaces: []string{"legacy"}}}}
+		Spec: meshv1.AmbientMeshSpec{Namespace: "mesh-root", Capture: meshv1.CaptureSpec{ExcludedNamespaces: []string{"legacy"}, DNSCapture: true}}}
 	ds := controllers.DesiredNodeAgent(mesh, controllers.Defaults{NodeAgentImage: "ambient-cni:test"})
 	var o struct {
 		meshNamespace, meshName string
 		excluded                []string
+		dnsCapture, dnsRules    bool
 	}
 	c := ds.Spec.Template.Spec.Containers[0]
 	envcontract.Check(t, c, func(args []string, e *envconfig.Env) error {
@@ -40,8 +41,12 @@ func TestOperatorEnvContract(t *testing.T) {
 		}
 		opts, _, err := parseAgentFlags(fs, args, e)
 		o.meshNamespace, o.meshName, o.excluded = opts.Selection.MeshNamespace, opts.MeshName, opts.Selection.ExcludedNamespaces
+		o.dnsCapture, o.dnsRules = opts.DNSCapture, opts.DNSRedirector != nil
 		return err
 	}, optionalAgentEnv...)
+	if !o.dnsCapture || !o.dnsRules {
+		t.Errorf("node agent has DNS capture %t (rules %t), the mesh asks for it", o.dnsCapture, o.dnsRules)
+	}
 	if o.meshName != mesh.Name || o.meshNamespace != mesh.Spec.Namespace {
 		t.Errorf("node agent has mesh %q in %q, operator meant %q in %q", o.meshName, o.meshNamespace, mesh.Name, mesh.Spec.Namespace)
 	}

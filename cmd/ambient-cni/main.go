@@ -91,6 +91,7 @@ func parseAgentFlags(fs *flag.FlagSet, args []string, e *envconfig.Env) (nodeage
 	fs.StringVar(&healthPort, "health-port", env("HEALTH_PORT", "15022"), "port of /healthz and /readyz on all addresses (empty: off)")
 	fs.StringVar(&healthAddr, "health-addr", "", "host:port of /healthz and /readyz (overrides --health-port)")
 	fs.BoolVar(&o.Redirect.PreserveSource, "preserve-source", env("PRESERVE_SOURCE", "true") == "true", "install the connmark/policy routing that lets ztunnel connect to apps from the client's address (apps see the real client IP)")
+	fs.BoolVar(&o.DNSCapture, "dns-capture", env("DNS_CAPTURE", "false") == "true", "send captured pods' DNS (UDP/TCP 53) to ztunnel's DNS proxy; a pod's ambient.istio.io/dns-capture annotation overrides it")
 	fs.BoolVar(&o.ProbeSNAT, "probe-snat", env("PROBE_SNAT", "true") == "true", "SNAT the node's own connections to captured pods (kubelet probes) so they bypass capture")
 	fs.StringVar(&f.logLevel, "log-level", env("LOG_LEVEL", "info"), "trace, debug, info, warn, error")
 	if err := fs.Parse(args); err != nil {
@@ -107,9 +108,9 @@ func parseAgentFlags(fs *flag.FlagSet, args []string, e *envconfig.Env) (nodeage
 	}
 	switch f.backend {
 	case "", "nftables":
-		o.Redirector = redirect.NewNFTables(o.Redirect)
+		o.Redirector, o.DNSRedirector = redirect.NewNFTables(o.Redirect), redirect.NewNFTables(o.Redirect.WithDNS())
 	case "iptables":
-		o.Redirector = redirect.NewIPTables(o.Redirect)
+		o.Redirector, o.DNSRedirector = redirect.NewIPTables(o.Redirect), redirect.NewIPTables(o.Redirect.WithDNS())
 	default:
 		return o, f, fmt.Errorf("unknown redirection backend %q (nftables or iptables)", f.backend)
 	}
@@ -128,7 +129,7 @@ func runAgent(args []string) error {
 		return fmt.Errorf("log level: %w", err)
 	}
 	o.Log = log.WithName("node-agent")
-	o.Log.Info("in-pod redirection", "backend", f.backend, "preserveSource", o.Redirect.PreserveSource)
+	o.Log.Info("in-pod redirection", "backend", f.backend, "preserveSource", o.Redirect.PreserveSource, "dnsCapture", o.DNSCapture)
 	if !o.Redirect.PreserveSource {
 		o.Log.Info("source preservation is off: apps behind ztunnel see their own pod address instead of the client's")
 	}

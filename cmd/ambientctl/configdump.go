@@ -18,6 +18,7 @@ type (
 	Service     = adminapi.Service
 	Policy      = adminapi.Policy
 	Certificate = adminapi.Certificate
+	DNS         = adminapi.DNS
 )
 
 // parseConfigDump decodes and sanity-checks a proxy's answer, so a wrong port
@@ -91,6 +92,30 @@ func writeServices(w io.Writer, ss []Service) error {
 	return tw.Flush()
 }
 
+// writeDNS prints the DNS proxy's settings and, per pod, whether its DNS
+// is captured and where unanswered names go.
+func writeDNS(w io.Writer, d *DNS) error {
+	if d == nil {
+		_, err := fmt.Fprintln(w, "no DNS proxy on this proxy")
+		return err
+	}
+	def := orNone(strings.Join(d.DefaultUpstreams, ","))
+	fmt.Fprintf(w, "DNS proxy :15053, cluster domain %s, default upstreams %s, cached answers %d\n", orNone(d.ClusterDomain), def, d.CacheEntries)
+	tw := tabwriter.NewWriter(w, 0, 0, 1, ' ', 0)
+	fmt.Fprintln(tw, "NAMESPACE\tPOD\tDNS CAPTURED\tUPSTREAMS")
+	for _, p := range d.Pods {
+		ups := "-"
+		if p.Captured {
+			ups = strings.Join(p.Nameservers, ",")
+			if ups == "" {
+				ups = def + " (default)"
+			}
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%t\t%s\n", p.Namespace, p.Name, p.Captured, ups)
+	}
+	return tw.Flush()
+}
+
 func writePolicies(w io.Writer, ps []Policy) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 1, ' ', 0)
 	fmt.Fprintln(tw, "NAMESPACE\tPOLICY NAME\tACTION\tSCOPE")
@@ -113,6 +138,8 @@ func renderProxyConfig(w io.Writer, d *ConfigDump, section, output string) error
 			v = nonNil(d.Services)
 		case "policies":
 			v = nonNil(d.Policies)
+		case "dns":
+			v = d.DNS
 		default:
 			v = d
 		}
@@ -129,12 +156,20 @@ func renderProxyConfig(w io.Writer, d *ConfigDump, section, output string) error
 		return writeServices(w, d.Services)
 	case "policies":
 		return writePolicies(w, d.Policies)
+	case "dns":
+		return writeDNS(w, d.DNS)
 	}
 	for i, f := range []func() error{
 		func() error { return writeWorkloads(w, d.Workloads) },
 		func() error { return writeServices(w, d.Services) },
 		func() error { return writePolicies(w, d.Policies) },
 		func() error { return writeSecrets(w, d.Certificates) },
+		func() error {
+			if d.DNS == nil {
+				return nil
+			}
+			return writeDNS(w, d.DNS)
+		},
 	} {
 		if i > 0 {
 			fmt.Fprintln(w)

@@ -30,7 +30,7 @@ var errUsage = errors.New("usage")
 const usage = `ambientctl: inspect and operate the ambient mesh
 
 Commands:
-  proxy-config workloads|secrets|services|policies|all [<pod>[.<namespace>]]
+  proxy-config workloads|secrets|services|policies|dns|all [<pod>[.<namespace>]]
       Show what a ztunnel (or waypoint) knows, read from its admin endpoint
       :15000/config_dump through the API server. Without a pod, the first
       ztunnel of the mesh namespace is used.
@@ -67,7 +67,7 @@ type options struct {
 // invocation is a parsed command line.
 type invocation struct {
 	cmd      string   // proxy-config | waypoint | status | version | help
-	sub      string   // proxy-config: workloads|secrets|services|policies|all; waypoint: apply|list|delete
+	sub      string   // proxy-config: workloads|secrets|services|policies|dns|all; waypoint: apply|list|delete
 	pod      string   // proxy-config target pod ("" = first ztunnel)
 	podNS    string   // namespace of the target pod ("" = mesh namespace)
 	names    []string // waypoint delete names
@@ -98,6 +98,7 @@ var proxyConfigSections = map[string]string{
 	"secret": "secrets", "secrets": "secrets",
 	"service": "services", "services": "services", "svc": "services",
 	"policy": "policies", "policies": "policies",
+	"dns": "dns",
 	"all": "all",
 }
 

@@ -303,3 +303,44 @@ func TestGatewaysTable(t *testing.T) {
 }
 
 func ptrTo[T any](v T) *T { return &v }
+
+func TestDNSTable(t *testing.T) {
+	d, err := parseConfigDump([]byte(`{"workloads":[],"services":[],"policies":[],"certificates":[],
+ "dns": {"clusterDomain": "cluster.local", "defaultUpstreams": ["10.96.0.10:53"], "cacheEntries": 7, "pods": [
+  {"name": "sleep-1", "namespace": "demo", "uid": "u1", "captured": true, "nameservers": ["10.96.0.10:53"]},
+  {"name": "legacy-1", "namespace": "demo", "uid": "u2", "captured": false, "nameservers": []},
+  {"name": "new-1", "namespace": "demo", "uid": "u3", "captured": true, "nameservers": []}]}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	if err := renderProxyConfig(&buf, d, "dns", "table"); err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimRight(buf.String(), "\n"), "\n")
+	if !strings.Contains(lines[0], "cluster domain cluster.local") || !strings.Contains(lines[0], "cached answers 7") {
+		t.Fatalf("summary %q", lines[0])
+	}
+	want := [][]string{
+		{"NAMESPACE", "POD", "DNS", "CAPTURED", "UPSTREAMS"},
+		{"demo", "sleep-1", "true", "10.96.0.10:53"},
+		{"demo", "legacy-1", "false", "-"},
+		{"demo", "new-1", "true", "10.96.0.10:53", "(default)"},
+	}
+	if len(lines) != len(want)+1 {
+		t.Fatalf("got %d lines:\n%s", len(lines), buf.String())
+	}
+	for i, w := range want {
+		if got := strings.Fields(lines[i+1]); !reflect.DeepEqual(got, w) {
+			t.Errorf("row %d = %q, want %q", i, got, w)
+		}
+	}
+	inv, err := parseArgs([]string{"proxy-config", "dns"})
+	if err != nil || inv.sub != "dns" {
+		t.Fatalf("parseArgs(proxy-config dns) = %+v, %v", inv, err)
+	}
+	buf.Reset()
+	if err := renderProxyConfig(&buf, &ConfigDump{}, "dns", "table"); err != nil || !strings.Contains(buf.String(), "no DNS proxy") {
+		t.Fatalf("without a DNS section: %q, %v", buf.String(), err)
+	}
+}

@@ -36,6 +36,7 @@ func TestOperatorEnvContract(t *testing.T) {
 		"xds":          {o.XDSAddr, set["XDS_ADDRESS"]},
 		"ca":           {o.CAAddr, set["CA_ADDRESS"]},
 		"cert ttl":     {o.CertTTL.String(), "6h0m0s"},
+		"dns domain":   {o.DNS.ClusterDomain, mesh.Spec.ClusterDomain},
 	} {
 		if got[0] != got[1] || got[0] == "" {
 			t.Errorf("%s: ztunnel has %q, operator meant %q", what, got[0], got[1])

@@ -35,6 +35,10 @@ func parseFlags(fs *flag.FlagSet, args []string, e *envconfig.Env) (options, err
 		return o, err
 	}
 	fs.StringVar(&o.zdsSocket, "zds-socket", e.Get("ZDS_SOCKET", "/var/run/ambient/ztunnel.sock"), "node agent socket")
+	// The DNS proxy serves the pods whose DNS the node agent captures.
+	o.DNS = &boot.DNSOptions{}
+	fs.StringVar(&o.DNS.ClusterDomain, "cluster-domain", e.Get("CLUSTER_DOMAIN", "cluster.local"), "Kubernetes cluster domain (DNS proxy answers <svc>.<ns>.svc.<domain>)")
+	fs.StringVar(&o.DNS.ResolvConf, "dns-resolv-conf", "/etc/resolv.conf", "resolvers the DNS proxy forwards to for pods whose own resolvers are unknown")
 	return o, fs.Parse(args)
 }
 

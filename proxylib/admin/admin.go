@@ -44,7 +44,9 @@ type Config struct {
 	// Roots returns the current trust roots (they rotate), listed as "CA"
 	// entries after each identity's certificate chain.
 	Roots func() []*x509.Certificate
-	Now   func() time.Time
+	// DNS describes the DNS proxy (nil: none).
+	DNS func() *adminapi.DNS
+	Now func() time.Time
 }
 
 // Handler serves the admin endpoints.
@@ -107,6 +109,9 @@ func writeJSON(w http.ResponseWriter, v any) {
 // Dump builds the /config_dump document.
 func Dump(cfg Config) ConfigDump {
 	d := ConfigDump{Workloads: []Workload{}, Services: []Service{}, Policies: []Policy{}, Certificates: []Certificate{}}
+	if cfg.DNS != nil {
+		d.DNS = cfg.DNS()
+	}
 	if s := cfg.State; s != nil {
 		for _, w := range s.Workloads() {
 			d.Workloads = append(d.Workloads, workload(s, w))

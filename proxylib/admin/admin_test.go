@@ -12,6 +12,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
+	"github.com/ambientmesh/ambient/proxylib/admin/adminapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
@@ -45,7 +46,8 @@ func TestConfigDump(t *testing.T) {
 	id := identity.MustParse("spiffe://cluster.local/ns/ambient-demo/sa/httpbin")
 	pending := identity.MustParse("spiffe://cluster.local/ns/ambient-demo/sa/sleep")
 	root := &x509.Certificate{SerialNumber: big.NewInt(0x3b9d), NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour)}
-	h := Handler(Config{State: s, Roots: func() []*x509.Certificate { return []*x509.Certificate{root} }, Now: func() time.Time { return now }, Certificates: func() []identity.CertificateStatus {
+	dnsStatus := &adminapi.DNS{ClusterDomain: "cluster.local", Pods: []adminapi.DNSPod{{Name: "sleep-1", Namespace: "ambient-demo", Captured: true}}}
+	h := Handler(Config{State: s, DNS: func() *adminapi.DNS { return dnsStatus }, Roots: func() []*x509.Certificate { return []*x509.Certificate{root} }, Now: func() time.Time { return now }, Certificates: func() []identity.CertificateStatus {
 		return []identity.CertificateStatus{{Identity: id, Serial: "ec30", NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour)}, {Identity: pending}}
 	}})
 	rec := httptest.NewRecorder()
@@ -76,6 +78,9 @@ func TestConfigDump(t *testing.T) {
 	}
 	if c := d.Certificates[2]; c.State != "Pending" || c.Valid {
 		t.Errorf("pending certificate = %+v", c)
+	}
+	if d.DNS == nil || d.DNS.ClusterDomain != "cluster.local" || len(d.DNS.Pods) != 1 || !d.DNS.Pods[0].Captured {
+		t.Errorf("dns = %+v", d.DNS)
 	}
 }
 

@@ -28,6 +28,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/admin"
 	"github.com/ambientmesh/ambient/proxylib/caclient"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/dnsproxy"
 	"github.com/ambientmesh/ambient/proxylib/envconfig"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/hbone/meshtransport"
@@ -49,6 +50,18 @@ type Options struct {
 	AdminAddr, MetricsAddr, ReadyAddr    string
 	DrainGrace, CertTTL                  time.Duration
 	LogLevel                             string
+	// DNS, when set, enables the DNS proxy for pods whose DNS the node
+	// agent captures (ztunnel only; the commands set it).
+	DNS *DNSOptions
+}
+
+// DNSOptions configure ztunnel's DNS proxy.
+type DNSOptions struct {
+	// ClusterDomain builds service hostnames (env CLUSTER_DOMAIN).
+	ClusterDomain string
+	// ResolvConf names the resolvers used for pods whose own resolvers the
+	// node agent did not find (ztunnel's own /etc/resolv.conf).
+	ResolvConf string
 }
 
 // Flags registers the options on fs, each defaulting from its environment
@@ -179,9 +192,21 @@ func Start(ctx context.Context, o *Options, log logr.Logger, role string, unpriv
 		return nil, err
 	}
 	h := &CertsFirst{store: store, trustDomain: o.TrustDomain}
+	var dns *dnsproxy.Proxy
+	if o.DNS != nil {
+		ups, err := dnsproxy.ResolvConf(o.DNS.ResolvConf)
+		if err != nil {
+			log.Info("DNS proxy has no default upstream (pods whose resolvers are unknown get SERVFAIL for names it cannot answer)", "resolvConf", o.DNS.ResolvConf, "err", err.Error())
+		}
+		if dns, err = dnsproxy.New(dnsproxy.Config{Services: state, ClusterDomain: o.DNS.ClusterDomain, Upstreams: ups,
+			Metrics: dnsproxy.NewMetrics(reg), Log: log.WithName("dns")}); err != nil {
+			store.Close()
+			return nil, err
+		}
+	}
 	p, err := proxy.New(proxy.Config{Log: log.WithName("proxy"), State: state, Certs: store, Node: o.Node, TrustDomain: o.TrustDomain,
 		Metrics: telemetry.NewMetrics(reg), NewDialer: tr.NewDialer, NewHBONEServer: tr.NewServer, CertsReady: h.ready,
-		Unprivileged: unprivileged})
+		Unprivileged: unprivileged, DNS: dns})
 	if err != nil {
 		store.Close()
 		return nil, err
@@ -203,7 +228,7 @@ func (p *Proxy) Close() { p.Store.Close() }
 // ServeEndpoints serves admin, metrics and readiness (ready when discovery
 // synced, certificates are there, extra reports true and no drain started).
 func (p *Proxy) ServeEndpoints(level zap.AtomicLevel, extra func() bool) {
-	Serve(p.Log, p.Opts.AdminAddr, admin.Handler(admin.Config{State: p.State, Certificates: p.Store.Status, Roots: p.Bundle.Certs,
+	Serve(p.Log, p.Opts.AdminAddr, admin.Handler(admin.Config{State: p.State, Certificates: p.Store.Status, Roots: p.Bundle.Certs, DNS: p.DNSStatus,
 		SetLogLevel: func(l string) error { return logging.SetLevel(level, l) }}))
 	Serve(p.Log, p.Opts.MetricsAddr, admin.MetricsHandler(p.Metrics))
 	Serve(p.Log, p.Opts.ReadyAddr, admin.ReadinessHandler(func() bool { return p.Ready() && extra() && !p.Draining() }))

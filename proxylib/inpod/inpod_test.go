@@ -227,7 +227,8 @@ func (p *proxy) info(uid string) inpod.WorkloadInfo {
 	return p.infos[uid]
 }
 
-// TestPreserveSourceTravels: the node agent's preserve_source reaches
+// TestPreserveSourceTravels: the node agent's preserve_source (and DNS
+// capture with the pod's resolvers) reaches
 // ztunnel, and a change for a pod already served (node agent restarted with
 // another setting) re-adopts it with the new value, keeping its listeners.
 func TestPreserveSourceTravels(t *testing.T) {
@@ -247,7 +248,18 @@ func TestPreserveSourceTravels(t *testing.T) {
 		if err := agent.Upsert(ctx, pod); err != nil {
 			t.Fatal(err)
 		}
-		if got := px.info("uid-a"); got != pod.Info {
+		if got := px.info("uid-a"); !got.Equal(pod.Info) {
+			t.Fatalf("ztunnel has %+v, want %+v", got, pod.Info)
+		}
+	}
+	// DNS capture and the pod's resolvers travel the same way (capture_dns,
+	// dns_nameservers), and so does turning it off.
+	for _, ns := range [][]string{{"10.96.0.10:53"}, {"10.96.0.10:53", "[fd00::a]:53"}, nil} {
+		pod.Info.CaptureDNS, pod.Info.DNSNameservers = ns != nil, ns
+		if err := agent.Upsert(ctx, pod); err != nil {
+			t.Fatal(err)
+		}
+		if got := px.info("uid-a"); !got.Equal(pod.Info) {
 			t.Fatalf("ztunnel has %+v, want %+v", got, pod.Info)
 		}
 	}

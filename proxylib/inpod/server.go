@@ -279,7 +279,7 @@ func (s *Server) add(sess *session, add *zds.AddWorkload, fd *os.File) error {
 	info := infoFromProto(add)
 	sess.seen[uid] = true
 	if ref, ok := s.serving[uid]; ok {
-		if ref.inode == inode && ref.info == info {
+		if ref.inode == inode && ref.info.Equal(info) {
 			closeFile(fd) // already served: this is re-adoption
 			return nil
 		}

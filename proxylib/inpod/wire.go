@@ -13,6 +13,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
@@ -34,6 +35,18 @@ type WorkloadInfo struct {
 	// PreserveSource (AddWorkload.preserve_source) says the pod's namespace
 	// has the return-path rules for transparent dials from client addresses.
 	PreserveSource bool
+	// CaptureDNS (AddWorkload.capture_dns) says the pod's DNS is redirected
+	// to 127.0.0.1:15053, where ztunnel serves its DNS proxy.
+	CaptureDNS bool
+	// DNSNameservers (host:port) are the pod's own resolvers, where the DNS
+	// proxy forwards what it does not answer; empty: ztunnel's defaults.
+	DNSNameservers []string
+}
+
+// Equal reports whether w and o say the same.
+func (w WorkloadInfo) Equal(o WorkloadInfo) bool {
+	return w.Name == o.Name && w.Namespace == o.Namespace && w.ServiceAccount == o.ServiceAccount &&
+		w.PreserveSource == o.PreserveSource && w.CaptureDNS == o.CaptureDNS && slices.Equal(w.DNSNameservers, o.DNSNameservers)
 }
 
 func (w WorkloadInfo) String() string { return w.Namespace + "/" + w.Name }
@@ -41,11 +54,11 @@ func (w WorkloadInfo) String() string { return w.Namespace + "/" + w.Name }
 func infoFromProto(add *zds.AddWorkload) WorkloadInfo {
 	p := add.GetWorkloadInfo()
 	return WorkloadInfo{Name: p.GetName(), Namespace: p.GetNamespace(), ServiceAccount: p.GetServiceAccount(),
-		PreserveSource: add.GetPreserveSource()}
+		PreserveSource: add.GetPreserveSource(), CaptureDNS: add.GetCaptureDns(), DNSNameservers: add.GetDnsNameservers()}
 }
 
 func (w WorkloadInfo) addProto(uid string) *zds.AddWorkload {
-	return &zds.AddWorkload{Uid: uid, PreserveSource: w.PreserveSource,
+	return &zds.AddWorkload{Uid: uid, PreserveSource: w.PreserveSource, CaptureDns: w.CaptureDNS, DnsNameservers: w.DNSNameservers,
 		WorkloadInfo: &zds.WorkloadInfo{Name: w.Name, Namespace: w.Namespace, ServiceAccount: w.ServiceAccount}}
 }
 

@@ -214,6 +214,25 @@ func DialTCP(ctx context.Context, ns *os.File, src, dst netip.AddrPort, opts Soc
 	return conn, nil
 }
 
+// Dial connects (network "tcp" or "udp") from inside namespace ns (nil:
+// the caller's namespace) with opts, e.g. Mark for ztunnel's own DNS
+// queries on a pod's behalf, which the pod's redirection lets out.
+func Dial(ctx context.Context, ns *os.File, network, addr string, opts SocketOptions) (net.Conn, error) {
+	d := net.Dialer{Control: opts.control}
+	var conn net.Conn
+	dial := func() (err error) {
+		conn, err = d.DialContext(ctx, network, addr)
+		return err
+	}
+	if ns == nil {
+		return conn, dial()
+	}
+	if err := Run(ns, dial); err != nil {
+		return nil, err
+	}
+	return conn, nil
+}
+
 // OriginalDst returns the destination a connection had before NAT REDIRECT
 // (SO_ORIGINAL_DST for IPv4, IP6T_SO_ORIGINAL_DST for IPv6).
 func OriginalDst(conn net.Conn) (netip.AddrPort, error) {

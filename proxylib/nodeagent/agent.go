@@ -35,6 +35,12 @@ type Agent struct {
 	Client     client.Client // reads may be cached; writes go to the API
 	API        client.Reader // uncached reads (CNI path: the pod is brand new)
 	Redirector redirect.Redirector
+	// DNSRedirector installs the same rules plus DNS capture (UDP and TCP
+	// port 53 to ztunnel's DNS proxy); nil: DNS is never captured.
+	DNSRedirector redirect.Redirector
+	// DNSCapture is the mesh's default (AmbientMesh spec.capture.dnsCapture);
+	// a pod's ambient.istio.io/dns-capture annotation overrides it.
+	DNSCapture bool
 	Syncer     *inpod.Syncer
 	Resolver   *Resolver
 	// Probes, when set, SNATs the node's own connections (kubelet probes)
@@ -56,6 +62,8 @@ type captured struct {
 	uid   types.UID
 	netns *os.File // kept open while captured: the namespace stays valid
 	ips   []netip.Addr
+	// nameservers are the pod's resolvers (its resolv.conf), once found.
+	nameservers []string
 }
 
 func (a *Agent) init() {
@@ -193,14 +201,21 @@ func (a *Agent) install(ctx context.Context, pod *corev1.Pod, netnsPath string) 
 			a.mu.Unlock()
 		}
 	}
-	if ok, err := a.Redirector.Installed(ns); err != nil || !ok {
-		if err := a.Redirector.Install(ns); err != nil {
+	dns := a.DNSRedirector != nil && selection.CaptureDNS(a.DNSCapture, pod)
+	rd := a.Redirector
+	if dns {
+		rd = a.DNSRedirector
+	}
+	// Installed is false when the rules are those of the other DNS choice
+	// (a changed annotation or mesh setting): Install replaces them.
+	if ok, err := rd.Installed(ns); err != nil || !ok {
+		if err := rd.Install(ns); err != nil {
 			if cur == nil || cur.netns != ns {
 				ns.Close()
 			}
 			return fmt.Errorf("install redirection for %s: %w", key, err)
 		}
-		a.Log.Info("redirection installed", "pod", key)
+		a.Log.Info("redirection installed", "pod", key, "dnsCapture", dns)
 	}
 	if cur == nil || cur.netns != ns {
 		// Two ztunnels share the pod's ports during an upgrade; when the old
@@ -220,8 +235,13 @@ func (a *Agent) install(ctx context.Context, pod *corev1.Pod, netnsPath string) 
 	}
 	// PreserveSource tells ztunnel the return path for transparent dials is
 	// in place (Install put it there with the rules).
+	var nameservers []string
+	if dns {
+		nameservers = a.nameservers(key, ns)
+	}
 	wp := inpod.Pod{UID: string(pod.UID), Info: inpod.WorkloadInfo{Name: pod.Name, Namespace: pod.Namespace,
-		ServiceAccount: pod.Spec.ServiceAccountName, PreserveSource: a.Redirector.PreservesSource()}, Netns: ns}
+		ServiceAccount: pod.Spec.ServiceAccountName, PreserveSource: rd.PreservesSource(),
+		CaptureDNS: dns, DNSNameservers: nameservers}, Netns: ns}
 	if err := a.Syncer.Upsert(ctx, wp); err != nil {
 		// The Syncer delivers it later (refusals are retried, a broken
 		// connection resends everything); meanwhile the rules make the
@@ -229,6 +249,30 @@ func (a *Agent) install(ctx context.Context, pod *corev1.Pod, netnsPath string) 
 		a.Log.Info("ztunnel has not taken the pod yet; it will be retried", "pod", key, "reason", err.Error())
 	}
 	return a.setAnnotation(ctx, pod, true)
+}
+
+// nameservers are the captured pod's resolvers, read once from the
+// resolv.conf of a process in its namespace (an app container: the sandbox
+// has none). Until one runs they are unknown and ztunnel uses its defaults;
+// the pod's next update (its containers starting) sends them.
+func (a *Agent) nameservers(key types.NamespacedName, ns *os.File) []string {
+	a.mu.Lock()
+	c := a.captured[key]
+	var known []string
+	if c != nil {
+		known = c.nameservers
+	}
+	a.mu.Unlock()
+	if len(known) > 0 || c == nil || a.Resolver == nil {
+		return known
+	}
+	found := podNameservers(a.Resolver.ProcRoot, ns)
+	if len(found) > 0 {
+		a.mu.Lock()
+		c.nameservers = found
+		a.mu.Unlock()
+	}
+	return found
 }
 
 // release undoes capture and reports it on the pod. pod is nil when the

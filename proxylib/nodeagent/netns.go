@@ -14,6 +14,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 
+	"github.com/ambientmesh/ambient/proxylib/dnsproxy"
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 )
 
@@ -245,4 +246,33 @@ func nsAddrs(f *os.File) []netip.Addr {
 		}
 	}
 	return out
+}
+
+// podNameservers reads the resolvers (host:port) of a process whose network
+// namespace is ns, from its root's /etc/resolv.conf under procRoot; nil
+// when no process there has one.
+func podNameservers(procRoot string, ns *os.File) []string {
+	want, err := netnsutil.Inode(ns)
+	if err != nil {
+		return nil
+	}
+	entries, _ := os.ReadDir(procRoot)
+	for _, e := range entries {
+		if _, err := strconv.Atoi(e.Name()); err != nil {
+			continue
+		}
+		f, err := netnsutil.Open(filepath.Join(procRoot, e.Name(), "ns/net"))
+		if err != nil {
+			continue
+		}
+		ino, err := netnsutil.Inode(f)
+		f.Close()
+		if err != nil || ino != want {
+			continue
+		}
+		if ns, err := dnsproxy.ResolvConf(filepath.Join(procRoot, e.Name(), "root/etc/resolv.conf")); err == nil && len(ns) > 0 {
+			return ns
+		}
+	}
+	return nil
 }

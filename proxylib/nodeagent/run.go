@@ -51,6 +51,11 @@ type Options struct {
 	ProcRoot      string // "/proc"
 	Redirect      redirect.Config
 	Redirector    redirect.Redirector // nil: nftables with Redirect
+	// DNSRedirector is Redirector with DNS capture (Redirect.WithDNS());
+	// nil with a nil Redirector: nftables. DNSCapture is the mesh's default,
+	// which a pod's ambient.istio.io/dns-capture annotation overrides.
+	DNSRedirector redirect.Redirector
+	DNSCapture    bool
 	// HealthAddr serves /healthz and /readyz (ready after the initial sync
 	// and, when installing, once the CNI plugin is configured). Empty: off.
 	HealthAddr string
@@ -95,18 +100,23 @@ func Run(ctx context.Context, cfg *rest.Config, o Options) error {
 		return err
 	}
 	a := &Agent{
-		NodeName:   o.NodeName,
-		Selection:  o.Selection,
-		Client:     mgr.GetClient(),
-		API:        mgr.GetAPIReader(),
-		Redirector: o.Redirector,
-		Syncer:     inpod.NewSyncer(o.ZtunnelSocket, o.Log.WithName("zds")),
-		Resolver:   &Resolver{Store: &Store{Dir: o.StateDir}, ProcRoot: o.ProcRoot},
-		Log:        o.Log,
-		Events:     kubeevents.New(mgr.GetEventRecorder(EventSource)),
+		NodeName:      o.NodeName,
+		Selection:     o.Selection,
+		Client:        mgr.GetClient(),
+		API:           mgr.GetAPIReader(),
+		Redirector:    o.Redirector,
+		DNSRedirector: o.DNSRedirector,
+		DNSCapture:    o.DNSCapture,
+		Syncer:        inpod.NewSyncer(o.ZtunnelSocket, o.Log.WithName("zds")),
+		Resolver:      &Resolver{Store: &Store{Dir: o.StateDir}, ProcRoot: o.ProcRoot},
+		Log:           o.Log,
+		Events:        kubeevents.New(mgr.GetEventRecorder(EventSource)),
 	}
 	if a.Redirector == nil {
 		a.Redirector = redirect.NewNFTables(o.Redirect)
+		if a.DNSRedirector == nil {
+			a.DNSRedirector = redirect.NewNFTables(o.Redirect.WithDNS())
+		}
 	}
 	if o.ProbeSNAT {
 		if o.HostNetns != "" {

@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"sort"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -21,8 +22,10 @@ import (
 
 	"github.com/go-logr/logr"
 
+	"github.com/ambientmesh/ambient/proxylib/admin/adminapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/dnsproxy"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/inpod"
@@ -73,6 +76,9 @@ type Config struct {
 	// (SO_MARK needs that capability); the pod's redirection lets them pass
 	// by owner instead (redirect.Config.SkipOwnerUIDs).
 	Unprivileged bool
+	// DNS, when set, serves the DNS proxy (:15053 on the pod's loopback) in
+	// pods whose DNS the node agent redirects (WorkloadInfo.CaptureDNS).
+	DNS *dnsproxy.Proxy
 }
 
 // listenOptions are the in-pod listeners' socket options.
@@ -161,6 +167,8 @@ type pod struct {
 	// preserve_source) and we found them, so dialApp may connect from the
 	// client's address.
 	preserve atomic.Bool
+	dnsMu    sync.Mutex
+	dns      *dnsproxy.PodServer // nil: DNS not captured
 }
 
 // identity is the pod's SPIFFE identity.
@@ -202,6 +210,9 @@ func (p *Proxy) AddWorkload(uid string, wi inpod.WorkloadInfo, ns *os.File) erro
 		p.mu.Unlock()
 		old.preserve.Store(p.canPreserve(info, ns))
 		ns.Close()
+		if err := p.syncDNS(old); err != nil {
+			return err
+		}
 		p.log.Info("workload re-adopted", "uid", info.UID)
 		return nil
 	}
@@ -293,6 +304,9 @@ func (p *Proxy) openPod(pd *pod) error {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	if err := p.syncDNS(pd); err != nil {
+		return err
+	}
 	go p.acceptLoop(out, func(c net.Conn) { p.serveOutbound(pd, c, netip.AddrPort{}) })
 	go p.acceptLoop(in, func(c net.Conn) { p.servePlaintextInbound(pd, c) })
 	go p.acceptLoop(socks, func(c net.Conn) { p.serveSOCKS5(pd, c) })
@@ -301,6 +315,55 @@ func (p *Proxy) openPod(pd *pod) error {
 			p.log.V(1).Info("hbone server stopped", "uid", pd.info.UID, "err", err.Error())
 		}
 	}()
+	return nil
+}
+
+func (pd *pod) stopDNS() {
+	pd.dnsMu.Lock()
+	defer pd.dnsMu.Unlock()
+	if pd.dns != nil {
+		pd.dns.Close()
+		pd.dns = nil
+	}
+}
+
+// syncDNS starts or stops the pod's DNS proxy as its info says.
+func (p *Proxy) syncDNS(pd *pod) error {
+	p.mu.Lock()
+	want := pd.info.CaptureDNS && p.cfg.DNS != nil && !p.draining.Load()
+	noProxy := pd.info.CaptureDNS && p.cfg.DNS == nil
+	p.mu.Unlock()
+	if noProxy {
+		p.log.Info("the node agent captures this pod's DNS but this proxy has no DNS proxy: the pod's DNS queries fail", "uid", pd.info.UID)
+	}
+	pd.dnsMu.Lock()
+	defer pd.dnsMu.Unlock()
+	switch {
+	case want && pd.dns == nil:
+		c := dnsproxy.Client{Name: pd.info.Name, Namespace: pd.info.Namespace,
+			Workload: func() string {
+				p.mu.Lock()
+				info := pd.info
+				p.mu.Unlock()
+				return telemetry.PeerOf(p.workloadOf(info), nil).Workload
+			},
+			Upstreams: func() []string {
+				p.mu.Lock()
+				defer p.mu.Unlock()
+				return pd.info.DNSNameservers
+			},
+			Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				return netnsutil.Dial(ctx, pd.ns, network, addr, p.dialOptions())
+			}}
+		s, err := p.cfg.DNS.ServePod(pd.ns, c, dnsproxy.Port, p.listenOptions())
+		if err != nil {
+			return fmt.Errorf("dns proxy for %s: %w", pd.info.UID, err)
+		}
+		pd.dns = s
+	case !want && pd.dns != nil:
+		pd.dns.Close()
+		pd.dns = nil
+	}
 	return nil
 }
 
@@ -336,6 +399,7 @@ func (p *Proxy) closePod(pd *pod, closeConns bool) {
 	for _, ln := range pd.lns {
 		ln.Close()
 	}
+	pd.stopDNS()
 	if pd.hbone != nil {
 		if closeConns {
 			pd.hbone.Close()
@@ -353,6 +417,37 @@ func (p *Proxy) closePod(pd *pod, closeConns bool) {
 	if closeConns {
 		pd.ns.Close()
 	}
+}
+
+// DNSStatus describes the DNS proxy for the admin endpoint: the pods
+// served, whether their DNS is captured, and their resolvers. nil without
+// a DNS proxy.
+func (p *Proxy) DNSStatus() *adminapi.DNS {
+	if p.cfg.DNS == nil {
+		return nil
+	}
+	d := &adminapi.DNS{ClusterDomain: p.cfg.DNS.ClusterDomain(), DefaultUpstreams: p.cfg.DNS.DefaultUpstreams(),
+		CacheEntries: p.cfg.DNS.Cache().Len(), Pods: []adminapi.DNSPod{}}
+	if d.DefaultUpstreams == nil {
+		d.DefaultUpstreams = []string{}
+	}
+	for _, pd := range p.podList() {
+		p.mu.Lock()
+		info := pd.info
+		p.mu.Unlock()
+		pd.dnsMu.Lock()
+		serving := pd.dns != nil
+		pd.dnsMu.Unlock()
+		d.Pods = append(d.Pods, adminapi.DNSPod{Name: info.Name, Namespace: info.Namespace, UID: info.UID,
+			Captured: serving, Nameservers: append([]string{}, info.DNSNameservers...)})
+	}
+	sort.Slice(d.Pods, func(i, j int) bool {
+		if d.Pods[i].Namespace != d.Pods[j].Namespace {
+			return d.Pods[i].Namespace < d.Pods[j].Namespace
+		}
+		return d.Pods[i].Name < d.Pods[j].Name
+	})
+	return d
 }
 
 // Workloads lists the uids of the pods this proxy serves.
@@ -446,6 +541,7 @@ func (p *Proxy) stopListening(pd *pod) {
 	for _, ln := range pd.lns {
 		ln.Close()
 	}
+	pd.stopDNS()
 	if pd.hbone != nil {
 		pd.hbone.Drain()
 	}

@@ -68,11 +68,18 @@ func (t *IPTables) rules(f family) string {
 	fmt.Fprintf(&b, "-A %s -o lo -j RETURN\n", iptOutput)
 	for _, port := range t.cfg.SkipOutboundPorts {
 		fmt.Fprintf(&b, "-A %s -p tcp --dport %d -j RETURN\n", iptOutput, port)
+		if t.cfg.DNSPort != 0 {
+			fmt.Fprintf(&b, "-A %s -p udp --dport %d -j RETURN\n", iptOutput, port)
+		}
 	}
 	for _, p := range t.cfg.SkipOutboundDestinations {
 		if p.Addr().Is6() == f.v6 {
 			fmt.Fprintf(&b, "-A %s -d %s -j RETURN\n", iptOutput, p.Masked())
 		}
+	}
+	if t.cfg.DNSPort != 0 {
+		fmt.Fprintf(&b, "-A %s -p udp --dport 53 -j REDIRECT --to-ports %d\n", iptOutput, t.cfg.DNSPort)
+		fmt.Fprintf(&b, "-A %s -p tcp --dport 53 -j REDIRECT --to-ports %d\n", iptOutput, t.cfg.DNSPort)
 	}
 	fmt.Fprintf(&b, "-A %s -p tcp -j REDIRECT --to-ports %d\n", iptOutput, t.cfg.OutboundPort)
 	fmt.Fprintf(&b, "-A %s %s\n-A %s -i lo -j RETURN\n", iptPrerouting, mark, iptPrerouting)

@@ -24,7 +24,10 @@ import (
 //	    meta skuid <skip owner> return ...
 //	    oifname "lo" return
 //	    tcp dport <skip outbound port> return ...
+//	    udp dport <skip outbound port> return ...       (DNS capture only)
 //	    ip(6) daddr <skip destination> return ...
+//	    udp dport 53 redirect to :15053                  (DNS capture only)
+//	    tcp dport 53 redirect to :15053                  (DNS capture only)
 //	    meta l4proto tcp redirect to :15001 }
 //	  chain prerouting {  type nat hook prerouting priority -100
 //	    meta mark & 0xfff == 0x539 return
@@ -197,9 +200,17 @@ func (n *NFTables) outputRules() [][]expr.Any {
 	rules = append(rules, append(ifName(expr.MetaKeyOIFNAME, "lo"), verdictReturn()))
 	for _, port := range n.cfg.SkipOutboundPorts {
 		rules = append(rules, append(tcpDport(port), verdictReturn()))
+		if n.cfg.DNSPort != 0 {
+			rules = append(rules, append(udpDport(port), verdictReturn()))
+		}
 	}
 	for _, p := range n.cfg.SkipOutboundDestinations {
 		rules = append(rules, append(prefixMatch(p, true), verdictReturn()))
+	}
+	if n.cfg.DNSPort != 0 {
+		rules = append(rules,
+			append(udpDport(53), redirectTo(n.cfg.DNSPort)...),
+			append(tcpDport(53), redirectTo(n.cfg.DNSPort)...))
 	}
 	return append(rules, append(tcpOnly(), redirectTo(n.cfg.OutboundPort)...))
 }
@@ -248,6 +259,15 @@ func tcpDport(port uint16) []expr.Any {
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(port)},
 	)
+}
+
+func udpDport(port uint16) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_UDP}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(port)},
+	}
 }
 
 func redirectTo(port uint16) []expr.Any {

@@ -1,8 +1,9 @@
 // Package redirect installs and removes the in-pod traffic redirection that
 // sends a captured pod's TCP to ztunnel's sockets in the same namespace:
 // outbound to 15001, inbound to 15006. Packets carrying ztunnel's mark are
-// never redirected, so ztunnel's own connections pass. UDP (DNS) is left
-// alone.
+// never redirected, so ztunnel's own connections pass. With DNS capture
+// (Config.DNSPort) the pod's DNS, UDP and TCP port 53, goes to ztunnel's
+// DNS proxy (15053); other UDP is left alone.
 package redirect
 
 import (
@@ -38,6 +39,21 @@ type Config struct {
 	// connect to the app from the client's own address (see
 	// sourcepreserve.go). Off in DefaultConfig; the node agent turns it on.
 	PreserveSource bool
+	// DNSPort, when not 0, redirects the pod's outbound DNS (UDP and TCP to
+	// port 53) to ztunnel's DNS proxy on this port (15053, WithDNS): Istio
+	// ambient's DNS capture. Marked packets (ztunnel forwarding the query to
+	// the pod's resolver), loopback and the skipped destinations and ports
+	// pass.
+	DNSPort uint16
+}
+
+// DNSProxyPort is ztunnel's DNS proxy in each pod (docs/interfaces.md).
+const DNSProxyPort = 15053
+
+// WithDNS returns c with DNS capture to ztunnel's DNS proxy.
+func (c Config) WithDNS() Config {
+	c.DNSPort = DNSProxyPort
+	return c
 }
 
 // DefaultConfig is the contract: 15001 out, 15006 in, ztunnel ports and

@@ -19,14 +19,17 @@ type Logs struct {
 }
 
 // Logger returns a logger (verbosity 0) whose lines start with node.
-func (l *Logs) Logger(node string) logr.Logger {
+func (l *Logs) Logger(node string) logr.Logger { return l.LoggerV(node, 0) }
+
+// LoggerV is Logger keeping lines up to verbosity v (debug lines: 1).
+func (l *Logs) LoggerV(node string, v int) logr.Logger {
 	return funcr.New(func(prefix, args string) {
 		line := node + " " + prefix + " " + args
 		l.mu.Lock()
 		l.lines = append(l.lines, line)
 		l.mu.Unlock()
 		l.t.Log(line)
-	}, funcr.Options{Verbosity: 0})
+	}, funcr.Options{Verbosity: v})
 }
 
 // Lines returns a copy of the lines collected so far.

@@ -22,6 +22,7 @@ import (
 
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/dnsproxy"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/hbone/hbonetest"
 	"github.com/ambientmesh/ambient/proxylib/hbone/meshtransport"
@@ -60,9 +61,17 @@ type Mesh struct {
 	Redirect redirect.Redirector
 	// WaypointStates are the States made by NewWaypointState.
 	WaypointStates []*discovery.State
+	// DNSRedirect is Redirect with DNS capture (WithDNS); CaptureDNS makes
+	// Pod.Capture use it and serve the pod's DNS proxy, forwarding to
+	// DNSNameservers (host:port, the pods' resolv.conf). Tests may change
+	// both between captures.
+	DNSRedirect    redirect.Redirector
+	CaptureDNS     bool
+	DNSNameservers []string
 
 	serviceAccounts []string
 	logTransport    bool
+	dns             bool
 }
 
 // Node is a node namespace and its ztunnel.
@@ -74,6 +83,8 @@ type Node struct {
 	State    *discovery.State
 	Proxy    *proxy.Proxy
 	Metrics  *prometheus.Registry
+	// DNS is the node's DNS proxy (WithDNS), nil otherwise.
+	DNS *dnsproxy.Proxy
 }
 
 // Option configures New.
@@ -82,6 +93,15 @@ type Option func(*Mesh)
 // WithServiceAccounts replaces DefaultServiceAccounts.
 func WithServiceAccounts(sas ...string) Option {
 	return func(m *Mesh) { m.serviceAccounts = sas }
+}
+
+// WithDNS gives every ztunnel a DNS proxy (its debug access log kept in
+// Logs) and captures pods' DNS (CaptureDNS) with DNSRedirect.
+func WithDNS() Option {
+	return func(m *Mesh) {
+		m.dns, m.CaptureDNS = true, true
+		m.DNSRedirect = redirect.NewNFTables(redirect.DefaultConfig().WithDNS())
+	}
 }
 
 // WithTransportLog makes each ztunnel's HBONE transport log to its node's
@@ -120,9 +140,16 @@ func (m *Mesh) AddNode(name string) *Node {
 		tlog = log.V(2)
 	}
 	f := newTransport(m.T, certs, tlog)
+	if m.dns {
+		var err error
+		if n.DNS, err = dnsproxy.New(dnsproxy.Config{Services: n.State, Metrics: dnsproxy.NewMetrics(n.Metrics),
+			Log: m.Logs.LoggerV(name, 1), Timeout: time.Second}); err != nil {
+			m.T.Fatal(err)
+		}
+	}
 	p, err := proxy.New(proxy.Config{Log: log, State: n.State, Certs: certs, Node: name,
 		Metrics: telemetry.NewMetrics(n.Metrics), NewDialer: f.NewDialer, NewHBONEServer: f.NewServer,
-		ConnectTimeout: 3 * time.Second})
+		ConnectTimeout: 3 * time.Second, DNS: n.DNS})
 	if err != nil {
 		m.T.Fatal(err)
 	}

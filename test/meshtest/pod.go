@@ -62,12 +62,19 @@ func (p *Pod) Capture(m *Mesh) {
 	if err != nil {
 		m.T.Fatal(err)
 	}
-	if err := m.Redirect.Install(f); err != nil {
+	rd := m.Redirect
+	if m.CaptureDNS {
+		rd = m.DNSRedirect
+	}
+	if err := rd.Install(f); err != nil {
 		m.T.Fatal(err)
 	}
 	p.Workload.TunnelProtocol = workloadapi.TunnelProtocol_HBONE
 	m.CP.Workload(p.Workload)
-	info := inpod.WorkloadInfo{Name: p.PodName, Namespace: p.Namespace, ServiceAccount: p.ServiceAccount, PreserveSource: m.Redirect.PreservesSource()}
+	info := inpod.WorkloadInfo{Name: p.PodName, Namespace: p.Namespace, ServiceAccount: p.ServiceAccount, PreserveSource: rd.PreservesSource()}
+	if m.CaptureDNS {
+		info.CaptureDNS, info.DNSNameservers = true, m.DNSNameservers
+	}
 	if err := p.Node.Proxy.AddWorkload(p.UID, info, f); err != nil {
 		m.T.Fatal(err)
 	}

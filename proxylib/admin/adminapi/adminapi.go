@@ -46,10 +46,31 @@ type Certificate struct {
 	NotAfter  string `json:"notAfter,omitempty"`
 }
 
+// DNS is the dns section: ztunnel's DNS proxy (absent on proxies
+// without one).
+type DNS struct {
+	ClusterDomain string `json:"clusterDomain"`
+	// DefaultUpstreams serve pods whose own resolvers are unknown.
+	DefaultUpstreams []string `json:"defaultUpstreams"`
+	CacheEntries     int      `json:"cacheEntries"`
+	// Pods are the pods the proxy serves and whether their DNS is captured.
+	Pods []DNSPod `json:"pods"`
+}
+
+// DNSPod is one entry of dns.pods[].
+type DNSPod struct {
+	Name        string   `json:"name"`
+	Namespace   string   `json:"namespace"`
+	UID         string   `json:"uid"`
+	Captured    bool     `json:"captured"`
+	Nameservers []string `json:"nameservers"`
+}
+
 // ConfigDump is the /config_dump document.
 type ConfigDump struct {
 	Workloads    []Workload    `json:"workloads"`
 	Services     []Service     `json:"services"`
 	Policies     []Policy      `json:"policies"`
 	Certificates []Certificate `json:"certificates"`
+	DNS          *DNS          `json:"dns,omitempty"`
 }

@@ -5,6 +5,7 @@ package selection
 
 import (
 	"slices"
+	"strconv"
 
 	corev1 "k8s.io/api/core/v1"
 )
@@ -93,4 +94,21 @@ func Decide(cfg Config, ns *corev1.Namespace, pod *corev1.Pod) (bool, Reason) {
 func hasKey(m map[string]string, k string) bool {
 	_, ok := m[k]
 	return ok
+}
+
+// DNSCaptureAnnotation overrides the mesh's DNS capture for one pod
+// (Istio's ambient.istio.io/dns-capture): a boolean as strconv.ParseBool
+// reads it ("true", "false", "1", "0", ...); unset or unparsable leaves the
+// mesh's setting, as Istio does.
+const DNSCaptureAnnotation = "ambient.istio.io/dns-capture"
+
+// CaptureDNS decides whether a captured pod's DNS goes to ztunnel's DNS
+// proxy: the pod's annotation when it is a boolean, else meshDefault.
+func CaptureDNS(meshDefault bool, pod *corev1.Pod) bool {
+	if v, ok := pod.Annotations[DNSCaptureAnnotation]; ok {
+		if b, err := strconv.ParseBool(v); err == nil {
+			return b
+		}
+	}
+	return meshDefault
 }

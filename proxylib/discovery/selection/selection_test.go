@@ -50,3 +50,31 @@ func TestDecide(t *testing.T) {
 		})
 	}
 }
+
+func TestCaptureDNS(t *testing.T) {
+	for _, tc := range []struct {
+		mesh       bool
+		annotation *string
+		want       bool
+	}{
+		{false, nil, false},
+		{true, nil, true},
+		{false, ptr("true"), true},
+		{true, ptr("false"), false},
+		{false, ptr("TRUE"), true}, // strconv.ParseBool, as Istio
+		{true, ptr("0"), false},
+		{true, ptr("yes"), true}, // unparsable: the mesh's setting
+		{false, ptr("yes"), false},
+		{true, ptr(""), true},
+	} {
+		p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "p"}}
+		if tc.annotation != nil {
+			p.Annotations = map[string]string{DNSCaptureAnnotation: *tc.annotation}
+		}
+		if got := CaptureDNS(tc.mesh, p); got != tc.want {
+			t.Errorf("mesh %t, annotation %v: CaptureDNS = %t, want %t", tc.mesh, tc.annotation, got, tc.want)
+		}
+	}
+}
+
+func ptr(s string) *string { return &s }

@@ -149,8 +149,10 @@ func TestStreamIDReuseIsProtocolError(t *testing.T) {
 
 func TestControlFrameFloodIsEnhanceYourCalm(t *testing.T) {
 	for name, send := range map[string]func(fr *http2.Framer) error{
-		"PING":     func(fr *http2.Framer) error { return fr.WritePing(false, [8]byte{1}) },
-		"SETTINGS": func(fr *http2.Framer) error { return fr.WriteSettings(http2.Setting{ID: http2.SettingEnablePush, Val: 0}) },
+		"PING": func(fr *http2.Framer) error { return fr.WritePing(false, [8]byte{1}) },
+		"SETTINGS": func(fr *http2.Framer) error {
+			return fr.WriteSettings(http2.Setting{ID: http2.SettingEnablePush, Val: 0})
+		},
 	} {
 		t.Run(name, func(t *testing.T) {
 			e := newEnv(t)

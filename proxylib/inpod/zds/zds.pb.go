@@ -188,6 +188,13 @@ type AddWorkload struct {
 	// client's address (IP_TRANSPARENT). False: ztunnel must dial from an
 	// address of the pod.
 	PreserveSource bool `protobuf:"varint,3,opt,name=preserve_source,json=preserveSource,proto3" json:"preserve_source,omitempty"`
+	// The node agent redirected the pod's DNS (UDP and TCP port 53) to
+	// 127.0.0.1:15053 in this netns: ztunnel serves its DNS proxy there.
+	CaptureDns bool `protobuf:"varint,4,opt,name=capture_dns,json=captureDns,proto3" json:"capture_dns,omitempty"`
+	// The pod's own resolvers (host:port, from its resolv.conf as the node
+	// agent found it), where the DNS proxy forwards what it does not answer.
+	// Empty: ztunnel's default upstreams.
+	DnsNameservers []string `protobuf:"bytes,5,rep,name=dns_nameservers,json=dnsNameservers,proto3" json:"dns_nameservers,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -241,6 +248,20 @@ func (x *AddWorkload) GetPreserveSource() bool {
 		return x.PreserveSource
 	}
 	return false
+}
+
+func (x *AddWorkload) GetCaptureDns() bool {
+	if x != nil {
+		return x.CaptureDns
+	}
+	return false
+}
+
+func (x *AddWorkload) GetDnsNameservers() []string {
+	if x != nil {
+		return x.DnsNameservers
+	}
+	return nil
 }
 
 // Keep a workload ztunnel already serves without re-sending its netns
@@ -622,11 +643,14 @@ const file_zds_proto_rawDesc = "" +
 	"\fWorkloadInfo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12'\n" +
-	"\x0fservice_account\x18\x03 \x01(\tR\x0eserviceAccount\"\x8b\x01\n" +
+	"\x0fservice_account\x18\x03 \x01(\tR\x0eserviceAccount\"\xd5\x01\n" +
 	"\vAddWorkload\x12\x10\n" +
 	"\x03uid\x18\x01 \x01(\tR\x03uid\x12A\n" +
 	"\rworkload_info\x18\x02 \x01(\v2\x1c.ambient.zds.v1.WorkloadInfoR\fworkloadInfo\x12'\n" +
-	"\x0fpreserve_source\x18\x03 \x01(\bR\x0epreserveSource\" \n" +
+	"\x0fpreserve_source\x18\x03 \x01(\bR\x0epreserveSource\x12\x1f\n" +
+	"\vcapture_dns\x18\x04 \x01(\bR\n" +
+	"captureDns\x12'\n" +
+	"\x0fdns_nameservers\x18\x05 \x03(\tR\x0ednsNameservers\" \n" +
 	"\fKeepWorkload\x12\x10\n" +
 	"\x03uid\x18\x01 \x01(\tR\x03uid\"\x1f\n" +
 	"\vDelWorkload\x12\x10\n" +
