@@ -39,6 +39,8 @@ type Pod struct {
 	Node *Node
 	IP   netip.Addr
 	IP6  netip.Addr
+	// Port is the node side of the pod's veth pair, a port of cni0.
+	Port string
 }
 
 // NewCluster creates a lab with an empty underlay.
@@ -98,6 +100,7 @@ func (n *Node) AddPod(name string) *Pod {
 		IP6:  netip.MustParseAddr(fmt.Sprintf("fd00:244:%x::%x", n.Index, k)),
 	}
 	port := c.ifName("vp")
+	p.Port = port
 	c.Veth(n.NS, port, p.NS, "eth0")
 	n.Enslave(port, "cni0")
 	p.AddAddr("eth0", p.IP.String()+"/24")

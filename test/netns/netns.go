@@ -17,6 +17,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -181,9 +182,16 @@ func (l *Lab) Veth(a *NS, aIf string, b *NS, bIf string) {
 }
 
 // Bridge creates a bridge interface in n, optionally with an address.
+//
+// The bridge gets a MAC of its own, set explicitly (as CNI's bridge plugin
+// does): otherwise Linux gives it the lowest MAC of its ports, which moves
+// whenever a port with a lower one joins or that port leaves, and hosts that
+// resolved the bridge's address (pods, for their gateway) keep sending to
+// the old MAC, which the bridge drops, until their neighbor entry expires.
 func (n *NS) Bridge(name string, addr string) {
 	n.lab.t.Helper()
 	n.MustIP("link", "add", name, "type", "bridge")
+	n.MustIP("link", "set", name, "address", n.lab.randomMAC())
 	n.MustIP("link", "set", name, "up")
 	if addr != "" {
 		n.MustIP("addr", "add", addr, "dev", name)
@@ -281,6 +289,17 @@ type testWriter struct {
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Logf("[%s] %s", w.name, strings.TrimRight(string(p), "\n"))
 	return len(p), nil
+}
+
+// randomMAC returns a random unicast, locally administered MAC address.
+func (l *Lab) randomMAC() string {
+	l.t.Helper()
+	var b [6]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		l.t.Fatal(err)
+	}
+	b[0] = b[0]&^0x01 | 0x02
+	return net.HardwareAddr(b[:]).String()
 }
 
 // ifName returns a fresh interface name unique within the lab.

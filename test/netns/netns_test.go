@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestClusterConnectivity(t *testing.T) {
@@ -152,4 +153,84 @@ func TestSweepRemovesLabsOfDeadOwners(t *testing.T) {
 	if _, err := os.Stat("/run/netns/" + live.Prefix + "alive"); err != nil {
 		t.Fatalf("live lab's namespace removed: %v", err)
 	}
+}
+
+// A pod joining a node must not move the pods' gateway: a Linux bridge
+// without an address of its own takes the lowest MAC of its ports, so a new
+// pod whose veth sorts lower would change cni0's MAC under the feet of pods
+// that already resolved it. Their frames then go to the old MAC, which the
+// bridge drops (not its own address), until their neighbor entry expires:
+// TestCoexistence's ambient sleep lost its tunnels for many seconds when
+// the waypoint pod joined (CNI's bridge plugin sets the MAC for this
+// reason, containernetworking/cni#285). The MACs are set here so that,
+// without a fixed bridge MAC, the gateway's MAC would deterministically
+// move to a port that is not the client's.
+func TestGatewayMACStableWhenPodsJoin(t *testing.T) {
+	c := NewCluster(t)
+	n1, n2 := c.AddNode("n1"), c.AddNode("n2")
+	client, early := n1.AddPod("client"), n1.AddPod("early")
+	n1.MustIP("link", "set", early.Port, "address", "02:00:00:00:00:02")
+	server := n2.AddPod("server")
+	var ln net.Listener
+	if err := server.Run(func() (err error) {
+		ln, err = net.Listen("tcp", netip.AddrPortFrom(server.IP, 0).String())
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("hi"))
+			c.Close()
+		}
+	}()
+	reach := func() error {
+		return client.Run(func() error {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			conn, err := (&net.Dialer{}).DialContext(ctx, "tcp", ln.Addr().String())
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+			_, err = io.ReadAll(conn)
+			return err
+		})
+	}
+	// The client resolves its gateway (cni0) and reaches the other node.
+	if err := reach(); err != nil {
+		t.Fatalf("before another pod joins: %v", err)
+	}
+	before := bridgeMAC(t, n1)
+	// A pod whose veth has the lowest MAC on the bridge joins.
+	late := n1.AddPod("late")
+	n1.MustIP("link", "set", late.Port, "address", "02:00:00:00:00:01")
+	if after := bridgeMAC(t, n1); after != before {
+		t.Errorf("cni0's MAC changed from %s to %s when a pod joined", before, after)
+	}
+	if err := reach(); err != nil {
+		t.Fatalf("client lost its gateway when a pod joined: %v", err)
+	}
+}
+
+func bridgeMAC(t *testing.T, n *Node) string {
+	t.Helper()
+	var mac string
+	if err := n.Run(func() error {
+		ifc, err := net.InterfaceByName("cni0")
+		if err != nil {
+			return err
+		}
+		mac = ifc.HardwareAddr.String()
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return mac
 }
