@@ -28,11 +28,8 @@ type conn struct {
 
 	// onHeaders handles a peer's request HEADERS (server) or is nil.
 	onHeaders func(c *conn, f *http2.MetaHeadersFrame) error
-	// onGoAway is told when the peer sends GOAWAY (dialer pool).
-	onGoAway func(c *conn)
-	// onClosed runs once after the connection ended.
-	onClosed func(c *conn)
-	// onIdle runs when the connection has had no streams for idleTimeout.
+	// idleTimeout: a connection without streams this long is sent GOAWAY
+	// and closed.
 	idleTimeout time.Duration
 
 	limits Limits
@@ -50,11 +47,9 @@ type conn struct {
 	peerMaxFrame      uint32
 	peerMaxStreams    uint32
 	reserved          int  // dialer: stream slots promised but not yet opened
-	goAwaySent        bool // no new streams accepted past goAwayID
-	goAwayID          uint32
+	goAwaySent        bool // we refuse new streams (GOAWAY sent)
 	goAwayRecv        bool // peer refused new streams
 	closed            bool
-	closeErr          error
 	linger            bool // a GOAWAY with an error was sent: let it arrive
 	idleTimer         *time.Timer
 	controlFrames     int // PING/SETTINGS received in the current window
@@ -448,9 +443,6 @@ func (c *conn) handleGoAway(f *http2.GoAwayFrame) {
 		t.abort(http2.ErrCodeRefusedStream, errGoAway, false)
 		t.failResponse(errGoAway)
 	}
-	if c.onGoAway != nil {
-		c.onGoAway(c)
-	}
 	if f.ErrCode != http2.ErrCodeNo {
 		return // the peer closes; our reader sees it
 	}
@@ -590,7 +582,6 @@ func (c *conn) goAway(code http2.ErrCode) {
 	}
 	c.goAwaySent = true
 	last := c.lastPeerID
-	c.goAwayID = last
 	c.mu.Unlock()
 	c.w.control(func(fr *http2.Framer) error { return fr.WriteGoAway(last, code, nil) })
 	c.closeIfIdle()
@@ -604,7 +595,6 @@ func (c *conn) closeWith(err error) {
 		return
 	}
 	c.closed = true
-	c.closeErr = err
 	if c.idleTimer != nil {
 		c.idleTimer.Stop()
 	}
@@ -632,9 +622,6 @@ func (c *conn) closeWith(err error) {
 		closeTLS(c.tc, c.raw)
 	}
 	close(c.done)
-	if c.onClosed != nil {
-		c.onClosed(c)
-	}
 }
 
 // closeTLS closes gracefully (close_notify) unless that would block on a
