@@ -41,11 +41,19 @@ generate: $(CONTROLLER_GEN) ## Generate deepcopy code, protobuf code and the API
 	go run ./hack/apidocs -dir api/v1alpha1 > docs/api-reference.md
 
 .PHONY: gen-check
-gen-check: manifests generate bundle ## Fail when generated code or manifests are stale.
+gen-check: manifests generate bundle mod-check ## Fail when generated code or manifests are stale.
 	@git diff --exit-code -- api config docs/api-reference.md bundle proxylib controllers || \
 		{ echo "generated files are stale: run 'make manifests generate bundle' and commit"; exit 1; }
 	@test -z "$$(git status --porcelain -- api config bundle proxylib controllers)" || \
 		{ git status --porcelain -- api config bundle proxylib controllers; echo "untracked generated files"; exit 1; }
+
+.PHONY: mod-check
+mod-check: ## Fail when a test module that replaces this one by ../.. is not tidy.
+	@# Such modules break on a clean clone when this module's requirements
+	@# change and theirs are not tidied with it.
+	@for m in $$(git grep -l 'ambientmesh/ambient => ' -- '*/go.mod' | xargs -n1 dirname); do \
+		(cd $$m && go mod tidy -diff >/dev/null) || { echo "$$m/go.mod is not tidy (the main module's requirements changed): run 'cd $$m && go mod tidy' and commit"; exit 1; }; \
+	done
 
 .PHONY: fmt
 fmt: ## Run go fmt.
@@ -60,7 +68,7 @@ envtest: ## Build kube-apiserver and etcd for envtest into bin/ (once; cached).
 	hack/build-envtest.sh kube-apiserver etcd
 
 .PHONY: test
-test: manifests generate bundle fmt vet envtest test-unit e2e ## The whole suite: generate, unit, envtest, network-namespace and lab end-to-end tests.
+test: manifests generate bundle mod-check fmt vet envtest test-unit e2e ## The whole suite: generate, unit, envtest, network-namespace and lab end-to-end tests.
 
 .PHONY: test-unit
 test-unit: envtest $(KUSTOMIZE) ## Unit, envtest and network-namespace tests (namespaced tests need root).
