@@ -48,7 +48,7 @@ type GatewayWaypointReconciler struct {
 
 // Reconcile brings one waypoint Gateway to its desired state.
 func (r *GatewayWaypointReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
-	gw, err := gatewayToServe(ctx, r.Client, req, WaypointGatewayClass)
+	gw, err := gatewayToServe(ctx, r.Client, req, false)
 	if gw == nil || err != nil {
 		if err == nil { // gone, or no longer ours
 			r.Events.ForgetKey(kubeevents.Key(&gwv1.Gateway{}, req.Namespace, req.Name))
@@ -85,15 +85,30 @@ func freshenProgrammed(status *gwv1.GatewayStatus, gen int64) {
 	setGatewayCondition(status, gen, gwv1.GatewayConditionProgrammed, false, reason, msg)
 }
 
-// gatewayToServe reads the Gateway of req when it is ours to reconcile: of
-// class, not being deleted, and the class not owned by another controller
-// (nil otherwise).
-func gatewayToServe(ctx context.Context, c client.Reader, req ctrl.Request, class string) (*gwv1.Gateway, error) {
+// gatewayToServe reads the Gateway of req when it is ours to reconcile (nil
+// otherwise): not being deleted, and for ingress of a class we serve as an
+// ingress class (ingressClass), else of class istio-waypoint not owned by
+// another controller.
+func gatewayToServe(ctx context.Context, c client.Reader, req ctrl.Request, ingress bool) (*gwv1.Gateway, error) {
 	gw := &gwv1.Gateway{}
 	if err := c.Get(ctx, req.NamespacedName, gw); err != nil {
 		return nil, client.IgnoreNotFound(err)
 	}
-	if string(gw.Spec.GatewayClassName) != class || !gw.DeletionTimestamp.IsZero() {
+	if !gw.DeletionTimestamp.IsZero() {
+		return nil, nil
+	}
+	class := string(gw.Spec.GatewayClassName)
+	if ingress {
+		served, err := ingressClass(ctx, c, class)
+		if err != nil || !served {
+			if err == nil {
+				log.FromContext(ctx).V(1).Info("Gateway's class is not an ingress class we serve", "gatewayClass", class)
+			}
+			return nil, err
+		}
+		return gw, nil
+	}
+	if class != WaypointGatewayClass {
 		return nil, nil
 	}
 	if foreign, owner, err := classForeign(ctx, c, class); err != nil || foreign {

@@ -70,7 +70,7 @@ func TestGatewayClassReconcile(t *testing.T) {
 				}
 				before = gc.ResourceVersion
 			}
-			r := &GatewayClassReconciler{Client: k8s, ClassName: className}
+			r := &GatewayClassReconciler{Client: k8s, Builtin: []string{className}}
 			req := ctrl.Request{NamespacedName: types.NamespacedName{Name: className}}
 			for range 2 { // create, then accept (the manager's create event)
 				if _, err := r.Reconcile(ctx, req); err != nil {

@@ -27,7 +27,9 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/route"
 )
 
-// IngressGatewayClass is the class of ingress Gateways, as Istio names it.
+// IngressGatewayClass is the built-in class of ingress Gateways, as Istio
+// names it. Every other class naming our controllerName (but
+// istio-waypoint) is an ingress class too: waypointbind.IngressClass.
 const IngressGatewayClass = waypointbind.IngressGatewayClass
 
 // AnnotationServiceType on a Gateway chooses its Service's type (Istio's
@@ -48,11 +50,12 @@ type Ingress struct {
 	Certs []CertMount
 }
 
-// IngressFromGateway reads an ingress Gateway (class istio) into the L7
-// proxy the operator deploys for it.
+// IngressFromGateway reads an ingress Gateway (class istio, or another
+// ingress class: the caller checks the class) into the L7 proxy the
+// operator deploys for it.
 func IngressFromGateway(gw *gwv1.Gateway, mesh *meshv1.AmbientMesh, d Defaults) (Waypoint, error) {
-	if gw.Spec.GatewayClassName != IngressGatewayClass {
-		return Waypoint{}, fmt.Errorf("gateway %s/%s has class %q, not %q", gw.Namespace, gw.Name, gw.Spec.GatewayClassName, IngressGatewayClass)
+	if gw.Spec.GatewayClassName == WaypointGatewayClass {
+		return Waypoint{}, fmt.Errorf("gateway %s/%s has class %q: a waypoint, not an ingress gateway", gw.Namespace, gw.Name, gw.Spec.GatewayClassName)
 	}
 	st := corev1.ServiceType(gw.Annotations[AnnotationServiceType])
 	switch st {
@@ -89,7 +92,7 @@ func (in *Ingress) labels(name string) map[string]string {
 		LabelGatewayManaged:   GatewayManagedValue,
 		LabelIstioGatewayName: name,
 		LabelGatewayName:      name,
-		LabelGatewayClassName: IngressGatewayClass,
+		LabelGatewayClassName: string(in.Gateway.Spec.GatewayClassName),
 	}
 }
 
@@ -150,8 +153,9 @@ func (in *Ingress) service(om metav1.ObjectMeta, name string) *corev1.Service {
 }
 
 // IngressGatewayReconciler deploys an ingress gateway for every Gateway of
-// class istio (left alone when another controller owns that class, as
-// with istio-waypoint): the L7 proxy in ingress mode behind a Service of
+// an ingress class we serve: istio, and every other class naming our
+// controllerName, as Istio does (waypointbind.IngressClass; istio is left
+// alone when another controller owns it, as with istio-waypoint): the L7 proxy in ingress mode behind a Service of
 // type LoadBalancer. Status: the Service's external addresses,
 // Accepted/Programmed, and per listener its conditions and attached routes.
 type IngressGatewayReconciler struct {
@@ -166,7 +170,7 @@ type IngressGatewayReconciler struct {
 
 // Reconcile brings one ingress Gateway to its desired state.
 func (r *IngressGatewayReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
-	gw, err := gatewayToServe(ctx, r.Client, req, IngressGatewayClass)
+	gw, err := gatewayToServe(ctx, r.Client, req, true)
 	if gw == nil || err != nil {
 		return ctrl.Result{}, err
 	}
@@ -462,9 +466,15 @@ func (r *IngressGatewayReconciler) now() time.Time {
 	return time.Now()
 }
 
-func isIngressGateway(obj client.Object) bool {
+// isIngressGateway: a Gateway of a class we serve as ingress, as the cache
+// has it (a class created later enqueues its Gateways).
+func (r *IngressGatewayReconciler) isIngressGateway(obj client.Object) bool {
 	gw, ok := obj.(*gwv1.Gateway)
-	return ok && gw.Spec.GatewayClassName == IngressGatewayClass
+	if !ok {
+		return false
+	}
+	served, err := ingressClass(context.Background(), r.Client, string(gw.Spec.GatewayClassName))
+	return served || err != nil
 }
 
 // SetupWithManager watches ingress Gateways, their children, the mesh, the
@@ -476,13 +486,17 @@ func (r *IngressGatewayReconciler) SetupWithManager(mgr ctrl.Manager, grants boo
 	}
 	b := ctrl.NewControllerManagedBy(mgr).
 		Named("ingressgateway").
-		For(&gwv1.Gateway{}, builder.WithPredicates(predicate.NewPredicateFuncs(isIngressGateway), predicate.GenerationChangedPredicate{})).
+		For(&gwv1.Gateway{}, builder.WithPredicates(predicate.NewPredicateFuncs(r.isIngressGateway), predicate.GenerationChangedPredicate{})).
 		Owns(&appsv1.Deployment{}).
 		Owns(&corev1.Service{}).
 		Owns(&corev1.ServiceAccount{}).
 		Watches(&meshv1.AmbientMesh{}, handler.EnqueueRequestsFromMapFunc(r.allIngressGateways)).
-		Watches(&gwv1.GatewayClass{}, handler.EnqueueRequestsFromMapFunc(r.allIngressGateways),
-			builder.WithPredicates(predicate.NewPredicateFuncs(func(o client.Object) bool { return o.GetName() == IngressGatewayClass })))
+		// A class's Gateways, whenever it changes (created, deleted, its
+		// parametersRef): any class but the waypoint one may be an
+		// ingress class, and the reconcile decides.
+		Watches(&gwv1.GatewayClass{}, handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, o client.Object) []reconcile.Request {
+			return gatewaysOfClass(ctx, r.Client, o.GetName())
+		}), builder.WithPredicates(predicate.NewPredicateFuncs(func(o client.Object) bool { return o.GetName() != WaypointGatewayClass })))
 	// A route changes the attached-route counts of the Gateways it names
 	// (before and after an update), and only when its spec changes: our
 	// own route status writes, many during a burst of Gateways and
@@ -522,14 +536,13 @@ func routeGateways(_ context.Context, o client.Object) []reconcile.Request {
 // gatewaysReferring lists the ingress Gateways with a certificateRef to a
 // Secret of namespace ns (named name; any when "").
 func (r *IngressGatewayReconciler) gatewaysReferring(ctx context.Context, ns, name string) []reconcile.Request {
-	list := &gwv1.GatewayList{}
-	if err := r.Client.List(ctx, list); err != nil {
+	gws, err := ingressGateways(ctx, r.Client)
+	if err != nil {
 		return nil
 	}
 	var reqs []reconcile.Request
-	for i := range list.Items {
-		gw := &list.Items[i]
-		if gw.Spec.GatewayClassName == IngressGatewayClass && certificateRefsTo(gw, ns, name) {
+	for _, gw := range gws {
+		if certificateRefsTo(gw, ns, name) {
 			reqs = append(reqs, reconcile.Request{NamespacedName: client.ObjectKeyFromObject(gw)})
 		}
 	}
@@ -548,5 +561,13 @@ func (r *IngressGatewayReconciler) secretGateways(ctx context.Context, o client.
 }
 
 func (r *IngressGatewayReconciler) allIngressGateways(ctx context.Context, _ client.Object) []reconcile.Request {
-	return gatewaysOfClass(ctx, r.Client, IngressGatewayClass)
+	gws, err := ingressGateways(ctx, r.Client)
+	if err != nil {
+		return nil
+	}
+	reqs := make([]reconcile.Request, 0, len(gws))
+	for _, gw := range gws {
+		reqs = append(reqs, reconcile.Request{NamespacedName: client.ObjectKeyFromObject(gw)})
+	}
+	return reqs
 }

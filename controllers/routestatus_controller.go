@@ -204,7 +204,8 @@ func (r *RouteStatusReconciler) serviceParent(ctx context.Context, p gwv1.Parent
 }
 
 // gatewayParent: only existing Gateways of our classes are ours (a missing
-// Gateway may be any controller's). An ingress Gateway (class istio) takes
+// Gateway may be any controller's). An ingress Gateway (class istio, or
+// another ingress class we serve: ingressClass) takes
 // the routes its listeners admit. The waypoint applies routes attached to
 // Services only (GAMMA); its HBONE listener takes none, as in Istio.
 // waypointForeign is true when another controller owns istio-waypoint.
@@ -213,9 +214,13 @@ func (r *RouteStatusReconciler) gatewayParent(ctx context.Context, route client.
 	if err := r.Client.Get(ctx, key, gw); err != nil {
 		return parentOutcome{}, false, client.IgnoreNotFound(err)
 	}
-	switch gw.Spec.GatewayClassName {
-	case IngressGatewayClass:
-		if foreign, _, err := classForeign(ctx, r.Client, IngressGatewayClass); err != nil || foreign {
+	if gw.Spec.GatewayClassName == WaypointGatewayClass {
+		if waypointForeign {
+			return parentOutcome{}, false, nil
+		}
+	} else {
+		served, err := ingressClass(ctx, r.Client, string(gw.Spec.GatewayClassName))
+		if err != nil || !served {
 			return parentOutcome{}, false, err
 		}
 		resolved, err := resolveGatewaySelectors(ctx, r.Client, gw)
@@ -225,12 +230,6 @@ func (r *RouteStatusReconciler) gatewayParent(ctx context.Context, route client.
 		o := ingressParent(resolved, p, route.GetNamespace(), r.Kind.Name, routeHostnames(route))
 		o.gateway = true
 		return o, true, nil
-	case WaypointGatewayClass:
-		if waypointForeign {
-			return parentOutcome{}, false, nil
-		}
-	default:
-		return parentOutcome{}, false, nil
 	}
 	return parentOutcome{
 		ref:            p,
@@ -516,7 +515,8 @@ func (r *RouteStatusReconciler) SetupWithManager(ctx context.Context, mgr ctrl.M
 		Watches(&meshv1.WaypointPolicy{}, handler.EnqueueRequestsFromMapFunc(r.allRoutes), builder.WithPredicates(changed)).
 		Watches(&gwv1.GatewayClass{}, handler.EnqueueRequestsFromMapFunc(r.allRoutes),
 			builder.WithPredicates(predicate.NewPredicateFuncs(func(o client.Object) bool {
-				return o.GetName() == WaypointGatewayClass || o.GetName() == IngressGatewayClass
+				gc, ok := o.(*gwv1.GatewayClass)
+				return ok && (gc.Name == WaypointGatewayClass || gc.Name == IngressGatewayClass || gc.Spec.ControllerName == WaypointControllerName)
 			}))).
 		Complete(r)
 }

@@ -82,8 +82,9 @@ func Setup(mgr ctrl.Manager, o Options) error {
 	return nil
 }
 
-// setupGatewayWaypoints registers the Gateway waypoint, GatewayClass and
-// route status controllers when the cluster serves Gateway API v1 Gateways
+// setupGatewayWaypoints registers the Gateway waypoint, GatewayClass (both
+// built-in classes and every class naming our controllerName), ingress
+// Gateway and route status controllers when the cluster serves Gateway API v1 Gateways
 // (restart the operator after installing the Gateway API CRDs).
 func setupGatewayWaypoints(mgr ctrl.Manager, o Options) error {
 	gk := schema.GroupKind{Group: gwv1.GroupName, Kind: "Gateway"}
@@ -132,8 +133,9 @@ func referenceGrantsServed(mgr ctrl.Manager) (bool, error) {
 	return true, nil
 }
 
-// setupIngressGateways registers the ingress Gateway (class istio) and its
-// GatewayClass controllers; route kinds served by the cluster are watched
+// setupIngressGateways registers the ingress Gateway controller (class
+// istio and every other class naming our controllerName; the
+// GatewayClassReconciler reports the classes); route kinds served by the cluster are watched
 // for the listeners' attached-route counts.
 func setupIngressGateways(mgr ctrl.Manager, o Options, grants bool) error {
 	var kinds []client.Object
@@ -146,10 +148,7 @@ func setupIngressGateways(mgr ctrl.Manager, o Options, grants bool) error {
 		}
 	}
 	r := &IngressGatewayReconciler{Client: mgr.GetClient(), Defaults: o.Defaults, RetryInterval: o.RetryInterval}
-	if err := r.SetupWithManager(mgr, grants, kinds...); err != nil {
-		return err
-	}
-	return (&GatewayClassReconciler{Client: mgr.GetClient(), ClassName: IngressGatewayClass}).SetupWithManager(mgr)
+	return r.SetupWithManager(mgr, grants, kinds...)
 }
 
 // setupRouteStatus registers a route status reconciler for each route kind

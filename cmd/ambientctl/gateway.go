@@ -31,9 +31,18 @@ func gatewayList(ctx context.Context, k *kube, o options, out io.Writer) error {
 	if err := k.c.List(ctx, &hrs); err != nil {
 		return fmt.Errorf("listing HTTPRoutes: %w", err)
 	}
+	// Ingress classes: istio and every other class naming the operator's
+	// controllerName. Without permission to list classes, istio only.
+	classes := map[string]*gwv1.GatewayClass{}
+	var gcs gwv1.GatewayClassList
+	if err := k.c.List(ctx, &gcs); err == nil {
+		for i := range gcs.Items {
+			classes[gcs.Items[i].Name] = &gcs.Items[i]
+		}
+	}
 	var ingress []gwv1.Gateway
 	for _, gw := range gws.Items {
-		if gw.Spec.GatewayClassName == waypointbind.IngressGatewayClass {
+		if class := string(gw.Spec.GatewayClassName); waypointbind.IngressClass(class, classes[class]) {
 			ingress = append(ingress, gw)
 		}
 	}
@@ -42,7 +51,7 @@ func gatewayList(ctx context.Context, k *kube, o options, out io.Writer) error {
 		if o.allNamespaces {
 			where = "any namespace"
 		}
-		fmt.Fprintf(out, "no ingress gateways (class %s) in %s\n", waypointbind.IngressGatewayClass, where)
+		fmt.Fprintf(out, "no ingress gateways (class %s, or another class of controller %s) in %s\n", waypointbind.IngressGatewayClass, waypointbind.ControllerName, where)
 		return nil
 	}
 	return writeGateways(out, ingress, hrs.Items)

@@ -97,10 +97,10 @@ type Controller struct {
 	Addresses, Authorizations, L7 *cachev3.LinearCache
 
 	// optional kinds, watched once their CRDs are installed
-	hasIstio, hasGateway, hasRoutes, hasGrants atomic.Bool
-	informers                                  cache.Informers
-	mapper                                     meta.RESTMapper
-	pending                                    []*optionalSource
+	hasIstio, hasGateway, hasClasses, hasRoutes, hasGrants atomic.Bool
+	informers                                              cache.Informers
+	mapper                                                 meta.RESTMapper
+	pending                                                []*optionalSource
 
 	mu    sync.Mutex
 	dirty dirtySet
@@ -168,6 +168,7 @@ func NewController(reader client.Reader, opts Options) *Controller {
 
 var (
 	gatewayGVK   = schema.GroupVersionKind{Group: gwv1.GroupName, Version: "v1", Kind: "Gateway"}
+	classGVK     = schema.GroupVersionKind{Group: gwv1.GroupName, Version: "v1", Kind: "GatewayClass"}
 	httpRouteGVK = schema.GroupVersionKind{Group: gwv1.GroupName, Version: "v1", Kind: "HTTPRoute"}
 	grpcRouteGVK = schema.GroupVersionKind{Group: gwv1.GroupName, Version: "v1", Kind: "GRPCRoute"}
 	// ReferenceGrant as v1beta1, which every Gateway API release since
@@ -217,6 +218,10 @@ func (c *Controller) Register(ctx context.Context, informers cache.Informers, ma
 			objs: []client.Object{&securityv1.AuthorizationPolicy{}, &securityv1.PeerAuthentication{}}, enabled: &c.hasIstio},
 		{name: "gateways", gvks: []schema.GroupVersionKind{gatewayGVK}, objs: []client.Object{&gwv1.Gateway{}},
 			handler: c.handler(func(client.Object, client.Object) { c.markFull() }), enabled: &c.hasGateway},
+		// GatewayClasses decide which Gateways are ingress gateways
+		// (waypointbind.IngressClass); without them, class istio only.
+		{name: "gatewayclasses", gvks: []schema.GroupVersionKind{classGVK}, objs: []client.Object{&gwv1.GatewayClass{}},
+			handler: c.handler(func(client.Object, client.Object) { c.markFull() }), enabled: &c.hasClasses},
 		{name: "routes", gvks: []schema.GroupVersionKind{httpRouteGVK, grpcRouteGVK}, objs: []client.Object{&gwv1.HTTPRoute{}, &gwv1.GRPCRoute{}},
 			handler: c.handler(func(o, _ client.Object) { c.markRoute(o) }), enabled: &c.hasRoutes},
 		// ReferenceGrants open cross-namespace backends and certificates
@@ -740,15 +745,26 @@ func (b *build) loadWaypoints() error {
 	b.ingress, b.gateways = map[string]map[string]bool{}, nil
 	ix := waypointbind.Index(b.wps)
 	if b.c.hasGateway.Load() {
+		byName := map[string]*gwv1.GatewayClass{}
+		if b.c.hasClasses.Load() {
+			var classes gwv1.GatewayClassList
+			if err := b.c.reader.List(b.ctx, &classes, noCopy); err != nil {
+				return err
+			}
+			for i := range classes.Items {
+				byName[classes.Items[i].Name] = &classes.Items[i]
+			}
+		}
 		var gws gwv1.GatewayList
 		if err := b.c.reader.List(b.ctx, &gws, noCopy); err != nil {
 			return err
 		}
 		for i := range gws.Items {
 			gw := &gws.Items[i]
+			class := string(gw.Spec.GatewayClassName)
 			if w, ok := waypointbind.FromGatewayObject(gw); ok {
 				ix.Add(w)
-			} else if gw.Spec.GatewayClassName == waypointbind.IngressGatewayClass && gw.DeletionTimestamp == nil {
+			} else if waypointbind.IngressClass(class, byName[class]) && gw.DeletionTimestamp == nil {
 				if b.ingress[gw.Namespace] == nil {
 					b.ingress[gw.Namespace] = map[string]bool{}
 				}
@@ -1066,7 +1082,8 @@ func (b *build) namespaceLabels() (map[string]map[string]string, error) {
 	return out, nil
 }
 
-// IsIngressGateway reports whether an ingress Gateway (class istio) named
+// IsIngressGateway reports whether an ingress Gateway (class istio, or
+// another class naming our controllerName: waypointbind.IngressClass) named
 // name exists in namespace, as of the last push.
 func (c *Controller) IsIngressGateway(namespace, name string) bool {
 	idx := c.ingress.Load()

@@ -26,14 +26,51 @@ const (
 	WaypointForLabel = "istio.io/waypoint-for"
 	// GatewayClass is the gatewayClassName of waypoint Gateways.
 	GatewayClass = "istio-waypoint"
-	// IngressGatewayClass is the gatewayClassName of ingress Gateways, as
-	// in Istio; they are never waypoints.
+	// IngressGatewayClass is the built-in class of ingress Gateways, as in
+	// Istio; they are never waypoints. Any other class naming
+	// ControllerName is an ingress class too (IngressClass).
 	IngressGatewayClass = "istio"
+	// ControllerName is the operator's Gateway API controllerName: in the
+	// classes it serves (istio-waypoint for waypoints, every other one
+	// naming it for ingress gateways) and in the route parent statuses it
+	// writes.
+	ControllerName gwv1.GatewayController = "mesh.ambient.dev/waypoint-controller"
 	// A waypoint's own pods and Service carry one of these labels naming
 	// it; they never get a waypoint themselves.
 	GatewayNameLabel  = "gateway.networking.k8s.io/gateway-name"
 	WaypointNameLabel = "mesh.ambient.dev/waypoint"
 )
+
+// IngressClass reports whether Gateways of GatewayClass name are ingress
+// gateways the operator serves, as Istio serves every class naming its
+// controller: a class naming ControllerName, other than the waypoint
+// class, whose parameters are supported (ParametersProblem). gc is the
+// class, nil when it does not exist: only the built-in class istio is
+// served then (the operator is creating it).
+func IngressClass(name string, gc *gwv1.GatewayClass) bool {
+	if name == GatewayClass {
+		return false
+	}
+	if gc == nil {
+		return name == IngressGatewayClass
+	}
+	return gc.Spec.ControllerName == ControllerName && ParametersProblem(gc) == ""
+}
+
+// ParametersProblem says why an ingress class's parametersRef cannot be
+// served ("" when it has none): the ingress gateway takes no parameters
+// object, so any reference is one the operator does not support.
+func ParametersProblem(gc *gwv1.GatewayClass) string {
+	p := gc.Spec.ParametersRef
+	if p == nil {
+		return ""
+	}
+	kind := string(p.Kind)
+	if p.Group != "" {
+		kind += "." + string(p.Group)
+	}
+	return "parametersRef to " + kind + " " + p.Name + " is not supported: the ambient mesh ingress gateway takes no parameters object; remove the parametersRef"
+}
 
 // Traffic types of a waypoint (istio.io/waypoint-for).
 const (

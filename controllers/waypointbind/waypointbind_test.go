@@ -105,3 +105,33 @@ func TestPolicyWinsOverGateway(t *testing.T) {
 		t.Fatalf("Gateway default traffic %q, want service (Istio's default)", gw.TrafficType)
 	}
 }
+
+func TestIngressClass(t *testing.T) {
+	ours := func(name string) *gwv1.GatewayClass {
+		return &gwv1.GatewayClass{ObjectMeta: metav1.ObjectMeta{Name: name}, Spec: gwv1.GatewayClassSpec{ControllerName: ControllerName}}
+	}
+	params := ours("with-params")
+	params.Spec.ParametersRef = &gwv1.ParametersReference{Kind: "ConfigMap", Name: "x"}
+	foreign := &gwv1.GatewayClass{ObjectMeta: metav1.ObjectMeta{Name: "istio"}, Spec: gwv1.GatewayClassSpec{ControllerName: "istio.io/gateway-controller"}}
+	for _, tc := range []struct {
+		name string
+		gc   *gwv1.GatewayClass
+		want bool
+	}{
+		{IngressGatewayClass, nil, true}, // built-in, being created
+		{IngressGatewayClass, ours(IngressGatewayClass), true},
+		{IngressGatewayClass, foreign, false},
+		{"second", ours("second"), true},
+		{"second", nil, false},
+		{GatewayClass, ours(GatewayClass), false}, // the waypoint class
+		{GatewayClass, nil, false},
+		{"with-params", params, false},
+	} {
+		if got := IngressClass(tc.name, tc.gc); got != tc.want {
+			t.Errorf("IngressClass(%s, %+v) = %v, want %v", tc.name, tc.gc, got, tc.want)
+		}
+	}
+	if ParametersProblem(params) == "" || ParametersProblem(ours("x")) != "" {
+		t.Errorf("ParametersProblem: %q / %q", ParametersProblem(params), ParametersProblem(ours("x")))
+	}
+}
