@@ -267,16 +267,12 @@ func (c *conn) handleData(f *http2.DataFrame) error {
 	known := t != nil || c.isPastStream(f.StreamID)
 	c.mu.Unlock()
 	data := f.Data()
-	// Padding and data for streams already gone are returned at once.
-	if pad := size - int32(len(data)); pad > 0 || t == nil {
-		giveBack := pad
-		if t == nil {
-			giveBack = size
-		}
-		if giveBack > 0 {
-			c.consumed(0, int(giveBack), 0)
-		}
+	// Padding, and everything for a stream already gone, is returned at once.
+	giveBack := size - int32(len(data))
+	if t == nil {
+		giveBack = size
 	}
+	c.consumed(0, int(giveBack), 0)
 	if t == nil {
 		if !known {
 			return c.connError(http2.ErrCodeProtocol, "DATA on a stream never opened")
@@ -370,6 +366,7 @@ func (c *conn) handleSettings(f *http2.SettingsFrame) error {
 		return err
 	}
 	var windowDelta int64
+	var tableSize *uint32
 	err := f.ForeachSetting(func(s http2.Setting) error {
 		if err := s.Valid(); err != nil {
 			return err
@@ -385,10 +382,15 @@ func (c *conn) handleSettings(f *http2.SettingsFrame) error {
 		case http2.SettingMaxConcurrentStreams:
 			c.peerMaxStreams = s.Val
 		case http2.SettingHeaderTableSize:
-			c.w.setHeaderTableSize(s.Val)
+			tableSize = &s.Val
 		}
 		return nil
 	})
+	if tableSize != nil {
+		// Outside c.mu: the writer lock is taken before c.mu elsewhere
+		// (a dial allocates its stream id under the writer lock).
+		c.w.setHeaderTableSize(*tableSize)
+	}
 	if err != nil {
 		var ce http2.ConnectionError
 		if errors.As(err, &ce) {

@@ -410,7 +410,7 @@ type responder struct {
 func (rp *responder) Accept() (hbone.Stream, error) {
 	err := errors.New("hbone: CONNECT already answered")
 	rp.once.Do(func() {
-		err = rp.respond(http.StatusOK, false)
+		err = rp.respond(http.StatusOK)
 		if err == nil {
 			rp.t.answered.Store(true)
 		}
@@ -428,7 +428,7 @@ func (rp *responder) Reject(status int, reason string) {
 		}
 		rp.sc.s.log.Info("CONNECT rejected", "peer_id", rp.sc.peer.String(), "target", rp.authority, "status", status, "reason", reason)
 		rp.t.answered.Store(true)
-		if rp.respond(status, false) == nil {
+		if rp.respond(status) == nil {
 			rp.t.Write([]byte(reason + "\n"))
 			rp.t.CloseWrite()
 		}
@@ -438,7 +438,7 @@ func (rp *responder) Reject(status int, reason string) {
 }
 
 // respond sends the response HEADERS.
-func (rp *responder) respond(status int, end bool) error {
+func (rp *responder) respond(status int) error {
 	t := rp.t
 	t.mu.Lock()
 	err := t.reset
@@ -456,7 +456,7 @@ func (rp *responder) respond(status int, end bool) error {
 	c.mu.Lock()
 	maxFrame := c.peerMaxFrame
 	c.mu.Unlock()
-	_, err = c.w.headers(func() uint32 { return t.id }, fields, end, maxFrame)
+	_, err = c.w.headers(func() uint32 { return t.id }, fields, false, maxFrame)
 	return err
 }
 
