@@ -13,6 +13,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"strings"
 	"sync"
 	"testing"
@@ -44,19 +45,8 @@ func newMesh(t *testing.T) *mesh {
 
 func echoCheck(t *testing.T, c io.ReadWriter, size int) {
 	t.Helper()
-	msg := make([]byte, size)
-	rand.Read(msg)
-	errc := make(chan error, 1)
-	go func() { _, err := c.Write(msg); errc <- err }()
-	got := make([]byte, size)
-	if _, err := io.ReadFull(c, got); err != nil {
-		t.Fatalf("read: %v", err)
-	}
-	if err := <-errc; err != nil {
-		t.Fatalf("write: %v", err)
-	}
-	if !bytes.Equal(got, msg) {
-		t.Fatal("echo mismatch")
+	if err := echoBoth(c, size); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -96,14 +86,7 @@ func TestIstioDialerThroughOurServer(t *testing.T) {
 // Our dialer → Istio's server → echo upstream.
 func TestOurDialerThroughIstioServer(t *testing.T) {
 	m := newMesh(t)
-	srv := istiohbone.NewServer()
-	srv.TLSConfig = hbone.ServerTLSConfig(m.serverSrc, m.server, "h2")
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.ServeTLS(ln, "", "")
-	defer srv.Close()
+	proxyAddr := startIstioServer(t, m)
 
 	d, err := h2.NewDialer(h2.DialerConfig{Certs: m.clientSrc})
 	if err != nil {
@@ -113,7 +96,7 @@ func TestOurDialerThroughIstioServer(t *testing.T) {
 	req := hbone.DialRequest{
 		Source:    m.client,
 		Expected:  []identity.Identity{m.server},
-		ProxyAddr: ln.Addr().(*net.TCPAddr).AddrPort(),
+		ProxyAddr: proxyAddr,
 		Target:    m.echo.Addr,
 		Header:    hbone.SourceHeader(hbone.Source{Namespace: "client-ns"}),
 	}
@@ -199,21 +182,14 @@ func TestManyTunnelsBothWaysLargeTransfers(t *testing.T) {
 	})
 	t.Run("our dialer, Istio server", func(t *testing.T) {
 		m := newMesh(t)
-		srv := istiohbone.NewServer()
-		srv.TLSConfig = hbone.ServerTLSConfig(m.serverSrc, m.server, "h2")
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		go srv.ServeTLS(ln, "", "")
-		defer srv.Close()
+		proxyAddr := startIstioServer(t, m)
 		d, err := h2.NewDialer(h2.DialerConfig{Certs: m.clientSrc})
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer d.Close()
 		req := hbone.DialRequest{Source: m.client, Expected: []identity.Identity{m.server},
-			ProxyAddr: ln.Addr().(*net.TCPAddr).AddrPort(), Target: m.echo.Addr}
+			ProxyAddr: proxyAddr, Target: m.echo.Addr}
 		run(t, func() (io.ReadWriteCloser, error) {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
@@ -275,4 +251,19 @@ func startOurServer(t *testing.T, m *mesh, seen func(*hbone.Request)) net.Addr {
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
 	return ln.Addr()
+}
+
+// startIstioServer serves Istio's HBONE server (pkg/hbone) for the mesh's
+// server identity.
+func startIstioServer(t *testing.T, m *mesh) netip.AddrPort {
+	t.Helper()
+	srv := istiohbone.NewServer()
+	srv.TLSConfig = hbone.ServerTLSConfig(m.serverSrc, m.server, "h2")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.ServeTLS(ln, "", "")
+	t.Cleanup(func() { srv.Close() })
+	return ln.Addr().(*net.TCPAddr).AddrPort()
 }
