@@ -140,12 +140,9 @@ func (r *GatewayWaypointReconciler) reconcile(ctx context.Context, gw *gwv1.Gate
 	if err != nil {
 		return ctrl.Result{}, err
 	}
-	retry := func(reason string) ctrl.Result {
-		return ctrl.Result{RequeueAfter: retryDelay(status.Conditions, string(gwv1.GatewayConditionAccepted), reason, r.RetryInterval, r.now())}
-	}
+	retry := acceptedRetry(status, r.RetryInterval, r.now)
 	if mesh == nil {
-		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonPending), "no AmbientMesh exists; create one and the waypoint will be deployed")
-		return retry(string(gwv1.GatewayReasonPending)), nil
+		return waitForMesh(gw, status, "waypoint", retry), nil
 	}
 	w, err := WaypointFromGateway(gw, mesh, r.Defaults)
 	if err != nil {
@@ -289,6 +286,20 @@ func setGatewayCondition(status *gwv1.GatewayStatus, gen int64, t gwv1.GatewayCo
 		s = metav1.ConditionTrue
 	}
 	meta.SetStatusCondition(&status.Conditions, metav1.Condition{Type: string(t), Status: s, Reason: reason, Message: msg, ObservedGeneration: gen})
+}
+
+// acceptedRetry says when to look at a Gateway again after an Accepted
+// condition with reason: later the longer that reason has stood.
+func acceptedRetry(status *gwv1.GatewayStatus, interval time.Duration, now func() time.Time) func(reason string) ctrl.Result {
+	return func(reason string) ctrl.Result {
+		return ctrl.Result{RequeueAfter: retryDelay(status.Conditions, string(gwv1.GatewayConditionAccepted), reason, interval, now())}
+	}
+}
+
+// waitForMesh reports a Gateway whose proxy (what) waits for an AmbientMesh.
+func waitForMesh(gw *gwv1.Gateway, status *gwv1.GatewayStatus, what string, retry func(string) ctrl.Result) ctrl.Result {
+	setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonPending), "no AmbientMesh exists; create one and the "+what+" will be deployed")
+	return retry(string(gwv1.GatewayReasonPending))
 }
 
 func (r *GatewayWaypointReconciler) now() time.Time {

@@ -194,12 +194,9 @@ func (r *IngressGatewayReconciler) reconcile(ctx context.Context, gw *gwv1.Gatew
 	if err != nil {
 		return ctrl.Result{}, err
 	}
-	retry := func(reason string) ctrl.Result {
-		return ctrl.Result{RequeueAfter: retryDelay(status.Conditions, string(gwv1.GatewayConditionAccepted), reason, r.RetryInterval, r.now())}
-	}
+	retry := acceptedRetry(status, r.RetryInterval, r.now)
 	if mesh == nil {
-		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonPending), "no AmbientMesh exists; create one and the gateway will be deployed")
-		return retry(string(gwv1.GatewayReasonPending)), nil
+		return waitForMesh(gw, status, "gateway", retry), nil
 	}
 	w, err := IngressFromGateway(gw, mesh, r.Defaults)
 	if err != nil {
