@@ -11,3 +11,6 @@ type readWaiter struct{}
 func readWaiterFor(io.Reader) *readWaiter { return nil }
 
 func (*readWaiter) wait() error { return nil }
+
+// sinkFor: pushing into sockets is only implemented on Linux.
+func sinkFor(any) Sink { return nil }

@@ -7,3 +7,11 @@ func SetRecordBatching(on bool) bool {
 	batchRecords = on
 	return prev
 }
+
+// Pushed reports the bytes a tunnel pushed into its sink (hbone.Pusher).
+func Pushed(s any) int64 {
+	t := s.(*tunnel)
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.pushed
+}

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"golang.org/x/net/http2"
 )
 
@@ -55,6 +56,12 @@ type tunnel struct {
 	released    bool  // removed from the connection
 
 	readDeadline, writeDeadline deadline
+
+	// Pushing (hbone.Pusher): while the reader is idle, received bytes go
+	// straight into sink from the connection's reader goroutine.
+	sink     hbone.Sink
+	pushed   int64
+	draining bool // the reader holds bytes it read and has not written yet
 
 	// Dialing side: the response to our CONNECT.
 	response chan responseResult
@@ -128,24 +135,35 @@ func (t *tunnel) Read(p []byte) (int, error) {
 		t.cond.Wait()
 	}
 	n := t.recv.read(p)
-	t.unacked += int32(n)
-	var ack int32
-	if t.unacked >= t.c.tuning.StreamWindow/4 && !t.remoteEnded && t.reset == nil {
-		ack, t.unacked = t.unacked, 0
-		t.recvWindow += ack
-	}
+	t.draining = true
+	ack := t.consumedLocked(n)
 	t.mu.Unlock()
 	t.idle.touch()
 	t.c.consumed(t.id, n, ack)
 	return n, nil
 }
 
+// consumedLocked notes n bytes taken by the application and returns the
+// stream window to give back now (WINDOW_UPDATE after a quarter window).
+func (t *tunnel) consumedLocked(n int) (ack int32) {
+	t.unacked += int32(n)
+	if t.unacked >= t.c.tuning.StreamWindow/4 && !t.remoteEnded && t.reset == nil {
+		ack, t.unacked = t.unacked, 0
+		t.recvWindow += ack
+	}
+	return ack
+}
+
 // WaitReadable parks until Read would not block (data, end, reset or a
 // deadline), so an idle relay direction holds no buffer
 // (hbone.ReadableWaiter).
+//
+// The caller waits only after writing out what it read, so from here until
+// its next Read, bytes may be pushed (PushTo) without reordering.
 func (t *tunnel) WaitReadable() error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	t.draining = false
 	for t.recv.len() == 0 && t.reset == nil && !t.remoteEnded && !t.readDeadline.passed() {
 		t.cond.Wait()
 	}
@@ -321,21 +339,65 @@ func (t *tunnel) resetByPeer() bool {
 	return errors.As(t.reset, &re) && re.Remote
 }
 
-// received is called by the connection's reader with a DATA payload.
+// received is called by the connection's reader with a DATA payload. While
+// the tunnel's reader is idle and a sink is set, the payload is pushed into
+// the sink; what it does not take is queued. The reader is woken only for
+// queued bytes, the end or a reset. A sink that fails resets the tunnel, as
+// the relay's own write error would.
 func (t *tunnel) received(p []byte, end bool) {
+	var pushed int
+	var ack int32
+	var sinkErr error
 	t.mu.Lock()
 	if t.reset == nil && !t.remoteEnded {
+		if t.sink != nil && !t.draining && t.recv.len() == 0 && len(p) > 0 {
+			pushed, sinkErr = t.push(p)
+			ack = t.consumedLocked(pushed)
+			p = p[pushed:]
+		}
 		t.recv.write(p)
 		t.remoteEnded = end
 	}
-	t.cond.Broadcast()
+	if len(p) > 0 || end || t.reset != nil {
+		t.cond.Broadcast()
+	}
 	t.mu.Unlock()
-	if len(p) > 0 {
+	if pushed > 0 {
+		t.c.consumed(t.id, pushed, ack)
+	}
+	if sinkErr != nil {
+		t.abort(http2.ErrCodeCancel, sinkErr, true)
+		return
+	}
+	if len(p) > 0 || pushed > 0 {
 		t.idle.touch()
 	}
 	if end {
 		t.maybeRelease()
 	}
+}
+
+// push writes what the sink takes of p at once (t.mu held). A broken sink
+// is dropped and its error returned. (The socket's pending error is
+// consumed by the failed write, so it must be reported here: the relay's
+// other direction would only read EOF.)
+func (t *tunnel) push(p []byte) (int, error) {
+	n, err := t.sink.TryWrite(p)
+	if err != nil {
+		t.sink = nil
+		return 0, fmt.Errorf("hbone: writing a tunnel's bytes to its socket: %w", err)
+	}
+	t.pushed += int64(n)
+	return n, nil
+}
+
+// PushTo sets the sink received bytes are pushed into (nil stops) and
+// returns the bytes pushed so far (hbone.Pusher).
+func (t *tunnel) PushTo(s hbone.Sink) int64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.sink = s
+	return t.pushed
 }
 
 // addSendWindow applies a WINDOW_UPDATE or a SETTINGS delta.
