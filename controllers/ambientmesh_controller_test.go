@@ -509,15 +509,16 @@ func TestAmbientMeshDeletionGivesUpWaitingAfterTimeout(t *testing.T) {
 }
 
 // TestZtunnelWorkerThreads: spec.ztunnel.workerThreads becomes ztunnel's
-// GOMAXPROCS; out-of-range values are refused by the API server.
+// WORKER_THREADS (its most GOMAXPROCS); out-of-range values are refused by
+// the API server.
 func TestZtunnelWorkerThreads(t *testing.T) {
 	ctx := context.Background()
 	const ns = "mesh-workers"
 	newMesh(t, "workers", ns, func(m *meshv1.AmbientMesh) { m.Spec.Ztunnel.WorkerThreads = ptr.To(int32(1)) })
 	ds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: ZtunnelName}}
 	eventually(t, "ztunnel DaemonSet", exists(ds))
-	if got := envMap(ds.Spec.Template.Spec.Containers[0].Env)["GOMAXPROCS"]; got != "1" {
-		t.Fatalf("ztunnel GOMAXPROCS %q, want 1", got)
+	if got := envMap(ds.Spec.Template.Spec.Containers[0].Env)["WORKER_THREADS"]; got != "1" {
+		t.Fatalf("ztunnel WORKER_THREADS %q, want 1", got)
 	}
 	bad := &meshv1.AmbientMesh{ObjectMeta: metav1.ObjectMeta{Name: "workers-zero"}, Spec: meshv1.AmbientMeshSpec{Namespace: "mesh-workers-zero"}}
 	bad.Spec.Ztunnel.WorkerThreads = ptr.To(int32(0))

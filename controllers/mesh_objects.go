@@ -263,7 +263,7 @@ func DesiredZtunnel(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 		corev1.EnvVar{Name: "DRAIN_GRACE", Value: ztunnelDrainGrace.String()},
 		corev1.EnvVar{Name: "CLUSTER_DOMAIN", Value: clusterDomain(mesh)})
 	if n := z.WorkerThreads; n != nil {
-		env = append(env, corev1.EnvVar{Name: "GOMAXPROCS", Value: strconv.Itoa(int(*n))})
+		env = append(env, corev1.EnvVar{Name: "WORKER_THREADS", Value: strconv.Itoa(int(*n))})
 	}
 	pod := corev1.PodSpec{
 		ServiceAccountName:            ZtunnelName,

@@ -86,11 +86,11 @@ type ZtunnelSpec struct {
 	// +kubebuilder:default=HTTP2
 	// +optional
 	Transport HBONETransport `json:"transport,omitempty"`
-	// WorkerThreads is how many threads run ztunnel's Go code at once
-	// (GOMAXPROCS), like Istio's ZTUNNEL_WORKER_THREADS. Fewer threads
-	// cost less CPU per request (fewer cross-thread wake-ups); more move
-	// more bytes on busy nodes. Unset: the Go runtime's default (the
-	// container's CPU limit, else the node's cores).
+	// WorkerThreads is the most threads that run ztunnel's Go code at once
+	// (GOMAXPROCS), like Istio's ZTUNNEL_WORKER_THREADS. ztunnel runs on one
+	// thread while one carries its load (fewer cross-thread wake-ups: less
+	// CPU and latency per request) and adds threads up to this number while
+	// busy. Unset: 2, as Istio; never more than the container's CPU limit.
 	// +kubebuilder:validation:Minimum=1
 	// +kubebuilder:validation:Maximum=64
 	// +optional

@@ -37,7 +37,7 @@ func TestInjectorEnvContract(t *testing.T) {
 		fs.SetOutput(io.Discard)
 		o, err = parseFlags(fs, args, e)
 		return err
-	}, "CLUSTER_ID", "DRAIN_GRACE")
+	}, "CLUSTER_ID", "DRAIN_GRACE", "WORKER_THREADS")
 	for what, got := range map[string][2]string{
 		"trust domain":    {o.TrustDomain, mesh.Spec.TrustDomain},
 		"root cert":       {o.RootCertPath, set["ROOT_CERT"]},

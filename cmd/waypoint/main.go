@@ -52,6 +52,7 @@ type options struct {
 	certDir                                        string
 	tracing                                        bool
 	drainGrace, certTTL                            time.Duration
+	workerThreads                                  int
 }
 
 func hostOf(addr string) string {
@@ -97,6 +98,9 @@ func parseFlags(fs *flag.FlagSet, args []string, e *envconfig.Env) (options, err
 		return o, fmt.Errorf("WORKLOAD_CERT_TTL: %w", err)
 	}
 	fs.DurationVar(&o.certTTL, "workload-cert-ttl", ttl, "requested certificate lifetime (env WORKLOAD_CERT_TTL)")
+	if err := boot.WorkerThreadsFlag(fs, e, &o.workerThreads); err != nil {
+		return o, err
+	}
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -133,6 +137,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	boot.AdaptWorkerThreads(ctx, o.workerThreads, log)
 	m, err := boot.Connect(ctx, &boot.Options{Node: o.node, PodName: o.podName, PodNamespace: o.namespace,
 		XDSAddr: o.xdsAddr, XDSServerName: o.xdsServerName, CAAddr: o.caAddr, CAServerName: o.caServerName,
 		TokenPath: o.tokenPath, RootCertPath: o.rootCertPath, TrustDomain: o.trustDomain, CertTTL: o.certTTL},

@@ -16,7 +16,9 @@ import (
 
 // TestOperatorEnvContract: the ztunnel the operator deploys reads every
 // variable the operator sets on it, nothing else but CLUSTER_ID (optional,
-// default "Kubernetes", as Istio's), and ends up with the operator's values.
+// default "Kubernetes", as Istio's) and WORKER_THREADS (set only with
+// spec.ztunnel.workerThreads, default 2), and ends up with the operator's
+// values.
 func TestOperatorEnvContract(t *testing.T) {
 	mesh := &meshv1.AmbientMesh{ObjectMeta: metav1.ObjectMeta{Name: "default"},
 		Spec: meshv1.AmbientMeshSpec{Namespace: "mesh-root", TrustDomain: "example.org", ClusterDomain: "corp.example",
@@ -28,7 +30,7 @@ func TestOperatorEnvContract(t *testing.T) {
 		fs.SetOutput(io.Discard)
 		o, err = parseFlags(fs, args, e)
 		return err
-	}, "CLUSTER_ID")
+	}, "CLUSTER_ID", "WORKER_THREADS")
 	for what, got := range map[string][2]string{
 		"trust domain": {o.TrustDomain, mesh.Spec.TrustDomain},
 		"root cert":    {o.RootCertPath, set["ROOT_CERT"]},

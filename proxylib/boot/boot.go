@@ -14,6 +14,8 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"runtime"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -38,6 +40,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/logging"
 	"github.com/ambientmesh/ambient/proxylib/proxy"
 	"github.com/ambientmesh/ambient/proxylib/telemetry"
+	"github.com/ambientmesh/ambient/proxylib/workerthreads"
 )
 
 // Options are the settings every in-pod proxy reads (docs/interfaces.md).
@@ -50,6 +53,9 @@ type Options struct {
 	AdminAddr, MetricsAddr, ReadyAddr    string
 	DrainGrace, CertTTL                  time.Duration
 	LogLevel                             string
+	// WorkerThreads is the most scheduler threads (GOMAXPROCS) the proxy
+	// uses; it runs on one and adds threads while busy (workerthreads).
+	WorkerThreads int
 	// DNS, when set, enables the DNS proxy for pods whose DNS the node
 	// agent captures (ztunnel only; the commands set it).
 	DNS *DNSOptions
@@ -99,7 +105,19 @@ func Flags(fs *flag.FlagSet, e *envconfig.Env, defaultPodName string) (*Options,
 	}
 	fs.DurationVar(&o.DrainGrace, "drain-grace", grace, "time open connections get after SIGTERM, shorter than the pod's terminationGracePeriodSeconds (env DRAIN_GRACE)")
 	fs.StringVar(&o.LogLevel, "log-level", env("LOG_LEVEL", "info"), "trace|debug|info|warn|error")
-	return o, nil
+	return o, WorkerThreadsFlag(fs, e, &o.WorkerThreads)
+}
+
+// WorkerThreadsFlag registers -worker-threads (env WORKER_THREADS, default
+// 2 as Istio's ZTUNNEL_WORKER_THREADS) into p.
+func WorkerThreadsFlag(fs *flag.FlagSet, e *envconfig.Env, p *int) error {
+	v := e.Get("WORKER_THREADS", "2")
+	threads, err := strconv.Atoi(v)
+	if err != nil || threads < 1 {
+		return fmt.Errorf("bad WORKER_THREADS %q: want a whole number of threads, at least 1", v)
+	}
+	fs.IntVar(p, "worker-threads", threads, "most threads running Go code at once; one while one is enough (env WORKER_THREADS)")
+	return nil
 }
 
 // NewLogger is the proxies' console logger at level name.
@@ -173,6 +191,7 @@ func Connect(ctx context.Context, o *Options, log logr.Logger, role string, type
 // builds the data path; unprivileged is proxy.Config.Unprivileged (the
 // sidecar). Background work runs until ctx ends; Close releases the rest.
 func Start(ctx context.Context, o *Options, log logr.Logger, role string, unprivileged bool) (*Proxy, error) {
+	AdaptWorkerThreads(ctx, o.WorkerThreads, log)
 	m, err := Connect(ctx, o, log, role)
 	if err != nil {
 		return nil, err
@@ -213,6 +232,18 @@ func Start(ctx context.Context, o *Options, log logr.Logger, role string, unpriv
 	}
 	h.proxy = p
 	return &Proxy{Proxy: p, Opts: o, Log: log, Bundle: bundle, Store: store, State: state, Metrics: reg, Handler: h}, nil
+}
+
+// AdaptWorkerThreads sizes GOMAXPROCS to the load, up to limit and the
+// runtime's own default (the container's CPU limit), until ctx ends. A
+// GOMAXPROCS set in the environment is obeyed as it is.
+func AdaptWorkerThreads(ctx context.Context, limit int, log logr.Logger) {
+	if v := os.Getenv("GOMAXPROCS"); v != "" {
+		log.Info("GOMAXPROCS set in the environment: worker threads fixed", "GOMAXPROCS", v)
+		return
+	}
+	limit = min(limit, runtime.GOMAXPROCS(0))
+	go workerthreads.Run(ctx, limit, log.WithName("worker-threads"))
 }
 
 // RuntimeCollectors are the Go runtime and process metrics every proxy
