@@ -27,6 +27,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
+	"github.com/ambientmesh/ambient/proxylib/boot"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/hbone/h2"
@@ -117,6 +118,8 @@ func runChild(path string) error {
 		return err
 	}
 	go hs.Serve(ln)
+	// Threads as cmd/waypoint sizes them (its default limit).
+	boot.AdaptWorkerThreads(context.Background(), 2, logr.Discard())
 	if prof := os.Getenv("WAYPOINT_CPUPROFILE"); prof != "" {
 		pf, err := os.Create(prof)
 		if err != nil {
