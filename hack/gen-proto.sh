@@ -10,4 +10,4 @@ src=proxylib/discovery/proto
 protoc -I "$src" \
   --go_out=. --go_opt=module="$module" \
   --go-grpc_out=. --go-grpc_opt=module="$module" \
-  "$src"/workload.proto "$src"/authorization.proto "$src"/l7resource.proto "$src"/ca.proto
+  "$src"/workload.proto "$src"/authorization.proto "$src"/l7resource.proto "$src"/ca.proto "$src"/xds.proto

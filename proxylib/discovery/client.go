@@ -8,14 +8,13 @@ import (
 	"math/rand/v2"
 	"time"
 
-	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	discoverypb "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/go-logr/logr"
-	"google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/ambientmesh/ambient/proxylib/discovery/xdsapi"
 )
 
 // NodeInfo identifies the proxy to the control plane.
@@ -101,10 +100,9 @@ func (c *Client) Run(ctx context.Context) error {
 		return fmt.Errorf("discovery client: %w", err)
 	}
 	defer conn.Close()
-	ads := discoverypb.NewAggregatedDiscoveryServiceClient(conn)
 	backoff := c.cfg.MinBackoff
 	for {
-		gotResponse, err := c.session(ctx, ads)
+		gotResponse, err := c.session(ctx, conn)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -122,7 +120,7 @@ func (c *Client) Run(ctx context.Context) error {
 	}
 }
 
-func (c *Client) node() (*core.Node, error) {
+func (c *Client) node() (*xdsapi.Node, error) {
 	md, err := structpb.NewStruct(map[string]any{
 		MetaNodeName:     c.cfg.Node.NodeName,
 		MetaPodName:      c.cfg.Node.PodName,
@@ -132,14 +130,14 @@ func (c *Client) node() (*core.Node, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &core.Node{Id: c.cfg.Node.ID(), Metadata: md}, nil
+	return &xdsapi.Node{Id: c.cfg.Node.ID(), Metadata: md}, nil
 }
 
 // session runs one stream; it reports whether any response arrived.
-func (c *Client) session(ctx context.Context, ads discoverypb.AggregatedDiscoveryServiceClient) (bool, error) {
+func (c *Client) session(ctx context.Context, conn grpc.ClientConnInterface) (bool, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream, err := ads.DeltaAggregatedResources(ctx)
+	stream, err := xdsapi.OpenDeltaStream(ctx, conn)
 	if err != nil {
 		return false, err
 	}
@@ -148,7 +146,7 @@ func (c *Client) session(ctx context.Context, ads discoverypb.AggregatedDiscover
 		return false, err
 	}
 	for i, t := range c.cfg.TypeURLs {
-		req := &discoverypb.DeltaDiscoveryRequest{
+		req := &xdsapi.DeltaDiscoveryRequest{
 			TypeUrl:                 t,
 			ResourceNamesSubscribe:  []string{"*"},
 			InitialResourceVersions: c.state.Versions(t),
@@ -167,10 +165,10 @@ func (c *Client) session(ctx context.Context, ads discoverypb.AggregatedDiscover
 			return got, err
 		}
 		got = true
-		ack := &discoverypb.DeltaDiscoveryRequest{TypeUrl: resp.TypeUrl, ResponseNonce: resp.Nonce}
+		ack := &xdsapi.DeltaDiscoveryRequest{TypeUrl: resp.TypeUrl, ResponseNonce: resp.Nonce}
 		if err := c.apply(resp); err != nil {
 			c.cfg.Log.Error(err, "rejecting discovery response", "type", resp.TypeUrl, "nonce", resp.Nonce)
-			ack.ErrorDetail = &status.Status{Code: int32(codes.InvalidArgument), Message: err.Error()}
+			ack.ErrorDetail = &xdsapi.Status{Code: int32(codes.InvalidArgument), Message: err.Error()}
 		}
 		if err := stream.Send(ack); err != nil {
 			return got, err
@@ -178,7 +176,7 @@ func (c *Client) session(ctx context.Context, ads discoverypb.AggregatedDiscover
 	}
 }
 
-func (c *Client) apply(resp *discoverypb.DeltaDiscoveryResponse) error {
+func (c *Client) apply(resp *xdsapi.DeltaDiscoveryResponse) error {
 	if !c.subscribed(resp.TypeUrl) {
 		return fmt.Errorf("unexpected type %q", resp.TypeUrl)
 	}
