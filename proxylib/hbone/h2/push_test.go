@@ -16,9 +16,9 @@ import (
 
 // relayResult is what the server side's relay reported.
 type relayResult struct {
-	st          hbone.Stream
+	st           hbone.Stream
 	toUp, toDown int64
-	err         error
+	err          error
 }
 
 // recordingRelay returns a handler that relays every tunnel to its CONNECT
