@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -75,7 +76,7 @@ func TestPerf(t *testing.T) {
 	serverCPU := (cpuSeconds(t, pm.zts[1].cmd.Process.Pid) - serverCPUBefore) / wall
 	loadRSS := rss(t, zt.cmd.Process.Pid)
 
-	before := rss(t, zt.cmd.Process.Pid)
+	before, memBefore := rss(t, zt.cmd.Process.Pid), zt.memStats(t)
 	var conns []net.Conn
 	for i := 0; i < 1000; i++ {
 		c, err := pm.sleep.Dial(pm.httpbin.Addr(9101))
@@ -86,7 +87,12 @@ func TestPerf(t *testing.T) {
 		conns = append(conns, c)
 	}
 	time.Sleep(500 * time.Millisecond)
-	after := rss(t, zt.cmd.Process.Pid)
+	after, memAfter := rss(t, zt.cmd.Process.Pid), zt.memStats(t)
+	// An idle ztunnel's runtime collects at least every 2 minutes, and each
+	// collection halves stacks that idle goroutines no longer use; two
+	// forced collections show where idle tunnels settle.
+	zt.memStatsAfterGC(t)
+	memSettled := zt.memStatsAfterGC(t)
 	if out := os.Getenv("ZTUNNEL_PROFILE"); out != "" {
 		zt.fetch(t, out+".connheap", "/debug/pprof/heap")
 		zt.fetch(t, out+".goroutines", "/debug/pprof/goroutine?debug=1")
@@ -105,6 +111,10 @@ func TestPerf(t *testing.T) {
 		fmt.Sprintf("idle RSS (2 pods adopted): %.1f MB (%s)", idle/1e6, idleParts),
 		fmt.Sprintf("1000 open tunnels: client ztunnel RSS %.1f -> %.1f MB (+%.1f MB per 1000), server ztunnel RSS %.1f MB",
 			before/1e6, after/1e6, (after-before)/1e6, serverSide/1e6),
+		fmt.Sprintf("per open tunnel, client ztunnel: goroutine stacks %.1f KiB, heap %.1f KiB (Go runtime's StackInuse/HeapInuse growth / 1000)",
+			float64(memAfter["StackInuse"]-memBefore["StackInuse"])/1000/1024, float64(memAfter["HeapInuse"]-memBefore["HeapInuse"])/1000/1024),
+		fmt.Sprintf("per idle tunnel after two collections (the runtime runs one every 2 min): goroutine stacks %.1f KiB, heap %.1f KiB",
+			float64(memSettled["StackInuse"]-memBefore["StackInuse"])/1000/1024, float64(memSettled["HeapInuse"]-memBefore["HeapInuse"])/1000/1024),
 	}
 	for _, l := range report {
 		t.Log("PERF " + l)
@@ -260,6 +270,41 @@ func cpuSeconds(t *testing.T, pid int) float64 {
 	ut, _ := strconv.ParseFloat(f[11], 64)
 	st, _ := strconv.ParseFloat(f[12], 64)
 	return (ut + st) / 100 // USER_HZ
+}
+
+// memStats reads the Go runtime's memory statistics (the "# Name = value"
+// lines of the admin heap profile in text form).
+func (z *ztunnelProcess) memStats(t *testing.T) map[string]int64 {
+	return z.readMemStats(t, "/debug/pprof/heap?debug=1")
+}
+
+// memStatsAfterGC is memStats after a garbage collection.
+func (z *ztunnelProcess) memStatsAfterGC(t *testing.T) map[string]int64 {
+	return z.readMemStats(t, "/debug/pprof/heap?debug=1&gc=1")
+}
+
+func (z *ztunnelProcess) readMemStats(t *testing.T, uri string) map[string]int64 {
+	path := filepath.Join(t.TempDir(), "heap.txt")
+	z.fetch(t, path, uri)
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stats := map[string]int64{}
+	for _, l := range strings.Split(string(b), "\n") {
+		name, value, ok := strings.Cut(strings.TrimPrefix(l, "# "), " = ")
+		value, _, _ = strings.Cut(value, " / ") // "Stack = inuse / sys"
+		if name == "Stack" {
+			name = "StackInuse"
+		}
+		if v, err := strconv.ParseInt(value, 10, 64); ok && err == nil {
+			stats[name] = v
+		}
+	}
+	if stats["HeapInuse"] == 0 || stats["StackInuse"] == 0 {
+		t.Fatalf("no memory statistics from ztunnel's admin endpoint:\n%.300s", b)
+	}
+	return stats
 }
 
 // profile saves a CPU profile of the process (admin pprof) to path.
