@@ -12,6 +12,7 @@ import (
 	autoscalingv2 "k8s.io/api/autoscaling/v2"
 	corev1 "k8s.io/api/core/v1"
 	policyv1 "k8s.io/api/policy/v1"
+	schedulingv1 "k8s.io/api/scheduling/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -103,8 +104,20 @@ func quantities(kv ...string) corev1.ResourceList {
 func wantResources(t *testing.T, what string, have, want corev1.ResourceRequirements) {
 	t.Helper()
 	if !equality.Semantic.DeepEqual(have, want) {
-		t.Errorf("%s resources:\n have %v / %v\n want %v / %v", what, have.Requests, have.Limits, want.Requests, want.Limits)
+		t.Errorf("%s resources: have %s, want %s", what, fmtResources(have), fmtResources(want))
 	}
+}
+
+func fmtResources(r corev1.ResourceRequirements) string {
+	list := func(l corev1.ResourceList) string {
+		var parts []string
+		for name, q := range l {
+			parts = append(parts, string(name)+"="+q.String())
+		}
+		slices.Sort(parts)
+		return "{" + strings.Join(parts, " ") + "}"
+	}
+	return "requests " + list(r.Requests) + " limits " + list(r.Limits)
 }
 
 // The defaults when neither the AmbientMesh nor the WaypointPolicy sets
@@ -303,4 +316,93 @@ func TestWaypointScaledByHPAThroughScaleSubresource(t *testing.T) {
 func controlledByName(obj client.Object, kind, name string) bool {
 	ref := metav1.GetControllerOf(obj)
 	return ref != nil && ref.Kind == kind && ref.Name == name
+}
+
+// TestProxyResourcesFromSpec: resources set in the AmbientMesh or the
+// WaypointPolicy are used as written ({} means none); unsetting them
+// brings the defaults back.
+func TestProxyResourcesFromSpec(t *testing.T) {
+	ctx := context.Background()
+	const ns, meshNS = "wp-res-spec", "mesh-res-spec"
+	createNamespace(t, ns)
+	zt := corev1.ResourceRequirements{Requests: quantities("cpu", "50m"), Limits: quantities("memory", "512Mi")}
+	mw := corev1.ResourceRequirements{Limits: quantities("memory", "256Mi")}
+	own := corev1.ResourceRequirements{Requests: quantities("cpu", "300m", "memory", "64Mi")}
+	newMesh(t, "res-spec", meshNS, func(m *meshv1.AmbientMesh) {
+		m.Spec.Ztunnel.Resources = zt.DeepCopy()
+		m.Spec.NodeAgent.Resources = &corev1.ResourceRequirements{}
+		m.Spec.Waypoint.Resources = mw.DeepCopy()
+	})
+	for _, wp := range []*meshv1.WaypointPolicy{
+		{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "meshwide"}},
+		{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "own"}, Spec: meshv1.WaypointPolicySpec{
+			Scope: meshv1.ScopeServiceAccount, ServiceAccount: "reviews", Resources: own.DeepCopy()}},
+	} {
+		if err := k8s.Create(ctx, wp); err != nil {
+			t.Fatal(err)
+		}
+	}
+	z := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: meshNS, Name: ZtunnelName}}
+	na := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: meshNS, Name: NodeAgentName}}
+	meshwide := &appsv1.Deployment{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "meshwide"}}
+	ownDep := &appsv1.Deployment{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "own"}}
+	for _, o := range []client.Object{z, na, meshwide, ownDep} {
+		eventually(t, fmt.Sprintf("%T %s", o, o.GetName()), exists(o))
+	}
+	wantResources(t, "ztunnel", z.Spec.Template.Spec.Containers[0].Resources, zt)
+	wantResources(t, "node agent", na.Spec.Template.Spec.Containers[0].Resources, corev1.ResourceRequirements{})
+	wantResources(t, "waypoint from the mesh", meshwide.Spec.Template.Spec.Containers[0].Resources, mw)
+	wantResources(t, "waypoint with its own", ownDep.Spec.Template.Spec.Containers[0].Resources, own)
+
+	// Unset in the mesh: the defaults come back (fields the operator no
+	// longer applies are removed, not left behind).
+	if err := updateMesh(t, "res-spec", func(m *meshv1.AmbientMesh) {
+		m.Spec.Ztunnel.Resources, m.Spec.NodeAgent.Resources, m.Spec.Waypoint.Resources = nil, nil, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "defaults back", func() error {
+		for _, o := range []client.Object{z, na, meshwide} {
+			if err := exists(o)(); err != nil {
+				return err
+			}
+		}
+		for what, pair := range map[string][2]corev1.ResourceRequirements{
+			"ztunnel":    {z.Spec.Template.Spec.Containers[0].Resources, wantZtunnelDefaults},
+			"node agent": {na.Spec.Template.Spec.Containers[0].Resources, wantNodeAgentDefault},
+			"waypoint":   {meshwide.Spec.Template.Spec.Containers[0].Resources, wantWaypointDefaults},
+		} {
+			if !equality.Semantic.DeepEqual(pair[0], pair[1]) {
+				return fmt.Errorf("%s: %v / %v", what, pair[0].Requests, pair[0].Limits)
+			}
+		}
+		return nil
+	})
+}
+
+// TestNodeDaemonSetPriorityClassFromSpec: another priority class named in
+// the mesh is the one the pods are admitted with.
+func TestNodeDaemonSetPriorityClassFromSpec(t *testing.T) {
+	ctx := context.Background()
+	const meshNS = "mesh-prio-spec"
+	pc := &schedulingv1.PriorityClass{ObjectMeta: metav1.ObjectMeta{Name: "ambient-node-test"}, Value: 1000000}
+	if err := k8s.Create(ctx, pc); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = k8s.Delete(ctx, pc) })
+	newMesh(t, "prio-spec", meshNS, func(m *meshv1.AmbientMesh) {
+		m.Spec.Ztunnel.PriorityClassName = pc.Name
+		m.Spec.NodeAgent.PriorityClassName = pc.Name
+	})
+	for _, name := range []string{ZtunnelName, NodeAgentName} {
+		ds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: meshNS, Name: name}}
+		eventually(t, name, exists(ds))
+		pod, err := dryRunPod(ctx, meshNS, ds.Spec.Template)
+		if err != nil {
+			t.Fatalf("%s pod refused: %v", name, err)
+		}
+		if pod.Spec.PriorityClassName != pc.Name || ptr.Deref(pod.Spec.Priority, 0) != pc.Value {
+			t.Errorf("%s pod priority %q=%v, want %s=%d", name, pod.Spec.PriorityClassName, ptr.Deref(pod.Spec.Priority, 0), pc.Name, pc.Value)
+		}
+	}
 }
