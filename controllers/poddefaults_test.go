@@ -167,27 +167,6 @@ func TestProxyResourceDefaults(t *testing.T) {
 	}
 }
 
-// TestNodeDaemonSetPodsAreNodeCritical: ztunnel and node-agent pods are
-// admitted with the system-node-critical priority (the Priority admission
-// resolves the class), as Istio runs its node components: the last pods a
-// kubelet evicts, and able to preempt to land on a full node.
-func TestNodeDaemonSetPodsAreNodeCritical(t *testing.T) {
-	ctx := context.Background()
-	const meshNS = "mesh-prio"
-	newMesh(t, "prio", meshNS, nil)
-	for _, name := range []string{ZtunnelName, NodeAgentName} {
-		ds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: meshNS, Name: name}}
-		eventually(t, name, exists(ds))
-		pod, err := dryRunPod(ctx, meshNS, ds.Spec.Template)
-		if err != nil {
-			t.Fatalf("%s pod refused: %v", name, err)
-		}
-		if pod.Spec.PriorityClassName != "system-node-critical" || ptr.Deref(pod.Spec.Priority, 0) != 2000001000 {
-			t.Errorf("%s pod priority %q=%v, want system-node-critical=2000001000", name, pod.Spec.PriorityClassName, ptr.Deref(pod.Spec.Priority, 0))
-		}
-	}
-}
-
 // TestWaypointScaledByHPAThroughScaleSubresource: a HorizontalPodAutoscaler
 // targets a WaypointPolicy. What its controller does — read /scale for the
 // current replicas and the pods' selector, write /scale with the new
@@ -380,29 +359,42 @@ func TestProxyResourcesFromSpec(t *testing.T) {
 	})
 }
 
-// TestNodeDaemonSetPriorityClassFromSpec: another priority class named in
-// the mesh is the one the pods are admitted with.
-func TestNodeDaemonSetPriorityClassFromSpec(t *testing.T) {
+// TestNodeDaemonSetPriorityClass: ztunnel and node-agent pods are
+// admitted (the Priority admission resolves the class) as
+// system-node-critical, as Istio runs its node components: the last pods a
+// kubelet evicts, able to preempt to land on a full node; or with the
+// class the mesh names.
+func TestNodeDaemonSetPriorityClass(t *testing.T) {
 	ctx := context.Background()
-	const meshNS = "mesh-prio-spec"
-	pc := &schedulingv1.PriorityClass{ObjectMeta: metav1.ObjectMeta{Name: "ambient-node-test"}, Value: 1000000}
-	if err := k8s.Create(ctx, pc); err != nil {
+	custom := &schedulingv1.PriorityClass{ObjectMeta: metav1.ObjectMeta{Name: "ambient-node-test"}, Value: 1000000}
+	if err := k8s.Create(ctx, custom); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = k8s.Delete(ctx, pc) })
-	newMesh(t, "prio-spec", meshNS, func(m *meshv1.AmbientMesh) {
-		m.Spec.Ztunnel.PriorityClassName = pc.Name
-		m.Spec.NodeAgent.PriorityClassName = pc.Name
-	})
-	for _, name := range []string{ZtunnelName, NodeAgentName} {
-		ds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: meshNS, Name: name}}
-		eventually(t, name, exists(ds))
-		pod, err := dryRunPod(ctx, meshNS, ds.Spec.Template)
-		if err != nil {
-			t.Fatalf("%s pod refused: %v", name, err)
-		}
-		if pod.Spec.PriorityClassName != pc.Name || ptr.Deref(pod.Spec.Priority, 0) != pc.Value {
-			t.Errorf("%s pod priority %q=%v, want %s=%d", name, pod.Spec.PriorityClassName, ptr.Deref(pod.Spec.Priority, 0), pc.Name, pc.Value)
-		}
+	t.Cleanup(func() { _ = k8s.Delete(ctx, custom) })
+	for _, tc := range []struct {
+		name, class, wantClass string
+		wantPriority           int32
+	}{
+		{"default", "", "system-node-critical", 2000001000},
+		{"from the mesh", custom.Name, custom.Name, custom.Value},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			meshNS := "mesh-prio-" + strings.ReplaceAll(tc.name, " ", "-")
+			newMesh(t, "prio", meshNS, func(m *meshv1.AmbientMesh) {
+				m.Spec.Ztunnel.PriorityClassName = tc.class
+				m.Spec.NodeAgent.PriorityClassName = tc.class
+			})
+			for _, name := range []string{ZtunnelName, NodeAgentName} {
+				ds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: meshNS, Name: name}}
+				eventually(t, name, exists(ds))
+				pod, err := dryRunPod(ctx, meshNS, ds.Spec.Template)
+				if err != nil {
+					t.Fatalf("%s pod refused: %v", name, err)
+				}
+				if pod.Spec.PriorityClassName != tc.wantClass || ptr.Deref(pod.Spec.Priority, 0) != tc.wantPriority {
+					t.Errorf("%s pod priority %q=%v, want %s=%d", name, pod.Spec.PriorityClassName, ptr.Deref(pod.Spec.Priority, 0), tc.wantClass, tc.wantPriority)
+				}
+			}
+		})
 	}
 }
