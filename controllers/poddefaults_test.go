@@ -17,6 +17,12 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/discovery"
+	"k8s.io/client-go/discovery/cached/memory"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/restmapper"
+	"k8s.io/client-go/scale"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
@@ -185,7 +191,7 @@ func TestWaypointScaledByHPAThroughScaleSubresource(t *testing.T) {
 		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "waypoint"},
 		Spec: autoscalingv2.HorizontalPodAutoscalerSpec{
 			ScaleTargetRef: autoscalingv2.CrossVersionObjectReference{APIVersion: meshv1.GroupVersion.String(), Kind: "WaypointPolicy", Name: "waypoint"},
-			MinReplicas:    ptr.To[int32](2), MaxReplicas: 5,
+			MinReplicas:    ptr.To[int32](1), MaxReplicas: 3,
 			Metrics: []autoscalingv2.MetricSpec{{Type: autoscalingv2.ResourceMetricSourceType, Resource: &autoscalingv2.ResourceMetricSource{
 				Name: corev1.ResourceCPU, Target: autoscalingv2.MetricTarget{Type: autoscalingv2.UtilizationMetricType, AverageUtilization: ptr.To[int32](80)},
 			}}},
@@ -203,10 +209,11 @@ func TestWaypointScaledByHPAThroughScaleSubresource(t *testing.T) {
 
 	// The HPA controller resolves spec.scaleTargetRef to /scale: the
 	// selector must select this waypoint's pods and no other's.
-	target := &meshv1.WaypointPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: hpa.Spec.ScaleTargetRef.Name}}
-	sc := &autoscalingv1.Scale{}
+	target := scaleTargetOf(t, hpa)
+	var sc *autoscalingv1.Scale
 	eventually(t, "scale selector", func() error {
-		if err := k8s.SubResource("scale").Get(ctx, target, sc); err != nil {
+		var err error
+		if sc, err = target.get(ctx); err != nil {
 			return err
 		}
 		if sc.Status.Selector == "" {
@@ -229,9 +236,8 @@ func TestWaypointScaledByHPAThroughScaleSubresource(t *testing.T) {
 		t.Errorf("scale spec.replicas %d, want 1", sc.Spec.Replicas)
 	}
 
-	// Scale up as the HPA would (to its minimum and above).
-	sc.Spec.Replicas = 3
-	if err := k8s.SubResource("scale").Update(ctx, target, client.WithSubResourceBody(sc)); err != nil {
+	// Scale up as the HPA would under load: to its maximum.
+	if err := target.set(ctx, hpa.Spec.MaxReplicas); err != nil {
 		t.Fatalf("write /scale: %v", err)
 	}
 	eventually(t, "deployment at 3 replicas with a disruption budget", func() error {
@@ -272,7 +278,8 @@ func TestWaypointScaledByHPAThroughScaleSubresource(t *testing.T) {
 	// The Deployment's pods come up: /scale reports them.
 	setDeploymentStatus(t, ns, "waypoint", 3)
 	eventually(t, "scale status", func() error {
-		if err := k8s.SubResource("scale").Get(ctx, target, sc); err != nil {
+		sc, err := target.get(ctx)
+		if err != nil {
 			return err
 		}
 		if sc.Status.Replicas != 3 || sc.Spec.Replicas != 3 {
@@ -281,15 +288,61 @@ func TestWaypointScaledByHPAThroughScaleSubresource(t *testing.T) {
 		return nil
 	})
 
-	// Back to one replica: the budget goes (it would block every drain).
-	sc.Spec.Replicas = 1
-	if err := k8s.SubResource("scale").Update(ctx, target, client.WithSubResourceBody(sc)); err != nil {
+	// Back to its minimum, one replica: the budget goes (with one replica
+	// it would block every drain).
+	if err := target.set(ctx, *hpa.Spec.MinReplicas); err != nil {
 		t.Fatalf("write /scale: %v", err)
 	}
 	eventually(t, "disruption budget removed", gone(pdb))
 	if err := exists(dep)(); err != nil || ptr.Deref(dep.Spec.Replicas, 0) != 1 {
 		t.Errorf("deployment replicas %v (%v), want 1", ptr.Deref(dep.Spec.Replicas, 0), err)
 	}
+}
+
+// scaleTarget is an HPA's target as its controller reaches it: the
+// scaleTargetRef's apiVersion and kind mapped to a resource through
+// discovery, then read and written with client-go's scale client (/scale).
+type scaleTarget struct {
+	scales scale.ScaleInterface
+	gr     schema.GroupResource
+	name   string
+}
+
+func scaleTargetOf(t *testing.T, hpa *autoscalingv2.HorizontalPodAutoscaler) scaleTarget {
+	t.Helper()
+	ref := hpa.Spec.ScaleTargetRef
+	gv, err := schema.ParseGroupVersion(ref.APIVersion)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dc, err := discovery.NewDiscoveryClientForConfig(restConfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mapper := restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(dc))
+	mapping, err := mapper.RESTMapping(schema.GroupKind{Group: gv.Group, Kind: ref.Kind}, gv.Version)
+	if err != nil {
+		t.Fatalf("map %s %s: %v", ref.APIVersion, ref.Kind, err)
+	}
+	scales, err := scale.NewForConfig(restConfig, mapper, dynamic.LegacyAPIPathResolverFunc, scale.NewDiscoveryScaleKindResolver(dc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return scaleTarget{scales: scales.Scales(hpa.Namespace), gr: mapping.Resource.GroupResource(), name: ref.Name}
+}
+
+func (s scaleTarget) get(ctx context.Context) (*autoscalingv1.Scale, error) {
+	return s.scales.Get(ctx, s.gr, s.name, metav1.GetOptions{})
+}
+
+func (s scaleTarget) set(ctx context.Context, replicas int32) error {
+	sc, err := s.get(ctx)
+	if err != nil {
+		return err
+	}
+	sc.Spec.Replicas = replicas
+	_, err = s.scales.Update(ctx, s.gr, sc, metav1.UpdateOptions{})
+	return err
 }
 
 func controlledByName(obj client.Object, kind, name string) bool {
