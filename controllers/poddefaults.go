@@ -3,6 +3,7 @@ package controllers
 import (
 	"context"
 
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	policyv1 "k8s.io/api/policy/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -73,6 +74,9 @@ func spreadConstraints(selector *metav1.LabelSelector) []corev1.TopologySpreadCo
 		return corev1.TopologySpreadConstraint{
 			MaxSkew: 1, TopologyKey: key, WhenUnsatisfiable: corev1.ScheduleAnyway,
 			LabelSelector: selector.DeepCopy(),
+			// Spread each revision on its own: during a rollout the old
+			// pods about to go do not skew where the new ones land.
+			MatchLabelKeys: []string{appsv1.DefaultDeploymentUniqueLabelKey},
 		}
 	}
 	return []corev1.TopologySpreadConstraint{spread(corev1.LabelHostname), spread(corev1.LabelTopologyZone)}

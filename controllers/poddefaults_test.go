@@ -262,8 +262,8 @@ func TestWaypointScaledByHPAThroughScaleSubresource(t *testing.T) {
 	// still runs them all).
 	keys := map[string]bool{}
 	for _, c := range dep.Spec.Template.Spec.TopologySpreadConstraints {
-		if c.WhenUnsatisfiable != corev1.ScheduleAnyway || c.LabelSelector == nil {
-			t.Errorf("spread constraint %+v must be best effort and select the waypoint's pods", c)
+		if c.WhenUnsatisfiable != corev1.ScheduleAnyway || c.LabelSelector == nil || !slices.Equal(c.MatchLabelKeys, []string{appsv1.DefaultDeploymentUniqueLabelKey}) {
+			t.Errorf("spread constraint %+v must be best effort and select the waypoint's pods of one revision", c)
 			continue
 		}
 		if s, err := metav1.LabelSelectorAsSelector(c.LabelSelector); err != nil || !s.Matches(labels.Set(dep.Spec.Template.Labels)) {
