@@ -126,9 +126,11 @@ func (in *Ingress) adapt(pod *corev1.PodSpec) {
 		}}})
 		c.VolumeMounts = append(c.VolumeMounts, corev1.VolumeMount{Name: vol, MountPath: GatewayCertDir + "/" + m.Dir, ReadOnly: true})
 	}
-	pod.SecurityContext = &corev1.PodSecurityContext{
-		Sysctls: []corev1.Sysctl{{Name: "net.ipv4.ip_unprivileged_port_start", Value: "0"}},
+	if pod.SecurityContext == nil {
+		pod.SecurityContext = &corev1.PodSecurityContext{}
 	}
+	pod.SecurityContext.Sysctls = append(pod.SecurityContext.Sysctls,
+		corev1.Sysctl{Name: "net.ipv4.ip_unprivileged_port_start", Value: "0"})
 }
 
 func (in *Ingress) service(om metav1.ObjectMeta, name string) *corev1.Service {

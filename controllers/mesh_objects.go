@@ -268,7 +268,7 @@ func DesiredZtunnel(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 	pod := corev1.PodSpec{
 		ServiceAccountName:            ZtunnelName,
 		AutomountServiceAccountToken:  ptr.To(false),
-		PriorityClassName:             "system-node-critical",
+		PriorityClassName:             priorityClassOr(z.PriorityClassName),
 		TerminationGracePeriodSeconds: ptr.To(int64(ztunnelGracePeriod / time.Second)),
 		NodeSelector:                  z.NodeSelector,
 		Tolerations:                   nodeTolerations(mesh),
@@ -278,7 +278,7 @@ func DesiredZtunnel(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 			Image:           image,
 			ImagePullPolicy: corev1.PullIfNotPresent,
 			Env:             env,
-			Resources:       z.Resources,
+			Resources:       resourcesOr(z.Resources, ztunnelResources),
 			VolumeMounts:    mounts,
 			Ports: []corev1.ContainerPort{
 				{Name: "http-metrics", ContainerPort: proxyMetricsPort, Protocol: corev1.ProtocolTCP},
@@ -315,7 +315,7 @@ func DesiredNodeAgent(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 		// Unlike the proxies, the node agent talks to the API server (pods,
 		// namespaces, its mesh); its ServiceAccount disables automounting.
 		AutomountServiceAccountToken:  ptr.To(true),
-		PriorityClassName:             "system-node-critical",
+		PriorityClassName:             priorityClassOr(mesh.Spec.NodeAgent.PriorityClassName),
 		HostNetwork:                   true,
 		DNSPolicy:                     corev1.DNSClusterFirstWithHostNet,
 		TerminationGracePeriodSeconds: ptr.To[int64](30),
@@ -333,6 +333,7 @@ func DesiredNodeAgent(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 			Image:           image,
 			ImagePullPolicy: corev1.PullIfNotPresent,
 			Args:            []string{"node-agent"},
+			Resources:       resourcesOr(mesh.Spec.NodeAgent.Resources, nodeAgentResources),
 			Env: []corev1.EnvVar{
 				fieldEnv("NODE_NAME", "spec.nodeName"),
 				fieldEnv("POD_NAMESPACE", "metadata.namespace"),

@@ -93,6 +93,10 @@ func TestLeastPrivilege(t *testing.T) {
 		{operator, "get", "referencegrants.gateway.networking.k8s.io", "apps", "grant", true},
 		{operator, "create", "referencegrants.gateway.networking.k8s.io", "apps", "", false},
 		{operator, "delete", "referencegrants.gateway.networking.k8s.io", "apps", "grant", false},
+		// Disruption budgets of scaled waypoints (the reconciler watches them).
+		{operator, "create", "poddisruptionbudgets.policy", "apps", "", true},
+		{operator, "watch", "poddisruptionbudgets.policy", "", "", true},
+		{operator, "delete", "poddisruptionbudgets.policy", "apps", "waypoint", true},
 		{sa(ns, ZtunnelName), "create", "subjectaccessreviews.authorization.k8s.io", "", "", false},
 		{sa(ns, ZtunnelName), "get", "secrets", ns, CASecretName, false},
 		{sa(ns, ZtunnelName), "list", "secrets", ns, "", false},

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
 
@@ -32,6 +33,17 @@ func TestInvalidAmbientMeshRejected(t *testing.T) {
 		{"secret CA without secretRef", func(m *meshv1.AmbientMesh) { m.Spec.CA.Type = meshv1.CAFromSecret }, "spec.ca.secretRef is required"},
 		{"unknown transport", func(m *meshv1.AmbientMesh) { m.Spec.Ztunnel.Transport = "HTTP1" }, "spec.ztunnel.transport"},
 		{"unknown redirection", func(m *meshv1.AmbientMesh) { m.Spec.Capture.Redirection = "ebpf" }, "spec.capture.redirection"},
+		// A request above its limit would only fail later, when the
+		// DaemonSet or Deployment is applied, far from the field at fault.
+		{"ztunnel request above limit", func(m *meshv1.AmbientMesh) {
+			m.Spec.Ztunnel.Resources = &corev1.ResourceRequirements{Requests: quantities("memory", "2Gi"), Limits: quantities("memory", "1Gi")}
+		}, "spec.ztunnel.resources.requests[memory]: Invalid value: \"2Gi\": must not exceed the memory limit 1Gi"},
+		{"node agent request above limit", func(m *meshv1.AmbientMesh) {
+			m.Spec.NodeAgent.Resources = &corev1.ResourceRequirements{Requests: quantities("cpu", "2"), Limits: quantities("cpu", "500m")}
+		}, "spec.nodeAgent.resources.requests[cpu]"},
+		{"waypoint request above limit", func(m *meshv1.AmbientMesh) {
+			m.Spec.Waypoint.Resources = &corev1.ResourceRequirements{Requests: quantities("cpu", "3"), Limits: quantities("cpu", "2")}
+		}, "spec.waypoint.resources.requests[cpu]"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -92,6 +104,8 @@ func TestInvalidWaypointPolicyRejected(t *testing.T) {
 		{"namespace scope with sa", meshv1.WaypointPolicySpec{Scope: meshv1.ScopeNamespace, ServiceAccount: "x"}, "spec.serviceAccount must be empty"},
 		{"too many replicas", meshv1.WaypointPolicySpec{Replicas: ptr.To[int32](101)}, "spec.replicas"},
 		{"unknown traffic type", meshv1.WaypointPolicySpec{TrafficType: "udp"}, "spec.trafficType"},
+		{"request above limit", meshv1.WaypointPolicySpec{Resources: &corev1.ResourceRequirements{
+			Requests: quantities("memory", "2Gi"), Limits: quantities("memory", "1Gi")}}, "spec.resources.requests[memory]"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

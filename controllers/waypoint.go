@@ -5,6 +5,7 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	policyv1 "k8s.io/api/policy/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
@@ -100,7 +101,7 @@ func (w *Waypoint) applyMeshDefaults(mesh *meshv1.AmbientMesh, d Defaults) {
 	if w.Image == "" {
 		w.Image = d.WaypointImage
 	}
-	w.Resources = mesh.Spec.Waypoint.Resources
+	w.Resources = resourcesOr(mesh.Spec.Waypoint.Resources, waypointResources)
 	w.Transport = mesh.Spec.Ztunnel.Transport
 	w.LogLevel = mesh.Spec.Ztunnel.LogLevel
 }
@@ -178,18 +179,23 @@ func (w *Waypoint) waypointDeployment(mesh *meshv1.AmbientMesh) *appsv1.Deployme
 		ports = append(ports, corev1.ContainerPort{Name: "hbone-quic", ContainerPort: hbonePort, Protocol: corev1.ProtocolUDP})
 	}
 	podLabels := mergeLabels(w.labels(), map[string]string{LabelDataplaneMode: "none"})
+	selector := w.selector()
 	return &appsv1.Deployment{
 		ObjectMeta: w.meta(),
 		Spec: appsv1.DeploymentSpec{
 			Replicas: ptr.To(w.Replicas),
-			Selector: &metav1.LabelSelector{MatchLabels: map[string]string{LabelGatewayName: w.Name}},
+			Selector: selector,
 			Template: corev1.PodTemplateSpec{
 				ObjectMeta: metav1.ObjectMeta{Labels: podLabels, Annotations: map[string]string{meshRedirectionLabel: "disabled"}},
 				Spec: corev1.PodSpec{
 					ServiceAccountName:            w.ObjectName(),
 					AutomountServiceAccountToken:  ptr.To(false),
 					TerminationGracePeriodSeconds: ptr.To[int64](30),
-					Volumes:                       vols,
+					// Admitted where the namespace enforces the restricted
+					// Pod Security profile (checked in envtest).
+					SecurityContext:           restrictedPodSecurity(),
+					TopologySpreadConstraints: spreadConstraints(selector),
+					Volumes:                   vols,
 					Containers: []corev1.Container{{
 						Name: "waypoint", Image: w.Image, ImagePullPolicy: corev1.PullIfNotPresent,
 						Env: env, Ports: ports, Resources: w.Resources, VolumeMounts: mounts,
@@ -210,6 +216,19 @@ func (w *Waypoint) waypointDeployment(mesh *meshv1.AmbientMesh) *appsv1.Deployme
 			},
 		},
 	}
+}
+
+// selector selects the proxy's pods: its Deployment's, its disruption
+// budget's and (as a string) its scale subresource's.
+func (w *Waypoint) selector() *metav1.LabelSelector {
+	return &metav1.LabelSelector{MatchLabels: map[string]string{LabelGatewayName: w.Name}}
+}
+
+// DisruptionBudget is the waypoint's PodDisruptionBudget, wanted only
+// while it runs more than one replica: with one, any budget either blocks
+// every node drain or allows the outage anyway.
+func (w *Waypoint) DisruptionBudget() (pdb *policyv1.PodDisruptionBudget, wanted bool) {
+	return disruptionBudget(w.meta(), w.selector()), w.Replicas > 1
 }
 
 func (w *Waypoint) service() *corev1.Service {

@@ -8,6 +8,7 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	policyv1 "k8s.io/api/policy/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -41,6 +42,7 @@ type WaypointPolicyReconciler struct {
 
 // +kubebuilder:rbac:groups=mesh.ambient.dev,resources=waypointpolicies,verbs=get;list;watch
 // +kubebuilder:rbac:groups=mesh.ambient.dev,resources=waypointpolicies/status,verbs=get;update;patch
+// +kubebuilder:rbac:groups=policy,resources=poddisruptionbudgets,verbs=get;list;watch;create;update;patch;delete
 
 // Reconcile brings one WaypointPolicy to its desired state.
 func (r *WaypointPolicyReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
@@ -105,8 +107,31 @@ func (r *WaypointPolicyReconciler) reconcile(ctx context.Context, wp *meshv1.Way
 			return ctrl.Result{}, err
 		}
 	}
+	if taken, err := r.syncDisruptionBudget(ctx, wp, &w); err != nil {
+		return ctrl.Result{}, err
+	} else if taken != "" {
+		st.set(meshv1.ConditionReconciled, false, meshv1.ReasonConflict, taken)
+		st.set(meshv1.ConditionReady, false, meshv1.ReasonConflict, taken)
+		return ctrl.Result{RequeueAfter: r.backoff(wp, meshv1.ReasonConflict)}, nil
+	}
+	// The scale subresource's selector: what an autoscaler measures.
+	st.status.Selector = metav1.FormatLabelSelector(dep.Spec.Selector)
 	st.set(meshv1.ConditionReconciled, true, meshv1.ReasonReconciled, "waypoint objects applied")
 	return ctrl.Result{}, r.observe(ctx, wp, st)
+}
+
+// syncDisruptionBudget applies the waypoint's PodDisruptionBudget while it
+// has more than one replica and removes it otherwise. It returns a message
+// when a budget of that name is not the operator's.
+func (r *WaypointPolicyReconciler) syncDisruptionBudget(ctx context.Context, wp *meshv1.WaypointPolicy, w *Waypoint) (string, error) {
+	pdb, wanted := w.DisruptionBudget()
+	if !wanted {
+		return "", deleteOwned(ctx, r.Client, pdb, wp)
+	}
+	if taken, err := nameTaken(ctx, r.Client, pdb, wp); err != nil || taken != "" {
+		return taken, err
+	}
+	return "", apply(ctx, r.Client, pdb)
 }
 
 // nameTaken refuses to take over an object of the same name that owner
@@ -160,6 +185,7 @@ func (r *WaypointPolicyReconciler) observe(ctx context.Context, wp *meshv1.Waypo
 		st.status.Address = ip
 	}
 	st.status.ReadyReplicas = dep.Status.ReadyReplicas
+	st.status.Replicas = dep.Status.Replicas
 	want := ptr32(dep.Spec.Replicas)
 	s := dep.Status
 	switch {
@@ -252,6 +278,7 @@ func (r *WaypointPolicyReconciler) SetupWithManager(mgr ctrl.Manager) error {
 		Owns(&appsv1.Deployment{}).
 		Owns(&corev1.Service{}).
 		Owns(&corev1.ServiceAccount{}).
+		Owns(&policyv1.PodDisruptionBudget{}).
 		Watches(&meshv1.AmbientMesh{}, handler.EnqueueRequestsFromMapFunc(r.allPolicies)).
 		Complete(r)
 }

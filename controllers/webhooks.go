@@ -3,7 +3,10 @@ package controllers
 import (
 	"context"
 	"fmt"
+	"maps"
+	"slices"
 
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/util/validation/field"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -27,6 +30,9 @@ var meshGK = meshv1.GroupVersion.WithKind("AmbientMesh").GroupKind()
 
 // ValidateCreate refuses a second AmbientMesh.
 func (v *AmbientMeshValidator) ValidateCreate(ctx context.Context, mesh *meshv1.AmbientMesh) (admission.Warnings, error) {
+	if errs := meshResourceErrors(mesh); len(errs) > 0 {
+		return nil, apierrors.NewInvalid(meshGK, mesh.Name, errs)
+	}
 	list := &meshv1.AmbientMeshList{}
 	if err := v.Reader.List(ctx, list); err != nil {
 		return nil, err
@@ -45,6 +51,9 @@ func (v *AmbientMeshValidator) ValidateCreate(ctx context.Context, mesh *meshv1.
 // servers with CEL disabled and gives the fix).
 func (v *AmbientMeshValidator) ValidateUpdate(_ context.Context, old, mesh *meshv1.AmbientMesh) (admission.Warnings, error) {
 	var errs field.ErrorList
+	if mesh.DeletionTimestamp.IsZero() { // never block the finalizer's removal
+		errs = meshResourceErrors(mesh)
+	}
 	if old.Spec.TrustDomain != mesh.Spec.TrustDomain {
 		errs = append(errs, field.Forbidden(field.NewPath("spec", "trustDomain"),
 			fmt.Sprintf("changing the trust domain from %q to %q would invalidate every workload certificate; delete and re-create the AmbientMesh to change it", old.Spec.TrustDomain, mesh.Spec.TrustDomain)))
@@ -57,6 +66,31 @@ func (v *AmbientMeshValidator) ValidateUpdate(_ context.Context, old, mesh *mesh
 		return nil, apierrors.NewInvalid(meshGK, mesh.Name, errs)
 	}
 	return nil, nil
+}
+
+func meshResourceErrors(mesh *meshv1.AmbientMesh) field.ErrorList {
+	spec := field.NewPath("spec")
+	errs := resourceErrors(spec.Child("ztunnel", "resources"), mesh.Spec.Ztunnel.Resources)
+	errs = append(errs, resourceErrors(spec.Child("nodeAgent", "resources"), mesh.Spec.NodeAgent.Resources)...)
+	return append(errs, resourceErrors(spec.Child("waypoint", "resources"), mesh.Spec.Waypoint.Resources)...)
+}
+
+// resourceErrors refuses a request above its limit here, naming the field:
+// otherwise only the DaemonSet or Deployment built from it is refused, later
+// and far from the cause.
+func resourceErrors(path *field.Path, r *corev1.ResourceRequirements) field.ErrorList {
+	if r == nil {
+		return nil
+	}
+	var errs field.ErrorList
+	for _, name := range slices.Sorted(maps.Keys(r.Requests)) {
+		req, lim := r.Requests[name], r.Limits[name]
+		if _, limited := r.Limits[name]; limited && req.Cmp(lim) > 0 {
+			errs = append(errs, field.Invalid(path.Child("requests").Key(string(name)), req.String(),
+				fmt.Sprintf("must not exceed the %s limit %s", name, lim.String())))
+		}
+	}
+	return errs
 }
 
 // ValidateDelete allows deletion; the finalizer cleans up.
@@ -86,6 +120,9 @@ func (v *WaypointPolicyValidator) ValidateDelete(context.Context, *meshv1.Waypoi
 }
 
 func (v *WaypointPolicyValidator) validate(ctx context.Context, wp *meshv1.WaypointPolicy) error {
+	if errs := resourceErrors(field.NewPath("spec", "resources"), wp.Spec.Resources); len(errs) > 0 {
+		return apierrors.NewInvalid(waypointGK, wp.Name, errs)
+	}
 	list := &meshv1.WaypointPolicyList{}
 	if err := v.Reader.List(ctx, list, client.InNamespace(wp.Namespace)); err != nil {
 		return err

@@ -53,6 +53,12 @@ type AmbientMeshSpec struct {
 	// +optional
 	CA CASpec `json:"ca,omitempty"`
 
+	// NodeAgent configures the capture node-agent DaemonSet (it runs on the
+	// nodes ztunnel runs on, with ztunnel's node selector and tolerations).
+	// +kubebuilder:default={}
+	// +optional
+	NodeAgent NodeAgentSpec `json:"nodeAgent,omitempty"`
+
 	// Waypoint holds defaults for every waypoint of the mesh.
 	// +kubebuilder:default={}
 	// +optional
@@ -68,9 +74,20 @@ type ZtunnelSpec struct {
 	// Image of ztunnel. Defaults to the operator's own build.
 	// +optional
 	Image string `json:"image,omitempty"`
-	// Resources of the ztunnel container.
+	// Resources of the ztunnel container. Unset: requests cpu 200m and
+	// memory 256Mi, no limits (a node's only L4 proxy is neither throttled
+	// nor OOM-killed by a limit of its own; as Istio's ztunnel chart). Set:
+	// used as written, so {} means none. GOMEMLIMIT follows limits.memory.
 	// +optional
-	Resources corev1.ResourceRequirements `json:"resources,omitempty"`
+	Resources *corev1.ResourceRequirements `json:"resources,omitempty"`
+	// PriorityClassName of the ztunnel pods. Unset: system-node-critical,
+	// as Istio runs ztunnel: evicted last, and able to preempt other pods to
+	// run on a full node (without ztunnel a node's captured pods have no
+	// network). On GKE a class this high needs a ResourceQuota allowing it
+	// in the mesh namespace.
+	// +kubebuilder:validation:MaxLength=253
+	// +optional
+	PriorityClassName string `json:"priorityClassName,omitempty"`
 	// LogLevel of ztunnel.
 	// +kubebuilder:default=info
 	// +optional
@@ -95,6 +112,20 @@ type ZtunnelSpec struct {
 	// +kubebuilder:validation:Maximum=64
 	// +optional
 	WorkerThreads *int32 `json:"workerThreads,omitempty"`
+}
+
+// NodeAgentSpec configures the node-agent DaemonSet.
+type NodeAgentSpec struct {
+	// Resources of the node-agent container. Unset: requests cpu 100m and
+	// memory 100Mi, no limits (as Istio's CNI node agent). Set: used as
+	// written, so {} means none.
+	// +optional
+	Resources *corev1.ResourceRequirements `json:"resources,omitempty"`
+	// PriorityClassName of the node-agent pods. Unset: system-node-critical
+	// (pods cannot start on a node whose agent is missing).
+	// +kubebuilder:validation:MaxLength=253
+	// +optional
+	PriorityClassName string `json:"priorityClassName,omitempty"`
 }
 
 // RedirectionBackend selects how the node agent redirects pod traffic.
@@ -172,9 +203,12 @@ type WaypointDefaults struct {
 	// Image of the waypoint proxy. Defaults to the operator's own build.
 	// +optional
 	Image string `json:"image,omitempty"`
-	// Resources of waypoint containers.
+	// Resources of waypoint and ingress gateway containers. Unset:
+	// requests cpu 100m and memory 128Mi, limits cpu 2 and memory 1Gi (as
+	// Istio's waypoints); GOMEMLIMIT follows limits.memory. Set: used as
+	// written, so {} means none.
 	// +optional
-	Resources corev1.ResourceRequirements `json:"resources,omitempty"`
+	Resources *corev1.ResourceRequirements `json:"resources,omitempty"`
 }
 
 // AmbientMeshStatus is the observed state of the mesh.

@@ -46,13 +46,17 @@ type WaypointPolicySpec struct {
 	// +kubebuilder:default=service
 	// +optional
 	TrafficType TrafficType `json:"trafficType,omitempty"`
-	// Replicas of the waypoint Deployment.
+	// Replicas of the waypoint Deployment. The scale subresource sets it, so
+	// a HorizontalPodAutoscaler may target the WaypointPolicy. With more than
+	// one replica the waypoint gets a PodDisruptionBudget (one pod down at a
+	// time) and its pods spread over nodes and zones.
 	// +kubebuilder:default=1
 	// +kubebuilder:validation:Minimum=0
 	// +kubebuilder:validation:Maximum=100
 	// +optional
 	Replicas *int32 `json:"replicas,omitempty"`
-	// Resources of the waypoint container; defaults from the AmbientMesh.
+	// Resources of the waypoint container; unset: the AmbientMesh's
+	// spec.waypoint.resources (or its defaults). Set: used as written.
 	// +optional
 	Resources *corev1.ResourceRequirements `json:"resources,omitempty"`
 	// Transport for HBONE to and from the waypoint; defaults from the AmbientMesh.
@@ -75,11 +79,20 @@ type WaypointPolicyStatus struct {
 	// ReadyReplicas of the waypoint Deployment.
 	// +optional
 	ReadyReplicas int32 `json:"readyReplicas,omitempty"`
+	// Replicas is the Deployment's count of pods (the scale subresource's
+	// status.replicas).
+	// +optional
+	Replicas int32 `json:"replicas,omitempty"`
+	// Selector selects the waypoint's pods, as a label selector string
+	// (the scale subresource's status.selector, which an autoscaler needs
+	// to find the pods it measures).
+	// +optional
+	Selector string `json:"selector,omitempty"`
 }
 
 // +kubebuilder:object:root=true
 // +kubebuilder:subresource:status
-// +kubebuilder:subresource:scale:specpath=.spec.replicas,statuspath=.status.readyReplicas
+// +kubebuilder:subresource:scale:specpath=.spec.replicas,statuspath=.status.replicas,selectorpath=.status.selector
 // +kubebuilder:resource:shortName=wp,categories=ambient
 // +kubebuilder:printcolumn:name="Scope",type=string,JSONPath=`.spec.scope`
 // +kubebuilder:printcolumn:name="Service Account",type=string,JSONPath=`.spec.serviceAccount`
