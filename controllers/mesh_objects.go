@@ -304,11 +304,39 @@ func DesiredZtunnel(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 	return daemonSet(mesh, ZtunnelName, pod, surgeRollout)
 }
 
+// cniPlatformDirs are each platform's CNI configuration and binary
+// directories on the host (Istio's documented platform prerequisites).
+var cniPlatformDirs = map[meshv1.CNIPlatform][2]string{
+	meshv1.CNIPlatformStandard: {"/etc/cni/net.d", "/opt/cni/bin"},
+	meshv1.CNIPlatformGKE:      {"/etc/cni/net.d", "/home/kubernetes/bin"},
+	meshv1.CNIPlatformK3s:      {"/var/lib/rancher/k3s/agent/etc/cni/net.d", "/var/lib/rancher/k3s/data/current/bin"},
+	meshv1.CNIPlatformK3d:      {"/var/lib/rancher/k3s/agent/etc/cni/net.d", "/bin"},
+	meshv1.CNIPlatformMicroK8s: {"/var/snap/microk8s/current/args/cni-network", "/var/snap/microk8s/current/opt/cni/bin"},
+}
+
+// CNIDirs resolves the host's CNI configuration and binary directories:
+// the platform's, overridden by explicit ones.
+func CNIDirs(c meshv1.CNISpec) (confDir, binDir string) {
+	dirs, ok := cniPlatformDirs[c.Platform]
+	if !ok {
+		dirs = cniPlatformDirs[meshv1.CNIPlatformStandard]
+	}
+	confDir, binDir = dirs[0], dirs[1]
+	if c.ConfDir != "" {
+		confDir = c.ConfDir
+	}
+	if c.BinDir != "" {
+		binDir = c.BinDir
+	}
+	return confDir, binDir
+}
+
 // DesiredNodeAgent: the capture agent is privileged on the host network: it
 // installs the CNI plugin and config on the host, enters pod network
 // namespaces to install redirection, and passes them to ztunnel.
 func DesiredNodeAgent(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 	image := d.NodeAgentImage
+	confDir, binDir := CNIDirs(mesh.Spec.NodeAgent.CNI)
 	hostToContainer := corev1.MountPropagationHostToContainer
 	pod := corev1.PodSpec{
 		ServiceAccountName: NodeAgentName,
@@ -322,8 +350,8 @@ func DesiredNodeAgent(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 		NodeSelector:                  mesh.Spec.Ztunnel.NodeSelector,
 		Tolerations:                   nodeTolerations(mesh),
 		Volumes: []corev1.Volume{
-			hostPathVolume("cni-bin-dir", "/opt/cni/bin", corev1.HostPathDirectoryOrCreate),
-			hostPathVolume("cni-net-dir", "/etc/cni/net.d", corev1.HostPathDirectoryOrCreate),
+			hostPathVolume("cni-bin-dir", binDir, corev1.HostPathDirectoryOrCreate),
+			hostPathVolume("cni-net-dir", confDir, corev1.HostPathDirectoryOrCreate),
 			hostPathVolume("ambient-socket", ZDSSocketDir, corev1.HostPathDirectoryOrCreate),
 			hostPathVolume("host-netns", "/var/run/netns", corev1.HostPathDirectoryOrCreate),
 			hostPathVolume("host-proc", "/proc", corev1.HostPathDirectory),

@@ -126,6 +126,44 @@ type NodeAgentSpec struct {
 	// +kubebuilder:validation:MaxLength=253
 	// +optional
 	PriorityClassName string `json:"priorityClassName,omitempty"`
+	// CNI says where the node's container runtime keeps its CNI network
+	// configuration and plugin binaries, which the node agent chains into.
+	// +optional
+	CNI CNISpec `json:"cni,omitempty"`
+}
+
+// CNIPlatform names a Kubernetes distribution whose CNI directories differ
+// from the standard /etc/cni/net.d and /opt/cni/bin (as Istio's
+// global.platform and its documented cniConfDir/cniBinDir overrides).
+// +kubebuilder:validation:Enum=standard;gke;k3s;k3d;microk8s
+type CNIPlatform string
+
+const (
+	CNIPlatformStandard CNIPlatform = "standard"
+	CNIPlatformGKE      CNIPlatform = "gke"
+	CNIPlatformK3s      CNIPlatform = "k3s"
+	CNIPlatformK3d      CNIPlatform = "k3d"
+	CNIPlatformMicroK8s CNIPlatform = "microk8s"
+)
+
+// CNISpec locates the host's CNI configuration and binaries. The platform
+// gives defaults; ConfDir and BinDir, when set, override them.
+type CNISpec struct {
+	// Platform selects the distribution's directories. Unset: standard
+	// (/etc/cni/net.d and /opt/cni/bin).
+	// +optional
+	Platform CNIPlatform `json:"platform,omitempty"`
+	// ConfDir is the host directory with the CNI network configuration
+	// (.conflist or .conf) the container runtime reads.
+	// +kubebuilder:validation:Pattern=`^/[^:]*$`
+	// +kubebuilder:validation:MaxLength=4096
+	// +optional
+	ConfDir string `json:"confDir,omitempty"`
+	// BinDir is the host directory with the CNI plugin binaries.
+	// +kubebuilder:validation:Pattern=`^/[^:]*$`
+	// +kubebuilder:validation:MaxLength=4096
+	// +optional
+	BinDir string `json:"binDir,omitempty"`
 }
 
 // RedirectionBackend selects how the node agent redirects pod traffic.

@@ -1,0 +1,80 @@
+package controllers
+
+import (
+	"context"
+	"testing"
+
+	appsv1 "k8s.io/api/apps/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+)
+
+// hostPaths maps a pod's hostPath volumes by name.
+func hostPaths(ds *appsv1.DaemonSet) map[string]string {
+	out := map[string]string{}
+	for _, v := range ds.Spec.Template.Spec.Volumes {
+		if v.HostPath != nil {
+			out[v.Name] = v.HostPath.Path
+		}
+	}
+	return out
+}
+
+// The node agent mounts the distribution's CNI directories: its platform's
+// defaults, overridden by explicit directories; the paths inside the
+// container (and so its environment) do not change.
+func TestNodeAgentCNIDirectories(t *testing.T) {
+	for _, tc := range []struct {
+		name         string
+		cni          meshv1.CNISpec
+		conf, binDir string
+	}{
+		{"unset is standard", meshv1.CNISpec{}, "/etc/cni/net.d", "/opt/cni/bin"},
+		{"gke keeps binaries under /home/kubernetes", meshv1.CNISpec{Platform: meshv1.CNIPlatformGKE}, "/etc/cni/net.d", "/home/kubernetes/bin"},
+		{"k3s", meshv1.CNISpec{Platform: meshv1.CNIPlatformK3s}, "/var/lib/rancher/k3s/agent/etc/cni/net.d", "/var/lib/rancher/k3s/data/current/bin"},
+		{"k3d", meshv1.CNISpec{Platform: meshv1.CNIPlatformK3d}, "/var/lib/rancher/k3s/agent/etc/cni/net.d", "/bin"},
+		{"microk8s", meshv1.CNISpec{Platform: meshv1.CNIPlatformMicroK8s}, "/var/snap/microk8s/current/args/cni-network", "/var/snap/microk8s/current/opt/cni/bin"},
+		{"explicit directories win over the platform", meshv1.CNISpec{Platform: meshv1.CNIPlatformK3s, ConfDir: "/etc/custom/net.d", BinDir: "/usr/libexec/cni"}, "/etc/custom/net.d", "/usr/libexec/cni"},
+		{"one explicit directory keeps the other default", meshv1.CNISpec{BinDir: "/usr/libexec/cni"}, "/etc/cni/net.d", "/usr/libexec/cni"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			mesh := &meshv1.AmbientMesh{ObjectMeta: metav1.ObjectMeta{Name: "m"}, Spec: meshv1.AmbientMeshSpec{Namespace: "ambient-system"}}
+			mesh.Spec.NodeAgent.CNI = tc.cni
+			ds := DesiredNodeAgent(mesh, Defaults{NodeAgentImage: "agent:test"})
+			paths := hostPaths(ds)
+			if paths["cni-net-dir"] != tc.conf || paths["cni-bin-dir"] != tc.binDir {
+				t.Fatalf("host paths conf %q bin %q, want %q %q", paths["cni-net-dir"], paths["cni-bin-dir"], tc.conf, tc.binDir)
+			}
+			env := envMap(ds.Spec.Template.Spec.Containers[0].Env)
+			if env["CNI_CONF_DIR"] != "/host/etc/cni/net.d" || env["CNI_BIN_DIR"] != "/host/opt/cni/bin" {
+				t.Fatalf("container paths changed: %q %q", env["CNI_CONF_DIR"], env["CNI_BIN_DIR"])
+			}
+		})
+	}
+}
+
+// The API server refuses directories that are not absolute host paths and
+// platforms it does not know, and the operator renders what it accepted.
+func TestNodeAgentCNIValidation(t *testing.T) {
+	ctx := context.Background()
+	for _, bad := range []meshv1.CNISpec{
+		{ConfDir: "etc/cni/net.d"},
+		{BinDir: "../opt/cni/bin"},
+		{Platform: "openshift-next"},
+	} {
+		m := &meshv1.AmbientMesh{ObjectMeta: metav1.ObjectMeta{Name: "cni-bad"}, Spec: meshv1.AmbientMeshSpec{Namespace: "mesh-cni-bad"}}
+		m.Spec.NodeAgent.CNI = bad
+		if err := k8s.Create(ctx, m); err == nil {
+			k8s.Delete(ctx, m)
+			t.Fatalf("cni %+v accepted", bad)
+		}
+	}
+	const ns = "mesh-cni-k3s"
+	newMesh(t, "cni-k3s", ns, func(m *meshv1.AmbientMesh) { m.Spec.NodeAgent.CNI.Platform = meshv1.CNIPlatformK3s })
+	ds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: NodeAgentName}}
+	eventually(t, "node agent DaemonSet", exists(ds))
+	if got := hostPaths(ds)["cni-net-dir"]; got != "/var/lib/rancher/k3s/agent/etc/cni/net.d" {
+		t.Fatalf("k3s mesh mounts %q", got)
+	}
+}
