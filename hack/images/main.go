@@ -212,7 +212,7 @@ func buildImage(bin, cmdName, version string) (v1.Image, error) {
 	cfg.Architecture = runtime.GOARCH
 	cfg.OS = "linux"
 	cfg.Config.Entrypoint = []string{"/usr/local/bin/" + cmdName}
-	cfg.Config.Env = []string{"PATH=/usr/local/bin:/usr/bin:/bin"}
+	cfg.Config.Env = []string{"PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 	cfg.Config.WorkingDir = "/"
 	if nonrootUsers[cmdName] {
 		cfg.Config.User = "65532:65532"
@@ -223,6 +223,24 @@ func buildImage(bin, cmdName, version string) (v1.Image, error) {
 		"org.opencontainers.image.source":  "https://github.com/ambientmesh/ambient",
 	}
 	return mutate.ConfigFile(img, cfg)
+}
+
+// parents writes the directories above path not written yet, outermost
+// first.
+func parents(path string, written map[string]bool, dir func(string, int64) error) error {
+	var missing []string
+	for d := filepath.Dir(path); d != "." && d != "/"; d = filepath.Dir(d) {
+		if !written[d+"/"] {
+			missing = append(missing, d+"/")
+		}
+	}
+	for i := len(missing) - 1; i >= 0; i-- {
+		if err := dir(missing[i], 0o755); err != nil {
+			return err
+		}
+		written[missing[i]] = true
+	}
+	return nil
 }
 
 // rootfs is the image's only layer: the binary, a writable /tmp and the
@@ -254,6 +272,29 @@ func rootfs(cmdName string, binary []byte) ([]byte, error) {
 	}
 	for _, s := range steps {
 		if err := s(); err != nil {
+			return nil, err
+		}
+	}
+	tools, err := hostToolFiles(cmdName)
+	if err != nil {
+		return nil, err
+	}
+	dirs := map[string]bool{"etc/": true, "tmp/": true, "usr/": true, "usr/local/": true, "usr/local/bin/": true}
+	for _, f := range tools {
+		if err := parents(f.path, dirs, dir); err != nil {
+			return nil, err
+		}
+		if f.link != "" {
+			if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeSymlink, Name: f.path, Linkname: f.link, Mode: 0o777, ModTime: epoch, Format: tar.FormatPAX}); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		data, err := os.ReadFile(f.from)
+		if err != nil {
+			return nil, err
+		}
+		if err := file(f.path, 0o755, data); err != nil {
 			return nil, err
 		}
 	}

@@ -1,0 +1,80 @@
+package main
+
+import (
+	"archive/tar"
+	"bytes"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// extract writes a layer tar into dir (regular files, directories, symlinks).
+func extract(t *testing.T, layer []byte, dir string) {
+	t.Helper()
+	tr := tar.NewReader(bytes.NewReader(layer))
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			return
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := filepath.Join(dir, h.Name)
+		switch h.Typeflag {
+		case tar.TypeDir:
+			os.MkdirAll(p, 0o755)
+		case tar.TypeSymlink:
+			if err := os.Symlink(h.Linkname, p); err != nil {
+				t.Fatal(err)
+			}
+		case tar.TypeReg:
+			b, _ := io.ReadAll(tr)
+			if err := os.WriteFile(p, b, os.FileMode(h.Mode)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}
+
+// The node agent's image carries a working iptables-restore/-save
+// (redirection: iptables): in the image's root alone, in a fresh network
+// namespace, it loads a NAT redirect rule set like the backend's and reads
+// it back. Before, the image held only the agent's binary.
+func TestNodeAgentImageRunsIPTables(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (chroot, network namespace)")
+	}
+	layer, err := rootfs("ambient-cni", []byte("#!/bin/false\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := t.TempDir()
+	extract(t, layer, root)
+	for _, name := range []string{"iptables-restore", "iptables-save", "ip6tables-restore", "ip6tables-save"} {
+		if _, err := os.Stat(filepath.Join(root, "usr/sbin", name)); err != nil {
+			t.Fatalf("image lacks %s: %v", name, err)
+		}
+	}
+	rules := "*nat\n:AMBIENT_TEST - [0:0]\n-A PREROUTING -p tcp -j AMBIENT_TEST\n" +
+		"-A AMBIENT_TEST -p tcp -m mark --mark 0x539/0xfff -j RETURN\n" +
+		"-A AMBIENT_TEST -p tcp -j REDIRECT --to-ports 15006\nCOMMIT\n"
+	// unshare -n: the rules land in a namespace of this test's own.
+	script := "iptables-restore && iptables-save -t nat"
+	cmd := exec.Command("unshare", "-n", "--", "sh", "-c",
+		"chroot "+root+" /usr/sbin/iptables-restore && chroot "+root+" /usr/sbin/iptables-save -t nat")
+	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+	cmd.Stdin = strings.NewReader(rules)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s in the image: %v\n%s", script, err, out)
+	}
+	for _, want := range []string{"-A AMBIENT_TEST -p tcp -j REDIRECT --to-ports 15006", "--mark 0x539/0xfff"} {
+		if !strings.Contains(string(out), want) {
+			t.Fatalf("iptables-save in the image lacks %q:\n%s", want, out)
+		}
+	}
+}
