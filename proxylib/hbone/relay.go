@@ -37,6 +37,9 @@ var copyBuffers = sync.Pool{New: func() any { b := make([]byte, CopyBufferSize);
 // reset propagates instead of hanging. It returns the bytes copied a→b and
 // b→a and the first error that aborted the relay.
 func Relay(a, b HalfCloser) (aToB, bToA int64, err error) {
+	if aToB, bToA, err, ok := RelaySocketStream(a, b); ok {
+		return aToB, bToA, err
+	}
 	var wg sync.WaitGroup
 	var once sync.Once
 	var first error

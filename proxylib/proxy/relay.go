@@ -21,6 +21,13 @@ type halfCloser interface{ CloseWrite() error }
 // sent to it (up→down), and the first real error. Both connections are
 // closed on return.
 func Relay(down, up net.Conn) (received, sent int64, err error) {
+	if dh, ok := down.(hbone.HalfCloser); ok {
+		if uh, ok := up.(hbone.HalfCloser); ok {
+			if received, sent, err, ok := hbone.RelaySocketStream(dh, uh); ok {
+				return received, sent, real(err)
+			}
+		}
+	}
 	var wg sync.WaitGroup
 	var once sync.Once
 	var first error

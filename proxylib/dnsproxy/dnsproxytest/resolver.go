@@ -67,16 +67,25 @@ func Serve(t testing.TB, pc net.PacketConn, ln net.Listener) *Resolver {
 }
 
 // ServeLocal runs the resolver on 127.0.0.1 of this process's namespace.
+// The UDP port the kernel picks may be taken for TCP by another test's
+// connection, so a few ports are tried.
 func ServeLocal(t testing.TB) *Resolver {
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	var lastErr error
+	for range 20 {
+		pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln, err := net.Listen("tcp", pc.LocalAddr().String())
+		if err != nil {
+			pc.Close()
+			lastErr = err
+			continue
+		}
+		return Serve(t, pc, ln)
 	}
-	ln, err := net.Listen("tcp", pc.LocalAddr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return Serve(t, pc, ln)
+	t.Fatalf("no port free for both UDP and TCP: %v", lastErr)
+	return nil
 }
 
 // Queries is how many queries for name (any case) and qtype came over proto

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"runtime"
 	"testing"
 	"time"
 
@@ -185,4 +186,35 @@ func TestPushIntoAResetSocketResetsTheTunnel(t *testing.T) {
 	if r := <-results; r.err == nil {
 		t.Fatal("relay reported no error for a reset socket")
 	}
+}
+
+// An idle tunnel relayed into a socket costs one goroutine (the relay's
+// caller, reading the socket): the tunnel→socket direction has none while
+// idle, since received bytes are pushed and a drain runs only when needed.
+func TestIdleRelayedTunnelCostsOneGoroutine(t *testing.T) {
+	e := newEnv(t)
+	const tunnels = 50
+	base := runtime.NumGoroutine()
+	var open []hbone.Stream
+	for range tunnels {
+		st := e.dial(t, e.echo.Addr)
+		roundTrip(t, st, []byte("x")) // the relay is running and idle again
+		open = append(open, st)
+	}
+	defer func() {
+		for _, st := range open {
+			st.Close()
+		}
+	}()
+	// Per tunnel: the server's handler (relaying) and the echo server's
+	// connection goroutine; the client reads its tunnels itself.
+	var per float64
+	for range 50 {
+		per = float64(runtime.NumGoroutine()-base) / tunnels
+		if per <= 2.2 {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("%.2f goroutines per idle tunnel (handler, echo connection, relay), want about 2", per)
 }

@@ -61,7 +61,8 @@ type tunnel struct {
 	// straight into sink from the connection's reader goroutine.
 	sink     hbone.Sink
 	pushed   int64
-	draining bool // the reader holds bytes it read and has not written yet
+	draining bool   // the reader holds bytes it read and has not written yet (lazy: a drain runs)
+	pending  func() // lazy pushing: starts a drain (hbone.LazyPusher)
 
 	// Dialing side: the response to our CONNECT.
 	response chan responseResult
@@ -107,11 +108,74 @@ func (t *tunnel) setDeadline(d *deadline, at time.Time) error {
 		d.timer = time.AfterFunc(time.Until(at), func() {
 			t.mu.Lock()
 			t.cond.Broadcast()
+			kick := t.kickLocked()
 			t.mu.Unlock()
+			run(kick)
 		})
 	}
 	t.cond.Broadcast()
 	return nil
+}
+
+// kickLocked returns the lazy drain to start (t.mu held; call it after
+// unlocking) when one must run — bytes queued, the stream ended, reset or
+// past its read deadline — and none is running; nil otherwise.
+func (t *tunnel) kickLocked() func() {
+	if t.pending == nil || t.draining {
+		return nil
+	}
+	if t.recv.len() == 0 && !t.remoteEnded && t.reset == nil && !t.readDeadline.passed() {
+		return nil
+	}
+	t.draining = true
+	return t.pending
+}
+
+func run(f func()) {
+	if f != nil {
+		f()
+	}
+}
+
+// PushLazily pushes received bytes into s like PushTo and, instead of a
+// reader waiting, calls pending (no lock held) to start a drain whenever
+// bytes are queued, the stream ends or fails while no drain runs; a drain
+// calls TryRead until it reports hbone.ErrWouldBlock (hbone.LazyPusher).
+// PushLazily(nil, nil) stops both and returns the bytes pushed.
+func (t *tunnel) PushLazily(s hbone.Sink, pending func()) int64 {
+	t.mu.Lock()
+	t.sink, t.pending, t.draining = s, pending, false
+	pushed := t.pushed
+	kick := t.kickLocked()
+	t.mu.Unlock()
+	run(kick)
+	return pushed
+}
+
+// TryRead reads queued bytes without waiting. With nothing queued it
+// reports the end, the reset or a passed deadline, else
+// hbone.ErrWouldBlock, which ends the current drain.
+func (t *tunnel) TryRead(p []byte) (int, error) {
+	t.mu.Lock()
+	if t.recv.len() > 0 {
+		n := t.recv.read(p)
+		ack := t.consumedLocked(n)
+		t.mu.Unlock()
+		t.idle.touch()
+		t.c.consumed(t.id, n, ack)
+		return n, nil
+	}
+	defer t.mu.Unlock()
+	switch {
+	case t.reset != nil:
+		return 0, t.reset
+	case t.remoteEnded:
+		return 0, io.EOF
+	case t.readDeadline.passed():
+		return 0, os.ErrDeadlineExceeded
+	}
+	t.draining = false
+	return 0, hbone.ErrWouldBlock
 }
 
 func (t *tunnel) Read(p []byte) (int, error) {
@@ -285,14 +349,18 @@ func (t *tunnel) abort(code http2.ErrCode, err error, sendRST bool) {
 			t.reset = err // later local calls fail; nothing goes to the peer
 		}
 		t.cond.Broadcast()
+		kick := t.kickLocked()
 		t.mu.Unlock()
+		run(kick)
 		t.c.consumed(0, dropped, 0)
 		t.maybeRelease()
 		return
 	}
 	t.reset = err
 	t.cond.Broadcast()
+	kick := t.kickLocked()
 	t.mu.Unlock()
+	run(kick)
 	t.c.consumed(0, dropped, 0)
 	if sendRST {
 		t.c.w.control(func(fr *http2.Framer) error { return fr.WriteRSTStream(t.id, code) })
@@ -361,7 +429,9 @@ func (t *tunnel) received(p []byte, end bool) {
 	if len(p) > 0 || end || t.reset != nil {
 		t.cond.Broadcast()
 	}
+	kick := t.kickLocked()
 	t.mu.Unlock()
+	run(kick)
 	if pushed > 0 {
 		t.c.consumed(t.id, pushed, ack)
 	}
