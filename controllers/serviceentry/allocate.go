@@ -22,13 +22,19 @@ import (
 //   - addresses named in any spec.addresses are never handed out;
 //   - each allocatable host without one gets one IPv4 address from
 //     IPv4Range and one IPv6 address from IPv6Range: the first free one
-//     above the highest in use, wrapping around, so a VIP just released is
-//     not handed to another host at once (clients may still cache it);
+//     above the highest in use and above the last one handed out (cursor,
+//     kept by the caller between plans), wrapping around, so a VIP just
+//     released is not handed to another host at once (clients may still
+//     have it cached); a released address is also held for the plan that
+//     releases it;
 //   - entries that do not allocate (ShouldAutoAllocate), wildcard and
 //     removed hosts lose their addresses.
 //
 // err reports an exhausted range; the entries it could serve are planned.
-func Plan(ses []*networkingv1.ServiceEntry) (map[types.NamespacedName][]*networkingv1alpha3.ServiceEntryAddress, error) {
+func Plan(ses []*networkingv1.ServiceEntry, cursor *Cursor) (map[types.NamespacedName][]*networkingv1alpha3.ServiceEntryAddress, error) {
+	if cursor == nil {
+		cursor = &Cursor{}
+	}
 	ordered := append([]*networkingv1.ServiceEntry(nil), ses...)
 	sort.SliceStable(ordered, func(i, j int) bool {
 		a, b := ordered[i], ordered[j]
@@ -41,6 +47,8 @@ func Plan(ses []*networkingv1.ServiceEntry) (map[types.NamespacedName][]*network
 		return a.Name < b.Name
 	})
 	v4, v6 := newPool(IPv4Range), newPool(IPv6Range)
+	v4.cursor, v6.cursor = cursor.V4, cursor.V6
+	defer func() { cursor.V4, cursor.V6 = v4.cursor, v6.cursor }()
 	pool := func(ip netip.Addr) *addrPool {
 		if ip.Is4() {
 			return v4
@@ -70,6 +78,15 @@ func Plan(ses []*networkingv1.ServiceEntry) (map[types.NamespacedName][]*network
 				}
 				p.used[ip] = true
 				kept[se][h] = append(kept[se][h], ip)
+			}
+		}
+	}
+	// Addresses being released (removed hosts, entries that stopped
+	// allocating) are held for this plan.
+	for _, se := range ordered {
+		for _, a := range se.Status.GetAddresses() {
+			if ip, err := netip.ParseAddr(a.GetValue()); err == nil && pool(ip.Unmap()).prefix.Contains(ip.Unmap()) {
+				pool(ip.Unmap()).used[ip.Unmap()] = true
 			}
 		}
 	}
@@ -128,6 +145,11 @@ func sameAddresses(a, b []*networkingv1alpha3.ServiceEntryAddress) bool {
 	return true
 }
 
+// Cursor is where the next allocation of each family starts looking; the
+// allocator keeps it between plans (a restart starts above the highest
+// address in use).
+type Cursor struct{ V4, V6 netip.Addr }
+
 // addrPool hands out the free addresses of a range (its network address
 // excluded).
 type addrPool struct {
@@ -144,14 +166,14 @@ func newPool(p netip.Prefix) *addrPool {
 // wrapping to the start of the range.
 func (p *addrPool) next() (netip.Addr, error) {
 	first := p.prefix.Addr().Next()
-	start := p.cursor
-	if !start.IsValid() {
-		start = first
-		for ip := range p.used {
-			if p.prefix.Contains(ip) && start.Less(ip.Next()) {
-				start = ip.Next()
-			}
+	start := first
+	for ip := range p.used {
+		if p.prefix.Contains(ip) && start.Less(ip.Next()) {
+			start = ip.Next()
 		}
+	}
+	if p.cursor.IsValid() && p.prefix.Contains(p.cursor) && start.Less(p.cursor) {
+		start = p.cursor
 	}
 	for ip, wrapped := start, false; ; ip = ip.Next() {
 		if !ip.IsValid() || !p.prefix.Contains(ip) {

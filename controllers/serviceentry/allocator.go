@@ -30,6 +30,8 @@ type Allocator struct {
 	Log       logr.Logger
 	// Poll is how often the CRD is looked for (default 10s).
 	Poll time.Duration
+
+	cursor Cursor
 }
 
 // NeedLeaderElection: one writer.
@@ -96,7 +98,7 @@ func (a *Allocator) reconcile(ctx context.Context) error {
 	if err := a.Reader.List(ctx, &list); err != nil {
 		return err
 	}
-	plan, planErr := Plan(list.Items)
+	plan, planErr := Plan(list.Items, &a.cursor)
 	for _, se := range list.Items {
 		want, ok := plan[client.ObjectKeyFromObject(se)]
 		if !ok {
