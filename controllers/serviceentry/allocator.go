@@ -79,7 +79,7 @@ func (a *Allocator) Start(ctx context.Context) error {
 		case <-kick:
 		case <-retry.C:
 		}
-		if err := a.reconcile(ctx); err != nil {
+		if err := a.Sync(ctx); err != nil {
 			a.Log.Error(err, "allocating ServiceEntry VIPs; retrying")
 			retry.Reset(2 * time.Second)
 		}
@@ -91,9 +91,9 @@ func (a *Allocator) installed() bool {
 	return err == nil
 }
 
-// reconcile writes the planned addresses; a write that lost a race
+// Sync writes the planned addresses once; a write that lost a race
 // (conflict) is retried from the newer object by the event it causes.
-func (a *Allocator) reconcile(ctx context.Context) error {
+func (a *Allocator) Sync(ctx context.Context) error {
 	var list networkingv1.ServiceEntryList
 	if err := a.Reader.List(ctx, &list); err != nil {
 		return err
