@@ -17,7 +17,7 @@ import (
 // GVK is the ServiceEntry kind the allocator watches.
 var GVK = schema.GroupVersionKind{Group: "networking.istio.io", Version: "v1", Kind: "ServiceEntry"}
 
-// +kubebuilder:rbac:groups=networking.istio.io,resources=serviceentries/status,verbs=update;patch
+// +kubebuilder:rbac:groups=networking.istio.io,resources=serviceentries/status,verbs=update
 
 // Allocator writes auto-allocated VIPs into ServiceEntry status (Plan),
 // on the leader only. It waits for the ServiceEntry CRD, which may be
