@@ -83,7 +83,9 @@ func (r *Router) EndpointAddr(w *workloadapi.Workload) (netip.Addr, error) {
 	}
 	lookup := r.LookupHost
 	if lookup == nil {
-		lookup = func(ctx context.Context, h string) ([]netip.Addr, error) { return net.DefaultResolver.LookupNetIP(ctx, "ip", h) }
+		lookup = func(ctx context.Context, h string) ([]netip.Addr, error) {
+			return net.DefaultResolver.LookupNetIP(ctx, "ip", h)
+		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), lookupTimeout)
 	defer cancel()
