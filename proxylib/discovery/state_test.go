@@ -188,3 +188,19 @@ func TestServicesByHostname(t *testing.T) {
 		t.Fatalf("after removing both: %v (index %v)", got, s.svcByHost)
 	}
 }
+
+func TestIsKubernetesServiceHost(t *testing.T) {
+	for _, tc := range []struct {
+		name, ns, host string
+		want           bool
+	}{
+		{"httpbin", "default", "httpbin.default.svc.cluster.local", true},
+		{"httpbin", "default", "httpbin.default.svc.corp.example", true},
+		{"api", "default", "api.example.com", false},
+		{"api", "default", "api.default.example.com", false},
+	} {
+		if got := IsKubernetesServiceHost(tc.name, tc.ns, tc.host); got != tc.want {
+			t.Errorf("%s %s %s: %t", tc.name, tc.ns, tc.host, got)
+		}
+	}
+}

@@ -388,6 +388,7 @@ func (s *Server) policyTarget(dst destination) authz.Target {
 		add(s.cfg.State.WorkloadByAddr(dst.target.Addr()))
 	case dst.service != nil:
 		t.Namespace, t.ServiceName = dst.service.Namespace, dst.service.Name
+		t.ServiceEntry = !discovery.IsKubernetesServiceHost(dst.service.Name, dst.service.Namespace, dst.service.Hostname)
 		for _, ep := range s.cfg.State.Endpoints(discovery.ServiceKey(dst.service.Namespace, dst.service.Hostname)) {
 			if ep != nil && s.isMe(ep.GetWaypoint()) {
 				add(ep)
