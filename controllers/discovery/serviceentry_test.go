@@ -2,6 +2,7 @@ package discovery
 
 import (
 	"net/netip"
+	"slices"
 	"testing"
 
 	networkingv1alpha3 "istio.io/api/networking/v1alpha3"
@@ -38,18 +39,6 @@ func workloadAddrs(w *workloadapi.Workload) []string {
 		out = append(out, ip.String())
 	}
 	return out
-}
-
-func eq(a, b []string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 // TestServiceEntryResolutions: each resolution type becomes the Services
@@ -146,7 +135,7 @@ func TestServiceEntryResolutions(t *testing.T) {
 			if s.Name != tc.se.Name || s.Namespace != "app" || s.Hostname != "api.example.com" {
 				t.Fatalf("service %s/%s host %s", s.Namespace, s.Name, s.Hostname)
 			}
-			if got := addrStrings(s.Addresses); !eq(got, tc.vips) {
+			if got := addrStrings(s.Addresses); !slices.Equal(got, tc.vips) {
 				t.Fatalf("VIPs %v, want %v", got, tc.vips)
 			}
 			if got := s.GetLoadBalancing().GetMode(); got != tc.lbMode {
@@ -161,7 +150,7 @@ func TestServiceEntryResolutions(t *testing.T) {
 			}
 			for i, want := range tc.workloads {
 				got := ws[i]
-				if got.Uid != want.Uid || got.Hostname != want.Hostname || !eq(workloadAddrs(got), workloadAddrs(want)) || got.ServiceAccount != want.ServiceAccount {
+				if got.Uid != want.Uid || got.Hostname != want.Hostname || !slices.Equal(workloadAddrs(got), workloadAddrs(want)) || got.ServiceAccount != want.ServiceAccount {
 					t.Fatalf("workload %d: uid %s host %q addrs %v sa %q; want %s %q %v %q", i, got.Uid, got.Hostname, workloadAddrs(got), got.ServiceAccount,
 						want.Uid, want.Hostname, workloadAddrs(want), want.ServiceAccount)
 				}
@@ -227,7 +216,7 @@ func TestWorkloadEntryIdentityAndSelection(t *testing.T) {
 	if w.ServiceAccount != "vm-sa" || w.TrustDomain != "td.example" || w.Namespace != "app" {
 		t.Fatalf("identity %s/%s/%s", w.TrustDomain, w.Namespace, w.ServiceAccount)
 	}
-	if !eq(workloadAddrs(w), []string{"192.0.2.50"}) || w.TunnelProtocol != workloadapi.TunnelProtocol_HBONE {
+	if !slices.Equal(workloadAddrs(w), []string{"192.0.2.50"}) || w.TunnelProtocol != workloadapi.TunnelProtocol_HBONE {
 		t.Fatalf("addrs %v tunnel %v", workloadAddrs(w), w.TunnelProtocol)
 	}
 	if len(w.Services) != 1 || !portsEqual(w.Services["app/vm.example.internal"], &workloadapi.PortList{Ports: []*workloadapi.Port{{ServicePort: 443, TargetPort: 9443}, {ServicePort: 80, TargetPort: 8080}}}) {

@@ -2,6 +2,7 @@ package serviceentry
 
 import (
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -30,18 +31,6 @@ func flat(as []*networkingv1alpha3.ServiceEntryAddress) []string {
 		out = append(out, a.Host, a.Value)
 	}
 	return out
-}
-
-func same(a, b []string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func key(name string) types.NamespacedName { return types.NamespacedName{Namespace: "ns", Name: name} }
@@ -105,7 +94,7 @@ func TestPlan(t *testing.T) {
 			}
 			for name, want := range tc.want {
 				g, ok := got[key(name)]
-				if !ok || !same(flat(g), want) {
+				if !ok || !slices.Equal(flat(g), want) {
 					t.Fatalf("%s: %v, want %v", name, flat(g), want)
 				}
 			}

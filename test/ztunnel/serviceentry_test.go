@@ -5,15 +5,12 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"strings"
 	"testing"
 
 	"github.com/miekg/dns"
 	"github.com/prometheus/client_golang/prometheus"
-	"sigs.k8s.io/yaml"
 
 	"github.com/ambientmesh/ambient/proxylib/discovery"
-	"github.com/ambientmesh/ambient/proxylib/discovery/meshapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 	"github.com/ambientmesh/ambient/proxylib/waypoint"
@@ -114,7 +111,7 @@ func TestServiceEntryEgress(t *testing.T) {
 		Log: m.Logs.Logger("waypoint"), RootNamespace: meshtest.RootNamespace})
 	seService.Waypoint = &workloadapi.GatewayAddress{Destination: &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: wpVIP.AsSlice()}}, HboneMtlsPort: 15008}
 	m.CP.Service(seService)
-	pushL7(t, m, `
+	m.CP.L7(`
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: api-egress, namespace: default}
@@ -139,24 +136,4 @@ spec:
 		}
 		m.Logs.WaitFor(t, "RBAC rejected request", "notsleep")
 	})
-}
-
-// pushL7 publishes a Kubernetes object (YAML) to the waypoints as the
-// control plane does (an L7Resource holding the object as JSON).
-func pushL7(t *testing.T, m *meshtest.Mesh, y string) {
-	t.Helper()
-	js, err := yaml.YAMLToJSON([]byte(y))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var obj struct {
-		APIVersion, Kind string
-		Metadata         struct{ Name, Namespace string }
-	}
-	if err := yaml.Unmarshal([]byte(y), &obj); err != nil {
-		t.Fatal(err)
-	}
-	group, _, _ := strings.Cut(obj.APIVersion, "/")
-	res := &meshapi.L7Resource{Group: group, Kind: obj.Kind, Namespace: obj.Metadata.Namespace, Name: obj.Metadata.Name, Json: js}
-	m.CP.Push(discovery.L7ResourceType, discovery.L7Key(group, obj.Kind, obj.Metadata.Namespace, obj.Metadata.Name), res)
 }
