@@ -216,6 +216,16 @@ func TestServiceEntries(t *testing.T) {
 		}
 	})
 
+	t.Run("deleting a ServiceEntry removes its service and endpoints", func(t *testing.T) {
+		if err := s.k8s.Delete(ctx, dns); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, "dns.example.com gone", func() bool {
+			return state.ServiceByKey("se/dns.example.com") == nil &&
+				state.WorkloadByUID(xds.ServiceEntryUID("Kubernetes", "se", "dns", "dns.example.com")) == nil
+		})
+	})
+
 	t.Run("deleting the WorkloadEntry removes its workload", func(t *testing.T) {
 		if err := s.k8s.Delete(ctx, we); err != nil {
 			t.Fatal(err)
