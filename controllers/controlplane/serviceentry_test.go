@@ -216,6 +216,49 @@ func TestServiceEntries(t *testing.T) {
 		}
 	})
 
+	t.Run("an address that cannot be a VIP is reported on the entry", func(t *testing.T) {
+		bad := mk("wide", apinetworking.ServiceEntry_STATIC, "wide.example.com", func(se *networkingv1.ServiceEntry) {
+			se.Spec.Addresses = []string{"198.51.100.0/24"}
+			se.Spec.Endpoints = []*apinetworking.WorkloadEntry{{Address: "198.51.100.7"}}
+		})
+		if err := s.k8s.Create(ctx, bad); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), bad) })
+		accepted := func() (string, string) {
+			var se networkingv1.ServiceEntry
+			if err := s.k8s.Get(ctx, client.ObjectKeyFromObject(bad), &se); err != nil {
+				t.Fatal(err)
+			}
+			for _, c := range se.Status.GetConditions() {
+				if c.Type == serviceentry.ConditionAccepted {
+					return c.Status, c.Reason
+				}
+			}
+			return "", ""
+		}
+		eventually(t, "Accepted=False InvalidAddress", func() bool {
+			st, reason := accepted()
+			return st == "False" && reason == serviceentry.ReasonInvalidAddress
+		})
+		if state.ServiceByKey("se/wide.example.com") != nil {
+			t.Fatal("an entry with a /24 address is served")
+		}
+		// Fixed: the condition goes and the host is served.
+		if err := s.k8s.Get(ctx, client.ObjectKeyFromObject(bad), bad); err != nil {
+			t.Fatal(err)
+		}
+		bad.Spec.Addresses = []string{"198.51.100.1/32"}
+		if err := s.k8s.Update(ctx, bad); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, "condition removed and host served", func() bool {
+			st, _ := accepted()
+			svc := state.ServiceByKey("se/wide.example.com")
+			return st == "" && svc != nil && vipStrings(svc)["198.51.100.1"]
+		})
+	})
+
 	t.Run("deleting a ServiceEntry removes its service and endpoints", func(t *testing.T) {
 		if err := s.k8s.Delete(ctx, dns); err != nil {
 			t.Fatal(err)

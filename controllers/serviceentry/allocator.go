@@ -5,6 +5,8 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+	"google.golang.org/protobuf/types/known/timestamppb"
+	metav1alpha1 "istio.io/api/meta/v1alpha1"
 	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -20,7 +22,8 @@ var GVK = schema.GroupVersionKind{Group: "networking.istio.io", Version: "v1", K
 // +kubebuilder:rbac:groups=networking.istio.io,resources=serviceentries/status,verbs=update
 
 // Allocator writes auto-allocated VIPs into ServiceEntry status (Plan),
-// on the leader only. It waits for the ServiceEntry CRD, which may be
+// and an Accepted=False condition on entries the mesh cannot serve
+// (Problem), on the leader only. It waits for the ServiceEntry CRD, which may be
 // installed after the operator starts.
 type Allocator struct {
 	Client    client.Client // status writes
@@ -100,19 +103,49 @@ func (a *Allocator) Sync(ctx context.Context) error {
 	}
 	plan, planErr := Plan(list.Items, &a.cursor)
 	for _, se := range list.Items {
-		want, ok := plan[client.ObjectKeyFromObject(se)]
-		if !ok {
+		want, newAddrs := plan[client.ObjectKeyFromObject(se)]
+		conds, newConds := conditions(se)
+		if !newAddrs && !newConds {
 			continue
 		}
 		upd := se.DeepCopy()
-		upd.Status.Addresses = want
+		if newAddrs {
+			upd.Status.Addresses = want
+		}
+		upd.Status.Conditions = conds
 		if err := a.Client.Status().Update(ctx, upd); err != nil && !apierrors.IsConflict(err) && !apierrors.IsNotFound(err) {
 			return err
 		}
-		a.Log.V(1).Info("ServiceEntry VIPs", "serviceentry", client.ObjectKeyFromObject(se).String(), "addresses", len(want))
+		a.Log.V(1).Info("ServiceEntry status", "serviceentry", client.ObjectKeyFromObject(se).String(), "addresses", len(upd.Status.Addresses), "problem", Problem(se))
 	}
 	if planErr != nil {
 		a.Log.Error(planErr, "ServiceEntry VIP range")
 	}
 	return nil
+}
+
+// conditions are se's status conditions with ours (ConditionAccepted)
+// set to False when Problem reports one and removed otherwise; changed
+// reports whether that differs from what se has. Other writers'
+// conditions are kept.
+func conditions(se *networkingv1.ServiceEntry) ([]*metav1alpha1.IstioCondition, bool) {
+	problem := Problem(se)
+	var out []*metav1alpha1.IstioCondition
+	var ours *metav1alpha1.IstioCondition
+	for _, c := range se.Status.GetConditions() {
+		if c.GetType() == ConditionAccepted {
+			ours = c
+			continue
+		}
+		out = append(out, c)
+	}
+	if problem == "" {
+		return out, ours != nil
+	}
+	if ours != nil && ours.GetStatus() == "False" && ours.GetReason() == ReasonInvalidAddress &&
+		ours.GetMessage() == problem && ours.GetObservedGeneration() == se.Generation {
+		return se.Status.GetConditions(), false
+	}
+	return append(out, &metav1alpha1.IstioCondition{Type: ConditionAccepted, Status: "False", Reason: ReasonInvalidAddress,
+		Message: problem, ObservedGeneration: se.Generation, LastTransitionTime: timestamppb.Now()}), true
 }

@@ -6,6 +6,7 @@
 package serviceentry
 
 import (
+	"fmt"
 	"net/netip"
 	"strings"
 
@@ -74,4 +75,23 @@ func AllocatableHosts(se *networkingv1.ServiceEntry) []string {
 		}
 	}
 	return out
+}
+
+// Condition the allocator sets on a ServiceEntry the mesh cannot serve
+// (False with ReasonInvalidAddress); removed once the entry is fixed.
+const (
+	ConditionAccepted    = "Accepted"
+	ReasonInvalidAddress = "InvalidAddress"
+)
+
+// Problem says why the mesh cannot serve se ("" when it can): an address
+// that is not an IP or a single-address CIDR (a wider CIDR cannot be a
+// VIP; the entry is skipped, as Istio's ambient control plane skips it).
+func Problem(se *networkingv1.ServiceEntry) string {
+	for i, a := range se.Spec.Addresses {
+		if _, ok := HostAddress(a); !ok {
+			return fmt.Sprintf("spec.addresses[%d] %q is not an IP address or a single-address CIDR; ambient serves only VIPs, so this entry is not served", i, a)
+		}
+	}
+	return ""
 }
