@@ -172,3 +172,47 @@ func TestPoolExhausted(t *testing.T) {
 		t.Fatalf("a /30 gave a fourth address %s", ip)
 	}
 }
+
+// TestOverlayWritten: while the cache still shows the version an
+// allocation replaced, the next plan sees the allocation (a new entry does
+// not get the same address); once the cache shows a newer version, the
+// cache wins and the write is forgotten.
+func TestOverlayWritten(t *testing.T) {
+	a := &Allocator{}
+	first := se("first", 0, []string{"f.example"})
+	first.ResourceVersion = "5"
+	plan, err := Plan([]*networkingv1.ServiceEntry{first}, &a.cursor)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.written = map[types.NamespacedName]writtenStatus{key("first"): {replaced: "5", addresses: plan[key("first")]}}
+	// A second entry arrives; the cache still has first at version 5 without
+	// status. A fresh cursor stands for any state that forgot the write.
+	second := se("second", 1, []string{"s.example"})
+	items := []*networkingv1.ServiceEntry{first, second}
+	a.overlayWritten(items)
+	if len(first.Status.Addresses) != 0 {
+		t.Fatal("overlay modified the cached object")
+	}
+	plan2, err := Plan(items, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, rewrites := plan2[key("first")]; rewrites {
+		t.Fatalf("first replanned: %v", flat(plan2[key("first")]))
+	}
+	for _, a2 := range plan2[key("second")] {
+		for _, a1 := range plan[key("first")] {
+			if a1.Value == a2.Value {
+				t.Fatalf("%s handed out twice while the cache lagged", a1.Value)
+			}
+		}
+	}
+	// The cache catches up (newer version): the write is forgotten.
+	caught := first.DeepCopy()
+	caught.ResourceVersion = "6"
+	a.overlayWritten([]*networkingv1.ServiceEntry{caught})
+	if len(a.written) != 0 {
+		t.Fatalf("write still overlaid after the cache caught up: %v", a.written)
+	}
+}

@@ -7,10 +7,12 @@ import (
 	"github.com/go-logr/logr"
 	"google.golang.org/protobuf/types/known/timestamppb"
 	metav1alpha1 "istio.io/api/meta/v1alpha1"
+	networkingv1alpha3 "istio.io/api/networking/v1alpha3"
 	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
 	toolscache "k8s.io/client-go/tools/cache"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -35,6 +37,16 @@ type Allocator struct {
 	Poll time.Duration
 
 	cursor Cursor
+	// written: the statuses this allocator wrote, by entry, with the
+	// resourceVersion they replaced; while the cache still shows that
+	// version, the plan uses what was written (no address handed out twice
+	// because the cache lags our own writes).
+	written map[types.NamespacedName]writtenStatus
+}
+
+type writtenStatus struct {
+	replaced  string
+	addresses []*networkingv1alpha3.ServiceEntryAddress
 }
 
 // NeedLeaderElection: one writer.
@@ -101,6 +113,7 @@ func (a *Allocator) Sync(ctx context.Context) error {
 	if err := a.Reader.List(ctx, &list); err != nil {
 		return err
 	}
+	a.overlayWritten(list.Items)
 	plan, planErr := Plan(list.Items, &a.cursor)
 	for _, se := range list.Items {
 		want, newAddrs := plan[client.ObjectKeyFromObject(se)]
@@ -113,15 +126,49 @@ func (a *Allocator) Sync(ctx context.Context) error {
 			upd.Status.Addresses = want
 		}
 		upd.Status.Conditions = conds
-		if err := a.Client.Status().Update(ctx, upd); err != nil && !apierrors.IsConflict(err) && !apierrors.IsNotFound(err) {
+		if err := a.Client.Status().Update(ctx, upd); err != nil {
+			if apierrors.IsConflict(err) || apierrors.IsNotFound(err) {
+				continue
+			}
 			return err
 		}
+		if a.written == nil {
+			a.written = map[types.NamespacedName]writtenStatus{}
+		}
+		a.written[client.ObjectKeyFromObject(se)] = writtenStatus{replaced: se.ResourceVersion, addresses: upd.Status.Addresses}
 		a.Log.V(1).Info("ServiceEntry status", "serviceentry", client.ObjectKeyFromObject(se).String(), "addresses", len(upd.Status.Addresses), "problem", Problem(se))
 	}
 	if planErr != nil {
 		a.Log.Error(planErr, "ServiceEntry VIP range")
 	}
 	return nil
+}
+
+// overlayWritten replaces, in the listed entries, the statuses the cache
+// has not caught up with by what this allocator wrote (on copies), and
+// forgets writes the cache shows.
+func (a *Allocator) overlayWritten(items []*networkingv1.ServiceEntry) {
+	seen := map[types.NamespacedName]bool{}
+	for i, se := range items {
+		key := client.ObjectKeyFromObject(se)
+		seen[key] = true
+		w, ok := a.written[key]
+		if !ok {
+			continue
+		}
+		if se.ResourceVersion != w.replaced {
+			delete(a.written, key)
+			continue
+		}
+		cp := se.DeepCopy()
+		cp.Status.Addresses = w.addresses
+		items[i] = cp
+	}
+	for key := range a.written {
+		if !seen[key] {
+			delete(a.written, key)
+		}
+	}
 }
 
 // conditions are se's status conditions with ours (ConditionAccepted)
