@@ -7,6 +7,7 @@ import (
 	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/ambientmesh/ambient/controllers/serviceentry"
 	"github.com/ambientmesh/ambient/controllers/waypointbind"
@@ -217,12 +218,44 @@ func buildWorkloadEntry(mc meshConfig, v *namespaceView, we *networkingv1.Worklo
 	if b, ok := waypointbind.ForWorkload(v.scope(we.Namespace), lbls, sa); ok {
 		w.Waypoint = gatewayAddress(mc, v, b.Namespace, b.Name)
 	}
-	if ses := selectingServiceEntries(v, lbls); len(ses) > 0 {
-		w.Services = map[string]*workloadapi.PortList{}
-		addServiceEntryServices(w.Services, ses, we.Spec.Ports)
-	}
+	w.Services = workloadEntryServices(mc, v, lbls, we.Spec.Ports)
 	w.AuthorizationPolicies = workloadPolicies(mc, v, we.Namespace, lbls)
 	return w
+}
+
+// workloadEntryServices: the ServiceEntries and (as Istio does by
+// default) the Kubernetes Services of the namespace whose selectors match
+// the entry's labels; a Service's named target port is looked up in the
+// entry's ports (left out when it has none).
+func workloadEntryServices(mc meshConfig, v *namespaceView, lbls map[string]string, named map[string]uint32) map[string]*workloadapi.PortList {
+	out := map[string]*workloadapi.PortList{}
+	for _, svc := range v.services {
+		if svc.Spec.Type == corev1.ServiceTypeExternalName || len(svc.Spec.Selector) == 0 ||
+			!labels.SelectorFromSet(svc.Spec.Selector).Matches(labels.Set(lbls)) {
+			continue
+		}
+		pl := &workloadapi.PortList{}
+		for _, p := range svc.Spec.Ports {
+			if p.Protocol != "" && p.Protocol != corev1.ProtocolTCP {
+				continue
+			}
+			target := uint32(p.TargetPort.IntValue())
+			if p.TargetPort.Type == intstr.String {
+				if target = named[p.TargetPort.StrVal]; target == 0 {
+					continue
+				}
+			} else if target == 0 {
+				target = uint32(p.Port)
+			}
+			pl.Ports = append(pl.Ports, &workloadapi.Port{ServicePort: uint32(p.Port), TargetPort: target})
+		}
+		out[xds.ServiceKey(svc.Namespace, mc.hostname(svc.Namespace, svc.Name))] = pl
+	}
+	addServiceEntryServices(out, selectingServiceEntries(v, lbls), named)
+	if len(out) == 0 {
+		return nil
+	}
+	return out
 }
 
 func setAddressOrHostname(w *workloadapi.Workload, address string) {

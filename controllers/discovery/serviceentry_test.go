@@ -9,6 +9,7 @@ import (
 	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/ambientmesh/ambient/controllers/waypointbind"
 	xds "github.com/ambientmesh/ambient/proxylib/discovery"
@@ -207,7 +208,12 @@ func TestWorkloadEntryIdentityAndSelection(t *testing.T) {
 	we.Spec.Labels = map[string]string{"app": "vm", "istio.io/use-waypoint": "wp"}
 	we.Spec.Ports = map[string]uint32{"https": 9443}
 	wp := &waypoint{Namespace: "app", Name: "wp", TrafficType: waypointbind.TrafficAll}
-	v := view(nil, []*waypoint{wp}, map[string]string{"app/wp": "10.96.0.9"})
+	// A Kubernetes Service selecting the VM too (Istio's default), with a
+	// named target port the entry declares and one it does not.
+	k8sSvc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "vm", Namespace: "app"}, Spec: corev1.ServiceSpec{
+		Selector: map[string]string{"app": "vm"}, Ports: []corev1.ServicePort{
+			{Port: 8443, TargetPort: intstr.FromString("https")}, {Port: 9000, TargetPort: intstr.FromString("metrics")}, {Port: 7000}}}}
+	v := view(nil, []*waypoint{wp}, map[string]string{"app/wp": "10.96.0.9"}, k8sSvc)
 	v.serviceEntries = []*networkingv1.ServiceEntry{se, other}
 	w := buildWorkloadEntry(testMesh, v, we)
 	if w.Uid != xds.WorkloadEntryUID("Kubernetes", "app", "vm-1") || w.Uid != "Kubernetes/networking.istio.io/WorkloadEntry/app/vm-1" {
@@ -219,7 +225,8 @@ func TestWorkloadEntryIdentityAndSelection(t *testing.T) {
 	if !slices.Equal(workloadAddrs(w), []string{"192.0.2.50"}) || w.TunnelProtocol != workloadapi.TunnelProtocol_HBONE {
 		t.Fatalf("addrs %v tunnel %v", workloadAddrs(w), w.TunnelProtocol)
 	}
-	if len(w.Services) != 1 || !portsEqual(w.Services["app/vm.example.internal"], &workloadapi.PortList{Ports: []*workloadapi.Port{{ServicePort: 443, TargetPort: 9443}, {ServicePort: 80, TargetPort: 8080}}}) {
+	if len(w.Services) != 2 || !portsEqual(w.Services["app/vm.example.internal"], &workloadapi.PortList{Ports: []*workloadapi.Port{{ServicePort: 443, TargetPort: 9443}, {ServicePort: 80, TargetPort: 8080}}}) ||
+		!portsEqual(w.Services["app/vm.app.svc.cluster.local"], &workloadapi.PortList{Ports: []*workloadapi.Port{{ServicePort: 8443, TargetPort: 9443}, {ServicePort: 7000, TargetPort: 7000}}}) {
 		t.Fatalf("services %v", w.Services)
 	}
 	if w.Waypoint == nil || w.Waypoint.GetAddress() == nil {
