@@ -153,9 +153,10 @@ type Cursor struct{ V4, V6 netip.Addr }
 // addrPool hands out the free addresses of a range (its network address
 // excluded).
 type addrPool struct {
-	prefix netip.Prefix
-	used   map[netip.Addr]bool
-	cursor netip.Addr // where the next search starts, once known
+	prefix  netip.Prefix
+	used    map[netip.Addr]bool
+	cursor  netip.Addr // where the next search starts
+	started bool       // cursor placed for this plan
 }
 
 func newPool(p netip.Prefix) *addrPool {
@@ -166,14 +167,23 @@ func newPool(p netip.Prefix) *addrPool {
 // wrapping to the start of the range.
 func (p *addrPool) next() (netip.Addr, error) {
 	first := p.prefix.Addr().Next()
-	start := first
-	for ip := range p.used {
-		if p.prefix.Contains(ip) && start.Less(ip.Next()) {
-			start = ip.Next()
+	if !p.started {
+		// Once per plan: above the highest in use, or the caller's cursor
+		// when that is higher; afterwards the cursor moves on.
+		p.started = true
+		high := first
+		for ip := range p.used {
+			if p.prefix.Contains(ip) && high.Less(ip.Next()) {
+				high = ip.Next()
+			}
+		}
+		if !p.cursor.IsValid() || !p.prefix.Contains(p.cursor) || p.cursor.Less(high) {
+			p.cursor = high
 		}
 	}
-	if p.cursor.IsValid() && p.prefix.Contains(p.cursor) && start.Less(p.cursor) {
-		start = p.cursor
+	start := p.cursor
+	if !start.IsValid() || !p.prefix.Contains(start) {
+		start = first
 	}
 	for ip, wrapped := start, false; ; ip = ip.Next() {
 		if !ip.IsValid() || !p.prefix.Contains(ip) {
