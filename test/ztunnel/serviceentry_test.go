@@ -1,17 +1,22 @@
 package ztunnel
 
 import (
+	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/miekg/dns"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 	"github.com/ambientmesh/ambient/proxylib/waypoint"
 	"github.com/ambientmesh/ambient/test/meshtest"
@@ -135,5 +140,84 @@ spec:
 			t.Fatalf("notsleep GET /allowed: %d %q, want 403 from the waypoint", code, body)
 		}
 		m.Logs.WaitFor(t, "RBAC rejected request", "notsleep")
+	})
+}
+
+// TestWorkloadEntryVM: a VM outside the cluster running its own HBONE
+// endpoint (as a VM with a ztunnel does) is a mesh workload through its
+// WorkloadEntry: a captured pod reaches it by the VIP of the ServiceEntry
+// selecting it over mTLS, ztunnel expecting the WorkloadEntry's service
+// account as the VM's identity; when discovery names another identity,
+// ztunnel refuses the VM's certificate.
+func TestWorkloadEntryVM(t *testing.T) {
+	m := meshtest.New(t, 1)
+	m.SyncAll()
+	vm := m.Cluster.AddExternal("vm")
+	vmID := identity.Identity{TrustDomain: m.CA.TrustDomain, Namespace: meshtest.Namespace, ServiceAccount: "vm-sa"}
+	certs := identity.NewStaticSource(m.CA.TrustDomain, m.CA.Roots())
+	certs.Set(vmID, m.CA.Issue(t, vmID))
+	f, err := vm.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := meshtest.Transport(t, certs).NewServer(f, "", vmID, hbone.HandlerFunc(
+		func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
+			s, err := resp.Accept()
+			if err != nil {
+				return
+			}
+			fmt.Fprintf(s, "vm: %s from %s", req.Target, req.Peer)
+			s.CloseWrite()
+			io.Copy(io.Discard, s)
+			s.Close()
+		}))
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve()
+	t.Cleanup(func() { srv.Close() })
+
+	const host = "vm.example.internal"
+	vip := netip.MustParseAddrPort("240.240.0.2:80")
+	seKey := discovery.ServiceKey(meshtest.Namespace, host)
+	// As the control plane builds a WorkloadEntry with the ambient
+	// redirection annotation, selected by a STATIC ServiceEntry.
+	we := &workloadapi.Workload{
+		Uid:  discovery.WorkloadEntryUID(meshtest.ClusterID, meshtest.Namespace, "vm-1"),
+		Name: "vm-1", Namespace: meshtest.Namespace, Addresses: [][]byte{vm.IP.AsSlice()}, TrustDomain: m.CA.TrustDomain,
+		ServiceAccount: "vm-sa", ClusterId: meshtest.ClusterID, WorkloadType: workloadapi.WorkloadType_POD, WorkloadName: "vm-1",
+		TunnelProtocol: workloadapi.TunnelProtocol_HBONE, Status: workloadapi.WorkloadStatus_HEALTHY,
+		Services: map[string]*workloadapi.PortList{seKey: {Ports: []*workloadapi.Port{{ServicePort: 80, TargetPort: 8080}}}},
+	}
+	m.CP.Workload(we)
+	m.CP.Service(&workloadapi.Service{Name: "vm-svc", Namespace: meshtest.Namespace, Hostname: host,
+		Addresses: []*workloadapi.NetworkAddress{{Address: vip.Addr().AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 80, TargetPort: 8080}}})
+	sleep := m.AddPod(m.Nodes[0], "sleep-1", "sleep", true)
+
+	read := func() (string, error) {
+		c, err := sleep.Dial(vip)
+		if err != nil {
+			return "", err
+		}
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		b, err := io.ReadAll(c)
+		return string(b), err
+	}
+	t.Run("reached over HBONE with the WorkloadEntry's identity", func(t *testing.T) {
+		got, err := read()
+		if want := "vm: " + netip.AddrPortFrom(vm.IP, 8080).String() + " from " + sleep.ID().String(); err != nil || got != want {
+			t.Fatalf("got %q %v, want %q", got, err, want)
+		}
+		m.Logs.WaitFor(t, "using HBONE via "+vm.IP.String()+":15008")
+	})
+	t.Run("another identity in discovery: the VM's certificate is refused", func(t *testing.T) {
+		we.ServiceAccount = "not-the-vm"
+		m.CP.Workload(we)
+		if got, err := read(); err == nil && got != "" {
+			t.Fatalf("got %q: ztunnel accepted a peer whose identity discovery does not name", got)
+		}
+		m.Logs.WaitFor(t, "dst.identity=spiffe://"+m.CA.TrustDomain+"/ns/default/sa/not-the-vm", "peer identity is not an expected destination identity")
 	})
 }
