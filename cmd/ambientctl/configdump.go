@@ -56,7 +56,7 @@ func writeWorkloads(w io.Writer, ws []Workload) error {
 	for _, wl := range ws {
 		ip := strings.Join(wl.Addresses, ",")
 		if ip == "" {
-			ip = "None"
+			ip = orNone(wl.Hostname) // resolved by the proxy when used
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", wl.Name, wl.Namespace, ip, orNone(wl.Node), orNone(wl.Waypoint), orNone(wl.Protocol))
 	}
@@ -87,7 +87,11 @@ func writeServices(w io.Writer, ss []Service) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 1, ' ', 0)
 	fmt.Fprintln(tw, "NAMESPACE\tSERVICE NAME\tSERVICE VIP\tWAYPOINT\tENDPOINTS")
 	for _, s := range ss {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\n", s.Namespace, s.Name, orNone(strings.Join(s.Addresses, ",")), orNone(s.Waypoint), s.Endpoints)
+		name := s.Name
+		if s.Hostname != "" && !strings.HasPrefix(s.Hostname, s.Name+"."+s.Namespace+".svc.") {
+			name = s.Hostname // a ServiceEntry host: one row per host
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\n", s.Namespace, name, orNone(strings.Join(s.Addresses, ",")), orNone(s.Waypoint), s.Endpoints)
 	}
 	return tw.Flush()
 }

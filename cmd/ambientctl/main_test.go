@@ -344,3 +344,37 @@ func TestDNSTable(t *testing.T) {
 		t.Fatalf("without a DNS section: %q, %v", buf.String(), err)
 	}
 }
+
+// TestServiceEntryRows: a ServiceEntry host is listed by host (an entry
+// with two hosts gives two distinguishable rows) with its VIPs, a
+// Kubernetes Service by name; a workload known by hostname shows it.
+func TestServiceEntryRows(t *testing.T) {
+	var buf bytes.Buffer
+	err := writeServices(&buf, []Service{
+		{Name: "httpbin", Namespace: "ambient-demo", Hostname: "httpbin.ambient-demo.svc.cluster.local", Addresses: []string{"10.96.0.5"}, Endpoints: 1},
+		{Name: "ext", Namespace: "egress", Hostname: "api.example.com", Addresses: []string{"240.240.0.1", "2001:2::1"}, Waypoint: "egress/waypoint", Endpoints: 1},
+		{Name: "ext", Namespace: "egress", Hostname: "www.example.com", Addresses: []string{"240.240.0.2", "2001:2::2"}, Endpoints: 1},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimRight(buf.String(), "\n"), "\n")
+	want := [][]string{
+		{"NAMESPACE", "SERVICE", "NAME", "SERVICE", "VIP", "WAYPOINT", "ENDPOINTS"},
+		{"ambient-demo", "httpbin", "10.96.0.5", "None", "1"},
+		{"egress", "api.example.com", "240.240.0.1,2001:2::1", "egress/waypoint", "1"},
+		{"egress", "www.example.com", "240.240.0.2,2001:2::2", "None", "1"},
+	}
+	for i, w := range want {
+		if got := strings.Fields(lines[i]); !reflect.DeepEqual(got, w) {
+			t.Errorf("row %d = %q, want %q", i, got, w)
+		}
+	}
+	buf.Reset()
+	if err := writeWorkloads(&buf, []Workload{{Name: "ext", Namespace: "egress", Hostname: "api.example.com", Protocol: "TCP"}}); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Fields(strings.Split(buf.String(), "\n")[1]); !reflect.DeepEqual(got, []string{"ext", "egress", "api.example.com", "None", "None", "TCP"}) {
+		t.Errorf("hostname workload row %q", got)
+	}
+}

@@ -18,6 +18,7 @@ import (
 	"github.com/go-logr/logr"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	securityv1beta1 "istio.io/client-go/pkg/apis/security/v1beta1"
 	corev1 "k8s.io/api/core/v1"
@@ -32,6 +33,7 @@ import (
 	"github.com/ambientmesh/ambient/controllers/discovery"
 	"github.com/ambientmesh/ambient/controllers/httpauth"
 	"github.com/ambientmesh/ambient/controllers/proxyauth"
+	"github.com/ambientmesh/ambient/controllers/serviceentry"
 	"github.com/ambientmesh/ambient/proxylib/ca"
 	"github.com/ambientmesh/ambient/proxylib/caclient/capb"
 	"github.com/ambientmesh/ambient/proxylib/kubeevents"
@@ -106,14 +108,20 @@ func SetupWithManager(mgr ctrl.Manager, o Options) (*ControlPlane, error) {
 	if err := cp.Discovery.Register(context.Background(), mgr.GetCache(), mgr.GetRESTMapper()); err != nil {
 		return nil, err
 	}
+	// ServiceEntry VIPs are allocated by the leader and kept in status.
+	if err := mgr.Add(&serviceentry.Allocator{Client: mgr.GetClient(), Reader: mgr.GetCache(), Informers: mgr.GetCache(),
+		Mapper: mgr.GetRESTMapper(), Log: o.Log.WithName("serviceentry-vips")}); err != nil {
+		return nil, err
+	}
 	return cp, mgr.Add(cp)
 }
 
 // AddToScheme registers the kinds the control plane watches besides the
-// operator's own: Istio security (v1, v1beta1) and the Gateway API (v1,
-// and v1beta1 for ReferenceGrants).
+// operator's own: Istio security (v1, v1beta1), Istio networking's
+// ServiceEntry and WorkloadEntry (v1) and the Gateway API (v1, and v1beta1
+// for ReferenceGrants).
 func AddToScheme(s *runtime.Scheme) error {
-	for _, add := range []func(*runtime.Scheme) error{securityv1.AddToScheme, securityv1beta1.AddToScheme, gwv1.Install, gwv1beta1.Install} {
+	for _, add := range []func(*runtime.Scheme) error{securityv1.AddToScheme, securityv1beta1.AddToScheme, networkingv1.AddToScheme, gwv1.Install, gwv1beta1.Install} {
 		if err := add(s); err != nil {
 			return err
 		}
@@ -129,6 +137,7 @@ func AddToScheme(s *runtime.Scheme) error {
 // +kubebuilder:rbac:groups=authentication.k8s.io,resources=tokenreviews,verbs=create
 // +kubebuilder:rbac:groups=authorization.k8s.io,resources=subjectaccessreviews,verbs=create
 // +kubebuilder:rbac:groups=security.istio.io,resources=authorizationpolicies;peerauthentications,verbs=get;list;watch
+// +kubebuilder:rbac:groups=networking.istio.io,resources=serviceentries;workloadentries,verbs=get;list;watch
 // +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=gateways;httproutes;grpcroutes;referencegrants,verbs=get;list;watch
 // +kubebuilder:rbac:groups=mesh.ambient.dev,resources=ambientmeshes;waypointpolicies,verbs=get;list;watch
 // +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch

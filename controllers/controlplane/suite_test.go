@@ -14,6 +14,7 @@ import (
 	"github.com/go-logr/logr"
 	"github.com/go-logr/zapr"
 	"go.uber.org/zap"
+	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	securityv1beta1 "istio.io/client-go/pkg/apis/security/v1beta1"
 	appsv1 "k8s.io/api/apps/v1"
@@ -75,7 +76,7 @@ func TestMain(m *testing.M) {
 func testScheme() *runtime.Scheme {
 	sch := runtime.NewScheme()
 	for _, add := range []func(*runtime.Scheme) error{
-		clientgoscheme.AddToScheme, meshv1.AddToScheme, securityv1.AddToScheme, securityv1beta1.AddToScheme, gwv1.Install, gwv1beta1.Install,
+		clientgoscheme.AddToScheme, meshv1.AddToScheme, securityv1.AddToScheme, networkingv1.AddToScheme, securityv1beta1.AddToScheme, gwv1.Install, gwv1beta1.Install,
 	} {
 		if err := add(sch); err != nil {
 			panic(err)

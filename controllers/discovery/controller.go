@@ -18,6 +18,7 @@ import (
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/go-logr/logr"
 	"google.golang.org/protobuf/proto"
+	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -98,6 +99,7 @@ type Controller struct {
 
 	// optional kinds, watched once their CRDs are installed
 	hasIstio, hasGateway, hasClasses, hasRoutes, hasGrants atomic.Bool
+	hasNetworking                                          atomic.Bool
 	informers                                              cache.Informers
 	mapper                                                 meta.RESTMapper
 	pending                                                []*optionalSource
@@ -176,6 +178,8 @@ var (
 	referenceGrantGVK = schema.GroupVersionKind{Group: gwv1.GroupName, Version: "v1beta1", Kind: "ReferenceGrant"}
 	authzPolicyGV     = schema.GroupVersionKind{Group: "security.istio.io", Version: "v1", Kind: "AuthorizationPolicy"}
 	peerAuthnGVK      = schema.GroupVersionKind{Group: "security.istio.io", Version: "v1", Kind: "PeerAuthentication"}
+	serviceEntryGVK   = schema.GroupVersionKind{Group: "networking.istio.io", Version: "v1", Kind: "ServiceEntry"}
+	workloadEntryGVK  = schema.GroupVersionKind{Group: "networking.istio.io", Version: "v1", Kind: "WorkloadEntry"}
 )
 
 func installed(mapper meta.RESTMapper, gvk schema.GroupVersionKind) bool {
@@ -216,6 +220,11 @@ func (c *Controller) Register(ctx context.Context, informers cache.Informers, ma
 	c.pending = []*optionalSource{
 		{name: "istio-security", gvks: []schema.GroupVersionKind{authzPolicyGV, peerAuthnGVK},
 			objs: []client.Object{&securityv1.AuthorizationPolicy{}, &securityv1.PeerAuthentication{}}, enabled: &c.hasIstio},
+		// ServiceEntries select pods and WorkloadEntries of their own
+		// namespace only: a change recomputes that namespace.
+		{name: "istio-networking", gvks: []schema.GroupVersionKind{serviceEntryGVK, workloadEntryGVK},
+			objs:    []client.Object{&networkingv1.ServiceEntry{}, &networkingv1.WorkloadEntry{}},
+			handler: c.handler(func(o, _ client.Object) { c.markNamespace(o.GetNamespace(), false) }), enabled: &c.hasNetworking},
 		{name: "gateways", gvks: []schema.GroupVersionKind{gatewayGVK}, objs: []client.Object{&gwv1.Gateway{}},
 			handler: c.handler(func(client.Object, client.Object) { c.markFull() }), enabled: &c.hasGateway},
 		// GatewayClasses decide which Gateways are ingress gateways
@@ -681,6 +690,9 @@ func (b *build) runFull() error {
 			return err
 		}
 	}
+	if err := b.allNetworking(); err != nil {
+		return err
+	}
 	b.authz[xds.PolicyKey(b.mc.RootNamespace, policy.StaticStrictPolicyName)] = policy.StaticStrictPolicy(b.mc.RootNamespace)
 	if b.c.hasIstio.Load() {
 		var aps securityv1.AuthorizationPolicyList
@@ -828,6 +840,22 @@ func (b *build) view(ns string) (*namespaceView, error) {
 			}
 		}
 	}
+	if b.c.hasNetworking.Load() {
+		var ses networkingv1.ServiceEntryList
+		if err := b.c.reader.List(b.ctx, &ses, client.InNamespace(ns), noCopy); err != nil {
+			return nil, err
+		}
+		for _, se := range ses.Items {
+			if se.DeletionTimestamp == nil {
+				v.serviceEntries = append(v.serviceEntries, se)
+			}
+		}
+		var wes networkingv1.WorkloadEntryList
+		if err := b.c.reader.List(b.ctx, &wes, client.InNamespace(ns), noCopy); err != nil {
+			return nil, err
+		}
+		v.workloadEntries = wes.Items
+	}
 	if b.c.hasIstio.Load() {
 		for _, n := range uniq(ns, b.mc.RootNamespace) {
 			var aps securityv1.AuthorizationPolicyList
@@ -876,11 +904,18 @@ func (b *build) namespace(ns string) error {
 		return err
 	}
 	// Everything previously known in ns is in scope, so vanished objects go.
-	prefix := xds.PodUID(b.mc.ClusterID, ns, "")
+	prefixes := []string{
+		xds.PodUID(b.mc.ClusterID, ns, ""), ns + "/",
+		xds.WorkloadEntryUID(b.mc.ClusterID, ns, ""),
+		strings.TrimSuffix(xds.ServiceEntryUID(b.mc.ClusterID, ns, "", ""), "/"),
+	}
 	b.c.curMu.RLock()
 	for name := range b.c.current[xds.AddressType] {
-		if strings.HasPrefix(name, prefix) || strings.HasPrefix(name, ns+"/") {
-			b.addrScope[name] = struct{}{}
+		for _, p := range prefixes {
+			if strings.HasPrefix(name, p) {
+				b.addrScope[name] = struct{}{}
+				break
+			}
 		}
 	}
 	b.c.curMu.RUnlock()
@@ -898,7 +933,63 @@ func (b *build) namespace(ns string) error {
 			return err
 		}
 	}
+	b.addNetworking(v)
 	return nil
+}
+
+// allNetworking adds the ServiceEntries and WorkloadEntries of every
+// namespace that has any (full build).
+func (b *build) allNetworking() error {
+	if !b.c.hasNetworking.Load() {
+		return nil
+	}
+	namespaces := map[string]bool{}
+	var ses networkingv1.ServiceEntryList
+	if err := b.c.reader.List(b.ctx, &ses, noCopy); err != nil {
+		return err
+	}
+	for _, se := range ses.Items {
+		namespaces[se.Namespace] = true
+	}
+	var wes networkingv1.WorkloadEntryList
+	if err := b.c.reader.List(b.ctx, &wes, noCopy); err != nil {
+		return err
+	}
+	for _, we := range wes.Items {
+		namespaces[we.Namespace] = true
+	}
+	for ns := range namespaces {
+		v, err := b.view(ns)
+		if err != nil {
+			return err
+		}
+		b.addNetworking(v)
+	}
+	return nil
+}
+
+// addNetworking adds the Services and Workloads of a namespace's
+// ServiceEntries and WorkloadEntries.
+func (b *build) addNetworking(v *namespaceView) {
+	add := func(name string, a *workloadapi.Address) {
+		b.addresses[name] = a
+		if b.addrScope != nil {
+			b.addrScope[name] = struct{}{}
+		}
+	}
+	for _, se := range v.serviceEntries {
+		for _, s := range buildServiceEntryServices(b.mc, v, se) {
+			add(xds.ServiceKey(s.Namespace, s.Hostname), &workloadapi.Address{Type: &workloadapi.Address_Service{Service: s}})
+		}
+		for _, w := range buildServiceEntryWorkloads(b.mc, v, se) {
+			add(w.Uid, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: w}})
+		}
+	}
+	for _, we := range v.workloadEntries {
+		if w := buildWorkloadEntry(b.mc, v, we); w != nil {
+			add(w.Uid, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: w}})
+		}
+	}
 }
 
 func (b *build) pod(key types.NamespacedName) error {

@@ -5,6 +5,7 @@ import (
 	"sort"
 	"strings"
 
+	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -60,6 +61,9 @@ type namespaceView struct {
 	waypoints map[string]*waypoint              // by name
 	authz     []*securityv1.AuthorizationPolicy // this namespace and the root namespace
 	peerAuthn []*securityv1.PeerAuthentication  // this namespace and the root namespace
+	// Istio networking objects of this namespace (loaded when installed).
+	serviceEntries  []*networkingv1.ServiceEntry
+	workloadEntries []*networkingv1.WorkloadEntry
 	// lookupWaypoint resolves a waypoint of another namespace.
 	lookupWaypoint func(namespace, name string) *waypoint
 	// waypointService returns the Service of a waypoint, or nil.
@@ -146,28 +150,16 @@ func buildWorkload(mc meshConfig, v *namespaceView, pod *corev1.Pod) *workloadap
 		w.Waypoint = workloadWaypoint(mc, v, pod, sa)
 	}
 	w.Services = podServices(mc, v, pod)
-	w.AuthorizationPolicies = workloadPolicies(mc, v, pod)
+	w.AuthorizationPolicies = workloadPolicies(mc, v, pod.Namespace, pod.Labels)
 	return w
 }
 
 func canonicalName(pod *corev1.Pod) string {
-	for _, k := range []string{"service.istio.io/canonical-name", "app.kubernetes.io/name", "app"} {
-		if v := pod.Labels[k]; v != "" {
-			return v
-		}
-	}
 	_, name := workloadOwner(pod)
-	return name
+	return canonicalFromLabels(pod.Labels, name)
 }
 
-func canonicalRevision(pod *corev1.Pod) string {
-	for _, k := range []string{"service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"} {
-		if v := pod.Labels[k]; v != "" {
-			return v
-		}
-	}
-	return "latest"
-}
+func canonicalRevision(pod *corev1.Pod) string { return revisionFromLabels(pod.Labels) }
 
 // workloadOwner derives the telemetry workload from the controller owner
 // (a ReplicaSet "<deployment>-<hash>" counts as its Deployment).
@@ -256,6 +248,9 @@ func podServices(mc meshConfig, v *namespaceView, pod *corev1.Pod) map[string]*w
 		}
 		out[xds.ServiceKey(svc.Namespace, mc.hostname(svc.Namespace, svc.Name))] = pl
 	}
+	if ses := selectingServiceEntries(v, pod.Labels); len(ses) > 0 {
+		addServiceEntryServices(out, ses, podServiceEntryPorts(pod))
+	}
 	if len(out) == 0 {
 		return nil
 	}
@@ -310,23 +305,23 @@ func resolveTargetPort(p corev1.ServicePort, pod *corev1.Pod) (uint32, bool) {
 }
 
 // workloadPolicies lists the selector policies (own namespace and root
-// namespace) that select pod and have an L4 form, plus its effective
-// PeerAuthentication policies.
-func workloadPolicies(mc meshConfig, v *namespaceView, pod *corev1.Pod) []string {
+// namespace) that select a workload's labels and have an L4 form, plus its
+// effective PeerAuthentication policies.
+func workloadPolicies(mc meshConfig, v *namespaceView, namespace string, lbls map[string]string) []string {
 	var out []string
 	for _, ap := range v.authz {
 		sel := ap.Spec.GetSelector().GetMatchLabels()
-		if len(sel) == 0 || (ap.Namespace != pod.Namespace && ap.Namespace != mc.RootNamespace) {
+		if len(sel) == 0 || (ap.Namespace != namespace && ap.Namespace != mc.RootNamespace) {
 			continue
 		}
-		if !labels.SelectorFromSet(sel).Matches(labels.Set(pod.Labels)) {
+		if !labels.SelectorFromSet(sel).Matches(labels.Set(lbls)) {
 			continue
 		}
 		if policy.TranslateAuthorizationPolicy(mc.RootNamespace, ap) != nil {
 			out = append(out, xds.PolicyKey(ap.Namespace, ap.Name))
 		}
 	}
-	out = append(out, policy.WorkloadPeerAuthenticationKeys(mc.RootNamespace, pod.Namespace, pod.Labels, v.peerAuthn)...)
+	out = append(out, policy.WorkloadPeerAuthenticationKeys(mc.RootNamespace, namespace, lbls, v.peerAuthn)...)
 	sort.Strings(out)
 	return out
 }

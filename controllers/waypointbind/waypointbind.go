@@ -176,7 +176,14 @@ func ForService(s Scope, svc *corev1.Service) (Binding, bool) {
 	if _, own := s.Local[svc.Name]; own || svc.Labels[GatewayNameLabel] != "" || svc.Labels[WaypointNameLabel] != "" {
 		return Binding{}, false
 	}
-	if b, found := s.labelled(svc.Labels); found {
+	return ForServiceEntry(s, svc.Labels)
+}
+
+// ForServiceEntry applies a Service's rules to a ServiceEntry (Istio binds
+// both alike): its label, its namespace's label, the namespace waypoint
+// when it handles service traffic.
+func ForServiceEntry(s Scope, labels map[string]string) (Binding, bool) {
+	if b, found := s.labelled(labels); found {
 		return b, b.Name != ""
 	}
 	return s.namespaceRules((*Waypoint).ForServices)
@@ -186,7 +193,13 @@ func ForService(s Scope, svc *corev1.Service) (Binding, bool) {
 // waypoint of its service account, its namespace's label, the namespace
 // waypoint when it handles workload traffic.
 func ForPod(s Scope, pod *corev1.Pod, serviceAccount string) (Binding, bool) {
-	if b, found := s.labelled(pod.Labels); found {
+	return ForWorkload(s, pod.Labels, serviceAccount)
+}
+
+// ForWorkload applies the pod rules to any workload (a WorkloadEntry) by
+// its labels and service account.
+func ForWorkload(s Scope, labels map[string]string, serviceAccount string) (Binding, bool) {
+	if b, found := s.labelled(labels); found {
 		return b, b.Name != ""
 	}
 	if w := s.serviceAccountWaypoint(serviceAccount); w != nil {

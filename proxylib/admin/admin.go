@@ -155,7 +155,7 @@ func Dump(cfg Config) ConfigDump {
 
 func workload(s *discovery.State, w *workloadapi.Workload) Workload {
 	out := Workload{Name: w.GetName(), Namespace: w.GetNamespace(), UID: w.GetUid(), Addresses: ips(w.GetAddresses()),
-		Node: w.GetNode(), ServiceAccount: w.GetServiceAccount(), Waypoint: waypointName(s, w.GetWaypoint()),
+		Hostname: w.GetHostname(), Node: w.GetNode(), ServiceAccount: w.GetServiceAccount(), Waypoint: waypointName(s, w.GetWaypoint()),
 		Protocol: "TCP", Status: "Healthy"}
 	if w.GetTunnelProtocol() == workloadapi.TunnelProtocol_HBONE {
 		out.Protocol = "HBONE"

@@ -242,11 +242,29 @@ func TestApplies(t *testing.T) {
 		{`{metadata: {name: svc, namespace: ambient-demo}, spec: {targetRefs: [{kind: Service, name: httpbin}]}}`, true},
 		{`{metadata: {name: svc2, namespace: ambient-demo}, spec: {targetRefs: [{kind: Service, name: echo}]}}`, false},
 		{`{metadata: {name: cls, namespace: istio-system}, spec: {targetRefs: [{kind: GatewayClass, group: gateway.networking.k8s.io, name: istio-waypoint}]}}`, true},
+		// A Service is not a ServiceEntry of the same name.
+		{`{metadata: {name: se, namespace: ambient-demo}, spec: {targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: httpbin}]}}`, false},
 	}
 	for _, tc := range tests {
 		p := policy(t, tc.y)
 		if got := Applies(p, tgt); got != tc.want {
 			t.Errorf("%s: Applies=%v want %v", p.key(), got, tc.want)
+		}
+	}
+	// Addressed to a ServiceEntry host: ServiceEntry-targeted policies
+	// apply, Service-targeted ones of the same name do not.
+	se := tgt
+	se.ServiceName, se.ServiceEntry = "api", true
+	if !Applies(policy(t, `{metadata: {name: se, namespace: ambient-demo}, spec: {targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: api}]}}`), se) {
+		t.Error("ServiceEntry policy did not apply to its host")
+	}
+	for _, y := range []string{
+		`{metadata: {name: svc, namespace: ambient-demo}, spec: {targetRefs: [{kind: Service, name: api}]}}`,
+		`{metadata: {name: se, namespace: ambient-demo}, spec: {targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: other}]}}`,
+		`{metadata: {name: se, namespace: other}, spec: {targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: api}]}}`,
+	} {
+		if p := policy(t, y); Applies(p, se) {
+			t.Errorf("%s applied to ServiceEntry api", p.key())
 		}
 	}
 	// Addressed to a pod: Service-targeted policies do not apply.

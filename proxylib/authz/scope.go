@@ -5,8 +5,10 @@ package authz
 type Target struct {
 	// Namespace of the destination (service or workload).
 	Namespace string
-	// ServiceName is set when the client addressed a Service.
-	ServiceName string
+	// ServiceName is set when the client addressed a Service (or a
+	// ServiceEntry host: ServiceEntry is true).
+	ServiceName  string
+	ServiceEntry bool
 	// WaypointName/WaypointNamespace name this waypoint's Gateway (or
 	// WaypointPolicy): policies with targetRef kind Gateway bind to it.
 	WaypointName      string
@@ -20,11 +22,15 @@ type Target struct {
 	RootNamespace string
 }
 
-const gatewayGroup = "gateway.networking.k8s.io"
+const (
+	gatewayGroup    = "gateway.networking.k8s.io"
+	networkingGroup = "networking.istio.io"
+)
 
 // Applies reports whether policy p binds to the target:
 //   - targetRef(s): kind Gateway naming this waypoint, kind Service naming
-//     the addressed Service, or kind GatewayClass istio-waypoint (root ns);
+//     the addressed Service, kind ServiceEntry naming the addressed
+//     ServiceEntry, or kind GatewayClass istio-waypoint (root ns);
 //   - selector: the destination workload is selected (per discovery);
 //   - neither: the policy's namespace is the destination's or the root.
 func Applies(p *Policy, t Target) bool {
@@ -44,7 +50,11 @@ func Applies(p *Policy, t Target) bool {
 					return true
 				}
 			case r.Kind == "Service" && (r.Group == "" || r.Group == "core"):
-				if t.ServiceName != "" && r.Name == t.ServiceName && ns == t.Namespace {
+				if t.ServiceName != "" && !t.ServiceEntry && r.Name == t.ServiceName && ns == t.Namespace {
+					return true
+				}
+			case r.Kind == "ServiceEntry" && r.Group == networkingGroup:
+				if t.ServiceName != "" && t.ServiceEntry && r.Name == t.ServiceName && ns == t.Namespace {
 					return true
 				}
 			case r.Kind == "GatewayClass" && r.Group == gatewayGroup:

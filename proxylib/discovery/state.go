@@ -39,6 +39,7 @@ type State struct {
 	wlByAddr   map[netip.Addr]string            // address -> uid (STANDARD network mode only)
 	services   map[string]*workloadapi.Service  // by "<ns>/<hostname>"
 	svcByVIP   map[netip.Addr]string            // VIP -> service key
+	svcByHost  map[string]map[string]struct{}   // hostname -> service keys
 	endpoints  map[string]map[string]struct{}   // service key -> workload uids
 	policies   map[string]*security.Authorization
 	l7         map[string]*meshapi.L7Resource
@@ -56,6 +57,7 @@ func NewState(typeURLs ...string) *State {
 		wlByAddr:   map[netip.Addr]string{},
 		services:   map[string]*workloadapi.Service{},
 		svcByVIP:   map[netip.Addr]string{},
+		svcByHost:  map[string]map[string]struct{}{},
 		endpoints:  map[string]map[string]struct{}{},
 		policies:   map[string]*security.Authorization{},
 		l7:         map[string]*meshapi.L7Resource{},
@@ -322,6 +324,10 @@ func (s *State) remove(typeURL, name string) {
 					delete(s.svcByVIP, ip.Unmap())
 				}
 			}
+			delete(s.svcByHost[svc.Hostname], name)
+			if len(s.svcByHost[svc.Hostname]) == 0 {
+				delete(s.svcByHost, svc.Hostname)
+			}
 			delete(s.services, name)
 		}
 	case AuthorizationType:
@@ -342,6 +348,10 @@ func (s *State) insert(typeURL string, d decoded) {
 		s.indexWorkload(d.workload)
 	case d.service != nil:
 		s.services[d.name] = d.service
+		if s.svcByHost[d.service.Hostname] == nil {
+			s.svcByHost[d.service.Hostname] = map[string]struct{}{}
+		}
+		s.svcByHost[d.service.Hostname][d.name] = struct{}{}
 		for _, a := range d.service.Addresses {
 			if ip, ok := netip.AddrFromSlice(a.Address); ok {
 				s.svcByVIP[ip.Unmap()] = d.name
@@ -411,6 +421,23 @@ func (s *State) ServiceByKey(key string) *workloadapi.Service {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	return s.services[key]
+}
+
+// ServicesByHostname returns the services with this hostname (a
+// ServiceEntry host may be declared in several namespaces), sorted by key.
+func (s *State) ServicesByHostname(host string) []*workloadapi.Service {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	keys := make([]string, 0, len(s.svcByHost[host]))
+	for k := range s.svcByHost[host] {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	out := make([]*workloadapi.Service, 0, len(keys))
+	for _, k := range keys {
+		out = append(out, s.services[k])
+	}
+	return out
 }
 
 // Endpoints returns the workloads backing the service key, sorted by uid.

@@ -160,3 +160,47 @@ func TestServiceAccountMatchesBecomePrincipals(t *testing.T) {
 		}
 	}
 }
+
+// TestServicesByHostname: a ServiceEntry host declared in two namespaces
+// is found in both, in key order, and forgotten as each goes.
+func TestServicesByHostname(t *testing.T) {
+	s := NewState(AddressType)
+	svc := func(ns string) Resource {
+		m := &workloadapi.Address{Type: &workloadapi.Address_Service{Service: &workloadapi.Service{Name: "ext", Namespace: ns, Hostname: "api.example.com"}}}
+		return Resource{Name: ServiceKey(ns, "api.example.com"), Version: "1", Body: anyOf(t, AddressType, m)}
+	}
+	if err := s.Apply(AddressType, []Resource{svc("b"), svc("a")}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.ServicesByHostname("api.example.com"); len(got) != 2 || got[0].Namespace != "a" || got[1].Namespace != "b" {
+		t.Fatalf("ServicesByHostname = %v", got)
+	}
+	if err := s.Apply(AddressType, nil, []string{ServiceKey("a", "api.example.com")}); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.ServicesByHostname("api.example.com"); len(got) != 1 || got[0].Namespace != "b" {
+		t.Fatalf("after removing a: %v", got)
+	}
+	if err := s.Apply(AddressType, nil, []string{ServiceKey("b", "api.example.com")}); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.ServicesByHostname("api.example.com"); len(got) != 0 || len(s.svcByHost) != 0 {
+		t.Fatalf("after removing both: %v (index %v)", got, s.svcByHost)
+	}
+}
+
+func TestIsKubernetesServiceHost(t *testing.T) {
+	for _, tc := range []struct {
+		name, ns, host string
+		want           bool
+	}{
+		{"httpbin", "default", "httpbin.default.svc.cluster.local", true},
+		{"httpbin", "default", "httpbin.default.svc.corp.example", true},
+		{"api", "default", "api.example.com", false},
+		{"api", "default", "api.default.example.com", false},
+	} {
+		if got := IsKubernetesServiceHost(tc.name, tc.ns, tc.host); got != tc.want {
+			t.Errorf("%s %s %s: %t", tc.name, tc.ns, tc.host, got)
+		}
+	}
+}

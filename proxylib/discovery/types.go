@@ -6,10 +6,14 @@
 // istio.security), so names and type URLs match Istio's:
 //
 //	Workload       <cluster>//Pod/<namespace>/<name>   (Address type)
+//	               <cluster>/networking.istio.io/WorkloadEntry/<namespace>/<name>
+//	               <cluster>/networking.istio.io/ServiceEntry/<namespace>/<name>/<address>
 //	Service        <namespace>/<hostname>                (Address type)
 //	Authorization  <namespace>/<name>
 //	L7Resource     <group>/<kind>/<namespace>/<name>
 package discovery
+
+import "strings"
 
 // Type URLs of the resources the control plane serves.
 const (
@@ -52,4 +56,23 @@ func PodUID(cluster, namespace, name string) string {
 // L7Key is the resource name of an L7Resource.
 func L7Key(group, kind, namespace, name string) string {
 	return group + "/" + kind + "/" + namespace + "/" + name
+}
+
+// WorkloadEntryUID is the workload uid of a WorkloadEntry, as Istio spells it.
+func WorkloadEntryUID(cluster, namespace, name string) string {
+	return cluster + "/networking.istio.io/WorkloadEntry/" + namespace + "/" + name
+}
+
+// ServiceEntryUID is the workload uid of one endpoint of a ServiceEntry
+// (inline endpoint or, for DNS resolution without endpoints, one host),
+// keyed by its address as Istio does.
+func ServiceEntryUID(cluster, namespace, name, address string) string {
+	return cluster + "/networking.istio.io/ServiceEntry/" + namespace + "/" + name + "/" + address
+}
+
+// IsKubernetesServiceHost reports whether hostname is a Kubernetes
+// Service's (<name>.<namespace>.svc.<domain>), as opposed to a
+// ServiceEntry host.
+func IsKubernetesServiceHost(name, namespace, hostname string) bool {
+	return strings.HasPrefix(hostname, name+"."+namespace+".svc.")
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"sort"
 	"strconv"
 	"sync"
 	"testing"
@@ -28,6 +29,20 @@ type fakeServices struct {
 
 func (f *fakeServices) ServiceByKey(k string) *workloadapi.Service { return f.svcs[k] }
 func (f *fakeServices) Endpoints(k string) []*workloadapi.Workload { return f.endpoints[k] }
+func (f *fakeServices) ServicesByHostname(h string) []*workloadapi.Service {
+	var keys []string
+	for k, svc := range f.svcs {
+		if svc.Hostname == h {
+			keys = append(keys, k)
+		}
+	}
+	sort.Strings(keys)
+	var out []*workloadapi.Service
+	for _, k := range keys {
+		out = append(out, f.svcs[k])
+	}
+	return out
+}
 
 func (f *fakeServices) add(name, ns string, ips ...string) string {
 	host := name + "." + ns + ".svc.cluster.local"
@@ -48,7 +63,26 @@ func testServices() *fakeServices {
 		{Uid: "a", Addresses: [][]byte{netip.MustParseAddr("10.244.1.7").AsSlice()}, Status: workloadapi.WorkloadStatus_HEALTHY},
 		{Uid: "b", Addresses: [][]byte{netip.MustParseAddr("10.244.1.8").AsSlice()}, Status: workloadapi.WorkloadStatus_UNHEALTHY},
 	}
+	// ServiceEntry hosts: auto-allocated VIPs of both families; one
+	// without VIPs answered with its static endpoint; one with neither
+	// (resolution NONE); one host declared in two namespaces.
+	f.addHost("api.example.com", "egress", "240.240.0.1", "2001:2::1")
+	key = f.addHost("static.example.com", "default")
+	f.endpoints[key] = []*workloadapi.Workload{{Uid: "s", Addresses: [][]byte{netip.MustParseAddr("192.0.2.10").AsSlice()}, Status: workloadapi.WorkloadStatus_HEALTHY}}
+	f.addHost("none.example.com", "default")
+	f.addHost("dup.example.com", "aaa", "240.240.0.2")
+	f.addHost("dup.example.com", "default", "240.240.0.3")
 	return f
+}
+
+// addHost adds a ServiceEntry host's service.
+func (f *fakeServices) addHost(host, ns string, ips ...string) string {
+	svc := &workloadapi.Service{Name: "se", Namespace: ns, Hostname: host}
+	for _, ip := range ips {
+		svc.Addresses = append(svc.Addresses, &workloadapi.NetworkAddress{Address: netip.MustParseAddr(ip).AsSlice()})
+	}
+	f.svcs[discovery.ServiceKey(ns, host)] = svc
+	return discovery.ServiceKey(ns, host)
 }
 
 // recorder is a dns.ResponseWriter that keeps what was written.
@@ -188,6 +222,15 @@ func TestResolve(t *testing.T) {
 		{dnsproxytest.External, dns.TypeAAAA, dns.RcodeSuccess, []string{dnsproxytest.ExternalIPv6.String()}, false},
 		{dnsproxytest.NX, dns.TypeA, dns.RcodeNameError, nil, false},
 		{dnsproxytest.Fail, dns.TypeA, dns.RcodeServerFailure, nil, false},
+		// ServiceEntry hosts, written in full: their VIPs (auto-allocated
+		// ones included), the client's namespace first for a host declared
+		// twice; without VIPs the static endpoints; a host with no address
+		// (resolution NONE) goes to the pod's resolver.
+		{"api.example.com.", dns.TypeA, dns.RcodeSuccess, []string{"240.240.0.1"}, true},
+		{"API.Example.com.", dns.TypeAAAA, dns.RcodeSuccess, []string{"2001:2::1"}, true},
+		{"static.example.com.", dns.TypeA, dns.RcodeSuccess, []string{"192.0.2.10"}, true},
+		{"dup.example.com.", dns.TypeA, dns.RcodeSuccess, []string{"240.240.0.3"}, true},
+		{"none.example.com.", dns.TypeA, dns.RcodeNameError, nil, false},
 		// Other types for a service name go upstream too.
 		{"echo.default.svc.cluster.local.", dns.TypeTXT, dns.RcodeNameError, nil, false},
 	} {

@@ -31,6 +31,7 @@ const LocalTTL = 30
 // (*discovery.State).
 type Services interface {
 	ServiceByKey(key string) *workloadapi.Service
+	ServicesByHostname(host string) []*workloadapi.Service
 	Endpoints(serviceKey string) []*workloadapi.Workload
 }
 
@@ -80,7 +81,9 @@ func candidates(qname, clientNS, domain string) []svcRef {
 	return out
 }
 
-// lookup finds the service qname means for a client in clientNS, or nil.
+// lookup finds the service qname means for a client in clientNS, or nil:
+// a Kubernetes Service in any search-domain form, else a ServiceEntry
+// host, written in full.
 func lookup(s Services, qname, clientNS, domain string) *workloadapi.Service {
 	for _, r := range candidates(qname, clientNS, domain) {
 		host := r.name + "." + r.namespace + ".svc." + strings.Trim(strings.ToLower(domain), ".")
@@ -88,7 +91,29 @@ func lookup(s Services, qname, clientNS, domain string) *workloadapi.Service {
 			return svc
 		}
 	}
-	return nil
+	return serviceEntryHost(s, strings.TrimSuffix(strings.ToLower(qname), "."), clientNS)
+}
+
+// serviceEntryHost is the ServiceEntry declaring host that the proxy can
+// answer for: one with addresses (its VIPs, or its endpoints' addresses
+// when it has none), the client's own namespace first, then the first by
+// namespace (ServiceEntries are exported mesh-wide by default). Hosts
+// without addresses (resolution NONE, DNS endpoints) are left to the
+// pod's resolver, as Istio's proxy leaves them.
+func serviceEntryHost(s Services, host, clientNS string) *workloadapi.Service {
+	var first *workloadapi.Service
+	for _, svc := range s.ServicesByHostname(host) {
+		if len(serviceAddrs(s, svc)) == 0 {
+			continue
+		}
+		if svc.GetNamespace() == clientNS {
+			return svc
+		}
+		if first == nil {
+			first = svc
+		}
+	}
+	return first
 }
 
 // serviceAddrs are the addresses a service name resolves to: its VIPs, or

@@ -58,6 +58,10 @@ type Config struct {
 	Node        string
 	TrustDomain string
 	Metrics     *telemetry.Metrics
+	// LookupHost resolves endpoints known by hostname only (ServiceEntry
+	// DNS resolution, WorkloadEntries with a hostname); default: the
+	// system resolver of ztunnel's own network namespace.
+	LookupHost func(ctx context.Context, host string) ([]netip.Addr, error)
 	// NewDialer returns an HBONE dialer whose sockets are opened in ns (the
 	// pod's namespace, so the source address is the pod's) with the mark.
 	NewDialer func(ns *os.File) (hbone.Dialer, error)
@@ -136,7 +140,7 @@ func New(cfg Config) (*Proxy, error) {
 	p := &Proxy{
 		cfg:     cfg,
 		log:     cfg.Log,
-		router:  &Router{State: cfg.State, Node: cfg.Node, TrustDomain: cfg.TrustDomain},
+		router:  &Router{State: cfg.State, Node: cfg.Node, TrustDomain: cfg.TrustDomain, LookupHost: cfg.LookupHost},
 		tracker: NewTracker(),
 		pods:    map[string]*pod{},
 	}

@@ -1,9 +1,12 @@
 package proxy
 
 import (
+	"context"
+	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
@@ -57,8 +60,45 @@ type Router struct {
 	State       *discovery.State
 	Node        string // this node: destinations here take the fast path
 	TrustDomain string // default when a workload does not carry one
+	// LookupHost resolves endpoints known by hostname only (ServiceEntry
+	// DNS resolution, WorkloadEntries with a hostname); default: the
+	// system resolver of the proxy's own network namespace.
+	LookupHost func(ctx context.Context, host string) ([]netip.Addr, error)
 
 	rr sync.Map // service key -> *atomic.Uint64 round robin cursor
+}
+
+// lookupTimeout bounds one endpoint hostname resolution.
+const lookupTimeout = 5 * time.Second
+
+// EndpointAddr is an endpoint's address: its first address, else its
+// hostname resolved (the first IPv4 answer, else the first).
+func (r *Router) EndpointAddr(w *workloadapi.Workload) (netip.Addr, error) {
+	if a, ok := WorkloadAddr(w); ok {
+		return a, nil
+	}
+	host := w.GetHostname()
+	if host == "" {
+		return netip.Addr{}, proxyerr.New(proxyerr.EndpointUnresolved, "workload %s has no address", w.GetUid())
+	}
+	lookup := r.LookupHost
+	if lookup == nil {
+		lookup = func(ctx context.Context, h string) ([]netip.Addr, error) {
+			return net.DefaultResolver.LookupNetIP(ctx, "ip", h)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), lookupTimeout)
+	defer cancel()
+	addrs, err := lookup(ctx, host)
+	if err != nil || len(addrs) == 0 {
+		return netip.Addr{}, proxyerr.Wrap(proxyerr.EndpointUnresolved, err, "resolving %s", host)
+	}
+	for _, a := range addrs {
+		if a.Unmap().Is4() {
+			return a.Unmap(), nil
+		}
+	}
+	return addrs[0].Unmap(), nil
 }
 
 // WorkloadIdentity is the SPIFFE identity of w.
@@ -91,10 +131,7 @@ func (r *Router) Resolve(src *workloadapi.Workload, dst netip.AddrPort) (Route, 
 	if svc := r.State.ServiceByVIP(dst.Addr()); svc != nil {
 		return r.resolveService(src, svc, dst)
 	}
-	if w := r.State.WorkloadByAddr(dst.Addr()); w != nil {
-		return r.resolveWorkload(src, w, dst, nil)
-	}
-	return Route{Kind: Passthrough, Target: dst}, nil
+	return r.resolveAddr(src, dst)
 }
 
 func (r *Router) resolveService(src *workloadapi.Workload, svc *workloadapi.Service, dst netip.AddrPort) (Route, error) {
@@ -106,10 +143,28 @@ func (r *Router) resolveService(src *workloadapi.Workload, svc *workloadapi.Serv
 	key := discovery.ServiceKey(svc.GetNamespace(), svc.GetHostname())
 	ep, port := r.pickEndpoint(svc, key, dst.Port())
 	if ep == nil {
+		if svc.GetLoadBalancing().GetMode() == workloadapi.LoadBalancing_PASSTHROUGH {
+			// No endpoints to choose (ServiceEntry resolution NONE): keep
+			// the destination the client dialed.
+			rt, err := r.resolveAddr(src, dst)
+			rt.Service = svc
+			return rt, err
+		}
 		return Route{}, proxyerr.New(proxyerr.NoHealthyUpstream, "service %s has no healthy endpoint", key)
 	}
-	addr, _ := WorkloadAddr(ep)
+	addr, err := r.EndpointAddr(ep)
+	if err != nil {
+		return Route{}, err
+	}
 	return r.resolveWorkload(src, ep, netip.AddrPortFrom(addr, port), svc)
+}
+
+// resolveAddr routes to a workload address, or plain TCP when unknown.
+func (r *Router) resolveAddr(src *workloadapi.Workload, dst netip.AddrPort) (Route, error) {
+	if w := r.State.WorkloadByAddr(dst.Addr()); w != nil {
+		return r.resolveWorkload(src, w, dst, nil)
+	}
+	return Route{Kind: Passthrough, Target: dst}, nil
 }
 
 func (r *Router) resolveWorkload(src, w *workloadapi.Workload, dst netip.AddrPort, svc *workloadapi.Service) (Route, error) {
@@ -204,7 +259,7 @@ func (r *Router) pickEndpoint(svc *workloadapi.Service, key string, svcPort uint
 		if ep == nil || ep.GetStatus() != workloadapi.WorkloadStatus_HEALTHY {
 			continue
 		}
-		if _, ok := WorkloadAddr(ep); ok {
+		if _, ok := WorkloadAddr(ep); ok || ep.GetHostname() != "" {
 			healthy = append(healthy, ep)
 		}
 	}

@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"context"
+	"net"
 	"net/netip"
 	"strings"
 	"testing"
@@ -9,6 +11,7 @@ import (
 
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/dnsproxy/dnsproxytest"
 )
 
 func applyAddr(t *testing.T, s *discovery.State, name string, a *workloadapi.Address) {
@@ -130,4 +133,65 @@ func TestRouterResolve(t *testing.T) {
 			t.Fatalf("distribution %v", seen)
 		}
 	})
+}
+
+// TestRouterServiceEntry: a ServiceEntry host's VIP routes to its static
+// endpoint over plain TCP (the endpoint is outside the mesh); a DNS
+// endpoint is resolved (here by a real DNS server on loopback); resolution
+// NONE keeps the dialed destination; a hostname that does not resolve is a
+// clear error, not a silent passthrough.
+func TestRouterServiceEntry(t *testing.T) {
+	s := discovery.NewState(discovery.AddressType)
+	up := dnsproxytest.ServeLocal(t)
+	res := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, network, up.Addr.String())
+	}}
+	r := &Router{State: s, Node: "n1", TrustDomain: "cluster.local",
+		LookupHost: func(ctx context.Context, h string) ([]netip.Addr, error) { return res.LookupNetIP(ctx, "ip", h) }}
+	svc := func(name, host, vip string, mode workloadapi.LoadBalancing_Mode) {
+		sv := &workloadapi.Service{Name: name, Namespace: "egress", Hostname: host, Ports: []*workloadapi.Port{{ServicePort: 443, TargetPort: 443}}}
+		if vip != "" {
+			sv.Addresses = []*workloadapi.NetworkAddress{{Address: netip.MustParseAddr(vip).AsSlice()}}
+		}
+		if mode != workloadapi.LoadBalancing_UNSPECIFIED_MODE {
+			sv.LoadBalancing = &workloadapi.LoadBalancing{Mode: mode}
+		}
+		applyAddr(t, s, discovery.ServiceKey("egress", host), &workloadapi.Address{Type: &workloadapi.Address_Service{Service: sv}})
+	}
+	ep := func(uid, host, addr string, svcHost string, target uint32) {
+		w := &workloadapi.Workload{Uid: uid, Name: "se", Namespace: "egress", Status: workloadapi.WorkloadStatus_HEALTHY,
+			Services: map[string]*workloadapi.PortList{discovery.ServiceKey("egress", svcHost): {Ports: []*workloadapi.Port{{ServicePort: 443, TargetPort: target}}}}}
+		if addr != "" {
+			w.Addresses = [][]byte{netip.MustParseAddr(addr).AsSlice()}
+		}
+		w.Hostname = host
+		applyAddr(t, s, uid, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: w}})
+	}
+	svc("static", "static.example.com", "240.240.0.1", 0)
+	ep("c/networking.istio.io/ServiceEntry/egress/static/198.51.100.7", "", "198.51.100.7", "static.example.com", 8443)
+	svc("dns", "external.example", "240.240.0.2", 0)
+	ep("c/networking.istio.io/ServiceEntry/egress/dns/external.example", "external.example", "", "external.example", 443)
+	svc("none", "none.example.com", "198.51.100.0", workloadapi.LoadBalancing_PASSTHROUGH)
+	svc("nx", "nx.example", "240.240.0.3", 0)
+	ep("c/networking.istio.io/ServiceEntry/egress/nx/nx.example", "nx.example", "", "nx.example", 443)
+
+	for _, tc := range []struct {
+		name, dst, want string
+	}{
+		{"static endpoint", "240.240.0.1:443", "198.51.100.7:8443"},
+		{"DNS endpoint resolved", "240.240.0.2:443", dnsproxytest.ExternalIP.String() + ":443"},
+		{"NONE keeps the destination", "198.51.100.0:443", "198.51.100.0:443"},
+	} {
+		rt, err := r.Resolve(nil, netip.MustParseAddrPort(tc.dst))
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		if rt.Kind != Passthrough || rt.Target.String() != tc.want || rt.Service == nil {
+			t.Fatalf("%s: %v to %s (service %v), want Passthrough to %s", tc.name, rt.Kind, rt.Target, rt.Service, tc.want)
+		}
+	}
+	if _, err := r.Resolve(nil, netip.MustParseAddrPort("240.240.0.3:443")); err == nil || !strings.Contains(err.Error(), "endpoint_unresolved") {
+		t.Fatalf("unresolvable endpoint: %v, want endpoint_unresolved", err)
+	}
 }

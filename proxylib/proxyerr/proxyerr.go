@@ -33,6 +33,7 @@ const (
 	WaypointUnresolved Reason = "waypoint_unresolved"  // waypoint address cannot be resolved
 	OriginalDstMissing Reason = "original_dst_missing" // SO_ORIGINAL_DST failed
 	SelfTarget         Reason = "self_target"          // connection to ztunnel's own port
+	EndpointUnresolved Reason = "endpoint_unresolved"  // endpoint known by hostname did not resolve
 
 	// Transport.
 	UpstreamConnectFailed Reason = "upstream_connect_failed"

@@ -50,6 +50,9 @@ type Config struct {
 	Dialer hbone.Dialer
 	// DialTCP opens plain TCP to destinations outside the mesh; default net.Dialer.
 	DialTCP func(ctx context.Context, addr netip.AddrPort) (net.Conn, error)
+	// LookupHost resolves endpoints known by hostname only (ServiceEntry
+	// DNS resolution); default: the system resolver.
+	LookupHost func(ctx context.Context, host string) ([]netip.Addr, error)
 	// Registry receives HTTP and TCP metrics (may be nil).
 	Registry prometheus.Registerer
 	// Tracing generates a traceparent when a request has none.
@@ -75,8 +78,11 @@ type Server struct {
 	tcp       *telemetry.Metrics
 	balancers sync.Map // service key -> *lb.Balancer
 	router    *proxy.Router
-	reporter  string
-	log       logr.Logger
+	// resolved maps the addresses of endpoints known by hostname only
+	// (ServiceEntry DNS resolution) back to their workload uid.
+	resolved sync.Map // netip.Addr -> uid
+	reporter string
+	log      logr.Logger
 	// onGateway is called when the Gateway (ingress mode) changes.
 	onGateway func()
 }
@@ -108,10 +114,10 @@ func New(cfg Config) (*Server, error) {
 			return d.DialContext(ctx, "tcp", a.String())
 		}
 	}
-	s := &Server{cfg: cfg, log: cfg.Log.WithName("waypoint"), reporter: Reporter}
+	s := &Server{cfg: cfg, log: cfg.Log.WithName("waypoint"), reporter: Reporter,
+		router: &proxy.Router{State: cfg.State, TrustDomain: cfg.Identity.TrustDomain, LookupHost: cfg.LookupHost}}
 	if cfg.Ingress {
 		s.log, s.reporter = cfg.Log.WithName("gateway"), ReporterSource
-		s.router = &proxy.Router{State: cfg.State, TrustDomain: cfg.Identity.TrustDomain}
 	}
 	s.metrics = newHTTPMetrics(cfg.Registry)
 	s.tcp = telemetry.NewMetrics(cfg.Registry)
@@ -276,6 +282,9 @@ func (s *Server) dialEndpoint(ctx context.Context, ep netip.AddrPort) (net.Conn,
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.ConnectTimeout)
 	defer cancel()
 	w := s.cfg.State.WorkloadByAddr(ep.Addr())
+	if uid, ok := s.resolved.Load(ep.Addr()); w == nil && ok {
+		w = s.cfg.State.WorkloadByUID(uid.(string))
+	}
 	if w == nil {
 		return nil, proxyerr.New(proxyerr.UnknownDestination, "endpoint %s is not a known workload", ep)
 	}
@@ -320,14 +329,23 @@ func (s *Server) endpointsOf(svc *workloadapi.Service, port uint16) ([]string, m
 	var keys []string
 	addrs := map[string]netip.AddrPort{}
 	for _, ep := range s.cfg.State.Endpoints(key) {
-		if ep == nil || ep.GetStatus() != workloadapi.WorkloadStatus_HEALTHY || len(ep.Addresses) == 0 {
+		if ep == nil || ep.GetStatus() != workloadapi.WorkloadStatus_HEALTHY {
 			continue
 		}
-		ip, ok := netip.AddrFromSlice(ep.Addresses[0])
+		ip, ok := proxy.WorkloadAddr(ep)
+		if !ok && ep.GetHostname() != "" {
+			var err error
+			if ip, err = s.router.EndpointAddr(ep); err != nil {
+				s.log.Info("endpoint did not resolve", "endpoint", ep.GetHostname(), "err", err.Error())
+				continue
+			}
+			s.resolved.Store(ip, ep.GetUid())
+			ok = true
+		}
 		if !ok {
 			continue
 		}
-		ap := netip.AddrPortFrom(ip.Unmap(), targetPort(svc, key, ep, port))
+		ap := netip.AddrPortFrom(ip, targetPort(svc, key, ep, port))
 		k := ap.String()
 		keys = append(keys, k)
 		addrs[k] = ap
@@ -370,6 +388,7 @@ func (s *Server) policyTarget(dst destination) authz.Target {
 		add(s.cfg.State.WorkloadByAddr(dst.target.Addr()))
 	case dst.service != nil:
 		t.Namespace, t.ServiceName = dst.service.Namespace, dst.service.Name
+		t.ServiceEntry = !discovery.IsKubernetesServiceHost(dst.service.Name, dst.service.Namespace, dst.service.Hostname)
 		for _, ep := range s.cfg.State.Endpoints(discovery.ServiceKey(dst.service.Namespace, dst.service.Hostname)) {
 			if ep != nil && s.isMe(ep.GetWaypoint()) {
 				add(ep)

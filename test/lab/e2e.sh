@@ -20,7 +20,7 @@ collect_artifacts() {
   mkdir -p "$ART/pods" "$ART/lab"
   say "collecting logs into $ART"
   kc get nodes -o wide >"$ART/nodes.txt" 2>&1
-  kc get all,ambientmeshes,waypointpolicies,authorizationpolicies,peerauthentications -A -o wide >"$ART/objects.txt" 2>&1
+  kc get all,ambientmeshes,waypointpolicies,authorizationpolicies,peerauthentications,serviceentries,workloadentries -A -o wide >"$ART/objects.txt" 2>&1
   kc get events -A --sort-by=.lastTimestamp >"$ART/events.txt" 2>&1
   kc describe pods -A >"$ART/pods-describe.txt" 2>&1
   kc get ambientmeshes -o yaml >"$ART/ambientmeshes.yaml" 2>&1

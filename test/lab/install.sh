@@ -77,15 +77,15 @@ install_prereq_crds() {
     say "Gateway API CRDs installed ($(basename "$gw"))"
   fi
   istio=$(cd "$ROOT" && go list -m -f '{{.Dir}}' istio.io/api 2>/dev/null || true)
-  if ! kc get crd authorizationpolicies.security.istio.io >/dev/null 2>&1 && [ -f "$istio/kubernetes/customresourcedefinitions.gen.yaml" ]; then
-    awk -v want="authorizationpolicies.security.istio.io peerauthentications.security.istio.io requestauthentications.security.istio.io" '
+  if { ! kc get crd authorizationpolicies.security.istio.io >/dev/null 2>&1 || ! kc get crd serviceentries.networking.istio.io >/dev/null 2>&1; } && [ -f "$istio/kubernetes/customresourcedefinitions.gen.yaml" ]; then
+    awk -v want="authorizationpolicies.security.istio.io peerauthentications.security.istio.io requestauthentications.security.istio.io serviceentries.networking.istio.io workloadentries.networking.istio.io" '
       BEGIN { n = split(want, w, " "); for (i = 1; i <= n; i++) keep[w[i]] = 1 }
       /^---/ { if (doc != "" && name in keep) printf "%s---\n", doc; doc = ""; name = ""; next }
       { doc = doc $0 "\n" }
       /^  name: / && name == "" { name = $2 }
       END { if (doc != "" && name in keep) printf "%s", doc }' \
       "$istio/kubernetes/customresourcedefinitions.gen.yaml" | kc apply --server-side -f - >/dev/null
-    say "Istio security CRDs installed (AuthorizationPolicy, PeerAuthentication, RequestAuthentication)"
+    say "Istio CRDs installed (AuthorizationPolicy, PeerAuthentication, RequestAuthentication, ServiceEntry, WorkloadEntry)"
   fi
 }
 

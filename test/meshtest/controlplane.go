@@ -2,13 +2,16 @@ package meshtest
 
 import (
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
+	"sigs.k8s.io/yaml"
 
 	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/meshapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
 )
@@ -112,4 +115,30 @@ func (cp *ControlPlane) Service(s *workloadapi.Service) {
 // Policy publishes p.
 func (cp *ControlPlane) Policy(p *security.Authorization) {
 	cp.Push(discovery.AuthorizationType, discovery.PolicyKey(p.Namespace, p.Name), p)
+}
+
+// L7 publishes a Kubernetes object (YAML) to the waypoints as the control
+// plane does: an L7Resource holding the object as JSON (namespace
+// "default" unless the object names one).
+func (cp *ControlPlane) L7(y string) {
+	t := cp.t
+	t.Helper()
+	js, err := yaml.YAMLToJSON([]byte(y))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var obj struct {
+		APIVersion, Kind string
+		Metadata         struct{ Name, Namespace string }
+	}
+	if err := yaml.Unmarshal([]byte(y), &obj); err != nil {
+		t.Fatal(err)
+	}
+	ns := obj.Metadata.Namespace
+	if ns == "" {
+		ns = Namespace
+	}
+	group, _, _ := strings.Cut(obj.APIVersion, "/")
+	res := &meshapi.L7Resource{Group: group, Kind: obj.Kind, Namespace: ns, Name: obj.Metadata.Name, Json: js}
+	cp.Push(discovery.L7ResourceType, discovery.L7Key(group, obj.Kind, ns, obj.Metadata.Name), res)
 }

@@ -15,8 +15,9 @@ import (
 //	             └── node2(eth0, cni0) ── pod(eth0)
 type Cluster struct {
 	*Lab
-	Underlay *NS
-	Nodes    []*Node
+	Underlay  *NS
+	Nodes     []*Node
+	externals int
 }
 
 // Node is a node namespace.
@@ -109,4 +110,28 @@ func (n *Node) AddPod(name string) *Pod {
 	p.MustIP("-6", "route", "replace", "default", "via", n.Gateway6.String())
 	n.Pods = append(n.Pods, p)
 	return p
+}
+
+// External is a host outside the cluster (a VM, an external service) on
+// the underlay network: it reaches nodes directly and pods through their
+// node, as a router that knows the pod ranges would send it.
+type External struct {
+	*NS
+	IP netip.Addr
+}
+
+// AddExternal adds a namespace on the underlay (172.30.0.200 and up) with
+// routes to every current node's pod range. Add it after the nodes.
+func (c *Cluster) AddExternal(name string) *External {
+	c.t.Helper()
+	c.externals++
+	e := &External{NS: c.NewNS(name), IP: netip.MustParseAddr(fmt.Sprintf("172.30.0.%d", 199+c.externals))}
+	port := c.ifName("x")
+	c.Veth(c.Underlay, port, e.NS, "eth0")
+	c.Underlay.Enslave(port, "br0")
+	e.AddAddr("eth0", e.IP.String()+"/24")
+	for _, n := range c.Nodes {
+		e.Route(n.PodCIDR.String(), "via", n.IP.String())
+	}
+	return e
 }

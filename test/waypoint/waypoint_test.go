@@ -30,7 +30,6 @@ import (
 
 	"github.com/ambientmesh/ambient/controllers/policy"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
-	"github.com/ambientmesh/ambient/proxylib/discovery/meshapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
@@ -76,23 +75,7 @@ func addWaypoint(m *meshtest.Mesh, n *meshtest.Node, name string, vip netip.Addr
 }
 
 // l7 publishes a Kubernetes object (YAML) to the waypoints as an L7Resource.
-func l7(m *meshtest.Mesh, y string) {
-	t := m.T
-	js, err := yaml.YAMLToJSON([]byte(y))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var obj struct {
-		APIVersion, Kind string
-		Metadata         struct{ Name, Namespace string }
-	}
-	if err := yaml.Unmarshal([]byte(y), &obj); err != nil {
-		t.Fatal(err)
-	}
-	group, _, _ := strings.Cut(obj.APIVersion, "/")
-	res := &meshapi.L7Resource{Group: group, Kind: obj.Kind, Namespace: "default", Name: obj.Metadata.Name, Json: js}
-	m.CP.Push(discovery.L7ResourceType, discovery.L7Key(group, obj.Kind, "default", obj.Metadata.Name), res)
-}
+func l7(m *meshtest.Mesh, y string) { m.CP.L7(y) }
 
 // do sends one request from inside p (a new connection each time, captured
 // by the pod's redirection like an app's).

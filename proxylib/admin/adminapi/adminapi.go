@@ -5,15 +5,18 @@ package adminapi
 
 // Workload is one entry of workloads[].
 type Workload struct {
-	Name           string   `json:"name"`
-	Namespace      string   `json:"namespace"`
-	UID            string   `json:"uid"`
-	Addresses      []string `json:"addresses"`
-	Node           string   `json:"node"`
-	ServiceAccount string   `json:"serviceAccount"`
-	Waypoint       string   `json:"waypoint"`
-	Protocol       string   `json:"protocol"`
-	Status         string   `json:"status"`
+	Name      string   `json:"name"`
+	Namespace string   `json:"namespace"`
+	UID       string   `json:"uid"`
+	Addresses []string `json:"addresses"`
+	// Hostname is set for workloads known by name only (ServiceEntry DNS
+	// endpoints, WorkloadEntries with a hostname address).
+	Hostname       string `json:"hostname,omitempty"`
+	Node           string `json:"node"`
+	ServiceAccount string `json:"serviceAccount"`
+	Waypoint       string `json:"waypoint"`
+	Protocol       string `json:"protocol"`
+	Status         string `json:"status"`
 }
 
 // Service is one entry of services[].
