@@ -22,6 +22,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc"
@@ -131,6 +132,12 @@ func (p *Prober) validate(path string) error {
 type Handler struct {
 	Probers Probers
 	Host    string
+	// Dial opens the probes' connections; nil is net.Dialer's (the
+	// sidecar runs inside the pod's network namespace already).
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+
+	once   sync.Once
+	client *http.Client
 }
 
 // defaultTimeout is the kubelet's default timeoutSeconds.
@@ -179,12 +186,25 @@ func (h *Handler) target(host string, port int) string {
 	return net.JoinHostPort(host, strconv.Itoa(port))
 }
 
-// probeClient is the kubelet's: no keep-alive, no certificate check on
+func (h *Handler) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	if h.Dial != nil {
+		return h.Dial(ctx, network, addr)
+	}
+	var d net.Dialer
+	return d.DialContext(ctx, network, addr)
+}
+
+// httpClient is the kubelet's: no keep-alive, no certificate check on
 // HTTPS, redirects not followed (a 3xx is a success to the kubelet anyway).
-var probeClient = &http.Client{
-	Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil,
-		TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}, //nolint:gosec // as the kubelet's prober
-	CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+func (h *Handler) httpClient() *http.Client {
+	h.once.Do(func() {
+		h.client = &http.Client{
+			Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil, DialContext: h.dial,
+				TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}, //nolint:gosec // as the kubelet's prober
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		}
+	})
+	return h.client
 }
 
 func (h *Handler) httpGet(ctx context.Context, g *HTTPGet) (int, error) {
@@ -208,7 +228,7 @@ func (h *Handler) httpGet(ctx context.Context, g *HTTPGet) (int, error) {
 		}
 		req.Header.Add(hd.Name, hd.Value)
 	}
-	resp, err := probeClient.Do(req)
+	resp, err := h.httpClient().Do(req)
 	if err != nil {
 		return 0, err
 	}
@@ -218,8 +238,7 @@ func (h *Handler) httpGet(ctx context.Context, g *HTTPGet) (int, error) {
 }
 
 func (h *Handler) tcp(ctx context.Context, t *TCPSocket) error {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "tcp", h.target(t.Host, t.Port))
+	c, err := h.dial(ctx, "tcp", h.target(t.Host, t.Port))
 	if err != nil {
 		return err
 	}
@@ -227,7 +246,8 @@ func (h *Handler) tcp(ctx context.Context, t *TCPSocket) error {
 }
 
 func (h *Handler) grpc(ctx context.Context, g *GRPC) error {
-	conn, err := grpc.NewClient(h.target("", g.Port), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient("passthrough:///"+h.target("", g.Port), grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) { return h.dial(ctx, "tcp", addr) }))
 	if err != nil {
 		return err
 	}
