@@ -1,0 +1,163 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/netnsutil"
+	"github.com/ambientmesh/ambient/test/meshtest"
+	"github.com/ambientmesh/ambient/test/netns"
+	"github.com/ambientmesh/ambient/test/perftest"
+	"github.com/ambientmesh/ambient/test/proctest"
+)
+
+// TestSidecarPerf measures sidecar-to-sidecar overhead with the real
+// binary (two sidecar processes, HBONE with mTLS between two nodes) against
+// direct pod-to-pod TCP over the same topology, in one run, as
+// test/ztunnel's TestPerf does for ztunnel. Without SIDECAR_PERF=1 it is a
+// smoke (short phases, the mesh path checked, nothing reported as a
+// measurement); with it, the sidecar is built as the image builds it and
+// the figures are logged:
+//
+//	sudo SIDECAR_PERF=1 go test ./cmd/sidecar -run TestSidecarPerf -v -timeout 10m
+func TestSidecarPerf(t *testing.T) {
+	netns.RequireRoot(t)
+	full := os.Getenv("SIDECAR_PERF") == "1"
+	bulk, rtts, loadFor, rps := 300*time.Millisecond, 100, time.Second, 200
+	if full {
+		bulk, rtts, loadFor, rps = 3*time.Second, 2000, 5*time.Second, 1000
+		if v, err := strconv.Atoi(os.Getenv("SIDECAR_PERF_SECONDS")); err == nil && v > 0 {
+			loadFor = time.Duration(v) * time.Second
+		}
+	}
+	c := netns.NewCluster(t)
+	n1, n2 := c.AddNode("n1"), c.AddNode("n2")
+	client, server := n1.AddPod("sleep"), n2.AddPod("httpbin")
+	directClient, directServer := n1.AddPod("direct-client"), n2.AddPod("direct-server")
+	ns := map[*netns.Pod]*os.File{}
+	for _, p := range []*netns.Pod{client, server, directClient, directServer} {
+		f, err := p.Open()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		ns[p] = f
+	}
+	cp := proctest.NewControlPlane(t)
+	for _, p := range []*netns.Pod{client, server} {
+		cp.ServeIn(t, ns[p])
+		cp.Workload(t, &workloadapi.Workload{Uid: discovery.PodUID("Kubernetes", "default", p.Name), Name: p.Name, Namespace: "default",
+			Addresses: [][]byte{p.IP.AsSlice()}, ServiceAccount: p.Name, TrustDomain: "cluster.local",
+			TunnelProtocol: workloadapi.TunnelProtocol_HBONE, NativeTunnel: true, Status: workloadapi.WorkloadStatus_HEALTHY})
+	}
+	exe := proctest.Executable(t)
+	if full {
+		exe = buildSidecar(t)
+	}
+	env := []string{runMainEnv + "=1", "LOG_LEVEL=info"}
+	_, clientPID := startSidecar(t, cp, exe, ns[client], ns[directClient], client.IP, client.Name, env...)
+	serverOut, serverPID := startSidecar(t, cp, exe, ns[server], ns[directServer], server.IP, server.Name, env...)
+	for _, p := range []*netns.Pod{server, directServer} {
+		serveConns(t, ns[p], ":9100", perftest.Sink)
+		serveConns(t, ns[p], ":9101", meshtest.Echo)
+		serveHTTP(t, ns[p], ":8080")
+	}
+	ctx := context.Background()
+	// The app's connections: user 1000, redirected to its sidecar.
+	mesh := func(dst netip.AddrPort) (net.Conn, error) { return netns.DialAs(ctx, ns[client], dst, meshtest.SidecarAppUID) }
+	direct := func(dst netip.AddrPort) (net.Conn, error) {
+		return netnsutil.DialTCP(ctx, ns[directClient], netip.AddrPort{}, dst, netnsutil.SocketOptions{})
+	}
+	idle := [2]float64{perftest.RSS(t, clientPID), perftest.RSS(t, serverPID)}
+	idleParts := perftest.RSSParts(t, clientPID)
+
+	// Alternating slices: load changes on the shared machine hit both.
+	var meshBps, directBps float64
+	for i := 0; i < 6; i++ {
+		meshBps += perftest.Throughput(t, mesh, netip.AddrPortFrom(server.IP, 9100), bulk/6) / 6
+		directBps += perftest.Throughput(t, direct, netip.AddrPortFrom(directServer.IP, 9100), bulk/6) / 6
+	}
+	meshLat, directLat := perftest.LatencyPair(t, mesh, netip.AddrPortFrom(server.IP, 9101), direct, netip.AddrPortFrom(directServer.IP, 9101), rtts)
+
+	cpu0, wall0 := [2]float64{perftest.CPUSeconds(t, clientPID), perftest.CPUSeconds(t, serverPID)}, time.Now()
+	achieved := perftest.HTTPLoad(t, mesh, netip.AddrPortFrom(server.IP, 8080), rps, 4, loadFor)
+	wall := time.Since(wall0).Seconds()
+	cpu := [2]float64{(perftest.CPUSeconds(t, clientPID) - cpu0[0]) / wall, (perftest.CPUSeconds(t, serverPID) - cpu0[1]) / wall}
+	loadRSS := [2]float64{perftest.RSS(t, clientPID), perftest.RSS(t, serverPID)}
+
+	// The traffic measured went sidecar to sidecar over HBONE: the server's
+	// sidecar saw the client's identity.
+	waitLine(t, serverOut, "inbound{", "peer_id="+cp.CA.ID("default", client.Name).String())
+	if achieved <= 0 || meshBps <= 0 || meshLat[0] <= 0 {
+		t.Fatalf("no traffic measured: %.0f rps, %.0f B/s, p50 %v", achieved, meshBps, meshLat[0])
+	}
+	if !full {
+		t.Log("smoke only; SIDECAR_PERF=1 measures")
+		return
+	}
+	krps := achieved / 1000
+	for _, l := range []string{
+		fmt.Sprintf("single-stream throughput: sidecar->sidecar %.2f Gbit/s, direct %.2f Gbit/s, ratio %.2f", meshBps*8/1e9, directBps*8/1e9, meshBps/directBps),
+		fmt.Sprintf("1 KiB echo latency: sidecar->sidecar p50 %v p99 %v; direct p50 %v p99 %v; added p50 %v p99 %v",
+			meshLat[0], meshLat[1], directLat[0], directLat[1], meshLat[0]-directLat[0], meshLat[1]-directLat[1]),
+		fmt.Sprintf("HTTP/1.1 1 KiB POST, 4 connections, %.0f rps for %v: client sidecar %.3f vCPU per 1000 rps, server sidecar %.3f, both %.3f",
+			achieved, loadFor, cpu[0]/krps, cpu[1]/krps, (cpu[0]+cpu[1])/krps),
+		fmt.Sprintf("RSS per sidecar pod: idle client %.1f MB (%s), server %.1f MB; under load client %.1f MB, server %.1f MB",
+			idle[0]/1e6, idleParts, idle[1]/1e6, loadRSS[0]/1e6, loadRSS[1]/1e6),
+	} {
+		t.Log("PERF " + l)
+	}
+}
+
+// buildSidecar builds the binary as the image does, so memory figures are
+// what ships.
+func buildSidecar(t *testing.T) string {
+	bin := filepath.Join(proctest.SharedDir(t), "sidecar")
+	if out, err := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w", "-o", bin, "github.com/ambientmesh/ambient/cmd/sidecar").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// serveConns runs handler for each connection accepted on addr in ns.
+func serveConns(t *testing.T, ns *os.File, addr string, handler func(net.Conn)) {
+	ln, err := netnsutil.ListenTCP(ns, addr, netnsutil.SocketOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go handler(c)
+		}
+	}()
+}
+
+func serveHTTP(t *testing.T, ns *os.File, addr string) {
+	ln, err := netnsutil.ListenTCP(ns, addr, netnsutil.SocketOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		io.WriteString(w, "ok")
+	}), ReadHeaderTimeout: 5 * time.Second}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+}
