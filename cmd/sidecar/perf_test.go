@@ -76,7 +76,9 @@ func TestSidecarPerf(t *testing.T) {
 	}
 	ctx := context.Background()
 	// The app's connections: user 1000, redirected to its sidecar.
-	mesh := func(dst netip.AddrPort) (net.Conn, error) { return netns.DialAs(ctx, ns[client], dst, meshtest.SidecarAppUID) }
+	mesh := func(dst netip.AddrPort) (net.Conn, error) {
+		return netns.DialAs(ctx, ns[client], dst, meshtest.SidecarAppUID)
+	}
 	direct := func(dst netip.AddrPort) (net.Conn, error) {
 		return netnsutil.DialTCP(ctx, ns[directClient], netip.AddrPort{}, dst, netnsutil.SocketOptions{})
 	}

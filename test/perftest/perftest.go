@@ -170,4 +170,3 @@ func CPUSeconds(t *testing.T, pid int) float64 {
 	st, _ := strconv.ParseFloat(f[12], 64)
 	return (ut + st) / 100 // USER_HZ
 }
-
