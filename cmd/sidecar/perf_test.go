@@ -67,8 +67,8 @@ func TestSidecarPerf(t *testing.T) {
 		exe = buildSidecar(t)
 	}
 	env := []string{runMainEnv + "=1", "LOG_LEVEL=info"}
-	_, clientPID := startSidecar(t, cp, exe, ns[client], ns[directClient], client.IP, client.Name, env...)
-	serverOut, serverPID := startSidecar(t, cp, exe, ns[server], ns[directServer], server.IP, server.Name, env...)
+	_, clientPID := proctest.StartSidecar(t, proctest.Sidecar{Exe: exe, PodNS: ns[client], ProbeNS: ns[directClient], IP: client.IP, Name: client.Name, Roots: cp.Roots, Env: env})
+	serverOut, serverPID := proctest.StartSidecar(t, proctest.Sidecar{Exe: exe, PodNS: ns[server], ProbeNS: ns[directServer], IP: server.IP, Name: server.Name, Roots: cp.Roots, Env: env})
 	for _, p := range []*netns.Pod{server, directServer} {
 		serveConns(t, ns[p], ":9100", perftest.Sink)
 		serveConns(t, ns[p], ":9101", meshtest.Echo)

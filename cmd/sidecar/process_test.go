@@ -5,17 +5,13 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
 
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
@@ -99,7 +95,7 @@ func TestSidecarProcess(t *testing.T) {
 		Addresses: [][]byte{pod.IP.AsSlice()}, ServiceAccount: "web", TrustDomain: "cluster.local",
 		TunnelProtocol: workloadapi.TunnelProtocol_HBONE, NativeTunnel: true, Status: workloadapi.WorkloadStatus_HEALTHY})
 	exe := proctest.Executable(t)
-	out, pid := startSidecar(t, cp, exe, podNS, peerNS, pod.IP, "web", runMainEnv+"=1")
+	out, pid := proctest.StartSidecar(t, proctest.Sidecar{Exe: exe, PodNS: podNS, ProbeNS: peerNS, IP: pod.IP, Name: "web", Roots: cp.Roots, Env: []string{runMainEnv + "=1"}})
 	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		t.Fatal(err)
@@ -162,71 +158,3 @@ func waitLine(t *testing.T, out *proctest.LogBuffer, parts ...string) {
 	t.Fatalf("no sidecar log line with %q", parts)
 }
 
-// startSidecar runs exe as the injected pod runs it: `sidecar init` as a
-// user holding CAP_NET_ADMIN only, then the sidecar as user 1337 without
-// any capability, in podNS, serving pod name (service account name) with
-// the control plane cp; it returns once the sidecar is ready, asked as the
-// kubelet does from probeNS on :15021. env is added to the processes'.
-func startSidecar(t *testing.T, cp *proctest.ControlPlane, exe string, podNS, probeNS *os.File, ip netip.Addr, name string, env ...string) (*proctest.LogBuffer, int) {
-	t.Helper()
-	token := filepath.Join(proctest.SharedDir(t), "token")
-	if err := os.WriteFile(token, []byte(proctest.Token), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	// The init container: CAP_NET_ADMIN only (an unprivileged user with it
-	// as an ambient capability), nothing else.
-	initOut := proctest.NewLogBuffer(t, name+" init")
-	initCmd := exec.Command(exe, "init")
-	initCmd.Env = append(append(os.Environ(), env...), "SIDECAR_UID=1337")
-	initCmd.Stdout, initCmd.Stderr = initOut, initOut
-	initCmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 4000, Gid: 4000},
-		AmbientCaps: []uintptr{unix.CAP_NET_ADMIN}}
-	startIn(t, podNS, initCmd)
-	if err := initCmd.Wait(); err != nil {
-		t.Fatalf("sidecar init with CAP_NET_ADMIN only: %v", err)
-	}
-
-	// The sidecar: user 1337, no capabilities.
-	out := proctest.NewLogBuffer(t, name+" sidecar")
-	cpName := "ambient-controlplane.ambient-system.svc"
-	sc := exec.Command(exe, "-pod-name", name, "-pod-namespace", "default", "-service-account", name,
-		"-xds-address", "127.0.0.1:15010", "-xds-server-name", cpName, "-ca-address", "127.0.0.1:15012", "-ca-server-name", cpName,
-		"-token-path", token, "-root-cert", cp.Roots)
-	sc.Env = append(os.Environ(), env...)
-	sc.Stdout, sc.Stderr = out, out
-	sc.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 1337, Gid: 1337}}
-	startIn(t, podNS, sc)
-	exited := make(chan error, 1)
-	go func() { exited <- sc.Wait() }()
-	t.Cleanup(func() {
-		sc.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(30 * time.Second):
-			sc.Process.Kill()
-			<-exited
-		}
-	})
-	ready := &http.Client{Timeout: time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
-		return netnsutil.DialTCP(ctx, probeNS, netip.AddrPort{}, netip.MustParseAddrPort(addr), netnsutil.SocketOptions{})
-	}}}
-	for i := 0; ; i++ {
-		resp, err := ready.Get(fmt.Sprintf("http://%s/healthz/ready", netip.AddrPortFrom(ip, 15021)))
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				break
-			}
-		}
-		select {
-		case err := <-exited:
-			t.Fatalf("sidecar exited: %v", err)
-		default:
-		}
-		if i == 300 {
-			t.Fatalf("sidecar never ready: %v", err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	return out, sc.Process.Pid
-}
