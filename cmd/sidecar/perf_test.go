@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"testing"
 	"time"
 
@@ -34,45 +33,38 @@ import (
 //	sudo SIDECAR_PERF=1 go test ./cmd/sidecar -run TestSidecarPerf -v -timeout 10m
 func TestSidecarPerf(t *testing.T) {
 	netns.RequireRoot(t)
-	full := os.Getenv("SIDECAR_PERF") == "1"
-	bulk, rtts, loadFor, rps := 300*time.Millisecond, 100, time.Second, 200
-	if full {
-		bulk, rtts, loadFor, rps = 3*time.Second, 2000, 5*time.Second, 1000
-		if v, err := strconv.Atoi(os.Getenv("SIDECAR_PERF_SECONDS")); err == nil && v > 0 {
-			loadFor = time.Duration(v) * time.Second
-		}
-	}
+	p := perftest.ParamsFromEnv("SIDECAR_PERF")
 	c := netns.NewCluster(t)
 	n1, n2 := c.AddNode("n1"), c.AddNode("n2")
 	client, server := n1.AddPod("sleep"), n2.AddPod("httpbin")
 	directClient, directServer := n1.AddPod("direct-client"), n2.AddPod("direct-server")
 	ns := map[*netns.Pod]*os.File{}
-	for _, p := range []*netns.Pod{client, server, directClient, directServer} {
-		f, err := p.Open()
+	for _, pod := range []*netns.Pod{client, server, directClient, directServer} {
+		f, err := pod.Open()
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { f.Close() })
-		ns[p] = f
+		ns[pod] = f
 	}
 	cp := proctest.NewControlPlane(t)
-	for _, p := range []*netns.Pod{client, server} {
-		cp.ServeIn(t, ns[p])
-		cp.Workload(t, &workloadapi.Workload{Uid: discovery.PodUID("Kubernetes", "default", p.Name), Name: p.Name, Namespace: "default",
-			Addresses: [][]byte{p.IP.AsSlice()}, ServiceAccount: p.Name, TrustDomain: "cluster.local",
+	for _, pod := range []*netns.Pod{client, server} {
+		cp.ServeIn(t, ns[pod])
+		cp.Workload(t, &workloadapi.Workload{Uid: discovery.PodUID("Kubernetes", "default", pod.Name), Name: pod.Name, Namespace: "default",
+			Addresses: [][]byte{pod.IP.AsSlice()}, ServiceAccount: pod.Name, TrustDomain: "cluster.local",
 			TunnelProtocol: workloadapi.TunnelProtocol_HBONE, NativeTunnel: true, Status: workloadapi.WorkloadStatus_HEALTHY})
 	}
 	exe := proctest.Executable(t)
-	if full {
+	if p.Full {
 		exe = buildSidecar(t)
 	}
 	env := []string{runMainEnv + "=1", "LOG_LEVEL=info"}
 	_, clientPID := proctest.StartSidecar(t, proctest.Sidecar{Exe: exe, PodNS: ns[client], ProbeNS: ns[directClient], IP: client.IP, Name: client.Name, Roots: cp.Roots, Env: env})
 	serverOut, serverPID := proctest.StartSidecar(t, proctest.Sidecar{Exe: exe, PodNS: ns[server], ProbeNS: ns[directServer], IP: server.IP, Name: server.Name, Roots: cp.Roots, Env: env})
-	for _, p := range []*netns.Pod{server, directServer} {
-		serveConns(t, ns[p], ":9100", perftest.Sink)
-		serveConns(t, ns[p], ":9101", meshtest.Echo)
-		serveHTTP(t, ns[p], ":8080")
+	for _, pod := range []*netns.Pod{server, directServer} {
+		serveConns(t, ns[pod], ":9100", perftest.Sink)
+		serveConns(t, ns[pod], ":9101", meshtest.Echo)
+		serveHTTP(t, ns[pod], ":8080")
 	}
 	ctx := context.Background()
 	// The app's connections: user 1000, redirected to its sidecar.
@@ -85,40 +77,25 @@ func TestSidecarPerf(t *testing.T) {
 	idle := [2]float64{perftest.RSS(t, clientPID), perftest.RSS(t, serverPID)}
 	idleParts := perftest.RSSParts(t, clientPID)
 
-	// Alternating slices: load changes on the shared machine hit both.
-	var meshBps, directBps float64
-	for i := 0; i < 6; i++ {
-		meshBps += perftest.Throughput(t, mesh, netip.AddrPortFrom(server.IP, 9100), bulk/6) / 6
-		directBps += perftest.Throughput(t, direct, netip.AddrPortFrom(directServer.IP, 9100), bulk/6) / 6
+	srv := func(ip netip.Addr) perftest.Server {
+		return perftest.Server{Sink: netip.AddrPortFrom(ip, 9100), Echo: netip.AddrPortFrom(ip, 9101), HTTP: netip.AddrPortFrom(ip, 8080)}
 	}
-	meshLat, directLat := perftest.LatencyPair(t, mesh, netip.AddrPortFrom(server.IP, 9101), direct, netip.AddrPortFrom(directServer.IP, 9101), rtts)
-
-	cpu0, wall0 := [2]float64{perftest.CPUSeconds(t, clientPID), perftest.CPUSeconds(t, serverPID)}, time.Now()
-	achieved := perftest.HTTPLoad(t, mesh, netip.AddrPortFrom(server.IP, 8080), rps, 4, loadFor)
-	wall := time.Since(wall0).Seconds()
-	cpu := [2]float64{(perftest.CPUSeconds(t, clientPID) - cpu0[0]) / wall, (perftest.CPUSeconds(t, serverPID) - cpu0[1]) / wall}
+	r := perftest.Compare(t, p, mesh, srv(server.IP), direct, srv(directServer.IP), clientPID, serverPID)
 	loadRSS := [2]float64{perftest.RSS(t, clientPID), perftest.RSS(t, serverPID)}
 
 	// The traffic measured went sidecar to sidecar over HBONE: the server's
 	// sidecar saw the client's identity.
 	waitLine(t, serverOut, "inbound{", "peer_id="+cp.CA.ID("default", client.Name).String())
-	if achieved <= 0 || meshBps <= 0 || meshLat[0] <= 0 {
-		t.Fatalf("no traffic measured: %.0f rps, %.0f B/s, p50 %v", achieved, meshBps, meshLat[0])
-	}
-	if !full {
+	if !p.Full {
 		t.Log("smoke only; SIDECAR_PERF=1 measures")
 		return
 	}
-	krps := achieved / 1000
-	for _, l := range []string{
-		fmt.Sprintf("single-stream throughput: sidecar->sidecar %.2f Gbit/s, direct %.2f Gbit/s, ratio %.2f", meshBps*8/1e9, directBps*8/1e9, meshBps/directBps),
-		fmt.Sprintf("1 KiB echo latency: sidecar->sidecar p50 %v p99 %v; direct p50 %v p99 %v; added p50 %v p99 %v",
-			meshLat[0], meshLat[1], directLat[0], directLat[1], meshLat[0]-directLat[0], meshLat[1]-directLat[1]),
+	for _, l := range append(r.Lines("sidecar->sidecar"),
 		fmt.Sprintf("HTTP/1.1 1 KiB POST, 4 connections, %.0f rps for %v: client sidecar %.3f vCPU per 1000 rps, server sidecar %.3f, both %.3f",
-			achieved, loadFor, cpu[0]/krps, cpu[1]/krps, (cpu[0]+cpu[1])/krps),
+			r.RPS, p.LoadFor, r.PerKRPS(0), r.PerKRPS(1), r.PerKRPS(0)+r.PerKRPS(1)),
 		fmt.Sprintf("RSS per sidecar pod: idle client %.1f MB (%s), server %.1f MB; under load client %.1f MB, server %.1f MB",
 			idle[0]/1e6, idleParts, idle[1]/1e6, loadRSS[0]/1e6, loadRSS[1]/1e6),
-	} {
+	) {
 		t.Log("PERF " + l)
 	}
 }

@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
@@ -157,4 +156,3 @@ func waitLine(t *testing.T, out *proctest.LogBuffer, parts ...string) {
 	}
 	t.Fatalf("no sidecar log line with %q", parts)
 }
-

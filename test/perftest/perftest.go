@@ -170,3 +170,74 @@ func CPUSeconds(t *testing.T, pid int) float64 {
 	st, _ := strconv.ParseFloat(f[12], 64)
 	return (ut + st) / 100 // USER_HZ
 }
+
+// Params are a benchmark's phase lengths: a smoke unless Full.
+type Params struct {
+	Full    bool
+	Bulk    time.Duration // single-stream throughput, split into 6 alternating slices
+	RTTs    int           // echo round trips per path
+	LoadFor time.Duration // paced HTTP load
+	RPS     int
+}
+
+// ParamsFromEnv measures when env is "1" (env+"_SECONDS" lengthens the
+// load phase, default 5 s); otherwise the phases are a smoke's.
+func ParamsFromEnv(env string) Params {
+	if os.Getenv(env) != "1" {
+		return Params{Bulk: 300 * time.Millisecond, RTTs: 100, LoadFor: time.Second, RPS: 200}
+	}
+	p := Params{Full: true, Bulk: 3 * time.Second, RTTs: 2000, LoadFor: 5 * time.Second, RPS: 1000}
+	if v, err := strconv.Atoi(os.Getenv(env + "_SECONDS")); err == nil && v > 0 {
+		p.LoadFor = time.Duration(v) * time.Second
+	}
+	return p
+}
+
+// Server is where a path's server listens: a sink, an echo and HTTP.
+type Server struct{ Sink, Echo, HTTP netip.AddrPort }
+
+// Result is one run's mesh path against its direct baseline.
+type Result struct {
+	MeshBps, DirectBps float64
+	MeshLat, DirectLat [2]time.Duration // p50, p99
+	RPS                float64          // achieved during the load phase
+	CPU                []float64        // vCPU of each pid during the load phase
+}
+
+// Compare runs throughput (alternating slices, so load changes on the shared
+// machine hit both paths), echo latency (alternating round trips) and the
+// paced HTTP load over the mesh path while sampling pids' CPU.
+func Compare(t *testing.T, p Params, mesh Dial, meshSrv Server, direct Dial, directSrv Server, pids ...int) Result {
+	var r Result
+	for i := 0; i < 6; i++ {
+		r.MeshBps += Throughput(t, mesh, meshSrv.Sink, p.Bulk/6) / 6
+		r.DirectBps += Throughput(t, direct, directSrv.Sink, p.Bulk/6) / 6
+	}
+	r.MeshLat, r.DirectLat = LatencyPair(t, mesh, meshSrv.Echo, direct, directSrv.Echo, p.RTTs)
+	before := make([]float64, len(pids))
+	for i, pid := range pids {
+		before[i] = CPUSeconds(t, pid)
+	}
+	start := time.Now()
+	r.RPS = HTTPLoad(t, mesh, meshSrv.HTTP, p.RPS, 4, p.LoadFor)
+	wall := time.Since(start).Seconds()
+	for i, pid := range pids {
+		r.CPU = append(r.CPU, (CPUSeconds(t, pid)-before[i])/wall)
+	}
+	if r.RPS <= 0 || r.MeshBps <= 0 || r.MeshLat[0] <= 0 {
+		t.Fatalf("no traffic measured: %.0f rps, %.0f B/s, p50 %v", r.RPS, r.MeshBps, r.MeshLat[0])
+	}
+	return r
+}
+
+// PerKRPS is vCPU per 1000 rps of pid i.
+func (r Result) PerKRPS(i int) float64 { return r.CPU[i] / (r.RPS / 1000) }
+
+// Lines reports throughput and latency, the mesh path named path.
+func (r Result) Lines(path string) []string {
+	return []string{
+		fmt.Sprintf("single-stream throughput: %s %.2f Gbit/s, direct %.2f Gbit/s, ratio %.2f", path, r.MeshBps*8/1e9, r.DirectBps*8/1e9, r.MeshBps/r.DirectBps),
+		fmt.Sprintf("1 KiB echo latency: %s p50 %v p99 %v; direct p50 %v p99 %v; added p50 %v p99 %v",
+			path, r.MeshLat[0], r.MeshLat[1], r.DirectLat[0], r.DirectLat[1], r.MeshLat[0]-r.DirectLat[0], r.MeshLat[1]-r.DirectLat[1]),
+	}
+}
