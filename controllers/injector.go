@@ -15,6 +15,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/webhook/admission"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+	"github.com/ambientmesh/ambient/proxylib/appprobe"
 	"github.com/ambientmesh/ambient/proxylib/discovery/selection"
 	"github.com/ambientmesh/ambient/proxylib/redirect"
 )
@@ -185,10 +186,18 @@ func InjectSidecar(pod *corev1.Pod, mesh *meshv1.AmbientMesh, image string) erro
 		// token needs it spelled out.
 		pod.Spec.ServiceAccountName = "default"
 	}
+	probers, err := rewriteAppProbes(pod)
+	if err != nil {
+		return err
+	}
 	z := mesh.Spec.Ztunnel
 	env := append(proxyEnv(mesh, z.Transport, z.LogLevel),
 		fieldEnv("POD_UID", "metadata.uid"),
-		fieldEnv("SERVICE_ACCOUNT", "spec.serviceAccountName"))
+		fieldEnv("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+		fieldEnv("INSTANCE_IP", "status.podIP"))
+	if probers != "" {
+		env = append(env, corev1.EnvVar{Name: appprobe.EnvVar, Value: probers})
+	}
 	mounts := []corev1.VolumeMount{
 		{Name: sidecarTokenVolume, MountPath: tokenMountDir, ReadOnly: true},
 		{Name: sidecarRootVolume, MountPath: rootCertMountDir, ReadOnly: true},

@@ -2,12 +2,14 @@ package main
 
 import (
 	"flag"
+	"fmt"
 	"io"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 	"github.com/ambientmesh/ambient/controllers"
@@ -27,7 +29,8 @@ func TestInjectorEnvContract(t *testing.T) {
 		"traffic.sidecar.istio.io/excludeOutboundPorts":    "3306",
 		"traffic.sidecar.istio.io/excludeInboundPorts":     "9090",
 		"traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.96.0.0/12"}},
-		Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "app"}}}}
+		Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "app", ReadinessProbe: &corev1.Probe{
+			ProbeHandler: corev1.ProbeHandler{TCPSocket: &corev1.TCPSocketAction{Port: intstr.FromInt32(8080)}}}}}}}
 	if err := controllers.InjectSidecar(pod, mesh, "sidecar:test"); err != nil {
 		t.Fatal(err)
 	}
@@ -47,6 +50,8 @@ func TestInjectorEnvContract(t *testing.T) {
 		"cert ttl":        {o.CertTTL.String(), "6h0m0s"},
 		"pod uid":         {o.podUID, "fieldRef:metadata.uid"},
 		"service account": {o.serviceAccount, "fieldRef:spec.serviceAccountName"},
+		"pod ip":          {o.podIP, "fieldRef:status.podIP"},
+		"app probes":      {fmt.Sprint(o.appProbes["/app-health/app/readyz"].TCPSocket.Port), "8080"},
 	} {
 		if got[0] != got[1] || got[0] == "" {
 			t.Errorf("%s: sidecar has %q, injector meant %q", what, got[0], got[1])

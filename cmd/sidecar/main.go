@@ -23,6 +23,7 @@ import (
 	"github.com/go-logr/logr"
 	"go.uber.org/zap"
 
+	"github.com/ambientmesh/ambient/proxylib/appprobe"
 	"github.com/ambientmesh/ambient/proxylib/boot"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/envconfig"
@@ -34,6 +35,10 @@ import (
 type options struct {
 	*boot.Options
 	podUID, serviceAccount string
+	// appProbes: the app's original probes, run for the kubelet's
+	// rewritten ones (proxylib/appprobe); podIP is where they go.
+	appProbes appprobe.Probers
+	podIP     string
 }
 
 // parseFlags reads the proxy's flags, defaulting each from its environment
@@ -46,7 +51,13 @@ func parseFlags(fs *flag.FlagSet, args []string, e *envconfig.Env) (options, err
 	}
 	fs.StringVar(&o.podUID, "pod-uid", e.Get("POD_UID", ""), "this pod's UID (env POD_UID)")
 	fs.StringVar(&o.serviceAccount, "service-account", e.Get("SERVICE_ACCOUNT", "default"), "this pod's service account (env SERVICE_ACCOUNT)")
-	return o, fs.Parse(args)
+	probes := fs.String("app-probes", e.Get(appprobe.EnvVar, ""), "the app's original probes, JSON (env "+appprobe.EnvVar+")")
+	fs.StringVar(&o.podIP, "pod-ip", e.Get("INSTANCE_IP", ""), "this pod's IP, where app probes go (env INSTANCE_IP)")
+	if err := fs.Parse(args); err != nil {
+		return o, err
+	}
+	o.appProbes, err = appprobe.Parse(*probes)
+	return o, err
 }
 
 type initOptions struct {
@@ -127,7 +138,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	}
 	defer p.Close()
 	var serving atomic.Bool
-	p.ServeEndpoints(level, serving.Load)
+	p.ServeEndpoints(level, serving.Load, &appprobe.Handler{Probers: o.appProbes, Host: o.podIP})
 	uid := o.podUID
 	if uid == "" {
 		uid = discovery.PodUID(o.Cluster, o.PodNamespace, o.PodName)

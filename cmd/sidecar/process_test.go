@@ -5,17 +5,12 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
@@ -99,74 +94,13 @@ func TestSidecarProcess(t *testing.T) {
 		Addresses: [][]byte{pod.IP.AsSlice()}, ServiceAccount: "web", TrustDomain: "cluster.local",
 		TunnelProtocol: workloadapi.TunnelProtocol_HBONE, NativeTunnel: true, Status: workloadapi.WorkloadStatus_HEALTHY})
 	exe := proctest.Executable(t)
-	token := filepath.Join(proctest.SharedDir(t), "token")
-	if err := os.WriteFile(token, []byte(proctest.Token), 0o644); err != nil {
-		t.Fatal(err)
-	}
-
-	// The init container: CAP_NET_ADMIN only (an unprivileged user with it
-	// as an ambient capability), nothing else.
-	initOut := proctest.NewLogBuffer(t, "init")
-	initCmd := exec.Command(exe, "init")
-	initCmd.Env = append(os.Environ(), runMainEnv+"=1", "SIDECAR_UID=1337")
-	initCmd.Stdout, initCmd.Stderr = initOut, initOut
-	initCmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 4000, Gid: 4000},
-		AmbientCaps: []uintptr{unix.CAP_NET_ADMIN}}
-	startIn(t, podNS, initCmd)
-	if err := initCmd.Wait(); err != nil {
-		t.Fatalf("sidecar init with CAP_NET_ADMIN only: %v", err)
-	}
-
-	// The sidecar: user 1337, no capabilities.
-	out := proctest.NewLogBuffer(t, "sidecar")
-	cpName := "ambient-controlplane.ambient-system.svc"
-	sc := exec.Command(exe, "-pod-name", "web", "-pod-namespace", "default", "-service-account", "web",
-		"-xds-address", "127.0.0.1:15010", "-xds-server-name", cpName, "-ca-address", "127.0.0.1:15012", "-ca-server-name", cpName,
-		"-token-path", token, "-root-cert", cp.Roots)
-	sc.Env = append(os.Environ(), runMainEnv+"=1")
-	sc.Stdout, sc.Stderr = out, out
-	sc.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 1337, Gid: 1337}}
-	startIn(t, podNS, sc)
-	exited := make(chan error, 1)
-	go func() { exited <- sc.Wait() }()
-	t.Cleanup(func() {
-		sc.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(30 * time.Second):
-			sc.Process.Kill()
-			<-exited
-		}
-	})
-	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", sc.Process.Pid))
+	out, pid := proctest.StartSidecar(t, proctest.Sidecar{Exe: exe, PodNS: podNS, ProbeNS: peerNS, IP: pod.IP, Name: "web", Roots: cp.Roots, Env: []string{runMainEnv + "=1"}})
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !strings.Contains(string(status), "CapEff:\t0000000000000000") {
 		t.Fatalf("sidecar has capabilities:\n%s", status)
-	}
-
-	// Ready, asked as the kubelet does (from outside, on :15021).
-	ready := &http.Client{Timeout: time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
-		return netnsutil.DialTCP(ctx, peerNS, netip.AddrPort{}, netip.MustParseAddrPort(addr), netnsutil.SocketOptions{})
-	}}}
-	for i := 0; ; i++ {
-		resp, err := ready.Get(fmt.Sprintf("http://%s/healthz/ready", netip.AddrPortFrom(pod.IP, 15021)))
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				break
-			}
-		}
-		select {
-		case err := <-exited:
-			t.Fatalf("sidecar exited: %v", err)
-		default:
-		}
-		if i == 300 {
-			t.Fatalf("sidecar never ready: %v", err)
-		}
-		time.Sleep(100 * time.Millisecond)
 	}
 
 	serve(t, podNS, "[::]:8080", "app")

@@ -69,7 +69,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 			log.Error(err, "node agent socket stopped")
 		}
 	}()
-	p.ServeEndpoints(level, p.SnapshotReceived)
+	p.ServeEndpoints(level, p.SnapshotReceived, nil)
 	log.Info("ztunnel started", "node", o.Node, "transport", o.Transport)
 
 	<-ctx.Done()

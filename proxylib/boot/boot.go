@@ -258,10 +258,19 @@ func (p *Proxy) Close() { p.Store.Close() }
 
 // ServeEndpoints serves admin, metrics and readiness (ready when discovery
 // synced, certificates are there, extra reports true and no drain started).
-func (p *Proxy) ServeEndpoints(level zap.AtomicLevel, extra func() bool) {
+// A non-nil appHealth serves /app-health/ beside the metrics (the status
+// port, as Istio's pilot-agent: a sidecar's rewritten app probes).
+func (p *Proxy) ServeEndpoints(level zap.AtomicLevel, extra func() bool, appHealth http.Handler) {
 	Serve(p.Log, p.Opts.AdminAddr, admin.Handler(admin.Config{State: p.State, Certificates: p.Store.Status, Roots: p.Bundle.Certs, DNS: p.DNSStatus,
 		SetLogLevel: func(l string) error { return logging.SetLevel(level, l) }}))
-	Serve(p.Log, p.Opts.MetricsAddr, admin.MetricsHandler(p.Metrics))
+	status := admin.MetricsHandler(p.Metrics)
+	if appHealth != nil {
+		mux := http.NewServeMux()
+		mux.Handle("/", status)
+		mux.Handle("/app-health/", appHealth)
+		status = mux
+	}
+	Serve(p.Log, p.Opts.MetricsAddr, status)
 	Serve(p.Log, p.Opts.ReadyAddr, admin.ReadinessHandler(func() bool { return p.Ready() && extra() && !p.Draining() }))
 }
 

@@ -1,8 +1,6 @@
 package ztunnel
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -11,15 +9,14 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 	"github.com/ambientmesh/ambient/test/meshtest"
+	"github.com/ambientmesh/ambient/test/perftest"
 )
 
 // TestPerf measures the data path through two real ztunnel processes against
@@ -36,12 +33,12 @@ func TestPerf(t *testing.T) {
 	directClient := pm.addPlainPod(0, "direct-client")
 	directServer := pm.addPlainPod(1, "direct-server")
 	for _, p := range []*meshtest.Pod{pm.httpbin, directServer} {
-		p.ServeTCP(t, 9100, sink)
+		p.ServeTCP(t, 9100, perftest.Sink)
 		p.ServeTCP(t, 9101, meshtest.Echo)
 		p.ServeHTTP(t, 8080)
 	}
 	zt := pm.zts[0] // the client-side ztunnel is measured for CPU and memory
-	idle, idleParts := rss(t, zt.cmd.Process.Pid), rssParts(t, zt.cmd.Process.Pid)
+	idle, idleParts := perftest.RSS(t, zt.cmd.Process.Pid), perftest.RSSParts(t, zt.cmd.Process.Pid)
 	if out := os.Getenv("ZTUNNEL_PROFILE"); out != "" {
 		zt.fetch(t, out+".idleheap", "/debug/pprof/heap")
 	}
@@ -54,10 +51,10 @@ func TestPerf(t *testing.T) {
 	// slices so load changes hit both alike.
 	var mesh, direct float64
 	for i := 0; i < 6; i++ {
-		mesh += throughput(t, pm.sleep, pm.httpbin.Addr(9100), dur/6) / 6
-		direct += throughput(t, directClient, directServer.Addr(9100), dur/6) / 6
+		mesh += perftest.Throughput(t, pm.sleep.Dial, pm.httpbin.Addr(9100), dur/6) / 6
+		direct += perftest.Throughput(t, directClient.Dial, directServer.Addr(9100), dur/6) / 6
 	}
-	meshLat, directLat := latencyPair(t, pm.sleep, pm.httpbin.Addr(9101), directClient, directServer.Addr(9101), 2000)
+	meshLat, directLat := perftest.LatencyPair(t, pm.sleep.Dial, pm.httpbin.Addr(9101), directClient.Dial, directServer.Addr(9101), 2000)
 
 	if out := os.Getenv("ZTUNNEL_PROFILE"); out != "" {
 		go zt.profile(t, out+".requests", 4)
@@ -69,14 +66,14 @@ func TestPerf(t *testing.T) {
 	if v, err := strconv.Atoi(os.Getenv("ZTUNNEL_PERF_SECONDS")); err == nil && v > 0 {
 		loadFor = time.Duration(v) * time.Second
 	}
-	cpuBefore, serverCPUBefore, wallBefore := cpuSeconds(t, zt.cmd.Process.Pid), cpuSeconds(t, pm.zts[1].cmd.Process.Pid), time.Now()
-	rpsAchieved := httpLoad(t, pm.sleep, pm.httpbin.Addr(8080), 1000, 4, loadFor)
+	cpuBefore, serverCPUBefore, wallBefore := perftest.CPUSeconds(t, zt.cmd.Process.Pid), perftest.CPUSeconds(t, pm.zts[1].cmd.Process.Pid), time.Now()
+	rpsAchieved := perftest.HTTPLoad(t, pm.sleep.Dial, pm.httpbin.Addr(8080), 1000, 4, loadFor)
 	wall := time.Since(wallBefore).Seconds()
-	cpu := (cpuSeconds(t, zt.cmd.Process.Pid) - cpuBefore) / wall
-	serverCPU := (cpuSeconds(t, pm.zts[1].cmd.Process.Pid) - serverCPUBefore) / wall
-	loadRSS := rss(t, zt.cmd.Process.Pid)
+	cpu := (perftest.CPUSeconds(t, zt.cmd.Process.Pid) - cpuBefore) / wall
+	serverCPU := (perftest.CPUSeconds(t, pm.zts[1].cmd.Process.Pid) - serverCPUBefore) / wall
+	loadRSS := perftest.RSS(t, zt.cmd.Process.Pid)
 
-	before, memBefore := rss(t, zt.cmd.Process.Pid), zt.memStats(t)
+	before, memBefore := perftest.RSS(t, zt.cmd.Process.Pid), zt.memStats(t)
 	var conns []net.Conn
 	for i := 0; i < 1000; i++ {
 		c, err := pm.sleep.Dial(pm.httpbin.Addr(9101))
@@ -87,7 +84,7 @@ func TestPerf(t *testing.T) {
 		conns = append(conns, c)
 	}
 	time.Sleep(500 * time.Millisecond)
-	after, memAfter := rss(t, zt.cmd.Process.Pid), zt.memStats(t)
+	after, memAfter := perftest.RSS(t, zt.cmd.Process.Pid), zt.memStats(t)
 	// An idle ztunnel's runtime collects at least every 2 minutes, and each
 	// collection halves stacks that idle goroutines no longer use; two
 	// forced collections show where idle tunnels settle.
@@ -97,7 +94,7 @@ func TestPerf(t *testing.T) {
 		zt.fetch(t, out+".connheap", "/debug/pprof/heap")
 		zt.fetch(t, out+".goroutines", "/debug/pprof/goroutine?debug=1")
 	}
-	serverSide := rss(t, pm.zts[1].cmd.Process.Pid)
+	serverSide := perftest.RSS(t, pm.zts[1].cmd.Process.Pid)
 	for _, c := range conns {
 		c.Close()
 	}
@@ -125,151 +122,6 @@ func TestPerf(t *testing.T) {
 func (pm *processMesh) addPlainPod(nodeIdx int, name string) *meshtest.Pod {
 	n := pm.Nodes[nodeIdx]
 	return &meshtest.Pod{Pod: n.AddPod(name), PodName: name, Namespace: "default", ServiceAccount: name, Node: n}
-}
-
-func sink(c net.Conn) {
-	defer c.Close()
-	io.Copy(io.Discard, c)
-}
-
-// throughput sends as fast as possible for d over one connection.
-func throughput(t *testing.T, from *meshtest.Pod, dst netip.AddrPort, d time.Duration) float64 {
-	c, err := from.Dial(dst)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	buf := make([]byte, 256<<10)
-	var n int64
-	start := time.Now()
-	for time.Since(start) < d {
-		w, err := c.Write(buf)
-		n += int64(w)
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	return float64(n) / time.Since(start).Seconds()
-}
-
-// latencyPair measures 1 KiB echo round trips (p50, p99) on two paths,
-// alternating one round trip on each.
-func latencyPair(t *testing.T, fromA *meshtest.Pod, dstA netip.AddrPort, fromB *meshtest.Pod, dstB netip.AddrPort, n int) ([2]time.Duration, [2]time.Duration) {
-	conn := func(p *meshtest.Pod, dst netip.AddrPort) net.Conn {
-		c, err := p.Dial(dst)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		return c
-	}
-	a, b := conn(fromA, dstA), conn(fromB, dstB)
-	msg := bytes.Repeat([]byte("a"), 1024)
-	buf := make([]byte, 1024)
-	rt := func(c net.Conn) time.Duration {
-		start := time.Now()
-		c.Write(msg)
-		if _, err := io.ReadFull(c, buf); err != nil {
-			t.Fatal(err)
-		}
-		return time.Since(start)
-	}
-	var da, db []time.Duration
-	for i := 0; i < n+100; i++ {
-		x, y := rt(a), rt(b)
-		if i >= 100 { // warm-up
-			da, db = append(da, x), append(db, y)
-		}
-	}
-	pct := func(ds []time.Duration) [2]time.Duration {
-		sort.Slice(ds, func(i, j int) bool { return ds[i] < ds[j] })
-		return [2]time.Duration{ds[len(ds)/2], ds[len(ds)*99/100]}
-	}
-	return pct(da), pct(db)
-}
-
-// httpLoad posts 1 KiB bodies at rate rps over conns keep-alive
-// connections for d and returns the achieved rate.
-func httpLoad(t *testing.T, from *meshtest.Pod, dst netip.AddrPort, rps, conns int, d time.Duration) float64 {
-	body := bytes.Repeat([]byte("b"), 1024)
-	var mu sync.Mutex
-	done := 0
-	var wg sync.WaitGroup
-	start := time.Now()
-	for i := 0; i < conns; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			c, err := from.Dial(dst)
-			if err != nil {
-				t.Error(err)
-				return
-			}
-			defer c.Close()
-			br := bufio.NewReader(c)
-			tick := time.NewTicker(time.Second * time.Duration(conns) / time.Duration(rps))
-			defer tick.Stop()
-			for time.Since(start) < d {
-				<-tick.C
-				req, _ := http.NewRequest(http.MethodPost, "http://"+dst.String()+"/", bytes.NewReader(body))
-				if err := req.Write(c); err != nil {
-					t.Error(err)
-					return
-				}
-				resp, err := http.ReadResponse(br, req)
-				if err != nil {
-					t.Error(err)
-					return
-				}
-				io.Copy(io.Discard, resp.Body)
-				resp.Body.Close()
-				mu.Lock()
-				done++
-				mu.Unlock()
-			}
-		}()
-	}
-	wg.Wait()
-	return float64(done) / time.Since(start).Seconds()
-}
-
-// rss is the resident set size of pid in bytes.
-func rss(t *testing.T, pid int) float64 { return procStatus(t, pid, "VmRSS") }
-
-// procStatus reads a kB field of /proc/<pid>/status, in bytes.
-func procStatus(t *testing.T, pid int, field string) float64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(line, field+":") {
-			f := strings.Fields(line)
-			kb, _ := strconv.ParseFloat(f[1], 64)
-			return kb * 1024
-		}
-	}
-	t.Fatalf("no %s in /proc/%d/status", field, pid)
-	return 0
-}
-
-// rssParts says where resident memory is: anonymous (heap, stacks, runtime)
-// and file-backed (the binary's pages).
-func rssParts(t *testing.T, pid int) string {
-	return fmt.Sprintf("anon %.1f MB, file %.1f MB", procStatus(t, pid, "RssAnon")/1e6, procStatus(t, pid, "RssFile")/1e6)
-}
-
-// cpuSeconds is user+system CPU time of pid.
-func cpuSeconds(t *testing.T, pid int) float64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := string(b)
-	f := strings.Fields(s[strings.LastIndex(s, ")")+2:])
-	ut, _ := strconv.ParseFloat(f[11], 64)
-	st, _ := strconv.ParseFloat(f[12], 64)
-	return (ut + st) / 100 // USER_HZ
 }
 
 // memStats reads the Go runtime's memory statistics (the "# Name = value"
