@@ -134,10 +134,8 @@ func (in *Ingress) adapt(pod *corev1.PodSpec) {
 func (in *Ingress) service(om metav1.ObjectMeta, name string) *corev1.Service {
 	var ports []corev1.ServicePort
 	for _, p := range in.Ports {
-		name, app := fmt.Sprintf("http-%d", p.Port), "http"
-		if p.TLS {
-			name, app = fmt.Sprintf("https-%d", p.Port), "https"
-		}
+		app := strings.ToLower(string(p.Protocol))
+		name := fmt.Sprintf("%s-%d", app, p.Port)
 		ports = append(ports, corev1.ServicePort{Name: name, Port: int32(p.Port), TargetPort: intstr.FromInt32(int32(p.Port)),
 			Protocol: corev1.ProtocolTCP, AppProtocol: ptr.To(app)})
 	}

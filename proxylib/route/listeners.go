@@ -24,7 +24,9 @@ func (p Port) Terminates() bool { return p.Protocol == gwv1.HTTPSProtocolType }
 
 // L4 reports whether the port relays bytes (TLS passthrough, TCP) instead
 // of serving HTTP.
-func (p Port) L4() bool { return p.Protocol == gwv1.TLSProtocolType || p.Protocol == gwv1.TCPProtocolType }
+func (p Port) L4() bool {
+	return p.Protocol == gwv1.TLSProtocolType || p.Protocol == gwv1.TCPProtocolType
+}
 
 // RouteKinds are the route kinds a listener of protocol p can take, as
 // Gateway API defines them per protocol.
