@@ -11,6 +11,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -163,7 +164,7 @@ type IngressGatewayReconciler struct {
 	Now           func() time.Time
 }
 
-// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=httproutes;grpcroutes,verbs=get;list;watch
+// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=httproutes;grpcroutes;tlsroutes;tcproutes,verbs=get;list;watch
 // +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=referencegrants,verbs=get;list;watch
 
 // Reconcile brings one ingress Gateway to its desired state.
@@ -203,7 +204,7 @@ func (r *IngressGatewayReconciler) reconcile(ctx context.Context, gw *gwv1.Gatew
 	}
 	w.Ingress.Ports, w.Ingress.Certs = plan.ports, plan.mounts
 	if len(plan.ports) == 0 {
-		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonListenersNotValid), "no listener the gateway can serve: HTTP, and HTTPS terminating TLS with certificates that resolve, are supported")
+		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonListenersNotValid), "no listener the gateway can serve: HTTP, HTTPS terminating TLS with certificates that resolve, TLS in Passthrough mode and TCP are supported")
 		return ctrl.Result{}, syncCertificateCopies(ctx, r.Client, gw, nil)
 	}
 	// Copies first, so the pod finds every Secret it mounts.
@@ -297,9 +298,7 @@ func (r *IngressGatewayReconciler) setListenerStatus(ctx context.Context, status
 			ls.Conditions = old.Conditions
 		}
 		rejected, refused := rejectedListeners[l.Name]
-		if l.Protocol == gwv1.HTTPProtocolType || l.Protocol == gwv1.HTTPSProtocolType {
-			ls.SupportedKinds = routeKinds(l)
-		}
+		ls.SupportedKinds = routeKinds(l)
 		if !refused || rejected.Refs {
 			// Counted even while references do not resolve, as the API asks.
 			ls.AttachedRoutes = attached[l.Name]
@@ -311,12 +310,13 @@ func (r *IngressGatewayReconciler) setListenerStatus(ctx context.Context, status
 	return nil
 }
 
-// routeKinds are the route kinds a listener admits (allowedRoutes.kinds,
-// default HTTPRoute and GRPCRoute).
+// routeKinds are the route kinds a listener admits: those of its protocol
+// (route.RouteKinds: HTTPRoute and GRPCRoute on HTTP and HTTPS, TLSRoute
+// on TLS, TCPRoute on TCP), narrowed by allowedRoutes.kinds.
 func routeKinds(l gwv1.Listener) []gwv1.RouteGroupKind {
-	all := []gwv1.RouteGroupKind{
-		{Group: ptr.To(gwv1.Group(gwv1.GroupName)), Kind: "HTTPRoute"},
-		{Group: ptr.To(gwv1.Group(gwv1.GroupName)), Kind: "GRPCRoute"},
+	all := []gwv1.RouteGroupKind{}
+	for _, k := range route.RouteKinds(l.Protocol) {
+		all = append(all, gwv1.RouteGroupKind{Group: ptr.To(gwv1.Group(gwv1.GroupName)), Kind: k})
 	}
 	if l.AllowedRoutes == nil || len(l.AllowedRoutes.Kinds) == 0 {
 		return all
@@ -339,19 +339,23 @@ func (r *IngressGatewayReconciler) attachedRoutes(ctx context.Context, gw *gwv1.
 	if err != nil {
 		return nil, err
 	}
-	var hrs gwv1.HTTPRouteList
-	if err := r.Client.List(ctx, &hrs); err != nil && !meta.IsNoMatchError(err) {
-		return nil, err
-	}
-	for _, hr := range hrs.Items {
-		countAttachments(out, gw, hr.Namespace, "HTTPRoute", hr.Spec.ParentRefs, hr.Spec.Hostnames)
-	}
-	var grs gwv1.GRPCRouteList
-	if err := r.Client.List(ctx, &grs); err != nil && !meta.IsNoMatchError(err) {
-		return nil, err
-	}
-	for _, gr := range grs.Items {
-		countAttachments(out, gw, gr.Namespace, "GRPCRoute", gr.Spec.ParentRefs, gr.Spec.Hostnames)
+	for _, k := range RouteKinds {
+		list := k.newList()
+		if err := r.Client.List(ctx, list); err != nil {
+			if meta.IsNoMatchError(err) {
+				continue // the cluster does not serve this kind
+			}
+			return nil, err
+		}
+		err := meta.EachListItem(list, func(o runtime.Object) error {
+			obj := o.(client.Object)
+			parents, _ := routeRefsOf(obj)
+			countAttachments(out, gw, obj.GetNamespace(), k.Name, parents, routeHostnames(obj))
+			return nil
+		})
+		if err != nil {
+			return nil, err
+		}
 	}
 	return out, nil
 }

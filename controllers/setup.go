@@ -139,7 +139,7 @@ func referenceGrantsServed(mgr ctrl.Manager) (bool, error) {
 // for the listeners' attached-route counts.
 func setupIngressGateways(mgr ctrl.Manager, o Options, grants bool) error {
 	var kinds []client.Object
-	for _, k := range []RouteKind{HTTPRouteKind, GRPCRouteKind} {
+	for _, k := range RouteKinds {
 		gk := schema.GroupKind{Group: gwv1.GroupName, Kind: k.Name}
 		if _, err := mgr.GetRESTMapper().RESTMapping(gk, gwv1.GroupVersion.Version); err == nil {
 			kinds = append(kinds, k.newRoute())
@@ -154,7 +154,7 @@ func setupIngressGateways(mgr ctrl.Manager, o Options, grants bool) error {
 // setupRouteStatus registers a route status reconciler for each route kind
 // the cluster serves.
 func setupRouteStatus(mgr ctrl.Manager, grants bool) error {
-	for _, kind := range []RouteKind{HTTPRouteKind, GRPCRouteKind} {
+	for _, kind := range RouteKinds {
 		gk := schema.GroupKind{Group: gwv1.GroupName, Kind: kind.Name}
 		if _, err := mgr.GetRESTMapper().RESTMapping(gk, gwv1.GroupVersion.Version); meta.IsNoMatchError(err) {
 			mgr.GetLogger().Info("Gateway API route kind not installed: no status written for it", "kind", kind.Name)
