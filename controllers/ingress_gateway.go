@@ -49,6 +49,11 @@ type Ingress struct {
 	// plan (planListeners).
 	Ports []route.Port
 	Certs []CertMount
+	// From the Gateway's parameters (GatewayParameters): the Service's
+	// externalTrafficPolicy (Local keeps the client's address) and
+	// annotations (e.g. a load balancer's address pool).
+	ExternalTrafficPolicy corev1.ServiceExternalTrafficPolicy
+	ServiceAnnotations    map[string]string
 }
 
 // IngressFromGateway reads an ingress Gateway (class istio, or another
@@ -85,8 +90,26 @@ func IngressFromGateway(gw *gwv1.Gateway, mesh *meshv1.AmbientMesh, d Defaults) 
 	return w, nil
 }
 
+// infrastructure is the Gateway's spec.infrastructure labels and
+// annotations, which the Gateway API asks to be set on the objects
+// created for it (ours win on a clash).
+func (in *Ingress) infrastructure() (labels, annotations map[string]string) {
+	inf := in.Gateway.Spec.Infrastructure
+	if inf == nil {
+		return nil, nil
+	}
+	for k, v := range inf.Labels {
+		labels = mergeLabels(labels, map[string]string{string(k): string(v)})
+	}
+	for k, v := range inf.Annotations {
+		annotations = mergeLabels(annotations, map[string]string{string(k): string(v)})
+	}
+	return labels, annotations
+}
+
 func (in *Ingress) labels(name string) map[string]string {
-	return map[string]string{
+	infra, _ := in.infrastructure()
+	return mergeLabels(infra, map[string]string{
 		LabelManagedBy:        ManagedByValue,
 		LabelPartOf:           "ambient",
 		LabelComponent:        "ingress-gateway",
@@ -94,7 +117,7 @@ func (in *Ingress) labels(name string) map[string]string {
 		LabelIstioGatewayName: name,
 		LabelGatewayName:      name,
 		LabelGatewayClassName: string(in.Gateway.Spec.GatewayClassName),
-	}
+	})
 }
 
 // GatewayCertDir is where the ingress gateway finds its HTTPS listeners'
@@ -141,7 +164,10 @@ func (in *Ingress) service(om metav1.ObjectMeta, name string) *corev1.Service {
 			Protocol: corev1.ProtocolTCP, AppProtocol: ptr.To(app)})
 	}
 	ports = append(ports, corev1.ServicePort{Name: "status-port", Port: proxyReadinessPort, TargetPort: intstr.FromInt32(proxyReadinessPort), Protocol: corev1.ProtocolTCP})
-	return &corev1.Service{
+	if len(in.ServiceAnnotations) > 0 {
+		om.Annotations = mergeLabels(om.Annotations, in.ServiceAnnotations)
+	}
+	svc := &corev1.Service{
 		ObjectMeta: om,
 		Spec: corev1.ServiceSpec{
 			Type:     in.ServiceType,
@@ -149,6 +175,10 @@ func (in *Ingress) service(om metav1.ObjectMeta, name string) *corev1.Service {
 			Ports:    ports,
 		},
 	}
+	if in.ServiceType != corev1.ServiceTypeClusterIP {
+		svc.Spec.ExternalTrafficPolicy = in.ExternalTrafficPolicy
+	}
+	return svc
 }
 
 // IngressGatewayReconciler deploys an ingress gateway for every Gateway of
@@ -158,9 +188,15 @@ func (in *Ingress) service(om metav1.ObjectMeta, name string) *corev1.Service {
 // type LoadBalancer. Status: the Service's external addresses,
 // Accepted/Programmed, and per listener its conditions and attached routes.
 type IngressGatewayReconciler struct {
-	Client        client.Client
+	Client client.Client
+	// APIReader reads parameters ConfigMaps (not cached: the cache holds
+	// only the operator's own ConfigMaps); Client when nil.
+	APIReader     client.Reader
 	Defaults      Defaults
 	RetryInterval time.Duration
+	// ParamsRecheck is how often a Gateway with parameters re-reads them
+	// (default 1 minute): ConfigMap edits are not watched.
+	ParamsRecheck time.Duration
 	Now           func() time.Time
 }
 
@@ -179,6 +215,9 @@ func (r *IngressGatewayReconciler) Reconcile(ctx context.Context, req ctrl.Reque
 		return ctrl.Result{}, err
 	}
 	result, err := r.reconcile(ctx, gw, plan, status)
+	if err == nil && r.usesParameters(ctx, gw) && (result.RequeueAfter == 0 || result.RequeueAfter > r.paramsRecheck()) {
+		result.RequeueAfter = r.paramsRecheck()
+	}
 	if err != nil {
 		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionProgrammed, false, string(gwv1.GatewayReasonPending), err.Error())
 	}
@@ -202,6 +241,17 @@ func (r *IngressGatewayReconciler) reconcile(ctx context.Context, gw *gwv1.Gatew
 		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonInvalid), err.Error())
 		return ctrl.Result{}, nil // fixed only by editing the Gateway, which requeues
 	}
+	params, transient, err := ingressParameters(ctx, r.reader(), gw)
+	if err != nil {
+		if transient {
+			return ctrl.Result{}, err
+		}
+		// The objects already applied are kept until the parameters are
+		// fixed (re-read every ParamsRecheck).
+		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonInvalidParameters), err.Error())
+		return ctrl.Result{}, nil
+	}
+	params.apply(&w)
 	w.Ingress.Ports, w.Ingress.Certs = plan.ports, plan.mounts
 	if len(plan.ports) == 0 {
 		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonListenersNotValid), "no listener the gateway can serve: HTTP, HTTPS terminating TLS with certificates that resolve, TLS in Passthrough mode and TCP are supported")
@@ -456,6 +506,29 @@ func hostList(hosts []gwv1.Hostname) string {
 		s[i] = string(h)
 	}
 	return strings.Join(s, ", ")
+}
+
+func (r *IngressGatewayReconciler) reader() client.Reader {
+	if r.APIReader != nil {
+		return r.APIReader
+	}
+	return r.Client
+}
+
+func (r *IngressGatewayReconciler) paramsRecheck() time.Duration {
+	if r.ParamsRecheck > 0 {
+		return r.ParamsRecheck
+	}
+	return time.Minute
+}
+
+// usesParameters: the Gateway or its class names a parameters ConfigMap.
+func (r *IngressGatewayReconciler) usesParameters(ctx context.Context, gw *gwv1.Gateway) bool {
+	gc := &gwv1.GatewayClass{}
+	if err := r.Client.Get(ctx, client.ObjectKey{Name: string(gw.Spec.GatewayClassName)}, gc); err != nil {
+		gc = nil
+	}
+	return usesParameters(gw, gc)
 }
 
 func (r *IngressGatewayReconciler) now() time.Time {

@@ -109,7 +109,7 @@ func setupGatewayWaypoints(mgr ctrl.Manager, o Options) error {
 	if err := r.SetupWithManager(mgr); err != nil {
 		return err
 	}
-	if err := (&GatewayClassReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr); err != nil {
+	if err := (&GatewayClassReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader()}).SetupWithManager(mgr); err != nil {
 		return err
 	}
 	if err := setupIngressGateways(mgr, o, grants); err != nil {
@@ -147,7 +147,7 @@ func setupIngressGateways(mgr ctrl.Manager, o Options, grants bool) error {
 			return err
 		}
 	}
-	r := &IngressGatewayReconciler{Client: mgr.GetClient(), Defaults: o.Defaults, RetryInterval: o.RetryInterval}
+	r := &IngressGatewayReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Defaults: o.Defaults, RetryInterval: o.RetryInterval}
 	return r.SetupWithManager(mgr, grants, kinds...)
 }
 

@@ -141,6 +141,9 @@ func (w *Waypoint) meta() metav1.ObjectMeta {
 	if w.ForServiceAccount != "" {
 		m.Annotations = map[string]string{AnnotationForServiceAcct: w.ForServiceAccount}
 	}
+	if w.Ingress != nil {
+		_, m.Annotations = w.Ingress.infrastructure()
+	}
 	return m
 }
 
@@ -184,7 +187,7 @@ func (w *Waypoint) waypointDeployment(mesh *meshv1.AmbientMesh) *appsv1.Deployme
 			Replicas: ptr.To(w.Replicas),
 			Selector: &metav1.LabelSelector{MatchLabels: map[string]string{LabelGatewayName: w.Name}},
 			Template: corev1.PodTemplateSpec{
-				ObjectMeta: metav1.ObjectMeta{Labels: podLabels, Annotations: map[string]string{meshRedirectionLabel: "disabled"}},
+				ObjectMeta: metav1.ObjectMeta{Labels: podLabels, Annotations: mergeLabels(w.podAnnotations(), map[string]string{meshRedirectionLabel: "disabled"})},
 				Spec: corev1.PodSpec{
 					ServiceAccountName:            w.ObjectName(),
 					AutomountServiceAccountToken:  ptr.To(false),
@@ -210,6 +213,16 @@ func (w *Waypoint) waypointDeployment(mesh *meshv1.AmbientMesh) *appsv1.Deployme
 			},
 		},
 	}
+}
+
+// podAnnotations: an ingress gateway's pods carry its Gateway's
+// infrastructure annotations too.
+func (w *Waypoint) podAnnotations() map[string]string {
+	if w.Ingress == nil {
+		return nil
+	}
+	_, a := w.Ingress.infrastructure()
+	return a
 }
 
 func (w *Waypoint) service() *corev1.Service {
