@@ -23,6 +23,7 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	toolscache "k8s.io/client-go/tools/cache"
@@ -736,36 +737,25 @@ func (b *build) runFull() error {
 			}
 		}
 	}
-	if b.c.hasRoutes.Load() {
-		var hr gwv1.HTTPRouteList
-		if err := b.c.reader.List(b.ctx, &hr, noCopy); err != nil {
-			return err
+	for _, kind := range []struct {
+		on    bool
+		lists []client.ObjectList
+	}{
+		{b.c.hasRoutes.Load(), []client.ObjectList{&gwv1.HTTPRouteList{}, &gwv1.GRPCRouteList{}}},
+		{b.c.hasL4Routes.Load(), []client.ObjectList{&gwv1.TLSRouteList{}, &gwv1.TCPRouteList{}}},
+	} {
+		if !kind.on {
+			continue
 		}
-		for i := range hr.Items {
-			b.addRoute(&hr.Items[i], httpRouteGVK)
-		}
-		var gr gwv1.GRPCRouteList
-		if err := b.c.reader.List(b.ctx, &gr, noCopy); err != nil {
-			return err
-		}
-		for i := range gr.Items {
-			b.addRoute(&gr.Items[i], grpcRouteGVK)
-		}
-	}
-	if b.c.hasL4Routes.Load() {
-		var tr gwv1.TLSRouteList
-		if err := b.c.reader.List(b.ctx, &tr, noCopy); err != nil {
-			return err
-		}
-		for i := range tr.Items {
-			b.addRoute(&tr.Items[i], tlsRouteGVK)
-		}
-		var cr gwv1.TCPRouteList
-		if err := b.c.reader.List(b.ctx, &cr, noCopy); err != nil {
-			return err
-		}
-		for i := range cr.Items {
-			b.addRoute(&cr.Items[i], tcpRouteGVK)
+		for _, list := range kind.lists {
+			if err := b.c.reader.List(b.ctx, list, noCopy); err != nil {
+				return err
+			}
+			_ = meta.EachListItem(list, func(o runtime.Object) error {
+				r := o.(client.Object)
+				b.addRoute(r, routeGVK(r))
+				return nil
+			})
 		}
 	}
 	return nil
