@@ -113,9 +113,9 @@ func (s *Server) rebuild() {
 		close(old.changed)
 	}
 	// Grants decide which certificates the listeners may use.
-	if s.onGateway != nil && (old == nil || !equality.Semantic.DeepEqual(old.gateway, cfg.gateway) ||
+	if f := s.onGateway.Load(); f != nil && (old == nil || !equality.Semantic.DeepEqual(old.gateway, cfg.gateway) ||
 		!equality.Semantic.DeepEqual(old.grantSet, cfg.grantSet)) {
-		s.onGateway()
+		(*f)()
 	}
 }
 

@@ -77,8 +77,9 @@ type Server struct {
 	router    *proxy.Router
 	reporter  string
 	log       logr.Logger
-	// onGateway is called when the Gateway (ingress mode) changes.
-	onGateway func()
+	// onGateway is called when the Gateway (ingress mode) changes; set by
+	// the listeners' goroutine while discovery may already be rebuilding.
+	onGateway atomic.Pointer[func()]
 }
 
 var _ hbone.Handler = (*Server)(nil)
