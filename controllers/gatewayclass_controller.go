@@ -3,6 +3,7 @@ package controllers
 import (
 	"context"
 	"slices"
+	"time"
 
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -39,6 +40,11 @@ const WaypointControllerName gwv1.GatewayController = waypointbind.ControllerNam
 // Gateways of the class are then that controller's (see classForeign).
 type GatewayClassReconciler struct {
 	Client client.Client
+	// APIReader reads parameters ConfigMaps (not cached); Client when nil.
+	APIReader client.Reader
+	// ParamsRecheck is how often a class with parameters re-reads them
+	// (default 1 minute): ConfigMap edits are not watched.
+	ParamsRecheck time.Duration
 	// Builtin are the classes created when missing; default istio-waypoint
 	// and istio.
 	Builtin []string
@@ -71,12 +77,29 @@ func (r *GatewayClassReconciler) Reconcile(ctx context.Context, req ctrl.Request
 		Reason: string(gwv1.GatewayClassReasonAccepted), Message: "Handled by the ambient mesh operator",
 		ObservedGeneration: gc.Generation,
 	}
+	var res ctrl.Result
 	if gc.Name != WaypointGatewayClass {
 		if problem := waypointbind.ParametersProblem(gc); problem != "" {
 			cond.Status, cond.Reason, cond.Message = metav1.ConditionFalse, string(gwv1.GatewayClassReasonInvalidParameters), problem
+		} else if gc.Spec.ParametersRef != nil {
+			reader := r.APIReader
+			if reader == nil {
+				reader = r.Client
+			}
+			if _, transient, err := ClassParameters(ctx, reader, gc); transient {
+				return ctrl.Result{}, err
+			} else if err != nil {
+				cond.Status, cond.Reason, cond.Message = metav1.ConditionFalse, string(gwv1.GatewayClassReasonInvalidParameters), err.Error()
+			} else {
+				cond.Message = "Handled by the ambient mesh operator, with parameters from ConfigMap " + string(*gc.Spec.ParametersRef.Namespace) + "/" + gc.Spec.ParametersRef.Name
+			}
+			res.RequeueAfter = r.ParamsRecheck
+			if res.RequeueAfter <= 0 {
+				res.RequeueAfter = time.Minute
+			}
 		}
 	}
-	return ctrl.Result{}, r.setStatus(ctx, gc, cond)
+	return res, r.setStatus(ctx, gc, cond)
 }
 
 func (r *GatewayClassReconciler) create(ctx context.Context, name string) error {

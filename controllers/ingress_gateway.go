@@ -11,6 +11,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -48,6 +49,11 @@ type Ingress struct {
 	// plan (planListeners).
 	Ports []route.Port
 	Certs []CertMount
+	// From the Gateway's parameters (GatewayParameters): the Service's
+	// externalTrafficPolicy (Local keeps the client's address) and
+	// annotations (e.g. a load balancer's address pool).
+	ExternalTrafficPolicy corev1.ServiceExternalTrafficPolicy
+	ServiceAnnotations    map[string]string
 }
 
 // IngressFromGateway reads an ingress Gateway (class istio, or another
@@ -84,8 +90,26 @@ func IngressFromGateway(gw *gwv1.Gateway, mesh *meshv1.AmbientMesh, d Defaults) 
 	return w, nil
 }
 
+// infrastructure is the Gateway's spec.infrastructure labels and
+// annotations, which the Gateway API asks to be set on the objects
+// created for it (ours win on a clash).
+func (in *Ingress) infrastructure() (labels, annotations map[string]string) {
+	inf := in.Gateway.Spec.Infrastructure
+	if inf == nil {
+		return nil, nil
+	}
+	for k, v := range inf.Labels {
+		labels = mergeLabels(labels, map[string]string{string(k): string(v)})
+	}
+	for k, v := range inf.Annotations {
+		annotations = mergeLabels(annotations, map[string]string{string(k): string(v)})
+	}
+	return labels, annotations
+}
+
 func (in *Ingress) labels(name string) map[string]string {
-	return map[string]string{
+	infra, _ := in.infrastructure()
+	return mergeLabels(infra, map[string]string{
 		LabelManagedBy:        ManagedByValue,
 		LabelPartOf:           "ambient",
 		LabelComponent:        "ingress-gateway",
@@ -93,7 +117,7 @@ func (in *Ingress) labels(name string) map[string]string {
 		LabelIstioGatewayName: name,
 		LabelGatewayName:      name,
 		LabelGatewayClassName: string(in.Gateway.Spec.GatewayClassName),
-	}
+	})
 }
 
 // GatewayCertDir is where the ingress gateway finds its HTTPS listeners'
@@ -136,15 +160,16 @@ func (in *Ingress) adapt(pod *corev1.PodSpec) {
 func (in *Ingress) service(om metav1.ObjectMeta, name string) *corev1.Service {
 	var ports []corev1.ServicePort
 	for _, p := range in.Ports {
-		name, app := fmt.Sprintf("http-%d", p.Port), "http"
-		if p.TLS {
-			name, app = fmt.Sprintf("https-%d", p.Port), "https"
-		}
+		app := strings.ToLower(string(p.Protocol))
+		name := fmt.Sprintf("%s-%d", app, p.Port)
 		ports = append(ports, corev1.ServicePort{Name: name, Port: int32(p.Port), TargetPort: intstr.FromInt32(int32(p.Port)),
 			Protocol: corev1.ProtocolTCP, AppProtocol: ptr.To(app)})
 	}
 	ports = append(ports, corev1.ServicePort{Name: "status-port", Port: proxyReadinessPort, TargetPort: intstr.FromInt32(proxyReadinessPort), Protocol: corev1.ProtocolTCP})
-	return &corev1.Service{
+	if len(in.ServiceAnnotations) > 0 {
+		om.Annotations = mergeLabels(om.Annotations, in.ServiceAnnotations)
+	}
+	svc := &corev1.Service{
 		ObjectMeta: om,
 		Spec: corev1.ServiceSpec{
 			Type:     in.ServiceType,
@@ -152,6 +177,10 @@ func (in *Ingress) service(om metav1.ObjectMeta, name string) *corev1.Service {
 			Ports:    ports,
 		},
 	}
+	if in.ServiceType != corev1.ServiceTypeClusterIP {
+		svc.Spec.ExternalTrafficPolicy = in.ExternalTrafficPolicy
+	}
+	return svc
 }
 
 // IngressGatewayReconciler deploys an ingress gateway for every Gateway of
@@ -161,13 +190,19 @@ func (in *Ingress) service(om metav1.ObjectMeta, name string) *corev1.Service {
 // type LoadBalancer. Status: the Service's external addresses,
 // Accepted/Programmed, and per listener its conditions and attached routes.
 type IngressGatewayReconciler struct {
-	Client        client.Client
+	Client client.Client
+	// APIReader reads parameters ConfigMaps (not cached: the cache holds
+	// only the operator's own ConfigMaps); Client when nil.
+	APIReader     client.Reader
 	Defaults      Defaults
 	RetryInterval time.Duration
+	// ParamsRecheck is how often a Gateway with parameters re-reads them
+	// (default 1 minute): ConfigMap edits are not watched.
+	ParamsRecheck time.Duration
 	Now           func() time.Time
 }
 
-// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=httproutes;grpcroutes,verbs=get;list;watch
+// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=httproutes;grpcroutes;tlsroutes;tcproutes,verbs=get;list;watch
 // +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=referencegrants,verbs=get;list;watch
 
 // Reconcile brings one ingress Gateway to its desired state.
@@ -182,6 +217,9 @@ func (r *IngressGatewayReconciler) Reconcile(ctx context.Context, req ctrl.Reque
 		return ctrl.Result{}, err
 	}
 	result, err := r.reconcile(ctx, gw, plan, status)
+	if err == nil && r.usesParameters(ctx, gw) && (result.RequeueAfter == 0 || result.RequeueAfter > r.paramsRecheck()) {
+		result.RequeueAfter = r.paramsRecheck()
+	}
 	if err != nil {
 		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionProgrammed, false, string(gwv1.GatewayReasonPending), err.Error())
 	}
@@ -205,9 +243,20 @@ func (r *IngressGatewayReconciler) reconcile(ctx context.Context, gw *gwv1.Gatew
 		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonInvalid), err.Error())
 		return ctrl.Result{}, nil // fixed only by editing the Gateway, which requeues
 	}
+	params, transient, err := ingressParameters(ctx, r.reader(), gw)
+	if err != nil {
+		if transient {
+			return ctrl.Result{}, err
+		}
+		// The objects already applied are kept until the parameters are
+		// fixed (re-read every ParamsRecheck).
+		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonInvalidParameters), err.Error())
+		return ctrl.Result{}, nil
+	}
+	params.apply(&w)
 	w.Ingress.Ports, w.Ingress.Certs = plan.ports, plan.mounts
 	if len(plan.ports) == 0 {
-		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonListenersNotValid), "no listener the gateway can serve: HTTP, and HTTPS terminating TLS with certificates that resolve, are supported")
+		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonListenersNotValid), "no listener the gateway can serve: HTTP, HTTPS terminating TLS with certificates that resolve, TLS in Passthrough mode and TCP are supported")
 		return ctrl.Result{}, syncCertificateCopies(ctx, r.Client, gw, nil)
 	}
 	// Copies first, so the pod finds every Secret it mounts.
@@ -301,9 +350,7 @@ func (r *IngressGatewayReconciler) setListenerStatus(ctx context.Context, status
 			ls.Conditions = old.Conditions
 		}
 		rejected, refused := rejectedListeners[l.Name]
-		if l.Protocol == gwv1.HTTPProtocolType || l.Protocol == gwv1.HTTPSProtocolType {
-			ls.SupportedKinds = routeKinds(l)
-		}
+		ls.SupportedKinds = routeKinds(l)
 		if !refused || rejected.Refs {
 			// Counted even while references do not resolve, as the API asks.
 			ls.AttachedRoutes = attached[l.Name]
@@ -315,12 +362,13 @@ func (r *IngressGatewayReconciler) setListenerStatus(ctx context.Context, status
 	return nil
 }
 
-// routeKinds are the route kinds a listener admits (allowedRoutes.kinds,
-// default HTTPRoute and GRPCRoute).
+// routeKinds are the route kinds a listener admits: those of its protocol
+// (route.RouteKinds: HTTPRoute and GRPCRoute on HTTP and HTTPS, TLSRoute
+// on TLS, TCPRoute on TCP), narrowed by allowedRoutes.kinds.
 func routeKinds(l gwv1.Listener) []gwv1.RouteGroupKind {
-	all := []gwv1.RouteGroupKind{
-		{Group: ptr.To(gwv1.Group(gwv1.GroupName)), Kind: "HTTPRoute"},
-		{Group: ptr.To(gwv1.Group(gwv1.GroupName)), Kind: "GRPCRoute"},
+	all := []gwv1.RouteGroupKind{}
+	for _, k := range route.RouteKinds(l.Protocol) {
+		all = append(all, gwv1.RouteGroupKind{Group: ptr.To(gwv1.Group(gwv1.GroupName)), Kind: k})
 	}
 	if l.AllowedRoutes == nil || len(l.AllowedRoutes.Kinds) == 0 {
 		return all
@@ -343,19 +391,23 @@ func (r *IngressGatewayReconciler) attachedRoutes(ctx context.Context, gw *gwv1.
 	if err != nil {
 		return nil, err
 	}
-	var hrs gwv1.HTTPRouteList
-	if err := r.Client.List(ctx, &hrs); err != nil && !meta.IsNoMatchError(err) {
-		return nil, err
-	}
-	for _, hr := range hrs.Items {
-		countAttachments(out, gw, hr.Namespace, "HTTPRoute", hr.Spec.ParentRefs, hr.Spec.Hostnames)
-	}
-	var grs gwv1.GRPCRouteList
-	if err := r.Client.List(ctx, &grs); err != nil && !meta.IsNoMatchError(err) {
-		return nil, err
-	}
-	for _, gr := range grs.Items {
-		countAttachments(out, gw, gr.Namespace, "GRPCRoute", gr.Spec.ParentRefs, gr.Spec.Hostnames)
+	for _, k := range RouteKinds {
+		list := k.newList()
+		if err := r.Client.List(ctx, list); err != nil {
+			if meta.IsNoMatchError(err) {
+				continue // the cluster does not serve this kind
+			}
+			return nil, err
+		}
+		err := meta.EachListItem(list, func(o runtime.Object) error {
+			obj := o.(client.Object)
+			parents, _ := routeRefsOf(obj)
+			countAttachments(out, gw, obj.GetNamespace(), k.Name, parents, routeHostnames(obj))
+			return nil
+		})
+		if err != nil {
+			return nil, err
+		}
 	}
 	return out, nil
 }
@@ -456,6 +508,29 @@ func hostList(hosts []gwv1.Hostname) string {
 		s[i] = string(h)
 	}
 	return strings.Join(s, ", ")
+}
+
+func (r *IngressGatewayReconciler) reader() client.Reader {
+	if r.APIReader != nil {
+		return r.APIReader
+	}
+	return r.Client
+}
+
+func (r *IngressGatewayReconciler) paramsRecheck() time.Duration {
+	if r.ParamsRecheck > 0 {
+		return r.ParamsRecheck
+	}
+	return time.Minute
+}
+
+// usesParameters: the Gateway or its class names a parameters ConfigMap.
+func (r *IngressGatewayReconciler) usesParameters(ctx context.Context, gw *gwv1.Gateway) bool {
+	gc := &gwv1.GatewayClass{}
+	if err := r.Client.Get(ctx, client.ObjectKey{Name: string(gw.Spec.GatewayClassName)}, gc); err != nil {
+		gc = nil
+	}
+	return usesParameters(gw, gc)
 }
 
 func (r *IngressGatewayReconciler) now() time.Time {

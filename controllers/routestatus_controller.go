@@ -57,7 +57,7 @@ type RouteStatusReconciler struct {
 	Grants bool
 }
 
-// RouteKind is HTTPRouteKind or GRPCRouteKind.
+// RouteKind is one of the route kinds we report on (RouteKinds).
 type RouteKind struct {
 	Name     string
 	newRoute func() client.Object
@@ -71,10 +71,25 @@ var (
 	GRPCRouteKind = RouteKind{Name: "GRPCRoute",
 		newRoute: func() client.Object { return &gwv1.GRPCRoute{} },
 		newList:  func() client.ObjectList { return &gwv1.GRPCRouteList{} }}
+	// TLSRoute and TCPRoute (v1): ingress Gateways' TLS passthrough and
+	// TCP listeners.
+	TLSRouteKind = RouteKind{Name: "TLSRoute",
+		newRoute: func() client.Object { return &gwv1.TLSRoute{} },
+		newList:  func() client.ObjectList { return &gwv1.TLSRouteList{} }}
+	TCPRouteKind = RouteKind{Name: "TCPRoute",
+		newRoute: func() client.Object { return &gwv1.TCPRoute{} },
+		newList:  func() client.ObjectList { return &gwv1.TCPRouteList{} }}
+	// RouteKinds are every route kind we serve, each watched when the
+	// cluster has its CRD.
+	RouteKinds = []RouteKind{HTTPRouteKind, GRPCRouteKind, TLSRouteKind, TCPRouteKind}
 )
 
-// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=httproutes;grpcroutes,verbs=get;list;watch
-// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=httproutes/status;grpcroutes/status,verbs=get;update;patch
+// l4 reports a kind that only ingress Gateways take (waypoints apply HTTP
+// and gRPC routes to Services; TCP to a Service is passed through).
+func (k RouteKind) l4() bool { return k.Name == TLSRouteKind.Name || k.Name == TCPRouteKind.Name }
+
+// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=httproutes;grpcroutes;tlsroutes;tcproutes,verbs=get;list;watch
+// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=httproutes/status;grpcroutes/status;tlsroutes/status;tcproutes/status,verbs=get;update;patch
 
 // Reconcile recomputes our parent entries and writes them when they
 // changed. The update carries the resourceVersion read, so a concurrent
@@ -169,6 +184,10 @@ func (r *RouteStatusReconciler) evaluateParent(ctx context.Context, route client
 	}
 	key := client.ObjectKey{Namespace: ns, Name: string(p.Name)}
 	switch {
+	case isServiceParent(p) && r.Kind.l4():
+		return parentOutcome{ref: p, acceptedReason: string(gwv1.RouteReasonUnsupportedValue),
+			acceptMsg: fmt.Sprintf("%ss attached to a Service are not applied by waypoints (TCP to a Service is passed through); attach it to an ingress Gateway's %s listener", r.Kind.Name, map[string]string{"TLSRoute": "TLS", "TCPRoute": "TCP"}[r.Kind.Name]),
+			waypoint:  waypointCondition(reasonNoWaypoint, "waypoints do not apply "+r.Kind.Name+"s")}, true, nil
 	case isServiceParent(p):
 		return r.serviceParent(ctx, p, key, foreign)
 	case isGatewayParent(p):
@@ -432,6 +451,16 @@ func routeRefsOf(route client.Object) ([]gwv1.ParentReference, []gwv1.BackendRef
 			}
 		}
 		return r.Spec.ParentRefs, backends
+	case *gwv1.TLSRoute:
+		for _, rule := range r.Spec.Rules {
+			backends = append(backends, rule.BackendRefs...)
+		}
+		return r.Spec.ParentRefs, backends
+	case *gwv1.TCPRoute:
+		for _, rule := range r.Spec.Rules {
+			backends = append(backends, rule.BackendRefs...)
+		}
+		return r.Spec.ParentRefs, backends
 	}
 	return nil, nil
 }
@@ -442,6 +471,8 @@ func routeHostnames(route client.Object) []gwv1.Hostname {
 		return r.Spec.Hostnames
 	case *gwv1.GRPCRoute:
 		return r.Spec.Hostnames
+	case *gwv1.TLSRoute:
+		return r.Spec.Hostnames
 	}
 	return nil
 }
@@ -451,6 +482,10 @@ func routeStatusOf(route client.Object) *gwv1.RouteStatus {
 	case *gwv1.HTTPRoute:
 		return &r.Status.RouteStatus
 	case *gwv1.GRPCRoute:
+		return &r.Status.RouteStatus
+	case *gwv1.TLSRoute:
+		return &r.Status.RouteStatus
+	case *gwv1.TCPRoute:
 		return &r.Status.RouteStatus
 	}
 	return &gwv1.RouteStatus{}

@@ -109,7 +109,7 @@ func setupGatewayWaypoints(mgr ctrl.Manager, o Options) error {
 	if err := r.SetupWithManager(mgr); err != nil {
 		return err
 	}
-	if err := (&GatewayClassReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr); err != nil {
+	if err := (&GatewayClassReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader()}).SetupWithManager(mgr); err != nil {
 		return err
 	}
 	if err := setupIngressGateways(mgr, o, grants); err != nil {
@@ -139,7 +139,7 @@ func referenceGrantsServed(mgr ctrl.Manager) (bool, error) {
 // for the listeners' attached-route counts.
 func setupIngressGateways(mgr ctrl.Manager, o Options, grants bool) error {
 	var kinds []client.Object
-	for _, k := range []RouteKind{HTTPRouteKind, GRPCRouteKind} {
+	for _, k := range RouteKinds {
 		gk := schema.GroupKind{Group: gwv1.GroupName, Kind: k.Name}
 		if _, err := mgr.GetRESTMapper().RESTMapping(gk, gwv1.GroupVersion.Version); err == nil {
 			kinds = append(kinds, k.newRoute())
@@ -147,14 +147,14 @@ func setupIngressGateways(mgr ctrl.Manager, o Options, grants bool) error {
 			return err
 		}
 	}
-	r := &IngressGatewayReconciler{Client: mgr.GetClient(), Defaults: o.Defaults, RetryInterval: o.RetryInterval}
+	r := &IngressGatewayReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Defaults: o.Defaults, RetryInterval: o.RetryInterval}
 	return r.SetupWithManager(mgr, grants, kinds...)
 }
 
 // setupRouteStatus registers a route status reconciler for each route kind
 // the cluster serves.
 func setupRouteStatus(mgr ctrl.Manager, grants bool) error {
-	for _, kind := range []RouteKind{HTTPRouteKind, GRPCRouteKind} {
+	for _, kind := range RouteKinds {
 		gk := schema.GroupKind{Group: gwv1.GroupName, Kind: kind.Name}
 		if _, err := mgr.GetRESTMapper().RESTMapping(gk, gwv1.GroupVersion.Version); meta.IsNoMatchError(err) {
 			mgr.GetLogger().Info("Gateway API route kind not installed: no status written for it", "kind", kind.Name)

@@ -142,6 +142,9 @@ func (w *Waypoint) meta() metav1.ObjectMeta {
 	if w.ForServiceAccount != "" {
 		m.Annotations = map[string]string{AnnotationForServiceAcct: w.ForServiceAccount}
 	}
+	if w.Ingress != nil {
+		_, m.Annotations = w.Ingress.infrastructure()
+	}
 	return m
 }
 
@@ -186,7 +189,7 @@ func (w *Waypoint) waypointDeployment(mesh *meshv1.AmbientMesh) *appsv1.Deployme
 			Replicas: ptr.To(w.Replicas),
 			Selector: selector,
 			Template: corev1.PodTemplateSpec{
-				ObjectMeta: metav1.ObjectMeta{Labels: podLabels, Annotations: map[string]string{meshRedirectionLabel: "disabled"}},
+				ObjectMeta: metav1.ObjectMeta{Labels: podLabels, Annotations: mergeLabels(w.podAnnotations(), map[string]string{meshRedirectionLabel: "disabled"})},
 				Spec: corev1.PodSpec{
 					ServiceAccountName:            w.ObjectName(),
 					AutomountServiceAccountToken:  ptr.To(false),
@@ -229,6 +232,16 @@ func (w *Waypoint) selector() *metav1.LabelSelector {
 // every node drain or allows the outage anyway.
 func (w *Waypoint) DisruptionBudget() (pdb *policyv1.PodDisruptionBudget, wanted bool) {
 	return disruptionBudget(w.meta(), w.selector()), w.Replicas > 1
+}
+
+// podAnnotations: an ingress gateway's pods carry its Gateway's
+// infrastructure annotations too.
+func (w *Waypoint) podAnnotations() map[string]string {
+	if w.Ingress == nil {
+		return nil
+	}
+	_, a := w.Ingress.infrastructure()
+	return a
 }
 
 func (w *Waypoint) service() *corev1.Service {

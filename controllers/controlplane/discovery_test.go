@@ -29,6 +29,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 	gwv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
@@ -630,4 +631,55 @@ func TestReferenceGrantsSentToL7Proxies(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "ReferenceGrant withdrawn", func() bool { return sent() == nil })
+}
+
+// TestL4RoutesSentToL7Proxies: TLSRoutes and TCPRoutes (v1) reach the L7
+// proxies whole, with their creation time (conflicting routes resolve
+// oldest first), and leave when deleted.
+func TestL4RoutesSentToL7Proxies(t *testing.T) {
+	ctx := context.Background()
+	ensureNamespace(t, "l4-apps", nil)
+	tlsR := &gwv1.TLSRoute{ObjectMeta: metav1.ObjectMeta{Name: "shop", Namespace: "l4-apps"},
+		Spec: gwv1.TLSRouteSpec{
+			CommonRouteSpec: gwv1.CommonRouteSpec{ParentRefs: []gwv1.ParentReference{{Name: "edge"}}},
+			Hostnames:       []gwv1.Hostname{"shop.example.com"},
+			Rules:           []gwv1.TLSRouteRule{{BackendRefs: []gwv1.BackendRef{{BackendObjectReference: gwv1.BackendObjectReference{Name: "shop", Port: ptr.To(gwv1.PortNumber(8443))}}}}},
+		}}
+	tcpR := &gwv1.TCPRoute{ObjectMeta: metav1.ObjectMeta{Name: "db", Namespace: "l4-apps"},
+		Spec: gwv1.TCPRouteSpec{
+			CommonRouteSpec: gwv1.CommonRouteSpec{ParentRefs: []gwv1.ParentReference{{Name: "edge"}}},
+			Rules:           []gwv1.TCPRouteRule{{BackendRefs: []gwv1.BackendRef{{BackendObjectReference: gwv1.BackendObjectReference{Name: "postgres", Port: ptr.To(gwv1.PortNumber(5432))}}}}},
+		}}
+	for _, o := range []client.Object{tlsR, tcpR} {
+		if err := s.k8s.Create(ctx, o); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sent := func(key string) *meshapi.L7Resource {
+		for _, r := range s.cp.Discovery.Snapshot(xds.L7ResourceType) {
+			if r.Name == key {
+				return r.Resource.(*meshapi.L7Resource)
+			}
+		}
+		return nil
+	}
+	const tlsKey, tcpKey = "gateway.networking.k8s.io/TLSRoute/l4-apps/shop", "gateway.networking.k8s.io/TCPRoute/l4-apps/db"
+	eventually(t, "TLSRoute and TCPRoute sent", func() bool { return sent(tlsKey) != nil && sent(tcpKey) != nil })
+	var gotTLS gwv1.TLSRoute
+	if err := json.Unmarshal(sent(tlsKey).Json, &gotTLS); err != nil || len(gotTLS.Spec.Hostnames) != 1 || gotTLS.Spec.Rules[0].BackendRefs[0].Name != "shop" {
+		t.Fatalf("sent %s (%v), want the TLSRoute's spec", sent(tlsKey).Json, err)
+	}
+	if gotTLS.CreationTimestamp.IsZero() {
+		t.Errorf("sent %s without its creation time", sent(tlsKey).Json)
+	}
+	var gotTCP gwv1.TCPRoute
+	if err := json.Unmarshal(sent(tcpKey).Json, &gotTCP); err != nil || gotTCP.Spec.Rules[0].BackendRefs[0].Name != "postgres" {
+		t.Fatalf("sent %s (%v), want the TCPRoute's spec", sent(tcpKey).Json, err)
+	}
+	for _, o := range []client.Object{tlsR, tcpR} {
+		if err := s.k8s.Delete(ctx, o); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "L4 routes withdrawn", func() bool { return sent(tlsKey) == nil && sent(tcpKey) == nil })
 }

@@ -15,7 +15,8 @@ import (
 // TestIngressClasses: Gateways of every class naming our controllerName are
 // ingress gateways to the control plane (their proxies get the L7
 // configuration and identity), as class istio's; another controller's
-// class, and ours with parameters we cannot serve, are not.
+// class, and ours with a parameters kind we cannot serve (only ConfigMaps
+// are), are not.
 func TestIngressClasses(t *testing.T) {
 	ctx := context.Background()
 	const ns = "cp-classes"
@@ -24,7 +25,7 @@ func TestIngressClasses(t *testing.T) {
 		{ObjectMeta: metav1.ObjectMeta{Name: "cp-second"}, Spec: gwv1.GatewayClassSpec{ControllerName: waypointbind.ControllerName}},
 		{ObjectMeta: metav1.ObjectMeta{Name: "cp-foreign"}, Spec: gwv1.GatewayClassSpec{ControllerName: "example.com/gateway-controller"}},
 		{ObjectMeta: metav1.ObjectMeta{Name: "cp-params"}, Spec: gwv1.GatewayClassSpec{ControllerName: waypointbind.ControllerName,
-			ParametersRef: &gwv1.ParametersReference{Kind: "ConfigMap", Name: "options", Namespace: ptrTo(gwv1.Namespace(ns))}}},
+			ParametersRef: &gwv1.ParametersReference{Group: "example.com", Kind: "GatewayOptions", Name: "options", Namespace: ptrTo(gwv1.Namespace(ns))}}},
 	}
 	for _, gc := range classes {
 		if err := s.k8s.Create(ctx, gc); err != nil {

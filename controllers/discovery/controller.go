@@ -24,6 +24,7 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	toolscache "k8s.io/client-go/tools/cache"
@@ -98,11 +99,11 @@ type Controller struct {
 	Addresses, Authorizations, L7 *cachev3.LinearCache
 
 	// optional kinds, watched once their CRDs are installed
-	hasIstio, hasGateway, hasClasses, hasRoutes, hasGrants atomic.Bool
-	hasNetworking                                          atomic.Bool
-	informers                                              cache.Informers
-	mapper                                                 meta.RESTMapper
-	pending                                                []*optionalSource
+	hasIstio, hasGateway, hasClasses, hasRoutes, hasGrants, hasL4Routes atomic.Bool
+	hasNetworking                                                       atomic.Bool
+	informers                                                           cache.Informers
+	mapper                                                              meta.RESTMapper
+	pending                                                             []*optionalSource
 
 	mu    sync.Mutex
 	dirty dirtySet
@@ -173,6 +174,11 @@ var (
 	classGVK     = schema.GroupVersionKind{Group: gwv1.GroupName, Version: "v1", Kind: "GatewayClass"}
 	httpRouteGVK = schema.GroupVersionKind{Group: gwv1.GroupName, Version: "v1", Kind: "HTTPRoute"}
 	grpcRouteGVK = schema.GroupVersionKind{Group: gwv1.GroupName, Version: "v1", Kind: "GRPCRoute"}
+	// TLSRoute and TCPRoute are v1 since Gateway API v1.5 (standard
+	// channel); ingress gateways route TLS passthrough and TCP listeners
+	// by them.
+	tlsRouteGVK = schema.GroupVersionKind{Group: gwv1.GroupName, Version: "v1", Kind: "TLSRoute"}
+	tcpRouteGVK = schema.GroupVersionKind{Group: gwv1.GroupName, Version: "v1", Kind: "TCPRoute"}
 	// ReferenceGrant as v1beta1, which every Gateway API release since
 	// v0.6 serves (v1 only since v1.5).
 	referenceGrantGVK = schema.GroupVersionKind{Group: gwv1.GroupName, Version: "v1beta1", Kind: "ReferenceGrant"}
@@ -233,6 +239,8 @@ func (c *Controller) Register(ctx context.Context, informers cache.Informers, ma
 			handler: c.handler(func(client.Object, client.Object) { c.markFull() }), enabled: &c.hasClasses},
 		{name: "routes", gvks: []schema.GroupVersionKind{httpRouteGVK, grpcRouteGVK}, objs: []client.Object{&gwv1.HTTPRoute{}, &gwv1.GRPCRoute{}},
 			handler: c.handler(func(o, _ client.Object) { c.markRoute(o) }), enabled: &c.hasRoutes},
+		{name: "l4routes", gvks: []schema.GroupVersionKind{tlsRouteGVK, tcpRouteGVK}, objs: []client.Object{&gwv1.TLSRoute{}, &gwv1.TCPRoute{}},
+			handler: c.handler(func(o, _ client.Object) { c.markRoute(o) }), enabled: &c.hasL4Routes},
 		// ReferenceGrants open cross-namespace backends and certificates
 		// to ingress gateways; they change rarely, so any change rebuilds.
 		{name: "referencegrants", gvks: []schema.GroupVersionKind{referenceGrantGVK}, objs: []client.Object{&gwv1beta1.ReferenceGrant{}},
@@ -428,14 +436,24 @@ func (c *Controller) markEndpointSlice(o, old client.Object) {
 }
 
 func (c *Controller) markRoute(o client.Object) {
-	gvk := httpRouteGVK
-	if _, ok := o.(*gwv1.GRPCRoute); ok {
-		gvk = grpcRouteGVK
-	}
+	gvk := routeGVK(o)
 	c.mu.Lock()
 	c.dirty.routes[l7KeyOf(o, gvk.Kind, gvk.Group)] = struct{}{}
 	c.mu.Unlock()
 	c.signal()
+}
+
+// routeGVK is the kind of a route object we watch.
+func routeGVK(o client.Object) schema.GroupVersionKind {
+	switch o.(type) {
+	case *gwv1.GRPCRoute:
+		return grpcRouteGVK
+	case *gwv1.TLSRoute:
+		return tlsRouteGVK
+	case *gwv1.TCPRoute:
+		return tcpRouteGVK
+	}
+	return httpRouteGVK
 }
 
 func l7KeyOf(o client.Object, kind, group string) string {
@@ -731,20 +749,25 @@ func (b *build) runFull() error {
 			}
 		}
 	}
-	if b.c.hasRoutes.Load() {
-		var hr gwv1.HTTPRouteList
-		if err := b.c.reader.List(b.ctx, &hr, noCopy); err != nil {
-			return err
+	for _, kind := range []struct {
+		on    bool
+		lists []client.ObjectList
+	}{
+		{b.c.hasRoutes.Load(), []client.ObjectList{&gwv1.HTTPRouteList{}, &gwv1.GRPCRouteList{}}},
+		{b.c.hasL4Routes.Load(), []client.ObjectList{&gwv1.TLSRouteList{}, &gwv1.TCPRouteList{}}},
+	} {
+		if !kind.on {
+			continue
 		}
-		for i := range hr.Items {
-			b.addRoute(&hr.Items[i], httpRouteGVK)
-		}
-		var gr gwv1.GRPCRouteList
-		if err := b.c.reader.List(b.ctx, &gr, noCopy); err != nil {
-			return err
-		}
-		for i := range gr.Items {
-			b.addRoute(&gr.Items[i], grpcRouteGVK)
+		for _, list := range kind.lists {
+			if err := b.c.reader.List(b.ctx, list, noCopy); err != nil {
+				return err
+			}
+			_ = meta.EachListItem(list, func(o runtime.Object) error {
+				r := o.(client.Object)
+				b.addRoute(r, routeGVK(r))
+				return nil
+			})
 		}
 	}
 	return nil
@@ -1103,6 +1126,18 @@ func (b *build) route(key string) error {
 			return client.IgnoreNotFound(err)
 		}
 		b.addRoute(&r, grpcRouteGVK)
+	case tlsRouteGVK.Kind:
+		var r gwv1.TLSRoute
+		if err := b.c.reader.Get(b.ctx, nn, &r); err != nil {
+			return client.IgnoreNotFound(err)
+		}
+		b.addRoute(&r, tlsRouteGVK)
+	case tcpRouteGVK.Kind:
+		var r gwv1.TCPRoute
+		if err := b.c.reader.Get(b.ctx, nn, &r); err != nil {
+			return client.IgnoreNotFound(err)
+		}
+		b.addRoute(&r, tcpRouteGVK)
 	}
 	return nil
 }
@@ -1123,6 +1158,8 @@ func (b *build) addL7(key string, obj client.Object, gvk schema.GroupVersionKind
 			"name": obj.GetName(), "namespace": obj.GetNamespace(),
 			"labels": obj.GetLabels(), "annotations": obj.GetAnnotations(),
 			"generation": obj.GetGeneration(),
+			// Route conflicts resolve oldest first (Gateway API).
+			"creationTimestamp": obj.GetCreationTimestamp(),
 		},
 	}
 	raw, err := json.Marshal(obj)

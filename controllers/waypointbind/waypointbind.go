@@ -58,18 +58,27 @@ func IngressClass(name string, gc *gwv1.GatewayClass) bool {
 }
 
 // ParametersProblem says why an ingress class's parametersRef cannot be
-// served ("" when it has none): the ingress gateway takes no parameters
-// object, so any reference is one the operator does not support.
+// served ("" when it has none or it can): the ingress gateway takes its
+// parameters from a ConfigMap (Istio's gateway customization format), and
+// a class's reference names the ConfigMap's namespace. Whether the
+// ConfigMap exists and holds valid parameters is checked by the operator
+// when it reads it.
 func ParametersProblem(gc *gwv1.GatewayClass) string {
 	p := gc.Spec.ParametersRef
 	if p == nil {
 		return ""
 	}
-	kind := string(p.Kind)
-	if p.Group != "" {
-		kind += "." + string(p.Group)
+	if p.Group != "" || p.Kind != "ConfigMap" {
+		kind := string(p.Kind)
+		if p.Group != "" {
+			kind += "." + string(p.Group)
+		}
+		return "parametersRef to " + kind + " " + p.Name + " is not supported: the ambient mesh ingress gateway takes its parameters from a ConfigMap (group \"\", kind ConfigMap)"
 	}
-	return "parametersRef to " + kind + " " + p.Name + " is not supported: the ambient mesh ingress gateway takes no parameters object; remove the parametersRef"
+	if p.Namespace == nil || *p.Namespace == "" {
+		return "parametersRef to ConfigMap " + p.Name + " needs a namespace"
+	}
+	return ""
 }
 
 // Traffic types of a waypoint (istio.io/waypoint-for).

@@ -5,6 +5,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
@@ -133,5 +134,14 @@ func TestIngressClass(t *testing.T) {
 	}
 	if ParametersProblem(params) == "" || ParametersProblem(ours("x")) != "" {
 		t.Errorf("ParametersProblem: %q / %q", ParametersProblem(params), ParametersProblem(ours("x")))
+	}
+	// A ConfigMap with its namespace is served (its content is checked
+	// where it is read); any other kind is not.
+	cm := ours("cm")
+	cm.Spec.ParametersRef = &gwv1.ParametersReference{Kind: "ConfigMap", Name: "x", Namespace: ptr.To(gwv1.Namespace("ns"))}
+	crd := ours("crd")
+	crd.Spec.ParametersRef = &gwv1.ParametersReference{Group: "example.com", Kind: "GatewayParams", Name: "x", Namespace: ptr.To(gwv1.Namespace("ns"))}
+	if !IngressClass("cm", cm) || ParametersProblem(cm) != "" || IngressClass("crd", crd) || ParametersProblem(crd) == "" {
+		t.Errorf("ConfigMap reference %q, CRD reference %q", ParametersProblem(cm), ParametersProblem(crd))
 	}
 }

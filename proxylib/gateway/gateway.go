@@ -71,9 +71,9 @@ func (l *Listeners) Run(ctx context.Context) {
 	}
 }
 
-// Sync opens the ports the Gateway needs (route.Plan: HTTP, and HTTPS
-// terminating TLS) and closes the others; a port whose kind changed is
-// reopened.
+// Sync opens the ports the Gateway needs (route.Plan: HTTP, HTTPS
+// terminating TLS, TLS passthrough, TCP) and closes the others; a port
+// whose protocol changed is reopened.
 func (l *Listeners) Sync() {
 	ports := l.Engine.Plan()
 	l.mu.Lock()
@@ -83,7 +83,7 @@ func (l *Listeners) Sync() {
 		want[p.Port] = p
 	}
 	for p, ln := range l.open {
-		if np, ok := want[p]; !ok || np.TLS != l.plan[p].TLS {
+		if np, ok := want[p]; !ok || np.Protocol != l.plan[p].Protocol {
 			ln.Close()
 			delete(l.open, p)
 			l.Log.Info("listener closed", "port", p)
@@ -99,25 +99,31 @@ func (l *Listeners) Sync() {
 			l.Log.Error(err, "listener not opened (retried on the next change)", "port", p.Port)
 			continue
 		}
-		if p.TLS {
+		if p.Terminates() {
 			ln = tls.NewListener(ln, l.tlsConfig(p.Port))
 		}
 		l.open[p.Port] = ln
-		l.Log.Info("listening", "port", p.Port, "tls", p.TLS)
-		go l.serve(l.ctx, ln, p.Port)
+		l.Log.Info("listening", "port", p.Port, "protocol", p.Protocol)
+		go l.serve(l.ctx, ln, p)
 	}
 }
 
-func (l *Listeners) serve(ctx context.Context, ln net.Listener, port uint16) {
+// serve accepts on one port: HTTP (HTTPS after the TLS listener's
+// handshake) to the L7 engine, TLS passthrough and TCP to its relay.
+func (l *Listeners) serve(ctx context.Context, ln net.Listener, p route.Port) {
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
 			if !errors.Is(err, net.ErrClosed) {
-				l.Log.Error(err, "accept", "port", port)
+				l.Log.Error(err, "accept", "port", p.Port)
 			}
 			return
 		}
-		go l.Engine.ServeIngress(ctx, conn, port)
+		if p.L4() {
+			go l.Engine.ServeIngressL4(ctx, conn, p)
+		} else {
+			go l.Engine.ServeIngress(ctx, conn, p.Port)
+		}
 	}
 }
 

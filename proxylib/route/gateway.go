@@ -3,6 +3,7 @@ package route
 import (
 	"net"
 	"net/http"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -22,14 +23,21 @@ type gatewayParent struct {
 	hosts []string
 }
 
+// L4Routes are the TLSRoutes and TCPRoutes an ingress gateway receives.
+type L4Routes struct {
+	TLS []*gwv1.TLSRoute
+	TCP []*gwv1.TCPRoute
+}
+
 // BuildGateway compiles the routes attached to gw's listeners: parentRefs
 // naming gw (optionally narrowed by sectionName or port), accepted by the
-// listener's allowedRoutes (namespaces Same or All; kinds) and sharing a
-// hostname with it. Routes attached to Services are ignored here. A
-// backendRef to another namespace is served only when one of grants
-// permits it; otherwise requests picking it get 500.
-func BuildGateway(gw *gwv1.Gateway, grants *Grants, httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRPCRoute) (*Table, []error) {
-	return build(gw, grants, httpRoutes, grpcRoutes)
+// listener's allowedRoutes (namespaces Same or All; kinds, which must suit
+// the listener's protocol) and sharing a hostname with it. Routes attached
+// to Services are ignored here. A backendRef to another namespace is
+// served only when one of grants permits it; otherwise requests (or
+// connections) picking it fail.
+func BuildGateway(gw *gwv1.Gateway, grants *Grants, httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRPCRoute, l4 L4Routes) (*Table, []error) {
+	return build(gw, grants, httpRoutes, grpcRoutes, l4)
 }
 
 // listenerKey is the table key of a Gateway listener port.
@@ -79,6 +87,9 @@ func (t *Table) gatewayParents(routeNS, kind string, refs []gwv1.ParentReference
 // (ResolveSelectors): unresolved, they admit nothing.
 func ListenerAllows(gw *gwv1.Gateway, l gwv1.Listener, routeNS, kind string) bool {
 	if r := unservable(gw, l, nil); r.Message != "" && !r.Refs {
+		return false
+	}
+	if !slices.Contains(RouteKinds(l.Protocol), gwv1.Kind(kind)) {
 		return false
 	}
 	from := gwv1.NamespacesFromSame

@@ -2,6 +2,7 @@ package route
 
 import (
 	"net/http/httptest"
+	"reflect"
 	"testing"
 
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
@@ -94,7 +95,7 @@ spec:
 		// A Service parent is the mesh's, never the Gateway's.
 		httpRoute(t, seedRoute),
 	}
-	tbl, errs := BuildGateway(gw, nil, routes, nil)
+	tbl, errs := BuildGateway(gw, nil, routes, nil, L4Routes{})
 	if len(errs) != 0 {
 		t.Fatalf("errors: %v", errs)
 	}
@@ -183,24 +184,54 @@ spec:
     port: 9443
     protocol: TLS
     tls: {mode: Passthrough}
+  - name: tls-terminate
+    port: 9444
+    protocol: TLS
+    tls: {mode: Terminate, certificateRefs: [{name: shop-cert}]}
   - name: other-ns-cert
     port: 10443
     protocol: HTTPS
     tls: {certificateRefs: [{name: c, namespace: elsewhere}]}
   - {name: http-on-443, port: 443, protocol: HTTP}
   - {name: tcp, port: 5432, protocol: TCP}
+  - {name: tcp-again, port: 5432, protocol: TCP}
+  - {name: tls-on-tcp, port: 5432, protocol: TLS, tls: {mode: Passthrough}}
+  - {name: tcp-with-httproutes, port: 5433, protocol: TCP, allowedRoutes: {kinds: [{kind: HTTPRoute}]}}
+  - {name: udp, port: 53, protocol: UDP}
 `)
 	ports, rejected := Plan(gw, nil)
-	if len(ports) != 2 || ports[0].Port != 80 || ports[0].TLS || ports[1].Port != 443 || !ports[1].TLS || len(ports[1].Listeners) != 2 {
-		t.Fatalf("ports %+v, want HTTP 80 and HTTPS 443 with two listeners", ports)
+	type pp struct {
+		port  uint16
+		proto gwv1.ProtocolType
+		n     int
 	}
-	for _, name := range []gwv1.SectionName{"no-certs", "passthrough", "other-ns-cert", "http-on-443", "tcp"} {
-		if rejected[name].Message == "" {
-			t.Errorf("listener %s served, want refused with a reason", name)
+	var got []pp
+	for _, p := range ports {
+		got = append(got, pp{p.Port, p.Protocol, len(p.Listeners)})
+	}
+	want := []pp{{80, "HTTP", 1}, {443, "HTTPS", 2}, {5432, "TCP", 1}, {9443, "TLS", 1}}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("ports %+v, want %+v", got, want)
+	}
+	if !ports[1].Terminates() || ports[3].Terminates() || !ports[2].L4() || !ports[3].L4() || ports[0].L4() {
+		t.Errorf("port kinds wrong: %+v", ports)
+	}
+	for name, reason := range map[gwv1.SectionName]gwv1.ListenerConditionReason{
+		"no-certs":            gwv1.ListenerReasonInvalidCertificateRef,
+		"tls-terminate":       gwv1.ListenerReasonUnsupportedProtocol,
+		"other-ns-cert":       gwv1.ListenerReasonRefNotPermitted,
+		"http-on-443":         gwv1.ListenerReasonProtocolConflict,
+		"tcp-again":           gwv1.ListenerReasonHostnameConflict,
+		"tls-on-tcp":          gwv1.ListenerReasonProtocolConflict,
+		"tcp-with-httproutes": gwv1.ListenerReasonInvalidRouteKinds,
+		"udp":                 gwv1.ListenerReasonUnsupportedProtocol,
+	} {
+		if r := rejected[name]; r.Message == "" || r.Reason != reason {
+			t.Errorf("listener %s: rejection %+v, want reason %s", name, r, reason)
 		}
 	}
-	if len(rejected) != 5 {
-		t.Errorf("rejected %v, want exactly the five unservable listeners", rejected)
+	if len(rejected) != 8 {
+		t.Errorf("rejected %v, want exactly the eight unservable listeners", rejected)
 	}
 	if got := CertificateSecrets(gw.Namespace, ports); len(got) != 2 || got[0] != (SecretKey{"edge", "shop-cert"}) || got[1] != (SecretKey{"edge", "wildcard-cert"}) {
 		t.Errorf("certificate Secrets %v", got)

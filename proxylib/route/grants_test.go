@@ -152,7 +152,7 @@ spec:
 			`{from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: infra}, {group: gateway.networking.k8s.io, kind: GRPCRoute, namespace: infra}], to: [{group: "", kind: Service}]}`)}, true, true, true},
 	}
 	for _, c := range cases {
-		tbl, errs := BuildGateway(gw, NewGrants(c.grants), routes, grpc)
+		tbl, errs := BuildGateway(gw, NewGrants(c.grants), routes, grpc, L4Routes{})
 		valid := func(path string, grpcReq bool) bool {
 			req := httptest.NewRequest("POST", "http://x"+path, nil)
 			if grpcReq {

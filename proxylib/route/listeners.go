@@ -8,12 +8,38 @@ import (
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 )
 
-// Port is one port an ingress gateway opens: plain HTTP, or HTTPS
-// terminating TLS with the certificates of its listeners (chosen by SNI).
+// Port is one port an ingress gateway opens and what it serves there:
+// plain HTTP, HTTPS terminating TLS with the certificates of its listeners
+// (chosen by SNI), TLS passed through to the backend its TLSRoutes pick by
+// SNI, or TCP relayed to the backend of its TCPRoute.
 type Port struct {
 	Port      uint16
-	TLS       bool
+	Protocol  gwv1.ProtocolType
 	Listeners []gwv1.Listener
+}
+
+// Terminates reports whether the gateway terminates TLS on the port
+// (HTTPS listeners).
+func (p Port) Terminates() bool { return p.Protocol == gwv1.HTTPSProtocolType }
+
+// L4 reports whether the port relays bytes (TLS passthrough, TCP) instead
+// of serving HTTP.
+func (p Port) L4() bool {
+	return p.Protocol == gwv1.TLSProtocolType || p.Protocol == gwv1.TCPProtocolType
+}
+
+// RouteKinds are the route kinds a listener of protocol p can take, as
+// Gateway API defines them per protocol.
+func RouteKinds(p gwv1.ProtocolType) []gwv1.Kind {
+	switch p {
+	case gwv1.HTTPProtocolType, gwv1.HTTPSProtocolType:
+		return []gwv1.Kind{"HTTPRoute", "GRPCRoute"}
+	case gwv1.TLSProtocolType:
+		return []gwv1.Kind{"TLSRoute"}
+	case gwv1.TCPProtocolType:
+		return []gwv1.Kind{"TCPRoute"}
+	}
+	return nil
 }
 
 // Plan decides which of a Gateway's listeners an ingress gateway serves and
@@ -31,15 +57,18 @@ func Plan(gw *gwv1.Gateway, grants *Grants) (ports []Port, rejected map[gwv1.Sec
 			rejected[l.Name] = why
 			continue
 		}
-		tls := l.Protocol == gwv1.HTTPSProtocolType
 		i := slices.IndexFunc(ports, func(p Port) bool { return p.Port == uint16(l.Port) })
 		if i < 0 {
-			ports = append(ports, Port{Port: uint16(l.Port), TLS: tls})
+			ports = append(ports, Port{Port: uint16(l.Port), Protocol: l.Protocol})
 			i = len(ports) - 1
 		}
-		if ports[i].TLS != tls {
+		if ports[i].Protocol != l.Protocol {
 			rejected[l.Name] = Rejection{Reason: gwv1.ListenerReasonProtocolConflict,
-				Message: fmt.Sprintf("port %d already serves %s listeners", l.Port, protoName(ports[i].TLS))}
+				Message: fmt.Sprintf("port %d already serves %s listeners", l.Port, ports[i].Protocol)}
+			continue
+		}
+		if why := sameNameOnPort(ports[i], l); why != "" {
+			rejected[l.Name] = Rejection{Reason: gwv1.ListenerReasonHostnameConflict, Message: why}
 			continue
 		}
 		ports[i].Listeners = append(ports[i].Listeners, l)
@@ -48,11 +77,24 @@ func Plan(gw *gwv1.Gateway, grants *Grants) (ports []Port, rejected map[gwv1.Sec
 	return ports, rejected
 }
 
-func protoName(tls bool) string {
-	if tls {
-		return "HTTPS"
+// sameNameOnPort: a TCP port carries no name to tell listeners apart, and a
+// TLS passthrough port tells them apart by hostname only, so a second
+// listener the first cannot be told from is a conflict (the first keeps
+// the port).
+func sameNameOnPort(p Port, l gwv1.Listener) string {
+	if !p.L4() {
+		return ""
 	}
-	return "HTTP"
+	for _, o := range p.Listeners {
+		if p.Protocol == gwv1.TCPProtocolType || ptrEq(o.Hostname, l.Hostname) {
+			return fmt.Sprintf("listener %s already serves %s on port %d for the same hostname", o.Name, p.Protocol, l.Port)
+		}
+	}
+	return ""
+}
+
+func ptrEq[T comparable](a, b *T) bool {
+	return a == nil && b == nil || a != nil && b != nil && *a == *b
 }
 
 // Rejection says why a listener is not served, with the Gateway API's
@@ -70,25 +112,27 @@ func unsupported(format string, args ...any) Rejection {
 }
 
 // unservable says why a listener cannot be served (zero when it can):
-// HTTP, and HTTPS terminating TLS with certificates from Secrets in the
-// Gateway's own namespace or, permitted by a ReferenceGrant, in another.
-// Reference problems come last, so nil grants never hide a listener that
-// is invalid in itself.
+// HTTP; HTTPS terminating TLS with certificates from Secrets in the
+// Gateway's own namespace or, permitted by a ReferenceGrant, in another;
+// TLS in Passthrough mode; TCP. Reference problems come last, so nil
+// grants never hide a listener that is invalid in itself.
 func unservable(gw *gwv1.Gateway, l gwv1.Listener, grants *Grants) Rejection {
-	switch l.Protocol {
-	case gwv1.HTTPProtocolType, gwv1.HTTPSProtocolType:
-	default:
-		return unsupported("protocol %s is not served by this gateway yet; HTTP and HTTPS listeners are", l.Protocol)
+	kinds := RouteKinds(l.Protocol)
+	if kinds == nil {
+		return unsupported("protocol %s is not served by this gateway; HTTP, HTTPS, TLS (Passthrough) and TCP listeners are", l.Protocol)
+	}
+	if l.Protocol == gwv1.TLSProtocolType && (l.TLS == nil || l.TLS.Mode == nil || *l.TLS.Mode != gwv1.TLSModePassthrough) {
+		return unsupported("TLS listeners are served in tls.mode Passthrough only (TLS is terminated on HTTPS listeners)")
 	}
 	if l.AllowedRoutes != nil {
 		for _, k := range l.AllowedRoutes.Kinds {
-			if k.Group != nil && *k.Group != gwv1.GroupName || k.Kind != "HTTPRoute" && k.Kind != "GRPCRoute" {
+			if k.Group != nil && *k.Group != gwv1.GroupName || !slices.Contains(kinds, k.Kind) {
 				return Rejection{Reason: gwv1.ListenerReasonInvalidRouteKinds, Refs: true,
-					Message: fmt.Sprintf("route kind %s is not supported on %s listeners (HTTPRoute, GRPCRoute)", k.Kind, l.Protocol)}
+					Message: fmt.Sprintf("route kind %s is not supported on %s listeners (%s)", k.Kind, l.Protocol, kindList(kinds))}
 			}
 		}
 	}
-	if l.Protocol == gwv1.HTTPProtocolType {
+	if l.Protocol != gwv1.HTTPSProtocolType {
 		return Rejection{}
 	}
 	if l.TLS == nil || len(l.TLS.CertificateRefs) == 0 {
@@ -108,6 +152,14 @@ func unservable(gw *gwv1.Gateway, l gwv1.Listener, grants *Grants) Rejection {
 		}
 	}
 	return Rejection{}
+}
+
+func kindList(ks []gwv1.Kind) string {
+	s := make([]string, len(ks))
+	for i, k := range ks {
+		s[i] = string(k)
+	}
+	return strings.Join(s, ", ")
 }
 
 func gatewayRef(ns string) Ref { return Ref{Group: gwv1.GroupName, Kind: "Gateway", Namespace: ns} }
@@ -135,10 +187,13 @@ func CertificateDir(gwNS string, s SecretKey) string {
 }
 
 // CertificateSecrets names the Secrets the served HTTPS listeners of a
-// Gateway in gwNS use, sorted.
+// Gateway in gwNS use, sorted (a passthrough listener holds no key).
 func CertificateSecrets(gwNS string, ports []Port) []SecretKey {
 	var out []SecretKey
 	for _, p := range ports {
+		if !p.Terminates() {
+			continue
+		}
 		for _, l := range p.Listeners {
 			if l.TLS == nil {
 				continue

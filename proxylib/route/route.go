@@ -123,6 +123,8 @@ type parentKey struct {
 type Table struct {
 	http map[ServiceKey][]*matcher
 	grpc map[ServiceKey][]*matcher
+	// l4 holds TLSRoute/TCPRoute rules by Gateway listener port.
+	l4 map[ServiceKey][]*l4Matcher
 	// gateway is set for the table of an ingress Gateway (BuildGateway):
 	// then only routes attached to its listeners are compiled, and
 	// cross-namespace backendRefs need one of grants.
@@ -183,14 +185,25 @@ func (t *Table) attachments(routeNS, kind string, refs []gwv1.ParentReference, h
 // ignored; problems that make a whole rule unusable are returned as errors
 // and the rule answers 500 (fail closed, never silently widened).
 func Build(httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRPCRoute) (*Table, []error) {
-	return build(nil, nil, httpRoutes, grpcRoutes)
+	return build(nil, nil, httpRoutes, grpcRoutes, L4Routes{})
 }
 
 // build compiles routes into a table for the Services (gw nil) or for
 // Gateway gw's listeners, in precedence order.
-func build(gw *gwv1.Gateway, grants *Grants, httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRPCRoute) (*Table, []error) {
-	t := &Table{http: map[ServiceKey][]*matcher{}, grpc: map[ServiceKey][]*matcher{}, gateway: gw, grants: grants}
+func build(gw *gwv1.Gateway, grants *Grants, httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRPCRoute, l4 L4Routes) (*Table, []error) {
+	t := &Table{http: map[ServiceKey][]*matcher{}, grpc: map[ServiceKey][]*matcher{}, l4: map[ServiceKey][]*l4Matcher{}, gateway: gw, grants: grants}
 	var errs []error
+	if gw != nil {
+		for _, r := range l4.TLS {
+			errs = append(errs, t.addTLSRoute(r)...)
+		}
+		for _, r := range l4.TCP {
+			errs = append(errs, t.addTCPRoute(r)...)
+		}
+		for k := range t.l4 {
+			sortL4(t.l4[k])
+		}
+	}
 	for _, r := range httpRoutes {
 		errs = append(errs, t.addHTTPRoute(r)...)
 	}

@@ -35,8 +35,16 @@ func (s *Server) rebuild() {
 	cfg := &l7Config{broken: map[string]string{}, changed: make(chan struct{})}
 	var httpRoutes []*gwv1.HTTPRoute
 	var grpcRoutes []*gwv1.GRPCRoute
+	var l4 route.L4Routes
 	for _, r := range s.cfg.State.L7Resources() {
 		switch r.Kind {
+		case "TLSRoute", "TCPRoute":
+			if !s.cfg.Ingress {
+				continue // waypoints serve TCP opaquely (no L4 routes yet)
+			}
+			if err := decodeL4Route(r.Kind, r.Namespace, r.Name, r.Json, &l4); err != nil {
+				s.log.Error(err, "decoding route: its listeners refuse what it would route", "kind", r.Kind, "namespace", r.Namespace, "name", r.Name)
+			}
 		case "HTTPRoute":
 			var hr gwv1.HTTPRoute
 			if err := json.Unmarshal(r.Json, &hr); err != nil {
@@ -91,7 +99,7 @@ func (s *Server) rebuild() {
 		slices.SortFunc(cfg.grantSet, func(a, b route.Grant) int { return strings.Compare(a.Namespace, b.Namespace) })
 		cfg.grants = route.NewGrants(cfg.grantSet)
 		if cfg.gateway != nil {
-			tbl, errs = route.BuildGateway(cfg.gateway, cfg.grants, httpRoutes, grpcRoutes)
+			tbl, errs = route.BuildGateway(cfg.gateway, cfg.grants, httpRoutes, grpcRoutes, l4)
 		}
 	} else {
 		tbl, errs = route.Build(httpRoutes, grpcRoutes)
@@ -105,10 +113,30 @@ func (s *Server) rebuild() {
 		close(old.changed)
 	}
 	// Grants decide which certificates the listeners may use.
-	if s.onGateway != nil && (old == nil || !equality.Semantic.DeepEqual(old.gateway, cfg.gateway) ||
+	if f := s.onGateway.Load(); f != nil && (old == nil || !equality.Semantic.DeepEqual(old.gateway, cfg.gateway) ||
 		!equality.Semantic.DeepEqual(old.grantSet, cfg.grantSet)) {
-		s.onGateway()
+		(*f)()
 	}
+}
+
+// decodeL4Route adds a TLSRoute or TCPRoute to l4.
+func decodeL4Route(kind, ns, name string, js []byte, l4 *route.L4Routes) error {
+	if kind == "TLSRoute" {
+		r := &gwv1.TLSRoute{}
+		if err := json.Unmarshal(js, r); err != nil {
+			return err
+		}
+		r.Namespace, r.Name = ns, name
+		l4.TLS = append(l4.TLS, r)
+		return nil
+	}
+	r := &gwv1.TCPRoute{}
+	if err := json.Unmarshal(js, r); err != nil {
+		return err
+	}
+	r.Namespace, r.Name = ns, name
+	l4.TCP = append(l4.TCP, r)
+	return nil
 }
 
 // brokenFor reports a namespace whose policies could not be decoded.

@@ -43,8 +43,10 @@ func (s *Server) Plan() []route.Port {
 }
 
 // OnGatewayChange registers f, called after each change of Gateway() or
-// of the ReferenceGrants (listeners to open or close, certificates). Call before traffic starts.
-func (s *Server) OnGatewayChange(f func()) { s.onGateway = f }
+// of the ReferenceGrants (listeners to open or close, certificates). The
+// caller syncs once after registering: a change just before is not
+// replayed.
+func (s *Server) OnGatewayChange(f func()) { s.onGateway.Store(&f) }
 
 // ServeIngress serves one client connection accepted on the Gateway
 // listener port: HTTP/1.1 or h2c, routed by the routes attached to that

@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"context"
 	"io"
+	"net"
+	"net/netip"
 	"sync/atomic"
 
 	"github.com/ambientmesh/ambient/proxylib/discovery"
@@ -60,8 +62,14 @@ func (s *Server) serveTCP(ctx context.Context, c *connInfo, stream hbone.Stream,
 		return
 	}
 	done(false)
+	s.relay(c, &bufferedStream{Stream: stream, r: br}, up, labels, ep)
+}
+
+// relay copies between the client's side (down) and the upstream until
+// both directions end, closing both when a policy change revokes the
+// connection, then records the connection's metrics and access log.
+func (s *Server) relay(c *connInfo, down hbone.Stream, up net.Conn, labels telemetry.Labels, ep netip.AddrPort) {
 	defer up.Close()
-	down := &bufferedStream{Stream: stream, r: br}
 	hc, ok := up.(hbone.HalfCloser)
 	if !ok {
 		hc = noHalfClose{up}
@@ -69,7 +77,7 @@ func (s *Server) serveTCP(ctx context.Context, c *connInfo, stream hbone.Stream,
 	var revoked atomic.Bool
 	stop := s.revalidate(c, func() {
 		revoked.Store(true)
-		stream.Close()
+		down.Close()
 		up.Close()
 	})
 	received, sent, err := hbone.Relay(down, hc)

@@ -83,8 +83,9 @@ type Server struct {
 	resolved sync.Map // netip.Addr -> uid
 	reporter string
 	log      logr.Logger
-	// onGateway is called when the Gateway (ingress mode) changes.
-	onGateway func()
+	// onGateway is called when the Gateway (ingress mode) changes; set by
+	// the listeners' goroutine while discovery may already be rebuilding.
+	onGateway atomic.Pointer[func()]
 }
 
 var _ hbone.Handler = (*Server)(nil)

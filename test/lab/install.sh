@@ -65,16 +65,20 @@ render_operator() {
 }
 
 # Prerequisite CRDs a user installs before the mesh (as for Istio ambient):
-# Gateway API (HTTPRoute, Gateway) and Istio's security API
+# Gateway API (Gateway, HTTPRoute, GRPCRoute, TLSRoute, TCPRoute,
+# ReferenceGrant; each one missing) and Istio's security API
 # (AuthorizationPolicy, PeerAuthentication), from the module cache.
 install_prereq_crds() {
   local gw istio
   gw=$(cd "$ROOT" && go list -m -f '{{.Dir}}' sigs.k8s.io/gateway-api 2>/dev/null || true)
-  if ! kc get crd httproutes.gateway.networking.k8s.io >/dev/null 2>&1 && [ -d "$gw/config/crd/standard" ]; then
-    for f in gatewayclasses gateways httproutes grpcroutes referencegrants; do
+  if [ -d "$gw/config/crd/standard" ]; then
+    local added=""
+    for f in gatewayclasses gateways httproutes grpcroutes tlsroutes tcproutes referencegrants; do
+      kc get crd "$f.gateway.networking.k8s.io" >/dev/null 2>&1 && continue
       kc apply --server-side -f "$gw/config/crd/standard/gateway.networking.k8s.io_$f.yaml" >/dev/null
+      added="$added $f"
     done
-    say "Gateway API CRDs installed ($(basename "$gw"))"
+    [ -z "$added" ] || say "Gateway API CRDs installed ($(basename "$gw")):$added"
   fi
   istio=$(cd "$ROOT" && go list -m -f '{{.Dir}}' istio.io/api 2>/dev/null || true)
   if { ! kc get crd authorizationpolicies.security.istio.io >/dev/null 2>&1 || ! kc get crd serviceentries.networking.istio.io >/dev/null 2>&1; } && [ -f "$istio/kubernetes/customresourcedefinitions.gen.yaml" ]; then

@@ -132,6 +132,22 @@ func (g *Gateway) WriteCertificate(t testing.TB, secret string, hosts ...string)
 // that trusts it.
 func WriteSelfSigned(t testing.TB, dir string, hosts ...string) *x509.CertPool {
 	t.Helper()
+	crt, key, pool := SelfSigned(t, hosts...)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for name, b := range map[string][]byte{"tls.crt": crt, "tls.key": key} {
+		if err := os.WriteFile(filepath.Join(dir, name), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return pool
+}
+
+// SelfSigned makes a self-signed certificate for hosts: the certificate
+// and key in PEM, and the pool that trusts it.
+func SelfSigned(t testing.TB, hosts ...string) (crtPEM, keyPEM []byte, pool *x509.CertPool) {
+	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -150,18 +166,8 @@ func WriteSelfSigned(t testing.TB, dir string, hosts ...string) *x509.CertPool {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	write := func(name, typ string, b []byte) {
-		if err := os.WriteFile(filepath.Join(dir, name), pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: b}), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	write("tls.crt", "CERTIFICATE", der)
-	write("tls.key", "EC PRIVATE KEY", kb)
 	cert, _ := x509.ParseCertificate(der)
-	pool := x509.NewCertPool()
+	pool = x509.NewCertPool()
 	pool.AddCert(cert)
-	return pool
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), pool
 }

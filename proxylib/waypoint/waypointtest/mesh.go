@@ -11,6 +11,8 @@ package waypointtest
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -53,6 +55,11 @@ const (
 	HTTPPort = 8080
 	GRPCPort = 9090
 	TCPPort  = 7070
+	// TLSPort serves HTTPS with the mesh's BackendCert (for TLS
+	// passthrough: only the backend can complete the handshake).
+	TLSPort = 8443
+	// BackendHost is the name (and *.BackendHost) BackendCert is for.
+	BackendHost = "example.com"
 )
 
 // Mesh is the in-process mesh.
@@ -69,6 +76,9 @@ type Mesh struct {
 	Pods      map[string]*Pod
 	waypoints map[string]*Waypoint
 	vips      byte
+	// BackendRoots trusts the certificate every pod serves on TLSPort.
+	BackendRoots *x509.CertPool
+	backendCert  tls.Certificate
 }
 
 // Pod is a workload: an HTTP server (answers with its name and what it
@@ -121,6 +131,12 @@ func New(t testing.TB) *Mesh {
 		Pods: map[string]*Pod{}, waypoints: map[string]*Waypoint{},
 	}
 	m.Certs = identity.NewStaticSource(TrustDomain, m.CA.Roots())
+	crt, key, pool := SelfSigned(t, BackendHost, "*."+BackendHost)
+	cert, err := tls.X509KeyPair(crt, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.backendCert, m.BackendRoots = cert, pool
 	// Every type synced (possibly empty), so the waypoint is ready.
 	for _, typ := range []string{discovery.AddressType, discovery.AuthorizationType, discovery.L7ResourceType} {
 		if err := m.State.Apply(typ, nil, nil); err != nil {
@@ -512,6 +528,13 @@ func (m *Mesh) startBackends(p *Pod) {
 	}
 	go hs.Serve(ln)
 	t.Cleanup(func() { hs.Close() })
+	tlsLn, err := net.Listen("tcp", netip.AddrPortFrom(p.IP, TLSPort).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	hss := &http.Server{Handler: mux, TLSConfig: &tls.Config{Certificates: []tls.Certificate{m.backendCert}}}
+	go hss.ServeTLS(tlsLn, "", "")
+	t.Cleanup(func() { hss.Close() })
 
 	gs := grpc.NewServer()
 	hsrv := health.NewServer()

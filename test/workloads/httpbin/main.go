@@ -8,6 +8,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -28,6 +29,9 @@ const maxDelay = 10 * time.Second
 func main() {
 	httpAddr := flag.String("http", ":80", "HTTP listen address")
 	echoAddr := flag.String("echo", ":9000", "TCP line-echo listen address (empty: off)")
+	httpsAddr := flag.String("https", "", "HTTPS listen address (empty: off); needs -tls-cert and -tls-key")
+	tlsCert := flag.String("tls-cert", "", "HTTPS certificate (PEM)")
+	tlsKey := flag.String("tls-key", "", "HTTPS private key (PEM)")
 	flag.Parse()
 
 	host, _ := os.Hostname()
@@ -45,6 +49,14 @@ func main() {
 			log.Fatalf("echo listen: %v", err)
 		}
 		go serveEcho(ln, host)
+	}
+	if *httpsAddr != "" {
+		ln, err := tlsListener(*httpsAddr, *tlsCert, *tlsKey)
+		if err != nil {
+			log.Fatalf("https: %v", err)
+		}
+		hs := &http.Server{Handler: srv.Handler, ReadHeaderTimeout: srv.ReadHeaderTimeout, MaxHeaderBytes: srv.MaxHeaderBytes}
+		go func() { log.Printf("https: %v", hs.Serve(ln)) }()
 	}
 	go func() {
 		<-ctx.Done()
@@ -139,6 +151,20 @@ func htmlEscape(s string) string {
 
 // serveEcho echoes every line back prefixed with the host name, so a client
 // holding a connection open can both detect breakage and see who answers.
+// tlsListener serves TLS with the given key pair (a TLS passthrough
+// backend: only it holds the key the client checks).
+func tlsListener(addr, certFile, keyFile string) (net.Listener, error) {
+	pair, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	return tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{pair}, MinVersion: tls.VersionTLS12}), nil
+}
+
 func serveEcho(ln net.Listener, host string) {
 	for {
 		c, err := ln.Accept()

@@ -2,14 +2,18 @@ package main
 
 import (
 	"bufio"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/ambientmesh/ambient/proxylib/waypoint/waypointtest"
 )
 
 func TestHandler(t *testing.T) {
@@ -95,5 +99,29 @@ func TestEchoLines(t *testing.T) {
 		if want := fmt.Sprintf("pod-1 ping %d\n", i); line != want {
 			t.Fatalf("got %q want %q", line, want)
 		}
+	}
+}
+
+func TestTLSListener(t *testing.T) {
+	dir := t.TempDir()
+	roots := waypointtest.WriteSelfSigned(t, dir, "httpbin-tls.example.com")
+	ln, err := tlsListener("127.0.0.1:0", filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go http.Serve(ln, newHandler("pod-tls"))
+	c := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots, ServerName: "httpbin-tls.example.com"}}}
+	resp, err := c.Get("https://" + ln.Addr().String() + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if !strings.Contains(string(body), "<title>httpbin.org</title>") || !strings.Contains(string(body), "pod-tls") {
+		t.Fatalf("page %q", body)
+	}
+	if _, err := tlsListener("127.0.0.1:0", filepath.Join(dir, "missing.crt"), filepath.Join(dir, "tls.key")); err == nil {
+		t.Error("a missing certificate was accepted")
 	}
 }
