@@ -244,6 +244,14 @@ func run(ctx context.Context, c *config) error {
 		}
 	}
 	log.Info("starting manager", "version", version, "namespace", c.operatorNamespace, "ztunnelImage", c.ztunnelImage)
+	go func() {
+		select {
+		case <-mgr.Elected():
+			// Which replica writes (kubectl logs tells the replicas apart).
+			log.Info("elected leader: reconciling and writing")
+		case <-ctx.Done():
+		}
+	}()
 	return mgr.Start(ctx)
 }
 
