@@ -13,8 +13,8 @@ import (
 
 	"github.com/ambientmesh/ambient/proxylib/ca"
 	"github.com/ambientmesh/ambient/proxylib/caclient"
-	"github.com/ambientmesh/ambient/proxylib/identity"
 	xds "github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/identity"
 )
 
 // Every replica signs, the leader alone writes the CA Secret: a replica
