@@ -10,7 +10,6 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -18,16 +17,12 @@ import (
 	"testing"
 	"time"
 
-	admissionv1 "k8s.io/api/admissionregistration/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
-	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 	"github.com/ambientmesh/ambient/proxylib/ca"
@@ -126,31 +121,7 @@ func (r *replica) ready() error {
 // to the survivor and converges to its view (including changes made
 // meanwhile), and certificate requests succeed throughout.
 func TestHAReplicas(t *testing.T) {
-	if os.Getenv("KUBEBUILDER_ASSETS") == "" {
-		t.Fatal("KUBEBUILDER_ASSETS is not set: run 'make envtest' (make test sets it)")
-	}
-	env := &envtest.Environment{CRDDirectoryPaths: []string{filepath.Join("..", "..", "config", "crd", "bases")}, ErrorIfCRDPathMissing: true}
-	defer func() { _ = env.Stop() }()
-	cfg, err := env.Start()
-	if err != nil {
-		t.Fatal(err)
-	}
-	user, err := env.AddUser(envtest.User{Name: "admin", Groups: []string{"system:masters"}}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kc, _ := user.KubeConfig()
-	kcPath := filepath.Join(t.TempDir(), "kubeconfig")
-	if err := os.WriteFile(kcPath, kc, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	scheme := runtime.NewScheme()
-	_ = clientgoscheme.AddToScheme(scheme)
-	_ = meshv1.AddToScheme(scheme)
-	k8s, err := client.New(cfg, client.Options{Scheme: scheme})
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg, kcPath, k8s := startCluster(t)
 	cs := kubernetes.NewForConfigOrDie(cfg)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -159,20 +130,7 @@ func TestHAReplicas(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	vwc := &admissionv1.ValidatingWebhookConfiguration{}
-	installWebhookConfig(t, k8s, "manifests.yaml", "ambient-validating-webhook-configuration", vwc, func() (out []webhookRef) {
-		for i := range vwc.Webhooks {
-			out = append(out, webhookRef{&vwc.Webhooks[i].ClientConfig, &vwc.Webhooks[i].FailurePolicy})
-		}
-		return out
-	})
-	mwc := &admissionv1.MutatingWebhookConfiguration{}
-	installWebhookConfig(t, k8s, "sidecar_injector.yaml", "ambient-sidecar-injector", mwc, func() (out []webhookRef) {
-		for i := range mwc.Webhooks {
-			out = append(out, webhookRef{&mwc.Webhooks[i].ClientConfig, &mwc.Webhooks[i].FailurePolicy})
-		}
-		return out
-	})
+	installWebhookConfigs(t, k8s)
 
 	// Two replicas start at once on an empty cluster; the mesh is created
 	// while they race.
