@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/go-logr/zapr"
 	"go.uber.org/zap"
@@ -55,6 +56,11 @@ type config struct {
 	logLevel                string
 	logDevelopment          bool
 	managerPodLabelSelector string
+	leaseDuration           time.Duration
+	renewDeadline           time.Duration
+	retryPeriod             time.Duration
+	xdsAddr, caAddr         string
+	debugAddr               string
 }
 
 func parseFlags() *config {
@@ -66,7 +72,10 @@ func parseFlags() *config {
 	flag.StringVar(&c.metricsAddr, "metrics-bind-address", ":8443", "Prometheus metrics address (\"0\" disables)")
 	flag.BoolVar(&c.metricsSecure, "metrics-secure", true, "serve metrics over HTTPS to callers whose RBAC grants GET /metrics (TokenReview + SubjectAccessReview); false serves plain HTTP to anyone")
 	flag.StringVar(&c.probeAddr, "health-probe-bind-address", ":8081", "health (/healthz) and readiness (/readyz) probe address")
-	flag.BoolVar(&c.leaderElect, "leader-elect", false, "elect a leader so only one replica reconciles")
+	flag.BoolVar(&c.leaderElect, "leader-elect", false, "elect a leader so only one replica reconciles and writes (every replica serves discovery, the CA and the webhooks)")
+	flag.DurationVar(&c.leaseDuration, "leader-elect-lease-duration", 15*time.Second, "how long a follower waits after the leader's last renewal before taking over (a killed leader's successor starts writing after at most this)")
+	flag.DurationVar(&c.renewDeadline, "leader-elect-renew-deadline", 10*time.Second, "how long the leader retries renewing before it gives up leading")
+	flag.DurationVar(&c.retryPeriod, "leader-elect-retry-period", 2*time.Second, "how often candidates try to acquire or renew the Lease")
 	flag.StringVar(&c.operatorNamespace, "operator-namespace", ns, "namespace the manager runs in (defaults to $POD_NAMESPACE)")
 	flag.StringVar(&c.imageRegistry, "image-registry", "ambient", "registry/prefix of the default component images")
 	flag.StringVar(&c.ztunnelImage, "ztunnel-image", "", "default ztunnel image (default <registry>/ztunnel:<version>)")
@@ -82,7 +91,10 @@ func parseFlags() *config {
 	flag.StringVar(&c.injectorConfigName, "injector-webhook-config", "ambient-sidecar-injector", "MutatingWebhookConfiguration of the sidecar injector to inject the CA into (\"\" for none)")
 	flag.StringVar(&c.webhookSecret, "webhook-secret", "ambient-webhook-server-cert", "Secret holding the self-signed webhook certificate")
 	flag.StringVar(&c.managerPodLabelSelector, "manager-pod-labels", "app.kubernetes.io/name=ambient-manager", "labels of the manager pods, selected by the ambient-controlplane Service")
-	flag.BoolVar(&c.controlPlane, "controlplane", true, "serve discovery (:15010), the CA (:15012) and debug (:15014)")
+	flag.BoolVar(&c.controlPlane, "controlplane", true, "serve discovery, the CA and debug")
+	flag.StringVar(&c.xdsAddr, "xds-address", ":15010", "discovery (delta xDS) listen address")
+	flag.StringVar(&c.caAddr, "ca-address", ":15012", "CA (CreateCertificate) listen address")
+	flag.StringVar(&c.debugAddr, "debug-address", ":15014", "control-plane debug listen address")
 	flag.StringVar(&c.meshNamespace, "mesh-namespace", "ambient-system", "mesh namespace the control plane assumes until an AmbientMesh names one")
 	flag.StringVar(&c.logLevel, "log-level", "info", "log level: trace, debug, info, warn, error")
 	flag.BoolVar(&c.logDevelopment, "log-development", false, "human-readable console logs")
@@ -171,6 +183,12 @@ func run(ctx context.Context, c *config) error {
 		HealthProbeBindAddress: c.probeAddr,
 		LeaderElection:         c.leaderElect,
 		LeaderElectionID:       "ambient-operator.mesh.ambient.dev",
+		// The Lease lives next to the manager (also when run outside a
+		// cluster, where there is no service-account namespace file).
+		LeaderElectionNamespace: c.operatorNamespace,
+		LeaseDuration:           &c.leaseDuration,
+		RenewDeadline:           &c.renewDeadline,
+		RetryPeriod:             &c.retryPeriod,
 		// Release the Lease on shutdown so a successor takes over at once.
 		LeaderElectionReleaseOnCancel: true,
 		Cache:                         controllers.CacheOptions(),
@@ -199,28 +217,41 @@ func run(ctx context.Context, c *config) error {
 	if err != nil {
 		return fmt.Errorf("set up controllers: %w", err)
 	}
+	if err := mgr.AddHealthzCheck("healthz", healthz.Ping); err != nil {
+		return err
+	}
+	// Readiness puts the replica behind the webhook and control-plane
+	// Services; it never depends on leadership (followers serve too).
+	ready := healthz.Ping
+	if c.enableWebhooks {
+		ready = mgr.GetWebhookServer().StartedChecker()
+	}
+	if err := mgr.AddReadyzCheck("webhooks", ready); err != nil {
+		return err
+	}
 	if c.controlPlane {
-		err := controlplane.Setup(mgr, controlplane.Options{
+		cp, err := controlplane.SetupWithManager(mgr, controlplane.Options{
 			Namespace:  c.meshNamespace,
-			XDSAddress: ":15010", CAAddress: ":15012", DebugAddress: ":15014",
+			XDSAddress: c.xdsAddr, CAAddress: c.caAddr, DebugAddress: c.debugAddr,
 			ServiceName: controllers.ControlPlaneService,
 			Log:         ctrl.Log.WithName("controlplane"),
 		})
 		if err != nil {
 			return fmt.Errorf("set up control plane: %w", err)
 		}
-	}
-	if err := mgr.AddHealthzCheck("healthz", healthz.Ping); err != nil {
-		return err
-	}
-	ready := healthz.Ping
-	if c.enableWebhooks {
-		ready = mgr.GetWebhookServer().StartedChecker()
-	}
-	if err := mgr.AddReadyzCheck("readyz", ready); err != nil {
-		return err
+		if err := mgr.AddReadyzCheck("controlplane", cp.Ready); err != nil {
+			return err
+		}
 	}
 	log.Info("starting manager", "version", version, "namespace", c.operatorNamespace, "ztunnelImage", c.ztunnelImage)
+	go func() {
+		select {
+		case <-mgr.Elected():
+			// Which replica writes (kubectl logs tells the replicas apart).
+			log.Info("elected leader: reconciling and writing")
+		case <-ctx.Done():
+		}
+	}()
 	return mgr.Start(ctx)
 }
 

@@ -38,56 +38,15 @@ import (
 // checks the certificate is issued, injected and served, and that the
 // controllers reconcile with the flag defaults.
 func TestManagerRun(t *testing.T) {
-	if os.Getenv("KUBEBUILDER_ASSETS") == "" {
-		t.Fatal("KUBEBUILDER_ASSETS is not set: run 'make envtest' (make test sets it)")
-	}
 	ctrl.SetLogger(logr.Discard())
-	env := &envtest.Environment{CRDDirectoryPaths: []string{filepath.Join("..", "..", "config", "crd", "bases")}, ErrorIfCRDPathMissing: true}
-	defer func() { _ = env.Stop() }() // also after a half-failed Start
-	cfg, err := env.Start()
-	if err != nil {
-		t.Fatal(err)
-	}
-	user, err := env.AddUser(envtest.User{Name: "admin", Groups: []string{"system:masters"}}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kc, _ := user.KubeConfig()
-	kcPath := filepath.Join(t.TempDir(), "kubeconfig")
-	if err := os.WriteFile(kcPath, kc, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	cfg, kcPath, k8s := startCluster(t)
 	t.Setenv("KUBECONFIG", kcPath)
-
-	scheme := runtime.NewScheme()
-	_ = clientgoscheme.AddToScheme(scheme)
-	_ = meshv1.AddToScheme(scheme)
-	k8s, err := client.New(cfg, client.Options{Scheme: scheme})
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	if err := k8s.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "ambient-system"}}); err != nil {
 		t.Fatal(err)
 	}
-	// The webhook configurations as config/default installs them (no
-	// caBundle yet), unreachable from envtest's API server: admission keeps
-	// working meanwhile.
-	vwc := &admissionv1.ValidatingWebhookConfiguration{}
-	installWebhookConfig(t, k8s, "manifests.yaml", "ambient-validating-webhook-configuration", vwc, func() (out []webhookRef) {
-		for i := range vwc.Webhooks {
-			out = append(out, webhookRef{&vwc.Webhooks[i].ClientConfig, &vwc.Webhooks[i].FailurePolicy})
-		}
-		return out
-	})
-	mwc := &admissionv1.MutatingWebhookConfiguration{}
-	installWebhookConfig(t, k8s, "sidecar_injector.yaml", "ambient-sidecar-injector", mwc, func() (out []webhookRef) {
-		for i := range mwc.Webhooks {
-			out = append(out, webhookRef{&mwc.Webhooks[i].ClientConfig, &mwc.Webhooks[i].FailurePolicy})
-		}
-		return out
-	})
+	vwc, mwc := installWebhookConfigs(t, k8s)
 
 	port, metricsPort := freePort(t), freePort(t)
 	c := &config{
@@ -255,6 +214,60 @@ func waitFor(t *testing.T, what string, cond func() error) {
 		time.Sleep(200 * time.Millisecond)
 	}
 	t.Fatalf("timed out waiting for %s: %v", what, err)
+}
+
+// startCluster starts a real API server (stopped with the test) and
+// returns its config, a kubeconfig file for an admin and a client.
+func startCluster(t *testing.T) (*rest.Config, string, client.Client) {
+	t.Helper()
+	if os.Getenv("KUBEBUILDER_ASSETS") == "" {
+		t.Fatal("KUBEBUILDER_ASSETS is not set: run 'make envtest' (make test sets it)")
+	}
+	env := &envtest.Environment{CRDDirectoryPaths: []string{filepath.Join("..", "..", "config", "crd", "bases")}, ErrorIfCRDPathMissing: true}
+	t.Cleanup(func() { _ = env.Stop() }) // also after a half-failed Start
+	cfg, err := env.Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	user, err := env.AddUser(envtest.User{Name: "admin", Groups: []string{"system:masters"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kc, _ := user.KubeConfig()
+	kcPath := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := os.WriteFile(kcPath, kc, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	scheme := runtime.NewScheme()
+	_ = clientgoscheme.AddToScheme(scheme)
+	_ = meshv1.AddToScheme(scheme)
+	k8s, err := client.New(cfg, client.Options{Scheme: scheme})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg, kcPath, k8s
+}
+
+// installWebhookConfigs creates the webhook configurations as
+// config/default installs them (no caBundle yet), unreachable from
+// envtest's API server: admission keeps working meanwhile.
+func installWebhookConfigs(t *testing.T, k8s client.Client) (*admissionv1.ValidatingWebhookConfiguration, *admissionv1.MutatingWebhookConfiguration) {
+	t.Helper()
+	vwc := &admissionv1.ValidatingWebhookConfiguration{}
+	installWebhookConfig(t, k8s, "manifests.yaml", "ambient-validating-webhook-configuration", vwc, func() (out []webhookRef) {
+		for i := range vwc.Webhooks {
+			out = append(out, webhookRef{&vwc.Webhooks[i].ClientConfig, &vwc.Webhooks[i].FailurePolicy})
+		}
+		return out
+	})
+	mwc := &admissionv1.MutatingWebhookConfiguration{}
+	installWebhookConfig(t, k8s, "sidecar_injector.yaml", "ambient-sidecar-injector", mwc, func() (out []webhookRef) {
+		for i := range mwc.Webhooks {
+			out = append(out, webhookRef{&mwc.Webhooks[i].ClientConfig, &mwc.Webhooks[i].FailurePolicy})
+		}
+		return out
+	})
+	return vwc, mwc
 }
 
 type webhookRef struct {

@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"sort"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -22,7 +23,10 @@ import (
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	securityv1beta1 "istio.io/client-go/pkg/apis/security/v1beta1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
@@ -60,6 +64,13 @@ type Options struct {
 	// Elected closes when this replica leads; policy Events are recorded
 	// by the leader only (SetupWithManager: mgr.Elected()).
 	Elected <-chan struct{}
+	// CAWatcher watches the CA Secret so every replica (the leader writes
+	// it, followers only read) signs with the new CA as soon as it is
+	// written; SetupWithManager builds one. Nil: only the periodic reload.
+	CAWatcher client.WithWatch
+	// CAReload is the periodic reload of the CA Secret besides the watch
+	// (default a minute).
+	CAReload time.Duration
 }
 
 // EventSource names the control plane in the Events it records.
@@ -78,7 +89,9 @@ func (o *Options) defaults() {
 }
 
 // Setup registers the control plane with mgr. It runs on every replica (no
-// leader election needed: it only reads).
+// leader election needed: it only reads): each replica's caches watch the
+// API, and each loads the CA the leader wrote from Secret ambient-ca,
+// watching it for changes. Register Ready as the manager's readiness.
 func Setup(mgr ctrl.Manager, o Options) error {
 	_, err := SetupWithManager(mgr, o)
 	return err
@@ -103,6 +116,13 @@ func SetupWithManager(mgr ctrl.Manager, o Options) (*ControlPlane, error) {
 		return nil
 	}); err != nil {
 		return nil, fmt.Errorf("indexing pods by node: %w", err)
+	}
+	if o.CAWatcher == nil {
+		w, err := client.NewWithWatch(mgr.GetConfig(), client.Options{Scheme: mgr.GetScheme(), Mapper: mgr.GetRESTMapper()})
+		if err != nil {
+			return nil, fmt.Errorf("CA Secret watch client: %w", err)
+		}
+		o.CAWatcher = w
 	}
 	cp := New(mgr.GetCache(), mgr.GetClient(), mgr.GetAPIReader(), o)
 	if err := cp.Discovery.Register(context.Background(), mgr.GetCache(), mgr.GetRESTMapper()); err != nil {
@@ -131,7 +151,7 @@ func AddToScheme(s *runtime.Scheme) error {
 
 // RBAC of the control plane (collected by `make manifests`):
 // +kubebuilder:rbac:groups="",resources=pods;services;namespaces,verbs=get;list;watch
-// +kubebuilder:rbac:groups="",resources=secrets,verbs=get
+// +kubebuilder:rbac:groups="",resources=secrets,verbs=get;list;watch
 // +kubebuilder:rbac:groups=apps,resources=replicasets;deployments,verbs=get
 // +kubebuilder:rbac:groups=discovery.k8s.io,resources=endpointslices,verbs=get;list;watch
 // +kubebuilder:rbac:groups=authentication.k8s.io,resources=tokenreviews,verbs=create
@@ -151,6 +171,9 @@ type ControlPlane struct {
 	Discovery *discovery.Controller
 	Auth      *proxyauth.Authenticator
 	certs     *certSource
+	// serving is set once the servers listen; caMissing while the CA
+	// Secret does not exist yet (see Ready).
+	serving, caMissing atomic.Bool
 }
 
 // New builds the control plane over a cache-backed reader (which must index
@@ -168,7 +191,8 @@ func New(cache client.Reader, c client.Client, apiReader client.Reader, o Option
 		MeshNamespace: func() string { return cp.meshSettings(context.Background()).namespace },
 		IsL7Proxy:     d.IsL7Proxy,
 	}
-	cp.certs = &certSource{load: cp.loadAuthority, dnsNames: cp.dnsNames, log: o.Log.WithName("serving-cert")}
+	cp.certs = &certSource{load: cp.loadAuthority, dnsNames: cp.dnsNames, log: o.Log.WithName("serving-cert"),
+		every: o.CAReload, changed: make(chan struct{}, 1)}
 	return cp
 }
 
@@ -229,18 +253,23 @@ func (cp *ControlPlane) Start(ctx context.Context) error {
 	}
 	go cp.Discovery.Run(ctx)
 	go cp.Discovery.WatchLateCRDs(ctx, 10*time.Second)
+	if cp.opts.CAWatcher != nil {
+		go cp.watchCA(ctx)
+	}
 	// The CA Secret may not exist yet (the operator writes it once an
 	// AmbientMesh exists): wait for it without failing the manager.
 	for {
-		if err := cp.certs.refresh(ctx); err == nil {
+		err := cp.certs.refresh(ctx)
+		cp.caMissing.Store(apierrors.IsNotFound(err))
+		if err == nil {
 			break
-		} else {
-			log.Info("waiting for the mesh CA", "reason", err.Error())
 		}
+		log.Info("waiting for the mesh CA", "reason", err.Error())
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-time.After(5 * time.Second):
+		case <-cp.certs.changed:
 		}
 	}
 	go cp.certs.run(ctx)
@@ -284,12 +313,52 @@ func (cp *ControlPlane) Start(ctx context.Context) error {
 			errs <- nil
 		}()
 	}
+	cp.serving.Store(true)
+	defer cp.serving.Store(false)
 	for ; running > 0; running-- {
 		if err := <-errs; err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// Ready is the replica's readiness (a healthz.Checker): ready once discovery
+// and the CA listen, and also while no CA Secret exists at all (a new
+// install: no proxy can need this replica yet, and the webhooks needed to
+// create the AmbientMesh must be reachable). Readiness never depends on
+// leadership: every replica serves.
+func (cp *ControlPlane) Ready(*http.Request) error {
+	if cp.serving.Load() || cp.caMissing.Load() {
+		return nil
+	}
+	return errors.New("control plane not serving yet (caches syncing or mesh CA unreadable)")
+}
+
+// watchCA nudges a CA reload whenever Secret <mesh-ns>/<CASecretName>
+// changes; the leader writes it, every replica signs with it. The watch
+// selects that one Secret by name, so no other Secret reaches this process.
+func (cp *ControlPlane) watchCA(ctx context.Context) {
+	for ctx.Err() == nil {
+		ns := cp.meshSettings(ctx).namespace
+		w, err := cp.opts.CAWatcher.Watch(ctx, &corev1.SecretList{}, client.InNamespace(ns),
+			client.MatchingFieldsSelector{Selector: fields.OneTermEqualSelector("metadata.name", cp.opts.CASecretName)})
+		if err != nil {
+			cp.opts.Log.Info("watching the CA Secret failed; retrying", "error", err.Error())
+		} else {
+			for ev := range w.ResultChan() {
+				if ev.Type == watch.Error {
+					break
+				}
+				cp.certs.nudge()
+			}
+			w.Stop()
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Second):
+		}
+	}
 }
 
 func listen(l net.Listener, addr string) (net.Listener, error) {

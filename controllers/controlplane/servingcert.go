@@ -24,6 +24,10 @@ type certSource struct {
 	load     func(context.Context) (*ca.Authority, error)
 	dnsNames func() []string
 	log      logr.Logger
+	// every is the fallback reload period (default a minute); changed
+	// nudges a reload at once (the CA Secret watch).
+	every   time.Duration
+	changed chan struct{}
 
 	mu   sync.RWMutex
 	auth *ca.Authority
@@ -65,17 +69,30 @@ func (s *certSource) refresh(ctx context.Context) error {
 	return nil
 }
 
+// nudge asks run for a reload now (never blocks; one pending is enough).
+func (s *certSource) nudge() {
+	select {
+	case s.changed <- struct{}{}:
+	default:
+	}
+}
+
 func (s *certSource) run(ctx context.Context) {
-	t := time.NewTicker(time.Minute)
+	every := s.every
+	if every <= 0 {
+		every = time.Minute
+	}
+	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			if err := s.refresh(ctx); err != nil {
-				s.log.Error(err, "refreshing serving certificate; keeping the current one")
-			}
+		case <-s.changed:
+		}
+		if err := s.refresh(ctx); err != nil {
+			s.log.Error(err, "refreshing serving certificate; keeping the current one")
 		}
 	}
 }

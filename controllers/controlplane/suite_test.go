@@ -148,7 +148,9 @@ func runSuite(m *testing.M) (int, error) {
 			return 0, err
 		}
 	}
-	opts := Options{Namespace: meshNS, XDSListener: listeners[0], CAListener: listeners[1], DebugListener: listeners[2], Log: log}
+	// CAReload: an hour, so only the CA Secret watch can deliver a new CA
+	// (TestCAFollowsSecretChange).
+	opts := Options{Namespace: meshNS, XDSListener: listeners[0], CAListener: listeners[1], DebugListener: listeners[2], Log: log, CAReload: time.Hour}
 	cp, err := SetupWithManager(mgr, opts)
 	if err != nil {
 		return 0, err

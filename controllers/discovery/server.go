@@ -43,8 +43,18 @@ type Server struct {
 	// Events records NACKs on the proxy's pod (nil: none).
 	Events *kubeevents.Recorder
 
+	// MaxConnectionAge rebalances proxies over the replicas (default 30m).
+	MaxConnectionAge time.Duration
+
 	mu      sync.Mutex
 	callers map[int64]*proxyauth.Caller
+}
+
+func (s *Server) maxConnectionAge() time.Duration {
+	if s.MaxConnectionAge > 0 {
+		return s.MaxConnectionAge
+	}
+	return 30 * time.Minute
 }
 
 type callerKey struct{}
@@ -163,7 +173,13 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 		grpc.UnaryInterceptor(func(context.Context, any, *grpc.UnaryServerInfo, grpc.UnaryHandler) (any, error) {
 			return nil, status.Error(codes.Unimplemented, "discovery serves delta ADS streams only")
 		}),
-		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second,
+			// Streams are long-lived: without an age limit the replicas
+			// that stay up keep every proxy after a rollout or a failover.
+			// Closing a connection after MaxConnectionAge (jittered by
+			// gRPC) moves its proxy to a replica the Service picks anew;
+			// the proxy resumes from its versions and keeps serving meanwhile.
+			MaxConnectionAge: s.maxConnectionAge(), MaxConnectionAgeGrace: 5 * time.Second}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.MaxRecvMsgSize(4<<20),
 	)

@@ -75,9 +75,10 @@ func (m *Manager) Ensure(ctx context.Context) error {
 }
 
 // Start re-runs Ensure periodically (a manager Runnable), so a renewed
-// certificate or a re-applied webhook configuration is fixed up.
+// certificate (perhaps renewed by another replica) or a re-applied webhook
+// configuration is fixed up.
 func (m *Manager) Start(ctx context.Context) error {
-	t := time.NewTicker(10 * time.Minute)
+	t := time.NewTicker(time.Minute)
 	defer t.Stop()
 	for {
 		select {
@@ -120,6 +121,13 @@ func (m *Manager) ensureSecret(ctx context.Context) (*corev1.Secret, error) {
 			return nil, err
 		}
 	} else {
+		// The API server trusts the previous CA too until it expires:
+		// the other replicas serve the previous certificate until they
+		// read the renewed one (Start), and their webhook calls must not
+		// fail meanwhile.
+		if prev, err := ca.ParseCerts(secret.Data[caCertKey]); err == nil && m.now().Before(prev[0].NotAfter) {
+			data[caCertKey] = append(data[caCertKey], ca.EncodeCerts(prev[0])...)
+		}
 		secret.Data = data
 		if err := m.Client.Update(ctx, secret); err != nil {
 			return nil, err

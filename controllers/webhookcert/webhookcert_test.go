@@ -58,6 +58,15 @@ func TestEnsureIssuesReusesAndRenews(t *testing.T) {
 	if string(secretData(t, c)["tls.crt"]) == string(first["tls.crt"]) {
 		t.Fatal("expiring certificate was not renewed")
 	}
+	// Another replica still serves the previous certificate until it
+	// reads the renewed one: the injected bundle must trust both.
+	bundle := x509.NewCertPool()
+	if !bundle.AppendCertsFromPEM(secretData(t, c)["ca.crt"]) {
+		t.Fatal("no CA bundle after renewal")
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{DNSName: "wh.ops.svc", Roots: bundle, CurrentTime: now}); err != nil {
+		t.Fatalf("the previous serving certificate is not trusted after the renewal: %v", err)
+	}
 	onDisk, _ := os.ReadFile(filepath.Join(dir, "tls.crt"))
 	if string(onDisk) != string(secretData(t, c)["tls.crt"]) {
 		t.Fatal("renewed certificate not written to the cert dir")

@@ -9,7 +9,7 @@ import (
 )
 
 // Kinds OLM accepts as plain bundle manifests besides the CSV and CRDs.
-var bundleKinds = map[string]bool{"Service": true, "ClusterRole": true, "ConfigMap": true}
+var bundleKinds = map[string]bool{"Service": true, "ClusterRole": true, "ConfigMap": true, "PodDisruptionBudget": true}
 
 // build sorts the rendered objects into the CSV and the other bundle files.
 func build(objs []*unstructured.Unstructured, o options) (*bundleFiles, error) {
@@ -57,6 +57,11 @@ func build(objs []*unstructured.Unstructured, o options) (*bundleFiles, error) {
 	}
 	for _, u := range byKind["Service"] {
 		b.manifests[u.GetName()+"_v1_service.yaml"] = stripNamespace(u).Object
+	}
+	// OLM installs a PodDisruptionBudget shipped in the bundle into the
+	// operator's namespace: the manager's replicas stay up one at a time.
+	for _, u := range byKind["PodDisruptionBudget"] {
+		b.manifests[u.GetName()+"_policy_v1_poddisruptionbudget.yaml"] = stripNamespace(u).Object
 	}
 	var deploymentName string
 	for _, u := range byKind["Deployment"] {

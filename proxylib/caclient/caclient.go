@@ -12,10 +12,14 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/ambientmesh/ambient/proxylib/caclient/capb"
@@ -42,8 +46,16 @@ type Config struct {
 }
 
 // Client signs CSRs with the mesh CA.
+//
+// The CA is a Service over several control-plane replicas. A request whose
+// replica goes away (UNAVAILABLE) is retried on a new connection, which the
+// Service routes to a live replica; a request that times out (a replica on
+// a lost node never answers, nor resets the connection) drops the
+// connection so the next request dials anew instead of waiting on it.
 type Client struct {
-	cfg  Config
+	cfg Config
+
+	mu   sync.Mutex
 	conn *grpc.ClientConn
 	ca   capb.IstioCertificateServiceClient
 }
@@ -70,17 +82,50 @@ func New(cfg Config) (*Client, error) {
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = 10 * time.Second
 	}
-	conn, err := grpc.NewClient(cfg.Address,
-		grpc.WithTransportCredentials(credentials.NewTLS(cfg.TLS)),
-		grpc.WithPerRPCCredentials(bearer{cfg.Token}))
+	conn, err := newConn(cfg)
 	if err != nil {
-		return nil, fmt.Errorf("caclient: %w", err)
+		return nil, err
 	}
 	return &Client{cfg: cfg, conn: conn, ca: capb.NewIstioCertificateServiceClient(conn)}, nil
 }
 
+// retryPolicy retries CreateCertificate (signing a CSR twice is harmless)
+// when the replica serving it went away; the retry waits for a connection
+// (WaitForReady), which the Service gives to a live replica.
+const retryPolicy = `{"methodConfig":[{"name":[{"service":"istio.v1.auth.IstioCertificateService"}],
+ "retryPolicy":{"maxAttempts":5,"initialBackoff":"0.1s","maxBackoff":"1s","backoffMultiplier":2,"retryableStatusCodes":["UNAVAILABLE"]}}]}`
+
+// reconnect bounds how long a broken connection waits before redialling
+// (gRPC's default grows to two minutes).
+var reconnect = grpc.ConnectParams{
+	Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 5 * time.Second},
+	MinConnectTimeout: 5 * time.Second,
+}
+
+// newConn makes a (lazily connecting) channel to the CA.
+func newConn(cfg Config) (*grpc.ClientConn, error) {
+	conn, err := grpc.NewClient(cfg.Address,
+		grpc.WithTransportCredentials(credentials.NewTLS(cfg.TLS)),
+		grpc.WithPerRPCCredentials(bearer{cfg.Token}),
+		grpc.WithDefaultServiceConfig(retryPolicy),
+		grpc.WithConnectParams(reconnect))
+	if err != nil {
+		return nil, fmt.Errorf("caclient: %w", err)
+	}
+	return conn, nil
+}
+
+func (c *Client) stub() (*grpc.ClientConn, capb.IstioCertificateServiceClient) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.conn, c.ca
+}
+
 // Close releases the connection.
-func (c *Client) Close() error { return c.conn.Close() }
+func (c *Client) Close() error {
+	conn, _ := c.stub()
+	return conn.Close()
+}
 
 // Sign asks the CA to sign csrPEM for id and returns the chain, leaf first.
 // It checks that the leaf binds the CSR's key to exactly id.
@@ -95,10 +140,14 @@ func (c *Client) Sign(ctx context.Context, csrPEM []byte, id identity.Identity, 
 	}
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.Timeout)
 	defer cancel()
-	resp, err := c.ca.CreateCertificate(ctx, &capb.IstioCertificateRequest{
+	conn, stub := c.stub()
+	resp, err := stub.CreateCertificate(ctx, &capb.IstioCertificateRequest{
 		Csr: string(csrPEM), ValidityDuration: int64(ttl / time.Second), Metadata: md,
-	})
+	}, grpc.WaitForReady(true))
 	if err != nil {
+		if status.Code(err) == codes.DeadlineExceeded {
+			c.replace(conn)
+		}
 		return nil, fmt.Errorf("CreateCertificate for %s: %w", id, err)
 	}
 	chain, err := parseChain(resp.GetCertChain())
@@ -116,6 +165,22 @@ func (c *Client) Sign(ctx context.Context, csrPEM []byte, id identity.Identity, 
 		return nil, errors.New("CA returned a certificate for another key")
 	}
 	return chain, nil
+}
+
+// replace drops conn after a request timed out on it (unless another
+// request already did), so the next request does not wait on a dead peer.
+func (c *Client) replace(conn *grpc.ClientConn) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.conn != conn {
+		return
+	}
+	next, err := newConn(c.cfg)
+	if err != nil {
+		return
+	}
+	c.conn, c.ca = next, capb.NewIstioCertificateServiceClient(next)
+	_ = conn.Close()
 }
 
 func parseCSR(csrPEM []byte) (*x509.CertificateRequest, error) {

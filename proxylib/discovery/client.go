@@ -10,8 +10,10 @@ import (
 
 	"github.com/go-logr/logr"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/ambientmesh/ambient/proxylib/discovery/xdsapi"
@@ -46,7 +48,10 @@ type ClientConfig struct {
 
 // Client keeps a State in sync with the control plane over delta ADS. It
 // reconnects with jittered exponential backoff; on reconnect it sends the
-// versions it holds so the server replies with a diff.
+// versions it holds so the server replies with a diff. The State keeps
+// serving what it last had while the client reconnects (to the same or
+// another control-plane replica: versions are content hashes, the same on
+// every replica).
 type Client struct {
 	cfg   ClientConfig
 	state *State
@@ -91,7 +96,19 @@ func (c *Client) Run(ctx context.Context) error {
 	if c.cfg.TLS == nil {
 		return errors.New("discovery client: TLS config is required")
 	}
-	opts := []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(c.cfg.TLS))}
+	opts := []grpc.DialOption{
+		grpc.WithTransportCredentials(credentials.NewTLS(c.cfg.TLS)),
+		// A replica on a lost node neither answers nor resets the
+		// connection: pings find it dead in under a minute (the server
+		// allows one every 10s), and the stream moves to another replica.
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second, PermitWithoutStream: true}),
+		// Redial within MaxBackoff when no replica was reachable (gRPC's
+		// own backoff grows to two minutes).
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           backoff.Config{BaseDelay: c.cfg.MinBackoff, Multiplier: 1.6, Jitter: 0.2, MaxDelay: c.cfg.MaxBackoff},
+			MinConnectTimeout: 5 * time.Second,
+		}),
+	}
 	if c.cfg.Token != nil {
 		opts = append(opts, grpc.WithPerRPCCredentials(tokenCreds{c.cfg.Token}))
 	}
