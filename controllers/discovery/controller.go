@@ -94,7 +94,10 @@ type Controller struct {
 	reader client.Reader
 	log    logr.Logger
 
-	Addresses, Authorizations, L7 *cachev3.LinearCache
+	// Addresses scopes what each ztunnel receives (AddressCache);
+	// authorizations and L7 resources go to every subscriber.
+	Addresses          *AddressCache
+	Authorizations, L7 *cachev3.LinearCache
 
 	// optional kinds, watched once their CRDs are installed
 	hasIstio, hasGateway, hasClasses, hasRoutes, hasGrants atomic.Bool
@@ -153,7 +156,7 @@ func NewController(reader client.Reader, opts Options) *Controller {
 		opts:           opts,
 		reader:         reader,
 		log:            opts.Log,
-		Addresses:      cachev3.NewLinearCache(xds.AddressType),
+		Addresses:      NewAddressCache(),
 		Authorizations: cachev3.NewLinearCache(xds.AuthorizationType),
 		L7:             cachev3.NewLinearCache(xds.L7ResourceType),
 		dirty:          newDirty(),
@@ -541,7 +544,7 @@ func (c *Controller) flush(ctx context.Context) int {
 
 // apply pushes want for the names in scope (nil scope: every name): names
 // in scope but not in want are deleted; unchanged resources are skipped.
-func (c *Controller) apply(typeURL string, lc *cachev3.LinearCache, want map[string]proto.Message, scope map[string]struct{}) int {
+func (c *Controller) apply(typeURL string, lc resourceCache, want map[string]proto.Message, scope map[string]struct{}) int {
 	c.curMu.Lock()
 	cur := c.current[typeURL]
 	update := map[string]cachetypes.Resource{}
@@ -578,6 +581,11 @@ func (c *Controller) apply(typeURL string, lc *cachev3.LinearCache, want map[str
 		c.log.Error(err, "updating xDS cache", "type", typeURL)
 	}
 	return len(update) + len(remove)
+}
+
+// resourceCache is where apply pushes: a LinearCache or the AddressCache.
+type resourceCache interface {
+	UpdateResources(update map[string]cachetypes.Resource, remove []string) error
 }
 
 // Snapshot returns the current resources of a type, sorted by name.

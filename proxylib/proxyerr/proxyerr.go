@@ -32,7 +32,10 @@ const (
 	WaypointRequired   Reason = "waypoint_required"    // destination only takes traffic from its waypoint
 	WaypointUnresolved Reason = "waypoint_unresolved"  // waypoint address cannot be resolved
 	OriginalDstMissing Reason = "original_dst_missing" // SO_ORIGINAL_DST failed
-	SelfTarget         Reason = "self_target"          // connection to ztunnel's own port
+	// DiscoveryLookupFailed: the control plane did not answer an on-demand
+	// address lookup in time.
+	DiscoveryLookupFailed Reason = "discovery_lookup_failed"
+	SelfTarget            Reason = "self_target" // connection to ztunnel's own port
 
 	// Transport.
 	UpstreamConnectFailed Reason = "upstream_connect_failed"
