@@ -261,6 +261,14 @@ func (c *AddressCache) desired(w *addrWatch) map[string]struct{} {
 			}
 		}
 	}
+	// What it was given stays while it exists, as istiod merges resolved
+	// names into the subscription: a workload found by address keeps
+	// coming when its address changes.
+	for name := range w.sub.ReturnedResources() {
+		if _, ok := c.entries[name]; ok {
+			out[name] = struct{}{}
+		}
+	}
 	for sub := range subs {
 		name, ok := c.resolve(sub)
 		if !ok {
@@ -282,10 +290,18 @@ func (c *AddressCache) respond(w *addrWatch, force bool) cachev3.DeltaResponse {
 	have := w.sub.ReturnedResources()
 	next := make(map[string]string, len(want))
 	resp := &discoverypb.DeltaDiscoveryResponse{TypeUrl: xds.AddressType, SystemVersionInfo: strconv.FormatUint(c.seq, 10)}
+	// What this request asks for is sent even when the client holds it,
+	// so the client sees its question answered (as istiod does).
+	asked := map[string]struct{}{}
+	for _, n := range w.req.GetResourceNamesSubscribe() {
+		if name, ok := c.resolve(n); ok {
+			asked[name] = struct{}{}
+		}
+	}
 	for name := range want {
 		e := c.entries[name]
 		next[name] = e.version
-		if have[name] != e.version {
+		if _, ok := asked[name]; ok || have[name] != e.version {
 			resp.Resources = append(resp.Resources, &discoverypb.Resource{Name: name, Version: e.version, Aliases: e.aliases, Resource: e.res})
 		}
 	}
@@ -318,7 +334,7 @@ func (c *AddressCache) CreateDeltaWatch(req *cachev3.DeltaRequest, sub cachev3.S
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	first := req.GetResponseNonce() == ""
-	if resp := c.respond(w, first && len(req.GetResourceNamesSubscribe()) > 0 || first && sub.IsWildcard()); resp != nil {
+	if resp := c.respond(w, first || len(req.GetResourceNamesSubscribe()) > 0); resp != nil {
 		out <- resp
 		return nil, nil
 	}
