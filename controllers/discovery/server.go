@@ -141,12 +141,20 @@ func (s *Server) callbacks() serverv3.Callbacks {
 // client cannot widen its scope by claiming another node). The xDS server
 // keeps it for the stream's later requests.
 func scopedNode(caller *proxyauth.Caller, n *core.Node) *core.Node {
+	return WithScope(n, caller.Role, caller.NodeName)
+}
+
+// WithScope returns a copy of n that tells the AddressCache the proxy's
+// role and node. The discovery server sets it from the authenticated
+// caller; a test server without authentication may set it from the node's
+// own claims.
+func WithScope(n *core.Node, role, node string) *core.Node {
 	out := &core.Node{Id: n.GetId(), Metadata: &structpb.Struct{Fields: map[string]*structpb.Value{}}}
 	for k, v := range n.GetMetadata().GetFields() {
 		out.Metadata.Fields[k] = v
 	}
-	out.Metadata.Fields[scopeRoleKey] = structpb.NewStringValue(caller.Role)
-	out.Metadata.Fields[scopeNodeKey] = structpb.NewStringValue(caller.NodeName)
+	out.Metadata.Fields[scopeRoleKey] = structpb.NewStringValue(role)
+	out.Metadata.Fields[scopeNodeKey] = structpb.NewStringValue(node)
 	return out
 }
 
