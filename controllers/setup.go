@@ -22,10 +22,12 @@ import (
 
 // CacheOptions narrows the manager's informers to what the operator owns
 // where a cluster-wide cache would be large or sensitive: only the mesh's
-// ConfigMaps and cluster RBAC objects are cached.
+// ConfigMaps and cluster RBAC objects are cached. Cached objects lose their
+// managedFields, and pods everything the manager does not read (TrimPod).
 func CacheOptions() cache.Options {
 	owned := labels.SelectorFromSet(labels.Set{LabelManagedBy: ManagedByValue})
-	return cache.Options{ByObject: map[client.Object]cache.ByObject{
+	return cache.Options{DefaultTransform: stripManagedFields, ByObject: map[client.Object]cache.ByObject{
+		&corev1.Pod{}:                {Transform: TrimPod},
 		&corev1.ConfigMap{}:          {Label: owned},
 		&rbacv1.ClusterRole{}:        {Label: owned},
 		&rbacv1.ClusterRoleBinding{}: {Label: owned},
