@@ -1,8 +1,7 @@
-package controllers
+package discovery
 
 import (
 	corev1 "k8s.io/api/core/v1"
-	"sigs.k8s.io/controller-runtime/pkg/cache"
 )
 
 // lastApplied is kubectl's copy of the whole applied object: often the
@@ -54,6 +53,3 @@ func trimContainers(cs []corev1.Container) []corev1.Container {
 	}
 	return out
 }
-
-// stripManagedFields is every other informer's transform.
-var stripManagedFields = cache.TransformStripManagedFields()
