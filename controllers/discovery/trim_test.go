@@ -56,6 +56,11 @@ func TestTrimPodKeepsTheModel(t *testing.T) {
 		{"not ready", fullPod("web-1", func(p *corev1.Pod) { p.Status.Conditions[0].Status = corev1.ConditionFalse })},
 		{"terminating", fullPod("web-2", func(p *corev1.Pod) { p.DeletionTimestamp = ptr.To(metav1.Now()) })},
 		{"host network", fullPod("web-3", func(p *corev1.Pod) { p.Spec.HostNetwork = true })},
+		{"named port in a second container", fullPod("web-5", func(p *corev1.Pod) {
+			p.Spec.Containers[0].Ports[0].Name = ""
+			p.Spec.Containers = append(p.Spec.Containers, corev1.Container{Name: "side", Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 9000}}})
+		})},
+		{"redirection disabled", fullPod("web-6", func(p *corev1.Pod) { p.Annotations[selection.RedirectionAnnotation] = selection.RedirectionDisabled })},
 		{"sidecar", fullPod("web-4", func(p *corev1.Pod) {
 			p.Labels[selection.TunnelLabel] = selection.TunnelHTTP
 			p.Annotations[selection.SidecarStatusAnnotation] = "{}"
@@ -78,7 +83,7 @@ func TestTrimPodKeepsTheModel(t *testing.T) {
 				t.Fatal("sidecar detection changed by trimming")
 			}
 			if p.ManagedFields != nil || p.Annotations[lastApplied] != "" || p.Spec.Volumes != nil || p.Status.ContainerStatuses != nil ||
-				p.Spec.Containers[0].Image != "" || p.Spec.Containers[0].Env != nil || p.Spec.Containers[0].ReadinessProbe != nil {
+				len(p.Spec.Containers) != 1 || p.Spec.Containers[0].Image != "" || p.Spec.Containers[0].Env != nil || p.Spec.Containers[0].ReadinessProbe != nil || p.Annotations["prometheus.io/scrape"] != "" || len(p.Status.Conditions) != 1 {
 				t.Fatalf("unread fields kept: %+v", p)
 			}
 			if p.UID != tc.pod.UID || p.Spec.NodeName != tc.pod.Spec.NodeName || p.Spec.ServiceAccountName != tc.pod.Spec.ServiceAccountName ||

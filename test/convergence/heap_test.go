@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"runtime"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"testing"
@@ -92,6 +94,9 @@ func TestHeapPerPod(t *testing.T) {
 	if os.Getenv("HEAP_PODS") == "" {
 		t.Skip("HEAP_PODS not set")
 	}
+	if os.Getenv("HEAP_PROFILE") != "" {
+		runtime.MemProfileRate = 1 // every allocation, for an exact profile
+	}
 	pods := envInt("HEAP_PODS", 10000)
 	kind, cacheMode := os.Getenv("HEAP_POD"), os.Getenv("HEAP_CACHE")
 	mk, status := minimalPod, podStatus
@@ -150,5 +155,11 @@ func TestHeapPerPod(t *testing.T) {
 	// The last status updates may still be on their way to the cache.
 	time.Sleep(2 * time.Second)
 	perPod := float64(heap()-base) / float64(pods)
+	if path := os.Getenv("HEAP_PROFILE"); path != "" {
+		f, err := os.Create(path)
+		must(t, err)
+		must(t, pprof.WriteHeapProfile(f))
+		f.Close()
+	}
 	t.Logf("RESULT heap pods=%d pod=%s cache=%s heap/pod=%.0fB (created and modelled in %v)", pods, kind, cacheMode, perPod, time.Since(start).Round(time.Second))
 }
