@@ -550,11 +550,11 @@ func (c *Controller) apply(typeURL string, lc resourceCache, want map[string]pro
 	update := map[string]cachetypes.Resource{}
 	var remove []string
 	for name, msg := range want {
-		if old, ok := cur[name]; ok && proto.Equal(old, msg) {
+		if old, ok := cur[name]; ok && c.same(typeURL, name, old, msg) {
 			continue
 		}
 		update[name] = msg
-		cur[name] = msg
+		cur[name] = c.keep(typeURL, msg)
 	}
 	consider := func(name string) {
 		if _, keep := want[name]; !keep {
@@ -588,12 +588,31 @@ type resourceCache interface {
 	UpdateResources(update map[string]cachetypes.Resource, remove []string) error
 }
 
+// Addresses are the bulk of the model (one per pod): current holds only
+// their names, and the AddressCache their encoding, compared as such.
+func (c *Controller) same(typeURL, name string, old, msg proto.Message) bool {
+	if typeURL == xds.AddressType {
+		return c.Addresses.Holds(name, msg)
+	}
+	return proto.Equal(old, msg)
+}
+
+func (c *Controller) keep(typeURL string, msg proto.Message) proto.Message {
+	if typeURL == xds.AddressType {
+		return nil
+	}
+	return msg
+}
+
 // Snapshot returns the current resources of a type, sorted by name.
 func (c *Controller) Snapshot(typeURL string) []NamedResource {
 	c.curMu.RLock()
 	defer c.curMu.RUnlock()
 	out := make([]NamedResource, 0, len(c.current[typeURL]))
 	for name, msg := range c.current[typeURL] {
+		if typeURL == xds.AddressType {
+			msg = c.Addresses.Message(name)
+		}
 		out = append(out, NamedResource{Name: name, Resource: msg})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })

@@ -1,6 +1,7 @@
 package discovery
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -11,6 +12,7 @@ import (
 	discoverypb "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	cachetypes "github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
 	xds "github.com/ambientmesh/ambient/proxylib/discovery"
@@ -91,11 +93,11 @@ func gatewayRef(g *workloadapi.GatewayAddress) string {
 }
 
 func newEntry(addr *workloadapi.Address, version string) (*addrEntry, error) {
-	body, err := anypb.New(addr)
+	b, err := encode.Marshal(addr)
 	if err != nil {
 		return nil, err
 	}
-	e := &addrEntry{res: body, version: version}
+	e := &addrEntry{res: &anypb.Any{TypeUrl: xds.AddressType, Value: b}, version: version}
 	var gws []*workloadapi.GatewayAddress
 	if w := addr.GetWorkload(); w != nil {
 		for _, b := range w.GetAddresses() {
@@ -125,6 +127,37 @@ func newEntry(addr *workloadapi.Address, version string) (*addrEntry, error) {
 		}
 	}
 	return e, nil
+}
+
+// encode is how resources are stored and compared: deterministic, so
+// equal messages encode equally.
+var encode = proto.MarshalOptions{Deterministic: true}
+
+// Holds reports whether the cache holds msg under name, unchanged.
+func (c *AddressCache) Holds(name string, msg proto.Message) bool {
+	b, err := encode.Marshal(msg)
+	if err != nil {
+		return false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.entries[name]
+	return ok && bytes.Equal(e.res.GetValue(), b)
+}
+
+// Message decodes the resource held under name (nil if none).
+func (c *AddressCache) Message(name string) proto.Message {
+	c.mu.Lock()
+	e, ok := c.entries[name]
+	c.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	var a workloadapi.Address
+	if err := proto.Unmarshal(e.res.GetValue(), &a); err != nil {
+		return nil
+	}
+	return &a
 }
 
 // UpdateResources replaces and removes resources, then answers the open
