@@ -141,6 +141,18 @@ func (r *Router) lookup(ip netip.Addr) error {
 	return nil
 }
 
+// learnSource looks up the workload behind a caller's address so that
+// inbound telemetry names it (as Istio's ztunnel does). Best effort and
+// bounded by a second: identity and policy do not depend on it.
+func (r *Router) learnSource(ip netip.Addr) {
+	if r.Demand == nil || r.State.WorkloadByAddr(ip) != nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	_ = r.Demand(ctx, discovery.AddressAlias("", ip))
+}
+
 func (r *Router) resolveService(src *workloadapi.Workload, svc *workloadapi.Service, dst netip.AddrPort) (Route, error) {
 	if wp := svc.GetWaypoint(); wp != nil && !r.isWaypointOf(src, wp) {
 		rt, err := r.toWaypoint(wp, dst)

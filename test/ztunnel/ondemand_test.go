@@ -47,6 +47,8 @@ func TestOnDemandLookup(t *testing.T) {
 		if node1.WorkloadByUID(httpbin.UID) == nil {
 			t.Fatal("the looked-up workload is not in node1's state")
 		}
+		// node2's ztunnel looked the caller up too: its telemetry names it.
+		m.Logs.WaitFor(t, "inbound{", "peer_id=spiffe://cluster.local/ns/default/sa/sleep}: complete", "src.workload=sleep ")
 	})
 	t.Run("service VIP: endpoints looked up, tunnelled", func(t *testing.T) {
 		meshtest.ExpectOK(t, sleep, vip, "httpbin-2")
