@@ -45,7 +45,7 @@ func typicalPod(i int) *corev1.Pod {
 	p.Labels["version"] = "v1"
 	p.Annotations = map[string]string{
 		"kubectl.kubernetes.io/last-applied-configuration": `{"apiVersion":"apps/v1","kind":"Deployment","metadata":{"name":"bench","namespace":"bench"},"spec":{"template":{"spec":{"containers":[{"name":"app","image":"registry.example/app:1.2.3","ports":[{"containerPort":8080,"name":"http"}]}]}}}}`,
-		"prometheus.io/scrape": "true", "prometheus.io/port": "9090",
+		"prometheus.io/scrape":                             "true", "prometheus.io/port": "9090",
 	}
 	p.OwnerReferences = []metav1.OwnerReference{{APIVersion: "apps/v1", Kind: "ReplicaSet", Name: "bench-7d9f8c6b5", UID: "0b8c1f7e-3f6e-4a55-9f0e-1d2c3b4a5f60", Controller: &isCtrl}}
 	grace := int64(30)
