@@ -95,7 +95,7 @@ $(KWOK): ## kwok (simulated nodes) from the Go module proxy, pinned.
 
 .PHONY: scale
 scale: envtest $(KWOK) ## Control plane against a kwok-simulated cluster with node-scoped xDS clients (SCALE_NODES, SCALE_PODS_PER_NODE; prints RESULT lines).
-	go test -tags scale -count=1 -run TestScaleSmoke -v -timeout 60m ./test/scale/ | grep -E 'RESULT|^(---|ok|FAIL)'
+	KWOK_VERSION=$(KWOK_VERSION) go test -tags scale -count=1 -run TestScaleSmoke -v -timeout 60m ./test/scale/ | grep -E 'RESULT|^(---|ok|FAIL)'
 
 .PHONY: bench-mesh
 bench-mesh: ## fortio through the lab mesh: direct vs ztunnel vs ztunnel+waypoint, same and cross node (bin/bench-mesh/).

@@ -28,6 +28,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -63,6 +64,18 @@ func envInt(name string, def int) int {
 		return v
 	}
 	return def
+}
+
+// kwokModule is kwok's module in the module cache (KWOK_VERSION, as the
+// Makefile pins it).
+func kwokModule(t *testing.T) string {
+	version := os.Getenv("KWOK_VERSION")
+	if version == "" {
+		version = "v0.8.0"
+	}
+	out, err := exec.Command("go", "env", "GOMODCACHE").Output()
+	must(t, err)
+	return filepath.Join(strings.TrimSpace(string(out)), "sigs.k8s.io", "kwok@"+version)
 }
 
 // cluster is the simulated cluster and the control plane under test.
@@ -109,9 +122,15 @@ func startCluster(t *testing.T, ctx context.Context) *cluster {
 	}
 	kcPath := filepath.Join(t.TempDir(), "kwok.kubeconfig")
 	must(t, os.WriteFile(kcPath, kc, 0o600))
-	cmd := exec.CommandContext(ctx, kwok, "--kubeconfig", kcPath, "--manage-all-nodes=false",
-		"--manage-nodes-with-annotation-selector", kwokAnnotation+"=fake", "--cidr", "10.64.0.1/12", "--node-ip", "10.250.0.1",
-		"--server-address", "127.0.0.1:0")
+	args := []string{"--kubeconfig", kcPath, "--manage-all-nodes=false",
+		"--manage-nodes-with-annotation-selector", kwokAnnotation + "=fake", "--cidr", "10.64.0.1/12", "--node-ip", "10.250.0.1",
+		"--server-address", "127.0.0.1:0"}
+	// kwok's "fast" stages (nodes Ready at once, pods Running with an
+	// address), from the module make scale installed kwok from.
+	for _, f := range []string{"node/fast/node-initialize.yaml", "pod/fast/pod-ready.yaml", "pod/fast/pod-complete.yaml", "pod/fast/pod-delete.yaml"} {
+		args = append(args, "--config", filepath.Join(kwokModule(t), "kustomize/stage", f))
+	}
+	cmd := exec.CommandContext(ctx, kwok, args...)
 	logf, err := os.Create(filepath.Join(t.TempDir(), "kwok.log"))
 	must(t, err)
 	cmd.Stdout, cmd.Stderr = logf, logf
