@@ -88,6 +88,15 @@ fuzz: ## Run every fuzz target briefly.
 bench: build ## Benchmarks with same-run baselines (results go to docs/performance.md by hand).
 	@if [ -x hack/bench.sh ]; then hack/bench.sh; else echo "hack/bench.sh not present yet"; fi
 
+KWOK_VERSION ?= v0.8.0
+KWOK := $(BIN)/kwok
+$(KWOK): ## kwok (simulated nodes) from the Go module proxy, pinned.
+	GOBIN=$(BIN) go install sigs.k8s.io/kwok/cmd/kwok@$(KWOK_VERSION)
+
+.PHONY: scale
+scale: envtest $(KWOK) ## Control plane against a kwok-simulated cluster with node-scoped xDS clients (SCALE_NODES, SCALE_PODS_PER_NODE; prints RESULT lines).
+	KWOK_VERSION=$(KWOK_VERSION) go test -tags scale -count=1 -run TestScaleSmoke -v -timeout 60m ./test/scale/ | grep -E 'RESULT|^(---|ok|FAIL)'
+
 .PHONY: bench-mesh
 bench-mesh: ## fortio through the lab mesh: direct vs ztunnel vs ztunnel+waypoint, same and cross node (bin/bench-mesh/).
 	BENCH_MESH=full E2E_RUN='^TestBenchMesh$$' E2E_REQUIRE_MESH=1 test/lab/e2e.sh

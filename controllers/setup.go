@@ -17,15 +17,19 @@ import (
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 	gwv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 
+	"github.com/ambientmesh/ambient/controllers/discovery"
 	"github.com/ambientmesh/ambient/proxylib/kubeevents"
 )
 
 // CacheOptions narrows the manager's informers to what the operator owns
 // where a cluster-wide cache would be large or sensitive: only the mesh's
-// ConfigMaps and cluster RBAC objects are cached.
+// ConfigMaps and cluster RBAC objects are cached. Cached objects lose their
+// managedFields, and pods everything the manager does not read
+// (discovery.TrimPod).
 func CacheOptions() cache.Options {
 	owned := labels.SelectorFromSet(labels.Set{LabelManagedBy: ManagedByValue})
-	return cache.Options{ByObject: map[client.Object]cache.ByObject{
+	return cache.Options{DefaultTransform: cache.TransformStripManagedFields(), ByObject: map[client.Object]cache.ByObject{
+		&corev1.Pod{}:                {Transform: discovery.TrimPod},
 		&corev1.ConfigMap{}:          {Label: owned},
 		&rbacv1.ClusterRole{}:        {Label: owned},
 		&rbacv1.ClusterRoleBinding{}: {Label: owned},

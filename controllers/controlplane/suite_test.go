@@ -33,6 +33,7 @@ import (
 	gwv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+	"github.com/ambientmesh/ambient/controllers"
 	"github.com/ambientmesh/ambient/proxylib/ca"
 	xds "github.com/ambientmesh/ambient/proxylib/discovery"
 )
@@ -134,10 +135,14 @@ func runSuite(m *testing.M) (int, error) {
 		return 0, err
 	}
 
+	// The manager's production cache and client settings (trimmed pods,
+	// no managedFields, Secrets read from the API server).
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme:                 sch,
 		Metrics:                metricsserver.Options{BindAddress: "0"},
 		HealthProbeBindAddress: "0",
+		Cache:                  controllers.CacheOptions(),
+		Client:                 controllers.ClientOptions(),
 	})
 	if err != nil {
 		return 0, err

@@ -96,7 +96,10 @@ type Controller struct {
 	reader client.Reader
 	log    logr.Logger
 
-	Addresses, Authorizations, L7 *cachev3.LinearCache
+	// Addresses scopes what each ztunnel receives (AddressCache);
+	// authorizations and L7 resources go to every subscriber.
+	Addresses          *AddressCache
+	Authorizations, L7 *cachev3.LinearCache
 
 	// optional kinds, watched once their CRDs are installed
 	hasIstio, hasGateway, hasClasses, hasRoutes, hasGrants, hasL4Routes atomic.Bool
@@ -156,7 +159,7 @@ func NewController(reader client.Reader, opts Options) *Controller {
 		opts:           opts,
 		reader:         reader,
 		log:            opts.Log,
-		Addresses:      cachev3.NewLinearCache(xds.AddressType),
+		Addresses:      NewAddressCache(),
 		Authorizations: cachev3.NewLinearCache(xds.AuthorizationType),
 		L7:             cachev3.NewLinearCache(xds.L7ResourceType),
 		dirty:          newDirty(),
@@ -568,17 +571,17 @@ func (c *Controller) flush(ctx context.Context) int {
 
 // apply pushes want for the names in scope (nil scope: every name): names
 // in scope but not in want are deleted; unchanged resources are skipped.
-func (c *Controller) apply(typeURL string, lc *cachev3.LinearCache, want map[string]proto.Message, scope map[string]struct{}) int {
+func (c *Controller) apply(typeURL string, lc resourceCache, want map[string]proto.Message, scope map[string]struct{}) int {
 	c.curMu.Lock()
 	cur := c.current[typeURL]
 	update := map[string]cachetypes.Resource{}
 	var remove []string
 	for name, msg := range want {
-		if old, ok := cur[name]; ok && proto.Equal(old, msg) {
+		if old, ok := cur[name]; ok && c.same(typeURL, name, old, msg) {
 			continue
 		}
 		update[name] = msg
-		cur[name] = msg
+		cur[name] = c.keep(typeURL, msg)
 	}
 	consider := func(name string) {
 		if _, keep := want[name]; !keep {
@@ -607,12 +610,36 @@ func (c *Controller) apply(typeURL string, lc *cachev3.LinearCache, want map[str
 	return len(update) + len(remove)
 }
 
+// resourceCache is where apply pushes: a LinearCache or the AddressCache.
+type resourceCache interface {
+	UpdateResources(update map[string]cachetypes.Resource, remove []string) error
+}
+
+// Addresses are the bulk of the model (one per pod): current holds only
+// their names, and the AddressCache their encoding, compared as such.
+func (c *Controller) same(typeURL, name string, old, msg proto.Message) bool {
+	if typeURL == xds.AddressType {
+		return c.Addresses.Holds(name, msg)
+	}
+	return proto.Equal(old, msg)
+}
+
+func (c *Controller) keep(typeURL string, msg proto.Message) proto.Message {
+	if typeURL == xds.AddressType {
+		return nil
+	}
+	return msg
+}
+
 // Snapshot returns the current resources of a type, sorted by name.
 func (c *Controller) Snapshot(typeURL string) []NamedResource {
 	c.curMu.RLock()
 	defer c.curMu.RUnlock()
 	out := make([]NamedResource, 0, len(c.current[typeURL]))
 	for name, msg := range c.current[typeURL] {
+		if typeURL == xds.AddressType {
+			msg = c.Addresses.Message(name)
+		}
 		out = append(out, NamedResource{Name: name, Resource: msg})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })

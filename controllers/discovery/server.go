@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/ambientmesh/ambient/controllers/proxyauth"
 	xds "github.com/ambientmesh/ambient/proxylib/discovery"
@@ -139,9 +140,32 @@ func (s *Server) callbacks() serverv3.Callbacks {
 				}
 			}
 			s.observeAck(caller, req)
+			req.Node = scopedNode(caller, req.GetNode())
 			return nil
 		},
 	}
+}
+
+// scopedNode is the node the caches see: the client's own id and metadata
+// plus the authenticated role and node, which decide what it receives (a
+// client cannot widen its scope by claiming another node). The xDS server
+// keeps it for the stream's later requests.
+func scopedNode(caller *proxyauth.Caller, n *core.Node) *core.Node {
+	return WithScope(n, caller.Role, caller.NodeName)
+}
+
+// WithScope returns a copy of n that tells the AddressCache the proxy's
+// role and node. The discovery server sets it from the authenticated
+// caller; a test server without authentication may set it from the node's
+// own claims.
+func WithScope(n *core.Node, role, node string) *core.Node {
+	out := &core.Node{Id: n.GetId(), Metadata: &structpb.Struct{Fields: map[string]*structpb.Value{}}}
+	for k, v := range n.GetMetadata().GetFields() {
+		out.Metadata.Fields[k] = v
+	}
+	out.Metadata.Fields[scopeRoleKey] = structpb.NewStringValue(role)
+	out.Metadata.Fields[scopeNodeKey] = structpb.NewStringValue(node)
+	return out
 }
 
 // NeedLeaderElection: every replica serves discovery.

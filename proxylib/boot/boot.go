@@ -59,6 +59,9 @@ type Options struct {
 	// DNS, when set, enables the DNS proxy for pods whose DNS the node
 	// agent captures (ztunnel only; the commands set it).
 	DNS *DNSOptions
+	// FullDiscovery makes a ztunnel subscribe to every address instead of
+	// its node's scope plus on-demand lookups.
+	FullDiscovery bool
 }
 
 // DNSOptions configure ztunnel's DNS proxy.
@@ -82,6 +85,7 @@ func Flags(fs *flag.FlagSet, e *envconfig.Env, defaultPodName string) (*Options,
 	fs.StringVar(&o.Node, "node-name", env("NODE_NAME", ""), "this node's name (env NODE_NAME)")
 	fs.StringVar(&o.PodName, "pod-name", env("POD_NAME", defaultPodName), "env POD_NAME")
 	fs.StringVar(&o.PodNamespace, "pod-namespace", ns, "env POD_NAMESPACE")
+	fs.BoolVar(&o.FullDiscovery, "full-discovery", false, "ztunnel: receive every address instead of the node's scope and on-demand lookups")
 	fs.StringVar(&o.Cluster, "cluster-id", env("CLUSTER_ID", "Kubernetes"), "env CLUSTER_ID")
 	fs.StringVar(&o.XDSAddr, "xds-address", env("XDS_ADDRESS", cp+":15010"), "discovery server (env XDS_ADDRESS)")
 	fs.StringVar(&o.XDSServerName, "xds-server-name", env("XDS_SERVER_NAME", cp), "TLS server name of the discovery server")
@@ -152,6 +156,8 @@ type Mesh struct {
 	Bundle *trustbundle.Bundle
 	Store  *identity.Store
 	State  *discovery.State
+	// Demand looks up addresses on demand (ztunnels; a no-op for others).
+	Demand func(ctx context.Context, names ...string) error
 }
 
 // Connect starts the mesh link for a proxy of role subscribed to types
@@ -182,9 +188,10 @@ func Connect(ctx context.Context, o *Options, log logr.Logger, role string, type
 	state := discovery.NewState(types...)
 	xds := discovery.NewClient(discovery.ClientConfig{Address: o.XDSAddr, Token: token, Log: log.WithName("xds"),
 		TLS: bundle.ClientTLS(o.XDSServerName), TypeURLs: types,
-		Node: discovery.NodeInfo{NodeName: o.Node, PodName: o.PodName, PodNamespace: o.PodNamespace, Role: role}}, state)
+		Node:     discovery.NodeInfo{NodeName: o.Node, PodName: o.PodName, PodNamespace: o.PodNamespace, Role: role},
+		OnDemand: role == discovery.RoleZtunnel && !o.FullDiscovery}, state)
 	go xds.Run(ctx)
-	return &Mesh{Bundle: bundle, Store: store, State: state}, nil
+	return &Mesh{Bundle: bundle, Store: store, State: state, Demand: xds.Demand}, nil
 }
 
 // Start connects to the mesh (CA, trust bundle, discovery as role) and
@@ -197,6 +204,10 @@ func Start(ctx context.Context, o *Options, log logr.Logger, role string, unpriv
 		return nil, err
 	}
 	store, state, bundle := m.Store, m.State, m.Bundle
+	demand := m.Demand
+	if role != discovery.RoleZtunnel || o.FullDiscovery {
+		demand = nil
+	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(RuntimeCollectors()...)
 	tcfg := meshtransport.Config{Protocol: hbone.Protocol(o.Transport), Certs: store, Log: log.WithName("hbone"), Registerer: reg}
@@ -225,7 +236,7 @@ func Start(ctx context.Context, o *Options, log logr.Logger, role string, unpriv
 	}
 	p, err := proxy.New(proxy.Config{Log: log.WithName("proxy"), State: state, Certs: store, Node: o.Node, TrustDomain: o.TrustDomain,
 		Metrics: telemetry.NewMetrics(reg), NewDialer: tr.NewDialer, NewHBONEServer: tr.NewServer, CertsReady: h.ready,
-		Unprivileged: unprivileged, DNS: dns})
+		Unprivileged: unprivileged, DNS: dns, Demand: demand})
 	if err != nil {
 		store.Close()
 		return nil, err

@@ -44,6 +44,9 @@ type ClientConfig struct {
 	// Backoff bounds for reconnects; defaults 100ms and 15s.
 	MinBackoff, MaxBackoff time.Duration
 	Log                    logr.Logger
+	// OnDemand (ztunnels): subscribe to NodeScopeName instead of every
+	// address, and look the rest up with Demand.
+	OnDemand bool
 }
 
 // Client keeps a State in sync with the control plane over delta ADS. It
@@ -55,6 +58,7 @@ type ClientConfig struct {
 type Client struct {
 	cfg   ClientConfig
 	state *State
+	od    onDemand
 }
 
 // NewClient returns a client feeding state. Without cfg.TypeURLs it
@@ -73,7 +77,7 @@ func NewClient(cfg ClientConfig, state *State) *Client {
 	if cfg.MaxBackoff <= 0 {
 		cfg.MaxBackoff = 15 * time.Second
 	}
-	return &Client{cfg: cfg, state: state}
+	return &Client{cfg: cfg, state: state, od: onDemand{names: map[string]*demand{}}}
 }
 
 // State returns the state the client feeds.
@@ -162,6 +166,7 @@ func (c *Client) session(ctx context.Context, conn grpc.ClientConnInterface) (bo
 	if err != nil {
 		return false, err
 	}
+	out := &sender{stream: stream}
 	for i, t := range c.cfg.TypeURLs {
 		req := &xdsapi.DeltaDiscoveryRequest{
 			TypeUrl:                 t,
@@ -171,7 +176,16 @@ func (c *Client) session(ctx context.Context, conn grpc.ClientConnInterface) (bo
 		if i == 0 {
 			req.Node = node
 		}
-		if err := stream.Send(req); err != nil {
+		if t == AddressType && c.cfg.OnDemand {
+			// The names asked for so far; from now on Demand sends its
+			// own requests on this stream.
+			defer c.od.detach(out)
+			if err := c.od.attach(out, req); err != nil {
+				return false, err
+			}
+			continue
+		}
+		if err := out.send(req); err != nil {
 			return false, err
 		}
 	}
@@ -186,8 +200,10 @@ func (c *Client) session(ctx context.Context, conn grpc.ClientConnInterface) (bo
 		if err := c.apply(resp); err != nil {
 			c.cfg.Log.Error(err, "rejecting discovery response", "type", resp.TypeUrl, "nonce", resp.Nonce)
 			ack.ErrorDetail = &xdsapi.Status{Code: int32(codes.InvalidArgument), Message: err.Error()}
+		} else if resp.TypeUrl == AddressType {
+			c.od.answered(resp)
 		}
-		if err := stream.Send(ack); err != nil {
+		if err := out.send(ack); err != nil {
 			return got, err
 		}
 	}

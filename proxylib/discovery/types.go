@@ -13,7 +13,10 @@
 //	L7Resource     <group>/<kind>/<namespace>/<name>
 package discovery
 
-import "strings"
+import (
+	"net/netip"
+	"strings"
+)
 
 // Type URLs of the resources the control plane serves.
 const (
@@ -37,6 +40,16 @@ const (
 	MetaPodNamespace = "POD_NAMESPACE"
 	MetaRole         = "ROLE"
 )
+
+// NodeScopeName is the Address resource name a ztunnel subscribes to
+// instead of the wildcard to receive only what its node needs: every
+// service, the workloads on its node and the workloads of waypoints. It
+// looks up other workloads on demand, subscribing to "<network>/<ip>"
+// (AddressAlias) or to a service key (which brings its endpoints).
+const NodeScopeName = "ambient.mesh/node-scope"
+
+// AddressAlias is the on-demand name of ip on network, as Istio spells it.
+func AddressAlias(network string, ip netip.Addr) string { return network + "/" + ip.Unmap().String() }
 
 // TokenAudience is the audience of the projected service-account token proxies
 // present to the discovery and CA servers.

@@ -23,6 +23,7 @@ func (p *Proxy) serveHBONE(ctx context.Context, pd *pod, req *hbone.Request, res
 	s := p.newSession(fmt.Sprintf("inbound{id=%d peer_ip=%s peer_id=%s}", p.nextID(), req.PeerAddr.Addr(), peer), net.TCPAddrFromAddrPort(req.PeerAddr))
 	s.dst = req.Target
 	s.info("got CONNECT request to %s", req.Target)
+	p.router.learnSource(req.PeerAddr.Addr())
 	s.labels = telemetry.Labels{Reporter: telemetry.ReporterDestination, Source: telemetry.PeerOf(p.cfg.State.WorkloadByAddr(req.PeerAddr.Addr()), &peer),
 		Destination: telemetry.PeerOf(nil, nil), Service: telemetry.ServiceOf(nil), SecurityPolicy: telemetry.MutualTLS}
 	received, sent, err := p.inboundHBONE(ctx, s, pd, req, resp)
@@ -111,6 +112,7 @@ func (p *Proxy) servePlaintextInbound(pd *pod, down net.Conn) {
 	src := addrPortOf(down.RemoteAddr())
 	s := p.newSession(fmt.Sprintf("inbound{id=%d peer_ip=%s peer_id=none}", p.nextID(), src.Addr()), down.RemoteAddr())
 	s.attach(down)
+	p.router.learnSource(src.Addr())
 	s.labels = telemetry.Labels{Reporter: telemetry.ReporterDestination, Source: telemetry.PeerOf(p.cfg.State.WorkloadByAddr(src.Addr()), nil),
 		Destination: telemetry.PeerOf(nil, nil), Service: telemetry.ServiceOf(nil), SecurityPolicy: telemetry.Unknown}
 	received, sent, err := p.plaintextInbound(s, pd, down, src)

@@ -65,6 +65,9 @@ type Config struct {
 	// NewDialer returns an HBONE dialer whose sockets are opened in ns (the
 	// pod's namespace, so the source address is the pod's) with the mark.
 	NewDialer func(ns *os.File) (hbone.Dialer, error)
+	// Demand looks up addresses State does not hold (Router.Demand); nil
+	// when the control plane pushes every address.
+	Demand func(ctx context.Context, names ...string) error
 	// NewHBONEServer listens on host:15008 inside ns and returns a server
 	// presenting local's certificate.
 	NewHBONEServer func(ns *os.File, host string, local identity.Identity, h hbone.Handler) (HBONEServer, error)
@@ -140,7 +143,7 @@ func New(cfg Config) (*Proxy, error) {
 	p := &Proxy{
 		cfg:     cfg,
 		log:     cfg.Log,
-		router:  &Router{State: cfg.State, Node: cfg.Node, TrustDomain: cfg.TrustDomain, LookupHost: cfg.LookupHost},
+		router:  &Router{State: cfg.State, Node: cfg.Node, TrustDomain: cfg.TrustDomain, LookupHost: cfg.LookupHost, Demand: cfg.Demand},
 		tracker: NewTracker(),
 		pods:    map[string]*pod{},
 	}

@@ -65,6 +65,15 @@ type Router struct {
 	// system resolver of the proxy's own network namespace.
 	LookupHost func(ctx context.Context, host string) ([]netip.Addr, error)
 
+	// Demand, when set (a node-scoped ztunnel: discovery.Client.Demand),
+	// looks up addresses and service endpoints the control plane has not
+	// pushed; the connection waits for the answer. Nil: every address is
+	// known already.
+	Demand func(ctx context.Context, names ...string) error
+	// DemandTimeout bounds that wait (default 5s); a lookup that does not
+	// finish refuses the connection.
+	DemandTimeout time.Duration
+
 	rr sync.Map // service key -> *atomic.Uint64 round robin cursor
 }
 
@@ -128,10 +137,55 @@ func WorkloadAddr(w *workloadapi.Workload) (netip.Addr, bool) {
 // hair-pin from inbound, where the caller is not a local client).
 func (r *Router) Resolve(src *workloadapi.Workload, dst netip.AddrPort) (Route, error) {
 	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	if err := r.lookup(dst.Addr()); err != nil {
+		return Route{}, err
+	}
 	if svc := r.State.ServiceByVIP(dst.Addr()); svc != nil {
 		return r.resolveService(src, svc, dst)
 	}
 	return r.resolveAddr(src, dst)
+}
+
+// lookup asks the control plane about ip when this proxy may not hold what
+// routing it needs: an address it has never seen, or a service whose
+// endpoints it has not asked for. An address the control plane does not
+// know is outside the mesh (passthrough, as before); a lookup that fails
+// refuses the connection rather than guess.
+func (r *Router) lookup(ip netip.Addr) error {
+	if r.Demand == nil {
+		return nil
+	}
+	var name string
+	switch svc := r.State.ServiceByVIP(ip); {
+	case svc != nil:
+		name = discovery.ServiceKey(svc.GetNamespace(), svc.GetHostname())
+	case r.State.WorkloadByAddr(ip) != nil:
+		return nil
+	default:
+		name = discovery.AddressAlias("", ip)
+	}
+	timeout := r.DemandTimeout
+	if timeout <= 0 {
+		timeout = 5 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	if err := r.Demand(ctx, name); err != nil {
+		return proxyerr.Wrap(proxyerr.DiscoveryLookupFailed, err, "looking up %s", name)
+	}
+	return nil
+}
+
+// learnSource looks up the workload behind a caller's address so that
+// inbound telemetry names it (as Istio's ztunnel does). Best effort and
+// bounded by a second: identity and policy do not depend on it.
+func (r *Router) learnSource(ip netip.Addr) {
+	if r.Demand == nil || r.State.WorkloadByAddr(ip) != nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	_ = r.Demand(ctx, discovery.AddressAlias("", ip))
 }
 
 func (r *Router) resolveService(src *workloadapi.Workload, svc *workloadapi.Service, dst netip.AddrPort) (Route, error) {

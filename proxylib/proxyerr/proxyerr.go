@@ -32,8 +32,11 @@ const (
 	WaypointRequired   Reason = "waypoint_required"    // destination only takes traffic from its waypoint
 	WaypointUnresolved Reason = "waypoint_unresolved"  // waypoint address cannot be resolved
 	OriginalDstMissing Reason = "original_dst_missing" // SO_ORIGINAL_DST failed
-	SelfTarget         Reason = "self_target"          // connection to ztunnel's own port
-	EndpointUnresolved Reason = "endpoint_unresolved"  // endpoint known by hostname did not resolve
+	// DiscoveryLookupFailed: the control plane did not answer an on-demand
+	// address lookup in time.
+	DiscoveryLookupFailed Reason = "discovery_lookup_failed"
+	SelfTarget            Reason = "self_target"         // connection to ztunnel's own port
+	EndpointUnresolved    Reason = "endpoint_unresolved" // endpoint known by hostname did not resolve
 
 	// Transport.
 	UpstreamConnectFailed Reason = "upstream_connect_failed"

@@ -256,6 +256,29 @@ func heap() uint64 {
 
 // createPods creates n pods with IPs, not Ready, 32 at a time.
 func createPods(t *testing.T, ctx context.Context, k8s client.Client, n int) {
+	createPodsFrom(t, ctx, k8s, n, minimalPod, podStatus)
+}
+
+// minimalPod is pod i of the benchmark: a name, two labels, one container.
+func minimalPod(i int) *corev1.Pod {
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("pod-%d", i), Namespace: "bench",
+			Labels: map[string]string{"app": "bench", "shard": strconv.Itoa(i % 4)}},
+		Spec: corev1.PodSpec{NodeName: fmt.Sprintf("node-%d", i%4), Containers: []corev1.Container{{Name: "app", Image: "app"}}},
+	}
+}
+
+// podStatus is pod i's status as a kubelet reports it: running, an IP,
+// not Ready.
+func podStatus(i int) corev1.PodStatus {
+	ip := fmt.Sprintf("10.%d.%d.%d", 100+i/65536, (i/256)%256, i%256)
+	return corev1.PodStatus{Phase: corev1.PodRunning, PodIP: ip, PodIPs: []corev1.PodIP{{IP: ip}},
+		Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionFalse}}}
+}
+
+// createPodsFrom creates n pods made by mk and sets their status, 32 at a
+// time.
+func createPodsFrom(t *testing.T, ctx context.Context, k8s client.Client, n int, mk func(int) *corev1.Pod, status func(int) corev1.PodStatus) {
 	t.Helper()
 	work := make(chan int)
 	var wg sync.WaitGroup
@@ -265,18 +288,12 @@ func createPods(t *testing.T, ctx context.Context, k8s client.Client, n int) {
 		go func() {
 			defer wg.Done()
 			for i := range work {
-				pod := &corev1.Pod{
-					ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("pod-%d", i), Namespace: "bench",
-						Labels: map[string]string{"app": "bench", "shard": strconv.Itoa(i % 4)}},
-					Spec: corev1.PodSpec{NodeName: fmt.Sprintf("node-%d", i%4), Containers: []corev1.Container{{Name: "app", Image: "app"}}},
-				}
+				pod := mk(i)
 				if err := k8s.Create(ctx, pod); err != nil {
 					failed.Store(err)
 					continue
 				}
-				ip := fmt.Sprintf("10.%d.%d.%d", 100+i/65536, (i/256)%256, i%256)
-				pod.Status = corev1.PodStatus{Phase: corev1.PodRunning, PodIP: ip, PodIPs: []corev1.PodIP{{IP: ip}},
-					Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionFalse}}}
+				pod.Status = status(i)
 				if err := k8s.Status().Update(ctx, pod); err != nil {
 					failed.Store(err)
 				}

@@ -1,7 +1,9 @@
 package meshtest
 
 import (
+	"context"
 	"fmt"
+	"net/netip"
 	"strings"
 	"sync"
 	"testing"
@@ -26,6 +28,10 @@ type ControlPlane struct {
 	ver    int
 	// current resources by type URL and name
 	current map[string]map[string]discovery.Resource
+	// scoped: the node-scoped States (NewScopedState) and what they hold.
+	scoped map[*discovery.State]*scopedState
+	// Unanswered: address lookups the control plane never answers.
+	Unanswered map[string]bool
 }
 
 // NewState registers a State subscribed to types, by default the address
@@ -72,7 +78,12 @@ func (cp *ControlPlane) Push(typeURL string, name string, m proto.Message) {
 		cp.current[typeURL] = map[string]discovery.Resource{}
 	}
 	cp.current[typeURL][name] = r
-	states := append([]*discovery.State(nil), cp.states...)
+	var states []*discovery.State
+	for _, s := range cp.states {
+		if sc := cp.scoped[s]; sc == nil || sc.delivers(typeURL, name, m) {
+			states = append(states, s)
+		}
+	}
 	cp.mu.Unlock()
 	for _, s := range states {
 		if err := s.Apply(typeURL, []discovery.Resource{r}, nil); err != nil {
@@ -141,4 +152,110 @@ func (cp *ControlPlane) L7(y string) {
 	group, _, _ := strings.Cut(obj.APIVersion, "/")
 	res := &meshapi.L7Resource{Group: group, Kind: obj.Kind, Namespace: ns, Name: obj.Metadata.Name, Json: js}
 	cp.Push(discovery.L7ResourceType, discovery.L7Key(group, obj.Kind, ns, obj.Metadata.Name), res)
+}
+
+// scopedState is a node-scoped ztunnel's State (WithOnDemand): it receives
+// services, its node's workloads and what it asked for, as the real control
+// plane's AddressCache serves a ztunnel subscribed to the node scope.
+type scopedState struct {
+	node  string
+	asked map[string]bool // resource names it was given
+}
+
+// NewScopedState registers a node-scoped State for node and returns it with
+// its Demand function (proxy.Config.Demand). Addresses in unanswered are
+// never answered (the lookup times out).
+func (cp *ControlPlane) NewScopedState(node string) (*discovery.State, func(ctx context.Context, names ...string) error) {
+	s := discovery.NewState(discovery.AddressType, discovery.AuthorizationType)
+	sc := &scopedState{node: node, asked: map[string]bool{}}
+	cp.mu.Lock()
+	if cp.scoped == nil {
+		cp.scoped = map[*discovery.State]*scopedState{}
+	}
+	cp.scoped[s] = sc
+	cp.states = append(cp.states, s)
+	cp.mu.Unlock()
+	demand := func(ctx context.Context, names ...string) error {
+		cp.mu.Lock()
+		var rs []discovery.Resource
+		for _, n := range names {
+			if cp.Unanswered[n] {
+				cp.mu.Unlock()
+				<-ctx.Done()
+				return ctx.Err()
+			}
+			for name, r := range cp.current[discovery.AddressType] {
+				if cp.answers(name, r, n) && !sc.asked[name] {
+					sc.asked[name] = true
+					rs = append(rs, r)
+				}
+			}
+		}
+		cp.mu.Unlock()
+		if len(rs) == 0 {
+			return nil // not in the mesh
+		}
+		return s.Apply(discovery.AddressType, rs, nil)
+	}
+	return s, demand
+}
+
+// answers reports whether resource name (r) answers the lookup of n: it is
+// n, owns address alias n, or is an endpoint of service n or of the service
+// owning alias n.
+func (cp *ControlPlane) answers(name string, r discovery.Resource, n string) bool {
+	if name == n {
+		return true
+	}
+	var a workloadapi.Address
+	if err := r.Body.UnmarshalTo(&a); err != nil {
+		return false
+	}
+	owns := func(addrs [][]byte) bool {
+		for _, b := range addrs {
+			if ip, ok := netip.AddrFromSlice(b); ok && discovery.AddressAlias("", ip) == n {
+				return true
+			}
+		}
+		return false
+	}
+	if svc := a.GetService(); svc != nil {
+		var vips [][]byte
+		for _, v := range svc.Addresses {
+			vips = append(vips, v.Address)
+		}
+		return owns(vips)
+	}
+	w := a.GetWorkload()
+	if owns(w.GetAddresses()) {
+		return true
+	}
+	for key := range w.GetServices() {
+		if key == n || cp.serviceOwns(key, n) {
+			return true
+		}
+	}
+	return false
+}
+
+func (cp *ControlPlane) serviceOwns(key, alias string) bool {
+	r, ok := cp.current[discovery.AddressType][key]
+	return ok && key != alias && cp.answers(key, r, alias)
+}
+
+// delivers reports whether a scoped State receives resource name.
+func (sc *scopedState) delivers(typeURL, name string, m proto.Message) bool {
+	if typeURL != discovery.AddressType || sc.asked[name] {
+		return true
+	}
+	a, ok := m.(*workloadapi.Address)
+	if !ok {
+		return false
+	}
+	for key := range a.GetWorkload().GetServices() {
+		if sc.asked[key] {
+			return true // an endpoint of a service it asked for
+		}
+	}
+	return a.GetService() != nil || a.GetWorkload().GetNode() == sc.node
 }

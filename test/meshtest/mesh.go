@@ -72,6 +72,7 @@ type Mesh struct {
 	serviceAccounts []string
 	logTransport    bool
 	dns             bool
+	onDemand        bool
 }
 
 // Node is a node namespace and its ztunnel.
@@ -104,6 +105,12 @@ func WithDNS() Option {
 	}
 }
 
+// WithOnDemand makes every ztunnel node-scoped: its State holds services,
+// its node's workloads and what it looked up (ControlPlane.NewScopedState).
+func WithOnDemand() Option {
+	return func(m *Mesh) { m.onDemand = true }
+}
+
 // WithTransportLog makes each ztunnel's HBONE transport log to its node's
 // logger at V(2) (so only its errors show) instead of discarding its logs.
 func WithTransportLog() Option {
@@ -128,7 +135,13 @@ func New(t testing.TB, nodes int, opts ...Option) *Mesh {
 // AddNode adds a node namespace running a ztunnel that holds certificates
 // for the mesh's service accounts.
 func (m *Mesh) AddNode(name string) *Node {
-	n := &Node{Node: m.Cluster.AddNode(name), NodeName: name, State: m.CP.NewState(), Metrics: prometheus.NewRegistry()}
+	n := &Node{Node: m.Cluster.AddNode(name), NodeName: name, Metrics: prometheus.NewRegistry()}
+	var demand func(ctx context.Context, names ...string) error
+	if m.onDemand {
+		n.State, demand = m.CP.NewScopedState(name)
+	} else {
+		n.State = m.CP.NewState()
+	}
 	certs := identity.NewStaticSource(m.CA.TrustDomain, m.CA.Roots())
 	for _, sa := range m.serviceAccounts {
 		id := m.CA.ID(Namespace, sa)
@@ -149,7 +162,7 @@ func (m *Mesh) AddNode(name string) *Node {
 	}
 	p, err := proxy.New(proxy.Config{Log: log, State: n.State, Certs: certs, Node: name,
 		Metrics: telemetry.NewMetrics(n.Metrics), NewDialer: f.NewDialer, NewHBONEServer: f.NewServer,
-		ConnectTimeout: 3 * time.Second, DNS: n.DNS})
+		ConnectTimeout: 3 * time.Second, DNS: n.DNS, Demand: demand})
 	if err != nil {
 		m.T.Fatal(err)
 	}

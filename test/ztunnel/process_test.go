@@ -18,7 +18,9 @@ import (
 	"testing"
 	"time"
 
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoverypb "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	cachetypes "github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"google.golang.org/grpc"
@@ -28,6 +30,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	discoverycontroller "github.com/ambientmesh/ambient/controllers/discovery"
 	"github.com/ambientmesh/ambient/proxylib/ca"
 	"github.com/ambientmesh/ambient/proxylib/caclient/capb"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
@@ -74,13 +77,16 @@ func ztunnelBinary(t *testing.T) string {
 }
 
 // xdsControlPlane is the test control plane for real ztunnel processes: a
-// go-control-plane delta ADS server (linear caches of hand-built
-// resources) and an Istio-shaped CA backed by a real proxylib/ca Authority,
+// go-control-plane delta ADS server of hand-built resources (addresses in
+// the control plane's own AddressCache, which scopes each ztunnel to its
+// node, here trusting the node the ztunnel names, as the test server does
+// not authenticate; authorizations in a linear cache) and an Istio-shaped CA backed by a real proxylib/ca Authority,
 // both over TLS with a server certificate from the mesh CA.
 type xdsControlPlane struct {
 	t      *testing.T
 	ca     *hbonetest.CA
 	caches map[string]*cachev3.LinearCache
+	addrs  *discoverycontroller.AddressCache
 	srv    *grpc.Server
 	served map[string]bool // node namespaces already listening
 	tls    *tls.Config
@@ -90,8 +96,7 @@ type xdsControlPlane struct {
 }
 
 func newXDSControlPlane(t *testing.T, m *hbonetest.CA) *xdsControlPlane {
-	cp := &xdsControlPlane{t: t, ca: m, caches: map[string]*cachev3.LinearCache{
-		discovery.AddressType:       cachev3.NewLinearCache(discovery.AddressType),
+	cp := &xdsControlPlane{t: t, ca: m, addrs: discoverycontroller.NewAddressCache(), caches: map[string]*cachev3.LinearCache{
 		discovery.AuthorizationType: cachev3.NewLinearCache(discovery.AuthorizationType),
 	}}
 	serverCert := m.IssueCert(t, hbonetest.CertOptions{DNSNames: []string{"ambient-controlplane.ambient-system.svc"}, NotAfter: time.Now().Add(time.Hour)})
@@ -108,8 +113,19 @@ func newXDSControlPlane(t *testing.T, m *hbonetest.CA) *xdsControlPlane {
 	for typ, c := range cp.caches {
 		mux.Caches[typ] = c
 	}
+	mux.Caches[discovery.AddressType] = cp.addrs
+	var nodes sync.Map // stream id -> scoped node
+	scope := serverv3.CallbackFuncs{StreamDeltaRequestFunc: func(id int64, req *discoverypb.DeltaDiscoveryRequest) error {
+		if md := req.GetNode().GetMetadata().GetFields(); md != nil {
+			nodes.Store(id, discoverycontroller.WithScope(req.GetNode(), md[discovery.MetaRole].GetStringValue(), md[discovery.MetaNodeName].GetStringValue()))
+		}
+		if n, ok := nodes.Load(id); ok {
+			req.Node = n.(*core.Node)
+		}
+		return nil
+	}}
 	cp.srv = grpc.NewServer(grpc.Creds(credentials.NewTLS(cp.tls)))
-	discoverypb.RegisterAggregatedDiscoveryServiceServer(cp.srv, serverv3.NewServer(context.Background(), mux, nil))
+	discoverypb.RegisterAggregatedDiscoveryServiceServer(cp.srv, serverv3.NewServer(context.Background(), mux, scope))
 	capb.RegisterIstioCertificateServiceServer(cp.srv, &testCAService{cp: cp})
 	t.Cleanup(cp.srv.Stop)
 	return cp
@@ -142,12 +158,24 @@ func (cp *xdsControlPlane) serveIn(ns *os.File) {
 }
 
 func (cp *xdsControlPlane) set(typeURL, name string, m proto.Message) {
+	if typeURL == discovery.AddressType {
+		if err := cp.addrs.UpdateResources(map[string]cachetypes.Resource{name: m}, nil); err != nil {
+			cp.t.Fatal(err)
+		}
+		return
+	}
 	if err := cp.caches[typeURL].UpdateResource(name, m); err != nil {
 		cp.t.Fatal(err)
 	}
 }
 
 func (cp *xdsControlPlane) del(typeURL, name string) {
+	if typeURL == discovery.AddressType {
+		if err := cp.addrs.UpdateResources(nil, []string{name}); err != nil {
+			cp.t.Fatal(err)
+		}
+		return
+	}
 	if err := cp.caches[typeURL].DeleteResource(name); err != nil {
 		cp.t.Fatal(err)
 	}

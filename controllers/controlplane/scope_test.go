@@ -1,0 +1,120 @@
+package controlplane
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	xds "github.com/ambientmesh/ambient/proxylib/discovery"
+)
+
+// startOnDemandClient runs a node-scoped ztunnel client (as cmd/ztunnel
+// does) that claims claimedNode in its node metadata.
+func startOnDemandClient(t *testing.T, tok, pod, claimedNode string) (*xds.Client, *xds.State) {
+	t.Helper()
+	state := xds.NewState(xds.AddressType, xds.AuthorizationType)
+	c := xds.NewClient(xds.ClientConfig{
+		Address: s.xdsAddr, TLS: s.clientTLS(), Token: func() (string, error) { return tok, nil },
+		Node:     xds.NodeInfo{NodeName: claimedNode, PodName: pod, PodNamespace: meshNS, Role: xds.RoleZtunnel},
+		OnDemand: true, MinBackoff: 50 * time.Millisecond, MaxBackoff: 500 * time.Millisecond, Log: s.log,
+	}, state)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { _ = c.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return c, state
+}
+
+func demand(t *testing.T, c *xds.Client, names ...string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := c.Demand(ctx, names...); err != nil {
+		t.Fatalf("demand %v: %v", names, err)
+	}
+}
+
+// TestZtunnelScope: a node-scoped ztunnel holds every service and the
+// workloads of its own node (the node of its authenticated pod, not the one
+// it claims), not those of other nodes until it asks for them; an address
+// the mesh does not know is answered as absent; what it asked for stays
+// current. A wildcard client on the same server still receives everything.
+func TestZtunnelScope(t *testing.T) {
+	ctx := context.Background()
+	zt := ztunnel(t, "zt-scope", "node-a", "10.200.0.30")
+	// The client claims node-b: the server must scope it to node-a.
+	c, state := startOnDemandClient(t, token(t, zt, xds.TokenAudience), zt.Name, "node-b")
+	ztFull := ztunnel(t, "zt-scope-full", "node-b", "10.200.0.31")
+	full := startClient(t, token(t, ztFull, xds.TokenAudience), ztFull.Name, xds.RoleZtunnel)
+	eventually(t, "ready", func() bool { return state.Ready() && full.Ready() })
+
+	ensureNamespace(t, "scope", map[string]string{ambientLabel: "ambient"})
+	web := map[string]string{"app": "web"}
+	createPod(t, podSpec{ns: "scope", name: "local-web", node: "node-a", ip: "10.30.0.1", labels: web})
+	createPod(t, podSpec{ns: "scope", name: "remote-web", node: "node-b", ip: "10.30.0.2", labels: web})
+	remote := createPod(t, podSpec{ns: "scope", name: "remote-other", node: "node-b", ip: "10.30.0.3"})
+	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "scope"}, Spec: corev1.ServiceSpec{
+		Selector: web, Ports: []corev1.ServicePort{{Port: 80}}}}
+	if err := s.k8s.Create(ctx, svc); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), svc) })
+	const key = "scope/web.scope.svc.cluster.local"
+
+	eventually(t, "full client has every workload", func() bool {
+		return full.WorkloadByUID(uid("scope", "remote-web")) != nil && full.WorkloadByUID(uid("scope", "remote-other")) != nil &&
+			len(full.Endpoints(key)) == 2
+	})
+	eventually(t, "scoped client has the service and its node's workload", func() bool {
+		return state.ServiceByKey(key) != nil && state.WorkloadByUID(uid("scope", "local-web")) != nil
+	})
+	// A pod created after the others on node-a arrives after them: once it
+	// is there, anything of node-b that was to come has come.
+	createPod(t, podSpec{ns: "scope", name: "local-marker", node: "node-a", ip: "10.30.0.9"})
+	eventually(t, "marker", func() bool { return state.WorkloadByUID(uid("scope", "local-marker")) != nil })
+	for _, name := range []string{"remote-web", "remote-other"} {
+		if state.WorkloadByUID(uid("scope", name)) != nil {
+			t.Fatalf("node-a's ztunnel received %s of node-b before asking", name)
+		}
+	}
+	if state.WorkloadByUID(uid(meshNS, "zt-scope-full")) != nil {
+		t.Fatal("node-a's ztunnel received node-b's ztunnel pod")
+	}
+
+	// Asking for the service brings its endpoints; asking for an address
+	// brings the workload that owns it.
+	demand(t, c, key)
+	if n := len(state.Endpoints(key)); n != 2 {
+		t.Fatalf("after asking for %s: %d endpoints, want 2", key, n)
+	}
+	demand(t, c, xds.AddressAlias("", ip("10.30.0.3")))
+	if w := state.WorkloadByAddr(ip("10.30.0.3")); w == nil || w.Name != "remote-other" {
+		t.Fatalf("after asking for 10.30.0.3: %v", w)
+	}
+	// An address nobody owns is answered (not found) and stays unknown.
+	unknown := xds.AddressAlias("", ip("10.30.9.9"))
+	demand(t, c, unknown)
+	if state.WorkloadByAddr(ip("10.30.9.9")) != nil || state.ServiceByVIP(ip("10.30.9.9")) != nil {
+		t.Fatal("unknown address resolved to something")
+	}
+	// The subscription stays: a pod that takes that address later arrives.
+	createPod(t, podSpec{ns: "scope", name: "late", node: "node-b", ip: "10.30.9.9"})
+	eventually(t, "late owner of the asked-for address", func() bool { return state.WorkloadByAddr(ip("10.30.9.9")) != nil })
+	// A new endpoint of the asked-for service on another node arrives too.
+	createPod(t, podSpec{ns: "scope", name: "remote-web-2", node: "node-b", ip: "10.30.0.4", labels: web})
+	eventually(t, "new remote endpoint", func() bool { return len(state.Endpoints(key)) == 3 })
+	// Changes and removals of what it holds reach it.
+	setPodStatus(t, remote, "10.30.0.5", true)
+	eventually(t, "address change of asked-for workload", func() bool {
+		w := state.WorkloadByUID(uid("scope", "remote-other"))
+		return w != nil && state.WorkloadByAddr(ip("10.30.0.5")) == w
+	})
+	if err := s.k8s.Delete(ctx, remote, client.GracePeriodSeconds(0)); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "removal", func() bool { return state.WorkloadByUID(uid("scope", "remote-other")) == nil })
+}
