@@ -59,7 +59,10 @@ func startZtunnel(t *testing.T, cp *proctest.ControlPlane, pod *netns.Pod, sock,
 	z := &ztunnel{ns: ns, out: proctest.NewLogBuffer(t, pod.Name), exited: make(chan error, 1)}
 	z.cmd = exec.Command("ip", "netns", "exec", pod.Name, os.Args[0],
 		"-node-name", node, "-pod-name", pod.Name, "-xds-address", "127.0.0.1:15010", "-ca-address", "127.0.0.1:15012",
-		"-token-path", token, "-root-cert", cp.Roots, "-zds-socket", sock, "-transport", transport, "-drain-grace", grace.String())
+		"-token-path", token, "-root-cert", cp.Roots, "-zds-socket", sock, "-transport", transport, "-drain-grace", grace.String(),
+		// proctest's control plane is a plain snapshot server: it serves
+		// every address, not the node scope of the manager's AddressCache.
+		"-full-discovery")
 	z.cmd.Env = append(os.Environ(), runMainEnv+"=1")
 	z.cmd.Stdout, z.cmd.Stderr = z.out, z.out
 	if err := z.cmd.Start(); err != nil {
