@@ -87,6 +87,12 @@ func originalProbe(c *corev1.Container, p *corev1.Probe) (*appprobe.Prober, erro
 	if port == proxyMetricsPort || port == proxyReadinessPort {
 		return nil, nil
 	}
+	// A probe aimed at another host stays with the kubelet, as without a
+	// sidecar: the sidecar probes its own pod only, never a plaintext path
+	// out of the pod past the mesh.
+	if (out.HTTPGet != nil && out.HTTPGet.Host != "") || (out.TCPSocket != nil && out.TCPSocket.Host != "") {
+		return nil, nil
+	}
 	return out, nil
 }
 

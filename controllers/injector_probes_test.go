@@ -42,6 +42,16 @@ func statusProbe(c, kind string) *corev1.HTTPGetAction {
 // hands the originals to the sidecar; exec probes, probes of the sidecar's
 // own ports and opted-out pods keep theirs; an unknown named port refuses
 // the pod.
+func otherHost(p *corev1.Probe) *corev1.Probe {
+	p.HTTPGet.Host = "db.example.com"
+	return p
+}
+
+func otherHostTCP(p *corev1.Probe) *corev1.Probe {
+	p.TCPSocket.Host = "10.9.9.9"
+	return p
+}
+
 func TestSidecarProbeRewrite(t *testing.T) {
 	injectionNamespace(t, "inj-probes", map[string]string{InjectionNamespaceLabel: "enabled"})
 	newMesh(t, "probes", "probes-mesh", nil)
@@ -76,6 +86,9 @@ func TestSidecarProbeRewrite(t *testing.T) {
 					Headers: []appprobe.Header{{Name: "X-Probe", Value: "1"}}}, TimeoutSeconds: 4},
 				"/app-health/app/readyz": {TCPSocket: &appprobe.TCPSocket{Port: 8080}, TimeoutSeconds: 1},
 			}, rewritten: []string{"app/livez", "app/readyz"}},
+		{name: "probes of another host stay with the kubelet", containers: []corev1.Container{app(otherHost(httpProbe(intstr.FromInt32(8080))), tcpProbe(intstr.FromInt32(8080)), otherHostTCP(tcpProbe(intstr.FromInt32(8080))))},
+			want:      appprobe.Probers{"/app-health/app/readyz": {TCPSocket: &appprobe.TCPSocket{Port: 8080}, TimeoutSeconds: 1}},
+			rewritten: []string{"app/readyz"}},
 		{name: "exec untouched", containers: []corev1.Container{app(execProbe(), tcpProbe(intstr.FromInt32(8080)), execProbe())},
 			want:      appprobe.Probers{"/app-health/app/readyz": {TCPSocket: &appprobe.TCPSocket{Port: 8080}, TimeoutSeconds: 1}},
 			rewritten: []string{"app/readyz"}},

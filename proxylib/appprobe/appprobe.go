@@ -168,6 +168,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case err != nil:
 		http.Error(w, "probe failed: "+err.Error(), http.StatusInternalServerError)
+	case code >= 300 && code < 400:
+		// A pass for the kubelet; passed on, it would follow the Location
+		// to the app's port in plaintext, which STRICT refuses.
+		w.WriteHeader(http.StatusOK)
 	case code != 0:
 		// The app's own status: the kubelet applies its 200-399 rule.
 		w.WriteHeader(code)

@@ -72,7 +72,7 @@ func TestHandler(t *testing.T) {
 		{"http ok", &Prober{HTTPGet: &HTTPGet{Path: "/ok", Port: pp}}, 200},
 		{"http path without slash", &Prober{HTTPGet: &HTTPGet{Path: "ok", Port: pp}}, 200},
 		{"http app status kept", &Prober{HTTPGet: &HTTPGet{Path: "/fail", Port: pp}}, 503},
-		{"http redirect not followed", &Prober{HTTPGet: &HTTPGet{Path: "/redirect", Port: pp}}, 302},
+		{"http redirect not followed, a pass for the kubelet", &Prober{HTTPGet: &HTTPGet{Path: "/redirect", Port: pp}}, 200},
 		{"http headers and Host", &Prober{HTTPGet: &HTTPGet{Path: "/headers", Port: pp,
 			Headers: []Header{{"X-Probe", "yes"}, {"Host", "app.example"}}}}, 200},
 		{"http headers missing", &Prober{HTTPGet: &HTTPGet{Path: "/headers", Port: pp}}, 400},
