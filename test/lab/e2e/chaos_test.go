@@ -317,7 +317,7 @@ func writeChaosReport(t *testing.T, full bool, b chaosBudget, rs []chaosResult) 
 	}
 	loadavg, _ := os.ReadFile("/proc/loadavg")
 	doc := map[string]any{"time": time.Now().UTC().Format(time.RFC3339), "full": full, "loadavg": strings.TrimSpace(string(loadavg)),
-		"load": fmt.Sprintf("per HTTP stream %d rps over 2 connections, a new connection per request; %d long-lived connections per hold stream, a 256-byte pattern echoed every 200 ms", b.load.qps, b.load.conns),
+		"load":      fmt.Sprintf("per HTTP stream %d rps over 2 connections, a new connection per request; %d long-lived connections per hold stream, a 256-byte pattern echoed every 200 ms", b.load.qps, b.load.conns),
 		"scenarios": rs}
 	js, _ := json.MarshalIndent(doc, "", "  ")
 	_ = os.WriteFile(filepath.Join(out, "results.json"), js, 0o644)
