@@ -9,6 +9,7 @@
 //	fortio load -qps N -c C -t D -payload-size B [-keepalive=false] [-timeout T] URL   JSON results on stdout
 //	fortio hold -n N -t D host:port               hold N idle TCP connections
 //	fortio plot -in results.json -out latency.png  latency distributions (host side)
+//	fortio series -in results.json -out soak.png   a soak's RSS, goroutines and p99 over time (host side)
 package main
 
 import (
@@ -41,6 +42,8 @@ func main() {
 		err = hold(os.Args[2:])
 	case "plot":
 		err = plot(os.Args[2:])
+	case "series":
+		err = series(os.Args[2:])
 	default:
 		err = fmt.Errorf("unknown mode %q", os.Args[1])
 	}

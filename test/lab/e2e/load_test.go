@@ -230,6 +230,7 @@ func (s *httpStream) chunk(t *testing.T, cfg loadConfig) {
 		return
 	}
 	s.Sent += r.DurationHistogram.Count
+	noteP99(r)
 	for code, n := range r.RetCodes {
 		s.Codes[code] += n
 	}
