@@ -13,6 +13,7 @@ import (
 	"github.com/go-logr/logr"
 	"google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/protobuf/types/known/structpb"
@@ -40,7 +41,10 @@ type ClientConfig struct {
 	Node  NodeInfo
 	// TypeURLs to subscribe to; defaults to Address and Authorization.
 	TypeURLs []string
-	// Backoff bounds for reconnects; defaults 100ms and 15s.
+	// Backoff bounds for reconnects; defaults 100ms and 2s. The cap bounds
+	// how long proxies take to resync after the control plane returns (a
+	// pod created while it was down is unknown until then), so it is
+	// short; failed dials to a down server are cheap.
 	MinBackoff, MaxBackoff time.Duration
 	Log                    logr.Logger
 }
@@ -67,7 +71,7 @@ func NewClient(cfg ClientConfig, state *State) *Client {
 		cfg.MinBackoff = 100 * time.Millisecond
 	}
 	if cfg.MaxBackoff <= 0 {
-		cfg.MaxBackoff = 15 * time.Second
+		cfg.MaxBackoff = 2 * time.Second
 	}
 	return &Client{cfg: cfg, state: state}
 }
@@ -92,7 +96,12 @@ func (c *Client) Run(ctx context.Context) error {
 	if c.cfg.TLS == nil {
 		return errors.New("discovery client: TLS config is required")
 	}
-	opts := []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(c.cfg.TLS))}
+	// gRPC redials a lost server on its own schedule (by default up to 120 s
+	// apart), failing RPCs fast meanwhile: cap it like our own retries, or
+	// a control plane back after a long outage waits for the next dial.
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(c.cfg.TLS)),
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{BaseDelay: c.cfg.MinBackoff, Multiplier: 1.6, Jitter: 0.2, MaxDelay: c.cfg.MaxBackoff},
+			MinConnectTimeout: 5 * time.Second})}
 	if c.cfg.Token != nil {
 		opts = append(opts, grpc.WithPerRPCCredentials(tokenCreds{c.cfg.Token}))
 	}
@@ -102,23 +111,23 @@ func (c *Client) Run(ctx context.Context) error {
 	}
 	defer conn.Close()
 	ads := discoverypb.NewAggregatedDiscoveryServiceClient(conn)
-	backoff := c.cfg.MinBackoff
+	delay := c.cfg.MinBackoff
 	for {
 		gotResponse, err := c.session(ctx, ads)
 		if ctx.Err() != nil {
 			return nil
 		}
 		if gotResponse {
-			backoff = c.cfg.MinBackoff
+			delay = c.cfg.MinBackoff
 		}
-		wait := backoff/2 + rand.N(backoff/2+1)
+		wait := delay/2 + rand.N(delay/2+1)
 		c.cfg.Log.Info("discovery stream ended; reconnecting", "error", err, "in", wait)
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-time.After(wait):
 		}
-		backoff = min(backoff*2, c.cfg.MaxBackoff)
+		delay = min(delay*2, c.cfg.MaxBackoff)
 	}
 }
 

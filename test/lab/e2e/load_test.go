@@ -124,12 +124,15 @@ func readyPods(t *testing.T, ns, selector string) []string {
 }
 
 // fortioRun runs one `fortio load` in the namespace's load pod.
+// Its results are on stdout, kept apart from fortio's log on stderr.
 func fortioRun(ns string, args ...string) (fortioResult, error) {
 	var r fortioResult
-	out, err := kubectl(append([]string{"exec", "-n", ns, "deploy/load", "--", "fortio", "load"}, args...)...)
-	i := strings.Index(out, `{"RunType"`)
-	if i < 0 || json.Unmarshal([]byte(out[i:]), &r) != nil {
-		return r, fmt.Errorf("fortio load %v: no result (%v): %.400s", args, err, out)
+	cmd := exec.Command("kubectl", append([]string{"--kubeconfig", kubeconfig, "exec", "-n", ns, "deploy/load", "--", "fortio", "load"}, args...)...)
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err := cmd.Run()
+	if derr := json.NewDecoder(&out).Decode(&r); derr != nil {
+		return r, fmt.Errorf("fortio load %v: no result (%v, %v): %.300s", args, err, derr, errOut.String())
 	}
 	return r, nil
 }
