@@ -196,14 +196,34 @@ func TestZtunnelUpgradeKeepsMeshWorking(t *testing.T) {
 		}
 		return nil
 	})
-	rolloutDaemonSet(t, "ztunnel")
 	// The scenario proves something only if both old ztunnels were told to
-	// stop while the connections were still held.
+	// stop while the connections were still held. (`rollout status` of a
+	// surging DaemonSet returns only once the old pods are gone, that is
+	// after the connections end.)
+	eventually(t, 120*time.Second, "both old ztunnels replaced and told to stop", func() error {
+		out := mustKubectl(t, "get", "pods", "-n", meshNS, "-l", "app=ztunnel", "-o",
+			`jsonpath={range .items[*]}{.spec.containers[0].image} {.status.containerStatuses[0].ready} {.metadata.deletionTimestamp}{"\n"}{end}`)
+		newReady := 0
+		for line := range strings.Lines(out) {
+			f := strings.Fields(line)
+			switch {
+			case len(f) >= 2 && f[0] == upgraded && f[1] == "true" && len(f) == 2:
+				newReady++
+			case len(f) >= 1 && f[0] != upgraded && len(f) != 3:
+				return fmt.Errorf("an old ztunnel is not terminating yet: %q", strings.TrimSpace(line))
+			}
+		}
+		if newReady != 2 {
+			return fmt.Errorf("%d upgraded ztunnels ready", newReady)
+		}
+		return nil
+	})
 	select {
 	case <-held:
-		t.Fatal("the long-lived connections ended before the rollout did: raise their hold time")
+		t.Fatalf("the long-lived connections ended before both old ztunnels were told to stop: raise their hold time (%+v %+v)", holds[0], holds[1])
 	default:
 	}
+	rolloutDaemonSet(t, "ztunnel")
 	// The old pods drain after the rollout reports done, until their last
 	// connection ends: probe until gone.
 	waitZtunnelPods(t, func(_, image string) bool { return image == upgraded }, "old ztunnel pods gone")
