@@ -135,7 +135,7 @@ func all(string) bool { return true }
 func managerDown(t *testing.T, b chaosBudget, ns string, streamsOf func() ([]*httpStream, []*holdStream)) chaosResult {
 	const deploy = "deploy/ambient-controller-manager"
 	r := chaosResult{Fault: fmt.Sprintf("manager scaled to 0 and its pod force-deleted, kept down %s", b.managerDown), Recovery: map[string]float64{}}
-	r.Load = withLoad(t, b, b.managerDown+90*time.Second, streamsOf, func() {
+	r.Load = withLoad(t, b, b.managerDown+60*time.Second, streamsOf, func() {
 		mustKubectl(t, "-n", meshNS, "scale", deploy, "--replicas=0")
 		mustKubectl(t, "-n", meshNS, "delete", "pod", "-l", "app.kubernetes.io/name=ambient-manager", "--grace-period=0", "--force", "--wait=false")
 		eventually(t, 60*time.Second, "manager pod gone", func() error {
@@ -192,7 +192,7 @@ func ztunnelKill(t *testing.T, b chaosBudget, streamsOf func() ([]*httpStream, [
 	for _, p := range readyPods(t, "chaos-waypoint", waypointSelector) {
 		wpNodes[strings.Fields(p)[1]] = true
 	}
-	r.Load = withLoad(t, b, 60*time.Second, streamsOf, func() {
+	r.Load = withLoad(t, b, 30*time.Second, streamsOf, func() {
 		killed := time.Now()
 		if out, err := exec.Command(filepath.Join(repoRoot, "test/lab/lab.sh"), "signal", nodeB, cid, "SIGKILL").CombinedOutput(); err != nil {
 			t.Fatalf("SIGKILL ztunnel %s: %v\n%s", pod, err, out)
@@ -257,7 +257,7 @@ func waypointKill(t *testing.T, b chaosBudget, ns string, streamsOf func() ([]*h
 		t.Fatalf("want 2 ready waypoint replicas, have %v", pods)
 	}
 	victim := strings.Fields(pods[0])[0]
-	r.Load = withLoad(t, b, 90*time.Second, streamsOf, func() {
+	r.Load = withLoad(t, b, 50*time.Second, streamsOf, func() {
 		killed := time.Now()
 		mustKubectl(t, "delete", "pod", "-n", ns, victim, "--wait=false")
 		eventually(t, 90*time.Second, "2 waypoint replicas ready again", func() error {
