@@ -23,11 +23,7 @@ import (
 // connection, as ratios to the same run's direct path. The smoke asserts
 // only that every mode produced error-free results, never timings.
 func TestBenchMesh(t *testing.T) {
-	requireMesh(t)
-	requireComponents(t, "WAYPOINT_IMAGE")
-	if _, err := os.Stat(filepath.Join(repoRoot, "bin/lab/images/fortio.tar")); err != nil {
-		t.Fatalf("fortio image not built (test/lab/build.sh fortio images): %v", err)
-	}
+	requireLoadTools(t)
 	full := os.Getenv("BENCH_MESH") == "full"
 	cfg := benchConfig{qps: 1000, conns: 16, dur: 3 * time.Second, payload: 1024, bulkDur: 2 * time.Second, bulkPayload: 64 << 10, idleConns: 200}
 	if full {

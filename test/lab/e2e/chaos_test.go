@@ -22,11 +22,7 @@ import (
 // broken, bytes verified and recovery times (bin/chaos/results.json and
 // results.md; docs/reliability.md keeps a recorded run).
 func TestChaos(t *testing.T) {
-	requireMesh(t)
-	requireComponents(t, "WAYPOINT_IMAGE")
-	if _, err := os.Stat(filepath.Join(repoRoot, "bin/lab/images/fortio.tar")); err != nil {
-		t.Fatalf("fortio image not built (test/lab/build.sh fortio images): %v", err)
-	}
+	requireLoadTools(t)
 	full := os.Getenv("CHAOS") == "full"
 	b := chaosBudget{managerDown: 20 * time.Second, settle: 5 * time.Second, load: loadConfig{qps: 10, chunk: 5 * time.Second, conns: 5}}
 	if full {

@@ -27,11 +27,7 @@ import (
 // the load's p99 are sampled; growth beyond a bound set from the first
 // samples fails the run. Results and a plot go to bin/soak/.
 func TestSoak(t *testing.T) {
-	requireMesh(t)
-	requireComponents(t, "WAYPOINT_IMAGE")
-	if _, err := os.Stat(filepath.Join(repoRoot, "bin/lab/images/fortio.tar")); err != nil {
-		t.Fatalf("fortio image not built (test/lab/build.sh fortio images): %v", err)
-	}
+	requireLoadTools(t)
 	dur, every, churn := 40*time.Second, 8*time.Second, 4*time.Second
 	if s := os.Getenv("SOAK_DURATION"); s != "" {
 		d, err := time.ParseDuration(s)
