@@ -124,10 +124,16 @@ func readyPods(t *testing.T, ns, selector string) []string {
 }
 
 // fortioRun runs one `fortio load` in the namespace's load pod.
-// Its results are on stdout, kept apart from fortio's log on stderr.
 func fortioRun(ns string, args ...string) (fortioResult, error) {
+	return fortioExec(ns, "deploy/load", args...)
+}
+
+// fortioExec runs `fortio load` in target (a pod or deploy/name). Its
+// results are read from stdout alone: fortio's log on stderr, interleaved
+// with them, made the combined output unparseable under load.
+func fortioExec(ns, target string, args ...string) (fortioResult, error) {
 	var r fortioResult
-	cmd := exec.Command("kubectl", append([]string{"--kubeconfig", kubeconfig, "exec", "-n", ns, "deploy/load", "--", "fortio", "load"}, args...)...)
+	cmd := exec.Command("kubectl", append([]string{"--kubeconfig", kubeconfig, "exec", "-n", ns, target, "--", "fortio", "load"}, args...)...)
 	var out, errOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errOut
 	err := cmd.Run()
