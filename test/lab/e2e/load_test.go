@@ -31,6 +31,11 @@ const (
 func deployLoadApps(t *testing.T, ns string, waypointReplicas int) {
 	t.Helper()
 	recreateNamespace(t, ns, "istio.io/dataplane-mode=ambient")
+	t.Cleanup(func() { // kept after a failure, for the artifacts
+		if !t.Failed() {
+			kubectl("delete", "namespace", ns, "--wait=false")
+		}
+	})
 	var y strings.Builder
 	for _, a := range []struct{ name, node, container string }{
 		{"load", nodeA, `{name: fortio, image: docker.io/ambient-lab/fortio:dev, imagePullPolicy: Never, args: [server, -port, "8080"]}`},
