@@ -81,8 +81,15 @@ test-operator: manifests envtest ## Only the operator's packages (fast inner loo
 	go test $(GO_TEST_FLAGS) ./controllers/ ./controllers/webhookcert/ ./cmd/manager/ ./api/... ./hack/...
 
 .PHONY: fuzz
-fuzz: ## Run every fuzz target briefly.
-	@if [ -x hack/fuzz.sh ]; then hack/fuzz.sh 20s; else echo "hack/fuzz.sh not present yet"; fi
+fuzz: ## Run every fuzz target for FUZZTIME each (default 20s; the CI smoke).
+	hack/fuzz.sh $(or $(FUZZTIME),20s)
+
+FUZZTIME_LONG ?= 10m
+.PHONY: fuzz-long
+fuzz-long: SHELL := /bin/bash
+fuzz-long: ## Every fuzz target for FUZZTIME (default 10m) each; log and summary in bin/fuzz/ (not in CI).
+	@mkdir -p $(BIN)/fuzz
+	set -o pipefail; hack/fuzz.sh $(or $(FUZZTIME),$(FUZZTIME_LONG)) 2>&1 | tee $(BIN)/fuzz/fuzz-long.log
 
 .PHONY: bench
 bench: build ## Benchmarks with same-run baselines (results go to docs/performance.md by hand).
@@ -172,6 +179,15 @@ demo-local: envtest ## Operator only: local API server, the manager, the sample 
 .PHONY: e2e
 e2e: ## End-to-end suite in the lab.
 	test/lab/e2e.sh
+
+.PHONY: chaos
+chaos: ## Faults under steady load in the lab (manager down 2 min, ztunnel SIGKILL, waypoint replica killed); bin/chaos/ (make e2e runs a short one).
+	CHAOS=full E2E_RUN='^TestChaos$$' E2E_REQUIRE_MESH=1 test/lab/e2e.sh
+
+DURATION ?= 30m
+.PHONY: soak
+soak: ## Steady load with policy changes and pod churn for DURATION (default 30m) in the lab; bin/soak/ (make e2e runs 40 s).
+	SOAK_DURATION=$(DURATION) E2E_RUN='^TestSoak$$' E2E_REQUIRE_MESH=1 E2E_TIMEOUT=$(or $(E2E_TIMEOUT),3h) test/lab/e2e.sh
 
 .PHONY: conformance
 conformance: ## Upstream Gateway API conformance (GatewayHTTP profile, class istio) in the lab; report in docs/conformance/.

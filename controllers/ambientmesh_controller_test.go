@@ -527,3 +527,43 @@ func TestZtunnelWorkerThreads(t *testing.T) {
 		t.Fatal("workerThreads 0 accepted")
 	}
 }
+
+// TestZtunnelTerminationGracePeriod: spec.ztunnel.terminationGracePeriodSeconds
+// sets the ztunnel pods' grace period, and ztunnel drains for 5 s less
+// (long-lived connections survive an upgrade while they are shorter);
+// values too short to drain in are refused by the API server.
+func TestZtunnelTerminationGracePeriod(t *testing.T) {
+	ctx := context.Background()
+	const ns = "mesh-grace"
+	newMesh(t, "grace", ns, func(m *meshv1.AmbientMesh) { m.Spec.Ztunnel.TerminationGracePeriodSeconds = ptr.To(int64(120)) })
+	ds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: ZtunnelName}}
+	eventually(t, "ztunnel DaemonSet", exists(ds))
+	if g := ds.Spec.Template.Spec.TerminationGracePeriodSeconds; g == nil || *g != 120 {
+		t.Fatalf("ztunnel terminationGracePeriodSeconds %v, want 120", g)
+	}
+	if got := envMap(ds.Spec.Template.Spec.Containers[0].Env)["DRAIN_GRACE"]; got != "1m55s" {
+		t.Fatalf("ztunnel DRAIN_GRACE %q, want 1m55s", got)
+	}
+	bad := &meshv1.AmbientMesh{ObjectMeta: metav1.ObjectMeta{Name: "grace-short"}, Spec: meshv1.AmbientMeshSpec{Namespace: "mesh-grace-short"}}
+	bad.Spec.Ztunnel.TerminationGracePeriodSeconds = ptr.To(int64(5))
+	if err := k8s.Create(ctx, bad); err == nil {
+		k8s.Delete(ctx, bad)
+		t.Fatal("terminationGracePeriodSeconds 5 accepted")
+	}
+}
+
+func TestZtunnelGrace(t *testing.T) {
+	for _, tc := range []struct {
+		secs          *int64
+		period, drain time.Duration
+	}{
+		{nil, 30 * time.Second, 25 * time.Second},
+		{ptr.To(int64(90)), 90 * time.Second, 85 * time.Second},
+		{ptr.To(int64(3)), 30 * time.Second, 25 * time.Second}, // below the margin (the CRD refuses it): default
+	} {
+		period, drain := ztunnelGrace(meshv1.ZtunnelSpec{TerminationGracePeriodSeconds: tc.secs})
+		if period != tc.period || drain != tc.drain {
+			t.Errorf("ztunnelGrace(%v) = %v, %v; want %v, %v", tc.secs, period, drain, tc.period, tc.drain)
+		}
+	}
+}

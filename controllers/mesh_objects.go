@@ -216,13 +216,24 @@ var (
 	}
 )
 
-// ztunnelGracePeriod is the ztunnel pod's terminationGracePeriodSeconds;
-// ztunnel drains for ztunnelDrainGrace (env DRAIN_GRACE), leaving time to
-// close what is left before the kubelet's SIGKILL.
+// ztunnelGracePeriod is the ztunnel pod's terminationGracePeriodSeconds
+// unless the spec sets one; ztunnel drains for that less
+// ztunnelCloseMargin (env DRAIN_GRACE), leaving time to close what is left
+// before the kubelet's SIGKILL.
 const (
 	ztunnelGracePeriod = 30 * time.Second
-	ztunnelDrainGrace  = ztunnelGracePeriod - 5*time.Second
+	ztunnelCloseMargin = 5 * time.Second
 )
+
+// ztunnelGrace returns the ztunnel pods' termination grace period and the
+// drain grace inside it.
+func ztunnelGrace(z meshv1.ZtunnelSpec) (period, drain time.Duration) {
+	period = ztunnelGracePeriod
+	if s := z.TerminationGracePeriodSeconds; s != nil && time.Duration(*s)*time.Second > ztunnelCloseMargin {
+		period = time.Duration(*s) * time.Second
+	}
+	return period, period - ztunnelCloseMargin
+}
 
 func daemonSet(mesh *meshv1.AmbientMesh, name string, pod corev1.PodSpec, rollout appsv1.DaemonSetUpdateStrategy) *appsv1.DaemonSet {
 	selector := map[string]string{"app": name, LabelMesh: mesh.Name}
@@ -255,12 +266,13 @@ func DesiredZtunnel(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 	if image == "" {
 		image = d.ZtunnelImage
 	}
+	grace, drainGrace := ztunnelGrace(z)
 	vols, mounts := proxyVolumes()
 	vols = append(vols, hostPathVolume("ambient-socket", ZDSSocketDir, corev1.HostPathDirectoryOrCreate))
 	mounts = append(mounts, corev1.VolumeMount{Name: "ambient-socket", MountPath: ZDSSocketDir})
 	env := append(proxyEnv(mesh, z.Transport, z.LogLevel),
 		corev1.EnvVar{Name: "ZDS_SOCKET", Value: ZDSSocketDir + "/ztunnel.sock"},
-		corev1.EnvVar{Name: "DRAIN_GRACE", Value: ztunnelDrainGrace.String()},
+		corev1.EnvVar{Name: "DRAIN_GRACE", Value: drainGrace.String()},
 		corev1.EnvVar{Name: "CLUSTER_DOMAIN", Value: clusterDomain(mesh)})
 	if n := z.WorkerThreads; n != nil {
 		env = append(env, corev1.EnvVar{Name: "WORKER_THREADS", Value: strconv.Itoa(int(*n))})
@@ -269,7 +281,7 @@ func DesiredZtunnel(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 		ServiceAccountName:            ZtunnelName,
 		AutomountServiceAccountToken:  ptr.To(false),
 		PriorityClassName:             priorityClassOr(z.PriorityClassName),
-		TerminationGracePeriodSeconds: ptr.To(int64(ztunnelGracePeriod / time.Second)),
+		TerminationGracePeriodSeconds: ptr.To(int64(grace / time.Second)),
 		NodeSelector:                  z.NodeSelector,
 		Tolerations:                   nodeTolerations(mesh),
 		Volumes:                       vols,

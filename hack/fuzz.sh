@@ -5,6 +5,7 @@
 # package's targets are listed with `go test -list`, so only packages that have
 # fuzz targets are compiled. Seed corpora live in each package's testdata/fuzz.
 # New crashers are written to testdata/fuzz/<Target>/ by `go test` itself.
+# FUZZ_PARALLEL=N limits the fuzzing workers per target (default: all cores).
 set -euo pipefail
 
 duration="${1:-10s}"
@@ -26,7 +27,7 @@ for dir in "${dirs[@]}"; do
 	for target in "${targets[@]}"; do
 		total=$((total + 1))
 		echo "=== fuzz $pkg $target ($duration)"
-		if ! go test -run '^$' -fuzz "^${target}\$" -fuzztime "$duration" "$pkg"; then
+		if ! go test -run '^$' -fuzz "^${target}\$" -fuzztime "$duration" ${FUZZ_PARALLEL:+-parallel "$FUZZ_PARALLEL"} "$pkg"; then
 			failed+=("$pkg $target")
 		fi
 	done

@@ -112,6 +112,18 @@ type ZtunnelSpec struct {
 	// +kubebuilder:validation:Maximum=64
 	// +optional
 	WorkerThreads *int32 `json:"workerThreads,omitempty"`
+	// TerminationGracePeriodSeconds of the ztunnel pods, like Istio's
+	// ztunnel chart value of that name. On an upgrade or restart the old
+	// ztunnel stops taking new connections at once (the new one takes
+	// them) and keeps serving its established ones until they end or this
+	// period, less 5 s to close what is left, is over: set it above the
+	// lifetime of the longest connections that must survive an upgrade.
+	// It only delays a pod's exit while connections are still open.
+	// +kubebuilder:default=30
+	// +kubebuilder:validation:Minimum=10
+	// +kubebuilder:validation:Maximum=86400
+	// +optional
+	TerminationGracePeriodSeconds *int64 `json:"terminationGracePeriodSeconds,omitempty"`
 }
 
 // NodeAgentSpec configures the node-agent DaemonSet.

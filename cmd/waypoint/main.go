@@ -19,6 +19,7 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -51,7 +52,7 @@ type options struct {
 	lbPolicy, logLevel, transport, role            string
 	certDir                                        string
 	tracing                                        bool
-	drainGrace, certTTL                            time.Duration
+	drainGrace, drainDelay, certTTL                time.Duration
 	workerThreads                                  int
 }
 
@@ -92,7 +93,12 @@ func parseFlags(fs *flag.FlagSet, args []string, e *envconfig.Env) (options, err
 	fs.StringVar(&o.lbPolicy, "lb-policy", env("LB_POLICY", "LEAST_REQUEST"), "ROUND_ROBIN or LEAST_REQUEST")
 	fs.BoolVar(&o.tracing, "tracing", env("TRACING", "") == "true", "start a trace (traceparent) for requests without one")
 	fs.StringVar(&o.logLevel, "log-level", env("LOG_LEVEL", "info"), "trace|debug|info|warn|error")
-	fs.DurationVar(&o.drainGrace, "drain-grace", 30*time.Second, "time in-flight tunnels get after SIGTERM")
+	fs.DurationVar(&o.drainGrace, "drain-grace", 30*time.Second, "time after SIGTERM until the remaining tunnels are closed")
+	delay, err := time.ParseDuration(env("DRAIN_DELAY", "5s"))
+	if err != nil || delay < 0 {
+		return o, fmt.Errorf("DRAIN_DELAY %q: want a Go duration such as 5s", env("DRAIN_DELAY", ""))
+	}
+	fs.DurationVar(&o.drainDelay, "drain-delay", delay, "after SIGTERM, new tunnels are still accepted this long (not ready meanwhile) while clients learn the replica is going (env DRAIN_DELAY)")
 	ttl, err := time.ParseDuration(env("WORKLOAD_CERT_TTL", "24h"))
 	if err != nil {
 		return o, fmt.Errorf("WORKLOAD_CERT_TTL: %w", err)
@@ -207,17 +213,31 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 		stop()
 	}()
 
-	serveAdmin(state.Ready)
+	var draining atomic.Bool
+	serveAdmin(func() bool { return state.Ready() && !draining.Load() })
 	log.Info("waypoint started", "name", o.name, "namespace", o.namespace, "identity", self.String(), "listen", o.listen, "transport", proto)
 
 	<-ctx.Done()
-	log.Info("draining", "grace", o.drainGrace.String())
-	dctx, cancel := context.WithTimeout(context.Background(), o.drainGrace)
+	drain(log, srv, &draining, o.drainDelay, o.drainGrace)
+	return nil
+}
+
+// drain is the SIGTERM path. Clients keep choosing this replica until the
+// control plane tells them its endpoint is terminating (an xDS push after
+// the EndpointSlice changes); refusing tunnels at once fails their new
+// connections meanwhile. So, as Envoy's drain period in Istio's waypoints:
+// report not ready, keep accepting for delay, then stop accepting (GOAWAY)
+// and give in-flight tunnels the rest of grace.
+func drain(log logr.Logger, srv interface{ Shutdown(context.Context) error }, draining *atomic.Bool, delay, grace time.Duration) {
+	draining.Store(true)
+	delay = min(delay, grace/2)
+	log.Info("draining: still accepting while clients learn the replica is going", "delay", delay.String(), "grace", grace.String())
+	time.Sleep(delay)
+	dctx, cancel := context.WithTimeout(context.Background(), grace-delay)
 	defer cancel()
 	if err := srv.Shutdown(dctx); err != nil {
 		log.Info("drain grace elapsed; remaining tunnels closed")
 	}
-	return nil
 }
 
 // forbidden: the waypoint's own admin/metrics/readiness ports are never

@@ -41,7 +41,10 @@ type ClientConfig struct {
 	Node  NodeInfo
 	// TypeURLs to subscribe to; defaults to Address and Authorization.
 	TypeURLs []string
-	// Backoff bounds for reconnects; defaults 100ms and 15s.
+	// Backoff bounds for reconnects; defaults 100ms and 2s. The cap bounds
+	// how long proxies take to resync after the control plane returns (a
+	// pod created while it was down is unknown until then), so it is
+	// short; failed dials to a down server are cheap.
 	MinBackoff, MaxBackoff time.Duration
 	Log                    logr.Logger
 	// OnDemand (ztunnels): subscribe to NodeScopeName instead of every
@@ -75,7 +78,7 @@ func NewClient(cfg ClientConfig, state *State) *Client {
 		cfg.MinBackoff = 100 * time.Millisecond
 	}
 	if cfg.MaxBackoff <= 0 {
-		cfg.MaxBackoff = 15 * time.Second
+		cfg.MaxBackoff = 2 * time.Second
 	}
 	return &Client{cfg: cfg, state: state, od: onDemand{names: map[string]*demand{}}}
 }
@@ -121,23 +124,23 @@ func (c *Client) Run(ctx context.Context) error {
 		return fmt.Errorf("discovery client: %w", err)
 	}
 	defer conn.Close()
-	backoff := c.cfg.MinBackoff
+	delay := c.cfg.MinBackoff
 	for {
 		gotResponse, err := c.session(ctx, conn)
 		if ctx.Err() != nil {
 			return nil
 		}
 		if gotResponse {
-			backoff = c.cfg.MinBackoff
+			delay = c.cfg.MinBackoff
 		}
-		wait := backoff/2 + rand.N(backoff/2+1)
+		wait := delay/2 + rand.N(delay/2+1)
 		c.cfg.Log.Info("discovery stream ended; reconnecting", "error", err, "in", wait)
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-time.After(wait):
 		}
-		backoff = min(backoff*2, c.cfg.MaxBackoff)
+		delay = min(delay*2, c.cfg.MaxBackoff)
 	}
 }
 

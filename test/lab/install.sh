@@ -135,7 +135,8 @@ EOF
 # rollout_state <kind/name>: "ready" or why not.
 rollout_state() {
   local obj=$1 why
-  if ! kc -n "$MESH_NS" get "$obj" >/dev/null 2>&1; then echo "$obj was not created by the operator"; return; fi
+  # The operator creates it a moment after the AmbientMesh is applied.
+  if ! wait_for 60 "$obj" kc -n "$MESH_NS" get "$obj" >/dev/null 2>&1; then echo "$obj was not created by the operator"; return; fi
   if kc -n "$MESH_NS" rollout status "$obj" --timeout=90s >/dev/null 2>&1; then echo ready; return; fi
   why=$(kc -n "$MESH_NS" get pods -l "app=${obj#*/}" -o jsonpath='{range .items[*]}{.status.containerStatuses[0].state.waiting.reason}{" "}{.status.containerStatuses[0].lastState.terminated.reason}{" "}{end}' 2>/dev/null | xargs)
   echo "$obj not ready (${why:-pods not ready})"

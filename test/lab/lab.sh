@@ -13,6 +13,9 @@
 #   env     prints `export KUBECONFIG=...` for eval
 #   images  imports new image tarballs (bin/lab/images, bin/images) into every node
 #   tag SRC DST  tags an imported image with another name on every node
+#   signal NODE CONTAINER SIG  sends SIG to a container's task on NODE (a node
+#           name such as ambient-worker2; the container id of a pod's status,
+#           with or without containerd://): the chaos tests' SIGKILL
 #
 # Hooks: LAB_WORKERS (default 2); LAB_CNI_CHAIN a JSON object appended to
 # every node's CNI conflist (e.g. our ambient-cni plugin) when the conflist is
@@ -518,6 +521,16 @@ tag_all() {
   done
 }
 
+# signal_container NODE ID SIG: containerd kills the task, as when a process
+# dies on its own (the kubelet then restarts the container).
+signal_container() {
+  [ $# = 3 ] || die "usage: lab.sh signal <node name> <container id> <signal>"
+  local short
+  short=$(workers | awk -v n="$1" '$2 == n { print $1 }')
+  [ -n "$short" ] || die "no lab node named $1"
+  in_node "$short" ctr -a /run/containerd/containerd.sock -n k8s.io tasks kill -s "$3" "${2#containerd://}"
+}
+
 # ---------------------------------------------------------------------- up
 up() {
   need_root
@@ -683,5 +696,6 @@ case ${1:-} in
   env) echo "export KUBECONFIG=$KUBECONFIG_FILE" ;;
   images) import_all ;;
   tag) shift; tag_all "$@" ;;
-  *) echo "usage: $0 up|down|status|env|images" >&2; exit 2 ;;
+  signal) shift; signal_container "$@" ;;
+  *) echo "usage: $0 up|down|status|env|images|tag|signal" >&2; exit 2 ;;
 esac

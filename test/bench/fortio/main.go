@@ -6,9 +6,10 @@
 // product's dependencies.
 //
 //	fortio server [-port 8080]                    echo server (POST body echoed)
-//	fortio load -qps N -c C -t D -payload-size B URL   JSON results on stdout
+//	fortio load -qps N -c C -t D -payload-size B [-keepalive=false] [-timeout T] URL   JSON results on stdout
 //	fortio hold -n N -t D host:port               hold N idle TCP connections
 //	fortio plot -in results.json -out latency.png  latency distributions (host side)
+//	fortio series -in results.json -out soak.png   a soak's RSS, goroutines and p99 over time (host side)
 package main
 
 import (
@@ -41,6 +42,8 @@ func main() {
 		err = hold(os.Args[2:])
 	case "plot":
 		err = plot(os.Args[2:])
+	case "series":
+		err = series(os.Args[2:])
 	default:
 		err = fmt.Errorf("unknown mode %q", os.Args[1])
 	}
@@ -65,7 +68,9 @@ func load(args []string) error {
 	qps := fs.Float64("qps", 1000, "requests per second (all connections)")
 	conns := fs.Int("c", 16, "connections")
 	dur := fs.Duration("t", 15*time.Second, "duration")
-	size := fs.Int("payload-size", 1024, "POST body size (echoed back)")
+	size := fs.Int("payload-size", 1024, "POST body size (echoed back); 0 sends GETs")
+	keepalive := fs.Bool("keepalive", true, "reuse connections; false opens a new connection per request (the chaos tests)")
+	timeout := fs.Duration("timeout", 0, "per-request timeout (0: fortio's default)")
 	fs.Parse(args)
 	if fs.NArg() != 1 {
 		return fmt.Errorf("load: one URL")
@@ -73,7 +78,11 @@ func load(args []string) error {
 	o := fhttp.HTTPRunnerOptions{RunnerOptions: periodic.RunnerOptions{QPS: *qps, NumThreads: *conns, Duration: *dur,
 		Percentiles: []float64{50, 90, 99, 99.9}, Out: os.Stderr}}
 	o.URL = fs.Arg(0)
-	o.Payload = []byte(strings.Repeat("x", *size))
+	if *size > 0 {
+		o.Payload = []byte(strings.Repeat("x", *size))
+	}
+	o.DisableKeepAlive = !*keepalive
+	o.HTTPReqTimeOut = *timeout
 	res, err := fhttp.RunHTTPTest(&o)
 	if err != nil {
 		return err

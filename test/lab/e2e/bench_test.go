@@ -23,11 +23,7 @@ import (
 // connection, as ratios to the same run's direct path. The smoke asserts
 // only that every mode produced error-free results, never timings.
 func TestBenchMesh(t *testing.T) {
-	requireMesh(t)
-	requireComponents(t, "WAYPOINT_IMAGE")
-	if _, err := os.Stat(filepath.Join(repoRoot, "bin/lab/images/fortio.tar")); err != nil {
-		t.Fatalf("fortio image not built (test/lab/build.sh fortio images): %v", err)
-	}
+	requireLoadTools(t)
 	full := os.Getenv("BENCH_MESH") == "full"
 	cfg := benchConfig{qps: 1000, conns: 16, dur: 3 * time.Second, payload: 1024, bulkDur: 2 * time.Second, bulkPayload: 64 << 10, idleConns: 200}
 	if full {
@@ -142,22 +138,16 @@ type fortioResult struct {
 func fortioLoad(t *testing.T, m benchMode, args ...string) fortioResult {
 	t.Helper()
 	var r fortioResult
+	var err error
+	// Seen here: an exec stream that ends early with status 0 — run it again.
 	for attempt := 1; ; attempt++ {
-		out, err := kubectl(append([]string{"exec", "-n", m.ns, "deploy/client", "--", "fortio", "load"}, args...)...)
-		if err != nil {
-			t.Fatalf("%s: fortio load %v: %v\n%s", m.name, args, err, out)
-		}
-		// fortio logs (JSON lines) share the exec's output; the result is
-		// the object that starts with RunType. Seen here: an exec stream
-		// that ends after the first line with status 0 — run it again.
-		i := strings.Index(out, `{"RunType"`)
-		if i >= 0 && json.Unmarshal([]byte(out[i:]), &r) == nil {
+		if r, err = fortioExec(m.ns, "deploy/client", args...); err == nil {
 			break
 		}
 		if attempt == 3 {
-			t.Fatalf("%s: fortio output has no result: %.300s … %s", m.name, out, out[max(0, len(out)-600):])
+			t.Fatalf("%s: %v", m.name, err)
 		}
-		t.Logf("%s: fortio output has no result (attempt %d), again", m.name, attempt)
+		t.Logf("%s: %v (attempt %d), again", m.name, err, attempt)
 	}
 	if ok := r.RetCodes["200"]; ok == 0 || ok != r.DurationHistogram.Count {
 		t.Fatalf("%s: fortio %v: return codes %v of %d requests, want all 200", m.name, args, r.RetCodes, r.DurationHistogram.Count)

@@ -207,3 +207,14 @@ func enrollAmbient(t *testing.T, ns string) {
 		return nil
 	})
 }
+
+// requireLoadTools: the scenarios with load need the waypoint image and
+// the lab's fortio image (test/lab/build.sh fortio images).
+func requireLoadTools(t *testing.T) {
+	t.Helper()
+	requireMesh(t)
+	requireComponents(t, "WAYPOINT_IMAGE")
+	if _, err := os.Stat(filepath.Join(repoRoot, "bin/lab/images/fortio.tar")); err != nil {
+		t.Fatalf("fortio image not built (test/lab/build.sh fortio images): %v", err)
+	}
+}

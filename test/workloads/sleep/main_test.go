@@ -181,7 +181,7 @@ func TestConnholdCountsBrokenConnections(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
 	defer cancel()
 	done := make(chan holdResult)
-	go func() { done <- holdConnections(ctx, ln.Addr().String(), 4, 20*time.Millisecond, time.Second) }()
+	go func() { done <- holdConnections(ctx, ln.Addr().String(), 4, 32, 20*time.Millisecond, time.Second) }()
 	for range 4 {
 		accepted = append(accepted, <-acceptedCh)
 	}
@@ -192,12 +192,45 @@ func TestConnholdCountsBrokenConnections(t *testing.T) {
 	if res.Opened != 4 || res.Broken != 1 || res.Survived != 3 {
 		t.Fatalf("result %+v, want opened 4, broken 1, survived 3", res)
 	}
-	if res.Pings == 0 {
-		t.Fatal("no pings counted")
+	if res.Pings == 0 || res.BytesVerified != res.Pings*32 {
+		t.Fatalf("pings %d, bytes verified %d: want 32 per ping", res.Pings, res.BytesVerified)
 	}
 	b, _ := json.Marshal(res)
 	if !strings.Contains(string(b), `"broken":1`) {
 		t.Fatalf("json %s", b)
+	}
+}
+
+// TestConnholdVerifiesTheBytePattern: a plain echo passes; an echo that
+// changes, drops or repeats one byte of the pattern breaks the connection.
+func TestConnholdVerifiesTheBytePattern(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		mangle func(string) string
+		broken int
+	}{
+		{"plain echo", func(s string) string { return s }, 0},
+		{"byte changed", func(s string) string { return s[:len(s)-1] + "!" }, 1},
+		{"byte dropped", func(s string) string { return s[:len(s)-2] + s[len(s)-1:] }, 1},
+		{"byte repeated", func(s string) string { return s + s[len(s)-1:] }, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			addr := listenAndDo(t, func(c net.Conn) {
+				sc := bufio.NewScanner(c)
+				for sc.Scan() {
+					fmt.Fprintf(c, "%s\n", tc.mangle(sc.Text()))
+				}
+			})
+			ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+			defer cancel()
+			res := holdConnections(ctx, addr, 1, 100, 20*time.Millisecond, time.Second)
+			if res.Broken != tc.broken {
+				t.Fatalf("result %+v, want %d broken", res, tc.broken)
+			}
+			if tc.broken == 0 && (res.Pings == 0 || res.BytesVerified != res.Pings*100) {
+				t.Fatalf("pings %d, bytes verified %d", res.Pings, res.BytesVerified)
+			}
+		})
 	}
 }
 
