@@ -131,6 +131,8 @@ func all(string) bool { return true }
 func managerDown(t *testing.T, b chaosBudget, ns string, streamsOf func() ([]*httpStream, []*holdStream)) chaosResult {
 	const deploy = "deploy/ambient-controller-manager"
 	r := chaosResult{Fault: fmt.Sprintf("manager scaled to 0 and its pod force-deleted, kept down %s", b.managerDown), Recovery: map[string]float64{}}
+	// The replicas to restore (the manager runs more than one: HA).
+	replicas := strings.TrimSpace(mustKubectl(t, "-n", meshNS, "get", deploy, "-o", "jsonpath={.spec.replicas}"))
 	r.Load = withLoad(t, b, b.managerDown+60*time.Second, streamsOf, func() {
 		mustKubectl(t, "-n", meshNS, "scale", deploy, "--replicas=0")
 		mustKubectl(t, "-n", meshNS, "delete", "pod", "-l", "app.kubernetes.io/name=ambient-manager", "--grace-period=0", "--force", "--wait=false")
@@ -152,7 +154,7 @@ spec:
   - `+serverContainer+`
 `)
 		time.Sleep(b.managerDown)
-		mustKubectl(t, "-n", meshNS, "scale", deploy, "--replicas=1")
+		mustKubectl(t, "-n", meshNS, "scale", deploy, "--replicas="+replicas)
 		mustKubectl(t, "-n", meshNS, "rollout", "status", deploy, "--timeout=120s")
 		back := time.Now()
 		// The late pod, by its address (no Service: nothing else to wait for).
@@ -206,7 +208,11 @@ func ztunnelKill(t *testing.T, b chaosBudget, streamsOf func() ([]*httpStream, [
 		})
 		r.Recovery["crossNodeRequestsServedAgain"] = time.Since(killed).Seconds()
 		eventually(t, 60*time.Second, "ztunnel on "+nodeB+" ready again", func() error {
-			if _, c := ztunnelOn(t, nodeB); c == cid {
+			pod, c, out := readyZtunnelOn(t, nodeB)
+			switch {
+			case pod == "":
+				return fmt.Errorf("no ready ztunnel yet: %s", out)
+			case c == cid:
 				return fmt.Errorf("container %s still the current one", cid)
 			}
 			return nil
@@ -233,15 +239,25 @@ func ztunnelKill(t *testing.T, b chaosBudget, streamsOf func() ([]*httpStream, [
 // ztunnelOn returns the Ready ztunnel pod on node and its container id.
 func ztunnelOn(t *testing.T, node string) (pod, cid string) {
 	t.Helper()
-	out := mustKubectl(t, "get", "pods", "-n", meshNS, "-l", "app=ztunnel", "--field-selector", "spec.nodeName="+node, "-o",
+	pod, cid, out := readyZtunnelOn(t, node)
+	if pod == "" {
+		t.Fatalf("no ready ztunnel on %s: %s", node, out)
+	}
+	return pod, cid
+}
+
+// readyZtunnelOn is the ready ztunnel pod on node and its container, or
+// empty names (and what kubectl said) while there is none.
+func readyZtunnelOn(t *testing.T, node string) (pod, cid, out string) {
+	t.Helper()
+	out = mustKubectl(t, "get", "pods", "-n", meshNS, "-l", "app=ztunnel", "--field-selector", "spec.nodeName="+node, "-o",
 		`jsonpath={range .items[*]}{.metadata.name} {.status.containerStatuses[0].containerID} {.status.containerStatuses[0].ready}{"\n"}{end}`)
 	for line := range strings.Lines(out) {
 		if f := strings.Fields(line); len(f) == 3 && f[2] == "true" {
-			return f[0], f[1]
+			return f[0], f[1], out
 		}
 	}
-	t.Fatalf("no ready ztunnel on %s: %s", node, out)
-	return "", ""
+	return "", "", out
 }
 
 // waypointKill: one of the two waypoint replicas is deleted (SIGTERM, the
