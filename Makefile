@@ -48,8 +48,9 @@ gen-check: manifests generate bundle mod-check ## Fail when generated code or ma
 		{ git status --porcelain -- api config bundle proxylib controllers; echo "untracked generated files"; exit 1; }
 
 .PHONY: mod-check
-mod-check: ## Fail when a test module that replaces this one by ../.. is not tidy.
-	@# Such modules break on a clean clone when this module's requirements
+mod-check: ## Fail when this module, or a test module that replaces it by ../.., is not tidy.
+	@go mod tidy -diff >/dev/null || { echo "go.mod is not tidy: run 'go mod tidy' and commit"; exit 1; }
+	@# Test modules break on a clean clone when this module's requirements
 	@# change and theirs are not tidied with it.
 	@for m in $$(git grep -l 'ambientmesh/ambient => ' -- '*/go.mod' | xargs -n1 dirname); do \
 		(cd $$m && go mod tidy -diff >/dev/null) || { echo "$$m/go.mod is not tidy (the main module's requirements changed): run 'cd $$m && go mod tidy' and commit"; exit 1; }; \
