@@ -8,6 +8,7 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -57,13 +58,19 @@ func (r *GatewayWaypointReconciler) Reconcile(ctx context.Context, req ctrl.Requ
 	}
 	status := gw.Status.DeepCopy()
 	before := gw.Status.DeepCopy().Conditions
-	result, err := r.reconcile(ctx, gw, status)
+	result, unseen, err := r.reconcile(ctx, gw, status)
 	if err != nil {
 		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionProgrammed, false, string(gwv1.GatewayReasonPending), err.Error())
 	}
 	setListenerStatus(status, gw)
 	err = patchGatewayStatus(ctx, r.Client, gw, status, err)
-	recordWaypointReady(r.Events, gw, before, status.Conditions, string(gwv1.GatewayConditionProgrammed))
+	// Readiness events come from observed deployments only: objects just
+	// applied but not yet in the cache say nothing about readiness (the
+	// watch brings them back at once), and a Gateway read before our own
+	// last status write must not flip a Ready into a "not deployed yet".
+	if !unseen {
+		recordWaypointReady(r.Events, gw, before, status.Conditions, string(gwv1.GatewayConditionProgrammed))
+	}
 	return result, err
 }
 
@@ -135,24 +142,25 @@ func patchGatewayStatus(ctx context.Context, c client.Client, gw *gwv1.Gateway, 
 	return err
 }
 
-func (r *GatewayWaypointReconciler) reconcile(ctx context.Context, gw *gwv1.Gateway, status *gwv1.GatewayStatus) (ctrl.Result, error) {
+func (r *GatewayWaypointReconciler) reconcile(ctx context.Context, gw *gwv1.Gateway, status *gwv1.GatewayStatus) (result ctrl.Result, unseen bool, err error) {
 	mesh, err := activeMesh(ctx, r.Client)
 	if err != nil {
-		return ctrl.Result{}, err
+		return ctrl.Result{}, false, err
 	}
 	retry := acceptedRetry(status, r.RetryInterval, r.now)
 	if mesh == nil {
-		return waitForMesh(gw, status, "waypoint", retry), nil
+		return waitForMesh(gw, status, "waypoint", retry), false, nil
 	}
 	w, err := WaypointFromGateway(gw, mesh, r.Defaults)
 	if err != nil {
 		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionAccepted, false, string(gwv1.GatewayReasonInvalid), err.Error())
-		return ctrl.Result{}, nil // fixed only by editing the Gateway, which requeues
+		return ctrl.Result{}, false, nil // fixed only by editing the Gateway, which requeues
 	}
 	if res, done, err := deployProxy(ctx, r.Client, gw, w, mesh, status, retry); done || err != nil {
-		return res, err
+		return res, false, err
 	}
-	return ctrl.Result{}, r.observe(ctx, gw, status)
+	unseen, err = r.observe(ctx, gw, status)
+	return ctrl.Result{}, unseen, err
 }
 
 // deployProxy applies the objects of a Gateway's L7 proxy (waypoint or
@@ -180,15 +188,16 @@ func deployProxy(ctx context.Context, c client.Client, gw *gwv1.Gateway, w Waypo
 	return ctrl.Result{}, false, nil
 }
 
-func (r *GatewayWaypointReconciler) observe(ctx context.Context, gw *gwv1.Gateway, status *gwv1.GatewayStatus) error {
+// observe sets Programmed from the proxy's Deployment; unseen: it or its
+// Service is not in the cache yet (just applied).
+func (r *GatewayWaypointReconciler) observe(ctx context.Context, gw *gwv1.Gateway, status *gwv1.GatewayStatus) (unseen bool, err error) {
 	dep := &appsv1.Deployment{}
 	svc := &corev1.Service{}
 	key := client.ObjectKey{Namespace: gw.Namespace, Name: gw.Name}
-	if err := r.Client.Get(ctx, key, dep); err != nil {
-		return client.IgnoreNotFound(err)
-	}
-	if err := r.Client.Get(ctx, key, svc); err != nil {
-		return client.IgnoreNotFound(err)
+	for _, obj := range []client.Object{dep, svc} {
+		if err := r.Client.Get(ctx, key, obj); err != nil {
+			return apierrors.IsNotFound(err), client.IgnoreNotFound(err)
+		}
 	}
 	status.Addresses = nil
 	if ip := svc.Spec.ClusterIP; ip != "" && ip != corev1.ClusterIPNone {
@@ -201,7 +210,7 @@ func (r *GatewayWaypointReconciler) observe(ctx context.Context, gw *gwv1.Gatewa
 	} else {
 		setGatewayCondition(status, gw.Generation, gwv1.GatewayConditionProgrammed, false, string(gwv1.GatewayReasonPending), fmt.Sprintf("%d/%d replicas ready", s.ReadyReplicas, want))
 	}
-	return nil
+	return false, nil
 }
 
 // setListenerStatus reports each listener as Istio does for waypoints: the
