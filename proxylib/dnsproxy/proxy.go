@@ -158,10 +158,28 @@ func (h *handler) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
 		// the truncated answer (TC set) and asks again over TCP.
 		resp.Truncate(size)
 	}
+	// Counted before the answer leaves: whoever sees the answer (a test,
+	// a scraping client right after) sees the count.
+	qtype, rcode := queryType(req), rcodeName(resp)
+	h.p.m.Requests.WithLabelValues(h.c.workload(), orUnknown(h.c.Namespace), qtype, rcode, res.by).Inc()
 	if err := w.WriteMsg(resp); err != nil && res.err == nil {
 		res.err = fmt.Errorf("write answer: %w", err)
 	}
 	h.record(req, resp, proto, res, time.Since(start))
+}
+
+func queryType(req *dns.Msg) string {
+	if len(req.Question) > 0 {
+		return typeName(req.Question[0].Qtype)
+	}
+	return "NONE"
+}
+
+func rcodeName(resp *dns.Msg) string {
+	if rcode := dns.RcodeToString[resp.Rcode]; rcode != "" {
+		return rcode
+	}
+	return strconv.Itoa(resp.Rcode)
 }
 
 func (h *handler) resolve(ctx context.Context, req *dns.Msg, proto string) (*dns.Msg, result) {
@@ -276,15 +294,10 @@ func (h *handler) exchange(ctx context.Context, req *dns.Msg, network, upstream 
 // record counts the query and writes its access-log line (debug; a query
 // no upstream answered is logged at info).
 func (h *handler) record(req, resp *dns.Msg, proto string, res result, dur time.Duration) {
-	qtype, name := "NONE", ""
+	qtype, rcode, name := queryType(req), rcodeName(resp), ""
 	if len(req.Question) > 0 {
-		qtype, name = typeName(req.Question[0].Qtype), req.Question[0].Name
+		name = req.Question[0].Name
 	}
-	rcode := dns.RcodeToString[resp.Rcode]
-	if rcode == "" {
-		rcode = strconv.Itoa(resp.Rcode)
-	}
-	h.p.m.Requests.WithLabelValues(h.c.workload(), orUnknown(h.c.Namespace), qtype, rcode, res.by).Inc()
 	line := fmt.Sprintf("dns{pod=%s/%s}: query proto=%s id=%d name=%s type=%s rcode=%s answered_by=%s answers=%d truncated=%t dur=%s",
 		h.c.Namespace, h.c.Name, proto, req.Id, name, qtype, rcode, res.by, len(resp.Answer), resp.Truncated, dur.Round(time.Microsecond))
 	if res.upstream != "" {
