@@ -85,7 +85,9 @@ func Flags(fs *flag.FlagSet, e *envconfig.Env, defaultPodName string) (*Options,
 	fs.StringVar(&o.Node, "node-name", env("NODE_NAME", ""), "this node's name (env NODE_NAME)")
 	fs.StringVar(&o.PodName, "pod-name", env("POD_NAME", defaultPodName), "env POD_NAME")
 	fs.StringVar(&o.PodNamespace, "pod-namespace", ns, "env POD_NAMESPACE")
-	fs.BoolVar(&o.FullDiscovery, "full-discovery", false, "ztunnel: receive every address instead of the node's scope and on-demand lookups")
+	// Every address by default, as Istio's ztunnel: the seeds' proxy-config
+	// view lists all workloads. -full-discovery=false opts into the node scope.
+	fs.BoolVar(&o.FullDiscovery, "full-discovery", true, "ztunnel: receive every address (false: the node's scope plus on-demand lookups)")
 	fs.StringVar(&o.Cluster, "cluster-id", env("CLUSTER_ID", "Kubernetes"), "env CLUSTER_ID")
 	fs.StringVar(&o.XDSAddr, "xds-address", env("XDS_ADDRESS", cp+":15010"), "discovery server (env XDS_ADDRESS)")
 	fs.StringVar(&o.XDSServerName, "xds-server-name", env("XDS_SERVER_NAME", cp), "TLS server name of the discovery server")
