@@ -12,37 +12,12 @@ type Sink interface {
 	TryWrite(p []byte) (int, error)
 }
 
-// Pusher is a stream that can write the bytes it receives straight into a
-// Sink while its reader is idle (nothing queued, no copy in progress),
-// instead of queueing them and waking the reader. What the sink does not
-// take at once is queued for Read as usual, in order.
-type Pusher interface {
-	// PushTo starts pushing into s (nil stops). After PushTo(nil) returns,
-	// nothing is pushed any more and the returned count is the bytes pushed
-	// since the first PushTo.
-	PushTo(s Sink) (pushed int64)
-}
-
-// pushInto makes src push into dst when src can push and dst is a socket;
-// stop ends it and returns the bytes pushed. Otherwise stop is nil.
-func pushInto(dst, src any) (stop func() int64) {
-	p, ok := src.(Pusher)
-	if !ok {
-		return nil
-	}
-	s := sinkFor(dst)
-	if s == nil {
-		return nil
-	}
-	p.PushTo(s)
-	return func() int64 { return p.PushTo(nil) }
-}
-
 // ErrWouldBlock is TryRead's "nothing queued": the drain that called it
 // ends, and the stream starts another when there is more.
 var ErrWouldBlock = errors.New("hbone: nothing queued")
 
-// LazyPusher is a Pusher that needs no goroutine waiting on it: it starts a
+// LazyPusher is a stream that writes the bytes it receives straight into a
+// Sink and needs no goroutine waiting on it: it starts a
 // drain itself (pending) when bytes it could not push are queued, or it
 // ended or failed. A relay direction from it into a socket then costs no
 // goroutine while idle.

@@ -84,13 +84,7 @@ func copyHalf(dst, src HalfCloser) (int64, error) {
 // CopyBufferSize one during bulk transfer (see the buffer constants). A TCP
 // source is waited on without any buffer while idle (readiness, then a pooled
 // small buffer for the read), so an idle direction from a socket holds none.
-// A stream that can push (Pusher) into a socket dst does so while this copy
-// is idle: its bytes then reach dst without waking this goroutine, and the
-// copy moves only what the socket could not take at once.
 func CopyAdaptive(dst io.Writer, src io.Reader) (total int64, err error) {
-	if stop := pushInto(dst, src); stop != nil {
-		defer func() { total += stop() }()
-	}
 	waiter := waiterFor(src)
 	var small, big *[]byte
 	defer func() {

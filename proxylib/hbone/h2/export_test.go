@@ -8,7 +8,7 @@ func SetRecordBatching(on bool) bool {
 	return prev
 }
 
-// Pushed reports the bytes a tunnel pushed into its sink (hbone.Pusher).
+// Pushed reports the bytes a tunnel pushed into its sink (hbone.LazyPusher).
 func Pushed(s any) int64 {
 	t := s.(*tunnel)
 	t.mu.Lock()

@@ -57,11 +57,11 @@ type tunnel struct {
 
 	readDeadline, writeDeadline deadline
 
-	// Pushing (hbone.Pusher): while the reader is idle, received bytes go
+	// Pushing (hbone.LazyPusher): while no drain runs, received bytes go
 	// straight into sink from the connection's reader goroutine.
 	sink     hbone.Sink
 	pushed   int64
-	draining bool   // the reader holds bytes it read and has not written yet (lazy: a drain runs)
+	draining bool   // a drain runs (or is starting): pushes wait for it
 	pending  func() // lazy pushing: starts a drain (hbone.LazyPusher)
 
 	// Dialing side: the response to our CONNECT.
@@ -137,7 +137,7 @@ func run(f func()) {
 	}
 }
 
-// PushLazily pushes received bytes into s like PushTo and, instead of a
+// PushLazily pushes received bytes into s while no drain runs and, instead of a
 // reader waiting, calls pending (no lock held) to start a drain whenever
 // bytes are queued, the stream ends or fails while no drain runs; a drain
 // calls TryRead until it reports hbone.ErrWouldBlock (hbone.LazyPusher).
@@ -199,7 +199,6 @@ func (t *tunnel) Read(p []byte) (int, error) {
 		t.cond.Wait()
 	}
 	n := t.recv.read(p)
-	t.draining = true
 	ack := t.consumedLocked(n)
 	t.mu.Unlock()
 	t.idle.touch()
@@ -221,13 +220,9 @@ func (t *tunnel) consumedLocked(n int) (ack int32) {
 // WaitReadable parks until Read would not block (data, end, reset or a
 // deadline), so an idle relay direction holds no buffer
 // (hbone.ReadableWaiter).
-//
-// The caller waits only after writing out what it read, so from here until
-// its next Read, bytes may be pushed (PushTo) without reordering.
 func (t *tunnel) WaitReadable() error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.draining = false
 	for t.recv.len() == 0 && t.reset == nil && !t.remoteEnded && !t.readDeadline.passed() {
 		t.cond.Wait()
 	}
@@ -459,15 +454,6 @@ func (t *tunnel) push(p []byte) (int, error) {
 	}
 	t.pushed += int64(n)
 	return n, nil
-}
-
-// PushTo sets the sink received bytes are pushed into (nil stops) and
-// returns the bytes pushed so far (hbone.Pusher).
-func (t *tunnel) PushTo(s hbone.Sink) int64 {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.sink = s
-	return t.pushed
 }
 
 // addSendWindow applies a WINDOW_UPDATE or a SETTINGS delta.
