@@ -52,7 +52,15 @@ func TestManagerReplicaKilledUnderTraffic(t *testing.T) {
 	// A workload created after the kill: its address and certificate come
 	// from the surviving replica (ztunnels reconnected to it).
 	mustKubectl(t, "-n", demoNS, "scale", "deploy/httpbin", "--replicas=2")
-	defer kubectl("-n", demoNS, "scale", "deploy/httpbin", "--replicas=1")
+	defer func() { // the next scenario starts from one settled httpbin pod
+		kubectl("-n", demoNS, "scale", "deploy/httpbin", "--replicas=1")
+		eventually(t, 120*time.Second, "one httpbin pod left", func() error {
+			if out, _ := kubectl("-n", demoNS, "get", "pods", "-l", "app=httpbin", "-o", "name"); len(strings.Fields(out)) != 1 {
+				return fmt.Errorf("httpbin pods: %s", out)
+			}
+			return nil
+		})
+	}()
 	mustKubectl(t, "-n", demoNS, "rollout", "status", "deploy/httpbin", "--timeout=120s")
 	eventually(t, 60*time.Second, "both httpbin pods answer through the mesh", func() error {
 		seen := map[string]bool{}

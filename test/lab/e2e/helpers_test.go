@@ -160,16 +160,40 @@ func podFingerprint(t *testing.T, ns string) string {
 		`jsonpath={range .items[*]}{.metadata.name}:{.metadata.uid}:{.status.containerStatuses[0].restartCount}{"\n"}{end}`)
 }
 
-func capturedCount(t *testing.T, ns string) int {
-	t.Helper()
-	out := mustKubectl(t, "get", "pods", "-n", ns, "-o",
-		`jsonpath={range .items[*]}{.metadata.annotations.ambient\.istio\.io/redirection}{"\n"}{end}`)
-	return strings.Count(out, "enabled")
+// capture is the redirection state of a namespace's live pods. A pod
+// being deleted is left out: it would be counted while it terminates and
+// vanish between two polls (the HA scenario's scale-down left one behind).
+type capture struct {
+	live       int
+	captured   int
+	uncaptured []string // names, for the failure message
 }
 
-func podCount(t *testing.T, ns string) int {
+func (c capture) complete() error {
+	if c.captured != c.live {
+		return fmt.Errorf("%d of %d pods captured; not captured: %v", c.captured, c.live, c.uncaptured)
+	}
+	return nil
+}
+
+func captureOf(t *testing.T, ns string) capture {
 	t.Helper()
-	return len(strings.Fields(mustKubectl(t, "get", "pods", "-n", ns, "-o", "name")))
+	out := mustKubectl(t, "get", "pods", "-n", ns, "-o",
+		`jsonpath={range .items[*]}{.metadata.name}{"\t"}{.metadata.deletionTimestamp}{"\t"}{.metadata.annotations.ambient\.istio\.io/redirection}{"\n"}{end}`)
+	var c capture
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		f := strings.Split(line, "\t")
+		if len(f) != 3 || f[1] != "" {
+			continue
+		}
+		c.live++
+		if f[2] == "enabled" {
+			c.captured++
+		} else {
+			c.uncaptured = append(c.uncaptured, f[0])
+		}
+	}
+	return c
 }
 
 func waitAvailable(t *testing.T, ns string) {
@@ -199,13 +223,7 @@ func ztunnelLogs(t *testing.T) string {
 func enrollAmbient(t *testing.T, ns string) {
 	t.Helper()
 	mustKubectl(t, "label", "namespace", ns, "istio.io/dataplane-mode=ambient", "--overwrite")
-	want := podCount(t, ns)
-	eventually(t, 60*time.Second, ns+": every pod captured", func() error {
-		if n := capturedCount(t, ns); n != want {
-			return fmt.Errorf("%d of %d pods captured", n, want)
-		}
-		return nil
-	})
+	eventually(t, 60*time.Second, ns+": every pod captured", func() error { return captureOf(t, ns).complete() })
 }
 
 // requireLoadTools: the scenarios with load need the waypoint image and

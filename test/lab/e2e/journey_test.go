@@ -106,10 +106,11 @@ func TestSameAndCrossNodeInMesh(t *testing.T) {
 	ns := "e2e-nodes"
 	ips := deployPlacement(t, ns, "istio.io/dataplane-mode=ambient")
 	eventually(t, 60*time.Second, "pods captured", func() error {
-		if n := capturedCount(t, ns); n != 3 {
-			return fmt.Errorf("%d of 3 pods captured", n)
+		c := captureOf(t, ns)
+		if c.live != 3 {
+			return fmt.Errorf("%d live pods, want 3", c.live)
 		}
-		return nil
+		return c.complete()
 	})
 	checkPaths(t, ns, ips)
 	// The cross-node request went through HBONE to the other node's pod.
@@ -162,13 +163,7 @@ func TestJourneyLabelNamespaceWithoutRestart(t *testing.T) {
 	deployJourney(t)
 	before := podFingerprint(t, demoNS)
 	mustKubectl(t, "label", "namespace", demoNS, "istio.io/dataplane-mode=ambient", "--overwrite")
-	want := podCount(t, demoNS)
-	eventually(t, 60*time.Second, "every pod captured", func() error {
-		if n := capturedCount(t, demoNS); n != want {
-			return fmt.Errorf("%d of %d pods annotated ambient.istio.io/redirection=enabled", n, want)
-		}
-		return nil
-	})
+	eventually(t, 60*time.Second, "every pod annotated ambient.istio.io/redirection=enabled", func() error { return captureOf(t, demoNS).complete() })
 	if after := podFingerprint(t, demoNS); after != before {
 		t.Fatalf("pods restarted or replaced when enabling ambient:\nbefore:\n%s\nafter:\n%s", before, after)
 	}

@@ -63,8 +63,8 @@ func TestNodeAgentRestartReadoptsPods(t *testing.T) {
 	node := nodeOf(t, demoNS, "app=httpbin")
 	restartComponentOnNode(t, "ambient-node-agent", node)
 	assertJourneyTrafficWorks(t, "traffic after node-agent restart on "+node)
-	if n, want := capturedCount(t, demoNS), podCount(t, demoNS); n != want {
-		t.Errorf("%d of %d pods still captured after the node-agent restart", n, want)
+	if err := captureOf(t, demoNS).complete(); err != nil {
+		t.Errorf("after the node-agent restart: %v", err)
 	}
 	if after := podFingerprint(t, demoNS); after != before {
 		t.Errorf("workload pods restarted:\nbefore:\n%s\nafter:\n%s", before, after)
@@ -326,12 +326,7 @@ func TestDeleteMeshReleasesPodsWithoutRestart(t *testing.T) {
 	requireMesh(t)
 	deployJourney(t)
 	mustKubectl(t, "label", "namespace", demoNS, "istio.io/dataplane-mode=ambient", "--overwrite")
-	eventually(t, 60*time.Second, "pods captured", func() error {
-		if n, want := capturedCount(t, demoNS), podCount(t, demoNS); n != want {
-			return fmt.Errorf("%d of %d captured", n, want)
-		}
-		return nil
-	})
+	eventually(t, 60*time.Second, "pods captured", func() error { return captureOf(t, demoNS).complete() })
 	before := podFingerprint(t, demoNS)
 	mustKubectl(t, "delete", "ambientmesh", "default", "--wait=true", "--timeout=180s")
 	defer func() {
@@ -340,7 +335,7 @@ func TestDeleteMeshReleasesPodsWithoutRestart(t *testing.T) {
 		kubectl("-n", meshNS, "rollout", "status", "daemonset/ambient-node-agent", "--timeout=180s")
 	}()
 	eventually(t, 90*time.Second, "pods released", func() error {
-		if n := capturedCount(t, demoNS); n != 0 {
+		if n := captureOf(t, demoNS).captured; n != 0 {
 			return fmt.Errorf("%d pods still annotated ambient.istio.io/redirection=enabled", n)
 		}
 		return nil

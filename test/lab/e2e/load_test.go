@@ -71,13 +71,7 @@ spec:
 	}
 	apply(t, ns, y.String())
 	waitAvailable(t, ns)
-	want := podCount(t, ns)
-	eventually(t, 60*time.Second, ns+": every pod captured", func() error {
-		if n := capturedCount(t, ns); n != want {
-			return fmt.Errorf("%d of %d pods captured", n, want)
-		}
-		return nil
-	})
+	eventually(t, 60*time.Second, ns+": every pod captured", func() error { return captureOf(t, ns).complete() })
 	if waypointReplicas > 0 {
 		apply(t, ns, fmt.Sprintf(`apiVersion: mesh.ambient.dev/v1alpha1
 kind: WaypointPolicy

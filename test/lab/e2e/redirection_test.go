@@ -38,13 +38,7 @@ func TestRedirectionIPTablesJourney(t *testing.T) {
 	}
 	mustKubectl(t, "scale", "deployment", "sleep", "--replicas=2", "-n", ns)
 	waitAvailable(t, ns)
-	want := podCount(t, ns)
-	eventually(t, 60*time.Second, ns+": every pod captured", func() error {
-		if n := capturedCount(t, ns); n != want {
-			return fmt.Errorf("%d of %d pods captured", n, want)
-		}
-		return nil
-	})
+	eventually(t, 60*time.Second, ns+": every pod captured", func() error { return captureOf(t, ns).complete() })
 	agentLogs, _ := kubectl("logs", "-n", meshNS, "-l", "app=ambient-node-agent", "--tail=500")
 	if strings.Contains(agentLogs, "executable file not found") {
 		t.Fatalf("node agent could not run iptables:\n%s", agentLogs)
