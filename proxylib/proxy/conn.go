@@ -73,6 +73,26 @@ func (s *session) open() {
 	s.p.cfg.Metrics.ConnOpened(s.labels)
 }
 
+// relayOrFail ends the session with err, or relays down↔up on a goroutine
+// of its own and returns at once. The caller's goroutine grew its stack
+// routing, authorizing and dialing (TLS handshakes, network-namespace
+// dials); a tunnel that then idles for hours would hold that stack, where
+// a fresh relay goroutine's stays small (runtime stacks shrink only while
+// little of them is in use). Both connections are closed when it ends.
+func (s *session) relayOrFail(down, up net.Conn, err error) {
+	if err != nil {
+		if down != nil {
+			down.Close()
+		}
+		s.finish(0, 0, err)
+		return
+	}
+	go func() {
+		received, sent, err := Relay(down, up)
+		s.finish(received, sent, err)
+	}()
+}
+
 // finish writes the access-log line and closes the metrics.
 func (s *session) finish(received, sent int64, err error) {
 	if s.remove != nil {

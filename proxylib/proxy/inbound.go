@@ -26,14 +26,14 @@ func (p *Proxy) serveHBONE(ctx context.Context, pd *pod, req *hbone.Request, res
 	p.router.learnSource(req.PeerAddr.Addr())
 	s.labels = telemetry.Labels{Reporter: telemetry.ReporterDestination, Source: telemetry.PeerOf(p.cfg.State.WorkloadByAddr(req.PeerAddr.Addr()), &peer),
 		Destination: telemetry.PeerOf(nil, nil), Service: telemetry.ServiceOf(nil), SecurityPolicy: telemetry.MutualTLS}
-	received, sent, err := p.inboundHBONE(ctx, s, pd, req, resp)
-	s.finish(received, sent, err)
+	down, up, err := p.inboundHBONE(ctx, s, pd, req, resp)
+	s.relayOrFail(down, up, err)
 }
 
-func (p *Proxy) inboundHBONE(ctx context.Context, s *session, pd *pod, req *hbone.Request, resp hbone.Responder) (int64, int64, error) {
-	reject := func(err error) (int64, int64, error) {
+func (p *Proxy) inboundHBONE(ctx context.Context, s *session, pd *pod, req *hbone.Request, resp hbone.Responder) (down, up net.Conn, err error) {
+	reject := func(err error) (net.Conn, net.Conn, error) {
 		resp.Reject(proxyerr.HTTPStatus(proxyerr.ReasonOf(err)), err.Error())
-		return 0, 0, err
+		return nil, nil, err
 	}
 	dstW, err := p.inboundDestination(pd, req.Target)
 	if err != nil {
@@ -53,36 +53,36 @@ func (p *Proxy) inboundHBONE(ctx context.Context, s *session, pd *pod, req *hbon
 		}
 		// The waypoint believes our Forwarded and caller headers: they name
 		// the client we decided on, never what the peer wrote.
-		up, err := p.hairpin(ctx, s, pd, dstW, req.Target, hairpinHeader(withForwarded(req.Header, src), &peer))
+		up, err = p.hairpin(ctx, s, pd, dstW, req.Target, hairpinHeader(withForwarded(req.Header, src), &peer))
 		if err != nil {
 			return reject(err)
 		}
-		return p.acceptAndRelay(s, pd, resp, up, dstW.GetUid(), c)
+		return p.accept(s, pd, resp, up, dstW.GetUid(), c)
 	}
 	if err := p.authorize(s, dstW, c); err != nil {
 		return reject(err)
 	}
-	up, err := p.dialApp(s, pd, src, req.Target)
+	up, err = p.dialApp(s, pd, src, req.Target)
 	if err != nil {
 		return reject(err)
 	}
-	return p.acceptAndRelay(s, pd, resp, up, dstW.GetUid(), c)
+	return p.accept(s, pd, resp, up, dstW.GetUid(), c)
 }
 
-func (p *Proxy) acceptAndRelay(s *session, pd *pod, resp hbone.Responder, up net.Conn, dstUID string, c rbac.Conn) (int64, int64, error) {
+func (p *Proxy) accept(s *session, pd *pod, resp hbone.Responder, up net.Conn, dstUID string, c rbac.Conn) (net.Conn, net.Conn, error) {
 	if err := s.track(pd.info.UID, dstUID, c); err != nil {
 		up.Close()
 		resp.Reject(http.StatusServiceUnavailable, err.Error())
-		return 0, 0, err
+		return nil, nil, err
 	}
 	down, err := resp.Accept()
 	if err != nil {
 		up.Close()
-		return 0, 0, proxyerr.Wrap(proxyerr.ConnectionClosed, err, "accept CONNECT")
+		return nil, nil, proxyerr.Wrap(proxyerr.ConnectionClosed, err, "accept CONNECT")
 	}
 	s.attach(down, up)
 	s.open()
-	return Relay(down, up)
+	return down, up, nil
 }
 
 // inboundDestination checks readiness and that target is this pod on a
@@ -115,20 +115,19 @@ func (p *Proxy) servePlaintextInbound(pd *pod, down net.Conn) {
 	p.router.learnSource(src.Addr())
 	s.labels = telemetry.Labels{Reporter: telemetry.ReporterDestination, Source: telemetry.PeerOf(p.cfg.State.WorkloadByAddr(src.Addr()), nil),
 		Destination: telemetry.PeerOf(nil, nil), Service: telemetry.ServiceOf(nil), SecurityPolicy: telemetry.Unknown}
-	received, sent, err := p.plaintextInbound(s, pd, down, src)
-	down.Close()
-	s.finish(received, sent, err)
+	up, err := p.plaintextInbound(s, pd, down, src)
+	s.relayOrFail(down, up, err)
 }
 
-func (p *Proxy) plaintextInbound(s *session, pd *pod, down net.Conn, src netip.AddrPort) (int64, int64, error) {
+func (p *Proxy) plaintextInbound(s *session, pd *pod, down net.Conn, src netip.AddrPort) (net.Conn, error) {
 	dst, err := netnsutil.OriginalDst(down)
 	if err != nil {
-		return 0, 0, proxyerr.Wrap(proxyerr.OriginalDstMissing, err, "original destination")
+		return nil, proxyerr.Wrap(proxyerr.OriginalDstMissing, err, "original destination")
 	}
 	s.dst = dst
 	dstW, err := p.inboundDestination(pd, dst)
 	if err != nil {
-		return 0, 0, err
+		return nil, err
 	}
 	s.labels.Destination = telemetry.PeerOf(dstW, nil)
 	var up net.Conn
@@ -138,28 +137,28 @@ func (p *Proxy) plaintextInbound(s *session, pd *pod, down net.Conn, src netip.A
 		// refuses it), then by the waypoint, told there is no identity.
 		c.ToDestinationWaypoint = true
 		if err := p.authorize(s, dstW, c); err != nil {
-			return 0, 0, err
+			return nil, err
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
 		defer cancel()
 		if up, err = p.hairpin(ctx, s, pd, dstW, dst, hairpinHeader(forwarded(src, nil), nil)); err != nil {
-			return 0, 0, err
+			return nil, err
 		}
 	} else {
 		if err := p.authorize(s, dstW, c); err != nil {
-			return 0, 0, err
+			return nil, err
 		}
 		if up, err = p.dialApp(s, pd, src.Addr(), dst); err != nil {
-			return 0, 0, err
+			return nil, err
 		}
 	}
 	s.attach(up)
 	if err := s.track(pd.info.UID, dstW.GetUid(), c); err != nil {
 		up.Close()
-		return 0, 0, err
+		return nil, err
 	}
 	s.open()
-	return Relay(down, up)
+	return up, nil
 }
 
 // authorize applies dst's policies, logging Istio's "RBAC rejected" line.

@@ -26,28 +26,27 @@ func (p *Proxy) serveOutbound(pd *pod, down net.Conn, dst netip.AddrPort) {
 	srcID := p.podIdentity(pd.info)
 	s.labels = telemetry.Labels{Reporter: telemetry.ReporterSource, Source: telemetry.PeerOf(srcW, &srcID),
 		Destination: telemetry.PeerOf(nil, nil), Service: telemetry.ServiceOf(nil)}
-	received, sent, err := p.outbound(s, pd, down, dst, srcW, srcID)
-	down.Close()
-	s.finish(received, sent, err)
+	up, err := p.outbound(s, pd, down, dst, srcW, srcID)
+	s.relayOrFail(down, up, err)
 }
 
-func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort, srcW *workloadapi.Workload, srcID identity.Identity) (int64, int64, error) {
+func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort, srcW *workloadapi.Workload, srcID identity.Identity) (net.Conn, error) {
 	if !dst.IsValid() {
 		var err error
 		if dst, err = netnsutil.OriginalDst(down); err != nil {
-			return 0, 0, proxyerr.Wrap(proxyerr.OriginalDstMissing, err, "original destination")
+			return nil, proxyerr.Wrap(proxyerr.OriginalDstMissing, err, "original destination")
 		}
 	}
 	s.dst = dst
 	if !p.Ready() {
-		return 0, 0, proxyerr.New(proxyerr.NotReady, "discovery or certificates not ready")
+		return nil, proxyerr.New(proxyerr.NotReady, "discovery or certificates not ready")
 	}
 	if isProxyPort(dst.Port()) && isLocalTarget(down, dst) {
-		return 0, 0, proxyerr.New(proxyerr.SelfTarget, "destination %s is ztunnel itself", dst)
+		return nil, proxyerr.New(proxyerr.SelfTarget, "destination %s is ztunnel itself", dst)
 	}
 	rt, err := p.router.Resolve(srcW, dst)
 	if err != nil {
-		return 0, 0, err
+		return nil, err
 	}
 	s.dst = rt.Target
 	var expected *identity.Identity
@@ -79,28 +78,28 @@ func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort,
 		up, err = pd.dialer.Dial(ctx, hbone.DialRequest{Source: srcID, Expected: rt.Expected, ProxyAddr: rt.ProxyAddr,
 			Target: rt.Target, Header: forwarded(s.src, srcW)})
 		if err != nil {
-			return 0, 0, proxyerr.Wrap(proxyerr.HBONEConnectFailed, err, "HBONE to %s via %s", rt.Target, rt.ProxyAddr)
+			return nil, proxyerr.Wrap(proxyerr.HBONEConnectFailed, err, "HBONE to %s via %s", rt.Target, rt.ProxyAddr)
 		}
 	default:
 		s.info("proxying to %s using passthrough", rt.Target)
 		s.labels.SecurityPolicy = telemetry.Unknown
 		up, err = netnsutil.DialTCP(ctx, pd.ns, netip.AddrPort{}, rt.Target, p.dialOptions())
 		if err != nil {
-			return 0, 0, proxyerr.Wrap(proxyerr.UpstreamConnectFailed, err, "dial %s", rt.Target)
+			return nil, proxyerr.Wrap(proxyerr.UpstreamConnectFailed, err, "dial %s", rt.Target)
 		}
 	}
 	s.attach(up)
 	if err := s.track(pd.info.UID, "", rbac.Conn{}); err != nil {
 		up.Close()
-		return 0, 0, err
+		return nil, err
 	}
 	s.open()
-	return Relay(down, up)
+	return up, nil
 }
 
-// fastPath delivers to a pod on this node without a tunnel, still applying
+// fastPath connects to a pod on this node without a tunnel, still applying
 // the destination's policy with the source's identity (ztunnel holds both).
-func (p *Proxy) fastPath(s *session, src, dst *pod, down net.Conn, rt Route, srcID identity.Identity) (int64, int64, error) {
+func (p *Proxy) fastPath(s *session, src, dst *pod, down net.Conn, rt Route, srcID identity.Identity) (net.Conn, error) {
 	s.info("proxying to %s using node local fast path", rt.Target)
 	s.labels.SecurityPolicy = telemetry.MutualTLS
 	s.labels.Reporter = telemetry.ReporterDestination
@@ -111,19 +110,19 @@ func (p *Proxy) fastPath(s *session, src, dst *pod, down net.Conn, rt Route, src
 	}
 	c := rbac.Conn{Source: &srcID, SrcIP: srcAddr, DstIP: rt.Target.Addr(), DstPort: rt.Target.Port()}
 	if err := p.authorize(s, rt.Dest, c); err != nil {
-		return 0, 0, err
+		return nil, err
 	}
 	up, err := p.dialApp(s, dst, fastPathSource(srcW, s.src.Addr()), rt.Target)
 	if err != nil {
-		return 0, 0, err
+		return nil, err
 	}
 	s.attach(up)
 	if err := s.track(src.info.UID, rt.Dest.GetUid(), c); err != nil {
 		up.Close()
-		return 0, 0, err
+		return nil, err
 	}
 	s.open()
-	return Relay(down, up)
+	return up, nil
 }
 
 // serveSOCKS5 is outbound with the destination named by the client.

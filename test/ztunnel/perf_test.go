@@ -74,6 +74,7 @@ func TestPerf(t *testing.T) {
 	loadRSS := perftest.RSS(t, zt.cmd.Process.Pid)
 
 	before, memBefore := perftest.RSS(t, zt.cmd.Process.Pid), zt.memStats(t)
+	serverBefore := perftest.RSS(t, pm.zts[1].cmd.Process.Pid)
 	var conns []net.Conn
 	for i := 0; i < 1000; i++ {
 		c, err := pm.sleep.Dial(pm.httpbin.Addr(9101))
@@ -106,8 +107,8 @@ func TestPerf(t *testing.T) {
 		fmt.Sprintf("HTTP/1.1 1 KiB POST, 4 connections, %.0f rps achieved for %v: client ztunnel %.3f vCPU => %.3f vCPU per 1000 rps (server ztunnel %.3f), RSS %.1f MB",
 			rpsAchieved, loadFor, cpu, cpu/(rpsAchieved/1000), serverCPU/(rpsAchieved/1000), loadRSS/1e6),
 		fmt.Sprintf("idle RSS (2 pods adopted): %.1f MB (%s)", idle/1e6, idleParts),
-		fmt.Sprintf("1000 open tunnels: client ztunnel RSS %.1f -> %.1f MB (+%.1f MB per 1000), server ztunnel RSS %.1f MB",
-			before/1e6, after/1e6, (after-before)/1e6, serverSide/1e6),
+		fmt.Sprintf("1000 open tunnels: client ztunnel RSS %.1f -> %.1f MB (+%.1f MB per 1000), server ztunnel RSS %.1f -> %.1f MB (+%.1f MB per 1000)",
+			before/1e6, after/1e6, (after-before)/1e6, serverBefore/1e6, serverSide/1e6, (serverSide-serverBefore)/1e6),
 		fmt.Sprintf("per open tunnel, client ztunnel: goroutine stacks %.1f KiB, heap %.1f KiB (Go runtime's StackInuse/HeapInuse growth / 1000)",
 			float64(memAfter["StackInuse"]-memBefore["StackInuse"])/1000/1024, float64(memAfter["HeapInuse"]-memBefore["HeapInuse"])/1000/1024),
 		fmt.Sprintf("per idle tunnel after two collections (the runtime runs one every 2 min): goroutine stacks %.1f KiB, heap %.1f KiB",
@@ -166,15 +167,23 @@ func (z *ztunnelProcess) profile(t *testing.T, path string, seconds int) {
 
 // fetch saves an admin endpoint's answer to path.
 func (z *ztunnelProcess) fetch(t *testing.T, path, uri string) {
+	b, err := z.admin(uri)
+	if err != nil {
+		t.Log("profile:", err)
+		return
+	}
+	os.WriteFile(path, b, 0o644)
+}
+
+// admin GETs uri from the ztunnel's admin port (:15000 in its node netns).
+func (z *ztunnelProcess) admin(uri string) ([]byte, error) {
 	c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 		return netnsutil.DialTCP(ctx, z.nodeNS, netip.AddrPort{}, netip.MustParseAddrPort("127.0.0.1:15000"), netnsutil.SocketOptions{})
 	}}}
 	resp, err := c.Get("http://127.0.0.1:15000" + uri)
 	if err != nil {
-		t.Log("profile:", err)
-		return
+		return nil, err
 	}
 	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	os.WriteFile(path, b, 0o644)
+	return io.ReadAll(resp.Body)
 }
