@@ -184,15 +184,19 @@ func (p *proxies) rss() (client, server int64) {
 	return rssBytes(p.client.cmd.Process.Pid), rssBytes(p.srv.cmd.Process.Pid)
 }
 
-func (b *bench) startProxies(mode string, profile bool) (*proxies, error) {
+func (b *bench) startProxies(mode string) (*proxies, error) { return b.startProxiesNamed(mode, "") }
+
+// startProxiesNamed starts mode's proxies; with a profile name they write
+// CPU profiles <name>-{client,server}.pprof into the profile directory.
+func (b *bench) startProxiesNamed(mode, profile string) (*proxies, error) {
 	if mode == "raw" {
 		return &proxies{entry: b.sink}, nil
 	}
 	prof := func(side string) []string {
-		if !profile {
+		if profile == "" {
 			return nil
 		}
-		return []string{"-cpuprofile", filepath.Join(b.cfg.ProfileDir, mode+"-"+side+".pprof")}
+		return []string{"-cpuprofile", filepath.Join(b.cfg.ProfileDir, profile+"-"+side+".pprof")}
 	}
 	serverArgs := []string{"relay", "-mode", mode + "-server", "-certs", b.certs, "-copy", b.copy(), fmt.Sprintf("-frame-fit=%t", b.cfg.FrameFit)}
 	if mode == "tls" {
@@ -218,7 +222,7 @@ func (b *bench) measure(mode string) *ModeResult {
 		b.logf("%s %s: %v", mode, what, err)
 		r.Errors = append(r.Errors, what+": "+err.Error())
 	}
-	p, err := b.startProxies(mode, false)
+	p, err := b.startProxies(mode)
 	if err != nil {
 		fail("start", err)
 		return r
@@ -295,7 +299,7 @@ func (b *bench) handshakes(r *ModeResult, proto, alpn, addr string, fail func(st
 // memory holds n idle tunnels through fresh proxies and records the RSS
 // growth of each proxy divided by n.
 func (b *bench) memory(mode string, n int, r *ModeResult) error {
-	p, err := b.startProxies(mode, false)
+	p, err := b.startProxies(mode)
 	if err != nil {
 		return err
 	}
@@ -320,18 +324,34 @@ func (b *bench) memory(mode string, n int, r *ModeResult) error {
 	return nil
 }
 
-// profile records CPU profiles of both proxies during one single-stream run.
+// profile records CPU profiles of both proxies during one single-stream
+// run (<mode>-{client,server}.pprof), and of the HBONE dialer and the
+// server proxy during pooled opens (<mode>-opens-{dialer,server}.pprof).
 func (b *bench) profile(mode string) {
-	p, err := b.startProxies(mode, true)
-	if err != nil {
-		b.logf("profile %s: %v", mode, err)
+	b.profilePhase(mode, mode, "-mode", "throughput", "-bytes", itoa(b.cfg.Bytes), "-streams", "1")
+	if mode == "tls" {
 		return
 	}
-	if _, err := b.client("-mode", "throughput", "-addr", p.entry, "-bytes", itoa(b.cfg.Bytes), "-streams", "1"); err != nil {
-		b.logf("profile %s: %v", mode, err)
+	b.profilePhase(mode, mode+"-opens", "-mode", "opens", "-transport", mode, "-certs", b.certs,
+		"-target", b.sink, "-n", strconv.Itoa(b.cfg.Opens),
+		"-cpuprofile", filepath.Join(b.cfg.ProfileDir, mode+"-opens-dialer.pprof"))
+}
+
+func (b *bench) profilePhase(mode, name string, clientArgs ...string) {
+	p, err := b.startProxiesNamed(mode, name)
+	if err != nil {
+		b.logf("profile %s: %v", name, err)
+		return
+	}
+	addr := p.entry
+	if name != mode { // opens dial the server proxy themselves
+		addr = p.server
+	}
+	if _, err := b.client(append(clientArgs, "-addr", addr)...); err != nil {
+		b.logf("profile %s: %v", name, err)
 	}
 	p.stop()
-	b.logf("profiles: %s", filepath.Join(b.cfg.ProfileDir, mode+"-{client,server}.pprof"))
+	b.logf("profiles: %s", filepath.Join(b.cfg.ProfileDir, name+"-*.pprof"))
 }
 
 // client runs one client role process and decodes its result.

@@ -108,16 +108,11 @@ func relayCmd(args []string, stdout, stderr io.Writer) error {
 		return errUsage
 	}
 	cfg.Log = newLogger(stderr, *verbose)
-	if *cpuProfile != "" {
-		f, err := os.Create(*cpuProfile)
-		if err != nil {
-			return err
-		}
-		if err := pprof.StartCPUProfile(f); err != nil {
-			return err
-		}
-		defer func() { pprof.StopCPUProfile(); f.Close() }()
+	stop, err := startCPUProfile(*cpuProfile)
+	if err != nil {
+		return err
 	}
+	defer stop()
 	r, err := StartRelay(cfg)
 	if err != nil {
 		return err
@@ -144,11 +139,16 @@ func clientCmd(args []string, stdout io.Writer) error {
 	proto := fs.String("proto", "tcp", "handshakes: tcp | quic")
 	alpn := fs.String("alpn", "h2", "handshakes: ALPN")
 	certs := fs.String("certs", "", "certificate directory (opens, handshakes)")
+	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	if err := fs.Parse(args); err != nil || *mode == "" || *addr == "" {
 		return errUsage
 	}
+	stop, err := startCPUProfile(*cpuProfile)
+	if err != nil {
+		return err
+	}
+	defer stop()
 	var res Result
-	var err error
 	switch *mode {
 	case "throughput":
 		res, err = Throughput(*addr, *bytes, *streams)
@@ -211,4 +211,21 @@ func newLogger(w io.Writer, verbose bool) logr.Logger {
 		return logr.Discard()
 	}
 	return zapr.NewLogger(z)
+}
+
+// startCPUProfile profiles the process into path (nothing when empty)
+// until stop is called.
+func startCPUProfile(path string) (stop func(), err error) {
+	if path == "" {
+		return func() {}, nil
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, err
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return func() { pprof.StopCPUProfile(); f.Close() }, nil
 }
