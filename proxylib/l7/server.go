@@ -370,6 +370,21 @@ func (b *requestBody) readTrailers() error {
 
 func (b *requestBody) Close() error { return nil }
 
+// BodyBuffered reports whether body, a request body from Server, has all
+// of its bytes in memory already: a Content-Length body that arrived with
+// its head (no 100-continue pending, nothing read yet). A proxy forwards
+// such a body from memory: net/http then writes the upstream request in
+// one write, where for a streamed body it flushes the head on its own
+// first — one more TLS record and syscall per request on an HBONE tunnel.
+func BodyBuffered(body io.Reader) bool {
+	b, ok := body.(*requestBody)
+	if !ok || b.chunked || b.expect || b.eof || b.err != nil {
+		return false
+	}
+	lr, ok := b.r.(*io.LimitedReader)
+	return ok && lr.N > 0 && lr.N == b.req.ContentLength && int64(b.br.Buffered()) >= lr.N
+}
+
 // drain consumes what the handler left of the body so the next request can
 // be read; false means the connection cannot be reused.
 func (b *requestBody) drain() bool {

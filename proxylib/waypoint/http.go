@@ -162,6 +162,8 @@ type outcome struct {
 	endpoint *workloadapi.Workload
 	route    string
 	upstream string
+
+	bodyInMemory bool // the request body arrived with its head (l7.BodyBuffered)
 }
 
 // ServeL7 handles one HTTP request: policy, routing, load balancing,
@@ -169,9 +171,9 @@ type outcome struct {
 func (c *connInfo) ServeL7(in *http.Request) *http.Response {
 	start := time.Now()
 	span, traced := l7.StartSpan(in.Header, c.s.cfg.Tracing)
+	o := &outcome{bodyInMemory: l7.BodyBuffered(in.Body)}
 	reqBody := &countingBody{r: in.Body}
 	in.Body = reqBody
-	o := &outcome{}
 	resp := c.handle(c.current(), in, o)
 	o.status = resp.StatusCode
 	if rwc, ok := resp.Body.(io.ReadWriteCloser); ok && resp.StatusCode == http.StatusSwitchingProtocols {
@@ -305,8 +307,10 @@ func (c *connInfo) forward(in *http.Request, o *outcome, m *route.Match, b *rout
 		retry = rule.Retry
 		attempts += retry.Attempts
 	}
+	// The body is read into memory to replay it on retries, and when it is
+	// there already (then the upstream request goes out in one write).
 	var replay []byte
-	if attempts > 1 && in.ContentLength != 0 {
+	if (attempts > 1 || o.bodyInMemory) && in.ContentLength != 0 {
 		if in.ContentLength > 0 && in.ContentLength <= maxReplayBody {
 			buf, err := io.ReadAll(io.LimitReader(in.Body, maxReplayBody+1))
 			if err != nil {
