@@ -35,6 +35,7 @@ type connInfo struct {
 	fwd    l7.Forwarding
 	mu     sync.Mutex
 	snap   snapshot
+	series lastSeries // metrics of the connection's last label set
 }
 
 // snapshot is the L7 configuration and the policies bound to this tunnel's
