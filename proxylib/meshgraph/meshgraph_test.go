@@ -209,7 +209,11 @@ func TestParseRejectsGarbage(t *testing.T) {
 
 func TestLinkPolicies(t *testing.T) {
 	cur := map[Target]string{
-		wp:  req("sleep", "echo", "echo.default.svc.cluster.local", "200", "-", 1),
+		wp: req("sleep", "echo", "echo.default.svc.cluster.local", "200", "-", 1) +
+			req("sleep", "httpbin", "httpbin.default.svc.cluster.local", "200", "-", 1) +
+			// refused before routing: the waypoint knows only the service
+			strings.ReplaceAll(req("notsleep", "unknown", "httpbin.default.svc.cluster.local", "403", "authorization_policy_rejection", 1),
+				`destination_workload_namespace="default"`, `destination_workload_namespace="unknown"`),
 		zt2: tcp(opened, "destination", "sleep", "httpbin", "httpbin.default.svc.cluster.local", "-", "mutual_tls", 1),
 	}
 	g := Build(nil, snap(t, time.Unix(1, 0), cur))
@@ -229,8 +233,9 @@ func TestLinkPolicies(t *testing.T) {
 	}
 	g.LinkPolicies("ambient-system", policies, workloads)
 	want := map[string]string{
-		"workload:default/sleep->workload:default/httpbin|tcp": "ambient-system/mesh-wide,default/httpbin-only,default/ns-wide",
-		"workload:default/sleep->workload:default/echo|http":   "ambient-system/mesh-wide,default/at-waypoint,default/echo-svc,default/ns-wide",
+		"workload:default/sleep->workload:default/httpbin|tcp":                      "ambient-system/mesh-wide,default/httpbin-only,default/ns-wide",
+		"workload:default/sleep->workload:default/echo|http":                        "ambient-system/mesh-wide,default/at-waypoint,default/echo-svc,default/ns-wide",
+		"workload:default/notsleep->service:httpbin.default.svc.cluster.local|http": "ambient-system/mesh-wide,default/at-waypoint,default/httpbin-only,default/ns-wide",
 	}
 	for id, w := range want {
 		e := edgeByID(g, id)

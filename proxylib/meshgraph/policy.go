@@ -33,11 +33,23 @@ func (g *Graph) LinkPolicies(rootNamespace string, policies []Policy, workloads 
 	for _, w := range workloads {
 		labels[w.Namespace+"/"+w.Name] = w.Labels
 	}
+	// A request refused before routing names only the service: its
+	// workloads are those other edges reached through the same service.
+	behind := map[string][]string{}
+	for _, e := range g.Edges {
+		if e.Service != "" && e.dstWorkload != "" && !contains(behind[e.Service], e.dstWorkload) {
+			behind[e.Service] = append(behind[e.Service], e.dstWorkload)
+		}
+	}
 	for i := range g.Edges {
 		e := &g.Edges[i]
 		e.Policies = nil
+		dst := []string{e.dstWorkload}
+		if e.dstWorkload == "" {
+			dst = behind[e.Service]
+		}
 		for _, p := range policies {
-			if applies(p, e, rootNamespace, labels[e.dstNamespace+"/"+e.dstWorkload]) {
+			if appliesToAny(p, e, rootNamespace, dst, labels) {
 				action := p.Action
 				if action == "" {
 					action = "ALLOW"
@@ -52,6 +64,18 @@ func (g *Graph) LinkPolicies(rootNamespace string, policies []Policy, workloads 
 			return e.Policies[a].Name < e.Policies[b].Name
 		})
 	}
+}
+
+func appliesToAny(p Policy, e *Edge, rootNamespace string, workloads []string, labels map[string]map[string]string) bool {
+	if len(workloads) == 0 {
+		return applies(p, e, rootNamespace, nil)
+	}
+	for _, w := range workloads {
+		if applies(p, e, rootNamespace, labels[e.dstNamespace+"/"+w]) {
+			return true
+		}
+	}
+	return false
 }
 
 func applies(p Policy, e *Edge, rootNamespace string, wlLabels map[string]string) bool {

@@ -57,6 +57,7 @@ function layout(graph, width, height) {
   const cols = {};
   graph.nodes.forEach(n => (cols[depth[n.id]] = cols[depth[n.id]] || []).push(n));
   const ncols = Object.keys(cols).length;
+  graph.columns = ncols;
   const pos = {};
   Object.entries(cols).forEach(([d, nodes], ci) => {
     nodes.forEach((n, i) => {
@@ -68,6 +69,12 @@ function layout(graph, width, height) {
   });
   return pos;
 }
+
+function colWidth(graph, width) {
+  return (width - 220) / Math.max(1, graph.columns - 1);
+}
+
+function shortID(id) { return id.startsWith("workload:") ? id.slice("workload:".length) : id; }
 
 function drawGraph(graph) {
   const svg = document.getElementById("graph");
@@ -97,12 +104,16 @@ function drawGraph(graph) {
     // Curve away from the straight line; a second edge of the same pair
     // (tcp and http) bends the other way.
     const dx = b.x - a.x, dy = b.y - a.y, len = Math.hypot(dx, dy) || 1;
-    const bend = (k % 2 ? 1 : -1) * (20 + 25 * Math.floor((k - 1) / 2));
+    // An edge that skips a column (an L7 edge reported by the waypoint it
+    // went through) arcs clear of the nodes in between.
+    const skips = Math.abs(dx) > colWidth(graph, width) * 1.5;
+    const bend = (k % 2 ? 1 : -1) * ((skips ? 140 : 20) + 25 * Math.floor((k - 1) / 2));
     const r = 22;
     const sx = a.x + dx / len * r, sy = a.y + dy / len * r, tx = b.x - dx / len * r, ty = b.y - dy / len * r;
     const mx = (sx + tx) / 2 - dy / len * bend, my = (sy + ty) / 2 + dx / len * bend;
     g.appendChild(el("path", { d: `M ${sx} ${sy} Q ${mx} ${my} ${tx} ${ty}`, "marker-end": `url(#arrow-${cls})` }));
-    g.appendChild(el("text", { x: mx, y: my - 4, "text-anchor": "middle" }, e.protocol + " · " + edgeLabel(e, graph.intervalSeconds)));
+    // The label sits on the curve's midpoint.
+    g.appendChild(el("text", { x: (sx + 2 * mx + tx) / 4, y: (sy + 2 * my + ty) / 4 - 4, "text-anchor": "middle" }, e.protocol + " · " + edgeLabel(e, graph.intervalSeconds)));
     g.appendChild(el("title", {}, tooltip(e)));
     g.addEventListener("click", () => select(e, graph));
     svg.appendChild(g);
@@ -142,7 +153,7 @@ function drawTable(graph) {
   body.replaceChildren();
   for (const e of graph.edges) {
     const tr = el("tr", { class: edgeClass(e) + (selected === e.id ? " selected" : ""), "data-edge": e.id });
-    const cells = [e.source, e.target, e.protocol, (e.via || []).join(", ") || "—",
+    const cells = [shortID(e.source), shortID(e.target), e.protocol, (e.via || []).map(shortID).join(", ") || "—",
       fmt(e.rate.requests), fmt(e.rate.connections), pct(e.errorRatio), e.total.denied > 0 ? `${e.total.denied} (${pct(e.deniedRatio)})` : "0",
       (e.mtls ? "mTLS " : "plaintext ") + ((e.principals || []).join(", ") || "")];
     for (const c of cells) tr.appendChild(el("td", {}, String(c)));
