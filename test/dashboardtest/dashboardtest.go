@@ -62,6 +62,16 @@ func (p *Page) Find(source, target string) []Edge {
 	return out
 }
 
+// HTTPEdge returns the HTTP edge from source to target, nil when none.
+func (p *Page) HTTPEdge(source, target string) *Edge {
+	for _, e := range p.Find(source, target) {
+		if e.Protocol == "http" {
+			return &e
+		}
+	}
+	return nil
+}
+
 // Parse reads the dashboard's DOM as Chromium serialized it.
 func Parse(dom string) (*Page, error) {
 	doc, err := html.Parse(strings.NewReader(dom))

@@ -100,17 +100,9 @@ func TestDashboardInBrowser(t *testing.T) {
 		httpbinSvc = "service:httpbin.default.svc.cluster.local"
 		wp         = "workload:default/waypoint"
 	)
-	httpEdge := func(p *dashboardtest.Page, src, dst string) *dashboardtest.Edge {
-		for _, e := range p.Find(src, dst) {
-			if e.Protocol == "http" {
-				return &e
-			}
-		}
-		return nil
-	}
 	page := dashboardtest.Load(t, chromium, url, 60*time.Second, func(p *dashboardtest.Page) bool {
-		e := httpEdge(p, sleep, echoV1)
-		return e != nil && strings.Contains(e.Label, "req/s") && httpEdge(p, notsleep, httpbinSvc) != nil
+		e := p.HTTPEdge(sleep, echoV1)
+		return e != nil && strings.Contains(e.Label, "req/s") && p.HTTPEdge(notsleep, httpbinSvc) != nil
 	})
 	var drawn []string
 	for _, e := range page.Edges {
@@ -118,17 +110,17 @@ func TestDashboardInBrowser(t *testing.T) {
 	}
 	t.Logf("graph: %s\n%s", page.Status, strings.Join(drawn, "\n"))
 
-	e := httpEdge(page, sleep, echoV1)
+	e := page.HTTPEdge(sleep, echoV1)
 	if !slices.Equal(e.Via, []string{wp}) || !e.MTLS || e.Class != "ok" {
 		t.Errorf("sleep → echo-v1: %s; want via the waypoint, mTLS, healthy", e)
 	}
 	if !strings.Contains(e.Title, "cluster.local/ns/default/sa/sleep") {
 		t.Errorf("sleep → echo-v1 shows identity %q, want sleep's SPIFFE identity", e.Title)
 	}
-	if e := httpEdge(page, sleep, httpbin); e == nil || e.Class != "ok" {
+	if e := page.HTTPEdge(sleep, httpbin); e == nil || e.Class != "ok" {
 		t.Errorf("sleep → httpbin: %v; want a healthy edge", e)
 	}
-	if e := httpEdge(page, notsleep, httpbinSvc); e == nil || !strings.HasPrefix(e.Class, "denied") || !strings.Contains(e.Label, "denied") {
+	if e := page.HTTPEdge(notsleep, httpbinSvc); e == nil || !strings.HasPrefix(e.Class, "denied") || !strings.Contains(e.Label, "denied") {
 		t.Errorf("notsleep → httpbin: %s; want drawn as denied by policy", e)
 	}
 	// ztunnels carried the client's connections to the waypoint over HBONE.

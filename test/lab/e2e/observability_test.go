@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"net/url"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -46,13 +45,7 @@ func TestObservabilityAfterJourney(t *testing.T) {
 	requireComponents(t, "WAYPOINT_IMAGE")
 	deployJourney(t)
 	enrollAmbient(t, demoNS)
-	applyFile(t, demoNS, "test/lab/manifests/apps/echo.yaml")
-	waitAvailable(t, demoNS)
-	if out, err := exec.Command(filepath.Join(repoRoot, "bin/ambientctl"), "--kubeconfig", kubeconfig, "waypoint", "apply", "-n", demoNS, "--wait", "--timeout", "120s").CombinedOutput(); err != nil {
-		t.Fatalf("ambientctl waypoint apply: %v\n%s", err, out)
-	}
-	t.Cleanup(func() { removeNamespaceWaypoint(t) })
-	applyFile(t, demoNS, "test/lab/manifests/policy/httproute-echo.yaml")
+	echoBehindNamespaceWaypoint(t)
 	apply(t, demoNS, strings.ReplaceAll(observedPolicy, "NS", demoNS))
 	t.Cleanup(func() {
 		kubectl("delete", "authorizationpolicy", "dashboard-observed", "-n", demoNS, "--ignore-not-found")
@@ -169,16 +162,8 @@ func checkDashboard(t *testing.T) {
 	// bin/ambientctl is what make e2e built (test/lab/build.sh ambientctl).
 	dash := dashboardtest.Start(t, filepath.Join(repoRoot, "bin/ambientctl"), "--kubeconfig", kubeconfig, "--refresh", "2s")
 	sleep, echoV1, httpbin := "workload:"+demoNS+"/sleep", "workload:"+demoNS+"/echo-v1", "workload:"+demoNS+"/httpbin"
-	httpEdge := func(p *dashboardtest.Page, src, dst string) *dashboardtest.Edge {
-		for _, e := range p.Find(src, dst) {
-			if e.Protocol == "http" {
-				return &e
-			}
-		}
-		return nil
-	}
 	page := dashboardtest.Load(t, chromium, dash, 90*time.Second, func(p *dashboardtest.Page) bool {
-		e := httpEdge(p, sleep, echoV1)
+		e := p.HTTPEdge(sleep, echoV1)
 		return e != nil && strings.Contains(e.Label, "req/s") && !strings.HasPrefix(e.Label, "http · 0 ") && len(p.Find(sleep, httpbin)) > 0
 	})
 	var drawn []string
@@ -188,7 +173,7 @@ func checkDashboard(t *testing.T) {
 	t.Logf("graph: %s\n%s", page.Status, strings.Join(drawn, "\n"))
 	writeArtifact(t, "dashboard-lab-edges.txt", []byte(strings.Join(drawn, "\n")))
 
-	e := httpEdge(page, sleep, echoV1)
+	e := page.HTTPEdge(sleep, echoV1)
 	if len(e.Via) != 1 || !strings.HasPrefix(e.Via[0], "workload:"+demoNS+"/") || !e.MTLS || e.Class != "ok" {
 		t.Errorf("sleep → echo-v1: %s; want through the namespace's waypoint, mTLS, healthy", e)
 	}
