@@ -113,20 +113,25 @@ func (k *kube) firstZtunnel(ctx context.Context, ns string) (string, error) {
 // cannot be set up it falls back to the API server's pod proxy, which works
 // for proxies that listen on the pod IP.
 func (k *kube) adminGet(ctx context.Context, ns, pod, path string) ([]byte, error) {
-	body, pfErr := k.adminGetPortForward(ctx, ns, pod, path)
+	return k.podGet(ctx, ns, pod, k.opts.adminPort, path)
+}
+
+// podGet fetches path from a pod's port, as adminGet does.
+func (k *kube) podGet(ctx context.Context, ns, pod string, port int, path string) ([]byte, error) {
+	body, pfErr := k.getPortForward(ctx, ns, pod, port, path)
 	if pfErr == nil {
 		return body, nil
 	}
-	body, proxyErr := k.cs.CoreV1().Pods(ns).ProxyGet("http", pod, strconv.Itoa(k.opts.adminPort), path, nil).DoRaw(ctx)
+	body, proxyErr := k.cs.CoreV1().Pods(ns).ProxyGet("http", pod, strconv.Itoa(port), path, nil).DoRaw(ctx)
 	if proxyErr == nil {
 		return body, nil
 	}
-	return nil, fmt.Errorf("reading %s%s of pod %s/%s: port-forward: %v; pod proxy: %v", adminHost(k.opts.adminPort), path, ns, pod, pfErr, proxyErr)
+	return nil, fmt.Errorf("reading %s%s of pod %s/%s: port-forward: %v; pod proxy: %v", adminHost(port), path, ns, pod, pfErr, proxyErr)
 }
 
 func adminHost(port int) string { return "localhost:" + strconv.Itoa(port) }
 
-func (k *kube) adminGetPortForward(ctx context.Context, ns, pod, path string) ([]byte, error) {
+func (k *kube) getPortForward(ctx context.Context, ns, pod string, port int, path string) ([]byte, error) {
 	req := k.cs.CoreV1().RESTClient().Post().Resource("pods").Namespace(ns).Name(pod).SubResource("portforward")
 	transport, upgrader, err := spdy.RoundTripperFor(k.cfg)
 	if err != nil {
@@ -136,7 +141,7 @@ func (k *kube) adminGetPortForward(ctx context.Context, ns, pod, path string) ([
 	stop, ready := make(chan struct{}), make(chan struct{})
 	defer close(stop)
 	var errOut strings.Builder
-	fw, err := portforward.NewOnAddresses(dialer, []string{"127.0.0.1"}, []string{"0:" + strconv.Itoa(k.opts.adminPort)}, stop, ready, io.Discard, &errOut)
+	fw, err := portforward.NewOnAddresses(dialer, []string{"127.0.0.1"}, []string{"0:" + strconv.Itoa(port)}, stop, ready, io.Discard, &errOut)
 	if err != nil {
 		return nil, err
 	}

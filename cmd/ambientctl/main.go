@@ -5,6 +5,7 @@
 //	ambientctl proxy-config workloads|secrets|services|policies|all [<ztunnel-pod>[.<namespace>]] [-o table|json|yaml]
 //	ambientctl waypoint apply|list|delete [-n ns] [--for-service-account sa] [--name name] [--wait]
 //	ambientctl status
+//	ambientctl dashboard [--listen 127.0.0.1:20001] [--refresh 5s] [--metrics-url ROLE:NS/POD[/WORKLOAD]=URL ...]
 //
 // It reads proxies through the API server (a port-forward to the admin port
 // :15000), so it needs nothing but a kubeconfig.
@@ -22,6 +23,8 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
+
+	"github.com/ambientmesh/ambient/proxylib/meshgraph/dashboard"
 )
 
 // errUsage marks errors that should be followed by the usage text.
@@ -43,6 +46,14 @@ Commands:
       listeners with their attached routes, and the HTTPRoutes on each.
   status
       AmbientMesh conditions and the mesh's ztunnel and node-agent pods.
+  dashboard [--listen ADDR] [--refresh 5s]
+      Serve the live service graph of the mesh on localhost: workloads and
+      services, request and connection rates, errors, denied traffic, mTLS
+      identities and the AuthorizationPolicies of each destination, built
+      from every ztunnel's and waypoint's /metrics (:15020, read through the
+      API server). --metrics-url ROLE:NAMESPACE/POD[/WORKLOAD]=URL (repeat;
+      ROLE ztunnel, waypoint or gateway) scrapes proxies directly instead,
+      without a cluster (no policy links then).
   version
 
 Flags:
@@ -62,17 +73,22 @@ type options struct {
 	all            bool
 	timeout        time.Duration
 	adminPort      int
+	listen         string
+	refresh        time.Duration
+	metricsURLs    []string
 }
 
 // invocation is a parsed command line.
 type invocation struct {
-	cmd      string   // proxy-config | waypoint | status | version | help
-	sub      string   // proxy-config: workloads|secrets|services|policies|dns|all; waypoint: apply|list|delete
-	pod      string   // proxy-config target pod ("" = first ztunnel)
-	podNS    string   // namespace of the target pod ("" = mesh namespace)
-	names    []string // waypoint delete names
-	opts     options
-	flagHelp string
+	cmd   string   // proxy-config | waypoint | status | version | help
+	sub   string   // proxy-config: workloads|secrets|services|policies|dns|all; waypoint: apply|list|delete
+	pod   string   // proxy-config target pod ("" = first ztunnel)
+	podNS string   // namespace of the target pod ("" = mesh namespace)
+	names []string // waypoint delete names
+	// metricsURLs are dashboard --metrics-url targets
+	metricsURLs []dashboard.URLTarget
+	opts        options
+	flagHelp    string
 }
 
 func newFlagSet(o *options) *pflag.FlagSet {
@@ -90,6 +106,9 @@ func newFlagSet(o *options) *pflag.FlagSet {
 	fs.BoolVar(&o.all, "all", false, "waypoint delete: every waypoint of the namespace")
 	fs.DurationVar(&o.timeout, "timeout", 60*time.Second, "overall timeout")
 	fs.IntVar(&o.adminPort, "admin-port", 15000, "proxy admin port")
+	fs.StringVar(&o.listen, "listen", "127.0.0.1:20001", "dashboard: loopback address to serve on (port 0 picks a free one)")
+	fs.DurationVar(&o.refresh, "refresh", 5*time.Second, "dashboard: how often the proxies are scraped")
+	fs.StringArrayVar(&o.metricsURLs, "metrics-url", nil, "dashboard: scrape ROLE:NAMESPACE/POD[/WORKLOAD]=URL instead of the cluster's proxies (repeatable)")
 	return fs
 }
 
@@ -176,6 +195,24 @@ func parseArgs(args []string) (invocation, error) {
 			return inv, fmt.Errorf("%w: gateway takes one command: list", errUsage)
 		}
 		inv.sub = "list"
+	case "dashboard", "dash":
+		inv.cmd = "dashboard"
+		if len(pos) > 0 {
+			return inv, fmt.Errorf("%w: dashboard takes no arguments", errUsage)
+		}
+		if err := checkLoopback(inv.opts.listen); err != nil {
+			return inv, err
+		}
+		if inv.opts.refresh < time.Second {
+			return inv, fmt.Errorf("%w: --refresh %s: at least 1s", errUsage, inv.opts.refresh)
+		}
+		for _, m := range inv.opts.metricsURLs {
+			t, err := parseMetricsURL(m)
+			if err != nil {
+				return inv, err
+			}
+			inv.metricsURLs = append(inv.metricsURLs, t)
+		}
 	case "status", "version", "help":
 		if len(pos) > 0 {
 			return inv, fmt.Errorf("%w: %s takes no arguments", errUsage, inv.cmd)
@@ -215,6 +252,13 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	if inv.cmd == "dashboard" { // runs until interrupted
+		if err := dashboardCmd(ctx, inv, os.Stdout); err != nil {
+			fmt.Fprintf(os.Stderr, "error: %v\n", err)
+			os.Exit(1)
+		}
+		return
+	}
 	ctx, cancel := context.WithTimeout(ctx, inv.opts.timeout)
 	defer cancel()
 	if err := run(ctx, inv, os.Stdout); err != nil {

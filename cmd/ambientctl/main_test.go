@@ -9,11 +9,68 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+	"github.com/ambientmesh/ambient/proxylib/meshgraph"
+	"github.com/ambientmesh/ambient/proxylib/meshgraph/dashboard"
 )
+
+func TestParseMetricsURL(t *testing.T) {
+	inv, err := parseArgs([]string{"dashboard", "--metrics-url", "waypoint:default/waypoint-7d9f-x/waypoint=http://127.0.0.1:1/metrics",
+		"--metrics-url", "ztunnel:ambient-system/ztunnel-a=http://127.0.0.1:2/metrics"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []dashboard.URLTarget{
+		{Target: meshgraph.Target{Role: "waypoint", Namespace: "default", Pod: "waypoint-7d9f-x", Workload: "waypoint"}, URL: "http://127.0.0.1:1/metrics"},
+		{Target: meshgraph.Target{Role: "ztunnel", Namespace: "ambient-system", Pod: "ztunnel-a", Workload: "ztunnel-a"}, URL: "http://127.0.0.1:2/metrics"},
+	}
+	if !reflect.DeepEqual(inv.metricsURLs, want) {
+		t.Fatalf("got %+v\nwant %+v", inv.metricsURLs, want)
+	}
+}
+
+func TestWorkloadOf(t *testing.T) {
+	yes := true
+	rs := func(name string) []metav1.OwnerReference {
+		return []metav1.OwnerReference{{Kind: "ReplicaSet", Name: name, Controller: &yes}}
+	}
+	tests := []struct {
+		pod  corev1.Pod
+		want string
+	}{
+		{corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "waypoint-6b8f9c-x", Labels: map[string]string{"pod-template-hash": "6b8f9c"}, OwnerReferences: rs("waypoint-6b8f9c")}}, "waypoint"},
+		{corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "ztunnel-abcde", OwnerReferences: []metav1.OwnerReference{{Kind: "DaemonSet", Name: "ztunnel", Controller: &yes}}}}, "ztunnel"},
+		{corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "bare"}}, "bare"},
+	}
+	for _, tt := range tests {
+		if got := workloadOf(&tt.pod); got != tt.want {
+			t.Errorf("workloadOf(%s) = %s, want %s", tt.pod.Name, got, tt.want)
+		}
+	}
+}
+
+func TestPolicyOf(t *testing.T) {
+	u := &unstructured.Unstructured{Object: map[string]any{
+		"metadata": map[string]any{"namespace": "default", "name": "p"},
+		"spec": map[string]any{
+			"action":     "DENY",
+			"selector":   map[string]any{"matchLabels": map[string]any{"app": "httpbin"}},
+			"targetRef":  map[string]any{"kind": "Gateway", "name": "waypoint"},
+			"targetRefs": []any{map[string]any{"kind": "Service", "name": "echo"}},
+		},
+	}}
+	got := policyOf(u)
+	want := meshgraph.Policy{Namespace: "default", Name: "p", Action: "DENY", Selector: map[string]string{"app": "httpbin"},
+		TargetRefs: []meshgraph.Ref{{Kind: "Gateway", Name: "waypoint"}, {Kind: "Service", Name: "echo"}}}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("got %+v\nwant %+v", got, want)
+	}
+}
 
 func TestParseArgs(t *testing.T) {
 	tests := []struct {
@@ -60,6 +117,17 @@ func TestParseArgs(t *testing.T) {
 		{name: "waypoint apply extra arg", args: []string{"waypoint", "apply", "x"}, wantErr: "takes no arguments"},
 		{name: "delete names and --all", args: []string{"waypoint", "delete", "x", "--all"}, wantErr: "not both"},
 		{name: "status extra arg", args: []string{"status", "x"}, wantErr: "takes no arguments"},
+		{name: "dashboard defaults: loopback, 5s", args: []string{"dashboard"}, want: invocation{cmd: "dashboard"},
+			check: func(o options) bool { return o.listen == "127.0.0.1:20001" && o.refresh == 5*time.Second }},
+		{name: "dashboard on [::1] and localhost", args: []string{"dash", "--listen", "[::1]:0"}, want: invocation{cmd: "dashboard"}},
+		{name: "dashboard localhost", args: []string{"dashboard", "--listen", "localhost:9000"}, want: invocation{cmd: "dashboard"}},
+		{name: "dashboard refuses a non-loopback address", args: []string{"dashboard", "--listen", "0.0.0.0:20001"}, wantErr: "loopback address only"},
+		{name: "dashboard refuses a host name", args: []string{"dashboard", "--listen", "example.com:20001"}, wantErr: "loopback address only"},
+		{name: "dashboard refresh too fast", args: []string{"dashboard", "--refresh", "10ms"}, wantErr: "at least 1s"},
+		{name: "dashboard metrics-url without role", args: []string{"dashboard", "--metrics-url", "ns/pod=http://x"}, wantErr: "ROLE:NAMESPACE/POD"},
+		{name: "dashboard metrics-url bad role", args: []string{"dashboard", "--metrics-url", "sidecar:ns/pod=http://x"}, wantErr: "role must be"},
+		{name: "dashboard metrics-url without URL", args: []string{"dashboard", "--metrics-url", "ztunnel:ns/pod"}, wantErr: "ROLE:NAMESPACE/POD"},
+		{name: "dashboard extra arg", args: []string{"dashboard", "x"}, wantErr: "takes no arguments"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -6,13 +6,17 @@
 #   bin/ambientctl
 #   bin/fortio/fortio                  (load tool and echo server of make bench-mesh; test/bench/fortio)
 #   bin/metallb/<ver>/{controller,speaker,metallb-native.yaml}  (the lab's LoadBalancer, from the module proxy)
-# Usage: test/lab/build.sh [k8s|coredns|fortio|metallb|conformance|images|ambientctl ...]   (default: all but conformance)
+#   bin/prometheus/<ver>/prometheus    (the lab's metrics server, from the module proxy)
+# Usage: test/lab/build.sh [k8s|coredns|fortio|metallb|prometheus|conformance|images|ambientctl ...]   (default: all but conformance)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BIN=$ROOT/bin
 K8S_VERSION=${K8S_VERSION:-1.36.3}
 COREDNS_VERSION=${COREDNS_VERSION:-v1.12.4}
 METALLB_VERSION=${METALLB_VERSION:-v0.15.2}
+# The Go module version of Prometheus v3.x (the module proxy serves the
+# server's tags as v0.3xx.y); test/observability depends on the same module.
+PROMETHEUS_VERSION=${PROMETHEUS_VERSION:-v0.316.0}
 export K8S_VERSION
 
 ts() { date +%H:%M:%S; }
@@ -95,6 +99,29 @@ build_metallb() {
   step "built MetalLB in $((SECONDS - start))s"
 }
 
+# Prometheus (scrapes the lab's ztunnels, waypoints and manager; the e2e
+# TestPrometheusScrapesMesh queries it): the server alone, built from the
+# module proxy. The web UI's compiled assets are not in the module, so the
+# binary serves the HTTP API only, which is all the lab needs.
+build_prometheus() {
+  local out=$BIN/prometheus/$PROMETHEUS_VERSION/prometheus start=$SECONDS
+  # Also kept in ${AMBIENT_CACHE:-~/.cache/ambient} (as hack/build-envtest.sh
+  # keeps envtest's binaries): a fresh clone on the same machine, such as
+  # CI's, copies it instead of building for a quarter of an hour.
+  local cache=${AMBIENT_CACHE:-$HOME/.cache/ambient}/prometheus/$PROMETHEUS_VERSION/prometheus
+  if [ -x "$out" ]; then step "cached: $out"; return; fi
+  mkdir -p "$(dirname "$out")"
+  if [ -x "$cache" ]; then cp "$cache" "$out.tmp" && mv "$out.tmp" "$out"; step "cached: $out (from $cache)"; return; fi
+  step "building Prometheus $PROMETHEUS_VERSION (first time only; ~15 min on 2 busy cores)"
+  local gobin=$BIN/.build/prometheus-$PROMETHEUS_VERSION
+  mkdir -p "$gobin"
+  CGO_ENABLED=0 GOBIN="$gobin" go install -trimpath -ldflags "-s -w" \
+    "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_VERSION"
+  mv "$gobin/prometheus" "$out"
+  mkdir -p "$(dirname "$cache")" && cp "$out" "$cache.tmp" && mv "$cache.tmp" "$cache" || true
+  step "built $out in $((SECONDS - start))s"
+}
+
 # The Gateway API conformance suite's echo server (make conformance), from
 # the suite's module at the product's Gateway API version (test/conformance).
 build_conformance() {
@@ -110,7 +137,8 @@ build_images() {
   step "building lab images (pause, coredns, httpbin, sleep, fortio when built) into bin/lab/images"
   (cd "$ROOT" && CGO_ENABLED=0 go run ./test/lab/imagebuild \
      -out "$BIN/lab/images" -coredns "$BIN/coredns/$COREDNS_VERSION/coredns" -fortio "$BIN/fortio/fortio" \
-     -metallb "$BIN/metallb/$METALLB_VERSION" -metallb-version "$METALLB_VERSION" -echo-basic "$BIN/conformance/echo-basic")
+     -metallb "$BIN/metallb/$METALLB_VERSION" -metallb-version "$METALLB_VERSION" \
+     -prometheus "$BIN/prometheus/$PROMETHEUS_VERSION/prometheus" -echo-basic "$BIN/conformance/echo-basic")
   step "images ready in $((SECONDS - start))s"
 }
 
@@ -121,7 +149,7 @@ build_ambientctl() {
 }
 
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(k8s coredns fortio metallb images ambientctl)
+[ ${#targets[@]} -gt 0 ] || targets=(k8s coredns fortio metallb prometheus images ambientctl)
 for t in "${targets[@]}"; do
   case $t in
     k8s) build_k8s ;;
@@ -129,6 +157,7 @@ for t in "${targets[@]}"; do
     images) build_images ;;
     fortio) build_fortio ;;
     metallb) build_metallb ;;
+    prometheus) build_prometheus ;;
     conformance) build_conformance ;;
     ambientctl) build_ambientctl ;;
     *) echo "unknown build target $t" >&2; exit 2 ;;

@@ -37,7 +37,7 @@ collect_artifacts() {
 }
 
 say "e2e: build"
-"$ROOT/test/lab/build.sh" k8s coredns fortio metallb images ambientctl || die "build failed"
+"$ROOT/test/lab/build.sh" k8s coredns fortio metallb prometheus images ambientctl || die "build failed"
 "$ROOT/test/lab/lab.sh" up || { collect_artifacts; die "the lab did not come up"; }
 "$ROOT/test/lab/install.sh" || { collect_artifacts; die "install failed"; }
 cat "$STATE/mesh.env"

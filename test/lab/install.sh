@@ -4,7 +4,7 @@
 # sample AmbientMesh. Reports plainly which component is not available yet.
 #
 # Usage: test/lab/install.sh [--no-build] [--uninstall]   (env LAB_NO_BUILD=1 = --no-build)
-# Writes $STATE/mesh.env: OPERATOR, ZTUNNEL, NODE_AGENT, WAYPOINT_IMAGE, METALLB = ready|<reason>
+# Writes $STATE/mesh.env: OPERATOR, ZTUNNEL, NODE_AGENT, WAYPOINT_IMAGE, METALLB, PROMETHEUS = ready|<reason>
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -142,7 +142,32 @@ rollout_state() {
   echo "$obj not ready (${why:-pods not ready})"
 }
 
+# Prometheus (test/lab/manifests/prometheus): built once from the module
+# proxy (test/lab/build.sh prometheus, cached in bin/prometheus), its image
+# beside the others in bin/lab/images.
+PROMETHEUS_BIN=$ROOT/bin/prometheus/${PROMETHEUS_VERSION:-v0.316.0}/prometheus
+build_prometheus() {
+  [ -f "$IMAGES/prometheus.tar" ] && [ -x "$PROMETHEUS_BIN" ] && return 0
+  "$ROOT/test/lab/build.sh" prometheus images >"$LOGS/prometheus-build.log" 2>&1 ||
+    say "Prometheus build failed (see $LOGS/prometheus-build.log)"
+}
+
+install_prometheus() {
+  if ! image_on_nodes docker.io/ambient-lab/prometheus:dev; then
+    record PROMETHEUS "Prometheus image not built (test/lab/build.sh prometheus images; see $LOGS/prometheus-build.log)"
+    say "Prometheus: NOT AVAILABLE (not built)"; return 0
+  fi
+  kc apply --server-side --force-conflicts -f "$ROOT/test/lab/manifests/prometheus/prometheus.yaml" >"$LOGS/prometheus.log" 2>&1 ||
+    { record PROMETHEUS "kubectl apply of Prometheus failed (see $LOGS/prometheus.log)"; say "Prometheus: apply failed"; return 0; }
+  if kc -n ambient-monitoring rollout status deploy/prometheus --timeout=120s >/dev/null 2>&1; then
+    record PROMETHEUS ready; say "Prometheus running (ambient-monitoring/prometheus:9090, scraping every 2s)"
+  else
+    record PROMETHEUS "Prometheus not ready (kubectl -n ambient-monitoring logs deploy/prometheus)"; say "Prometheus: NOT READY"
+  fi
+}
+
 uninstall() {
+  kc delete --ignore-not-found -f "$ROOT/test/lab/manifests/prometheus/prometheus.yaml" --timeout=60s >/dev/null 2>&1 || true
   kc delete ambientmesh --all --timeout=120s >/dev/null 2>&1 || true
   [ -f "$LAB/install.yaml" ] && kc delete --ignore-not-found -f "$LAB/install.yaml" --timeout=120s >/dev/null 2>&1 || true
   say "mesh uninstalled"
@@ -152,6 +177,7 @@ main() {
   if [ -n "${uninstall:-}" ]; then uninstall; return; fi
   [ $build = 1 ] && build_images
   build_metallb
+  build_prometheus
   "$ROOT/test/lab/lab.sh" images
   install_prereq_crds
   install_metallb
@@ -185,5 +211,6 @@ main() {
   st=$(rollout_state daemonset/ambient-node-agent)
   record NODE_AGENT "$st"; say "node agent: $st"
   if image_on_nodes docker.io/ambient/waypoint:dev; then record WAYPOINT_IMAGE ready; else record WAYPOINT_IMAGE "waypoint image not built (cmd/waypoint does not exist yet)"; fi
+  install_prometheus
 }
 main

@@ -117,9 +117,9 @@ func podTarget(spec corev1.PodTemplateSpec) target {
 	return tg
 }
 
-// desiredTargets are the pods and Service the operator really creates,
-// from its own rendering code, and the manager's Service from config/.
-func desiredTargets(t *testing.T, managerService map[string]any) map[string]target {
+// desiredPods are the pod templates the operator really renders, from its
+// own rendering code.
+func desiredPods(t *testing.T) map[string]corev1.PodTemplateSpec {
 	t.Helper()
 	mesh := &meshv1.AmbientMesh{ObjectMeta: metav1.ObjectMeta{Name: "default", UID: "00000000-0000-0000-0000-000000000001"}}
 	mesh.Spec.Namespace = "ambient-system"
@@ -139,20 +139,29 @@ func desiredTargets(t *testing.T, managerService map[string]any) map[string]targ
 	ingressGW := &gwv1.Gateway{ObjectMeta: metav1.ObjectMeta{Namespace: "app", Name: "gateway"},
 		Spec: gwv1.GatewaySpec{GatewayClassName: controllers.IngressGatewayClass,
 			Listeners: []gwv1.Listener{{Name: "http", Port: 80, Protocol: gwv1.HTTPProtocolType}}}}
+	return map[string]corev1.PodTemplateSpec{
+		"ztunnel":         controllers.DesiredZtunnel(mesh, d).Spec.Template,
+		"node agent":      controllers.DesiredNodeAgent(mesh, d).Spec.Template,
+		"waypoint":        deployment(controllers.WaypointFromGateway(waypointGW, mesh, d)).Spec.Template,
+		"ingress gateway": deployment(controllers.IngressFromGateway(ingressGW, mesh, d)).Spec.Template,
+	}
+}
 
+// desiredTargets are the pods the operator renders (desiredPods) and the
+// manager's Service from config/.
+func desiredTargets(t *testing.T, managerService map[string]any) map[string]target {
+	t.Helper()
 	var svc corev1.Service
 	decode(t, managerService, &svc)
 	svcTarget := target{labels: svc.Labels}
 	for _, p := range svc.Spec.Ports {
 		svcTarget.ports = append(svcTarget.ports, p.Name)
 	}
-	return map[string]target{
-		"ztunnel":         podTarget(controllers.DesiredZtunnel(mesh, d).Spec.Template),
-		"node agent":      podTarget(controllers.DesiredNodeAgent(mesh, d).Spec.Template),
-		"waypoint":        podTarget(deployment(controllers.WaypointFromGateway(waypointGW, mesh, d)).Spec.Template),
-		"ingress gateway": podTarget(deployment(controllers.IngressFromGateway(ingressGW, mesh, d)).Spec.Template),
-		"manager service": svcTarget,
+	out := map[string]target{"manager service": svcTarget}
+	for name, spec := range desiredPods(t) {
+		out[name] = podTarget(spec)
 	}
+	return out
 }
 
 // TestPrometheusComponent: config/prometheus builds, alone and added to

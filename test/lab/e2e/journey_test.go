@@ -303,6 +303,15 @@ func TestJourneyWaypointHTTPRoute(t *testing.T) {
 	requireMesh(t)
 	requireComponents(t, "WAYPOINT_IMAGE")
 	deployJourney(t)
+	echoBehindNamespaceWaypoint(t)
+	expectEchoV1Only(t, "echo routed to echo-v1 only", demoNS, "http://echo/hostname")
+}
+
+// echoBehindNamespaceWaypoint deploys echo (v1, v2) in demoNS, a namespace
+// waypoint (ambientctl waypoint apply) and the seeds' HTTPRoute (echo →
+// echo-v1); the waypoint is removed when the test ends.
+func echoBehindNamespaceWaypoint(t *testing.T) {
+	t.Helper()
 	applyFile(t, demoNS, "test/lab/manifests/apps/echo.yaml")
 	waitAvailable(t, demoNS)
 	out, err := exec.Command(filepath.Join(repoRoot, "bin/ambientctl"), "--kubeconfig", kubeconfig, "waypoint", "apply", "-n", demoNS, "--wait", "--timeout", "120s").CombinedOutput()
@@ -313,7 +322,6 @@ func TestJourneyWaypointHTTPRoute(t *testing.T) {
 	// captured: a waypoint pod never is.
 	t.Cleanup(func() { removeNamespaceWaypoint(t) })
 	applyFile(t, demoNS, "test/lab/manifests/policy/httproute-echo.yaml")
-	expectEchoV1Only(t, "echo routed to echo-v1 only", demoNS, "http://echo/hostname")
 }
 
 // expectEchoV1Only waits until 10 requests from ns's sleep to url are all

@@ -4,8 +4,6 @@ package e2e
 
 import (
 	"fmt"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -74,13 +72,7 @@ func TestSidecarCoexistence(t *testing.T) {
 	// sidecar sleep → ambient echo behind the namespace waypoint: the
 	// sidecar sends to the waypoint's :15008 as ztunnel would, and the
 	// seeds' HTTPRoute (echo → echo-v1) applies.
-	applyFile(t, demoNS, "test/lab/manifests/apps/echo.yaml")
-	waitAvailable(t, demoNS)
-	if out, err := exec.Command(filepath.Join(repoRoot, "bin/ambientctl"), "--kubeconfig", kubeconfig, "waypoint", "apply", "-n", demoNS, "--wait", "--timeout", "120s").CombinedOutput(); err != nil {
-		t.Fatalf("ambientctl waypoint apply: %v\n%s", err, out)
-	}
-	t.Cleanup(func() { removeNamespaceWaypoint(t) })
-	applyFile(t, demoNS, "test/lab/manifests/policy/httproute-echo.yaml")
+	echoBehindNamespaceWaypoint(t)
 	expectEchoV1Only(t, "sidecar sleep -> echo through the waypoint, routed to echo-v1", "e2e-client-b",
 		"http://echo."+demoNS+".svc.cluster.local/hostname")
 	wpLogs, _ := kubectl("logs", "-n", demoNS, "-l", "mesh.ambient.dev/waypoint", "--tail=200")

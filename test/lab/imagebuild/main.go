@@ -43,6 +43,7 @@ func main() {
 	fortio := flag.String("fortio", "", "prebuilt fortio binary of test/bench/fortio (skipped when empty or missing)")
 	metallb := flag.String("metallb", "", "directory with prebuilt MetalLB controller and speaker binaries (test/lab/build.sh metallb); skipped when empty or missing")
 	metallbVersion := flag.String("metallb-version", "v0.15.2", "MetalLB version: the tag of the images its manifest names")
+	prometheus := flag.String("prometheus", "", "prebuilt Prometheus server binary (test/lab/build.sh prometheus); skipped when empty or missing")
 	echoBasic := flag.String("echo-basic", "", "prebuilt echo-basic binary of the Gateway API conformance suite (test/lab/build.sh conformance); skipped when empty or missing")
 	tag := flag.String("tag", "dev", "tag of the test workload images")
 	components := flag.String("components", "", "comma-separated cmd/<name> mesh components to package as docker.io/ambient/<name>:<tag> (a stand-in for `make images`); a component that does not build is reported and skipped")
@@ -79,6 +80,12 @@ func main() {
 			}
 			images = append(images, image{file: "metallb-" + c + ".tar", ref: "quay.io/metallb/" + c + ":" + *metallbVersion,
 				binary: bin, path: "/" + c, entrypoint: []string{"/" + c}})
+		}
+	}
+	if *prometheus != "" {
+		if _, err := os.Stat(*prometheus); err == nil {
+			images = append(images, image{file: "prometheus.tar", ref: "docker.io/ambient-lab/prometheus:" + *tag, binary: *prometheus,
+				path: "/bin/prometheus", entrypoint: []string{"/bin/prometheus"}})
 		}
 	}
 	if *echoBasic != "" {
