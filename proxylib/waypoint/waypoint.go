@@ -57,7 +57,12 @@ type Config struct {
 	Registry prometheus.Registerer
 	// Tracing generates a traceparent when a request has none.
 	Tracing      bool
-	SniffTimeout time.Duration // default 100ms
+	// SniffTimeout bounds the wait for a client's first bytes before its
+	// tunnel is taken for opaque TCP (server-first protocols send none).
+	// Default 1s: a client-first HTTP client delayed past it by a busy
+	// node would be served as TCP and refused by L7 policy (100ms did that
+	// under load). Istio's protocolDetectionTimeout default is 0, no bound.
+	SniffTimeout time.Duration
 	LBPolicy     lb.Policy
 	Outlier      lb.Outlier
 	// ConnectTimeout bounds one onward tunnel setup; default 5s.
@@ -104,7 +109,7 @@ func New(cfg Config) (*Server, error) {
 		cfg.ClusterDomain = "cluster.local"
 	}
 	if cfg.SniffTimeout <= 0 {
-		cfg.SniffTimeout = 100 * time.Millisecond
+		cfg.SniffTimeout = time.Second
 	}
 	if cfg.ConnectTimeout <= 0 {
 		cfg.ConnectTimeout = 5 * time.Second

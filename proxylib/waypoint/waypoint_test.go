@@ -765,3 +765,31 @@ spec:
 		t.Errorf("broken percent-encoding: %d, want 400", code)
 	}
 }
+
+// TestSlowHTTPClientIsStillHTTP: a client whose first bytes arrive late
+// (a busy node) is still served as HTTP — routed, policed at L7, given the
+// waypoint's forwarding headers — not passed through as opaque TCP (where
+// an L7 policy would refuse it). With the old 100ms bound this request,
+// sent 300ms after its tunnel opened, went through as TCP.
+func TestSlowHTTPClientIsStillHTTP(t *testing.T) {
+	d := newDemo(t)
+	st, err := d.sleep.Dial(context.Background(), d.wp, target(d.echoV1, wt.HTTPPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	time.Sleep(300 * time.Millisecond)
+	fmt.Fprintf(st, "GET / HTTP/1.1\r\nHost: echo-v1\r\nConnection: close\r\n\r\n")
+	resp, err := http.ReadResponse(bufio.NewReader(st), nil)
+	if err != nil {
+		t.Fatalf("no HTTP response: %v", err)
+	}
+	defer resp.Body.Close()
+	var s wt.Seen
+	if err := json.NewDecoder(resp.Body).Decode(&s); err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d, body: %v", resp.StatusCode, err)
+	}
+	if s.Header.Get("X-Forwarded-Client-Cert") == "" {
+		t.Errorf("request reached echo without the waypoint's headers (served as TCP): %v", s.Header)
+	}
+}
