@@ -56,7 +56,7 @@ type Config struct {
 	// Registry receives HTTP and TCP metrics (may be nil).
 	Registry prometheus.Registerer
 	// Tracing generates a traceparent when a request has none.
-	Tracing      bool
+	Tracing bool
 	// SniffTimeout bounds the wait for a client's first bytes before its
 	// tunnel is taken for opaque TCP (server-first protocols send none).
 	// Default 1s: a client-first HTTP client delayed past it by a busy
