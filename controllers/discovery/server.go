@@ -127,8 +127,9 @@ func (s *Server) callbacks() serverv3.Callbacks {
 			switch req.TypeUrl {
 			case xds.AddressType, xds.AuthorizationType:
 			case xds.L7ResourceType:
-				if caller.Role != proxyauth.RoleWaypoint {
-					return status.Error(codes.PermissionDenied, "only waypoints receive L7 resources")
+				// Sidecars enforce L7 policies on their own pod.
+				if caller.Role != proxyauth.RoleWaypoint && caller.Role != proxyauth.RoleSidecar {
+					return status.Error(codes.PermissionDenied, "only waypoints and sidecars receive L7 resources")
 				}
 			default:
 				return status.Errorf(codes.InvalidArgument, "unsupported type %q", req.TypeUrl)
@@ -236,7 +237,7 @@ func (c *Controller) DebugHandler() http.Handler {
 			return
 		}
 		types := []string{xds.AddressType, xds.AuthorizationType}
-		if role == proxyauth.RoleWaypoint {
+		if role == proxyauth.RoleWaypoint || role == proxyauth.RoleSidecar {
 			types = append(types, xds.L7ResourceType)
 		}
 		w.Header().Set("Content-Type", "application/json")

@@ -201,7 +201,11 @@ func Connect(ctx context.Context, o *Options, log logr.Logger, role string, type
 // sidecar). Background work runs until ctx ends; Close releases the rest.
 func Start(ctx context.Context, o *Options, log logr.Logger, role string, unprivileged bool) (*Proxy, error) {
 	AdaptWorkerThreads(ctx, o.WorkerThreads, log)
-	m, err := Connect(ctx, o, log, role)
+	var types []string
+	if role == discovery.RoleSidecar {
+		types = discovery.SidecarTypes
+	}
+	m, err := Connect(ctx, o, log, role, types...)
 	if err != nil {
 		return nil, err
 	}

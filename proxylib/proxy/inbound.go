@@ -59,8 +59,18 @@ func (p *Proxy) inboundHBONE(ctx context.Context, s *session, pd *pod, req *hbon
 		}
 		return p.acceptAndRelay(s, pd, resp, up, dstW.GetUid(), c)
 	}
+	l7 := p.inboundL7()
+	c.L7EnforcedHere = l7 != nil
 	if err := p.authorize(s, dstW, c); err != nil {
 		return reject(err)
+	}
+	if l7 != nil {
+		down, err := resp.Accept()
+		if err != nil {
+			return 0, 0, proxyerr.Wrap(proxyerr.ConnectionClosed, err, "accept CONNECT")
+		}
+		defer down.Close()
+		return p.serveL7(ctx, s, pd, l7, L7Inbound{Peer: peer, PeerAddr: req.PeerAddr, Header: req.Header, Target: req.Target, Workload: dstW}, down, c)
 	}
 	up, err := p.dialApp(s, pd, src, req.Target)
 	if err != nil {
@@ -146,8 +156,17 @@ func (p *Proxy) plaintextInbound(s *session, pd *pod, down net.Conn, src netip.A
 			return 0, 0, err
 		}
 	} else {
+		l7 := p.inboundL7()
+		c.L7EnforcedHere = l7 != nil
 		if err := p.authorize(s, dstW, c); err != nil {
 			return 0, 0, err
+		}
+		if l7 != nil {
+			tc, ok := down.(hbone.Stream)
+			if !ok {
+				return 0, 0, proxyerr.New(proxyerr.ConnectionClosed, "inbound connection cannot half-close")
+			}
+			return p.serveL7(context.Background(), s, pd, l7, L7Inbound{PeerAddr: src, Target: dst, Workload: dstW}, tc, c)
 		}
 		if up, err = p.dialApp(s, pd, src.Addr(), dst); err != nil {
 			return 0, 0, err

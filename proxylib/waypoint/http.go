@@ -33,8 +33,10 @@ type connInfo struct {
 	srcWL  *workloadapi.Workload
 	source telemetry.Peer
 	fwd    l7.Forwarding
-	mu     sync.Mutex
-	snap   snapshot
+	// plaintext: a sidecar's caller without mTLS (PERMISSIVE).
+	plaintext bool
+	mu        sync.Mutex
+	snap      snapshot
 }
 
 // snapshot is the L7 configuration and the policies bound to this tunnel's
@@ -65,7 +67,9 @@ func newConnInfo(s *Server, req *hbone.Request, dst destination) *connInfo {
 // isHairpin reports whether the peer is the destination itself, sending a
 // connection that reached it without passing this waypoint.
 func (s *Server) isHairpin(req *hbone.Request, dst destination) bool {
-	return dst.workload != nil && s.workloadIdentity(dst.workload) == req.Peer
+	// A sidecar's peer with its pod's identity is another replica, never
+	// a hair-pin: its caller header is not believed.
+	return !s.cfg.Sidecar && dst.workload != nil && s.workloadIdentity(dst.workload) == req.Peer
 }
 
 // caller is the identity the tunnel is authorized as. A hair-pinning

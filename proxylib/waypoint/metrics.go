@@ -15,6 +15,10 @@ import (
 // gateways report).
 const Reporter, ReporterSource = "waypoint", "source"
 
+// ReporterDestination is the reporter of a sidecar's L7 engine on its own
+// pod's inbound (as Istio's sidecars report the server side).
+const ReporterDestination = "destination"
+
 // httpLabels are Istio's standard request metric labels.
 var httpLabels = []string{
 	"reporter",
@@ -87,7 +91,7 @@ func (c *connInfo) record(in *http.Request, o *outcome, start time.Time, reqByte
 		c.source.Workload, c.source.Namespace, c.source.Principal, c.source.App, c.source.Version, c.source.Cluster,
 		svc.Host, svc.Namespace, svc.Name,
 		dst.Workload, dst.Namespace, dst.Principal, dst.App, dst.Version, dst.Cluster,
-		proto, statusString(o.status), gs, flags, telemetry.MutualTLS,
+		proto, statusString(o.status), gs, flags, c.securityPolicy(),
 	}
 	m := c.s.metrics
 	m.requests.WithLabelValues(values...).Inc()

@@ -14,6 +14,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/proxy"
 	"github.com/ambientmesh/ambient/proxylib/redirect"
 	"github.com/ambientmesh/ambient/proxylib/telemetry"
+	"github.com/ambientmesh/ambient/proxylib/waypoint"
 )
 
 // SidecarAppUID owns the app's sockets in sidecar pods (Pod.AppUID); the
@@ -27,6 +28,7 @@ const SidecarAppUID = 1000
 type SidecarPod struct {
 	*Pod
 	Proxy   *proxy.Proxy
+	L7      *waypoint.Server
 	State   *discovery.State
 	Metrics *prometheus.Registry
 }
@@ -55,7 +57,7 @@ func (m *Mesh) AddSidecarPod(n *Node, name, sa string, mut ...func(*workloadapi.
 	if err != nil {
 		m.T.Fatal(err)
 	}
-	sp := &SidecarPod{Pod: p, State: m.CP.NewState(), Metrics: prometheus.NewRegistry()}
+	sp := &SidecarPod{Pod: p, State: m.CP.NewState(discovery.SidecarTypes...), Metrics: prometheus.NewRegistry()}
 	m.CP.SyncEmpty(sp.State)
 	sp.Proxy, err = proxy.New(proxy.Config{Log: m.Logs.Logger(name), State: sp.State, Certs: certs,
 		Metrics: telemetry.NewMetrics(sp.Metrics), NewDialer: tr.NewDialer, NewHBONEServer: tr.NewServer,
@@ -63,6 +65,13 @@ func (m *Mesh) AddSidecarPod(n *Node, name, sa string, mut ...func(*workloadapi.
 	if err != nil {
 		m.T.Fatal(err)
 	}
+	// The pod's L7 from the waypoint's engine, as cmd/sidecar wires it.
+	if sp.L7, err = waypoint.NewSidecar(waypoint.SidecarConfig{Pod: name, Namespace: Namespace, Identity: id, State: sp.State,
+		RootNamespace: RootNamespace, Registry: sp.Metrics, Log: m.Logs.Logger(name)}); err != nil {
+		m.T.Fatal(err)
+	}
+	sp.Proxy.SetL7(sp.L7)
+	m.T.Cleanup(sp.L7.Close)
 	m.T.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()

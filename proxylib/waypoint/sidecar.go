@@ -1,0 +1,93 @@
+package waypoint
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"net/netip"
+
+	"github.com/go-logr/logr"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/hbone"
+	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/proxylib/proxy"
+	"github.com/ambientmesh/ambient/proxylib/proxyerr"
+	"github.com/ambientmesh/ambient/proxylib/telemetry"
+)
+
+// Sidecar mode (Config.Sidecar): the engine is the L7 of one pod's sidecar,
+// as an Envoy sidecar's inbound listener is. The pod's proxy
+// (proxylib/proxy) accepts the connection, applies PeerAuthentication and
+// the L4 policies, and hands the stream to ServeInbound; here, as for a
+// waypoint's pod destination, HTTP requests are authorized one by one
+// against the policies selecting the pod (paths, methods, headers,
+// principals), recorded with reporter="destination" and forwarded to the
+// app; other protocols pass under L4 policy with L7 rules failing closed.
+
+var _ proxy.L7 = (*Server)(nil)
+
+type appDialKey struct{}
+
+// ServeInbound implements proxy.L7: it serves one inbound connection to the
+// sidecar's own pod until it ends.
+func (s *Server) ServeInbound(ctx context.Context, in proxy.L7Inbound, down hbone.Stream) {
+	log := s.log.WithValues("peer", in.Peer.String(), "target", in.Target.String())
+	if !s.cfg.Sidecar || in.Workload == nil || in.Dial == nil {
+		log.Info("inbound connection refused: not a sidecar's L7 engine or no destination")
+		return
+	}
+	if !s.cfg.State.Ready() {
+		log.Info("inbound connection refused", "reason", proxyerr.NotReady)
+		return
+	}
+	h := in.Header
+	if h == nil {
+		h = http.Header{}
+	}
+	req := &hbone.Request{Peer: in.Peer, PeerAddr: in.PeerAddr, Target: in.Target, Header: h}
+	c := newConnInfo(s, req, destination{target: in.Target, workload: in.Workload})
+	c.plaintext = in.Peer.IsZero()
+	s.serveStream(context.WithValue(ctx, appDialKey{}, in.Dial), log, c, down)
+}
+
+// dialApp connects to the app through the pod's proxy (the dialer its
+// ServeInbound call put in ctx).
+func dialApp(ctx context.Context, ep netip.AddrPort) (net.Conn, error) {
+	d, _ := ctx.Value(appDialKey{}).(func(context.Context, netip.AddrPort) (net.Conn, error))
+	if d == nil {
+		return nil, proxyerr.Wrap(proxyerr.UpstreamConnectFailed, errors.New("no app dialer"), "dial %s", ep)
+	}
+	return d(ctx, ep)
+}
+
+// securityPolicy is the connection_security_policy of a request: a
+// sidecar's plaintext caller (PERMISSIVE) is "none", as Istio reports.
+func (c *connInfo) securityPolicy() string {
+	if c.plaintext {
+		return "none"
+	}
+	return telemetry.MutualTLS
+}
+
+// SidecarConfig configures a sidecar's L7 engine.
+type SidecarConfig struct {
+	// Pod and Namespace name the sidecar's pod; Identity is its identity.
+	Pod, Namespace string
+	Identity       identity.Identity
+	RootNamespace  string
+	State          *discovery.State
+	// Registry receives istio_requests_* (the proxy's istio_tcp_* are
+	// its own).
+	Registry prometheus.Registerer
+	Log      logr.Logger
+}
+
+// NewSidecar builds the L7 engine of a sidecar (Config.Sidecar), for its
+// proxy's SetL7.
+func NewSidecar(c SidecarConfig) (*Server, error) {
+	return New(Config{Name: c.Pod, Namespace: c.Namespace, Identity: c.Identity, RootNamespace: c.RootNamespace,
+		State: c.State, Registry: c.Registry, TCPMetrics: telemetry.NewMetrics(nil), Sidecar: true, Log: c.Log})
+}

@@ -1,0 +1,178 @@
+package sidecar
+
+import (
+	"io"
+	"net/http"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	securityv1 "istio.io/client-go/pkg/apis/security/v1"
+	"sigs.k8s.io/yaml"
+
+	"github.com/ambientmesh/ambient/controllers/policy"
+	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/test/meshtest"
+)
+
+// publishPolicy publishes an AuthorizationPolicy as the control plane does:
+// its L4 translation (lossy when it has L7 rules) to every proxy, and the
+// whole policy as an L7 resource when it needs L7 attributes.
+func publishPolicy(t *testing.T, m *meshtest.Mesh, y string) {
+	t.Helper()
+	var ap securityv1.AuthorizationPolicy
+	if err := yaml.Unmarshal([]byte(y), &ap); err != nil {
+		t.Fatal(err)
+	}
+	if out := policy.TranslateAuthorizationPolicy(meshtest.RootNamespace, &ap); out != nil {
+		m.CP.Policy(out)
+	}
+	if policy.NeedsWaypoint(&ap) {
+		m.CP.L7(y)
+	}
+}
+
+// request sends one request from inside p (a new captured connection).
+func request(t *testing.T, p *meshtest.Pod, method string, dst netip.AddrPort, path string) int {
+	t.Helper()
+	req, err := http.NewRequest(method, "http://"+dst.String()+path, strings.NewReader(""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := p.Client().Do(req)
+	if err != nil {
+		t.Fatalf("%s %s%s from %s: %v", method, dst, path, p.PodName, err)
+	}
+	defer resp.Body.Close()
+	io.Copy(io.Discard, resp.Body)
+	return resp.StatusCode
+}
+
+// requests sums istio_requests_total series matching want.
+func requests(t *testing.T, reg gatherer, want map[string]string) float64 {
+	t.Helper()
+	fams, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sum float64
+	for _, f := range fams {
+		if f.GetName() != "istio_requests_total" {
+			continue
+		}
+	next:
+		for _, mt := range f.GetMetric() {
+			l := map[string]string{}
+			for _, lp := range mt.GetLabel() {
+				l[lp.GetName()] = lp.GetValue()
+			}
+			for k, v := range want {
+				if l[k] != v {
+					continue next
+				}
+			}
+			sum += mt.GetCounter().GetValue()
+		}
+	}
+	return sum
+}
+
+func waitRequests(t *testing.T, what string, reg gatherer, want map[string]string) {
+	t.Helper()
+	for i := 0; i < 100; i++ {
+		if requests(t, reg, want) > 0 {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("%s: no istio_requests_total with %v", what, want)
+}
+
+// TestSidecarL7Policy: an AuthorizationPolicy with L7 rules selecting a
+// sidecar pod is enforced by that pod's sidecar request by request (as an
+// Istio sidecar does), not by its lossy L4 form that would refuse every
+// connection; opaque TCP still fails closed on the L7 rules; requests are
+// reported with reporter="destination".
+func TestSidecarL7Policy(t *testing.T) {
+	c := newCoexistence(t)
+	m := c.Mesh
+	web := m.AddSidecarPod(m.Nodes[1], "sc-web-1", "sc-web", func(w *workloadapi.Workload) {
+		w.AuthorizationPolicies = []string{"default/web-deny-admin", "default/web-allow"}
+	})
+	web.ServeHTTP(t, 80)
+	web80 := web.Addr(80)
+	meshtest.ExpectOK(t, c.sleep, web80, "sc-web-1") // no policy yet
+
+	publishPolicy(t, m, `
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-deny-admin, namespace: default}
+spec:
+  selector: {matchLabels: {app: sc-web}}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/admin*"]}}]
+`)
+	publishPolicy(t, m, `
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-allow, namespace: default}
+spec:
+  selector: {matchLabels: {app: sc-web}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["`+c.scSleep.ID().Principal()+`"]}}]
+    to: [{operation: {methods: ["GET"]}}]
+  - to: [{operation: {paths: ["/public"]}}]
+`)
+	t.Cleanup(func() {
+		m.CP.Remove(discovery.AuthorizationType, "default/web-deny-admin")
+		m.CP.Remove(discovery.AuthorizationType, "default/web-allow")
+	})
+
+	tests := []struct {
+		name   string
+		from   *meshtest.Pod
+		method string
+		path   string
+		want   int
+	}{
+		{"sidecar client GET allowed by principal and method", c.scSleep.Pod, "GET", "/get", 200},
+		{"sidecar client POST not allowed", c.scSleep.Pod, "POST", "/get", 403},
+		{"DENY path wins over ALLOW", c.scSleep.Pod, "GET", "/admin/users", 403},
+		{"ambient client GET not allowed by principal", c.sleep, "GET", "/get", 403},
+		{"ambient client allowed on the public path", c.sleep, "GET", "/public", 200},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := request(t, tt.from, tt.method, web80, tt.path); got != tt.want {
+				t.Fatalf("%s %s from %s: %d, want %d", tt.method, tt.path, tt.from.PodName, got, tt.want)
+			}
+		})
+	}
+	m.Logs.WaitFor(t, "RBAC rejected request")
+
+	// Opaque TCP has no path or method: the L7 ALLOW rules cannot match it.
+	t.Run("opaque TCP fails closed on L7 rules", func(t *testing.T) {
+		web.ServeTCP(t, 9000, meshtest.Echo)
+		conn, err := c.scSleep.Dial(web.Addr(9000))
+		if err != nil {
+			return // refused at connect: closed as well
+		}
+		defer conn.Close()
+		conn.Write([]byte("ping\n"))
+		conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if got, _ := io.ReadAll(conn); len(got) > 0 {
+			t.Fatalf("opaque TCP echoed %q through L7-only ALLOW rules, want the connection closed", got)
+		}
+	})
+
+	t.Run("requests reported by the server sidecar as destination", func(t *testing.T) {
+		waitRequests(t, "allowed", web.Metrics, map[string]string{"reporter": "destination", "response_code": "200",
+			"source_principal": spiffe(c.scSleep.Pod), "destination_principal": spiffe(web.Pod), "connection_security_policy": "mutual_tls"})
+		waitRequests(t, "denied", web.Metrics, map[string]string{"reporter": "destination", "response_code": "403",
+			"source_principal": spiffe(c.sleep), "response_flags": "authorization_policy_rejection"})
+	})
+}
