@@ -10,7 +10,9 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/proxylib/proxyerr"
 	"github.com/ambientmesh/ambient/proxylib/rbac"
+	"github.com/ambientmesh/ambient/proxylib/telemetry"
 )
 
 // L7 is an L7 engine serving the inbound connections of the proxy's own
@@ -20,8 +22,31 @@ import (
 // engine enforces the L7-derived policies whole (HTTP: paths, methods,
 // headers; anything else: their L7 rules fail closed) and forwards to the
 // app through Dial.
+//
+// On outbound the engine takes the connections to a Service without a
+// waypoint that has routes attached (GAMMA HTTPRoute/GRPCRoute): it routes
+// and load-balances each request as the destination's waypoint would,
+// reaching each endpoint through Dial (HBONE with the pod's identity).
 type L7 interface {
 	ServeInbound(ctx context.Context, in L7Inbound, down hbone.Stream)
+	// RoutesService reports whether routes are attached to svc.
+	RoutesService(svc *workloadapi.Service) bool
+	ServeOutbound(ctx context.Context, out L7Outbound, down hbone.Stream)
+}
+
+// L7Outbound is one outbound connection of the proxy's own pod to a
+// Service the L7 engine routes.
+type L7Outbound struct {
+	// Source is the pod's identity, SourceWorkload its workload.
+	Source         identity.Identity
+	SourceWorkload *workloadapi.Workload
+	SourceAddr     netip.Addr
+	// Service and Target (a VIP and service port) are what the app called.
+	Service *workloadapi.Service
+	Target  netip.AddrPort
+	// Dial reaches an endpoint as the pod's own connection would (HBONE to
+	// its pod or its waypoint, passthrough outside the mesh).
+	Dial func(ctx context.Context, target netip.AddrPort) (net.Conn, error)
 }
 
 // L7Inbound is one inbound connection to the proxy's own pod, accepted and
@@ -63,6 +88,39 @@ func (p *Proxy) serveL7(ctx context.Context, s *session, pd *pod, l L7, in L7Inb
 	s.attach(down)
 	s.open()
 	l.ServeInbound(ctx, in, cd)
+	return cd.received.Load(), cd.sent.Load(), nil
+}
+
+// serveL7Outbound hands an outbound connection to a routed Service to the
+// L7 engine; each request's endpoint is dialed as an outbound connection
+// of the pod to that endpoint.
+func (p *Proxy) serveL7Outbound(s *session, pd *pod, l L7, down net.Conn, rt Route, srcW *workloadapi.Workload, srcID identity.Identity) (int64, int64, error) {
+	st, ok := down.(hbone.Stream)
+	if !ok {
+		return 0, 0, proxyerr.New(proxyerr.ConnectionClosed, "outbound connection cannot half-close")
+	}
+	if err := s.track(pd.info.UID, "", rbac.Conn{}); err != nil {
+		return 0, 0, err
+	}
+	s.info("proxy to %s using the L7 engine (routes attached to %s)", s.dst, rt.Service.GetHostname())
+	s.labels.SecurityPolicy = telemetry.MutualTLS
+	out := L7Outbound{Source: srcID, SourceWorkload: srcW, SourceAddr: s.src.Addr(), Service: rt.Service, Target: s.dst,
+		Dial: func(ctx context.Context, target netip.AddrPort) (net.Conn, error) {
+			ert, err := p.router.Resolve(srcW, target)
+			if err != nil {
+				return nil, err
+			}
+			if ert.Kind == FastPath { // a proxy without a node has none: tunnel
+				ert.Kind, ert.ProxyAddr = HBONE, netip.AddrPortFrom(ert.Target.Addr(), hbone.Port)
+				ert.Expected = []identity.Identity{p.router.WorkloadIdentity(ert.Dest)}
+			}
+			ctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
+			defer cancel()
+			return p.dialRoute(ctx, pd, ert, srcID, forwarded(s.src, srcW))
+		}}
+	cd := &countedStream{Stream: st}
+	s.open()
+	l.ServeOutbound(context.Background(), out, cd)
 	return cd.received.Load(), cd.sent.Load(), nil
 }
 

@@ -65,9 +65,14 @@ func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort,
 		rt.ProxyAddr = netip.AddrPortFrom(rt.Target.Addr(), hbone.Port)
 		rt.Expected = []identity.Identity{p.router.WorkloadIdentity(rt.Dest)}
 	}
+	if l7 := p.inboundL7(); l7 != nil && rt.Service != nil && !rt.Waypoint && l7.RoutesService(rt.Service) {
+		// The sidecar applies the routes of a Service without a waypoint
+		// (with one, the waypoint does: the tunnel goes there as is).
+		s.dst = dst
+		return p.serveL7Outbound(s, pd, l7, down, rt, srcW, srcID)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
 	defer cancel()
-	var up net.Conn
 	switch rt.Kind {
 	case HBONE:
 		typ := "Direct"
@@ -76,18 +81,13 @@ func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort,
 		}
 		s.info("proxy to %s using HBONE via %s type %s", rt.Target, rt.ProxyAddr, typ)
 		s.labels.SecurityPolicy = telemetry.MutualTLS
-		up, err = pd.dialer.Dial(ctx, hbone.DialRequest{Source: srcID, Expected: rt.Expected, ProxyAddr: rt.ProxyAddr,
-			Target: rt.Target, Header: forwarded(s.src, srcW)})
-		if err != nil {
-			return 0, 0, proxyerr.Wrap(proxyerr.HBONEConnectFailed, err, "HBONE to %s via %s", rt.Target, rt.ProxyAddr)
-		}
 	default:
 		s.info("proxying to %s using passthrough", rt.Target)
 		s.labels.SecurityPolicy = telemetry.Unknown
-		up, err = netnsutil.DialTCP(ctx, pd.ns, netip.AddrPort{}, rt.Target, p.dialOptions())
-		if err != nil {
-			return 0, 0, proxyerr.Wrap(proxyerr.UpstreamConnectFailed, err, "dial %s", rt.Target)
-		}
+	}
+	up, err := p.dialRoute(ctx, pd, rt, srcID, forwarded(s.src, srcW))
+	if err != nil {
+		return 0, 0, err
 	}
 	s.attach(up)
 	if err := s.track(pd.info.UID, "", rbac.Conn{}); err != nil {
@@ -96,6 +96,24 @@ func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort,
 	}
 	s.open()
 	return Relay(down, up)
+}
+
+// dialRoute opens the pod's outbound connection along rt: an HBONE tunnel
+// with the pod's identity, or passthrough.
+func (p *Proxy) dialRoute(ctx context.Context, pd *pod, rt Route, srcID identity.Identity, h http.Header) (net.Conn, error) {
+	if rt.Kind == HBONE {
+		up, err := pd.dialer.Dial(ctx, hbone.DialRequest{Source: srcID, Expected: rt.Expected, ProxyAddr: rt.ProxyAddr,
+			Target: rt.Target, Header: h})
+		if err != nil {
+			return nil, proxyerr.Wrap(proxyerr.HBONEConnectFailed, err, "HBONE to %s via %s", rt.Target, rt.ProxyAddr)
+		}
+		return up, nil
+	}
+	up, err := netnsutil.DialTCP(ctx, pd.ns, netip.AddrPort{}, rt.Target, p.dialOptions())
+	if err != nil {
+		return nil, proxyerr.Wrap(proxyerr.UpstreamConnectFailed, err, "dial %s", rt.Target)
+	}
+	return up, nil
 }
 
 // fastPath delivers to a pod on this node without a tunnel, still applying

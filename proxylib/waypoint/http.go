@@ -35,8 +35,10 @@ type connInfo struct {
 	fwd    l7.Forwarding
 	// plaintext: a sidecar's caller without mTLS (PERMISSIVE).
 	plaintext bool
-	mu        sync.Mutex
-	snap      snapshot
+	// outbound: a sidecar's own pod is the caller (ServeOutbound).
+	outbound bool
+	mu       sync.Mutex
+	snap     snapshot
 }
 
 // snapshot is the L7 configuration and the policies bound to this tunnel's
@@ -127,13 +129,19 @@ func (c *connInfo) current() snapshot {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.snap.cfg != cfg {
-		c.snap = snapshot{cfg: cfg, policies: authz.Select(cfg.policies, c.s.policyTarget(c.dst))}
+		c.snap = snapshot{cfg: cfg}
+		if !c.outbound { // the destination enforces its own policies
+			c.snap.policies = authz.Select(cfg.policies, c.s.policyTarget(c.dst))
+		}
 	}
 	return c.snap
 }
 
 // authorize evaluates L4 or L7 policy for this tunnel's destination.
 func (c *connInfo) authorize(snap snapshot, r *http.Request) authz.Decision {
+	if c.outbound {
+		return authz.Decision{Allowed: true}
+	}
 	if p, broken := snap.cfg.brokenFor(c.policyNamespace(), c.s.cfg.RootNamespace); broken {
 		return authz.Decision{Policy: p, Reason: "policy could not be decoded: failing closed"}
 	}
@@ -352,7 +360,7 @@ func (c *connInfo) forward(in *http.Request, o *outcome, m *route.Match, b *rout
 		if m != nil {
 			m.ApplyRequest(out, *b)
 		}
-		resp, err := c.s.upstream.RoundTrip(out, ep, c.upstreamHTTP2(in))
+		resp, err := c.upstream().RoundTrip(out, ep, c.upstreamHTTP2(in))
 		if err != nil {
 			tryCancel()
 			done(lb.ConnectFailure)

@@ -87,7 +87,7 @@ func (c *connInfo) record(in *http.Request, o *outcome, start time.Time, reqByte
 		gs = "-"
 	}
 	values := []string{
-		c.s.reporter,
+		c.reporter(),
 		c.source.Workload, c.source.Namespace, c.source.Principal, c.source.App, c.source.Version, c.source.Cluster,
 		svc.Host, svc.Namespace, svc.Name,
 		dst.Workload, dst.Namespace, dst.Principal, dst.App, dst.Version, dst.Cluster,

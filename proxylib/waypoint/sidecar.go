@@ -11,10 +11,13 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/proxylib/l7"
 	"github.com/ambientmesh/ambient/proxylib/proxy"
 	"github.com/ambientmesh/ambient/proxylib/proxyerr"
+	"github.com/ambientmesh/ambient/proxylib/route"
 	"github.com/ambientmesh/ambient/proxylib/telemetry"
 )
 
@@ -26,6 +29,13 @@ import (
 // against the policies selecting the pod (paths, methods, headers,
 // principals), recorded with reporter="destination" and forwarded to the
 // app; other protocols pass under L4 policy with L7 rules failing closed.
+//
+// On the pod's outbound the engine is the client side of the mesh for a
+// Service without a waypoint that has routes attached (GAMMA): each
+// request is routed and load-balanced as the Service's waypoint would do
+// it, reported with reporter="source", and sent to the chosen endpoint
+// through the proxy (HBONE with the pod's identity). No policy is checked
+// there: the destination enforces its own.
 
 var _ proxy.L7 = (*Server)(nil)
 
@@ -53,19 +63,64 @@ func (s *Server) ServeInbound(ctx context.Context, in proxy.L7Inbound, down hbon
 	s.serveStream(context.WithValue(ctx, appDialKey{}, in.Dial), log, c, down)
 }
 
-// dialApp connects to the app through the pod's proxy (the dialer its
-// ServeInbound call put in ctx).
-func dialApp(ctx context.Context, ep netip.AddrPort) (net.Conn, error) {
+// RoutesService implements proxy.L7: whether routes are attached to svc.
+func (s *Server) RoutesService(svc *workloadapi.Service) bool {
+	cfg := s.l7.Load()
+	return s.cfg.Sidecar && cfg != nil && cfg.routes.HasRoutes(route.ServiceKey{Namespace: svc.GetNamespace(), Name: svc.GetName()})
+}
+
+// ServeOutbound implements proxy.L7: it routes the requests of one
+// outbound connection of the sidecar's pod to a Service until it ends.
+func (s *Server) ServeOutbound(ctx context.Context, out proxy.L7Outbound, down hbone.Stream) {
+	log := s.log.WithValues("target", out.Target.String(), "direction", "outbound")
+	if !s.cfg.Sidecar || out.Service == nil || out.Dial == nil {
+		log.Info("outbound connection refused: not a sidecar's L7 engine or no service")
+		return
+	}
+	c := &connInfo{s: s, peer: hbone.Request{Peer: out.Source, Target: out.Target}, outbound: true,
+		dst: destination{target: out.Target, service: out.Service}, srcIP: out.SourceAddr, srcWL: out.SourceWorkload}
+	c.source = telemetry.PeerOf(out.SourceWorkload, &out.Source)
+	c.fwd = l7.Forwarding{ClientIP: out.SourceAddr}
+	c.current()
+	s.serveStream(context.WithValue(ctx, appDialKey{}, out.Dial), log, c, down)
+}
+
+// dialFromContext connects through the pod's proxy: to the app (inbound)
+// or to an endpoint (outbound), with the dialer ServeInbound or
+// ServeOutbound put in ctx.
+func dialFromContext(ctx context.Context, ep netip.AddrPort) (net.Conn, error) {
 	d, _ := ctx.Value(appDialKey{}).(func(context.Context, netip.AddrPort) (net.Conn, error))
 	if d == nil {
-		return nil, proxyerr.Wrap(proxyerr.UpstreamConnectFailed, errors.New("no app dialer"), "dial %s", ep)
+		return nil, proxyerr.Wrap(proxyerr.UpstreamConnectFailed, errors.New("no dialer"), "dial %s", ep)
 	}
 	return d(ctx, ep)
+}
+
+// reporter is the reporter label of a request: a sidecar's client side
+// reports as the source.
+func (c *connInfo) reporter() string {
+	if c.outbound {
+		return ReporterSource
+	}
+	return c.s.reporter
+}
+
+// upstream is the connection pool of a request: a sidecar's outbound
+// requests have their own, so a pod calling itself through a Service
+// never reuses a connection its inbound side opened to the app.
+func (c *connInfo) upstream() *l7.Upstream {
+	if c.outbound {
+		return c.s.clientUpstream
+	}
+	return c.s.upstream
 }
 
 // securityPolicy is the connection_security_policy of a request: a
 // sidecar's plaintext caller (PERMISSIVE) is "none", as Istio reports.
 func (c *connInfo) securityPolicy() string {
+	if c.outbound {
+		return telemetry.MutualTLS
+	}
 	if c.plaintext {
 		return "none"
 	}

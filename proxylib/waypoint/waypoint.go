@@ -78,14 +78,17 @@ type Config struct {
 
 // Server is the waypoint. It implements hbone.Handler.
 type Server struct {
-	cfg       Config
-	l7        atomic.Pointer[l7Config]
-	upstream  *l7.Upstream
-	http      *l7.Server
-	metrics   *httpMetrics
-	tcp       *telemetry.Metrics
-	balancers sync.Map // service key -> *lb.Balancer
-	router    *proxy.Router
+	cfg      Config
+	l7       atomic.Pointer[l7Config]
+	upstream *l7.Upstream
+	// clientUpstream pools a sidecar's outbound requests (upstream for
+	// every other mode).
+	clientUpstream *l7.Upstream
+	http           *l7.Server
+	metrics        *httpMetrics
+	tcp            *telemetry.Metrics
+	balancers      sync.Map // service key -> *lb.Balancer
+	router         *proxy.Router
 	// resolved maps the addresses of endpoints known by hostname only
 	// (ServiceEntry DNS resolution) back to their workload uid.
 	resolved sync.Map // netip.Addr -> uid
@@ -133,7 +136,7 @@ func New(cfg Config) (*Server, error) {
 	case cfg.Ingress:
 		s.log, s.reporter, s.dial = cfg.Log.WithName("gateway"), ReporterSource, s.dialAsClient
 	case cfg.Sidecar:
-		s.log, s.reporter, s.dial = cfg.Log.WithName("sidecar-l7"), ReporterDestination, dialApp
+		s.log, s.reporter, s.dial = cfg.Log.WithName("sidecar-l7"), ReporterDestination, dialFromContext
 	}
 	s.metrics = newHTTPMetrics(cfg.Registry)
 	s.tcp = cfg.TCPMetrics
@@ -141,6 +144,10 @@ func New(cfg Config) (*Server, error) {
 		s.tcp = telemetry.NewMetrics(cfg.Registry)
 	}
 	s.upstream = l7.NewUpstream(s.dial)
+	s.clientUpstream = s.upstream
+	if cfg.Sidecar {
+		s.clientUpstream = l7.NewUpstream(s.dial)
+	}
 	s.http = &l7.Server{Handler: nil, OnRefused: func(status int, reason string) {
 		s.log.Info("request refused", "status", status, "reason", reason)
 	}}
@@ -154,7 +161,10 @@ func New(cfg Config) (*Server, error) {
 }
 
 // Close releases pooled upstream connections.
-func (s *Server) Close() { s.upstream.Close() }
+func (s *Server) Close() {
+	s.upstream.Close()
+	s.clientUpstream.Close()
+}
 
 // ServiceHostname is the FQDN of a service in the mesh.
 func (s *Server) ServiceHostname(ns, name string) string {

@@ -176,3 +176,103 @@ spec:
 			"source_principal": spiffe(c.sleep), "response_flags": "authorization_policy_rejection"})
 	})
 }
+
+// body sends one request with headers from inside p and returns the body.
+func body(t *testing.T, p *meshtest.Pod, dst netip.AddrPort, path string, h map[string]string) string {
+	t.Helper()
+	req, err := http.NewRequest("GET", "http://"+dst.String()+path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range h {
+		req.Header.Set(k, v)
+	}
+	resp, err := p.Client().Do(req)
+	if err != nil {
+		t.Fatalf("GET %s%s from %s: %v", dst, path, p.PodName, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 {
+		t.Fatalf("GET %s%s from %s: %d %q", dst, path, p.PodName, resp.StatusCode, b)
+	}
+	return string(b)
+}
+
+// TestSidecarHTTPRoute: an HTTPRoute attached to a Service without a
+// waypoint (GAMMA) is applied by the client's sidecar, as an Istio sidecar
+// applies it: header matches and weights pick the backend Service; the
+// request is reported by the client sidecar with reporter="source". The
+// endpoints are ambient pods, reached over HBONE with the client's identity.
+func TestSidecarHTTPRoute(t *testing.T) {
+	c := newCoexistence(t)
+	m := c.Mesh
+	host := func(n string) string { return n + ".default.svc.cluster.local" }
+	ports := func(svcs ...string) func(*workloadapi.Workload) {
+		return func(w *workloadapi.Workload) {
+			w.WorkloadName = svcs[len(svcs)-1]
+			w.Services = map[string]*workloadapi.PortList{}
+			for _, s := range svcs {
+				w.Services[discovery.ServiceKey("default", host(s))] = &workloadapi.PortList{Ports: []*workloadapi.Port{{ServicePort: 80, TargetPort: 80}}}
+			}
+		}
+	}
+	// The parent Service's only endpoint is v1: without the route every
+	// request reaches v1.
+	v1 := m.AddPod(m.Nodes[0], "web-v1-1", "httpbin", true, ports("web", "web-v1"))
+	v2 := m.AddPod(m.Nodes[0], "web-v2-1", "httpbin", true, ports("web-v2"))
+	v1.ServeHTTP(t, 80)
+	v2.ServeHTTP(t, 80)
+	web := netip.MustParseAddrPort("10.96.0.40:80")
+	for i, n := range []string{"web", "web-v1", "web-v2"} {
+		vip := netip.AddrFrom4([4]byte{10, 96, 0, byte(40 + i)})
+		m.CP.Service(&workloadapi.Service{Name: n, Namespace: "default", Hostname: host(n),
+			Addresses: []*workloadapi.NetworkAddress{{Address: vip.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 80, TargetPort: 80}}})
+	}
+	if got := body(t, c.scSleep.Pod, web, "/", map[string]string{"x-canary": "yes"}); got != "web-v1-1" {
+		t.Fatalf("before the route: %q, want web-v1-1", got)
+	}
+	m.CP.L7(`
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web-canary}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+  - matches: [{headers: [{name: x-canary, value: "yes"}]}]
+    backendRefs: [{name: web-v2, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /weighted}}]
+    backendRefs: [{name: web-v1, port: 80, weight: 0}, {name: web-v2, port: 80, weight: 1}]
+  - backendRefs: [{name: web-v1, port: 80}]
+`)
+	t.Cleanup(func() { m.CP.Remove(discovery.L7ResourceType, discovery.L7Key("gateway.networking.k8s.io", "HTTPRoute", "default", "web-canary")) })
+
+	tests := []struct {
+		name, path string
+		header     map[string]string
+		want       string
+	}{
+		{"header match picks v2", "/", map[string]string{"x-canary": "yes"}, "web-v2-1"},
+		{"no match falls to the default rule", "/", nil, "web-v1-1"},
+		{"weights send everything to v2", "/weighted/x", nil, "web-v2-1"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			for range 5 {
+				if got := body(t, c.scSleep.Pod, web, tt.path, tt.header); got != tt.want {
+					t.Fatalf("GET %s %v: %q, want %q", tt.path, tt.header, got, tt.want)
+				}
+			}
+		})
+	}
+
+	t.Run("requests reported by the client sidecar as source", func(t *testing.T) {
+		waitRequests(t, "routed to v2", c.scSleep.Metrics, map[string]string{"reporter": "source", "response_code": "200",
+			"source_principal": spiffe(c.scSleep.Pod), "destination_service_name": "web-v2", "destination_workload": "web-v2"})
+	})
+	// The destination authorized the client's own identity (HBONE).
+	t.Run("the endpoint's ztunnel saw the client's identity", func(t *testing.T) {
+		waitOpened(t, "destination ztunnel", m.Nodes[0].Metrics, map[string]string{"reporter": "destination",
+			"source_principal": spiffe(c.scSleep.Pod), "destination_principal": spiffe(v2), "connection_security_policy": "mutual_tls"})
+	})
+}
