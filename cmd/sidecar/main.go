@@ -148,7 +148,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	// from the waypoint's engine.
 	id := identity.Identity{TrustDomain: o.TrustDomain, Namespace: o.PodNamespace, ServiceAccount: o.serviceAccount}
 	l7, err := waypoint.NewSidecar(waypoint.SidecarConfig{Pod: o.PodName, Namespace: o.PodNamespace, Identity: id,
-		RootNamespace: o.rootNamespace, State: p.State, Registry: p.Metrics, Log: log})
+		RootNamespace: o.rootNamespace, State: p.State, Registry: p.Metrics, Demand: p.Demand, Log: log})
 	if err != nil {
 		return err
 	}

@@ -85,6 +85,22 @@ func (s *Server) ServeOutbound(ctx context.Context, out proxy.L7Outbound, down h
 	s.serveStream(context.WithValue(ctx, appDialKey{}, out.Dial), log, c, down)
 }
 
+// demandEndpoints looks up svc's endpoints when discovery is scoped (a
+// sidecar's): a route may send to a backend Service the pod's own
+// connection never named. Best effort: without them the pick finds no
+// healthy upstream (503).
+func (s *Server) demandEndpoints(svc *workloadapi.Service) {
+	if s.cfg.Demand == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.ConnectTimeout)
+	defer cancel()
+	key := discovery.ServiceKey(svc.GetNamespace(), svc.GetHostname())
+	if err := s.cfg.Demand(ctx, key); err != nil {
+		s.log.Info("looking up a backend's endpoints failed", "service", key, "err", err.Error())
+	}
+}
+
 // dialFromContext connects through the pod's proxy: to the app (inbound)
 // or to an endpoint (outbound), with the dialer ServeInbound or
 // ServeOutbound put in ctx.
@@ -137,12 +153,15 @@ type SidecarConfig struct {
 	// Registry receives istio_requests_* (the proxy's istio_tcp_* are
 	// its own).
 	Registry prometheus.Registerer
-	Log      logr.Logger
+	// Demand looks up the endpoints of route backends the sidecar's scoped
+	// discovery does not hold yet (boot.Proxy.Demand).
+	Demand func(ctx context.Context, names ...string) error
+	Log    logr.Logger
 }
 
 // NewSidecar builds the L7 engine of a sidecar (Config.Sidecar), for its
 // proxy's SetL7.
 func NewSidecar(c SidecarConfig) (*Server, error) {
 	return New(Config{Name: c.Pod, Namespace: c.Namespace, Identity: c.Identity, RootNamespace: c.RootNamespace,
-		State: c.State, Registry: c.Registry, TCPMetrics: telemetry.NewMetrics(nil), Sidecar: true, Log: c.Log})
+		State: c.State, Registry: c.Registry, TCPMetrics: telemetry.NewMetrics(nil), Sidecar: true, Demand: c.Demand, Log: c.Log})
 }

@@ -69,6 +69,9 @@ type Config struct {
 	// ServeInbound (called by the pod's proxy) instead of ServeHBONE
 	// (sidecar.go). Dialer is then not needed.
 	Sidecar bool
+	// Demand, when discovery is scoped (a sidecar's), looks up the
+	// endpoints of a Service before picking one.
+	Demand func(ctx context.Context, names ...string) error
 	// TCPMetrics records opaque TCP connections; default: new istio_tcp_*
 	// metrics on Registry. The sidecar's proxy records its connections
 	// itself and passes an unregistered set.
@@ -356,6 +359,7 @@ func (s *Server) balancer(key string) *lb.Balancer {
 // endpointsOf lists the healthy endpoints of svc for service port port, as
 // "ip:targetPort" keys, with a lookup back to the workload.
 func (s *Server) endpointsOf(svc *workloadapi.Service, port uint16) ([]string, map[string]netip.AddrPort) {
+	s.demandEndpoints(svc)
 	key := discovery.ServiceKey(svc.Namespace, svc.Hostname)
 	var keys []string
 	addrs := map[string]netip.AddrPort{}
