@@ -67,6 +67,9 @@ type Mesh struct {
 	// both between captures.
 	DNSRedirect    redirect.Redirector
 	CaptureDNS     bool
+	// ScopedSidecars: sidecars added from now on get a sidecar's scoped
+	// discovery (ControlPlane.NewSidecarState) and look the rest up.
+	ScopedSidecars bool
 	DNSNameservers []string
 
 	serviceAccounts []string

@@ -57,17 +57,23 @@ func (m *Mesh) AddSidecarPod(n *Node, name, sa string, mut ...func(*workloadapi.
 	if err != nil {
 		m.T.Fatal(err)
 	}
-	sp := &SidecarPod{Pod: p, State: m.CP.NewState(discovery.SidecarTypes...), Metrics: prometheus.NewRegistry()}
+	sp := &SidecarPod{Pod: p, Metrics: prometheus.NewRegistry()}
+	var demand func(ctx context.Context, names ...string) error
+	if m.ScopedSidecars {
+		sp.State, demand = m.CP.NewSidecarState(p.UID)
+	} else {
+		sp.State = m.CP.NewState(discovery.SidecarTypes...)
+	}
 	m.CP.SyncEmpty(sp.State)
 	sp.Proxy, err = proxy.New(proxy.Config{Log: m.Logs.Logger(name), State: sp.State, Certs: certs,
 		Metrics: telemetry.NewMetrics(sp.Metrics), NewDialer: tr.NewDialer, NewHBONEServer: tr.NewServer,
-		ConnectTimeout: 3 * time.Second, Unprivileged: true})
+		ConnectTimeout: 3 * time.Second, Unprivileged: true, Demand: demand})
 	if err != nil {
 		m.T.Fatal(err)
 	}
 	// The pod's L7 from the waypoint's engine, as cmd/sidecar wires it.
 	if sp.L7, err = waypoint.NewSidecar(waypoint.SidecarConfig{Pod: name, Namespace: Namespace, Identity: id, State: sp.State,
-		RootNamespace: RootNamespace, Registry: sp.Metrics, Log: m.Logs.Logger(name)}); err != nil {
+		RootNamespace: RootNamespace, Registry: sp.Metrics, Demand: demand, Log: m.Logs.Logger(name)}); err != nil {
 		m.T.Fatal(err)
 	}
 	sp.Proxy.SetL7(sp.L7)

@@ -204,6 +204,8 @@ func body(t *testing.T, p *meshtest.Pod, dst netip.AddrPort, path string, h map[
 // applies it: header matches and weights pick the backend Service; the
 // request is reported by the client sidecar with reporter="source". The
 // endpoints are ambient pods, reached over HBONE with the client's identity.
+// The client's discovery is a sidecar's scope: the backends' endpoints are
+// looked up when a route first picks them.
 func TestSidecarHTTPRoute(t *testing.T) {
 	c := newCoexistence(t)
 	m := c.Mesh
@@ -229,8 +231,13 @@ func TestSidecarHTTPRoute(t *testing.T) {
 		m.CP.Service(&workloadapi.Service{Name: n, Namespace: "default", Hostname: host(n),
 			Addresses: []*workloadapi.NetworkAddress{{Address: vip.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 80, TargetPort: 80}}})
 	}
-	if got := body(t, c.scSleep.Pod, web, "/", map[string]string{"x-canary": "yes"}); got != "web-v1-1" {
+	m.ScopedSidecars = true
+	client := m.AddSidecarPod(m.Nodes[1], "sc-client-1", "sc-client")
+	if got := body(t, client.Pod, web, "/", map[string]string{"x-canary": "yes"}); got != "web-v1-1" {
 		t.Fatalf("before the route: %q, want web-v1-1", got)
+	}
+	if client.State.WorkloadByUID(v2.UID) != nil {
+		t.Fatal("the scoped sidecar holds web-v2's workload before anything sent there")
 	}
 	m.CP.L7(`
 apiVersion: gateway.networking.k8s.io/v1
@@ -259,7 +266,7 @@ spec:
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			for range 5 {
-				if got := body(t, c.scSleep.Pod, web, tt.path, tt.header); got != tt.want {
+				if got := body(t, client.Pod, web, tt.path, tt.header); got != tt.want {
 					t.Fatalf("GET %s %v: %q, want %q", tt.path, tt.header, got, tt.want)
 				}
 			}
@@ -267,12 +274,12 @@ spec:
 	}
 
 	t.Run("requests reported by the client sidecar as source", func(t *testing.T) {
-		waitRequests(t, "routed to v2", c.scSleep.Metrics, map[string]string{"reporter": "source", "response_code": "200",
-			"source_principal": spiffe(c.scSleep.Pod), "destination_service_name": "web-v2", "destination_workload": "web-v2"})
+		waitRequests(t, "routed to v2", client.Metrics, map[string]string{"reporter": "source", "response_code": "200",
+			"source_principal": spiffe(client.Pod), "destination_service_name": "web-v2", "destination_workload": "web-v2"})
 	})
 	// The destination authorized the client's own identity (HBONE).
 	t.Run("the endpoint's ztunnel saw the client's identity", func(t *testing.T) {
 		waitOpened(t, "destination ztunnel", m.Nodes[0].Metrics, map[string]string{"reporter": "destination",
-			"source_principal": spiffe(c.scSleep.Pod), "destination_principal": spiffe(v2), "connection_security_policy": "mutual_tls"})
+			"source_principal": spiffe(client.Pod), "destination_principal": spiffe(v2), "connection_security_policy": "mutual_tls"})
 	})
 }
