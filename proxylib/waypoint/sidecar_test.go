@@ -15,7 +15,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
-	"sigs.k8s.io/yaml"
 
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/meshapi"
@@ -24,6 +23,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/proxy"
 	"github.com/ambientmesh/ambient/proxylib/waypoint"
+	"github.com/ambientmesh/ambient/proxylib/waypoint/waypointtest"
 )
 
 // sidecarFixture is one sidecar pod's L7 engine over a hand-fed discovery
@@ -80,19 +80,8 @@ func (f *sidecarFixture) apply(typeURL, name string, m proto.Message) {
 }
 
 func (f *sidecarFixture) l7(y string) {
-	js, err := yaml.YAMLToJSON([]byte(y))
-	if err != nil {
-		f.t.Fatal(err)
-	}
-	var obj struct {
-		Kind     string
-		Metadata struct{ Name, Namespace string }
-	}
-	if err := yaml.Unmarshal([]byte(y), &obj); err != nil {
-		f.t.Fatal(err)
-	}
-	r := &meshapi.L7Resource{Group: "security.istio.io", Kind: obj.Kind, Namespace: obj.Metadata.Namespace, Name: obj.Metadata.Name, Json: js}
-	f.apply(discovery.L7ResourceType, discovery.L7Key(r.Group, r.Kind, r.Namespace, r.Name), r)
+	key, r := waypointtest.L7Resource(f.t, y)
+	f.apply(discovery.L7ResourceType, key, r)
 }
 
 // do sends one request over a connection the engine serves as an inbound

@@ -50,44 +50,10 @@ func request(t *testing.T, p *meshtest.Pod, method string, dst netip.AddrPort, p
 	return resp.StatusCode
 }
 
-// requests sums istio_requests_total series matching want.
-func requests(t *testing.T, reg gatherer, want map[string]string) float64 {
-	t.Helper()
-	fams, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var sum float64
-	for _, f := range fams {
-		if f.GetName() != "istio_requests_total" {
-			continue
-		}
-	next:
-		for _, mt := range f.GetMetric() {
-			l := map[string]string{}
-			for _, lp := range mt.GetLabel() {
-				l[lp.GetName()] = lp.GetValue()
-			}
-			for k, v := range want {
-				if l[k] != v {
-					continue next
-				}
-			}
-			sum += mt.GetCounter().GetValue()
-		}
-	}
-	return sum
-}
-
+// waitRequests waits for a request matching want.
 func waitRequests(t *testing.T, what string, reg gatherer, want map[string]string) {
 	t.Helper()
-	for i := 0; i < 100; i++ {
-		if requests(t, reg, want) > 0 {
-			return
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	t.Fatalf("%s: no istio_requests_total with %v", what, want)
+	waitMetric(t, what, reg, "istio_requests_total", want)
 }
 
 // TestSidecarL7Policy: an AuthorizationPolicy with L7 rules selecting a
