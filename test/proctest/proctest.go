@@ -65,9 +65,9 @@ func NewControlPlane(t *testing.T) *ControlPlane {
 	m := hbonetest.NewCA(t, "cluster.local")
 	cp := &ControlPlane{CA: m, Addresses: cpdiscovery.NewAddressCache(), Unscoped: map[string]bool{},
 		streams: map[int64]string{}, pushed: map[string]int{}, caches: map[string]*cachev3.LinearCache{
-		discovery.AuthorizationType: cachev3.NewLinearCache(discovery.AuthorizationType),
-		discovery.L7ResourceType:    cachev3.NewLinearCache(discovery.L7ResourceType),
-	}}
+			discovery.AuthorizationType: cachev3.NewLinearCache(discovery.AuthorizationType),
+			discovery.L7ResourceType:    cachev3.NewLinearCache(discovery.L7ResourceType),
+		}}
 	cert := m.IssueCert(t, hbonetest.CertOptions{DNSNames: []string{"ambient-controlplane.ambient-system.svc"}, NotAfter: time.Now().Add(time.Hour)})
 	cp.Roots = filepath.Join(SharedDir(t), "root-cert.pem")
 	if err := os.WriteFile(cp.Roots, ca.EncodeCerts(m.Root), 0o644); err != nil {

@@ -218,7 +218,9 @@ spec:
     backendRefs: [{name: web-v1, port: 80, weight: 0}, {name: web-v2, port: 80, weight: 1}]
   - backendRefs: [{name: web-v1, port: 80}]
 `)
-	t.Cleanup(func() { m.CP.Remove(discovery.L7ResourceType, discovery.L7Key("gateway.networking.k8s.io", "HTTPRoute", "default", "web-canary")) })
+	t.Cleanup(func() {
+		m.CP.Remove(discovery.L7ResourceType, discovery.L7Key("gateway.networking.k8s.io", "HTTPRoute", "default", "web-canary"))
+	})
 
 	tests := []struct {
 		name, path string
