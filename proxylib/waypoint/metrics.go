@@ -73,10 +73,17 @@ func (c *connInfo) record(in *http.Request, o *outcome, start time.Time, reqByte
 	case in.ProtoMajor == 2:
 		proto = "http"
 	}
-	dst := telemetry.PeerOf(o.endpoint, nil)
+	ep := o.endpoint
+	if ep == nil && c.s.cfg.Sidecar && !c.outbound {
+		ep = c.dst.workload // a sidecar's inbound: itself, even when denied
+	}
+	dst := telemetry.PeerOf(ep, nil)
 	svc := telemetry.ServiceOf(o.backend)
 	if o.backend == nil && c.dst.service != nil {
 		svc = telemetry.ServiceOf(c.dst.service)
+	}
+	if o.backend == nil && c.dst.service == nil && c.s.cfg.Sidecar {
+		svc = telemetry.ServiceOf(c.s.inboundService(c.dst.workload, in.Host))
 	}
 	flags := string(o.flags)
 	if flags == "" {

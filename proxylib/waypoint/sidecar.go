@@ -101,6 +101,30 @@ func (s *Server) demandEndpoints(svc *workloadapi.Service) {
 	}
 }
 
+// inboundService is the Service a request to the sidecar's own pod was
+// for, for destination_service (as Istio's sidecar reports the inbound
+// cluster's service): the pod's Service whose hostname the Host header
+// names, else its only Service; nil when that is ambiguous.
+func (s *Server) inboundService(w *workloadapi.Workload, host string) *workloadapi.Service {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	var only *workloadapi.Service
+	for key := range w.GetServices() {
+		svc := s.cfg.State.ServiceByKey(key)
+		if svc == nil {
+			continue
+		}
+		if h := svc.GetHostname(); host == h || host == svc.GetName() || host == svc.GetName()+"."+svc.GetNamespace() {
+			return svc
+		}
+		if len(w.GetServices()) == 1 {
+			only = svc
+		}
+	}
+	return only
+}
+
 // dialFromContext connects through the pod's proxy: to the app (inbound)
 // or to an endpoint (outbound), with the dialer ServeInbound or
 // ServeOutbound put in ctx.

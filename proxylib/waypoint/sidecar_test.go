@@ -3,6 +3,7 @@ package waypoint_test
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -30,6 +31,7 @@ import (
 // State, its app a local HTTP server answering "app <path>".
 type sidecarFixture struct {
 	t     *testing.T
+	reg   *prometheus.Registry
 	state *discovery.State
 	srv   *waypoint.Server
 	self  *workloadapi.Workload
@@ -38,7 +40,7 @@ type sidecarFixture struct {
 }
 
 func newSidecarFixture(t *testing.T) *sidecarFixture {
-	f := &sidecarFixture{t: t, state: discovery.NewState(discovery.SidecarTypes...)}
+	f := &sidecarFixture{t: t, reg: prometheus.NewRegistry(), state: discovery.NewState(discovery.SidecarTypes...)}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -50,12 +52,15 @@ func newSidecarFixture(t *testing.T) *sidecarFixture {
 	t.Cleanup(func() { app.Close() })
 	f.app = netip.MustParseAddrPort(ln.Addr().String())
 	f.self = &workloadapi.Workload{Uid: discovery.PodUID("Kubernetes", "default", "web-0"), Name: "web-0", Namespace: "default",
-		ServiceAccount: "web", Addresses: [][]byte{f.app.Addr().AsSlice()}, AuthorizationPolicies: []string{"default/web-l7"}}
+		ServiceAccount: "web", Addresses: [][]byte{f.app.Addr().AsSlice()}, AuthorizationPolicies: []string{"default/web-l7"},
+		Services: map[string]*workloadapi.PortList{"default/web.default.svc.cluster.local": {}}}
+	f.apply(discovery.AddressType, "default/web.default.svc.cluster.local", &workloadapi.Address{Type: &workloadapi.Address_Service{Service: &workloadapi.Service{
+		Name: "web", Namespace: "default", Hostname: "web.default.svc.cluster.local"}}})
 	f.apply(discovery.AddressType, f.self.Uid, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: f.self}})
 	f.state.Apply(discovery.AuthorizationType, nil, nil)
 	f.state.Apply(discovery.L7ResourceType, nil, nil)
 	f.srv, err = waypoint.NewSidecar(waypoint.SidecarConfig{Pod: "web-0", Namespace: "default", RootNamespace: "ambient-system",
-		Identity: id("default", "web"), State: f.state, Registry: prometheus.NewRegistry(), Log: logr.Discard()})
+		Identity: id("default", "web"), State: f.state, Registry: f.reg, Log: logr.Discard()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -176,6 +181,11 @@ spec:
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			code, body := f.do(tt.peer, tt.header, tt.method, tt.path)
+			want := map[string]string{"reporter": "destination", "response_code": fmt.Sprint(tt.want),
+				"destination_service_name": "web", "destination_principal": "spiffe://cluster.local/ns/default/sa/web"}
+			if n := countRequests(t, f.reg, want); n == 0 {
+				t.Errorf("no istio_requests_total with %v", want)
+			}
 			if code != tt.want {
 				t.Fatalf("%s %s from %q: %d %q, want %d", tt.method, tt.path, tt.peer, code, body, tt.want)
 			}
@@ -184,6 +194,35 @@ spec:
 			}
 		})
 	}
+}
+
+// countRequests sums istio_requests_total series matching want.
+func countRequests(t *testing.T, reg *prometheus.Registry, want map[string]string) float64 {
+	t.Helper()
+	fams, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n float64
+	for _, f := range fams {
+		if f.GetName() != "istio_requests_total" {
+			continue
+		}
+	series:
+		for _, m := range f.GetMetric() {
+			got := map[string]string{}
+			for _, l := range m.GetLabel() {
+				got[l.GetName()] = l.GetValue()
+			}
+			for k, v := range want {
+				if got[k] != v {
+					continue series
+				}
+			}
+			n += m.GetCounter().GetValue()
+		}
+	}
+	return n
 }
 
 // TestSidecarBrokenPolicyFailsClosed: a policy of the pod's namespace that
