@@ -27,9 +27,11 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/boot"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/envconfig"
+	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/inpod"
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 	"github.com/ambientmesh/ambient/proxylib/redirect"
+	"github.com/ambientmesh/ambient/proxylib/waypoint"
 )
 
 type options struct {
@@ -39,6 +41,8 @@ type options struct {
 	// rewritten ones (proxylib/appprobe); podIP is where they go.
 	appProbes appprobe.Probers
 	podIP     string
+	// rootNamespace: its policies apply mesh-wide (the L7 engine's too).
+	rootNamespace string
 }
 
 // parseFlags reads the proxy's flags, defaulting each from its environment
@@ -53,6 +57,7 @@ func parseFlags(fs *flag.FlagSet, args []string, e *envconfig.Env) (options, err
 	fs.StringVar(&o.serviceAccount, "service-account", e.Get("SERVICE_ACCOUNT", "default"), "this pod's service account (env SERVICE_ACCOUNT)")
 	probes := fs.String("app-probes", e.Get(appprobe.EnvVar, ""), "the app's original probes, JSON (env "+appprobe.EnvVar+")")
 	fs.StringVar(&o.podIP, "pod-ip", e.Get("INSTANCE_IP", ""), "this pod's IP, where app probes go (env INSTANCE_IP)")
+	fs.StringVar(&o.rootNamespace, "root-namespace", e.Get("ROOT_NAMESPACE", ""), "mesh root namespace: its policies are mesh-wide (env ROOT_NAMESPACE)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -123,8 +128,10 @@ func installRedirection(o initOptions) error {
 }
 
 func run(o options, log logr.Logger, level zap.AtomicLevel) error {
-	if o.PodName == "" || o.PodNamespace == "" {
-		return errors.New("POD_NAME and POD_NAMESPACE are required")
+	if o.PodName == "" || o.PodNamespace == "" || o.rootNamespace == "" {
+		// Without the root namespace the mesh-wide L7 policies would not
+		// apply to this pod: refuse to start rather than serve open.
+		return errors.New("POD_NAME, POD_NAMESPACE and ROOT_NAMESPACE are required")
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
@@ -137,6 +144,16 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 		return err
 	}
 	defer p.Close()
+	// The pod's L7 (its own inbound HTTP: L7 policy, istio_requests_*)
+	// from the waypoint's engine.
+	id := identity.Identity{TrustDomain: o.TrustDomain, Namespace: o.PodNamespace, ServiceAccount: o.serviceAccount}
+	l7, err := waypoint.NewSidecar(waypoint.SidecarConfig{Pod: o.PodName, Namespace: o.PodNamespace, Identity: id,
+		RootNamespace: o.rootNamespace, State: p.State, Registry: p.Metrics, Demand: p.Demand, Log: log})
+	if err != nil {
+		return err
+	}
+	defer l7.Close()
+	p.SetL7(l7)
 	var serving atomic.Bool
 	p.ServeEndpoints(level, serving.Load, &appprobe.Handler{Probers: o.appProbes, Host: o.podIP})
 	uid := o.podUID

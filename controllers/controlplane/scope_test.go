@@ -118,3 +118,51 @@ func TestZtunnelScope(t *testing.T) {
 	}
 	eventually(t, "removal", func() bool { return state.WorkloadByUID(uid("scope", "remote-other")) == nil })
 }
+
+// TestSidecarScope: an injected pod's sidecar (role sidecar, on-demand, L7
+// resources too) holds every service and its own workload (named from its
+// authenticated pod, not its claims), not the other pods of its node; the
+// endpoints of a service it calls come when it asks.
+func TestSidecarScope(t *testing.T) {
+	ctx := context.Background()
+	ensureNamespace(t, "sc-scope", nil)
+	self := createPod(t, podSpec{ns: "sc-scope", name: "client", node: "node-a", sa: "client", ip: "10.31.0.1", sidecar: true})
+	state := xds.NewState(xds.SidecarTypes...)
+	c := xds.NewClient(xds.ClientConfig{
+		Address: s.xdsAddr, TLS: s.clientTLS(), Token: func() (string, error) { return token(t, self, xds.TokenAudience), nil },
+		// It claims another pod's name: the node metadata check refuses
+		// that, so it names itself; its scope comes from the token's pod.
+		Node:     xds.NodeInfo{NodeName: "node-a", PodName: self.Name, PodNamespace: self.Namespace, Role: xds.RoleSidecar},
+		OnDemand: true, MinBackoff: 50 * time.Millisecond, MaxBackoff: 500 * time.Millisecond, Log: s.log,
+	}, state)
+	cctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { _ = c.Run(cctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	eventually(t, "sidecar ready (addresses, authorizations and L7 resources synced)", state.Ready)
+
+	web := map[string]string{"app": "web"}
+	createPod(t, podSpec{ns: "sc-scope", name: "same-node-web", node: "node-a", ip: "10.31.0.2", labels: web})
+	createPod(t, podSpec{ns: "sc-scope", name: "remote-web", node: "node-b", ip: "10.31.0.3", labels: web})
+	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "sc-scope"}, Spec: corev1.ServiceSpec{
+		Selector: web, Ports: []corev1.ServicePort{{Port: 80}}}}
+	if err := s.k8s.Create(ctx, svc); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), svc) })
+	const key = "sc-scope/web.sc-scope.svc.cluster.local"
+	eventually(t, "the service and its own workload", func() bool {
+		return state.ServiceByKey(key) != nil && state.WorkloadByUID(uid("sc-scope", "client")) != nil
+	})
+	// The service was created after the pods: had they been in scope,
+	// they would have come with it or before.
+	for _, name := range []string{"same-node-web", "remote-web"} {
+		if state.WorkloadByUID(uid("sc-scope", name)) != nil {
+			t.Fatalf("the sidecar received %s before asking", name)
+		}
+	}
+	demand(t, c, key)
+	if n := len(state.Endpoints(key)); n != 2 {
+		t.Fatalf("after asking for %s: %d endpoints, want 2", key, n)
+	}
+}

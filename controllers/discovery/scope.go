@@ -20,9 +20,9 @@ import (
 )
 
 // AddressCache serves the Address type per proxy. A wildcard subscriber
-// (Istio's ztunnel without on-demand, waypoints, sidecars, tools) receives
-// every workload and service, as a LinearCache would serve it. A ztunnel
-// that subscribes to xds.NodeScopeName instead receives only:
+// (Istio's ztunnel without on-demand, waypoints, tools) receives every
+// workload and service, as a LinearCache would serve it. A ztunnel that
+// subscribes to xds.NodeScopeName instead receives only:
 //
 //   - every service (cheap, and the DNS proxy answers from them),
 //   - the workloads on its own node (the node is the authenticated pod's
@@ -34,7 +34,12 @@ import (
 //     owning that address).
 //
 // Each resource carries its aliases, so a client that asked for an address
-// learns which resource answered it; an alias the client just asked for
+// A sidecar subscribed to xds.NodeScopeName receives the same minus the
+// node's workloads: every service (Istio's default Sidecar scope), its own
+// pod's workload (from the authenticated caller), the workloads behind
+// waypoints, and what it looks up (the endpoints of the services it calls,
+// its callers' addresses).
+//
 // that no resource owns is returned in removed_resources, so the client
 // stops waiting and knows the address is outside the mesh.
 type AddressCache struct {
@@ -59,10 +64,11 @@ type addrEntry struct {
 	service  bool
 }
 
-// scopeOf is who a watch serves: node-scoped ztunnel or everything.
+// watchScope is who a watch serves: a node-scoped ztunnel (node), a
+// sidecar (pod: its own workload's uid), or everything.
 type watchScope struct {
-	node   string
-	scoped bool
+	node, pod string
+	scoped    bool
 }
 
 type addrWatch struct {
@@ -281,8 +287,13 @@ func (c *AddressCache) desired(w *addrWatch) map[string]struct{} {
 				out[name] = struct{}{}
 			}
 		}
-		for uid := range c.byNode[w.scope.node] {
-			out[uid] = struct{}{}
+		if w.scope.node != "" {
+			for uid := range c.byNode[w.scope.node] {
+				out[uid] = struct{}{}
+			}
+		}
+		if _, ok := c.entries[w.scope.pod]; ok && w.scope.pod != "" {
+			out[w.scope.pod] = struct{}{}
 		}
 		for ref := range c.gwRefs {
 			if name, ok := c.resolve(ref); ok {
@@ -396,12 +407,16 @@ func (c *AddressCache) Fetch(context.Context, *cachev3.Request) (cachev3.Respons
 const (
 	scopeRoleKey = "ambient.scope.role"
 	scopeNodeKey = "ambient.scope.node"
+	scopePodKey  = "ambient.scope.pod"
 )
 
 func scopeOfNode(req *cachev3.DeltaRequest) watchScope {
 	md := req.GetNode().GetMetadata().GetFields()
-	if md[scopeRoleKey].GetStringValue() != xds.RoleZtunnel {
-		return watchScope{}
+	switch md[scopeRoleKey].GetStringValue() {
+	case xds.RoleZtunnel:
+		return watchScope{node: md[scopeNodeKey].GetStringValue(), scoped: true}
+	case xds.RoleSidecar:
+		return watchScope{pod: md[scopePodKey].GetStringValue(), scoped: true}
 	}
-	return watchScope{node: md[scopeNodeKey].GetStringValue(), scoped: true}
+	return watchScope{}
 }

@@ -35,6 +35,13 @@ func scopedReq(role, node string, subscribe ...string) *cachev3.DeltaRequest {
 	return &discoverypb.DeltaDiscoveryRequest{TypeUrl: xds.AddressType, Node: &core.Node{Metadata: md}, ResourceNamesSubscribe: subscribe}
 }
 
+// sidecarReq is a sidecar's request as the server scopes it: its role and
+// its own pod's workload uid.
+func sidecarReq(pod string, subscribe ...string) *cachev3.DeltaRequest {
+	md, _ := structpb.NewStruct(map[string]any{scopeRoleKey: xds.RoleSidecar, scopeNodeKey: "node-a", scopePodKey: pod})
+	return &discoverypb.DeltaDiscoveryRequest{TypeUrl: xds.AddressType, Node: &core.Node{Metadata: md}, ResourceNamesSubscribe: subscribe}
+}
+
 // TestAddressCacheScope: what one response carries for each kind of
 // subscriber.
 func TestAddressCacheScope(t *testing.T) {
@@ -71,6 +78,12 @@ func TestAddressCacheScope(t *testing.T) {
 		{"by service key brings endpoints", scopedReq(xds.RoleZtunnel, "node-a", xds.NodeScopeName, "ns/web"), false, append(base, uid("web-b")), nil},
 		{"unknown address is answered as removed", scopedReq(xds.RoleZtunnel, "node-a", xds.NodeScopeName, "/192.0.2.1"), false, base, []string{"/192.0.2.1"}},
 		{"names only, no node scope", scopedReq(xds.RoleZtunnel, "node-a", uid("db-b")), false, []string{uid("db-b")}, nil},
+		// A sidecar on node-a: not node-a's pods, only its own.
+		{"sidecar scope: services, own pod, waypoints", sidecarReq(uid("other-b"), xds.NodeScopeName), false,
+			[]string{"ns/db", "ns/web", "ns/wp", uid("other-b"), uid("wp-0")}, nil},
+		{"sidecar looks up the endpoints of a service it calls", sidecarReq(uid("other-b"), xds.NodeScopeName, "/10.96.0.30"), false,
+			[]string{"ns/db", "ns/web", "ns/wp", uid("other-b"), uid("wp-0"), uid("db-b")}, nil},
+		{"wildcard sidecar (full discovery)", sidecarReq(uid("other-b")), true, all, nil},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

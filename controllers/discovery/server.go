@@ -127,8 +127,9 @@ func (s *Server) callbacks() serverv3.Callbacks {
 			switch req.TypeUrl {
 			case xds.AddressType, xds.AuthorizationType:
 			case xds.L7ResourceType:
-				if caller.Role != proxyauth.RoleWaypoint {
-					return status.Error(codes.PermissionDenied, "only waypoints receive L7 resources")
+				// Sidecars enforce L7 policies on their own pod.
+				if caller.Role != proxyauth.RoleWaypoint && caller.Role != proxyauth.RoleSidecar {
+					return status.Error(codes.PermissionDenied, "only waypoints and sidecars receive L7 resources")
 				}
 			default:
 				return status.Errorf(codes.InvalidArgument, "unsupported type %q", req.TypeUrl)
@@ -140,18 +141,30 @@ func (s *Server) callbacks() serverv3.Callbacks {
 				}
 			}
 			s.observeAck(caller, req)
-			req.Node = scopedNode(caller, req.GetNode())
+			req.Node = s.scopedNode(caller, req.GetNode())
 			return nil
 		},
 	}
 }
 
 // scopedNode is the node the caches see: the client's own id and metadata
-// plus the authenticated role and node, which decide what it receives (a
-// client cannot widen its scope by claiming another node). The xDS server
-// keeps it for the stream's later requests.
-func scopedNode(caller *proxyauth.Caller, n *core.Node) *core.Node {
-	return WithScope(n, caller.Role, caller.NodeName)
+// plus the authenticated role, node and (a sidecar's) pod, which decide
+// what it receives (a client cannot widen its scope by claiming another
+// node or pod). The xDS server keeps it for the stream's later requests.
+func (s *Server) scopedNode(caller *proxyauth.Caller, n *core.Node) *core.Node {
+	out := WithScope(n, caller.Role, caller.NodeName)
+	if caller.Role == proxyauth.RoleSidecar && caller.Pod != nil {
+		out = WithPodScope(out, xds.PodUID(s.Controller.opts.ClusterID, caller.Pod.Namespace, caller.Pod.Name))
+	}
+	return out
+}
+
+// WithPodScope returns a copy of n that tells the AddressCache the uid of
+// a sidecar's own workload (always in its scope).
+func WithPodScope(n *core.Node, uid string) *core.Node {
+	out := WithScope(n, n.GetMetadata().GetFields()[scopeRoleKey].GetStringValue(), n.GetMetadata().GetFields()[scopeNodeKey].GetStringValue())
+	out.Metadata.Fields[scopePodKey] = structpb.NewStringValue(uid)
+	return out
 }
 
 // WithScope returns a copy of n that tells the AddressCache the proxy's
@@ -236,7 +249,7 @@ func (c *Controller) DebugHandler() http.Handler {
 			return
 		}
 		types := []string{xds.AddressType, xds.AuthorizationType}
-		if role == proxyauth.RoleWaypoint {
+		if role == proxyauth.RoleWaypoint || role == proxyauth.RoleSidecar {
 			types = append(types, xds.L7ResourceType)
 		}
 		w.Header().Set("Content-Type", "application/json")

@@ -20,6 +20,10 @@ type Target struct {
 	// RootNamespace is the mesh root namespace: its selector-less policies
 	// apply everywhere.
 	RootNamespace string
+	// Sidecar: the destination is a sidecar's own pod. Policies with
+	// targetRefs (gateways, waypoints, services) do not bind to it, as
+	// Istio's sidecars do not enforce them.
+	Sidecar bool
 }
 
 const (
@@ -39,6 +43,9 @@ func Applies(p *Policy, t Target) bool {
 		refs = append([]TargetRef{*p.Spec.TargetRef}, refs...)
 	}
 	if len(refs) > 0 {
+		if t.Sidecar {
+			return false
+		}
 		for _, r := range refs {
 			ns := r.Namespace
 			if ns == "" {

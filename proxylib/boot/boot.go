@@ -149,6 +149,9 @@ type Proxy struct {
 	Metrics *prometheus.Registry
 	// Handler takes pods: it fetches a pod's certificate before serving it.
 	Handler *CertsFirst
+	// Demand looks up what the proxy's scope lacks (nil: everything is
+	// pushed).
+	Demand func(ctx context.Context, names ...string) error
 }
 
 // Mesh is a proxy's link to the control plane: the trust bundle (watched
@@ -191,9 +194,18 @@ func Connect(ctx context.Context, o *Options, log logr.Logger, role string, type
 	xds := discovery.NewClient(discovery.ClientConfig{Address: o.XDSAddr, Token: token, Log: log.WithName("xds"),
 		TLS: bundle.ClientTLS(o.XDSServerName), TypeURLs: types,
 		Node:     discovery.NodeInfo{NodeName: o.Node, PodName: o.PodName, PodNamespace: o.PodNamespace, Role: role},
-		OnDemand: role == discovery.RoleZtunnel && !o.FullDiscovery}, state)
+		OnDemand: onDemand(role, o)}, state)
 	go xds.Run(ctx)
 	return &Mesh{Bundle: bundle, Store: store, State: state, Demand: xds.Demand}, nil
+}
+
+// onDemand says whether a proxy subscribes to its scope and looks up the
+// rest: a ztunnel when -full-discovery=false, a sidecar always (its scope:
+// every service, its own workload, waypoints; the endpoints of what its
+// pod calls are looked up, as Istio's default Sidecar scope holds every
+// service but a sidecar needs few workloads).
+func onDemand(role string, o *Options) bool {
+	return role == discovery.RoleSidecar || role == discovery.RoleZtunnel && !o.FullDiscovery
 }
 
 // Start connects to the mesh (CA, trust bundle, discovery as role) and
@@ -201,13 +213,17 @@ func Connect(ctx context.Context, o *Options, log logr.Logger, role string, type
 // sidecar). Background work runs until ctx ends; Close releases the rest.
 func Start(ctx context.Context, o *Options, log logr.Logger, role string, unprivileged bool) (*Proxy, error) {
 	AdaptWorkerThreads(ctx, o.WorkerThreads, log)
-	m, err := Connect(ctx, o, log, role)
+	var types []string
+	if role == discovery.RoleSidecar {
+		types = discovery.SidecarTypes
+	}
+	m, err := Connect(ctx, o, log, role, types...)
 	if err != nil {
 		return nil, err
 	}
 	store, state, bundle := m.Store, m.State, m.Bundle
 	demand := m.Demand
-	if role != discovery.RoleZtunnel || o.FullDiscovery {
+	if !onDemand(role, o) {
 		demand = nil
 	}
 	reg := prometheus.NewRegistry()
@@ -244,7 +260,7 @@ func Start(ctx context.Context, o *Options, log logr.Logger, role string, unpriv
 		return nil, err
 	}
 	h.proxy = p
-	return &Proxy{Proxy: p, Opts: o, Log: log, Bundle: bundle, Store: store, State: state, Metrics: reg, Handler: h}, nil
+	return &Proxy{Proxy: p, Opts: o, Log: log, Bundle: bundle, Store: store, State: state, Metrics: reg, Handler: h, Demand: demand}, nil
 }
 
 // AdaptWorkerThreads sizes GOMAXPROCS to the load, up to limit and the

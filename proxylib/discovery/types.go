@@ -25,6 +25,11 @@ const (
 	L7ResourceType    = "type.googleapis.com/ambient.mesh.v1.L7Resource"
 )
 
+// SidecarTypes are what a sidecar subscribes to: addresses and
+// authorizations as ztunnel, and the L7 resources its L7 engine enforces
+// on its own pod (AuthorizationPolicies with L7 rules).
+var SidecarTypes = []string{AddressType, AuthorizationType, L7ResourceType}
+
 // Roles a proxy announces in its node metadata.
 const (
 	RoleZtunnel  = "ztunnel"

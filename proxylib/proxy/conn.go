@@ -73,13 +73,21 @@ func (s *session) open() {
 	s.p.cfg.Metrics.ConnOpened(s.labels)
 }
 
-// relayOrFail ends the session with err, or relays down↔up on a goroutine
-// of its own and returns at once. The caller's goroutine grew its stack
-// routing, authorizing and dialing (TLS handshakes, network-namespace
-// dials); a tunnel that then idles for hours would hold that stack, where
-// a fresh relay goroutine's stays small (runtime stacks shrink only while
-// little of them is in use). Both connections are closed when it ends.
-func (s *session) relayOrFail(down, up net.Conn, err error) {
+// job serves an accepted connection to its end: the relay, or the L7
+// engine of a sidecar.
+type job func() (received, sent int64, err error)
+
+func relayJob(down, up net.Conn) job {
+	return func() (int64, int64, error) { return Relay(down, up) }
+}
+
+// run ends the session with err, or runs serve on a goroutine of its own
+// and returns at once. The caller's goroutine grew its stack routing,
+// authorizing and dialing (TLS handshakes, network-namespace dials); a
+// tunnel that then idles for hours would hold that stack, where a fresh
+// goroutine's stays small (runtime stacks shrink only while little of
+// them is in use). down, when set, is closed at the end.
+func (s *session) run(serve job, err error, down net.Conn) {
 	if err != nil {
 		if down != nil {
 			down.Close()
@@ -88,7 +96,10 @@ func (s *session) relayOrFail(down, up net.Conn, err error) {
 		return
 	}
 	go func() {
-		received, sent, err := Relay(down, up)
+		received, sent, err := serve()
+		if down != nil {
+			down.Close()
+		}
 		s.finish(received, sent, err)
 	}()
 }

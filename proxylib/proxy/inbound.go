@@ -26,14 +26,14 @@ func (p *Proxy) serveHBONE(ctx context.Context, pd *pod, req *hbone.Request, res
 	p.router.learnSource(req.PeerAddr.Addr())
 	s.labels = telemetry.Labels{Reporter: telemetry.ReporterDestination, Source: telemetry.PeerOf(p.cfg.State.WorkloadByAddr(req.PeerAddr.Addr()), &peer),
 		Destination: telemetry.PeerOf(nil, nil), Service: telemetry.ServiceOf(nil), SecurityPolicy: telemetry.MutualTLS}
-	down, up, err := p.inboundHBONE(ctx, s, pd, req, resp)
-	s.relayOrFail(down, up, err)
+	serve, err := p.inboundHBONE(ctx, s, pd, req, resp)
+	s.run(serve, err, nil)
 }
 
-func (p *Proxy) inboundHBONE(ctx context.Context, s *session, pd *pod, req *hbone.Request, resp hbone.Responder) (down, up net.Conn, err error) {
-	reject := func(err error) (net.Conn, net.Conn, error) {
+func (p *Proxy) inboundHBONE(ctx context.Context, s *session, pd *pod, req *hbone.Request, resp hbone.Responder) (job, error) {
+	reject := func(err error) (job, error) {
 		resp.Reject(proxyerr.HTTPStatus(proxyerr.ReasonOf(err)), err.Error())
-		return nil, nil, err
+		return nil, err
 	}
 	dstW, err := p.inboundDestination(pd, req.Target)
 	if err != nil {
@@ -53,36 +53,49 @@ func (p *Proxy) inboundHBONE(ctx context.Context, s *session, pd *pod, req *hbon
 		}
 		// The waypoint believes our Forwarded and caller headers: they name
 		// the client we decided on, never what the peer wrote.
-		up, err = p.hairpin(ctx, s, pd, dstW, req.Target, hairpinHeader(withForwarded(req.Header, src), &peer))
+		up, err := p.hairpin(ctx, s, pd, dstW, req.Target, hairpinHeader(withForwarded(req.Header, src), &peer))
 		if err != nil {
 			return reject(err)
 		}
-		return p.accept(s, pd, resp, up, dstW.GetUid(), c)
+		return p.acceptAndRelay(s, pd, resp, up, dstW.GetUid(), c)
 	}
+	l7 := p.inboundL7()
+	c.L7EnforcedHere = l7 != nil
 	if err := p.authorize(s, dstW, c); err != nil {
 		return reject(err)
 	}
-	up, err = p.dialApp(s, pd, src, req.Target)
+	if l7 != nil {
+		down, err := resp.Accept()
+		if err != nil {
+			return nil, proxyerr.Wrap(proxyerr.ConnectionClosed, err, "accept CONNECT")
+		}
+		in := L7Inbound{Peer: peer, PeerAddr: req.PeerAddr, Header: req.Header, Target: req.Target, Workload: dstW}
+		return func() (int64, int64, error) {
+			defer down.Close()
+			return p.serveL7(ctx, s, pd, l7, in, down, c)
+		}, nil
+	}
+	up, err := p.dialApp(s, pd, src, req.Target)
 	if err != nil {
 		return reject(err)
 	}
-	return p.accept(s, pd, resp, up, dstW.GetUid(), c)
+	return p.acceptAndRelay(s, pd, resp, up, dstW.GetUid(), c)
 }
 
-func (p *Proxy) accept(s *session, pd *pod, resp hbone.Responder, up net.Conn, dstUID string, c rbac.Conn) (net.Conn, net.Conn, error) {
+func (p *Proxy) acceptAndRelay(s *session, pd *pod, resp hbone.Responder, up net.Conn, dstUID string, c rbac.Conn) (job, error) {
 	if err := s.track(pd.info.UID, dstUID, c); err != nil {
 		up.Close()
 		resp.Reject(http.StatusServiceUnavailable, err.Error())
-		return nil, nil, err
+		return nil, err
 	}
 	down, err := resp.Accept()
 	if err != nil {
 		up.Close()
-		return nil, nil, proxyerr.Wrap(proxyerr.ConnectionClosed, err, "accept CONNECT")
+		return nil, proxyerr.Wrap(proxyerr.ConnectionClosed, err, "accept CONNECT")
 	}
 	s.attach(down, up)
 	s.open()
-	return down, up, nil
+	return relayJob(down, up), nil
 }
 
 // inboundDestination checks readiness and that target is this pod on a
@@ -115,11 +128,11 @@ func (p *Proxy) servePlaintextInbound(pd *pod, down net.Conn) {
 	p.router.learnSource(src.Addr())
 	s.labels = telemetry.Labels{Reporter: telemetry.ReporterDestination, Source: telemetry.PeerOf(p.cfg.State.WorkloadByAddr(src.Addr()), nil),
 		Destination: telemetry.PeerOf(nil, nil), Service: telemetry.ServiceOf(nil), SecurityPolicy: telemetry.Unknown}
-	up, err := p.plaintextInbound(s, pd, down, src)
-	s.relayOrFail(down, up, err)
+	serve, err := p.plaintextInbound(s, pd, down, src)
+	s.run(serve, err, down)
 }
 
-func (p *Proxy) plaintextInbound(s *session, pd *pod, down net.Conn, src netip.AddrPort) (net.Conn, error) {
+func (p *Proxy) plaintextInbound(s *session, pd *pod, down net.Conn, src netip.AddrPort) (job, error) {
 	dst, err := netnsutil.OriginalDst(down)
 	if err != nil {
 		return nil, proxyerr.Wrap(proxyerr.OriginalDstMissing, err, "original destination")
@@ -145,8 +158,18 @@ func (p *Proxy) plaintextInbound(s *session, pd *pod, down net.Conn, src netip.A
 			return nil, err
 		}
 	} else {
+		l7 := p.inboundL7()
+		c.L7EnforcedHere = l7 != nil
 		if err := p.authorize(s, dstW, c); err != nil {
 			return nil, err
+		}
+		if l7 != nil {
+			tc, ok := down.(hbone.Stream)
+			if !ok {
+				return nil, proxyerr.New(proxyerr.ConnectionClosed, "inbound connection cannot half-close")
+			}
+			in := L7Inbound{PeerAddr: src, Target: dst, Workload: dstW}
+			return func() (int64, int64, error) { return p.serveL7(context.Background(), s, pd, l7, in, tc, c) }, nil
 		}
 		if up, err = p.dialApp(s, pd, src.Addr(), dst); err != nil {
 			return nil, err
@@ -158,7 +181,7 @@ func (p *Proxy) plaintextInbound(s *session, pd *pod, down net.Conn, src netip.A
 		return nil, err
 	}
 	s.open()
-	return up, nil
+	return relayJob(down, up), nil
 }
 
 // authorize applies dst's policies, logging Istio's "RBAC rejected" line.

@@ -26,11 +26,11 @@ func (p *Proxy) serveOutbound(pd *pod, down net.Conn, dst netip.AddrPort) {
 	srcID := p.podIdentity(pd.info)
 	s.labels = telemetry.Labels{Reporter: telemetry.ReporterSource, Source: telemetry.PeerOf(srcW, &srcID),
 		Destination: telemetry.PeerOf(nil, nil), Service: telemetry.ServiceOf(nil)}
-	up, err := p.outbound(s, pd, down, dst, srcW, srcID)
-	s.relayOrFail(down, up, err)
+	serve, err := p.outbound(s, pd, down, dst, srcW, srcID)
+	s.run(serve, err, down)
 }
 
-func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort, srcW *workloadapi.Workload, srcID identity.Identity) (net.Conn, error) {
+func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort, srcW *workloadapi.Workload, srcID identity.Identity) (job, error) {
 	if !dst.IsValid() {
 		var err error
 		if dst, err = netnsutil.OriginalDst(down); err != nil {
@@ -64,9 +64,14 @@ func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort,
 		rt.ProxyAddr = netip.AddrPortFrom(rt.Target.Addr(), hbone.Port)
 		rt.Expected = []identity.Identity{p.router.WorkloadIdentity(rt.Dest)}
 	}
+	if l7 := p.inboundL7(); l7 != nil && rt.Service != nil && !rt.Waypoint && l7.RoutesService(rt.Service) {
+		// The sidecar applies the routes of a Service without a waypoint
+		// (with one, the waypoint does: the tunnel goes there as is).
+		s.dst = dst
+		return func() (int64, int64, error) { return p.serveL7Outbound(s, pd, l7, down, rt, srcW, srcID) }, nil
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
 	defer cancel()
-	var up net.Conn
 	switch rt.Kind {
 	case HBONE:
 		typ := "Direct"
@@ -75,18 +80,13 @@ func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort,
 		}
 		s.info("proxy to %s using HBONE via %s type %s", rt.Target, rt.ProxyAddr, typ)
 		s.labels.SecurityPolicy = telemetry.MutualTLS
-		up, err = pd.dialer.Dial(ctx, hbone.DialRequest{Source: srcID, Expected: rt.Expected, ProxyAddr: rt.ProxyAddr,
-			Target: rt.Target, Header: forwarded(s.src, srcW)})
-		if err != nil {
-			return nil, proxyerr.Wrap(proxyerr.HBONEConnectFailed, err, "HBONE to %s via %s", rt.Target, rt.ProxyAddr)
-		}
 	default:
 		s.info("proxying to %s using passthrough", rt.Target)
 		s.labels.SecurityPolicy = telemetry.Unknown
-		up, err = netnsutil.DialTCP(ctx, pd.ns, netip.AddrPort{}, rt.Target, p.dialOptions())
-		if err != nil {
-			return nil, proxyerr.Wrap(proxyerr.UpstreamConnectFailed, err, "dial %s", rt.Target)
-		}
+	}
+	up, err := p.dialRoute(ctx, pd, rt, srcID, forwarded(s.src, srcW))
+	if err != nil {
+		return nil, err
 	}
 	s.attach(up)
 	if err := s.track(pd.info.UID, "", rbac.Conn{}); err != nil {
@@ -94,12 +94,30 @@ func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort,
 		return nil, err
 	}
 	s.open()
+	return relayJob(down, up), nil
+}
+
+// dialRoute opens the pod's outbound connection along rt: an HBONE tunnel
+// with the pod's identity, or passthrough.
+func (p *Proxy) dialRoute(ctx context.Context, pd *pod, rt Route, srcID identity.Identity, h http.Header) (net.Conn, error) {
+	if rt.Kind == HBONE {
+		up, err := pd.dialer.Dial(ctx, hbone.DialRequest{Source: srcID, Expected: rt.Expected, ProxyAddr: rt.ProxyAddr,
+			Target: rt.Target, Header: h})
+		if err != nil {
+			return nil, proxyerr.Wrap(proxyerr.HBONEConnectFailed, err, "HBONE to %s via %s", rt.Target, rt.ProxyAddr)
+		}
+		return up, nil
+	}
+	up, err := netnsutil.DialTCP(ctx, pd.ns, netip.AddrPort{}, rt.Target, p.dialOptions())
+	if err != nil {
+		return nil, proxyerr.Wrap(proxyerr.UpstreamConnectFailed, err, "dial %s", rt.Target)
+	}
 	return up, nil
 }
 
-// fastPath connects to a pod on this node without a tunnel, still applying
+// fastPath delivers to a pod on this node without a tunnel, still applying
 // the destination's policy with the source's identity (ztunnel holds both).
-func (p *Proxy) fastPath(s *session, src, dst *pod, down net.Conn, rt Route, srcID identity.Identity) (net.Conn, error) {
+func (p *Proxy) fastPath(s *session, src, dst *pod, down net.Conn, rt Route, srcID identity.Identity) (job, error) {
 	s.info("proxying to %s using node local fast path", rt.Target)
 	s.labels.SecurityPolicy = telemetry.MutualTLS
 	s.labels.Reporter = telemetry.ReporterDestination
@@ -122,7 +140,7 @@ func (p *Proxy) fastPath(s *session, src, dst *pod, down net.Conn, rt Route, src
 		return nil, err
 	}
 	s.open()
-	return up, nil
+	return relayJob(down, up), nil
 }
 
 // serveSOCKS5 is outbound with the destination named by the client.

@@ -120,6 +120,7 @@ type Proxy struct {
 	ids      atomic.Uint64
 	snapshot atomic.Bool
 	draining atomic.Bool // Drain started: no new pods, no listeners
+	l7       atomic.Pointer[L7]
 
 	mu   sync.Mutex
 	pods map[string]*pod // by uid

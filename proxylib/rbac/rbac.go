@@ -41,6 +41,11 @@ type Conn struct {
 	// to the destination's waypoint, which enforces the L7-derived policies
 	// whole against the same caller. Only the proxy sets it.
 	ToDestinationWaypoint bool
+	// L7EnforcedHere: the proxy hands this connection to its own L7 engine
+	// (a sidecar on its pod's inbound), which enforces the L7-derived
+	// policies whole, failing closed on their L7 rules for opaque TCP.
+	// Only the proxy sets it.
+	L7EnforcedHere bool
 }
 
 // Decision is the outcome of Evaluate. Policy names the deciding policy
@@ -80,11 +85,11 @@ func Evaluate(policies []*security.Authorization, c Conn) Decision {
 }
 
 // enforcedByWaypoint: the connection comes from (or is being hair-pinned
-// to) the destination's waypoint, which enforces this L7-derived policy
-// whole, so its lossy L4 form (e.g. the deny-all left by dropped L7 ALLOW
-// rules) must not apply here.
+// to) the destination's waypoint, or goes to this proxy's own L7 engine,
+// which enforces this L7-derived policy whole, so its lossy L4 form (e.g.
+// the deny-all left by dropped L7 ALLOW rules) must not apply here.
 func enforcedByWaypoint(p *security.Authorization, c Conn) bool {
-	viaWaypoint := (c.FromDestinationWaypoint && c.Source != nil) || c.ToDestinationWaypoint
+	viaWaypoint := (c.FromDestinationWaypoint && c.Source != nil) || c.ToDestinationWaypoint || c.L7EnforcedHere
 	return viaWaypoint && p.GetAmbientL7Derived()
 }
 

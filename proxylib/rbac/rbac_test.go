@@ -210,6 +210,11 @@ func TestL7DerivedPolicySkippedOnlyForDestinationWaypoint(t *testing.T) {
 		c.ToDestinationWaypoint = true
 		return c
 	}
+	l7Here := func(src *identity.Identity) Conn {
+		c := conn(src, "10.0.0.1", 80)
+		c.L7EnforcedHere = true
+		return c
+	}
 	cases := []struct {
 		name     string
 		policies []*security.Authorization
@@ -232,6 +237,10 @@ func TestL7DerivedPolicySkippedOnlyForDestinationWaypoint(t *testing.T) {
 		{"hair-pin: STRICT admits an mTLS caller", []*security.Authorization{l7Allow, strict}, toWaypoint(&sleep), true},
 		{"hair-pin: L4 DENY keyed on the caller applies", []*security.Authorization{l4DenyWaypoint}, toWaypoint(&waypoint), false},
 		{"hair-pin: L4 ALLOW keyed on the caller applies", []*security.Authorization{l4AllowSleep}, toWaypoint(&waypoint), false},
+		{"sidecar L7 engine: L7-derived ALLOW left to it", []*security.Authorization{l7Allow}, l7Here(&sleep), true},
+		{"sidecar L7 engine: L7-derived DENY left to it", []*security.Authorization{l7Deny}, l7Here(nil), true},
+		{"sidecar L7 engine: STRICT still refuses plaintext", []*security.Authorization{l7Allow, strict}, l7Here(nil), false},
+		{"sidecar L7 engine: L4 ALLOW keyed on the caller applies", []*security.Authorization{l7Allow, l4AllowSleep}, l7Here(&waypoint), false},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

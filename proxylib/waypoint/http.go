@@ -33,9 +33,13 @@ type connInfo struct {
 	srcWL  *workloadapi.Workload
 	source telemetry.Peer
 	fwd    l7.Forwarding
-	mu     sync.Mutex
-	snap   snapshot
-	series lastSeries // metrics of the connection's last label set
+	// plaintext: a sidecar's caller without mTLS (PERMISSIVE).
+	plaintext bool
+	// outbound: a sidecar's own pod is the caller (ServeOutbound).
+	outbound bool
+	mu       sync.Mutex
+	snap     snapshot
+	series   lastSeries // metrics of the connection's last label set
 }
 
 // snapshot is the L7 configuration and the policies bound to this tunnel's
@@ -66,7 +70,9 @@ func newConnInfo(s *Server, req *hbone.Request, dst destination) *connInfo {
 // isHairpin reports whether the peer is the destination itself, sending a
 // connection that reached it without passing this waypoint.
 func (s *Server) isHairpin(req *hbone.Request, dst destination) bool {
-	return dst.workload != nil && s.workloadIdentity(dst.workload) == req.Peer
+	// A sidecar's peer with its pod's identity is another replica, never
+	// a hair-pin: its caller header is not believed.
+	return !s.cfg.Sidecar && dst.workload != nil && s.workloadIdentity(dst.workload) == req.Peer
 }
 
 // caller is the identity the tunnel is authorized as. A hair-pinning
@@ -124,13 +130,19 @@ func (c *connInfo) current() snapshot {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.snap.cfg != cfg {
-		c.snap = snapshot{cfg: cfg, policies: authz.Select(cfg.policies, c.s.policyTarget(c.dst))}
+		c.snap = snapshot{cfg: cfg}
+		if !c.outbound { // the destination enforces its own policies
+			c.snap.policies = authz.Select(cfg.policies, c.s.policyTarget(c.dst))
+		}
 	}
 	return c.snap
 }
 
 // authorize evaluates L4 or L7 policy for this tunnel's destination.
 func (c *connInfo) authorize(snap snapshot, r *http.Request) authz.Decision {
+	if c.outbound {
+		return authz.Decision{Allowed: true}
+	}
 	if p, broken := snap.cfg.brokenFor(c.policyNamespace(), c.s.cfg.RootNamespace); broken {
 		return authz.Decision{Policy: p, Reason: "policy could not be decoded: failing closed"}
 	}
@@ -353,7 +365,7 @@ func (c *connInfo) forward(in *http.Request, o *outcome, m *route.Match, b *rout
 		if m != nil {
 			m.ApplyRequest(out, *b)
 		}
-		resp, err := c.s.upstream.RoundTrip(out, ep, c.upstreamHTTP2(in))
+		resp, err := c.upstream().RoundTrip(out, ep, c.upstreamHTTP2(in))
 		if err != nil {
 			tryCancel()
 			done(lb.ConnectFailure)

@@ -17,6 +17,10 @@ import (
 // gateways report).
 const Reporter, ReporterSource = "waypoint", "source"
 
+// ReporterDestination is the reporter of a sidecar's L7 engine on its own
+// pod's inbound (as Istio's sidecars report the server side).
+const ReporterDestination = "destination"
+
 // httpLabels are Istio's standard request metric labels.
 var httpLabels = []string{
 	"reporter",
@@ -103,10 +107,17 @@ func (c *connInfo) record(in *http.Request, o *outcome, start time.Time, reqByte
 	case in.ProtoMajor == 2:
 		proto = "http"
 	}
-	dst := telemetry.PeerOf(o.endpoint, nil)
+	ep := o.endpoint
+	if ep == nil && c.s.cfg.Sidecar && !c.outbound {
+		ep = c.dst.workload // a sidecar's inbound: itself, even when denied
+	}
+	dst := telemetry.PeerOf(ep, nil)
 	svc := telemetry.ServiceOf(o.backend)
 	if o.backend == nil && c.dst.service != nil {
 		svc = telemetry.ServiceOf(c.dst.service)
+	}
+	if o.backend == nil && c.dst.service == nil && c.s.cfg.Sidecar {
+		svc = telemetry.ServiceOf(c.s.inboundService(c.dst.workload, in.Host))
 	}
 	flags := string(o.flags)
 	if flags == "" {
@@ -117,11 +128,11 @@ func (c *connInfo) record(in *http.Request, o *outcome, start time.Time, reqByte
 		gs = "-"
 	}
 	values := []string{
-		c.s.reporter,
+		c.reporter(),
 		c.source.Workload, c.source.Namespace, c.source.Principal, c.source.App, c.source.Version, c.source.Cluster,
 		svc.Host, svc.Namespace, svc.Name,
 		dst.Workload, dst.Namespace, dst.Principal, dst.App, dst.Version, dst.Cluster,
-		proto, statusString(o.status), gs, flags, telemetry.MutualTLS,
+		proto, statusString(o.status), gs, flags, c.securityPolicy(),
 	}
 	h := c.series.of(c.s.metrics, values)
 	h.requests.Inc()

@@ -53,7 +53,7 @@ func (s *Server) serveTCP(ctx context.Context, c *connInfo, stream hbone.Stream,
 	}
 	labels.Destination = telemetry.PeerOf(s.cfg.State.WorkloadByAddr(ep.Addr()), nil)
 	s.tcp.ConnOpened(labels)
-	up, err := s.dialEndpoint(context.WithValue(ctx, sourceAddrKey{}, c.srcIP), ep)
+	up, err := s.dial(context.WithValue(ctx, sourceAddrKey{}, c.srcIP), ep)
 	if err != nil {
 		done(true)
 		labels.ResponseFlags = string(proxyerr.ReasonOf(err))

@@ -70,24 +70,41 @@ type Config struct {
 	// Ingress makes this the ingress gateway of Gateway Name/Namespace:
 	// ServeIngress instead of ServeHBONE (ingress.go).
 	Ingress bool
-	Log     logr.Logger
+	// Sidecar makes this the L7 engine of the sidecar of pod Name/Namespace:
+	// ServeInbound (called by the pod's proxy) instead of ServeHBONE
+	// (sidecar.go). Dialer is then not needed.
+	Sidecar bool
+	// Demand, when discovery is scoped (a sidecar's), looks up the
+	// endpoints of a Service before picking one.
+	Demand func(ctx context.Context, names ...string) error
+	// TCPMetrics records opaque TCP connections; default: new istio_tcp_*
+	// metrics on Registry. The sidecar's proxy records its connections
+	// itself and passes an unregistered set.
+	TCPMetrics *telemetry.Metrics
+	Log        logr.Logger
 }
 
 // Server is the waypoint. It implements hbone.Handler.
 type Server struct {
-	cfg       Config
-	l7        atomic.Pointer[l7Config]
-	upstream  *l7.Upstream
-	http      *l7.Server
-	metrics   *httpMetrics
-	tcp       *telemetry.Metrics
-	balancers sync.Map // service key -> *lb.Balancer
-	router    *proxy.Router
+	cfg      Config
+	l7       atomic.Pointer[l7Config]
+	upstream *l7.Upstream
+	// clientUpstream pools a sidecar's outbound requests (upstream for
+	// every other mode).
+	clientUpstream *l7.Upstream
+	http           *l7.Server
+	metrics        *httpMetrics
+	tcp            *telemetry.Metrics
+	balancers      sync.Map // service key -> *lb.Balancer
+	router         *proxy.Router
 	// resolved maps the addresses of endpoints known by hostname only
 	// (ServiceEntry DNS resolution) back to their workload uid.
 	resolved sync.Map // netip.Addr -> uid
 	reporter string
-	log      logr.Logger
+	// dial opens the onward stream to an endpoint (HBONE to its pod, as a
+	// mesh client at ingress, to the app in sidecar mode).
+	dial l7.DialFunc
+	log  logr.Logger
 	// onGateway is called when the Gateway (ingress mode) changes; set by
 	// the listeners' goroutine while discovery may already be rebuilding.
 	onGateway atomic.Pointer[func()]
@@ -102,7 +119,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("waypoint: name and namespace are required")
 	case cfg.Identity.IsZero():
 		return nil, fmt.Errorf("waypoint: identity is required")
-	case cfg.State == nil || cfg.Dialer == nil:
+	case cfg.State == nil || (cfg.Dialer == nil && !cfg.Sidecar):
 		return nil, fmt.Errorf("waypoint: state and dialer are required")
 	}
 	if cfg.ClusterDomain == "" {
@@ -122,16 +139,23 @@ func New(cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: cfg.Log.WithName("waypoint"), reporter: Reporter,
 		router: &proxy.Router{State: cfg.State, TrustDomain: cfg.Identity.TrustDomain, LookupHost: cfg.LookupHost}}
-	if cfg.Ingress {
-		s.log, s.reporter = cfg.Log.WithName("gateway"), ReporterSource
+	s.dial = s.dialEndpoint
+	switch {
+	case cfg.Ingress:
+		s.log, s.reporter, s.dial = cfg.Log.WithName("gateway"), ReporterSource, s.dialAsClient
+	case cfg.Sidecar:
+		s.log, s.reporter, s.dial = cfg.Log.WithName("sidecar-l7"), ReporterDestination, dialFromContext
 	}
 	s.metrics = newHTTPMetrics(cfg.Registry)
-	s.tcp = telemetry.NewMetrics(cfg.Registry)
-	dial := s.dialEndpoint
-	if cfg.Ingress {
-		dial = s.dialAsClient
+	s.tcp = cfg.TCPMetrics
+	if s.tcp == nil {
+		s.tcp = telemetry.NewMetrics(cfg.Registry)
 	}
-	s.upstream = l7.NewUpstream(dial)
+	s.upstream = l7.NewUpstream(s.dial)
+	s.clientUpstream = s.upstream
+	if cfg.Sidecar {
+		s.clientUpstream = l7.NewUpstream(s.dial)
+	}
 	s.http = &l7.Server{Handler: nil, OnRefused: func(status int, reason string) {
 		s.log.Info("request refused", "status", status, "reason", reason)
 	}}
@@ -145,7 +169,10 @@ func New(cfg Config) (*Server, error) {
 }
 
 // Close releases pooled upstream connections.
-func (s *Server) Close() { s.upstream.Close() }
+func (s *Server) Close() {
+	s.upstream.Close()
+	s.clientUpstream.Close()
+}
 
 // ServiceHostname is the FQDN of a service in the mesh.
 func (s *Server) ServiceHostname(ns, name string) string {
@@ -163,8 +190,8 @@ type destination struct {
 // ServeHBONE admits tunnels to pods and services this waypoint serves.
 func (s *Server) ServeHBONE(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
 	log := s.log.WithValues("peer", req.Peer.String(), "target", req.Target.String())
-	if s.cfg.Ingress {
-		s.reject(log, resp, proxyerr.New(proxyerr.UnknownDestination, "an ingress gateway accepts no HBONE tunnels"))
+	if s.cfg.Ingress || s.cfg.Sidecar {
+		s.reject(log, resp, proxyerr.New(proxyerr.UnknownDestination, "an ingress gateway or a sidecar's L7 engine accepts no HBONE tunnels"))
 		return
 	}
 	if !s.cfg.State.Ready() {
@@ -182,7 +209,13 @@ func (s *Server) ServeHBONE(ctx context.Context, req *hbone.Request, resp hbone.
 		return
 	}
 	defer stream.Close()
-	conn := newConnInfo(s, req, dst)
+	s.serveStream(ctx, log, newConnInfo(s, req, dst), stream)
+}
+
+// serveStream sniffs an accepted stream's protocol and serves it: HTTP
+// request by request (policy, routes, telemetry), anything else as opaque
+// TCP under L4 policy.
+func (s *Server) serveStream(ctx context.Context, log logr.Logger, conn *connInfo, stream hbone.Stream) {
 	proto, br := l7.Sniff(stream, s.cfg.SniffTimeout)
 	log.V(1).Info("tunnel accepted", "protocol", proto.String())
 	if proto == l7.TCP {
@@ -331,6 +364,7 @@ func (s *Server) balancer(key string) *lb.Balancer {
 // endpointsOf lists the healthy endpoints of svc for service port port, as
 // "ip:targetPort" keys, with a lookup back to the workload.
 func (s *Server) endpointsOf(svc *workloadapi.Service, port uint16) ([]string, map[string]netip.AddrPort) {
+	s.demandEndpoints(svc)
 	key := discovery.ServiceKey(svc.Namespace, svc.Hostname)
 	var keys []string
 	addrs := map[string]netip.AddrPort{}
@@ -387,6 +421,12 @@ func (s *Server) policyTarget(dst destination) authz.Target {
 		}
 	}
 	switch {
+	case s.cfg.Sidecar:
+		// The sidecar's own pod: its namespace's and root's policies and
+		// those selecting it; targetRefs name gateways, waypoints and
+		// services, which Istio's sidecars do not enforce.
+		t = authz.Target{Namespace: dst.workload.Namespace, RootNamespace: s.cfg.RootNamespace, SelectedBy: t.SelectedBy, Sidecar: true}
+		add(dst.workload)
 	case dst.ingress:
 		// The gateway's own namespace and the policies selecting its pods
 		// (as for an Istio gateway); targetRefs name its Gateway.

@@ -166,7 +166,11 @@ type scopedState struct {
 // its Demand function (proxy.Config.Demand). Addresses in unanswered are
 // never answered (the lookup times out).
 func (cp *ControlPlane) NewScopedState(node string) (*discovery.State, func(ctx context.Context, names ...string) error) {
-	s := discovery.NewState(discovery.AddressType, discovery.AuthorizationType)
+	return cp.newScopedState(node, discovery.AddressType, discovery.AuthorizationType)
+}
+
+func (cp *ControlPlane) newScopedState(node string, types ...string) (*discovery.State, func(ctx context.Context, names ...string) error) {
+	s := discovery.NewState(types...)
 	sc := &scopedState{node: node, asked: map[string]bool{}}
 	cp.mu.Lock()
 	if cp.scoped == nil {
@@ -196,6 +200,34 @@ func (cp *ControlPlane) NewScopedState(node string) (*discovery.State, func(ctx 
 			return nil // not in the mesh
 		}
 		return s.Apply(discovery.AddressType, rs, nil)
+	}
+	return s, demand
+}
+
+// NewSidecarState registers a State scoped as the control plane's
+// AddressCache scopes a sidecar (its own workload uid, every service, what
+// it looks up; no node's pods) and returns it with its Demand function.
+// Unlike the real cache it does not add the workloads behind waypoints:
+// tests with waypoints use full sidecars.
+func (cp *ControlPlane) NewSidecarState(uid string) (*discovery.State, func(ctx context.Context, names ...string) error) {
+	s, demand := cp.newScopedState("", discovery.SidecarTypes...)
+	cp.mu.Lock()
+	sc := cp.scoped[s]
+	sc.asked[uid] = true
+	replay := map[string][]discovery.Resource{}
+	for _, typeURL := range discovery.SidecarTypes {
+		for name, r := range cp.current[typeURL] {
+			var a workloadapi.Address
+			if typeURL != discovery.AddressType || r.Body.UnmarshalTo(&a) == nil && sc.delivers(typeURL, name, &a) {
+				replay[typeURL] = append(replay[typeURL], r)
+			}
+		}
+	}
+	cp.mu.Unlock()
+	for typeURL, rs := range replay {
+		if err := s.Apply(typeURL, rs, nil); err != nil {
+			cp.t.Fatal(err)
+		}
 	}
 	return s, demand
 }
@@ -257,5 +289,5 @@ func (sc *scopedState) delivers(typeURL, name string, m proto.Message) bool {
 			return true // an endpoint of a service it asked for
 		}
 	}
-	return a.GetService() != nil || a.GetWorkload().GetNode() == sc.node
+	return a.GetService() != nil || sc.node != "" && a.GetWorkload().GetNode() == sc.node
 }

@@ -65,8 +65,11 @@ type Mesh struct {
 	// Pod.Capture use it and serve the pod's DNS proxy, forwarding to
 	// DNSNameservers (host:port, the pods' resolv.conf). Tests may change
 	// both between captures.
-	DNSRedirect    redirect.Redirector
-	CaptureDNS     bool
+	DNSRedirect redirect.Redirector
+	CaptureDNS  bool
+	// ScopedSidecars: sidecars added from now on get a sidecar's scoped
+	// discovery (ControlPlane.NewSidecarState) and look the rest up.
+	ScopedSidecars bool
 	DNSNameservers []string
 
 	serviceAccounts []string

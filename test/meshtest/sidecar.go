@@ -14,6 +14,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/proxy"
 	"github.com/ambientmesh/ambient/proxylib/redirect"
 	"github.com/ambientmesh/ambient/proxylib/telemetry"
+	"github.com/ambientmesh/ambient/proxylib/waypoint"
 )
 
 // SidecarAppUID owns the app's sockets in sidecar pods (Pod.AppUID); the
@@ -27,6 +28,7 @@ const SidecarAppUID = 1000
 type SidecarPod struct {
 	*Pod
 	Proxy   *proxy.Proxy
+	L7      *waypoint.Server
 	State   *discovery.State
 	Metrics *prometheus.Registry
 }
@@ -55,14 +57,27 @@ func (m *Mesh) AddSidecarPod(n *Node, name, sa string, mut ...func(*workloadapi.
 	if err != nil {
 		m.T.Fatal(err)
 	}
-	sp := &SidecarPod{Pod: p, State: m.CP.NewState(), Metrics: prometheus.NewRegistry()}
+	sp := &SidecarPod{Pod: p, Metrics: prometheus.NewRegistry()}
+	var demand func(ctx context.Context, names ...string) error
+	if m.ScopedSidecars {
+		sp.State, demand = m.CP.NewSidecarState(p.UID)
+	} else {
+		sp.State = m.CP.NewState(discovery.SidecarTypes...)
+	}
 	m.CP.SyncEmpty(sp.State)
 	sp.Proxy, err = proxy.New(proxy.Config{Log: m.Logs.Logger(name), State: sp.State, Certs: certs,
 		Metrics: telemetry.NewMetrics(sp.Metrics), NewDialer: tr.NewDialer, NewHBONEServer: tr.NewServer,
-		ConnectTimeout: 3 * time.Second, Unprivileged: true})
+		ConnectTimeout: 3 * time.Second, Unprivileged: true, Demand: demand})
 	if err != nil {
 		m.T.Fatal(err)
 	}
+	// The pod's L7 from the waypoint's engine, as cmd/sidecar wires it.
+	if sp.L7, err = waypoint.NewSidecar(waypoint.SidecarConfig{Pod: name, Namespace: Namespace, Identity: id, State: sp.State,
+		RootNamespace: RootNamespace, Registry: sp.Metrics, Demand: demand, Log: m.Logs.Logger(name)}); err != nil {
+		m.T.Fatal(err)
+	}
+	sp.Proxy.SetL7(sp.L7)
+	m.T.Cleanup(sp.L7.Close)
 	m.T.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()

@@ -17,10 +17,14 @@ import (
 	"time"
 
 	discoverypb "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	cachetypes "github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/protobuf/proto"
+
+	cpdiscovery "github.com/ambientmesh/ambient/controllers/discovery"
 
 	"github.com/ambientmesh/ambient/proxylib/ca"
 	"github.com/ambientmesh/ambient/proxylib/caclient/capb"
@@ -39,9 +43,19 @@ const Token = "upgrade-test-token"
 type ControlPlane struct {
 	CA *hbonetest.CA
 	// Roots is the path of the trust bundle file.
-	Roots  string
-	srv    *grpc.Server
-	caches map[string]*cachev3.LinearCache
+	Roots string
+	srv   *grpc.Server
+	// Addresses is the control plane's own per-proxy cache: a sidecar
+	// gets its scope (as the real server scopes it, from the node's
+	// claims here: this server does not authenticate).
+	Addresses *cpdiscovery.AddressCache
+	caches    map[string]*cachev3.LinearCache
+	// Unscoped names pods whose streams are served unscoped (every
+	// address, as sidecars were before their scope existed).
+	Unscoped map[string]bool
+	mu       sync.Mutex
+	streams  map[int64]string // stream -> pod
+	pushed   map[string]int   // pod -> Address bytes pushed
 }
 
 // NewControlPlane starts a control plane whose serving certificate is for
@@ -49,10 +63,11 @@ type ControlPlane struct {
 // is asked.
 func NewControlPlane(t *testing.T) *ControlPlane {
 	m := hbonetest.NewCA(t, "cluster.local")
-	cp := &ControlPlane{CA: m, caches: map[string]*cachev3.LinearCache{
-		discovery.AddressType:       cachev3.NewLinearCache(discovery.AddressType),
-		discovery.AuthorizationType: cachev3.NewLinearCache(discovery.AuthorizationType),
-	}}
+	cp := &ControlPlane{CA: m, Addresses: cpdiscovery.NewAddressCache(), Unscoped: map[string]bool{},
+		streams: map[int64]string{}, pushed: map[string]int{}, caches: map[string]*cachev3.LinearCache{
+			discovery.AuthorizationType: cachev3.NewLinearCache(discovery.AuthorizationType),
+			discovery.L7ResourceType:    cachev3.NewLinearCache(discovery.L7ResourceType),
+		}}
 	cert := m.IssueCert(t, hbonetest.CertOptions{DNSNames: []string{"ambient-controlplane.ambient-system.svc"}, NotAfter: time.Now().Add(time.Hour)})
 	cp.Roots = filepath.Join(SharedDir(t), "root-cert.pem")
 	if err := os.WriteFile(cp.Roots, ca.EncodeCerts(m.Root), 0o644); err != nil {
@@ -66,8 +81,9 @@ func NewControlPlane(t *testing.T) *ControlPlane {
 	for typ, c := range cp.caches {
 		mux.Caches[typ] = c
 	}
+	mux.Caches[discovery.AddressType] = cp.Addresses
 	cp.srv = grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{*cert}, MinVersion: tls.VersionTLS12})))
-	discoverypb.RegisterAggregatedDiscoveryServiceServer(cp.srv, serverv3.NewServer(context.Background(), mux, nil))
+	discoverypb.RegisterAggregatedDiscoveryServiceServer(cp.srv, serverv3.NewServer(context.Background(), mux, cp.callbacks()))
 	capb.RegisterIstioCertificateServiceServer(cp.srv, &caService{ca: m})
 	t.Cleanup(cp.srv.Stop)
 	return cp
@@ -87,12 +103,16 @@ func SharedDir(t *testing.T) string {
 
 // Executable is a copy of the running test binary in a SharedDir, so an
 // unprivileged user may execute it.
-func Executable(t *testing.T) string {
-	bin, err := os.ReadFile(os.Args[0])
+func Executable(t *testing.T) string { return Copy(t, os.Args[0]) }
+
+// Copy copies the program at path into a SharedDir, so an unprivileged
+// user may execute it.
+func Copy(t *testing.T, path string) string {
+	bin, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	exe := filepath.Join(SharedDir(t), filepath.Base(os.Args[0]))
+	exe := filepath.Join(SharedDir(t), filepath.Base(path))
 	if err := os.WriteFile(exe, bin, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -112,9 +132,59 @@ func (cp *ControlPlane) ServeIn(t *testing.T, ns *os.File) {
 
 // Workload publishes w.
 func (cp *ControlPlane) Workload(t *testing.T, w *workloadapi.Workload) {
-	if err := cp.caches[discovery.AddressType].UpdateResource(w.Uid, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: w}}); err != nil {
+	cp.Address(t, w.Uid, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: w}})
+}
+
+// Address publishes a workload or service under name.
+func (cp *ControlPlane) Address(t testing.TB, name string, a *workloadapi.Address) {
+	if err := cp.Addresses.UpdateResources(map[string]cachetypes.Resource{name: a}, nil); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// callbacks scope each stream from its node's claims (role, node, pod) and
+// count the Address bytes pushed to it.
+func (cp *ControlPlane) callbacks() serverv3.Callbacks {
+	return serverv3.CallbackFuncs{
+		StreamDeltaRequestFunc: func(id int64, req *discoverypb.DeltaDiscoveryRequest) error {
+			if n := req.GetNode(); n != nil {
+				md := n.GetMetadata().GetFields()
+				role, pod := md[discovery.MetaRole].GetStringValue(), md[discovery.MetaPodName].GetStringValue()
+				cp.mu.Lock()
+				cp.streams[id] = pod
+				unscoped := cp.Unscoped[pod]
+				cp.mu.Unlock()
+				if unscoped {
+					return nil
+				}
+				req.Node = cpdiscovery.WithScope(n, role, md[discovery.MetaNodeName].GetStringValue())
+				if role == discovery.RoleSidecar {
+					req.Node = cpdiscovery.WithPodScope(req.Node, discovery.PodUID("Kubernetes",
+						md[discovery.MetaPodNamespace].GetStringValue(), md[discovery.MetaPodName].GetStringValue()))
+				}
+			}
+			return nil
+		},
+		StreamDeltaResponseFunc: func(id int64, _ *discoverypb.DeltaDiscoveryRequest, resp *discoverypb.DeltaDiscoveryResponse) {
+			if resp.GetTypeUrl() != discovery.AddressType {
+				return
+			}
+			n := 0
+			for _, r := range resp.GetResources() {
+				n += proto.Size(r)
+			}
+			cp.mu.Lock()
+			cp.pushed[cp.streams[id]] += n
+			cp.mu.Unlock()
+		},
+	}
+}
+
+// PushedTo is the Address bytes pushed to pod's proxy so far.
+func (cp *ControlPlane) PushedTo(pod string) int {
+	cp.mu.Lock()
+	defer cp.mu.Unlock()
+	return cp.pushed[pod]
 }
 
 type caService struct {

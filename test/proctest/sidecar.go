@@ -64,7 +64,7 @@ func StartSidecar(t *testing.T, s Sidecar) (*LogBuffer, int) {
 	cpName := "ambient-controlplane.ambient-system.svc"
 	sc := exec.Command(exe, "-pod-name", name, "-pod-namespace", "default", "-service-account", name,
 		"-xds-address", "127.0.0.1:15010", "-xds-server-name", cpName, "-ca-address", "127.0.0.1:15012", "-ca-server-name", cpName,
-		"-token-path", token, "-root-cert", s.Roots)
+		"-token-path", token, "-root-cert", s.Roots, "-root-namespace", "ambient-system")
 	sc.Env = append(os.Environ(), env...)
 	sc.Stdout, sc.Stderr = out, out
 	sc.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 1337, Gid: 1337}}

@@ -48,8 +48,8 @@ type gatherer interface {
 	Gather() ([]*dto.MetricFamily, error)
 }
 
-// opened counts istio_tcp_connections_opened_total series matching want.
-func opened(t *testing.T, reg gatherer, want map[string]string) float64 {
+// metricSum sums the counter series of metric name matching want.
+func metricSum(t *testing.T, reg gatherer, name string, want map[string]string) float64 {
 	t.Helper()
 	fams, err := reg.Gather()
 	if err != nil {
@@ -57,7 +57,7 @@ func opened(t *testing.T, reg gatherer, want map[string]string) float64 {
 	}
 	var sum float64
 	for _, f := range fams {
-		if f.GetName() != "istio_tcp_connections_opened_total" {
+		if f.GetName() != name {
 			continue
 		}
 	next:
@@ -77,17 +77,24 @@ func opened(t *testing.T, reg gatherer, want map[string]string) float64 {
 	return sum
 }
 
-// waitOpened waits until reg counts a connection matching want (metrics are
-// recorded as the proxy handles the connection, maybe after the reply).
-func waitOpened(t *testing.T, what string, reg gatherer, want map[string]string) {
+// waitMetric waits until reg counts one of metric name matching want
+// (metrics are recorded as the proxy handles the connection or request,
+// maybe after the reply).
+func waitMetric(t *testing.T, what string, reg gatherer, name string, want map[string]string) {
 	t.Helper()
 	for i := 0; i < 100; i++ {
-		if opened(t, reg, want) > 0 {
+		if metricSum(t, reg, name, want) > 0 {
 			return
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	t.Fatalf("%s: no istio_tcp_connections_opened_total with %v", what, want)
+	t.Fatalf("%s: no %s with %v", what, name, want)
+}
+
+// waitOpened waits for a connection matching want.
+func waitOpened(t *testing.T, what string, reg gatherer, want map[string]string) {
+	t.Helper()
+	waitMetric(t, what, reg, "istio_tcp_connections_opened_total", want)
 }
 
 // expect: from reaches to and gets want, or is refused when want is "".

@@ -355,9 +355,22 @@ func (m *Mesh) applyAddress(name string, a *workloadapi.Address) {
 
 // ApplyL7 publishes a Kubernetes object (YAML) as an L7Resource.
 func (m *Mesh) ApplyL7(y string) {
-	js, err := yaml.YAMLToJSON([]byte(y))
+	key, res := L7Resource(m.t, y)
+	body, err := anypb.New(res)
 	if err != nil {
 		m.t.Fatal(err)
+	}
+	if err := m.State.Apply(discovery.L7ResourceType, []discovery.Resource{{Name: key, Version: fmt.Sprint(time.Now().UnixNano()), Body: body}}, nil); err != nil {
+		m.t.Fatal(err)
+	}
+}
+
+// L7Resource is a Kubernetes object (YAML) as the control plane sends it
+// (namespace Namespace unless it names one), with its resource name.
+func L7Resource(t testing.TB, y string) (string, *meshapi.L7Resource) {
+	js, err := yaml.YAMLToJSON([]byte(y))
+	if err != nil {
+		t.Fatal(err)
 	}
 	var meta struct {
 		APIVersion string `json:"apiVersion"`
@@ -367,21 +380,14 @@ func (m *Mesh) ApplyL7(y string) {
 		} `json:"metadata"`
 	}
 	if err := json.Unmarshal(js, &meta); err != nil {
-		m.t.Fatal(err)
+		t.Fatal(err)
 	}
 	if meta.Metadata.Namespace == "" {
 		meta.Metadata.Namespace = Namespace
 	}
 	group, _, _ := strings.Cut(meta.APIVersion, "/")
 	res := &meshapi.L7Resource{Group: group, Kind: meta.Kind, Namespace: meta.Metadata.Namespace, Name: meta.Metadata.Name, Json: js}
-	body, err := anypb.New(res)
-	if err != nil {
-		m.t.Fatal(err)
-	}
-	key := discovery.L7Key(group, meta.Kind, res.Namespace, res.Name)
-	if err := m.State.Apply(discovery.L7ResourceType, []discovery.Resource{{Name: key, Version: fmt.Sprint(time.Now().UnixNano()), Body: body}}, nil); err != nil {
-		m.t.Fatal(err)
-	}
+	return discovery.L7Key(group, meta.Kind, res.Namespace, res.Name), res
 }
 
 // DeleteL7 removes an L7 resource.
