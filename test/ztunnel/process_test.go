@@ -98,6 +98,7 @@ type xdsControlPlane struct {
 func newXDSControlPlane(t *testing.T, m *hbonetest.CA) *xdsControlPlane {
 	cp := &xdsControlPlane{t: t, ca: m, addrs: discoverycontroller.NewAddressCache(), caches: map[string]*cachev3.LinearCache{
 		discovery.AuthorizationType: cachev3.NewLinearCache(discovery.AuthorizationType),
+		discovery.L7ResourceType:    cachev3.NewLinearCache(discovery.L7ResourceType), // sidecars subscribe to routes and L7 policies
 	}}
 	serverCert := m.IssueCert(t, hbonetest.CertOptions{DNSNames: []string{"ambient-controlplane.ambient-system.svc"}, NotAfter: time.Now().Add(time.Hour)})
 	cp.tls = &tls.Config{Certificates: []tls.Certificate{*serverCert}, MinVersion: tls.VersionTLS12}
