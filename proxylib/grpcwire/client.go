@@ -55,6 +55,18 @@ type Config struct {
 	MaxRecvMsgSize int
 }
 
+// Bearer is Metadata sending token's result as a bearer token (read per
+// RPC: projected tokens rotate).
+func Bearer(token func() (string, error)) func(context.Context) (map[string]string, error) {
+	return func(context.Context) (map[string]string, error) {
+		tok, err := token()
+		if err != nil {
+			return nil, fmt.Errorf("reading token: %w", err)
+		}
+		return map[string]string{"authorization": "Bearer " + tok}, nil
+	}
+}
+
 // Conn is a client of one server. Its HTTP/2 connection is dialled on first
 // use and again after it breaks; RPCs share it.
 type Conn struct {
@@ -255,51 +267,74 @@ func checkResponse(resp *http.Response) error {
 
 func hasPrefix(s, p string) bool { return len(s) >= len(p) && s[:len(p)] == p }
 
-// encode frames m: the 5-byte prefix (not compressed, big-endian length)
-// and the protobuf bytes.
+// frame prefixes a message with the 5-byte header: not compressed,
+// big-endian length.
+func frame(msg []byte) ([]byte, error) {
+	if uint64(len(msg)) > 1<<32-1 {
+		return nil, errorf(ResourceExhausted, "message of %d bytes", len(msg))
+	}
+	b := make([]byte, 5, 5+len(msg))
+	binary.BigEndian.PutUint32(b[1:5], uint32(len(msg)))
+	return append(b, msg...), nil
+}
+
 func encode(m proto.Message) ([]byte, error) {
-	b, err := proto.MarshalOptions{}.MarshalAppend(make([]byte, 5, 5+proto.Size(m)), m)
+	b, err := proto.Marshal(m)
 	if err != nil {
 		return nil, errorf(Internal, "marshal: %v", err)
 	}
-	if len(b)-5 > 1<<32-1 {
-		return nil, errorf(ResourceExhausted, "message of %d bytes", len(b)-5)
-	}
-	binary.BigEndian.PutUint32(b[1:5], uint32(len(b)-5))
-	return b, nil
+	return frame(b)
 }
 
 // Invoke calls a unary method: one request, exactly one response.
 func (c *Conn) Invoke(ctx context.Context, method string, in, out proto.Message) error {
-	body, err := encode(in)
+	b, err := proto.Marshal(in)
+	if err != nil {
+		return errorf(Internal, "marshal: %v", err)
+	}
+	resp, err := c.InvokeRaw(ctx, method, b)
 	if err != nil {
 		return err
+	}
+	if err := proto.Unmarshal(resp, out); err != nil {
+		return errorf(Internal, "unmarshal: %v", err)
+	}
+	return nil
+}
+
+// InvokeRaw is Invoke with the messages' encoded bytes, for callers that
+// do not link the message types (a health check's two fields).
+func (c *Conn) InvokeRaw(ctx context.Context, method string, in []byte) ([]byte, error) {
+	body, err := frame(in)
+	if err != nil {
+		return nil, err
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	req, err := c.newRequest(ctx, method, bytes.NewReader(body))
 	if err != nil {
-		return err
+		return nil, err
 	}
 	resp, err := c.roundTrip(req)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer resp.Body.Close()
 	r := &reader{ctx: ctx, resp: resp, max: c.cfg.MaxRecvMsgSize}
-	if err := r.recv(out); err != nil {
+	out, err := r.next()
+	if err != nil {
 		if err == io.EOF {
-			return errorf(Internal, "server sent no response message")
+			return nil, errorf(Internal, "server sent no response message")
 		}
-		return err
+		return nil, err
 	}
 	if _, err := r.next(); err != io.EOF {
 		if err == nil {
-			return errorf(Internal, "server sent more than one response message")
+			return nil, errorf(Internal, "server sent more than one response message")
 		}
-		return err
+		return nil, err
 	}
-	return nil
+	return out, nil
 }
 
 // reader reads the messages of a response, then its status.

@@ -24,6 +24,7 @@ import (
 
 	"github.com/ambientmesh/ambient/proxylib/ca"
 	"github.com/ambientmesh/ambient/proxylib/caclient/capb"
+	"github.com/ambientmesh/ambient/proxylib/caclient/capb/caservice"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/hbone/hbonetest"
@@ -68,7 +69,7 @@ func NewControlPlane(t *testing.T) *ControlPlane {
 	}
 	cp.srv = grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{*cert}, MinVersion: tls.VersionTLS12})))
 	discoverypb.RegisterAggregatedDiscoveryServiceServer(cp.srv, serverv3.NewServer(context.Background(), mux, nil))
-	capb.RegisterIstioCertificateServiceServer(cp.srv, &caService{ca: m})
+	caservice.RegisterIstioCertificateServiceServer(cp.srv, &caService{ca: m})
 	t.Cleanup(cp.srv.Stop)
 	return cp
 }
@@ -118,7 +119,7 @@ func (cp *ControlPlane) Workload(t *testing.T, w *workloadapi.Workload) {
 }
 
 type caService struct {
-	capb.UnimplementedIstioCertificateServiceServer
+	caservice.UnimplementedIstioCertificateServiceServer
 	ca *hbonetest.CA
 }
 

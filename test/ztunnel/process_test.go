@@ -33,6 +33,7 @@ import (
 	discoverycontroller "github.com/ambientmesh/ambient/controllers/discovery"
 	"github.com/ambientmesh/ambient/proxylib/ca"
 	"github.com/ambientmesh/ambient/proxylib/caclient/capb"
+	"github.com/ambientmesh/ambient/proxylib/caclient/capb/caservice"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
@@ -126,7 +127,7 @@ func newXDSControlPlane(t *testing.T, m *hbonetest.CA) *xdsControlPlane {
 	}}
 	cp.srv = grpc.NewServer(grpc.Creds(credentials.NewTLS(cp.tls)))
 	discoverypb.RegisterAggregatedDiscoveryServiceServer(cp.srv, serverv3.NewServer(context.Background(), mux, scope))
-	capb.RegisterIstioCertificateServiceServer(cp.srv, &testCAService{cp: cp})
+	caservice.RegisterIstioCertificateServiceServer(cp.srv, &testCAService{cp: cp})
 	t.Cleanup(cp.srv.Stop)
 	return cp
 }
@@ -190,7 +191,7 @@ func (cp *xdsControlPlane) policy(p *security.Authorization) {
 }
 
 type testCAService struct {
-	capb.UnimplementedIstioCertificateServiceServer
+	caservice.UnimplementedIstioCertificateServiceServer
 	cp *xdsControlPlane
 }
 
