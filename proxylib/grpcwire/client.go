@@ -461,6 +461,11 @@ func (c *Conn) NewStream(ctx context.Context, method string) (*Stream, error) {
 		return nil, err
 	}
 	s := &Stream{ctx: ctx, cancel: cancel, pw: pw, res: make(chan result, 1), max: c.cfg.MaxRecvMsgSize}
+	// The Transport notices the end of ctx only between request-body
+	// reads: while it waits on the pipe for our next message, a reader
+	// blocked in Recv would wait on with it. Failing the pipe aborts the
+	// stream (RST_STREAM) and with it Recv.
+	context.AfterFunc(ctx, func() { _ = pr.CloseWithError(ctx.Err()) })
 	go func() {
 		resp, err := c.roundTrip(req)
 		if err != nil {

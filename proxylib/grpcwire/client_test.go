@@ -425,3 +425,36 @@ func TestConnectTimeout(t *testing.T) {
 		t.Fatalf("got %v (ctx %v), want Unavailable from the connect timeout", err, ctx.Err())
 	}
 }
+
+// The end of the stream's context unblocks a Recv waiting for the server
+// (and the server sees the stream cancelled), even while the client sends
+// nothing.
+func TestCancelUnblocksRecv(t *testing.T) {
+	p := newPKI(t)
+	_, addr := start(t, p, "server.test")
+	c := dial(t, grpcwire.Config{Address: addr, TLS: tlsConfig(p, "server.test")})
+	ctx, cancel := context.WithCancel(context.Background())
+	s, err := c.NewStream(ctx, bidiMethod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.Send(wrapperspb.Bytes([]byte("one"))); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Recv(new(wrapperspb.BytesValue)); err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan error, 1)
+	go func() { got <- s.Recv(new(wrapperspb.BytesValue)) }()
+	time.Sleep(50 * time.Millisecond) // let Recv block; the assertion does not depend on it
+	cancel()
+	select {
+	case err := <-got:
+		if grpcwire.CodeOf(err) != grpcwire.Canceled {
+			t.Fatalf("got %v, want Canceled", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Recv still blocked after the context ended")
+	}
+}
