@@ -198,6 +198,31 @@ func dial(t *testing.T, cfg grpcwire.Config) *grpcwire.Conn {
 	return c
 }
 
+// echo starts a TLS echo server and a client that verifies it.
+func echo(t *testing.T) (*echoServer, *grpcwire.Conn) {
+	t.Helper()
+	p := newPKI(t)
+	srv, addr := start(t, p, "server.test")
+	return srv, dial(t, grpcwire.Config{Address: addr, TLS: tlsConfig(p, "server.test"), Metadata: bearer})
+}
+
+// openBidi opens a Bidi stream and exchanges one message on it.
+func openBidi(t *testing.T, ctx context.Context, c *grpcwire.Conn) *grpcwire.Stream {
+	t.Helper()
+	s, err := c.NewStream(ctx, bidiMethod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	if err := s.Send(wrapperspb.Bytes([]byte("one"))); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Recv(new(wrapperspb.BytesValue)); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
 func tlsConfig(p *pki, serverName string) *tls.Config {
 	return &tls.Config{RootCAs: p.roots, ServerName: serverName, MinVersion: tls.VersionTLS13}
 }
@@ -207,9 +232,7 @@ func bearer(context.Context) (map[string]string, error) {
 }
 
 func TestUnary(t *testing.T) {
-	p := newPKI(t)
-	srv, addr := start(t, p, "server.test")
-	c := dial(t, grpcwire.Config{Address: addr, TLS: tlsConfig(p, "server.test"), Metadata: bearer})
+	srv, c := echo(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 
@@ -233,9 +256,7 @@ func TestUnary(t *testing.T) {
 // A unary error from grpc-go is a trailers-only response; the message
 // arrives percent-decoded.
 func TestUnaryErrorIsTrailersOnly(t *testing.T) {
-	p := newPKI(t)
-	_, addr := start(t, p, "server.test")
-	c := dial(t, grpcwire.Config{Address: addr, TLS: tlsConfig(p, "server.test")})
+	_, c := echo(t)
 	err := c.Invoke(context.Background(), unaryMethod, wrapperspb.Bytes([]byte("fail")), new(wrapperspb.BytesValue))
 	var st *grpcwire.Status
 	if !errors.As(err, &st) || st.Code != grpcwire.NotFound || st.Message != failMessage {
@@ -249,9 +270,7 @@ func TestUnaryErrorIsTrailersOnly(t *testing.T) {
 }
 
 func TestDeadlineExceeded(t *testing.T) {
-	p := newPKI(t)
-	_, addr := start(t, p, "server.test")
-	c := dial(t, grpcwire.Config{Address: addr, TLS: tlsConfig(p, "server.test")})
+	_, c := echo(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
 	err := c.Invoke(ctx, unaryMethod, wrapperspb.Bytes([]byte("sleep")), new(wrapperspb.BytesValue))
@@ -261,9 +280,7 @@ func TestDeadlineExceeded(t *testing.T) {
 }
 
 func TestBidiStreaming(t *testing.T) {
-	p := newPKI(t)
-	_, addr := start(t, p, "server.test")
-	c := dial(t, grpcwire.Config{Address: addr, TLS: tlsConfig(p, "server.test")})
+	_, c := echo(t)
 	s, err := c.NewStream(context.Background(), bidiMethod)
 	if err != nil {
 		t.Fatal(err)
@@ -293,23 +310,12 @@ func TestBidiStreaming(t *testing.T) {
 
 // An error status in trailers that follow messages.
 func TestStreamStatusInTrailers(t *testing.T) {
-	p := newPKI(t)
-	_, addr := start(t, p, "server.test")
-	c := dial(t, grpcwire.Config{Address: addr, TLS: tlsConfig(p, "server.test")})
-	s, err := c.NewStream(context.Background(), bidiMethod)
-	if err != nil {
+	_, c := echo(t)
+	s := openBidi(t, context.Background(), c)
+	if err := s.Send(wrapperspb.Bytes([]byte("abort"))); err != nil {
 		t.Fatal(err)
 	}
-	defer s.Close()
-	for _, m := range []string{"one", "abort"} {
-		if err := s.Send(wrapperspb.Bytes([]byte(m))); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := s.Recv(new(wrapperspb.BytesValue)); err != nil {
-		t.Fatal(err)
-	}
-	err = s.Recv(new(wrapperspb.BytesValue))
+	err := s.Recv(new(wrapperspb.BytesValue))
 	var st *grpcwire.Status
 	if !errors.As(err, &st) || st.Code != grpcwire.Aborted || st.Message != "aborted after "+failMessage {
 		t.Fatalf("got %#v", err)
@@ -317,24 +323,12 @@ func TestStreamStatusInTrailers(t *testing.T) {
 }
 
 func TestServerGoesAwayMidStream(t *testing.T) {
-	p := newPKI(t)
-	_, addr := start(t, p, "server.test")
-	c := dial(t, grpcwire.Config{Address: addr, TLS: tlsConfig(p, "server.test")})
-	s, err := c.NewStream(context.Background(), bidiMethod)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	if err := s.Send(wrapperspb.Bytes([]byte("one"))); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Recv(new(wrapperspb.BytesValue)); err != nil {
-		t.Fatal(err)
-	}
+	_, c := echo(t)
+	s := openBidi(t, context.Background(), c)
 	if err := s.Send(wrapperspb.Bytes([]byte("kill"))); err != nil {
 		t.Fatal(err)
 	}
-	err = s.Recv(new(wrapperspb.BytesValue))
+	err := s.Recv(new(wrapperspb.BytesValue))
 	if grpcwire.CodeOf(err) != grpcwire.Unavailable {
 		t.Fatalf("got %v, want Unavailable", err)
 	}
@@ -430,21 +424,9 @@ func TestConnectTimeout(t *testing.T) {
 // (and the server sees the stream cancelled), even while the client sends
 // nothing.
 func TestCancelUnblocksRecv(t *testing.T) {
-	p := newPKI(t)
-	_, addr := start(t, p, "server.test")
-	c := dial(t, grpcwire.Config{Address: addr, TLS: tlsConfig(p, "server.test")})
+	_, c := echo(t)
 	ctx, cancel := context.WithCancel(context.Background())
-	s, err := c.NewStream(ctx, bidiMethod)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	if err := s.Send(wrapperspb.Bytes([]byte("one"))); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Recv(new(wrapperspb.BytesValue)); err != nil {
-		t.Fatal(err)
-	}
+	s := openBidi(t, ctx, c)
 	got := make(chan error, 1)
 	go func() { got <- s.Recv(new(wrapperspb.BytesValue)) }()
 	time.Sleep(50 * time.Millisecond) // let Recv block; the assertion does not depend on it
