@@ -12,6 +12,8 @@ import (
 	"io"
 	"math/big"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
@@ -438,5 +440,58 @@ func TestCancelUnblocksRecv(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("Recv still blocked after the context ended")
+	}
+}
+
+// An HTTP/2 server that is not gRPC: its HTTP status is mapped, a 200 of
+// another content type is refused; a TLS server that negotiates no h2 is
+// refused before any request.
+func TestNonGRPCAnswers(t *testing.T) {
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/busy/Method":
+			http.Error(w, "overloaded", http.StatusServiceUnavailable)
+		case "/auth/Method":
+			w.WriteHeader(http.StatusUnauthorized)
+		default:
+			w.Header().Set("Content-Type", "text/html")
+			_, _ = w.Write([]byte("<html>"))
+		}
+	}))
+	srv.EnableHTTP2 = true
+	srv.StartTLS()
+	defer srv.Close()
+	roots := x509.NewCertPool()
+	roots.AddCert(srv.Certificate())
+	c := dial(t, grpcwire.Config{Address: srv.Listener.Addr().String(), TLS: &tls.Config{RootCAs: roots, ServerName: "example.com"}})
+	for method, want := range map[string]grpcwire.Code{
+		"/busy/Method": grpcwire.Unavailable, "/auth/Method": grpcwire.Unauthenticated, "/html/Method": grpcwire.Unknown,
+	} {
+		err := c.Invoke(context.Background(), method, wrapperspb.Bytes(nil), new(wrapperspb.BytesValue))
+		if grpcwire.CodeOf(err) != want {
+			t.Errorf("%s: got %v, want %v", method, err, want)
+		}
+	}
+
+	// A TLS server that negotiates no protocol at all (no ALPN).
+	p := newPKI(t)
+	l, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{p.serverCert(t, "server.test")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			conn, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() { _ = conn.(*tls.Conn).Handshake(); _, _ = io.Copy(io.Discard, conn); conn.Close() }()
+		}
+	}()
+	c = dial(t, grpcwire.Config{Address: l.Addr().String(), TLS: tlsConfig(p, "server.test")})
+	err = c.Invoke(context.Background(), unaryMethod, wrapperspb.Bytes(nil), new(wrapperspb.BytesValue))
+	if grpcwire.CodeOf(err) != grpcwire.Unavailable || !strings.Contains(err.Error(), "ALPN") {
+		t.Fatalf("HTTP/1 server: got %v, want Unavailable for ALPN", err)
 	}
 }
