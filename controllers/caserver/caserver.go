@@ -25,6 +25,7 @@ import (
 	"github.com/ambientmesh/ambient/controllers/proxyauth"
 	"github.com/ambientmesh/ambient/proxylib/ca"
 	"github.com/ambientmesh/ambient/proxylib/caclient/capb"
+	"github.com/ambientmesh/ambient/proxylib/caclient/capb/caservice"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 )
 
@@ -43,7 +44,7 @@ type Config struct {
 
 // Server implements IstioCertificateService.
 type Server struct {
-	capb.UnimplementedIstioCertificateServiceServer
+	caservice.UnimplementedIstioCertificateServiceServer
 
 	Auth interface {
 		AuthenticateContext(ctx context.Context) (*proxyauth.Caller, error)

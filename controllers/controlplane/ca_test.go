@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -26,6 +25,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/ca"
 	"github.com/ambientmesh/ambient/proxylib/caclient"
 	xds "github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/grpcwire"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 )
 
@@ -215,7 +215,7 @@ func TestCA(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			chain, err := caClient(t, tt.tok).Sign(ctx, newCSR(t), tt.id, 48*time.Hour)
-			if got := status.Code(errorsCause(err)); got != tt.want {
+			if got := codes.Code(grpcwire.CodeOf(err)); got != tt.want {
 				t.Fatalf("code = %v (%v), want %v", got, err, tt.want)
 			}
 			if tt.want != codes.OK {
@@ -244,22 +244,7 @@ func TestCA(t *testing.T) {
 	}
 	eventually(t, "deleted ztunnel refused", func() bool {
 		_, err := caClient(t, ztTok).Sign(ctx, newCSR(t), id("ca-app", "web"), time.Hour)
-		c := status.Code(errorsCause(err))
+		c := codes.Code(grpcwire.CodeOf(err))
 		return c == codes.Unauthenticated || c == codes.PermissionDenied
 	})
-}
-
-// errorsCause unwraps to the gRPC status error.
-func errorsCause(err error) error {
-	for e := err; e != nil; {
-		if _, ok := status.FromError(e); ok {
-			return e
-		}
-		u, ok := e.(interface{ Unwrap() error })
-		if !ok {
-			break
-		}
-		e = u.Unwrap()
-	}
-	return err
 }

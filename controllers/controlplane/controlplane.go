@@ -39,7 +39,7 @@ import (
 	"github.com/ambientmesh/ambient/controllers/proxyauth"
 	"github.com/ambientmesh/ambient/controllers/serviceentry"
 	"github.com/ambientmesh/ambient/proxylib/ca"
-	"github.com/ambientmesh/ambient/proxylib/caclient/capb"
+	"github.com/ambientmesh/ambient/proxylib/caclient/capb/caservice"
 	"github.com/ambientmesh/ambient/proxylib/kubeevents"
 )
 
@@ -385,7 +385,7 @@ func (cp *ControlPlane) CAServer() *caserver.Server {
 
 func (cp *ControlPlane) serveCA(ctx context.Context, lis net.Listener) error {
 	gs := grpc.NewServer(grpc.Creds(credentials.NewTLS(cp.certs.tlsConfig())), grpc.MaxRecvMsgSize(64<<10))
-	capb.RegisterIstioCertificateServiceServer(gs, cp.CAServer())
+	caservice.RegisterIstioCertificateServiceServer(gs, cp.CAServer())
 	go func() {
 		<-ctx.Done()
 		gs.Stop()

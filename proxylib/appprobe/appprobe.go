@@ -25,9 +25,9 @@ import (
 	"sync"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/protobuf/encoding/protowire"
+
+	"github.com/ambientmesh/ambient/proxylib/grpcwire"
 )
 
 // EnvVar carries the original probes to the sidecar (Istio's name).
@@ -249,23 +249,75 @@ func (h *Handler) tcp(ctx context.Context, t *TCPSocket) error {
 	return c.Close()
 }
 
+// healthCheckMethod is grpc.health.v1's Check. Its request is one string
+// (service, field 1) and its answer one enum (status, field 1, SERVING=1),
+// encoded here by hand: the generated types come with grpc-go.
+const healthCheckMethod = "/grpc.health.v1.Health/Check"
+
+const healthServing = 1
+
+// grpc is the kubelet's gRPC probe: grpc.health.v1 Check over plaintext
+// HTTP/2, healthy only when SERVING.
 func (h *Handler) grpc(ctx context.Context, g *GRPC) error {
-	conn, err := grpc.NewClient("passthrough:///"+h.target("", g.Port), grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) { return h.dial(ctx, "tcp", addr) }))
+	conn, err := grpcwire.New(grpcwire.Config{Address: h.target("", g.Port), Plaintext: true, Dial: h.dial})
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
-	req := &healthpb.HealthCheckRequest{}
-	if g.Service != nil {
-		req.Service = *g.Service
+	var req []byte
+	if g.Service != nil && *g.Service != "" {
+		req = protowire.AppendTag(req, 1, protowire.BytesType)
+		req = protowire.AppendString(req, *g.Service)
 	}
-	resp, err := healthpb.NewHealthClient(conn).Check(ctx, req)
+	resp, err := conn.InvokeRaw(ctx, healthCheckMethod, req)
 	if err != nil {
 		return err
 	}
-	if s := resp.GetStatus(); s != healthpb.HealthCheckResponse_SERVING {
-		return fmt.Errorf("grpc health: %s", s)
+	status, err := servingStatus(resp)
+	if err != nil {
+		return err
+	}
+	if status != healthServing {
+		return fmt.Errorf("grpc health: %s", servingStatusName(status))
 	}
 	return nil
+}
+
+// servingStatus reads HealthCheckResponse.status (the last occurrence
+// wins, as in protobuf; absent is UNKNOWN).
+func servingStatus(b []byte) (uint64, error) {
+	var status uint64
+	for len(b) > 0 {
+		num, typ, n := protowire.ConsumeTag(b)
+		if n < 0 {
+			return 0, fmt.Errorf("grpc health: malformed response: %w", protowire.ParseError(n))
+		}
+		b = b[n:]
+		if num == 1 && typ == protowire.VarintType {
+			v, m := protowire.ConsumeVarint(b)
+			if m < 0 {
+				return 0, fmt.Errorf("grpc health: malformed response: %w", protowire.ParseError(m))
+			}
+			status, b = v, b[m:]
+			continue
+		}
+		m := protowire.ConsumeFieldValue(num, typ, b)
+		if m < 0 {
+			return 0, fmt.Errorf("grpc health: malformed response: %w", protowire.ParseError(m))
+		}
+		b = b[m:]
+	}
+	return status, nil
+}
+
+func servingStatusName(s uint64) string {
+	switch s {
+	case 0:
+		return "UNKNOWN"
+	case 2:
+		return "NOT_SERVING"
+	case 3:
+		return "SERVICE_UNKNOWN"
+	}
+	return "status " + strconv.FormatUint(s, 10)
 }

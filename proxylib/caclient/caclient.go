@@ -15,16 +15,15 @@ import (
 	"sync"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/backoff"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/ambientmesh/ambient/proxylib/caclient/capb"
+	"github.com/ambientmesh/ambient/proxylib/grpcwire"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 )
+
+// CreateCertificateMethod is the CA's method.
+const CreateCertificateMethod = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
 
 // ImpersonatedIdentityKey names the requested identity in the metadata (as
 // Istio's ztunnel does).
@@ -56,23 +55,10 @@ type Client struct {
 	cfg Config
 
 	mu   sync.Mutex
-	conn *grpc.ClientConn
-	ca   capb.IstioCertificateServiceClient
+	conn *grpcwire.Conn
 }
 
 var _ identity.CAClient = (*Client)(nil)
-
-type bearer struct{ token func() (string, error) }
-
-func (b bearer) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
-	t, err := b.token()
-	if err != nil {
-		return nil, fmt.Errorf("reading token: %w", err)
-	}
-	return map[string]string{"authorization": "Bearer " + t}, nil
-}
-
-func (bearer) RequireTransportSecurity() bool { return true }
 
 // New creates a client; the connection is made lazily.
 func New(cfg Config) (*Client, error) {
@@ -86,45 +72,70 @@ func New(cfg Config) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Client{cfg: cfg, conn: conn, ca: capb.NewIstioCertificateServiceClient(conn)}, nil
+	return &Client{cfg: cfg, conn: conn}, nil
 }
 
-// retryPolicy retries CreateCertificate (signing a CSR twice is harmless)
-// when the replica serving it went away; the retry waits for a connection
-// (WaitForReady), which the Service gives to a live replica.
-const retryPolicy = `{"methodConfig":[{"name":[{"service":"istio.v1.auth.IstioCertificateService"}],
- "retryPolicy":{"maxAttempts":5,"initialBackoff":"0.1s","maxBackoff":"1s","backoffMultiplier":2,"retryableStatusCodes":["UNAVAILABLE"]}}]}`
+// Retries of CreateCertificate (signing a CSR twice is harmless) when the
+// replica serving it went away or none was reachable: backoff from
+// retryMin doubling to retryMax, until the request's timeout. A new
+// attempt dials anew when the connection broke, and the Service routes
+// the dial to a live replica.
+const (
+	retryMin = 100 * time.Millisecond
+	retryMax = time.Second
+)
 
-// reconnect bounds how long a broken connection waits before redialling
-// (gRPC's default grows to two minutes).
-var reconnect = grpc.ConnectParams{
-	Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 5 * time.Second},
-	MinConnectTimeout: 5 * time.Second,
-}
-
-// newConn makes a (lazily connecting) channel to the CA.
-func newConn(cfg Config) (*grpc.ClientConn, error) {
-	conn, err := grpc.NewClient(cfg.Address,
-		grpc.WithTransportCredentials(credentials.NewTLS(cfg.TLS)),
-		grpc.WithPerRPCCredentials(bearer{cfg.Token}),
-		grpc.WithDefaultServiceConfig(retryPolicy),
-		grpc.WithConnectParams(reconnect))
+// newConn makes a (lazily connecting) client of the CA.
+func newConn(cfg Config) (*grpcwire.Conn, error) {
+	conn, err := grpcwire.New(grpcwire.Config{
+		Address:        cfg.Address,
+		TLS:            cfg.TLS,
+		Metadata:       grpcwire.Bearer(cfg.Token),
+		ConnectTimeout: 5 * time.Second,
+	})
 	if err != nil {
 		return nil, fmt.Errorf("caclient: %w", err)
 	}
 	return conn, nil
 }
 
-func (c *Client) stub() (*grpc.ClientConn, capb.IstioCertificateServiceClient) {
+func (c *Client) current() *grpcwire.Conn {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.conn, c.ca
+	return c.conn
 }
 
 // Close releases the connection.
 func (c *Client) Close() error {
-	conn, _ := c.stub()
-	return conn.Close()
+	return c.current().Close()
+}
+
+// createCertificate calls the CA, retrying while it is Unavailable.
+func (c *Client) createCertificate(ctx context.Context, req *capb.IstioCertificateRequest) (*capb.IstioCertificateResponse, error) {
+	wait := retryMin
+	for {
+		conn := c.current()
+		resp := new(capb.IstioCertificateResponse)
+		err := conn.Invoke(ctx, CreateCertificateMethod, req, resp)
+		switch grpcwire.CodeOf(err) {
+		case grpcwire.OK:
+			return resp, nil
+		case grpcwire.DeadlineExceeded:
+			c.replace(conn)
+			return nil, err
+		case grpcwire.Unavailable:
+		default:
+			return nil, err
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, err
+		case <-t.C:
+		}
+		wait = min(2*wait, retryMax)
+	}
 }
 
 // Sign asks the CA to sign csrPEM for id and returns the chain, leaf first.
@@ -140,14 +151,10 @@ func (c *Client) Sign(ctx context.Context, csrPEM []byte, id identity.Identity, 
 	}
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.Timeout)
 	defer cancel()
-	conn, stub := c.stub()
-	resp, err := stub.CreateCertificate(ctx, &capb.IstioCertificateRequest{
+	resp, err := c.createCertificate(ctx, &capb.IstioCertificateRequest{
 		Csr: string(csrPEM), ValidityDuration: int64(ttl / time.Second), Metadata: md,
-	}, grpc.WaitForReady(true))
+	})
 	if err != nil {
-		if status.Code(err) == codes.DeadlineExceeded {
-			c.replace(conn)
-		}
 		return nil, fmt.Errorf("CreateCertificate for %s: %w", id, err)
 	}
 	chain, err := parseChain(resp.GetCertChain())
@@ -169,7 +176,7 @@ func (c *Client) Sign(ctx context.Context, csrPEM []byte, id identity.Identity, 
 
 // replace drops conn after a request timed out on it (unless another
 // request already did), so the next request does not wait on a dead peer.
-func (c *Client) replace(conn *grpc.ClientConn) {
+func (c *Client) replace(conn *grpcwire.Conn) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.conn != conn {
@@ -179,7 +186,7 @@ func (c *Client) replace(conn *grpc.ClientConn) {
 	if err != nil {
 		return
 	}
-	c.conn, c.ca = next, capb.NewIstioCertificateServiceClient(next)
+	c.conn = next
 	_ = conn.Close()
 }
 

@@ -18,13 +18,14 @@ import (
 
 	"github.com/ambientmesh/ambient/proxylib/ca"
 	"github.com/ambientmesh/ambient/proxylib/caclient/capb"
+	"github.com/ambientmesh/ambient/proxylib/caclient/capb/caservice"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 )
 
 // misbehavingCA signs with a real Authority but lets a test tamper with
 // what it returns.
 type misbehavingCA struct {
-	capb.UnimplementedIstioCertificateServiceServer
+	caservice.UnimplementedIstioCertificateServiceServer
 	auth   *ca.Authority
 	tamper func(req *capb.IstioCertificateRequest, id identity.Identity) (pubFromCSR bool, signAs identity.Identity, garbage string)
 	gotTok string
@@ -90,7 +91,7 @@ func TestSignChecksWhatTheCAReturns(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			srv := &misbehavingCA{auth: auth, tamper: tt.tamper}
 			gs := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{serverCert}, MinVersion: tls.VersionTLS13})))
-			capb.RegisterIstioCertificateServiceServer(gs, srv)
+			caservice.RegisterIstioCertificateServiceServer(gs, srv)
 			lis, err := net.Listen("tcp", "127.0.0.1:0")
 			if err != nil {
 				t.Fatal(err)

@@ -13,6 +13,7 @@ import (
 
 	"github.com/ambientmesh/ambient/proxylib/ca"
 	"github.com/ambientmesh/ambient/proxylib/caclient/capb"
+	"github.com/ambientmesh/ambient/proxylib/caclient/capb/caservice"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/test/svcproxy"
 )
@@ -20,7 +21,7 @@ import (
 // replicaCA is one control-plane replica's CA: it signs honestly, after
 // hold (if set) lets the request go on.
 type replicaCA struct {
-	capb.UnimplementedIstioCertificateServiceServer
+	caservice.UnimplementedIstioCertificateServiceServer
 	auth     *ca.Authority
 	received chan struct{}
 	hold     chan struct{}
@@ -48,7 +49,7 @@ func (r *replicaCA) CreateCertificate(ctx context.Context, req *capb.IstioCertif
 func startReplica(t *testing.T, cert tls.Certificate, srv *replicaCA) (*grpc.Server, string) {
 	t.Helper()
 	gs := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13})))
-	capb.RegisterIstioCertificateServiceServer(gs, srv)
+	caservice.RegisterIstioCertificateServiceServer(gs, srv)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -9,14 +9,10 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/backoff"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/keepalive"
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/ambientmesh/ambient/proxylib/discovery/xdsapi"
+	"github.com/ambientmesh/ambient/proxylib/grpcwire"
 )
 
 // NodeInfo identifies the proxy to the control plane.
@@ -86,40 +82,26 @@ func NewClient(cfg ClientConfig, state *State) *Client {
 // State returns the state the client feeds.
 func (c *Client) State() *State { return c.state }
 
-type tokenCreds struct{ token func() (string, error) }
-
-func (t tokenCreds) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
-	tok, err := t.token()
-	if err != nil {
-		return nil, fmt.Errorf("reading token: %w", err)
-	}
-	return map[string]string{"authorization": "Bearer " + tok}, nil
-}
-
-func (tokenCreds) RequireTransportSecurity() bool { return true }
-
 // Run connects and keeps the state in sync until ctx ends.
 func (c *Client) Run(ctx context.Context) error {
 	if c.cfg.TLS == nil {
 		return errors.New("discovery client: TLS config is required")
 	}
-	opts := []grpc.DialOption{
-		grpc.WithTransportCredentials(credentials.NewTLS(c.cfg.TLS)),
+	wcfg := grpcwire.Config{
+		Address: c.cfg.Address,
+		TLS:     c.cfg.TLS,
 		// A replica on a lost node neither answers nor resets the
 		// connection: pings find it dead in under a minute (the server
 		// allows one every 10s), and the stream moves to another replica.
-		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second, PermitWithoutStream: true}),
-		// Redial within MaxBackoff when no replica was reachable (gRPC's
-		// own backoff grows to two minutes).
-		grpc.WithConnectParams(grpc.ConnectParams{
-			Backoff:           backoff.Config{BaseDelay: c.cfg.MinBackoff, Multiplier: 1.6, Jitter: 0.2, MaxDelay: c.cfg.MaxBackoff},
-			MinConnectTimeout: 5 * time.Second,
-		}),
+		KeepaliveTime: 30 * time.Second, KeepaliveTimeout: 10 * time.Second,
+		// A dial to a replica that is gone fails fast; the session loop
+		// below redials within MaxBackoff.
+		ConnectTimeout: 5 * time.Second,
 	}
 	if c.cfg.Token != nil {
-		opts = append(opts, grpc.WithPerRPCCredentials(tokenCreds{c.cfg.Token}))
+		wcfg.Metadata = grpcwire.Bearer(c.cfg.Token)
 	}
-	conn, err := grpc.NewClient(c.cfg.Address, opts...)
+	conn, err := grpcwire.New(wcfg)
 	if err != nil {
 		return fmt.Errorf("discovery client: %w", err)
 	}
@@ -158,13 +140,12 @@ func (c *Client) node() (*xdsapi.Node, error) {
 }
 
 // session runs one stream; it reports whether any response arrived.
-func (c *Client) session(ctx context.Context, conn grpc.ClientConnInterface) (bool, error) {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+func (c *Client) session(ctx context.Context, conn *grpcwire.Conn) (bool, error) {
 	stream, err := xdsapi.OpenDeltaStream(ctx, conn)
 	if err != nil {
 		return false, err
 	}
+	defer stream.Close()
 	node, err := c.node()
 	if err != nil {
 		return false, err
@@ -202,7 +183,7 @@ func (c *Client) session(ctx context.Context, conn grpc.ClientConnInterface) (bo
 		ack := &xdsapi.DeltaDiscoveryRequest{TypeUrl: resp.TypeUrl, ResponseNonce: resp.Nonce}
 		if err := c.apply(resp); err != nil {
 			c.cfg.Log.Error(err, "rejecting discovery response", "type", resp.TypeUrl, "nonce", resp.Nonce)
-			ack.ErrorDetail = &xdsapi.Status{Code: int32(codes.InvalidArgument), Message: err.Error()}
+			ack.ErrorDetail = &xdsapi.Status{Code: int32(grpcwire.InvalidArgument), Message: err.Error()}
 		} else if resp.TypeUrl == AddressType {
 			c.od.answered(resp)
 		}

@@ -28,6 +28,7 @@ import (
 
 	"github.com/ambientmesh/ambient/proxylib/ca"
 	"github.com/ambientmesh/ambient/proxylib/caclient/capb"
+	"github.com/ambientmesh/ambient/proxylib/caclient/capb/caservice"
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/hbone/hbonetest"
@@ -84,7 +85,7 @@ func NewControlPlane(t *testing.T) *ControlPlane {
 	mux.Caches[discovery.AddressType] = cp.Addresses
 	cp.srv = grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{*cert}, MinVersion: tls.VersionTLS12})))
 	discoverypb.RegisterAggregatedDiscoveryServiceServer(cp.srv, serverv3.NewServer(context.Background(), mux, cp.callbacks()))
-	capb.RegisterIstioCertificateServiceServer(cp.srv, &caService{ca: m})
+	caservice.RegisterIstioCertificateServiceServer(cp.srv, &caService{ca: m})
 	t.Cleanup(cp.srv.Stop)
 	return cp
 }
@@ -188,7 +189,7 @@ func (cp *ControlPlane) PushedTo(pod string) int {
 }
 
 type caService struct {
-	capb.UnimplementedIstioCertificateServiceServer
+	caservice.UnimplementedIstioCertificateServiceServer
 	ca *hbonetest.CA
 }
 

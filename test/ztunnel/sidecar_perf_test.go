@@ -65,7 +65,9 @@ func TestSidecarToAmbientPerf(t *testing.T) {
 	if err := os.WriteFile(rootsPath, roots, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if out, err := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w", "-o", exe, "github.com/ambientmesh/ambient/cmd/sidecar").CombinedOutput(); err != nil {
+	build := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w", "-o", exe, "github.com/ambientmesh/ambient/cmd/sidecar")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0") // static, as the image
+	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
 	_, scPID := proctest.StartSidecar(t, proctest.Sidecar{Exe: exe, PodNS: scNS, ProbeNS: probeNS, IP: sc.IP, Name: sc.Name,

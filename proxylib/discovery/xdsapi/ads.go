@@ -3,7 +3,7 @@ package xdsapi
 import (
 	"context"
 
-	"google.golang.org/grpc"
+	"github.com/ambientmesh/ambient/proxylib/grpcwire"
 )
 
 // DeltaAggregatedResourcesMethod is Envoy's delta ADS method: the control
@@ -11,14 +11,12 @@ import (
 // wire-identical to this package's.
 const DeltaAggregatedResourcesMethod = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 
-var deltaADS = grpc.StreamDesc{StreamName: "DeltaAggregatedResources", ServerStreams: true, ClientStreams: true}
-
 // DeltaStream is one delta ADS stream.
-type DeltaStream struct{ grpc.ClientStream }
+type DeltaStream struct{ s *grpcwire.Stream }
 
-// OpenDeltaStream starts a delta ADS stream on conn.
-func OpenDeltaStream(ctx context.Context, conn grpc.ClientConnInterface, opts ...grpc.CallOption) (*DeltaStream, error) {
-	s, err := conn.NewStream(ctx, &deltaADS, DeltaAggregatedResourcesMethod, opts...)
+// OpenDeltaStream starts a delta ADS stream on conn; Close releases it.
+func OpenDeltaStream(ctx context.Context, conn *grpcwire.Conn) (*DeltaStream, error) {
+	s, err := conn.NewStream(ctx, DeltaAggregatedResourcesMethod)
 	if err != nil {
 		return nil, err
 	}
@@ -26,13 +24,16 @@ func OpenDeltaStream(ctx context.Context, conn grpc.ClientConnInterface, opts ..
 }
 
 // Send sends a request.
-func (s *DeltaStream) Send(r *DeltaDiscoveryRequest) error { return s.SendMsg(r) }
+func (s *DeltaStream) Send(r *DeltaDiscoveryRequest) error { return s.s.Send(r) }
 
 // Recv waits for the next response.
 func (s *DeltaStream) Recv() (*DeltaDiscoveryResponse, error) {
 	r := new(DeltaDiscoveryResponse)
-	if err := s.RecvMsg(r); err != nil {
+	if err := s.s.Recv(r); err != nil {
 		return nil, err
 	}
 	return r, nil
 }
+
+// Close ends the stream.
+func (s *DeltaStream) Close() { s.s.Close() }
