@@ -20,6 +20,8 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
+
+	"github.com/ambientmesh/ambient/hack/pin"
 )
 
 const (
@@ -29,6 +31,9 @@ const (
 
 type options struct {
 	Version, Image, Kustomize, Input, OutDir string
+	// ImagesFile is images.json of `make images`: when set, every image
+	// is named by its digest (a release bundle) instead of by tag.
+	ImagesFile string
 }
 
 func main() {
@@ -38,6 +43,7 @@ func main() {
 	flag.StringVar(&o.Kustomize, "kustomize", "bin/kustomize", "kustomize binary")
 	flag.StringVar(&o.Input, "input", "config/manifests", "kustomize directory to render")
 	flag.StringVar(&o.OutDir, "out", ".", "directory to write bundle/ and bundle.Dockerfile into")
+	flag.StringVar(&o.ImagesFile, "images", "", "images.json of make images: pin the operator and component images to their digests (-img is then ignored)")
 	flag.Parse()
 	if err := run(o); err != nil {
 		fmt.Fprintln(os.Stderr, "bundle:", err)
@@ -58,7 +64,13 @@ func run(o options) error {
 	if err != nil {
 		return err
 	}
-	b, err := build(objs, o)
+	images := pin.FromTag(o.Image)
+	if o.ImagesFile != "" {
+		if images, err = pin.FromFile(o.ImagesFile); err != nil {
+			return err
+		}
+	}
+	b, err := build(objs, o, images)
 	if err != nil {
 		return err
 	}
