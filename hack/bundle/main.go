@@ -6,21 +6,16 @@
 package main
 
 import (
-	"bytes"
-	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"strings"
 
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
 
+	"github.com/ambientmesh/ambient/hack/kustomize"
 	"github.com/ambientmesh/ambient/hack/pin"
 )
 
@@ -52,15 +47,7 @@ func main() {
 }
 
 func run(o options) error {
-	rendered, err := exec.Command(o.Kustomize, "build", o.Input).Output()
-	if err != nil {
-		var ee *exec.ExitError
-		if errors.As(err, &ee) {
-			return fmt.Errorf("%s build %s: %v: %s", o.Kustomize, o.Input, err, ee.Stderr)
-		}
-		return err
-	}
-	objs, err := decodeAll(rendered)
+	objs, err := kustomize.Build(o.Kustomize, o.Input)
 	if err != nil {
 		return err
 	}
@@ -75,23 +62,6 @@ func run(o options) error {
 		return err
 	}
 	return b.write(o.OutDir)
-}
-
-func decodeAll(data []byte) ([]*unstructured.Unstructured, error) {
-	dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader(data), 4096)
-	var out []*unstructured.Unstructured
-	for {
-		u := &unstructured.Unstructured{}
-		if err := dec.Decode(&u.Object); err != nil {
-			if errors.Is(err, io.EOF) {
-				return out, nil
-			}
-			return nil, err
-		}
-		if len(u.Object) > 0 {
-			out = append(out, u)
-		}
-	}
 }
 
 // bundleFiles is the bundle: file name under manifests/ → object.

@@ -7,21 +7,19 @@ package main
 
 import (
 	"bytes"
-	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
-	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"sigs.k8s.io/yaml"
 
+	"github.com/ambientmesh/ambient/hack/kustomize"
 	"github.com/ambientmesh/ambient/hack/pin"
 )
 
@@ -51,15 +49,11 @@ func run(o options) error {
 	if err != nil {
 		return err
 	}
-	rendered, err := exec.Command(o.kustomize, "build", o.input).Output()
+	objs, err := kustomize.Build(o.kustomize, o.input)
 	if err != nil {
-		var ee *exec.ExitError
-		if errors.As(err, &ee) {
-			return fmt.Errorf("%s build %s: %v: %s", o.kustomize, o.input, err, ee.Stderr)
-		}
 		return err
 	}
-	out, err := render(rendered, images)
+	out, err := render(objs, images)
 	if err != nil {
 		return err
 	}
@@ -76,23 +70,13 @@ func run(o options) error {
 	return nil
 }
 
-// render pins the manager Deployment of a multi-document manifest and
-// refuses the result if any image in it is still named by tag.
-func render(manifest []byte, images pin.Images) ([]byte, error) {
-	dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader(manifest), 4096)
+// render pins the operator's Deployment and refuses the result if any
+// image in it is still named by tag.
+func render(objs []*unstructured.Unstructured, images pin.Images) ([]byte, error) {
 	var docs [][]byte
 	pinned := 0
-	for {
-		obj := map[string]any{}
-		if err := dec.Decode(&obj); err != nil {
-			if errors.Is(err, io.EOF) {
-				break
-			}
-			return nil, err
-		}
-		if len(obj) == 0 {
-			continue
-		}
+	for _, u := range objs {
+		obj := u.Object
 		if obj["kind"] == "Deployment" {
 			spec, _ := obj["spec"].(map[string]any)
 			if err := images.SetOnDeployment(spec); err != nil {
@@ -101,7 +85,7 @@ func render(manifest []byte, images pin.Images) ([]byte, error) {
 			pinned++
 		}
 		if bad := pin.Unpinned(obj); len(bad) > 0 {
-			return nil, fmt.Errorf("%v %v names images by tag: %s", obj["kind"], name(obj), strings.Join(bad, ", "))
+			return nil, fmt.Errorf("%s %s names images by tag: %s", u.GetKind(), u.GetName(), strings.Join(bad, ", "))
 		}
 		b, err := yaml.Marshal(obj)
 		if err != nil {
@@ -113,11 +97,6 @@ func render(manifest []byte, images pin.Images) ([]byte, error) {
 		return nil, fmt.Errorf("want one operator Deployment, found %d", pinned)
 	}
 	return bytes.Join(docs, []byte("---\n")), nil
-}
-
-func name(obj map[string]any) any {
-	md, _ := obj["metadata"].(map[string]any)
-	return md["name"]
 }
 
 var digestIn = regexp.MustCompile(`@(sha256:[0-9a-f]{64})`)
