@@ -124,9 +124,24 @@ build-manager: ## Build only the operator.
 run: manifests generate ## Run the manager against the current kubeconfig (CRDs via make install; no webhooks).
 	go run ./cmd/manager --enable-webhooks=false --controlplane=false --log-development
 
+# Images: one OCI index per cmd for PLATFORMS (cross-compiled, CGO off),
+# named $(REGISTRY)/<name>:$(TAG). PLATFORMS=host builds only the build
+# machine's architecture (the lab's fast path).
+REGISTRY ?= docker.io/ambient
+PLATFORMS ?= linux/amd64,linux/arm64
+
 .PHONY: images
-images: ## Build image tarballs (no Docker needed) into bin/images/ for every cmd that builds.
-	go run ./hack/images -tag $(TAG) -out $(BIN)/images -bin $(BIN) -build
+images: ## Multi-arch OCI indexes (no Docker needed): bin/images/oci, digests in bin/images/images.json, host-arch <name>.tar for ctr/kind.
+	go run ./hack/images -tag $(TAG) -registry $(REGISTRY) -platforms $(PLATFORMS) -out $(BIN)/images -bin $(BIN) -sysroot $(BIN)/sysroot -build
+
+.PHONY: push
+push: ## Push the indexes of the last `make images` to REGISTRY (go-containerregistry; credentials from ~/.docker/config.json).
+	go run ./hack/images -push -tag $(TAG) -registry $(REGISTRY) -out $(BIN)/images
+
+.PHONY: release
+release: manifests $(KUSTOMIZE) images ## Images for PLATFORMS, then dist/install.yaml and dist/bundle/ pinned to their digests (push them with make push).
+	go run ./hack/release -images $(BIN)/images/images.json -kustomize $(KUSTOMIZE) -out dist/install.yaml
+	go run ./hack/bundle -version $(VERSION) -images $(BIN)/images/images.json -kustomize $(KUSTOMIZE) -out dist
 
 ##@ Deployment
 .PHONY: install

@@ -17,6 +17,18 @@ import (
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 )
 
+// DeployedComponents are the cmd/ images the operator puts on nodes and
+// into pods (besides its own).
+var DeployedComponents = []string{"ztunnel", "ambient-cni", "waypoint", "sidecar"}
+
+// RelatedImageEnv is the variable that names component's image to the
+// operator, RELATED_IMAGE_<NAME> as OLM expects: a disconnected mirror
+// rewrites these (and the CSV's spec.relatedImages) to the mirror's
+// digests.
+func RelatedImageEnv(component string) string {
+	return "RELATED_IMAGE_" + strings.ToUpper(strings.ReplaceAll(component, "-", "_"))
+}
+
 // Defaults are the operator-wide settings a mesh spec may override.
 type Defaults struct {
 	ZtunnelImage   string

@@ -100,16 +100,27 @@ func parseFlags() *config {
 	flag.BoolVar(&c.logDevelopment, "log-development", false, "human-readable console logs")
 	flag.Parse()
 	image := func(flagValue, name string) string {
-		if flagValue != "" {
-			return flagValue
-		}
-		return fmt.Sprintf("%s/%s:%s", c.imageRegistry, name, version)
+		return componentImage(flagValue, name, c.imageRegistry, version, os.Getenv)
 	}
 	c.ztunnelImage = image(c.ztunnelImage, "ztunnel")
 	c.nodeAgentImage = image(c.nodeAgentImage, "ambient-cni")
 	c.waypointImage = image(c.waypointImage, "waypoint")
 	c.sidecarImage = image(c.sidecarImage, "sidecar")
 	return c
+}
+
+// componentImage is a component's default image: the flag when set, else
+// RELATED_IMAGE_<NAME> (a release pins it to a digest; OLM rewrites it to
+// the mirror's under disconnected mirroring), else
+// <registry>/<name>:<version>.
+func componentImage(flagValue, name, registry, version string, getenv func(string) string) string {
+	if flagValue != "" {
+		return flagValue
+	}
+	if env := getenv(controllers.RelatedImageEnv(name)); env != "" {
+		return env
+	}
+	return fmt.Sprintf("%s/%s:%s", registry, name, version)
 }
 
 func newLogger(c *config) (*zap.Logger, error) {

@@ -10,6 +10,9 @@ import (
 	"testing"
 
 	"sigs.k8s.io/yaml"
+
+	"github.com/ambientmesh/ambient/controllers"
+	"github.com/ambientmesh/ambient/hack/pin"
 )
 
 const root = "../.."
@@ -187,4 +190,61 @@ func mustJSON(t *testing.T, v any) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// A release bundle (-images images.json) names every image by digest: the
+// manager container, containerImage, RELATED_IMAGE_* for each component
+// the operator deploys (what OLM rewrites when mirroring) and
+// spec.relatedImages. The development bundle names them by tag, with the
+// same variables.
+func TestReleaseBundlePinsDigests(t *testing.T) {
+	kustomize, _ := filepath.Abs(filepath.Join(root, "bin/kustomize"))
+	if _, err := os.Stat(kustomize); err != nil {
+		t.Skip("bin/kustomize not built (make tools)")
+	}
+	dir := t.TempDir()
+	digest := func(c byte) string { return "sha256:" + strings.Repeat(string(c), 64) }
+	built := []pin.Built{{Name: "manager", Repository: "reg.example/mesh/manager", Digest: digest('0')}}
+	want := map[string]string{"manager": "reg.example/mesh/manager@" + digest('0')}
+	for i, n := range controllers.DeployedComponents {
+		b := pin.Built{Name: n, Repository: "reg.example/mesh/" + n, Digest: digest("abcd"[i])}
+		built = append(built, b)
+		want[n] = b.Ref()
+	}
+	data, _ := json.Marshal(built)
+	images := filepath.Join(dir, "images.json")
+	if err := os.WriteFile(images, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	o := options{Version: "9.9.9", Image: "ignored/manager:tag", Kustomize: kustomize, Input: filepath.Join(root, "config/manifests"), OutDir: dir, ImagesFile: images}
+	if err := run(o); err != nil {
+		t.Fatal(err)
+	}
+	csv := readYAML(t, filepath.Join(dir, "bundle/manifests/ambient-operator.clusterserviceversion.yaml"))
+	if bad := pin.Unpinned(csv); len(bad) > 0 {
+		t.Errorf("CSV names images by tag: %v", bad)
+	}
+	if get(csv, "metadata", "annotations", "containerImage") != want["manager"] {
+		t.Errorf("containerImage %v", get(csv, "metadata", "annotations", "containerImage"))
+	}
+	related := map[string]string{}
+	for _, r := range get(csv, "spec", "relatedImages").([]any) {
+		related[r.(map[string]any)["name"].(string)] = r.(map[string]any)["image"].(string)
+	}
+	deps := get(csv, "spec", "install", "spec", "deployments").([]any)
+	c := get(deps[0].(map[string]any), "spec", "template", "spec", "containers").([]any)[0].(map[string]any)
+	env := map[string]string{}
+	for _, e := range c["env"].([]any) {
+		if v, ok := e.(map[string]any)["value"].(string); ok {
+			env[e.(map[string]any)["name"].(string)] = v
+		}
+	}
+	if c["image"] != want["manager"] || related["manager"] != want["manager"] {
+		t.Errorf("manager image %v, related %v", c["image"], related["manager"])
+	}
+	for _, n := range controllers.DeployedComponents {
+		if env[controllers.RelatedImageEnv(n)] != want[n] || related[n] != want[n] {
+			t.Errorf("%s: env %q related %q, want %q", n, env[controllers.RelatedImageEnv(n)], related[n], want[n])
+		}
+	}
 }

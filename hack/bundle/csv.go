@@ -3,16 +3,17 @@ package main
 import (
 	"encoding/json"
 	"fmt"
-	"strings"
 
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+
+	"github.com/ambientmesh/ambient/hack/pin"
 )
 
 // Kinds OLM accepts as plain bundle manifests besides the CSV and CRDs.
 var bundleKinds = map[string]bool{"Service": true, "ClusterRole": true, "ConfigMap": true, "PodDisruptionBudget": true}
 
 // build sorts the rendered objects into the CSV and the other bundle files.
-func build(objs []*unstructured.Unstructured, o options) (*bundleFiles, error) {
+func build(objs []*unstructured.Unstructured, o options, images pin.Images) (*bundleFiles, error) {
 	b := &bundleFiles{manifests: map[string]map[string]any{}, version: o.Version}
 	var (
 		deployments        []any
@@ -69,7 +70,9 @@ func build(objs []*unstructured.Unstructured, o options) (*bundleFiles, error) {
 		if err := olmManagesWebhookCerts(spec); err != nil {
 			return nil, err
 		}
-		setImage(spec, o.Image)
+		if err := images.SetOnDeployment(spec); err != nil {
+			return nil, err
+		}
 		deploymentName = u.GetName()
 		deployments = append(deployments, map[string]any{"name": u.GetName(), "label": u.GetLabels(), "spec": spec})
 	}
@@ -91,7 +94,7 @@ func build(objs []*unstructured.Unstructured, o options) (*bundleFiles, error) {
 	if err != nil {
 		return nil, err
 	}
-	b.manifests[packageName+".clusterserviceversion.yaml"] = csv(o, string(almExamples), owned, webhooks, map[string]any{
+	b.manifests[packageName+".clusterserviceversion.yaml"] = csv(o, images, string(almExamples), owned, webhooks, map[string]any{
 		"strategy": "deployment",
 		"spec": map[string]any{
 			"deployments":        deployments,
@@ -102,13 +105,8 @@ func build(objs []*unstructured.Unstructured, o options) (*bundleFiles, error) {
 	return b, nil
 }
 
-func csv(o options, almExamples string, owned, webhooks []any, install map[string]any) map[string]any {
-	repo, _, _ := strings.Cut(o.Image, ":")
-	registry := repo[:strings.LastIndex(repo, "/")+1]
-	related := []any{map[string]any{"name": "manager", "image": o.Image}}
-	for _, c := range []string{"ztunnel", "ambient-cni", "waypoint"} {
-		related = append(related, map[string]any{"name": c, "image": registry + c + ":" + tagOf(o.Image)})
-	}
+func csv(o options, images pin.Images, almExamples string, owned, webhooks []any, install map[string]any) map[string]any {
+	related := images.Related()
 	return map[string]any{
 		"apiVersion": "operators.coreos.com/v1alpha1",
 		"kind":       "ClusterServiceVersion",
@@ -118,7 +116,7 @@ func csv(o options, almExamples string, owned, webhooks []any, install map[strin
 				"alm-examples":   almExamples,
 				"capabilities":   "Basic Install",
 				"categories":     "Networking, Security",
-				"containerImage": o.Image,
+				"containerImage": images.Manager,
 				"description":    "Sidecar-less (ambient) service mesh: per-node L4 proxy, L7 waypoints, mTLS with SPIFFE identities.",
 				"repository":     "https://github.com/ambientmesh/ambient",
 				"operators.operatorframework.io/suggested-namespace": "ambient-system",
@@ -146,13 +144,6 @@ func csv(o options, almExamples string, owned, webhooks []any, install map[strin
 			"relatedImages":             related,
 		},
 	}
-}
-
-func tagOf(image string) string {
-	if i := strings.LastIndex(image, ":"); i > strings.LastIndex(image, "/") {
-		return image[i+1:]
-	}
-	return "latest"
 }
 
 // ownedCRD describes a CRD for the console, with descriptors for the fields
@@ -277,15 +268,6 @@ func olmManagesWebhookCerts(spec map[string]any) error {
 		}
 	}
 	return nil
-}
-
-func setImage(spec map[string]any, image string) {
-	podSpec, _ := nestedMap(spec, "template", "spec")
-	for _, c := range asList(podSpec["containers"]) {
-		if cm := c.(map[string]any); cm["name"] == "manager" {
-			cm["image"] = image
-		}
-	}
 }
 
 func stripNamespace(u *unstructured.Unstructured) *unstructured.Unstructured {

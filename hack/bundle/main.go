@@ -6,20 +6,17 @@
 package main
 
 import (
-	"bytes"
-	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"strings"
 
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
+
+	"github.com/ambientmesh/ambient/hack/kustomize"
+	"github.com/ambientmesh/ambient/hack/pin"
 )
 
 const (
@@ -29,6 +26,9 @@ const (
 
 type options struct {
 	Version, Image, Kustomize, Input, OutDir string
+	// ImagesFile is images.json of `make images`: when set, every image
+	// is named by its digest (a release bundle) instead of by tag.
+	ImagesFile string
 }
 
 func main() {
@@ -38,6 +38,7 @@ func main() {
 	flag.StringVar(&o.Kustomize, "kustomize", "bin/kustomize", "kustomize binary")
 	flag.StringVar(&o.Input, "input", "config/manifests", "kustomize directory to render")
 	flag.StringVar(&o.OutDir, "out", ".", "directory to write bundle/ and bundle.Dockerfile into")
+	flag.StringVar(&o.ImagesFile, "images", "", "images.json of make images: pin the operator and component images to their digests (-img is then ignored)")
 	flag.Parse()
 	if err := run(o); err != nil {
 		fmt.Fprintln(os.Stderr, "bundle:", err)
@@ -46,40 +47,21 @@ func main() {
 }
 
 func run(o options) error {
-	rendered, err := exec.Command(o.Kustomize, "build", o.Input).Output()
+	objs, err := kustomize.Build(o.Kustomize, o.Input)
 	if err != nil {
-		var ee *exec.ExitError
-		if errors.As(err, &ee) {
-			return fmt.Errorf("%s build %s: %v: %s", o.Kustomize, o.Input, err, ee.Stderr)
+		return err
+	}
+	images := pin.FromTag(o.Image)
+	if o.ImagesFile != "" {
+		if images, err = pin.FromFile(o.ImagesFile); err != nil {
+			return err
 		}
-		return err
 	}
-	objs, err := decodeAll(rendered)
-	if err != nil {
-		return err
-	}
-	b, err := build(objs, o)
+	b, err := build(objs, o, images)
 	if err != nil {
 		return err
 	}
 	return b.write(o.OutDir)
-}
-
-func decodeAll(data []byte) ([]*unstructured.Unstructured, error) {
-	dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader(data), 4096)
-	var out []*unstructured.Unstructured
-	for {
-		u := &unstructured.Unstructured{}
-		if err := dec.Decode(&u.Object); err != nil {
-			if errors.Is(err, io.EOF) {
-				return out, nil
-			}
-			return nil, err
-		}
-		if len(u.Object) > 0 {
-			out = append(out, u)
-		}
-	}
 }
 
 // bundleFiles is the bundle: file name under manifests/ → object.

@@ -1,30 +1,36 @@
 package main
 
 import (
+	"debug/elf"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
-	"os/exec"
+	"path"
 	"path/filepath"
 	"sort"
 	"strings"
 )
 
 // hostTool is a program an image needs besides its Go binary, copied from
-// the build machine's Debian packages with the shared libraries and plugin
-// directories it loads: the node agent's iptables backend runs
-// iptables-restore/-save (redirection: iptables), which a scratch image
-// does not have.
+// a Debian root of the image's architecture (the build machine's own root
+// for its architecture, a sysroot of Debian packages for the others; see
+// sysroot.go) with the shared libraries and plugins it loads: the node
+// agent's iptables backend runs iptables-restore/-save (redirection:
+// iptables), which a scratch image does not have.
 type hostTool struct {
-	program string   // absolute path on the build machine
-	links   []string // names in usr/sbin pointing at it (multi-call binary)
-	plugins string   // directory of dlopen'ed plugins, relative to the program's library directory
+	program  string   // absolute path in the root
+	links    []string // names in usr/sbin pointing at it (multi-call binary)
+	plugins  string   // directory of dlopen'ed plugins under usr/lib/<triplet>
+	packages []string // Debian packages holding the program, its plugins and every library they load
 }
 
 var hostTools = map[string][]hostTool{
 	"ambient-cni": {{
-		program: "/usr/sbin/xtables-nft-multi",
-		links:   []string{"iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip6tables-restore"},
-		plugins: "xtables", // libxt_*.so: match and target extensions (REDIRECT, mark, ...)
+		program:  "/usr/sbin/xtables-nft-multi",
+		links:    []string{"iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip6tables-restore"},
+		plugins:  "xtables", // libxt_*.so: match and target extensions (REDIRECT, mark, ...)
+		packages: []string{"iptables", "libxtables12", "libnftnl11", "libmnl0", "libc6", "libnetfilter-conntrack3", "libnfnetlink0"},
 	}},
 }
 
@@ -34,9 +40,17 @@ type imageFile struct {
 	path, from, link string
 }
 
-// hostToolFiles lists what cmdName's tools need in the image. A missing
-// program is an error: the image would fail only on the node.
-func hostToolFiles(cmdName string) ([]imageFile, error) {
+// triplets are Debian's multiarch library directories per ELF machine.
+var triplets = map[elf.Machine]string{
+	elf.EM_X86_64:  "x86_64-linux-gnu",
+	elf.EM_AARCH64: "aarch64-linux-gnu",
+}
+
+// hostToolFiles lists what cmdName's tools need in the image, read from
+// the Debian root fs (the build machine's "/" or a sysroot) of the image's
+// architecture arch. A missing program or library is an error: the image
+// would fail only on the node.
+func hostToolFiles(cmdName, root, arch string) ([]imageFile, error) {
 	var files []imageFile
 	seen := map[string]bool{}
 	add := func(f imageFile) {
@@ -46,69 +60,157 @@ func hostToolFiles(cmdName string) ([]imageFile, error) {
 		}
 	}
 	for _, t := range hostTools[cmdName] {
-		if _, err := os.Stat(t.program); err != nil {
-			return nil, fmt.Errorf("%s needs %s from the build machine (Debian package iptables): %w", cmdName, t.program, err)
+		prog, err := inRoot(root, t.program)
+		if err != nil {
+			return nil, fmt.Errorf("%s needs %s for %s (Debian package iptables): %w", cmdName, t.program, arch, err)
 		}
-		objects := []string{t.program}
-		add(imageFile{path: strings.TrimPrefix(t.program, "/"), from: t.program})
-		for _, l := range t.links {
-			add(imageFile{path: "usr/sbin/" + l, link: filepath.Base(t.program)})
-		}
-		libs, err := sharedLibraries(t.program)
+		machine, err := elfMachine(prog)
 		if err != nil {
 			return nil, err
 		}
-		if t.plugins != "" && len(libs) > 0 {
-			dir := filepath.Join(libDir(libs), t.plugins)
-			plugins, err := filepath.Glob(filepath.Join(dir, "*.so"))
-			if err != nil || len(plugins) == 0 {
-				return nil, fmt.Errorf("%s: no plugins in %s", t.program, dir)
-			}
-			for _, p := range plugins {
-				add(imageFile{path: strings.TrimPrefix(p, "/"), from: p})
-				objects = append(objects, p)
-			}
+		if want := elfMachines[arch]; machine != want {
+			return nil, fmt.Errorf("%s in %s is %s, the %s image needs %s", t.program, root, machine, arch, want)
 		}
-		for _, o := range objects {
-			libs, err := sharedLibraries(o)
+		triplet := triplets[machine]
+		add(imageFile{path: strings.TrimPrefix(t.program, "/"), from: prog})
+		for _, l := range t.links {
+			add(imageFile{path: "usr/sbin/" + l, link: filepath.Base(t.program)})
+		}
+		objects := []string{t.program}
+		if t.plugins != "" {
+			dir := path.Join("/usr/lib", triplet, t.plugins)
+			real, err := inRoot(root, dir)
 			if err != nil {
 				return nil, err
 			}
-			for _, l := range libs {
-				add(imageFile{path: strings.TrimPrefix(l, "/"), from: l})
+			plugins, err := filepath.Glob(filepath.Join(real, "*.so"))
+			if err != nil || len(plugins) == 0 {
+				return nil, fmt.Errorf("%s: no plugins in %s", t.program, real)
 			}
+			for _, p := range plugins {
+				objects = append(objects, path.Join(dir, filepath.Base(p)))
+			}
+		}
+		libs, err := closure(root, triplet, objects)
+		if err != nil {
+			return nil, err
+		}
+		for _, o := range libs {
+			from, err := inRoot(root, o)
+			if err != nil {
+				return nil, err
+			}
+			add(imageFile{path: strings.TrimPrefix(o, "/"), from: from})
 		}
 	}
 	sort.Slice(files, func(i, j int) bool { return files[i].path < files[j].path })
 	return files, nil
 }
 
-// sharedLibraries lists the libraries (and the dynamic loader) an ELF
-// object loads, as ldd resolves them on the build machine.
-func sharedLibraries(object string) ([]string, error) {
-	out, err := exec.Command("ldd", object).Output()
+var elfMachines = map[string]elf.Machine{"amd64": elf.EM_X86_64, "arm64": elf.EM_AARCH64}
+
+func elfMachine(p string) (elf.Machine, error) {
+	f, err := elf.Open(p)
 	if err != nil {
-		return nil, fmt.Errorf("ldd %s: %w", object, err)
+		return 0, err
 	}
-	var libs []string
-	for _, line := range strings.Split(string(out), "\n") {
-		for _, f := range strings.Fields(line) {
-			if strings.HasPrefix(f, "/") {
-				libs = append(libs, f)
-				break
-			}
-		}
-	}
-	return libs, nil
+	defer f.Close()
+	return f.Machine, nil
 }
 
-// libDir is the multiarch library directory the first non-loader library
-// lives in (e.g. /lib/x86_64-linux-gnu), where plugin directories are.
-func libDir(libs []string) string {
-	for _, l := range libs {
-		if !strings.Contains(filepath.Base(l), "ld-linux") {
-			return strings.Replace(filepath.Dir(l), "/lib/", "/usr/lib/", 1)
+// closure is objects plus every shared object they load, transitively, as
+// the dynamic loader finds them without ld.so.cache (the image has none):
+// the interpreter at its absolute path, libraries in the multiarch
+// directories. It reads ELF headers instead of running ldd, so it works
+// for an architecture the build machine cannot execute.
+func closure(root, triplet string, objects []string) ([]string, error) {
+	dirs := []string{"/lib/" + triplet, "/usr/lib/" + triplet, "/lib", "/usr/lib"}
+	seen := map[string]bool{}
+	queue := append([]string(nil), objects...)
+	var out []string
+	for len(queue) > 0 {
+		o := queue[0]
+		queue = queue[1:]
+		if seen[o] {
+			continue
+		}
+		seen[o] = true
+		out = append(out, o)
+		p, err := inRoot(root, o)
+		if err != nil {
+			return nil, err
+		}
+		f, err := elf.Open(p)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", o, err)
+		}
+		for _, prog := range f.Progs {
+			if prog.Type == elf.PT_INTERP {
+				b := make([]byte, prog.Filesz)
+				if _, err := prog.ReadAt(b, 0); err != nil {
+					f.Close()
+					return nil, err
+				}
+				queue = append(queue, strings.TrimRight(string(b), "\x00"))
+			}
+		}
+		needed, err := f.ImportedLibraries()
+		f.Close()
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", o, err)
+		}
+		for _, n := range needed {
+			lib, err := findLibrary(root, dirs, n)
+			if err != nil {
+				return nil, fmt.Errorf("%s needs %s: %w", o, n, err)
+			}
+			queue = append(queue, lib)
 		}
 	}
-	return "/usr/lib"
+	return out, nil
+}
+
+func findLibrary(root string, dirs []string, name string) (string, error) {
+	for _, d := range dirs {
+		if _, err := inRoot(root, path.Join(d, name)); err == nil {
+			return path.Join(d, name), nil
+		}
+	}
+	return "", fmt.Errorf("not in %s under %s", strings.Join(dirs, ", "), root)
+}
+
+// inRoot is the build-machine path of p inside root, following symlinks as
+// if root were "/" (a sysroot's absolute links must not reach the build
+// machine's own files).
+func inRoot(root, p string) (string, error) {
+	cur := path.Clean("/" + p)
+	for hops := 0; hops < 40; hops++ {
+		// Resolve the first symlinked component, then start over.
+		parts := strings.Split(strings.TrimPrefix(cur, "/"), "/")
+		resolved := false
+		for i := range parts {
+			prefix := "/" + strings.Join(parts[:i+1], "/")
+			fi, err := os.Lstat(filepath.Join(root, prefix))
+			if err != nil {
+				return "", err
+			}
+			if fi.Mode()&fs.ModeSymlink == 0 {
+				continue
+			}
+			target, err := os.Readlink(filepath.Join(root, prefix))
+			if err != nil {
+				return "", err
+			}
+			if !path.IsAbs(target) {
+				target = path.Join(path.Dir(prefix), target)
+			}
+			cur = path.Clean(path.Join(target, strings.Join(parts[i+1:], "/")))
+			resolved = true
+			break
+		}
+		if !resolved {
+			return filepath.Join(root, cur), nil
+		}
+	}
+	return "", errors.New(p + ": too many symlinks")
 }

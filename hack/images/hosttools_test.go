@@ -4,9 +4,11 @@ import (
 	"archive/tar"
 	"bytes"
 	"io"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 )
@@ -48,7 +50,7 @@ func TestNodeAgentImageRunsIPTables(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root (chroot, network namespace)")
 	}
-	layer, err := rootfs("ambient-cni", []byte("#!/bin/false\n"))
+	layer, err := rootfs("ambient-cni", []byte("#!/bin/false\n"), "/", runtime.GOARCH)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -77,4 +79,67 @@ func TestNodeAgentImageRunsIPTables(t *testing.T) {
 			t.Fatalf("iptables-save in the image lacks %q:\n%s", want, out)
 		}
 	}
+}
+
+// The node agent's image for the other architecture (arm64 on an amd64
+// build machine, or the reverse) carries iptables of that architecture,
+// from its Debian packages (fetched once into bin/sysroot): every ELF
+// object is of the image's machine and every library it loads, and its
+// interpreter, is in the image where the loader looks without
+// ld.so.cache. It cannot run here (no emulator), so this is the loader's
+// view checked statically. Before, the image took the build machine's
+// iptables whatever the platform.
+func TestNodeAgentImageForeignArchIPTables(t *testing.T) {
+	arch := map[string]string{"amd64": "arm64", "arm64": "amd64"}[runtime.GOARCH]
+	if _, err := exec.LookPath("apt-get"); err != nil {
+		t.Skip("needs apt-get and dpkg-deb (Debian) to fetch the packages")
+	}
+	root, err := toolRoot("ambient-cni", arch, filepath.Join(repoRoot(t), "bin", "sysroot"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	layer, err := rootfs("ambient-cni", []byte("#!/bin/false\n"), root, arch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := t.TempDir()
+	extract(t, layer, img)
+	for _, name := range []string{"iptables-restore", "iptables-save", "ip6tables-restore", "ip6tables-save"} {
+		if _, err := inRoot(img, "/usr/sbin/"+name); err != nil {
+			t.Fatalf("image lacks %s: %v", name, err)
+		}
+	}
+	objects := 0
+	err = filepath.WalkDir(img, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() || d.Type()&fs.ModeSymlink != 0 || !strings.Contains(p, ".so") && !strings.HasSuffix(p, "xtables-nft-multi") {
+			return err
+		}
+		objects++
+		rel := "/" + strings.TrimPrefix(p, img+"/")
+		m, err := elfMachine(p)
+		if err != nil || m != elfMachines[arch] {
+			t.Errorf("%s: machine %v (%v), want %v", rel, m, err, elfMachines[arch])
+			return nil
+		}
+		// Everything it loads resolves inside the image alone.
+		if _, err := closure(img, triplets[m], []string{rel}); err != nil {
+			t.Errorf("in the image: %v", err)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := inRoot(img, "/usr/lib/"+triplets[elfMachines[arch]]+"/xtables/libxt_REDIRECT.so"); err != nil || objects < 10 {
+		t.Fatalf("REDIRECT extension missing (%v) or too few objects (%d)", err, objects)
+	}
+}
+
+func repoRoot(t *testing.T) string {
+	t.Helper()
+	wd, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return filepath.Join(wd, "..", "..")
 }

@@ -8,15 +8,19 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 
 	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 )
 
 // staticBinary compiles a tiny static program (stands in for a cmd).
-func staticBinary(t *testing.T) string {
+func staticBinary(t *testing.T) string { return staticBinaryFor(t, runtime.GOARCH) }
+
+func staticBinaryFor(t *testing.T, arch string) string {
 	t.Helper()
 	dir := t.TempDir()
 	src := filepath.Join(dir, "main.go")
@@ -25,7 +29,7 @@ func staticBinary(t *testing.T) string {
 	}
 	bin := filepath.Join(dir, "hello")
 	cmd := exec.Command("go", "build", "-o", bin, src)
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=", "GOOS=linux", "GOARCH="+arch)
 	if b, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build: %v\n%s", err, b)
 	}
@@ -100,14 +104,18 @@ func TestImageTarball(t *testing.T) {
 
 func TestDynamicBinaryRefused(t *testing.T) {
 	dyn := "/bin/ls"
-	if err := checkStatic(dyn); err == nil {
+	if err := checkStatic(dyn, runtime.GOARCH); err == nil {
 		t.Skip("/bin/ls is static on this machine")
 	}
 	if _, err := writeImage(dyn, "ls", "docker.io/ambient/ls:t", filepath.Join(t.TempDir(), "ls.tar"), "t"); err == nil {
 		t.Fatal("dynamically linked binary accepted")
 	}
-	if err := checkStatic("main.go"); err == nil {
+	if err := checkStatic("main.go", runtime.GOARCH); err == nil {
 		t.Fatal("non-ELF accepted")
+	}
+	other := map[string]string{"amd64": "arm64", "arm64": "amd64"}[runtime.GOARCH]
+	if err := checkStatic(staticBinary(t), other); err == nil || !strings.Contains(err.Error(), "built for") {
+		t.Fatalf("a %s binary accepted for linux/%s: %v", runtime.GOARCH, other, err)
 	}
 }
 
@@ -134,7 +142,7 @@ func readTarEntry(t *testing.T, path, name string) []byte {
 // TestBuildFailureIsAnError: a cmd that does not compile fails the run
 // (after the others are built) instead of being skipped.
 func TestBuildFailureIsAnError(t *testing.T) {
-	o := options{tag: "t", out: t.TempDir(), binDir: t.TempDir(), registry: "docker.io/ambient", cmdDir: "testdata/cmd", build: true}
+	o := options{tag: "t", out: t.TempDir(), binDir: t.TempDir(), registry: "docker.io/ambient", cmdDir: "testdata/cmd", build: true, platforms: []string{runtime.GOARCH}}
 	err := run(o)
 	if err == nil || !strings.Contains(err.Error(), "broken: build failed") {
 		t.Fatalf("run = %v, want the broken cmd reported", err)
@@ -142,4 +150,17 @@ func TestBuildFailureIsAnError(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(o.out, "hello.tar")); err != nil {
 		t.Fatalf("the cmd that builds was not imaged: %v", err)
 	}
+}
+
+// writeImage is the single-image path of buildComponent (the host
+// architecture, docker-archive) for the rootfs tests.
+func writeImage(bin, cmdName, ref, path, version string) (v1.Hash, error) {
+	img, err := buildImage(bin, cmdName, version, runtime.GOARCH, "/")
+	if err != nil {
+		return v1.Hash{}, err
+	}
+	if err := writeTarball(img, ref, path); err != nil {
+		return v1.Hash{}, err
+	}
+	return img.Digest()
 }

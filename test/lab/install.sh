@@ -32,7 +32,7 @@ record() { echo "$1=\"$2\"" >>"$ENV_FILE"; }
 build_images() {
   if [ -d "$ROOT/hack/images" ]; then
     say "building mesh images with 'make images'"
-    if (cd "$ROOT" && make images TAG=dev) >"$LOGS/images.log" 2>&1; then
+    if (cd "$ROOT" && make images TAG=dev PLATFORMS=host) >"$LOGS/images.log" 2>&1; then
       rm -f "$IMAGES"/component-*.tar
       return 0
     fi
