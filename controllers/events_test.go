@@ -71,11 +71,7 @@ func waitEvent(t *testing.T, obj client.Object, kind string, want wantEvent) eve
 // Event object, no series of repeats).
 func checkOnce(t *testing.T, uid types.UID, reasons ...string) {
 	t.Helper()
-	evs, err := eventsAbout(uid)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, reason := range reasons {
+	count := func(evs []eventsv1.Event, reason string) int {
 		n := 0
 		for _, e := range evs {
 			if e.Reason == reason {
@@ -85,7 +81,25 @@ func checkOnce(t *testing.T, uid types.UID, reasons ...string) {
 				}
 			}
 		}
-		if n != 1 {
+		return n
+	}
+	// Events are recorded asynchronously: wait until each has arrived (a
+	// reason no step waited for may still be on its way), then count.
+	var evs []eventsv1.Event
+	eventually(t, fmt.Sprintf("Events %v recorded", reasons), func() error {
+		var err error
+		if evs, err = eventsAbout(uid); err != nil {
+			return err
+		}
+		for _, reason := range reasons {
+			if count(evs, reason) == 0 {
+				return fmt.Errorf("no %s yet", reason)
+			}
+		}
+		return nil
+	})
+	for _, reason := range reasons {
+		if n := count(evs, reason); n != 1 {
 			t.Errorf("%s recorded %d times, want once", reason, n)
 		}
 	}
