@@ -94,8 +94,11 @@ func (r *AmbientMeshReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 	}
 	result, err := r.reconcileMesh(ctx, mesh, st)
 	if err != nil {
-		if reason, userFixable := caReason(err); userFixable {
+		if reason, userFixable, rotation := caReason(err); userFixable {
 			st.set(meshv1.ConditionCAReady, false, reason, err.Error())
+			if rotation {
+				st.set(meshv1.ConditionRootRotation, false, meshv1.ReasonRootRotationFailed, err.Error())
+			}
 			st.set(meshv1.ConditionReconciled, false, reason, err.Error())
 			result, err = ctrl.Result{RequeueAfter: retryDelay(mesh.Status.Conditions, meshv1.ConditionReady, reason, r.RetryInterval, r.now())}, nil
 		} else {
@@ -144,6 +147,7 @@ func (r *AmbientMeshReconciler) reconcileMesh(ctx context.Context, mesh *meshv1.
 		return ctrl.Result{}, err
 	}
 	recordCA(r.Events, mesh, meshCA)
+	st.rootRotation(meshCA.Root)
 	expiry := metav1.NewTime(meshCA.rootExpiry())
 	st.status.RootCertExpiry = &expiry
 	st.set(meshv1.ConditionCAReady, true, meshv1.ReasonCAIssued, fmt.Sprintf("mesh CA for %s valid until %s", mesh.Spec.TrustDomain, meshCA.Authority.Cert.NotAfter.UTC().Format(time.RFC3339)))
@@ -181,7 +185,12 @@ func (r *AmbientMeshReconciler) reconcileMesh(ctx context.Context, mesh *meshv1.
 
 	// Come back before the intermediate needs rotating.
 	rotateAt := meshCA.Authority.Cert.NotAfter.Add(-meshCA.Authority.Cert.NotAfter.Sub(meshCA.Authority.Cert.NotBefore) / 3)
-	return ctrl.Result{RequeueAfter: min(max(rotateAt.Sub(r.now()), time.Minute), 12*time.Hour)}, nil
+	after := min(max(rotateAt.Sub(r.now()), time.Minute), 12*time.Hour)
+	// A root rotation's next step is due at a recorded time.
+	if next := meshCA.Root.Next; !next.IsZero() {
+		after = min(after, max(next.Sub(r.now())+time.Second, time.Second))
+	}
+	return ctrl.Result{RequeueAfter: after}, nil
 }
 
 // ensureNamespace creates the mesh namespace when missing and marks it as

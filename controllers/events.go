@@ -24,6 +24,7 @@ const (
 	EventCARotated              = "CARotated"
 	EventCAInvalid              = "CAInvalid"
 	EventCAValid                = "CAValid"
+	EventRootRotation           = "RootRotation"
 	EventZtunnelRolloutStarted  = "ZtunnelRolloutStarted"
 	EventZtunnelRolloutFinished = "ZtunnelRolloutFinished"
 	EventWaypointReady          = "WaypointReady"
@@ -38,10 +39,23 @@ func recordCA(ev *kubeevents.Recorder, mesh *meshv1.AmbientMesh, m *meshCA) {
 	case m.Issued:
 		ev.Emit(mesh, kubeevents.Event{Type: kubeevents.Normal, Reason: EventCAIssued, Action: "IssueCA",
 			Note: fmt.Sprintf("issued a self-signed mesh root for %s in Secret %s/%s; signing intermediate valid until %s", mesh.Spec.TrustDomain, mesh.Spec.Namespace, CASecretName, until)})
+	case m.Root.Entered:
+		ev.Emit(mesh, kubeevents.Event{Type: kubeevents.Normal, Reason: EventRootRotation, Action: "Rotate" + m.Root.Phase,
+			Note: fmt.Sprintf("root rotation: %s; %s", m.Root.Phase, rotationNote(m.Root))})
 	case m.Rotated:
 		ev.Emit(mesh, kubeevents.Event{Type: kubeevents.Normal, Reason: EventCARotated, Action: "RotateCA",
 			Note: fmt.Sprintf("re-issued the signing intermediate under the same root; valid until %s", until)})
 	}
+}
+
+func rotationNote(r rotation) string {
+	switch r.Phase {
+	case meshv1.ReasonOverlapping:
+		return "the trust bundle carries the old and the new root"
+	case meshv1.ReasonReissuing:
+		return "the new chain signs; the old root stays until " + r.OldChainUntil.UTC().Format(time.RFC3339)
+	}
+	return "the old root was removed from the trust bundle"
 }
 
 // conditionChange is a condition's state as a kubeevents.Change: the
