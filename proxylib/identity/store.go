@@ -56,7 +56,7 @@ type StoreConfig struct {
 	// re-issued after a trust bundle change (default 5s), so the proxies
 	// of a cluster do not all call the CA at once.
 	ReissueSpread time.Duration
-	Log            logr.Logger
+	Log           logr.Logger
 }
 
 // Store is a certificate store keyed by identity: the first request for an
