@@ -44,7 +44,7 @@ cat "$STATE/mesh.env"
 
 say "e2e: go test -tags e2e ./test/lab/e2e"
 mkdir -p "$ART"
-(cd "$ROOT" && go test -tags e2e -count=1 -v -timeout "${E2E_TIMEOUT:-40m}" ${E2E_RUN:+-run "$E2E_RUN"} ./test/lab/e2e) 2>&1 | tee "$ART/go-test.log"
+(cd "$ROOT" && go test -tags e2e -count=1 -v -timeout "${E2E_TIMEOUT:-60m}" ${E2E_RUN:+-run "$E2E_RUN"} ./test/lab/e2e) 2>&1 | tee "$ART/go-test.log"
 rc=${PIPESTATUS[0]}
 
 echo
