@@ -25,6 +25,7 @@ const (
 	EventCAInvalid              = "CAInvalid"
 	EventCAValid                = "CAValid"
 	EventRootRotation           = "RootRotation"
+	EventRootRotationFailed     = "RootRotationFailed"
 	EventZtunnelRolloutStarted  = "ZtunnelRolloutStarted"
 	EventZtunnelRolloutFinished = "ZtunnelRolloutFinished"
 	EventWaypointReady          = "WaypointReady"
@@ -97,6 +98,11 @@ func recordMeshTransitions(ev *kubeevents.Recorder, mesh *meshv1.AmbientMesh, be
 	if ch, ok := conditionChange(before, after, meshv1.ConditionCAReady, string(metav1.ConditionTrue), true,
 		&kubeevents.Event{Type: kubeevents.Normal, Reason: EventCAValid, Action: "ValidateCA"},
 		&kubeevents.Event{Type: kubeevents.Warning, Reason: EventCAInvalid, Action: "ValidateCA"}); ok {
+		ev.Transition(mesh, ch)
+	}
+	// Rotation phases have their own events (recordCA); a stopped rotation warns.
+	if ch, ok := conditionChange(before, after, meshv1.ConditionRootRotation, string(metav1.ConditionTrue), true, nil,
+		&kubeevents.Event{Type: kubeevents.Warning, Reason: EventRootRotationFailed, Action: "RotateRoot"}); ok {
 		ev.Transition(mesh, ch)
 	}
 	if ch, ok := conditionChange(before, after, meshv1.ConditionZtunnelReady, "", false,

@@ -6,7 +6,7 @@
 # every component go to _artifacts/e2e-<time>/.
 #
 # Env: E2E_RUN (go test -run pattern), E2E_DOWN=1 (tear the lab down after),
-#      E2E_REQUIRE_MESH=1, E2E_TIMEOUT (default 40m).
+#      E2E_REQUIRE_MESH=1, E2E_TIMEOUT (default 60m).
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
 export KUBECONFIG=$KUBECONFIG_FILE PATH=$ROOT/bin:$PATH
