@@ -4,17 +4,20 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 	"github.com/ambientmesh/ambient/proxylib/ca"
 	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/proxylib/kubeevents"
 )
 
 // rotationIssue signs a workload certificate with the authority the CA
@@ -354,4 +357,60 @@ func TestRootRotationCondition(t *testing.T) {
 			t.Errorf("%s: got %+v", tc.want, c)
 		}
 	}
+}
+
+// TestRootRotationThroughOperator: through the running operator, a new
+// trigger puts the mesh in RootRotation=True/Overlapping with its Event
+// and the overlap bundle published to namespaces; a Secret CA switched to
+// a root never published gives RootRotation=False/RootRotationFailed with
+// a Warning, and the published bundle stays the old root.
+func TestRootRotationThroughOperator(t *testing.T) {
+	ctx := context.Background()
+	t.Run("self-signed", func(t *testing.T) {
+		mesh := newMesh(t, "rot-op", "rot-op-ns", nil)
+		waitCondition(t, "rot-op", meshv1.ConditionCAReady, "True", meshv1.ReasonCAIssued)
+		if err := updateMesh(t, "rot-op", func(m *meshv1.AmbientMesh) { m.Spec.CA.RootRotation.Trigger = "now" }); err != nil {
+			t.Fatal(err)
+		}
+		waitCondition(t, "rot-op", meshv1.ConditionRootRotation, "True", meshv1.ReasonOverlapping)
+		waitEvent(t, mesh, "AmbientMesh", wantEvent{kubeevents.Normal, EventRootRotation})
+		resyncMesh(t, "rot-op")
+		eventually(t, "overlap bundle in a namespace", func() error {
+			cm := &corev1.ConfigMap{}
+			if err := k8s.Get(ctx, client.ObjectKey{Namespace: "rot-op-resync", Name: RootCertConfigMap}, cm); err != nil {
+				return err
+			}
+			if n := strings.Count(cm.Data[RootCertKey], "BEGIN CERTIFICATE"); n != 2 {
+				return fmt.Errorf("%d roots", n)
+			}
+			return nil
+		})
+	})
+	t.Run("secret-ca-refused", func(t *testing.T) {
+		createNamespace(t, "rot-op-byo")
+		oldCA, newCA := newUserCA(t), newUserCA(t)
+		user := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: "rot-op-byo", Name: "user-ca"}, Data: oldCA.secretData(t, oldCA.root)}
+		if err := k8s.Create(ctx, user); err != nil {
+			t.Fatal(err)
+		}
+		mesh := newMesh(t, "rot-op-byo", "rot-op-byo", func(m *meshv1.AmbientMesh) {
+			m.Spec.TrustDomain = "td.example"
+			m.Spec.CA.Type = meshv1.CAFromSecret
+			m.Spec.CA.SecretRef = &corev1.LocalObjectReference{Name: "user-ca"}
+		})
+		waitCondition(t, "rot-op-byo", meshv1.ConditionCAReady, "True", meshv1.ReasonCAIssued)
+		user.Data = newCA.secretData(t, newCA.root)
+		if err := k8s.Update(ctx, user); err != nil {
+			t.Fatal(err)
+		}
+		waitCondition(t, "rot-op-byo", meshv1.ConditionRootRotation, "False", meshv1.ReasonRootRotationFailed)
+		waitEvent(t, mesh, "AmbientMesh", wantEvent{kubeevents.Warning, EventRootRotationFailed})
+		mirror := &corev1.Secret{}
+		if err := k8s.Get(ctx, client.ObjectKey{Namespace: "rot-op-byo", Name: CASecretName}, mirror); err != nil {
+			t.Fatal(err)
+		}
+		if r := mustRoots(t, mirror.Data[CASecretRootCert]); len(r) != 1 || !r[0].Equal(oldCA.root) {
+			t.Fatal("the refused switch changed the published bundle")
+		}
+	})
 }
