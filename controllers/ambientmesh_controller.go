@@ -141,7 +141,7 @@ func (r *AmbientMeshReconciler) reconcileMesh(ctx context.Context, mesh *meshv1.
 	if err := r.ensureNamespace(ctx, mesh); err != nil {
 		return ctrl.Result{}, err
 	}
-	cam := &caManager{client: r.Client, reader: r.APIReader, now: r.now}
+	cam := &caManager{client: r.Client, reader: r.APIReader, now: r.now, bundleBehind: r.bundleBehind}
 	meshCA, err := cam.ensure(ctx, mesh)
 	if err != nil {
 		return ctrl.Result{}, err
@@ -250,6 +250,33 @@ func (r *AmbientMeshReconciler) publishTrustBundle(ctx context.Context, mesh *me
 		}
 	}
 	return nil
+}
+
+// bundleBehind names the namespaces whose trust bundle ConfigMap does not
+// hold roots yet (from the cache: a lagging cache only makes a root
+// rotation wait longer).
+func (r *AmbientMeshReconciler) bundleBehind(ctx context.Context, mesh *meshv1.AmbientMesh, roots []byte) ([]string, error) {
+	namespaces := &corev1.NamespaceList{}
+	if err := r.Client.List(ctx, namespaces); err != nil {
+		return nil, err
+	}
+	existing := &corev1.ConfigMapList{}
+	if err := r.Client.List(ctx, existing, client.MatchingLabels{LabelMesh: mesh.Name}); err != nil {
+		return nil, err
+	}
+	have := map[string]string{}
+	for _, cm := range existing.Items {
+		if cm.Name == RootCertConfigMap {
+			have[cm.Namespace] = cm.Data[RootCertKey]
+		}
+	}
+	var behind []string
+	for _, ns := range namespaces.Items {
+		if ns.DeletionTimestamp.IsZero() && have[ns.Name] != string(roots) {
+			behind = append(behind, ns.Name)
+		}
+	}
+	return behind, nil
 }
 
 func upToDate(have, want *corev1.ConfigMap) bool {

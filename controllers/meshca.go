@@ -70,6 +70,10 @@ type caManager struct {
 	client client.Client
 	reader client.Reader
 	now    func() time.Time
+	// bundleBehind names the namespaces whose published trust bundle is
+	// not roots yet: a root rotation does not let the new chain sign
+	// before the overlap bundle is everywhere (nil: not checked).
+	bundleBehind func(ctx context.Context, mesh *meshv1.AmbientMesh, roots []byte) ([]string, error)
 }
 
 func (m *caManager) ensure(ctx context.Context, mesh *meshv1.AmbientMesh) (*meshCA, error) {
@@ -228,7 +232,7 @@ func (m *caManager) ensureFromUserSecret(ctx context.Context, mesh *meshv1.Ambie
 		// The mirror (what proxies trust and the CA signs with) is kept.
 		return nil, &caError{reason: meshv1.ReasonCASecretInvalid, err: fmt.Errorf("Secret %s/%s: %v", mesh.Spec.Namespace, name, err), rotation: prev != nil}
 	}
-	auth, data, root, err := m.planUserRotation(mesh, prev, auth, key)
+	auth, data, root, err := m.planUserRotation(ctx, mesh, prev, auth, key)
 	if err != nil {
 		var ce *caError
 		if errors.As(err, &ce) {

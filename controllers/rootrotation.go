@@ -19,6 +19,7 @@ import (
 	"context"
 	"crypto/x509"
 	"fmt"
+	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -175,6 +176,10 @@ func (m *caManager) stepSelfSigned(ctx context.Context, mesh *meshv1.AmbientMesh
 			r.Next, r.Wait = at, fmt.Sprintf("trust bundle carries old and new roots; the new chain signs from %s", at.UTC().Format(time.RFC3339))
 			return auth, r, nil
 		}
+		if wait, err := m.overlapPending(ctx, mesh, secret.Data[CASecretRootCert]); err != nil || wait != "" {
+			r.Next, r.Wait = now.Add(5*time.Second), wait
+			return auth, r, err
+		}
 		next, err := loadNextSelfSigned(secret, auth)
 		if err != nil {
 			return nil, r, rotationFailure("Secret %s/%s: next root: %v; old root kept: delete keys %s, %s, %s and annotation %s to restart the rotation",
@@ -284,7 +289,7 @@ func (m *caManager) writeRotation(ctx context.Context, secret *corev1.Secret, da
 // root (which the mirror keeps publishing until the old chain's
 // certificates have expired). A switch to a root the proxies were never
 // given is refused and nothing changes.
-func (m *caManager) planUserRotation(mesh *meshv1.AmbientMesh, prev *corev1.Secret, user *ca.Authority, userKey []byte) (*ca.Authority, map[string][]byte, rotation, error) {
+func (m *caManager) planUserRotation(ctx context.Context, mesh *meshv1.AmbientMesh, prev *corev1.Secret, user *ca.Authority, userKey []byte) (*ca.Authority, map[string][]byte, rotation, error) {
 	now := m.now()
 	newRoot, err := signingRoot(user)
 	if err != nil {
@@ -318,6 +323,11 @@ func (m *caManager) planUserRotation(mesh *meshv1.AmbientMesh, prev *corev1.Secr
 				return prevAuth, cloneMirror(prev, prevAuth), r, nil
 			}
 		}
+		if wait, err := m.overlapPending(ctx, mesh, prev.Data[CASecretRootCert]); err != nil || wait != "" {
+			prevAuth.Roots = bundle(oldRoot, published, user.Roots)
+			r.Next, r.Wait = now.Add(5*time.Second), wait
+			return prevAuth, cloneMirror(prev, prevAuth), r, err
+		}
 		r.enter(meshv1.ReasonReissuing, now)
 		r.OldChainUntil = oldChainBound(mesh, now)
 		user.Roots = bundle(newRoot, user.Roots, published)
@@ -348,6 +358,20 @@ func (m *caManager) planUserRotation(mesh *meshv1.AmbientMesh, prev *corev1.Secr
 	}
 	user.Roots = bundle(newRoot, roots)
 	return user, mirrorData(user, userKey), r, nil
+}
+
+// overlapPending says why the new chain may not sign yet although the
+// overlap has lasted: some namespace's trust bundle is not the overlapping
+// one (roots) yet. "" when it is everywhere.
+func (m *caManager) overlapPending(ctx context.Context, mesh *meshv1.AmbientMesh, roots []byte) (string, error) {
+	if m.bundleBehind == nil {
+		return "", nil
+	}
+	behind, err := m.bundleBehind(ctx, mesh, roots)
+	if err != nil || len(behind) == 0 {
+		return "", err
+	}
+	return fmt.Sprintf("the overlapping trust bundle is not yet published in %d namespaces (%s); the new chain signs once it is", len(behind), strings.Join(behind[:min(len(behind), 5)], ", ")), nil
 }
 
 func reissuingWait(r rotation) string {

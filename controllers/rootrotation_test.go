@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -110,7 +111,13 @@ func TestSelfSignedRootRotationPhases(t *testing.T) {
 		t.Fatalf("within the overlap: %v %+v", err, again.Root)
 	}
 
+	// The overlap has lasted, but a namespace does not have the bundle yet.
 	now = now.Add(time.Minute + time.Second)
+	m.bundleBehind = func(context.Context, *meshv1.AmbientMesh, []byte) ([]string, error) { return []string{"late-ns"}, nil }
+	if held, err := m.ensure(ctx, mesh); err != nil || held.Root.Phase != meshv1.ReasonOverlapping || !strings.Contains(held.Root.Wait, "late-ns") {
+		t.Fatalf("switched to the new chain before the bundle was everywhere: %v %+v", err, held.Root)
+	}
+	m.bundleBehind = nil
 	re, err := m.ensure(ctx, mesh)
 	if err != nil {
 		t.Fatal(err)
@@ -413,4 +420,29 @@ func TestRootRotationThroughOperator(t *testing.T) {
 			t.Fatal("the refused switch changed the published bundle")
 		}
 	})
+}
+
+// TestBundleBehind: the namespaces whose trust bundle is not the given
+// roots are named; a namespace holding it is not.
+func TestBundleBehind(t *testing.T) {
+	ctx := context.Background()
+	mesh := newMesh(t, "rot-behind", "rot-behind-ns", nil)
+	waitCondition(t, "rot-behind", meshv1.ConditionCAReady, "True", meshv1.ReasonCAIssued)
+	r := &AmbientMeshReconciler{Client: k8s}
+	cm := &corev1.ConfigMap{}
+	eventually(t, "bundle in the mesh namespace", func() error {
+		return k8s.Get(ctx, client.ObjectKey{Namespace: "rot-behind-ns", Name: RootCertConfigMap}, cm)
+	})
+	current := []byte(cm.Data[RootCertKey])
+	eventually(t, "bundle everywhere", func() error {
+		behind, err := r.bundleBehind(ctx, mesh, current)
+		if err != nil || len(behind) > 0 {
+			return fmt.Errorf("behind %v (%v)", behind, err)
+		}
+		return nil
+	})
+	behind, err := r.bundleBehind(ctx, mesh, append([]byte("other roots\n"), current...))
+	if err != nil || len(behind) == 0 || !slices.Contains(behind, "rot-behind-ns") {
+		t.Fatalf("a bundle no namespace holds: behind %v (%v)", behind, err)
+	}
 }
