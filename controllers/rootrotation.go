@@ -340,8 +340,11 @@ func (m *caManager) planUserRotation(ctx context.Context, mesh *meshv1.AmbientMe
 		if r.Phase != meshv1.ReasonOverlapping {
 			r.enter(meshv1.ReasonOverlapping, now)
 		}
-		r.Next = r.Since.Add(overlapOf(mesh))
-		r.Wait = fmt.Sprintf("trust bundle carries old and new roots; switch tls.crt/tls.key to the new chain after %s", r.Next.UTC().Format(time.RFC3339))
+		at := r.Since.Add(overlapOf(mesh))
+		if now.Before(at) {
+			r.Next = at // the user acts next; no need to look again after that
+		}
+		r.Wait = fmt.Sprintf("trust bundle carries old and new roots; switch tls.crt/tls.key to the new chain after %s", at.UTC().Format(time.RFC3339))
 	}
 	roots := user.Roots
 	if r.Phase == meshv1.ReasonReissuing {
