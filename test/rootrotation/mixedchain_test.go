@@ -203,8 +203,11 @@ func TestMixedChainPeersDuringRootRotation(t *testing.T) {
 
 	// Overlapping: both proxies get the bundle with both roots; the CA
 	// still signs from the old chain.
-	storeA.SetRoots(pool(oldC.root, newC.root))
-	storeB.SetRoots(pool(oldC.root, newC.root))
+	for _, st := range []*identity.Store{storeA, storeB} {
+		before := attempts(st)
+		st.SetRoots(pool(oldC.root, newC.root))
+		waitAttempts(t, st, before+1) // re-issued (from the old chain) before the switch
+	}
 
 	// Reissuing: the CA signs from the new chain. B's bundle change has
 	// arrived (it re-issues from the new chain), A's not yet: mixed chains.
@@ -261,4 +264,23 @@ func (s static) source(roots *x509.CertPool) *identity.StaticSource {
 	src := identity.NewStaticSource(td, roots)
 	src.Set(s.id, s.cert)
 	return src
+}
+
+func attempts(s *identity.Store) int {
+	n := 0
+	for _, st := range s.Status() {
+		n += st.Attempts
+	}
+	return n
+}
+
+func waitAttempts(t *testing.T, s *identity.Store, n int) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for attempts(s) < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("no re-issue after the bundle changed (%d signing attempts, want %d)", attempts(s), n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
