@@ -94,8 +94,11 @@ func (r *AmbientMeshReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 	}
 	result, err := r.reconcileMesh(ctx, mesh, st)
 	if err != nil {
-		if reason, userFixable := caReason(err); userFixable {
+		if reason, userFixable, rotation := caReason(err); userFixable {
 			st.set(meshv1.ConditionCAReady, false, reason, err.Error())
+			if rotation {
+				st.set(meshv1.ConditionRootRotation, false, meshv1.ReasonRootRotationFailed, err.Error())
+			}
 			st.set(meshv1.ConditionReconciled, false, reason, err.Error())
 			result, err = ctrl.Result{RequeueAfter: retryDelay(mesh.Status.Conditions, meshv1.ConditionReady, reason, r.RetryInterval, r.now())}, nil
 		} else {
@@ -138,12 +141,13 @@ func (r *AmbientMeshReconciler) reconcileMesh(ctx context.Context, mesh *meshv1.
 	if err := r.ensureNamespace(ctx, mesh); err != nil {
 		return ctrl.Result{}, err
 	}
-	cam := &caManager{client: r.Client, reader: r.APIReader, now: r.now}
+	cam := &caManager{client: r.Client, reader: r.APIReader, now: r.now, bundleBehind: r.bundleBehind}
 	meshCA, err := cam.ensure(ctx, mesh)
 	if err != nil {
 		return ctrl.Result{}, err
 	}
 	recordCA(r.Events, mesh, meshCA)
+	st.rootRotation(meshCA.Root)
 	expiry := metav1.NewTime(meshCA.rootExpiry())
 	st.status.RootCertExpiry = &expiry
 	st.set(meshv1.ConditionCAReady, true, meshv1.ReasonCAIssued, fmt.Sprintf("mesh CA for %s valid until %s", mesh.Spec.TrustDomain, meshCA.Authority.Cert.NotAfter.UTC().Format(time.RFC3339)))
@@ -181,7 +185,12 @@ func (r *AmbientMeshReconciler) reconcileMesh(ctx context.Context, mesh *meshv1.
 
 	// Come back before the intermediate needs rotating.
 	rotateAt := meshCA.Authority.Cert.NotAfter.Add(-meshCA.Authority.Cert.NotAfter.Sub(meshCA.Authority.Cert.NotBefore) / 3)
-	return ctrl.Result{RequeueAfter: min(max(rotateAt.Sub(r.now()), time.Minute), 12*time.Hour)}, nil
+	after := min(max(rotateAt.Sub(r.now()), time.Minute), 12*time.Hour)
+	// A root rotation's next step is due at a recorded time.
+	if next := meshCA.Root.Next; !next.IsZero() {
+		after = min(after, max(next.Sub(r.now())+time.Second, time.Second))
+	}
+	return ctrl.Result{RequeueAfter: after}, nil
 }
 
 // ensureNamespace creates the mesh namespace when missing and marks it as
@@ -241,6 +250,33 @@ func (r *AmbientMeshReconciler) publishTrustBundle(ctx context.Context, mesh *me
 		}
 	}
 	return nil
+}
+
+// bundleBehind names the namespaces whose trust bundle ConfigMap does not
+// hold roots yet (from the cache: a lagging cache only makes a root
+// rotation wait longer).
+func (r *AmbientMeshReconciler) bundleBehind(ctx context.Context, mesh *meshv1.AmbientMesh, roots []byte) ([]string, error) {
+	namespaces := &corev1.NamespaceList{}
+	if err := r.Client.List(ctx, namespaces); err != nil {
+		return nil, err
+	}
+	existing := &corev1.ConfigMapList{}
+	if err := r.Client.List(ctx, existing, client.MatchingLabels{LabelMesh: mesh.Name}); err != nil {
+		return nil, err
+	}
+	have := map[string]string{}
+	for _, cm := range existing.Items {
+		if cm.Name == RootCertConfigMap {
+			have[cm.Namespace] = cm.Data[RootCertKey]
+		}
+	}
+	var behind []string
+	for _, ns := range namespaces.Items {
+		if ns.DeletionTimestamp.IsZero() && have[ns.Name] != string(roots) {
+			behind = append(behind, ns.Name)
+		}
+	}
+	return behind, nil
 }
 
 func upToDate(have, want *corev1.ConfigMap) bool {

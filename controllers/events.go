@@ -24,6 +24,8 @@ const (
 	EventCARotated              = "CARotated"
 	EventCAInvalid              = "CAInvalid"
 	EventCAValid                = "CAValid"
+	EventRootRotation           = "RootRotation"
+	EventRootRotationFailed     = "RootRotationFailed"
 	EventZtunnelRolloutStarted  = "ZtunnelRolloutStarted"
 	EventZtunnelRolloutFinished = "ZtunnelRolloutFinished"
 	EventWaypointReady          = "WaypointReady"
@@ -38,10 +40,23 @@ func recordCA(ev *kubeevents.Recorder, mesh *meshv1.AmbientMesh, m *meshCA) {
 	case m.Issued:
 		ev.Emit(mesh, kubeevents.Event{Type: kubeevents.Normal, Reason: EventCAIssued, Action: "IssueCA",
 			Note: fmt.Sprintf("issued a self-signed mesh root for %s in Secret %s/%s; signing intermediate valid until %s", mesh.Spec.TrustDomain, mesh.Spec.Namespace, CASecretName, until)})
+	case m.Root.Entered:
+		ev.Emit(mesh, kubeevents.Event{Type: kubeevents.Normal, Reason: EventRootRotation, Action: "Rotate" + m.Root.Phase,
+			Note: fmt.Sprintf("root rotation: %s; %s", m.Root.Phase, rotationNote(m.Root))})
 	case m.Rotated:
 		ev.Emit(mesh, kubeevents.Event{Type: kubeevents.Normal, Reason: EventCARotated, Action: "RotateCA",
 			Note: fmt.Sprintf("re-issued the signing intermediate under the same root; valid until %s", until)})
 	}
+}
+
+func rotationNote(r rotation) string {
+	switch r.Phase {
+	case meshv1.ReasonOverlapping:
+		return "the trust bundle carries the old and the new root"
+	case meshv1.ReasonReissuing:
+		return "the new chain signs; the old root stays until " + r.OldChainUntil.UTC().Format(time.RFC3339)
+	}
+	return "the old root was removed from the trust bundle"
 }
 
 // conditionChange is a condition's state as a kubeevents.Change: the
@@ -83,6 +98,11 @@ func recordMeshTransitions(ev *kubeevents.Recorder, mesh *meshv1.AmbientMesh, be
 	if ch, ok := conditionChange(before, after, meshv1.ConditionCAReady, string(metav1.ConditionTrue), true,
 		&kubeevents.Event{Type: kubeevents.Normal, Reason: EventCAValid, Action: "ValidateCA"},
 		&kubeevents.Event{Type: kubeevents.Warning, Reason: EventCAInvalid, Action: "ValidateCA"}); ok {
+		ev.Transition(mesh, ch)
+	}
+	// Rotation phases have their own events (recordCA); a stopped rotation warns.
+	if ch, ok := conditionChange(before, after, meshv1.ConditionRootRotation, string(metav1.ConditionTrue), true, nil,
+		&kubeevents.Event{Type: kubeevents.Warning, Reason: EventRootRotationFailed, Action: "RotateRoot"}); ok {
 		ev.Transition(mesh, ch)
 	}
 	if ch, ok := conditionChange(before, after, meshv1.ConditionZtunnelReady, "", false,

@@ -39,6 +39,23 @@ func (s *meshStatus) isTrue(condType string) bool {
 	return meta.IsStatusConditionTrue(s.status.Conditions, condType)
 }
 
+// rootRotation reports a root rotation's phase; nothing before the first.
+func (s *meshStatus) rootRotation(r rotation) {
+	if r.Phase == "" {
+		return
+	}
+	msg := r.Wait
+	if msg == "" {
+		switch r.Phase {
+		case meshv1.ReasonCompleted:
+			msg = "the old root was removed from the trust bundle; every certificate chains to the new root"
+		default:
+			msg = "root rotation " + r.Phase
+		}
+	}
+	s.set(meshv1.ConditionRootRotation, true, r.Phase, msg)
+}
+
 func daemonSetRollout(ds *appsv1.DaemonSet) meshv1.RolloutStatus {
 	return meshv1.RolloutStatus{Desired: ds.Status.DesiredNumberScheduled, Ready: ds.Status.NumberReady}
 }

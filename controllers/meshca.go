@@ -24,6 +24,8 @@ const maxIntermediateTTL = 365 * 24 * time.Hour
 type caError struct {
 	reason string
 	err    error
+	// rotation: the error stops a root rotation (RootRotation False).
+	rotation bool
 }
 
 func (e *caError) Error() string { return e.err.Error() }
@@ -41,6 +43,8 @@ type meshCA struct {
 	// Issued: this reconcile created the self-signed root; Rotated: it
 	// re-issued the intermediate.
 	Issued, Rotated bool
+	// Root is the root rotation's state.
+	Root rotation
 }
 
 // rootExpiry is the earliest expiry among the trust bundle's roots.
@@ -66,6 +70,10 @@ type caManager struct {
 	client client.Client
 	reader client.Reader
 	now    func() time.Time
+	// bundleBehind names the namespaces whose published trust bundle is
+	// not roots yet: a root rotation does not let the new chain sign
+	// before the overlap bundle is everywhere (nil: not checked).
+	bundleBehind func(ctx context.Context, mesh *meshv1.AmbientMesh, roots []byte) ([]string, error)
 }
 
 func (m *caManager) ensure(ctx context.Context, mesh *meshv1.AmbientMesh) (*meshCA, error) {
@@ -100,15 +108,19 @@ func (m *caManager) ensureSelfSigned(ctx context.Context, mesh *meshv1.AmbientMe
 	if err := checkTrustDomain(auth, mesh.Spec.TrustDomain); err != nil {
 		return nil, caFailure(meshv1.ReasonCASecretInvalid, "Secret %s/%s: %v", mesh.Spec.Namespace, CASecretName, err)
 	}
+	auth, root, err := m.stepSelfSigned(ctx, mesh, secret, auth)
+	if err != nil {
+		return nil, err
+	}
 	rotated := false
-	if m.needsRotation(auth.Cert) {
+	if root.Phase != meshv1.ReasonOverlapping && m.needsRotation(auth.Cert) {
 		next, err := m.rotateIntermediate(ctx, mesh, secret, auth)
 		if err != nil {
 			return nil, err
 		}
 		rotated, auth = next != auth, next
 	}
-	return &meshCA{Authority: auth, RootsPEM: ca.EncodeCerts(auth.Roots...), Rotated: rotated}, nil
+	return &meshCA{Authority: auth, RootsPEM: ca.EncodeCerts(auth.Roots...), Rotated: rotated, Root: root}, nil
 }
 
 // needsRotation: a third or less of the signing certificate's life is left.
@@ -137,6 +149,8 @@ func (m *caManager) createSelfSigned(ctx context.Context, mesh *meshv1.AmbientMe
 		Type:       corev1.SecretTypeOpaque,
 		Data:       data,
 	}
+	// The trigger in force at creation does not rotate the new root.
+	secret.Annotations = rotation{Trigger: mesh.Spec.CA.RootRotation.Trigger}.annotations()
 	if err := m.client.Create(ctx, secret); err != nil {
 		if apierrors.IsAlreadyExists(err) {
 			// Another replica (leader change) created it first: use theirs.
@@ -161,6 +175,7 @@ func (m *caManager) rotateIntermediate(ctx context.Context, mesh *meshv1.Ambient
 	if err != nil {
 		return nil, err
 	}
+	data[CASecretRootCert] = secret.Data[CASecretRootCert] // the bundle, overlapping during a root rotation
 	secret.Data = data
 	if err := m.client.Update(ctx, secret); err != nil {
 		return nil, fmt.Errorf("rotate intermediate: %w", err)
@@ -208,23 +223,33 @@ func (m *caManager) ensureFromUserSecret(ctx context.Context, mesh *meshv1.Ambie
 	if user == nil {
 		return nil, caFailure(meshv1.ReasonCASecretMissing, "Secret %s/%s named by spec.ca.secretRef does not exist; create it with tls.crt and tls.key (and optionally ca.crt)", mesh.Spec.Namespace, name)
 	}
+	prev, err := m.getSecret(ctx, mesh.Spec.Namespace, CASecretName)
+	if err != nil {
+		return nil, err
+	}
 	auth, key, err := validateUserCA(user.Data, mesh.Spec.TrustDomain, m.now())
 	if err != nil {
-		return nil, caFailure(meshv1.ReasonCASecretInvalid, "Secret %s/%s: %v", mesh.Spec.Namespace, name, err)
+		// The mirror (what proxies trust and the CA signs with) is kept.
+		return nil, &caError{reason: meshv1.ReasonCASecretInvalid, err: fmt.Errorf("Secret %s/%s: %v", mesh.Spec.Namespace, name, err), rotation: prev != nil}
+	}
+	auth, data, root, err := m.planUserRotation(ctx, mesh, prev, auth, key)
+	if err != nil {
+		var ce *caError
+		if errors.As(err, &ce) {
+			return nil, err
+		}
+		return nil, &caError{reason: meshv1.ReasonCASecretInvalid, err: fmt.Errorf("Secret %s/%s: %v", mesh.Spec.Namespace, name, err), rotation: prev != nil}
 	}
 	mirror := &corev1.Secret{
 		ObjectMeta: meshObjectMeta(mesh, CASecretName, "ca"),
 		Type:       corev1.SecretTypeOpaque,
-		Data: map[string][]byte{
-			CASecretRootCert: ca.EncodeCerts(auth.Roots...),
-			CASecretCert:     ca.EncodeCerts(append([]*x509.Certificate{auth.Cert}, auth.Chain...)...),
-			CASecretKey:      key,
-		},
+		Data:       data,
 	}
+	mirror.Annotations = root.annotations()
 	if err := apply(ctx, m.client, mirror); err != nil {
 		return nil, err
 	}
-	return &meshCA{Authority: auth, RootsPEM: mirror.Data[CASecretRootCert]}, nil
+	return &meshCA{Authority: auth, RootsPEM: mirror.Data[CASecretRootCert], Root: root}, nil
 }
 
 // validateUserCA checks a user-supplied CA (tls.crt, tls.key, optional
@@ -257,10 +282,10 @@ func checkTrustDomain(a *ca.Authority, td string) error {
 	return nil
 }
 
-func caReason(err error) (string, bool) {
+func caReason(err error) (reason string, userFixable, rotation bool) {
 	var ce *caError
 	if errors.As(err, &ce) {
-		return ce.reason, true
+		return ce.reason, true, ce.rotation
 	}
-	return "", false
+	return "", false, false
 }

@@ -173,7 +173,7 @@ func TestCASecretProblems(t *testing.T) {
 			mesh.Spec.CA.Type = meshv1.CAFromSecret
 			mesh.Spec.CA.SecretRef = &corev1.LocalObjectReference{Name: name}
 			_, err := tc.mgr.ensure(ctx, mesh)
-			reason, ok := caReason(err)
+			reason, ok, _ := caReason(err)
 			if !ok || reason != tc.reason || !strings.Contains(err.Error(), tc.message) {
 				t.Fatalf("case %d: got %v (reason %q), want reason %s mentioning %q", i, err, reason, tc.reason, tc.message)
 			}

@@ -246,6 +246,29 @@ type CASpec struct {
 	// +kubebuilder:validation:XValidation:rule="duration(self) >= duration('10m') && duration(self) <= duration('2160h')",message="spec.ca.workloadCertTTL must be between 10m and 2160h"
 	// +optional
 	WorkloadCertTTL metav1.Duration `json:"workloadCertTTL,omitzero"`
+	// RootRotation controls rotating the mesh root without dropping
+	// traffic (docs/operations.md, "Rotating the mesh root").
+	// +kubebuilder:default={}
+	// +optional
+	RootRotation RootRotationSpec `json:"rootRotation,omitzero"`
+}
+
+// RootRotationSpec starts and paces a root rotation. A self-signed root is
+// rotated when Trigger changes, and automatically when a third or less of
+// its life is left; a Secret CA is rotated by editing the Secret.
+type RootRotationSpec struct {
+	// Trigger: setting it to a new value starts a rotation of the
+	// self-signed root (any string, e.g. a date). Ignored for type Secret.
+	// +kubebuilder:validation:MaxLength=63
+	// +optional
+	Trigger string `json:"trigger,omitempty"`
+	// Overlap is how long the trust bundle carries old and new roots before
+	// any certificate of the new chain is issued: the time for the kubelet
+	// to update every proxy's mounted bundle and the proxy to reload it.
+	// +kubebuilder:default="2m"
+	// +kubebuilder:validation:XValidation:rule="duration(self) >= duration('30s') && duration(self) <= duration('24h')",message="spec.ca.rootRotation.overlap must be between 30s and 24h"
+	// +optional
+	Overlap metav1.Duration `json:"overlap,omitzero"`
 }
 
 // WaypointDefaults apply to every waypoint unless its WaypointPolicy overrides them.
@@ -266,7 +289,8 @@ type AmbientMeshStatus struct {
 	// ObservedGeneration is the generation the status describes.
 	// +optional
 	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
-	// Conditions: Ready, Reconciled, CAReady, ZtunnelReady, NodeAgentReady.
+	// Conditions: Ready, Reconciled, CAReady, ZtunnelReady, NodeAgentReady,
+	// RootRotation (once a root rotation has started).
 	// +listType=map
 	// +listMapKey=type
 	// +optional

@@ -23,6 +23,10 @@ const (
 	ConditionZtunnelReady = "ZtunnelReady"
 	// ConditionNodeAgentReady reports the capture node-agent DaemonSet rollout.
 	ConditionNodeAgentReady = "NodeAgentReady"
+	// ConditionRootRotation reports a mesh root rotation: True while it
+	// progresses (reasons Overlapping, Reissuing) and once Completed;
+	// False when it cannot proceed (RootRotationFailed), old root kept.
+	ConditionRootRotation = "RootRotation"
 	// ConditionWaypointReady reports a waypoint Deployment rollout.
 	ConditionWaypointReady = "WaypointReady"
 )
@@ -35,6 +39,10 @@ const (
 	ReasonCAIssued            = "CAIssued"
 	ReasonCASecretMissing     = "CASecretMissing"
 	ReasonCASecretInvalid     = "CASecretInvalid"
+	ReasonOverlapping         = "Overlapping"
+	ReasonReissuing           = "Reissuing"
+	ReasonCompleted           = "Completed"
+	ReasonRootRotationFailed  = "RootRotationFailed"
 	ReasonDaemonSetReady      = "DaemonSetReady"
 	ReasonDaemonSetNotReady   = "DaemonSetNotReady"
 	ReasonDeploymentReady     = "DeploymentReady"

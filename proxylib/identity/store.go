@@ -52,7 +52,11 @@ type StoreConfig struct {
 	InitialBackoff, MaxBackoff time.Duration
 	// RequestTimeout bounds one signing attempt (default 30s).
 	RequestTimeout time.Duration
-	Log            logr.Logger
+	// ReissueSpread bounds the random delay before certificates are
+	// re-issued after a trust bundle change (default 5s), so the proxies
+	// of a cluster do not all call the CA at once.
+	ReissueSpread time.Duration
+	Log           logr.Logger
 }
 
 // Store is a certificate store keyed by identity: the first request for an
@@ -75,6 +79,8 @@ type Store struct {
 type entry struct {
 	id   Identity
 	stop chan struct{}
+	// reissue wakes the rotation loop early (buffered: one pending is enough).
+	reissue chan struct{}
 
 	mu       sync.Mutex
 	cert     *tls.Certificate
@@ -106,6 +112,9 @@ func NewStore(cfg StoreConfig) (*Store, error) {
 	if cfg.RequestTimeout <= 0 {
 		cfg.RequestTimeout = 30 * time.Second
 	}
+	if cfg.ReissueSpread <= 0 {
+		cfg.ReissueSpread = 5 * time.Second
+	}
 	s := &Store{cfg: cfg, entries: map[Identity]*entry{}}
 	s.roots.Store(cfg.Roots)
 	return s, nil
@@ -114,8 +123,25 @@ func NewStore(cfg StoreConfig) (*Store, error) {
 // Roots returns the current trust bundle.
 func (s *Store) Roots() *x509.CertPool { return s.roots.Load() }
 
-// SetRoots replaces the trust bundle (e.g. when the root ConfigMap changes).
-func (s *Store) SetRoots(pool *x509.CertPool) { s.roots.Store(pool) }
+// SetRoots replaces the trust bundle (the root ConfigMap changed) and
+// re-issues every certificate within ReissueSpread: a changed bundle is
+// how a root rotation tells proxies that the CA signs from a new chain
+// (docs/operations.md), so no certificate of the old chain outlives the
+// switch by more than the spread plus the CA round trip. The current
+// certificates keep serving until their replacements arrive.
+func (s *Store) SetRoots(pool *x509.CertPool) {
+	if old := s.roots.Swap(pool); old == nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, e := range s.entries {
+		select {
+		case e.reissue <- struct{}{}:
+		default:
+		}
+	}
+}
 
 // TrustDomain returns the local trust domain.
 func (s *Store) TrustDomain() string { return s.cfg.TrustDomain }
@@ -235,7 +261,7 @@ func (s *Store) entry(id Identity) (*entry, error) {
 	if e, ok := s.entries[id]; ok {
 		return e, nil
 	}
-	e := &entry{id: id, stop: make(chan struct{}), inflight: make(chan struct{})}
+	e := &entry{id: id, stop: make(chan struct{}), reissue: make(chan struct{}, 1), inflight: make(chan struct{})}
 	s.entries[id] = e
 	go s.rotate(e)
 	return e, nil
@@ -272,6 +298,13 @@ func (s *Store) rotate(e *entry) {
 		}
 		select {
 		case <-s.cfg.Clock.After(wait):
+		case <-e.reissue:
+			log.Info("trust bundle changed; re-issuing the certificate")
+			select {
+			case <-s.cfg.Clock.After(time.Duration(mrand.Int64N(int64(s.cfg.ReissueSpread)))):
+			case <-e.stop:
+				return
+			}
 		case <-e.stop:
 			return
 		}

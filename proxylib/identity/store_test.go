@@ -293,3 +293,32 @@ func TestStorePrefetchForgetStatus(t *testing.T) {
 		t.Fatalf("after Close: err = %v, want ErrStoreClosed", err)
 	}
 }
+
+// TestStoreReissuesOnBundleChange: a changed trust bundle (a root rotation
+// switching the CA's chain) re-issues the certificate within the spread,
+// not at half life; the old certificate serves until then.
+func TestStoreReissuesOnBundleChange(t *testing.T) {
+	f := newFixture(t)
+	first := f.cert(t)
+	f.asleep(t, 1)
+	other := hbonetest.NewCA(t, "cluster.local")
+	pool := f.ca.Roots()
+	pool.AddCert(other.Root)
+	f.store.SetRoots(pool)
+	// The loop now waits for the spread (a new timer; the abandoned
+	// half-life timer stays registered with the fake clock), not half life.
+	eventually(t, "re-issue timer", func() bool {
+		at, ok := f.clock.NextDeadline()
+		return ok && f.clock.Waiters() == 2 && at.Sub(f.clock.Now()) <= 5*time.Second
+	})
+	if got := f.cert(t); !got.Equal(first) {
+		t.Fatal("certificate replaced before the re-issue")
+	}
+	if d := f.advanceToTimer(t); d > 5*time.Second {
+		t.Fatalf("re-issue waited %s, want at most the 5s spread", d)
+	}
+	eventually(t, "the re-issued certificate", func() bool { return !f.cert(t).Equal(first) })
+	if c := f.client.Calls(); c != 2 {
+		t.Fatalf("CA calls = %d, want 2", c)
+	}
+}

@@ -6,7 +6,7 @@
 # every component go to _artifacts/e2e-<time>/.
 #
 # Env: E2E_RUN (go test -run pattern), E2E_DOWN=1 (tear the lab down after),
-#      E2E_REQUIRE_MESH=1, E2E_TIMEOUT (default 40m).
+#      E2E_REQUIRE_MESH=1, E2E_TIMEOUT (default 60m).
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
 export KUBECONFIG=$KUBECONFIG_FILE PATH=$ROOT/bin:$PATH
@@ -44,7 +44,7 @@ cat "$STATE/mesh.env"
 
 say "e2e: go test -tags e2e ./test/lab/e2e"
 mkdir -p "$ART"
-(cd "$ROOT" && go test -tags e2e -count=1 -v -timeout "${E2E_TIMEOUT:-40m}" ${E2E_RUN:+-run "$E2E_RUN"} ./test/lab/e2e) 2>&1 | tee "$ART/go-test.log"
+(cd "$ROOT" && go test -tags e2e -count=1 -v -timeout "${E2E_TIMEOUT:-60m}" ${E2E_RUN:+-run "$E2E_RUN"} ./test/lab/e2e) 2>&1 | tee "$ART/go-test.log"
 rc=${PIPESTATUS[0]}
 
 echo

@@ -98,6 +98,19 @@ type xdsControlPlane struct {
 	roots  string // trust bundle file
 	mu     sync.Mutex
 	down   bool
+	signer *hbonetest.CA // signs workload certificates instead of ca when set (root rotation)
+	// bySigner: serials (hex) of the leaves signer issued.
+	bySigner map[string]bool
+}
+
+// signingCA is the CA that signs workload certificates now.
+func (cp *xdsControlPlane) signingCA() *hbonetest.CA {
+	cp.mu.Lock()
+	defer cp.mu.Unlock()
+	if cp.signer != nil {
+		return cp.signer
+	}
+	return cp.ca
 }
 
 func newXDSControlPlane(t *testing.T, m *hbonetest.CA) *xdsControlPlane {
@@ -209,10 +222,19 @@ func (s *testCAService) CreateCertificate(ctx context.Context, req *capb.IstioCe
 	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
-	chain, err := s.cp.ca.Client().Sign(ctx, []byte(req.GetCsr()), id, time.Duration(req.GetValidityDuration())*time.Second)
+	signer := s.cp.signingCA()
+	chain, err := signer.Client().Sign(ctx, []byte(req.GetCsr()), id, time.Duration(req.GetValidityDuration())*time.Second)
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
+	s.cp.mu.Lock()
+	if signer == s.cp.signer {
+		if s.cp.bySigner == nil {
+			s.cp.bySigner = map[string]bool{}
+		}
+		s.cp.bySigner[chain[0].SerialNumber.Text(16)] = true
+	}
+	s.cp.mu.Unlock()
 	resp := &capb.IstioCertificateResponse{}
 	for _, c := range chain {
 		resp.CertChain = append(resp.CertChain, string(ca.EncodeCerts(c)))
