@@ -200,6 +200,10 @@ e2e: ## End-to-end suite in the lab.
 chaos: ## Faults under steady load in the lab (manager down 2 min, ztunnel SIGKILL, waypoint replica killed); bin/chaos/ (make e2e runs a short one).
 	CHAOS=full E2E_RUN='^TestChaos$$' E2E_REQUIRE_MESH=1 test/lab/e2e.sh
 
+.PHONY: root-rotation
+root-rotation: ## Root-CA rotation under traffic in the lab, trigger to old root removed (~15 min; make e2e runs it to the switch).
+	ROOT_ROTATION=full E2E_RUN='^TestRootRotationUnderTraffic$$' E2E_REQUIRE_MESH=1 test/lab/e2e.sh
+
 DURATION ?= 30m
 .PHONY: soak
 soak: ## Steady load with policy changes and pod churn for DURATION (default 30m) in the lab; bin/soak/ (make e2e runs 40 s).

@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"fmt"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -20,9 +21,14 @@ import (
 // stays until every old-chain certificate has expired: at most
 // workloadCertTTL + overlap after the switch); the overlap is the default
 // 2m (kubelet ConfigMap sync plus the proxies' 10 s re-read). About 15
-// minutes in all.
+// minutes in all: that is `make root-rotation` (ROOT_ROTATION=full). The
+// end-to-end stage of `make test` runs its smoke: a 30 s overlap, traffic
+// checked through Overlapping into Reissuing (the new chain signing, every
+// proxy re-issued), about 2 minutes; the old root then leaves on its own
+// after the last scenarios.
 func TestRootRotationUnderTraffic(t *testing.T) {
 	requireMesh(t)
+	full := os.Getenv("ROOT_ROTATION") == "full"
 	deployJourney(t)
 	enrollAmbient(t, demoNS)
 	eventually(t, 60*time.Second, "pods captured", func() error { return captureOf(t, demoNS).complete() })
@@ -71,12 +77,17 @@ func TestRootRotationUnderTraffic(t *testing.T) {
 	time.Sleep(5 * time.Second) // traffic flows before the trigger
 
 	trigger := "e2e-" + time.Now().UTC().Format("20060102T150405")
-	mustKubectl(t, "patch", "ambientmesh", "default", "--type", "merge", "-p",
-		`{"spec":{"ca":{"workloadCertTTL":"10m","rootRotation":{"trigger":"`+trigger+`"}}}}`)
-	for _, phase := range []struct {
+	overlap := "2m"
+	phases := []struct {
 		reason  string
 		timeout time.Duration
-	}{{"Overlapping", 2 * time.Minute}, {"Reissuing", 5 * time.Minute}, {"Completed", 17 * time.Minute}} {
+	}{{"Overlapping", 2 * time.Minute}, {"Reissuing", 5 * time.Minute}, {"Completed", 17 * time.Minute}}
+	if !full {
+		overlap, phases = "30s", phases[:2]
+	}
+	mustKubectl(t, "patch", "ambientmesh", "default", "--type", "merge", "-p",
+		`{"spec":{"ca":{"workloadCertTTL":"10m","rootRotation":{"trigger":"`+trigger+`","overlap":"`+overlap+`"}}}}`)
+	for _, phase := range phases {
 		eventually(t, phase.timeout, "root rotation "+phase.reason, func() error {
 			st := strings.TrimSpace(mustKubectl(t, "get", "ambientmesh", "default", "-o",
 				`jsonpath={.status.conditions[?(@.type=="RootRotation")].status}/{.status.conditions[?(@.type=="RootRotation")].reason}`))
@@ -92,8 +103,12 @@ func TestRootRotationUnderTraffic(t *testing.T) {
 	}
 	// Every proxy has the new bundle (kubelet sync + proxy reload) before
 	// the traffic stops, so the last requests ran on new-chain certificates
-	// verified against the new root alone.
+	// verified against the new root alone. The smoke stops in Reissuing:
+	// its traffic ran across the switch to the new chain.
 	eventually(t, 3*time.Minute, "bundle holds the new root only", func() error {
+		if !full {
+			return nil
+		}
 		now := bundleRoots(t)
 		if n := strings.Count(now, "BEGIN CERTIFICATE"); n != 1 || now == rootsBefore {
 			return fmt.Errorf("%d roots, changed=%v", n, now != rootsBefore)
