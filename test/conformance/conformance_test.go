@@ -19,8 +19,13 @@ import (
 func TestGatewayHTTPConformance(t *testing.T) {
 	opts := conformance.DefaultOptions(t)
 	opts.GatewayClassName = "istio"
-	opts.ConformanceProfiles = []suite.ConformanceProfileName{suite.GatewayHTTPConformanceProfileName}
-	opts.SupportedFeatures = []features.FeatureName{features.SupportGateway, features.SupportHTTPRoute, features.SupportReferenceGrant}
+	// TLS passthrough (TLSRoute) and TCPRoute listeners are served: their
+	// profiles run beside GatewayHTTP. TLSRoute termination (an extended
+	// feature) is not declared; its tests are skipped.
+	opts.ConformanceProfiles = []suite.ConformanceProfileName{suite.GatewayHTTPConformanceProfileName,
+		suite.GatewayTLSConformanceProfileName, suite.GatewayTCPConformanceProfileName}
+	opts.SupportedFeatures = []features.FeatureName{features.SupportGateway, features.SupportHTTPRoute,
+		features.SupportReferenceGrant, features.SupportTLSRoute, features.SupportTCPRoute}
 	opts.ReportOutputPath = os.Getenv("CONFORMANCE_REPORT")
 	opts.Implementation.Organization = "ambientmesh"
 	opts.Implementation.Project = "ambient"
