@@ -42,3 +42,28 @@ func TestGatewayHTTPConformance(t *testing.T) {
 	}
 	conformance.RunConformanceWithOptions(t, opts)
 }
+
+// TestMeshConformance runs the MESH-HTTP profile (GAMMA: HTTPRoutes
+// attached to Services) against the ambient mesh. The suite's namespaces
+// are enrolled by label; test/lab/conformance-mesh.sh gives them a
+// namespace waypoint (WaypointPolicy) before the suite starts, since the
+// suite itself creates none.
+func TestMeshConformance(t *testing.T) {
+	opts := conformance.DefaultOptions(t)
+	opts.GatewayClassName = "istio"
+	opts.ConformanceProfiles = []suite.ConformanceProfileName{suite.MeshHTTPConformanceProfileName}
+	opts.SupportedFeatures = []features.FeatureName{features.SupportMesh, features.SupportHTTPRoute}
+	opts.NamespaceLabels = map[string]string{"istio.io/dataplane-mode": "ambient"}
+	opts.ReportOutputPath = os.Getenv("CONFORMANCE_REPORT")
+	opts.Implementation.Organization = "ambientmesh"
+	opts.Implementation.Project = "ambient"
+	opts.Implementation.URL = "https://github.com/ambientmesh/ambient"
+	opts.Implementation.Version = "dev"
+	opts.Implementation.Contact = []string{"@ambientmesh/maintainers"}
+	tc := &opts.TimeoutConfig
+	for _, d := range []*time.Duration{&tc.HTTPRouteMustHaveCondition, &tc.HTTPRouteMustNotHaveParents,
+		&tc.RouteMustHaveParents, &tc.MaxTimeToConsistency} {
+		*d = min(*d, time.Minute)
+	}
+	conformance.RunConformanceWithOptions(t, opts)
+}
