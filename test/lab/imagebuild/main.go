@@ -92,8 +92,8 @@ func main() {
 	}
 	if *echoBasic != "" {
 		if _, err := os.Stat(*echoBasic); err == nil {
-			// The tags the suite's manifests name (it references two).
-			for i, t := range []string{"v1.5.1", "v1.6.0-dev.3"} {
+			// The tags the suite's manifests name (v1.6.3 names three).
+			for i, t := range []string{"v1.5.1", "v1.6.0-dev.2", "v1.6.0-dev.3"} {
 				images = append(images, image{file: fmt.Sprintf("echo-basic-%d.tar", i), ref: "registry.k8s.io/gateway-api/echo-basic:" + t,
 					binary: *echoBasic, path: "/echo-basic", entrypoint: []string{"/echo-basic"}})
 			}
