@@ -52,7 +52,11 @@ func TestMeshConformance(t *testing.T) {
 	opts := conformance.DefaultOptions(t)
 	opts.GatewayClassName = "istio"
 	opts.ConformanceProfiles = []suite.ConformanceProfileName{suite.MeshHTTPConformanceProfileName}
-	opts.SupportedFeatures = []features.FeatureName{features.SupportMesh, features.SupportHTTPRoute}
+	opts.SupportedFeatures = []features.FeatureName{features.SupportMesh, features.SupportHTTPRoute,
+		features.SupportMeshClusterIPMatching, features.SupportMeshConsumerRoute, features.SupportMeshHTTPRouteRewritePath,
+		features.SupportMeshHTTPRouteSchemeRedirect, features.SupportMeshHTTPRouteRedirectPort, features.SupportMeshHTTPRouteRedirectPath,
+		features.SupportMeshHTTPRouteBackendRequestHeaderModification, features.SupportMeshHTTPRouteQueryParamMatching,
+		features.SupportMeshHTTPRouteNamedRouteRule}
 	opts.NamespaceLabels = map[string]string{"istio.io/dataplane-mode": "ambient"}
 	opts.ReportOutputPath = os.Getenv("CONFORMANCE_REPORT")
 	opts.Implementation.Organization = "ambientmesh"
