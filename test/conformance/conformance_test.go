@@ -52,7 +52,9 @@ func TestMeshConformance(t *testing.T) {
 	opts := conformance.DefaultOptions(t)
 	opts.GatewayClassName = "istio"
 	opts.ConformanceProfiles = []suite.ConformanceProfileName{suite.MeshHTTPConformanceProfileName}
+	// Mesh extended features the waypoint serves (all pass in the lab).
 	opts.SupportedFeatures = []features.FeatureName{features.SupportMesh, features.SupportHTTPRoute,
+		features.SupportHTTPRouteResponseHeaderModification, features.SupportHTTPRouteParentRefPort,
 		features.SupportMeshClusterIPMatching, features.SupportMeshConsumerRoute, features.SupportMeshHTTPRouteRewritePath,
 		features.SupportMeshHTTPRouteSchemeRedirect, features.SupportMeshHTTPRouteRedirectPort, features.SupportMeshHTTPRouteRedirectPath,
 		features.SupportMeshHTTPRouteBackendRequestHeaderModification, features.SupportMeshHTTPRouteQueryParamMatching,
