@@ -26,12 +26,7 @@ func TestGatewayHTTPConformance(t *testing.T) {
 		suite.GatewayTLSConformanceProfileName, suite.GatewayTCPConformanceProfileName}
 	opts.SupportedFeatures = []features.FeatureName{features.SupportGateway, features.SupportHTTPRoute,
 		features.SupportReferenceGrant, features.SupportTLSRoute, features.SupportTCPRoute}
-	opts.ReportOutputPath = os.Getenv("CONFORMANCE_REPORT")
-	opts.Implementation.Organization = "ambientmesh"
-	opts.Implementation.Project = "ambient"
-	opts.Implementation.URL = "https://github.com/ambientmesh/ambient"
-	opts.Implementation.Version = "dev"
-	opts.Implementation.Contact = []string{"@ambientmesh/maintainers"}
+	describe(&opts)
 	// The lab is one machine: a minute is ample for a status or a route to
 	// converge, and a failing test then costs a minute, not three.
 	tc := &opts.TimeoutConfig
@@ -62,16 +57,21 @@ func TestMeshConformance(t *testing.T) {
 		features.SupportMeshHTTPRouteBackendRequestHeaderModification, features.SupportMeshHTTPRouteQueryParamMatching,
 		features.SupportMeshHTTPRouteNamedRouteRule}
 	opts.NamespaceLabels = map[string]string{"istio.io/dataplane-mode": "ambient"}
-	opts.ReportOutputPath = os.Getenv("CONFORMANCE_REPORT")
-	opts.Implementation.Organization = "ambientmesh"
-	opts.Implementation.Project = "ambient"
-	opts.Implementation.URL = "https://github.com/ambientmesh/ambient"
-	opts.Implementation.Version = "dev"
-	opts.Implementation.Contact = []string{"@ambientmesh/maintainers"}
+	describe(&opts)
 	tc := &opts.TimeoutConfig
 	for _, d := range []*time.Duration{&tc.HTTPRouteMustHaveCondition, &tc.HTTPRouteMustNotHaveParents,
 		&tc.RouteMustHaveParents, &tc.MaxTimeToConsistency} {
 		*d = min(*d, time.Minute)
 	}
 	conformance.RunConformanceWithOptions(t, opts)
+}
+
+// describe names the implementation in the report and where it is written.
+func describe(opts *suite.ConformanceOptions) {
+	opts.ReportOutputPath = os.Getenv("CONFORMANCE_REPORT")
+	opts.Implementation.Organization = "ambientmesh"
+	opts.Implementation.Project = "ambient"
+	opts.Implementation.URL = "https://github.com/ambientmesh/ambient"
+	opts.Implementation.Version = "dev"
+	opts.Implementation.Contact = []string{"@ambientmesh/maintainers"}
 }
