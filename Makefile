@@ -212,3 +212,7 @@ soak: ## Steady load with policy changes and pod churn for DURATION (default 30m
 .PHONY: conformance
 conformance: ## Upstream Gateway API conformance (GatewayHTTP profile, class istio) in the lab; report in docs/conformance/.
 	test/lab/conformance.sh
+
+.PHONY: conformance-mesh
+conformance-mesh: ## Upstream Gateway API conformance, MESH-HTTP profile (GAMMA), in the lab; report in docs/conformance/.
+	test/lab/conformance-mesh.sh

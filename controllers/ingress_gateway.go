@@ -350,7 +350,12 @@ func (r *IngressGatewayReconciler) setListenerStatus(ctx context.Context, status
 			ls.Conditions = old.Conditions
 		}
 		rejected, refused := rejectedListeners[l.Name]
-		ls.SupportedKinds = routeKinds(l)
+		// A listener refused in itself (not for a reference) admits no
+		// route kind: the suite's TLSRouteListenerTerminateNotSupported
+		// wants an empty list on a TLS listener in an unserved mode.
+		if !refused || rejected.Refs {
+			ls.SupportedKinds = routeKinds(l)
+		}
 		if !refused || rejected.Refs {
 			// Counted even while references do not resolve, as the API asks.
 			ls.AttachedRoutes = attached[l.Name]

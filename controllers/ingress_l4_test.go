@@ -95,7 +95,7 @@ func TestIngressTLSPassthroughAndTCPStatus(t *testing.T) {
 	waitListener(t, ns, "edge", "passthrough", 1, "Accepted=True/Accepted", "Programmed=False/")
 	waitListener(t, ns, "edge", "db", 2, "Accepted=True/Accepted")
 	waitListener(t, ns, "edge", "web", 0, "Accepted=True/Accepted")
-	gw = waitListener(t, ns, "edge", "tls-terminate", 0, "Accepted=False/UnsupportedProtocol")
+	gw = waitListener(t, ns, "edge", "tls-terminate", 0, "Accepted=False/UnsupportedValue")
 	kinds := map[gwv1.SectionName][]gwv1.Kind{}
 	for _, l := range gw.Status.Listeners {
 		for _, k := range l.SupportedKinds {
@@ -103,7 +103,7 @@ func TestIngressTLSPassthroughAndTCPStatus(t *testing.T) {
 		}
 	}
 	for name, want := range map[gwv1.SectionName][]gwv1.Kind{
-		"passthrough": {"TLSRoute"}, "db": {"TCPRoute"}, "web": {"HTTPRoute", "GRPCRoute"},
+		"passthrough": {"TLSRoute"}, "db": {"TCPRoute"}, "web": {"HTTPRoute", "GRPCRoute"}, "tls-terminate": nil,
 	} {
 		if !slices.Equal(kinds[name], want) {
 			t.Errorf("listener %s supportedKinds %v, want %v", name, kinds[name], want)

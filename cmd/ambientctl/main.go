@@ -43,7 +43,8 @@ Commands:
       Manage waypoints (WaypointPolicy objects) of a namespace (-n).
   gateway list [-A]
       Ingress gateways (Gateways of class istio): address, Programmed,
-      listeners with their attached routes, and the HTTPRoutes on each.
+      listeners with their attached routes, and the routes on each
+      (HTTPRoute, GRPCRoute, TLSRoute, TCPRoute) with their Accepted state.
   status
       AmbientMesh conditions and the mesh's ztunnel and node-agent pods.
   dashboard [--listen ADDR] [--refresh 5s]

@@ -340,27 +340,41 @@ func TestGatewaysTable(t *testing.T) {
 	ns := gwv1.Namespace("istio-system")
 	gw := gwv1.Gateway{
 		ObjectMeta: metav1.ObjectMeta{Namespace: "istio-system", Name: "httpbin-gateway"},
-		Spec:       gwv1.GatewaySpec{GatewayClassName: "istio", Listeners: []gwv1.Listener{{Name: "http", Port: 80, Protocol: "HTTP"}}},
+		Spec: gwv1.GatewaySpec{GatewayClassName: "istio", Listeners: []gwv1.Listener{{Name: "http", Port: 80, Protocol: "HTTP"},
+			{Name: "tls", Port: 443, Protocol: "TLS"}, {Name: "tcp", Port: 9000, Protocol: "TCP"}}},
 		Status: gwv1.GatewayStatus{
 			Addresses:  []gwv1.GatewayStatusAddress{{Value: "10.201.0.200"}},
 			Conditions: []metav1.Condition{{Type: "Programmed", Status: "True", Reason: "Programmed"}},
-			Listeners:  []gwv1.ListenerStatus{{Name: "http", AttachedRoutes: 1}},
+			Listeners: []gwv1.ListenerStatus{{Name: "http", AttachedRoutes: 1}, {Name: "tls", AttachedRoutes: 1},
+				{Name: "tcp", AttachedRoutes: 1}},
 		},
 	}
-	route := gwv1.HTTPRoute{ObjectMeta: metav1.ObjectMeta{Namespace: "ambient-demo", Name: "httpbin"},
-		Spec: gwv1.HTTPRouteSpec{CommonRouteSpec: gwv1.CommonRouteSpec{ParentRefs: []gwv1.ParentReference{{Name: "httpbin-gateway", Namespace: &ns}}}},
-		Status: gwv1.HTTPRouteStatus{RouteStatus: gwv1.RouteStatus{Parents: []gwv1.RouteParentStatus{{
-			ParentRef:  gwv1.ParentReference{Name: "httpbin-gateway", Namespace: &ns},
-			Conditions: []metav1.Condition{{Type: "Accepted", Status: "True", Reason: "Accepted"}},
-		}}}}}
-	other := gwv1.HTTPRoute{ObjectMeta: metav1.ObjectMeta{Namespace: "ambient-demo", Name: "mesh-only"},
-		Spec: gwv1.HTTPRouteSpec{CommonRouteSpec: gwv1.CommonRouteSpec{ParentRefs: []gwv1.ParentReference{{Name: "httpbin", Kind: ptrTo(gwv1.Kind("Service"))}}}}}
+	toGateway := []gwv1.ParentReference{{Name: "httpbin-gateway", Namespace: &ns}}
+	accepted := []gwv1.RouteParentStatus{{
+		ParentRef:  gwv1.ParentReference{Name: "httpbin-gateway", Namespace: &ns},
+		Conditions: []metav1.Condition{{Type: "Accepted", Status: "True", Reason: "Accepted"}},
+	}}
+	notAllowed := []gwv1.RouteParentStatus{{
+		ParentRef:  gwv1.ParentReference{Name: "httpbin-gateway", Namespace: &ns},
+		Conditions: []metav1.Condition{{Type: "Accepted", Status: "False", Reason: "NotAllowedByListeners"}},
+	}}
+	routes := []gatewayRoute{
+		{kind: "HTTPRoute", namespace: "ambient-demo", name: "httpbin", parents: toGateway, status: accepted},
+		{kind: "TLSRoute", namespace: "ambient-demo", name: "httpbin-tls", parents: toGateway, status: accepted},
+		{kind: "TCPRoute", namespace: "ambient-demo", name: "echo", parents: toGateway, status: notAllowed},
+		{kind: "GRPCRoute", namespace: "ambient-demo", name: "grpc", parents: toGateway},
+		{kind: "HTTPRoute", namespace: "ambient-demo", name: "mesh-only",
+			parents: []gwv1.ParentReference{{Name: "httpbin", Kind: ptrTo(gwv1.Kind("Service"))}}},
+	}
 	var b strings.Builder
-	if err := writeGateways(&b, []gwv1.Gateway{gw}, []gwv1.HTTPRoute{route, other}); err != nil {
+	if err := writeGateways(&b, []gwv1.Gateway{gw}, routes); err != nil {
 		t.Fatal(err)
 	}
 	out := b.String()
-	for _, want := range []string{"httpbin-gateway", "10.201.0.200", "True", "http:80/HTTP(1 routes)", "ambient-demo/httpbin(Accepted)"} {
+	for _, want := range []string{"httpbin-gateway", "10.201.0.200", "True", "http:80/HTTP(1 routes)",
+		"tls:443/TLS(1 routes)", "tcp:9000/TCP(1 routes)", "ambient-demo/httpbin(Accepted)",
+		"TLSRoute:ambient-demo/httpbin-tls(Accepted)", "TCPRoute:ambient-demo/echo(NotAllowedByListeners)",
+		"GRPCRoute:ambient-demo/grpc(?)"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
 		}

@@ -218,7 +218,7 @@ spec:
 	}
 	for name, reason := range map[gwv1.SectionName]gwv1.ListenerConditionReason{
 		"no-certs":            gwv1.ListenerReasonInvalidCertificateRef,
-		"tls-terminate":       gwv1.ListenerReasonUnsupportedProtocol,
+		"tls-terminate":       gwv1.ListenerReasonUnsupportedValue,
 		"other-ns-cert":       gwv1.ListenerReasonRefNotPermitted,
 		"http-on-443":         gwv1.ListenerReasonProtocolConflict,
 		"tcp-again":           gwv1.ListenerReasonHostnameConflict,

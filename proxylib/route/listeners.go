@@ -122,7 +122,10 @@ func unservable(gw *gwv1.Gateway, l gwv1.Listener, grants *Grants) Rejection {
 		return unsupported("protocol %s is not served by this gateway; HTTP, HTTPS, TLS (Passthrough) and TCP listeners are", l.Protocol)
 	}
 	if l.Protocol == gwv1.TLSProtocolType && (l.TLS == nil || l.TLS.Mode == nil || *l.TLS.Mode != gwv1.TLSModePassthrough) {
-		return unsupported("TLS listeners are served in tls.mode Passthrough only (TLS is terminated on HTTPS listeners)")
+		// UnsupportedValue, as the API says for a tls.mode the
+		// implementation does not serve (TLSRouteListenerTerminateNotSupported).
+		return Rejection{Reason: gwv1.ListenerReasonUnsupportedValue,
+			Message: "TLS listeners are served in tls.mode Passthrough only (TLS is terminated on HTTPS listeners)"}
 	}
 	if l.AllowedRoutes != nil {
 		for _, k := range l.AllowedRoutes.Kinds {
@@ -139,7 +142,8 @@ func unservable(gw *gwv1.Gateway, l gwv1.Listener, grants *Grants) Rejection {
 		return Rejection{Reason: gwv1.ListenerReasonInvalidCertificateRef, Message: "an HTTPS listener needs tls.certificateRefs", Refs: true}
 	}
 	if l.TLS.Mode != nil && *l.TLS.Mode != gwv1.TLSModeTerminate {
-		return unsupported("tls.mode %s is not served yet; Terminate is", *l.TLS.Mode)
+		return Rejection{Reason: gwv1.ListenerReasonUnsupportedValue,
+			Message: fmt.Sprintf("tls.mode %s is not served on HTTPS listeners; Terminate is (TLS listeners pass through)", *l.TLS.Mode)}
 	}
 	for _, ref := range l.TLS.CertificateRefs {
 		if ref.Kind != nil && *ref.Kind != "Secret" || ref.Group != nil && *ref.Group != "" && *ref.Group != "core" {

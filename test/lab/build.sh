@@ -7,7 +7,7 @@
 #   bin/fortio/fortio                  (load tool and echo server of make bench-mesh; test/bench/fortio)
 #   bin/metallb/<ver>/{controller,speaker,metallb-native.yaml}  (the lab's LoadBalancer, from the module proxy)
 #   bin/prometheus/<ver>/prometheus    (the lab's metrics server, from the module proxy)
-# Usage: test/lab/build.sh [k8s|coredns|fortio|metallb|prometheus|conformance|images|ambientctl ...]   (default: all but conformance)
+# Usage: test/lab/build.sh [k8s|coredns|fortio|metallb|prometheus|conformance|echo-advanced|images|ambientctl ...]   (default: all but conformance)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BIN=$ROOT/bin
@@ -134,13 +134,32 @@ build_conformance() {
   step "built bin/conformance/echo-basic in $((SECONDS - start))s"
 }
 
+# The mesh conformance suite's echo-advanced: Istio's echo server and client,
+# from the istio.io/istio module at ISTIO_ECHO_VERSION (make conformance-mesh).
+ISTIO_ECHO_VERSION=${ISTIO_ECHO_VERSION:-v0.0.0-20260827124520-eed52ebb66ad}
+build_echo_advanced() {
+  local dir=$BIN/.build/echo-advanced out=$BIN/conformance/echo-advanced start=$SECONDS
+  if [ -x "$out/server" ] && [ -x "$out/client" ] && [ "$(cat "$out/version" 2>/dev/null)" = "$ISTIO_ECHO_VERSION" ]; then
+    step "cached: $out"; return
+  fi
+  step "building Istio's echo server and client $ISTIO_ECHO_VERSION (first time only, several minutes)"
+  mkdir -p "$dir" "$out"
+  printf 'module echoadvanced\n\ngo 1.26.0\n\nrequire istio.io/istio %s\n' "$ISTIO_ECHO_VERSION" >"$dir/go.mod"
+  printf '//go:build tools\n\npackage echoadvanced\n\nimport (\n\t_ "istio.io/istio/pkg/test/echo/cmd/client"\n\t_ "istio.io/istio/pkg/test/echo/cmd/server"\n)\n' >"$dir/tools.go"
+  (cd "$dir" && GOFLAGS=-mod=mod go mod tidy -e && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "-s -w" -o "$out/" \
+    istio.io/istio/pkg/test/echo/cmd/server istio.io/istio/pkg/test/echo/cmd/client)
+  echo "$ISTIO_ECHO_VERSION" >"$out/version"
+  step "built $out/{server,client} in $((SECONDS - start))s"
+}
+
 build_images() {
   local start=$SECONDS
   step "building lab images (pause, coredns, httpbin, sleep, fortio when built) into bin/lab/images"
   (cd "$ROOT" && CGO_ENABLED=0 go run ./test/lab/imagebuild \
      -out "$BIN/lab/images" -coredns "$BIN/coredns/$COREDNS_VERSION/coredns" -fortio "$BIN/fortio/fortio" \
      -metallb "$BIN/metallb/$METALLB_VERSION" -metallb-version "$METALLB_VERSION" \
-     -prometheus "$BIN/prometheus/$PROMETHEUS_VERSION/prometheus" -echo-basic "$BIN/conformance/echo-basic")
+     -prometheus "$BIN/prometheus/$PROMETHEUS_VERSION/prometheus" -echo-basic "$BIN/conformance/echo-basic" \
+     -echo-advanced "$BIN/conformance/echo-advanced")
   step "images ready in $((SECONDS - start))s"
 }
 
@@ -158,6 +177,7 @@ for t in "${targets[@]}"; do
     coredns) build_coredns ;;
     images) build_images ;;
     fortio) build_fortio ;;
+    echo-advanced) build_echo_advanced ;;
     metallb) build_metallb ;;
     prometheus) build_prometheus ;;
     conformance) build_conformance ;;

@@ -8,7 +8,8 @@
 # the test log to bin/lab/logs/conformance.log.
 #
 # Env: CONFORMANCE_RUN (go test -run pattern inside the suite, e.g.
-#      'TestGatewayHTTPConformance/HTTPRouteSimpleSameNamespace'),
+#      'TestGatewayHTTPConformance/HTTPRouteSimpleSameNamespace'; default the
+#      GatewayHTTP/TLS/TCP run; make conformance-mesh runs TestMeshConformance),
 #      CONFORMANCE_TIMEOUT (default 40m).
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -32,7 +33,7 @@ mkdir -p "$ROOT/docs/conformance"
 report=$ROOT/docs/conformance/gateway-http-report.yaml
 say "conformance: GatewayHTTP profile against GatewayClass istio"
 (cd "$ROOT/test/conformance" && CONFORMANCE_REPORT=$report go test -tags conformance -count=1 -v \
-  -timeout "${CONFORMANCE_TIMEOUT:-40m}" ${CONFORMANCE_RUN:+-run "$CONFORMANCE_RUN"} .) 2>&1 | tee "$LOGS/conformance.log"
+  -timeout "${CONFORMANCE_TIMEOUT:-40m}" -run "${CONFORMANCE_RUN:-^TestGatewayHTTPConformance\$}" .) 2>&1 | tee "$LOGS/conformance.log"
 rc=${PIPESTATUS[0]}
 echo
 echo "=== conformance summary"

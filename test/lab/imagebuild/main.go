@@ -35,6 +35,14 @@ type image struct {
 	links      []string // extra names (symlinks) for a multi-call binary
 	entrypoint []string
 	cmd        []string
+	files      []file // further files (another binary, certificates)
+}
+
+// file is one extra regular file of an image.
+type file struct {
+	path string
+	mode int64
+	data []byte
 }
 
 func main() {
@@ -45,6 +53,7 @@ func main() {
 	metallbVersion := flag.String("metallb-version", "v0.15.2", "MetalLB version: the tag of the images its manifest names")
 	prometheus := flag.String("prometheus", "", "prebuilt Prometheus server binary (test/lab/build.sh prometheus); skipped when empty or missing")
 	echoBasic := flag.String("echo-basic", "", "prebuilt echo-basic binary of the Gateway API conformance suite (test/lab/build.sh conformance); skipped when empty or missing")
+	echoAdvanced := flag.String("echo-advanced", "", "directory with prebuilt server and client binaries of Istio's echo app, the suite's echo-advanced (test/lab/build.sh echo-advanced); skipped when empty or missing")
 	tag := flag.String("tag", "dev", "tag of the test workload images")
 	components := flag.String("components", "", "comma-separated cmd/<name> mesh components to package as docker.io/ambient/<name>:<tag> (a stand-in for `make images`); a component that does not build is reported and skipped")
 	only := flag.Bool("components-only", false, "build only the -components images")
@@ -90,11 +99,19 @@ func main() {
 	}
 	if *echoBasic != "" {
 		if _, err := os.Stat(*echoBasic); err == nil {
-			// The tags the suite's manifests name (it references two).
-			for i, t := range []string{"v1.5.1", "v1.6.0-dev.3"} {
+			// The tags the suite's manifests name (v1.6.3 names three).
+			for i, t := range []string{"v1.5.1", "v1.6.0-dev.2", "v1.6.0-dev.3"} {
 				images = append(images, image{file: fmt.Sprintf("echo-basic-%d.tar", i), ref: "registry.k8s.io/gateway-api/echo-basic:" + t,
 					binary: *echoBasic, path: "/echo-basic", entrypoint: []string{"/echo-basic"}})
 			}
+		}
+	}
+	if *echoAdvanced != "" {
+		im, err := echoAdvancedImage(*echoAdvanced)
+		if err != nil {
+			log.Printf("echo-advanced image not built: %v", err)
+		} else {
+			images = append(images, im)
 		}
 	}
 	if *only {
@@ -153,7 +170,7 @@ func buildImage(im image, tmp, outDir string) error {
 			return fmt.Errorf("go build %s: %w", im.pkg, err)
 		}
 	}
-	layerTar, err := layerFor(bin, im.path, im.links)
+	layerTar, err := layerFor(bin, im.path, im.links, im.files)
 	if err != nil {
 		return err
 	}
@@ -204,7 +221,7 @@ func mustDiffIDs(img v1.Image) []v1.Hash {
 
 // layerFor returns a tar with the directories leading to path, the binary,
 // symlinks to it and a world-writable /tmp, all with a fixed timestamp.
-func layerFor(bin, path string, links []string) ([]byte, error) {
+func layerFor(bin, path string, links []string, files []file) ([]byte, error) {
 	data, err := os.ReadFile(bin)
 	if err != nil {
 		return nil, err
@@ -237,6 +254,17 @@ func layerFor(bin, path string, links []string) ([]byte, error) {
 	}
 	if _, err := tw.Write(data); err != nil {
 		return nil, err
+	}
+	for _, f := range files {
+		if err := addDirs(f.path); err != nil {
+			return nil, err
+		}
+		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: f.path[1:], Mode: f.mode, Size: int64(len(f.data)), ModTime: epoch}); err != nil {
+			return nil, err
+		}
+		if _, err := tw.Write(f.data); err != nil {
+			return nil, err
+		}
 	}
 	for _, l := range links {
 		if err := addDirs(l); err != nil {
