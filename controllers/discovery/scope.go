@@ -3,6 +3,8 @@ package discovery
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -92,12 +94,17 @@ func gatewayRef(g *workloadapi.GatewayAddress) string {
 	return ""
 }
 
-func newEntry(addr *workloadapi.Address, version string) (*addrEntry, error) {
+// newEntry indexes addr. Its version is a hash of its content, as the
+// LinearCache's: a proxy reconnecting to a restarted control plane or to
+// another replica with the versions it holds is sent only what changed
+// (an instance's update counter would differ and resend everything).
+func newEntry(addr *workloadapi.Address) (*addrEntry, error) {
 	b, err := encode.Marshal(addr)
 	if err != nil {
 		return nil, err
 	}
-	e := &addrEntry{res: &anypb.Any{TypeUrl: xds.AddressType, Value: b}, version: version}
+	sum := sha256.Sum256(b)
+	e := &addrEntry{res: &anypb.Any{TypeUrl: xds.AddressType, Value: b}, version: hex.EncodeToString(sum[:8])}
 	var gws []*workloadapi.GatewayAddress
 	if w := addr.GetWorkload(); w != nil {
 		for _, b := range w.GetAddresses() {
@@ -176,7 +183,7 @@ func (c *AddressCache) UpdateResources(update map[string]cachetypes.Resource, re
 			continue
 		}
 		c.seq++
-		e, err := newEntry(addr, strconv.FormatUint(c.seq, 10))
+		e, err := newEntry(addr)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", name, err))
 			continue
