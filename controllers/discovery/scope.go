@@ -43,6 +43,7 @@ type AddressCache struct {
 	mu        sync.Mutex
 	seq       uint64
 	entries   map[string]*addrEntry
+	services  map[string]struct{}            // the entries that are services
 	byAlias   map[string]string              // "<network>/<ip>" -> resource name
 	byNode    map[string]map[string]struct{} // node -> workload uids
 	endpoints map[string]map[string]struct{} // service key -> workload uids
@@ -77,7 +78,7 @@ type addrWatch struct {
 // NewAddressCache returns an empty cache.
 func NewAddressCache() *AddressCache {
 	return &AddressCache{
-		entries: map[string]*addrEntry{}, byAlias: map[string]string{}, byNode: map[string]map[string]struct{}{},
+		entries: map[string]*addrEntry{}, services: map[string]struct{}{}, byAlias: map[string]string{}, byNode: map[string]map[string]struct{}{},
 		endpoints: map[string]map[string]struct{}{}, gwRefs: map[string]int{}, watches: map[uint64]*addrWatch{},
 	}
 }
@@ -216,6 +217,9 @@ func delFrom(m map[string]map[string]struct{}, k, v string) {
 
 func (c *AddressCache) index(name string, e *addrEntry) {
 	c.entries[name] = e
+	if e.service {
+		c.services[name] = struct{}{}
+	}
 	for _, a := range e.aliases {
 		c.byAlias[a] = name
 	}
@@ -236,6 +240,7 @@ func (c *AddressCache) unindex(name string) {
 		return
 	}
 	delete(c.entries, name)
+	delete(c.services, name)
 	for _, a := range e.aliases {
 		if c.byAlias[a] == name {
 			delete(c.byAlias, a)
@@ -283,10 +288,10 @@ func (c *AddressCache) desired(w *addrWatch) map[string]struct{} {
 	out := map[string]struct{}{}
 	subs := w.sub.SubscribedResources()
 	if _, ok := subs[xds.NodeScopeName]; ok {
-		for name, e := range c.entries {
-			if e.service {
-				out[name] = struct{}{}
-			}
+		// The services index, not every entry: this runs for each open
+		// watch on every update.
+		for name := range c.services {
+			out[name] = struct{}{}
 		}
 		for uid := range c.byNode[w.scope.node] {
 			out[uid] = struct{}{}

@@ -26,7 +26,7 @@ type result struct {
 	Pods     int     `json:"pods"`
 	P99ms    float64 `json:"p99_ms"`
 	RunP99ms float64 `json:"running_p99_ms"`
-	BytesPer float64 `json:"bytes_per_change"`
+	BytesPer float64 `json:"bytes_per_change_net_of_idle"`
 }
 
 // series picks one value per run for a panel's line.
@@ -60,7 +60,7 @@ func main() {
 		{"CHURN, FROM RUNNING", "churn", func(r result) float64 { return r.RunP99ms }, red},
 		{"5000-EP SERVICE, FROM RUNNING", "service-scale-0", func(r result) float64 { return r.RunP99ms }, green},
 	})
-	panel(img, image.Rect(570, 40, 980, 360), "BYTES PUSHED PER POD CHANGE", results, []series{
+	panel(img, image.Rect(570, 40, 980, 360), "BYTES PUSHED PER POD CHANGE, NET OF IDLE", results, []series{
 		{"ONE AT A TIME", "steady-one-at-a-time", func(r result) float64 { return r.BytesPer }, blue},
 		{"CHURN", "churn", func(r result) float64 { return r.BytesPer }, red},
 		{"5000-EP SERVICE UP", "service-scale-0", func(r result) float64 { return r.BytesPer }, green},

@@ -104,6 +104,13 @@ func TestScaleScenarios(t *testing.T) {
 			}
 		}
 	}
+	// Idle: what the server writes with nothing changing (keepalive
+	// pings of every connection), subtracted from the next scenarios'
+	// bytes per change.
+	idle := r.begin()
+	time.Sleep(10 * time.Second)
+	r.end(idle, "steady-idle-10s", nil, 0)
+	r.idleBytesPerSec = float64(r.results[len(r.results)-1].Bytes) / r.results[len(r.results)-1].Seconds
 	// One pod at a time: latency without the backlog of a burst.
 	samples := envInt("SCALE_SAMPLES", 50)
 	m = r.begin()
@@ -116,9 +123,6 @@ func TestScaleScenarios(t *testing.T) {
 		pods = append(pods, p)
 	}
 	r.end(m, "steady-one-at-a-time", sampled, samples)
-	idle := r.begin()
-	time.Sleep(10 * time.Second)
-	r.end(idle, "steady-idle-10s", nil, 0)
 
 	if want["churn"] {
 		rate, secs := envInt("SCALE_CHURN_RATE", 100), envInt("SCALE_CHURN_SECONDS", 10)
@@ -522,6 +526,8 @@ type run struct {
 	out          string
 	results      []result
 	perClientKiB float64
+	// idleBytesPerSec is what the xDS server writes with nothing to push.
+	idleBytesPerSec float64
 }
 
 type mark struct {
@@ -546,6 +552,7 @@ type result struct {
 	RunP99ms     float64 `json:"running_p99_ms"`
 	Bytes        int64   `json:"bytes_pushed"`
 	BytesPer     float64 `json:"bytes_per_change"`
+	NetBytesPer  float64 `json:"bytes_per_change_net_of_idle"`
 	CPUSelf      float64 `json:"cpu_s_manager_and_clients"`
 	CPUOthers    float64 `json:"cpu_s_apiserver_etcd_kwok"`
 	RSSMiB       float64 `json:"rss_mib"`
@@ -565,6 +572,7 @@ func (r *run) end(m mark, scenario string, lat []time.Duration, changes int) {
 	res.Bytes = r.c.pushed.Load() - m.pushed
 	if changes > 0 {
 		res.BytesPer = float64(res.Bytes) / float64(changes)
+		res.NetBytesPer = max(0, float64(res.Bytes)-r.idleBytesPerSec*res.Seconds) / float64(changes)
 	}
 	self, others := cpuSeconds()
 	res.CPUSelf, res.CPUOthers = self-m.self, others-m.others
@@ -580,8 +588,8 @@ func (r *run) end(m mark, scenario string, lat []time.Duration, changes int) {
 		res.RunP50ms, res.RunP99ms = q(50), q(99)
 	}
 	r.results = append(r.results, res)
-	r.t.Logf("RESULT %s nodes=%d pods=%d changes=%d in %.1fs p50=%.0fms p99=%.0fms max=%.0fms (from Running: p50=%.0fms p99=%.0fms) pushed=%d B (%.0f B/change) cpu: manager+clients %.1fs, apiserver+etcd+kwok %.1fs; rss %.0f MiB heap %.0f MiB load1 %s",
-		scenario, r.nodes, r.pods, changes, res.Seconds, res.P50ms, res.P99ms, res.Maxms, res.RunP50ms, res.RunP99ms, res.Bytes, res.BytesPer, res.CPUSelf, res.CPUOthers, res.RSSMiB, res.HeapMiB, res.Load1)
+	r.t.Logf("RESULT %s nodes=%d pods=%d changes=%d in %.1fs p50=%.0fms p99=%.0fms max=%.0fms (from Running: p50=%.0fms p99=%.0fms) pushed=%d B (%.0f B/change, %.0f net of idle) cpu: manager+clients %.1fs, apiserver+etcd+kwok %.1fs; rss %.0f MiB heap %.0f MiB load1 %s",
+		scenario, r.nodes, r.pods, changes, res.Seconds, res.P50ms, res.P99ms, res.Maxms, res.RunP50ms, res.RunP99ms, res.Bytes, res.BytesPer, res.NetBytesPer, res.CPUSelf, res.CPUOthers, res.RSSMiB, res.HeapMiB, res.Load1)
 }
 
 func (r *run) note(format string, args ...any) { r.t.Logf("RESULT "+format, args...) }
