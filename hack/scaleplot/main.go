@@ -53,7 +53,7 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	img := image.NewRGBA(image.Rect(0, 0, 1000, 430))
+	img := image.NewRGBA(image.Rect(0, 0, 1030, 430))
 	fill(img, img.Bounds(), color.RGBA{255, 255, 255, 255})
 	panel(img, image.Rect(70, 40, 480, 360), "CONVERGENCE P99 MS", results, []series{
 		{"ONE AT A TIME, FROM CREATE", "steady-one-at-a-time", func(r result) float64 { return r.P99ms }, blue},
