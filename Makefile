@@ -97,13 +97,15 @@ bench: build ## Benchmarks with same-run baselines (results go to docs/performan
 	@if [ -x hack/bench.sh ]; then hack/bench.sh; else echo "hack/bench.sh not present yet"; fi
 
 KWOK_VERSION ?= v0.8.0
+SCALE_TEST ?= TestScaleSmoke
+SCALE_TIMEOUT ?= 60m
 KWOK := $(BIN)/kwok
 $(KWOK): ## kwok (simulated nodes) from the Go module proxy, pinned.
 	GOBIN=$(BIN) go install sigs.k8s.io/kwok/cmd/kwok@$(KWOK_VERSION)
 
 .PHONY: scale
-scale: envtest $(KWOK) ## Control plane against a kwok-simulated cluster with node-scoped xDS clients (SCALE_NODES, SCALE_PODS_PER_NODE; prints RESULT lines).
-	KWOK_VERSION=$(KWOK_VERSION) go test -tags scale -count=1 -run TestScaleSmoke -v -timeout 60m ./test/scale/ | grep -E 'RESULT|^(---|ok|FAIL)'
+scale: envtest $(KWOK) ## Control plane against a kwok-simulated cluster with node-scoped xDS clients (SCALE_NODES, SCALE_PODS_PER_NODE; prints RESULT lines). SCALE_TEST=TestScaleScenarios runs the scenarios (see test/scale/scenarios_test.go).
+	KWOK_VERSION=$(KWOK_VERSION) go test -tags scale -count=1 -run $(SCALE_TEST) -v -timeout $(SCALE_TIMEOUT) ./test/scale/ | grep -E 'RESULT|^(---|ok|FAIL)'
 
 .PHONY: bench-mesh
 bench-mesh: ## fortio through the lab mesh: direct vs ztunnel vs ztunnel+waypoint, same and cross node (bin/bench-mesh/).

@@ -3,6 +3,8 @@ package discovery
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -46,6 +48,7 @@ type AddressCache struct {
 	mu        sync.Mutex
 	seq       uint64
 	entries   map[string]*addrEntry
+	services  map[string]struct{}            // the entries that are services
 	byAlias   map[string]string              // "<network>/<ip>" -> resource name
 	byNode    map[string]map[string]struct{} // node -> workload uids
 	endpoints map[string]map[string]struct{} // service key -> workload uids
@@ -81,7 +84,7 @@ type addrWatch struct {
 // NewAddressCache returns an empty cache.
 func NewAddressCache() *AddressCache {
 	return &AddressCache{
-		entries: map[string]*addrEntry{}, byAlias: map[string]string{}, byNode: map[string]map[string]struct{}{},
+		entries: map[string]*addrEntry{}, services: map[string]struct{}{}, byAlias: map[string]string{}, byNode: map[string]map[string]struct{}{},
 		endpoints: map[string]map[string]struct{}{}, gwRefs: map[string]int{}, watches: map[uint64]*addrWatch{},
 	}
 }
@@ -98,12 +101,17 @@ func gatewayRef(g *workloadapi.GatewayAddress) string {
 	return ""
 }
 
-func newEntry(addr *workloadapi.Address, version string) (*addrEntry, error) {
+// newEntry indexes addr. Its version is a hash of its content, as the
+// LinearCache's: a proxy reconnecting to a restarted control plane or to
+// another replica with the versions it holds is sent only what changed
+// (an instance's update counter would differ and resend everything).
+func newEntry(addr *workloadapi.Address) (*addrEntry, error) {
 	b, err := encode.Marshal(addr)
 	if err != nil {
 		return nil, err
 	}
-	e := &addrEntry{res: &anypb.Any{TypeUrl: xds.AddressType, Value: b}, version: version}
+	sum := sha256.Sum256(b)
+	e := &addrEntry{res: &anypb.Any{TypeUrl: xds.AddressType, Value: b}, version: hex.EncodeToString(sum[:8])}
 	var gws []*workloadapi.GatewayAddress
 	if w := addr.GetWorkload(); w != nil {
 		for _, b := range w.GetAddresses() {
@@ -182,7 +190,7 @@ func (c *AddressCache) UpdateResources(update map[string]cachetypes.Resource, re
 			continue
 		}
 		c.seq++
-		e, err := newEntry(addr, strconv.FormatUint(c.seq, 10))
+		e, err := newEntry(addr)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", name, err))
 			continue
@@ -215,6 +223,9 @@ func delFrom(m map[string]map[string]struct{}, k, v string) {
 
 func (c *AddressCache) index(name string, e *addrEntry) {
 	c.entries[name] = e
+	if e.service {
+		c.services[name] = struct{}{}
+	}
 	for _, a := range e.aliases {
 		c.byAlias[a] = name
 	}
@@ -235,6 +246,7 @@ func (c *AddressCache) unindex(name string) {
 		return
 	}
 	delete(c.entries, name)
+	delete(c.services, name)
 	for _, a := range e.aliases {
 		if c.byAlias[a] == name {
 			delete(c.byAlias, a)
@@ -282,10 +294,10 @@ func (c *AddressCache) desired(w *addrWatch) map[string]struct{} {
 	out := map[string]struct{}{}
 	subs := w.sub.SubscribedResources()
 	if _, ok := subs[xds.NodeScopeName]; ok {
-		for name, e := range c.entries {
-			if e.service {
-				out[name] = struct{}{}
-			}
+		// The services index, not every entry: this runs for each open
+		// watch on every update.
+		for name := range c.services {
+			out[name] = struct{}{}
 		}
 		if w.scope.node != "" {
 			for uid := range c.byNode[w.scope.node] {

@@ -159,3 +159,50 @@ func equal(a, b []string) bool {
 	}
 	return true
 }
+
+// TestAddressCacheResumesOnAnotherInstance: a ztunnel reconnecting to a
+// restarted control plane (or another replica) with the versions it holds
+// is sent only what differs, as the client expects (versions are content
+// hashes, not an instance's update counter).
+func TestAddressCacheResumesOnAnotherInstance(t *testing.T) {
+	uid := func(n string) string { return xds.PodUID("Kubernetes", "ns", n) }
+	objs := map[string]cachetypes.Resource{
+		"ns/web":     svcAddr("web", "10.96.0.10", nil),
+		uid("web-a"): wl("web-a", "node-a", "10.0.1.1", "ns/web"),
+		uid("web-b"): wl("web-b", "node-b", "10.0.2.1", "ns/web"),
+	}
+	old, restarted := NewAddressCache(), NewAddressCache()
+	// The old instance saw more updates (the same content in the end).
+	for _, c := range []*AddressCache{old, old, restarted} {
+		if err := c.UpdateResources(objs, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	held := map[string]string{}
+	for _, name := range []string{"ns/web", uid("web-a")} {
+		held[name] = old.entries[name].version
+	}
+	resume := func(c *AddressCache) []string {
+		req := scopedReq(xds.RoleZtunnel, "node-a", xds.NodeScopeName)
+		sub := stream.NewDeltaSubscription(req.ResourceNamesSubscribe, nil, held, true)
+		out := make(chan cachev3.DeltaResponse, 1)
+		if _, err := c.CreateDeltaWatch(req, &sub, out); err != nil {
+			t.Fatal(err)
+		}
+		resp, _ := (<-out).GetDeltaDiscoveryResponse()
+		var got []string
+		for _, r := range resp.Resources {
+			got = append(got, r.Name)
+		}
+		return append(got, resp.RemovedResources...)
+	}
+	if got := resume(restarted); len(got) != 0 {
+		t.Errorf("resuming with current versions was sent %v, want nothing", got)
+	}
+	if err := restarted.UpdateResources(map[string]cachetypes.Resource{uid("web-a"): wl("web-a", "node-a", "10.0.1.2", "ns/web")}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := resume(restarted); !equal(got, []string{uid("web-a")}) {
+		t.Errorf("after web-a changed, resuming was sent %v, want only web-a", got)
+	}
+}

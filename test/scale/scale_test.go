@@ -8,12 +8,9 @@
 // per node (discovery.Client over TLS with a projected token bound to that
 // node's ztunnel pod), as that node's ztunnel.
 //
-//	make scale    # SCALE_NODES=10 SCALE_PODS_PER_NODE=20 (the smoke)
-//
-// The scenarios of issue 14 (50k pods on 1,000 nodes, churn at 100 pods/s,
-// a 5,000-endpoint Service, namespace enrolment of 10k pods, a policy change
-// for all, a manager restart with 1,000 clients) are planned on this
-// harness; the smoke below is what exists.
+//	make scale    # SCALE_NODES=10 SCALE_PODS_PER_NODE=20 (the smoke, as CI runs it)
+//	make scale SCALE_TEST=TestScaleScenarios SCALE_NODES=1000 SCALE_PODS_PER_NODE=10 \
+//	    SCALE_OUT=/tmp/scale.jsonl   # the scenarios of issue 14 (scenarios_test.go)
 package scale
 
 import (
@@ -30,16 +27,19 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/go-logr/logr"
+	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	k8sruntime "k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
@@ -80,11 +80,15 @@ func kwokModule(t *testing.T) string {
 
 // cluster is the simulated cluster and the control plane under test.
 type cluster struct {
-	k8s     client.Client
-	cs      kubernetes.Interface
-	cp      *controlplane.ControlPlane
-	xdsAddr string
-	tls     *tls.Config
+	k8s         client.Client
+	cs          kubernetes.Interface
+	cfg         *rest.Config
+	sch         *k8sruntime.Scheme
+	cp          *controlplane.ControlPlane
+	xdsAddr     string
+	tls         *tls.Config
+	pushed      *atomic.Int64 // bytes written by the xDS server, across restarts
+	stopManager func()
 }
 
 func startCluster(t *testing.T, ctx context.Context) *cluster {
@@ -96,6 +100,7 @@ func startCluster(t *testing.T, ctx context.Context) *cluster {
 	if _, err := os.Stat(kwok); err != nil {
 		t.Skip("bin/kwok missing: run `make scale` (builds it from the Go module proxy)")
 	}
+	ctrl.SetLogger(logr.Discard())
 	env := &envtest.Environment{CRDDirectoryPaths: []string{"../../config/crd/bases", "../../controllers/controlplane/testdata/crds"}, ErrorIfCRDPathMissing: true}
 	cfg, err := env.Start()
 	if err != nil {
@@ -106,6 +111,7 @@ func startCluster(t *testing.T, ctx context.Context) *cluster {
 	sch := k8sruntime.NewScheme()
 	_ = clientgoscheme.AddToScheme(sch)
 	_ = meshv1.AddToScheme(sch)
+	_ = securityv1.AddToScheme(sch)
 	k8s, err := client.New(cfg, client.Options{Scheme: sch})
 	if err != nil {
 		t.Fatal(err)
@@ -147,30 +153,87 @@ func startCluster(t *testing.T, ctx context.Context) *cluster {
 	must(t, k8s.Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "ztunnel", Namespace: meshNS}}))
 	must(t, k8s.Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "default", Namespace: appNS}}))
 
-	mgr, err := ctrl.NewManager(cfg, ctrl.Options{Scheme: sch, Metrics: metricsserver.Options{BindAddress: "0"}, HealthProbeBindAddress: "0",
-		Logger: logr.Discard(), Cache: controllers.CacheOptions(), Client: controllers.ClientOptions()})
-	must(t, err)
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	must(t, err)
-	cp, err := controlplane.SetupWithManager(mgr, controlplane.Options{Namespace: meshNS, XDSListener: lis, Log: logr.Discard()})
-	must(t, err)
-	go func() { _ = mgr.Start(ctx) }()
-	eventually(t, 2*time.Minute, "control plane synced", cp.Discovery.Synced)
 	pool := x509.NewCertPool()
 	pool.AddCert(rootCert)
-	return &cluster{k8s: k8s, cs: kubernetes.NewForConfigOrDie(cfg), cp: cp, xdsAddr: lis.Addr().String(),
+	c := &cluster{k8s: k8s, cs: kubernetes.NewForConfigOrDie(cfg), cfg: cfg, sch: sch, pushed: &atomic.Int64{},
 		tls: &tls.Config{RootCAs: pool, ServerName: "ambient-controlplane." + meshNS + ".svc", MinVersion: tls.VersionTLS13}}
+	c.stopManager = c.startManager(t, ctx, "127.0.0.1:0")
+	t.Cleanup(func() { c.stopManager() })
+	return c
+}
+
+// startManager runs the manager's informers and control plane with the
+// production cache options, its xDS server on addr; the returned func
+// stops it and waits until it has.
+func (c *cluster) startManager(t *testing.T, ctx context.Context, addr string) func() {
+	t.Helper()
+	mgr, err := ctrl.NewManager(c.cfg, ctrl.Options{Scheme: c.sch, Metrics: metricsserver.Options{BindAddress: "0"}, HealthProbeBindAddress: "0",
+		Logger: logr.Discard(), Cache: controllers.CacheOptions(), Client: controllers.ClientOptions()})
+	must(t, err)
+	lis, err := net.Listen("tcp", addr)
+	must(t, err)
+	c.xdsAddr = lis.Addr().String()
+	cp, err := controlplane.SetupWithManager(mgr, controlplane.Options{Namespace: meshNS, XDSListener: countingListener{lis, c.pushed}, Log: logr.Discard()})
+	must(t, err)
+	c.cp = cp
+	mctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { defer close(done); _ = mgr.Start(mctx) }()
+	eventually(t, 5*time.Minute, "control plane synced", cp.Discovery.Synced)
+	var once sync.Once
+	return func() { once.Do(func() { cancel(); <-done }) }
+}
+
+// countingListener counts the bytes the xDS server writes (TLS records
+// included): what the control plane pushes to its clients.
+type countingListener struct {
+	net.Listener
+	n *atomic.Int64
+}
+
+func (l countingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return countingConn{c, l.n}, nil
+}
+
+type countingConn struct {
+	net.Conn
+	n *atomic.Int64
+}
+
+func (c countingConn) Write(b []byte) (int, error) {
+	n, err := c.Conn.Write(b)
+	c.n.Add(int64(n))
+	return n, err
 }
 
 // addNode creates a kwok node and its ztunnel pod, and connects that
 // ztunnel's node-scoped discovery client.
 func (c *cluster) addNode(t *testing.T, ctx context.Context, name string) (*xds.Client, *xds.State) {
 	t.Helper()
+	c.createNode(t, ctx, name)
+	return c.connect(t, ctx, name)
+}
+
+// createNode creates a kwok node and its ztunnel pod.
+func (c *cluster) createNode(t *testing.T, ctx context.Context, name string) {
+	t.Helper()
 	must(t, c.k8s.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Annotations: map[string]string{kwokAnnotation: "fake"},
 		Labels: map[string]string{"type": "kwok"}}}))
 	zt := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "ztunnel-" + name, Namespace: meshNS},
 		Spec: corev1.PodSpec{NodeName: name, ServiceAccountName: "ztunnel", Containers: []corev1.Container{{Name: "ztunnel", Image: "ztunnel"}}}}
 	must(t, c.k8s.Create(ctx, zt))
+}
+
+// connect starts the node-scoped discovery client of node's ztunnel, with a
+// token bound to its pod; it runs until ctx ends.
+func (c *cluster) connect(t *testing.T, ctx context.Context, name string) (*xds.Client, *xds.State) {
+	t.Helper()
+	zt := &corev1.Pod{}
+	must(t, c.k8s.Get(ctx, client.ObjectKey{Namespace: meshNS, Name: "ztunnel-" + name}, zt))
 	exp := int64(3600)
 	tr, err := c.cs.CoreV1().ServiceAccounts(meshNS).CreateToken(ctx, "ztunnel", &authnv1.TokenRequest{Spec: authnv1.TokenRequestSpec{
 		Audiences: []string{xds.TokenAudience}, ExpirationSeconds: &exp,
@@ -178,7 +241,8 @@ func (c *cluster) addNode(t *testing.T, ctx context.Context, name string) (*xds.
 	must(t, err)
 	tok := tr.Status.Token
 	state := xds.NewState(xds.AddressType, xds.AuthorizationType)
-	cl := xds.NewClient(xds.ClientConfig{Address: c.xdsAddr, TLS: c.tls, Token: func() (string, error) { return tok, nil }, OnDemand: true,
+	addr := c.xdsAddr
+	cl := xds.NewClient(xds.ClientConfig{Address: addr, TLS: c.tls, Token: func() (string, error) { return tok, nil }, OnDemand: true,
 		Node: xds.NodeInfo{NodeName: name, PodName: zt.Name, PodNamespace: meshNS, Role: xds.RoleZtunnel}, Log: logr.Discard()}, state)
 	go func() { _ = cl.Run(ctx) }()
 	return cl, state
