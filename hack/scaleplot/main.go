@@ -1,6 +1,7 @@
 // Command scaleplot draws the scale scenarios' results (the JSON lines
 // test/scale appends to SCALE_OUT) as a PNG: convergence p99 and bytes
-// pushed per pod change against the number of pods, one line per scenario.
+// pushed per pod change against the number of pods (log scale), one line
+// per scenario.
 // Standard library only (a 3x5 pixel font for the labels).
 //
 //	go run ./hack/scaleplot -in results.jsonl -out docs/scale.png
@@ -15,6 +16,7 @@ import (
 	"image/color"
 	"image/png"
 	"log"
+	"math"
 	"os"
 	"sort"
 	"strings"
@@ -121,22 +123,33 @@ func panel(img *image.RGBA, r image.Rectangle, title string, results []result, s
 		return
 	}
 	maxY *= 1.1
-	at := func(p point) (int, int) {
-		return r.Min.X + int(p.x/maxX*float64(r.Dx())), r.Max.Y - int(p.y/maxY*float64(r.Dy()))
+	// x is logarithmic, from half the smallest run to the largest.
+	minX := maxX
+	for _, x := range xs {
+		minX = min(minX, x)
 	}
+	lo, hi := math.Log10(minX/2), math.Log10(maxX)
+	at := func(p point) (int, int) {
+		return r.Min.X + int((math.Log10(p.x)-lo)/(hi-lo)*float64(r.Dx())), r.Max.Y - int(p.y/maxY*float64(r.Dy()))
+	}
+	atY := func(y float64) int { return r.Max.Y - int(y/maxY*float64(r.Dy())) }
 	text(img, r.Min.X, r.Min.Y-28, title, black)
 	line(img, r.Min.X, r.Max.Y, r.Max.X, r.Max.Y, black)
 	line(img, r.Min.X, r.Min.Y, r.Min.X, r.Max.Y, black)
 	for _, x := range xs {
-		px, _ := at(point{x, 0})
+		px, _ := at(point{x, 1})
 		line(img, px, r.Max.Y, px, r.Max.Y+5, black)
-		text(img, px-12, r.Max.Y+10, fmt.Sprintf("%.0fK", x/1000), black)
+		label := fmt.Sprintf("%.0f", x)
+		if x >= 1000 {
+			label = fmt.Sprintf("%.0fK", x/1000)
+		}
+		text(img, px-12, r.Max.Y+10, label, black)
 		text(img, px-12, r.Max.Y+24, fmt.Sprintf("%dN", nodes[x]), grey)
 	}
 	text(img, r.Max.X-90, r.Max.Y+40, "PODS / NODES", black)
 	for k := 0; k <= 4; k++ {
 		y := maxY * float64(k) / 4
-		_, py := at(point{0, y})
+		py := atY(y)
 		line(img, r.Min.X-5, py, r.Min.X, py, black)
 		if k > 0 {
 			line(img, r.Min.X+1, py, r.Max.X, py, color.RGBA{230, 230, 230, 255})
@@ -185,11 +198,12 @@ func line(img *image.RGBA, x0, y0, x1, y1 int, c color.RGBA) {
 		if x0 == x1 && y0 == y1 {
 			return
 		}
-		if 2*e >= dy {
+		e2 := 2 * e // both steps decided on the same error term
+		if e2 >= dy {
 			e += dy
 			x0 += sx
 		}
-		if 2*e <= dx {
+		if e2 <= dx {
 			e += dx
 			y0 += sy
 		}
