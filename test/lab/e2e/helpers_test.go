@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -89,10 +90,25 @@ func kubectlIn(stdin string, args ...string) (string, error) {
 	if stdin != "" {
 		cmd.Stdin = strings.NewReader(stdin)
 	}
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
 	err := cmd.Run()
-	return out.String(), err
+	return out.String() + withoutKlog(errOut.String()), err
+}
+
+// klogLine is kubectl's own client-side log line ("E1204 15:59:18.860427
+// 8058 websocket.go:296] Unknown stream id 1, ..."): never part of a
+// command's answer, but mixed into it, it spoiled a curl's JSON in CI.
+var klogLine = regexp.MustCompile(`^[IWEF]\d{4} \d{2}:\d{2}:\d{2}\.\d+\s+\d+ \S+:\d+\] `)
+
+func withoutKlog(s string) string {
+	var b strings.Builder
+	for _, line := range strings.SplitAfter(s, "\n") {
+		if !klogLine.MatchString(line) {
+			b.WriteString(line)
+		}
+	}
+	return b.String()
 }
 
 func mustKubectl(t *testing.T, args ...string) string {
