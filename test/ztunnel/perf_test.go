@@ -1,12 +1,8 @@
 package ztunnel
 
 import (
-	"context"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -14,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 	"github.com/ambientmesh/ambient/test/meshtest"
 	"github.com/ambientmesh/ambient/test/perftest"
 )
@@ -167,23 +162,10 @@ func (z *ztunnelProcess) profile(t *testing.T, path string, seconds int) {
 
 // fetch saves an admin endpoint's answer to path.
 func (z *ztunnelProcess) fetch(t *testing.T, path, uri string) {
-	b, err := z.admin(uri)
+	b, err := z.request("127.0.0.1:15000", uri, 0)
 	if err != nil {
 		t.Log("profile:", err)
 		return
 	}
 	os.WriteFile(path, b, 0o644)
-}
-
-// admin GETs uri from the ztunnel's admin port (:15000 in its node netns).
-func (z *ztunnelProcess) admin(uri string) ([]byte, error) {
-	c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		return netnsutil.DialTCP(ctx, z.nodeNS, netip.AddrPort{}, netip.MustParseAddrPort("127.0.0.1:15000"), netnsutil.SocketOptions{})
-	}}}
-	resp, err := c.Get("http://127.0.0.1:15000" + uri)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	return io.ReadAll(resp.Body)
 }

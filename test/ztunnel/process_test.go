@@ -358,16 +358,25 @@ func (z *ztunnelProcess) ready() bool {
 // get fetches an HTTP endpoint of the process inside its node namespace.
 func (z *ztunnelProcess) get(t *testing.T, addr, path string) string {
 	t.Helper()
-	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+	b, err := z.request(addr, path, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// request GETs path from addr inside the node namespace; timeout 0 waits
+// as long as the answer takes (a CPU profile).
+func (z *ztunnelProcess) request(addr, path string, timeout time.Duration) ([]byte, error) {
+	c := &http.Client{Timeout: timeout, Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 		return netnsutil.DialTCP(ctx, z.nodeNS, netip0, mustAddrPort(addr), netnsutil.SocketOptions{})
 	}}}
 	resp, err := c.Get("http://" + addr + path)
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return string(b)
+	return io.ReadAll(resp.Body)
 }
 
 func (z *ztunnelProcess) waitLog(t *testing.T, parts ...string) {

@@ -26,12 +26,9 @@ func TestIdleRelayHoldsNoSetupStack(t *testing.T) {
 	}
 	setup := []string{"serveOutbound", "serveHBONE", "servePlaintextInbound"}
 	for i, zt := range pm.zts {
-		dump, err := zt.admin("/debug/pprof/goroutine?debug=2")
-		if err != nil {
-			t.Fatalf("ztunnel %d goroutine dump: %v", i, err)
-		}
+		dump := zt.get(t, "127.0.0.1:15000", "/debug/pprof/goroutine?debug=2")
 		relays := 0
-		for _, g := range strings.Split(string(dump), "\n\n") {
+		for _, g := range strings.Split(dump, "\n\n") {
 			if !strings.Contains(g, "proxy.Relay(") {
 				continue
 			}

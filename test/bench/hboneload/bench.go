@@ -328,26 +328,24 @@ func (b *bench) memory(mode string, n int, r *ModeResult) error {
 // run (<mode>-{client,server}.pprof), and of the HBONE dialer and the
 // server proxy during pooled opens (<mode>-opens-{dialer,server}.pprof).
 func (b *bench) profile(mode string) {
-	b.profilePhase(mode, mode, "-mode", "throughput", "-bytes", itoa(b.cfg.Bytes), "-streams", "1")
+	entry := func(p *proxies) string { return p.entry }
+	b.profilePhase(mode, mode, entry, "-mode", "throughput", "-bytes", itoa(b.cfg.Bytes), "-streams", "1")
 	if mode == "tls" {
 		return
 	}
-	b.profilePhase(mode, mode+"-opens", "-mode", "opens", "-transport", mode, "-certs", b.certs,
+	server := func(p *proxies) string { return p.server } // opens dial the server proxy themselves
+	b.profilePhase(mode, mode+"-opens", server, "-mode", "opens", "-transport", mode, "-certs", b.certs,
 		"-target", b.sink, "-n", strconv.Itoa(b.cfg.Opens),
 		"-cpuprofile", filepath.Join(b.cfg.ProfileDir, mode+"-opens-dialer.pprof"))
 }
 
-func (b *bench) profilePhase(mode, name string, clientArgs ...string) {
+func (b *bench) profilePhase(mode, name string, addr func(*proxies) string, clientArgs ...string) {
 	p, err := b.startProxiesNamed(mode, name)
 	if err != nil {
 		b.logf("profile %s: %v", name, err)
 		return
 	}
-	addr := p.entry
-	if name != mode { // opens dial the server proxy themselves
-		addr = p.server
-	}
-	if _, err := b.client(append(clientArgs, "-addr", addr)...); err != nil {
+	if _, err := b.client(append(clientArgs, "-addr", addr(p))...); err != nil {
 		b.logf("profile %s: %v", name, err)
 	}
 	p.stop()
