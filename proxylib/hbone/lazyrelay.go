@@ -5,6 +5,7 @@ import (
 	"io"
 	"sync"
 	"sync/atomic"
+	"syscall"
 )
 
 // relayLazily relays between a socket and a stream that pushes lazily:
@@ -25,6 +26,7 @@ func relayLazily(sock HalfCloser, st HalfCloser, lp LazyPusher, sink Sink) (sock
 	}
 	done := make(chan error, 1)
 	var finished atomic.Bool
+	var sockShut atomic.Bool // the stream ended: sock's writing is shut down
 	finish := func(e error) {
 		if finished.CompareAndSwap(false, true) {
 			if e != nil {
@@ -57,6 +59,7 @@ func relayLazily(sock HalfCloser, st HalfCloser, lp LazyPusher, sink Sink) (sock
 			switch {
 			case errors.Is(rerr, ErrWouldBlock):
 			case errors.Is(rerr, io.EOF):
+				sockShut.Store(true)
 				finish(sock.CloseWrite())
 			default:
 				finish(rerr)
@@ -65,7 +68,13 @@ func relayLazily(sock HalfCloser, st HalfCloser, lp LazyPusher, sink Sink) (sock
 		}
 	}
 	lp.PushLazily(sink, func() { go drain() })
-	sockToSt, e := copyHalf(st, sock)
+	sockToSt, e := CopyAdaptive(st, sock)
+	if e == nil && !sockShut.Load() && EndedByReset(sock) {
+		e = syscall.ECONNRESET // the push took the reset; this read saw EOF
+	}
+	if e == nil {
+		e = st.CloseWrite()
+	}
 	if e != nil {
 		abort(e)
 	}

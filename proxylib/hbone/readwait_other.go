@@ -14,3 +14,6 @@ func (*readWaiter) wait() error { return nil }
 
 // sinkFor: pushing into sockets is only implemented on Linux.
 func sinkFor(any) Sink { return nil }
+
+// EndedByReset: the socket's state is only read on Linux.
+func EndedByReset(any) bool { return false }

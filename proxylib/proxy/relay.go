@@ -5,6 +5,8 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
+	"syscall"
 
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 )
@@ -38,16 +40,20 @@ func Relay(down, up net.Conn) (received, sent int64, err error) {
 			reset(up)
 		})
 	}
+	// downShut/upShut: that side's writing was shut down (its reverse
+	// direction ended cleanly), after which a clean EOF also leaves a TCP
+	// socket in CLOSE (see hbone.EndedByReset).
+	var downShut, upShut atomic.Bool
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
 		var e error
-		if sent, e = copyHalf(down, up); e != nil {
+		if sent, e = copyHalf(down, up, &upShut, &downShut); e != nil {
 			abort(e)
 		}
 	}()
 	var e error
-	if received, e = copyHalf(up, down); e != nil {
+	if received, e = copyHalf(up, down, &downShut, &upShut); e != nil {
 		abort(e)
 	}
 	wg.Wait()
@@ -56,9 +62,12 @@ func Relay(down, up net.Conn) (received, sent int64, err error) {
 	return received, sent, real(first)
 }
 
-// copyHalf copies src to dst, then half-closes dst. TCP to TCP (the node
-// local fast path) uses the kernel's splice through io.Copy.
-func copyHalf(dst, src net.Conn) (int64, error) {
+// copyHalf copies src to dst, then half-closes dst (noting it in
+// dstShut). TCP to TCP (the node local fast path) uses the kernel's splice
+// through io.Copy. An EOF from a TCP src whose peer in fact reset it (the
+// reverse direction's write took the reset) is an error, so the reset
+// propagates instead of a clean end.
+func copyHalf(dst, src net.Conn, srcShut, dstShut *atomic.Bool) (int64, error) {
 	var n int64
 	var err error
 	_, srcTCP := src.(*net.TCPConn)
@@ -71,6 +80,10 @@ func copyHalf(dst, src net.Conn) (int64, error) {
 	if err != nil {
 		return n, err
 	}
+	if !srcShut.Load() && hbone.EndedByReset(src) {
+		return n, syscall.ECONNRESET
+	}
+	dstShut.Store(true)
 	if hc, ok := dst.(halfCloser); ok {
 		if cerr := hc.CloseWrite(); cerr == nil {
 			return n, nil

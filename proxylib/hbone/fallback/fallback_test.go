@@ -31,11 +31,16 @@ type env struct {
 	dual, silent   netip.AddrPort
 	reg            *prometheus.Registry
 	logs           *logLines
+	// h3Timeout is the dialers' HTTP/3 budget: generous, so a peer that
+	// answers QUIC is never given up on because the machine is slow (an
+	// emulated or loaded one took over a second); the silent-peer test
+	// shortens it to wait less.
+	h3Timeout time.Duration
 }
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
-	e := &env{ca: hbonetest.NewCA(t, hbonetest.DefaultTrustDomain), reg: prometheus.NewRegistry(), logs: &logLines{}}
+	e := &env{ca: hbonetest.NewCA(t, hbonetest.DefaultTrustDomain), reg: prometheus.NewRegistry(), logs: &logLines{}, h3Timeout: 30 * time.Second}
 	e.client, e.server = e.ca.ID("client", "client"), e.ca.ID("server", "server")
 	e.silent = startH2Server(t, e.ca, e.server, true)
 	e.dual = startH2Server(t, e.ca, e.server, false)
@@ -69,7 +74,7 @@ func newEnv(t *testing.T) *env {
 
 func (e *env) dialer(t *testing.T, proto hbone.Protocol, now func() time.Time) *Dialer {
 	t.Helper()
-	d, err := New(Config{H2: e.h2, H3: e.h3, Protocol: proto, H3Timeout: 300 * time.Millisecond,
+	d, err := New(Config{H2: e.h2, H3: e.h3, Protocol: proto, H3Timeout: e.h3Timeout,
 		Remember: time.Minute, Log: funcr.New(e.logs.add, funcr.Options{}), Registerer: e.reg, Now: now})
 	if err != nil {
 		t.Fatal(err)
@@ -109,6 +114,7 @@ func TestFallsBackToHTTP2WhenPeerDoesNotAnswerQUIC(t *testing.T) {
 	now := time.Now()
 	var clock atomic.Pointer[time.Time]
 	clock.Store(&now)
+	e.h3Timeout = 300 * time.Millisecond
 	d := e.dialer(t, hbone.HTTP3, func() time.Time { return *clock.Load() })
 
 	s, err := d.Dial(context.Background(), e.req(e.silent))
