@@ -8,10 +8,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"strconv"
 	"sync"
 
-	discoverypb "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	cachetypes "github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"google.golang.org/protobuf/proto"
@@ -342,10 +340,6 @@ func (c *AddressCache) desired(w *addrWatch) map[string]struct{} {
 // respond builds w's response, or nil when it has nothing to say. force
 // answers even an empty diff (the first request of a stream).
 func (c *AddressCache) respond(w *addrWatch, force bool) cachev3.DeltaResponse {
-	want := c.desired(w)
-	have := w.sub.ReturnedResources()
-	next := make(map[string]string, len(want))
-	resp := &discoverypb.DeltaDiscoveryResponse{TypeUrl: xds.AddressType, SystemVersionInfo: strconv.FormatUint(c.seq, 10)}
 	// What this request asks for is sent even when the client holds it,
 	// so the client sees its question answered (as istiod does).
 	asked := map[string]struct{}{}
@@ -354,18 +348,10 @@ func (c *AddressCache) respond(w *addrWatch, force bool) cachev3.DeltaResponse {
 			asked[name] = struct{}{}
 		}
 	}
-	for name := range want {
+	resp, next := deltaResponse(xds.AddressType, c.seq, c.desired(w), w.sub.ReturnedResources(), func(name string) (*anypb.Any, string, []string) {
 		e := c.entries[name]
-		next[name] = e.version
-		if _, ok := asked[name]; ok || have[name] != e.version {
-			resp.Resources = append(resp.Resources, &discoverypb.Resource{Name: name, Version: e.version, Aliases: e.aliases, Resource: e.res})
-		}
-	}
-	for name := range have {
-		if _, ok := want[name]; !ok {
-			resp.RemovedResources = append(resp.RemovedResources, name)
-		}
-	}
+		return e.res, e.version, e.aliases
+	}, asked)
 	// Names this request asked for that nothing answers: say so, so the
 	// client stops waiting (Istio's on-demand does the same).
 	for _, name := range w.req.GetResourceNamesSubscribe() {
@@ -420,6 +406,8 @@ const (
 	scopeRoleKey = "ambient.scope.role"
 	scopeNodeKey = "ambient.scope.node"
 	scopePodKey  = "ambient.scope.pod"
+	// scopeNamespaceKey: a sidecar's pod's namespace (SidecarScopedCache).
+	scopeNamespaceKey = "ambient.scope.namespace"
 )
 
 func scopeOfNode(req *cachev3.DeltaRequest) watchScope {

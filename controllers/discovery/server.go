@@ -154,16 +154,18 @@ func (s *Server) callbacks() serverv3.Callbacks {
 func (s *Server) scopedNode(caller *proxyauth.Caller, n *core.Node) *core.Node {
 	out := WithScope(n, caller.Role, caller.NodeName)
 	if caller.Role == proxyauth.RoleSidecar && caller.Pod != nil {
-		out = WithPodScope(out, xds.PodUID(s.Controller.opts.ClusterID, caller.Pod.Namespace, caller.Pod.Name))
+		out = WithPodScope(out, s.Controller.opts.ClusterID, caller.Pod.Namespace, caller.Pod.Name)
 	}
 	return out
 }
 
-// WithPodScope returns a copy of n that tells the AddressCache the uid of
-// a sidecar's own workload (always in its scope).
-func WithPodScope(n *core.Node, uid string) *core.Node {
+// WithPodScope returns a copy of n that tells the caches a sidecar's own
+// pod: the AddressCache its workload (always in its scope), the
+// SidecarScopedCaches its namespace (whose policies it receives).
+func WithPodScope(n *core.Node, cluster, namespace, name string) *core.Node {
 	out := WithScope(n, n.GetMetadata().GetFields()[scopeRoleKey].GetStringValue(), n.GetMetadata().GetFields()[scopeNodeKey].GetStringValue())
-	out.Metadata.Fields[scopePodKey] = structpb.NewStringValue(uid)
+	out.Metadata.Fields[scopePodKey] = structpb.NewStringValue(xds.PodUID(cluster, namespace, name))
+	out.Metadata.Fields[scopeNamespaceKey] = structpb.NewStringValue(namespace)
 	return out
 }
 
