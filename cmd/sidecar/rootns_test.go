@@ -14,9 +14,7 @@ import (
 
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/meshapi"
-	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
-	"github.com/ambientmesh/ambient/test/netns"
 	"github.com/ambientmesh/ambient/test/proctest"
 )
 
@@ -28,28 +26,10 @@ import (
 // Before: it exited with "POD_NAME, POD_NAMESPACE and ROOT_NAMESPACE are
 // required" and the pod never became ready.
 func TestSidecarWithoutRootNamespace(t *testing.T) {
-	netns.RequireRoot(t)
 	if v, ok := os.LookupEnv("ROOT_NAMESPACE"); ok {
 		t.Fatalf("the test's environment sets ROOT_NAMESPACE=%q: the sidecar would inherit it", v)
 	}
-	c := netns.NewCluster(t)
-	n := c.AddNode("n1")
-	pod, peer := n.AddPod("web"), n.AddPod("peer")
-	podNS, err := pod.Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer podNS.Close()
-	peerNS, err := peer.Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer peerNS.Close()
-	cp := proctest.NewControlPlane(t)
-	cp.ServeIn(t, podNS)
-	cp.Workload(t, &workloadapi.Workload{Uid: discovery.PodUID("Kubernetes", "default", "web"), Name: "web", Namespace: "default",
-		Addresses: [][]byte{pod.IP.AsSlice()}, ServiceAccount: "web", TrustDomain: "cluster.local",
-		TunnelProtocol: workloadapi.TunnelProtocol_HBONE, NativeTunnel: true, Status: workloadapi.WorkloadStatus_HEALTHY})
+	pod, _, podNS, peerNS, cp := newWebPod(t)
 	policy := `
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy

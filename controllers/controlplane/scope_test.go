@@ -29,10 +29,7 @@ func startOnDemandClient(t *testing.T, tok, pod, claimedNode string) (*xds.Clien
 		Node:     xds.NodeInfo{NodeName: claimedNode, PodName: pod, PodNamespace: meshNS, Role: xds.RoleZtunnel},
 		OnDemand: true, MinBackoff: 50 * time.Millisecond, MaxBackoff: 500 * time.Millisecond, Log: s.log,
 	}, state)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { _ = c.Run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
+	runClient(t, c)
 	return c, state
 }
 
@@ -138,10 +135,7 @@ func startSidecarClient(t *testing.T, pod *corev1.Pod) (*xds.Client, *xds.State)
 		Node:     xds.NodeInfo{NodeName: pod.Spec.NodeName, PodName: pod.Name, PodNamespace: pod.Namespace, Role: xds.RoleSidecar},
 		OnDemand: true, MinBackoff: 50 * time.Millisecond, MaxBackoff: 500 * time.Millisecond, Log: s.log,
 	}, state)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { _ = c.Run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
+	runClient(t, c)
 	eventually(t, "sidecar ready (addresses, authorizations and L7 resources synced)", state.Ready)
 	return c, state
 }

@@ -51,8 +51,7 @@ type AddressCache struct {
 	byNode    map[string]map[string]struct{} // node -> workload uids
 	endpoints map[string]map[string]struct{} // service key -> workload uids
 	gwRefs    map[string]int                 // waypoint references: service key or alias -> count
-	watches   map[uint64]*addrWatch
-	nextWatch uint64
+	watches   watchSet[*addrWatch]
 }
 
 type addrEntry struct {
@@ -81,10 +80,12 @@ type addrWatch struct {
 
 // NewAddressCache returns an empty cache.
 func NewAddressCache() *AddressCache {
-	return &AddressCache{
+	c := &AddressCache{
 		entries: map[string]*addrEntry{}, services: map[string]struct{}{}, byAlias: map[string]string{}, byNode: map[string]map[string]struct{}{},
-		endpoints: map[string]map[string]struct{}{}, gwRefs: map[string]int{}, watches: map[uint64]*addrWatch{},
+		endpoints: map[string]map[string]struct{}{}, gwRefs: map[string]int{},
 	}
+	c.watches = newWatchSet(&c.mu, c.respond)
+	return c
 }
 
 func gatewayRef(g *workloadapi.GatewayAddress) string {
@@ -196,12 +197,7 @@ func (c *AddressCache) UpdateResources(update map[string]cachetypes.Resource, re
 		c.unindex(name)
 		c.index(name, e)
 	}
-	for id, w := range c.watches {
-		if resp := c.respond(w, false); resp != nil {
-			w.out <- resp
-			delete(c.watches, id)
-		}
-	}
+	c.watches.answer()
 	return errors.Join(errs...)
 }
 
@@ -372,22 +368,9 @@ func (c *AddressCache) CreateDeltaWatch(req *cachev3.DeltaRequest, sub cachev3.S
 	if req.GetTypeUrl() != xds.AddressType {
 		return nil, fmt.Errorf("address cache cannot serve %q", req.GetTypeUrl())
 	}
-	w := &addrWatch{req: req, sub: sub, scope: scopeOfNode(req), out: out}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	first := req.GetResponseNonce() == ""
-	if resp := c.respond(w, first || len(req.GetResourceNamesSubscribe()) > 0); resp != nil {
-		out <- resp
-		return nil, nil
-	}
-	c.nextWatch++
-	id := c.nextWatch
-	c.watches[id] = w
-	return func() {
-		c.mu.Lock()
-		delete(c.watches, id)
-		c.mu.Unlock()
-	}, nil
+	return c.watches.watch(&addrWatch{req: req, sub: sub, scope: scopeOfNode(req), out: out}), nil
 }
 
 // CreateWatch: Address is served over delta xDS only.

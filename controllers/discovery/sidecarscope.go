@@ -49,8 +49,7 @@ type SidecarScopedCache struct {
 	seq     uint64
 	root    string
 	entries map[string]*scopedEntry
-	watches map[uint64]*scopedWatch
-	next    uint64
+	watches watchSet[*scopedWatch]
 }
 
 type scopedEntry struct {
@@ -82,8 +81,9 @@ type scopedWatch struct {
 // NewSidecarScopedCache returns an empty cache of typeURL (the
 // authorization or the L7 type).
 func NewSidecarScopedCache(typeURL string) *SidecarScopedCache {
-	return &SidecarScopedCache{all: cachev3.NewLinearCache(typeURL), typeURL: typeURL,
-		entries: map[string]*scopedEntry{}, watches: map[uint64]*scopedWatch{}}
+	c := &SidecarScopedCache{all: cachev3.NewLinearCache(typeURL), typeURL: typeURL, entries: map[string]*scopedEntry{}}
+	c.watches = newWatchSet(&c.mu, c.respond)
+	return c
 }
 
 // audienceOf decides who among the sidecars needs m.
@@ -149,7 +149,7 @@ func (c *SidecarScopedCache) SetRootNamespace(ns string) {
 	}
 	c.root = ns
 	c.seq++
-	c.answerWatches()
+	c.watches.answer()
 }
 
 // UpdateResources replaces and removes resources for every proxy.
@@ -171,17 +171,8 @@ func (c *SidecarScopedCache) UpdateResources(update map[string]cachetypes.Resour
 		c.entries[name] = &scopedEntry{res: &anypb.Any{TypeUrl: c.typeURL, Value: b}, version: hex.EncodeToString(sum[:8]), aud: audienceOf(r)}
 	}
 	c.seq++
-	c.answerWatches()
+	c.watches.answer()
 	return errors.Join(append(errs, errAll)...)
-}
-
-func (c *SidecarScopedCache) answerWatches() {
-	for id, w := range c.watches {
-		if resp := c.respond(w, false); resp != nil {
-			w.out <- resp
-			delete(c.watches, id)
-		}
-	}
 }
 
 func (c *SidecarScopedCache) respond(w *scopedWatch, force bool) cachev3.DeltaResponse {
@@ -215,21 +206,9 @@ func (c *SidecarScopedCache) CreateDeltaWatch(req *cachev3.DeltaRequest, sub cac
 	if ns == "" {
 		return nil, errors.New("sidecar stream without its pod's namespace")
 	}
-	w := &scopedWatch{req: req, sub: sub, ns: ns, out: out}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if resp := c.respond(w, req.GetResponseNonce() == "" || len(req.GetResourceNamesSubscribe()) > 0); resp != nil {
-		out <- resp
-		return nil, nil
-	}
-	c.next++
-	id := c.next
-	c.watches[id] = w
-	return func() {
-		c.mu.Lock()
-		delete(c.watches, id)
-		c.mu.Unlock()
-	}, nil
+	return c.watches.watch(&scopedWatch{req: req, sub: sub, ns: ns, out: out}), nil
 }
 
 // CreateWatch serves state-of-the-world streams whole (proxies use delta;
