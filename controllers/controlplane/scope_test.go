@@ -275,6 +275,17 @@ func TestSidecarPolicyAndRouteScope(t *testing.T) {
 		t.Errorf("mesh settings %v (%v), want root namespace %s", mesh, err, meshNS)
 	}
 
+	// The debug dump of the sidecar shows what it receives.
+	code, dump := debugGet(t, debugReaderToken(t), "?proxyID="+self.Name+"."+self.Namespace)
+	if code != 200 || !strings.Contains(dump, `"scp-own/own"`) || !strings.Contains(dump, `"`+meshNS+`/root"`) || !strings.Contains(dump, `"`+producer+`"`) {
+		t.Errorf("sidecar's dump (%d) lacks what it receives: %.300s", code, dump)
+	}
+	for _, name := range []string{otherL4, otherL7, theirRoute, edgeRoute} {
+		if strings.Contains(dump, `"`+name+`"`) {
+			t.Errorf("sidecar's dump shows %s, which it does not receive", name)
+		}
+	}
+
 	// A change to the producer route of a Service it may call arrives.
 	var r gwv1.HTTPRoute
 	if err := s.k8s.Get(ctx, client.ObjectKey{Namespace: "scp-svc", Name: "api"}, &r); err != nil {

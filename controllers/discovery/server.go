@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/ambientmesh/ambient/controllers/proxyauth"
@@ -254,8 +255,16 @@ func (c *Controller) DebugHandler() http.Handler {
 		if role == proxyauth.RoleWaypoint || role == proxyauth.RoleSidecar {
 			types = append(types, xds.L7ResourceType)
 		}
+		// A sidecar's policies and routes as it receives them (its scope).
+		keep := func(typeURL string, m proto.Message) bool { return true }
+		if role == proxyauth.RoleSidecar {
+			root := c.rootNamespace()
+			keep = func(typeURL string, m proto.Message) bool {
+				return typeURL == xds.AddressType || audienceOf(m).includes(ns, root)
+			}
+		}
 		w.Header().Set("Content-Type", "application/json")
-		_, _ = w.Write(c.dump(proxyID, role, types))
+		_, _ = w.Write(c.dump(proxyID, role, types, keep))
 	})
 	return mux
 }
@@ -277,7 +286,7 @@ func (c *Controller) roleOf(ctx context.Context, ns, pod string) (string, error)
 	return "", fmt.Errorf("%s.%s is neither a ztunnel, a waypoint nor a sidecar", pod, ns)
 }
 
-func (c *Controller) dump(proxyID, role string, types []string) []byte {
+func (c *Controller) dump(proxyID, role string, types []string, keep func(typeURL string, m proto.Message) bool) []byte {
 	var b strings.Builder
 	fmt.Fprintf(&b, "{\"proxyID\":%q,\"role\":%q,\"resources\":{", proxyID, role)
 	for i, t := range types {
@@ -285,8 +294,12 @@ func (c *Controller) dump(proxyID, role string, types []string) []byte {
 			b.WriteString(",")
 		}
 		fmt.Fprintf(&b, "%q:[", t)
-		for j, r := range c.Snapshot(t) {
-			if j > 0 {
+		j := 0
+		for _, r := range c.Snapshot(t) {
+			if !keep(t, r.Resource) {
+				continue
+			}
+			if j++; j > 1 {
 				b.WriteString(",")
 			}
 			js, err := protojson.Marshal(r.Resource)
