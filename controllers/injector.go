@@ -194,10 +194,9 @@ func InjectSidecar(pod *corev1.Pod, mesh *meshv1.AmbientMesh, image string) erro
 	env := append(proxyEnv(mesh, z.Transport, z.LogLevel),
 		fieldEnv("POD_UID", "metadata.uid"),
 		fieldEnv("SERVICE_ACCOUNT", "spec.serviceAccountName"),
-		fieldEnv("INSTANCE_IP", "status.podIP"),
-		// The sidecar's L7 engine applies the root namespace's policies
-		// mesh-wide, as waypoints do.
-		corev1.EnvVar{Name: "ROOT_NAMESPACE", Value: mesh.Spec.Namespace})
+		// No ROOT_NAMESPACE: the sidecar's L7 engine learns the root
+		// namespace from the control plane (its Mesh resource).
+		fieldEnv("INSTANCE_IP", "status.podIP"))
 	if probers != "" {
 		env = append(env, corev1.EnvVar{Name: appprobe.EnvVar, Value: probers})
 	}

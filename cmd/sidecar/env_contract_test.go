@@ -51,7 +51,6 @@ func TestInjectorEnvContract(t *testing.T) {
 		"pod uid":         {o.podUID, "fieldRef:metadata.uid"},
 		"service account": {o.serviceAccount, "fieldRef:spec.serviceAccountName"},
 		"pod ip":          {o.podIP, "fieldRef:status.podIP"},
-		"root namespace":  {o.rootNamespace, "mesh-root"},
 		"app probes":      {fmt.Sprint(o.appProbes["/app-health/app/readyz"].TCPSocket.Port), "8080"},
 	} {
 		if got[0] != got[1] || got[0] == "" {

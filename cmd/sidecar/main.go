@@ -41,8 +41,6 @@ type options struct {
 	// rewritten ones (proxylib/appprobe); podIP is where they go.
 	appProbes appprobe.Probers
 	podIP     string
-	// rootNamespace: its policies apply mesh-wide (the L7 engine's too).
-	rootNamespace string
 }
 
 // parseFlags reads the proxy's flags, defaulting each from its environment
@@ -57,7 +55,6 @@ func parseFlags(fs *flag.FlagSet, args []string, e *envconfig.Env) (options, err
 	fs.StringVar(&o.serviceAccount, "service-account", e.Get("SERVICE_ACCOUNT", "default"), "this pod's service account (env SERVICE_ACCOUNT)")
 	probes := fs.String("app-probes", e.Get(appprobe.EnvVar, ""), "the app's original probes, JSON (env "+appprobe.EnvVar+")")
 	fs.StringVar(&o.podIP, "pod-ip", e.Get("INSTANCE_IP", ""), "this pod's IP, where app probes go (env INSTANCE_IP)")
-	fs.StringVar(&o.rootNamespace, "root-namespace", e.Get("ROOT_NAMESPACE", ""), "mesh root namespace: its policies are mesh-wide (env ROOT_NAMESPACE)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -128,10 +125,8 @@ func installRedirection(o initOptions) error {
 }
 
 func run(o options, log logr.Logger, level zap.AtomicLevel) error {
-	if o.PodName == "" || o.PodNamespace == "" || o.rootNamespace == "" {
-		// Without the root namespace the mesh-wide L7 policies would not
-		// apply to this pod: refuse to start rather than serve open.
-		return errors.New("POD_NAME, POD_NAMESPACE and ROOT_NAMESPACE are required")
+	if o.PodName == "" || o.PodNamespace == "" {
+		return errors.New("POD_NAME and POD_NAMESPACE are required")
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
@@ -145,10 +140,11 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	}
 	defer p.Close()
 	// The pod's L7 (its own inbound HTTP: L7 policy, istio_requests_*)
-	// from the waypoint's engine.
+	// from the waypoint's engine. The mesh root namespace comes from the
+	// control plane (its Mesh resource): until it has, policy fails closed.
 	id := identity.Identity{TrustDomain: o.TrustDomain, Namespace: o.PodNamespace, ServiceAccount: o.serviceAccount}
 	l7, err := waypoint.NewSidecar(waypoint.SidecarConfig{Pod: o.PodName, Namespace: o.PodNamespace, Identity: id,
-		RootNamespace: o.rootNamespace, State: p.State, Registry: p.Metrics, Demand: p.Demand, Log: log})
+		State: p.State, Registry: p.Metrics, Demand: p.Demand, Log: log})
 	if err != nil {
 		return err
 	}

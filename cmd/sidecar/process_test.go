@@ -67,32 +67,37 @@ func readAll(t *testing.T, c net.Conn, err error) string {
 	return string(b)
 }
 
+// newWebPod: one node with pod "web", published to a control plane that
+// serves inside its network namespace (for its sidecar), and pod "peer".
+func newWebPod(t *testing.T) (pod, peer *netns.Pod, podNS, peerNS *os.File, cp *proctest.ControlPlane) {
+	netns.RequireRoot(t)
+	n := netns.NewCluster(t).AddNode("n1")
+	pod, peer = n.AddPod("web"), n.AddPod("peer")
+	var err error
+	if podNS, err = pod.Open(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { podNS.Close() })
+	if peerNS, err = peer.Open(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { peerNS.Close() })
+	cp = proctest.NewControlPlane(t)
+	cp.ServeIn(t, podNS)
+	cp.Workload(t, &workloadapi.Workload{Uid: discovery.PodUID("Kubernetes", "default", "web"), Name: "web", Namespace: "default",
+		Addresses: [][]byte{pod.IP.AsSlice()}, ServiceAccount: "web", TrustDomain: "cluster.local",
+		TunnelProtocol: workloadapi.TunnelProtocol_HBONE, NativeTunnel: true, Status: workloadapi.WorkloadStatus_HEALTHY})
+	return pod, peer, podNS, peerNS, cp
+}
+
 // TestSidecarProcess runs the real binary as the injector's pod spec does:
 // `sidecar init` as a user holding CAP_NET_ADMIN only, then the sidecar as
 // user 1337 without any capability, inside the pod's network namespace,
 // with certificates and discovery from a control plane. The app's
 // connections out, plaintext in and HBONE in all pass through it.
 func TestSidecarProcess(t *testing.T) {
-	netns.RequireRoot(t)
-	c := netns.NewCluster(t)
-	n := c.AddNode("n1")
-	pod, peer := n.AddPod("web"), n.AddPod("peer")
-	podNS, err := pod.Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer podNS.Close()
-	peerNS, err := peer.Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer peerNS.Close()
-	cp := proctest.NewControlPlane(t)
-	cp.ServeIn(t, podNS)
+	pod, peer, podNS, peerNS, cp := newWebPod(t)
 	self := cp.CA.ID("default", "web")
-	cp.Workload(t, &workloadapi.Workload{Uid: discovery.PodUID("Kubernetes", "default", "web"), Name: "web", Namespace: "default",
-		Addresses: [][]byte{pod.IP.AsSlice()}, ServiceAccount: "web", TrustDomain: "cluster.local",
-		TunnelProtocol: workloadapi.TunnelProtocol_HBONE, NativeTunnel: true, Status: workloadapi.WorkloadStatus_HEALTHY})
 	exe := proctest.Executable(t)
 	out, pid := proctest.StartSidecar(t, proctest.Sidecar{Exe: exe, PodNS: podNS, ProbeNS: peerNS, IP: pod.IP, Name: "web", Roots: cp.Roots, Env: []string{runMainEnv + "=1"}})
 	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))

@@ -11,7 +11,9 @@ import (
 	"time"
 
 	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/meshapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
 	"github.com/ambientmesh/ambient/test/netns"
 	"github.com/ambientmesh/ambient/test/proctest"
 )
@@ -94,6 +96,12 @@ func TestSidecarDiscoveryScope(t *testing.T) {
 		Addresses: [][]byte{peer.IP.AsSlice()}, Node: "n2", Status: workloadapi.WorkloadStatus_HEALTHY,
 		Services: map[string]*workloadapi.PortList{dbKey: {Ports: []*workloadapi.Port{{ServicePort: 5432, TargetPort: 9090}}}}})
 
+	// Policies and routes, as many as one per ten (policies) and one per
+	// twenty (each kind of route) workloads, mostly of other namespaces:
+	// the scoped sidecar (namespace default) gets its namespace's, the
+	// root's and the producer routes; the full one all of them.
+	publishPoliciesAndRoutes(t, cp, workloads, services)
+
 	// RSS is the binary's as much as its state: SIDECAR_BIN (a built
 	// cmd/sidecar) measures the real program, not this test binary.
 	exe, env := proctest.Executable(t), []string{runMainEnv + "=1"}
@@ -108,10 +116,18 @@ func TestSidecarDiscoveryScope(t *testing.T) {
 	time.Sleep(2 * time.Second) // settle after the first push
 	sb, fb := cp.PushedTo(scoped.Name), cp.PushedTo(full.Name)
 	sr, fr := vmRSS(t, scopedPID), vmRSS(t, fullPID)
-	t.Logf("%d workloads, %d services: scoped sidecar received %d bytes of addresses, RSS %d KiB; full sidecar %d bytes, RSS %d KiB",
-		workloads+3, services+1, sb, sr, fb, fr)
+	pushed := func(pod string) (authz, l7 int) {
+		return cp.PushedOf(pod, discovery.AuthorizationType), cp.PushedOf(pod, discovery.L7ResourceType)
+	}
+	sa, sl := pushed(scoped.Name)
+	fa, fl := pushed(full.Name)
+	t.Logf("%d workloads, %d services, %d policies, %d L7 resources: scoped sidecar received %d bytes of addresses, %d of authorizations, %d of L7 resources, RSS %d KiB; "+
+		"full sidecar %d, %d, %d bytes, RSS %d KiB", workloads+3, services+1, workloads/10+2, 3*(workloads/20)+services+3, sb, sa, sl, sr, fb, fa, fl, fr)
 	if sb == 0 || sb*5 > fb {
-		t.Fatalf("scoped sidecar received %d bytes, full %d: want at most a fifth", sb, fb)
+		t.Fatalf("scoped sidecar received %d bytes of addresses, full %d: want at most a fifth", sb, fb)
+	}
+	if sa == 0 || sa*5 > fa || sl == 0 || sl*2 > fl {
+		t.Fatalf("scoped sidecar received %d bytes of authorizations and %d of L7 resources, full %d and %d: want at most a fifth and a half", sa, sl, fa, fl)
 	}
 
 	serve(t, peerNS, "[::]:9090", "db")
@@ -126,4 +142,46 @@ func TestSidecarDiscoveryScope(t *testing.T) {
 			t.Fatal("nothing was pushed for the lookup")
 		}
 	})
+}
+
+// publishPoliciesAndRoutes adds to cp, for a mesh of workloads behind
+// services (svc-<i>.apps): workloads/10 L4 policies over 100 namespaces
+// plus one in default and one in the root namespace; workloads/20 L7
+// policies, consumer routes and ingress routes in other namespaces; one
+// producer route per service; and one L7 policy and one consumer route in
+// default.
+func publishPoliciesAndRoutes(t *testing.T, cp *proctest.ControlPlane, workloads, services int) {
+	l4 := func(ns, name string) {
+		cp.Resource(t, discovery.AuthorizationType, discovery.PolicyKey(ns, name), &security.Authorization{Name: name, Namespace: ns,
+			Scope: security.Scope_NAMESPACE, Action: security.Action_ALLOW,
+			Groups: []*security.Group{{Rules: []*security.Rules{{Matches: []*security.Match{{Namespaces: []*security.StringMatch{
+				{MatchType: &security.StringMatch_Exact{Exact: ns}}, {MatchType: &security.StringMatch_Prefix{Prefix: "prod-"}}}}}}}}}})
+	}
+	l7 := func(group, kind, ns, name, spec string) {
+		js := fmt.Sprintf(`{"apiVersion":"%s/v1","kind":"%s","metadata":{"name":"%s","namespace":"%s"},"spec":%s}`, group, kind, name, ns, spec)
+		cp.Resource(t, discovery.L7ResourceType, discovery.L7Key(group, kind, ns, name),
+			&meshapi.L7Resource{Group: group, Kind: kind, Namespace: ns, Name: name, Json: []byte(js)})
+	}
+	const policySpec = `{"selector":{"matchLabels":{"app":"app"}},"rules":[{"from":[{"source":{"principals":["cluster.local/ns/apps/sa/app"]}}],"to":[{"operation":{"methods":["GET"],"paths":["/api/*"]}}]}]}`
+	route := func(parentNS, parentKind string, svc int) string {
+		return fmt.Sprintf(`{"parentRefs":[{"group":"","kind":"%s","name":"svc-%d","namespace":"%s"}],"rules":[{"matches":[{"path":{"type":"PathPrefix","value":"/v2"}}],`+
+			`"backendRefs":[{"name":"svc-%d","port":80,"weight":90},{"name":"svc-%d","port":80,"weight":10}]}]}`, parentKind, svc, parentNS, svc, (svc+1)%services)
+	}
+	for i := range workloads / 10 {
+		l4(fmt.Sprintf("team-%d", i%100), fmt.Sprintf("allow-%d", i))
+	}
+	l4("default", "allow")
+	l4(proctest.RootNamespace, "mesh-wide")
+	const gw = "gateway.networking.k8s.io"
+	for i := range workloads / 20 {
+		ns := fmt.Sprintf("team-%d", i%100)
+		l7("security.istio.io", "AuthorizationPolicy", ns, fmt.Sprintf("l7-%d", i), policySpec)
+		l7(gw, "HTTPRoute", ns, fmt.Sprintf("consumer-%d", i), route("apps", "Service", i%services))
+		l7(gw, "HTTPRoute", "edge", fmt.Sprintf("ingress-%d", i), strings.Replace(route("edge", "Gateway", i%services), `"group":""`, `"group":"`+gw+`"`, 1))
+	}
+	for i := range services {
+		l7(gw, "HTTPRoute", "apps", fmt.Sprintf("producer-%d", i), route("apps", "Service", i))
+	}
+	l7("security.istio.io", "AuthorizationPolicy", "default", "l7", policySpec)
+	l7(gw, "HTTPRoute", "default", "consumer", route("apps", "Service", 0))
 }

@@ -415,20 +415,7 @@ func TestDebugConfigDump(t *testing.T) {
 	ensureNamespace(t, "dbg", map[string]string{ambientLabel: "ambient"})
 	createPod(t, podSpec{ns: "dbg", name: "web", node: "node-a", ip: "10.6.0.1"})
 	reader := debugReaderToken(t)
-	httpsClient := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: s.clientTLS()}}
-	get := func(bearer, query string) (int, string) {
-		req, _ := http.NewRequest("GET", "https://"+s.debugAddr+"/debug/config_dump"+query, nil)
-		if bearer != "" {
-			req.Header.Set("Authorization", "Bearer "+bearer)
-		}
-		resp, err := httpsClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
-	}
+	get := func(bearer, query string) (int, string) { return debugGet(t, bearer, query) }
 	query := "?proxyID=" + zt.Name + "." + meshNS
 	eventually(t, "dump has the workload", func() bool {
 		code, body := get(reader, query)
@@ -457,6 +444,24 @@ func TestDebugConfigDump(t *testing.T) {
 	if code, body := get(token(t, zt, xds.TokenAudience), query); code != http.StatusUnauthorized && code != http.StatusForbidden {
 		t.Errorf("ztunnel's token: %d %.80q, want 401 or 403", code, body)
 	}
+}
+
+// debugGet fetches /debug/config_dump<query> over TLS with bearer (none
+// when empty).
+func debugGet(t *testing.T, bearer, query string) (int, string) {
+	t.Helper()
+	req, _ := http.NewRequest("GET", "https://"+s.debugAddr+"/debug/config_dump"+query, nil)
+	if bearer != "" {
+		req.Header.Set("Authorization", "Bearer "+bearer)
+	}
+	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: s.clientTLS()}}
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
 }
 
 // debugReaderToken is a token of a service account bound to a ClusterRole

@@ -302,11 +302,16 @@ func startClient(t *testing.T, tok string, pod string, role string, types ...str
 		Node:     xds.NodeInfo{NodeName: "node-a", PodName: pod, PodNamespace: meshNS, Role: role},
 		TypeURLs: types, MinBackoff: 50 * time.Millisecond, MaxBackoff: 500 * time.Millisecond, Log: s.log,
 	}, state)
+	runClient(t, c)
+	return state
+}
+
+// runClient runs c until the test ends.
+func runClient(t *testing.T, c *xds.Client) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { _ = c.Run(ctx); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
-	return state
 }
 
 func eventually(t *testing.T, what string, cond func() bool) {

@@ -15,7 +15,6 @@ import (
 	"time"
 
 	cachetypes "github.com/envoyproxy/go-control-plane/pkg/cache/types"
-	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/go-logr/logr"
 	"google.golang.org/protobuf/proto"
 	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
@@ -96,10 +95,11 @@ type Controller struct {
 	reader client.Reader
 	log    logr.Logger
 
-	// Addresses scopes what each ztunnel receives (AddressCache);
-	// authorizations and L7 resources go to every subscriber.
+	// Addresses scopes what each ztunnel and sidecar receives
+	// (AddressCache); authorizations and L7 resources go whole to every
+	// subscriber but sidecars, which get what can apply to their pod.
 	Addresses          *AddressCache
-	Authorizations, L7 *cachev3.LinearCache
+	Authorizations, L7 *SidecarScopedCache
 
 	// optional kinds, watched once their CRDs are installed
 	hasIstio, hasGateway, hasClasses, hasRoutes, hasGrants, hasL4Routes atomic.Bool
@@ -160,8 +160,8 @@ func NewController(reader client.Reader, opts Options) *Controller {
 		reader:         reader,
 		log:            opts.Log,
 		Addresses:      NewAddressCache(),
-		Authorizations: cachev3.NewLinearCache(xds.AuthorizationType),
-		L7:             cachev3.NewLinearCache(xds.L7ResourceType),
+		Authorizations: NewSidecarScopedCache(xds.AuthorizationType),
+		L7:             NewSidecarScopedCache(xds.L7ResourceType),
 		dirty:          newDirty(),
 		kick:           make(chan struct{}, 1),
 		current: map[string]map[string]proto.Message{
@@ -560,6 +560,8 @@ func (c *Controller) flush(ctx context.Context) int {
 		inUse = inUse || route.UsesSelectors(gw)
 	}
 	c.selectorsInUse.Store(inUse)
+	c.Authorizations.SetRootNamespace(b.mc.RootNamespace)
+	c.L7.SetRootNamespace(b.mc.RootNamespace)
 	changed := c.apply(xds.AddressType, c.Addresses, b.addresses, b.addrScope) +
 		c.apply(xds.AuthorizationType, c.Authorizations, b.authz, b.authzScope) +
 		c.apply(xds.L7ResourceType, c.L7, b.l7, b.l7Scope)
@@ -739,6 +741,12 @@ func (b *build) runFull() error {
 		return err
 	}
 	b.authz[xds.PolicyKey(b.mc.RootNamespace, policy.StaticStrictPolicyName)] = policy.StaticStrictPolicy(b.mc.RootNamespace)
+	// The L7 engines' mesh settings: the root namespace these policies
+	// were translated with (a root change is a full build).
+	settings := xds.MeshSettings{RootNamespace: b.mc.RootNamespace}
+	if mesh, err := xds.MeshResource(settings); err == nil {
+		b.l7[xds.MeshKey(settings)] = mesh
+	}
 	if b.c.hasIstio.Load() {
 		var aps securityv1.AuthorizationPolicyList
 		if err := b.c.reader.List(b.ctx, &aps, noCopy); err != nil {

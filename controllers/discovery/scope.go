@@ -8,10 +8,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"strconv"
 	"sync"
 
-	discoverypb "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	cachetypes "github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"google.golang.org/protobuf/proto"
@@ -53,8 +51,7 @@ type AddressCache struct {
 	byNode    map[string]map[string]struct{} // node -> workload uids
 	endpoints map[string]map[string]struct{} // service key -> workload uids
 	gwRefs    map[string]int                 // waypoint references: service key or alias -> count
-	watches   map[uint64]*addrWatch
-	nextWatch uint64
+	watches   watchSet[*addrWatch]
 }
 
 type addrEntry struct {
@@ -83,10 +80,12 @@ type addrWatch struct {
 
 // NewAddressCache returns an empty cache.
 func NewAddressCache() *AddressCache {
-	return &AddressCache{
+	c := &AddressCache{
 		entries: map[string]*addrEntry{}, services: map[string]struct{}{}, byAlias: map[string]string{}, byNode: map[string]map[string]struct{}{},
-		endpoints: map[string]map[string]struct{}{}, gwRefs: map[string]int{}, watches: map[uint64]*addrWatch{},
+		endpoints: map[string]map[string]struct{}{}, gwRefs: map[string]int{},
 	}
+	c.watches = newWatchSet(&c.mu, c.respond)
+	return c
 }
 
 func gatewayRef(g *workloadapi.GatewayAddress) string {
@@ -198,12 +197,7 @@ func (c *AddressCache) UpdateResources(update map[string]cachetypes.Resource, re
 		c.unindex(name)
 		c.index(name, e)
 	}
-	for id, w := range c.watches {
-		if resp := c.respond(w, false); resp != nil {
-			w.out <- resp
-			delete(c.watches, id)
-		}
-	}
+	c.watches.answer()
 	return errors.Join(errs...)
 }
 
@@ -342,10 +336,6 @@ func (c *AddressCache) desired(w *addrWatch) map[string]struct{} {
 // respond builds w's response, or nil when it has nothing to say. force
 // answers even an empty diff (the first request of a stream).
 func (c *AddressCache) respond(w *addrWatch, force bool) cachev3.DeltaResponse {
-	want := c.desired(w)
-	have := w.sub.ReturnedResources()
-	next := make(map[string]string, len(want))
-	resp := &discoverypb.DeltaDiscoveryResponse{TypeUrl: xds.AddressType, SystemVersionInfo: strconv.FormatUint(c.seq, 10)}
 	// What this request asks for is sent even when the client holds it,
 	// so the client sees its question answered (as istiod does).
 	asked := map[string]struct{}{}
@@ -354,18 +344,10 @@ func (c *AddressCache) respond(w *addrWatch, force bool) cachev3.DeltaResponse {
 			asked[name] = struct{}{}
 		}
 	}
-	for name := range want {
+	resp, next := deltaResponse(xds.AddressType, c.seq, c.desired(w), w.sub.ReturnedResources(), func(name string) (*anypb.Any, string, []string) {
 		e := c.entries[name]
-		next[name] = e.version
-		if _, ok := asked[name]; ok || have[name] != e.version {
-			resp.Resources = append(resp.Resources, &discoverypb.Resource{Name: name, Version: e.version, Aliases: e.aliases, Resource: e.res})
-		}
-	}
-	for name := range have {
-		if _, ok := want[name]; !ok {
-			resp.RemovedResources = append(resp.RemovedResources, name)
-		}
-	}
+		return e.res, e.version, e.aliases
+	}, asked)
 	// Names this request asked for that nothing answers: say so, so the
 	// client stops waiting (Istio's on-demand does the same).
 	for _, name := range w.req.GetResourceNamesSubscribe() {
@@ -386,22 +368,9 @@ func (c *AddressCache) CreateDeltaWatch(req *cachev3.DeltaRequest, sub cachev3.S
 	if req.GetTypeUrl() != xds.AddressType {
 		return nil, fmt.Errorf("address cache cannot serve %q", req.GetTypeUrl())
 	}
-	w := &addrWatch{req: req, sub: sub, scope: scopeOfNode(req), out: out}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	first := req.GetResponseNonce() == ""
-	if resp := c.respond(w, first || len(req.GetResourceNamesSubscribe()) > 0); resp != nil {
-		out <- resp
-		return nil, nil
-	}
-	c.nextWatch++
-	id := c.nextWatch
-	c.watches[id] = w
-	return func() {
-		c.mu.Lock()
-		delete(c.watches, id)
-		c.mu.Unlock()
-	}, nil
+	return c.watches.watch(&addrWatch{req: req, sub: sub, scope: scopeOfNode(req), out: out}), nil
 }
 
 // CreateWatch: Address is served over delta xDS only.
@@ -420,6 +389,8 @@ const (
 	scopeRoleKey = "ambient.scope.role"
 	scopeNodeKey = "ambient.scope.node"
 	scopePodKey  = "ambient.scope.pod"
+	// scopeNamespaceKey: a sidecar's pod's namespace (SidecarScopedCache).
+	scopeNamespaceKey = "ambient.scope.namespace"
 )
 
 func scopeOfNode(req *cachev3.DeltaRequest) watchScope {

@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/ambientmesh/ambient/controllers/proxyauth"
@@ -154,16 +155,18 @@ func (s *Server) callbacks() serverv3.Callbacks {
 func (s *Server) scopedNode(caller *proxyauth.Caller, n *core.Node) *core.Node {
 	out := WithScope(n, caller.Role, caller.NodeName)
 	if caller.Role == proxyauth.RoleSidecar && caller.Pod != nil {
-		out = WithPodScope(out, xds.PodUID(s.Controller.opts.ClusterID, caller.Pod.Namespace, caller.Pod.Name))
+		out = WithPodScope(out, s.Controller.opts.ClusterID, caller.Pod.Namespace, caller.Pod.Name)
 	}
 	return out
 }
 
-// WithPodScope returns a copy of n that tells the AddressCache the uid of
-// a sidecar's own workload (always in its scope).
-func WithPodScope(n *core.Node, uid string) *core.Node {
+// WithPodScope returns a copy of n that tells the caches a sidecar's own
+// pod: the AddressCache its workload (always in its scope), the
+// SidecarScopedCaches its namespace (whose policies it receives).
+func WithPodScope(n *core.Node, cluster, namespace, name string) *core.Node {
 	out := WithScope(n, n.GetMetadata().GetFields()[scopeRoleKey].GetStringValue(), n.GetMetadata().GetFields()[scopeNodeKey].GetStringValue())
-	out.Metadata.Fields[scopePodKey] = structpb.NewStringValue(uid)
+	out.Metadata.Fields[scopePodKey] = structpb.NewStringValue(xds.PodUID(cluster, namespace, name))
+	out.Metadata.Fields[scopeNamespaceKey] = structpb.NewStringValue(namespace)
 	return out
 }
 
@@ -252,8 +255,16 @@ func (c *Controller) DebugHandler() http.Handler {
 		if role == proxyauth.RoleWaypoint || role == proxyauth.RoleSidecar {
 			types = append(types, xds.L7ResourceType)
 		}
+		// A sidecar's policies and routes as it receives them (its scope).
+		keep := func(typeURL string, m proto.Message) bool { return true }
+		if role == proxyauth.RoleSidecar {
+			root := c.rootNamespace()
+			keep = func(typeURL string, m proto.Message) bool {
+				return typeURL == xds.AddressType || audienceOf(m).includes(ns, root)
+			}
+		}
 		w.Header().Set("Content-Type", "application/json")
-		_, _ = w.Write(c.dump(proxyID, role, types))
+		_, _ = w.Write(c.dump(proxyID, role, types, keep))
 	})
 	return mux
 }
@@ -275,7 +286,7 @@ func (c *Controller) roleOf(ctx context.Context, ns, pod string) (string, error)
 	return "", fmt.Errorf("%s.%s is neither a ztunnel, a waypoint nor a sidecar", pod, ns)
 }
 
-func (c *Controller) dump(proxyID, role string, types []string) []byte {
+func (c *Controller) dump(proxyID, role string, types []string, keep func(typeURL string, m proto.Message) bool) []byte {
 	var b strings.Builder
 	fmt.Fprintf(&b, "{\"proxyID\":%q,\"role\":%q,\"resources\":{", proxyID, role)
 	for i, t := range types {
@@ -283,8 +294,12 @@ func (c *Controller) dump(proxyID, role string, types []string) []byte {
 			b.WriteString(",")
 		}
 		fmt.Fprintf(&b, "%q:[", t)
-		for j, r := range c.Snapshot(t) {
-			if j > 0 {
+		j := 0
+		for _, r := range c.Snapshot(t) {
+			if !keep(t, r.Resource) {
+				continue
+			}
+			if j++; j > 1 {
 				b.WriteString(",")
 			}
 			js, err := protojson.Marshal(r.Resource)

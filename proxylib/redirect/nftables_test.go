@@ -218,15 +218,19 @@ func testRedirection(t *testing.T, newRedirector func(redirect.Config) redirect.
 
 	t.Run("sidecar exclusions", func(t *testing.T) {
 		// The sidecar's user, excluded ports and ranges pass; the rest
-		// (another user, other ports, other ranges) is still captured.
+		// (another user, other ports, other ranges) is still captured. The
+		// exclusions are the pod's traffic.sidecar.istio.io annotations as
+		// `sidecar init` reads them (ParseExclusions, SidecarConfig).
 		const sidecarUID, appUID = 1337, 1000
 		other := netip.AddrPortFrom(tp.peer.IP, 9091)
 		serve(t, tp.peerNS, "[::]:9091", "other")
-		cfg := redirect.DefaultConfig()
-		cfg.SkipOwnerUIDs = []uint32{sidecarUID}
-		cfg.SkipOutboundPorts = []uint16{9091}
-		cfg.SkipOutboundDestinations = []netip.Prefix{netip.PrefixFrom(tp.peer.IP6, 128)}
-		sr := newRedirector(cfg)
+		excludedIn := netip.AddrPortFrom(tp.pod.IP, 9092)
+		serve(t, tp.podNS, "[::]:9092", "metrics")
+		ex, err := redirect.ParseExclusions("9091", "9092", tp.peer.IP6.String()+"/128")
+		if err != nil {
+			t.Fatal(err)
+		}
+		sr := newRedirector(redirect.SidecarConfig(sidecarUID, ex))
 		if err := sr.Install(tp.podNS); err != nil {
 			t.Fatal(err)
 		}
@@ -259,6 +263,12 @@ func testRedirection(t *testing.T, newRedirector func(redirect.Config) redirect.
 			if got := askAs(tc.dst, tc.uid); got != tc.want {
 				t.Errorf("%s: got %q, want %q", tc.name, got, tc.want)
 			}
+		}
+		if got := ask(t, tp.peerNS, excludedIn, 0); got != "metrics none" {
+			t.Errorf("excluded inbound port: got %q, want it to reach the app directly", got)
+		}
+		if got := ask(t, tp.peerNS, app4, 0); got != "inbound "+app4.String() {
+			t.Errorf("other inbound port: got %q, want it captured", got)
 		}
 	})
 

@@ -9,6 +9,7 @@ import (
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	"github.com/ambientmesh/ambient/proxylib/authz"
+	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/route"
 )
 
@@ -28,11 +29,15 @@ type l7Config struct {
 	// decode: requests to them are denied (fail closed), since the policy
 	// might have forbidden them.
 	broken map[string]string
+	// root is the mesh root namespace: the control plane's (its Mesh
+	// resource) when it sends one, else Config.RootNamespace; "" fails
+	// every policy check closed (mesh-wide policies could not be told).
+	root string
 }
 
 // rebuild decodes every L7Resource from discovery.
 func (s *Server) rebuild() {
-	cfg := &l7Config{broken: map[string]string{}, changed: make(chan struct{})}
+	cfg := &l7Config{broken: map[string]string{}, changed: make(chan struct{}), root: s.cfg.RootNamespace}
 	var httpRoutes []*gwv1.HTTPRoute
 	var grpcRoutes []*gwv1.GRPCRoute
 	var l4 route.L4Routes
@@ -82,6 +87,13 @@ func (s *Server) rebuild() {
 				continue
 			}
 			cfg.grantSet = append(cfg.grantSet, route.Grant{Namespace: r.Namespace, Spec: rg.Spec})
+		case discovery.MeshKind:
+			m, err := discovery.DecodeMesh(r)
+			if err != nil || r.Group != discovery.MeshGroup {
+				s.log.Error(err, "decoding the mesh settings: refusing what policy decides", "group", r.Group)
+				m.RootNamespace = ""
+			}
+			cfg.root = m.RootNamespace // "" when broken: fail closed
 		case "AuthorizationPolicy":
 			p, err := authz.Decode(r.Json)
 			if err != nil {
@@ -139,11 +151,15 @@ func decodeL4Route(kind, ns, name string, js []byte, l4 *route.L4Routes) error {
 	return nil
 }
 
-// brokenFor reports a namespace whose policies could not be decoded.
-func (c *l7Config) brokenFor(ns, root string) (string, bool) {
+// brokenFor reports a namespace whose policies could not be decoded, or
+// that the mesh root namespace is unknown (its policies apply everywhere).
+func (c *l7Config) brokenFor(ns string) (string, bool) {
+	if c.root == "" {
+		return "mesh root namespace unknown", true
+	}
 	if p, ok := c.broken[ns]; ok {
 		return p, true
 	}
-	p, ok := c.broken[root]
-	return p, ok && root != ""
+	p, ok := c.broken[c.root]
+	return p, ok
 }

@@ -132,7 +132,7 @@ func (c *connInfo) current() snapshot {
 	if c.snap.cfg != cfg {
 		c.snap = snapshot{cfg: cfg}
 		if !c.outbound { // the destination enforces its own policies
-			c.snap.policies = authz.Select(cfg.policies, c.s.policyTarget(c.dst))
+			c.snap.policies = authz.Select(cfg.policies, c.s.policyTarget(c.dst, cfg.root))
 		}
 	}
 	return c.snap
@@ -143,7 +143,7 @@ func (c *connInfo) authorize(snap snapshot, r *http.Request) authz.Decision {
 	if c.outbound {
 		return authz.Decision{Allowed: true}
 	}
-	if p, broken := snap.cfg.brokenFor(c.policyNamespace(), c.s.cfg.RootNamespace); broken {
+	if p, broken := snap.cfg.brokenFor(c.policyNamespace()); broken {
 		return authz.Decision{Policy: p, Reason: "policy could not be decoded: failing closed"}
 	}
 	req := &authz.Request{

@@ -172,7 +172,6 @@ type SidecarConfig struct {
 	// Pod and Namespace name the sidecar's pod; Identity is its identity.
 	Pod, Namespace string
 	Identity       identity.Identity
-	RootNamespace  string
 	State          *discovery.State
 	// Registry receives istio_requests_* (the proxy's istio_tcp_* are
 	// its own).
@@ -186,6 +185,7 @@ type SidecarConfig struct {
 // NewSidecar builds the L7 engine of a sidecar (Config.Sidecar), for its
 // proxy's SetL7.
 func NewSidecar(c SidecarConfig) (*Server, error) {
-	return New(Config{Name: c.Pod, Namespace: c.Namespace, Identity: c.Identity, RootNamespace: c.RootNamespace,
+	// No RootNamespace: the control plane's Mesh resource names it.
+	return New(Config{Name: c.Pod, Namespace: c.Namespace, Identity: c.Identity,
 		State: c.State, Registry: c.Registry, TCPMetrics: telemetry.NewMetrics(nil), Sidecar: true, Demand: c.Demand, Log: c.Log})
 }

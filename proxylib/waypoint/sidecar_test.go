@@ -58,8 +58,13 @@ func newSidecarFixture(t *testing.T) *sidecarFixture {
 		Name: "web", Namespace: "default", Hostname: "web.default.svc.cluster.local"}}})
 	f.apply(discovery.AddressType, f.self.Uid, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: f.self}})
 	f.state.Apply(discovery.AuthorizationType, nil, nil)
-	f.state.Apply(discovery.L7ResourceType, nil, nil)
-	f.srv, err = waypoint.NewSidecar(waypoint.SidecarConfig{Pod: "web-0", Namespace: "default", RootNamespace: "ambient-system",
+	// The root namespace comes from the control plane's Mesh resource.
+	mesh, err := discovery.MeshResource(discovery.MeshSettings{RootNamespace: "ambient-system"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.apply(discovery.L7ResourceType, discovery.MeshKey(discovery.MeshSettings{RootNamespace: "ambient-system"}), mesh)
+	f.srv, err = waypoint.NewSidecar(waypoint.SidecarConfig{Pod: "web-0", Namespace: "default",
 		Identity: id("default", "web"), State: f.state, Registry: f.reg, Log: logr.Discard()})
 	if err != nil {
 		t.Fatal(err)
@@ -238,4 +243,52 @@ func TestSidecarBrokenPolicyFailsClosed(t *testing.T) {
 	if code, body := f.do(id("default", "sleep"), nil, "GET", "/get"); code != 403 {
 		t.Fatalf("broken policy: %d %q, want 403", code, strings.TrimSpace(body))
 	}
+}
+
+// TestSidecarRootNamespaceFromControlPlane: a sidecar's engine is given no
+// root namespace (pods injected before ROOT_NAMESPACE existed have none);
+// it takes it from the control plane's Mesh resource, so a root-namespace
+// policy applies mesh-wide, follows the resource when it changes, and
+// without it (or with a broken one) every request is refused.
+func TestSidecarRootNamespaceFromControlPlane(t *testing.T) {
+	f := newSidecarFixture(t)
+	f.l7(`
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: get-only, namespace: ambient-system}
+spec:
+  action: ALLOW
+  rules: [{to: [{operation: {methods: ["GET"]}}]}]
+`)
+	sleep := id("default", "sleep")
+	expect := func(what, method string, want int) {
+		t.Helper()
+		if code, body := f.do(sleep, nil, method, "/x"); code != want {
+			t.Fatalf("%s: %s %d %q, want %d", what, method, code, strings.TrimSpace(body), want)
+		}
+	}
+	expect("root policy from the Mesh resource", "GET", 200)
+	expect("root policy from the Mesh resource", "POST", 403)
+
+	oldKey := discovery.MeshKey(discovery.MeshSettings{RootNamespace: "ambient-system"})
+	if err := f.state.Apply(discovery.L7ResourceType, nil, []string{oldKey}); err != nil {
+		t.Fatal(err)
+	}
+	expect("no Mesh resource", "GET", 403)
+
+	broken := &meshapi.L7Resource{Group: discovery.MeshGroup, Kind: discovery.MeshKind, Namespace: "x", Name: "mesh", Json: []byte(`{}`)}
+	brokenKey := discovery.L7Key(broken.Group, broken.Kind, broken.Namespace, broken.Name)
+	f.apply(discovery.L7ResourceType, brokenKey, broken)
+	expect("broken Mesh resource", "GET", 403)
+	if err := f.state.Apply(discovery.L7ResourceType, nil, []string{brokenKey}); err != nil {
+		t.Fatal(err)
+	}
+
+	// Another root: ambient-system's policy is now a namespace's own.
+	other, err := discovery.MeshResource(discovery.MeshSettings{RootNamespace: "mesh-root"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.apply(discovery.L7ResourceType, discovery.MeshKey(discovery.MeshSettings{RootNamespace: "mesh-root"}), other)
+	expect("policy of a namespace that is not the root", "POST", 200)
 }

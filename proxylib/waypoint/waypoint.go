@@ -43,7 +43,9 @@ type Config struct {
 	Identity identity.Identity
 	// ClusterDomain builds service hostnames; default cluster.local.
 	ClusterDomain string
-	// RootNamespace is the mesh root namespace for mesh-wide policies.
+	// RootNamespace is the mesh root namespace for mesh-wide policies until
+	// the control plane's Mesh resource names it (a sidecar leaves it
+	// empty and learns it from there; without either, policy fails closed).
 	RootNamespace string
 	State         *discovery.State
 	// Dialer opens onward HBONE tunnels.
@@ -409,11 +411,12 @@ func targetPort(svc *workloadapi.Service, key string, ep *workloadapi.Workload, 
 	return port
 }
 
-// policyTarget says which policies bind to a destination.
-func (s *Server) policyTarget(dst destination) authz.Target {
+// policyTarget says which policies bind to a destination, root being the
+// mesh root namespace.
+func (s *Server) policyTarget(dst destination, root string) authz.Target {
 	t := authz.Target{
 		WaypointName: s.cfg.Name, WaypointNamespace: s.cfg.Namespace,
-		RootNamespace: s.cfg.RootNamespace, SelectedBy: map[string]bool{},
+		RootNamespace: root, SelectedBy: map[string]bool{},
 	}
 	add := func(w *workloadapi.Workload) {
 		for _, p := range w.GetAuthorizationPolicies() {
@@ -425,7 +428,7 @@ func (s *Server) policyTarget(dst destination) authz.Target {
 		// The sidecar's own pod: its namespace's and root's policies and
 		// those selecting it; targetRefs name gateways, waypoints and
 		// services, which Istio's sidecars do not enforce.
-		t = authz.Target{Namespace: dst.workload.Namespace, RootNamespace: s.cfg.RootNamespace, SelectedBy: t.SelectedBy, Sidecar: true}
+		t = authz.Target{Namespace: dst.workload.Namespace, RootNamespace: root, SelectedBy: t.SelectedBy, Sidecar: true}
 		add(dst.workload)
 	case dst.ingress:
 		// The gateway's own namespace and the policies selecting its pods

@@ -129,6 +129,13 @@ func New(t testing.TB, nodes int, opts ...Option) *Mesh {
 	for _, o := range opts {
 		o(m)
 	}
+	// The mesh settings the control plane sends the L7 proxies (a
+	// sidecar's engine learns the root namespace only from them).
+	mesh, err := discovery.MeshResource(discovery.MeshSettings{RootNamespace: RootNamespace})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.CP.Push(discovery.L7ResourceType, discovery.MeshKey(discovery.MeshSettings{RootNamespace: RootNamespace}), mesh)
 	for i := 0; i < nodes; i++ {
 		m.AddNode(fmt.Sprintf("node%d", i+1))
 	}

@@ -73,7 +73,7 @@ func (m *Mesh) AddSidecarPod(n *Node, name, sa string, mut ...func(*workloadapi.
 	}
 	// The pod's L7 from the waypoint's engine, as cmd/sidecar wires it.
 	if sp.L7, err = waypoint.NewSidecar(waypoint.SidecarConfig{Pod: name, Namespace: Namespace, Identity: id, State: sp.State,
-		RootNamespace: RootNamespace, Registry: sp.Metrics, Demand: demand, Log: m.Logs.Logger(name)}); err != nil {
+		Registry: sp.Metrics, Demand: demand, Log: m.Logs.Logger(name)}); err != nil {
 		m.T.Fatal(err)
 	}
 	sp.Proxy.SetL7(sp.L7)

@@ -50,14 +50,20 @@ type ControlPlane struct {
 	// gets its scope (as the real server scopes it, from the node's
 	// claims here: this server does not authenticate).
 	Addresses *cpdiscovery.AddressCache
-	caches    map[string]*cachev3.LinearCache
+	// caches serve authorizations and L7 resources as the real server
+	// does: whole, but scoped for sidecars.
+	caches map[string]*cpdiscovery.SidecarScopedCache
 	// Unscoped names pods whose streams are served unscoped (every
 	// address, as sidecars were before their scope existed).
 	Unscoped map[string]bool
 	mu       sync.Mutex
-	streams  map[int64]string // stream -> pod
-	pushed   map[string]int   // pod -> Address bytes pushed
+	streams  map[int64]string          // stream -> pod
+	pushed   map[string]map[string]int // pod -> type URL -> bytes pushed
 }
+
+// RootNamespace is the mesh root namespace this control plane sends (its
+// Mesh resource) and scopes sidecars with.
+const RootNamespace = "ambient-system"
 
 // NewControlPlane starts a control plane whose serving certificate is for
 // ambient-controlplane.ambient-system.svc; the CA signs whatever identity
@@ -65,10 +71,19 @@ type ControlPlane struct {
 func NewControlPlane(t *testing.T) *ControlPlane {
 	m := hbonetest.NewCA(t, "cluster.local")
 	cp := &ControlPlane{CA: m, Addresses: cpdiscovery.NewAddressCache(), Unscoped: map[string]bool{},
-		streams: map[int64]string{}, pushed: map[string]int{}, caches: map[string]*cachev3.LinearCache{
-			discovery.AuthorizationType: cachev3.NewLinearCache(discovery.AuthorizationType),
-			discovery.L7ResourceType:    cachev3.NewLinearCache(discovery.L7ResourceType),
+		streams: map[int64]string{}, pushed: map[string]map[string]int{}, caches: map[string]*cpdiscovery.SidecarScopedCache{
+			discovery.AuthorizationType: cpdiscovery.NewSidecarScopedCache(discovery.AuthorizationType),
+			discovery.L7ResourceType:    cpdiscovery.NewSidecarScopedCache(discovery.L7ResourceType),
 		}}
+	for _, c := range cp.caches {
+		c.SetRootNamespace(RootNamespace)
+	}
+	settings := discovery.MeshSettings{RootNamespace: RootNamespace}
+	mesh, err := discovery.MeshResource(settings)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cp.Resource(t, discovery.L7ResourceType, discovery.MeshKey(settings), mesh)
 	cert := m.IssueCert(t, hbonetest.CertOptions{DNSNames: []string{"ambient-controlplane.ambient-system.svc"}, NotAfter: time.Now().Add(time.Hour)})
 	cp.Roots = filepath.Join(SharedDir(t), "root-cert.pem")
 	if err := os.WriteFile(cp.Roots, ca.EncodeCerts(m.Root), 0o644); err != nil {
@@ -143,6 +158,13 @@ func (cp *ControlPlane) Address(t testing.TB, name string, a *workloadapi.Addres
 	}
 }
 
+// Resource publishes an authorization or L7 resource under name.
+func (cp *ControlPlane) Resource(t testing.TB, typeURL, name string, m proto.Message) {
+	if err := cp.caches[typeURL].UpdateResources(map[string]cachetypes.Resource{name: m}, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // callbacks scope each stream from its node's claims (role, node, pod) and
 // count the Address bytes pushed to it.
 func (cp *ControlPlane) callbacks() serverv3.Callbacks {
@@ -160,32 +182,36 @@ func (cp *ControlPlane) callbacks() serverv3.Callbacks {
 				}
 				req.Node = cpdiscovery.WithScope(n, role, md[discovery.MetaNodeName].GetStringValue())
 				if role == discovery.RoleSidecar {
-					req.Node = cpdiscovery.WithPodScope(req.Node, discovery.PodUID("Kubernetes",
-						md[discovery.MetaPodNamespace].GetStringValue(), md[discovery.MetaPodName].GetStringValue()))
+					req.Node = cpdiscovery.WithPodScope(req.Node, "Kubernetes",
+						md[discovery.MetaPodNamespace].GetStringValue(), md[discovery.MetaPodName].GetStringValue())
 				}
 			}
 			return nil
 		},
 		StreamDeltaResponseFunc: func(id int64, _ *discoverypb.DeltaDiscoveryRequest, resp *discoverypb.DeltaDiscoveryResponse) {
-			if resp.GetTypeUrl() != discovery.AddressType {
-				return
-			}
 			n := 0
 			for _, r := range resp.GetResources() {
 				n += proto.Size(r)
 			}
 			cp.mu.Lock()
-			cp.pushed[cp.streams[id]] += n
+			pod := cp.streams[id]
+			if cp.pushed[pod] == nil {
+				cp.pushed[pod] = map[string]int{}
+			}
+			cp.pushed[pod][resp.GetTypeUrl()] += n
 			cp.mu.Unlock()
 		},
 	}
 }
 
 // PushedTo is the Address bytes pushed to pod's proxy so far.
-func (cp *ControlPlane) PushedTo(pod string) int {
+func (cp *ControlPlane) PushedTo(pod string) int { return cp.PushedOf(pod, discovery.AddressType) }
+
+// PushedOf is the bytes of resources of typeURL pushed to pod's proxy so far.
+func (cp *ControlPlane) PushedOf(pod, typeURL string) int {
 	cp.mu.Lock()
 	defer cp.mu.Unlock()
-	return cp.pushed[pod]
+	return cp.pushed[pod][typeURL]
 }
 
 type caService struct {

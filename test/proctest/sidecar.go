@@ -64,15 +64,18 @@ func StartSidecar(t *testing.T, s Sidecar) (*LogBuffer, int) {
 	cpName := "ambient-controlplane.ambient-system.svc"
 	sc := exec.Command(exe, "-pod-name", name, "-pod-namespace", "default", "-service-account", name,
 		"-xds-address", "127.0.0.1:15010", "-xds-server-name", cpName, "-ca-address", "127.0.0.1:15012", "-ca-server-name", cpName,
-		"-token-path", token, "-root-cert", s.Roots, "-root-namespace", "ambient-system")
+		"-token-path", token, "-root-cert", s.Roots)
 	sc.Env = append(os.Environ(), env...)
 	sc.Stdout, sc.Stderr = out, out
 	sc.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 1337, Gid: 1337}}
 	if err := netnsutil.Run(podNS, sc.Start); err != nil {
 		t.Fatal(err)
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- sc.Wait() }()
+	// exited is closed when the process has ended (waitErr then holds
+	// why), so both the readiness loop and the cleanup can see it.
+	exited := make(chan struct{})
+	var waitErr error
+	go func() { waitErr = sc.Wait(); close(exited) }()
 	t.Cleanup(func() {
 		sc.Process.Signal(syscall.SIGTERM)
 		select {
@@ -94,8 +97,8 @@ func StartSidecar(t *testing.T, s Sidecar) (*LogBuffer, int) {
 			}
 		}
 		select {
-		case err := <-exited:
-			t.Fatalf("sidecar exited: %v", err)
+		case <-exited:
+			t.Fatalf("sidecar exited: %v", waitErr)
 		default:
 		}
 		if i == 300 {

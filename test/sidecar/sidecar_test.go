@@ -123,6 +123,9 @@ func TestCoexistence(t *testing.T) {
 			"source_principal": spiffe(c.sleep), "destination_principal": spiffe(c.scHttpbin.Pod), "connection_security_policy": "mutual_tls"})
 		waitOpened(t, "ztunnel outbound", m.Nodes[0].Metrics, map[string]string{"reporter": "source",
 			"source_principal": spiffe(c.sleep), "destination_principal": spiffe(c.scHttpbin.Pod)})
+		// Each hop's log names the peer identities, as in the seeds.
+		m.Logs.WaitFor(t, "node1 ", "outbound{", "complete", "src.identity="+spiffe(c.sleep), "dst.identity="+spiffe(c.scHttpbin.Pod))
+		m.Logs.WaitFor(t, "sc-httpbin-1 ", "inbound{", "peer_id="+spiffe(c.sleep)+"}: complete", "dst.identity="+spiffe(c.scHttpbin.Pod))
 	})
 
 	// On the client's own node the ztunnel has no local pod to fast-path
@@ -139,6 +142,8 @@ func TestCoexistence(t *testing.T) {
 			"source_principal": spiffe(c.scSleep.Pod), "destination_principal": spiffe(c.httpbin), "connection_security_policy": "mutual_tls"})
 		waitOpened(t, "sidecar outbound", c.scSleep.Metrics, map[string]string{"reporter": "source",
 			"source_principal": spiffe(c.scSleep.Pod), "destination_principal": spiffe(c.httpbin)})
+		m.Logs.WaitFor(t, "sc-sleep-1 ", "outbound{", "complete", "src.identity="+spiffe(c.scSleep.Pod), "dst.identity="+spiffe(c.httpbin))
+		m.Logs.WaitFor(t, "node1 ", "inbound{", "peer_id="+spiffe(c.scSleep.Pod)+"}: complete", "dst.identity="+spiffe(c.httpbin))
 	})
 
 	t.Run("sidecar to sidecar", func(t *testing.T) {
@@ -172,6 +177,9 @@ func TestCoexistence(t *testing.T) {
 		if want := "waypoint: " + appVIP.String() + " from " + spiffe(c.scSleep.Pod); string(got) != want {
 			t.Fatalf("got %q, want %q", got, want)
 		}
+		conn.Close() // the hop's line is written when it ends
+		m.Logs.WaitFor(t, "sc-sleep-1 ", "outbound{", "complete", "src.identity="+spiffe(c.scSleep.Pod),
+			"dst.service=helloworld.default.svc.cluster.local", "dst.identity="+spiffe(wp))
 	})
 
 	// The identity each destination authorizes is the caller's own:

@@ -1,0 +1,53 @@
+package discovery
+
+import (
+	"encoding/json"
+	"errors"
+
+	"github.com/ambientmesh/ambient/proxylib/discovery/meshapi"
+)
+
+// The mesh's own settings that the L7 engines need travel as one
+// L7Resource of kind Mesh, from the control plane's mesh configuration:
+// the root namespace (whose policies are mesh-wide) is then the one the
+// control plane translated the L4 policies with, and a proxy needs no
+// environment variable of its own for it (a sidecar injected before one
+// existed still learns it).
+const (
+	MeshGroup = "ambient.mesh"
+	MeshKind  = "Mesh"
+	meshName  = "mesh"
+)
+
+// MeshSettings is the body of the Mesh resource.
+type MeshSettings struct {
+	RootNamespace string `json:"rootNamespace"`
+}
+
+// MeshResource is the Mesh resource carrying s, under MeshKey(s).
+func MeshResource(s MeshSettings) (*meshapi.L7Resource, error) {
+	if s.RootNamespace == "" {
+		return nil, errors.New("mesh settings without a root namespace")
+	}
+	js, err := json.Marshal(s)
+	if err != nil {
+		return nil, err
+	}
+	return &meshapi.L7Resource{Group: MeshGroup, Kind: MeshKind, Namespace: s.RootNamespace, Name: meshName, Json: js}, nil
+}
+
+// MeshKey is the resource name of the Mesh resource carrying s.
+func MeshKey(s MeshSettings) string { return L7Key(MeshGroup, MeshKind, s.RootNamespace, meshName) }
+
+// DecodeMesh reads a Mesh resource; a resource without a root namespace is
+// an error (the caller fails closed).
+func DecodeMesh(r *meshapi.L7Resource) (MeshSettings, error) {
+	var s MeshSettings
+	if err := json.Unmarshal(r.GetJson(), &s); err != nil {
+		return s, err
+	}
+	if s.RootNamespace == "" {
+		return s, errors.New("mesh resource without a root namespace")
+	}
+	return s, nil
+}
