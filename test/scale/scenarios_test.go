@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -261,18 +262,28 @@ func TestScaleScenarios(t *testing.T) {
 		}
 		peak := r.watchPeak()
 		t0 := time.Now()
+		tr.arm(t0)
 		for _, p := range added {
 			tr.expect(p.node, xds.PodUID("Kubernetes", p.ns, p.name), true, t0)
 		}
 		for _, p := range deleted {
 			tr.expect(p.node, xds.PodUID("Kubernetes", p.ns, p.name), false, t0)
 		}
+		stopProfile := r.profile("restart")
+		accepted := c.accepted.Load()
 		c.stopManager = c.startManager(t, ctx, addr)
 		started := time.Since(t0)
 		tr.wait(t, 10*time.Minute, "every client consistent after the restart")
+		stopProfile()
 		rss, heap := peak()
 		r.end(m, fmt.Sprintf("restart-%d-clients", nodes), tr.latencies(), nodes) // bytes per client resynced
-		r.note("restart: manager synced in %v; peak during the storm: RSS %.0f MiB, heap %.0f MiB", started.Round(time.Millisecond), rss, heap)
+		r.note("restart: manager synced in %v; %d connections accepted for %d clients; peak during the storm: RSS %.0f MiB, heap %.0f MiB",
+			started.Round(time.Millisecond), c.accepted.Load()-accepted, nodes, rss, heap)
+		if rs := tr.resynced(); len(rs) > 0 {
+			q := func(p int) time.Duration { return rs[(len(rs)*p+99)/100-1].Round(time.Millisecond) }
+			r.note("restart: first change applied by %d clients p50 %v p99 %v max %v; the last pod created while down had its address %v after the start",
+				len(rs), q(50), q(99), q(100), tr.lastRunning(added, t0).Round(time.Millisecond))
+		}
 		// Consistent: each client holds exactly its node's pods.
 		byNode := make([]map[string]bool, nodes)
 		for i := range byNode {
@@ -369,6 +380,10 @@ type tracker struct {
 	// control plane's share, without the API server's and kwok's).
 	running        map[string]time.Time
 	latFromRunning []time.Duration
+	// firstChange: when each client first applied a change after
+	// armedAt (its stream resynced after a restart), set by arm.
+	armedAt     time.Time
+	firstChange []time.Time
 }
 
 type expectation struct {
@@ -386,7 +401,51 @@ func newTracker(n int) *tracker {
 
 func (tr *tracker) watch(i int, s *xds.State) {
 	tr.states[i] = s
-	s.OnChange(func(xds.Change) { tr.check(i, time.Now()) })
+	s.OnChange(func(xds.Change) {
+		now := time.Now()
+		tr.mu.Lock()
+		if !tr.armedAt.IsZero() && tr.firstChange[i].IsZero() {
+			tr.firstChange[i] = now
+		}
+		tr.mu.Unlock()
+		tr.check(i, now)
+	})
+}
+
+// arm starts recording each client's first change from t0.
+func (tr *tracker) arm(t0 time.Time) {
+	tr.mu.Lock()
+	tr.armedAt, tr.firstChange = t0, make([]time.Time, len(tr.states))
+	tr.mu.Unlock()
+}
+
+// resynced returns, sorted, how long after arm each client first applied a
+// change (clients without one are left out).
+func (tr *tracker) resynced() []time.Duration {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	var d []time.Duration
+	for _, f := range tr.firstChange {
+		if !f.IsZero() {
+			d = append(d, f.Sub(tr.armedAt))
+		}
+	}
+	slices.Sort(d)
+	return d
+}
+
+// lastRunning is how long after t0 the last of pods got its address (as
+// this test's watch saw it), zero if all had it before.
+func (tr *tracker) lastRunning(pods []podRef, t0 time.Time) time.Duration {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	var last time.Duration
+	for _, p := range pods {
+		if r, ok := tr.running[xds.PodUID("Kubernetes", p.ns, p.name)]; ok {
+			last = max(last, r.Sub(t0))
+		}
+	}
+	return last
 }
 
 func (tr *tracker) expect(i int, uid string, present bool, since time.Time) {
@@ -593,6 +652,30 @@ func (r *run) end(m mark, scenario string, lat []time.Duration, changes int) {
 }
 
 func (r *run) note(format string, args ...any) { r.t.Logf("RESULT "+format, args...) }
+
+// profile writes CPU and mutex profiles of the test process (the manager
+// and the clients) to SCALE_PROFILE/<name>.{cpu,mutex}.pprof until the
+// returned func is called; without SCALE_PROFILE it does nothing.
+func (r *run) profile(name string) func() {
+	dir := os.Getenv("SCALE_PROFILE")
+	if dir == "" {
+		return func() {}
+	}
+	must(r.t, os.MkdirAll(dir, 0o755))
+	f, err := os.Create(filepath.Join(dir, name+".cpu.pprof"))
+	must(r.t, err)
+	must(r.t, pprof.StartCPUProfile(f))
+	runtime.SetMutexProfileFraction(5)
+	return func() {
+		pprof.StopCPUProfile()
+		f.Close()
+		m, err := os.Create(filepath.Join(dir, name+".mutex.pprof"))
+		must(r.t, err)
+		must(r.t, pprof.Lookup("mutex").WriteTo(m, 0))
+		m.Close()
+		runtime.SetMutexProfileFraction(0)
+	}
+}
 
 // watchPeak samples RSS and heap every 100ms until the returned func is
 // called, which returns the peaks in MiB.
