@@ -21,6 +21,7 @@ import (
 	apisecurity "istio.io/api/security/v1beta1"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
@@ -119,7 +120,7 @@ func TestScaleScenarios(t *testing.T) {
 	for k := range samples {
 		p := podRef{ns: appNS, name: fmt.Sprintf("sample-%d", k), node: k % nodes, labels: map[string]string{"app": "svc-0"}}
 		c.createAll(t, ctx, tr, []podRef{p})
-		tr.wait(t, time.Minute, "sampled pod at its ztunnel")
+		tr.wait(t, 5*time.Minute, "sampled pod at its ztunnel")
 		sampled = append(sampled, tr.latencies()...)
 		pods = append(pods, p)
 	}
@@ -345,7 +346,7 @@ func (c *cluster) createAll(t *testing.T, ctx context.Context, tr *tracker, pods
 			if tr != nil {
 				tr.expect(p.node, xds.PodUID("Kubernetes", p.ns, p.name), true, time.Now())
 			}
-			err := c.k8s.Create(ctx, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: p.name, Namespace: p.ns, Labels: p.labels},
+			err := createRetrying(ctx, c.k8s, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: p.name, Namespace: p.ns, Labels: p.labels},
 				Spec: corev1.PodSpec{NodeName: fmt.Sprintf("kwok-%d", p.node), Containers: []corev1.Container{{Name: "app", Image: "app"}},
 					Tolerations: []corev1.Toleration{{Key: kwokAnnotation, Operator: corev1.TolerationOpExists}}}})
 			if err != nil {
@@ -357,6 +358,25 @@ func (c *cluster) createAll(t *testing.T, ctx context.Context, tr *tracker, pods
 	}
 	wg.Wait()
 	must(t, firstErr)
+}
+
+// createRetrying creates obj, again after a timeout or throttling of a
+// saturated API server (an AlreadyExists then is the earlier try's success).
+func createRetrying(ctx context.Context, k8s client.Client, obj client.Object) error {
+	for try := 0; ; try++ {
+		err := k8s.Create(ctx, obj)
+		switch {
+		case err == nil:
+			return nil
+		case try > 0 && apierrors.IsAlreadyExists(err):
+			return nil
+		case try < 5 && (apierrors.IsServerTimeout(err) || apierrors.IsTimeout(err) || apierrors.IsTooManyRequests(err) || apierrors.IsInternalError(err)):
+			time.Sleep(time.Second << try)
+			obj.SetResourceVersion("")
+		default:
+			return fmt.Errorf("create %s/%s: %w", obj.GetNamespace(), obj.GetName(), err)
+		}
+	}
 }
 
 // deletePod deletes p at once and expects it gone from its node's ztunnel.
@@ -647,6 +667,7 @@ func (r *run) end(m mark, scenario string, lat []time.Duration, changes int) {
 		res.RunP50ms, res.RunP99ms = q(50), q(99)
 	}
 	r.results = append(r.results, res)
+	r.write(res) // now: a later failure keeps what was measured
 	r.t.Logf("RESULT %s nodes=%d pods=%d changes=%d in %.1fs p50=%.0fms p99=%.0fms max=%.0fms (from Running: p50=%.0fms p99=%.0fms) pushed=%d B (%.0f B/change, %.0f net of idle) cpu: manager+clients %.1fs, apiserver+etcd+kwok %.1fs; rss %.0f MiB heap %.0f MiB load1 %s",
 		scenario, r.nodes, r.pods, changes, res.Seconds, res.P50ms, res.P99ms, res.Maxms, res.RunP50ms, res.RunP99ms, res.Bytes, res.BytesPer, res.NetBytesPer, res.CPUSelf, res.CPUOthers, res.RSSMiB, res.HeapMiB, res.Load1)
 }
@@ -702,18 +723,20 @@ func (r *run) watchPeak() func() (float64, float64) {
 	return func() (float64, float64) { close(done); wg.Wait(); return rss, heap }
 }
 
-func (r *run) flush() {
+// write appends res to SCALE_OUT.
+func (r *run) write(res result) {
 	if r.out == "" {
 		return
 	}
 	f, err := os.OpenFile(r.out, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	must(r.t, err)
 	defer f.Close()
-	enc := json.NewEncoder(f)
-	for _, res := range r.results {
-		res.PerClientKiB = r.perClientKiB
-		must(r.t, enc.Encode(res))
-	}
+	must(r.t, json.NewEncoder(f).Encode(res))
+}
+
+// flush appends the per-client memory, measured last, as its own line.
+func (r *run) flush() {
+	r.write(result{Scenario: "per-client-memory", Nodes: r.nodes, Pods: r.pods, PerClientKiB: r.perClientKiB, Load1: load1()})
 }
 
 func envStr(name, def string) string {
