@@ -1,6 +1,7 @@
 package discovery
 
 import (
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -37,8 +38,8 @@ func TrimPod(in any) (any, error) {
 	pod.ManagedFields = nil
 	pod.Annotations = keepAnnotations(pod.Annotations)
 	pod.Namespace, pod.GenerateName = intern(pod.Namespace), intern(pod.GenerateName)
-	pod.Labels = shared.labelSet(pod.Labels)
-	pod.OwnerReferences = shared.ownerRefs(pod.OwnerReferences)
+	pod.Labels = labelSet(pod.Labels)
+	pod.OwnerReferences = ownerRefs(pod.OwnerReferences)
 	pod.Spec = corev1.PodSpec{
 		NodeName:           intern(pod.Spec.NodeName),
 		ServiceAccountName: intern(pod.Spec.ServiceAccountName),
@@ -64,9 +65,10 @@ func TrimPod(in any) (any, error) {
 }
 
 // What many pods hold alike is held once: the informer's objects are
-// read-only (client-go's contract; controller-runtime's reads deep-copy
-// them), so pods may share strings, label maps, owner references and the
-// Ready condition. At 10,000 pods this is a fifth of the cached pod's heap.
+// read-only (client-go's contract: the discovery model reads them without
+// a copy and never writes, every other reader gets a deep copy), so pods
+// may share strings, label maps, owner references and the Ready condition:
+// a fifth of the manager's heap per pod (docs/performance.md).
 
 // readyCondition is the Ready condition a trimmed pod keeps, one slice per
 // status, shared by every pod.
@@ -85,30 +87,44 @@ func intern(s string) string {
 	return unique.Make(s).Value()
 }
 
-// sharedSets holds one copy of each label set and owner reference list,
-// bounded: when full it starts over (later pods share with each other, the
-// pods holding the old copies keep them).
-type sharedSets struct {
-	mu     sync.Mutex
-	labels map[string]map[string]string
-	owners map[string][]metav1.OwnerReference
+// sharedTable holds one copy of each value by key, bounded: when full it
+// starts over (later pods share with each other, the pods holding the old
+// copies keep them).
+type sharedTable[V any] struct {
+	mu sync.Mutex
+	m  map[string]V
 }
 
 // maxShared bounds each table: the distinct label sets and owners of
 // the cluster's pods (about one per ReplicaSet).
 const maxShared = 1 << 14
 
-var shared = &sharedSets{}
+// share returns the copy held for key, or holds and returns v().
+func (t *sharedTable[V]) share(key string, v func() V) V {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if got, ok := t.m[key]; ok {
+		return got
+	}
+	if t.m == nil || len(t.m) >= maxShared {
+		t.m = map[string]V{}
+	}
+	out := v()
+	t.m[key] = out
+	return out
+}
 
-func (s *sharedSets) labelSet(in map[string]string) map[string]string {
+var (
+	sharedLabels sharedTable[map[string]string]
+	sharedOwners sharedTable[[]metav1.OwnerReference]
+)
+
+// labelSet is the shared copy of in (keys and values interned).
+func labelSet(in map[string]string) map[string]string {
 	if len(in) == 0 {
 		return nil
 	}
-	keys := make([]string, 0, len(in))
-	for k := range in {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
+	keys := slices.Sorted(maps.Keys(in))
 	var b strings.Builder
 	for _, k := range keys {
 		b.WriteString(k)
@@ -116,24 +132,17 @@ func (s *sharedSets) labelSet(in map[string]string) map[string]string {
 		b.WriteString(in[k])
 		b.WriteByte(0)
 	}
-	key := b.String()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if m, ok := s.labels[key]; ok {
-		return m
-	}
-	if s.labels == nil || len(s.labels) >= maxShared {
-		s.labels = map[string]map[string]string{}
-	}
-	out := make(map[string]string, len(in))
-	for k, v := range in {
-		out[intern(k)] = intern(v)
-	}
-	s.labels[key] = out
-	return out
+	return sharedLabels.share(b.String(), func() map[string]string {
+		out := make(map[string]string, len(in))
+		for k, v := range in {
+			out[intern(k)] = intern(v)
+		}
+		return out
+	})
 }
 
-func (s *sharedSets) ownerRefs(in []metav1.OwnerReference) []metav1.OwnerReference {
+// ownerRefs is the shared copy of in.
+func ownerRefs(in []metav1.OwnerReference) []metav1.OwnerReference {
 	if len(in) == 0 {
 		return nil
 	}
@@ -144,17 +153,7 @@ func (s *sharedSets) ownerRefs(in []metav1.OwnerReference) []metav1.OwnerReferen
 			b.WriteByte(0)
 		}
 	}
-	key := b.String()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if o, ok := s.owners[key]; ok {
-		return o
-	}
-	if s.owners == nil || len(s.owners) >= maxShared {
-		s.owners = map[string][]metav1.OwnerReference{}
-	}
-	s.owners[key] = in
-	return in
+	return sharedOwners.share(b.String(), func() []metav1.OwnerReference { return in })
 }
 
 func boolString(b *bool) string {

@@ -136,7 +136,7 @@ func TestTrimPodSharesWhatReplicasHoldAlike(t *testing.T) {
 	for i := range maxShared + 10 {
 		trim(testPod("p", func(p *corev1.Pod) { p.Labels["n"] = strconv.Itoa(i) }))
 	}
-	if n := len(shared.labels); n > maxShared {
+	if n := len(sharedLabels.m); n > maxShared {
 		t.Fatalf("label table grew to %d (bound %d)", n, maxShared)
 	}
 }
