@@ -180,9 +180,15 @@ func (c *cluster) startManager(t *testing.T, ctx context.Context, addr string) f
 	mgr, err := ctrl.NewManager(c.cfg, ctrl.Options{Scheme: c.sch, Metrics: metricsserver.Options{BindAddress: "0"}, HealthProbeBindAddress: "0",
 		Logger: logr.Discard(), Cache: controllers.CacheOptions(), Client: controllers.ClientOptions()})
 	must(t, err)
-	lis, err := net.Listen("tcp", addr)
-	must(t, err)
-	c.xdsAddr = lis.Addr().String()
+	var lis net.Listener
+	if c.xdsAddr == "" { // the first start picks the port
+		l, err := net.Listen("tcp", addr)
+		must(t, err)
+		c.xdsAddr = l.Addr().String()
+		lis = l
+	} else {
+		lis = &lateListener{addr: c.xdsAddr}
+	}
 	cp, err := controlplane.SetupWithManager(mgr, controlplane.Options{Namespace: meshNS, XDSListener: countingListener{lis, c.pushed, c.accepted}, Log: logr.Discard()})
 	must(t, err)
 	c.cp = cp
@@ -192,6 +198,44 @@ func (c *cluster) startManager(t *testing.T, ctx context.Context, addr string) f
 	eventually(t, 5*time.Minute, "control plane synced", cp.Discovery.Synced)
 	var once sync.Once
 	return func() { once.Do(func() { cancel(); <-done }) }
+}
+
+// lateListener binds addr when the control plane first accepts on it. The
+// manager binds its xDS port when the control plane starts, after its
+// informers synced; bound earlier (here, to keep the clients' address), the
+// port would queue every proxy's connection through the sync instead of
+// refusing it.
+type lateListener struct {
+	addr string
+	once sync.Once
+	l    net.Listener
+	err  error
+}
+
+func (l *lateListener) bind() (net.Listener, error) {
+	l.once.Do(func() { l.l, l.err = net.Listen("tcp", l.addr) })
+	return l.l, l.err
+}
+
+func (l *lateListener) Accept() (net.Conn, error) {
+	lis, err := l.bind()
+	if err != nil {
+		return nil, err
+	}
+	return lis.Accept()
+}
+
+func (l *lateListener) Close() error {
+	lis, err := l.bind()
+	if err != nil {
+		return err
+	}
+	return lis.Close()
+}
+
+func (l *lateListener) Addr() net.Addr {
+	a, _ := net.ResolveTCPAddr("tcp", l.addr)
+	return a
 }
 
 // countingListener counts the bytes the xDS server writes (TLS records

@@ -272,6 +272,12 @@ func TestScaleScenarios(t *testing.T) {
 		}
 		stopProfile := r.profile("restart")
 		accepted := c.accepted.Load()
+		// SCALE_RESTART_APISERVER_PAUSE: the API server stopped (SIGSTOP)
+		// for that long as the manager starts, as a saturated one would
+		// stall its informer sync past the proxies' connect timeout.
+		if d, err := time.ParseDuration(os.Getenv("SCALE_RESTART_APISERVER_PAUSE")); err == nil && d > 0 {
+			pauseAPIServer(t, d)
+		}
 		c.stopManager = c.startManager(t, ctx, addr)
 		started := time.Since(t0)
 		tr.wait(t, 10*time.Minute, "every client consistent after the restart")
@@ -321,6 +327,27 @@ func TestScaleScenarios(t *testing.T) {
 		(with-without)*1024/float64(nodes), with, nodes, without)
 	r.perClientKiB = (with - without) * 1024 / float64(nodes)
 	r.flush()
+}
+
+// pauseAPIServer stops this test's kube-apiserver (a child process) and
+// continues it after d.
+func pauseAPIServer(t *testing.T, d time.Duration) {
+	t.Helper()
+	tasks, _ := filepath.Glob("/proc/self/task/*/children")
+	for _, f := range tasks {
+		b, _ := os.ReadFile(f)
+		for _, pid := range strings.Fields(string(b)) {
+			comm, _ := os.ReadFile("/proc/" + pid + "/comm")
+			if strings.TrimSpace(string(comm)) != "kube-apiserver" {
+				continue
+			}
+			n, _ := strconv.Atoi(pid)
+			must(t, syscall.Kill(n, syscall.SIGSTOP))
+			time.AfterFunc(d, func() { _ = syscall.Kill(n, syscall.SIGCONT) })
+			return
+		}
+	}
+	t.Fatal("kube-apiserver not found among this test's child processes")
 }
 
 // podRef is a pod of the scenario and the index of its node.
