@@ -90,6 +90,7 @@ type cluster struct {
 	pushed      *atomic.Int64 // bytes written by the xDS server, across restarts
 	accepted    *atomic.Int64 // connections the xDS server accepted, across restarts
 	stopManager func()
+	beforeStart func() // called by startManager just before the manager starts
 }
 
 func startCluster(t *testing.T, ctx context.Context) *cluster {
@@ -192,6 +193,9 @@ func (c *cluster) startManager(t *testing.T, ctx context.Context, addr string) f
 	cp, err := controlplane.SetupWithManager(mgr, controlplane.Options{Namespace: meshNS, XDSListener: countingListener{lis, c.pushed, c.accepted}, Log: logr.Discard()})
 	must(t, err)
 	c.cp = cp
+	if c.beforeStart != nil {
+		c.beforeStart()
+	}
 	mctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() { defer close(done); _ = mgr.Start(mctx) }()

@@ -273,12 +273,13 @@ func TestScaleScenarios(t *testing.T) {
 		stopProfile := r.profile("restart")
 		accepted := c.accepted.Load()
 		// SCALE_RESTART_APISERVER_PAUSE: the API server stopped (SIGSTOP)
-		// for that long as the manager starts, as a saturated one would
-		// stall its informer sync past the proxies' connect timeout.
+		// for that long while the manager syncs, as a saturated one would
+		// stall the sync past the proxies' connect timeout.
 		if d, err := time.ParseDuration(os.Getenv("SCALE_RESTART_APISERVER_PAUSE")); err == nil && d > 0 {
-			pauseAPIServer(t, d)
+			c.beforeStart = func() { pauseAPIServer(t, d) }
 		}
 		c.stopManager = c.startManager(t, ctx, addr)
+		c.beforeStart = nil
 		started := time.Since(t0)
 		tr.wait(t, 10*time.Minute, "every client consistent after the restart")
 		stopProfile()
