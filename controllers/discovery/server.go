@@ -184,11 +184,16 @@ func WithScope(n *core.Node, role, node string) *core.Node {
 // NeedLeaderElection: every replica serves discovery.
 func (s *Server) NeedLeaderElection() bool { return false }
 
-// Serve serves on lis until ctx ends, from the first full model on: until
-// then it closes every connection it accepts (notSynced).
+// Serve waits for the first full model, then serves on lis until ctx ends.
 func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
+	for !s.Controller.Synced() {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 	s.callers = map[int64]*proxyauth.Caller{}
-	lis = notSynced{Listener: lis, synced: s.Controller.Synced}
 	mux := &cachev3.MuxCache{
 		Classify:      func(r *cachev3.Request) string { return r.GetTypeUrl() },
 		ClassifyDelta: func(r *cachev3.DeltaRequest) string { return r.GetTypeUrl() },
@@ -225,28 +230,6 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 		return err
 	}
 	return nil
-}
-
-// notSynced closes the connections it accepts until synced. Left
-// unanswered in the listen backlog while a restarted control plane syncs
-// its informers, a proxy's handshake times out and it dials again: after a
-// long sync the backlog holds several dead connections per proxy, each
-// costing a TLS handshake once serving starts, and overflows, dropping the
-// SYNs of live ones (which then wait for TCP's retransmit). Closed at once,
-// the proxy backs off (at most 2 s) and dials again.
-type notSynced struct {
-	net.Listener
-	synced func() bool
-}
-
-func (l notSynced) Accept() (net.Conn, error) {
-	for {
-		c, err := l.Listener.Accept()
-		if err != nil || l.synced() {
-			return c, err
-		}
-		c.Close()
-	}
 }
 
 // DebugHandler serves /debug/config_dump?proxyID=<pod>.<namespace>: what the
