@@ -47,6 +47,9 @@ import (
 //	         exactly its node's pods (the reconnect storm)
 //
 // SCALE_SCENARIOS selects a subset (comma separated; steady always runs).
+// SCALE_PROFILE=dir writes CPU and mutex profiles of the test process
+// during the restart; SCALE_RESTART_APISERVER_PAUSE=20s stops the API
+// server for that long as the restarted manager starts (a stalled sync).
 // Convergence is pod created (or namespace labelled, or policy created) →
 // every relevant proxy holds it: the ztunnel of the pod's node (node-scoped
 // discovery), or every ztunnel for a policy. Bytes are what the xDS server
