@@ -121,7 +121,7 @@ $(KWOK): ## kwok (simulated nodes) from the Go module proxy, pinned.
 
 .PHONY: scale
 scale: envtest $(KWOK) ## Control plane against a kwok-simulated cluster with node-scoped xDS clients (SCALE_NODES, SCALE_PODS_PER_NODE; prints RESULT lines). SCALE_TEST=TestScaleScenarios runs the scenarios (see test/scale/scenarios_test.go).
-	KWOK_VERSION=$(KWOK_VERSION) go test -tags scale -count=1 -run $(SCALE_TEST) -v -timeout $(SCALE_TIMEOUT) ./test/scale/ | grep -E 'RESULT|^(---|ok|FAIL)'
+	KWOK_VERSION=$(KWOK_VERSION) go test -tags scale -count=1 -run $(SCALE_TEST) -v -timeout $(SCALE_TIMEOUT) ./test/scale/ | grep --line-buffered -E 'RESULT|^(---|ok|FAIL)|_test.go:[0-9]+: [^R]'
 
 .PHONY: bench-mesh
 bench-mesh: ## fortio through the lab mesh: direct vs ztunnel vs ztunnel+waypoint, same and cross node (bin/bench-mesh/).

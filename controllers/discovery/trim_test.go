@@ -1,6 +1,9 @@
 package discovery
 
 import (
+	"maps"
+	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -94,5 +97,46 @@ func TestTrimPodKeepsTheModel(t *testing.T) {
 	}
 	if out, err := TrimPod(svc); err != nil || out != any(svc) {
 		t.Fatal("non-pods pass through unchanged")
+	}
+}
+
+// TestTrimPodSharesWhatReplicasHoldAlike: replicas of one Deployment hold
+// one label map, one owner reference list and one Ready condition between
+// them, with their content unchanged; pods with other labels get their own;
+// the tables stay bounded.
+func TestTrimPodSharesWhatReplicasHoldAlike(t *testing.T) {
+	trim := func(p *corev1.Pod) *corev1.Pod {
+		out, err := TrimPod(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return out.(*corev1.Pod)
+	}
+	a, b := trim(fullPod("web-7d9f-aaaaa")), trim(fullPod("web-7d9f-bbbbb"))
+	other := trim(fullPod("api-1", func(p *corev1.Pod) { p.Labels["app"] = "api" }))
+	want := fullPod("x")
+	if !maps.Equal(a.Labels, want.Labels) || !maps.Equal(other.Labels, map[string]string{"app": "api", "version": "v2"}) {
+		t.Fatalf("labels changed: %v, %v", a.Labels, other.Labels)
+	}
+	same := func(x, y map[string]string) bool {
+		return reflect.ValueOf(x).UnsafePointer() == reflect.ValueOf(y).UnsafePointer()
+	}
+	if !same(a.Labels, b.Labels) || same(a.Labels, other.Labels) {
+		t.Fatal("equal label sets not shared, or different ones shared")
+	}
+	if &a.OwnerReferences[0] != &b.OwnerReferences[0] || !reflect.DeepEqual(a.OwnerReferences, want.OwnerReferences) {
+		t.Fatalf("owner references not shared or changed: %v", a.OwnerReferences)
+	}
+	if &a.Status.Conditions[0] != &b.Status.Conditions[0] || a.Status.Conditions[0].Status != corev1.ConditionTrue {
+		t.Fatalf("Ready condition not shared or changed: %v", a.Status.Conditions)
+	}
+	if a.Namespace != want.Namespace || a.Spec.NodeName != want.Spec.NodeName || a.Status.PodIPs[0].IP != a.Status.PodIP {
+		t.Fatal("interned fields changed")
+	}
+	for i := range maxShared + 10 {
+		trim(testPod("p", func(p *corev1.Pod) { p.Labels["n"] = strconv.Itoa(i) }))
+	}
+	if n := len(sharedLabels.m); n > maxShared {
+		t.Fatalf("label table grew to %d (bound %d)", n, maxShared)
 	}
 }

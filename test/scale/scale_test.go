@@ -88,7 +88,9 @@ type cluster struct {
 	xdsAddr     string
 	tls         *tls.Config
 	pushed      *atomic.Int64 // bytes written by the xDS server, across restarts
+	accepted    *atomic.Int64 // connections the xDS server accepted, across restarts
 	stopManager func()
+	beforeStart func() // called by startManager just before the manager starts
 }
 
 func startCluster(t *testing.T, ctx context.Context) *cluster {
@@ -102,6 +104,11 @@ func startCluster(t *testing.T, ctx context.Context) *cluster {
 	}
 	ctrl.SetLogger(logr.Discard())
 	env := &envtest.Environment{CRDDirectoryPaths: []string{"../../config/crd/bases", "../../controllers/controlplane/testdata/crds"}, ErrorIfCRDPathMissing: true}
+	// Bursts of creates (64 at a time) and 1,000 watchers and TokenReviews
+	// at once: raise the in-flight limits from 400/200 so the API server
+	// queues rather than answers 429.
+	env.ControlPlane.GetAPIServer().Configure().
+		Set("max-requests-inflight", "3000").Set("max-mutating-requests-inflight", "1000")
 	cfg, err := env.Start()
 	if err != nil {
 		t.Fatal(err)
@@ -130,7 +137,11 @@ func startCluster(t *testing.T, ctx context.Context) *cluster {
 	must(t, os.WriteFile(kcPath, kc, 0o600))
 	args := []string{"--kubeconfig", kcPath, "--manage-all-nodes=false",
 		"--manage-nodes-with-annotation-selector", kwokAnnotation + "=fake", "--cidr", "10.64.0.1/12", "--node-ip", "10.250.0.1",
-		"--server-address", "127.0.0.1:0"}
+		"--server-address", "127.0.0.1:0",
+		// No node leases: nothing here reads them, and 1,000 nodes renewing
+		// every 10 s are 100 writes/s the API server and etcd would spend
+		// beside the scenario's.
+		"--node-lease-duration-seconds", "0"}
 	// kwok's "fast" stages (nodes Ready at once, pods Running with an
 	// address), from the module make scale installed kwok from.
 	for _, f := range []string{"node/fast/node-initialize.yaml", "pod/fast/pod-ready.yaml", "pod/fast/pod-complete.yaml", "pod/fast/pod-delete.yaml"} {
@@ -155,7 +166,7 @@ func startCluster(t *testing.T, ctx context.Context) *cluster {
 
 	pool := x509.NewCertPool()
 	pool.AddCert(rootCert)
-	c := &cluster{k8s: k8s, cs: kubernetes.NewForConfigOrDie(cfg), cfg: cfg, sch: sch, pushed: &atomic.Int64{},
+	c := &cluster{k8s: k8s, cs: kubernetes.NewForConfigOrDie(cfg), cfg: cfg, sch: sch, pushed: &atomic.Int64{}, accepted: &atomic.Int64{},
 		tls: &tls.Config{RootCAs: pool, ServerName: "ambient-controlplane." + meshNS + ".svc", MinVersion: tls.VersionTLS13}}
 	c.stopManager = c.startManager(t, ctx, "127.0.0.1:0")
 	t.Cleanup(func() { c.stopManager() })
@@ -170,12 +181,21 @@ func (c *cluster) startManager(t *testing.T, ctx context.Context, addr string) f
 	mgr, err := ctrl.NewManager(c.cfg, ctrl.Options{Scheme: c.sch, Metrics: metricsserver.Options{BindAddress: "0"}, HealthProbeBindAddress: "0",
 		Logger: logr.Discard(), Cache: controllers.CacheOptions(), Client: controllers.ClientOptions()})
 	must(t, err)
-	lis, err := net.Listen("tcp", addr)
-	must(t, err)
-	c.xdsAddr = lis.Addr().String()
-	cp, err := controlplane.SetupWithManager(mgr, controlplane.Options{Namespace: meshNS, XDSListener: countingListener{lis, c.pushed}, Log: logr.Discard()})
+	var lis net.Listener
+	if c.xdsAddr == "" { // the first start picks the port
+		l, err := net.Listen("tcp", addr)
+		must(t, err)
+		c.xdsAddr = l.Addr().String()
+		lis = l
+	} else {
+		lis = &lateListener{addr: c.xdsAddr}
+	}
+	cp, err := controlplane.SetupWithManager(mgr, controlplane.Options{Namespace: meshNS, XDSListener: countingListener{lis, c.pushed, c.accepted}, Log: logr.Discard()})
 	must(t, err)
 	c.cp = cp
+	if c.beforeStart != nil {
+		c.beforeStart()
+	}
 	mctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() { defer close(done); _ = mgr.Start(mctx) }()
@@ -184,11 +204,49 @@ func (c *cluster) startManager(t *testing.T, ctx context.Context, addr string) f
 	return func() { once.Do(func() { cancel(); <-done }) }
 }
 
+// lateListener binds addr when the control plane first accepts on it. The
+// manager binds its xDS port when the control plane starts, after its
+// informers synced; bound earlier (here, to keep the clients' address), the
+// port would queue every proxy's connection through the sync instead of
+// refusing it.
+type lateListener struct {
+	addr string
+	once sync.Once
+	l    net.Listener
+	err  error
+}
+
+func (l *lateListener) bind() (net.Listener, error) {
+	l.once.Do(func() { l.l, l.err = net.Listen("tcp", l.addr) })
+	return l.l, l.err
+}
+
+func (l *lateListener) Accept() (net.Conn, error) {
+	lis, err := l.bind()
+	if err != nil {
+		return nil, err
+	}
+	return lis.Accept()
+}
+
+func (l *lateListener) Close() error {
+	lis, err := l.bind()
+	if err != nil {
+		return err
+	}
+	return lis.Close()
+}
+
+func (l *lateListener) Addr() net.Addr {
+	a, _ := net.ResolveTCPAddr("tcp", l.addr)
+	return a
+}
+
 // countingListener counts the bytes the xDS server writes (TLS records
 // included): what the control plane pushes to its clients.
 type countingListener struct {
 	net.Listener
-	n *atomic.Int64
+	n, accepted *atomic.Int64
 }
 
 func (l countingListener) Accept() (net.Conn, error) {
@@ -196,6 +254,7 @@ func (l countingListener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
+	l.accepted.Add(1)
 	return countingConn{c, l.n}, nil
 }
 

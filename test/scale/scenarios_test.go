@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -20,6 +21,7 @@ import (
 	apisecurity "istio.io/api/security/v1beta1"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
@@ -45,6 +47,9 @@ import (
 //	         exactly its node's pods (the reconnect storm)
 //
 // SCALE_SCENARIOS selects a subset (comma separated; steady always runs).
+// SCALE_PROFILE=dir writes CPU and mutex profiles of the test process
+// during the restart; SCALE_RESTART_APISERVER_PAUSE=20s stops the API
+// server for that long as the restarted manager starts (a stalled sync).
 // Convergence is pod created (or namespace labelled, or policy created) →
 // every relevant proxy holds it: the ztunnel of the pod's node (node-scoped
 // discovery), or every ztunnel for a policy. Bytes are what the xDS server
@@ -118,7 +123,7 @@ func TestScaleScenarios(t *testing.T) {
 	for k := range samples {
 		p := podRef{ns: appNS, name: fmt.Sprintf("sample-%d", k), node: k % nodes, labels: map[string]string{"app": "svc-0"}}
 		c.createAll(t, ctx, tr, []podRef{p})
-		tr.wait(t, time.Minute, "sampled pod at its ztunnel")
+		tr.wait(t, 5*time.Minute, "sampled pod at its ztunnel")
 		sampled = append(sampled, tr.latencies()...)
 		pods = append(pods, p)
 	}
@@ -261,18 +266,35 @@ func TestScaleScenarios(t *testing.T) {
 		}
 		peak := r.watchPeak()
 		t0 := time.Now()
+		tr.arm(t0)
 		for _, p := range added {
 			tr.expect(p.node, xds.PodUID("Kubernetes", p.ns, p.name), true, t0)
 		}
 		for _, p := range deleted {
 			tr.expect(p.node, xds.PodUID("Kubernetes", p.ns, p.name), false, t0)
 		}
+		stopProfile := r.profile("restart")
+		accepted := c.accepted.Load()
+		// SCALE_RESTART_APISERVER_PAUSE: the API server stopped (SIGSTOP)
+		// for that long while the manager syncs, as a saturated one would
+		// stall the sync past the proxies' connect timeout.
+		if d, err := time.ParseDuration(os.Getenv("SCALE_RESTART_APISERVER_PAUSE")); err == nil && d > 0 {
+			c.beforeStart = func() { pauseAPIServer(t, d) }
+		}
 		c.stopManager = c.startManager(t, ctx, addr)
+		c.beforeStart = nil
 		started := time.Since(t0)
 		tr.wait(t, 10*time.Minute, "every client consistent after the restart")
+		stopProfile()
 		rss, heap := peak()
 		r.end(m, fmt.Sprintf("restart-%d-clients", nodes), tr.latencies(), nodes) // bytes per client resynced
-		r.note("restart: manager synced in %v; peak during the storm: RSS %.0f MiB, heap %.0f MiB", started.Round(time.Millisecond), rss, heap)
+		r.note("restart: manager synced in %v; %d connections accepted for %d clients; peak during the storm: RSS %.0f MiB, heap %.0f MiB",
+			started.Round(time.Millisecond), c.accepted.Load()-accepted, nodes, rss, heap)
+		if rs := tr.resynced(); len(rs) > 0 {
+			q := func(p int) time.Duration { return rs[(len(rs)*p+99)/100-1].Round(time.Millisecond) }
+			r.note("restart: first change applied by %d clients p50 %v p99 %v max %v; the last pod created while down had its address %v after the start",
+				len(rs), q(50), q(99), q(100), tr.lastRunning(added, t0).Round(time.Millisecond))
+		}
 		// Consistent: each client holds exactly its node's pods.
 		byNode := make([]map[string]bool, nodes)
 		for i := range byNode {
@@ -311,6 +333,27 @@ func TestScaleScenarios(t *testing.T) {
 	r.flush()
 }
 
+// pauseAPIServer stops this test's kube-apiserver (a child process) and
+// continues it after d.
+func pauseAPIServer(t *testing.T, d time.Duration) {
+	t.Helper()
+	tasks, _ := filepath.Glob("/proc/self/task/*/children")
+	for _, f := range tasks {
+		b, _ := os.ReadFile(f)
+		for _, pid := range strings.Fields(string(b)) {
+			comm, _ := os.ReadFile("/proc/" + pid + "/comm")
+			if strings.TrimSpace(string(comm)) != "kube-apiserver" {
+				continue
+			}
+			n, _ := strconv.Atoi(pid)
+			must(t, syscall.Kill(n, syscall.SIGSTOP))
+			time.AfterFunc(d, func() { _ = syscall.Kill(n, syscall.SIGCONT) })
+			return
+		}
+	}
+	t.Fatal("kube-apiserver not found among this test's child processes")
+}
+
 // podRef is a pod of the scenario and the index of its node.
 type podRef struct {
 	ns, name string
@@ -334,7 +377,7 @@ func (c *cluster) createAll(t *testing.T, ctx context.Context, tr *tracker, pods
 			if tr != nil {
 				tr.expect(p.node, xds.PodUID("Kubernetes", p.ns, p.name), true, time.Now())
 			}
-			err := c.k8s.Create(ctx, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: p.name, Namespace: p.ns, Labels: p.labels},
+			err := createRetrying(ctx, c.k8s, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: p.name, Namespace: p.ns, Labels: p.labels},
 				Spec: corev1.PodSpec{NodeName: fmt.Sprintf("kwok-%d", p.node), Containers: []corev1.Container{{Name: "app", Image: "app"}},
 					Tolerations: []corev1.Toleration{{Key: kwokAnnotation, Operator: corev1.TolerationOpExists}}}})
 			if err != nil {
@@ -346,6 +389,25 @@ func (c *cluster) createAll(t *testing.T, ctx context.Context, tr *tracker, pods
 	}
 	wg.Wait()
 	must(t, firstErr)
+}
+
+// createRetrying creates obj, again after a timeout or throttling of a
+// saturated API server (an AlreadyExists then is the earlier try's success).
+func createRetrying(ctx context.Context, k8s client.Client, obj client.Object) error {
+	for try := 0; ; try++ {
+		err := k8s.Create(ctx, obj)
+		switch {
+		case err == nil:
+			return nil
+		case try > 0 && apierrors.IsAlreadyExists(err):
+			return nil
+		case try < 5 && (apierrors.IsServerTimeout(err) || apierrors.IsTimeout(err) || apierrors.IsTooManyRequests(err) || apierrors.IsInternalError(err)):
+			time.Sleep(time.Second << try)
+			obj.SetResourceVersion("")
+		default:
+			return fmt.Errorf("create %s/%s: %w", obj.GetNamespace(), obj.GetName(), err)
+		}
+	}
 }
 
 // deletePod deletes p at once and expects it gone from its node's ztunnel.
@@ -369,6 +431,10 @@ type tracker struct {
 	// control plane's share, without the API server's and kwok's).
 	running        map[string]time.Time
 	latFromRunning []time.Duration
+	// firstChange: when each client first applied a change after
+	// armedAt (its stream resynced after a restart), set by arm.
+	armedAt     time.Time
+	firstChange []time.Time
 }
 
 type expectation struct {
@@ -386,7 +452,51 @@ func newTracker(n int) *tracker {
 
 func (tr *tracker) watch(i int, s *xds.State) {
 	tr.states[i] = s
-	s.OnChange(func(xds.Change) { tr.check(i, time.Now()) })
+	s.OnChange(func(xds.Change) {
+		now := time.Now()
+		tr.mu.Lock()
+		if !tr.armedAt.IsZero() && tr.firstChange[i].IsZero() {
+			tr.firstChange[i] = now
+		}
+		tr.mu.Unlock()
+		tr.check(i, now)
+	})
+}
+
+// arm starts recording each client's first change from t0.
+func (tr *tracker) arm(t0 time.Time) {
+	tr.mu.Lock()
+	tr.armedAt, tr.firstChange = t0, make([]time.Time, len(tr.states))
+	tr.mu.Unlock()
+}
+
+// resynced returns, sorted, how long after arm each client first applied a
+// change (clients without one are left out).
+func (tr *tracker) resynced() []time.Duration {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	var d []time.Duration
+	for _, f := range tr.firstChange {
+		if !f.IsZero() {
+			d = append(d, f.Sub(tr.armedAt))
+		}
+	}
+	slices.Sort(d)
+	return d
+}
+
+// lastRunning is how long after t0 the last of pods got its address (as
+// this test's watch saw it), zero if all had it before.
+func (tr *tracker) lastRunning(pods []podRef, t0 time.Time) time.Duration {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	var last time.Duration
+	for _, p := range pods {
+		if r, ok := tr.running[xds.PodUID("Kubernetes", p.ns, p.name)]; ok {
+			last = max(last, r.Sub(t0))
+		}
+	}
+	return last
 }
 
 func (tr *tracker) expect(i int, uid string, present bool, since time.Time) {
@@ -588,11 +698,36 @@ func (r *run) end(m mark, scenario string, lat []time.Duration, changes int) {
 		res.RunP50ms, res.RunP99ms = q(50), q(99)
 	}
 	r.results = append(r.results, res)
+	r.write(res) // now: a later failure keeps what was measured
 	r.t.Logf("RESULT %s nodes=%d pods=%d changes=%d in %.1fs p50=%.0fms p99=%.0fms max=%.0fms (from Running: p50=%.0fms p99=%.0fms) pushed=%d B (%.0f B/change, %.0f net of idle) cpu: manager+clients %.1fs, apiserver+etcd+kwok %.1fs; rss %.0f MiB heap %.0f MiB load1 %s",
 		scenario, r.nodes, r.pods, changes, res.Seconds, res.P50ms, res.P99ms, res.Maxms, res.RunP50ms, res.RunP99ms, res.Bytes, res.BytesPer, res.NetBytesPer, res.CPUSelf, res.CPUOthers, res.RSSMiB, res.HeapMiB, res.Load1)
 }
 
 func (r *run) note(format string, args ...any) { r.t.Logf("RESULT "+format, args...) }
+
+// profile writes CPU and mutex profiles of the test process (the manager
+// and the clients) to SCALE_PROFILE/<name>.{cpu,mutex}.pprof until the
+// returned func is called; without SCALE_PROFILE it does nothing.
+func (r *run) profile(name string) func() {
+	dir := os.Getenv("SCALE_PROFILE")
+	if dir == "" {
+		return func() {}
+	}
+	must(r.t, os.MkdirAll(dir, 0o755))
+	f, err := os.Create(filepath.Join(dir, name+".cpu.pprof"))
+	must(r.t, err)
+	must(r.t, pprof.StartCPUProfile(f))
+	runtime.SetMutexProfileFraction(5)
+	return func() {
+		pprof.StopCPUProfile()
+		f.Close()
+		m, err := os.Create(filepath.Join(dir, name+".mutex.pprof"))
+		must(r.t, err)
+		must(r.t, pprof.Lookup("mutex").WriteTo(m, 0))
+		m.Close()
+		runtime.SetMutexProfileFraction(0)
+	}
+}
 
 // watchPeak samples RSS and heap every 100ms until the returned func is
 // called, which returns the peaks in MiB.
@@ -619,18 +754,20 @@ func (r *run) watchPeak() func() (float64, float64) {
 	return func() (float64, float64) { close(done); wg.Wait(); return rss, heap }
 }
 
-func (r *run) flush() {
+// write appends res to SCALE_OUT.
+func (r *run) write(res result) {
 	if r.out == "" {
 		return
 	}
 	f, err := os.OpenFile(r.out, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	must(r.t, err)
 	defer f.Close()
-	enc := json.NewEncoder(f)
-	for _, res := range r.results {
-		res.PerClientKiB = r.perClientKiB
-		must(r.t, enc.Encode(res))
-	}
+	must(r.t, json.NewEncoder(f).Encode(res))
+}
+
+// flush appends the per-client memory, measured last, as its own line.
+func (r *run) flush() {
+	r.write(result{Scenario: "per-client-memory", Nodes: r.nodes, Pods: r.pods, PerClientKiB: r.perClientKiB, Load1: load1()})
 }
 
 func envStr(name, def string) string {
