@@ -2,11 +2,13 @@ package controllers
 
 import (
 	"context"
+	"fmt"
 	"testing"
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 )
@@ -117,17 +119,27 @@ func TestNodeAgentCNIValidation(t *testing.T) {
 	if got := hostPaths(ds)["cni-net-dir"]; got != "/var/lib/rancher/k3s/agent/etc/cni/net.d" {
 		t.Fatalf("k3s mesh mounts %q", got)
 	}
-	// auto and openshift are accepted and rendered with the host's / mounted.
+	// Switching the mesh to auto, then openshift: accepted, and the agent is
+	// re-rendered with the host's / mounted instead of the two directories.
 	for _, p := range []meshv1.CNIPlatform{meshv1.CNIPlatformAuto, meshv1.CNIPlatformOpenShift} {
-		ns := "mesh-cni-" + string(p)
-		newMesh(t, "cni-"+string(p), ns, func(m *meshv1.AmbientMesh) { m.Spec.NodeAgent.CNI.Platform = p })
-		ds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: NodeAgentName}}
-		eventually(t, "node agent DaemonSet ("+string(p)+")", exists(ds))
-		if got := hostPaths(ds)["host-root"]; got != "/" {
-			t.Fatalf("%s mesh mounts host root %q", p, got)
+		m := &meshv1.AmbientMesh{}
+		if err := k8s.Get(ctx, client.ObjectKey{Name: "cni-k3s"}, m); err != nil {
+			t.Fatal(err)
 		}
-		if env := envMap(ds.Spec.Template.Spec.Containers[0].Env); env["CNI_HOST_ROOT"] != cniHostRoot {
-			t.Fatalf("%s mesh: CNI_HOST_ROOT %q", p, env["CNI_HOST_ROOT"])
+		m.Spec.NodeAgent.CNI.Platform = p
+		if err := k8s.Update(ctx, m); err != nil {
+			t.Fatalf("platform %s refused: %v", p, err)
 		}
+		eventually(t, "node agent DaemonSet re-rendered for "+string(p), func() error {
+			ds := &appsv1.DaemonSet{}
+			if err := k8s.Get(ctx, client.ObjectKey{Namespace: ns, Name: NodeAgentName}, ds); err != nil {
+				return err
+			}
+			paths, env := hostPaths(ds), envMap(ds.Spec.Template.Spec.Containers[0].Env)
+			if paths["host-root"] != "/" || paths["cni-net-dir"] != "" || env["CNI_HOST_ROOT"] != cniHostRoot {
+				return fmt.Errorf("host paths %v, CNI_HOST_ROOT %q", paths, env["CNI_HOST_ROOT"])
+			}
+			return nil
+		})
 	}
 }
