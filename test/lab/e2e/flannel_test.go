@@ -125,7 +125,7 @@ func flannelConfDir(short string) string {
 // plugin): the node agent chains into flannel's conflist (and again after
 // flannel rewrites it), pods there are captured, HBONE works same-node and
 // to and from a bridge worker, L4 policy is enforced and a waypoint serves
-// traffic to a pod on it.
+// traffic to a pod on it. The node agents run with CNI platform auto.
 func TestFlannelWorkerJourney(t *testing.T) {
 	requireMesh(t)
 	short := flannelNode(t)
@@ -133,6 +133,15 @@ func TestFlannelWorkerJourney(t *testing.T) {
 	ann := mustKubectl(t, "get", "node", node, "-o", `jsonpath={.metadata.annotations.flannel\.alpha\.coreos\.com/backend-type}`)
 	if strings.TrimSpace(ann) == "" {
 		t.Fatalf("node %s has no flannel backend annotation: flanneld did not register it", node)
+	}
+	// The node agents find the CNI directories themselves (platform auto):
+	// after flannel rewrites its file, the agent on its node chains in again
+	// into what it detected.
+	useAutoCNI(t)
+	rewriteFlannelConfig(t, short)
+	agentLogs, _ := kubectl("logs", "-n", meshNS, "-l", "app=ambient-node-agent", "--tail=-1", "--prefix")
+	if !strings.Contains(agentLogs, "/host/root/etc/cni/net.d") {
+		t.Errorf("no node agent logged configuring the detected /host/root/etc/cni/net.d")
 	}
 	eventually(t, 60*time.Second, "node agent chained after flannel", func() error {
 		types, err := cniChain(short)
@@ -234,6 +243,29 @@ spec:
 
 	// flannel rewrites its conflist when it restarts (kube-flannel's
 	// install-cni): the node agent chains in again, and new pods are captured.
+	rewriteFlannelConfig(t, short)
+	mustKubectl(t, "delete", "pod", "server-fl", "-n", ns, "--wait=true")
+	apply(t, ns, strings.ReplaceAll(flannelPlacement, "NODE", short))
+	mustKubectl(t, "wait", "-n", ns, "--for=condition=ready", "pod/server-fl", "--timeout=120s")
+	eventually(t, 60*time.Second, "new pod on the flannel node captured and served", func() error {
+		// Only this pod: a waypoint pod in the namespace is never captured.
+		got, _ := kubectl("get", "pod", "server-fl", "-n", ns, "-o", `jsonpath={.metadata.annotations.ambient\.istio\.io/redirection}`)
+		if got != "enabled" {
+			return fmt.Errorf("server-fl redirection %q", got)
+		}
+		out, code := curl(t, ns, "client-w1", "http://"+ip("server-fl")+"/hostname")
+		if code != 0 || strings.TrimSpace(out) != "server-fl" {
+			return fmt.Errorf("curl exit %d, answer %q", code, out)
+		}
+		return nil
+	})
+}
+
+// rewriteFlannelConfig puts back flannel's own conflist, as kube-flannel's
+// install-cni does on every restart, and waits for the node agent to chain
+// in again.
+func rewriteFlannelConfig(t *testing.T, short string) {
+	t.Helper()
 	pristine := filepath.Join(filepath.Dir(kubeconfig), "state/nodes", short, "flannel-cni.conflist")
 	b, err := os.ReadFile(pristine)
 	if err != nil {
@@ -255,19 +287,24 @@ spec:
 		}
 		return nil
 	})
-	mustKubectl(t, "delete", "pod", "server-fl", "-n", ns, "--wait=true")
-	apply(t, ns, strings.ReplaceAll(flannelPlacement, "NODE", short))
-	mustKubectl(t, "wait", "-n", ns, "--for=condition=ready", "pod/server-fl", "--timeout=120s")
-	eventually(t, 60*time.Second, "new pod on the flannel node captured and served", func() error {
-		// Only this pod: a waypoint pod in the namespace is never captured.
-		got, _ := kubectl("get", "pod", "server-fl", "-n", ns, "-o", `jsonpath={.metadata.annotations.ambient\.istio\.io/redirection}`)
-		if got != "enabled" {
-			return fmt.Errorf("server-fl redirection %q", got)
-		}
-		out, code := curl(t, ns, "client-w1", "http://"+ip("server-fl")+"/hostname")
-		if code != 0 || strings.TrimSpace(out) != "server-fl" {
-			return fmt.Errorf("curl exit %d, answer %q", code, out)
+}
+
+// useAutoCNI switches the mesh's node agents to platform auto (the host's /
+// mounted, directories detected on each node) until the test ends.
+func useAutoCNI(t *testing.T) {
+	t.Helper()
+	mustKubectl(t, "patch", "ambientmesh", "default", "--type", "merge", "-p", `{"spec":{"nodeAgent":{"cni":{"platform":"auto"}}}}`)
+	t.Cleanup(func() {
+		kubectl("patch", "ambientmesh", "default", "--type", "json", "-p", `[{"op":"remove","path":"/spec/nodeAgent/cni/platform"}]`)
+		kubectl("-n", meshNS, "rollout", "status", "daemonset/ambient-node-agent", "--timeout=180s")
+	})
+	eventually(t, 60*time.Second, "node agents rendered for platform auto", func() error {
+		out, _ := kubectl("-n", meshNS, "get", "daemonset", "ambient-node-agent", "-o",
+			`jsonpath={.spec.template.spec.containers[0].env[?(@.name=="CNI_HOST_ROOT")].value}`)
+		if strings.TrimSpace(out) == "" {
+			return fmt.Errorf("no CNI_HOST_ROOT yet")
 		}
 		return nil
 	})
+	rolloutDaemonSet(t, "ambient-node-agent")
 }
