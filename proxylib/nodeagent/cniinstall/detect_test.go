@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 )
 
@@ -167,7 +168,7 @@ func TestInstallConfigMultus(t *testing.T) {
 				}
 				return plugins(t, filepath.Join(root, tc.wantFile))
 			}
-			if got := types(); !equal(got, tc.want) {
+			if got := types(); !slices.Equal(got, tc.want) {
 				t.Fatalf("chain %v, want %v", got, tc.want)
 			}
 			// Multus' own file is never turned into a list.
@@ -180,7 +181,7 @@ func TestInstallConfigMultus(t *testing.T) {
 			if err := UninstallConfigIn(root, filepath.Join(root, tc.confDir)); err != nil {
 				t.Fatal(err)
 			}
-			if got := types(); equal(got, tc.want) || len(got) != len(tc.want)-1 {
+			if got := types(); slices.Equal(got, tc.want) || len(got) != len(tc.want)-1 {
 				t.Fatalf("after uninstall chain %v", got)
 			}
 		})
@@ -199,16 +200,4 @@ func delegateTypes(t *testing.T, path string) []string {
 		types = append(types, p.(map[string]any)["type"].(string))
 	}
 	return types
-}
-
-func equal(a, b []string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }

@@ -15,72 +15,41 @@ import (
 )
 
 // flannelPlacement: clients and servers on a bridge worker (w1) and on the
-// flannel worker (NODE); "other" runs as an identity the L4 policy refuses.
-const flannelPlacement = `
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: client}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: other}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: server}
----
-apiVersion: v1
+// flannel worker; "other" runs as an identity the L4 policy refuses.
+func flannelPlacement(flannel string) string {
+	var b strings.Builder
+	b.WriteString(`apiVersion: v1
 kind: Service
 metadata: {name: server-fl}
 spec:
   selector: {app: server, place: fl}
   ports: [{name: http, port: 80}]
----
+`)
+	for _, sa := range []string{"client", "other", "server"} {
+		fmt.Fprintf(&b, "---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: %s}\n", sa)
+	}
+	for _, p := range []struct{ name, app, node string }{
+		{"client-w1", "client", "w1"}, {"client-fl", "client", flannel}, {"other-fl", "other", flannel},
+		{"server-w1", "server", "w1"}, {"server-fl", "server", flannel},
+	} {
+		container := `{name: c, image: docker.io/ambient-lab/sleep:dev, imagePullPolicy: Never, command: [/usr/bin/sleep, infinity]}`
+		if p.app == "server" {
+			container = `{name: s, image: docker.io/ambient-lab/httpbin:dev, imagePullPolicy: Never, readinessProbe: {tcpSocket: {port: 80}, periodSeconds: 1}}`
+		}
+		place := strings.TrimPrefix(p.name, p.app+"-")
+		fmt.Fprintf(&b, `---
 apiVersion: v1
 kind: Pod
-metadata: {name: client-w1, labels: {app: client}}
+metadata: {name: %s, labels: {app: %s, place: %s}}
 spec:
-  serviceAccountName: client
-  nodeSelector: {ambient.lab/node: w1}
+  serviceAccountName: %s
+  nodeSelector: {ambient.lab/node: %s}
   terminationGracePeriodSeconds: 1
-  containers: [{name: c, image: docker.io/ambient-lab/sleep:dev, imagePullPolicy: Never, command: [/usr/bin/sleep, infinity]}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client-fl, labels: {app: client}}
-spec:
-  serviceAccountName: client
-  nodeSelector: {ambient.lab/node: NODE}
-  terminationGracePeriodSeconds: 1
-  containers: [{name: c, image: docker.io/ambient-lab/sleep:dev, imagePullPolicy: Never, command: [/usr/bin/sleep, infinity]}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: other-fl, labels: {app: other}}
-spec:
-  serviceAccountName: other
-  nodeSelector: {ambient.lab/node: NODE}
-  terminationGracePeriodSeconds: 1
-  containers: [{name: c, image: docker.io/ambient-lab/sleep:dev, imagePullPolicy: Never, command: [/usr/bin/sleep, infinity]}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: server-w1, labels: {app: server, place: w1}}
-spec:
-  serviceAccountName: server
-  nodeSelector: {ambient.lab/node: w1}
-  terminationGracePeriodSeconds: 1
-  containers: [{name: s, image: docker.io/ambient-lab/httpbin:dev, imagePullPolicy: Never, readinessProbe: {tcpSocket: {port: 80}, periodSeconds: 1}}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: server-fl, labels: {app: server, place: fl}}
-spec:
-  serviceAccountName: server
-  nodeSelector: {ambient.lab/node: NODE}
-  terminationGracePeriodSeconds: 1
-  containers: [{name: s, image: docker.io/ambient-lab/httpbin:dev, imagePullPolicy: Never, readinessProbe: {tcpSocket: {port: 80}, periodSeconds: 1}}]
-`
+  containers: [%s]
+`, p.name, p.app, place, p.app, p.node, container)
+	}
+	return b.String()
+}
 
 // flannelNode returns the short name (w3) of the lab's flannel worker, or
 // skips: the flannel shape is opt-in (make e2e-flannel).
@@ -154,7 +123,7 @@ func TestFlannelWorkerJourney(t *testing.T) {
 	const ns = "e2e-flannel"
 	recreateNamespace(t, ns, "istio.io/dataplane-mode=ambient")
 	t.Cleanup(func() { kubectl("delete", "ns", ns, "--wait=false") })
-	apply(t, ns, strings.ReplaceAll(flannelPlacement, "NODE", short))
+	apply(t, ns, flannelPlacement(short))
 	mustKubectl(t, "wait", "-n", ns, "--for=condition=ready", "pod", "--all", "--timeout=120s")
 	eventually(t, 60*time.Second, "pods captured", func() error {
 		c := captureOf(t, ns)
@@ -245,7 +214,7 @@ spec:
 	// install-cni): the node agent chains in again, and new pods are captured.
 	rewriteFlannelConfig(t, short)
 	mustKubectl(t, "delete", "pod", "server-fl", "-n", ns, "--wait=true")
-	apply(t, ns, strings.ReplaceAll(flannelPlacement, "NODE", short))
+	apply(t, ns, flannelPlacement(short))
 	mustKubectl(t, "wait", "-n", ns, "--for=condition=ready", "pod/server-fl", "--timeout=120s")
 	eventually(t, 60*time.Second, "new pod on the flannel node captured and served", func() error {
 		// Only this pod: a waypoint pod in the namespace is never captured.
