@@ -214,6 +214,11 @@ demo-local: envtest ## Operator only: local API server, the manager, the sample 
 e2e: ## End-to-end suite in the lab.
 	test/lab/e2e.sh
 
+.PHONY: e2e-flannel
+e2e-flannel: ## The journey's core on a third worker whose pod network is flannel (vxlan, kube subnet manager; built from the module proxy into bin/flannel).
+	LAB_WORKERS=3 LAB_FLANNEL_NODES=w3 E2E_REQUIRE_FLANNEL=1 E2E_REQUIRE_MESH=1 \
+	  E2E_RUN='^(TestLabNodesReady|TestSameAndCrossNodeWithoutMesh|TestFlannelWorkerJourney)$$' test/lab/e2e.sh
+
 .PHONY: chaos
 chaos: ## Faults under steady load in the lab (manager down 2 min, ztunnel SIGKILL, waypoint replica killed); bin/chaos/ (make e2e runs a short one).
 	CHAOS=full E2E_RUN='^TestChaos$$' E2E_REQUIRE_MESH=1 test/lab/e2e.sh

@@ -331,11 +331,39 @@ func DesiredZtunnel(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 // cniPlatformDirs are each platform's CNI configuration and binary
 // directories on the host (Istio's documented platform prerequisites).
 var cniPlatformDirs = map[meshv1.CNIPlatform][2]string{
-	meshv1.CNIPlatformStandard: {"/etc/cni/net.d", "/opt/cni/bin"},
-	meshv1.CNIPlatformGKE:      {"/etc/cni/net.d", "/home/kubernetes/bin"},
-	meshv1.CNIPlatformK3s:      {"/var/lib/rancher/k3s/agent/etc/cni/net.d", "/var/lib/rancher/k3s/data/current/bin"},
-	meshv1.CNIPlatformK3d:      {"/var/lib/rancher/k3s/agent/etc/cni/net.d", "/bin"},
-	meshv1.CNIPlatformMicroK8s: {"/var/snap/microk8s/current/args/cni-network", "/var/snap/microk8s/current/opt/cni/bin"},
+	meshv1.CNIPlatformStandard:  {"/etc/cni/net.d", "/opt/cni/bin"},
+	meshv1.CNIPlatformGKE:       {"/etc/cni/net.d", "/home/kubernetes/bin"},
+	meshv1.CNIPlatformK3s:       {"/var/lib/rancher/k3s/agent/etc/cni/net.d", "/var/lib/rancher/k3s/data/current/bin"},
+	meshv1.CNIPlatformK3d:       {"/var/lib/rancher/k3s/agent/etc/cni/net.d", "/bin"},
+	meshv1.CNIPlatformMicroK8s:  {"/var/snap/microk8s/current/args/cni-network", "/var/snap/microk8s/current/opt/cni/bin"},
+	meshv1.CNIPlatformOpenShift: {"/etc/kubernetes/cni/net.d", "/var/lib/cni/bin"},
+}
+
+// cniHostRoot is where the node agent sees the host's / when it looks for
+// (auto) or follows (OpenShift's multus delegate) CNI directories itself.
+const cniHostRoot = "/host/root"
+
+// cniNodeMounts: the node agent's CNI volumes and env. Fixed platforms
+// mount the two directories; auto and OpenShift mount the host's / and
+// pass host paths (empty under auto: detected on the node).
+func cniNodeMounts(c meshv1.CNISpec) ([]corev1.Volume, []corev1.VolumeMount, []corev1.EnvVar) {
+	if c.Platform == meshv1.CNIPlatformAuto || c.Platform == meshv1.CNIPlatformOpenShift {
+		confDir, binDir := c.ConfDir, c.BinDir
+		if c.Platform == meshv1.CNIPlatformOpenShift {
+			confDir, binDir = CNIDirs(c)
+		}
+		hostToContainer := corev1.MountPropagationHostToContainer
+		return []corev1.Volume{hostPathVolume("host-root", "/", corev1.HostPathDirectory)},
+			[]corev1.VolumeMount{{Name: "host-root", MountPath: cniHostRoot, MountPropagation: &hostToContainer}},
+			[]corev1.EnvVar{{Name: "CNI_HOST_ROOT", Value: cniHostRoot}, {Name: "CNI_CONF_DIR", Value: confDir}, {Name: "CNI_BIN_DIR", Value: binDir}}
+	}
+	confDir, binDir := CNIDirs(c)
+	return []corev1.Volume{
+			hostPathVolume("cni-bin-dir", binDir, corev1.HostPathDirectoryOrCreate),
+			hostPathVolume("cni-net-dir", confDir, corev1.HostPathDirectoryOrCreate),
+		},
+		[]corev1.VolumeMount{{Name: "cni-bin-dir", MountPath: "/host/opt/cni/bin"}, {Name: "cni-net-dir", MountPath: "/host/etc/cni/net.d"}},
+		[]corev1.EnvVar{{Name: "CNI_BIN_DIR", Value: "/host/opt/cni/bin"}, {Name: "CNI_CONF_DIR", Value: "/host/etc/cni/net.d"}}
 }
 
 // CNIDirs resolves the host's CNI configuration and binary directories:
@@ -360,7 +388,7 @@ func CNIDirs(c meshv1.CNISpec) (confDir, binDir string) {
 // namespaces to install redirection, and passes them to ztunnel.
 func DesiredNodeAgent(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 	image := d.NodeAgentImage
-	confDir, binDir := CNIDirs(mesh.Spec.NodeAgent.CNI)
+	cniVols, cniMounts, cniEnv := cniNodeMounts(mesh.Spec.NodeAgent.CNI)
 	hostToContainer := corev1.MountPropagationHostToContainer
 	pod := corev1.PodSpec{
 		ServiceAccountName: NodeAgentName,
@@ -373,40 +401,34 @@ func DesiredNodeAgent(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 		TerminationGracePeriodSeconds: ptr.To[int64](30),
 		NodeSelector:                  mesh.Spec.Ztunnel.NodeSelector,
 		Tolerations:                   nodeTolerations(mesh),
-		Volumes: []corev1.Volume{
-			hostPathVolume("cni-bin-dir", binDir, corev1.HostPathDirectoryOrCreate),
-			hostPathVolume("cni-net-dir", confDir, corev1.HostPathDirectoryOrCreate),
+		Volumes: append(cniVols,
 			hostPathVolume("ambient-socket", ZDSSocketDir, corev1.HostPathDirectoryOrCreate),
 			hostPathVolume("host-netns", "/var/run/netns", corev1.HostPathDirectoryOrCreate),
 			hostPathVolume("host-proc", "/proc", corev1.HostPathDirectory),
-		},
+		),
 		Containers: []corev1.Container{{
 			Name:            "node-agent",
 			Image:           image,
 			ImagePullPolicy: corev1.PullIfNotPresent,
 			Args:            []string{"node-agent"},
 			Resources:       resourcesOr(mesh.Spec.NodeAgent.Resources, nodeAgentResources),
-			Env: []corev1.EnvVar{
+			Env: append(cniEnv,
 				fieldEnv("NODE_NAME", "spec.nodeName"),
 				fieldEnv("POD_NAMESPACE", "metadata.namespace"),
-				{Name: "MESH_NAME", Value: mesh.Name},
-				{Name: "MESH_NAMESPACE", Value: mesh.Spec.Namespace},
-				{Name: "EXCLUDED_NAMESPACES", Value: strings.Join(excludedNamespaces(mesh), ",")},
-				{Name: "REDIRECTION_BACKEND", Value: string(mesh.Spec.Capture.Redirection)},
-				{Name: "DNS_CAPTURE", Value: strconv.FormatBool(mesh.Spec.Capture.DNSCapture)},
-				{Name: "ZDS_SOCKET", Value: ZDSSocketDir + "/ztunnel.sock"},
-				{Name: "CNI_BIN_DIR", Value: "/host/opt/cni/bin"},
-				{Name: "CNI_CONF_DIR", Value: "/host/etc/cni/net.d"},
-				{Name: "HEALTH_PORT", Value: fmt.Sprint(nodeAgentHealthPort)},
-				{Name: "LOG_LEVEL", Value: string(mesh.Spec.Ztunnel.LogLevel)},
-			},
-			VolumeMounts: []corev1.VolumeMount{
-				{Name: "cni-bin-dir", MountPath: "/host/opt/cni/bin"},
-				{Name: "cni-net-dir", MountPath: "/host/etc/cni/net.d"},
-				{Name: "ambient-socket", MountPath: ZDSSocketDir},
-				{Name: "host-netns", MountPath: "/var/run/netns", MountPropagation: &hostToContainer},
-				{Name: "host-proc", MountPath: "/host/proc", ReadOnly: true},
-			},
+				corev1.EnvVar{Name: "MESH_NAME", Value: mesh.Name},
+				corev1.EnvVar{Name: "MESH_NAMESPACE", Value: mesh.Spec.Namespace},
+				corev1.EnvVar{Name: "EXCLUDED_NAMESPACES", Value: strings.Join(excludedNamespaces(mesh), ",")},
+				corev1.EnvVar{Name: "REDIRECTION_BACKEND", Value: string(mesh.Spec.Capture.Redirection)},
+				corev1.EnvVar{Name: "DNS_CAPTURE", Value: strconv.FormatBool(mesh.Spec.Capture.DNSCapture)},
+				corev1.EnvVar{Name: "ZDS_SOCKET", Value: ZDSSocketDir + "/ztunnel.sock"},
+				corev1.EnvVar{Name: "HEALTH_PORT", Value: fmt.Sprint(nodeAgentHealthPort)},
+				corev1.EnvVar{Name: "LOG_LEVEL", Value: string(mesh.Spec.Ztunnel.LogLevel)},
+			),
+			VolumeMounts: append(cniMounts,
+				corev1.VolumeMount{Name: "ambient-socket", MountPath: ZDSSocketDir},
+				corev1.VolumeMount{Name: "host-netns", MountPath: "/var/run/netns", MountPropagation: &hostToContainer},
+				corev1.VolumeMount{Name: "host-proc", MountPath: "/host/proc", ReadOnly: true},
+			),
 			ReadinessProbe: &corev1.Probe{
 				ProbeHandler:  corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/readyz", Port: intstr.FromInt32(nodeAgentHealthPort)}},
 				PeriodSeconds: 5, FailureThreshold: 3,

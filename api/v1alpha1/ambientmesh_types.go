@@ -146,8 +146,9 @@ type NodeAgentSpec struct {
 
 // CNIPlatform names a Kubernetes distribution whose CNI directories differ
 // from the standard /etc/cni/net.d and /opt/cni/bin (as Istio's
-// global.platform and its documented cniConfDir/cniBinDir overrides).
-// +kubebuilder:validation:Enum=standard;gke;k3s;k3d;microk8s
+// global.platform and its documented cniConfDir/cniBinDir overrides), or
+// auto: the node agent finds them on each node.
+// +kubebuilder:validation:Enum=standard;gke;k3s;k3d;microk8s;openshift;auto
 type CNIPlatform string
 
 const (
@@ -156,6 +157,15 @@ const (
 	CNIPlatformK3s      CNIPlatform = "k3s"
 	CNIPlatformK3d      CNIPlatform = "k3d"
 	CNIPlatformMicroK8s CNIPlatform = "microk8s"
+	// OpenShift: multus' configuration in /etc/kubernetes/cni/net.d,
+	// plugins in /var/lib/cni/bin; the node agent chains into the cluster
+	// network multus delegates to (in /run/multus/cni/net.d), so it mounts
+	// the host's / as for auto.
+	CNIPlatformOpenShift CNIPlatform = "openshift"
+	// Auto: the node agent mounts the host's / and, on each node, uses the
+	// first of OpenShift's, k3s', microk8s' and the standard directories
+	// that holds a network configuration (ConfDir/BinDir, when set, win).
+	CNIPlatformAuto CNIPlatform = "auto"
 )
 
 // CNISpec locates the host's CNI configuration and binaries. The platform

@@ -62,6 +62,9 @@ type Options struct {
 	// CNIBinDir/CNIConfDir, when set, receive the plugin binary and its
 	// chained entry in the primary network configuration.
 	CNIBinDir, CNIConfDir string
+	// CNIHostRoot, when set, is the host's / mounted here: CNIBinDir and
+	// CNIConfDir are then host paths under it, detected when empty.
+	CNIHostRoot string
 	// ProbeSNAT rewrites the node's own connections to captured pods
 	// (kubelet probes) to a link-local source the pod rules let through.
 	// HostNetns is the node namespace path ("" = this process's).
@@ -131,7 +134,7 @@ func Run(ctx context.Context, cfg *rest.Config, o Options) error {
 		}
 	}
 	var synced, cniReady atomic.Bool
-	cniReady.Store(o.CNIConfDir == "")
+	cniReady.Store(!o.installsCNI())
 	if err := a.setupController(mgr); err != nil {
 		return err
 	}
@@ -165,7 +168,7 @@ func Run(ctx context.Context, cfg *rest.Config, o Options) error {
 			return err
 		}
 	}
-	if o.CNIConfDir != "" {
+	if o.installsCNI() {
 		if err := mgr.Add(manager(func(ctx context.Context) error { return keepCNIInstalled(ctx, o, &cniReady, &a.removing) })); err != nil {
 			return err
 		}
@@ -225,47 +228,20 @@ func (a *Agent) setupController(mgr ctrl.Manager) error {
 		}))
 }
 
-// keepCNIInstalled installs the plugin binary once and re-checks the
-// configuration periodically: the cluster's network plugin may (re)write
-// its file after us.
+// keepCNIInstalled keeps the plugin binary and its chained entry in place:
+// it re-checks periodically, since the cluster's network plugin may
+// (re)write its configuration after us and the directories may move.
 func keepCNIInstalled(ctx context.Context, o Options, ready, removing *atomic.Bool) error {
-	if o.CNIBinDir != "" {
-		exe, err := os.Executable()
-		if err != nil {
-			return err
-		}
-		if err := cniinstall.InstallBinary(exe, o.CNIBinDir); err != nil {
-			return fmt.Errorf("install CNI binary: %w", err)
-		}
+	exe, err := os.Executable()
+	if err != nil {
+		return err
 	}
+	installedIn := "" // refreshed once per directory: an upgrade replaces an old binary
 	for {
-		if removing.Load() { // the mesh is going away: the plugin stays out
-			select {
-			case <-ctx.Done():
-				return nil
-			case <-time.After(2 * time.Second):
-			}
-			continue
-		}
-		if o.CNIBinDir != "" {
-			if _, err := os.Stat(filepath.Join(o.CNIBinDir, cniinstall.PluginType)); err != nil {
-				exe, _ := os.Executable()
-				if err := cniinstall.InstallBinary(exe, o.CNIBinDir); err != nil {
-					o.Log.Error(err, "install CNI binary")
-				}
-			}
-		}
-		changed, err := cniinstall.InstallConfig(o.CNIConfDir, o.PluginConf)
-		switch {
-		case err == nil:
-			if changed {
-				o.Log.Info("CNI plugin configured", "dir", o.CNIConfDir)
-			}
-			ready.Store(true)
-		case errors.Is(err, cniinstall.ErrNoConfig):
-			o.Log.V(1).Info("waiting for the cluster network plugin's configuration", "dir", o.CNIConfDir)
-		default:
-			o.Log.Error(err, "configure CNI plugin")
+		if !removing.Load() { // the mesh is going away: the plugin stays out
+			ok, bin := installCNIOnce(o, exe, installedIn)
+			installedIn = bin
+			ready.Store(ok || ready.Load())
 		}
 		select {
 		case <-ctx.Done():
@@ -273,6 +249,43 @@ func keepCNIInstalled(ctx context.Context, o Options, ready, removing *atomic.Bo
 		case <-time.After(5 * time.Second):
 		}
 	}
+}
+
+// installCNIOnce installs what is missing; it reports whether the plugin is
+// in place and the binary directory it is in.
+func installCNIOnce(o Options, exe, installedIn string) (bool, string) {
+	confDir, binDir, err := o.cniDirs()
+	if errors.Is(err, cniinstall.ErrNoConfig) {
+		o.Log.V(1).Info("waiting for the cluster network plugin's configuration")
+		return false, installedIn
+	}
+	if err != nil {
+		o.Log.Error(err, "locate the CNI directories")
+		return false, installedIn
+	}
+	if binDir != "" {
+		_, statErr := os.Stat(filepath.Join(binDir, cniinstall.PluginType))
+		if binDir != installedIn || statErr != nil {
+			if err := cniinstall.InstallBinary(exe, binDir); err != nil {
+				o.Log.Error(err, "install CNI binary", "dir", binDir)
+				return false, installedIn
+			}
+			installedIn = binDir
+		}
+	}
+	changed, err := cniinstall.InstallConfigIn(o.CNIHostRoot, confDir, o.PluginConf)
+	switch {
+	case err == nil:
+		if changed {
+			o.Log.Info("CNI plugin configured", "dir", confDir, "bin", binDir)
+		}
+		return true, installedIn
+	case errors.Is(err, cniinstall.ErrNoConfig):
+		o.Log.V(1).Info("waiting for the cluster network plugin's configuration", "dir", confDir)
+	default:
+		o.Log.Error(err, "configure CNI plugin", "dir", confDir)
+	}
+	return false, installedIn
 }
 
 func serveHealth(ctx context.Context, addr string, ready func() bool) error {

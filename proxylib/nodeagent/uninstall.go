@@ -59,11 +59,20 @@ func (a *Agent) onShutdown(ctx context.Context, c client.Client, o Options) erro
 // this process captured or that carries the capture annotation.
 func (a *Agent) releaseAll(ctx context.Context, c client.Client, o Options) error {
 	var errs []error
-	if o.CNIConfDir != "" {
-		errs = append(errs, cniinstall.UninstallConfig(o.CNIConfDir))
-	}
-	if o.CNIBinDir != "" {
-		errs = append(errs, cniinstall.UninstallBinary(o.CNIBinDir))
+	if o.installsCNI() {
+		confDir, binDir, err := o.cniDirs()
+		switch {
+		case errors.Is(err, cniinstall.ErrNoConfig): // never installed
+		case err != nil:
+			errs = append(errs, err)
+		default:
+			if confDir != "" {
+				errs = append(errs, cniinstall.UninstallConfigIn(o.CNIHostRoot, confDir))
+			}
+			if binDir != "" {
+				errs = append(errs, cniinstall.UninstallBinary(binDir))
+			}
+		}
 	}
 	keys := map[types.NamespacedName]bool{}
 	for k := range a.Captured() {

@@ -7,7 +7,8 @@
 #   bin/fortio/fortio                  (load tool and echo server of make bench-mesh; test/bench/fortio)
 #   bin/metallb/<ver>/{controller,speaker,metallb-native.yaml}  (the lab's LoadBalancer, from the module proxy)
 #   bin/prometheus/<ver>/prometheus    (the lab's metrics server, from the module proxy)
-# Usage: test/lab/build.sh [k8s|coredns|fortio|metallb|prometheus|conformance|echo-advanced|images|ambientctl ...]   (default: all but conformance)
+#   bin/flannel/<ver>/{flanneld,flannel}  (the flannel worker's pod network, from the module proxy)
+# Usage: test/lab/build.sh [k8s|coredns|fortio|metallb|prometheus|flannel|conformance|echo-advanced|images|ambientctl ...]   (default: all but conformance and flannel)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BIN=$ROOT/bin
@@ -17,6 +18,13 @@ METALLB_VERSION=${METALLB_VERSION:-v0.15.2}
 # The Go module version of Prometheus v3.x (the module proxy serves the
 # server's tags as v0.3xx.y); test/observability depends on the same module.
 PROMETHEUS_VERSION=${PROMETHEUS_VERSION:-v0.316.0}
+# flanneld (github.com/flannel-io/flannel) and its CNI plugin. The plugin's
+# own module (github.com/flannel-io/cni-plugin) is not served by the module
+# proxy (403 for every version); before it moved there it was
+# plugins/meta/flannel of github.com/containernetworking/plugins, last in
+# v0.9.1, which the proxy serves.
+FLANNEL_VERSION=${FLANNEL_VERSION:-v0.28.10}
+FLANNEL_CNI_VERSION=${FLANNEL_CNI_VERSION:-v0.9.1}
 export K8S_VERSION
 
 ts() { date +%H:%M:%S; }
@@ -124,6 +132,34 @@ build_prometheus() {
   step "built $out in $((SECONDS - start))s"
 }
 
+# flannel for the lab's flannel worker shape (LAB_FLANNEL_NODES, lab.sh):
+# flanneld is flannel's own main package from the module, less the two
+# backends that cannot build here (tencentvpc: its SDK module is not served
+# by the proxy; udp: needs cgo). The lab uses vxlan. Cached like Prometheus.
+build_flannel() {
+  local out=$BIN/flannel/$FLANNEL_VERSION start=$SECONDS
+  local cache=${AMBIENT_CACHE:-$HOME/.cache/ambient}/flannel/$FLANNEL_VERSION
+  if [ -x "$out/flanneld" ] && [ -x "$out/flannel" ]; then step "cached: $out"; return; fi
+  mkdir -p "$out"
+  if [ -x "$cache/flanneld" ] && [ -x "$cache/flannel" ]; then
+    cp "$cache/flanneld" "$cache/flannel" "$out/"; step "cached: $out (from $cache)"; return
+  fi
+  step "building flannel $FLANNEL_VERSION (first time only, a few minutes)"
+  local dir=$BIN/.build/flannel-$FLANNEL_VERSION
+  mkdir -p "$dir"
+  printf 'module flannelbuild\n\ngo 1.26.0\n\nrequire github.com/flannel-io/flannel %s\n' "$FLANNEL_VERSION" >"$dir/go.mod"
+  (cd "$dir" && GOFLAGS=-mod=mod go mod download github.com/flannel-io/flannel)
+  sed -e '/pkg\/backend\/tencentvpc"/d' -e '/pkg\/backend\/udp"/d' \
+    "$(go env GOMODCACHE)/github.com/flannel-io/flannel@$FLANNEL_VERSION/main.go" >"$dir/main.go"
+  (cd "$dir" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "-s -w" -o "$out/flanneld.tmp" .)
+  mv "$out/flanneld.tmp" "$out/flanneld"
+  CGO_ENABLED=0 GOBIN="$dir" go install -trimpath -ldflags "-s -w" \
+    "github.com/containernetworking/plugins/plugins/meta/flannel@$FLANNEL_CNI_VERSION"
+  mv "$dir/flannel" "$out/flannel"
+  mkdir -p "$cache" && cp "$out/flanneld" "$out/flannel" "$cache/" || true
+  step "built $out/{flanneld,flannel} in $((SECONDS - start))s"
+}
+
 # The Gateway API conformance suite's echo server (make conformance), from
 # the suite's module at the product's Gateway API version (test/conformance).
 build_conformance() {
@@ -180,6 +216,7 @@ for t in "${targets[@]}"; do
     echo-advanced) build_echo_advanced ;;
     metallb) build_metallb ;;
     prometheus) build_prometheus ;;
+    flannel) build_flannel ;;
     conformance) build_conformance ;;
     ambientctl) build_ambientctl ;;
     *) echo "unknown build target $t" >&2; exit 2 ;;

@@ -20,6 +20,8 @@
 # Hooks: LAB_WORKERS (default 2); LAB_CNI_CHAIN a JSON object appended to
 # every node's CNI conflist (e.g. our ambient-cni plugin) when the conflist is
 # first written; extra images: every bin/images/*.tar is imported into every node.
+# LAB_FLANNEL_NODES (e.g. "w3", with LAB_WORKERS=3): those workers' pod
+# network is flannel instead of the bridge plugin (lib.sh).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -46,6 +48,7 @@ ensure_binaries() {
   done
   if [ $missing = 1 ]; then say "building Kubernetes components (first time only)"; "$ROOT/test/lab/build.sh" k8s; fi
   [ -x "$COREDNS_BIN" ] || { say "building CoreDNS (first time only)"; "$ROOT/test/lab/build.sh" coredns; }
+  if [ -n "$LAB_FLANNEL_NODES" ] && ! [ -x "$FLANNEL_BIN/flanneld" ]; then "$ROOT/test/lab/build.sh" flannel; fi
   if [ ! -f "$IMAGES/pause.tar" ] || [ ! -f "$IMAGES/coredns.tar" ] || [ -n "${LAB_REBUILD_IMAGES:-}" ]; then
     "$ROOT/test/lab/build.sh" images
   fi
@@ -295,6 +298,7 @@ node_mounts_up() {
   # CNI plugins come from the distribution; a node agent may add its own here.
   mkdir -p "$dir/fs/opt/cni/bin" "$dir/fs/etc/cni/net.d"
   for p in /usr/lib/cni/*; do ln -sfn "$p" "$dir/fs/opt/cni/bin/$(basename "$p")"; done
+  if [ "$(node_cni "$short")" = flannel ]; then cp "$FLANNEL_BIN/flannel" "$dir/fs/opt/cni/bin/flannel"; fi
 }
 
 # Each kubelet gets its own cgroup root so pods of different nodes never share
@@ -349,8 +353,34 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
 EOF
 }
 
+# flannel_cni_conflist: what flannel's DaemonSet installs on a node (its
+# install-cni step, kube-flannel's cni-conf.json): the flannel plugin, which
+# delegates to bridge + host-local with the subnet flanneld leased, and
+# portmap. ipMasq off as on the bridge nodes: pods keep their addresses
+# across nodes (flannel would otherwise masquerade towards other nodes' pods).
+flannel_cni_conflist() {
+  cat <<EOF
+{
+  "name": "cbr0",
+  "cniVersion": "0.3.1",
+  "plugins": [
+    {"type": "flannel", "delegate": {"hairpinMode": true, "isDefaultGateway": true, "ipMasq": false}},
+    {"type": "portmap", "capabilities": {"portMappings": true}}
+  ]
+}
+EOF
+}
+
 write_cni_conflist() {
   local dir=$1 cidr=$2 f=$1/fs/etc/cni/net.d/10-alab.conflist
+  if [ "$(node_cni "$(basename "$dir")")" = flannel ]; then
+    # The pristine copy lets a test rewrite the node's file as flannel's
+    # install-cni does on every restart (the node agent must chain in again).
+    flannel_cni_conflist >"$dir/flannel-cni.conflist"
+    f=$dir/fs/etc/cni/net.d/10-flannel.conflist
+    [ -f "$f" ] || { cp "$dir/flannel-cni.conflist" "$f.tmp" && mv "$f.tmp" "$f"; }
+    return 0
+  fi
   # Written once: a node agent that chains its plugin into this file keeps its edit.
   [ -f "$f" ] && return 0
   local chain=""
@@ -467,6 +497,39 @@ node_up() {
   say "node $name ($short, $ip, pods $cidr): containerd, kubelet, kube-proxy started"
 }
 
+# flannel_up: flanneld on a flannel worker, in the node's namespaces like
+# kubelet (as a host-network DaemonSet pod would run it): kube subnet manager
+# with its own least-privilege identity (kube-flannel's ClusterRole), the
+# node's eth0 on the lab bridge, no masquerade. It writes /run/flannel/subnet.env
+# (the node's private /run), which flannel's CNI plugin reads.
+flannel_up() {
+  local short=$1 name=$2 dir=$STATE/nodes/$1
+  kc apply -f - >/dev/null <<'EOF'
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: alab-flannel}
+rules:
+- {apiGroups: [""], resources: [pods], verbs: [get]}
+- {apiGroups: [""], resources: [nodes], verbs: [get, list, watch]}
+- {apiGroups: [""], resources: [nodes/status], verbs: [patch]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: alab-flannel}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: alab-flannel}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: "system:flannel"}]
+EOF
+  sign flannel "/CN=system:flannel" "$client_ext"
+  write_kubeconfig "$STATE/flannel.kubeconfig" flannel
+  printf '{"Network": "%s", "Backend": {"Type": "%s"}}\n' "$CLUSTER_CIDR" "$FLANNEL_BACKEND" >"$dir/flannel-net-conf.json"
+  (export NODE_NAME=$name
+   start_proc "$short-flanneld" "$short" "$FLANNEL_BIN/flanneld" --kube-subnet-mgr --kubeconfig-file="$STATE/flannel.kubeconfig" \
+     --iface=eth0 --ip-masq=false --net-config-path="$dir/flannel-net-conf.json" --subnet-file=/run/flannel/subnet.env)
+  wait_for 60 "flannel subnet on $short" in_node "$short" test -s /run/flannel/subnet.env ||
+    die "flanneld on $short wrote no subnet (see $LOGS/$short-flanneld.log)"
+  say "flanneld on $name ($FLANNEL_BACKEND): $(in_node "$short" grep FLANNEL_SUBNET /run/flannel/subnet.env)"
+}
+
 node_ready() { [ "$(kc get node "$1" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ]; }
 
 nodes_finish() {
@@ -476,7 +539,9 @@ nodes_finish() {
     if [ -z "$(kc get node "$name" -o jsonpath='{.spec.podCIDR}')" ]; then
       kc patch node "$name" --type merge -p "{\"spec\":{\"podCIDR\":\"$cidr\",\"podCIDRs\":[\"$cidr\"]}}" >/dev/null
     fi
-    kc label node "$name" --overwrite node-role.kubernetes.io/worker= ambient.lab/node="$short" >/dev/null
+    kc label node "$name" --overwrite node-role.kubernetes.io/worker= ambient.lab/node="$short" ambient.lab/cni="$(node_cni "$short")" >/dev/null
+    # flanneld's kube subnet manager leases the node's podCIDR: start it once set.
+    if [ "$(node_cni "$short")" = flannel ]; then flannel_up "$short" "$name"; fi
   done < <(workers)
   while read -r short name _; do
     wait_for 120 "node $name Ready" node_ready "$name" || die "node $name not Ready (see $LOGS/$short-kubelet.log)"
@@ -612,7 +677,7 @@ down() {
   # Nodes also listed by recorded state, in case LAB_WORKERS changed since up.
   [ -d "$STATE/nodes" ] && shorts=$(printf '%s\n' $shorts $(ls "$STATE/nodes") | sort -u)
   local s
-  for s in $shorts; do kill_recorded "$s-kubelet"; kill_recorded "$s-kube-proxy"; done
+  for s in $shorts; do kill_recorded "$s-kubelet"; kill_recorded "$s-kube-proxy"; kill_recorded "$s-flanneld"; done
   for s in $shorts; do kill_node_cgroups "$s"; done
   for s in $shorts; do kill_recorded "$s-containerd"; kill_node_mntns "$(mntns_path "$s")"; done
   say "workers stopped"

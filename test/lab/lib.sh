@@ -50,6 +50,16 @@ workers() {
   done
 }
 
+# Node shapes. A worker's pod network is the CNI bridge plugin with static
+# routes between nodes, unless its short name is in LAB_FLANNEL_NODES (e.g.
+# "w3"): then flanneld (kube subnet manager, vxlan backend, inside the node's
+# namespaces) and flannel's CNI plugin own it, as on a flannel cluster.
+LAB_FLANNEL_NODES=${LAB_FLANNEL_NODES:-}
+FLANNEL_VERSION=${FLANNEL_VERSION:-v0.28.10}
+FLANNEL_BIN=$ROOT/bin/flannel/$FLANNEL_VERSION
+FLANNEL_BACKEND=${FLANNEL_BACKEND:-vxlan}
+node_cni() { if [[ " $LAB_FLANNEL_NODES " == *" $1 "* ]]; then echo flannel; else echo bridge; fi; }
+
 # Paths that kubelet, containerd and CNI hard-code; each node gets private
 # copies in its own mount namespace. /run is a private tmpfs per node, which
 # also covers hostPath users such as /var/run/ambient.

@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
-	"slices"
 	"strings"
 )
 
@@ -52,48 +51,83 @@ func InstallBinary(src, binDir string) error {
 // PrimaryConfig returns the configuration file the runtime uses: the first
 // *.conflist / *.conf / *.json in lexical order.
 func PrimaryConfig(confDir string) (string, error) {
-	entries, err := os.ReadDir(confDir)
-	if err != nil {
+	if _, err := os.Stat(confDir); err != nil {
 		return "", err
 	}
-	var names []string
-	for _, e := range entries {
-		ext := filepath.Ext(e.Name())
-		if !e.IsDir() && !strings.HasPrefix(e.Name(), ".") && (ext == ".conflist" || ext == ".conf" || ext == ".json") {
-			names = append(names, e.Name())
-		}
-	}
-	if len(names) == 0 {
+	files := configFiles(confDir)
+	if len(files) == 0 {
 		return "", ErrNoConfig
 	}
-	slices.Sort(names)
-	return filepath.Join(confDir, names[0]), nil
+	return files[0], nil
 }
 
 // InstallConfig appends (or refreshes) plugin as the last entry of the
 // primary configuration. A single-plugin .conf is rewritten as a .conflist
 // of the same base name. It reports whether a file changed.
 func InstallConfig(confDir string, plugin map[string]any) (bool, error) {
+	return InstallConfigIn("", confDir, plugin)
+}
+
+// InstallConfigIn is InstallConfig with the host's file system mounted at
+// root (confDir is a path under it). When the primary configuration is
+// multus', the plugin is chained into the cluster network multus delegates
+// to (see multusTarget), so every pod's default interface goes through it.
+func InstallConfigIn(root, confDir string, plugin map[string]any) (bool, error) {
 	path, err := PrimaryConfig(confDir)
 	if err != nil {
 		return false, err
 	}
-	raw, err := os.ReadFile(path)
+	conf, err := readConf(path)
 	if err != nil {
 		return false, err
 	}
+	if !isMultus(conf) {
+		return chainInto(path, conf, plugin)
+	}
+	if ds, ok := conf["delegates"].([]any); ok && len(ds) > 0 {
+		return chainIntoDelegate(path, conf, ds, plugin)
+	}
+	target, err := multusTarget(root, confDir, path, conf)
+	if err != nil {
+		return false, err
+	}
+	tconf, err := readConf(target)
+	if err != nil {
+		return false, err
+	}
+	return chainInto(target, tconf, plugin)
+}
+
+func readConf(path string) (map[string]any, error) {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
 	var conf map[string]any
 	if err := json.Unmarshal(raw, &conf); err != nil {
-		return false, fmt.Errorf("%s: %w", path, err)
+		return nil, fmt.Errorf("%s: %w", path, err)
 	}
+	return conf, nil
+}
+
+// withPlugin returns conf as a plugin list ending with plugin (replacing
+// an earlier entry of ours), and whether conf was a list already.
+func withPlugin(conf, plugin map[string]any) (out map[string]any, list, kept []any, isList bool) {
 	plugin = clonePlugin(plugin)
 	plugin["type"] = PluginType
-	list, isList := conf["plugins"].([]any)
+	list, isList = conf["plugins"].([]any)
+	out = conf
 	if !isList { // single plugin config: wrap it
-		single := conf
-		conf = map[string]any{"cniVersion": single["cniVersion"], "name": single["name"]}
-		list = []any{single}
+		out = map[string]any{"cniVersion": conf["cniVersion"], "name": conf["name"]}
+		list = []any{conf}
 	}
+	kept = withoutPlugin(list)
+	kept = append(kept, plugin)
+	out["plugins"] = kept
+	return out, list, kept, isList
+}
+
+func withoutPlugin(list []any) []any {
 	var kept []any
 	for _, p := range list {
 		if m, ok := p.(map[string]any); ok && m["type"] == PluginType {
@@ -101,12 +135,16 @@ func InstallConfig(confDir string, plugin map[string]any) (bool, error) {
 		}
 		kept = append(kept, p)
 	}
-	kept = append(kept, plugin)
+	return kept
+}
+
+// chainInto writes conf (read from path) with plugin chained last.
+func chainInto(path string, conf, plugin map[string]any) (bool, error) {
+	out, list, kept, isList := withPlugin(conf, plugin)
 	if isList && reflect.DeepEqual(normalize(list), normalize(kept)) {
 		return false, nil
 	}
-	conf["plugins"] = kept
-	out, err := json.MarshalIndent(conf, "", "  ")
+	data, err := json.MarshalIndent(out, "", "  ")
 	if err != nil {
 		return false, err
 	}
@@ -114,7 +152,7 @@ func InstallConfig(confDir string, plugin map[string]any) (bool, error) {
 	if !isList {
 		dst = strings.TrimSuffix(path, filepath.Ext(path)) + ".conflist"
 	}
-	if err := writeAtomic(dst, out); err != nil {
+	if err := writeAtomic(dst, data); err != nil {
 		return false, err
 	}
 	if dst != path {
@@ -150,44 +188,57 @@ func writeAtomic(path string, data []byte) error {
 // UninstallConfig removes the plugin's entry from every configuration in
 // confDir (the mesh is being uninstalled: new pods must start normally).
 func UninstallConfig(confDir string) error {
-	entries, err := os.ReadDir(confDir)
+	return UninstallConfigIn("", confDir)
+}
+
+// UninstallConfigIn is UninstallConfig with the host mounted at root; it
+// also cleans the multus delegate directories (MultusDelegateDirs) and
+// multus' inline delegates.
+func UninstallConfigIn(root, confDir string) error {
+	dirs := []string{confDir}
+	for _, d := range MultusDelegateDirs {
+		if p, err := InRoot(root, d); err == nil && p != confDir {
+			dirs = append(dirs, p)
+		}
+	}
+	var errs []error
+	for _, dir := range dirs {
+		for _, path := range configFiles(dir) {
+			errs = append(errs, unchain(path))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// unchain removes our entry from one configuration file, if it has one.
+func unchain(path string) error {
+	conf, err := readConf(path)
+	if err != nil {
+		return nil // not ours to judge
+	}
+	changed := false
+	if list, ok := conf["plugins"].([]any); ok {
+		if kept := withoutPlugin(list); len(kept) != len(list) {
+			conf["plugins"], changed = kept, true
+		}
+	}
+	if ds, ok := conf["delegates"].([]any); ok && isMultus(conf) && len(ds) > 0 {
+		if d, ok := ds[0].(map[string]any); ok {
+			if list, ok := d["plugins"].([]any); ok {
+				if kept := withoutPlugin(list); len(kept) != len(list) {
+					d["plugins"], changed = kept, true
+				}
+			}
+		}
+	}
+	if !changed {
+		return nil
+	}
+	out, err := json.MarshalIndent(conf, "", "  ")
 	if err != nil {
 		return err
 	}
-	for _, e := range entries {
-		if filepath.Ext(e.Name()) != ".conflist" {
-			continue
-		}
-		path := filepath.Join(confDir, e.Name())
-		raw, err := os.ReadFile(path)
-		if err != nil {
-			return err
-		}
-		var conf map[string]any
-		if json.Unmarshal(raw, &conf) != nil {
-			continue
-		}
-		list, _ := conf["plugins"].([]any)
-		var kept []any
-		for _, p := range list {
-			if m, ok := p.(map[string]any); ok && m["type"] == PluginType {
-				continue
-			}
-			kept = append(kept, p)
-		}
-		if len(kept) == len(list) {
-			continue
-		}
-		conf["plugins"] = kept
-		out, err := json.MarshalIndent(conf, "", "  ")
-		if err != nil {
-			return err
-		}
-		if err := writeAtomic(path, out); err != nil {
-			return err
-		}
-	}
-	return nil
+	return writeAtomic(path, out)
 }
 
 // UninstallBinary removes the plugin binary.
