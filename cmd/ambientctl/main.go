@@ -34,6 +34,8 @@ const usage = `ambientctl: inspect and operate the ambient mesh
 
 Commands:
   proxy-config workloads|secrets|services|policies|dns|all [<pod>[.<namespace>]]
+  ztunnel-config workloads|certificates|services|policies|all [<pod>[.<namespace>]]
+      (istioctl's name for the same command; certificates = secrets)
       Show what a ztunnel (or waypoint) knows, read from its admin endpoint
       :15000/config_dump through the API server. Without a pod, the first
       ztunnel of the mesh namespace is used.
@@ -116,6 +118,7 @@ func newFlagSet(o *options) *pflag.FlagSet {
 var proxyConfigSections = map[string]string{
 	"workload": "workloads", "workloads": "workloads", "wl": "workloads",
 	"secret": "secrets", "secrets": "secrets",
+	"certificate": "secrets", "certificates": "secrets", "certs": "secrets", // istioctl ztunnel-config's name
 	"service": "services", "services": "services", "svc": "services",
 	"policy": "policies", "policies": "policies",
 	"dns": "dns",
@@ -146,7 +149,7 @@ func parseArgs(args []string) (invocation, error) {
 	}
 	inv.cmd, pos = pos[0], pos[1:]
 	switch inv.cmd {
-	case "proxy-config", "pc":
+	case "proxy-config", "pc", "ztunnel-config", "zc": // ztunnel-config: istioctl's name
 		inv.cmd = "proxy-config"
 		if len(pos) == 0 {
 			return inv, fmt.Errorf("%w: proxy-config needs a section: workloads, secrets, services, policies or all", errUsage)
