@@ -52,6 +52,8 @@ func TestMeshConformance(t *testing.T) {
 	opts.SupportedFeatures = []features.FeatureName{features.SupportMesh, features.SupportHTTPRoute,
 		features.SupportHTTPRouteResponseHeaderModification,
 		features.SupportMeshConsumerRoute, features.SupportHTTPRouteParentRefPort,
+		features.SupportHTTPRoute303RedirectStatusCode, features.SupportHTTPRoute307RedirectStatusCode,
+		features.SupportHTTPRoute308RedirectStatusCode, features.SupportGRPCRoute,
 		features.SupportMeshClusterIPMatching, features.SupportMeshHTTPRouteRewritePath,
 		features.SupportMeshHTTPRouteSchemeRedirect, features.SupportMeshHTTPRouteRedirectPort, features.SupportMeshHTTPRouteRedirectPath,
 		features.SupportMeshHTTPRouteBackendRequestHeaderModification, features.SupportMeshHTTPRouteQueryParamMatching,
