@@ -24,6 +24,7 @@ import (
 
 	"github.com/spf13/pflag"
 
+	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 	"github.com/ambientmesh/ambient/proxylib/meshgraph/dashboard"
 )
 
@@ -39,7 +40,10 @@ Commands:
       Show what a ztunnel (or waypoint) knows, read from its admin endpoint
       :15000/config_dump through the API server. Without a pod, the first
       ztunnel of the mesh namespace is used.
-  waypoint apply [--for-service-account SA] [--name NAME] [--wait]
+  waypoint generate [--for service|workload|all|none] [--for-service-account SA] [--name NAME]
+      Print the WaypointPolicy apply would create (YAML, or -o json).
+  waypoint apply [--for ...] [--for-service-account SA] [--name NAME] [--wait]
+                 [--enroll-namespace [--overwrite]]
   waypoint list [-A]
   waypoint delete [NAME...] [--for-service-account SA] [--all]
       Manage waypoints (WaypointPolicy objects) of a namespace (-n).
@@ -74,6 +78,9 @@ type options struct {
 	name           string
 	wait           bool
 	all            bool
+	forTraffic     string // waypoint --for: service|workload|all|none
+	enroll         bool   // waypoint apply --enroll-namespace
+	overwrite      bool   // waypoint apply --overwrite
 	timeout        time.Duration
 	adminPort      int
 	listen         string
@@ -106,6 +113,9 @@ func newFlagSet(o *options) *pflag.FlagSet {
 	fs.StringVarP(&o.serviceAccount, "for-service-account", "s", "", "waypoint: serve only this service account")
 	fs.StringVar(&o.name, "name", "", "waypoint: name of the WaypointPolicy (default: waypoint, or the service account)")
 	fs.BoolVar(&o.wait, "wait", false, "waypoint apply: wait until the waypoint is Ready")
+	fs.StringVar(&o.forTraffic, "for", "", "waypoint apply|generate: traffic the waypoint serves: service, workload, all or none (as istioctl; default service)")
+	fs.BoolVar(&o.enroll, "enroll-namespace", false, "waypoint apply: label the namespace istio.io/use-waypoint=<name>")
+	fs.BoolVar(&o.overwrite, "overwrite", false, "waypoint apply --enroll-namespace: replace the namespace's use-waypoint label naming another waypoint")
 	fs.BoolVar(&o.all, "all", false, "waypoint delete: every waypoint of the namespace")
 	fs.DurationVar(&o.timeout, "timeout", 60*time.Second, "overall timeout")
 	fs.IntVar(&o.adminPort, "admin-port", 15000, "proxy admin port")
@@ -174,7 +184,15 @@ func parseArgs(args []string) (invocation, error) {
 		switch inv.sub {
 		case "apply", "generate":
 			if len(pos) > 0 {
-				return inv, fmt.Errorf("%w: waypoint apply takes no arguments (use --name, --for-service-account)", errUsage)
+				return inv, fmt.Errorf("%w: waypoint %s takes no arguments (use --name, --for-service-account)", errUsage, inv.sub)
+			}
+			switch meshv1.TrafficType(inv.opts.forTraffic) {
+			case "", meshv1.TrafficService, meshv1.TrafficWorkload, meshv1.TrafficAll, meshv1.TrafficNone:
+			default:
+				return inv, fmt.Errorf("%w: --for %q: want service, workload, all or none", errUsage, inv.opts.forTraffic)
+			}
+			if inv.sub == "generate" && (inv.opts.enroll || inv.opts.wait) {
+				return inv, fmt.Errorf("%w: waypoint generate only prints the waypoint (no --enroll-namespace, --wait)", errUsage)
 			}
 		case "list":
 			if len(pos) > 0 {
