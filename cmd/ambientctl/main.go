@@ -45,6 +45,8 @@ Commands:
   waypoint apply [--for ...] [--for-service-account SA] [--name NAME] [--wait]
                  [--enroll-namespace [--overwrite]]
   waypoint list [-A]
+  waypoint status [--name NAME]
+      Readiness of the namespace's waypoints (or of one), as istioctl's.
   waypoint delete [NAME...] [--for-service-account SA] [--all]
       Manage waypoints (WaypointPolicy objects) of a namespace (-n).
   gateway list [-A]
@@ -194,9 +196,9 @@ func parseArgs(args []string) (invocation, error) {
 			if inv.sub == "generate" && (inv.opts.enroll || inv.opts.wait) {
 				return inv, fmt.Errorf("%w: waypoint generate only prints the waypoint (no --enroll-namespace, --wait)", errUsage)
 			}
-		case "list":
+		case "list", "status":
 			if len(pos) > 0 {
-				return inv, fmt.Errorf("%w: waypoint list takes no arguments", errUsage)
+				return inv, fmt.Errorf("%w: waypoint %s takes no arguments (status: --name)", errUsage, inv.sub)
 			}
 		case "delete":
 			if len(pos) > 0 {
@@ -209,7 +211,7 @@ func parseArgs(args []string) (invocation, error) {
 				return inv, fmt.Errorf("%w: waypoint delete: give names or --all, not both", errUsage)
 			}
 		default:
-			return inv, fmt.Errorf("%w: unknown waypoint command %q (apply, list, delete)", errUsage, inv.sub)
+			return inv, fmt.Errorf("%w: unknown waypoint command %q (generate, apply, list, status, delete)", errUsage, inv.sub)
 		}
 	case "gateway", "gw":
 		inv.cmd = "gateway"

@@ -103,6 +103,8 @@ func TestParseArgs(t *testing.T) {
 			check: func(o options) bool {
 				return o.forTraffic == "workload" && o.name == "wl" && o.enroll && o.overwrite && o.namespace == "demo"
 			}},
+		{name: "waypoint status of one", args: []string{"wp", "status", "--name", "wl"},
+			want: invocation{cmd: "waypoint", sub: "status"}, check: func(o options) bool { return o.name == "wl" }},
 		{name: "waypoint --for unknown", args: []string{"waypoint", "apply", "--for", "pods"}, wantErr: "want service, workload, all or none"},
 		{name: "waypoint generate does not enroll", args: []string{"waypoint", "generate", "--enroll-namespace"}, wantErr: "only prints"},
 		{name: "waypoint delete default name", args: []string{"waypoint", "delete"},

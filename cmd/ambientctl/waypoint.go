@@ -53,6 +53,8 @@ func waypointCmd(ctx context.Context, k *kube, inv invocation, out io.Writer) er
 		return enrollNamespace(ctx, k, desiredWaypoint(k.namespace, inv.opts).Name, inv.opts.overwrite, out)
 	case "list":
 		return waypointList(ctx, k, inv.opts, out)
+	case "status":
+		return waypointStatus(ctx, k, inv.opts, out)
 	case "delete":
 		return waypointDelete(ctx, k, inv, out)
 	}
@@ -219,4 +221,20 @@ func enrollNamespace(ctx context.Context, k *kube, name string, overwrite bool, 
 	}
 	fmt.Fprintf(out, "namespace %s labelled %s=%s\n", k.namespace, waypointbind.UseWaypointLabel, name)
 	return nil
+}
+
+// waypointStatus shows the readiness of the namespace's waypoints, or of
+// the one --name names (a missing one is an error, as istioctl's).
+func waypointStatus(ctx context.Context, k *kube, o options, out io.Writer) error {
+	if o.name == "" {
+		return waypointList(ctx, k, o, out)
+	}
+	var wp meshv1.WaypointPolicy
+	if err := k.c.Get(ctx, client.ObjectKey{Namespace: k.namespace, Name: o.name}, &wp); err != nil {
+		if apierrors.IsNotFound(err) {
+			return fmt.Errorf("waypoint %s/%s not found", k.namespace, o.name)
+		}
+		return err
+	}
+	return writeWaypoints(out, []meshv1.WaypointPolicy{wp}, false)
 }
