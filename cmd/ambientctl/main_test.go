@@ -516,3 +516,13 @@ func TestEnrollLabels(t *testing.T) {
 		})
 	}
 }
+
+func TestWaypointListOutput(t *testing.T) {
+	items := []meshv1.WaypointPolicy{*desiredWaypoint("demo", options{forTraffic: "all"})}
+	for _, tc := range []struct{ output, want string }{{"json", `"trafficType": "all"`}, {"yaml", "trafficType: all"}} {
+		var b strings.Builder
+		if err := writeObjects(&b, items, tc.output); err != nil || !strings.Contains(b.String(), tc.want) {
+			t.Errorf("-o %s: %v\n%s", tc.output, err, b.String())
+		}
+	}
+}

@@ -109,6 +109,9 @@ func waypointList(ctx context.Context, k *kube, o options, out io.Writer) error 
 	if err := k.c.List(ctx, &list, opts...); err != nil {
 		return err
 	}
+	if o.output != "" && o.output != "table" {
+		return writeObjects(out, list.Items, o.output)
+	}
 	if len(list.Items) == 0 {
 		where := "namespace " + k.namespace
 		if o.allNamespaces {
@@ -178,16 +181,7 @@ func waypointDelete(ctx context.Context, k *kube, inv invocation, out io.Writer)
 func waypointGenerate(ns string, o options, out io.Writer) error {
 	wp := desiredWaypoint(ns, o)
 	wp.APIVersion, wp.Kind = meshv1.GroupVersion.String(), "WaypointPolicy"
-	b, err := yaml.Marshal(wp)
-	if o.output == "json" {
-		b, err = json.MarshalIndent(wp, "", "  ")
-		b = append(b, '\n')
-	}
-	if err != nil {
-		return err
-	}
-	_, err = out.Write(b)
-	return err
+	return writeObjects(out, wp, o.output)
 }
 
 // enrollLabels returns the namespace labels with istio.io/use-waypoint set
@@ -236,5 +230,22 @@ func waypointStatus(ctx context.Context, k *kube, o options, out io.Writer) erro
 		}
 		return err
 	}
+	if o.output != "" && o.output != "table" {
+		return writeObjects(out, []meshv1.WaypointPolicy{wp}, o.output)
+	}
 	return writeWaypoints(out, []meshv1.WaypointPolicy{wp}, false)
+}
+
+// writeObjects prints objects as a JSON or YAML list (-o json|yaml).
+func writeObjects(out io.Writer, items any, output string) error {
+	b, err := yaml.Marshal(items)
+	if output == "json" {
+		b, err = json.MarshalIndent(items, "", "  ")
+		b = append(b, '\n')
+	}
+	if err != nil {
+		return err
+	}
+	_, err = out.Write(b)
+	return err
 }
