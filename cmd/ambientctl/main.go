@@ -53,6 +53,10 @@ Commands:
       Ingress gateways (Gateways of class istio): address, Programmed,
       listeners with their attached routes, and the routes on each
       (HTTPRoute, GRPCRoute, TLSRoute, TCPRoute) with their Accepted state.
+  precheck
+      Cluster prerequisites: Kubernetes version, a CNI on every node, no
+      istiod or Istio ztunnel already installed (kernel modules: skipped,
+      not visible through the API). Non-zero exit when one fails.
   status
       AmbientMesh conditions and the mesh's ztunnel and node-agent pods.
   dashboard [--listen ADDR] [--refresh 5s]
@@ -237,7 +241,7 @@ func parseArgs(args []string) (invocation, error) {
 			}
 			inv.metricsURLs = append(inv.metricsURLs, t)
 		}
-	case "status", "version", "help":
+	case "status", "version", "help", "precheck":
 		if len(pos) > 0 {
 			return inv, fmt.Errorf("%w: %s takes no arguments", errUsage, inv.cmd)
 		}
@@ -308,6 +312,8 @@ func run(ctx context.Context, inv invocation, out io.Writer) error {
 		return gatewayList(ctx, k, inv.opts, out)
 	case "status":
 		return status(ctx, k, inv.opts, out)
+	case "precheck":
+		return precheckCmd(ctx, k, out)
 	}
 	return fmt.Errorf("unknown command %q", inv.cmd)
 }
