@@ -3,7 +3,10 @@
 // kubectl-ambient and run `kubectl ambient ...`.
 //
 //	ambientctl proxy-config workloads|secrets|services|policies|all [<ztunnel-pod>[.<namespace>]] [-o table|json|yaml]
-//	ambientctl waypoint apply|list|delete [-n ns] [--for-service-account sa] [--name name] [--wait]
+//	ambientctl ztunnel-config workloads|certificates|services|policies|all (istioctl's name for proxy-config)
+//	ambientctl waypoint generate|apply|list|status|delete [-n ns] [--for service|workload|all|none]
+//	    [--for-service-account sa] [--name name] [--wait] [--enroll-namespace [--overwrite]]
+//	ambientctl precheck
 //	ambientctl status
 //	ambientctl dashboard [--listen 127.0.0.1:20001] [--refresh 5s] [--metrics-url ROLE:NS/POD[/WORKLOAD]=URL ...]
 //
