@@ -217,9 +217,23 @@ func (r *RouteStatusReconciler) serviceParent(ctx context.Context, p gwv1.Parent
 	if foreign && b != nil && b.Waypoint != nil && b.Waypoint.FromGateway {
 		return o, false, nil
 	}
-	o.accepted, o.acceptedReason, o.acceptMsg = true, string(gwv1.RouteReasonAccepted), "Route was valid"
 	o.waypoint = bindingCondition(key, b)
+	if p.Port != nil && !hasServicePort(svc, int32(*p.Port)) {
+		// The route would apply to no traffic (GEP-1294 parentRef port).
+		o.acceptedReason, o.acceptMsg = string(gwv1.RouteReasonNoMatchingParent), fmt.Sprintf("parent Service %s has no port %d", key, *p.Port)
+		return o, true, nil
+	}
+	o.accepted, o.acceptedReason, o.acceptMsg = true, string(gwv1.RouteReasonAccepted), "Route was valid"
 	return o, true, nil
+}
+
+func hasServicePort(svc *corev1.Service, port int32) bool {
+	for _, sp := range svc.Spec.Ports {
+		if sp.Port == port {
+			return true
+		}
+	}
+	return false
 }
 
 // gatewayParent: only existing Gateways of our classes are ours (a missing

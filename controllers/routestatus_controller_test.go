@@ -26,6 +26,11 @@ func serviceParent(ns, name string) gwv1.ParentReference {
 	return p
 }
 
+func withPort(p gwv1.ParentReference, port gwv1.PortNumber) gwv1.ParentReference {
+	p.Port = &port
+	return p
+}
+
 func gatewayParent(name string) gwv1.ParentReference {
 	return gwv1.ParentReference{Name: gwv1.ObjectName(name)}
 }
@@ -197,6 +202,12 @@ func TestRouteStatus(t *testing.T) {
 			map[string][]wantCond{"waypoint": {notListeners, resolvedOK}}},
 		{"other Gateways are not ours", httpRoute(app, "ingress", []gwv1.ParentReference{gatewayParent("ingress"), gatewayParent("absent"), serviceParent("", "echo")}, backend("", "echo-v1")),
 			map[string][]wantCond{"echo": {acceptedOK}}},
+		// A parentRef port scopes the route to that Service port
+		// (HTTPRouteParentRefPort); a port the Service lacks matches no parent.
+		{"parentRef port of the Service", httpRoute(app, "port80", []gwv1.ParentReference{withPort(serviceParent("", "echo"), 80)}, backend("", "echo-v1")),
+			map[string][]wantCond{"echo": {acceptedOK, resolvedOK, waypointOK}}},
+		{"parentRef port the Service lacks", httpRoute(app, "port9999", []gwv1.ParentReference{withPort(serviceParent("", "echo"), 9999)}, backend("", "echo-v1")),
+			map[string][]wantCond{"echo": {noParent, resolvedOK}}},
 		{"cross-namespace backend missing", httpRoute(app, "crossns-gone", []gwv1.ParentReference{serviceParent("", "echo")}, backend(other, "nowhere")),
 			map[string][]wantCond{"echo": {acceptedOK, backendAbsent}}},
 	}

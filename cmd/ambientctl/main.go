@@ -3,7 +3,10 @@
 // kubectl-ambient and run `kubectl ambient ...`.
 //
 //	ambientctl proxy-config workloads|secrets|services|policies|all [<ztunnel-pod>[.<namespace>]] [-o table|json|yaml]
-//	ambientctl waypoint apply|list|delete [-n ns] [--for-service-account sa] [--name name] [--wait]
+//	ambientctl ztunnel-config workloads|certificates|services|policies|all (istioctl's name for proxy-config)
+//	ambientctl waypoint generate|apply|list|status|delete [-n ns] [--for service|workload|all|none]
+//	    [--for-service-account sa] [--name name] [--wait] [--enroll-namespace [--overwrite]]
+//	ambientctl precheck
 //	ambientctl status
 //	ambientctl dashboard [--listen 127.0.0.1:20001] [--refresh 5s] [--metrics-url ROLE:NS/POD[/WORKLOAD]=URL ...]
 //
@@ -24,6 +27,7 @@ import (
 
 	"github.com/spf13/pflag"
 
+	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 	"github.com/ambientmesh/ambient/proxylib/meshgraph/dashboard"
 )
 
@@ -34,17 +38,28 @@ const usage = `ambientctl: inspect and operate the ambient mesh
 
 Commands:
   proxy-config workloads|secrets|services|policies|dns|all [<pod>[.<namespace>]]
+  ztunnel-config workloads|certificates|services|policies|all [<pod>[.<namespace>]]
+      (istioctl's name for the same command; certificates = secrets)
       Show what a ztunnel (or waypoint) knows, read from its admin endpoint
       :15000/config_dump through the API server. Without a pod, the first
       ztunnel of the mesh namespace is used.
-  waypoint apply [--for-service-account SA] [--name NAME] [--wait]
+  waypoint generate [--for service|workload|all|none] [--for-service-account SA] [--name NAME]
+      Print the WaypointPolicy apply would create (YAML, or -o json).
+  waypoint apply [--for ...] [--for-service-account SA] [--name NAME] [--wait]
+                 [--enroll-namespace [--overwrite]]
   waypoint list [-A]
+  waypoint status [--name NAME]
+      Readiness of the namespace's waypoints (or of one), as istioctl's.
   waypoint delete [NAME...] [--for-service-account SA] [--all]
       Manage waypoints (WaypointPolicy objects) of a namespace (-n).
   gateway list [-A]
       Ingress gateways (Gateways of class istio): address, Programmed,
       listeners with their attached routes, and the routes on each
       (HTTPRoute, GRPCRoute, TLSRoute, TCPRoute) with their Accepted state.
+  precheck
+      Cluster prerequisites: Kubernetes version, a CNI on every node, no
+      istiod or Istio ztunnel already installed (kernel modules: skipped,
+      not visible through the API). Non-zero exit when one fails.
   status
       AmbientMesh conditions and the mesh's ztunnel and node-agent pods.
   dashboard [--listen ADDR] [--refresh 5s]
@@ -72,6 +87,9 @@ type options struct {
 	name           string
 	wait           bool
 	all            bool
+	forTraffic     string // waypoint --for: service|workload|all|none
+	enroll         bool   // waypoint apply --enroll-namespace
+	overwrite      bool   // waypoint apply --overwrite
 	timeout        time.Duration
 	adminPort      int
 	listen         string
@@ -104,6 +122,9 @@ func newFlagSet(o *options) *pflag.FlagSet {
 	fs.StringVarP(&o.serviceAccount, "for-service-account", "s", "", "waypoint: serve only this service account")
 	fs.StringVar(&o.name, "name", "", "waypoint: name of the WaypointPolicy (default: waypoint, or the service account)")
 	fs.BoolVar(&o.wait, "wait", false, "waypoint apply: wait until the waypoint is Ready")
+	fs.StringVar(&o.forTraffic, "for", "", "waypoint apply|generate: traffic the waypoint serves: service, workload, all or none (as istioctl; default service)")
+	fs.BoolVar(&o.enroll, "enroll-namespace", false, "waypoint apply: label the namespace istio.io/use-waypoint=<name>")
+	fs.BoolVar(&o.overwrite, "overwrite", false, "waypoint apply --enroll-namespace: replace the namespace's use-waypoint label naming another waypoint")
 	fs.BoolVar(&o.all, "all", false, "waypoint delete: every waypoint of the namespace")
 	fs.DurationVar(&o.timeout, "timeout", 60*time.Second, "overall timeout")
 	fs.IntVar(&o.adminPort, "admin-port", 15000, "proxy admin port")
@@ -116,6 +137,7 @@ func newFlagSet(o *options) *pflag.FlagSet {
 var proxyConfigSections = map[string]string{
 	"workload": "workloads", "workloads": "workloads", "wl": "workloads",
 	"secret": "secrets", "secrets": "secrets",
+	"certificate": "secrets", "certificates": "secrets", "certs": "secrets", // istioctl ztunnel-config's name
 	"service": "services", "services": "services", "svc": "services",
 	"policy": "policies", "policies": "policies",
 	"dns": "dns",
@@ -146,7 +168,7 @@ func parseArgs(args []string) (invocation, error) {
 	}
 	inv.cmd, pos = pos[0], pos[1:]
 	switch inv.cmd {
-	case "proxy-config", "pc":
+	case "proxy-config", "pc", "ztunnel-config", "zc": // ztunnel-config: istioctl's name
 		inv.cmd = "proxy-config"
 		if len(pos) == 0 {
 			return inv, fmt.Errorf("%w: proxy-config needs a section: workloads, secrets, services, policies or all", errUsage)
@@ -171,11 +193,19 @@ func parseArgs(args []string) (invocation, error) {
 		switch inv.sub {
 		case "apply", "generate":
 			if len(pos) > 0 {
-				return inv, fmt.Errorf("%w: waypoint apply takes no arguments (use --name, --for-service-account)", errUsage)
+				return inv, fmt.Errorf("%w: waypoint %s takes no arguments (use --name, --for-service-account)", errUsage, inv.sub)
 			}
-		case "list":
+			switch meshv1.TrafficType(inv.opts.forTraffic) {
+			case "", meshv1.TrafficService, meshv1.TrafficWorkload, meshv1.TrafficAll, meshv1.TrafficNone:
+			default:
+				return inv, fmt.Errorf("%w: --for %q: want service, workload, all or none", errUsage, inv.opts.forTraffic)
+			}
+			if inv.sub == "generate" && (inv.opts.enroll || inv.opts.wait) {
+				return inv, fmt.Errorf("%w: waypoint generate only prints the waypoint (no --enroll-namespace, --wait)", errUsage)
+			}
+		case "list", "status":
 			if len(pos) > 0 {
-				return inv, fmt.Errorf("%w: waypoint list takes no arguments", errUsage)
+				return inv, fmt.Errorf("%w: waypoint %s takes no arguments (status: --name)", errUsage, inv.sub)
 			}
 		case "delete":
 			if len(pos) > 0 {
@@ -188,7 +218,7 @@ func parseArgs(args []string) (invocation, error) {
 				return inv, fmt.Errorf("%w: waypoint delete: give names or --all, not both", errUsage)
 			}
 		default:
-			return inv, fmt.Errorf("%w: unknown waypoint command %q (apply, list, delete)", errUsage, inv.sub)
+			return inv, fmt.Errorf("%w: unknown waypoint command %q (generate, apply, list, status, delete)", errUsage, inv.sub)
 		}
 	case "gateway", "gw":
 		inv.cmd = "gateway"
@@ -214,7 +244,7 @@ func parseArgs(args []string) (invocation, error) {
 			}
 			inv.metricsURLs = append(inv.metricsURLs, t)
 		}
-	case "status", "version", "help":
+	case "status", "version", "help", "precheck":
 		if len(pos) > 0 {
 			return inv, fmt.Errorf("%w: %s takes no arguments", errUsage, inv.cmd)
 		}
@@ -285,6 +315,8 @@ func run(ctx context.Context, inv invocation, out io.Writer) error {
 		return gatewayList(ctx, k, inv.opts, out)
 	case "status":
 		return status(ctx, k, inv.opts, out)
+	case "precheck":
+		return precheckCmd(ctx, k, out)
 	}
 	return fmt.Errorf("unknown command %q", inv.cmd)
 }

@@ -87,6 +87,10 @@ func TestParseArgs(t *testing.T) {
 		{name: "all -o json after positionals", args: []string{"proxy-config", "all", "z.ns", "-o", "json"},
 			want:  invocation{cmd: "proxy-config", sub: "all", pod: "z", podNS: "ns"},
 			check: func(o options) bool { return o.output == "json" }},
+		{name: "istioctl's ztunnel-config certificates", args: []string{"ztunnel-config", "certificates", "z.ns"},
+			want: invocation{cmd: "proxy-config", sub: "secrets", pod: "z", podNS: "ns"}},
+		{name: "istioctl's zc alias", args: []string{"zc", "all", "-o", "yaml"},
+			want: invocation{cmd: "proxy-config", sub: "all"}, check: func(o options) bool { return o.output == "yaml" }},
 		{name: "no pod: first ztunnel", args: []string{"proxy-config", "workloads"},
 			want: invocation{cmd: "proxy-config", sub: "workloads"}},
 		{name: "dotted pod name splits at last dot", args: []string{"pc", "wl", "a.b.c"},
@@ -94,6 +98,15 @@ func TestParseArgs(t *testing.T) {
 		{name: "waypoint apply for SA", args: []string{"waypoint", "apply", "-n", "demo", "--for-service-account", "httpbin", "--wait"},
 			want:  invocation{cmd: "waypoint", sub: "apply"},
 			check: func(o options) bool { return o.namespace == "demo" && o.serviceAccount == "httpbin" && o.wait }},
+		{name: "istioctl's waypoint apply flags", args: []string{"waypoint", "apply", "-n", "demo", "--for", "workload", "--name", "wl", "--enroll-namespace", "--overwrite"},
+			want: invocation{cmd: "waypoint", sub: "apply"},
+			check: func(o options) bool {
+				return o.forTraffic == "workload" && o.name == "wl" && o.enroll && o.overwrite && o.namespace == "demo"
+			}},
+		{name: "waypoint status of one", args: []string{"wp", "status", "--name", "wl"},
+			want: invocation{cmd: "waypoint", sub: "status"}, check: func(o options) bool { return o.name == "wl" }},
+		{name: "waypoint --for unknown", args: []string{"waypoint", "apply", "--for", "pods"}, wantErr: "want service, workload, all or none"},
+		{name: "waypoint generate does not enroll", args: []string{"waypoint", "generate", "--enroll-namespace"}, wantErr: "only prints"},
 		{name: "waypoint delete default name", args: []string{"waypoint", "delete"},
 			want: invocation{cmd: "waypoint", sub: "delete", names: []string{"waypoint"}}},
 		{name: "waypoint delete names", args: []string{"wp", "delete", "a", "b"},
@@ -292,6 +305,9 @@ func TestDesiredWaypoint(t *testing.T) {
 		{"service account waypoint named after SA", options{serviceAccount: "httpbin"}, "httpbin", meshv1.ScopeServiceAccount, "httpbin"},
 		{"explicit name", options{name: "wp1", serviceAccount: "sleep"}, "wp1", meshv1.ScopeServiceAccount, "sleep"},
 	}
+	if got := desiredWaypoint("demo", options{forTraffic: "all"}).Spec.TrafficType; got != meshv1.TrafficAll {
+		t.Errorf("--for all: trafficType %q", got)
+	}
 	for _, tt := range tests {
 		wp := desiredWaypoint("demo", tt.o)
 		if wp.Name != tt.wantName || wp.Namespace != "demo" || wp.Spec.Scope != tt.scope || wp.Spec.ServiceAccount != tt.sa {
@@ -458,5 +474,55 @@ func TestServiceEntryRows(t *testing.T) {
 	}
 	if got := strings.Fields(strings.Split(buf.String(), "\n")[1]); !reflect.DeepEqual(got, []string{"ext", "egress", "api.example.com", "None", "None", "TCP"}) {
 		t.Errorf("hostname workload row %q", got)
+	}
+}
+
+func TestWaypointGenerate(t *testing.T) {
+	var b strings.Builder
+	if err := waypointGenerate("demo", options{forTraffic: "workload", name: "wl"}, &b); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"kind: WaypointPolicy", "apiVersion: " + meshv1.GroupVersion.String(), "name: wl", "namespace: demo", "trafficType: workload", "scope: Namespace"} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("generate output lacks %q:\n%s", want, b.String())
+		}
+	}
+	b.Reset()
+	if err := waypointGenerate("demo", options{output: "json"}, &b); err != nil || !strings.Contains(b.String(), `"kind": "WaypointPolicy"`) {
+		t.Errorf("-o json: %v\n%s", err, b.String())
+	}
+}
+
+func TestEnrollLabels(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		labels    map[string]string
+		overwrite bool
+		wantErr   bool
+	}{
+		{"unlabelled", map[string]string{"istio.io/dataplane-mode": "ambient"}, false, false},
+		{"same waypoint", map[string]string{"istio.io/use-waypoint": "waypoint"}, false, false},
+		{"another waypoint", map[string]string{"istio.io/use-waypoint": "other"}, false, true},
+		{"another waypoint, --overwrite", map[string]string{"istio.io/use-waypoint": "other"}, true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := enrollLabels(tc.labels, "waypoint", tc.overwrite)
+			if (err != nil) != tc.wantErr {
+				t.Fatalf("err %v, want error %v", err, tc.wantErr)
+			}
+			if err == nil && (got["istio.io/use-waypoint"] != "waypoint" || (tc.labels["istio.io/dataplane-mode"] != "" && got["istio.io/dataplane-mode"] != "ambient")) {
+				t.Errorf("labels %v", got)
+			}
+		})
+	}
+}
+
+func TestWaypointListOutput(t *testing.T) {
+	items := []meshv1.WaypointPolicy{*desiredWaypoint("demo", options{forTraffic: "all"})}
+	for _, tc := range []struct{ output, want string }{{"json", `"trafficType": "all"`}, {"yaml", "trafficType: all"}} {
+		var b strings.Builder
+		if err := writeObjects(&b, items, tc.output); err != nil || !strings.Contains(b.String(), tc.want) {
+			t.Errorf("-o %s: %v\n%s", tc.output, err, b.String())
+		}
 	}
 }

@@ -2,18 +2,22 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"text/tabwriter"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/yaml"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
+	"github.com/ambientmesh/ambient/controllers/waypointbind"
 )
 
 // defaultWaypointName is the name of a namespace waypoint, as Istio's.
@@ -23,7 +27,7 @@ const defaultWaypointName = "waypoint"
 func desiredWaypoint(ns string, o options) *meshv1.WaypointPolicy {
 	wp := &meshv1.WaypointPolicy{
 		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: o.name},
-		Spec:       meshv1.WaypointPolicySpec{Scope: meshv1.ScopeNamespace},
+		Spec:       meshv1.WaypointPolicySpec{Scope: meshv1.ScopeNamespace, TrafficType: meshv1.TrafficType(o.forTraffic)},
 	}
 	if o.serviceAccount != "" {
 		wp.Spec.Scope = meshv1.ScopeServiceAccount
@@ -40,10 +44,17 @@ func desiredWaypoint(ns string, o options) *meshv1.WaypointPolicy {
 
 func waypointCmd(ctx context.Context, k *kube, inv invocation, out io.Writer) error {
 	switch inv.sub {
-	case "apply", "generate":
-		return waypointApply(ctx, k, inv.opts, out)
+	case "generate":
+		return waypointGenerate(k.namespace, inv.opts, out)
+	case "apply":
+		if err := waypointApply(ctx, k, inv.opts, out); err != nil || !inv.opts.enroll {
+			return err
+		}
+		return enrollNamespace(ctx, k, desiredWaypoint(k.namespace, inv.opts).Name, inv.opts.overwrite, out)
 	case "list":
 		return waypointList(ctx, k, inv.opts, out)
+	case "status":
+		return waypointStatus(ctx, k, inv.opts, out)
 	case "delete":
 		return waypointDelete(ctx, k, inv, out)
 	}
@@ -63,7 +74,7 @@ func waypointApply(ctx context.Context, k *kube, o options, out io.Writer) error
 	case err != nil:
 		return err
 	default:
-		have.Spec.Scope, have.Spec.ServiceAccount = want.Spec.Scope, want.Spec.ServiceAccount
+		have.Spec.Scope, have.Spec.ServiceAccount, have.Spec.TrafficType = want.Spec.Scope, want.Spec.ServiceAccount, want.Spec.TrafficType
 		if err := k.c.Update(ctx, &have); err != nil {
 			return fmt.Errorf("updating waypoint %s/%s: %w", want.Namespace, want.Name, err)
 		}
@@ -97,6 +108,9 @@ func waypointList(ctx context.Context, k *kube, o options, out io.Writer) error 
 	}
 	if err := k.c.List(ctx, &list, opts...); err != nil {
 		return err
+	}
+	if o.output != "" && o.output != "table" {
+		return writeObjects(out, list.Items, o.output)
 	}
 	if len(list.Items) == 0 {
 		where := "namespace " + k.namespace
@@ -160,4 +174,78 @@ func waypointDelete(ctx context.Context, k *kube, inv invocation, out io.Writer)
 		fmt.Fprintf(out, "waypoint %s/%s deleted\n", k.namespace, n)
 	}
 	return nil
+}
+
+// waypointGenerate prints the WaypointPolicy `waypoint apply` would create,
+// as istioctl's `waypoint generate` prints its Gateway; nothing is sent.
+func waypointGenerate(ns string, o options, out io.Writer) error {
+	wp := desiredWaypoint(ns, o)
+	wp.APIVersion, wp.Kind = meshv1.GroupVersion.String(), "WaypointPolicy"
+	return writeObjects(out, wp, o.output)
+}
+
+// enrollLabels returns the namespace labels with istio.io/use-waypoint set
+// to name. A label naming another waypoint is replaced only with
+// overwrite, as istioctl's --enroll-namespace --overwrite.
+func enrollLabels(labels map[string]string, name string, overwrite bool) (map[string]string, error) {
+	if cur, ok := labels[waypointbind.UseWaypointLabel]; ok && cur != name && !overwrite {
+		return nil, fmt.Errorf("namespace already uses waypoint %q (%s); pass --overwrite to replace it", cur, waypointbind.UseWaypointLabel)
+	}
+	outLabels := map[string]string{}
+	for k, v := range labels {
+		outLabels[k] = v
+	}
+	outLabels[waypointbind.UseWaypointLabel] = name
+	return outLabels, nil
+}
+
+func enrollNamespace(ctx context.Context, k *kube, name string, overwrite bool, out io.Writer) error {
+	ns := &corev1.Namespace{}
+	if err := k.c.Get(ctx, client.ObjectKey{Name: k.namespace}, ns); err != nil {
+		return err
+	}
+	labels, err := enrollLabels(ns.Labels, name, overwrite)
+	if err != nil {
+		return fmt.Errorf("namespace %s: %w", k.namespace, err)
+	}
+	base := ns.DeepCopy()
+	ns.Labels = labels
+	if err := k.c.Patch(ctx, ns, client.MergeFrom(base)); err != nil {
+		return fmt.Errorf("labelling namespace %s: %w", k.namespace, err)
+	}
+	fmt.Fprintf(out, "namespace %s labelled %s=%s\n", k.namespace, waypointbind.UseWaypointLabel, name)
+	return nil
+}
+
+// waypointStatus shows the readiness of the namespace's waypoints, or of
+// the one --name names (a missing one is an error, as istioctl's).
+func waypointStatus(ctx context.Context, k *kube, o options, out io.Writer) error {
+	if o.name == "" {
+		return waypointList(ctx, k, o, out)
+	}
+	var wp meshv1.WaypointPolicy
+	if err := k.c.Get(ctx, client.ObjectKey{Namespace: k.namespace, Name: o.name}, &wp); err != nil {
+		if apierrors.IsNotFound(err) {
+			return fmt.Errorf("waypoint %s/%s not found", k.namespace, o.name)
+		}
+		return err
+	}
+	if o.output != "" && o.output != "table" {
+		return writeObjects(out, []meshv1.WaypointPolicy{wp}, o.output)
+	}
+	return writeWaypoints(out, []meshv1.WaypointPolicy{wp}, false)
+}
+
+// writeObjects prints objects as a JSON or YAML list (-o json|yaml).
+func writeObjects(out io.Writer, items any, output string) error {
+	b, err := yaml.Marshal(items)
+	if output == "json" {
+		b, err = json.MarshalIndent(items, "", "  ")
+		b = append(b, '\n')
+	}
+	if err != nil {
+		return err
+	}
+	_, err = out.Write(b)
+	return err
 }

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/reflect/protoregistry"
 
+	_ "github.com/ambientmesh/ambient/proxylib/caclient/capb"
 	_ "github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	_ "github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
 )
@@ -107,8 +108,15 @@ func parseProto(t *testing.T, path string) (fields map[string]map[string]protoFi
 // machine that cannot reach the module proxy.
 func istioSource(t *testing.T) string {
 	t.Helper()
-	cmd := exec.Command("go", "mod", "download", "-json", istioModule)
-	cmd.Dir = t.TempDir() // outside this module: go.mod and go.sum stay untouched
+	return moduleSource(t, istioModule, t.TempDir()) // outside this module: go.mod and go.sum stay untouched
+}
+
+// moduleSource downloads module (path@version, or a path this module
+// requires when dir is inside it) and returns its directory.
+func moduleSource(t *testing.T, module, dir string) string {
+	t.Helper()
+	cmd := exec.Command("go", "mod", "download", "-json", module)
+	cmd.Dir = dir
 	cmd.Env = append(os.Environ(), "GOFLAGS=-mod=mod")
 	out, err := cmd.Output()
 	var mod struct{ Dir, Error string }
@@ -122,7 +130,7 @@ func istioSource(t *testing.T) string {
 		err = errors.New("no directory reported")
 	}
 	if err != nil {
-		msg := fmt.Sprintf("downloading %s (the reference protos): %v %s", istioModule, err, out)
+		msg := fmt.Sprintf("downloading %s (the reference protos): %v %s", module, err, out)
 		if os.Getenv("CI") == "true" {
 			t.Fatal(msg)
 		}
@@ -138,47 +146,90 @@ func TestWireCompatibleWithIstio(t *testing.T) {
 	dir := filepath.Join(istioSource(t), "pkg", "workloadapi")
 	checked := 0
 	for _, file := range []string{"workload.proto", filepath.Join("security", "authorization.proto")} {
-		fields, enums := parseProto(t, filepath.Join(dir, file))
-		if len(fields) == 0 {
-			t.Fatalf("%s: parsed no messages", file)
-		}
-		for msg, fs := range fields {
-			d, err := protoregistry.GlobalFiles.FindDescriptorByName(protoreflect.FullName(msg))
-			if err != nil {
-				t.Errorf("message %s missing: %v", msg, err)
-				continue
-			}
-			md := d.(protoreflect.MessageDescriptor)
-			for name, want := range fs {
-				got := md.Fields().ByName(protoreflect.Name(name))
-				if got == nil {
-					t.Errorf("%s.%s missing", msg, name)
-					continue
-				}
-				if int(got.Number()) != want.number || (got.Cardinality() == protoreflect.Repeated) != want.repeated {
-					t.Errorf("%s.%s: number %d repeated %v, Istio has %d %v", msg, name, got.Number(), got.Cardinality() == protoreflect.Repeated, want.number, want.repeated)
-				}
-				checked++
-			}
-		}
-		for enum, vals := range enums {
-			d, err := protoregistry.GlobalFiles.FindDescriptorByName(protoreflect.FullName(enum))
-			if err != nil {
-				t.Errorf("enum %s missing: %v", enum, err)
-				continue
-			}
-			ed := d.(protoreflect.EnumDescriptor)
-			for name, n := range vals {
-				v := ed.Values().ByName(protoreflect.Name(name))
-				if v == nil || int(v.Number()) != n {
-					t.Errorf("%s.%s: want %d", enum, name, n)
-				}
-				checked++
-			}
-		}
+		checked += compareProto(t, filepath.Join(dir, file))
 	}
 	if checked < 50 {
 		t.Fatalf("only %d fields/values compared; parser broken?", checked)
 	}
 	t.Logf("%d fields and enum values match Istio's", checked)
+}
+
+// compareProto checks every message field and enum value of one Istio
+// .proto file against our registered descriptors; it returns how many.
+func compareProto(t *testing.T, file string) int {
+	t.Helper()
+	checked := 0
+	fields, enums := parseProto(t, file)
+	if len(fields) == 0 {
+		t.Fatalf("%s: parsed no messages", file)
+	}
+	for msg, fs := range fields {
+		d, err := protoregistry.GlobalFiles.FindDescriptorByName(protoreflect.FullName(msg))
+		if err != nil {
+			t.Errorf("message %s missing: %v", msg, err)
+			continue
+		}
+		md := d.(protoreflect.MessageDescriptor)
+		for name, want := range fs {
+			got := md.Fields().ByName(protoreflect.Name(name))
+			if got == nil {
+				t.Errorf("%s.%s missing", msg, name)
+				continue
+			}
+			if int(got.Number()) != want.number || (got.Cardinality() == protoreflect.Repeated) != want.repeated {
+				t.Errorf("%s.%s: number %d repeated %v, Istio has %d %v", msg, name, got.Number(), got.Cardinality() == protoreflect.Repeated, want.number, want.repeated)
+			}
+			checked++
+		}
+	}
+	for enum, vals := range enums {
+		d, err := protoregistry.GlobalFiles.FindDescriptorByName(protoreflect.FullName(enum))
+		if err != nil {
+			t.Errorf("enum %s missing: %v", enum, err)
+			continue
+		}
+		ed := d.(protoreflect.EnumDescriptor)
+		for name, n := range vals {
+			v := ed.Values().ByName(protoreflect.Name(name))
+			if v == nil || int(v.Number()) != n {
+				t.Errorf("%s.%s: want %d", enum, name, n)
+			}
+			checked++
+		}
+	}
+	return checked
+}
+
+// TestCAWireCompatibleWithIstio holds our CA service to Istio's
+// istio.v1.auth.IstioCertificateService (istio.io/api at the version
+// go.mod requires, security/v1alpha1/ca.proto): the messages' fields and
+// numbers, and the service's method with its request and response types.
+func TestCAWireCompatibleWithIstio(t *testing.T) {
+	file := filepath.Join(moduleSource(t, "istio.io/api", "."), "security", "v1alpha1", "ca.proto")
+	if n := compareProto(t, file); n < 4 {
+		t.Fatalf("only %d fields compared in %s; parser broken?", n, file)
+	}
+	src, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rpc := regexp.MustCompile(`(?m)^\s*rpc\s+(\w+)\s*\(\s*(\w+)\s*\)\s*returns\s*\(\s*(\w+)\s*\)`).FindAllStringSubmatch(string(src), -1)
+	if len(rpc) == 0 {
+		t.Fatalf("%s: no rpc parsed", file)
+	}
+	d, err := protoregistry.GlobalFiles.FindDescriptorByName("istio.v1.auth.IstioCertificateService")
+	if err != nil {
+		t.Fatalf("service istio.v1.auth.IstioCertificateService missing: %v", err)
+	}
+	sd := d.(protoreflect.ServiceDescriptor)
+	for _, m := range rpc {
+		md := sd.Methods().ByName(protoreflect.Name(m[1]))
+		if md == nil {
+			t.Errorf("rpc %s missing", m[1])
+			continue
+		}
+		if in, out := string(md.Input().Name()), string(md.Output().Name()); in != m[2] || out != m[3] {
+			t.Errorf("rpc %s(%s) returns (%s), Istio has (%s) returns (%s)", m[1], in, out, m[2], m[3])
+		}
+	}
 }

@@ -264,36 +264,54 @@ func (t *Table) Lookup(svc ServiceKey, port uint16, sourceNamespace string, req 
 	return lookupIn(t.http[svc], svc, port, sourceNamespace, req)
 }
 
-// HasRoutes reports whether any route attaches to svc (so that a request
-// matching none of them gets 404 rather than the default route).
+// HasRoutes reports whether any route attaches to svc, for any port or
+// client.
 func (t *Table) HasRoutes(svc ServiceKey) bool {
 	return t != nil && (len(t.http[svc]) > 0 || len(t.grpc[svc]) > 0)
 }
 
-func lookupIn(ms []*matcher, svc ServiceKey, port uint16, srcNS string, req *http.Request) (Match, bool) {
-	consumer := false
-	for _, m := range ms {
-		if m.routeNS != svc.Namespace && m.routeNS == srcNS {
-			consumer = true
-			break
-		}
+// HasRoutesFor reports whether a route applies to requests for svc:port
+// from clients in sourceNamespace, so that a request matching none of them
+// gets 404 rather than the default route. A route scoped to another port
+// (parentRef port) or another namespace's consumer route does not apply:
+// those requests go to the Service as if it had no routes (GEP-1426).
+func (t *Table) HasRoutesFor(svc ServiceKey, port uint16, sourceNamespace string) bool {
+	if t == nil {
+		return false
 	}
-	for _, m := range ms {
-		if m.port != 0 && m.port != port {
-			continue
-		}
-		isConsumer := m.routeNS != svc.Namespace
-		if isConsumer && m.routeNS != srcNS {
-			continue // another namespace's consumer route
-		}
-		if consumer && !isConsumer {
-			continue
-		}
+	return len(applicable(t.http[svc], svc, port, sourceNamespace)) > 0 ||
+		len(applicable(t.grpc[svc], svc, port, sourceNamespace)) > 0
+}
+
+func lookupIn(ms []*matcher, svc ServiceKey, port uint16, srcNS string, req *http.Request) (Match, bool) {
+	for _, m := range applicable(ms, svc, port, srcNS) {
 		if m.matches(req) {
 			return Match{Rule: m.rule, prefix: m.prefixValue()}, true
 		}
 	}
 	return Match{}, false
+}
+
+// applicable filters svc's matchers (in precedence order) to those serving
+// svc:port for a client in srcNS: routes without a parentRef port or with
+// this port; the client namespace's consumer routes if it has any for this
+// port, else the producer routes (the Service's own namespace). Other
+// namespaces' consumer routes never apply.
+func applicable(ms []*matcher, svc ServiceKey, port uint16, srcNS string) []*matcher {
+	var producer, consumer []*matcher
+	for _, m := range ms {
+		switch {
+		case m.port != 0 && m.port != port:
+		case m.routeNS == svc.Namespace:
+			producer = append(producer, m)
+		case m.routeNS == srcNS:
+			consumer = append(consumer, m)
+		}
+	}
+	if len(consumer) > 0 {
+		return consumer
+	}
+	return producer
 }
 
 // IsGRPC reports whether a request is gRPC (HTTP/2 with application/grpc).

@@ -184,6 +184,63 @@ spec:
 	}
 }
 
+// TestRoutesApplyToPortAndClientNamespace guards the default route: a
+// request that no route applies to (a route scoped to another Service
+// port, another namespace's consumer route) goes to the Service as if it
+// had no routes, instead of 404 (the MeshPorts and MeshConsumerRoute
+// conformance tests; both answered 404 before).
+func TestRoutesApplyToPortAndClientNamespace(t *testing.T) {
+	port80 := httpRoute(t, `
+metadata: {name: port80, namespace: mesh}
+spec:
+  parentRefs: [{kind: Service, name: echo-v1, port: 80}]
+  rules: [{backendRefs: [{name: echo-v1, port: 80}]}]
+`)
+	consumer := httpRoute(t, `
+metadata: {name: consumer, namespace: mesh-consumer}
+spec:
+  parentRefs: [{kind: Service, name: echo-v2, namespace: mesh}]
+  rules: [{backendRefs: [{name: echo-v2, namespace: mesh, port: 80}]}]
+`)
+	tbl, errs := Build([]*gwv1.HTTPRoute{port80, consumer}, nil)
+	if len(errs) != 0 {
+		t.Fatalf("errs %v, want none", errs)
+	}
+	v1, v2 := ServiceKey{"mesh", "echo-v1"}, ServiceKey{"mesh", "echo-v2"}
+	for _, tc := range []struct {
+		name  string
+		svc   ServiceKey
+		port  uint16
+		srcNS string
+		route string // "" when no route applies
+	}{
+		{"port-scoped route, its port", v1, 80, "mesh", "mesh/port80"},
+		{"port-scoped route, another port", v1, 8080, "mesh", ""},
+		{"consumer route, its namespace", v2, 80, "mesh-consumer", "mesh-consumer/consumer"},
+		{"consumer route, producer namespace", v2, 80, "mesh", ""},
+		{"consumer route, third namespace", v2, 8080, "other", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := tbl.HasRoutesFor(tc.svc, tc.port, tc.srcNS); got != (tc.route != "") {
+				t.Errorf("HasRoutesFor = %v, want %v", got, tc.route != "")
+			}
+			m, ok := tbl.Lookup(tc.svc, tc.port, tc.srcNS, httptest.NewRequest("GET", "/", nil))
+			if tc.route == "" {
+				if ok {
+					t.Errorf("Lookup matched %s, want no route", m.Rule.Route)
+				}
+				return
+			}
+			if !ok || m.Rule.Route != tc.route {
+				t.Errorf("Lookup = %v %+v, want route %s", ok, m.Rule, tc.route)
+			}
+		})
+	}
+	if !tbl.HasRoutes(v2) {
+		t.Error("HasRoutes(echo-v2) = false: a consumer route attaches to it")
+	}
+}
+
 // binomialOK checks k successes out of n against p within 5 standard
 // deviations: false failures are ~1e-6, a wrong split fails reliably.
 func binomialOK(k, n int, p float64) bool {

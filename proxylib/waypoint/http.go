@@ -267,7 +267,7 @@ func (c *connInfo) serviceRoute(snap snapshot, in *http.Request, o *outcome) (ro
 	if ok {
 		return m, nil
 	}
-	if snap.cfg.routes.HasRoutes(key) {
+	if snap.cfg.routes.HasRoutesFor(key, port, c.peer.Peer.Namespace) {
 		o.flags = "no_route"
 		return m, textResponse(in, http.StatusNotFound, "no route matched")
 	}

@@ -5,8 +5,13 @@
 # (E2E_REQUIRE_MESH=1 turns those skips into failures). On failure, logs of
 # every component go to _artifacts/e2e-<time>/.
 #
+# The full run (no E2E_RUN) then runs the Gateway API conformance suite's
+# MESH-HTTP profile on the same lab (conformance-mesh-run.sh, ~2 min; the
+# report goes to the logs, `make conformance-mesh` writes docs/conformance/).
+#
 # Env: E2E_RUN (go test -run pattern), E2E_DOWN=1 (tear the lab down after),
-#      E2E_REQUIRE_MESH=1, E2E_TIMEOUT (default 60m).
+#      E2E_REQUIRE_MESH=1, E2E_TIMEOUT (default 60m),
+#      E2E_CONFORMANCE_MESH=1|0 (default 1 without E2E_RUN, else 0).
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
 export KUBECONFIG=$KUBECONFIG_FILE PATH=$ROOT/bin:$PATH
@@ -36,8 +41,11 @@ collect_artifacts() {
   [ -f "$STATE/mesh.env" ] && cp "$STATE/mesh.env" "$ART/"
 }
 
+mesh_conformance=${E2E_CONFORMANCE_MESH:-$([ -z "${E2E_RUN:-}" ] && echo 1 || echo 0)}
+conformance_builds=()
+[ "$mesh_conformance" = 1 ] && conformance_builds=(conformance echo-advanced)
 say "e2e: build"
-"$ROOT/test/lab/build.sh" k8s coredns fortio metallb prometheus images ambientctl || die "build failed"
+"$ROOT/test/lab/build.sh" k8s coredns fortio metallb prometheus "${conformance_builds[@]}" images ambientctl || die "build failed"
 "$ROOT/test/lab/lab.sh" up || { collect_artifacts; die "the lab did not come up"; }
 "$ROOT/test/lab/install.sh" || { collect_artifacts; die "install failed"; }
 cat "$STATE/mesh.env"
@@ -46,6 +54,13 @@ say "e2e: go test -tags e2e ./test/lab/e2e"
 mkdir -p "$ART"
 (cd "$ROOT" && go test -tags e2e -count=1 -v -timeout "${E2E_TIMEOUT:-60m}" ${E2E_RUN:+-run "$E2E_RUN"} ./test/lab/e2e) 2>&1 | tee "$ART/go-test.log"
 rc=${PIPESTATUS[0]}
+if [ "$mesh_conformance" = 1 ]; then
+  CONFORMANCE_REPORT=$LOGS/mesh-report.yaml "$ROOT/test/lab/conformance-mesh-run.sh" 2>&1 | tee "$ART/conformance-mesh.log"
+  crc=${PIPESTATUS[0]}
+  cp "$LOGS/mesh-report.yaml" "$ART/" 2>/dev/null
+  echo "--- $([ "$crc" = 0 ] && echo PASS || echo FAIL): MeshConformance (Gateway API MESH-HTTP profile)" >>"$ART/go-test.log"
+  [ "$crc" = 0 ] || rc=$crc
+fi
 
 echo
 echo "=== e2e summary (wall time $((SECONDS - E2E_T0))s)"

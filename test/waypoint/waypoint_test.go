@@ -378,6 +378,37 @@ spec:
 		}
 	})
 
+	// A route scoped to another Service port, or another namespace's
+	// consumer route, does not apply: the request goes to the Service as if
+	// it had no routes (conformance MeshPorts, MeshConsumerRoute). Both
+	// answered 404 "no route matched" before.
+	t.Run("routes of another port or another client namespace leave the Service's default", func(t *testing.T) {
+		l7(s.Mesh, `
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo-v1-grpc-port}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo-v1, port: 9090}]
+  rules: [{backendRefs: [{name: echo-v2, port: 9090}]}]
+`)
+		l7(s.Mesh, `
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: consumer, namespace: team-a}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo-v2, namespace: default}]
+  rules: [{backendRefs: [{name: echo-v1, namespace: default, port: 80}]}]
+`)
+		for range 5 {
+			if got := get(s.sleep, s.echoV1); got != "echo-v1-1" {
+				t.Fatalf("echo-v1:80 with a route for port 9090 only: got %q, want echo-v1-1", got)
+			}
+			if got := get(s.sleep, s.echoV2); got != "echo-v2-1" {
+				t.Fatalf("echo-v2 from default with team-a's consumer route: got %q, want echo-v2-1", got)
+			}
+		}
+	})
+
 	t.Run("L7 AuthorizationPolicy: GET from sleep only", func(t *testing.T) {
 		// As the real control plane publishes it: the policy whole to the
 		// waypoints, and its L4 form (deny-all, marked L7-derived) to the
