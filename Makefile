@@ -216,7 +216,7 @@ e2e: ## End-to-end suite in the lab.
 
 .PHONY: e2e-flannel
 e2e-flannel: ## The journey's core on a third worker whose pod network is flannel (vxlan, kube subnet manager; built from the module proxy into bin/flannel).
-	LAB_WORKERS=3 LAB_FLANNEL_NODES=w3 E2E_REQUIRE_FLANNEL=1 E2E_REQUIRE_MESH=1 \
+	LAB_WORKERS=3 LAB_FLANNEL_NODES=w3 E2E_REQUIRE_FLANNEL=1 E2E_REQUIRE_MESH=1 E2E_TAGS=e2e,flannel \
 	  E2E_RUN='^(TestLabNodesReady|TestSameAndCrossNodeWithoutMesh|TestFlannelWorkerJourney)$$' test/lab/e2e.sh
 
 .PHONY: chaos

@@ -11,7 +11,8 @@
 #
 # Env: E2E_RUN (go test -run pattern), E2E_DOWN=1 (tear the lab down after),
 #      E2E_REQUIRE_MESH=1, E2E_TIMEOUT (default 60m),
-#      E2E_CONFORMANCE_MESH=1|0 (default 1 without E2E_RUN, else 0).
+#      E2E_CONFORMANCE_MESH=1|0 (default 1 without E2E_RUN, else 0),
+#      E2E_TAGS (build tags, default e2e; make e2e-flannel adds flannel).
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
 export KUBECONFIG=$KUBECONFIG_FILE PATH=$ROOT/bin:$PATH
@@ -52,7 +53,7 @@ cat "$STATE/mesh.env"
 
 say "e2e: go test -tags e2e ./test/lab/e2e"
 mkdir -p "$ART"
-(cd "$ROOT" && go test -tags e2e -count=1 -v -timeout "${E2E_TIMEOUT:-60m}" ${E2E_RUN:+-run "$E2E_RUN"} ./test/lab/e2e) 2>&1 | tee "$ART/go-test.log"
+(cd "$ROOT" && go test -tags "${E2E_TAGS:-e2e}" -count=1 -v -timeout "${E2E_TIMEOUT:-60m}" ${E2E_RUN:+-run "$E2E_RUN"} ./test/lab/e2e) 2>&1 | tee "$ART/go-test.log"
 rc=${PIPESTATUS[0]}
 if [ "$mesh_conformance" = 1 ]; then
   CONFORMANCE_REPORT=$LOGS/mesh-report.yaml "$ROOT/test/lab/conformance-mesh-run.sh" 2>&1 | tee "$ART/conformance-mesh.log"
