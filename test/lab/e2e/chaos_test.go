@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -36,16 +37,33 @@ func TestChaos(t *testing.T) {
 		h2, l2 := streams(wp, "waypoint")
 		return append(h1, h2...), append(l1, l2...)
 	}
+	// CHAOS_SCENARIOS (a regexp) runs only the scenarios it matches.
+	only, err := regexp.Compile(os.Getenv("CHAOS_SCENARIOS"))
+	if err != nil {
+		t.Fatalf("CHAOS_SCENARIOS: %v", err)
+	}
 	var report []chaosResult
 	defer func() { writeChaosReport(t, full, b, report) }()
 	for _, sc := range []struct {
-		name string
-		run  func(t *testing.T, b chaosBudget) chaosResult
+		name     string
+		fullOnly bool // too long for the end-to-end stage's budget
+		run      func(t *testing.T, b chaosBudget) chaosResult
 	}{
-		{"manager-down", func(t *testing.T, b chaosBudget) chaosResult { return managerDown(t, b, zt, streamsOf) }},
-		{"ztunnel-sigkill", func(t *testing.T, b chaosBudget) chaosResult { return ztunnelKill(t, b, streamsOf) }},
-		{"waypoint-replica-killed", func(t *testing.T, b chaosBudget) chaosResult { return waypointKill(t, b, wp, streamsOf) }},
+		{"manager-down", false, func(t *testing.T, b chaosBudget) chaosResult { return managerDown(t, b, zt, streamsOf) }},
+		{"ztunnel-sigkill", false, func(t *testing.T, b chaosBudget) chaosResult { return ztunnelKill(t, b, streamsOf) }},
+		{"waypoint-replica-killed", false, func(t *testing.T, b chaosBudget) chaosResult { return waypointKill(t, b, wp, streamsOf) }},
+		{"kube-apiserver-restart", false, func(t *testing.T, b chaosBudget) chaosResult {
+			return controlPlaneRestart(t, b, "kube-apiserver", streamsOf)
+		}},
+		{"etcd-restart", false, func(t *testing.T, b chaosBudget) chaosResult { return controlPlaneRestart(t, b, "etcd", streamsOf) }},
+		{"node-agent-killed-mid-capture", false, func(t *testing.T, b chaosBudget) chaosResult { return nodeAgentMidCapture(t, b, zt, streamsOf) }},
+		{"workers-partitioned", false, func(t *testing.T, b chaosBudget) chaosResult { return partitionWorkers(t, b, wp, streamsOf) }},
+		{"waypoint-replica-sigkill", false, func(t *testing.T, b chaosBudget) chaosResult { return waypointSigkill(t, b, wp, streamsOf) }},
+		{"ca-unreachable", true, func(t *testing.T, b chaosBudget) chaosResult { return caUnreachable(t, b, streamsOf) }},
 	} {
+		if (sc.fullOnly && !full) || !only.MatchString(sc.name) {
+			continue
+		}
 		if !t.Run(sc.name, func(t *testing.T) {
 			r := sc.run(t, b)
 			r.Scenario = sc.name
