@@ -190,6 +190,9 @@ func nodeAgentOn(t *testing.T, node string) *podExec {
 // lab bridge for 10 s. Paths that stay on nodeA lose nothing; cross-node
 // requests and connections may fail, but cleanly: no request outlives the
 // client's 5 s timeout, every connhold run ends on time with a report.
+// The load addresses Services by IP (direct mode): by name, every new
+// connection first asked the cluster DNS, which may sit on the other node
+// (first lab run: same-node requests failed and one took 15.2 s, in DNS).
 func partitionWorkers(t *testing.T, b chaosBudget, wpNS string, streamsOf func() ([]*httpStream, []*holdStream)) chaosResult {
 	const cut = 10 * time.Second
 	r := chaosResult{Fault: fmt.Sprintf("every frame between %s and %s dropped on the lab bridge for %s", nodeA, nodeB, cut), Recovery: map[string]float64{}}
@@ -198,6 +201,7 @@ func partitionWorkers(t *testing.T, b chaosBudget, wpNS string, streamsOf func()
 		wpOnB = wpOnB || strings.Fields(p)[1] == nodeB
 	}
 	t.Cleanup(func() { labSh("partition", "off") })
+	b.load.direct = true
 	r.Load = withLoad(t, b, 60*time.Second, streamsOf, func() {
 		mustLabSh(t, "partition", "on", nodeA, nodeB)
 		time.Sleep(cut)

@@ -58,8 +58,8 @@ func TestChaos(t *testing.T) {
 		{"etcd-restart", false, func(t *testing.T, b chaosBudget) chaosResult { return controlPlaneRestart(t, b, "etcd", streamsOf) }},
 		{"node-agent-killed-mid-capture", false, func(t *testing.T, b chaosBudget) chaosResult { return nodeAgentMidCapture(t, b, zt, streamsOf) }},
 		{"workers-partitioned", false, func(t *testing.T, b chaosBudget) chaosResult { return partitionWorkers(t, b, wp, streamsOf) }},
-		{"waypoint-replica-sigkill", false, func(t *testing.T, b chaosBudget) chaosResult { return waypointSigkill(t, b, wp, streamsOf) }},
 		{"ca-unreachable", true, func(t *testing.T, b chaosBudget) chaosResult { return caUnreachable(t, b, streamsOf) }},
+		{"waypoint-replica-sigkill", false, func(t *testing.T, b chaosBudget) chaosResult { return waypointSigkill(t, b, wp, streamsOf) }},
 	} {
 		if (sc.fullOnly && !full) || !only.MatchString(sc.name) {
 			continue
