@@ -90,14 +90,7 @@ spec: {scope: Namespace, trafficType: service, replicas: %d}
 	// learn it; the scenarios must not.
 	for _, s := range []string{"server-same", "server-cross"} {
 		eventually(t, 90*time.Second, ns+" "+s+" answers", func() error {
-			r, err := fortioRun(ns, "-qps", "10", "-c", "1", "-t", "300ms", "-payload-size", "0", "http://"+s+":8000/get")
-			if err != nil {
-				return err
-			}
-			if r.failed() > 0 || r.DurationHistogram.Count == 0 {
-				return fmt.Errorf("return codes %v", r.RetCodes)
-			}
-			return nil
+			return fortioProbe(ns, "-qps", "10", "-c", "1", "-t", "300ms", "-payload-size", "0", "http://"+s+":8000/get")
 		})
 	}
 }
@@ -140,6 +133,19 @@ func fortioExec(ns, target string, args ...string) (fortioResult, error) {
 		return r, fmt.Errorf("fortio load %v: no result (%v, %v): %.300s", args, err, derr, errOut.String())
 	}
 	return r, nil
+}
+
+// fortioProbe runs one short fortio load and fails unless every request
+// succeeded.
+func fortioProbe(ns string, args ...string) error {
+	r, err := fortioRun(ns, args...)
+	if err != nil {
+		return err
+	}
+	if r.failed() > 0 || r.DurationHistogram.Count == 0 {
+		return fmt.Errorf("return codes %v", r.RetCodes)
+	}
+	return nil
 }
 
 // failed counts requests without a 200 (fortio's -1 is a socket error).
