@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"runtime"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -85,13 +86,13 @@ func FuzzServerFrames(f *testing.F) {
 	warm := e.dial(f, e.echo.Addr)
 	roundTrip(f, warm, []byte("warm"))
 	warm.Close()
-	base := settle(0)
+	base := runtime.NumGoroutine()
 	f.Fuzz(func(t *testing.T, raw []byte) {
 		rc := e.rawConn(t)
 		rc.connect(1, e.echo.Addr)
 		rc.conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
 		_, _ = rc.conn.Write(raw) // the server may close first
-		rc.closed(200 * time.Millisecond)
+		rc.closed(50 * time.Millisecond)
 		rc.conn.Close()
 		st := e.dial(t, e.echo.Addr)
 		roundTrip(t, st, []byte("still serving"))
@@ -182,7 +183,7 @@ func FuzzClientFrames(f *testing.F) {
 			go fuzzPeer(c, *payload.Load())
 		}
 	}()
-	base := settle(0)
+	base := runtime.NumGoroutine()
 	f.Fuzz(func(t *testing.T, raw []byte) {
 		payload.Store(&raw)
 		d, err := h2.NewDialer(h2.DialerConfig{Certs: e.clientSrc})
@@ -194,7 +195,7 @@ func FuzzClientFrames(f *testing.F) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		if st, err := d.Dial(ctx, req); err == nil {
-			st.SetDeadline(time.Now().Add(500 * time.Millisecond))
+			st.SetDeadline(time.Now().Add(100 * time.Millisecond))
 			_, _ = st.Write([]byte("x"))
 			buf := make([]byte, 4096)
 			for {
