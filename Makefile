@@ -220,7 +220,7 @@ e2e-flannel: ## The journey's core on a third worker whose pod network is flanne
 	  E2E_RUN='^(TestLabNodesReady|TestSameAndCrossNodeWithoutMesh|TestFlannelWorkerJourney)$$' test/lab/e2e.sh
 
 .PHONY: chaos
-chaos: ## Faults under steady load in the lab (manager down 2 min, ztunnel SIGKILL, waypoint replica killed); bin/chaos/ (make e2e runs a short one).
+chaos: ## Faults under steady load in the lab (manager down 2 min, ztunnel SIGKILL, waypoint replica deleted and SIGKILLed, kube-apiserver and etcd restarts, node agent killed mid-capture, workers partitioned 10 s, CA away past half a cert lifetime); bin/chaos/ (make e2e runs a short one). CHAOS_SCENARIOS=regexp picks scenarios.
 	CHAOS=full E2E_RUN='^TestChaos$$' E2E_REQUIRE_MESH=1 test/lab/e2e.sh
 
 .PHONY: root-rotation

@@ -92,7 +92,7 @@ func (s *Server) CreateCertificate(ctx context.Context, req *capb.IstioCertifica
 	}
 	cert, err := auth.SignCSR([]byte(req.GetCsr()), id, ttl)
 	if err != nil {
-		if errors.Is(err, ca.ErrBadCSR) {
+		if errors.Is(err, ca.ErrBadCSR) || errors.Is(err, ca.ErrBadIdentity) {
 			return nil, status.Error(codes.InvalidArgument, err.Error())
 		}
 		s.Log.Error(err, "signing", "identity", id.String())

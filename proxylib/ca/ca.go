@@ -89,6 +89,10 @@ var (
 	ErrBadCSR         = errors.New("invalid certificate signing request")
 	ErrWrongTrustDom  = errors.New("identity is not in the CA's trust domain")
 	ErrTTLNotPositive = errors.New("certificate lifetime must be positive")
+	// ErrBadIdentity: the identity does not format as a valid SPIFFE ID
+	// (found by FuzzSignCSR: a name with bytes Kubernetes never allows was
+	// signed as is).
+	ErrBadIdentity = errors.New("identity is not a valid SPIFFE ID")
 )
 
 // SignCSR issues a workload certificate for id from a PEM or DER CSR. The
@@ -113,6 +117,9 @@ func (a *Authority) SignCSR(csrBytes []byte, id identity.Identity, ttl time.Dura
 
 // SignPublicKey issues a workload certificate binding pub to id.
 func (a *Authority) SignPublicKey(pub crypto.PublicKey, id identity.Identity, ttl time.Duration) (*x509.Certificate, error) {
+	if p, err := identity.Parse(id.String()); err != nil || p != id {
+		return nil, fmt.Errorf("%w: %q", ErrBadIdentity, id.String())
+	}
 	if td := TrustDomainOf(a.Cert); td != "" && td != id.TrustDomain {
 		return nil, fmt.Errorf("%w: %s not in %s", ErrWrongTrustDom, id, td)
 	}

@@ -596,6 +596,61 @@ signal_container() {
   in_node "$short" ctr -a /run/containerd/containerd.sock -n k8s.io tasks kill -s "$3" "${2#containerd://}"
 }
 
+# node_short NAME: the short name (w1, ...) of lab node NAME.
+node_short() {
+  local short
+  short=$(workers | awk -v n="$1" '$2 == n { print $1 }')
+  [ -n "$short" ] || die "no lab node named $1"
+  echo "$short"
+}
+
+# pod_exec NODE ID CMD...: runs a host command in the network namespace of
+# container ID (its pod's), as the pod's own processes are: the pod's
+# redirection rules apply. The chaos load uses it so that restarting the
+# API server or etcd does not cut the load tools' kubectl exec streams.
+pod_exec() {
+  [ $# -ge 3 ] || die "usage: lab.sh podexec <node name> <container id> <cmd...>"
+  local short pid
+  short=$(node_short "$1")
+  pid=$(in_node "$short" ctr -a /run/containerd/containerd.sock -n k8s.io tasks ls | awk -v id="${2#containerd://}" '$1 == id { print $2 }')
+  [ -n "$pid" ] || die "no running task $2 on $1"
+  shift 2
+  exec nsenter -t "$pid" -n -- "$@"
+}
+
+# restart_cp etcd|kube-apiserver: stops a control-plane process and starts
+# it again (cp_up starts only what is not running), waiting until ready.
+restart_cp() {
+  case ${1:-} in etcd | kube-apiserver) ;; *) die "usage: lab.sh restart etcd|kube-apiserver" ;; esac
+  kill_recorded "$1"
+  cp_up
+}
+
+# partition on|off NODE NODE: drops every frame between the two nodes'
+# ports on the lab bridge (an nftables bridge table, alab_partition), both
+# ways; the control plane and the other nodes still reach both.
+PARTITION_TABLE=alab_partition
+partition() {
+  case ${1:-} in
+    on)
+      [ $# = 3 ] || die "usage: lab.sh partition on <node> <node>"
+      local a b
+      a=$PREFIX-$(node_short "$2"); b=$PREFIX-$(node_short "$3")
+      nft -f - <<EOF
+table bridge $PARTITION_TABLE {
+  chain forward {
+    type filter hook forward priority 0; policy accept;
+    iifname "$a" oifname "$b" drop
+    iifname "$b" oifname "$a" drop
+  }
+}
+EOF
+      ;;
+    off) nft delete table bridge "$PARTITION_TABLE" 2>/dev/null || true ;;
+    *) die "usage: lab.sh partition on <node> <node> | off" ;;
+  esac
+}
+
 # ---------------------------------------------------------------------- up
 up() {
   need_root
@@ -683,6 +738,7 @@ down() {
   say "workers stopped"
   for c in kube-scheduler kube-controller-manager kube-apiserver etcd; do kill_recorded "$c"; done
   say "control plane stopped"
+  partition off
   sleep 0.5
   for s in $shorts; do
     kill_node_cgroups "$s"; remove_cgroups "$s"
@@ -762,5 +818,8 @@ case ${1:-} in
   images) import_all ;;
   tag) shift; tag_all "$@" ;;
   signal) shift; signal_container "$@" ;;
-  *) echo "usage: $0 up|down|status|env|images|tag|signal" >&2; exit 2 ;;
+  podexec) shift; pod_exec "$@" ;;
+  restart) shift; restart_cp "$@" ;;
+  partition) shift; partition "$@" ;;
+  *) echo "usage: $0 up|down|status|env|images|tag|signal|podexec|restart|partition" >&2; exit 2 ;;
 esac

@@ -90,14 +90,7 @@ spec: {scope: Namespace, trafficType: service, replicas: %d}
 	// learn it; the scenarios must not.
 	for _, s := range []string{"server-same", "server-cross"} {
 		eventually(t, 90*time.Second, ns+" "+s+" answers", func() error {
-			r, err := fortioRun(ns, "-qps", "10", "-c", "1", "-t", "300ms", "-payload-size", "0", "http://"+s+":8000/get")
-			if err != nil {
-				return err
-			}
-			if r.failed() > 0 || r.DurationHistogram.Count == 0 {
-				return fmt.Errorf("return codes %v", r.RetCodes)
-			}
-			return nil
+			return fortioProbe(ns, "-qps", "10", "-c", "1", "-t", "300ms", "-payload-size", "0", "http://"+s+":8000/get")
 		})
 	}
 }
@@ -142,6 +135,19 @@ func fortioExec(ns, target string, args ...string) (fortioResult, error) {
 	return r, nil
 }
 
+// fortioProbe runs one short fortio load and fails unless every request
+// succeeded.
+func fortioProbe(ns string, args ...string) error {
+	r, err := fortioRun(ns, args...)
+	if err != nil {
+		return err
+	}
+	if r.failed() > 0 || r.DurationHistogram.Count == 0 {
+		return fmt.Errorf("return codes %v", r.RetCodes)
+	}
+	return nil
+}
+
 // failed counts requests without a 200 (fortio's -1 is a socket error).
 func (r fortioResult) failed() int64 {
 	var n int64
@@ -173,6 +179,12 @@ type httpStream struct {
 	Codes     map[string]int64 `json:"codes"`
 	NotRun    int              `json:"chunksNotRun"` // kubectl exec failed: not the mesh's fault, but no load either
 	FirstFail string           `json:"firstFailure,omitempty"`
+	// MaxSeconds is the slowest request's duration (the histogram's last
+	// bucket end): nothing may hang past the client's timeout.
+	MaxSeconds float64  `json:"maxSeconds"`
+	server     string   // Service name
+	via        *podExec // cfg.direct: the client pod, and the URL by the Service's address
+	directURL  string
 }
 
 // holdStream is a set of long-lived connections echoing a byte pattern.
@@ -183,6 +195,12 @@ type holdStream struct {
 	addr   string     // echo server host:port
 	Result holdResult `json:"result"`
 	Err    string     `json:"error,omitempty"`
+	// Seconds is how long connhold ran: it must end with its duration
+	// (plus its per-ping timeout), however its connections ended.
+	Seconds    float64 `json:"seconds"`
+	server     string
+	via        *podExec
+	directAddr string
 }
 
 // load is everything running during one scenario.
@@ -198,12 +216,19 @@ type loadConfig struct {
 	chunk time.Duration // one fortio run
 	conns int           // per hold stream
 	hold  time.Duration // how long the connections are held
+	// direct runs the load tools from the host in the client pods' network
+	// namespaces (lab.sh podexec) instead of through kubectl exec, whose
+	// streams an API server or etcd restart would cut (podexec.go).
+	direct bool
 }
 
 // startLoad starts every stream; HTTP runs until stop, connections are held
 // for cfg.hold.
 func startLoad(t *testing.T, cfg loadConfig, http []*httpStream, hold []*holdStream) *load {
 	l := &load{HTTP: http, Hold: hold, stop: make(chan struct{})}
+	if cfg.direct {
+		resolveDirect(t, http, hold)
+	}
 	for _, s := range http {
 		s.Codes = map[string]int64{}
 		l.wg.Add(1)
@@ -230,14 +255,24 @@ func startLoad(t *testing.T, cfg loadConfig, http []*httpStream, hold []*holdStr
 }
 
 func (s *httpStream) chunk(t *testing.T, cfg loadConfig) {
-	r, err := fortioRun(s.ns, "-qps", fmt.Sprint(cfg.qps), "-c", "2", "-t", cfg.chunk.String(), "-payload-size", "0",
-		"-keepalive=false", "-timeout", "5s", s.url)
+	args := []string{"-qps", fmt.Sprint(cfg.qps), "-c", "2", "-t", cfg.chunk.String(), "-payload-size", "0",
+		"-keepalive=false", "-timeout", "5s"}
+	var r fortioResult
+	var err error
+	if s.via != nil {
+		r, err = s.via.fortio(append(args, s.directURL)...)
+	} else {
+		r, err = fortioRun(s.ns, append(args, s.url)...)
+	}
 	if err != nil {
 		s.NotRun++
 		t.Logf("%s: load chunk not run: %v", s.Name, err)
 		return
 	}
 	s.Sent += r.DurationHistogram.Count
+	if d := r.DurationHistogram.Data; len(d) > 0 {
+		s.MaxSeconds = max(s.MaxSeconds, d[len(d)-1].End)
+	}
 	noteP99(r)
 	for code, n := range r.RetCodes {
 		s.Codes[code] += n
@@ -252,11 +287,19 @@ func (s *httpStream) chunk(t *testing.T, cfg loadConfig) {
 }
 
 func (h *holdStream) run(cfg loadConfig) {
-	cmd := exec.Command("kubectl", "--kubeconfig", kubeconfig, "exec", "-n", h.ns, "deploy/hold", "--",
-		"connhold", "-addr", h.addr, "-conns", fmt.Sprint(cfg.conns), "-interval", "200ms", "-payload", "256", "-duration", cfg.hold.String())
+	args := []string{"-conns", fmt.Sprint(cfg.conns), "-interval", "200ms", "-payload", "256", "-duration", cfg.hold.String()}
+	var cmd *exec.Cmd
+	if h.via != nil {
+		cmd = h.via.connhold(append(args, "-addr", h.directAddr)...)
+	} else {
+		cmd = exec.Command("kubectl", append([]string{"--kubeconfig", kubeconfig, "exec", "-n", h.ns, "deploy/hold", "--",
+			"connhold", "-addr", h.addr}, args...)...)
+	}
 	var out, errOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errOut
+	start := time.Now()
 	_ = cmd.Run() // connhold exits 1 when a connection broke; its report says which
+	h.Seconds = time.Since(start).Seconds()
 	if err := json.Unmarshal(bytes.TrimSpace(out.Bytes()), &h.Result); err != nil {
 		h.Err = fmt.Sprintf("no connhold report: %v: %s %s", err, out.String(), errOut.String())
 	}
@@ -278,8 +321,8 @@ func streams(ns, mode string) ([]*httpStream, []*holdStream) {
 	var hs []*httpStream
 	var ls []*holdStream
 	for _, p := range []struct{ name, server string }{{"same-node", "server-same"}, {"cross-node", "server-cross"}} {
-		hs = append(hs, &httpStream{Name: mode + "/" + p.name, Path: p.name, ns: ns, url: "http://" + p.server + ":8000/get"})
-		ls = append(ls, &holdStream{Name: mode + "/" + p.name, Path: p.name, ns: ns, addr: p.server + ":9000"})
+		hs = append(hs, &httpStream{Name: mode + "/" + p.name, Path: p.name, ns: ns, server: p.server, url: "http://" + p.server + ":8000/get"})
+		ls = append(ls, &holdStream{Name: mode + "/" + p.name, Path: p.name, ns: ns, server: p.server, addr: p.server + ":9000"})
 	}
 	return hs, ls
 }
