@@ -46,7 +46,7 @@ func TestChaos(t *testing.T) {
 	defer func() { writeChaosReport(t, full, b, report) }()
 	for _, sc := range []struct {
 		name     string
-		fullOnly bool // too long for the end-to-end stage's budget
+		fullOnly bool // make chaos only: beyond the end-to-end stage's CI budget
 		run      func(t *testing.T, b chaosBudget) chaosResult
 	}{
 		{"manager-down", false, func(t *testing.T, b chaosBudget) chaosResult { return managerDown(t, b, zt, streamsOf) }},
@@ -55,11 +55,11 @@ func TestChaos(t *testing.T) {
 		{"kube-apiserver-restart", false, func(t *testing.T, b chaosBudget) chaosResult {
 			return controlPlaneRestart(t, b, "kube-apiserver", streamsOf)
 		}},
-		{"etcd-restart", false, func(t *testing.T, b chaosBudget) chaosResult { return controlPlaneRestart(t, b, "etcd", streamsOf) }},
+		{"etcd-restart", true, func(t *testing.T, b chaosBudget) chaosResult { return controlPlaneRestart(t, b, "etcd", streamsOf) }},
 		{"node-agent-killed-mid-capture", false, func(t *testing.T, b chaosBudget) chaosResult { return nodeAgentMidCapture(t, b, zt, streamsOf) }},
-		{"workers-partitioned", false, func(t *testing.T, b chaosBudget) chaosResult { return partitionWorkers(t, b, wp, streamsOf) }},
+		{"workers-partitioned", true, func(t *testing.T, b chaosBudget) chaosResult { return partitionWorkers(t, b, wp, streamsOf) }},
 		{"ca-unreachable", true, func(t *testing.T, b chaosBudget) chaosResult { return caUnreachable(t, b, streamsOf) }},
-		{"waypoint-replica-sigkill", false, func(t *testing.T, b chaosBudget) chaosResult { return waypointSigkill(t, b, wp, streamsOf) }},
+		{"waypoint-replica-sigkill", true, func(t *testing.T, b chaosBudget) chaosResult { return waypointSigkill(t, b, wp, streamsOf) }},
 	} {
 		if (sc.fullOnly && !full) || !only.MatchString(sc.name) {
 			continue
