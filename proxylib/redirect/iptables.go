@@ -2,6 +2,7 @@ package redirect
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -130,6 +131,10 @@ func (t *IPTables) jumps() []jump {
 // return path an earlier install may have left, so the rules always match
 // the configuration.
 func (t *IPTables) Install(ns *os.File) error {
+	if t.cfg.InboundTPROXY {
+		// Only the nftables backend implements TPROXY capture so far.
+		return errors.New("redirect: iptables backend does not support InboundTPROXY; use nftables")
+	}
 	for _, f := range families {
 		if _, err := run(ns, t.rules(f), f.restore, "--noflush"); err != nil {
 			return err

@@ -86,8 +86,7 @@ func (n *NFTables) Install(ns *os.File) error {
 	c.AddTable(t)
 	out := c.AddChain(&nftables.Chain{Name: outputChain, Table: t, Type: nftables.ChainTypeNAT,
 		Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityNATDest})
-	pre := c.AddChain(&nftables.Chain{Name: preroutingChain, Table: t, Type: nftables.ChainTypeNAT,
-		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityNATDest})
+	pre := c.AddChain(n.preroutingChainSpec(t))
 	for _, e := range n.outputRules() {
 		c.AddRule(&nftables.Rule{Table: t, Chain: out, Exprs: e})
 	}
@@ -107,7 +106,7 @@ func (n *NFTables) Install(ns *os.File) error {
 	}
 	// Without preservation, drop a return path an earlier install (with
 	// --preserve-source) left: the rules then match the config exactly.
-	return setLocalRouting(ns, n.cfg.MarkMask, n.cfg.PreserveSource)
+	return setLocalRouting(ns, n.cfg.MarkMask, n.needsLocalRouting())
 }
 
 // PreservesSource reports whether Install sets up source preservation.
@@ -175,6 +174,8 @@ func (n *NFTables) Installed(ns *os.File) (bool, error) {
 	want := map[string]int{outputChain: len(n.outputRules()), preroutingChain: len(n.preroutingRules())}
 	if n.cfg.PreserveSource {
 		want[manglePrerouting], want[mangleOutput] = 1, 1
+	}
+	if n.needsLocalRouting() {
 		if ok, err := HasSourceRouting(ns); err != nil || !ok {
 			return false, err
 		}
@@ -225,6 +226,9 @@ func (n *NFTables) preroutingRules() [][]expr.Any {
 	}
 	for _, port := range n.cfg.SkipInboundPorts {
 		rules = append(rules, append(tcpDport(port), verdictReturn()))
+	}
+	if n.cfg.InboundTPROXY {
+		return append(rules, append(tcpOnly(), tproxyTo(n.cfg.InboundPort)...))
 	}
 	return append(rules, append(tcpOnly(), redirectTo(n.cfg.InboundPort)...))
 }

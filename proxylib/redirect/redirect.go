@@ -45,6 +45,13 @@ type Config struct {
 	// the pod's resolver), loopback and the skipped destinations and ports
 	// pass.
 	DNSPort uint16
+	// InboundTPROXY captures inbound TCP with TPROXY instead of a NAT
+	// REDIRECT (see tproxy.go): no NAT entry is made for the client's
+	// tuple, so ztunnel's transparent dial from an outside client's address
+	// cannot collide with it. ztunnel's InboundPort listener must then be
+	// IP_TRANSPARENT and read the original destination from its local
+	// address.
+	InboundTPROXY bool
 }
 
 // DNSProxyPort is ztunnel's DNS proxy in each pod (docs/interfaces.md).

@@ -1,0 +1,124 @@
+package redirect_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/ambientmesh/ambient/proxylib/netnsutil"
+	"github.com/ambientmesh/ambient/proxylib/redirect"
+)
+
+// serveTransparentRelay is a minimal inbound ztunnel on an IP_TRANSPARENT
+// listener: it takes the original destination from the accepted socket's
+// local address (TPROXY does no NAT) and dials the app there from the
+// client's own address (transparent, marked), relaying the app's answer
+// prefixed with what it saw.
+func serveTransparentRelay(t *testing.T, ns *os.File, addr string) {
+	t.Helper()
+	ln, err := netnsutil.ListenTCP(ns, addr, netnsutil.SocketOptions{Transparent: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go relay(ns, c)
+		}
+	}()
+}
+
+func relay(ns *os.File, c net.Conn) {
+	defer c.Close()
+	local := c.LocalAddr().(*net.TCPAddr).AddrPort()
+	dst := netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
+	src := netip.AddrPortFrom(c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap(), 0)
+	app, err := netnsutil.DialTCP(context.Background(), ns, src, dst,
+		netnsutil.SocketOptions{Transparent: true, Mark: netnsutil.Mark})
+	if err != nil {
+		fmt.Fprintf(c, "relay dial %v from %v: %v", dst, src, err)
+		return
+	}
+	defer app.Close()
+	b, _ := io.ReadAll(app)
+	fmt.Fprintf(c, "ztunnel dst=%v | %s", dst, b)
+}
+
+// serveEcho answers with the peer address the app sees.
+func serveEcho(t *testing.T, ns *os.File, addr string) {
+	t.Helper()
+	ln, err := netnsutil.ListenTCP(ns, addr, netnsutil.SocketOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			fmt.Fprintf(c, "app sees %v", c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap())
+			c.Close()
+		}
+	}()
+}
+
+// TestTPROXYInboundSeesClient: with InboundTPROXY a plaintext client from
+// outside the mesh reaches ztunnel's transparent listener with the app's
+// address as local address, and the app sees the client's own address
+// (ztunnel dials from it; the replies return to ztunnel by the connmark
+// policy route). Remove leaves no table, rule or route.
+func TestTPROXYInboundSeesClient(t *testing.T) {
+	tp := newTopo(t)
+	serveTransparentRelay(t, tp.podNS, "[::]:15006")
+	serveEcho(t, tp.podNS, "[::]:8080")
+
+	cfg := redirect.DefaultConfig()
+	cfg.PreserveSource, cfg.InboundTPROXY = true, true
+	r := redirect.NewNFTables(cfg)
+	for i := 0; i < 2; i++ { // idempotent
+		if err := r.Install(tp.podNS); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if ok, err := r.Installed(tp.podNS); err != nil || !ok {
+		t.Fatalf("Installed = %v, %v", ok, err)
+	}
+	if rs := nftList(t, tp.pod); !strings.Contains(rs, "tproxy") || strings.Contains(rs, "redirect to :15006") {
+		t.Fatalf("ruleset has no tproxy (or still a redirect):\n%s", rs)
+	}
+	for _, c := range []struct {
+		name     string
+		app, cli netip.Addr
+	}{{"v4", tp.pod.IP, tp.peer.IP}, {"v6", tp.pod.IP6, tp.peer.IP6}} {
+		t.Run(c.name, func(t *testing.T) {
+			app := netip.AddrPortFrom(c.app, 8080)
+			want := fmt.Sprintf("ztunnel dst=%v | app sees %v", app, c.cli)
+			for i := 0; i < 3; i++ { // repeated: tuples reused, no stale state
+				if got := ask(t, tp.peerNS, app, 0); got != want {
+					t.Fatalf("got %q, want %q", got, want)
+				}
+			}
+		})
+	}
+
+	if err := r.Remove(tp.podNS); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := redirect.HasSourceRouting(tp.podNS); err != nil || ok {
+		t.Fatalf("policy routing left after Remove: %v, %v", ok, err)
+	}
+	if rs := nftList(t, tp.pod); strings.Contains(rs, redirect.TableName) {
+		t.Fatalf("table left after Remove:\n%s", rs)
+	}
+}
