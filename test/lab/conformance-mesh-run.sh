@@ -16,14 +16,5 @@ for ns in gateway-conformance-mesh gateway-conformance-mesh-consumer; do
   kc label --overwrite namespace "$ns" istio.io/dataplane-mode=ambient >/dev/null || die "labelling $ns"
   ambientctl waypoint apply -n "$ns" --wait || die "no waypoint in $ns"
 done
-report=${CONFORMANCE_REPORT:-$ROOT/docs/conformance/mesh-report.yaml}
-mkdir -p "$(dirname "$report")"
-say "conformance: MESH-HTTP profile"
-(cd "$ROOT/test/conformance" && CONFORMANCE_REPORT=$report go test -tags conformance -count=1 -v \
-  -timeout "${CONFORMANCE_TIMEOUT:-30m}" -run "${CONFORMANCE_RUN:-^TestMeshConformance\$}" .) 2>&1 | tee "$LOGS/conformance-mesh.log"
-rc=${PIPESTATUS[0]}
-echo
-echo "=== mesh conformance summary"
-grep -E '^\s+--- (PASS|FAIL|SKIP)' "$LOGS/conformance-mesh.log" | sed 's/^ *//' | sort | uniq -c | sort -rn | head -100
-[ -f "$report" ] && say "report: $report"
-exit "$rc"
+conformance_suite "MESH-HTTP profile" "${CONFORMANCE_REPORT:-$ROOT/docs/conformance/mesh-report.yaml}" \
+  "${CONFORMANCE_RUN:-^TestMeshConformance\$}" "${CONFORMANCE_TIMEOUT:-30m}" "$LOGS/conformance-mesh.log"

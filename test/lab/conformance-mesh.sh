@@ -19,9 +19,5 @@ export KUBECONFIG=$KUBECONFIG_FILE PATH=$ROOT/bin:$PATH
 # shellcheck disable=SC1091
 source "$STATE/mesh.env"
 [ "$OPERATOR" = ready ] && [ "${WAYPOINT_IMAGE:-}" = ready ] || die "mesh not ready: operator $OPERATOR, waypoint image ${WAYPOINT_IMAGE:-?}"
-# A lab already up keeps the operator of an earlier checkout under the same
-# image tag: restart it so the run tests this checkout's code.
-kc -n ambient-system rollout restart deploy/ambient-controller-manager >/dev/null &&
-  kc -n ambient-system rollout status deploy/ambient-controller-manager --timeout=120s >/dev/null ||
-  die "operator did not restart"
+restart_operator
 CONFORMANCE_REPORT=$ROOT/docs/conformance/mesh-report.yaml exec "$ROOT/test/lab/conformance-mesh-run.sh"

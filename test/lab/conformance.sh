@@ -22,21 +22,8 @@ export KUBECONFIG=$KUBECONFIG_FILE PATH=$ROOT/bin:$PATH
 source "$STATE/mesh.env"
 [ "$OPERATOR" = ready ] && [ "${WAYPOINT_IMAGE:-}" = ready ] && [ "${METALLB:-}" = ready ] ||
   die "mesh not ready: operator $OPERATOR, gateway image ${WAYPOINT_IMAGE:-?}, MetalLB ${METALLB:-?}"
-# A lab that was already up keeps running the operator of its first image
-# (same tag): restart it so the run tests the code of this checkout.
-kc -n ambient-system rollout restart deploy/ambient-controller-manager >/dev/null &&
-  kc -n ambient-system rollout status deploy/ambient-controller-manager --timeout=120s >/dev/null ||
-  die "operator did not restart"
+restart_operator
 # The suite's DNS test workload names upstream CoreDNS; the lab's is the same program.
 "$ROOT/test/lab/lab.sh" tag docker.io/ambient-lab/coredns:v1.12.4 registry.k8s.io/coredns/coredns:v1.12.2 >/dev/null
-mkdir -p "$ROOT/docs/conformance"
-report=$ROOT/docs/conformance/gateway-http-report.yaml
-say "conformance: GatewayHTTP profile against GatewayClass istio"
-(cd "$ROOT/test/conformance" && CONFORMANCE_REPORT=$report go test -tags conformance -count=1 -v \
-  -timeout "${CONFORMANCE_TIMEOUT:-40m}" -run "${CONFORMANCE_RUN:-^TestGatewayHTTPConformance\$}" .) 2>&1 | tee "$LOGS/conformance.log"
-rc=${PIPESTATUS[0]}
-echo
-echo "=== conformance summary"
-grep -E '^\s+--- (PASS|FAIL|SKIP)' "$LOGS/conformance.log" | sed 's/^ *//' | sort | uniq -c | sort -rn | head -100
-[ -f "$report" ] && say "report: $report"
-exit "$rc"
+conformance_suite "GatewayHTTP profile against GatewayClass istio" "$ROOT/docs/conformance/gateway-http-report.yaml" \
+  "${CONFORMANCE_RUN:-^TestGatewayHTTPConformance\$}" "${CONFORMANCE_TIMEOUT:-40m}" "$LOGS/conformance.log"

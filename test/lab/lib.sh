@@ -99,3 +99,30 @@ in_cp() { nsenter --net="$(netns_path cp)" -- "$@"; }
 outside() { ip netns exec "$PREFIX-out" "$@"; }
 
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# restart_operator: a lab already up keeps the operator of an earlier
+# checkout under the same image tag; restarting it makes a run test this
+# checkout's code.
+restart_operator() {
+  kc -n ambient-system rollout restart deploy/ambient-controller-manager >/dev/null &&
+    kc -n ambient-system rollout status deploy/ambient-controller-manager --timeout=120s >/dev/null ||
+    die "operator did not restart"
+}
+
+# conformance_suite <title> <report> <run> <timeout> <log>: runs the
+# upstream conformance suite's test <run> (module test/conformance),
+# writing its report to <report> and its output to <log>, then prints a
+# summary of the subtests; returns go test's status.
+conformance_suite() {
+  local title=$1 report=$2 run=$3 timeout=$4 log=$5 rc
+  mkdir -p "$(dirname "$report")"
+  say "conformance: $title"
+  (cd "$ROOT/test/conformance" && CONFORMANCE_REPORT=$report go test -tags conformance -count=1 -v \
+    -timeout "$timeout" -run "$run" .) 2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  echo
+  echo "=== $title summary"
+  grep -E '^\s+--- (PASS|FAIL|SKIP)' "$log" | sed 's/^ *//' | sort | uniq -c | sort -rn | head -100
+  [ -f "$report" ] && say "report: $report"
+  return "$rc"
+}
