@@ -244,6 +244,9 @@ func withLoadHold(b chaosBudget, window time.Duration) time.Duration { return wi
 // kubelet restarts its container).
 func waypointSigkill(t *testing.T, b chaosBudget, ns string, streamsOf func() ([]*httpStream, []*holdStream)) chaosResult {
 	r := chaosResult{Fault: "SIGKILL to one of 2 waypoint replicas' container (no drain)", Recovery: map[string]float64{}}
+	// A rollout in progress (the manager re-renders the waypoint when it
+	// returns, as after ca-unreachable) would delete the chosen pod.
+	mustKubectl(t, "-n", ns, "rollout", "status", "deploy/waypoint", "--timeout=180s")
 	out := mustKubectl(t, "get", "pods", "-n", ns, "-l", waypointSelector, "-o",
 		`jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} {.status.containerStatuses[0].containerID} {.status.containerStatuses[0].restartCount}{"\n"}{end}`)
 	lines := strings.Split(strings.TrimSpace(out), "\n")
