@@ -104,7 +104,7 @@ fuzz: ## Run every fuzz target for FUZZTIME each (default 20s; the CI smoke).
 FUZZTIME_LONG ?= 10m
 .PHONY: fuzz-long
 fuzz-long: SHELL := /bin/bash
-fuzz-long: ## Every fuzz target for FUZZTIME (default 10m) each; log and summary in bin/fuzz/ (not in CI).
+fuzz-long: ## Every fuzz target for FUZZTIME (default 10m) each, FUZZ_JOBS at a time (default 1); log and summary in bin/fuzz/ (not in CI).
 	@mkdir -p $(BIN)/fuzz
 	set -o pipefail; hack/fuzz.sh $(or $(FUZZTIME),$(FUZZTIME_LONG)) 2>&1 | tee $(BIN)/fuzz/fuzz-long.log
 
