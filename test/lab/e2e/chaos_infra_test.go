@@ -292,7 +292,9 @@ func liveReadyWaypoints(ns string) ([][]string, error) {
 		return nil, err
 	}
 	var live [][]string
-	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+	// Not TrimSpace: the last field (deletionTimestamp) is empty for a
+	// live pod, and trimming would drop its tab.
+	for _, line := range strings.Split(strings.TrimRight(out, "\n"), "\n") {
 		f := strings.Split(line, "\t")
 		switch {
 		case len(f) != 5:
