@@ -228,7 +228,8 @@ func forwarded(src netip.AddrPort, w *workloadapi.Workload) http.Header {
 		h.Set("Forwarded", fmt.Sprintf("for=%q", src.Addr().String()))
 	}
 	if w != nil {
-		h.Set("Baggage", fmt.Sprintf("k8s.namespace.name=%s,k8s.pod.name=%s,service.name=%s", w.GetNamespace(), w.GetName(), w.GetCanonicalName()))
+		h.Set("Baggage", hbone.FormatBaggage([2]string{hbone.BaggageNamespace, w.GetNamespace()},
+			[2]string{hbone.BaggagePod, w.GetName()}, [2]string{hbone.BaggageService, w.GetCanonicalName()}))
 	}
 	return h
 }
