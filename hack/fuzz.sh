@@ -48,9 +48,16 @@ export FUZZ_FAILED
 trap 'rm -f "$FUZZ_FAILED"' EXIT
 mkdir -p "$FUZZ_LOGS"
 
+# A package whose test binary cannot list its targets (e.g. envtest
+# binaries missing) fails the run: it must not drop out silently.
 for dir in "${dirs[@]}"; do
 	pkg="./${dir#./}"
-	go test -list '^Fuzz' "$pkg" | grep -E '^Fuzz' | sed "s|^|$pkg |" || true
+	if ! list=$(go test -list '^Fuzz' "$pkg" 2>&1); then
+		printf '%s\n' "$list" >&2
+		echo "$pkg (listing its fuzz targets failed)" >>"$FUZZ_FAILED"
+		continue
+	fi
+	grep -E '^Fuzz' <<<"$list" | sed "s|^|$pkg |" || true
 done >"$FUZZ_LOGS/targets"
 total=$(wc -l <"$FUZZ_LOGS/targets")
 
