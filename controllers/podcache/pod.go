@@ -108,8 +108,9 @@ func compact(pod *corev1.Pod) *Pod {
 		out.PodIPs[0].IP = out.PodIP // one copy of the primary address
 	}
 	for _, c := range pod.Status.Conditions {
-		if c.Type == corev1.PodReady {
+		if c.Type == corev1.PodReady { // the first, as readers look for it
 			out.Ready = corev1.ConditionStatus(intern(string(c.Status)))
+			break
 		}
 	}
 	for _, c := range pod.Spec.InitContainers {
