@@ -688,3 +688,79 @@ func TestL4RoutesSentToL7Proxies(t *testing.T) {
 	}
 	eventually(t, "L4 routes withdrawn", func() bool { return sent(tlsKey) == nil && sent(tcpKey) == nil })
 }
+
+// TestIngressUseWaypointSent: the control plane tells the ingress
+// gateways which Services they reach through the waypoint, as Istio reads
+// istio.io/ingress-use-waypoint: the Service's label, else its
+// namespace's; only for a Service that has a waypoint; withdrawn when the
+// label, the waypoint or the Service goes.
+func TestIngressUseWaypointSent(t *testing.T) {
+	ctx := context.Background()
+	ensureNamespace(t, "iuw", map[string]string{ambientLabel: "ambient"})
+	wp := &gwv1.Gateway{ObjectMeta: metav1.ObjectMeta{Name: "waypoint", Namespace: "iuw"},
+		Spec: gwv1.GatewaySpec{GatewayClassName: "istio-waypoint", Listeners: []gwv1.Listener{{Name: "mesh", Port: 15008, Protocol: "HBONE"}}}}
+	svc := func(name string, labels map[string]string) *corev1.Service {
+		o := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "iuw", Labels: labels},
+			Spec: corev1.ServiceSpec{Selector: map[string]string{"app": name}, Ports: []corev1.ServicePort{{Port: 80}}}}
+		if err := s.k8s.Create(ctx, o); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), o) })
+		return o
+	}
+	labelled := svc("labelled", map[string]string{"istio.io/ingress-use-waypoint": "true"})
+	svc("plain", nil)
+	svc("refused", map[string]string{"istio.io/ingress-use-waypoint": "false"})
+	sent := func() map[string]bool {
+		out := map[string]bool{}
+		for _, r := range s.cp.Discovery.Snapshot(xds.L7ResourceType) {
+			if l := r.Resource.(*meshapi.L7Resource); l.Kind == xds.IngressUseWaypointKind && l.Namespace == "iuw" {
+				out[l.Name] = r.Name == xds.IngressUseWaypointKey("iuw", l.Name) && l.Group == xds.MeshGroup
+			}
+		}
+		return out
+	}
+	want := func(why string, names ...string) {
+		t.Helper()
+		eventually(t, why, func() bool {
+			got := sent()
+			if len(got) != len(names) {
+				return false
+			}
+			for _, n := range names {
+				if !got[n] {
+					return false
+				}
+			}
+			return true
+		})
+	}
+	// A label without a waypoint means nothing: nothing is sent.
+	time.Sleep(200 * time.Millisecond)
+	want("no waypoint yet")
+	if err := s.k8s.Create(ctx, wp); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), wp) })
+	want("the labelled Service with a waypoint", "labelled")
+	// The namespace label covers Services without their own label; a
+	// Service's "false" still wins.
+	var ns corev1.Namespace
+	if err := s.k8s.Get(ctx, client.ObjectKey{Name: "iuw"}, &ns); err != nil {
+		t.Fatal(err)
+	}
+	ns.Labels["istio.io/ingress-use-waypoint"] = "true"
+	if err := s.k8s.Update(ctx, &ns); err != nil {
+		t.Fatal(err)
+	}
+	want("namespace label", "labelled", "plain")
+	delete(ns.Labels, "istio.io/ingress-use-waypoint")
+	if err := s.k8s.Update(ctx, &ns); err != nil {
+		t.Fatal(err)
+	}
+	want("namespace label removed", "labelled")
+	if err := s.k8s.Delete(ctx, labelled); err != nil {
+		t.Fatal(err)
+	}
+	want("Service deleted")
+}

@@ -968,6 +968,11 @@ func (b *build) namespace(ns string) error {
 		strings.TrimSuffix(xds.ServiceEntryUID(b.mc.ClusterID, ns, "", ""), "/"),
 	}
 	b.c.curMu.RLock()
+	for name := range b.c.current[xds.L7ResourceType] {
+		if strings.HasPrefix(name, xds.IngressUseWaypointKey(ns, "")) {
+			b.l7Scope[name] = struct{}{} // a deleted Service's goes
+		}
+	}
 	for name := range b.c.current[xds.AddressType] {
 		for _, p := range prefixes {
 			if strings.HasPrefix(name, p) {
@@ -1079,12 +1084,27 @@ func (b *build) addService(svc *corev1.Service) error {
 	if err != nil {
 		return err
 	}
-	if s := buildService(b.mc, v, svc); s != nil {
+	s := buildService(b.mc, v, svc)
+	if s != nil {
 		name := xds.ServiceKey(s.Namespace, s.Hostname)
 		b.addresses[name] = &workloadapi.Address{Type: &workloadapi.Address_Service{Service: s}}
 		if b.addrScope != nil {
 			b.addrScope[name] = struct{}{}
 		}
+	}
+	// Ingress gateways learn which Services they reach through the
+	// waypoint (istio.io/ingress-use-waypoint); the others they reach
+	// directly.
+	key := xds.IngressUseWaypointKey(svc.Namespace, svc.Name)
+	if b.l7Scope != nil {
+		b.l7Scope[key] = struct{}{}
+	}
+	var nsLabels map[string]string
+	if v.ns != nil {
+		nsLabels = v.ns.Labels
+	}
+	if s != nil && s.Waypoint != nil && waypointbind.IngressUseWaypoint(svc.Labels, nsLabels) {
+		b.l7[key] = xds.IngressUseWaypointResource(svc.Namespace, svc.Name)
 	}
 	return nil
 }

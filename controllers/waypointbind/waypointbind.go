@@ -5,6 +5,8 @@
 package waypointbind
 
 import (
+	"strconv"
+
 	corev1 "k8s.io/api/core/v1"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
@@ -19,6 +21,9 @@ const (
 	// UseWaypointNamespaceLabel names the waypoint's namespace when it is
 	// not the object's own.
 	UseWaypointNamespaceLabel = "istio.io/use-waypoint-namespace"
+	// IngressUseWaypointLabel on a Service or its namespace sends ingress
+	// gateways' traffic to the Service through its waypoint.
+	IngressUseWaypointLabel = "istio.io/ingress-use-waypoint"
 	// ForServiceAccountAnnotation on a waypoint Gateway restricts it to one
 	// service account (the seeds' binding).
 	ForServiceAccountAnnotation = "istio.io/for-service-account"
@@ -276,4 +281,21 @@ func (s Scope) namespaceWaypoint() *Waypoint {
 		}
 	}
 	return best
+}
+
+// IngressUseWaypoint reports whether ingress gateways send to a Service
+// through its waypoint, as Istio decides it: the Service's
+// istio.io/ingress-use-waypoint label when present (even "false"), else its
+// namespace's; the value is a Go boolean ("true", "1", "True", …), anything
+// else is false. Without the label a gateway goes straight to the
+// endpoints. nsLabels may be nil.
+func IngressUseWaypoint(svcLabels, nsLabels map[string]string) bool {
+	v, ok := svcLabels[IngressUseWaypointLabel]
+	if !ok {
+		if v, ok = nsLabels[IngressUseWaypointLabel]; !ok {
+			return false
+		}
+	}
+	b, err := strconv.ParseBool(v)
+	return err == nil && b
 }

@@ -145,3 +145,30 @@ func TestIngressClass(t *testing.T) {
 		t.Errorf("ConfigMap reference %q, CRD reference %q", ParametersProblem(cm), ParametersProblem(crd))
 	}
 }
+
+func TestIngressUseWaypoint(t *testing.T) {
+	l := func(v string) map[string]string { return map[string]string{IngressUseWaypointLabel: v} }
+	for _, c := range []struct {
+		name    string
+		svc, ns map[string]string
+		want    bool
+	}{
+		{"no label anywhere", nil, nil, false},
+		{"service true", l("true"), nil, true},
+		{"service True (Go boolean)", l("True"), nil, true},
+		{"service 1", l("1"), nil, true},
+		{"namespace true", nil, l("true"), true},
+		{"service false beats namespace true", l("false"), l("true"), false},
+		{"service true beats namespace false", l("true"), l("false"), true},
+		{"invalid value is false", l("yes"), nil, false},
+		{"invalid service value does not fall back to the namespace", l("yes"), l("true"), false},
+		{"empty service value is false", l(""), l("true"), false},
+		{"other labels only", map[string]string{"app": "x"}, map[string]string{"app": "y"}, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if got := IngressUseWaypoint(c.svc, c.ns); got != c.want {
+				t.Fatalf("IngressUseWaypoint(%v, %v) = %v, want %v", c.svc, c.ns, got, c.want)
+			}
+		})
+	}
+}
