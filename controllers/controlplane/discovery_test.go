@@ -764,3 +764,60 @@ func TestIngressUseWaypointSent(t *testing.T) {
 	}
 	want("Service deleted")
 }
+
+// TestLocalityAndTrafficDistribution: pods carry their node's locality
+// (topology labels, followed when they change), and a Service's
+// trafficDistribution reaches the proxies as Istio sends it.
+func TestLocalityAndTrafficDistribution(t *testing.T) {
+	ctx := context.Background()
+	zt := ztunnel(t, "zt-loc", "loc-node-a", "10.200.0.9")
+	state := startClient(t, token(t, zt, xds.TokenAudience), zt.Name, xds.RoleZtunnel)
+	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "loc-node-a", Labels: map[string]string{
+		corev1.LabelTopologyRegion: "r1", corev1.LabelTopologyZone: "z1", "topology.istio.io/subzone": "s1"}}}
+	if err := s.k8s.Create(ctx, node); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), node) })
+	ensureNamespace(t, "loc", map[string]string{ambientLabel: "ambient"})
+	createPod(t, podSpec{ns: "loc", name: "near", node: "loc-node-a", ip: "10.6.0.1", labels: map[string]string{"app": "near"}})
+	preferClose := "PreferClose"
+	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "near", Namespace: "loc"}, Spec: corev1.ServiceSpec{
+		Selector: map[string]string{"app": "near"}, Ports: []corev1.ServicePort{{Port: 80}}, TrafficDistribution: &preferClose}}
+	if err := s.k8s.Create(ctx, svc); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), svc) })
+	eventually(t, "pod locality and the Service's PreferClose", func() bool {
+		w, sv := state.WorkloadByUID(uid("loc", "near")), state.ServiceByKey("loc/near.loc.svc.cluster.local")
+		l := w.GetLocality()
+		lb := sv.GetLoadBalancing()
+		return l.GetRegion() == "r1" && l.GetZone() == "z1" && l.GetSubzone() == "s1" &&
+			lb.GetMode() == workloadapi.LoadBalancing_FAILOVER && len(lb.GetRoutingPreference()) == 3 &&
+			lb.GetRoutingPreference()[2] == workloadapi.LoadBalancing_ZONE
+	})
+	node.Labels[corev1.LabelTopologyZone] = "z2"
+	if err := s.k8s.Update(ctx, node); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the node's new zone on its pod", func() bool {
+		return state.WorkloadByUID(uid("loc", "near")).GetLocality().GetZone() == "z2"
+	})
+	// The namespace's annotation applies to Services without their own
+	// preference; the spec field here still wins.
+	svc.Spec.TrafficDistribution = nil
+	if err := s.k8s.Update(ctx, svc); err != nil {
+		t.Fatal(err)
+	}
+	var ns corev1.Namespace
+	if err := s.k8s.Get(ctx, client.ObjectKey{Name: "loc"}, &ns); err != nil {
+		t.Fatal(err)
+	}
+	ns.Annotations = map[string]string{"networking.istio.io/traffic-distribution": "PreferSameNode"}
+	if err := s.k8s.Update(ctx, &ns); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the namespace's PreferSameNode", func() bool {
+		prefs := state.ServiceByKey("loc/near.loc.svc.cluster.local").GetLoadBalancing().GetRoutingPreference()
+		return len(prefs) == 5 && prefs[4] == workloadapi.LoadBalancing_NODE
+	})
+}

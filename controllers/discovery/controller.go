@@ -20,6 +20,7 @@ import (
 	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -218,6 +219,13 @@ func (c *Controller) Register(ctx context.Context, informers cache.Informers, ma
 		{&corev1.Service{}, c.handler(func(o, _ client.Object) { c.markNamespace(o.GetNamespace(), c.isWaypointService(o)) })},
 		{&corev1.Namespace{}, c.handler(func(o, _ client.Object) { c.markNamespace(o.GetName(), c.selectorsInUse.Load()) })},
 		{&discoveryv1.EndpointSlice{}, c.handler(c.markEndpointSlice)},
+		// Nodes by metadata only: their locality labels, which every pod
+		// on them carries (rare changes: rebuild everything).
+		{nodeMeta(), c.handler(func(o, old client.Object) {
+			if old == nil && nodeLocality(o.GetLabels()) != nil || old != nil && localityChanged(o.GetLabels(), old.GetLabels()) {
+				c.markFull()
+			}
+		})},
 		{&meshv1.WaypointPolicy{}, c.handler(func(client.Object, client.Object) { c.markFull() })},
 		{&meshv1.AmbientMesh{}, c.handler(func(client.Object, client.Object) { c.markFull() })},
 	}
@@ -665,6 +673,8 @@ type build struct {
 	// a full build, which sends each to the L7 proxies.
 	ingress  map[string]map[string]bool
 	gateways []*gwv1.Gateway
+	// localities of nodes by name, read once per build.
+	localities map[string]*workloadapi.Locality
 
 	addresses, authz, l7           map[string]proto.Message
 	addrScope, authzScope, l7Scope map[string]struct{} // nil = full
@@ -860,6 +870,7 @@ func (b *build) view(ns string) (*namespaceView, error) {
 		return v, nil
 	}
 	v := &namespaceView{
+		locality:  b.nodeLocality,
 		waypoints: b.wps[ns],
 		lookupWaypoint: func(namespace, name string) *waypoint {
 			return b.wps[namespace][name]
@@ -930,6 +941,34 @@ func (b *build) view(ns string) (*namespaceView, error) {
 	}
 	b.views[ns] = v
 	return v, nil
+}
+
+// nodeMeta is a Node read by metadata only.
+func nodeMeta() *metav1.PartialObjectMetadata {
+	m := &metav1.PartialObjectMetadata{}
+	m.SetGroupVersionKind(corev1.SchemeGroupVersion.WithKind("Node"))
+	return m
+}
+
+// nodeLocality is node's locality (memoized per build); nil when the node
+// is unknown or has no locality labels.
+func (b *build) nodeLocality(node string) *workloadapi.Locality {
+	if node == "" {
+		return nil
+	}
+	if l, ok := b.localities[node]; ok {
+		return l
+	}
+	var l *workloadapi.Locality
+	m := nodeMeta()
+	if err := b.c.reader.Get(b.ctx, client.ObjectKey{Name: node}, m); err == nil {
+		l = nodeLocality(m.Labels)
+	}
+	if b.localities == nil {
+		b.localities = map[string]*workloadapi.Locality{}
+	}
+	b.localities[node] = l
+	return l
 }
 
 func uniq(a, b string) []string {

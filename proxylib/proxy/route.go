@@ -312,7 +312,7 @@ func (r *Router) isWaypointOf(src *workloadapi.Workload, wp *workloadapi.Gateway
 func (r *Router) pickEndpoint(src *workloadapi.Workload, svc *workloadapi.Service, key string, svcPort uint16) (*workloadapi.Workload, uint16) {
 	var healthy []*workloadapi.Workload
 	for _, ep := range r.State.Endpoints(key) {
-		if ep == nil || ep.GetStatus() != workloadapi.WorkloadStatus_HEALTHY {
+		if ep == nil || !Eligible(svc, ep) {
 			continue
 		}
 		if _, ok := WorkloadAddr(ep); ok || ep.GetHostname() != "" {
@@ -326,6 +326,14 @@ func (r *Router) pickEndpoint(src *workloadapi.Workload, svc *workloadapi.Servic
 	c, _ := r.rr.LoadOrStore(key, new(atomic.Uint64))
 	ep := healthy[(c.(*atomic.Uint64).Add(1)-1)%uint64(len(healthy))]
 	return ep, targetPort(svc, key, ep, svcPort)
+}
+
+// Eligible reports whether ep may receive svc's traffic: healthy, or any
+// state when the Service admits unready endpoints
+// (publishNotReadyAddresses: health policy ALLOW_ALL).
+func Eligible(svc *workloadapi.Service, ep *workloadapi.Workload) bool {
+	return ep.GetStatus() == workloadapi.WorkloadStatus_HEALTHY ||
+		svc.GetLoadBalancing().GetHealthPolicy() == workloadapi.LoadBalancing_ALLOW_ALL
 }
 
 func targetPort(svc *workloadapi.Service, key string, ep *workloadapi.Workload, svcPort uint16) uint16 {

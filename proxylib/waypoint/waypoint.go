@@ -379,7 +379,7 @@ func (s *Server) endpointsOf(svc *workloadapi.Service, port uint16) ([][]string,
 	var eps []candidate
 	addrs := map[string]netip.AddrPort{}
 	for _, ep := range s.cfg.State.Endpoints(key) {
-		if ep == nil || ep.GetStatus() != workloadapi.WorkloadStatus_HEALTHY {
+		if ep == nil || !proxy.Eligible(svc, ep) {
 			continue
 		}
 		ip, ok := proxy.WorkloadAddr(ep)
