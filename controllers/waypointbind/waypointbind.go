@@ -198,9 +198,20 @@ func ForService(s Scope, svc *corev1.Service) (Binding, bool) {
 // when it handles service traffic.
 func ForServiceEntry(s Scope, labels map[string]string) (Binding, bool) {
 	if b, found := s.labelled(labels); found {
-		return b, b.Name != ""
+		return accepts(b, (*Waypoint).ForServices)
 	}
 	return s.namespaceRules((*Waypoint).ForServices)
+}
+
+// accepts: a label's binding holds only when the waypoint takes this kind
+// of traffic, as Istio binds (a Service labelled with a waypoint for
+// workloads only, or a pod with one for services only, gets none). A
+// waypoint nobody declares stays bound: traffic fails closed.
+func accepts(b Binding, handles func(*Waypoint) bool) (Binding, bool) {
+	if b.Waypoint != nil && !handles(b.Waypoint) {
+		return Binding{}, false
+	}
+	return b, b.Name != ""
 }
 
 // ForPod applies the rules for a pod, most specific first: its label, the
@@ -214,7 +225,7 @@ func ForPod(s Scope, pod *corev1.Pod, serviceAccount string) (Binding, bool) {
 // its labels and service account.
 func ForWorkload(s Scope, labels map[string]string, serviceAccount string) (Binding, bool) {
 	if b, found := s.labelled(labels); found {
-		return b, b.Name != ""
+		return accepts(b, (*Waypoint).ForWorkloads)
 	}
 	if w := s.serviceAccountWaypoint(serviceAccount); w != nil {
 		return Binding{Namespace: w.Namespace, Name: w.Name, Waypoint: w}, true
@@ -227,10 +238,7 @@ func ForWorkload(s Scope, labels map[string]string, serviceAccount string) (Bind
 func (s Scope) namespaceRules(handles func(*Waypoint) bool) (Binding, bool) {
 	if s.Namespace != nil {
 		if b, found := s.labelled(s.Namespace.Labels); found {
-			if b.Waypoint != nil && !handles(b.Waypoint) {
-				return Binding{}, false
-			}
-			return b, b.Name != ""
+			return accepts(b, handles)
 		}
 	}
 	if w := s.namespaceWaypoint(); w != nil && handles(w) {

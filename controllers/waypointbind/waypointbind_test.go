@@ -43,6 +43,7 @@ func TestForService(t *testing.T) {
 		{"namespace label", use("b"), nil, []*Waypoint{wp("a", "", TrafficAll), wp("b", "", TrafficAll)}, "b"},
 		{"namespace label to a workload waypoint binds no service", use("w"), nil, []*Waypoint{wp("w", "", TrafficWorkload)}, ""},
 		{"namespace label to a waypoint for no traffic", use("n"), nil, []*Waypoint{wp("n", "", TrafficNone)}, ""},
+		{"service label to a workload-only waypoint binds nothing (Istio)", nil, use("w"), []*Waypoint{wp("w", "", TrafficWorkload)}, ""},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: "app", Name: "echo", Labels: c.svcLabels}}
@@ -74,6 +75,8 @@ func TestForPod(t *testing.T) {
 		{"namespace waypoint for services only", pod(nil), []*Waypoint{wp("ns", "", TrafficService)}, ""},
 		{"pod label wins over the service account", pod(map[string]string{UseWaypointLabel: "x"}), []*Waypoint{wp("sa", "echo", TrafficAll), wp("x", "", TrafficAll)}, "x"},
 		{"pod label none", pod(map[string]string{UseWaypointLabel: "none"}), []*Waypoint{wp("sa", "echo", TrafficAll)}, ""},
+		{"pod label to a service-only waypoint binds nothing (Istio)", pod(map[string]string{UseWaypointLabel: "x"}), []*Waypoint{wp("x", "", TrafficService)}, ""},
+		{"pod label to an undeclared waypoint fails closed", pod(map[string]string{UseWaypointLabel: "ghost"}), nil, "ghost"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			b, ok := ForPod(scope(nil, c.wps...), c.pod, "echo")
