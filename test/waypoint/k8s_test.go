@@ -3,6 +3,7 @@ package waypoint
 import (
 	"context"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -27,7 +28,8 @@ import (
 
 // k8sModel runs the control plane's real discovery model
 // (controllers/discovery) against a real kube-apiserver and etcd (envtest)
-// and copies every address it pushes into the mesh's test control plane,
+// and copies every address and L7 resource it pushes into the mesh's test
+// control plane (the test's own resources stay),
 // so the proxies in the network namespaces act on what the control plane
 // makes of the Kubernetes objects a test creates (labels, Gateways,
 // Services, pods). Pods created here must carry the IPs, node names and
@@ -93,13 +95,16 @@ func startK8sModel(t *testing.T, m *meshtest.Mesh) *k8sModel {
 		mu.Lock()
 		defer mu.Unlock()
 		now := map[string]bool{}
-		for _, r := range model.Snapshot(discovery.AddressType) {
-			now[r.Name] = true
-			m.CP.Push(discovery.AddressType, r.Name, r.Resource)
+		for _, typeURL := range []string{discovery.AddressType, discovery.L7ResourceType} {
+			for _, r := range model.Snapshot(typeURL) {
+				now[typeURL+" "+r.Name] = true
+				m.CP.Push(typeURL, r.Name, r.Resource)
+			}
 		}
-		for name := range pushed {
-			if !now[name] {
-				m.CP.Remove(discovery.AddressType, name)
+		for key := range pushed {
+			if !now[key] {
+				typeURL, name, _ := strings.Cut(key, " ")
+				m.CP.Remove(typeURL, name)
 			}
 		}
 		pushed = now

@@ -21,17 +21,23 @@ const (
 	waypointFor          = "istio.io/waypoint-for"
 )
 
-// TestWaypointLabels: Istio's waypoint labels from Kubernetes objects to
-// packets. The control plane's real model reads them from a real API
-// server (envtest); real ztunnels and a real waypoint in network
-// namespaces carry the traffic. The waypoint "waypoint" lives in namespace
-// wp (so nothing in "default" binds to it without a label) and denies the
-// path /denied (an AuthorizationPolicy targeting it), so a request from
-// sleep answers 403 exactly when it went through the waypoint and 200 when
-// it went straight to httpbin. Each step first waits until the ztunnels
-// hold the binding the labels mean, then sends to the Service's VIP and to
-// the pod's own address.
-func TestWaypointLabels(t *testing.T) {
+// labelMesh: sleep (node1) and httpbin (node2, Service httpbin) in
+// namespace default, in the mesh; the waypoint "waypoint" of namespace wp
+// (node2), denying /denied; the same objects in a real API server read by
+// the control plane's real model (startK8sModel).
+type labelMesh struct {
+	m                     *meshtest.Mesh
+	k                     *k8sModel
+	sleep, httpbin, wpPod *meshtest.Pod
+	defaultNS             *corev1.Namespace
+	gw                    *gwv1.Gateway
+	svc                   *corev1.Service
+	httpbinPod            *corev1.Pod
+	svcVIP                netip.AddrPort
+	svcKey                string
+}
+
+func newLabelMesh(t *testing.T) *labelMesh {
 	m := newMesh(t, 2)
 	m.SyncAll()
 	wpState := m.NewWaypointState()
@@ -76,6 +82,24 @@ spec:
 	svcVIP := netip.AddrPortFrom(netip.MustParseAddr(svc.Spec.ClusterIP), 80)
 	svcKey := discovery.ServiceKey("default", hostname("httpbin"))
 
+	return &labelMesh{m: m, k: k, sleep: sleep, httpbin: httpbin, wpPod: wpPod, defaultNS: defaultNS, gw: gw, svc: svc,
+		httpbinPod: httpbinPod, svcVIP: svcVIP, svcKey: svcKey}
+}
+
+// TestWaypointLabels: Istio's waypoint labels from Kubernetes objects to
+// packets. The control plane's real model reads them from a real API
+// server (envtest); real ztunnels and a real waypoint in network
+// namespaces carry the traffic. The waypoint "waypoint" lives in namespace
+// wp (so nothing in "default" binds to it without a label) and denies the
+// path /denied (an AuthorizationPolicy targeting it), so a request from
+// sleep answers 403 exactly when it went through the waypoint and 200 when
+// it went straight to httpbin. Each step first waits until the ztunnels
+// hold the binding the labels mean, then sends to the Service's VIP and to
+// the pod's own address.
+func TestWaypointLabels(t *testing.T) {
+	lm := newLabelMesh(t)
+	m, k, sleep, httpbin := lm.m, lm.k, lm.sleep, lm.httpbin
+	defaultNS, gw, svc, httpbinPod, svcVIP, svcKey := lm.defaultNS, lm.gw, lm.svc, lm.httpbinPod, lm.svcVIP, lm.svcKey
 	// step waits until the client's ztunnel holds the binding (the
 	// Service's and the pod's waypoint set or not), then checks that each
 	// destination goes through the waypoint exactly as expected.
