@@ -820,4 +820,31 @@ func TestLocalityAndTrafficDistribution(t *testing.T) {
 		prefs := state.ServiceByKey("loc/near.loc.svc.cluster.local").GetLoadBalancing().GetRoutingPreference()
 		return len(prefs) == 5 && prefs[4] == workloadapi.LoadBalancing_NODE
 	})
+	// The API server takes the field's newer values; the field wins over
+	// the namespace's annotation.
+	sameZone := "PreferSameZone"
+	if err := s.k8s.Get(ctx, client.ObjectKeyFromObject(svc), svc); err != nil {
+		t.Fatal(err)
+	}
+	svc.Spec.TrafficDistribution = &sameZone
+	if err := s.k8s.Update(ctx, svc); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "spec PreferSameZone over the namespace's PreferSameNode", func() bool {
+		prefs := state.ServiceByKey("loc/near.loc.svc.cluster.local").GetLoadBalancing().GetRoutingPreference()
+		return len(prefs) == 3 && prefs[2] == workloadapi.LoadBalancing_ZONE
+	})
+	sameNode := "PreferSameNode"
+	ns.Annotations["networking.istio.io/traffic-distribution"] = "PreferClose"
+	if err := s.k8s.Update(ctx, &ns); err != nil {
+		t.Fatal(err)
+	}
+	svc.Spec.TrafficDistribution = &sameNode
+	if err := s.k8s.Update(ctx, svc); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "spec PreferSameNode over the namespace's PreferClose", func() bool {
+		prefs := state.ServiceByKey("loc/near.loc.svc.cluster.local").GetLoadBalancing().GetRoutingPreference()
+		return len(prefs) == 5 && prefs[4] == workloadapi.LoadBalancing_NODE
+	})
 }
