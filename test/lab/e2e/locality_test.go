@@ -24,7 +24,9 @@ func TestTrafficDistributionPreferClose(t *testing.T) {
 			t.Fatalf("no node labelled ambient.lab/node=%s", w)
 		}
 		mustKubectl(t, "label", "node", node, "--overwrite", "topology.kubernetes.io/region=lab", "topology.kubernetes.io/zone="+zone)
-		t.Cleanup(func() { kubectl("label", "node", node, "topology.kubernetes.io/region-", "topology.kubernetes.io/zone-") })
+		t.Cleanup(func() {
+			kubectl("label", "node", node, "topology.kubernetes.io/region-", "topology.kubernetes.io/zone-")
+		})
 	}
 	t.Cleanup(func() { kubectl("delete", "ns", ns, "--ignore-not-found", "--wait=false") })
 	deployPlacement(t, ns, "istio.io/dataplane-mode=ambient")
