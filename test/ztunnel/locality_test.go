@@ -89,3 +89,29 @@ func TestTrafficDistributionPreferClose(t *testing.T) {
 	meshtest.ExpectRefused(t, sleep, vip)
 	m.Logs.WaitFor(t, "has no healthy endpoint")
 }
+
+// TestPublishNotReadyAddresses: a Service with publishNotReadyAddresses
+// (health policy ALLOW_ALL) is served by an endpoint that is not ready;
+// without it the same endpoint is not used.
+func TestPublishNotReadyAddresses(t *testing.T) {
+	m := meshtest.New(t, 2)
+	m.SyncAll()
+	const host = "httpbin.default.svc.cluster.local"
+	key := discovery.ServiceKey("default", host)
+	vip := netip.MustParseAddrPort("10.96.0.41:80")
+	sleep := m.AddPod(m.Nodes[0], "sleep-1", "sleep", true)
+	unready := m.AddPod(m.Nodes[1], "httpbin-1", "httpbin", true, func(w *workloadapi.Workload) {
+		w.Status = workloadapi.WorkloadStatus_UNHEALTHY
+		w.Services = map[string]*workloadapi.PortList{key: {Ports: []*workloadapi.Port{{ServicePort: 80, TargetPort: 80}}}}
+	})
+	unready.ServeHTTP(t, 80)
+	service := func(lb *workloadapi.LoadBalancing) {
+		m.CP.Service(&workloadapi.Service{Name: "httpbin", Namespace: "default", Hostname: host,
+			Addresses: []*workloadapi.NetworkAddress{{Address: vip.Addr().AsSlice()}},
+			Ports:     []*workloadapi.Port{{ServicePort: 80, TargetPort: 80}}, LoadBalancing: lb})
+	}
+	service(nil)
+	meshtest.ExpectRefused(t, sleep, vip)
+	service(&workloadapi.LoadBalancing{HealthPolicy: workloadapi.LoadBalancing_ALLOW_ALL})
+	meshtest.ExpectOK(t, sleep, vip, "httpbin-1")
+}
