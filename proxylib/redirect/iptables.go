@@ -111,6 +111,9 @@ func (t *IPTables) expectedRuleCount(f family) int {
 // PreservesSource reports whether Install sets up source preservation.
 func (t *IPTables) PreservesSource() bool { return t.cfg.PreserveSource }
 
+// InboundTPROXY reports the configured mode; Install refuses TPROXY.
+func (t *IPTables) InboundTPROXY() bool { return t.cfg.InboundTPROXY }
+
 // jump is a rule in a built-in chain sending packets to one of ours.
 type jump struct{ table, from, to string }
 
