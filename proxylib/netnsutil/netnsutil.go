@@ -82,6 +82,15 @@ func Run(ns *os.File, fn func() error) error {
 	return <-errc
 }
 
+// runIn is Run, or fn on the caller's thread when ns is nil (the
+// caller's namespace).
+func runIn(ns *os.File, fn func() error) error {
+	if ns == nil {
+		return fn()
+	}
+	return Run(ns, fn)
+}
+
 // RunPath is Run with a namespace path.
 func RunPath(path string, fn func() error) error {
 	f, err := Open(path)
@@ -156,13 +165,7 @@ func ListenTCP(ns *os.File, addr string, opts SocketOptions) (net.Listener, erro
 		ln, err = lc.Listen(context.Background(), "tcp", addr)
 		return err
 	}
-	var err error
-	if ns == nil {
-		err = listen()
-	} else {
-		err = Run(ns, listen)
-	}
-	if err != nil {
+	if err := runIn(ns, listen); err != nil {
 		return nil, err
 	}
 	return ln, nil
@@ -177,13 +180,7 @@ func ListenUDP(ns *os.File, addr string, opts SocketOptions) (*net.UDPConn, erro
 		pc, err = lc.ListenPacket(context.Background(), "udp", addr)
 		return err
 	}
-	var err error
-	if ns == nil {
-		err = listen()
-	} else {
-		err = Run(ns, listen)
-	}
-	if err != nil {
+	if err := runIn(ns, listen); err != nil {
 		return nil, err
 	}
 	return pc.(*net.UDPConn), nil
@@ -205,10 +202,7 @@ func DialTCP(ctx context.Context, ns *os.File, src, dst netip.AddrPort, opts Soc
 		conn, err = d.DialContext(ctx, "tcp", dst.String())
 		return err
 	}
-	if ns == nil {
-		return conn, dial()
-	}
-	if err := Run(ns, dial); err != nil {
+	if err := runIn(ns, dial); err != nil {
 		return nil, err
 	}
 	return conn, nil
@@ -252,10 +246,7 @@ func DialFrom(ctx context.Context, ns *os.File, src, dst netip.AddrPort, opts So
 		}
 		return err
 	}
-	if ns == nil {
-		return conn, dial()
-	}
-	if err := Run(ns, dial); err != nil {
+	if err := runIn(ns, dial); err != nil {
 		return nil, err
 	}
 	return conn, nil
@@ -304,10 +295,7 @@ func Dial(ctx context.Context, ns *os.File, network, addr string, opts SocketOpt
 		conn, err = d.DialContext(ctx, network, addr)
 		return err
 	}
-	if ns == nil {
-		return conn, dial()
-	}
-	if err := Run(ns, dial); err != nil {
+	if err := runIn(ns, dial); err != nil {
 		return nil, err
 	}
 	return conn, nil

@@ -1,10 +1,7 @@
 package ztunnel
 
 import (
-	"bytes"
-	"fmt"
 	"io"
-	"net"
 	"net/netip"
 	"testing"
 
@@ -69,20 +66,7 @@ func TestInboundCaptureModes(t *testing.T) {
 				})
 			}
 			t.Run("outside client: bulk both ways and half-close", func(t *testing.T) {
-				const size = 4 << 20
-				c, err := s.outside.Dial(s.httpbin1.Addr(9000))
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer c.Close()
-				if _, err := io.CopyN(c, bytes.NewReader(make([]byte, size)), size); err != nil {
-					t.Fatalf("write: %v", err)
-				}
-				c.(*net.TCPConn).CloseWrite()
-				if got, want := readAll(t, c), fmt.Sprintf("got %d", size); got != want {
-					t.Fatalf("half-close: %q, want %q", got, want)
-				}
-				testEchoBulk(t, s.outside, s.httpbin1.Addr(9001), 4<<20)
+				testBulkAndHalfClose(t, s.outside, s.httpbin1, 4<<20)
 			})
 			t.Run("L4 policy on the source address", func(t *testing.T) {
 				// A second client outside the mesh, on the other node.
