@@ -23,15 +23,7 @@ func TestRedirectionIPTablesJourney(t *testing.T) {
 		kubectl("patch", "ambientmesh", "default", "--type", "merge", "-p", `{"spec":{"capture":{"redirection":"nftables"}}}`)
 		kubectl("-n", meshNS, "rollout", "status", "daemonset/ambient-node-agent", "--timeout=180s")
 	})
-	eventually(t, 60*time.Second, "node agents configured for iptables", func() error {
-		out, _ := kubectl("-n", meshNS, "get", "daemonset", "ambient-node-agent", "-o",
-			`jsonpath={.spec.template.spec.containers[0].env[?(@.name=="REDIRECTION_BACKEND")].value}`)
-		if strings.TrimSpace(out) != "iptables" {
-			return fmt.Errorf("REDIRECTION_BACKEND %q", out)
-		}
-		return nil
-	})
-	rolloutDaemonSet(t, "ambient-node-agent")
+	rollNodeAgents(t, "REDIRECTION_BACKEND", "iptables")
 
 	recreateNamespace(t, ns, "istio.io/dataplane-mode=ambient")
 	for _, f := range []string{"httpbin", "sleep"} {
@@ -54,6 +46,21 @@ func TestRedirectionIPTablesJourney(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// rollNodeAgents waits until the operator gave the node agents env=want
+// and their rollout finished.
+func rollNodeAgents(t *testing.T, env, want string) {
+	t.Helper()
+	eventually(t, 60*time.Second, "node agents configured with "+env+"="+want, func() error {
+		out, _ := kubectl("-n", meshNS, "get", "daemonset", "ambient-node-agent", "-o",
+			`jsonpath={.spec.template.spec.containers[0].env[?(@.name=="`+env+`")].value}`)
+		if strings.TrimSpace(out) != want {
+			return fmt.Errorf("%s %q", env, out)
+		}
+		return nil
+	})
+	rolloutDaemonSet(t, "ambient-node-agent")
 }
 
 // TestInboundTPROXY switches the mesh to spec.capture.inboundMode TPROXY:
@@ -99,15 +106,7 @@ func TestInboundTPROXY(t *testing.T) {
 	expect("NAT: mesh client seen as itself", meshNSName, func(string) string { return inside })
 
 	mustKubectl(t, "patch", "ambientmesh", "default", "--type", "merge", "-p", `{"spec":{"capture":{"inboundMode":"TPROXY"}}}`)
-	eventually(t, 60*time.Second, "node agents configured for TPROXY", func() error {
-		out, _ := kubectl("-n", meshNS, "get", "daemonset", "ambient-node-agent", "-o",
-			`jsonpath={.spec.template.spec.containers[0].env[?(@.name=="INBOUND_CAPTURE")].value}`)
-		if strings.TrimSpace(out) != "TPROXY" {
-			return fmt.Errorf("INBOUND_CAPTURE %q", out)
-		}
-		return nil
-	})
-	rolloutDaemonSet(t, "ambient-node-agent")
+	rollNodeAgents(t, "INBOUND_CAPTURE", "TPROXY")
 	eventually(t, 60*time.Second, "condition InboundCapture TPROXY", func() error {
 		out, _ := kubectl("get", "ambientmesh", "default", "-o", `jsonpath={.status.conditions[?(@.type=="InboundCapture")].reason}`)
 		if strings.TrimSpace(out) != "TPROXY" {
