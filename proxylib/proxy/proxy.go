@@ -225,7 +225,7 @@ func (p *Proxy) AddWorkload(uid string, wi inpod.WorkloadInfo, ns *os.File) erro
 		if err := p.syncDNS(old); err != nil {
 			return err
 		}
-		p.log.Info("workload re-adopted", "uid", info.UID)
+		p.log.Info("workload re-adopted", "uid", info.UID, "preserveSource", old.preserve.Load(), "inboundTPROXY", info.InboundTPROXY)
 		return nil
 	}
 	delete(p.pods, info.UID)
