@@ -214,3 +214,29 @@ func TestInboundModeSwitch(t *testing.T) {
 	}
 	roundTrip("after the switch to TPROXY")
 }
+
+// TestIPTablesRefusesTPROXY: the iptables backend never pretends to
+// capture with TPROXY. A pod it captured with NAT is not reported as
+// installed for a TPROXY configuration (so the node agent re-installs, and
+// fails, instead of announcing TPROXY over NAT rules), Install refuses, and
+// the NAT rules stay as they were (capture keeps going through ztunnel).
+func TestIPTablesRefusesTPROXY(t *testing.T) {
+	tp := newTopo(t)
+	nat := redirect.DefaultConfig()
+	natR := redirect.NewIPTables(nat)
+	if err := natR.Install(tp.podNS); err != nil {
+		t.Fatal(err)
+	}
+	tpx := nat
+	tpx.InboundTPROXY = true
+	tpxR := redirect.NewIPTables(tpx)
+	if ok, err := tpxR.Installed(tp.podNS); err != nil || ok {
+		t.Fatalf("TPROXY config reports NAT rules as installed: %v, %v", ok, err)
+	}
+	if err := tpxR.Install(tp.podNS); err == nil || !strings.Contains(err.Error(), "TPROXY") {
+		t.Fatalf("Install with TPROXY on iptables: %v, want a refusal naming TPROXY", err)
+	}
+	if ok, err := natR.Installed(tp.podNS); err != nil || !ok {
+		t.Fatalf("NAT rules after the refusal: %v, %v", ok, err)
+	}
+}
