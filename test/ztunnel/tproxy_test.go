@@ -40,9 +40,9 @@ func TestInboundCaptureModes(t *testing.T) {
 			s := newSourceMesh(t, inboundMode(tc.tproxy))
 			withIPv6(s.Mesh, s.httpbin1)
 			// Outside clients are preserved only without NAT; mesh clients always.
-			outsideSeen, outsideSeen6 := s.httpbin1.IP, s.httpbin1.IP6
+			outsideSeen, outsideSeen6, outsideSeen2 := s.httpbin1.IP, s.httpbin1.IP6, s.httpbin2.IP
 			if tc.tproxy {
-				outsideSeen, outsideSeen6 = s.outside.IP, s.outside.IP6
+				outsideSeen, outsideSeen6, outsideSeen2 = s.outside.IP, s.outside.IP6, s.outside.IP
 			}
 			cases := []struct {
 				name string
@@ -51,6 +51,7 @@ func TestInboundCaptureModes(t *testing.T) {
 				want netip.Addr
 			}{
 				{"plaintext from outside the mesh", s.outside, s.httpbin1.Addr(whoPort), outsideSeen},
+				{"plaintext from outside the mesh, other node", s.outside, s.httpbin2.Addr(whoPort), outsideSeen2},
 				{"plaintext from outside the mesh, IPv6", s.outside, netip.AddrPortFrom(s.httpbin1.IP6, whoPort), outsideSeen6},
 				{"mesh client across nodes (HBONE)", s.sleep, s.httpbin1.Addr(whoPort), s.sleep.IP},
 				{"mesh client on the same node (fast path)", s.sleep, s.httpbin2.Addr(whoPort), s.sleep.IP},
@@ -88,5 +89,28 @@ func TestInboundCaptureModes(t *testing.T) {
 				}
 			})
 		})
+	}
+}
+
+// TestInboundCaptureSwitch: a mesh switched from NAT to TPROXY (the node
+// agent re-installs the rules and re-sends AddWorkload with the new mode;
+// ztunnel re-adopts the pod) preserves outside clients from then on, on
+// the pod that served NAT connections before.
+func TestInboundCaptureSwitch(t *testing.T) {
+	s := newSourceMesh(t, inboundMode(false))
+	if got := seenBy(t, s.outside, s.httpbin1.Addr(whoPort)); got != s.httpbin1.IP.String() {
+		t.Fatalf("NAT: app saw %s, want its own %s", got, s.httpbin1.IP)
+	}
+	s.Redirect = inboundMode(true)
+	for _, p := range []*meshtest.Pod{s.httpbin1, s.httpbin2, s.sleep} {
+		p.Capture(s.Mesh) // what the rolled node agent does: Install, then AddWorkload
+	}
+	for i := 0; i < 5; i++ {
+		if got := seenBy(t, s.outside, s.httpbin1.Addr(whoPort)); got != s.outside.IP.String() {
+			t.Fatalf("TPROXY, connection %d: app saw %s, want the client %s", i, got, s.outside.IP)
+		}
+	}
+	if got := seenBy(t, s.sleep, s.httpbin1.Addr(whoPort)); got != s.sleep.IP.String() {
+		t.Fatalf("mesh client after the switch: app saw %s, want %s", got, s.sleep.IP)
 	}
 }

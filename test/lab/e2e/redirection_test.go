@@ -21,7 +21,10 @@ func TestRedirectionIPTablesJourney(t *testing.T) {
 	t.Cleanup(func() {
 		kubectl("delete", "ns", ns, "--ignore-not-found", "--wait=true", "--timeout=120s")
 		kubectl("patch", "ambientmesh", "default", "--type", "merge", "-p", `{"spec":{"capture":{"redirection":"nftables"}}}`)
-		kubectl("-n", meshNS, "rollout", "status", "daemonset/ambient-node-agent", "--timeout=180s")
+		// Until the operator has changed the DaemonSet, rollout status sees the
+		// iptables generation complete: wait for the env first, or the next
+		// scenario's pods are captured with iptables rules.
+		rollNodeAgents(t, "REDIRECTION_BACKEND", "nftables")
 	})
 	rollNodeAgents(t, "REDIRECTION_BACKEND", "iptables")
 
@@ -72,12 +75,16 @@ func rollNodeAgents(t *testing.T, env, want string) {
 func TestInboundTPROXY(t *testing.T) {
 	requireMesh(t)
 	const meshNSName, outNS = "e2e-tproxy", "e2e-tproxy-out"
+	// Pods captured by an iptables node agent keep those NAT rules after a
+	// switch to nftables (the backends do not remove each other's rules),
+	// and a NAT REDIRECT there would still rewrite TPROXY'd connections.
+	rollNodeAgents(t, "REDIRECTION_BACKEND", "nftables")
 	servers := deployPlacement(t, meshNSName, "istio.io/dataplane-mode=ambient")
 	deployPlacement(t, outNS)
 	t.Cleanup(func() {
 		kubectl("delete", "ns", meshNSName, outNS, "--ignore-not-found", "--wait=false")
 		kubectl("patch", "ambientmesh", "default", "--type", "merge", "-p", `{"spec":{"capture":{"inboundMode":"NAT"}}}`)
-		kubectl("-n", meshNS, "rollout", "status", "daemonset/ambient-node-agent", "--timeout=180s")
+		rollNodeAgents(t, "INBOUND_CAPTURE", "NAT")
 	})
 	eventually(t, 60*time.Second, meshNSName+": every pod captured", func() error { return captureOf(t, meshNSName).complete() })
 	podIP := func(ns, pod string) string {
