@@ -182,6 +182,7 @@ func (r *AmbientMeshReconciler) reconcileMesh(ctx context.Context, mesh *meshv1.
 	st.status.NodeAgent = daemonSetRollout(nodeAgent)
 	st.daemonSet(meshv1.ConditionZtunnelReady, "ztunnel", ztunnel)
 	st.daemonSet(meshv1.ConditionNodeAgentReady, "node agent", nodeAgent)
+	st.inboundCapture(mesh)
 
 	// Come back before the intermediate needs rotating.
 	rotateAt := meshCA.Authority.Cert.NotAfter.Add(-meshCA.Authority.Cert.NotAfter.Sub(meshCA.Authority.Cert.NotBefore) / 3)

@@ -12,6 +12,7 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -566,4 +567,62 @@ func TestZtunnelGrace(t *testing.T) {
 			t.Errorf("ztunnelGrace(%v) = %v, %v; want %v, %v", tc.secs, period, drain, tc.period, tc.drain)
 		}
 	}
+}
+
+// TestInboundCaptureMode: spec.capture.inboundMode reaches the node agents
+// (INBOUND_CAPTURE, NAT by default) and condition InboundCapture; TPROXY
+// asked of the iptables backend is reported (False, Ready False) and still
+// given to the node agents, which refuse it, never turned into NAT; values
+// outside NAT/TPROXY are refused by the API server.
+func TestInboundCaptureMode(t *testing.T) {
+	ctx := context.Background()
+	const ns, name = "mesh-inbound", "inbound"
+	newMesh(t, name, ns, nil)
+	ds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: NodeAgentName}}
+	agentEnv := func(want string) {
+		t.Helper()
+		eventually(t, "node agent INBOUND_CAPTURE="+want, func() error {
+			if err := k8s.Get(ctx, client.ObjectKeyFromObject(ds), ds); err != nil {
+				return err
+			}
+			if got := envMap(ds.Spec.Template.Spec.Containers[0].Env)["INBOUND_CAPTURE"]; got != want {
+				return fmt.Errorf("INBOUND_CAPTURE %q", got)
+			}
+			return nil
+		})
+	}
+	agentEnv("NAT")
+	if m := getMesh(t, name); m.Spec.Capture.InboundMode != meshv1.InboundNAT {
+		t.Fatalf("inboundMode defaulted to %q, want NAT", m.Spec.Capture.InboundMode)
+	}
+	waitCondition(t, name, meshv1.ConditionInboundCapture, metav1.ConditionTrue, "NAT")
+
+	if err := updateMesh(t, name, func(m *meshv1.AmbientMesh) { m.Spec.Capture.InboundMode = meshv1.InboundTPROXY }); err != nil {
+		t.Fatal(err)
+	}
+	agentEnv("TPROXY")
+	waitCondition(t, name, meshv1.ConditionInboundCapture, metav1.ConditionTrue, "TPROXY")
+
+	if err := updateMesh(t, name, func(m *meshv1.AmbientMesh) { m.Spec.Capture.Redirection = meshv1.RedirectionIPTables }); err != nil {
+		t.Fatal(err)
+	}
+	m := waitCondition(t, name, meshv1.ConditionInboundCapture, metav1.ConditionFalse, meshv1.ReasonTPROXYNeedsNFTables)
+	if c := meta.FindStatusCondition(m.Status.Conditions, meshv1.ConditionReady); c == nil || c.Status != metav1.ConditionFalse || c.Reason != meshv1.ReasonTPROXYNeedsNFTables {
+		t.Fatalf("Ready = %+v, want False %s", c, meshv1.ReasonTPROXYNeedsNFTables)
+	}
+	agentEnv("TPROXY") // fail closed in the node agent, not NAT behind the user's back
+	if got := envMap(ds.Spec.Template.Spec.Containers[0].Env)["REDIRECTION_BACKEND"]; got != "iptables" {
+		t.Fatalf("REDIRECTION_BACKEND %q", got)
+	}
+
+	if err := updateMesh(t, name, func(m *meshv1.AmbientMesh) { m.Spec.Capture.InboundMode = "tproxy" }); err == nil {
+		t.Fatal("inboundMode tproxy (lower case) accepted")
+	}
+	if err := updateMesh(t, name, func(m *meshv1.AmbientMesh) {
+		m.Spec.Capture.InboundMode, m.Spec.Capture.Redirection = meshv1.InboundNAT, meshv1.RedirectionNFTables
+	}); err != nil {
+		t.Fatal(err)
+	}
+	agentEnv("NAT")
+	waitCondition(t, name, meshv1.ConditionInboundCapture, metav1.ConditionTrue, "NAT")
 }

@@ -383,6 +383,14 @@ func CNIDirs(c meshv1.CNISpec) (confDir, binDir string) {
 	return confDir, binDir
 }
 
+// inboundMode is the mesh's inbound capture mode, NAT when unset.
+func inboundMode(mesh *meshv1.AmbientMesh) meshv1.InboundCaptureMode {
+	if mesh.Spec.Capture.InboundMode == "" {
+		return meshv1.InboundNAT
+	}
+	return mesh.Spec.Capture.InboundMode
+}
+
 // DesiredNodeAgent: the capture agent is privileged on the host network: it
 // installs the CNI plugin and config on the host, enters pod network
 // namespaces to install redirection, and passes them to ztunnel.
@@ -420,6 +428,7 @@ func DesiredNodeAgent(mesh *meshv1.AmbientMesh, d Defaults) *appsv1.DaemonSet {
 				corev1.EnvVar{Name: "EXCLUDED_NAMESPACES", Value: strings.Join(excludedNamespaces(mesh), ",")},
 				corev1.EnvVar{Name: "REDIRECTION_BACKEND", Value: string(mesh.Spec.Capture.Redirection)},
 				corev1.EnvVar{Name: "DNS_CAPTURE", Value: strconv.FormatBool(mesh.Spec.Capture.DNSCapture)},
+				corev1.EnvVar{Name: "INBOUND_CAPTURE", Value: string(inboundMode(mesh))},
 				corev1.EnvVar{Name: "ZDS_SOCKET", Value: ZDSSocketDir + "/ztunnel.sock"},
 				corev1.EnvVar{Name: "HEALTH_PORT", Value: fmt.Sprint(nodeAgentHealthPort)},
 				corev1.EnvVar{Name: "LOG_LEVEL", Value: string(mesh.Spec.Ztunnel.LogLevel)},

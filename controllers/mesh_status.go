@@ -81,11 +81,29 @@ func (s *meshStatus) daemonSet(condType, what string, ds *appsv1.DaemonSet) {
 	s.set(condType, false, meshv1.ReasonDaemonSetNotReady, msg)
 }
 
+// inboundCapture reports the mode the node agents were given. TPROXY on
+// the iptables backend is not silently turned into NAT: the node agents
+// get what was asked, refuse to capture with it (fail closed), and the
+// condition says why.
+func (s *meshStatus) inboundCapture(mesh *meshv1.AmbientMesh) {
+	mode := inboundMode(mesh)
+	if mode == meshv1.InboundTPROXY && mesh.Spec.Capture.Redirection == meshv1.RedirectionIPTables {
+		s.set(meshv1.ConditionInboundCapture, false, meshv1.ReasonTPROXYNeedsNFTables,
+			"spec.capture.inboundMode TPROXY needs spec.capture.redirection nftables: the node agents refuse to capture pods (new pods in ambient namespaces do not start; captured pods keep their rules) until one of the two is changed")
+		return
+	}
+	msg := "inbound TCP reaches ztunnel by NAT REDIRECT: apps see mesh clients' addresses, their own for plaintext clients outside the mesh"
+	if mode == meshv1.InboundTPROXY {
+		msg = "inbound TCP reaches ztunnel by TPROXY: apps see every client's own address"
+	}
+	s.set(meshv1.ConditionInboundCapture, true, string(mode), msg)
+}
+
 // summarize derives Ready from the other conditions, naming the first
 // specific reason it is not.
 func (s *meshStatus) summarize() {
 	s.status.ReadySummary = fmt.Sprintf("%d/%d", s.status.Ztunnel.Ready, s.status.Ztunnel.Desired)
-	for _, t := range []string{meshv1.ConditionReconciled, meshv1.ConditionCAReady} {
+	for _, t := range []string{meshv1.ConditionReconciled, meshv1.ConditionCAReady, meshv1.ConditionInboundCapture} {
 		if c := meta.FindStatusCondition(s.status.Conditions, t); c != nil && c.Status != metav1.ConditionTrue {
 			s.set(meshv1.ConditionReady, false, c.Reason, c.Message)
 			return

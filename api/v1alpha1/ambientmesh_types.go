@@ -197,6 +197,23 @@ const (
 	RedirectionIPTables RedirectionBackend = "iptables"
 )
 
+// InboundCaptureMode selects how inbound TCP reaches ztunnel in each
+// captured pod.
+// +kubebuilder:validation:Enum=NAT;TPROXY
+type InboundCaptureMode string
+
+const (
+	// InboundNAT redirects inbound TCP to ztunnel's :15006 with a NAT
+	// REDIRECT. Apps see the real address of mesh clients; plaintext clients
+	// from outside the mesh reach them from the pod's own address.
+	InboundNAT InboundCaptureMode = "NAT"
+	// InboundTPROXY diverts inbound TCP to ztunnel with TPROXY, without
+	// NAT (as Istio's in-pod capture): apps see every client's own
+	// address, also plaintext clients from outside the mesh. Needs the
+	// nftables redirection backend and the kernel's nft_tproxy.
+	InboundTPROXY InboundCaptureMode = "TPROXY"
+)
+
 // CaptureSpec configures traffic capture.
 type CaptureSpec struct {
 	// ExcludedNamespaces are never captured, whatever their labels.
@@ -219,6 +236,17 @@ type CaptureSpec struct {
 	// +kubebuilder:default=false
 	// +optional
 	DNSCapture bool `json:"dnsCapture,omitempty"`
+	// InboundMode is how inbound TCP reaches ztunnel in each pod: NAT (a
+	// REDIRECT; apps see mesh clients' addresses and their own for
+	// plaintext clients from outside the mesh) or TPROXY (no NAT; apps see
+	// every client's own address). TPROXY needs redirection nftables; with
+	// iptables the condition InboundCapture is False and capture fails
+	// closed (no pod is captured with NAT instead). Changing it rolls the
+	// node agents, which switch the rules of running pods; open
+	// connections keep working.
+	// +kubebuilder:default=NAT
+	// +optional
+	InboundMode InboundCaptureMode `json:"inboundMode,omitempty"`
 }
 
 // CAType selects where the mesh root comes from.
@@ -300,7 +328,7 @@ type AmbientMeshStatus struct {
 	// +optional
 	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
 	// Conditions: Ready, Reconciled, CAReady, ZtunnelReady, NodeAgentReady,
-	// RootRotation (once a root rotation has started).
+	// InboundCapture, RootRotation (once a root rotation has started).
 	// +listType=map
 	// +listMapKey=type
 	// +optional

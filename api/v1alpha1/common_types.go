@@ -27,6 +27,10 @@ const (
 	// progresses (reasons Overlapping, Reissuing) and once Completed;
 	// False when it cannot proceed (RootRotationFailed), old root kept.
 	ConditionRootRotation = "RootRotation"
+	// ConditionInboundCapture reports the inbound capture mode the node
+	// agents were given (reason NAT or TPROXY), False with
+	// TPROXYNeedsNFTables when TPROXY is asked of the iptables backend.
+	ConditionInboundCapture = "InboundCapture"
 	// ConditionWaypointReady reports a waypoint Deployment rollout.
 	ConditionWaypointReady = "WaypointReady"
 )
@@ -54,4 +58,5 @@ const (
 	ReasonNamespaceNotAmbient = "NamespaceNotAmbient"
 	ReasonDeleting            = "Deleting"
 	ReasonReleasingPods       = "ReleasingPods"
+	ReasonTPROXYNeedsNFTables = "TPROXYNeedsNFTables"
 )

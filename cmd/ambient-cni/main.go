@@ -68,7 +68,7 @@ func newLogger(name string) (logr.Logger, zap.AtomicLevel, error) {
 }
 
 // agentFlags are the node agent's settings that are not nodeagent.Options.
-type agentFlags struct{ backend, logLevel string }
+type agentFlags struct{ backend, logLevel, inbound string }
 
 // parseAgentFlags reads the node agent's flags in args, defaulting each
 // from its environment variable in e (the operator's contract).
@@ -92,6 +92,7 @@ func parseAgentFlags(fs *flag.FlagSet, args []string, e *envconfig.Env) (nodeage
 	fs.StringVar(&healthPort, "health-port", env("HEALTH_PORT", "15022"), "port of /healthz and /readyz on all addresses (empty: off)")
 	fs.StringVar(&healthAddr, "health-addr", "", "host:port of /healthz and /readyz (overrides --health-port)")
 	fs.BoolVar(&o.Redirect.PreserveSource, "preserve-source", env("PRESERVE_SOURCE", "true") == "true", "install the connmark/policy routing that lets ztunnel connect to apps from the client's address (apps see the real client IP)")
+	fs.StringVar(&f.inbound, "inbound-capture", env("INBOUND_CAPTURE", "NAT"), "how inbound TCP reaches ztunnel: NAT (REDIRECT) or TPROXY (apps see every client's own address, also outside the mesh; nftables only)")
 	fs.BoolVar(&o.DNSCapture, "dns-capture", env("DNS_CAPTURE", "false") == "true", "send captured pods' DNS (UDP/TCP 53) to ztunnel's DNS proxy; a pod's ambient.istio.io/dns-capture annotation overrides it")
 	fs.BoolVar(&o.ProbeSNAT, "probe-snat", env("PROBE_SNAT", "true") == "true", "SNAT the node's own connections to captured pods (kubelet probes) so they bypass capture")
 	fs.StringVar(&f.logLevel, "log-level", env("LOG_LEVEL", "info"), "trace, debug, info, warn, error")
@@ -106,6 +107,16 @@ func parseAgentFlags(fs *flag.FlagSet, args []string, e *envconfig.Env) (nodeage
 	}
 	if healthAddr != "" {
 		o.HealthAddr = healthAddr
+	}
+	switch f.inbound {
+	case "", "NAT":
+	case "TPROXY":
+		// Never a silent fallback to NAT: the iptables backend refuses to
+		// install TPROXY rules, so every capture fails (new pods do not
+		// start, captured pods keep their rules) with an event naming it.
+		o.Redirect.InboundTPROXY = true
+	default:
+		return o, f, fmt.Errorf("unknown inbound capture mode %q (NAT or TPROXY)", f.inbound)
 	}
 	switch f.backend {
 	case "", "nftables":
@@ -130,7 +141,7 @@ func runAgent(args []string) error {
 		return fmt.Errorf("log level: %w", err)
 	}
 	o.Log = log.WithName("node-agent")
-	o.Log.Info("in-pod redirection", "backend", f.backend, "preserveSource", o.Redirect.PreserveSource, "dnsCapture", o.DNSCapture)
+	o.Log.Info("in-pod redirection", "backend", f.backend, "preserveSource", o.Redirect.PreserveSource, "dnsCapture", o.DNSCapture, "inboundCapture", f.inbound)
 	if !o.Redirect.PreserveSource {
 		o.Log.Info("source preservation is off: apps behind ztunnel see their own pod address instead of the client's")
 	}

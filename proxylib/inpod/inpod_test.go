@@ -263,6 +263,17 @@ func TestPreserveSourceTravels(t *testing.T) {
 			t.Fatalf("ztunnel has %+v, want %+v", got, pod.Info)
 		}
 	}
+	// The inbound capture mode (inbound_tproxy) too: a mesh switched between
+	// NAT and TPROXY re-adopts its pods with the new mode.
+	for _, tproxy := range []bool{true, false} {
+		pod.Info.InboundTPROXY = tproxy
+		if err := agent.Upsert(ctx, pod); err != nil {
+			t.Fatal(err)
+		}
+		if got := px.info("uid-a"); !got.Equal(pod.Info) {
+			t.Fatalf("ztunnel has %+v, want %+v", got, pod.Info)
+		}
+	}
 	if _, adds, _ := px.state(); adds != 1 {
 		t.Fatalf("%d fresh adds, want 1 (changes are re-adoptions)", adds)
 	}

@@ -41,12 +41,16 @@ type WorkloadInfo struct {
 	// DNSNameservers (host:port) are the pod's own resolvers, where the DNS
 	// proxy forwards what it does not answer; empty: ztunnel's defaults.
 	DNSNameservers []string
+	// InboundTPROXY (AddWorkload.inbound_tproxy) says inbound TCP reaches
+	// :15006 by TPROXY, not NAT: the original destination is the accepted
+	// socket's local address and no NAT entry holds the client's tuple.
+	InboundTPROXY bool
 }
 
 // Equal reports whether w and o say the same.
 func (w WorkloadInfo) Equal(o WorkloadInfo) bool {
 	return w.Name == o.Name && w.Namespace == o.Namespace && w.ServiceAccount == o.ServiceAccount &&
-		w.PreserveSource == o.PreserveSource && w.CaptureDNS == o.CaptureDNS && slices.Equal(w.DNSNameservers, o.DNSNameservers)
+		w.PreserveSource == o.PreserveSource && w.CaptureDNS == o.CaptureDNS && w.InboundTPROXY == o.InboundTPROXY && slices.Equal(w.DNSNameservers, o.DNSNameservers)
 }
 
 func (w WorkloadInfo) String() string { return w.Namespace + "/" + w.Name }
@@ -54,12 +58,14 @@ func (w WorkloadInfo) String() string { return w.Namespace + "/" + w.Name }
 func infoFromProto(add *zds.AddWorkload) WorkloadInfo {
 	p := add.GetWorkloadInfo()
 	return WorkloadInfo{Name: p.GetName(), Namespace: p.GetNamespace(), ServiceAccount: p.GetServiceAccount(),
-		PreserveSource: add.GetPreserveSource(), CaptureDNS: add.GetCaptureDns(), DNSNameservers: add.GetDnsNameservers()}
+		PreserveSource: add.GetPreserveSource(), CaptureDNS: add.GetCaptureDns(), DNSNameservers: add.GetDnsNameservers(),
+		InboundTPROXY: add.GetInboundTproxy()}
 }
 
 func (w WorkloadInfo) addProto(uid string) *zds.AddWorkload {
 	return &zds.AddWorkload{Uid: uid, PreserveSource: w.PreserveSource, CaptureDns: w.CaptureDNS, DnsNameservers: w.DNSNameservers,
-		WorkloadInfo: &zds.WorkloadInfo{Name: w.Name, Namespace: w.Namespace, ServiceAccount: w.ServiceAccount}}
+		InboundTproxy: w.InboundTPROXY,
+		WorkloadInfo:  &zds.WorkloadInfo{Name: w.Name, Namespace: w.Namespace, ServiceAccount: w.ServiceAccount}}
 }
 
 // send writes one message, with fd attached when non-nil.

@@ -82,6 +82,15 @@ func Run(ns *os.File, fn func() error) error {
 	return <-errc
 }
 
+// runIn is Run, or fn on the caller's thread when ns is nil (the
+// caller's namespace).
+func runIn(ns *os.File, fn func() error) error {
+	if ns == nil {
+		return fn()
+	}
+	return Run(ns, fn)
+}
+
 // RunPath is Run with a namespace path.
 func RunPath(path string, fn func() error) error {
 	f, err := Open(path)
@@ -156,13 +165,7 @@ func ListenTCP(ns *os.File, addr string, opts SocketOptions) (net.Listener, erro
 		ln, err = lc.Listen(context.Background(), "tcp", addr)
 		return err
 	}
-	var err error
-	if ns == nil {
-		err = listen()
-	} else {
-		err = Run(ns, listen)
-	}
-	if err != nil {
+	if err := runIn(ns, listen); err != nil {
 		return nil, err
 	}
 	return ln, nil
@@ -177,13 +180,7 @@ func ListenUDP(ns *os.File, addr string, opts SocketOptions) (*net.UDPConn, erro
 		pc, err = lc.ListenPacket(context.Background(), "udp", addr)
 		return err
 	}
-	var err error
-	if ns == nil {
-		err = listen()
-	} else {
-		err = Run(ns, listen)
-	}
-	if err != nil {
+	if err := runIn(ns, listen); err != nil {
 		return nil, err
 	}
 	return pc.(*net.UDPConn), nil
@@ -205,13 +202,87 @@ func DialTCP(ctx context.Context, ns *os.File, src, dst netip.AddrPort, opts Soc
 		conn, err = d.DialContext(ctx, "tcp", dst.String())
 		return err
 	}
-	if ns == nil {
-		return conn, dial()
-	}
-	if err := Run(ns, dial); err != nil {
+	if err := runIn(ns, dial); err != nil {
 		return nil, err
 	}
 	return conn, nil
+}
+
+// ErrSameTuple is returned by DialFrom when the kernel kept handing out
+// the port it must avoid.
+var ErrSameTuple = errors.New("netnsutil: source port equals the port to avoid")
+
+// DialFrom connects from src's address (transparent, for a foreign
+// address) inside ns, on a port the kernel picks that is never
+// src.Port(). A proxy giving an app a connection from its client's address
+// must not reuse the client's own port towards the same destination: both
+// connections would have one tuple in the pod's namespace (the kernel
+// would deliver the app's SYN to the proxy's accepted socket of that
+// tuple). The port is checked after bind, before any packet is sent; the
+// socket is discarded and another taken when it matches.
+func DialFrom(ctx context.Context, ns *os.File, src, dst netip.AddrPort, opts SocketOptions) (net.Conn, error) {
+	network, family := "tcp4", unix.AF_INET
+	if dst.Addr().Unmap().Is6() {
+		network, family = "tcp6", unix.AF_INET6
+	}
+	d := net.Dialer{Control: func(nw, addr string, c syscall.RawConn) error {
+		if err := opts.control(nw, addr, c); err != nil {
+			return err
+		}
+		var berr error
+		err := c.Control(func(fd uintptr) { berr = bindAvoiding(int(fd), family, src) })
+		if err != nil {
+			return err
+		}
+		return berr
+	}}
+	var conn net.Conn
+	dial := func() (err error) {
+		for range 8 {
+			conn, err = d.DialContext(ctx, network, netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port()).String())
+			if !errors.Is(err, ErrSameTuple) {
+				return err
+			}
+		}
+		return err
+	}
+	if err := runIn(ns, dial); err != nil {
+		return nil, err
+	}
+	return conn, nil
+}
+
+// bindAvoiding binds fd to src's address with a kernel-chosen port and
+// fails with ErrSameTuple when that port is src's own.
+func bindAvoiding(fd, family int, src netip.AddrPort) error {
+	a := src.Addr().Unmap()
+	var sa unix.Sockaddr
+	if family == unix.AF_INET6 {
+		sa = &unix.SockaddrInet6{Addr: a.As16()}
+	} else {
+		if !a.Is4() {
+			return fmt.Errorf("bind %s for an IPv4 destination: %w", a, syscall.EAFNOSUPPORT)
+		}
+		sa = &unix.SockaddrInet4{Addr: a.As4()}
+	}
+	if err := unix.Bind(fd, sa); err != nil {
+		return fmt.Errorf("bind %s: %w", a, err)
+	}
+	got, err := unix.Getsockname(fd)
+	if err != nil {
+		return err
+	}
+	var port int
+	switch g := got.(type) {
+	case *unix.SockaddrInet4:
+		port = g.Port
+	case *unix.SockaddrInet6:
+		port = g.Port
+	}
+	if src.Port() != 0 && port == int(src.Port()) {
+		return ErrSameTuple
+	}
+	return nil
 }
 
 // Dial connects (network "tcp" or "udp") from inside namespace ns (nil:
@@ -224,10 +295,7 @@ func Dial(ctx context.Context, ns *os.File, network, addr string, opts SocketOpt
 		conn, err = d.DialContext(ctx, network, addr)
 		return err
 	}
-	if ns == nil {
-		return conn, dial()
-	}
-	if err := Run(ns, dial); err != nil {
+	if err := runIn(ns, dial); err != nil {
 		return nil, err
 	}
 	return conn, nil

@@ -234,14 +234,15 @@ func (a *Agent) install(ctx context.Context, pod *corev1.Pod, netnsPath string) 
 		}
 	}
 	// PreserveSource tells ztunnel the return path for transparent dials is
-	// in place (Install put it there with the rules).
+	// in place (Install put it there with the rules), InboundTPROXY how
+	// inbound connections reach it.
 	var nameservers []string
 	if dns {
 		nameservers = a.nameservers(key, ns)
 	}
 	wp := inpod.Pod{UID: string(pod.UID), Info: inpod.WorkloadInfo{Name: pod.Name, Namespace: pod.Namespace,
 		ServiceAccount: pod.Spec.ServiceAccountName, PreserveSource: rd.PreservesSource(),
-		CaptureDNS: dns, DNSNameservers: nameservers}, Netns: ns}
+		CaptureDNS: dns, DNSNameservers: nameservers, InboundTPROXY: rd.InboundTPROXY()}, Netns: ns}
 	if err := a.Syncer.Upsert(ctx, wp); err != nil {
 		// The Syncer delivers it later (refusals are retried, a broken
 		// connection resends everything); meanwhile the rules make the

@@ -75,7 +75,9 @@ func (p *Proxy) inboundHBONE(ctx context.Context, s *session, pd *pod, req *hbon
 			return p.serveL7(ctx, s, pd, l7, in, down, c)
 		}, nil
 	}
-	up, err := p.dialApp(s, pd, src, req.Target)
+	// A trusted waypoint may name a client outside the mesh: usable when
+	// the pod's inbound capture makes no NAT entries (TPROXY).
+	up, err := p.dialApp(s, pd, netip.AddrPortFrom(src, 0), req.Target, pd.tproxy.Load())
 	if err != nil {
 		return reject(err)
 	}
@@ -133,7 +135,7 @@ func (p *Proxy) servePlaintextInbound(pd *pod, down net.Conn) {
 }
 
 func (p *Proxy) plaintextInbound(s *session, pd *pod, down net.Conn, src netip.AddrPort) (job, error) {
-	dst, err := netnsutil.OriginalDst(down)
+	dst, tproxied, err := inboundOriginalDst(down)
 	if err != nil {
 		return nil, proxyerr.Wrap(proxyerr.OriginalDstMissing, err, "original destination")
 	}
@@ -171,7 +173,9 @@ func (p *Proxy) plaintextInbound(s *session, pd *pod, down net.Conn, src netip.A
 			in := L7Inbound{PeerAddr: src, Target: dst, Workload: dstW}
 			return func() (int64, int64, error) { return p.serveL7(context.Background(), s, pd, l7, in, tc, c) }, nil
 		}
-		if up, err = p.dialApp(s, pd, src.Addr(), dst); err != nil {
+		// Arrived by TPROXY: no NAT entry holds the client's tuple, so an
+		// outside client is preserved too (source.go).
+		if up, err = p.dialApp(s, pd, src, dst, tproxied); err != nil {
 			return nil, err
 		}
 	}
@@ -182,6 +186,21 @@ func (p *Proxy) plaintextInbound(s *session, pd *pod, down net.Conn, src netip.A
 	}
 	s.open()
 	return relayJob(down, up), nil
+}
+
+// inboundOriginalDst is where a plaintext inbound connection was going.
+// A NAT REDIRECT delivers it to the listener's own port (:15006) and
+// conntrack keeps the original destination (SO_ORIGINAL_DST); TPROXY
+// delivers it unchanged to the transparent listener, so the accepted
+// socket's local address is the original destination (tproxied). Both
+// can arrive at one pod while a mesh switches modes.
+func inboundOriginalDst(c net.Conn) (dst netip.AddrPort, tproxied bool, err error) {
+	local := addrPortOf(c.LocalAddr())
+	if local.Port() != InboundPort {
+		return netip.AddrPortFrom(local.Addr().Unmap(), local.Port()), true, nil
+	}
+	dst, err = netnsutil.OriginalDst(c)
+	return dst, false, err
 }
 
 // authorize applies dst's policies, logging Istio's "RBAC rejected" line.

@@ -185,7 +185,7 @@ func (p *Proxy) fastPath(s *session, src, dst *pod, down net.Conn, rt Route, src
 	if err := p.authorize(s, rt.Dest, c); err != nil {
 		return nil, err
 	}
-	up, err := p.dialApp(s, dst, fastPathSource(srcW, s.src.Addr()), rt.Target)
+	up, err := p.dialApp(s, dst, netip.AddrPortFrom(fastPathSource(srcW, s.src.Addr()), 0), rt.Target, false)
 	if err != nil {
 		return nil, err
 	}

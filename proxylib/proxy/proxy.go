@@ -175,8 +175,11 @@ type pod struct {
 	// preserve_source) and we found them, so dialApp may connect from the
 	// client's address.
 	preserve atomic.Bool
-	dnsMu    sync.Mutex
-	dns      *dnsproxy.PodServer // nil: DNS not captured
+	// tproxy: the node agent captures the pod's inbound with TPROXY (ZDS
+	// inbound_tproxy), so no NAT entry holds an inbound client's tuple.
+	tproxy atomic.Bool
+	dnsMu  sync.Mutex
+	dns    *dnsproxy.PodServer // nil: DNS not captured
 }
 
 // identity is the pod's SPIFFE identity.
@@ -217,11 +220,12 @@ func (p *Proxy) AddWorkload(uid string, wi inpod.WorkloadInfo, ns *os.File) erro
 		old.info = info
 		p.mu.Unlock()
 		old.preserve.Store(p.canPreserve(info, ns))
+		old.tproxy.Store(info.InboundTPROXY)
 		ns.Close()
 		if err := p.syncDNS(old); err != nil {
 			return err
 		}
-		p.log.Info("workload re-adopted", "uid", info.UID)
+		p.log.Info("workload re-adopted", "uid", info.UID, "preserveSource", old.preserve.Load(), "inboundTPROXY", info.InboundTPROXY)
 		return nil
 	}
 	delete(p.pods, info.UID)
@@ -235,6 +239,7 @@ func (p *Proxy) AddWorkload(uid string, wi inpod.WorkloadInfo, ns *os.File) erro
 	}
 	pd := &pod{info: info, ns: ns}
 	pd.preserve.Store(p.canPreserve(info, ns))
+	pd.tproxy.Store(info.InboundTPROXY)
 	if err := p.openPod(pd); err != nil {
 		p.closePod(pd, false)
 		return err
@@ -242,7 +247,7 @@ func (p *Proxy) AddWorkload(uid string, wi inpod.WorkloadInfo, ns *os.File) erro
 	p.mu.Lock()
 	p.pods[info.UID] = pd
 	p.mu.Unlock()
-	p.log.Info("workload added", "uid", info.UID, "name", info.Name, "namespace", info.Namespace, "preserveSource", pd.preserve.Load())
+	p.log.Info("workload added", "uid", info.UID, "name", info.Name, "namespace", info.Namespace, "preserveSource", pd.preserve.Load(), "inboundTPROXY", info.InboundTPROXY)
 	return nil
 }
 
@@ -273,7 +278,13 @@ func (p *Proxy) openPod(pd *pod) error {
 		host = p.cfg.ListenHost(pd.info)
 	}
 	listen := func(host string, port int) (net.Listener, error) {
-		ln, err := netnsutil.ListenTCP(pd.ns, net.JoinHostPort(host, strconv.Itoa(port)), p.listenOptions())
+		opts := p.listenOptions()
+		// The plaintext inbound listener is always transparent (ztunnel
+		// holds CAP_NET_ADMIN), so TPROXY capture can hand it connections
+		// for the app's address; with NAT capture it changes nothing. A
+		// mesh switching modes then needs no new listener.
+		opts.Transparent = port == InboundPort && !p.cfg.Unprivileged
+		ln, err := netnsutil.ListenTCP(pd.ns, net.JoinHostPort(host, strconv.Itoa(port)), opts)
 		if err != nil {
 			return nil, fmt.Errorf("listen :%d in pod %s: %w", port, pd.info.UID, err)
 		}

@@ -31,14 +31,24 @@ import (
 //   - Plaintext inbound and the node-local fast path: the accepted socket's
 //     peer, seen by the kernel in the pod's own namespace.
 //
-// Only clients that are captured mesh workloads (or waypoints) are
-// preserved. Inbound capture is a NAT REDIRECT to :15006, so a client
-// outside the mesh has conntrack entries <client>:<port> -> <app>:<port>
-// in the pod; a transparent connection from that client could pick the
-// same tuple (or the client could later reuse ours) and be NATed into the
-// wrong socket, failing at random. Mesh workloads never reach the pod
-// that way (their traffic arrives over HBONE on 15008 or from ztunnel),
-// so their tuples cannot collide. Istio avoids this with TPROXY capture.
+// With NAT capture (the default) only clients that are captured mesh
+// workloads (or waypoints) are preserved. Inbound capture is then a NAT
+// REDIRECT to :15006, so a client outside the mesh has conntrack entries
+// <client>:<port> -> <app>:<port> in the pod; a transparent connection
+// from that client could pick the same tuple (or the client could later
+// reuse ours) and be NATed into the wrong socket, failing at random. Mesh
+// workloads never reach the pod that way (their traffic arrives over HBONE
+// on 15008 or from ztunnel), so their tuples cannot collide.
+//
+// With TPROXY capture (AmbientMesh spec.capture.inboundMode, ZDS
+// inbound_tproxy) no NAT entry is made for inbound connections, so every
+// client is preserved, as Istio's in-pod mode does: plaintext clients from
+// outside the mesh too (a connection that still arrived NATed, from before
+// a switch of modes, is not), and outside clients named by a trusted
+// waypoint. ztunnel's connection never takes the client's own port
+// (netnsutil.DialFrom). What remains, as in Istio: an outside client that
+// opens, while ztunnel's connection lives, a new connection to the same
+// app port from exactly the port the kernel picked for ztunnel's.
 //
 // Istio's ztunnel always uses the outer peer address, so behind a waypoint
 // its apps see the waypoint; trusting only verified waypoints keeps that
@@ -115,43 +125,48 @@ func fastPathSource(srcW *workloadapi.Workload, observed netip.Addr) netip.Addr 
 }
 
 // preserveSkip says why src cannot be used for a transparent dial to
-// target ("" = it can). client is src's workload in discovery.
-func preserveSkip(src netip.Addr, target netip.AddrPort, client *workloadapi.Workload) string {
+// target ("" = it can). client is src's workload in discovery; noNAT says
+// the pod's inbound capture makes no NAT entries (TPROXY), so clients
+// outside the mesh are safe to use too.
+func preserveSkip(src netip.Addr, target netip.AddrPort, client *workloadapi.Workload, noNAT bool) string {
 	switch {
 	case unusableSource(src):
 		return "no usable client address"
 	case src.Is4() != target.Addr().Unmap().Is4():
 		return "client and app address families differ"
-	case client.GetTunnelProtocol() != workloadapi.TunnelProtocol_HBONE:
+	case !noNAT && client.GetTunnelProtocol() != workloadapi.TunnelProtocol_HBONE:
 		return "client is not a captured mesh workload (its redirected connections could collide in conntrack)"
 	}
 	return ""
 }
 
-// dialApp connects to the app in pd's namespace, from src when the pod has
-// the return-path rules (pod.preserve) and src is usable, else from the
-// pod's own address. A transparent dial that fails for a local reason
-// (no permission, address not usable) falls back to the pod's address,
-// which is always routable, with a log line; refusals and timeouts do not
-// fall back (the app would refuse us from any address).
-func (p *Proxy) dialApp(s *session, pd *pod, src netip.Addr, target netip.AddrPort) (net.Conn, error) {
-	if !pd.preserve.Load() || !src.IsValid() {
+// dialApp connects to the app in pd's namespace, from src's address when
+// the pod has the return-path rules (pod.preserve) and src is usable, else
+// from the pod's own address. src's port, when set, is the client's own,
+// which ztunnel's connection never takes. noNAT: the client's connection
+// came without NAT (TPROXY capture; see preserveSkip). A transparent dial
+// that fails for a local reason (no permission, address not usable) falls
+// back to the pod's address, which is always routable, with a log line;
+// refusals and timeouts do not fall back (the app would refuse us from any
+// address).
+func (p *Proxy) dialApp(s *session, pd *pod, src netip.AddrPort, target netip.AddrPort, noNAT bool) (net.Conn, error) {
+	if !pd.preserve.Load() || !src.Addr().IsValid() {
 		return p.dialLocal(pd, target)
 	}
-	src = src.Unmap()
-	if why := preserveSkip(src, target, p.cfg.State.WorkloadByAddr(src)); why != "" {
-		p.log.V(1).Info(s.prefix+": connecting from the pod's own address", "client", src, "reason", why)
+	src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
+	if why := preserveSkip(src.Addr(), target, p.cfg.State.WorkloadByAddr(src.Addr()), noNAT); why != "" {
+		p.log.V(1).Info(s.prefix+": connecting from the pod's own address", "client", src.Addr(), "reason", why)
 		return p.dialLocal(pd, target)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
 	defer cancel()
-	up, err := netnsutil.DialTCP(ctx, pd.ns, netip.AddrPortFrom(src, 0), target,
+	up, err := netnsutil.DialFrom(ctx, pd.ns, src, target,
 		netnsutil.SocketOptions{Mark: netnsutil.Mark, Transparent: true})
 	if err == nil {
 		return up, nil
 	}
 	if !localDialFailure(err) {
-		return nil, proxyerr.Wrap(proxyerr.UpstreamConnectFailed, err, "dial %s from %s", target, src)
+		return nil, proxyerr.Wrap(proxyerr.UpstreamConnectFailed, err, "dial %s from %s", target, src.Addr())
 	}
 	s.info("source preservation failed, connecting to %s from the pod's own address: %v", target, err)
 	return p.dialLocal(pd, target)

@@ -58,21 +58,28 @@ func TestPreserveSkip(t *testing.T) {
 		src, target string
 		client      *workloadapi.Workload
 		ok          bool
+		noNAT       bool // TPROXY capture
 	}{
-		{"10.0.0.7", "10.0.2.2:80", captured, true},
-		{"fd00::7", "[fd00::2]:80", captured, true},
-		{"10.0.0.7", "[fd00::2]:80", captured, false},
-		{"fd00::7", "10.0.2.2:80", captured, false},
-		{"127.0.0.1", "10.0.2.2:80", captured, false},
-		{"0.0.0.0", "10.0.2.2:80", captured, false},
-		{"", "10.0.2.2:80", captured, false},
-		{"10.0.0.8", "10.0.2.2:80", outside, false}, // not captured: may hold NATed tuples
-		{"192.0.2.1", "10.0.2.2:80", nil, false},    // unknown to discovery
+		{"10.0.0.7", "10.0.2.2:80", captured, true, false},
+		{"fd00::7", "[fd00::2]:80", captured, true, false},
+		{"10.0.0.7", "[fd00::2]:80", captured, false, false},
+		{"fd00::7", "10.0.2.2:80", captured, false, false},
+		{"127.0.0.1", "10.0.2.2:80", captured, false, false},
+		{"0.0.0.0", "10.0.2.2:80", captured, false, false},
+		{"", "10.0.2.2:80", captured, false, false},
+		{"10.0.0.8", "10.0.2.2:80", outside, false, false}, // not captured: may hold NATed tuples
+		{"192.0.2.1", "10.0.2.2:80", nil, false, false},    // unknown to discovery
+		// TPROXY capture: no NAT entries, every real client is usable.
+		{"10.0.0.8", "10.0.2.2:80", outside, true, true},
+		{"192.0.2.1", "10.0.2.2:80", nil, true, true},
+		{"fd00::9", "[fd00::2]:80", nil, true, true},
+		{"127.0.0.1", "10.0.2.2:80", nil, false, true},
+		{"192.0.2.1", "[fd00::2]:80", nil, false, true},
 	}
 	for _, tc := range tests {
 		t.Run(tc.src+"->"+tc.target, func(t *testing.T) {
 			src, _ := netip.ParseAddr(tc.src)
-			if why := preserveSkip(src, netip.MustParseAddrPort(tc.target), tc.client); (why == "") != tc.ok {
+			if why := preserveSkip(src, netip.MustParseAddrPort(tc.target), tc.client, tc.noNAT); (why == "") != tc.ok {
 				t.Fatalf("preserveSkip = %q, want usable=%v", why, tc.ok)
 			}
 		})

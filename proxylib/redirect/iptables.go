@@ -111,6 +111,9 @@ func (t *IPTables) expectedRuleCount(f family) int {
 // PreservesSource reports whether Install sets up source preservation.
 func (t *IPTables) PreservesSource() bool { return t.cfg.PreserveSource }
 
+// InboundTPROXY reports the configured mode; Install refuses TPROXY.
+func (t *IPTables) InboundTPROXY() bool { return t.cfg.InboundTPROXY }
+
 // jump is a rule in a built-in chain sending packets to one of ours.
 type jump struct{ table, from, to string }
 
@@ -195,6 +198,12 @@ func (t *IPTables) Remove(ns *os.File) error {
 // Installed checks jumps and rule counts in both families, and the return
 // path when preserving sources.
 func (t *IPTables) Installed(ns *os.File) (bool, error) {
+	if t.cfg.InboundTPROXY {
+		// Rules this backend could install are never the TPROXY ones asked
+		// for: a re-adopted pod must go through Install, which refuses,
+		// rather than keep its NAT rules under a TPROXY announcement.
+		return false, nil
+	}
 	for _, f := range families {
 		n := 0
 		for _, j := range t.jumps() {

@@ -36,6 +36,9 @@ import (
 //	    tcp dport <ztunnel port> return ...
 //	    meta l4proto tcp redirect to :15006 }
 //	}
+//
+// With Config.InboundTPROXY the prerouting chain is a filter chain at
+// mangle priority ending in a tproxy rule instead (tproxy.go).
 type NFTables struct{ cfg Config }
 
 // NewNFTables returns the nftables backend.
@@ -171,6 +174,9 @@ func (n *NFTables) Installed(ns *os.File) (bool, error) {
 	if !found {
 		return false, nil
 	}
+	if ok, err := n.preroutingModeMatches(c); err != nil || !ok {
+		return false, err
+	}
 	want := map[string]int{outputChain: len(n.outputRules()), preroutingChain: len(n.preroutingRules())}
 	if n.cfg.PreserveSource {
 		want[manglePrerouting], want[mangleOutput] = 1, 1
@@ -228,7 +234,8 @@ func (n *NFTables) preroutingRules() [][]expr.Any {
 		rules = append(rules, append(tcpDport(port), verdictReturn()))
 	}
 	if n.cfg.InboundTPROXY {
-		return append(rules, append(tcpOnly(), tproxyTo(n.cfg.InboundPort)...))
+		return append(rules, ctEstablished(), append(tcpOnly(), tproxyTo(n.cfg.InboundPort)...),
+			append(tcpOnly(), &expr.Verdict{Kind: expr.VerdictDrop}))
 	}
 	return append(rules, append(tcpOnly(), redirectTo(n.cfg.InboundPort)...))
 }

@@ -92,6 +92,10 @@ type Redirector interface {
 	// for transparent dials from client addresses (Config.PreserveSource);
 	// the node agent tells ztunnel (ZDS AddWorkload.preserve_source).
 	PreservesSource() bool
+	// InboundTPROXY reports whether Install captures inbound traffic with
+	// TPROXY (Config.InboundTPROXY); the node agent tells ztunnel (ZDS
+	// AddWorkload.inbound_tproxy).
+	InboundTPROXY() bool
 }
 
 // TableName is the nftables table (family inet) holding every rule.

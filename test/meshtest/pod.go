@@ -71,7 +71,8 @@ func (p *Pod) Capture(m *Mesh) {
 	}
 	p.Workload.TunnelProtocol = workloadapi.TunnelProtocol_HBONE
 	m.CP.Workload(p.Workload)
-	info := inpod.WorkloadInfo{Name: p.PodName, Namespace: p.Namespace, ServiceAccount: p.ServiceAccount, PreserveSource: rd.PreservesSource()}
+	info := inpod.WorkloadInfo{Name: p.PodName, Namespace: p.Namespace, ServiceAccount: p.ServiceAccount, PreserveSource: rd.PreservesSource(),
+		InboundTPROXY: rd.InboundTPROXY()}
 	if m.CaptureDNS {
 		info.CaptureDNS, info.DNSNameservers = true, m.DNSNameservers
 	}

@@ -114,22 +114,7 @@ func testSourceIPPreserved(t *testing.T, s *sourceMesh) {
 	}
 
 	for _, dst := range []*meshtest.Pod{s.httpbin1, s.httpbin2} {
-		t.Run("bulk and half-close to "+dst.PodName, func(t *testing.T) {
-			const size = 8 << 20
-			c, err := s.sleep.Dial(dst.Addr(9000))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
-			if _, err := io.CopyN(c, bytes.NewReader(make([]byte, size)), size); err != nil {
-				t.Fatalf("write: %v", err)
-			}
-			c.(*net.TCPConn).CloseWrite()
-			if got, want := readAll(t, c), fmt.Sprintf("got %d", size); got != want {
-				t.Fatalf("half-close: %q, want %q", got, want)
-			}
-			testEchoBulk(t, s.sleep, dst.Addr(9001), 4<<20)
-		})
+		t.Run("bulk and half-close to "+dst.PodName, func(t *testing.T) { testBulkAndHalfClose(t, s.sleep, dst, 8<<20) })
 	}
 
 	t.Run("hostile peer's Forwarded header is not believed", func(t *testing.T) {
@@ -162,6 +147,26 @@ func testSourceIPPreserved(t *testing.T, s *sourceMesh) {
 			t.Fatalf("released pod saw %s, want the client %s directly", got, s.sleep.IP)
 		}
 	})
+}
+
+// testBulkAndHalfClose sends size bytes from p to dst's CountThenReply
+// (port 9000) and half-closes, expecting the count back, then echoes 4 MiB
+// through dst's port 9001.
+func testBulkAndHalfClose(t *testing.T, p, dst *meshtest.Pod, size int64) {
+	t.Helper()
+	c, err := p.Dial(dst.Addr(9000))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := io.CopyN(c, bytes.NewReader(make([]byte, size)), size); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	c.(*net.TCPConn).CloseWrite()
+	if got, want := readAll(t, c), fmt.Sprintf("got %d", size); got != want {
+		t.Fatalf("half-close: %q, want %q", got, want)
+	}
+	testEchoBulk(t, p, dst.Addr(9001), 4<<20)
 }
 
 // testEchoBulk sends n bytes through an echo server while reading them back.

@@ -195,8 +195,18 @@ type AddWorkload struct {
 	// agent found it), where the DNS proxy forwards what it does not answer.
 	// Empty: ztunnel's default upstreams.
 	DnsNameservers []string `protobuf:"bytes,5,rep,name=dns_nameservers,json=dnsNameservers,proto3" json:"dns_nameservers,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// The node agent captures the pod's inbound TCP with TPROXY to :15006
+	// (nftables, mangle priority) instead of a NAT REDIRECT: ztunnel's :15006
+	// listener must be IP_TRANSPARENT, the original destination is the
+	// accepted socket's local address, and no NAT entry exists for the
+	// client's tuple, so ztunnel may dial the app from any client's address
+	// (with preserve_source). Absent (an older node agent): NAT REDIRECT.
+	// An older ztunnel ignores the field; its listener is not transparent, so
+	// the kernel drops the diverted connections (fail closed) until it is
+	// upgraded.
+	InboundTproxy bool `protobuf:"varint,6,opt,name=inbound_tproxy,json=inboundTproxy,proto3" json:"inbound_tproxy,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *AddWorkload) Reset() {
@@ -262,6 +272,13 @@ func (x *AddWorkload) GetDnsNameservers() []string {
 		return x.DnsNameservers
 	}
 	return nil
+}
+
+func (x *AddWorkload) GetInboundTproxy() bool {
+	if x != nil {
+		return x.InboundTproxy
+	}
+	return false
 }
 
 // Keep a workload ztunnel already serves without re-sending its netns
@@ -643,14 +660,15 @@ const file_zds_proto_rawDesc = "" +
 	"\fWorkloadInfo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12'\n" +
-	"\x0fservice_account\x18\x03 \x01(\tR\x0eserviceAccount\"\xd5\x01\n" +
+	"\x0fservice_account\x18\x03 \x01(\tR\x0eserviceAccount\"\xfc\x01\n" +
 	"\vAddWorkload\x12\x10\n" +
 	"\x03uid\x18\x01 \x01(\tR\x03uid\x12A\n" +
 	"\rworkload_info\x18\x02 \x01(\v2\x1c.ambient.zds.v1.WorkloadInfoR\fworkloadInfo\x12'\n" +
 	"\x0fpreserve_source\x18\x03 \x01(\bR\x0epreserveSource\x12\x1f\n" +
 	"\vcapture_dns\x18\x04 \x01(\bR\n" +
 	"captureDns\x12'\n" +
-	"\x0fdns_nameservers\x18\x05 \x03(\tR\x0ednsNameservers\" \n" +
+	"\x0fdns_nameservers\x18\x05 \x03(\tR\x0ednsNameservers\x12%\n" +
+	"\x0einbound_tproxy\x18\x06 \x01(\bR\rinboundTproxy\" \n" +
 	"\fKeepWorkload\x12\x10\n" +
 	"\x03uid\x18\x01 \x01(\tR\x03uid\"\x1f\n" +
 	"\vDelWorkload\x12\x10\n" +
