@@ -75,6 +75,7 @@ net_up() {
   add_node_netns cp "$CP_IP"
   while read -r short _ ip _; do add_node_netns "$short" "$ip"; done < <(workers)
   add_outside_netns
+  add_external_netns
   # Routes between pod CIDRs: every namespace reaches each node's pods via that node.
   local target tip tcidr
   for target in cp $(workers | awk '{print $1}'); do
@@ -118,6 +119,24 @@ add_outside_netns() {
   ip -n "$ns" link set lo up
   ip -n "$ns" addr replace "$OUTSIDE_IP/24" dev eth0
   ip -n "$ns" link set eth0 up
+}
+
+# add_external_netns: the external service host (EXTERNAL_IP). Unlike the
+# outside client it answers pods directly, so it routes each node's pod
+# CIDR through that node; it forwards nothing itself.
+add_external_netns() {
+  local ns=$PREFIX-ext short ip cidr
+  if ! grep -qw "$ns" <<<"$(ip netns list)"; then ip netns add "$ns"; fi
+  if ! ip link show "$ns" >/dev/null 2>&1; then
+    ip link add "$ns" type veth peer name eth0 netns "$ns"
+    ip link set "$ns" master "$BRIDGE" up
+  fi
+  ip -n "$ns" link set lo up
+  ip -n "$ns" addr replace "$EXTERNAL_IP/24" dev eth0
+  ip -n "$ns" link set eth0 up
+  while read -r short _ ip cidr; do
+    ip -n "$ns" route replace "$cidr" via "$ip" dev eth0
+  done < <(workers)
 }
 
 # guard_up drops anything lab-sourced that would leave through the uplink and
@@ -745,7 +764,7 @@ down() {
     local mnt; mnt=$(mntns_path "$s")
     if [ -f "$mnt" ]; then umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true; rm -f "$mnt"; fi
   done
-  for s in cp out $shorts; do
+  for s in cp out ext $shorts; do
     ip netns del "$PREFIX-$s" 2>/dev/null || true
     ip link del "$PREFIX-$s" 2>/dev/null || true
   done

@@ -1,0 +1,189 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"fmt"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+const dnsNS = "e2e-dns"
+
+// dnsApps: a Service, a ServiceEntry whose host gets an auto-allocated
+// VIP, and two clients on w1: one whose DNS is captured (Istio's pod
+// annotation; the mesh setting stays off) and one whose is not.
+const dnsApps = `
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {selector: {app: web}, ports: [{name: http, port: 80}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api}
+spec:
+  hosts: [api.dns.example]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.201.0.251}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: dns-client
+  labels: {app: dns-client}
+  annotations: {ambient.istio.io/dns-capture: "true"}
+spec:
+  nodeSelector: {ambient.lab/node: w1}
+  terminationGracePeriodSeconds: 1
+  containers: [{name: c, image: docker.io/ambient-lab/sleep:dev, imagePullPolicy: Never, command: [/usr/bin/sleep, infinity]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: dns-plain, labels: {app: dns-plain}}
+spec:
+  nodeSelector: {ambient.lab/node: w1}
+  terminationGracePeriodSeconds: 1
+  containers: [{name: c, image: docker.io/ambient-lab/sleep:dev, imagePullPolicy: Never, command: [/usr/bin/sleep, infinity]}]
+`
+
+// dig runs the sleep image's stub resolver in pod and returns its line
+// "<queried name> <RCODE> <addresses|->".
+func dig(t *testing.T, ns, pod string, args ...string) (name, rcode, addrs string) {
+	t.Helper()
+	out, err := kubectl(append([]string{"exec", "-n", ns, pod, "--", "dig"}, args...)...)
+	f := strings.Fields(strings.TrimSpace(out))
+	if err != nil || len(f) != 3 {
+		t.Fatalf("dig %v in %s: %v: %q", args, pod, err, out)
+	}
+	return f[0], f[1], f[2]
+}
+
+// dnsAnswers sums istio_dns_requests_total of a ztunnel pod by
+// answered_by and response_code, for queries from namespace ns.
+func dnsAnswers(t *testing.T, ztunnelPod, ns string) map[string]float64 {
+	t.Helper()
+	m := mustKubectl(t, "get", "--raw", fmt.Sprintf("/api/v1/namespaces/%s/pods/%s:15020/proxy/metrics", meshNS, ztunnelPod))
+	label := func(l, k string) string {
+		if m := regexp.MustCompile(k + `="([^"]*)"`).FindStringSubmatch(l); m != nil {
+			return m[1]
+		}
+		return ""
+	}
+	out := map[string]float64{}
+	for _, l := range strings.Split(m, "\n") {
+		if !strings.HasPrefix(l, "istio_dns_requests_total{") || label(l, "source_workload_namespace") != ns {
+			continue
+		}
+		v, err := strconv.ParseFloat(l[strings.LastIndexByte(l, ' ')+1:], 64)
+		if err != nil {
+			t.Fatalf("metric line %q: %v", l, err)
+		}
+		out[label(l, "answered_by")+" "+label(l, "response_code")] += v
+	}
+	return out
+}
+
+// TestDNSProxy: a pod whose DNS is captured (annotation) gets its
+// answers from ztunnel's DNS proxy: a Service in every search-domain form,
+// a ServiceEntry host with its auto-allocated VIPs (A and AAAA, UDP and
+// TCP), which the cluster's DNS server does not know; names ztunnel does
+// not own are forwarded to the pod's resolver (the lab's CoreDNS) and its
+// answer is passed through, NXDOMAIN and SERVFAIL unchanged. ztunnel's
+// istio_dns_requests_total on the pod's node counts each kind. A pod
+// without the annotation asks CoreDNS itself.
+func TestDNSProxy(t *testing.T) {
+	requireMesh(t)
+	recreateNamespace(t, dnsNS, "istio.io/dataplane-mode=ambient")
+	apply(t, dnsNS, dnsApps)
+	mustKubectl(t, "wait", "-n", dnsNS, "--for=condition=ready", "pod", "--all", "--timeout=90s")
+	enrollAmbient(t, dnsNS)
+	webIP := strings.TrimSpace(mustKubectl(t, "get", "svc", "-n", dnsNS, "web", "-o", "jsonpath={.spec.clusterIP}"))
+	var vip4, vip6 string
+	eventually(t, 30*time.Second, "ServiceEntry VIPs allocated", func() error {
+		out := mustKubectl(t, "get", "serviceentry", "-n", dnsNS, "api", "-o", `jsonpath={range .status.addresses[*]}{.value}{"\n"}{end}`)
+		for _, a := range strings.Fields(out) {
+			if strings.Contains(a, ":") {
+				vip6 = a
+			} else {
+				vip4 = a
+			}
+		}
+		if vip4 == "" || vip6 == "" {
+			return fmt.Errorf("status addresses %q", out)
+		}
+		return nil
+	})
+	node := strings.TrimSpace(mustKubectl(t, "get", "pod", "-n", dnsNS, "dns-client", "-o", "jsonpath={.spec.nodeName}"))
+	zt, _ := ztunnelOn(t, node)
+	before := dnsAnswers(t, zt, dnsNS)
+
+	// ztunnel learns the pod's capture and the ServiceEntry a moment after
+	// the pod is captured: wait for the first local answer.
+	eventually(t, 30*time.Second, "the ServiceEntry host answered with its VIP", func() error {
+		if _, rcode, addrs := dig(t, dnsNS, "dns-client", "api.dns.example"); rcode != "NOERROR" || addrs != vip4 {
+			return fmt.Errorf("api.dns.example: %s %s, want NOERROR %s", rcode, addrs, vip4)
+		}
+		return nil
+	})
+	cases := []struct {
+		what, want string // want: "RCODE addresses"
+		args       []string
+	}{
+		{"Service by short name", "NOERROR " + webIP, []string{"web"}},
+		{"Service as name.ns", "NOERROR " + webIP, []string{"web." + dnsNS}},
+		{"Service as name.ns.svc", "NOERROR " + webIP, []string{"web." + dnsNS + ".svc"}},
+		{"Service by FQDN", "NOERROR " + webIP, []string{"web." + dnsNS + ".svc.cluster.local."}},
+		{"ServiceEntry host, AAAA", "NOERROR " + vip6, []string{"-type", "AAAA", "api.dns.example."}},
+		{"ServiceEntry host over TCP", "NOERROR " + vip4, []string{"-tcp", "api.dns.example."}},
+		{"name only CoreDNS knows, forwarded", "NOERROR 10.201.0.250", []string{"outside.lab.example."}},
+		{"name only CoreDNS knows, forwarded over TCP", "NOERROR 10.201.0.250", []string{"-tcp", "outside.lab.example."}},
+	}
+	// Failures are passed through as CoreDNS gives them to a pod that asks
+	// it directly (dns-plain): NXDOMAIN for a name in the cluster domain,
+	// its answer (SERVFAIL: no plugin owns the name) for an unknown name
+	// elsewhere.
+	failures := map[string]string{"nope." + dnsNS + ".svc.cluster.local.": "NXDOMAIN", "unknown.lab.example.": ""}
+	for name, want := range failures {
+		_, rcode, _ := dig(t, dnsNS, "dns-plain", name)
+		if rcode == "NOERROR" || want != "" && rcode != want {
+			t.Fatalf("CoreDNS answered %s with %s, want a failure (%s)", name, rcode, want)
+		}
+		failures[name] = rcode
+		cases = append(cases, struct {
+			what, want string
+			args       []string
+		}{"failure passed through", rcode + " -", []string{name}})
+	}
+	for _, c := range cases {
+		if _, rcode, addrs := dig(t, dnsNS, "dns-client", c.args...); rcode+" "+addrs != c.want {
+			t.Errorf("%s (dig %s): %s %s, want %s", c.what, strings.Join(c.args, " "), rcode, addrs, c.want)
+		}
+	}
+	// Without capture the pod asks CoreDNS, which has no ServiceEntries.
+	if _, rcode, addrs := dig(t, dnsNS, "dns-plain", "api.dns.example."); rcode == "NOERROR" && addrs != "-" {
+		t.Errorf("uncaptured pod resolved api.dns.example to %s: its DNS went to ztunnel", addrs)
+	}
+
+	after := dnsAnswers(t, zt, dnsNS)
+	delta := func(k string) float64 { return after[k] - before[k] }
+	t.Logf("istio_dns_requests_total on %s from %s, before %v, after %v", zt, dnsNS, before, after)
+	// Seven local answers above (four Service forms, three ServiceEntry
+	// queries) and at least the wait's one.
+	if d := delta("ztunnel NOERROR"); d < 8 {
+		t.Errorf("ztunnel answered %v queries itself (NOERROR), want >= 8", d)
+	}
+	if d := delta("upstream NOERROR") + delta("cache NOERROR"); d < 2 {
+		t.Errorf("%v forwarded NOERROR answers (upstream or cache), want >= 2", d)
+	}
+	for _, rcode := range failures {
+		if d := delta("upstream "+rcode) + delta("cache "+rcode); d < 1 {
+			t.Errorf("%v forwarded %s answers, want >= 1", d, rcode)
+		}
+	}
+	kubectl("delete", "ns", dnsNS, "--wait=false")
+}
