@@ -51,16 +51,24 @@ spec:
   containers: [{name: c, image: docker.io/ambient-lab/sleep:dev, imagePullPolicy: Never, command: [/usr/bin/sleep, infinity]}]
 `
 
-// dig runs the sleep image's stub resolver in pod and returns its line
-// "<queried name> <RCODE> <addresses|->".
-func dig(t *testing.T, ns, pod string, args ...string) (name, rcode, addrs string) {
-	t.Helper()
+// digOnce runs the sleep image's stub resolver in pod and returns its
+// line "<queried name> <RCODE> <addresses|->" split in three.
+func digOnce(ns, pod string, args ...string) (name, rcode, addrs string, err error) {
 	out, err := kubectl(append([]string{"exec", "-n", ns, pod, "--", "dig"}, args...)...)
 	f := strings.Fields(strings.TrimSpace(out))
 	if err != nil || len(f) != 3 {
-		t.Fatalf("dig %v in %s: %v: %q", args, pod, err, out)
+		return "", "", "", fmt.Errorf("dig %v in %s: %v: %q", args, pod, err, out)
 	}
-	return f[0], f[1], f[2]
+	return f[0], f[1], f[2], nil
+}
+
+func dig(t *testing.T, ns, pod string, args ...string) (name, rcode, addrs string) {
+	t.Helper()
+	name, rcode, addrs, err := digOnce(ns, pod, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return name, rcode, addrs
 }
 
 // dnsAnswers sums istio_dns_requests_total of a ztunnel pod by
@@ -125,10 +133,11 @@ func TestDNSProxy(t *testing.T) {
 	// ztunnel learns the pod's capture and the ServiceEntry a moment after
 	// the pod is captured: wait for the first local answer.
 	eventually(t, 30*time.Second, "the ServiceEntry host answered with its VIP", func() error {
-		if _, rcode, addrs := dig(t, dnsNS, "dns-client", "api.dns.example"); rcode != "NOERROR" || addrs != vip4 {
-			return fmt.Errorf("api.dns.example: %s %s, want NOERROR %s", rcode, addrs, vip4)
+		_, rcode, addrs, err := digOnce(dnsNS, "dns-client", "api.dns.example")
+		if err == nil && (rcode != "NOERROR" || addrs != vip4) {
+			err = fmt.Errorf("api.dns.example: %s %s, want NOERROR %s", rcode, addrs, vip4)
 		}
-		return nil
+		return err
 	})
 	cases := []struct {
 		what, want string // want: "RCODE addresses"
