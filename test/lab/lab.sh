@@ -92,50 +92,39 @@ net_up() {
   done < <(workers)
 }
 
-add_node_netns() {
-  local short=$1 ip=$2 ns=$PREFIX-$1 host_if=$PREFIX-$1
+# add_bridge_netns <short> <ip>: network namespace $PREFIX-<short> with
+# eth0 on the lab bridge holding <ip>/24 (idempotent).
+add_bridge_netns() {
+  local ns=$PREFIX-$1 ip=$2
   if ! grep -qw "$ns" <<<"$(ip netns list)"; then ip netns add "$ns"; fi
-  if ! ip link show "$host_if" >/dev/null 2>&1; then
-    ip link add "$host_if" type veth peer name eth0 netns "$ns"
-    ip link set "$host_if" master "$BRIDGE" up
+  if ! ip link show "$ns" >/dev/null 2>&1; then
+    ip link add "$ns" type veth peer name eth0 netns "$ns"
+    ip link set "$ns" master "$BRIDGE" up
   fi
   ip -n "$ns" link set lo up
   ip -n "$ns" addr replace "$ip/24" dev eth0
   ip -n "$ns" link set eth0 up
+}
+
+add_node_netns() {
+  add_bridge_netns "$1" "$2"
   # Forwarding inside the node namespace only (per-namespace sysctl).
-  ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
+  ip netns exec "$PREFIX-$1" sysctl -qw net.ipv4.ip_forward=1
 }
 
 # add_outside_netns: the client outside the cluster. On the lab bridge only
 # (no default route, no forwarding): it reaches what is announced there,
 # such as MetalLB's LoadBalancer addresses, and nothing else.
-add_outside_netns() {
-  local ns=$PREFIX-out
-  if ! grep -qw "$ns" <<<"$(ip netns list)"; then ip netns add "$ns"; fi
-  if ! ip link show "$ns" >/dev/null 2>&1; then
-    ip link add "$ns" type veth peer name eth0 netns "$ns"
-    ip link set "$ns" master "$BRIDGE" up
-  fi
-  ip -n "$ns" link set lo up
-  ip -n "$ns" addr replace "$OUTSIDE_IP/24" dev eth0
-  ip -n "$ns" link set eth0 up
-}
+add_outside_netns() { add_bridge_netns out "$OUTSIDE_IP"; }
 
 # add_external_netns: the external service host (EXTERNAL_IP). Unlike the
 # outside client it answers pods directly, so it routes each node's pod
 # CIDR through that node; it forwards nothing itself.
 add_external_netns() {
-  local ns=$PREFIX-ext short ip cidr
-  if ! grep -qw "$ns" <<<"$(ip netns list)"; then ip netns add "$ns"; fi
-  if ! ip link show "$ns" >/dev/null 2>&1; then
-    ip link add "$ns" type veth peer name eth0 netns "$ns"
-    ip link set "$ns" master "$BRIDGE" up
-  fi
-  ip -n "$ns" link set lo up
-  ip -n "$ns" addr replace "$EXTERNAL_IP/24" dev eth0
-  ip -n "$ns" link set eth0 up
+  local short ip cidr
+  add_bridge_netns ext "$EXTERNAL_IP"
   while read -r short _ ip cidr; do
-    ip -n "$ns" route replace "$cidr" via "$ip" dev eth0
+    ip -n "$PREFIX-ext" route replace "$cidr" via "$ip" dev eth0
   done < <(workers)
 }
 
