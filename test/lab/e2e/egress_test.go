@@ -21,10 +21,11 @@ const (
 )
 
 // egressApps: two clients whose DNS is captured (ztunnel answers the
-// ServiceEntry hosts with their VIPs), a STATIC and a DNS ServiceEntry for
-// the external host, both bound to the waypoint "egress"; an L7 policy
-// (GET /get and /ip only) on both and an L4 one (deny the principal of
-// "other") on the STATIC entry only.
+// ServiceEntry hosts with their VIPs). egressEntries: a STATIC and a DNS
+// ServiceEntry for the external host, both bound to the waypoint
+// "egress"; an L7 policy (GET /get and /ip only) on both and an L4 one
+// (deny the principal of "other") on the STATIC entry only; a
+// WorkloadEntry for the host selected by a ServiceEntry without waypoint.
 const egressApps = `
 apiVersion: v1
 kind: ServiceAccount
@@ -76,6 +77,20 @@ spec:
   hosts: [external.lab.example]
   ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}]
   resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm-1, labels: {app: vm}}
+spec: {address: 10.201.0.251, serviceAccount: vm, ports: {http: 8080}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: vm, labels: {istio.io/use-waypoint: none}}
+spec:
+  hosts: [vm.lab.example]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  workloadSelector: {labels: {app: vm}}
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -136,7 +151,9 @@ func startExternalHost(t *testing.T) {
 // host (STATIC: the endpoint's address; DNS: the host resolved by the
 // cluster's DNS). The external host sees the waypoint's address. At the
 // waypoint an L7 policy allows GET /get and refuses /headers (403), and
-// an L4 policy denies one client's identity on one entry only.
+// an L4 policy denies one client's identity on one entry only. A
+// WorkloadEntry for the same host, selected by a third ServiceEntry that
+// opts out of the waypoint, is reached straight from ztunnel.
 func TestServiceEntryEgressThroughWaypoint(t *testing.T) {
 	requireMesh(t)
 	requireComponents(t, "WAYPOINT_IMAGE")
@@ -157,6 +174,7 @@ func TestServiceEntryEgressThroughWaypoint(t *testing.T) {
 		t.Fatal("no waypoint pod")
 	}
 	const wp = "the waypoint"
+	clientIP := strings.TrimSpace(mustKubectl(t, "get", "pod", "-n", egressNS, "egress-client", "-o", "jsonpath={.status.podIP}"))
 	var vip string
 	eventually(t, 30*time.Second, "ext-static VIP allocated", func() error {
 		out := mustKubectl(t, "get", "serviceentry", "-n", egressNS, "ext-static", "-o", `jsonpath={range .status.addresses[*]}{.value}{"\n"}{end}`)
@@ -189,6 +207,10 @@ func TestServiceEntryEgressThroughWaypoint(t *testing.T) {
 		{"L7 policy: method not allowed", "egress-client", "POST", "http://external.lab.example/get", "403", ""},
 		{"L4 policy: the other identity denied on the STATIC entry", "egress-other", "GET", "http://static.lab.example/get", "403", ""},
 		{"L4 policy: the other identity allowed on the DNS entry", "egress-other", "GET", "http://external.lab.example/get", "200", wp},
+		// A WorkloadEntry (the same host as a VM without a ztunnel) selected
+		// by a ServiceEntry without a waypoint: straight from the client's
+		// ztunnel, port by the entry's port name, the client's own address.
+		{"WorkloadEntry behind a ServiceEntry, no waypoint", "egress-client", "GET", "http://vm.lab.example/get", "200", clientIP},
 	}
 	for _, c := range cases {
 		eventually(t, 60*time.Second, c.what, func() error {
