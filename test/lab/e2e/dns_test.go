@@ -73,29 +73,47 @@ func dig(t *testing.T, ns, pod string, args ...string) (name, rcode, addrs strin
 	return name, rcode, addrs
 }
 
-// dnsAnswers sums istio_dns_requests_total of a ztunnel pod by
-// answered_by and response_code, for queries from namespace ns.
-func dnsAnswers(t *testing.T, ztunnelPod, ns string) map[string]float64 {
+// dnsMetric sums a counter of a ztunnel pod's /metrics over the series
+// whose labels pass keep, keyed by key(labels).
+func dnsMetric(t *testing.T, ztunnelPod, metric string, keep func(label func(string) string) bool, key func(label func(string) string) string) map[string]float64 {
 	t.Helper()
 	m := mustKubectl(t, "get", "--raw", fmt.Sprintf("/api/v1/namespaces/%s/pods/%s:15020/proxy/metrics", meshNS, ztunnelPod))
-	label := func(l, k string) string {
-		if m := regexp.MustCompile(k + `="([^"]*)"`).FindStringSubmatch(l); m != nil {
-			return m[1]
-		}
-		return ""
-	}
 	out := map[string]float64{}
 	for _, l := range strings.Split(m, "\n") {
-		if !strings.HasPrefix(l, "istio_dns_requests_total{") || label(l, "source_workload_namespace") != ns {
+		if !strings.HasPrefix(l, metric+"{") {
+			continue
+		}
+		label := func(k string) string {
+			if m := regexp.MustCompile(`[{,]` + k + `="([^"]*)"`).FindStringSubmatch(l); m != nil {
+				return m[1]
+			}
+			return ""
+		}
+		if !keep(label) {
 			continue
 		}
 		v, err := strconv.ParseFloat(l[strings.LastIndexByte(l, ' ')+1:], 64)
 		if err != nil {
 			t.Fatalf("metric line %q: %v", l, err)
 		}
-		out[label(l, "answered_by")+" "+label(l, "response_code")] += v
+		out[key(label)] += v
 	}
 	return out
+}
+
+// dnsAnswers sums istio_dns_requests_total of a ztunnel pod by
+// answered_by and response_code, for queries from namespace ns.
+func dnsAnswers(t *testing.T, ztunnelPod, ns string) map[string]float64 {
+	return dnsMetric(t, ztunnelPod, "istio_dns_requests_total",
+		func(label func(string) string) bool { return label("source_workload_namespace") == ns },
+		func(label func(string) string) string { return label("answered_by") + " " + label("response_code") })
+}
+
+// dnsUpstreamTCP is how many queries a ztunnel pod forwarded over TCP.
+func dnsUpstreamTCP(t *testing.T, ztunnelPod string) float64 {
+	return dnsMetric(t, ztunnelPod, "istio_dns_upstream_requests_total",
+		func(label func(string) string) bool { return label("protocol") == "tcp" },
+		func(func(string) string) string { return "" })[""]
 }
 
 // TestDNSProxy: a pod whose DNS is captured (annotation) gets its
@@ -103,7 +121,9 @@ func dnsAnswers(t *testing.T, ztunnelPod, ns string) map[string]float64 {
 // a ServiceEntry host with its auto-allocated VIPs (A and AAAA, UDP and
 // TCP), which the cluster's DNS server does not know; names ztunnel does
 // not own are forwarded to the pod's resolver (the lab's CoreDNS) and its
-// answer is passed through, NXDOMAIN and SERVFAIL unchanged. ztunnel's
+// answer is passed through, NXDOMAIN and SERVFAIL unchanged, and an answer
+// too large for UDP is fetched over TCP (ztunnel from CoreDNS, the pod
+// from ztunnel). ztunnel's
 // istio_dns_requests_total on the pod's node counts each kind. A pod
 // without the annotation asks CoreDNS itself.
 func TestDNSProxy(t *testing.T) {
@@ -153,6 +173,16 @@ func TestDNSProxy(t *testing.T) {
 		{"ServiceEntry host over TCP", "NOERROR " + vip4, []string{"-tcp", "api.dns.example."}},
 		{"name only CoreDNS knows, forwarded", "NOERROR 10.201.0.250", []string{"outside.lab.example."}},
 		{"name only CoreDNS knows, forwarded over TCP", "NOERROR 10.201.0.250", []string{"-tcp", "outside.lab.example."}},
+	}
+	// An answer too large for UDP (CoreDNS truncates it): ztunnel asks
+	// again over TCP, and truncates it for the pod's UDP query, which the
+	// pod's resolver asks again over TCP.
+	tcpBefore := dnsUpstreamTCP(t, zt)
+	if _, rcode, addrs := dig(t, dnsNS, "dns-client", "big.lab.example."); rcode != "NOERROR" || len(strings.Split(addrs, ",")) != 40 {
+		t.Errorf("big.lab.example (40 addresses, more than a UDP answer holds): %s %d addresses (%s)", rcode, len(strings.Split(addrs, ",")), addrs)
+	}
+	if d := dnsUpstreamTCP(t, zt) - tcpBefore; d < 1 {
+		t.Errorf("ztunnel did not ask CoreDNS again over TCP for the truncated answer (istio_dns_upstream_requests_total{protocol=\"tcp\"} +%v)", d)
 	}
 	// Failures are passed through as CoreDNS gives them to a pod that asks
 	// it directly (dns-plain): NXDOMAIN for a name in the cluster domain,

@@ -13,7 +13,8 @@ import (
 
 // digMain is a small `dig +search`: it resolves one name as a stub
 // resolver does (the pod's resolv.conf: first nameserver, search list,
-// ndots), over UDP or TCP, and prints what the last query asked got:
+// ndots), over UDP (TCP when the answer is truncated) or TCP, and prints
+// what the last query asked got:
 //
 //	<queried name> <RCODE> <address,address...|->
 //
@@ -65,8 +66,12 @@ func digSearch(c *dns.Client, server string, names []string, qtype uint16) (stri
 		q := new(dns.Msg)
 		q.SetQuestion(name, qtype)
 		r, _, err := c.Exchange(q, server)
+		if err == nil && r.Truncated && c.Net == "udp" {
+			// As stub resolvers do: a truncated answer is asked again over TCP.
+			r, _, err = (&dns.Client{Net: "tcp", Timeout: c.Timeout}).Exchange(q, server)
+		}
 		if err != nil {
-			return "", fmt.Errorf("%s %s to %s over %s: %w", dns.TypeToString[qtype], name, server, c.Net, err)
+			return "", fmt.Errorf("%s %s to %s: %w", dns.TypeToString[qtype], name, server, err)
 		}
 		var addrs []string
 		for _, rr := range r.Answer {

@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -27,6 +28,13 @@ func digServer(t *testing.T) (addr string, asked *[]string) {
 			r.Answer = append(r.Answer, &dns.A{Hdr: dns.RR_Header{Name: name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 30}, A: net.ParseIP("10.96.0.5")})
 		case "v6.example.":
 			r.Answer = append(r.Answer, &dns.AAAA{Hdr: dns.RR_Header{Name: name, Rrtype: dns.TypeAAAA, Class: dns.ClassINET, Ttl: 30}, AAAA: net.ParseIP("2001:2::1")})
+		case "big.example.":
+			for i := 1; i <= 40; i++ {
+				r.Answer = append(r.Answer, &dns.A{Hdr: dns.RR_Header{Name: name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 30}, A: net.IPv4(192, 0, 2, byte(i))})
+			}
+			if w.LocalAddr().Network() == "udp" {
+				r.Truncate(dns.MinMsgSize)
+			}
 		case "fail.example.":
 			r.Rcode = dns.RcodeServerFailure
 		default:
@@ -83,8 +91,14 @@ func TestDigSearch(t *testing.T) {
 			}
 		}
 	}
+	// A truncated UDP answer is asked again over TCP, as resolvers do.
+	*asked = nil
+	got, err := digSearch(&dns.Client{Net: "udp"}, addr, []string{"big.example."}, dns.TypeA)
+	if n := len(strings.Split(strings.Fields(got + " x x")[2], ",")); err != nil || n != 40 || !slices.Equal(*asked, []string{"udp big.example.", "tcp big.example."}) {
+		t.Errorf("big.example.: %d addresses (%q, %v) after %v; want 40 after udp then tcp", n, got, err, *asked)
+	}
 	// SERVFAIL ends the search: it is not "no such name".
-	got, err := digSearch(&dns.Client{Net: "udp"}, addr, []string{"fail.example.", "other.example."}, dns.TypeA)
+	got, err = digSearch(&dns.Client{Net: "udp"}, addr, []string{"fail.example.", "other.example."}, dns.TypeA)
 	if want := "fail.example. SERVFAIL -"; err != nil || got != want {
 		t.Errorf("SERVFAIL: %q, %v; want %q", got, err, want)
 	}
