@@ -228,7 +228,7 @@ func TestDNSProxy(t *testing.T) {
 	}
 	// ambientctl shows the capture and the pod's resolver on that ztunnel.
 	out, err := exec.Command(filepath.Join(repoRoot, "bin/ambientctl"), "--kubeconfig", kubeconfig, "proxy-config", "dns", zt+"."+meshNS).CombinedOutput()
-	if err != nil || !regexp.MustCompile(`(?m)^`+dnsNS+`\s+dns-client\s+true\s+10\.96\.0\.10\s*$`).Match(out) {
+	if err != nil || !regexp.MustCompile(`(?m)^`+dnsNS+`\s+dns-client\s+true\s+10\.96\.0\.10(:53)?\s*$`).Match(out) {
 		t.Errorf("ambientctl proxy-config dns: no captured dns-client with upstream 10.96.0.10 (%v):\n%s", err, out)
 	}
 	kubectl("delete", "ns", dnsNS, "--wait=false")
