@@ -8,6 +8,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"sort"
 	"strings"
 	"sync"
@@ -36,6 +37,7 @@ import (
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 	"github.com/ambientmesh/ambient/controllers/policy"
 	"github.com/ambientmesh/ambient/controllers/proxyauth"
+	"github.com/ambientmesh/ambient/controllers/serviceentry"
 	"github.com/ambientmesh/ambient/controllers/waypointbind"
 	xds "github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/meshapi"
@@ -238,10 +240,11 @@ func (c *Controller) Register(ctx context.Context, informers cache.Informers, ma
 		{name: "istio-security", gvks: []schema.GroupVersionKind{authzPolicyGV, peerAuthnGVK},
 			objs: []client.Object{&securityv1.AuthorizationPolicy{}, &securityv1.PeerAuthentication{}}, enabled: &c.hasIstio},
 		// ServiceEntries select pods and WorkloadEntries of their own
-		// namespace only: a change recomputes that namespace.
+		// namespace only: a change recomputes that namespace, and those of
+		// entries recording the same addresses (VIP ownership).
 		{name: "istio-networking", gvks: []schema.GroupVersionKind{serviceEntryGVK, workloadEntryGVK},
 			objs:    []client.Object{&networkingv1.ServiceEntry{}, &networkingv1.WorkloadEntry{}},
-			handler: c.handler(func(o, _ client.Object) { c.markNamespace(o.GetNamespace(), false) }), enabled: &c.hasNetworking},
+			handler: c.handler(c.markNetworking), enabled: &c.hasNetworking},
 		{name: "gateways", gvks: []schema.GroupVersionKind{gatewayGVK}, objs: []client.Object{&gwv1.Gateway{}},
 			handler: c.handler(func(client.Object, client.Object) { c.markFull() }), enabled: &c.hasGateway},
 		// GatewayClasses decide which Gateways are ingress gateways
@@ -364,6 +367,58 @@ func (c *Controller) markNamespace(ns string, full bool) {
 	c.dirty.full = c.dirty.full || full
 	c.mu.Unlock()
 	c.signal()
+}
+
+// markNetworking marks the namespace of a ServiceEntry or WorkloadEntry.
+// Which entry owns an auto-allocated VIP depends on the other entries that
+// record it (the oldest does, serviceentry.Owned): a ServiceEntry's change
+// also marks the namespaces of the entries recording any address it
+// records or names, before or after the change.
+func (c *Controller) markNetworking(o, old client.Object) {
+	c.markNamespace(o.GetNamespace(), false)
+	addrs := map[string]bool{}
+	for _, obj := range []client.Object{o, old} {
+		se, ok := obj.(*networkingv1.ServiceEntry)
+		if !ok || se == nil {
+			continue
+		}
+		for _, a := range se.Status.GetAddresses() {
+			addrs[canonicalAddr(a.GetValue())] = true
+		}
+		for _, a := range se.Spec.Addresses {
+			if ip, ok := serviceentry.HostAddress(a); ok {
+				addrs[ip.String()] = true
+			}
+		}
+	}
+	if len(addrs) == 0 {
+		return
+	}
+	var all networkingv1.ServiceEntryList
+	if err := c.reader.List(context.Background(), &all, noCopy); err != nil {
+		c.log.Error(err, "listing ServiceEntries to find VIP sharers; rebuilding all")
+		c.markFull()
+		return
+	}
+	for _, se := range all.Items {
+		if se.Namespace == o.GetNamespace() {
+			continue
+		}
+		for _, a := range se.Status.GetAddresses() {
+			if addrs[canonicalAddr(a.GetValue())] {
+				c.markNamespace(se.Namespace, false)
+				break
+			}
+		}
+	}
+}
+
+// canonicalAddr spells an address as netip does ("" stays itself).
+func canonicalAddr(s string) string {
+	if ip, err := netip.ParseAddr(s); err == nil {
+		return ip.Unmap().String()
+	}
+	return s
 }
 
 func (c *Controller) markFull() {
@@ -678,6 +733,10 @@ type build struct {
 
 	addresses, authz, l7           map[string]proto.Message
 	addrScope, authzScope, l7Scope map[string]struct{} // nil = full
+	// seAddresses: the auto-allocated VIPs each ServiceEntry owns,
+	// computed over every entry once per build (ownership crosses
+	// namespaces: the oldest entry recording an address holds it).
+	seAddresses map[types.NamespacedName]map[string][]netip.Addr
 }
 
 func newBuild(ctx context.Context, c *Controller, mc meshConfig) *build {
@@ -919,6 +978,13 @@ func (b *build) view(ns string) (*namespaceView, error) {
 				v.serviceEntries = append(v.serviceEntries, se)
 			}
 		}
+		if len(v.serviceEntries) > 0 && b.seAddresses == nil {
+			var all networkingv1.ServiceEntryList
+			if err := b.c.reader.List(b.ctx, &all, noCopy); err != nil {
+				return nil, err
+			}
+			b.seAddresses = serviceentry.Owned(all.Items)
+		}
 		var wes networkingv1.WorkloadEntryList
 		if err := b.c.reader.List(b.ctx, &wes, client.InNamespace(ns), noCopy); err != nil {
 			return nil, err
@@ -1080,7 +1146,7 @@ func (b *build) addNetworking(v *namespaceView) {
 		}
 	}
 	for _, se := range v.serviceEntries {
-		for _, s := range buildServiceEntryServices(b.mc, v, se) {
+		for _, s := range buildServiceEntryServices(b.mc, v, se, b.seAddresses[client.ObjectKeyFromObject(se)]) {
 			add(xds.ServiceKey(s.Namespace, s.Hostname), &workloadapi.Address{Type: &workloadapi.Address_Service{Service: s}})
 		}
 		for _, w := range buildServiceEntryWorkloads(b.mc, v, se) {

@@ -24,11 +24,12 @@ const (
 
 // buildServiceEntryServices converts a ServiceEntry into one Service per
 // host, as Istio does: the spec's addresses, else (resolution other than
-// NONE, non-wildcard host) the VIPs allocated in its status; ports with
-// their target ports; the waypoint by the Service binding rules. nil when
-// an address is a CIDR wider than one address (it cannot be a VIP; Istio
-// skips such entries too).
-func buildServiceEntryServices(mc meshConfig, v *namespaceView, se *networkingv1.ServiceEntry) []*workloadapi.Service {
+// NONE, non-wildcard host) the VIPs allocated in its status that it owns
+// (allocated: serviceentry.Owned over every entry of the cluster, by
+// host); ports with their target ports; the waypoint by the Service
+// binding rules. nil when an address is a CIDR wider than one address (it
+// cannot be a VIP; Istio skips such entries too).
+func buildServiceEntryServices(mc meshConfig, v *namespaceView, se *networkingv1.ServiceEntry, allocated map[string][]netip.Addr) []*workloadapi.Service {
 	var fixed []*workloadapi.NetworkAddress
 	for _, a := range se.Spec.Addresses {
 		ip, ok := serviceentry.HostAddress(a)
@@ -36,10 +37,6 @@ func buildServiceEntryServices(mc meshConfig, v *namespaceView, se *networkingv1
 			return nil
 		}
 		fixed = append(fixed, &workloadapi.NetworkAddress{Address: ip.AsSlice()})
-	}
-	var allocated map[string][]netip.Addr
-	if serviceentry.ShouldAutoAllocate(se) {
-		allocated = serviceentry.StatusAddresses(se)
 	}
 	ports := make([]*workloadapi.Port, 0, len(se.Spec.Ports))
 	for _, p := range se.Spec.Ports {

@@ -10,7 +10,9 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 
+	"github.com/ambientmesh/ambient/controllers/serviceentry"
 	"github.com/ambientmesh/ambient/controllers/waypointbind"
 	xds "github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
@@ -22,6 +24,11 @@ func testSE(name string, mut func(*networkingv1.ServiceEntry)) *networkingv1.Ser
 	se.Spec.Ports = []*networkingv1alpha3.ServicePort{{Number: 443, Name: "https", Protocol: "TLS"}, {Number: 80, Name: "http", Protocol: "HTTP", TargetPort: 8080}}
 	mut(se)
 	return se
+}
+
+// ownedBy: the VIPs se owns when it is the only entry.
+func ownedBy(se *networkingv1.ServiceEntry) map[string][]netip.Addr {
+	return serviceentry.Owned([]*networkingv1.ServiceEntry{se})[client.ObjectKeyFromObject(se)]
 }
 
 func addrStrings(as []*workloadapi.NetworkAddress) []string {
@@ -128,7 +135,7 @@ func TestServiceEntryResolutions(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			v := view(nil, nil, nil)
-			svcs := buildServiceEntryServices(testMesh, v, tc.se)
+			svcs := buildServiceEntryServices(testMesh, v, tc.se, ownedBy(tc.se))
 			if len(svcs) != 1 {
 				t.Fatalf("%d services, want 1", len(svcs))
 			}
@@ -182,7 +189,7 @@ func portsEqual(a, b *workloadapi.PortList) bool {
 
 func TestServiceEntryWideCIDRIsNotAVIP(t *testing.T) {
 	se := testSE("cidr", func(se *networkingv1.ServiceEntry) { se.Spec.Addresses = []string{"198.51.100.0/24"} })
-	if svcs := buildServiceEntryServices(testMesh, view(nil, nil, nil), se); svcs != nil {
+	if svcs := buildServiceEntryServices(testMesh, view(nil, nil, nil), se, ownedBy(se)); svcs != nil {
 		t.Fatalf("a /24 became services %v", svcs)
 	}
 }
@@ -276,7 +283,7 @@ func TestServiceEntryUseWaypoint(t *testing.T) {
 				se.Labels = tc.seLabels
 				se.Spec.Resolution = networkingv1alpha3.ServiceEntry_DNS
 			})
-			s := buildServiceEntryServices(testMesh, v, se)[0]
+			s := buildServiceEntryServices(testMesh, v, se, nil)[0]
 			if got := s.Waypoint != nil; got != tc.want {
 				t.Fatalf("waypoint %v, want bound=%t", s.Waypoint, tc.want)
 			}

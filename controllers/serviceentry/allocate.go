@@ -35,18 +35,9 @@ func Plan(ses []*networkingv1.ServiceEntry, cursor *Cursor) (map[types.Namespace
 	if cursor == nil {
 		cursor = &Cursor{}
 	}
-	ordered := append([]*networkingv1.ServiceEntry(nil), ses...)
-	sort.SliceStable(ordered, func(i, j int) bool {
-		a, b := ordered[i], ordered[j]
-		if !a.CreationTimestamp.Equal(&b.CreationTimestamp) {
-			return a.CreationTimestamp.Before(&b.CreationTimestamp)
-		}
-		if a.Namespace != b.Namespace {
-			return a.Namespace < b.Namespace
-		}
-		return a.Name < b.Name
-	})
-	v4, v6 := newPool(IPv4Range), newPool(IPv6Range)
+	ordered := byAge(ses)
+	used := map[netip.Addr]bool{}
+	v4, v6 := newPool(IPv4Range, used), newPool(IPv6Range, used)
 	v4.cursor, v6.cursor = cursor.V4, cursor.V6
 	defer func() { cursor.V4, cursor.V6 = v4.cursor, v6.cursor }()
 	pool := func(ip netip.Addr) *addrPool {
@@ -55,38 +46,13 @@ func Plan(ses []*networkingv1.ServiceEntry, cursor *Cursor) (map[types.Namespace
 		}
 		return v6
 	}
-	for _, se := range ordered {
-		for _, a := range se.Spec.Addresses {
-			if ip, ok := HostAddress(a); ok {
-				pool(ip).used[ip] = true
-			}
-		}
-	}
-	// Keep recorded allocations, oldest owner first.
-	kept := map[*networkingv1.ServiceEntry]map[string][]netip.Addr{}
-	for _, se := range ordered {
-		kept[se] = map[string][]netip.Addr{}
-		if !ShouldAutoAllocate(se) {
-			continue
-		}
-		recorded := StatusAddresses(se)
-		for _, h := range AllocatableHosts(se) {
-			for _, ip := range recorded[h] {
-				p := pool(ip)
-				if !p.prefix.Contains(ip) || p.used[ip] || hasFamily(kept[se][h], ip.Is4()) {
-					continue
-				}
-				p.used[ip] = true
-				kept[se][h] = append(kept[se][h], ip)
-			}
-		}
-	}
+	kept := owned(ordered, used)
 	// Addresses being released (removed hosts, entries that stopped
 	// allocating) are held for this plan.
 	for _, se := range ordered {
 		for _, a := range se.Status.GetAddresses() {
 			if ip, err := netip.ParseAddr(a.GetValue()); err == nil && pool(ip.Unmap()).prefix.Contains(ip.Unmap()) {
-				pool(ip.Unmap()).used[ip.Unmap()] = true
+				used[ip.Unmap()] = true
 			}
 		}
 	}
@@ -124,6 +90,71 @@ func Plan(ses []*networkingv1.ServiceEntry, cursor *Cursor) (map[types.Namespace
 	return out, nil
 }
 
+// Owned are the recorded (status) addresses each entry holds by Plan's
+// rules, by entry and host: in range, auto-allocating, one per family and
+// host, not named in any spec.addresses, and held by no older entry. An
+// address a newer entry copied from an older one (two writers raced, or
+// someone wrote the status) is not the newer entry's: discovery serves
+// only these, so a copy never takes another entry's VIP, not even until
+// the allocator moves the copy.
+func Owned(ses []*networkingv1.ServiceEntry) map[types.NamespacedName]map[string][]netip.Addr {
+	ordered := byAge(ses)
+	out := map[types.NamespacedName]map[string][]netip.Addr{}
+	for se, hosts := range owned(ordered, map[netip.Addr]bool{}) {
+		if len(hosts) > 0 {
+			out[types.NamespacedName{Namespace: se.Namespace, Name: se.Name}] = hosts
+		}
+	}
+	return out
+}
+
+// byAge orders entries oldest first (creation time, then namespace and
+// name): the order in which recorded addresses are honoured.
+func byAge(ses []*networkingv1.ServiceEntry) []*networkingv1.ServiceEntry {
+	ordered := append([]*networkingv1.ServiceEntry(nil), ses...)
+	sort.SliceStable(ordered, func(i, j int) bool {
+		a, b := ordered[i], ordered[j]
+		if !a.CreationTimestamp.Equal(&b.CreationTimestamp) {
+			return a.CreationTimestamp.Before(&b.CreationTimestamp)
+		}
+		if a.Namespace != b.Namespace {
+			return a.Namespace < b.Namespace
+		}
+		return a.Name < b.Name
+	})
+	return ordered
+}
+
+// owned marks every spec address and then every kept recorded address in
+// used, and returns the kept ones by entry and host (ordered: byAge).
+func owned(ordered []*networkingv1.ServiceEntry, used map[netip.Addr]bool) map[*networkingv1.ServiceEntry]map[string][]netip.Addr {
+	for _, se := range ordered {
+		for _, a := range se.Spec.Addresses {
+			if ip, ok := HostAddress(a); ok {
+				used[ip] = true
+			}
+		}
+	}
+	kept := map[*networkingv1.ServiceEntry]map[string][]netip.Addr{}
+	for _, se := range ordered {
+		kept[se] = map[string][]netip.Addr{}
+		if !ShouldAutoAllocate(se) {
+			continue
+		}
+		recorded := StatusAddresses(se)
+		for _, h := range AllocatableHosts(se) {
+			for _, ip := range recorded[h] {
+				if !IPv4Range.Contains(ip) && !IPv6Range.Contains(ip) || used[ip] || hasFamily(kept[se][h], ip.Is4()) {
+					continue
+				}
+				used[ip] = true
+				kept[se][h] = append(kept[se][h], ip)
+			}
+		}
+	}
+	return kept
+}
+
 func hasFamily(addrs []netip.Addr, v4 bool) bool {
 	for _, a := range addrs {
 		if a.Is4() == v4 {
@@ -159,8 +190,9 @@ type addrPool struct {
 	started bool       // cursor placed for this plan
 }
 
-func newPool(p netip.Prefix) *addrPool {
-	return &addrPool{prefix: p.Masked(), used: map[netip.Addr]bool{}}
+// newPool: used may be shared between the pools of both families.
+func newPool(p netip.Prefix, used map[netip.Addr]bool) *addrPool {
+	return &addrPool{prefix: p.Masked(), used: used}
 }
 
 // next takes the first free address above the highest one in use,

@@ -163,7 +163,7 @@ func TestPlanCollisionFreeAndStable(t *testing.T) {
 }
 
 func TestPoolExhausted(t *testing.T) {
-	p := newPool(netip.MustParsePrefix("240.240.0.0/30"))
+	p := newPool(netip.MustParsePrefix("240.240.0.0/30"), map[netip.Addr]bool{})
 	for i := 0; i < 3; i++ {
 		if _, err := p.next(); err != nil {
 			t.Fatalf("address %d: %v", i, err)
@@ -244,4 +244,45 @@ func BenchmarkPlan(b *testing.B) {
 			}
 		}
 	})
+}
+
+// TestOwned: the addresses discovery serves are the ones Plan keeps; a
+// copy of an older entry's address (or of a spec address, or outside the
+// ranges, or a second one of a family) belongs to no one else.
+func TestOwned(t *testing.T) {
+	fixed := se("fixed", 0, []string{"f.example"})
+	fixed.Spec.Addresses = []string{"240.240.0.50"}
+	optout := se("optout", 1, []string{"o.example"}, "o.example", "240.240.0.60")
+	optout.Labels = map[string]string{AutoallocateLabel: "false"}
+	older := se("older", 2, []string{"a.example"}, "a.example", "240.240.0.1", "a.example", "2001:2::1")
+	copier := se("copier", 3, []string{"b.example", "c.example"},
+		"b.example", "240.240.0.1", // older's
+		"b.example", "2001:2::2",
+		"c.example", "240.240.0.50", // a spec address
+		"c.example", "10.0.0.1", // outside the range
+		"c.example", "240.240.0.3",
+		"c.example", "240.240.0.4", // a second IPv4 address for one host
+		"gone.example", "240.240.0.5", // not a host of the entry
+	)
+	reuse := se("reuse", 4, []string{"r.example"}, "r.example", "240.240.0.60") // the opted-out entry's is free
+	got := Owned([]*networkingv1.ServiceEntry{reuse, copier, optout, older, fixed})
+	want := map[types.NamespacedName]map[string][]netip.Addr{
+		key("older"):  {"a.example": {netip.MustParseAddr("240.240.0.1"), netip.MustParseAddr("2001:2::1")}},
+		key("copier"): {"b.example": {netip.MustParseAddr("2001:2::2")}, "c.example": {netip.MustParseAddr("240.240.0.3")}},
+		key("reuse"):  {"r.example": {netip.MustParseAddr("240.240.0.60")}},
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("Owned:\n got %v\nwant %v", got, want)
+	}
+	// Plan agrees: the copier is moved off exactly what it does not own.
+	plan, err := Plan([]*networkingv1.ServiceEntry{reuse, copier, optout, older, fixed}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range plan[key("copier")] {
+		if ip := netip.MustParseAddr(a.Value); slices.Contains([]string{"240.240.0.1", "240.240.0.50", "10.0.0.1"}, a.Value) ||
+			a.Host == "c.example" && ip.Is4() && a.Value != "240.240.0.3" || a.Host == "b.example" && ip.Is6() && a.Value != "2001:2::2" {
+			t.Errorf("Plan gives copier %s %s, which Owned does not (or another entry does)", a.Host, a.Value)
+		}
+	}
 }

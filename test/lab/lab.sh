@@ -75,6 +75,7 @@ net_up() {
   add_node_netns cp "$CP_IP"
   while read -r short _ ip _; do add_node_netns "$short" "$ip"; done < <(workers)
   add_outside_netns
+  add_external_netns
   # Routes between pod CIDRs: every namespace reaches each node's pods via that node.
   local target tip tcidr
   for target in cp $(workers | awk '{print $1}'); do
@@ -91,33 +92,40 @@ net_up() {
   done < <(workers)
 }
 
-add_node_netns() {
-  local short=$1 ip=$2 ns=$PREFIX-$1 host_if=$PREFIX-$1
-  if ! grep -qw "$ns" <<<"$(ip netns list)"; then ip netns add "$ns"; fi
-  if ! ip link show "$host_if" >/dev/null 2>&1; then
-    ip link add "$host_if" type veth peer name eth0 netns "$ns"
-    ip link set "$host_if" master "$BRIDGE" up
-  fi
-  ip -n "$ns" link set lo up
-  ip -n "$ns" addr replace "$ip/24" dev eth0
-  ip -n "$ns" link set eth0 up
-  # Forwarding inside the node namespace only (per-namespace sysctl).
-  ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
-}
-
-# add_outside_netns: the client outside the cluster. On the lab bridge only
-# (no default route, no forwarding): it reaches what is announced there,
-# such as MetalLB's LoadBalancer addresses, and nothing else.
-add_outside_netns() {
-  local ns=$PREFIX-out
+# add_bridge_netns <short> <ip>: network namespace $PREFIX-<short> with
+# eth0 on the lab bridge holding <ip>/24 (idempotent).
+add_bridge_netns() {
+  local ns=$PREFIX-$1 ip=$2
   if ! grep -qw "$ns" <<<"$(ip netns list)"; then ip netns add "$ns"; fi
   if ! ip link show "$ns" >/dev/null 2>&1; then
     ip link add "$ns" type veth peer name eth0 netns "$ns"
     ip link set "$ns" master "$BRIDGE" up
   fi
   ip -n "$ns" link set lo up
-  ip -n "$ns" addr replace "$OUTSIDE_IP/24" dev eth0
+  ip -n "$ns" addr replace "$ip/24" dev eth0
   ip -n "$ns" link set eth0 up
+}
+
+add_node_netns() {
+  add_bridge_netns "$1" "$2"
+  # Forwarding inside the node namespace only (per-namespace sysctl).
+  ip netns exec "$PREFIX-$1" sysctl -qw net.ipv4.ip_forward=1
+}
+
+# add_outside_netns: the client outside the cluster. On the lab bridge only
+# (no default route, no forwarding): it reaches what is announced there,
+# such as MetalLB's LoadBalancer addresses, and nothing else.
+add_outside_netns() { add_bridge_netns out "$OUTSIDE_IP"; }
+
+# add_external_netns: the external service host (EXTERNAL_IP). Unlike the
+# outside client it answers pods directly, so it routes each node's pod
+# CIDR through that node; it forwards nothing itself.
+add_external_netns() {
+  local short ip cidr
+  add_bridge_netns ext "$EXTERNAL_IP"
+  while read -r short _ ip cidr; do
+    ip -n "$PREFIX-ext" route replace "$cidr" via "$ip" dev eth0
+  done < <(workers)
 }
 
 # guard_up drops anything lab-sourced that would leave through the uplink and
@@ -745,7 +753,7 @@ down() {
     local mnt; mnt=$(mntns_path "$s")
     if [ -f "$mnt" ]; then umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true; rm -f "$mnt"; fi
   done
-  for s in cp out $shorts; do
+  for s in cp out ext $shorts; do
     ip netns del "$PREFIX-$s" 2>/dev/null || true
     ip link del "$PREFIX-$s" 2>/dev/null || true
   done

@@ -37,6 +37,12 @@ APISERVER=https://$CP_IP:6443
 # node (the seeds' curl to the ingress address), and the addresses MetalLB
 # hands to LoadBalancer Services (announced on the bridge by ARP, L2 mode).
 OUTSIDE_IP=10.201.0.250
+# "An external service": a host outside the cluster that pods reach (the
+# egress scenarios' ServiceEntry endpoint). On the lab bridge, not a node,
+# with routes back to the pod networks through their nodes (as a network
+# where pod addresses are routable); the lab's CoreDNS knows it as
+# external.lab.example (manifests/coredns.yaml).
+EXTERNAL_IP=10.201.0.251
 LB_POOL=10.201.0.200-10.201.0.220
 
 # Worker nodes: "<short> <node name> <node ip> <pod cidr>".
@@ -97,6 +103,8 @@ in_node() {
 in_cp() { nsenter --net="$(netns_path cp)" -- "$@"; }
 # outside <cmd...>: runs a command as the client outside the cluster.
 outside() { ip netns exec "$PREFIX-out" "$@"; }
+# external <cmd...>: runs a command on the external service host.
+external() { ip netns exec "$PREFIX-ext" "$@"; }
 
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 

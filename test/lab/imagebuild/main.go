@@ -65,7 +65,7 @@ func main() {
 		{file: "pause.tar", ref: "docker.io/ambient-lab/pause:3.10", pkg: "./test/workloads/pause", path: "/pause", entrypoint: []string{"/pause"}},
 		{file: "httpbin.tar", ref: "docker.io/ambient-lab/httpbin:" + *tag, pkg: "./test/workloads/httpbin", path: "/usr/bin/httpbin", entrypoint: []string{"/usr/bin/httpbin"}},
 		{file: "sleep.tar", ref: "docker.io/ambient-lab/sleep:" + *tag, pkg: "./test/workloads/sleep", path: "/usr/bin/toolbox",
-			links: []string{"/usr/bin/sleep", "/usr/bin/curl", "/usr/bin/connhold", "/bin/sleep", "/bin/curl"}, entrypoint: []string{"/usr/bin/sleep"}, cmd: []string{"infinity"}},
+			links: []string{"/usr/bin/sleep", "/usr/bin/curl", "/usr/bin/connhold", "/usr/bin/dig", "/bin/sleep", "/bin/curl"}, entrypoint: []string{"/usr/bin/sleep"}, cmd: []string{"infinity"}},
 	}
 	if *coredns != "" {
 		if _, err := os.Stat(*coredns); err == nil {

@@ -1,6 +1,7 @@
 // Command sleep is the lab's client image: one static binary that acts as
-// `sleep`, `curl` (the subset the seeds' journey uses, with curl's exit codes)
-// and `connhold` (holds TCP connections open and counts the ones that break),
+// `sleep`, `curl` (the subset the seeds' journey uses, with curl's exit codes),
+// `connhold` (holds TCP connections open and counts the ones that break) and
+// `dig` (resolves a name as a stub resolver, printing the response code),
 // chosen by the name it is run as or by its first argument.
 package main
 
@@ -26,8 +27,10 @@ func main() {
 		os.Exit(curlMain(args, os.Stdout, os.Stderr))
 	case "connhold":
 		os.Exit(connholdMain(args, os.Stdout, os.Stderr))
+	case "dig":
+		os.Exit(digMain(args, os.Stdout, os.Stderr))
 	default:
-		fmt.Fprintf(os.Stderr, "toolbox: unknown command %q (sleep, curl, connhold)\n", name)
+		fmt.Fprintf(os.Stderr, "toolbox: unknown command %q (sleep, curl, connhold, dig)\n", name)
 		os.Exit(2)
 	}
 }
