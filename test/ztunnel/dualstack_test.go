@@ -113,7 +113,7 @@ func testDualStack(t *testing.T, newR func(redirect.Config) redirect.Redirector)
 		defer func() {
 			if !removed {
 				m.CP.Remove(discovery.AuthorizationType, "default/allow-v6-sleep")
-		removed = true
+				removed = true
 			}
 		}()
 		meshtest.ExpectOK(t, sleep, remote.Addr6(80), "httpbin-1")
