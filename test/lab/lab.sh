@@ -696,10 +696,15 @@ up() {
   mkdir -p "$STATE" "$LOGS" "$RUN"
   if [ ! -f "$STATE/.up" ]; then rm -f "$LOGS"/*.log; fi
   say "lab up: $LAB_WORKERS workers, state in $STATE, logs in $LOGS"
+  # A lab keeps the address families it came up with.
+  if [ -f "$STATE/.up" ] && [ "$(cat "$STATE/dual-stack" 2>/dev/null || echo 0)" != "$LAB_DUAL_STACK" ]; then
+    die "the lab is up with LAB_DUAL_STACK=$(cat "$STATE/dual-stack" 2>/dev/null || echo 0); run test/lab/lab.sh down first to change it"
+  fi
   ensure_packages
   ensure_binaries
   say "binaries and images ready"
   touch "$STATE/.up"
+  echo "$LAB_DUAL_STACK" >"$STATE/dual-stack"
   net_up
   say "network: bridge $BRIDGE $NODE_NET$(dual_stack && echo " $NODE_NET6"), netns $(ip netns list | awk '{print $1}' | grep "^$PREFIX-" | tr '\n' ' ')"
   pki_up

@@ -47,7 +47,7 @@ LB_POOL=10.201.0.200-10.201.0.220
 # single-stack Services and every IPv4 scenario are unchanged. Nothing is
 # routed or forwarded toward the uplink for IPv6 either (guard_up).
 # A flannel worker (LAB_FLANNEL_NODES) runs IPv4 only: its default is 0.
-LAB_DUAL_STACK=${LAB_DUAL_STACK:-$([ -n "${LAB_FLANNEL_NODES:-}" ] && echo 0 || echo 1)}
+export LAB_DUAL_STACK=${LAB_DUAL_STACK:-$([ -n "${LAB_FLANNEL_NODES:-}" ] && echo 0 || echo 1)}
 NODE_NET6=fd00:201::/64
 BRIDGE_IP6=fd00:201::1
 CP_IP6=fd00:201::2
