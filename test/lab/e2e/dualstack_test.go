@@ -34,7 +34,7 @@ spec:
     metadata: {labels: {app: sleep}}
     spec:
       serviceAccountName: sleep
-      nodeSelector: {kubernetes.io/hostname: ambient-worker}
+      nodeSelector: {ambient.lab/node: w1}
       terminationGracePeriodSeconds: 2
       containers:
       - {name: sleep, image: docker.io/ambient-lab/sleep:dev, imagePullPolicy: Never, command: ["/usr/bin/sleep", "infinity"]}
@@ -48,7 +48,7 @@ spec:
     metadata: {labels: {app: httpbin-local}}
     spec:
       serviceAccountName: httpbin
-      nodeSelector: {kubernetes.io/hostname: ambient-worker}
+      nodeSelector: {ambient.lab/node: w1}
       terminationGracePeriodSeconds: 2
       containers:
       - {name: httpbin, image: docker.io/ambient-lab/httpbin:dev, imagePullPolicy: Never, ports: [{containerPort: 80}]}
@@ -62,7 +62,7 @@ spec:
     metadata: {labels: {app: httpbin-remote}}
     spec:
       serviceAccountName: httpbin
-      nodeSelector: {kubernetes.io/hostname: ambient-worker2}
+      nodeSelector: {ambient.lab/node: w2}
       terminationGracePeriodSeconds: 2
       containers:
       - {name: httpbin, image: docker.io/ambient-lab/httpbin:dev, imagePullPolicy: Never, ports: [{containerPort: 80}]}
