@@ -1,17 +1,22 @@
 package ztunnel
 
 import (
+	"io"
+	"net"
 	"net/netip"
 	"testing"
 
 	"github.com/miekg/dns"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
 	"github.com/ambientmesh/ambient/proxylib/dnsproxy/dnsproxytest"
+	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 	"github.com/ambientmesh/ambient/proxylib/redirect"
+	"github.com/ambientmesh/ambient/proxylib/waypoint"
 	"github.com/ambientmesh/ambient/test/meshtest"
 )
 
@@ -204,4 +209,59 @@ func TestDualStackDNS(t *testing.T) {
 		t.Fatalf("through the AAAA answer the app saw %s, want %s", got, server.IP6)
 	}
 	m.Logs.WaitFor(t, "proxy to "+server.Addr6(whoPort).String()+" using HBONE via "+server.Addr6(15008).String())
+}
+
+// TestDualStackWaypoint: an IPv6 client of a dual-stack Service behind a
+// real waypoint stays on IPv6 on both tunnels: its ztunnel reaches the
+// waypoint at the waypoint's IPv6 address, the waypoint sends to the
+// endpoint's IPv6 address, and the app sees the client's IPv6 address
+// (the waypoint reports it, the destination ztunnel preserves it).
+func TestDualStackWaypoint(t *testing.T) {
+	if p := meshtest.TransportProtocol(); p != "" && p != hbone.HTTP2 {
+		t.Skipf("the real waypoint serves HBONE over HTTP/2 only, not %s", p)
+	}
+	m := meshtest.New(t, 2, meshtest.WithDualStack())
+	m.Redirect = preserving(backends[0].new)
+	wpState := m.NewWaypointState()
+	m.SyncAll()
+
+	wpVIP := netip.MustParseAddr("10.96.0.30")
+	wpKey := discovery.ServiceKey("default", "waypoint.default.svc.cluster.local")
+	gw := &workloadapi.GatewayAddress{Destination: &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: wpVIP.AsSlice()}}, HboneMtlsPort: 15008}
+	sleep := m.AddPod(m.Nodes[0], "sleep-1", "sleep", true)
+	wp := m.AddPod(m.Nodes[1], "waypoint-1", "waypoint", false, func(w *workloadapi.Workload) {
+		w.WorkloadName, w.TunnelProtocol = "waypoint", workloadapi.TunnelProtocol_HBONE
+		w.Services = map[string]*workloadapi.PortList{wpKey: {Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}}}
+	})
+	m.CP.Service(&workloadapi.Service{Name: "waypoint", Namespace: "default", Hostname: "waypoint.default.svc.cluster.local",
+		Addresses: []*workloadapi.NetworkAddress{{Address: wpVIP.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}})
+	app := m.AddPod(m.Nodes[1], "httpbin-1", "httpbin", true, inDualService)
+	app.ServeTCP(t, whoPort, func(c net.Conn) {
+		io.Copy(io.Discard, c)
+		whoAmI(c)
+	})
+	svc := &workloadapi.Service{Name: "whoami", Namespace: "default", Hostname: dualHost, IpFamilies: workloadapi.IPFamilies_DUAL, Waypoint: gw,
+		Addresses: []*workloadapi.NetworkAddress{{Address: dualVIP4.AsSlice()}, {Address: dualVIP6.AsSlice()}},
+		Ports:     []*workloadapi.Port{{ServicePort: 8000, TargetPort: whoPort}}}
+	m.CP.Service(svc)
+	m.RunWaypoint(wp, waypoint.Config{Name: "waypoint", State: wpState, Registry: prometheus.NewRegistry(),
+		Log: m.Logs.Logger("waypoint"), RootNamespace: meshtest.RootNamespace})
+
+	for _, tc := range []struct {
+		vip               netip.Addr
+		want, wpAddr, app netip.Addr
+	}{{dualVIP6, sleep.IP6, wp.IP6, app.IP6}, {dualVIP4, sleep.IP, wp.IP, app.IP}} {
+		c, err := sleep.Dial(netip.AddrPortFrom(tc.vip, 8000))
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.(*net.TCPConn).CloseWrite()
+		got := readAll(t, c)
+		c.Close()
+		if got != tc.want.String() {
+			t.Fatalf("via %s the app saw %s, want %s", tc.vip, got, tc.want)
+		}
+		m.Logs.WaitFor(t, "proxy to "+netip.AddrPortFrom(tc.vip, 8000).String()+" using HBONE via "+netip.AddrPortFrom(tc.wpAddr, 15008).String())
+		m.Logs.WaitFor(t, "got CONNECT request to "+netip.AddrPortFrom(tc.app, whoPort).String())
+	}
 }
