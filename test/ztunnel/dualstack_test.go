@@ -14,7 +14,6 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi/security"
 	"github.com/ambientmesh/ambient/proxylib/dnsproxy/dnsproxytest"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
-	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 	"github.com/ambientmesh/ambient/proxylib/redirect"
 	"github.com/ambientmesh/ambient/proxylib/waypoint"
 	"github.com/ambientmesh/ambient/test/meshtest"
@@ -157,21 +156,7 @@ func testDualStack(t *testing.T, newR func(redirect.Config) redirect.Redirector)
 func TestDualStackDNS(t *testing.T) {
 	m := meshtest.New(t, 2, meshtest.WithDNS(), meshtest.WithDualStack())
 	m.SyncAll()
-	res := m.AddPod(m.Nodes[1], "testresolver-1", "outside", false)
-	rf, err := res.Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	pc, err := netnsutil.ListenUDP(rf, "[::]:53", netnsutil.SocketOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := netnsutil.ListenTCP(rf, "[::]:53", netnsutil.SocketOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	rf.Close()
-	resolver := dnsproxytest.Serve(t, pc, ln)
+	res, resolver := addResolverPod(t, m, "[::]:53")
 	nameserver := res.Addr6(53)
 	m.DNSNameservers = []string{nameserver.String()}
 
@@ -225,16 +210,8 @@ func TestDualStackWaypoint(t *testing.T) {
 	wpState := m.NewWaypointState()
 	m.SyncAll()
 
-	wpVIP := netip.MustParseAddr("10.96.0.30")
-	wpKey := discovery.ServiceKey("default", "waypoint.default.svc.cluster.local")
-	gw := &workloadapi.GatewayAddress{Destination: &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: wpVIP.AsSlice()}}, HboneMtlsPort: 15008}
 	sleep := m.AddPod(m.Nodes[0], "sleep-1", "sleep", true)
-	wp := m.AddPod(m.Nodes[1], "waypoint-1", "waypoint", false, func(w *workloadapi.Workload) {
-		w.WorkloadName, w.TunnelProtocol = "waypoint", workloadapi.TunnelProtocol_HBONE
-		w.Services = map[string]*workloadapi.PortList{wpKey: {Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}}}
-	})
-	m.CP.Service(&workloadapi.Service{Name: "waypoint", Namespace: "default", Hostname: "waypoint.default.svc.cluster.local",
-		Addresses: []*workloadapi.NetworkAddress{{Address: wpVIP.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}})
+	wp, gw := addWaypointPod(m, m.Nodes[1], netip.MustParseAddr("10.96.0.30"))
 	app := m.AddPod(m.Nodes[1], "httpbin-1", "httpbin", true, inDualService)
 	app.ServeTCP(t, whoPort, func(c net.Conn) {
 		io.Copy(io.Discard, c)
