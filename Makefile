@@ -69,7 +69,7 @@ envtest: ## Build kube-apiserver and etcd for envtest into bin/ (once; cached).
 	hack/build-envtest.sh kube-apiserver etcd
 
 .PHONY: test
-test: manifests generate bundle mod-check fmt vet envtest test-unit test-foreign-arch e2e ## The whole suite: generate, unit, envtest, network-namespace and lab end-to-end tests.
+test: manifests generate bundle mod-check fmt vet envtest test-unit test-foreign-arch fuzz e2e ## The whole suite: generate, unit, envtest, network-namespace tests, a fuzz smoke and the lab end-to-end tests.
 
 .PHONY: test-unit
 test-unit: envtest $(KUSTOMIZE) ## Unit, envtest and network-namespace tests (namespaced tests need root).
@@ -98,13 +98,13 @@ test-operator: manifests envtest ## Only the operator's packages (fast inner loo
 	go test $(GO_TEST_FLAGS) ./controllers/ ./controllers/webhookcert/ ./cmd/manager/ ./api/... ./hack/...
 
 .PHONY: fuzz
-fuzz: ## Run every fuzz target for FUZZTIME each (default 20s; the CI smoke).
-	hack/fuzz.sh $(or $(FUZZTIME),20s)
+fuzz: envtest ## Run every fuzz target for FUZZTIME each (default 3s, 2 at a time: the smoke make test runs).
+	FUZZ_JOBS=$(or $(FUZZ_JOBS),2) hack/fuzz.sh $(or $(FUZZTIME),3s)
 
 FUZZTIME_LONG ?= 10m
 .PHONY: fuzz-long
 fuzz-long: SHELL := /bin/bash
-fuzz-long: ## Every fuzz target for FUZZTIME (default 10m) each; log and summary in bin/fuzz/ (not in CI).
+fuzz-long: envtest ## Every fuzz target for FUZZTIME (default 10m) each, FUZZ_JOBS at a time (default 1); log and summary in bin/fuzz/ (not in CI).
 	@mkdir -p $(BIN)/fuzz
 	set -o pipefail; hack/fuzz.sh $(or $(FUZZTIME),$(FUZZTIME_LONG)) 2>&1 | tee $(BIN)/fuzz/fuzz-long.log
 

@@ -8,6 +8,7 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
@@ -122,12 +123,15 @@ func TestNodeAgentCNIValidation(t *testing.T) {
 	// Switching the mesh to auto, then openshift: accepted, and the agent is
 	// re-rendered with the host's / mounted instead of the two directories.
 	for _, p := range []meshv1.CNIPlatform{meshv1.CNIPlatformAuto, meshv1.CNIPlatformOpenShift} {
-		m := &meshv1.AmbientMesh{}
-		if err := k8s.Get(ctx, client.ObjectKey{Name: "cni-k3s"}, m); err != nil {
-			t.Fatal(err)
-		}
-		m.Spec.NodeAgent.CNI.Platform = p
-		if err := k8s.Update(ctx, m); err != nil {
+		// Again on a conflict with the operator's own writes.
+		if err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+			m := &meshv1.AmbientMesh{}
+			if err := k8s.Get(ctx, client.ObjectKey{Name: "cni-k3s"}, m); err != nil {
+				return err
+			}
+			m.Spec.NodeAgent.CNI.Platform = p
+			return k8s.Update(ctx, m)
+		}); err != nil {
 			t.Fatalf("platform %s refused: %v", p, err)
 		}
 		eventually(t, "node agent DaemonSet re-rendered for "+string(p), func() error {

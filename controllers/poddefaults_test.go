@@ -23,6 +23,7 @@ import (
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/restmapper"
 	"k8s.io/client-go/scale"
+	"k8s.io/client-go/util/retry"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
@@ -335,14 +336,18 @@ func (s scaleTarget) get(ctx context.Context) (*autoscalingv1.Scale, error) {
 	return s.scales.Get(ctx, s.gr, s.name, metav1.GetOptions{})
 }
 
+// set writes /scale as the HPA does, again on a conflict with the
+// operator's own writes.
 func (s scaleTarget) set(ctx context.Context, replicas int32) error {
-	sc, err := s.get(ctx)
-	if err != nil {
+	return retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		sc, err := s.get(ctx)
+		if err != nil {
+			return err
+		}
+		sc.Spec.Replicas = replicas
+		_, err = s.scales.Update(ctx, s.gr, sc, metav1.UpdateOptions{})
 		return err
-	}
-	sc.Spec.Replicas = replicas
-	_, err = s.scales.Update(ctx, s.gr, sc, metav1.UpdateOptions{})
-	return err
+	})
 }
 
 func controlledByName(obj client.Object, kind, name string) bool {

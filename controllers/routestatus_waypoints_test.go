@@ -47,8 +47,12 @@ func TestServiceWaypointBinding(t *testing.T) {
 			[]client.Object{policy("wp", func(wp *meshv1.WaypointPolicy) {
 				wp.Spec.Scope, wp.Spec.ServiceAccount = meshv1.ScopeServiceAccount, "reviews"
 			})}, ""},
-		{"Service label names any waypoint but a none one", nil, map[string]string{waypointbind.UseWaypointLabel: "wl"},
-			[]client.Object{gateway("wl", forTraffic(meshv1.TrafficWorkload), nil), gateway("a", nil, nil)}, "NS/wl"},
+		{"Service label names a waypoint for services", nil, map[string]string{waypointbind.UseWaypointLabel: "sv"},
+			[]client.Object{gateway("sv", forTraffic(meshv1.TrafficService), nil), gateway("a", nil, nil)}, "NS/sv"},
+		// As Istio (fetchWaypointForService): a waypoint that takes no
+		// service traffic binds no Service, labelled or not.
+		{"Service label naming a workload-only waypoint binds nothing", nil, map[string]string{waypointbind.UseWaypointLabel: "wl"},
+			[]client.Object{gateway("wl", forTraffic(meshv1.TrafficWorkload), nil), gateway("a", nil, nil)}, ""},
 		{"Service label none opts out", nil, map[string]string{waypointbind.UseWaypointLabel: "none"}, []client.Object{gateway("wp", nil, nil)}, ""},
 		{"namespace label wins over the namespace waypoint", map[string]string{waypointbind.UseWaypointLabel: "b"}, nil,
 			[]client.Object{gateway("a", nil, nil), gateway("b", nil, nil)}, "NS/b"},

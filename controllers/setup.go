@@ -9,6 +9,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -17,23 +18,28 @@ import (
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 	gwv1beta1 "sigs.k8s.io/gateway-api/apis/v1beta1"
 
-	"github.com/ambientmesh/ambient/controllers/discovery"
+	"github.com/ambientmesh/ambient/controllers/podcache"
 	"github.com/ambientmesh/ambient/proxylib/kubeevents"
 )
 
 // CacheOptions narrows the manager's informers to what the operator owns
 // where a cluster-wide cache would be large or sensitive: only the mesh's
 // ConfigMaps and cluster RBAC objects are cached. Cached objects lose their
-// managedFields, and pods everything the manager does not read
-// (discovery.TrimPod).
+// managedFields. Use with NewCache.
 func CacheOptions() cache.Options {
 	owned := labels.SelectorFromSet(labels.Set{LabelManagedBy: ManagedByValue})
 	return cache.Options{DefaultTransform: cache.TransformStripManagedFields(), ByObject: map[client.Object]cache.ByObject{
-		&corev1.Pod{}:                {Transform: discovery.TrimPod},
 		&corev1.ConfigMap{}:          {Label: owned},
 		&rbacv1.ClusterRole{}:        {Label: owned},
 		&rbacv1.ClusterRoleBinding{}: {Label: owned},
 	}}
+}
+
+// NewCache is the manager's cache (ctrl.Options.NewCache, with
+// CacheOptions): pods are kept as compact records of what the manager reads
+// and read as *corev1.Pod (podcache).
+func NewCache(cfg *rest.Config, opts cache.Options) (cache.Cache, error) {
+	return podcache.NewCache(cfg, opts)
 }
 
 // ClientOptions keeps Secrets out of the cache: CA keys are read from the API

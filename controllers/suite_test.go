@@ -109,10 +109,11 @@ func runSuite(m *testing.M) int {
 	suiteCtx = ctx
 	wo := env.WebhookInstallOptions
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
-		Scheme:  testScheme,
-		Metrics: metricsserver.Options{BindAddress: "0"},
-		Cache:   CacheOptions(),
-		Client:  ClientOptions(),
+		Scheme:   testScheme,
+		Metrics:  metricsserver.Options{BindAddress: "0"},
+		Cache:    CacheOptions(),
+		NewCache: NewCache,
+		Client:   ClientOptions(),
 		WebhookServer: webhook.NewServer(webhook.Options{
 			Host: wo.LocalServingHost, Port: wo.LocalServingPort, CertDir: wo.LocalServingCertDir,
 		}),

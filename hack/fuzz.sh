@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# Runs every Go fuzz target in the repository briefly.
+# Runs every Go fuzz target in the repository for a time budget each.
 #   hack/fuzz.sh [duration]        e.g. hack/fuzz.sh 30s   (default 10s per target)
 # Packages are found by grepping for "func Fuzz" in _test.go files, then each
 # package's targets are listed with `go test -list`, so only packages that have
 # fuzz targets are compiled. Seed corpora live in each package's testdata/fuzz.
 # New crashers are written to testdata/fuzz/<Target>/ by `go test` itself.
 # FUZZ_PARALLEL=N limits the fuzzing workers per target (default: all cores).
+# FUZZ_JOBS=N fuzzes N targets at once (default 1), each for the full
+# duration: a long budget over many targets then fits in fewer wall hours.
+# With FUZZ_JOBS > 1 each target's output goes to $FUZZ_LOGS (default
+# bin/fuzz/logs)/<package>.<target>.log and is printed when it ends.
 set -euo pipefail
 
 duration="${1:-10s}"
+jobs="${FUZZ_JOBS:-1}"
 cd "$(dirname "$0")/.."
 
 mapfile -t dirs < <(grep -rlE --include='*_test.go' '^func Fuzz[A-Za-z0-9_]*\(' . \
@@ -19,22 +24,47 @@ if [ "${#dirs[@]}" -eq 0 ]; then
 	exit 0
 fi
 
-failed=()
-total=0
+# fuzz_one <package> <target>: one target for the budget; prints its
+# output (buffered into a log when targets run in parallel).
+fuzz_one() {
+	local pkg=$1 target=$2 log rc=0
+	local cmd=(go test -run '^$' -fuzz "^${target}\$" -fuzztime "$duration" ${FUZZ_PARALLEL:+-parallel "$FUZZ_PARALLEL"} "$pkg")
+	if [ "$jobs" -le 1 ]; then
+		echo "=== fuzz $pkg $target ($duration)"
+		"${cmd[@]}" || rc=$?
+	else
+		log="$FUZZ_LOGS/$(echo "${pkg#./}" | tr / _).$target.log"
+		"${cmd[@]}" >"$log" 2>&1 || rc=$?
+		{ echo "=== fuzz $pkg $target ($duration)"; cat "$log"; } | flock "$FUZZ_LOGS/.print" cat
+	fi
+	[ "$rc" -eq 0 ] || echo "$pkg $target" >>"$FUZZ_FAILED"
+	return 0
+}
+export -f fuzz_one
+export duration jobs
+export FUZZ_LOGS=${FUZZ_LOGS:-$PWD/bin/fuzz/logs}
+FUZZ_FAILED=$(mktemp)
+export FUZZ_FAILED
+trap 'rm -f "$FUZZ_FAILED"' EXIT
+mkdir -p "$FUZZ_LOGS"
+
+# A package whose test binary cannot list its targets (e.g. envtest
+# binaries missing) fails the run: it must not drop out silently.
 for dir in "${dirs[@]}"; do
 	pkg="./${dir#./}"
-	mapfile -t targets < <(go test -list '^Fuzz' "$pkg" | grep -E '^Fuzz' || true)
-	for target in "${targets[@]}"; do
-		total=$((total + 1))
-		echo "=== fuzz $pkg $target ($duration)"
-		if ! go test -run '^$' -fuzz "^${target}\$" -fuzztime "$duration" ${FUZZ_PARALLEL:+-parallel "$FUZZ_PARALLEL"} "$pkg"; then
-			failed+=("$pkg $target")
-		fi
-	done
-done
+	if ! list=$(go test -list '^Fuzz' "$pkg" 2>&1); then
+		printf '%s\n' "$list" >&2
+		echo "$pkg (listing its fuzz targets failed)" >>"$FUZZ_FAILED"
+		continue
+	fi
+	grep -E '^Fuzz' <<<"$list" | sed "s|^|$pkg |" || true
+done >"$FUZZ_LOGS/targets"
+total=$(wc -l <"$FUZZ_LOGS/targets")
 
-echo "ran $total fuzz targets for $duration each"
-if [ "${#failed[@]}" -gt 0 ]; then
-	printf 'FAILED: %s\n' "${failed[@]}"
+xargs -a "$FUZZ_LOGS/targets" -L1 -P "$jobs" bash -c 'fuzz_one "$@"' _
+
+echo "ran $total fuzz targets for $duration each ($jobs at a time)"
+if [ -s "$FUZZ_FAILED" ]; then
+	sed 's/^/FAILED: /' "$FUZZ_FAILED"
 	exit 1
 fi

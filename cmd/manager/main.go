@@ -203,6 +203,7 @@ func run(ctx context.Context, c *config) error {
 		// Release the Lease on shutdown so a successor takes over at once.
 		LeaderElectionReleaseOnCancel: true,
 		Cache:                         controllers.CacheOptions(),
+		NewCache:                      controllers.NewCache,
 		Client:                        controllers.ClientOptions(),
 		WebhookServer:                 webhook.NewServer(webhook.Options{Port: c.webhookPort, CertDir: c.webhookCertDir}),
 	})

@@ -144,7 +144,7 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	// control plane (its Mesh resource): until it has, policy fails closed.
 	id := identity.Identity{TrustDomain: o.TrustDomain, Namespace: o.PodNamespace, ServiceAccount: o.serviceAccount}
 	l7, err := waypoint.NewSidecar(waypoint.SidecarConfig{Pod: o.PodName, Namespace: o.PodNamespace, Identity: id,
-		State: p.State, Registry: p.Metrics, Demand: p.Demand, Log: log})
+		State: p.State, Registry: p.Metrics, Demand: p.Demand, Log: log, PodUID: discovery.PodUID(o.Cluster, o.PodNamespace, o.PodName)})
 	if err != nil {
 		return err
 	}

@@ -33,7 +33,7 @@ func TestOperatorEnvContract(t *testing.T) {
 		fs.SetOutput(io.Discard)
 		o, err = parseFlags(fs, args, e)
 		return err
-	}, "LB_POLICY", "TRACING", "PROXY_ROLE", "GATEWAY_CERT_DIR", "WORKER_THREADS", "DRAIN_DELAY")
+	}, "LB_POLICY", "TRACING", "PROXY_ROLE", "GATEWAY_CERT_DIR", "WORKER_THREADS", "DRAIN_DELAY", "CLUSTER_ID")
 	for what, got := range map[string][2]string{
 		"root namespace": {o.rootNamespace, mesh.Spec.Namespace},
 		"trust domain":   {o.trustDomain, mesh.Spec.TrustDomain},
@@ -68,7 +68,7 @@ func TestOperatorEnvContractIngress(t *testing.T) {
 		fs.SetOutput(io.Discard)
 		o, err = parseFlags(fs, args, e)
 		return err
-	}, "LB_POLICY", "TRACING", "WORKER_THREADS", "DRAIN_DELAY")
+	}, "LB_POLICY", "TRACING", "WORKER_THREADS", "DRAIN_DELAY", "CLUSTER_ID")
 	if o.role != roleIngress || o.name != "httpbin-gateway" || o.certDir != controllers.GatewayCertDir || o.rootNamespace != "mesh-root" {
 		t.Errorf("role %q name %q cert dir %q root %q: want the ingress gateway of httpbin-gateway", o.role, o.name, o.certDir, o.rootNamespace)
 	}

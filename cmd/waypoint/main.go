@@ -45,6 +45,7 @@ const roleWaypoint, roleIngress = "waypoint", "ingress"
 
 type options struct {
 	name, podName, namespace, serviceAccount, node string
+	cluster                                        string
 	trustDomain, clusterDomain, rootNamespace      string
 	xdsAddr, xdsServerName, caAddr, caServerName   string
 	tokenPath, rootCertPath                        string
@@ -76,6 +77,7 @@ func parseFlags(fs *flag.FlagSet, args []string, e *envconfig.Env) (options, err
 	fs.StringVar(&o.namespace, "namespace", env("POD_NAMESPACE", ""), "env POD_NAMESPACE")
 	fs.StringVar(&o.serviceAccount, "service-account", env("SERVICE_ACCOUNT", ""), "own service account (default: the waypoint name)")
 	fs.StringVar(&o.node, "node-name", env("NODE_NAME", ""), "env NODE_NAME")
+	fs.StringVar(&o.cluster, "cluster-id", env("CLUSTER_ID", "Kubernetes"), "cluster of this pod's workload uid (env CLUSTER_ID)")
 	fs.StringVar(&o.trustDomain, "trust-domain", env("TRUST_DOMAIN", "cluster.local"), "SPIFFE trust domain")
 	fs.StringVar(&o.clusterDomain, "cluster-domain", env("CLUSTER_DOMAIN", "cluster.local"), "Kubernetes cluster domain")
 	fs.StringVar(&o.rootNamespace, "root-namespace", env("ROOT_NAMESPACE", ""), "mesh root namespace: its policies are mesh-wide (required; the operator sets the mesh namespace)")
@@ -179,7 +181,8 @@ func run(o options, log logr.Logger, level zap.AtomicLevel) error {
 	}
 	wp, err := waypoint.New(waypoint.Config{Name: o.name, Namespace: o.namespace, Identity: self,
 		ClusterDomain: o.clusterDomain, RootNamespace: o.rootNamespace, State: state, Dialer: dialer,
-		Registry: reg, Tracing: o.tracing, LBPolicy: policy, Log: log, Ingress: o.role == roleIngress})
+		Registry: reg, Tracing: o.tracing, LBPolicy: policy, Log: log, Ingress: o.role == roleIngress,
+		PodUID: discovery.PodUID(o.cluster, o.namespace, o.podName)})
 	if err != nil {
 		return err
 	}

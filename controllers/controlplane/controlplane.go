@@ -151,6 +151,7 @@ func AddToScheme(s *runtime.Scheme) error {
 
 // RBAC of the control plane (collected by `make manifests`):
 // +kubebuilder:rbac:groups="",resources=pods;services;namespaces,verbs=get;list;watch
+// +kubebuilder:rbac:groups="",resources=nodes,verbs=get;list;watch
 // +kubebuilder:rbac:groups="",resources=secrets,verbs=get;list;watch
 // +kubebuilder:rbac:groups=apps,resources=replicasets;deployments,verbs=get
 // +kubebuilder:rbac:groups=discovery.k8s.io,resources=endpointslices,verbs=get;list;watch

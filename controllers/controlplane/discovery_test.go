@@ -688,3 +688,163 @@ func TestL4RoutesSentToL7Proxies(t *testing.T) {
 	}
 	eventually(t, "L4 routes withdrawn", func() bool { return sent(tlsKey) == nil && sent(tcpKey) == nil })
 }
+
+// TestIngressUseWaypointSent: the control plane tells the ingress
+// gateways which Services they reach through the waypoint, as Istio reads
+// istio.io/ingress-use-waypoint: the Service's label, else its
+// namespace's; only for a Service that has a waypoint; withdrawn when the
+// label, the waypoint or the Service goes.
+func TestIngressUseWaypointSent(t *testing.T) {
+	ctx := context.Background()
+	ensureNamespace(t, "iuw", map[string]string{ambientLabel: "ambient"})
+	wp := &gwv1.Gateway{ObjectMeta: metav1.ObjectMeta{Name: "waypoint", Namespace: "iuw"},
+		Spec: gwv1.GatewaySpec{GatewayClassName: "istio-waypoint", Listeners: []gwv1.Listener{{Name: "mesh", Port: 15008, Protocol: "HBONE"}}}}
+	svc := func(name string, labels map[string]string) *corev1.Service {
+		o := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "iuw", Labels: labels},
+			Spec: corev1.ServiceSpec{Selector: map[string]string{"app": name}, Ports: []corev1.ServicePort{{Port: 80}}}}
+		if err := s.k8s.Create(ctx, o); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), o) })
+		return o
+	}
+	labelled := svc("labelled", map[string]string{"istio.io/ingress-use-waypoint": "true"})
+	svc("plain", nil)
+	svc("refused", map[string]string{"istio.io/ingress-use-waypoint": "false"})
+	sent := func() map[string]bool {
+		out := map[string]bool{}
+		for _, r := range s.cp.Discovery.Snapshot(xds.L7ResourceType) {
+			if l := r.Resource.(*meshapi.L7Resource); l.Kind == xds.IngressUseWaypointKind && l.Namespace == "iuw" {
+				out[l.Name] = r.Name == xds.IngressUseWaypointKey("iuw", l.Name) && l.Group == xds.MeshGroup
+			}
+		}
+		return out
+	}
+	want := func(why string, names ...string) {
+		t.Helper()
+		eventually(t, why, func() bool {
+			got := sent()
+			if len(got) != len(names) {
+				return false
+			}
+			for _, n := range names {
+				if !got[n] {
+					return false
+				}
+			}
+			return true
+		})
+	}
+	// A label without a waypoint means nothing: nothing is sent.
+	time.Sleep(200 * time.Millisecond)
+	want("no waypoint yet")
+	if err := s.k8s.Create(ctx, wp); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), wp) })
+	want("the labelled Service with a waypoint", "labelled")
+	// The namespace label covers Services without their own label; a
+	// Service's "false" still wins.
+	var ns corev1.Namespace
+	if err := s.k8s.Get(ctx, client.ObjectKey{Name: "iuw"}, &ns); err != nil {
+		t.Fatal(err)
+	}
+	ns.Labels["istio.io/ingress-use-waypoint"] = "true"
+	if err := s.k8s.Update(ctx, &ns); err != nil {
+		t.Fatal(err)
+	}
+	want("namespace label", "labelled", "plain")
+	delete(ns.Labels, "istio.io/ingress-use-waypoint")
+	if err := s.k8s.Update(ctx, &ns); err != nil {
+		t.Fatal(err)
+	}
+	want("namespace label removed", "labelled")
+	if err := s.k8s.Delete(ctx, labelled); err != nil {
+		t.Fatal(err)
+	}
+	want("Service deleted")
+}
+
+// TestLocalityAndTrafficDistribution: pods carry their node's locality
+// (topology labels, followed when they change), and a Service's
+// trafficDistribution reaches the proxies as Istio sends it.
+func TestLocalityAndTrafficDistribution(t *testing.T) {
+	ctx := context.Background()
+	zt := ztunnel(t, "zt-loc", "loc-node-a", "10.200.0.9")
+	state := startClient(t, token(t, zt, xds.TokenAudience), zt.Name, xds.RoleZtunnel)
+	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "loc-node-a", Labels: map[string]string{
+		corev1.LabelTopologyRegion: "r1", corev1.LabelTopologyZone: "z1", "topology.istio.io/subzone": "s1"}}}
+	if err := s.k8s.Create(ctx, node); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), node) })
+	ensureNamespace(t, "loc", map[string]string{ambientLabel: "ambient"})
+	createPod(t, podSpec{ns: "loc", name: "near", node: "loc-node-a", ip: "10.6.0.1", labels: map[string]string{"app": "near"}})
+	preferClose := "PreferClose"
+	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "near", Namespace: "loc"}, Spec: corev1.ServiceSpec{
+		Selector: map[string]string{"app": "near"}, Ports: []corev1.ServicePort{{Port: 80}}, TrafficDistribution: &preferClose}}
+	if err := s.k8s.Create(ctx, svc); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.k8s.Delete(context.Background(), svc) })
+	eventually(t, "pod locality and the Service's PreferClose", func() bool {
+		w, sv := state.WorkloadByUID(uid("loc", "near")), state.ServiceByKey("loc/near.loc.svc.cluster.local")
+		l := w.GetLocality()
+		lb := sv.GetLoadBalancing()
+		return l.GetRegion() == "r1" && l.GetZone() == "z1" && l.GetSubzone() == "s1" &&
+			lb.GetMode() == workloadapi.LoadBalancing_FAILOVER && len(lb.GetRoutingPreference()) == 3 &&
+			lb.GetRoutingPreference()[2] == workloadapi.LoadBalancing_ZONE
+	})
+	node.Labels[corev1.LabelTopologyZone] = "z2"
+	if err := s.k8s.Update(ctx, node); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the node's new zone on its pod", func() bool {
+		return state.WorkloadByUID(uid("loc", "near")).GetLocality().GetZone() == "z2"
+	})
+	// The namespace's annotation applies to Services without their own
+	// preference; the spec field here still wins.
+	svc.Spec.TrafficDistribution = nil
+	if err := s.k8s.Update(ctx, svc); err != nil {
+		t.Fatal(err)
+	}
+	var ns corev1.Namespace
+	if err := s.k8s.Get(ctx, client.ObjectKey{Name: "loc"}, &ns); err != nil {
+		t.Fatal(err)
+	}
+	ns.Annotations = map[string]string{"networking.istio.io/traffic-distribution": "PreferSameNode"}
+	if err := s.k8s.Update(ctx, &ns); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the namespace's PreferSameNode", func() bool {
+		prefs := state.ServiceByKey("loc/near.loc.svc.cluster.local").GetLoadBalancing().GetRoutingPreference()
+		return len(prefs) == 5 && prefs[4] == workloadapi.LoadBalancing_NODE
+	})
+	// The API server takes the field's newer values; the field wins over
+	// the namespace's annotation.
+	sameZone := "PreferSameZone"
+	if err := s.k8s.Get(ctx, client.ObjectKeyFromObject(svc), svc); err != nil {
+		t.Fatal(err)
+	}
+	svc.Spec.TrafficDistribution = &sameZone
+	if err := s.k8s.Update(ctx, svc); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "spec PreferSameZone over the namespace's PreferSameNode", func() bool {
+		prefs := state.ServiceByKey("loc/near.loc.svc.cluster.local").GetLoadBalancing().GetRoutingPreference()
+		return len(prefs) == 3 && prefs[2] == workloadapi.LoadBalancing_ZONE
+	})
+	sameNode := "PreferSameNode"
+	ns.Annotations["networking.istio.io/traffic-distribution"] = "PreferClose"
+	if err := s.k8s.Update(ctx, &ns); err != nil {
+		t.Fatal(err)
+	}
+	svc.Spec.TrafficDistribution = &sameNode
+	if err := s.k8s.Update(ctx, svc); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "spec PreferSameNode over the namespace's PreferClose", func() bool {
+		prefs := state.ServiceByKey("loc/near.loc.svc.cluster.local").GetLoadBalancing().GetRoutingPreference()
+		return len(prefs) == 5 && prefs[4] == workloadapi.LoadBalancing_NODE
+	})
+}

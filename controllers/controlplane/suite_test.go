@@ -142,6 +142,7 @@ func runSuite(m *testing.M) (int, error) {
 		Metrics:                metricsserver.Options{BindAddress: "0"},
 		HealthProbeBindAddress: "0",
 		Cache:                  controllers.CacheOptions(),
+		NewCache:               controllers.NewCache,
 		Client:                 controllers.ClientOptions(),
 	})
 	if err != nil {

@@ -23,6 +23,7 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
@@ -218,6 +219,13 @@ func (c *Controller) Register(ctx context.Context, informers cache.Informers, ma
 		{&corev1.Service{}, c.handler(func(o, _ client.Object) { c.markNamespace(o.GetNamespace(), c.isWaypointService(o)) })},
 		{&corev1.Namespace{}, c.handler(func(o, _ client.Object) { c.markNamespace(o.GetName(), c.selectorsInUse.Load()) })},
 		{&discoveryv1.EndpointSlice{}, c.handler(c.markEndpointSlice)},
+		// Nodes by metadata only: their locality labels, which every pod
+		// on them carries (rare changes: rebuild everything).
+		{nodeMeta(), c.handler(func(o, old client.Object) {
+			if old == nil && nodeLocality(o.GetLabels()) != nil || old != nil && localityChanged(o.GetLabels(), old.GetLabels()) {
+				c.markFull()
+			}
+		})},
 		{&meshv1.WaypointPolicy{}, c.handler(func(client.Object, client.Object) { c.markFull() })},
 		{&meshv1.AmbientMesh{}, c.handler(func(client.Object, client.Object) { c.markFull() })},
 	}
@@ -665,6 +673,8 @@ type build struct {
 	// a full build, which sends each to the L7 proxies.
 	ingress  map[string]map[string]bool
 	gateways []*gwv1.Gateway
+	// localities of nodes by name, read once per build.
+	localities map[string]*workloadapi.Locality
 
 	addresses, authz, l7           map[string]proto.Message
 	addrScope, authzScope, l7Scope map[string]struct{} // nil = full
@@ -860,6 +870,7 @@ func (b *build) view(ns string) (*namespaceView, error) {
 		return v, nil
 	}
 	v := &namespaceView{
+		locality:  b.nodeLocality,
 		waypoints: b.wps[ns],
 		lookupWaypoint: func(namespace, name string) *waypoint {
 			return b.wps[namespace][name]
@@ -932,6 +943,34 @@ func (b *build) view(ns string) (*namespaceView, error) {
 	return v, nil
 }
 
+// nodeMeta is a Node read by metadata only.
+func nodeMeta() *metav1.PartialObjectMetadata {
+	m := &metav1.PartialObjectMetadata{}
+	m.SetGroupVersionKind(corev1.SchemeGroupVersion.WithKind("Node"))
+	return m
+}
+
+// nodeLocality is node's locality (memoized per build); nil when the node
+// is unknown or has no locality labels.
+func (b *build) nodeLocality(node string) *workloadapi.Locality {
+	if node == "" {
+		return nil
+	}
+	if l, ok := b.localities[node]; ok {
+		return l
+	}
+	var l *workloadapi.Locality
+	m := nodeMeta()
+	if err := b.c.reader.Get(b.ctx, client.ObjectKey{Name: node}, m); err == nil {
+		l = nodeLocality(m.Labels)
+	}
+	if b.localities == nil {
+		b.localities = map[string]*workloadapi.Locality{}
+	}
+	b.localities[node] = l
+	return l
+}
+
 func uniq(a, b string) []string {
 	if a == b {
 		return []string{a}
@@ -968,6 +1007,11 @@ func (b *build) namespace(ns string) error {
 		strings.TrimSuffix(xds.ServiceEntryUID(b.mc.ClusterID, ns, "", ""), "/"),
 	}
 	b.c.curMu.RLock()
+	for name := range b.c.current[xds.L7ResourceType] {
+		if strings.HasPrefix(name, xds.IngressUseWaypointKey(ns, "")) {
+			b.l7Scope[name] = struct{}{} // a deleted Service's goes
+		}
+	}
 	for name := range b.c.current[xds.AddressType] {
 		for _, p := range prefixes {
 			if strings.HasPrefix(name, p) {
@@ -1079,12 +1123,27 @@ func (b *build) addService(svc *corev1.Service) error {
 	if err != nil {
 		return err
 	}
-	if s := buildService(b.mc, v, svc); s != nil {
+	s := buildService(b.mc, v, svc)
+	if s != nil {
 		name := xds.ServiceKey(s.Namespace, s.Hostname)
 		b.addresses[name] = &workloadapi.Address{Type: &workloadapi.Address_Service{Service: s}}
 		if b.addrScope != nil {
 			b.addrScope[name] = struct{}{}
 		}
+	}
+	// Ingress gateways learn which Services they reach through the
+	// waypoint (istio.io/ingress-use-waypoint); the others they reach
+	// directly.
+	key := xds.IngressUseWaypointKey(svc.Namespace, svc.Name)
+	if b.l7Scope != nil {
+		b.l7Scope[key] = struct{}{}
+	}
+	var nsLabels map[string]string
+	if v.ns != nil {
+		nsLabels = v.ns.Labels
+	}
+	if s != nil && s.Waypoint != nil && waypointbind.IngressUseWaypoint(svc.Labels, nsLabels) {
+		b.l7[key] = xds.IngressUseWaypointResource(svc.Namespace, svc.Name)
 	}
 	return nil
 }

@@ -64,6 +64,8 @@ type namespaceView struct {
 	// Istio networking objects of this namespace (loaded when installed).
 	serviceEntries  []*networkingv1.ServiceEntry
 	workloadEntries []*networkingv1.WorkloadEntry
+	// locality is a node's locality (nil: unknown or unlabelled).
+	locality func(node string) *workloadapi.Locality
 	// lookupWaypoint resolves a waypoint of another namespace.
 	lookupWaypoint func(namespace, name string) *waypoint
 	// waypointService returns the Service of a waypoint, or nil.
@@ -131,6 +133,9 @@ func buildWorkload(mc meshConfig, v *namespaceView, pod *corev1.Pod) *workloadap
 		Status:            workloadapi.WorkloadStatus_UNHEALTHY,
 	}
 	w.WorkloadType, w.WorkloadName = workloadOwner(pod)
+	if v.locality != nil {
+		w.Locality = v.locality(pod.Spec.NodeName)
+	}
 	if podReady(pod) {
 		w.Status = workloadapi.WorkloadStatus_HEALTHY
 	}
@@ -365,6 +370,11 @@ func buildService(mc meshConfig, v *namespaceView, svc *corev1.Service) *workloa
 		out.Ports = append(out.Ports, &workloadapi.Port{ServicePort: uint32(p.Port), TargetPort: target})
 	}
 	out.Waypoint = serviceWaypoint(mc, v, svc)
+	var nsAnnotations map[string]string
+	if v.ns != nil {
+		nsAnnotations = v.ns.Annotations
+	}
+	out.LoadBalancing = loadBalancing(svc, nsAnnotations)
 	return out
 }
 

@@ -58,6 +58,12 @@ func buildServiceEntryServices(mc meshConfig, v *namespaceView, se *networkingv1
 		// No endpoints to choose from: the proxy keeps the destination
 		// the client dialed.
 		lb = &workloadapi.LoadBalancing{Mode: workloadapi.LoadBalancing_PASSTHROUGH}
+	} else {
+		var nsAnnotations map[string]string
+		if v.ns != nil {
+			nsAnnotations = v.ns.Annotations
+		}
+		lb = distributionLoadBalancing(trafficDistribution(nil, se.Annotations, nsAnnotations))
 	}
 	out := make([]*workloadapi.Service, 0, len(se.Spec.Hosts))
 	seen := map[string]bool{}

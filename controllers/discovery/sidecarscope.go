@@ -103,7 +103,7 @@ func l7Audience(r *meshapi.L7Resource) audience {
 		return audience{namespaces: []string{r.GetNamespace()}, rootWide: true}
 	case "HTTPRoute", "GRPCRoute":
 		return routeAudience(r)
-	case "Gateway", "ReferenceGrant", "TLSRoute", "TCPRoute":
+	case "Gateway", "ReferenceGrant", "TLSRoute", "TCPRoute", xds.IngressUseWaypointKind:
 		// Ingress gateways' only: a sidecar's engine ignores them.
 		return audience{}
 	}

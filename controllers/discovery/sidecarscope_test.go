@@ -82,6 +82,7 @@ func TestSidecarScopedCache(t *testing.T) {
 		"tls":        l7Res("TLSRoute", "svc", "t", svc("svc")),
 		"tcp":        l7Res("TCPRoute", "svc", "t", svc("svc")),
 		"mesh":       l7Res(xds.MeshKind, root, "mesh", `{"rootNamespace":"`+root+`"}`),
+		"iuw":        l7Res(xds.IngressUseWaypointKind, "own", "api", `{}`),
 		"future":     l7Res("SomethingNew", "other", "x", `{}`),
 	}, nil); err != nil {
 		t.Fatal(err)
@@ -98,7 +99,7 @@ func TestSidecarScopedCache(t *testing.T) {
 	}, nil); err != nil {
 		t.Fatal(err)
 	}
-	everyL7 := []string{"ap-other", "ap-own", "ap-root", "bad-json", "consumer", "future", "gateway", "grant", "ingress", "mesh", "mixed", "producer", "producer-2", "tcp", "theirs", "tls"}
+	everyL7 := []string{"ap-other", "ap-own", "ap-root", "bad-json", "consumer", "future", "gateway", "grant", "ingress", "iuw", "mesh", "mixed", "producer", "producer-2", "tcp", "theirs", "tls"}
 	tests := []struct {
 		name     string
 		cache    *SidecarScopedCache

@@ -5,6 +5,8 @@
 package waypointbind
 
 import (
+	"strconv"
+
 	corev1 "k8s.io/api/core/v1"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
@@ -19,6 +21,9 @@ const (
 	// UseWaypointNamespaceLabel names the waypoint's namespace when it is
 	// not the object's own.
 	UseWaypointNamespaceLabel = "istio.io/use-waypoint-namespace"
+	// IngressUseWaypointLabel on a Service or its namespace sends ingress
+	// gateways' traffic to the Service through its waypoint.
+	IngressUseWaypointLabel = "istio.io/ingress-use-waypoint"
 	// ForServiceAccountAnnotation on a waypoint Gateway restricts it to one
 	// service account (the seeds' binding).
 	ForServiceAccountAnnotation = "istio.io/for-service-account"
@@ -193,9 +198,20 @@ func ForService(s Scope, svc *corev1.Service) (Binding, bool) {
 // when it handles service traffic.
 func ForServiceEntry(s Scope, labels map[string]string) (Binding, bool) {
 	if b, found := s.labelled(labels); found {
-		return b, b.Name != ""
+		return accepts(b, (*Waypoint).ForServices)
 	}
 	return s.namespaceRules((*Waypoint).ForServices)
+}
+
+// accepts: a label's binding holds only when the waypoint takes this kind
+// of traffic, as Istio binds (a Service labelled with a waypoint for
+// workloads only, or a pod with one for services only, gets none). A
+// waypoint nobody declares stays bound: traffic fails closed.
+func accepts(b Binding, handles func(*Waypoint) bool) (Binding, bool) {
+	if b.Waypoint != nil && !handles(b.Waypoint) {
+		return Binding{}, false
+	}
+	return b, b.Name != ""
 }
 
 // ForPod applies the rules for a pod, most specific first: its label, the
@@ -209,7 +225,7 @@ func ForPod(s Scope, pod *corev1.Pod, serviceAccount string) (Binding, bool) {
 // its labels and service account.
 func ForWorkload(s Scope, labels map[string]string, serviceAccount string) (Binding, bool) {
 	if b, found := s.labelled(labels); found {
-		return b, b.Name != ""
+		return accepts(b, (*Waypoint).ForWorkloads)
 	}
 	if w := s.serviceAccountWaypoint(serviceAccount); w != nil {
 		return Binding{Namespace: w.Namespace, Name: w.Name, Waypoint: w}, true
@@ -222,10 +238,7 @@ func ForWorkload(s Scope, labels map[string]string, serviceAccount string) (Bind
 func (s Scope) namespaceRules(handles func(*Waypoint) bool) (Binding, bool) {
 	if s.Namespace != nil {
 		if b, found := s.labelled(s.Namespace.Labels); found {
-			if b.Waypoint != nil && !handles(b.Waypoint) {
-				return Binding{}, false
-			}
-			return b, b.Name != ""
+			return accepts(b, handles)
 		}
 	}
 	if w := s.namespaceWaypoint(); w != nil && handles(w) {
@@ -276,4 +289,21 @@ func (s Scope) namespaceWaypoint() *Waypoint {
 		}
 	}
 	return best
+}
+
+// IngressUseWaypoint reports whether ingress gateways send to a Service
+// through its waypoint, as Istio decides it: the Service's
+// istio.io/ingress-use-waypoint label when present (even "false"), else its
+// namespace's; the value is a Go boolean ("true", "1", "True", …), anything
+// else is false. Without the label a gateway goes straight to the
+// endpoints. nsLabels may be nil.
+func IngressUseWaypoint(svcLabels, nsLabels map[string]string) bool {
+	v, ok := svcLabels[IngressUseWaypointLabel]
+	if !ok {
+		if v, ok = nsLabels[IngressUseWaypointLabel]; !ok {
+			return false
+		}
+	}
+	b, err := strconv.ParseBool(v)
+	return err == nil && b
 }

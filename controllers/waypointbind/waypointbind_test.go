@@ -43,6 +43,7 @@ func TestForService(t *testing.T) {
 		{"namespace label", use("b"), nil, []*Waypoint{wp("a", "", TrafficAll), wp("b", "", TrafficAll)}, "b"},
 		{"namespace label to a workload waypoint binds no service", use("w"), nil, []*Waypoint{wp("w", "", TrafficWorkload)}, ""},
 		{"namespace label to a waypoint for no traffic", use("n"), nil, []*Waypoint{wp("n", "", TrafficNone)}, ""},
+		{"service label to a workload-only waypoint binds nothing (Istio)", nil, use("w"), []*Waypoint{wp("w", "", TrafficWorkload)}, ""},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: "app", Name: "echo", Labels: c.svcLabels}}
@@ -74,6 +75,8 @@ func TestForPod(t *testing.T) {
 		{"namespace waypoint for services only", pod(nil), []*Waypoint{wp("ns", "", TrafficService)}, ""},
 		{"pod label wins over the service account", pod(map[string]string{UseWaypointLabel: "x"}), []*Waypoint{wp("sa", "echo", TrafficAll), wp("x", "", TrafficAll)}, "x"},
 		{"pod label none", pod(map[string]string{UseWaypointLabel: "none"}), []*Waypoint{wp("sa", "echo", TrafficAll)}, ""},
+		{"pod label to a service-only waypoint binds nothing (Istio)", pod(map[string]string{UseWaypointLabel: "x"}), []*Waypoint{wp("x", "", TrafficService)}, ""},
+		{"pod label to an undeclared waypoint fails closed", pod(map[string]string{UseWaypointLabel: "ghost"}), nil, "ghost"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			b, ok := ForPod(scope(nil, c.wps...), c.pod, "echo")
@@ -143,5 +146,32 @@ func TestIngressClass(t *testing.T) {
 	crd.Spec.ParametersRef = &gwv1.ParametersReference{Group: "example.com", Kind: "GatewayParams", Name: "x", Namespace: ptr.To(gwv1.Namespace("ns"))}
 	if !IngressClass("cm", cm) || ParametersProblem(cm) != "" || IngressClass("crd", crd) || ParametersProblem(crd) == "" {
 		t.Errorf("ConfigMap reference %q, CRD reference %q", ParametersProblem(cm), ParametersProblem(crd))
+	}
+}
+
+func TestIngressUseWaypoint(t *testing.T) {
+	l := func(v string) map[string]string { return map[string]string{IngressUseWaypointLabel: v} }
+	for _, c := range []struct {
+		name    string
+		svc, ns map[string]string
+		want    bool
+	}{
+		{"no label anywhere", nil, nil, false},
+		{"service true", l("true"), nil, true},
+		{"service True (Go boolean)", l("True"), nil, true},
+		{"service 1", l("1"), nil, true},
+		{"namespace true", nil, l("true"), true},
+		{"service false beats namespace true", l("false"), l("true"), false},
+		{"service true beats namespace false", l("true"), l("false"), true},
+		{"invalid value is false", l("yes"), nil, false},
+		{"invalid service value does not fall back to the namespace", l("yes"), l("true"), false},
+		{"empty service value is false", l(""), l("true"), false},
+		{"other labels only", map[string]string{"app": "x"}, map[string]string{"app": "y"}, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if got := IngressUseWaypoint(c.svc, c.ns); got != c.want {
+				t.Fatalf("IngressUseWaypoint(%v, %v) = %v, want %v", c.svc, c.ns, got, c.want)
+			}
+		})
 	}
 }

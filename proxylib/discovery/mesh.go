@@ -51,3 +51,21 @@ func DecodeMesh(r *meshapi.L7Resource) (MeshSettings, error) {
 	}
 	return s, nil
 }
+
+// IngressUseWaypointKind is the kind of the L7Resource (group MeshGroup)
+// the control plane sends for each Service whose traffic from ingress
+// gateways goes through its waypoint (Istio's istio.io/ingress-use-waypoint
+// on the Service or its namespace). Only ingress gateways read it: without
+// one, a gateway sends straight to the Service's endpoints, as Istio's do.
+// Its namespace and name are the Service's; the body is empty.
+const IngressUseWaypointKind = "IngressUseWaypoint"
+
+// IngressUseWaypointResource is the resource for Service namespace/name.
+func IngressUseWaypointResource(namespace, name string) *meshapi.L7Resource {
+	return &meshapi.L7Resource{Group: MeshGroup, Kind: IngressUseWaypointKind, Namespace: namespace, Name: name, Json: []byte("{}")}
+}
+
+// IngressUseWaypointKey is the resource name of IngressUseWaypointResource.
+func IngressUseWaypointKey(namespace, name string) string {
+	return L7Key(MeshGroup, IngressUseWaypointKind, namespace, name)
+}

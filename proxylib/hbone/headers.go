@@ -92,7 +92,8 @@ func ParseForwardedFor(value string) (netip.Addr, error) {
 }
 
 // FormatBaggage encodes key/value pairs as a W3C baggage header, in order,
-// percent-encoding values. Empty values are skipped.
+// percent-encoding the value bytes the header may not carry as they are.
+// Empty values are skipped.
 func FormatBaggage(pairs ...[2]string) string {
 	var b strings.Builder
 	for _, kv := range pairs {
@@ -104,9 +105,21 @@ func FormatBaggage(pairs ...[2]string) string {
 		}
 		b.WriteString(kv[0])
 		b.WriteByte('=')
-		b.WriteString(url.PathEscape(kv[1]))
+		for i := 0; i < len(kv[1]); i++ {
+			if c := kv[1][i]; isBaggageOctet(c) && c != '%' {
+				b.WriteByte(c)
+			} else {
+				fmt.Fprintf(&b, "%%%02X", c)
+			}
+		}
 	}
 	return b.String()
+}
+
+// isBaggageOctet: a byte a W3C baggage value may carry unencoded
+// (printable ASCII but space, '"', ',', ';' and '\\').
+func isBaggageOctet(c byte) bool {
+	return c > 0x20 && c < 0x7f && c != '"' && c != ',' && c != ';' && c != '\\'
 }
 
 // ParseBaggage decodes a W3C baggage header into a map. Properties after ';'
@@ -126,6 +139,11 @@ func ParseBaggage(value string) (map[string]string, error) {
 		k, v = strings.TrimSpace(k), strings.TrimSpace(v)
 		if !ok || !isToken(k) {
 			return nil, fmt.Errorf("%w: member %q", ErrBadBaggage, truncate(member, 64))
+		}
+		for i := 0; i < len(v); i++ {
+			if !isBaggageOctet(v[i]) {
+				return nil, fmt.Errorf("%w: value of %q: byte %#x must be percent-encoded", ErrBadBaggage, k, v[i])
+			}
 		}
 		dv, err := url.PathUnescape(v)
 		if err != nil {

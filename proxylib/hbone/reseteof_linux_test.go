@@ -1,4 +1,4 @@
-package hbone
+package hbone_test
 
 import (
 	"errors"
@@ -8,27 +8,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
-)
 
-// tcpPair returns both ends of a loopback TCP connection.
-func tcpPair(t *testing.T) (ours, theirs *net.TCPConn) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close(); s.Close() })
-	return c.(*net.TCPConn), s.(*net.TCPConn)
-}
+	"github.com/ambientmesh/ambient/proxylib/hbone"
+)
 
 // TestEndedByReset: a read that sees EOF after a write took the peer's
 // reset is told apart from a clean FIN by the socket's state.
@@ -40,7 +22,7 @@ func TestEndedByReset(t *testing.T) {
 		if _, err := ours.Read(make([]byte, 1)); err != io.EOF {
 			t.Fatalf("read after FIN: %v, want EOF", err)
 		}
-		if EndedByReset(ours) {
+		if hbone.EndedByReset(ours) {
 			t.Error("a FIN counted as a reset")
 		}
 	})
@@ -63,7 +45,7 @@ func TestEndedByReset(t *testing.T) {
 		if _, err := ours.Read(make([]byte, 1)); err != io.EOF {
 			t.Fatalf("read after the write took the reset: %v, want EOF (the case this guards)", err)
 		}
-		if !EndedByReset(ours) {
+		if !hbone.EndedByReset(ours) {
 			t.Error("a reset consumed by a write counted as a clean end")
 		}
 	})
@@ -74,7 +56,7 @@ func TestEndedByReset(t *testing.T) {
 // a tunnel's reader goroutine would, and the stream records how it ended.
 type lazyStream struct {
 	mu       sync.Mutex
-	sink     Sink
+	sink     hbone.Sink
 	pending  func()
 	err      error // what TryRead reports once the push failed
 	wroteEnd bool  // CloseWrite: the tunnel ended cleanly (END_STREAM)
@@ -90,7 +72,7 @@ func (s *lazyStream) CloseWrite() error {
 	return nil
 }
 func (s *lazyStream) Close() error { s.mu.Lock(); s.closed = true; s.mu.Unlock(); return nil }
-func (s *lazyStream) PushLazily(sink Sink, pending func()) int64 {
+func (s *lazyStream) PushLazily(sink hbone.Sink, pending func()) int64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.sink, s.pending = sink, pending
@@ -102,7 +84,7 @@ func (s *lazyStream) TryRead([]byte) (int, error) {
 	if s.err != nil {
 		return 0, s.err
 	}
-	return 0, ErrWouldBlock
+	return 0, hbone.ErrWouldBlock
 }
 
 // gatedConn holds the relay's reads of a socket until the test opens the
@@ -123,8 +105,8 @@ func TestRelayResetTakenByPushResetsTheStream(t *testing.T) {
 	sock := &gatedConn{TCPConn: ours, gate: make(chan struct{})}
 	st := &lazyStream{}
 	done := make(chan error, 1)
-	go func() { _, _, err, _ := RelaySocketStream(sock, st); done <- err }()
-	var sink Sink
+	go func() { _, _, err, _ := hbone.RelaySocketStream(sock, st); done <- err }()
+	var sink hbone.Sink
 	for deadline := time.Now().Add(5 * time.Second); sink == nil && time.Now().Before(deadline); time.Sleep(time.Millisecond) {
 		st.mu.Lock()
 		sink = st.sink

@@ -89,21 +89,44 @@ func New(p Policy, o Outlier, now func() time.Time) *Balancer {
 // candidate is ejected: then all are used rather than failing). It returns
 // the key and a done func that must be called with the outcome.
 func (b *Balancer) Pick(candidates []string) (string, func(Outcome), bool) {
-	if len(candidates) == 0 {
-		return "", nil, false
-	}
+	return b.PickTiered([][]string{candidates})
+}
+
+// PickTiered is Pick over tiers of candidates, closest first (Tiers): it
+// uses the first tier with an endpoint that is not ejected, so traffic
+// stays close while a close endpoint is healthy and fails over to the next
+// tier when every one of them is gone or ejected. When every candidate of
+// every tier is ejected, the first tier is used rather than failing.
+func (b *Balancer) PickTiered(tiers [][]string) (string, func(Outcome), bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.poolSize = len(candidates)
+	b.poolSize = 0
+	for _, t := range tiers {
+		b.poolSize += len(t)
+	}
 	now := b.now()
-	avail := make([]string, 0, len(candidates))
-	for _, c := range candidates {
-		if e := b.endpoints[c]; e == nil || !now.Before(e.ejectedUntil) {
-			avail = append(avail, c)
+	var avail, first []string
+	for _, candidates := range tiers {
+		if len(candidates) == 0 {
+			continue
+		}
+		if first == nil {
+			first = candidates
+		}
+		for _, c := range candidates {
+			if e := b.endpoints[c]; e == nil || !now.Before(e.ejectedUntil) {
+				avail = append(avail, c)
+			}
+		}
+		if len(avail) > 0 {
+			break
 		}
 	}
+	if first == nil {
+		return "", nil, false
+	}
 	if len(avail) == 0 {
-		avail = candidates
+		avail = first
 	}
 	var key string
 	switch b.policy {

@@ -2,10 +2,13 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
+	"syscall"
 
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
@@ -44,10 +47,61 @@ func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort,
 	if isProxyPort(dst.Port()) && isLocalTarget(down, dst) {
 		return nil, proxyerr.New(proxyerr.SelfTarget, "destination %s is ztunnel itself", dst)
 	}
-	rt, err := p.router.Resolve(srcW, dst)
-	if err != nil {
-		return nil, err
+	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
+	defer cancel()
+	// A connect that fails at the TCP level (the endpoint or waypoint
+	// replica is gone: refused, unreachable) sent nothing of the client's,
+	// so another endpoint of the same service is tried, as Envoy's connect
+	// retries do; anything else (policy, TLS, the peer's answer) is final.
+	var failed []netip.AddrPort
+	for attempt := 1; ; attempt++ {
+		rt, err := p.router.Resolve(srcW, dst)
+		if err != nil {
+			return nil, err
+		}
+		if slices.Contains(failed, peerAddr(rt)) && attempt < maxConnectAttempts {
+			continue // round robin moves on; a lone endpoint ends the loop
+		}
+		j, up, err := p.outboundRoute(ctx, s, pd, down, dst, rt, srcW, srcID)
+		switch {
+		case j != nil:
+			return j, nil
+		case err == nil:
+			return p.openRelay(s, pd, down, up)
+		case attempt < maxConnectAttempts && rt.fromService() && endpointGone(err):
+			failed = append(failed, peerAddr(rt))
+			s.info("connect to %s failed (%v): trying another endpoint", peerAddr(rt), err)
+		default:
+			return nil, err
+		}
 	}
+}
+
+// maxConnectAttempts bounds the endpoints one connection tries.
+const maxConnectAttempts = 3
+
+// fromService: the route chose one endpoint (or waypoint replica) of
+// several, so another may be tried.
+func (rt Route) fromService() bool { return rt.Waypoint || rt.Service != nil }
+
+// peerAddr is the address a route connects to.
+func peerAddr(rt Route) netip.AddrPort {
+	if rt.Kind == HBONE {
+		return rt.ProxyAddr
+	}
+	return rt.Target
+}
+
+// endpointGone: the dial found nobody at the address (no listener, no
+// host), as when a replica was killed and discovery has not caught up.
+func endpointGone(err error) bool {
+	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EHOSTUNREACH) || errors.Is(err, syscall.ENETUNREACH)
+}
+
+// outboundRoute serves the connection along rt: a job of its own (the
+// fast path, the sidecar's L7 engine), or the dialed upstream connection.
+func (p *Proxy) outboundRoute(ctx context.Context, s *session, pd *pod, down net.Conn, dst netip.AddrPort, rt Route,
+	srcW *workloadapi.Workload, srcID identity.Identity) (job, net.Conn, error) {
 	s.dst = rt.Target
 	var expected *identity.Identity
 	if len(rt.Expected) > 0 {
@@ -57,7 +111,8 @@ func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort,
 	s.labels.Service = telemetry.ServiceOf(rt.Service)
 	if rt.Kind == FastPath {
 		if dp := p.localPod(rt.Dest.GetUid()); dp != nil {
-			return p.fastPath(s, pd, dp, down, rt, srcID)
+			j, err := p.fastPath(s, pd, dp, down, rt, srcID)
+			return j, nil, err
 		}
 		// Destination on this node but not captured here (yet): tunnel.
 		rt.Kind = HBONE
@@ -68,10 +123,8 @@ func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort,
 		// The sidecar applies the routes of a Service without a waypoint
 		// (with one, the waypoint does: the tunnel goes there as is).
 		s.dst = dst
-		return func() (int64, int64, error) { return p.serveL7Outbound(s, pd, l7, down, rt, srcW, srcID) }, nil
+		return func() (int64, int64, error) { return p.serveL7Outbound(s, pd, l7, down, rt, srcW, srcID) }, nil, nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
-	defer cancel()
 	switch rt.Kind {
 	case HBONE:
 		typ := "Direct"
@@ -85,9 +138,11 @@ func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort,
 		s.labels.SecurityPolicy = telemetry.Unknown
 	}
 	up, err := p.dialRoute(ctx, pd, rt, srcID, forwarded(s.src, srcW))
-	if err != nil {
-		return nil, err
-	}
+	return nil, up, err
+}
+
+// openRelay starts relaying down <-> up once the connection is tracked.
+func (p *Proxy) openRelay(s *session, pd *pod, down, up net.Conn) (job, error) {
 	s.attach(up)
 	if err := s.track(pd.info.UID, "", rbac.Conn{}); err != nil {
 		up.Close()
@@ -172,7 +227,8 @@ func forwarded(src netip.AddrPort, w *workloadapi.Workload) http.Header {
 		h.Set("Forwarded", fmt.Sprintf("for=%q", src.Addr().String()))
 	}
 	if w != nil {
-		h.Set("Baggage", fmt.Sprintf("k8s.namespace.name=%s,k8s.pod.name=%s,service.name=%s", w.GetNamespace(), w.GetName(), w.GetCanonicalName()))
+		h.Set("Baggage", hbone.FormatBaggage([2]string{hbone.BaggageNamespace, w.GetNamespace()},
+			[2]string{hbone.BaggagePod, w.GetName()}, [2]string{hbone.BaggageService, w.GetCanonicalName()}))
 	}
 	return h
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/identity"
+	"github.com/ambientmesh/ambient/proxylib/lb"
 	"github.com/ambientmesh/ambient/proxylib/proxyerr"
 )
 
@@ -262,7 +263,7 @@ func (r *Router) resolveService(src *workloadapi.Workload, svc *workloadapi.Serv
 		return rt, err
 	}
 	key := discovery.ServiceKey(svc.GetNamespace(), svc.GetHostname())
-	ep, port := r.pickEndpoint(svc, key, dst.Port(), dst.Addr())
+	ep, port := r.pickEndpoint(src, svc, key, dst.Port(), dst.Addr())
 	if ep == nil {
 		if svc.GetLoadBalancing().GetMode() == workloadapi.LoadBalancing_PASSTHROUGH {
 			// No endpoints to choose (ServiceEntry resolution NONE): keep
@@ -344,7 +345,7 @@ func (r *Router) waypointWorkload(wp *workloadapi.GatewayAddress, dst netip.Addr
 	if svc == nil {
 		return nil
 	}
-	ep, _ := r.pickEndpoint(svc, discovery.ServiceKey(svc.GetNamespace(), svc.GetHostname()), hbone.Port, dst)
+	ep, _ := r.pickEndpoint(nil, svc, discovery.ServiceKey(svc.GetNamespace(), svc.GetHostname()), hbone.Port, dst)
 	return ep
 }
 
@@ -374,25 +375,35 @@ func (r *Router) isWaypointOf(src *workloadapi.Workload, wp *workloadapi.Gateway
 	return false
 }
 
-// pickEndpoint round-robins over healthy endpoints that have an address
-// the service's IP families allow (or a hostname) and maps the service
-// port to the endpoint's target port.
-func (r *Router) pickEndpoint(svc *workloadapi.Service, key string, svcPort uint16, dst netip.Addr) (*workloadapi.Workload, uint16) {
+// pickEndpoint round-robins over the healthy endpoints closest to the
+// client src by the Service's locality preference (lb.Closest; all of them
+// without one) that have an address the Service's IP families allow (or a
+// hostname), and maps the service port to the endpoint's target port.
+func (r *Router) pickEndpoint(src *workloadapi.Workload, svc *workloadapi.Service, key string, svcPort uint16, dst netip.Addr) (*workloadapi.Workload, uint16) {
 	var healthy []*workloadapi.Workload
 	for _, ep := range r.State.Endpoints(key) {
-		if ep == nil || ep.GetStatus() != workloadapi.WorkloadStatus_HEALTHY {
+		if ep == nil || !Eligible(svc, ep) {
 			continue
 		}
 		if _, ok := PickAddr(ep.GetAddresses(), dst, svc.GetIpFamilies()); ok || ep.GetHostname() != "" {
 			healthy = append(healthy, ep)
 		}
 	}
+	healthy = lb.Closest(svc.GetLoadBalancing(), src, healthy, func(w *workloadapi.Workload) *workloadapi.Workload { return w })
 	if len(healthy) == 0 {
 		return nil, 0
 	}
 	c, _ := r.rr.LoadOrStore(key, new(atomic.Uint64))
 	ep := healthy[(c.(*atomic.Uint64).Add(1)-1)%uint64(len(healthy))]
 	return ep, targetPort(svc, key, ep, svcPort)
+}
+
+// Eligible reports whether ep may receive svc's traffic: healthy, or any
+// state when the Service admits unready endpoints
+// (publishNotReadyAddresses: health policy ALLOW_ALL).
+func Eligible(svc *workloadapi.Service, ep *workloadapi.Workload) bool {
+	return ep.GetStatus() == workloadapi.WorkloadStatus_HEALTHY ||
+		svc.GetLoadBalancing().GetHealthPolicy() == workloadapi.LoadBalancing_ALLOW_ALL
 }
 
 func targetPort(svc *workloadapi.Service, key string, ep *workloadapi.Workload, svcPort uint16) uint16 {

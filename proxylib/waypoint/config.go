@@ -33,6 +33,10 @@ type l7Config struct {
 	// resource) when it sends one, else Config.RootNamespace; "" fails
 	// every policy check closed (mesh-wide policies could not be told).
 	root string
+	// ingressWaypoint (ingress mode): the Services, "<ns>/<name>", the
+	// gateway reaches through their waypoint; any other goes straight to
+	// its endpoints (Istio's istio.io/ingress-use-waypoint).
+	ingressWaypoint map[string]bool
 }
 
 // rebuild decodes every L7Resource from discovery.
@@ -87,6 +91,13 @@ func (s *Server) rebuild() {
 				continue
 			}
 			cfg.grantSet = append(cfg.grantSet, route.Grant{Namespace: r.Namespace, Spec: rg.Spec})
+		case discovery.IngressUseWaypointKind:
+			if s.cfg.Ingress && r.Group == discovery.MeshGroup {
+				if cfg.ingressWaypoint == nil {
+					cfg.ingressWaypoint = map[string]bool{}
+				}
+				cfg.ingressWaypoint[r.Namespace+"/"+r.Name] = true
+			}
 		case discovery.MeshKind:
 			m, err := discovery.DecodeMesh(r)
 			if err != nil || r.Group != discovery.MeshGroup {

@@ -276,14 +276,16 @@ func (c *connInfo) serviceRoute(snap snapshot, in *http.Request, o *outcome) (ro
 }
 
 // pickFrom load-balances over a service's healthy endpoints. An ingress
-// gateway sends to a Service with a waypoint through that waypoint.
+// gateway sends to a Service with a waypoint through that waypoint only
+// when the control plane says the Service wants it
+// (istio.io/ingress-use-waypoint); otherwise it picks the endpoint itself.
 func (c *connInfo) pickFrom(svc *workloadapi.Service, port uint16, o *outcome) func() (netip.AddrPort, func(lb.Outcome), bool) {
-	if vip, ok := waypointTarget(svc, port); ok && c.dst.ingress {
+	if vip, ok := waypointTarget(svc, port); ok && c.dst.ingress && c.s.ingressUsesWaypoint(svc) {
 		return func() (netip.AddrPort, func(lb.Outcome), bool) { return vip, func(lb.Outcome) {}, true }
 	}
 	return func() (netip.AddrPort, func(lb.Outcome), bool) {
-		keys, addrs := c.s.endpointsOf(svc, port, c.dst.target.Addr())
-		k, done, ok := c.s.balancer(discovery.ServiceKey(svc.Namespace, svc.Hostname)).Pick(keys)
+		tiers, addrs := c.s.endpointsOf(svc, port, c.dst.target.Addr())
+		k, done, ok := c.s.balancer(discovery.ServiceKey(svc.Namespace, svc.Hostname)).PickTiered(tiers)
 		if !ok {
 			return netip.AddrPort{}, nil, false
 		}

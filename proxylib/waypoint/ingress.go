@@ -113,6 +113,13 @@ func waypointTarget(svc *workloadapi.Service, port uint16) (netip.AddrPort, bool
 	return netip.AddrPort{}, false
 }
 
+// ingressUsesWaypoint: whether the gateway sends to svc through its
+// waypoint (the control plane's IngressUseWaypoint resources).
+func (s *Server) ingressUsesWaypoint(svc *workloadapi.Service) bool {
+	cfg := s.l7.Load()
+	return cfg != nil && cfg.ingressWaypoint[svc.GetNamespace()+"/"+svc.GetName()]
+}
+
 // dialAsClient opens the gateway's onward stream to ep the way a mesh
 // client's ztunnel would: HBONE with the gateway's own identity to the
 // waypoint or the destination pod, plain TCP to workloads outside the mesh.

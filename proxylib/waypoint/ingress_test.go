@@ -15,6 +15,8 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/identity"
 	wt "github.com/ambientmesh/ambient/proxylib/waypoint/waypointtest"
 )
 
@@ -49,6 +51,15 @@ spec:
     backendRefs: [{name: legacy, port: 8080}]
 `
 
+// echoIngressUseWaypoint is what the control plane sends for Service echo
+// labelled istio.io/ingress-use-waypoint=true (or in a namespace so
+// labelled).
+const echoIngressUseWaypoint = `
+apiVersion: ambient.mesh/v1
+kind: IngressUseWaypoint
+metadata: {name: echo}
+`
+
 type ingressDemo struct {
 	m             *wt.Mesh
 	gw            *wt.Gateway
@@ -61,7 +72,8 @@ type ingressDemo struct {
 }
 
 // newIngressDemo: httpbin without a waypoint, echo behind a service
-// waypoint, legacy outside the mesh (plain TCP).
+// waypoint that ingress uses (istio.io/ingress-use-waypoint), legacy
+// outside the mesh (plain TCP).
 func newIngressDemo(t *testing.T) *ingressDemo {
 	m := wt.New(t)
 	d := &ingressDemo{m: m, ingressPort: 18080}
@@ -77,6 +89,7 @@ func newIngressDemo(t *testing.T) *ingressDemo {
 	d.gw = m.AddGateway("gateway")
 	m.ApplyL7(seedsIngress)
 	m.ApplyL7(seedsIngressRoute)
+	m.ApplyL7(echoIngressUseWaypoint)
 	d.gw.WaitReady(m)
 	// The outside client: its own address, so forwarding headers can be
 	// checked.
@@ -165,6 +178,46 @@ spec:
 `)
 	if code, _ := d.get(t, "/echo", ""); code != http.StatusForbidden {
 		t.Fatalf("gateway principal not allowed: %d, want 403 from the waypoint", code)
+	}
+}
+
+// istio.io/ingress-use-waypoint, as Istio has it: a gateway reaches a
+// Service that has a (service) waypoint straight at its endpoints unless
+// the control plane says the Service wants ingress through the waypoint.
+func TestIngressUseWaypoint(t *testing.T) {
+	d := newIngressDemo(t)
+	// echo's waypoint serves the Service only (waypoint-for: service), so
+	// its pod has none of its own.
+	d.m.AddService("echo", d.wp, []*wt.Pod{d.echo}, func(*wt.Pod) *wt.Waypoint { return nil }, wt.HTTPPort, wt.TLSPort, wt.TCPPort)
+	via := func(want identity.Identity, why string) {
+		t.Helper()
+		code, seen := d.get(t, "/echo", "")
+		if code != 200 || seen.Pod != "echo-0" {
+			t.Fatalf("%s: GET /echo: %d from %q, want 200 from echo-0", why, code, seen.Pod)
+		}
+		if peers := d.echo.Peers(); len(peers) == 0 || peers[len(peers)-1] != want {
+			t.Fatalf("%s: echo's tunnel peers %v, want the last to be %s", why, peers, want)
+		}
+	}
+	via(d.wp.ID, "labelled: through the waypoint")
+	d.m.DeleteL7(discovery.MeshGroup, discovery.IngressUseWaypointKind, "echo")
+	via(d.gw.ID, "label removed: straight to the pod with the gateway's identity")
+	// The waypoint's policy no longer applies to ingress traffic: a policy
+	// refusing the gateway at the waypoint does not stop it.
+	d.m.ApplyL7(`
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-sleep}
+spec:
+  targetRefs: [{kind: Service, group: "", name: echo}]
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/ambient-demo/sa/sleep"]}}]
+`)
+	via(d.gw.ID, "bypassing the waypoint's policy")
+	d.m.ApplyL7(echoIngressUseWaypoint)
+	if code, _ := d.get(t, "/echo", ""); code != http.StatusForbidden {
+		t.Fatalf("labelled again: GET /echo = %d, want 403 from the waypoint's policy", code)
 	}
 }
 

@@ -179,6 +179,8 @@ type SidecarConfig struct {
 	// Demand looks up the endpoints of route backends the sidecar's scoped
 	// discovery does not hold yet (boot.Proxy.Demand).
 	Demand func(ctx context.Context, names ...string) error
+	// PodUID is the pod's workload uid (locality-aware choice, Config.PodUID).
+	PodUID string
 	Log    logr.Logger
 }
 
@@ -187,5 +189,5 @@ type SidecarConfig struct {
 func NewSidecar(c SidecarConfig) (*Server, error) {
 	// No RootNamespace: the control plane's Mesh resource names it.
 	return New(Config{Name: c.Pod, Namespace: c.Namespace, Identity: c.Identity,
-		State: c.State, Registry: c.Registry, TCPMetrics: telemetry.NewMetrics(nil), Sidecar: true, Demand: c.Demand, Log: c.Log})
+		State: c.State, Registry: c.Registry, TCPMetrics: telemetry.NewMetrics(nil), Sidecar: true, Demand: c.Demand, PodUID: c.PodUID, Log: c.Log})
 }

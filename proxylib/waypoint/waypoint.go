@@ -55,6 +55,10 @@ type Config struct {
 	// LookupHost resolves endpoints known by hostname only (ServiceEntry
 	// DNS resolution); default: the system resolver.
 	LookupHost func(ctx context.Context, host string) ([]netip.Addr, error)
+	// PodUID is the workload uid of this proxy's own pod: endpoints are
+	// chosen closest to its locality when a Service prefers close ones
+	// (trafficDistribution). Empty: no locality preference is applied.
+	PodUID string
 	// Registry receives HTTP and TCP metrics (may be nil).
 	Registry prometheus.Registerer
 	// Tracing generates a traceparent when a request has none.
@@ -364,16 +368,20 @@ func (s *Server) balancer(key string) *lb.Balancer {
 }
 
 // endpointsOf lists the healthy endpoints of svc for service port port, as
-// "ip:targetPort" keys, with a lookup back to the workload. Each
-// endpoint's address is of the family of dst, the address the client used
-// (proxy.PickAddr), when it has one.
-func (s *Server) endpointsOf(svc *workloadapi.Service, port uint16, dst netip.Addr) ([]string, map[string]netip.AddrPort) {
+// "ip:targetPort" keys in locality tiers, with a lookup back to the
+// workload. Each endpoint's address is of the family of dst, the address
+// the client used (proxy.PickAddr), when it has one.
+func (s *Server) endpointsOf(svc *workloadapi.Service, port uint16, dst netip.Addr) ([][]string, map[string]netip.AddrPort) {
 	s.demandEndpoints(svc)
 	key := discovery.ServiceKey(svc.Namespace, svc.Hostname)
-	var keys []string
+	type candidate struct {
+		key string
+		w   *workloadapi.Workload
+	}
+	var eps []candidate
 	addrs := map[string]netip.AddrPort{}
 	for _, ep := range s.cfg.State.Endpoints(key) {
-		if ep == nil || ep.GetStatus() != workloadapi.WorkloadStatus_HEALTHY {
+		if ep == nil || !proxy.Eligible(svc, ep) {
 			continue
 		}
 		ip, ok := proxy.PickAddr(ep.GetAddresses(), dst, svc.GetIpFamilies())
@@ -391,10 +399,27 @@ func (s *Server) endpointsOf(svc *workloadapi.Service, port uint16, dst netip.Ad
 		}
 		ap := netip.AddrPortFrom(ip, targetPort(svc, key, ep, port))
 		k := ap.String()
-		keys = append(keys, k)
+		eps = append(eps, candidate{k, ep})
 		addrs[k] = ap
 	}
-	return keys, addrs
+	var tiers [][]string
+	for _, t := range lb.Tiers(svc.GetLoadBalancing(), s.self(), eps, func(c candidate) *workloadapi.Workload { return c.w }) {
+		keys := make([]string, len(t))
+		for i, c := range t {
+			keys[i] = c.key
+		}
+		tiers = append(tiers, keys)
+	}
+	return tiers, addrs
+}
+
+// self is this proxy's own workload, whose locality is the client's in
+// locality-aware endpoint choice (nil when unknown: no preference).
+func (s *Server) self() *workloadapi.Workload {
+	if s.cfg.PodUID == "" {
+		return nil
+	}
+	return s.cfg.State.WorkloadByUID(s.cfg.PodUID)
 }
 
 func targetPort(svc *workloadapi.Service, key string, ep *workloadapi.Workload, port uint16) uint16 {

@@ -88,8 +88,8 @@ func typicalStatus(i int) corev1.PodStatus {
 //
 //	HEAP_PODS=10000 HEAP_POD=minimal|typical HEAP_CACHE=production|untrimmed
 //
-// production is the manager's cache options (controllers.CacheOptions);
-// untrimmed the defaults (full objects, managedFields included).
+// production is the manager's cache (controllers.CacheOptions and
+// NewCache: compact pod records); untrimmed the defaults (full objects, managedFields included).
 func TestHeapPerPod(t *testing.T) {
 	if os.Getenv("HEAP_PODS") == "" {
 		t.Skip("HEAP_PODS not set")
@@ -132,7 +132,7 @@ func TestHeapPerPod(t *testing.T) {
 	}
 	opts := ctrl.Options{Scheme: sch, Metrics: metricsserver.Options{BindAddress: "0"}, HealthProbeBindAddress: "0", Logger: logr.Discard()}
 	if cacheMode == "production" {
-		opts.Cache, opts.Client = controllers.CacheOptions(), controllers.ClientOptions()
+		opts.Cache, opts.NewCache, opts.Client = controllers.CacheOptions(), controllers.NewCache, controllers.ClientOptions()
 	}
 	mgr, err := ctrl.NewManager(cfg, opts)
 	if err != nil {

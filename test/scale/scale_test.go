@@ -179,7 +179,7 @@ func startCluster(t *testing.T, ctx context.Context) *cluster {
 func (c *cluster) startManager(t *testing.T, ctx context.Context, addr string) func() {
 	t.Helper()
 	mgr, err := ctrl.NewManager(c.cfg, ctrl.Options{Scheme: c.sch, Metrics: metricsserver.Options{BindAddress: "0"}, HealthProbeBindAddress: "0",
-		Logger: logr.Discard(), Cache: controllers.CacheOptions(), Client: controllers.ClientOptions()})
+		Logger: logr.Discard(), Cache: controllers.CacheOptions(), NewCache: controllers.NewCache, Client: controllers.ClientOptions()})
 	must(t, err)
 	var lis net.Listener
 	if c.xdsAddr == "" { // the first start picks the port

@@ -247,13 +247,19 @@ func waypointSigkill(t *testing.T, b chaosBudget, ns string, streamsOf func() ([
 	// A rollout in progress (the manager re-renders the waypoint when it
 	// returns, as after ca-unreachable) would delete the chosen pod.
 	mustKubectl(t, "-n", ns, "rollout", "status", "deploy/waypoint", "--timeout=180s")
-	out := mustKubectl(t, "get", "pods", "-n", ns, "-l", waypointSelector, "-o",
-		`jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} {.status.containerStatuses[0].containerID} {.status.containerStatuses[0].restartCount}{"\n"}{end}`)
-	lines := strings.Split(strings.TrimSpace(out), "\n")
-	if len(lines) != 2 || len(strings.Fields(lines[0])) != 4 {
-		t.Fatalf("want 2 waypoint replicas: %s", out)
-	}
-	v := strings.Fields(lines[0])
+	// The old replicas of that rollout stay listed while they drain.
+	var v []string
+	eventually(t, 3*time.Minute, "2 live, ready waypoint replicas and no other", func() error {
+		live, err := liveReadyWaypoints(ns)
+		if err != nil {
+			return err
+		}
+		if len(live) != 2 {
+			return fmt.Errorf("live ready replicas: %v", live)
+		}
+		v = live[0]
+		return nil
+	})
 	r.Load = withLoad(t, b, 40*time.Second, streamsOf, func() {
 		killed := time.Now()
 		mustLabSh(t, "signal", v[1], v[2], "SIGKILL")
@@ -274,6 +280,32 @@ func waypointSigkill(t *testing.T, b chaosBudget, ns string, streamsOf func() ([
 	assertNoRequestLostOrConnOffWaypoint(t, r.Load)
 	r.Notes = append(r.Notes, fmt.Sprintf("killed %s on %s; long-lived connections through it break with it (reported)", v[0], v[1]))
 	return r
+}
+
+// liveReadyWaypoints lists the waypoint pods of ns that are ready and not
+// being deleted, each as name, node, container ID; an error while any pod
+// is still terminating (its connections would blur the figures).
+func liveReadyWaypoints(ns string) ([][]string, error) {
+	out, err := kubectl("get", "pods", "-n", ns, "-l", waypointSelector, "-o",
+		`jsonpath={range .items[*]}{.metadata.name}{"\t"}{.spec.nodeName}{"\t"}{.status.containerStatuses[0].containerID}{"\t"}{.status.containerStatuses[0].ready}{"\t"}{.metadata.deletionTimestamp}{"\n"}{end}`)
+	if err != nil {
+		return nil, err
+	}
+	var live [][]string
+	// Not TrimSpace: the last field (deletionTimestamp) is empty for a
+	// live pod, and trimming would drop its tab.
+	for _, line := range strings.Split(strings.TrimRight(out, "\n"), "\n") {
+		f := strings.Split(line, "\t")
+		switch {
+		case len(f) != 5:
+			return nil, fmt.Errorf("unexpected line %q", line)
+		case f[4] != "":
+			return nil, fmt.Errorf("%s still terminating", f[0])
+		case f[3] == "true" && f[2] != "":
+			live = append(live, f[:3])
+		}
+	}
+	return live, nil
 }
 
 // caUnreachable (CHAOS=full): workload certificates made short-lived
