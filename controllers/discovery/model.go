@@ -337,9 +337,10 @@ func buildService(mc meshConfig, v *namespaceView, svc *corev1.Service) *workloa
 		return nil
 	}
 	out := &workloadapi.Service{
-		Name:      svc.Name,
-		Namespace: svc.Namespace,
-		Hostname:  mc.hostname(svc.Namespace, svc.Name),
+		Name:       svc.Name,
+		Namespace:  svc.Namespace,
+		Hostname:   mc.hostname(svc.Namespace, svc.Name),
+		IpFamilies: ipFamilies(svc.Spec.IPFamilies),
 	}
 	seen := map[netip.Addr]bool{}
 	addIP := func(s string) {
@@ -375,6 +376,21 @@ func buildService(mc meshConfig, v *namespaceView, svc *corev1.Service) *workloa
 	}
 	out.LoadBalancing = loadBalancing(svc, nsAnnotations)
 	return out
+}
+
+// ipFamilies is the workload API's view of a Service's spec.ipFamilies, as
+// Istio's control plane sends it: proxies pick endpoint addresses only of
+// a single-family Service's family, and of the client's family otherwise.
+func ipFamilies(fs []corev1.IPFamily) workloadapi.IPFamilies {
+	switch {
+	case len(fs) == 2:
+		return workloadapi.IPFamilies_DUAL
+	case len(fs) == 1 && fs[0] == corev1.IPv4Protocol:
+		return workloadapi.IPFamilies_IPV4_ONLY
+	case len(fs) == 1 && fs[0] == corev1.IPv6Protocol:
+		return workloadapi.IPFamilies_IPV6_ONLY
+	}
+	return workloadapi.IPFamilies_AUTOMATIC
 }
 
 // serviceWaypoint is the Service's waypoint by the binding rules (service

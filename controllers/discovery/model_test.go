@@ -205,6 +205,35 @@ func TestBuildWorkloadFields(t *testing.T) {
 	}
 }
 
+// TestBuildServiceDualStack: both cluster IPs of a dual-stack Service are
+// published, with the families proxies must respect.
+func TestBuildServiceDualStack(t *testing.T) {
+	for _, tc := range []struct {
+		families []corev1.IPFamily
+		ips      []string
+		want     workloadapi.IPFamilies
+		addrLens []int
+	}{
+		{[]corev1.IPFamily{corev1.IPv4Protocol, corev1.IPv6Protocol}, []string{"10.96.0.5", "fd00:96::5"}, workloadapi.IPFamilies_DUAL, []int{4, 16}},
+		{[]corev1.IPFamily{corev1.IPv6Protocol, corev1.IPv4Protocol}, []string{"fd00:96::5", "10.96.0.5"}, workloadapi.IPFamilies_DUAL, []int{16, 4}},
+		{[]corev1.IPFamily{corev1.IPv6Protocol}, []string{"fd00:96::5"}, workloadapi.IPFamilies_IPV6_ONLY, []int{16}},
+		{[]corev1.IPFamily{corev1.IPv4Protocol}, []string{"10.96.0.5"}, workloadapi.IPFamilies_IPV4_ONLY, []int{4}},
+		{nil, []string{"10.96.0.5"}, workloadapi.IPFamilies_AUTOMATIC, []int{4}},
+	} {
+		svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "app"}, Spec: corev1.ServiceSpec{
+			ClusterIP: tc.ips[0], ClusterIPs: tc.ips, IPFamilies: tc.families, Ports: []corev1.ServicePort{{Port: 80}}}}
+		out := buildService(testMesh, view(nil, nil, nil), svc)
+		if out.IpFamilies != tc.want || len(out.Addresses) != len(tc.addrLens) {
+			t.Fatalf("%v: families %v addresses %v, want %v with %d addresses", tc.families, out.IpFamilies, out.Addresses, tc.want, len(tc.addrLens))
+		}
+		for i, n := range tc.addrLens {
+			if len(out.Addresses[i].Address) != n {
+				t.Fatalf("%v: address %d is %d bytes, want %d", tc.families, i, len(out.Addresses[i].Address), n)
+			}
+		}
+	}
+}
+
 // TestSidecarPodTunnel: a pod running the mesh's sidecar advertises HBONE
 // (ztunnels and other sidecars tunnel to its :15008), never a waypoint;
 // look-alikes without the sidecar container, the tunnel label or the

@@ -177,15 +177,14 @@ func (p *Proxy) fastPath(s *session, src, dst *pod, down net.Conn, rt Route, src
 	s.labels.SecurityPolicy = telemetry.MutualTLS
 	s.labels.Reporter = telemetry.ReporterDestination
 	srcW := p.workloadOf(src.info)
-	srcAddr, _ := WorkloadAddr(srcW)
-	if !srcAddr.IsValid() {
-		srcAddr = s.src.Addr()
-	}
+	// Policy sees the address the client used (its IPv6 one when it
+	// connected over IPv6), as the destination would across nodes.
+	srcAddr := fastPathSource(srcW, s.src.Addr())
 	c := rbac.Conn{Source: &srcID, SrcIP: srcAddr, DstIP: rt.Target.Addr(), DstPort: rt.Target.Port()}
 	if err := p.authorize(s, rt.Dest, c); err != nil {
 		return nil, err
 	}
-	up, err := p.dialApp(s, dst, netip.AddrPortFrom(fastPathSource(srcW, s.src.Addr()), 0), rt.Target, false)
+	up, err := p.dialApp(s, dst, netip.AddrPortFrom(srcAddr, 0), rt.Target, false)
 	if err != nil {
 		return nil, err
 	}

@@ -81,15 +81,16 @@ type Router struct {
 // lookupTimeout bounds one endpoint hostname resolution.
 const lookupTimeout = 5 * time.Second
 
-// EndpointAddr is an endpoint's address: its first address, else its
-// hostname resolved (the first IPv4 answer, else the first).
-func (r *Router) EndpointAddr(w *workloadapi.Workload) (netip.Addr, error) {
-	if a, ok := WorkloadAddr(w); ok {
+// EndpointAddr is the address of endpoint w for a connection the client
+// addressed to dst (a service address, or one of w's own): PickAddr of its
+// addresses, else its hostname resolved (an answer of dst's family first).
+func (r *Router) EndpointAddr(w *workloadapi.Workload, dst netip.Addr, families workloadapi.IPFamilies) (netip.Addr, error) {
+	if a, ok := PickAddr(w.GetAddresses(), dst, families); ok {
 		return a, nil
 	}
 	host := w.GetHostname()
 	if host == "" {
-		return netip.Addr{}, proxyerr.New(proxyerr.EndpointUnresolved, "workload %s has no address", w.GetUid())
+		return netip.Addr{}, proxyerr.New(proxyerr.EndpointUnresolved, "workload %s has no %s address", w.GetUid(), familyName(families))
 	}
 	lookup := r.LookupHost
 	if lookup == nil {
@@ -103,12 +104,78 @@ func (r *Router) EndpointAddr(w *workloadapi.Workload) (netip.Addr, error) {
 	if err != nil || len(addrs) == 0 {
 		return netip.Addr{}, proxyerr.Wrap(proxyerr.EndpointUnresolved, err, "resolving %s", host)
 	}
-	for _, a := range addrs {
-		if a.Unmap().Is4() {
-			return a.Unmap(), nil
+	raw := make([][]byte, len(addrs))
+	for i, a := range addrs {
+		raw[i] = a.Unmap().AsSlice()
+	}
+	if !dst.IsValid() {
+		dst = netip.IPv4Unspecified() // no client choice: IPv4 first, as before
+	}
+	if a, ok := PickAddr(raw, dst, families); ok {
+		return a, nil
+	}
+	return netip.Addr{}, proxyerr.New(proxyerr.EndpointUnresolved, "%s has no %s address", host, familyName(families))
+}
+
+// PickAddr chooses among a workload's addresses (one per family on a
+// dual-stack pod) for a connection the client addressed to dst, as Istio's
+// ztunnel does: dst itself when it is one of them; else, among those the
+// service's families allow (families of a single-family Service), the
+// first of dst's family, else the first allowed. A client that chose IPv6
+// thus stays on IPv6 through a dual-stack Service.
+func PickAddr(addrs [][]byte, dst netip.Addr, families workloadapi.IPFamilies) (netip.Addr, bool) {
+	dst = dst.Unmap()
+	var first netip.Addr
+	for _, b := range addrs {
+		a, ok := netip.AddrFromSlice(b)
+		if !ok {
+			continue
+		}
+		a = a.Unmap()
+		if a == dst {
+			return a, true
+		}
+		if !familyAllows(families, a) {
+			continue
+		}
+		if dst.IsValid() && a.Is6() == dst.Is6() {
+			return a, true
+		}
+		if !first.IsValid() {
+			first = a
 		}
 	}
-	return addrs[0].Unmap(), nil
+	return first, first.IsValid()
+}
+
+func familyAllows(f workloadapi.IPFamilies, a netip.Addr) bool {
+	switch f {
+	case workloadapi.IPFamilies_IPV4_ONLY:
+		return a.Is4()
+	case workloadapi.IPFamilies_IPV6_ONLY:
+		return a.Is6()
+	}
+	return true
+}
+
+func familyName(f workloadapi.IPFamilies) string {
+	switch f {
+	case workloadapi.IPFamilies_IPV4_ONLY:
+		return "IPv4"
+	case workloadapi.IPFamilies_IPV6_ONLY:
+		return "IPv6"
+	}
+	return "usable"
+}
+
+// hasAddr reports whether ip is one of w's addresses.
+func hasAddr(w *workloadapi.Workload, ip netip.Addr) bool {
+	for _, b := range w.GetAddresses() {
+		if a, ok := netip.AddrFromSlice(b); ok && a.Unmap() == ip.Unmap() {
+			return true
+		}
+	}
+	return false
 }
 
 // WorkloadIdentity is the SPIFFE identity of w.
@@ -196,7 +263,7 @@ func (r *Router) resolveService(src *workloadapi.Workload, svc *workloadapi.Serv
 		return rt, err
 	}
 	key := discovery.ServiceKey(svc.GetNamespace(), svc.GetHostname())
-	ep, port := r.pickEndpoint(src, svc, key, dst.Port())
+	ep, port := r.pickEndpoint(src, svc, key, dst.Port(), dst.Addr())
 	if ep == nil {
 		if svc.GetLoadBalancing().GetMode() == workloadapi.LoadBalancing_PASSTHROUGH {
 			// No endpoints to choose (ServiceEntry resolution NONE): keep
@@ -207,7 +274,7 @@ func (r *Router) resolveService(src *workloadapi.Workload, svc *workloadapi.Serv
 		}
 		return Route{}, proxyerr.New(proxyerr.NoHealthyUpstream, "service %s has no healthy endpoint", key)
 	}
-	addr, err := r.EndpointAddr(ep)
+	addr, err := r.EndpointAddr(ep, dst.Addr(), svc.GetIpFamilies())
 	if err != nil {
 		return Route{}, err
 	}
@@ -245,11 +312,13 @@ func (r *Router) resolveWorkload(src, w *workloadapi.Workload, dst netip.AddrPor
 // toWaypoint routes to the waypoint, keeping dst (service VIP or pod
 // address) as the CONNECT target.
 func (r *Router) toWaypoint(wp *workloadapi.GatewayAddress, dst netip.AddrPort) (Route, error) {
-	w := r.waypointWorkload(wp)
+	w := r.waypointWorkload(wp, dst.Addr())
 	if w == nil {
 		return Route{}, proxyerr.New(proxyerr.WaypointUnresolved, "waypoint %v has no healthy workload", wp)
 	}
-	addr, _ := WorkloadAddr(w)
+	// The waypoint's address of the client's family (an IPv6 client keeps
+	// IPv6 up to the waypoint too).
+	addr, _ := PickAddr(w.GetAddresses(), dst.Addr(), workloadapi.IPFamilies_AUTOMATIC)
 	port := uint16(wp.GetHboneMtlsPort())
 	if port == 0 {
 		port = hbone.Port
@@ -258,7 +327,7 @@ func (r *Router) toWaypoint(wp *workloadapi.GatewayAddress, dst netip.AddrPort) 
 		Expected: []identity.Identity{r.WorkloadIdentity(w)}, Dest: w}, nil
 }
 
-func (r *Router) waypointWorkload(wp *workloadapi.GatewayAddress) *workloadapi.Workload {
+func (r *Router) waypointWorkload(wp *workloadapi.GatewayAddress, dst netip.Addr) *workloadapi.Workload {
 	var svc *workloadapi.Service
 	switch d := wp.GetDestination().(type) {
 	case *workloadapi.GatewayAddress_Address:
@@ -276,7 +345,7 @@ func (r *Router) waypointWorkload(wp *workloadapi.GatewayAddress) *workloadapi.W
 	if svc == nil {
 		return nil
 	}
-	ep, _ := r.pickEndpoint(nil, svc, discovery.ServiceKey(svc.GetNamespace(), svc.GetHostname()), hbone.Port)
+	ep, _ := r.pickEndpoint(nil, svc, discovery.ServiceKey(svc.GetNamespace(), svc.GetHostname()), hbone.Port, dst)
 	return ep
 }
 
@@ -292,7 +361,7 @@ func (r *Router) isWaypointOf(src *workloadapi.Workload, wp *workloadapi.Gateway
 			return false
 		}
 		ip = ip.Unmap()
-		if a, ok := WorkloadAddr(src); ok && a == ip {
+		if hasAddr(src, ip) {
 			return true
 		}
 		if svc := r.State.ServiceByVIP(ip); svc != nil {
@@ -308,14 +377,15 @@ func (r *Router) isWaypointOf(src *workloadapi.Workload, wp *workloadapi.Gateway
 
 // pickEndpoint round-robins over the healthy endpoints closest to the
 // client src by the Service's locality preference (lb.Closest; all of them
-// without one) and maps the service port to the endpoint's target port.
-func (r *Router) pickEndpoint(src *workloadapi.Workload, svc *workloadapi.Service, key string, svcPort uint16) (*workloadapi.Workload, uint16) {
+// without one) that have an address the Service's IP families allow (or a
+// hostname), and maps the service port to the endpoint's target port.
+func (r *Router) pickEndpoint(src *workloadapi.Workload, svc *workloadapi.Service, key string, svcPort uint16, dst netip.Addr) (*workloadapi.Workload, uint16) {
 	var healthy []*workloadapi.Workload
 	for _, ep := range r.State.Endpoints(key) {
 		if ep == nil || !Eligible(svc, ep) {
 			continue
 		}
-		if _, ok := WorkloadAddr(ep); ok || ep.GetHostname() != "" {
+		if _, ok := PickAddr(ep.GetAddresses(), dst, svc.GetIpFamilies()); ok || ep.GetHostname() != "" {
 			healthy = append(healthy, ep)
 		}
 	}

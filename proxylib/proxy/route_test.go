@@ -195,3 +195,58 @@ func TestRouterServiceEntry(t *testing.T) {
 		t.Fatalf("unresolvable endpoint: %v, want endpoint_unresolved", err)
 	}
 }
+
+// TestPickAddr: which of a dual-stack endpoint's addresses a connection
+// uses (Istio ztunnel's rule: the address dialled, else the client's
+// family within the service's families).
+func TestPickAddr(t *testing.T) {
+	v4, v6 := netip.MustParseAddr("10.244.1.5"), netip.MustParseAddr("fd00:244:1::5")
+	dual := [][]byte{v4.AsSlice(), v6.AsSlice()}
+	vip4, vip6 := netip.MustParseAddr("10.96.0.1"), netip.MustParseAddr("fd00:96::1")
+	for _, tc := range []struct {
+		name  string
+		addrs [][]byte
+		dst   netip.Addr
+		fam   workloadapi.IPFamilies
+		want  netip.Addr
+	}{
+		{"IPv6 VIP picks the IPv6 address", dual, vip6, workloadapi.IPFamilies_DUAL, v6},
+		{"IPv4 VIP picks the IPv4 address", dual, vip4, workloadapi.IPFamilies_DUAL, v4},
+		{"the pod's own address dialled", dual, v6, workloadapi.IPFamilies_AUTOMATIC, v6},
+		{"IPv4-mapped VIP is IPv4", dual, netip.AddrFrom16(vip4.As16()), workloadapi.IPFamilies_AUTOMATIC, v4},
+		{"no IPv6 address: the first", [][]byte{v4.AsSlice()}, vip6, workloadapi.IPFamilies_AUTOMATIC, v4},
+		{"IPv6-only service skips IPv4", dual, vip4, workloadapi.IPFamilies_IPV6_ONLY, v6},
+		{"IPv4-only service, IPv6-only endpoint: none", [][]byte{v6.AsSlice()}, vip4, workloadapi.IPFamilies_IPV4_ONLY, netip.Addr{}},
+		{"no client choice: the first", dual, netip.Addr{}, workloadapi.IPFamilies_AUTOMATIC, v4},
+		{"garbage skipped", [][]byte{{1, 2, 3}, v6.AsSlice()}, vip4, workloadapi.IPFamilies_AUTOMATIC, v6},
+	} {
+		got, ok := PickAddr(tc.addrs, tc.dst, tc.fam)
+		if got != tc.want || ok != tc.want.IsValid() {
+			t.Errorf("%s: got %v %v, want %v", tc.name, got, ok, tc.want)
+		}
+	}
+}
+
+// TestResolveKeepsClientFamily: through a dual-stack service, HBONE goes
+// to the endpoint's address of the family the client dialled.
+func TestResolveKeepsClientFamily(t *testing.T) {
+	s := discovery.NewState()
+	r := &Router{State: s, Node: "n1", TrustDomain: "cluster.local"}
+	key := discovery.ServiceKey("default", "web.default.svc.cluster.local")
+	ep := wl("web-1", "10.244.2.5", "n2", true, func(w *workloadapi.Workload) {
+		w.Addresses = append(w.Addresses, netip.MustParseAddr("fd00:244:2::5").AsSlice())
+		w.Status = workloadapi.WorkloadStatus_HEALTHY
+		w.Services = map[string]*workloadapi.PortList{key: {Ports: []*workloadapi.Port{{ServicePort: 80, TargetPort: 8080}}}}
+	})
+	applyAddr(t, s, ep.Uid, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: ep}})
+	applyAddr(t, s, key, &workloadapi.Address{Type: &workloadapi.Address_Service{Service: &workloadapi.Service{
+		Name: "web", Namespace: "default", Hostname: "web.default.svc.cluster.local", IpFamilies: workloadapi.IPFamilies_DUAL,
+		Addresses: []*workloadapi.NetworkAddress{{Address: netip.MustParseAddr("10.96.0.7").AsSlice()}, {Address: netip.MustParseAddr("fd00:96::7").AsSlice()}},
+		Ports:     []*workloadapi.Port{{ServicePort: 80, TargetPort: 8080}}}}})
+	for dst, want := range map[string]string{"[fd00:96::7]:80": "[fd00:244:2::5]:15008", "10.96.0.7:80": "10.244.2.5:15008"} {
+		rt, err := r.Resolve(nil, netip.MustParseAddrPort(dst))
+		if err != nil || rt.Kind != HBONE || rt.ProxyAddr.String() != want {
+			t.Errorf("%s: %v via %v (%v), want HBONE via %s", dst, rt.Kind, rt.ProxyAddr, err, want)
+		}
+	}
+}

@@ -284,7 +284,7 @@ func (c *connInfo) pickFrom(svc *workloadapi.Service, port uint16, o *outcome) f
 		return func() (netip.AddrPort, func(lb.Outcome), bool) { return vip, func(lb.Outcome) {}, true }
 	}
 	return func() (netip.AddrPort, func(lb.Outcome), bool) {
-		tiers, addrs := c.s.endpointsOf(svc, port)
+		tiers, addrs := c.s.endpointsOf(svc, port, c.dst.target.Addr())
 		k, done, ok := c.s.balancer(discovery.ServiceKey(svc.Namespace, svc.Hostname)).PickTiered(tiers)
 		if !ok {
 			return netip.AddrPort{}, nil, false

@@ -33,7 +33,7 @@ func (s *Server) serveTCP(ctx context.Context, c *connInfo, stream hbone.Stream,
 	ep := c.dst.target
 	done := func(bool) {}
 	if c.dst.service != nil {
-		tiers, addrs := s.endpointsOf(c.dst.service, c.dst.target.Port())
+		tiers, addrs := s.endpointsOf(c.dst.service, c.dst.target.Port(), c.dst.target.Addr())
 		k, fin, ok := s.balancer(discovery.ServiceKey(c.dst.service.Namespace, c.dst.service.Hostname)).PickTiered(tiers)
 		if !ok {
 			labels.ResponseFlags = string(proxyerr.NoHealthyUpstream)

@@ -368,8 +368,10 @@ func (s *Server) balancer(key string) *lb.Balancer {
 }
 
 // endpointsOf lists the healthy endpoints of svc for service port port, as
-// "ip:targetPort" keys, with a lookup back to the workload.
-func (s *Server) endpointsOf(svc *workloadapi.Service, port uint16) ([][]string, map[string]netip.AddrPort) {
+// "ip:targetPort" keys in locality tiers, with a lookup back to the
+// workload. Each endpoint's address is of the family of dst, the address
+// the client used (proxy.PickAddr), when it has one.
+func (s *Server) endpointsOf(svc *workloadapi.Service, port uint16, dst netip.Addr) ([][]string, map[string]netip.AddrPort) {
 	s.demandEndpoints(svc)
 	key := discovery.ServiceKey(svc.Namespace, svc.Hostname)
 	type candidate struct {
@@ -382,10 +384,10 @@ func (s *Server) endpointsOf(svc *workloadapi.Service, port uint16) ([][]string,
 		if ep == nil || !proxy.Eligible(svc, ep) {
 			continue
 		}
-		ip, ok := proxy.WorkloadAddr(ep)
+		ip, ok := proxy.PickAddr(ep.GetAddresses(), dst, svc.GetIpFamilies())
 		if !ok && ep.GetHostname() != "" {
 			var err error
-			if ip, err = s.router.EndpointAddr(ep); err != nil {
+			if ip, err = s.router.EndpointAddr(ep, dst, svc.GetIpFamilies()); err != nil {
 				s.log.Info("endpoint did not resolve", "endpoint", ep.GetHostname(), "err", err.Error())
 				continue
 			}

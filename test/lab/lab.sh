@@ -55,7 +55,7 @@ ensure_binaries() {
 }
 
 # ------------------------------------------------------------------ network
-uplink_dev() { ip -4 route show default | awk '{for (i = 1; i < NF; i++) if ($i == "dev") { print $(i + 1); exit }}'; }
+uplink_dev() { ip "${1:--4}" route show default | awk '{for (i = 1; i < NF; i++) if ($i == "dev") { print $(i + 1); exit }}'; }
 
 net_up() {
   mkdir -p "$RUN/ns"
@@ -70,6 +70,9 @@ net_up() {
     ip addr add "$BRIDGE_IP/24" dev "$BRIDGE"
     ip link set "$BRIDGE" up
   fi
+  # The host's only IPv6 address in the lab: on the bridge, for kubectl and
+  # the tests' view of nodes. The host's IPv6 forwarding is left alone.
+  if dual_stack; then ip addr replace "$BRIDGE_IP6/64" dev "$BRIDGE" nodad; fi
   guard_up
   local short ip
   add_node_netns cp "$CP_IP"
@@ -82,6 +85,7 @@ net_up() {
     while read -r short _ tip tcidr; do
       [ "$short" = "$target" ] && continue
       ip -n "$PREFIX-$target" route replace "$tcidr" via "$tip" dev eth0
+      if dual_stack; then ip -n "$PREFIX-$target" -6 route replace "$(pod_cidr6 "$short")" via "$(node_ip6 "$short")" dev eth0; fi
     done < <(workers)
   done
   # Host-network pods (the node agent) dial service VIPs such as the API's
@@ -89,6 +93,7 @@ net_up() {
   # node has its default route). It stays on the lab bridge.
   while read -r short _; do
     ip -n "$PREFIX-$short" route replace "$SERVICE_CIDR" dev eth0
+    if dual_stack; then ip -n "$PREFIX-$short" -6 route replace "$SERVICE_CIDR6" dev eth0; fi
   done < <(workers)
 }
 
@@ -107,9 +112,18 @@ add_bridge_netns() {
 }
 
 add_node_netns() {
-  add_bridge_netns "$1" "$2"
+  local short=$1 ns=$PREFIX-$1
+  add_bridge_netns "$short" "$2"
+  if dual_stack; then
+    # No duplicate address detection in the node (nor for the link-local
+    # addresses of interfaces made later, such as cni0): while an address is
+    # tentative, the first IPv6 packets through it are lost.
+    ip netns exec "$ns" sysctl -qw net.ipv6.conf.default.accept_dad=0 net.ipv6.conf.all.accept_dad=0
+    ip -n "$ns" addr replace "$(node_ip6 "$short")/64" dev eth0 nodad
+    ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.forwarding=1
+  fi
   # Forwarding inside the node namespace only (per-namespace sysctl).
-  ip netns exec "$PREFIX-$1" sysctl -qw net.ipv4.ip_forward=1
+  ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
 }
 
 # add_outside_netns: the client outside the cluster. On the lab bridge only
@@ -131,11 +145,17 @@ add_external_netns() {
 # guard_up drops anything lab-sourced that would leave through the uplink and
 # anything from the uplink addressed to the lab. Mangle table: kube-proxy and
 # CNI never touch it, so the guard stays first.
+# guard_rules [-6]: the rules for IPv4, or with -6 for the IPv6 ranges
+# (the IPv6 uplink, when the host has an IPv6 default route).
 guard_rules() {
-  local up; up=$(uplink_dev)
+  local up nets net
+  if [ "${1:-}" = -6 ]; then
+    up=$(uplink_dev -6) nets="$NODE_NET6 $CLUSTER_CIDR6 $SERVICE_CIDR6"
+  else
+    up=$(uplink_dev) nets="$NODE_NET $CLUSTER_CIDR $SERVICE_CIDR"
+  fi
   [ -n "$up" ] || return 0
-  local net
-  for net in "$NODE_NET" "$CLUSTER_CIDR" "$SERVICE_CIDR"; do
+  for net in $nets; do
     echo "PREROUTING -i $up -d $net"
     echo "FORWARD -o $up -s $net"
     echo "POSTROUTING -o $up -s $net"
@@ -148,11 +168,21 @@ guard_up() {
     iptables -w -t mangle -C "$chain" $rest -m comment --comment "$GUARD_COMMENT" -j DROP 2>/dev/null ||
       iptables -w -t mangle -I "$chain" 1 $rest -m comment --comment "$GUARD_COMMENT" -j DROP
   done < <(guard_rules)
+  dual_stack || return 0
+  while read -r chain rest; do
+    # shellcheck disable=SC2086
+    ip6tables -w -t mangle -C "$chain" $rest -m comment --comment "$GUARD_COMMENT" -j DROP 2>/dev/null ||
+      ip6tables -w -t mangle -I "$chain" 1 $rest -m comment --comment "$GUARD_COMMENT" -j DROP
+  done < <(guard_rules -6)
 }
+# guard_down removes the guard of both families (whatever LAB_DUAL_STACK
+# says now: an earlier up may have set the IPv6 one).
 guard_down() {
   local rule
   iptables-save -t mangle 2>/dev/null | grep -- "--comment $GUARD_COMMENT" | sed 's/^-A /-D /' |
     while read -r rule; do eval "iptables -w -t mangle $rule" || true; done
+  ip6tables-save -t mangle 2>/dev/null | grep -- "--comment $GUARD_COMMENT" | sed 's/^-A /-D /' |
+    while read -r rule; do eval "ip6tables -w -t mangle $rule" || true; done
 }
 
 # ---------------------------------------------------------------------- PKI
@@ -250,7 +280,7 @@ cp_up() {
     wait_for 60 "etcd" grep -q "ready to serve client requests\|serving client traffic" "$LOGS/etcd.log" || die "etcd did not start (see $LOGS/etcd.log)"
   start_proc kube-apiserver cp "$K8S_BIN/kube-apiserver" \
     --etcd-servers=http://127.0.0.1:2379 --bind-address=0.0.0.0 --advertise-address="$CP_IP" --secure-port=6443 \
-    --service-cluster-ip-range="$SERVICE_CIDR" --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
+    --service-cluster-ip-range="$(svc_cidrs)" --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
     --client-ca-file="$PKI/ca.crt" --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \
     --kubelet-client-certificate="$PKI/apiserver-kubelet-client.crt" --kubelet-client-key="$PKI/apiserver-kubelet-client.key" \
     --kubelet-certificate-authority="$PKI/ca.crt" --kubelet-preferred-address-types=InternalIP \
@@ -267,7 +297,7 @@ cp_up() {
     --authorization-kubeconfig="$STATE/controller-manager.kubeconfig" --bind-address=127.0.0.1 --leader-elect=false \
     --use-service-account-credentials=true --service-account-private-key-file="$PKI/sa.key" --root-ca-file="$PKI/ca.crt" \
     --cluster-signing-cert-file="$PKI/ca.crt" --cluster-signing-key-file="$PKI/ca.key" \
-    --allocate-node-cidrs=false --service-cluster-ip-range="$SERVICE_CIDR" --cluster-cidr="$CLUSTER_CIDR" \
+    --allocate-node-cidrs=false --service-cluster-ip-range="$(svc_cidrs)" --cluster-cidr="$(cluster_cidrs)" \
     --controllers='*,-nodeipam,-cloud-node-lifecycle' --profiling=false
   start_proc kube-scheduler cp "$K8S_BIN/kube-scheduler" \
     --kubeconfig="$STATE/scheduler.kubeconfig" --authentication-kubeconfig="$STATE/scheduler.kubeconfig" \
@@ -380,7 +410,7 @@ EOF
 }
 
 write_cni_conflist() {
-  local dir=$1 cidr=$2 f=$1/fs/etc/cni/net.d/10-alab.conflist
+  local dir=$1 cidr=$2 f=$1/fs/etc/cni/net.d/10-alab.conflist ranges routes
   if [ "$(node_cni "$(basename "$dir")")" = flannel ]; then
     # The pristine copy lets a test rewrite the node's file as flannel's
     # install-cni does on every restart (the node agent must chain in again).
@@ -391,6 +421,12 @@ write_cni_conflist() {
   fi
   # Written once: a node agent that chains its plugin into this file keeps its edit.
   [ -f "$f" ] && return 0
+  # Dual-stack: a second range (the node's IPv6 /64) and default route, so
+  # every pod gets an address of each family (IPv4 first: status.podIP).
+  ranges="[{\"subnet\": \"$cidr\"}]" routes='{"dst": "0.0.0.0/0"}'
+  if dual_stack; then
+    ranges+=", [{\"subnet\": \"$(pod_cidr6 "$(basename "$dir")")\"}]" routes+=', {"dst": "::/0"}'
+  fi
   local chain=""
   [ -n "${LAB_CNI_CHAIN:-}" ] && chain=",
     ${LAB_CNI_CHAIN}"
@@ -407,8 +443,8 @@ write_cni_conflist() {
       "hairpinMode": true,
       "ipam": {
         "type": "host-local",
-        "ranges": [[{"subnet": "$cidr"}]],
-        "routes": [{"dst": "0.0.0.0/0"}]
+        "ranges": [$ranges],
+        "routes": [$routes]
       }
     }$chain
   ]
@@ -458,10 +494,10 @@ mode: iptables
 clientConnection: {kubeconfig: $STATE/kube-proxy.kubeconfig}
 hostnameOverride: $name
 bindAddress: $ip
-clusterCIDR: $CLUSTER_CIDR
+clusterCIDR: $(cluster_cidrs)
 healthzBindAddress: 127.0.0.1:10256
 metricsBindAddress: 127.0.0.1:10249
-nodePortAddresses: ["$ip/32"]
+nodePortAddresses: ["$ip/32"$(dual_stack && echo ", \"$(node_ip6 "$short")/128\"")]
 conntrack:
   maxPerCore: 0
   min: 0
@@ -499,8 +535,10 @@ node_up() {
   wait_for 30 "containerd on $short" in_node "$short" ctr -a /run/containerd/containerd.sock version ||
     die "containerd on $short did not start (see $LOGS/$short-containerd.log)"
   import_images "$short"
+  local node_ips=$ip
+  if dual_stack; then node_ips+=",$(node_ip6 "$short")"; fi
   start_proc "$short-kubelet" "$short" "$K8S_BIN/kubelet" --config="$dir/kubelet.yaml" \
-    --kubeconfig="$dir/kubelet.kubeconfig" --node-ip="$ip" --hostname-override="$name" --v=1
+    --kubeconfig="$dir/kubelet.kubeconfig" --node-ip="$node_ips" --hostname-override="$name" --v=1
   start_proc "$short-kube-proxy" "$short" "$K8S_BIN/kube-proxy" --config="$dir/kube-proxy.yaml"
   say "node $name ($short, $ip, pods $cidr): containerd, kubelet, kube-proxy started"
 }
@@ -545,7 +583,9 @@ nodes_finish() {
   while read -r short name ip cidr; do
     wait_for 120 "node $name to register" kc get node "$name" || die "node $name did not register (see $LOGS/$short-kubelet.log)"
     if [ -z "$(kc get node "$name" -o jsonpath='{.spec.podCIDR}')" ]; then
-      kc patch node "$name" --type merge -p "{\"spec\":{\"podCIDR\":\"$cidr\",\"podCIDRs\":[\"$cidr\"]}}" >/dev/null
+      local cidrs="\"$cidr\""
+      if dual_stack; then cidrs+=",\"$(pod_cidr6 "$short")\""; fi
+      kc patch node "$name" --type merge -p "{\"spec\":{\"podCIDR\":\"$cidr\",\"podCIDRs\":[$cidrs]}}" >/dev/null
     fi
     kc label node "$name" --overwrite node-role.kubernetes.io/worker= ambient.lab/node="$short" ambient.lab/cni="$(node_cni "$short")" >/dev/null
     # flanneld's kube subnet manager leases the node's podCIDR: start it once set.
@@ -665,12 +705,17 @@ up() {
   mkdir -p "$STATE" "$LOGS" "$RUN"
   if [ ! -f "$STATE/.up" ]; then rm -f "$LOGS"/*.log; fi
   say "lab up: $LAB_WORKERS workers, state in $STATE, logs in $LOGS"
+  # A lab keeps the address families it came up with.
+  if [ -f "$STATE/.up" ] && [ "$(cat "$STATE/dual-stack" 2>/dev/null || echo 0)" != "$LAB_DUAL_STACK" ]; then
+    die "the lab is up with LAB_DUAL_STACK=$(cat "$STATE/dual-stack" 2>/dev/null || echo 0); run test/lab/lab.sh down first to change it"
+  fi
   ensure_packages
   ensure_binaries
   say "binaries and images ready"
   touch "$STATE/.up"
+  echo "$LAB_DUAL_STACK" >"$STATE/dual-stack"
   net_up
-  say "network: bridge $BRIDGE $NODE_NET, netns $(ip netns list | awk '{print $1}' | grep "^$PREFIX-" | tr '\n' ' ')"
+  say "network: bridge $BRIDGE $NODE_NET$(dual_stack && echo " $NODE_NET6"), netns $(ip netns list | awk '{print $1}' | grep "^$PREFIX-" | tr '\n' ' ')"
   pki_up
   write_kubeconfig "$KUBECONFIG_FILE" admin
   write_kubeconfig "$STATE/kube-proxy.kubeconfig" kube-proxy

@@ -45,6 +45,29 @@ OUTSIDE_IP=10.201.0.250
 EXTERNAL_IP=10.201.0.251
 LB_POOL=10.201.0.200-10.201.0.220
 
+# Dual-stack (LAB_DUAL_STACK=1, the default; 0 for IPv4 only): the same
+# layout with IPv6 unique local addresses beside the IPv4 ones. Nodes get
+# fd00:201::1<N> on the lab bridge (the host holds only fd00:201::1), pods
+# fd00:244:<N>::/64 per node, Services a second cluster IP from
+# fd00:96::/112. IPv4 stays the primary family (listed first), so
+# single-stack Services and every IPv4 scenario are unchanged. Nothing is
+# routed or forwarded toward the uplink for IPv6 either (guard_up).
+# A flannel worker (LAB_FLANNEL_NODES) runs IPv4 only: its default is 0.
+export LAB_DUAL_STACK=${LAB_DUAL_STACK:-$([ -n "${LAB_FLANNEL_NODES:-}" ] && echo 0 || echo 1)}
+NODE_NET6=fd00:201::/64
+BRIDGE_IP6=fd00:201::1
+CP_IP6=fd00:201::2
+CLUSTER_CIDR6=fd00:244::/32
+SERVICE_CIDR6=fd00:96::/112
+dual_stack() { [ "$LAB_DUAL_STACK" = 1 ]; }
+# node_ip6 / pod_cidr6 <short>: a worker's IPv6 node address and pod range
+# (cp has index 0: fd00:201::2 is CP_IP6).
+node_ip6() { local i=${1#w}; [ "$1" = cp ] && { echo "$CP_IP6"; return; }; echo "fd00:201::$((10 + i))"; }
+pod_cidr6() { echo "fd00:244:${1#w}::/64"; }
+# svc_cidrs / cluster_cidrs: the ranges for flags taking one per family.
+svc_cidrs() { if dual_stack; then echo "$SERVICE_CIDR,$SERVICE_CIDR6"; else echo "$SERVICE_CIDR"; fi; }
+cluster_cidrs() { if dual_stack; then echo "$CLUSTER_CIDR,$CLUSTER_CIDR6"; else echo "$CLUSTER_CIDR"; fi; }
+
 # Worker nodes: "<short> <node name> <node ip> <pod cidr>".
 LAB_WORKERS=${LAB_WORKERS:-2}
 workers() {

@@ -73,6 +73,7 @@ type Mesh struct {
 	DNSNameservers []string
 
 	serviceAccounts []string
+	dualStack       bool
 	logTransport    bool
 	dns             bool
 	onDemand        bool
@@ -106,6 +107,13 @@ func WithDNS() Option {
 		m.dns, m.CaptureDNS = true, true
 		m.DNSRedirect = redirect.NewNFTables(redirect.DefaultConfig().WithDNS())
 	}
+}
+
+// WithDualStack publishes every pod with both of its addresses (IPv4
+// first, as the control plane lists a dual-stack pod's status.podIPs); pods
+// always have both, this only says whether discovery knows the IPv6 one.
+func WithDualStack() Option {
+	return func(m *Mesh) { m.dualStack = true }
 }
 
 // WithOnDemand makes every ztunnel node-scoped: its State holds services,
@@ -192,7 +200,11 @@ func (m *Mesh) AddNode(name string) *Node {
 func (m *Mesh) AddPod(n *Node, name, sa string, captured bool, mut ...func(*workloadapi.Workload)) *Pod {
 	np := n.AddPod(name)
 	p := &Pod{Pod: np, PodName: name, Namespace: Namespace, ServiceAccount: sa, Node: n, UID: discovery.PodUID(ClusterID, Namespace, name)}
-	p.Workload = &workloadapi.Workload{Uid: p.UID, Name: name, Namespace: Namespace, Addresses: [][]byte{np.IP.AsSlice()},
+	addrs := [][]byte{np.IP.AsSlice()}
+	if m.dualStack {
+		addrs = append(addrs, np.IP6.AsSlice())
+	}
+	p.Workload = &workloadapi.Workload{Uid: p.UID, Name: name, Namespace: Namespace, Addresses: addrs,
 		TrustDomain: m.CA.TrustDomain, ServiceAccount: sa, Node: n.NodeName, WorkloadName: strings.TrimRight(name, "-0123456789"),
 		CanonicalName: strings.TrimRight(name, "-0123456789"), CanonicalRevision: "v1", ClusterId: ClusterID,
 		WorkloadType: workloadapi.WorkloadType_POD, Status: workloadapi.WorkloadStatus_HEALTHY}

@@ -108,6 +108,9 @@ func (p *Pod) ID() identity.Identity {
 // Addr is the pod's IPv4 address with port.
 func (p *Pod) Addr(port uint16) netip.AddrPort { return netip.AddrPortFrom(p.IP, port) }
 
+// Addr6 is the pod's IPv6 address with port.
+func (p *Pod) Addr6(port uint16) netip.AddrPort { return netip.AddrPortFrom(p.IP6, port) }
+
 // ServeHTTP runs an httpbin-like server on port that answers "<pod name>"
 // (to a POST: "<pod name> got <body length>") until t ends.
 func (p *Pod) ServeHTTP(t testing.TB, port int) {

@@ -124,7 +124,11 @@ func (n *NS) Path() string { return "/run/netns/" + n.Name }
 // Open returns a file referring to the namespace (caller closes it).
 func (n *NS) Open() (*os.File, error) { return os.Open(n.Path()) }
 
-// NewNS creates a namespace with loopback up.
+// NewNS creates a namespace with loopback up. Interfaces created in it
+// later skip IPv6 duplicate address detection for their link-local
+// addresses too: while a link-local address is tentative, neighbor
+// discovery from that interface cannot start, so the first IPv6 packets
+// after a pod appears (a DNS reply, a SYN-ACK) were lost.
 func (l *Lab) NewNS(name string) *NS {
 	l.t.Helper()
 	ns := &NS{lab: l, Name: l.Prefix + name}
@@ -133,6 +137,8 @@ func (l *Lab) NewNS(name string) *NS {
 	l.nss = append(l.nss, ns)
 	l.mu.Unlock()
 	ns.MustIP("link", "set", "lo", "up")
+	ns.Sysctl("net.ipv6.conf.default.accept_dad", "0")
+	ns.Sysctl("net.ipv6.conf.all.accept_dad", "0")
 	return ns
 }
 

@@ -73,21 +73,7 @@ func TestDNSProxy(t *testing.T) {
 	m.SyncAll()
 
 	// The test resolver: a pod outside the mesh on node2.
-	res := m.AddPod(m.Nodes[1], "testresolver-1", "outside", false)
-	rf, err := res.Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	pc, err := netnsutil.ListenUDP(rf, "0.0.0.0:53", netnsutil.SocketOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := netnsutil.ListenTCP(rf, "0.0.0.0:53", netnsutil.SocketOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	rf.Close()
-	resolver := dnsproxytest.Serve(t, pc, ln)
+	res, resolver := addResolverPod(t, m, "0.0.0.0:53")
 	nameserver := netip.AddrPortFrom(res.IP, 53)
 	m.DNSNameservers = []string{nameserver.String()}
 
@@ -195,6 +181,27 @@ func TestDNSProxy(t *testing.T) {
 			t.Fatalf("captured per pod %v: want sleep-1 only", pods)
 		}
 	})
+}
+
+// addResolverPod runs the test resolver (dnsproxytest) on UDP and TCP addr
+// in "testresolver-1", a pod outside the mesh on the second node.
+func addResolverPod(t *testing.T, m *meshtest.Mesh, addr string) (*meshtest.Pod, *dnsproxytest.Resolver) {
+	t.Helper()
+	res := m.AddPod(m.Nodes[1], "testresolver-1", "outside", false)
+	rf, err := res.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rf.Close()
+	pc, err := netnsutil.ListenUDP(rf, addr, netnsutil.SocketOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := netnsutil.ListenTCP(rf, addr, netnsutil.SocketOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res, dnsproxytest.Serve(t, pc, ln)
 }
 
 // dnsCounter reads istio_dns_requests_total of one series on node n.

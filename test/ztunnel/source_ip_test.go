@@ -278,6 +278,21 @@ func TestSourceIPThroughWaypoint(t *testing.T) {
 	})
 }
 
+// addWaypointPod adds the waypoint pod "waypoint-1" on n (outside the
+// redirection, HBONE-capable) behind its Service at vip, and returns the
+// pod and the GatewayAddress that binds workloads or services to it.
+func addWaypointPod(m *meshtest.Mesh, n *meshtest.Node, vip netip.Addr) (*meshtest.Pod, *workloadapi.GatewayAddress) {
+	const host = "waypoint.default.svc.cluster.local"
+	key := discovery.ServiceKey("default", host)
+	wp := m.AddPod(n, "waypoint-1", "waypoint", false, func(w *workloadapi.Workload) {
+		w.WorkloadName, w.TunnelProtocol = "waypoint", workloadapi.TunnelProtocol_HBONE
+		w.Services = map[string]*workloadapi.PortList{key: {Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}}}
+	})
+	m.CP.Service(&workloadapi.Service{Name: "waypoint", Namespace: "default", Hostname: host,
+		Addresses: []*workloadapi.NetworkAddress{{Address: vip.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}})
+	return wp, &workloadapi.GatewayAddress{Destination: &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: vip.AsSlice()}}, HboneMtlsPort: 15008}
+}
+
 // startForwardedReporter runs an HBONE server in the waypoint pod that
 // answers each tunnel with the Forwarded header it received.
 func startForwardedReporter(t *testing.T, m *meshtest.Mesh, wp *meshtest.Pod) {
@@ -338,16 +353,8 @@ func TestSourceIPThroughRealWaypoint(t *testing.T) {
 	wpState := m.NewWaypointState()
 	m.SyncAll()
 
-	wpVIP := netip.MustParseAddr("10.96.0.20")
-	wpKey := discovery.ServiceKey("default", "waypoint.default.svc.cluster.local")
-	gw := &workloadapi.GatewayAddress{Destination: &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: wpVIP.AsSlice()}}, HboneMtlsPort: 15008}
 	sleep := m.AddPod(m.Nodes[0], "sleep-1", "sleep", true)
-	wp := m.AddPod(m.Nodes[1], "waypoint-1", "waypoint", false, func(w *workloadapi.Workload) {
-		w.WorkloadName, w.TunnelProtocol = "waypoint", workloadapi.TunnelProtocol_HBONE
-		w.Services = map[string]*workloadapi.PortList{wpKey: {Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}}}
-	})
-	m.CP.Service(&workloadapi.Service{Name: "waypoint", Namespace: "default", Hostname: "waypoint.default.svc.cluster.local",
-		Addresses: []*workloadapi.NetworkAddress{{Address: wpVIP.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}})
+	wp, gw := addWaypointPod(m, m.Nodes[1], netip.MustParseAddr("10.96.0.20"))
 	app := m.AddPod(m.Nodes[1], "httpbin-1", "httpbin", true, func(w *workloadapi.Workload) { w.Waypoint = gw })
 	// Client ends first: the waypoint's TCP relay resets a tunnel whose
 	// server closes first (seen with and without source preservation).

@@ -207,7 +207,8 @@ func TestJourneyProxyConfig(t *testing.T) {
 	}
 	eventually(t, 30*time.Second, "workloads listed", func() error {
 		wl := run("proxy-config", "workloads", zt+"."+meshNS)
-		if !regexp.MustCompile(`(?m)^httpbin-\S+\s+` + demoNS + `\s+[0-9.]+\s+\S+\s+None\s+HBONE`).MatchString(wl) {
+		// IP: the pod's addresses, IPv4 first (both families in a dual-stack lab).
+		if !regexp.MustCompile(`(?m)^httpbin-\S+\s+` + demoNS + `\s+[0-9.]+(,[0-9a-f:]+)?\s+\S+\s+None\s+HBONE`).MatchString(wl) {
 			return fmt.Errorf("httpbin not listed as HBONE:\n%s", wl)
 		}
 		return nil
