@@ -16,9 +16,7 @@ import (
 // the command line has always accepted any flag before or after the command
 // (`ambientctl -n demo waypoint apply`), and it still does.
 func addFlags(fs *pflag.FlagSet, o *options) {
-	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "path to the kubeconfig (default: $KUBECONFIG or ~/.kube/config)")
-	fs.StringVar(&o.context, "context", "", "kubeconfig context to use")
-	fs.StringVarP(&o.namespace, "namespace", "n", "", "namespace (default: the kubeconfig's namespace)")
+	o.kube = newConfigFlags(fs)
 	fs.BoolVarP(&o.allNamespaces, "all-namespaces", "A", false, "waypoint list: every namespace")
 	fs.StringVarP(&o.output, "output", "o", "table", "output format: table, json or yaml")
 	fs.StringVar(&o.meshNamespace, "mesh-namespace", "", "namespace of the mesh components (default: from the AmbientMesh, else ambient-system)")
@@ -147,7 +145,7 @@ func proxyConfigCmd(inv *invocation) *cobra.Command {
 				return fmt.Errorf("%w: proxy-config takes one pod, got %q", errUsage, pos[1:])
 			}
 			if len(pos) == 2 {
-				inv.pod, inv.podNS = splitPodTarget(pos[1], inv.opts.namespace)
+				inv.pod, inv.podNS = splitPodTarget(pos[1], inv.opts.flagNamespace())
 			}
 			return nil
 		},

@@ -25,6 +25,8 @@ import (
 	"syscall"
 	"time"
 
+	"k8s.io/cli-runtime/pkg/genericclioptions"
+
 	"github.com/ambientmesh/ambient/proxylib/meshgraph/dashboard"
 )
 
@@ -74,9 +76,9 @@ Flags:
 
 // options are the flags of every command.
 type options struct {
-	kubeconfig     string
-	context        string
-	namespace      string
+	// kube holds kubectl's connection flags (--kubeconfig, --context,
+	// -n/--namespace, --cluster, --user, --as, ...), so they behave as kubectl's.
+	kube           *genericclioptions.ConfigFlags
 	allNamespaces  bool
 	output         string
 	meshNamespace  string
