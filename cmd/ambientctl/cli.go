@@ -104,12 +104,25 @@ func newRootCmd(inv *invocation) *cobra.Command {
 		}
 		defaultHelp(c, args)
 	})
+	completeWords(root, "output", "table", "json", "yaml")
+	completeWords(root, "for", "service", "workload", "all", "none")
 	root.AddCommand(proxyConfigCmd(inv), waypointCmdTree(inv), gatewayCmd(inv), dashboardCommand(inv),
 		noArgsCmd(inv, "status", "AmbientMesh conditions and the mesh's ztunnel and node-agent pods"),
 		noArgsCmd(inv, "precheck", "cluster prerequisites of the mesh"),
 		noArgsCmd(inv, "version", "print the version"))
 	return root
 }
+
+// completeWords completes a persistent flag of root with fixed words.
+func completeWords(root *cobra.Command, flag string, words ...string) {
+	_ = root.RegisterFlagCompletionFunc(flag, func(*cobra.Command, []string, string) ([]string, cobra.ShellCompDirective) {
+		return words, cobra.ShellCompDirectiveNoFileComp
+	})
+}
+
+// proxyConfigSectionNames are the sections shell completion offers: the
+// canonical names and istioctl's certificates.
+var proxyConfigSectionNames = []string{"workloads", "secrets", "certificates", "services", "policies", "dns", "all"}
 
 // noArgsCmd is a command that takes no positional arguments.
 func noArgsCmd(inv *invocation, name, short string) *cobra.Command {
@@ -131,6 +144,12 @@ func proxyConfigCmd(inv *invocation) *cobra.Command {
 		Aliases: []string{"pc", "ztunnel-config", "zc"}, // ztunnel-config: istioctl's name
 		Short:   "show what a ztunnel (or waypoint) knows, from its admin endpoint",
 		Args:    cobra.ArbitraryArgs,
+		ValidArgsFunction: func(_ *cobra.Command, args []string, _ string) ([]string, cobra.ShellCompDirective) {
+			if len(args) == 0 {
+				return proxyConfigSectionNames, cobra.ShellCompDirectiveNoFileComp
+			}
+			return nil, cobra.ShellCompDirectiveNoFileComp // pods would need the cluster
+		},
 		RunE: func(_ *cobra.Command, pos []string) error {
 			inv.cmd = "proxy-config"
 			if len(pos) == 0 {
