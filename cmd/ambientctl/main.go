@@ -9,9 +9,11 @@
 //	ambientctl precheck
 //	ambientctl status
 //	ambientctl dashboard [--listen 127.0.0.1:20001] [--refresh 5s] [--metrics-url ROLE:NS/POD[/WORKLOAD]=URL ...]
+//	ambientctl completion bash|zsh|fish|powershell
 //
 // It reads proxies through the API server (a port-forward to the admin port
-// :15000), so it needs nothing but a kubeconfig.
+// :15000), so it needs nothing but a kubeconfig. The command line is a cobra
+// tree (cli.go) with kubectl's connection flags (k8s.io/cli-runtime).
 package main
 
 import (
@@ -70,8 +72,10 @@ Commands:
       ROLE ztunnel, waypoint or gateway) scrapes proxies directly instead,
       without a cluster (no policy links then).
   version
+  completion bash|zsh|fish|powershell
+      Shell completion script (e.g. source <(ambientctl completion bash)).
 
-Flags:
+Flags (--kubeconfig, --context, -n and the other connection flags are kubectl's):
 `
 
 // options are the flags of every command.
