@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"github.com/spf13/pflag"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -49,7 +50,9 @@ func TestKubeSource(t *testing.T) {
 	if err := os.WriteFile(path, kc, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	k, err := newKube(options{kubeconfig: path})
+	o := options{kube: newConfigFlags(pflag.NewFlagSet("test", pflag.ContinueOnError))}
+	o.kube.KubeConfig = &path
+	k, err := newKube(o)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,13 +11,14 @@ import (
 	"strings"
 	"time"
 
+	"github.com/spf13/pflag"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/cli-runtime/pkg/genericclioptions"
 	"k8s.io/client-go/kubernetes"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/tools/portforward"
 	"k8s.io/client-go/transport/spdy"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -38,22 +39,40 @@ type kube struct {
 	opts      options
 }
 
-func newKube(o options) (*kube, error) {
-	rules := clientcmd.NewDefaultClientConfigLoadingRules()
-	if o.kubeconfig != "" {
-		rules.ExplicitPath = o.kubeconfig
+// newConfigFlags registers kubectl's connection flags on fs. kubectl's -s
+// shorthand of --server is taken by --for-service-account, so --server is
+// registered without it.
+func newConfigFlags(fs *pflag.FlagSet) *genericclioptions.ConfigFlags {
+	cf := genericclioptions.NewConfigFlags(true)
+	server := cf.APIServer
+	cf.APIServer = nil
+	cf.AddFlags(fs)
+	cf.APIServer = server
+	fs.StringVar(cf.APIServer, "server", "", "The address and port of the Kubernetes API server")
+	return cf
+}
+
+// flagNamespace is the -n flag ("" when not given).
+func (o options) flagNamespace() string {
+	if o.kube == nil || o.kube.Namespace == nil {
+		return ""
 	}
-	cc := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{CurrentContext: o.context})
-	cfg, err := cc.ClientConfig()
+	return *o.kube.Namespace
+}
+
+func newKube(o options) (*kube, error) {
+	if o.kube == nil {
+		o.kube = newConfigFlags(pflag.NewFlagSet("kube", pflag.ContinueOnError))
+	}
+	cfg, err := o.kube.ToRESTConfig()
 	if err != nil {
 		return nil, fmt.Errorf("loading kubeconfig: %w", err)
 	}
 	cfg.UserAgent = "ambientctl/" + version
-	ns := o.namespace
-	if ns == "" {
-		if ns, _, err = cc.Namespace(); err != nil || ns == "" {
-			ns = "default"
-		}
+	// -n, else the kubeconfig context's namespace, else default: as kubectl.
+	ns, _, err := o.kube.ToRawKubeConfigLoader().Namespace()
+	if err != nil || ns == "" {
+		ns = "default"
 	}
 	cs, err := kubernetes.NewForConfig(cfg)
 	if err != nil {

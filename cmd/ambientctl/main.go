@@ -9,9 +9,11 @@
 //	ambientctl precheck
 //	ambientctl status
 //	ambientctl dashboard [--listen 127.0.0.1:20001] [--refresh 5s] [--metrics-url ROLE:NS/POD[/WORKLOAD]=URL ...]
+//	ambientctl completion bash|zsh|fish|powershell
 //
 // It reads proxies through the API server (a port-forward to the admin port
-// :15000), so it needs nothing but a kubeconfig.
+// :15000), so it needs nothing but a kubeconfig. The command line is a cobra
+// tree (cli.go) with kubectl's connection flags (k8s.io/cli-runtime).
 package main
 
 import (
@@ -25,9 +27,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/spf13/pflag"
+	"k8s.io/cli-runtime/pkg/genericclioptions"
 
-	meshv1 "github.com/ambientmesh/ambient/api/v1alpha1"
 	"github.com/ambientmesh/ambient/proxylib/meshgraph/dashboard"
 )
 
@@ -71,15 +72,17 @@ Commands:
       ROLE ztunnel, waypoint or gateway) scrapes proxies directly instead,
       without a cluster (no policy links then).
   version
+  completion bash|zsh|fish|powershell
+      Shell completion script (e.g. source <(ambientctl completion bash)).
 
-Flags:
+Flags (--kubeconfig, --context, -n and the other connection flags are kubectl's):
 `
 
 // options are the flags of every command.
 type options struct {
-	kubeconfig     string
-	context        string
-	namespace      string
+	// kube holds kubectl's connection flags (--kubeconfig, --context,
+	// -n/--namespace, --cluster, --user, --as, ...), so they behave as kubectl's.
+	kube           *genericclioptions.ConfigFlags
 	allNamespaces  bool
 	output         string
 	meshNamespace  string
@@ -110,150 +113,6 @@ type invocation struct {
 	flagHelp    string
 }
 
-func newFlagSet(o *options) *pflag.FlagSet {
-	fs := pflag.NewFlagSet("ambientctl", pflag.ContinueOnError)
-	fs.SetInterspersed(true)
-	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "path to the kubeconfig (default: $KUBECONFIG or ~/.kube/config)")
-	fs.StringVar(&o.context, "context", "", "kubeconfig context to use")
-	fs.StringVarP(&o.namespace, "namespace", "n", "", "namespace (default: the kubeconfig's namespace)")
-	fs.BoolVarP(&o.allNamespaces, "all-namespaces", "A", false, "waypoint list: every namespace")
-	fs.StringVarP(&o.output, "output", "o", "table", "output format: table, json or yaml")
-	fs.StringVar(&o.meshNamespace, "mesh-namespace", "", "namespace of the mesh components (default: from the AmbientMesh, else ambient-system)")
-	fs.StringVarP(&o.serviceAccount, "for-service-account", "s", "", "waypoint: serve only this service account")
-	fs.StringVar(&o.name, "name", "", "waypoint: name of the WaypointPolicy (default: waypoint, or the service account)")
-	fs.BoolVar(&o.wait, "wait", false, "waypoint apply: wait until the waypoint is Ready")
-	fs.StringVar(&o.forTraffic, "for", "", "waypoint apply|generate: traffic the waypoint serves: service, workload, all or none (as istioctl; default service)")
-	fs.BoolVar(&o.enroll, "enroll-namespace", false, "waypoint apply: label the namespace istio.io/use-waypoint=<name>")
-	fs.BoolVar(&o.overwrite, "overwrite", false, "waypoint apply --enroll-namespace: replace the namespace's use-waypoint label naming another waypoint")
-	fs.BoolVar(&o.all, "all", false, "waypoint delete: every waypoint of the namespace")
-	fs.DurationVar(&o.timeout, "timeout", 60*time.Second, "overall timeout")
-	fs.IntVar(&o.adminPort, "admin-port", 15000, "proxy admin port")
-	fs.StringVar(&o.listen, "listen", "127.0.0.1:20001", "dashboard: loopback address to serve on (port 0 picks a free one)")
-	fs.DurationVar(&o.refresh, "refresh", 5*time.Second, "dashboard: how often the proxies are scraped")
-	fs.StringArrayVar(&o.metricsURLs, "metrics-url", nil, "dashboard: scrape ROLE:NAMESPACE/POD[/WORKLOAD]=URL instead of the cluster's proxies (repeatable)")
-	return fs
-}
-
-var proxyConfigSections = map[string]string{
-	"workload": "workloads", "workloads": "workloads", "wl": "workloads",
-	"secret": "secrets", "secrets": "secrets",
-	"certificate": "secrets", "certificates": "secrets", "certs": "secrets", // istioctl ztunnel-config's name
-	"service": "services", "services": "services", "svc": "services",
-	"policy": "policies", "policies": "policies",
-	"dns": "dns",
-	"all": "all",
-}
-
-// parseArgs turns a command line into an invocation; it never touches a cluster.
-func parseArgs(args []string) (invocation, error) {
-	var inv invocation
-	fs := newFlagSet(&inv.opts)
-	fs.SetOutput(io.Discard)
-	inv.flagHelp = fs.FlagUsages()
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, pflag.ErrHelp) {
-			inv.cmd = "help"
-			return inv, nil
-		}
-		return inv, fmt.Errorf("%w: %v", errUsage, err)
-	}
-	switch inv.opts.output {
-	case "table", "json", "yaml":
-	default:
-		return inv, fmt.Errorf("%w: unknown output format %q (table, json, yaml)", errUsage, inv.opts.output)
-	}
-	pos := fs.Args()
-	if len(pos) == 0 {
-		return inv, fmt.Errorf("%w: no command given", errUsage)
-	}
-	inv.cmd, pos = pos[0], pos[1:]
-	switch inv.cmd {
-	case "proxy-config", "pc", "ztunnel-config", "zc": // ztunnel-config: istioctl's name
-		inv.cmd = "proxy-config"
-		if len(pos) == 0 {
-			return inv, fmt.Errorf("%w: proxy-config needs a section: workloads, secrets, services, policies or all", errUsage)
-		}
-		sec, ok := proxyConfigSections[pos[0]]
-		if !ok {
-			return inv, fmt.Errorf("%w: unknown proxy-config section %q", errUsage, pos[0])
-		}
-		inv.sub = sec
-		if len(pos) > 2 {
-			return inv, fmt.Errorf("%w: proxy-config takes one pod, got %q", errUsage, pos[1:])
-		}
-		if len(pos) == 2 {
-			inv.pod, inv.podNS = splitPodTarget(pos[1], inv.opts.namespace)
-		}
-	case "waypoint", "wp":
-		inv.cmd = "waypoint"
-		if len(pos) == 0 {
-			return inv, fmt.Errorf("%w: waypoint needs apply, list or delete", errUsage)
-		}
-		inv.sub, pos = pos[0], pos[1:]
-		switch inv.sub {
-		case "apply", "generate":
-			if len(pos) > 0 {
-				return inv, fmt.Errorf("%w: waypoint %s takes no arguments (use --name, --for-service-account)", errUsage, inv.sub)
-			}
-			switch meshv1.TrafficType(inv.opts.forTraffic) {
-			case "", meshv1.TrafficService, meshv1.TrafficWorkload, meshv1.TrafficAll, meshv1.TrafficNone:
-			default:
-				return inv, fmt.Errorf("%w: --for %q: want service, workload, all or none", errUsage, inv.opts.forTraffic)
-			}
-			if inv.sub == "generate" && (inv.opts.enroll || inv.opts.wait) {
-				return inv, fmt.Errorf("%w: waypoint generate only prints the waypoint (no --enroll-namespace, --wait)", errUsage)
-			}
-		case "list", "status":
-			if len(pos) > 0 {
-				return inv, fmt.Errorf("%w: waypoint %s takes no arguments (status: --name)", errUsage, inv.sub)
-			}
-		case "delete":
-			if len(pos) > 0 {
-				inv.names = pos
-			}
-			if len(pos) == 0 && inv.opts.serviceAccount == "" && inv.opts.name == "" && !inv.opts.all {
-				inv.names = []string{defaultWaypointName}
-			}
-			if inv.opts.all && len(pos) > 0 {
-				return inv, fmt.Errorf("%w: waypoint delete: give names or --all, not both", errUsage)
-			}
-		default:
-			return inv, fmt.Errorf("%w: unknown waypoint command %q (generate, apply, list, status, delete)", errUsage, inv.sub)
-		}
-	case "gateway", "gw":
-		inv.cmd = "gateway"
-		if len(pos) != 1 || pos[0] != "list" {
-			return inv, fmt.Errorf("%w: gateway takes one command: list", errUsage)
-		}
-		inv.sub = "list"
-	case "dashboard", "dash":
-		inv.cmd = "dashboard"
-		if len(pos) > 0 {
-			return inv, fmt.Errorf("%w: dashboard takes no arguments", errUsage)
-		}
-		if err := checkLoopback(inv.opts.listen); err != nil {
-			return inv, err
-		}
-		if inv.opts.refresh < time.Second {
-			return inv, fmt.Errorf("%w: --refresh %s: at least 1s", errUsage, inv.opts.refresh)
-		}
-		for _, m := range inv.opts.metricsURLs {
-			t, err := parseMetricsURL(m)
-			if err != nil {
-				return inv, err
-			}
-			inv.metricsURLs = append(inv.metricsURLs, t)
-		}
-	case "status", "version", "help", "precheck":
-		if len(pos) > 0 {
-			return inv, fmt.Errorf("%w: %s takes no arguments", errUsage, inv.cmd)
-		}
-	default:
-		return inv, fmt.Errorf("%w: unknown command %q", errUsage, inv.cmd)
-	}
-	return inv, nil
-}
-
 // splitPodTarget splits istioctl's "<pod>.<namespace>" form. Pod names may
 // contain dots, so the namespace is what follows the last one.
 func splitPodTarget(target, defaultNS string) (pod, ns string) {
@@ -264,17 +123,13 @@ func splitPodTarget(target, defaultNS string) (pod, ns string) {
 }
 
 func main() {
-	inv, err := parseArgs(os.Args[1:])
-	if inv.cmd == "help" || errors.Is(err, errUsage) {
-		w := os.Stdout
-		if err != nil {
-			w = os.Stderr
-			fmt.Fprintf(w, "error: %v\n\n", strings.TrimPrefix(err.Error(), "usage: "))
-		}
-		fmt.Fprint(w, usage+inv.flagHelp)
-		if err != nil {
-			os.Exit(2)
-		}
+	inv, err := parseArgsTo(os.Args[1:], os.Stdout)
+	if err != nil { // every parse error is a usage error
+		fmt.Fprintf(os.Stderr, "error: %v\n\n", strings.TrimPrefix(err.Error(), "usage: "))
+		fmt.Fprint(os.Stderr, usage+inv.flagHelp)
+		os.Exit(2)
+	}
+	if inv.cmd == "help" { // cobra printed the help or completion script
 		return
 	}
 	if inv.cmd == "version" {

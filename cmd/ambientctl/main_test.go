@@ -97,11 +97,11 @@ func TestParseArgs(t *testing.T) {
 			want: invocation{cmd: "proxy-config", sub: "workloads", pod: "a.b", podNS: "c"}},
 		{name: "waypoint apply for SA", args: []string{"waypoint", "apply", "-n", "demo", "--for-service-account", "httpbin", "--wait"},
 			want:  invocation{cmd: "waypoint", sub: "apply"},
-			check: func(o options) bool { return o.namespace == "demo" && o.serviceAccount == "httpbin" && o.wait }},
+			check: func(o options) bool { return o.flagNamespace() == "demo" && o.serviceAccount == "httpbin" && o.wait }},
 		{name: "istioctl's waypoint apply flags", args: []string{"waypoint", "apply", "-n", "demo", "--for", "workload", "--name", "wl", "--enroll-namespace", "--overwrite"},
 			want: invocation{cmd: "waypoint", sub: "apply"},
 			check: func(o options) bool {
-				return o.forTraffic == "workload" && o.name == "wl" && o.enroll && o.overwrite && o.namespace == "demo"
+				return o.forTraffic == "workload" && o.name == "wl" && o.enroll && o.overwrite && o.flagNamespace() == "demo"
 			}},
 		{name: "waypoint status of one", args: []string{"wp", "status", "--name", "wl"},
 			want: invocation{cmd: "waypoint", sub: "status"}, check: func(o options) bool { return o.name == "wl" }},
