@@ -8,6 +8,7 @@ import (
 	"net/netip"
 
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/handover"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
@@ -84,7 +85,12 @@ func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort,
 		s.info("proxying to %s using passthrough", rt.Target)
 		s.labels.SecurityPolicy = telemetry.Unknown
 	}
-	up, err := p.dialRoute(ctx, pd, rt, srcID, forwarded(s.src, srcW))
+	h := forwarded(s.src, srcW)
+	offer := p.offerSession(rt, down)
+	if offer {
+		h.Set(handover.HeaderSession, handover.Version)
+	}
+	up, err := p.dialRoute(ctx, pd, rt, srcID, h)
 	if err != nil {
 		return nil, err
 	}
@@ -94,6 +100,9 @@ func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort,
 		return nil, err
 	}
 	s.open()
+	if offer {
+		return p.outboundSession(s, pd, down, up, rt, srcID), nil
+	}
 	return relayJob(down, up), nil
 }
 

@@ -1,0 +1,286 @@
+package handover
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ambientmesh/ambient/proxylib/hbone"
+)
+
+// relayBuffer is each direction's copy buffer.
+const relayBuffer = 32 << 10
+
+// Relay copies between an application socket and a tunnel as proxy.Relay
+// does (EOF half-closes the other side, an error resets both), counting the
+// bytes of the whole session, and can stop at a clean byte boundary: Pause
+// stops reading the app (everything read is in the tunnel), WaitRecv waits
+// until the peer's bytes are all written to the app, Detach ends the relay
+// leaving the app socket open for whoever continues the session.
+type Relay struct {
+	app        *net.TCPConn
+	tun        hbone.Stream
+	sent, recv atomic.Int64
+
+	mu         sync.Mutex
+	cond       sync.Cond
+	pausing    bool // Pause asked the app reader to stop
+	upPaused   bool // it stopped and waits
+	upEnded    bool
+	downEnded  bool
+	suspending bool // the tunnel's end or failure is the suspension's, not the app's
+	detached   bool
+	broken     bool // a direction half-closed or failed: not suspendable
+	failure    error
+}
+
+// NewRelay relays app and tun; sent and recv are the session's counts so far.
+func NewRelay(app *net.TCPConn, tun hbone.Stream, sent, recv int64) *Relay {
+	r := &Relay{app: app, tun: tun}
+	r.cond.L = &r.mu
+	r.sent.Store(sent)
+	r.recv.Store(recv)
+	return r
+}
+
+// Counts are the session's bytes sent into and received from the tunnel.
+func (r *Relay) Counts() (sent, recv int64) { return r.sent.Load(), r.recv.Load() }
+
+// Run relays until both directions end (false) or Detach (true). The tunnel
+// is closed on return; the app socket only when not detached.
+func (r *Relay) Run() (detached bool, err error) {
+	go r.down()
+	r.up()
+	r.mu.Lock()
+	for !r.downEnded {
+		r.cond.Wait()
+	}
+	detached, err = r.detached, r.failure
+	r.mu.Unlock()
+	r.tun.Close()
+	if !detached {
+		r.app.Close()
+	}
+	return detached, err
+}
+
+func (r *Relay) up() {
+	buf := make([]byte, relayBuffer)
+	for {
+		n, err := r.app.Read(buf)
+		if n > 0 {
+			w, werr := r.tun.Write(buf[:n])
+			r.sent.Add(int64(w))
+			if werr != nil {
+				r.fail(werr)
+				break
+			}
+		}
+		if err == nil {
+			continue
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) && r.parkUp() {
+			continue
+		}
+		if errors.Is(err, io.EOF) {
+			r.setBroken()
+			if cerr := r.tun.CloseWrite(); cerr != nil {
+				r.fail(cerr)
+			}
+			break
+		}
+		r.fail(err)
+		break
+	}
+	r.mu.Lock()
+	r.upEnded = true
+	r.cond.Broadcast()
+	r.mu.Unlock()
+}
+
+// parkUp waits while paused; true: read again, false: stop (detached).
+func (r *Relay) parkUp() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.pausing {
+		// A cancelled Pause's deadline (nobody else sets one): read on.
+		r.app.SetReadDeadline(time.Time{})
+		return true
+	}
+	r.upPaused = true
+	r.cond.Broadcast()
+	for r.pausing && !r.detached && r.failure == nil {
+		r.cond.Wait()
+	}
+	r.upPaused = false
+	if r.detached || r.failure != nil {
+		return false
+	}
+	r.app.SetReadDeadline(time.Time{}) // under mu: a new Pause cannot interleave
+	return true
+}
+
+func (r *Relay) down() {
+	buf := make([]byte, relayBuffer)
+	for {
+		n, err := r.tun.Read(buf)
+		if n > 0 {
+			w, werr := r.app.Write(buf[:n])
+			r.recv.Add(int64(w))
+			r.mu.Lock()
+			r.cond.Broadcast()
+			r.mu.Unlock()
+			if werr != nil {
+				r.fail(werr)
+				break
+			}
+		}
+		if err == nil {
+			continue
+		}
+		r.mu.Lock()
+		quiet := r.suspending || r.detached
+		r.mu.Unlock()
+		if quiet {
+			break // the suspension ended the tunnel; the app stays as it is
+		}
+		if errors.Is(err, io.EOF) {
+			r.setBroken()
+			if cerr := r.app.CloseWrite(); cerr != nil {
+				r.fail(cerr)
+			}
+			break
+		}
+		r.fail(err)
+		break
+	}
+	r.mu.Lock()
+	r.downEnded = true
+	r.cond.Broadcast()
+	r.mu.Unlock()
+}
+
+func (r *Relay) setBroken() {
+	r.mu.Lock()
+	r.broken = true
+	r.mu.Unlock()
+}
+
+// fail aborts both sides (TCP reset, tunnel RST_STREAM), once.
+func (r *Relay) fail(err error) {
+	r.mu.Lock()
+	if r.failure != nil || r.detached {
+		r.mu.Unlock()
+		return
+	}
+	r.failure, r.broken = err, true
+	r.cond.Broadcast()
+	r.mu.Unlock()
+	r.app.SetLinger(0)
+	r.app.Close()
+	r.tun.Close()
+}
+
+// Fail aborts the relay (a suspension that cannot complete).
+func (r *Relay) Fail(err error) { r.fail(err) }
+
+// waitLocked waits for cond until timeout; false on timeout.
+func (r *Relay) waitLocked(timeout time.Duration, cond func() bool) bool {
+	expired := false
+	t := time.AfterFunc(timeout, func() {
+		r.mu.Lock()
+		expired = true
+		r.cond.Broadcast()
+		r.mu.Unlock()
+	})
+	defer t.Stop()
+	for !cond() {
+		if expired {
+			return false
+		}
+		r.cond.Wait()
+	}
+	return true
+}
+
+// Pause stops reading the app and returns the bytes sent into the tunnel,
+// all of them written. ErrBusy when the relay cannot be suspended (a
+// direction ended, or the tunnel would not take the last read in time);
+// the relay then runs on.
+func (r *Relay) Pause(timeout time.Duration) (int64, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.broken || r.upEnded || r.downEnded || r.pausing {
+		return 0, ErrBusy
+	}
+	r.pausing = true
+	r.app.SetReadDeadline(time.Unix(1, 0))
+	if !r.waitLocked(timeout, func() bool { return r.upPaused || r.upEnded || r.failure != nil }) || !r.upPaused {
+		r.unpauseLocked()
+		return 0, ErrBusy
+	}
+	return r.sent.Load(), nil
+}
+
+// Suspending marks the tunnel's coming end (or failure) as the
+// suspension's: the app is neither half-closed nor reset by it.
+func (r *Relay) Suspending() {
+	r.mu.Lock()
+	r.suspending = true
+	r.mu.Unlock()
+}
+
+// Unpause cancels a suspension that did not happen: reading resumes. If the
+// tunnel ended meanwhile the relay is failed (nothing else can carry it).
+func (r *Relay) Unpause() {
+	r.mu.Lock()
+	r.unpauseLocked()
+	ended := r.downEnded && !r.detached
+	r.mu.Unlock()
+	if ended {
+		r.fail(errors.New("handover: tunnel ended during a suspension that failed"))
+	}
+}
+
+func (r *Relay) unpauseLocked() {
+	r.pausing, r.suspending = false, false
+	r.app.SetReadDeadline(time.Time{})
+	r.cond.Broadcast()
+}
+
+// WaitRecv waits until n bytes were received (and written to the app).
+func (r *Relay) WaitRecv(n int64, timeout time.Duration) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ok := r.waitLocked(timeout, func() bool { return r.recv.Load() >= n || r.failure != nil })
+	switch {
+	case r.failure != nil:
+		return r.failure
+	case !ok:
+		return errors.New("handover: peer's bytes not delivered in time")
+	case r.recv.Load() != n:
+		return ErrOffsets
+	}
+	return nil
+}
+
+// Detach ends a paused relay without touching the app socket: Run returns
+// true. The tunnel's reader is stopped by a deadline (the peer sends
+// nothing more once suspended).
+func (r *Relay) Detach() {
+	r.mu.Lock()
+	r.detached = true
+	r.cond.Broadcast()
+	r.mu.Unlock()
+	r.tun.SetReadDeadline(time.Unix(1, 0))
+}
+
+// App is the application socket.
+func (r *Relay) App() *net.TCPConn { return r.app }
+
+// Tunnel is the current tunnel.
+func (r *Relay) Tunnel() hbone.Stream { return r.tun }
