@@ -224,30 +224,36 @@ func exitedWithin(z *ztunnel, d time.Duration) bool {
 func TestUpgradeHandsOverLongLivedConnections(t *testing.T) {
 	netns.RequireRoot(t)
 	const grace = 2 * time.Second
-	const conns = 6
-	setup := func(t *testing.T, serverExtra ...string) (cp *proctest.ControlPlane, c *netns.Cluster, a1, a2 *nodeAgent, z1, z2 *ztunnel, n1, n2 *netns.Node, clientNS *os.File, dst netip.AddrPort) {
+	const conns, localConns = 6, 4
+	setup := func(t *testing.T, serverExtra ...string) (cp *proctest.ControlPlane, c *netns.Cluster, a1, a2 *nodeAgent, z1, z2 *ztunnel, n1, n2 *netns.Node, clientNS, localNS *os.File, dst netip.AddrPort) {
 		ctx, cancel := context.WithCancel(context.Background())
 		t.Cleanup(cancel)
 		c = netns.NewCluster(t)
 		n1, n2 = c.AddNode("node1"), c.AddNode("node2")
-		server, client := n1.AddPod("server"), n2.AddPod("client")
+		server, client, local := n1.AddPod("server"), n2.AddPod("client"), n1.AddPod("local")
 		serveRawEcho(t, server, 7777)
 		dst = netip.AddrPortFrom(server.IP, 7777)
 		cp = proctest.NewControlPlane(t)
 		a1, a2 = startNodeAgent(t, ctx, "node-agent-1"), startNodeAgent(t, ctx, "node-agent-2")
 		a1.capture(t, ctx, cp, server, "node1")
 		a2.capture(t, ctx, cp, client, "node2")
+		a1.capture(t, ctx, cp, local, "node1")
 		z1 = startZtunnel(t, cp, n1.AddPod("ztunnel-1"), a1.sock, "node1", "HTTP2", grace, serverExtra...)
 		z2 = startZtunnel(t, cp, n2.AddPod("ztunnel-2"), a2.sock, "node2", "HTTP2", grace)
 		waitFor(t, "ztunnels ready", func() bool { return z1.ready() && z2.ready() })
-		return cp, c, a1, a2, z1, z2, n1, n2, a2.nsOf[client], dst
+		return cp, c, a1, a2, z1, z2, n1, n2, a2.nsOf[client], a1.nsOf[local], dst
 	}
 
 	t.Run("client-then-server", func(t *testing.T) {
-		cp, _, a1, a2, z1, z2, n1, n2, clientNS, dst := setup(t)
+		cp, _, a1, a2, z1, z2, n1, n2, clientNS, localNS, dst := setup(t)
 		var ps []*patternConn
 		for i := range conns {
 			ps = append(ps, startPattern(t, clientNS, dst, i))
+		}
+		// Node-local connections (client and server both behind node1's
+		// ztunnel, the fast path: no tunnel) are handed over as pairs.
+		for i := range localConns {
+			ps = append(ps, startPattern(t, localNS, dst, conns+i))
 		}
 		progress(t, "traffic before the upgrades", ps)
 
@@ -256,7 +262,8 @@ func TestUpgradeHandsOverLongLivedConnections(t *testing.T) {
 			agent *nodeAgent
 			old   **ztunnel
 			node  *netns.Node
-		}{{"client side (outbound)", a2, &z2, n2}, {"server side (inbound)", a1, &z1, n1}} {
+			held  int
+		}{{"client side (outbound)", a2, &z2, n2, conns}, {"server side (inbound and node-local)", a1, &z1, n1, conns + localConns}} {
 			old := *side.old
 			nu := upgrade(t, cp, side.agent, old, side.node.AddPod("ztunnel-new-"+side.node.Name), side.node.Name, grace)
 			if !exitedWithin(old, grace) {
@@ -265,8 +272,8 @@ func TestUpgradeHandsOverLongLivedConnections(t *testing.T) {
 			if !old.out.Contains("drained: every connection ended") {
 				t.Fatalf("%s: old ztunnel did not report a complete drain", side.name)
 			}
-			if !old.out.HasLine("connection hand-over done", fmt.Sprintf(`"handedOver": %d,`, conns), `"kept": 0`) {
-				t.Fatalf("%s: old ztunnel did not hand over all %d connections", side.name, conns)
+			if !old.out.HasLine("connection hand-over done", fmt.Sprintf(`"handedOver": %d,`, side.held), `"kept": 0`) {
+				t.Fatalf("%s: old ztunnel did not hand over all %d connections", side.name, side.held)
 			}
 			// Far past the old one's grace: only the new one serves them.
 			time.Sleep(2 * grace)
@@ -274,13 +281,13 @@ func TestUpgradeHandsOverLongLivedConnections(t *testing.T) {
 			*side.old = nu
 		}
 		total := finishPatterns(t, ps)
-		t.Logf("%d connections survived both upgrades, %d bytes echoed and verified, none lost, repeated or reordered", conns, total)
+		t.Logf("%d cross-node and %d node-local connections survived both upgrades, %d bytes echoed and verified, none lost, repeated or reordered", conns, localConns, total)
 	})
 
 	t.Run("istio-like-peer-falls-back-to-drain", func(t *testing.T) {
 		// The server's ztunnel takes no sessions: it ignores the offer as
 		// Istio's does, so the client's upgrade can only drain.
-		cp, _, _, a2, _, z2, _, n2, clientNS, dst := setup(t, "-handover-socket", "off")
+		cp, _, _, a2, _, z2, _, n2, clientNS, _, dst := setup(t, "-handover-socket", "off")
 		p := startPattern(t, clientNS, dst, 0)
 		progress(t, "traffic before the upgrade", []*patternConn{p})
 		sigterm := time.Now()

@@ -30,8 +30,13 @@ type Handoff struct {
 	Peer      string `json:"peer"`
 	Resume    string `json:"resume"`    // peer's HBONE ip:port
 	Target    string `json:"target"`    // CONNECT authority of the resume
-	Direction string `json:"direction"` // "outbound" or "inbound" (logs)
+	Direction string `json:"direction"` // "outbound", "inbound" or "local"
 }
+
+// DirectionLocal is a node-local pair (the fast path): two sockets, the
+// source app's then the destination app's, relayed with no tunnel; its
+// counts are bytes source→destination (Sent) and back (Recv).
+const DirectionLocal = "local"
 
 // Decoded is a validated Handoff.
 type Decoded struct {
@@ -111,7 +116,7 @@ func (h Handoff) Decode() (Decoded, error) {
 	if d.Target, err = parseAddr(h.Target); err != nil {
 		return bad("target", err)
 	}
-	if h.Direction != "outbound" && h.Direction != "inbound" {
+	if h.Direction != "outbound" && h.Direction != "inbound" && h.Direction != DirectionLocal {
 		return bad("direction", fmt.Errorf("%q", truncate(h.Direction)))
 	}
 	d.Direction = h.Direction
@@ -129,19 +134,34 @@ func parseAddr(s string) (netip.AddrPort, error) {
 	return a, nil
 }
 
-// Send writes h with sock attached.
-func Send(c *net.UnixConn, h Handoff, sock *os.File) error {
+// Send writes h with its sockets attached: one, or two for a local pair.
+func Send(c *net.UnixConn, h Handoff, socks ...*os.File) error {
+	if want := sockets(h.Direction); len(socks) != want {
+		return fmt.Errorf("handover: %s hand-over carries %d sockets, not %d", h.Direction, want, len(socks))
+	}
 	b, err := h.Encode()
 	if err != nil {
 		return err
 	}
-	return write(c, b, unix.UnixRights(int(sock.Fd())))
+	fds := make([]int, len(socks))
+	for i, f := range socks {
+		fds[i] = int(f.Fd())
+	}
+	return write(c, b, unix.UnixRights(fds...))
 }
 
-// Receive reads one hand-over message and its socket. Anything but exactly
-// one descriptor, or a message that does not validate, is an error, and any
+// sockets is how many descriptors a hand-over in direction carries.
+func sockets(direction string) int {
+	if direction == DirectionLocal {
+		return 2
+	}
+	return 1
+}
+
+// Receive reads one hand-over message and its sockets. A message that does
+// not validate, or does not carry exactly its sockets, is an error, and any
 // descriptor received is closed then.
-func Receive(c *net.UnixConn) (Decoded, *os.File, error) {
+func Receive(c *net.UnixConn) (Decoded, []*os.File, error) {
 	b, fds, err := read(c)
 	if err != nil {
 		return Decoded{}, nil, err
@@ -151,16 +171,20 @@ func Receive(c *net.UnixConn) (Decoded, *os.File, error) {
 			unix.Close(fd)
 		}
 	}
-	if len(fds) != 1 {
-		closeAll()
-		return Decoded{}, nil, fmt.Errorf("handover: %d descriptors in a hand-over message, want 1", len(fds))
-	}
 	d, err := ParseHandoff(b)
 	if err != nil {
 		closeAll()
 		return Decoded{}, nil, err
 	}
-	return d, os.NewFile(uintptr(fds[0]), "handover-"+d.ID.String()), nil
+	if want := sockets(d.Direction); len(fds) != want {
+		closeAll()
+		return Decoded{}, nil, fmt.Errorf("handover: %d descriptors in a %s hand-over message, want %d", len(fds), d.Direction, want)
+	}
+	files := make([]*os.File, len(fds))
+	for i, fd := range fds {
+		files[i] = os.NewFile(uintptr(fd), "handover-"+d.ID.String())
+	}
+	return d, files, nil
 }
 
 // SendAck answers a hand-over message.

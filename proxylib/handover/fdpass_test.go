@@ -85,10 +85,11 @@ func TestSendReceivePassesTheSocket(t *testing.T) {
 		t.Fatal(err)
 	}
 	w.Close() // the receiver's copy keeps it open
-	d, f, err := Receive(b)
+	d, files, err := Receive(b)
 	if err != nil {
 		t.Fatal(err)
 	}
+	f := files[0]
 	if d.ID != testID || d.Pod != "uid-client" {
 		t.Fatalf("received %+v", d)
 	}
@@ -125,6 +126,25 @@ func TestReceiveRefusesWithoutExactlyOneSocket(t *testing.T) {
 	}
 	if _, _, err := Receive(b); err == nil {
 		t.Fatal("a hand-over with two sockets was accepted")
+	}
+	// A local pair carries exactly two.
+	local := testHandoff()
+	local.Direction = DirectionLocal
+	localMsg, _ := json.Marshal(local)
+	if err := write(a, localMsg, unix.UnixRights(int(w1.Fd()))); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := Receive(b); err == nil {
+		t.Fatal("a local hand-over with one socket was accepted")
+	}
+	if err := Send(a, local, w1, w2); err != nil {
+		t.Fatal(err)
+	}
+	if _, files, err := Receive(b); err != nil || len(files) != 2 {
+		t.Fatalf("local hand-over: %d files, %v", len(files), err)
+	} else {
+		files[0].Close()
+		files[1].Close()
 	}
 	// A bad message's descriptor is closed, not leaked.
 	bad := testHandoff()

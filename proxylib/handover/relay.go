@@ -7,6 +7,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/ambientmesh/ambient/proxylib/hbone"
@@ -34,8 +35,12 @@ type Relay struct {
 	downEnded  bool
 	suspending bool // the tunnel's end or failure is the suspension's, not the app's
 	detached   bool
+	local      bool // detached by DetachLocal: the "tunnel" is a socket that stays open
 	broken     bool // a direction half-closed or failed: not suspendable
 	failure    error
+	// appShut/tunShut: we shut that side's writing down (after which a
+	// clean EOF also leaves a TCP socket in CLOSE; see hbone.EndedByReset).
+	appShut, tunShut atomic.Bool
 }
 
 // NewRelay relays app and tun; sent and recv are the session's counts so far.
@@ -60,8 +65,11 @@ func (r *Relay) Run() (detached bool, err error) {
 		r.cond.Wait()
 	}
 	detached, err = r.detached, r.failure
+	local := r.local
 	r.mu.Unlock()
-	r.tun.Close()
+	if !detached || !local {
+		r.tun.Close() // a local pair's destination socket stays with the pair
+	}
 	if !detached {
 		r.app.Close()
 	}
@@ -88,6 +96,11 @@ func (r *Relay) up() {
 		}
 		if errors.Is(err, io.EOF) {
 			r.setBroken()
+			if !r.appShut.Load() && hbone.EndedByReset(r.app) {
+				r.fail(syscall.ECONNRESET) // a reset, not an end: propagate it
+				break
+			}
+			r.tunShut.Store(true)
 			if cerr := r.tun.CloseWrite(); cerr != nil {
 				r.fail(cerr)
 			}
@@ -148,8 +161,16 @@ func (r *Relay) down() {
 		if quiet {
 			break // the suspension ended the tunnel; the app stays as it is
 		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			continue // a cancelled DetachLocal's deadline (nobody else sets one)
+		}
 		if errors.Is(err, io.EOF) {
 			r.setBroken()
+			if !r.tunShut.Load() && hbone.EndedByReset(r.tun) {
+				r.fail(syscall.ECONNRESET)
+				break
+			}
+			r.appShut.Store(true)
 			if cerr := r.app.CloseWrite(); cerr != nil {
 				r.fail(cerr)
 			}
@@ -182,6 +203,9 @@ func (r *Relay) fail(err error) {
 	r.mu.Unlock()
 	r.app.SetLinger(0)
 	r.app.Close()
+	if tc, ok := r.tun.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
 	r.tun.Close()
 }
 
@@ -277,6 +301,29 @@ func (r *Relay) Detach() {
 	r.cond.Broadcast()
 	r.mu.Unlock()
 	r.tun.SetReadDeadline(time.Unix(1, 0))
+}
+
+// DetachLocal stops both directions of a relay between two local sockets
+// (the node-local fast path: "tunnel" is the destination app's socket) at a
+// clean byte boundary and detaches it; both sockets stay open and idle. On
+// ErrBusy nothing changed.
+func (r *Relay) DetachLocal(timeout time.Duration) error {
+	if _, err := r.Pause(timeout); err != nil {
+		return err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.suspending = true
+	r.tun.SetReadDeadline(time.Unix(1, 0))
+	if !r.waitLocked(timeout, func() bool { return r.downEnded }) || r.failure != nil {
+		r.tun.SetReadDeadline(time.Time{})
+		r.unpauseLocked()
+		return ErrBusy
+	}
+	r.detached, r.local = true, true
+	r.tun.SetReadDeadline(time.Time{})
+	r.cond.Broadcast()
+	return nil
 }
 
 // App is the application socket.

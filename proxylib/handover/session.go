@@ -174,6 +174,13 @@ func (s *Session) Suspend(dial Dial) (Params, error) {
 	return p, nil
 }
 
+// Local reports a node-local pair (both sockets here, no peer to ask).
+func (s *Session) Local() bool { return s.Info.Direction == DirectionLocal }
+
+// SuspendLocal stops a node-local pair at a clean byte boundary: both
+// sockets are then idle and open, to be handed over together.
+func (s *Session) SuspendLocal() error { return s.Relay().DetachLocal(pauseTimeout) }
+
 // Resumed notes a resume this end made (the peer's epoch moved on too).
 func (s *Session) Resumed() {
 	s.reg.mu.Lock()

@@ -19,9 +19,9 @@ import (
 // ztunnel pod of the node mounts.
 const DefaultSocketPath = "/var/run/ambient/ztunnel-handover.sock"
 
-// Accept takes one handed-over socket: it resumes the session and owns f,
-// or returns why not (f is then closed by the caller).
-type Accept func(d Decoded, f *os.File) error
+// Accept takes one handed-over connection: it resumes the session and
+// owns files, or returns why not (files are then closed by the caller).
+type Accept func(d Decoded, files []*os.File) error
 
 // Listener is the new ztunnel's end of the hand-over socket.
 type Listener struct {
@@ -75,7 +75,7 @@ func (l *Listener) serveConn(c *net.UnixConn, accept Accept) {
 		return
 	}
 	for {
-		d, f, err := Receive(c)
+		d, files, err := Receive(c)
 		if err != nil {
 			if !errors.Is(err, net.ErrClosed) && !errors.Is(err, io.EOF) {
 				l.log.Info("hand-over message refused", "err", err.Error())
@@ -86,8 +86,10 @@ func (l *Listener) serveConn(c *net.UnixConn, accept Accept) {
 			return
 		}
 		ack := Ack{Session: d.ID.String(), OK: true}
-		if err := accept(d, f); err != nil {
-			f.Close()
+		if err := accept(d, files); err != nil {
+			for _, f := range files {
+				f.Close()
+			}
 			ack.OK, ack.Error = false, err.Error()
 		}
 		if err := SendAck(c, ack); err != nil {
@@ -129,17 +131,21 @@ func DialSocket(ctx context.Context, path string) (*Client, error) {
 	return &Client{c: c.(*net.UnixConn)}, nil
 }
 
-// HandOff sends one socket and waits for its ack; nil means the new
-// ztunnel owns the connection now.
-func (c *Client) HandOff(h Handoff, sock *os.File, timeout time.Duration) error {
+// ErrUnanswered: the sockets were sent but no ack came; the new ztunnel
+// may be serving the connection.
+var ErrUnanswered = errors.New("handover: hand-over sent but not acknowledged")
+
+// HandOff sends one connection's sockets and waits for its ack; nil means
+// the new ztunnel owns the connection now, ErrUnanswered that it may.
+func (c *Client) HandOff(h Handoff, timeout time.Duration, socks ...*os.File) error {
 	c.c.SetDeadline(time.Now().Add(timeout))
 	defer c.c.SetDeadline(time.Time{})
-	if err := Send(c.c, h, sock); err != nil {
+	if err := Send(c.c, h, socks...); err != nil {
 		return err
 	}
 	a, err := ReceiveAck(c.c)
 	if err != nil {
-		return err
+		return fmt.Errorf("%w: %v", ErrUnanswered, err)
 	}
 	if a.Session != h.Session {
 		return fmt.Errorf("handover: ack for session %q, want %q", a.Session, h.Session)

@@ -10,6 +10,8 @@ import (
 	"os"
 	"time"
 
+	"github.com/go-logr/logr"
+
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/proxyerr"
@@ -45,6 +47,27 @@ func (p *Proxy) outboundSession(s *session, pd *pod, down, up net.Conn, rt Route
 	}
 	info := handover.Info{Pod: pd.info.UID, Local: srcID, Peer: rt.Expected[0], Resume: rt.ProxyAddr, Target: rt.Target, Direction: "outbound"}
 	hs, err := p.cfg.Handover.NewSession(id, 0, info, down.(*net.TCPConn), st, 0, 0)
+	if err != nil {
+		return relayJob(down, up)
+	}
+	return sessionJob(hs)
+}
+
+// localSession returns the job relaying a node-local pair: a session that
+// can be handed over whole (both sockets) when hand-over is on.
+func (p *Proxy) localSession(src *pod, down, up net.Conn, rt Route, srcID identity.Identity) job {
+	a, ok1 := down.(*net.TCPConn)
+	b, ok2 := up.(*net.TCPConn)
+	if p.cfg.Handover == nil || !ok1 || !ok2 {
+		return relayJob(down, up)
+	}
+	id, err := handover.NewID()
+	if err != nil {
+		return relayJob(down, up)
+	}
+	info := handover.Info{Pod: src.info.UID, Local: srcID, Peer: p.router.WorkloadIdentity(rt.Dest), Resume: rt.Target, Target: rt.Target,
+		Direction: handover.DirectionLocal}
+	hs, err := p.cfg.Handover.NewSession(id, 0, info, a, b, 0, 0)
 	if err != nil {
 		return relayJob(down, up)
 	}
@@ -191,6 +214,9 @@ func (p *Proxy) handOverOne(ctx context.Context, c *handover.Client, hs *handove
 		return false
 	}
 	log := p.log.WithValues("session", hs.ID().String(), "direction", info.Direction, "peer_id", info.Peer.String())
+	if hs.Local() {
+		return p.handOverLocal(c, hs, log)
+	}
 	prm, err := hs.Suspend(func(h http.Header) (http.Header, error) {
 		st, err := p.dialControl(ctx, pd, info, h)
 		if err != nil {
@@ -211,7 +237,7 @@ func (p *Proxy) handOverOne(ctx context.Context, c *handover.Client, hs *handove
 	if err == nil {
 		h := handover.Handoff{V: 1, Session: prm.ID.String(), Epoch: prm.Epoch, Sent: prm.Sent, Recv: prm.Recv, Pod: info.Pod,
 			Local: info.Local.String(), Peer: info.Peer.String(), Resume: info.Resume.String(), Target: info.Target.String(), Direction: info.Direction}
-		err = c.HandOff(h, f, handOffTimeout)
+		err = c.HandOff(h, handOffTimeout, f)
 		f.Close()
 	}
 	if err == nil {
@@ -239,10 +265,94 @@ func (p *Proxy) handOverOne(ctx context.Context, c *handover.Client, hs *handove
 	return false
 }
 
+// handOverLocal passes a node-local pair whole: both sockets stop at a
+// clean byte boundary and go together; if the new ztunnel does not take
+// them, the pair relays on here.
+func (p *Proxy) handOverLocal(c *handover.Client, hs *handover.Session, log logr.Logger) bool {
+	if err := hs.SuspendLocal(); err != nil {
+		log.Info("local connection not handed over, kept until the drain ends", "err", err.Error())
+		return false
+	}
+	r := hs.Relay()
+	sent, recv := r.Counts()
+	info := hs.Info
+	h := handover.Handoff{V: 1, Session: hs.ID().String(), Sent: sent, Recv: recv, Pod: info.Pod, Local: info.Local.String(),
+		Peer: info.Peer.String(), Resume: info.Resume.String(), Target: info.Target.String(), Direction: info.Direction}
+	src, err := r.App().File()
+	if err == nil {
+		var dst *os.File
+		if dst, err = r.Tunnel().(*net.TCPConn).File(); err == nil {
+			err = c.HandOff(h, handOffTimeout, src, dst)
+			dst.Close()
+		}
+		src.Close()
+	}
+	if errors.Is(err, handover.ErrUnanswered) {
+		// No peer can tell who has it: relaying here too could repeat
+		// bytes, so leave it to the new ztunnel.
+		log.Info("local connection left to the new ztunnel (no ack)", "err", err.Error())
+		r.Tunnel().Close()
+		hs.Finish(err)
+		return true
+	}
+	if err != nil {
+		log.Info("hand-over failed, local connection relayed here until the drain ends", "err", err.Error())
+		hs.Continue(r.Tunnel())
+		return false
+	}
+	r.Tunnel().Close() // our copy; the new ztunnel holds the socket
+	log.Info("local connection handed over to the new ztunnel", "sent", sent, "recv", recv)
+	hs.Finish(nil)
+	return true
+}
+
+// takeOverLocal relays a handed-over node-local pair.
+func (p *Proxy) takeOverLocal(d handover.Decoded, pd *pod, files []*os.File) error {
+	var socks [2]*net.TCPConn
+	for i, f := range files {
+		c, err := net.FileConn(f)
+		if err == nil {
+			if tc, ok := c.(*net.TCPConn); ok {
+				socks[i] = tc
+				continue
+			}
+			c.Close()
+			err = errors.New("not a TCP socket")
+		}
+		for _, s := range socks[:i] {
+			s.Close()
+		}
+		return fmt.Errorf("handed-over descriptor %d: %w", i, err)
+	}
+	info := handover.Info{Pod: d.Pod, Local: d.Local, Peer: d.Peer, Resume: d.Resume, Target: d.Target, Direction: d.Direction}
+	hs, err := p.cfg.Handover.NewSession(d.ID, 0, info, socks[0], socks[1], d.Sent, d.Recv)
+	if err != nil {
+		socks[0].Close()
+		socks[1].Close()
+		return err
+	}
+	for _, f := range files {
+		f.Close()
+	}
+	s := p.newSession(fmt.Sprintf("outbound{id=%d local-pair=%s}", p.nextID(), d.ID), socks[0].RemoteAddr())
+	s.dst = d.Target
+	s.labels = telemetry.Labels{Reporter: telemetry.ReporterDestination, Source: telemetry.PeerOf(nil, &d.Local),
+		Destination: telemetry.PeerOf(nil, &d.Peer), Service: telemetry.ServiceOf(nil), SecurityPolicy: telemetry.MutualTLS}
+	s.attach(socks[0], socks[1])
+	if err := s.track(pd.info.UID, "", rbac.Conn{}); err != nil {
+		hs.Relay().Fail(err)
+		return nil
+	}
+	s.open()
+	s.info("node-local connection taken over from the previous ztunnel: sent=%d recv=%d", d.Sent, d.Recv)
+	s.run(sessionJob(hs), nil, nil)
+	return nil
+}
+
 // TakeOver resumes a connection handed over by a draining ztunnel (the
 // hand-over socket's Accept): it re-dials the peer with the session's
 // counts and serves it. It owns f only on success.
-func (p *Proxy) TakeOver(d handover.Decoded, f *os.File) error {
+func (p *Proxy) TakeOver(d handover.Decoded, files []*os.File) error {
 	if p.cfg.Handover == nil {
 		return errors.New("handover disabled")
 	}
@@ -256,6 +366,10 @@ func (p *Proxy) TakeOver(d handover.Decoded, f *os.File) error {
 	if pd == nil {
 		return fmt.Errorf("pod %s not served here", d.Pod)
 	}
+	if d.Direction == handover.DirectionLocal {
+		return p.takeOverLocal(d, pd, files)
+	}
+	f := files[0]
 	fc, err := net.FileConn(f)
 	if err != nil {
 		return err

@@ -149,7 +149,7 @@ func (p *Proxy) fastPath(s *session, src, dst *pod, down net.Conn, rt Route, src
 		return nil, err
 	}
 	s.open()
-	return relayJob(down, up), nil
+	return p.localSession(src, down, up, rt, srcID), nil
 }
 
 // serveSOCKS5 is outbound with the destination named by the client.
