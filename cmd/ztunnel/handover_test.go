@@ -14,35 +14,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ambientmesh/ambient/proxylib/netnsutil"
 	"github.com/ambientmesh/ambient/test/netns"
 	"github.com/ambientmesh/ambient/test/proctest"
 )
 
 // serveRawEcho echoes every byte back, in the server pod.
 func serveRawEcho(t *testing.T, pod *netns.Pod, port int) {
-	ns, err := pod.Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
-	ln, err := netnsutil.ListenTCP(ns, fmt.Sprintf("0.0.0.0:%d", port), netnsutil.SocketOptions{ReuseAddr: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				io.Copy(c, c)
-			}()
-		}
-	}()
+	serveIn(t, pod, port, func(c net.Conn) { io.Copy(c, c) })
 }
 
 // patternByte is byte off of connection i's stream: position-dependent,

@@ -103,6 +103,22 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 
 // serveEcho answers every line with the same line, in the server pod.
 func serveEcho(t *testing.T, pod *netns.Pod, port int) {
+	serveIn(t, pod, port, func(c net.Conn) {
+		r := bufio.NewReader(c)
+		for {
+			line, err := r.ReadString('\n')
+			if err != nil {
+				return
+			}
+			if _, err := io.WriteString(c, line); err != nil {
+				return
+			}
+		}
+	})
+}
+
+// serveIn serves each connection to pod:port with handle (then closed).
+func serveIn(t *testing.T, pod *netns.Pod, port int, handle func(net.Conn)) {
 	ns, err := pod.Open()
 	if err != nil {
 		t.Fatal(err)
@@ -121,16 +137,7 @@ func serveEcho(t *testing.T, pod *netns.Pod, port int) {
 			}
 			go func() {
 				defer c.Close()
-				r := bufio.NewReader(c)
-				for {
-					line, err := r.ReadString('\n')
-					if err != nil {
-						return
-					}
-					if _, err := io.WriteString(c, line); err != nil {
-						return
-					}
-				}
+				handle(c)
 			}()
 		}
 	}()
