@@ -14,8 +14,8 @@ import (
 // before it is closed.
 const ParkTTL = 30 * time.Second
 
-// tombTTL is how long a finished session's id is remembered, so a late or
-// replayed resume is refused as such rather than as unknown.
+// tombTTL is how long an expired session's id is remembered, so a late
+// resume is refused as expired rather than as unknown.
 const tombTTL = 10 * time.Minute
 
 // Refusals of a suspend or resume (docs/interfaces.md).
@@ -102,7 +102,9 @@ func (r *Registry) Add(id ID, peer identity.Identity, epoch uint64, value any) (
 	return e, true
 }
 
-// Remove forgets a session that ended (its id stays refused).
+// Remove forgets a session that ended. Its id is not remembered (a resume
+// of it is refused as unknown; ids are random, so never issued again):
+// remembering every ended connection would cost memory per connection.
 func (r *Registry) Remove(e *Entry) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -113,7 +115,6 @@ func (r *Registry) Remove(e *Entry) {
 		e.timer.Stop()
 	}
 	delete(r.live, e.ID)
-	r.tombLocked(e.ID, ErrUnknown)
 }
 
 // Epoch is the session's current epoch.

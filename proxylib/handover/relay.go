@@ -13,8 +13,49 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 )
 
-// relayBuffer is each direction's copy buffer.
-const relayBuffer = 32 << 10
+// Copy buffers: each direction starts small (an idle connection holds
+// little) and grows while reads fill it (bulk), as hbone.CopyAdaptive.
+const (
+	smallBuffer = 2 << 10
+	relayBuffer = 32 << 10
+)
+
+var bigBuffers = sync.Pool{New: func() any { b := make([]byte, relayBuffer); return &b }}
+
+// adaptiveBuffer is one direction's buffer.
+type adaptiveBuffer struct {
+	small [smallBuffer]byte
+	big   *[]byte
+	short int
+}
+
+func (a *adaptiveBuffer) buf() []byte {
+	if a.big != nil {
+		return *a.big
+	}
+	return a.small[:]
+}
+
+// used adapts the buffer to a read of n bytes.
+func (a *adaptiveBuffer) used(n int) {
+	switch {
+	case a.big == nil && n == smallBuffer:
+		a.big, a.short = bigBuffers.Get().(*[]byte), 0
+	case a.big != nil && n < smallBuffer:
+		if a.short++; a.short >= 2 {
+			a.release()
+		}
+	case a.big != nil:
+		a.short = 0
+	}
+}
+
+func (a *adaptiveBuffer) release() {
+	if a.big != nil {
+		bigBuffers.Put(a.big)
+		a.big = nil
+	}
+}
 
 // Relay copies between an application socket and a tunnel as proxy.Relay
 // does (EOF half-closes the other side, an error resets both), counting the
@@ -77,9 +118,12 @@ func (r *Relay) Run() (detached bool, err error) {
 }
 
 func (r *Relay) up() {
-	buf := make([]byte, relayBuffer)
+	var ab adaptiveBuffer
+	defer ab.release()
 	for {
+		buf := ab.buf()
 		n, err := r.app.Read(buf)
+		ab.used(n)
 		if n > 0 {
 			w, werr := r.tun.Write(buf[:n])
 			r.sent.Add(int64(w))
@@ -138,9 +182,12 @@ func (r *Relay) parkUp() bool {
 }
 
 func (r *Relay) down() {
-	buf := make([]byte, relayBuffer)
+	var ab adaptiveBuffer
+	defer ab.release()
 	for {
+		buf := ab.buf()
 		n, err := r.tun.Read(buf)
+		ab.used(n)
 		if n > 0 {
 			w, werr := r.app.Write(buf[:n])
 			r.recv.Add(int64(w))
