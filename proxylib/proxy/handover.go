@@ -24,6 +24,9 @@ import (
 // handOffTimeout bounds the new ztunnel's resume of one connection.
 const handOffTimeout = 15 * time.Second
 
+// controlTimeout bounds a suspend or resume request.
+const controlTimeout = 30 * time.Second
+
 // offerSession reports whether an outbound tunnel along rt offers a
 // resumable session: direct HBONE to one known identity, from a socket.
 func (p *Proxy) offerSession(rt Route, down net.Conn) bool {
@@ -186,7 +189,10 @@ func (p *Proxy) serveControl(pd *pod, req *hbone.Request, resp hbone.Responder) 
 
 // dialControl sends a suspend or resume for hs from pod pd.
 func (p *Proxy) dialControl(ctx context.Context, pd *pod, info handover.Info, h http.Header) (hbone.Stream, error) {
-	ctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
+	// Longer than the peer may take to answer a suspend (handover's pause
+	// and delivery bounds, 15 s): giving up earlier would leave it parked
+	// while we read on.
+	ctx, cancel := context.WithTimeout(ctx, max(p.cfg.ConnectTimeout, controlTimeout))
 	defer cancel()
 	return pd.dialer.Dial(ctx, hbone.DialRequest{Source: info.Local, Expected: []identity.Identity{info.Peer},
 		ProxyAddr: info.Resume, Target: info.Target, Header: h})
