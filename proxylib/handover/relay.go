@@ -78,6 +78,8 @@ type Relay struct {
 	detached   bool
 	local      bool // detached by DetachLocal: the "tunnel" is a socket that stays open
 	broken     bool // a direction half-closed or failed: not suspendable
+	quietEnd   bool // the tunnel reader stopped for a suspension...
+	quietEOF   bool // ...at the tunnel's END_STREAM
 	failure    error
 	// appShut/tunShut: we shut that side's writing down (after which a
 	// clean EOF also leaves a TCP socket in CLOSE; see hbone.EndedByReset).
@@ -123,7 +125,6 @@ func (r *Relay) up() {
 	for {
 		buf := ab.buf()
 		n, err := r.app.Read(buf)
-		ab.used(n)
 		if n > 0 {
 			w, werr := r.tun.Write(buf[:n])
 			r.sent.Add(int64(w))
@@ -132,6 +133,7 @@ func (r *Relay) up() {
 				break
 			}
 		}
+		ab.used(n) // after the write: it may return buf to the pool
 		if err == nil {
 			continue
 		}
@@ -187,7 +189,6 @@ func (r *Relay) down() {
 	for {
 		buf := ab.buf()
 		n, err := r.tun.Read(buf)
-		ab.used(n)
 		if n > 0 {
 			w, werr := r.app.Write(buf[:n])
 			r.recv.Add(int64(w))
@@ -199,11 +200,15 @@ func (r *Relay) down() {
 				break
 			}
 		}
+		ab.used(n)
 		if err == nil {
 			continue
 		}
 		r.mu.Lock()
 		quiet := r.suspending || r.detached
+		if quiet {
+			r.quietEnd, r.quietEOF = true, errors.Is(err, io.EOF)
+		}
 		r.mu.Unlock()
 		if quiet {
 			break // the suspension ended the tunnel; the app stays as it is
@@ -305,21 +310,34 @@ func (r *Relay) Suspending() {
 	r.mu.Unlock()
 }
 
-// Unpause cancels a suspension that did not happen: reading resumes. If the
-// tunnel ended meanwhile the relay is failed (nothing else can carry it).
+// Unpause cancels a suspension that did not happen: reading resumes both
+// ways.
 func (r *Relay) Unpause() {
 	r.mu.Lock()
 	r.unpauseLocked()
-	ended := r.downEnded && !r.detached
 	r.mu.Unlock()
-	if ended {
-		r.fail(errors.New("handover: tunnel ended during a suspension that failed"))
-	}
 }
 
+// unpauseLocked resumes reading. A tunnel reader that stopped for the
+// suspension meanwhile is undone: at END_STREAM (the peer's app ended its
+// direction, not a suspension) the end is passed on; otherwise (deadline,
+// reset) the reader runs again and meets whatever ended it.
 func (r *Relay) unpauseLocked() {
 	r.pausing, r.suspending = false, false
 	r.app.SetReadDeadline(time.Time{})
+	r.tun.SetReadDeadline(time.Time{})
+	if r.downEnded && r.quietEnd && !r.detached {
+		eof := r.quietEOF
+		r.quietEnd, r.quietEOF = false, false
+		if eof {
+			r.broken = true
+			r.appShut.Store(true)
+			r.app.CloseWrite()
+		} else {
+			r.downEnded = false
+			go r.down()
+		}
+	}
 	r.cond.Broadcast()
 }
 
@@ -362,8 +380,9 @@ func (r *Relay) DetachLocal(timeout time.Duration) error {
 	defer r.mu.Unlock()
 	r.suspending = true
 	r.tun.SetReadDeadline(time.Unix(1, 0))
-	if !r.waitLocked(timeout, func() bool { return r.downEnded }) || r.failure != nil {
-		r.tun.SetReadDeadline(time.Time{})
+	// broken: the destination ended its direction between Pause and here
+	// (passed on already); a continuation could not know, so it stays.
+	if !r.waitLocked(timeout, func() bool { return r.downEnded }) || r.failure != nil || r.broken {
 		r.unpauseLocked()
 		return ErrBusy
 	}
@@ -371,6 +390,13 @@ func (r *Relay) DetachLocal(timeout time.Duration) error {
 	r.tun.SetReadDeadline(time.Time{})
 	r.cond.Broadcast()
 	return nil
+}
+
+// Broken reports a relay that cannot be suspended (a direction ended).
+func (r *Relay) Broken() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.broken
 }
 
 // App is the application socket.

@@ -123,6 +123,10 @@ func (s *Session) SuspendedByPeer(p Params) (int64, error) {
 		r.Unpause()
 		return 0, fmt.Errorf("%w: %v", ErrBusy, err)
 	}
+	if r.Broken() {
+		r.Unpause()
+		return 0, ErrBusy
+	}
 	// END_STREAM after our last byte: the peer reads all of it (a later
 	// Close is RST_STREAM(NO_ERROR), which keeps it readable).
 	if err := r.Tunnel().CloseWrite(); err != nil {
