@@ -30,7 +30,7 @@ func TestOperatorEnvContract(t *testing.T) {
 		fs.SetOutput(io.Discard)
 		o, err = parseFlags(fs, args, e)
 		return err
-	}, "CLUSTER_ID", "WORKER_THREADS")
+	}, "CLUSTER_ID", "WORKER_THREADS", "HANDOVER_SOCKET")
 	for what, got := range map[string][2]string{
 		"trust domain": {o.TrustDomain, mesh.Spec.TrustDomain},
 		"root cert":    {o.RootCertPath, set["ROOT_CERT"]},

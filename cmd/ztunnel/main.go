@@ -10,6 +10,7 @@ import (
 	"errors"
 	"flag"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 
 	"github.com/go-logr/logr"
@@ -35,11 +36,21 @@ func parseFlags(fs *flag.FlagSet, args []string, e *envconfig.Env) (options, err
 		return o, err
 	}
 	fs.StringVar(&o.zdsSocket, "zds-socket", e.Get("ZDS_SOCKET", "/var/run/ambient/ztunnel.sock"), "node agent socket")
+	fs.StringVar(&o.HandoverSocket, "handover-socket", e.Get("HANDOVER_SOCKET", ""), "unix socket where a draining ztunnel hands its connections to the newest one (default: ztunnel-handover.sock next to -zds-socket; \"off\" disables hand-over)")
 	// The DNS proxy serves the pods whose DNS the node agent captures.
 	o.DNS = &boot.DNSOptions{}
 	fs.StringVar(&o.DNS.ClusterDomain, "cluster-domain", e.Get("CLUSTER_DOMAIN", "cluster.local"), "Kubernetes cluster domain (DNS proxy answers <svc>.<ns>.svc.<domain>)")
 	fs.StringVar(&o.DNS.ResolvConf, "dns-resolv-conf", "/etc/resolv.conf", "resolvers the DNS proxy forwards to for pods whose own resolvers are unknown")
-	return o, fs.Parse(args)
+	if err := fs.Parse(args); err != nil {
+		return o, err
+	}
+	switch o.HandoverSocket {
+	case "":
+		o.HandoverSocket = filepath.Join(filepath.Dir(o.zdsSocket), "ztunnel-handover.sock")
+	case "off":
+		o.HandoverSocket = ""
+	}
+	return o, nil
 }
 
 func main() {

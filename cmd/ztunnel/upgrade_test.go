@@ -45,7 +45,7 @@ type ztunnel struct {
 	exited chan error
 }
 
-func startZtunnel(t *testing.T, cp *proctest.ControlPlane, pod *netns.Pod, sock, node, transport string, grace time.Duration) *ztunnel {
+func startZtunnel(t *testing.T, cp *proctest.ControlPlane, pod *netns.Pod, sock, node, transport string, grace time.Duration, extra ...string) *ztunnel {
 	ns, err := pod.Open()
 	if err != nil {
 		t.Fatal(err)
@@ -63,6 +63,7 @@ func startZtunnel(t *testing.T, cp *proctest.ControlPlane, pod *netns.Pod, sock,
 		// proctest's control plane is a plain snapshot server: it serves
 		// every address, not the node scope of the manager's AddressCache.
 		"-full-discovery")
+	z.cmd.Args = append(z.cmd.Args, extra...)
 	z.cmd.Env = append(os.Environ(), runMainEnv+"=1")
 	z.cmd.Stdout, z.cmd.Stderr = z.out, z.out
 	if err := z.cmd.Start(); err != nil {
@@ -102,6 +103,22 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 
 // serveEcho answers every line with the same line, in the server pod.
 func serveEcho(t *testing.T, pod *netns.Pod, port int) {
+	serveIn(t, pod, port, func(c net.Conn) {
+		r := bufio.NewReader(c)
+		for {
+			line, err := r.ReadString('\n')
+			if err != nil {
+				return
+			}
+			if _, err := io.WriteString(c, line); err != nil {
+				return
+			}
+		}
+	})
+}
+
+// serveIn serves each connection to pod:port with handle (then closed).
+func serveIn(t *testing.T, pod *netns.Pod, port int, handle func(net.Conn)) {
 	ns, err := pod.Open()
 	if err != nil {
 		t.Fatal(err)
@@ -120,16 +137,7 @@ func serveEcho(t *testing.T, pod *netns.Pod, port int) {
 			}
 			go func() {
 				defer c.Close()
-				r := bufio.NewReader(c)
-				for {
-					line, err := r.ReadString('\n')
-					if err != nil {
-						return
-					}
-					if _, err := io.WriteString(c, line); err != nil {
-						return
-					}
-				}
+				handle(c)
 			}()
 		}
 	}()
@@ -331,7 +339,11 @@ func testUpgrade(t *testing.T, transport string, inbound bool) {
 	syncer, sock, captured, nsOf := agent.syncer, agent.sock, agent.pods, agent.nsOf
 
 	const grace = 60 * time.Second // never reached: the old instance must finish on its own
-	old := startZtunnel(t, cp, oldPod, sock, "node1", transport, grace)
+	// The drain itself is tested here: with hand-over the long-lived
+	// connections would leave the old instance at once
+	// (TestUpgradeHandsOverLongLivedConnections).
+	noHandover := []string{"-handover-socket", "off"}
+	old := startZtunnel(t, cp, oldPod, sock, "node1", transport, grace, noHandover...)
 	waitFor(t, "old ztunnel ready", old.ready)
 	// Long-lived connections, all on the old instance.
 	var longLived []*session
@@ -354,7 +366,7 @@ func testUpgrade(t *testing.T, transport string, inbound bool) {
 	}
 
 	// The surged instance starts next to the old one and gets every pod.
-	nu := startZtunnel(t, cp, newPod, sock, "node1", transport, grace)
+	nu := startZtunnel(t, cp, newPod, sock, "node1", transport, grace, noHandover...)
 	waitFor(t, "new ztunnel ready", nu.ready)
 	waitFor(t, "node agent connected to both ztunnels", func() bool { return syncer.Connected() == 2 })
 	if !old.ready() {

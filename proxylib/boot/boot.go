@@ -32,6 +32,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/dnsproxy"
 	"github.com/ambientmesh/ambient/proxylib/envconfig"
+	"github.com/ambientmesh/ambient/proxylib/handover"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/hbone/meshtransport"
 	"github.com/ambientmesh/ambient/proxylib/identity"
@@ -62,6 +63,10 @@ type Options struct {
 	// FullDiscovery makes a ztunnel subscribe to every address instead of
 	// its node's scope plus on-demand lookups.
 	FullDiscovery bool
+	// HandoverSocket, when set, enables connection hand-over across an
+	// upgrade (ztunnel only; proxylib/handover): resumable sessions, taking
+	// connections over on this unix socket, handing ours over on SIGTERM.
+	HandoverSocket string
 }
 
 // DNSOptions configure ztunnel's DNS proxy.
@@ -152,6 +157,8 @@ type Proxy struct {
 	// Demand looks up what the proxy's scope lacks (nil: everything is
 	// pushed).
 	Demand func(ctx context.Context, names ...string) error
+	// handover takes connections from a draining predecessor (nil: off).
+	handover *handover.Listener
 }
 
 // Mesh is a proxy's link to the control plane: the trust bundle (watched
@@ -252,15 +259,30 @@ func Start(ctx context.Context, o *Options, log logr.Logger, role string, unpriv
 			return nil, err
 		}
 	}
+	var sessions *handover.Registry
+	var hln *handover.Listener
+	if o.HandoverSocket != "" {
+		sessions = handover.NewRegistry(0)
+		if hln, err = handover.Listen(o.HandoverSocket, log.WithName("handover")); err != nil {
+			store.Close()
+			return nil, err
+		}
+	}
 	p, err := proxy.New(proxy.Config{Log: log.WithName("proxy"), State: state, Certs: store, Node: o.Node, TrustDomain: o.TrustDomain,
 		Metrics: telemetry.NewMetrics(reg), NewDialer: tr.NewDialer, NewHBONEServer: tr.NewServer, CertsReady: h.ready,
-		Unprivileged: unprivileged, DNS: dns, Demand: demand})
+		Unprivileged: unprivileged, DNS: dns, Demand: demand, Handover: sessions})
 	if err != nil {
 		store.Close()
+		if hln != nil {
+			hln.Close()
+		}
 		return nil, err
 	}
 	h.proxy = p
-	return &Proxy{Proxy: p, Opts: o, Log: log, Bundle: bundle, Store: store, State: state, Metrics: reg, Handler: h, Demand: demand}, nil
+	if hln != nil {
+		go hln.Serve(p.TakeOver)
+	}
+	return &Proxy{Proxy: p, Opts: o, Log: log, Bundle: bundle, Store: store, State: state, Metrics: reg, Handler: h, Demand: demand, handover: hln}, nil
 }
 
 // AdaptWorkerThreads sizes GOMAXPROCS to the load, up to limit and the
@@ -311,11 +333,30 @@ func (p *Proxy) Drain(grace time.Duration) {
 	p.Log.Info("draining: in-pod listeners closed, open connections continue", "grace", grace.String(), "open", p.Tracker().Len())
 	ctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
+	p.StopAccepting()
+	if p.handover != nil {
+		p.handOver(ctx)
+	}
 	if p.Proxy.Drain(ctx) {
 		p.Log.Info("drained: every connection ended")
 	} else {
 		p.Log.Info("drain grace elapsed; remaining connections closed")
 	}
+}
+
+// handOver passes our resumable connections to the newest ztunnel on the
+// node (the one whose socket file is at the path now); ours is closed first,
+// so without a newer one nothing is handed over.
+func (p *Proxy) handOver(ctx context.Context) {
+	p.handover.Close()
+	c, err := handover.DialSocket(ctx, p.Opts.HandoverSocket)
+	if err != nil {
+		p.Log.Info("no newer ztunnel takes connections over; they drain", "err", err.Error())
+		return
+	}
+	defer c.Close()
+	handed, kept := p.HandOver(ctx, c)
+	p.Log.Info("connection hand-over done", "handedOver", handed, "kept", kept)
 }
 
 // CertsFirst fetches a pod's certificate before serving it, and reports

@@ -84,6 +84,19 @@ type Responder interface {
 	Reject(status int, reason string)
 }
 
+// ResponseHeaderer is a dialed Stream that exposes the headers of the
+// CONNECT's 200 (our extensions, e.g. proxylib/handover's session answer);
+// the h2 engine implements it.
+type ResponseHeaderer interface {
+	ResponseHeader() http.Header
+}
+
+// HeaderAccepter is a Responder that can add headers to its 200; the h2
+// engine implements it.
+type HeaderAccepter interface {
+	AcceptWithHeader(h http.Header) (Stream, error)
+}
+
 // Handler decides what to do with each CONNECT. It runs in its own goroutine
 // per tunnel and owns the stream after Accept; it may block for the tunnel's
 // life or return and hand the stream to other goroutines. A handler that

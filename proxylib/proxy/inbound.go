@@ -20,6 +20,9 @@ import (
 func (p *Proxy) serveHBONE(ctx context.Context, pd *pod, req *hbone.Request, resp hbone.Responder) {
 	peer := req.Peer
 	req.PeerAddr = netip.AddrPortFrom(req.PeerAddr.Addr().Unmap(), req.PeerAddr.Port())
+	if p.serveControl(pd, req, resp) {
+		return
+	}
 	s := p.newSession(fmt.Sprintf("inbound{id=%d peer_ip=%s peer_id=%s}", p.nextID(), req.PeerAddr.Addr(), peer), net.TCPAddrFromAddrPort(req.PeerAddr))
 	s.dst = req.Target
 	s.info("got CONNECT request to %s", req.Target)
@@ -81,7 +84,7 @@ func (p *Proxy) inboundHBONE(ctx context.Context, s *session, pd *pod, req *hbon
 	if err != nil {
 		return reject(err)
 	}
-	return p.acceptAndRelay(s, pd, resp, up, dstW.GetUid(), c)
+	return p.acceptSession(s, pd, req, resp, up, dstW.GetUid(), c)
 }
 
 func (p *Proxy) acceptAndRelay(s *session, pd *pod, resp hbone.Responder, up net.Conn, dstUID string, c rbac.Conn) (job, error) {

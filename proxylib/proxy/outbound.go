@@ -11,6 +11,7 @@ import (
 	"syscall"
 
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/handover"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/netnsutil"
@@ -62,12 +63,10 @@ func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort,
 		if slices.Contains(failed, peerAddr(rt)) && attempt < maxConnectAttempts {
 			continue // round robin moves on; a lone endpoint ends the loop
 		}
-		j, up, err := p.outboundRoute(ctx, s, pd, down, dst, rt, srcW, srcID)
+		j, err := p.outboundRoute(ctx, s, pd, down, dst, rt, srcW, srcID)
 		switch {
-		case j != nil:
-			return j, nil
 		case err == nil:
-			return p.openRelay(s, pd, down, up)
+			return j, nil
 		case attempt < maxConnectAttempts && rt.fromService() && endpointGone(err):
 			failed = append(failed, peerAddr(rt))
 			s.info("connect to %s failed (%v): trying another endpoint", peerAddr(rt), err)
@@ -98,10 +97,11 @@ func endpointGone(err error) bool {
 	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EHOSTUNREACH) || errors.Is(err, syscall.ENETUNREACH)
 }
 
-// outboundRoute serves the connection along rt: a job of its own (the
-// fast path, the sidecar's L7 engine), or the dialed upstream connection.
+// outboundRoute serves the connection along rt: the fast path, the
+// sidecar's L7 engine, or a relay over the dialed upstream connection (a
+// session that can be handed over when the peer offers one).
 func (p *Proxy) outboundRoute(ctx context.Context, s *session, pd *pod, down net.Conn, dst netip.AddrPort, rt Route,
-	srcW *workloadapi.Workload, srcID identity.Identity) (job, net.Conn, error) {
+	srcW *workloadapi.Workload, srcID identity.Identity) (job, error) {
 	s.dst = rt.Target
 	var expected *identity.Identity
 	if len(rt.Expected) > 0 {
@@ -111,8 +111,7 @@ func (p *Proxy) outboundRoute(ctx context.Context, s *session, pd *pod, down net
 	s.labels.Service = telemetry.ServiceOf(rt.Service)
 	if rt.Kind == FastPath {
 		if dp := p.localPod(rt.Dest.GetUid()); dp != nil {
-			j, err := p.fastPath(s, pd, dp, down, rt, srcID)
-			return j, nil, err
+			return p.fastPath(s, pd, dp, down, rt, srcID)
 		}
 		// Destination on this node but not captured here (yet): tunnel.
 		rt.Kind = HBONE
@@ -123,7 +122,7 @@ func (p *Proxy) outboundRoute(ctx context.Context, s *session, pd *pod, down net
 		// The sidecar applies the routes of a Service without a waypoint
 		// (with one, the waypoint does: the tunnel goes there as is).
 		s.dst = dst
-		return func() (int64, int64, error) { return p.serveL7Outbound(s, pd, l7, down, rt, srcW, srcID) }, nil, nil
+		return func() (int64, int64, error) { return p.serveL7Outbound(s, pd, l7, down, rt, srcW, srcID) }, nil
 	}
 	switch rt.Kind {
 	case HBONE:
@@ -137,18 +136,24 @@ func (p *Proxy) outboundRoute(ctx context.Context, s *session, pd *pod, down net
 		s.info("proxying to %s using passthrough", rt.Target)
 		s.labels.SecurityPolicy = telemetry.Unknown
 	}
-	up, err := p.dialRoute(ctx, pd, rt, srcID, forwarded(s.src, srcW))
-	return nil, up, err
-}
-
-// openRelay starts relaying down <-> up once the connection is tracked.
-func (p *Proxy) openRelay(s *session, pd *pod, down, up net.Conn) (job, error) {
+	h := forwarded(s.src, srcW)
+	offer := p.offerSession(rt, down)
+	if offer {
+		h.Set(handover.HeaderSession, handover.Version)
+	}
+	up, err := p.dialRoute(ctx, pd, rt, srcID, h)
+	if err != nil {
+		return nil, err
+	}
 	s.attach(up)
 	if err := s.track(pd.info.UID, "", rbac.Conn{}); err != nil {
 		up.Close()
 		return nil, err
 	}
 	s.open()
+	if offer {
+		return p.outboundSession(s, pd, down, up, rt, srcID), nil
+	}
 	return relayJob(down, up), nil
 }
 
@@ -194,7 +199,7 @@ func (p *Proxy) fastPath(s *session, src, dst *pod, down net.Conn, rt Route, src
 		return nil, err
 	}
 	s.open()
-	return relayJob(down, up), nil
+	return p.localSession(src, down, up, rt, srcID), nil
 }
 
 // serveSOCKS5 is outbound with the destination named by the client.

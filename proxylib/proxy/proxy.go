@@ -26,6 +26,7 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/discovery"
 	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
 	"github.com/ambientmesh/ambient/proxylib/dnsproxy"
+	"github.com/ambientmesh/ambient/proxylib/handover"
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 	"github.com/ambientmesh/ambient/proxylib/identity"
 	"github.com/ambientmesh/ambient/proxylib/inpod"
@@ -83,6 +84,10 @@ type Config struct {
 	// (SO_MARK needs that capability); the pod's redirection lets them pass
 	// by owner instead (redirect.Config.SkipOwnerUIDs).
 	Unprivileged bool
+	// Handover, when set, offers and accepts resumable sessions on direct
+	// tunnels, so an upgrade can hand connections over (proxylib/handover,
+	// Proxy.HandOver and TakeOver); nil: never (the waypoint, tests).
+	Handover *handover.Registry
 	// DNS, when set, serves the DNS proxy (:15053 on the pod's loopback) in
 	// pods whose DNS the node agent redirects (WorkloadInfo.CaptureDNS).
 	DNS *dnsproxy.Proxy
@@ -120,6 +125,7 @@ type Proxy struct {
 	ids      atomic.Uint64
 	snapshot atomic.Bool
 	draining atomic.Bool // Drain started: no new pods, no listeners
+	stopOnce sync.Once
 	l7       atomic.Pointer[L7]
 
 	mu   sync.Mutex
@@ -524,11 +530,7 @@ func (p *Proxy) localPod(uid string) *pod {
 // Pods stay known, so a DelWorkload meanwhile still releases them. It
 // reports whether every connection ended on its own.
 func (p *Proxy) Drain(ctx context.Context) bool {
-	p.draining.Store(true)
-	pods := p.podList()
-	for _, pd := range pods {
-		p.stopListening(pd)
-	}
+	p.StopAccepting()
 	done := p.tracker.Drain(ctx)
 	for _, pd := range p.podList() {
 		if pd.hbone != nil {
@@ -539,6 +541,18 @@ func (p *Proxy) Drain(ctx context.Context) bool {
 		}
 	}
 	return done
+}
+
+// StopAccepting is Drain's first step (it may be taken earlier, to hand
+// connections over before the drain): refuse new pods, close every in-pod
+// listener. Idempotent.
+func (p *Proxy) StopAccepting() {
+	p.stopOnce.Do(func() {
+		p.draining.Store(true)
+		for _, pd := range p.podList() {
+			p.stopListening(pd)
+		}
+	})
 }
 
 // Draining reports whether Drain has started.

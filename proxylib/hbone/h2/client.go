@@ -344,6 +344,7 @@ func (d *Dialer) roundTrip(ctx context.Context, cc *clientConn, req hbone.DialRe
 		t.Close()
 		return nil, fmt.Errorf("hbone: CONNECT %s via %s: %w", authority, req.ProxyAddr, &hbone.RejectedError{Status: res.status})
 	}
+	t.respHeader = res.header
 	return t, nil
 }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -346,8 +347,15 @@ func (c *conn) clientResponse(t *tunnel, f *http2.MetaHeadersFrame) {
 	if status >= 100 && status < 200 {
 		return // informational: keep waiting
 	}
+	var h http.Header
+	for _, f := range f.RegularFields() {
+		if h == nil {
+			h = http.Header{}
+		}
+		h.Add(f.Name, f.Value)
+	}
 	select {
-	case t.response <- responseResult{status: status}:
+	case t.response <- responseResult{status: status, header: h}:
 	default:
 		// Second final response: trailers, not expected on a tunnel.
 		t.abort(http2.ErrCodeProtocol, &ResetError{Code: http2.ErrCodeProtocol}, true)

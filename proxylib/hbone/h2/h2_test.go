@@ -235,3 +235,41 @@ func TestUploadUnderSmallWindows(t *testing.T) {
 		t.Fatalf("server counted %d of %d: %v", n, total, err)
 	}
 }
+
+// TestAcceptWithHeaderReachesTheDialer: extension headers of a 200
+// (proxylib/handover's session answer) are readable on the dialed stream;
+// a plain Accept sends none.
+func TestAcceptWithHeaderReachesTheDialer(t *testing.T) {
+	e := newEnv(t, withHandler(hbone.HandlerFunc(func(ctx context.Context, req *hbone.Request, resp hbone.Responder) {
+		var st hbone.Stream
+		var err error
+		if v := req.Header.Get("X-Ambient-Session"); v != "" {
+			st, err = resp.(hbone.HeaderAccepter).AcceptWithHeader(http.Header{"X-Ambient-Session": {"answer-to-" + v}})
+		} else {
+			st, err = resp.Accept()
+		}
+		if err == nil {
+			io.Copy(st, st)
+			st.Close()
+		}
+	})))
+	req := e.request(e.echo.Addr)
+	req.Header = http.Header{"X-Ambient-Session": {"v1"}}
+	st, err := e.dialer.Dial(context.Background(), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if got := st.(hbone.ResponseHeaderer).ResponseHeader().Get("X-Ambient-Session"); got != "answer-to-v1" {
+		t.Fatalf("response header %q, want answer-to-v1", got)
+	}
+	roundTrip(t, st, []byte("after the answer"))
+	plain, err := e.dialer.Dial(context.Background(), e.request(e.echo.Addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer plain.Close()
+	if h := plain.(hbone.ResponseHeaderer).ResponseHeader(); len(h) != 0 {
+		t.Fatalf("plain Accept sent headers %v", h)
+	}
+}

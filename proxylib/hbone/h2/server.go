@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/netip"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -407,10 +408,13 @@ type responder struct {
 	once      sync.Once
 }
 
-func (rp *responder) Accept() (hbone.Stream, error) {
+func (rp *responder) Accept() (hbone.Stream, error) { return rp.AcceptWithHeader(nil) }
+
+// AcceptWithHeader is Accept with h added to the 200 (hbone.HeaderAccepter).
+func (rp *responder) AcceptWithHeader(h http.Header) (hbone.Stream, error) {
 	err := errors.New("hbone: CONNECT already answered")
 	rp.once.Do(func() {
-		err = rp.respond(http.StatusOK)
+		err = rp.respond(http.StatusOK, h)
 		if err == nil {
 			rp.t.answered.Store(true)
 		}
@@ -428,7 +432,7 @@ func (rp *responder) Reject(status int, reason string) {
 		}
 		rp.sc.s.log.Info("CONNECT rejected", "peer_id", rp.sc.peer.String(), "target", rp.authority, "status", status, "reason", reason)
 		rp.t.answered.Store(true)
-		if rp.respond(status) == nil {
+		if rp.respond(status, nil) == nil {
 			rp.t.Write([]byte(reason + "\n"))
 			rp.t.CloseWrite()
 		}
@@ -437,8 +441,8 @@ func (rp *responder) Reject(status int, reason string) {
 	})
 }
 
-// respond sends the response HEADERS.
-func (rp *responder) respond(status int) error {
+// respond sends the response HEADERS (extra: regular fields of a 200).
+func (rp *responder) respond(status int, extra http.Header) error {
 	t := rp.t
 	t.mu.Lock()
 	err := t.reset
@@ -447,6 +451,11 @@ func (rp *responder) respond(status int) error {
 		return err
 	}
 	fields := []hpack.HeaderField{{Name: ":status", Value: strconv.Itoa(status)}}
+	for k, vs := range extra {
+		for _, v := range vs {
+			fields = append(fields, hpack.HeaderField{Name: strings.ToLower(k), Value: v})
+		}
+	}
 	if status != http.StatusOK {
 		fields = append(fields,
 			hpack.HeaderField{Name: "content-type", Value: "text/plain; charset=utf-8"},

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -64,8 +65,9 @@ type tunnel struct {
 	draining bool   // a drain runs (or is starting): pushes wait for it
 	pending  func() // lazy pushing: starts a drain (hbone.LazyPusher)
 
-	// Dialing side: the response to our CONNECT.
-	response chan responseResult
+	// Dialing side: the response to our CONNECT, and its headers.
+	response   chan responseResult
+	respHeader http.Header
 
 	idle     *idleWatch
 	hooks    []func()    // run once when the tunnel is released
@@ -76,8 +78,12 @@ type tunnel struct {
 
 type responseResult struct {
 	status int
+	header http.Header
 	err    error
 }
+
+// ResponseHeader is the 200's regular headers (hbone.ResponseHeaderer).
+func (t *tunnel) ResponseHeader() http.Header { return t.respHeader }
 
 func newTunnel(c *conn, id uint32) *tunnel {
 	t := &tunnel{c: c, id: id, recvWindow: c.tuning.StreamWindow} // sendWindow: set when registered

@@ -1,0 +1,406 @@
+package handover
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/ambientmesh/ambient/proxylib/hbone"
+)
+
+// Copy buffers: each direction starts small (an idle connection holds
+// little) and grows while reads fill it (bulk), as hbone.CopyAdaptive.
+const (
+	smallBuffer = 2 << 10
+	relayBuffer = 32 << 10
+)
+
+var bigBuffers = sync.Pool{New: func() any { b := make([]byte, relayBuffer); return &b }}
+
+// adaptiveBuffer is one direction's buffer.
+type adaptiveBuffer struct {
+	small [smallBuffer]byte
+	big   *[]byte
+	short int
+}
+
+func (a *adaptiveBuffer) buf() []byte {
+	if a.big != nil {
+		return *a.big
+	}
+	return a.small[:]
+}
+
+// used adapts the buffer to a read of n bytes.
+func (a *adaptiveBuffer) used(n int) {
+	switch {
+	case a.big == nil && n == smallBuffer:
+		a.big, a.short = bigBuffers.Get().(*[]byte), 0
+	case a.big != nil && n < smallBuffer:
+		if a.short++; a.short >= 2 {
+			a.release()
+		}
+	case a.big != nil:
+		a.short = 0
+	}
+}
+
+func (a *adaptiveBuffer) release() {
+	if a.big != nil {
+		bigBuffers.Put(a.big)
+		a.big = nil
+	}
+}
+
+// Relay copies between an application socket and a tunnel as proxy.Relay
+// does (EOF half-closes the other side, an error resets both), counting the
+// bytes of the whole session, and can stop at a clean byte boundary: Pause
+// stops reading the app (everything read is in the tunnel), WaitRecv waits
+// until the peer's bytes are all written to the app, Detach ends the relay
+// leaving the app socket open for whoever continues the session.
+type Relay struct {
+	app        *net.TCPConn
+	tun        hbone.Stream
+	sent, recv atomic.Int64
+
+	mu         sync.Mutex
+	cond       sync.Cond
+	pausing    bool // Pause asked the app reader to stop
+	upPaused   bool // it stopped and waits
+	upEnded    bool
+	downEnded  bool
+	suspending bool // the tunnel's end or failure is the suspension's, not the app's
+	detached   bool
+	local      bool // detached by DetachLocal: the "tunnel" is a socket that stays open
+	broken     bool // a direction half-closed or failed: not suspendable
+	quietEnd   bool // the tunnel reader stopped for a suspension...
+	quietEOF   bool // ...at the tunnel's END_STREAM
+	failure    error
+	// appShut/tunShut: we shut that side's writing down (after which a
+	// clean EOF also leaves a TCP socket in CLOSE; see hbone.EndedByReset).
+	appShut, tunShut atomic.Bool
+}
+
+// NewRelay relays app and tun; sent and recv are the session's counts so far.
+func NewRelay(app *net.TCPConn, tun hbone.Stream, sent, recv int64) *Relay {
+	r := &Relay{app: app, tun: tun}
+	r.cond.L = &r.mu
+	r.sent.Store(sent)
+	r.recv.Store(recv)
+	return r
+}
+
+// Counts are the session's bytes sent into and received from the tunnel.
+func (r *Relay) Counts() (sent, recv int64) { return r.sent.Load(), r.recv.Load() }
+
+// Run relays until both directions end (false) or Detach (true). The tunnel
+// is closed on return; the app socket only when not detached.
+func (r *Relay) Run() (detached bool, err error) {
+	go r.down()
+	r.up()
+	r.mu.Lock()
+	for !r.downEnded {
+		r.cond.Wait()
+	}
+	detached, err = r.detached, r.failure
+	local := r.local
+	r.mu.Unlock()
+	if !detached || !local {
+		r.tun.Close() // a local pair's destination socket stays with the pair
+	}
+	if !detached {
+		r.app.Close()
+	}
+	return detached, err
+}
+
+func (r *Relay) up() {
+	var ab adaptiveBuffer
+	defer ab.release()
+	for {
+		buf := ab.buf()
+		n, err := r.app.Read(buf)
+		if n > 0 {
+			w, werr := r.tun.Write(buf[:n])
+			r.sent.Add(int64(w))
+			if werr != nil {
+				r.fail(werr)
+				break
+			}
+		}
+		ab.used(n) // after the write: it may return buf to the pool
+		if err == nil {
+			continue
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) && r.parkUp() {
+			continue
+		}
+		if errors.Is(err, io.EOF) {
+			r.setBroken()
+			if !r.appShut.Load() && hbone.EndedByReset(r.app) {
+				r.fail(syscall.ECONNRESET) // a reset, not an end: propagate it
+				break
+			}
+			r.tunShut.Store(true)
+			if cerr := r.tun.CloseWrite(); cerr != nil {
+				r.fail(cerr)
+			}
+			break
+		}
+		r.fail(err)
+		break
+	}
+	r.mu.Lock()
+	r.upEnded = true
+	r.cond.Broadcast()
+	r.mu.Unlock()
+}
+
+// parkUp waits while paused; true: read again, false: stop (detached).
+func (r *Relay) parkUp() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.pausing {
+		// A cancelled Pause's deadline (nobody else sets one): read on.
+		r.app.SetReadDeadline(time.Time{})
+		return true
+	}
+	r.upPaused = true
+	r.cond.Broadcast()
+	for r.pausing && !r.detached && r.failure == nil {
+		r.cond.Wait()
+	}
+	r.upPaused = false
+	if r.detached || r.failure != nil {
+		return false
+	}
+	r.app.SetReadDeadline(time.Time{}) // under mu: a new Pause cannot interleave
+	return true
+}
+
+func (r *Relay) down() {
+	var ab adaptiveBuffer
+	defer ab.release()
+	for {
+		buf := ab.buf()
+		n, err := r.tun.Read(buf)
+		if n > 0 {
+			w, werr := r.app.Write(buf[:n])
+			r.recv.Add(int64(w))
+			r.mu.Lock()
+			r.cond.Broadcast()
+			r.mu.Unlock()
+			if werr != nil {
+				r.fail(werr)
+				break
+			}
+		}
+		ab.used(n)
+		if err == nil {
+			continue
+		}
+		r.mu.Lock()
+		quiet := r.suspending || r.detached
+		if quiet {
+			r.quietEnd, r.quietEOF = true, errors.Is(err, io.EOF)
+		}
+		r.mu.Unlock()
+		if quiet {
+			break // the suspension ended the tunnel; the app stays as it is
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			continue // a cancelled DetachLocal's deadline (nobody else sets one)
+		}
+		if errors.Is(err, io.EOF) {
+			r.setBroken()
+			if !r.tunShut.Load() && hbone.EndedByReset(r.tun) {
+				r.fail(syscall.ECONNRESET)
+				break
+			}
+			r.appShut.Store(true)
+			if cerr := r.app.CloseWrite(); cerr != nil {
+				r.fail(cerr)
+			}
+			break
+		}
+		r.fail(err)
+		break
+	}
+	r.mu.Lock()
+	r.downEnded = true
+	r.cond.Broadcast()
+	r.mu.Unlock()
+}
+
+func (r *Relay) setBroken() {
+	r.mu.Lock()
+	r.broken = true
+	r.mu.Unlock()
+}
+
+// fail aborts both sides (TCP reset, tunnel RST_STREAM), once.
+func (r *Relay) fail(err error) {
+	r.mu.Lock()
+	if r.failure != nil || r.detached {
+		r.mu.Unlock()
+		return
+	}
+	r.failure, r.broken = err, true
+	r.cond.Broadcast()
+	r.mu.Unlock()
+	r.app.SetLinger(0)
+	r.app.Close()
+	if tc, ok := r.tun.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
+	r.tun.Close()
+}
+
+// Fail aborts the relay (a suspension that cannot complete).
+func (r *Relay) Fail(err error) { r.fail(err) }
+
+// waitLocked waits for cond until timeout; false on timeout.
+func (r *Relay) waitLocked(timeout time.Duration, cond func() bool) bool {
+	expired := false
+	t := time.AfterFunc(timeout, func() {
+		r.mu.Lock()
+		expired = true
+		r.cond.Broadcast()
+		r.mu.Unlock()
+	})
+	defer t.Stop()
+	for !cond() {
+		if expired {
+			return false
+		}
+		r.cond.Wait()
+	}
+	return true
+}
+
+// Pause stops reading the app and returns the bytes sent into the tunnel,
+// all of them written. ErrBusy when the relay cannot be suspended (a
+// direction ended, or the tunnel would not take the last read in time);
+// the relay then runs on.
+func (r *Relay) Pause(timeout time.Duration) (int64, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.broken || r.upEnded || r.downEnded || r.pausing {
+		return 0, ErrBusy
+	}
+	r.pausing = true
+	r.app.SetReadDeadline(time.Unix(1, 0))
+	if !r.waitLocked(timeout, func() bool { return r.upPaused || r.upEnded || r.failure != nil }) || !r.upPaused {
+		r.unpauseLocked()
+		return 0, ErrBusy
+	}
+	return r.sent.Load(), nil
+}
+
+// Suspending marks the tunnel's coming end (or failure) as the
+// suspension's: the app is neither half-closed nor reset by it.
+func (r *Relay) Suspending() {
+	r.mu.Lock()
+	r.suspending = true
+	r.mu.Unlock()
+}
+
+// Unpause cancels a suspension that did not happen: reading resumes both
+// ways.
+func (r *Relay) Unpause() {
+	r.mu.Lock()
+	r.unpauseLocked()
+	r.mu.Unlock()
+}
+
+// unpauseLocked resumes reading. A tunnel reader that stopped for the
+// suspension meanwhile is undone: at END_STREAM (the peer's app ended its
+// direction, not a suspension) the end is passed on; otherwise (deadline,
+// reset) the reader runs again and meets whatever ended it.
+func (r *Relay) unpauseLocked() {
+	r.pausing, r.suspending = false, false
+	r.app.SetReadDeadline(time.Time{})
+	r.tun.SetReadDeadline(time.Time{})
+	if r.downEnded && r.quietEnd && !r.detached {
+		eof := r.quietEOF
+		r.quietEnd, r.quietEOF = false, false
+		if eof {
+			r.broken = true
+			r.appShut.Store(true)
+			r.app.CloseWrite()
+		} else {
+			r.downEnded = false
+			go r.down()
+		}
+	}
+	r.cond.Broadcast()
+}
+
+// WaitRecv waits until n bytes were received (and written to the app).
+func (r *Relay) WaitRecv(n int64, timeout time.Duration) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ok := r.waitLocked(timeout, func() bool { return r.recv.Load() >= n || r.failure != nil })
+	switch {
+	case r.failure != nil:
+		return r.failure
+	case !ok:
+		return errors.New("handover: peer's bytes not delivered in time")
+	case r.recv.Load() != n:
+		return ErrOffsets
+	}
+	return nil
+}
+
+// Detach ends a paused relay without touching the app socket: Run returns
+// true. The tunnel's reader is stopped by a deadline (the peer sends
+// nothing more once suspended).
+func (r *Relay) Detach() {
+	r.mu.Lock()
+	r.detached = true
+	r.cond.Broadcast()
+	r.mu.Unlock()
+	r.tun.SetReadDeadline(time.Unix(1, 0))
+}
+
+// DetachLocal stops both directions of a relay between two local sockets
+// (the node-local fast path: "tunnel" is the destination app's socket) at a
+// clean byte boundary and detaches it; both sockets stay open and idle. On
+// ErrBusy nothing changed.
+func (r *Relay) DetachLocal(timeout time.Duration) error {
+	if _, err := r.Pause(timeout); err != nil {
+		return err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.suspending = true
+	r.tun.SetReadDeadline(time.Unix(1, 0))
+	// broken: the destination ended its direction between Pause and here
+	// (passed on already); a continuation could not know, so it stays.
+	if !r.waitLocked(timeout, func() bool { return r.downEnded }) || r.failure != nil || r.broken {
+		r.unpauseLocked()
+		return ErrBusy
+	}
+	r.detached, r.local = true, true
+	r.tun.SetReadDeadline(time.Time{})
+	r.cond.Broadcast()
+	return nil
+}
+
+// Broken reports a relay that cannot be suspended (a direction ended).
+func (r *Relay) Broken() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.broken
+}
+
+// App is the application socket.
+func (r *Relay) App() *net.TCPConn { return r.app }
+
+// Tunnel is the current tunnel.
+func (r *Relay) Tunnel() hbone.Stream { return r.tun }
