@@ -30,28 +30,52 @@ func readAll(t *testing.T, c net.Conn) string {
 	return string(b)
 }
 
+// waypointFixture: a waypoint Service (VIP 10.96.0.20, HBONE 15008) and
+// the productpage Service (10.96.0.30:9080) bound to it.
+type waypointFixture struct {
+	wpVIP  netip.Addr
+	appVIP netip.AddrPort
+	gw     *workloadapi.GatewayAddress
+}
+
+func newWaypointFixture() waypointFixture {
+	wpVIP := netip.MustParseAddr("10.96.0.20")
+	return waypointFixture{wpVIP: wpVIP, appVIP: netip.MustParseAddrPort("10.96.0.30:9080"),
+		gw: &workloadapi.GatewayAddress{Destination: &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: wpVIP.AsSlice()}}, HboneMtlsPort: 15008}}
+}
+
+// inWaypoint makes a pod a replica of the waypoint Service.
+func (f waypointFixture) inWaypoint(w *workloadapi.Workload) {
+	key := discovery.ServiceKey("default", "waypoint.default.svc.cluster.local")
+	w.Services = map[string]*workloadapi.PortList{key: {Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}}}
+}
+
+// boundApp makes a pod a productpage endpoint that uses the waypoint.
+func (f waypointFixture) boundApp(w *workloadapi.Workload) {
+	key := discovery.ServiceKey("default", "productpage.default.svc.cluster.local")
+	w.Waypoint = f.gw
+	w.Services = map[string]*workloadapi.PortList{key: {Ports: []*workloadapi.Port{{ServicePort: 9080, TargetPort: 9080}}}}
+}
+
+// services publishes both Services.
+func (f waypointFixture) services(m *meshtest.Mesh) {
+	m.CP.Service(&workloadapi.Service{Name: "waypoint", Namespace: "default", Hostname: "waypoint.default.svc.cluster.local",
+		Addresses: []*workloadapi.NetworkAddress{{Address: f.wpVIP.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}})
+	m.CP.Service(&workloadapi.Service{Name: "productpage", Namespace: "default", Hostname: "productpage.default.svc.cluster.local",
+		Addresses: []*workloadapi.NetworkAddress{{Address: f.appVIP.Addr().AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 9080, TargetPort: 9080}}, Waypoint: f.gw})
+}
+
 func TestWaypointRoutingAndHairpin(t *testing.T) {
 	m := meshtest.New(t, 2)
 	m.SyncAll()
-	wpVIP := netip.MustParseAddr("10.96.0.20")
-	appVIP := netip.MustParseAddrPort("10.96.0.30:9080")
-	wpKey := discovery.ServiceKey("default", "waypoint.default.svc.cluster.local")
-	appKey := discovery.ServiceKey("default", "productpage.default.svc.cluster.local")
-	gw := &workloadapi.GatewayAddress{Destination: &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: wpVIP.AsSlice()}}, HboneMtlsPort: 15008}
+	f := newWaypointFixture()
+	appVIP := f.appVIP
 
 	sleep := m.AddPod(m.Nodes[0], "sleep-1", "sleep", true)
 	outside := m.AddPod(m.Nodes[0], "outside-1", "outside", false)
-	waypoint := m.AddPod(m.Nodes[1], "waypoint-1", "waypoint", false, func(w *workloadapi.Workload) {
-		w.Services = map[string]*workloadapi.PortList{wpKey: {Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}}}
-	})
-	app := m.AddPod(m.Nodes[1], "productpage-1", "httpbin", true, func(w *workloadapi.Workload) {
-		w.Waypoint = gw
-		w.Services = map[string]*workloadapi.PortList{appKey: {Ports: []*workloadapi.Port{{ServicePort: 9080, TargetPort: 9080}}}}
-	})
-	m.CP.Service(&workloadapi.Service{Name: "waypoint", Namespace: "default", Hostname: "waypoint.default.svc.cluster.local",
-		Addresses: []*workloadapi.NetworkAddress{{Address: wpVIP.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}})
-	m.CP.Service(&workloadapi.Service{Name: "productpage", Namespace: "default", Hostname: "productpage.default.svc.cluster.local",
-		Addresses: []*workloadapi.NetworkAddress{{Address: appVIP.Addr().AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 9080, TargetPort: 9080}}, Waypoint: gw})
+	waypoint := m.AddPod(m.Nodes[1], "waypoint-1", "waypoint", false, f.inWaypoint)
+	app := m.AddPod(m.Nodes[1], "productpage-1", "httpbin", true, f.boundApp)
+	f.services(m)
 	m.StandInWaypoint(waypoint)
 	app.ServeTCP(t, 9080, func(c net.Conn) { io.WriteString(c, "productpage"); c.Close() })
 
@@ -150,26 +174,14 @@ func TestHostileCONNECTTargets(t *testing.T) {
 func TestConnectFailsOverToAnotherReplica(t *testing.T) {
 	m := meshtest.New(t, 2)
 	m.SyncAll()
-	wpVIP := netip.MustParseAddr("10.96.0.20")
-	appVIP := netip.MustParseAddrPort("10.96.0.30:9080")
-	wpKey := discovery.ServiceKey("default", "waypoint.default.svc.cluster.local")
-	appKey := discovery.ServiceKey("default", "productpage.default.svc.cluster.local")
-	gw := &workloadapi.GatewayAddress{Destination: &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: wpVIP.AsSlice()}}, HboneMtlsPort: 15008}
-	inWaypointService := func(w *workloadapi.Workload) {
-		w.Services = map[string]*workloadapi.PortList{wpKey: {Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}}}
-	}
+	f := newWaypointFixture()
+	appVIP := f.appVIP
 
 	sleep := m.AddPod(m.Nodes[0], "sleep-1", "sleep", true)
-	live := m.AddPod(m.Nodes[1], "waypoint-1", "waypoint", false, inWaypointService)
-	m.AddPod(m.Nodes[1], "waypoint-2", "waypoint", false, inWaypointService) // nothing listens
-	m.AddPod(m.Nodes[1], "productpage-1", "httpbin", true, func(w *workloadapi.Workload) {
-		w.Waypoint = gw
-		w.Services = map[string]*workloadapi.PortList{appKey: {Ports: []*workloadapi.Port{{ServicePort: 9080, TargetPort: 9080}}}}
-	})
-	m.CP.Service(&workloadapi.Service{Name: "waypoint", Namespace: "default", Hostname: "waypoint.default.svc.cluster.local",
-		Addresses: []*workloadapi.NetworkAddress{{Address: wpVIP.AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 15008, TargetPort: 15008}}})
-	m.CP.Service(&workloadapi.Service{Name: "productpage", Namespace: "default", Hostname: "productpage.default.svc.cluster.local",
-		Addresses: []*workloadapi.NetworkAddress{{Address: appVIP.Addr().AsSlice()}}, Ports: []*workloadapi.Port{{ServicePort: 9080, TargetPort: 9080}}, Waypoint: gw})
+	live := m.AddPod(m.Nodes[1], "waypoint-1", "waypoint", false, f.inWaypoint)
+	m.AddPod(m.Nodes[1], "waypoint-2", "waypoint", false, f.inWaypoint) // nothing listens
+	m.AddPod(m.Nodes[1], "productpage-1", "httpbin", true, f.boundApp)
+	f.services(m)
 	m.StandInWaypoint(live)
 
 	want := "waypoint: " + appVIP.String() + " from " + sleep.ID().String()
