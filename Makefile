@@ -98,8 +98,8 @@ test-operator: manifests envtest ## Only the operator's packages (fast inner loo
 	go test $(GO_TEST_FLAGS) ./controllers/ ./controllers/webhookcert/ ./cmd/manager/ ./api/... ./hack/...
 
 .PHONY: fuzz
-fuzz: envtest ## Run every fuzz target for FUZZTIME each (default 10s, 2 at a time: the smoke make test runs; a budget shorter than the seed corpus' baseline run fails with "context deadline exceeded" on a loaded machine).
-	FUZZ_JOBS=$(or $(FUZZ_JOBS),2) hack/fuzz.sh $(or $(FUZZTIME),10s)
+fuzz: envtest ## Run every fuzz target for FUZZTIME each (default 10s, 2 targets at a time with one worker each: the smoke make test runs; a budget shorter than the seed corpus' baseline run fails with "context deadline exceeded" on a loaded machine).
+	FUZZ_JOBS=$(or $(FUZZ_JOBS),2) FUZZ_PARALLEL=$(or $(FUZZ_PARALLEL),1) hack/fuzz.sh $(or $(FUZZTIME),10s)
 
 FUZZTIME_LONG ?= 10m
 .PHONY: fuzz-long
