@@ -12,6 +12,7 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -625,4 +626,25 @@ func TestInboundCaptureMode(t *testing.T) {
 	}
 	agentEnv("NAT")
 	waitCondition(t, name, meshv1.ConditionInboundCapture, metav1.ConditionTrue, "NAT")
+}
+
+// TestCertTTLChangeRollsNoProxy: spec.ca.workloadCertTTL is the CA's
+// business (proxies ask for its lifetime), so changing it leaves the
+// ztunnel and waypoint pod templates alone: a rollout of every proxy for
+// a certificate setting would break new connections mid-rotation.
+func TestCertTTLChangeRollsNoProxy(t *testing.T) {
+	withTTL := func(ttl time.Duration) *meshv1.AmbientMesh {
+		return &meshv1.AmbientMesh{ObjectMeta: metav1.ObjectMeta{Name: "default"},
+			Spec: meshv1.AmbientMeshSpec{Namespace: "mesh-root", CA: meshv1.CASpec{WorkloadCertTTL: metav1.Duration{Duration: ttl}}}}
+	}
+	long, short := withTTL(24*time.Hour), withTTL(10*time.Minute)
+	if a, b := DesiredZtunnel(long, Defaults{}).Spec.Template, DesiredZtunnel(short, Defaults{}).Spec.Template; !equality.Semantic.DeepEqual(a, b) {
+		t.Errorf("ztunnel template depends on workloadCertTTL:\n%v\n%v", a.Spec.Containers[0].Env, b.Spec.Containers[0].Env)
+	}
+	w := Waypoint{Name: "wp", Namespace: "app", TrafficType: meshv1.TrafficService, Replicas: 1, Image: "waypoint:test"}
+	_, a, _ := DesiredWaypoint(w, long)
+	_, b, _ := DesiredWaypoint(w, short)
+	if !equality.Semantic.DeepEqual(a.Spec.Template, b.Spec.Template) {
+		t.Errorf("waypoint template depends on workloadCertTTL:\n%v\n%v", a.Spec.Template.Spec.Containers[0].Env, b.Spec.Template.Spec.Containers[0].Env)
+	}
 }

@@ -164,7 +164,6 @@ func proxyEnv(mesh *meshv1.AmbientMesh, transport meshv1.HBONETransport, logLeve
 		{Name: "CA_ADDRESS", Value: fmt.Sprintf("%s:%d", host, caPort)},
 		{Name: "CA_SERVER_NAME", Value: host},
 		{Name: "HBONE_TRANSPORT", Value: string(transport)},
-		{Name: "WORKLOAD_CERT_TTL", Value: mesh.Spec.CA.WorkloadCertTTL.Duration.String()},
 		{Name: "LOG_LEVEL", Value: string(logLevel)},
 		// The Go runtime's soft memory limit follows the container's limit
 		// (AmbientMesh/WaypointPolicy resources): the GC works harder near

@@ -40,15 +40,15 @@ func TestInjectorEnvContract(t *testing.T) {
 		fs.SetOutput(io.Discard)
 		o, err = parseFlags(fs, args, e)
 		return err
-	}, "CLUSTER_ID", "DRAIN_GRACE", "WORKER_THREADS")
+	}, "CLUSTER_ID", "DRAIN_GRACE", "WORKER_THREADS", "WORKLOAD_CERT_TTL")
 	for what, got := range map[string][2]string{
 		"trust domain":    {o.TrustDomain, mesh.Spec.TrustDomain},
 		"root cert":       {o.RootCertPath, set["ROOT_CERT"]},
 		"token":           {o.TokenPath, set["TOKEN_PATH"]},
 		"xds":             {o.XDSAddr, "ambient-controlplane.mesh-root.svc:15010"},
 		"ca":              {o.CAAddr, "ambient-controlplane.mesh-root.svc:15012"},
-		"cert ttl":        {o.CertTTL.String(), "6h0m0s"},
 		"pod uid":         {o.podUID, "fieldRef:metadata.uid"},
+		"cert ttl":        {o.CertTTL.String(), "0s"}, // the CA's workloadCertTTL
 		"service account": {o.serviceAccount, "fieldRef:spec.serviceAccountName"},
 		"pod ip":          {o.podIP, "fieldRef:status.podIP"},
 		"app probes":      {fmt.Sprint(o.appProbes["/app-health/app/readyz"].TCPSocket.Port), "8080"},

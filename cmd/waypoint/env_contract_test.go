@@ -15,8 +15,8 @@ import (
 )
 
 // TestOperatorEnvContract: the waypoint the operator deploys reads every
-// variable the operator sets on it, nothing else but LB_POLICY, TRACING, and PROXY_ROLE and GATEWAY_CERT_DIR
-// (ingress gateways only)
+// variable the operator sets on it, nothing else but LB_POLICY, TRACING, PROXY_ROLE and GATEWAY_CERT_DIR
+// (ingress gateways only), WORKLOAD_CERT_TTL (the CA's lifetime when unset)
 // (optional, with defaults right for the operator's waypoints), and ends up
 // with the operator's values, among them the control plane's root
 // namespace (the mesh namespace), so a mesh-wide policy means the same to
@@ -33,7 +33,7 @@ func TestOperatorEnvContract(t *testing.T) {
 		fs.SetOutput(io.Discard)
 		o, err = parseFlags(fs, args, e)
 		return err
-	}, "LB_POLICY", "TRACING", "PROXY_ROLE", "GATEWAY_CERT_DIR", "WORKER_THREADS", "DRAIN_DELAY", "CLUSTER_ID")
+	}, "LB_POLICY", "TRACING", "PROXY_ROLE", "GATEWAY_CERT_DIR", "WORKER_THREADS", "DRAIN_DELAY", "CLUSTER_ID", "WORKLOAD_CERT_TTL")
 	for what, got := range map[string][2]string{
 		"root namespace": {o.rootNamespace, mesh.Spec.Namespace},
 		"trust domain":   {o.trustDomain, mesh.Spec.TrustDomain},
@@ -41,6 +41,7 @@ func TestOperatorEnvContract(t *testing.T) {
 		"root cert":      {o.rootCertPath, set["ROOT_CERT"]},
 		"token":          {o.tokenPath, set["TOKEN_PATH"]},
 		"waypoint name":  {o.name, w.Name},
+		"cert ttl":       {o.certTTL.String(), "0s"}, // the CA's workloadCertTTL
 	} {
 		if got[0] != got[1] || got[0] == "" {
 			t.Errorf("%s: waypoint has %q, operator meant %q", what, got[0], got[1])
@@ -68,7 +69,7 @@ func TestOperatorEnvContractIngress(t *testing.T) {
 		fs.SetOutput(io.Discard)
 		o, err = parseFlags(fs, args, e)
 		return err
-	}, "LB_POLICY", "TRACING", "WORKER_THREADS", "DRAIN_DELAY", "CLUSTER_ID")
+	}, "LB_POLICY", "TRACING", "WORKER_THREADS", "DRAIN_DELAY", "CLUSTER_ID", "WORKLOAD_CERT_TTL")
 	if o.role != roleIngress || o.name != "httpbin-gateway" || o.certDir != controllers.GatewayCertDir || o.rootNamespace != "mesh-root" {
 		t.Errorf("role %q name %q cert dir %q root %q: want the ingress gateway of httpbin-gateway", o.role, o.name, o.certDir, o.rootNamespace)
 	}

@@ -101,11 +101,11 @@ func parseFlags(fs *flag.FlagSet, args []string, e *envconfig.Env) (options, err
 		return o, fmt.Errorf("DRAIN_DELAY %q: want a Go duration such as 5s", env("DRAIN_DELAY", ""))
 	}
 	fs.DurationVar(&o.drainDelay, "drain-delay", delay, "after SIGTERM, new tunnels are still accepted this long (not ready meanwhile) while clients learn the replica is going (env DRAIN_DELAY)")
-	ttl, err := time.ParseDuration(env("WORKLOAD_CERT_TTL", "24h"))
-	if err != nil {
-		return o, fmt.Errorf("WORKLOAD_CERT_TTL: %w", err)
+	ttl, err := time.ParseDuration(env("WORKLOAD_CERT_TTL", "0s"))
+	if err != nil || ttl < 0 {
+		return o, fmt.Errorf("WORKLOAD_CERT_TTL %q: want a Go duration such as 6h (0: the mesh CA's workloadCertTTL)", env("WORKLOAD_CERT_TTL", ""))
 	}
-	fs.DurationVar(&o.certTTL, "workload-cert-ttl", ttl, "requested certificate lifetime (env WORKLOAD_CERT_TTL)")
+	fs.DurationVar(&o.certTTL, "workload-cert-ttl", ttl, "requested certificate lifetime, capped by the mesh CA; 0 takes the CA's spec.ca.workloadCertTTL (env WORKLOAD_CERT_TTL)")
 	if err := boot.WorkerThreadsFlag(fs, e, &o.workerThreads); err != nil {
 		return o, err
 	}

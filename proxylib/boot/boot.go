@@ -105,11 +105,11 @@ func Flags(fs *flag.FlagSet, e *envconfig.Env, defaultPodName string) (*Options,
 	fs.StringVar(&o.AdminAddr, "admin-address", "127.0.0.1:15000", "admin endpoint")
 	fs.StringVar(&o.MetricsAddr, "metrics-address", ":15020", "Prometheus metrics")
 	fs.StringVar(&o.ReadyAddr, "ready-address", ":15021", "readiness (/healthz/ready)")
-	ttl, err := time.ParseDuration(env("WORKLOAD_CERT_TTL", "24h"))
-	if err != nil {
-		return o, fmt.Errorf("bad WORKLOAD_CERT_TTL: %w", err)
+	ttl, err := time.ParseDuration(env("WORKLOAD_CERT_TTL", "0s"))
+	if err != nil || ttl < 0 {
+		return o, fmt.Errorf("bad WORKLOAD_CERT_TTL %q: want a Go duration such as 6h (0: the mesh CA's workloadCertTTL)", env("WORKLOAD_CERT_TTL", ""))
 	}
-	fs.DurationVar(&o.CertTTL, "workload-cert-ttl", ttl, "requested workload certificate lifetime (env WORKLOAD_CERT_TTL)")
+	fs.DurationVar(&o.CertTTL, "workload-cert-ttl", ttl, "requested workload certificate lifetime, capped by the mesh CA; 0 takes the CA's spec.ca.workloadCertTTL (env WORKLOAD_CERT_TTL)")
 	grace, err := time.ParseDuration(env("DRAIN_GRACE", "25s"))
 	if err != nil || grace < 0 {
 		return o, fmt.Errorf("bad DRAIN_GRACE %q: want a Go duration such as 25s", env("DRAIN_GRACE", ""))
@@ -388,8 +388,8 @@ func (c *CertsFirst) DelWorkload(uid string) error { return c.proxy.DelWorkload(
 // SnapshotDone implements inpod.WorkloadHandler.
 func (c *CertsFirst) SnapshotDone() { c.proxy.SnapshotDone() }
 
-// ready is asked on every connection; a positive answer is reused for a
-// second (the store never serves an expired certificate anyway).
+// ready backs the readiness probe (connections wait for the certificate
+// they need instead); a positive answer is reused for a second.
 func (c *CertsFirst) ready() bool {
 	now := time.Now().UnixNano()
 	if now-c.checked.Load() < int64(time.Second) {

@@ -1,6 +1,7 @@
 package discovery
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -47,12 +48,13 @@ type State struct {
 	synced     map[string]bool
 	subscribed []string
 	listeners  []func(Change)
+	ready      chan struct{} // closed once every subscribed type synced
 }
 
 // NewState returns an empty State that reports Ready once every type in
 // typeURLs has been synced at least once.
 func NewState(typeURLs ...string) *State {
-	return &State{
+	s := &State{
 		workloads:  map[string]*workloadapi.Workload{},
 		wlByAddr:   map[netip.Addr]string{},
 		services:   map[string]*workloadapi.Service{},
@@ -64,7 +66,12 @@ func NewState(typeURLs ...string) *State {
 		versions:   map[string]map[string]string{},
 		synced:     map[string]bool{},
 		subscribed: append([]string(nil), typeURLs...),
+		ready:      make(chan struct{}),
 	}
+	if len(typeURLs) == 0 {
+		close(s.ready)
+	}
+	return s
 }
 
 // OnChange registers fn to be called (outside the lock, in order) after each
@@ -78,14 +85,39 @@ func (s *State) OnChange(fn func(Change)) {
 // Ready reports whether every subscribed type has been received at least once.
 // Until then a proxy must not admit traffic that policy might forbid.
 func (s *State) Ready() bool {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
+	select {
+	case <-s.ready:
+		return true
+	default:
+		return false
+	}
+}
+
+// WaitReady waits until the state is Ready or ctx ends: a connection that
+// arrives while a fresh proxy syncs is held, not refused.
+func (s *State) WaitReady(ctx context.Context) error {
+	select {
+	case <-s.ready:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// markSynced records typeURL's first response; s.mu is held.
+func (s *State) markSynced(typeURL string) {
+	if s.synced[typeURL] {
+		return
+	}
+	s.synced[typeURL] = true
 	for _, t := range s.subscribed {
 		if !s.synced[t] {
-			return false
+			return
 		}
 	}
-	return true
+	if !s.Ready() { // a State with no subscriptions starts ready
+		close(s.ready)
+	}
 }
 
 // Versions returns the known resource versions of typeURL, sent as
@@ -130,7 +162,7 @@ func (s *State) Apply(typeURL string, updated []Resource, removed []string) erro
 		s.remove(typeURL, d.name)
 		s.insert(typeURL, d)
 	}
-	s.synced[typeURL] = true
+	s.markSynced(typeURL)
 	listeners := append([]func(Change){}, s.listeners...)
 	s.mu.Unlock()
 

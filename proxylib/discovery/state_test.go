@@ -1,8 +1,11 @@
 package discovery
 
 import (
+	"context"
+	"errors"
 	"net/netip"
 	"testing"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
@@ -202,5 +205,34 @@ func TestIsKubernetesServiceHost(t *testing.T) {
 		if got := IsKubernetesServiceHost(tc.name, tc.ns, tc.host); got != tc.want {
 			t.Errorf("%s %s %s: %t", tc.name, tc.ns, tc.host, got)
 		}
+	}
+}
+
+// TestWaitReady: waiters are released once every subscribed type has had
+// its first response, not before; a State with no subscriptions is ready
+// at once; a waiter's context bounds the wait.
+func TestWaitReady(t *testing.T) {
+	if err := NewState().WaitReady(context.Background()); err != nil {
+		t.Fatalf("no subscriptions: %v", err)
+	}
+	s := NewState(AddressType, AuthorizationType)
+	done := make(chan error, 1)
+	go func() { done <- s.WaitReady(context.Background()) }()
+	if err := s.Apply(AddressType, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	short, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if err := s.WaitReady(short); !errors.Is(err, context.DeadlineExceeded) || s.Ready() {
+		t.Fatalf("one of two types synced: WaitReady = %v, Ready = %v", err, s.Ready())
+	}
+	if err := s.Apply(AuthorizationType, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil || !s.Ready() {
+		t.Fatalf("both synced: waiter got %v, Ready = %v", err, s.Ready())
+	}
+	if err := s.Apply(AuthorizationType, nil, nil); err != nil { // a later push must not close twice
+		t.Fatal(err)
 	}
 }

@@ -17,12 +17,27 @@ import (
 func relayLazily(sock HalfCloser, st HalfCloser, lp LazyPusher, sink Sink) (sockToSt, stToSock int64, err error) {
 	var once sync.Once
 	var first error
+	// ending serializes the clean end of the stream with an abort from the
+	// other direction: a stream reset by the abort must not then be ended
+	// cleanly (the abort closing sock can also hide the reset the push took).
+	var ending sync.Mutex
+	var aborted bool
 	abort := func(e error) {
 		once.Do(func() {
-			first = e
+			ending.Lock()
+			first, aborted = e, true
+			ending.Unlock()
 			reset(sock)
 			reset(st)
 		})
+	}
+	endStream := func() error {
+		ending.Lock()
+		defer ending.Unlock()
+		if aborted {
+			return nil
+		}
+		return st.CloseWrite()
 	}
 	done := make(chan error, 1)
 	var finished atomic.Bool
@@ -73,7 +88,7 @@ func relayLazily(sock HalfCloser, st HalfCloser, lp LazyPusher, sink Sink) (sock
 		e = syscall.ECONNRESET // the push took the reset; this read saw EOF
 	}
 	if e == nil {
-		e = st.CloseWrite()
+		e = endStream()
 	}
 	if e != nil {
 		abort(e)

@@ -43,7 +43,8 @@ type StoreConfig struct {
 	// Roots is the trust bundle peers are verified with, and issued
 	// certificates are checked against. Replace it later with SetRoots.
 	Roots *x509.CertPool
-	// TTL is the requested certificate lifetime (default 24h).
+	// TTL is the requested certificate lifetime; 0 asks for the CA's own
+	// (the mesh's workloadCertTTL), so changing it needs no proxy restart.
 	TTL time.Duration
 	// Clock defaults to the wall clock.
 	Clock Clock
@@ -87,6 +88,7 @@ type entry struct {
 	lastErr  error
 	attempts int           // signing attempts made (for status)
 	inflight chan struct{} // closed when the running attempt finishes; nil when idle
+	next     chan struct{} // closed when the next attempt (running or not) finishes
 }
 
 // NewStore validates cfg and returns a store. Close it to stop rotation.
@@ -97,8 +99,8 @@ func NewStore(cfg StoreConfig) (*Store, error) {
 	if !validTrustDomain(cfg.TrustDomain) {
 		return nil, fmt.Errorf("identity store: %w: %q", ErrBadTrustDomain, cfg.TrustDomain)
 	}
-	if cfg.TTL <= 0 {
-		cfg.TTL = 24 * time.Hour
+	if cfg.TTL < 0 {
+		return nil, fmt.Errorf("identity store: negative certificate TTL %s", cfg.TTL)
 	}
 	if cfg.Clock == nil {
 		cfg.Clock = RealClock{}
@@ -148,8 +150,12 @@ func (s *Store) TrustDomain() string { return s.cfg.TrustDomain }
 
 // Certificate returns a valid certificate for id. The first call for an
 // identity waits for its first signing attempt; later calls return the
-// cached certificate, wait for an attempt already in flight, or fail fast
-// with the last CA error when no unexpired certificate exists.
+// cached certificate or wait for an attempt already in flight. With no
+// unexpired certificate, a ctx with a deadline (a handshake, a connect)
+// also waits for the retries after that, until one succeeds or ctx ends:
+// a connection arriving during a short CA outage (a control-plane
+// failover) is delayed, not refused. Without a deadline it fails fast
+// with the last CA error.
 func (s *Store) Certificate(ctx context.Context, id Identity) (*tls.Certificate, error) {
 	if id.TrustDomain != s.cfg.TrustDomain {
 		return nil, fmt.Errorf("%w: %s is not in trust domain %q", ErrNoCertificate, id, s.cfg.TrustDomain)
@@ -158,29 +164,35 @@ func (s *Store) Certificate(ctx context.Context, id Identity) (*tls.Certificate,
 	if err != nil {
 		return nil, err
 	}
-	e.mu.Lock()
-	if c := e.valid(s.cfg.Clock.Now()); c != nil {
+	_, retry := ctx.Deadline()
+	for waited := false; ; waited = true {
+		e.mu.Lock()
+		if c := e.valid(s.cfg.Clock.Now()); c != nil {
+			e.mu.Unlock()
+			return c, nil
+		}
+		wait, lastErr := e.inflight, e.lastErr
+		if wait == nil && retry {
+			wait = e.next
+		}
 		e.mu.Unlock()
-		return c, nil
-	}
-	wait := e.inflight
-	e.mu.Unlock()
-	if wait != nil {
+		if wait == nil || waited && !retry {
+			if lastErr != nil {
+				return nil, fmt.Errorf("%w: %s: %w", ErrNoCertificate, id, lastErr)
+			}
+			return nil, fmt.Errorf("%w: %s: expired, renewal pending", ErrNoCertificate, id)
+		}
 		select {
 		case <-wait:
+		case <-e.stop: // forgotten (the workload left) or the store closed
+			return nil, fmt.Errorf("%w: %s: no longer managed", ErrNoCertificate, id)
 		case <-ctx.Done():
+			if lastErr != nil {
+				return nil, fmt.Errorf("%w: %s: %w (last CA error: %w)", ErrNoCertificate, id, ctx.Err(), lastErr)
+			}
 			return nil, fmt.Errorf("%w: %s: %w", ErrNoCertificate, id, ctx.Err())
 		}
 	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if c := e.valid(s.cfg.Clock.Now()); c != nil {
-		return c, nil
-	}
-	if e.lastErr != nil {
-		return nil, fmt.Errorf("%w: %s: %w", ErrNoCertificate, id, e.lastErr)
-	}
-	return nil, fmt.Errorf("%w: %s: expired, renewal pending", ErrNoCertificate, id)
 }
 
 // Prefetch starts fetching and rotating id's certificate without waiting.
@@ -261,7 +273,7 @@ func (s *Store) entry(id Identity) (*entry, error) {
 	if e, ok := s.entries[id]; ok {
 		return e, nil
 	}
-	e := &entry{id: id, stop: make(chan struct{}), reissue: make(chan struct{}, 1), inflight: make(chan struct{})}
+	e := &entry{id: id, stop: make(chan struct{}), reissue: make(chan struct{}, 1), inflight: make(chan struct{}), next: make(chan struct{})}
 	s.entries[id] = e
 	go s.rotate(e)
 	return e, nil
@@ -342,6 +354,8 @@ func (s *Store) attempt(e *entry) error {
 	}
 	close(e.inflight)
 	e.inflight = nil
+	close(e.next)
+	e.next = make(chan struct{})
 	return err
 }
 

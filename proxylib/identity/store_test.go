@@ -322,3 +322,50 @@ func TestStoreReissuesOnBundleChange(t *testing.T) {
 		t.Fatalf("CA calls = %d, want 2", c)
 	}
 }
+
+// TestStoreWaitsForRetryUntilDeadline: with no certificate and the CA
+// down, a request that can wait (its ctx has a deadline: a handshake, a
+// connect) is answered by the first retry that succeeds instead of failing
+// with the last error; when its deadline comes first it fails and names
+// the CA's error.
+func TestStoreWaitsForRetryUntilDeadline(t *testing.T) {
+	f := newFixture(t)
+	f.client.SetAvailable(false)
+	if _, err := f.store.Certificate(context.Background(), f.id); !errors.Is(err, identity.ErrNoCertificate) {
+		t.Fatalf("first fetch with the CA down: err = %v, want ErrNoCertificate", err)
+	}
+	f.asleep(t, 1)
+
+	short, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, err := f.store.Certificate(short, f.id); !errors.Is(err, context.DeadlineExceeded) || !errors.Is(err, hbonetest.ErrCAUnavailable) {
+		t.Fatalf("deadline passed during the outage: err = %v, want the deadline and the CA error", err)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	type result struct {
+		c   *x509.Certificate
+		err error
+	}
+	got := make(chan result, 1)
+	go func() {
+		c, err := f.store.Certificate(ctx, f.id)
+		if err != nil {
+			got <- result{err: err}
+			return
+		}
+		got <- result{c: c.Leaf}
+	}()
+	f.advanceToTimer(t) // a retry while the CA is still down: keep waiting
+	f.asleep(t, 2)
+	f.client.SetAvailable(true)
+	f.advanceToTimer(t)
+	r := <-got
+	if r.err != nil || r.c == nil {
+		t.Fatalf("waiting request: %v, want the certificate of the retry that succeeded", r.err)
+	}
+	if n := f.client.Calls(); n != 3 {
+		t.Errorf("%d CA calls, want 3 (first, failed retry, successful retry): waiting must not call the CA itself", n)
+	}
+}

@@ -38,7 +38,7 @@ func (p *Proxy) inboundHBONE(ctx context.Context, s *session, pd *pod, req *hbon
 		resp.Reject(proxyerr.HTTPStatus(proxyerr.ReasonOf(err)), err.Error())
 		return nil, err
 	}
-	dstW, err := p.inboundDestination(pd, req.Target)
+	dstW, err := p.inboundDestination(ctx, pd, req.Target)
 	if err != nil {
 		return reject(err)
 	}
@@ -103,11 +103,11 @@ func (p *Proxy) acceptAndRelay(s *session, pd *pod, resp hbone.Responder, up net
 	return relayJob(down, up), nil
 }
 
-// inboundDestination checks readiness and that target is this pod on a
-// port that is not ztunnel's own.
-func (p *Proxy) inboundDestination(pd *pod, target netip.AddrPort) (*workloadapi.Workload, error) {
-	if !p.Ready() {
-		return nil, proxyerr.New(proxyerr.NotReady, "discovery or certificates not ready")
+// inboundDestination waits for discovery and checks that target is this
+// pod on a port that is not ztunnel's own.
+func (p *Proxy) inboundDestination(ctx context.Context, pd *pod, target netip.AddrPort) (*workloadapi.Workload, error) {
+	if err := p.awaitDiscovery(ctx); err != nil {
+		return nil, err
 	}
 	if isProxyPort(target.Port()) {
 		return nil, proxyerr.New(proxyerr.SelfTarget, "target %s is a ztunnel port", target)
@@ -143,7 +143,7 @@ func (p *Proxy) plaintextInbound(s *session, pd *pod, down net.Conn, src netip.A
 		return nil, proxyerr.Wrap(proxyerr.OriginalDstMissing, err, "original destination")
 	}
 	s.dst = dst
-	dstW, err := p.inboundDestination(pd, dst)
+	dstW, err := p.inboundDestination(context.Background(), pd, dst)
 	if err != nil {
 		return nil, err
 	}

@@ -42,8 +42,8 @@ func (p *Proxy) outbound(s *session, pd *pod, down net.Conn, dst netip.AddrPort,
 		}
 	}
 	s.dst = dst
-	if !p.Ready() {
-		return nil, proxyerr.New(proxyerr.NotReady, "discovery or certificates not ready")
+	if err := p.awaitDiscovery(context.Background()); err != nil {
+		return nil, err
 	}
 	if isProxyPort(dst.Port()) && isLocalTarget(down, dst) {
 		return nil, proxyerr.New(proxyerr.SelfTarget, "destination %s is ztunnel itself", dst)

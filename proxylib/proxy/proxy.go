@@ -75,7 +75,8 @@ type Config struct {
 	// ListenHost overrides the listeners' bind address ("" = all). Tests that
 	// run several pods in one namespace bind each to its pod address.
 	ListenHost func(w WorkloadInfo) string
-	// CertsReady reports whether certificates can be served; nil means yes.
+	// CertsReady reports whether every served pod holds a certificate, for
+	// Ready (the readiness probe); nil means yes.
 	CertsReady func() bool
 	// ConnectTimeout bounds upstream dials (default 10s).
 	ConnectTimeout time.Duration
@@ -165,9 +166,28 @@ func (p *Proxy) Router() *Router { return p.router }
 func (p *Proxy) Tracker() *Tracker { return p.tracker }
 
 // Ready reports whether discovery has fully synced and certificates are
-// available. Until then nothing is admitted.
+// available: the readiness the probe reports.
 func (p *Proxy) Ready() bool {
 	return p.cfg.State.Ready() && (p.cfg.CertsReady == nil || p.cfg.CertsReady())
+}
+
+// awaitDiscovery holds a connection until discovery has synced, for at
+// most ConnectTimeout, then refuses it (fail closed: policy is unknown
+// until then). A fresh ztunnel listens in a pod's namespace as soon as
+// the node agent hands the pod over, beside the ztunnel it replaces
+// (SO_REUSEPORT), so its first connections can arrive before its first
+// discovery response. Certificates need no check here: the handshake
+// that uses one waits for its fetch (identity.Store.Certificate).
+func (p *Proxy) awaitDiscovery(ctx context.Context) error {
+	if p.cfg.State.Ready() {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
+	defer cancel()
+	if err := p.cfg.State.WaitReady(ctx); err != nil {
+		return proxyerr.New(proxyerr.NotReady, "discovery not synced within %s", p.cfg.ConnectTimeout)
+	}
+	return nil
 }
 
 // pod is one captured pod: its namespace, listeners and HBONE dialer.

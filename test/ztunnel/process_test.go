@@ -524,7 +524,9 @@ func TestProcessSleepToHTTPBin(t *testing.T) {
 }
 
 // TestProcessNotReadyUntilSynced: with the control plane unreachable the
-// ztunnel is not ready and admits nothing (reliability case 19).
+// ztunnel is not ready and admits nothing (reliability case 19): a
+// connection made meanwhile is held until discovery syncs (at most the
+// connect timeout), then served under the policy it brought.
 func TestProcessNotReadyUntilSynced(t *testing.T) {
 	m := meshtest.New(t, 0)
 	cp := newXDSControlPlane(t, m.CA)
@@ -573,12 +575,35 @@ func TestProcessNotReadyUntilSynced(t *testing.T) {
 	if z.ready() {
 		t.Fatal("ready without control plane")
 	}
-	meshtest.ExpectRefused(t, client, server.Addr(80))
+	// A connection made now is held, neither admitted nor refused, while
+	// nothing is known of policy: a fresh ztunnel takes over pods beside
+	// the one it replaces, and their new connections must not fail.
+	held, err := client.Dial(server.Addr(80))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	answer := make(chan string, 1)
+	go func() {
+		held.SetDeadline(time.Now().Add(40 * time.Second))
+		fmt.Fprintf(held, "GET / HTTP/1.0\r\nHost: httpbin\r\n\r\n")
+		b, err := io.ReadAll(held)
+		answer <- fmt.Sprintf("%q, %v", b, err)
+	}()
+	time.Sleep(time.Second)
+	select {
+	case got := <-answer:
+		t.Fatalf("connection answered before discovery synced: %s", got)
+	default:
+	}
 	// Once the control plane is reachable it syncs and becomes ready.
 	cp.set(discovery.AddressType, client.UID, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: &workloadapi.Workload{
 		Uid: client.UID, Name: client.PodName, Namespace: "default", Addresses: [][]byte{client.IP.AsSlice()}, ServiceAccount: "sleep",
 		TrustDomain: "cluster.local", Node: "node1", TunnelProtocol: workloadapi.TunnelProtocol_HBONE}}})
 	cp.serveIn(nsf)
 	waitUntil(t, z.ready, "ztunnel ready after the control plane came up")
+	if got := <-answer; !strings.Contains(got, "httpbin-1") {
+		t.Fatalf("held connection after the sync: %s, want the server's answer", got)
+	}
 	meshtest.ExpectOK(t, client, server.Addr(80), "httpbin-1") // passthrough: server is not in the mesh
 }

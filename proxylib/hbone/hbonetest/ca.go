@@ -139,9 +139,13 @@ func (cl *CAClient) SetAvailable(up bool) { cl.down.Store(!up) }
 // Calls counts Sign requests, successful or not.
 func (cl *CAClient) Calls() int { return int(cl.calls.Load()) }
 
-// Sign signs the CSR for id with ttl, or fails while switched off.
+// Sign signs the CSR for id with ttl, or fails while switched off. A zero
+// ttl takes this CA's own lifetime, 24h, as the mesh CA's workloadCertTTL.
 func (cl *CAClient) Sign(ctx context.Context, csrPEM []byte, id identity.Identity, ttl time.Duration) ([]*x509.Certificate, error) {
 	cl.calls.Add(1)
+	if ttl <= 0 {
+		ttl = 24 * time.Hour
+	}
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
