@@ -13,50 +13,6 @@ import (
 	"github.com/ambientmesh/ambient/proxylib/hbone"
 )
 
-// Copy buffers: each direction starts small (an idle connection holds
-// little) and grows while reads fill it (bulk), as hbone.CopyAdaptive.
-const (
-	smallBuffer = 2 << 10
-	relayBuffer = 32 << 10
-)
-
-var bigBuffers = sync.Pool{New: func() any { b := make([]byte, relayBuffer); return &b }}
-
-// adaptiveBuffer is one direction's buffer.
-type adaptiveBuffer struct {
-	small [smallBuffer]byte
-	big   *[]byte
-	short int
-}
-
-func (a *adaptiveBuffer) buf() []byte {
-	if a.big != nil {
-		return *a.big
-	}
-	return a.small[:]
-}
-
-// used adapts the buffer to a read of n bytes.
-func (a *adaptiveBuffer) used(n int) {
-	switch {
-	case a.big == nil && n == smallBuffer:
-		a.big, a.short = bigBuffers.Get().(*[]byte), 0
-	case a.big != nil && n < smallBuffer:
-		if a.short++; a.short >= 2 {
-			a.release()
-		}
-	case a.big != nil:
-		a.short = 0
-	}
-}
-
-func (a *adaptiveBuffer) release() {
-	if a.big != nil {
-		bigBuffers.Put(a.big)
-		a.big = nil
-	}
-}
-
 // Relay copies between an application socket and a tunnel as proxy.Relay
 // does (EOF half-closes the other side, an error resets both), counting the
 // bytes of the whole session, and can stop at a clean byte boundary: Pause
@@ -119,21 +75,23 @@ func (r *Relay) Run() (detached bool, err error) {
 	return detached, err
 }
 
+// up and down read through hbone.AdaptiveReader: an idle session holds no
+// buffer, only its two parked goroutines.
 func (r *Relay) up() {
-	var ab adaptiveBuffer
-	defer ab.release()
+	var ar hbone.AdaptiveReader
+	ar.Init(r.app)
+	defer ar.Release()
 	for {
-		buf := ab.buf()
-		n, err := r.app.Read(buf)
-		if n > 0 {
-			w, werr := r.tun.Write(buf[:n])
+		p, err := ar.Read()
+		if len(p) > 0 {
+			w, werr := r.tun.Write(p)
 			r.sent.Add(int64(w))
 			if werr != nil {
 				r.fail(werr)
 				break
 			}
 		}
-		ab.used(n) // after the write: it may return buf to the pool
+		ar.Used(len(p)) // after the write: it may return p to the pool
 		if err == nil {
 			continue
 		}
@@ -184,13 +142,13 @@ func (r *Relay) parkUp() bool {
 }
 
 func (r *Relay) down() {
-	var ab adaptiveBuffer
-	defer ab.release()
+	var ar hbone.AdaptiveReader
+	ar.Init(r.tun)
+	defer ar.Release()
 	for {
-		buf := ab.buf()
-		n, err := r.tun.Read(buf)
-		if n > 0 {
-			w, werr := r.app.Write(buf[:n])
+		p, err := ar.Read()
+		if len(p) > 0 {
+			w, werr := r.app.Write(p)
 			r.recv.Add(int64(w))
 			r.mu.Lock()
 			r.cond.Broadcast()
@@ -200,7 +158,7 @@ func (r *Relay) down() {
 				break
 			}
 		}
-		ab.used(n)
+		ar.Used(len(p))
 		if err == nil {
 			continue
 		}

@@ -80,59 +80,88 @@ func copyHalf(dst, src HalfCloser) (int64, error) {
 }
 
 // CopyAdaptive copies src to dst until EOF (returned as nil) or an error,
-// reading into a small buffer while the source is idle and a pooled
-// CopyBufferSize one during bulk transfer (see the buffer constants). A TCP
-// source is waited on without any buffer while idle (readiness, then a pooled
-// small buffer for the read), so an idle direction from a socket holds none.
+// reading through an AdaptiveReader: a small buffer while the source is
+// idle, a pooled CopyBufferSize one during bulk transfer, and none at all
+// while a socket or tunnel source is idle.
 func CopyAdaptive(dst io.Writer, src io.Reader) (total int64, err error) {
-	waiter := waiterFor(src)
-	var small, big *[]byte
-	defer func() {
-		putSmall(small)
-		putBuffer(&copyBuffers, big)
-	}()
-	shortReads := 0
+	var r AdaptiveReader
+	r.Init(src)
+	defer r.Release()
 	for {
-		if big == nil && small == nil {
-			if waiter != nil {
-				waiter.wait() // an error is reported by the Read below
-			}
-			small = getSmall()
-		}
-		buf := *small
-		if big != nil {
-			buf = *big
-		}
-		n, rerr := src.Read(buf)
-		if n > 0 {
-			w, werr := dst.Write(buf[:n])
+		p, rerr := r.Read()
+		if len(p) > 0 {
+			w, werr := dst.Write(p)
 			total += int64(w)
 			if werr != nil {
 				return total, werr
 			}
 		}
+		r.Used(len(p))
 		if errors.Is(rerr, io.EOF) {
 			return total, nil
 		}
 		if rerr != nil {
 			return total, rerr
 		}
-		switch {
-		case big == nil && n == len(buf):
-			big, shortReads = copyBuffers.Get().(*[]byte), 0
-		case big != nil && n < SmallBufferSize:
-			if shortReads++; shortReads >= 2 {
-				putBuffer(&copyBuffers, big)
-				big = nil
-			}
-		case big != nil:
-			shortReads = 0
-		}
-		if waiter != nil && big == nil {
-			putSmall(small) // idle again: wait without it
-			small = nil
-		}
 	}
+}
+
+// AdaptiveReader reads a source into pooled buffers sized to its traffic:
+// a small one while reads are short, a CopyBufferSize one while they fill
+// it, and, when the source can be waited on without a buffer (a socket, a
+// stream with WaitReadable), none while it is idle. The zero value needs
+// Init; a value on the reader's stack allocates nothing per read.
+type AdaptiveReader struct {
+	src        io.Reader
+	waiter     waiter
+	small, big *[]byte
+	shortReads int
+}
+
+// Init sets the source.
+func (r *AdaptiveReader) Init(src io.Reader) { *r = AdaptiveReader{src: src, waiter: waiterFor(src)} }
+
+// Read waits for src and reads it. The bytes are valid until Used.
+func (r *AdaptiveReader) Read() ([]byte, error) {
+	if r.big == nil && r.small == nil {
+		if r.waiter != nil {
+			r.waiter.wait() // an error is reported by the Read below
+		}
+		r.small = getSmall()
+	}
+	buf := *r.small
+	if r.big != nil {
+		buf = *r.big
+	}
+	n, err := r.src.Read(buf)
+	return buf[:n], err
+}
+
+// Used adapts the buffers once the n bytes of the last Read are passed on
+// (it may return them to the pool).
+func (r *AdaptiveReader) Used(n int) {
+	switch {
+	case r.big == nil && n == len(*r.small):
+		r.big, r.shortReads = copyBuffers.Get().(*[]byte), 0
+	case r.big != nil && n < SmallBufferSize:
+		if r.shortReads++; r.shortReads >= 2 {
+			putBuffer(&copyBuffers, r.big)
+			r.big = nil
+		}
+	case r.big != nil:
+		r.shortReads = 0
+	}
+	if r.waiter != nil && r.big == nil {
+		putSmall(r.small) // idle again: wait without it
+		r.small = nil
+	}
+}
+
+// Release returns the buffers; the reader may be used again after it.
+func (r *AdaptiveReader) Release() {
+	putSmall(r.small)
+	putBuffer(&copyBuffers, r.big)
+	r.small, r.big = nil, nil
 }
 
 // ReadableWaiter is a stream that can park until a Read would not block
