@@ -41,11 +41,12 @@ type kube struct {
 
 // newConfigFlags registers kubectl's connection flags on fs. kubectl's -s
 // shorthand of --server is taken by --for-service-account, so --server is
-// registered without it.
+// registered without it; --cache-dir is left out: nothing here uses
+// kubectl's discovery cache, and a flag that does nothing misleads.
 func newConfigFlags(fs *pflag.FlagSet) *genericclioptions.ConfigFlags {
 	cf := genericclioptions.NewConfigFlags(true)
 	server := cf.APIServer
-	cf.APIServer = nil
+	cf.APIServer, cf.CacheDir = nil, nil
 	cf.AddFlags(fs)
 	cf.APIServer = server
 	fs.StringVar(cf.APIServer, "server", "", "The address and port of the Kubernetes API server")

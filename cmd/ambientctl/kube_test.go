@@ -63,4 +63,8 @@ contexts:
 	if _, err := newKube(inv.opts); err == nil {
 		t.Error("unknown --context: no error")
 	}
+	// kubectl's --cache-dir would do nothing here: refused, not ignored.
+	if _, err := parseArgs([]string{"--cache-dir", t.TempDir(), "status"}); err == nil {
+		t.Error("--cache-dir accepted though nothing uses it")
+	}
 }
