@@ -47,7 +47,7 @@ func TestRootRotationUnderTraffic(t *testing.T) {
 
 	probes := probeNewConnections(t, "deploy/sleep", "httpbin:9000")
 	defer probes.stop()
-	var requests, failed atomic.Int64
+	var requests, failed, outputLost atomic.Int64
 	var failures sync.Map
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
@@ -62,10 +62,18 @@ func TestRootRotationUnderTraffic(t *testing.T) {
 				default:
 				}
 				// A failed kubectl exec counts as a failed request too:
-				// conservative, the count can only be too high.
-				out, err := kubectl("exec", "-n", demoNS, client, "--", "curl", "-s", "-m", reqTime, "-o", "/dev/null", "-w", "%{http_code}", "httpbin:8000/get")
+				// conservative, the count can only be too high. curl -f
+				// exits 0 only for an answer below 400, so an exit 0 whose
+				// printed status kubectl exec lost (seen once in 643
+				// requests, the mesh's access logs showing every request
+				// answered) is counted apart, not as a failure.
+				out, err := kubectl("exec", "-n", demoNS, client, "--", "curl", "-s", "-f", "-m", reqTime, "-o", "/dev/null", "-w", "%{http_code}", "httpbin:8000/get")
 				requests.Add(1)
-				if err != nil || strings.TrimSpace(out) != "200" {
+				switch code := strings.TrimSpace(out); {
+				case err == nil && code == "200":
+				case err == nil && code == "":
+					outputLost.Add(1)
+				default:
 					failed.Add(1)
 					failures.Store(time.Now().UTC().Format(time.RFC3339Nano), fmt.Sprintf("%s: %v, %q", client, err, out))
 				}
@@ -118,8 +126,11 @@ func TestRootRotationUnderTraffic(t *testing.T) {
 	time.Sleep(30 * time.Second)
 	stopTraffic()
 	probed := probes.stop()
-	t.Logf("root rotation: %d HTTP requests, %d failed; %d new connections opened, %d failed, %d probes not run (kubectl exec)",
-		requests.Load(), failed.Load(), probed.Opened, probed.Failed+probed.Broken, probed.ExecErrors)
+	t.Logf("root rotation: %d HTTP requests, %d failed (%d answered whose status kubectl exec did not print); %d new connections opened, %d failed, %d probes not run (kubectl exec)",
+		requests.Load(), failed.Load(), outputLost.Load(), probed.Opened, probed.Failed+probed.Broken, probed.ExecErrors)
+	if lost := outputLost.Load(); lost*100 > requests.Load() {
+		t.Errorf("kubectl exec lost the output of %d of %d requests: too many to trust the count", lost, requests.Load())
+	}
 	if failed.Load() > 0 {
 		failures.Range(func(k, v any) bool { t.Errorf("request failed at %s: %s", k, v); return true })
 	}
