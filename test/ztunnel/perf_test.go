@@ -41,6 +41,7 @@ func TestPerf(t *testing.T) {
 	const dur = 3 * time.Second
 	if out := os.Getenv("ZTUNNEL_PROFILE"); out != "" {
 		go zt.profile(t, out+".throughput", 3)
+		go pm.zts[1].profile(t, out+".throughput-server", 3)
 	}
 	// The machine is shared: mesh and direct are measured in alternating
 	// slices so load changes hit both alike.
