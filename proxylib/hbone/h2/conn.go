@@ -340,10 +340,27 @@ func (c *conn) handleHeaders(f *http2.MetaHeadersFrame) error {
 	return nil
 }
 
+// parseStatus reads a :status of exactly three digits (RFC 9113 8.3.2);
+// anything else is 0, a malformed response that fails the dial. Called for
+// every tunnel opened: no fmt scanning.
+func parseStatus(s string) int {
+	if len(s) != 3 {
+		return 0
+	}
+	n := 0
+	for i := range 3 {
+		c := s[i]
+		if c < '0' || c > '9' {
+			return 0
+		}
+		n = n*10 + int(c-'0')
+	}
+	return n
+}
+
 // clientResponse delivers the CONNECT response to the dialer.
 func (c *conn) clientResponse(t *tunnel, f *http2.MetaHeadersFrame) {
-	status := 0
-	fmt.Sscanf(f.PseudoValue("status"), "%d", &status)
+	status := parseStatus(f.PseudoValue("status"))
 	if status >= 100 && status < 200 {
 		return // informational: keep waiting
 	}
