@@ -17,7 +17,6 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -365,7 +364,6 @@ type CertsFirst struct {
 	proxy       *proxy.Proxy
 	store       *identity.Store
 	trustDomain string
-	checked     atomic.Int64 // unix nanos of the last positive check
 }
 
 var _ inpod.WorkloadHandler = (*CertsFirst)(nil)
@@ -388,19 +386,14 @@ func (c *CertsFirst) DelWorkload(uid string) error { return c.proxy.DelWorkload(
 // SnapshotDone implements inpod.WorkloadHandler.
 func (c *CertsFirst) SnapshotDone() { c.proxy.SnapshotDone() }
 
-// ready backs the readiness probe (connections wait for the certificate
-// they need instead); a positive answer is reused for a second.
+// ready backs the readiness probe; connections wait for the certificate
+// they need instead.
 func (c *CertsFirst) ready() bool {
-	now := time.Now().UnixNano()
-	if now-c.checked.Load() < int64(time.Second) {
-		return true
-	}
 	for _, st := range c.store.Status() {
 		if st.Serial == "" {
 			return false
 		}
 	}
-	c.checked.Store(now)
 	return true
 }
 

@@ -15,26 +15,26 @@ import (
 // reset. So an idle tunnel costs one goroutine, not two. Semantics are
 // Relay's: EOF half-closes the other side, an error aborts both.
 func relayLazily(sock HalfCloser, st HalfCloser, lp LazyPusher, sink Sink) (sockToSt, stToSock int64, err error) {
-	var once sync.Once
-	var first error
-	// ending serializes the clean end of the stream with an abort from the
-	// other direction: a stream reset by the abort must not then be ended
-	// cleanly (the abort closing sock can also hide the reset the push took).
+	// ending serializes the first abort with the clean end of the stream:
+	// a stream reset by the abort must not then be ended cleanly (the abort
+	// closing sock can also hide the reset the push took).
 	var ending sync.Mutex
-	var aborted bool
+	var first error // the abort's cause; nil while none
 	abort := func(e error) {
-		once.Do(func() {
-			ending.Lock()
-			first, aborted = e, true
+		ending.Lock()
+		if first != nil {
 			ending.Unlock()
-			reset(sock)
-			reset(st)
-		})
+			return
+		}
+		first = e
+		ending.Unlock()
+		reset(sock)
+		reset(st)
 	}
 	endStream := func() error {
 		ending.Lock()
 		defer ending.Unlock()
-		if aborted {
+		if first != nil {
 			return nil
 		}
 		return st.CloseWrite()

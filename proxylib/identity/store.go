@@ -87,8 +87,8 @@ type entry struct {
 	cert     *tls.Certificate
 	lastErr  error
 	attempts int           // signing attempts made (for status)
-	inflight chan struct{} // closed when the running attempt finishes; nil when idle
-	next     chan struct{} // closed when the next attempt (running or not) finishes
+	running  bool          // a signing attempt is in flight
+	next     chan struct{} // closed when the next attempt (the running one, if any) finishes
 }
 
 // NewStore validates cfg and returns a store. Close it to stop rotation.
@@ -164,26 +164,24 @@ func (s *Store) Certificate(ctx context.Context, id Identity) (*tls.Certificate,
 	if err != nil {
 		return nil, err
 	}
-	_, retry := ctx.Deadline()
+	_, canWait := ctx.Deadline()
 	for waited := false; ; waited = true {
 		e.mu.Lock()
 		if c := e.valid(s.cfg.Clock.Now()); c != nil {
 			e.mu.Unlock()
 			return c, nil
 		}
-		wait, lastErr := e.inflight, e.lastErr
-		if wait == nil && retry {
-			wait = e.next
-		}
+		next, running, lastErr := e.next, e.running, e.lastErr
 		e.mu.Unlock()
-		if wait == nil || waited && !retry {
+		// Without a deadline: only the attempt already running, once.
+		if !canWait && (waited || !running) {
 			if lastErr != nil {
 				return nil, fmt.Errorf("%w: %s: %w", ErrNoCertificate, id, lastErr)
 			}
 			return nil, fmt.Errorf("%w: %s: expired, renewal pending", ErrNoCertificate, id)
 		}
 		select {
-		case <-wait:
+		case <-next:
 		case <-e.stop: // forgotten (the workload left) or the store closed
 			return nil, fmt.Errorf("%w: %s: no longer managed", ErrNoCertificate, id)
 		case <-ctx.Done():
@@ -273,7 +271,7 @@ func (s *Store) entry(id Identity) (*entry, error) {
 	if e, ok := s.entries[id]; ok {
 		return e, nil
 	}
-	e := &entry{id: id, stop: make(chan struct{}), reissue: make(chan struct{}, 1), inflight: make(chan struct{}), next: make(chan struct{})}
+	e := &entry{id: id, stop: make(chan struct{}), reissue: make(chan struct{}, 1), running: true, next: make(chan struct{})}
 	s.entries[id] = e
 	go s.rotate(e)
 	return e, nil
@@ -326,7 +324,7 @@ func (s *Store) rotate(e *entry) {
 		default:
 		}
 		e.mu.Lock()
-		e.inflight = make(chan struct{})
+		e.running = true
 		e.mu.Unlock()
 	}
 }
@@ -352,8 +350,7 @@ func (s *Store) attempt(e *entry) error {
 	} else {
 		e.lastErr = err
 	}
-	close(e.inflight)
-	e.inflight = nil
+	e.running = false
 	close(e.next)
 	e.next = make(chan struct{})
 	return err
