@@ -112,6 +112,10 @@ fuzz-long: envtest ## Every fuzz target for FUZZTIME (default 10m) each, FUZZ_JO
 bench: build ## Benchmarks with same-run baselines (results go to docs/performance.md by hand).
 	@if [ -x hack/bench.sh ]; then hack/bench.sh; else echo "hack/bench.sh not present yet"; fi
 
+.PHONY: bench-ztunnel
+bench-ztunnel: ## Two real ztunnels in network namespaces against direct TCP and two relay floors (Go mTLS, socat+OpenSSL), same run (PERF lines; ZTUNNEL_PERF_SECONDS, ZTUNNEL_PROFILE).
+	ZTUNNEL_PERF=1 go test -count=1 -timeout 15m -run 'TestPerf$$' -v ./test/ztunnel/ | grep --line-buffered -E 'PERF|^(---|ok|FAIL)'
+
 KWOK_VERSION ?= v0.8.0
 SCALE_TEST ?= TestScaleSmoke
 SCALE_TIMEOUT ?= 60m

@@ -54,15 +54,23 @@ func Throughput(t *testing.T, from Dial, dst netip.AddrPort, d time.Duration) fl
 // LatencyPair measures 1 KiB echo round trips (p50, p99) on two paths,
 // alternating one round trip on each.
 func LatencyPair(t *testing.T, fromA Dial, dstA netip.AddrPort, fromB Dial, dstB netip.AddrPort, n int) ([2]time.Duration, [2]time.Duration) {
-	conn := func(p Dial, dst netip.AddrPort) net.Conn {
-		c, err := p(dst)
+	l := Latency(t, n, []Dial{fromA, fromB}, []netip.AddrPort{dstA, dstB})
+	return l[0], l[1]
+}
+
+// Latency measures 1 KiB echo round trips (p50, p99) on each path (from[i]
+// to dst[i]), one round trip on each in turn, so load changes on the shared
+// machine hit every path alike.
+func Latency(t *testing.T, n int, from []Dial, dst []netip.AddrPort) [][2]time.Duration {
+	conns := make([]net.Conn, len(from))
+	for i := range from {
+		c, err := from[i](dst[i])
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { c.Close() })
-		return c
+		conns[i] = c
 	}
-	a, b := conn(fromA, dstA), conn(fromB, dstB)
 	msg := bytes.Repeat([]byte("a"), 1024)
 	buf := make([]byte, 1024)
 	rt := func(c net.Conn) time.Duration {
@@ -73,18 +81,21 @@ func LatencyPair(t *testing.T, fromA Dial, dstA netip.AddrPort, fromB Dial, dstB
 		}
 		return time.Since(start)
 	}
-	var da, db []time.Duration
+	samples := make([][]time.Duration, len(conns))
 	for i := 0; i < n+100; i++ {
-		x, y := rt(a), rt(b)
-		if i >= 100 { // warm-up
-			da, db = append(da, x), append(db, y)
+		for j, c := range conns {
+			d := rt(c)
+			if i >= 100 { // warm-up
+				samples[j] = append(samples[j], d)
+			}
 		}
 	}
-	pct := func(ds []time.Duration) [2]time.Duration {
-		sort.Slice(ds, func(i, j int) bool { return ds[i] < ds[j] })
-		return [2]time.Duration{ds[len(ds)/2], ds[len(ds)*99/100]}
+	out := make([][2]time.Duration, len(conns))
+	for j, ds := range samples {
+		sort.Slice(ds, func(a, b int) bool { return ds[a] < ds[b] })
+		out[j] = [2]time.Duration{ds[len(ds)/2], ds[len(ds)*99/100]}
 	}
-	return pct(da), pct(db)
+	return out
 }
 
 // HTTPLoad posts 1 KiB bodies at rate rps over conns keep-alive
@@ -196,6 +207,76 @@ func ParamsFromEnv(env string) Params {
 // Server is where a path's server listens: a sink, an echo and HTTP.
 type Server struct{ Sink, Echo, HTTP netip.AddrPort }
 
+// Path is one way from the measured client to its servers. The CPU of
+// PIDs is sampled while the paced HTTP load runs over it; a path without
+// PIDs (a direct baseline) gets no load phase.
+type Path struct {
+	Dial   Dial
+	Server Server
+	PIDs   []int
+	// OnLoad, when set, is called as the load phase starts (to profile it).
+	OnLoad func()
+}
+
+// PathResult is what Measure found on one path.
+type PathResult struct {
+	Bps float64
+	Lat [2]time.Duration // p50, p99
+	RPS float64          // achieved during its load phase
+	CPU []float64        // vCPU of each of its PIDs during its load phase
+}
+
+// PerKRPS is vCPU per 1000 rps of the path's pid i.
+func (r PathResult) PerKRPS(i int) float64 { return r.CPU[i] / (r.RPS / 1000) }
+
+// Measure runs single-stream throughput (alternating slices over the paths,
+// so load changes on the shared machine hit them alike), echo latency
+// (alternating round trips) and, on each path with PIDs, the paced HTTP
+// load while sampling their CPU.
+func Measure(t *testing.T, p Params, paths ...Path) []PathResult {
+	rs := make([]PathResult, len(paths))
+	for i := 0; i < 6; i++ {
+		for j, pa := range paths {
+			rs[j].Bps += Throughput(t, pa.Dial, pa.Server.Sink, p.Bulk/6) / 6
+		}
+	}
+	var dials []Dial
+	var echos []netip.AddrPort
+	for _, pa := range paths {
+		dials, echos = append(dials, pa.Dial), append(echos, pa.Server.Echo)
+	}
+	for j, l := range Latency(t, p.RTTs, dials, echos) {
+		rs[j].Lat = l
+	}
+	for j, pa := range paths {
+		if len(pa.PIDs) == 0 {
+			continue
+		}
+		before := make([]float64, len(pa.PIDs))
+		for i, pid := range pa.PIDs {
+			before[i] = CPUSeconds(t, pid)
+		}
+		if pa.OnLoad != nil {
+			pa.OnLoad()
+		}
+		start := time.Now()
+		rs[j].RPS = HTTPLoad(t, pa.Dial, pa.Server.HTTP, p.RPS, 4, p.LoadFor)
+		wall := time.Since(start).Seconds()
+		for i, pid := range pa.PIDs {
+			rs[j].CPU = append(rs[j].CPU, (CPUSeconds(t, pid)-before[i])/wall)
+		}
+		if rs[j].RPS <= 0 {
+			t.Fatalf("path %d: no requests answered", j)
+		}
+	}
+	for j, r := range rs {
+		if r.Bps <= 0 || r.Lat[0] <= 0 {
+			t.Fatalf("path %d: no traffic measured: %.0f B/s, p50 %v", j, r.Bps, r.Lat[0])
+		}
+	}
+	return rs
+}
+
 // Result is one run's mesh path against its direct baseline.
 type Result struct {
 	MeshBps, DirectBps float64
@@ -204,30 +285,11 @@ type Result struct {
 	CPU                []float64        // vCPU of each pid during the load phase
 }
 
-// Compare runs throughput (alternating slices, so load changes on the shared
-// machine hit both paths), echo latency (alternating round trips) and the
-// paced HTTP load over the mesh path while sampling pids' CPU.
+// Compare measures the mesh path, sampling pids' CPU during its load, against
+// the direct baseline (Measure).
 func Compare(t *testing.T, p Params, mesh Dial, meshSrv Server, direct Dial, directSrv Server, pids ...int) Result {
-	var r Result
-	for i := 0; i < 6; i++ {
-		r.MeshBps += Throughput(t, mesh, meshSrv.Sink, p.Bulk/6) / 6
-		r.DirectBps += Throughput(t, direct, directSrv.Sink, p.Bulk/6) / 6
-	}
-	r.MeshLat, r.DirectLat = LatencyPair(t, mesh, meshSrv.Echo, direct, directSrv.Echo, p.RTTs)
-	before := make([]float64, len(pids))
-	for i, pid := range pids {
-		before[i] = CPUSeconds(t, pid)
-	}
-	start := time.Now()
-	r.RPS = HTTPLoad(t, mesh, meshSrv.HTTP, p.RPS, 4, p.LoadFor)
-	wall := time.Since(start).Seconds()
-	for i, pid := range pids {
-		r.CPU = append(r.CPU, (CPUSeconds(t, pid)-before[i])/wall)
-	}
-	if r.RPS <= 0 || r.MeshBps <= 0 || r.MeshLat[0] <= 0 {
-		t.Fatalf("no traffic measured: %.0f rps, %.0f B/s, p50 %v", r.RPS, r.MeshBps, r.MeshLat[0])
-	}
-	return r
+	rs := Measure(t, p, Path{Dial: mesh, Server: meshSrv, PIDs: pids}, Path{Dial: direct, Server: directSrv})
+	return Result{MeshBps: rs[0].Bps, DirectBps: rs[1].Bps, MeshLat: rs[0].Lat, DirectLat: rs[1].Lat, RPS: rs[0].RPS, CPU: rs[0].CPU}
 }
 
 // PerKRPS is vCPU per 1000 rps of pid i.
