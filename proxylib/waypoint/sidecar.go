@@ -49,8 +49,8 @@ func (s *Server) ServeInbound(ctx context.Context, in proxy.L7Inbound, down hbon
 		log.Info("inbound connection refused: not a sidecar's L7 engine or no destination")
 		return
 	}
-	if !s.cfg.State.Ready() {
-		log.Info("inbound connection refused", "reason", proxyerr.NotReady)
+	if err := s.awaitDiscovery(ctx); err != nil {
+		log.Info("inbound connection refused", "reason", proxyerr.NotReady, "err", err.Error())
 		return
 	}
 	h := in.Header

@@ -40,6 +40,14 @@ type sidecarFixture struct {
 }
 
 func newSidecarFixture(t *testing.T) *sidecarFixture {
+	f := newUnsyncedSidecarFixture(t)
+	f.state.Apply(discovery.AuthorizationType, nil, nil)
+	return f
+}
+
+// newUnsyncedSidecarFixture is the fixture before its first authorization
+// response: discovery is not synced.
+func newUnsyncedSidecarFixture(t *testing.T) *sidecarFixture {
 	f := &sidecarFixture{t: t, reg: prometheus.NewRegistry(), state: discovery.NewState(discovery.SidecarTypes...)}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -57,7 +65,6 @@ func newSidecarFixture(t *testing.T) *sidecarFixture {
 	f.apply(discovery.AddressType, "default/web.default.svc.cluster.local", &workloadapi.Address{Type: &workloadapi.Address_Service{Service: &workloadapi.Service{
 		Name: "web", Namespace: "default", Hostname: "web.default.svc.cluster.local"}}})
 	f.apply(discovery.AddressType, f.self.Uid, &workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: f.self}})
-	f.state.Apply(discovery.AuthorizationType, nil, nil)
 	// The root namespace comes from the control plane's Mesh resource.
 	mesh, err := discovery.MeshResource(discovery.MeshSettings{RootNamespace: "ambient-system"})
 	if err != nil {
@@ -291,4 +298,28 @@ spec:
 	}
 	f.apply(discovery.L7ResourceType, discovery.MeshKey(discovery.MeshSettings{RootNamespace: "mesh-root"}), other)
 	expect("policy of a namespace that is not the root", "POST", 200)
+}
+
+// A connection that arrives while the sidecar's discovery syncs is held,
+// then served on what discovery says (it was refused before the sync).
+func TestSidecarHoldsUntilSynced(t *testing.T) {
+	f := newUnsyncedSidecarFixture(t)
+	type answer struct {
+		code int
+		body string
+	}
+	done := make(chan answer, 1)
+	go func() {
+		code, body := f.do(identity.Identity{}, nil, "GET", "/held")
+		done <- answer{code, body}
+	}()
+	select {
+	case a := <-done:
+		t.Fatalf("answered (%d %q) before discovery synced, want the connection held", a.code, a.body)
+	case <-time.After(100 * time.Millisecond):
+	}
+	f.state.Apply(discovery.AuthorizationType, nil, nil)
+	if a := <-done; a.code != http.StatusOK || a.body != "app /held" {
+		t.Fatalf("after the sync: %d %q, want 200 from the app", a.code, a.body)
+	}
 }

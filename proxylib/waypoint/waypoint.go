@@ -200,8 +200,8 @@ func (s *Server) ServeHBONE(ctx context.Context, req *hbone.Request, resp hbone.
 		s.reject(log, resp, proxyerr.New(proxyerr.UnknownDestination, "an ingress gateway or a sidecar's L7 engine accepts no HBONE tunnels"))
 		return
 	}
-	if !s.cfg.State.Ready() {
-		s.reject(log, resp, proxyerr.New(proxyerr.NotReady, "discovery not synced"))
+	if err := s.awaitDiscovery(ctx); err != nil {
+		s.reject(log, resp, err)
 		return
 	}
 	dst, err := s.classify(req.Target)
@@ -231,6 +231,22 @@ func (s *Server) serveStream(ctx context.Context, log logr.Logger, conn *connInf
 	s.http.ServeConnWith(ctx, stream, br, proto, conn)
 	// End our direction gracefully; Close alone would reset the tunnel.
 	stream.CloseWrite()
+}
+
+// awaitDiscovery holds a connection that arrives before discovery has
+// synced, for at most ConnectTimeout, then refuses it (fail closed: routes
+// and policy are unknown until then). A replica starting beside others can
+// be reached before its first discovery response.
+func (s *Server) awaitDiscovery(ctx context.Context) error {
+	if s.cfg.State.Ready() {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.ConnectTimeout)
+	defer cancel()
+	if err := s.cfg.State.WaitReady(ctx); err != nil {
+		return proxyerr.New(proxyerr.NotReady, "discovery not synced within %s", s.cfg.ConnectTimeout)
+	}
+	return nil
 }
 
 func (s *Server) reject(log logr.Logger, resp hbone.Responder, err error) {

@@ -640,12 +640,13 @@ spec:
 	}
 }
 
-// Reliability case 19: before discovery has synced, nothing is admitted.
+// Reliability case 19: before discovery has synced, nothing is admitted: a
+// tunnel is held for at most ConnectTimeout, then refused.
 func TestNotReadyRefuses(t *testing.T) {
 	d := newDemo(t)
 	fresh := discovery.NewState(discovery.AddressType, discovery.L7ResourceType)
 	srv, err := waypoint.New(waypoint.Config{Name: "waypoint", Namespace: wt.Namespace, Identity: d.wp.ID, State: fresh,
-		Dialer: nopDialer{}})
+		Dialer: nopDialer{}, ConnectTimeout: 50 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -653,6 +654,44 @@ func TestNotReadyRefuses(t *testing.T) {
 	srv.ServeHBONE(context.Background(), &hbone.Request{Target: target(d.echo, wt.HTTPPort), Peer: d.sleep.ID}, rec)
 	if rec.status != http.StatusServiceUnavailable || rec.accepted {
 		t.Fatalf("unsynced waypoint answered %d (accepted=%v), want 503", rec.status, rec.accepted)
+	}
+}
+
+// A tunnel that arrives while discovery syncs is held and then judged on
+// what discovery says (a replica starting beside others is reached before
+// its first response): here an empty snapshot, so the target is unknown,
+// not "not ready".
+func TestNotReadyHoldsUntilSynced(t *testing.T) {
+	d := newDemo(t)
+	fresh := discovery.NewState(discovery.AddressType, discovery.L7ResourceType)
+	srv, err := waypoint.New(waypoint.Config{Name: "waypoint", Namespace: wt.Namespace, Identity: d.wp.ID, State: fresh,
+		Dialer: nopDialer{}, ConnectTimeout: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := &recorder{}
+	done := make(chan struct{})
+	go func() {
+		srv.ServeHBONE(context.Background(), &hbone.Request{Target: target(d.echo, wt.HTTPPort), Peer: d.sleep.ID}, rec)
+		close(done)
+	}()
+	select {
+	case <-done:
+		t.Fatalf("answered %d before discovery synced, want the tunnel held", rec.status)
+	case <-time.After(100 * time.Millisecond):
+	}
+	for _, typeURL := range []string{discovery.AddressType, discovery.L7ResourceType} {
+		if err := fresh.Apply(typeURL, nil, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("still held after discovery synced")
+	}
+	if rec.status == http.StatusServiceUnavailable || rec.status == 0 || rec.accepted {
+		t.Fatalf("after the sync: answered %d (accepted=%v), want the unknown target refused", rec.status, rec.accepted)
 	}
 }
 
