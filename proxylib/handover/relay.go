@@ -40,6 +40,18 @@ type Relay struct {
 	// appShut/tunShut: we shut that side's writing down (after which a
 	// clean EOF also leaves a TCP socket in CLOSE; see hbone.EndedByReset).
 	appShut, tunShut atomic.Bool
+
+	// Push mode, for a tunnel that pushes lazily (hbone.LazyPusher, an h2
+	// tunnel): the tunnel writes what it receives into the app socket
+	// itself, and a drain runs only while the socket is full or to deliver
+	// the end, so no goroutine waits on an idle session's tunnel. Bytes
+	// pushed are counted by the tunnel and added to recv when push mode
+	// stops: at Pause (the suspension protocol runs with a reading
+	// goroutine, down) or when Run ends.
+	modeMu  sync.Mutex
+	pusher  hbone.LazyPusher // the tunnel, in push mode
+	pushOff bool             // push mode ended
+	drains  int              // drains running (two overlap only as one ends and the next starts)
 }
 
 // NewRelay relays app and tun; sent and recv are the session's counts so far.
@@ -51,13 +63,17 @@ func NewRelay(app *net.TCPConn, tun hbone.Stream, sent, recv int64) *Relay {
 	return r
 }
 
-// Counts are the session's bytes sent into and received from the tunnel.
+// Counts are the session's bytes sent into and received from the tunnel:
+// exact once Pause returned or Run ended (bytes the tunnel pushes are
+// counted then).
 func (r *Relay) Counts() (sent, recv int64) { return r.sent.Load(), r.recv.Load() }
 
 // Run relays until both directions end (false) or Detach (true). The tunnel
 // is closed on return; the app socket only when not detached.
 func (r *Relay) Run() (detached bool, err error) {
-	go r.down()
+	if !r.startPushing() {
+		go r.down()
+	}
 	r.up()
 	r.mu.Lock()
 	for !r.downEnded {
@@ -66,6 +82,7 @@ func (r *Relay) Run() (detached bool, err error) {
 	detached, err = r.detached, r.failure
 	local := r.local
 	r.mu.Unlock()
+	r.stopPushing()
 	if !detached || !local {
 		r.tun.Close() // a local pair's destination socket stays with the pair
 	}
@@ -147,53 +164,176 @@ func (r *Relay) down() {
 	defer ar.Release()
 	for {
 		p, err := ar.Read()
-		if len(p) > 0 {
-			w, werr := r.app.Write(p)
-			r.recv.Add(int64(w))
-			r.mu.Lock()
-			r.cond.Broadcast()
-			r.mu.Unlock()
-			if werr != nil {
-				r.fail(werr)
-				break
-			}
-		}
-		ar.Used(len(p))
-		if err == nil {
-			continue
-		}
-		r.mu.Lock()
-		quiet := r.suspending || r.detached
-		if quiet {
-			r.quietEnd, r.quietEOF = true, errors.Is(err, io.EOF)
-		}
-		r.mu.Unlock()
-		if quiet {
-			break // the suspension ended the tunnel; the app stays as it is
-		}
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			continue // a cancelled DetachLocal's deadline (nobody else sets one)
-		}
-		if errors.Is(err, io.EOF) {
-			r.setBroken()
-			if !r.tunShut.Load() && hbone.EndedByReset(r.tun) {
-				r.fail(syscall.ECONNRESET)
-				break
-			}
-			r.appShut.Store(true)
-			if cerr := r.app.CloseWrite(); cerr != nil {
-				r.fail(cerr)
-			}
+		if len(p) > 0 && !r.deliver(p) {
 			break
 		}
-		r.fail(err)
-		break
+		ar.Used(len(p))
+		if err != nil && r.tunnelEnded(err) {
+			break
+		}
 	}
+	r.downDone()
+}
+
+// deliver writes p to the app; false when that failed (the relay fails).
+func (r *Relay) deliver(p []byte) bool {
+	w, werr := r.app.Write(p)
+	r.recv.Add(int64(w))
+	r.mu.Lock()
+	r.cond.Broadcast()
+	r.mu.Unlock()
+	if werr != nil {
+		r.fail(werr)
+		return false
+	}
+	return true
+}
+
+// tunnelEnded handles the error that ended a read of the tunnel and reports
+// whether the tunnel→app direction is over (false: read on).
+func (r *Relay) tunnelEnded(err error) bool {
+	r.mu.Lock()
+	quiet := r.suspending || r.detached
+	if quiet {
+		r.quietEnd, r.quietEOF = true, errors.Is(err, io.EOF)
+	}
+	r.mu.Unlock()
+	switch {
+	case quiet:
+		// the suspension ended the tunnel; the app stays as it is
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return false // a cancelled DetachLocal's deadline (nobody else sets one)
+	case errors.Is(err, io.EOF):
+		r.setBroken()
+		if !r.tunShut.Load() && hbone.EndedByReset(r.tun) {
+			r.fail(syscall.ECONNRESET)
+			break
+		}
+		r.appShut.Store(true)
+		if cerr := r.app.CloseWrite(); cerr != nil {
+			r.fail(cerr)
+		}
+	default:
+		r.fail(err)
+	}
+	return true
+}
+
+func (r *Relay) downDone() {
 	r.mu.Lock()
 	r.downEnded = true
 	r.cond.Broadcast()
 	r.mu.Unlock()
 }
+
+// startPushing enters push mode when the tunnel pushes lazily into a
+// socket; false: down must read the tunnel.
+func (r *Relay) startPushing() bool {
+	lp, ok := r.tun.(hbone.LazyPusher)
+	if !ok {
+		return false
+	}
+	sink := hbone.SinkFor(r.app)
+	if sink == nil {
+		return false
+	}
+	r.modeMu.Lock()
+	r.pusher = lp
+	r.modeMu.Unlock()
+	lp.PushLazily(sink, func() { go r.drain() })
+	return true
+}
+
+// stopPushing leaves push mode (once): nothing is pushed after it, queued
+// bytes and the end stay in the tunnel for one reader, and what was pushed
+// is counted in recv. It reports whether a drain is running (it becomes
+// that reader when it finishes); false also when push mode was not on.
+func (r *Relay) stopPushing() (drainRuns bool) {
+	r.modeMu.Lock()
+	defer r.modeMu.Unlock()
+	if r.pusher == nil || r.pushOff {
+		return false
+	}
+	r.pushOff = true
+	r.recv.Add(r.pusher.PushLazily(nil, nil))
+	r.mu.Lock()
+	r.cond.Broadcast()
+	r.mu.Unlock()
+	return r.drains > 0
+}
+
+// readFromNowOn leaves push mode for a reading goroutine, down (the mode
+// the suspension protocol runs in), unless the direction already ended. It
+// does not wait for a running drain, which may be blocked on a full app
+// socket: that drain goes on as down.
+func (r *Relay) readFromNowOn() {
+	r.modeMu.Lock()
+	pushing := r.pusher != nil && !r.pushOff
+	r.modeMu.Unlock()
+	if !pushing || r.stopPushing() {
+		return
+	}
+	r.mu.Lock()
+	ended := r.downEnded
+	r.mu.Unlock()
+	if !ended {
+		go r.down()
+	}
+}
+
+// drain writes what the tunnel queued (the app socket was full) and
+// delivers the tunnel's end; the tunnel starts one at a time while
+// pushing. A drain started after push mode ended does nothing; one running
+// when it ended reads on as down.
+func (r *Relay) drain() {
+	r.modeMu.Lock()
+	if r.pushOff {
+		r.modeMu.Unlock()
+		return
+	}
+	r.drains++
+	lp := r.pusher
+	r.modeMu.Unlock()
+	open := r.drainQueue(lp)
+	r.modeMu.Lock()
+	r.drains--
+	// The last drain to finish once push mode ended is the one reader left.
+	becomeReader := open && r.pushOff && r.drains == 0
+	r.modeMu.Unlock()
+	switch {
+	case !open:
+		r.downDone()
+	case becomeReader:
+		r.down()
+	}
+}
+
+// drainQueue delivers queued bytes until the queue is empty (true) or the
+// direction ended (false).
+func (r *Relay) drainQueue(lp hbone.LazyPusher) bool {
+	var ar hbone.AdaptiveReader
+	ar.Init(tryReader{lp})
+	defer ar.Release()
+	for {
+		p, err := ar.Read()
+		if len(p) > 0 && !r.deliver(p) {
+			return false
+		}
+		ar.Used(len(p))
+		switch {
+		case err == nil:
+		case errors.Is(err, hbone.ErrWouldBlock), errors.Is(err, os.ErrDeadlineExceeded):
+			return true
+		default:
+			return !r.tunnelEnded(err)
+		}
+	}
+}
+
+// tryReader reads a lazily pushing tunnel's queue without waiting.
+type tryReader struct{ lp hbone.LazyPusher }
+
+func (t tryReader) Read(p []byte) (int, error) { return t.lp.TryRead(p) }
 
 func (r *Relay) setBroken() {
 	r.mu.Lock()
@@ -246,6 +386,7 @@ func (r *Relay) waitLocked(timeout time.Duration, cond func() bool) bool {
 // direction ended, or the tunnel would not take the last read in time);
 // the relay then runs on.
 func (r *Relay) Pause(timeout time.Duration) (int64, error) {
+	r.readFromNowOn()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.broken || r.upEnded || r.downEnded || r.pausing {

@@ -104,12 +104,12 @@ func relayLazily(sock HalfCloser, st HalfCloser, lp LazyPusher, sink Sink) (sock
 // stream, in either order, and the sink for the socket.
 func lazyPair(a, b HalfCloser) (sock, st HalfCloser, lp LazyPusher, sink Sink, swapped bool) {
 	if p, ok := b.(LazyPusher); ok {
-		if s := sinkFor(a); s != nil {
+		if s := SinkFor(a); s != nil {
 			return a, b, p, s, false
 		}
 	}
 	if p, ok := a.(LazyPusher); ok {
-		if s := sinkFor(b); s != nil {
+		if s := SinkFor(b); s != nil {
 			return b, a, p, s, true
 		}
 	}

@@ -12,8 +12,8 @@ func readWaiterFor(io.Reader) *readWaiter { return nil }
 
 func (*readWaiter) wait() error { return nil }
 
-// sinkFor: pushing into sockets is only implemented on Linux.
-func sinkFor(any) Sink { return nil }
+// SinkFor: pushing into sockets is only implemented on Linux.
+func SinkFor(any) Sink { return nil }
 
 // EndedByReset: the socket's state is only read on Linux.
 func EndedByReset(any) bool { return false }

@@ -15,8 +15,8 @@ type socketSink struct {
 	write func(fd uintptr) bool // built once: no allocation per write
 }
 
-// sinkFor returns a Sink for a socket, nil for anything else.
-func sinkFor(dst any) Sink {
+// SinkFor returns a Sink for a socket, nil for anything else.
+func SinkFor(dst any) Sink {
 	sc, ok := dst.(syscall.Conn)
 	if !ok {
 		return nil

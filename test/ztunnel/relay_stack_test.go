@@ -11,7 +11,8 @@ import (
 // goroutine parked deep in those frames can never shrink it back: with
 // thousands of idle tunnels the stacks are most of a ztunnel's memory.
 // Read from both ztunnels' goroutine dumps (client side: outbound; server
-// side: HBONE inbound).
+// side: HBONE inbound), which also show no goroutine reading an idle
+// session's tunnel.
 func TestIdleRelayHoldsNoSetupStack(t *testing.T) {
 	pm := newProcessMesh(t)
 	waitUntil(t, func() bool { return pm.zts[0].ready() && pm.zts[1].ready() }, "ztunnels ready")
@@ -40,6 +41,11 @@ func TestIdleRelayHoldsNoSetupStack(t *testing.T) {
 					t.Errorf("ztunnel %d: an idle relay runs on the goroutine that set it up (%s):\n%s", i, f, g)
 				}
 			}
+		}
+		// A session's tunnel pushes what it receives into the app socket:
+		// no goroutine waits on an idle tunnel.
+		if n := strings.Count(dump, "handover.(*Relay).down("); n != 0 {
+			t.Errorf("ztunnel %d: %d goroutines read idle session tunnels, want 0", i, n)
 		}
 		if relays < tunnels {
 			t.Errorf("ztunnel %d: %d relays in the goroutine dump, want at least %d (is the dump complete?)", i, relays, tunnels)
