@@ -52,11 +52,21 @@ func mustAddrPort(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
 
 var (
 	buildOnce sync.Once
+	binDir    string // removed by TestMain
 	binPath   string
 	buildErr  error
 )
 
 // ztunnelBinary builds cmd/ztunnel once per test run.
+// TestMain removes the ztunnel binary built for the package's tests.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
+	os.Exit(code)
+}
+
 func ztunnelBinary(t *testing.T) string {
 	buildOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "ztunnel-bin-")
@@ -64,7 +74,7 @@ func ztunnelBinary(t *testing.T) string {
 			buildErr = err
 			return
 		}
-		binPath = filepath.Join(dir, "ztunnel")
+		binDir, binPath = dir, filepath.Join(dir, "ztunnel")
 		// Built as the image builds it, so memory figures are what ships.
 		// Static (CGO_ENABLED=0), as the Makefile builds the images: a
 		// cgo build maps libc and ld.so too, +1.5 MB of resident pages.
