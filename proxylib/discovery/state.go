@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"sort"
 	"sync"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
@@ -102,6 +103,21 @@ func (s *State) WaitReady(ctx context.Context) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+// HoldUntilReady waits until the state is Ready for at most d: a proxy
+// holds a connection that arrives while it syncs, then refuses it (fail
+// closed) with this error.
+func (s *State) HoldUntilReady(ctx context.Context, d time.Duration) error {
+	if s.Ready() {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	if err := s.WaitReady(ctx); err != nil {
+		return fmt.Errorf("discovery not synced within %s", d)
+	}
+	return nil
 }
 
 // markSynced records typeURL's first response; s.mu is held.

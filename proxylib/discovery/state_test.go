@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -234,5 +235,24 @@ func TestWaitReady(t *testing.T) {
 	}
 	if err := s.Apply(AuthorizationType, nil, nil); err != nil { // a later push must not close twice
 		t.Fatal(err)
+	}
+}
+
+// HoldUntilReady returns at once when ready, holds until the sync, and
+// names the bound when the sync does not come in time.
+func TestHoldUntilReady(t *testing.T) {
+	if err := NewState().HoldUntilReady(context.Background(), time.Millisecond); err != nil {
+		t.Fatalf("ready state: %v", err)
+	}
+	s := NewState(AddressType)
+	if err := s.HoldUntilReady(context.Background(), 20*time.Millisecond); err == nil || !strings.Contains(err.Error(), "20ms") {
+		t.Fatalf("never synced: %v, want an error naming 20ms", err)
+	}
+	go func() {
+		time.Sleep(20 * time.Millisecond)
+		s.Apply(AddressType, nil, nil)
+	}()
+	if err := s.HoldUntilReady(context.Background(), 10*time.Second); err != nil {
+		t.Fatalf("synced while held: %v", err)
 	}
 }

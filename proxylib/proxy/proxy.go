@@ -179,13 +179,8 @@ func (p *Proxy) Ready() bool {
 // discovery response. Certificates need no check here: the handshake
 // that uses one waits for its fetch (identity.Store.Certificate).
 func (p *Proxy) awaitDiscovery(ctx context.Context) error {
-	if p.cfg.State.Ready() {
-		return nil
-	}
-	ctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
-	defer cancel()
-	if err := p.cfg.State.WaitReady(ctx); err != nil {
-		return proxyerr.New(proxyerr.NotReady, "discovery not synced within %s", p.cfg.ConnectTimeout)
+	if err := p.cfg.State.HoldUntilReady(ctx, p.cfg.ConnectTimeout); err != nil {
+		return proxyerr.New(proxyerr.NotReady, "%v", err)
 	}
 	return nil
 }

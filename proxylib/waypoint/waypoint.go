@@ -238,13 +238,8 @@ func (s *Server) serveStream(ctx context.Context, log logr.Logger, conn *connInf
 // and policy are unknown until then). A replica starting beside others can
 // be reached before its first discovery response.
 func (s *Server) awaitDiscovery(ctx context.Context) error {
-	if s.cfg.State.Ready() {
-		return nil
-	}
-	ctx, cancel := context.WithTimeout(ctx, s.cfg.ConnectTimeout)
-	defer cancel()
-	if err := s.cfg.State.WaitReady(ctx); err != nil {
-		return proxyerr.New(proxyerr.NotReady, "discovery not synced within %s", s.cfg.ConnectTimeout)
+	if err := s.cfg.State.HoldUntilReady(ctx, s.cfg.ConnectTimeout); err != nil {
+		return proxyerr.New(proxyerr.NotReady, "%v", err)
 	}
 	return nil
 }

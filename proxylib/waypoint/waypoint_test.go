@@ -643,13 +643,7 @@ spec:
 // Reliability case 19: before discovery has synced, nothing is admitted: a
 // tunnel is held for at most ConnectTimeout, then refused.
 func TestNotReadyRefuses(t *testing.T) {
-	d := newDemo(t)
-	fresh := discovery.NewState(discovery.AddressType, discovery.L7ResourceType)
-	srv, err := waypoint.New(waypoint.Config{Name: "waypoint", Namespace: wt.Namespace, Identity: d.wp.ID, State: fresh,
-		Dialer: nopDialer{}, ConnectTimeout: 50 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
+	d, _, srv := newUnsyncedWaypoint(t, 50*time.Millisecond)
 	rec := &recorder{}
 	srv.ServeHBONE(context.Background(), &hbone.Request{Target: target(d.echo, wt.HTTPPort), Peer: d.sleep.ID}, rec)
 	if rec.status != http.StatusServiceUnavailable || rec.accepted {
@@ -662,13 +656,7 @@ func TestNotReadyRefuses(t *testing.T) {
 // its first response): here an empty snapshot, so the target is unknown,
 // not "not ready".
 func TestNotReadyHoldsUntilSynced(t *testing.T) {
-	d := newDemo(t)
-	fresh := discovery.NewState(discovery.AddressType, discovery.L7ResourceType)
-	srv, err := waypoint.New(waypoint.Config{Name: "waypoint", Namespace: wt.Namespace, Identity: d.wp.ID, State: fresh,
-		Dialer: nopDialer{}, ConnectTimeout: 10 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
+	d, fresh, srv := newUnsyncedWaypoint(t, 10*time.Second)
 	rec := &recorder{}
 	done := make(chan struct{})
 	go func() {
@@ -693,6 +681,19 @@ func TestNotReadyHoldsUntilSynced(t *testing.T) {
 	if rec.status == http.StatusServiceUnavailable || rec.status == 0 || rec.accepted {
 		t.Fatalf("after the sync: answered %d (accepted=%v), want the unknown target refused", rec.status, rec.accepted)
 	}
+}
+
+// newUnsyncedWaypoint is a waypoint of the demo whose discovery has not
+// synced yet, holding tunnels for at most hold.
+func newUnsyncedWaypoint(t *testing.T, hold time.Duration) (*demo, *discovery.State, *waypoint.Server) {
+	d := newDemo(t)
+	fresh := discovery.NewState(discovery.AddressType, discovery.L7ResourceType)
+	srv, err := waypoint.New(waypoint.Config{Name: "waypoint", Namespace: wt.Namespace, Identity: d.wp.ID, State: fresh,
+		Dialer: nopDialer{}, ConnectTimeout: hold})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d, fresh, srv
 }
 
 type nopDialer struct{}

@@ -1,7 +1,6 @@
 package perftest
 
 import (
-	"bufio"
 	"fmt"
 	"net/netip"
 	"os"
@@ -48,10 +47,9 @@ func StartRelayFloor(t *testing.T, clientNS, serverNS string, serverIP netip.Add
 	var f RelayFloor
 	relay := func(up netip.AddrPort, offset uint16) netip.AddrPort {
 		srv := netip.AddrPortFrom(serverIP, up.Port()+offset)
-		pid, _ := startRelay(t, serverNS, bin, "-mode", "tls-server", "-listen", srv.String(), "-upstream", up.String(), "-certs", certs)
-		f.PIDs[1] = pid
+		f.PIDs[1] = startRelay(t, serverNS, bin, "-mode", "tls-server", "-listen", srv.String(), "-upstream", up.String(), "-certs", certs)
 		cli := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), up.Port()+offset)
-		f.PIDs[0], _ = startRelay(t, clientNS, bin, "-mode", "tls-client", "-listen", cli.String(), "-upstream", srv.String(), "-certs", certs)
+		f.PIDs[0] = startRelay(t, clientNS, bin, "-mode", "tls-client", "-listen", cli.String(), "-upstream", srv.String(), "-certs", certs)
 		return cli
 	}
 	// One pair per port; the pids kept are the HTTP pair's, the one the
@@ -63,43 +61,15 @@ func StartRelayFloor(t *testing.T, clientNS, serverNS string, serverIP netip.Add
 }
 
 // startRelay runs `hbone-load relay args` in ns until the test ends and
-// waits for its READY line.
-func startRelay(t *testing.T, ns, bin string, args ...string) (int, string) {
-	cmd := exec.Command("ip", append([]string{"netns", "exec", ns, bin, "relay"}, args...)...)
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
+// returns its pid once it is ready.
+func startRelay(t *testing.T, ns, bin string, args ...string) int {
 	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+	p, err := hboneload.StartProc(append([]string{"ip", "netns", "exec", ns, bin, "relay"}, args...), &stderr)
+	if err != nil {
+		t.Fatalf("%v: %s", err, stderr.String())
 	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-	})
-	ready := make(chan string, 1)
-	go func() {
-		s := bufio.NewScanner(out)
-		for s.Scan() {
-			if addr, ok := strings.CutPrefix(s.Text(), "READY "); ok {
-				ready <- addr
-			}
-		}
-		close(ready)
-	}()
-	select {
-	case addr, ok := <-ready:
-		if !ok {
-			cmd.Wait()
-			t.Fatalf("relay %v exited: %s", args, stderr.String())
-		}
-		return cmd.Process.Pid, addr
-	case <-time.After(30 * time.Second):
-		t.Fatalf("relay %v not ready in 30 s: %s", args, stderr.String())
-	}
-	return 0, ""
+	t.Cleanup(p.Stop)
+	return p.Pid()
 }
 
 // StartSocatFloor starts the same floor in C: a socat relay pair with

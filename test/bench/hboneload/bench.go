@@ -128,7 +128,7 @@ func RunBench(cfg BenchConfig) (*Report, error) {
 	if err != nil {
 		return nil, fmt.Errorf("sink: %w", err)
 	}
-	defer sink.stop()
+	defer sink.Stop()
 	b.sink = sink.addr
 	for _, mode := range cfg.Modes {
 		rep.Modes = append(rep.Modes, b.measure(mode))
@@ -165,15 +165,15 @@ func (b *bench) logf(format string, args ...any) {
 // proxies is one mode's client-side and server-side proxy processes.
 type proxies struct {
 	entry, server string // where clients connect; the server proxy
-	client, srv   *proc
+	client, srv   *Proc
 }
 
 func (p *proxies) stop() {
 	if p.client != nil {
-		p.client.stop()
+		p.client.Stop()
 	}
 	if p.srv != nil {
-		p.srv.stop()
+		p.srv.Stop()
 	}
 }
 
@@ -209,7 +209,7 @@ func (b *bench) startProxiesNamed(mode, profile string) (*proxies, error) {
 	client, err := b.start(append([]string{"relay", "-mode", mode + "-client", "-certs", b.certs, "-copy", b.copy(), fmt.Sprintf("-frame-fit=%t", b.cfg.FrameFit),
 		"-upstream", srv.addr, "-target", b.sink}, prof("client")...)...)
 	if err != nil {
-		srv.stop()
+		srv.Stop()
 		return nil, fmt.Errorf("%s client proxy: %w", mode, err)
 	}
 	return &proxies{entry: client.addr, server: srv.addr, client: client, srv: srv}, nil
@@ -314,7 +314,7 @@ func (b *bench) memory(mode string, n int, r *ModeResult) error {
 	if err != nil {
 		return err
 	}
-	defer hold.stop()
+	defer hold.Stop()
 	time.Sleep(2 * time.Second) // let the proxies settle
 	c1, s1 := p.rss()
 	r.MemClient[n] = float64(c1-c0) / float64(n)
@@ -368,16 +368,30 @@ func (b *bench) client(args ...string) (Result, error) {
 	return res, nil
 }
 
-// proc is a role process that announced "READY <addr>".
-type proc struct {
+// Proc is a role process that announced "READY <addr>".
+type Proc struct {
 	cmd   *exec.Cmd
 	addr  string
 	stdin io.WriteCloser
 }
 
-func (b *bench) start(args ...string) (*proc, error) {
-	cmd := exec.Command(b.cfg.Exe, args...)
-	cmd.Stderr = b.cfg.Progress
+// Addr is where the role listens.
+func (p *Proc) Addr() string { return p.addr }
+
+// Pid is the process's id (the role's own when argv execs it, as
+// `ip netns exec` does).
+func (p *Proc) Pid() int { return p.cmd.Process.Pid }
+
+func (b *bench) start(args ...string) (*Proc, error) {
+	return StartProc(append([]string{b.cfg.Exe}, args...), b.cfg.Progress)
+}
+
+// StartProc runs argv, a role of this tool (possibly behind a wrapper such
+// as `ip netns exec`), with its errors to stderr, and waits for its READY
+// line.
+func StartProc(argv []string, stderr io.Writer) (*Proc, error) {
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Stderr = stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -390,7 +404,7 @@ func (b *bench) start(args ...string) (*proc, error) {
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
-	p := &proc{cmd: cmd, stdin: stdin}
+	p := &Proc{cmd: cmd, stdin: stdin}
 	line := make(chan string, 1)
 	go func() {
 		l, _ := bufio.NewReader(stdout).ReadString('\n')
@@ -401,19 +415,19 @@ func (b *bench) start(args ...string) (*proc, error) {
 	case l := <-line:
 		addr, ok := strings.CutPrefix(strings.TrimSpace(l), "READY ")
 		if !ok {
-			p.stop()
-			return nil, fmt.Errorf("%v: did not start (said %q)", args, l)
+			p.Stop()
+			return nil, fmt.Errorf("%v: did not start (said %q)", argv, l)
 		}
 		p.addr = addr
 		return p, nil
 	case <-time.After(5 * time.Minute):
-		p.stop()
-		return nil, fmt.Errorf("%v: not ready in time", args)
+		p.Stop()
+		return nil, fmt.Errorf("%v: not ready in time", argv)
 	}
 }
 
-// stop ends the process: stdin closed (hold clients), SIGTERM, then SIGKILL.
-func (p *proc) stop() {
+// Stop ends the process: stdin closed (hold clients), SIGTERM, then SIGKILL.
+func (p *Proc) Stop() {
 	p.stdin.Close()
 	p.cmd.Process.Signal(syscall.SIGTERM)
 	done := make(chan struct{})
