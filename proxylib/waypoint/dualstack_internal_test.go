@@ -41,7 +41,7 @@ func TestEndpointsKeepClientFamily(t *testing.T) {
 	}
 	for dst, want := range map[string]string{"fd00:96::7": "[fd00:244:2::5]:8080", "10.96.0.7": "10.244.2.5:8080"} {
 		tiers, addrs := s.endpointsOf(svc, 80, netip.MustParseAddr(dst))
-		if len(tiers) != 1 || len(tiers[0]) != 1 || addrs[tiers[0][0]].String() != want {
+		if len(tiers) != 1 || len(tiers[0]) != 1 || addrs[tiers[0][0]].addr.String() != want {
 			t.Errorf("request for %s: endpoints %v, want %s", dst, tiers, want)
 		}
 	}

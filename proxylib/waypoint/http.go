@@ -289,9 +289,9 @@ func (c *connInfo) pickFrom(svc *workloadapi.Service, port uint16, o *outcome) f
 		if !ok {
 			return netip.AddrPort{}, nil, false
 		}
-		ap := addrs[k]
-		o.endpoint = c.s.cfg.State.WorkloadByAddr(ap.Addr())
-		return ap, done, true
+		ep := addrs[k]
+		o.endpoint = ep.w
+		return ep.addr, done, true
 	}
 }
 

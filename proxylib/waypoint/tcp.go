@@ -31,6 +31,7 @@ func (s *Server) serveTCP(ctx context.Context, c *connInfo, stream hbone.Stream,
 		return
 	}
 	ep := c.dst.target
+	dstWL := c.dst.workload // nil for a service, until an endpoint is picked
 	done := func(bool) {}
 	if c.dst.service != nil {
 		tiers, addrs := s.endpointsOf(c.dst.service, c.dst.target.Port(), c.dst.target.Addr())
@@ -42,7 +43,7 @@ func (s *Server) serveTCP(ctx context.Context, c *connInfo, stream hbone.Stream,
 			s.log.Info("no healthy upstream", "target", c.dst.target.String())
 			return
 		}
-		ep = addrs[k]
+		ep, dstWL = addrs[k].addr, addrs[k].w
 		done = func(failed bool) {
 			if failed {
 				fin(lb.ConnectFailure)
@@ -51,7 +52,10 @@ func (s *Server) serveTCP(ctx context.Context, c *connInfo, stream hbone.Stream,
 			}
 		}
 	}
-	labels.Destination = telemetry.PeerOf(s.cfg.State.WorkloadByAddr(ep.Addr()), nil)
+	if dstWL == nil {
+		dstWL = s.cfg.State.WorkloadByAddr(ep.Addr())
+	}
+	labels.Destination = telemetry.PeerOf(dstWL, nil)
 	s.tcp.ConnOpened(labels)
 	up, err := s.dial(context.WithValue(ctx, sourceAddrKey{}, c.srcIP), ep)
 	if err != nil {

@@ -382,7 +382,7 @@ func (s *Server) balancer(key string) *lb.Balancer {
 // "ip:targetPort" keys in locality tiers, with a lookup back to the
 // workload. Each endpoint's address is of the family of dst, the address
 // the client used (proxy.PickAddr), when it has one.
-func (s *Server) endpointsOf(svc *workloadapi.Service, port uint16, dst netip.Addr) ([][]string, map[string]netip.AddrPort) {
+func (s *Server) endpointsOf(svc *workloadapi.Service, port uint16, dst netip.Addr) ([][]string, map[string]endpoint) {
 	s.demandEndpoints(svc)
 	key := discovery.ServiceKey(svc.Namespace, svc.Hostname)
 	type candidate struct {
@@ -390,7 +390,7 @@ func (s *Server) endpointsOf(svc *workloadapi.Service, port uint16, dst netip.Ad
 		w   *workloadapi.Workload
 	}
 	var eps []candidate
-	addrs := map[string]netip.AddrPort{}
+	addrs := map[string]endpoint{}
 	for _, ep := range s.cfg.State.Endpoints(key) {
 		if ep == nil || !proxy.Eligible(svc, ep) {
 			continue
@@ -411,7 +411,7 @@ func (s *Server) endpointsOf(svc *workloadapi.Service, port uint16, dst netip.Ad
 		ap := netip.AddrPortFrom(ip, targetPort(svc, key, ep, port))
 		k := ap.String()
 		eps = append(eps, candidate{k, ep})
-		addrs[k] = ap
+		addrs[k] = endpoint{ap, ep}
 	}
 	var tiers [][]string
 	for _, t := range lb.Tiers(svc.GetLoadBalancing(), s.self(), eps, func(c candidate) *workloadapi.Workload { return c.w }) {
@@ -422,6 +422,15 @@ func (s *Server) endpointsOf(svc *workloadapi.Service, port uint16, dst netip.Ad
 		tiers = append(tiers, keys)
 	}
 	return tiers, addrs
+}
+
+// endpoint is a service endpoint picked for a connection: its address
+// (resolved for one known by hostname) and its workload, which names it in
+// metrics and logs: an address may also be another workload's (a
+// ServiceEntry host that resolves to a mesh workload's address).
+type endpoint struct {
+	addr netip.AddrPort
+	w    *workloadapi.Workload
 }
 
 // self is this proxy's own workload, whose locality is the client's in

@@ -197,8 +197,8 @@ func (m *Mesh) issue(id identity.Identity) {
 func UID(name string) string { return discovery.PodUID("Kubernetes", Namespace, name) }
 
 // AddWaypoint starts a waypoint named name on its own loopback address
-// with its Service (VIP) published in discovery.
-func (m *Mesh) AddWaypoint(name string, tracing bool) *Waypoint {
+// with its Service (VIP) published in discovery; opts change its Config.
+func (m *Mesh) AddWaypoint(name string, tracing bool, opts ...func(*waypoint.Config)) *Waypoint {
 	t := m.t
 	id := m.ID(name)
 	m.issue(id)
@@ -209,10 +209,14 @@ func (m *Mesh) AddWaypoint(name string, tracing bool) *Waypoint {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { dialer.Close() })
-	srv, err := waypoint.New(waypoint.Config{
+	cfg := waypoint.Config{
 		Name: name, Namespace: Namespace, Identity: id, State: m.State, Dialer: dialer,
 		Registry: wp.Registry, Tracing: tracing, Log: m.Log, RootNamespace: RootNamespace,
-	})
+	}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	srv, err := waypoint.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,78 @@
+package waypoint_test
+
+import (
+	"context"
+	"net/netip"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/ambientmesh/ambient/proxylib/discovery"
+	"github.com/ambientmesh/ambient/proxylib/discovery/workloadapi"
+	"github.com/ambientmesh/ambient/proxylib/waypoint"
+	wt "github.com/ambientmesh/ambient/proxylib/waypoint/waypointtest"
+)
+
+// A ServiceEntry endpoint known by hostname (resolution DNS) is named as
+// itself in the request metrics, also when its host resolves to the
+// address of another workload (here a mesh pod, which then serves it): the
+// labels are the picked endpoint's, not a lookup of its address.
+func TestHostnameEndpointLabelledAsItself(t *testing.T) {
+	m := wt.New(t)
+	var wp *wt.Waypoint
+	pod := m.AddPod("echo-v1-0", "echo", map[string]string{"app": "echo"}, nil)
+	wp = m.AddWaypoint("egress", false, func(c *waypoint.Config) {
+		c.LookupHost = func(_ context.Context, host string) ([]netip.Addr, error) {
+			return []netip.Addr{pod.IP}, nil // ext.example resolves to the pod
+		}
+	})
+	vip := m.NextVIP()
+	m.PublishService("ext", vip, wp, wt.HTTPPort)
+	key := discovery.ServiceKey(wt.Namespace, wt.Hostname("ext"))
+	se := &workloadapi.Workload{
+		Uid:  discovery.ServiceEntryUID("Kubernetes", wt.Namespace, "ext", "ext.example"),
+		Name: "ext", Namespace: wt.Namespace, Hostname: "ext.example", WorkloadName: "ext", CanonicalName: "ext",
+		ClusterId: "Kubernetes", Status: workloadapi.WorkloadStatus_HEALTHY,
+		Services: map[string]*workloadapi.PortList{key: {Ports: []*workloadapi.Port{{ServicePort: wt.HTTPPort, TargetPort: wt.HTTPPort}}}},
+	}
+	body, err := anypb.New(&workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: se}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.State.Apply(discovery.AddressType, []discovery.Resource{{Name: se.Uid, Version: "1", Body: body}}, nil); err != nil {
+		t.Fatal(err)
+	}
+
+	c := m.NewClient("sleep", netip.MustParseAddr("10.244.1.5")).HTTP(wp, target(vip, wt.HTTPPort), false)
+	if code, seen, _ := get(t, c, "GET", svcURL(vip, "/")); code != 200 || seen.Pod != pod.Name {
+		t.Fatalf("GET through the ServiceEntry: %d from %q, want 200 from %s (its host's address)", code, seen.Pod, pod.Name)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		mfs, err := wp.Registry.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for _, mf := range mfs {
+			if mf.GetName() != "istio_requests_total" {
+				continue
+			}
+			for _, mt := range mf.GetMetric() {
+				for _, l := range mt.GetLabel() {
+					if l.GetName() == "destination_workload" {
+						got = append(got, l.GetValue())
+					}
+				}
+			}
+		}
+		if len(got) == 1 && got[0] == "ext" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("destination_workload of the request: %v, want [ext] (the ServiceEntry's endpoint, not the pod its host resolves to)", got)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
