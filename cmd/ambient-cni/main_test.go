@@ -842,3 +842,36 @@ func TestNodeAgentProcess(t *testing.T) {
 		t.Fatal("agent restart (SIGTERM) released the pod")
 	}
 }
+
+// TestNodeAgentNotReadyWhenCaptureRulesCannotInstall: capture rules this
+// node cannot install (here TPROXY capture asked of the iptables backend,
+// which refuses it) are found by the start-up preflight: the agent stays
+// not ready and says why, instead of failing each pod's capture unexplained.
+func TestNodeAgentNotReadyWhenCaptureRulesCannotInstall(t *testing.T) {
+	e := newEnv(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	health := ln.Addr().String()
+	ln.Close()
+	e.startAgentWith(func(o *nodeagent.Options) {
+		o.HealthAddr = health
+		o.Redirect.InboundTPROXY = true
+		o.Redirector, o.DNSRedirector = redirect.NewIPTables(o.Redirect), redirect.NewIPTables(o.Redirect.WithDNS())
+	})
+	var body string
+	eventually(t, "the agent answers its readiness probe", func() bool {
+		resp, err := http.Get("http://" + health + "/readyz")
+		if err != nil {
+			return false
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		body = string(b)
+		return resp.StatusCode == http.StatusServiceUnavailable && strings.Contains(body, "preflight")
+	})
+	if !strings.Contains(body, "inbound TPROXY") {
+		t.Fatalf("readiness body %q, want the preflight naming inbound TPROXY", body)
+	}
+}

@@ -428,3 +428,46 @@ func EnableListenerMigration(ns *os.File) error {
 		return nil
 	})
 }
+
+// NewScratch creates an empty network namespace (only lo, down) that lives
+// as long as the returned file is open: nothing is mounted, so closing it
+// removes the namespace. For trying out a configuration without touching a
+// real one.
+func NewScratch() (*os.File, error) {
+	type result struct {
+		ns  *os.File
+		err error
+	}
+	res := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			runtime.UnlockOSThread()
+			res <- result{err: fmt.Errorf("open current netns: %w", err)}
+			return
+		}
+		defer orig.Close()
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			res <- result{err: fmt.Errorf("unshare: %w", err)}
+			return
+		}
+		ns, nerr := os.Open("/proc/thread-self/ns/net")
+		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
+			// Left locked: Go ends the thread instead of reusing it here.
+			if ns != nil {
+				ns.Close()
+			}
+			res <- result{err: fmt.Errorf("restore netns: %w", err)}
+			return
+		}
+		runtime.UnlockOSThread()
+		if nerr != nil {
+			nerr = fmt.Errorf("open scratch netns: %w", nerr)
+		}
+		res <- result{ns, nerr}
+	}()
+	r := <-res
+	return r.ns, r.err
+}

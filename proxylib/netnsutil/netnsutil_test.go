@@ -262,3 +262,33 @@ func TestRunInOwnNamespaceUnprivileged(t *testing.T) {
 		t.Fatalf("unprivileged child: %v\n%s", err, out)
 	}
 }
+
+// NewScratch makes a namespace of its own that Run can enter, and leaves
+// the caller where it was.
+func TestNewScratch(t *testing.T) {
+	netns.RequireRoot(t)
+	self, err := os.Open("/proc/self/ns/net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer self.Close()
+	scratch, err := netnsutil.NewScratch()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer scratch.Close()
+	if netnsutil.IsCurrent(scratch) || !netnsutil.IsCurrent(self) {
+		t.Fatal("the caller moved into the scratch namespace")
+	}
+	var ifaces []net.Interface
+	if err := netnsutil.Run(scratch, func() error {
+		var err error
+		ifaces, err = net.Interfaces()
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if len(ifaces) != 1 || ifaces[0].Name != "lo" {
+		t.Fatalf("scratch namespace interfaces %v, want only lo", ifaces)
+	}
+}

@@ -56,7 +56,8 @@ type Options struct {
 	// which a pod's ambient.istio.io/dns-capture annotation overrides.
 	DNSRedirector redirect.Redirector
 	DNSCapture    bool
-	// HealthAddr serves /healthz and /readyz (ready after the initial sync
+	// HealthAddr serves /healthz and /readyz (ready after the initial sync,
+	// when the capture rules passed their preflight (redirect.Preflight)
 	// and, when installing, once the CNI plugin is configured). Empty: off.
 	HealthAddr string
 	// CNIBinDir/CNIConfDir, when set, receive the plugin binary and its
@@ -121,6 +122,17 @@ func Run(ctx context.Context, cfg *rest.Config, o Options) error {
 			a.DNSRedirector = redirect.NewNFTables(o.Redirect.WithDNS())
 		}
 	}
+	// The capture rules are tried once in a scratch namespace: a kernel
+	// that lacks what they need (nft_tproxy for TPROXY capture, policy
+	// routing) is named here, once, and keeps this agent not ready. Each
+	// capture still fails closed on its own (the pod does not start).
+	preflightErr := redirect.Preflight(a.Redirector)
+	if preflightErr == nil && a.DNSRedirector != nil {
+		preflightErr = redirect.Preflight(a.DNSRedirector)
+	}
+	if preflightErr != nil {
+		o.Log.Error(preflightErr, "capture rules cannot be installed on this node: no pod can be captured, and this agent stays not ready")
+	}
 	if o.ProbeSNAT {
 		if o.HostNetns != "" {
 			if a.HostNS, err = openNetns(o.HostNetns); err != nil {
@@ -175,7 +187,17 @@ func Run(ctx context.Context, cfg *rest.Config, o Options) error {
 	}
 	if o.HealthAddr != "" {
 		if err := mgr.Add(manager(func(ctx context.Context) error {
-			return serveHealth(ctx, o.HealthAddr, func() bool { return synced.Load() && cniReady.Load() })
+			return serveHealth(ctx, o.HealthAddr, func() error {
+				switch {
+				case preflightErr != nil:
+					return preflightErr
+				case !synced.Load():
+					return errors.New("initial sync not done")
+				case !cniReady.Load():
+					return errors.New("CNI plugin not installed yet")
+				}
+				return nil
+			})
 		})); err != nil {
 			return err
 		}
@@ -288,12 +310,14 @@ func installCNIOnce(o Options, exe, installedIn string) (bool, string) {
 	return false, installedIn
 }
 
-func serveHealth(ctx context.Context, addr string, ready func() bool) error {
+// serveHealth serves /healthz and /readyz; notReady says why the agent is
+// not ready (nil: ready), in the 503's body.
+func serveHealth(ctx context.Context, addr string, notReady func() error) error {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(http.StatusOK) })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !ready() {
-			http.Error(w, "not ready", http.StatusServiceUnavailable)
+		if err := notReady(); err != nil {
+			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
 			return
 		}
 		w.WriteHeader(http.StatusOK)
