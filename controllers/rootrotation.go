@@ -166,8 +166,23 @@ func rotationFailure(format string, args ...any) error {
 }
 
 // stepSelfSigned advances a self-signed root rotation by at most one phase,
-// writing the Secret once. It returns the authority now signing.
+// writing the Secret once. It returns the authority now signing. A trigger
+// changed while a rotation runs is queued (it starts the next rotation once
+// this one completes), and the status says so.
 func (m *caManager) stepSelfSigned(ctx context.Context, mesh *meshv1.AmbientMesh, secret *corev1.Secret, auth *ca.Authority) (*ca.Authority, rotation, error) {
+	auth, r, err := m.stepSelfSignedPhase(ctx, mesh, secret, auth)
+	trigger := mesh.Spec.CA.RootRotation.Trigger
+	running := r.Phase == meshv1.ReasonOverlapping || r.Phase == meshv1.ReasonReissuing
+	if running && trigger != "" && trigger != r.Trigger {
+		if r.Wait == "" {
+			r.Wait = "root rotation " + r.Phase
+		}
+		r.Wait += fmt.Sprintf("; spec.ca.rootRotation.trigger %q is queued: it starts another rotation when this one completes", trigger)
+	}
+	return auth, r, err
+}
+
+func (m *caManager) stepSelfSignedPhase(ctx context.Context, mesh *meshv1.AmbientMesh, secret *corev1.Secret, auth *ca.Authority) (*ca.Authority, rotation, error) {
 	r := readRotation(secret)
 	now := m.now()
 	switch r.Phase {

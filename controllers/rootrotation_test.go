@@ -446,3 +446,42 @@ func TestBundleBehind(t *testing.T) {
 		t.Fatalf("a bundle no namespace holds: behind %v (%v)", behind, err)
 	}
 }
+
+// A trigger changed while a rotation runs does not disturb it: the status
+// says it is queued, and it starts the next rotation once this one has
+// completed.
+func TestSelfSignedRootRotationQueuesANewTrigger(t *testing.T) {
+	ctx := context.Background()
+	caTestNamespace(t, "rot-queue")
+	now := time.Now()
+	m := &caManager{client: k8s, reader: k8s, now: func() time.Time { return now }}
+	mesh := caTestMesh("rot-queue")
+	mesh.Spec.CA.WorkloadCertTTL.Duration = time.Hour
+	mesh.Spec.CA.RootRotation.Overlap.Duration = 2 * time.Minute
+	if _, err := m.ensure(ctx, mesh); err != nil {
+		t.Fatal(err)
+	}
+	mesh.Spec.CA.RootRotation.Trigger = "first"
+	if st, err := m.ensure(ctx, mesh); err != nil || st.Root.Phase != meshv1.ReasonOverlapping || strings.Contains(st.Root.Wait, "queued") {
+		t.Fatalf("first trigger: %v %+v", err, st.Root)
+	}
+	mesh.Spec.CA.RootRotation.Trigger = "second"
+	queued := `"second" is queued`
+	st, err := m.ensure(ctx, mesh)
+	if err != nil || st.Root.Phase != meshv1.ReasonOverlapping || st.Root.Entered || !strings.Contains(st.Root.Wait, queued) {
+		t.Fatalf("second trigger while overlapping: %v %+v, want the same rotation with %s in its status", err, st.Root, queued)
+	}
+	now = now.Add(2*time.Minute + time.Second)
+	re, err := m.ensure(ctx, mesh)
+	if err != nil || re.Root.Phase != meshv1.ReasonReissuing || !strings.Contains(re.Root.Wait, queued) {
+		t.Fatalf("after the overlap: %v %+v, want Reissuing with %s", err, re.Root, queued)
+	}
+	now = re.Root.OldChainUntil
+	if done, err := m.ensure(ctx, mesh); err != nil || done.Root.Phase != meshv1.ReasonCompleted {
+		t.Fatalf("completion: %v %+v", err, done.Root)
+	}
+	next, err := m.ensure(ctx, mesh)
+	if err != nil || next.Root.Phase != meshv1.ReasonOverlapping || !next.Root.Entered || next.Root.Trigger != "second" || strings.Contains(next.Root.Wait, "queued") {
+		t.Fatalf("after completion: %v %+v, want a new rotation for trigger second", err, next.Root)
+	}
+}
