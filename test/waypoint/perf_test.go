@@ -41,6 +41,7 @@ import (
 // certificate, the trust bundle, the discovery snapshot, its netns.
 type childConfig struct {
 	Name, Namespace string
+	RootNamespace   string // the mesh root namespace (without it policy fails closed)
 	Identity        string
 	CertPEM, KeyPEM []byte
 	RootPEM         []byte
@@ -105,7 +106,8 @@ func runChild(path string) error {
 	if err != nil {
 		return err
 	}
-	srv, err := waypoint.New(waypoint.Config{Name: cfg.Name, Namespace: cfg.Namespace, Identity: id, State: state, Dialer: dialer, Log: logr.Discard()})
+	srv, err := waypoint.New(waypoint.Config{Name: cfg.Name, Namespace: cfg.Namespace, RootNamespace: cfg.RootNamespace,
+		Identity: id, State: state, Dialer: dialer, Log: logr.Discard()})
 	if err != nil {
 		return err
 	}
@@ -142,7 +144,7 @@ func startChildWaypoint(t *testing.T, m *meshtest.Mesh, wp *meshtest.Pod, name s
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := childConfig{Name: name, Namespace: "default", Identity: id.String(), Netns: wp.Path(),
+	cfg := childConfig{Name: name, Namespace: "default", RootNamespace: meshtest.RootNamespace, Identity: id.String(), Netns: wp.Path(),
 		KeyPEM: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: key}), RootPEM: m.CA.RootPEM()}
 	for _, c := range cert.Certificate {
 		cfg.CertPEM = append(cfg.CertPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c})...)
@@ -211,6 +213,7 @@ type loadResult struct {
 	rate     float64
 	p50, p99 time.Duration
 	errors   int
+	first    string // the first failure, for the report
 }
 
 // openLoad posts 1 KiB at rps over conns keep-alive connections for d.
@@ -220,7 +223,12 @@ func openLoad(from *meshtest.Pod, dst netip.AddrPort, rps, conns int, d time.Dur
 	body := bytes.Repeat([]byte("b"), 1024)
 	var mu sync.Mutex
 	var lat []time.Duration
-	errs := 0
+	errs, first := 0, ""
+	fail := func(what string) { // mu held
+		if errs++; first == "" {
+			first = what
+		}
+	}
 	var wg sync.WaitGroup
 	start := time.Now()
 	interval := time.Second * time.Duration(conns) / time.Duration(rps)
@@ -231,7 +239,7 @@ func openLoad(from *meshtest.Pod, dst netip.AddrPort, rps, conns int, d time.Dur
 			c, err := from.Dial(dst)
 			if err != nil {
 				mu.Lock()
-				errs++
+				fail(err.Error())
 				mu.Unlock()
 				return
 			}
@@ -253,9 +261,12 @@ func openLoad(from *meshtest.Pod, dst netip.AddrPort, rps, conns int, d time.Dur
 					resp.Body.Close()
 				}
 				mu.Lock()
-				if err != nil || resp.StatusCode != 200 {
-					errs++
-				} else {
+				switch {
+				case err != nil:
+					fail(err.Error())
+				case resp.StatusCode != 200:
+					fail(resp.Status)
+				default:
 					lat = append(lat, time.Since(next))
 				}
 				mu.Unlock()
@@ -268,7 +279,7 @@ func openLoad(from *meshtest.Pod, dst netip.AddrPort, rps, conns int, d time.Dur
 	}
 	wg.Wait()
 	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
-	r := loadResult{rate: float64(len(lat)) / time.Since(start).Seconds(), errors: errs}
+	r := loadResult{rate: float64(len(lat)) / time.Since(start).Seconds(), errors: errs, first: first}
 	if len(lat) > 0 {
 		r.p50, r.p99 = lat[len(lat)/2], lat[len(lat)*99/100]
 	}
@@ -299,15 +310,18 @@ func procCPU(pid int) float64 {
 // 4 connections from sleep (node1) to a pod on node2, directly (ztunnel
 // to ztunnel) and through a waypoint running as its own process, in the
 // same run; plus the waypoint's CPU per 1000 rps and idle RSS.
-// Run with WAYPOINT_PERF=1 (root; ~40 s).
+// With WAYPOINT_PERF=1 it measures (root; ~40 s); without, it is a smoke
+// in make test (one short round at 200 rps, both paths checked, nothing
+// reported as a measurement), so the benchmark cannot rot unnoticed.
 func TestWaypointPerf(t *testing.T) {
-	if os.Getenv("WAYPOINT_PERF") == "" {
-		t.Skip("set WAYPOINT_PERF=1 to measure")
-	}
-	rps, conns := 1000, 4
+	full := os.Getenv("WAYPOINT_PERF") == "1"
+	rps, conns, rounds := 1000, 4, 3
 	dur := 5 * time.Second
-	if v, err := strconv.Atoi(os.Getenv("WAYPOINT_PERF_SECONDS")); err == nil {
+	if v, err := strconv.Atoi(os.Getenv("WAYPOINT_PERF_SECONDS")); err == nil && v > 0 {
 		dur = time.Duration(v) * time.Second
+	}
+	if !full {
+		rps, rounds, dur = 200, 1, 500*time.Millisecond
 	}
 	m := newMesh(t, 2)
 	m.SyncAll()
@@ -328,17 +342,19 @@ func TestWaypointPerf(t *testing.T) {
 	serveKiB(t, viaWP, 8000)
 	pid := startChildWaypoint(t, m, wpPod, "waypoint", state)
 
-	time.Sleep(2 * time.Second)
+	if full {
+		time.Sleep(2 * time.Second) // idle RSS after start-up
+	}
 	idle := procRSS(pid)
 	// Warm both paths.
-	openLoad(sleep, direct.Addr(8000), 200, conns, time.Second)
-	openLoad(sleep, viaWP.Addr(8000), 200, conns, time.Second)
+	openLoad(sleep, direct.Addr(8000), 200, conns, dur/5)
+	openLoad(sleep, viaWP.Addr(8000), 200, conns, dur/5)
 
 	// Interleaved rounds so machine noise hits both paths alike; medians.
 	var direct50, direct99, wp50, wp99 []time.Duration
 	var cpu, wpRate float64
-	errs := 0
-	for round := 0; round < 3; round++ {
+	errs, first := 0, ""
+	for round := 0; round < rounds; round++ {
 		a := openLoad(sleep, direct.Addr(8000), rps, conns, dur)
 		cpu0, t0 := procCPU(pid), time.Now()
 		b := openLoad(sleep, viaWP.Addr(8000), rps, conns, dur)
@@ -349,23 +365,31 @@ func TestWaypointPerf(t *testing.T) {
 		direct50, direct99 = append(direct50, a.p50), append(direct99, a.p99)
 		wp50, wp99 = append(wp50, b.p50), append(wp99, b.p99)
 		errs += a.errors + b.errors
+		for _, f := range []string{a.first, b.first} {
+			if first == "" {
+				first = f
+			}
+		}
 	}
-	cpu, wpRate = cpu/3, wpRate/3
+	cpu, wpRate = cpu/float64(rounds), wpRate/float64(rounds)
 	loaded := procRSS(pid)
 	med := func(d []time.Duration) time.Duration {
 		sort.Slice(d, func(i, j int) bool { return d[i] < d[j] })
 		return d[len(d)/2]
+	}
+	if errs > 0 {
+		t.Errorf("%d requests failed, the first: %s", errs, first)
+	}
+	if wpRate == 0 || (full && wpRate < float64(rps)*0.9) { // a smoke's short round says nothing of the rate
+		t.Errorf("waypoint path sustained %.0f rps, want ~%d", wpRate, rps)
+	}
+	if !full {
+		t.Log("smoke only; WAYPOINT_PERF=1 measures")
+		return
 	}
 	t.Logf("median ztunnel only : p50 %v p99 %v", med(direct50), med(direct99))
 	t.Logf("median via waypoint : p50 %v p99 %v", med(wp50), med(wp99))
 	t.Logf("waypoint hop added  : p50 %v p99 %v", med(wp50)-med(direct50), med(wp99)-med(direct99))
 	t.Logf("waypoint CPU: %.3f cores at %.0f rps = %.3f vCPU per 1000 rps", cpu, wpRate, cpu/wpRate*1000)
 	t.Logf("waypoint RSS: idle %.1f MiB, after load %.1f MiB", idle, loaded)
-	b := loadResult{rate: wpRate}
-	if errs > 0 {
-		t.Errorf("%d requests failed", errs)
-	}
-	if b.rate < float64(rps)*0.9 {
-		t.Errorf("waypoint path sustained %.0f rps, want ~%d", b.rate, rps)
-	}
 }
