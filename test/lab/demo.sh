@@ -212,10 +212,19 @@ else
     sleep 2
   done
   echo "\$ kubectl exec deploy/sleep -n client-b -- curl httpbin.$NS.svc.cluster.local:8000 -s | grep title -m 1"; echo "$o"
-  logs=$(out "kubectl -n $MESH_NS logs -l app=ztunnel --tail=400 | grep 'ns/client-b/sa/sleep'")
-  echo "\$ kubectl -n $MESH_NS logs -l app=ztunnel | grep ns/client-b/sa/sleep"; echo "$logs" | tail -2
-  if [[ $o == *"<title>httpbin.org</title>"* ]] && [ -n "$logs" ]; then pass "sidecar client served over HBONE with its own identity"
-  else fail "no page, or no ztunnel line naming the sidecar's identity"; fi
+  # The proxy that terminates the sidecar's HBONE names its identity: the
+  # destination node's ztunnel, or, since the waypoint step above put
+  # $NS behind a namespace waypoint, that waypoint (sidecars honour
+  # waypoints as Istio's do).
+  if kc -n "$NS" get deploy waypoint >/dev/null 2>&1; then
+    server="waypoint" logcmd="kubectl -n $NS logs deploy/waypoint --tail=400"
+  else
+    server="ztunnel" logcmd="kubectl -n $MESH_NS logs -l app=ztunnel --tail=400"
+  fi
+  logs=$(out "$logcmd | grep 'ns/client-b/sa/sleep'")
+  echo "\$ ${logcmd% --tail=*} | grep ns/client-b/sa/sleep"; echo "$logs" | tail -2
+  if [[ $o == *"<title>httpbin.org</title>"* ]] && [ -n "$logs" ]; then pass "sidecar client served over HBONE with its own identity, named by the $server"
+  else fail "no page, or no $server line naming the sidecar's identity"; fi
 fi
 
 # ------------------------------------------------------------------ summary

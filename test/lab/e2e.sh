@@ -47,8 +47,11 @@ conformance_builds=()
 [ "$mesh_conformance" = 1 ] && conformance_builds=(conformance echo-advanced)
 say "e2e: build"
 "$ROOT/test/lab/build.sh" k8s coredns fortio metallb prometheus "${conformance_builds[@]}" images ambientctl || die "build failed"
-"$ROOT/test/lab/lab.sh" up || { collect_artifacts; die "the lab did not come up"; }
-"$ROOT/test/lab/install.sh" || { collect_artifacts; die "install failed"; }
+# down_if_asked: E2E_DOWN leaves nothing behind, also when the lab or the
+# install failed half way (only a lab this checkout brought up).
+down_if_asked() { [ -n "${E2E_DOWN:-}" ] && [ -f "$STATE/.up" ] && "$ROOT/test/lab/lab.sh" down; }
+"$ROOT/test/lab/lab.sh" up || { collect_artifacts; down_if_asked; die "the lab did not come up"; }
+"$ROOT/test/lab/install.sh" || { collect_artifacts; down_if_asked; die "install failed"; }
 cat "$STATE/mesh.env"
 
 say "e2e: go test -tags e2e ./test/lab/e2e"

@@ -700,9 +700,26 @@ EOF
 }
 
 # ---------------------------------------------------------------------- up
+# refuse_foreign_lab: the lab's names (alab-*, /run/alab) are machine-wide, so
+# only one checkout's lab can be up at a time. Coming up over another
+# checkout's lab would reuse its node mount namespaces with none of this
+# checkout's node directories, and fail obscurely; say whose lab it is instead.
+refuse_foreign_lab() {
+  local owner
+  owner=$(cat "$RUN/owner" 2>/dev/null || true)
+  if [ -n "$owner" ] && [ "$owner" != "$ROOT" ]; then
+    die "a lab from $owner is up on this machine; stop it first: sudo $owner/test/lab/lab.sh down"
+  fi
+  if [ ! -f "$STATE/.up" ] && { ip netns list | grep -q "^$PREFIX-" || compgen -G "$RUN/ns/*.mnt" >/dev/null; }; then
+    die "a lab not started from this checkout is up on this machine (netns $PREFIX-*, $RUN/ns); stop it with the lab.sh that started it (lab.sh down)"
+  fi
+}
+
 up() {
   need_root
+  refuse_foreign_lab
   mkdir -p "$STATE" "$LOGS" "$RUN"
+  echo "$ROOT" >"$RUN/owner"
   if [ ! -f "$STATE/.up" ]; then rm -f "$LOGS"/*.log; fi
   say "lab up: $LAB_WORKERS workers, state in $STATE, logs in $LOGS"
   # A lab keeps the address families it came up with.
@@ -780,6 +797,10 @@ remove_cgroups() {
 
 down() {
   need_root
+  local owner; owner=$(cat "$RUN/owner" 2>/dev/null || true)
+  if [ -n "$owner" ] && [ "$owner" != "$ROOT" ] && [ -z "${LAB_FORCE_DOWN:-}" ]; then
+    die "the lab on this machine is $owner's, not this checkout's; stop it with sudo $owner/test/lab/lab.sh down (LAB_FORCE_DOWN=1 removes it by name if that checkout is gone)"
+  fi
   say "lab down"
   local shorts; shorts=$(workers | awk '{print $1}')
   # Nodes also listed by recorded state, in case LAB_WORKERS changed since up.
@@ -806,6 +827,7 @@ down() {
   guard_down
   if [ -f "$STATE/ip_forward.orig" ]; then sysctl -qw net.ipv4.ip_forward="$(cat "$STATE/ip_forward.orig")"; fi
   if mountpoint -q "$RUN/ns" 2>/dev/null; then umount "$RUN/ns" 2>/dev/null || umount -l "$RUN/ns" 2>/dev/null || true; fi
+  [ "$(cat "$RUN/owner" 2>/dev/null)" = "$ROOT" ] && rm -f "$RUN/owner"
   rmdir "$RUN/ns" "$RUN" 2>/dev/null || true
   if [ -f "$STATE/created-dirs" ]; then
     sort -ru "$STATE/created-dirs" | while read -r d; do rmdir "$d" 2>/dev/null || true; done

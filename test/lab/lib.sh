@@ -12,7 +12,7 @@ LOGS=$LAB/logs                         # component logs of the last run (kept af
 PKI=$LAB/pki                           # certificates (kept: regenerating them buys nothing)
 IMAGES=$LAB/images                     # lab image tarballs (test/lab/imagebuild)
 KUBECONFIG_FILE=$LAB/kubeconfig
-RUN=/run/alab                          # namespace handles (must be on a private mount)
+RUN=${LAB_RUN:-/run/alab}              # namespace handles (must be on a private mount); machine-wide
 
 # Names: every host-visible object starts with "alab" so teardown and other
 # engineers can tell it apart.
