@@ -359,7 +359,7 @@ func (c *connInfo) forward(in *http.Request, o *outcome, m *route.Match, b *rout
 		if rule != nil && rule.BackendTimeout > 0 {
 			tryCtx, tryCancel = context.WithTimeout(ctx, rule.BackendTimeout)
 		}
-		out := l7.Outbound(tryCtx, in, c.fwd)
+		out := l7.Outbound(withPickedEndpoint(tryCtx, o.endpoint), in, c.fwd)
 		if replay != nil {
 			out.Body = io.NopCloser(bytes.NewReader(replay))
 			out.ContentLength = int64(len(replay))

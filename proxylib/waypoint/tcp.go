@@ -57,7 +57,7 @@ func (s *Server) serveTCP(ctx context.Context, c *connInfo, stream hbone.Stream,
 	}
 	labels.Destination = telemetry.PeerOf(dstWL, nil)
 	s.tcp.ConnOpened(labels)
-	up, err := s.dial(context.WithValue(ctx, sourceAddrKey{}, c.srcIP), ep)
+	up, err := s.dial(withPickedEndpoint(context.WithValue(ctx, sourceAddrKey{}, c.srcIP), dstWL), ep)
 	if err != nil {
 		done(true)
 		labels.ResponseFlags = string(proxyerr.ReasonOf(err))

@@ -103,10 +103,7 @@ type Server struct {
 	tcp            *telemetry.Metrics
 	balancers      sync.Map // service key -> *lb.Balancer
 	router         *proxy.Router
-	// resolved maps the addresses of endpoints known by hostname only
-	// (ServiceEntry DNS resolution) back to their workload uid.
-	resolved sync.Map // netip.Addr -> uid
-	reporter string
+	reporter       string
 	// dial opens the onward stream to an endpoint (HBONE to its pod, as a
 	// mesh client at ingress, to the app in sidecar mode).
 	dial l7.DialFunc
@@ -338,8 +335,8 @@ func (s *Server) dialEndpoint(ctx context.Context, ep netip.AddrPort) (net.Conn,
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.ConnectTimeout)
 	defer cancel()
 	w := s.cfg.State.WorkloadByAddr(ep.Addr())
-	if uid, ok := s.resolved.Load(ep.Addr()); w == nil && ok {
-		w = s.cfg.State.WorkloadByUID(uid.(string))
+	if w == nil {
+		w = pickedEndpointFrom(ctx) // known by hostname only (a DNS ServiceEntry)
 	}
 	if w == nil {
 		return nil, proxyerr.New(proxyerr.UnknownDestination, "endpoint %s is not a known workload", ep)
@@ -363,6 +360,23 @@ func (s *Server) dialEndpoint(ctx context.Context, ep netip.AddrPort) (net.Conn,
 }
 
 type sourceAddrKey struct{}
+
+// pickedEndpointKey carries the workload of the endpoint the load balancer
+// picked to the dial: an endpoint known by hostname has no address of its
+// own in discovery to look it up by.
+type pickedEndpointKey struct{}
+
+func withPickedEndpoint(ctx context.Context, w *workloadapi.Workload) context.Context {
+	if w == nil {
+		return ctx
+	}
+	return context.WithValue(ctx, pickedEndpointKey{}, w)
+}
+
+func pickedEndpointFrom(ctx context.Context) *workloadapi.Workload {
+	w, _ := ctx.Value(pickedEndpointKey{}).(*workloadapi.Workload)
+	return w
+}
 
 func sourceAddrFrom(ctx context.Context) netip.Addr {
 	a, _ := ctx.Value(sourceAddrKey{}).(netip.Addr)
@@ -402,7 +416,6 @@ func (s *Server) endpointsOf(svc *workloadapi.Service, port uint16, dst netip.Ad
 				s.log.Info("endpoint did not resolve", "endpoint", ep.GetHostname(), "err", err.Error())
 				continue
 			}
-			s.resolved.Store(ip, ep.GetUid())
 			ok = true
 		}
 		if !ok {
