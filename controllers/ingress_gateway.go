@@ -175,6 +175,10 @@ func (in *Ingress) service(om metav1.ObjectMeta, name string) *corev1.Service {
 			Type:     in.ServiceType,
 			Selector: map[string]string{LabelGatewayName: name},
 			Ports:    ports,
+			// As Istio's gateways: an address of each family the cluster
+			// has (clients outside may be IPv6-only), one on a single-stack
+			// cluster.
+			IPFamilyPolicy: ptr.To(corev1.IPFamilyPolicyPreferDualStack),
 		},
 	}
 	if in.ServiceType != corev1.ServiceTypeClusterIP {
@@ -328,8 +332,14 @@ func serviceAddresses(svc *corev1.Service, st corev1.ServiceType) []gwv1.Gateway
 		}
 		return out
 	}
-	if ip := svc.Spec.ClusterIP; ip != "" && ip != corev1.ClusterIPNone {
-		out = append(out, gwv1.GatewayStatusAddress{Type: ptr.To(gwv1.IPAddressType), Value: ip})
+	ips := svc.Spec.ClusterIPs
+	if len(ips) == 0 && svc.Spec.ClusterIP != "" {
+		ips = []string{svc.Spec.ClusterIP}
+	}
+	for _, ip := range ips {
+		if ip != corev1.ClusterIPNone {
+			out = append(out, gwv1.GatewayStatusAddress{Type: ptr.To(gwv1.IPAddressType), Value: ip})
+		}
 	}
 	return out
 }

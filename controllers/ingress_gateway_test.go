@@ -96,6 +96,9 @@ func TestIngressGateway(t *testing.T) {
 	if svc.Spec.Type != corev1.ServiceTypeLoadBalancer || len(svc.Spec.Ports) != 2 || svc.Spec.Ports[0].Port != 80 {
 		t.Errorf("service %s %+v, want LoadBalancer on 80 and the status port", svc.Spec.Type, svc.Spec.Ports)
 	}
+	if p := svc.Spec.IPFamilyPolicy; p == nil || *p != corev1.IPFamilyPolicyPreferDualStack {
+		t.Errorf("service ipFamilyPolicy %q, want PreferDualStack (an address of each family on a dual-stack cluster, as Istio's)", ptr.Deref(p, ""))
+	}
 
 	// Ready replicas but no load balancer address yet: not programmed.
 	if dep.Spec.Template.Spec.ServiceAccountName != "gateway-istio" {
@@ -118,12 +121,16 @@ func TestIngressGateway(t *testing.T) {
 		if err := k8s.Get(ctx, client.ObjectKeyFromObject(svc), svc); err != nil {
 			return err
 		}
-		svc.Status.LoadBalancer.Ingress = []corev1.LoadBalancerIngress{{IP: "10.201.0.240"}}
+		svc.Status.LoadBalancer.Ingress = []corev1.LoadBalancerIngress{{IP: "10.201.0.240"}, {IP: "fd00:201::240"}}
 		return k8s.Status().Update(ctx, svc)
 	})
 	gw = waitGatewayCondition(t, ns, "gateway", string(gwv1.GatewayConditionProgrammed), metav1.ConditionTrue)
-	if len(gw.Status.Addresses) != 1 || gw.Status.Addresses[0].Value != "10.201.0.240" {
-		t.Errorf("addresses %+v, want the load balancer's 10.201.0.240", gw.Status.Addresses)
+	var addrs []string
+	for _, a := range gw.Status.Addresses {
+		addrs = append(addrs, a.Value)
+	}
+	if fmt.Sprint(addrs) != "[10.201.0.240 fd00:201::240]" {
+		t.Errorf("addresses %v, want both of the load balancer's (10.201.0.240 fd00:201::240)", addrs)
 	}
 
 	// The seeds' route from another namespace attaches to the HTTP listener.
@@ -305,4 +312,47 @@ func TestIngressHTTPSListener(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestServiceAddresses: a Gateway's status names every address of its
+// Service clients use, of each family: the load balancer's, else the
+// cluster IPs.
+func TestServiceAddresses(t *testing.T) {
+	cases := []struct {
+		name string
+		st   corev1.ServiceType
+		svc  corev1.Service
+		want string
+	}{
+		{"load balancer, both families", corev1.ServiceTypeLoadBalancer, corev1.Service{
+			Spec:   corev1.ServiceSpec{ClusterIP: "10.96.0.5", ClusterIPs: []string{"10.96.0.5", "fd00:96::5"}},
+			Status: corev1.ServiceStatus{LoadBalancer: corev1.LoadBalancerStatus{Ingress: []corev1.LoadBalancerIngress{{IP: "10.201.0.200"}, {IP: "fd00:201::200"}}}},
+		}, "[10.201.0.200 fd00:201::200]"},
+		{"load balancer by hostname", corev1.ServiceTypeLoadBalancer, corev1.Service{
+			Status: corev1.ServiceStatus{LoadBalancer: corev1.LoadBalancerStatus{Ingress: []corev1.LoadBalancerIngress{{Hostname: "lb.example"}}}},
+		}, "[lb.example]"},
+		{"load balancer without an address yet", corev1.ServiceTypeLoadBalancer, corev1.Service{
+			Spec: corev1.ServiceSpec{ClusterIP: "10.96.0.5"},
+		}, "[]"},
+		{"cluster IPs of both families", corev1.ServiceTypeClusterIP, corev1.Service{
+			Spec: corev1.ServiceSpec{ClusterIP: "10.96.0.5", ClusterIPs: []string{"10.96.0.5", "fd00:96::5"}},
+		}, "[10.96.0.5 fd00:96::5]"},
+		{"cluster IP only (older objects)", corev1.ServiceTypeClusterIP, corev1.Service{
+			Spec: corev1.ServiceSpec{ClusterIP: "10.96.0.5"},
+		}, "[10.96.0.5]"},
+		{"headless", corev1.ServiceTypeClusterIP, corev1.Service{
+			Spec: corev1.ServiceSpec{ClusterIP: corev1.ClusterIPNone, ClusterIPs: []string{corev1.ClusterIPNone}},
+		}, "[]"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var got []string
+			for _, a := range serviceAddresses(&tc.svc, tc.st) {
+				got = append(got, a.Value)
+			}
+			if fmt.Sprint(got) != tc.want {
+				t.Errorf("addresses %v, want %s", got, tc.want)
+			}
+		})
+	}
 }

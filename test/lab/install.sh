@@ -113,12 +113,16 @@ install_metallb() {
     ! kc -n metallb-system rollout status daemonset/speaker --timeout=120s >/dev/null 2>&1; then
     record METALLB "MetalLB not ready (kubectl -n metallb-system get pods)"; say "MetalLB: NOT READY"; return 0
   fi
+  # An address of each family the lab has: dual-stack LoadBalancer
+  # Services (the ingress gateways' PreferDualStack) get both.
+  local pool=$LB_POOL
+  if lab_dual_stack; then pool+=", $LB_POOL6"; fi
   cat >"$LAB/metallb-pool.yaml" <<EOF
 apiVersion: metallb.io/v1beta1
 kind: IPAddressPool
 metadata: {name: lab, namespace: metallb-system}
 spec:
-  addresses: [$LB_POOL]
+  addresses: [$pool]
 ---
 apiVersion: metallb.io/v1beta1
 kind: L2Advertisement
@@ -129,7 +133,7 @@ EOF
   # MetalLB's webhook admits the pool once its certificate is in place.
   wait_for 90 "MetalLB address pool accepted" kc apply -f "$LAB/metallb-pool.yaml" ||
     { record METALLB "MetalLB refused the address pool (see kubectl -n metallb-system logs deploy/controller)"; say "MetalLB: pool refused"; return 0; }
-  record METALLB ready; say "MetalLB ready: LoadBalancer addresses $LB_POOL on $BRIDGE"
+  record METALLB ready; say "MetalLB ready: LoadBalancer addresses $pool on $BRIDGE"
 }
 
 # rollout_state <kind/name>: "ready" or why not.

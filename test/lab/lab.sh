@@ -126,10 +126,19 @@ add_node_netns() {
   ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
 }
 
-# add_outside_netns: the client outside the cluster. On the lab bridge only
-# (no default route, no forwarding): it reaches what is announced there,
-# such as MetalLB's LoadBalancer addresses, and nothing else.
-add_outside_netns() { add_bridge_netns out "$OUTSIDE_IP"; }
+# add_outside_netns: the client outside the cluster (OUTSIDE_IP, and
+# OUTSIDE_IP6 in a dual-stack lab). On the lab bridge only (no default
+# route, no forwarding): it reaches what is announced there, such as
+# MetalLB's LoadBalancer addresses, and nothing else.
+add_outside_netns() {
+  add_bridge_netns out "$OUTSIDE_IP"
+  if dual_stack; then
+    # IPv6 too (MetalLB announces an address of each family); no duplicate
+    # address detection, as on the nodes.
+    ip netns exec "$PREFIX-out" sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0
+    ip -n "$PREFIX-out" addr replace "$OUTSIDE_IP6/64" dev eth0 nodad
+  fi
+}
 
 # add_external_netns: the external service host (EXTERNAL_IP). Unlike the
 # outside client it answers pods directly, so it routes each node's pod

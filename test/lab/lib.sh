@@ -57,9 +57,14 @@ export LAB_DUAL_STACK=${LAB_DUAL_STACK:-$([ -n "${LAB_FLANNEL_NODES:-}" ] && ech
 NODE_NET6=fd00:201::/64
 BRIDGE_IP6=fd00:201::1
 CP_IP6=fd00:201::2
+OUTSIDE_IP6=fd00:201::250
+LB_POOL6=fd00:201::200-fd00:201::220
 CLUSTER_CIDR6=fd00:244::/32
 SERVICE_CIDR6=fd00:96::/112
 dual_stack() { [ "$LAB_DUAL_STACK" = 1 ]; }
+# lab_dual_stack: whether the running lab is dual-stack (as it came up,
+# whatever this shell's LAB_DUAL_STACK says).
+lab_dual_stack() { [ "$(cat "$STATE/dual-stack" 2>/dev/null || echo "$LAB_DUAL_STACK")" = 1 ]; }
 # node_ip6 / pod_cidr6 <short>: a worker's IPv6 node address and pod range
 # (cp has index 0: fd00:201::2 is CP_IP6).
 node_ip6() { local i=${1#w}; [ "$1" = cp ] && { echo "$CP_IP6"; return; }; echo "fd00:201::$((10 + i))"; }
