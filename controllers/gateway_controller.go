@@ -199,10 +199,7 @@ func (r *GatewayWaypointReconciler) observe(ctx context.Context, gw *gwv1.Gatewa
 			return apierrors.IsNotFound(err), client.IgnoreNotFound(err)
 		}
 	}
-	status.Addresses = nil
-	if ip := svc.Spec.ClusterIP; ip != "" && ip != corev1.ClusterIPNone {
-		status.Addresses = append(status.Addresses, gwv1.GatewayStatusAddress{Type: ptr.To(gwv1.IPAddressType), Value: ip})
-	}
+	status.Addresses = serviceAddresses(svc, corev1.ServiceTypeClusterIP)
 	want := ptr.Deref(dep.Spec.Replicas, 1)
 	s := dep.Status
 	if s.ObservedGeneration >= dep.Generation && want > 0 && s.ReadyReplicas >= want && s.UpdatedReplicas >= want {

@@ -713,10 +713,15 @@ EOF
 # only one checkout's lab can be up at a time. Coming up over another
 # checkout's lab would reuse its node mount namespaces with none of this
 # checkout's node directories, and fail obscurely; say whose lab it is instead.
+# other_owner prints the checkout whose lab is up, when it is not this one.
+other_owner() {
+  local owner
+  owner=$(cat "$RUN/owner" 2>/dev/null) && [ -n "$owner" ] && [ "$owner" != "$ROOT" ] && echo "$owner"
+}
+
 refuse_foreign_lab() {
   local owner
-  owner=$(cat "$RUN/owner" 2>/dev/null || true)
-  if [ -n "$owner" ] && [ "$owner" != "$ROOT" ]; then
+  if owner=$(other_owner); then
     die "a lab from $owner is up on this machine; stop it first: sudo $owner/test/lab/lab.sh down"
   fi
   if [ ! -f "$STATE/.up" ] && { ip netns list | grep -q "^$PREFIX-" || compgen -G "$RUN/ns/*.mnt" >/dev/null; }; then
@@ -806,8 +811,8 @@ remove_cgroups() {
 
 down() {
   need_root
-  local owner; owner=$(cat "$RUN/owner" 2>/dev/null || true)
-  if [ -n "$owner" ] && [ "$owner" != "$ROOT" ] && [ -z "${LAB_FORCE_DOWN:-}" ]; then
+  local owner
+  if owner=$(other_owner) && [ -z "${LAB_FORCE_DOWN:-}" ]; then
     die "the lab on this machine is $owner's, not this checkout's; stop it with sudo $owner/test/lab/lab.sh down (LAB_FORCE_DOWN=1 removes it by name if that checkout is gone)"
   fi
   say "lab down"
@@ -836,7 +841,7 @@ down() {
   guard_down
   if [ -f "$STATE/ip_forward.orig" ]; then sysctl -qw net.ipv4.ip_forward="$(cat "$STATE/ip_forward.orig")"; fi
   if mountpoint -q "$RUN/ns" 2>/dev/null; then umount "$RUN/ns" 2>/dev/null || umount -l "$RUN/ns" 2>/dev/null || true; fi
-  [ "$(cat "$RUN/owner" 2>/dev/null)" = "$ROOT" ] && rm -f "$RUN/owner"
+  rm -f "$RUN/owner" # ours, or removed by name (LAB_FORCE_DOWN)
   rmdir "$RUN/ns" "$RUN" 2>/dev/null || true
   if [ -f "$STATE/created-dirs" ]; then
     sort -ru "$STATE/created-dirs" | while read -r d; do rmdir "$d" 2>/dev/null || true; done
