@@ -188,9 +188,10 @@ guard_up() {
 # says now: an earlier up may have set the IPv6 one).
 guard_down() {
   local rule
-  iptables-save -t mangle 2>/dev/null | grep -- "--comment $GUARD_COMMENT" | sed 's/^-A /-D /' |
+  # No rule left (a second down) is not an error: grep finds nothing.
+  { iptables-save -t mangle 2>/dev/null | grep -- "--comment $GUARD_COMMENT" || true; } | sed 's/^-A /-D /' |
     while read -r rule; do eval "iptables -w -t mangle $rule" || true; done
-  ip6tables-save -t mangle 2>/dev/null | grep -- "--comment $GUARD_COMMENT" | sed 's/^-A /-D /' |
+  { ip6tables-save -t mangle 2>/dev/null | grep -- "--comment $GUARD_COMMENT" || true; } | sed 's/^-A /-D /' |
     while read -r rule; do eval "ip6tables -w -t mangle $rule" || true; done
 }
 
